@@ -1,0 +1,170 @@
+"""Backend selection: the one place that decides which implementation runs an op.
+
+Every op (``attention``, ``lstm_cell``, ...) has a reference implementation in
+``fastattn.reference``; the C++, Triton and CUDA backends register faster ones
+with :func:`register`.  Callers ask :func:`implementation` for the function to
+run given the op name and the device of its tensors, and never name a backend
+themselves.
+
+The backend in force is, in order of precedence: the innermost
+``with fastattn.backend(name):`` block, the last ``fastattn.set_backend(name)``,
+the ``FASTATTN_BACKEND`` environment variable, and ``"auto"``.  ``"auto"``
+takes the first available backend in :data:`AUTO_ORDER` that implements the op
+for the device; naming a backend explicitly raises :class:`BackendUnavailableError`
+when it cannot run the op, instead of falling back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+CHOICES = BACKENDS + ("auto",)
+OPS = (
+    "attention",
+    "additive_attention",
+    "hard_attention",
+    "scaled_dot_product_attention",
+    "lstm_cell",
+    "gru_cell",
+    "lstm_layer",
+    "gru_layer",
+)
+# "auto" tries these in order for tensors on each device type.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+ENVIRONMENT_VARIABLE = "FASTATTN_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend that was asked for cannot run this op on these tensors."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    function: Callable
+    device_types: frozenset[str] | None  # None: any device (the reference)
+
+
+_implementations: dict[str, dict[str, Implementation]] = {op: {} for op in OPS}
+# Why a backend cannot run here; a backend absent from this dict is available.
+_unavailable_reasons: dict[str, str] = {
+    "cpu": "fastattn was built without the C++ extension (fastattn._C is missing)",
+    "triton": "fastattn has no Triton kernels registered",
+    "cuda": "fastattn was built without CUDA kernels",
+}
+_session_backend: str | None = None
+_scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fastattn_backend", default=None
+)
+
+
+def _check_name(name: object, argument: str = "name") -> str:
+    if not isinstance(name, str) or name not in CHOICES:
+        raise ValueError(f"{argument} must be one of {CHOICES}, got {name!r}")
+    return name
+
+
+def register(op: str, backend: str, device_types: tuple[str, ...] | None) -> Callable:
+    """Decorator: ``fn`` runs ``op`` on ``backend`` for tensors on ``device_types``
+    (``None``: on any device)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def decorate(function: Callable) -> Callable:
+        types = None if device_types is None else frozenset(device_types)
+        _implementations[op][backend] = Implementation(function, types)
+        return function
+
+    return decorate
+
+
+def mark_available(backend: str) -> None:
+    """Called by a backend's loader once its kernels are importable and usable."""
+    _unavailable_reasons.pop(backend, None)
+
+
+def mark_unavailable(backend: str, reason: str) -> None:
+    _unavailable_reasons[backend] = reason
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """``None`` when ``backend`` can run here, else why it cannot."""
+    return None if backend == "reference" else _unavailable_reasons.get(backend)
+
+
+def set_backend(name: str) -> None:
+    """Use ``name`` for every following call (``"auto"`` restores the default)."""
+    global _session_backend
+    _session_backend = _check_name(name)
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """``with fastattn.backend("reference"): ...`` runs the block on that backend."""
+    token = _scoped_backend.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _scoped_backend.reset(token)
+
+
+def current_backend() -> str:
+    """The backend setting in force here (possibly ``"auto"``)."""
+    scoped = _scoped_backend.get()
+    if scoped is not None:
+        return scoped
+    if _session_backend is not None:
+        return _session_backend
+    from_environment = os.environ.get(ENVIRONMENT_VARIABLE)
+    if from_environment:
+        return _check_name(from_environment, ENVIRONMENT_VARIABLE)
+    return "auto"
+
+
+def _runs_on(found: Implementation, device_type: str) -> bool:
+    return found.device_types is None or device_type in found.device_types
+
+
+def _runs(op: str, backend_name: str, device_type: str) -> bool:
+    found = _implementations[op].get(backend_name)
+    return (
+        found is not None
+        and _runs_on(found, device_type)
+        and unavailable_reason(backend_name) is None
+    )
+
+
+def auto_choice(op: str, device_type: str) -> str:
+    """The backend ``"auto"`` picks for ``op`` on tensors of ``device_type``."""
+    for candidate in AUTO_ORDER.get(device_type, ("reference",)):
+        if _runs(op, candidate, device_type):
+            return candidate
+    return "reference"
+
+
+def implementation(op: str, device_type: str, name: str | None = None) -> Callable:
+    """The function that runs ``op`` for tensors on ``device_type``.
+
+    ``name`` overrides the backend setting in force (used by ``optimize``).
+    """
+    chosen = _check_name(name, "backend") if name is not None else current_backend()
+    if chosen == "auto":
+        chosen = auto_choice(op, device_type)
+    reason = unavailable_reason(chosen)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {chosen!r} is not available: {reason}")
+    found = _implementations[op].get(chosen)
+    if found is None:
+        raise BackendUnavailableError(f"backend {chosen!r} has no kernel for op {op!r}")
+    if not _runs_on(found, device_type):
+        raise BackendUnavailableError(
+            f"backend {chosen!r} runs {op!r} on {sorted(found.device_types)} tensors, "
+            f"got {device_type} tensors"
+        )
+    return found.function

@@ -1,0 +1,102 @@
+"""Argument checks shared by every public function.
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
+(wrong shape, range or device) with a message that names the argument, says what
+was expected and what was given.  They run before any computation, whatever the
+backend.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {describe(value)}")
+    return value
+
+
+def float_tensor(name: str, value: object) -> torch.Tensor:
+    value = tensor(name, value)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+            f"float64), got {describe(value)}"
+        )
+    return value
+
+
+def integer_tensor(name: str, value: object) -> torch.Tensor:
+    value = tensor(name, value)
+    if value.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got {describe(value)}")
+    return value
+
+
+def bool_tensor(name: str, value: object) -> torch.Tensor:
+    value = tensor(name, value)
+    if value.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {describe(value)}")
+    return value
+
+
+def flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {describe(value)}")
+    return value
+
+
+def positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {describe(value)}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def finite_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {describe(value)}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def shape(name: str, value: torch.Tensor, expected: Sequence[int | None], meaning: str) -> None:
+    """``expected`` may hold ``None`` for a free size; ``meaning`` spells it out."""
+    actual = tuple(value.shape)
+    if len(actual) != len(expected) or any(
+        want is not None and want != got for want, got in zip(expected, actual)
+    ):
+        raise ValueError(f"{name} must have shape {meaning}, got {describe(value)}")
+
+
+def like(name: str, value: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
+    """``value`` must share ``reference``'s device and dtype."""
+    same_device(name, value, reference_name, reference)
+    if value.dtype != reference.dtype:
+        raise TypeError(
+            f"{name} must have the same dtype as {reference_name} ({reference.dtype}), "
+            f"got {describe(value)}"
+        )
+
+
+def same_device(name: str, value: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
+    if value.device != reference.device:
+        raise ValueError(
+            f"{name} must be on the same device as {reference_name} ({reference.device}), "
+            f"got {describe(value)}"
+        )

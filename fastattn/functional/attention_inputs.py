@@ -1,0 +1,258 @@
+"""Checks the arguments of the attention functions and maps them onto the canonical
+layout every backend receives: queries (N, T, Dq), keys and values (N, S, D),
+lengths (N,), key_padding_mask (N, S), center (N, T).
+
+It is the one place that knows the caller's shapes: leading batch dimensions
+(``(..., T, D)``, heads being one more of them), a single decoder step (a 2-D
+query ``(B, Dq)`` against 3-D or 4-D keys), and spatial keys ``(..., H, W, D)``.
+Mask tensors may cover a prefix of the batch dimensions (``lengths`` of shape
+``(B,)`` for queries ``(B, heads, T, D)``) and are broadcast over the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fastattn import checks
+
+SCORES = ("dot", "scaled_dot", "general", "additive", "cosine", "location")
+SCORE_PARAMETERS = {
+    "dot": (),
+    "scaled_dot": ("scale",),
+    "general": ("weight",),
+    "additive": ("w_query", "w_key", "v", "bias"),
+    "cosine": ("scale",),
+    "location": ("weight",),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the caller's tensors fold into the canonical (N, T, S) layout and back."""
+
+    lead: tuple[int, ...]  # leading batch dimensions
+    single_step: bool  # query (B, Dq): no T dimension in the outputs
+    grid: tuple[int, int] | None  # (H, W) of spatial keys
+
+    @property
+    def batch(self) -> int:
+        return math.prod(self.lead)
+
+    def fold_queries(self, query: torch.Tensor) -> torch.Tensor:
+        if self.single_step:
+            query = query.unsqueeze(-2)
+        return query.reshape(self.batch, *query.shape[-2:])
+
+    def fold_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        return keys.reshape(self.batch, -1, keys.shape[-1])
+
+    def unfold_per_query(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, ...) -> (*lead, T, ...), without T for a single step."""
+        x = x.reshape(*self.lead, *x.shape[1:])
+        return x.squeeze(len(self.lead)) if self.single_step else x
+
+    def unfold_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        if self.grid is not None:
+            weights = weights.reshape(*weights.shape[:-1], *self.grid)
+        return self.unfold_per_query(weights)
+
+
+def layout_of(query_name: str, query: torch.Tensor, keys_name: str, keys: torch.Tensor) -> Layout:
+    if query.dim() < 2:
+        raise ValueError(
+            f"{query_name} must have shape (..., T, D) or (B, D) for one decoder step, "
+            f"got {checks.describe(query)}"
+        )
+    single_step = query.dim() == 2 and keys.dim() >= 3
+    lead = tuple(query.shape[:-1] if single_step else query.shape[:-2])
+    if keys.dim() == len(lead) + 2:
+        grid = None
+    elif keys.dim() == len(lead) + 3:
+        grid = tuple(keys.shape[-3:-1])
+    else:
+        raise ValueError(
+            f"{keys_name} must have shape {(*lead, 'S', 'D')} or {(*lead, 'H', 'W', 'D')} "
+            f"to match {query_name} of shape {tuple(query.shape)}, got {checks.describe(keys)}"
+        )
+    if tuple(keys.shape[: len(lead)]) != lead:
+        raise ValueError(
+            f"{keys_name} must have the batch dimensions {lead} of {query_name}, "
+            f"got {checks.describe(keys)}"
+        )
+    layout = Layout(lead, single_step, grid)
+    if layout.fold_queries(query).shape[1] == 0:
+        raise ValueError(f"{query_name} must have at least one query position, got {checks.describe(query)}")
+    if keys.shape[len(lead) : -1].numel() == 0:
+        raise ValueError(f"{keys_name} must have at least one key position, got {checks.describe(keys)}")
+    return layout
+
+
+def check_values(name: str, values: torch.Tensor, keys_name: str, keys: torch.Tensor, query_name: str, query: torch.Tensor) -> None:
+    checks.float_tensor(name, values)
+    checks.like(name, values, query_name, query)
+    if values.dim() != keys.dim() or values.shape[:-1] != keys.shape[:-1]:
+        raise ValueError(
+            f"{name} must have shape {(*keys.shape[:-1], 'Dv')} to match {keys_name}, "
+            f"got {checks.describe(values)}"
+        )
+
+
+def broadcast_over_batch(name: str, mask: torch.Tensor, layout: Layout, trailing: tuple[int, ...], meaning: str) -> torch.Tensor:
+    """A tensor of shape prefix-of-lead + trailing, broadcast to (N, *trailing)."""
+    prefix_length = mask.dim() - len(trailing)
+    if (
+        prefix_length < 0
+        or prefix_length > len(layout.lead)
+        or tuple(mask.shape[:prefix_length]) != layout.lead[:prefix_length]
+        or tuple(mask.shape[prefix_length:]) != trailing
+    ):
+        raise ValueError(
+            f"{name} must have shape {meaning}, where (B, ...) are leading batch dimensions "
+            f"of the query {layout.lead}, got {checks.describe(mask)}"
+        )
+    padded = mask.reshape((*mask.shape[:prefix_length], *([1] * (len(layout.lead) - prefix_length)), *trailing))
+    return padded.expand((*layout.lead, *trailing)).reshape((layout.batch, *trailing))
+
+
+def masking_arguments(
+    layout: Layout,
+    query: torch.Tensor,
+    query_length: int,
+    source_length: int,
+    *,
+    lengths: object,
+    key_padding_mask: object,
+    causal: object,
+    window: object,
+    center: object,
+    gaussian: object,
+) -> dict:
+    """Checked mask arguments in the canonical layout, as keyword arguments of the ops."""
+    checks.flag("causal", causal)
+    if causal and query_length != source_length:
+        raise ValueError(
+            f"causal=True needs as many queries as keys (T == S), got T={query_length}, S={source_length}"
+        )
+    if window is not None:
+        checks.positive_int("window", window, minimum=0)
+    if gaussian is not None:
+        checks.flag("gaussian", gaussian)
+    if lengths is not None:
+        lengths = _checked_lengths(lengths, layout, query, source_length)
+    if key_padding_mask is not None:
+        checks.bool_tensor("key_padding_mask", key_padding_mask)
+        checks.same_device("key_padding_mask", key_padding_mask, "query", query)
+        trailing = (source_length,)
+        if layout.grid is not None and tuple(key_padding_mask.shape[-2:]) == layout.grid:
+            trailing = layout.grid
+        key_padding_mask = broadcast_over_batch(
+            "key_padding_mask", key_padding_mask, layout, trailing, f"(B, ..., {', '.join(map(str, trailing))})"
+        ).reshape(layout.batch, source_length)
+    if center is not None:
+        center = _checked_center(center, layout, query, query_length, window)
+    gaussian = center is not None if gaussian is None else gaussian
+    if gaussian and (window is None or window < 1):
+        raise ValueError(f"gaussian=True needs window >= 1 (sigma = window / 2), got window={window!r}")
+    return {
+        "lengths": lengths,
+        "key_padding_mask": key_padding_mask,
+        "causal": causal,
+        "window": window,
+        "center": center,
+        "gaussian": gaussian,
+    }
+
+
+def _checked_lengths(lengths: object, layout: Layout, query: torch.Tensor, source_length: int) -> torch.Tensor:
+    checks.integer_tensor("lengths", lengths)
+    checks.same_device("lengths", lengths, "query", query)
+    lengths = broadcast_over_batch("lengths", lengths, layout, (), "(B,) or (B, ...)")
+    if lengths.numel() and (lengths.min() < 0 or lengths.max() > source_length):
+        raise ValueError(
+            f"lengths must lie in [0, S={source_length}], got values from "
+            f"{int(lengths.min())} to {int(lengths.max())}"
+        )
+    return lengths.to(torch.int64)
+
+
+def _checked_center(center: object, layout: Layout, query: torch.Tensor, query_length: int, window: object) -> torch.Tensor:
+    checks.float_tensor("center", center)
+    checks.same_device("center", center, "query", query)
+    if window is None:
+        raise ValueError("center (local-p attention) needs window, the half-width D of the window")
+    trailing = () if layout.single_step else (query_length,)
+    meaning = "(B,) for a single decoder step" if layout.single_step else f"(B, ..., T={query_length})"
+    center = broadcast_over_batch("center", center, layout, trailing, meaning).reshape(layout.batch, query_length)
+    if not torch.isfinite(center).all():
+        raise ValueError("center must hold finite positions, got inf or NaN")
+    return center
+
+
+def score_arguments(
+    score: object,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    source_length: int,
+    *,
+    weight: object,
+    w_query: object,
+    w_key: object,
+    v: object,
+    bias: object,
+    scale: object,
+) -> dict:
+    """Checked score parameters, with the default scale filled in."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    given = {"weight": weight, "w_query": w_query, "w_key": w_key, "v": v, "bias": bias, "scale": scale}
+    for name, value in given.items():
+        if value is not None and name not in SCORE_PARAMETERS[score]:
+            raise ValueError(f"{name} is not a parameter of score {score!r} (it takes {SCORE_PARAMETERS[score] or 'none'})")
+    query_dim, key_dim = query.shape[-1], keys.shape[-1]
+    if score in ("dot", "scaled_dot", "cosine") and query_dim != key_dim:
+        raise ValueError(
+            f"score {score!r} needs query and keys of the same feature size, got Dq={query_dim}, Dk={key_dim}"
+        )
+    if score == "scaled_dot":
+        scale = 1 / math.sqrt(key_dim) if scale is None else checks.finite_number("scale", scale)
+    elif score == "cosine":
+        scale = 1.0 if scale is None else checks.finite_number("scale", scale)
+    elif score == "general":
+        _parameter("weight", weight, query, (query_dim, key_dim), f"(Dq={query_dim}, Dk={key_dim})", score)
+    elif score == "location":
+        _parameter("weight", weight, query, (None, query_dim), f"(S_max, Dq={query_dim})", score)
+        if source_length > weight.shape[0]:
+            raise ValueError(
+                f"score 'location' needs S <= S_max: weight has S_max={weight.shape[0]} rows, "
+                f"got S={source_length} keys"
+            )
+    elif score == "additive":
+        _parameter("w_query", w_query, query, (None, query_dim), f"(Da, Dq={query_dim})", score)
+        attention_dim = w_query.shape[0]
+        _parameter("w_key", w_key, query, (attention_dim, key_dim), f"(Da={attention_dim}, Dk={key_dim})", score)
+        _parameter("v", v, query, (attention_dim,), f"(Da={attention_dim},)", score)
+        if bias is not None:
+            _parameter("bias", bias, query, (attention_dim,), f"(Da={attention_dim},)", score)
+    return {"score": score, "weight": weight, "w_query": w_query, "w_key": w_key, "v": v, "bias": bias, "scale": scale}
+
+
+def _parameter(
+    name: str, value: object, query: torch.Tensor, expected: tuple, meaning: str, score: str, query_name: str = "query"
+) -> None:
+    if value is None:
+        raise ValueError(f"score {score!r} needs {name} of shape {meaning}")
+    checks.float_tensor(name, value)
+    checks.like(name, value, query_name, query)
+    checks.shape(name, value, expected, meaning)
+
+
+def additive_parameters(v: object, bias: object, query_projection: torch.Tensor) -> None:
+    """v_a and b of additive attention applied to ready projections (q_proj's last size is Da)."""
+    attention_dim = query_projection.shape[-1]
+    meaning = f"(Da={attention_dim},)"
+    _parameter("v", v, query_projection, (attention_dim,), meaning, "additive", "q_proj")
+    if bias is not None:
+        _parameter("bias", bias, query_projection, (attention_dim,), meaning, "additive", "q_proj")

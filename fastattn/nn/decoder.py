@@ -1,0 +1,92 @@
+"""``AttentionDecoderCell``: one step of an attention decoder, s_t = f(s_{t-1}, y_{t-1}, c_t).
+
+input_feeding=True (Luong 2015, section 3.3): the cell reads [y_{t-1}; h~_{t-1}], then
+  attends with its new state s_t: c_t = attend(s_t), h~_t = tanh(W_c [c_t; s_t]).
+input_feeding=False (Bahdanau 2015): attends with the previous state, c_t = attend(s_{t-1}),
+  and the cell reads [y_{t-1}; c_t]; the output is h~_t = tanh(W_c [c_t; s_t]) too.
+The output h~_t (B, hidden_size) feeds the vocabulary projection.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fastattn import checks
+from fastattn.nn.attention import Attention, AttentionCache
+from fastattn.nn.recurrent import GRUCell, LSTMCell
+
+CELLS = {"lstm": LSTMCell, "gru": GRUCell}
+
+
+class DecoderState(NamedTuple):
+    hidden: torch.Tensor  # s_t, (B, hidden_size)
+    cell: torch.Tensor | None  # LSTM memory c_t, None for a GRU
+    attentional: torch.Tensor  # h~_t, (B, hidden_size)
+
+
+class AttentionDecoderCell(torch.nn.Module):
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        key_dim: int,
+        *,
+        score: str = "additive",
+        cell: str = "lstm",
+        input_feeding: bool = True,
+        attn_dim: int | None = None,
+        max_source_len: int | None = None,
+        window: int | None = None,
+        local: str | None = None,
+    ):
+        super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"cell must be one of {tuple(CELLS)}, got {cell!r}")
+        self.input_size = checks.positive_int("input_size", input_size)
+        self.hidden_size = checks.positive_int("hidden_size", hidden_size)
+        self.input_feeding = checks.flag("input_feeding", input_feeding)
+        self.attention = Attention(
+            hidden_size, key_dim, score=score, attn_dim=attn_dim,
+            max_source_len=max_source_len, window=window, local=local,
+        )
+        fed_size = hidden_size if input_feeding else key_dim
+        self.cell = CELLS[cell](input_size + fed_size, hidden_size)
+        self.combine = torch.nn.Linear(key_dim + hidden_size, hidden_size, bias=False)
+
+    def precompute(self, keys: torch.Tensor, values: torch.Tensor | None = None) -> AttentionCache:
+        """The encoder states, prepared once per source (W_k h for additive attention)."""
+        return self.attention.precompute(keys, values)
+
+    def initial_state(self, batch_size: int, like: torch.Tensor) -> DecoderState:
+        """All-zero state on ``like``'s device and dtype."""
+        zeros = like.new_zeros(batch_size, self.hidden_size)
+        return DecoderState(zeros, zeros if isinstance(self.cell, LSTMCell) else None, zeros)
+
+    def forward(
+        self,
+        y_prev_embedded: torch.Tensor,
+        state: DecoderState | None,
+        cache: AttentionCache,
+        *,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, DecoderState, torch.Tensor]:
+        """-> (output h~_t (B, hidden_size), new state, attention weights (B, S))."""
+        checks.float_tensor("y_prev_embedded", y_prev_embedded)
+        checks.shape("y_prev_embedded", y_prev_embedded, (None, self.input_size), f"(B, input_size={self.input_size})")
+        if state is None:
+            state = self.initial_state(y_prev_embedded.shape[0], y_prev_embedded)
+        if self.input_feeding:
+            hidden, memory = self._step(torch.cat([y_prev_embedded, state.attentional], dim=-1), state)
+            context, weights = self.attention(hidden, cache=cache, lengths=lengths)
+        else:
+            context, weights = self.attention(state.hidden, cache=cache, lengths=lengths)
+            hidden, memory = self._step(torch.cat([y_prev_embedded, context], dim=-1), state)
+        attentional = torch.tanh(self.combine(torch.cat([context, hidden], dim=-1)))
+        return attentional, DecoderState(hidden, memory, attentional), weights
+
+    def _step(self, cell_input: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if state.cell is None:
+            return self.cell(cell_input, state.hidden), None
+        return self.cell(cell_input, (state.hidden, state.cell))

@@ -1,0 +1,178 @@
+"""Drop-in ``torch.nn.LSTMCell``, ``GRUCell``, ``LSTM`` and ``GRU`` that run on fastattn's ops.
+
+Each class subclasses its ``torch.nn`` namesake and overrides ``forward`` only, so
+constructor arguments, parameter names, ``state_dict`` keys and every other method
+are torch's own, and ``load_state_dict`` works both ways.  The cells run the
+``lstm_cell``/``gru_cell`` ops; ``LSTM`` and ``GRU`` run ``lstm_layer``/``gru_layer``
+once per layer and direction.
+
+``module.backend`` picks the implementation: ``None`` (the default) follows the
+setting in force (``fastattn.set_backend``, ``with fastattn.backend(...)``,
+``FASTATTN_BACKEND``), a backend name forces that backend for this module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from fastattn.functional.recurrent import (
+    check_initial_state,
+    check_sequence_input,
+    check_state_pair,
+    run_gru_cell,
+    run_layers,
+    run_lstm_cell,
+)
+
+
+class LSTMCell(torch.nn.LSTMCell):
+    backend: str | None = None
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        return run_lstm_cell(
+            input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+            backend=self.backend, input_name="input",
+        )
+
+
+class GRUCell(torch.nn.GRUCell):
+    backend: str | None = None
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        return run_gru_cell(
+            input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+            backend=self.backend, input_name="input",
+        )
+
+
+class _StackedRecurrence:
+    """The ``forward`` shared by :class:`LSTM` and :class:`GRU`.
+
+    It brings every input form torch accepts (batch-first, unbatched, packed) to a
+    time-major (T, B, I) batch, runs :func:`run_layers` and restores the form.
+    Subclasses set ``layer_op`` (the op run per layer and direction) and
+    ``layer_weight_names`` (its weight arguments, in order, as parameter name
+    prefixes), and say what their states look like: ``state_shapes()`` gives the
+    (argument name, size, size name) of each state, ``split_states(hx)`` takes
+    the caller's ``hx`` apart and ``join_states(states)`` puts the final ones together.
+    """
+
+    backend: str | None = None
+
+    def forward(self, input, hx=None):
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
+        check_sequence_input(
+            "input", input, input_size=self.input_size, weight_name="weight_ih_l0",
+            weight=self.weight_ih_l0, batch_first=self.batch_first, packed=False,
+        )
+        batched = input.dim() == 3
+        if not batched:
+            x = input.unsqueeze(1)
+        elif self.batch_first:
+            x = input.transpose(0, 1)
+        else:
+            x = input
+        states = self._initial_states(hx, x, batched, input)
+        output, finals = self._run(x, states, lengths=None)
+        if not batched:
+            output, finals = output.squeeze(1), [state.squeeze(1) for state in finals]
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, self.join_states(finals)
+
+    def _forward_packed(self, input: PackedSequence, hx):
+        """Runs in the packed (sorted) batch order; ``hx`` and the final states are in
+        the caller's order, as in torch.  The output keeps the input's batch_sizes and indices."""
+        data = check_sequence_input(
+            "input", input.data, input_size=self.input_size, weight_name="weight_ih_l0",
+            weight=self.weight_ih_l0, batch_first=self.batch_first, packed=True,
+        )
+        x, valid = _padded_from_packed(data, input.batch_sizes)
+        states = _reorder_batch(self._initial_states(hx, x, True, data), input.sorted_indices)
+        output, finals = self._run(x, states, lengths=valid.sum(0))
+        packed_output = PackedSequence(
+            output[valid], input.batch_sizes, input.sorted_indices, input.unsorted_indices
+        )
+        return packed_output, self.join_states(_reorder_batch(finals, input.unsorted_indices))
+
+    def _initial_states(self, hx, x: Tensor, batched: bool, input: Tensor) -> list[Tensor]:
+        """Zeros when ``hx`` is None, else the checked states with a batch dimension."""
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        batch = x.shape[1]
+        if hx is None:
+            return [x.new_zeros(layers, batch, size) for _, size, _ in self.state_shapes()]
+        states = []
+        for (name, size, size_name), state in zip(self.state_shapes(), self.split_states(hx)):
+            if batched:
+                expected = (layers, batch, size)
+                meaning = f"(num_layers * num_directions, batch, {size_name}) = {expected}"
+            else:
+                expected = (layers, size)
+                meaning = f"(num_layers * num_directions, {size_name}) = {expected} for unbatched input"
+            check_initial_state(name, state, expected, meaning, "input", input)
+            states.append(state if batched else state.unsqueeze(1))
+        return states
+
+    def _run(self, x: Tensor, states: list[Tensor], lengths: Tensor | None):
+        suffixes = ("", "_reverse") if self.bidirectional else ("",)
+        weights = [
+            [
+                tuple(getattr(self, f"{name}_l{layer}{suffix}", None) for name in self.layer_weight_names)
+                for suffix in suffixes
+            ]
+            for layer in range(self.num_layers)
+        ]
+        return run_layers(
+            self.layer_op, x, states, weights, lengths=lengths,
+            dropout=self.dropout, training=self.training, backend=self.backend,
+        )
+
+
+class LSTM(_StackedRecurrence, torch.nn.LSTM):
+    layer_op = "lstm_layer"
+    layer_weight_names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
+    def state_shapes(self) -> list[tuple[str, int, str]]:
+        projected = self.proj_size > 0
+        h_size, h_size_name = (self.proj_size, "proj_size") if projected else (self.hidden_size, "hidden_size")
+        return [("hx[0]", h_size, h_size_name), ("hx[1]", self.hidden_size, "hidden_size")]
+
+    def split_states(self, hx: object) -> tuple[object, object]:
+        return check_state_pair("hx", hx)
+
+    def join_states(self, states: list[Tensor]) -> tuple[Tensor, Tensor]:
+        return states[0], states[1]
+
+
+class GRU(_StackedRecurrence, torch.nn.GRU):
+    layer_op = "gru_layer"
+    layer_weight_names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+    def state_shapes(self) -> list[tuple[str, int, str]]:
+        return [("hx", self.hidden_size, "hidden_size")]
+
+    def split_states(self, hx: object) -> tuple[object]:
+        return (hx,)
+
+    def join_states(self, states: list[Tensor]) -> Tensor:
+        return states[0]
+
+
+def _padded_from_packed(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
+    """A packed sequence's data as a zero-padded (T, B, I) batch in the packed (sorted)
+    order, and the (T, B) mask of its valid steps (True where a sequence has step t)."""
+    batch = int(batch_sizes[0])
+    batch_sizes = batch_sizes.to(data.device)
+    valid = torch.arange(batch, device=data.device) < batch_sizes.unsqueeze(1)
+    padded = data.new_zeros(*valid.shape, data.shape[-1])
+    padded[valid] = data  # row-major order of the mask is the packed order
+    return padded, valid
+
+
+def _reorder_batch(states: list[Tensor], indices: Tensor | None) -> list[Tensor]:
+    if indices is None:
+        return states
+    return [state.index_select(1, indices) for state in states]

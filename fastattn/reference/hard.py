@@ -1,0 +1,45 @@
+"""Hard (stochastic) attention of Xu et al. 2015, as plain PyTorch.
+
+One key position per query: sampled from the soft weights alpha (``sample=True``)
+or their argmax (``sample=False``).  The context is the value at that position and
+the log-probability of the choice is returned for REINFORCE.  With the Gaussian
+factor of local-p the weights no longer sum to one, so positions are drawn from
+the weights renormalised over the row.  A fully masked row returns index 0, a zero
+context and a zero log-probability.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastattn.reference.attention import attention
+
+
+def hard_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    sample: bool,
+    generator: torch.Generator | None,
+    **attention_arguments,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (context (N, T, Dv), index (N, T) int64, log_prob (N, T), weights (N, T, S))."""
+    _, weights = attention(query, keys, values, return_weights=True, **attention_arguments)
+    total = weights.sum(dim=-1)
+    has_valid = total > 0
+    if sample:
+        # Fully masked rows draw from a uniform row; their index is reset below.
+        probabilities = torch.where(has_valid.unsqueeze(-1), weights, torch.ones_like(weights))
+        flat = probabilities.detach().reshape(-1, weights.shape[-1]).float()
+        index = torch.multinomial(flat, 1, generator=generator).reshape(total.shape)
+    else:
+        index = weights.detach().argmax(dim=-1)
+    index = torch.where(has_valid, index, torch.zeros_like(index))
+    chosen = weights.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    smallest = torch.finfo(weights.dtype).tiny
+    log_prob = torch.log(chosen.clamp_min(smallest)) - torch.log(total.clamp_min(smallest))
+    log_prob = torch.where(has_valid, log_prob, torch.zeros_like(log_prob))
+    gathered = values.gather(-2, index.unsqueeze(-1).expand(*index.shape, values.shape[-1]))
+    context = gathered * has_valid.unsqueeze(-1).to(values.dtype)
+    return context, index, log_prob, weights

@@ -1,0 +1,42 @@
+"""Random attention problems for the tests: the score parameters each score needs."""
+
+from __future__ import annotations
+
+import torch
+
+SCORES = ("dot", "scaled_dot", "general", "additive", "cosine", "location")
+
+
+def score_parameters(
+    score: str,
+    query_dim: int,
+    key_dim: int,
+    *,
+    attention_dim: int = 5,
+    max_source_len: int = 16,
+    dtype: torch.dtype = torch.float64,
+    generator: torch.Generator | None = None,
+    requires_grad: bool = False,
+) -> dict:
+    """Keyword arguments of ``fastattn.attention`` for ``score``'s parameters."""
+
+    def random(*shape):
+        return torch.randn(*shape, dtype=dtype, generator=generator).requires_grad_(requires_grad)
+
+    if score == "general":
+        return {"weight": random(query_dim, key_dim)}
+    if score == "location":
+        return {"weight": random(max_source_len, query_dim)}
+    if score == "additive":
+        return {
+            "w_query": random(attention_dim, query_dim),
+            "w_key": random(attention_dim, key_dim),
+            "v": random(attention_dim),
+            "bias": random(attention_dim),
+        }
+    return {}
+
+
+def key_dim_for(score: str, query_dim: int, other: int) -> int:
+    """Dot-product scores need Dk == Dq; the others take any key size."""
+    return query_dim if score in ("dot", "scaled_dot", "cosine") else other

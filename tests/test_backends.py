@@ -1,0 +1,104 @@
+"""Backend selection: precedence of the settings, clear errors, and auto's fallback."""
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import backends
+
+
+@pytest.fixture(autouse=True)
+def restore_setting(monkeypatch):
+    monkeypatch.delenv(backends.ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.setattr(backends, "_session_backend", None)
+
+
+def test_default_is_auto_and_auto_runs_the_reference_when_nothing_else_is_built():
+    assert backends.current_backend() == "auto"
+    for op in backends.OPS:
+        choice = backends.auto_choice(op, "cpu")
+        assert choice == "reference" or backends.unavailable_reason(choice) is None
+
+
+def test_precedence_context_over_set_backend_over_environment(monkeypatch):
+    monkeypatch.setenv(backends.ENVIRONMENT_VARIABLE, "cpu")
+    assert backends.current_backend() == "cpu"
+    fastattn.set_backend("triton")
+    assert backends.current_backend() == "triton"
+    with fastattn.backend("reference"):
+        assert backends.current_backend() == "reference"
+        with fastattn.backend("cuda"):
+            assert backends.current_backend() == "cuda"
+        assert backends.current_backend() == "reference"
+    assert backends.current_backend() == "triton"
+
+
+@pytest.mark.parametrize("name", ["fast", "", None, "CPU"])
+def test_unknown_backend_names_are_rejected(name):
+    with pytest.raises(ValueError, match="must be one of"):
+        fastattn.set_backend(name)
+    with pytest.raises(ValueError, match="must be one of"):
+        with fastattn.backend(name):
+            pass
+
+
+def test_unknown_backend_in_the_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv(backends.ENVIRONMENT_VARIABLE, "gpu")
+    with pytest.raises(ValueError, match="FASTATTN_BACKEND"):
+        fastattn.attention(torch.randn(2, 3), torch.randn(2, 4, 3))
+
+
+@pytest.mark.parametrize("name", ["cpu", "triton", "cuda"])
+def test_asking_for_a_missing_backend_says_what_is_missing(name):
+    reason = backends.unavailable_reason(name)
+    if reason is None:
+        pytest.skip(f"{name} is built here")
+    with fastattn.backend(name):
+        with pytest.raises(fastattn.BackendUnavailableError, match=name) as error:
+            fastattn.attention(torch.randn(2, 3), torch.randn(2, 4, 3))
+    assert reason in str(error.value)
+
+
+def test_cuda_backend_missing_message_is_the_one_users_expect():
+    if backends.unavailable_reason("cuda") is None:
+        pytest.skip("CUDA kernels are built here")
+    assert "built without CUDA kernels" in backends.unavailable_reason("cuda")
+
+
+def test_registered_backend_is_picked_by_auto_and_limited_to_its_devices():
+    calls = []
+
+    def fake_cell(*arguments):
+        calls.append(arguments)
+        return arguments[1]
+
+    saved = dict(backends._implementations["gru_cell"]), dict(backends._unavailable_reasons)
+    try:
+        backends.register("gru_cell", "cpu", ("cpu",))(fake_cell)
+        backends.mark_available("cpu")
+        assert backends.auto_choice("gru_cell", "cpu") == "cpu"
+        assert backends.auto_choice("gru_cell", "cuda") == "reference"
+        h = torch.randn(2, 3)
+        assert fastattn.gru_cell(torch.randn(2, 4), h, torch.randn(9, 4), torch.randn(9, 3)) is h
+        assert len(calls) == 1
+        with pytest.raises(fastattn.BackendUnavailableError, match="meta"):
+            backends.implementation("gru_cell", "meta", "cpu")
+        with pytest.raises(fastattn.BackendUnavailableError, match="no kernel for op 'lstm_cell'"):
+            backends.implementation("lstm_cell", "cpu", "cpu")
+    finally:
+        backends._implementations["gru_cell"].clear()
+        backends._implementations["gru_cell"].update(saved[0])
+        backends._unavailable_reasons.clear()
+        backends._unavailable_reasons.update(saved[1])
+
+
+def test_the_reference_runs_on_any_device():
+    query, keys = torch.randn(2, 3, device="meta"), torch.randn(2, 4, 3, device="meta")
+    with fastattn.backend("reference"):
+        assert fastattn.attention(query, keys).shape == (2, 3)
+
+
+def test_info_reports_the_auto_choice_per_op():
+    report = fastattn.info()
+    for op in backends.OPS:
+        assert report["auto"]["cpu"][op] == backends.auto_choice(op, "cpu")

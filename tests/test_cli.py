@@ -1,0 +1,137 @@
+"""The command line (``fastattn info``, ``fastattn bench``) and ``fastattn.info()``."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastattn import backends
+from fastattn.cli import main
+from fastattn.info import info
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+INFO_KEYS = {
+    "version", "python", "torch", "triton", "backends", "cuda_arch_list",
+    "device", "backend_setting", "auto",
+}
+BENCH_CASES = ("attention.additive.decode_step", "lstm_cell")
+
+
+def test_info_describes_versions_backends_and_auto_choices():
+    description = info()
+    assert set(description) == INFO_KEYS
+    assert description["torch"] == torch.__version__
+    assert set(description["backends"]) == set(backends.BACKENDS)
+    assert description["backends"]["reference"] == {"available": True, "reason": None}
+    for name, entry in description["backends"].items():
+        assert entry["available"] == (entry["reason"] is None), name
+    assert description["backend_setting"] == backends.current_backend()
+    assert set(description["auto"]["cpu"]) == set(backends.OPS)
+    assert ("cuda" in description["auto"]) == torch.cuda.is_available()
+    assert description["cuda_arch_list"] is None or isinstance(description["cuda_arch_list"], list)
+
+
+def test_info_follows_the_backend_setting():
+    with backends.backend("reference"):
+        assert info()["backend_setting"] == "reference"
+
+
+def test_python_m_fastattn_info_json_prints_the_info_dict():
+    completed = subprocess.run(
+        [sys.executable, "-m", "fastattn", "info", "--json"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert set(json.loads(completed.stdout)) == INFO_KEYS
+
+
+def test_info_text_lists_every_entry_and_backend(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    for word in ("version", "torch", "triton", "cuda_arch_list", "backend_setting", *backends.BACKENDS):
+        assert word in text
+    assert "auto picks on cpu:" in text
+
+
+def _check_results(results, device="cpu"):
+    assert {row["case"] for row in results} == set(BENCH_CASES)
+    pairs = [(row["case"], row["backend"]) for row in results]
+    assert len(pairs) == len(set(pairs))
+    assert {(case, "reference") for case in BENCH_CASES} <= set(pairs)
+    for row in results:
+        assert backends.unavailable_reason(row["backend"]) is None
+        assert row["device"] == device and row["dtype"] == "float32"
+        assert math.isfinite(float(row["median_s"])) and float(row["median_s"]) > 0
+        assert math.isfinite(float(row["iqr_s"])) and float(row["iqr_s"]) >= 0
+        assert int(row["runs"]) > 0
+
+
+def test_bench_writes_one_json_row_per_case_and_backend(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--json", str(path), "--ops", *BENCH_CASES]) == 0
+    report = json.loads(path.read_text())
+    assert report["preset"] == "quick"
+    assert set(report["machine"]) == INFO_KEYS
+    _check_results(report["results"])
+    assert report["results"][0]["shape"] == {"B": 4, "S": 16, "D": 32}
+    table = capsys.readouterr().out
+    assert all(case in table for case in BENCH_CASES)
+
+
+def test_bench_writes_csv_rows(tmp_path):
+    path = tmp_path / "bench.csv"
+    assert main(["bench", "--quick", "--device", "cpu", "--csv", str(path), "--ops", *BENCH_CASES]) == 0
+    with path.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    _check_results(rows)
+    assert rows[-1]["shape"] == "B=4 I=32 H=32"
+
+
+def _fails_cleanly(argv, capsys, expected_message):
+    assert main(argv) != 0
+    captured = capsys.readouterr()
+    assert expected_message in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_bench_rejects_an_unknown_op_and_lists_the_valid_ones(capsys):
+    _fails_cleanly(["bench", "--quick", "--ops", "attention.nonsense"], capsys, "unknown op 'attention.nonsense'")
+
+
+def test_unknown_op_message_names_the_valid_cases(capsys):
+    main(["bench", "--quick", "--ops", "lstm_cel1"])
+    assert "attention.additive.multi_query" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present, so --device cuda is valid")
+def test_bench_on_cuda_without_a_gpu_fails_cleanly(capsys):
+    _fails_cleanly(["bench", "--quick", "--device", "cuda"], capsys, "no CUDA GPU")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["trian"], "invalid choice: 'trian'"),
+        ([], "required"),
+        (["bench", "--device", "tpu"], "invalid choice: 'tpu'"),
+        (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
+        (["info", "--verbose"], "unrecognized arguments: --verbose"),
+    ],
+)
+def test_bad_command_lines_fail_cleanly(argv, message, capsys):
+    _fails_cleanly(argv, capsys, message)
+
+
+def test_unwritable_output_file_fails_cleanly(tmp_path, capsys):
+    missing_folder = tmp_path / "missing" / "bench.json"
+    _fails_cleanly(
+        ["bench", "--quick", "--device", "cpu", "--ops", "lstm_cell", "--json", str(missing_folder)],
+        capsys, "cannot write",
+    )

@@ -1,0 +1,89 @@
+"""Hard attention: samples follow the soft weights, argmax is deterministic, and a
+seeded generator reproduces the draws."""
+
+import pytest
+import torch
+from scipy import stats
+
+import fastattn
+
+
+@pytest.fixture(autouse=True)
+def reference_backend():
+    with fastattn.backend("reference"):
+        yield
+
+
+def repeated_problem(draws=6000):
+    """Two source sequences, each queried ``draws`` times with the same query."""
+    generator = torch.Generator().manual_seed(11)
+    query = torch.randn(2, 1, 4, dtype=torch.float64, generator=generator).expand(2, draws, 4)
+    keys = torch.randn(2, 6, 4, dtype=torch.float64, generator=generator)
+    return query, keys
+
+
+def test_sampling_frequencies_match_the_soft_weights():
+    query, keys = repeated_problem()
+    lengths = torch.tensor([6, 4])
+    _, index, _, weights = fastattn.hard_attention(
+        query, keys, lengths=lengths, generator=torch.Generator().manual_seed(0)
+    )
+    for row in range(2):
+        valid = int(lengths[row])
+        observed = torch.bincount(index[row], minlength=6).double()
+        assert observed[valid:].sum() == 0, "sampled a masked position"
+        expected = weights[row, 0, :valid] * index.shape[1]
+        statistic, p_value = stats.chisquare(observed[:valid].numpy(), expected.numpy())
+        assert p_value > 1e-3, f"row {row}: chi-square {statistic:.1f}, p = {p_value:.2g}"
+
+
+def test_a_biased_sampler_would_fail_the_frequency_check():
+    """The check above has power: uniform draws are rejected for the same weights."""
+    query, keys = repeated_problem()
+    _, _, _, weights = fastattn.hard_attention(query, keys, sample=False)
+    uniform = torch.randint(0, 6, (query.shape[1],), generator=torch.Generator().manual_seed(0))
+    observed = torch.bincount(uniform, minlength=6).double()
+    _, p_value = stats.chisquare(observed.numpy(), (weights[0, 0] * query.shape[1]).numpy())
+    assert p_value < 1e-3
+
+
+def test_the_same_seed_draws_the_same_positions():
+    query, keys = repeated_problem(draws=50)
+    first = fastattn.hard_attention(query, keys, generator=torch.Generator().manual_seed(5))[1]
+    second = fastattn.hard_attention(query, keys, generator=torch.Generator().manual_seed(5))[1]
+    other = fastattn.hard_attention(query, keys, generator=torch.Generator().manual_seed(6))[1]
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+
+
+def test_argmax_mode_is_deterministic_and_returns_the_value_there():
+    query, keys = repeated_problem(draws=3)
+    values = torch.randn(2, 6, 5, dtype=torch.float64)
+    context, index, log_prob, weights = fastattn.hard_attention(query, keys, values, sample=False)
+    assert torch.equal(index, weights.argmax(-1))
+    assert torch.equal(index, fastattn.hard_attention(query, keys, values, sample=False)[1])
+    torch.testing.assert_close(context, values.gather(1, index[..., None].expand(2, 3, 5)))
+    torch.testing.assert_close(log_prob, weights.max(-1).values.log())
+
+
+def test_fully_masked_rows_give_index_zero_and_zero_outputs():
+    query, keys = repeated_problem(draws=2)
+    context, index, log_prob, weights = fastattn.hard_attention(query, keys, lengths=torch.tensor([0, 3]))
+    assert torch.equal(index[0], torch.zeros(2, dtype=torch.int64))
+    assert torch.equal(context[0], torch.zeros_like(context[0]))
+    assert torch.equal(log_prob[0], torch.zeros_like(log_prob[0]))
+    assert (index[1] < 3).all()
+
+
+def test_gaussian_local_p_samples_from_the_renormalised_weights():
+    query = torch.zeros(1, 4000, 2, dtype=torch.float64)
+    keys = torch.zeros(1, 5, 2, dtype=torch.float64)
+    center = torch.full((1, 4000), 2.0, dtype=torch.float64)
+    _, index, log_prob, weights = fastattn.hard_attention(
+        query, keys, window=2, center=center, generator=torch.Generator().manual_seed(1)
+    )
+    probabilities = weights[0, 0] / weights[0, 0].sum()
+    observed = torch.bincount(index[0], minlength=5).double()
+    _, p_value = stats.chisquare(observed.numpy(), (probabilities * 4000).numpy())
+    assert p_value > 1e-3
+    torch.testing.assert_close(log_prob[0], probabilities[index[0]].log())

@@ -1,0 +1,119 @@
+"""Shapes the public functions accept: leading batch dimensions, single decoder steps,
+spatial key grids, and the torch.nn.functional.scaled_dot_product_attention drop-in."""
+
+import pytest
+import torch
+
+import fastattn
+from tests.problems import SCORES, key_dim_for, score_parameters
+
+
+@pytest.fixture(autouse=True)
+def reference_backend():
+    with fastattn.backend("reference"):
+        yield
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_leading_dimensions_are_independent_batches(score):
+    generator = torch.Generator().manual_seed(0)
+    query_dim, key_dim = 4, key_dim_for(score, 4, 3)
+    parameters = score_parameters(score, query_dim, key_dim, generator=generator)
+    query = torch.randn(2, 3, 5, query_dim, dtype=torch.float64, generator=generator)
+    keys = torch.randn(2, 3, 7, key_dim, dtype=torch.float64, generator=generator)
+    values = torch.randn(2, 3, 7, 6, dtype=torch.float64, generator=generator)
+    lengths = torch.tensor([4, 7])  # (B,) broadcast over the head dimension
+    context, weights = fastattn.attention(
+        query, keys, values, score=score, lengths=lengths, return_weights=True, **parameters
+    )
+    assert context.shape == (2, 3, 5, 6) and weights.shape == (2, 3, 5, 7)
+    for b in range(2):
+        for h in range(3):
+            one_context, one_weights = fastattn.attention(
+                query[b, h], keys[b, h, : lengths[b]], values[b, h, : lengths[b]],
+                score=score, return_weights=True, **parameters,
+            )
+            torch.testing.assert_close(context[b, h], one_context)
+            torch.testing.assert_close(weights[b, h, :, : lengths[b]], one_weights)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_single_decoder_step_drops_the_time_dimension(score):
+    query_dim, key_dim = 4, key_dim_for(score, 4, 5)
+    parameters = score_parameters(score, query_dim, key_dim)
+    query = torch.randn(3, query_dim, dtype=torch.float64)
+    keys = torch.randn(3, 6, key_dim, dtype=torch.float64)
+    context, weights = fastattn.attention(query, keys, score=score, return_weights=True, **parameters)
+    step_context, step_weights = fastattn.attention(
+        query[:, None], keys, score=score, return_weights=True, **parameters
+    )
+    assert context.shape == (3, key_dim) and weights.shape == (3, 6)
+    torch.testing.assert_close(context, step_context[:, 0])
+    torch.testing.assert_close(weights, step_weights[:, 0])
+
+
+def test_spatial_keys_return_weights_on_the_grid():
+    query = torch.randn(2, 3, 4, dtype=torch.float64)
+    grid = torch.randn(2, 5, 7, 4, dtype=torch.float64)
+    mask = torch.zeros(2, 5, 7, dtype=torch.bool)
+    mask[1, :, 3:] = True
+    context, weights = fastattn.attention(query, grid, key_padding_mask=mask, return_weights=True)
+    flat_context, flat_weights = fastattn.attention(
+        query, grid.reshape(2, 35, 4), key_padding_mask=mask.reshape(2, 35), return_weights=True
+    )
+    assert weights.shape == (2, 3, 5, 7)
+    torch.testing.assert_close(context, flat_context)
+    torch.testing.assert_close(weights.reshape(2, 3, 35), flat_weights)
+    assert weights[1, :, :, 3:].abs().sum() == 0
+
+
+def test_single_step_over_a_grid():
+    context, weights = fastattn.attention(
+        torch.randn(2, 4), torch.randn(2, 3, 5, 4), return_weights=True
+    )
+    assert context.shape == (2, 4) and weights.shape == (2, 3, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "mask_kind", ["none", "bool", "float", "causal", "causal_rectangular", "scale"]
+)
+def test_scaled_dot_product_attention_matches_torch(mask_kind, dtype):
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(2, 3, 5, 8, dtype=dtype, generator=generator)
+    source_length = 7 if mask_kind == "causal_rectangular" else 5
+    key = torch.randn(2, 3, source_length, 8, dtype=dtype, generator=generator)
+    value = torch.randn(2, 3, source_length, 6, dtype=dtype, generator=generator)
+    arguments = {}
+    if mask_kind == "bool":
+        mask = torch.rand(5, source_length, generator=generator) > 0.3
+        mask[:, 0] = True  # no fully masked row: torch returns NaN there
+        arguments["attn_mask"] = mask
+    if mask_kind == "float":
+        arguments["attn_mask"] = torch.randn(3, 5, source_length, dtype=dtype, generator=generator)
+    if mask_kind.startswith("causal"):
+        arguments["is_causal"] = True
+    if mask_kind == "scale":
+        arguments["scale"] = 0.3
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, **arguments)
+    actual = fastattn.scaled_dot_product_attention(query, key, value, **arguments)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_scaled_dot_product_attention_fully_masked_row_is_zero_not_nan():
+    query, key, value = torch.randn(1, 2, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 5)
+    mask = torch.tensor([[False, False, False], [True, False, True]])
+    output = fastattn.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    assert torch.equal(output[0, 0], torch.zeros(5))
+    expected = torch.nn.functional.scaled_dot_product_attention(query[:, 1:], key, value, attn_mask=mask[1:])
+    torch.testing.assert_close(output[:, 1:], expected)
+
+
+def test_scaled_dot_product_attention_dropout_follows_the_generator_state():
+    query, key, value = torch.randn(2, 4, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    torch.manual_seed(3)
+    first = fastattn.scaled_dot_product_attention(query, key, value, dropout_p=0.5)
+    torch.manual_seed(3)
+    second = fastattn.scaled_dot_product_attention(query, key, value, dropout_p=0.5)
+    assert torch.equal(first, second)
+    assert not torch.allclose(first, fastattn.scaled_dot_product_attention(query, key, value))
