@@ -19,7 +19,17 @@ INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8
 def describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
-    return f"{type(value).__name__} {value!r}"
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+
+
+def choice(name: str, value: object, choices: Sequence[object]) -> object:
+    """One of ``choices`` (strings, or None): TypeError for another type, ValueError else."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {tuple(choices)}, got {describe(value)}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
 
 
 def tensor(name: str, value: object) -> torch.Tensor:
@@ -58,11 +68,15 @@ def flag(name: str, value: object) -> bool:
     return value
 
 
+# Sizes and windows stay far from int64 overflow in index arithmetic (p_t + window).
+LARGEST_INT = 2**31 - 1
+
+
 def positive_int(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {describe(value)}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if not minimum <= value <= LARGEST_INT:
+        raise ValueError(f"{name} must be in [{minimum}, {LARGEST_INT}], got {value}")
     return value
 
 

@@ -200,6 +200,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     checks.flag("is_causal", is_causal)
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask cannot be given with is_causal=True (as in torch): fold the causal mask into it")
     scale = 1 / math.sqrt(query.shape[-1]) if scale is None else checks.finite_number("scale", scale)
     lead = tuple(query.shape[:-2])
     layout = Layout(lead, single_step=False, grid=None)

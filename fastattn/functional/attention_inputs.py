@@ -141,7 +141,7 @@ def masking_arguments(
     if gaussian is not None:
         checks.flag("gaussian", gaussian)
     if lengths is not None:
-        lengths = _checked_lengths(lengths, layout, query, source_length)
+        lengths = checked_lengths(lengths, layout, query, source_length)
     if key_padding_mask is not None:
         checks.bool_tensor("key_padding_mask", key_padding_mask)
         checks.same_device("key_padding_mask", key_padding_mask, "query", query)
@@ -166,7 +166,7 @@ def masking_arguments(
     }
 
 
-def _checked_lengths(lengths: object, layout: Layout, query: torch.Tensor, source_length: int) -> torch.Tensor:
+def checked_lengths(lengths: object, layout: Layout, query: torch.Tensor, source_length: int) -> torch.Tensor:
     checks.integer_tensor("lengths", lengths)
     checks.same_device("lengths", lengths, "query", query)
     lengths = broadcast_over_batch("lengths", lengths, layout, (), "(B,) or (B, ...)")
@@ -205,8 +205,7 @@ def score_arguments(
     scale: object,
 ) -> dict:
     """Checked score parameters, with the default scale filled in."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    checks.choice("score", score, SCORES)
     given = {"weight": weight, "w_query": w_query, "w_key": w_key, "v": v, "bias": bias, "scale": scale}
     for name, value in given.items():
         if value is not None and name not in SCORE_PARAMETERS[score]:

@@ -16,7 +16,7 @@ import torch
 
 from fastattn import checks
 from fastattn.functional.attention import additive_attention, attention
-from fastattn.functional.attention_inputs import SCORES, layout_of
+from fastattn.functional.attention_inputs import SCORES, checked_lengths, layout_of
 
 LOCAL_KINDS = (None, "m", "p")
 
@@ -32,6 +32,7 @@ class AttentionCache:
     keys: torch.Tensor
     values: torch.Tensor
     projected_keys: torch.Tensor | None
+    score: str  # of the module that made it
 
 
 class Attention(torch.nn.Module):
@@ -49,10 +50,9 @@ class Attention(torch.nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        if score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if local not in LOCAL_KINDS:
-            raise ValueError(f"local must be one of {LOCAL_KINDS}, got {local!r}")
+        checks.choice("score", score, SCORES)
+        checks.choice("local", local, LOCAL_KINDS)
+        checks.flag("bias", bias)
         self.query_dim = checks.positive_int("query_dim", query_dim)
         self.key_dim = checks.positive_int("key_dim", key_dim)
         self.value_dim = key_dim if value_dim is None else checks.positive_int("value_dim", value_dim)
@@ -63,6 +63,8 @@ class Attention(torch.nn.Module):
             local = local or "m"
         elif local is not None:
             raise ValueError(f"local={local!r} needs window, the half-width D of the window")
+        if local == "p" and window < 1:
+            raise ValueError(f"local='p' applies a Gaussian of sigma = window / 2, so it needs window >= 1, got {window}")
         self.window, self.local = window, local
         if score in ("dot", "scaled_dot", "cosine") and query_dim != key_dim:
             raise ValueError(f"score {score!r} needs query_dim == key_dim, got {query_dim} and {key_dim}")
@@ -93,14 +95,14 @@ class Attention(torch.nn.Module):
 
     def precompute(self, keys: torch.Tensor, values: torch.Tensor | None = None) -> AttentionCache:
         """Work on the keys that does not depend on the query, done once per source."""
-        checks.float_tensor("keys", keys)
+        self._check_input("keys", keys, self.key_dim)
         values = keys if values is None else values
         projected = None
         if self.score == "additive":
             projected = keys @ self.w_key.T
         elif self.score == "general":
             projected = keys @ self.weight.T
-        return AttentionCache(keys, values, projected)
+        return AttentionCache(keys, values, projected, self.score)
 
     def forward(
         self,
@@ -114,19 +116,25 @@ class Attention(torch.nn.Module):
         return_weights: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (context, weights); weights is None when ``return_weights=False``."""
+        checks.flag("return_weights", return_weights)
         if cache is None and keys is None:
             raise ValueError("Attention needs keys, or a cache from precompute(keys)")
         if cache is not None and keys is not None:
             raise ValueError("give either keys or cache, not both (the cache already holds the keys)")
         if cache is not None and not isinstance(cache, AttentionCache):
             raise TypeError(f"cache must be an AttentionCache from precompute(), got {checks.describe(cache)}")
+        if cache is not None and cache.score != self.score:
+            raise ValueError(
+                f"cache was made by an Attention with score {cache.score!r}; this one has score {self.score!r}"
+            )
+        self._check_input("query", query, self.query_dim)
         cache = self.precompute(keys, values) if cache is None else cache
-        checks.float_tensor("query", query)
+        layout = layout_of("query", query, "keys", cache.keys)
         masking = dict(
             lengths=lengths,
             key_padding_mask=key_padding_mask,
             window=self.window,
-            center=self._predicted_centers(query, cache.keys, lengths),
+            center=self._predicted_centers(query, cache.keys, layout, lengths),
         )
         if self.score == "additive":
             outputs = additive_attention(
@@ -145,18 +153,28 @@ class Attention(torch.nn.Module):
             )
         return outputs if return_weights else (outputs, None)
 
+    def _check_input(self, name: str, tensor: object, features: int) -> None:
+        """A float tensor with ``features`` last, of the dtype and device of the parameters."""
+        checks.float_tensor(name, tensor)
+        if tensor.dim() < 1 or tensor.shape[-1] != features:
+            raise ValueError(f"{name} must have {features} features in its last dimension, got {checks.describe(tensor)}")
+        parameter = next(self.parameters(), None)
+        if parameter is not None:
+            checks.like(name, tensor, "the module's parameters", parameter)
+
     def _predicted_centers(
-        self, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor | None
+        self, query: torch.Tensor, keys: torch.Tensor, layout, lengths: object
     ) -> torch.Tensor | None:
         """p_t = S * sigmoid(v_p^T tanh(W_p s_t)) for local-p, with S each source's length."""
         if self.local != "p":
             return None
         fraction = torch.sigmoid(torch.tanh(query @ self.position_weight.T) @ self.position_v)
+        source_length = keys.shape[len(layout.lead) : -1].numel()
         if lengths is None:
-            layout = layout_of("query", query, "keys", keys)
-            return fraction * keys.shape[len(layout.lead) : -1].numel()
-        checks.integer_tensor("lengths", lengths)
-        sizes = lengths.reshape(*lengths.shape, *([1] * (fraction.dim() - lengths.dim())))
+            return fraction * source_length
+        sizes = checked_lengths(lengths, layout, query, source_length).reshape(layout.lead)
+        if not layout.single_step:
+            sizes = sizes.unsqueeze(-1)
         return fraction * sizes.to(fraction.dtype)
 
     def extra_repr(self) -> str:

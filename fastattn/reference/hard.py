@@ -26,20 +26,29 @@ def hard_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (context (N, T, Dv), index (N, T) int64, log_prob (N, T), weights (N, T, S))."""
     _, weights = attention(query, keys, values, return_weights=True, **attention_arguments)
-    total = weights.sum(dim=-1)
-    has_valid = total > 0
+    has_valid = weights.sum(dim=-1) > 0
     if sample:
         # Fully masked rows draw from a uniform row; their index is reset below.
         probabilities = torch.where(has_valid.unsqueeze(-1), weights, torch.ones_like(weights))
         flat = probabilities.detach().reshape(-1, weights.shape[-1]).float()
-        index = torch.multinomial(flat, 1, generator=generator).reshape(total.shape)
+        index = torch.multinomial(flat, 1, generator=generator).reshape(has_valid.shape)
     else:
         index = weights.detach().argmax(dim=-1)
     index = torch.where(has_valid, index, torch.zeros_like(index))
+    return (*outputs_at(weights, index, values), weights)
+
+
+def outputs_at(
+    weights: torch.Tensor, index: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(context, index, log_prob) of the chosen positions: the values there and
+    log(w_index / sum_j w_j); zeros for rows whose weights are all zero."""
+    total = weights.sum(dim=-1)
+    has_valid = total > 0
     chosen = weights.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     smallest = torch.finfo(weights.dtype).tiny
     log_prob = torch.log(chosen.clamp_min(smallest)) - torch.log(total.clamp_min(smallest))
     log_prob = torch.where(has_valid, log_prob, torch.zeros_like(log_prob))
     gathered = values.gather(-2, index.unsqueeze(-1).expand(*index.shape, values.shape[-1]))
     context = gathered * has_valid.unsqueeze(-1).to(values.dtype)
-    return context, index, log_prob, weights
+    return context, index, log_prob

@@ -1,0 +1,473 @@
+"""Bad inputs to the attention API are refused with a TypeError (wrong kind of
+object or dtype) or a ValueError (wrong shape, range or device) whose message names
+the offending argument (API.md section 6).
+
+The "meta" device stands in for a second device on a CPU-only machine.  Each case
+runs once per name in ``BACKENDS`` (the checks come before any backend runs, so
+every backend must refuse the same inputs the same way).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+import fastattn
+from fastattn.nn import Attention
+
+BACKENDS = ["reference"]
+
+F64 = torch.float64
+
+
+def _randn(*shape, dtype=F64, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def _f32(*shape, device="cpu"):
+    return torch.randn(*shape, device=device)
+
+
+def _mask(*shape, value=False, device="cpu"):
+    return torch.full(shape, value, dtype=torch.bool, device=device)
+
+
+# B=2, T=3, S=5, Dq=Dk=4, Dv=6
+QUERY = _randn(2, 3, 4)
+KEYS = _randn(2, 5, 4)
+VALUES = _randn(2, 5, 6)
+KEYS_3 = _randn(2, 5, 3)  # Dk=3 != Dq
+QUERY_STEP = _randn(2, 4)  # one decoder step
+KEYS_GRID = _randn(2, 2, 3, 4)  # (B, H, W, D), S=6
+QUERY_HEADS = _randn(2, 2, 3, 4)
+KEYS_HEADS = _randn(2, 2, 5, 4)
+ON_META = _randn(2, 5, 4, device="meta")
+LENGTHS = torch.tensor([5, 2])
+CENTER = torch.tensor([[0.0, 1.0, 2.0], [4.5, 0.0, 3.0]], dtype=F64)
+# score parameters for Dq=4, Dk=3 (general) / Dk=4 (additive), Da=5, S_max=8
+W_GENERAL = _randn(4, 3)
+W_QUERY, W_KEY, V_A, B_A = _randn(5, 4), _randn(5, 4), _randn(5), _randn(5)
+W_LOCATION = _randn(8, 4)
+ADDITIVE = dict(score="additive", w_query=W_QUERY, w_key=W_KEY, v=V_A, bias=B_A)
+# additive_attention: projections with Da=5
+Q_PROJ, K_PROJ = _randn(2, 3, 5), _randn(2, 5, 5)
+
+
+def case(case_id, error, argument, function, *args, **kwargs):
+    """``function(*args, **kwargs)`` must raise ``error`` naming ``argument``."""
+    return pytest.param(partial(function, *args, **kwargs), error, argument, id=case_id)
+
+
+def attention_case(case_id, error, argument, *args, **kwargs):
+    """fastattn.attention(QUERY, KEYS, ...) with ``args`` replacing the leading ones."""
+    positional = (*args, *(QUERY, KEYS)[len(args) :])
+    return case("attention-" + case_id, error, argument, fastattn.attention, *positional, **kwargs)
+
+
+def additive_case(case_id, error, argument, *args, **kwargs):
+    defaults = (Q_PROJ, K_PROJ, V_A, VALUES)
+    positional = (*args, *defaults[len(args) :])
+    return case("additive-" + case_id, error, argument, fastattn.additive_attention, *positional, **kwargs)
+
+
+def sdpa_case(case_id, error, argument, *args, **kwargs):
+    defaults = (QUERY, KEYS, VALUES)
+    positional = (*args, *defaults[len(args) :])
+    return case("sdpa-" + case_id, error, argument, fastattn.scaled_dot_product_attention, *positional, **kwargs)
+
+
+def hard_case(case_id, error, argument, *args, **kwargs):
+    positional = (*args, *(QUERY, KEYS)[len(args) :])
+    return case("hard-" + case_id, error, argument, fastattn.hard_attention, *positional, **kwargs)
+
+
+def module_case(case_id, error, argument, **kwargs):
+    return case("Attention-init-" + case_id, error, argument, Attention, **kwargs)
+
+
+def forward_case(case_id, error, argument, module_kwargs, *args, **kwargs):
+    """Attention(**module_kwargs)(F32_QUERY, F32_KEYS, ...) with ``args`` replacing
+    the leading ones."""
+    positional = (*args, *(F32_QUERY, F32_KEYS)[len(args) :])
+
+    def run():
+        module = Attention(**module_kwargs)
+        return module(*positional, **kwargs)
+
+    return pytest.param(run, error, argument, id="Attention-forward-" + case_id)
+
+
+F32_QUERY, F32_KEYS, F32_VALUES = QUERY.float(), KEYS.float(), VALUES.float()
+ADDITIVE_MODULE = dict(query_dim=4, key_dim=4)
+LOCATION_MODULE = dict(query_dim=4, key_dim=4, score="location")
+LOCAL_P_MODULE = dict(query_dim=4, key_dim=4, window=1, local="p")
+
+CASES = [
+    # ---------------------------------------------------------------- attention
+    # not tensors
+    attention_case("query-list", TypeError, "query", [[1.0, 2.0]]),
+    attention_case("query-none", TypeError, "query", None),
+    attention_case("keys-numpy", TypeError, "keys", QUERY, np.zeros((2, 5, 4))),
+    attention_case("values-list", TypeError, "values", QUERY, KEYS, [[0.0]]),
+    # integer and bool dtypes
+    attention_case("query-int", TypeError, "query", QUERY.long()),
+    attention_case("query-bool", TypeError, "query", QUERY > 0),
+    attention_case("keys-int", TypeError, "keys", QUERY, KEYS.int()),
+    attention_case("values-bool", TypeError, "values", QUERY, KEYS, VALUES > 0),
+    # mismatched dtypes
+    attention_case("keys-float32", TypeError, "keys", QUERY, KEYS.float()),
+    attention_case("values-float32", TypeError, "values", QUERY, KEYS, VALUES.float()),
+    attention_case("weight-float32", TypeError, "weight", QUERY, KEYS_3, score="general", weight=W_GENERAL.float()),
+    attention_case("w_query-float32", TypeError, "w_query", **{**ADDITIVE, "w_query": W_QUERY.float()}),
+    attention_case("w_key-float32", TypeError, "w_key", **{**ADDITIVE, "w_key": W_KEY.float()}),
+    attention_case("v-float32", TypeError, "v", **{**ADDITIVE, "v": V_A.float()}),
+    attention_case("bias-float32", TypeError, "bias", **{**ADDITIVE, "bias": B_A.float()}),
+    # mismatched devices
+    attention_case("keys-meta", ValueError, "keys", QUERY, ON_META),
+    attention_case("query-meta", ValueError, "keys", _randn(2, 3, 4, device="meta"), KEYS),
+    attention_case("values-meta", ValueError, "values", QUERY, KEYS, _randn(2, 5, 6, device="meta")),
+    attention_case("weight-meta", ValueError, "weight", QUERY, KEYS_3, score="general", weight=_randn(4, 3, device="meta")),
+    attention_case("w_key-meta", ValueError, "w_key", **{**ADDITIVE, "w_key": _randn(5, 4, device="meta")}),
+    attention_case("lengths-meta", ValueError, "lengths", lengths=LENGTHS.to("meta")),
+    attention_case("key_padding_mask-meta", ValueError, "key_padding_mask", key_padding_mask=_mask(2, 5, device="meta")),
+    attention_case("center-meta", ValueError, "center", window=1, center=_randn(2, 3, device="meta")),
+    # ranks and batch dimensions
+    attention_case("query-1d", ValueError, "query", _randn(4)),
+    attention_case("query-0d", ValueError, "query", torch.tensor(1.0, dtype=F64)),
+    attention_case("keys-2d", ValueError, "keys", QUERY, _randn(5, 4)),
+    attention_case("keys-5d", ValueError, "keys", QUERY, _randn(2, 1, 2, 5, 4)),
+    attention_case("keys-batch", ValueError, "keys", QUERY, _randn(3, 5, 4)),
+    attention_case("keys-heads", ValueError, "keys", QUERY_HEADS, _randn(2, 3, 5, 4)),
+    attention_case("query-no-positions", ValueError, "query", _randn(2, 0, 4)),
+    attention_case("keys-no-positions", ValueError, "keys", QUERY, _randn(2, 0, 4)),
+    attention_case("step-keys-batch", ValueError, "keys", QUERY_STEP, _randn(3, 5, 4)),
+    # values of the wrong length / rank / batch
+    attention_case("values-length", ValueError, "values", QUERY, KEYS, _randn(2, 4, 6)),
+    attention_case("values-rank", ValueError, "values", QUERY, KEYS, _randn(2, 5, 1, 6)),
+    attention_case("values-batch", ValueError, "values", QUERY, KEYS, _randn(1, 5, 6)),
+    attention_case("values-grid", ValueError, "values", QUERY, KEYS_GRID, _randn(2, 3, 2, 6)),
+    # Dq != Dk for the dot-product scores
+    attention_case("dot-Dk", ValueError, "keys", QUERY, KEYS_3, score="dot"),
+    attention_case("scaled_dot-Dk", ValueError, "keys", QUERY, KEYS_3, score="scaled_dot"),
+    attention_case("cosine-Dk", ValueError, "keys", QUERY, KEYS_3, score="cosine"),
+    # unknown score
+    attention_case("score-unknown", ValueError, "score", score="bilinear"),
+    attention_case("score-case", ValueError, "score", score="Dot"),
+    attention_case("score-not-a-string", TypeError, "score", score=3),
+    # missing and extra score parameters
+    attention_case("dot-weight", ValueError, "weight", score="dot", weight=W_GENERAL),
+    attention_case("dot-scale", ValueError, "scale", score="dot", scale=2.0),
+    attention_case("scaled_dot-bias", ValueError, "bias", score="scaled_dot", bias=B_A),
+    attention_case("cosine-v", ValueError, "v", score="cosine", v=V_A),
+    attention_case("general-scale", ValueError, "scale", QUERY, KEYS_3, score="general", weight=W_GENERAL, scale=1.0),
+    attention_case("general-w_query", ValueError, "w_query", QUERY, KEYS_3, score="general", weight=W_GENERAL, w_query=W_QUERY),
+    attention_case("additive-weight", ValueError, "weight", **ADDITIVE, weight=W_GENERAL),
+    attention_case("location-w_key", ValueError, "w_key", score="location", weight=W_LOCATION, w_key=W_KEY),
+    attention_case("general-missing-weight", ValueError, "weight", QUERY, KEYS_3, score="general"),
+    attention_case("location-missing-weight", ValueError, "weight", score="location"),
+    attention_case("additive-missing-w_query", ValueError, "w_query", **{**ADDITIVE, "w_query": None}),
+    attention_case("additive-missing-w_key", ValueError, "w_key", **{**ADDITIVE, "w_key": None}),
+    attention_case("additive-missing-v", ValueError, "v", **{**ADDITIVE, "v": None}),
+    # score parameters that are not tensors, or of the wrong shape
+    attention_case("general-weight-list", TypeError, "weight", QUERY, KEYS_3, score="general", weight=[[1.0]]),
+    attention_case("general-weight-int", TypeError, "weight", QUERY, KEYS_3, score="general", weight=W_GENERAL.long()),
+    attention_case("general-weight-transposed", ValueError, "weight", QUERY, KEYS_3, score="general", weight=W_GENERAL.T),
+    attention_case("general-weight-1d", ValueError, "weight", QUERY, KEYS_3, score="general", weight=_randn(4)),
+    attention_case("general-weight-3d", ValueError, "weight", QUERY, KEYS_3, score="general", weight=_randn(1, 4, 3)),
+    attention_case("additive-w_query-Dq", ValueError, "w_query", **{**ADDITIVE, "w_query": _randn(5, 3)}),
+    attention_case("additive-w_query-1d", ValueError, "w_query", **{**ADDITIVE, "w_query": _randn(5)}),
+    attention_case("additive-w_key-Da", ValueError, "w_key", **{**ADDITIVE, "w_key": _randn(6, 4)}),
+    attention_case("additive-w_key-Dk", ValueError, "w_key", **{**ADDITIVE, "w_key": _randn(5, 3)}),
+    attention_case("additive-v-Da", ValueError, "v", **{**ADDITIVE, "v": _randn(4)}),
+    attention_case("additive-v-2d", ValueError, "v", **{**ADDITIVE, "v": _randn(5, 1)}),
+    attention_case("additive-bias-Da", ValueError, "bias", **{**ADDITIVE, "bias": _randn(6)}),
+    attention_case("additive-v-numpy", TypeError, "v", **{**ADDITIVE, "v": np.zeros(5)}),
+    attention_case("location-weight-Dq", ValueError, "weight", score="location", weight=_randn(8, 3)),
+    attention_case("location-weight-1d", ValueError, "weight", score="location", weight=_randn(8)),
+    attention_case("location-S-over-S_max", ValueError, "weight", score="location", weight=_randn(4, 4)),
+    attention_case("location-grid-over-S_max", ValueError, "weight", QUERY, KEYS_GRID, score="location", weight=_randn(5, 4)),
+    # scale
+    attention_case("scale-inf", ValueError, "scale", scale=float("inf")),
+    attention_case("scale-nan", ValueError, "scale", scale=float("nan")),
+    attention_case("cosine-scale-ninf", ValueError, "scale", score="cosine", scale=float("-inf")),
+    attention_case("scale-string", TypeError, "scale", scale="0.5"),
+    attention_case("scale-bool", TypeError, "scale", scale=True),
+    attention_case("scale-complex", TypeError, "scale", scale=1j),
+    # lengths
+    attention_case("lengths-float", TypeError, "lengths", lengths=torch.tensor([5.0, 2.0])),
+    attention_case("lengths-bool", TypeError, "lengths", lengths=torch.tensor([True, False])),
+    attention_case("lengths-list", TypeError, "lengths", lengths=[5, 2]),
+    attention_case("lengths-int", TypeError, "lengths", lengths=5),
+    attention_case("lengths-negative", ValueError, "lengths", lengths=torch.tensor([5, -1])),
+    attention_case("lengths-over-S", ValueError, "lengths", lengths=torch.tensor([6, 2])),
+    attention_case("lengths-uint8-over-S", ValueError, "lengths", lengths=torch.tensor([255, 2], dtype=torch.uint8)),
+    attention_case("lengths-over-grid-S", ValueError, "lengths", QUERY, KEYS_GRID, lengths=torch.tensor([7, 2])),
+    attention_case("lengths-batch", ValueError, "lengths", lengths=torch.tensor([5, 2, 1])),
+    attention_case("lengths-2d", ValueError, "lengths", lengths=LENGTHS[:, None]),
+    attention_case("lengths-heads", ValueError, "lengths", QUERY_HEADS, KEYS_HEADS, lengths=torch.ones(2, 3, dtype=torch.long)),
+    attention_case("lengths-step-2d", ValueError, "lengths", QUERY_STEP, KEYS, lengths=torch.ones(2, 1, dtype=torch.long)),
+    # key_padding_mask
+    attention_case("key_padding_mask-float", TypeError, "key_padding_mask", key_padding_mask=torch.zeros(2, 5)),
+    attention_case("key_padding_mask-int", TypeError, "key_padding_mask", key_padding_mask=torch.zeros(2, 5, dtype=torch.long)),
+    attention_case("key_padding_mask-list", TypeError, "key_padding_mask", key_padding_mask=[[False] * 5] * 2),
+    attention_case("key_padding_mask-S", ValueError, "key_padding_mask", key_padding_mask=_mask(2, 4)),
+    attention_case("key_padding_mask-batch", ValueError, "key_padding_mask", key_padding_mask=_mask(3, 5)),
+    attention_case("key_padding_mask-per-query", ValueError, "key_padding_mask", key_padding_mask=_mask(2, 3, 5)),
+    attention_case("key_padding_mask-grid", ValueError, "key_padding_mask", QUERY, KEYS_GRID, key_padding_mask=_mask(2, 3, 2)),
+    # causal
+    attention_case("causal-T-ne-S", ValueError, "causal", causal=True),
+    attention_case("causal-int", TypeError, "causal", _randn(2, 5, 4), causal=1),
+    attention_case("causal-none", TypeError, "causal", _randn(2, 5, 4), causal=None),
+    # window
+    attention_case("window-negative", ValueError, "window", window=-1),
+    attention_case("window-float", TypeError, "window", window=1.5),
+    attention_case("window-integral-float", TypeError, "window", window=2.0),
+    attention_case("window-bool", TypeError, "window", window=True),
+    attention_case("window-string", TypeError, "window", window="2"),
+    attention_case("window-tensor", TypeError, "window", window=torch.tensor([1, 2])),
+    # center
+    attention_case("center-without-window", ValueError, "window", center=_randn(2, 3)),
+    attention_case("center-T", ValueError, "center", window=1, center=_randn(2, 4)),
+    attention_case("center-batch", ValueError, "center", window=1, center=_randn(3, 3)),
+    attention_case("center-trailing-1", ValueError, "center", window=1, center=_randn(2, 3, 1)),
+    attention_case("center-step-2d", ValueError, "center", QUERY_STEP, KEYS, window=1, center=_randn(2, 1)),
+    attention_case("center-int", TypeError, "center", window=1, center=torch.ones(2, 3, dtype=torch.long)),
+    attention_case("center-list", TypeError, "center", window=1, center=[[0.0] * 3] * 2),
+    attention_case("center-inf", ValueError, "center", window=1, center=CENTER.index_fill(1, torch.tensor([2]), math.inf)),
+    attention_case("center-nan", ValueError, "center", window=1, center=CENTER.index_fill(0, torch.tensor([1]), math.nan)),
+    # gaussian
+    attention_case("gaussian-without-window", ValueError, "window", gaussian=True),
+    attention_case("gaussian-window-0", ValueError, "window", window=0, gaussian=True),
+    attention_case("gaussian-center-window-0", ValueError, "window", window=0, center=_randn(2, 3)),
+    attention_case("gaussian-int", TypeError, "gaussian", window=1, gaussian=1),
+    attention_case("gaussian-string", TypeError, "gaussian", window=1, gaussian="yes"),
+    # return_weights
+    attention_case("return_weights-int", TypeError, "return_weights", return_weights=1),
+    attention_case("return_weights-string", TypeError, "return_weights", return_weights="True"),
+    attention_case("return_weights-none", TypeError, "return_weights", return_weights=None),
+    # ------------------------------------------------------- additive_attention
+    additive_case("q_proj-list", TypeError, "q_proj", [[0.0] * 5]),
+    additive_case("q_proj-int", TypeError, "q_proj", Q_PROJ.long()),
+    additive_case("k_proj-bool", TypeError, "k_proj", Q_PROJ, K_PROJ > 0),
+    additive_case("k_proj-float32", TypeError, "k_proj", Q_PROJ, K_PROJ.float()),
+    additive_case("k_proj-meta", ValueError, "k_proj", Q_PROJ, _randn(2, 5, 5, device="meta")),
+    additive_case("k_proj-Da", ValueError, "k_proj", Q_PROJ, _randn(2, 5, 4)),
+    additive_case("k_proj-batch", ValueError, "k_proj", Q_PROJ, _randn(3, 5, 5)),
+    additive_case("k_proj-2d", ValueError, "k_proj", Q_PROJ, _randn(5, 5)),
+    additive_case("q_proj-1d", ValueError, "q_proj", _randn(5)),
+    additive_case("v-none", ValueError, "v", Q_PROJ, K_PROJ, None),
+    additive_case("v-list", TypeError, "v", Q_PROJ, K_PROJ, [0.0] * 5),
+    additive_case("v-float32", TypeError, "v", Q_PROJ, K_PROJ, V_A.float()),
+    additive_case("v-meta", ValueError, "v", Q_PROJ, K_PROJ, _randn(5, device="meta")),
+    additive_case("v-Da", ValueError, "v", Q_PROJ, K_PROJ, _randn(4)),
+    additive_case("v-2d", ValueError, "v", Q_PROJ, K_PROJ, _randn(1, 5)),
+    additive_case("bias-Da", ValueError, "bias", bias=_randn(4)),
+    additive_case("bias-int", TypeError, "bias", bias=torch.ones(5, dtype=torch.long)),
+    additive_case("values-none", TypeError, "values", Q_PROJ, K_PROJ, V_A, None),
+    additive_case("values-int", TypeError, "values", Q_PROJ, K_PROJ, V_A, VALUES.long()),
+    additive_case("values-float32", TypeError, "values", Q_PROJ, K_PROJ, V_A, VALUES.float()),
+    additive_case("values-length", ValueError, "values", Q_PROJ, K_PROJ, V_A, _randn(2, 4, 6)),
+    additive_case("values-meta", ValueError, "values", Q_PROJ, K_PROJ, V_A, _randn(2, 5, 6, device="meta")),
+    additive_case("lengths-float", TypeError, "lengths", lengths=torch.tensor([1.0, 2.0])),
+    additive_case("lengths-over-S", ValueError, "lengths", lengths=torch.tensor([1, 6])),
+    additive_case("lengths-negative", ValueError, "lengths", lengths=torch.tensor([-2, 1])),
+    additive_case("key_padding_mask-float", TypeError, "key_padding_mask", key_padding_mask=torch.zeros(2, 5)),
+    additive_case("key_padding_mask-S", ValueError, "key_padding_mask", key_padding_mask=_mask(2, 6)),
+    additive_case("causal-T-ne-S", ValueError, "causal", causal=True),
+    additive_case("window-negative", ValueError, "window", window=-3),
+    additive_case("window-float", TypeError, "window", window=0.5),
+    additive_case("center-without-window", ValueError, "window", center=_randn(2, 3)),
+    additive_case("center-T", ValueError, "center", window=2, center=_randn(2, 2)),
+    additive_case("center-nan", ValueError, "center", window=2, center=torch.full((2, 3), float("nan"), dtype=F64)),
+    additive_case("gaussian-window-0", ValueError, "window", window=0, gaussian=True),
+    additive_case("return_weights-int", TypeError, "return_weights", return_weights=0),
+    # ----------------------------------------------------------- hard_attention
+    hard_case("query-int", TypeError, "query", QUERY.long()),
+    hard_case("keys-meta", ValueError, "keys", QUERY, ON_META),
+    hard_case("keys-batch", ValueError, "keys", QUERY, _randn(3, 5, 4)),
+    hard_case("values-length", ValueError, "values", QUERY, KEYS, _randn(2, 4, 6)),
+    hard_case("score-unknown", ValueError, "score", score="soft"),
+    hard_case("dot-weight", ValueError, "weight", score="dot", weight=W_GENERAL),
+    hard_case("general-weight-shape", ValueError, "weight", QUERY, KEYS_3, score="general", weight=_randn(3, 4)),
+    hard_case("lengths-over-S", ValueError, "lengths", lengths=torch.tensor([6, 2])),
+    hard_case("lengths-float", TypeError, "lengths", lengths=torch.tensor([1.0, 2.0])),
+    hard_case("key_padding_mask-shape", ValueError, "key_padding_mask", key_padding_mask=_mask(2, 4)),
+    hard_case("causal-T-ne-S", ValueError, "causal", causal=True),
+    hard_case("window-negative", ValueError, "window", window=-1),
+    hard_case("center-without-window", ValueError, "window", center=_randn(2, 3)),
+    hard_case("gaussian-window-0", ValueError, "window", window=0, gaussian=True),
+    hard_case("generator-int", TypeError, "generator", generator=0),
+    hard_case("generator-numpy", TypeError, "generator", generator=np.random.default_rng(0)),
+    hard_case("generator-class", TypeError, "generator", generator=torch.Generator),
+    hard_case("sample-int", TypeError, "sample", sample=1),
+    hard_case("sample-string", TypeError, "sample", sample="argmax"),
+    hard_case("scale-nan", ValueError, "scale", scale=float("nan")),
+    # --------------------------------------------- scaled_dot_product_attention
+    sdpa_case("query-list", TypeError, "query", [[0.0]]),
+    sdpa_case("query-int", TypeError, "query", QUERY.long()),
+    sdpa_case("key-bool", TypeError, "key", QUERY, KEYS > 0),
+    sdpa_case("value-numpy", TypeError, "value", QUERY, KEYS, np.zeros((2, 5, 6))),
+    sdpa_case("key-float32", TypeError, "key", QUERY, KEYS.float()),
+    sdpa_case("value-float32", TypeError, "value", QUERY, KEYS, VALUES.float()),
+    sdpa_case("key-meta", ValueError, "key", QUERY, ON_META),
+    sdpa_case("value-meta", ValueError, "value", QUERY, KEYS, _randn(2, 5, 6, device="meta")),
+    sdpa_case("query-1d", ValueError, "query", _randn(4), _randn(5, 4), _randn(5, 6)),
+    sdpa_case("key-rank", ValueError, "key", QUERY, _randn(5, 4)),
+    sdpa_case("key-batch", ValueError, "key", QUERY, _randn(3, 5, 4), _randn(3, 5, 6)),
+    sdpa_case("value-batch", ValueError, "value", QUERY, KEYS, _randn(3, 5, 6)),
+    sdpa_case("key-E", ValueError, "key", QUERY, KEYS_3),
+    sdpa_case("value-length", ValueError, "value", QUERY, KEYS, _randn(2, 4, 6)),
+    sdpa_case("attn_mask-list", TypeError, "attn_mask", attn_mask=[[True]]),
+    sdpa_case("attn_mask-int", TypeError, "attn_mask", attn_mask=torch.ones(3, 5, dtype=torch.long)),
+    sdpa_case("attn_mask-meta", ValueError, "attn_mask", attn_mask=_mask(3, 5, value=True, device="meta")),
+    sdpa_case("attn_mask-with-is_causal", ValueError, "attn_mask", _randn(2, 5, 4), KEYS, VALUES, attn_mask=_mask(5, 5, value=True), is_causal=True),
+    sdpa_case("attn_mask-S", ValueError, "attn_mask", attn_mask=_mask(3, 4, value=True)),
+    sdpa_case("attn_mask-L", ValueError, "attn_mask", attn_mask=_mask(2, 5, value=True)),
+    sdpa_case("attn_mask-batch", ValueError, "attn_mask", attn_mask=_mask(3, 3, 5, value=True)),
+    sdpa_case("attn_mask-rank", ValueError, "attn_mask", attn_mask=_mask(1, 2, 3, 5, value=True)),
+    sdpa_case("attn_mask-float-S", ValueError, "attn_mask", attn_mask=torch.zeros(2, 3, 6, dtype=F64)),
+    sdpa_case("dropout_p-one", ValueError, "dropout_p", dropout_p=1.0),
+    sdpa_case("dropout_p-negative", ValueError, "dropout_p", dropout_p=-0.1),
+    sdpa_case("dropout_p-nan", ValueError, "dropout_p", dropout_p=float("nan")),
+    sdpa_case("dropout_p-string", TypeError, "dropout_p", dropout_p="0.1"),
+    sdpa_case("dropout_p-none", TypeError, "dropout_p", dropout_p=None),
+    sdpa_case("is_causal-int", TypeError, "is_causal", is_causal=1),
+    sdpa_case("scale-inf", ValueError, "scale", scale=float("inf")),
+    sdpa_case("scale-nan", ValueError, "scale", scale=float("nan")),
+    sdpa_case("scale-string", TypeError, "scale", scale="1"),
+    # ------------------------------------------------ nn.Attention constructor
+    module_case("score-unknown", ValueError, "score", query_dim=4, key_dim=4, score="luong"),
+    module_case("score-not-a-string", TypeError, "score", query_dim=4, key_dim=4, score=3),
+    module_case("local-unknown", ValueError, "local", query_dim=4, key_dim=4, window=1, local="q"),
+    module_case("local-not-a-string", TypeError, "local", query_dim=4, key_dim=4, window=1, local=1),
+    module_case("query_dim-zero", ValueError, "query_dim", query_dim=0, key_dim=4),
+    module_case("query_dim-negative", ValueError, "query_dim", query_dim=-4, key_dim=4),
+    module_case("query_dim-float", TypeError, "query_dim", query_dim=4.0, key_dim=4),
+    module_case("query_dim-bool", TypeError, "query_dim", query_dim=True, key_dim=4),
+    module_case("key_dim-zero", ValueError, "key_dim", query_dim=4, key_dim=0),
+    module_case("key_dim-string", TypeError, "key_dim", query_dim=4, key_dim="4"),
+    module_case("value_dim-zero", ValueError, "value_dim", query_dim=4, key_dim=4, value_dim=0),
+    module_case("value_dim-float", TypeError, "value_dim", query_dim=4, key_dim=4, value_dim=2.5),
+    module_case("attn_dim-zero", ValueError, "attn_dim", query_dim=4, key_dim=4, attn_dim=0),
+    module_case("attn_dim-float", TypeError, "attn_dim", query_dim=4, key_dim=4, attn_dim=1.5),
+    module_case("dot-query_dim-ne-key_dim", ValueError, "query_dim", query_dim=4, key_dim=3, score="dot"),
+    module_case("cosine-query_dim-ne-key_dim", ValueError, "query_dim", query_dim=4, key_dim=3, score="cosine"),
+    module_case("location-no-max_source_len", ValueError, "max_source_len", query_dim=4, key_dim=4, score="location"),
+    module_case("location-max_source_len-zero", ValueError, "max_source_len", **LOCATION_MODULE, max_source_len=0),
+    module_case("location-max_source_len-float", TypeError, "max_source_len", **LOCATION_MODULE, max_source_len=8.0),
+    module_case("window-negative", ValueError, "window", query_dim=4, key_dim=4, window=-1),
+    module_case("window-float", TypeError, "window", query_dim=4, key_dim=4, window=1.5),
+    module_case("window-bool", TypeError, "window", query_dim=4, key_dim=4, window=True),
+    module_case("local-m-without-window", ValueError, "window", query_dim=4, key_dim=4, local="m"),
+    module_case("local-p-without-window", ValueError, "window", query_dim=4, key_dim=4, local="p"),
+    module_case("local-p-window-0", ValueError, "window", query_dim=4, key_dim=4, window=0, local="p"),
+    module_case("bias-string", TypeError, "bias", query_dim=4, key_dim=4, bias="yes"),
+    # --------------------------------------------------- nn.Attention.forward
+    forward_case("query-list", TypeError, "query", ADDITIVE_MODULE, [[0.0] * 4], F32_KEYS),
+    forward_case("query-int", TypeError, "query", ADDITIVE_MODULE, F32_QUERY.long(), F32_KEYS),
+    forward_case("keys-numpy", TypeError, "keys", ADDITIVE_MODULE, F32_QUERY, np.zeros((2, 5, 4), dtype=np.float32)),
+    forward_case("keys-int", TypeError, "keys", ADDITIVE_MODULE, F32_QUERY, F32_KEYS.int()),
+    forward_case("values-int", TypeError, "values", ADDITIVE_MODULE, F32_QUERY, F32_KEYS, F32_VALUES.long()),
+    forward_case("no-keys-no-cache", ValueError, "keys", ADDITIVE_MODULE, F32_QUERY, None),
+    forward_case("cache-wrong-type", TypeError, "cache", ADDITIVE_MODULE, F32_QUERY, None, cache=(F32_KEYS, F32_VALUES)),
+    forward_case("query-1d", ValueError, "query", ADDITIVE_MODULE, F32_QUERY[0, 0], F32_KEYS),
+    forward_case("query-Dq", ValueError, "query", ADDITIVE_MODULE, _f32(2, 3, 5), F32_KEYS),
+    forward_case("keys-Dk", ValueError, "keys", ADDITIVE_MODULE, F32_QUERY, _f32(2, 5, 3)),
+    forward_case("dot-query-Dq", ValueError, "query", dict(query_dim=4, key_dim=4, score="dot"), _f32(2, 3, 5), F32_KEYS),
+    forward_case("general-keys-Dk", ValueError, "keys", dict(query_dim=4, key_dim=4, score="general"), F32_QUERY, _f32(2, 5, 3)),
+    forward_case("query-float64", TypeError, "query", ADDITIVE_MODULE, QUERY, KEYS),
+    forward_case("keys-float64", TypeError, "keys", ADDITIVE_MODULE, F32_QUERY, KEYS),
+    forward_case("keys-meta", ValueError, "keys", ADDITIVE_MODULE, F32_QUERY, _f32(2, 5, 4, device="meta")),
+    forward_case("query-meta", ValueError, "query", ADDITIVE_MODULE, _f32(2, 3, 4, device="meta"), F32_KEYS),
+    forward_case("keys-batch", ValueError, "keys", ADDITIVE_MODULE, F32_QUERY, _f32(3, 5, 4)),
+    forward_case("values-length", ValueError, "values", ADDITIVE_MODULE, F32_QUERY, F32_KEYS, _f32(2, 4, 6)),
+    forward_case("location-S-over-max", ValueError, "keys", {**LOCATION_MODULE, "max_source_len": 4}),
+    forward_case("lengths-float", TypeError, "lengths", ADDITIVE_MODULE, lengths=torch.tensor([1.0, 2.0])),
+    forward_case("lengths-over-S", ValueError, "lengths", ADDITIVE_MODULE, lengths=torch.tensor([6, 2])),
+    forward_case("lengths-batch", ValueError, "lengths", ADDITIVE_MODULE, lengths=torch.tensor([1, 2, 3])),
+    forward_case("key_padding_mask-float", TypeError, "key_padding_mask", ADDITIVE_MODULE, key_padding_mask=torch.zeros(2, 5)),
+    forward_case("key_padding_mask-S", ValueError, "key_padding_mask", ADDITIVE_MODULE, key_padding_mask=_mask(2, 4)),
+    forward_case("return_weights-int", TypeError, "return_weights", ADDITIVE_MODULE, return_weights=1),
+    forward_case("local-p-lengths-float", TypeError, "lengths", LOCAL_P_MODULE, lengths=torch.tensor([1.0, 2.0])),
+    forward_case("local-p-lengths-batch", ValueError, "lengths", LOCAL_P_MODULE, lengths=torch.tensor([1, 2, 3])),
+    forward_case("local-p-lengths-over-S", ValueError, "lengths", LOCAL_P_MODULE, lengths=torch.tensor([1, 9])),
+    forward_case("local-p-lengths-meta", ValueError, "lengths", LOCAL_P_MODULE, lengths=torch.tensor([1, 2], device="meta")),
+    forward_case("local-p-keys-batch", ValueError, "keys", LOCAL_P_MODULE, F32_QUERY, _f32(3, 5, 4)),
+]
+
+
+def _names(argument: str) -> str:
+    """The argument's name as a whole word: "v" must not match "values"."""
+    return rf"(?<!\w){re.escape(argument)}(?!\w)"
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("call, error, argument", CASES)
+def test_bad_input_raises_naming_the_argument(backend_name, call, error, argument):
+    with fastattn.backend(backend_name), pytest.raises(error, match=_names(argument)):
+        call()
+
+
+def test_case_ids_are_unique():
+    ids = [param.id for param in CASES]
+    assert len(ids) == len(set(ids))
+
+
+# ------------------------------------------------------- cases set up apart
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("window", [2**63 - 1, 2**63, 10**30])
+def test_a_huge_window_is_global_attention_or_is_refused(backend_name, window):
+    """window >= S keeps every key; a window too large for int64 arithmetic must not
+    wrap around (silently masking keys) nor escape as OverflowError."""
+    with fastattn.backend(backend_name):
+        expected = fastattn.attention(QUERY, KEYS, return_weights=True)
+        try:
+            got = fastattn.attention(QUERY, KEYS, window=window, return_weights=True)
+        except ValueError as error:
+            assert re.search(_names("window"), str(error))
+            return
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_cache_from_a_module_with_another_score_is_refused(backend_name):
+    """A cache without the projected keys this module needs names the cache."""
+    dot_cache = Attention(4, 4, score="dot").precompute(F32_KEYS)
+    module = Attention(4, 4)  # additive: needs W_k h in the cache
+    with fastattn.backend(backend_name), pytest.raises(ValueError, match=_names("cache")):
+        module(F32_QUERY, cache=dot_cache)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_cache_and_keys_together_are_refused(backend_name):
+    module = Attention(4, 4)
+    cache = module.precompute(F32_KEYS)
+    with fastattn.backend(backend_name), pytest.raises(ValueError, match=_names("cache")):
+        module(F32_QUERY, F32_KEYS, cache=cache)
+
+
+@pytest.mark.parametrize("keys, error", [(np.zeros((2, 5, 4)), TypeError), (_f32(2, 5, 3), ValueError)])
+def test_precompute_checks_the_keys(keys, error):
+    with pytest.raises(error, match=_names("keys")):
+        Attention(4, 4).precompute(keys)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_a_failed_check_leaves_the_inputs_untouched(backend_name):
+    query, keys = QUERY.clone(), KEYS.clone()
+    with fastattn.backend(backend_name), pytest.raises(ValueError):
+        fastattn.attention(query, keys, lengths=torch.tensor([6, 2]))
+    assert torch.equal(query, QUERY) and torch.equal(keys, KEYS)
+
+
+def test_an_unknown_backend_name_is_refused():
+    with pytest.raises(ValueError, match="reference"):
+        with fastattn.backend("fast"):
+            pass
