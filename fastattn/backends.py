@@ -17,7 +17,6 @@ when it cannot run the op, instead of falling back.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -57,9 +56,10 @@ _unavailable_reasons: dict[str, str] = {
     "cuda": "fastattn was built without CUDA kernels",
 }
 _session_backend: str | None = None
-_scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "fastattn_backend", default=None
-)
+# Settings of the enclosing ``with backend(...)`` blocks, innermost last.  A plain
+# list (not a ContextVar) so that torch.compile can read it and guard on it; the
+# setting is therefore process-wide, like torch.backends flags.
+_scoped_backends: list[str] = []
 
 
 def _check_name(name: object, argument: str = "name") -> str:
@@ -107,18 +107,17 @@ def set_backend(name: str) -> None:
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
     """``with fastattn.backend("reference"): ...`` runs the block on that backend."""
-    token = _scoped_backend.set(_check_name(name))
+    _scoped_backends.append(_check_name(name))
     try:
         yield
     finally:
-        _scoped_backend.reset(token)
+        _scoped_backends.pop()
 
 
 def current_backend() -> str:
     """The backend setting in force here (possibly ``"auto"``)."""
-    scoped = _scoped_backend.get()
-    if scoped is not None:
-        return scoped
+    if _scoped_backends:
+        return _scoped_backends[-1]
     if _session_backend is not None:
         return _session_backend
     from_environment = os.environ.get(ENVIRONMENT_VARIABLE)

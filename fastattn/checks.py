@@ -3,7 +3,9 @@
 Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
 (wrong shape, range or device) with a message that names the argument, says what
 was expected and what was given.  They run before any computation, whatever the
-backend.
+backend.  Checks that read a tensor's values (the range of ``lengths``, a finite
+``center``) run in eager mode only: under ``torch.compile`` they would be
+data-dependent branches, so there only shapes, dtypes and devices are checked.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ def choice(name: str, value: object, choices: Sequence[object]) -> object:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def reads_values() -> bool:
+    """Whether value checks run here (eager mode) or are skipped (torch.compile tracing)."""
+    return not torch.compiler.is_compiling()
 
 
 def tensor(name: str, value: object) -> torch.Tensor:

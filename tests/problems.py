@@ -40,3 +40,11 @@ def score_parameters(
 def key_dim_for(score: str, query_dim: int, other: int) -> int:
     """Dot-product scores need Dk == Dq; the others take any key size."""
     return query_dim if score in ("dot", "scaled_dot", "cosine") else other
+
+
+def cpu_backends() -> list[str]:
+    """The backends that run CPU tensors in this build: the reference, and the C++
+    kernels when fastattn._C is built."""
+    from fastattn import backends
+
+    return [name for name in ("reference", "cpu") if backends.unavailable_reason(name) is None]

@@ -19,8 +19,9 @@ import torch
 
 import fastattn
 from fastattn.nn import Attention
+from tests.problems import cpu_backends
 
-BACKENDS = ["reference"]
+BACKENDS = cpu_backends()
 
 F64 = torch.float64
 

@@ -24,9 +24,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastattn
-from tests.problems import SCORES, key_dim_for, score_parameters
+from tests.problems import SCORES, cpu_backends, key_dim_for, score_parameters
 
-BACKENDS = ["reference"]
+BACKENDS = cpu_backends()
 DTYPE = torch.float64
 LAYOUTS = ("sequence", "step", "spatial", "step_spatial")
 

@@ -1,8 +1,11 @@
 """Drop-in ``torch.nn.LSTMCell``, ``GRUCell``, ``LSTM`` and ``GRU`` that run on fastattn's ops.
 
-Each class subclasses its ``torch.nn`` namesake and overrides ``forward`` only, so
-constructor arguments, parameter names, ``state_dict`` keys and every other method
-are torch's own, and ``load_state_dict`` works both ways.  The cells run the
+The cells subclass their ``torch.nn`` namesakes and ``LSTM``/``GRU`` subclass
+``torch.nn.RNNBase`` (what ``torch.nn.LSTM``/``GRU`` are made of) and override
+``forward`` only, so constructor arguments, parameter names, ``state_dict`` keys and
+every other method are torch's own, and ``load_state_dict`` works both ways.  They
+are not subclasses of ``torch.nn.LSTM``/``GRU`` themselves because torch.compile
+refuses to trace those (``torch._dynamo.config.allow_rnn``); ours compile.  The cells run the
 ``lstm_cell``/``gru_cell`` ops; ``LSTM`` and ``GRU`` run ``lstm_layer``/``gru_layer``
 once per layer and direction.
 
@@ -131,9 +134,12 @@ class _StackedRecurrence:
         )
 
 
-class LSTM(_StackedRecurrence, torch.nn.LSTM):
+class LSTM(_StackedRecurrence, torch.nn.RNNBase):
     layer_op = "lstm_layer"
     layer_weight_names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
 
     def state_shapes(self) -> list[tuple[str, int, str]]:
         projected = self.proj_size > 0
@@ -147,9 +153,14 @@ class LSTM(_StackedRecurrence, torch.nn.LSTM):
         return states[0], states[1]
 
 
-class GRU(_StackedRecurrence, torch.nn.GRU):
+class GRU(_StackedRecurrence, torch.nn.RNNBase):
     layer_op = "gru_layer"
     layer_weight_names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
 
     def state_shapes(self) -> list[tuple[str, int, str]]:
         return [("hx", self.hidden_size, "hidden_size")]
