@@ -5,14 +5,22 @@ PIP := $(PYTHON) -m pip
 .PHONY: install run test bench
 
 # torch==2.13.0 only when no torch is installed (a bare `torch` requirement would pull
-# a multi-GB CUDA build); --no-build-isolation so pip builds against the torch present.
+# a multi-GB CUDA build); --no-build-isolation so the C++ extension builds against the
+# torch present.  MAX_JOBS bounds ninja's parallel compiles.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	@$(PYTHON) -c "import setuptools, wheel" 2>/dev/null || $(PIP) install setuptools wheel
-	$(PIP) install --no-build-isolation -e ".[test]"
+	@$(PYTHON) -c "import setuptools, wheel, pybind11, ninja" 2>/dev/null || $(PIP) install setuptools wheel pybind11 ninja
+	MAX_JOBS=$${MAX_JOBS:-4} $(PIP) install --no-build-isolation -e ".[test]"
 
 run: install
 	$(PYTHON) -m fastattn bench --quick
 
+# The whole suite, then the reference tests again with the C++ extension switched off
+# (an install without it must keep working).
 test: install
 	$(PYTHON) -m pytest -q
+	FASTATTN_SKIP_EXTENSION=1 $(PYTHON) -m pytest -q tests/test_reference_hand_computed.py \
+		tests/test_reference_layouts.py tests/test_reference_gradcheck.py tests/test_backends.py
+
+bench: install
+	$(PYTHON) -m pytest benchmarks --benchmark-only

@@ -7,6 +7,7 @@ See API.md for the contract; ``fastattn.info()`` says which backend runs each op
 """
 
 import fastattn.reference  # registers the reference backend  # noqa: F401
+import fastattn._extension  # registers the compiled backends, when built  # noqa: F401
 from fastattn import nn
 from fastattn.backends import BackendUnavailableError, backend, set_backend
 from fastattn.functional import (

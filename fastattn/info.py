@@ -13,7 +13,7 @@ import platform
 
 import torch
 
-from fastattn import backends
+from fastattn import _extension, backends
 
 UNKNOWN_VERSION = "0.1.0+unknown"
 
@@ -40,15 +40,10 @@ def _backend_availability() -> dict[str, dict[str, object]]:
 
 
 def _cuda_arch_list() -> list[str] | None:
-    """The architectures in the compiled extension's build information, if it has any."""
-    try:
-        from fastattn import _C
-    except ImportError:
-        return None
-    build_info = getattr(_C, "build_info", None)
-    if build_info is None:
-        return None
-    return build_info().get("cuda_arch_list")
+    """The CUDA architectures the compiled extension was built for, if it has CUDA kernels."""
+    build = _extension.build_info()
+    architectures = None if build is None else build.get("cuda_arch_list")
+    return architectures.replace(";", " ").split() if architectures else None
 
 
 def _device_types() -> tuple[str, ...]:
@@ -85,6 +80,8 @@ def info() -> dict:
         "triton": _installed_version("triton"),
         "backends": _backend_availability(),
         "cuda_arch_list": _cuda_arch_list(),
+        "extension": _extension.build_info(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "device": _device(),
         "backend_setting": _backend_setting(),
         "auto": _auto_choices(),

@@ -16,8 +16,8 @@ from fastattn.info import info
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 INFO_KEYS = {
-    "version", "python", "torch", "triton", "backends", "cuda_arch_list",
-    "device", "backend_setting", "auto",
+    "version", "python", "torch", "triton", "backends", "cuda_arch_list", "extension",
+    "cpu_capability", "device", "backend_setting", "auto",
 }
 BENCH_CASES = ("attention.additive.decode_step", "lstm_cell")
 

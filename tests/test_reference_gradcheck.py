@@ -100,6 +100,6 @@ def test_gradients_of_scaled_dot_product_attention_with_a_float_mask():
     query, keys, values, _ = inputs("dot")
     mask = torch.randn(5, 5, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True),
+        lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask),
         (query, keys, values),
     )

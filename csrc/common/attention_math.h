@@ -1,0 +1,232 @@
+// attention_math.h: the scalar maths of fused soft attention, written once for the
+// CPU kernels (csrc/cpu/attention.cpp) and the CUDA kernels (csrc/cuda/).
+//
+//   e_{t,j}     = score(q_t, k_j)          dot, cosine or additive (ScoreKind)
+//   alpha_{t,j} = softmax_j(e_{t,j})       over the keys t may see (key_range,
+//                                          minus key_padding_mask), online
+//   w_{t,j}     = alpha_{t,j} * g_{t,j}    g = exp(-(j - p_t)^2 / (2 sigma^2)),
+//                                          sigma = window / 2, when Gaussian
+//
+// Plain templates on the accumulation type (float or double) with
+// FASTATTN_HOST_DEVICE, no torch includes.  The vectorised inner loops over the
+// feature dimension live with each backend; what is here is per element or per key.
+#pragma once
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "fast_tanh.h"
+
+namespace fastattn {
+
+enum class ScoreKind : int { kDot = 0, kCosine = 1, kAdditive = 2 };
+
+// ---------------------------------------------------------------- elementary maths
+
+FASTATTN_HOST_DEVICE float exp_of(float x) { return ::expf(x); }
+FASTATTN_HOST_DEVICE double exp_of(double x) { return ::exp(x); }
+FASTATTN_HOST_DEVICE float log_of(float x) { return ::logf(x); }
+FASTATTN_HOST_DEVICE double log_of(double x) { return ::log(x); }
+FASTATTN_HOST_DEVICE float ceil_of(float x) { return ::ceilf(x); }
+FASTATTN_HOST_DEVICE double ceil_of(double x) { return ::ceil(x); }
+FASTATTN_HOST_DEVICE float floor_of(float x) { return ::floorf(x); }
+FASTATTN_HOST_DEVICE double floor_of(double x) { return ::floor(x); }
+
+// Lane-wise min / max that return a NaN first operand as is (one min/max
+// instruction on SIMD lanes), so that tanh_of(NaN) is NaN as torch.tanh's is, on
+// scalars and on every SIMD lane alike.
+struct PropagatingMin {
+  template <typename T>
+  FASTATTN_HOST_DEVICE T operator()(T a, T b) const { return a > b ? b : a; }
+};
+struct PropagatingMax {
+  template <typename T>
+  FASTATTN_HOST_DEVICE T operator()(T a, T b) const { return a < b ? b : a; }
+};
+
+// The additive score's tanh: the project's rational approximation in float32
+// (speed; max abs error 4e-7), the libm tanh in float64 (accuracy).
+FASTATTN_HOST_DEVICE float tanh_of(float x) { return fast_tanh_with(x, PropagatingMin{}, PropagatingMax{}); }
+FASTATTN_HOST_DEVICE double tanh_of(double x) { return ::tanh(x); }
+
+template <typename Real>
+FASTATTN_HOST_DEVICE Real negative_infinity() {
+  return -static_cast<Real>(INFINITY);
+}
+
+// torch.finfo(dtype).tiny: the smallest normal number, the cosine score's norm floor.
+template <typename Real>
+struct SmallestNormal;
+template <>
+struct SmallestNormal<float> {
+  static constexpr float value = FLT_MIN;
+};
+template <>
+struct SmallestNormal<double> {
+  static constexpr double value = DBL_MIN;
+};
+
+// ---------------------------------------------------------------- which keys a query sees
+
+// The keys [begin, end) that query t may attend to before key_padding_mask:
+// j < length (lengths[n], or S without lengths), j <= t when causal, and
+// center - window <= j <= center + window for local attention (window >= 0;
+// window < 0 means global).  The window bounds are computed in Real and compared
+// with j as the reference compares them (in the center's dtype); a NaN center
+// gives an empty range.  Local-m passes center = t.
+struct KeyRange {
+  int64_t begin;
+  int64_t end;
+  FASTATTN_HOST_DEVICE bool empty() const { return begin >= end; }
+  FASTATTN_HOST_DEVICE bool contains(int64_t j) const { return j >= begin && j < end; }
+};
+
+template <typename Real>
+FASTATTN_HOST_DEVICE KeyRange key_range(int64_t t, int64_t source_length, int64_t length, bool causal,
+                                        int64_t window, Real center) {
+  int64_t begin = 0;
+  int64_t end = length < source_length ? length : source_length;
+  if (end < 0) end = 0;
+  if (causal && t + 1 < end) end = t + 1;
+  if (window >= 0) {
+    const Real lowest = center - static_cast<Real>(window);
+    const Real highest = center + static_cast<Real>(window);
+    if (!(lowest <= highest)) return KeyRange{0, 0};
+    const Real first = ceil_of(lowest);  // j >= lowest  <=>  j >= ceil(lowest)
+    const Real last = floor_of(highest);  // j <= highest <=>  j <= floor(highest)
+    if (first > static_cast<Real>(begin)) {
+      begin = first >= static_cast<Real>(end) ? end : static_cast<int64_t>(first);
+    }
+    if (last + Real(1) < static_cast<Real>(end)) {
+      end = last < static_cast<Real>(begin) ? begin : static_cast<int64_t>(last) + 1;
+    }
+  }
+  if (end < begin) end = begin;
+  return KeyRange{begin, end};
+}
+
+// The whole mask predicate: may query t (whose range is `range`) attend to key j?
+FASTATTN_HOST_DEVICE bool key_is_visible(KeyRange range, int64_t j, bool is_padding) {
+  return range.contains(j) && !is_padding;
+}
+
+// ---------------------------------------------------------------- local-p Gaussian
+
+// g = exp(-(j - p)^2 / (2 sigma^2)), sigma = window / 2 (Luong 2015, eq. 10).
+template <typename Real>
+FASTATTN_HOST_DEVICE Real gaussian_factor(int64_t j, Real center, int64_t window) {
+  const Real sigma = static_cast<Real>(window) / Real(2);
+  const Real offset = static_cast<Real>(j) - center;
+  return exp_of(-(offset * offset) / (Real(2) * sigma * sigma));
+}
+
+// dg/dp / g = (j - p) / sigma^2.
+template <typename Real>
+FASTATTN_HOST_DEVICE Real gaussian_log_slope(int64_t j, Real center, int64_t window) {
+  const Real sigma = static_cast<Real>(window) / Real(2);
+  return (static_cast<Real>(j) - center) / (sigma * sigma);
+}
+
+// ---------------------------------------------------------------- online softmax
+
+// Running max and sum of exp(score - max) over the keys seen so far.  Feed it
+// blocks of scores: raise_max(block max) first, multiply whatever was accumulated
+// with the old max (the context) by the factor it returns, then add() each score.
+template <typename Acc>
+struct OnlineSoftmax {
+  Acc max_score;
+  Acc sum;
+
+  FASTATTN_HOST_DEVICE OnlineSoftmax() : max_score(negative_infinity<Acc>()), sum(Acc(0)) {}
+
+  // -> the factor (<= 1) that rescales sums built on the previous max.
+  FASTATTN_HOST_DEVICE Acc raise_max(Acc block_max) {
+    if (!(block_max > max_score)) return Acc(1);
+    const Acc factor = max_score == negative_infinity<Acc>() ? Acc(0) : exp_of(max_score - block_max);
+    sum *= factor;
+    max_score = block_max;
+    return factor;
+  }
+
+  // score <= max_score; -> exp(score - max_score), the unnormalised probability.
+  FASTATTN_HOST_DEVICE Acc add(Acc score) {
+    const Acc probability = exp_of(score - max_score);
+    sum += probability;
+    return probability;
+  }
+
+  // No key seen: a fully masked row (zero context, zero weights, lse = -inf).
+  FASTATTN_HOST_DEVICE bool empty() const { return !(sum > Acc(0)); }
+
+  FASTATTN_HOST_DEVICE Acc logsumexp() const {
+    return empty() ? negative_infinity<Acc>() : max_score + log_of(sum);
+  }
+};
+
+// ---------------------------------------------------------------- scores, scalar forms
+
+// e = scale * q.k
+template <typename Acc>
+FASTATTN_HOST_DEVICE Acc dot_score(const Acc* query, const Acc* key, int64_t dim, Acc scale) {
+  Acc sum = Acc(0);
+  for (int64_t d = 0; d < dim; ++d) sum += query[d] * key[d];
+  return sum * scale;
+}
+
+// max(|x|, tiny), the reference's x.norm().clamp_min(finfo.tiny).
+template <typename Acc>
+FASTATTN_HOST_DEVICE Acc clamped_norm(Acc norm) {
+  return norm < SmallestNormal<Acc>::value ? SmallestNormal<Acc>::value : norm;
+}
+
+// e = scale * (q / max(|q|, tiny)) . (k / max(|k|, tiny)), given the unit query
+// and |k|: scale * (unit_query . k) / max(|k|, tiny).
+template <typename Acc>
+FASTATTN_HOST_DEVICE Acc cosine_score(const Acc* unit_query, const Acc* key, Acc key_norm, int64_t dim,
+                                      Acc scale) {
+  Acc sum = Acc(0);
+  for (int64_t d = 0; d < dim; ++d) sum += unit_query[d] * key[d];
+  return scale * (sum / clamped_norm(key_norm));
+}
+
+// e = v . tanh(q_b + k), q_b = q + bias (projections already applied).
+template <typename Acc>
+FASTATTN_HOST_DEVICE Acc additive_score(const Acc* query_plus_bias, const Acc* key, const Acc* v, int64_t dim) {
+  Acc sum = Acc(0);
+  for (int64_t d = 0; d < dim; ++d) sum += v[d] * tanh_of(query_plus_bias[d] + key[d]);
+  return sum;
+}
+
+// ---------------------------------------------------------------- backward pieces
+
+// de_j = alpha_j (dalpha_j - sum_i alpha_i dalpha_i)
+template <typename Acc>
+FASTATTN_HOST_DEVICE Acc softmax_score_gradient(Acc alpha, Acc grad_alpha, Acc row_dot) {
+  return alpha * (grad_alpha - row_dot);
+}
+
+// d tanh(x)/dx from u = tanh(x).
+template <typename Acc>
+FASTATTN_HOST_DEVICE Acc tanh_derivative(Acc u) {
+  return Acc(1) - u * u;
+}
+
+// Backward of u = x / max(|x|, tiny):  dx = du / c - [|x| >= tiny] (du.x) x / (c^2 |x|),
+// c = max(|x|, tiny), exactly the autograd of the reference (the clamp passes no
+// gradient to the norm below tiny, and the norm none at 0).  dx = a du + b x.
+template <typename Acc>
+struct UnitVectorGradient {
+  Acc along_gradient;  // a
+  Acc along_input;     // b
+};
+
+template <typename Acc>
+FASTATTN_HOST_DEVICE UnitVectorGradient<Acc> unit_vector_gradient(Acc norm, Acc gradient_dot_input) {
+  const Acc clamped = clamped_norm(norm);
+  const Acc along_input =
+      norm >= SmallestNormal<Acc>::value ? -(gradient_dot_input / (clamped * clamped)) / norm : Acc(0);
+  return UnitVectorGradient<Acc>{Acc(1) / clamped, along_input};
+}
+
+}  // namespace fastattn

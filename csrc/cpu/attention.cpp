@@ -1,0 +1,1164 @@
+// CPU kernels of the fused soft-attention ops declared in csrc/ops.cpp:
+// attention_forward, attention_backward, sample_positions and fast_tanh.
+//
+// Fuses: score (dot / cosine / additive) -> mask (lengths, key_padding_mask, causal,
+//   window) -> softmax -> optional Gaussian factor -> context, in one pass over
+//   the keys per query row.  The additive score evaluates v . tanh(q + k + b)
+//   over Da on the fly for each (t, j): no (N, T, S, Da) tensor ever exists, and
+//   no (N, T, S) tensor unless the weights are asked for.
+// Forward: parallel over the N*T query rows (at::parallel_for).  A row visits only
+//   the keys in its [begin, end) range (lengths, causal, window; padded keys are
+//   skipped), computes their scores into a thread-local S-sized buffer in blocks
+//   of kKeyBlock keys, and folds each block into the online softmax and a
+//   Dv-sized context accumulator.  Weights are written from the buffered scores
+//   once the row's max and sum are known.  Memory beyond the outputs:
+//   O(threads * (S + D + Dv)), plus the (N, S) key norms for the cosine score.
+//   at::parallel_for is ATen's OpenMP backend, inlined from its headers: the rows
+//   run in parallel only when this file is compiled (and linked) with -fopenmp;
+//   without it every parallel_for here runs on one thread.
+// Backward: parallel over n (each n owns its grad_keys / grad_values rows; chunk-
+//   local grad_v / grad_bias summed at the end): no races, deterministic.  Scores
+//   and tanh are recomputed from the saved logsumexp, never stored.
+// Vectorisation: inner loops over the feature dimension use Simd<T, bytes>
+//   vectors (below: why not at::vec::Vectorized), fast_tanh_with on float lanes.
+//   Every kernel is compiled twice, for the baseline ISA and with AVX2+FMA (a
+//   target attribute, no -march flag), and picked at run time from the CPU
+//   (ATEN_CPU_CAPABILITY=default forces the baseline, as for ATen's own kernels).
+// Not handled: float16 / bfloat16 are converted to float32, computed there and
+//   converted back (no native half kernels).  Keys and values may have a batch
+//   stride of 0 (location score: W_a[:S] expanded over N) but need contiguous rows
+//   otherwise (else they are copied).  Backward parallelism is over n only.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Generator.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../common/attention_math.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTATTN_ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define FASTATTN_ALWAYS_INLINE __forceinline
+#else
+#define FASTATTN_ALWAYS_INLINE inline
+#endif
+
+// FASTATTN_KERNEL: the entry points of the kernels, flattened (every call inlined,
+// fastattn::fast_tanh_with included) so that all their code gets the ISA of the clone.
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTATTN_KERNEL __attribute__((flatten))
+#else
+#define FASTATTN_KERNEL
+#endif
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define FASTATTN_AVX2_CLONES 1
+#define FASTATTN_TARGET_AVX2 __attribute__((target("avx2,fma"), flatten))
+#endif
+
+namespace {
+
+using fastattn::KeyRange;
+using fastattn::ScoreKind;
+
+constexpr int64_t kKeyBlock = 128;  // keys scored before each online-softmax update
+
+// ---------------------------------------------------------------- SIMD vectors
+// Simd<T, kBytes>: kBytes / sizeof(T) float or double lanes.  Why not
+// at::vec::Vectorized directly: an extension TU is compiled without ATen's
+// CPU_CAPABILITY flags, so Vectorized is its portable fallback (arrays copied
+// through the stack, scalar maths: measured 5x slower than this, and slower still
+// inside an AVX2 clone).  With GCC/Clang, Simd wraps a vector-extension type the
+// compiler keeps in registers: 16 bytes (SSE2) in the baseline kernels, 32 bytes
+// (one ymm register, FMA) in the AVX2 clones; 32-byte compares/selects would be
+// split into scalars on SSE2.  Other compilers get Vectorized behind the same
+// interface.  Everything here is FASTATTN_ALWAYS_INLINE and the kernels are
+// flattened, so it is compiled for the ISA of the kernel that calls it.
+
+#if defined(__GNUC__) || defined(__clang__)
+template <typename T, int kBytes>
+struct NativeVector;
+template <>
+struct NativeVector<float, 16> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct NativeVector<double, 16> {
+  typedef double type __attribute__((vector_size(16)));
+};
+template <>
+struct NativeVector<float, 32> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct NativeVector<double, 32> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename T, int kBytes>
+struct Simd {
+  using Native = typename NativeVector<T, kBytes>::type;
+  Native value;
+  static constexpr int64_t size() { return static_cast<int64_t>(sizeof(Native) / sizeof(T)); }
+  Simd() = default;
+  FASTATTN_ALWAYS_INLINE explicit Simd(T scalar) : value(Native{} + scalar) {}
+  FASTATTN_ALWAYS_INLINE explicit Simd(Native native) : value(native) {}
+  static FASTATTN_ALWAYS_INLINE Simd load(const T* source) {
+    Simd loaded;
+    std::memcpy(&loaded.value, source, sizeof(Native));
+    return loaded;
+  }
+  FASTATTN_ALWAYS_INLINE void store(T* target) const { std::memcpy(target, &value, sizeof(Native)); }
+  FASTATTN_ALWAYS_INLINE T lane(int64_t i) const { return value[i]; }
+};
+template <typename T, int B>
+FASTATTN_ALWAYS_INLINE Simd<T, B> operator+(Simd<T, B> a, Simd<T, B> b) { return Simd<T, B>(a.value + b.value); }
+template <typename T, int B>
+FASTATTN_ALWAYS_INLINE Simd<T, B> operator-(Simd<T, B> a, Simd<T, B> b) { return Simd<T, B>(a.value - b.value); }
+template <typename T, int B>
+FASTATTN_ALWAYS_INLINE Simd<T, B> operator*(Simd<T, B> a, Simd<T, B> b) { return Simd<T, B>(a.value * b.value); }
+template <typename T, int B>
+FASTATTN_ALWAYS_INLINE Simd<T, B> operator/(Simd<T, B> a, Simd<T, B> b) { return Simd<T, B>(a.value / b.value); }
+template <typename T, int B>  // a * b + c (one FMA where the ISA has it)
+FASTATTN_ALWAYS_INLINE Simd<T, B> fmadd(Simd<T, B> a, Simd<T, B> b, Simd<T, B> c) {
+  return Simd<T, B>(a.value * b.value + c.value);
+}
+// min / max that return a NaN in a, as fastattn::PropagatingMin / Max do.
+template <typename T, int B>
+FASTATTN_ALWAYS_INLINE Simd<T, B> minimum(Simd<T, B> a, Simd<T, B> b) {
+  return Simd<T, B>(b.value < a.value ? b.value : a.value);
+}
+template <typename T, int B>
+FASTATTN_ALWAYS_INLINE Simd<T, B> maximum(Simd<T, B> a, Simd<T, B> b) {
+  return Simd<T, B>(b.value > a.value ? b.value : a.value);
+}
+#else
+template <typename T, int kBytes>  // kBytes: ignored, Vectorized has its own width
+struct Simd {
+  using Native = at::vec::Vectorized<T>;
+  Native value;
+  static constexpr int64_t size() { return Native::size(); }
+  Simd() = default;
+  explicit Simd(T scalar) : value(scalar) {}
+  explicit Simd(const Native& native) : value(native) {}
+  static Simd load(const T* source) { return Simd(Native::loadu(source)); }
+  void store(T* target) const { value.store(target); }
+  T lane(int64_t i) const { return value[i]; }
+};
+template <typename T, int B>
+Simd<T, B> operator+(const Simd<T, B>& a, const Simd<T, B>& b) { return Simd<T, B>(a.value + b.value); }
+template <typename T, int B>
+Simd<T, B> operator-(const Simd<T, B>& a, const Simd<T, B>& b) { return Simd<T, B>(a.value - b.value); }
+template <typename T, int B>
+Simd<T, B> operator*(const Simd<T, B>& a, const Simd<T, B>& b) { return Simd<T, B>(a.value * b.value); }
+template <typename T, int B>
+Simd<T, B> operator/(const Simd<T, B>& a, const Simd<T, B>& b) { return Simd<T, B>(a.value / b.value); }
+template <typename T, int B>
+Simd<T, B> fmadd(const Simd<T, B>& a, const Simd<T, B>& b, const Simd<T, B>& c) {
+  return Simd<T, B>(at::vec::fmadd(a.value, b.value, c.value));
+}
+template <typename T, int B>  // clamp_max(a, b) = a > b ? b : a, a NaN in a kept
+Simd<T, B> minimum(const Simd<T, B>& a, const Simd<T, B>& b) {
+  return Simd<T, B>(at::vec::clamp_max(a.value, b.value));
+}
+template <typename T, int B>
+Simd<T, B> maximum(const Simd<T, B>& a, const Simd<T, B>& b) {
+  return Simd<T, B>(at::vec::clamp_min(a.value, b.value));
+}
+#endif
+
+struct SimdMinimum {
+  template <typename V>
+  FASTATTN_ALWAYS_INLINE V operator()(const V& a, const V& b) const { return minimum(a, b); }
+};
+struct SimdMaximum {
+  template <typename V>
+  FASTATTN_ALWAYS_INLINE V operator()(const V& a, const V& b) const { return maximum(a, b); }
+};
+
+template <int B>
+FASTATTN_ALWAYS_INLINE Simd<float, B> vector_tanh(const Simd<float, B>& x) {
+  return fastattn::fast_tanh_with(x, SimdMinimum{}, SimdMaximum{});
+}
+
+template <typename T, int B>
+FASTATTN_ALWAYS_INLINE T sum_lanes(const Simd<T, B>& x) {
+  T sum = T(0);
+  for (int64_t i = 0; i < Simd<T, B>::size(); ++i) sum += x.lane(i);
+  return sum;
+}
+
+template <int kBytes, typename T>
+FASTATTN_ALWAYS_INLINE T dot_product(const T* a, const T* b, int64_t size) {
+  using V = Simd<T, kBytes>;
+  constexpr int64_t kWidth = V::size();
+  V sum0(T(0)), sum1(T(0));
+  int64_t d = 0;
+  for (; d + 2 * kWidth <= size; d += 2 * kWidth) {
+    sum0 = fmadd(V::load(a + d), V::load(b + d), sum0);
+    sum1 = fmadd(V::load(a + d + kWidth), V::load(b + d + kWidth), sum1);
+  }
+  if (d + kWidth <= size) {
+    sum0 = fmadd(V::load(a + d), V::load(b + d), sum0);
+    d += kWidth;
+  }
+  T sum = sum_lanes(sum0 + sum1);
+  for (; d < size; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+// y += alpha * x
+template <int kBytes, typename T>
+FASTATTN_ALWAYS_INLINE void axpy(T* y, T alpha, const T* x, int64_t size) {
+  using V = Simd<T, kBytes>;
+  constexpr int64_t kWidth = V::size();
+  const V factor(alpha);
+  int64_t d = 0;
+  for (; d + kWidth <= size; d += kWidth) fmadd(factor, V::load(x + d), V::load(y + d)).store(y + d);
+  for (; d < size; ++d) y[d] += alpha * x[d];
+}
+
+// out[i] = a . b_i for four vectors b_i sharing the loads of a.
+template <int kBytes, typename T>
+FASTATTN_ALWAYS_INLINE void dot_products4(const T* a, const T* b0, const T* b1, const T* b2, const T* b3,
+                                          int64_t size, T* out) {
+  using V = Simd<T, kBytes>;
+  constexpr int64_t kWidth = V::size();
+  V sum0(T(0)), sum1(T(0)), sum2(T(0)), sum3(T(0));
+  int64_t d = 0;
+  for (; d + kWidth <= size; d += kWidth) {
+    const V x = V::load(a + d);
+    sum0 = fmadd(x, V::load(b0 + d), sum0);
+    sum1 = fmadd(x, V::load(b1 + d), sum1);
+    sum2 = fmadd(x, V::load(b2 + d), sum2);
+    sum3 = fmadd(x, V::load(b3 + d), sum3);
+  }
+  T result0 = sum_lanes(sum0), result1 = sum_lanes(sum1), result2 = sum_lanes(sum2), result3 = sum_lanes(sum3);
+  for (; d < size; ++d) {
+    result0 += a[d] * b0[d];
+    result1 += a[d] * b1[d];
+    result2 += a[d] * b2[d];
+    result3 += a[d] * b3[d];
+  }
+  out[0] = result0;
+  out[1] = result1;
+  out[2] = result2;
+  out[3] = result3;
+}
+
+// y += w[0] x0 + w[1] x1 + w[2] x2 + w[3] x3 (one pass over y for four rows).
+template <int kBytes, typename T>
+FASTATTN_ALWAYS_INLINE void axpy4(T* y, const T* w, const T* x0, const T* x1, const T* x2, const T* x3,
+                                  int64_t size) {
+  using V = Simd<T, kBytes>;
+  constexpr int64_t kWidth = V::size();
+  const V w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]);
+  int64_t d = 0;
+  for (; d + kWidth <= size; d += kWidth) {
+    V sum = fmadd(w0, V::load(x0 + d), V::load(y + d));
+    sum = fmadd(w1, V::load(x1 + d), sum);
+    sum = fmadd(w2, V::load(x2 + d), sum);
+    fmadd(w3, V::load(x3 + d), sum).store(y + d);
+  }
+  for (; d < size; ++d) y[d] += w[0] * x0[d] + w[1] * x1[d] + w[2] * x2[d] + w[3] * x3[d];
+}
+
+// y *= alpha
+template <int kBytes, typename T>
+FASTATTN_ALWAYS_INLINE void scale_in_place(T* y, T alpha, int64_t size) {
+  using V = Simd<T, kBytes>;
+  constexpr int64_t kWidth = V::size();
+  const V factor(alpha);
+  int64_t d = 0;
+  for (; d + kWidth <= size; d += kWidth) (V::load(y + d) * factor).store(y + d);
+  for (; d < size; ++d) y[d] *= alpha;
+}
+
+// e = v . tanh(q_b + k): fast_tanh on float vectors, libm tanh for double.
+template <int kBytes, typename T>
+FASTATTN_ALWAYS_INLINE T additive_score_row(const T* query_plus_bias, const T* key, const T* v, int64_t size) {
+  if constexpr (std::is_same_v<T, float>) {
+    using V = Simd<float, kBytes>;
+    constexpr int64_t kWidth = V::size();
+    V sum0(0.0f), sum1(0.0f);
+    int64_t d = 0;
+    for (; d + 2 * kWidth <= size; d += 2 * kWidth) {
+      const V u0 = vector_tanh(V::load(query_plus_bias + d) + V::load(key + d));
+      const V u1 = vector_tanh(V::load(query_plus_bias + d + kWidth) + V::load(key + d + kWidth));
+      sum0 = fmadd(V::load(v + d), u0, sum0);
+      sum1 = fmadd(V::load(v + d + kWidth), u1, sum1);
+    }
+    if (d + kWidth <= size) {
+      sum0 = fmadd(V::load(v + d), vector_tanh(V::load(query_plus_bias + d) + V::load(key + d)), sum0);
+      d += kWidth;
+    }
+    float sum = sum_lanes(sum0 + sum1);
+    for (; d < size; ++d) sum += v[d] * fastattn::tanh_of(query_plus_bias[d] + key[d]);
+    return sum;
+  } else {
+    return fastattn::additive_score(query_plus_bias, key, v, size);
+  }
+}
+
+// Backward of e = v . tanh(q_b + k) for one (t, j), given de:
+// u = tanh(q_b + k), grad_v += de u, du = de v (1 - u^2), grad_query += du, grad_key += du.
+template <int kBytes, typename T>
+FASTATTN_ALWAYS_INLINE void additive_score_backward(const T* query_plus_bias, const T* key, const T* v,
+                                                    T grad_score, T* grad_query, T* grad_key, T* grad_v,
+                                                    int64_t size) {
+  int64_t d = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    using V = Simd<float, kBytes>;
+    constexpr int64_t kWidth = V::size();
+    const V de(grad_score);
+    const V one(1.0f);
+    for (; d + kWidth <= size; d += kWidth) {
+      const V u = vector_tanh(V::load(query_plus_bias + d) + V::load(key + d));
+      fmadd(de, u, V::load(grad_v + d)).store(grad_v + d);
+      const V du = de * V::load(v + d) * (one - u * u);
+      (V::load(grad_query + d) + du).store(grad_query + d);
+      (V::load(grad_key + d) + du).store(grad_key + d);
+    }
+  }
+  for (; d < size; ++d) {
+    const T u = fastattn::tanh_of(query_plus_bias[d] + key[d]);
+    grad_v[d] += grad_score * u;
+    const T du = grad_score * v[d] * fastattn::tanh_derivative(u);
+    grad_query[d] += du;
+    grad_key[d] += du;
+  }
+}
+
+// out = gradient of u = x / max(|x|, tiny) given du (out may alias du).
+template <int kBytes, typename T>
+FASTATTN_ALWAYS_INLINE void unit_vector_backward(const T* grad_unit, const T* input, T norm, T* out, int64_t size) {
+  const auto gradient = fastattn::unit_vector_gradient(norm, dot_product<kBytes>(grad_unit, input, size));
+  for (int64_t d = 0; d < size; ++d) {
+    out[d] = grad_unit[d] * gradient.along_gradient + gradient.along_input * input[d];
+  }
+}
+
+template <int kBytes>
+FASTATTN_ALWAYS_INLINE void fast_tanh_span(const float* input, float* output, int64_t size) {
+  using V = Simd<float, kBytes>;
+  constexpr int64_t kWidth = V::size();
+  int64_t i = 0;
+  for (; i + kWidth <= size; i += kWidth) vector_tanh(V::load(input + i)).store(output + i);
+  for (; i < size; ++i) output[i] = fastattn::tanh_of(input[i]);
+}
+
+// ---------------------------------------------------------------- the problem
+
+// Raw pointers into the compute-dtype tensors (T = float or double).
+template <typename T>
+struct AttentionProblem {
+  int64_t batch = 0, query_length = 0, source_length = 0, score_dim = 0, value_dim = 0;
+  const T* query = nullptr;  // (N, T, D) contiguous
+  const T* keys = nullptr;   // rows contiguous; batch stride may be 0
+  int64_t keys_batch_stride = 0;
+  const T* values = nullptr;
+  int64_t values_batch_stride = 0;
+  const T* v = nullptr;
+  const T* bias = nullptr;
+  const T* key_norms = nullptr;  // cosine: |k_j|, (N or 1, S)
+  int64_t key_norms_batch_stride = 0;
+  T scale = T(1);
+  const int64_t* lengths = nullptr;
+  const bool* key_padding_mask = nullptr;
+  bool causal = false;
+  int64_t window = -1;  // < 0: global attention
+  const T* center = nullptr;
+  bool gaussian = false;
+
+  const T* key(int64_t n, int64_t j) const { return keys + n * keys_batch_stride + j * score_dim; }
+  const T* value(int64_t n, int64_t j) const { return values + n * values_batch_stride + j * value_dim; }
+  T key_norm(int64_t n, int64_t j) const { return key_norms[n * key_norms_batch_stride + j]; }
+  bool is_padding(int64_t n, int64_t j) const {
+    return key_padding_mask != nullptr && key_padding_mask[n * source_length + j];
+  }
+  T window_center(int64_t n, int64_t t) const {
+    return center != nullptr ? center[n * query_length + t] : static_cast<T>(t);
+  }
+  KeyRange keys_of(int64_t n, int64_t t) const {
+    const int64_t length = lengths != nullptr ? lengths[n] : source_length;
+    return fastattn::key_range<T>(t, source_length, length, causal, window,
+                                  window >= 0 ? window_center(n, t) : T(0));
+  }
+};
+
+// The query as the score uses it: q (dot), q / max(|q|, tiny) (cosine), q + bias
+// (additive).  Returns q itself or `buffer`; *query_norm gets |q| for the cosine.
+template <typename T, ScoreKind kScore, int kBytes>
+FASTATTN_ALWAYS_INLINE const T* prepare_query(const AttentionProblem<T>& problem, const T* query, T* buffer,
+                                              T* query_norm) {
+  const int64_t size = problem.score_dim;
+  if constexpr (kScore == ScoreKind::kCosine) {
+    *query_norm = std::sqrt(dot_product<kBytes>(query, query, size));
+    const T clamped = fastattn::clamped_norm(*query_norm);
+    for (int64_t d = 0; d < size; ++d) buffer[d] = query[d] / clamped;
+    return buffer;
+  } else if constexpr (kScore == ScoreKind::kAdditive) {
+    if (problem.bias == nullptr) return query;
+    for (int64_t d = 0; d < size; ++d) buffer[d] = query[d] + problem.bias[d];
+    return buffer;
+  } else {
+    return query;
+  }
+}
+
+// The score from q'.k for the dot and cosine scores (q' = the prepared query).
+template <typename T, ScoreKind kScore>
+FASTATTN_ALWAYS_INLINE T score_from_dot(const AttentionProblem<T>& problem, T dot, int64_t n, int64_t j) {
+  if constexpr (kScore == ScoreKind::kCosine) {
+    return problem.scale * (dot / fastattn::clamped_norm(problem.key_norm(n, j)));
+  } else {
+    return dot * problem.scale;
+  }
+}
+
+// scores[j] = e_{t,j} for the `count` keys j = keys[0..count) of batch n; dot and
+// cosine score four keys at a time.
+template <typename T, ScoreKind kScore, int kBytes>
+FASTATTN_ALWAYS_INLINE void score_keys(const AttentionProblem<T>& problem, const T* prepared_query, int64_t n,
+                                       const int64_t* keys, int64_t count, T* scores) {
+  const int64_t dim = problem.score_dim;
+  int64_t c = 0;
+  if constexpr (kScore == ScoreKind::kAdditive) {
+    for (; c < count; ++c) {
+      scores[keys[c]] = additive_score_row<kBytes>(prepared_query, problem.key(n, keys[c]), problem.v, dim);
+    }
+  } else {
+    for (; c + 4 <= count; c += 4) {
+      T dots[4];
+      dot_products4<kBytes>(prepared_query, problem.key(n, keys[c]), problem.key(n, keys[c + 1]),
+                            problem.key(n, keys[c + 2]), problem.key(n, keys[c + 3]), dim, dots);
+      for (int i = 0; i < 4; ++i) scores[keys[c + i]] = score_from_dot<T, kScore>(problem, dots[i], n, keys[c + i]);
+    }
+    for (; c < count; ++c) {
+      const T dot = dot_product<kBytes>(prepared_query, problem.key(n, keys[c]), dim);
+      scores[keys[c]] = score_from_dot<T, kScore>(problem, dot, n, keys[c]);
+    }
+  }
+}
+
+// out[c] = a . values[n, keys[c]] for c < count.
+template <int kBytes, typename T>
+FASTATTN_ALWAYS_INLINE void dot_with_values(const AttentionProblem<T>& problem, const T* a, int64_t n,
+                                            const int64_t* keys, int64_t count, T* out) {
+  const int64_t dim = problem.value_dim;
+  int64_t c = 0;
+  for (; c + 4 <= count; c += 4) {
+    dot_products4<kBytes>(a, problem.value(n, keys[c]), problem.value(n, keys[c + 1]), problem.value(n, keys[c + 2]),
+                          problem.value(n, keys[c + 3]), dim, out + c);
+  }
+  for (; c < count; ++c) out[c] = dot_product<kBytes>(a, problem.value(n, keys[c]), dim);
+}
+
+// y += sum_c weights[c] values[n, keys[c]], four value rows per pass over y.
+template <int kBytes, typename T>
+FASTATTN_ALWAYS_INLINE void accumulate_values(const AttentionProblem<T>& problem, T* y, int64_t n,
+                                              const int64_t* keys, const T* weights, int64_t count) {
+  const int64_t dim = problem.value_dim;
+  int64_t c = 0;
+  for (; c + 4 <= count; c += 4) {
+    axpy4<kBytes>(y, weights + c, problem.value(n, keys[c]), problem.value(n, keys[c + 1]),
+                  problem.value(n, keys[c + 2]), problem.value(n, keys[c + 3]), dim);
+  }
+  for (; c < count; ++c) axpy<kBytes>(y, weights[c], problem.value(n, keys[c]), dim);
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T>
+struct ForwardOutputs {
+  T* context = nullptr;    // (N, T, Dv)
+  T* weights = nullptr;    // (N, T, S) or null
+  T* logsumexp = nullptr;  // (N, T)
+};
+
+template <typename T, ScoreKind kScore, int kBytes>
+FASTATTN_ALWAYS_INLINE void forward_rows(const AttentionProblem<T>& problem, const ForwardOutputs<T>& out,
+                                         int64_t row_begin, int64_t row_end) {
+  const int64_t query_length = problem.query_length, source_length = problem.source_length;
+  const int64_t value_dim = problem.value_dim;
+  const T minus_infinity = fastattn::negative_infinity<T>();
+  std::vector<T> scores(source_length), context(value_dim), prepared(problem.score_dim);
+  int64_t block_keys[kKeyBlock];
+  T block_weights[kKeyBlock];
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t n = row / query_length, t = row % query_length;
+    const KeyRange range = problem.keys_of(n, t);
+    T query_norm = T(0);
+    const T* query = prepare_query<T, kScore, kBytes>(problem, problem.query + row * problem.score_dim,
+                                                      prepared.data(), &query_norm);
+    const T center = problem.window_center(n, t);
+    fastattn::OnlineSoftmax<T> softmax;
+    std::fill(context.begin(), context.end(), T(0));
+    for (int64_t block_begin = range.begin; block_begin < range.end; block_begin += kKeyBlock) {
+      const int64_t block_end = std::min(range.end, block_begin + kKeyBlock);
+      int64_t count = 0;  // the block's keys that are not padding
+      for (int64_t j = block_begin; j < block_end; ++j) {
+        if (problem.is_padding(n, j)) {
+          scores[j] = minus_infinity;
+        } else {
+          block_keys[count++] = j;
+        }
+      }
+      if (count == 0) continue;
+      score_keys<T, kScore, kBytes>(problem, query, n, block_keys, count, scores.data());
+      T block_max = minus_infinity;
+      for (int64_t c = 0; c < count; ++c) block_max = std::max(block_max, scores[block_keys[c]]);
+      if (block_max == minus_infinity) continue;
+      const T factor = softmax.raise_max(block_max);
+      if (factor != T(1)) scale_in_place<kBytes>(context.data(), factor, value_dim);
+      for (int64_t c = 0; c < count; ++c) {
+        const int64_t j = block_keys[c];
+        T weight = softmax.add(scores[j]);
+        if (problem.gaussian) weight *= fastattn::gaussian_factor(j, center, problem.window);
+        block_weights[c] = weight;
+      }
+      accumulate_values<kBytes>(problem, context.data(), n, block_keys, block_weights, count);
+    }
+    T* context_row = out.context + row * value_dim;
+    T* weights_row = out.weights != nullptr ? out.weights + row * source_length : nullptr;
+    if (softmax.empty()) {  // fully masked row
+      std::fill(context_row, context_row + value_dim, T(0));
+      out.logsumexp[row] = minus_infinity;
+      if (weights_row != nullptr) std::fill(weights_row, weights_row + source_length, T(0));
+      continue;
+    }
+    const T inverse_sum = T(1) / softmax.sum;
+    for (int64_t d = 0; d < value_dim; ++d) context_row[d] = context[d] * inverse_sum;
+    out.logsumexp[row] = softmax.logsumexp();
+    if (weights_row != nullptr) {
+      std::fill(weights_row, weights_row + range.begin, T(0));
+      for (int64_t j = range.begin; j < range.end; ++j) {
+        if (scores[j] == minus_infinity) {
+          weights_row[j] = T(0);
+          continue;
+        }
+        T weight = fastattn::exp_of(scores[j] - softmax.max_score) * inverse_sum;
+        if (problem.gaussian) weight *= fastattn::gaussian_factor(j, center, problem.window);
+        weights_row[j] = weight;
+      }
+      std::fill(weights_row + range.end, weights_row + source_length, T(0));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+template <typename T>
+struct BackwardInputs {
+  const T* grad_context = nullptr;  // (N, T, Dv)
+  const T* grad_weights = nullptr;  // (N, T, S) or null
+  const T* logsumexp = nullptr;     // (N, T)
+};
+
+template <typename T>
+struct BackwardOutputs {  // all zero-initialised
+  T* grad_query = nullptr;   // (N, T, D)
+  T* grad_keys = nullptr;    // (N, S, D), full even for batch-stride-0 keys
+  T* grad_values = nullptr;  // (N, S, Dv)
+  T* grad_center = nullptr;  // (N, T) or null
+};
+
+// Batches [n_begin, n_end).  grad_v_sum / grad_bias_sum: this chunk's (Da,)
+// accumulators (additive score; grad_bias_sum null without bias).
+template <typename T, ScoreKind kScore, int kBytes>
+FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem, const BackwardInputs<T>& in,
+                                             const BackwardOutputs<T>& out, int64_t n_begin, int64_t n_end,
+                                             T* grad_v_sum, T* grad_bias_sum) {
+  const int64_t query_length = problem.query_length, source_length = problem.source_length;
+  const int64_t score_dim = problem.score_dim, value_dim = problem.value_dim;
+  std::vector<T> alpha(source_length), grad_alpha(source_length), factor(source_length), scores(source_length);
+  std::vector<T> value_dots(source_length);
+  std::vector<int64_t> visible_keys(source_length);
+  std::vector<T> prepared(score_dim), grad_unit_query(kScore == ScoreKind::kCosine ? score_dim : 0);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    T* grad_keys = out.grad_keys + n * source_length * score_dim;
+    T* grad_values = out.grad_values + n * source_length * value_dim;
+    for (int64_t t = 0; t < query_length; ++t) {
+      const int64_t row = n * query_length + t;
+      const T logsumexp = in.logsumexp[row];
+      if (!(logsumexp > fastattn::negative_infinity<T>())) continue;  // fully masked: zero gradients
+      const KeyRange range = problem.keys_of(n, t);
+      const T* query_row = problem.query + row * score_dim;
+      T query_norm = T(0);
+      const T* query = prepare_query<T, kScore, kBytes>(problem, query_row, prepared.data(), &query_norm);
+      const T center = problem.window_center(n, t);
+      const T* grad_context = in.grad_context + row * value_dim;
+      const T* grad_weights = in.grad_weights != nullptr ? in.grad_weights + row * source_length : nullptr;
+
+      // alpha_j recomputed; dw_j = grad_context . v_j + grad_weights_j; dalpha_j = dw_j g_j.
+      int64_t count = 0;
+      for (int64_t j = range.begin; j < range.end; ++j) {
+        if (problem.is_padding(n, j)) {
+          alpha[j] = T(0);
+        } else {
+          visible_keys[count++] = j;
+        }
+      }
+      score_keys<T, kScore, kBytes>(problem, query, n, visible_keys.data(), count, scores.data());
+      dot_with_values<kBytes>(problem, grad_context, n, visible_keys.data(), count, value_dots.data());
+      T row_dot = T(0), grad_center = T(0);
+      for (int64_t c = 0; c < count; ++c) {
+        const int64_t j = visible_keys[c];
+        const T probability = fastattn::exp_of(scores[j] - logsumexp);
+        const T gaussian = problem.gaussian ? fastattn::gaussian_factor(j, center, problem.window) : T(1);
+        T grad_weight = value_dots[c];
+        if (grad_weights != nullptr) grad_weight += grad_weights[j];
+        alpha[j] = probability;
+        factor[j] = gaussian;
+        grad_alpha[j] = grad_weight * gaussian;
+        row_dot += probability * grad_alpha[j];
+        if (out.grad_center != nullptr) {
+          grad_center += grad_weight * probability * gaussian * fastattn::gaussian_log_slope(j, center, problem.window);
+        }
+      }
+      if (out.grad_center != nullptr) out.grad_center[row] = grad_center;
+
+      T* grad_query_row = out.grad_query + row * score_dim;
+      T* grad_query = grad_query_row;
+      if constexpr (kScore == ScoreKind::kCosine) {
+        std::fill(grad_unit_query.begin(), grad_unit_query.end(), T(0));
+        grad_query = grad_unit_query.data();
+      }
+      for (int64_t j = range.begin; j < range.end; ++j) {
+        const T probability = alpha[j];
+        if (probability == T(0)) continue;  // padding, or exp underflow: nothing flows
+        const T grad_score = fastattn::softmax_score_gradient(probability, grad_alpha[j], row_dot);
+        axpy<kBytes>(grad_values + j * value_dim, probability * factor[j], grad_context, value_dim);
+        const T* key = problem.key(n, j);
+        T* grad_key = grad_keys + j * score_dim;
+        if constexpr (kScore == ScoreKind::kDot) {
+          const T scaled = problem.scale * grad_score;
+          axpy<kBytes>(grad_query, scaled, key, score_dim);
+          axpy<kBytes>(grad_key, scaled, query_row, score_dim);
+        } else if constexpr (kScore == ScoreKind::kCosine) {
+          const T scaled = problem.scale * grad_score;  // grad_key holds d(unit key) until the end of n
+          axpy<kBytes>(grad_query, scaled / fastattn::clamped_norm(problem.key_norm(n, j)), key, score_dim);
+          axpy<kBytes>(grad_key, scaled, query, score_dim);
+        } else {
+          additive_score_backward<kBytes>(query, key, problem.v, grad_score, grad_query, grad_key, grad_v_sum,
+                                          score_dim);
+        }
+      }
+      if constexpr (kScore == ScoreKind::kCosine) {
+        unit_vector_backward<kBytes>(grad_unit_query.data(), query_row, query_norm, grad_query_row, score_dim);
+      }
+      if constexpr (kScore == ScoreKind::kAdditive) {
+        if (grad_bias_sum != nullptr) axpy<kBytes>(grad_bias_sum, T(1), grad_query_row, score_dim);
+      }
+    }
+    if constexpr (kScore == ScoreKind::kCosine) {
+      for (int64_t j = 0; j < source_length; ++j) {
+        T* grad_key = grad_keys + j * score_dim;
+        unit_vector_backward<kBytes>(grad_key, problem.key(n, j), problem.key_norm(n, j), grad_key, score_dim);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- ISA clones and dispatch
+
+bool use_avx2_kernels() {
+#ifdef FASTATTN_AVX2_CLONES
+  static const bool use = [] {
+    const char* capability = std::getenv("ATEN_CPU_CAPABILITY");
+    if (capability != nullptr && std::strcmp(capability, "default") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+using ForwardKernel = void (*)(const AttentionProblem<T>&, const ForwardOutputs<T>&, int64_t, int64_t);
+template <typename T>
+using BackwardKernel = void (*)(const AttentionProblem<T>&, const BackwardInputs<T>&, const BackwardOutputs<T>&,
+                                int64_t, int64_t, T*, T*);
+
+template <typename T, ScoreKind kScore>
+FASTATTN_KERNEL void forward_rows_baseline(const AttentionProblem<T>& problem, const ForwardOutputs<T>& out,
+                                           int64_t begin, int64_t end) {
+  forward_rows<T, kScore, 16>(problem, out, begin, end);
+}
+template <typename T, ScoreKind kScore>
+FASTATTN_KERNEL void backward_batches_baseline(const AttentionProblem<T>& problem, const BackwardInputs<T>& in,
+                                               const BackwardOutputs<T>& out, int64_t begin, int64_t end, T* grad_v,
+                                               T* grad_bias) {
+  backward_batches<T, kScore, 16>(problem, in, out, begin, end, grad_v, grad_bias);
+}
+FASTATTN_KERNEL void fast_tanh_baseline(const float* input, float* output, int64_t size) {
+  fast_tanh_span<16>(input, output, size);
+}
+
+#ifdef FASTATTN_AVX2_CLONES
+template <typename T, ScoreKind kScore>
+FASTATTN_TARGET_AVX2 void forward_rows_avx2(const AttentionProblem<T>& problem, const ForwardOutputs<T>& out,
+                                            int64_t begin, int64_t end) {
+  forward_rows<T, kScore, 32>(problem, out, begin, end);
+}
+template <typename T, ScoreKind kScore>
+FASTATTN_TARGET_AVX2 void backward_batches_avx2(const AttentionProblem<T>& problem, const BackwardInputs<T>& in,
+                                                const BackwardOutputs<T>& out, int64_t begin, int64_t end,
+                                                T* grad_v, T* grad_bias) {
+  backward_batches<T, kScore, 32>(problem, in, out, begin, end, grad_v, grad_bias);
+}
+FASTATTN_TARGET_AVX2 void fast_tanh_avx2(const float* input, float* output, int64_t size) {
+  fast_tanh_span<32>(input, output, size);
+}
+#endif
+
+template <typename T, ScoreKind kScore>
+ForwardKernel<T> forward_kernel_for() {
+#ifdef FASTATTN_AVX2_CLONES
+  if (use_avx2_kernels()) return &forward_rows_avx2<T, kScore>;
+#endif
+  return &forward_rows_baseline<T, kScore>;
+}
+
+template <typename T, ScoreKind kScore>
+BackwardKernel<T> backward_kernel_for() {
+#ifdef FASTATTN_AVX2_CLONES
+  if (use_avx2_kernels()) return &backward_batches_avx2<T, kScore>;
+#endif
+  return &backward_batches_baseline<T, kScore>;
+}
+
+template <typename T>
+ForwardKernel<T> forward_kernel(ScoreKind score) {
+  switch (score) {
+    case ScoreKind::kDot:
+      return forward_kernel_for<T, ScoreKind::kDot>();
+    case ScoreKind::kCosine:
+      return forward_kernel_for<T, ScoreKind::kCosine>();
+    default:
+      return forward_kernel_for<T, ScoreKind::kAdditive>();
+  }
+}
+
+template <typename T>
+BackwardKernel<T> backward_kernel(ScoreKind score) {
+  switch (score) {
+    case ScoreKind::kDot:
+      return backward_kernel_for<T, ScoreKind::kDot>();
+    case ScoreKind::kCosine:
+      return backward_kernel_for<T, ScoreKind::kCosine>();
+    default:
+      return backward_kernel_for<T, ScoreKind::kAdditive>();
+  }
+}
+
+// ---------------------------------------------------------------- argument checks
+
+ScoreKind parse_score(const char* op, std::string_view score) {
+  if (score == "dot") return ScoreKind::kDot;
+  if (score == "cosine") return ScoreKind::kCosine;
+  if (score == "additive") return ScoreKind::kAdditive;
+  TORCH_CHECK(false, op, ": score must be \"dot\", \"cosine\" or \"additive\", got \"", std::string(score), "\"");
+}
+
+bool is_supported_float(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+// `t` in the compute dtype, a batch-stride-0 tensor staying unexpanded.
+at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype) return t;
+  if (t.dim() == 3 && t.size(0) > 1 && t.stride(0) == 0) {
+    return t.select(0, 0).to(dtype).unsqueeze(0).expand(t.sizes());
+  }
+  return t.to(dtype);
+}
+
+// (N, S, D) with contiguous (S, D) rows, keeping a batch stride of 0.
+at::Tensor with_contiguous_rows(const at::Tensor& t) {
+  const bool rows_contiguous = (t.size(2) <= 1 || t.stride(2) == 1) && (t.size(1) <= 1 || t.stride(1) == t.size(2));
+  if (rows_contiguous) return t;
+  if (t.size(0) > 1 && t.stride(0) == 0) return t.select(0, 0).contiguous().unsqueeze(0).expand(t.sizes());
+  return t.contiguous();
+}
+
+void check_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
+}
+
+void check_float_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& query) {
+  check_cpu(op, name, t);
+  TORCH_CHECK(t.scalar_type() == query.scalar_type(), op, ": ", name, " must have the dtype of query (",
+              query.scalar_type(), "), got ", t.scalar_type());
+}
+
+// The checked inputs of attention_forward / attention_backward, in the compute
+// dtype (float for float32/float16/bfloat16, double for float64).
+struct PreparedInputs {
+  ScoreKind score = ScoreKind::kDot;
+  at::ScalarType input_dtype = at::kFloat, compute_dtype = at::kFloat;
+  int64_t batch = 0, query_length = 0, source_length = 0, score_dim = 0, value_dim = 0;
+  at::Tensor query, keys, values, v, bias, lengths, key_padding_mask, center, key_norms;
+  double scale = 1.0;
+  bool causal = false;
+  int64_t window = -1;
+  bool gaussian = false;
+};
+
+PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at::Tensor& keys,
+                              const at::Tensor& values, const std::optional<at::Tensor>& v,
+                              const std::optional<at::Tensor>& bias, std::string_view score, double scale,
+                              const std::optional<at::Tensor>& lengths,
+                              const std::optional<at::Tensor>& key_padding_mask, bool causal,
+                              std::optional<int64_t> window, const std::optional<at::Tensor>& center,
+                              bool gaussian) {
+  PreparedInputs in;
+  in.score = parse_score(op, score);
+  check_cpu(op, "query", query);
+  TORCH_CHECK(is_supported_float(query.scalar_type()), op,
+              ": query must be float32, float64, float16 or bfloat16, got ", query.scalar_type());
+  check_float_like(op, "keys", keys, query);
+  check_float_like(op, "values", values, query);
+  TORCH_CHECK(query.dim() == 3, op, ": query must be (N, T, D), got shape ", query.sizes());
+  TORCH_CHECK(keys.dim() == 3 && keys.size(0) == query.size(0), op, ": keys must be (N=", query.size(0),
+              ", S, D), got shape ", keys.sizes());
+  TORCH_CHECK(values.dim() == 3 && values.size(0) == query.size(0) && values.size(1) == keys.size(1), op,
+              ": values must be (N=", query.size(0), ", S=", keys.size(1), ", Dv), got shape ", values.sizes());
+  TORCH_CHECK(keys.size(2) == query.size(2), op, ": keys must have the feature size D=", query.size(2),
+              " of query, got shape ", keys.sizes());
+  in.input_dtype = query.scalar_type();
+  in.compute_dtype = in.input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  in.batch = query.size(0);
+  in.query_length = query.size(1);
+  in.source_length = keys.size(1);
+  in.score_dim = query.size(2);
+  in.value_dim = values.size(2);
+  in.scale = scale;
+  in.causal = causal;
+
+  in.query = in_dtype(query, in.compute_dtype).contiguous();
+  in.keys = with_contiguous_rows(in_dtype(keys, in.compute_dtype));
+  in.values = with_contiguous_rows(in_dtype(values, in.compute_dtype));
+
+  if (in.score == ScoreKind::kAdditive) {
+    TORCH_CHECK(v.has_value() && v->defined(), op, ": score \"additive\" needs v of shape (Da=", in.score_dim, ",)");
+    check_float_like(op, "v", *v, query);
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == in.score_dim, op, ": v must be (Da=", in.score_dim,
+                ",), got shape ", v->sizes());
+    in.v = in_dtype(*v, in.compute_dtype).contiguous();
+    if (bias.has_value() && bias->defined()) {
+      check_float_like(op, "bias", *bias, query);
+      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == in.score_dim, op, ": bias must be (Da=", in.score_dim,
+                  ",), got shape ", bias->sizes());
+      in.bias = in_dtype(*bias, in.compute_dtype).contiguous();
+    }
+  } else {
+    TORCH_CHECK(!(v.has_value() && v->defined()) && !(bias.has_value() && bias->defined()), op,
+                ": v and bias are parameters of the additive score only, got them with score \"",
+                std::string(score), "\"");
+  }
+  if (lengths.has_value() && lengths->defined()) {
+    check_cpu(op, "lengths", *lengths);
+    TORCH_CHECK(at::isIntegralType(lengths->scalar_type(), /*includeBool=*/false), op,
+                ": lengths must be an integer tensor, got ", lengths->scalar_type());
+    TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == in.batch, op, ": lengths must be (N=", in.batch,
+                ",), got shape ", lengths->sizes());
+    in.lengths = lengths->to(at::kLong).contiguous();
+  }
+  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
+    check_cpu(op, "key_padding_mask", *key_padding_mask);
+    TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool, op, ": key_padding_mask must be bool, got ",
+                key_padding_mask->scalar_type());
+    TORCH_CHECK(key_padding_mask->dim() == 2 && key_padding_mask->size(0) == in.batch &&
+                    key_padding_mask->size(1) == in.source_length,
+                op, ": key_padding_mask must be (N=", in.batch, ", S=", in.source_length, "), got shape ",
+                key_padding_mask->sizes());
+    in.key_padding_mask = key_padding_mask->contiguous();
+  }
+  if (window.has_value()) {
+    TORCH_CHECK(*window >= 0, op, ": window must be >= 0, got ", *window);
+    in.window = *window;
+  }
+  if (center.has_value() && center->defined()) {
+    check_float_like(op, "center", *center, query);
+    TORCH_CHECK(window.has_value(), op, ": center (local-p attention) needs window");
+    TORCH_CHECK(center->dim() == 2 && center->size(0) == in.batch && center->size(1) == in.query_length, op,
+                ": center must be (N=", in.batch, ", T=", in.query_length, "), got shape ", center->sizes());
+    in.center = in_dtype(*center, in.compute_dtype).contiguous();
+  }
+  in.gaussian = gaussian;
+  TORCH_CHECK(!gaussian || in.window >= 1, op, ": gaussian needs window >= 1 (sigma = window / 2), got ",
+              window.has_value() ? std::to_string(*window) : std::string("None"));
+
+  if (in.score == ScoreKind::kCosine) {  // |k_j| once per distinct key row
+    const int64_t key_batches = in.batch > 1 && in.keys.stride(0) == 0 ? 1 : in.batch;
+    in.key_norms = at::empty({key_batches, in.source_length}, in.query.options());
+    AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "fastattn_key_norms", [&] {
+      const scalar_t* keys_data = in.keys.const_data_ptr<scalar_t>();
+      scalar_t* norms = in.key_norms.mutable_data_ptr<scalar_t>();
+      const int64_t batch_stride = in.keys.stride(0), source_length = in.source_length, dim = in.score_dim;
+      at::parallel_for(0, key_batches * source_length, 1024, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const scalar_t* key = keys_data + (i / source_length) * batch_stride + (i % source_length) * dim;
+          norms[i] = std::sqrt(dot_product<16>(key, key, dim));
+        }
+      });
+    });
+  }
+  return in;
+}
+
+template <typename T>
+AttentionProblem<T> problem_of(const PreparedInputs& in) {
+  AttentionProblem<T> problem;
+  problem.batch = in.batch;
+  problem.query_length = in.query_length;
+  problem.source_length = in.source_length;
+  problem.score_dim = in.score_dim;
+  problem.value_dim = in.value_dim;
+  problem.query = in.query.const_data_ptr<T>();
+  problem.keys = in.keys.const_data_ptr<T>();
+  problem.keys_batch_stride = in.keys.stride(0);
+  problem.values = in.values.const_data_ptr<T>();
+  problem.values_batch_stride = in.values.stride(0);
+  if (in.v.defined()) problem.v = in.v.const_data_ptr<T>();
+  if (in.bias.defined()) problem.bias = in.bias.const_data_ptr<T>();
+  if (in.key_norms.defined()) {
+    problem.key_norms = in.key_norms.const_data_ptr<T>();
+    problem.key_norms_batch_stride = in.key_norms.size(0) == 1 ? 0 : in.source_length;
+  }
+  problem.scale = static_cast<T>(in.scale);
+  if (in.lengths.defined()) problem.lengths = in.lengths.const_data_ptr<int64_t>();
+  if (in.key_padding_mask.defined()) problem.key_padding_mask = in.key_padding_mask.const_data_ptr<bool>();
+  problem.causal = in.causal;
+  problem.window = in.window;
+  if (in.center.defined()) problem.center = in.center.const_data_ptr<T>();
+  problem.gaussian = in.gaussian;
+  return problem;
+}
+
+// ---------------------------------------------------------------- ops
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
+    const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, const std::optional<at::Tensor>& v,
+    const std::optional<at::Tensor>& bias, std::string_view score, double scale,
+    const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& key_padding_mask, bool causal,
+    std::optional<int64_t> window, const std::optional<at::Tensor>& center, bool gaussian, bool return_weights) {
+  const PreparedInputs in = prepare_inputs("attention_forward", query, keys, values, v, bias, score, scale, lengths,
+                                           key_padding_mask, causal, window, center, gaussian);
+  const auto options = in.query.options();
+  at::Tensor context = at::empty({in.batch, in.query_length, in.value_dim}, options);
+  at::Tensor weights = return_weights ? at::empty({in.batch, in.query_length, in.source_length}, options)
+                                      : at::empty({0}, query.options());
+  at::Tensor logsumexp = at::empty({in.batch, in.query_length}, options);
+  AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_forward", [&] {
+    const AttentionProblem<scalar_t> problem = problem_of<scalar_t>(in);
+    ForwardOutputs<scalar_t> out;
+    out.context = context.mutable_data_ptr<scalar_t>();
+    out.weights = return_weights ? weights.mutable_data_ptr<scalar_t>() : nullptr;
+    out.logsumexp = logsumexp.mutable_data_ptr<scalar_t>();
+    const ForwardKernel<scalar_t> kernel = forward_kernel<scalar_t>(in.score);
+    const int64_t row_cost = std::max<int64_t>(1, in.source_length * (in.score_dim + in.value_dim));
+    const int64_t grain = std::max<int64_t>(1, 32768 / row_cost);
+    at::parallel_for(0, in.batch * in.query_length, grain,
+                     [&](int64_t begin, int64_t end) { kernel(problem, out, begin, end); });
+  });
+  if (in.input_dtype != in.compute_dtype) {
+    context = context.to(in.input_dtype);
+    if (return_weights) weights = weights.to(in.input_dtype);
+  }
+  return {context, weights, logsumexp};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_weights, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& values, const std::optional<at::Tensor>& v,
+    const std::optional<at::Tensor>& bias, std::string_view score, double scale,
+    const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& key_padding_mask, bool causal,
+    std::optional<int64_t> window, const std::optional<at::Tensor>& center, bool gaussian,
+    const at::Tensor& logsumexp) {
+  const char* op = "attention_backward";
+  const PreparedInputs in = prepare_inputs(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask,
+                                           causal, window, center, gaussian);
+  check_float_like(op, "grad_context", grad_context, query);
+  TORCH_CHECK(grad_context.dim() == 3 && grad_context.size(0) == in.batch && grad_context.size(1) == in.query_length &&
+                  grad_context.size(2) == in.value_dim,
+              op, ": grad_context must be (N=", in.batch, ", T=", in.query_length, ", Dv=", in.value_dim,
+              "), got shape ", grad_context.sizes());
+  check_cpu(op, "logsumexp", logsumexp);
+  TORCH_CHECK(logsumexp.scalar_type() == in.compute_dtype, op, ": logsumexp must be ", in.compute_dtype,
+              " (the accumulation dtype), got ", logsumexp.scalar_type());
+  TORCH_CHECK(logsumexp.dim() == 2 && logsumexp.size(0) == in.batch && logsumexp.size(1) == in.query_length, op,
+              ": logsumexp must be (N=", in.batch, ", T=", in.query_length, "), got shape ", logsumexp.sizes());
+  const at::Tensor grad_context_ = in_dtype(grad_context, in.compute_dtype).contiguous();
+  const at::Tensor logsumexp_ = logsumexp.contiguous();
+  at::Tensor grad_weights_;
+  if (grad_weights.has_value() && grad_weights->defined()) {
+    check_float_like(op, "grad_weights", *grad_weights, query);
+    TORCH_CHECK(grad_weights->dim() == 3 && grad_weights->size(0) == in.batch &&
+                    grad_weights->size(1) == in.query_length && grad_weights->size(2) == in.source_length,
+                op, ": grad_weights must be (N=", in.batch, ", T=", in.query_length, ", S=", in.source_length,
+                "), got shape ", grad_weights->sizes());
+    grad_weights_ = in_dtype(*grad_weights, in.compute_dtype).contiguous();
+  }
+
+  const auto options = in.query.options();
+  at::Tensor grad_query = at::zeros({in.batch, in.query_length, in.score_dim}, options);
+  at::Tensor grad_keys = at::zeros({in.batch, in.source_length, in.score_dim}, options);
+  at::Tensor grad_values = at::zeros({in.batch, in.source_length, in.value_dim}, options);
+  const bool wants_grad_center = in.gaussian && in.center.defined();
+  at::Tensor grad_center = wants_grad_center ? at::zeros({in.batch, in.query_length}, options) : at::Tensor();
+  const bool additive = in.score == ScoreKind::kAdditive;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(in.batch, at::get_num_threads()));
+  // Per chunk: grad_v (Da) then grad_bias (Da), summed over the chunks at the end.
+  at::Tensor parameter_sums = at::zeros({chunks, 2, additive ? in.score_dim : 0}, options);
+
+  AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_backward", [&] {
+    const AttentionProblem<scalar_t> problem = problem_of<scalar_t>(in);
+    BackwardInputs<scalar_t> inputs;
+    inputs.grad_context = grad_context_.const_data_ptr<scalar_t>();
+    inputs.grad_weights = grad_weights_.defined() ? grad_weights_.const_data_ptr<scalar_t>() : nullptr;
+    inputs.logsumexp = logsumexp_.const_data_ptr<scalar_t>();
+    BackwardOutputs<scalar_t> out;
+    out.grad_query = grad_query.mutable_data_ptr<scalar_t>();
+    out.grad_keys = grad_keys.mutable_data_ptr<scalar_t>();
+    out.grad_values = grad_values.mutable_data_ptr<scalar_t>();
+    out.grad_center = wants_grad_center ? grad_center.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* sums = parameter_sums.mutable_data_ptr<scalar_t>();
+    const int64_t parameter_dim = additive ? in.score_dim : 0;
+    const bool has_bias = in.bias.defined();
+    const BackwardKernel<scalar_t> kernel = backward_kernel<scalar_t>(in.score);
+    const int64_t batch = in.batch;
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        scalar_t* grad_v_sum = sums + chunk * 2 * parameter_dim;
+        scalar_t* grad_bias_sum = has_bias ? grad_v_sum + parameter_dim : nullptr;
+        kernel(problem, inputs, out, batch * chunk / chunks, batch * (chunk + 1) / chunks, grad_v_sum, grad_bias_sum);
+      }
+    });
+  });
+
+  const auto cast = [&](const at::Tensor& t) { return t.scalar_type() == in.input_dtype ? t : t.to(in.input_dtype); };
+  // A fresh empty tensor for each absent gradient: outputs must not alias.
+  const auto empty = [&] { return at::empty({0}, query.options()); };
+  at::Tensor grad_v = additive ? cast(parameter_sums.select(1, 0).sum(0)) : empty();
+  at::Tensor grad_bias = additive && in.bias.defined() ? cast(parameter_sums.select(1, 1).sum(0)) : empty();
+  return {cast(grad_query),
+          cast(grad_keys),
+          cast(grad_values),
+          grad_v,
+          grad_bias,
+          wants_grad_center ? cast(grad_center) : empty()};
+}
+
+// ---------------------------------------------------------------- sample_positions
+
+// The first j whose running sum of positive weights exceeds u * total (never a
+// zero-weight position); 0 for a row without positive weight.
+template <typename T>
+int64_t draw_position(const T* weights, int64_t size, double uniform) {
+  double total = 0.0;
+  for (int64_t j = 0; j < size; ++j) {
+    const double weight = static_cast<double>(weights[j]);
+    if (weight > 0.0) total += weight;
+  }
+  if (!(total > 0.0) || !std::isfinite(total)) return 0;
+  const double target = uniform * total;
+  double running = 0.0;
+  int64_t last_positive = 0;
+  for (int64_t j = 0; j < size; ++j) {
+    const double weight = static_cast<double>(weights[j]);
+    if (!(weight > 0.0)) continue;
+    last_positive = j;
+    running += weight;
+    if (running > target) return j;
+  }
+  return last_positive;  // rounding left target just above the running total
+}
+
+// The first position of the largest weight.
+template <typename T>
+int64_t argmax_position(const T* weights, int64_t size) {
+  int64_t best = 0;
+  for (int64_t j = 1; j < size; ++j) {
+    if (static_cast<double>(weights[j]) > static_cast<double>(weights[best])) best = j;
+  }
+  return best;
+}
+
+at::Tensor sample_positions_cpu(const at::Tensor& weights, bool sample, std::optional<at::Generator> generator) {
+  const char* op = "sample_positions";
+  check_cpu(op, "weights", weights);
+  TORCH_CHECK(is_supported_float(weights.scalar_type()), op,
+              ": weights must be float32, float64, float16 or bfloat16, got ", weights.scalar_type());
+  TORCH_CHECK(weights.dim() == 3, op, ": weights must be (N, T, S), got shape ", weights.sizes());
+  const at::Tensor rows_of_weights = weights.contiguous();
+  const int64_t rows = weights.size(0) * weights.size(1), source_length = weights.size(2);
+  at::Tensor index = at::zeros({weights.size(0), weights.size(1)}, weights.options().dtype(at::kLong));
+  if (rows == 0 || source_length == 0) return index;
+  std::vector<double> uniforms;
+  if (sample) {
+    uniforms.resize(rows);
+    auto* cpu_generator =
+        at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+    std::lock_guard<std::mutex> lock(cpu_generator->mutex_);
+    for (int64_t row = 0; row < rows; ++row) {  // 53 random bits -> [0, 1)
+      uniforms[row] = static_cast<double>(cpu_generator->random64() >> 11) * (1.0 / 9007199254740992.0);
+    }
+  }
+  int64_t* chosen = index.mutable_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "sample_positions", [&] {
+    const scalar_t* data = rows_of_weights.const_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / source_length), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* row_weights = data + row * source_length;
+        chosen[row] = sample ? draw_position(row_weights, source_length, uniforms[row])
+                             : argmax_position(row_weights, source_length);
+      }
+    });
+  });
+  return index;
+}
+
+// ---------------------------------------------------------------- fast_tanh
+
+at::Tensor fast_tanh_cpu(const at::Tensor& x) {
+  check_cpu("fast_tanh", "x", x);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "fast_tanh: x must be float32, got ", x.scalar_type());
+  const at::Tensor input = x.contiguous();
+  at::Tensor output = at::empty_like(input);
+  void (*kernel)(const float*, float*, int64_t) = &fast_tanh_baseline;
+#ifdef FASTATTN_AVX2_CLONES
+  if (use_avx2_kernels()) kernel = &fast_tanh_avx2;
+#endif
+  const float* in = input.const_data_ptr<float>();
+  float* out = output.mutable_data_ptr<float>();
+  at::parallel_for(0, input.numel(), 16384,
+                   [&](int64_t begin, int64_t end) { kernel(in + begin, out + begin, end - begin); });
+  return output;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("attention_forward", &attention_forward_cpu);
+  m.impl("attention_backward", &attention_backward_cpu);
+  m.impl("sample_positions", &sample_positions_cpu);
+  m.impl("fast_tanh", &fast_tanh_cpu);
+}

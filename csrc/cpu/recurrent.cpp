@@ -1,0 +1,880 @@
+// CPU kernels of the LSTM and GRU ops declared in csrc/ops.cpp: cells and whole layers
+// (one direction), forward and backward, float32 and float64.
+//
+// Fuses: all gate nonlinearities, the state update and the masking by lengths of one
+// time step into one C++ loop; the GEMMs run in ATen (BLAS).  A layer computes the
+// input projection of every step as ONE GEMM before the time loop, so each step only
+// multiplies h by w_hh and runs the fused loop.  Backward (BPTT) collects the gate
+// gradients of all steps in a (T, B, G) buffer and then gets grad_x, grad_w_ih and
+// grad_w_hh as one GEMM each; only grad_gates @ w_hh stays per step.
+// Parallelism: the fused loop of a step is split over the batch (at::parallel_for);
+// the GEMMs use ATen's own threads.  The equations are those of fastattn.reference;
+// float32 takes tanh and sigmoid from fast_tanh (csrc/common/fast_tanh.h, abs error
+// < 4e-7) so that the fused loops vectorise, float64 uses std::exp / std::tanh.
+// Does not handle: LSTM projections (proj_size; the Python side falls back to the
+// reference), float16 / bfloat16, devices other than the CPU.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/fast_tanh.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace fastattn {
+namespace {
+
+constexpr int64_t kLstmGates = 4;  // i, f, g, o
+constexpr int64_t kGruGates = 3;   // r, z, n
+// Elements of gate maths (a few exp / tanh each) worth one task of at::parallel_for.
+constexpr int64_t kPointwiseGrainElements = 16384;
+
+// ---------------------------------------------------------------------------------
+// Argument checks: every op checks devices, dtypes and all shapes before it touches a
+// pointer, so a direct call with bad shapes raises instead of reading out of bounds.
+
+void check_floating_cpu(const char* op, const at::Tensor& reference, const char* reference_name) {
+  const auto dtype = reference.scalar_type();
+  TORCH_CHECK(reference.device().is_cpu(), op, ": expected ", reference_name,
+              " on the CPU, got ", reference.device());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
+              ": the cpu backend supports float32 and float64 only, got ", reference_name,
+              " of dtype ", dtype);
+}
+
+void check_same_dtype(const char* op, const at::Tensor& reference, const at::Tensor& tensor,
+                      const char* name) {
+  TORCH_CHECK(tensor.device().is_cpu(), op, ": expected ", name, " on the CPU, got ",
+              tensor.device());
+  TORCH_CHECK(tensor.scalar_type() == reference.scalar_type(), op, ": expected ", name,
+              " of dtype ", reference.scalar_type(), " like the input, got ", tensor.scalar_type());
+}
+
+void check_shape(const char* op, const at::Tensor& tensor, at::IntArrayRef expected,
+                 const char* name) {
+  TORCH_CHECK(tensor.sizes() == expected, op, ": expected ", name, " of shape ", expected,
+              ", got ", tensor.sizes());
+}
+
+void check_dim(const char* op, const at::Tensor& tensor, int64_t dim, const char* name) {
+  TORCH_CHECK(tensor.dim() == dim, op, ": expected ", name, " with ", dim,
+              " dimensions, got shape ", tensor.sizes());
+}
+
+// Weights w_ih (G*H, I) and w_hh (G*H, hidden_in) and the optional biases (G*H,).
+void check_weights(const char* op, const at::Tensor& reference, const at::Tensor& w_ih,
+                   const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                   const std::optional<at::Tensor>& b_hh, int64_t gate_rows, int64_t input_size,
+                   int64_t hidden_in) {
+  check_same_dtype(op, reference, w_ih, "w_ih");
+  check_same_dtype(op, reference, w_hh, "w_hh");
+  check_shape(op, w_ih, {gate_rows, input_size}, "w_ih");
+  check_shape(op, w_hh, {gate_rows, hidden_in}, "w_hh");
+  if (b_ih.has_value() && b_ih->defined()) {
+    check_same_dtype(op, reference, *b_ih, "b_ih");
+    check_shape(op, *b_ih, {gate_rows}, "b_ih");
+  }
+  if (b_hh.has_value() && b_hh->defined()) {
+    check_same_dtype(op, reference, *b_hh, "b_hh");
+    check_shape(op, *b_hh, {gate_rows}, "b_hh");
+  }
+}
+
+// The hidden size of a stacked weight with `gates` gates: rows / gates, checked.
+int64_t hidden_size_of(const char* op, const at::Tensor& w_hh, int64_t gates) {
+  check_dim(op, w_hh, 2, "w_hh");
+  TORCH_CHECK(w_hh.size(0) % gates == 0, op, ": expected w_hh with a multiple of ", gates,
+              " rows (the stacked gates), got shape ", w_hh.sizes());
+  return w_hh.size(0) / gates;
+}
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& tensor) {
+  return tensor.has_value() && tensor->defined() ? tensor->contiguous() : at::Tensor();
+}
+
+// Lengths (B,) of any integer dtype as contiguous int64, or undefined when absent.
+at::Tensor lengths_as_int64(const char* op, const std::optional<at::Tensor>& lengths,
+                            int64_t batch) {
+  if (!lengths.has_value() || !lengths->defined()) {
+    return at::Tensor();
+  }
+  TORCH_CHECK(at::isIntegralType(lengths->scalar_type(), /*includeBool=*/false), op,
+              ": expected integer lengths, got dtype ", lengths->scalar_type());
+  check_shape(op, *lengths, {batch}, "lengths");
+  return lengths->to(at::kCPU, at::kLong).contiguous();
+}
+
+// out (rows, G), a column block of the saved buffer = x2d @ w_ih^T (b_ih is added in
+// the fused loop: one pass less over the buffer than addmm's broadcast of the bias).
+void input_projection_into(at::Tensor out, const at::Tensor& x2d, const at::Tensor& w_ih) {
+  at::mm_out(out, x2d, w_ih.t());
+}
+
+// grad of a bias: the gate gradients summed over rows, or empty when there is no bias.
+at::Tensor bias_grad(const at::Tensor& bias, const at::Tensor& grad_gates2d) {
+  return bias.defined() ? grad_gates2d.sum(0) : at::empty({0}, grad_gates2d.options());
+}
+
+int64_t rows_per_task(int64_t elements_per_row) {
+  return std::max<int64_t>(1, kPointwiseGrainElements / std::max<int64_t>(1, elements_per_row));
+}
+
+// Time step t of processing step s (0 = first step the layer computes).
+inline int64_t time_of_step(int64_t s, int64_t steps, bool reverse) {
+  return reverse ? steps - 1 - s : s;
+}
+
+// ---------------------------------------------------------------------------------
+// Activations.  float32: sigmoid and tanh through fast_tanh (csrc/common/fast_tanh.h,
+// max abs error 4e-7), a rational function without exp that the compiler vectorises;
+// sigmoid(x) = (1 + tanh(x / 2)) / 2.  float64: std::exp and std::tanh.
+
+// if_true where condition else if_false, as bit masks: a `?:` on floats followed by
+// arithmetic stops GCC from vectorising the loop (it becomes control flow).
+inline float select_bits(bool condition, float if_true, float if_false) {
+  std::uint32_t true_bits, false_bits;
+  std::memcpy(&true_bits, &if_true, sizeof(float));
+  std::memcpy(&false_bits, &if_false, sizeof(float));
+  const std::uint32_t mask = 0u - static_cast<std::uint32_t>(condition);
+  const std::uint32_t bits = (true_bits & mask) | (false_bits & ~mask);
+  float result;
+  std::memcpy(&result, &bits, sizeof(float));
+  return result;
+}
+// The clamps of fast_tanh, branch free.
+struct SelectMin {
+  float operator()(float a, float b) const { return select_bits(a < b, a, b); }
+};
+struct SelectMax {
+  float operator()(float a, float b) const { return select_bits(a > b, a, b); }
+};
+inline float gate_tanh(float x) { return fast_tanh_with(x, SelectMin{}, SelectMax{}); }
+inline float gate_sigmoid(float x) { return 0.5f + 0.5f * gate_tanh(0.5f * x); }
+inline double gate_tanh(double x) { return std::tanh(x); }
+inline double gate_sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// ---------------------------------------------------------------------------------
+// Fused gate maths of one row (one sequence, one step), shared by the cells and the
+// layers.  Gate blocks are contiguous, [gate 0 (H) | gate 1 (H) | ...].  The forward
+// rows work in place on the saved buffer, which holds the input projection on entry
+// (one GEMM writes it there), so no (T, B, G) buffer of input gates is allocated.  No
+// other pointer aliases another (the callers write to separate buffers): the loops
+// vectorise.
+
+// gates: W_ih x on entry, the activations i, f, g, o on exit.  hidden_gates = W_hh h;
+// input_bias = b_ih, hidden_bias = b_hh (zeros when absent).  Writes c' to c_next and
+// h' to h_next.
+template <typename scalar_t>
+inline void lstm_row_forward(scalar_t* __restrict gates, const scalar_t* __restrict hidden_gates,
+                             const scalar_t* __restrict input_bias,
+                             const scalar_t* __restrict hidden_bias, const scalar_t* __restrict c,
+                             int64_t H, scalar_t* __restrict c_next, scalar_t* __restrict h_next) {
+  for (int64_t j = 0; j < H; ++j) {
+    auto pre_activation = [=](int64_t k) {  // (W_ih x + b_ih) + (W_hh h + b_hh) of gate k
+      const int64_t index = k * H + j;
+      return (gates[index] + input_bias[index]) + (hidden_gates[index] + hidden_bias[index]);
+    };
+    const scalar_t i = gate_sigmoid(pre_activation(0));
+    const scalar_t f = gate_sigmoid(pre_activation(1));
+    const scalar_t g = gate_tanh(pre_activation(2));
+    const scalar_t o = gate_sigmoid(pre_activation(3));
+    const scalar_t c_new = f * c[j] + i * g;
+    gates[j] = i;
+    gates[H + j] = f;
+    gates[2 * H + j] = g;
+    gates[3 * H + j] = o;
+    c_next[j] = c_new;
+    h_next[j] = o * gate_tanh(c_new);
+  }
+}
+// grad_h + grad_output: the gradient reaching h'; grad_c: reaching c'.  Writes the
+// gradients of the gate pre-activations to grad_gates and the gradient of c to grad_c_prev.
+template <typename scalar_t>
+inline void lstm_row_backward(const scalar_t* __restrict grad_h,
+                              const scalar_t* __restrict grad_output,
+                              const scalar_t* __restrict grad_c, const scalar_t* __restrict gates,
+                              const scalar_t* __restrict c_prev, const scalar_t* __restrict c_next,
+                              int64_t H, scalar_t* __restrict grad_gates,
+                              scalar_t* __restrict grad_c_prev) {
+  for (int64_t j = 0; j < H; ++j) {
+    const scalar_t i = gates[j];
+    const scalar_t f = gates[H + j];
+    const scalar_t g = gates[2 * H + j];
+    const scalar_t o = gates[3 * H + j];
+    const scalar_t dh = grad_h[j] + grad_output[j];
+    const scalar_t tanh_c = gate_tanh(c_next[j]);
+    const scalar_t dc = grad_c[j] + dh * o * (scalar_t(1) - tanh_c * tanh_c);
+    grad_c_prev[j] = dc * f;
+    grad_gates[j] = dc * g * i * (scalar_t(1) - i);
+    grad_gates[H + j] = dc * c_prev[j] * f * (scalar_t(1) - f);
+    grad_gates[2 * H + j] = dc * i * (scalar_t(1) - g * g);
+    grad_gates[3 * H + j] = dh * tanh_c * o * (scalar_t(1) - o);
+  }
+}
+// gates (4H): W_ih x in its first 3H on entry; r, z, n and W_hn h + b_hn on exit.
+// Writes h' to h_next.
+template <typename scalar_t>
+inline void gru_row_forward(scalar_t* __restrict gates, const scalar_t* __restrict hidden_gates,
+                            const scalar_t* __restrict input_bias,
+                            const scalar_t* __restrict hidden_bias, const scalar_t* __restrict h,
+                            int64_t H, scalar_t* __restrict h_next) {
+  for (int64_t j = 0; j < H; ++j) {
+    auto input_part = [=](int64_t k) { return gates[k * H + j] + input_bias[k * H + j]; };
+    auto hidden_part = [=](int64_t k) { return hidden_gates[k * H + j] + hidden_bias[k * H + j]; };
+    const scalar_t r = gate_sigmoid(input_part(0) + hidden_part(0));
+    const scalar_t z = gate_sigmoid(input_part(1) + hidden_part(1));
+    const scalar_t hidden_n = hidden_part(2);
+    const scalar_t n = gate_tanh(input_part(2) + r * hidden_n);
+    gates[j] = r;
+    gates[H + j] = z;
+    gates[2 * H + j] = n;
+    gates[3 * H + j] = hidden_n;
+    h_next[j] = (scalar_t(1) - z) * n + z * h[j];
+  }
+}
+// grad_h + grad_output: the gradient reaching h'.  Writes the gradients of the input
+// pre-activations (W_i* x + b_i*) and of the hidden ones (W_h* h + b_h*) -- they differ
+// in the n gate -- and the direct part dh' * z of the gradient of h.
+template <typename scalar_t>
+inline void gru_row_backward(const scalar_t* __restrict grad_h,
+                             const scalar_t* __restrict grad_output,
+                             const scalar_t* __restrict saved, const scalar_t* __restrict h,
+                             int64_t H, scalar_t* __restrict grad_input_gates,
+                             scalar_t* __restrict grad_hidden_gates,
+                             scalar_t* __restrict grad_h_direct) {
+  for (int64_t j = 0; j < H; ++j) {
+    const scalar_t r = saved[j];
+    const scalar_t z = saved[H + j];
+    const scalar_t n = saved[2 * H + j];
+    const scalar_t hidden_n = saved[3 * H + j];
+    const scalar_t dh = grad_h[j] + grad_output[j];
+    const scalar_t d_pre_n = dh * (scalar_t(1) - z) * (scalar_t(1) - n * n);
+    const scalar_t d_pre_z = dh * (h[j] - n) * z * (scalar_t(1) - z);
+    const scalar_t d_pre_r = d_pre_n * hidden_n * r * (scalar_t(1) - r);
+    grad_input_gates[j] = d_pre_r;
+    grad_input_gates[H + j] = d_pre_z;
+    grad_input_gates[2 * H + j] = d_pre_n;
+    grad_hidden_gates[j] = d_pre_r;
+    grad_hidden_gates[H + j] = d_pre_z;
+    grad_hidden_gates[2 * H + j] = d_pre_n * r;
+    grad_h_direct[j] = dh * z;
+  }
+}
+// A bias, or zeros when there is none: the fused loops always add both biases.
+at::Tensor bias_or_zeros(const at::Tensor& bias, int64_t gate_rows,
+                         const at::TensorOptions& options) {
+  return bias.defined() ? bias : at::zeros({gate_rows}, options);
+}
+
+// ---------------------------------------------------------------------------------
+// Cells
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
+    const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& c_in,
+    const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const std::optional<at::Tensor>& b_ih_in,
+    const std::optional<at::Tensor>& b_hh_in) {
+  constexpr const char* op = "lstm_cell_forward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
+  check_floating_cpu(op, x_in, "x");
+  check_dim(op, x_in, 2, "x");
+  check_dim(op, h_in, 2, "h");
+  check_dim(op, c_in, 2, "c");
+  check_same_dtype(op, x_in, h_in, "h");
+  check_same_dtype(op, x_in, c_in, "c");
+  const int64_t B = x_in.size(0), I = x_in.size(1), H = c_in.size(1), hidden_in = h_in.size(1);
+  check_shape(op, h_in, {B, hidden_in}, "h");
+  check_shape(op, c_in, {B, H}, "c");
+  check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kLstmGates * H, I, hidden_in);
+
+  const at::Tensor c = c_in.contiguous();
+  const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
+  const int64_t G = kLstmGates * H;
+  const at::Tensor input_bias = bias_or_zeros(b_ih, G, x_in.options());
+  const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, x_in.options());
+  const at::Tensor hidden_gates = at::mm(h_in, w_hh_in.t());
+  at::Tensor h_next = at::empty({B, H}, x_in.options());
+  at::Tensor c_next = at::empty({B, H}, x_in.options());
+  at::Tensor saved = at::empty({B, G}, x_in.options());
+  input_projection_into(saved, x_in, w_ih_in);
+
+  AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), op, [&] {
+    const scalar_t* hidden_data = hidden_gates.const_data_ptr<scalar_t>();
+    const scalar_t* input_bias_data = input_bias.const_data_ptr<scalar_t>();
+    const scalar_t* hidden_bias_data = hidden_bias.const_data_ptr<scalar_t>();
+    const scalar_t* c_data = c.const_data_ptr<scalar_t>();
+    scalar_t* saved_data = saved.mutable_data_ptr<scalar_t>();
+    scalar_t* c_next_data = c_next.mutable_data_ptr<scalar_t>();
+    scalar_t* h_next_data = h_next.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        lstm_row_forward(saved_data + b * G, hidden_data + b * G, input_bias_data,
+                         hidden_bias_data, c_data + b * H, H, c_next_data + b * H,
+                         h_next_data + b * H);
+      }
+    });
+  });
+  return {h_next, c_next, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& grad_c_next_in,
+                   const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& c_in,
+                   const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+                   const std::optional<at::Tensor>& b_ih_in,
+                   const std::optional<at::Tensor>& b_hh_in, const at::Tensor& c_next_in,
+                   const at::Tensor& saved_in) {
+  constexpr const char* op = "lstm_cell_backward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
+  check_floating_cpu(op, x_in, "x");
+  check_dim(op, x_in, 2, "x");
+  check_dim(op, h_in, 2, "h");
+  check_dim(op, c_in, 2, "c");
+  const int64_t B = x_in.size(0), I = x_in.size(1), H = c_in.size(1), hidden_in = h_in.size(1);
+  const int64_t G = kLstmGates * H;
+  const std::pair<const at::Tensor*, const char*> same_dtype[] = {
+      {&h_in, "h"}, {&c_in, "c"}, {&grad_h_next_in, "grad_h_next"},
+      {&grad_c_next_in, "grad_c_next"}, {&c_next_in, "c_next"}, {&saved_in, "saved"}};
+  for (const auto& [tensor, name] : same_dtype) {
+    check_same_dtype(op, x_in, *tensor, name);
+  }
+  check_shape(op, h_in, {B, hidden_in}, "h");
+  check_shape(op, c_in, {B, H}, "c");
+  check_shape(op, grad_h_next_in, {B, H}, "grad_h_next");
+  check_shape(op, grad_c_next_in, {B, H}, "grad_c_next");
+  check_shape(op, c_next_in, {B, H}, "c_next");
+  check_shape(op, saved_in, {B, G}, "saved");
+  check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, G, I, hidden_in);
+
+  const at::Tensor grad_h_next = grad_h_next_in.contiguous();
+  const at::Tensor grad_c_next = grad_c_next_in.contiguous();
+  const at::Tensor c = c_in.contiguous(), c_next = c_next_in.contiguous();
+  const at::Tensor saved = saved_in.contiguous();
+  const at::Tensor no_output_grad = at::zeros({B, H}, x_in.options());
+  at::Tensor grad_gates = at::empty({B, G}, x_in.options());
+  at::Tensor grad_c = at::empty({B, H}, x_in.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), op, [&] {
+    const scalar_t* grad_h_data = grad_h_next.const_data_ptr<scalar_t>();
+    const scalar_t* zeros_data = no_output_grad.const_data_ptr<scalar_t>();
+    const scalar_t* grad_c_data = grad_c_next.const_data_ptr<scalar_t>();
+    const scalar_t* saved_data = saved.const_data_ptr<scalar_t>();
+    const scalar_t* c_data = c.const_data_ptr<scalar_t>();
+    const scalar_t* c_next_data = c_next.const_data_ptr<scalar_t>();
+    scalar_t* grad_gates_data = grad_gates.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_c_out = grad_c.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        lstm_row_backward<scalar_t>(grad_h_data + b * H, zeros_data + b * H, grad_c_data + b * H,
+                                    saved_data + b * G, c_data + b * H, c_next_data + b * H, H,
+                                    grad_gates_data + b * G, grad_c_out + b * H);
+      }
+    });
+  });
+  const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
+  return {at::mm(grad_gates, w_ih_in),         at::mm(grad_gates, w_hh_in),
+          grad_c,                              at::mm(grad_gates.t(), x_in),
+          at::mm(grad_gates.t(), h_in),        bias_grad(b_ih, grad_gates),
+          bias_grad(b_hh, grad_gates)};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_cell_forward(const at::Tensor& x_in, const at::Tensor& h_in,
+                                                    const at::Tensor& w_ih_in,
+                                                    const at::Tensor& w_hh_in,
+                                                    const std::optional<at::Tensor>& b_ih_in,
+                                                    const std::optional<at::Tensor>& b_hh_in) {
+  constexpr const char* op = "gru_cell_forward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
+  check_floating_cpu(op, x_in, "x");
+  check_dim(op, x_in, 2, "x");
+  check_dim(op, h_in, 2, "h");
+  check_same_dtype(op, x_in, h_in, "h");
+  const int64_t B = x_in.size(0), I = x_in.size(1), H = h_in.size(1);
+  const int64_t G = kGruGates * H;
+  check_shape(op, h_in, {B, H}, "h");
+  check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, G, I, H);
+
+  const at::Tensor h = h_in.contiguous();
+  const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
+  const at::Tensor input_bias = bias_or_zeros(b_ih, G, x_in.options());
+  const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, x_in.options());
+  const at::Tensor hidden_gates = at::mm(h, w_hh_in.t());
+  at::Tensor h_next = at::empty({B, H}, x_in.options());
+  at::Tensor saved = at::empty({B, 4 * H}, x_in.options());
+  input_projection_into(saved.narrow(1, 0, G), x_in, w_ih_in);
+
+  AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), op, [&] {
+    const scalar_t* hidden_data = hidden_gates.const_data_ptr<scalar_t>();
+    const scalar_t* input_bias_data = input_bias.const_data_ptr<scalar_t>();
+    const scalar_t* hidden_bias_data = hidden_bias.const_data_ptr<scalar_t>();
+    const scalar_t* h_data = h.const_data_ptr<scalar_t>();
+    scalar_t* saved_data = saved.mutable_data_ptr<scalar_t>();
+    scalar_t* h_next_data = h_next.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        gru_row_forward(saved_data + b * 4 * H, hidden_data + b * G, input_bias_data,
+                        hidden_bias_data, h_data + b * H, H, h_next_data + b * H);
+      }
+    });
+  });
+  return {h_next, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& x_in, const at::Tensor& h_in,
+                  const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+                  const std::optional<at::Tensor>& b_ih_in,
+                  const std::optional<at::Tensor>& b_hh_in, const at::Tensor& saved_in) {
+  constexpr const char* op = "gru_cell_backward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
+  check_floating_cpu(op, x_in, "x");
+  check_dim(op, x_in, 2, "x");
+  check_dim(op, h_in, 2, "h");
+  check_same_dtype(op, x_in, h_in, "h");
+  check_same_dtype(op, x_in, grad_h_next_in, "grad_h_next");
+  check_same_dtype(op, x_in, saved_in, "saved");
+  const int64_t B = x_in.size(0), I = x_in.size(1), H = h_in.size(1);
+  const int64_t G = kGruGates * H;
+  check_shape(op, h_in, {B, H}, "h");
+  check_shape(op, grad_h_next_in, {B, H}, "grad_h_next");
+  check_shape(op, saved_in, {B, 4 * H}, "saved");
+  check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, G, I, H);
+
+  const at::Tensor grad_h_next = grad_h_next_in.contiguous();
+  const at::Tensor h = h_in.contiguous(), saved = saved_in.contiguous();
+  const at::Tensor no_output_grad = at::zeros({B, H}, x_in.options());
+  at::Tensor grad_input_gates = at::empty({B, G}, x_in.options());
+  at::Tensor grad_hidden_gates = at::empty({B, G}, x_in.options());
+  at::Tensor grad_h = at::empty({B, H}, x_in.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), op, [&] {
+    const scalar_t* grad_h_next_data = grad_h_next.const_data_ptr<scalar_t>();
+    const scalar_t* zeros_data = no_output_grad.const_data_ptr<scalar_t>();
+    const scalar_t* saved_data = saved.const_data_ptr<scalar_t>();
+    const scalar_t* h_data = h.const_data_ptr<scalar_t>();
+    scalar_t* grad_input_data = grad_input_gates.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_hidden_data = grad_hidden_gates.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_h_data = grad_h.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        gru_row_backward<scalar_t>(grad_h_next_data + b * H, zeros_data + b * H,
+                                   saved_data + b * 4 * H, h_data + b * H, H,
+                                   grad_input_data + b * G, grad_hidden_data + b * G,
+                                   grad_h_data + b * H);
+      }
+    });
+  });
+  grad_h.addmm_(grad_hidden_gates, w_hh_in);  // direct part dh' * z + the path through the gates
+  const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
+  return {at::mm(grad_input_gates, w_ih_in),  grad_h,
+          at::mm(grad_input_gates.t(), x_in), at::mm(grad_hidden_gates.t(), h),
+          bias_grad(b_ih, grad_input_gates),  bias_grad(b_hh, grad_hidden_gates)};
+}
+
+// ---------------------------------------------------------------------------------
+// Layers.  Sequence b is active at time t when t < lengths[b] (always without lengths);
+// inactive steps keep the state, output 0 and pass the state gradient through.
+
+struct LayerShape {
+  int64_t T, B, I, H;
+};
+
+// Checks x (T, B, I), the states (B, H) and the weights; H comes from w_hh (G*H, H).
+LayerShape check_layer(const char* op, const at::Tensor& x, const at::Tensor& h0,
+                       const at::Tensor* c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                       const std::optional<at::Tensor>& b_ih,
+                       const std::optional<at::Tensor>& b_hh, int64_t gates) {
+  check_floating_cpu(op, x, "x");
+  check_dim(op, x, 3, "x");
+  const int64_t H = hidden_size_of(op, w_hh, gates);
+  const LayerShape shape{x.size(0), x.size(1), x.size(2), H};
+  check_same_dtype(op, x, h0, "h0");
+  check_shape(op, h0, {shape.B, H}, "h0");
+  if (c0 != nullptr) {
+    check_same_dtype(op, x, *c0, "c0");
+    check_shape(op, *c0, {shape.B, H}, "c0");
+  }
+  check_weights(op, x, w_ih, w_hh, b_ih, b_hh, gates * H, shape.I, H);
+  return shape;
+}
+
+// Per-sequence number of active steps, clamped to [0, T]: t is active iff t < active[b].
+std::vector<int64_t> active_lengths(const at::Tensor& lengths, const LayerShape& shape) {
+  std::vector<int64_t> active(shape.B, shape.T);
+  if (lengths.defined()) {
+    const int64_t* data = lengths.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < shape.B; ++b) {
+      active[b] = std::clamp<int64_t>(data[b], 0, shape.T);
+    }
+  }
+  return active;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
+    const at::Tensor& x_in, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih_in,
+    const std::optional<at::Tensor>& b_hh_in, const std::optional<at::Tensor>& lengths_in,
+    bool reverse) {
+  constexpr const char* op = "lstm_layer_forward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
+  const LayerShape shape =
+      check_layer(op, x_in, h0, &c0, w_ih, w_hh, b_ih_in, b_hh_in, kLstmGates);
+  const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H;
+  const int64_t G = kLstmGates * H, saved_width = G + H;
+  const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
+  const at::Tensor input_bias = bias_or_zeros(b_ih, G, x.options());
+  const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, x.options());
+  const at::Tensor w_hh_t = w_hh.t();
+
+  at::Tensor output = at::empty({T, B, H}, x.options());
+  at::Tensor saved = at::empty({T, B, saved_width}, x.options());
+  // The input projection of every step at once, (T*B, I) @ w_ih^T, into the gate
+  // columns of saved.
+  input_projection_into(saved.view({T * B, saved_width}).narrow(1, 0, G), x.view({T * B, I}),
+                        w_ih);
+  at::Tensor h_state = h0.contiguous().clone();  // updated in place, returned as h_n
+  at::Tensor c_state = c0.contiguous().clone();
+  at::Tensor hidden_gates = at::empty({B, G}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const scalar_t* hidden_data = hidden_gates.const_data_ptr<scalar_t>();
+    const scalar_t* input_bias_data = input_bias.const_data_ptr<scalar_t>();
+    const scalar_t* hidden_bias_data = hidden_bias.const_data_ptr<scalar_t>();
+    scalar_t* output_data = output.mutable_data_ptr<scalar_t>();
+    scalar_t* saved_data = saved.mutable_data_ptr<scalar_t>();
+    scalar_t* h_data = h_state.mutable_data_ptr<scalar_t>();
+    scalar_t* c_data = c_state.mutable_data_ptr<scalar_t>();
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = time_of_step(s, T, reverse);
+      at::mm_out(hidden_gates, h_state, w_hh_t);
+      at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t row = t * B + b;
+          scalar_t* saved_row = saved_data + row * saved_width;
+          scalar_t* output_row = output_data + row * H;
+          scalar_t* h_row = h_data + b * H;
+          scalar_t* c_row = c_data + b * H;
+          scalar_t* saved_c_row = saved_row + G;
+          if (t < active[b]) {  // c' goes to saved, h' to output, then both to the state
+            lstm_row_forward(saved_row, hidden_data + b * G, input_bias_data, hidden_bias_data,
+                             c_row, H, saved_c_row, output_row);
+            std::copy(output_row, output_row + H, h_row);
+            std::copy(saved_c_row, saved_c_row + H, c_row);
+          } else {  // frozen: gates 0, the kept cell state, output 0
+            std::fill(saved_row, saved_row + G, scalar_t(0));
+            std::copy(c_row, c_row + H, saved_c_row);
+            std::fill(output_row, output_row + H, scalar_t(0));
+          }
+        }
+      });
+    }
+  });
+  return {output, h_state, c_state, saved};
+}
+
+// The hidden state each step started from, (T, B, H): h0 at a sequence's first active
+// step, the previous step's output at later active ones, 0 at inactive steps (whose gate
+// gradients are 0).  Filled per row inside the backward loops.
+template <typename scalar_t>
+inline void previous_hidden_row(const scalar_t* output_data, const scalar_t* h0_data, int64_t s,
+                                int64_t t, int64_t b, bool reverse, const LayerShape& shape,
+                                const std::vector<int64_t>& active, scalar_t* destination) {
+  const int64_t H = shape.H;
+  const scalar_t* source = h0_data + b * H;
+  if (s > 0) {
+    const int64_t t_prev = reverse ? t + 1 : t - 1;
+    if (t_prev < active[b]) {
+      source = output_data + (t_prev * shape.B + b) * H;
+    }
+  }
+  std::copy(source, source + H, destination);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
+                    const at::Tensor& grad_c_n_in, const at::Tensor& x_in, const at::Tensor& h0_in,
+                    const at::Tensor& c0_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                    const std::optional<at::Tensor>& b_ih_in,
+                    const std::optional<at::Tensor>& b_hh_in,
+                    const std::optional<at::Tensor>& lengths_in, bool reverse,
+                    const at::Tensor& output_in, const at::Tensor& saved_in) {
+  constexpr const char* op = "lstm_layer_backward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
+  const LayerShape shape =
+      check_layer(op, x_in, h0_in, &c0_in, w_ih, w_hh, b_ih_in, b_hh_in, kLstmGates);
+  const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H;
+  const int64_t G = kLstmGates * H, saved_width = G + H;
+  const std::pair<const at::Tensor*, const char*> same_dtype[] = {
+      {&grad_output_in, "grad_output"}, {&grad_h_n_in, "grad_h_n"}, {&grad_c_n_in, "grad_c_n"},
+      {&output_in, "output"}, {&saved_in, "saved"}};
+  for (const auto& [tensor, name] : same_dtype) {
+    check_same_dtype(op, x_in, *tensor, name);
+  }
+  check_shape(op, grad_output_in, {T, B, H}, "grad_output");
+  check_shape(op, grad_h_n_in, {B, H}, "grad_h_n");
+  check_shape(op, grad_c_n_in, {B, H}, "grad_c_n");
+  check_shape(op, output_in, {T, B, H}, "output");
+  check_shape(op, saved_in, {T, B, saved_width}, "saved");
+  const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
+
+  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  const at::Tensor grad_output = grad_output_in.contiguous();
+  const at::Tensor output = output_in.contiguous(), saved = saved_in.contiguous();
+  at::Tensor grad_h = grad_h_n_in.contiguous().clone();  // gradient of the state, walked back
+  at::Tensor grad_c = grad_c_n_in.contiguous().clone();
+  at::Tensor grad_gates = at::empty({T, B, G}, x.options());
+  at::Tensor previous_hidden = at::empty({T, B, H}, x.options());
+  at::Tensor grad_h_recurrent = at::empty({B, H}, x.options());  // grad_gates[t] @ w_hh
+  at::Tensor grad_c_scratch = at::empty({B, H}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const scalar_t* grad_output_data = grad_output.const_data_ptr<scalar_t>();
+    const scalar_t* output_data = output.const_data_ptr<scalar_t>();
+    const scalar_t* saved_data = saved.const_data_ptr<scalar_t>();
+    const scalar_t* h0_data = h0.const_data_ptr<scalar_t>();
+    const scalar_t* c0_data = c0.const_data_ptr<scalar_t>();
+    const scalar_t* recurrent_data = grad_h_recurrent.const_data_ptr<scalar_t>();
+    scalar_t* grad_h_data = grad_h.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_c_data = grad_c.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_c_scratch_data = grad_c_scratch.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_gates_data = grad_gates.mutable_data_ptr<scalar_t>();
+    scalar_t* previous_data = previous_hidden.mutable_data_ptr<scalar_t>();
+    // grad_h of sequence b becomes grad_gates[t] @ w_hh after an active step t.
+    auto take_recurrent_grad = [&](int64_t t, int64_t b) {
+      if (t < active[b]) {
+        std::copy(recurrent_data + b * H, recurrent_data + (b + 1) * H, grad_h_data + b * H);
+      }
+    };
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = time_of_step(s, T, reverse);
+      const int64_t t_prev = reverse ? t + 1 : t - 1;  // valid when s > 0
+      const int64_t t_next = reverse ? t - 1 : t + 1;  // valid when s < T - 1
+      at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          if (s < T - 1) {
+            take_recurrent_grad(t_next, b);
+          }
+          const int64_t row = t * B + b;
+          scalar_t* grad_gates_row = grad_gates_data + row * G;
+          scalar_t* previous_row = previous_data + row * H;
+          if (t < active[b]) {
+            // c_{t-1}: the cell state saved at the previous step (frozen steps save it too).
+            const scalar_t* c_prev =
+                s > 0 ? saved_data + (t_prev * B + b) * saved_width + G : c0_data + b * H;
+            const scalar_t* saved_row = saved_data + row * saved_width;
+            scalar_t* grad_c_row = grad_c_data + b * H;
+            scalar_t* grad_c_prev = grad_c_scratch_data + b * H;
+            lstm_row_backward(grad_h_data + b * H, grad_output_data + row * H, grad_c_row,
+                              saved_row, c_prev, saved_row + G, H, grad_gates_row, grad_c_prev);
+            std::copy(grad_c_prev, grad_c_prev + H, grad_c_row);
+            previous_hidden_row(output_data, h0_data, s, t, b, reverse, shape, active,
+                                previous_row);
+          } else {
+            std::fill(grad_gates_row, grad_gates_row + G, scalar_t(0));
+            std::fill(previous_row, previous_row + H, scalar_t(0));
+          }
+        }
+      });
+      at::mm_out(grad_h_recurrent, grad_gates[t], w_hh);
+    }
+    if (T > 0) {
+      const int64_t t_first = time_of_step(0, T, reverse);
+      for (int64_t b = 0; b < B; ++b) {
+        take_recurrent_grad(t_first, b);
+      }
+    }
+  });
+
+  const at::Tensor grad_gates2d = grad_gates.view({T * B, G});
+  const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
+  at::Tensor grad_b_ih = bias_grad(b_ih, grad_gates2d);
+  at::Tensor grad_b_hh = b_hh.defined() ? (b_ih.defined() ? grad_b_ih.clone() : grad_gates2d.sum(0))
+                                        : at::empty({0}, x.options());
+  return {at::mm(grad_gates2d, w_ih).view({T, B, I}),
+          grad_h,
+          grad_c,
+          at::mm(grad_gates2d.t(), x.view({T * B, I})),
+          at::mm(grad_gates2d.t(), previous_hidden.view({T * B, H})),
+          grad_b_ih,
+          grad_b_hh};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward(
+    const at::Tensor& x_in, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih_in, const std::optional<at::Tensor>& b_hh_in,
+    const std::optional<at::Tensor>& lengths_in, bool reverse) {
+  constexpr const char* op = "gru_layer_forward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
+  const LayerShape shape =
+      check_layer(op, x_in, h0, nullptr, w_ih, w_hh, b_ih_in, b_hh_in, kGruGates);
+  const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H;
+  const int64_t G = kGruGates * H, saved_width = 4 * H;
+  const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
+  const at::Tensor input_bias = bias_or_zeros(b_ih, G, x.options());
+  const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, x.options());
+  const at::Tensor w_hh_t = w_hh.t();
+
+  at::Tensor output = at::empty({T, B, H}, x.options());
+  at::Tensor saved = at::empty({T, B, saved_width}, x.options());
+  input_projection_into(saved.view({T * B, saved_width}).narrow(1, 0, G), x.view({T * B, I}),
+                        w_ih);
+  at::Tensor h_state = h0.contiguous().clone();
+  at::Tensor hidden_gates = at::empty({B, G}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const scalar_t* hidden_data = hidden_gates.const_data_ptr<scalar_t>();
+    const scalar_t* input_bias_data = input_bias.const_data_ptr<scalar_t>();
+    const scalar_t* hidden_bias_data = hidden_bias.const_data_ptr<scalar_t>();
+    scalar_t* output_data = output.mutable_data_ptr<scalar_t>();
+    scalar_t* saved_data = saved.mutable_data_ptr<scalar_t>();
+    scalar_t* h_data = h_state.mutable_data_ptr<scalar_t>();
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = time_of_step(s, T, reverse);
+      at::mm_out(hidden_gates, h_state, w_hh_t);
+      at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t row = t * B + b;
+          scalar_t* saved_row = saved_data + row * saved_width;
+          scalar_t* output_row = output_data + row * H;
+          scalar_t* h_row = h_data + b * H;
+          if (t < active[b]) {
+            gru_row_forward(saved_row, hidden_data + b * G, input_bias_data, hidden_bias_data,
+                            h_row, H, output_row);
+            std::copy(output_row, output_row + H, h_row);
+          } else {
+            std::fill(saved_row, saved_row + saved_width, scalar_t(0));
+            std::fill(output_row, output_row + H, scalar_t(0));
+          }
+        }
+      });
+    }
+  });
+  return {output, h_state, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
+                   const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& w_ih,
+                   const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih_in,
+                   const std::optional<at::Tensor>& b_hh_in,
+                   const std::optional<at::Tensor>& lengths_in, bool reverse,
+                   const at::Tensor& output_in, const at::Tensor& saved_in) {
+  constexpr const char* op = "gru_layer_backward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
+  const LayerShape shape =
+      check_layer(op, x_in, h0_in, nullptr, w_ih, w_hh, b_ih_in, b_hh_in, kGruGates);
+  const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H;
+  const int64_t G = kGruGates * H, saved_width = 4 * H;
+  const std::pair<const at::Tensor*, const char*> same_dtype[] = {
+      {&grad_output_in, "grad_output"}, {&grad_h_n_in, "grad_h_n"}, {&output_in, "output"},
+      {&saved_in, "saved"}};
+  for (const auto& [tensor, name] : same_dtype) {
+    check_same_dtype(op, x_in, *tensor, name);
+  }
+  check_shape(op, grad_output_in, {T, B, H}, "grad_output");
+  check_shape(op, grad_h_n_in, {B, H}, "grad_h_n");
+  check_shape(op, output_in, {T, B, H}, "output");
+  check_shape(op, saved_in, {T, B, saved_width}, "saved");
+  const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
+
+  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous();
+  const at::Tensor grad_output = grad_output_in.contiguous();
+  const at::Tensor output = output_in.contiguous(), saved = saved_in.contiguous();
+  at::Tensor grad_h = grad_h_n_in.contiguous().clone();
+  at::Tensor grad_input_gates = at::empty({T, B, G}, x.options());
+  at::Tensor grad_hidden_gates = at::empty({T, B, G}, x.options());
+  at::Tensor previous_hidden = at::empty({T, B, H}, x.options());
+  at::Tensor grad_h_recurrent = at::empty({B, H}, x.options());  // grad_hidden_gates[t] @ w_hh
+  at::Tensor grad_h_direct = at::empty({B, H}, x.options());     // dh' * z of the last step
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const scalar_t* grad_output_data = grad_output.const_data_ptr<scalar_t>();
+    const scalar_t* output_data = output.const_data_ptr<scalar_t>();
+    const scalar_t* saved_data = saved.const_data_ptr<scalar_t>();
+    const scalar_t* h0_data = h0.const_data_ptr<scalar_t>();
+    const scalar_t* recurrent_data = grad_h_recurrent.const_data_ptr<scalar_t>();
+    const scalar_t* direct_data = grad_h_direct.const_data_ptr<scalar_t>();
+    scalar_t* grad_h_data = grad_h.mutable_data_ptr<scalar_t>();
+    scalar_t* direct_out = grad_h_direct.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_input_data = grad_input_gates.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_hidden_data = grad_hidden_gates.mutable_data_ptr<scalar_t>();
+    scalar_t* previous_data = previous_hidden.mutable_data_ptr<scalar_t>();
+    // After an active step t, grad_h of sequence b becomes the direct part dh' * z plus
+    // the path through the gates, grad_hidden_gates[t] @ w_hh.
+    auto take_recurrent_grad = [&](int64_t t, int64_t b) {
+      if (t < active[b]) {
+        for (int64_t j = b * H; j < (b + 1) * H; ++j) {
+          grad_h_data[j] = direct_data[j] + recurrent_data[j];
+        }
+      }
+    };
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = time_of_step(s, T, reverse);
+      const int64_t t_next = reverse ? t - 1 : t + 1;
+      at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          if (s < T - 1) {
+            take_recurrent_grad(t_next, b);
+          }
+          const int64_t row = t * B + b;
+          scalar_t* grad_input_row = grad_input_data + row * G;
+          scalar_t* grad_hidden_row = grad_hidden_data + row * G;
+          scalar_t* previous_row = previous_data + row * H;
+          if (t < active[b]) {
+            previous_hidden_row(output_data, h0_data, s, t, b, reverse, shape, active,
+                                previous_row);
+            gru_row_backward(grad_h_data + b * H, grad_output_data + row * H,
+                             saved_data + row * saved_width, previous_row, H, grad_input_row,
+                             grad_hidden_row, direct_out + b * H);
+          } else {
+            std::fill(grad_input_row, grad_input_row + G, scalar_t(0));
+            std::fill(grad_hidden_row, grad_hidden_row + G, scalar_t(0));
+            std::fill(previous_row, previous_row + H, scalar_t(0));
+          }
+        }
+      });
+      at::mm_out(grad_h_recurrent, grad_hidden_gates[t], w_hh);
+    }
+    if (T > 0) {
+      const int64_t t_first = time_of_step(0, T, reverse);
+      for (int64_t b = 0; b < B; ++b) {
+        take_recurrent_grad(t_first, b);
+      }
+    }
+  });
+
+  const at::Tensor grad_input2d = grad_input_gates.view({T * B, G});
+  const at::Tensor grad_hidden2d = grad_hidden_gates.view({T * B, G});
+  const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
+  return {at::mm(grad_input2d, w_ih).view({T, B, I}),
+          grad_h,
+          at::mm(grad_input2d.t(), x.view({T * B, I})),
+          at::mm(grad_hidden2d.t(), previous_hidden.view({T * B, H})),
+          bias_grad(b_ih, grad_input2d),
+          bias_grad(b_hh, grad_hidden2d)};
+}
+
+}  // namespace
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("lstm_cell_forward", &fastattn::lstm_cell_forward);
+  m.impl("lstm_cell_backward", &fastattn::lstm_cell_backward);
+  m.impl("gru_cell_forward", &fastattn::gru_cell_forward);
+  m.impl("gru_cell_backward", &fastattn::gru_cell_backward);
+  m.impl("lstm_layer_forward", &fastattn::lstm_layer_forward);
+  m.impl("lstm_layer_backward", &fastattn::lstm_layer_backward);
+  m.impl("gru_layer_forward", &fastattn::gru_layer_forward);
+  m.impl("gru_layer_backward", &fastattn::gru_layer_backward);
+}

@@ -1,0 +1,36 @@
+// The Python module fastattn._C.  Loading it registers the ops (csrc/ops.cpp) and their
+// kernels; the module itself only reports how it was built.  Plain pybind11, no torch
+// headers, so this file compiles in seconds.
+#include <pybind11/pybind11.h>
+
+#ifndef FASTATTN_CUDA_ARCH_LIST
+#define FASTATTN_CUDA_ARCH_LIST ""
+#endif
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#if defined(__clang__)
+  info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = "gcc " __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+#ifdef FASTATTN_WITH_CUDA
+  info["backends"] = pybind11::make_tuple("cpu", "cuda");
+  info["cuda_arch_list"] = FASTATTN_CUDA_ARCH_LIST;
+#else
+  info["backends"] = pybind11::make_tuple("cpu");
+  info["cuda_arch_list"] = pybind11::none();
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastattn's compiled kernels; the ops are torch.ops.fastattn.*";
+  m.def("build_info", &build_info, "How this extension was built: compiler, backends, CUDA archs");
+}

@@ -1,0 +1,76 @@
+// The schemas of every fastattn op, declared once.  Kernels register per device in
+// TORCH_LIBRARY_IMPL(fastattn, CPU, m) (csrc/cpu/) and, where built, CUDA
+// (csrc/cuda/); Python registers fake (meta) and autograd implementations in
+// fastattn/ops/.  Layouts are the canonical ones of fastattn.reference:
+// queries (N, T, D), keys and values (N, S, D), lengths (N,), key_padding_mask
+// (N, S) bool, center (N, T), time-major sequences (T, B, features).
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastattn, m) {
+  // Fused score -> masked softmax -> context.  score: "dot" (e = scale * q.k; covers
+  // dot, scaled_dot, general after q @ W_a, and location with keys = W_a[:S] and a
+  // zero batch stride), "cosine" (e = scale * q.k / (|q| |k|)) or "additive"
+  // (e = v . tanh(q + k + bias), q and k already projected).  weights is (N, T, S)
+  // when return_weights, else empty; logsumexp (N, T) in the accumulation dtype,
+  // -inf for fully masked rows.
+  m.def(
+      "attention_forward(Tensor query, Tensor keys, Tensor values, Tensor? v, Tensor? bias, "
+      "str score, float scale, Tensor? lengths, Tensor? key_padding_mask, bool causal, "
+      "int? window, Tensor? center, bool gaussian, bool return_weights) "
+      "-> (Tensor context, Tensor weights, Tensor logsumexp)");
+  // Gradients of attention_forward; grad_v, grad_bias and grad_center are empty when
+  // the forward had no v / bias / Gaussian center.
+  m.def(
+      "attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, Tensor keys, "
+      "Tensor values, Tensor? v, Tensor? bias, str score, float scale, Tensor? lengths, "
+      "Tensor? key_padding_mask, bool causal, int? window, Tensor? center, bool gaussian, "
+      "Tensor logsumexp) -> (Tensor grad_query, Tensor grad_keys, Tensor grad_values, "
+      "Tensor grad_v, Tensor grad_bias, Tensor grad_center)");
+  // One position per row of weights (N, T, S): drawn from weights / sum(weights) when
+  // sample, else the argmax (first on ties); 0 for rows whose weights are all zero.
+  m.def("sample_positions(Tensor weights, bool sample, Generator? generator) -> Tensor");
+
+  // LSTM cell (torch.nn gate order i, f, g, o).  saved (B, 4H): the gate activations.
+  m.def(
+      "lstm_cell_forward(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh) -> (Tensor h_next, Tensor c_next, Tensor saved)");
+  m.def(
+      "lstm_cell_backward(Tensor grad_h_next, Tensor grad_c_next, Tensor x, Tensor h, Tensor c, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor c_next, Tensor saved) "
+      "-> (Tensor grad_x, Tensor grad_h, Tensor grad_c, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh)");
+  // GRU cell (gate order r, z, n).  saved (B, 4H): r, z, n and W_hn h + b_hn.
+  m.def(
+      "gru_cell_forward(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) "
+      "-> (Tensor h_next, Tensor saved)");
+  m.def(
+      "gru_cell_backward(Tensor grad_h_next, Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor saved) -> (Tensor grad_x, Tensor grad_h, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+  // One layer, one direction over x (T, B, I): the input projection of all steps is
+  // one GEMM, the recurrence runs in C++.  With lengths, sequence b updates only at
+  // t < lengths[b] (output 0 after); reverse walks t from T-1 down to 0.
+  // LSTM saved (T, B, 5H): gate activations i, f, g, o and the cell state c_t.
+  m.def(
+      "lstm_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? lengths, bool reverse) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor saved)");
+  m.def(
+      "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, "
+      "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? lengths, bool reverse, Tensor output, Tensor saved) -> (Tensor grad_x, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
+      "Tensor grad_b_hh)");
+  // GRU saved (T, B, 4H): r, z, n and W_hn h + b_hn per step.
+  m.def(
+      "gru_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? lengths, bool reverse) -> (Tensor output, Tensor h_n, Tensor saved)");
+  m.def(
+      "gru_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, "
+      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, bool reverse, Tensor output, "
+      "Tensor saved) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh)");
+
+  // The kernels' tanh approximation (csrc/common/fast_tanh.h), float32, for its test.
+  m.def("fast_tanh(Tensor x) -> Tensor");
+}

@@ -1,0 +1,42 @@
+"""Loads fastattn._C, the compiled kernels, and plugs them into the backends.
+
+Without it (``FASTATTN_SKIP_EXTENSION=1`` at install or at run time, or a failed
+build), the ``"cpu"`` backend stays unavailable with the reason recorded, and
+``"auto"`` runs the reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from fastattn import backends
+
+SKIP_VARIABLE = "FASTATTN_SKIP_EXTENSION"
+
+
+def _load():
+    if os.environ.get(SKIP_VARIABLE) == "1":
+        backends.mark_unavailable("cpu", f"fastattn's C++ extension is disabled by {SKIP_VARIABLE}=1")
+        return None
+    try:
+        module = importlib.import_module("fastattn._C")
+    except ImportError as error:
+        backends.mark_unavailable(
+            "cpu",
+            f"fastattn was built without the C++ extension ({error}); reinstall with "
+            f"`pip install --no-build-isolation -e .` and without {SKIP_VARIABLE}",
+        )
+        return None
+    from fastattn import ops
+
+    ops.register_backend("cpu", ("cpu",))
+    return module
+
+
+_C = _load()
+
+
+def build_info() -> dict | None:
+    """How fastattn._C was built, or None when it is not loaded."""
+    return None if _C is None else dict(_C.build_info())

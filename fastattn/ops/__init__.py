@@ -1,0 +1,61 @@
+"""The Python side of the compiled ops (torch.ops.fastattn.*): fake and autograd
+registrations, and the backend functions plugged into ``fastattn.backends``.
+
+Imported by ``fastattn._extension`` once ``fastattn._C`` has loaded.  The CPU kernels
+compute in float32 or float64; float16 and bfloat16 inputs run in float32 and the
+outputs come back in the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fastattn import backends
+from fastattn.ops import attention, recurrent
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def in_float32(function):
+    """Run ``function`` on float32 copies of float16/bfloat16 tensors, cast floating outputs back."""
+
+    @functools.wraps(function)
+    def run(*arguments, **keywords):
+        low = next(
+            (a.dtype for a in (*arguments, *keywords.values()) if isinstance(a, torch.Tensor) and a.dtype in LOW_PRECISION),
+            None,
+        )
+        if low is None:
+            return function(*arguments, **keywords)
+
+        def up(value):
+            return value.float() if isinstance(value, torch.Tensor) and value.dtype == low else value
+
+        def down(value):
+            return value.to(low) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        result = function(*map(up, arguments), **{name: up(value) for name, value in keywords.items()})
+        return tuple(map(down, result)) if isinstance(result, tuple) else down(result)
+
+    return run
+
+
+BACKEND_FUNCTIONS = {
+    "attention": attention.attention,
+    "additive_attention": attention.additive_attention,
+    "hard_attention": attention.hard_attention,
+    "scaled_dot_product_attention": attention.scaled_dot_product_attention,
+    "lstm_cell": recurrent.lstm_cell,
+    "gru_cell": recurrent.gru_cell,
+    "lstm_layer": recurrent.lstm_layer,
+    "gru_layer": recurrent.gru_layer,
+}
+
+
+def register_backend(name: str, device_types: tuple[str, ...]) -> None:
+    """Plug every op into backend ``name`` for tensors on ``device_types``."""
+    for op, function in BACKEND_FUNCTIONS.items():
+        backends.register(op, name, device_types)(in_float32(function))
+    backends.mark_available(name)

@@ -1,0 +1,143 @@
+"""The fused attention ops of fastattn._C seen from Python: fake (meta) and autograd
+registrations, and the backend functions that map the six scores onto the three
+kernel score kinds ("dot", "cosine", "additive"):
+
+- dot, scaled_dot: "dot" with scale 1 or the given scale;
+- general: s^T W_a h = (s W_a) . h, so the query is multiplied by W_a once, then "dot";
+- location: e_j = W_a[j] . s, i.e. "dot" against keys W_a[:S] shared by the batch
+  (expanded with a zero batch stride, never copied);
+- cosine: "cosine"; additive: "additive" on W_q s and W_k h.
+
+The backend functions run on whatever device the op has a kernel for: the same code
+serves the "cpu" backend and, where built, the "cuda" backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastattn import reference
+from fastattn.reference.hard import outputs_at
+
+MASK_ARGUMENTS = ("lengths", "key_padding_mask", "causal", "window", "center", "gaussian")
+
+
+@torch.library.register_fake("fastattn::attention_forward")
+def _attention_forward_fake(
+    query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian,
+    return_weights,
+):
+    batch, query_length = query.shape[:2]
+    accumulate = torch.float64 if query.dtype == torch.float64 else torch.float32
+    context = query.new_empty(batch, query_length, values.shape[-1])
+    weights = query.new_empty(batch, query_length, keys.shape[1]) if return_weights else query.new_empty(0)
+    return context, weights, query.new_empty(batch, query_length, dtype=accumulate)
+
+
+@torch.library.register_fake("fastattn::attention_backward")
+def _attention_backward_fake(
+    grad_context, grad_weights, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
+    window, center, gaussian, logsumexp,
+):
+    def like_or_empty(tensor):
+        return torch.empty_like(tensor) if tensor is not None else query.new_empty(0)
+
+    grad_center = like_or_empty(center if gaussian else None)
+    grad_keys = query.new_empty(keys.shape)
+    return (
+        torch.empty_like(query), grad_keys, torch.empty_like(values), like_or_empty(v), like_or_empty(bias),
+        grad_center,
+    )
+
+
+@torch.library.register_fake("fastattn::sample_positions")
+def _sample_positions_fake(weights, sample, generator):
+    return weights.new_empty(weights.shape[:-1], dtype=torch.int64)
+
+
+@torch.library.register_fake("fastattn::fast_tanh")
+def _fast_tanh_fake(x):
+    return torch.empty_like(x)
+
+
+def _save_for_backward(ctx, inputs, output):
+    (query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian,
+     return_weights) = inputs
+    ctx.save_for_backward(query, keys, values, v, bias, lengths, key_padding_mask, center, output[2])
+    ctx.score, ctx.scale, ctx.causal, ctx.window, ctx.gaussian = score, scale, causal, window, gaussian
+    ctx.return_weights = return_weights
+
+
+def _attention_backward(ctx, grad_context, grad_weights, _grad_logsumexp):
+    query, keys, values, v, bias, lengths, key_padding_mask, center, logsumexp = ctx.saved_tensors
+    grads = torch.ops.fastattn.attention_backward(
+        grad_context.contiguous(),
+        grad_weights.contiguous() if ctx.return_weights and grad_weights is not None else None,
+        query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal, ctx.window,
+        center, ctx.gaussian, logsumexp,
+    )
+    grad_query, grad_keys, grad_values, grad_v, grad_bias, grad_center = grads
+    return (
+        grad_query, grad_keys, grad_values,
+        grad_v if v is not None else None,
+        grad_bias if bias is not None else None,
+        None, None, None, None, None, None,
+        grad_center if center is not None and ctx.gaussian else None,
+        None, None,
+    )
+
+
+torch.library.register_autograd(
+    "fastattn::attention_forward", _attention_backward, setup_context=_save_for_backward
+)
+
+
+def _fused(query, keys, values, v, bias, kernel_score, scale, masking, return_weights):
+    context, weights, _ = torch.ops.fastattn.attention_forward(
+        query.contiguous(), keys, values.contiguous(), v, bias, kernel_score, float(scale),
+        masking["lengths"], masking["key_padding_mask"], masking["causal"], masking["window"], masking["center"],
+        masking["gaussian"], return_weights,
+    )
+    return context, (weights if return_weights else None)
+
+
+def attention(query, keys, values, *, score, weight, w_query, w_key, v, bias, scale, return_weights, **masking):
+    """The "attention" op on the fused kernel (see the module docstring for the mapping)."""
+    if score in ("dot", "scaled_dot"):
+        return _fused(query, keys.contiguous(), values, None, None, "dot", scale or 1.0, masking, return_weights)
+    if score == "general":
+        return _fused(query @ weight, keys.contiguous(), values, None, None, "dot", 1.0, masking, return_weights)
+    if score == "location":
+        shared_keys = weight[: keys.shape[1]].contiguous().expand(query.shape[0], -1, -1)
+        return _fused(query, shared_keys, values, None, None, "dot", 1.0, masking, return_weights)
+    if score == "cosine":
+        return _fused(query, keys.contiguous(), values, None, None, "cosine", scale, masking, return_weights)
+    return additive_attention(
+        query @ w_query.T, keys @ w_key.T, v, values, bias=bias, return_weights=return_weights, **masking
+    )
+
+
+def additive_attention(query_projection, key_projection, v, values, *, bias, return_weights, **masking):
+    """The "additive_attention" op: e = v . tanh(W_q s + W_k h + b), projections given."""
+    return _fused(
+        query_projection, key_projection.contiguous(), values, v.contiguous(),
+        None if bias is None else bias.contiguous(), "additive", 1.0, masking, return_weights,
+    )
+
+
+def hard_attention(query, keys, values, *, sample, generator, **attention_arguments):
+    """The "hard_attention" op: fused soft weights, then one position drawn per row."""
+    _, weights = attention(query, keys, values, return_weights=True, **attention_arguments)
+    index = torch.ops.fastattn.sample_positions(weights.detach(), sample, generator)
+    return (*outputs_at(weights, index, values), weights)
+
+
+def scaled_dot_product_attention(query, key, value, *, attn_mask, dropout_p, is_causal, scale):
+    """The sdpa drop-in: the fused kernel without a mask or with is_causal; an explicit
+    attn_mask (any (L, S) pattern or additive bias) or dropout runs the reference."""
+    if attn_mask is not None or dropout_p > 0:
+        return reference.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        )
+    masking = dict(lengths=None, key_padding_mask=None, causal=is_causal, window=None, center=None, gaussian=False)
+    return _fused(query, key.contiguous(), value, None, None, "dot", scale, masking, False)[0]

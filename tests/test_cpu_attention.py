@@ -1,0 +1,201 @@
+"""The C++ attention kernels (backend "cpu") against the reference: outputs, weights
+and gradients for every score and mask mode in every dtype, opcheck on every op,
+hard-attention sampling, and the tanh approximation's error bound."""
+
+import pytest
+import torch
+from scipy import stats
+
+import fastattn
+from fastattn import backends
+from tests.problems import SCORES, key_dim_for, score_parameters
+
+pytestmark = pytest.mark.skipif(
+    backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
+)
+
+MODES = {
+    "global": {},
+    "lengths": {"lengths": torch.tensor([0, 4, 7])},
+    "key_padding_mask": {
+        "key_padding_mask": torch.tensor([[True] * 7, [False, True] * 3 + [False], [False] * 6 + [True]])
+    },
+    "causal": {"causal": True},
+    "local_m": {"window": 1},
+    "local_m_gaussian": {"window": 2, "gaussian": True, "lengths": torch.tensor([7, 3, 5])},
+    "local_p": {"window": 2, "center": torch.tensor([[0.5, 6.2, 3.0, 3.5, -1.0, 9.0, 2.2]] * 3)},
+    "local_p_plain": {"window": 1, "center": torch.tensor([[1.5, 4.0, 0.0, 6.0, 2.5, 3.3, 5.9]] * 3), "gaussian": False},
+}
+
+
+def problem(score, dtype, mode, seed=0):
+    """Leaf tensors (query, keys, values, score parameters, masks) of one call."""
+    generator = torch.Generator().manual_seed(seed)
+    query_dim, key_dim = 5, key_dim_for(score, 5, 6)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
+
+    query, keys, values = leaf(3, 7, query_dim), leaf(3, 7, key_dim), leaf(3, 7, 4)
+    parameters = score_parameters(score, query_dim, key_dim, attention_dim=9, max_source_len=8, generator=generator)
+    parameters = {name: value.to(dtype).requires_grad_() for name, value in parameters.items()}
+    masking = {
+        name: value.to(dtype).requires_grad_() if name == "center" else value for name, value in MODES[mode].items()
+    }
+    return query, keys, values, parameters, masking
+
+
+def run(backend_name, score, query, keys, values, parameters, masking):
+    """Outputs and the gradients of a fixed random projection of them."""
+    leaves = [query, keys, values, *parameters.values(), *[m for m in masking.values() if isinstance(m, torch.Tensor) and m.requires_grad]]
+    with fastattn.backend(backend_name):
+        context, weights = fastattn.attention(
+            query, keys, values, score=score, return_weights=True, **parameters, **masking
+        )
+    generator = torch.Generator().manual_seed(1)
+    projection = (context * torch.randn(context.shape, generator=generator, dtype=torch.float64).to(context.dtype)).sum()
+    projection = projection + (weights * torch.randn(weights.shape, generator=generator, dtype=torch.float64).to(weights.dtype)).sum()
+    grads = torch.autograd.grad(projection, leaves, allow_unused=True)
+    return context, weights, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("score", SCORES)
+def test_outputs_and_gradients_match_the_reference(score, mode, dtype):
+    inputs = problem(score, dtype, mode)
+    expected = run("reference", score, *inputs)
+    actual = run("cpu", score, *inputs)
+    tolerance = {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
+    torch.testing.assert_close(actual[0], expected[0], **tolerance)
+    torch.testing.assert_close(actual[1], expected[1], **tolerance)
+    for got, want in zip(actual[2], expected[2]):
+        if want is None:
+            assert got is None or got.abs().max() == 0
+        else:
+            torch.testing.assert_close(got, want, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["global", "lengths", "local_p"])
+@pytest.mark.parametrize("score", SCORES)
+def test_low_precision_error_is_at_most_twice_the_references_own(score, mode, dtype):
+    exact = run("reference", score, *problem(score, torch.float64, mode))
+    in_dtype = run("reference", score, *problem(score, dtype, mode))
+    kernel = run("cpu", score, *problem(score, dtype, mode))
+    for index in (0, 1):
+        reference_error = (in_dtype[index].double() - exact[index]).abs().max()
+        kernel_error = (kernel[index].double() - exact[index]).abs().max()
+        assert kernel_error <= 2 * reference_error + 1e-6, (index, float(kernel_error), float(reference_error))
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_gradcheck_through_the_kernels(score):
+    query, keys, values, parameters, masking = problem(score, torch.float64, "local_p")
+    masking["lengths"] = torch.tensor([2, 7, 5])
+    # centres away from the window's integer edges: finite differences must not cross them
+    masking["center"] = torch.tensor([[0.3, 6.2, 3.1, 3.6, -0.7, 8.4, 2.2]] * 3, dtype=torch.float64, requires_grad=True)
+    names = list(parameters)
+
+    def function(query, keys, values, center, *parameter_values):
+        with fastattn.backend("cpu"):
+            return fastattn.attention(
+                query, keys, values, score=score, return_weights=True, center=center, window=2,
+                lengths=masking["lengths"], **dict(zip(names, parameter_values)),
+            )
+
+    assert torch.autograd.gradcheck(function, (query, keys, values, masking["center"], *parameters.values()), fast_mode=True)
+
+
+def test_additive_attention_on_projections_matches_the_reference():
+    generator = torch.Generator().manual_seed(2)
+    q_proj, k_proj = torch.randn(2, 3, 4, 8, generator=generator), torch.randn(2, 3, 9, 8, generator=generator)
+    v, values = torch.randn(8, generator=generator), torch.randn(2, 3, 9, 5, generator=generator)
+    lengths = torch.tensor([9, 0])
+    with fastattn.backend("reference"):
+        expected = fastattn.additive_attention(q_proj, k_proj, v, values, lengths=lengths, return_weights=True)
+    with fastattn.backend("cpu"):
+        actual = fastattn.additive_attention(q_proj, k_proj, v, values, lengths=lengths, return_weights=True)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_weights_are_not_returned_unless_asked():
+    query, keys = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    with fastattn.backend("cpu"):
+        context = fastattn.attention(query, keys)
+    assert isinstance(context, torch.Tensor) and context.shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_scaled_dot_product_attention_runs_the_kernel(is_causal):
+    query, key, value = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 5)
+    with fastattn.backend("cpu"):
+        actual = fastattn.scaled_dot_product_attention(query, key, value, is_causal=is_causal)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=is_causal)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_hard_attention_argmax_matches_the_reference_and_sampling_follows_the_weights():
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 1, 4, generator=generator).expand(2, 5000, 4)
+    keys = torch.randn(2, 6, 4, generator=generator)
+    lengths = torch.tensor([6, 3])
+    with fastattn.backend("reference"):
+        expected = fastattn.hard_attention(query, keys, sample=False, lengths=lengths)
+    with fastattn.backend("cpu"):
+        argmax = fastattn.hard_attention(query, keys, sample=False, lengths=lengths)
+        sampled = fastattn.hard_attention(query, keys, lengths=lengths, generator=torch.Generator().manual_seed(0))
+        again = fastattn.hard_attention(query, keys, lengths=lengths, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(argmax[1], expected[1])
+    torch.testing.assert_close(argmax[2], expected[2])
+    assert torch.equal(sampled[1], again[1])
+    for row, valid in enumerate(lengths.tolist()):
+        observed = torch.bincount(sampled[1][row], minlength=6).double()
+        assert observed[valid:].sum() == 0
+        probabilities = sampled[3][row, 0, :valid].double()
+        _, p_value = stats.chisquare(observed[:valid].numpy(), (probabilities / probabilities.sum() * 5000).numpy())
+        assert p_value > 1e-3
+
+
+def test_fast_tanh_error_is_below_its_stated_bound():
+    x = torch.linspace(-30, 30, 3_000_001)
+    x = torch.cat([x, torch.tensor([float("inf"), float("-inf"), 0.0, 1e-30, -1e-30, 8.75, 8.7499])])
+    error = (torch.ops.fastattn.fast_tanh(x).double() - torch.tanh(x.double())).abs()
+    assert error.max() <= 4.0e-7, float(error.max())
+    small = torch.linspace(-1e-3, 1e-3, 10_001)
+    relative = ((torch.ops.fastattn.fast_tanh(small).double() - torch.tanh(small.double())) / small.double()).abs()
+    assert relative[small != 0].max() <= 2e-7
+
+
+def _attention_samples():
+    generator = torch.Generator().manual_seed(5)
+    for kernel_score, width in (("dot", 4), ("cosine", 4), ("additive", 6)):
+        for return_weights in (True, False):
+            query = torch.randn(2, 3, width, generator=generator, dtype=torch.float64, requires_grad=True)
+            keys = torch.randn(2, 5, width, generator=generator, dtype=torch.float64, requires_grad=True)
+            values = torch.randn(2, 5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+            v = torch.randn(width, dtype=torch.float64, requires_grad=True) if kernel_score == "additive" else None
+            bias = torch.randn(width, dtype=torch.float64, requires_grad=True) if kernel_score == "additive" else None
+            center = torch.tensor([[0.5, 2.0, 4.4], [1.0, 1.0, 3.0]], dtype=torch.float64, requires_grad=True)
+            yield (query, keys, values, v, bias, kernel_score, 0.7, torch.tensor([5, 0]), None, False, 2, center, True, return_weights)
+            yield (query, keys, values, v, bias, kernel_score, 1.0, None, torch.rand(2, 5, generator=generator) > 0.6, False, None, None, False, return_weights)
+            yield (query, keys, values, v, bias, kernel_score, 1.0, None, None, False, 1, None, False, return_weights)
+
+
+@pytest.mark.parametrize("arguments", list(_attention_samples()))
+def test_opcheck_attention_forward(arguments):
+    torch.library.opcheck(torch.ops.fastattn.attention_forward.default, arguments)
+
+
+def test_opcheck_attention_backward_sample_positions_and_fast_tanh():
+    query, keys, values, v, bias, *rest = next(_attention_samples())
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in (query, keys, values, v, bias, *rest)]
+    context, weights, logsumexp = torch.ops.fastattn.attention_forward(*detached)
+    (query, keys, values, v, bias, score, scale, lengths, mask, causal, window, center, gaussian, _) = detached
+    torch.library.opcheck(
+        torch.ops.fastattn.attention_backward.default,
+        (torch.randn_like(context), torch.randn_like(weights), query, keys, values, v, bias, score, scale, lengths,
+         mask, causal, window, center, gaussian, logsumexp),
+    )
+    torch.library.opcheck(torch.ops.fastattn.sample_positions.default, (weights, False, None))
+    torch.library.opcheck(torch.ops.fastattn.fast_tanh.default, (torch.randn(17),))

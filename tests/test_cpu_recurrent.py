@@ -1,0 +1,109 @@
+"""The C++ LSTM/GRU kernels (backend "cpu") against the reference and torch.nn:
+cells and layers, lengths and reverse, gradients, opcheck on every op."""
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import backends, reference
+
+pytestmark = pytest.mark.skipif(
+    backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
+)
+
+STEPS, BATCH, INPUT, HIDDEN = 9, 4, 5, 7
+LENGTHS = torch.tensor([9, 0, 4, 4])  # unsorted, with a tie and an empty sequence
+
+
+def leaves(*shapes, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_() for shape in shapes]
+
+
+def weights(gates, with_bias, dtype=torch.float64):
+    w_ih, w_hh, b_ih, b_hh = leaves((gates * HIDDEN, INPUT), (gates * HIDDEN, HIDDEN), (gates * HIDDEN,), (gates * HIDDEN,), dtype=dtype, seed=1)
+    return (w_ih, w_hh, b_ih, b_hh) if with_bias else (w_ih, w_hh, None, None)
+
+
+def compare(function_name, arguments, dtype):
+    """Run the op on the kernel and on the reference; compare outputs and gradients."""
+    tensors = [a for a in arguments if isinstance(a, torch.Tensor) and a.requires_grad]
+    results = []
+    for implementation in (getattr(reference, function_name), backends.implementation(function_name, "cpu", "cpu")):
+        outputs = implementation(*arguments)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        generator = torch.Generator().manual_seed(3)
+        projection = sum((o * torch.randn(o.shape, generator=generator, dtype=torch.float64).to(dtype)).sum() for o in outputs)
+        results.append((outputs, torch.autograd.grad(projection, tensors)))
+    tolerance = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(results[1], results[0], **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cells_match_the_reference(with_bias, dtype):
+    x, h, c = leaves((BATCH, INPUT), (BATCH, HIDDEN), (BATCH, HIDDEN), dtype=dtype)
+    compare("lstm_cell", (x, h, c, *weights(4, with_bias, dtype)), dtype)
+    compare("gru_cell", (x, h, *weights(3, with_bias, dtype)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["full", "lengths"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_layers_match_the_reference(with_bias, lengths, reverse, dtype):
+    x, h0, c0 = leaves((STEPS, BATCH, INPUT), (BATCH, HIDDEN), (BATCH, HIDDEN), dtype=dtype)
+    compare("lstm_layer", (x, h0, c0, *weights(4, with_bias, dtype), None, lengths, reverse), dtype)
+    compare("gru_layer", (x, h0, *weights(3, with_bias, dtype), lengths, reverse), dtype)
+
+
+def test_lstm_projection_runs_the_reference_on_the_cpu_backend():
+    x, h0, c0 = leaves((STEPS, BATCH, INPUT), (BATCH, 3), (BATCH, HIDDEN))
+    w_ih, w_hh = leaves((4 * HIDDEN, INPUT), (4 * HIDDEN, 3))
+    (w_hr,) = leaves((3, HIDDEN))
+    compare("lstm_layer", (x, h0, c0, w_ih, w_hh, None, None, w_hr, LENGTHS, True), torch.float64)
+
+
+@pytest.mark.parametrize("module", ["LSTM", "GRU"])
+def test_modules_on_the_cpu_backend_match_torch(module):
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, module)(INPUT, HIDDEN, num_layers=2, bidirectional=True, batch_first=True)
+    ours = getattr(fastattn.nn, module)(INPUT, HIDDEN, num_layers=2, bidirectional=True, batch_first=True)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(BATCH, STEPS, INPUT)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, LENGTHS.clamp_min(1), batch_first=True, enforce_sorted=False)
+    with fastattn.backend("cpu"):
+        for inputs in (x, packed):
+            expected, actual = theirs(inputs), ours(inputs)
+            # .data: the values of a PackedSequence, or of a tensor
+            torch.testing.assert_close(actual[0].data, expected[0].data, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(actual[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+def test_low_precision_runs_in_float32():
+    x, h, c = leaves((BATCH, INPUT), (BATCH, HIDDEN), (BATCH, HIDDEN), dtype=torch.bfloat16)
+    w_ih, w_hh, b_ih, b_hh = weights(4, True, torch.bfloat16)
+    with fastattn.backend("cpu"):
+        h_next, c_next = fastattn.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+    assert h_next.dtype == torch.bfloat16
+    exact = reference.lstm_cell(*(t.double() for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)))
+    in_bfloat16 = reference.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    for got, want, reference_run in zip((h_next, c_next), exact, in_bfloat16):
+        assert (got.double() - want).abs().max() <= 2 * (reference_run.double() - want).abs().max() + 1e-6
+
+
+def _recurrent_samples():
+    x, h, c = leaves((BATCH, INPUT), (BATCH, HIDDEN), (BATCH, HIDDEN))
+    sequence = leaves((STEPS, BATCH, INPUT))[0]
+    lstm_weights, gru_weights = weights(4, True), weights(3, True)
+    yield torch.ops.fastattn.lstm_cell_forward.default, (x, h, c, *lstm_weights)
+    yield torch.ops.fastattn.gru_cell_forward.default, (x, h, *gru_weights)
+    for lengths, reverse in ((None, False), (LENGTHS, True)):
+        yield torch.ops.fastattn.lstm_layer_forward.default, (sequence, h, c, *lstm_weights, lengths, reverse)
+        yield torch.ops.fastattn.gru_layer_forward.default, (sequence, h, *gru_weights, lengths, reverse)
+    yield torch.ops.fastattn.lstm_layer_forward.default, (sequence, h, c, *weights(4, False), LENGTHS, False)
+
+
+@pytest.mark.parametrize("op, arguments", list(_recurrent_samples()), ids=lambda value: getattr(value, "__name__", ""))
+def test_opcheck_recurrent_ops(op, arguments):
+    torch.library.opcheck(op, arguments)
