@@ -69,17 +69,24 @@ def test_attention_forward(benchmark, score, implementation):
 
 
 def _peak_memory_of(implementation: str, score: str) -> int:
-    """Peak RSS growth (bytes) of one forward+backward, in a fresh process."""
+    """Peak resident-memory growth (bytes) of one forward+backward, in a fresh process:
+    the kernel's high-water mark is reset (/proc/self/clear_refs) after the set-up."""
     program = f"""
-import resource, torch, fastattn, json
+import json, torch, fastattn
 from benchmarks.test_cpu_kernels import attention_problem
+
+def status(field):
+    with open("/proc/self/status") as file:
+        return next(int(line.split()[1]) * 1024 for line in file if line.startswith(field))
+
 torch.set_num_threads(2)
 problem = attention_problem({score!r}, requires_grad=True)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/clear_refs", "w") as file:
+    file.write("5")
+baseline = status("VmRSS")
 with fastattn.backend({implementation!r}):
     fastattn.attention(score={score!r}, **problem).sum().backward()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps((after - before) * 1024))
+print(json.dumps(status("VmHWM") - baseline))
 """
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
