@@ -16,6 +16,11 @@
 //   at::parallel_for is ATen's OpenMP backend, inlined from its headers: the rows
 //   run in parallel only when this file is compiled (and linked) with -fopenmp;
 //   without it every parallel_for here runs on one thread.
+// BLAS path (score dot / cosine, D >= 128, most (t, j) pairs visible: use_blas_path):
+//   the forward's contractions are at::bmm GEMMs (scores = q' k^T, context =
+//   weights @ values) around one C++ pass per row for scale and masks, ATen's
+//   softmax, and one pass for logsumexp, fully masked rows and the Gaussian
+//   factor; the dot backward is five GEMMs around one pass per row.
 // Backward: parallel over n (each n owns its grad_keys / grad_values rows; chunk-
 //   local grad_v / grad_bias summed at the end): no races, deterministic.  Scores
 //   and tanh are recomputed from the saved logsumexp, never stored.
@@ -953,6 +958,203 @@ AttentionProblem<T> problem_of(const PreparedInputs& in) {
   return problem;
 }
 
+// ---------------------------------------------------------------- BLAS forward (dot, cosine)
+// For the dot and cosine scores with enough work per row, the two contractions
+// are BLAS GEMMs: raw = q' @ k^T (q' = q, or q / max(|q|, tiny) for the cosine),
+// then one fused pass per row turns raw into the weights in place (scale, masks,
+// softmax, Gaussian factor, logsumexp), then context = weights @ values.
+
+// Worth it when the rows are long enough for GEMMs to beat the streaming dot
+// products (measured: D >= 128), and when the masks leave most (t, j) pairs
+// visible: the GEMMs pay for every pair, the streaming kernel visits only each
+// row's key range (causal with T ~ S halves its work, a narrow window more).
+bool use_blas_path(const PreparedInputs& in) {
+  if (in.score == ScoreKind::kAdditive) return false;
+  if (in.batch == 0 || in.query_length < 16 || in.source_length < 16) return false;
+  if (in.score_dim < 128 || in.value_dim < 32) return false;
+  double visible = 1.0;
+  if (in.causal) {
+    visible = std::min(visible, (static_cast<double>(in.query_length) + 1.0) / (2.0 * in.source_length));
+  }
+  if (in.window >= 0) visible = std::min(visible, (2.0 * in.window + 1.0) / in.source_length);
+  return visible >= 0.75;
+}
+
+// Before the softmax: scores (N, T, S) holds q'.k on entry; on exit e_{t,j} where
+// t may attend to j and -inf elsewhere, a row of zeros for a row with no finite
+// score (kept finite through the softmax, zeroed after).  row_max[row] = the row's
+// max score (-inf: fully masked), first_argmax[row] = the first j holding it.
+template <typename T, ScoreKind kScore>
+void blas_mask_rows(const AttentionProblem<T>& problem, T* raw, T* row_max, int64_t* first_argmax,
+                    int64_t row_begin, int64_t row_end) {
+  const int64_t query_length = problem.query_length, source_length = problem.source_length;
+  const T minus_infinity = fastattn::negative_infinity<T>();
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t n = row / query_length, t = row % query_length;
+    const KeyRange range = problem.keys_of(n, t);
+    T* scores = raw + row * source_length;
+    T max_score = minus_infinity;
+    int64_t argmax = 0;
+    std::fill(scores, scores + range.begin, minus_infinity);
+    for (int64_t j = range.begin; j < range.end; ++j) {
+      if (problem.is_padding(n, j)) {
+        scores[j] = minus_infinity;
+        continue;
+      }
+      const T score = score_from_dot<T, kScore>(problem, scores[j], n, j);
+      scores[j] = score;
+      if (score > max_score) {
+        max_score = score;
+        argmax = j;
+      }
+    }
+    if (max_score == minus_infinity) {  // fully masked row
+      std::fill(scores, scores + source_length, T(0));
+    } else {
+      std::fill(scores + std::max(range.begin, range.end), scores + source_length, minus_infinity);
+    }
+    row_max[row] = max_score;
+    first_argmax[row] = argmax;
+  }
+}
+
+// After the softmax: logsumexp = max - log(alpha_argmax) (alpha_argmax = 1 / sum
+// exp(e - max)); zero rows and -inf for the fully masked rows; the Gaussian factor.
+// lse holds the row maxima on entry.
+template <typename T>
+void blas_finish_rows(const AttentionProblem<T>& problem, T* weights, T* lse, const int64_t* first_argmax,
+                      int64_t row_begin, int64_t row_end) {
+  const int64_t query_length = problem.query_length, source_length = problem.source_length;
+  const T minus_infinity = fastattn::negative_infinity<T>();
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    T* alpha = weights + row * source_length;
+    if (lse[row] == minus_infinity) {
+      std::fill(alpha, alpha + source_length, T(0));
+      continue;
+    }
+    lse[row] = lse[row] - fastattn::log_of(alpha[first_argmax[row]]);
+    if (problem.gaussian) {
+      const int64_t n = row / query_length, t = row % query_length;
+      const KeyRange range = problem.keys_of(n, t);
+      const T center = problem.window_center(n, t);
+      for (int64_t j = range.begin; j < range.end; ++j) {
+        alpha[j] = alpha[j] * fastattn::gaussian_factor(j, center, problem.window);
+      }
+    }
+  }
+}
+
+// a (N, R, K) @ b (N, K, C) -> (N, R, C); b with batch stride 0 (location keys)
+// becomes one (N R, K) @ (K, C) GEMM.
+at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
+  if (b.size(0) > 1 && b.stride(0) == 0) {
+    return at::mm(a.reshape({a.size(0) * a.size(1), a.size(2)}), b.select(0, 0)).view({a.size(0), a.size(1), b.size(2)});
+  }
+  return at::bmm(a, b);
+}
+
+// Backward of the dot score through GEMMs: scores recomputed as one GEMM, one pass
+// per row turns them into dE (and W = alpha g), then grad_values = W^T dC,
+// grad_query = dE K, grad_keys = dE^T Q.  raw (N, T, S): q.k on entry, dE on exit;
+// grad_weights (N, T, S): dW = dC . v_j (+ the weights' gradient) on entry,
+// scratch after; weights (N, T, S): W on exit.
+template <typename T>
+void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weights, T* weights, const T* lse,
+                        T* grad_center, int64_t row_begin, int64_t row_end) {
+  const int64_t query_length = problem.query_length, source_length = problem.source_length;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    T* scores = raw + row * source_length;
+    T* grad_alpha = grad_weights + row * source_length;
+    T* w = weights + row * source_length;
+    const T logsumexp = lse[row];
+    if (!(logsumexp > fastattn::negative_infinity<T>())) {  // fully masked: zero gradients
+      std::fill(scores, scores + source_length, T(0));
+      std::fill(w, w + source_length, T(0));
+      continue;
+    }
+    const int64_t n = row / query_length, t = row % query_length;
+    const KeyRange range = problem.keys_of(n, t);
+    const T center = problem.window_center(n, t);
+    T row_dot = T(0), center_gradient = T(0);
+    for (int64_t j = 0; j < source_length; ++j) {
+      if (j < range.begin || j >= range.end || problem.is_padding(n, j)) {
+        scores[j] = T(0);
+        grad_alpha[j] = T(0);
+        w[j] = T(0);
+        continue;
+      }
+      const T probability = fastattn::exp_of(scores[j] * problem.scale - logsumexp);
+      const T gaussian = problem.gaussian ? fastattn::gaussian_factor(j, center, problem.window) : T(1);
+      const T grad_weight = grad_alpha[j];
+      scores[j] = probability;
+      w[j] = probability * gaussian;
+      grad_alpha[j] = grad_weight * gaussian;
+      row_dot += probability * grad_alpha[j];
+      if (grad_center != nullptr) {
+        center_gradient += grad_weight * probability * gaussian * fastattn::gaussian_log_slope(j, center, problem.window);
+      }
+    }
+    if (grad_center != nullptr) grad_center[row] = center_gradient;
+    for (int64_t j = range.begin; j < range.end; ++j) {
+      scores[j] = problem.scale * fastattn::softmax_score_gradient(scores[j], grad_alpha[j], row_dot);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const PreparedInputs& in, bool return_weights,
+                                                                      const at::Tensor& original_query) {
+  at::Tensor logsumexp = at::empty({in.batch, in.query_length}, in.query.options());
+  at::Tensor prepared_query = in.query;
+  if (in.score == ScoreKind::kCosine) {  // q / max(|q|, tiny), as prepare_query computes it
+    prepared_query = at::empty_like(in.query);
+    AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "fastattn_unit_queries", [&] {
+      const scalar_t* query = in.query.const_data_ptr<scalar_t>();
+      scalar_t* unit = prepared_query.mutable_data_ptr<scalar_t>();
+      const int64_t dim = in.score_dim;
+      at::parallel_for(0, in.batch * in.query_length, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const scalar_t* q = query + row * dim;
+          const scalar_t clamped = fastattn::clamped_norm(static_cast<scalar_t>(std::sqrt(dot_product<16>(q, q, dim))));
+          for (int64_t d = 0; d < dim; ++d) unit[row * dim + d] = q[d] / clamped;
+        }
+      });
+    });
+  }
+  at::Tensor scores = batched_matmul(prepared_query, in.keys.transpose(1, 2)).contiguous();
+  at::Tensor weights;
+  const int64_t rows = in.batch * in.query_length;
+  std::vector<int64_t> first_argmax(rows);
+  AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_forward_blas", [&] {
+    const AttentionProblem<scalar_t> problem = problem_of<scalar_t>(in);
+    scalar_t* lse = logsumexp.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / in.source_length);
+    {
+      scalar_t* raw = scores.mutable_data_ptr<scalar_t>();
+      const bool cosine = in.score == ScoreKind::kCosine;
+      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+        if (cosine) {
+          blas_mask_rows<scalar_t, ScoreKind::kCosine>(problem, raw, lse, first_argmax.data(), begin, end);
+        } else {
+          blas_mask_rows<scalar_t, ScoreKind::kDot>(problem, raw, lse, first_argmax.data(), begin, end);
+        }
+      });
+    }
+    weights = at::_softmax(scores, 2, false);  // ATen's vectorised softmax over the last dim
+    scores = at::Tensor();
+    scalar_t* alpha = weights.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      blas_finish_rows<scalar_t>(problem, alpha, lse, first_argmax.data(), begin, end);
+    });
+  });
+  at::Tensor context = batched_matmul(weights, in.values);
+  if (in.input_dtype != in.compute_dtype) {
+    context = context.to(in.input_dtype);
+    if (return_weights) weights = weights.to(in.input_dtype);
+  }
+  if (!return_weights) weights = at::empty({0}, original_query.options());
+  return {context, weights, logsumexp};
+}
+
 // ---------------------------------------------------------------- ops
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
@@ -962,6 +1164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     std::optional<int64_t> window, const std::optional<at::Tensor>& center, bool gaussian, bool return_weights) {
   const PreparedInputs in = prepare_inputs("attention_forward", query, keys, values, v, bias, score, scale, lengths,
                                            key_padding_mask, causal, window, center, gaussian);
+  if (use_blas_path(in)) return attention_forward_blas(in, return_weights, query);
   const auto options = in.query.options();
   at::Tensor context = at::empty({in.batch, in.query_length, in.value_dim}, options);
   at::Tensor weights = return_weights ? at::empty({in.batch, in.query_length, in.source_length}, options)
@@ -1019,6 +1222,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
 
   const auto options = in.query.options();
+  const auto cast = [&](const at::Tensor& t) { return t.scalar_type() == in.input_dtype ? t : t.to(in.input_dtype); };
+  // A fresh empty tensor for each absent gradient: outputs must not alias.
+  const auto empty = [&] { return at::empty({0}, query.options()); };
+  if (in.score == ScoreKind::kDot && use_blas_path(in)) {
+    const bool wants_center = in.gaussian && in.center.defined();
+    at::Tensor grad_center = wants_center ? at::zeros({in.batch, in.query_length}, options) : at::Tensor();
+    at::Tensor raw = batched_matmul(in.query, in.keys.transpose(1, 2)).contiguous();
+    at::Tensor grad_alpha = batched_matmul(grad_context_, in.values.transpose(1, 2)).contiguous();
+    if (grad_weights_.defined()) grad_alpha.add_(grad_weights_);
+    at::Tensor weights = at::empty_like(raw);
+    AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_backward_blas", [&] {
+      const AttentionProblem<scalar_t> problem = problem_of<scalar_t>(in);
+      scalar_t* raw_data = raw.mutable_data_ptr<scalar_t>();
+      scalar_t* grad_alpha_data = grad_alpha.mutable_data_ptr<scalar_t>();
+      scalar_t* weights_data = weights.mutable_data_ptr<scalar_t>();
+      const scalar_t* lse = logsumexp_.const_data_ptr<scalar_t>();
+      scalar_t* center_data = wants_center ? grad_center.mutable_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, in.batch * in.query_length, std::max<int64_t>(1, 16384 / in.source_length),
+                       [&](int64_t begin, int64_t end) {
+                         blas_backward_rows<scalar_t>(problem, raw_data, grad_alpha_data, weights_data, lse,
+                                                      center_data, begin, end);
+                       });
+    });
+    at::Tensor grad_values = at::bmm(weights.transpose(1, 2), grad_context_);
+    at::Tensor grad_query = batched_matmul(raw, in.keys);
+    at::Tensor grad_keys = at::bmm(raw.transpose(1, 2), in.query);
+    return {cast(grad_query), cast(grad_keys), cast(grad_values), empty(), empty(),
+            wants_center ? cast(grad_center) : empty()};
+  }
   at::Tensor grad_query = at::zeros({in.batch, in.query_length, in.score_dim}, options);
   at::Tensor grad_keys = at::zeros({in.batch, in.source_length, in.score_dim}, options);
   at::Tensor grad_values = at::zeros({in.batch, in.source_length, in.value_dim}, options);
@@ -1054,9 +1286,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
   });
 
-  const auto cast = [&](const at::Tensor& t) { return t.scalar_type() == in.input_dtype ? t : t.to(in.input_dtype); };
-  // A fresh empty tensor for each absent gradient: outputs must not alias.
-  const auto empty = [&] { return at::empty({0}, query.options()); };
   at::Tensor grad_v = additive ? cast(parameter_sums.select(1, 0).sum(0)) : empty();
   at::Tensor grad_bias = additive && in.bias.defined() ? cast(parameter_sums.select(1, 1).sum(0)) : empty();
   return {cast(grad_query),

@@ -480,7 +480,10 @@ gru_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& x_in, cons
 
 // ---------------------------------------------------------------------------------
 // Layers.  Sequence b is active at time t when t < lengths[b] (always without lengths);
-// inactive steps keep the state, output 0 and pass the state gradient through.
+// inactive steps keep the state, output 0 and pass the state gradient through.  saved
+// at an inactive step holds zero gates and, for the LSTM, the frozen cell state, so the
+// previous step's saved c is always the c the backward needs.  The hidden state a step
+// started from is rebuilt from output and h0 (previous_hidden_row).
 
 struct LayerShape {
   int64_t T, B, I, H;
