@@ -246,3 +246,10 @@ def test_opcheck_attention_backward_sample_positions_and_fast_tanh():
     )
     torch.library.opcheck(torch.ops.fastattn.sample_positions.default, (weights, False, None))
     torch.library.opcheck(torch.ops.fastattn.fast_tanh.default, (torch.randn(17),))
+
+
+def test_a_zero_scale_gives_uniform_weights_as_in_the_reference():
+    query, keys = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    with fastattn.backend("cpu"):
+        _, weights = fastattn.attention(query, keys, score="scaled_dot", scale=0.0, return_weights=True)
+    torch.testing.assert_close(weights, torch.full((2, 3, 5), 0.2, dtype=torch.float64))

@@ -104,7 +104,7 @@ def _fused(query, keys, values, v, bias, kernel_score, scale, masking, return_we
 def attention(query, keys, values, *, score, weight, w_query, w_key, v, bias, scale, return_weights, **masking):
     """The "attention" op on the fused kernel (see the module docstring for the mapping)."""
     if score in ("dot", "scaled_dot"):
-        return _fused(query, keys.contiguous(), values, None, None, "dot", scale or 1.0, masking, return_weights)
+        return _fused(query, keys.contiguous(), values, None, None, "dot", 1.0 if scale is None else scale, masking, return_weights)
     if score == "general":
         return _fused(query @ weight, keys.contiguous(), values, None, None, "dot", 1.0, masking, return_weights)
     if score == "location":
