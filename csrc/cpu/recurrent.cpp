@@ -6,7 +6,9 @@
 // input projection of every step as ONE GEMM before the time loop, so each step only
 // multiplies h by w_hh and runs the fused loop.  Backward (BPTT) collects the gate
 // gradients of all steps in a (T, B, G) buffer and then gets grad_x, grad_w_ih and
-// grad_w_hh as one GEMM each; only grad_gates @ w_hh stays per step.
+// grad_w_hh as one GEMM each; only grad_gates @ w_hh stays per step.  The LSTM and GRU
+// layers share one forward and one backward driver (layer_forward, layer_backward),
+// parameterised by a per-cell policy (LstmLayerCell, GruLayerCell).
 // Parallelism: the fused loop of a step is split over the batch (at::parallel_for);
 // the GEMMs use ATen's own threads.  The equations are those of fastattn.reference;
 // float32 takes tanh and sigmoid from fast_tanh (csrc/common/fast_tanh.h, abs error
@@ -520,17 +522,103 @@ std::vector<int64_t> active_lengths(const at::Tensor& lengths, const LayerShape&
   return active;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
-    const at::Tensor& x_in, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih_in,
+// The per-cell policies of the layer drivers below (layer_forward, layer_backward):
+// the gate count, the width of a saved row, whether there is a cell state, and the
+// fused row functions of one active step.
+struct LstmLayerCell {
+  static constexpr const char* kForwardOp = "lstm_layer_forward";
+  static constexpr const char* kBackwardOp = "lstm_layer_backward";
+  static constexpr int64_t kGates = kLstmGates;
+  static constexpr bool kHasCellState = true;       // c, saved after the gates
+  static constexpr bool kSeparateHiddenGrad = false;  // one gate gradient for both GEMMs
+  static int64_t saved_width(int64_t H) { return kLstmGates * H + H; }  // gates | c'
+
+  // c' goes to saved, h' to output, then both to the state.
+  template <typename scalar_t>
+  static void forward_step(scalar_t* saved_row, const scalar_t* hidden_row,
+                           const scalar_t* input_bias, const scalar_t* hidden_bias,
+                           scalar_t* h_row, scalar_t* c_row, int64_t H, scalar_t* output_row) {
+    scalar_t* saved_c_row = saved_row + kLstmGates * H;
+    lstm_row_forward(saved_row, hidden_row, input_bias, hidden_bias, c_row, H, saved_c_row,
+                     output_row);
+    std::copy(output_row, output_row + H, h_row);
+    std::copy(saved_c_row, saved_c_row + H, c_row);
+  }
+  // Frozen: gates 0 and the kept cell state.
+  template <typename scalar_t>
+  static void freeze(scalar_t* saved_row, const scalar_t* c_row, int64_t H) {
+    std::fill(saved_row, saved_row + kLstmGates * H, scalar_t(0));
+    std::copy(c_row, c_row + H, saved_row + kLstmGates * H);
+  }
+  // grad_h of a sequence after an active step: the path through the gates.
+  template <typename scalar_t>
+  static void take_recurrent_grad(const scalar_t* recurrent, const scalar_t* /*scratch*/,
+                                  int64_t H, scalar_t* grad_h) {
+    std::copy(recurrent, recurrent + H, grad_h);
+  }
+  // scratch receives the gradient of c_prev, which then becomes grad_c.
+  template <typename scalar_t>
+  static void backward_step(const scalar_t* grad_h, const scalar_t* grad_output,
+                            const scalar_t* saved_row, const scalar_t* c_prev,
+                            const scalar_t* /*previous_row*/, int64_t H, scalar_t* grad_c,
+                            scalar_t* scratch, scalar_t* grad_gates, scalar_t* /*unused*/) {
+    lstm_row_backward(grad_h, grad_output, grad_c, saved_row, c_prev, saved_row + kLstmGates * H,
+                      H, grad_gates, scratch);
+    std::copy(scratch, scratch + H, grad_c);
+  }
+};
+
+struct GruLayerCell {
+  static constexpr const char* kForwardOp = "gru_layer_forward";
+  static constexpr const char* kBackwardOp = "gru_layer_backward";
+  static constexpr int64_t kGates = kGruGates;
+  static constexpr bool kHasCellState = false;
+  static constexpr bool kSeparateHiddenGrad = true;  // the n gate differs
+  static int64_t saved_width(int64_t H) { return 4 * H; }  // r, z, n, W_hn h + b_hn
+
+  template <typename scalar_t>
+  static void forward_step(scalar_t* saved_row, const scalar_t* hidden_row,
+                           const scalar_t* input_bias, const scalar_t* hidden_bias,
+                           scalar_t* h_row, scalar_t* /*c_row*/, int64_t H, scalar_t* output_row) {
+    gru_row_forward(saved_row, hidden_row, input_bias, hidden_bias, h_row, H, output_row);
+    std::copy(output_row, output_row + H, h_row);
+  }
+  template <typename scalar_t>
+  static void freeze(scalar_t* saved_row, const scalar_t* /*c_row*/, int64_t H) {
+    std::fill(saved_row, saved_row + 4 * H, scalar_t(0));
+  }
+  // The direct part dh' * z (in scratch) plus the path through the gates.
+  template <typename scalar_t>
+  static void take_recurrent_grad(const scalar_t* recurrent, const scalar_t* scratch, int64_t H,
+                                  scalar_t* grad_h) {
+    for (int64_t j = 0; j < H; ++j) {
+      grad_h[j] = scratch[j] + recurrent[j];
+    }
+  }
+  // scratch receives the direct part dh' * z of the gradient of h.
+  template <typename scalar_t>
+  static void backward_step(const scalar_t* grad_h, const scalar_t* grad_output,
+                            const scalar_t* saved_row, const scalar_t* /*c_prev*/,
+                            const scalar_t* previous_row, int64_t H, scalar_t* /*grad_c*/,
+                            scalar_t* scratch, scalar_t* grad_input_gates,
+                            scalar_t* grad_hidden_gates) {
+    gru_row_backward(grad_h, grad_output, saved_row, previous_row, H, grad_input_gates,
+                     grad_hidden_gates, scratch);
+  }
+};
+
+// output, h_n, c_n (undefined without a cell state) and saved of one layer direction.
+template <typename Cell>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
+    const at::Tensor& x_in, const at::Tensor& h0, const at::Tensor* c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih_in,
     const std::optional<at::Tensor>& b_hh_in, const std::optional<at::Tensor>& lengths_in,
     bool reverse) {
-  constexpr const char* op = "lstm_layer_forward";
+  constexpr const char* op = Cell::kForwardOp;
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
-  const LayerShape shape =
-      check_layer(op, x_in, h0, &c0, w_ih, w_hh, b_ih_in, b_hh_in, kLstmGates);
+  const LayerShape shape = check_layer(op, x_in, h0, c0, w_ih, w_hh, b_ih_in, b_hh_in, Cell::kGates);
   const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H;
-  const int64_t G = kLstmGates * H, saved_width = G + H;
+  const int64_t G = Cell::kGates * H, saved_width = Cell::saved_width(H);
   const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
@@ -545,7 +633,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
   input_projection_into(saved.view({T * B, saved_width}).narrow(1, 0, G), x.view({T * B, I}),
                         w_ih);
   at::Tensor h_state = h0.contiguous().clone();  // updated in place, returned as h_n
-  at::Tensor c_state = c0.contiguous().clone();
+  at::Tensor c_state = Cell::kHasCellState ? c0->contiguous().clone() : at::Tensor();
   at::Tensor hidden_gates = at::empty({B, G}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
@@ -555,7 +643,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
     scalar_t* output_data = output.mutable_data_ptr<scalar_t>();
     scalar_t* saved_data = saved.mutable_data_ptr<scalar_t>();
     scalar_t* h_data = h_state.mutable_data_ptr<scalar_t>();
-    scalar_t* c_data = c_state.mutable_data_ptr<scalar_t>();
+    scalar_t* c_data = Cell::kHasCellState ? c_state.mutable_data_ptr<scalar_t>() : nullptr;
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = time_of_step(s, T, reverse);
       at::mm_out(hidden_gates, h_state, w_hh_t);
@@ -564,17 +652,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
           const int64_t row = t * B + b;
           scalar_t* saved_row = saved_data + row * saved_width;
           scalar_t* output_row = output_data + row * H;
-          scalar_t* h_row = h_data + b * H;
-          scalar_t* c_row = c_data + b * H;
-          scalar_t* saved_c_row = saved_row + G;
-          if (t < active[b]) {  // c' goes to saved, h' to output, then both to the state
-            lstm_row_forward(saved_row, hidden_data + b * G, input_bias_data, hidden_bias_data,
-                             c_row, H, saved_c_row, output_row);
-            std::copy(output_row, output_row + H, h_row);
-            std::copy(saved_c_row, saved_c_row + H, c_row);
-          } else {  // frozen: gates 0, the kept cell state, output 0
-            std::fill(saved_row, saved_row + G, scalar_t(0));
-            std::copy(c_row, c_row + H, saved_c_row);
+          scalar_t* c_row = Cell::kHasCellState ? c_data + b * H : nullptr;
+          if (t < active[b]) {
+            Cell::forward_step(saved_row, hidden_data + b * G, input_bias_data, hidden_bias_data,
+                               h_data + b * H, c_row, H, output_row);
+          } else {  // frozen: the state kept, output 0
+            Cell::freeze(saved_row, static_cast<const scalar_t*>(c_row), H);
             std::fill(output_row, output_row + H, scalar_t(0));
           }
         }
@@ -586,7 +669,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
 
 // The hidden state each step started from, (T, B, H): h0 at a sequence's first active
 // step, the previous step's output at later active ones, 0 at inactive steps (whose gate
-// gradients are 0).  Filled per row inside the backward loops.
+// gradients are 0).  Filled per row inside the backward loop.
 template <typename scalar_t>
 inline void previous_hidden_row(const scalar_t* output_data, const scalar_t* h0_data, int64_t s,
                                 int64_t t, int64_t b, bool reverse, const LayerShape& shape,
@@ -602,59 +685,76 @@ inline void previous_hidden_row(const scalar_t* output_data, const scalar_t* h0_
   std::copy(source, source + H, destination);
 }
 
+// grad_x, grad_h0, grad_c0 (undefined without a cell state), grad_w_ih, grad_w_hh,
+// grad_b_ih, grad_b_hh of one layer direction.  grad_c_n and c0 are null without a
+// cell state.
+template <typename Cell>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-lstm_layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
-                    const at::Tensor& grad_c_n_in, const at::Tensor& x_in, const at::Tensor& h0_in,
-                    const at::Tensor& c0_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                    const std::optional<at::Tensor>& b_ih_in,
-                    const std::optional<at::Tensor>& b_hh_in,
-                    const std::optional<at::Tensor>& lengths_in, bool reverse,
-                    const at::Tensor& output_in, const at::Tensor& saved_in) {
-  constexpr const char* op = "lstm_layer_backward";
+layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
+               const at::Tensor* grad_c_n_in, const at::Tensor& x_in, const at::Tensor& h0_in,
+               const at::Tensor* c0_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
+               const std::optional<at::Tensor>& b_ih_in, const std::optional<at::Tensor>& b_hh_in,
+               const std::optional<at::Tensor>& lengths_in, bool reverse,
+               const at::Tensor& output_in, const at::Tensor& saved_in) {
+  constexpr const char* op = Cell::kBackwardOp;
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
   const LayerShape shape =
-      check_layer(op, x_in, h0_in, &c0_in, w_ih, w_hh, b_ih_in, b_hh_in, kLstmGates);
+      check_layer(op, x_in, h0_in, c0_in, w_ih, w_hh, b_ih_in, b_hh_in, Cell::kGates);
   const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H;
-  const int64_t G = kLstmGates * H, saved_width = G + H;
-  const std::pair<const at::Tensor*, const char*> same_dtype[] = {
-      {&grad_output_in, "grad_output"}, {&grad_h_n_in, "grad_h_n"}, {&grad_c_n_in, "grad_c_n"},
-      {&output_in, "output"}, {&saved_in, "saved"}};
+  const int64_t G = Cell::kGates * H, saved_width = Cell::saved_width(H);
+  std::vector<std::pair<const at::Tensor*, const char*>> same_dtype = {
+      {&grad_output_in, "grad_output"}, {&grad_h_n_in, "grad_h_n"}};
+  if (Cell::kHasCellState) {
+    same_dtype.emplace_back(grad_c_n_in, "grad_c_n");
+  }
+  same_dtype.emplace_back(&output_in, "output");
+  same_dtype.emplace_back(&saved_in, "saved");
   for (const auto& [tensor, name] : same_dtype) {
     check_same_dtype(op, x_in, *tensor, name);
   }
   check_shape(op, grad_output_in, {T, B, H}, "grad_output");
   check_shape(op, grad_h_n_in, {B, H}, "grad_h_n");
-  check_shape(op, grad_c_n_in, {B, H}, "grad_c_n");
+  if (Cell::kHasCellState) {
+    check_shape(op, *grad_c_n_in, {B, H}, "grad_c_n");
+  }
   check_shape(op, output_in, {T, B, H}, "output");
   check_shape(op, saved_in, {T, B, saved_width}, "saved");
   const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
 
-  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous();
+  const at::Tensor c0 = Cell::kHasCellState ? c0_in->contiguous() : at::Tensor();
   const at::Tensor grad_output = grad_output_in.contiguous();
   const at::Tensor output = output_in.contiguous(), saved = saved_in.contiguous();
   at::Tensor grad_h = grad_h_n_in.contiguous().clone();  // gradient of the state, walked back
-  at::Tensor grad_c = grad_c_n_in.contiguous().clone();
-  at::Tensor grad_gates = at::empty({T, B, G}, x.options());
+  at::Tensor grad_c = Cell::kHasCellState ? grad_c_n_in->contiguous().clone() : at::Tensor();
+  // Gate gradients of the input pre-activations and of the hidden ones (one buffer when
+  // they are the same).
+  at::Tensor grad_input_gates = at::empty({T, B, G}, x.options());
+  at::Tensor grad_hidden_gates =
+      Cell::kSeparateHiddenGrad ? at::empty({T, B, G}, x.options()) : grad_input_gates;
   at::Tensor previous_hidden = at::empty({T, B, H}, x.options());
-  at::Tensor grad_h_recurrent = at::empty({B, H}, x.options());  // grad_gates[t] @ w_hh
-  at::Tensor grad_c_scratch = at::empty({B, H}, x.options());
+  at::Tensor grad_h_recurrent = at::empty({B, H}, x.options());  // grad_hidden_gates[t] @ w_hh
+  at::Tensor scratch = at::empty({B, H}, x.options());  // per row: see Cell::backward_step
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const scalar_t* grad_output_data = grad_output.const_data_ptr<scalar_t>();
     const scalar_t* output_data = output.const_data_ptr<scalar_t>();
     const scalar_t* saved_data = saved.const_data_ptr<scalar_t>();
     const scalar_t* h0_data = h0.const_data_ptr<scalar_t>();
-    const scalar_t* c0_data = c0.const_data_ptr<scalar_t>();
+    const scalar_t* c0_data = Cell::kHasCellState ? c0.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* recurrent_data = grad_h_recurrent.const_data_ptr<scalar_t>();
     scalar_t* grad_h_data = grad_h.mutable_data_ptr<scalar_t>();
-    scalar_t* grad_c_data = grad_c.mutable_data_ptr<scalar_t>();
-    scalar_t* grad_c_scratch_data = grad_c_scratch.mutable_data_ptr<scalar_t>();
-    scalar_t* grad_gates_data = grad_gates.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_c_data = Cell::kHasCellState ? grad_c.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* scratch_data = scratch.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_input_data = grad_input_gates.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_hidden_data = grad_hidden_gates.mutable_data_ptr<scalar_t>();
     scalar_t* previous_data = previous_hidden.mutable_data_ptr<scalar_t>();
-    // grad_h of sequence b becomes grad_gates[t] @ w_hh after an active step t.
+    // grad_h of sequence b after an active step t (from grad_hidden_gates[t] @ w_hh).
     auto take_recurrent_grad = [&](int64_t t, int64_t b) {
       if (t < active[b]) {
-        std::copy(recurrent_data + b * H, recurrent_data + (b + 1) * H, grad_h_data + b * H);
+        Cell::take_recurrent_grad(recurrent_data + b * H,
+                                  static_cast<const scalar_t*>(scratch_data + b * H), H,
+                                  grad_h_data + b * H);
       }
     };
     for (int64_t s = T - 1; s >= 0; --s) {
@@ -667,182 +767,27 @@ lstm_layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n
             take_recurrent_grad(t_next, b);
           }
           const int64_t row = t * B + b;
-          scalar_t* grad_gates_row = grad_gates_data + row * G;
-          scalar_t* previous_row = previous_data + row * H;
-          if (t < active[b]) {
-            // c_{t-1}: the cell state saved at the previous step (frozen steps save it too).
-            const scalar_t* c_prev =
-                s > 0 ? saved_data + (t_prev * B + b) * saved_width + G : c0_data + b * H;
-            const scalar_t* saved_row = saved_data + row * saved_width;
-            scalar_t* grad_c_row = grad_c_data + b * H;
-            scalar_t* grad_c_prev = grad_c_scratch_data + b * H;
-            lstm_row_backward(grad_h_data + b * H, grad_output_data + row * H, grad_c_row,
-                              saved_row, c_prev, saved_row + G, H, grad_gates_row, grad_c_prev);
-            std::copy(grad_c_prev, grad_c_prev + H, grad_c_row);
-            previous_hidden_row(output_data, h0_data, s, t, b, reverse, shape, active,
-                                previous_row);
-          } else {
-            std::fill(grad_gates_row, grad_gates_row + G, scalar_t(0));
-            std::fill(previous_row, previous_row + H, scalar_t(0));
-          }
-        }
-      });
-      at::mm_out(grad_h_recurrent, grad_gates[t], w_hh);
-    }
-    if (T > 0) {
-      const int64_t t_first = time_of_step(0, T, reverse);
-      for (int64_t b = 0; b < B; ++b) {
-        take_recurrent_grad(t_first, b);
-      }
-    }
-  });
-
-  const at::Tensor grad_gates2d = grad_gates.view({T * B, G});
-  const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
-  at::Tensor grad_b_ih = bias_grad(b_ih, grad_gates2d);
-  at::Tensor grad_b_hh = b_hh.defined() ? (b_ih.defined() ? grad_b_ih.clone() : grad_gates2d.sum(0))
-                                        : at::empty({0}, x.options());
-  return {at::mm(grad_gates2d, w_ih).view({T, B, I}),
-          grad_h,
-          grad_c,
-          at::mm(grad_gates2d.t(), x.view({T * B, I})),
-          at::mm(grad_gates2d.t(), previous_hidden.view({T * B, H})),
-          grad_b_ih,
-          grad_b_hh};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward(
-    const at::Tensor& x_in, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih_in, const std::optional<at::Tensor>& b_hh_in,
-    const std::optional<at::Tensor>& lengths_in, bool reverse) {
-  constexpr const char* op = "gru_layer_forward";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
-  const LayerShape shape =
-      check_layer(op, x_in, h0, nullptr, w_ih, w_hh, b_ih_in, b_hh_in, kGruGates);
-  const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H;
-  const int64_t G = kGruGates * H, saved_width = 4 * H;
-  const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
-  const at::Tensor input_bias = bias_or_zeros(b_ih, G, x.options());
-  const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, x.options());
-  const at::Tensor w_hh_t = w_hh.t();
-
-  at::Tensor output = at::empty({T, B, H}, x.options());
-  at::Tensor saved = at::empty({T, B, saved_width}, x.options());
-  input_projection_into(saved.view({T * B, saved_width}).narrow(1, 0, G), x.view({T * B, I}),
-                        w_ih);
-  at::Tensor h_state = h0.contiguous().clone();
-  at::Tensor hidden_gates = at::empty({B, G}, x.options());
-
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    const scalar_t* hidden_data = hidden_gates.const_data_ptr<scalar_t>();
-    const scalar_t* input_bias_data = input_bias.const_data_ptr<scalar_t>();
-    const scalar_t* hidden_bias_data = hidden_bias.const_data_ptr<scalar_t>();
-    scalar_t* output_data = output.mutable_data_ptr<scalar_t>();
-    scalar_t* saved_data = saved.mutable_data_ptr<scalar_t>();
-    scalar_t* h_data = h_state.mutable_data_ptr<scalar_t>();
-    for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = time_of_step(s, T, reverse);
-      at::mm_out(hidden_gates, h_state, w_hh_t);
-      at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t row = t * B + b;
-          scalar_t* saved_row = saved_data + row * saved_width;
-          scalar_t* output_row = output_data + row * H;
-          scalar_t* h_row = h_data + b * H;
-          if (t < active[b]) {
-            gru_row_forward(saved_row, hidden_data + b * G, input_bias_data, hidden_bias_data,
-                            h_row, H, output_row);
-            std::copy(output_row, output_row + H, h_row);
-          } else {
-            std::fill(saved_row, saved_row + saved_width, scalar_t(0));
-            std::fill(output_row, output_row + H, scalar_t(0));
-          }
-        }
-      });
-    }
-  });
-  return {output, h_state, saved};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gru_layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
-                   const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& w_ih,
-                   const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih_in,
-                   const std::optional<at::Tensor>& b_hh_in,
-                   const std::optional<at::Tensor>& lengths_in, bool reverse,
-                   const at::Tensor& output_in, const at::Tensor& saved_in) {
-  constexpr const char* op = "gru_layer_backward";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
-  const LayerShape shape =
-      check_layer(op, x_in, h0_in, nullptr, w_ih, w_hh, b_ih_in, b_hh_in, kGruGates);
-  const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H;
-  const int64_t G = kGruGates * H, saved_width = 4 * H;
-  const std::pair<const at::Tensor*, const char*> same_dtype[] = {
-      {&grad_output_in, "grad_output"}, {&grad_h_n_in, "grad_h_n"}, {&output_in, "output"},
-      {&saved_in, "saved"}};
-  for (const auto& [tensor, name] : same_dtype) {
-    check_same_dtype(op, x_in, *tensor, name);
-  }
-  check_shape(op, grad_output_in, {T, B, H}, "grad_output");
-  check_shape(op, grad_h_n_in, {B, H}, "grad_h_n");
-  check_shape(op, output_in, {T, B, H}, "output");
-  check_shape(op, saved_in, {T, B, saved_width}, "saved");
-  const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
-
-  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous();
-  const at::Tensor grad_output = grad_output_in.contiguous();
-  const at::Tensor output = output_in.contiguous(), saved = saved_in.contiguous();
-  at::Tensor grad_h = grad_h_n_in.contiguous().clone();
-  at::Tensor grad_input_gates = at::empty({T, B, G}, x.options());
-  at::Tensor grad_hidden_gates = at::empty({T, B, G}, x.options());
-  at::Tensor previous_hidden = at::empty({T, B, H}, x.options());
-  at::Tensor grad_h_recurrent = at::empty({B, H}, x.options());  // grad_hidden_gates[t] @ w_hh
-  at::Tensor grad_h_direct = at::empty({B, H}, x.options());     // dh' * z of the last step
-
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    const scalar_t* grad_output_data = grad_output.const_data_ptr<scalar_t>();
-    const scalar_t* output_data = output.const_data_ptr<scalar_t>();
-    const scalar_t* saved_data = saved.const_data_ptr<scalar_t>();
-    const scalar_t* h0_data = h0.const_data_ptr<scalar_t>();
-    const scalar_t* recurrent_data = grad_h_recurrent.const_data_ptr<scalar_t>();
-    const scalar_t* direct_data = grad_h_direct.const_data_ptr<scalar_t>();
-    scalar_t* grad_h_data = grad_h.mutable_data_ptr<scalar_t>();
-    scalar_t* direct_out = grad_h_direct.mutable_data_ptr<scalar_t>();
-    scalar_t* grad_input_data = grad_input_gates.mutable_data_ptr<scalar_t>();
-    scalar_t* grad_hidden_data = grad_hidden_gates.mutable_data_ptr<scalar_t>();
-    scalar_t* previous_data = previous_hidden.mutable_data_ptr<scalar_t>();
-    // After an active step t, grad_h of sequence b becomes the direct part dh' * z plus
-    // the path through the gates, grad_hidden_gates[t] @ w_hh.
-    auto take_recurrent_grad = [&](int64_t t, int64_t b) {
-      if (t < active[b]) {
-        for (int64_t j = b * H; j < (b + 1) * H; ++j) {
-          grad_h_data[j] = direct_data[j] + recurrent_data[j];
-        }
-      }
-    };
-    for (int64_t s = T - 1; s >= 0; --s) {
-      const int64_t t = time_of_step(s, T, reverse);
-      const int64_t t_next = reverse ? t - 1 : t + 1;
-      at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          if (s < T - 1) {
-            take_recurrent_grad(t_next, b);
-          }
-          const int64_t row = t * B + b;
           scalar_t* grad_input_row = grad_input_data + row * G;
           scalar_t* grad_hidden_row = grad_hidden_data + row * G;
           scalar_t* previous_row = previous_data + row * H;
           if (t < active[b]) {
+            // c_{t-1}: the cell state saved at the previous step (frozen steps save it too).
+            const scalar_t* c_prev = nullptr;
+            if (Cell::kHasCellState) {
+              c_prev = s > 0 ? saved_data + (t_prev * B + b) * saved_width + G : c0_data + b * H;
+            }
             previous_hidden_row(output_data, h0_data, s, t, b, reverse, shape, active,
                                 previous_row);
-            gru_row_backward(grad_h_data + b * H, grad_output_data + row * H,
-                             saved_data + row * saved_width, previous_row, H, grad_input_row,
-                             grad_hidden_row, direct_out + b * H);
+            Cell::backward_step(grad_h_data + b * H, grad_output_data + row * H,
+                                saved_data + row * saved_width, c_prev,
+                                static_cast<const scalar_t*>(previous_row), H,
+                                Cell::kHasCellState ? grad_c_data + b * H : nullptr,
+                                scratch_data + b * H, grad_input_row, grad_hidden_row);
           } else {
             std::fill(grad_input_row, grad_input_row + G, scalar_t(0));
-            std::fill(grad_hidden_row, grad_hidden_row + G, scalar_t(0));
+            if (Cell::kSeparateHiddenGrad) {
+              std::fill(grad_hidden_row, grad_hidden_row + G, scalar_t(0));
+            }
             std::fill(previous_row, previous_row + H, scalar_t(0));
           }
         }
@@ -860,12 +805,63 @@ gru_layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_
   const at::Tensor grad_input2d = grad_input_gates.view({T * B, G});
   const at::Tensor grad_hidden2d = grad_hidden_gates.view({T * B, G});
   const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
+  at::Tensor grad_b_ih = bias_grad(b_ih, grad_input2d);
+  // Shared gate gradients: grad_b_hh equals grad_b_ih, no second sum.
+  at::Tensor grad_b_hh = !Cell::kSeparateHiddenGrad && b_ih.defined() && b_hh.defined()
+                             ? grad_b_ih.clone()
+                             : bias_grad(b_hh, grad_hidden2d);
   return {at::mm(grad_input2d, w_ih).view({T, B, I}),
           grad_h,
+          grad_c,
           at::mm(grad_input2d.t(), x.view({T * B, I})),
           at::mm(grad_hidden2d.t(), previous_hidden.view({T * B, H})),
-          bias_grad(b_ih, grad_input2d),
-          bias_grad(b_hh, grad_hidden2d)};
+          grad_b_ih,
+          grad_b_hh};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
+    const at::Tensor& x_in, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih_in,
+    const std::optional<at::Tensor>& b_hh_in, const std::optional<at::Tensor>& lengths_in,
+    bool reverse) {
+  return layer_forward<LstmLayerCell>(x_in, h0, &c0, w_ih, w_hh, b_ih_in,
+                                      b_hh_in, lengths_in, reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
+                    const at::Tensor& grad_c_n_in, const at::Tensor& x_in, const at::Tensor& h0_in,
+                    const at::Tensor& c0_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                    const std::optional<at::Tensor>& b_ih_in,
+                    const std::optional<at::Tensor>& b_hh_in,
+                    const std::optional<at::Tensor>& lengths_in, bool reverse,
+                    const at::Tensor& output_in, const at::Tensor& saved_in) {
+  return layer_backward<LstmLayerCell>(grad_output_in, grad_h_n_in,
+                                       &grad_c_n_in, x_in, h0_in, &c0_in, w_ih, w_hh, b_ih_in,
+                                       b_hh_in, lengths_in, reverse, output_in, saved_in);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward(
+    const at::Tensor& x_in, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih_in, const std::optional<at::Tensor>& b_hh_in,
+    const std::optional<at::Tensor>& lengths_in, bool reverse) {
+  auto [output, h_n, no_cell_state, saved] = layer_forward<GruLayerCell>(
+      x_in, h0, nullptr, w_ih, w_hh, b_ih_in, b_hh_in, lengths_in, reverse);
+  return {output, h_n, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
+                   const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& w_ih,
+                   const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih_in,
+                   const std::optional<at::Tensor>& b_hh_in,
+                   const std::optional<at::Tensor>& lengths_in, bool reverse,
+                   const at::Tensor& output_in, const at::Tensor& saved_in) {
+  auto [grad_x, grad_h0, no_cell_grad, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
+      layer_backward<GruLayerCell>(grad_output_in, grad_h_n_in, nullptr,
+                                   x_in, h0_in, nullptr, w_ih, w_hh, b_ih_in, b_hh_in,
+                                   lengths_in, reverse, output_in, saved_in);
+  return {grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 
 }  // namespace
