@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install run test bench
+.PHONY: install run test bench cuda-check gpu-check
 
 # torch==2.13.0 only when no torch is installed (a bare `torch` requirement would pull
 # a multi-GB CUDA build); --no-build-isolation so the C++ extension builds against the
@@ -24,3 +24,11 @@ test: install
 
 bench: install
 	$(PYTHON) -m pytest benchmarks --benchmark-only
+
+# Every CUDA translation unit compiled with nvcc for sm_80 and sm_90a (compile only: no GPU needed).
+cuda-check:
+	bash csrc/cuda/nvcc_check.sh
+
+# The one-script GPU proof (../shared/design/GPU.md), for a machine with a GPU.
+gpu-check:
+	bash benchmarks/gpu_check.sh
