@@ -71,17 +71,24 @@ class AttentionDecoderCell(torch.nn.Module):
         cache: AttentionCache,
         *,
         lengths: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DecoderState, torch.Tensor]:
-        """-> (output h~_t (B, hidden_size), new state, attention weights (B, S))."""
+        """-> (output h~_t (B, hidden_size), new state, attention weights (B, S)).
+
+        ``key_padding_mask`` (B, S), True = not attended: e.g. outside a local-m window
+        centred on this step (a single-step query has no t of its own, so ``local="m"``
+        would centre every step on position 0)."""
         checks.float_tensor("y_prev_embedded", y_prev_embedded)
         checks.shape("y_prev_embedded", y_prev_embedded, (None, self.input_size), f"(B, input_size={self.input_size})")
         if state is None:
             state = self.initial_state(y_prev_embedded.shape[0], y_prev_embedded)
         if self.input_feeding:
             hidden, memory = self._step(torch.cat([y_prev_embedded, state.attentional], dim=-1), state)
-            context, weights = self.attention(hidden, cache=cache, lengths=lengths)
+            context, weights = self.attention(hidden, cache=cache, lengths=lengths, key_padding_mask=key_padding_mask)
         else:
-            context, weights = self.attention(state.hidden, cache=cache, lengths=lengths)
+            context, weights = self.attention(
+                state.hidden, cache=cache, lengths=lengths, key_padding_mask=key_padding_mask
+            )
             hidden, memory = self._step(torch.cat([y_prev_embedded, context], dim=-1), state)
         attentional = torch.tanh(self.combine(torch.cat([context, hidden], dim=-1)))
         return attentional, DecoderState(hidden, memory, attentional), weights
