@@ -14,7 +14,9 @@ import warnings
 
 from setuptools import find_packages, setup
 
-CPU_SOURCES = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/cpu/attention.cpp", "csrc/cpu/recurrent.cpp"]
+CPU_SOURCES = [
+    "csrc/module.cpp", "csrc/ops.cpp", "csrc/decoder_step.cpp", "csrc/cpu/attention.cpp", "csrc/cpu/recurrent.cpp",
+]
 
 
 def extension_build():

@@ -71,6 +71,18 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor saved) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh)");
 
+  // One step of fastattn.nn.AttentionDecoderCell (csrc/decoder_step.cpp), composed of
+  // attention_forward (one query; query_weight, when given, projects the state first:
+  // W_q^T for additive) and lstm_cell_forward (c given) or gru_cell_forward (c absent),
+  // then output = tanh([context; h_next] @ w_combine^T).  keys (B, S, Dk), values
+  // (B, S, Dv); c_next is empty for a GRU; weights (B, S).
+  m.def(
+      "attention_decoder_step(Tensor y, Tensor h, Tensor? c, Tensor attentional, Tensor keys, "
+      "Tensor values, Tensor? query_weight, Tensor? v, Tensor? bias, str score, float scale, "
+      "Tensor? lengths, Tensor? key_padding_mask, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor w_combine, bool input_feeding) "
+      "-> (Tensor output, Tensor h_next, Tensor c_next, Tensor weights)");
+
   // The kernels' tanh approximation (csrc/common/fast_tanh.h), float32, for its test.
   m.def("fast_tanh(Tensor x) -> Tensor");
 }

@@ -33,6 +33,10 @@ OPS = (
     "lstm_layer",
     "gru_layer",
 )
+# Ops that fuse a sequence of the ops above.  A backend without a kernel for one runs
+# the sequence instead (the caller composes it), so callers ask :func:`fused`, which
+# answers None rather than raising.
+FUSED_OPS = ("attention_decoder_step",)
 # "auto" tries these in order for tensors on each device type.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 ENVIRONMENT_VARIABLE = "FASTATTN_BACKEND"
@@ -48,7 +52,7 @@ class Implementation:
     device_types: frozenset[str] | None  # None: any device (the reference)
 
 
-_implementations: dict[str, dict[str, Implementation]] = {op: {} for op in OPS}
+_implementations: dict[str, dict[str, Implementation]] = {op: {} for op in OPS + FUSED_OPS}
 # Why a backend cannot run here; a backend absent from this dict is available.
 _unavailable_reasons: dict[str, str] = {
     "cpu": "fastattn was built without the C++ extension (fastattn._C is missing)",
@@ -71,8 +75,8 @@ def _check_name(name: object, argument: str = "name") -> str:
 def register(op: str, backend: str, device_types: tuple[str, ...] | None) -> Callable:
     """Decorator: ``fn`` runs ``op`` on ``backend`` for tensors on ``device_types``
     (``None``: on any device)."""
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if op not in _implementations:
+        raise ValueError(f"op must be one of {OPS + FUSED_OPS}, got {op!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -167,3 +171,12 @@ def implementation(op: str, device_type: str, name: str | None = None) -> Callab
             f"got {device_type} tensors"
         )
     return found.function
+
+
+def fused(op: str, device_type: str) -> Callable | None:
+    """The fused kernel for ``op`` (one of :data:`FUSED_OPS`) of the backend in force,
+    or None when that backend has none for ``device_type`` (the caller then composes)."""
+    chosen = current_backend()
+    if chosen == "auto":
+        chosen = auto_choice(op, device_type)
+    return _implementations[op][chosen].function if _runs(op, chosen, device_type) else None

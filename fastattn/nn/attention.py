@@ -121,12 +121,8 @@ class Attention(torch.nn.Module):
             raise ValueError("Attention needs keys, or a cache from precompute(keys)")
         if cache is not None and keys is not None:
             raise ValueError("give either keys or cache, not both (the cache already holds the keys)")
-        if cache is not None and not isinstance(cache, AttentionCache):
-            raise TypeError(f"cache must be an AttentionCache from precompute(), got {checks.describe(cache)}")
-        if cache is not None and cache.score != self.score:
-            raise ValueError(
-                f"cache was made by an Attention with score {cache.score!r}; this one has score {self.score!r}"
-            )
+        if cache is not None:
+            self.check_cache(cache)
         self._check_input("query", query, self.query_dim)
         cache = self.precompute(keys, values) if cache is None else cache
         layout = layout_of("query", query, "keys", cache.keys)
@@ -152,6 +148,15 @@ class Attention(torch.nn.Module):
                 return_weights=return_weights, **masking,
             )
         return outputs if return_weights else (outputs, None)
+
+    def check_cache(self, cache: object) -> None:
+        """``cache`` must come from the precompute() of an Attention with this score."""
+        if not isinstance(cache, AttentionCache):
+            raise TypeError(f"cache must be an AttentionCache from precompute(), got {checks.describe(cache)}")
+        if cache.score != self.score:
+            raise ValueError(
+                f"cache was made by an Attention with score {cache.score!r}; this one has score {self.score!r}"
+            )
 
     def _check_input(self, name: str, tensor: object, features: int) -> None:
         """A float tensor with ``features`` last, of the dtype and device of the parameters."""

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastattn import checks
+from fastattn import backends, checks
 from fastattn.nn.attention import Attention, AttentionCache
 from fastattn.nn.recurrent import GRUCell, LSTMCell
 
@@ -80,15 +80,45 @@ class AttentionDecoderCell(torch.nn.Module):
         would centre every step on position 0)."""
         checks.float_tensor("y_prev_embedded", y_prev_embedded)
         checks.shape("y_prev_embedded", y_prev_embedded, (None, self.input_size), f"(B, input_size={self.input_size})")
+        self.attention.check_cache(cache)
         if state is None:
             state = self.initial_state(y_prev_embedded.shape[0], y_prev_embedded)
+        else:
+            state = self._checked_state(state, y_prev_embedded)
+        fused_step = backends.fused("attention_decoder_step", y_prev_embedded.device.type)
+        masks = dict(lengths=lengths, key_padding_mask=key_padding_mask)
+        fused = None if fused_step is None else fused_step(self, y_prev_embedded, state, cache, **masks)
+        if fused is not None:
+            attentional, hidden, memory, weights = fused
+            return attentional, DecoderState(hidden, memory, attentional), weights
+        return self._composed_step(y_prev_embedded, state, cache, masks)
+
+    def _checked_state(self, state: object, like: torch.Tensor) -> DecoderState:
+        """A DecoderState (or a 3-tuple) of (B, hidden_size) tensors like ``like``."""
+        if not isinstance(state, tuple) or len(state) != 3:
+            raise TypeError(f"state must be a DecoderState (hidden, cell, attentional) or None, got {checks.describe(state)}")
+        state = DecoderState(*state)
+        meaning = f"(B={like.shape[0]}, hidden_size={self.hidden_size})"
+        is_lstm = isinstance(self.cell, LSTMCell)
+        for name, tensor in zip(DecoderState._fields, state):
+            if name == "cell" and not is_lstm:
+                if tensor is not None:
+                    raise ValueError(f"state.cell must be None for a GRU decoder, got {checks.describe(tensor)}")
+                continue
+            checks.float_tensor(f"state.{name}", tensor)
+            checks.like(f"state.{name}", tensor, "y_prev_embedded", like)
+            checks.shape(f"state.{name}", tensor, (like.shape[0], self.hidden_size), meaning)
+        return state
+
+    def _composed_step(
+        self, y_prev_embedded: torch.Tensor, state: DecoderState, cache: AttentionCache, masks: dict
+    ) -> tuple[torch.Tensor, DecoderState, torch.Tensor]:
+        """The step as a sequence of the attention and cell ops (any backend, any option)."""
         if self.input_feeding:
             hidden, memory = self._step(torch.cat([y_prev_embedded, state.attentional], dim=-1), state)
-            context, weights = self.attention(hidden, cache=cache, lengths=lengths, key_padding_mask=key_padding_mask)
+            context, weights = self.attention(hidden, cache=cache, **masks)
         else:
-            context, weights = self.attention(
-                state.hidden, cache=cache, lengths=lengths, key_padding_mask=key_padding_mask
-            )
+            context, weights = self.attention(state.hidden, cache=cache, **masks)
             hidden, memory = self._step(torch.cat([y_prev_embedded, context], dim=-1), state)
         attentional = torch.tanh(self.combine(torch.cat([context, hidden], dim=-1)))
         return attentional, DecoderState(hidden, memory, attentional), weights

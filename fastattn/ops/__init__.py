@@ -13,7 +13,7 @@ import functools
 import torch
 
 from fastattn import backends
-from fastattn.ops import attention, recurrent
+from fastattn.ops import attention, decoder_step, recurrent
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -58,4 +58,6 @@ def register_backend(name: str, device_types: tuple[str, ...]) -> None:
     """Plug every op into backend ``name`` for tensors on ``device_types``."""
     for op, function in BACKEND_FUNCTIONS.items():
         backends.register(op, name, device_types)(in_float32(function))
+    # Float32/float64 only: it answers None for other dtypes and the module composes.
+    backends.register("attention_decoder_step", name, device_types)(decoder_step.attention_decoder_step)
     backends.mark_available(name)

@@ -1,0 +1,117 @@
+// attention_decoder_step: one step of fastattn.nn.AttentionDecoderCell as one op.
+//
+// Composes the fastattn ops attention_forward and lstm_cell_forward / gru_cell_forward
+// with ATen's GEMMs, in the order of the Luong (input feeding) or Bahdanau step:
+//   input feeding:  s_t = cell([y; h~_{t-1}], s_{t-1});  c_t = attend(s_t)
+//   Bahdanau:       c_t = attend(s_{t-1});  s_t = cell([y; c_t], s_{t-1})
+//   output          h~_t = tanh(W_c [c_t; s_t])
+// attend(s) = attention_forward(s @ query_weight or s, keys, values, ...) over one query.
+// It is registered as CompositeImplicitAutograd: gradients and fake tensors come from
+// the ops it calls, so it has no backward of its own and runs on any device whose
+// kernels those ops have.  What it saves is the per-step Python of the composed module
+// (argument folding and checks, three module calls, concatenations); with grad mode
+// off it also skips the autograd wrappers of the ops it calls.
+// Does not handle: local windows, image-grid keys, float16/bfloat16 (the module
+// composes those in Python).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+namespace fastattn {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+using AttentionForward = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+    c10::string_view, double, const optional<Tensor>&, const optional<Tensor>&, bool, optional<int64_t>,
+    const optional<Tensor>&, bool, bool);
+using LstmCellForward = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
+    const optional<Tensor>&);
+using GruCellForward = std::tuple<Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> fastattn_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+struct StepAttention {
+  const Tensor& keys;
+  const Tensor& values;
+  const optional<Tensor>& query_weight;
+  const optional<Tensor>& v;
+  const optional<Tensor>& bias;
+  c10::string_view score;
+  double scale;
+  const optional<Tensor>& lengths;
+  const optional<Tensor>& key_padding_mask;
+
+  // -> (context (B, Dv), weights (B, S)) for the decoder state s (B, H).
+  std::tuple<Tensor, Tensor> operator()(const Tensor& state) const {
+    static const auto attention_forward = fastattn_op<AttentionForward>("fastattn::attention_forward");
+    const Tensor query = query_weight.has_value() ? at::matmul(state, *query_weight) : state.contiguous();
+    auto [context, weights, logsumexp] = attention_forward.call(
+        query.unsqueeze(1), keys, values, v, bias, score, scale, lengths, key_padding_mask, false, std::nullopt,
+        std::nullopt, false, true);
+    return {context.squeeze(1), weights.squeeze(1)};
+  }
+};
+
+// -> (s_t, LSTM memory c_t or an empty tensor for a GRU).
+std::tuple<Tensor, Tensor> cell_step(
+    const Tensor& x, const Tensor& h, const optional<Tensor>& c, const Tensor& w_ih, const Tensor& w_hh,
+    const optional<Tensor>& b_ih, const optional<Tensor>& b_hh) {
+  if (c.has_value()) {
+    static const auto lstm_cell_forward = fastattn_op<LstmCellForward>("fastattn::lstm_cell_forward");
+    auto [h_next, c_next, saved] = lstm_cell_forward.call(x, h, *c, w_ih, w_hh, b_ih, b_hh);
+    return {h_next, c_next};
+  }
+  static const auto gru_cell_forward = fastattn_op<GruCellForward>("fastattn::gru_cell_forward");
+  auto [h_next, saved] = gru_cell_forward.call(x, h, w_ih, w_hh, b_ih, b_hh);
+  return {h_next, x.new_empty({0})};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> decoder_step(
+    const Tensor& y, const Tensor& h, const optional<Tensor>& c, const Tensor& attentional, const StepAttention& attend,
+    const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+    const Tensor& w_combine, bool input_feeding) {
+  Tensor context, weights, h_next, c_next;
+  if (input_feeding) {
+    std::tie(h_next, c_next) = cell_step(at::cat({y, attentional}, -1), h, c, w_ih, w_hh, b_ih, b_hh);
+    std::tie(context, weights) = attend(h_next);
+  } else {
+    std::tie(context, weights) = attend(h);
+    std::tie(h_next, c_next) = cell_step(at::cat({y, context}, -1), h, c, w_ih, w_hh, b_ih, b_hh);
+  }
+  Tensor output = at::tanh(at::linear(at::cat({context, h_next}, -1), w_combine));
+  return {output, h_next, c_next, weights};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_decoder_step(
+    const Tensor& y, const Tensor& h, const optional<Tensor>& c, const Tensor& attentional, const Tensor& keys,
+    const Tensor& values, const optional<Tensor>& query_weight, const optional<Tensor>& v,
+    const optional<Tensor>& bias, c10::string_view score, double scale, const optional<Tensor>& lengths,
+    const optional<Tensor>& key_padding_mask, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+    const Tensor& w_combine, bool input_feeding) {
+  const StepAttention attend{keys, values, query_weight, v, bias, score, scale, lengths, key_padding_mask};
+  if (at::GradMode::is_enabled()) {
+    return decoder_step(y, h, c, attentional, attend, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding);
+  }
+  // No gradients are recorded, so the ops below may skip their autograd kernels.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return decoder_step(y, h, c, attentional, attend, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding);
+}
+
+}  // namespace
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CompositeImplicitAutograd, m) {
+  m.impl("attention_decoder_step", &fastattn::attention_decoder_step);
+}

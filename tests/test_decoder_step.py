@@ -1,0 +1,146 @@
+"""The fused attention-decoder step (torch.ops.fastattn.attention_decoder_step, backend
+"cpu") against the composed step on the reference backend: every score, LSTM and GRU,
+with and without input feeding, lengths (with an empty source) and a key padding mask;
+outputs, state, weights and gradients; the configurations it leaves to the composed
+step; opcheck; and the state checks every backend shares."""
+
+import itertools
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import backends
+from fastattn.nn.decoder import DecoderState
+from fastattn.ops import decoder_step
+from tests.problems import SCORES
+
+pytestmark = pytest.mark.skipif(
+    backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
+)
+
+BATCH, SOURCE, INPUT, HIDDEN, KEY = 3, 7, 5, 6, 6
+LENGTHS = torch.tensor([7, 0, 3])
+PADDING = torch.tensor([[False] * 6 + [True], [False] * 7, [True, False, True, False, False, False, False]])
+STEPS = 3
+
+
+def make_decoder(score, cell, input_feeding, dtype=torch.float64, **options):
+    torch.manual_seed(0)
+    decoder = fastattn.nn.AttentionDecoderCell(
+        INPUT, HIDDEN, KEY, score=score, cell=cell, input_feeding=input_feeding,
+        max_source_len=SOURCE + 2 if score == "location" else None, **options,
+    )
+    return decoder.to(dtype)
+
+
+def decode(decoder, backend_name, keys, inputs, **masks):
+    """STEPS decoder steps on ``backend_name``; -> (every output, state and weights, the gradients)."""
+    with fastattn.backend(backend_name):
+        cache, state, results = decoder.precompute(keys), None, []
+        for y in inputs:
+            output, state, weights = decoder(y, state, cache, **masks)
+            results += [output, state.hidden, weights] + ([state.cell] if state.cell is not None else [])
+    generator = torch.Generator().manual_seed(1)
+    projection = sum((r * torch.randn(r.shape, generator=generator, dtype=r.dtype)).sum() for r in results)
+    leaves = [keys, *inputs, *decoder.parameters()]
+    return results, torch.autograd.grad(projection, leaves, allow_unused=True)
+
+
+@pytest.mark.parametrize("score, cell, input_feeding", itertools.product(SCORES, ("lstm", "gru"), (True, False)))
+@pytest.mark.parametrize("masks", [{"lengths": LENGTHS}, {"key_padding_mask": PADDING}, {}], ids=["lengths", "padding", "none"])
+def test_fused_step_matches_the_composed_reference(score, cell, input_feeding, masks):
+    decoder = make_decoder(score, cell, input_feeding)
+    keys = torch.randn(BATCH, SOURCE, KEY, dtype=torch.float64, requires_grad=True)
+    inputs = [torch.randn(BATCH, INPUT, dtype=torch.float64, requires_grad=True) for _ in range(STEPS)]
+    expected = decode(decoder, "reference", keys, inputs, **masks)
+    fused = decode(decoder, "cpu", keys, inputs, **masks)
+    torch.testing.assert_close(fused, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_fused_step_in_float32_without_gradients(score):
+    decoder = make_decoder(score, "lstm", False, dtype=torch.float32)
+    keys = torch.randn(BATCH, SOURCE, KEY)
+    y = torch.randn(BATCH, INPUT)
+    outputs = {}
+    for backend_name in ("reference", "cpu"):
+        with torch.no_grad(), fastattn.backend(backend_name):
+            outputs[backend_name] = decoder(y, None, decoder.precompute(keys), lengths=LENGTHS)
+    torch.testing.assert_close(outputs["cpu"], outputs["reference"], rtol=2e-5, atol=2e-5)
+
+
+def test_the_cpu_backend_has_the_fused_step_and_the_reference_composes():
+    with fastattn.backend("cpu"):
+        assert backends.fused("attention_decoder_step", "cpu") is decoder_step.attention_decoder_step
+    with fastattn.backend("reference"):
+        assert backends.fused("attention_decoder_step", "cpu") is None
+    with fastattn.backend("cpu"):  # CUDA tensors: not this backend's kernel
+        assert backends.fused("attention_decoder_step", "cuda") is None
+
+
+@pytest.mark.parametrize(
+    "options, keys_shape, dtype",
+    [
+        ({"window": 2, "local": "m"}, (BATCH, SOURCE, KEY), torch.float32),
+        ({}, (BATCH, 2, 4, KEY), torch.float32),  # image-grid keys
+        ({}, (BATCH, SOURCE, KEY), torch.bfloat16),
+    ],
+    ids=["local-window", "grid-keys", "bfloat16"],
+)
+def test_uncovered_configurations_are_composed(options, keys_shape, dtype):
+    decoder = make_decoder("dot", "lstm", True, dtype=dtype, **options)
+    keys, y = torch.randn(keys_shape, dtype=dtype), torch.randn(BATCH, INPUT, dtype=dtype)
+    cache = decoder.precompute(keys)
+    state = decoder.initial_state(BATCH, y)
+    assert decoder_step.attention_decoder_step(decoder, y, state, cache, lengths=None, key_padding_mask=None) is None
+    with torch.no_grad():
+        results = {}
+        for backend_name in ("reference", "cpu"):
+            with fastattn.backend(backend_name):
+                results[backend_name] = decoder(y, None, cache)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(results["cpu"], results["reference"], **tolerance)
+
+
+def op_arguments(cell, input_feeding, masks):
+    torch.manual_seed(2)
+    gates = 4 if cell == "lstm" else 3
+    fed = HIDDEN if input_feeding else KEY
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    return (
+        leaf(BATCH, INPUT), leaf(BATCH, HIDDEN), leaf(BATCH, HIDDEN) if cell == "lstm" else None, leaf(BATCH, HIDDEN),
+        leaf(BATCH, SOURCE, 4), leaf(BATCH, SOURCE, KEY), leaf(HIDDEN, 4), leaf(4), leaf(4), "additive", 1.0,
+        masks.get("lengths"), masks.get("key_padding_mask"),
+        leaf(gates * HIDDEN, INPUT + fed), leaf(gates * HIDDEN, HIDDEN), leaf(gates * HIDDEN), None,
+        leaf(HIDDEN, KEY + HIDDEN), input_feeding,
+    )
+
+
+@pytest.mark.parametrize("cell, input_feeding", [("lstm", True), ("gru", False)])
+@pytest.mark.parametrize("masks", [{"lengths": LENGTHS}, {"key_padding_mask": PADDING}], ids=["lengths", "padding"])
+def test_opcheck_attention_decoder_step(cell, input_feeding, masks):
+    torch.library.opcheck(torch.ops.fastattn.attention_decoder_step.default, op_arguments(cell, input_feeding, masks))
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
+def test_a_malformed_state_is_named(backend_name):
+    lstm, gru = make_decoder("dot", "lstm", True), make_decoder("dot", "gru", True)
+    keys, y = torch.randn(BATCH, SOURCE, KEY, dtype=torch.float64), torch.randn(BATCH, INPUT, dtype=torch.float64)
+    good = lstm.initial_state(BATCH, y)
+    with fastattn.backend(backend_name):
+        with pytest.raises(ValueError, match=r"state\.hidden must have shape \(B=3, hidden_size=6\)"):
+            lstm(y, good._replace(hidden=torch.zeros(BATCH, HIDDEN + 1, dtype=torch.float64)), lstm.precompute(keys))
+        with pytest.raises(TypeError, match=r"state\.attentional must have the same dtype"):
+            lstm(y, good._replace(attentional=good.attentional.float()), lstm.precompute(keys))
+        with pytest.raises(ValueError, match=r"state\.cell must be None for a GRU"):
+            gru(y, good, gru.precompute(keys))
+        with pytest.raises(TypeError, match=r"state must be a DecoderState"):
+            lstm(y, good.hidden, lstm.precompute(keys))
+        with pytest.raises(ValueError, match=r"cache was made by an Attention with score 'dot'"):
+            make_decoder("general", "lstm", True)(y, None, lstm.precompute(keys))
+        output, state, _ = lstm(y, tuple(good), lstm.precompute(keys))  # a plain 3-tuple is a state too
+        assert isinstance(state, DecoderState) and output.shape == (BATCH, HIDDEN)
