@@ -53,6 +53,7 @@
 #include <vector>
 
 #include "../common/attention_math.h"
+#include "../common/sampling_math.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define FASTATTN_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -1298,38 +1299,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // ---------------------------------------------------------------- sample_positions
 
-// The first j whose running sum of positive weights exceeds u * total (never a
-// zero-weight position); 0 for a row without positive weight.
-template <typename T>
-int64_t draw_position(const T* weights, int64_t size, double uniform) {
-  double total = 0.0;
-  for (int64_t j = 0; j < size; ++j) {
-    const double weight = static_cast<double>(weights[j]);
-    if (weight > 0.0) total += weight;
-  }
-  if (!(total > 0.0) || !std::isfinite(total)) return 0;
-  const double target = uniform * total;
-  double running = 0.0;
-  int64_t last_positive = 0;
-  for (int64_t j = 0; j < size; ++j) {
-    const double weight = static_cast<double>(weights[j]);
-    if (!(weight > 0.0)) continue;
-    last_positive = j;
-    running += weight;
-    if (running > target) return j;
-  }
-  return last_positive;  // rounding left target just above the running total
-}
-
-// The first position of the largest weight.
-template <typename T>
-int64_t argmax_position(const T* weights, int64_t size) {
-  int64_t best = 0;
-  for (int64_t j = 1; j < size; ++j) {
-    if (static_cast<double>(weights[j]) > static_cast<double>(weights[best])) best = j;
-  }
-  return best;
-}
+// Weights of any dtype as double, for fastattn::draw_position / argmax_position
+// (csrc/common/sampling_math.h, shared with the CUDA kernel).
+struct WeightToDouble {
+  template <typename T>
+  double operator()(T weight) const { return static_cast<double>(weight); }
+};
 
 at::Tensor sample_positions_cpu(const at::Tensor& weights, bool sample, std::optional<at::Generator> generator) {
   const char* op = "sample_positions";
@@ -1357,8 +1332,8 @@ at::Tensor sample_positions_cpu(const at::Tensor& weights, bool sample, std::opt
     at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / source_length), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* row_weights = data + row * source_length;
-        chosen[row] = sample ? draw_position(row_weights, source_length, uniforms[row])
-                             : argmax_position(row_weights, source_length);
+        chosen[row] = sample ? fastattn::draw_position(row_weights, source_length, uniforms[row], WeightToDouble{})
+                             : fastattn::argmax_position(row_weights, source_length, WeightToDouble{});
       }
     });
   });

@@ -1,0 +1,380 @@
+// attention_backward.cu: the gradients of attention_forward (attention_backward in
+// csrc/ops.cpp) for the dot, cosine and additive scores, every mask and the local-p
+// Gaussian (grad_center), with the optional gradient of the weights output; float32 /
+// float64 / float16 / bfloat16 inputs, float (double for float64) accumulation.
+//
+// Nothing of the forward is stored but logsumexp: probabilities are recomputed as
+// p = exp(score - logsumexp).  With dw_j = grad_context . v_j (+ grad_weights_j),
+// g_j the Gaussian factor and r = sum_j p_j g_j dw_j, the score gradient is
+// de_j = p_j (g_j dw_j - r), the value gradient p_j g_j grad_context.
+// Two kernels, both deterministic (no atomics), each with tiles of 32 partners:
+//  - backward_rows_kernel, one block per query row: a pass over the row's keys for r
+//    and grad_center, a second pass for grad_query (and, additive, the row's share of
+//    grad_v, summed over rows by the caller; grad_bias is sum of grad_query over rows).
+//  - backward_keys_kernel, one block per (batch, key): a pass over the queries that
+//    see the key for grad_keys and grad_values, using r of the first kernel.
+// In a tile, warps compute the per-pair scalars (a score and dw each: lanes over the
+// feature dimension, 16-byte loads when rows allow), then each thread accumulates the
+// feature elements it owns in shared memory.
+// Not handled: tensor cores; the work is three score passes (about 3x the forward).
+// Shared memory holds 2 D + 2 Dv accumulators (errors beyond the device's limit).
+#include "attention_device.cuh"
+
+namespace fastattn {
+namespace cuda {
+namespace {
+
+template <typename A>
+size_t rows_shared_bytes(const AttentionProblem& p) {
+  const int64_t additive = p.score == ScoreKind::kAdditive ? p.score_dim : 0;
+  return sizeof(A) * static_cast<size_t>(2 * p.score_dim + p.value_dim + additive + 3 * kTile + kWarps + 1);
+}
+
+template <typename A>
+size_t keys_shared_bytes(const AttentionProblem& p) {
+  return sizeof(A) * static_cast<size_t>(2 * p.score_dim + 2 * p.value_dim + 2 * kTile + kWarps);
+}
+
+template <typename T>
+__device__ __forceinline__ Acc<T> grad_weight_of(const AttentionBackwardBuffers& in, int64_t index) {
+  return in.grad_weights != nullptr ? to_acc(static_cast<const T*>(in.grad_weights)[index]) : Acc<T>(0);
+}
+
+template <typename T, ScoreKind kScore, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    backward_rows_kernel(DeviceProblem<T> p, AttentionBackwardBuffers in) {
+  using A = Acc<T>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  A* prepared = reinterpret_cast<A*>(shared_bytes);  // D: the query as the score uses it
+  A* grad_context = prepared + p.score_dim;          // Dv
+  A* grad_query = grad_context + p.value_dim;        // D (cosine: of the unit query)
+  A* grad_v = grad_query + p.score_dim;              // D, additive only
+  A* tile_a = grad_v + (kScore == ScoreKind::kAdditive ? p.score_dim : 0);
+  A* tile_b = tile_a + kTile;
+  A* tile_coefficient = tile_b + kTile;
+  A* reduce_scratch = tile_coefficient + kTile;
+  A* broadcast = reduce_scratch + kWarps;
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t rows = p.batch * p.query_length, D = p.score_dim, Dv = p.value_dim;
+  const A minus_infinity = negative_infinity<A>();
+  const A* logsumexp = static_cast<const A*>(in.logsumexp);
+  T* grad_query_out = static_cast<T*>(in.grad_query);
+  A* grad_v_out = static_cast<A*>(in.grad_v_rows);
+  A* grad_center_out = static_cast<A*>(in.grad_center);
+  A* row_dot_out = static_cast<A*>(in.row_dot);
+
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const A lse = logsumexp[row];
+    if (!(lse > minus_infinity)) {  // fully masked row: zero gradients (uniform branch)
+      for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+        grad_query_out[row * D + d] = from_acc<T>(A(0));
+        if (kScore == ScoreKind::kAdditive) grad_v_out[row * D + d] = A(0);
+      }
+      if (threadIdx.x == 0) {
+        row_dot_out[row] = A(0);
+        if (grad_center_out != nullptr) grad_center_out[row] = A(0);
+      }
+      continue;
+    }
+    const int64_t n = row / p.query_length, t = row % p.query_length;
+    const KeyRange range = p.keys_of(n, t);
+    const A center = p.window_center(n, t);
+    const T* grad_context_row = static_cast<const T*>(in.grad_context) + row * Dv;
+    for (int64_t d = threadIdx.x; d < Dv; d += kThreads) grad_context[d] = to_acc(grad_context_row[d]);
+    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+      grad_query[d] = A(0);
+      if (kScore == ScoreKind::kAdditive) grad_v[d] = A(0);
+    }
+    const A query_norm = load_prepared_query<kScore>(p, row, prepared, reduce_scratch);  // synchronises
+
+    // Pass 1: r = sum_j p_j g_j dw_j and grad_center = sum_j dw_j p_j g_j (j - c) / sigma^2.
+    A row_dot = A(0), center_gradient = A(0);  // thread 0's
+    for (int64_t tile = range.begin; tile < range.end; tile += kTile) {
+      const int count = static_cast<int>(range.end - tile < kTile ? range.end - tile : kTile);
+      for (int c = warp; c < count; c += kWarps) {
+        const int64_t j = tile + c;
+        A to_row_dot = A(0), to_center = A(0);
+        if (!p.is_padding(n, j)) {
+          const A score = score_with_resident_query<kScore, kVec>(p, prepared, p.key_row(n, j));
+          const A dw = warp_dot<kVec>(grad_context, p.value_row(n, j), Dv) +
+                       grad_weight_of<T>(in, row * p.source_length + j);
+          const A weight = exp_of(score - lse) * p.gaussian_of(j, center);
+          to_row_dot = weight * dw;
+          if (p.gaussian) to_center = to_row_dot * gaussian_log_slope<A>(j, center, p.window);
+        }
+        if (lane == 0) {
+          tile_a[c] = to_row_dot;
+          tile_b[c] = to_center;
+        }
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        for (int c = 0; c < count; ++c) {
+          row_dot += tile_a[c];
+          center_gradient += tile_b[c];
+        }
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) broadcast[0] = row_dot;
+    __syncthreads();
+    row_dot = broadcast[0];
+
+    // Pass 2: grad_query (and grad_v) from de_j = p_j (g_j dw_j - r).
+    for (int64_t tile = range.begin; tile < range.end; tile += kTile) {
+      const int count = static_cast<int>(range.end - tile < kTile ? range.end - tile : kTile);
+      for (int c = warp; c < count; c += kWarps) {
+        const int64_t j = tile + c;
+        A coefficient = A(0);
+        if (!p.is_padding(n, j)) {
+          const auto sums = pair_sums<kScore, kVec, T>(prepared, p.key_row(n, j), p.v, D);
+          A score = sums.dot;
+          if (kScore == ScoreKind::kDot) score = sums.dot * p.scale;
+          const A key_norm = kScore == ScoreKind::kCosine ? clamped_norm(sqrt(sums.row_sq)) : A(1);
+          if (kScore == ScoreKind::kCosine) score = p.scale * (sums.dot / key_norm);
+          const A dw = warp_dot<kVec>(grad_context, p.value_row(n, j), Dv) +
+                       grad_weight_of<T>(in, row * p.source_length + j);
+          const A probability = exp_of(score - lse);
+          const A grad_score = softmax_score_gradient(probability, dw * p.gaussian_of(j, center), row_dot);
+          if (kScore == ScoreKind::kDot) coefficient = p.scale * grad_score;
+          if (kScore == ScoreKind::kCosine) coefficient = p.scale * grad_score / key_norm;
+          if (kScore == ScoreKind::kAdditive) coefficient = grad_score;
+        }
+        if (lane == 0) tile_coefficient[c] = coefficient;
+      }
+      __syncthreads();
+      for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
+        A v_part[kVec];
+        if (kScore == ScoreKind::kAdditive) load_pack<kVec>(p.v + d, v_part);
+        for (int c = 0; c < count; ++c) {
+          const A coefficient = tile_coefficient[c];
+          if (coefficient == A(0)) continue;
+          A key[kVec];
+          load_pack<kVec>(p.key_row(n, tile + c) + d, key);
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) {
+            if (kScore == ScoreKind::kAdditive) {
+              const A u = tanh_of(prepared[d + i] + key[i]);
+              grad_query[d + i] += coefficient * v_part[i] * tanh_derivative(u);
+              grad_v[d + i] += coefficient * u;
+            } else {
+              grad_query[d + i] += coefficient * key[i];
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+
+    if (kScore == ScoreKind::kCosine) {  // through q / max(|q|, tiny)
+      const T* query = p.query_row(row);
+      A partial = A(0);
+      for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
+        for (int i = 0; i < kVec; ++i) partial += grad_query[d + i] * to_acc(query[d + i]);
+      }
+      const auto gradient = unit_vector_gradient(query_norm, block_sum(partial, reduce_scratch));
+      for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
+        for (int i = 0; i < kVec; ++i) {
+          grad_query[d + i] = grad_query[d + i] * gradient.along_gradient + gradient.along_input * to_acc(query[d + i]);
+        }
+      }
+    }
+    for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
+      for (int i = 0; i < kVec; ++i) {
+        grad_query_out[row * D + d + i] = from_acc<T>(grad_query[d + i]);
+        if (kScore == ScoreKind::kAdditive) grad_v_out[row * D + d + i] = grad_v[d + i];
+      }
+    }
+    if (threadIdx.x == 0) {
+      row_dot_out[row] = row_dot;
+      if (grad_center_out != nullptr) grad_center_out[row] = center_gradient;
+    }
+    __syncthreads();  // the next row overwrites shared memory
+  }
+}
+
+template <typename T, ScoreKind kScore, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    backward_keys_kernel(DeviceProblem<T> p, AttentionBackwardBuffers in) {
+  using A = Acc<T>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  A* resident = reinterpret_cast<A*>(shared_bytes);  // D: k (+ bias for the additive score)
+  A* value = resident + p.score_dim;                  // Dv
+  A* grad_key = value + p.value_dim;                  // D (cosine: of the unit key)
+  A* grad_value = grad_key + p.score_dim;             // Dv
+  A* tile_coefficient = grad_value + p.value_dim;
+  A* tile_weight = tile_coefficient + kTile;
+  A* reduce_scratch = tile_weight + kTile;
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t S = p.source_length, D = p.score_dim, Dv = p.value_dim, T_ = p.query_length;
+  const A minus_infinity = negative_infinity<A>();
+  const A* logsumexp = static_cast<const A*>(in.logsumexp);
+  const A* row_dot = static_cast<const A*>(in.row_dot);
+  const T* grad_context = static_cast<const T*>(in.grad_context);
+  T* grad_keys_out = static_cast<T*>(in.grad_keys);
+  T* grad_values_out = static_cast<T*>(in.grad_values);
+
+  for (int64_t item = blockIdx.x; item < p.batch * S; item += gridDim.x) {
+    const int64_t n = item / S, j = item % S;
+    if (p.is_padding(n, j)) {  // no query sees it (uniform branch)
+      for (int64_t d = threadIdx.x; d < D; d += kThreads) grad_keys_out[item * D + d] = from_acc<T>(A(0));
+      for (int64_t d = threadIdx.x; d < Dv; d += kThreads) grad_values_out[item * Dv + d] = from_acc<T>(A(0));
+      continue;
+    }
+    const T* key = p.key_row(n, j);
+    A square_sum = A(0);
+    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+      const A k = to_acc(key[d]);
+      square_sum += k * k;
+      resident[d] = kScore == ScoreKind::kAdditive && p.bias != nullptr ? k + to_acc(p.bias[d]) : k;
+      grad_key[d] = A(0);
+    }
+    const T* value_row = p.value_row(n, j);
+    for (int64_t d = threadIdx.x; d < Dv; d += kThreads) {
+      value[d] = to_acc(value_row[d]);
+      grad_value[d] = A(0);
+    }
+    A key_norm = A(0);
+    if (kScore == ScoreKind::kCosine) key_norm = sqrt(block_sum(square_sum, reduce_scratch));
+    __syncthreads();
+
+    for (int64_t tile = 0; tile < T_; tile += kTile) {
+      const int count = static_cast<int>(T_ - tile < kTile ? T_ - tile : kTile);
+      for (int c = warp; c < count; c += kWarps) {
+        const int64_t t = tile + c, row = n * T_ + t;
+        const A lse = logsumexp[row];
+        A coefficient = A(0), weight = A(0);
+        if (lse > minus_infinity && p.keys_of(n, t).contains(j)) {
+          const auto sums = pair_sums<kScore, kVec, T>(resident, p.query_row(row), p.v, D);
+          A score = sums.dot;
+          if (kScore == ScoreKind::kDot) score = sums.dot * p.scale;
+          const A query_norm = kScore == ScoreKind::kCosine ? clamped_norm(sqrt(sums.row_sq)) : A(1);
+          if (kScore == ScoreKind::kCosine) score = p.scale * (sums.dot / query_norm) / clamped_norm(key_norm);
+          const A dw = warp_dot<kVec>(value, grad_context + row * Dv, Dv) + grad_weight_of<T>(in, row * S + j);
+          const A probability = exp_of(score - lse);
+          const A gaussian = p.gaussian_of(j, p.window_center(n, t));
+          const A grad_score = softmax_score_gradient(probability, dw * gaussian, row_dot[row]);
+          weight = probability * gaussian;
+          if (kScore == ScoreKind::kDot) coefficient = p.scale * grad_score;
+          if (kScore == ScoreKind::kCosine) coefficient = p.scale * grad_score / query_norm;
+          if (kScore == ScoreKind::kAdditive) coefficient = grad_score;
+        }
+        if (lane == 0) {
+          tile_coefficient[c] = coefficient;
+          tile_weight[c] = weight;
+        }
+      }
+      __syncthreads();
+      for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
+        A v_part[kVec];
+        if (kScore == ScoreKind::kAdditive) load_pack<kVec>(p.v + d, v_part);
+        for (int c = 0; c < count; ++c) {
+          const A coefficient = tile_coefficient[c];
+          if (coefficient == A(0)) continue;
+          A query[kVec];
+          load_pack<kVec>(p.query_row(n * T_ + tile + c) + d, query);
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) {
+            if (kScore == ScoreKind::kAdditive) {
+              grad_key[d + i] += coefficient * v_part[i] * tanh_derivative(tanh_of(resident[d + i] + query[i]));
+            } else {
+              grad_key[d + i] += coefficient * query[i];
+            }
+          }
+        }
+      }
+      for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < Dv; d += kThreads * kVec) {
+        for (int c = 0; c < count; ++c) {
+          const A weight = tile_weight[c];
+          if (weight == A(0)) continue;
+          A gradient[kVec];
+          load_pack<kVec>(grad_context + (n * T_ + tile + c) * Dv + d, gradient);
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) grad_value[d + i] += weight * gradient[i];
+        }
+      }
+      __syncthreads();
+    }
+
+    if (kScore == ScoreKind::kCosine) {  // through k / max(|k|, tiny)
+      A partial = A(0);
+      for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
+        for (int i = 0; i < kVec; ++i) partial += grad_key[d + i] * to_acc(key[d + i]);
+      }
+      const auto gradient = unit_vector_gradient(key_norm, block_sum(partial, reduce_scratch));
+      for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
+        for (int i = 0; i < kVec; ++i) {
+          grad_key[d + i] = grad_key[d + i] * gradient.along_gradient + gradient.along_input * to_acc(key[d + i]);
+        }
+      }
+    }
+    for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
+      for (int i = 0; i < kVec; ++i) grad_keys_out[item * D + d + i] = from_acc<T>(grad_key[d + i]);
+    }
+    for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < Dv; d += kThreads * kVec) {
+      for (int i = 0; i < kVec; ++i) grad_values_out[item * Dv + d + i] = from_acc<T>(grad_value[d + i]);
+    }
+    __syncthreads();  // the next key overwrites shared memory
+  }
+}
+
+template <typename Kernel>
+cudaError_t launch_with_shared(Kernel kernel, unsigned int blocks, size_t shared, const void* argument0,
+                               const void* argument1, cudaStream_t stream) {
+  if (shared > 48 * 1024) {
+    const cudaError_t status =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+    if (status != cudaSuccess) return status;
+  }
+  void* arguments[] = {const_cast<void*>(argument0), const_cast<void*>(argument1)};
+  return cudaLaunchKernel(reinterpret_cast<const void*>(kernel), dim3(blocks), dim3(kThreads), arguments, shared,
+                          stream);
+}
+
+template <typename T, ScoreKind kScore, int kVec>
+cudaError_t launch_backward_kernels(const AttentionProblem& p, const AttentionBackwardBuffers& in,
+                                    cudaStream_t stream) {
+  using A = Acc<T>;
+  const DeviceProblem<T> device = device_problem<T>(p);
+  const int64_t rows = p.batch * p.query_length, items = p.batch * p.source_length;
+  if (rows > 0) {
+    const cudaError_t status = launch_with_shared(backward_rows_kernel<T, kScore, kVec>, grid_for(rows),
+                                                  rows_shared_bytes<A>(p), &device, &in, stream);
+    if (status != cudaSuccess) return status;
+  }
+  if (items > 0) {
+    return launch_with_shared(backward_keys_kernel<T, kScore, kVec>, grid_for(items), keys_shared_bytes<A>(p),
+                              &device, &in, stream);
+  }
+  return cudaSuccess;
+}
+
+template <typename T, ScoreKind kScore>
+cudaError_t launch_backward_for_score(const AttentionProblem& p, const AttentionBackwardBuffers& in,
+                                      cudaStream_t stream) {
+  if (wide_loads_fit<T>(p, in.grad_context)) return launch_backward_kernels<T, kScore, kWideVec<T>>(p, in, stream);
+  return launch_backward_kernels<T, kScore, 1>(p, in, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_attention_backward(const AttentionProblem& p, const AttentionBackwardBuffers& in,
+                                      cudaStream_t stream) {
+  return dispatch_dtype(p.dtype, [&](auto element) -> cudaError_t {
+    using T = decltype(element);
+    switch (p.score) {
+      case ScoreKind::kDot:
+        return launch_backward_for_score<T, ScoreKind::kDot>(p, in, stream);
+      case ScoreKind::kCosine:
+        return launch_backward_for_score<T, ScoreKind::kCosine>(p, in, stream);
+      case ScoreKind::kAdditive:
+        return launch_backward_for_score<T, ScoreKind::kAdditive>(p, in, stream);
+    }
+    return cudaErrorInvalidValue;
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastattn

@@ -1,0 +1,177 @@
+// attention_device.cuh: the device-side view of an attention problem (typed pointers,
+// masks, the Gaussian) and the warp-level score of one (query, key) pair, shared by
+// attention_forward.cu and attention_backward.cu.  The scalar maths (key ranges,
+// online softmax, tanh, norm floor, unit-vector gradient) is csrc/common/attention_math.h,
+// the same code the CPU kernels run.
+#pragma once
+
+#include "device_common.cuh"
+
+namespace fastattn {
+namespace cuda {
+
+constexpr int kThreads = 128;                  // threads per block of the attention kernels
+constexpr int kWarps = kThreads / kWarpSize;   // warps per block
+constexpr int kTile = 32;                      // partners (keys or queries) per tile
+
+// AttentionProblem with typed pointers.  T: element type, A: accumulation type.
+template <typename T>
+struct DeviceProblem {
+  using A = Acc<T>;
+  int64_t batch, query_length, source_length, score_dim, value_dim;
+  const T* query;
+  const T* keys;
+  int64_t keys_batch_stride;
+  const T* values;
+  int64_t values_batch_stride;
+  const T* v;
+  const T* bias;
+  A scale;
+  const int64_t* lengths;
+  const bool* key_padding_mask;
+  bool causal;
+  int64_t window;
+  const A* center;
+  bool gaussian;
+
+  __device__ const T* query_row(int64_t row) const { return query + row * score_dim; }
+  __device__ const T* key_row(int64_t n, int64_t j) const { return keys + n * keys_batch_stride + j * score_dim; }
+  __device__ const T* value_row(int64_t n, int64_t j) const {
+    return values + n * values_batch_stride + j * value_dim;
+  }
+  __device__ bool is_padding(int64_t n, int64_t j) const {
+    return key_padding_mask != nullptr && key_padding_mask[n * source_length + j];
+  }
+  __device__ A window_center(int64_t n, int64_t t) const {
+    return center != nullptr ? center[n * query_length + t] : static_cast<A>(t);
+  }
+  // The keys [begin, end) query t of batch n may see before key_padding_mask.
+  __device__ KeyRange keys_of(int64_t n, int64_t t) const {
+    const int64_t length = lengths != nullptr ? lengths[n] : source_length;
+    return key_range<A>(t, source_length, length, causal, window, window >= 0 ? window_center(n, t) : A(0));
+  }
+  // The Gaussian factor of key j for query (n, t) (1 without it).
+  __device__ A gaussian_of(int64_t j, A center_value) const {
+    return gaussian ? gaussian_factor<A>(j, center_value, window) : A(1);
+  }
+};
+
+template <typename T>
+DeviceProblem<T> device_problem(const AttentionProblem& p) {
+  DeviceProblem<T> d;
+  d.batch = p.batch;
+  d.query_length = p.query_length;
+  d.source_length = p.source_length;
+  d.score_dim = p.score_dim;
+  d.value_dim = p.value_dim;
+  d.query = static_cast<const T*>(p.query);
+  d.keys = static_cast<const T*>(p.keys);
+  d.keys_batch_stride = p.keys_batch_stride;
+  d.values = static_cast<const T*>(p.values);
+  d.values_batch_stride = p.values_batch_stride;
+  d.v = static_cast<const T*>(p.v);
+  d.bias = static_cast<const T*>(p.bias);
+  d.scale = static_cast<Acc<T>>(p.scale);
+  d.lengths = p.lengths;
+  d.key_padding_mask = p.key_padding_mask;
+  d.causal = p.causal;
+  d.window = p.window;
+  d.center = static_cast<const Acc<T>*>(p.center);
+  d.gaussian = p.gaussian;
+  return d;
+}
+
+// Whether 16-byte loads are safe for every row the kernels read with them: keys,
+// values, queries, grad_context (rows of D or Dv elements) and v.
+template <typename T>
+bool wide_loads_fit(const AttentionProblem& p, const void* grad_context) {
+  constexpr int kVec = kWideVec<T>;
+  auto aligned = [](const void* pointer) { return (reinterpret_cast<uintptr_t>(pointer) & 15u) == 0; };
+  return p.score_dim % kVec == 0 && p.value_dim % kVec == 0 && p.keys_batch_stride % kVec == 0 &&
+         p.values_batch_stride % kVec == 0 && aligned(p.query) && aligned(p.keys) && aligned(p.values) &&
+         (p.v == nullptr || aligned(p.v)) && (grad_context == nullptr || aligned(grad_context));
+}
+
+// Per-lane partial sums of one pair, reduced over the warp by pair_sums.
+template <typename A>
+struct PairSums {
+  A dot;     // dot, cosine: resident . row; additive: v . tanh(resident + row)
+  A row_sq;  // cosine: row . row
+};
+
+// The sums of one pair over the feature dimension `dim`, by one warp (every lane
+// gets them): `resident` is the shared-memory vector of the block (a prepared query
+// or key), `row` a global row (a key or query) read with kVec-wide loads.
+template <ScoreKind kScore, int kVec, typename T>
+__device__ __forceinline__ PairSums<Acc<T>> pair_sums(const Acc<T>* resident, const T* row, const T* v,
+                                                     int64_t dim) {
+  using A = Acc<T>;
+  const int lane = threadIdx.x % kWarpSize;
+  A dot = A(0), row_sq = A(0);
+  for (int64_t d = static_cast<int64_t>(lane) * kVec; d < dim; d += kWarpSize * kVec) {
+    A x[kVec];
+    load_pack<kVec>(row + d, x);
+    if constexpr (kScore == ScoreKind::kAdditive) {
+      A w[kVec];
+      load_pack<kVec>(v + d, w);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) dot += w[i] * tanh_of(resident[d + i] + x[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        dot += resident[d + i] * x[i];
+        if constexpr (kScore == ScoreKind::kCosine) row_sq += x[i] * x[i];
+      }
+    }
+  }
+  PairSums<A> sums;
+  sums.dot = warp_sum(dot);
+  sums.row_sq = kScore == ScoreKind::kCosine ? warp_sum(row_sq) : A(0);
+  return sums;
+}
+
+// resident . row over dim by one warp (every lane gets it): dw = grad_context . value.
+template <int kVec, typename T>
+__device__ __forceinline__ Acc<T> warp_dot(const Acc<T>* resident, const T* row, int64_t dim) {
+  return pair_sums<ScoreKind::kDot, kVec, T>(resident, row, nullptr, dim).dot;
+}
+
+// The score of (query, key) when the query is resident, prepared by
+// load_prepared_query: q (dot), q / max(|q|, tiny) (cosine), q + bias (additive).
+template <ScoreKind kScore, int kVec, typename T>
+__device__ __forceinline__ Acc<T> score_with_resident_query(const DeviceProblem<T>& p, const Acc<T>* query,
+                                                            const T* key) {
+  const auto sums = pair_sums<kScore, kVec, T>(query, key, p.v, p.score_dim);
+  if constexpr (kScore == ScoreKind::kDot) return sums.dot * p.scale;
+  if constexpr (kScore == ScoreKind::kCosine) return p.scale * (sums.dot / clamped_norm(sqrt(sums.row_sq)));
+  return sums.dot;
+}
+
+// Loads query row `row` into shared `prepared` (D elements) as the score uses it and
+// returns |q| (cosine; 0 otherwise).  Ends with the block synchronised.
+template <ScoreKind kScore, typename T>
+__device__ __forceinline__ Acc<T> load_prepared_query(const DeviceProblem<T>& p, int64_t row, Acc<T>* prepared,
+                                                      Acc<T>* reduce_scratch) {
+  using A = Acc<T>;
+  const T* query = p.query_row(row);
+  A square_sum = A(0);
+  for (int64_t d = threadIdx.x; d < p.score_dim; d += blockDim.x) {
+    A q = to_acc(query[d]);
+    if constexpr (kScore == ScoreKind::kAdditive) {
+      if (p.bias != nullptr) q += to_acc(p.bias[d]);
+    }
+    square_sum += q * q;
+    prepared[d] = q;
+  }
+  A norm = A(0);
+  if constexpr (kScore == ScoreKind::kCosine) {
+    norm = sqrt(block_sum(square_sum, reduce_scratch));
+    const A clamped = clamped_norm(norm);
+    for (int64_t d = threadIdx.x; d < p.score_dim; d += blockDim.x) prepared[d] = prepared[d] / clamped;
+  }
+  __syncthreads();
+  return norm;
+}
+
+}  // namespace cuda
+}  // namespace fastattn

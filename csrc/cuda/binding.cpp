@@ -1,0 +1,761 @@
+// binding.cpp: the CUDA kernels of csrc/cuda/*.cu as torch ops (TORCH_LIBRARY_IMPL for
+// the schemas of csrc/ops.cpp).  Compiled only when torch has CUDA (setup.py).
+//
+// For each op: check the arguments (device, dtype, shapes: a ValueError / TypeError
+// naming the argument), make the layouts the kernels expect, allocate outputs and
+// scratch with ATen, and launch on the current CUDA stream (no stream, event or handle
+// of our own).  The GEMMs of the recurrent ops (input projection of all steps at once,
+// h W_hh^T per step, the weight gradients) are ATen matmuls; the pointwise step runs
+// in recurrent_pointwise.cu.  Attention computes float16 / bfloat16 natively (float
+// accumulation); the recurrent ops compute them in float32 and return the input dtype.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+
+#include "launch.h"
+
+namespace fastattn {
+namespace cuda {
+namespace {
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void check_launch(const char* op, cudaError_t status) {
+  TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(status),
+              " (a feature dimension too large for the kernels' shared memory gives 'invalid argument')");
+}
+
+bool present(const OptionalTensor& tensor) { return tensor.has_value() && tensor->defined(); }
+
+DType dtype_of(const char* op, const char* name, const at::Tensor& tensor) {
+  switch (tensor.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kDouble:
+      return DType::kFloat64;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
+                       tensor.scalar_type());
+  }
+}
+
+at::ScalarType accumulation_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_on(const char* op, const char* name, const at::Tensor& tensor, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(tensor.device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ",
+                    tensor.device());
+}
+
+void check_like(const char* op, const char* name, const at::Tensor& tensor, const at::Tensor& like) {
+  check_on(op, name, tensor, like);
+  TORCH_CHECK_TYPE(tensor.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ",
+                   like.scalar_type(), ", got ", tensor.scalar_type());
+}
+
+void check_shape(const char* op, const char* name, const at::Tensor& tensor, at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(tensor.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ",
+                    tensor.sizes());
+}
+
+// (N, S, D) with contiguous rows, a batch stride of 0 kept (keys shared by the batch).
+at::Tensor with_contiguous_rows(const at::Tensor& t) {
+  const bool rows_contiguous = (t.size(2) <= 1 || t.stride(2) == 1) && (t.size(1) <= 1 || t.stride(1) == t.size(2));
+  if (rows_contiguous) return t;
+  if (t.size(0) > 1 && t.stride(0) == 0) return t.select(0, 0).contiguous().unsqueeze(0).expand(t.sizes());
+  return t.contiguous();
+}
+
+int multiprocessor_count(const at::Tensor& on) {
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, on.device().index()) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  return count;
+}
+
+// ---------------------------------------------------------------- attention
+
+// The checked attention inputs; the tensors keep the problem's pointers alive.
+struct PreparedAttention {
+  AttentionProblem problem;
+  at::Tensor query, keys, values, v, bias, lengths, key_padding_mask, center;
+};
+
+PreparedAttention prepare_attention(const char* op, const at::Tensor& query, const at::Tensor& keys,
+                                    const at::Tensor& values, const OptionalTensor& v, const OptionalTensor& bias,
+                                    std::string_view score, double scale, const OptionalTensor& lengths,
+                                    const OptionalTensor& key_padding_mask, bool causal,
+                                    std::optional<int64_t> window, const OptionalTensor& center, bool gaussian) {
+  PreparedAttention in;
+  AttentionProblem& p = in.problem;
+  if (score == "dot") {
+    p.score = ScoreKind::kDot;
+  } else if (score == "cosine") {
+    p.score = ScoreKind::kCosine;
+  } else if (score == "additive") {
+    p.score = ScoreKind::kAdditive;
+  } else {
+    TORCH_CHECK_VALUE(false, op, ": score must be \"dot\", \"cosine\" or \"additive\", got \"", std::string(score),
+                      "\"");
+  }
+  TORCH_CHECK_VALUE(query.is_cuda(), op, ": query must be a CUDA tensor, got one on ", query.device());
+  p.dtype = dtype_of(op, "query", query);
+  check_like(op, "keys", keys, query);
+  check_like(op, "values", values, query);
+  TORCH_CHECK_VALUE(query.dim() == 3, op, ": query must be (N, T, D), got shape ", query.sizes());
+  TORCH_CHECK_VALUE(keys.dim() == 3 && keys.size(0) == query.size(0) && keys.size(2) == query.size(2), op,
+                    ": keys must be (N=", query.size(0), ", S, D=", query.size(2), "), got shape ", keys.sizes());
+  TORCH_CHECK_VALUE(values.dim() == 3 && values.size(0) == query.size(0) && values.size(1) == keys.size(1), op,
+                    ": values must be (N=", query.size(0), ", S=", keys.size(1), ", Dv), got shape ",
+                    values.sizes());
+  p.batch = query.size(0);
+  p.query_length = query.size(1);
+  p.source_length = keys.size(1);
+  p.score_dim = query.size(2);
+  p.value_dim = values.size(2);
+  p.scale = scale;
+  p.causal = causal;
+
+  in.query = query.contiguous();
+  in.keys = with_contiguous_rows(keys);
+  in.values = with_contiguous_rows(values);
+  p.query = in.query.const_data_ptr();
+  p.keys = in.keys.const_data_ptr();
+  p.keys_batch_stride = in.keys.stride(0);
+  p.values = in.values.const_data_ptr();
+  p.values_batch_stride = in.values.stride(0);
+
+  if (p.score == ScoreKind::kAdditive) {
+    TORCH_CHECK_VALUE(present(v), op, ": score \"additive\" needs v of shape (Da=", p.score_dim, ",)");
+    check_like(op, "v", *v, query);
+    check_shape(op, "v", *v, {p.score_dim});
+    in.v = v->contiguous();
+    p.v = in.v.const_data_ptr();
+    if (present(bias)) {
+      check_like(op, "bias", *bias, query);
+      check_shape(op, "bias", *bias, {p.score_dim});
+      in.bias = bias->contiguous();
+      p.bias = in.bias.const_data_ptr();
+    }
+  } else {
+    TORCH_CHECK_VALUE(!present(v) && !present(bias), op,
+                      ": v and bias are parameters of the additive score only, got them with score \"",
+                      std::string(score), "\"");
+  }
+  if (present(lengths)) {
+    TORCH_CHECK_TYPE(at::isIntegralType(lengths->scalar_type(), /*includeBool=*/false), op,
+                     ": lengths must be an integer tensor, got ", lengths->scalar_type());
+    check_shape(op, "lengths", *lengths, {p.batch});
+    in.lengths = lengths->to(query.device(), at::kLong).contiguous();
+    p.lengths = in.lengths.const_data_ptr<int64_t>();
+  }
+  if (present(key_padding_mask)) {
+    TORCH_CHECK_TYPE(key_padding_mask->scalar_type() == at::kBool, op, ": key_padding_mask must be bool, got ",
+                     key_padding_mask->scalar_type());
+    check_shape(op, "key_padding_mask", *key_padding_mask, {p.batch, p.source_length});
+    in.key_padding_mask = key_padding_mask->to(query.device()).contiguous();
+    p.key_padding_mask = in.key_padding_mask.const_data_ptr<bool>();
+  }
+  if (window.has_value()) {
+    TORCH_CHECK_VALUE(*window >= 0, op, ": window must be >= 0, got ", *window);
+    p.window = *window;
+  }
+  if (present(center)) {
+    check_like(op, "center", *center, query);
+    TORCH_CHECK_VALUE(window.has_value(), op, ": center (local-p attention) needs window");
+    check_shape(op, "center", *center, {p.batch, p.query_length});
+    in.center = center->to(accumulation_dtype(query.scalar_type())).contiguous();
+    p.center = in.center.const_data_ptr();
+  }
+  p.gaussian = gaussian;
+  TORCH_CHECK_VALUE(!gaussian || p.window >= 1, op, ": gaussian needs window >= 1 (sigma = window / 2), got ",
+                    window.has_value() ? std::to_string(*window) : std::string("None"));
+  return in;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
+    const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, const OptionalTensor& v,
+    const OptionalTensor& bias, std::string_view score, double scale, const OptionalTensor& lengths,
+    const OptionalTensor& key_padding_mask, bool causal, std::optional<int64_t> window, const OptionalTensor& center,
+    bool gaussian, bool return_weights) {
+  const char* op = "attention_forward";
+  const PreparedAttention in = prepare_attention(op, query, keys, values, v, bias, score, scale, lengths,
+                                                 key_padding_mask, causal, window, center, gaussian);
+  const AttentionProblem& p = in.problem;
+  const c10::cuda::CUDAGuard device_guard(query.device());
+  const auto options = query.options();
+  const auto accumulate = options.dtype(accumulation_dtype(query.scalar_type()));
+  at::Tensor context = at::empty({p.batch, p.query_length, p.value_dim}, options);
+  at::Tensor logsumexp = at::empty({p.batch, p.query_length}, accumulate);
+  at::Tensor weights = at::empty({0}, options);
+  at::Tensor scores, partial_context, partial_max, partial_sum;
+  AttentionForwardBuffers out;
+  out.context = context.mutable_data_ptr();
+  out.logsumexp = logsumexp.mutable_data_ptr();
+  if (return_weights) {
+    weights = at::empty({p.batch, p.query_length, p.source_length}, options);
+    scores = at::full({p.batch, p.query_length, p.source_length}, -INFINITY, accumulate);
+    out.weights = weights.mutable_data_ptr();
+    out.scores = scores.mutable_data_ptr();
+  }
+  out.splits = attention_forward_splits(p, multiprocessor_count(query));
+  if (out.splits > 1) {
+    const int64_t rows = p.batch * p.query_length;
+    partial_context = at::empty({rows, out.splits, p.value_dim}, accumulate);
+    partial_max = at::empty({rows, out.splits}, accumulate);
+    partial_sum = at::empty({rows, out.splits}, accumulate);
+    out.partial_context = partial_context.mutable_data_ptr();
+    out.partial_max = partial_max.mutable_data_ptr();
+    out.partial_sum = partial_sum.mutable_data_ptr();
+  }
+  check_launch(op, launch_attention_forward(p, out, current_stream()));
+  return {context, weights, logsumexp};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_context, const OptionalTensor& grad_weights, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& values, const OptionalTensor& v, const OptionalTensor& bias,
+    std::string_view score, double scale, const OptionalTensor& lengths, const OptionalTensor& key_padding_mask,
+    bool causal, std::optional<int64_t> window, const OptionalTensor& center, bool gaussian,
+    const at::Tensor& logsumexp) {
+  const char* op = "attention_backward";
+  const PreparedAttention in = prepare_attention(op, query, keys, values, v, bias, score, scale, lengths,
+                                                 key_padding_mask, causal, window, center, gaussian);
+  const AttentionProblem& p = in.problem;
+  const auto options = query.options();
+  const auto accumulate = options.dtype(accumulation_dtype(query.scalar_type()));
+  check_like(op, "grad_context", grad_context, query);
+  check_shape(op, "grad_context", grad_context, {p.batch, p.query_length, p.value_dim});
+  check_on(op, "logsumexp", logsumexp, query);
+  TORCH_CHECK_TYPE(logsumexp.scalar_type() == accumulation_dtype(query.scalar_type()), op, ": logsumexp must be ",
+                   accumulation_dtype(query.scalar_type()),
+                   " (the accumulation dtype), got ", logsumexp.scalar_type());
+  check_shape(op, "logsumexp", logsumexp, {p.batch, p.query_length});
+  const c10::cuda::CUDAGuard device_guard(query.device());
+  const at::Tensor grad_context_ = grad_context.contiguous();
+  const at::Tensor logsumexp_ = logsumexp.contiguous();
+  at::Tensor grad_weights_;
+  if (present(grad_weights)) {
+    check_like(op, "grad_weights", *grad_weights, query);
+    check_shape(op, "grad_weights", *grad_weights, {p.batch, p.query_length, p.source_length});
+    grad_weights_ = grad_weights->contiguous();
+  }
+  const bool additive = p.score == ScoreKind::kAdditive;
+  const bool wants_center = gaussian && in.center.defined();
+  at::Tensor grad_query = at::empty({p.batch, p.query_length, p.score_dim}, options);
+  at::Tensor grad_keys = at::empty({p.batch, p.source_length, p.score_dim}, options);
+  at::Tensor grad_values = at::empty({p.batch, p.source_length, p.value_dim}, options);
+  at::Tensor grad_center = wants_center ? at::empty({p.batch, p.query_length}, accumulate) : at::Tensor();
+  at::Tensor grad_v_rows = additive ? at::empty({p.batch, p.query_length, p.score_dim}, accumulate) : at::Tensor();
+  at::Tensor row_dot = at::empty({p.batch, p.query_length}, accumulate);
+  AttentionBackwardBuffers buffers;
+  buffers.grad_context = grad_context_.const_data_ptr();
+  buffers.grad_weights = grad_weights_.defined() ? grad_weights_.const_data_ptr() : nullptr;
+  buffers.logsumexp = logsumexp_.const_data_ptr();
+  buffers.grad_query = grad_query.mutable_data_ptr();
+  buffers.grad_keys = grad_keys.mutable_data_ptr();
+  buffers.grad_values = grad_values.mutable_data_ptr();
+  buffers.grad_center = wants_center ? grad_center.mutable_data_ptr() : nullptr;
+  buffers.grad_v_rows = additive ? grad_v_rows.mutable_data_ptr() : nullptr;
+  buffers.row_dot = row_dot.mutable_data_ptr();
+  check_launch(op, launch_attention_backward(p, buffers, current_stream()));
+
+  const auto empty = [&] { return at::empty({0}, options); };  // absent gradients must not alias
+  at::Tensor grad_v = additive ? grad_v_rows.sum({0, 1}).to(query.scalar_type()) : empty();
+  at::Tensor grad_bias =
+      additive && in.bias.defined() ? grad_query.sum({0, 1}, false, accumulation_dtype(query.scalar_type())).to(query.scalar_type()) : empty();
+  return {grad_query, grad_keys, grad_values, grad_v, grad_bias,
+          wants_center ? grad_center.to(query.scalar_type()) : empty()};
+}
+
+at::Tensor sample_positions_cuda(const at::Tensor& weights, bool sample, std::optional<at::Generator> generator) {
+  const char* op = "sample_positions";
+  TORCH_CHECK_VALUE(weights.is_cuda(), op, ": weights must be a CUDA tensor, got one on ", weights.device());
+  const DType dtype = dtype_of(op, "weights", weights);
+  TORCH_CHECK_VALUE(weights.dim() == 3, op, ": weights must be (N, T, S), got shape ", weights.sizes());
+  const c10::cuda::CUDAGuard device_guard(weights.device());
+  const at::Tensor rows_of_weights = weights.contiguous();
+  const int64_t rows = weights.size(0) * weights.size(1), source_length = weights.size(2);
+  at::Tensor index = at::empty({weights.size(0), weights.size(1)}, weights.options().dtype(at::kLong));
+  at::Tensor uniforms;
+  if (sample && rows > 0) uniforms = at::rand({rows}, generator, weights.options().dtype(at::kDouble));
+  check_launch(op, launch_sample_positions(dtype, rows_of_weights.const_data_ptr(), rows, source_length,
+                                           uniforms.defined() ? uniforms.const_data_ptr<double>() : nullptr,
+                                           index.mutable_data_ptr<int64_t>(), current_stream()));
+  return index;
+}
+
+at::Tensor fast_tanh_cuda(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "fast_tanh: x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "fast_tanh: x must be float32, got ", x.scalar_type());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::Tensor input = x.contiguous();
+  at::Tensor output = at::empty_like(input);
+  check_launch("fast_tanh", launch_fast_tanh(input.const_data_ptr<float>(), output.mutable_data_ptr<float>(),
+                                             input.numel(), current_stream()));
+  return output;
+}
+
+// ---------------------------------------------------------------- recurrent
+
+constexpr int64_t kLstmGates = 4, kGruGates = 3;
+
+// The dtype the recurrent kernels compute in: float64 stays, the others run in float32.
+at::ScalarType recurrent_dtype(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
+  dtype_of(op, "x", x);
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+DType kernel_dtype(at::ScalarType compute) { return compute == at::kDouble ? DType::kFloat64 : DType::kFloat32; }
+
+at::Tensor compute_in(const at::Tensor& t, at::ScalarType compute) {
+  return t.defined() ? t.to(compute).contiguous() : t;
+}
+at::Tensor compute_in(const OptionalTensor& t, at::ScalarType compute) {
+  return present(t) ? t->to(compute).contiguous() : at::Tensor();
+}
+
+const void* pointer_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+void check_weights(const char* op, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                   const OptionalTensor& b_ih, const OptionalTensor& b_hh, int64_t gate_rows, int64_t input_size,
+                   int64_t hidden_in) {
+  check_like(op, "w_ih", w_ih, x);
+  check_like(op, "w_hh", w_hh, x);
+  check_shape(op, "w_ih", w_ih, {gate_rows, input_size});
+  check_shape(op, "w_hh", w_hh, {gate_rows, hidden_in});
+  if (present(b_ih)) {
+    check_like(op, "b_ih", *b_ih, x);
+    check_shape(op, "b_ih", *b_ih, {gate_rows});
+  }
+  if (present(b_hh)) {
+    check_like(op, "b_hh", *b_hh, x);
+    check_shape(op, "b_hh", *b_hh, {gate_rows});
+  }
+}
+
+at::Tensor bias_grad(const OptionalTensor& bias, const at::Tensor& grad_gates2d, at::ScalarType dtype) {
+  return present(bias) ? grad_gates2d.sum(0).to(dtype) : at::empty({0}, grad_gates2d.options().dtype(dtype));
+}
+
+void check_all_like(const char* op, const at::Tensor& x,
+                    std::initializer_list<std::pair<const at::Tensor*, const char*>> list) {
+  for (const auto& [tensor, name] : list) check_like(op, name, *tensor, x);
+}
+
+RecurrentStep step_of(at::ScalarType compute, int64_t batch, int64_t hidden, const at::Tensor& lengths, int64_t t) {
+  RecurrentStep step;
+  step.dtype = kernel_dtype(compute);
+  step.batch = batch;
+  step.hidden = hidden;
+  step.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+  step.time = t;
+  return step;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(const at::Tensor& x_in, const at::Tensor& h_in,
+                                                                      const at::Tensor& c_in, const at::Tensor& w_ih_in,
+                                                                      const at::Tensor& w_hh_in,
+                                                                      const OptionalTensor& b_ih_in,
+                                                                      const OptionalTensor& b_hh_in) {
+  const char* op = "lstm_cell_forward";
+  const at::ScalarType compute = recurrent_dtype(op, x_in);
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && h_in.dim() == 2 && c_in.dim() == 2, op,
+                    ": x, h and c must be 2-D (B, features), got shapes ", x_in.sizes(), ", ", h_in.sizes(), ", ",
+                    c_in.sizes());
+  check_all_like(op, x_in, {{&h_in, "h"}, {&c_in, "c"}});
+  const int64_t B = x_in.size(0), I = x_in.size(1), H = c_in.size(1), hidden_in = h_in.size(1);
+  check_shape(op, "h", h_in, {B, hidden_in});
+  check_shape(op, "c", c_in, {B, H});
+  check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kLstmGates * H, I, hidden_in);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor x = compute_in(x_in, compute), h = compute_in(h_in, compute);
+  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
+  const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
+  const at::Tensor hidden_gates = at::mm(h, w_hh.t());
+  at::Tensor saved = at::mm(x, w_ih.t());
+  at::Tensor c_next = compute_in(c_in, compute).clone();
+  at::Tensor h_next = at::empty({B, H}, c_next.options());
+  check_launch(op, launch_lstm_step_forward(step_of(compute, B, H, at::Tensor(), 0), saved.mutable_data_ptr(),
+                                            kLstmGates * H, hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
+                                            pointer_or_null(b_hh), c_next.mutable_data_ptr(),
+                                            h_next.mutable_data_ptr(), nullptr, nullptr, current_stream()));
+  const auto dtype = x_in.scalar_type();
+  return {h_next.to(dtype), c_next.to(dtype), saved.to(dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_cuda(
+    const at::Tensor& grad_h_next_in, const at::Tensor& grad_c_next_in, const at::Tensor& x_in,
+    const at::Tensor& h_in, const at::Tensor& c_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+    const OptionalTensor& b_ih_in, const OptionalTensor& b_hh_in, const at::Tensor& c_next_in,
+    const at::Tensor& saved_in) {
+  const char* op = "lstm_cell_backward";
+  const at::ScalarType compute = recurrent_dtype(op, x_in);
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && h_in.dim() == 2 && c_in.dim() == 2, op,
+                    ": x, h and c must be 2-D (B, features), got shapes ", x_in.sizes(), ", ", h_in.sizes(), ", ",
+                    c_in.sizes());
+  check_all_like(op, x_in, {{&h_in, "h"}, {&c_in, "c"}, {&grad_h_next_in, "grad_h_next"},
+                            {&grad_c_next_in, "grad_c_next"}, {&c_next_in, "c_next"}, {&saved_in, "saved"}});
+  const int64_t B = x_in.size(0), I = x_in.size(1), H = c_in.size(1), hidden_in = h_in.size(1);
+  check_shape(op, "h", h_in, {B, hidden_in});
+  check_shape(op, "c", c_in, {B, H});
+  check_shape(op, "grad_h_next", grad_h_next_in, {B, H});
+  check_shape(op, "grad_c_next", grad_c_next_in, {B, H});
+  check_shape(op, "c_next", c_next_in, {B, H});
+  check_shape(op, "saved", saved_in, {B, kLstmGates * H});
+  check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kLstmGates * H, I, hidden_in);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor x = compute_in(x_in, compute), h = compute_in(h_in, compute), c = compute_in(c_in, compute);
+  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
+  const at::Tensor grad_h_next = compute_in(grad_h_next_in, compute);
+  const at::Tensor c_next = compute_in(c_next_in, compute), saved = compute_in(saved_in, compute);
+  at::Tensor grad_c = compute_in(grad_c_next_in, compute).clone();
+  at::Tensor grad_gates = at::empty({B, kLstmGates * H}, x.options());
+  check_launch(op, launch_lstm_step_backward(step_of(compute, B, H, at::Tensor(), 0), grad_h_next.const_data_ptr(),
+                                             nullptr, grad_c.mutable_data_ptr(), saved.const_data_ptr(),
+                                             kLstmGates * H, c.const_data_ptr(), H, c_next.const_data_ptr(), H,
+                                             grad_gates.mutable_data_ptr(), current_stream()));
+  const auto dtype = x_in.scalar_type();
+  return {at::mm(grad_gates, w_ih).to(dtype),         at::mm(grad_gates, w_hh).to(dtype),
+          grad_c.to(dtype),                           at::mm(grad_gates.t(), x).to(dtype),
+          at::mm(grad_gates.t(), h).to(dtype),        bias_grad(b_ih_in, grad_gates, dtype),
+          bias_grad(b_hh_in, grad_gates, dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_cell_forward_cuda(const at::Tensor& x_in, const at::Tensor& h_in,
+                                                         const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+                                                         const OptionalTensor& b_ih_in, const OptionalTensor& b_hh_in) {
+  const char* op = "gru_cell_forward";
+  const at::ScalarType compute = recurrent_dtype(op, x_in);
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && h_in.dim() == 2, op, ": x and h must be 2-D (B, features), got shapes ",
+                    x_in.sizes(), ", ", h_in.sizes());
+  check_like(op, "h", h_in, x_in);
+  const int64_t B = x_in.size(0), I = x_in.size(1), H = h_in.size(1);
+  check_shape(op, "h", h_in, {B, H});
+  check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kGruGates * H, I, H);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor x = compute_in(x_in, compute);
+  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
+  const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
+  at::Tensor h_next = compute_in(h_in, compute).clone();
+  const at::Tensor hidden_gates = at::mm(h_next, w_hh.t());
+  at::Tensor saved = at::empty({B, 4 * H}, x.options());
+  at::Tensor input_gates = saved.narrow(1, 0, kGruGates * H);
+  at::mm_out(input_gates, x, w_ih.t());
+  check_launch(op, launch_gru_step_forward(step_of(compute, B, H, at::Tensor(), 0), saved.mutable_data_ptr(),
+                                           hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
+                                           pointer_or_null(b_hh), h_next.mutable_data_ptr(), nullptr,
+                                           current_stream()));
+  const auto dtype = x_in.scalar_type();
+  return {h_next.to(dtype), saved.to(dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_cell_backward_cuda(
+    const at::Tensor& grad_h_next_in, const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& w_ih_in,
+    const at::Tensor& w_hh_in, const OptionalTensor& b_ih_in, const OptionalTensor& b_hh_in,
+    const at::Tensor& saved_in) {
+  const char* op = "gru_cell_backward";
+  const at::ScalarType compute = recurrent_dtype(op, x_in);
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && h_in.dim() == 2, op, ": x and h must be 2-D (B, features), got shapes ",
+                    x_in.sizes(), ", ", h_in.sizes());
+  check_all_like(op, x_in, {{&h_in, "h"}, {&grad_h_next_in, "grad_h_next"}, {&saved_in, "saved"}});
+  const int64_t B = x_in.size(0), I = x_in.size(1), H = h_in.size(1);
+  check_shape(op, "h", h_in, {B, H});
+  check_shape(op, "grad_h_next", grad_h_next_in, {B, H});
+  check_shape(op, "saved", saved_in, {B, 4 * H});
+  check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kGruGates * H, I, H);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor x = compute_in(x_in, compute), h = compute_in(h_in, compute);
+  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
+  const at::Tensor grad_h_next = compute_in(grad_h_next_in, compute), saved = compute_in(saved_in, compute);
+  at::Tensor grad_input_gates = at::empty({B, kGruGates * H}, x.options());
+  at::Tensor grad_hidden_gates = at::empty({B, kGruGates * H}, x.options());
+  at::Tensor direct = at::empty({B, H}, x.options());
+  check_launch(op, launch_gru_step_backward(step_of(compute, B, H, at::Tensor(), 0), grad_h_next.const_data_ptr(),
+                                            nullptr, saved.const_data_ptr(), h.const_data_ptr(),
+                                            grad_input_gates.mutable_data_ptr(),
+                                            grad_hidden_gates.mutable_data_ptr(), direct.mutable_data_ptr(),
+                                            current_stream()));
+  const auto dtype = x_in.scalar_type();
+  return {at::mm(grad_input_gates, w_ih).to(dtype),
+          at::addmm(direct, grad_hidden_gates, w_hh).to(dtype),
+          at::mm(grad_input_gates.t(), x).to(dtype),
+          at::mm(grad_hidden_gates.t(), h).to(dtype),
+          bias_grad(b_ih_in, grad_input_gates, dtype),
+          bias_grad(b_hh_in, grad_hidden_gates, dtype)};
+}
+
+// ---------------------------------------------------------------- layers
+
+struct LayerShape {
+  int64_t T, B, I, H;
+};
+
+LayerShape check_layer(const char* op, const at::Tensor& x, const at::Tensor& h0, const at::Tensor* c0,
+                       const at::Tensor& w_ih, const at::Tensor& w_hh, const OptionalTensor& b_ih,
+                       const OptionalTensor& b_hh, int64_t gates) {
+  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be (T, B, I), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(w_hh.dim() == 2 && w_hh.size(0) % gates == 0, op, ": w_hh must be (", gates,
+                    " * H, H), got shape ", w_hh.sizes());
+  const int64_t H = w_hh.size(0) / gates;
+  const LayerShape shape{x.size(0), x.size(1), x.size(2), H};
+  check_like(op, "h0", h0, x);
+  check_shape(op, "h0", h0, {shape.B, H});
+  if (c0 != nullptr) {
+    check_like(op, "c0", *c0, x);
+    check_shape(op, "c0", *c0, {shape.B, H});
+  }
+  check_weights(op, x, w_ih, w_hh, b_ih, b_hh, gates * H, shape.I, H);
+  return shape;
+}
+
+at::Tensor layer_lengths(const char* op, const OptionalTensor& lengths, const at::Tensor& x, int64_t batch) {
+  if (!present(lengths)) return at::Tensor();
+  TORCH_CHECK_TYPE(at::isIntegralType(lengths->scalar_type(), /*includeBool=*/false), op,
+                   ": lengths must be an integer tensor, got ", lengths->scalar_type());
+  check_shape(op, "lengths", *lengths, {batch});
+  return lengths->to(x.device(), at::kLong).contiguous();
+}
+
+int64_t time_of_step(int64_t s, int64_t steps, bool reverse) { return reverse ? steps - 1 - s : s; }
+
+// The hidden state each step started from (T, B, H), for grad_w_hh and the GRU: h0 at
+// a sequence's first active step, the neighbouring step's output otherwise (rows of
+// inactive steps have zero gate gradients, whatever they hold).
+at::Tensor previous_hidden(const at::Tensor& output, const at::Tensor& h0, const at::Tensor& lengths, bool reverse) {
+  const int64_t T = output.size(0);
+  if (T == 0) return output;
+  if (!reverse) return at::cat({h0.unsqueeze(0), output.narrow(0, 0, T - 1)});
+  const at::Tensor shifted = at::cat({output.narrow(0, 1, T - 1), h0.unsqueeze(0)});
+  if (!lengths.defined()) return shifted;
+  // reverse with lengths: the first step of sequence b is t = lengths[b] - 1, from h0.
+  const at::Tensor next_step = at::arange(1, T + 1, lengths.options()).unsqueeze(1);
+  const at::Tensor next_active = next_step < lengths.clamp(0, T).unsqueeze(0);
+  return at::where(next_active.unsqueeze(2), shifted, h0.unsqueeze(0));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
+    const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& w_ih_in,
+    const at::Tensor& w_hh_in, const OptionalTensor& b_ih_in, const OptionalTensor& b_hh_in,
+    const OptionalTensor& lengths_in, bool reverse) {
+  const char* op = "lstm_layer_forward";
+  const at::ScalarType compute = recurrent_dtype(op, x_in);
+  const LayerShape shape = check_layer(op, x_in, h0_in, &c0_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kLstmGates);
+  const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H, G = kLstmGates * H, width = G + H;
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor lengths = layer_lengths(op, lengths_in, x_in, B);
+  const at::Tensor x = compute_in(x_in, compute);
+  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh_t = compute_in(w_hh_in, compute).t();
+  const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
+  at::Tensor output = at::empty({T, B, H}, x.options());
+  at::Tensor saved = at::empty({T, B, width}, x.options());
+  at::Tensor input_gates = saved.view({T * B, width}).narrow(1, 0, G);
+  at::mm_out(input_gates, x.view({T * B, I}), w_ih.t());  // the input projections of all steps, one GEMM
+  at::Tensor h_state = compute_in(h0_in, compute).clone(), c_state = compute_in(c0_in, compute).clone();
+  at::Tensor hidden_gates = at::empty({B, G}, x.options());
+  const cudaStream_t stream = current_stream();
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = time_of_step(s, T, reverse);
+    at::mm_out(hidden_gates, h_state, w_hh_t);
+    at::Tensor saved_t = saved.select(0, t);
+    check_launch(op, launch_lstm_step_forward(step_of(compute, B, H, lengths, t), saved_t.mutable_data_ptr(), width,
+                                              hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
+                                              pointer_or_null(b_hh), c_state.mutable_data_ptr(),
+                                              h_state.mutable_data_ptr(), saved_t.narrow(1, G, H).mutable_data_ptr(),
+                                              output.select(0, t).mutable_data_ptr(), stream));
+  }
+  const auto dtype = x_in.scalar_type();
+  return {output.to(dtype), h_state.to(dtype), c_state.to(dtype), saved.to(dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_cuda(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
+                         const at::Tensor& grad_c_n_in, const at::Tensor& x_in, const at::Tensor& h0_in,
+                         const at::Tensor& c0_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+                         const OptionalTensor& b_ih_in, const OptionalTensor& b_hh_in,
+                         const OptionalTensor& lengths_in, bool reverse, const at::Tensor& output_in,
+                         const at::Tensor& saved_in) {
+  const char* op = "lstm_layer_backward";
+  const at::ScalarType compute = recurrent_dtype(op, x_in);
+  const LayerShape shape = check_layer(op, x_in, h0_in, &c0_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kLstmGates);
+  const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H, G = kLstmGates * H, width = G + H;
+  check_all_like(op, x_in, {{&grad_output_in, "grad_output"}, {&grad_h_n_in, "grad_h_n"},
+                            {&grad_c_n_in, "grad_c_n"}, {&output_in, "output"}, {&saved_in, "saved"}});
+  check_shape(op, "grad_output", grad_output_in, {T, B, H});
+  check_shape(op, "grad_h_n", grad_h_n_in, {B, H});
+  check_shape(op, "grad_c_n", grad_c_n_in, {B, H});
+  check_shape(op, "output", output_in, {T, B, H});
+  check_shape(op, "saved", saved_in, {T, B, width});
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor lengths = layer_lengths(op, lengths_in, x_in, B);
+  const at::Tensor x = compute_in(x_in, compute), h0 = compute_in(h0_in, compute), c0 = compute_in(c0_in, compute);
+  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
+  const at::Tensor grad_output = compute_in(grad_output_in, compute);
+  const at::Tensor output = compute_in(output_in, compute), saved = compute_in(saved_in, compute);
+  at::Tensor grad_h = compute_in(grad_h_n_in, compute).clone(), grad_c = compute_in(grad_c_n_in, compute).clone();
+  at::Tensor grad_gates = at::empty({T, B, G}, x.options());
+  at::Tensor recurrent = at::empty({B, H}, x.options());  // grad_gates[t] @ w_hh
+  const cudaStream_t stream = current_stream();
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = time_of_step(s, T, reverse);
+    if (s < T - 1) {  // the gradient reaching h from the step after t
+      const int64_t t_next = reverse ? t - 1 : t + 1;
+      check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, t_next),
+                                                      recurrent.const_data_ptr(), nullptr, grad_h.mutable_data_ptr(),
+                                                      stream));
+    }
+    const at::Tensor saved_t = saved.select(0, t);
+    const int64_t t_prev = reverse ? t + 1 : t - 1;
+    const at::Tensor c_prev = s > 0 ? saved.select(0, t_prev).narrow(1, G, H) : c0;
+    check_launch(op, launch_lstm_step_backward(step_of(compute, B, H, lengths, t), grad_h.const_data_ptr(),
+                                               grad_output.select(0, t).const_data_ptr(), grad_c.mutable_data_ptr(),
+                                               saved_t.const_data_ptr(), width, c_prev.const_data_ptr(),
+                                               c_prev.stride(0), saved_t.narrow(1, G, H).const_data_ptr(), width,
+                                               grad_gates.select(0, t).mutable_data_ptr(), stream));
+    at::mm_out(recurrent, grad_gates.select(0, t), w_hh);
+  }
+  if (T > 0) {
+    check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, time_of_step(0, T, reverse)),
+                                                    recurrent.const_data_ptr(), nullptr, grad_h.mutable_data_ptr(),
+                                                    stream));
+  }
+  const at::Tensor grad_gates2d = grad_gates.view({T * B, G});
+  const at::Tensor previous = previous_hidden(output, h0, lengths, reverse).reshape({T * B, H});
+  const auto dtype = x_in.scalar_type();
+  return {at::mm(grad_gates2d, w_ih).view({T, B, I}).to(dtype),
+          grad_h.to(dtype),
+          grad_c.to(dtype),
+          at::mm(grad_gates2d.t(), x.view({T * B, I})).to(dtype),
+          at::mm(grad_gates2d.t(), previous).to(dtype),
+          bias_grad(b_ih_in, grad_gates2d, dtype),
+          bias_grad(b_hh_in, grad_gates2d, dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cuda(
+    const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+    const OptionalTensor& b_ih_in, const OptionalTensor& b_hh_in, const OptionalTensor& lengths_in, bool reverse) {
+  const char* op = "gru_layer_forward";
+  const at::ScalarType compute = recurrent_dtype(op, x_in);
+  const LayerShape shape = check_layer(op, x_in, h0_in, nullptr, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kGruGates);
+  const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H, G = kGruGates * H, width = 4 * H;
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor lengths = layer_lengths(op, lengths_in, x_in, B);
+  const at::Tensor x = compute_in(x_in, compute);
+  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh_t = compute_in(w_hh_in, compute).t();
+  const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
+  at::Tensor output = at::empty({T, B, H}, x.options());
+  at::Tensor saved = at::empty({T, B, width}, x.options());
+  at::Tensor input_gates = saved.view({T * B, width}).narrow(1, 0, G);
+  at::mm_out(input_gates, x.view({T * B, I}), w_ih.t());  // the input projections of all steps, one GEMM
+  at::Tensor h_state = compute_in(h0_in, compute).clone();
+  at::Tensor hidden_gates = at::empty({B, G}, x.options());
+  const cudaStream_t stream = current_stream();
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = time_of_step(s, T, reverse);
+    at::mm_out(hidden_gates, h_state, w_hh_t);
+    check_launch(op, launch_gru_step_forward(step_of(compute, B, H, lengths, t), saved.select(0, t).mutable_data_ptr(),
+                                             hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
+                                             pointer_or_null(b_hh), h_state.mutable_data_ptr(),
+                                             output.select(0, t).mutable_data_ptr(), stream));
+  }
+  const auto dtype = x_in.scalar_type();
+  return {output.to(dtype), h_state.to(dtype), saved.to(dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_backward_cuda(
+    const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in, const at::Tensor& x_in, const at::Tensor& h0_in,
+    const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const OptionalTensor& b_ih_in,
+    const OptionalTensor& b_hh_in, const OptionalTensor& lengths_in, bool reverse, const at::Tensor& output_in,
+    const at::Tensor& saved_in) {
+  const char* op = "gru_layer_backward";
+  const at::ScalarType compute = recurrent_dtype(op, x_in);
+  const LayerShape shape = check_layer(op, x_in, h0_in, nullptr, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kGruGates);
+  const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H, G = kGruGates * H, width = 4 * H;
+  check_all_like(op, x_in, {{&grad_output_in, "grad_output"}, {&grad_h_n_in, "grad_h_n"}, {&output_in, "output"},
+                            {&saved_in, "saved"}});
+  check_shape(op, "grad_output", grad_output_in, {T, B, H});
+  check_shape(op, "grad_h_n", grad_h_n_in, {B, H});
+  check_shape(op, "output", output_in, {T, B, H});
+  check_shape(op, "saved", saved_in, {T, B, width});
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor lengths = layer_lengths(op, lengths_in, x_in, B);
+  const at::Tensor x = compute_in(x_in, compute), h0 = compute_in(h0_in, compute);
+  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
+  const at::Tensor grad_output = compute_in(grad_output_in, compute);
+  const at::Tensor output = compute_in(output_in, compute), saved = compute_in(saved_in, compute);
+  const at::Tensor previous = previous_hidden(output, h0, lengths, reverse).contiguous();
+  at::Tensor grad_h = compute_in(grad_h_n_in, compute).clone();
+  at::Tensor grad_input_gates = at::empty({T, B, G}, x.options());
+  at::Tensor grad_hidden_gates = at::empty({T, B, G}, x.options());
+  at::Tensor direct = at::empty({B, H}, x.options());     // dh' * z of the last step walked
+  at::Tensor recurrent = at::empty({B, H}, x.options());  // grad_hidden_gates[t] @ w_hh
+  const cudaStream_t stream = current_stream();
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = time_of_step(s, T, reverse);
+    if (s < T - 1) {
+      const int64_t t_next = reverse ? t - 1 : t + 1;
+      check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, t_next),
+                                                      recurrent.const_data_ptr(), direct.const_data_ptr(),
+                                                      grad_h.mutable_data_ptr(), stream));
+    }
+    check_launch(op, launch_gru_step_backward(step_of(compute, B, H, lengths, t), grad_h.const_data_ptr(),
+                                              grad_output.select(0, t).const_data_ptr(),
+                                              saved.select(0, t).const_data_ptr(),
+                                              previous.select(0, t).const_data_ptr(),
+                                              grad_input_gates.select(0, t).mutable_data_ptr(),
+                                              grad_hidden_gates.select(0, t).mutable_data_ptr(),
+                                              direct.mutable_data_ptr(), stream));
+    at::mm_out(recurrent, grad_hidden_gates.select(0, t), w_hh);
+  }
+  if (T > 0) {
+    check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, time_of_step(0, T, reverse)),
+                                                    recurrent.const_data_ptr(), direct.const_data_ptr(),
+                                                    grad_h.mutable_data_ptr(), stream));
+  }
+  const at::Tensor grad_input2d = grad_input_gates.view({T * B, G});
+  const at::Tensor grad_hidden2d = grad_hidden_gates.view({T * B, G});
+  const auto dtype = x_in.scalar_type();
+  return {at::mm(grad_input2d, w_ih).view({T, B, I}).to(dtype),
+          grad_h.to(dtype),
+          at::mm(grad_input2d.t(), x.view({T * B, I})).to(dtype),
+          at::mm(grad_hidden2d.t(), previous.view({T * B, H})).to(dtype),
+          bias_grad(b_ih_in, grad_input2d, dtype),
+          bias_grad(b_hh_in, grad_hidden2d, dtype)};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  using namespace fastattn::cuda;
+  m.impl("attention_forward", &attention_forward_cuda);
+  m.impl("attention_backward", &attention_backward_cuda);
+  m.impl("sample_positions", &sample_positions_cuda);
+  m.impl("fast_tanh", &fast_tanh_cuda);
+  m.impl("lstm_cell_forward", &lstm_cell_forward_cuda);
+  m.impl("lstm_cell_backward", &lstm_cell_backward_cuda);
+  m.impl("gru_cell_forward", &gru_cell_forward_cuda);
+  m.impl("gru_cell_backward", &gru_cell_backward_cuda);
+  m.impl("lstm_layer_forward", &lstm_layer_forward_cuda);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cuda);
+  m.impl("gru_layer_forward", &gru_layer_forward_cuda);
+  m.impl("gru_layer_backward", &gru_layer_backward_cuda);
+}

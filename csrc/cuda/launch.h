@@ -1,0 +1,127 @@
+// launch.h: the framework-free interface of fastattn's CUDA kernels (csrc/cuda/*.cu).
+//
+// Every launch function takes raw device pointers, sizes, strides and a cudaStream_t
+// and returns the cudaError_t of its launches; nothing here includes torch.  The torch
+// binding (binding.cpp) checks the arguments, allocates outputs and scratch, and
+// calls these on the current stream.  Element pointers are `const void*` whose type is
+// `dtype`; "accumulation" buffers (Acc) are float, or double when dtype is float64.
+// Sizes and offsets are int64_t throughout (64-bit indexing).
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "../common/attention_math.h"
+
+namespace fastattn {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// ---------------------------------------------------------------- attention
+
+// The inputs of attention_forward / attention_backward in the canonical layouts of
+// csrc/ops.cpp: query (N, T, D) contiguous; keys (N, S, D) and values (N, S, Dv) with
+// contiguous rows and a batch stride in elements (0 for keys shared by the batch).
+struct AttentionProblem {
+  DType dtype = DType::kFloat32;
+  ScoreKind score = ScoreKind::kDot;
+  int64_t batch = 0, query_length = 0, source_length = 0, score_dim = 0, value_dim = 0;
+  const void* query = nullptr;
+  const void* keys = nullptr;
+  int64_t keys_batch_stride = 0;
+  const void* values = nullptr;
+  int64_t values_batch_stride = 0;
+  const void* v = nullptr;     // additive: (Da,) in dtype
+  const void* bias = nullptr;  // additive, optional: (Da,) in dtype
+  double scale = 1.0;
+  const int64_t* lengths = nullptr;         // (N,) or null
+  const bool* key_padding_mask = nullptr;   // (N, S) or null
+  bool causal = false;
+  int64_t window = -1;                      // < 0: global attention
+  const void* center = nullptr;             // (N, T) in Acc, or null (local-m: center = t)
+  bool gaussian = false;
+};
+
+struct AttentionForwardBuffers {
+  void* context = nullptr;          // (N, T, Dv) in dtype
+  void* logsumexp = nullptr;        // (N, T) Acc
+  void* scores = nullptr;           // (N, T, S) Acc filled with -inf, or null: weights wanted
+  void* weights = nullptr;          // (N, T, S) in dtype, or null
+  int64_t splits = 1;               // key splits per query row (attention_forward_splits)
+  void* partial_context = nullptr;  // splits > 1: (N*T, splits, Dv) Acc
+  void* partial_max = nullptr;      // splits > 1: (N*T, splits) Acc
+  void* partial_sum = nullptr;      // splits > 1: (N*T, splits) Acc
+};
+
+struct AttentionBackwardBuffers {
+  const void* grad_context = nullptr;  // (N, T, Dv) in dtype
+  const void* grad_weights = nullptr;  // (N, T, S) in dtype, or null
+  const void* logsumexp = nullptr;     // (N, T) Acc
+  void* grad_query = nullptr;          // (N, T, D) in dtype
+  void* grad_keys = nullptr;           // (N, S, D) in dtype
+  void* grad_values = nullptr;         // (N, S, Dv) in dtype
+  void* grad_center = nullptr;         // (N, T) Acc, or null
+  void* grad_v_rows = nullptr;         // additive: (N, T, Da) Acc, summed over rows by the caller
+  void* row_dot = nullptr;             // scratch (N, T) Acc
+};
+
+// How many blocks split the keys of one query row: 1 when the rows alone fill the
+// GPU, more for few rows over long sources (decode steps).
+int64_t attention_forward_splits(const AttentionProblem& problem, int multiprocessors);
+
+cudaError_t launch_attention_forward(const AttentionProblem& problem, const AttentionForwardBuffers& buffers,
+                                     cudaStream_t stream);
+cudaError_t launch_attention_backward(const AttentionProblem& problem, const AttentionBackwardBuffers& buffers,
+                                      cudaStream_t stream);
+
+// index[row] for rows of weights (rows, S) in dtype: with uniforms (rows,) in [0, 1),
+// the first position whose running sum of positive weights exceeds u * total; without,
+// the first argmax; 0 for a row with no positive weight.
+cudaError_t launch_sample_positions(DType dtype, const void* weights, int64_t rows, int64_t source_length,
+                                    const double* uniforms, int64_t* index, cudaStream_t stream);
+
+// out = fast_tanh(in) (csrc/common/fast_tanh.h), float32.
+cudaError_t launch_fast_tanh(const float* input, float* output, int64_t size, cudaStream_t stream);
+
+// ---------------------------------------------------------------- recurrent cells
+// One time step of a batch of B rows, dtype float32 or float64 (the binding computes
+// float16 / bfloat16 in float32).  Row b is active when lengths is null or
+// t < lengths[b]; inactive rows keep their state and output 0 (as the CPU kernels).
+
+struct RecurrentStep {
+  DType dtype = DType::kFloat32;
+  int64_t batch = 0, hidden = 0;
+  const int64_t* lengths = nullptr;  // (B,) or null
+  int64_t time = 0;
+};
+
+// LSTM: gates (row stride gates_stride) hold W_ih x on entry, i, f, g, o on exit;
+// hidden_gates (B, 4H) = h W_hh^T; biases (4H,) or null.  c_state (B, H) in/out,
+// h_state (B, H) out (written for active rows); saved_c (row stride gates_stride) and
+// output (B, H) optional: c' (the kept c for inactive rows) and h' (0 inactive).
+cudaError_t launch_lstm_step_forward(const RecurrentStep& step, void* gates, int64_t gates_stride,
+                                     const void* hidden_gates, const void* b_ih, const void* b_hh, void* c_state,
+                                     void* h_state, void* saved_c, void* output, cudaStream_t stream);
+// grad_h (B, H) the gradient reaching h' (state), grad_output (B, H) or null;
+// grad_c (B, H) in/out; gates / c_prev / c_next rows with their strides; grad_gates
+// (B, 4H) out (0 for inactive rows).
+cudaError_t launch_lstm_step_backward(const RecurrentStep& step, const void* grad_h, const void* grad_output,
+                                      void* grad_c, const void* gates, int64_t gates_stride, const void* c_prev,
+                                      int64_t c_prev_stride, const void* c_next, int64_t c_next_stride,
+                                      void* grad_gates, cudaStream_t stream);
+// GRU: gates (row stride 4H) hold W_ih x in the first 3H on entry, r, z, n and
+// W_hn h + b_hn on exit; hidden_gates (B, 3H); h_state (B, H) in/out; output optional.
+cudaError_t launch_gru_step_forward(const RecurrentStep& step, void* gates, const void* hidden_gates,
+                                    const void* b_ih, const void* b_hh, void* h_state, void* output,
+                                    cudaStream_t stream);
+// grad_input_gates / grad_hidden_gates (B, 3H) out, direct (B, H) out: dh' * z.
+cudaError_t launch_gru_step_backward(const RecurrentStep& step, const void* grad_h, const void* grad_output,
+                                     const void* gates, const void* previous_h, void* grad_input_gates,
+                                     void* grad_hidden_gates, void* direct, cudaStream_t stream);
+// For active rows: grad_h = recurrent (+ direct when not null); others keep grad_h.
+cudaError_t launch_take_recurrent_gradient(const RecurrentStep& step, const void* recurrent, const void* direct,
+                                           void* grad_h, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastattn

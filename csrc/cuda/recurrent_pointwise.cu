@@ -1,0 +1,250 @@
+// recurrent_pointwise.cu: the fused pointwise part of one LSTM or GRU time step, forward
+// and backward, for the cell ops and the per-step loop of the layer ops (csrc/ops.cpp;
+// the binding runs the GEMMs in ATen and calls these between them).  float32 and
+// float64 (float16 / bfloat16 are computed in float32 by the binding).
+//
+// Fuses: the bias additions, every gate nonlinearity, the state update, the saving of
+// what the backward needs, and the masking of finished sequences (t >= lengths[b]:
+// state kept, output 0, zero gate gradients), one thread per (b, j) element, the gate
+// blocks of torch.nn ([i | f | g | o], [r | z | n]).  The equations and the saved
+// layouts are those of csrc/cpu/recurrent.cpp; float32 takes tanh from fast_tanh
+// (csrc/common/fast_tanh.h) and sigmoid(x) = (1 + tanh(x / 2)) / 2 as the CPU does.
+// Not handled: the recurrent GEMM (h W_hh^T, per step in the binding, no persistent
+// kernel keeping W_hh on chip); LSTM projections (proj_size).
+#include "device_common.cuh"
+
+namespace fastattn {
+namespace cuda {
+namespace {
+
+__device__ __forceinline__ float gate_tanh(float x) { return fast_tanh(x); }
+__device__ __forceinline__ float gate_sigmoid(float x) { return 0.5f + 0.5f * fast_tanh(0.5f * x); }
+__device__ __forceinline__ double gate_tanh(double x) { return tanh(x); }
+__device__ __forceinline__ double gate_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+
+__device__ __forceinline__ bool is_active(const RecurrentStep& step, int64_t b) {
+  return step.lengths == nullptr || step.time < step.lengths[b];
+}
+
+template <typename T>
+__device__ __forceinline__ T bias_at(const T* bias, int64_t index) {
+  return bias != nullptr ? bias[index] : T(0);
+}
+
+#define FASTATTN_FOR_EACH_ELEMENT(step, index)                                                     \
+  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;                \
+       index < (step).batch * (step).hidden; index += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+template <typename T>
+__global__ void lstm_step_forward_kernel(RecurrentStep step, T* gates, int64_t gates_stride, const T* hidden_gates,
+                                         const T* b_ih, const T* b_hh, T* c_state, T* h_state, T* saved_c,
+                                         T* output) {
+  const int64_t H = step.hidden;
+  FASTATTN_FOR_EACH_ELEMENT(step, index) {
+    const int64_t b = index / H, j = index % H;
+    T* row = gates + b * gates_stride;
+    if (is_active(step, b)) {
+      const T* hidden_row = hidden_gates + b * 4 * H;
+      auto pre_activation = [&](int64_t k) {  // (W_ih x + b_ih) + (W_hh h + b_hh) of gate k
+        const int64_t at = k * H + j;
+        return (row[at] + bias_at(b_ih, at)) + (hidden_row[at] + bias_at(b_hh, at));
+      };
+      const T i = gate_sigmoid(pre_activation(0));
+      const T f = gate_sigmoid(pre_activation(1));
+      const T g = gate_tanh(pre_activation(2));
+      const T o = gate_sigmoid(pre_activation(3));
+      const T c_new = f * c_state[index] + i * g;
+      const T h_new = o * gate_tanh(c_new);
+      row[j] = i;
+      row[H + j] = f;
+      row[2 * H + j] = g;
+      row[3 * H + j] = o;
+      c_state[index] = c_new;
+      h_state[index] = h_new;
+      if (saved_c != nullptr) saved_c[b * gates_stride + j] = c_new;
+      if (output != nullptr) output[index] = h_new;
+    } else {  // finished sequence: state kept, output 0
+      for (int k = 0; k < 4; ++k) row[k * H + j] = T(0);
+      if (saved_c != nullptr) saved_c[b * gates_stride + j] = c_state[index];
+      if (output != nullptr) output[index] = T(0);
+    }
+  }
+}
+
+template <typename T>
+__global__ void lstm_step_backward_kernel(RecurrentStep step, const T* grad_h, const T* grad_output, T* grad_c,
+                                          const T* gates, int64_t gates_stride, const T* c_prev,
+                                          int64_t c_prev_stride, const T* c_next, int64_t c_next_stride,
+                                          T* grad_gates) {
+  const int64_t H = step.hidden;
+  FASTATTN_FOR_EACH_ELEMENT(step, index) {
+    const int64_t b = index / H, j = index % H;
+    T* grad_row = grad_gates + b * 4 * H;
+    if (!is_active(step, b)) {
+      for (int k = 0; k < 4; ++k) grad_row[k * H + j] = T(0);
+      continue;
+    }
+    const T* row = gates + b * gates_stride;
+    const T i = row[j], f = row[H + j], g = row[2 * H + j], o = row[3 * H + j];
+    const T dh = grad_h[index] + (grad_output != nullptr ? grad_output[index] : T(0));
+    const T tanh_c = gate_tanh(c_next[b * c_next_stride + j]);
+    const T dc = grad_c[index] + dh * o * (T(1) - tanh_c * tanh_c);
+    grad_c[index] = dc * f;
+    grad_row[j] = dc * g * i * (T(1) - i);
+    grad_row[H + j] = dc * c_prev[b * c_prev_stride + j] * f * (T(1) - f);
+    grad_row[2 * H + j] = dc * i * (T(1) - g * g);
+    grad_row[3 * H + j] = dh * tanh_c * o * (T(1) - o);
+  }
+}
+
+template <typename T>
+__global__ void gru_step_forward_kernel(RecurrentStep step, T* gates, const T* hidden_gates, const T* b_ih,
+                                        const T* b_hh, T* h_state, T* output) {
+  const int64_t H = step.hidden;
+  FASTATTN_FOR_EACH_ELEMENT(step, index) {
+    const int64_t b = index / H, j = index % H;
+    T* row = gates + b * 4 * H;
+    if (!is_active(step, b)) {
+      for (int k = 0; k < 4; ++k) row[k * H + j] = T(0);
+      if (output != nullptr) output[index] = T(0);
+      continue;
+    }
+    const T* hidden_row = hidden_gates + b * 3 * H;
+    auto input_part = [&](int64_t k) { return row[k * H + j] + bias_at(b_ih, k * H + j); };
+    auto hidden_part = [&](int64_t k) { return hidden_row[k * H + j] + bias_at(b_hh, k * H + j); };
+    const T r = gate_sigmoid(input_part(0) + hidden_part(0));
+    const T z = gate_sigmoid(input_part(1) + hidden_part(1));
+    const T hidden_n = hidden_part(2);
+    const T n = gate_tanh(input_part(2) + r * hidden_n);
+    const T h_new = (T(1) - z) * n + z * h_state[index];
+    row[j] = r;
+    row[H + j] = z;
+    row[2 * H + j] = n;
+    row[3 * H + j] = hidden_n;
+    h_state[index] = h_new;
+    if (output != nullptr) output[index] = h_new;
+  }
+}
+
+template <typename T>
+__global__ void gru_step_backward_kernel(RecurrentStep step, const T* grad_h, const T* grad_output, const T* gates,
+                                         const T* previous_h, T* grad_input_gates, T* grad_hidden_gates,
+                                         T* direct) {
+  const int64_t H = step.hidden;
+  FASTATTN_FOR_EACH_ELEMENT(step, index) {
+    const int64_t b = index / H, j = index % H;
+    T* input_row = grad_input_gates + b * 3 * H;
+    T* hidden_row = grad_hidden_gates + b * 3 * H;
+    if (!is_active(step, b)) {
+      for (int k = 0; k < 3; ++k) input_row[k * H + j] = hidden_row[k * H + j] = T(0);
+      continue;
+    }
+    const T* row = gates + b * 4 * H;
+    const T r = row[j], z = row[H + j], n = row[2 * H + j], hidden_n = row[3 * H + j];
+    const T dh = grad_h[index] + (grad_output != nullptr ? grad_output[index] : T(0));
+    const T d_pre_n = dh * (T(1) - z) * (T(1) - n * n);
+    const T d_pre_z = dh * (previous_h[index] - n) * z * (T(1) - z);
+    const T d_pre_r = d_pre_n * hidden_n * r * (T(1) - r);
+    input_row[j] = d_pre_r;
+    input_row[H + j] = d_pre_z;
+    input_row[2 * H + j] = d_pre_n;
+    hidden_row[j] = d_pre_r;
+    hidden_row[H + j] = d_pre_z;
+    hidden_row[2 * H + j] = d_pre_n * r;
+    direct[index] = dh * z;
+  }
+}
+
+template <typename T>
+__global__ void take_recurrent_gradient_kernel(RecurrentStep step, const T* recurrent, const T* direct, T* grad_h) {
+  FASTATTN_FOR_EACH_ELEMENT(step, index) {
+    if (is_active(step, index / step.hidden)) {
+      grad_h[index] = recurrent[index] + (direct != nullptr ? direct[index] : T(0));
+    }
+  }
+}
+
+#undef FASTATTN_FOR_EACH_ELEMENT
+
+constexpr int kPointwiseThreads = 256;
+
+unsigned int pointwise_blocks(const RecurrentStep& step) {
+  const int64_t blocks = (step.batch * step.hidden + kPointwiseThreads - 1) / kPointwiseThreads;
+  return grid_for(blocks < 65536 ? blocks : 65536);
+}
+
+// Calls body(T{}) for the float32 / float64 steps; other dtypes are an error.
+template <typename Body>
+cudaError_t dispatch_float(const RecurrentStep& step, Body&& body) {
+  if (step.batch * step.hidden == 0) return cudaSuccess;
+  if (step.dtype == DType::kFloat32) return body(float{});
+  if (step.dtype == DType::kFloat64) return body(double{});
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_lstm_step_forward(const RecurrentStep& step, void* gates, int64_t gates_stride,
+                                     const void* hidden_gates, const void* b_ih, const void* b_hh, void* c_state,
+                                     void* h_state, void* saved_c, void* output, cudaStream_t stream) {
+  return dispatch_float(step, [&](auto element) -> cudaError_t {
+    using T = decltype(element);
+    lstm_step_forward_kernel<T><<<pointwise_blocks(step), kPointwiseThreads, 0, stream>>>(
+        step, static_cast<T*>(gates), gates_stride, static_cast<const T*>(hidden_gates),
+        static_cast<const T*>(b_ih), static_cast<const T*>(b_hh), static_cast<T*>(c_state),
+        static_cast<T*>(h_state), static_cast<T*>(saved_c), static_cast<T*>(output));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_lstm_step_backward(const RecurrentStep& step, const void* grad_h, const void* grad_output,
+                                      void* grad_c, const void* gates, int64_t gates_stride, const void* c_prev,
+                                      int64_t c_prev_stride, const void* c_next, int64_t c_next_stride,
+                                      void* grad_gates, cudaStream_t stream) {
+  return dispatch_float(step, [&](auto element) -> cudaError_t {
+    using T = decltype(element);
+    lstm_step_backward_kernel<T><<<pointwise_blocks(step), kPointwiseThreads, 0, stream>>>(
+        step, static_cast<const T*>(grad_h), static_cast<const T*>(grad_output), static_cast<T*>(grad_c),
+        static_cast<const T*>(gates), gates_stride, static_cast<const T*>(c_prev), c_prev_stride,
+        static_cast<const T*>(c_next), c_next_stride, static_cast<T*>(grad_gates));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_gru_step_forward(const RecurrentStep& step, void* gates, const void* hidden_gates,
+                                    const void* b_ih, const void* b_hh, void* h_state, void* output,
+                                    cudaStream_t stream) {
+  return dispatch_float(step, [&](auto element) -> cudaError_t {
+    using T = decltype(element);
+    gru_step_forward_kernel<T><<<pointwise_blocks(step), kPointwiseThreads, 0, stream>>>(
+        step, static_cast<T*>(gates), static_cast<const T*>(hidden_gates), static_cast<const T*>(b_ih),
+        static_cast<const T*>(b_hh), static_cast<T*>(h_state), static_cast<T*>(output));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_gru_step_backward(const RecurrentStep& step, const void* grad_h, const void* grad_output,
+                                     const void* gates, const void* previous_h, void* grad_input_gates,
+                                     void* grad_hidden_gates, void* direct, cudaStream_t stream) {
+  return dispatch_float(step, [&](auto element) -> cudaError_t {
+    using T = decltype(element);
+    gru_step_backward_kernel<T><<<pointwise_blocks(step), kPointwiseThreads, 0, stream>>>(
+        step, static_cast<const T*>(grad_h), static_cast<const T*>(grad_output), static_cast<const T*>(gates),
+        static_cast<const T*>(previous_h), static_cast<T*>(grad_input_gates), static_cast<T*>(grad_hidden_gates),
+        static_cast<T*>(direct));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_take_recurrent_gradient(const RecurrentStep& step, const void* recurrent, const void* direct,
+                                           void* grad_h, cudaStream_t stream) {
+  return dispatch_float(step, [&](auto element) -> cudaError_t {
+    using T = decltype(element);
+    take_recurrent_gradient_kernel<T><<<pointwise_blocks(step), kPointwiseThreads, 0, stream>>>(
+        step, static_cast<const T*>(recurrent), static_cast<const T*>(direct), static_cast<T*>(grad_h));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastattn
