@@ -2,7 +2,8 @@
 
 Without it (``FASTATTN_SKIP_EXTENSION=1`` at install or at run time, or a failed
 build), the ``"cpu"`` backend stays unavailable with the reason recorded, and
-``"auto"`` runs the reference.
+``"auto"`` runs the reference.  The ``"cuda"`` backend is plugged in when the extension
+was compiled with the CUDA kernels (``build_info()["backends"]`` lists ``"cuda"``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,20 @@ def _load():
     from fastattn import ops
 
     ops.register_backend("cpu", ("cpu",))
+    _register_cuda(module, ops)
     return module
+
+
+def _register_cuda(module, ops) -> None:
+    """The "cuda" backend, when fastattn._C was compiled with the CUDA kernels (csrc/cuda)."""
+    if "cuda" in module.build_info()["backends"]:
+        ops.register_backend("cuda", ("cuda",))
+    else:
+        backends.mark_unavailable(
+            "cuda",
+            "fastattn was built without CUDA kernels (they build when the installed torch has CUDA "
+            "and nvcc is found; reinstall there with `pip install --no-build-isolation -e .`)",
+        )
 
 
 _C = _load()
