@@ -46,6 +46,13 @@ class SyntheticConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> "SyntheticConfig":
+        """The inverse of ``dataclasses.asdict`` (which may have turned the ranges into lists)."""
+        ranges = {name: tuple(fields[name]) for name in ("lengths", "test_lengths") if fields.get(name) is not None}
+        return cls(**{**fields, **ranges})
+
+
 def symbols(count: int) -> list[str]:
     return [str(index) for index in range(count)]
 
@@ -69,17 +76,14 @@ def generate(config: SyntheticConfig) -> dict[str, list[Pair]]:
 def _sources(random: np.random.Generator, vocabulary: int, lengths: tuple[int, int], count: int,
              held_out: set[tuple[str, ...]]) -> list[list[str]]:
     """``count`` sources of uniform length in ``lengths`` and uniform symbols, none in ``held_out``."""
-    names = symbols(vocabulary)
+    names = np.array(symbols(vocabulary), dtype=object)
     sources: list[list[str]] = []
-    draws = 0
-    while len(sources) < count:
-        draws += 1
-        if draws > 100 * count + 10_000:
-            raise ValueError(
-                f"cannot draw {count} sources of lengths {lengths} over {vocabulary} symbols that are not held out"
-            )
-        length = int(random.integers(lengths[0], lengths[1] + 1))
-        source = [names[index] for index in random.integers(0, vocabulary, size=length)]
-        if tuple(source) not in held_out:
-            sources.append(source)
-    return sources
+    for _attempt in range(100):
+        missing = count - len(sources)
+        if missing == 0:
+            return sources
+        drawn_lengths = random.integers(lengths[0], lengths[1] + 1, size=missing)
+        drawn = names[random.integers(0, vocabulary, size=(missing, lengths[1]))]
+        candidates = (row[:length].tolist() for row, length in zip(drawn, drawn_lengths))
+        sources += [source for source in candidates if tuple(source) not in held_out]
+    raise ValueError(f"cannot draw {count} sources of lengths {lengths} over {vocabulary} symbols that are not held out")

@@ -25,15 +25,15 @@ NO_SPACE_AFTER = re.compile(r"([(\[{¿¡«“]) ")
 
 @dataclass(frozen=True)
 class Sentence:
-    text: str  # as in the file, stripped: the BLEU reference
+    text: str  # as in the file, stripped (and lowercased if asked): the BLEU reference
     tokens: list[str]
 
 
 Pair = tuple[Sentence, Sentence]
 
 
-def tokenize(text: str, lowercase: bool = False) -> list[str]:
-    return TOKEN.findall(text.lower() if lowercase else text)
+def tokenize(text: str) -> list[str]:
+    return TOKEN.findall(text)
 
 
 def detokenize(tokens: list[str]) -> str:
@@ -57,11 +57,11 @@ def read_pairs(path: str | Path, lowercase: bool = False) -> list[Pair]:
         fields = line.split("\t")
         if len(fields) < 2:
             raise DataError(f"{path}:{number}: expected source<TAB>target, found no tab in {_shown(line)}")
-        source, target = fields[0].strip(), fields[1].strip()
+        source, target = (field.strip().lower() if lowercase else field.strip() for field in fields[:2])
         if not source or not target:
             side = "source" if not source else "target"
             raise DataError(f"{path}:{number}: the {side} is empty in {_shown(line)}")
-        pairs.append((Sentence(source, tokenize(source, lowercase)), Sentence(target, tokenize(target, lowercase))))
+        pairs.append((Sentence(source, tokenize(source)), Sentence(target, tokenize(target))))
     if not pairs:
         raise DataError(f"{path}: no sentence pairs in the file")
     return pairs

@@ -1,0 +1,326 @@
+"""The generic training loop behind ``fastattn train`` and the evaluation behind ``fastattn eval``.
+
+What a task does not do: Adam with gradient-norm clipping, epochs and ``--time-budget``
+(training stops at the first step boundary past the budget, then the model is still
+evaluated), a tqdm bar (loss, tokens/s, ETA), DDP when run under ``torchrun`` (gloo on
+CPU, nccl on GPU: every rank reads the same batch sequence and takes every
+WORLD_SIZE-th batch), atomic checkpoints with the optimiser state (rank 0 writes them,
+after every epoch and when training stops) and ``--resume`` from them, and the report:
+``metrics.json``, ``hypotheses.txt`` and the task's figures in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from fastattn.zoo import checkpoint
+from fastattn.zoo.registry import task_class
+from fastattn.zoo.task import Task, TaskError
+
+METRICS_FILE = "metrics.json"
+HYPOTHESES_FILE = "hypotheses.txt"
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches of the current epoch done, by all ranks together
+    step: int = 0  # optimiser steps
+    tokens: int = 0  # target tokens trained on, all ranks
+    train_seconds: float = 0.0  # over every run that led here (--resume adds up)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on any rank (every rank gets the same answer)."""
+        if self.size == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def total(self, count: int, device: torch.device) -> int:
+        if self.size == 1:
+            return count
+        value = torch.tensor([count], device=device)
+        dist.all_reduce(value)
+        return int(value.item())
+
+
+def start_processes(device_name: str) -> tuple[Processes, torch.device]:
+    """Joins the ``torchrun`` process group when there is one; -> (processes, this rank's device)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(device_name)
+    if size == 1:
+        return Processes(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(dist.get_rank(), dist.get_world_size()), device
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``fastattn train TASK`` that every task has."""
+    parser.add_argument("--data", metavar="FILE", help="input data, for tasks that read a file (translate: a TSV)")
+    parser.add_argument("--epochs", type=int, default=10, metavar="N")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="stop training after this long (then evaluate); default: no limit")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="per process")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--clip-norm", type=float, default=1.0, metavar="NORM", help="gradient-norm clipping")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="CPU threads per process (default 1: the zoo's small models run fastest on one)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="metrics.json, hypotheses, checkpoint and figures go here (default: runs/TASK)")
+    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt, optimiser state included")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def check_common_arguments(args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            raise TaskError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("lr", "clip_norm", "time_budget"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise TaskError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise TaskError(f"--device {args.device}: no CUDA device is available")
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Trains ``args.task`` as the flags say, then evaluates it; -> the metrics (rank 0; {} elsewhere)."""
+    started = time.monotonic()
+    check_common_arguments(args)
+    torch.set_num_threads(args.threads)
+    args.mode = "train"
+    args.out = Path(args.out) if args.out is not None else Path("runs") / args.task
+    checkpoint_path = args.out / checkpoint.FILE_NAME
+    saved = checkpoint.load(checkpoint_path) if args.resume else None
+    if saved is not None and saved["task"] != args.task:
+        raise TaskError(f"{checkpoint_path} is a checkpoint of task {saved['task']!r}, not {args.task!r}")
+    processes, device = start_processes(args.device)
+    try:
+        torch.manual_seed(args.seed)
+        task = task_class(args.task)(args, device, None if saved is None else saved["task_state"])
+        model = task.model
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        progress = Progress()
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr
+            progress = Progress(**saved["progress"])
+        trained = torch.nn.parallel.DistributedDataParallel(model) if processes.size > 1 else model
+        deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+        run = _TrainingRun(task, trained, optimizer, progress, processes, device, args, checkpoint_path)
+        stopped_by = run.epochs(deadline)
+        if not processes.is_main:
+            return {}
+        metrics = evaluate_and_report(task, args.out, plot_to=args.out)
+        metrics.update(
+            loss_train=run.recent_loss, steps=progress.step, epochs_completed=progress.epoch,
+            tokens=progress.tokens, tokens_per_second=progress.tokens / max(progress.train_seconds, 1e-9),
+            train_seconds=progress.train_seconds, wall_seconds=time.monotonic() - started, stopped_by=stopped_by,
+            processes=processes.size, device=str(device), checkpoint=str(checkpoint_path),
+        )
+        _write_json(args.out / METRICS_FILE, metrics)
+        return metrics
+    finally:
+        if processes.size > 1:
+            dist.destroy_process_group()
+
+
+class _TrainingRun:
+    """The loop over epochs and steps, and its checkpoints."""
+
+    def __init__(self, task: Task, model, optimizer, progress: Progress, processes: Processes, device, args, path: Path):
+        self.task, self.model, self.optimizer, self.progress = task, model, optimizer, progress
+        self.processes, self.device, self.args, self.checkpoint_path = processes, device, args, path
+        self.recent_loss = float("nan")  # exponential moving average of the training loss
+        self.saved_at_step = progress.step if args.resume else -1
+
+    def epochs(self, deadline: float | None) -> str:
+        """Trains until ``--epochs`` are done or the deadline passes; -> "epochs" or "time_budget"."""
+        args, progress = self.args, self.progress
+        bar = tqdm(desc=f"{self.task.name} epoch {progress.epoch + 1}", unit="step", dynamic_ncols=True,
+                   disable=args.quiet or not self.processes.is_main, mininterval=1.0,
+                   bar_format="{desc}: {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]")
+        steps_per_epoch = None
+        stopped_by = "epochs"
+        self.model.train()
+        while progress.epoch < args.epochs:
+            generator = torch.Generator().manual_seed(args.seed * 100_003 + progress.epoch)
+            batches = self.task.batches("train", args.batch_size, generator)
+            steps_this_epoch = 0
+            for batch in _shard(batches, self.processes, skip=progress.batch):
+                if self.processes.any(deadline is not None and time.monotonic() >= deadline, self.device):
+                    stopped_by = "time_budget"
+                    break
+                self._step(batch)
+                steps_this_epoch += 1
+                bar.update()
+                bar.set_postfix_str(self._postfix(steps_per_epoch, deadline), refresh=False)
+            else:
+                steps_per_epoch = steps_per_epoch or steps_this_epoch
+                progress.epoch, progress.batch = progress.epoch + 1, 0
+                bar.total = steps_per_epoch * (args.epochs - progress.epoch) + bar.n if progress.epoch < args.epochs else bar.n
+                bar.set_description(f"{self.task.name} epoch {min(progress.epoch + 1, args.epochs)}")
+                self.save()
+                continue
+            break
+        bar.close()
+        self.save()
+        return stopped_by
+
+    def _step(self, batch) -> None:
+        began = time.monotonic()
+        loss, count = self.task.loss(self.model, batch)
+        if not torch.isfinite(loss):
+            raise TaskError(f"the training loss became {loss.item()} at step {self.progress.step + 1}; try a lower --lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_norm)
+        self.optimizer.step()
+        value = loss.item()
+        self.recent_loss = value if math.isnan(self.recent_loss) else 0.98 * self.recent_loss + 0.02 * value
+        self.progress.step += 1
+        self.progress.batch += self.processes.size
+        self.progress.tokens += count * self.processes.size
+        self.progress.train_seconds += time.monotonic() - began
+
+    def _postfix(self, steps_per_epoch: int | None, deadline: float | None) -> str:
+        progress = self.progress
+        rate = progress.tokens / max(progress.train_seconds, 1e-9)
+        remaining = []
+        if steps_per_epoch:
+            steps_left = steps_per_epoch * (self.args.epochs - progress.epoch) - progress.batch // self.processes.size
+            remaining.append(steps_left * progress.train_seconds / max(progress.step, 1))
+        if deadline is not None:
+            remaining.append(max(0.0, deadline - time.monotonic()))
+        eta = f", ETA {tqdm.format_interval(min(remaining))}" if remaining else ""
+        return f"loss {self.recent_loss:.4f}, {rate:,.0f} tokens/s{eta}"
+
+    def save(self) -> None:
+        """Rank 0 writes the checkpoint, unless it already holds this step."""
+        if not self.processes.is_main or self.saved_at_step == self.progress.step:
+            return
+        model = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
+        checkpoint.save(
+            {
+                "task": self.args.task,
+                "args": plain_arguments(self.args),
+                "task_state": self.task.state_dict(),
+                "model": model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "progress": asdict(self.progress),
+            },
+            self.checkpoint_path,
+        )
+        self.saved_at_step = self.progress.step
+        tqdm.write(f"checkpoint saved: {self.checkpoint_path} (step {self.progress.step})")
+
+
+def _shard(batches: Iterable, processes: Processes, skip: int) -> Iterator:
+    """This rank's batches: of each run of ``processes.size`` consecutive batches, the
+    rank-th; an incomplete last run is dropped, so every rank takes as many steps.
+    The first ``skip`` batches (done before a resume) are passed over."""
+    group = []
+    for index, batch in enumerate(batches):
+        if index < skip:
+            continue
+        group.append(batch)
+        if len(group) == processes.size:
+            yield group[processes.rank]
+            group = []
+
+
+def evaluate_and_report(task: Task, out_dir: Path, plot_to: Path | None, split: str = "test") -> dict[str, Any]:
+    """Evaluates ``task.model`` on ``split``; writes the hypotheses and figures; -> the metrics
+    (the task's, the mean test loss per token/item, the figure paths)."""
+    model = task.model
+    model.eval()
+    with torch.no_grad():
+        metrics, hypotheses = task.evaluate(model, split)
+        total, count = 0.0, 0
+        for batch in task.batches(split, task.args.batch_size, torch.Generator().manual_seed(0)):
+            loss, items = task.loss(model, batch)
+            total, count = total + loss.item() * items, count + items
+        figures = task.plot(model, split, plot_to) if plot_to is not None else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / HYPOTHESES_FILE).write_text("".join(line + "\n" for line in hypotheses), encoding="utf-8")
+    headline = task.headline_metric
+    return {
+        "task": task.name, "split": split, "headline_metric": headline, headline: metrics[headline],
+        **metrics, "loss": total / max(count, 1), "figures": [str(path) for path in figures], "out": str(out_dir),
+    }
+
+
+def evaluate_checkpoint(checkpoint_file: Path, *, data: str | None, out: Path, plot_attention: Path | None,
+                        device: str | None, batch_size: int | None) -> dict[str, Any]:
+    """``fastattn eval``: the checkpoint's model on ``data`` (or its task's own test split)."""
+    started = time.monotonic()
+    saved = checkpoint.load(checkpoint_file)
+    args = argparse.Namespace(**saved["args"])
+    args.mode, args.data, args.out = "eval", data, out
+    args.device = device or args.device
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        args.device = "cpu"
+    if batch_size is not None:
+        args.batch_size = batch_size
+    check_common_arguments(args)
+    torch.set_num_threads(args.threads)
+    task = task_class(saved["task"])(args, torch.device(args.device), saved["task_state"])
+    task.model.load_state_dict(saved["model"])
+    metrics = evaluate_and_report(task, out, plot_to=out)
+    if plot_attention is not None:
+        if not metrics["figures"]:
+            raise TaskError(f"--plot-attention: this {task.name} model draws no attention figure")
+        plot_attention.parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics["figures"][0]).replace(plot_attention)
+        metrics["figures"][0] = str(plot_attention)
+    metrics.update(checkpoint=str(checkpoint_file), data=data, wall_seconds=time.monotonic() - started)
+    _write_json(out / METRICS_FILE, metrics)
+    return metrics
+
+
+def plain_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as plain values (what a checkpoint keeps); paths become strings."""
+    plain = {}
+    for name, value in vars(args).items():
+        if isinstance(value, Path):
+            value = str(value)
+        if value is None or isinstance(value, (str, int, float, bool, list, tuple)):
+            plain[name] = value
+    return plain
+
+
+def _write_json(path: Path, contents: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(contents, indent=2, default=str) + "\n", encoding="utf-8")
