@@ -18,6 +18,7 @@ import torch
 
 from fastattn import backends, bench
 from fastattn.info import info
+from fastattn.zoo import cli as zoo_cli
 
 TIME_UNITS = (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9))
 
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--json", metavar="FILE", help="write the machine description and results as JSON")
     bench_parser.add_argument("--csv", metavar="FILE", help="write the results as CSV")
     bench_parser.set_defaults(run=_run_bench)
+    zoo_cli.add_commands(commands)
     return parser
 
 
