@@ -8,6 +8,14 @@ See API.md for the contract; ``fastattn.info()`` says which backend runs each op
 
 import fastattn.reference  # registers the reference backend  # noqa: F401
 import fastattn._extension  # registers the compiled backends, when built  # noqa: F401
+from fastattn import backends as _backends
+
+if fastattn._extension.build_info() is not None:
+    from fastattn.ops import triton_backend as _triton_backend  # fastattn.ops needs _C's op schemas
+
+    _triton_backend.load()
+else:
+    _backends.mark_unavailable("triton", "the Triton backend reuses fastattn.ops, which needs fastattn._C's op schemas")
 from fastattn import nn
 from fastattn.backends import BackendUnavailableError, backend, set_backend
 from fastattn.functional import (

@@ -9,7 +9,9 @@ kernel score kinds ("dot", "cosine", "additive"):
 - cosine: "cosine"; additive: "additive" on W_q s and W_k h.
 
 The backend functions run on whatever device the op has a kernel for: the same code
-serves the "cpu" backend and, where built, the "cuda" backend.
+serves the "cpu" backend and, where built, the "cuda" backend.  The Triton backend
+(``fastattn.ops.triton_attention``) reuses this mapping by passing its own ``fused``
+kernel call (and ``choose_positions`` sampler) to the same functions.
 """
 
 from __future__ import annotations
@@ -101,38 +103,46 @@ def _fused(query, keys, values, v, bias, kernel_score, scale, masking, return_we
     return context, (weights if return_weights else None)
 
 
-def attention(query, keys, values, *, score, weight, w_query, w_key, v, bias, scale, return_weights, **masking):
-    """The "attention" op on the fused kernel (see the module docstring for the mapping)."""
+def attention(
+    query, keys, values, *, score, weight, w_query, w_key, v, bias, scale, return_weights, fused=_fused, **masking
+):
+    """The "attention" op on the fused kernel (see the module docstring for the mapping);
+    ``fused(query, keys, values, v, bias, kernel_score, scale, masking, return_weights)``
+    runs the kernel."""
     if score in ("dot", "scaled_dot"):
-        return _fused(query, keys.contiguous(), values, None, None, "dot", 1.0 if scale is None else scale, masking, return_weights)
+        return fused(query, keys.contiguous(), values, None, None, "dot", 1.0 if scale is None else scale, masking, return_weights)
     if score == "general":
-        return _fused(query @ weight, keys.contiguous(), values, None, None, "dot", 1.0, masking, return_weights)
+        return fused(query @ weight, keys.contiguous(), values, None, None, "dot", 1.0, masking, return_weights)
     if score == "location":
         shared_keys = weight[: keys.shape[1]].contiguous().expand(query.shape[0], -1, -1)
-        return _fused(query, shared_keys, values, None, None, "dot", 1.0, masking, return_weights)
+        return fused(query, shared_keys, values, None, None, "dot", 1.0, masking, return_weights)
     if score == "cosine":
-        return _fused(query, keys.contiguous(), values, None, None, "cosine", scale, masking, return_weights)
+        return fused(query, keys.contiguous(), values, None, None, "cosine", scale, masking, return_weights)
     return additive_attention(
-        query @ w_query.T, keys @ w_key.T, v, values, bias=bias, return_weights=return_weights, **masking
+        query @ w_query.T, keys @ w_key.T, v, values, bias=bias, return_weights=return_weights, fused=fused, **masking
     )
 
 
-def additive_attention(query_projection, key_projection, v, values, *, bias, return_weights, **masking):
+def additive_attention(query_projection, key_projection, v, values, *, bias, return_weights, fused=_fused, **masking):
     """The "additive_attention" op: e = v . tanh(W_q s + W_k h + b), projections given."""
-    return _fused(
+    return fused(
         query_projection, key_projection.contiguous(), values, v.contiguous(),
         None if bias is None else bias.contiguous(), "additive", 1.0, masking, return_weights,
     )
 
 
-def hard_attention(query, keys, values, *, sample, generator, **attention_arguments):
-    """The "hard_attention" op: fused soft weights, then one position drawn per row."""
-    _, weights = attention(query, keys, values, return_weights=True, **attention_arguments)
-    index = torch.ops.fastattn.sample_positions(weights.detach(), sample, generator)
+def hard_attention(
+    query, keys, values, *, sample, generator, fused=_fused, choose_positions=None, **attention_arguments
+):
+    """The "hard_attention" op: fused soft weights, then one position drawn per row by
+    ``choose_positions(weights, sample, generator)`` (default: the C++ sampler)."""
+    _, weights = attention(query, keys, values, return_weights=True, fused=fused, **attention_arguments)
+    choose_positions = choose_positions or torch.ops.fastattn.sample_positions
+    index = choose_positions(weights.detach(), sample, generator)
     return (*outputs_at(weights, index, values), weights)
 
 
-def scaled_dot_product_attention(query, key, value, *, attn_mask, dropout_p, is_causal, scale):
+def scaled_dot_product_attention(query, key, value, *, attn_mask, dropout_p, is_causal, scale, fused=_fused):
     """The sdpa drop-in: the fused kernel without a mask or with is_causal; an explicit
     attn_mask (any (L, S) pattern or additive bias) or dropout runs the reference."""
     if attn_mask is not None or dropout_p > 0:
@@ -140,4 +150,4 @@ def scaled_dot_product_attention(query, key, value, *, attn_mask, dropout_p, is_
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
         )
     masking = dict(lengths=None, key_padding_mask=None, causal=is_causal, window=None, center=None, gaussian=False)
-    return _fused(query, key.contiguous(), value, None, None, "dot", scale, masking, False)[0]
+    return fused(query, key.contiguous(), value, None, None, "dot", scale, masking, False)[0]

@@ -1,0 +1,229 @@
+"""The Triton attention ops: ``torch.ops.fastattn.triton_attention_forward`` and
+``..._backward`` (``torch.library.triton_op``, so torch.compile sees the kernels),
+their autograd glue, and the launch of the kernels in ``fastattn.kernels``.
+
+The ops take the three kernel score kinds ("dot", "cosine", "additive") with the
+same arguments as the C++ ``fastattn::attention_forward``; the six public scores are
+mapped onto them by ``fastattn.ops.attention`` (this module passes :func:`fused`).
+float16 and bfloat16 run natively with float32 accumulation; the caller sends float64
+to the reference.  A decode step with too few (query block, batch) programs to fill
+the GPU splits its keys across programs and merges them (flash-decoding).
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+import triton
+
+from fastattn.kernels.attention_backward import attention_grad_key_value_kernel, attention_grad_query_kernel
+from fastattn.kernels.attention_forward import (
+    attention_combine_kernel,
+    attention_forward_kernel,
+    attention_weights_kernel,
+)
+from fastattn.kernels.attention_tiles import ADDITIVE, COSINE, DOT
+from fastattn.ops.triton_launch import (
+    ADDITIVE_CONFIGS,
+    DOT_CONFIGS,
+    INTERPRETED,
+    SMALLEST_BLOCK,
+    SPLIT_GRANULE,
+    TARGET_PROGRAMS,
+    Launcher,
+    power_of_two_block,
+    run_kernel,
+)
+
+SCORE_KINDS = {"dot": DOT, "cosine": COSINE, "additive": ADDITIVE}
+_launchers = {}  # (kernel name, score kind) -> Launcher
+
+
+def _launcher(name: str, kernel, score_kind: int, reset_to_zero=None) -> Launcher:
+    key = (name, score_kind)
+    if key not in _launchers:
+        configs = ADDITIVE_CONFIGS if score_kind == ADDITIVE else DOT_CONFIGS
+        _launchers[key] = Launcher(kernel, configs, reset_to_zero)
+    return _launchers[key]
+
+
+def _problem(query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian):
+    """The kernels' common arguments: (pointer tensors, strides, sizes and scalars, constexpr flags)."""
+    batch, query_length, features = query.shape
+    source_length, value_features = keys.shape[1], values.shape[2]
+    kind = SCORE_KINDS[score]
+    placeholder = query
+    pointers = [
+        query, keys, values,
+        v if v is not None else placeholder,
+        bias if bias is not None else placeholder,
+        lengths if lengths is not None else placeholder,
+        key_padding_mask.to(torch.uint8) if key_padding_mask is not None else placeholder,
+        center if center is not None else placeholder,
+    ]
+    strides = [query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1)]
+    # A window wider than both sequences is all of them; clamping keeps it a 32-bit integer.
+    width = -1 if window is None else min(window, 2**30)
+    inverse_two_sigma_squared = 2.0 / (window * window) if gaussian else 0.0
+    sizes = [query_length, source_length, features, value_features, float(scale), torch.finfo(query.dtype).tiny,
+             width, inverse_two_sigma_squared]
+    flags = dict(
+        SCORE_KIND=kind, HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None,
+        HAS_KPM=key_padding_mask is not None, CAUSAL=causal, HAS_WINDOW=window is not None,
+        HAS_CENTER=center is not None, GAUSSIAN=gaussian,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+    )
+    if kind != ADDITIVE:
+        flags["BLOCK_D"] = SMALLEST_BLOCK if INTERPRETED else power_of_two_block(features, cap=128)
+    return pointers, strides, sizes, flags
+
+
+def _split_count(batch: int, query_length: int, source_length: int) -> int:
+    """How many programs share the keys of one query block (1: no split)."""
+    query_blocks = triton.cdiv(query_length, SMALLEST_BLOCK)
+    if batch * query_blocks >= TARGET_PROGRAMS:
+        return 1
+    return min(triton.cdiv(source_length, SPLIT_GRANULE), triton.cdiv(TARGET_PROGRAMS, batch * query_blocks))
+
+
+@torch.library.triton_op("fastattn::triton_attention_forward", mutates_args=())
+def triton_attention_forward(
+    query: Tensor, keys: Tensor, values: Tensor, v: Optional[Tensor], bias: Optional[Tensor], score: str,
+    scale: float, lengths: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool,
+    window: Optional[int], center: Optional[Tensor], gaussian: bool, return_weights: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (context (N, T, Dv), weights (N, T, S) or empty, logsumexp (N, T) float32, +inf on empty rows)."""
+    pointers, strides, sizes, flags = _problem(
+        query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian
+    )
+    batch, query_length, source_length = query.shape[0], query.shape[1], keys.shape[1]
+    value_features = values.shape[2]
+    block_dv = power_of_two_block(value_features)
+    context = query.new_empty(batch, query_length, value_features)
+    logsumexp = query.new_empty(batch, query_length, dtype=torch.float32)
+    splits = _split_count(batch, query_length, source_length)
+    split_size = triton.cdiv(triton.cdiv(source_length, max(splits, 1)), SPLIT_GRANULE) * SPLIT_GRANULE
+    splits = triton.cdiv(source_length, split_size)
+    if splits > 1:
+        partial_acc = query.new_empty(batch, splits, query_length, block_dv, dtype=torch.float32)
+        partial_max = query.new_empty(batch, splits, query_length, dtype=torch.float32)
+        partial_sum = query.new_empty(batch, splits, query_length, dtype=torch.float32)
+    else:
+        partial_acc = partial_max = partial_sum = logsumexp
+    forward = _launcher("forward", attention_forward_kernel, flags["SCORE_KIND"])
+    forward(
+        lambda meta: (triton.cdiv(query_length, meta["BLOCK_T"]), batch, splits),
+        *pointers, context, logsumexp, partial_acc, partial_max, partial_sum,
+        *strides, context.stride(0), context.stride(1), *sizes, split_size,
+        **flags, SPLIT=splits > 1, BLOCK_DV=block_dv,
+    )
+    if splits > 1:
+        run_kernel(
+            attention_combine_kernel, (triton.cdiv(query_length, SMALLEST_BLOCK), batch), partial_acc, partial_max, partial_sum, context, logsumexp, context.stride(0), context.stride(1),
+            query_length, value_features, splits, BLOCK_T=SMALLEST_BLOCK, BLOCK_DV=block_dv,
+        )
+    if not return_weights:
+        return context, query.new_empty(0), logsumexp
+    weights = query.new_zeros(batch, query_length, source_length)
+    write_weights = _launcher("weights", attention_weights_kernel, flags["SCORE_KIND"])
+    weight_sizes = [size for index, size in enumerate(sizes) if index != 3]  # no Dv
+    write_weights(
+        lambda meta: (triton.cdiv(source_length, meta["BLOCK_S"]), triton.cdiv(query_length, meta["BLOCK_T"]), batch),
+        *pointers[:2], *pointers[3:], logsumexp, weights, *strides[:4], *weight_sizes, **flags,
+    )
+    return context, weights, logsumexp
+
+
+@torch.library.triton_op("fastattn::triton_attention_backward", mutates_args=())
+def triton_attention_backward(
+    grad_context: Tensor, grad_weights: Optional[Tensor], query: Tensor, keys: Tensor, values: Tensor,
+    v: Optional[Tensor], bias: Optional[Tensor], score: str, scale: float, lengths: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], causal: bool, window: Optional[int], center: Optional[Tensor], gaussian: bool,
+    context: Tensor, weights: Tensor, logsumexp: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (grad query, keys, values, v, bias, center); the last three are empty when absent."""
+    pointers, strides, sizes, flags = _problem(
+        query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian
+    )
+    batch, query_length, features = query.shape
+    source_length, value_features = keys.shape[1], values.shape[2]
+    delta = (grad_context.float() * context.float()).sum(-1)
+    if grad_weights is not None:
+        delta = delta + (grad_weights.float() * weights.float()).sum(-1)
+    additive = flags["SCORE_KIND"] == ADDITIVE
+    grad_query = query.new_zeros(batch, query_length, features, dtype=torch.float32)
+    grad_keys = query.new_zeros(batch, source_length, features, dtype=torch.float32)
+    grad_values = query.new_empty(batch, source_length, value_features, dtype=torch.float32)
+    grad_v = query.new_zeros(features if additive else 0, dtype=torch.float32)
+    grad_center = query.new_zeros(center.shape if center is not None and gaussian else (0,), dtype=torch.float32)
+    upstream = [grad_context, grad_weights if grad_weights is not None else grad_context, logsumexp, delta]
+    gradient_strides = [*strides, grad_context.stride(0), grad_context.stride(1)]
+    gradient_flags = dict(
+        **flags, HAS_GRAD_WEIGHTS=grad_weights is not None,
+        BLOCK_DQ=power_of_two_block(features), BLOCK_DV=power_of_two_block(value_features),
+    )
+    grad_query_launch = _launcher("grad_query", attention_grad_query_kernel, flags["SCORE_KIND"], ["GRAD_Q"])
+    grad_query_launch(
+        lambda meta: (triton.cdiv(query_length, meta["BLOCK_T"]), batch),
+        *pointers, *upstream, grad_query, grad_center if grad_center.numel() else grad_query,
+        *gradient_strides, *sizes, **gradient_flags,
+    )
+    grad_key_value_launch = _launcher(
+        "grad_key_value", attention_grad_key_value_kernel, flags["SCORE_KIND"], ["GRAD_K", "GRAD_VA"]
+    )
+    grad_key_value_launch(
+        lambda meta: (triton.cdiv(source_length, meta["BLOCK_S"]), batch),
+        *pointers, *upstream, grad_keys, grad_values, grad_v if additive else grad_keys,
+        *gradient_strides, *sizes, **gradient_flags,
+    )
+    grad_bias = grad_query.sum((0, 1)) if additive and bias is not None else query.new_empty(0)
+    dtype = query.dtype
+    return (
+        grad_query.to(dtype), grad_keys.to(dtype), grad_values.to(dtype), grad_v.to(dtype), grad_bias.to(dtype),
+        grad_center.to(center.dtype if center is not None else dtype),
+    )
+
+
+def _save_for_backward(ctx, inputs, output):
+    (query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian,
+     return_weights) = inputs
+    context, weights, logsumexp = output
+    ctx.save_for_backward(query, keys, values, v, bias, lengths, key_padding_mask, center, context, weights, logsumexp)
+    ctx.score, ctx.scale, ctx.causal, ctx.window, ctx.gaussian = score, scale, causal, window, gaussian
+    ctx.return_weights = return_weights
+
+
+def _attention_backward(ctx, grad_context, grad_weights, _grad_logsumexp):
+    query, keys, values, v, bias, lengths, key_padding_mask, center, context, weights, logsumexp = ctx.saved_tensors
+    if grad_context is None:
+        grad_context = torch.zeros_like(context)
+    use_grad_weights = ctx.return_weights and grad_weights is not None
+    grads = torch.ops.fastattn.triton_attention_backward(
+        grad_context.contiguous(), grad_weights.contiguous() if use_grad_weights else None,
+        query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal, ctx.window,
+        center, ctx.gaussian, context, weights, logsumexp,
+    )
+    grad_query, grad_keys, grad_values, grad_v, grad_bias, grad_center = grads
+    return (
+        grad_query, grad_keys, grad_values,
+        grad_v if v is not None else None,
+        grad_bias if bias is not None else None,
+        None, None, None, None, None, None,
+        grad_center if center is not None and ctx.gaussian else None,
+        None, None,
+    )
+
+
+torch.library.register_autograd(
+    "fastattn::triton_attention_forward", _attention_backward, setup_context=_save_for_backward
+)
+
+
+def fused(query, keys, values, v, bias, kernel_score, scale, masking, return_weights):
+    """The ``fused`` kernel call of ``fastattn.ops.attention``'s score mapping."""
+    context, weights, _ = torch.ops.fastattn.triton_attention_forward(
+        query.contiguous(), keys, values.contiguous(), v, bias, kernel_score, float(scale),
+        masking["lengths"], masking["key_padding_mask"], masking["causal"], masking["window"],
+        None if masking["center"] is None else masking["center"].contiguous(), masking["gaussian"], return_weights,
+    )
+    return context, (weights if return_weights else None)

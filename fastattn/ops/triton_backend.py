@@ -1,0 +1,67 @@
+"""Plugs the Triton kernels into ``fastattn.backends`` as backend ``"triton"``.
+
+It runs CUDA tensors when a GPU is present; under Triton's interpreter
+(``TRITON_INTERPRET=1``, set by the tests on a machine without a GPU) it also runs
+CPU tensors, so the tests can call it explicitly.  ``"auto"`` never picks it for CPU
+tensors (``backends.AUTO_ORDER``).  Attention reuses ``fastattn.ops.attention``'s
+mapping of the six scores onto the kernels; float64 inputs run the reference (Triton's
+kernels here compute float32/float16/bfloat16, accumulating in float32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fastattn import backends, reference
+
+FLOAT64_NOTE = "float64 inputs run the reference (the Triton kernels take float32, float16 and bfloat16)"
+
+
+def _reference_for_float64(function, reference_function):
+    @functools.wraps(function)
+    def run(*arguments, **keywords):
+        tensors = (a for a in (*arguments, *keywords.values()) if isinstance(a, torch.Tensor))
+        if any(tensor.dtype == torch.float64 for tensor in tensors):
+            return reference_function(*arguments, **keywords)
+        return function(*arguments, **keywords)
+
+    return run
+
+
+def _backend_functions() -> dict:
+    from fastattn.ops import attention, triton_attention, triton_hard, triton_recurrent
+
+    fused = triton_attention.fused
+    return {
+        "attention": functools.partial(attention.attention, fused=fused),
+        "additive_attention": functools.partial(attention.additive_attention, fused=fused),
+        "hard_attention": functools.partial(
+            attention.hard_attention, fused=fused, choose_positions=triton_hard.choose_positions
+        ),
+        "scaled_dot_product_attention": functools.partial(attention.scaled_dot_product_attention, fused=fused),
+        "lstm_cell": triton_recurrent.lstm_cell,
+        "gru_cell": triton_recurrent.gru_cell,
+        "lstm_layer": triton_recurrent.lstm_layer,
+        "gru_layer": triton_recurrent.gru_layer,
+    }
+
+
+def load() -> None:
+    """Register the backend, or record why it cannot run here."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        backends.mark_unavailable("triton", f"Triton is not installed ({error}); `pip install triton`")
+        return
+    from fastattn.ops.triton_launch import INTERPRETED
+
+    if not torch.cuda.is_available() and not INTERPRETED:
+        backends.mark_unavailable("triton", "the Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for tests)")
+        return
+    device_types = ("cuda", "cpu") if INTERPRETED else ("cuda",)
+    reference_functions = {op: backends.implementation(op, "cpu", "reference") for op in backends.OPS}
+    for op, function in _backend_functions().items():
+        backends.register(op, "triton", device_types)(_reference_for_float64(function, reference_functions[op]))
+    backends.mark_available("triton")

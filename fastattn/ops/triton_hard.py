@@ -1,0 +1,33 @@
+"""Hard attention's position choice on Triton: ``torch.ops.fastattn.triton_choose_positions``
+(argmax, or a Philox draw reproducible for a fixed seed) and the ``choose_positions``
+function that ``fastattn.ops.attention.hard_attention`` calls with the soft weights.
+The seed comes from the caller's ``torch.Generator`` (or torch's default one), so
+``torch.manual_seed`` and ``generator.manual_seed`` make the draws repeat.
+"""
+
+import torch
+import triton
+from torch import Tensor
+
+from fastattn.kernels.hard_sampling import choose_positions_kernel
+from fastattn.ops.triton_launch import INTERPRETED, SMALLEST_BLOCK, power_of_two_block, run_kernel
+
+
+@torch.library.triton_op("fastattn::triton_choose_positions", mutates_args=())
+def triton_choose_positions(weights: Tensor, sample: bool, seed: int) -> Tensor:
+    """weights (..., S) -> index (...) int64 (see fastattn.kernels.hard_sampling)."""
+    source_length = weights.shape[-1]
+    rows = weights.numel() // max(source_length, 1)
+    index = weights.new_empty(weights.shape[:-1], dtype=torch.int64)
+    block = SMALLEST_BLOCK if INTERPRETED else power_of_two_block(source_length, cap=1024)
+    run_kernel(choose_positions_kernel, (rows,), weights.contiguous(), index, source_length, seed, SAMPLE=sample, BLOCK_S=block)
+    return index
+
+
+def choose_positions(weights: Tensor, sample: bool, generator: torch.Generator | None) -> Tensor:
+    """The ``choose_positions`` of ``fastattn.ops.attention.hard_attention``."""
+    seed = 0
+    if sample:
+        device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
+    return torch.ops.fastattn.triton_choose_positions(weights, sample, seed)

@@ -1,0 +1,195 @@
+"""The Triton LSTM/GRU ops and the backend functions "lstm_cell", "gru_cell",
+"lstm_layer", "gru_layer" of backend "triton".
+
+A cell step runs its input GEMM (and, above ``FUSED_STEP_MAX_BATCH`` rows, its
+recurrent GEMM) in torch, and the pointwise part in one fused kernel; a small-batch
+LSTM step runs the recurrent GEMM inside the kernel too (one launch for h @ W_hh^T
+and the update).  The backward runs a fused pointwise kernel, then torch's GEMMs.
+Layers loop the cells over time in Python (``fastattn.reference.recurrent``'s driver:
+lengths and direction handled there), not yet a persistent kernel; an LSTM layer
+with a projection (``w_hr``) runs the reference.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+
+from fastattn import reference
+from fastattn.kernels.recurrent_cells import (
+    gru_pointwise_backward_kernel,
+    gru_pointwise_kernel,
+    lstm_pointwise_backward_kernel,
+    lstm_pointwise_kernel,
+    lstm_step_kernel,
+)
+from fastattn.ops.triton_launch import INTERPRETED, SMALLEST_BLOCK, run_kernel
+from fastattn.reference.recurrent import _run_over_time
+
+FUSED_STEP_MAX_BATCH = 64
+BLOCK_B = SMALLEST_BLOCK
+BLOCK_H = SMALLEST_BLOCK if INTERPRETED else 32
+BLOCK_K = SMALLEST_BLOCK if INTERPRETED else 64
+
+
+def _grid(batch: int, hidden: int) -> tuple[int, int]:
+    return triton.cdiv(batch, BLOCK_B), triton.cdiv(hidden, BLOCK_H)
+
+
+def _launch(kernel, batch, hidden, *arguments, **constexprs):
+    run_kernel(kernel, _grid(batch, hidden), *arguments, batch, hidden, **constexprs, BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H)
+
+
+# ---------------------------------------------------------------- LSTM
+
+
+@torch.library.triton_op("fastattn::triton_lstm_pointwise", mutates_args=())
+def triton_lstm_pointwise(gates_x: Tensor, gates_h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(x W_ih^T + b_ih, h W_hh^T + b_hh, c) -> (h', c', saved (B, 4H) float32)."""
+    batch, hidden = c.shape
+    h_next, c_next = torch.empty_like(c), torch.empty_like(c)
+    saved = c.new_empty(batch, 4 * hidden, dtype=torch.float32)
+    _launch(lstm_pointwise_kernel, batch, hidden, gates_x, gates_h, c, h_next, c_next, saved)
+    return h_next, c_next, saved
+
+
+@torch.library.triton_op("fastattn::triton_lstm_step", mutates_args=())
+def triton_lstm_step(gates_x: Tensor, h: Tensor, c: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(x W_ih^T + b_ih + b_hh, h, c, W_hh) -> (h', c', saved): the recurrent GEMM in the kernel."""
+    batch, hidden = c.shape
+    h_next, c_next = torch.empty_like(c), torch.empty_like(c)
+    saved = c.new_empty(batch, 4 * hidden, dtype=torch.float32)
+    run_kernel(
+        lstm_step_kernel, _grid(batch, hidden), gates_x, h, w_hh, c, h_next, c_next, saved, batch, hidden,
+        DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
+        BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
+    )
+    return h_next, c_next, saved
+
+
+@torch.library.triton_op("fastattn::triton_lstm_pointwise_backward", mutates_args=())
+def triton_lstm_pointwise_backward(
+    grad_h_next: Tensor, grad_c_next: Tensor, c: Tensor, c_next: Tensor, saved: Tensor
+) -> tuple[Tensor, Tensor]:
+    """-> (gradient of the pre-activation gates (B, 4H) float32, gradient of c)."""
+    batch, hidden = c.shape
+    grad_gates = torch.empty_like(saved)
+    grad_c = torch.empty_like(c)
+    _launch(lstm_pointwise_backward_kernel, batch, hidden, grad_h_next, grad_c_next, c, c_next, saved, grad_gates, grad_c)
+    return grad_gates, grad_c
+
+
+def _lstm_gate_gradients(ctx, grad_h_next, grad_c_next):
+    c, c_next, saved = ctx.saved_tensors[:3]
+    grad_h_next = torch.zeros_like(c) if grad_h_next is None else grad_h_next.contiguous()
+    grad_c_next = torch.zeros_like(c) if grad_c_next is None else grad_c_next.contiguous()
+    return torch.ops.fastattn.triton_lstm_pointwise_backward(grad_h_next, grad_c_next, c, c_next, saved)
+
+
+def _save_lstm_pointwise(ctx, inputs, output):
+    ctx.gates_dtype = inputs[0].dtype
+    ctx.save_for_backward(inputs[2], output[1], output[2])
+
+
+def _lstm_pointwise_backward(ctx, grad_h_next, grad_c_next, _grad_saved):
+    grad_gates, grad_c = _lstm_gate_gradients(ctx, grad_h_next, grad_c_next)
+    grad_gates = grad_gates.to(ctx.gates_dtype)
+    return grad_gates, grad_gates, grad_c
+
+
+def _save_lstm_step(ctx, inputs, output):
+    gates_x, h, c, w_hh = inputs
+    ctx.save_for_backward(c, output[1], output[2], h, w_hh)
+
+
+def _lstm_step_backward(ctx, grad_h_next, grad_c_next, _grad_saved):
+    h, w_hh = ctx.saved_tensors[3:]
+    grad_gates, grad_c = _lstm_gate_gradients(ctx, grad_h_next, grad_c_next)
+    grad_gates = grad_gates.to(h.dtype)
+    return grad_gates, grad_gates @ w_hh, grad_c, grad_gates.T @ h
+
+
+torch.library.register_autograd(
+    "fastattn::triton_lstm_pointwise", _lstm_pointwise_backward, setup_context=_save_lstm_pointwise
+)
+torch.library.register_autograd("fastattn::triton_lstm_step", _lstm_step_backward, setup_context=_save_lstm_step)
+
+
+def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
+    """The "lstm_cell" op: fused step for small batches, else cuBLAS GEMMs + fused pointwise."""
+    if x.shape[0] <= FUSED_STEP_MAX_BATCH:
+        gates_x = F.linear(x, w_ih, b_ih)
+        if b_hh is not None:
+            gates_x = gates_x + b_hh
+        h_next, c_next, _ = torch.ops.fastattn.triton_lstm_step(gates_x, h.contiguous(), c.contiguous(), w_hh.contiguous())
+    else:
+        gates_x, gates_h = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
+        h_next, c_next, _ = torch.ops.fastattn.triton_lstm_pointwise(gates_x, gates_h, c.contiguous())
+    return h_next, c_next
+
+
+# ---------------------------------------------------------------- GRU
+
+
+@torch.library.triton_op("fastattn::triton_gru_pointwise", mutates_args=())
+def triton_gru_pointwise(gates_x: Tensor, gates_h: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """(x W_ih^T + b_ih, h W_hh^T + b_hh, h) -> (h', saved (B, 4H) float32)."""
+    batch, hidden = h.shape
+    h_next = torch.empty_like(h)
+    saved = h.new_empty(batch, 4 * hidden, dtype=torch.float32)
+    _launch(gru_pointwise_kernel, batch, hidden, gates_x, gates_h, h, h_next, saved)
+    return h_next, saved
+
+
+@torch.library.triton_op("fastattn::triton_gru_pointwise_backward", mutates_args=())
+def triton_gru_pointwise_backward(grad_h_next: Tensor, h: Tensor, saved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """-> gradients of (gates_x, gates_h) (B, 3H) and the direct part of h's (B, H)."""
+    batch, hidden = h.shape
+    grad_gates_x = h.new_empty(batch, 3 * hidden)
+    grad_gates_h = h.new_empty(batch, 3 * hidden)
+    grad_h = torch.empty_like(h)
+    _launch(gru_pointwise_backward_kernel, batch, hidden, grad_h_next, h, saved, grad_gates_x, grad_gates_h, grad_h)
+    return grad_gates_x, grad_gates_h, grad_h
+
+
+def _save_gru_pointwise(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2], output[1])
+
+
+def _gru_pointwise_backward(ctx, grad_h_next, _grad_saved):
+    h, saved = ctx.saved_tensors
+    grad_h_next = torch.zeros_like(h) if grad_h_next is None else grad_h_next.contiguous()
+    return torch.ops.fastattn.triton_gru_pointwise_backward(grad_h_next, h, saved)
+
+
+torch.library.register_autograd(
+    "fastattn::triton_gru_pointwise", _gru_pointwise_backward, setup_context=_save_gru_pointwise
+)
+
+
+def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    """The "gru_cell" op: cuBLAS GEMMs + the fused pointwise kernel."""
+    gates_x, gates_h = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
+    return torch.ops.fastattn.triton_gru_pointwise(gates_x, gates_h, h.contiguous())[0]
+
+
+# ---------------------------------------------------------------- layers
+
+
+def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False):
+    if w_hr is not None:
+        return reference.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+
+    def step(x_t, state):
+        return lstm_cell(x_t, *state, w_ih, w_hh, b_ih, b_hh)
+
+    output, (h_n, c_n) = _run_over_time(step, x, (h0, c0), lengths, reverse)
+    return output, h_n, c_n
+
+
+def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, reverse=False):
+    def step(x_t, state):
+        return (gru_cell(x_t, *state, w_ih, w_hh, b_ih, b_hh),)
+
+    output, (h_n,) = _run_over_time(step, x, (h0,), lengths, reverse)
+    return output, h_n

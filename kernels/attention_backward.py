@@ -1,0 +1,236 @@
+"""Fused attention backward, recomputing the scores from the saved log-sum-exp (no
+T×S matrices stored), in two kernels so that every output has one writer:
+
+- ``attention_grad_query_kernel`` (grid: query blocks × batch) walks the key blocks
+  a query block can see and accumulates dQ and the gradient of the local-p centers;
+- ``attention_grad_key_value_kernel`` (grid: key blocks × batch) walks the query
+  blocks whose key range meets its keys and accumulates dK and dV.
+
+With w = softmax(e) * g (g the Gaussian factor, 1 without it), upstream gradients dC
+(context) and dW (weights, optional), dA = dC . v + dW, and
+delta_t = dC_t . c_t + sum_j w_tj dW_tj (computed by the caller), the score gradient is
+dE = p * (g * dA - delta).  Dot and cosine hold dQ/dK whole (``BLOCK_DQ`` >= D) in
+registers; additive walks Da in tiles of ``BLOCK_D`` and accumulates dQ', dK' and dv
+with float32 atomic adds into zeroed buffers (the caller sums dv's contributions into
+the bias gradient itself: d bias = sum over rows of dQ').
+"""
+
+import triton
+import triton.language as tl
+
+from fastattn.kernels.attention_tiles import (
+    block_scores,
+    gaussian_factor,
+    key_range,
+    row_centers,
+    stable_tanh,
+    tile_valid,
+)
+
+
+@triton.jit
+def _score_gradient(
+    Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA,
+    n, offs_t, offs_j, centers, length,
+    stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
+    T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
+    SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, GAUSSIAN: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """One tile's (dE, p, g, dA, 1/|q|, 1/|k|, grad_out tile) — see the module docstring."""
+    scores, inverse_query_norm, inverse_key_norm = block_scores(
+        Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, tiny,
+        SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, DOT_PRECISION,
+    )
+    valid = tile_valid(offs_t, offs_j, centers, T, S, length, KPM, n * S, window, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW)
+    row_in = offs_t < T
+    logsumexp = tl.load(LSE + n * T + offs_t, mask=row_in, other=float("inf"))
+    delta = tl.load(DELTA + n * T + offs_t, mask=row_in, other=0.0)
+    p = tl.where(valid, tl.exp(scores - logsumexp[:, None]), 0.0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    grad_out = tl.load(
+        GRAD_OUT + n * stride_on + offs_t[:, None] * stride_ot + offs_dv[None, :],
+        mask=row_in[:, None] & (offs_dv < DV)[None, :], other=0.0,
+    )
+    values = tl.load(
+        V + n * stride_vn + offs_j[:, None] * stride_vs + offs_dv[None, :],
+        mask=(offs_j < S)[:, None] & (offs_dv < DV)[None, :], other=0.0,
+    )
+    grad_attention = tl.dot(grad_out, tl.trans(values), input_precision=DOT_PRECISION)
+    if HAS_GRAD_WEIGHTS:
+        grad_attention += tl.load(
+            GRAD_WEIGHTS + (n * T + offs_t[:, None]) * S + offs_j[None, :],
+            mask=row_in[:, None] & (offs_j < S)[None, :], other=0.0,
+        ).to(tl.float32)
+    factor = tl.full((BLOCK_T, BLOCK_S), 1.0, tl.float32)
+    if GAUSSIAN:
+        factor = gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
+    grad_scores = p * (factor * grad_attention - delta[:, None])
+    return grad_scores, p, factor, grad_attention, inverse_query_norm, inverse_key_norm, grad_out
+
+
+@triton.jit
+def _additive_feature_gradients(
+    Q, K, VA, BIAS, GRAD_PROJECTION, GRAD_VA, grad_scores, q_base, k_base, offs_rows, offs_other, rows, others, D,
+    stride_row, stride_other, ROWS_ARE_QUERIES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Atomically add one tile's gradient of the additive score to the projections of its
+    rows (queries or keys, by ``ROWS_ARE_QUERIES``; GRAD_PROJECTION points at this batch
+    element's contiguous (rows, D) float32 block) and, from the key side only, to v."""
+    row_in = offs_rows < rows
+    other_in = offs_other < others
+    for d_start in range(0, D, BLOCK_D):
+        offs_d = d_start + tl.arange(0, BLOCK_D)
+        d_in = offs_d < D
+        row_features = tl.load(
+            (Q if ROWS_ARE_QUERIES else K) + (q_base if ROWS_ARE_QUERIES else k_base)
+            + offs_rows[:, None] * stride_row + offs_d[None, :],
+            mask=row_in[:, None] & d_in[None, :], other=0.0,
+        ).to(tl.float32)
+        other_features = tl.load(
+            (K if ROWS_ARE_QUERIES else Q) + (k_base if ROWS_ARE_QUERIES else q_base)
+            + offs_other[:, None] * stride_other + offs_d[None, :],
+            mask=other_in[:, None] & d_in[None, :], other=0.0,
+        ).to(tl.float32)
+        summed = row_features[:, None, :] + other_features[None, :, :]
+        if HAS_BIAS:
+            summed += tl.load(BIAS + offs_d, mask=d_in, other=0.0).to(tl.float32)[None, None, :]
+        activation = stable_tanh(summed)
+        va = tl.load(VA + offs_d, mask=d_in, other=0.0).to(tl.float32)
+        weighted = grad_scores[:, :, None] * (1.0 - activation * activation) * va[None, None, :]
+        tl.atomic_add(
+            GRAD_PROJECTION + offs_rows[:, None] * D + offs_d[None, :],
+            tl.sum(weighted, axis=1), mask=row_in[:, None] & d_in[None, :],
+        )
+        if not ROWS_ARE_QUERIES:
+            tl.atomic_add(GRAD_VA + offs_d, tl.sum(tl.sum(grad_scores[:, :, None] * activation, axis=1), axis=0), mask=d_in)
+
+
+@triton.jit
+def attention_grad_query_kernel(
+    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, GRAD_Q, GRAD_CENTER,
+    stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
+    T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
+    SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
+    HAS_GRAD_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DQ: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    t_block, n = tl.program_id(0), tl.program_id(1)
+    t_start = t_block * BLOCK_T
+    offs_t = t_start + tl.arange(0, BLOCK_T)
+    offs_dq = tl.arange(0, BLOCK_DQ)
+    row_in = offs_t < T
+    length = S
+    if HAS_LENGTHS:
+        length = tl.load(LENGTHS + n).to(tl.int32)
+    centers = row_centers(CENTER, n * T, offs_t, T, HAS_CENTER)
+    lo, hi = key_range(t_start, offs_t, centers, T, S, length, window, HAS_LENGTHS, CAUSAL, HAS_WINDOW, BLOCK_S)
+    grad_query = tl.zeros((BLOCK_T, BLOCK_DQ), dtype=tl.float32)
+    grad_center = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    inverse_query_norm = tl.full((BLOCK_T,), 1.0, tl.float32)
+    for j_start in range(lo, hi, BLOCK_S):
+        offs_j = j_start + tl.arange(0, BLOCK_S)
+        grad_scores, p, factor, grad_attention, inverse_query_norm, inverse_key_norm, _ = _score_gradient(
+            Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, n, offs_t, offs_j, centers, length,
+            stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
+            T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
+            SCORE_KIND, HAS_BIAS, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW, GAUSSIAN, HAS_GRAD_WEIGHTS,
+            DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_DV,
+        )
+        if HAS_CENTER and GAUSSIAN:
+            distance = offs_j.to(tl.float32)[None, :] - centers[:, None]
+            grad_center += tl.sum(grad_attention * p * factor * distance, axis=1) * (2.0 * inverse_two_sigma_squared)
+        if SCORE_KIND == 2:
+            _additive_feature_gradients(
+                Q, K, VA, BIAS, GRAD_Q + n * T * D, GRAD_Q, grad_scores, n * stride_qn, n * stride_kn, offs_t, offs_j,
+                T, S, D, stride_qt, stride_ks, True, HAS_BIAS, BLOCK_D,
+            )
+        else:
+            keys = tl.load(
+                K + n * stride_kn + offs_j[:, None] * stride_ks + offs_dq[None, :],
+                mask=(offs_j < S)[:, None] & (offs_dq < D)[None, :], other=0.0,
+            )
+            weighted = grad_scores * scale
+            if SCORE_KIND == 1:
+                weighted = weighted * inverse_key_norm[None, :]
+            grad_query += tl.dot(weighted.to(keys.dtype), keys, input_precision=DOT_PRECISION)
+    if SCORE_KIND != 2:
+        out_mask = row_in[:, None] & (offs_dq < D)[None, :]
+        if SCORE_KIND == 1:
+            # grad_query holds the gradient of q/|q|: drop its radial part and divide by |q|.
+            query = tl.load(Q + n * stride_qn + offs_t[:, None] * stride_qt + offs_dq[None, :], mask=out_mask, other=0.0)
+            unit_query = query.to(tl.float32) * inverse_query_norm[:, None]
+            radial = tl.sum(unit_query * grad_query, axis=1)
+            grad_query = (grad_query - unit_query * radial[:, None]) * inverse_query_norm[:, None]
+        tl.store(GRAD_Q + (n * T + offs_t[:, None]) * D + offs_dq[None, :], grad_query, mask=out_mask)
+    if HAS_CENTER and GAUSSIAN:
+        tl.store(GRAD_CENTER + n * T + offs_t, grad_center, mask=row_in)
+
+
+@triton.jit
+def attention_grad_key_value_kernel(
+    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, GRAD_K, GRAD_V, GRAD_VA,
+    stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
+    T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
+    SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
+    HAS_GRAD_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DQ: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    j_block, n = tl.program_id(0), tl.program_id(1)
+    j_start = j_block * BLOCK_S
+    offs_j = j_start + tl.arange(0, BLOCK_S)
+    offs_dq = tl.arange(0, BLOCK_DQ)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    key_in = offs_j < S
+    length = S
+    if HAS_LENGTHS:
+        length = tl.load(LENGTHS + n).to(tl.int32)
+    grad_key = tl.zeros((BLOCK_S, BLOCK_DQ), dtype=tl.float32)
+    grad_value = tl.zeros((BLOCK_S, BLOCK_DV), dtype=tl.float32)
+    inverse_key_norm = tl.full((BLOCK_S,), 1.0, tl.float32)
+    for t_start in range(0, T, BLOCK_T):
+        offs_t = t_start + tl.arange(0, BLOCK_T)
+        centers = row_centers(CENTER, n * T, offs_t, T, HAS_CENTER)
+        lo, hi = key_range(t_start, offs_t, centers, T, S, length, window, HAS_LENGTHS, CAUSAL, HAS_WINDOW, BLOCK_S)
+        if (j_start < hi) & (j_start + BLOCK_S > lo):
+            grad_scores, p, factor, _, inverse_query_norm, inverse_key_norm, grad_out = _score_gradient(
+                Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, n, offs_t, offs_j, centers, length,
+                stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
+                T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
+                SCORE_KIND, HAS_BIAS, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW, GAUSSIAN, HAS_GRAD_WEIGHTS,
+                DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_DV,
+            )
+            weights = p * factor
+            grad_value += tl.dot(tl.trans(weights.to(grad_out.dtype)), grad_out, input_precision=DOT_PRECISION)
+            if SCORE_KIND == 2:
+                _additive_feature_gradients(
+                    Q, K, VA, BIAS, GRAD_K + n * S * D, GRAD_VA, tl.trans(grad_scores), n * stride_qn, n * stride_kn,
+                    offs_j, offs_t, S, T, D, stride_ks, stride_qt, False, HAS_BIAS, BLOCK_D,
+                )
+            else:
+                queries = tl.load(
+                    Q + n * stride_qn + offs_t[:, None] * stride_qt + offs_dq[None, :],
+                    mask=(offs_t < T)[:, None] & (offs_dq < D)[None, :], other=0.0,
+                )
+                weighted = grad_scores * scale
+                if SCORE_KIND == 1:
+                    weighted = weighted * inverse_query_norm[:, None]
+                grad_key += tl.dot(tl.trans(weighted.to(queries.dtype)), queries, input_precision=DOT_PRECISION)
+    tl.store(
+        GRAD_V + (n * S + offs_j[:, None]) * DV + offs_dv[None, :], grad_value,
+        mask=key_in[:, None] & (offs_dv < DV)[None, :],
+    )
+    if SCORE_KIND != 2:
+        out_mask = key_in[:, None] & (offs_dq < D)[None, :]
+        if SCORE_KIND == 1:
+            keys = tl.load(K + n * stride_kn + offs_j[:, None] * stride_ks + offs_dq[None, :], mask=out_mask, other=0.0)
+            unit_key = keys.to(tl.float32) * inverse_key_norm[:, None]
+            radial = tl.sum(unit_key * grad_key, axis=1)
+            grad_key = (grad_key - unit_key * radial[:, None]) * inverse_key_norm[:, None]
+        tl.store(GRAD_K + (n * S + offs_j[:, None]) * D + offs_dq[None, :], grad_key, mask=out_mask)

@@ -1,0 +1,147 @@
+"""Fused attention forward: scores, masked online softmax, Gaussian factor and context
+in one pass over key blocks (flash-attention style), for the three score kinds of
+``attention_tiles``.
+
+Grid: (query blocks, batch, key splits).  With one split each program writes the
+normalised context and the row log-sum-exp (``+inf`` for a row with no valid key,
+whose context is zero).  With several splits (flash-decoding, for a decode step or a
+short query block when the batch alone cannot fill the GPU) each program covers
+``split_size`` keys and writes its unnormalised partial context, running max and sum;
+``attention_combine_kernel`` merges them.  ``attention_weights_kernel`` writes the
+normalised weights from the log-sum-exp, one (query block × key block) tile per
+program.  Key blocks outside the mask or window are skipped, never loaded.  The value
+dimension is held whole (``BLOCK_DV`` >= Dv) in registers.
+"""
+
+import triton
+import triton.language as tl
+
+from fastattn.kernels.attention_tiles import block_scores, gaussian_factor, key_range, row_centers, tile_valid
+
+
+@triton.jit
+def attention_forward_kernel(
+    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, OUT, LSE, PARTIAL_ACC, PARTIAL_MAX, PARTIAL_SUM,
+    stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
+    T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared, split_size,
+    SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    t_block, n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_start = t_block * BLOCK_T
+    offs_t = t_start + tl.arange(0, BLOCK_T)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    length = S
+    if HAS_LENGTHS:
+        length = tl.load(LENGTHS + n).to(tl.int32)
+    centers = row_centers(CENTER, n * T, offs_t, T, HAS_CENTER)
+    lo, hi = key_range(t_start, offs_t, centers, T, S, length, window, HAS_LENGTHS, CAUSAL, HAS_WINDOW, BLOCK_S)
+    if SPLIT:
+        lo = tl.maximum(lo, split * split_size)
+        hi = tl.minimum(hi, (split + 1) * split_size)
+
+    running_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_DV), dtype=tl.float32)
+    for j_start in range(lo, hi, BLOCK_S):
+        offs_j = j_start + tl.arange(0, BLOCK_S)
+        scores, _, _ = block_scores(
+            Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, tiny,
+            SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, DOT_PRECISION,
+        )
+        valid = tile_valid(offs_t, offs_j, centers, T, S, length, KPM, n * S, window, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW)
+        scores = tl.where(valid, scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.exp(scores - safe_max[:, None])
+        rescale = tl.exp(running_max - safe_max)
+        running_sum = running_sum * rescale + tl.sum(p, axis=1)
+        if GAUSSIAN:
+            p = p * gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
+        values = tl.load(
+            V + n * stride_vn + offs_j[:, None] * stride_vs + offs_dv[None, :],
+            mask=(offs_j < S)[:, None] & (offs_dv < DV)[None, :], other=0.0,
+        )
+        acc = acc * rescale[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+        running_max = new_max
+
+    row_in = offs_t < T
+    if SPLIT:
+        partial = (n * tl.num_programs(2) + split) * T + offs_t
+        tl.store(PARTIAL_ACC + partial[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=row_in[:, None])
+        tl.store(PARTIAL_MAX + partial, running_max, mask=row_in)
+        tl.store(PARTIAL_SUM + partial, running_sum, mask=row_in)
+    else:
+        empty = running_sum == 0.0
+        safe_sum = tl.where(empty, 1.0, running_sum)
+        context = acc / safe_sum[:, None]
+        logsumexp = tl.where(empty, float("inf"), running_max + tl.log(safe_sum))
+        out_mask = row_in[:, None] & (offs_dv < DV)[None, :]
+        tl.store(OUT + n * stride_on + offs_t[:, None] * stride_ot + offs_dv[None, :], context, mask=out_mask)
+        tl.store(LSE + n * T + offs_t, logsumexp, mask=row_in)
+
+
+@triton.jit
+def attention_combine_kernel(
+    PARTIAL_ACC, PARTIAL_MAX, PARTIAL_SUM, OUT, LSE, stride_on, stride_ot, T, DV, splits,
+    BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merge the per-split partial results of one query block (flash-decoding's reduce)."""
+    t_block, n = tl.program_id(0), tl.program_id(1)
+    offs_t = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_in = offs_t < T
+    overall_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    for split in range(0, splits):
+        partial = (n * splits + split) * T + offs_t
+        overall_max = tl.maximum(overall_max, tl.load(PARTIAL_MAX + partial, mask=row_in, other=float("-inf")))
+    safe_max = tl.where(overall_max == float("-inf"), 0.0, overall_max)
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_DV), dtype=tl.float32)
+    for split in range(0, splits):
+        partial = (n * splits + split) * T + offs_t
+        rescale = tl.exp(tl.load(PARTIAL_MAX + partial, mask=row_in, other=float("-inf")) - safe_max)
+        total += tl.load(PARTIAL_SUM + partial, mask=row_in, other=0.0) * rescale
+        partial_acc = tl.load(PARTIAL_ACC + partial[:, None] * BLOCK_DV + offs_dv[None, :], mask=row_in[:, None], other=0.0)
+        acc += partial_acc * rescale[:, None]
+    empty = total == 0.0
+    safe_total = tl.where(empty, 1.0, total)
+    context = acc / safe_total[:, None]
+    tl.store(OUT + n * stride_on + offs_t[:, None] * stride_ot + offs_dv[None, :], context, mask=row_in[:, None] & (offs_dv < DV)[None, :])
+    tl.store(LSE + n * T + offs_t, tl.where(empty, float("inf"), safe_max + tl.log(safe_total)), mask=row_in)
+
+
+@triton.jit
+def attention_weights_kernel(
+    Q, K, VA, BIAS, LENGTHS, KPM, CENTER, LSE, WEIGHTS,
+    stride_qn, stride_qt, stride_kn, stride_ks,
+    T, S, D, scale, tiny, window, inverse_two_sigma_squared,
+    SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """weights = exp(score - logsumexp) * Gaussian factor on one tile; WEIGHTS starts zeroed
+    and tiles outside the block's key range are left alone."""
+    j_block, t_block, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_start = t_block * BLOCK_T
+    offs_t = t_start + tl.arange(0, BLOCK_T)
+    offs_j = j_block * BLOCK_S + tl.arange(0, BLOCK_S)
+    length = S
+    if HAS_LENGTHS:
+        length = tl.load(LENGTHS + n).to(tl.int32)
+    centers = row_centers(CENTER, n * T, offs_t, T, HAS_CENTER)
+    lo, hi = key_range(t_start, offs_t, centers, T, S, length, window, HAS_LENGTHS, CAUSAL, HAS_WINDOW, BLOCK_S)
+    if (j_block * BLOCK_S < hi) & (j_block * BLOCK_S + BLOCK_S > lo):
+        scores, _, _ = block_scores(
+            Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, tiny,
+            SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, DOT_PRECISION,
+        )
+        valid = tile_valid(offs_t, offs_j, centers, T, S, length, KPM, n * S, window, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW)
+        logsumexp = tl.load(LSE + n * T + offs_t, mask=offs_t < T, other=float("inf"))
+        weights = tl.where(valid, tl.exp(scores - logsumexp[:, None]), 0.0)
+        if GAUSSIAN:
+            weights = weights * gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
+        in_tile = (offs_t < T)[:, None] & (offs_j < S)[None, :]
+        tl.store(WEIGHTS + (n * T + offs_t[:, None]) * S + offs_j[None, :], weights, mask=in_tile)

@@ -1,0 +1,125 @@
+"""Triton helpers shared by every attention kernel: the scores of one (query block ×
+key block) tile for the three kernel score kinds, the mask of a tile, the key range
+a query block can see, and the Gaussian factor of local attention.
+
+Score kinds (``SCORE_KIND``): 0 = dot (q . k * scale, tensor-core ``tl.dot``),
+1 = cosine (scale * q . k / (|q| |k|), norms computed here), 2 = additive
+(v . tanh(q + k + b), summed over feature tiles on the FMA/SFU units).  The
+features are walked in tiles of ``BLOCK_D``; queries and keys must have their
+feature dimension contiguous.  Masks follow ``fastattn.reference.attention``:
+lengths, key padding, causal, local-m (centers = t) and local-p (given centers)
+windows, all evaluated in float32.
+"""
+
+import triton
+import triton.language as tl
+
+DOT, COSINE, ADDITIVE = 0, 1, 2
+
+
+@triton.jit
+def stable_tanh(x):
+    """tanh through one exp, accurate near 0 and saturating without overflow."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    magnitude = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def block_scores(
+    Q, K, VA, BIAS, q_base, k_base, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, tiny,
+    SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """-> (scores (BLOCK_T, BLOCK_S) fp32 with the scale applied, 1/|q| (BLOCK_T,), 1/|k| (BLOCK_S,));
+    the inverse norms are those of the cosine score (ones for the other kinds)."""
+    scores = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
+    query_squares = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    key_squares = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    row_in = offs_t < T
+    key_in = offs_j < S
+    for d_start in range(0, D, BLOCK_D):
+        offs_d = d_start + tl.arange(0, BLOCK_D)
+        d_in = offs_d < D
+        q = tl.load(Q + q_base + offs_t[:, None] * stride_qt + offs_d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
+        k = tl.load(K + k_base + offs_j[:, None] * stride_ks + offs_d[None, :], mask=key_in[:, None] & d_in[None, :], other=0.0)
+        if SCORE_KIND == 2:
+            va = tl.load(VA + offs_d, mask=d_in, other=0.0).to(tl.float32)
+            summed = q.to(tl.float32)[:, None, :] + k.to(tl.float32)[None, :, :]
+            if HAS_BIAS:
+                summed += tl.load(BIAS + offs_d, mask=d_in, other=0.0).to(tl.float32)[None, None, :]
+            scores += tl.sum(stable_tanh(summed) * va[None, None, :], axis=2)
+        else:
+            scores += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if SCORE_KIND == 1:
+                query_squares += tl.sum(q.to(tl.float32) * q.to(tl.float32), axis=1)
+                key_squares += tl.sum(k.to(tl.float32) * k.to(tl.float32), axis=1)
+    inverse_query_norm = tl.full((BLOCK_T,), 1.0, tl.float32)
+    inverse_key_norm = tl.full((BLOCK_S,), 1.0, tl.float32)
+    if SCORE_KIND == 1:
+        inverse_query_norm = 1.0 / tl.maximum(tl.sqrt(query_squares), tiny)
+        inverse_key_norm = 1.0 / tl.maximum(tl.sqrt(key_squares), tiny)
+        scores = scores * inverse_query_norm[:, None] * inverse_key_norm[None, :]
+    return scores * scale, inverse_query_norm, inverse_key_norm
+
+
+@triton.jit
+def row_centers(CENTER, center_base, offs_t, T, HAS_CENTER: tl.constexpr):
+    """p_t of local attention, float32: the given centers (local-p) or t (local-m)."""
+    if HAS_CENTER:
+        centers = tl.load(CENTER + center_base + offs_t, mask=offs_t < T, other=0.0).to(tl.float32)
+    else:
+        centers = offs_t.to(tl.float32)
+    return centers
+
+
+@triton.jit
+def key_range(
+    t_start, offs_t, centers, T, S, length, window,
+    HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """[lo, hi) of the keys any query of the block may see; lo rounded down to a key block."""
+    t_last = tl.minimum(t_start + offs_t.shape[0], T) - 1
+    lo = t_start * 0
+    hi = lo + S
+    if HAS_LENGTHS:
+        hi = tl.minimum(hi, length)
+    if CAUSAL:
+        hi = tl.minimum(hi, t_last + 1)
+    if HAS_WINDOW:
+        row_in = offs_t < T
+        lowest = tl.min(tl.where(row_in, centers, float("inf")), axis=0)
+        highest = tl.max(tl.where(row_in, centers, float("-inf")), axis=0)
+        first = tl.minimum(tl.maximum(tl.ceil(lowest - window), 0.0), S * 1.0)
+        last = tl.maximum(tl.minimum(tl.floor(highest + window) + 1.0, S * 1.0), 0.0)
+        lo = tl.maximum(lo, first.to(tl.int32))
+        hi = tl.minimum(hi, last.to(tl.int32))
+    lo = (lo // BLOCK_S) * BLOCK_S
+    return lo, hi
+
+
+@triton.jit
+def tile_valid(
+    offs_t, offs_j, centers, T, S, length, KPM, mask_base, window,
+    HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):
+    """(BLOCK_T, BLOCK_S) bool: query t may attend to key j (the reference's valid_positions)."""
+    valid = (offs_t[:, None] < T) & (offs_j[None, :] < S)
+    if HAS_LENGTHS:
+        valid = valid & (offs_j[None, :] < length)
+    if HAS_KPM:
+        padding = tl.load(KPM + mask_base + offs_j, mask=offs_j < S, other=1)
+        valid = valid & (padding == 0)[None, :]
+    if CAUSAL:
+        valid = valid & (offs_j[None, :] <= offs_t[:, None])
+    if HAS_WINDOW:
+        positions = offs_j.to(tl.float32)[None, :]
+        valid = valid & (positions >= centers[:, None] - window) & (positions <= centers[:, None] + window)
+    return valid
+
+
+@triton.jit
+def gaussian_factor(offs_j, centers, inverse_two_sigma_squared):
+    """exp(-(j - p_t)^2 / (2 sigma^2)), (BLOCK_T, BLOCK_S) float32."""
+    distance = offs_j.to(tl.float32)[None, :] - centers[:, None]
+    return tl.exp(-distance * distance * inverse_two_sigma_squared)

@@ -1,0 +1,169 @@
+"""LSTM and GRU cell kernels: the pointwise part of a step fused into one pass
+(gate nonlinearities, state update, and the activations saved for backward), its
+backward, and a small-batch LSTM step that also computes the recurrent GEMM
+h @ W_hh^T in the same launch.
+
+The GEMMs x @ W_ih^T (and, for larger batches, h @ W_hh^T) and those of the backward
+run in torch (cuBLAS); the gates come in torch's order (LSTM i, f, g, o; GRU r, z, n)
+as (B, gates*H) rows.  Grid: (B blocks, H blocks) of BLOCK_B × BLOCK_H states.
+Saved activations: LSTM (i, f, g, o), GRU (r, z, n, W_hn h + b_hn), each (B, 4H).
+"""
+
+import triton
+import triton.language as tl
+
+from fastattn.kernels.attention_tiles import stable_tanh
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tile(b_block, h_block, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = b_block * BLOCK_B + tl.arange(0, BLOCK_B)
+    columns = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    return rows, columns, (rows < B)[:, None] & (columns < H)[None, :]
+
+
+@triton.jit
+def _gate_sum(GATES_X, GATES_H, offsets, mask):
+    """One gate's pre-activation from its input and recurrent parts, float32."""
+    return tl.load(GATES_X + offsets, mask=mask, other=0.0).to(tl.float32) + tl.load(
+        GATES_H + offsets, mask=mask, other=0.0
+    ).to(tl.float32)
+
+
+@triton.jit
+def _lstm_update(gate_i, gate_f, gate_g, gate_o, C, C_NEXT, H_NEXT, SAVED, rows, columns, mask, H):
+    """From the four pre-activations to (h', c'), storing the saved activations."""
+    i = _sigmoid(gate_i)
+    f = _sigmoid(gate_f)
+    g = stable_tanh(gate_g)
+    o = _sigmoid(gate_o)
+    c = tl.load(C + rows[:, None] * H + columns[None, :], mask=mask, other=0.0).to(tl.float32)
+    c_next = f * c + i * g
+    state = rows[:, None] * H + columns[None, :]
+    tl.store(C_NEXT + state, c_next, mask=mask)
+    tl.store(H_NEXT + state, o * stable_tanh(c_next), mask=mask)
+    saved = rows[:, None] * 4 * H + columns[None, :]
+    tl.store(SAVED + saved, i, mask=mask)
+    tl.store(SAVED + saved + H, f, mask=mask)
+    tl.store(SAVED + saved + 2 * H, g, mask=mask)
+    tl.store(SAVED + saved + 3 * H, o, mask=mask)
+
+
+@triton.jit
+def lstm_pointwise_kernel(
+    GATES_X, GATES_H, C, H_NEXT, C_NEXT, SAVED, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr
+):
+    """gates = GATES_X + GATES_H (B, 4H), both with their biases already added."""
+    rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
+    gate = rows[:, None] * 4 * H + columns[None, :]
+    _lstm_update(
+        _gate_sum(GATES_X, GATES_H, gate, mask),
+        _gate_sum(GATES_X, GATES_H, gate + H, mask),
+        _gate_sum(GATES_X, GATES_H, gate + 2 * H, mask),
+        _gate_sum(GATES_X, GATES_H, gate + 3 * H, mask),
+        C, C_NEXT, H_NEXT, SAVED, rows, columns, mask, H,
+    )
+
+
+@triton.jit
+def lstm_step_kernel(
+    GATES_X, STATE_H, W_HH, C, H_NEXT, C_NEXT, SAVED, B, H, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One whole LSTM step for a small batch: gates = GATES_X + h @ W_hh^T, in one launch."""
+    rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
+    gate = rows[:, None] * 4 * H + columns[None, :]
+    acc_i = tl.load(GATES_X + gate, mask=mask, other=0.0).to(tl.float32)
+    acc_f = tl.load(GATES_X + gate + H, mask=mask, other=0.0).to(tl.float32)
+    acc_g = tl.load(GATES_X + gate + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    acc_o = tl.load(GATES_X + gate + 3 * H, mask=mask, other=0.0).to(tl.float32)
+    column_in = columns < H
+    for k_start in range(0, H, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        k_in = offs_k < H
+        state = tl.load(STATE_H + rows[:, None] * H + offs_k[None, :], mask=(rows < B)[:, None] & k_in[None, :], other=0.0)
+        weight_mask = k_in[:, None] & column_in[None, :]
+        weight = W_HH + columns[None, :] * H + offs_k[:, None]  # W_hh^T tile (BLOCK_K, BLOCK_H) of gate i
+        acc_i += tl.dot(state, tl.load(weight, mask=weight_mask, other=0.0), input_precision=DOT_PRECISION)
+        acc_f += tl.dot(state, tl.load(weight + H * H, mask=weight_mask, other=0.0), input_precision=DOT_PRECISION)
+        acc_g += tl.dot(state, tl.load(weight + 2 * H * H, mask=weight_mask, other=0.0), input_precision=DOT_PRECISION)
+        acc_o += tl.dot(state, tl.load(weight + 3 * H * H, mask=weight_mask, other=0.0), input_precision=DOT_PRECISION)
+    _lstm_update(acc_i, acc_f, acc_g, acc_o, C, C_NEXT, H_NEXT, SAVED, rows, columns, mask, H)
+
+
+@triton.jit
+def lstm_pointwise_backward_kernel(
+    GRAD_H_NEXT, GRAD_C_NEXT, C, C_NEXT, SAVED, GRAD_GATES, GRAD_C, B, H,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """-> gradient of the pre-activation gates (B, 4H) and of c."""
+    rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
+    state = rows[:, None] * H + columns[None, :]
+    saved = rows[:, None] * 4 * H + columns[None, :]
+    i = tl.load(SAVED + saved, mask=mask, other=0.0)
+    f = tl.load(SAVED + saved + H, mask=mask, other=0.0)
+    g = tl.load(SAVED + saved + 2 * H, mask=mask, other=0.0)
+    o = tl.load(SAVED + saved + 3 * H, mask=mask, other=0.0)
+    c = tl.load(C + state, mask=mask, other=0.0).to(tl.float32)
+    cell = stable_tanh(tl.load(C_NEXT + state, mask=mask, other=0.0).to(tl.float32))
+    grad_h = tl.load(GRAD_H_NEXT + state, mask=mask, other=0.0).to(tl.float32)
+    grad_c = tl.load(GRAD_C_NEXT + state, mask=mask, other=0.0).to(tl.float32) + grad_h * o * (1.0 - cell * cell)
+    tl.store(GRAD_C + state, grad_c * f, mask=mask)
+    tl.store(GRAD_GATES + saved, grad_c * g * i * (1.0 - i), mask=mask)
+    tl.store(GRAD_GATES + saved + H, grad_c * c * f * (1.0 - f), mask=mask)
+    tl.store(GRAD_GATES + saved + 2 * H, grad_c * i * (1.0 - g * g), mask=mask)
+    tl.store(GRAD_GATES + saved + 3 * H, grad_h * cell * o * (1.0 - o), mask=mask)
+
+
+@triton.jit
+def gru_pointwise_kernel(
+    GATES_X, GATES_H, STATE_H, H_NEXT, SAVED, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr
+):
+    """GATES_X = x W_ih^T + b_ih, GATES_H = h W_hh^T + b_hh, each (B, 3H)."""
+    rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
+    gate = rows[:, None] * 3 * H + columns[None, :]
+    r = _sigmoid(_gate_sum(GATES_X, GATES_H, gate, mask))
+    z = _sigmoid(_gate_sum(GATES_X, GATES_H, gate + H, mask))
+    hidden_n = tl.load(GATES_H + gate + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    n = stable_tanh(tl.load(GATES_X + gate + 2 * H, mask=mask, other=0.0).to(tl.float32) + r * hidden_n)
+    state = rows[:, None] * H + columns[None, :]
+    h = tl.load(STATE_H + state, mask=mask, other=0.0).to(tl.float32)
+    tl.store(H_NEXT + state, (1.0 - z) * n + z * h, mask=mask)
+    saved = rows[:, None] * 4 * H + columns[None, :]
+    tl.store(SAVED + saved, r, mask=mask)
+    tl.store(SAVED + saved + H, z, mask=mask)
+    tl.store(SAVED + saved + 2 * H, n, mask=mask)
+    tl.store(SAVED + saved + 3 * H, hidden_n, mask=mask)
+
+
+@triton.jit
+def gru_pointwise_backward_kernel(
+    GRAD_H_NEXT, STATE_H, SAVED, GRAD_GATES_X, GRAD_GATES_H, GRAD_H, B, H,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """-> gradients of GATES_X and GATES_H (B, 3H each) and the direct part of h's."""
+    rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
+    state = rows[:, None] * H + columns[None, :]
+    saved = rows[:, None] * 4 * H + columns[None, :]
+    r = tl.load(SAVED + saved, mask=mask, other=0.0)
+    z = tl.load(SAVED + saved + H, mask=mask, other=0.0)
+    n = tl.load(SAVED + saved + 2 * H, mask=mask, other=0.0)
+    hidden_n = tl.load(SAVED + saved + 3 * H, mask=mask, other=0.0)
+    h = tl.load(STATE_H + state, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.load(GRAD_H_NEXT + state, mask=mask, other=0.0).to(tl.float32)
+    tl.store(GRAD_H + state, grad * z, mask=mask)
+    grad_n = grad * (1.0 - z) * (1.0 - n * n)
+    grad_r = grad_n * hidden_n * r * (1.0 - r)
+    grad_z = grad * (h - n) * z * (1.0 - z)
+    gate = rows[:, None] * 3 * H + columns[None, :]
+    tl.store(GRAD_GATES_X + gate, grad_r, mask=mask)
+    tl.store(GRAD_GATES_H + gate, grad_r, mask=mask)
+    tl.store(GRAD_GATES_X + gate + H, grad_z, mask=mask)
+    tl.store(GRAD_GATES_H + gate + H, grad_z, mask=mask)
+    tl.store(GRAD_GATES_X + gate + 2 * H, grad_n, mask=mask)
+    tl.store(GRAD_GATES_H + gate + 2 * H, grad_n * r, mask=mask)

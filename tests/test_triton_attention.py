@@ -1,0 +1,289 @@
+"""The Triton attention kernels (backend "triton") against the reference: outputs,
+weights and gradients for every score, mask and window, fully masked rows, the decode
+step with its keys split across programs, hard attention, and opcheck on every op.
+
+On a machine without a GPU they run on CPU tensors under Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1), at tiny odd shapes that still cross the
+16-wide blocks; the tests marked ``gpu`` run at realistic shapes in float16/bfloat16
+with the rule "error <= 2x the reference's own error in that dtype".
+"""
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import backends
+from tests.problems import SCORES, key_dim_for, score_parameters
+
+pytestmark = pytest.mark.skipif(
+    backends.unavailable_reason("triton") is not None, reason=str(backends.unavailable_reason("triton"))
+)
+INTERPRETED_DEVICE = "cpu"
+BATCH, QUERIES, KEYS = 2, 19, 21  # two query blocks and two key blocks of 16
+
+MODES = {
+    "global": {},
+    "lengths": {"lengths": torch.tensor([0, 13])},
+    "key_padding_mask": {"key_padding_mask": torch.tensor([[False, True] * 10 + [False], [True] * 21])},
+    "causal": {"causal": True},
+    "local_m_gaussian": {"window": 3, "gaussian": True, "lengths": torch.tensor([21, 11])},
+    "local_p": {"window": 2, "center": torch.linspace(-1.5, 22.0, QUERIES).expand(BATCH, QUERIES)},
+    "local_p_plain": {"window": 4, "center": torch.linspace(20.0, 0.3, QUERIES).expand(BATCH, QUERIES), "gaussian": False},
+}
+# Every score on the dot-product path once, every mode on each kernel kind.
+CASES = (
+    [("scaled_dot", mode) for mode in MODES]
+    + [("additive", mode) for mode in ("global", "lengths", "local_m_gaussian", "local_p")]
+    + [("cosine", mode) for mode in ("key_padding_mask", "causal", "local_p_plain")]
+    + [("dot", "local_m_gaussian"), ("general", "lengths"), ("location", "global")]
+)
+
+
+def problem(score, mode, *, queries=QUERIES, keys_length=KEYS, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    if MODES[mode].get("causal"):
+        keys_length = queries  # causal needs T == S
+    query_dim, key_dim = 20, key_dim_for(score, 20, 7)  # 20 > 16: two feature tiles
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
+
+    query, keys, values = leaf(BATCH, queries, query_dim), leaf(BATCH, keys_length, key_dim), leaf(BATCH, keys_length, 5)
+    parameters = score_parameters(score, query_dim, key_dim, attention_dim=18, max_source_len=24, generator=generator)
+    parameters = {name: value.to(dtype).requires_grad_() for name, value in parameters.items()}
+    masking = {}
+    for name, value in MODES[mode].items():
+        if name == "center":
+            value = value[:, :queries].to(dtype).requires_grad_()
+        masking[name] = value
+    return query, keys, values, parameters, masking
+
+
+def run(backend_name, score, query, keys, values, parameters, masking, return_weights=True):
+    """Outputs and the gradients of a fixed random projection of them."""
+    leaves = [query, keys, values, *parameters.values()]
+    leaves += [m for m in masking.values() if isinstance(m, torch.Tensor) and m.requires_grad]
+    with fastattn.backend(backend_name):
+        outputs = fastattn.attention(query, keys, values, score=score, return_weights=return_weights, **parameters, **masking)
+    outputs = outputs if return_weights else (outputs,)
+    generator = torch.Generator().manual_seed(1)
+    projection = sum(
+        (output * torch.randn(output.shape, generator=generator, dtype=torch.float64).to(output.dtype)).sum()
+        for output in outputs
+    )
+    grads = torch.autograd.grad(projection, leaves, allow_unused=True)
+    return outputs, grads
+
+
+def assert_matches(actual, expected, tolerance):
+    for got, want in zip(actual[0], expected[0]):
+        torch.testing.assert_close(got, want, **tolerance)
+    for got, want in zip(actual[1], expected[1]):
+        if want is None:
+            assert got is None or got.abs().max() == 0
+        else:
+            torch.testing.assert_close(got, want, **tolerance)
+
+
+FLOAT32 = {"rtol": 1e-4, "atol": 5e-5}  # float32 summed in another order, D = 20
+
+
+@pytest.mark.parametrize("score,mode", CASES)
+def test_outputs_weights_and_gradients_match_the_reference(score, mode):
+    inputs = problem(score, mode)
+    assert_matches(run("triton", score, *inputs), run("reference", score, *inputs), FLOAT32)
+
+
+def test_fully_masked_rows_give_zeros_and_no_nan():
+    query, keys, values, parameters, masking = problem("scaled_dot", "lengths")
+    (context, weights), grads = run("triton", "scaled_dot", query, keys, values, parameters, masking)
+    assert context[0].abs().max() == 0 and weights[0].abs().max() == 0
+    assert all(torch.isfinite(grad).all() for grad in grads if grad is not None)
+    assert grads[0][0].abs().max() == 0  # the query of the empty sequence gets no gradient
+
+
+@pytest.mark.parametrize("score,mode", [("scaled_dot", "lengths"), ("additive", "local_p"), ("cosine", "global")])
+def test_decode_step_with_split_keys(score, mode):
+    # One query per sequence and 37 keys: three splits of 16 keys merged by the combine kernel.
+    inputs = problem(score, mode if mode != "local_p" else "local_m_gaussian", queries=1, keys_length=37)
+    query, keys, values, parameters, masking = inputs
+    masking = {name: value for name, value in masking.items() if name != "lengths"}
+    if mode == "lengths":
+        masking["lengths"] = torch.tensor([0, 30])
+    if mode == "local_p":
+        masking["center"] = torch.tensor([3.5, 30.0]).requires_grad_()
+    step = (query[:, 0].detach().requires_grad_(), keys, values, parameters, masking)
+    assert_matches(run("triton", score, *step), run("reference", score, *step), FLOAT32)
+
+
+def test_without_weights_output():
+    inputs = problem("scaled_dot", "causal")
+    assert_matches(
+        run("triton", "scaled_dot", *inputs, return_weights=False),
+        run("reference", "scaled_dot", *inputs, return_weights=False),
+        FLOAT32,
+    )
+
+
+def test_additive_attention_with_projections_given():
+    generator = torch.Generator().manual_seed(2)
+    q_proj, k_proj = torch.randn(2, 3, 17, generator=generator), torch.randn(2, 18, 17, generator=generator)
+    v, values = torch.randn(17, generator=generator), torch.randn(2, 18, 4, generator=generator)
+    results = {}
+    for name in ("triton", "reference"):
+        with fastattn.backend(name):
+            results[name] = fastattn.additive_attention(q_proj, k_proj, v, values, lengths=torch.tensor([5, 18]), return_weights=True)
+    for got, want in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, want, **FLOAT32)
+
+
+def test_scaled_dot_product_attention_drop_in():
+    generator = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(2, 3, 17, 8, generator=generator) for _ in range(3))
+    results = {}
+    for name in ("triton", "reference"):
+        with fastattn.backend(name):
+            results[name] = fastattn.scaled_dot_product_attention(query, key, value, is_causal=True)
+    torch.testing.assert_close(results["triton"], results["reference"], **FLOAT32)
+
+
+def test_float64_runs_the_reference():
+    inputs = problem("general", "causal", dtype=torch.float64)
+    assert_matches(run("triton", "general", *inputs), run("reference", "general", *inputs), {"rtol": 1e-12, "atol": 1e-12})
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_hard_attention(sample):
+    query, keys, values, parameters, masking = problem("scaled_dot", "lengths")
+    outputs = {}
+    for name in ("triton", "reference"):
+        with fastattn.backend(name):
+            outputs[name] = fastattn.hard_attention(
+                query, keys, values, score="scaled_dot", sample=sample, generator=torch.Generator().manual_seed(5),
+                **masking,
+            )
+    context, index, log_prob, weights = outputs["triton"]
+    torch.testing.assert_close(weights, outputs["reference"][3], **FLOAT32)
+    assert (index[0] == 0).all() and context[0].abs().max() == 0  # the empty sequence
+    assert (index[1] < 13).all()  # never a padded key
+    torch.testing.assert_close(context, values.gather(1, index.unsqueeze(-1).expand(-1, -1, 5)) * (index >= 0)[..., None] * torch.tensor([0.0, 1.0])[:, None, None])
+    if not sample:
+        assert torch.equal(index, outputs["reference"][1])
+        torch.testing.assert_close(log_prob, outputs["reference"][2], **FLOAT32)
+    else:
+        with fastattn.backend("triton"):
+            again = fastattn.hard_attention(
+                query, keys, values, score="scaled_dot", sample=True, generator=torch.Generator().manual_seed(5), **masking
+            )
+        assert torch.equal(again[1], index)
+
+
+def test_sampling_follows_the_weights():
+    from fastattn.ops.triton_hard import choose_positions
+
+    rows = 400  # the interpreter runs one program per row
+    weights = torch.tensor([0.1, 0.0, 0.5, 0.2, 0.0] + [0.0] * 12 + [0.2]).expand(rows, 18).contiguous()
+    index = choose_positions(weights, True, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(index, minlength=18) / rows
+    assert frequencies[weights[0] == 0].sum() == 0
+    torch.testing.assert_close(frequencies, weights[0], atol=0.1, rtol=0)  # 4 standard errors at p = 0.5
+
+
+def opcheck(op, arguments):
+    """torch.library.opcheck; under the interpreter the op is kept whole when traced (as
+    torch.export does) instead of being decomposed into Triton's higher-order op, whose
+    tracing needs compiled kernels."""
+    from fastattn.ops.triton_launch import INTERPRETED
+
+    if not INTERPRETED:
+        return torch.library.opcheck(op, arguments)
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        return torch.library.opcheck(op, arguments)
+
+
+def _opcheck_samples():
+    query, keys, values, _, _ = problem("scaled_dot", "global")
+    query, keys, values = (x.detach()[:, :17] for x in (query, keys, values))
+    center = torch.full((BATCH, 17), 4.0)
+    additive = dict(v=torch.randn(20), bias=torch.randn(20))
+    return [
+        (query, keys, values, None, None, "dot", 0.5, torch.tensor([3, 17]), None, True, None, None, False, True),
+        (query, keys, values, None, None, "cosine", 2.0, None, None, False, 2, center, True, False),
+        (query, keys, values, additive["v"], additive["bias"], "additive", 1.0, None, None, False, 3, None, True, True),
+    ]
+
+
+@pytest.mark.parametrize("sample_index", range(3))
+def test_opcheck_attention(sample_index):
+    arguments = list(_opcheck_samples()[sample_index])
+    for position in (0, 1, 2, 3, 4, 11):
+        if isinstance(arguments[position], torch.Tensor):
+            arguments[position] = arguments[position].clone().requires_grad_()
+    opcheck(torch.ops.fastattn.triton_attention_forward.default, tuple(arguments))
+
+
+def test_opcheck_choose_positions():
+    weights = torch.softmax(torch.randn(3, 4, 19), dim=-1)
+    for sample in (False, True):
+        opcheck(torch.ops.fastattn.triton_choose_positions.default, (weights, sample, 7))
+
+
+# ---------------------------------------------------------------- GPU, realistic shapes
+
+
+def _error_against_float64(dtype, score, mode, batch, queries, keys_length, features, device="cuda"):
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(batch, queries, features, generator=generator, dtype=torch.float64)
+    key_features = key_dim_for(score, features, features)
+    keys = torch.randn(batch, keys_length, key_features, generator=generator, dtype=torch.float64)
+    values = torch.randn(batch, keys_length, features, generator=generator, dtype=torch.float64)
+    parameters = score_parameters(score, features, key_features, attention_dim=features, max_source_len=keys_length, generator=generator)
+    parameters = {name: value / features**0.5 for name, value in parameters.items()}
+    masking = {"lengths": torch.randint(0, keys_length + 1, (batch,), generator=generator)} if mode == "lengths" else {}
+    if mode == "causal":
+        masking = {"causal": True}
+    if mode == "local_p":
+        masking = {"window": 8, "center": torch.rand(batch, queries, generator=generator, dtype=torch.float64) * keys_length}
+
+    def moved(tensor, to_dtype):
+        if tensor.dtype == torch.int64:
+            return tensor.to(device)
+        return tensor.to(device=device, dtype=to_dtype).requires_grad_()
+
+    def outputs(backend_name, to_dtype):
+        inputs = [moved(x, to_dtype) for x in (query, keys, values)]
+        params = {name: moved(value, to_dtype) for name, value in parameters.items()}
+        masks = {name: moved(value, to_dtype) if isinstance(value, torch.Tensor) else value for name, value in masking.items()}
+        with fastattn.backend(backend_name):
+            context, weights = fastattn.attention(*inputs, score=score, return_weights=True, **params, **masks)
+        grad_generator = torch.Generator(device=device).manual_seed(1)
+        projection = (context * torch.randn(context.shape, generator=grad_generator, device=device, dtype=context.dtype)).sum()
+        grads = torch.autograd.grad(projection, inputs)
+        return [context.double(), weights.double(), *(g.double() for g in grads)]
+
+    exact = outputs("reference", torch.float64)
+    return exact, outputs("triton", dtype), outputs("reference", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "score,mode,shape",
+    [
+        ("scaled_dot", "global", (8, 256, 384, 64)),
+        ("scaled_dot", "causal", (8, 257, 257, 128)),
+        ("scaled_dot", "lengths", (64, 1, 1024, 512)),  # decode step, split keys
+        ("general", "local_p", (8, 100, 300, 64)),
+        ("cosine", "lengths", (16, 64, 200, 96)),
+        ("additive", "lengths", (8, 33, 200, 128)),
+        ("location", "global", (8, 64, 130, 64)),
+        ("dot", "global", (64, 1, 4096, 64)),
+    ],
+)
+def test_gpu_low_precision_within_twice_the_reference_error(dtype, score, mode, shape):
+    exact, ours, theirs = _error_against_float64(dtype, score, mode, *shape)
+    for index, (want, got, reference_result) in enumerate(zip(exact, ours, theirs)):
+        our_error = (got - want).abs().max().item()
+        reference_error = (reference_result - want).abs().max().item()
+        assert our_error <= 2 * reference_error + 1e-5, (index, our_error, reference_error)
