@@ -107,7 +107,7 @@ class AutoencoderTask(Task):
         axes = figure.subplots(len(rows), len(clean), squeeze=False)
         for row, (title, images) in enumerate(rows):
             for column, image in enumerate(images):
-                axes[row, column].imshow(image.reshape(8, 8).clamp(0, 1), cmap="gray_r", vmin=0, vmax=1)
+                axes[row, column].imshow(image.reshape(8, 8).clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1)
                 axes[row, column].set_axis_off()
             axes[row, 0].set_title(title, fontsize=8, loc="left")
         path = Path(out_dir) / f"autoencoder_{self.settings['model']}_{split}.png"

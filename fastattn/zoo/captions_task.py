@@ -218,7 +218,7 @@ def plot_caption_attention(
     figure = Figure(figsize=(2.2 * columns, 1.2 * len(images)), layout="constrained")
     axes = figure.subplots(len(images), columns, squeeze=False)
     for row, (image, caption) in enumerate(zip(images, captions)):
-        axes[row, 0].imshow(image, cmap="gray_r")
+        axes[row, 0].imshow(image.numpy(), cmap="gray_r")
         for top, left, bottom, right in boxes[row].tolist():
             if top >= 0:
                 axes[row, 0].add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False, color="tab:green"))
@@ -226,8 +226,8 @@ def plot_caption_attention(
         for step in range(weights.shape[1]):
             axis = axes[row, 1 + step]
             if step <= len(caption):
-                axis.imshow(image, cmap="gray_r")
-                axis.imshow(weights[row, step], cmap="inferno", alpha=0.6, interpolation="nearest",
+                axis.imshow(image.numpy(), cmap="gray_r")
+                axis.imshow(weights[row, step].numpy(), cmap="inferno", alpha=0.6, interpolation="nearest",
                             extent=(-0.5, width - 0.5, height - 0.5, -0.5))
                 axis.set_title(caption[step] if step < len(caption) else "</s>", fontsize=8)
         for axis in axes[row]:

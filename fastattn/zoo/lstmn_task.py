@@ -89,7 +89,7 @@ class LSTMNTask(Task):
         axes = figure.subplots(1, len(tokens), squeeze=False)[0]
         for axis, row, sequence in zip(axes, weights.cpu(), tokens):
             words = render(sequence, self.settings["keys"]).split()
-            axis.imshow(row, cmap="viridis", vmin=0, vmax=1)
+            axis.imshow(row.numpy(), cmap="viridis", vmin=0, vmax=1)
             axis.set_yticks(range(len(words)), words, fontsize=7)
             axis.set_xticks(range(len(words) + 1), ["(0)", *words], fontsize=7)
             axis.set_xlabel("tape: state after token")

@@ -1,0 +1,117 @@
+"""LSTMN: forward/backward on tiny shapes, causality (a step never reads later tokens),
+the intra-attention rows being distributions over the states written so far, the recall
+data, and the lstmn task end to end on a few steps."""
+
+import argparse
+
+import pytest
+import torch
+
+from fastattn.data.recall import QUERY, VALUES, generate_recall, load_recall_splits, render, vocabulary
+from fastattn.zoo.lstmn import LSTMN, RecallClassifier
+from fastattn.zoo.lstmn_task import LSTMNTask
+
+
+def test_lstmn_forward_backward_and_attention_rows():
+    torch.manual_seed(0)
+    model = LSTMN(input_size=5, hidden_size=7, attn_dim=3)
+    inputs = torch.randn(3, 6, 5, requires_grad=True)
+    hidden, weights = model(inputs)
+    assert hidden.shape == (3, 6, 7) and weights.shape == (3, 6, 7)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 6))
+    assert (weights.triu(diagonal=1) == 0).all(), "step t may read only the zero state and h_1..h_t-1"
+    (hidden.sum() + weights[:, -1].pow(2).sum()).backward()
+    assert inputs.grad.abs().sum() > 0
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in model.parameters())
+
+
+def test_lstmn_is_causal():
+    torch.manual_seed(1)
+    model = LSTMN(input_size=4, hidden_size=6)
+    inputs = torch.randn(2, 7, 4)
+    changed = inputs.clone()
+    changed[:, 4:] = torch.randn(2, 3, 4)
+    first, _ = model(inputs)
+    second, _ = model(changed)
+    torch.testing.assert_close(first[:, :4], second[:, :4])
+    assert not torch.allclose(first[:, 4:], second[:, 4:])
+
+
+def test_first_step_reads_the_zero_state_so_it_is_an_lstm_step_from_zero():
+    torch.manual_seed(2)
+    model = LSTMN(input_size=3, hidden_size=4)
+    inputs = torch.randn(2, 1, 3)
+    hidden, _ = model(inputs)
+    cell = torch.nn.LSTMCell(3, 4)
+    cell.load_state_dict(model.cell.state_dict())
+    torch.testing.assert_close(hidden[:, 0], cell(inputs[:, 0])[0])
+
+
+@pytest.mark.parametrize("encoder", ["lstmn", "lstm"])
+def test_classifier_forward_backward(encoder):
+    model = RecallClassifier(vocab_size=11, classes=4, encoder=encoder, embed_dim=5, hidden_size=6)
+    logits, weights = model(torch.randint(0, 11, (3, 9)))
+    assert logits.shape == (3, 4)
+    assert (weights is None) == (encoder == "lstm")
+    logits.sum().backward()
+    assert model.embedding.weight.grad.abs().sum() > 0
+
+
+def test_same_hidden_size_for_both_models():
+    lstmn = RecallClassifier(10, 10, encoder="lstmn", hidden_size=12)
+    lstm = RecallClassifier(10, 10, encoder="lstm", hidden_size=12)
+    assert lstmn.encoder.cell.hidden_size == lstm.encoder.hidden_size == 12
+
+
+def test_recall_data_answers_are_the_values_after_the_queried_key():
+    data = generate_recall(200, torch.Generator().manual_seed(0), pairs=5, keys=9)
+    words = vocabulary(9)
+    for tokens, answer in zip(data.tokens, data.answers):
+        text = render(tokens, 9).split()
+        keys, values = text[0:10:2], text[1:10:2]
+        assert len(set(keys)) == 5 and text[-2] == QUERY
+        assert values[keys.index(text[-1])] == VALUES[answer]
+        assert all(word in words for word in text)
+    splits = load_recall_splits(4, {"train": 30})
+    assert torch.equal(splits["test"].tokens, load_recall_splits(4, {"train": 50})["test"].tokens)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: generate_recall(3, torch.Generator(), pairs=6, keys=5),
+        lambda: LSTMN(0, 4),
+        lambda: LSTMN(3, 4)(torch.randn(2, 5, 4)),
+        lambda: RecallClassifier(5, 3, encoder="gru"),
+    ],
+)
+def test_bad_input(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_task_learns_something_and_restores(tmp_path):
+    torch.manual_seed(0)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data")
+    LSTMNTask.add_arguments(parser)
+    args = parser.parse_args(["--pairs", "2", "--keys", "3", "--hidden", "16", "--train-size", "2000"])
+    task = LSTMNTask(args, torch.device("cpu"))
+    optimizer = torch.optim.Adam(task.model.parameters(), lr=1e-2)
+    for _ in range(2):
+        for batch in task.batches("train", 50, torch.Generator().manual_seed(0)):
+            loss, count = task.loss(task.model, batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        metrics, lines = task.evaluate(task.model, "test")
+        paths = task.plot(task.model, "test", tmp_path)
+    assert metrics["accuracy"] > 0.3, metrics  # chance is 0.1
+    assert len(lines) == 1000 and " -> " in lines[0]
+    assert paths and paths[0].stat().st_size > 0
+    restored = LSTMNTask(argparse.Namespace(data=None), torch.device("cpu"), task.state_dict())
+    restored.model.load_state_dict(task.model.state_dict())
+    with torch.no_grad():
+        assert restored.evaluate(restored.model, "test")[0] == metrics
