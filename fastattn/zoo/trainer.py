@@ -141,6 +141,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
         run = _TrainingRun(task, trained, optimizer, progress, processes, device, args, checkpoint_path)
         stopped_by = run.epochs(deadline)
+        if processes.size > 1:
+            print(f"rank {processes.rank} of {processes.size}: finished after {progress.step} steps ({stopped_by})", flush=True)
         if not processes.is_main:
             return {}
         metrics = evaluate_and_report(task, args.out, plot_to=args.out)

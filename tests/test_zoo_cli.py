@@ -1,0 +1,101 @@
+"""``fastattn train`` / ``fastattn eval`` end to end, and bad input giving one clear line."""
+
+import json
+
+import pytest
+
+from fastattn.cli import main
+from tests.zoo_helpers import TINY_COPY, one_thread  # noqa: F401 - autouse fixture
+
+WORDS = ["the cat", "a dog", "my bird", "the dog", "a cat", "my cat", "the bird", "a bird"]
+FRENCH = {"the": "le", "a": "un", "my": "mon", "cat": "chat", "dog": "chien", "bird": "oiseau"}
+
+
+def corpus(tmp_path, name="corpus.tsv", count=80):
+    """A tiny English -> French TSV with a third (attribution) column, as the Tatoeba exports."""
+    lines = []
+    for index in range(count):
+        english = f"{WORDS[index % len(WORDS)]} sleeps."
+        french = " ".join(FRENCH.get(word, word) for word in english.rstrip(".").split()).replace("sleeps", "dort")
+        lines.append(f"{english.capitalize()}\t{french.capitalize()}.\tCC-BY 2.0 #{index}\n")
+    path = tmp_path / name
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def one_error_line(capsys, code, expected_status=1):
+    assert code == expected_status
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+def test_translate_trains_reports_bleu_and_evaluates_on_unseen_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "translate", "--data", str(corpus(tmp_path)), "--epochs", "2", "--hidden-size", "16",
+                 "--embedding-size", "8", "--batch-size", "8", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["headline_metric"] == "bleu" and 0 <= metrics["bleu"] <= 100
+    assert metrics["bleu_signature"].startswith("BLEU")
+    for key in ("loss", "steps", "tokens_per_second", "wall_seconds", "exact_match"):
+        assert key in metrics
+    assert (out / "checkpoint.pt").is_file() and metrics["figures"]
+
+    unseen = tmp_path / "unseen.tsv"
+    unseen.write_text("The zebra sleeps.\tLe zèbre dort.\nMy dog sleeps.\tMon chien dort.\n", encoding="utf-8")
+    figure = tmp_path / "figures" / "alignment.png"
+    code = main(["eval", str(out / "checkpoint.pt"), "--data", str(unseen), "--out", str(tmp_path / "eval"),
+                 "--plot-attention", str(figure)])
+    assert code == 0, capsys.readouterr().err
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["examples"] == 2 and "bleu" in evaluated and evaluated["data"] == str(unseen)
+    assert len((tmp_path / "eval" / "hypotheses.txt").read_text().splitlines()) == 2
+    assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_synthetic_task_evaluates_its_own_test_split(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "reverse", *TINY_COPY, "--epochs", "1", "--out", str(out)]) == 0
+    assert main(["eval", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval")]) == 0
+    trained = json.loads((out / "metrics.json").read_text())
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["exact_match"] == trained["exact_match"] and evaluated["examples"] == 24
+    assert "reverse: exact_match " in capsys.readouterr().out
+
+
+def test_unknown_task_and_attention_are_usage_errors(capsys):
+    line = one_error_line(capsys, main(["train", "parrot"]), expected_status=2)
+    assert "invalid choice: 'parrot'" in line and "reverse" in line
+    line = one_error_line(capsys, main(["train", "copy", "--attention", "telepathy"]), expected_status=2)
+    assert "--attention: invalid choice: 'telepathy'" in line
+
+
+def test_missing_data_file(tmp_path, capsys):
+    line = one_error_line(capsys, main(["train", "translate", "--data", str(tmp_path / "nope.tsv"), "--out", str(tmp_path)]))
+    assert line == f"fastattn: error: {tmp_path / 'nope.tsv'}: no such file"
+    line = one_error_line(capsys, main(["train", "translate", "--out", str(tmp_path)]))
+    assert "needs --data FILE.tsv" in line
+
+
+def test_malformed_tsv_line_names_the_file_and_line(tmp_path, capsys):
+    path = corpus(tmp_path)
+    path.write_text(path.read_text() + "this line has no tab\n", encoding="utf-8")
+    line = one_error_line(capsys, main(["train", "translate", "--data", str(path), "--out", str(tmp_path)]))
+    assert f"{path}:81: expected source<TAB>target" in line
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["train", "copy", "--data", "x.tsv"], "generates its data; --data is for translate"),
+        (["train", "copy", "--hidden-size", "7"], "hidden_size must be even"),
+        (["train", "copy", "--lengths", "5", "2"], "lengths must be (min, max)"),
+        (["train", "copy", "--beam-width", "0"], "--beam-width must be >= 1"),
+        (["eval", "missing.pt", "--out", "somewhere"], "missing.pt: no such checkpoint file"),
+    ],
+)
+def test_bad_values_give_one_line(tmp_path, capsys, arguments, message):
+    line = one_error_line(capsys, main([*arguments, "--out", str(tmp_path)] if arguments[0] == "train" else arguments))
+    assert line.startswith("fastattn: error: ") and message in line

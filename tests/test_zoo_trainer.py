@@ -1,0 +1,115 @@
+"""The trainer: checkpoints (round trip, crash safety, resume), the time budget, the report,
+and a short run on ``copy`` that must really learn."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from fastattn.zoo import checkpoint, trainer
+from fastattn.zoo.checkpoint import CheckpointError
+from fastattn.zoo.task import TaskError
+from tests.zoo_helpers import TINY_COPY, one_thread, train_arguments  # noqa: F401 - autouse fixture
+
+
+def test_checkpoint_round_trip(tmp_path):
+    contents = {"model": {"w": torch.randn(3, 4)}, "progress": {"step": 7}, "args": {"lr": 0.1, "lengths": (1, 5)}}
+    path = checkpoint.save(contents, tmp_path / "deep" / "checkpoint.pt")
+    loaded = checkpoint.load(path)
+    assert torch.equal(loaded["model"]["w"], contents["model"]["w"])
+    assert loaded["progress"] == {"step": 7} and loaded["args"] == {"lr": 0.1, "lengths": (1, 5)}
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~trainer_umask())
+
+
+def trainer_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_crash_mid_write_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
+    path = checkpoint.save({"generation": 1, "weights": torch.arange(1000.0)}, tmp_path / "checkpoint.pt")
+    real_save = torch.save
+
+    def crash_halfway(obj, file):
+        real_save(obj, file)
+        file.truncate(file.tell() // 2)  # a torn file on disk ...
+        raise KeyboardInterrupt  # ... and the process stops
+
+    monkeypatch.setattr(torch, "save", crash_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save({"generation": 2, "weights": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    survived = checkpoint.load(path)
+    assert survived["generation"] == 1 and torch.equal(survived["weights"], torch.arange(1000.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
+
+
+def test_loading_a_missing_or_foreign_file_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        checkpoint.load(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        checkpoint.load(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not a fastattn checkpoint"):
+        checkpoint.load(tmp_path / "plain.pt")
+
+
+def test_resuming_gives_the_same_model_as_an_uninterrupted_run(tmp_path):
+    straight = train_arguments("copy", *TINY_COPY, "--epochs", "2", "--out", str(tmp_path / "straight"))
+    trainer.train(straight)
+    first_half = train_arguments("copy", *TINY_COPY, "--epochs", "1", "--out", str(tmp_path / "resumed"))
+    trainer.train(first_half)
+    after_one = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
+    assert after_one["progress"]["epoch"] == 1 and after_one["optimizer"]["state"]  # Adam moments saved
+    second_half = train_arguments("copy", *TINY_COPY, "--epochs", "2", "--out", str(tmp_path / "resumed"), "--resume")
+    metrics = trainer.train(second_half)
+    assert metrics["steps"] == 12 and metrics["epochs_completed"] == 2  # 96 examples / 16 per batch, twice
+    expected = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")["model"]
+    resumed = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")["model"]
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_checks_the_checkpoint_task(tmp_path):
+    trainer.train(train_arguments("copy", *TINY_COPY, "--epochs", "1", "--out", str(tmp_path)))
+    with pytest.raises(TaskError, match="checkpoint of task 'copy', not 'reverse'"):
+        trainer.train(train_arguments("reverse", *TINY_COPY, "--out", str(tmp_path), "--resume"))
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        trainer.train(train_arguments("copy", *TINY_COPY, "--out", str(tmp_path / "empty"), "--resume"))
+
+
+def test_the_time_budget_stops_training_and_the_model_is_still_evaluated(tmp_path):
+    args = train_arguments("copy", *TINY_COPY, "--epochs", "1000", "--time-budget", "1.5", "--out", str(tmp_path))
+    metrics = trainer.train(args)
+    assert metrics["stopped_by"] == "time_budget" and 0 < metrics["epochs_completed"] < 1000
+    assert metrics["steps"] > 0 and metrics["train_seconds"] < 1.5 + 1.0  # stops within a step of the budget
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["exact_match"] == metrics["exact_match"] and written["steps"] == metrics["steps"]
+    assert len((tmp_path / "hypotheses.txt").read_text().splitlines()) == 24
+    assert all((tmp_path / os.path.basename(figure)).is_file() for figure in written["figures"])
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["progress"]["step"] == metrics["steps"]
+
+
+def test_bad_common_flags_are_task_errors(tmp_path):
+    for flags, message in [(["--epochs", "0"], "--epochs must be >= 1"), (["--lr", "-1"], "--lr must be a positive"),
+                           (["--time-budget", "nan"], "--time-budget must be a positive")]:
+        with pytest.raises(TaskError, match=message):
+            trainer.train(train_arguments("copy", *TINY_COPY, *flags, "--out", str(tmp_path)))
+
+
+def test_copy_really_learns_in_a_few_seconds(tmp_path):
+    """Exact match far above chance (1 / 8^length) and a loss far below the uniform
+    guess, log(vocabulary size), after about 10 s of training on two-to-four-symbol copies."""
+    args = train_arguments(
+        "copy", "--symbols", "8", "--lengths", "2", "4", "--train-size", "3000", "--test-size", "200",
+        "--embedding-size", "16", "--hidden-size", "32", "--batch-size", "32", "--lr", "0.01",
+        "--epochs", "4", "--time-budget", "12", "--quiet", "--out", str(tmp_path),
+    )
+    metrics = trainer.train(args)
+    uniform_loss = math.log(8 + 4)  # symbols and the special tokens
+    assert metrics["loss"] < 0.2 * uniform_loss, metrics
+    assert metrics["exact_match"] > 0.5, metrics
