@@ -1,7 +1,8 @@
 """The ``fastattn`` command line, also run as ``python -m fastattn``.
 
 ``fastattn info`` prints :func:`fastattn.info.info` as aligned text (``--json``:
-as JSON); ``fastattn bench`` times the ops (see :mod:`fastattn.bench`).  A user
+as JSON); ``fastattn bench`` times the ops (see :mod:`fastattn.bench`);
+``fastattn profile`` writes a torch.profiler trace of one op (:mod:`fastattn.profile`).  A user
 error prints one line on stderr, without a traceback, and gives exit status 2
 for bad usage or 1 when the request cannot run.
 """
@@ -17,10 +18,12 @@ from typing import Sequence
 import torch
 
 from fastattn import backends, bench
+from fastattn import profile as profiling
+from fastattn.bench import machine
+from fastattn.bench import output as bench_output
+from fastattn.bench.output import aligned as _aligned
 from fastattn.info import info
 from fastattn.zoo import cli as zoo_cli
-
-TIME_UNITS = (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9))
 
 
 class UsageError(Exception):
@@ -30,15 +33,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         raise UsageError(f"{self.prog}: error: {message}")
-
-
-def _aligned(rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
-    """Rows of cells as lines whose columns line up."""
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return [
-        indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-        for row in rows
-    ]
 
 
 def _shown(value: object) -> str:
@@ -62,28 +56,6 @@ def format_info(description: dict) -> str:
     return "\n".join(lines)
 
 
-def _seconds(value: float) -> str:
-    for unit, factor in TIME_UNITS:
-        if value >= factor:
-            break
-    return f"{value / factor:.3g} {unit}"
-
-
-def _backend_label(result: bench.Result) -> str:
-    """The backend's name, marked when it is the one ``"auto"`` picks."""
-    picked = backends.auto_choice(result.op, result.device) == result.backend
-    return f"{result.backend} (auto)" if picked else result.backend
-
-
-def format_results(results: list[bench.Result]) -> str:
-    header = ("case", "backend", "shape", "median", "IQR")
-    rows = [
-        (r.case, _backend_label(r), bench.format_shape(r.shape), _seconds(r.median_s), _seconds(r.iqr_s))
-        for r in results
-    ]
-    return "\n".join(_aligned([header, *rows]))
-
-
 def _run_info(arguments: argparse.Namespace) -> int:
     description = info()
     print(json.dumps(description, indent=2) if arguments.json else format_info(description))
@@ -91,19 +63,65 @@ def _run_info(arguments: argparse.Namespace) -> int:
 
 
 def _run_bench(arguments: argparse.Namespace) -> int:
-    preset = "quick" if arguments.quick else "full"
+    preset_name = "quick" if arguments.quick else arguments.preset
+    preset = bench.preset_named(preset_name)
     chosen = bench.choose(preset, arguments.device, arguments.dtype, arguments.ops)
+    compile_reference = preset.compile if arguments.compile is None else arguments.compile
+    if arguments.plot:
+        bench_output.check_plot_path(arguments.plot)
     with contextlib.ExitStack() as outputs:
-        json_file = outputs.enter_context(bench.open_output(arguments.json)) if arguments.json else None
-        csv_file = outputs.enter_context(bench.open_output(arguments.csv)) if arguments.csv else None
-        results = bench.run(chosen, arguments.device, arguments.dtype, bench.PRESETS[preset].min_run_time)
-        print(f"fastattn bench: {preset} preset, {arguments.device}, {arguments.dtype}")
-        print(format_results(results))
+        json_file = outputs.enter_context(bench_output.open_output(arguments.json)) if arguments.json else None
+        csv_file = outputs.enter_context(bench_output.open_output(arguments.csv)) if arguments.csv else None
+        limits = machine.limits(arguments.device)
+        results = bench.run(
+            chosen, preset, arguments.device, arguments.dtype, limits,
+            compile_reference=compile_reference, measure_memory=arguments.memory,
+        )
+        sizes = " ".join(f"{name}={value}" for name, value in vars(preset).items() if name in profiling.SHAPE_FIELDS)
+        print(f"fastattn bench: {preset_name} preset ({sizes}), {arguments.device}, {arguments.dtype}, "
+              f"torch.compile'd reference {'on' if compile_reference else 'off'}")
+        print(f"limits: {limits.note}; measured copy {limits.measured_copy_bandwidth / 1e9:.3g} GB/s")
+        print(bench_output.format_table(results))
+        description = machine.describe(arguments.device)
+        content = bench_output.report(results, {"name": preset_name, **vars(preset)}, description, limits.as_dict(), compile_reference)
         if json_file:
-            bench.write_json(json_file, results, preset)
+            bench_output.write_json(json_file, content)
         if csv_file:
-            bench.write_csv(csv_file, results)
+            bench_output.write_csv(csv_file, results)
+        if arguments.plot:
+            title = f"fastattn {preset_name}, {description['gpu'] or description['cpu_model']}, {arguments.dtype}"
+            bench_output.write_plot(arguments.plot, results, title)
+    failed = [f"{r.case} on {r.implementation}" for r in results if r.failure or r.error_ok is False]
+    if failed:
+        print(f"fastattn bench: {len(failed)} failed or over tolerance: {'; '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _run_profile(arguments: argparse.Namespace) -> int:
+    bench.check_device(arguments.device)
+    preset = profiling.resized(
+        bench.preset_named(arguments.preset), **{name: getattr(arguments, name) for name in profiling.SHAPE_FIELDS}
+    )
+    case = profiling.find_case(arguments.op, preset)
+    summary = profiling.profile(
+        case, device=arguments.device, dtype=arguments.dtype, backend_name=arguments.backend,
+        iterations=arguments.iterations, trace=arguments.trace,
+    )
+    print(summary)
+    if arguments.trace:
+        print(f"trace written to {arguments.trace}")
+    return 0
+
+
+def _add_device_and_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=bench.DEVICES,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="default: cuda when a GPU is present, else cpu",
+    )
+    parser.add_argument("--dtype", choices=tuple(bench.DTYPES), default="float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,21 +132,37 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     info_parser.set_defaults(run=_run_info)
 
-    bench_parser = commands.add_parser("bench", help="time each op on every available backend")
-    bench_parser.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds in all")
+    bench_parser = commands.add_parser("bench", help="time each op on every available backend against its peers")
+    bench_parser.add_argument("--quick", action="store_true", help="the quick preset: small shapes, well under a minute")
+    bench_parser.add_argument("--preset", choices=tuple(bench.PRESETS), default="full", help="shapes (default: full)")
+    _add_device_and_dtype(bench_parser)
     bench_parser.add_argument(
-        "--device",
-        choices=bench.DEVICES,
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="default: cuda when a GPU is present, else cpu",
+        "--ops", nargs="+", default=(), metavar="OP",
+        help="case names or their leading dotted parts, e.g. attention.additive lstm_cell.forward",
     )
     bench_parser.add_argument(
-        "--ops", nargs="+", default=(), metavar="OP", help="case-name prefixes, e.g. attention.additive lstm_cell"
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="time the torch.compile'd reference too (default: on for full, off for quick and tiny)",
     )
-    bench_parser.add_argument("--dtype", choices=tuple(bench.DTYPES), default="float32")
-    bench_parser.add_argument("--json", metavar="FILE", help="write the machine description and results as JSON")
+    bench_parser.add_argument(
+        "--memory", action=argparse.BooleanOptionalAction, default=True,
+        help="measure peak memory (on CPU in one child process; default: on)",
+    )
+    bench_parser.add_argument("--json", metavar="FILE", help="write the machine, limits and every raw timing as JSON")
     bench_parser.add_argument("--csv", metavar="FILE", help="write the results as CSV")
+    bench_parser.add_argument("--plot", metavar="FILE", help="write a PNG bar chart of the speedups")
     bench_parser.set_defaults(run=_run_bench)
+
+    profile_parser = commands.add_parser("profile", help="a torch.profiler Chrome trace of one op")
+    profile_parser.add_argument("op", help="a case name from `fastattn bench`, e.g. attention.additive.multi_query.forward")
+    profile_parser.add_argument("--preset", choices=tuple(bench.PRESETS), default="full", help="base shapes (default: full)")
+    for name in profiling.SHAPE_FIELDS:
+        profile_parser.add_argument(f"--{name}", type=int, metavar="N", help=f"override the preset's {name}")
+    _add_device_and_dtype(profile_parser)
+    profile_parser.add_argument("--backend", choices=backends.CHOICES, default="auto")
+    profile_parser.add_argument("--iterations", type=int, default=10, help="profiled calls (default: 10)")
+    profile_parser.add_argument("--trace", metavar="FILE", help="the Chrome trace to write; without it no profiler runs")
+    profile_parser.set_defaults(run=_run_profile)
     zoo_cli.add_commands(commands)
     return parser
 

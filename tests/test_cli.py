@@ -1,4 +1,4 @@
-"""The command line (``fastattn info``, ``fastattn bench``) and ``fastattn.info()``."""
+"""The command line (``fastattn info``, ``fastattn bench``, bad ``profile`` flags) and ``fastattn.info()``."""
 
 import csv
 import json
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastattn import backends
+from fastattn.bench import implementations as bench_implementations
 from fastattn.cli import main
 from fastattn.info import info
 
@@ -19,7 +20,7 @@ INFO_KEYS = {
     "version", "python", "torch", "triton", "backends", "cuda_arch_list", "extension",
     "cpu_capability", "device", "backend_setting", "auto",
 }
-BENCH_CASES = ("attention.additive.decode_step", "lstm_cell")
+BENCH_CASES = ("attention.additive.decode_step.forward", "lstm_cell.forward")
 
 
 def test_info_describes_versions_backends_and_auto_choices():
@@ -60,36 +61,58 @@ def test_info_text_lists_every_entry_and_backend(capsys):
 
 def _check_results(results, device="cpu"):
     assert {row["case"] for row in results} == set(BENCH_CASES)
-    pairs = [(row["case"], row["backend"]) for row in results]
+    pairs = [(row["case"], row["implementation"]) for row in results]
     assert len(pairs) == len(set(pairs))
     assert {(case, "reference") for case in BENCH_CASES} <= set(pairs)
+    assert ("lstm_cell.forward", "torch.nn.LSTMCell") in pairs
     for row in results:
-        assert backends.unavailable_reason(row["backend"]) is None
+        assert row["kind"] == "peer" or backends.unavailable_reason(row["implementation"]) is None
         assert row["device"] == device and row["dtype"] == "float32"
         assert math.isfinite(float(row["median_s"])) and float(row["median_s"]) > 0
         assert math.isfinite(float(row["iqr_s"])) and float(row["iqr_s"]) >= 0
         assert int(row["runs"]) > 0
 
 
-def test_bench_writes_one_json_row_per_case_and_backend(tmp_path, capsys):
+def _bench(*arguments):
+    """``fastattn bench`` in process, on the tiny preset (tests patch it to the reference only)."""
+    return main(["bench", "--preset", "tiny", "--device", "cpu", "--no-memory", *arguments])
+
+
+def test_bench_writes_one_json_row_per_case_and_implementation(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_implementations, "runnable_backends", lambda case, device_type: ["reference"])
     path = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--device", "cpu", "--json", str(path), "--ops", *BENCH_CASES]) == 0
+    assert _bench("--json", str(path), "--ops", *BENCH_CASES) == 0
     report = json.loads(path.read_text())
-    assert report["preset"] == "quick"
-    assert set(report["machine"]) == INFO_KEYS
+    assert report["preset"]["name"] == "tiny"
+    assert INFO_KEYS <= set(report["machine"])
     _check_results(report["results"])
-    assert report["results"][0]["shape"] == {"B": 4, "S": 16, "D": 32}
+    assert report["results"][0]["shape"] == {"B": 2, "S": 5, "D": 6}
     table = capsys.readouterr().out
     assert all(case in table for case in BENCH_CASES)
+    assert "torch.nn.LSTMCell" in table and "% of limit" in table
 
 
-def test_bench_writes_csv_rows(tmp_path):
+def test_bench_writes_csv_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_implementations, "runnable_backends", lambda case, device_type: ["reference"])
     path = tmp_path / "bench.csv"
-    assert main(["bench", "--quick", "--device", "cpu", "--csv", str(path), "--ops", *BENCH_CASES]) == 0
+    assert _bench("--csv", str(path), "--ops", *BENCH_CASES) == 0
     with path.open(newline="") as file:
         rows = list(csv.DictReader(file))
     _check_results(rows)
-    assert rows[-1]["shape"] == "B=4 I=32 H=32"
+    assert json.loads(rows[-1]["shape"]) == {"B": 2, "I": 7, "H": 7}
+
+
+def test_bench_exits_non_zero_when_an_implementation_fails(capsys, monkeypatch):
+    monkeypatch.setattr(bench_implementations, "runnable_backends", lambda case, device_type: ["reference"])
+
+    def broken(*arguments):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(torch.nn.LSTMCell, "forward", broken)
+    assert _bench("--ops", "lstm_cell.forward") == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out and "kernel exploded" in captured.out
+    assert "lstm_cell.forward on torch.nn.LSTMCell" in captured.err
 
 
 def _fails_cleanly(argv, capsys, expected_message):
@@ -107,7 +130,7 @@ def test_bench_rejects_an_unknown_op_and_lists_the_valid_ones(capsys):
 
 def test_unknown_op_message_names_the_valid_cases(capsys):
     main(["bench", "--quick", "--ops", "lstm_cel1"])
-    assert "attention.additive.multi_query" in capsys.readouterr().err
+    assert "attention.additive.multi_query.forward_backward" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present, so --device cuda is valid")
@@ -122,6 +145,9 @@ def test_bench_on_cuda_without_a_gpu_fails_cleanly(capsys):
         ([], "required"),
         (["bench", "--device", "tpu"], "invalid choice: 'tpu'"),
         (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
+        (["bench", "--preset", "huge"], "invalid choice: 'huge'"),
+        (["profile"], "required: op"),
+        (["profile", "lstm_cell.forward", "--batch", "two"], "invalid int value: 'two'"),
         (["info", "--verbose"], "unrecognized arguments: --verbose"),
     ],
 )
@@ -132,6 +158,13 @@ def test_bad_command_lines_fail_cleanly(argv, message, capsys):
 def test_unwritable_output_file_fails_cleanly(tmp_path, capsys):
     missing_folder = tmp_path / "missing" / "bench.json"
     _fails_cleanly(
-        ["bench", "--quick", "--device", "cpu", "--ops", "lstm_cell", "--json", str(missing_folder)],
+        ["bench", "--preset", "tiny", "--device", "cpu", "--ops", "lstm_cell", "--json", str(missing_folder)],
+        capsys, "cannot write",
+    )
+
+
+def test_plot_to_an_unwritable_path_fails_before_timing(tmp_path, capsys):
+    _fails_cleanly(
+        ["bench", "--preset", "tiny", "--device", "cpu", "--ops", "lstm_cell", "--plot", str(tmp_path / "no" / "x.png")],
         capsys, "cannot write",
     )

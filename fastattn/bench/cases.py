@@ -1,0 +1,309 @@
+"""The benchmark's cases: one op at one shape, forward or forward+backward.
+
+A :class:`Case` builds a :class:`Workload` from an :class:`Inputs`: the fastattn call
+(run on whichever backend is in force), the tensors a backward differentiates, and the
+peers that compute the same thing another way (``torch.nn.LSTM``,
+``scaled_dot_product_attention``...) on the very same tensors.  The torch.compile'd
+reference is added by the runner, for cases marked ``compilable``.
+
+Case names: ``attention.<score>.<multi_query|decode_step>.<forward|forward_backward>``,
+``hard_attention.multi_query.forward``, ``<lstm|gru>_<cell|layer>.<forward|forward_backward>``,
+``decoder_step.forward`` and ``greedy_decoding.forward``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from fastattn import roofline
+from fastattn.optimize import optimize
+from fastattn.functional.attention import attention, hard_attention
+from fastattn.functional.recurrent import gru_cell, lstm_cell
+from fastattn.nn.decoder import AttentionDecoderCell, DecoderState
+
+SCORES = ("dot", "scaled_dot", "general", "additive", "cosine", "location")
+MODES = ("forward", "forward_backward")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Outputs = tuple  # of tensors; nested tuples are flattened by the runner
+
+
+class BenchError(Exception):
+    """A benchmark request that cannot run as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    batch: int
+    length: int  # T = S of the attention cases, S of the decoder cases
+    dim: int  # D of queries, keys, values and the additive attention dimension
+    hidden: int  # hidden (and input) size of the recurrent and decoder cases
+    steps: int  # sequence length of the LSTM / GRU layer cases
+    tokens: int  # tokens per greedy decoding
+    vocabulary: int  # greedy decoding's output vocabulary
+    min_run_time: float  # seconds spent timing each case on each implementation
+    compile: bool  # whether the torch.compile'd reference is a peer by default
+
+
+PRESETS = {
+    "tiny": Preset(batch=2, length=5, dim=6, hidden=7, steps=3, tokens=2, vocabulary=11, min_run_time=0.002, compile=False),
+    "quick": Preset(batch=4, length=16, dim=32, hidden=32, steps=16, tokens=5, vocabulary=100, min_run_time=0.03, compile=False),
+    "full": Preset(batch=32, length=64, dim=256, hidden=256, steps=100, tokens=20, vocabulary=1000, min_run_time=0.3, compile=True),
+}
+
+
+class Inputs:
+    """Reproducible random tensors on one device and dtype.
+
+    Values are drawn in float32 from a seeded generator, rounded through ``rounded_to``
+    (the dtype of the run being checked, so a float64 oracle sees the same values), then
+    cast to ``dtype``.  With ``requires_grad`` every tensor made here, and every parameter of
+    the modules passed to :meth:`module`, is a leaf of the backward, in :attr:`leaves`."""
+
+    def __init__(self, device: str | torch.device, dtype: torch.dtype, *, requires_grad: bool = False,
+                 rounded_to: torch.dtype | None = None):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.requires_grad = requires_grad
+        self.rounded_to = rounded_to or dtype
+        self.generator = torch.Generator().manual_seed(0)
+        self.leaves: list[torch.Tensor] = []
+
+    def _values(self, shape: Sequence[int]) -> torch.Tensor:
+        values = torch.randn(tuple(shape), generator=self.generator) / math.sqrt(shape[-1])
+        return values.to(self.rounded_to).to(self.device, self.dtype)
+
+    def random(self, *shape: int) -> torch.Tensor:
+        """Normal values scaled by 1/sqrt(last dimension), to keep scores moderate."""
+        tensor = self._values(shape).requires_grad_(self.requires_grad)
+        self.leaves.append(tensor)
+        return tensor
+
+    def module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` on this device and dtype, its parameters overwritten in place with random values."""
+        module.to(self.device, self.dtype)
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.copy_(self._values(parameter.shape))
+                parameter.requires_grad_(self.requires_grad)
+                self.leaves.append(parameter)
+        return module
+
+
+@dataclass
+class Workload:
+    run: Callable[[], Outputs]  # the fastattn call; dispatches to the backend in force
+    leaves: list[torch.Tensor]  # what forward_backward differentiates (empty for forward cases)
+    peers: dict[str, Callable[[], Outputs]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    ops: tuple[str, ...]  # the backends ops it runs: a backend is benchmarked when it runs them all
+    shape: dict[str, int]
+    backward: bool
+    compilable: bool  # whether the torch.compile'd reference is a peer
+    build: Callable[[Inputs], Workload]
+    work: Callable[[int], roofline.Work]  # element size in bytes -> the op's work
+
+    def inputs(self, device: str, dtype: torch.dtype, rounded_to: torch.dtype | None = None) -> Inputs:
+        return Inputs(device, dtype, requires_grad=self.backward, rounded_to=rounded_to)
+
+
+def _score_parameters(score: str, inputs: Inputs, dim: int, source_length: int) -> dict:
+    if score == "general":
+        return {"weight": inputs.random(dim, dim)}
+    if score == "additive":
+        return {"w_query": inputs.random(dim, dim), "w_key": inputs.random(dim, dim),
+                "v": inputs.random(dim), "bias": inputs.random(dim)}
+    if score == "location":
+        return {"weight": inputs.random(source_length, dim)}
+    return {}
+
+
+def _torch_sdpa(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """torch's fused attention with values = keys; a 2-D decoder-step query becomes T = 1."""
+    step = query.dim() == 2
+    context = torch.nn.functional.scaled_dot_product_attention(
+        query.unsqueeze(1) if step else query, keys, keys, scale=scale
+    )
+    return context.squeeze(1) if step else context
+
+
+def _attention_case(score: str, layout: str, mode: str, preset: Preset) -> Case:
+    """``layout`` is ``multi_query`` (query (B, T, D)) or ``decode_step`` (query (B, D))."""
+    batch, length, dim = preset.batch, preset.length, preset.dim
+    queries = length if layout == "multi_query" else 1
+    shape = {"B": batch, "T": length, "S": length, "D": dim} if layout == "multi_query" else {"B": batch, "S": length, "D": dim}
+    backward = mode == "forward_backward"
+
+    def build(inputs: Inputs) -> Workload:
+        query = inputs.random(*((batch, length, dim) if layout == "multi_query" else (batch, dim)))
+        keys = inputs.random(batch, length, dim)
+        parameters = _score_parameters(score, inputs, dim, length)
+        peers = {}
+        if score in ("dot", "scaled_dot"):
+            scale = 1.0 if score == "dot" else 1 / math.sqrt(dim)
+            peers["torch sdpa"] = lambda: (_torch_sdpa(query, keys, scale),)
+        return Workload(lambda: (attention(query, keys, score=score, **parameters),), inputs.leaves, peers)
+
+    def work(element_bytes: int) -> roofline.Work:
+        return roofline.attention_work(score, batch, queries, length, dim, element_bytes=element_bytes, backward=backward)
+
+    return Case(f"attention.{score}.{layout}.{mode}", ("attention",), shape, backward, True, build, work)
+
+
+def _hard_attention_case(preset: Preset) -> Case:
+    batch, length, dim = preset.batch, preset.length, preset.dim
+
+    def build(inputs: Inputs) -> Workload:
+        query, keys = inputs.random(batch, length, dim), inputs.random(batch, length, dim)
+        return Workload(lambda: hard_attention(query, keys, score="scaled_dot", sample=False), inputs.leaves)
+
+    def work(element_bytes: int) -> roofline.Work:
+        return roofline.hard_attention_work(batch, length, length, dim, element_bytes=element_bytes)
+
+    shape = {"B": batch, "T": length, "S": length, "D": dim}
+    return Case("hard_attention.multi_query.forward", ("hard_attention",), shape, False, True, build, work)
+
+
+def _cell_case(cell: str, mode: str, preset: Preset) -> Case:
+    """A fastattn cell step against ``torch.nn.LSTMCell``/``GRUCell`` holding the same weights."""
+    batch, hidden = preset.batch, preset.hidden
+    backward = mode == "forward_backward"
+    torch_cell, fastattn_cell = {"lstm": (torch.nn.LSTMCell, lstm_cell), "gru": (torch.nn.GRUCell, gru_cell)}[cell]
+
+    def build(inputs: Inputs) -> Workload:
+        x = inputs.random(batch, hidden)
+        state = (inputs.random(batch, hidden), inputs.random(batch, hidden)) if cell == "lstm" else inputs.random(batch, hidden)
+        module = inputs.module(torch_cell(hidden, hidden))
+        weights = (module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh)
+        return Workload(
+            lambda: _as_tuple(fastattn_cell(x, state, *weights)),
+            inputs.leaves,
+            {f"torch.nn.{torch_cell.__name__}": lambda: _as_tuple(module(x, state))},
+        )
+
+    def work(element_bytes: int) -> roofline.Work:
+        return roofline.cell_work(cell, batch, hidden, hidden, element_bytes=element_bytes, backward=backward)
+
+    shape = {"B": batch, "I": hidden, "H": hidden}
+    return Case(f"{cell}_cell.{mode}", (f"{cell}_cell",), shape, backward, True, build, work)
+
+
+def _layer_case(cell: str, mode: str, preset: Preset) -> Case:
+    """``fastattn.optimize(torch.nn.LSTM)`` (same parameters) against the torch module itself.
+    Not compiled: torch.compile unrolls the reference's time loop, which takes minutes."""
+    steps, batch, hidden = preset.steps, preset.batch, preset.hidden
+    backward = mode == "forward_backward"
+    torch_layer = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
+
+    def build(inputs: Inputs) -> Workload:
+        sequence = inputs.random(steps, batch, hidden)
+        module = inputs.module(torch_layer(hidden, hidden))
+        ours = optimize(module)
+        return Workload(
+            lambda: _as_tuple(ours(sequence)), inputs.leaves, {f"torch.nn.{torch_layer.__name__}": lambda: _as_tuple(module(sequence))}
+        )
+
+    def work(element_bytes: int) -> roofline.Work:
+        return roofline.layer_work(cell, steps, batch, hidden, hidden, element_bytes=element_bytes, backward=backward)
+
+    shape = {"T": steps, "B": batch, "I": hidden, "H": hidden}
+    return Case(f"{cell}_layer.{mode}", (f"{cell}_layer",), shape, backward, False, build, work)
+
+
+def _decoder(inputs: Inputs, hidden: int) -> AttentionDecoderCell:
+    """Luong-style decoder cell: LSTM, additive score, input feeding, all sizes ``hidden``."""
+    return inputs.module(AttentionDecoderCell(hidden, hidden, hidden, score="additive"))
+
+
+def _decoder_step_case(preset: Preset) -> Case:
+    batch, length, hidden = preset.batch, preset.length, preset.hidden
+
+    def build(inputs: Inputs) -> Workload:
+        decoder = _decoder(inputs, hidden)
+        keys, previous = inputs.random(batch, length, hidden), inputs.random(batch, hidden)
+        state = DecoderState(inputs.random(batch, hidden), inputs.random(batch, hidden), inputs.random(batch, hidden))
+        with torch.no_grad():
+            cache = decoder.precompute(keys)
+        return Workload(lambda: _as_tuple(decoder(previous, state, cache)), [])
+
+    def work(element_bytes: int) -> roofline.Work:
+        return roofline.decoder_step_work(batch, length, hidden, element_bytes=element_bytes)
+
+    shape = {"B": batch, "S": length, "H": hidden}
+    return Case("decoder_step.forward", ("attention", "lstm_cell"), shape, False, True, build, work)
+
+
+def _greedy_decoding_case(preset: Preset) -> Case:
+    """Embed, decode one step, project to the vocabulary, take the argmax; ``tokens`` times."""
+    batch, length, hidden, tokens, vocabulary = preset.batch, preset.length, preset.hidden, preset.tokens, preset.vocabulary
+
+    def build(inputs: Inputs) -> Workload:
+        decoder = _decoder(inputs, hidden)
+        embed = inputs.module(torch.nn.Embedding(vocabulary, hidden))
+        project = inputs.module(torch.nn.Linear(hidden, vocabulary))
+        encoder_states = inputs.random(batch, length, hidden)
+
+        def decode() -> Outputs:
+            cache, state = decoder.precompute(encoder_states), None
+            token = torch.zeros(batch, dtype=torch.long, device=encoder_states.device)
+            logits = []
+            for _ in range(tokens):
+                output, state, _ = decoder(embed(token), state, cache)
+                logits.append(project(output))
+                token = logits[-1].argmax(-1)
+            return torch.stack(logits), token
+
+        return Workload(decode, [])
+
+    def work(element_bytes: int) -> roofline.Work:
+        return roofline.greedy_decoding_work(tokens, batch, length, hidden, vocabulary, element_bytes=element_bytes)
+
+    shape = {"B": batch, "S": length, "H": hidden, "tokens": tokens, "V": vocabulary}
+    return Case("greedy_decoding.forward", ("attention", "lstm_cell"), shape, False, False, build, work)
+
+
+def _as_tuple(outputs: object) -> Outputs:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def cases(preset: Preset) -> list[Case]:
+    """Every case of the benchmark at the shapes of ``preset``."""
+    attention_cases = [
+        _attention_case(score, layout, mode, preset)
+        for score in SCORES
+        for layout in ("multi_query", "decode_step")
+        for mode in MODES
+    ]
+    recurrent_cases = [
+        make(cell, mode, preset) for make in (_cell_case, _layer_case) for cell in ("lstm", "gru") for mode in MODES
+    ]
+    return [
+        *attention_cases,
+        _hard_attention_case(preset),
+        *recurrent_cases,
+        _decoder_step_case(preset),
+        _greedy_decoding_case(preset),
+    ]
+
+
+def matches(case: Case, selector: str) -> bool:
+    """``selector`` names the case or a leading part of its dotted name (``attention.additive``)."""
+    return case.name == selector or case.name.startswith(selector + ".")
+
+
+def select(all_cases: list[Case], selectors: Sequence[str]) -> list[Case]:
+    """The cases that match one of ``selectors`` (all of them when there are none)."""
+    if not selectors:
+        return all_cases
+    unknown = [selector for selector in selectors if not any(matches(case, selector) for case in all_cases)]
+    if unknown:
+        valid = ", ".join(case.name for case in all_cases)
+        raise BenchError(f"unknown op {', '.join(map(repr, unknown))}; valid ops: {valid}")
+    return [case for case in all_cases if any(matches(case, selector) for selector in selectors)]

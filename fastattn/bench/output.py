@@ -1,0 +1,139 @@
+"""What a run prints and writes: the terminal table, JSON, CSV and the PNG speedup chart.
+
+JSON holds the machine (CPU model, cores, GPU, versions), the limits the roofline
+column uses, the preset and one row per case and implementation with every raw timing;
+CSV holds the same rows, with the nested fields (shape, work, speedups, raw timings)
+written as compact JSON in their cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from typing import Sequence, TextIO
+
+from fastattn.bench.cases import BenchError
+from fastattn.bench.implementations import REFERENCE
+from fastattn.bench.run import Result
+
+TIME_UNITS = (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9))
+BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+
+
+def _scaled(value: float, units) -> str:
+    for unit, factor in units:
+        if abs(value) >= factor:
+            break
+    return f"{value / factor:.3g} {unit}"
+
+
+def format_shape(shape: dict[str, int]) -> str:
+    return " ".join(f"{name}={size}" for name, size in shape.items())
+
+
+def aligned(rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
+    """Rows of cells as lines whose columns line up."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return [indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def _error_cell(result: Result) -> str:
+    if result.max_error is None:
+        return "-"
+    return f"{result.max_error:.1e}" + ("" if result.error_ok else " OVER TOL")
+
+
+def _speedup_cell(result: Result) -> str:
+    """For fastattn's own backends: how many times faster than the reference and each peer."""
+    if result.kind != "backend" or result.implementation == REFERENCE:
+        return ""
+    return ", ".join(f"{ratio:.2f}x vs {other}" for other, ratio in result.speedup.items())
+
+
+def format_table(results: list[Result]) -> str:
+    header = ("case", "implementation", "median", "IQR", "max error", "peak mem", "% of limit", "speedup")
+    rows = []
+    for r in results:
+        if r.failure:
+            rows.append((r.case, r.implementation, "FAILED", "", "", "", "", r.failure))
+            continue
+        rows.append((
+            r.case,
+            r.implementation,
+            _scaled(r.median_s, TIME_UNITS),
+            _scaled(r.iqr_s, TIME_UNITS),
+            _error_cell(r),
+            "-" if r.peak_bytes is None else _scaled(r.peak_bytes, BYTE_UNITS),
+            f"{r.percent_of_limit:.2g}% {r.bound_by}",
+            _speedup_cell(r),
+        ))
+    return "\n".join(aligned([header, *rows]))
+
+
+def report(results: list[Result], preset: dict, machine: dict, limits: dict, compile_reference: bool) -> dict:
+    return {
+        "machine": machine,
+        "limits": limits,
+        "preset": preset,
+        "compile_reference": compile_reference,
+        "results": [dataclasses.asdict(result) for result in results],
+    }
+
+
+def open_output(path: str) -> TextIO:
+    """Opens a ``--json`` / ``--csv`` file before the timings, so a bad path fails fast."""
+    try:
+        return open(path, "w", newline="", encoding="utf-8")
+    except OSError as error:
+        raise BenchError(f"cannot write {path}: {error.strerror}") from error
+
+
+def write_json(file: TextIO, content: dict) -> None:
+    json.dump(content, file, indent=1)
+    file.write("\n")
+
+
+def write_csv(file: TextIO, results: list[Result]) -> None:
+    writer = csv.DictWriter(file, fieldnames=[field.name for field in dataclasses.fields(Result)])
+    writer.writeheader()
+    for result in results:
+        row = dataclasses.asdict(result)
+        writer.writerow({k: json.dumps(v, separators=(",", ":")) if isinstance(v, (dict, list)) else v for k, v in row.items()})
+
+
+def check_plot_path(path: str) -> None:
+    """Fails before the timings when matplotlib is missing or the file cannot be written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise BenchError("--plot needs matplotlib (pip install matplotlib)") from error
+    open_output(path).close()
+
+
+def write_plot(path: str, results: list[Result], title: str) -> None:
+    """Horizontal bars: each implementation's speedup over the eager reference, per case (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    timed = [r for r in results if r.median_s and REFERENCE in r.speedup]
+    case_names = list(dict.fromkeys(r.case for r in timed))
+    names = list(dict.fromkeys(r.implementation for r in timed))
+    figure, axes = pyplot.subplots(figsize=(10, 0.35 * len(case_names) * max(len(names), 1) + 1.5))
+    height = 0.8 / max(len(names), 1)
+    for index, name in enumerate(names):
+        rows = {r.case: r.speedup[REFERENCE] for r in timed if r.implementation == name}
+        positions = [case_names.index(case) + index * height for case in rows]
+        axes.barh(positions, list(rows.values()), height=height, label=name)
+    axes.set_yticks([i + 0.4 - height / 2 for i in range(len(case_names))], case_names, fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xscale("log")
+    axes.axvline(1.0, color="black", linewidth=0.8)
+    axes.set_xlabel("speedup over the eager reference (reference time / time)")
+    axes.set_title(title)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)

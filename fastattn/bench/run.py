@@ -1,0 +1,157 @@
+"""Runs the chosen cases: every implementation of each case is checked, timed and measured.
+
+Per case: the workload is built once in the run's dtype; a float64 oracle (the reference
+on the same values, rounded through the run's dtype) gives each implementation's max
+absolute error over its outputs and, for forward+backward cases, every gradient.  The
+tolerance follows the project's rule: 2 x the error of the reference run in the same
+dtype, plus 100 machine epsilons of that dtype times the oracle's largest magnitude (so a
+float64 run, whose reference IS the oracle, still has room for reordered sums).
+Speedups of a row are the other implementations' median times divided by its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from fastattn.bench import memory
+from fastattn.bench.cases import DTYPES, PRESETS, BenchError, Case, Preset, cases, select
+from fastattn.bench.implementations import REFERENCE, Implementation, implementations, prepare
+from fastattn.bench.machine import Limits
+from fastattn.bench.timing import time_call
+from fastattn import roofline
+
+DEVICES = ("cpu", "cuda")
+EPSILONS_OF_SLACK = 100
+
+
+@dataclass
+class Result:
+    case: str
+    implementation: str
+    kind: str  # "backend" or "peer"
+    shape: dict[str, int]
+    dtype: str
+    device: str
+    median_s: float | None
+    iqr_s: float | None
+    runs: int
+    max_error: float | None
+    tolerance: float | None
+    error_ok: bool | None
+    peak_bytes: int | None
+    work: dict[str, float]  # roofline.Work as a dict
+    percent_of_limit: float | None
+    bound_by: str | None
+    speedup: dict[str, float] = field(default_factory=dict)  # other implementation -> its time / ours
+    failure: str | None = None
+    times_s: list[float] = field(default_factory=list)
+
+
+def check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise BenchError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU")
+
+
+def choose(preset: Preset, device: str, dtype: str, ops: Sequence[str] = ()) -> list[Case]:
+    """The cases of ``preset`` selected by ``ops`` (name prefixes); raises
+    :class:`BenchError` when they cannot run on ``device`` in ``dtype``."""
+    check_device(device)
+    if dtype not in DTYPES:
+        raise BenchError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    return select(cases(preset), ops)
+
+
+def preset_named(name: str) -> Preset:
+    if name not in PRESETS:
+        raise BenchError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
+def max_error(results: list[torch.Tensor], oracle: list[torch.Tensor]) -> float:
+    """Largest absolute difference over every tensor; inf when the outputs do not line up."""
+    if len(results) != len(oracle) or any(r.shape != o.shape for r, o in zip(results, oracle)):
+        return math.inf
+    differences = [(r.detach().double() - o.detach().double()).abs().max().item() for r, o in zip(results, oracle) if r.numel()]
+    return max(differences, default=0.0)
+
+
+def _largest_magnitude(tensors: list[torch.Tensor]) -> float:
+    return max((t.detach().double().abs().max().item() for t in tensors if t.numel()), default=0.0)
+
+
+@dataclass
+class _Measured:
+    implementation: Implementation
+    timing: object = None
+    error: float | None = None
+    peak_bytes: int | None = None
+    failure: str | None = None
+
+
+def _measure_case(case: Case, device: str, dtype: torch.dtype, min_run_time: float, compile_reference: bool) -> tuple[list[_Measured], float]:
+    """Each implementation's timing, error and (on a GPU) peak memory; and the tolerance."""
+    oracle_workload = case.build(case.inputs(device, torch.float64, rounded_to=dtype))
+    with torch.set_grad_enabled(case.backward):
+        oracle = prepare(case, oracle_workload, Implementation(REFERENCE, "backend"), dtype)()
+        workload = case.build(case.inputs(device, dtype))
+        measured = []
+        for implementation in implementations(case, workload, device, compile_reference):
+            entry = _Measured(implementation)
+            try:
+                call = prepare(case, workload, implementation, dtype)
+                entry.error = max_error(call(), oracle)  # also the warm-up (and the compile)
+                entry.timing = time_call(call, device, min_run_time)
+                if device == "cuda":
+                    entry.peak_bytes = memory.peak_bytes_cuda(call)
+            except Exception as error:  # noqa: BLE001 - one failing implementation must not stop the run
+                entry.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            measured.append(entry)
+    reference_error = next((m.error for m in measured if m.implementation.name == REFERENCE), 0.0) or 0.0
+    slack = EPSILONS_OF_SLACK * torch.finfo(dtype).eps * max(1.0, _largest_magnitude(oracle))
+    return measured, 2 * reference_error + slack
+
+
+def _results_of(case: Case, measured: list[_Measured], tolerance: float, device: str, dtype: str,
+                limits: Limits) -> list[Result]:
+    work = case.work(DTYPES[dtype].itemsize)
+    medians = {m.implementation.name: m.timing.median_s for m in measured if m.timing is not None}
+    results = []
+    for m in measured:
+        median = medians.get(m.implementation.name)
+        percent, bound = roofline.percent_of_limit(work, limits.device, dtype, median) if median else (None, None)
+        results.append(Result(
+            case=case.name, implementation=m.implementation.name, kind=m.implementation.kind,
+            shape=case.shape, dtype=dtype, device=device,
+            median_s=median, iqr_s=m.timing.iqr_s if m.timing else None,
+            runs=len(m.timing.times_s) if m.timing else 0,
+            max_error=m.error, tolerance=tolerance,
+            error_ok=None if m.error is None else bool(m.error <= tolerance),
+            peak_bytes=m.peak_bytes, work=vars(work).copy(),
+            percent_of_limit=percent, bound_by=bound,
+            speedup={other: time / median for other, time in medians.items() if other != m.implementation.name} if median else {},
+            failure=m.failure, times_s=list(m.timing.times_s) if m.timing else [],
+        ))
+    return results
+
+
+def run(chosen: list[Case], preset: Preset, device: str, dtype: str, limits: Limits, *,
+        compile_reference: bool, measure_memory: bool, progress: bool = True) -> list[Result]:
+    """Every chosen case on every implementation; peak memory on a CPU from one child process."""
+    results = []
+    with tqdm(chosen, desc="fastattn bench", unit="case", disable=None if progress else True, leave=False) as bar:
+        for case in bar:
+            bar.set_postfix_str(case.name)
+            measured, tolerance = _measure_case(case, device, DTYPES[dtype], preset.min_run_time, compile_reference)
+            results += _results_of(case, measured, tolerance, device, dtype, limits)
+    if measure_memory and device == "cpu":
+        peaks = memory.peaks_in_child(preset, dtype, [case.name for case in chosen])
+        for result in results:
+            result.peak_bytes = peaks.get((result.case, result.implementation))
+    return results
