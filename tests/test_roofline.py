@@ -1,0 +1,111 @@
+"""The roofline arithmetic against hand-computed cases, and the card table."""
+
+import pytest
+
+from fastattn import roofline
+from fastattn.roofline import DeviceLimits, Work
+
+
+def test_dot_attention_forward():
+    # B=2, T=3, S=5, D=4: 30 (query, key) pairs; scores 2*30*4 FLOPs, context 2*30*4, 30 exps;
+    # bytes: query 2*3*4 + keys 2*5*4 + context 2*3*4 = 88 floats.
+    work = roofline.attention_work("dot", 2, 3, 5, 4, element_bytes=4)
+    assert work == Work(bytes=352, flops=480, transcendentals=30)
+
+
+def test_dot_attention_forward_backward_is_three_inputs_and_two_outputs():
+    work = roofline.attention_work("dot", 2, 3, 5, 4, element_bytes=4, backward=True)
+    assert work == Work(bytes=4 * (3 * 64 + 2 * 24), flops=3 * 480, transcendentals=30)
+
+
+def test_additive_attention_forward():
+    # W_q s: 2*2*3*4*4 = 192, W_k h: 2*2*5*4*4 = 320, v.tanh: 2*30*4 = 240, context 240;
+    # tanh 30*4 = 120 plus 30 exps; parameters 2*16 + 2*4 = 40 floats.
+    work = roofline.attention_work("additive", 2, 3, 5, 4, element_bytes=4)
+    assert work == Work(bytes=4 * (24 + 40 + 40 + 24), flops=992, transcendentals=150)
+
+
+@pytest.mark.parametrize(
+    "score, flops, transcendentals, extra_inputs",
+    [
+        ("scaled_dot", 480, 30, 0),
+        ("cosine", 480, 30 + 2 * (3 + 5), 0),  # one sqrt per query and key norm
+        ("general", 2 * 2 * 3 * 16 + 480, 30, 16),  # W_a on the 3 queries
+        ("location", 480, 30, 5 * 4),  # the first S=5 rows of W_a
+    ],
+)
+def test_other_scores(score, flops, transcendentals, extra_inputs):
+    work = roofline.attention_work(score, 2, 3, 5, 4, element_bytes=2)
+    assert work == Work(bytes=2 * (88 + extra_inputs), flops=flops, transcendentals=transcendentals)
+
+
+def test_decode_step_is_one_query():
+    assert roofline.attention_work("dot", 2, 1, 5, 4, element_bytes=4) == Work(4 * (8 + 40 + 8), 160, 10)
+
+
+def test_hard_attention():
+    # B=1, T=2, S=3, D=4: scores 2*6*4 = 48 FLOPs, 6 exps + 2 logs; reads 5*4 floats; writes
+    # context 8, log-prob 2, weights 6 floats and 2 int64 indices.
+    assert roofline.hard_attention_work(1, 2, 3, 4, element_bytes=4) == Work(4 * (20 + 16) + 16, 48, 8)
+
+
+def test_lstm_cell_in_half_precision():
+    # B=2, I=3, H=5: gates 4H=20; FLOPs 2*2*20*(3+5) = 640; weights 20*8 + 2*20 = 200;
+    # reads x 6 + h, c 20 + weights 200, writes h', c' 20; 5 transcendentals per unit.
+    assert roofline.cell_work("lstm", 2, 3, 5, element_bytes=2) == Work(2 * 246, 640, 50)
+
+
+def test_gru_layer():
+    # T=4, B=2, I=3, H=5: gates 3H=15; FLOPs 2*4*2*15*8 = 1920; reads the sequence 24 and the
+    # weights 15*8 + 30 = 150; writes 4*2*5 outputs and h_n 10; 3 transcendentals per unit.
+    assert roofline.layer_work("gru", 4, 2, 3, 5, element_bytes=4) == Work(4 * 224, 1920, 120)
+
+
+def test_greedy_decoding_is_tokens_times_a_step_and_a_projection():
+    step = roofline.decoder_step_work(2, 5, 4, element_bytes=4)
+    projection = Work(4 * (7 * 4 + 7 + 2 * 4 + 2 * 7), 2 * 2 * 4 * 7, 0)
+    assert roofline.greedy_decoding_work(3, 2, 5, 4, 7, element_bytes=4) == (step + projection).times(3)
+
+
+def test_unknown_score_is_refused():
+    with pytest.raises(ValueError, match="score must be one of"):
+        roofline.attention_work("bilinear", 1, 1, 1, 1, element_bytes=4)
+
+
+def test_lower_bound_takes_the_slowest_resource():
+    limits = DeviceLimits("test card", bandwidth=100.0, flops={"float32": 1000.0}, transcendentals=10.0)
+    assert limits.lower_bound_s(Work(200, 500, 5), "float32") == (2.0, "memory")
+    assert limits.lower_bound_s(Work(100, 5000, 5), "float32") == (5.0, "compute")
+    assert limits.lower_bound_s(Work(100, 500, 50), "float32") == (5.0, "special functions")
+    assert limits.lower_bound_s(Work(100, 5000, 5), "float64") == (1.0, "memory")  # no float64 peak
+    assert roofline.percent_of_limit(Work(200, 500, 5), limits, "float32", 4.0) == (50.0, "memory")
+    with pytest.raises(ValueError, match="measured_s"):
+        roofline.percent_of_limit(Work(1, 1, 1), limits, "float32", 0.0)
+
+
+@pytest.mark.parametrize(
+    "device_name, card",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA A100-SXM4-40GB", "A100 SXM 40GB"),
+        ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB"),
+        ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"),
+        ("NVIDIA A100-PCIE-40GB", "A100 PCIe 40GB"),
+    ],
+)
+def test_cards_are_recognised_by_name(device_name, card):
+    assert roofline.known_gpu(device_name).name == card
+
+
+def test_unknown_card_is_none():
+    assert roofline.known_gpu("NVIDIA GeForce RTX 4090") is None
+
+
+def test_card_figures():
+    h100 = roofline.KNOWN_GPUS["H100 SXM"]
+    assert h100.bandwidth == 3.35e12 and h100.flops["bfloat16"] == pytest.approx(989.4e12)
+    assert h100.transcendentals == pytest.approx(16 * 132 * 1.98e9)
+    assert roofline.KNOWN_GPUS["H200"].bandwidth == 4.8e12
+    assert roofline.cpu_limits(2e10).lower_bound_s(Work(4e10, 1e15, 1e15), "float32") == (2.0, "memory")
