@@ -31,11 +31,18 @@ def version() -> str:
     return _installed_version("fastattn") or UNKNOWN_VERSION
 
 
+# What an available backend hands elsewhere (for example a dtype it sends to the
+# reference), set by the backend's loader; shown as that backend's "note".
+BACKEND_NOTES: dict[str, str] = {}
+
+
 def _backend_availability() -> dict[str, dict[str, object]]:
     availability = {}
     for name in backends.BACKENDS:
         reason = backends.unavailable_reason(name)
         availability[name] = {"available": reason is None, "reason": reason}
+        if reason is None and name in BACKEND_NOTES:
+            availability[name]["note"] = BACKEND_NOTES[name]
     return availability
 
 

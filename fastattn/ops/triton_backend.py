@@ -14,7 +14,8 @@ import functools
 
 import torch
 
-from fastattn import backends, reference
+from fastattn import backends
+from fastattn.info import BACKEND_NOTES
 
 FLOAT64_NOTE = "float64 inputs run the reference (the Triton kernels take float32, float16 and bfloat16)"
 
@@ -65,3 +66,4 @@ def load() -> None:
     for op, function in _backend_functions().items():
         backends.register(op, "triton", device_types)(_reference_for_float64(function, reference_functions[op]))
     backends.mark_available("triton")
+    BACKEND_NOTES["triton"] = FLOAT64_NOTE

@@ -77,7 +77,8 @@ class Launcher:
         if INTERPRETED:
             self._kernel = kernel
         else:
-            self._kernel = triton.autotune(configs, key=TUNING_KEY, reset_to_zero=reset_to_zero)(kernel)
+            key = [name for name in TUNING_KEY if name in kernel.arg_names]
+            self._kernel = triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)(kernel)
 
     def __call__(self, grid, *arguments, **constexprs):
         if INTERPRETED:
