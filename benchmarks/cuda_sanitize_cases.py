@@ -1,0 +1,175 @@
+"""One small case of every CUDA kernel of csrc/cuda, forward and backward, checked
+against the reference; exits 1 on any mismatch (2 when the CUDA kernels cannot run).
+
+Small on purpose: benchmarks/gpu_check.sh runs it under ``compute-sanitizer --tool
+memcheck`` and ``--tool racecheck``, which slow kernels down by orders of magnitude.
+The cases reach every kernel and variant: the attention forward with one key split and
+with several (plus the combine and weights kernels), 16-byte and scalar loads, every
+kernel score, the masks and the Gaussian, float16 natively, both backward kernels,
+hard-attention positions (argmax and drawn), fast_tanh, and the LSTM/GRU step kernels
+of the cells and of layers with lengths (forward and reverse).
+
+    python benchmarks/cuda_sanitize_cases.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.problems, run as a script
+
+import fastattn  # noqa: E402
+from fastattn import backends, reference  # noqa: E402
+from tests.problems import key_dim_for, score_parameters  # noqa: E402
+
+DEVICE = "cuda"
+
+
+def report(name: str, got, want, tolerance: float) -> bool:
+    """Prints one line per case; True when every tensor of `got` is close to `want`."""
+    worst = 0.0
+    for actual, expected in zip(got, want):
+        if expected is None:
+            continue
+        expected = expected.detach()
+        scale = max(1.0, float(expected.abs().max()))
+        worst = max(worst, float((actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max()) / scale)
+    ok = worst <= tolerance
+    print(f"{'ok  ' if ok else 'FAIL'} {name:60s} max error {worst:.2e} (allowed {tolerance:.0e})")
+    return ok
+
+
+def leaves(*shapes, device, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=generator, dtype=torch.float64).to(device, dtype).requires_grad_()
+            for shape in shapes]
+
+
+def with_gradients(function, inputs):
+    """Outputs of function(*inputs) and the gradients of a fixed projection of them."""
+    outputs = function(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    generator = torch.Generator().manual_seed(1)
+    projection = sum((o * torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.device, o.dtype)).sum()
+                     for o in outputs if o.is_floating_point())
+    wanted = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return [*outputs, *torch.autograd.grad(projection, wanted, allow_unused=True)]
+
+
+def attention_cases():
+    """(name, score, (N, T, S, D, Dv), masking): the forward's 1 and 3 key splits
+    (S = 96 over 2 rows), 16-byte (D = 8) and scalar (D = 5) loads, every mask."""
+    lengths = torch.tensor([0, 70])
+    padding = torch.arange(96).expand(2, 96) % 5 == 1
+    center = torch.tensor([[3.5], [60.2]], dtype=torch.float64)
+    for score in ("scaled_dot", "general", "location", "cosine", "additive"):
+        yield f"{score} decode, key splits, lengths", score, (2, 1, 96, 8, 8), {"lengths": lengths}
+    yield "scaled_dot decode, scalar loads, key_padding_mask", "scaled_dot", (2, 1, 96, 5, 3), {"key_padding_mask": padding}
+    yield "additive decode, local-p Gaussian", "additive", (2, 1, 96, 8, 8), {"window": 6, "center": center}
+    yield "cosine multi-query, causal", "cosine", (2, 9, 9, 8, 5), {"causal": True}
+    yield "scaled_dot multi-query, local-m Gaussian", "scaled_dot", (2, 9, 40, 8, 8), {"window": 3, "gaussian": True}
+
+
+def run_attention(score, shape, masking, device, dtype):
+    batch, steps, source, query_dim, value_dim = shape
+    key_dim = key_dim_for(score, query_dim, 6)
+    query, keys, values = leaves((batch, steps, query_dim), (batch, source, key_dim), (batch, source, value_dim),
+                                 device=device, dtype=dtype)
+    parameters = score_parameters(score, query_dim, key_dim, attention_dim=8, max_source_len=source,
+                                  generator=torch.Generator().manual_seed(2))
+    parameters = {name: value.to(device, dtype).requires_grad_() for name, value in parameters.items()}
+    masking = {name: value.to(device, dtype if value.is_floating_point() else value.dtype).requires_grad_(value.is_floating_point())
+               if isinstance(value, torch.Tensor) else value for name, value in masking.items()}
+    names = list(parameters)
+
+    def attend(query, keys, values, *rest):
+        given = dict(zip(names, rest[: len(names)]))
+        return fastattn.attention(query, keys, values, score=score, return_weights=True, **given, **masking)
+
+    floating_masks = [m for m in masking.values() if isinstance(m, torch.Tensor) and m.requires_grad]
+    return with_gradients(attend, [query, keys, values, *parameters.values(), *floating_masks])
+
+
+def check_attention() -> bool:
+    ok = True
+    for name, score, shape, masking in attention_cases():
+        with fastattn.backend("reference"):
+            want = run_attention(score, shape, masking, "cpu", torch.float64)
+        with fastattn.backend("cuda"):
+            got = run_attention(score, shape, masking, DEVICE, torch.float32)
+        ok &= report(f"attention {name}", got, want, 1e-4)
+    # float16 natively (the backend functions up-cast; the op itself does not).
+    query, keys, values = leaves((2, 1, 16), (2, 96, 16), (2, 96, 16), device=DEVICE, dtype=torch.float16)
+
+    def op(query, keys, values):
+        context, weights, _ = torch.ops.fastattn.attention_forward(
+            query, keys, values, None, None, "dot", 0.25, None, None, False, None, None, False, True)
+        return context, weights
+
+    def exact(query, keys, values):
+        with fastattn.backend("reference"):
+            return fastattn.attention(query, keys, values, score="scaled_dot", scale=0.25, return_weights=True)
+
+    got = with_gradients(op, [query, keys, values])
+    want = with_gradients(exact, [t.detach().double().cpu().requires_grad_() for t in (query, keys, values)])
+    ok &= report("attention_forward/backward op, float16, 16-byte loads", got, want, 2e-2)
+    return ok
+
+
+def check_hard_attention_and_tanh() -> bool:
+    weights = torch.rand(3, 4, 50, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    weights[0, 0] = 0
+    argmax = torch.ops.fastattn.sample_positions(weights.to(DEVICE), False, None)
+    ok = report("sample_positions argmax", [argmax.double()],
+                [torch.ops.fastattn.sample_positions(weights, False, None).double()], 0.0)
+    drawn = torch.ops.fastattn.sample_positions(weights.to(DEVICE), True, torch.Generator(DEVICE).manual_seed(0))
+    chosen = weights.gather(-1, drawn.cpu().unsqueeze(-1)).squeeze(-1)
+    valid = bool((chosen.flatten()[1:] > 0).all()) and int(drawn[0, 0]) == 0
+    print(f"{'ok  ' if valid else 'FAIL'} sample_positions drawn: positive-weight positions, 0 for an empty row")
+    x = torch.linspace(-12, 12, 4097)
+    ok &= report("fast_tanh", [torch.ops.fastattn.fast_tanh(x.to(DEVICE))], [torch.tanh(x.double())], 4e-7)
+    return ok and valid
+
+
+def check_recurrent() -> bool:
+    ok = True
+    steps, batch, inputs, hidden = 6, 3, 5, 7
+    lengths = torch.tensor([6, 0, 3])
+    cases = {  # name -> make(device, dtype): the arguments
+        "lstm_cell": lambda d, t: (*leaves((batch, inputs), (batch, hidden), (batch, hidden), device=d, dtype=t),
+                                   *leaves((4 * hidden, inputs), (4 * hidden, hidden), (4 * hidden,), (4 * hidden,), device=d, dtype=t, seed=1)),
+        "gru_cell": lambda d, t: (*leaves((batch, inputs), (batch, hidden), device=d, dtype=t),
+                                  *leaves((3 * hidden, inputs), (3 * hidden, hidden), (3 * hidden,), (3 * hidden,), device=d, dtype=t, seed=1)),
+    }
+    for reverse in (False, True):
+        cases[f"lstm_layer lengths reverse={reverse}"] = lambda d, t, reverse=reverse: (
+            *leaves((steps, batch, inputs), (batch, hidden), (batch, hidden), device=d, dtype=t),
+            *leaves((4 * hidden, inputs), (4 * hidden, hidden), (4 * hidden,), (4 * hidden,), device=d, dtype=t, seed=1),
+            None, lengths.to(d), reverse)
+        cases[f"gru_layer lengths reverse={reverse}"] = lambda d, t, reverse=reverse: (
+            *leaves((steps, batch, inputs), (batch, hidden), device=d, dtype=t),
+            *leaves((3 * hidden, inputs), (3 * hidden, hidden), (3 * hidden,), (3 * hidden,), device=d, dtype=t, seed=1),
+            lengths.to(d), reverse)
+    for name, make in cases.items():
+        op = name.split()[0]
+        want = with_gradients(getattr(reference, op), list(make("cpu", torch.float64)))
+        got = with_gradients(backends.implementation(op, "cuda", "cuda"), list(make(DEVICE, torch.float32)))
+        ok &= report(name, got, want, 1e-4)
+    return ok
+
+
+def main() -> int:
+    if not torch.cuda.is_available() or backends.unavailable_reason("cuda") is not None:
+        print(f"cuda_sanitize_cases: cannot run: {backends.unavailable_reason('cuda') or 'no CUDA device'}")
+        return 2
+    results = [check_attention(), check_hard_attention_and_tanh(), check_recurrent()]
+    torch.cuda.synchronize()
+    print("all cases match" if all(results) else "MISMATCH")
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
