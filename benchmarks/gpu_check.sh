@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The one-script GPU proof (../shared/design/GPU.md), run as `make gpu-check` on a machine
+# with one H100/H200, Python 3.12, torch, triton, pybind11, ninja, pytest and
+# pytest-benchmark preinstalled and no network.  Steps, each under its own `timeout`:
+#   1. versions   nvidia-smi, python, torch, triton, nvcc
+#   2. install    pip install --no-build-isolation --no-deps -e . (CUDA extension for sm_90 only)
+#   3. gpu tests  pytest -m gpu -x -q, TRITON_INTERPRET unset
+#   4. memcheck   compute-sanitizer --tool memcheck over benchmarks/cuda_sanitize_cases.py
+#   5. racecheck  compute-sanitizer --tool racecheck over the same cases
+#   6. bench      fastattn bench --device cuda (JSON, CSV, PNG into $OUT)
+# Each step prints PASS/FAIL (or SKIP, with the reason) and the script goes on after a
+# failure; everything printed goes to "$OUT/log.txt" (OUT defaults to
+# benchmarks/results/latest).  Exit status: the number of failed steps (0: all passed).
+# The timeouts add up to under 7 minutes; each can be changed through its variable below.
+# PYTHON picks the interpreter; BENCH_FLAGS adds flags to the bench (the torch.compile'd
+# reference is left out by default: compiling ~30 graphs would not fit in the time).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-benchmarks/results/latest}"
+PYTHON="${PYTHON:-python}"
+SANITIZE_CASES="${SANITIZE_CASES:-benchmarks/cuda_sanitize_cases.py}"
+BENCH_FLAGS="${BENCH_FLAGS:---no-compile}"
+TIMEOUT_VERSIONS="${TIMEOUT_VERSIONS:-20}"
+TIMEOUT_INSTALL="${TIMEOUT_INSTALL:-150}"
+TIMEOUT_TESTS="${TIMEOUT_TESTS:-75}"
+TIMEOUT_MEMCHECK="${TIMEOUT_MEMCHECK:-35}"
+TIMEOUT_RACECHECK="${TIMEOUT_RACECHECK:-35}"
+TIMEOUT_BENCH="${TIMEOUT_BENCH:-100}"
+export PATH="$PATH:/usr/local/cuda/bin"  # nvcc and compute-sanitizer, when not on PATH already
+unset TRITON_INTERPRET  # the GPU tests must run the compiled Triton kernels
+mkdir -p "$OUT"
+
+failures=0
+
+# step NAME TIMEOUT_SECONDS COMMAND...: runs COMMAND, prints PASS or FAIL with the reason.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo
+    echo "=== $name (timeout ${limit} s): $*"
+    local started=$SECONDS status
+    timeout --kill-after=5 "$limit" "$@"
+    status=$?
+    local took=$((SECONDS - started))
+    if [ "$status" -eq 0 ]; then
+        echo "PASS: $name (${took} s)"
+    elif [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+        echo "FAIL: $name (timed out after ${limit} s)"
+        failures=$((failures + 1))
+    else
+        echo "FAIL: $name (exit status $status after ${took} s)"
+        failures=$((failures + 1))
+    fi
+}
+
+versions() {
+    nvidia-smi || return 1
+    "$PYTHON" --version || return 1
+    "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '| triton', triton.__version__)" || return 1
+    nvcc --version || echo "nvcc: not found (the CUDA extension cannot be built)"
+}
+
+sanitize() {  # sanitize TOOL: one compute-sanitizer step, or SKIP when it cannot run
+    local tool=$1
+    if [ ! -f "$SANITIZE_CASES" ]; then
+        echo
+        echo "SKIP: $tool ($SANITIZE_CASES is missing: no CUDA kernel cases to sanitize)"
+        return
+    fi
+    if ! command -v compute-sanitizer >/dev/null; then
+        echo
+        echo "FAIL: $tool (compute-sanitizer not found on PATH or in /usr/local/cuda/bin)"
+        failures=$((failures + 1))
+        return
+    fi
+    local timeout_variable="TIMEOUT_${tool^^}"
+    step "$tool" "${!timeout_variable}" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PYTHON" "$SANITIZE_CASES"
+}
+
+export -f versions
+export PYTHON
+
+main() {
+    echo "fastattn GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), output in $OUT"
+    step versions "$TIMEOUT_VERSIONS" bash -c versions
+    step install "$TIMEOUT_INSTALL" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+        "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+    step "gpu tests" "$TIMEOUT_TESTS" "$PYTHON" -m pytest -m gpu -x -q
+    sanitize memcheck
+    sanitize racecheck
+    # shellcheck disable=SC2086  # BENCH_FLAGS is a list of flags
+    step bench "$TIMEOUT_BENCH" "$PYTHON" -m fastattn bench --device cuda $BENCH_FLAGS \
+        --json "$OUT/bench.json" --csv "$OUT/bench.csv" --plot "$OUT/speedups.png"
+    echo
+    if [ "$failures" -eq 0 ]; then
+        echo "GPU check: every step passed"
+    else
+        echo "GPU check: $failures step(s) failed"
+    fi
+    return "$failures"
+}
+
+main 2>&1 | tee "$OUT/log.txt"
+exit "${PIPESTATUS[0]}"

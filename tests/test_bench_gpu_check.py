@@ -1,0 +1,101 @@
+"""benchmarks/gpu_check.sh run here against fake GPU tools: the steps, their flags, the
+PASS/FAIL/SKIP lines, the timeouts, the log and the exit status (the real run needs a GPU)."""
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SCRIPT = REPOSITORY / "benchmarks" / "gpu_check.sh"
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "python $* | arch=${TORCH_CUDA_ARCH_LIST-unset} jobs=${MAX_JOBS-unset} interpret=${TRITON_INTERPRET-unset}" >> "$CALLS"
+case "$*" in
+    *"-m pytest"*) exit "${FAKE_PYTEST_STATUS:-0}" ;;
+    *"-m fastattn bench"*) sleep "${FAKE_BENCH_SECONDS:-0}" ;;
+    "--version") echo "Python 3.12.0 (fake)" ;;
+    -c*) echo "torch 2.11 (fake) | triton 3.6 (fake)" ;;
+esac
+"""
+FAKE_TOOL = """#!/usr/bin/env bash
+echo "$(basename "$0") $*" >> "$CALLS"
+"""
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def _run(tmp_path: Path, **environment: str) -> tuple[subprocess.CompletedProcess, list[str], Path]:
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    python = _executable(fakes / "fake-python", FAKE_PYTHON)
+    for tool in ("nvidia-smi", "nvcc", "compute-sanitizer"):
+        _executable(fakes / tool, FAKE_TOOL)
+    calls, out = tmp_path / "calls.txt", tmp_path / "out"
+    cases = _executable(tmp_path / "cases.py", "")
+    env = {
+        **os.environ, "PATH": f"{fakes}:{os.environ['PATH']}", "PYTHON": str(python), "CALLS": str(calls),
+        "OUT": str(out), "SANITIZE_CASES": str(cases), "TRITON_INTERPRET": "1", **environment,
+    }
+    completed = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    return completed, calls.read_text().splitlines(), out
+
+
+def test_script_parses():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+
+
+def test_every_step_runs_with_the_flags_of_gpu_md(tmp_path):
+    completed, calls, out = _run(tmp_path)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    log = (out / "log.txt").read_text()
+    assert log == completed.stdout
+    for name in ("versions", "install", "gpu tests", "memcheck", "racecheck", "bench"):
+        assert f"PASS: {name} (" in log
+    assert "every step passed" in log
+    python = str(tmp_path / "bin" / "fake-python")
+    assert calls[0] == "nvidia-smi "
+    assert "python -m pip install --no-build-isolation --no-deps -e . | arch=9.0 jobs=16 interpret=unset" in calls
+    assert "python -m pytest -m gpu -x -q | arch=unset jobs=unset interpret=unset" in calls
+    assert f"compute-sanitizer --tool memcheck --error-exitcode 1 {python} {tmp_path / 'cases.py'}" in calls
+    assert f"compute-sanitizer --tool racecheck --error-exitcode 1 {python} {tmp_path / 'cases.py'}" in calls
+    bench = [call for call in calls if "-m fastattn bench" in call]
+    assert bench == [
+        f"python -m fastattn bench --device cuda --no-compile --json {out}/bench.json --csv {out}/bench.csv "
+        f"--plot {out}/speedups.png | arch=unset jobs=unset interpret=unset"
+    ]
+
+
+def test_failures_are_reported_and_the_script_goes_on(tmp_path):
+    completed, calls, out = _run(
+        tmp_path, FAKE_PYTEST_STATUS="3", SANITIZE_CASES=str(tmp_path / "missing.py"),
+        TIMEOUT_BENCH="1", FAKE_BENCH_SECONDS="10",
+    )
+    log = (out / "log.txt").read_text()
+    assert "FAIL: gpu tests (exit status 3" in log
+    assert f"SKIP: memcheck ({tmp_path / 'missing.py'} is missing" in log
+    assert "SKIP: racecheck (" in log
+    assert "FAIL: bench (timed out after 1 s)" in log
+    assert "PASS: install (" in log and "2 step(s) failed" in log
+    assert completed.returncode == 2
+    assert not any(call.startswith("compute-sanitizer") for call in calls)
+
+
+@pytest.mark.skipif(Path("/usr/local/cuda/bin/compute-sanitizer").exists(), reason="the script finds the real one")
+def test_missing_compute_sanitizer_is_a_failure(tmp_path):
+    fakes = tmp_path / "bin"
+    completed, _, out = _run(tmp_path, TIMEOUT_MEMCHECK="5")
+    assert completed.returncode == 0  # present in the first run: the sanity check for the next one
+    (fakes / "compute-sanitizer").unlink()
+    (tmp_path / "calls.txt").unlink()
+    env = {**os.environ, "PATH": f"{fakes}:/usr/bin:/bin", "PYTHON": str(fakes / "fake-python"),
+           "CALLS": str(tmp_path / "calls.txt"), "OUT": str(out), "SANITIZE_CASES": str(tmp_path / "cases.py")}
+    second = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert "FAIL: memcheck (compute-sanitizer not found" in second.stdout
+    assert second.returncode == 2
