@@ -284,13 +284,13 @@ def evaluate_and_report(task: Task, out_dir: Path, plot_to: Path | None, split: 
     }
 
 
-def evaluate_checkpoint(checkpoint_file: Path, *, data: str | None, out: Path, plot_attention: Path | None,
-                        device: str | None, batch_size: int | None) -> dict[str, Any]:
-    """``fastattn eval``: the checkpoint's model on ``data`` (or its task's own test split)."""
-    started = time.monotonic()
+def load_task(checkpoint_file: Path, *, data: str | None = None, device: str | None = None,
+              batch_size: int | None = None) -> Task:
+    """The task and trained model of a checkpoint, in eval mode: ``data`` (when given) is its
+    test split, vocabularies and sizes come from the checkpoint."""
     saved = checkpoint.load(checkpoint_file)
     args = argparse.Namespace(**saved["args"])
-    args.mode, args.data, args.out = "eval", data, out
+    args.mode, args.data = "eval", data
     args.device = device or args.device
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         args.device = "cpu"
@@ -300,6 +300,15 @@ def evaluate_checkpoint(checkpoint_file: Path, *, data: str | None, out: Path, p
     torch.set_num_threads(args.threads)
     task = task_class(saved["task"])(args, torch.device(args.device), saved["task_state"])
     task.model.load_state_dict(saved["model"])
+    task.model.eval()
+    return task
+
+
+def evaluate_checkpoint(checkpoint_file: Path, *, data: str | None, out: Path, plot_attention: Path | None,
+                        device: str | None, batch_size: int | None) -> dict[str, Any]:
+    """``fastattn eval``: the checkpoint's model on ``data`` (or its task's own test split)."""
+    started = time.monotonic()
+    task = load_task(checkpoint_file, data=data, device=device, batch_size=batch_size)
     metrics = evaluate_and_report(task, out, plot_to=out)
     if plot_attention is not None:
         if not metrics["figures"]:
