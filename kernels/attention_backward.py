@@ -73,25 +73,24 @@ def _score_gradient(
 
 @triton.jit
 def _additive_feature_gradients(
-    Q, K, VA, BIAS, GRAD_PROJECTION, GRAD_VA, grad_scores, q_base, k_base, offs_rows, offs_other, rows, others, D,
-    stride_row, stride_other, ROWS_ARE_QUERIES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROW_FEATURES, OTHER_FEATURES, VA, BIAS, GRAD_PROJECTION, GRAD_VA, grad_scores, offs_rows, offs_other, rows,
+    others, D, stride_row, stride_other, ROWS_ARE_KEYS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Atomically add one tile's gradient of the additive score to the projections of its
-    rows (queries or keys, by ``ROWS_ARE_QUERIES``; GRAD_PROJECTION points at this batch
-    element's contiguous (rows, D) float32 block) and, from the key side only, to v."""
+    rows: ROW_FEATURES and OTHER_FEATURES point at this batch element's queries and keys
+    (or keys and queries), GRAD_PROJECTION at its contiguous (rows, D) float32 block;
+    ``grad_scores`` is (rows, others).  From the key side (``ROWS_ARE_KEYS``) v's
+    gradient is added too."""
     row_in = offs_rows < rows
     other_in = offs_other < others
     for d_start in range(0, D, BLOCK_D):
         offs_d = d_start + tl.arange(0, BLOCK_D)
         d_in = offs_d < D
         row_features = tl.load(
-            (Q if ROWS_ARE_QUERIES else K) + (q_base if ROWS_ARE_QUERIES else k_base)
-            + offs_rows[:, None] * stride_row + offs_d[None, :],
-            mask=row_in[:, None] & d_in[None, :], other=0.0,
+            ROW_FEATURES + offs_rows[:, None] * stride_row + offs_d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0
         ).to(tl.float32)
         other_features = tl.load(
-            (K if ROWS_ARE_QUERIES else Q) + (k_base if ROWS_ARE_QUERIES else q_base)
-            + offs_other[:, None] * stride_other + offs_d[None, :],
+            OTHER_FEATURES + offs_other[:, None] * stride_other + offs_d[None, :],
             mask=other_in[:, None] & d_in[None, :], other=0.0,
         ).to(tl.float32)
         summed = row_features[:, None, :] + other_features[None, :, :]
@@ -101,10 +100,10 @@ def _additive_feature_gradients(
         va = tl.load(VA + offs_d, mask=d_in, other=0.0).to(tl.float32)
         weighted = grad_scores[:, :, None] * (1.0 - activation * activation) * va[None, None, :]
         tl.atomic_add(
-            GRAD_PROJECTION + offs_rows[:, None] * D + offs_d[None, :],
-            tl.sum(weighted, axis=1), mask=row_in[:, None] & d_in[None, :],
+            GRAD_PROJECTION + offs_rows[:, None] * D + offs_d[None, :], tl.sum(weighted, axis=1),
+            mask=row_in[:, None] & d_in[None, :],
         )
-        if not ROWS_ARE_QUERIES:
+        if ROWS_ARE_KEYS:
             tl.atomic_add(GRAD_VA + offs_d, tl.sum(tl.sum(grad_scores[:, :, None] * activation, axis=1), axis=0), mask=d_in)
 
 
@@ -146,8 +145,8 @@ def attention_grad_query_kernel(
             grad_center += tl.sum(grad_attention * p * factor * distance, axis=1) * (2.0 * inverse_two_sigma_squared)
         if SCORE_KIND == 2:
             _additive_feature_gradients(
-                Q, K, VA, BIAS, GRAD_Q + n * T * D, GRAD_Q, grad_scores, n * stride_qn, n * stride_kn, offs_t, offs_j,
-                T, S, D, stride_qt, stride_ks, True, HAS_BIAS, BLOCK_D,
+                Q + n * stride_qn, K + n * stride_kn, VA, BIAS, GRAD_Q + n * T * D, GRAD_Q, grad_scores, offs_t, offs_j,
+                T, S, D, stride_qt, stride_ks, False, HAS_BIAS, BLOCK_D,
             )
         else:
             keys = tl.load(
@@ -210,8 +209,8 @@ def attention_grad_key_value_kernel(
             grad_value += tl.dot(tl.trans(weights.to(grad_out.dtype)), grad_out, input_precision=DOT_PRECISION)
             if SCORE_KIND == 2:
                 _additive_feature_gradients(
-                    Q, K, VA, BIAS, GRAD_K + n * S * D, GRAD_VA, tl.trans(grad_scores), n * stride_qn, n * stride_kn,
-                    offs_j, offs_t, S, T, D, stride_ks, stride_qt, False, HAS_BIAS, BLOCK_D,
+                    K + n * stride_kn, Q + n * stride_qn, VA, BIAS, GRAD_K + n * S * D, GRAD_VA, tl.trans(grad_scores),
+                    offs_j, offs_t, S, T, D, stride_ks, stride_qt, True, HAS_BIAS, BLOCK_D,
                 )
             else:
                 queries = tl.load(

@@ -9,7 +9,8 @@ short query block when the batch alone cannot fill the GPU) each program covers
 ``split_size`` keys and writes its unnormalised partial context, running max and sum;
 ``attention_combine_kernel`` merges them.  ``attention_weights_kernel`` writes the
 normalised weights from the log-sum-exp, one (query block × key block) tile per
-program.  Key blocks outside the mask or window are skipped, never loaded.  The value
+program.  Cosine logits are bounded by |scale|, which then serves as the softmax
+maximum from the start (``BOUNDED``: no running maximum, no rescaling).  Key blocks outside the mask or window are skipped, never loaded.  The value
 dimension is held whole (``BLOCK_DV`` >= Dv) in registers.
 """
 
@@ -26,7 +27,7 @@ def attention_forward_kernel(
     T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared, split_size,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, BOUNDED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     t_block, n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -42,7 +43,12 @@ def attention_forward_kernel(
         lo = tl.maximum(lo, split * split_size)
         hi = tl.minimum(hi, (split + 1) * split_size)
 
-    running_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    if BOUNDED:
+        # Cosine logits lie in [-|scale|, |scale|]: |scale| is a maximum known up front,
+        # so no running maximum and no rescaling (the caller keeps exp(-2|scale|) normal).
+        running_max = tl.full((BLOCK_T,), 1.0, tl.float32) * tl.abs(scale)
+    else:
+        running_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_T, BLOCK_DV), dtype=tl.float32)
     for j_start in range(lo, hi, BLOCK_S):
@@ -53,19 +59,26 @@ def attention_forward_kernel(
         )
         valid = tile_valid(offs_t, offs_j, centers, T, S, length, KPM, n * S, window, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW)
         scores = tl.where(valid, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp(scores - safe_max[:, None])
-        rescale = tl.exp(running_max - safe_max)
-        running_sum = running_sum * rescale + tl.sum(p, axis=1)
-        if GAUSSIAN:
-            p = p * gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
         values = tl.load(
             V + n * stride_vn + offs_j[:, None] * stride_vs + offs_dv[None, :],
             mask=(offs_j < S)[:, None] & (offs_dv < DV)[None, :], other=0.0,
         )
-        acc = acc * rescale[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
-        running_max = new_max
+        if BOUNDED:
+            p = tl.exp(scores - running_max[:, None])
+            running_sum += tl.sum(p, axis=1)
+            if GAUSSIAN:
+                p = p * gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
+            acc += tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+        else:
+            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            p = tl.exp(scores - safe_max[:, None])
+            rescale = tl.exp(running_max - safe_max)
+            running_sum = running_sum * rescale + tl.sum(p, axis=1)
+            if GAUSSIAN:
+                p = p * gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
+            acc = acc * rescale[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+            running_max = new_max
 
     row_in = offs_t < T
     if SPLIT:

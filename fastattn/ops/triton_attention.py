@@ -36,6 +36,9 @@ from fastattn.ops.triton_launch import (
 )
 
 SCORE_KINDS = {"dot": DOT, "cosine": COSINE, "additive": ADDITIVE}
+# Cosine logits within [-|scale|, |scale|] run without a running maximum while
+# exp(-2 |scale|) stays a normal float32.
+BOUNDED_SCALE_LIMIT = 40.0
 _launchers = {}  # (kernel name, score kind) -> Launcher
 
 
@@ -116,6 +119,7 @@ def triton_attention_forward(
         *pointers, context, logsumexp, partial_acc, partial_max, partial_sum,
         *strides, context.stride(0), context.stride(1), *sizes, split_size,
         **flags, SPLIT=splits > 1, BLOCK_DV=block_dv,
+        BOUNDED=flags["SCORE_KIND"] == COSINE and abs(scale) <= BOUNDED_SCALE_LIMIT,
     )
     if splits > 1:
         run_kernel(

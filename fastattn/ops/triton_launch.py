@@ -27,6 +27,9 @@ DOT_CONFIGS = [
     triton.Config({"BLOCK_T": 64, "BLOCK_S": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_T": 16, "BLOCK_S": 128}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_T": 16, "BLOCK_S": 64}, num_warps=4, num_stages=3),
+    # Wide values (Dv 512-1024, the seq2seq decode step) need narrow key blocks to fit.
+    triton.Config({"BLOCK_T": 16, "BLOCK_S": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_T": 16, "BLOCK_S": 16}, num_warps=4, num_stages=1),
 ]
 # Additive: a (BLOCK_T, BLOCK_S, BLOCK_D) tile of tanh per step, bound by the
 # special-function unit; small tiles keep it in registers.
