@@ -1,7 +1,7 @@
 """LSTM and GRU cell kernels: the pointwise part of a step fused into one pass
 (gate nonlinearities, state update, and the activations saved for backward), its
-backward, and a small-batch LSTM step that also computes the recurrent GEMM
-h @ W_hh^T in the same launch.
+backward, and small-batch LSTM and GRU steps that also compute the recurrent GEMM
+h @ W_hh^T in the same launch (one tile of every gate per program).
 
 The GEMMs x @ W_ih^T (and, for larger batches, h @ W_hh^T) and those of the backward
 run in torch (cuBLAS); the gates come in torch's order (LSTM i, f, g, o; GRU r, z, n)
@@ -71,6 +71,22 @@ def lstm_pointwise_kernel(
 
 
 @triton.jit
+def _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, gate, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(h @ W_hh^T) for one gate's (BLOCK_B, BLOCK_H) tile, float32; W_hh is (gates*H, H)."""
+    acc = tl.zeros((rows.shape[0], columns.shape[0]), dtype=tl.float32)
+    column_in = columns < H
+    for k_start in range(0, H, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        k_in = offs_k < H
+        state = tl.load(STATE_H + rows[:, None] * H + offs_k[None, :], mask=(rows < B)[:, None] & k_in[None, :], other=0.0)
+        weight = tl.load(  # the (BLOCK_K, BLOCK_H) tile of this gate's W^T
+            W_HH + (gate * H + columns[None, :]) * H + offs_k[:, None], mask=k_in[:, None] & column_in[None, :], other=0.0
+        )
+        acc += tl.dot(state, weight, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def lstm_step_kernel(
     GATES_X, STATE_H, W_HH, C, H_NEXT, C_NEXT, SAVED, B, H, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -78,22 +94,17 @@ def lstm_step_kernel(
     """One whole LSTM step for a small batch: gates = GATES_X + h @ W_hh^T, in one launch."""
     rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
     gate = rows[:, None] * 4 * H + columns[None, :]
-    acc_i = tl.load(GATES_X + gate, mask=mask, other=0.0).to(tl.float32)
-    acc_f = tl.load(GATES_X + gate + H, mask=mask, other=0.0).to(tl.float32)
-    acc_g = tl.load(GATES_X + gate + 2 * H, mask=mask, other=0.0).to(tl.float32)
-    acc_o = tl.load(GATES_X + gate + 3 * H, mask=mask, other=0.0).to(tl.float32)
-    column_in = columns < H
-    for k_start in range(0, H, BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        k_in = offs_k < H
-        state = tl.load(STATE_H + rows[:, None] * H + offs_k[None, :], mask=(rows < B)[:, None] & k_in[None, :], other=0.0)
-        weight_mask = k_in[:, None] & column_in[None, :]
-        weight = W_HH + columns[None, :] * H + offs_k[:, None]  # W_hh^T tile (BLOCK_K, BLOCK_H) of gate i
-        acc_i += tl.dot(state, tl.load(weight, mask=weight_mask, other=0.0), input_precision=DOT_PRECISION)
-        acc_f += tl.dot(state, tl.load(weight + H * H, mask=weight_mask, other=0.0), input_precision=DOT_PRECISION)
-        acc_g += tl.dot(state, tl.load(weight + 2 * H * H, mask=weight_mask, other=0.0), input_precision=DOT_PRECISION)
-        acc_o += tl.dot(state, tl.load(weight + 3 * H * H, mask=weight_mask, other=0.0), input_precision=DOT_PRECISION)
-    _lstm_update(acc_i, acc_f, acc_g, acc_o, C, C_NEXT, H_NEXT, SAVED, rows, columns, mask, H)
+    _lstm_update(
+        tl.load(GATES_X + gate, mask=mask, other=0.0).to(tl.float32)
+        + _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 0, DOT_PRECISION, BLOCK_K),
+        tl.load(GATES_X + gate + H, mask=mask, other=0.0).to(tl.float32)
+        + _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 1, DOT_PRECISION, BLOCK_K),
+        tl.load(GATES_X + gate + 2 * H, mask=mask, other=0.0).to(tl.float32)
+        + _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 2, DOT_PRECISION, BLOCK_K),
+        tl.load(GATES_X + gate + 3 * H, mask=mask, other=0.0).to(tl.float32)
+        + _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 3, DOT_PRECISION, BLOCK_K),
+        C, C_NEXT, H_NEXT, SAVED, rows, columns, mask, H,
+    )
 
 
 @triton.jit
@@ -121,15 +132,11 @@ def lstm_pointwise_backward_kernel(
 
 
 @triton.jit
-def gru_pointwise_kernel(
-    GATES_X, GATES_H, STATE_H, H_NEXT, SAVED, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr
-):
-    """GATES_X = x W_ih^T + b_ih, GATES_H = h W_hh^T + b_hh, each (B, 3H)."""
-    rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
+def _gru_update(GATES_X, hidden_r, hidden_z, hidden_n, STATE_H, H_NEXT, SAVED, rows, columns, mask, H):
+    """From x W_ih^T + b_ih (read here) and the recurrent parts h W_h*^T + b_h* to h'."""
     gate = rows[:, None] * 3 * H + columns[None, :]
-    r = _sigmoid(_gate_sum(GATES_X, GATES_H, gate, mask))
-    z = _sigmoid(_gate_sum(GATES_X, GATES_H, gate + H, mask))
-    hidden_n = tl.load(GATES_H + gate + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    r = _sigmoid(tl.load(GATES_X + gate, mask=mask, other=0.0).to(tl.float32) + hidden_r)
+    z = _sigmoid(tl.load(GATES_X + gate + H, mask=mask, other=0.0).to(tl.float32) + hidden_z)
     n = stable_tanh(tl.load(GATES_X + gate + 2 * H, mask=mask, other=0.0).to(tl.float32) + r * hidden_n)
     state = rows[:, None] * H + columns[None, :]
     h = tl.load(STATE_H + state, mask=mask, other=0.0).to(tl.float32)
@@ -139,6 +146,37 @@ def gru_pointwise_kernel(
     tl.store(SAVED + saved + H, z, mask=mask)
     tl.store(SAVED + saved + 2 * H, n, mask=mask)
     tl.store(SAVED + saved + 3 * H, hidden_n, mask=mask)
+
+
+@triton.jit
+def gru_pointwise_kernel(
+    GATES_X, GATES_H, STATE_H, H_NEXT, SAVED, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr
+):
+    """GATES_X = x W_ih^T + b_ih, GATES_H = h W_hh^T + b_hh, each (B, 3H)."""
+    rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
+    gate = rows[:, None] * 3 * H + columns[None, :]
+    hidden_r = tl.load(GATES_H + gate, mask=mask, other=0.0).to(tl.float32)
+    hidden_z = tl.load(GATES_H + gate + H, mask=mask, other=0.0).to(tl.float32)
+    hidden_n = tl.load(GATES_H + gate + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    _gru_update(GATES_X, hidden_r, hidden_z, hidden_n, STATE_H, H_NEXT, SAVED, rows, columns, mask, H)
+
+
+@triton.jit
+def gru_step_kernel(
+    GATES_X, STATE_H, W_HH, B_HH, H_NEXT, SAVED, B, H, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One whole GRU step for a small batch: h @ W_hh^T (+ b_hh) and the update, in one launch."""
+    rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
+    hidden_r = _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 0, DOT_PRECISION, BLOCK_K)
+    hidden_z = _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 1, DOT_PRECISION, BLOCK_K)
+    hidden_n = _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 2, DOT_PRECISION, BLOCK_K)
+    if HAS_BIAS:
+        column_in = columns < H
+        hidden_r += tl.load(B_HH + columns, mask=column_in, other=0.0).to(tl.float32)[None, :]
+        hidden_z += tl.load(B_HH + H + columns, mask=column_in, other=0.0).to(tl.float32)[None, :]
+        hidden_n += tl.load(B_HH + 2 * H + columns, mask=column_in, other=0.0).to(tl.float32)[None, :]
+    _gru_update(GATES_X, hidden_r, hidden_z, hidden_n, STATE_H, H_NEXT, SAVED, rows, columns, mask, H)
 
 
 @triton.jit

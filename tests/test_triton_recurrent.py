@@ -45,8 +45,8 @@ def run_cell(backend_name, kind, x, h, c, weights):
 
 @pytest.mark.parametrize(
     "kind,batch",
-    [("lstm", 3), ("lstm", triton_recurrent.FUSED_STEP_MAX_BATCH + 3), ("gru", 3)],
-    ids=["lstm-fused-step", "lstm-pointwise", "gru"],
+    [("lstm", 3), ("lstm", triton_recurrent.FUSED_STEP_MAX_BATCH + 3), ("gru", 3), ("gru", triton_recurrent.FUSED_STEP_MAX_BATCH + 3)],
+    ids=["lstm-fused-step", "lstm-pointwise", "gru-fused-step", "gru-pointwise"],
 )
 def test_cells_match_the_reference(kind, batch):
     x, h, c, weights = cell_problem(4 if kind == "lstm" else 3, batch)
@@ -104,8 +104,11 @@ def test_opcheck_every_recurrent_op():
     gru_h = (h @ w_hh.T + b_hh).detach().requires_grad_()
     h = h.detach().requires_grad_()
     _, gru_saved = torch.ops.fastattn.triton_gru_pointwise(gru_x, gru_h, h)
+    gru_w_hh, gru_b_hh = (t.detach().requires_grad_() for t in (w_hh, b_hh))
     samples += [
         (torch.ops.fastattn.triton_gru_pointwise.default, (gru_x, gru_h, h)),
+        (torch.ops.fastattn.triton_gru_step.default, (gru_x, h, gru_w_hh, gru_b_hh)),
+        (torch.ops.fastattn.triton_gru_step.default, (gru_x, h, gru_w_hh, None)),
         (torch.ops.fastattn.triton_gru_pointwise_backward.default, (torch.randn_like(h), h.detach(), gru_saved.detach())),
     ]
     from tests.test_triton_attention import opcheck
@@ -117,7 +120,7 @@ def test_opcheck_every_recurrent_op():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kind,batch", [("lstm", 64), ("lstm", 256), ("gru", 64)])
+@pytest.mark.parametrize("kind,batch", [("lstm", 64), ("lstm", 256), ("gru", 64), ("gru", 256)])
 def test_gpu_low_precision_within_twice_the_reference_error(dtype, kind, batch):
     gates = 4 if kind == "lstm" else 3
     exact = run_cell("reference", kind, *cell_problem(gates, batch, torch.float64, "cuda", 1024, 512))

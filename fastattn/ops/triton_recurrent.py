@@ -3,12 +3,14 @@
 
 A cell step runs its input GEMM (and, above ``FUSED_STEP_MAX_BATCH`` rows, its
 recurrent GEMM) in torch, and the pointwise part in one fused kernel; a small-batch
-LSTM step runs the recurrent GEMM inside the kernel too (one launch for h @ W_hh^T
-and the update).  The backward runs a fused pointwise kernel, then torch's GEMMs.
+step runs the recurrent GEMM inside the kernel too (one launch for h @ W_hh^T and
+the update).  The backward runs a fused pointwise kernel, then torch's GEMMs.
 Layers loop the cells over time in Python (``fastattn.reference.recurrent``'s driver:
 lengths and direction handled there), not yet a persistent kernel; an LSTM layer
 with a projection (``w_hr``) runs the reference.
 """
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from fastattn import reference
 from fastattn.kernels.recurrent_cells import (
     gru_pointwise_backward_kernel,
     gru_pointwise_kernel,
+    gru_step_kernel,
     lstm_pointwise_backward_kernel,
     lstm_pointwise_kernel,
     lstm_step_kernel,
@@ -30,6 +33,10 @@ FUSED_STEP_MAX_BATCH = 64
 BLOCK_B = SMALLEST_BLOCK
 BLOCK_H = SMALLEST_BLOCK if INTERPRETED else 32
 BLOCK_K = SMALLEST_BLOCK if INTERPRETED else 64
+
+
+def _dot_precision(tensor: Tensor) -> str:
+    return "ieee" if tensor.dtype == torch.float32 else "tf32"
 
 
 def _grid(batch: int, hidden: int) -> tuple[int, int]:
@@ -61,7 +68,7 @@ def triton_lstm_step(gates_x: Tensor, h: Tensor, c: Tensor, w_hh: Tensor) -> tup
     saved = c.new_empty(batch, 4 * hidden, dtype=torch.float32)
     run_kernel(
         lstm_step_kernel, _grid(batch, hidden), gates_x, h, w_hh, c, h_next, c_next, saved, batch, hidden,
-        DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=_dot_precision(h),
         BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
     )
     return h_next, c_next, saved
@@ -152,6 +159,20 @@ def triton_gru_pointwise_backward(grad_h_next: Tensor, h: Tensor, saved: Tensor)
     return grad_gates_x, grad_gates_h, grad_h
 
 
+@torch.library.triton_op("fastattn::triton_gru_step", mutates_args=())
+def triton_gru_step(gates_x: Tensor, h: Tensor, w_hh: Tensor, b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(x W_ih^T + b_ih, h, W_hh, b_hh) -> (h', saved): the recurrent GEMM in the kernel."""
+    batch, hidden = h.shape
+    h_next = torch.empty_like(h)
+    saved = h.new_empty(batch, 4 * hidden, dtype=torch.float32)
+    run_kernel(
+        gru_step_kernel, _grid(batch, hidden), gates_x, h, w_hh, b_hh if b_hh is not None else h, h_next, saved,
+        batch, hidden, HAS_BIAS=b_hh is not None, DOT_PRECISION=_dot_precision(h),
+        BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
+    )
+    return h_next, saved
+
+
 def _save_gru_pointwise(ctx, inputs, output):
     ctx.save_for_backward(inputs[2], output[1])
 
@@ -162,14 +183,32 @@ def _gru_pointwise_backward(ctx, grad_h_next, _grad_saved):
     return torch.ops.fastattn.triton_gru_pointwise_backward(grad_h_next, h, saved)
 
 
+def _save_gru_step(ctx, inputs, output):
+    gates_x, h, w_hh, b_hh = inputs
+    ctx.has_bias = b_hh is not None
+    ctx.save_for_backward(h, output[1], w_hh)
+
+
+def _gru_step_backward(ctx, grad_h_next, _grad_saved):
+    h, saved, w_hh = ctx.saved_tensors
+    grad_h_next = torch.zeros_like(h) if grad_h_next is None else grad_h_next.contiguous()
+    grad_gates_x, grad_gates_h, grad_h = torch.ops.fastattn.triton_gru_pointwise_backward(grad_h_next, h, saved)
+    grad_bias = grad_gates_h.sum(0) if ctx.has_bias else None
+    return grad_gates_x, grad_h + grad_gates_h @ w_hh, grad_gates_h.T @ h, grad_bias
+
+
 torch.library.register_autograd(
     "fastattn::triton_gru_pointwise", _gru_pointwise_backward, setup_context=_save_gru_pointwise
 )
+torch.library.register_autograd("fastattn::triton_gru_step", _gru_step_backward, setup_context=_save_gru_step)
 
 
 def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
-    """The "gru_cell" op: cuBLAS GEMMs + the fused pointwise kernel."""
-    gates_x, gates_h = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
+    """The "gru_cell" op: fused step for small batches, else cuBLAS GEMMs + fused pointwise."""
+    gates_x = F.linear(x, w_ih, b_ih)
+    if x.shape[0] <= FUSED_STEP_MAX_BATCH:
+        return torch.ops.fastattn.triton_gru_step(gates_x, h.contiguous(), w_hh.contiguous(), b_hh)[0]
+    gates_h = F.linear(h, w_hh, b_hh)
     return torch.ops.fastattn.triton_gru_pointwise(gates_x, gates_h, h.contiguous())[0]
 
 
