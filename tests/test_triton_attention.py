@@ -260,8 +260,8 @@ def _error_against_float64(dtype, score, mode, batch, queries, keys_length, feat
             context, weights = fastattn.attention(*inputs, score=score, return_weights=True, **params, **masks)
         grad_generator = torch.Generator(device=device).manual_seed(1)
         projection = (context * torch.randn(context.shape, generator=grad_generator, device=device, dtype=context.dtype)).sum()
-        grads = torch.autograd.grad(projection, inputs)
-        return [context.double(), weights.double(), *(g.double() for g in grads)]
+        grads = torch.autograd.grad(projection, inputs, allow_unused=True)  # location ignores the keys
+        return [context.double(), weights.double(), *(torch.zeros((), device=device, dtype=torch.float64) if g is None else g.double() for g in grads)]
 
     exact = outputs("reference", torch.float64)
     return exact, outputs("triton", dtype), outputs("reference", dtype)
@@ -323,3 +323,56 @@ def test_low_precision_within_twice_the_reference_error(score, dtype):
         our_error = (got.double() - want).abs().max().item()
         reference_error = (reference_result.double() - want).abs().max().item()
         assert our_error <= 2 * reference_error + 1e-6, (our_error, reference_error)
+
+
+def test_heads_and_image_grid_keys():
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 3, 5, 16, generator=generator)  # (B, heads, T, D)
+    keys = torch.randn(2, 3, 4, 5, 16, generator=generator)  # (B, heads, H, W, D) grid
+    lengths = torch.tensor([20, 7])  # broadcast over the heads
+    results = {}
+    for name in ("triton", "reference"):
+        with fastattn.backend(name):
+            results[name] = fastattn.attention(query, keys, score="dot", lengths=lengths, return_weights=True)
+    assert results["triton"][1].shape == (2, 3, 5, 4, 5)
+    for got, want in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, want, **FLOAT32)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the gpu test below covers compiled kernels")
+def test_traces_with_fullgraph_under_the_interpreter():
+    # The ops stay whole in the graph (the interpreter cannot run Triton's higher-order op);
+    # this checks that the Python layers trace without a graph break, forward and backward.
+    query, keys, values, parameters, masking = problem("additive", "local_m_gaussian", queries=5)
+
+    def attend(query, keys, values):
+        return fastattn.attention(query, keys, values, score="additive", return_weights=True, **parameters, **masking)
+
+    with fastattn.backend("triton"), torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(query, keys, values)
+        eager = attend(query, keys, values)
+        grads = torch.autograd.grad(compiled[0].sum() + compiled[1].square().sum(), (query, keys, values))
+    expected = torch.autograd.grad(eager[0].sum() + eager[1].square().sum(), (query, keys, values))
+    for got, want in zip((*compiled, *grads), (*eager, *expected)):
+        torch.testing.assert_close(got, want, **FLOAT32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("score", ["scaled_dot", "additive", "cosine"])
+def test_gpu_compiles_with_fullgraph(score):
+    inputs = problem(score, "local_m_gaussian", queries=40, keys_length=70)
+    query, keys, values = (x.detach().cuda().requires_grad_() for x in inputs[:3])
+    parameters = {name: value.detach().cuda().requires_grad_() for name, value in inputs[3].items()}
+    masking = {name: value.cuda() if isinstance(value, torch.Tensor) else value for name, value in inputs[4].items()}
+
+    def attend(query, keys, values):
+        return fastattn.attention(query, keys, values, score=score, return_weights=True, **parameters, **masking)
+
+    with fastattn.backend("triton"):
+        eager = attend(query, keys, values)
+        compiled = torch.compile(attend, fullgraph=True)(query, keys, values)
+        grads = torch.autograd.grad(compiled[0].sum() + compiled[1].square().sum(), (query, keys, values))
+    expected = torch.autograd.grad(eager[0].sum() + eager[1].square().sum(), (query, keys, values))
+    for got, want in zip((*compiled, *grads), (*eager, *expected)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
