@@ -15,6 +15,9 @@ TASKS = {
     "copy": "fastattn.zoo.sequence_tasks:CopyTask",
     "sort": "fastattn.zoo.sequence_tasks:SortTask",
     "translate": "fastattn.zoo.sequence_tasks:TranslateTask",
+    "captions": "fastattn.zoo.captions_task:CaptionsTask",
+    "autoencoder": "fastattn.zoo.autoencoder_task:AutoencoderTask",
+    "lstmn": "fastattn.zoo.lstmn_task:LSTMNTask",
 }
 
 

@@ -43,10 +43,11 @@ class ConvEncoder(torch.nn.Module):
         )
         self.position = torch.nn.Parameter(torch.zeros(*grid_size, feature_dim))
         torch.nn.init.normal_(self.position, std=0.1)
+        self.normalise = torch.nn.LayerNorm(feature_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.layers(images.unsqueeze(1)).permute(0, 2, 3, 1)
-        return torch.relu(features + self.position)
+        return self.normalise(features) + self.position
 
 
 class DecoderOutputs(NamedTuple):
@@ -67,6 +68,7 @@ class ShowAttendTell(torch.nn.Module):
         embed_dim: int = 32,
         hidden_dim: int = 128,
         attn_dim: int = 64,
+        mask_blank: bool = True,
     ):
         super().__init__()
         checks.choice("attention", attention, ATTENTION_KINDS)
@@ -74,6 +76,7 @@ class ShowAttendTell(torch.nn.Module):
         if height % POOLING or width % POOLING:
             raise ValueError(f"image_size must be multiples of {POOLING} (the encoder pools twice), got {image_size}")
         self.attention_kind = attention
+        self.mask_blank = checks.flag("mask_blank", mask_blank)
         self.image_size = (height, width)
         self.grid_size = (height // POOLING, width // POOLING)
         self.encoder = ConvEncoder(checks.positive_int("feature_dim", feature_dim), self.grid_size)
@@ -95,13 +98,13 @@ class ShowAttendTell(torch.nn.Module):
         takes the argmax in eval mode."""
         checks.integer_tensor("inputs", inputs)
         checks.shape("inputs", inputs, (None, None), "(B, T)")
-        grid = self.encode(images)
+        grid, blank = self.encode(images), self.blank_cells(images)
         state, cache = self._initial_state(grid), self.attention.precompute(grid)
         embedded = self.embedding(inputs)
         logits, weights, log_probs, entropies = [], [], [], []
         for t in range(inputs.shape[1]):
             step_logits, state, alpha, log_prob = self._step(
-                embedded[:, t], state, grid, cache, sample=self.training, generator=generator
+                embedded[:, t], state, grid, cache, blank, sample=self.training, generator=generator
             )
             logits.append(step_logits)
             weights.append(alpha)
@@ -116,12 +119,14 @@ class ShowAttendTell(torch.nn.Module):
         likely word at each step, fed back; hard attention takes each step's argmax location.
         The caller cuts each row at its end-of-caption word."""
         checks.positive_int("max_length", max_length)
-        grid = self.encode(images)
+        grid, blank = self.encode(images), self.blank_cells(images)
         state, cache = self._initial_state(grid), self.attention.precompute(grid)
         previous = torch.full((images.shape[0],), bos, dtype=torch.int64, device=images.device)
         words, weights = [], []
         for _ in range(max_length):
-            logits, state, alpha, _ = self._step(self.embedding(previous), state, grid, cache, sample=False, generator=None)
+            logits, state, alpha, _ = self._step(
+                self.embedding(previous), state, grid, cache, blank, sample=False, generator=None
+            )
             previous = logits.argmax(-1)
             words.append(previous)
             weights.append(alpha)
@@ -133,20 +138,27 @@ class ShowAttendTell(torch.nn.Module):
         checks.shape("images", images, (None, *self.image_size), f"(B, {self.image_size[0]}, {self.image_size[1]})")
         return self.encoder(images)
 
+    def blank_cells(self, images: torch.Tensor) -> torch.Tensor | None:
+        """(B, grid_h, grid_w) bool, True where a cell's 4x4 pixels hold no ink: the
+        key_padding_mask of the attention (None when ``mask_blank`` is off)."""
+        if not self.mask_blank:
+            return None
+        return torch.nn.functional.max_pool2d(images.unsqueeze(1), POOLING).squeeze(1) <= 0
+
     def _initial_state(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = grid.mean(dim=(1, 2))
         return torch.tanh(self.init_hidden(mean)), torch.tanh(self.init_memory(mean))
 
-    def _step(self, embedded_previous, state, grid, cache, *, sample: bool, generator):
+    def _step(self, embedded_previous, state, grid, cache, blank, *, sample: bool, generator):
         """-> (logits (B, vocab), new state, alpha (B, grid_h, grid_w), log p(s_t) (B,) or None)."""
         hidden, _ = state
         if self.attention_kind == "soft":
-            context, alpha = self.attention(hidden, cache=cache)
+            context, alpha = self.attention(hidden, cache=cache, key_padding_mask=blank)
             log_prob = None
         else:
             context, _, log_prob, alpha = fastattn.hard_attention(
                 hidden, grid, score="additive", w_query=self.attention.w_query, w_key=self.attention.w_key,
-                v=self.attention.v, bias=self.attention.bias, sample=sample, generator=generator,
+                v=self.attention.v, bias=self.attention.bias, key_padding_mask=blank, sample=sample, generator=generator,
             )
         context = torch.sigmoid(self.gate(hidden)) * context
         state = self.cell(torch.cat([embedded_previous, context], dim=-1), state)
