@@ -99,3 +99,28 @@ def test_missing_compute_sanitizer_is_a_failure(tmp_path):
     second = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert "FAIL: memcheck (compute-sanitizer not found" in second.stdout
     assert second.returncode == 2
+
+
+def test_ncu_script_profiles_the_nvtx_range_of_fastattn_profile(tmp_path):
+    from fastattn.profile import NVTX_RANGE
+
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    ncu = _executable(fakes / "ncu", FAKE_TOOL)
+    env = {**os.environ, "NCU": str(ncu), "PYTHON": "python3", "CALLS": str(tmp_path / "calls.txt"),
+           "OUT": str(tmp_path / "out"), "KERNEL": "attention_.*"}
+    script = REPOSITORY / "benchmarks" / "ncu.sh"
+    completed = subprocess.run(["bash", str(script), "lstm_cell.forward", "--backend", "cuda"],
+                               env=env, capture_output=True, text=True, timeout=30)
+    assert completed.returncode == 0, completed.stderr
+    profile_run, show = (tmp_path / "calls.txt").read_text().splitlines()
+    report = tmp_path / "out" / "ncu-lstm_cell.forward"
+    assert profile_run == (
+        f"ncu --nvtx --nvtx-include {NVTX_RANGE}/ --section SpeedOfLight --section MemoryWorkloadAnalysis "
+        f"--section ComputeWorkloadAnalysis --launch-count 10 --kernel-name regex:attention_.* "
+        f"--force-overwrite --export {report} python3 -m fastattn profile lstm_cell.forward --device cuda "
+        f"--iterations 1 --backend cuda"
+    )
+    assert show == f"ncu --import {report}.ncu-rep --page details"
+    usage = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
