@@ -23,12 +23,16 @@ def test_the_same_seed_gives_the_same_data_and_another_seed_does_not():
     assert generate(config)["train"] != generate(SyntheticConfig(seed=6, **SMALL))["train"]
 
 
-def test_valid_and_test_sources_never_occur_in_training():
-    splits = generate(SyntheticConfig(symbols=3, lengths=(1, 4), train_size=300, valid_size=20, test_size=40))
+def test_valid_and_test_sources_never_occur_in_training_where_lengths_allow():
+    """Over 3 symbols, lengths 7 and 8 have 2187 and 6561 sequences (held out);
+    shorter ones have under 1000 and occur in every split."""
+    splits = generate(SyntheticConfig(symbols=3, lengths=(1, 8), train_size=3000, valid_size=100, test_size=300))
     held_out = {tuple(source) for split in ("valid", "test") for source, _ in splits[split]}
-    assert held_out  # short sequences over 3 symbols collide often: the exclusion is exercised
-    assert not any(tuple(source) in held_out for source, _ in splits["train"])
-    assert [len(splits[name]) for name in ("train", "valid", "test")] == [300, 20, 40]
+    train = [tuple(source) for source, _ in splits["train"]]
+    assert not any(source in held_out for source in train if len(source) >= 7)
+    assert any(source in held_out for source in train if len(source) <= 2)  # too few to hold out
+    assert {len(source) for source in train} == set(range(1, 9))  # no length is missing from training
+    assert [len(splits[name]) for name in ("train", "valid", "test")] == [3000, 100, 300]
 
 
 def test_test_lengths_can_lie_beyond_the_training_range():
@@ -54,4 +58,4 @@ def test_bad_configurations_name_the_field(fields, message):
 
 def test_an_impossible_held_out_request_is_an_error_not_a_hang():
     with pytest.raises(ValueError, match="cannot draw"):
-        generate(SyntheticConfig(symbols=2, lengths=(1, 1), train_size=10, valid_size=1, test_size=5))
+        generate(SyntheticConfig(symbols=2, lengths=(10, 10), train_size=10, valid_size=1, test_size=20_000))

@@ -58,9 +58,9 @@ def test_translate_trains_reports_bleu_and_evaluates_on_unseen_data(tmp_path, ca
 def test_synthetic_task_evaluates_its_own_test_split(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "reverse", *TINY_COPY, "--epochs", "1", "--out", str(out)]) == 0
-    assert main(["eval", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval")]) == 0
+    assert main(["eval", str(out / "checkpoint.pt")]) == 0
     trained = json.loads((out / "metrics.json").read_text())
-    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    evaluated = json.loads((out / "eval" / "metrics.json").read_text())  # the default --out
     assert evaluated["exact_match"] == trained["exact_match"] and evaluated["examples"] == 24
     assert "reverse: exact_match " in capsys.readouterr().out
 

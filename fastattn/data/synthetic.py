@@ -1,9 +1,12 @@
 """The algorithmic seq2seq tasks: copy, reverse and sort a sequence of symbols.
 
 Generated in-process from a seed; no files.  Symbols are the strings "0".."V-1".  The
-valid and test splits are held out: no training source equals one of theirs.  The test
-split may use other lengths than training (``test_lengths``), e.g. longer sources to
-measure generalisation beyond the training range.
+valid and test splits are held out: no training source equals one of theirs, for every
+length with at least ``HELD_OUT_MINIMUM`` possible sources (V^L).  Shorter lengths have too
+few sequences to hold any out (over 20 symbols, the test split alone would take all 20
+of length 1 away from training), so they occur in every split.  The test split may use
+other lengths than training (``test_lengths``), e.g. longer sources to measure
+generalisation beyond the training range.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ TASKS = {
 }
 
 Pair = tuple[list[str], list[str]]
+HELD_OUT_MINIMUM = 1000
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ def generate(config: SyntheticConfig) -> dict[str, list[Pair]]:
     test_lengths = config.test_lengths or config.lengths
     test = _sources(random, config.symbols, test_lengths, config.test_size, held_out=set())
     valid = _sources(random, config.symbols, config.lengths, config.valid_size, held_out=set())
-    held_out = set(map(tuple, test)) | set(map(tuple, valid))
+    held_out = {tuple(source) for source in test + valid if config.symbols ** len(source) >= HELD_OUT_MINIMUM}
     train = _sources(random, config.symbols, config.lengths, config.train_size, held_out)
     target = TASKS[config.task]
     return {

@@ -33,7 +33,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     eval_parser = commands.add_parser("eval", help="evaluate a checkpoint of fastattn train")
     eval_parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
     eval_parser.add_argument("--data", metavar="FILE", help="data the model has not seen (default: its task's test split)")
-    eval_parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="metrics.json and hypotheses.txt go here")
+    eval_parser.add_argument("--out", type=Path, metavar="DIR",
+                             help="metrics.json and hypotheses.txt go here (default: eval/ beside the checkpoint)")
     eval_parser.add_argument("--plot-attention", type=Path, metavar="FILE.png", help="the first example's attention map")
     eval_parser.add_argument("--device", help="default: the one it was trained on, cpu when that is missing")
     eval_parser.add_argument("--batch-size", type=int, metavar="N")
@@ -62,7 +63,8 @@ def _run_eval(arguments: argparse.Namespace) -> int:
     from fastattn.zoo.trainer import evaluate_checkpoint
 
     return _reported(lambda: evaluate_checkpoint(
-        arguments.checkpoint, data=arguments.data, out=arguments.out, plot_attention=arguments.plot_attention,
+        arguments.checkpoint, data=arguments.data, out=arguments.out or arguments.checkpoint.parent / "eval",
+        plot_attention=arguments.plot_attention,
         device=arguments.device, batch_size=arguments.batch_size,
     ))
 

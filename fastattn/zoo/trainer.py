@@ -1,6 +1,7 @@
 """The generic training loop behind ``fastattn train`` and the evaluation behind ``fastattn eval``.
 
-What a task does not do: Adam with gradient-norm clipping, epochs and ``--time-budget``
+What a task does not do: Adam with gradient-norm clipping and a cosine learning-rate decay
+over the run (its epochs, or its time budget when that ends it sooner), epochs and ``--time-budget``
 (training stops at the first step boundary past the budget, then the model is still
 evaluated), a tqdm bar (loss, tokens/s, ETA), DDP when run under ``torchrun`` (gloo on
 CPU, nccl on GPU: every rank reads the same batch sequence and takes every
@@ -29,6 +30,7 @@ from fastattn.zoo.registry import task_class
 from fastattn.zoo.task import Task, TaskError
 
 METRICS_FILE = "metrics.json"
+FINAL_LEARNING_RATE = 0.05  # of --lr, at the end of a cosine schedule
 HYPOTHESES_FILE = "hypotheses.txt"
 
 
@@ -39,6 +41,7 @@ class Progress:
     step: int = 0  # optimiser steps
     tokens: int = 0  # target tokens trained on, all ranks
     train_seconds: float = 0.0  # over every run that led here (--resume adds up)
+    steps_per_epoch: int = 0  # of each rank, known once an epoch has been completed
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,13 @@ class Processes:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """Whether ``flag`` holds on any rank (every rank gets the same answer)."""
+    def largest(self, values: list[float], device: torch.device) -> list[float]:
+        """Each value's maximum over the ranks (every rank gets the same answer)."""
         if self.size == 1:
-            return flag
-        value = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
 
     def total(self, count: int, device: torch.device) -> int:
         if self.size == 1:
@@ -89,6 +92,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop training after this long (then evaluate); default: no limit")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="per process")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                        help=f"cosine (default): from --lr down to {FINAL_LEARNING_RATE * 100:.0f}%% of it over the run "
+                        "(its epochs, or --time-budget when that ends it sooner)")
     parser.add_argument("--clip-norm", type=float, default=1.0, metavar="NORM", help="gradient-norm clipping")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when present)")
@@ -134,8 +140,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if saved is not None:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr
             progress = Progress(**saved["progress"])
         trained = torch.nn.parallel.DistributedDataParallel(model) if processes.size > 1 else model
         deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
@@ -167,6 +171,7 @@ class _TrainingRun:
         self.processes, self.device, self.args, self.checkpoint_path = processes, device, args, path
         self.recent_loss = float("nan")  # exponential moving average of the training loss
         self.saved_at_step = progress.step if args.resume else -1
+        self.started = time.monotonic()
 
     def epochs(self, deadline: float | None) -> str:
         """Trains until ``--epochs`` are done or the deadline passes; -> "epochs" or "time_budget"."""
@@ -174,7 +179,6 @@ class _TrainingRun:
         bar = tqdm(desc=f"{self.task.name} epoch {progress.epoch + 1}", unit="step", dynamic_ncols=True,
                    disable=args.quiet or not self.processes.is_main, mininterval=1.0,
                    bar_format="{desc}: {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]")
-        steps_per_epoch = None
         stopped_by = "epochs"
         self.model.train()
         while progress.epoch < args.epochs:
@@ -182,17 +186,20 @@ class _TrainingRun:
             batches = self.task.batches("train", args.batch_size, generator)
             steps_this_epoch = 0
             for batch in _shard(batches, self.processes, skip=progress.batch):
-                if self.processes.any(deadline is not None and time.monotonic() >= deadline, self.device):
+                budget_used = 0.0 if deadline is None else (time.monotonic() - self.started) / args.time_budget
+                budget_used, = self.processes.largest([budget_used], self.device)  # the same on every rank
+                if budget_used >= 1:
                     stopped_by = "time_budget"
                     break
-                self._step(batch)
+                self._step(batch, budget_used)
                 steps_this_epoch += 1
                 bar.update()
-                bar.set_postfix_str(self._postfix(steps_per_epoch, deadline), refresh=False)
+                bar.set_postfix_str(self._postfix(deadline), refresh=False)
             else:
-                steps_per_epoch = steps_per_epoch or steps_this_epoch
+                progress.steps_per_epoch = progress.steps_per_epoch or steps_this_epoch
                 progress.epoch, progress.batch = progress.epoch + 1, 0
-                bar.total = steps_per_epoch * (args.epochs - progress.epoch) + bar.n if progress.epoch < args.epochs else bar.n
+                remaining = progress.steps_per_epoch * (args.epochs - progress.epoch)
+                bar.total = bar.n + remaining
                 bar.set_description(f"{self.task.name} epoch {min(progress.epoch + 1, args.epochs)}")
                 self.save()
                 continue
@@ -201,8 +208,22 @@ class _TrainingRun:
         self.save()
         return stopped_by
 
-    def _step(self, batch) -> None:
+    def learning_rate(self, budget_used: float) -> float:
+        """--lr, decayed along a cosine to FINAL_LEARNING_RATE of it as the run advances:
+        by steps over the planned epochs (once an epoch's length is known) or by the share
+        of the time budget used, whichever is further along."""
+        if self.args.lr_schedule == "constant":
+            return self.args.lr
+        done = budget_used
+        if self.progress.steps_per_epoch:
+            done = max(done, self.progress.step / (self.progress.steps_per_epoch * self.args.epochs))
+        cosine = 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+        return self.args.lr * (FINAL_LEARNING_RATE + (1 - FINAL_LEARNING_RATE) * cosine)
+
+    def _step(self, batch, budget_used: float) -> None:
         began = time.monotonic()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(budget_used)
         loss, count = self.task.loss(self.model, batch)
         if not torch.isfinite(loss):
             raise TaskError(f"the training loss became {loss.item()} at step {self.progress.step + 1}; try a lower --lr")
@@ -217,8 +238,9 @@ class _TrainingRun:
         self.progress.tokens += count * self.processes.size
         self.progress.train_seconds += time.monotonic() - began
 
-    def _postfix(self, steps_per_epoch: int | None, deadline: float | None) -> str:
+    def _postfix(self, deadline: float | None) -> str:
         progress = self.progress
+        steps_per_epoch = progress.steps_per_epoch
         rate = progress.tokens / max(progress.train_seconds, 1e-9)
         remaining = []
         if steps_per_epoch:
@@ -227,7 +249,7 @@ class _TrainingRun:
         if deadline is not None:
             remaining.append(max(0.0, deadline - time.monotonic()))
         eta = f", ETA {tqdm.format_interval(min(remaining))}" if remaining else ""
-        return f"loss {self.recent_loss:.4f}, {rate:,.0f} tokens/s{eta}"
+        return f"loss {self.recent_loss:.4f}, lr {self.optimizer.param_groups[0]['lr']:.2g}, {rate:,.0f} tokens/s{eta}"
 
     def save(self) -> None:
         """Rank 0 writes the checkpoint, unless it already holds this step."""
