@@ -8,10 +8,11 @@ Per step t (the paper's section 3.1.2 and 4):
   h_t, c_t = LSTM([E y_{t-1}; z_t], (h_{t-1}, c_{t-1}))
   p(y_t) = softmax(L_o(E y_{t-1} + L_h h_t + L_z z_t))      the deep output layer
   h_0, c_0 = tanh(f_init(mean_i a_i))
-The CNN is trained from scratch with the decoder; a learned embedding of each grid cell
-is added to its features, because a translation-equivariant CNN this shallow could not
-otherwise tell left from right (VGG's large receptive fields and padding carry position
-in the paper).  The doubly stochastic regulariser and the REINFORCE objective of hard
+The CNN is trained from scratch with the decoder; its features are layer-normalised and a
+learned embedding of each grid cell is added, because a translation-equivariant CNN this
+shallow could not otherwise tell left from right (VGG's large receptive fields and padding
+carry position in the paper).  Cells whose 4x4 pixels hold no ink are masked out of the
+attention (``mask_blank``, a key_padding_mask on the grid): they carry nothing to attend to.  The doubly stochastic regulariser and the REINFORCE objective of hard
 attention are here as functions; the captions task combines them into its loss.
 Not handled: beam search, images of another size than the model was built for.
 """
@@ -28,6 +29,10 @@ from fastattn.nn import Attention, LSTMCell
 
 ATTENTION_KINDS = ("soft", "hard")
 POOLING = 4  # the encoder halves the image twice: grid = image / 4
+# beta_t starts open (sigmoid(5) = 0.993): a gate starting half shut lets the decoder, which
+# cannot yet read the untrained CNN's features, learn to shut the image out, and it then
+# never learns to read it (measured: no progress in 400 steps; open: 0.84 exact match).
+GATE_OPEN_BIAS = 5.0
 
 
 class ConvEncoder(torch.nn.Module):
@@ -83,6 +88,7 @@ class ShowAttendTell(torch.nn.Module):
         self.embedding = torch.nn.Embedding(checks.positive_int("vocab_size", vocab_size), embed_dim)
         self.attention = Attention(hidden_dim, feature_dim, score="additive", attn_dim=attn_dim)
         self.gate = torch.nn.Linear(hidden_dim, 1)  # beta_t
+        torch.nn.init.constant_(self.gate.bias, GATE_OPEN_BIAS)
         self.init_hidden = torch.nn.Linear(feature_dim, hidden_dim)
         self.init_memory = torch.nn.Linear(feature_dim, hidden_dim)
         self.cell = LSTMCell(embed_dim + feature_dim, hidden_dim)
