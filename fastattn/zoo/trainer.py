@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from fastattn.zoo import checkpoint
 from fastattn.zoo.registry import task_class
-from fastattn.zoo.task import Task, TaskError
+from fastattn.zoo.task import Task, TaskError, unwrapped
 
 METRICS_FILE = "metrics.json"
 FINAL_LEARNING_RATE = 0.05  # of --lr, at the end of a cosine schedule
@@ -39,7 +39,7 @@ class Progress:
     epoch: int = 0  # epochs completed
     batch: int = 0  # batches of the current epoch done, by all ranks together
     step: int = 0  # optimiser steps
-    tokens: int = 0  # target tokens trained on, all ranks
+    tokens: int = 0  # target tokens trained on: rank 0's count times the number of ranks
     train_seconds: float = 0.0  # over every run that led here (--resume adds up)
     steps_per_epoch: int = 0  # of each rank, known once an epoch has been completed
 
@@ -62,13 +62,6 @@ class Processes:
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.tolist()
-
-    def total(self, count: int, device: torch.device) -> int:
-        if self.size == 1:
-            return count
-        value = torch.tensor([count], device=device)
-        dist.all_reduce(value)
-        return int(value.item())
 
 
 def start_processes(device_name: str) -> tuple[Processes, torch.device]:
@@ -142,9 +135,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             optimizer.load_state_dict(saved["optimizer"])
             progress = Progress(**saved["progress"])
         trained = torch.nn.parallel.DistributedDataParallel(model) if processes.size > 1 else model
-        deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
         run = _TrainingRun(task, trained, optimizer, progress, processes, device, args, checkpoint_path)
-        stopped_by = run.epochs(deadline)
+        stopped_by = run.epochs()
         if processes.size > 1:
             print(f"rank {processes.rank} of {processes.size}: finished after {progress.step} steps ({stopped_by})", flush=True)
         if not processes.is_main:
@@ -173,8 +165,13 @@ class _TrainingRun:
         self.saved_at_step = progress.step if args.resume else -1
         self.started = time.monotonic()
 
-    def epochs(self, deadline: float | None) -> str:
-        """Trains until ``--epochs`` are done or the deadline passes; -> "epochs" or "time_budget"."""
+    def budget_used(self) -> float:
+        """The share of ``--time-budget`` spent (0 without one), the largest over the ranks."""
+        used = 0.0 if self.args.time_budget is None else (time.monotonic() - self.started) / self.args.time_budget
+        return self.processes.largest([used], self.device)[0]
+
+    def epochs(self) -> str:
+        """Trains until ``--epochs`` are done or the time budget is spent; -> "epochs" or "time_budget"."""
         args, progress = self.args, self.progress
         bar = tqdm(desc=f"{self.task.name} epoch {progress.epoch + 1}", unit="step", dynamic_ncols=True,
                    disable=args.quiet or not self.processes.is_main, mininterval=1.0,
@@ -186,15 +183,14 @@ class _TrainingRun:
             batches = self.task.batches("train", args.batch_size, generator)
             steps_this_epoch = 0
             for batch in _shard(batches, self.processes, skip=progress.batch):
-                budget_used = 0.0 if deadline is None else (time.monotonic() - self.started) / args.time_budget
-                budget_used, = self.processes.largest([budget_used], self.device)  # the same on every rank
+                budget_used = self.budget_used()
                 if budget_used >= 1:
                     stopped_by = "time_budget"
                     break
                 self._step(batch, budget_used)
                 steps_this_epoch += 1
                 bar.update()
-                bar.set_postfix_str(self._postfix(deadline), refresh=False)
+                bar.set_postfix_str(self._postfix(budget_used), refresh=False)
             else:
                 progress.steps_per_epoch = progress.steps_per_epoch or steps_this_epoch
                 progress.epoch, progress.batch = progress.epoch + 1, 0
@@ -238,7 +234,7 @@ class _TrainingRun:
         self.progress.tokens += count * self.processes.size
         self.progress.train_seconds += time.monotonic() - began
 
-    def _postfix(self, deadline: float | None) -> str:
+    def _postfix(self, budget_used: float) -> str:
         progress = self.progress
         steps_per_epoch = progress.steps_per_epoch
         rate = progress.tokens / max(progress.train_seconds, 1e-9)
@@ -246,8 +242,8 @@ class _TrainingRun:
         if steps_per_epoch:
             steps_left = steps_per_epoch * (self.args.epochs - progress.epoch) - progress.batch // self.processes.size
             remaining.append(steps_left * progress.train_seconds / max(progress.step, 1))
-        if deadline is not None:
-            remaining.append(max(0.0, deadline - time.monotonic()))
+        if self.args.time_budget is not None:
+            remaining.append(max(0.0, (1 - budget_used) * self.args.time_budget))
         eta = f", ETA {tqdm.format_interval(min(remaining))}" if remaining else ""
         return f"loss {self.recent_loss:.4f}, lr {self.optimizer.param_groups[0]['lr']:.2g}, {rate:,.0f} tokens/s{eta}"
 
@@ -255,7 +251,7 @@ class _TrainingRun:
         """Rank 0 writes the checkpoint, unless it already holds this step."""
         if not self.processes.is_main or self.saved_at_step == self.progress.step:
             return
-        model = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
+        model = unwrapped(self.model)
         checkpoint.save(
             {
                 "task": self.args.task,
