@@ -1,7 +1,7 @@
 """Timing one zero-argument call: median, interquartile range and every raw sample.
 
-CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (each raw sample is the mean of
-one block of calls).  GPU: CUDA events around each call after a warm-up, with the L2
+CPU: ``torch.utils.benchmark.Timer.timeit`` over blocks of calls (each raw sample is the
+mean of one block).  GPU: CUDA events around each call after a warm-up, with the L2
 cache flushed before every timed call by overwriting a buffer larger than any current
 card's L2 (as ``triton.testing.do_bench`` does), so no call finds its inputs in L2
 left there by the previous one.
@@ -18,6 +18,7 @@ import torch
 from torch.utils import benchmark
 
 CPU_MIN_SAMPLES = 5
+CPU_BLOCKS = 10  # blocks of calls per min_run_time
 CUDA_WARMUP_CALLS = 5
 CUDA_MIN_CALLS = 10
 CUDA_MAX_CALLS = 500
@@ -39,12 +40,16 @@ def _summary(times: list[float]) -> Timing:
 
 
 def time_on_cpu(function: Callable[[], object], min_run_time: float) -> Timing:
-    """``blocked_autorange``, topped up with single calls to at least :data:`CPU_MIN_SAMPLES`
-    samples when one call is slower than ``min_run_time`` allows for."""
+    """Blocks of calls timed by ``torch.utils.benchmark.Timer.timeit``, each block about a
+    tenth of ``min_run_time`` (one call when a call is longer), until ``min_run_time`` is
+    spent and at least :data:`CPU_MIN_SAMPLES` blocks are taken; a sample is a block's mean.
+    (``blocked_autorange`` would first spend 10 ms or more per call sizing its blocks.)"""
     timer = benchmark.Timer(stmt="function()", globals={"function": function}, num_threads=torch.get_num_threads())
-    times = list(timer.blocked_autorange(min_run_time=min_run_time).times)
-    while len(times) < CPU_MIN_SAMPLES:
-        times += timer.timeit(number=1).times
+    estimate = timer.timeit(number=1).mean
+    number = max(1, int(min_run_time / CPU_BLOCKS / max(estimate, 1e-9)))
+    times: list[float] = []
+    while len(times) < CPU_MIN_SAMPLES or sum(times) * number < min_run_time:
+        times.append(timer.timeit(number=number).mean)
     return _summary(times)
 
 
