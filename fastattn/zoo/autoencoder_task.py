@@ -71,6 +71,7 @@ class AutoencoderTask(Task):
         generator = torch.Generator().manual_seed(NOISE_SEED)
         return images + self.settings["noise"] * torch.randn(images.shape, generator=generator)
 
+    @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, split: str) -> tuple[dict[str, float], list[str]]:
         model = unwrapped(model)
         clean = self.images[split]
@@ -88,6 +89,7 @@ class AutoencoderTask(Task):
         lines = [f"label={label} mse={error:.6f}" for label, error in zip(self.labels[split].tolist(), errors.tolist())]
         return metrics, lines
 
+    @torch.no_grad()
     def plot(self, model: torch.nn.Module, split: str, out_dir: Path) -> list[Path]:
         """Rows: the originals, (for the denoising model, the noisy inputs,) the reconstructions."""
         from matplotlib.figure import Figure

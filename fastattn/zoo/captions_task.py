@@ -137,6 +137,7 @@ class CaptionsTask(Task):
         """A loss weight: from the command line (they may change on --resume)."""
         return float(getattr(self.args, flag))
 
+    @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, split: str) -> tuple[dict[str, float], list[str]]:
         model = unwrapped(model)
         references = self.data[split].captions()
@@ -155,6 +156,7 @@ class CaptionsTask(Task):
         }
         return metrics, hypotheses
 
+    @torch.no_grad()
     def plot(self, model: torch.nn.Module, split: str, out_dir: Path) -> list[Path]:
         model = unwrapped(model)
         data = self.data[split]

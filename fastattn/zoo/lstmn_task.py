@@ -68,6 +68,7 @@ class LSTMNTask(Task):
         logits, _ = model(tokens)
         return torch.nn.functional.cross_entropy(logits, answers), len(answers)
 
+    @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, split: str) -> tuple[dict[str, float], list[str]]:
         model = unwrapped(model)
         predictions = torch.cat([model(tokens)[0].argmax(-1).cpu() for tokens, _ in self.batches(split, EVAL_BATCH, torch.Generator())])
@@ -75,6 +76,7 @@ class LSTMNTask(Task):
         lines = [f"{render(tokens, self.settings['keys'])} -> {VALUES[answer]}" for tokens, answer in zip(data.tokens, predictions.tolist())]
         return {"accuracy": float((predictions == data.answers).double().mean()), "sequences": float(len(lines))}, lines
 
+    @torch.no_grad()
     def plot(self, model: torch.nn.Module, split: str, out_dir: Path) -> list[Path]:
         """The LSTMN's intra-attention: for each step (rows), its weights over the tape
         (columns: the initial zero state, then the states after each token)."""
