@@ -130,3 +130,11 @@ def test_gpu_low_precision_within_twice_the_reference_error(dtype, kind, batch):
         our_error = (got.double() - want).abs().max().item()
         reference_error = (reference_result.double() - want).abs().max().item()
         assert our_error <= 2 * reference_error + 1e-5, (our_error, reference_error)
+
+
+def test_float64_runs_the_reference_and_says_so():
+    x, h, c, weights = cell_problem(4, 3, dtype=torch.float64)
+    actual, expected = run_cell("triton", "lstm", x, h, c, weights), run_cell("reference", "lstm", x, h, c, weights)
+    for got, want in zip((*actual[0], *actual[1]), (*expected[0], *expected[1])):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert "float64" in fastattn.info()["backends"]["triton"]["note"]
