@@ -259,7 +259,8 @@ def _error_against_float64(dtype, score, mode, batch, queries, keys_length, feat
         with fastattn.backend(backend_name):
             context, weights = fastattn.attention(*inputs, score=score, return_weights=True, **params, **masks)
         grad_generator = torch.Generator(device=device).manual_seed(1)
-        projection = (context * torch.randn(context.shape, generator=grad_generator, device=device, dtype=context.dtype)).sum()
+        cotangent = torch.randn(context.shape, generator=grad_generator, device=device, dtype=torch.float64)
+        projection = (context * cotangent.to(context.dtype)).sum()
         grads = torch.autograd.grad(projection, inputs, allow_unused=True)  # location ignores the keys
         return [context.double(), weights.double(), *(torch.zeros((), device=device, dtype=torch.float64) if g is None else g.double() for g in grads)]
 
