@@ -148,14 +148,12 @@ def _task(*flags):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data")
     CaptionsTask.add_arguments(parser)
-    return CaptionsTask(parser.parse_args(["--train-size", "64", *flags]), torch.device("cpu"))
+    return CaptionsTask(parser.parse_args(["--train-size", "64", "--test-size", "20", *flags]), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("attention", ["soft", "hard"])
 def test_task_loss_metrics_plot_and_state(attention, tmp_path):
     task = _task("--attention", attention, "--feature-dim", "8", "--hidden-dim", "16")
-    task.data["test"] = load_caption_splits(0, {"train": 1, "valid": 1, "test": 20})["test"]
-    task.tensors["test"] = task._tensors(task.data["test"])
     batch = next(iter(task.batches("train", 16, torch.Generator().manual_seed(0))))
     loss, tokens = task.loss(task.model, batch)
     loss.backward()
@@ -170,9 +168,29 @@ def test_task_loss_metrics_plot_and_state(attention, tmp_path):
     assert 0 <= metrics["exact_match"] <= 1 and paths[0].stat().st_size > 0
     state = task.state_dict()
     restored = CaptionsTask(argparse.Namespace(data=None, train_size=8), torch.device("cpu"), state)
+    assert restored.data["test"].captions() == task.data["test"].captions()
     assert restored.settings == task.settings and restored.vocabulary.tokens == task.vocabulary.tokens
 
 
 def test_task_refuses_a_data_file():
     with pytest.raises(Exception, match="--data"):
         _task("--data", "x.tsv")
+
+
+def test_trainer_and_eval_round_trip(tmp_path):
+    """``fastattn train captions`` for a few steps, then ``fastattn eval`` of its checkpoint
+    scores the same held-out canvases the same way."""
+    from fastattn.zoo.cli import task_parser
+    from fastattn.zoo.trainer import evaluate_checkpoint, train
+
+    args = task_parser("captions", argparse.ArgumentParser).parse_args(
+        ["--train-size", "64", "--test-size", "40", "--epochs", "1", "--feature-dim", "8", "--hidden-dim", "16", "--out", str(tmp_path / "run"), "--quiet"]
+    )
+    args.task = "captions"
+    trained = train(args)
+    evaluated = evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt", data=None, out=tmp_path / "eval",
+                                    plot_attention=None, device=None, batch_size=None)
+    assert trained["steps"] == 2 and trained["captions"] == 40
+    for key in ("exact_match", "bleu", "attention_in_box"):
+        assert evaluated[key] == trained[key]
+    assert (tmp_path / "eval" / "hypotheses.txt").read_text().count("\n") == 40

@@ -45,6 +45,7 @@ class CaptionsTask(Task):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--attention", choices=ATTENTION_KINDS, default="soft", help="soft or hard (REINFORCE) attention")
         parser.add_argument("--train-size", type=int, default=20000, help="training canvases")
+        parser.add_argument("--test-size", type=int, default=1000, help="held-out canvases (validation: half as many)")
         parser.add_argument("--max-digits", type=int, default=3, help="digits per canvas: 1 to this")
         parser.add_argument("--height", type=int, default=16, help="canvas height in pixels (multiple of 4)")
         parser.add_argument("--width", type=int, default=40, help="canvas width in pixels (multiple of 4)")
@@ -66,7 +67,8 @@ class CaptionsTask(Task):
         try:
             self.data = load_caption_splits(
                 settings["data_seed"],
-                {"train": getattr(args, "train_size", 20000)},
+                {"train": getattr(args, "train_size", 20000), "valid": max(1, settings["test_size"] // 2),
+                 "test": settings["test_size"]},
                 height=settings["height"],
                 width=settings["width"],
                 max_digits=settings["max_digits"],
@@ -87,11 +89,12 @@ class CaptionsTask(Task):
         for flag in ("doubly_stochastic", "entropy_weight", "reinforce_weight"):
             if getattr(args, flag) < 0:
                 raise TaskError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-        if args.train_size < 1:
-            raise TaskError(f"--train-size must be >= 1, got {args.train_size}")
+        for flag in ("train_size", "test_size"):
+            if getattr(args, flag) < 1:
+                raise TaskError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
         return dict(
             attention=args.attention, height=args.height, width=args.width, max_digits=args.max_digits,
-            feature_dim=args.feature_dim, hidden_dim=args.hidden_dim, data_seed=args.seed,
+            feature_dim=args.feature_dim, hidden_dim=args.hidden_dim, data_seed=args.seed, test_size=args.test_size,
         )
 
     def _tensors(self, data: CaptionedImages) -> dict[str, torch.Tensor]:
@@ -129,8 +132,9 @@ class CaptionsTask(Task):
             reinforce_weight=self.settings_value("reinforce_weight"),
             entropy_weight=self.settings_value("entropy_weight"),
         )
-        reward = float(caption_log_likelihood.detach().mean())
-        self.reward_baseline = BASELINE_DECAY * self.reward_baseline + (1 - BASELINE_DECAY) * reward
+        if model.training:  # the trainer's test loss (eval mode) leaves the baseline alone
+            reward = float(caption_log_likelihood.detach().mean())
+            self.reward_baseline = BASELINE_DECAY * self.reward_baseline + (1 - BASELINE_DECAY) * reward
         return surrogate.sum() / tokens + penalty, tokens
 
     def settings_value(self, flag: str) -> float:
