@@ -377,3 +377,12 @@ def test_gpu_compiles_with_fullgraph(score):
     expected = torch.autograd.grad(eager[0].sum() + eager[1].square().sum(), (query, keys, values))
     for got, want in zip((*compiled, *grads), (*eager, *expected)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_tensors_past_32_bit_offsets_are_refused_before_the_launch():
+    from fastattn.kernels.hard_sampling import choose_positions_kernel
+    from fastattn.ops.triton_launch import run_kernel
+
+    huge = torch.zeros(1).expand(2**31)  # 2^31 elements, no memory behind them
+    with pytest.raises(ValueError, match=r"32-bit offsets .* choose_positions_kernel"):
+        run_kernel(choose_positions_kernel, (1,), huge, huge, 1, 0, SAMPLE=False, BLOCK_S=16)

@@ -18,6 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SMALLEST_BLOCK = 16  # tl.dot needs 16 rows and columns at least
+INDEX_LIMIT = 2**31  # element offsets are int32 in the kernels
 
 # Dot and cosine: query block × key block, the features walked in tiles of BLOCK_D
 # (chosen by the caller from D).  The (16, ...) configs serve a decode step (T = 1).
@@ -54,9 +55,17 @@ def run_kernel(kernel, grid, *arguments, **constexprs):
     """``wrap_triton(kernel)[grid](...)``.  Under the interpreter a launch on fake tensors
     (opcheck, torch.compile tracing) is skipped, as Triton's higher-order op does for
     compiled kernels: only the outputs' shapes matter there, and the interpreter would
-    read the fake tensors' memory."""
+    read the fake tensors' memory.  The kernels index with 32-bit offsets, so a tensor
+    of 2^31 elements or more is refused before the launch."""
     if INTERPRETED and any(map(_is_fake, arguments)):
         return
+    for value in arguments:
+        if isinstance(value, torch.Tensor) and not _is_fake(value) and value.numel() >= INDEX_LIMIT:
+            raise ValueError(
+                f"the triton backend indexes with 32-bit offsets and takes tensors of fewer than 2^31 "
+                f"elements, got one of shape {tuple(value.shape)} for {kernel.__name__}; use the cuda "
+                f"or reference backend for it"
+            )
     torch.library.wrap_triton(kernel)[grid](*arguments, **constexprs)
 
 
