@@ -4,11 +4,19 @@ multi-query shapes (key splits, several key tiles, odd and 16-byte-aligned featu
 sizes), the kernels' native float16 / bfloat16 path under the 2x rule, hard-attention
 positions, the tanh bound on the device, LSTM/GRU cells and layers, and opcheck on
 every op.  Marked ``gpu``: they need a CUDA device and fastattn built with its CUDA
-kernels (benchmarks/gpu_check.sh runs them).  The CPU-only check of these sources is
-their compilation, `make cuda-check` (csrc/cuda/nvcc_check.sh), which CI runs, plus
-the header check at the end of this file."""
+kernels (benchmarks/gpu_check.sh runs them).
 
+Without a GPU: `make cuda-check` (csrc/cuda/nvcc_check.sh, run by CI) compiles every
+kernel for sm_80 and sm_90a, and the tests at the end of this file check the
+framework-free rule and run the kernels' own code on the CPU under an emulation of the
+CUDA execution model (csrc/cuda/emulation/, marked slow: one build of about a minute),
+against the CPU ops."""
+
+import ctypes
+import importlib.util
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -423,3 +431,214 @@ def test_cuda_sources_include_only_the_toolkit_and_the_projects_own_headers():
             else:
                 assert name in TOOLKIT_HEADERS, f"{path.name} includes <{name}>: not a CUDA toolkit header"
     assert (CUDA_SOURCES / "nvcc_check.sh").exists()
+
+
+# ---------------------------------------------------------------- the kernels emulated on the CPU
+
+
+def _load_emulation():
+    spec = importlib.util.spec_from_file_location("fastattn_cuda_emulation", CUDA_SOURCES / "emulation" / "emulation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+emulation = _load_emulation()
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """The CUDA kernels built for the CPU emulation (skipped without g++ or the toolkit's headers)."""
+    if emulation.toolkit_include() is None or shutil.which("g++") is None:
+        pytest.skip("the emulation needs g++ and the CUDA toolkit's headers")
+    if backends.unavailable_reason("cpu") is not None:
+        pytest.skip("the emulated kernels are compared with the CPU ops")
+    try:
+        return emulation.build(tmp_path_factory.mktemp("cuda_emulation"))
+    except subprocess.CalledProcessError as error:
+        pytest.fail(f"building the emulated kernels failed:\n{error.stderr}")
+
+
+def emulated_case(score, shape, mode, dtype, shared_keys=False):
+    """attention_forward's arguments (without return_weights) on the CPU."""
+    batch, steps, source, dim, value_dim = shape
+    generator = torch.Generator().manual_seed(1)
+
+    def random(*size):
+        return torch.randn(*size, generator=generator, dtype=torch.float64)
+
+    query = random(batch, steps, dim) * dim**-0.5
+    keys = random(1, source, dim).expand(batch, source, dim) if shared_keys else random(batch, source, dim)
+    values = random(batch, source, value_dim)
+    v, bias = (random(dim), random(dim)) if score == "additive" else (None, None)
+    lengths = key_padding_mask = center = window = None
+    causal = gaussian = False
+    if mode == "lengths":
+        lengths = torch.tensor([0] + [source - 3] * (batch - 1))
+    elif mode == "key_padding_mask":
+        key_padding_mask = torch.rand(batch, source, generator=generator) < 0.3
+        key_padding_mask[-1] = True
+    elif mode == "causal":
+        causal, lengths = True, torch.tensor([source] + [source - 2] * (batch - 1))
+    elif mode == "local_m_gaussian":
+        window, gaussian = 4, True
+    elif mode == "local_p":
+        window, gaussian = 5, True
+        center = torch.rand(batch, steps, generator=generator, dtype=torch.float64) * (source + 4) - 2
+
+    def cast(tensor):
+        return None if tensor is None else tensor.to(dtype)
+
+    return [cast(query), cast(keys), cast(values), cast(v), cast(bias), score, 0.7, lengths, key_padding_mask, causal,
+            window, cast(center), gaussian]
+
+
+def assert_matches_cpu_op(got, want, tolerance, what):
+    """Equal infinities count as equal (logsumexp of a fully masked row); the rest to
+    `tolerance` relative to max(1, largest finite entry)."""
+    for index, (actual, expected) in enumerate(zip(got, want)):
+        if expected is None or expected.numel() == 0:
+            assert actual is None or actual.numel() == 0, (what, index)
+            continue
+        actual, expected = actual.double(), expected.double()
+        error = torch.where(actual == expected, torch.zeros(()), (actual - expected).abs()).max()
+        finite = expected[torch.isfinite(expected)]
+        scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+        assert error <= tolerance * scale, (what, index, float(error))
+
+
+EMULATED_CASES = [  # shape (N, T, S, D, Dv), mode, keys shared by the batch
+    ((2, 1, 100, 8, 8), "global", False),           # decode: 3 key splits, 16-byte loads
+    ((2, 1, 100, 8, 8), "lengths", False),          # a fully masked row among splits
+    ((3, 1, 70, 5, 3), "key_padding_mask", True),   # scalar loads, batch stride 0
+    ((2, 9, 9, 8, 5), "causal", False),             # one split, multi-query
+    ((2, 5, 70, 6, 10), "local_p", False),          # 2 splits, Gaussian, grad_center
+    ((2, 5, 70, 6, 10), "local_m_gaussian", False),
+]
+
+
+def _emulated_parameters():
+    """float64 over every case; float32 / float16 / bfloat16 (the same code with other
+    element types) over the Gaussian case."""
+    for score in ("dot", "cosine", "additive"):
+        for case in EMULATED_CASES:
+            yield pytest.param(score, case, torch.float64, id=f"{score}-{case[1]}-S{case[0][2]}-float64")
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            yield pytest.param(score, EMULATED_CASES[4], dtype, id=f"{score}-local_p-{str(dtype)[6:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("score", "case", "dtype"), list(_emulated_parameters()))
+def test_emulated_attention_kernels_match_the_cpu_op(emulated, score, case, dtype):
+    shape, mode, shared_keys = case
+    tolerance = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    arguments = emulated_case(score, shape, mode, dtype, shared_keys and score == "dot")
+    want = torch.ops.fastattn.attention_forward(*arguments, True)
+    context, weights, logsumexp, splits = emulation.attention_forward(emulated, arguments, True)
+    assert splits == (3 if shape[2] == 100 else 2 if shape[2] == 70 else 1)
+    assert_matches_cpu_op([context, weights, logsumexp], want, tolerance, "forward")
+    context, _, logsumexp, _ = emulation.attention_forward(emulated, arguments, False)
+    assert_matches_cpu_op([context, logsumexp], [want[0], want[2]], tolerance, "forward without weights")
+    generator = torch.Generator().manual_seed(5)
+    grad_context = torch.randn(want[0].shape, generator=generator, dtype=torch.float64).to(dtype)
+    grad_weights = torch.randn(want[1].shape, generator=generator, dtype=torch.float64).to(dtype)
+    for given_grad_weights in (grad_weights, None):
+        expected = torch.ops.fastattn.attention_backward(grad_context, given_grad_weights, *arguments, want[2])
+        got = emulation.attention_backward(emulated, grad_context, given_grad_weights, arguments, logsumexp)
+        assert_matches_cpu_op(got, expected, tolerance if dtype == torch.float64 else 10 * tolerance, "backward")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_emulated_sample_positions_follow_the_shared_rule(emulated, dtype):
+    weights = torch.rand(3, 5, 37, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    weights[0, 0] = 0
+    weights[1, 2, 4:9] = weights[1, 2].max() + 1  # ties: the first wins
+    uniforms = torch.rand(15, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for sample in (False, True):
+        index = torch.empty(3, 5, dtype=torch.int64)
+        assert emulated.emu_sample_positions(emulation.DTYPES[dtype], weights.data_ptr(), 15, 37,
+                                             uniforms.data_ptr() if sample else None, index.data_ptr()) == 0
+        if sample:  # the first position whose running sum of weights exceeds u * total
+            running = weights.double().reshape(15, 37).clamp_min(0).cumsum(1)
+            total = running[:, -1]
+            expected = torch.where(total > 0, (running > (uniforms * total)[:, None]).to(torch.int64).argmax(1), 0)
+        else:
+            expected = torch.ops.fastattn.sample_positions(weights, False, None).reshape(15)
+        assert torch.equal(index.reshape(15), expected), sample
+
+
+@pytest.mark.slow
+def test_emulated_fast_tanh_is_within_its_bound(emulated):
+    x = torch.linspace(-30, 30, 20001)
+    y = torch.empty_like(x)
+    assert emulated.emu_fast_tanh(x.data_ptr(), y.data_ptr(), x.numel()) == 0
+    assert (y.double() - torch.tanh(x.double())).abs().max() <= 4.0e-7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_emulated_recurrent_step_kernels_match_the_cells_and_freeze_finished_rows(emulated, dtype):
+    """One step with lengths [3, 0, 5] at t = 2: rows 0 and 2 are the cell ops' results,
+    row 1 keeps its state, outputs 0 and gets zero gate gradients."""
+    batch, inputs, hidden = 3, 5, 7
+    generator = torch.Generator().manual_seed(4)
+
+    def random(*size):
+        return torch.randn(*size, generator=generator, dtype=torch.float64).to(dtype)
+
+    x, h, c, grad_h, grad_c = random(batch, inputs), random(batch, hidden), random(batch, hidden), random(batch, hidden), random(batch, hidden)
+    lengths, active = torch.tensor([3, 0, 5]), torch.tensor([True, False, True])
+    step = emulation.recurrent_step(dtype, batch, hidden, lengths, 2)
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
+
+    w_ih, w_hh, b_ih, b_hh = random(4 * hidden, inputs), random(4 * hidden, hidden), random(4 * hidden), random(4 * hidden)
+    h_next, c_next, saved = torch.ops.fastattn.lstm_cell_forward(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    gates = torch.cat([x @ w_ih.t(), torch.zeros(batch, hidden, dtype=dtype)], 1)  # [gates | c'], as a layer saves
+    c_state, h_state, output = c.clone(), h.clone(), torch.empty(batch, hidden, dtype=dtype)
+    assert emulated.emu_lstm_step_forward(ctypes_step(step), gates.data_ptr(), 5 * hidden, (h @ w_hh.t()).data_ptr(),
+                                          b_ih.data_ptr(), b_hh.data_ptr(), c_state.data_ptr(), h_state.data_ptr(),
+                                          gates[:, 4 * hidden:].data_ptr(), output.data_ptr()) == 0
+    torch.testing.assert_close(gates[active, : 4 * hidden], saved[active], **tolerance)
+    torch.testing.assert_close(torch.where(active[:, None], c_next, c), c_state, **tolerance)
+    torch.testing.assert_close(torch.where(active[:, None], h_next, h), h_state, **tolerance)
+    torch.testing.assert_close(torch.where(active[:, None], h_next, 0), output, **tolerance)
+    assert gates[1, : 4 * hidden].abs().max() == 0 and torch.equal(gates[:, 4 * hidden:], c_state)
+    expected = torch.ops.fastattn.lstm_cell_backward(grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih, b_hh, c_next, saved)
+    grad_gates, grad_c_state = torch.empty(batch, 4 * hidden, dtype=dtype), grad_c.clone()
+    saved_with_c = torch.cat([saved, c_next], 1)
+    assert emulated.emu_lstm_step_backward(ctypes_step(step), grad_h.data_ptr(), None, grad_c_state.data_ptr(),
+                                           saved_with_c.data_ptr(), 5 * hidden, c.data_ptr(), hidden,
+                                           saved_with_c[:, 4 * hidden:].data_ptr(), 5 * hidden,
+                                           grad_gates.data_ptr()) == 0
+    torch.testing.assert_close((grad_gates @ w_hh)[active], expected[1][active], **tolerance)
+    torch.testing.assert_close(torch.where(active[:, None], expected[2], grad_c), grad_c_state, **tolerance)
+    assert grad_gates[1].abs().max() == 0
+
+    w_ih, w_hh, b_ih, b_hh = random(3 * hidden, inputs), random(3 * hidden, hidden), random(3 * hidden), random(3 * hidden)
+    h_next, saved = torch.ops.fastattn.gru_cell_forward(x, h, w_ih, w_hh, b_ih, b_hh)
+    gates = torch.cat([x @ w_ih.t(), torch.zeros(batch, hidden, dtype=dtype)], 1)
+    h_state, output = h.clone(), torch.empty(batch, hidden, dtype=dtype)
+    assert emulated.emu_gru_step_forward(ctypes_step(step), gates.data_ptr(), (h @ w_hh.t()).data_ptr(),
+                                         b_ih.data_ptr(), b_hh.data_ptr(), h_state.data_ptr(), output.data_ptr()) == 0
+    torch.testing.assert_close(gates[active], saved[active], **tolerance)
+    torch.testing.assert_close(torch.where(active[:, None], h_next, h), h_state, **tolerance)
+    torch.testing.assert_close(torch.where(active[:, None], h_next, 0), output, **tolerance)
+    expected = torch.ops.fastattn.gru_cell_backward(grad_h, x, h, w_ih, w_hh, b_ih, b_hh, saved)
+    grad_input_gates, grad_hidden_gates = torch.empty(batch, 3 * hidden, dtype=dtype), torch.empty(batch, 3 * hidden, dtype=dtype)
+    direct = torch.zeros(batch, hidden, dtype=dtype)
+    assert emulated.emu_gru_step_backward(ctypes_step(step), grad_h.data_ptr(), None, saved.data_ptr(), h.data_ptr(),
+                                          grad_input_gates.data_ptr(), grad_hidden_gates.data_ptr(),
+                                          direct.data_ptr()) == 0
+    recurrent = grad_hidden_gates @ w_hh
+    state_gradient = grad_h.clone()
+    assert emulated.emu_take_recurrent_gradient(ctypes_step(step), recurrent.data_ptr(), direct.data_ptr(),
+                                                state_gradient.data_ptr()) == 0
+    torch.testing.assert_close(state_gradient[active], expected[1][active], **tolerance)
+    torch.testing.assert_close(state_gradient[1], grad_h[1], **tolerance)  # a finished row passes it through
+    torch.testing.assert_close((grad_input_gates @ w_ih)[active], expected[0][active], **tolerance)
+    assert grad_input_gates[1].abs().max() == 0 and grad_hidden_gates[1].abs().max() == 0
+
+
+def ctypes_step(step):
+    return ctypes.byref(step)

@@ -320,17 +320,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename Kernel>
-cudaError_t launch_with_shared(Kernel kernel, unsigned int blocks, size_t shared, const void* argument0,
-                               const void* argument1, cudaStream_t stream) {
+// Launches kernel(device, in) over `blocks` blocks with `shared` bytes of shared memory
+// (opting in above the default 48 KiB).
+template <typename T>
+cudaError_t launch_with_shared(void (*kernel)(DeviceProblem<T>, AttentionBackwardBuffers), unsigned int blocks,
+                               size_t shared, const DeviceProblem<T>& device, const AttentionBackwardBuffers& in,
+                               cudaStream_t stream) {
   if (shared > 48 * 1024) {
     const cudaError_t status =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
     if (status != cudaSuccess) return status;
   }
-  void* arguments[] = {const_cast<void*>(argument0), const_cast<void*>(argument1)};
-  return cudaLaunchKernel(reinterpret_cast<const void*>(kernel), dim3(blocks), dim3(kThreads), arguments, shared,
-                          stream);
+  kernel<<<blocks, kThreads, shared, stream>>>(device, in);
+  return cudaGetLastError();
 }
 
 template <typename T, ScoreKind kScore, int kVec>
@@ -340,13 +342,13 @@ cudaError_t launch_backward_kernels(const AttentionProblem& p, const AttentionBa
   const DeviceProblem<T> device = device_problem<T>(p);
   const int64_t rows = p.batch * p.query_length, items = p.batch * p.source_length;
   if (rows > 0) {
-    const cudaError_t status = launch_with_shared(backward_rows_kernel<T, kScore, kVec>, grid_for(rows),
-                                                  rows_shared_bytes<A>(p), &device, &in, stream);
+    const cudaError_t status = launch_with_shared<T>(backward_rows_kernel<T, kScore, kVec>, grid_for(rows),
+                                                     rows_shared_bytes<A>(p), device, in, stream);
     if (status != cudaSuccess) return status;
   }
   if (items > 0) {
-    return launch_with_shared(backward_keys_kernel<T, kScore, kVec>, grid_for(items), keys_shared_bytes<A>(p),
-                              &device, &in, stream);
+    return launch_with_shared<T>(backward_keys_kernel<T, kScore, kVec>, grid_for(items), keys_shared_bytes<A>(p),
+                                 device, in, stream);
   }
   return cudaSuccess;
 }

@@ -1,0 +1,64 @@
+// emulate.h: runs the CUDA kernels of csrc/cuda on the CPU, for tests on machines
+// without a GPU (tests/test_cuda_kernels.py builds this with the host compiler).
+//
+// Force-included before a .cu file whose launches `kernel<<<grid, block, shared,
+// stream>>>(args)` were rewritten to `fastattn_emulate_launch(kernel, grid, block,
+// shared, stream, args)` and whose `extern __shared__` array became a pointer to
+// emu_shared_bytes (emulation.py does both).  The execution model: blocks one after
+// another, one std::thread per CUDA thread of a block (reused for every block), std::barrier for __syncthreads
+// and a per-warp barrier around each shuffle, shared memory filled with 0xFF before
+// each block (NaN for floats: reads of unwritten shared memory show up).  What it
+// checks: indexing, masks, tiling, splits, reductions, the block synchronisation the
+// kernels rely on.  What it does not: GPU memory errors and races (compute-sanitizer
+// does), warp-synchronous assumptions beyond shuffles, GPU rounding (no FMA contraction).
+#pragma once
+#define __global__
+#define __device__
+#define __host__
+#define __shared__
+#include <cuda_runtime.h>
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#include <barrier>
+#include <cstring>
+#include <functional>
+
+extern unsigned char emu_shared_bytes[1 << 20];
+
+namespace emu {
+struct ThreadState {
+  uint3 thread{0, 0, 0}, block{0, 0, 0};
+  dim3 block_dim, grid_dim;
+  std::barrier<>* block_barrier = nullptr;
+  std::barrier<>* warp_barrier = nullptr;
+  unsigned char* warp_exchange = nullptr;  // 32 lanes x 8 bytes
+};
+extern thread_local ThreadState state;
+void run_grid(dim3 grid, dim3 block, size_t shared, const std::function<void()>& body);
+
+template <typename T>
+T shfl_xor(T value, int lane_mask) {
+  const int lane = state.thread.x % 32;
+  std::memcpy(state.warp_exchange + 8 * lane, &value, sizeof(T));
+  state.warp_barrier->arrive_and_wait();
+  T other;
+  std::memcpy(&other, state.warp_exchange + 8 * (lane ^ lane_mask), sizeof(T));
+  state.warp_barrier->arrive_and_wait();
+  return other;
+}
+}  // namespace emu
+
+#define threadIdx (emu::state.thread)
+#define blockIdx (emu::state.block)
+#define blockDim (emu::state.block_dim)
+#define gridDim (emu::state.grid_dim)
+inline void __syncthreads() { emu::state.block_barrier->arrive_and_wait(); }
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int lane_mask) { return emu::shfl_xor(value, lane_mask); }
+
+template <typename Kernel, typename... Args>
+void fastattn_emulate_launch(Kernel kernel, dim3 grid, dim3 block, size_t shared, cudaStream_t, Args... args) {
+  emu::run_grid(grid, block, shared, [=] { kernel(args...); });
+}
+template <typename T>
+cudaError_t cudaFuncSetAttribute(T*, enum cudaFuncAttribute, int) { return cudaSuccess; }

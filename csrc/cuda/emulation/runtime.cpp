@@ -1,0 +1,102 @@
+// runtime.cpp: the emulated grid (see emulate.h), the few CUDA runtime calls the
+// kernels' launchers make, and C entry points to every launch function of launch.h
+// for ctypes (tests/test_cuda_kernels.py).
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "../launch.h"
+
+alignas(16) unsigned char emu_shared_bytes[1 << 20];
+
+namespace emu {
+thread_local ThreadState state;
+
+void run_grid(dim3 grid, dim3 block, size_t shared, const std::function<void()>& body) {
+  if (shared > sizeof(emu_shared_bytes)) {
+    std::fprintf(stderr, "emulate: %zu bytes of shared memory asked, %zu available\n", shared,
+                 sizeof(emu_shared_bytes));
+    std::abort();
+  }
+  // The threads of one block, created once and walked over every block of the grid.
+  const unsigned threads = block.x * block.y * block.z, warps = (threads + 31) / 32;
+  std::barrier<> block_barrier(threads);
+  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  for (unsigned w = 0; w < warps; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
+  std::vector<unsigned char> exchange(warps * 32 * 8);
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      state.thread = uint3{t, 0, 0};
+      state.block_dim = block;
+      state.grid_dim = grid;
+      state.block_barrier = &block_barrier;
+      state.warp_barrier = warp_barriers[t / 32].get();
+      state.warp_exchange = exchange.data() + (t / 32) * 32 * 8;
+      for (unsigned by = 0; by < grid.y; ++by) {
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          block_barrier.arrive_and_wait();  // the previous block is done everywhere
+          if (t == 0) std::memset(emu_shared_bytes, 0xFF, shared);
+          block_barrier.arrive_and_wait();
+          state.block = uint3{bx, by, 0};
+          body();
+        }
+      }
+    });
+  }
+  for (auto& thread : pool) thread.join();
+}
+}  // namespace emu
+
+using namespace fastattn::cuda;
+
+extern "C" {
+cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+cudaError_t cudaMemsetAsync(void* pointer, int value, size_t bytes, cudaStream_t) {
+  std::memset(pointer, value, bytes);
+  return cudaSuccess;
+}
+
+int emu_attention_forward_splits(const AttentionProblem* p, int multiprocessors) {
+  return static_cast<int>(attention_forward_splits(*p, multiprocessors));
+}
+int emu_attention_forward(const AttentionProblem* p, const AttentionForwardBuffers* b) {
+  return launch_attention_forward(*p, *b, nullptr);
+}
+int emu_attention_backward(const AttentionProblem* p, const AttentionBackwardBuffers* b) {
+  return launch_attention_backward(*p, *b, nullptr);
+}
+int emu_sample_positions(int dtype, const void* weights, int64_t rows, int64_t source_length, const double* uniforms,
+                         int64_t* index) {
+  return launch_sample_positions(static_cast<DType>(dtype), weights, rows, source_length, uniforms, index, nullptr);
+}
+int emu_fast_tanh(const float* input, float* output, int64_t size) {
+  return launch_fast_tanh(input, output, size, nullptr);
+}
+int emu_lstm_step_forward(const RecurrentStep* s, void* gates, int64_t gates_stride, const void* hidden_gates,
+                          const void* b_ih, const void* b_hh, void* c_state, void* h_state, void* saved_c,
+                          void* output) {
+  return launch_lstm_step_forward(*s, gates, gates_stride, hidden_gates, b_ih, b_hh, c_state, h_state, saved_c,
+                                  output, nullptr);
+}
+int emu_lstm_step_backward(const RecurrentStep* s, const void* grad_h, const void* grad_output, void* grad_c,
+                           const void* gates, int64_t gates_stride, const void* c_prev, int64_t c_prev_stride,
+                           const void* c_next, int64_t c_next_stride, void* grad_gates) {
+  return launch_lstm_step_backward(*s, grad_h, grad_output, grad_c, gates, gates_stride, c_prev, c_prev_stride,
+                                   c_next, c_next_stride, grad_gates, nullptr);
+}
+int emu_gru_step_forward(const RecurrentStep* s, void* gates, const void* hidden_gates, const void* b_ih,
+                         const void* b_hh, void* h_state, void* output) {
+  return launch_gru_step_forward(*s, gates, hidden_gates, b_ih, b_hh, h_state, output, nullptr);
+}
+int emu_gru_step_backward(const RecurrentStep* s, const void* grad_h, const void* grad_output, const void* gates,
+                          const void* previous_h, void* grad_input_gates, void* grad_hidden_gates, void* direct) {
+  return launch_gru_step_backward(*s, grad_h, grad_output, gates, previous_h, grad_input_gates, grad_hidden_gates,
+                                  direct, nullptr);
+}
+int emu_take_recurrent_gradient(const RecurrentStep* s, const void* recurrent, const void* direct, void* grad_h) {
+  return launch_take_recurrent_gradient(*s, recurrent, direct, grad_h, nullptr);
+}
+}
