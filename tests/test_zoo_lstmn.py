@@ -47,9 +47,9 @@ def test_first_step_reads_the_zero_state_so_it_is_an_lstm_step_from_zero():
     torch.testing.assert_close(hidden[:, 0], cell(inputs[:, 0])[0])
 
 
-@pytest.mark.parametrize("encoder", ["lstmn", "lstm"])
-def test_classifier_forward_backward(encoder):
-    model = RecallClassifier(vocab_size=11, classes=4, encoder=encoder, embed_dim=5, hidden_size=6)
+@pytest.mark.parametrize("encoder, score", [("lstmn", "additive"), ("lstmn", "general"), ("lstm", "additive")])
+def test_classifier_forward_backward(encoder, score):
+    model = RecallClassifier(vocab_size=11, classes=4, encoder=encoder, embed_dim=5, hidden_size=6, score=score)
     logits, weights = model(torch.randint(0, 11, (3, 9)))
     assert logits.shape == (3, 4)
     assert (weights is None) == (encoder == "lstm")
@@ -83,6 +83,7 @@ def test_recall_data_answers_are_the_values_after_the_queried_key():
         lambda: LSTMN(0, 4),
         lambda: LSTMN(3, 4)(torch.randn(2, 5, 4)),
         lambda: RecallClassifier(5, 3, encoder="gru"),
+        lambda: LSTMN(3, 4, score="dot"),
     ],
 )
 def test_bad_input(call):

@@ -2,7 +2,8 @@
 whose single memory slot is replaced by a tape of every earlier hidden and cell state,
 read with intra-attention (causal self-attention) at each step:
 
-  a_i^t = v^T tanh(W_h h_i + W_x x_t + W_h~ h~_{t-1}),  i < t     fastattn.nn.Attention, additive,
+  a_i^t = v^T tanh(W_h h_i + W_x x_t + W_h~ h~_{t-1}),  i < t     fastattn.nn.Attention, additive
+                                                                   (or score="general": [x_t; h~_{t-1}]^T W h_i),
   s^t = softmax(a^t);  [h~_t; c~_t] = sum_i s_i^t [h_i; c_i]       query [x_t; h~_{t-1}], values [h_i; c_i]
   i, f, o, c^ = gates(x_t, h~_t);  c_t = f * c~_t + i * c^;  h_t = o * tanh(c_t)
 
@@ -22,15 +23,17 @@ from fastattn import checks
 from fastattn.nn import LSTM, Attention, LSTMCell
 
 ENCODERS = ("lstmn", "lstm")
+SCORES = ("additive", "general")  # additive is the paper's; general (bilinear) matches contents more easily
 
 
 class LSTMN(torch.nn.Module):
-    def __init__(self, input_size: int, hidden_size: int, attn_dim: int | None = None):
+    def __init__(self, input_size: int, hidden_size: int, attn_dim: int | None = None, score: str = "additive"):
         super().__init__()
         self.input_size = checks.positive_int("input_size", input_size)
         self.hidden_size = checks.positive_int("hidden_size", hidden_size)
+        checks.choice("score", score, SCORES)
         self.attention = Attention(
-            input_size + hidden_size, hidden_size, 2 * hidden_size, score="additive", attn_dim=attn_dim or hidden_size
+            input_size + hidden_size, hidden_size, 2 * hidden_size, score=score, attn_dim=attn_dim or hidden_size
         )
         self.cell = LSTMCell(input_size, hidden_size)
 
@@ -60,13 +63,16 @@ class LSTMN(torch.nn.Module):
 class RecallClassifier(torch.nn.Module):
     """Token ids (B, T) -> logits (B, classes) from the last hidden state of an LSTMN or an LSTM."""
 
-    def __init__(self, vocab_size: int, classes: int, *, encoder: str = "lstmn", embed_dim: int = 32, hidden_size: int = 64):
+    def __init__(
+        self, vocab_size: int, classes: int, *, encoder: str = "lstmn", embed_dim: int = 32, hidden_size: int = 64,
+        score: str = "additive",
+    ):
         super().__init__()
         checks.choice("encoder", encoder, ENCODERS)
         self.encoder_kind = encoder
         self.embedding = torch.nn.Embedding(checks.positive_int("vocab_size", vocab_size), embed_dim)
         if encoder == "lstmn":
-            self.encoder = LSTMN(embed_dim, hidden_size)
+            self.encoder = LSTMN(embed_dim, hidden_size, score=score)
         else:
             self.encoder = LSTM(embed_dim, hidden_size, batch_first=True)
         self.readout = torch.nn.Linear(hidden_size, checks.positive_int("classes", classes))

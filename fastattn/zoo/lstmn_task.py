@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fastattn.data.recall import VALUES, load_recall_splits, render, vocabulary
-from fastattn.zoo.lstmn import ENCODERS, RecallClassifier
+from fastattn.zoo.lstmn import ENCODERS, SCORES, RecallClassifier
 from fastattn.zoo.task import Task, TaskError, unwrapped
 
 EVAL_BATCH = 500
@@ -30,6 +30,8 @@ class LSTMNTask(Task):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--model", choices=ENCODERS, default="lstmn", help="LSTMN or a plain LSTM of the same size")
+        parser.add_argument("--score", choices=SCORES, default="additive",
+                            help="LSTMN intra-attention score: additive (the paper's) or general (bilinear)")
         parser.add_argument("--pairs", type=int, default=8, help="key-value pairs before the question")
         parser.add_argument("--keys", type=int, default=16, help="distinct keys (letters)")
         parser.add_argument("--hidden", type=int, default=64, help="hidden size of either model")
@@ -43,7 +45,9 @@ class LSTMNTask(Task):
         if saved:
             self.settings = dict(saved["hyper_parameters"])
         else:
-            self.settings = dict(model=args.model, pairs=args.pairs, keys=args.keys, hidden=args.hidden, data_seed=args.seed)
+            self.settings = dict(
+                model=args.model, score=args.score, pairs=args.pairs, keys=args.keys, hidden=args.hidden, data_seed=args.seed
+            )
         try:
             self.data = load_recall_splits(
                 self.settings["data_seed"], {"train": getattr(args, "train_size", 40000)},
@@ -51,7 +55,7 @@ class LSTMNTask(Task):
             )
             self.model = RecallClassifier(
                 len(vocabulary(self.settings["keys"])), len(VALUES),
-                encoder=self.settings["model"], hidden_size=self.settings["hidden"],
+                encoder=self.settings["model"], hidden_size=self.settings["hidden"], score=self.settings["score"],
             ).to(device)
         except (TypeError, ValueError) as error:
             raise TaskError(str(error)) from None
