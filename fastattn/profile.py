@@ -84,7 +84,7 @@ def profile(case: Case, *, device: str, dtype: str, backend_name: str, iteration
                 _run_in_nvtx_range(call, iterations, device)
                 synchronize()
     profiler.export_chrome_trace(trace)
-    sort_by = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    sort_by = "device_time_total" if device == "cuda" else "cpu_time_total"
     return profiler.key_averages().table(sort_by=sort_by, row_limit=15)
 
 

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from fastattn.bench.cases import DTYPES, Preset, cases
-from fastattn.bench.implementations import COMPILED_REFERENCE, Implementation, implementations, prepare
+from fastattn.bench.implementations import implementations, prepare
 
 CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 CHILD_TIMEOUT_S = 600
@@ -54,10 +54,6 @@ def peak_bytes_resident(call: Callable[[], object]) -> int:
     before = _status_bytes("VmRSS")
     call()
     return max(_status_bytes("VmHWM") - before, 0)
-
-
-def measured_here(implementation: Implementation) -> bool:
-    return implementation.name != COMPILED_REFERENCE
 
 
 def peaks_in_child(preset: Preset, dtype: str, case_names: list[str]) -> dict[tuple[str, str], int | None]:

@@ -28,10 +28,6 @@ def _scaled(value: float, units) -> str:
     return f"{value / factor:.3g} {unit}"
 
 
-def format_shape(shape: dict[str, int]) -> str:
-    return " ".join(f"{name}={size}" for name, size in shape.items())
-
-
 def aligned(rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
     """Rows of cells as lines whose columns line up."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
