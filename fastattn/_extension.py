@@ -38,8 +38,8 @@ def _load():
 
 def _register_cuda(module, ops) -> None:
     """The "cuda" backend, when fastattn._C was compiled with the CUDA kernels (csrc/cuda)."""
-    if "cuda" in module.build_info()["backends"]:
-        ops.register_backend("cuda", ("cuda",))
+    if "cuda" in module.build_info()["backends"]:  # every CUDA op takes float16 / bfloat16 itself
+        ops.register_backend("cuda", ("cuda",), native_low_precision=True)
     else:
         backends.mark_unavailable(
             "cuda",

@@ -54,10 +54,11 @@ BACKEND_FUNCTIONS = {
 }
 
 
-def register_backend(name: str, device_types: tuple[str, ...]) -> None:
-    """Plug every op into backend ``name`` for tensors on ``device_types``."""
+def register_backend(name: str, device_types: tuple[str, ...], *, native_low_precision: bool = False) -> None:
+    """Plug every op into backend ``name`` for tensors on ``device_types``; float16 /
+    bfloat16 inputs run in float32 unless the kernels take them (``native_low_precision``)."""
     for op, function in BACKEND_FUNCTIONS.items():
-        backends.register(op, name, device_types)(in_float32(function))
+        backends.register(op, name, device_types)(function if native_low_precision else in_float32(function))
     # Float32/float64 only: it answers None for other dtypes and the module composes.
     backends.register("attention_decoder_step", name, device_types)(decoder_step.attention_decoder_step)
     backends.mark_available(name)
