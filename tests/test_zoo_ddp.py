@@ -16,7 +16,7 @@ def test_two_processes_train_and_rank_zero_writes_the_checkpoint_once(tmp_path):
         "-m", "fastattn", "train", "copy", *TINY_COPY, "--epochs", "1", "--device", "cpu", "--out", str(out),
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     output = finished.stdout + finished.stderr
     assert finished.returncode == 0, output
     # 96 examples in batches of 16: 6 batches, 3 for each rank

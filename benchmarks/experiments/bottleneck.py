@@ -2,11 +2,13 @@
 
 Trains the same encoder-decoder twice on ``copy`` with sources of 1-60 symbols, once with
 ``--attention none`` (the final encoder state is the only summary of the source) and once
-with ``--attention additive`` (Bahdanau), each for the same time budget, through the
-``fastattn train`` command line.  Then it buckets each model's greedy test hypotheses by
-source length and plots exact match and BLEU (sacrebleu, on the symbol strings) per bucket.
+with ``--attention additive`` (Bahdanau), on the same examples for the same number of
+steps (``--epochs`` over ``--train-size`` examples, not a time budget, so that the load of
+a shared machine cannot favour either), as two ``fastattn train`` processes side by side.
+Then it buckets each model's greedy test hypotheses by source length and plots exact
+match and BLEU (sacrebleu, on the symbol strings) per bucket.
 
-    python benchmarks/experiments/bottleneck.py [--budget SECONDS] [--out DIR]
+    python benchmarks/experiments/bottleneck.py [--epochs N] [--train-size N] [--out DIR]
 
 Writes DIR/bottleneck.json, DIR/bottleneck.png and each run's folder (metrics.json,
 hypotheses.txt; the checkpoints are deleted, they are large and easy to remake).
@@ -16,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import sacrebleu
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fastattn.cli import main as fastattn_main
 from fastattn.data import synthetic
 from fastattn.zoo import checkpoint
 
@@ -31,13 +34,19 @@ BUCKET = 10  # source lengths 1-10, 11-20, ...
 LONGEST = 60
 
 
-def train(attention: str, budget: float, out: Path) -> None:
-    status = fastattn_main([
-        "train", "copy", "--attention", attention, "--lengths", "1", str(LONGEST), "--test-size", "1200",
-        "--time-budget", str(budget), "--epochs", "100", "--quiet", "--out", str(out),
-    ])
-    if status != 0:
-        raise SystemExit(f"fastattn train copy --attention {attention} failed with status {status}")
+def train_side_by_side(epochs: int, train_size: int, out: Path) -> None:
+    """One ``fastattn train copy`` process per attention, at the same time."""
+    processes = {
+        attention: subprocess.Popen([
+            sys.executable, "-m", "fastattn", "train", "copy", "--attention", attention,
+            "--lengths", "1", str(LONGEST), "--train-size", str(train_size), "--test-size", "1200",
+            "--epochs", str(epochs), "--quiet", "--out", str(out / f"copy-{attention}"),
+        ])
+        for attention in ATTENTIONS
+    }
+    for attention, process in processes.items():
+        if process.wait() != 0:
+            raise SystemExit(f"fastattn train copy --attention {attention} failed with status {process.returncode}")
 
 
 def scores_by_length(run: Path) -> list[dict]:
@@ -78,20 +87,22 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=360.0, help="training seconds per model (default 360)")
+    parser.add_argument("--epochs", type=int, default=2, help="default 2")
+    parser.add_argument("--train-size", type=int, default=50_000, help="training examples (default 50000)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bottleneck")
     args = parser.parse_args()
+    train_side_by_side(args.epochs, args.train_size, args.out)
     results = {}
     for attention in ATTENTIONS:
         run = args.out / f"copy-{attention}"
-        train(attention, args.budget, run)
         metrics = json.loads((run / "metrics.json").read_text())
         results[attention] = {
             "exact_match": metrics["exact_match"], "steps": metrics["steps"], "train_seconds": metrics["train_seconds"],
             "by_length": scores_by_length(run),
         }
         (run / checkpoint.FILE_NAME).unlink()
-    (args.out / "bottleneck.json").write_text(json.dumps({"budget_seconds": args.budget, **results}, indent=2) + "\n")
+    settings = {"epochs": args.epochs, "train_size": args.train_size}
+    (args.out / "bottleneck.json").write_text(json.dumps({**settings, **results}, indent=2) + "\n")
     plot(results, args.out / "bottleneck.png")
     for attention in ATTENTIONS:
         cells = ", ".join(f"{row['lengths']}: {row['exact_match']:.2f}" for row in results[attention]["by_length"])

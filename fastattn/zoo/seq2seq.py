@@ -86,8 +86,12 @@ class Encoder(torch.nn.Module):
         outputs, final = self.rnn(packed)
         states, _ = pad_packed_sequence(outputs, batch_first=True, total_length=source.shape[1])
         hidden, memory = final if isinstance(final, tuple) else (final, None)
-        both_directions = lambda state: torch.cat([state[0], state[1]], dim=-1)  # noqa: E731
-        return states, both_directions(hidden), None if memory is None else both_directions(memory)
+        return states, _both_directions(hidden), None if memory is None else _both_directions(memory)
+
+
+def _both_directions(final: torch.Tensor) -> torch.Tensor:
+    """A one-layer bidirectional RNN's final states (2, B, H/2) as [forward; backward] (B, H)."""
+    return torch.cat([final[0], final[1]], dim=-1)
 
 
 class SummaryDecoderCell(torch.nn.Module):

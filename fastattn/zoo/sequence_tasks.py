@@ -279,11 +279,10 @@ class TranslateTask(SequenceTask):
         self.dropped = len(pairs) - len(kept)
         if not kept:
             raise TaskError(f"{args.data}: no pair has both sides within --max-length {args.max_length} tokens")
-        as_examples = lambda chosen: [Example(s.tokens, t.tokens, t.text) for s, t in chosen]  # noqa: E731
         if args.mode == "eval":
-            return {"test": as_examples(kept)}
+            return {"test": _examples(kept)}
         splits = translation.split(kept, args.valid_fraction, args.test_fraction, args.seed)
-        return {name: as_examples(chosen) for name, chosen in splits.items()}
+        return {name: _examples(chosen) for name, chosen in splits.items()}
 
     def build_vocabularies(self, train: list[Example]) -> tuple[Vocabulary, Vocabulary]:
         minimum = self.args.min_frequency
@@ -301,6 +300,10 @@ class TranslateTask(SequenceTask):
         detokenized = [translation.detokenize(hypothesis) for hypothesis in hypotheses]
         bleu = sacrebleu.corpus_bleu(detokenized, [[example.reference for example in examples]])
         return {"bleu": bleu.score, "bleu_signature": str(bleu), "pairs_dropped_by_max_length": self.dropped}
+
+
+def _examples(pairs: list[translation.Pair]) -> list[Example]:
+    return [Example(source.tokens, target.tokens, target.text) for source, target in pairs]
 
 
 def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
