@@ -75,8 +75,11 @@ def test_registered_backend_is_picked_by_auto_and_limited_to_its_devices():
         calls.append(arguments)
         return arguments[1]
 
-    saved = dict(backends._implementations["gru_cell"]), dict(backends._unavailable_reasons)
+    saved = {op: dict(found) for op, found in backends._implementations.items()}, dict(backends._unavailable_reasons)
     try:
+        for op in ("lstm_cell", "gru_cell"):  # whatever the real GPU backends registered
+            for name in ("triton", "cuda"):
+                backends._implementations[op].pop(name, None)
         backends.register("gru_cell", "triton", ("cuda",))(fake_cell)
         backends.mark_available("triton")
         assert backends.auto_choice("gru_cell", "cuda") == "triton"
@@ -89,8 +92,9 @@ def test_registered_backend_is_picked_by_auto_and_limited_to_its_devices():
         with pytest.raises(fastattn.BackendUnavailableError, match="no kernel for op 'lstm_cell'"):
             backends.implementation("lstm_cell", "cuda", "triton")
     finally:
-        backends._implementations["gru_cell"].clear()
-        backends._implementations["gru_cell"].update(saved[0])
+        for op, found in saved[0].items():
+            backends._implementations[op].clear()
+            backends._implementations[op].update(found)
         backends._unavailable_reasons.clear()
         backends._unavailable_reasons.update(saved[1])
 
