@@ -80,7 +80,7 @@ def plot(results: dict, path: Path) -> None:
         axes.set_ylim(0, 1.02 if metric == "exact_match" else 102)
         axes.grid(alpha=0.3)
         axes.legend()
-    figure.suptitle("copy, same model size and training time: the fixed-size summary is a bottleneck")
+    figure.suptitle("copy, same model size, examples and steps: the fixed-size summary is a bottleneck")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
