@@ -74,6 +74,16 @@ def test_resuming_gives_the_same_model_as_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
 
 
+def test_resuming_after_a_time_budget_stop_mid_epoch_finishes_the_planned_steps(tmp_path):
+    stopped = trainer.train(train_arguments(
+        "copy", *TINY_COPY, "--epochs", "2", "--time-budget", "0.05", "--out", str(tmp_path)
+    ))
+    assert stopped["stopped_by"] == "time_budget" and stopped["steps"] < 12
+    resumed = trainer.train(train_arguments("copy", *TINY_COPY, "--epochs", "2", "--out", str(tmp_path), "--resume"))
+    progress = checkpoint.load(tmp_path / "checkpoint.pt")["progress"]
+    assert resumed["steps"] == 12 and progress["steps_per_epoch"] == 6 and progress["epoch"] == 2
+
+
 def test_resume_checks_the_checkpoint_task(tmp_path):
     trainer.train(train_arguments("copy", *TINY_COPY, "--epochs", "1", "--out", str(tmp_path)))
     with pytest.raises(TaskError, match="checkpoint of task 'copy', not 'reverse'"):

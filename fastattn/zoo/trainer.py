@@ -181,18 +181,17 @@ class _TrainingRun:
         while progress.epoch < args.epochs:
             generator = torch.Generator().manual_seed(args.seed * 100_003 + progress.epoch)
             batches = self.task.batches("train", args.batch_size, generator)
-            steps_this_epoch = 0
             for batch in _shard(batches, self.processes, skip=progress.batch):
                 budget_used = self.budget_used()
                 if budget_used >= 1:
                     stopped_by = "time_budget"
                     break
                 self._step(batch, budget_used)
-                steps_this_epoch += 1
                 bar.update()
                 bar.set_postfix_str(self._postfix(budget_used), refresh=False)
             else:
-                progress.steps_per_epoch = progress.steps_per_epoch or steps_this_epoch
+                # progress.batch now counts every batch of the epoch, those before a --resume too
+                progress.steps_per_epoch = progress.steps_per_epoch or progress.batch // self.processes.size
                 progress.epoch, progress.batch = progress.epoch + 1, 0
                 remaining = progress.steps_per_epoch * (args.epochs - progress.epoch)
                 bar.total = bar.n + remaining
