@@ -108,28 +108,23 @@ def check_plot_path(path: str) -> None:
 
 
 def write_plot(path: str, results: list[Result], title: str) -> None:
-    """Horizontal bars: each implementation's speedup over the eager reference, per case (log scale)."""
+    """One horizontal bar per case and implementation: its speedup over the eager reference
+    (log scale), fastattn's backends in one colour and the peers in another."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    timed = [r for r in results if r.median_s and REFERENCE in r.speedup]
-    case_names = list(dict.fromkeys(r.case for r in timed))
-    names = list(dict.fromkeys(r.implementation for r in timed))
-    figure, axes = pyplot.subplots(figsize=(10, 0.35 * len(case_names) * max(len(names), 1) + 1.5))
-    height = 0.8 / max(len(names), 1)
-    for index, name in enumerate(names):
-        rows = {r.case: r.speedup[REFERENCE] for r in timed if r.implementation == name}
-        positions = [case_names.index(case) + index * height for case in rows]
-        axes.barh(positions, list(rows.values()), height=height, label=name)
-    axes.set_yticks([i + 0.4 - height / 2 for i in range(len(case_names))], case_names, fontsize=7)
-    axes.invert_yaxis()
+    bars = [r for r in results if r.median_s and REFERENCE in r.speedup]
+    figure, axes = pyplot.subplots(figsize=(10, 0.22 * len(bars) + 1.5))
+    colours = {"backend": "tab:blue", "peer": "tab:gray"}
+    axes.barh(range(len(bars)), [r.speedup[REFERENCE] for r in bars], color=[colours[r.kind] for r in bars])
+    axes.set_yticks(range(len(bars)), [f"{r.case} [{r.implementation}]" for r in bars], fontsize=6)
+    axes.set_ylim(len(bars) - 0.5, -0.5)
     axes.set_xscale("log")
     axes.axvline(1.0, color="black", linewidth=0.8)
-    axes.set_xlabel("speedup over the eager reference (reference time / time)")
+    axes.set_xlabel("speedup over the eager reference (reference time / time); blue: fastattn, grey: peers")
     axes.set_title(title)
-    axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
