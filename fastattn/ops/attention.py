@@ -70,6 +70,21 @@ def _save_for_backward(ctx, inputs, output):
     ctx.return_weights = return_weights
 
 
+def forward_input_gradients(grads, v, bias, center, gaussian):
+    """The gradients an attention backward op returns (grad_query, grad_keys,
+    grad_values, grad_v, grad_bias, grad_center), laid out per input of the forward op
+    (the schema of attention_forward, shared by every backend's fused attention op)."""
+    grad_query, grad_keys, grad_values, grad_v, grad_bias, grad_center = grads
+    return (
+        grad_query, grad_keys, grad_values,
+        grad_v if v is not None else None,
+        grad_bias if bias is not None else None,
+        None, None, None, None, None, None,
+        grad_center if center is not None and gaussian else None,
+        None, None,
+    )
+
+
 def _attention_backward(ctx, grad_context, grad_weights, _grad_logsumexp):
     query, keys, values, v, bias, lengths, key_padding_mask, center, logsumexp = ctx.saved_tensors
     grads = torch.ops.fastattn.attention_backward(
@@ -78,15 +93,7 @@ def _attention_backward(ctx, grad_context, grad_weights, _grad_logsumexp):
         query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal, ctx.window,
         center, ctx.gaussian, logsumexp,
     )
-    grad_query, grad_keys, grad_values, grad_v, grad_bias, grad_center = grads
-    return (
-        grad_query, grad_keys, grad_values,
-        grad_v if v is not None else None,
-        grad_bias if bias is not None else None,
-        None, None, None, None, None, None,
-        grad_center if center is not None and ctx.gaussian else None,
-        None, None,
-    )
+    return forward_input_gradients(grads, v, bias, center, ctx.gaussian)
 
 
 torch.library.register_autograd(

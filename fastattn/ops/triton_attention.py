@@ -23,6 +23,7 @@ from fastattn.kernels.attention_forward import (
     attention_weights_kernel,
 )
 from fastattn.kernels.attention_tiles import ADDITIVE, COSINE, DOT
+from fastattn.ops.attention import forward_input_gradients
 from fastattn.ops.triton_launch import (
     ADDITIVE_CONFIGS,
     DOT_CONFIGS,
@@ -207,15 +208,7 @@ def _attention_backward(ctx, grad_context, grad_weights, _grad_logsumexp):
         query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal, ctx.window,
         center, ctx.gaussian, context, weights, logsumexp,
     )
-    grad_query, grad_keys, grad_values, grad_v, grad_bias, grad_center = grads
-    return (
-        grad_query, grad_keys, grad_values,
-        grad_v if v is not None else None,
-        grad_bias if bias is not None else None,
-        None, None, None, None, None, None,
-        grad_center if center is not None and ctx.gaussian else None,
-        None, None,
-    )
+    return forward_input_gradients(grads, v, bias, center, ctx.gaussian)
 
 
 torch.library.register_autograd(
