@@ -3,8 +3,7 @@
 GPU: ``max_memory_allocated`` during the call minus what was allocated before it.
 
 CPU: the growth of the resident-set high-water mark during the call, measured in ONE
-child process for all the calls of a run (``python -m fastattn.bench.memory``, request as
-JSON on stdin): the high-water mark is reset through ``/proc/self/clear_refs`` before each
+child process for all the calls of a run (:func:`child_main`, request as JSON on stdin): the high-water mark is reset through ``/proc/self/clear_refs`` before each
 call, after a warm-up call, and glibc is told to serve every allocation above 64 KiB with
 its own mapping (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the resident set
 and one call's leftovers do not hide the next call's peak.  Linux only; elsewhere the
@@ -15,7 +14,6 @@ a second time in the child).
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import subprocess
@@ -48,7 +46,6 @@ def _status_bytes(field: str) -> int:
 def peak_bytes_resident(call: Callable[[], object]) -> int:
     """Resident high-water-mark growth during one call (after a warm-up call)."""
     call()
-    gc.collect()
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # resets VmHWM to the current VmRSS
     before = _status_bytes("VmRSS")
@@ -62,7 +59,7 @@ def peaks_in_child(preset: Preset, dtype: str, case_names: list[str]) -> dict[tu
         return {}
     request = {"preset": dataclasses.asdict(preset), "dtype": dtype, "cases": case_names, "threads": torch.get_num_threads()}
     completed = subprocess.run(
-        [sys.executable, "-m", "fastattn.bench.memory"],
+        [sys.executable, "-c", "from fastattn.bench import memory; memory.child_main()"],
         input=json.dumps(request), capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
         env={**os.environ, **CHILD_ENVIRONMENT},
     )
@@ -91,5 +88,6 @@ def _measure(request: dict) -> list[tuple[str, str, int]]:
     return peaks
 
 
-if __name__ == "__main__":
+def child_main() -> None:
+    """The child process: the request as JSON on stdin, the peaks as JSON on stdout."""
     json.dump(_measure(json.load(sys.stdin)), sys.stdout)
