@@ -25,9 +25,10 @@ def test_lstmn_forward_backward_and_attention_rows():
     assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in model.parameters())
 
 
-def test_lstmn_is_causal():
+@pytest.mark.parametrize("read_next_token", [False, True])
+def test_lstmn_is_causal(read_next_token):
     torch.manual_seed(1)
-    model = LSTMN(input_size=4, hidden_size=6)
+    model = LSTMN(input_size=4, hidden_size=6, read_next_token=read_next_token)
     inputs = torch.randn(2, 7, 4)
     changed = inputs.clone()
     changed[:, 4:] = torch.randn(2, 3, 4)
@@ -45,6 +46,40 @@ def test_first_step_reads_the_zero_state_so_it_is_an_lstm_step_from_zero():
     cell = torch.nn.LSTMCell(3, 4)
     cell.load_state_dict(model.cell.state_dict())
     torch.testing.assert_close(hidden[:, 0], cell(inputs[:, 0])[0])
+
+
+def test_read_next_token_tape_holds_the_token_after_each_state():
+    """Tape entry i (0: the zero state, i: the state after token i) is read with token i + 1,
+    so the last step's values end with the whole input; without the flag they do not."""
+    torch.manual_seed(3)
+    inputs = torch.randn(2, 5, 3)
+    for read_next_token, value_size in [(True, 2 * 4 + 3), (False, 2 * 4)]:
+        model = LSTMN(input_size=3, hidden_size=4, read_next_token=read_next_token)
+        values_read = []
+        model.attention.register_forward_hook(lambda module, args, output: values_read.append(args[2]))
+        _, weights = model(inputs)
+        assert weights.shape == (2, 5, 6) and len(values_read) == 5
+        assert values_read[-1].shape == (2, 5, value_size)
+        if read_next_token:
+            torch.testing.assert_close(values_read[-1][..., 8:], inputs)
+
+
+def test_read_next_token_solves_recall_quickly():
+    """The point of the flag: with the token after each key on the tape, matching the key
+    reads its value; 60 steps suffice (the paper's LSTMN: about 0.4 after as many)."""
+    torch.manual_seed(0)
+    data = load_recall_splits(0, {"train": 4000}, pairs=3, keys=6)
+    model = RecallClassifier(len(vocabulary(6)), len(VALUES), hidden_size=24, score="general", read_next_token=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(60):
+        chosen = torch.randint(0, 4000, (64,), generator=torch.Generator().manual_seed(step))
+        loss = torch.nn.functional.cross_entropy(model(data["train"].tokens[chosen])[0], data["train"].answers[chosen])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        accuracy = (model(data["test"].tokens)[0].argmax(-1) == data["test"].answers).double().mean()
+    assert accuracy > 0.9, accuracy  # chance is 0.1
 
 
 @pytest.mark.parametrize("encoder, score", [("lstmn", "additive"), ("lstmn", "general"), ("lstm", "additive")])
@@ -89,6 +124,11 @@ def test_recall_data_answers_are_the_values_after_the_queried_key():
 def test_bad_input(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_read_next_token_must_be_a_flag():
+    with pytest.raises(TypeError, match="read_next_token"):
+        LSTMN(3, 4, read_next_token="yes")
 
 
 def test_task_learns_something_and_restores(tmp_path):

@@ -3,7 +3,8 @@
 
 Sequences of key-value pairs, then "? key"; the answer is that key's value
 (:mod:`fastattn.data.recall`).  An LSTMN with the paper's additive intra-attention, one with
-a bilinear ("general") score, and an LSTM read the same sequences with the same hidden
+a bilinear ("general") score, one whose tape also holds the token after each state
+(``--read-next-token``, not in the paper), and an LSTM read the same sequences with the same hidden
 size, optimiser, schedule and number of epochs through the zoo's trainer
 (``fastattn train lstmn --model lstmn|lstm``); the test accuracy of each is reported with
 the training time, and the better LSTMN's intra-attention is plotted: at the question's key it
@@ -37,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 MODELS = {  # name -> flags of `fastattn train lstmn`
     "lstmn (additive, the paper's)": ["--model", "lstmn", "--score", "additive"],
     "lstmn (general)": ["--model", "lstmn", "--score", "general"],
+    "lstmn (general, reads next token)": ["--model", "lstmn", "--score", "general", "--read-next-token"],
     "lstm": ["--model", "lstm"],
 }
 
@@ -87,7 +89,8 @@ def main() -> None:
 
 def retrieval_peaks(weights: torch.Tensor, tokens: torch.Tensor, pairs: int) -> dict[str, float]:
     """Where the last step (reading the queried key) puts its attention peak: the tape
-    column holding the state written after the matching key, or after its value."""
+    column holding the state written after the matching key, or after its value.  With
+    --read-next-token the key's column is the one that also holds its value's token."""
     peak = weights[:, -1].argmax(-1)
     key_positions = (tokens[:, : 2 * pairs : 2] == tokens[:, -1:]).float().argmax(-1) * 2
     columns = {"the queried key": key_positions + 1, "the value after it": key_positions + 2}
@@ -99,7 +102,7 @@ def plot(results: dict, best: str, weights: torch.Tensor, words: list[str], path
     bars, heatmap = figure.subplots(1, 2, width_ratios=[1, 1.6])
     names = list(results["models"])
     bars.bar(range(len(names)), [results["models"][name]["test_accuracy"] for name in names],
-             color=["tab:blue", "tab:cyan", "tab:gray"][: len(names)])
+             color=["tab:blue", "tab:cyan", "tab:green", "tab:gray"][: len(names)])
     bars.set_xticks(range(len(names)), [name.replace(" (", "\n(") for name in names], fontsize=8)
     bars.axhline(results["chance"], color="tab:red", linestyle="--", label="chance")
     bars.set_ylim(0, 1)

@@ -9,8 +9,17 @@ read with intra-attention (causal self-attention) at each step:
 
 The last line is an LSTM cell run from the summary (h~_t, c~_t) instead of (h_{t-1}, c_{t-1}),
 so it is ``fastattn.nn.LSTMCell``.  The tape starts with a zero state, so the first step
-reads that.  ``RecallClassifier`` puts an LSTMN or a plain ``fastattn.nn.LSTM`` of the same
-hidden size under a linear read-out of the last hidden state.
+reads that.
+
+``read_next_token=True`` (not in the paper) also stores, with each tape entry, the embedding of
+the token that came right after it, and feeds what is read of it, x~_t, to the gates beside
+x_t and h~_t.  Attention has no notion of position, so in the paper's model a value step
+cannot single out the state of the key just before it, and the binding key -> value has to
+pass through a blurred summary; with the next token stored, matching the key's state reads
+its value directly (the read-out of a key-value memory).
+
+``RecallClassifier`` puts an LSTMN or a plain ``fastattn.nn.LSTM`` of the same hidden size
+under a linear read-out of the last hidden state.
 Not handled: padding (every sequence in a batch has the same length), the paper's
 dual-tape encoder-decoder fusion.
 """
@@ -27,15 +36,20 @@ SCORES = ("additive", "general")  # additive is the paper's; general (bilinear) 
 
 
 class LSTMN(torch.nn.Module):
-    def __init__(self, input_size: int, hidden_size: int, attn_dim: int | None = None, score: str = "additive"):
+    def __init__(
+        self, input_size: int, hidden_size: int, attn_dim: int | None = None, score: str = "additive",
+        read_next_token: bool = False,
+    ):
         super().__init__()
         self.input_size = checks.positive_int("input_size", input_size)
         self.hidden_size = checks.positive_int("hidden_size", hidden_size)
         checks.choice("score", score, SCORES)
+        self.read_next_token = checks.flag("read_next_token", read_next_token)
+        self.read_sizes = [hidden_size, hidden_size, input_size if read_next_token else 0]  # h~_t, c~_t, x~_t
         self.attention = Attention(
-            input_size + hidden_size, hidden_size, 2 * hidden_size, score=score, attn_dim=attn_dim or hidden_size
+            input_size + hidden_size, hidden_size, sum(self.read_sizes), score=score, attn_dim=attn_dim or hidden_size
         )
-        self.cell = LSTMCell(input_size, hidden_size)
+        self.cell = LSTMCell(input_size * (2 if read_next_token else 1), hidden_size)
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, input_size) -> (hidden states (B, T, hidden_size), intra-attention
@@ -50,10 +64,14 @@ class LSTMN(torch.nn.Module):
         outputs, weights = [], inputs.new_zeros(batch, steps, steps + 1)
         for t in range(steps):
             keys = torch.stack(hidden_tape, 1)
-            values = torch.cat([keys, torch.stack(memory_tape, 1)], -1)
-            read, weights[:, t, : t + 1] = self.attention(torch.cat([inputs[:, t], summary], -1), keys, values)
-            summary, memory_summary = read.split(self.hidden_size, -1)
-            hidden, memory = self.cell(inputs[:, t], (summary, memory_summary))
+            values = [keys, torch.stack(memory_tape, 1)]
+            if self.read_next_token:  # entry i (the state after token i; 0: the zero state) -> token i + 1
+                values.append(inputs[:, : t + 1])
+            query = torch.cat([inputs[:, t], summary], -1)
+            read, weights[:, t, : t + 1] = self.attention(query, keys, torch.cat(values, -1))
+            summary, memory_summary, next_token_read = read.split(self.read_sizes, -1)
+            cell_input = torch.cat([inputs[:, t], next_token_read], -1) if self.read_next_token else inputs[:, t]
+            hidden, memory = self.cell(cell_input, (summary, memory_summary))
             hidden_tape.append(hidden)
             memory_tape.append(memory)
             outputs.append(hidden)
@@ -65,14 +83,14 @@ class RecallClassifier(torch.nn.Module):
 
     def __init__(
         self, vocab_size: int, classes: int, *, encoder: str = "lstmn", embed_dim: int = 32, hidden_size: int = 64,
-        score: str = "additive",
+        score: str = "additive", read_next_token: bool = False,
     ):
         super().__init__()
         checks.choice("encoder", encoder, ENCODERS)
         self.encoder_kind = encoder
         self.embedding = torch.nn.Embedding(checks.positive_int("vocab_size", vocab_size), embed_dim)
         if encoder == "lstmn":
-            self.encoder = LSTMN(embed_dim, hidden_size, score=score)
+            self.encoder = LSTMN(embed_dim, hidden_size, score=score, read_next_token=read_next_token)
         else:
             self.encoder = LSTM(embed_dim, hidden_size, batch_first=True)
         self.readout = torch.nn.Linear(hidden_size, checks.positive_int("classes", classes))

@@ -32,6 +32,8 @@ class LSTMNTask(Task):
         parser.add_argument("--model", choices=ENCODERS, default="lstmn", help="LSTMN or a plain LSTM of the same size")
         parser.add_argument("--score", choices=SCORES, default="additive",
                             help="LSTMN intra-attention score: additive (the paper's) or general (bilinear)")
+        parser.add_argument("--read-next-token", action="store_true",
+                            help="LSTMN: each tape entry also holds the embedding of the token after it (not in the paper)")
         parser.add_argument("--pairs", type=int, default=8, help="key-value pairs before the question")
         parser.add_argument("--keys", type=int, default=16, help="distinct keys (letters)")
         parser.add_argument("--hidden", type=int, default=64, help="hidden size of either model")
@@ -46,7 +48,8 @@ class LSTMNTask(Task):
             self.settings = dict(saved["hyper_parameters"])
         else:
             self.settings = dict(
-                model=args.model, score=args.score, pairs=args.pairs, keys=args.keys, hidden=args.hidden, data_seed=args.seed
+                model=args.model, score=args.score, pairs=args.pairs, keys=args.keys, hidden=args.hidden, data_seed=args.seed,
+                read_next_token=args.read_next_token,
             )
         try:
             self.data = load_recall_splits(
@@ -56,6 +59,7 @@ class LSTMNTask(Task):
             self.model = RecallClassifier(
                 len(vocabulary(self.settings["keys"])), len(VALUES),
                 encoder=self.settings["model"], hidden_size=self.settings["hidden"], score=self.settings["score"],
+                read_next_token=self.settings.get("read_next_token", False),  # checkpoints from before the flag
             ).to(device)
         except (TypeError, ValueError) as error:
             raise TaskError(str(error)) from None
