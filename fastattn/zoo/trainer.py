@@ -137,13 +137,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         trained = torch.nn.parallel.DistributedDataParallel(model) if processes.size > 1 else model
         run = _TrainingRun(task, trained, optimizer, progress, processes, device, args, checkpoint_path)
         stopped_by = run.epochs()
+        recent_loss = run.recent_loss
+        # The DDP wrapper's reducer holds the process group: free it while the group is
+        # alive (freed after destroy_process_group, gloo's teardown can hang), and let no
+        # rank leave before every rank is done with its collectives.
+        del run, trained
         if processes.size > 1:
+            dist.barrier()
             print(f"rank {processes.rank} of {processes.size}: finished after {progress.step} steps ({stopped_by})", flush=True)
         if not processes.is_main:
             return {}
         metrics = evaluate_and_report(task, args.out, plot_to=args.out)
         metrics.update(
-            loss_train=run.recent_loss, steps=progress.step, epochs_completed=progress.epoch,
+            loss_train=recent_loss, steps=progress.step, epochs_completed=progress.epoch,
             tokens=progress.tokens, tokens_per_second=progress.tokens / max(progress.train_seconds, 1e-9),
             train_seconds=progress.train_seconds, wall_seconds=time.monotonic() - started, stopped_by=stopped_by,
             processes=processes.size, device=str(device), checkpoint=str(checkpoint_path),
