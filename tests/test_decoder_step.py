@@ -82,7 +82,7 @@ def test_the_cpu_backend_has_the_fused_step_and_the_reference_composes():
 @pytest.mark.parametrize(
     "options, keys_shape, dtype",
     [
-        ({"window": 2, "local": "m"}, (BATCH, SOURCE, KEY), torch.float32),
+        ({"window": 2, "local": "p"}, (BATCH, SOURCE, KEY), torch.float32),
         ({}, (BATCH, 2, 4, KEY), torch.float32),  # image-grid keys
         ({}, (BATCH, SOURCE, KEY), torch.bfloat16),
     ],
@@ -144,3 +144,11 @@ def test_a_malformed_state_is_named(backend_name):
             make_decoder("general", "lstm", True)(y, None, lstm.precompute(keys))
         output, state, _ = lstm(y, tuple(good), lstm.precompute(keys))  # a plain 3-tuple is a state too
         assert isinstance(state, DecoderState) and output.shape == (BATCH, HIDDEN)
+
+
+def test_local_m_needs_the_position_a_single_step_does_not_carry():
+    decoder = make_decoder("dot", "lstm", True, window=2, local="m")
+    keys, y = torch.randn(BATCH, SOURCE, KEY, dtype=torch.float64), torch.randn(BATCH, INPUT, dtype=torch.float64)
+    for backend_name in ("reference", "cpu"):
+        with fastattn.backend(backend_name), pytest.raises(ValueError, match=r"local='m' .* single decoder step"):
+            decoder(y, None, decoder.precompute(keys))

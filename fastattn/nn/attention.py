@@ -126,6 +126,12 @@ class Attention(torch.nn.Module):
         self._check_input("query", query, self.query_dim)
         cache = self.precompute(keys, values) if cache is None else cache
         layout = layout_of("query", query, "keys", cache.keys)
+        if self.local == "m" and layout.single_step:
+            raise ValueError(
+                "local='m' centres the window on the query's own position t, which a single decoder "
+                f"step (query {tuple(query.shape)}) does not carry: pass the queries of all steps "
+                "(B, T, D), use local='p', or mask the keys outside step t's window with key_padding_mask"
+            )
         masking = dict(
             lengths=lengths,
             key_padding_mask=key_padding_mask,

@@ -76,8 +76,8 @@ class AttentionDecoderCell(torch.nn.Module):
         """-> (output h~_t (B, hidden_size), new state, attention weights (B, S)).
 
         ``key_padding_mask`` (B, S), True = not attended: e.g. outside a local-m window
-        centred on this step (a single-step query has no t of its own, so ``local="m"``
-        would centre every step on position 0)."""
+        centred on this step (a single-step query has no t of its own, so a decoder built
+        with ``local="m"`` raises; mask the keys instead)."""
         checks.float_tensor("y_prev_embedded", y_prev_embedded)
         checks.shape("y_prev_embedded", y_prev_embedded, (None, self.input_size), f"(B, input_size={self.input_size})")
         self.attention.check_cache(cache)
