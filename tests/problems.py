@@ -48,3 +48,19 @@ def cpu_backends() -> list[str]:
     from fastattn import backends
 
     return [name for name in ("reference", "cpu") if backends.unavailable_reason(name) is None]
+
+
+def opcheck_backward_sample_positions_and_fast_tanh(forward_arguments: tuple) -> None:
+    """torch.library.opcheck of attention_backward at the outputs of attention_forward on
+    ``forward_arguments`` (with weights returned), of sample_positions on those weights,
+    and of fast_tanh, on the device of the arguments."""
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in forward_arguments]
+    context, weights, logsumexp = torch.ops.fastattn.attention_forward(*detached)
+    query, keys, values, v, bias, score, scale, lengths, mask, causal, window, center, gaussian, _ = detached
+    torch.library.opcheck(
+        torch.ops.fastattn.attention_backward.default,
+        (torch.randn_like(context), torch.randn_like(weights), query, keys, values, v, bias, score, scale, lengths,
+         mask, causal, window, center, gaussian, logsumexp),
+    )
+    torch.library.opcheck(torch.ops.fastattn.sample_positions.default, (weights, False, None))
+    torch.library.opcheck(torch.ops.fastattn.fast_tanh.default, (torch.randn(17, device=query.device),))

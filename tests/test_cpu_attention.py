@@ -8,7 +8,7 @@ from scipy import stats
 
 import fastattn
 from fastattn import backends
-from tests.problems import SCORES, key_dim_for, score_parameters
+from tests.problems import SCORES, key_dim_for, opcheck_backward_sample_positions_and_fast_tanh, score_parameters
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
@@ -235,17 +235,7 @@ def test_opcheck_attention_forward(arguments):
 
 
 def test_opcheck_attention_backward_sample_positions_and_fast_tanh():
-    query, keys, values, v, bias, *rest = next(_attention_samples())
-    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in (query, keys, values, v, bias, *rest)]
-    context, weights, logsumexp = torch.ops.fastattn.attention_forward(*detached)
-    (query, keys, values, v, bias, score, scale, lengths, mask, causal, window, center, gaussian, _) = detached
-    torch.library.opcheck(
-        torch.ops.fastattn.attention_backward.default,
-        (torch.randn_like(context), torch.randn_like(weights), query, keys, values, v, bias, score, scale, lengths,
-         mask, causal, window, center, gaussian, logsumexp),
-    )
-    torch.library.opcheck(torch.ops.fastattn.sample_positions.default, (weights, False, None))
-    torch.library.opcheck(torch.ops.fastattn.fast_tanh.default, (torch.randn(17),))
+    opcheck_backward_sample_positions_and_fast_tanh(next(_attention_samples()))
 
 
 def test_a_zero_scale_gives_uniform_weights_as_in_the_reference():

@@ -25,7 +25,7 @@ import torch
 import fastattn
 from fastattn import backends, reference
 from fastattn.ops import recurrent as recurrent_ops
-from tests.problems import SCORES, key_dim_for, score_parameters
+from tests.problems import SCORES, key_dim_for, opcheck_backward_sample_positions_and_fast_tanh, score_parameters
 
 CUDA_READY = torch.cuda.is_available() and backends.unavailable_reason("cuda") is None
 needs_cuda_kernels = pytest.mark.skipif(
@@ -385,17 +385,7 @@ def test_opcheck_attention_forward(arguments):
 
 @gpu
 def test_opcheck_attention_backward_sample_positions_fast_tanh_and_recurrent_ops():
-    query, keys, values, v, bias, *rest = next(_opcheck_samples())
-    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in (query, keys, values, v, bias, *rest)]
-    context, weights, logsumexp = torch.ops.fastattn.attention_forward(*detached)
-    (query, keys, values, v, bias, score, scale, lengths, mask, causal, window, center, gaussian, _) = detached
-    torch.library.opcheck(
-        torch.ops.fastattn.attention_backward.default,
-        (torch.randn_like(context), torch.randn_like(weights), query, keys, values, v, bias, score, scale, lengths,
-         mask, causal, window, center, gaussian, logsumexp),
-    )
-    torch.library.opcheck(torch.ops.fastattn.sample_positions.default, (weights, False, None))
-    torch.library.opcheck(torch.ops.fastattn.fast_tanh.default, (torch.randn(17, device=DEVICE),))
+    opcheck_backward_sample_positions_and_fast_tanh(next(_opcheck_samples()))
     cases = recurrent_cases(torch.float64, True, LENGTHS, True)
     x, h, c, w_ih, w_hh, b_ih, b_hh = cases["lstm_cell"]
     torch.library.opcheck(torch.ops.fastattn.lstm_cell_forward.default, (x, h, c, w_ih, w_hh, b_ih, b_hh))

@@ -10,6 +10,7 @@ import torch
 
 from fastattn.zoo.autoencoder_task import AutoencoderTask
 from fastattn.zoo.autoencoders import KINDS, Autoencoder, build_autoencoder, pca_basis, principal_angles_degrees
+from tests.zoo_helpers import train_arguments
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -89,11 +90,7 @@ def test_bad_input(call, error):
 
 
 def _task(*flags):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data")
-    AutoencoderTask.add_arguments(parser)
-    return AutoencoderTask(parser.parse_args(list(flags)), torch.device("cpu"))
+    return AutoencoderTask(train_arguments("autoencoder", *flags), torch.device("cpu"))
 
 
 def test_task_trains_evaluates_plots_and_restores(tmp_path):

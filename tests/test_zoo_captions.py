@@ -11,6 +11,7 @@ import torch
 from fastattn.data.captions import load_caption_splits
 from fastattn.zoo.captions_task import CaptionsTask, attention_in_box
 from fastattn.zoo.show_attend_tell import ShowAttendTell, attention_entropy, doubly_stochastic_penalty, reinforce_surrogate
+from tests.zoo_helpers import train_arguments
 
 VOCAB = 9
 
@@ -144,11 +145,7 @@ def test_bad_input(call, error):
 
 
 def _task(*flags):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data")
-    CaptionsTask.add_arguments(parser)
-    return CaptionsTask(parser.parse_args(["--train-size", "64", "--test-size", "20", *flags]), torch.device("cpu"))
+    return CaptionsTask(train_arguments("captions", "--train-size", "64", "--test-size", "20", *flags), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("attention", ["soft", "hard"])
@@ -180,13 +177,12 @@ def test_task_refuses_a_data_file():
 def test_trainer_and_eval_round_trip(tmp_path):
     """``fastattn train captions`` for a few steps, then ``fastattn eval`` of its checkpoint
     scores the same held-out canvases the same way."""
-    from fastattn.zoo.cli import task_parser
     from fastattn.zoo.trainer import evaluate_checkpoint, train
 
-    args = task_parser("captions", argparse.ArgumentParser).parse_args(
-        ["--train-size", "64", "--test-size", "40", "--epochs", "1", "--feature-dim", "8", "--hidden-dim", "16", "--out", str(tmp_path / "run"), "--quiet"]
+    args = train_arguments(
+        "captions", "--train-size", "64", "--test-size", "40", "--epochs", "1", "--feature-dim", "8",
+        "--hidden-dim", "16", "--out", str(tmp_path / "run"), "--quiet",
     )
-    args.task = "captions"
     trained = train(args)
     evaluated = evaluate_checkpoint(tmp_path / "run" / "checkpoint.pt", data=None, out=tmp_path / "eval",
                                     plot_attention=None, device=None, batch_size=None)

@@ -10,6 +10,7 @@ import torch
 from fastattn.data.recall import QUERY, VALUES, generate_recall, load_recall_splits, render, vocabulary
 from fastattn.zoo.lstmn import LSTMN, RecallClassifier
 from fastattn.zoo.lstmn_task import LSTMNTask
+from tests.zoo_helpers import train_arguments
 
 
 def test_lstmn_forward_backward_and_attention_rows():
@@ -133,11 +134,7 @@ def test_read_next_token_must_be_a_flag():
 
 def test_task_learns_something_and_restores(tmp_path):
     torch.manual_seed(0)
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data")
-    LSTMNTask.add_arguments(parser)
-    args = parser.parse_args(["--pairs", "2", "--keys", "3", "--hidden", "16", "--train-size", "2000"])
+    args = train_arguments("lstmn", "--pairs", "2", "--keys", "3", "--hidden", "16", "--train-size", "2000")
     task = LSTMNTask(args, torch.device("cpu"))
     optimizer = torch.optim.Adam(task.model.parameters(), lr=1e-2)
     for _ in range(2):
