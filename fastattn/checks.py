@@ -35,8 +35,14 @@ def choice(name: str, value: object, choices: Sequence[object]) -> object:
 
 
 def reads_values() -> bool:
-    """Whether value checks run here (eager mode) or are skipped (torch.compile tracing)."""
-    return not torch.compiler.is_compiling()
+    """Whether value checks run here (eager mode) or are skipped (torch.compile tracing, and
+    CUDA graph capture, where reading a value would synchronise the capturing stream: a
+    capture's warm-up run checks them)."""
+    return not torch.compiler.is_compiling() and not _capturing_cuda_graph()
+
+
+def _capturing_cuda_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def tensor(name: str, value: object) -> torch.Tensor:

@@ -27,6 +27,7 @@ PEERS = {
     "gru_cell.": "torch.nn.GRUCell",
     "lstm_layer.": "torch.nn.LSTM",
     "gru_layer.": "torch.nn.GRU",
+    "greedy_decoding.cuda_graph.": "eager reference",
 }
 
 

@@ -8,7 +8,9 @@ reference is added by the runner, for cases marked ``compilable``.
 
 Case names: ``attention.<score>.<multi_query|decode_step>.<forward|forward_backward>``,
 ``hard_attention.multi_query.forward``, ``<lstm|gru>_<cell|layer>.<forward|forward_backward>``,
-``decoder_step.forward`` and ``greedy_decoding.forward``.
+``decoder_step.forward``, ``greedy_decoding.forward`` and
+``greedy_decoding.cuda_graph.batch_<1|64>.forward`` (the zoo's Seq2Seq, CUDA graph against
+the eager reference).
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from fastattn import roofline
+from fastattn import backends, roofline
 from fastattn.optimize import optimize
 from fastattn.functional.attention import attention, hard_attention
 from fastattn.functional.recurrent import gru_cell, lstm_cell
 from fastattn.nn.decoder import AttentionDecoderCell, DecoderState
+from fastattn.zoo.seq2seq import EOS, Seq2Seq, Seq2SeqConfig
 
 SCORES = ("dot", "scaled_dot", "general", "additive", "cosine", "location")
 MODES = ("forward", "forward_backward")
+GREEDY_BATCHES = (1, 64)  # of the Seq2Seq greedy decoding cases, whatever the preset
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Outputs = tuple  # of tensors; nested tuples are flattened by the runner
 
@@ -269,6 +273,35 @@ def _greedy_decoding_case(preset: Preset) -> Case:
     return Case("greedy_decoding.forward", ("attention", "lstm_cell"), shape, False, False, build, work)
 
 
+def _seq2seq_greedy_case(batch: int, preset: Preset) -> Case:
+    """The zoo's Seq2Seq (additive attention, LSTM, input feeding) decoding ``tokens`` tokens
+    greedily from an encoded source: the backend rows capture the steps in a CUDA graph on a
+    GPU (``fastattn.zoo.graph_decoding``; eager on a CPU), the peer is the eager loop on the
+    reference backend.  The end token is never chosen, so every call decodes ``tokens`` steps."""
+    length, tokens, vocabulary = preset.length, preset.tokens, preset.vocabulary
+    hidden = preset.hidden + preset.hidden % 2  # Seq2Seq splits it between two encoder directions
+
+    def build(inputs: Inputs) -> Workload:
+        config = Seq2SeqConfig(vocabulary, vocabulary, embedding_size=hidden, hidden_size=hidden)
+        model = inputs.module(Seq2Seq(config))
+        source = torch.randint(1, vocabulary, (batch, length), generator=inputs.generator).to(inputs.device)
+        with torch.no_grad():
+            model.output.bias[EOS] = -1e4
+            encoded, state = model.encode(source, torch.full((batch,), length, device=inputs.device))
+
+        def eager_reference() -> Outputs:
+            with backends.backend("reference"):
+                return tuple(model.greedy_decode(encoded, state, tokens, cuda_graph=False))
+
+        return Workload(lambda: tuple(model.greedy_decode(encoded, state, tokens)), [], {"eager reference": eager_reference})
+
+    def work(element_bytes: int) -> roofline.Work:
+        return roofline.greedy_decoding_work(tokens, batch, length, hidden, vocabulary, element_bytes=element_bytes)
+
+    shape = {"B": batch, "S": length, "H": hidden, "tokens": tokens, "V": vocabulary}
+    return Case(f"greedy_decoding.cuda_graph.batch_{batch}.forward", ("attention", "lstm_cell"), shape, False, False, build, work)
+
+
 def _as_tuple(outputs: object) -> Outputs:
     return outputs if isinstance(outputs, tuple) else (outputs,)
 
@@ -290,6 +323,7 @@ def cases(preset: Preset) -> list[Case]:
         *recurrent_cases,
         _decoder_step_case(preset),
         _greedy_decoding_case(preset),
+        *(_seq2seq_greedy_case(batch, preset) for batch in GREEDY_BATCHES),
     ]
 
 

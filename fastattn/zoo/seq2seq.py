@@ -30,9 +30,11 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastattn.nn
+from fastattn import checks
 from fastattn.data.vocabulary import Vocabulary
 from fastattn.nn.attention import AttentionCache
 from fastattn.nn.decoder import AttentionDecoderCell, DecoderState
+from fastattn.zoo import graph_decoding
 
 ATTENTIONS = ("none", "dot", "general", "additive", "cosine", "location", "local-m", "local-p")
 CELLS = ("lstm", "gru")
@@ -184,10 +186,21 @@ class Seq2Seq(torch.nn.Module):
         return torch.stack(logits, dim=1)
 
     @torch.no_grad()
-    def greedy(self, source: torch.Tensor, lengths: torch.Tensor, max_length: int) -> Decoded:
-        """The most likely token at every step, until every sequence has ended or ``max_length``."""
+    def greedy(self, source: torch.Tensor, lengths: torch.Tensor, max_length: int, cuda_graph: bool | None = None) -> Decoded:
+        """The most likely token at every step, until every sequence has ended or ``max_length``.
+
+        ``cuda_graph``: run the steps captured in a CUDA graph (``fastattn.zoo.graph_decoding``,
+        same tokens); None (default): on a CUDA device, unless the attention is "local-m"."""
         encoded, state = self.encode(source, lengths)
-        previous = torch.full((source.shape[0],), BOS, dtype=torch.long, device=source.device)
+        return self.greedy_decode(encoded, state, max_length, cuda_graph=cuda_graph)
+
+    @torch.no_grad()
+    def greedy_decode(self, encoded: Encoded, state: DecoderState, max_length: int, *, cuda_graph: bool | None = None) -> Decoded:
+        """:meth:`greedy` from an encoded source and its initial state (``encode``)."""
+        checks.positive_int("max_length", max_length)
+        if graph_decoding.wants_graph(cuda_graph, self.config.attention, state.hidden.device):
+            return Decoded(*graph_decoding.greedy(self, encoded, state, max_length))
+        previous = torch.full((state.hidden.shape[0],), BOS, dtype=torch.long, device=state.hidden.device)
         finished = torch.zeros_like(previous, dtype=torch.bool)
         tokens, weights = [], []
         for t in range(max_length):
