@@ -632,3 +632,75 @@ def test_emulated_recurrent_step_kernels_match_the_cells_and_freeze_finished_row
 
 def ctypes_step(step):
     return ctypes.byref(step)
+
+
+# (T, B, I, H, lengths, reverse, multiprocessors): a ragged last block (H = 9 over 3
+# blocks), lengths in both directions, two 64-row batch passes, several 32-deep K chunks.
+PERSISTENT_CASES = {
+    "odd_lengths": (6, 5, 4, 9, [6, 0, 3, 3, 1], False, 3),
+    "odd_lengths_reverse": (6, 5, 4, 9, [6, 0, 3, 3, 1], True, 3),
+    "two_batch_passes": (3, 67, 3, 5, None, False, 2),
+    "deep_chunks_reverse": (4, 3, 2, 37, None, True, 3),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(PERSISTENT_CASES))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_emulated_persistent_layer_kernels_match_the_reference(emulated, cell, case):
+    """The persistent kernels' whole recurrent loop (blocks running at once, the grid
+    barrier between steps) against fastattn.reference in float64: outputs, final states,
+    the CPU op's `saved`, and the gradients of x, h0, c0 and the biases."""
+    steps, batch, inputs, hidden, lengths, reverse, multiprocessors = PERSISTENT_CASES[case]
+    gates = 4 if cell == "lstm" else 3
+    generator = torch.Generator().manual_seed(5)
+
+    def random(*size):
+        return torch.randn(*size, generator=generator).mul(0.5)
+
+    x, h0, c0 = random(steps, batch, inputs), random(batch, hidden), random(batch, hidden)
+    w_ih, w_hh = random(gates * hidden, inputs), random(gates * hidden, hidden)
+    b_ih, b_hh = random(gates * hidden), random(gates * hidden)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    plan = emulation.persistent_plan(emulated, cell, False, batch, hidden, multiprocessors)
+    assert plan.blocks == multiprocessors and plan.blocks * plan.units_per_block >= hidden
+
+    output, h_n, c_n, saved = emulation.persistent_layer_forward(
+        emulated, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, multiprocessors)
+    leaves = [t.double().requires_grad_() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+    if cell == "lstm":
+        expected = reference.lstm_layer(*leaves, None, lengths, reverse)
+        cpu_saved = torch.ops.fastattn.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)[3]
+    else:
+        expected = reference.gru_layer(leaves[0], leaves[1], *leaves[3:], lengths, reverse)
+        cpu_saved = torch.ops.fastattn.gru_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)[2]
+    tolerance = {"rtol": 2e-5, "atol": 2e-5}
+    for got, want in zip((output, h_n, c_n), expected):
+        torch.testing.assert_close(got.double(), want.detach(), **tolerance)
+    torch.testing.assert_close(saved, cpu_saved, **tolerance)
+
+    grads = [random(*t.shape) for t in expected]
+    wanted = [leaves[0], leaves[1], leaves[2], leaves[5], leaves[6]] if cell == "lstm" else [
+        leaves[0], leaves[1], leaves[5], leaves[6]]
+    expected_grads = torch.autograd.grad(expected, wanted, [g.double() for g in grads])
+    grad_c_n = grads[2] if cell == "lstm" else None
+    got = emulation.persistent_layer_backward(emulated, cell, grads[0], grads[1], grad_c_n, x, h0, c0, w_ih, w_hh,
+                                              lengths, reverse, output, saved, multiprocessors)
+    names = ("x", "h0", "c0", "b_ih", "b_hh") if cell == "lstm" else ("x", "h0", "b_ih", "b_hh")
+    got = [g for g in got if g is not None]
+    assert len(got) == len(names) == len(expected_grads)
+    for name, got_grad, want_grad in zip(names, got, expected_grads):
+        torch.testing.assert_close(got_grad.double(), want_grad, **tolerance, msg=lambda m, n=name: f"grad_{n}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_emulated_persistent_plan_fits_the_bench_shape_and_refuses_a_big_hidden_size(emulated, cell):
+    """On an H200 (132 SMs, 227 KiB per block, as the emulated device answers) H = 1024
+    fits in one block per SM; H = 2048 does not (the binding takes the per-step path)."""
+    for backward in (False, True):
+        plan = emulation.persistent_plan(emulated, cell, backward, 64, 1024)
+        assert 0 < plan.blocks <= 132 and plan.blocks * plan.units_per_block >= 1024
+        assert plan.shared_bytes <= emulation.SHARED_BYTES_PER_BLOCK and plan.threads <= 256
+        assert emulation.persistent_plan(emulated, cell, backward, 64, 1024, 132).blocks == plan.blocks
+        assert emulation.persistent_plan(emulated, cell, backward, 64, 2048).blocks == 0

@@ -123,5 +123,75 @@ cudaError_t launch_gru_step_backward(const RecurrentStep& step, const void* grad
 cudaError_t launch_take_recurrent_gradient(const RecurrentStep& step, const void* recurrent, const void* direct,
                                            void* grad_h, cudaStream_t stream);
 
+// ---------------------------------------------------------------- persistent recurrent layers
+// The recurrent loop of a whole LSTM / GRU layer (one direction) in ONE cooperative
+// launch that keeps W_hh in shared memory across the grid (persistent_recurrent.cu),
+// float32 only.  The input projection (forward) and the grad_x / grad_W GEMMs
+// (backward) stay whole-sequence GEMMs in the binding.  Results, `saved` layouts and
+// lengths semantics are those of the per-step path above (csrc/cpu/recurrent.cpp).
+
+enum class RecurrentCell : int { kLstm = 0, kGru = 1 };
+
+// How a layer's recurrent loop is spread over the grid: each of `blocks` blocks owns
+// `units_per_block` consecutive hidden units.  blocks == 0: the shape does not fit (W_hh
+// slice beyond shared memory, or more blocks than the GPU runs at once); use the
+// per-step path.
+struct PersistentPlan {
+  int blocks = 0;
+  int threads = 0;
+  int64_t units_per_block = 0;
+  int64_t shared_bytes = 0;
+};
+
+// The plan for a GPU with `multiprocessors` SMs (one block each) and
+// `shared_bytes_per_block` of dynamic shared memory per block; pure arithmetic.
+PersistentPlan persistent_recurrent_plan(RecurrentCell cell, bool backward, int64_t batch, int64_t hidden,
+                                         int multiprocessors, int64_t shared_bytes_per_block);
+// The plan on the current device: its SM count and opt-in shared memory, cooperative
+// launch support, and the occupancy of the kernel (at least one block per SM).
+cudaError_t persistent_recurrent_plan_on_device(RecurrentCell cell, bool backward, int64_t batch, int64_t hidden,
+                                                PersistentPlan* plan);
+
+struct PersistentLayer {
+  int64_t steps = 0, batch = 0, hidden = 0;
+  const int64_t* lengths = nullptr;  // (B,) or null
+  bool reverse = false;
+  const float* w_hh = nullptr;       // (gates * H, H)
+  unsigned long long* barrier = nullptr;  // one counter, zero on entry (the grid barrier's)
+};
+
+struct PersistentForwardBuffers {
+  const float* b_ih = nullptr;  // (gates * H,) or null
+  const float* b_hh = nullptr;  // (gates * H,) or null
+  // (T, B, width), W_ih x in the first gates * H columns on entry; on exit the layer's
+  // saved: LSTM width 5H [i | f | g | o | c'], GRU width 4H [r | z | n | W_hn h + b_hn].
+  float* saved = nullptr;
+  float* output = nullptr;     // (T, B, H)
+  float* h_state = nullptr;    // (B, H): h0 on entry, h_n on exit
+  float* c_state = nullptr;    // LSTM (B, H): c0 on entry, c_n on exit
+  float* h_scratch = nullptr;  // (B, H): the other half of the h double buffer
+};
+
+struct PersistentBackwardBuffers {
+  const float* grad_output = nullptr;  // (T, B, H)
+  const float* saved = nullptr;        // the forward's
+  const float* c0 = nullptr;           // LSTM (B, H)
+  const float* previous_h = nullptr;   // GRU (T, B, H): the state each step started from
+  float* grad_h = nullptr;             // (B, H): grad_h_n on entry, grad_h0 on exit
+  float* grad_c = nullptr;             // LSTM (B, H): grad_c_n on entry, grad_c0 on exit
+  float* grad_gates = nullptr;         // (T, B, gates * H) out: LSTM's gate gradients, GRU's hidden side
+  float* grad_input_gates = nullptr;   // GRU (T, B, 3H) out: the input side
+  float* direct = nullptr;             // GRU scratch (B, H)
+};
+
+cudaError_t launch_persistent_lstm_forward(const PersistentLayer& layer, const PersistentPlan& plan,
+                                           const PersistentForwardBuffers& buffers, cudaStream_t stream);
+cudaError_t launch_persistent_gru_forward(const PersistentLayer& layer, const PersistentPlan& plan,
+                                          const PersistentForwardBuffers& buffers, cudaStream_t stream);
+cudaError_t launch_persistent_lstm_backward(const PersistentLayer& layer, const PersistentPlan& plan,
+                                            const PersistentBackwardBuffers& buffers, cudaStream_t stream);
+cudaError_t launch_persistent_gru_backward(const PersistentLayer& layer, const PersistentPlan& plan,
+                                           const PersistentBackwardBuffers& buffers, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastattn

@@ -6,21 +6,15 @@
 // Fuses: the bias additions, every gate nonlinearity, the state update, the saving of
 // what the backward needs, and the masking of finished sequences (t >= lengths[b]:
 // state kept, output 0, zero gate gradients), one thread per (b, j) element, the gate
-// blocks of torch.nn ([i | f | g | o], [r | z | n]).  The equations and the saved
-// layouts are those of csrc/cpu/recurrent.cpp; float32 takes tanh from fast_tanh
-// (csrc/common/fast_tanh.h) and sigmoid(x) = (1 + tanh(x / 2)) / 2 as the CPU does.
-// Not handled: the recurrent GEMM (h W_hh^T, per step in the binding, no persistent
-// kernel keeping W_hh on chip); LSTM projections (proj_size).
-#include "device_common.cuh"
+// blocks of torch.nn ([i | f | g | o], [r | z | n]).  The equations
+// (recurrent_cell_math.cuh) and the saved layouts are those of csrc/cpu/recurrent.cpp.
+// Not handled: the recurrent GEMM (h W_hh^T, per step in the binding; the persistent
+// kernels of persistent_recurrent.cu keep W_hh on chip instead); LSTM projections (proj_size).
+#include "recurrent_cell_math.cuh"
 
 namespace fastattn {
 namespace cuda {
 namespace {
-
-__device__ __forceinline__ float gate_tanh(float x) { return fast_tanh(x); }
-__device__ __forceinline__ float gate_sigmoid(float x) { return 0.5f + 0.5f * fast_tanh(0.5f * x); }
-__device__ __forceinline__ double gate_tanh(double x) { return tanh(x); }
-__device__ __forceinline__ double gate_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 
 __device__ __forceinline__ bool is_active(const RecurrentStep& step, int64_t b) {
   return step.lengths == nullptr || step.time < step.lengths[b];
@@ -49,20 +43,16 @@ __global__ void lstm_step_forward_kernel(RecurrentStep step, T* gates, int64_t g
         const int64_t at = k * H + j;
         return (row[at] + bias_at(b_ih, at)) + (hidden_row[at] + bias_at(b_hh, at));
       };
-      const T i = gate_sigmoid(pre_activation(0));
-      const T f = gate_sigmoid(pre_activation(1));
-      const T g = gate_tanh(pre_activation(2));
-      const T o = gate_sigmoid(pre_activation(3));
-      const T c_new = f * c_state[index] + i * g;
-      const T h_new = o * gate_tanh(c_new);
-      row[j] = i;
-      row[H + j] = f;
-      row[2 * H + j] = g;
-      row[3 * H + j] = o;
-      c_state[index] = c_new;
-      h_state[index] = h_new;
-      if (saved_c != nullptr) saved_c[b * gates_stride + j] = c_new;
-      if (output != nullptr) output[index] = h_new;
+      const LstmForward<T> next =
+          lstm_forward(pre_activation(0), pre_activation(1), pre_activation(2), pre_activation(3), c_state[index]);
+      row[j] = next.i;
+      row[H + j] = next.f;
+      row[2 * H + j] = next.g;
+      row[3 * H + j] = next.o;
+      c_state[index] = next.c;
+      h_state[index] = next.h;
+      if (saved_c != nullptr) saved_c[b * gates_stride + j] = next.c;
+      if (output != nullptr) output[index] = next.h;
     } else {  // finished sequence: state kept, output 0
       for (int k = 0; k < 4; ++k) row[k * H + j] = T(0);
       if (saved_c != nullptr) saved_c[b * gates_stride + j] = c_state[index];
@@ -85,15 +75,15 @@ __global__ void lstm_step_backward_kernel(RecurrentStep step, const T* grad_h, c
       continue;
     }
     const T* row = gates + b * gates_stride;
-    const T i = row[j], f = row[H + j], g = row[2 * H + j], o = row[3 * H + j];
     const T dh = grad_h[index] + (grad_output != nullptr ? grad_output[index] : T(0));
-    const T tanh_c = gate_tanh(c_next[b * c_next_stride + j]);
-    const T dc = grad_c[index] + dh * o * (T(1) - tanh_c * tanh_c);
-    grad_c[index] = dc * f;
-    grad_row[j] = dc * g * i * (T(1) - i);
-    grad_row[H + j] = dc * c_prev[b * c_prev_stride + j] * f * (T(1) - f);
-    grad_row[2 * H + j] = dc * i * (T(1) - g * g);
-    grad_row[3 * H + j] = dh * tanh_c * o * (T(1) - o);
+    const LstmBackward<T> grad = lstm_backward(row[j], row[H + j], row[2 * H + j], row[3 * H + j],
+                                               c_prev[b * c_prev_stride + j], c_next[b * c_next_stride + j], dh,
+                                               grad_c[index]);
+    grad_c[index] = grad.grad_c_prev;
+    grad_row[j] = grad.d_i;
+    grad_row[H + j] = grad.d_f;
+    grad_row[2 * H + j] = grad.d_g;
+    grad_row[3 * H + j] = grad.d_o;
   }
 }
 
@@ -112,17 +102,14 @@ __global__ void gru_step_forward_kernel(RecurrentStep step, T* gates, const T* h
     const T* hidden_row = hidden_gates + b * 3 * H;
     auto input_part = [&](int64_t k) { return row[k * H + j] + bias_at(b_ih, k * H + j); };
     auto hidden_part = [&](int64_t k) { return hidden_row[k * H + j] + bias_at(b_hh, k * H + j); };
-    const T r = gate_sigmoid(input_part(0) + hidden_part(0));
-    const T z = gate_sigmoid(input_part(1) + hidden_part(1));
-    const T hidden_n = hidden_part(2);
-    const T n = gate_tanh(input_part(2) + r * hidden_n);
-    const T h_new = (T(1) - z) * n + z * h_state[index];
-    row[j] = r;
-    row[H + j] = z;
-    row[2 * H + j] = n;
-    row[3 * H + j] = hidden_n;
-    h_state[index] = h_new;
-    if (output != nullptr) output[index] = h_new;
+    const GruForward<T> next = gru_forward(input_part(0), input_part(1), input_part(2), hidden_part(0),
+                                           hidden_part(1), hidden_part(2), h_state[index]);
+    row[j] = next.r;
+    row[H + j] = next.z;
+    row[2 * H + j] = next.n;
+    row[3 * H + j] = next.hidden_n;
+    h_state[index] = next.h;
+    if (output != nullptr) output[index] = next.h;
   }
 }
 
@@ -140,18 +127,16 @@ __global__ void gru_step_backward_kernel(RecurrentStep step, const T* grad_h, co
       continue;
     }
     const T* row = gates + b * 4 * H;
-    const T r = row[j], z = row[H + j], n = row[2 * H + j], hidden_n = row[3 * H + j];
+    const T r = row[j];
     const T dh = grad_h[index] + (grad_output != nullptr ? grad_output[index] : T(0));
-    const T d_pre_n = dh * (T(1) - z) * (T(1) - n * n);
-    const T d_pre_z = dh * (previous_h[index] - n) * z * (T(1) - z);
-    const T d_pre_r = d_pre_n * hidden_n * r * (T(1) - r);
-    input_row[j] = d_pre_r;
-    input_row[H + j] = d_pre_z;
-    input_row[2 * H + j] = d_pre_n;
-    hidden_row[j] = d_pre_r;
-    hidden_row[H + j] = d_pre_z;
-    hidden_row[2 * H + j] = d_pre_n * r;
-    direct[index] = dh * z;
+    const GruBackward<T> grad = gru_backward(r, row[H + j], row[2 * H + j], row[3 * H + j], previous_h[index], dh);
+    input_row[j] = grad.d_r;
+    input_row[H + j] = grad.d_z;
+    input_row[2 * H + j] = grad.d_n;
+    hidden_row[j] = grad.d_r;
+    hidden_row[H + j] = grad.d_z;
+    hidden_row[2 * H + j] = grad.d_n * r;
+    direct[index] = grad.direct;
   }
 }
 

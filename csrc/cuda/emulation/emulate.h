@@ -3,11 +3,15 @@
 //
 // Force-included before a .cu file whose launches `kernel<<<grid, block, shared,
 // stream>>>(args)` were rewritten to `fastattn_emulate_launch(kernel, grid, block,
-// shared, stream, args)` and whose `extern __shared__` array became a pointer to
-// emu_shared_bytes (emulation.py does both).  The execution model: blocks one after
+// shared, stream, args)` and whose `extern __shared__` array became a pointer to the
+// block's emulated shared memory (emulation.py does both).  The execution model: blocks one after
 // another, one std::thread per CUDA thread of a block (reused for every block), std::barrier for __syncthreads
 // and a per-warp barrier around each shuffle, shared memory filled with 0xFF before
-// each block (NaN for floats: reads of unwritten shared memory show up).  What it
+// each block (NaN for floats: reads of unwritten shared memory show up).  A cooperative
+// launch (cudaLaunchCooperativeKernel, rewritten to fastattn_emulate_cooperative_launch)
+// runs all its blocks at once instead, each with its own threads, barriers and shared
+// memory, so that a grid-wide barrier (atomics on a counter, fences, spinning) works:
+// keep such grids small.  What it
 // checks: indexing, masks, tiling, splits, reductions, the block synchronisation the
 // kernels rely on.  What it does not: GPU memory errors and races (compute-sanitizer
 // does), warp-synchronous assumptions beyond shuffles, GPU rounding (no FMA contraction).
@@ -19,11 +23,14 @@
 #include <cuda_runtime.h>
 #undef __launch_bounds__
 #define __launch_bounds__(...)
+#include <atomic>
 #include <barrier>
 #include <cstring>
 #include <functional>
-
-extern unsigned char emu_shared_bytes[1 << 20];
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
 namespace emu {
 struct ThreadState {
@@ -32,9 +39,11 @@ struct ThreadState {
   std::barrier<>* block_barrier = nullptr;
   std::barrier<>* warp_barrier = nullptr;
   unsigned char* warp_exchange = nullptr;  // 32 lanes x 8 bytes
+  unsigned char* shared_memory = nullptr;  // the block's dynamic shared memory
 };
 extern thread_local ThreadState state;
 void run_grid(dim3 grid, dim3 block, size_t shared, const std::function<void()>& body);
+void run_cooperative_grid(dim3 grid, dim3 block, size_t shared, const std::function<void()>& body);
 
 template <typename T>
 T shfl_xor(T value, int lane_mask) {
@@ -62,3 +71,25 @@ void fastattn_emulate_launch(Kernel kernel, dim3 grid, dim3 block, size_t shared
 }
 template <typename T>
 cudaError_t cudaFuncSetAttribute(T*, enum cudaFuncAttribute, int) { return cudaSuccess; }
+
+template <typename... Params, size_t... I>
+void emulate_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, void** arguments,
+                         std::index_sequence<I...>) {
+  std::tuple<std::decay_t<Params>...> values(*static_cast<std::decay_t<Params>*>(arguments[I])...);
+  emu::run_cooperative_grid(grid, block, shared, [&] { std::apply(kernel, values); });
+}
+template <typename... Params>
+cudaError_t fastattn_emulate_cooperative_launch(void (*kernel)(Params...), dim3 grid, dim3 block, void** arguments,
+                                                size_t shared, cudaStream_t) {
+  emulate_cooperative(kernel, grid, block, shared, arguments, std::index_sequence_for<Params...>{});
+  return cudaSuccess;
+}
+
+// What the grid barrier of a cooperative kernel uses.
+template <typename T>
+T __ldcg(const T* address) { return std::atomic_ref<T>(*const_cast<T*>(address)).load(); }
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
+  return std::atomic_ref<unsigned long long>(*address).fetch_add(value);
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __nanosleep(unsigned) { std::this_thread::yield(); }

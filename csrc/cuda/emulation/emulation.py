@@ -5,8 +5,8 @@ build(directory) rewrites each ../*.cu for the host compiler (kernel launches be
 fastattn_emulate_launch calls, the dynamic shared array a pointer into the emulated
 shared memory), compiles them with runtime.cpp (g++, C++20 for std::barrier) and loads
 the library.  The ctypes structures mirror csrc/cuda/launch.h field for field;
-attention_forward / attention_backward allocate outputs and scratch as
-csrc/cuda/binding.cpp does and launch the kernels on CPU tensors.
+attention_forward / attention_backward and persistent_layer_forward / _backward allocate
+outputs and scratch as csrc/cuda/binding.cpp does and launch the kernels on CPU tensors.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def host_source(cuda_source: str) -> str:
     """A .cu file's text for the host compiler under emulate.h."""
     launches = re.compile(r"([\w:]+(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
     text = launches.sub(lambda match: f"fastattn_emulate_launch({match[1]}, {match[2]}, ", cuda_source)
+    text = text.replace("cudaLaunchCooperativeKernel(", "fastattn_emulate_cooperative_launch(")
     return text.replace("extern __shared__ __align__(16) unsigned char shared_bytes[];",
-                        "unsigned char* shared_bytes = emu_shared_bytes;")
+                        "unsigned char* shared_bytes = emu::state.shared_memory;")
 
 
 def build(directory: Path) -> ctypes.CDLL:
@@ -99,6 +100,31 @@ class RecurrentStep(ctypes.Structure):
                 ("lengths", ctypes.c_void_p), ("time", ctypes.c_int64)]
 
 
+class PersistentPlan(ctypes.Structure):
+    _fields_ = [("blocks", ctypes.c_int), ("threads", ctypes.c_int), ("units_per_block", ctypes.c_int64),
+                ("shared_bytes", ctypes.c_int64)]
+
+
+class PersistentLayer(ctypes.Structure):
+    _fields_ = [("steps", ctypes.c_int64), ("batch", ctypes.c_int64), ("hidden", ctypes.c_int64),
+                ("lengths", ctypes.c_void_p), ("reverse", ctypes.c_bool), ("w_hh", ctypes.c_void_p),
+                ("barrier", ctypes.c_void_p)]
+
+
+class PersistentForwardBuffers(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "b_ih", "b_hh", "saved", "output", "h_state", "c_state", "h_scratch")]
+
+
+class PersistentBackwardBuffers(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "grad_output", "saved", "c0", "previous_h", "grad_h", "grad_c", "grad_gates", "grad_input_gates", "direct")]
+
+
+CELLS = {"lstm": 0, "gru": 1}
+SHARED_BYTES_PER_BLOCK = 227 * 1024  # an H200's opt-in limit
+
+
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     signatures = {
@@ -113,6 +139,10 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "emu_gru_step_forward": [pointer, pointer, pointer, pointer, pointer, pointer, pointer],
         "emu_gru_step_backward": [pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer],
         "emu_take_recurrent_gradient": [pointer, pointer, pointer, pointer],
+        "emu_persistent_recurrent_plan": [ctypes.c_int, ctypes.c_bool, size, size, ctypes.c_int, size, pointer],
+        "emu_persistent_recurrent_plan_on_device": [ctypes.c_int, ctypes.c_bool, size, size, pointer],
+        **{f"emu_persistent_{cell}_{direction}": [pointer, pointer, pointer]
+           for cell in CELLS for direction in ("forward", "backward")},
     }
     for name, arguments in signatures.items():
         function = getattr(library, name)
@@ -206,3 +236,90 @@ def attention_backward(library, grad_context, grad_weights, arguments, logsumexp
 
 def recurrent_step(dtype, batch, hidden, lengths, time) -> RecurrentStep:
     return RecurrentStep(1 if dtype == torch.float64 else 0, batch, hidden, address(lengths), time)
+
+
+def persistent_plan(library, cell, backward, batch, hidden, multiprocessors=None) -> PersistentPlan:
+    """The plan for a GPU with `multiprocessors` SMs, or for the emulated H200 (the
+    device query path) when None."""
+    plan = PersistentPlan()
+    if multiprocessors is None:
+        status = library.emu_persistent_recurrent_plan_on_device(CELLS[cell], backward, batch, hidden,
+                                                                 ctypes.byref(plan))
+    else:
+        status = library.emu_persistent_recurrent_plan(CELLS[cell], backward, batch, hidden, multiprocessors,
+                                                       SHARED_BYTES_PER_BLOCK, ctypes.byref(plan))
+    if status != 0:
+        raise RuntimeError(f"persistent_recurrent_plan returned {status}")
+    return plan
+
+
+def _persistent_layer(keep, steps, batch, hidden, lengths, reverse, w_hh) -> PersistentLayer:
+    barrier = torch.zeros(1, dtype=torch.int64)
+    lengths = None if lengths is None else lengths.to(torch.int64).contiguous()
+    keep.extend([barrier, lengths, w_hh])
+    return PersistentLayer(steps, batch, hidden, address(lengths), reverse, address(w_hh), address(barrier))
+
+
+def _launch_persistent(library, cell, direction, layer, plan, buffers):
+    status = getattr(library, f"emu_persistent_{cell}_{direction}")(ctypes.byref(layer), ctypes.byref(plan),
+                                                                     ctypes.byref(buffers))
+    if status != 0:
+        raise RuntimeError(f"launch_persistent_{cell}_{direction} returned {status}")
+
+
+def persistent_layer_forward(library, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, multiprocessors):
+    """(output, h_n, c_n (None for the GRU), saved) of the layer op, float32 on the CPU,
+    the recurrent loop in the persistent kernel on `multiprocessors` blocks' worth of SMs."""
+    steps, batch, inputs = x.shape
+    hidden = w_hh.shape[1]
+    gates = w_hh.shape[0] // hidden
+    width = 5 * hidden if cell == "lstm" else 4 * hidden
+    plan = persistent_plan(library, cell, False, batch, hidden, multiprocessors)
+    keep: list = [b_ih, b_hh]
+    layer = _persistent_layer(keep, steps, batch, hidden, lengths, reverse, w_hh.contiguous())
+    saved = torch.full((steps, batch, width), math.nan)  # NaN: entries the kernel must write
+    saved[..., : gates * hidden] = (x.reshape(steps * batch, inputs) @ w_ih.t()).view(steps, batch, gates * hidden)
+    output, h_state, h_scratch = torch.empty(steps, batch, hidden), h0.clone(), torch.empty(batch, hidden)
+    c_state = c0.clone() if cell == "lstm" else None
+    buffers = PersistentForwardBuffers(address(b_ih), address(b_hh), address(saved), address(output),
+                                       address(h_state), address(c_state), address(h_scratch))
+    _launch_persistent(library, cell, "forward", layer, plan, buffers)
+    return output, h_state, c_state, saved
+
+
+def previous_hidden(output, h0, lengths, reverse):
+    """The state each step started from (T, B, H), as binding.cpp's previous_hidden."""
+    if not reverse:
+        return torch.cat([h0[None], output[:-1]])
+    shifted = torch.cat([output[1:], h0[None]])
+    if lengths is None:
+        return shifted
+    next_active = torch.arange(1, output.shape[0] + 1)[:, None] < lengths[None]
+    return torch.where(next_active[..., None], shifted, h0)
+
+
+def persistent_layer_backward(library, cell, grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, lengths,
+                              reverse, output, saved, multiprocessors):
+    """(grad_x, grad_h0, grad_c0 (None for the GRU), grad_b_ih, grad_b_hh): the recurrent
+    loop in the persistent kernel, the rest as binding.cpp computes it."""
+    steps, batch, inputs = x.shape
+    hidden = w_hh.shape[1]
+    gates = w_hh.shape[0] // hidden
+    plan = persistent_plan(library, cell, True, batch, hidden, multiprocessors)
+    keep: list = []
+    layer = _persistent_layer(keep, steps, batch, hidden, lengths, reverse, w_hh.contiguous())
+    grad_h = grad_h_n.clone()
+    grad_c = grad_c_n.clone() if cell == "lstm" else None
+    grad_gates = torch.empty(steps, batch, gates * hidden)
+    grad_input_gates = torch.empty(steps, batch, gates * hidden) if cell == "gru" else None
+    previous = previous_hidden(output, h0, lengths, reverse).contiguous() if cell == "gru" else None
+    direct = torch.empty(batch, hidden) if cell == "gru" else None
+    grad_output = grad_output.contiguous()
+    keep.extend([grad_output, saved, c0, previous])
+    buffers = PersistentBackwardBuffers(address(grad_output), address(saved), address(c0), address(previous),
+                                        address(grad_h), address(grad_c), address(grad_gates),
+                                        address(grad_input_gates), address(direct))
+    _launch_persistent(library, cell, "backward", layer, plan, buffers)
+    input_side = grad_gates if cell == "lstm" else grad_input_gates
+    grad_x = (input_side.view(steps * batch, -1) @ w_ih).view(steps, batch, inputs)
+    return grad_x, grad_h, grad_c, input_side.sum((0, 1)), grad_gates.sum((0, 1))

@@ -1,50 +1,89 @@
-// runtime.cpp: the emulated grid (see emulate.h), the few CUDA runtime calls the
-// kernels' launchers make, and C entry points to every launch function of launch.h
+// runtime.cpp: the emulated grids (see emulate.h), the few CUDA runtime calls the
+// kernels' launchers make (the device queries answer as one H200 would), and C entry points to every launch function of launch.h
 // for ctypes (tests/test_cuda_kernels.py).
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
 
 #include "../launch.h"
 
-alignas(16) unsigned char emu_shared_bytes[1 << 20];
-
 namespace emu {
 thread_local ThreadState state;
 
-void run_grid(dim3 grid, dim3 block, size_t shared, const std::function<void()>& body) {
-  if (shared > sizeof(emu_shared_bytes)) {
-    std::fprintf(stderr, "emulate: %zu bytes of shared memory asked, %zu available\n", shared,
-                 sizeof(emu_shared_bytes));
+namespace {
+constexpr size_t kSharedLimit = 1 << 20;
+
+void check_shared(size_t shared) {
+  if (shared > kSharedLimit) {
+    std::fprintf(stderr, "emulate: %zu bytes of shared memory asked, %zu available\n", shared, kSharedLimit);
     std::abort();
   }
-  // The threads of one block, created once and walked over every block of the grid.
-  const unsigned threads = block.x * block.y * block.z, warps = (threads + 31) / 32;
-  std::barrier<> block_barrier(threads);
+}
+
+// What the threads of one block share: its barriers, shuffle exchange and shared memory.
+struct Block {
+  explicit Block(unsigned threads, size_t shared)
+      : barrier(threads), exchange((threads + 31) / 32 * 32 * 8), shared_memory(shared / 16 + 1) {
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
+    std::memset(shared_memory.data(), 0xFF, shared_memory.size() * 16);
+  }
+  std::barrier<> barrier;
   std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-  for (unsigned w = 0; w < warps; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
-  std::vector<unsigned char> exchange(warps * 32 * 8);
+  std::vector<unsigned char> exchange;
+  std::vector<uint4> shared_memory;  // 16-byte aligned
+
+  void enter(unsigned t, dim3 grid, dim3 block) {
+    state.thread = uint3{t, 0, 0};
+    state.block_dim = block;
+    state.grid_dim = grid;
+    state.block_barrier = &barrier;
+    state.warp_barrier = warp_barriers[t / 32].get();
+    state.warp_exchange = exchange.data() + (t / 32) * 32 * 8;
+    state.shared_memory = reinterpret_cast<unsigned char*>(shared_memory.data());
+  }
+};
+}  // namespace
+
+void run_grid(dim3 grid, dim3 block, size_t shared, const std::function<void()>& body) {
+  check_shared(shared);
+  // The threads of one block, created once and walked over every block of the grid.
+  const unsigned threads = block.x * block.y * block.z;
+  Block resources(threads, shared);
   std::vector<std::thread> pool;
   for (unsigned t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
-      state.thread = uint3{t, 0, 0};
-      state.block_dim = block;
-      state.grid_dim = grid;
-      state.block_barrier = &block_barrier;
-      state.warp_barrier = warp_barriers[t / 32].get();
-      state.warp_exchange = exchange.data() + (t / 32) * 32 * 8;
+      resources.enter(t, grid, block);
       for (unsigned by = 0; by < grid.y; ++by) {
         for (unsigned bx = 0; bx < grid.x; ++bx) {
-          block_barrier.arrive_and_wait();  // the previous block is done everywhere
-          if (t == 0) std::memset(emu_shared_bytes, 0xFF, shared);
-          block_barrier.arrive_and_wait();
+          resources.barrier.arrive_and_wait();  // the previous block is done everywhere
+          if (t == 0) std::memset(state.shared_memory, 0xFF, shared);
+          resources.barrier.arrive_and_wait();
           state.block = uint3{bx, by, 0};
           body();
         }
       }
     });
+  }
+  for (auto& thread : pool) thread.join();
+}
+
+void run_cooperative_grid(dim3 grid, dim3 block, size_t shared, const std::function<void()>& body) {
+  check_shared(shared);
+  const unsigned threads = block.x * block.y * block.z, blocks = grid.x * grid.y * grid.z;
+  std::vector<std::unique_ptr<Block>> resources;
+  for (unsigned b = 0; b < blocks; ++b) resources.emplace_back(new Block(threads, shared));
+  std::vector<std::thread> pool;
+  for (unsigned b = 0; b < blocks; ++b) {
+    for (unsigned t = 0; t < threads; ++t) {
+      pool.emplace_back([&, b, t] {
+        resources[b]->enter(t, grid, block);
+        state.block = uint3{b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y)};
+        body();
+      });
+    }
   }
   for (auto& thread : pool) thread.join();
 }
@@ -54,6 +93,29 @@ using namespace fastattn::cuda;
 
 extern "C" {
 cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attribute, int) {
+  switch (attribute) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = 132;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = 227 * 1024;
+      return cudaSuccess;
+    case cudaDevAttrCooperativeLaunch:
+      *value = 1;
+      return cudaSuccess;
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void*, int, size_t, unsigned) {
+  *blocks = 1;
+  return cudaSuccess;
+}
 cudaError_t cudaMemsetAsync(void* pointer, int value, size_t bytes, cudaStream_t) {
   std::memset(pointer, value, bytes);
   return cudaSuccess;
@@ -98,5 +160,28 @@ int emu_gru_step_backward(const RecurrentStep* s, const void* grad_h, const void
 }
 int emu_take_recurrent_gradient(const RecurrentStep* s, const void* recurrent, const void* direct, void* grad_h) {
   return launch_take_recurrent_gradient(*s, recurrent, direct, grad_h, nullptr);
+}
+int emu_persistent_recurrent_plan(int cell, bool backward, int64_t batch, int64_t hidden, int multiprocessors,
+                                  int64_t shared_bytes_per_block, PersistentPlan* plan) {
+  *plan = persistent_recurrent_plan(static_cast<RecurrentCell>(cell), backward, batch, hidden, multiprocessors,
+                                    shared_bytes_per_block);
+  return cudaSuccess;
+}
+int emu_persistent_recurrent_plan_on_device(int cell, bool backward, int64_t batch, int64_t hidden,
+                                            PersistentPlan* plan) {
+  return persistent_recurrent_plan_on_device(static_cast<RecurrentCell>(cell), backward, batch, hidden, plan);
+}
+int emu_persistent_lstm_forward(const PersistentLayer* l, const PersistentPlan* p, const PersistentForwardBuffers* b) {
+  return launch_persistent_lstm_forward(*l, *p, *b, nullptr);
+}
+int emu_persistent_gru_forward(const PersistentLayer* l, const PersistentPlan* p, const PersistentForwardBuffers* b) {
+  return launch_persistent_gru_forward(*l, *p, *b, nullptr);
+}
+int emu_persistent_lstm_backward(const PersistentLayer* l, const PersistentPlan* p,
+                                 const PersistentBackwardBuffers* b) {
+  return launch_persistent_lstm_backward(*l, *p, *b, nullptr);
+}
+int emu_persistent_gru_backward(const PersistentLayer* l, const PersistentPlan* p, const PersistentBackwardBuffers* b) {
+  return launch_persistent_gru_backward(*l, *p, *b, nullptr);
 }
 }
