@@ -2,13 +2,16 @@
 
 On the CPU: the argument checks, and the static-buffer steps that the graph captures, run
 eagerly, against Seq2Seq's eager greedy loop (same tokens, same weights), for every
-attention that can be captured, ragged ends included.  Marked ``gpu``: the captured graph
+attention that can be captured, ragged ends included; and those steps, run as during a
+capture, read no tensor value on the host (no synchronisation of the capturing stream).  Marked ``gpu``: the captured graph
 itself against the eager loop on the device, at batch 1, on a ragged batch with end
 tokens, and replayed for a new source."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastattn import checks
 from fastattn.zoo import graph_decoding
 from fastattn.zoo.seq2seq import ATTENTIONS, EOS, PAD, Seq2Seq, Seq2SeqConfig
 from tests.test_cuda_kernels import gpu
@@ -118,6 +121,43 @@ def test_loaded_buffers_decode_a_new_source():
     eager = model.greedy(second, lengths, 12, cuda_graph=False)
     assert not torch.equal(eager.tokens, model.greedy(first, lengths, 12, cuda_graph=False).tokens)
     assert_same_decoding(tokens, weights, eager)
+
+
+class NoHostReads(TorchDispatchMode):
+    """Raises on every op that would read a tensor's value on the host (a synchronisation
+    of the capturing stream, or a result whose shape depends on the values)."""
+
+    HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.HOST_READS:
+            raise AssertionError(f"{func} reads a tensor's value on the host")
+        return func(*args, **(kwargs or {}))
+
+
+def loaded_buffers(model, steps=3):
+    source, lengths = source_batch()
+    encoded, state = model.encode(source, lengths)
+    buffers = graph_decoding.StaticGreedySteps(encoded, state, steps)
+    buffers.load(encoded, state)
+    return buffers
+
+
+@pytest.mark.parametrize("attention", CAPTURABLE)
+def test_the_captured_steps_read_no_value_on_the_host(attention, monkeypatch):
+    model = model_for(attention)
+    buffers = loaded_buffers(model)
+    monkeypatch.setattr(checks, "_capturing_cuda_graph", lambda: True)
+    with torch.no_grad(), NoHostReads():
+        buffers.run(model)
+
+
+def test_outside_a_capture_the_steps_check_values_on_the_host():
+    """The control of the test above: its mode does catch the eager value checks."""
+    model = model_for("additive")
+    buffers = loaded_buffers(model)
+    with torch.no_grad(), NoHostReads(), pytest.raises(AssertionError, match="reads a tensor's value"):
+        buffers.run(model)
 
 
 def test_replays_cover_max_length_with_few_extra_steps():
