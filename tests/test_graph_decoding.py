@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastattn
 from fastattn import checks
 from fastattn.zoo import graph_decoding
 from fastattn.zoo.seq2seq import ATTENTIONS, EOS, PAD, Seq2Seq, Seq2SeqConfig
@@ -143,12 +144,15 @@ def loaded_buffers(model, steps=3):
     return buffers
 
 
+@pytest.mark.parametrize("backend_name", ["auto", "reference"])
 @pytest.mark.parametrize("attention", CAPTURABLE)
-def test_the_captured_steps_read_no_value_on_the_host(attention, monkeypatch):
+def test_the_captured_steps_read_no_value_on_the_host(attention, backend_name, monkeypatch):
+    """On the backend "auto" picks (its Python is the CUDA backend's) and on the reference
+    (the bench's oracle captures it)."""
     model = model_for(attention)
     buffers = loaded_buffers(model)
     monkeypatch.setattr(checks, "_capturing_cuda_graph", lambda: True)
-    with torch.no_grad(), NoHostReads():
+    with fastattn.backend(backend_name), torch.no_grad(), NoHostReads():
         buffers.run(model)
 
 
