@@ -111,9 +111,7 @@ class StaticGreedySteps:
         for name, tensor in _memory_tensors(encoded.memory).items():
             self.memory[name].copy_(tensor)
         self.encoded.lengths.copy_(encoded.lengths)
-        for static, part in zip(self.state, state):
-            if static is not None:
-                static.copy_(part)
+        _copy_state(self.state, state)
         self.previous.fill_(BOS)
         self.finished.zero_()
 
@@ -130,9 +128,13 @@ class StaticGreedySteps:
                 self.weights[:, column] = weights
             self.finished |= previous == EOS
         self.previous.copy_(previous)
-        for static, part in zip(self.state, state):
-            if static is not None:
-                static.copy_(part)
+        _copy_state(self.state, state)
+
+
+def _copy_state(static: DecoderState, state: DecoderState) -> None:
+    for static_part, part in zip(static, state):
+        if static_part is not None:
+            static_part.copy_(part)
 
 
 def decode(buffers: StaticGreedySteps, advance: Callable[[], None], max_length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
