@@ -5,8 +5,10 @@
 // naming the argument), make the layouts the kernels expect, allocate outputs and
 // scratch with ATen, and launch on the current CUDA stream (no stream, event or handle
 // of our own).  The GEMMs of the recurrent ops (input projection of all steps at once,
-// h W_hh^T per step, the weight gradients) are ATen matmuls; the pointwise step runs
-// in recurrent_pointwise.cu.  Attention computes float16 / bfloat16 natively (float
+// the weight gradients) are ATen matmuls.  A layer's recurrent loop runs in the
+// persistent kernels of persistent_recurrent.cu (float32 compute, W_hh on chip) when the
+// shape fits the device and FASTATTN_CUDA_PERSISTENT_RNN is not "0"; otherwise per step,
+// h W_hh^T in ATen and the pointwise step in recurrent_pointwise.cu.  Attention computes float16 / bfloat16 natively (float
 // accumulation); the recurrent ops compute them in float32 and return the input dtype.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +18,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -536,6 +539,39 @@ at::Tensor layer_lengths(const char* op, const OptionalTensor& lengths, const at
 
 int64_t time_of_step(int64_t s, int64_t steps, bool reverse) { return reverse ? steps - 1 - s : s; }
 
+// The persistent kernels' plan for a layer's recurrent loop, or nullopt for the per-step
+// path: float32 compute only, FASTATTN_CUDA_PERSISTENT_RNN=0 turns them off, and W_hh's
+// slices must fit the device's shared memory with one co-resident block per SM.
+std::optional<PersistentPlan> persistent_plan(const char* op, RecurrentCell cell, bool backward,
+                                              at::ScalarType compute, const LayerShape& shape) {
+  if (compute != at::kFloat || shape.T == 0 || shape.B == 0 || shape.H == 0) return std::nullopt;
+  const char* setting = std::getenv("FASTATTN_CUDA_PERSISTENT_RNN");
+  if (setting != nullptr && std::string_view(setting) == "0") return std::nullopt;
+  PersistentPlan plan;
+  check_launch(op, persistent_recurrent_plan_on_device(cell, backward, shape.B, shape.H, &plan));
+  if (plan.blocks == 0) return std::nullopt;
+  return plan;
+}
+
+// The launch.h description of a layer for the persistent kernels (float32 tensors);
+// barrier: a zeroed int64 tensor of one element on the device.
+PersistentLayer persistent_layer(const LayerShape& shape, const at::Tensor& lengths, bool reverse,
+                                 const at::Tensor& w_hh, const at::Tensor& barrier) {
+  PersistentLayer layer;
+  layer.steps = shape.T;
+  layer.batch = shape.B;
+  layer.hidden = shape.H;
+  layer.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+  layer.reverse = reverse;
+  layer.w_hh = w_hh.const_data_ptr<float>();
+  layer.barrier = reinterpret_cast<unsigned long long*>(barrier.mutable_data_ptr<int64_t>());
+  return layer;
+}
+
+at::Tensor barrier_counter(const at::Tensor& like) { return at::zeros({1}, like.options().dtype(at::kLong)); }
+
+const float* float_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
+
 // The hidden state each step started from (T, B, H), for grad_w_hh and the GRU: h0 at
 // a sequence's first active step, the neighbouring step's output otherwise (rows of
 // inactive steps have zero gate gradients, whatever they hold).
@@ -562,24 +598,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor lengths = layer_lengths(op, lengths_in, x_in, B);
   const at::Tensor x = compute_in(x_in, compute);
-  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh_t = compute_in(w_hh_in, compute).t();
+  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
   const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
   at::Tensor output = at::empty({T, B, H}, x.options());
   at::Tensor saved = at::empty({T, B, width}, x.options());
   at::Tensor input_gates = saved.view({T * B, width}).narrow(1, 0, G);
   at::mm_out(input_gates, x.view({T * B, I}), w_ih.t());  // the input projections of all steps, one GEMM
   at::Tensor h_state = compute_in(h0_in, compute).clone(), c_state = compute_in(c0_in, compute).clone();
-  at::Tensor hidden_gates = at::empty({B, G}, x.options());
   const cudaStream_t stream = current_stream();
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = time_of_step(s, T, reverse);
-    at::mm_out(hidden_gates, h_state, w_hh_t);
-    at::Tensor saved_t = saved.select(0, t);
-    check_launch(op, launch_lstm_step_forward(step_of(compute, B, H, lengths, t), saved_t.mutable_data_ptr(), width,
-                                              hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
-                                              pointer_or_null(b_hh), c_state.mutable_data_ptr(),
-                                              h_state.mutable_data_ptr(), saved_t.narrow(1, G, H).mutable_data_ptr(),
-                                              output.select(0, t).mutable_data_ptr(), stream));
+  if (const auto plan = persistent_plan(op, RecurrentCell::kLstm, false, compute, shape)) {
+    const at::Tensor h_scratch = at::empty({B, H}, x.options()), barrier = barrier_counter(x);
+    PersistentForwardBuffers buffers;
+    buffers.b_ih = float_or_null(b_ih);
+    buffers.b_hh = float_or_null(b_hh);
+    buffers.saved = saved.mutable_data_ptr<float>();
+    buffers.output = output.mutable_data_ptr<float>();
+    buffers.h_state = h_state.mutable_data_ptr<float>();
+    buffers.c_state = c_state.mutable_data_ptr<float>();
+    buffers.h_scratch = h_scratch.mutable_data_ptr<float>();
+    check_launch(op, launch_persistent_lstm_forward(persistent_layer(shape, lengths, reverse, w_hh, barrier), *plan,
+                                                    buffers, stream));
+  } else {
+    const at::Tensor w_hh_t = w_hh.t();
+    at::Tensor hidden_gates = at::empty({B, G}, x.options());
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = time_of_step(s, T, reverse);
+      at::mm_out(hidden_gates, h_state, w_hh_t);
+      at::Tensor saved_t = saved.select(0, t);
+      check_launch(op, launch_lstm_step_forward(step_of(compute, B, H, lengths, t), saved_t.mutable_data_ptr(), width,
+                                                hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
+                                                pointer_or_null(b_hh), c_state.mutable_data_ptr(),
+                                                h_state.mutable_data_ptr(),
+                                                saved_t.narrow(1, G, H).mutable_data_ptr(),
+                                                output.select(0, t).mutable_data_ptr(), stream));
+    }
   }
   const auto dtype = x_in.scalar_type();
   return {output.to(dtype), h_state.to(dtype), c_state.to(dtype), saved.to(dtype)};
@@ -611,30 +663,43 @@ lstm_layer_backward_cuda(const at::Tensor& grad_output_in, const at::Tensor& gra
   const at::Tensor output = compute_in(output_in, compute), saved = compute_in(saved_in, compute);
   at::Tensor grad_h = compute_in(grad_h_n_in, compute).clone(), grad_c = compute_in(grad_c_n_in, compute).clone();
   at::Tensor grad_gates = at::empty({T, B, G}, x.options());
-  at::Tensor recurrent = at::empty({B, H}, x.options());  // grad_gates[t] @ w_hh
   const cudaStream_t stream = current_stream();
-  for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t t = time_of_step(s, T, reverse);
-    if (s < T - 1) {  // the gradient reaching h from the step after t
-      const int64_t t_next = reverse ? t - 1 : t + 1;
-      check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, t_next),
+  if (const auto plan = persistent_plan(op, RecurrentCell::kLstm, true, compute, shape)) {
+    const at::Tensor barrier = barrier_counter(x);
+    PersistentBackwardBuffers buffers;
+    buffers.grad_output = grad_output.const_data_ptr<float>();
+    buffers.saved = saved.const_data_ptr<float>();
+    buffers.c0 = c0.const_data_ptr<float>();
+    buffers.grad_h = grad_h.mutable_data_ptr<float>();
+    buffers.grad_c = grad_c.mutable_data_ptr<float>();
+    buffers.grad_gates = grad_gates.mutable_data_ptr<float>();
+    check_launch(op, launch_persistent_lstm_backward(persistent_layer(shape, lengths, reverse, w_hh, barrier), *plan,
+                                                     buffers, stream));
+  } else {
+    at::Tensor recurrent = at::empty({B, H}, x.options());  // grad_gates[t] @ w_hh
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = time_of_step(s, T, reverse);
+      if (s < T - 1) {  // the gradient reaching h from the step after t
+        const int64_t t_next = reverse ? t - 1 : t + 1;
+        check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, t_next),
+                                                        recurrent.const_data_ptr(), nullptr,
+                                                        grad_h.mutable_data_ptr(), stream));
+      }
+      const at::Tensor saved_t = saved.select(0, t);
+      const int64_t t_prev = reverse ? t + 1 : t - 1;
+      const at::Tensor c_prev = s > 0 ? saved.select(0, t_prev).narrow(1, G, H) : c0;
+      check_launch(op, launch_lstm_step_backward(step_of(compute, B, H, lengths, t), grad_h.const_data_ptr(),
+                                                 grad_output.select(0, t).const_data_ptr(), grad_c.mutable_data_ptr(),
+                                                 saved_t.const_data_ptr(), width, c_prev.const_data_ptr(),
+                                                 c_prev.stride(0), saved_t.narrow(1, G, H).const_data_ptr(), width,
+                                                 grad_gates.select(0, t).mutable_data_ptr(), stream));
+      at::mm_out(recurrent, grad_gates.select(0, t), w_hh);
+    }
+    if (T > 0) {
+      check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, time_of_step(0, T, reverse)),
                                                       recurrent.const_data_ptr(), nullptr, grad_h.mutable_data_ptr(),
                                                       stream));
     }
-    const at::Tensor saved_t = saved.select(0, t);
-    const int64_t t_prev = reverse ? t + 1 : t - 1;
-    const at::Tensor c_prev = s > 0 ? saved.select(0, t_prev).narrow(1, G, H) : c0;
-    check_launch(op, launch_lstm_step_backward(step_of(compute, B, H, lengths, t), grad_h.const_data_ptr(),
-                                               grad_output.select(0, t).const_data_ptr(), grad_c.mutable_data_ptr(),
-                                               saved_t.const_data_ptr(), width, c_prev.const_data_ptr(),
-                                               c_prev.stride(0), saved_t.narrow(1, G, H).const_data_ptr(), width,
-                                               grad_gates.select(0, t).mutable_data_ptr(), stream));
-    at::mm_out(recurrent, grad_gates.select(0, t), w_hh);
-  }
-  if (T > 0) {
-    check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, time_of_step(0, T, reverse)),
-                                                    recurrent.const_data_ptr(), nullptr, grad_h.mutable_data_ptr(),
-                                                    stream));
   }
   const at::Tensor grad_gates2d = grad_gates.view({T * B, G});
   const at::Tensor previous = previous_hidden(output, h0, lengths, reverse).reshape({T * B, H});
@@ -658,22 +723,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cuda(
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor lengths = layer_lengths(op, lengths_in, x_in, B);
   const at::Tensor x = compute_in(x_in, compute);
-  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh_t = compute_in(w_hh_in, compute).t();
+  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
   const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
   at::Tensor output = at::empty({T, B, H}, x.options());
   at::Tensor saved = at::empty({T, B, width}, x.options());
   at::Tensor input_gates = saved.view({T * B, width}).narrow(1, 0, G);
   at::mm_out(input_gates, x.view({T * B, I}), w_ih.t());  // the input projections of all steps, one GEMM
   at::Tensor h_state = compute_in(h0_in, compute).clone();
-  at::Tensor hidden_gates = at::empty({B, G}, x.options());
   const cudaStream_t stream = current_stream();
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = time_of_step(s, T, reverse);
-    at::mm_out(hidden_gates, h_state, w_hh_t);
-    check_launch(op, launch_gru_step_forward(step_of(compute, B, H, lengths, t), saved.select(0, t).mutable_data_ptr(),
-                                             hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
-                                             pointer_or_null(b_hh), h_state.mutable_data_ptr(),
-                                             output.select(0, t).mutable_data_ptr(), stream));
+  if (const auto plan = persistent_plan(op, RecurrentCell::kGru, false, compute, shape)) {
+    const at::Tensor h_scratch = at::empty({B, H}, x.options()), barrier = barrier_counter(x);
+    PersistentForwardBuffers buffers;
+    buffers.b_ih = float_or_null(b_ih);
+    buffers.b_hh = float_or_null(b_hh);
+    buffers.saved = saved.mutable_data_ptr<float>();
+    buffers.output = output.mutable_data_ptr<float>();
+    buffers.h_state = h_state.mutable_data_ptr<float>();
+    buffers.h_scratch = h_scratch.mutable_data_ptr<float>();
+    check_launch(op, launch_persistent_gru_forward(persistent_layer(shape, lengths, reverse, w_hh, barrier), *plan,
+                                                   buffers, stream));
+  } else {
+    const at::Tensor w_hh_t = w_hh.t();
+    at::Tensor hidden_gates = at::empty({B, G}, x.options());
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = time_of_step(s, T, reverse);
+      at::mm_out(hidden_gates, h_state, w_hh_t);
+      check_launch(op, launch_gru_step_forward(step_of(compute, B, H, lengths, t),
+                                               saved.select(0, t).mutable_data_ptr(), hidden_gates.const_data_ptr(),
+                                               pointer_or_null(b_ih), pointer_or_null(b_hh),
+                                               h_state.mutable_data_ptr(), output.select(0, t).mutable_data_ptr(),
+                                               stream));
+    }
   }
   const auto dtype = x_in.scalar_type();
   return {output.to(dtype), h_state.to(dtype), saved.to(dtype)};
@@ -704,30 +784,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_h = compute_in(grad_h_n_in, compute).clone();
   at::Tensor grad_input_gates = at::empty({T, B, G}, x.options());
   at::Tensor grad_hidden_gates = at::empty({T, B, G}, x.options());
-  at::Tensor direct = at::empty({B, H}, x.options());     // dh' * z of the last step walked
-  at::Tensor recurrent = at::empty({B, H}, x.options());  // grad_hidden_gates[t] @ w_hh
+  at::Tensor direct = at::empty({B, H}, x.options());  // dh' * z of the last step walked
   const cudaStream_t stream = current_stream();
-  for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t t = time_of_step(s, T, reverse);
-    if (s < T - 1) {
-      const int64_t t_next = reverse ? t - 1 : t + 1;
-      check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, t_next),
+  if (const auto plan = persistent_plan(op, RecurrentCell::kGru, true, compute, shape)) {
+    const at::Tensor barrier = barrier_counter(x);
+    PersistentBackwardBuffers buffers;
+    buffers.grad_output = grad_output.const_data_ptr<float>();
+    buffers.saved = saved.const_data_ptr<float>();
+    buffers.previous_h = previous.const_data_ptr<float>();
+    buffers.grad_h = grad_h.mutable_data_ptr<float>();
+    buffers.grad_gates = grad_hidden_gates.mutable_data_ptr<float>();
+    buffers.grad_input_gates = grad_input_gates.mutable_data_ptr<float>();
+    buffers.direct = direct.mutable_data_ptr<float>();
+    check_launch(op, launch_persistent_gru_backward(persistent_layer(shape, lengths, reverse, w_hh, barrier), *plan,
+                                                    buffers, stream));
+  } else {
+    at::Tensor recurrent = at::empty({B, H}, x.options());  // grad_hidden_gates[t] @ w_hh
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = time_of_step(s, T, reverse);
+      if (s < T - 1) {
+        const int64_t t_next = reverse ? t - 1 : t + 1;
+        check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, t_next),
+                                                        recurrent.const_data_ptr(), direct.const_data_ptr(),
+                                                        grad_h.mutable_data_ptr(), stream));
+      }
+      check_launch(op, launch_gru_step_backward(step_of(compute, B, H, lengths, t), grad_h.const_data_ptr(),
+                                                grad_output.select(0, t).const_data_ptr(),
+                                                saved.select(0, t).const_data_ptr(),
+                                                previous.select(0, t).const_data_ptr(),
+                                                grad_input_gates.select(0, t).mutable_data_ptr(),
+                                                grad_hidden_gates.select(0, t).mutable_data_ptr(),
+                                                direct.mutable_data_ptr(), stream));
+      at::mm_out(recurrent, grad_hidden_gates.select(0, t), w_hh);
+    }
+    if (T > 0) {
+      check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, time_of_step(0, T, reverse)),
                                                       recurrent.const_data_ptr(), direct.const_data_ptr(),
                                                       grad_h.mutable_data_ptr(), stream));
     }
-    check_launch(op, launch_gru_step_backward(step_of(compute, B, H, lengths, t), grad_h.const_data_ptr(),
-                                              grad_output.select(0, t).const_data_ptr(),
-                                              saved.select(0, t).const_data_ptr(),
-                                              previous.select(0, t).const_data_ptr(),
-                                              grad_input_gates.select(0, t).mutable_data_ptr(),
-                                              grad_hidden_gates.select(0, t).mutable_data_ptr(),
-                                              direct.mutable_data_ptr(), stream));
-    at::mm_out(recurrent, grad_hidden_gates.select(0, t), w_hh);
-  }
-  if (T > 0) {
-    check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, time_of_step(0, T, reverse)),
-                                                    recurrent.const_data_ptr(), direct.const_data_ptr(),
-                                                    grad_h.mutable_data_ptr(), stream));
   }
   const at::Tensor grad_input2d = grad_input_gates.view({T * B, G});
   const at::Tensor grad_hidden2d = grad_hidden_gates.view({T * B, G});
