@@ -20,8 +20,9 @@ def leaves(*shapes, dtype=torch.float64, seed=0):
     return [torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_() for shape in shapes]
 
 
-def weights(gates, with_bias, dtype=torch.float64):
-    w_ih, w_hh, b_ih, b_hh = leaves((gates * HIDDEN, INPUT), (gates * HIDDEN, HIDDEN), (gates * HIDDEN,), (gates * HIDDEN,), dtype=dtype, seed=1)
+def weights(gates, with_bias, dtype=torch.float64, hidden=HIDDEN):
+    rows = gates * hidden
+    w_ih, w_hh, b_ih, b_hh = leaves((rows, INPUT), (rows, hidden), (rows,), (rows,), dtype=dtype, seed=1)
     return (w_ih, w_hh, b_ih, b_hh) if with_bias else (w_ih, w_hh, None, None)
 
 
@@ -55,6 +56,48 @@ def test_layers_match_the_reference(with_bias, lengths, reverse, dtype):
     x, h0, c0 = leaves((STEPS, BATCH, INPUT), (BATCH, HIDDEN), (BATCH, HIDDEN), dtype=dtype)
     compare("lstm_layer", (x, h0, c0, *weights(4, with_bias, dtype), None, lengths, reverse), dtype)
     compare("gru_layer", (x, h0, *weights(3, with_bias, dtype), lengths, reverse), dtype)
+
+
+def outputs_and_gradients(implementation, arguments):
+    outputs = implementation(*arguments)
+    generator = torch.Generator().manual_seed(3)
+    projection = sum((o * torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.dtype)).sum() for o in outputs)
+    tensors = [a for a in arguments if isinstance(a, torch.Tensor) and a.requires_grad]
+    return [t.detach().double() for t in (*outputs, *torch.autograd.grad(projection, tensors))]
+
+
+def assert_float32_error_at_most_twice_the_references(function_name, arguments):
+    """The kernel in float32 errs (against the float64 reference) at most twice as much
+    as the reference run in float32, output by output and gradient by gradient."""
+    in_float32 = [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arguments]
+    exact = outputs_and_gradients(getattr(reference, function_name), arguments)
+    reference_run = outputs_and_gradients(getattr(reference, function_name), in_float32)
+    kernel_run = outputs_and_gradients(backends.implementation(function_name, "cpu", "cpu"), in_float32)
+    for index, (truth, theirs, ours) in enumerate(zip(exact, reference_run, kernel_run)):
+        allowed = 2 * (theirs - truth).abs().max().item() + 1e-6
+        assert (ours - truth).abs().max().item() <= allowed, f"{function_name} result {index}"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_layers_split_over_blocks_of_hidden_units_match_the_reference(threads):
+    """A time step is split over the threads by blocks of 16 hidden units: 37 units are
+    blocks of 16, 16 and 5, shared unevenly by 2 threads and one each by 3."""
+    hidden, previous_threads = 37, torch.get_num_threads()
+    x, h0, c0 = leaves((STEPS, BATCH, INPUT), (BATCH, hidden), (BATCH, hidden))
+    # Weights at torch.nn's scale (1/sqrt(hidden)), so float32 errors are not amplified
+    # step after step by weights of norm ~sqrt(hidden).
+    lstm_weights, gru_weights = ([(w / hidden**0.5).detach().requires_grad_() for w in weights(gates, True, hidden=hidden)] for gates in (4, 3))
+    torch.set_num_threads(threads)
+    try:
+        for reverse in (False, True):
+            lstm_arguments = (x, h0, c0, *lstm_weights, None, LENGTHS, reverse)
+            gru_arguments = (x, h0, *gru_weights, LENGTHS, reverse)
+            compare("lstm_layer", lstm_arguments, torch.float64)
+            compare("gru_layer", gru_arguments, torch.float64)
+            assert_float32_error_at_most_twice_the_references("lstm_layer", lstm_arguments)
+            assert_float32_error_at_most_twice_the_references("gru_layer", gru_arguments)
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def test_lstm_projection_runs_the_reference_on_the_cpu_backend():
@@ -107,3 +150,24 @@ def _recurrent_samples():
 @pytest.mark.parametrize("op, arguments", list(_recurrent_samples()), ids=lambda value: getattr(value, "__name__", ""))
 def test_opcheck_recurrent_ops(op, arguments):
     torch.library.opcheck(op, arguments)
+
+
+@pytest.mark.parametrize("function_name", ["lstm_cell", "gru_cell", "lstm_layer", "gru_layer"])
+def test_gradients_through_one_output_only_match_the_reference(function_name):
+    """The forwards do not materialise zero gradients for unused outputs; the backward
+    must fill them in itself."""
+    x_step, x_sequence, h, c = leaves((BATCH, INPUT), (STEPS, BATCH, INPUT), (BATCH, HIDDEN), (BATCH, HIDDEN))
+    gates = 4 if function_name.startswith("lstm") else 3
+    state = (h, c) if function_name.startswith("lstm") else (h,)
+    extra = (None, LENGTHS, True) if function_name == "lstm_layer" else (LENGTHS, True) if function_name == "gru_layer" else ()
+    arguments = (x_sequence if "layer" in function_name else x_step, *state, *weights(gates, True), *extra)
+    tensors = [a for a in arguments if isinstance(a, torch.Tensor) and a.requires_grad]
+    kernel = backends.implementation(function_name, "cpu", "cpu")
+    for output_index in range(len(getattr(reference, function_name)(*arguments))):
+        expected = torch.autograd.grad(getattr(reference, function_name)(*arguments)[output_index].sum(), tensors, allow_unused=True)
+        actual = torch.autograd.grad(kernel(*arguments)[output_index].sum(), tensors, allow_unused=True)
+        for a, e in zip(actual, expected):
+            if e is None:
+                assert a is None or not a.any()
+            else:
+                torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)

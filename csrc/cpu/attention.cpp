@@ -28,7 +28,7 @@
 //   vectors (below: why not at::vec::Vectorized), fast_tanh_with on float lanes.
 //   Every kernel is compiled twice, for the baseline ISA and with AVX2+FMA (a
 //   target attribute, no -march flag), and picked at run time from the CPU
-//   (ATEN_CPU_CAPABILITY=default forces the baseline, as for ATen's own kernels).
+//   (csrc/cpu/isa.h).
 // Not handled: float16 / bfloat16 are converted to float32, computed there and
 //   converted back (no native half kernels).  Keys and values may have a batch
 //   stride of 0 (location score: W_a[:S] expanded over N) but need contiguous rows
@@ -54,6 +54,7 @@
 
 #include "../common/attention_math.h"
 #include "../common/sampling_math.h"
+#include "isa.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define FASTATTN_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -63,23 +64,11 @@
 #define FASTATTN_ALWAYS_INLINE inline
 #endif
 
-// FASTATTN_KERNEL: the entry points of the kernels, flattened (every call inlined,
-// fastattn::fast_tanh_with included) so that all their code gets the ISA of the clone.
-#if defined(__GNUC__) || defined(__clang__)
-#define FASTATTN_KERNEL __attribute__((flatten))
-#else
-#define FASTATTN_KERNEL
-#endif
-
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-#define FASTATTN_AVX2_CLONES 1
-#define FASTATTN_TARGET_AVX2 __attribute__((target("avx2,fma"), flatten))
-#endif
-
 namespace {
 
 using fastattn::KeyRange;
 using fastattn::ScoreKind;
+using fastattn::use_avx2_kernels;
 
 constexpr int64_t kKeyBlock = 128;  // keys scored before each online-softmax update
 
@@ -680,21 +669,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
   }
 }
 
-// ---------------------------------------------------------------- ISA clones and dispatch
-
-bool use_avx2_kernels() {
-#ifdef FASTATTN_AVX2_CLONES
-  static const bool use = [] {
-    const char* capability = std::getenv("ATEN_CPU_CAPABILITY");
-    if (capability != nullptr && std::strcmp(capability, "default") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return use;
-#else
-  return false;
-#endif
-}
+// ---------------------------------------------------------------- ISA clones and dispatch (isa.h)
 
 template <typename T>
 using ForwardKernel = void (*)(const AttentionProblem<T>&, const ForwardOutputs<T>&, int64_t, int64_t);

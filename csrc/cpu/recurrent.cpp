@@ -2,17 +2,20 @@
 // (one direction), forward and backward, float32 and float64.
 //
 // Fuses: all gate nonlinearities, the state update and the masking by lengths of one
-// time step into one C++ loop; the GEMMs run in ATen (BLAS).  A layer computes the
-// input projection of every step as ONE GEMM before the time loop, so each step only
-// multiplies h by w_hh and runs the fused loop.  Backward (BPTT) collects the gate
-// gradients of all steps in a (T, B, G) buffer and then gets grad_x, grad_w_ih and
-// grad_w_hh as one GEMM each; only grad_gates @ w_hh stays per step.  The LSTM and GRU
-// layers share one forward and one backward driver (layer_forward, layer_backward),
-// parameterised by a per-cell policy (LstmLayerCell, GruLayerCell).
-// Parallelism: the fused loop of a step is split over the batch (at::parallel_for);
-// the GEMMs use ATen's own threads.  The equations are those of fastattn.reference;
-// float32 takes tanh and sigmoid from fast_tanh (csrc/common/fast_tanh.h, abs error
-// < 4e-7) so that the fused loops vectorise, float64 uses std::exp / std::tanh.
+// time step into one C++ loop.  A layer computes the input projection of every step as
+// ONE GEMM (ATen) before the time loop; each step then multiplies h by w_hh and runs the
+// fused loop in one parallel region split by hidden units: every thread multiplies the
+// state by the gate columns of its units (a GEMM tile, csrc/cpu/tile_gemm.h) and applies
+// the gate maths to them.  Backward (BPTT) collects the gate gradients of all steps in a
+// (T, B, G) buffer and then gets grad_x, grad_w_ih and grad_w_hh as one ATen GEMM each;
+// only grad_gates @ w_hh stays per step, split the same way.  The LSTM and GRU layers
+// share one forward and one backward driver (layer_forward, layer_backward),
+// parameterised by a per-cell policy (LstmLayerCell, GruLayerCell).  The cells (one
+// step) split their fused loop over the batch and use ATen GEMMs.
+// The equations are those of fastattn.reference; float32 takes tanh and sigmoid from
+// fast_tanh (csrc/common/fast_tanh.h, abs error < 4e-7) so that the fused loops
+// vectorise (with an AVX2+FMA clone of the layer steps, csrc/cpu/isa.h), float64 uses
+// std::exp / std::tanh.
 // Does not handle: LSTM projections (proj_size; the Python side falls back to the
 // reference), float16 / bfloat16, devices other than the CPU.
 #include <ATen/ATen.h>
@@ -21,6 +24,8 @@
 #include <torch/library.h>
 
 #include "common/fast_tanh.h"
+#include "cpu/isa.h"
+#include "cpu/tile_gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -28,6 +33,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -171,6 +177,10 @@ inline double gate_sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 // other pointer aliases another (the callers write to separate buffers): the loops
 // vectorise.
 
+// Every row function works on `count` hidden units of a row: the gate arrays hold gate k
+// of unit j at k * H + j (H: the hidden size, the stride between gate blocks), the state
+// arrays unit j at j; a caller passes pointers offset to the first unit of its range.
+//
 // gates: W_ih x on entry, the activations i, f, g, o on exit.  hidden_gates = W_hh h;
 // input_bias = b_ih, hidden_bias = b_hh (zeros when absent).  Writes c' to c_next and
 // h' to h_next.
@@ -178,8 +188,9 @@ template <typename scalar_t>
 inline void lstm_row_forward(scalar_t* __restrict gates, const scalar_t* __restrict hidden_gates,
                              const scalar_t* __restrict input_bias,
                              const scalar_t* __restrict hidden_bias, const scalar_t* __restrict c,
-                             int64_t H, scalar_t* __restrict c_next, scalar_t* __restrict h_next) {
-  for (int64_t j = 0; j < H; ++j) {
+                             int64_t H, int64_t count, scalar_t* __restrict c_next,
+                             scalar_t* __restrict h_next) {
+  for (int64_t j = 0; j < count; ++j) {
     auto pre_activation = [=](int64_t k) {  // (W_ih x + b_ih) + (W_hh h + b_hh) of gate k
       const int64_t index = k * H + j;
       return (gates[index] + input_bias[index]) + (hidden_gates[index] + hidden_bias[index]);
@@ -204,9 +215,9 @@ inline void lstm_row_backward(const scalar_t* __restrict grad_h,
                               const scalar_t* __restrict grad_output,
                               const scalar_t* __restrict grad_c, const scalar_t* __restrict gates,
                               const scalar_t* __restrict c_prev, const scalar_t* __restrict c_next,
-                              int64_t H, scalar_t* __restrict grad_gates,
+                              int64_t H, int64_t count, scalar_t* __restrict grad_gates,
                               scalar_t* __restrict grad_c_prev) {
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < count; ++j) {
     const scalar_t i = gates[j];
     const scalar_t f = gates[H + j];
     const scalar_t g = gates[2 * H + j];
@@ -227,8 +238,8 @@ template <typename scalar_t>
 inline void gru_row_forward(scalar_t* __restrict gates, const scalar_t* __restrict hidden_gates,
                             const scalar_t* __restrict input_bias,
                             const scalar_t* __restrict hidden_bias, const scalar_t* __restrict h,
-                            int64_t H, scalar_t* __restrict h_next) {
-  for (int64_t j = 0; j < H; ++j) {
+                            int64_t H, int64_t count, scalar_t* __restrict h_next) {
+  for (int64_t j = 0; j < count; ++j) {
     auto input_part = [=](int64_t k) { return gates[k * H + j] + input_bias[k * H + j]; };
     auto hidden_part = [=](int64_t k) { return hidden_gates[k * H + j] + hidden_bias[k * H + j]; };
     const scalar_t r = gate_sigmoid(input_part(0) + hidden_part(0));
@@ -249,10 +260,10 @@ template <typename scalar_t>
 inline void gru_row_backward(const scalar_t* __restrict grad_h,
                              const scalar_t* __restrict grad_output,
                              const scalar_t* __restrict saved, const scalar_t* __restrict h,
-                             int64_t H, scalar_t* __restrict grad_input_gates,
+                             int64_t H, int64_t count, scalar_t* __restrict grad_input_gates,
                              scalar_t* __restrict grad_hidden_gates,
                              scalar_t* __restrict grad_h_direct) {
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < count; ++j) {
     const scalar_t r = saved[j];
     const scalar_t z = saved[H + j];
     const scalar_t n = saved[2 * H + j];
@@ -318,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
     at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         lstm_row_forward(saved_data + b * G, hidden_data + b * G, input_bias_data,
-                         hidden_bias_data, c_data + b * H, H, c_next_data + b * H,
+                         hidden_bias_data, c_data + b * H, H, H, c_next_data + b * H,
                          h_next_data + b * H);
       }
     });
@@ -376,7 +387,7 @@ lstm_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& grad_c_ne
       for (int64_t b = begin; b < end; ++b) {
         lstm_row_backward<scalar_t>(grad_h_data + b * H, zeros_data + b * H, grad_c_data + b * H,
                                     saved_data + b * G, c_data + b * H, c_next_data + b * H, H,
-                                    grad_gates_data + b * G, grad_c_out + b * H);
+                                    H, grad_gates_data + b * G, grad_c_out + b * H);
       }
     });
   });
@@ -422,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_forward(const at::Tensor& x_in, cons
     at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         gru_row_forward(saved_data + b * 4 * H, hidden_data + b * G, input_bias_data,
-                        hidden_bias_data, h_data + b * H, H, h_next_data + b * H);
+                        hidden_bias_data, h_data + b * H, H, H, h_next_data + b * H);
       }
     });
   });
@@ -467,7 +478,7 @@ gru_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& x_in, cons
     at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         gru_row_backward<scalar_t>(grad_h_next_data + b * H, zeros_data + b * H,
-                                   saved_data + b * 4 * H, h_data + b * H, H,
+                                   saved_data + b * 4 * H, h_data + b * H, H, H,
                                    grad_input_data + b * G, grad_hidden_data + b * G,
                                    grad_h_data + b * H);
       }
@@ -485,7 +496,7 @@ gru_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& x_in, cons
 // inactive steps keep the state, output 0 and pass the state gradient through.  saved
 // at an inactive step holds zero gates and, for the LSTM, the frozen cell state, so the
 // previous step's saved c is always the c the backward needs.  The hidden state a step
-// started from is rebuilt from output and h0 (previous_hidden_row).
+// started from is rebuilt from output and h0 in the backward (previous_hidden).
 
 struct LayerShape {
   int64_t T, B, I, H;
@@ -524,7 +535,8 @@ std::vector<int64_t> active_lengths(const at::Tensor& lengths, const LayerShape&
 
 // The per-cell policies of the layer drivers below (layer_forward, layer_backward):
 // the gate count, the width of a saved row, whether there is a cell state, and the
-// fused row functions of one active step.
+// fused functions of one step for `count` hidden units.  Every pointer they get is
+// already offset to the first unit of the range (see the row functions above).
 struct LstmLayerCell {
   static constexpr const char* kForwardOp = "lstm_layer_forward";
   static constexpr const char* kBackwardOp = "lstm_layer_backward";
@@ -533,38 +545,42 @@ struct LstmLayerCell {
   static constexpr bool kSeparateHiddenGrad = false;  // one gate gradient for both GEMMs
   static int64_t saved_width(int64_t H) { return kLstmGates * H + H; }  // gates | c'
 
-  // c' goes to saved, h' to output, then both to the state.
+  // Active step: gates and c' go to saved, h' to output and to the next state.
   template <typename scalar_t>
   static void forward_step(scalar_t* saved_row, const scalar_t* hidden_row,
                            const scalar_t* input_bias, const scalar_t* hidden_bias,
-                           scalar_t* h_row, scalar_t* c_row, int64_t H, scalar_t* output_row) {
+                           const scalar_t* /*h_row*/, scalar_t* c_row, int64_t H, int64_t count,
+                           scalar_t* output_row, scalar_t* h_next_row) {
     scalar_t* saved_c_row = saved_row + kLstmGates * H;
-    lstm_row_forward(saved_row, hidden_row, input_bias, hidden_bias, c_row, H, saved_c_row,
+    lstm_row_forward(saved_row, hidden_row, input_bias, hidden_bias, c_row, H, count, saved_c_row,
                      output_row);
-    std::copy(output_row, output_row + H, h_row);
-    std::copy(saved_c_row, saved_c_row + H, c_row);
+    std::copy(output_row, output_row + count, h_next_row);
+    std::copy(saved_c_row, saved_c_row + count, c_row);
   }
-  // Frozen: gates 0 and the kept cell state.
+  // Frozen step: gates 0 and the kept cell state.
   template <typename scalar_t>
-  static void freeze(scalar_t* saved_row, const scalar_t* c_row, int64_t H) {
-    std::fill(saved_row, saved_row + kLstmGates * H, scalar_t(0));
-    std::copy(c_row, c_row + H, saved_row + kLstmGates * H);
+  static void freeze(scalar_t* saved_row, const scalar_t* c_row, int64_t H, int64_t count) {
+    for (int64_t k = 0; k < kLstmGates; ++k) {
+      std::fill(saved_row + k * H, saved_row + k * H + count, scalar_t(0));
+    }
+    std::copy(c_row, c_row + count, saved_row + kLstmGates * H);
   }
   // grad_h of a sequence after an active step: the path through the gates.
   template <typename scalar_t>
   static void take_recurrent_grad(const scalar_t* recurrent, const scalar_t* /*scratch*/,
-                                  int64_t H, scalar_t* grad_h) {
-    std::copy(recurrent, recurrent + H, grad_h);
+                                  int64_t count, scalar_t* grad_h) {
+    std::copy(recurrent, recurrent + count, grad_h);
   }
   // scratch receives the gradient of c_prev, which then becomes grad_c.
   template <typename scalar_t>
   static void backward_step(const scalar_t* grad_h, const scalar_t* grad_output,
                             const scalar_t* saved_row, const scalar_t* c_prev,
-                            const scalar_t* /*previous_row*/, int64_t H, scalar_t* grad_c,
-                            scalar_t* scratch, scalar_t* grad_gates, scalar_t* /*unused*/) {
+                            const scalar_t* /*previous_row*/, int64_t H, int64_t count,
+                            scalar_t* grad_c, scalar_t* scratch, scalar_t* grad_gates,
+                            scalar_t* /*unused*/) {
     lstm_row_backward(grad_h, grad_output, grad_c, saved_row, c_prev, saved_row + kLstmGates * H,
-                      H, grad_gates, scratch);
-    std::copy(scratch, scratch + H, grad_c);
+                      H, count, grad_gates, scratch);
+    std::copy(scratch, scratch + count, grad_c);
   }
 };
 
@@ -579,19 +595,22 @@ struct GruLayerCell {
   template <typename scalar_t>
   static void forward_step(scalar_t* saved_row, const scalar_t* hidden_row,
                            const scalar_t* input_bias, const scalar_t* hidden_bias,
-                           scalar_t* h_row, scalar_t* /*c_row*/, int64_t H, scalar_t* output_row) {
-    gru_row_forward(saved_row, hidden_row, input_bias, hidden_bias, h_row, H, output_row);
-    std::copy(output_row, output_row + H, h_row);
+                           const scalar_t* h_row, scalar_t* /*c_row*/, int64_t H, int64_t count,
+                           scalar_t* output_row, scalar_t* h_next_row) {
+    gru_row_forward(saved_row, hidden_row, input_bias, hidden_bias, h_row, H, count, output_row);
+    std::copy(output_row, output_row + count, h_next_row);
   }
   template <typename scalar_t>
-  static void freeze(scalar_t* saved_row, const scalar_t* /*c_row*/, int64_t H) {
-    std::fill(saved_row, saved_row + 4 * H, scalar_t(0));
+  static void freeze(scalar_t* saved_row, const scalar_t* /*c_row*/, int64_t H, int64_t count) {
+    for (int64_t k = 0; k < 4; ++k) {
+      std::fill(saved_row + k * H, saved_row + k * H + count, scalar_t(0));
+    }
   }
   // The direct part dh' * z (in scratch) plus the path through the gates.
   template <typename scalar_t>
-  static void take_recurrent_grad(const scalar_t* recurrent, const scalar_t* scratch, int64_t H,
-                                  scalar_t* grad_h) {
-    for (int64_t j = 0; j < H; ++j) {
+  static void take_recurrent_grad(const scalar_t* recurrent, const scalar_t* scratch,
+                                  int64_t count, scalar_t* grad_h) {
+    for (int64_t j = 0; j < count; ++j) {
       grad_h[j] = scratch[j] + recurrent[j];
     }
   }
@@ -599,13 +618,192 @@ struct GruLayerCell {
   template <typename scalar_t>
   static void backward_step(const scalar_t* grad_h, const scalar_t* grad_output,
                             const scalar_t* saved_row, const scalar_t* /*c_prev*/,
-                            const scalar_t* previous_row, int64_t H, scalar_t* /*grad_c*/,
-                            scalar_t* scratch, scalar_t* grad_input_gates,
-                            scalar_t* grad_hidden_gates) {
-    gru_row_backward(grad_h, grad_output, saved_row, previous_row, H, grad_input_gates,
+                            const scalar_t* previous_row, int64_t H, int64_t count,
+                            scalar_t* /*grad_c*/, scalar_t* scratch,
+                            scalar_t* grad_input_gates, scalar_t* grad_hidden_gates) {
+    gru_row_backward(grad_h, grad_output, saved_row, previous_row, H, count, grad_input_gates,
                      grad_hidden_gates, scratch);
   }
 };
+
+// ---------------------------------------------------------------------------------
+// Time steps.  A step is split over the threads by hidden units: each task multiplies
+// the state by the gate columns of its units (tile_matmul, csrc/cpu/tile_gemm.h) and
+// applies the gate maths to them, so one parallel region covers the GEMM and the
+// pointwise part of a step, and every element a task writes is read by the same task
+// until the region ends.  The state is double-buffered (the GEMM of every task reads
+// all of h_{t-1} while tasks write their units of h_t).
+
+constexpr int64_t kHiddenBlock = 16;  // hidden units per block; a task takes whole blocks
+
+// Runs units(j0, count) over contiguous ranges of hidden units, in parallel.
+template <typename Units>
+void parallel_over_units(int64_t H, const Units& units) {
+  const int64_t blocks = (H + kHiddenBlock - 1) / kHiddenBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t j0 = begin * kHiddenBlock;
+    units(j0, std::min(end * kHiddenBlock, H) - j0);
+  });
+}
+
+// What one forward step reads and writes (t: its time index).
+template <typename scalar_t>
+struct ForwardStep {
+  int64_t B, H, G, saved_width, t;
+  const int64_t* active;       // (B,) active steps per sequence
+  const scalar_t* w_hh_t;      // (H, G): w_hh transposed
+  const scalar_t* input_bias;  // (G,)
+  const scalar_t* hidden_bias;
+  const scalar_t* h_prev;      // (B, H) state before the step
+  scalar_t* h_next;            // (B, H) state after it
+  scalar_t* c;                 // (B, H) cell state, updated in place (LSTM)
+  scalar_t* hidden_gates;      // (B, G) h_prev @ w_hh^T
+  scalar_t* saved;             // (T, B, saved_width)
+  scalar_t* output;            // (T, B, H)
+};
+
+template <typename Cell, typename scalar_t>
+inline void forward_units(const ForwardStep<scalar_t>& step, int64_t j0, int64_t count) {
+  const int64_t B = step.B, H = step.H, G = step.G;
+  for (int64_t k = 0; k < Cell::kGates; ++k) {
+    tile_matmul(B, count, H, step.h_prev, H, step.w_hh_t + k * H + j0, G,
+                step.hidden_gates + k * H + j0, G);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t row = step.t * B + b;
+    scalar_t* saved_row = step.saved + row * step.saved_width + j0;
+    scalar_t* output_row = step.output + row * H + j0;
+    const scalar_t* h_row = step.h_prev + b * H + j0;
+    scalar_t* h_next_row = step.h_next + b * H + j0;
+    scalar_t* c_row = Cell::kHasCellState ? step.c + b * H + j0 : nullptr;
+    if (step.t < step.active[b]) {
+      Cell::forward_step(saved_row, step.hidden_gates + b * G + j0, step.input_bias + j0,
+                         step.hidden_bias + j0, h_row, c_row, H, count, output_row, h_next_row);
+    } else {  // frozen: the state kept, output 0
+      Cell::freeze(saved_row, static_cast<const scalar_t*>(c_row), H, count);
+      std::copy(h_row, h_row + count, h_next_row);
+      std::fill(output_row, output_row + count, scalar_t(0));
+    }
+  }
+}
+
+// What one backward step reads and writes.  t < 0: no step of its own (the last call
+// only takes the recurrent gradient of the first step); t_next < 0: no later step.
+template <typename scalar_t>
+struct BackwardStep {
+  int64_t B, H, G, saved_width, t, t_prev, t_next;
+  const int64_t* active;
+  const scalar_t* w_hh;           // (G, H)
+  const scalar_t* grad_output;    // (T, B, H)
+  const scalar_t* output;         // (T, B, H)
+  const scalar_t* saved;          // (T, B, saved_width)
+  const scalar_t* h0;             // (B, H)
+  const scalar_t* c0;             // (B, H) (LSTM)
+  scalar_t* grad_h;               // (B, H) gradient of the state, walked back
+  scalar_t* grad_c;               // (B, H) (LSTM)
+  scalar_t* scratch;              // (B, H) per unit: see Cell::backward_step
+  scalar_t* grad_h_recurrent;     // (B, H) grad_hidden_gates[t_next] @ w_hh
+  scalar_t* grad_input_gates;     // (T, B, G)
+  scalar_t* grad_hidden_gates;    // (T, B, G), grad_input_gates when shared
+  scalar_t* previous_hidden;      // (T, B, H) the state each step started from
+};
+
+template <typename Cell, typename scalar_t>
+inline void backward_units(const BackwardStep<scalar_t>& step, int64_t j0, int64_t count) {
+  const int64_t B = step.B, H = step.H, G = step.G;
+  if (step.t_next >= 0) {  // grad_h after step t_next: its gate gradients through w_hh
+    tile_matmul(B, count, G, step.grad_hidden_gates + step.t_next * B * G, G, step.w_hh + j0, H,
+                step.grad_h_recurrent + j0, H);
+    for (int64_t b = 0; b < B; ++b) {
+      if (step.t_next < step.active[b]) {
+        Cell::take_recurrent_grad(static_cast<const scalar_t*>(step.grad_h_recurrent + b * H + j0),
+                                  static_cast<const scalar_t*>(step.scratch + b * H + j0), count,
+                                  step.grad_h + b * H + j0);
+      }
+    }
+  }
+  if (step.t < 0) {
+    return;
+  }
+  const int64_t t = step.t;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t row = t * B + b;
+    scalar_t* grad_input_row = step.grad_input_gates + row * G + j0;
+    scalar_t* grad_hidden_row = step.grad_hidden_gates + row * G + j0;
+    scalar_t* previous_row = step.previous_hidden + row * H + j0;
+    if (t < step.active[b]) {
+      // The state the step started from: the previous step's output when that step
+      // was active, else h0 (inactive steps only come before the active ones of a
+      // reversed layer, and keep h0).
+      const bool previous_active = step.t_prev >= 0 && step.t_prev < step.active[b];
+      const scalar_t* h_prev = previous_active ? step.output + (step.t_prev * B + b) * H
+                                               : step.h0 + b * H;
+      std::copy(h_prev + j0, h_prev + j0 + count, previous_row);
+      // c_{t-1}: the cell state saved at the previous step (frozen steps save it too).
+      const scalar_t* c_prev = nullptr;
+      if (Cell::kHasCellState) {
+        c_prev = (step.t_prev >= 0 ? step.saved + (step.t_prev * B + b) * step.saved_width +
+                                         Cell::kGates * H
+                                   : step.c0 + b * H) +
+                 j0;
+      }
+      Cell::backward_step(static_cast<const scalar_t*>(step.grad_h + b * H + j0),
+                          step.grad_output + row * H + j0,
+                          step.saved + row * step.saved_width + j0, c_prev,
+                          static_cast<const scalar_t*>(previous_row), H, count,
+                          Cell::kHasCellState ? step.grad_c + b * H + j0 : nullptr,
+                          step.scratch + b * H + j0, grad_input_row, grad_hidden_row);
+    } else {
+      for (int64_t k = 0; k < Cell::kGates; ++k) {
+        std::fill(grad_input_row + k * H, grad_input_row + k * H + count, scalar_t(0));
+        if (Cell::kSeparateHiddenGrad) {
+          std::fill(grad_hidden_row + k * H, grad_hidden_row + k * H + count, scalar_t(0));
+        }
+      }
+      std::fill(previous_row, previous_row + count, scalar_t(0));
+    }
+  }
+}
+
+// The step functions compiled for the baseline ISA, and for AVX2+FMA in float32 (the
+// gate maths vectorise 8 lanes wide there); picked at run time (csrc/cpu/isa.h).
+#ifdef FASTATTN_AVX2_CLONES
+template <typename Cell>
+FASTATTN_TARGET_AVX2 void forward_units_avx2(const ForwardStep<float>& step, int64_t j0,
+                                             int64_t count) {
+  forward_units<Cell, float>(step, j0, count);
+}
+template <typename Cell>
+FASTATTN_TARGET_AVX2 void backward_units_avx2(const BackwardStep<float>& step, int64_t j0,
+                                              int64_t count) {
+  backward_units<Cell, float>(step, j0, count);
+}
+#endif
+
+template <typename Cell, typename scalar_t>
+void run_forward_step(const ForwardStep<scalar_t>& step) {
+  void (*units)(const ForwardStep<scalar_t>&, int64_t, int64_t) = &forward_units<Cell, scalar_t>;
+#ifdef FASTATTN_AVX2_CLONES
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (use_avx2_kernels()) units = &forward_units_avx2<Cell>;
+  }
+#endif
+  parallel_over_units(step.H, [&](int64_t j0, int64_t count) { units(step, j0, count); });
+}
+
+template <typename Cell, typename scalar_t>
+void run_backward_step(const BackwardStep<scalar_t>& step) {
+  void (*units)(const BackwardStep<scalar_t>&, int64_t, int64_t) = &backward_units<Cell, scalar_t>;
+#ifdef FASTATTN_AVX2_CLONES
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (use_avx2_kernels()) units = &backward_units_avx2<Cell>;
+  }
+#endif
+  parallel_over_units(step.H, [&](int64_t j0, int64_t count) { units(step, j0, count); });
+}
+
+// ---------------------------------------------------------------------------------
+// Layer drivers
 
 // output, h_n, c_n (undefined without a cell state) and saved of one layer direction.
 template <typename Cell>
@@ -624,7 +822,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
   const at::Tensor input_bias = bias_or_zeros(b_ih, G, x.options());
   const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, x.options());
-  const at::Tensor w_hh_t = w_hh.t();
+  const at::Tensor w_hh_t = w_hh.t().contiguous();  // (H, G): the B operand of the tiles
 
   at::Tensor output = at::empty({T, B, H}, x.options());
   at::Tensor saved = at::empty({T, B, saved_width}, x.options());
@@ -632,57 +830,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   // columns of saved.
   input_projection_into(saved.view({T * B, saved_width}).narrow(1, 0, G), x.view({T * B, I}),
                         w_ih);
-  at::Tensor h_state = h0.contiguous().clone();  // updated in place, returned as h_n
+  at::Tensor states = at::empty({2, B, H}, x.options());  // h, double-buffered
+  states[0].copy_(h0);
   at::Tensor c_state = Cell::kHasCellState ? c0->contiguous().clone() : at::Tensor();
   at::Tensor hidden_gates = at::empty({B, G}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    const scalar_t* hidden_data = hidden_gates.const_data_ptr<scalar_t>();
-    const scalar_t* input_bias_data = input_bias.const_data_ptr<scalar_t>();
-    const scalar_t* hidden_bias_data = hidden_bias.const_data_ptr<scalar_t>();
-    scalar_t* output_data = output.mutable_data_ptr<scalar_t>();
-    scalar_t* saved_data = saved.mutable_data_ptr<scalar_t>();
-    scalar_t* h_data = h_state.mutable_data_ptr<scalar_t>();
-    scalar_t* c_data = Cell::kHasCellState ? c_state.mutable_data_ptr<scalar_t>() : nullptr;
+    ForwardStep<scalar_t> step{};
+    step.B = B;
+    step.H = H;
+    step.G = G;
+    step.saved_width = saved_width;
+    step.active = active.data();
+    step.w_hh_t = w_hh_t.const_data_ptr<scalar_t>();
+    step.input_bias = input_bias.const_data_ptr<scalar_t>();
+    step.hidden_bias = hidden_bias.const_data_ptr<scalar_t>();
+    step.c = Cell::kHasCellState ? c_state.mutable_data_ptr<scalar_t>() : nullptr;
+    step.hidden_gates = hidden_gates.mutable_data_ptr<scalar_t>();
+    step.saved = saved.mutable_data_ptr<scalar_t>();
+    step.output = output.mutable_data_ptr<scalar_t>();
+    scalar_t* state_data = states.mutable_data_ptr<scalar_t>();
     for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = time_of_step(s, T, reverse);
-      at::mm_out(hidden_gates, h_state, w_hh_t);
-      at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t row = t * B + b;
-          scalar_t* saved_row = saved_data + row * saved_width;
-          scalar_t* output_row = output_data + row * H;
-          scalar_t* c_row = Cell::kHasCellState ? c_data + b * H : nullptr;
-          if (t < active[b]) {
-            Cell::forward_step(saved_row, hidden_data + b * G, input_bias_data, hidden_bias_data,
-                               h_data + b * H, c_row, H, output_row);
-          } else {  // frozen: the state kept, output 0
-            Cell::freeze(saved_row, static_cast<const scalar_t*>(c_row), H);
-            std::fill(output_row, output_row + H, scalar_t(0));
-          }
-        }
-      });
+      step.t = time_of_step(s, T, reverse);
+      step.h_prev = state_data + (s % 2) * B * H;
+      step.h_next = state_data + ((s + 1) % 2) * B * H;
+      run_forward_step<Cell>(step);
     }
   });
-  return {output, h_state, c_state, saved};
-}
-
-// The hidden state each step started from, (T, B, H): h0 at a sequence's first active
-// step, the previous step's output at later active ones, 0 at inactive steps (whose gate
-// gradients are 0).  Filled per row inside the backward loop.
-template <typename scalar_t>
-inline void previous_hidden_row(const scalar_t* output_data, const scalar_t* h0_data, int64_t s,
-                                int64_t t, int64_t b, bool reverse, const LayerShape& shape,
-                                const std::vector<int64_t>& active, scalar_t* destination) {
-  const int64_t H = shape.H;
-  const scalar_t* source = h0_data + b * H;
-  if (s > 0) {
-    const int64_t t_prev = reverse ? t + 1 : t - 1;
-    if (t_prev < active[b]) {
-      source = output_data + (t_prev * shape.B + b) * H;
-    }
-  }
-  std::copy(source, source + H, destination);
+  return {output, states[T % 2].clone(), c_state, saved};
 }
 
 // grad_x, grad_h0, grad_c0 (undefined without a cell state), grad_w_ih, grad_w_hh,
@@ -721,7 +896,7 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
   check_shape(op, saved_in, {T, B, saved_width}, "saved");
   const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
 
-  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous();
+  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), w_hh_rows = w_hh.contiguous();
   const at::Tensor c0 = Cell::kHasCellState ? c0_in->contiguous() : at::Tensor();
   const at::Tensor grad_output = grad_output_in.contiguous();
   const at::Tensor output = output_in.contiguous(), saved = saved_in.contiguous();
@@ -733,72 +908,35 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
   at::Tensor grad_hidden_gates =
       Cell::kSeparateHiddenGrad ? at::empty({T, B, G}, x.options()) : grad_input_gates;
   at::Tensor previous_hidden = at::empty({T, B, H}, x.options());
-  at::Tensor grad_h_recurrent = at::empty({B, H}, x.options());  // grad_hidden_gates[t] @ w_hh
-  at::Tensor scratch = at::empty({B, H}, x.options());  // per row: see Cell::backward_step
+  at::Tensor grad_h_recurrent = at::empty({B, H}, x.options());
+  at::Tensor scratch = at::empty({B, H}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    const scalar_t* grad_output_data = grad_output.const_data_ptr<scalar_t>();
-    const scalar_t* output_data = output.const_data_ptr<scalar_t>();
-    const scalar_t* saved_data = saved.const_data_ptr<scalar_t>();
-    const scalar_t* h0_data = h0.const_data_ptr<scalar_t>();
-    const scalar_t* c0_data = Cell::kHasCellState ? c0.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* recurrent_data = grad_h_recurrent.const_data_ptr<scalar_t>();
-    scalar_t* grad_h_data = grad_h.mutable_data_ptr<scalar_t>();
-    scalar_t* grad_c_data = Cell::kHasCellState ? grad_c.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* scratch_data = scratch.mutable_data_ptr<scalar_t>();
-    scalar_t* grad_input_data = grad_input_gates.mutable_data_ptr<scalar_t>();
-    scalar_t* grad_hidden_data = grad_hidden_gates.mutable_data_ptr<scalar_t>();
-    scalar_t* previous_data = previous_hidden.mutable_data_ptr<scalar_t>();
-    // grad_h of sequence b after an active step t (from grad_hidden_gates[t] @ w_hh).
-    auto take_recurrent_grad = [&](int64_t t, int64_t b) {
-      if (t < active[b]) {
-        Cell::take_recurrent_grad(recurrent_data + b * H,
-                                  static_cast<const scalar_t*>(scratch_data + b * H), H,
-                                  grad_h_data + b * H);
-      }
-    };
-    for (int64_t s = T - 1; s >= 0; --s) {
-      const int64_t t = time_of_step(s, T, reverse);
-      const int64_t t_prev = reverse ? t + 1 : t - 1;  // valid when s > 0
-      const int64_t t_next = reverse ? t - 1 : t + 1;  // valid when s < T - 1
-      at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          if (s < T - 1) {
-            take_recurrent_grad(t_next, b);
-          }
-          const int64_t row = t * B + b;
-          scalar_t* grad_input_row = grad_input_data + row * G;
-          scalar_t* grad_hidden_row = grad_hidden_data + row * G;
-          scalar_t* previous_row = previous_data + row * H;
-          if (t < active[b]) {
-            // c_{t-1}: the cell state saved at the previous step (frozen steps save it too).
-            const scalar_t* c_prev = nullptr;
-            if (Cell::kHasCellState) {
-              c_prev = s > 0 ? saved_data + (t_prev * B + b) * saved_width + G : c0_data + b * H;
-            }
-            previous_hidden_row(output_data, h0_data, s, t, b, reverse, shape, active,
-                                previous_row);
-            Cell::backward_step(grad_h_data + b * H, grad_output_data + row * H,
-                                saved_data + row * saved_width, c_prev,
-                                static_cast<const scalar_t*>(previous_row), H,
-                                Cell::kHasCellState ? grad_c_data + b * H : nullptr,
-                                scratch_data + b * H, grad_input_row, grad_hidden_row);
-          } else {
-            std::fill(grad_input_row, grad_input_row + G, scalar_t(0));
-            if (Cell::kSeparateHiddenGrad) {
-              std::fill(grad_hidden_row, grad_hidden_row + G, scalar_t(0));
-            }
-            std::fill(previous_row, previous_row + H, scalar_t(0));
-          }
-        }
-      });
-      at::mm_out(grad_h_recurrent, grad_hidden_gates[t], w_hh);
-    }
-    if (T > 0) {
-      const int64_t t_first = time_of_step(0, T, reverse);
-      for (int64_t b = 0; b < B; ++b) {
-        take_recurrent_grad(t_first, b);
-      }
+    BackwardStep<scalar_t> step{};
+    step.B = B;
+    step.H = H;
+    step.G = G;
+    step.saved_width = saved_width;
+    step.active = active.data();
+    step.w_hh = w_hh_rows.const_data_ptr<scalar_t>();
+    step.grad_output = grad_output.const_data_ptr<scalar_t>();
+    step.output = output.const_data_ptr<scalar_t>();
+    step.saved = saved.const_data_ptr<scalar_t>();
+    step.h0 = h0.const_data_ptr<scalar_t>();
+    step.c0 = Cell::kHasCellState ? c0.const_data_ptr<scalar_t>() : nullptr;
+    step.grad_h = grad_h.mutable_data_ptr<scalar_t>();
+    step.grad_c = Cell::kHasCellState ? grad_c.mutable_data_ptr<scalar_t>() : nullptr;
+    step.scratch = scratch.mutable_data_ptr<scalar_t>();
+    step.grad_h_recurrent = grad_h_recurrent.mutable_data_ptr<scalar_t>();
+    step.grad_input_gates = grad_input_gates.mutable_data_ptr<scalar_t>();
+    step.grad_hidden_gates = grad_hidden_gates.mutable_data_ptr<scalar_t>();
+    step.previous_hidden = previous_hidden.mutable_data_ptr<scalar_t>();
+    // Steps s = T-1 .. 0, then s = -1, which only takes the recurrent gradient of s = 0.
+    for (int64_t s = T - 1; s >= (T > 0 ? -1 : 0); --s) {
+      step.t = s >= 0 ? time_of_step(s, T, reverse) : -1;
+      step.t_prev = s > 0 ? time_of_step(s - 1, T, reverse) : -1;
+      step.t_next = s < T - 1 ? time_of_step(s + 1, T, reverse) : -1;
+      run_backward_step<Cell>(step);
     }
   });
 
