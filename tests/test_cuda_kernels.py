@@ -355,6 +355,70 @@ def test_recurrent_ops_in_low_precision_err_at_most_twice_the_reference(lengths,
         assert_within_reference_error(kernel, in_dtype, exact, gradient_factor=2, floor=torch.finfo(dtype).eps)
 
 
+def cuda_kernel_names(function):
+    """The names of the CUDA kernels that function() launches."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        function()
+        torch.cuda.synchronize()
+    return " ".join(event.name for event in profile.events())
+
+
+def persistent_layer_case(cell, steps, batch, hidden, lengths, reverse):
+    """A layer's arguments (float32 on the device), weights scaled by 1/sqrt(H)."""
+    gates = 4 if cell == "lstm" else 3
+    x, h0, c0 = recurrent_leaves((steps, batch, 8), (batch, hidden), (batch, hidden), dtype=torch.float32, seed=6)
+    shapes = ((gates * hidden, 8), (gates * hidden, hidden), (gates * hidden,), (gates * hidden,))
+    weights = [(w.detach() * hidden**-0.5).requires_grad_() for w in recurrent_leaves(*shapes, dtype=torch.float32, seed=7)]
+    lengths = None if lengths is None else lengths.to(DEVICE)
+    if cell == "lstm":
+        return (x, h0, c0, *weights, None, lengths, reverse)
+    return (x, h0, *weights, lengths, reverse)
+
+
+def in_float64(arguments):
+    return [a.detach().double().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in arguments]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@gpu
+def test_layers_run_the_persistent_kernels_when_w_hh_fits_and_match_the_per_step_path(cell, monkeypatch):
+    """H = 301 over B = 67 (three units per block, a ragged last block, two 64-row batch
+    passes), reverse with lengths: one persistent kernel each way, equal to the reference
+    and to the per-step path (FASTATTN_CUDA_PERSISTENT_RNN=0)."""
+    lengths = torch.randint(0, 6, (67,), generator=torch.Generator().manual_seed(8))
+    lengths[0] = 5
+    arguments = persistent_layer_case(cell, 5, 67, 301, lengths, True)
+    name = f"{cell}_layer"
+    persistent = []
+    names = cuda_kernel_names(lambda: persistent.extend(recurrent_outputs(name, arguments, "op")))
+    assert "persistent_forward_kernel" in names and "persistent_backward_kernel" in names
+    assert "step_forward_kernel" not in names and "step_backward_kernel" not in names
+    expected = recurrent_outputs(name, in_float64(arguments), "reference")
+    assert_all_close(persistent, expected, rtol=1e-4, atol=1e-4, check_dtype=False)
+    monkeypatch.setenv("FASTATTN_CUDA_PERSISTENT_RNN", "0")
+    per_step = []
+    names = cuda_kernel_names(lambda: per_step.extend(recurrent_outputs(name, arguments, "op")))
+    assert "persistent" not in names and "step_forward_kernel" in names
+    assert_all_close(persistent, per_step, rtol=2e-5, atol=2e-5)
+    op_arguments = (*arguments[:7], *arguments[8:]) if cell == "lstm" else arguments  # the op has no w_hr
+    torch.library.opcheck(getattr(torch.ops.fastattn, f"{name}_forward").default, op_arguments)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@gpu
+def test_layers_fall_back_to_the_per_step_path_when_w_hh_does_not_fit(cell):
+    """H = 2048: W_hh's slices exceed shared memory on an H100 or H200, the layer runs per
+    step and still matches the reference."""
+    arguments = persistent_layer_case(cell, 3, 2, 2048, None, False)
+    outputs = []
+    names = cuda_kernel_names(lambda: outputs.extend(recurrent_outputs(f"{cell}_layer", arguments, "op")))
+    assert "persistent" not in names and "step_forward_kernel" in names and "step_backward_kernel" in names
+    assert_all_close(outputs, recurrent_outputs(f"{cell}_layer", in_float64(arguments), "reference"),
+                     rtol=1e-4, atol=1e-4, check_dtype=False)
+
+
 # ---------------------------------------------------------------- opcheck
 
 
