@@ -12,18 +12,22 @@ delta_t = dC_t . c_t + sum_j w_tj dW_tj (computed by the caller), the score grad
 dE = p * (g * dA - delta).  Dot and cosine hold dQ/dK whole (``BLOCK_DQ`` >= D) in
 registers; additive walks Da in tiles of ``BLOCK_D`` and accumulates dQ', dK' and dv
 with float32 atomic adds into zeroed buffers (the caller sums dv's contributions into
-the bias gradient itself: d bias = sum over rows of dQ').
+the bias gradient itself: d bias = sum over rows of dQ'); those buffers must be
+re-zeroed between autotuning trials (``reset_to_zero`` in fastattn.ops.triton_configs).
+The additive tanh is split between the SFU and the FMA units as in the forward
+(``BLOCK_D`` + ``BLOCK_D_POLY``, see ``attention_tiles``).  The batch index is 64-bit,
+offsets within one batch element 32-bit.
 """
 
 import triton
 import triton.language as tl
 
 from fastattn.kernels.attention_tiles import (
+    additive_activation,
     block_scores,
     gaussian_factor,
     key_range,
     row_centers,
-    stable_tanh,
     tile_valid,
 )
 
@@ -36,13 +40,13 @@ def _score_gradient(
     T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, GAUSSIAN: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One tile's (dE, p, g, dA, 1/|q|, 1/|k|, grad_out tile) — see the module docstring."""
     scores, inverse_query_norm, inverse_key_norm = block_scores(
         Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, tiny,
-        SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, DOT_PRECISION,
+        SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, HARDWARE_TANH, DOT_PRECISION,
     )
     valid = tile_valid(offs_t, offs_j, centers, T, S, length, KPM, n * S, window, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW)
     row_in = offs_t < T
@@ -61,7 +65,7 @@ def _score_gradient(
     grad_attention = tl.dot(grad_out, tl.trans(values), input_precision=DOT_PRECISION)
     if HAS_GRAD_WEIGHTS:
         grad_attention += tl.load(
-            GRAD_WEIGHTS + (n * T + offs_t[:, None]) * S + offs_j[None, :],
+            GRAD_WEIGHTS + n * T * S + offs_t[:, None] * S + offs_j[None, :],
             mask=row_in[:, None] & (offs_j < S)[None, :], other=0.0,
         ).to(tl.float32)
     factor = tl.full((BLOCK_T, BLOCK_S), 1.0, tl.float32)
@@ -72,39 +76,59 @@ def _score_gradient(
 
 
 @triton.jit
+def _additive_feature_gradient_tile(
+    ROW_FEATURES, OTHER_FEATURES, VA, BIAS, GRAD_PROJECTION, GRAD_VA, grad_scores, offs_rows, offs_other, offs_d, rows,
+    others, D, stride_row, stride_other, ROWS_ARE_KEYS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    POLYNOMIAL: tl.constexpr, HARDWARE_TANH: tl.constexpr,
+):
+    """``_additive_feature_gradients`` for the features offs_d."""
+    row_in = offs_rows < rows
+    other_in = offs_other < others
+    d_in = offs_d < D
+    row_features = tl.load(
+        ROW_FEATURES + offs_rows[:, None] * stride_row + offs_d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0
+    ).to(tl.float32)
+    other_features = tl.load(
+        OTHER_FEATURES + offs_other[:, None] * stride_other + offs_d[None, :],
+        mask=other_in[:, None] & d_in[None, :], other=0.0,
+    ).to(tl.float32)
+    summed = row_features[:, None, :] + other_features[None, :, :]
+    if HAS_BIAS:
+        summed += tl.load(BIAS + offs_d, mask=d_in, other=0.0).to(tl.float32)[None, None, :]
+    activation = additive_activation(summed, POLYNOMIAL, HARDWARE_TANH)
+    va = tl.load(VA + offs_d, mask=d_in, other=0.0).to(tl.float32)
+    weighted = grad_scores[:, :, None] * (1.0 - activation * activation) * va[None, None, :]
+    tl.atomic_add(
+        GRAD_PROJECTION + offs_rows[:, None] * D + offs_d[None, :], tl.sum(weighted, axis=1),
+        mask=row_in[:, None] & d_in[None, :],
+    )
+    if ROWS_ARE_KEYS:
+        tl.atomic_add(GRAD_VA + offs_d, tl.sum(tl.sum(grad_scores[:, :, None] * activation, axis=1), axis=0), mask=d_in)
+
+
+@triton.jit
 def _additive_feature_gradients(
     ROW_FEATURES, OTHER_FEATURES, VA, BIAS, GRAD_PROJECTION, GRAD_VA, grad_scores, offs_rows, offs_other, rows,
-    others, D, stride_row, stride_other, ROWS_ARE_KEYS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+    others, D, stride_row, stride_other, ROWS_ARE_KEYS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HARDWARE_TANH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr,
 ):
     """Atomically add one tile's gradient of the additive score to the projections of its
     rows: ROW_FEATURES and OTHER_FEATURES point at this batch element's queries and keys
     (or keys and queries), GRAD_PROJECTION at its contiguous (rows, D) float32 block;
     ``grad_scores`` is (rows, others).  From the key side (``ROWS_ARE_KEYS``) v's
     gradient is added too."""
-    row_in = offs_rows < rows
-    other_in = offs_other < others
-    for d_start in range(0, D, BLOCK_D):
-        offs_d = d_start + tl.arange(0, BLOCK_D)
-        d_in = offs_d < D
-        row_features = tl.load(
-            ROW_FEATURES + offs_rows[:, None] * stride_row + offs_d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0
-        ).to(tl.float32)
-        other_features = tl.load(
-            OTHER_FEATURES + offs_other[:, None] * stride_other + offs_d[None, :],
-            mask=other_in[:, None] & d_in[None, :], other=0.0,
-        ).to(tl.float32)
-        summed = row_features[:, None, :] + other_features[None, :, :]
-        if HAS_BIAS:
-            summed += tl.load(BIAS + offs_d, mask=d_in, other=0.0).to(tl.float32)[None, None, :]
-        activation = stable_tanh(summed)
-        va = tl.load(VA + offs_d, mask=d_in, other=0.0).to(tl.float32)
-        weighted = grad_scores[:, :, None] * (1.0 - activation * activation) * va[None, None, :]
-        tl.atomic_add(
-            GRAD_PROJECTION + offs_rows[:, None] * D + offs_d[None, :], tl.sum(weighted, axis=1),
-            mask=row_in[:, None] & d_in[None, :],
+    for d_start in range(0, D, BLOCK_D + BLOCK_D_POLY):
+        _additive_feature_gradient_tile(
+            ROW_FEATURES, OTHER_FEATURES, VA, BIAS, GRAD_PROJECTION, GRAD_VA, grad_scores, offs_rows, offs_other,
+            d_start + tl.arange(0, BLOCK_D), rows, others, D, stride_row, stride_other, ROWS_ARE_KEYS, HAS_BIAS,
+            False, HARDWARE_TANH,
         )
-        if ROWS_ARE_KEYS:
-            tl.atomic_add(GRAD_VA + offs_d, tl.sum(tl.sum(grad_scores[:, :, None] * activation, axis=1), axis=0), mask=d_in)
+        if BLOCK_D_POLY > 0:
+            _additive_feature_gradient_tile(
+                ROW_FEATURES, OTHER_FEATURES, VA, BIAS, GRAD_PROJECTION, GRAD_VA, grad_scores, offs_rows, offs_other,
+                d_start + BLOCK_D + tl.arange(0, BLOCK_D_POLY), rows, others, D, stride_row, stride_other,
+                ROWS_ARE_KEYS, HAS_BIAS, True, HARDWARE_TANH,
+            )
 
 
 @triton.jit
@@ -114,11 +138,11 @@ def attention_grad_query_kernel(
     T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
-    HAS_GRAD_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DQ: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    HAS_GRAD_WEIGHTS: tl.constexpr, HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr,
+    BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    t_block, n = tl.program_id(0), tl.program_id(1)
+    t_block, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
     t_start = t_block * BLOCK_T
     offs_t = t_start + tl.arange(0, BLOCK_T)
     offs_dq = tl.arange(0, BLOCK_DQ)
@@ -138,7 +162,7 @@ def attention_grad_query_kernel(
             stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
             T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
             SCORE_KIND, HAS_BIAS, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW, GAUSSIAN, HAS_GRAD_WEIGHTS,
-            DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_DV,
+            HARDWARE_TANH, DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, BLOCK_DV,
         )
         if HAS_CENTER and GAUSSIAN:
             distance = offs_j.to(tl.float32)[None, :] - centers[:, None]
@@ -146,7 +170,7 @@ def attention_grad_query_kernel(
         if SCORE_KIND == 2:
             _additive_feature_gradients(
                 Q + n * stride_qn, K + n * stride_kn, VA, BIAS, GRAD_Q + n * T * D, GRAD_Q, grad_scores, offs_t, offs_j,
-                T, S, D, stride_qt, stride_ks, False, HAS_BIAS, BLOCK_D,
+                T, S, D, stride_qt, stride_ks, False, HAS_BIAS, HARDWARE_TANH, BLOCK_D, BLOCK_D_POLY,
             )
         else:
             keys = tl.load(
@@ -165,7 +189,7 @@ def attention_grad_query_kernel(
             unit_query = query.to(tl.float32) * inverse_query_norm[:, None]
             radial = tl.sum(unit_query * grad_query, axis=1)
             grad_query = (grad_query - unit_query * radial[:, None]) * inverse_query_norm[:, None]
-        tl.store(GRAD_Q + (n * T + offs_t[:, None]) * D + offs_dq[None, :], grad_query, mask=out_mask)
+        tl.store(GRAD_Q + n * T * D + offs_t[:, None] * D + offs_dq[None, :], grad_query, mask=out_mask)
     if HAS_CENTER and GAUSSIAN:
         tl.store(GRAD_CENTER + n * T + offs_t, grad_center, mask=row_in)
 
@@ -177,11 +201,11 @@ def attention_grad_key_value_kernel(
     T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
-    HAS_GRAD_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DQ: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    HAS_GRAD_WEIGHTS: tl.constexpr, HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr,
+    BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    j_block, n = tl.program_id(0), tl.program_id(1)
+    j_block, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
     j_start = j_block * BLOCK_S
     offs_j = j_start + tl.arange(0, BLOCK_S)
     offs_dq = tl.arange(0, BLOCK_DQ)
@@ -203,14 +227,14 @@ def attention_grad_key_value_kernel(
                 stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
                 T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
                 SCORE_KIND, HAS_BIAS, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW, GAUSSIAN, HAS_GRAD_WEIGHTS,
-                DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_DV,
+                HARDWARE_TANH, DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, BLOCK_DV,
             )
             weights = p * factor
             grad_value += tl.dot(tl.trans(weights.to(grad_out.dtype)), grad_out, input_precision=DOT_PRECISION)
             if SCORE_KIND == 2:
                 _additive_feature_gradients(
                     K + n * stride_kn, Q + n * stride_qn, VA, BIAS, GRAD_K + n * S * D, GRAD_VA, tl.trans(grad_scores),
-                    offs_j, offs_t, S, T, D, stride_ks, stride_qt, True, HAS_BIAS, BLOCK_D,
+                    offs_j, offs_t, S, T, D, stride_ks, stride_qt, True, HAS_BIAS, HARDWARE_TANH, BLOCK_D, BLOCK_D_POLY,
                 )
             else:
                 queries = tl.load(
@@ -222,7 +246,7 @@ def attention_grad_key_value_kernel(
                     weighted = weighted * inverse_query_norm[:, None]
                 grad_key += tl.dot(tl.trans(weighted.to(queries.dtype)), queries, input_precision=DOT_PRECISION)
     tl.store(
-        GRAD_V + (n * S + offs_j[:, None]) * DV + offs_dv[None, :], grad_value,
+        GRAD_V + n * S * DV + offs_j[:, None] * DV + offs_dv[None, :], grad_value,
         mask=key_in[:, None] & (offs_dv < DV)[None, :],
     )
     if SCORE_KIND != 2:
@@ -232,4 +256,4 @@ def attention_grad_key_value_kernel(
             unit_key = keys.to(tl.float32) * inverse_key_norm[:, None]
             radial = tl.sum(unit_key * grad_key, axis=1)
             grad_key = (grad_key - unit_key * radial[:, None]) * inverse_key_norm[:, None]
-        tl.store(GRAD_K + (n * S + offs_j[:, None]) * D + offs_dq[None, :], grad_key, mask=out_mask)
+        tl.store(GRAD_K + n * S * D + offs_j[:, None] * D + offs_dq[None, :], grad_key, mask=out_mask)

@@ -11,7 +11,9 @@ short query block when the batch alone cannot fill the GPU) each program covers
 normalised weights from the log-sum-exp, one (query block × key block) tile per
 program.  Cosine logits are bounded by |scale|, which then serves as the softmax
 maximum from the start (``BOUNDED``: no running maximum, no rescaling).  Key blocks outside the mask or window are skipped, never loaded.  The value
-dimension is held whole (``BLOCK_DV`` >= Dv) in registers.
+dimension is held whole (``BLOCK_DV`` >= Dv) in registers.  Offsets: the batch index is
+64-bit (its base offset can pass 2^31), offsets within one batch element are 32-bit
+(``fastattn.ops.triton_launch`` refuses tensors where those could overflow).
 """
 
 import triton
@@ -27,10 +29,11 @@ def attention_forward_kernel(
     T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared, split_size,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
-    SPLIT: tl.constexpr, BOUNDED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT: tl.constexpr, BOUNDED: tl.constexpr, HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
-    t_block, n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_block, n, split = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     t_start = t_block * BLOCK_T
     offs_t = t_start + tl.arange(0, BLOCK_T)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -55,7 +58,7 @@ def attention_forward_kernel(
         offs_j = j_start + tl.arange(0, BLOCK_S)
         scores, _, _ = block_scores(
             Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, tiny,
-            SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, DOT_PRECISION,
+            SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, HARDWARE_TANH, DOT_PRECISION,
         )
         valid = tile_valid(offs_t, offs_j, centers, T, S, length, KPM, n * S, window, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW)
         scores = tl.where(valid, scores, float("-inf"))
@@ -82,10 +85,10 @@ def attention_forward_kernel(
 
     row_in = offs_t < T
     if SPLIT:
-        partial = (n * tl.num_programs(2) + split) * T + offs_t
-        tl.store(PARTIAL_ACC + partial[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=row_in[:, None])
-        tl.store(PARTIAL_MAX + partial, running_max, mask=row_in)
-        tl.store(PARTIAL_SUM + partial, running_sum, mask=row_in)
+        partial = (n * tl.num_programs(2) + split) * T
+        tl.store(PARTIAL_ACC + partial * BLOCK_DV + offs_t[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=row_in[:, None])
+        tl.store(PARTIAL_MAX + partial + offs_t, running_max, mask=row_in)
+        tl.store(PARTIAL_SUM + partial + offs_t, running_sum, mask=row_in)
     else:
         empty = running_sum == 0.0
         safe_sum = tl.where(empty, 1.0, running_sum)
@@ -102,22 +105,24 @@ def attention_combine_kernel(
     BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Merge the per-split partial results of one query block (flash-decoding's reduce)."""
-    t_block, n = tl.program_id(0), tl.program_id(1)
+    t_block, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_t = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_in = offs_t < T
     overall_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     for split in range(0, splits):
-        partial = (n * splits + split) * T + offs_t
-        overall_max = tl.maximum(overall_max, tl.load(PARTIAL_MAX + partial, mask=row_in, other=float("-inf")))
+        partial = (n * splits + split) * T
+        overall_max = tl.maximum(overall_max, tl.load(PARTIAL_MAX + partial + offs_t, mask=row_in, other=float("-inf")))
     safe_max = tl.where(overall_max == float("-inf"), 0.0, overall_max)
     total = tl.zeros((BLOCK_T,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_T, BLOCK_DV), dtype=tl.float32)
     for split in range(0, splits):
-        partial = (n * splits + split) * T + offs_t
-        rescale = tl.exp(tl.load(PARTIAL_MAX + partial, mask=row_in, other=float("-inf")) - safe_max)
-        total += tl.load(PARTIAL_SUM + partial, mask=row_in, other=0.0) * rescale
-        partial_acc = tl.load(PARTIAL_ACC + partial[:, None] * BLOCK_DV + offs_dv[None, :], mask=row_in[:, None], other=0.0)
+        partial = (n * splits + split) * T
+        rescale = tl.exp(tl.load(PARTIAL_MAX + partial + offs_t, mask=row_in, other=float("-inf")) - safe_max)
+        total += tl.load(PARTIAL_SUM + partial + offs_t, mask=row_in, other=0.0) * rescale
+        partial_acc = tl.load(
+            PARTIAL_ACC + partial * BLOCK_DV + offs_t[:, None] * BLOCK_DV + offs_dv[None, :], mask=row_in[:, None], other=0.0
+        )
         acc += partial_acc * rescale[:, None]
     empty = total == 0.0
     safe_total = tl.where(empty, 1.0, total)
@@ -133,11 +138,13 @@ def attention_weights_kernel(
     T, S, D, scale, tiny, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr,
 ):
     """weights = exp(score - logsumexp) * Gaussian factor on one tile; WEIGHTS starts zeroed
-    and tiles outside the block's key range are left alone."""
-    j_block, t_block, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    and tiles outside the block's key range are left alone (their weights are all zero,
+    so any tiling writes the same tensor and a rerun is harmless)."""
+    j_block, t_block, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     t_start = t_block * BLOCK_T
     offs_t = t_start + tl.arange(0, BLOCK_T)
     offs_j = j_block * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -149,7 +156,7 @@ def attention_weights_kernel(
     if (j_block * BLOCK_S < hi) & (j_block * BLOCK_S + BLOCK_S > lo):
         scores, _, _ = block_scores(
             Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, tiny,
-            SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, DOT_PRECISION,
+            SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, HARDWARE_TANH, DOT_PRECISION,
         )
         valid = tile_valid(offs_t, offs_j, centers, T, S, length, KPM, n * S, window, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW)
         logsumexp = tl.load(LSE + n * T + offs_t, mask=offs_t < T, other=float("inf"))
@@ -157,4 +164,4 @@ def attention_weights_kernel(
         if GAUSSIAN:
             weights = weights * gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
         in_tile = (offs_t < T)[:, None] & (offs_j < S)[None, :]
-        tl.store(WEIGHTS + (n * T + offs_t[:, None]) * S + offs_j[None, :], weights, mask=in_tile)
+        tl.store(WEIGHTS + n * T * S + offs_t[:, None] * S + offs_j[None, :], weights, mask=in_tile)

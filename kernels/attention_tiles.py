@@ -1,20 +1,34 @@
 """Triton helpers shared by every attention kernel: the scores of one (query block ×
 key block) tile for the three kernel score kinds, the mask of a tile, the key range
-a query block can see, and the Gaussian factor of local attention.
+a query block can see, the Gaussian factor of local attention, and the tanh of the
+additive score.
 
 Score kinds (``SCORE_KIND``): 0 = dot (q . k * scale, tensor-core ``tl.dot``),
 1 = cosine (scale * q . k / (|q| |k|), norms computed here), 2 = additive
-(v . tanh(q + k + b), summed over feature tiles on the FMA/SFU units).  The
-features are walked in tiles of ``BLOCK_D``; queries and keys must have their
-feature dimension contiguous.  Masks follow ``fastattn.reference.attention``:
-lengths, key padding, causal, local-m (centers = t) and local-p (given centers)
-windows, all evaluated in float32.
+(v . tanh(q + k + b), summed over feature tiles on the FMA/SFU units).  Dot and
+cosine walk the features in tiles of ``BLOCK_D``; additive walks them in steps of
+``BLOCK_D + BLOCK_D_POLY`` features: the first ``BLOCK_D`` through the
+special-function unit (``sfu_tanh``), the last ``BLOCK_D_POLY`` (0: none) through
+``rational_tanh`` on the FMA units, so the autotuner can balance the two pipes.
+Queries and keys must have their feature dimension contiguous.  Masks follow
+``fastattn.reference.attention``: lengths, key padding, causal, local-m (centers = t)
+and local-p (given centers) windows, all evaluated in float32.
+
+tanh error bounds (absolute, float32, over the whole real line):
+- ``rational_tanh``: <= RATIONAL_TANH_MAX_ERROR = 4e-7 (csrc/common/fast_tanh.h's
+  coefficients; measured 3.5e-7 without FMA contraction, checked on a dense grid by
+  tests/test_triton_tuning.py).  Its division is three Newton steps from a bit-trick
+  seed, so it uses no SFU instruction at all.
+- ``stable_tanh`` (exp-based, float32 inputs and the interpreter): ~2 ulp of ``tl.exp``.
+- ``tanh.approx.f32`` (``HARDWARE_TANH``: float16/bfloat16 inputs on a GPU): relative
+  error about 2^-11 (PTX ISA), the rounding of the float16 inputs themselves.
 """
 
 import triton
 import triton.language as tl
 
 DOT, COSINE, ADDITIVE = 0, 1, 2
+RATIONAL_TANH_MAX_ERROR = 4e-7
 
 
 @triton.jit
@@ -26,30 +40,93 @@ def stable_tanh(x):
 
 
 @triton.jit
+def rational_tanh(x):
+    """tanh(x) ~= x P(x^2) / Q(x^2) on |x| <= 8.75 (csrc/common/fast_tanh.h), FMA units
+    only: 1/Q by three Newton steps from the exponent-flipping seed (Q lies in [1, 365])."""
+    clamped = tl.minimum(tl.maximum(x, -8.75), 8.75)
+    y = clamped * clamped
+    numerator = 1.363577892e-08 * y + 2.079633868e-05
+    numerator = numerator * y + 3.506309020e-03
+    numerator = numerator * y + 1.338982832e-01
+    numerator = numerator * y + 9.999999282e-01
+    denominator = 7.886948043e-07 * y + 3.303629924e-04
+    denominator = denominator * y + 2.591708221e-02
+    denominator = denominator * y + 4.672313322e-01
+    denominator = denominator * y + 1.0
+    reciprocal = (0x7EF311C3 - denominator.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+    for _ in tl.static_range(3):
+        reciprocal = reciprocal + reciprocal * (1.0 - denominator * reciprocal)
+    return tl.minimum(tl.maximum(clamped * numerator * reciprocal, -1.0), 1.0)
+
+
+@triton.jit
+def sfu_tanh(x, HARDWARE_TANH: tl.constexpr):
+    """tanh on the special-function unit: ``tanh.approx.f32`` (one SFU op) when
+    ``HARDWARE_TANH``, else ``stable_tanh`` (exp and a division)."""
+    if HARDWARE_TANH:
+        return tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return stable_tanh(x)
+
+
+@triton.jit
+def additive_activation(x, POLYNOMIAL: tl.constexpr, HARDWARE_TANH: tl.constexpr):
+    """tanh of one additive feature sub-tile: ``rational_tanh`` or ``sfu_tanh``."""
+    if POLYNOMIAL:
+        return rational_tanh(x)
+    else:
+        return sfu_tanh(x, HARDWARE_TANH)
+
+
+@triton.jit
+def _additive_partial_scores(
+    Q, K, VA, BIAS, offs_t, offs_j, offs_d, T, S, D, stride_qt, stride_ks,
+    HAS_BIAS: tl.constexpr, POLYNOMIAL: tl.constexpr, HARDWARE_TANH: tl.constexpr,
+):
+    """sum over the features offs_d of v_d tanh(q_d + k_d + b_d), (BLOCK_T, BLOCK_S) fp32;
+    Q and K point at this batch element's queries and keys."""
+    d_in = offs_d < D
+    q = tl.load(Q + offs_t[:, None] * stride_qt + offs_d[None, :], mask=(offs_t < T)[:, None] & d_in[None, :], other=0.0)
+    k = tl.load(K + offs_j[:, None] * stride_ks + offs_d[None, :], mask=(offs_j < S)[:, None] & d_in[None, :], other=0.0)
+    va = tl.load(VA + offs_d, mask=d_in, other=0.0).to(tl.float32)
+    summed = q.to(tl.float32)[:, None, :] + k.to(tl.float32)[None, :, :]
+    if HAS_BIAS:
+        summed += tl.load(BIAS + offs_d, mask=d_in, other=0.0).to(tl.float32)[None, None, :]
+    return tl.sum(additive_activation(summed, POLYNOMIAL, HARDWARE_TANH) * va[None, None, :], axis=2)
+
+
+@triton.jit
 def block_scores(
     Q, K, VA, BIAS, q_base, k_base, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, tiny,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr, HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """-> (scores (BLOCK_T, BLOCK_S) fp32 with the scale applied, 1/|q| (BLOCK_T,), 1/|k| (BLOCK_S,));
     the inverse norms are those of the cosine score (ones for the other kinds)."""
     scores = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
     query_squares = tl.zeros((BLOCK_T,), dtype=tl.float32)
     key_squares = tl.zeros((BLOCK_S,), dtype=tl.float32)
-    row_in = offs_t < T
-    key_in = offs_j < S
-    for d_start in range(0, D, BLOCK_D):
-        offs_d = d_start + tl.arange(0, BLOCK_D)
-        d_in = offs_d < D
-        q = tl.load(Q + q_base + offs_t[:, None] * stride_qt + offs_d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
-        k = tl.load(K + k_base + offs_j[:, None] * stride_ks + offs_d[None, :], mask=key_in[:, None] & d_in[None, :], other=0.0)
-        if SCORE_KIND == 2:
-            va = tl.load(VA + offs_d, mask=d_in, other=0.0).to(tl.float32)
-            summed = q.to(tl.float32)[:, None, :] + k.to(tl.float32)[None, :, :]
-            if HAS_BIAS:
-                summed += tl.load(BIAS + offs_d, mask=d_in, other=0.0).to(tl.float32)[None, None, :]
-            scores += tl.sum(stable_tanh(summed) * va[None, None, :], axis=2)
-        else:
+    if SCORE_KIND == 2:
+        for d_start in range(0, D, BLOCK_D + BLOCK_D_POLY):
+            scores += _additive_partial_scores(
+                Q + q_base, K + k_base, VA, BIAS, offs_t, offs_j, d_start + tl.arange(0, BLOCK_D), T, S, D,
+                stride_qt, stride_ks, HAS_BIAS, False, HARDWARE_TANH,
+            )
+            if BLOCK_D_POLY > 0:
+                scores += _additive_partial_scores(
+                    Q + q_base, K + k_base, VA, BIAS, offs_t, offs_j, d_start + BLOCK_D + tl.arange(0, BLOCK_D_POLY),
+                    T, S, D, stride_qt, stride_ks, HAS_BIAS, True, HARDWARE_TANH,
+                )
+    else:
+        row_in = offs_t < T
+        key_in = offs_j < S
+        for d_start in range(0, D, BLOCK_D):
+            offs_d = d_start + tl.arange(0, BLOCK_D)
+            d_in = offs_d < D
+            q = tl.load(Q + q_base + offs_t[:, None] * stride_qt + offs_d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
+            k = tl.load(K + k_base + offs_j[:, None] * stride_ks + offs_d[None, :], mask=key_in[:, None] & d_in[None, :], other=0.0)
             scores += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if SCORE_KIND == 1:
                 query_squares += tl.sum(q.to(tl.float32) * q.to(tl.float32), axis=1)

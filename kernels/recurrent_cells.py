@@ -7,6 +7,8 @@ The GEMMs x @ W_ih^T (and, for larger batches, h @ W_hh^T) and those of the back
 run in torch (cuBLAS); the gates come in torch's order (LSTM i, f, g, o; GRU r, z, n)
 as (B, gates*H) rows.  Grid: (B blocks, H blocks) of BLOCK_B × BLOCK_H states.
 Saved activations: LSTM (i, f, g, o), GRU (r, z, n, W_hn h + b_hn), each (B, 4H).
+Rows and columns are 64-bit, so every offset is (B·4H or 4H·H may pass 2^31); these
+kernels are bound by memory, not by address arithmetic.
 """
 
 import triton
@@ -22,8 +24,8 @@ def _sigmoid(x):
 
 @triton.jit
 def _tile(b_block, h_block, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows = b_block * BLOCK_B + tl.arange(0, BLOCK_B)
-    columns = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows = b_block.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    columns = h_block.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     return rows, columns, (rows < B)[:, None] & (columns < H)[None, :]
 
 

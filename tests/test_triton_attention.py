@@ -379,10 +379,32 @@ def test_gpu_compiles_with_fullgraph(score):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_tensors_past_32_bit_offsets_are_refused_before_the_launch():
-    from fastattn.kernels.hard_sampling import choose_positions_kernel
-    from fastattn.ops.triton_launch import run_kernel
+def test_offsets_past_32_bits_inside_a_batch_element_are_refused():
+    from fastattn.ops.triton_launch import check_offsets
 
-    huge = torch.zeros(1).expand(2**31)  # 2^31 elements, no memory behind them
-    with pytest.raises(ValueError, match=r"32-bit offsets .* choose_positions_kernel"):
-        run_kernel(choose_positions_kernel, (1,), huge, huge, 1, 0, SAMPLE=False, BLOCK_S=16)
+    # Meta tensors: real shapes and strides, no memory.
+    check_offsets(torch.empty(2**20, 2**11, device="meta"), "kernel")  # 2^31 elements: a 64-bit batch offset
+    check_offsets(torch.empty(2, 2**16, 2**15, device="meta"), "kernel")  # largest inner offset 2^31 - 1
+    with pytest.raises(ValueError, match=r"32-bit offsets.* for attention_forward_kernel"):
+        check_offsets(torch.empty(2, 2**16, 2**15 + 1, device="meta"), "attention_forward_kernel")
+    with pytest.raises(ValueError, match=r"32-bit offsets"):
+        check_offsets(torch.empty(2**31 + 1, device="meta"), "kernel")
+    with pytest.raises(ValueError, match=r"32-bit offsets"):  # a view whose key stride spans the whole batch
+        check_offsets(torch.empty(2**16, 2, 2**15, device="meta").transpose(0, 1), "kernel")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_batch_offsets_past_32_bits():
+    # weights (N, T, S) of 2^31 + 2^14 elements: the last batch elements lie past 2^31.
+    batch, length, features = 2**17 + 1, 128, 16
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    query, keys, values = (
+        torch.randn(batch, length, features, generator=generator, device="cuda", dtype=torch.float16) for _ in range(3)
+    )
+    with fastattn.backend("triton"):
+        context, weights = fastattn.attention(query, keys, values, score="scaled_dot", return_weights=True)
+    with fastattn.backend("reference"):
+        expected = fastattn.attention(query[-2:], keys[-2:], values[-2:], score="scaled_dot", return_weights=True)
+    torch.testing.assert_close(context[-2:], expected[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(weights[-2:], expected[1], rtol=2e-3, atol=2e-3)

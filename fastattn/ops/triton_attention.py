@@ -23,32 +23,36 @@ from fastattn.kernels.attention_forward import (
     attention_weights_kernel,
 )
 from fastattn.kernels.attention_tiles import ADDITIVE, COSINE, DOT
+from fastattn.ops import triton_configs
 from fastattn.ops.attention import forward_input_gradients
+from fastattn.ops.triton_configs import SPLIT_GRANULE
 from fastattn.ops.triton_launch import (
-    ADDITIVE_CONFIGS,
-    DOT_CONFIGS,
     INTERPRETED,
     SMALLEST_BLOCK,
-    SPLIT_GRANULE,
     TARGET_PROGRAMS,
     Launcher,
     power_of_two_block,
-    run_kernel,
 )
 
 SCORE_KINDS = {"dot": DOT, "cosine": COSINE, "additive": ADDITIVE}
 # Cosine logits within [-|scale|, |scale|] run without a running maximum while
 # exp(-2 |scale|) stays a normal float32.
 BOUNDED_SCALE_LIMIT = 40.0
-_launchers = {}  # (kernel name, score kind) -> Launcher
-
-
-def _launcher(name: str, kernel, score_kind: int, reset_to_zero=None) -> Launcher:
-    key = (name, score_kind)
-    if key not in _launchers:
-        configs = ADDITIVE_CONFIGS if score_kind == ADDITIVE else DOT_CONFIGS
-        _launchers[key] = Launcher(kernel, configs, reset_to_zero)
-    return _launchers[key]
+# (kernel, whether the score is additive) -> its Launcher; dot and cosine share the tiling.
+LAUNCHERS = {
+    ("forward", False): Launcher(attention_forward_kernel, triton_configs.FORWARD_DOT),
+    ("forward", True): Launcher(attention_forward_kernel, triton_configs.FORWARD_ADDITIVE),
+    ("weights", False): Launcher(attention_weights_kernel, triton_configs.WEIGHTS_DOT),
+    ("weights", True): Launcher(attention_weights_kernel, triton_configs.WEIGHTS_ADDITIVE),
+    ("grad_query", False): Launcher(attention_grad_query_kernel, triton_configs.GRAD_QUERY_DOT),
+    ("grad_query", True): Launcher(attention_grad_query_kernel, triton_configs.GRAD_QUERY_ADDITIVE),
+    ("grad_key_value", False): Launcher(attention_grad_key_value_kernel, triton_configs.GRAD_KEY_VALUE_DOT),
+    ("grad_key_value", True): Launcher(attention_grad_key_value_kernel, triton_configs.GRAD_KEY_VALUE_ADDITIVE),
+}
+COMBINE_LAUNCHER = Launcher(attention_combine_kernel, triton_configs.COMBINE)
+# tanh.approx.f32 errs by about 2^-11 relative: below the rounding of 16-bit inputs,
+# too coarse for float32 ones (and not available under the interpreter).
+HARDWARE_TANH_DTYPES = () if INTERPRETED else (torch.float16, torch.bfloat16)
 
 
 def _problem(query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian):
@@ -74,11 +78,12 @@ def _problem(query, keys, values, v, bias, score, scale, lengths, key_padding_ma
     flags = dict(
         SCORE_KIND=kind, HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None,
         HAS_KPM=key_padding_mask is not None, CAUSAL=causal, HAS_WINDOW=window is not None,
-        HAS_CENTER=center is not None, GAUSSIAN=gaussian,
+        HAS_CENTER=center is not None, GAUSSIAN=gaussian, HARDWARE_TANH=query.dtype in HARDWARE_TANH_DTYPES,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
-    if kind != ADDITIVE:
+    if kind != ADDITIVE:  # additive takes its feature tiles from its configs
         flags["BLOCK_D"] = SMALLEST_BLOCK if INTERPRETED else power_of_two_block(features, cap=128)
+        flags["BLOCK_D_POLY"] = 0
     return pointers, strides, sizes, flags
 
 
@@ -114,8 +119,8 @@ def triton_attention_forward(
         partial_sum = query.new_empty(batch, splits, query_length, dtype=torch.float32)
     else:
         partial_acc = partial_max = partial_sum = logsumexp
-    forward = _launcher("forward", attention_forward_kernel, flags["SCORE_KIND"])
-    forward(
+    additive = flags["SCORE_KIND"] == ADDITIVE
+    LAUNCHERS["forward", additive](
         lambda meta: (triton.cdiv(query_length, meta["BLOCK_T"]), batch, splits),
         *pointers, context, logsumexp, partial_acc, partial_max, partial_sum,
         *strides, context.stride(0), context.stride(1), *sizes, split_size,
@@ -123,16 +128,16 @@ def triton_attention_forward(
         BOUNDED=flags["SCORE_KIND"] == COSINE and abs(scale) <= BOUNDED_SCALE_LIMIT,
     )
     if splits > 1:
-        run_kernel(
-            attention_combine_kernel, (triton.cdiv(query_length, SMALLEST_BLOCK), batch), partial_acc, partial_max, partial_sum, context, logsumexp, context.stride(0), context.stride(1),
-            query_length, value_features, splits, BLOCK_T=SMALLEST_BLOCK, BLOCK_DV=block_dv,
+        COMBINE_LAUNCHER(
+            lambda meta: (triton.cdiv(query_length, meta["BLOCK_T"]), batch),
+            partial_acc, partial_max, partial_sum, context, logsumexp, context.stride(0), context.stride(1),
+            query_length, value_features, splits, BLOCK_DV=block_dv,
         )
     if not return_weights:
         return context, query.new_empty(0), logsumexp
     weights = query.new_zeros(batch, query_length, source_length)
-    write_weights = _launcher("weights", attention_weights_kernel, flags["SCORE_KIND"])
     weight_sizes = [size for index, size in enumerate(sizes) if index != 3]  # no Dv
-    write_weights(
+    LAUNCHERS["weights", additive](
         lambda meta: (triton.cdiv(source_length, meta["BLOCK_S"]), triton.cdiv(query_length, meta["BLOCK_T"]), batch),
         *pointers[:2], *pointers[3:], logsumexp, weights, *strides[:4], *weight_sizes, **flags,
     )
@@ -167,16 +172,12 @@ def triton_attention_backward(
         **flags, HAS_GRAD_WEIGHTS=grad_weights is not None,
         BLOCK_DQ=power_of_two_block(features), BLOCK_DV=power_of_two_block(value_features),
     )
-    grad_query_launch = _launcher("grad_query", attention_grad_query_kernel, flags["SCORE_KIND"], ["GRAD_Q"])
-    grad_query_launch(
+    LAUNCHERS["grad_query", additive](
         lambda meta: (triton.cdiv(query_length, meta["BLOCK_T"]), batch),
         *pointers, *upstream, grad_query, grad_center if grad_center.numel() else grad_query,
         *gradient_strides, *sizes, **gradient_flags,
     )
-    grad_key_value_launch = _launcher(
-        "grad_key_value", attention_grad_key_value_kernel, flags["SCORE_KIND"], ["GRAD_K", "GRAD_VA"]
-    )
-    grad_key_value_launch(
+    LAUNCHERS["grad_key_value", additive](
         lambda meta: (triton.cdiv(source_length, meta["BLOCK_S"]), batch),
         *pointers, *upstream, grad_keys, grad_values, grad_v if additive else grad_keys,
         *gradient_strides, *sizes, **gradient_flags,

@@ -6,11 +6,13 @@ The seed comes from the caller's ``torch.Generator`` (or torch's default one), s
 """
 
 import torch
-import triton
 from torch import Tensor
 
 from fastattn.kernels.hard_sampling import choose_positions_kernel
-from fastattn.ops.triton_launch import INTERPRETED, SMALLEST_BLOCK, power_of_two_block, run_kernel
+from fastattn.ops.triton_configs import CHOOSE_POSITIONS
+from fastattn.ops.triton_launch import Launcher
+
+LAUNCHER = Launcher(choose_positions_kernel, CHOOSE_POSITIONS)
 
 
 @torch.library.triton_op("fastattn::triton_choose_positions", mutates_args=())
@@ -19,8 +21,7 @@ def triton_choose_positions(weights: Tensor, sample: bool, seed: int) -> Tensor:
     source_length = weights.shape[-1]
     rows = weights.numel() // max(source_length, 1)
     index = weights.new_empty(weights.shape[:-1], dtype=torch.int64)
-    block = SMALLEST_BLOCK if INTERPRETED else power_of_two_block(source_length, cap=1024)
-    run_kernel(choose_positions_kernel, (rows,), weights.contiguous(), index, source_length, seed, SAMPLE=sample, BLOCK_S=block)
+    LAUNCHER(lambda meta: (rows,), weights.contiguous(), index, source_length, seed, SAMPLE=sample)
     return index
 
 

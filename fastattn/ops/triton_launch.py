@@ -1,16 +1,29 @@
-"""How the Triton kernels are launched: block sizes, autotuning config lists, and the
-interpreter switch.
+"""How the Triton kernels are launched: the interpreter switch, the one-config-or-tuned
+``Launcher``, and the check that the kernels' offsets cannot overflow.
 
-On a GPU each kernel is wrapped in ``triton.autotune`` over a short explicit config
-list keyed on the sizes that change the best tiling (T, S, D, Dv).  Under Triton's
-interpreter (``TRITON_INTERPRET=1``, CPU tensors, the tests) nothing is tuned: every
-kernel runs with 16-wide blocks, so that small odd test shapes still cross block
-boundaries, loop over feature tiles and split the keys of a decode step.
+On a GPU a ``Launcher`` tunes its kernel over the short explicit config list of
+``fastattn.ops.triton_configs``, keyed on the kernel's size arguments rounded up to
+powers of two (one ``triton.autotune`` per bucket, so a new sequence length in the
+same bucket reuses the tuned config instead of benchmarking again); buffers a kernel
+accumulates into atomically are re-zeroed between trials (``reset_to_zero``).  Under
+Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors, the tests) nothing is
+tuned: each kernel runs its single interpreter config, 16-wide blocks, so small odd
+test shapes still cross block boundaries, loop over feature tiles and split the keys
+of a decode step.
+
+Offsets: the kernels compute the offset of a batch element (or row block) in 64 bits
+and offsets inside it in 32 bits.  64-bit offsets everywhere would cost integer
+instructions and registers in every inner-loop address of the attention kernels,
+while inside one batch element 2^31 elements means T·S or S·D beyond two billion,
+far past the sequence lengths these ops serve; so a tensor whose largest offset
+below its leading dimension reaches 2^31 is refused before the launch instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -18,54 +31,56 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SMALLEST_BLOCK = 16  # tl.dot needs 16 rows and columns at least
-INDEX_LIMIT = 2**31  # element offsets are int32 in the kernels
-
-# Dot and cosine: query block × key block, the features walked in tiles of BLOCK_D
-# (chosen by the caller from D).  The (16, ...) configs serve a decode step (T = 1).
-DOT_CONFIGS = [
-    triton.Config({"BLOCK_T": 64, "BLOCK_S": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_T": 128, "BLOCK_S": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_T": 64, "BLOCK_S": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_T": 16, "BLOCK_S": 128}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_T": 16, "BLOCK_S": 64}, num_warps=4, num_stages=3),
-    # Wide values (Dv 512-1024, the seq2seq decode step) need narrow key blocks to fit.
-    triton.Config({"BLOCK_T": 16, "BLOCK_S": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_T": 16, "BLOCK_S": 16}, num_warps=4, num_stages=1),
-]
-# Additive: a (BLOCK_T, BLOCK_S, BLOCK_D) tile of tanh per step, bound by the
-# special-function unit; small tiles keep it in registers.
-ADDITIVE_CONFIGS = [
-    triton.Config({"BLOCK_T": 16, "BLOCK_S": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_T": 32, "BLOCK_S": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_T": 16, "BLOCK_S": 64, "BLOCK_D": 16}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_T": 32, "BLOCK_S": 16, "BLOCK_D": 32}, num_warps=4, num_stages=2),
-]
-TUNING_KEY = ["T", "S", "D", "DV"]
-# Key splits of a decode step are multiples of the largest BLOCK_S of any config.
-SPLIT_GRANULE = SMALLEST_BLOCK if INTERPRETED else 128
-# Below this many (query block, batch) programs the keys are split across programs.
+INDEX_LIMIT = 2**31  # offsets inside one batch element are int32 in the kernels
+# Below this many (query block, batch) programs a decode step splits its keys across programs.
 TARGET_PROGRAMS = 4 if INTERPRETED else 264
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfigs:
+    """One kernel's launch choices: the single config the interpreter runs, the configs
+    tuned on a GPU, the size arguments that key the tuning, the buffers the kernel adds
+    into (re-zeroed between trials) and an optional ``early_config_prune``."""
+
+    interpreted: triton.Config
+    tuned: tuple[triton.Config, ...]
+    key: tuple[str, ...]
+    reset_to_zero: tuple[str, ...] = ()
+    prune: Optional[Callable] = None
 
 
 def _is_fake(value) -> bool:
     return isinstance(value, torch.Tensor) and (isinstance(value, FakeTensor) or value.device.type == "meta")
 
 
+def check_offsets(tensor: torch.Tensor, kernel_name: str) -> None:
+    """Refuse a tensor whose offsets below its leading dimension (all of a 1-D tensor's)
+    reach 2^31: the kernels add those to a 64-bit batch base in 32 bits."""
+    dims = zip(tensor.shape[1:], tensor.stride()[1:]) if tensor.dim() > 1 else zip(tensor.shape, tensor.stride())
+    if sum((size - 1) * abs(stride) for size, stride in dims if size > 0) >= INDEX_LIMIT:
+        raise ValueError(
+            f"the triton backend indexes inside one batch element with 32-bit offsets, got a tensor of shape "
+            f"{tuple(tensor.shape)} and strides {tensor.stride()} whose offsets below its first dimension reach "
+            f"2^31 for {kernel_name}; use the cuda or reference backend for it"
+        )
+
+
+def _kernel_name(kernel) -> str:
+    while not hasattr(kernel, "__name__") and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return getattr(kernel, "__name__", type(kernel).__name__)
+
+
 def run_kernel(kernel, grid, *arguments, **constexprs):
-    """``wrap_triton(kernel)[grid](...)``.  Under the interpreter a launch on fake tensors
-    (opcheck, torch.compile tracing) is skipped, as Triton's higher-order op does for
-    compiled kernels: only the outputs' shapes matter there, and the interpreter would
-    read the fake tensors' memory.  The kernels index with 32-bit offsets, so a tensor
-    of 2^31 elements or more is refused before the launch."""
+    """``wrap_triton(kernel)[grid](...)``, after ``check_offsets`` on every tensor.  Under
+    the interpreter a launch on fake tensors (opcheck, torch.compile tracing) is skipped,
+    as Triton's higher-order op does for compiled kernels: only the outputs' shapes
+    matter there, and the interpreter would read the fake tensors' memory."""
     if INTERPRETED and any(map(_is_fake, arguments)):
         return
     for value in arguments:
-        if isinstance(value, torch.Tensor) and not _is_fake(value) and value.numel() >= INDEX_LIMIT:
-            raise ValueError(
-                f"the triton backend indexes with 32-bit offsets and takes tensors of fewer than 2^31 "
-                f"elements, got one of shape {tuple(value.shape)} for {kernel.__name__}; use the cuda "
-                f"or reference backend for it"
-            )
+        if isinstance(value, torch.Tensor) and not _is_fake(value):
+            check_offsets(value, _kernel_name(kernel))
     torch.library.wrap_triton(kernel)[grid](*arguments, **constexprs)
 
 
@@ -74,27 +89,45 @@ def power_of_two_block(size: int, cap: int | None = None) -> int:
     return block if cap is None else min(block, cap)
 
 
+def tuning_bucket(size: int) -> int:
+    """The power of two at or above ``size`` (1 for 0): sizes that share a tuned config."""
+    return triton.next_power_of_2(max(int(size), 1))
+
+
 class Launcher:
-    """A kernel with its config list: ``launcher(grid, *args, **constexprs)``.
+    """A kernel with its ``KernelConfigs``: ``launcher(grid, *args, **constexprs)``, where
+    ``grid`` is a function of the chosen meta-parameters (BLOCK_T, BLOCK_S, ...) and the
+    arguments are the kernel's, positional, without those meta-parameters."""
 
-    ``grid`` is a function of the chosen meta-parameters (BLOCK_T, BLOCK_S, ...).
-    ``reset_to_zero`` names buffers that the kernel accumulates into atomically,
-    re-zeroed between autotuning trials.
-    """
+    def __init__(self, kernel, configs: KernelConfigs):
+        names = set(kernel.arg_names)
+        for field in ("key", "reset_to_zero"):
+            unknown = [name for name in getattr(configs, field) if name not in names]
+            if unknown:
+                raise ValueError(f"KernelConfigs.{field} names {unknown}, not arguments of {kernel.__name__}")
+        self.kernel = kernel
+        self.configs = configs
+        self.tuners = {}  # size bucket -> triton.autotune(kernel); stays empty under the interpreter
 
-    def __init__(self, kernel, configs, reset_to_zero=None):
-        self._interpreted_meta = {
-            name: (SMALLEST_BLOCK if name.startswith("BLOCK") else value) for name, value in configs[0].kwargs.items()
-        }
-        if INTERPRETED:
-            self._kernel = kernel
-        else:
-            key = [name for name in TUNING_KEY if name in kernel.arg_names]
-            self._kernel = triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)(kernel)
+    def configs_in_use(self) -> list[triton.Config]:
+        return [self.configs.interpreted] if INTERPRETED else list(self.configs.tuned)
+
+    def tuner_for(self, arguments):
+        """The ``triton.autotune`` of the size bucket of these (positional) kernel arguments."""
+        named = dict(zip(self.kernel.arg_names, arguments))
+        bucket = tuple(tuning_bucket(named[name]) for name in self.configs.key)
+        if bucket not in self.tuners:
+            prune = {"early_config_prune": self.configs.prune} if self.configs.prune is not None else None
+            # key=[]: this tuner serves one bucket (Triton still keys it on the tensors' dtypes).
+            self.tuners[bucket] = triton.autotune(
+                list(self.configs.tuned), key=[], prune_configs_by=prune,
+                reset_to_zero=list(self.configs.reset_to_zero) or None,
+            )(self.kernel)
+        return self.tuners[bucket]
 
     def __call__(self, grid, *arguments, **constexprs):
         if INTERPRETED:
-            meta = dict(self._interpreted_meta)
-            run_kernel(self._kernel, grid(meta), *arguments, **constexprs, **meta)
+            meta = dict(self.configs.interpreted.kwargs)
+            run_kernel(self.kernel, grid(meta), *arguments, **constexprs, **meta)
         else:
-            run_kernel(self._kernel, grid, *arguments, **constexprs)
+            run_kernel(self.tuner_for(arguments), grid, *arguments, **constexprs)

@@ -26,25 +26,30 @@ from fastattn.kernels.recurrent_cells import (
     lstm_pointwise_kernel,
     lstm_step_kernel,
 )
-from fastattn.ops.triton_launch import INTERPRETED, SMALLEST_BLOCK, run_kernel
+from fastattn.ops.triton_configs import RECURRENT_POINTWISE, RECURRENT_STEP
+from fastattn.ops.triton_launch import Launcher
 from fastattn.reference.recurrent import _run_over_time
 
 FUSED_STEP_MAX_BATCH = 64
-BLOCK_B = SMALLEST_BLOCK
-BLOCK_H = SMALLEST_BLOCK if INTERPRETED else 32
-BLOCK_K = SMALLEST_BLOCK if INTERPRETED else 64
+LAUNCHERS = {  # kernel name -> Launcher
+    **{
+        kernel.__name__: Launcher(kernel, RECURRENT_POINTWISE)
+        for kernel in (lstm_pointwise_kernel, lstm_pointwise_backward_kernel, gru_pointwise_kernel, gru_pointwise_backward_kernel)
+    },
+    **{kernel.__name__: Launcher(kernel, RECURRENT_STEP) for kernel in (lstm_step_kernel, gru_step_kernel)},
+}
 
 
 def _dot_precision(tensor: Tensor) -> str:
     return "ieee" if tensor.dtype == torch.float32 else "tf32"
 
 
-def _grid(batch: int, hidden: int) -> tuple[int, int]:
-    return triton.cdiv(batch, BLOCK_B), triton.cdiv(hidden, BLOCK_H)
-
-
 def _launch(kernel, batch, hidden, *arguments, **constexprs):
-    run_kernel(kernel, _grid(batch, hidden), *arguments, batch, hidden, **constexprs, BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H)
+    """Launch a cell kernel over (batch blocks, hidden blocks); its last two size arguments are B and H."""
+    LAUNCHERS[kernel.__name__](
+        lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(hidden, meta["BLOCK_H"])),
+        *arguments, batch, hidden, **constexprs,
+    )
 
 
 # ---------------------------------------------------------------- LSTM
@@ -66,11 +71,7 @@ def triton_lstm_step(gates_x: Tensor, h: Tensor, c: Tensor, w_hh: Tensor) -> tup
     batch, hidden = c.shape
     h_next, c_next = torch.empty_like(c), torch.empty_like(c)
     saved = c.new_empty(batch, 4 * hidden, dtype=torch.float32)
-    run_kernel(
-        lstm_step_kernel, _grid(batch, hidden), gates_x, h, w_hh, c, h_next, c_next, saved, batch, hidden,
-        DOT_PRECISION=_dot_precision(h),
-        BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
-    )
+    _launch(lstm_step_kernel, batch, hidden, gates_x, h, w_hh, c, h_next, c_next, saved, DOT_PRECISION=_dot_precision(h))
     return h_next, c_next, saved
 
 
@@ -165,10 +166,9 @@ def triton_gru_step(gates_x: Tensor, h: Tensor, w_hh: Tensor, b_hh: Optional[Ten
     batch, hidden = h.shape
     h_next = torch.empty_like(h)
     saved = h.new_empty(batch, 4 * hidden, dtype=torch.float32)
-    run_kernel(
-        gru_step_kernel, _grid(batch, hidden), gates_x, h, w_hh, b_hh if b_hh is not None else h, h_next, saved,
-        batch, hidden, HAS_BIAS=b_hh is not None, DOT_PRECISION=_dot_precision(h),
-        BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
+    _launch(
+        gru_step_kernel, batch, hidden, gates_x, h, w_hh, b_hh if b_hh is not None else h, h_next, saved,
+        HAS_BIAS=b_hh is not None, DOT_PRECISION=_dot_precision(h),
     )
     return h_next, saved
 

@@ -1,0 +1,217 @@
+"""The config list of every Triton kernel: what the interpreter runs (one config,
+16-wide blocks) and what a GPU tunes over, for Hopper (H100/H200: 228 KB shared
+memory, 64K registers per SM) and Ampere (A100: 164 KB); see
+``fastattn.ops.triton_launch`` for how a list is used.
+
+- Attention (dot and cosine): query block x key block for ``tl.dot``, the features in
+  tiles of BLOCK_D chosen by the caller from D; narrow blocks for decode steps (T = 1)
+  and wide values (Dv 512-1024).  Keys: T, S, D, Dv.
+- Attention (additive): a (BLOCK_T, BLOCK_S, BLOCK_D + BLOCK_D_POLY) tile of tanh per
+  step, bound by the special-function unit; configs with BLOCK_D_POLY > 0 move that
+  share of the tanh to the FMA units (``rational_tanh``), so tuning balances the pipes.
+- The additive backward adds into its gradients atomically: ``reset_to_zero`` re-zeroes
+  them between trials.  Every other kernel only stores (the weights kernel leaves
+  fully masked tiles at zero, which is also what it would write), so trials are safe.
+- The combine step, the hard-attention sampler and the LSTM/GRU cells tune block
+  shapes and warps on their own size arguments.
+"""
+
+from __future__ import annotations
+
+import triton
+
+from fastattn.ops.triton_launch import INTERPRETED, SMALLEST_BLOCK, KernelConfigs
+
+Config = triton.Config
+# Per thread: at most this many float32 registers of accumulator tiles (of 255).
+REGISTER_BUDGET = 128
+# Per program: operand tiles staged in shared memory, times num_stages (A100's is 164 KB).
+SHARED_BUDGET = 160 * 1024
+
+
+def _fits(accumulators, staged):
+    """An ``early_config_prune`` that keeps the configs whose accumulator tiles (pairs of
+    meta-parameter names, float32) fit REGISTER_BUDGET a thread and whose staged operand
+    tiles fit SHARED_BUDGET; when none does, the one with the smallest accumulators."""
+
+    def footprint(config, sizes):
+        meta = {**sizes, **config.kwargs}
+        registers = sum(meta[rows] * meta[columns] for rows, columns in accumulators) / (32 * config.num_warps)
+        element = getattr(sizes.get("Q"), "element_size", lambda: 4)()
+        shared = sum(meta[rows] * meta[columns] for rows, columns in staged) * element * config.num_stages
+        return registers, shared
+
+    def prune(configs, named_args, **kwargs):
+        sizes = {**named_args, **kwargs}
+        fitting = [
+            config for config in configs
+            if footprint(config, sizes)[0] <= REGISTER_BUDGET and footprint(config, sizes)[1] <= SHARED_BUDGET
+        ]
+        return fitting or [min(configs, key=lambda config: footprint(config, sizes))]
+
+    return prune
+
+
+def _interpreted(*names: str) -> Config:
+    return Config({name: SMALLEST_BLOCK for name in names})
+
+
+ATTENTION_KEY = ("T", "S", "D", "DV")
+
+FORWARD_DOT = KernelConfigs(
+    interpreted=_interpreted("BLOCK_T", "BLOCK_S"),
+    tuned=(
+        Config({"BLOCK_T": 64, "BLOCK_S": 64}, num_warps=4, num_stages=2),
+        Config({"BLOCK_T": 128, "BLOCK_S": 64}, num_warps=8, num_stages=2),
+        Config({"BLOCK_T": 64, "BLOCK_S": 32}, num_warps=4, num_stages=3),
+        Config({"BLOCK_T": 16, "BLOCK_S": 128}, num_warps=4, num_stages=2),
+        Config({"BLOCK_T": 16, "BLOCK_S": 64}, num_warps=4, num_stages=3),
+        Config({"BLOCK_T": 16, "BLOCK_S": 32}, num_warps=8, num_stages=2),
+        Config({"BLOCK_T": 16, "BLOCK_S": 16}, num_warps=4, num_stages=1),
+    ),
+    key=ATTENTION_KEY,
+    prune=_fits([("BLOCK_T", "BLOCK_DV")], [("BLOCK_S", "BLOCK_DV"), ("BLOCK_S", "BLOCK_D")]),
+)
+
+_ADDITIVE_TILES = (
+    # (BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, num_warps): all-SFU tiles, then about a
+    # fifth (float16/bfloat16: tanh.approx, one SFU op) or a third (float32: exp and a
+    # division, two) of the features through the polynomial.
+    (16, 32, 32, 0, 4),
+    (32, 32, 16, 0, 4),
+    (16, 64, 16, 0, 8),
+    (16, 32, 32, 8, 4),
+    (16, 64, 16, 4, 8),
+    (16, 32, 32, 16, 4),
+)
+FORWARD_ADDITIVE = KernelConfigs(
+    interpreted=_interpreted("BLOCK_T", "BLOCK_S", "BLOCK_D", "BLOCK_D_POLY"),
+    tuned=tuple(
+        Config({"BLOCK_T": t, "BLOCK_S": s, "BLOCK_D": d, "BLOCK_D_POLY": poly}, num_warps=warps, num_stages=2)
+        for t, s, d, poly, warps in _ADDITIVE_TILES
+    ),
+    key=ATTENTION_KEY,
+    prune=_fits([("BLOCK_T", "BLOCK_DV")], [("BLOCK_S", "BLOCK_DV")]),
+)
+
+# Decode steps split their keys in multiples of this many keys: the largest forward
+# BLOCK_S, a multiple of every other (powers of two), so no key block straddles two splits.
+SPLIT_GRANULE = max(
+    config.kwargs["BLOCK_S"]
+    for configs in (FORWARD_DOT, FORWARD_ADDITIVE)
+    for config in ((configs.interpreted,) if INTERPRETED else configs.tuned)
+)
+
+WEIGHTS_DOT = KernelConfigs(
+    interpreted=_interpreted("BLOCK_T", "BLOCK_S"),
+    tuned=(
+        Config({"BLOCK_T": 64, "BLOCK_S": 64}, num_warps=4, num_stages=2),
+        Config({"BLOCK_T": 64, "BLOCK_S": 128}, num_warps=8, num_stages=2),
+        Config({"BLOCK_T": 16, "BLOCK_S": 128}, num_warps=4, num_stages=2),
+        Config({"BLOCK_T": 32, "BLOCK_S": 64}, num_warps=4, num_stages=3),
+    ),
+    key=("T", "S", "D"),
+)
+WEIGHTS_ADDITIVE = KernelConfigs(
+    interpreted=FORWARD_ADDITIVE.interpreted, tuned=FORWARD_ADDITIVE.tuned, key=("T", "S", "D")
+)
+
+_BACKWARD_DOT_TILES = (
+    # (BLOCK_T, BLOCK_S, num_warps, num_stages); dQ, dK and dV are held whole in registers.
+    (64, 64, 4, 2),
+    (128, 64, 8, 2),
+    (64, 128, 8, 2),
+    (32, 32, 4, 2),
+    (16, 32, 4, 1),
+    (16, 16, 4, 1),
+)
+
+
+def _backward_dot(accumulators, staged) -> KernelConfigs:
+    return KernelConfigs(
+        interpreted=_interpreted("BLOCK_T", "BLOCK_S"),
+        tuned=tuple(
+            Config({"BLOCK_T": t, "BLOCK_S": s}, num_warps=warps, num_stages=stages)
+            for t, s, warps, stages in _BACKWARD_DOT_TILES
+        ),
+        key=ATTENTION_KEY,
+        prune=_fits(accumulators, staged),
+    )
+
+
+GRAD_QUERY_DOT = _backward_dot([("BLOCK_T", "BLOCK_DQ")], [("BLOCK_S", "BLOCK_DQ"), ("BLOCK_S", "BLOCK_DV")])
+GRAD_KEY_VALUE_DOT = _backward_dot(
+    [("BLOCK_S", "BLOCK_DQ"), ("BLOCK_S", "BLOCK_DV")], [("BLOCK_T", "BLOCK_DQ"), ("BLOCK_T", "BLOCK_DV")]
+)
+
+_BACKWARD_ADDITIVE_TILES = (
+    # (BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, num_warps): small tiles, the atomics dominate.
+    (16, 16, 32, 0, 4),
+    (16, 32, 16, 0, 4),
+    (32, 16, 16, 0, 4),
+    (16, 16, 32, 8, 4),
+    (16, 16, 16, 16, 4),
+)
+
+
+def _backward_additive(reset_to_zero) -> KernelConfigs:
+    return KernelConfigs(
+        interpreted=FORWARD_ADDITIVE.interpreted,
+        tuned=tuple(
+            Config({"BLOCK_T": t, "BLOCK_S": s, "BLOCK_D": d, "BLOCK_D_POLY": poly}, num_warps=warps, num_stages=1)
+            for t, s, d, poly, warps in _BACKWARD_ADDITIVE_TILES
+        ),
+        key=ATTENTION_KEY,
+        reset_to_zero=reset_to_zero,
+    )
+
+
+GRAD_QUERY_ADDITIVE = _backward_additive(("GRAD_Q",))
+GRAD_KEY_VALUE_ADDITIVE = _backward_additive(("GRAD_K", "GRAD_VA"))
+
+COMBINE = KernelConfigs(
+    interpreted=_interpreted("BLOCK_T"),
+    tuned=(
+        Config({"BLOCK_T": 16}, num_warps=4, num_stages=1),
+        Config({"BLOCK_T": 16}, num_warps=8, num_stages=1),
+        Config({"BLOCK_T": 32}, num_warps=8, num_stages=1),
+    ),
+    key=("T", "DV"),
+)
+
+CHOOSE_POSITIONS = KernelConfigs(
+    interpreted=_interpreted("BLOCK_S"),
+    tuned=(
+        Config({"BLOCK_S": 128}, num_warps=1, num_stages=1),
+        Config({"BLOCK_S": 512}, num_warps=2, num_stages=1),
+        Config({"BLOCK_S": 1024}, num_warps=4, num_stages=1),
+        Config({"BLOCK_S": 2048}, num_warps=8, num_stages=1),
+    ),
+    key=("S",),
+)
+
+RECURRENT_POINTWISE = KernelConfigs(
+    interpreted=_interpreted("BLOCK_B", "BLOCK_H"),
+    tuned=(
+        Config({"BLOCK_B": 16, "BLOCK_H": 64}, num_warps=4, num_stages=1),
+        Config({"BLOCK_B": 16, "BLOCK_H": 128}, num_warps=4, num_stages=1),
+        Config({"BLOCK_B": 32, "BLOCK_H": 128}, num_warps=8, num_stages=1),
+        Config({"BLOCK_B": 64, "BLOCK_H": 64}, num_warps=8, num_stages=1),
+        Config({"BLOCK_B": 8, "BLOCK_H": 256}, num_warps=4, num_stages=1),
+    ),
+    key=("B", "H"),
+)
+
+RECURRENT_STEP = KernelConfigs(
+    # Small batches (B <= 64): the recurrent GEMM reads W_hh once per batch block, so
+    # narrow hidden blocks spread W_hh over many programs.
+    interpreted=_interpreted("BLOCK_B", "BLOCK_H", "BLOCK_K"),
+    tuned=(
+        Config({"BLOCK_B": 16, "BLOCK_H": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        Config({"BLOCK_B": 16, "BLOCK_H": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        Config({"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 128}, num_warps=2, num_stages=4),
+        Config({"BLOCK_B": 32, "BLOCK_H": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        Config({"BLOCK_B": 64, "BLOCK_H": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    ),
+    key=("B", "H"),
+)

@@ -1,0 +1,247 @@
+"""How the Triton kernels are launched and tuned: every config list well formed, one
+config and no tuning under the interpreter, every kernel safe to rerun as autotuning
+trials do (the atomically accumulated gradients re-zeroed in between), one tuner per
+power-of-two size bucket, the register/shared-memory pruning, and the tanh of the
+additive score (``rational_tanh``'s bound on a dense grid).
+
+Under Triton's interpreter on CPU tensors without a GPU; the ``gpu`` tests check the
+autotuned launches against the reference and the hardware tanh's error.
+"""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import fastattn
+from fastattn import backends
+from fastattn.kernels.attention_forward import attention_forward_kernel
+from fastattn.kernels.attention_tiles import RATIONAL_TANH_MAX_ERROR, rational_tanh, sfu_tanh
+from fastattn.ops import triton_attention, triton_configs, triton_hard, triton_launch, triton_recurrent
+from fastattn.ops.triton_launch import INTERPRETED, SMALLEST_BLOCK, KernelConfigs, Launcher
+from tests.test_triton_attention import FLOAT32, assert_matches, problem, run
+from tests.test_triton_recurrent import cell_problem, run_cell
+
+pytestmark = pytest.mark.skipif(
+    backends.unavailable_reason("triton") is not None, reason=str(backends.unavailable_reason("triton"))
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LAUNCHERS = {
+    **{f"attention {name} {'additive' if additive else 'dot'}": launcher
+       for (name, additive), launcher in triton_attention.LAUNCHERS.items()},
+    "attention combine": triton_attention.COMBINE_LAUNCHER,
+    "choose positions": triton_hard.LAUNCHER,
+    **{f"recurrent {name}": launcher for name, launcher in triton_recurrent.LAUNCHERS.items()},
+}
+# Kernels whose blocks are tl.dot operands (16 rows and columns at least).
+DOT_BLOCKS = ("BLOCK_T", "BLOCK_S", "BLOCK_K")
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_config_lists_are_well_formed(name):
+    launcher = LAUNCHERS[name]
+    configs, arguments = launcher.configs, set(launcher.kernel.arg_names)
+    assert configs.tuned and len(set(map(str, configs.tuned))) == len(configs.tuned)  # no duplicates
+    assert set(configs.key) <= arguments and set(configs.reset_to_zero) <= arguments
+    assert configs.interpreted.kwargs == dict.fromkeys(configs.interpreted.kwargs, SMALLEST_BLOCK)
+    step = name.startswith("recurrent") and "step" in name
+    for config in configs.tuned:
+        assert config.kwargs.keys() == configs.interpreted.kwargs.keys() and set(config.kwargs) <= arguments
+        assert _is_power_of_two(config.num_warps) and config.num_warps <= 16 and config.num_stages >= 1
+        for block, value in config.kwargs.items():
+            if block == "BLOCK_D_POLY":
+                assert value == 0 or _is_power_of_two(value)
+            else:
+                assert _is_power_of_two(value), (block, value)
+            if block in DOT_BLOCKS or (step and block.startswith("BLOCK")):
+                assert value >= SMALLEST_BLOCK, (block, value)
+
+
+def test_key_splits_never_cut_a_key_block():
+    for configs in (triton_configs.FORWARD_DOT, triton_configs.FORWARD_ADDITIVE):
+        in_use = [configs.interpreted] if INTERPRETED else configs.tuned
+        assert all(triton_configs.SPLIT_GRANULE % config.kwargs["BLOCK_S"] == 0 for config in in_use)
+        largest = max(config.kwargs["BLOCK_S"] for config in configs.tuned)
+        assert all(largest % config.kwargs["BLOCK_S"] == 0 for config in configs.tuned)
+
+
+def test_only_the_atomically_accumulated_gradients_are_reset():
+    resets = {name: launcher.configs.reset_to_zero for name, launcher in LAUNCHERS.items() if launcher.configs.reset_to_zero}
+    assert resets == {
+        "attention grad_query additive": ("GRAD_Q",),
+        "attention grad_key_value additive": ("GRAD_K", "GRAD_VA"),
+    }
+
+
+def test_a_config_list_naming_a_missing_argument_is_refused():
+    bad = KernelConfigs(interpreted=triton.Config({}), tuned=(triton.Config({}),), key=("T", "LENGTH"))
+    with pytest.raises(ValueError, match=r"key names \['LENGTH'\]"):
+        Launcher(attention_forward_kernel, bad)
+
+
+def test_one_tuner_per_size_bucket_with_its_configs_and_resets():
+    launcher = Launcher(attention_forward_kernel, triton_configs.FORWARD_DOT)
+    arguments = dict.fromkeys(attention_forward_kernel.arg_names)
+
+    def tuner(**sizes):
+        arguments.update(sizes)
+        return launcher.tuner_for(list(arguments.values()))
+
+    first = tuner(T=1, S=300, D=64, DV=64)
+    assert tuner(T=1, S=500, D=64, DV=64) is first  # 300 and 500 share the 512 bucket
+    assert tuner(T=1, S=600, D=64, DV=64) is not first
+    assert len(launcher.tuners) == 2 and list(first.configs) == list(triton_configs.FORWARD_DOT.tuned)
+    gradients = triton_attention.LAUNCHERS["grad_key_value", True]
+    additive_tuner = Launcher(gradients.kernel, gradients.configs).tuner_for(
+        [1] * len(gradients.kernel.arg_names)
+    )
+    assert additive_tuner.reset_to_zero == ["GRAD_K", "GRAD_VA"]
+
+
+def test_pruning_keeps_configs_that_fit_and_at_least_one():
+    prune, tuned = triton_configs.FORWARD_DOT.prune, list(triton_configs.FORWARD_DOT.tuned)
+    assert prune(tuned, {"DV": 64}, BLOCK_DV=64, BLOCK_D=64) == tuned
+    wide = prune(tuned, {"DV": 1024}, BLOCK_DV=1024, BLOCK_D=64)
+    assert 0 < len(wide) < len(tuned)
+    for config in wide:
+        assert config.kwargs["BLOCK_T"] * 1024 / (32 * config.num_warps) <= triton_configs.REGISTER_BUDGET
+    assert len(prune(tuned, {"DV": 2**16}, BLOCK_DV=2**16, BLOCK_D=64)) == 1
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="checks the interpreter's launch path")
+def test_the_interpreter_runs_one_config_and_never_tunes(monkeypatch):
+    launched = []
+    original = triton_launch.run_kernel
+
+    def recording(kernel, grid, *arguments, **constexprs):
+        launched.append((kernel, {name: value for name, value in constexprs.items() if name.startswith("BLOCK")}))
+        return original(kernel, grid, *arguments, **constexprs)
+
+    monkeypatch.setattr(triton_launch, "run_kernel", recording)
+    inputs = problem("additive", "local_m_gaussian", queries=5)
+    run("triton", "additive", *inputs)
+    assert {kernel.__name__ for kernel, _ in launched} >= {
+        "attention_forward_kernel", "attention_weights_kernel", "attention_grad_query_kernel",
+        "attention_grad_key_value_kernel",
+    }
+    tuned_blocks = {"BLOCK_T", "BLOCK_S", "BLOCK_D", "BLOCK_D_POLY"}
+    for _, blocks in launched:
+        assert all(blocks[name] == SMALLEST_BLOCK for name in tuned_blocks & blocks.keys())
+    for launcher in LAUNCHERS.values():
+        assert launcher.configs_in_use() == [launcher.configs.interpreted] and not launcher.tuners
+
+
+@pytest.fixture
+def every_launch_twice(monkeypatch):
+    """Run every kernel as the autotuner's trials do: launch, zero the ``reset_to_zero``
+    buffers, launch again; a kernel that accumulates without a reset doubles its output."""
+    resets = {launcher.kernel: launcher.configs.reset_to_zero for launcher in LAUNCHERS.values()}
+    original = triton_launch.run_kernel
+
+    def twice(kernel, grid, *arguments, **constexprs):
+        original(kernel, grid, *arguments, **constexprs)
+        named = dict(zip(kernel.arg_names, arguments))
+        for name in resets[kernel]:
+            named[name].zero_()
+        original(kernel, grid, *arguments, **constexprs)
+
+    monkeypatch.setattr(triton_launch, "run_kernel", twice)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's launch path")
+@pytest.mark.parametrize("score,mode", [("additive", "local_m_gaussian"), ("scaled_dot", "lengths")])
+def test_attention_kernels_are_safe_to_rerun_as_trials(every_launch_twice, score, mode):
+    inputs = problem(score, mode, queries=5)
+    assert_matches(run("triton", score, *inputs), run("reference", score, *inputs), FLOAT32)
+    step = problem(score, mode, queries=1, keys_length=37)  # split keys and the combine step
+    step = (step[0][:, 0].detach().requires_grad_(), *step[1:])
+    assert_matches(run("triton", score, *step), run("reference", score, *step), FLOAT32)
+    indices = []
+    for name in ("triton", "reference"):
+        with fastattn.backend(name):
+            indices.append(fastattn.hard_attention(*inputs[:3], score=score, sample=False, **inputs[3], **inputs[4])[1])
+    assert torch.equal(*indices)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's launch path")
+@pytest.mark.parametrize("kind,batch", [("lstm", 3), ("lstm", triton_recurrent.FUSED_STEP_MAX_BATCH + 3), ("gru", 3)])
+def test_recurrent_kernels_are_safe_to_rerun_as_trials(every_launch_twice, kind, batch):
+    x, h, c, weights = cell_problem(4 if kind == "lstm" else 3, batch)
+    actual, expected = run_cell("triton", kind, x, h, c, weights), run_cell("reference", kind, x, h, c, weights)
+    for got, want in zip((*actual[0], *actual[1]), (*expected[0], *expected[1])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- tanh
+
+
+@triton.jit
+def _tanh_kernel(X, OUT, size, HARDWARE: tl.constexpr, POLYNOMIAL: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offsets, mask=offsets < size, other=0.0)
+    if POLYNOMIAL:
+        y = rational_tanh(x)
+    else:
+        y = sfu_tanh(x, HARDWARE)
+    tl.store(OUT + offsets, y, mask=offsets < size)
+
+
+def _tanh_error(polynomial: bool, hardware: bool = False) -> tuple[float, float]:
+    """(max absolute error, max error relative to |tanh|) on a dense grid of [-12, 12],
+    tiny magnitudes and the clamp points, against float64."""
+    dense = torch.linspace(-12.0, 12.0, 2**21 + 1, dtype=torch.float64)
+    tiny = torch.logspace(-30, 0, 4097, dtype=torch.float64)
+    x = torch.cat([dense, tiny, -tiny, torch.tensor([0.0, 8.75, -8.75, 1e30, -1e30], dtype=torch.float64)])
+    x32 = x.float().to(DEVICE)
+    out = torch.empty_like(x32)
+    block = 2**16
+    _tanh_kernel[(triton.cdiv(x32.numel(), block),)](x32, out, x32.numel(), HARDWARE=hardware, POLYNOMIAL=polynomial, BLOCK=block)
+    exact = torch.tanh(x32.double().cpu())
+    error = (out.double().cpu() - exact).abs()
+    return error.max().item(), (error / exact.abs().clamp_min(1e-30))[x != 0].max().item()
+
+
+def test_rational_tanh_within_its_stated_bound_on_a_dense_grid():
+    absolute, relative = _tanh_error(polynomial=True)
+    assert absolute <= RATIONAL_TANH_MAX_ERROR, absolute
+    assert relative <= 1e-6, relative  # no loss of relative accuracy near 0
+
+
+def test_stable_tanh_is_as_accurate():
+    absolute, _ = _tanh_error(polynomial=False)
+    assert absolute <= RATIONAL_TANH_MAX_ERROR, absolute
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_hardware_tanh_error():
+    absolute, _ = _tanh_error(polynomial=False, hardware=True)
+    assert absolute <= 2**-10, absolute  # tanh.approx.f32: about 2^-11 relative
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("score", ["additive", "scaled_dot"])
+def test_gpu_autotuned_launches_match_the_reference(score):
+    # float32: the additive tanh goes through stable_tanh and, in some configs, rational_tanh.
+    def on_gpu(tensor):
+        return tensor.detach().cuda().requires_grad_() if tensor.is_floating_point() else tensor.cuda()
+
+    def inputs(source_length):
+        query, keys, values, parameters, masking = problem(score, "lengths", queries=33, keys_length=source_length)
+        parameters = {name: on_gpu(value) for name, value in parameters.items()}
+        return (*map(on_gpu, (query, keys, values)), parameters, {name: on_gpu(value) for name, value in masking.items()})
+
+    for source_length in (200, 180):  # one size bucket (T 64, S 256, D 32): tuned once
+        case = inputs(source_length)
+        assert_matches(run("triton", score, *case), run("reference", score, *case), {"rtol": 1e-4, "atol": 1e-4})
+    additive = score == "additive"
+    for name in ("forward", "weights", "grad_query", "grad_key_value"):
+        launcher = triton_attention.LAUNCHERS[name, additive]
+        tuners = [tuner for bucket, tuner in launcher.tuners.items() if bucket[:3] == (64, 256, 32)]
+        assert len(tuners) == 1, name
+        assert tuners[0].best_config in launcher.configs.tuned, name
