@@ -6,14 +6,18 @@ memcheck`` and ``--tool racecheck``, which slow kernels down by orders of magnit
 The cases reach every kernel and variant: the attention forward with one key split and
 with several (plus the combine and weights kernels), 16-byte and scalar loads, every
 kernel score, the masks and the Gaussian, float16 natively, both backward kernels,
-hard-attention positions (argmax and drawn), fast_tanh, and the LSTM/GRU step kernels
-of the cells and of layers with lengths (forward and reverse).
+hard-attention positions (argmax and drawn), fast_tanh, the LSTM/GRU step kernels of
+the cells, and layers with lengths (forward and reverse) through both recurrent paths:
+the persistent kernels (one block per hidden unit here, grid barrier) and the per-step
+kernels (FASTATTN_CUDA_PERSISTENT_RNN=0).
 
     python benchmarks/cuda_sanitize_cases.py
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -134,6 +138,23 @@ def check_hard_attention_and_tanh() -> bool:
     return ok and valid
 
 
+@contextlib.contextmanager
+def persistent_rnn(setting: str | None):
+    """FASTATTN_CUDA_PERSISTENT_RNN set to `setting` (unset for None) inside the block."""
+    name, before = "FASTATTN_CUDA_PERSISTENT_RNN", os.environ.get("FASTATTN_CUDA_PERSISTENT_RNN")
+    if setting is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = setting
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def check_recurrent() -> bool:
     ok = True
     steps, batch, inputs, hidden = 6, 3, 5, 7
@@ -156,8 +177,11 @@ def check_recurrent() -> bool:
     for name, make in cases.items():
         op = name.split()[0]
         want = with_gradients(getattr(reference, op), list(make("cpu", torch.float64)))
-        got = with_gradients(backends.implementation(op, "cuda", "cuda"), list(make(DEVICE, torch.float32)))
-        ok &= report(name, got, want, 1e-4)
+        paths = {"": None} if op.endswith("cell") else {" persistent": None, " per-step": "0"}
+        for path, setting in paths.items():
+            with persistent_rnn(setting):
+                got = with_gradients(backends.implementation(op, "cuda", "cuda"), list(make(DEVICE, torch.float32)))
+            ok &= report(name + path, got, want, 1e-4)
     return ok
 
 
