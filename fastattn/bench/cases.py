@@ -8,6 +8,7 @@ reference is added by the runner, for cases marked ``compilable``.
 
 Case names: ``attention.<score>.<multi_query|decode_step>.<forward|forward_backward>``,
 ``hard_attention.multi_query.forward``, ``<lstm|gru>_<cell|layer>.<forward|forward_backward>``,
+``<lstm|gru>_layer.t100_b64_h1024.<forward|forward_backward>`` (full preset: issue 6's target shape),
 ``decoder_step.forward``, ``greedy_decoding.forward`` and
 ``greedy_decoding.cuda_graph.batch_<1|64>.forward`` (the zoo's Seq2Seq, CUDA graph against
 the eager reference).
@@ -50,13 +51,16 @@ class Preset:
     vocabulary: int  # greedy decoding's output vocabulary
     min_run_time: float  # seconds spent timing each case on each implementation
     compile: bool  # whether the torch.compile'd reference is a peer by default
+    large_layers: bool = False  # also the layers at T=100, B=64, H=1024 (LARGE_LAYER)
 
 
 PRESETS = {
     "tiny": Preset(batch=2, length=5, dim=6, hidden=7, steps=3, tokens=2, vocabulary=11, min_run_time=0.002, compile=False),
     "quick": Preset(batch=4, length=16, dim=32, hidden=32, steps=16, tokens=5, vocabulary=100, min_run_time=0.03, compile=False),
-    "full": Preset(batch=32, length=64, dim=256, hidden=256, steps=100, tokens=20, vocabulary=1000, min_run_time=0.3, compile=True),
+    "full": Preset(batch=32, length=64, dim=256, hidden=256, steps=100, tokens=20, vocabulary=1000, min_run_time=0.3, compile=True,
+                   large_layers=True),
 }
+LARGE_LAYER = (100, 64, 1024)  # (T, B, H) of the persistent-kernel target in issue 6
 
 
 class Inputs:
@@ -199,10 +203,11 @@ def _cell_case(cell: str, mode: str, preset: Preset) -> Case:
     return Case(f"{cell}_cell.{mode}", (f"{cell}_cell",), shape, backward, True, build, work)
 
 
-def _layer_case(cell: str, mode: str, preset: Preset) -> Case:
-    """``fastattn.optimize(torch.nn.LSTM)`` (same parameters) against the torch module itself.
+def _layer_case(cell: str, mode: str, preset: Preset, shape: tuple[int, int, int] | None = None) -> Case:
+    """``fastattn.optimize(torch.nn.LSTM)`` (same parameters) against the torch module itself,
+    at the preset's shape or at ``shape`` (T, B, H), named after it.
     Not compiled: torch.compile unrolls the reference's time loop, which takes minutes."""
-    steps, batch, hidden = preset.steps, preset.batch, preset.hidden
+    steps, batch, hidden = shape or (preset.steps, preset.batch, preset.hidden)
     backward = mode == "forward_backward"
     torch_layer = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
 
@@ -217,8 +222,8 @@ def _layer_case(cell: str, mode: str, preset: Preset) -> Case:
     def work(element_bytes: int) -> roofline.Work:
         return roofline.layer_work(cell, steps, batch, hidden, hidden, element_bytes=element_bytes, backward=backward)
 
-    shape = {"T": steps, "B": batch, "I": hidden, "H": hidden}
-    return Case(f"{cell}_layer.{mode}", (f"{cell}_layer",), shape, backward, False, build, work)
+    name = f"{cell}_layer.{mode}" if shape is None else f"{cell}_layer.t{steps}_b{batch}_h{hidden}.{mode}"
+    return Case(name, (f"{cell}_layer",), {"T": steps, "B": batch, "I": hidden, "H": hidden}, backward, False, build, work)
 
 
 def _decoder(inputs: Inputs, hidden: int) -> AttentionDecoderCell:
@@ -317,6 +322,8 @@ def cases(preset: Preset) -> list[Case]:
     recurrent_cases = [
         make(cell, mode, preset) for make in (_cell_case, _layer_case) for cell in ("lstm", "gru") for mode in MODES
     ]
+    if preset.large_layers:
+        recurrent_cases += [_layer_case(cell, mode, preset, LARGE_LAYER) for cell in ("lstm", "gru") for mode in MODES]
     return [
         *attention_cases,
         _hard_attention_case(preset),
