@@ -21,8 +21,9 @@
 // The barrier is ours rather than cooperative_groups' grid.sync() so that this file
 // needs only the runtime headers and runs under the CPU emulation (csrc/cuda/emulation).
 //
-// The block GEMM: batch rows in passes of 64, K in chunks of 32 staged in shared memory,
-// each thread a 4 x 4 register tile (float4 loads), fp32 FMAs (no tensor cores).  Not
+// The block GEMM: batch rows in passes of 64, K in chunks of 32 through two shared-memory
+// stage buffers (the next chunk's L2 loads overlap the current chunk's FMAs), each thread
+// a 4 x 4 register tile (float4 loads), fp32 FMAs (no tensor cores).  Not
 // handled: float64, float16 / bfloat16 natively, LSTM projections (proj_size), shapes
 // whose W_hh slice does not fit in shared memory (the plan says so; the binding falls
 // back to per-step GEMMs + recurrent_pointwise.cu).
@@ -33,11 +34,15 @@ namespace cuda {
 namespace {
 
 constexpr int kMaxThreads = 256;
+constexpr int kMinThreads = 64;
 constexpr int kTile = 4;               // a thread's register tile: kTile batch rows x kTile columns
 constexpr int kMaxTilesPerThread = 2;
 constexpr int kPassRows = 64;          // batch rows per GEMM pass
 constexpr int kChunk = 32;             // K per staged chunk
 constexpr int kStageStride = kPassRows + kTile;  // stage row length (padding against bank conflicts)
+constexpr int kStageElements = kChunk * kPassRows;
+constexpr int kStageFloats = kChunk * kStageStride;  // one of the two stage buffers
+constexpr int kMaxPrefetch = kStageElements / kMinThreads;  // a thread's share of the next chunk
 
 __host__ __device__ constexpr int64_t round_up(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
@@ -57,7 +62,7 @@ __host__ __device__ inline BlockGemmShape block_gemm_shape(RecurrentCell cell, b
 }
 
 int64_t shared_bytes_for(const BlockGemmShape& shape) {
-  const int64_t floats = shape.padded_depth * shape.columns + kChunk * kStageStride + kPassRows * shape.columns;
+  const int64_t floats = shape.padded_depth * shape.columns + 2 * kStageFloats + kPassRows * shape.columns;
   return floats * static_cast<int64_t>(sizeof(float));
 }
 
@@ -85,21 +90,38 @@ __device__ __forceinline__ void grid_barrier(unsigned long long* counter, unsign
 
 // out[b][c] = sum_k a[b][k] * weights[k][c] for the `rows` (<= kPassRows) rows of `a`
 // (row stride lda, k < depth, read at L2), weights (padded_depth x columns) in shared
-// memory with zero padding; out (kPassRows x columns) in shared memory.  Every thread
-// of the block must call it; it synchronises the block before and after.
+// memory with zero padding; out (kPassRows x columns) in shared memory.  K goes in chunks
+// through two stage buffers ([k][b]): the next chunk's loads are in flight (registers)
+// while the current one is multiplied.  Every thread of the block must call it; it
+// synchronises the block once per chunk and at the end.
 __device__ void block_gemm(const float* a, int64_t lda, int64_t rows, const BlockGemmShape& shape,
                            const float* weights, float* stage, float* out) {
   const int64_t columns = shape.columns, column_tiles = columns / kTile;
   const int64_t tiles = (rows + kTile - 1) / kTile * column_tiles;
-  float accumulator[kMaxTilesPerThread][kTile][kTile] = {};
-  for (int64_t k0 = 0; k0 < shape.padded_depth; k0 += kChunk) {
-    __syncthreads();  // the previous chunk (or the previous caller's use of out) is done
-    for (int e = threadIdx.x; e < kChunk * kPassRows; e += blockDim.x) {
+  float next[kMaxPrefetch];
+  auto fetch = [&](int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < kMaxPrefetch; ++i) {
+      const int e = threadIdx.x + i * blockDim.x;
+      if (e >= kStageElements) break;
       const int kk = e % kChunk, b = e / kChunk;
       const int64_t k = k0 + kk;
-      stage[kk * kStageStride + b] = b < rows && k < shape.depth ? __ldcg(a + b * lda + k) : 0.0f;
+      next[i] = b < rows && k < shape.depth ? __ldcg(a + b * lda + k) : 0.0f;
+    }
+  };
+  float accumulator[kMaxTilesPerThread][kTile][kTile] = {};
+  fetch(0);
+  for (int64_t k0 = 0, chunk = 0; k0 < shape.padded_depth; k0 += kChunk, ++chunk) {
+    // Writing this buffer is safe: its last readers (chunk - 2) passed the previous sync.
+    float* current = stage + (chunk % 2) * kStageFloats;
+#pragma unroll
+    for (int i = 0; i < kMaxPrefetch; ++i) {
+      const int e = threadIdx.x + i * blockDim.x;
+      if (e >= kStageElements) break;
+      current[e % kChunk * kStageStride + e / kChunk] = next[i];
     }
     __syncthreads();
+    if (k0 + kChunk < shape.padded_depth) fetch(k0 + kChunk);
 #pragma unroll
     for (int i = 0; i < kMaxTilesPerThread; ++i) {
       const int64_t tile = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
@@ -107,7 +129,7 @@ __device__ void block_gemm(const float* a, int64_t lda, int64_t rows, const Bloc
       const int64_t row0 = tile / column_tiles * kTile, column0 = tile % column_tiles * kTile;
 #pragma unroll 4
       for (int kk = 0; kk < kChunk; ++kk) {
-        const float4 h = *reinterpret_cast<const float4*>(stage + kk * kStageStride + row0);
+        const float4 h = *reinterpret_cast<const float4*>(current + kk * kStageStride + row0);
         const float4 w = *reinterpret_cast<const float4*>(weights + (k0 + kk) * columns + column0);
         const float hs[kTile] = {h.x, h.y, h.z, h.w}, ws[kTile] = {w.x, w.y, w.z, w.w};
 #pragma unroll
@@ -118,6 +140,7 @@ __device__ void block_gemm(const float* a, int64_t lda, int64_t rows, const Bloc
       }
     }
   }
+  // out is free: its last readers (the caller's pointwise) passed the loop's syncs.
 #pragma unroll
   for (int i = 0; i < kMaxTilesPerThread; ++i) {
     const int64_t tile = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
@@ -151,7 +174,7 @@ __device__ BlockSlice block_slice(RecurrentCell cell, bool backward, const Persi
   slice.shape = block_gemm_shape(cell, backward, layer.hidden, plan.units_per_block);
   slice.weights = reinterpret_cast<float*>(shared);
   slice.stage = slice.weights + slice.shape.padded_depth * slice.shape.columns;
-  slice.out = slice.stage + kChunk * kStageStride;
+  slice.out = slice.stage + 2 * kStageFloats;
   return slice;
 }
 
@@ -371,7 +394,7 @@ PersistentPlan persistent_recurrent_plan(RecurrentCell cell, bool backward, int6
     return plan;
   }
   const int64_t row_tiles = ((batch < kPassRows ? batch : kPassRows) + kTile - 1) / kTile;
-  const int64_t threads = round_up(row_tiles * column_tiles, 32);
+  const int64_t threads = round_up(row_tiles * column_tiles, kMinThreads);
   plan.blocks = static_cast<int>((hidden + units - 1) / units);
   plan.threads = static_cast<int>(threads < kMaxThreads ? threads : kMaxThreads);
   plan.units_per_block = units;
