@@ -18,6 +18,7 @@ memory, 64K registers per SM) and Ampere (A100: 164 KB); see
 
 from __future__ import annotations
 
+import torch
 import triton
 
 from fastattn.ops.triton_launch import INTERPRETED, SMALLEST_BLOCK, KernelConfigs
@@ -37,7 +38,8 @@ def _fits(accumulators, staged):
     def footprint(config, sizes):
         meta = {**sizes, **config.kwargs}
         registers = sum(meta[rows] * meta[columns] for rows, columns in accumulators) / (32 * config.num_warps)
-        element = getattr(sizes.get("Q"), "element_size", lambda: 4)()
+        query = sizes.get("Q")
+        element = query.element_size() if isinstance(query, torch.Tensor) else 4
         shared = sum(meta[rows] * meta[columns] for rows, columns in staged) * element * config.num_stages
         return registers, shared
 
