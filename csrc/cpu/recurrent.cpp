@@ -120,8 +120,9 @@ at::Tensor lengths_as_int64(const char* op, const std::optional<at::Tensor>& len
   return lengths->to(at::kCPU, at::kLong).contiguous();
 }
 
-// out (rows, G), a column block of the saved buffer = x2d @ w_ih^T (b_ih is added in
-// the fused loop: one pass less over the buffer than addmm's broadcast of the bias).
+// The input projection of a cell: out (rows, G), a column block of the saved buffer
+// = x2d @ w_ih^T (b_ih is added in the fused loop: one pass less over the buffer than
+// addmm's broadcast of the bias).
 void input_projection_into(at::Tensor out, const at::Tensor& x2d, const at::Tensor& w_ih) {
   at::mm_out(out, x2d, w_ih.t());
 }
@@ -281,6 +282,50 @@ inline void gru_row_backward(const scalar_t* __restrict grad_h,
     grad_h_direct[j] = dh * z;
   }
 }
+// The row functions as the cells call them (one call per batch row): the baseline
+// instantiation, or for float32 an AVX2+FMA clone when the CPU has it (csrc/cpu/isa.h).
+// The layers get their clones through the step functions (forward_units_avx2 ...).
+#ifdef FASTATTN_AVX2_CLONES
+FASTATTN_TARGET_AVX2 void lstm_row_forward_avx2(float* gates, const float* hidden_gates,
+                                                const float* input_bias, const float* hidden_bias,
+                                                const float* c, int64_t H, int64_t count,
+                                                float* c_next, float* h_next) {
+  lstm_row_forward(gates, hidden_gates, input_bias, hidden_bias, c, H, count, c_next, h_next);
+}
+FASTATTN_TARGET_AVX2 void lstm_row_backward_avx2(const float* grad_h, const float* grad_output,
+                                                 const float* grad_c, const float* gates,
+                                                 const float* c_prev, const float* c_next,
+                                                 int64_t H, int64_t count, float* grad_gates,
+                                                 float* grad_c_prev) {
+  lstm_row_backward(grad_h, grad_output, grad_c, gates, c_prev, c_next, H, count, grad_gates,
+                    grad_c_prev);
+}
+FASTATTN_TARGET_AVX2 void gru_row_forward_avx2(float* gates, const float* hidden_gates,
+                                               const float* input_bias, const float* hidden_bias,
+                                               const float* h, int64_t H, int64_t count,
+                                               float* h_next) {
+  gru_row_forward(gates, hidden_gates, input_bias, hidden_bias, h, H, count, h_next);
+}
+FASTATTN_TARGET_AVX2 void gru_row_backward_avx2(const float* grad_h, const float* grad_output,
+                                                const float* saved, const float* h, int64_t H,
+                                                int64_t count, float* grad_input_gates,
+                                                float* grad_hidden_gates, float* grad_h_direct) {
+  gru_row_backward(grad_h, grad_output, saved, h, H, count, grad_input_gates, grad_hidden_gates,
+                   grad_h_direct);
+}
+// The AVX2 clone where its type matches the baseline's (float32), else the baseline.
+template <typename Baseline, typename Avx2>
+Baseline pick_row_kernel(Baseline baseline, Avx2 avx2) {
+  if constexpr (std::is_same_v<Baseline, Avx2>) {
+    if (use_avx2_kernels()) return avx2;
+  }
+  return baseline;
+}
+#define FASTATTN_ROW_KERNEL(name) pick_row_kernel(&name<scalar_t>, &name##_avx2)
+#else
+#define FASTATTN_ROW_KERNEL(name) (&name<scalar_t>)
+#endif
+
 // A bias, or zeros when there is none: the fused loops always add both biases.
 at::Tensor bias_or_zeros(const at::Tensor& bias, int64_t gate_rows,
                          const at::TensorOptions& options) {
@@ -326,9 +371,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
     scalar_t* saved_data = saved.mutable_data_ptr<scalar_t>();
     scalar_t* c_next_data = c_next.mutable_data_ptr<scalar_t>();
     scalar_t* h_next_data = h_next.mutable_data_ptr<scalar_t>();
+    const auto row_forward = FASTATTN_ROW_KERNEL(lstm_row_forward);
     at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        lstm_row_forward(saved_data + b * G, hidden_data + b * G, input_bias_data,
+        row_forward(saved_data + b * G, hidden_data + b * G, input_bias_data,
                          hidden_bias_data, c_data + b * H, H, H, c_next_data + b * H,
                          h_next_data + b * H);
       }
@@ -383,9 +429,10 @@ lstm_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& grad_c_ne
     const scalar_t* c_next_data = c_next.const_data_ptr<scalar_t>();
     scalar_t* grad_gates_data = grad_gates.mutable_data_ptr<scalar_t>();
     scalar_t* grad_c_out = grad_c.mutable_data_ptr<scalar_t>();
+    const auto row_backward = FASTATTN_ROW_KERNEL(lstm_row_backward);
     at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        lstm_row_backward<scalar_t>(grad_h_data + b * H, zeros_data + b * H, grad_c_data + b * H,
+        row_backward(grad_h_data + b * H, zeros_data + b * H, grad_c_data + b * H,
                                     saved_data + b * G, c_data + b * H, c_next_data + b * H, H,
                                     H, grad_gates_data + b * G, grad_c_out + b * H);
       }
@@ -430,9 +477,10 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_forward(const at::Tensor& x_in, cons
     const scalar_t* h_data = h.const_data_ptr<scalar_t>();
     scalar_t* saved_data = saved.mutable_data_ptr<scalar_t>();
     scalar_t* h_next_data = h_next.mutable_data_ptr<scalar_t>();
+    const auto row_forward = FASTATTN_ROW_KERNEL(gru_row_forward);
     at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        gru_row_forward(saved_data + b * 4 * H, hidden_data + b * G, input_bias_data,
+        row_forward(saved_data + b * 4 * H, hidden_data + b * G, input_bias_data,
                         hidden_bias_data, h_data + b * H, H, H, h_next_data + b * H);
       }
     });
@@ -475,9 +523,10 @@ gru_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& x_in, cons
     scalar_t* grad_input_data = grad_input_gates.mutable_data_ptr<scalar_t>();
     scalar_t* grad_hidden_data = grad_hidden_gates.mutable_data_ptr<scalar_t>();
     scalar_t* grad_h_data = grad_h.mutable_data_ptr<scalar_t>();
+    const auto row_backward = FASTATTN_ROW_KERNEL(gru_row_backward);
     at::parallel_for(0, B, rows_per_task(G), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        gru_row_backward<scalar_t>(grad_h_next_data + b * H, zeros_data + b * H,
+        row_backward(grad_h_next_data + b * H, zeros_data + b * H,
                                    saved_data + b * 4 * H, h_data + b * H, H, H,
                                    grad_input_data + b * G, grad_hidden_data + b * G,
                                    grad_h_data + b * H);
@@ -827,9 +876,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   at::Tensor output = at::empty({T, B, H}, x.options());
   at::Tensor saved = at::empty({T, B, saved_width}, x.options());
   // The input projection of every step at once, (T*B, I) @ w_ih^T, into the gate
-  // columns of saved.
-  input_projection_into(saved.view({T * B, saved_width}).narrow(1, 0, G), x.view({T * B, I}),
-                        w_ih);
+  // columns of saved (b_ih is added in the fused loop).
+  matmul_into(saved.view({T * B, saved_width}).narrow(1, 0, G), x.view({T * B, I}),
+              w_ih.t().contiguous());
   at::Tensor states = at::empty({2, B, H}, x.options());  // h, double-buffered
   states[0].copy_(h0);
   at::Tensor c_state = Cell::kHasCellState ? c0->contiguous().clone() : at::Tensor();
@@ -948,7 +997,9 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
   at::Tensor grad_b_hh = !Cell::kSeparateHiddenGrad && b_ih.defined() && b_hh.defined()
                              ? grad_b_ih.clone()
                              : bias_grad(b_hh, grad_hidden2d);
-  return {at::mm(grad_input2d, w_ih).view({T, B, I}),
+  at::Tensor grad_x = at::empty({T, B, I}, x.options());
+  matmul_into(grad_x.view({T * B, I}), grad_input2d, w_ih.contiguous());
+  return {grad_x,
           grad_h,
           grad_c,
           at::mm(grad_input2d.t(), x.view({T * B, I})),
