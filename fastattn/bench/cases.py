@@ -9,7 +9,7 @@ reference is added by the runner, for cases marked ``compilable``.
 Case names: ``attention.<score>.<multi_query|decode_step>.<forward|forward_backward>``,
 ``hard_attention.multi_query.forward``, ``<lstm|gru>_<cell|layer>.<forward|forward_backward>``,
 ``<lstm|gru>_layer.t100_b64_h1024.<forward|forward_backward>`` (full preset: issue 6's target shape),
-``decoder_step.forward``, ``greedy_decoding.forward`` and
+``decoder_step.forward``, ``greedy_decoding.forward`` (and ``.batch_1.``) and
 ``greedy_decoding.cuda_graph.batch_<1|64>.forward`` (the zoo's Seq2Seq, CUDA graph against
 the eager reference).
 """
@@ -249,9 +249,12 @@ def _decoder_step_case(preset: Preset) -> Case:
     return Case("decoder_step.forward", ("attention", "lstm_cell"), shape, False, True, build, work)
 
 
-def _greedy_decoding_case(preset: Preset) -> Case:
-    """Embed, decode one step, project to the vocabulary, take the argmax; ``tokens`` times."""
-    batch, length, hidden, tokens, vocabulary = preset.batch, preset.length, preset.hidden, preset.tokens, preset.vocabulary
+def _greedy_decoding_case(preset: Preset, batch: int | None = None) -> Case:
+    """Embed, decode one step, project to the vocabulary, take the argmax; ``tokens`` times.
+    ``batch``: the preset's when None (``greedy_decoding.forward``), else named in the case."""
+    name = "greedy_decoding.forward" if batch is None else f"greedy_decoding.batch_{batch}.forward"
+    batch = preset.batch if batch is None else batch
+    length, hidden, tokens, vocabulary = preset.length, preset.hidden, preset.tokens, preset.vocabulary
 
     def build(inputs: Inputs) -> Workload:
         decoder = _decoder(inputs, hidden)
@@ -275,7 +278,7 @@ def _greedy_decoding_case(preset: Preset) -> Case:
         return roofline.greedy_decoding_work(tokens, batch, length, hidden, vocabulary, element_bytes=element_bytes)
 
     shape = {"B": batch, "S": length, "H": hidden, "tokens": tokens, "V": vocabulary}
-    return Case("greedy_decoding.forward", ("attention", "lstm_cell"), shape, False, False, build, work)
+    return Case(name, ("attention", "lstm_cell"), shape, False, False, build, work)
 
 
 def _seq2seq_greedy_case(batch: int, preset: Preset) -> Case:
@@ -330,6 +333,7 @@ def cases(preset: Preset) -> list[Case]:
         *recurrent_cases,
         _decoder_step_case(preset),
         _greedy_decoding_case(preset),
+        _greedy_decoding_case(preset, batch=1),
         *(_seq2seq_greedy_case(batch, preset) for batch in GREEDY_BATCHES),
     ]
 
