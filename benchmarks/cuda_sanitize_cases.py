@@ -5,11 +5,11 @@ Small on purpose: benchmarks/gpu_check.sh runs it under ``compute-sanitizer --to
 memcheck`` and ``--tool racecheck``, which slow kernels down by orders of magnitude.
 The cases reach every kernel and variant: the attention forward with one key split and
 with several (plus the combine and weights kernels), 16-byte and scalar loads, every
-kernel score, the masks and the Gaussian, float16 natively, both backward kernels,
-hard-attention positions (argmax and drawn), fast_tanh, the LSTM/GRU step kernels of
-the cells, and layers with lengths (forward and reverse) through both recurrent paths:
-the persistent kernels (one block per hidden unit here, grid barrier) and the per-step
-kernels (FASTATTN_CUDA_PERSISTENT_RNN=0).
+kernel score, the masks and the Gaussian, float16 natively, the tensor-core forward
+(bfloat16), both backward kernels, hard-attention positions (argmax and drawn),
+fast_tanh, the LSTM/GRU step kernels of the cells, and layers with lengths (forward and
+reverse) through both recurrent paths: the persistent kernels (one block per hidden
+unit here, grid barrier) and the per-step kernels (FASTATTN_CUDA_PERSISTENT_RNN=0).
 
     python benchmarks/cuda_sanitize_cases.py
 """
@@ -120,7 +120,27 @@ def check_attention() -> bool:
     got = with_gradients(op, [query, keys, values])
     want = with_gradients(exact, [t.detach().double().cpu().requires_grad_() for t in (query, keys, values)])
     ok &= report("attention_forward/backward op, float16, 16-byte loads", got, want, 2e-2)
+    ok &= check_tensor_core_attention()
     return ok
+
+
+def check_tensor_core_attention() -> bool:
+    """The tensor-core forward (bfloat16 "dot", D = Dv = 64: 2 key tiles, a fully masked
+    batch) and the backward from its logsumexp."""
+    query, keys, values = leaves((2, 20, 64), (2, 70, 64), (2, 70, 64), device=DEVICE, dtype=torch.bfloat16)
+    lengths = torch.tensor([0, 67])
+
+    def op(query, keys, values):
+        return torch.ops.fastattn.attention_forward(query, keys, values, None, None, "dot", 0.125, lengths.to(DEVICE),
+                                                    None, False, None, None, False, False)[0]
+
+    def exact(query, keys, values):
+        with fastattn.backend("reference"):
+            return fastattn.attention(query, keys, values, score="scaled_dot", scale=0.125, lengths=lengths)
+
+    got = with_gradients(op, [query, keys, values])
+    want = with_gradients(exact, [t.detach().double().cpu().requires_grad_() for t in (query, keys, values)])
+    return report("attention_forward op on the tensor cores, bfloat16, lengths", got, want, 3e-2)
 
 
 def check_hard_attention_and_tanh() -> bool:

@@ -87,6 +87,15 @@ int multiprocessor_count(const at::Tensor& on) {
   int count = 0;
   if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, on.device().index()) != cudaSuccess) {
     (void)cudaGetLastError();
+int compute_capability_major(const at::Tensor& on) {
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, on.device().index()) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return major;
+}
+
     return 1;
   }
   return count;
@@ -221,6 +230,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
   if (out.splits > 1) {
     const int64_t rows = p.batch * p.query_length;
     partial_context = at::empty({rows, out.splits, p.value_dim}, accumulate);
+  // Multi-query float16 / bfloat16 "dot" problems without weights go to the tensor cores.
+  if (!return_weights && p.query_length >= kTensorCoreMinQueries &&
+      attention_tensor_core_supported(p, compute_capability_major(query))) {
+    check_launch(op, launch_attention_forward_tensor_core(p, out, current_stream()));
+    return {context, weights, logsumexp};
+  }
     partial_max = at::empty({rows, out.splits}, accumulate);
     partial_sum = at::empty({rows, out.splits}, accumulate);
     out.partial_context = partial_context.mutable_data_ptr();

@@ -75,6 +75,18 @@ cudaError_t launch_attention_forward(const AttentionProblem& problem, const Atte
 cudaError_t launch_attention_backward(const AttentionProblem& problem, const AttentionBackwardBuffers& buffers,
                                       cudaStream_t stream);
 
+// The multi-query forward on the tensor cores (attention_tensor_core.cu): float16 /
+// bfloat16, score "dot", D and Dv in {64, 128}, query / keys / values 16-byte aligned
+// with batch strides of multiples of 8 elements, on a device of compute capability
+// 8.0 or later.  It writes context and logsumexp as launch_attention_forward does;
+// buffers.weights must be null and buffers.splits 1 (anything else:
+// cudaErrorInvalidValue).  The binding takes it for problems it supports with at
+// least kTensorCoreMinQueries query rows (decode steps keep launch_attention_forward).
+constexpr int64_t kTensorCoreMinQueries = 16;
+bool attention_tensor_core_supported(const AttentionProblem& problem, int compute_capability_major);
+cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& problem,
+                                                 const AttentionForwardBuffers& buffers, cudaStream_t stream);
+
 // index[row] for rows of weights (rows, S) in dtype: with uniforms (rows,) in [0, 1),
 // the first position whose running sum of positive weights exceeds u * total; without,
 // the first argmax; 0 for a row with no positive weight.

@@ -16,6 +16,7 @@
 // kernels rely on.  What it does not: GPU memory errors and races (compute-sanitizer
 // does), warp-synchronous assumptions beyond shuffles, GPU rounding (no FMA contraction).
 #pragma once
+#define FASTATTN_CUDA_EMULATION 1
 #define __global__
 #define __device__
 #define __host__
@@ -33,12 +34,13 @@
 #include <utility>
 
 namespace emu {
+constexpr size_t kWarpExchangeBytesPerLane = 32;  // shuffles use the first 8, warp_publish all
 struct ThreadState {
   uint3 thread{0, 0, 0}, block{0, 0, 0};
   dim3 block_dim, grid_dim;
   std::barrier<>* block_barrier = nullptr;
   std::barrier<>* warp_barrier = nullptr;
-  unsigned char* warp_exchange = nullptr;  // 32 lanes x 8 bytes
+  unsigned char* warp_exchange = nullptr;  // 32 lanes x kWarpExchangeBytesPerLane
   unsigned char* shared_memory = nullptr;  // the block's dynamic shared memory
 };
 extern thread_local ThreadState state;
@@ -55,6 +57,17 @@ T shfl_xor(T value, int lane_mask) {
   state.warp_barrier->arrive_and_wait();
   return other;
 }
+
+// A warp-wide exchange of up to kWarpExchangeBytesPerLane bytes per lane (the tensor-core
+// fragments of mma.cuh): every lane publishes its bytes and gets the warp's 32 blocks of
+// them, lane by lane; it reads them, then calls warp_release before the next exchange.
+inline const void* warp_publish(const void* mine, size_t bytes) {
+  const int lane = state.thread.x % 32;
+  std::memcpy(state.warp_exchange + kWarpExchangeBytesPerLane * lane, mine, bytes);
+  state.warp_barrier->arrive_and_wait();
+  return state.warp_exchange;
+}
+inline void warp_release() { state.warp_barrier->arrive_and_wait(); }
 }  // namespace emu
 
 #define threadIdx (emu::state.thread)

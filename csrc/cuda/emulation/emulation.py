@@ -132,6 +132,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "emu_attention_forward": [pointer, pointer],
         "emu_attention_backward": [pointer, pointer],
         "emu_sample_positions": [ctypes.c_int, pointer, size, size, pointer, pointer],
+        "emu_attention_tensor_core_supported": [pointer],
+        "emu_attention_forward_tensor_core": [pointer, pointer],
         "emu_fast_tanh": [pointer, pointer, size],
         "emu_lstm_step_forward": [pointer, pointer, size, pointer, pointer, pointer, pointer, pointer, pointer, pointer],
         "emu_lstm_step_backward": [pointer, pointer, pointer, pointer, pointer, size, pointer, size, pointer, size,
@@ -210,6 +212,22 @@ def attention_backward(library, grad_context, grad_weights, arguments, logsumexp
     """The six gradients of attention_backward (None where the op returns an empty one)."""
     keep: list = []
     problem = attention_problem(keep, *arguments)
+def attention_forward_tensor_core(library, arguments):
+    """(context, logsumexp) of the tensor-core forward (attention_tensor_core.cu), or
+    None when attention_tensor_core_supported refuses the problem."""
+    keep: list = []
+    problem = attention_problem(keep, *arguments)
+    if not library.emu_attention_tensor_core_supported(ctypes.byref(problem)):
+        return None
+    context = torch.full((problem.batch, problem.query_length, problem.value_dim), math.nan, dtype=arguments[0].dtype)
+    logsumexp = torch.full((problem.batch, problem.query_length), math.nan)  # NaN: entries the kernel must write
+    buffers = AttentionForwardBuffers(address(context), address(logsumexp), None, None, 1, None, None, None)
+    status = library.emu_attention_forward_tensor_core(ctypes.byref(problem), ctypes.byref(buffers))
+    if status != 0:
+        raise RuntimeError(f"launch_attention_forward_tensor_core returned {status}")
+    return context, logsumexp
+
+
     query, score, center, gaussian = arguments[0], arguments[5], arguments[11], arguments[12]
     dtype, accumulate = query.dtype, accumulation_dtype(query.dtype)
     batch, steps = problem.batch, problem.query_length

@@ -26,7 +26,7 @@ void check_shared(size_t shared) {
 // What the threads of one block share: its barriers, shuffle exchange and shared memory.
 struct Block {
   explicit Block(unsigned threads, size_t shared)
-      : barrier(threads), exchange((threads + 31) / 32 * 32 * 8), shared_memory(shared / 16 + 1) {
+      : barrier(threads), exchange((threads + 31) / 32 * 32 * kWarpExchangeBytesPerLane), shared_memory(shared / 16 + 1) {
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
     std::memset(shared_memory.data(), 0xFF, shared_memory.size() * 16);
   }
@@ -41,7 +41,7 @@ struct Block {
     state.grid_dim = grid;
     state.block_barrier = &barrier;
     state.warp_barrier = warp_barriers[t / 32].get();
-    state.warp_exchange = exchange.data() + (t / 32) * 32 * 8;
+    state.warp_exchange = exchange.data() + (t / 32) * 32 * kWarpExchangeBytesPerLane;
     state.shared_memory = reinterpret_cast<unsigned char*>(shared_memory.data());
   }
 };
@@ -129,6 +129,12 @@ int emu_attention_forward(const AttentionProblem* p, const AttentionForwardBuffe
 }
 int emu_attention_backward(const AttentionProblem* p, const AttentionBackwardBuffers* b) {
   return launch_attention_backward(*p, *b, nullptr);
+}
+int emu_attention_tensor_core_supported(const AttentionProblem* p) {
+  return attention_tensor_core_supported(*p, 9) ? 1 : 0;  // the emulated device is an H200
+}
+int emu_attention_forward_tensor_core(const AttentionProblem* p, const AttentionForwardBuffers* b) {
+  return launch_attention_forward_tensor_core(*p, *b, nullptr);
 }
 int emu_sample_positions(int dtype, const void* weights, int64_t rows, int64_t source_length, const double* uniforms,
                          int64_t* index) {

@@ -1,0 +1,144 @@
+// mma.cuh: the warp-level tensor-core layer of the attention kernels: the m16n8k16
+// multiply-accumulate of `mma.sync` (float16 / bfloat16 operands, float accumulators;
+// sm_80 and later, sm_90a included) through inline PTX, and plain-load helpers that
+// fill its fragments from shared memory.  No ldmatrix, no WGMMA.
+//
+// Under the CPU emulation (emulate.h defines FASTATTN_CUDA_EMULATION) the lanes'
+// fragments meet in the warp's exchange buffer and every lane computes its own
+// accumulators from the fragment layout below, so the CPU tests exercise the same
+// lane/fragment mapping as the GPU.
+//
+// Fragment layout (PTX ISA, mma.m16n8k16 .row.col; g = lane / 4, c = lane % 4; each
+// 32-bit register holds two elements, the lower index in the low half):
+//   A (16 x 16, m x k):  a[0] = A[g][2c, 2c+1]      a[1] = A[g+8][2c, 2c+1]
+//                        a[2] = A[g][2c+8, 2c+9]    a[3] = A[g+8][2c+8, 2c+9]
+//   B (16 x 8,  k x n):  b[0] = B[2c, 2c+1][g]      b[1] = B[2c+8, 2c+9][g]
+//   C (16 x 8,  m x n):  c[0], c[1] = C[g][2c, 2c+1]    c[2], c[3] = C[g+8][2c, 2c+1]
+#pragma once
+
+#include "device_common.cuh"
+
+namespace fastattn {
+namespace cuda {
+
+template <typename T>
+struct IsBFloat16 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsBFloat16<__nv_bfloat16> {
+  static constexpr bool value = true;
+};
+
+__host__ __device__ __forceinline__ unsigned short bits_of(__half x) { return __half_as_ushort(x); }
+__host__ __device__ __forceinline__ unsigned short bits_of(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+
+// Two elements of T (rounded from float) in one register, `low` in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
+  return static_cast<uint32_t>(bits_of(from_acc<T>(low))) | (static_cast<uint32_t>(bits_of(from_acc<T>(high))) << 16);
+}
+
+// The two consecutive elements at `pair` (4-byte aligned) as one register.
+template <typename T>
+__device__ __forceinline__ uint32_t load_pair(const T* pair) {
+  return *reinterpret_cast<const uint32_t*>(pair);
+}
+
+// The A fragment of the 16 x 16 tile at `tile`, row-major with `stride` elements
+// between rows (even, so that pairs stay 4-byte aligned).
+template <typename T>
+__device__ __forceinline__ void load_fragment_a(uint32_t (&a)[4], const T* tile, int stride) {
+  const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
+  const T* top = tile + g * stride + 2 * c;
+  const T* bottom = top + 8 * stride;
+  a[0] = load_pair(top);
+  a[1] = load_pair(bottom);
+  a[2] = load_pair(top + 8);
+  a[3] = load_pair(bottom + 8);
+}
+
+// The B fragment of the 16 x 8 (k x n) tile whose columns are stored contiguously:
+// element (k, n) at tile[n * stride + k] (the keys of a K tile for Q K^T, the rows
+// of a transposed V tile for P V).
+template <typename T>
+__device__ __forceinline__ void load_fragment_b(uint32_t (&b)[2], const T* tile, int stride) {
+  const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
+  const T* column = tile + g * stride + 2 * c;
+  b[0] = load_pair(column);
+  b[1] = load_pair(column + 8);
+}
+
+#if defined(FASTATTN_CUDA_EMULATION)
+namespace emulated {
+inline float element_of(uint32_t pair, int high, __half) { return __half2float(__ushort_as_half(pair >> (16 * high))); }
+inline float element_of(uint32_t pair, int high, __nv_bfloat16) {
+  return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(pair >> (16 * high))));
+}
+
+// Operand element (row, column) of a 16 x 16 A tile from the warp's A fragments, and
+// (k, n) of a 16 x 8 B tile from its B fragments, read through the layout above.
+template <typename T>
+float a_element(const uint32_t (*a)[4], int row, int column) {
+  const int lane = (row % 8) * 4 + (column % 8) / 2;
+  const int reg = (row >= 8 ? 1 : 0) + (column >= 8 ? 2 : 0);
+  return element_of(a[lane][reg], column % 2, T{});
+}
+template <typename T>
+float b_element(const uint32_t (*b)[2], int k, int n) {
+  const int lane = n * 4 + (k % 8) / 2;
+  return element_of(b[lane][k >= 8 ? 1 : 0], k % 2, T{});
+}
+}  // namespace emulated
+#endif
+
+// c += A B for one warp (every lane calls it with its fragments).  T: __half or
+// __nv_bfloat16.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+  if constexpr (IsBFloat16<T>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  __trap();  // the launcher never runs the tensor-core kernels below sm_80
+#endif
+#elif defined(FASTATTN_CUDA_EMULATION)
+  struct Fragments {
+    uint32_t a[4];
+    uint32_t b[2];
+  };
+  static_assert(sizeof(Fragments) <= emu::kWarpExchangeBytesPerLane, "the fragments must fit the exchange");
+  const Fragments mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+  const unsigned char* all = static_cast<const unsigned char*>(emu::warp_publish(&mine, sizeof(mine)));
+  uint32_t warp_a[kWarpSize][4], warp_b[kWarpSize][2];
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    Fragments theirs;
+    std::memcpy(&theirs, all + lane * emu::kWarpExchangeBytesPerLane, sizeof(theirs));
+    for (int r = 0; r < 4; ++r) warp_a[lane][r] = theirs.a[r];
+    for (int r = 0; r < 2; ++r) warp_b[lane][r] = theirs.b[r];
+  }
+  emu::warp_release();
+  const int lane = threadIdx.x % kWarpSize, g = lane / 4, col = lane % 4;
+  for (int r = 0; r < 4; ++r) {
+    const int row = g + (r >= 2 ? 8 : 0), n = 2 * col + r % 2;
+    float sum = 0.f;
+    for (int k = 0; k < 16; ++k) sum += emulated::a_element<T>(warp_a, row, k) * emulated::b_element<T>(warp_b, k, n);
+    c[r] += sum;
+  }
+#endif
+}
+
+}  // namespace cuda
+}  // namespace fastattn

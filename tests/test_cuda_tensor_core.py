@@ -1,0 +1,174 @@
+"""The tensor-core multi-query attention forward (csrc/cuda/attention_tensor_core.cu,
+mma.cuh) against fastattn.reference under the float16 / bfloat16 2x rule: its error
+against the float64 reference is at most twice the reference's own in that dtype,
+plus one rounding of the largest entry.
+
+Without a GPU (marked slow): the kernel's own code under the CPU emulation of
+csrc/cuda/emulation/, whose mma.sync stand-in computes each lane's accumulators
+from the PTX fragment layout, at small odd shapes (T and S not multiples of the 64-row
+and 64-key tiles, several tiles of both, every mask, causal, local windows with and
+without the Gaussian, fully masked rows).  With a GPU (marked gpu): the op at
+seq2seq shapes goes to the tensor-core kernel (seen in the profiler) and matches the
+reference, gradients included (the backward recomputes from its logsumexp)."""
+
+import pytest
+import torch
+
+import fastattn
+from tests.test_cuda_kernels import DEVICE, emulated, emulation, gpu  # noqa: F401 (emulated: a fixture)
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def problem(batch, steps, source, dim, value_dim, mode, *, seed=0, device="cpu"):
+    """float64 query, keys, values and the mask arguments of `mode` (fastattn.attention's)."""
+    generator = torch.Generator().manual_seed(seed)
+    query, keys = (torch.randn(batch, length, dim, generator=generator, dtype=torch.float64)
+                   for length in (steps, source))
+    values = torch.randn(batch, source, value_dim, generator=generator, dtype=torch.float64)
+    lengths = torch.randint(1, source + 1, (batch,), generator=generator)
+    lengths[0] = 0  # every row of batch 0 fully masked
+    padding = torch.rand(batch, source, generator=generator) < 0.3
+    padding[-1, : source // 2] = True
+    center = torch.rand(batch, steps, generator=generator, dtype=torch.float64) * (source + 4) - 2
+    masking = {
+        "global": {},
+        "lengths": {"lengths": lengths},
+        "key_padding_mask": {"key_padding_mask": padding, "lengths": lengths},
+        "causal": {"causal": True, "lengths": lengths},
+        "local_m": {"window": 5, "gaussian": False},
+        "local_m_gaussian": {"window": 4, "gaussian": True, "lengths": lengths},
+        "local_p": {"window": 6, "center": center, "gaussian": True},
+        "local_p_plain": {"window": 2, "center": center, "gaussian": False},
+    }[mode]
+    masking = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in masking.items()}
+    return query.to(device), keys.to(device), values.to(device), masking
+
+
+def reference_context(query, keys, values, masking, scale, dtype):
+    """fastattn.reference's context with every input in `dtype`."""
+    cast = {name: value.to(dtype) if name == "center" else value for name, value in masking.items()}
+    with fastattn.backend("reference"):
+        return fastattn.attention(query.to(dtype), keys.to(dtype), values.to(dtype), score="scaled_dot", scale=scale,
+                                  **cast)
+
+
+def assert_twice_the_reference_error(actual, query, keys, values, masking, scale, dtype):
+    exact = reference_context(query, keys, values, masking, scale, torch.float64)
+    in_dtype = reference_context(query, keys, values, masking, scale, dtype)
+    kernel_error = (actual.double().cpu() - exact.cpu()).abs().max()
+    reference_error = (in_dtype.double().cpu() - exact.cpu()).abs().max()
+    bound = 2 * reference_error + torch.finfo(dtype).eps * exact.abs().max().cpu()
+    assert kernel_error <= bound, (float(kernel_error), float(reference_error))
+
+
+def op_arguments(query, keys, values, masking, scale, dtype):
+    """attention_forward's arguments (without return_weights) for the "dot" kernel score."""
+    center = masking.get("center")
+    gaussian = masking.get("gaussian")
+    return [query.to(dtype), keys.to(dtype), values.to(dtype), None, None, "dot", scale, masking.get("lengths"),
+            masking.get("key_padding_mask"), masking.get("causal", False), masking.get("window"),
+            None if center is None else center.to(dtype), center is not None if gaussian is None else gaussian]
+
+
+# ---------------------------------------------------------------- the kernel emulated on the CPU
+
+EMULATED_CASES = [  # (N, T, S, D, Dv), mode, dtype
+    ((2, 21, 37, 64, 64), "global", torch.bfloat16),
+    ((2, 21, 37, 64, 64), "lengths", torch.float16),            # batch 0 fully masked
+    ((2, 21, 37, 64, 64), "key_padding_mask", torch.bfloat16),
+    ((2, 70, 70, 64, 64), "causal", torch.float16),             # 2 row tiles, 2 key tiles, tiles skipped
+    ((1, 67, 131, 128, 64), "local_m", torch.bfloat16),         # 3 key tiles, windows skip most
+    ((2, 19, 45, 64, 128), "local_m_gaussian", torch.float16),
+    ((2, 19, 45, 128, 128), "local_p", torch.bfloat16),
+    ((2, 19, 45, 64, 64), "local_p_plain", torch.float16),      # rows whose window misses every key
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("shape", "mode", "dtype"), EMULATED_CASES,
+                         ids=[f"{mode}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}" for shape, mode, dtype in EMULATED_CASES])
+def test_emulated_tensor_core_forward_is_within_twice_the_reference_error(emulated, shape, mode, dtype):
+    scale = shape[3] ** -0.5
+    query, keys, values, masking = problem(*shape, mode)
+    arguments = op_arguments(query, keys, values, masking, scale, dtype)
+    result = emulation.attention_forward_tensor_core(emulated, arguments)
+    assert result is not None, "the kernel must take float16 / bfloat16 dot problems with D, Dv in {64, 128}"
+    context, logsumexp = result
+    assert not context.isnan().any() and not logsumexp.isnan().any()
+    assert_twice_the_reference_error(context, query, keys, values, masking, scale, dtype)
+    # logsumexp: the CPU attention_forward op's on the same rounded inputs (the backward's
+    # input; float sums of the same scores), -inf for fully masked rows.
+    want = torch.ops.fastattn.attention_forward(*arguments, False)[2]
+    assert torch.equal(torch.isneginf(logsumexp), torch.isneginf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(logsumexp[finite], want[finite], rtol=1e-5, atol=1e-5)
+    if mode == "lengths":
+        assert context[0].abs().max() == 0 and torch.isneginf(logsumexp[0]).all()
+
+
+@pytest.mark.slow
+def test_emulated_tensor_core_refuses_what_it_does_not_handle(emulated):
+    query, keys, values, masking = problem(1, 20, 20, 64, 64, "global")
+    for dtype, dim, score in ((torch.float32, 64, "dot"), (torch.float16, 32, "dot"), (torch.float16, 64, "cosine")):
+        arguments = op_arguments(query[..., :dim], keys[..., :dim], values, masking, 0.5, dtype)
+        arguments[5] = score
+        assert emulation.attention_forward_tensor_core(emulated, arguments) is None, (dtype, dim, score)
+
+
+# ---------------------------------------------------------------- the op on the GPU
+
+
+def launched_kernels(function):
+    """The names of the CUDA kernels `function()` launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        function()
+        torch.cuda.synchronize()
+    return {event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("dim", "mode"), [(64, "lengths"), (128, "causal"), (64, "local_p")])
+@gpu
+def test_multi_query_dot_runs_on_the_tensor_cores_and_matches_the_reference(dim, mode, dtype):
+    """Seq2seq shapes (T, S <= 512): forward through the tensor-core kernel, the
+    gradients through attention_backward.cu from its logsumexp, both under the 2x rule
+    (gradients 8x, as tests/test_cuda_kernels.py allows recomputed ones)."""
+    steps, source = (300, 300) if mode == "causal" else (200, 300)
+    scale = dim**-0.5
+    query, keys, values, masking = problem(4, steps, source, dim, dim, mode, seed=3, device=DEVICE)
+    low = [tensor.to(dtype).requires_grad_() for tensor in (query, keys, values)]
+    masking_low = {name: value.to(dtype) if name == "center" else value for name, value in masking.items()}
+
+    def forward():
+        with fastattn.backend("cuda"):
+            return fastattn.attention(*low, score="scaled_dot", scale=scale, **masking_low)
+
+    assert any("tensor_core" in name for name in launched_kernels(forward))
+    context = forward()
+    assert_twice_the_reference_error(context, query, keys, values, masking, scale, dtype)
+    grad_context = torch.randn(context.shape, generator=torch.Generator(device=DEVICE).manual_seed(4), device=DEVICE)
+    grads = torch.autograd.grad(context, low, grad_context.to(dtype))
+    exact_leaves = [tensor.clone().requires_grad_() for tensor in (query, keys, values)]
+    exact = torch.autograd.grad(reference_context(*exact_leaves, masking, scale, torch.float64), exact_leaves,
+                                grad_context.double())
+    reference_leaves = [tensor.to(dtype).requires_grad_() for tensor in (query, keys, values)]
+    in_dtype = torch.autograd.grad(reference_context(*reference_leaves, masking, scale, dtype), reference_leaves,
+                                   grad_context.to(dtype))
+    for index, (got, want, reference_run) in enumerate(zip(grads, exact, in_dtype)):
+        kernel_error = (got.double() - want).abs().max()
+        bound = 8 * (reference_run.double() - want).abs().max() + torch.finfo(dtype).eps * want.abs().max()
+        assert kernel_error <= bound, (index, float(kernel_error))
+
+
+@gpu
+def test_decode_steps_and_weights_keep_the_existing_kernels():
+    query, keys, values, _ = problem(2, 1, 300, 64, 64, "global", device=DEVICE)
+    low = [tensor.to(torch.bfloat16) for tensor in (query, keys, values)]
+    with fastattn.backend("cuda"):
+        names = launched_kernels(lambda: fastattn.attention(*low, score="scaled_dot", scale=0.125))
+        assert names and not any("tensor_core" in name for name in names)
+        multi = [tensor.expand(2, 64, 64) if index == 0 else tensor for index, tensor in enumerate(low)]
+        names = launched_kernels(lambda: fastattn.attention(*multi, score="scaled_dot", scale=0.125,
+                                                            return_weights=True))
+        assert names and not any("tensor_core" in name for name in names)
