@@ -315,13 +315,13 @@ FASTATTN_TARGET_AVX2 void gru_row_backward_avx2(const float* grad_h, const float
 }
 // The AVX2 clone where its type matches the baseline's (float32), else the baseline.
 template <typename Baseline, typename Avx2>
-Baseline pick_row_kernel(Baseline baseline, Avx2 avx2) {
+Baseline pick_kernel(Baseline baseline, Avx2 avx2) {
   if constexpr (std::is_same_v<Baseline, Avx2>) {
     if (use_avx2_kernels()) return avx2;
   }
   return baseline;
 }
-#define FASTATTN_ROW_KERNEL(name) pick_row_kernel(&name<scalar_t>, &name##_avx2)
+#define FASTATTN_ROW_KERNEL(name) pick_kernel(&name<scalar_t>, &name##_avx2)
 #else
 #define FASTATTN_ROW_KERNEL(name) (&name<scalar_t>)
 #endif
@@ -827,27 +827,14 @@ FASTATTN_TARGET_AVX2 void backward_units_avx2(const BackwardStep<float>& step, i
                                               int64_t count) {
   backward_units<Cell, float>(step, j0, count);
 }
+#define FASTATTN_STEP_KERNEL(name) pick_kernel(&name<Cell, scalar_t>, &name##_avx2<Cell>)
+#else
+#define FASTATTN_STEP_KERNEL(name) (&name<Cell, scalar_t>)
 #endif
 
-template <typename Cell, typename scalar_t>
-void run_forward_step(const ForwardStep<scalar_t>& step) {
-  void (*units)(const ForwardStep<scalar_t>&, int64_t, int64_t) = &forward_units<Cell, scalar_t>;
-#ifdef FASTATTN_AVX2_CLONES
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (use_avx2_kernels()) units = &forward_units_avx2<Cell>;
-  }
-#endif
-  parallel_over_units(step.H, [&](int64_t j0, int64_t count) { units(step, j0, count); });
-}
-
-template <typename Cell, typename scalar_t>
-void run_backward_step(const BackwardStep<scalar_t>& step) {
-  void (*units)(const BackwardStep<scalar_t>&, int64_t, int64_t) = &backward_units<Cell, scalar_t>;
-#ifdef FASTATTN_AVX2_CLONES
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (use_avx2_kernels()) units = &backward_units_avx2<Cell>;
-  }
-#endif
+// One time step: units(step, j0, count) over the hidden units, in parallel.
+template <typename Step>
+void run_step(const Step& step, void (*units)(const Step&, int64_t, int64_t)) {
   parallel_over_units(step.H, [&](int64_t j0, int64_t count) { units(step, j0, count); });
 }
 
@@ -899,11 +886,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     step.saved = saved.mutable_data_ptr<scalar_t>();
     step.output = output.mutable_data_ptr<scalar_t>();
     scalar_t* state_data = states.mutable_data_ptr<scalar_t>();
+    const auto units = FASTATTN_STEP_KERNEL(forward_units);
     for (int64_t s = 0; s < T; ++s) {
       step.t = time_of_step(s, T, reverse);
       step.h_prev = state_data + (s % 2) * B * H;
       step.h_next = state_data + ((s + 1) % 2) * B * H;
-      run_forward_step<Cell>(step);
+      run_step(step, units);
     }
   });
   return {output, states[T % 2].clone(), c_state, saved};
@@ -981,11 +969,12 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
     step.grad_hidden_gates = grad_hidden_gates.mutable_data_ptr<scalar_t>();
     step.previous_hidden = previous_hidden.mutable_data_ptr<scalar_t>();
     // Steps s = T-1 .. 0, then s = -1, which only takes the recurrent gradient of s = 0.
+    const auto units = FASTATTN_STEP_KERNEL(backward_units);
     for (int64_t s = T - 1; s >= (T > 0 ? -1 : 0); --s) {
       step.t = s >= 0 ? time_of_step(s, T, reverse) : -1;
       step.t_prev = s > 0 ? time_of_step(s - 1, T, reverse) : -1;
       step.t_next = s < T - 1 ? time_of_step(s + 1, T, reverse) : -1;
-      run_backward_step<Cell>(step);
+      run_step(step, units);
     }
   });
 
