@@ -11,8 +11,13 @@
 // kernels those ops have.  What it saves is the per-step Python of the composed module
 // (argument folding and checks, three module calls, concatenations); with grad mode
 // off it also skips the autograd wrappers of the ops it calls.
+// For CUDA tensors when no gradient is recorded it calls attention_decoder_step_inference
+// instead, whose CUDA kernel (csrc/cuda/binding.cpp, decoder_step.cu) runs the step in
+// one launch where it covers it; that op's other kernels are the composed step below.
 // Does not handle: local windows, image-grid keys, float16/bfloat16 (the module
 // composes those in Python).
+#include "decoder_step.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -36,6 +41,11 @@ using LstmCellForward = std::tuple<Tensor, Tensor, Tensor>(
     const optional<Tensor>&);
 using GruCellForward = std::tuple<Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&);
+using DecoderStep = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
+    const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, c10::string_view, double,
+    const optional<Tensor>&, const optional<Tensor>&, const Tensor&, const Tensor&, const optional<Tensor>&,
+    const optional<Tensor>&, const Tensor&, bool);
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> fastattn_op(const char* name) {
@@ -94,12 +104,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> decoder_step(
   return {output, h_next, c_next, weights};
 }
 
+bool requires_grad(const optional<Tensor>& tensor) { return tensor.has_value() && tensor->requires_grad(); }
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_decoder_step(
     const Tensor& y, const Tensor& h, const optional<Tensor>& c, const Tensor& attentional, const Tensor& keys,
     const Tensor& values, const optional<Tensor>& query_weight, const optional<Tensor>& v,
     const optional<Tensor>& bias, c10::string_view score, double scale, const optional<Tensor>& lengths,
     const optional<Tensor>& key_padding_mask, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
     const Tensor& w_combine, bool input_feeding) {
+  const bool records_gradients =
+      at::GradMode::is_enabled() &&
+      (y.requires_grad() || h.requires_grad() || requires_grad(c) || attentional.requires_grad() ||
+       keys.requires_grad() || values.requires_grad() || requires_grad(query_weight) || requires_grad(v) ||
+       requires_grad(bias) || w_ih.requires_grad() || w_hh.requires_grad() || requires_grad(b_ih) ||
+       requires_grad(b_hh) || w_combine.requires_grad());
+  if (!records_gradients && y.is_cuda()) {
+    static const auto inference = fastattn_op<DecoderStep>("fastattn::attention_decoder_step_inference");
+    return inference.call(y, h, c, attentional, keys, values, query_weight, v, bias, score, scale, lengths,
+                          key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding);
+  }
   const StepAttention attend{keys, values, query_weight, v, bias, score, scale, lengths, key_padding_mask};
   if (at::GradMode::is_enabled()) {
     return decoder_step(y, h, c, attentional, attend, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding);
@@ -110,8 +133,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_decoder_step(
 }
 
 }  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> composed_decoder_step_inference(
+    const Tensor& y, const Tensor& h, const optional<Tensor>& c, const Tensor& attentional, const Tensor& keys,
+    const Tensor& values, const optional<Tensor>& query_weight, const optional<Tensor>& v,
+    const optional<Tensor>& bias, c10::string_view score, double scale, const optional<Tensor>& lengths,
+    const optional<Tensor>& key_padding_mask, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
+    const optional<Tensor>& b_hh, const Tensor& w_combine, bool input_feeding) {
+  const StepAttention attend{keys, values, query_weight, v, bias, score, scale, lengths, key_padding_mask};
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // an inference op: no gradients
+  return decoder_step(y, h, c, attentional, attend, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding);
+}
+
 }  // namespace fastattn
 
 TORCH_LIBRARY_IMPL(fastattn, CompositeImplicitAutograd, m) {
   m.impl("attention_decoder_step", &fastattn::attention_decoder_step);
+}
+
+// Every backend without a kernel of its own (the CPU, CUDA builds without csrc/cuda)
+// composes the inference step.
+TORCH_LIBRARY_IMPL(fastattn, CompositeExplicitAutograd, m) {
+  m.impl("attention_decoder_step_inference", &fastattn::composed_decoder_step_inference);
 }

@@ -82,6 +82,15 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor? lengths, Tensor? key_padding_mask, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
       "Tensor? b_hh, Tensor w_combine, bool input_feeding) "
       "-> (Tensor output, Tensor h_next, Tensor c_next, Tensor weights)");
+  // attention_decoder_step's inference path (no autograd): the one-launch CUDA kernel
+  // (csrc/cuda/decoder_step.cu) where it covers the step, the composed step elsewhere.
+  // attention_decoder_step calls it for CUDA tensors when no gradient is recorded.
+  m.def(
+      "attention_decoder_step_inference(Tensor y, Tensor h, Tensor? c, Tensor attentional, Tensor keys, "
+      "Tensor values, Tensor? query_weight, Tensor? v, Tensor? bias, str score, float scale, "
+      "Tensor? lengths, Tensor? key_padding_mask, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor w_combine, bool input_feeding) "
+      "-> (Tensor output, Tensor h_next, Tensor c_next, Tensor weights)");
 
   // The kernels' tanh approximation (csrc/common/fast_tanh.h), float32, for its test.
   m.def("fast_tanh(Tensor x) -> Tensor");

@@ -10,6 +10,9 @@
 // shape fits the device and FASTATTN_CUDA_PERSISTENT_RNN is not "0"; otherwise per step,
 // h W_hh^T in ATen and the pointwise step in recurrent_pointwise.cu.  Attention computes float16 / bfloat16 natively (float
 // accumulation); the recurrent ops compute them in float32 and return the input dtype.
+// attention_decoder_step_inference runs the one-launch kernel of decoder_step.cu where it
+// covers the step (FASTATTN_CUDA_FUSED_DECODER_STEP=0 turns it off) and the composed
+// step of csrc/decoder_step.cpp otherwise.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -24,6 +27,7 @@
 #include <string_view>
 #include <tuple>
 
+#include "../decoder_step.h"
 #include "launch.h"
 
 namespace fastattn {
@@ -849,6 +853,133 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           bias_grad(b_hh_in, grad_hidden2d, dtype)};
 }
 
+// ---------------------------------------------------------------- fused attention-decoder step
+
+// Whether the one-launch kernel may run: switched on, input feeding, float32 tensors
+// on y's device, a kernel score and the shapes of csrc/ops.cpp.  Anything else (bad
+// input included: the composed ops name it) goes to the composed step.
+bool fused_step_covers(const at::Tensor& y, const at::Tensor& h, const OptionalTensor& c, const at::Tensor& attentional,
+                       const at::Tensor& keys, const at::Tensor& values, const OptionalTensor& query_weight,
+                       const OptionalTensor& v, const OptionalTensor& bias, std::string_view score,
+                       const OptionalTensor& lengths, const OptionalTensor& key_padding_mask, const at::Tensor& w_ih,
+                       const at::Tensor& w_hh, const OptionalTensor& b_ih, const OptionalTensor& b_hh,
+                       const at::Tensor& w_combine, bool input_feeding) {
+  const char* setting = std::getenv("FASTATTN_CUDA_FUSED_DECODER_STEP");
+  if (setting != nullptr && std::string_view(setting) == "0") return false;
+  const bool additive = score == "additive";
+  if (!input_feeding || !(additive || score == "dot") || y.scalar_type() != at::kFloat || y.dim() != 2) return false;
+  auto is_float_here = [&](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.device() == y.device();
+  };
+  auto absent_or = [&](const OptionalTensor& t, at::IntArrayRef shape) {
+    return !present(t) || (is_float_here(*t) && t->sizes() == shape);
+  };
+  if (h.dim() != 2 || keys.dim() != 3 || values.dim() != 3) return false;
+  const int64_t B = y.size(0), I = y.size(1), H = h.size(1), S = keys.size(1), Dk = keys.size(2);
+  const int64_t Dv = values.size(2), G = (present(c) ? kLstmGates : kGruGates) * H;
+  const bool tensors_fit =
+      is_float_here(h) && h.size(0) == B && is_float_here(attentional) && attentional.sizes() == h.sizes() &&
+      absent_or(c, {B, H}) && is_float_here(keys) && keys.size(0) == B && is_float_here(values) &&
+      values.size(0) == B && values.size(1) == S && is_float_here(w_ih) && w_ih.sizes() == at::IntArrayRef{G, I + H} &&
+      is_float_here(w_hh) && w_hh.sizes() == at::IntArrayRef{G, H} && absent_or(b_ih, {G}) && absent_or(b_hh, {G}) &&
+      is_float_here(w_combine) && w_combine.sizes() == at::IntArrayRef{H, Dv + H} &&
+      (present(query_weight) ? absent_or(query_weight, {H, Dk}) : Dk == H) &&
+      (additive ? present(v) && absent_or(v, {Dk}) && absent_or(bias, {Dk}) : !present(v) && !present(bias));
+  const bool masks_fit =
+      (!present(lengths) ||
+       (at::isIntegralType(lengths->scalar_type(), /*includeBool=*/false) && lengths->sizes() == at::IntArrayRef{B})) &&
+      (!present(key_padding_mask) ||
+       (key_padding_mask->scalar_type() == at::kBool && key_padding_mask->sizes() == at::IntArrayRef{B, S}));
+  return tensors_fit && masks_fit;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_decoder_step_inference_cuda(
+    const at::Tensor& y, const at::Tensor& h, const OptionalTensor& c, const at::Tensor& attentional,
+    const at::Tensor& keys_in, const at::Tensor& values_in, const OptionalTensor& query_weight,
+    const OptionalTensor& v_in, const OptionalTensor& bias_in, std::string_view score, double scale,
+    const OptionalTensor& lengths_in, const OptionalTensor& key_padding_mask_in, const at::Tensor& w_ih_in,
+    const at::Tensor& w_hh_in, const OptionalTensor& b_ih_in, const OptionalTensor& b_hh_in,
+    const at::Tensor& w_combine_in, bool input_feeding) {
+  const char* op = "attention_decoder_step_inference";
+  auto composed = [&] {
+    return composed_decoder_step_inference(y, h, c, attentional, keys_in, values_in, query_weight, v_in, bias_in,
+                                           score, scale, lengths_in, key_padding_mask_in, w_ih_in, w_hh_in, b_ih_in,
+                                           b_hh_in, w_combine_in, input_feeding);
+  };
+  if (!y.is_cuda() ||
+      !fused_step_covers(y, h, c, attentional, keys_in, values_in, query_weight, v_in, bias_in, score, lengths_in,
+                         key_padding_mask_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, w_combine_in, input_feeding)) {
+    return composed();
+  }
+  const c10::cuda::CUDAGuard device_guard(y.device());
+  const bool lstm = present(c);
+  // Contiguous views (no copies for the module's tensors), alive until the launch is queued.
+  const at::Tensor y_ = y.contiguous(), h_ = h.contiguous(), attentional_ = attentional.contiguous();
+  const at::Tensor c_ = lstm ? c->contiguous() : at::Tensor();
+  const at::Tensor keys = with_contiguous_rows(keys_in), values = with_contiguous_rows(values_in);
+  const at::Tensor query_rows = present(query_weight) ? query_weight->t().contiguous() : at::Tensor();  // (Dk, H)
+  const at::Tensor v = compute_in(v_in, at::kFloat), bias = compute_in(bias_in, at::kFloat);
+  const at::Tensor lengths = layer_lengths(op, lengths_in, y, y.size(0));
+  const at::Tensor key_padding_mask =
+      present(key_padding_mask_in) ? key_padding_mask_in->to(y.device()).contiguous() : at::Tensor();
+  const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous(), w_combine = w_combine_in.contiguous();
+  const at::Tensor b_ih = compute_in(b_ih_in, at::kFloat), b_hh = compute_in(b_hh_in, at::kFloat);
+
+  DecoderStepProblem p;
+  p.cell = lstm ? RecurrentCell::kLstm : RecurrentCell::kGru;
+  p.score = score == "additive" ? ScoreKind::kAdditive : ScoreKind::kDot;
+  p.batch = y.size(0);
+  p.input_size = y.size(1);
+  p.hidden = h.size(1);
+  p.source_length = keys.size(1);
+  p.score_dim = keys.size(2);
+  p.value_dim = values.size(2);
+  p.scale = static_cast<float>(scale);
+  p.y = y_.const_data_ptr<float>();
+  p.h = h_.const_data_ptr<float>();
+  p.c = float_or_null(c_);
+  p.attentional = attentional_.const_data_ptr<float>();
+  p.keys = keys.const_data_ptr<float>();
+  p.keys_batch_stride = keys.stride(0);
+  p.values = values.const_data_ptr<float>();
+  p.values_batch_stride = values.stride(0);
+  p.query_weight = float_or_null(query_rows);
+  p.v = float_or_null(v);
+  p.bias = float_or_null(bias);
+  p.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+  p.key_padding_mask = key_padding_mask.defined() ? key_padding_mask.const_data_ptr<bool>() : nullptr;
+  p.w_ih = w_ih.const_data_ptr<float>();
+  p.w_hh = w_hh.const_data_ptr<float>();
+  p.b_ih = float_or_null(b_ih);
+  p.b_hh = float_or_null(b_hh);
+  p.w_combine = w_combine.const_data_ptr<float>();
+  DecoderStepPlan plan;
+  check_launch(op, decoder_step_plan_on_device(p, &plan));
+  if (plan.blocks == 0) return composed();
+
+  const auto options = y.options();
+  const int64_t B = p.batch, H = p.hidden;
+  at::Tensor output = at::empty({B, H}, options), h_next = at::empty({B, H}, options);
+  at::Tensor c_next = lstm ? at::empty({B, H}, options) : at::empty({0}, options);
+  at::Tensor weights = at::empty({B, p.source_length}, options);
+  const at::Tensor query = query_rows.defined() ? at::empty({B, p.score_dim}, options) : at::Tensor();
+  const at::Tensor partial_context = at::empty({B, plan.splits, p.value_dim}, options);
+  const at::Tensor partial_max = at::empty({B, plan.splits}, options), partial_sum = at::empty({B, plan.splits}, options);
+  const at::Tensor barrier = barrier_counter(y);
+  DecoderStepBuffers buffers;
+  buffers.output = output.mutable_data_ptr<float>();
+  buffers.h_next = h_next.mutable_data_ptr<float>();
+  buffers.c_next = lstm ? c_next.mutable_data_ptr<float>() : nullptr;
+  buffers.weights = weights.mutable_data_ptr<float>();
+  buffers.query = query.defined() ? query.mutable_data_ptr<float>() : nullptr;
+  buffers.partial_context = partial_context.mutable_data_ptr<float>();
+  buffers.partial_max = partial_max.mutable_data_ptr<float>();
+  buffers.partial_sum = partial_sum.mutable_data_ptr<float>();
+  buffers.barrier = reinterpret_cast<unsigned long long*>(barrier.mutable_data_ptr<int64_t>());
+  check_launch(op, launch_decoder_step(p, plan, buffers, current_stream()));
+  return {output, h_next, c_next, weights};
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fastattn
@@ -867,4 +998,5 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("lstm_layer_backward", &lstm_layer_backward_cuda);
   m.impl("gru_layer_forward", &gru_layer_forward_cuda);
   m.impl("gru_layer_backward", &gru_layer_backward_cuda);
+  m.impl("attention_decoder_step_inference", &attention_decoder_step_inference_cuda);
 }

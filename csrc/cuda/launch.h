@@ -205,5 +205,72 @@ cudaError_t launch_persistent_lstm_backward(const PersistentLayer& layer, const 
 cudaError_t launch_persistent_gru_backward(const PersistentLayer& layer, const PersistentPlan& plan,
                                            const PersistentBackwardBuffers& buffers, cudaStream_t stream);
 
+// ---------------------------------------------------------------- fused attention-decoder step
+// One inference step of AttentionDecoderCell with input feeding (attention_decoder_step
+// of csrc/ops.cpp, input_feeding = true) in ONE cooperative launch (decoder_step.cu),
+// float32 only, no autograd.  Scores: additive (v . tanh(q + bias + k'), keys = K'
+// precomputed) and dot (scale * q . k); q = query_weight s_t, or s_t itself (then
+// score_dim == hidden).  Outputs as the composed op: output h~_t, h_next, c_next (LSTM),
+// weights (B, S) with 0 at masked keys and for rows with no visible key.
+
+struct DecoderStepProblem {
+  RecurrentCell cell = RecurrentCell::kLstm;
+  ScoreKind score = ScoreKind::kDot;  // kDot or kAdditive
+  int64_t batch = 0, input_size = 0, hidden = 0, source_length = 0, score_dim = 0, value_dim = 0;
+  float scale = 1.0f;                 // dot only
+  const float* y = nullptr;            // (B, I)
+  const float* h = nullptr;            // (B, H)
+  const float* c = nullptr;            // LSTM (B, H); null for a GRU
+  const float* attentional = nullptr;  // (B, H): h~_{t-1}
+  const float* keys = nullptr;         // (B, S, Dk) rows contiguous, batch stride below (0: shared)
+  int64_t keys_batch_stride = 0;
+  const float* values = nullptr;       // (B, S, Dv) rows contiguous
+  int64_t values_batch_stride = 0;
+  const float* query_weight = nullptr;  // (Dk, H): q = query_weight s_t; null: q = s_t
+  const float* v = nullptr;             // additive (Dk,)
+  const float* bias = nullptr;          // additive (Dk,) or null
+  const int64_t* lengths = nullptr;     // (B,) or null
+  const bool* key_padding_mask = nullptr;  // (B, S) or null
+  const float* w_ih = nullptr;          // (G H, I + H), G = 4 LSTM, 3 GRU
+  const float* w_hh = nullptr;          // (G H, H)
+  const float* b_ih = nullptr;          // (G H,) or null
+  const float* b_hh = nullptr;          // (G H,) or null
+  const float* w_combine = nullptr;     // (H, Dv + H)
+};
+
+// How the step is spread: `blocks` co-resident blocks of `threads`; batch rows in tiles
+// of `batch_tile` (each weight matrix is read once per tile); each batch row's keys in
+// `splits` chunks of `keys_per_split`.  blocks == 0: not covered (the binding composes).
+struct DecoderStepPlan {
+  int blocks = 0;
+  int threads = 0;
+  int64_t batch_tile = 0;
+  int64_t splits = 0;
+  int64_t keys_per_split = 0;
+  int64_t shared_bytes = 0;
+};
+
+struct DecoderStepBuffers {
+  float* output = nullptr;           // (B, H)
+  float* h_next = nullptr;           // (B, H)
+  float* c_next = nullptr;           // LSTM (B, H)
+  float* weights = nullptr;          // (B, S)
+  float* query = nullptr;            // scratch (B, Dk), with query_weight
+  float* partial_context = nullptr;  // scratch (B, splits, Dv)
+  float* partial_max = nullptr;      // scratch (B, splits)
+  float* partial_sum = nullptr;      // scratch (B, splits)
+  unsigned long long* barrier = nullptr;  // one counter, zero on entry
+};
+
+// The plan for a GPU with `multiprocessors` SMs (one block each) and
+// `shared_bytes_per_block` of dynamic shared memory per block; pure arithmetic.
+DecoderStepPlan decoder_step_plan(const DecoderStepProblem& problem, int multiprocessors,
+                                  int64_t shared_bytes_per_block);
+// The plan on the current device (SM count, opt-in shared memory, cooperative launch
+// support, at least one resident block per SM).
+cudaError_t decoder_step_plan_on_device(const DecoderStepProblem& problem, DecoderStepPlan* plan);
+cudaError_t launch_decoder_step(const DecoderStepProblem& problem, const DecoderStepPlan& plan,
+                                const DecoderStepBuffers& buffers, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastattn

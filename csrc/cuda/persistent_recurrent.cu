@@ -27,6 +27,7 @@
 // handled: float64, float16 / bfloat16 natively, LSTM projections (proj_size), shapes
 // whose W_hh slice does not fit in shared memory (the plan says so; the binding falls
 // back to per-step GEMMs + recurrent_pointwise.cu).
+#include "grid_barrier.cuh"
 #include "recurrent_cell_math.cuh"
 
 namespace fastattn {
@@ -72,20 +73,6 @@ __device__ __forceinline__ bool is_active(const int64_t* lengths, int64_t t, int
 
 __device__ __forceinline__ float bias_at(const float* bias, int64_t index) {
   return bias != nullptr ? bias[index] : 0.0f;
-}
-
-// Every block waits until all blocks have arrived `arrivals / gridDim.x` times.  The
-// fences order the block's writes before its arrival and the others' writes before
-// what the block reads after it (data shared across blocks is read with __ldcg).
-__device__ __forceinline__ void grid_barrier(unsigned long long* counter, unsigned long long arrivals) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(counter, 1ull);
-    while (*static_cast<volatile unsigned long long*>(counter) < arrivals) __nanosleep(32);
-    __threadfence();
-  }
-  __syncthreads();
 }
 
 // out[b][c] = sum_k a[b][k] * weights[k][c] for the `rows` (<= kPassRows) rows of `a`

@@ -6,7 +6,9 @@ It maps the module's score onto the kernel's score kinds the way
 cache: general and additive attend over the projected keys (additive also projects
 the state by W_q inside the op), location over W_a[:S] shared by the batch.  It
 answers None, and the module composes the step, for what the op does not cover:
-local windows, image-grid keys, and float16/bfloat16.
+local windows, image-grid keys, and float16/bfloat16.  On CUDA tensors without
+gradients the op runs attention_decoder_step_inference (csrc/decoder_step.cpp routes
+it), whose fake (meta) kernel is here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ import torch
 from fastattn.functional.attention_inputs import Layout, masking_arguments
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+@torch.library.register_fake("fastattn::attention_decoder_step_inference")
+def _attention_decoder_step_inference_fake(y, h, c, attentional, keys, values, query_weight, v, bias, score, scale,
+                                           lengths, key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine,
+                                           input_feeding):
+    batch, hidden = y.shape[0], w_hh.shape[1]
+    c_next = y.new_empty(batch, hidden) if c is not None else y.new_empty(0)
+    return y.new_empty(batch, w_combine.shape[0]), y.new_empty(batch, hidden), c_next, y.new_empty(batch, keys.shape[1])
 
 
 def _kernel_attention(attention, cache, batch: int) -> dict:

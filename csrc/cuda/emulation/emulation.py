@@ -5,8 +5,9 @@ build(directory) rewrites each ../*.cu for the host compiler (kernel launches be
 fastattn_emulate_launch calls, the dynamic shared array a pointer into the emulated
 shared memory), compiles them with runtime.cpp (g++, C++20 for std::barrier) and loads
 the library.  The ctypes structures mirror csrc/cuda/launch.h field for field;
-attention_forward / attention_backward and persistent_layer_forward / _backward allocate
-outputs and scratch as csrc/cuda/binding.cpp does and launch the kernels on CPU tensors.
+attention_forward / attention_backward, persistent_layer_forward / _backward and
+decoder_step allocate outputs and scratch as csrc/cuda/binding.cpp does and launch the
+kernels on CPU tensors.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def build(directory: Path) -> ctypes.CDLL:
     if include is None or shutil.which("g++") is None:
         raise RuntimeError("the emulation needs g++ and the CUDA toolkit's headers")
     directory.mkdir(parents=True, exist_ok=True)
-    sources = [HERE / "runtime.cpp"]
+    sources = [HERE / "runtime.cpp", HERE / "decoder_step_entry.cpp"]
     for cuda_source in sorted(CUDA_DIRECTORY.glob("*.cu")):
         rewritten = directory / f"{cuda_source.stem}.cpp"
         rewritten.write_text(host_source(cuda_source.read_text()))
@@ -145,6 +146,9 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "emu_persistent_recurrent_plan_on_device": [ctypes.c_int, ctypes.c_bool, size, size, pointer],
         **{f"emu_persistent_{cell}_{direction}": [pointer, pointer, pointer]
            for cell in CELLS for direction in ("forward", "backward")},
+        "emu_decoder_step_plan": [pointer, ctypes.c_int, size, pointer],
+        "emu_decoder_step_plan_on_device": [pointer, pointer],
+        "emu_decoder_step": [pointer, pointer, pointer],
     }
     for name, arguments in signatures.items():
         function = getattr(library, name)
@@ -341,3 +345,87 @@ def persistent_layer_backward(library, cell, grad_output, grad_h_n, grad_c_n, x,
     input_side = grad_gates if cell == "lstm" else grad_input_gates
     grad_x = (input_side.view(steps * batch, -1) @ w_ih).view(steps, batch, inputs)
     return grad_x, grad_h, grad_c, input_side.sum((0, 1)), grad_gates.sum((0, 1))
+
+class DecoderStepProblem(ctypes.Structure):
+    _fields_ = [("cell", ctypes.c_int), ("score", ctypes.c_int),
+                *[(name, ctypes.c_int64) for name in (
+                    "batch", "input_size", "hidden", "source_length", "score_dim", "value_dim")],
+                ("scale", ctypes.c_float), ("y", ctypes.c_void_p), ("h", ctypes.c_void_p), ("c", ctypes.c_void_p),
+                ("attentional", ctypes.c_void_p), ("keys", ctypes.c_void_p), ("keys_batch_stride", ctypes.c_int64),
+                ("values", ctypes.c_void_p), ("values_batch_stride", ctypes.c_int64),
+                *[(name, ctypes.c_void_p) for name in (
+                    "query_weight", "v", "bias", "lengths", "key_padding_mask", "w_ih", "w_hh", "b_ih", "b_hh",
+                    "w_combine")]]
+
+
+class DecoderStepPlan(ctypes.Structure):
+    _fields_ = [("blocks", ctypes.c_int), ("threads", ctypes.c_int),
+                *[(name, ctypes.c_int64) for name in ("batch_tile", "splits", "keys_per_split", "shared_bytes")]]
+
+
+class DecoderStepBuffers(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "output", "h_next", "c_next", "weights", "query", "partial_context", "partial_max", "partial_sum", "barrier")]
+
+
+def decoder_step_problem(keep, y, h, c, attentional, keys, values, query_weight, v, bias, score, scale, lengths,
+                         key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine) -> DecoderStepProblem:
+    """The launch.h problem of attention_decoder_step's arguments (float32 CPU tensors,
+    input feeding); `keep` holds the tensors the pointers point into."""
+    keys = keys if keys.shape[0] > 1 and keys.stride(0) == 0 else keys.contiguous()
+    tensors = [t if t is None else t.contiguous() for t in (y, h, c, attentional, values, v, bias, key_padding_mask,
+                                                           w_ih, w_hh, b_ih, b_hh, w_combine)]
+    query_rows = None if query_weight is None else query_weight.t().contiguous()
+    lengths = None if lengths is None else lengths.to(torch.int64).contiguous()
+    keep.extend([keys, query_rows, lengths, *tensors])
+    y, h, c, attentional, values, v, bias, key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine = tensors
+    batch, source_length, score_dim = keys.shape
+    return DecoderStepProblem(
+        CELLS["lstm" if c is not None else "gru"], SCORES[score], batch, y.shape[1], h.shape[1], source_length,
+        score_dim, values.shape[2], scale, address(y), address(h), address(c), address(attentional), address(keys),
+        keys.stride(0), address(values), values.stride(0), address(query_rows), address(v), address(bias),
+        address(lengths), address(key_padding_mask), address(w_ih), address(w_hh), address(b_ih), address(b_hh),
+        address(w_combine))
+
+
+def decoder_step_plan(library, problem, multiprocessors=None) -> DecoderStepPlan:
+    """The plan for a GPU with `multiprocessors` SMs, or for the emulated H200 (the
+    device query path) when None."""
+    plan = DecoderStepPlan()
+    if multiprocessors is None:
+        status = library.emu_decoder_step_plan_on_device(ctypes.byref(problem), ctypes.byref(plan))
+    else:
+        status = library.emu_decoder_step_plan(ctypes.byref(problem), multiprocessors, SHARED_BYTES_PER_BLOCK,
+                                               ctypes.byref(plan))
+    if status != 0:
+        raise RuntimeError(f"decoder_step_plan returned {status}")
+    return plan
+
+
+def decoder_step(library, arguments, multiprocessors, threads):
+    """(output, h_next, c_next (None for a GRU), weights) of attention_decoder_step with
+    input feeding (`arguments`: the op's, without input_feeding), float32 on the CPU, on
+    `multiprocessors` blocks of `threads` threads."""
+    keep: list = []
+    problem = decoder_step_problem(keep, *arguments)
+    plan = decoder_step_plan(library, problem, multiprocessors)
+    if plan.blocks == 0:
+        raise RuntimeError("decoder_step_plan: the step is not covered")
+    plan.threads = threads
+    batch, hidden, source_length = problem.batch, problem.hidden, problem.source_length
+    nan = math.nan  # outputs the kernel must write
+    output, h_next = torch.full((batch, hidden), nan), torch.full((batch, hidden), nan)
+    c_next = torch.full((batch, hidden), nan) if problem.c else None
+    weights = torch.full((batch, source_length), nan)
+    query = torch.full((batch, problem.score_dim), nan) if problem.query_weight else None
+    partial_context = torch.full((batch, plan.splits, problem.value_dim), nan)
+    partial_max, partial_sum = torch.full((batch, plan.splits), nan), torch.full((batch, plan.splits), nan)
+    barrier = torch.zeros(1, dtype=torch.int64)
+    keep.extend([query, partial_context, partial_max, partial_sum, barrier])
+    buffers = DecoderStepBuffers(address(output), address(h_next), address(c_next), address(weights), address(query),
+                                 address(partial_context), address(partial_max), address(partial_sum),
+                                 address(barrier))
+    status = library.emu_decoder_step(ctypes.byref(problem), ctypes.byref(plan), ctypes.byref(buffers))
+    if status != 0:
+        raise RuntimeError(f"launch_decoder_step returned {status}")
+    return output, h_next, c_next, weights

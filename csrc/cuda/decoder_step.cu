@@ -1,0 +1,488 @@
+// decoder_step.cu: one inference step of fastattn.nn.AttentionDecoderCell with input
+// feeding (Luong 2015) in ONE cooperative kernel launch, float32 with float32
+// accumulation; the equations of csrc/decoder_step.cpp:
+//   s_t  = cell([y; h~_{t-1}], s_{t-1})             LSTM or GRU, torch.nn gate order
+//   q    = W_q s_t  (or s_t without query_weight)
+//   c_t  = attention(q (+ bias), K', V)              additive v.tanh(q + k') or scale * q.k
+//   h~_t = tanh(W_c [c_t; s_t])
+// Phases, separated by the grid barrier of grid_barrier.cuh where the data force it:
+//   A  gates + cell: a warp owns hidden unit j and computes its 4 (LSTM) or 3 (GRU)
+//      gate rows of W_ih [y; h~] + W_hh h for a tile of batch rows staged in shared
+//      memory, then the cell pointwise (recurrent_cell_math.cuh) -> s_t, c_t.  barrier
+//   B  (query_weight only) q = W_q s_t, a warp per row of W_q.                 barrier
+//   C  attention partials: a block per (batch row, key split) scores its keys (a warp
+//      per key; raw scores go to the weights output), softmax over the split, partial
+//      context, max and sum.                                                  barrier
+//   D  weights normalised in place; the combine: every block stages [c_t; s_t] of a
+//      batch tile (merging the splits' partials), a warp per row of W_c, tanh.
+// Every weight matrix is read once per batch tile (one tile up to 8 rows): at batch 1
+// a step moves 4 * (G H (I + 2H) + Dk H + S (Dk + Dv) + H (Dv + H)) bytes of weights,
+// keys and values (G = 4 LSTM, 3 GRU), which is what bounds it.
+// Not handled (the binding composes the step instead): Bahdanau order (no input
+// feeding), the cosine score, float64 / float16 / bfloat16, local windows, and shapes
+// whose batch-row tile (I + 2H or Dv + H floats) does not fit in shared memory.
+#include <type_traits>
+
+#include "grid_barrier.cuh"
+#include "recurrent_cell_math.cuh"
+
+namespace fastattn {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxWarps = kThreads / kWarpSize;
+constexpr int64_t kMaxBatchTile = 8;   // batch rows per staged tile (registers: 4 x 8 sums per lane)
+constexpr int64_t kMaxSplits = 8;      // key splits per batch row (phase D merges them in every block)
+constexpr int64_t kMinKeysPerSplit = 32;
+
+__host__ __device__ constexpr int64_t round_up4(int64_t value) { return (value + 3) / 4 * 4; }
+__host__ __device__ constexpr int64_t max_of(int64_t a, int64_t b) { return a > b ? a : b; }
+__host__ __device__ constexpr int64_t min_of(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ constexpr int gates_of(RecurrentCell cell) { return cell == RecurrentCell::kLstm ? 4 : 3; }
+
+// Row lengths (floats) of the staged batch-row tiles: phase A [y; h~; h], phase B s_t,
+// phase D [c_t; s_t]; each padded to 4 for 16-byte reads.
+struct StagedRows {
+  int64_t gates, query, combine;
+};
+__host__ __device__ inline StagedRows staged_rows(const DecoderStepProblem& p) {
+  return {round_up4(p.input_size + 2 * p.hidden), round_up4(p.hidden), round_up4(p.value_dim + p.hidden)};
+}
+
+// Shared floats: the largest of a phase-A/B/D tile (plus phase D's per-row max and sum)
+// and phase C's query, split scores and reduction scratch.
+int64_t shared_floats(const DecoderStepProblem& p, int64_t batch_tile, int64_t keys_per_split) {
+  const StagedRows rows = staged_rows(p);
+  const int64_t tiles = batch_tile * max_of(rows.gates, rows.combine) + 2 * batch_tile;
+  const int64_t attention = round_up4(p.score_dim) + round_up4(keys_per_split) + kMaxWarps;
+  return max_of(tiles, attention);
+}
+
+__device__ __forceinline__ float warp_max(float value) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  return value;
+}
+
+// Max (kMax) or sum over the block, every thread gets it; scratch >= warps floats.
+template <bool kMax>
+__device__ float block_reduce(float value, float* scratch) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  value = kMax ? warp_max(value) : warp_sum(value);
+  if (lane == 0) scratch[warp] = value;
+  __syncthreads();
+  float total = kMax ? negative_infinity<float>() : 0.0f;
+  for (int w = 0; w < static_cast<int>(blockDim.x) / kWarpSize; ++w) total = kMax ? fmaxf(total, scratch[w]) : total + scratch[w];
+  __syncthreads();
+  return total;
+}
+
+// sums[bb] += row . tile[bb][offset : offset + length] for the tile's `rows` batch rows,
+// lane-partial (warp_sum them): row in global memory, tile in shared memory (row stride
+// `stride`); kVec-wide loads (kVec = 4: length, offset and stride multiples of 4 and row
+// 16-byte aligned).
+// kVec consecutive floats of global memory (one 16-byte load when kVec = 4).
+template <int kVec>
+__device__ __forceinline__ void load_floats(const float* source, float (&out)[kVec]) {
+  if constexpr (kVec == 4) {
+    const float4 packed = *reinterpret_cast<const float4*>(source);
+    out[0] = packed.x, out[1] = packed.y, out[2] = packed.z, out[3] = packed.w;
+  } else {
+    out[0] = source[0];
+  }
+}
+
+template <int kVec>
+__device__ __forceinline__ void add_row_products(const float* row, int64_t length, const float* tile, int64_t stride,
+                                                 int64_t offset, int64_t rows, float (&sums)[kMaxBatchTile]) {
+  const int lane = threadIdx.x % kWarpSize;
+#pragma unroll 4  // several row loads in flight per warp
+  for (int64_t k = static_cast<int64_t>(lane) * kVec; k < length; k += kWarpSize * kVec) {
+    float w[kVec];
+    load_floats<kVec>(row + k, w);
+#pragma unroll
+    for (int bb = 0; bb < kMaxBatchTile; ++bb) {
+      if (bb >= rows) break;
+      const float* x = tile + bb * stride + offset + k;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) sums[bb] += w[i] * x[i];
+    }
+  }
+}
+
+template <int kGroups>
+__device__ __forceinline__ void warp_sum_all(float (&sums)[kGroups][kMaxBatchTile]) {
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+    for (int bb = 0; bb < kMaxBatchTile; ++bb) sums[g][bb] = warp_sum(sums[g][bb]);
+  }
+}
+
+__device__ __forceinline__ float value_or_zero(const float* values, int64_t index) {
+  return values != nullptr ? values[index] : 0.0f;
+}
+
+struct Tile {
+  int64_t first, rows;
+};
+__device__ __forceinline__ Tile tile_of(const DecoderStepPlan& plan, int64_t batch, int64_t first) {
+  return {first, min_of(plan.batch_tile, batch - first)};
+}
+
+__device__ __forceinline__ int64_t global_warp() {
+  return static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+}
+__device__ __forceinline__ int64_t warps_in_grid() { return static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize); }
+
+// Phase A for one batch tile: stage [y; h~; h], then each warp's hidden units.
+template <RecurrentCell kCell, int kVec>
+__device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepBuffers& out, Tile tile, float* staged) {
+  const int64_t I = p.input_size, H = p.hidden, fed = I + H, stride = staged_rows(p).gates;
+  for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
+    const int64_t bb = e / stride, k = e % stride, b = tile.first + bb;
+    float value = 0.0f;
+    if (k < I) {
+      value = p.y[b * I + k];
+    } else if (k < fed) {
+      value = p.attentional[b * H + k - I];
+    } else if (k < fed + H) {
+      value = p.h[b * H + k - fed];
+    }
+    staged[e] = value;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t j = global_warp(); j < H; j += warps_in_grid()) {
+    // LSTM: i, f, g, o; GRU: r, z (input + hidden), n input side, n hidden side.
+    float sums[4][kMaxBatchTile] = {};
+#pragma unroll
+    for (int gate = 0; gate < gates_of(kCell); ++gate) {
+      const int64_t row = gate * H + j;
+      add_row_products<kVec>(p.w_ih + row * fed, fed, staged, stride, 0, tile.rows, sums[gate]);
+      const bool separate = kCell == RecurrentCell::kGru && gate == 2;
+      add_row_products<kVec>(p.w_hh + row * H, H, staged, stride, fed, tile.rows, sums[separate ? 3 : gate]);
+    }
+    warp_sum_all(sums);
+    if (lane >= tile.rows) continue;
+    float part[4] = {};
+#pragma unroll
+    for (int bb = 0; bb < kMaxBatchTile; ++bb) {  // constant indices keep sums in registers
+      if (bb == lane) {
+#pragma unroll
+        for (int g = 0; g < 4; ++g) part[g] = sums[g][bb];
+      }
+    }
+    const int64_t b = tile.first + lane, index = b * H + j;
+    auto input_bias = [&](int gate) { return value_or_zero(p.b_ih, gate * H + j); };
+    auto hidden_bias = [&](int gate) { return value_or_zero(p.b_hh, gate * H + j); };
+    if constexpr (kCell == RecurrentCell::kLstm) {
+      auto pre = [&](int gate) { return part[gate] + input_bias(gate) + hidden_bias(gate); };
+      const LstmForward<float> next = lstm_forward(pre(0), pre(1), pre(2), pre(3), p.c[index]);
+      out.h_next[index] = next.h;
+      out.c_next[index] = next.c;
+    } else {
+      const GruForward<float> next =
+          gru_forward(part[0] + input_bias(0), part[1] + input_bias(1), part[2] + input_bias(2), hidden_bias(0),
+                      hidden_bias(1), part[3] + hidden_bias(2), p.h[index]);
+      out.h_next[index] = next.h;
+    }
+  }
+  __syncthreads();  // the staged tile is free again
+}
+
+// Phase B for one batch tile: query[b][d] = W_q[d] . s_t[b].
+template <int kVec>
+__device__ void project_query(const DecoderStepProblem& p, const DecoderStepBuffers& out, Tile tile, float* staged) {
+  const int64_t H = p.hidden, stride = staged_rows(p).query;
+  for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
+    const int64_t bb = e / stride, k = e % stride;
+    staged[e] = k < H ? __ldcg(out.h_next + (tile.first + bb) * H + k) : 0.0f;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t d = global_warp(); d < p.score_dim; d += warps_in_grid()) {
+    float sums[1][kMaxBatchTile] = {};
+    add_row_products<kVec>(p.query_weight + d * H, H, staged, stride, 0, tile.rows, sums[0]);
+    warp_sum_all(sums);
+#pragma unroll
+    for (int bb = 0; bb < kMaxBatchTile; ++bb) {
+      if (bb == lane && bb < tile.rows) out.query[(tile.first + bb) * p.score_dim + d] = sums[0][bb];
+    }
+  }
+  __syncthreads();
+}
+
+// The keys batch row b may attend to: j < lengths[b] (and S), minus key_padding_mask.
+__device__ __forceinline__ int64_t visible_length(const DecoderStepProblem& p, int64_t b) {
+  const int64_t length = p.lengths != nullptr ? p.lengths[b] : p.source_length;
+  return length < 0 ? 0 : min_of(length, p.source_length);
+}
+__device__ __forceinline__ bool is_visible(const DecoderStepProblem& p, int64_t b, int64_t j, int64_t length) {
+  return j < length && (p.key_padding_mask == nullptr || !p.key_padding_mask[b * p.source_length + j]);
+}
+
+// Phase C for one (batch row, key split).
+template <ScoreKind kScore, int kVec>
+__device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPlan& plan,
+                                const DecoderStepBuffers& out, int64_t b, int64_t split, float* shared) {
+  const int64_t D = p.score_dim, Dv = p.value_dim;
+  float* query = shared;
+  float* scores = query + round_up4(D);
+  float* scratch = scores + round_up4(plan.keys_per_split);
+  const float* state = p.query_weight != nullptr ? out.query + b * D : out.h_next + b * p.hidden;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float q = __ldcg(state + d);
+    if constexpr (kScore == ScoreKind::kAdditive) q += value_or_zero(p.bias, d);
+    query[d] = q;
+  }
+  __syncthreads();
+  const int64_t first = split * plan.keys_per_split;
+  const int64_t count = min_of(plan.keys_per_split, p.source_length - first);
+  const int64_t length = visible_length(p, b);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
+  for (int64_t key = warp; key < count; key += warps) {
+    const int64_t j = first + key;
+    float score = negative_infinity<float>();
+    if (is_visible(p, b, j, length)) {
+      const float* row = p.keys + b * p.keys_batch_stride + j * D;
+      float sum = 0.0f;
+      for (int64_t d = static_cast<int64_t>(lane) * kVec; d < D; d += kWarpSize * kVec) {
+        float k[kVec];
+        load_floats<kVec>(row + d, k);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          if constexpr (kScore == ScoreKind::kAdditive) {
+            sum += p.v[d + i] * tanh_of(query[d + i] + k[i]);
+          } else {
+            sum += query[d + i] * k[i];
+          }
+        }
+      }
+      sum = warp_sum(sum);
+      score = kScore == ScoreKind::kAdditive ? sum : sum * p.scale;
+    }
+    if (lane == 0) {
+      scores[key] = score;
+      out.weights[b * p.source_length + j] = score;  // normalised in phase D
+    }
+  }
+  __syncthreads();
+  float local_max = negative_infinity<float>();
+  for (int64_t key = threadIdx.x; key < count; key += blockDim.x) local_max = fmaxf(local_max, scores[key]);
+  const float split_max = block_reduce<true>(local_max, scratch);
+  float local_sum = 0.0f;
+  for (int64_t key = threadIdx.x; key < count; key += blockDim.x) {
+    const float probability = split_max == negative_infinity<float>() ? 0.0f : exp_of(scores[key] - split_max);
+    scores[key] = probability;
+    local_sum += probability;
+  }
+  const float split_sum = block_reduce<false>(local_sum, scratch);  // also publishes the probabilities
+  const int64_t slot = b * plan.splits + split;
+  const float* values = p.values + b * p.values_batch_stride + first * Dv;
+  for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) {
+    float context = 0.0f;
+    for (int64_t key = 0; key < count; ++key) context += scores[key] * values[key * Dv + d];
+    out.partial_context[slot * Dv + d] = context;
+  }
+  if (threadIdx.x == 0) {
+    out.partial_max[slot] = split_max;
+    out.partial_sum[slot] = split_sum;
+  }
+  __syncthreads();
+}
+
+// The softmax max and sum of batch row b over its splits' partials.
+__device__ __forceinline__ void softmax_totals(const DecoderStepPlan& plan, const DecoderStepBuffers& out, int64_t b,
+                                               float* max_score, float* sum) {
+  float m = negative_infinity<float>();
+  for (int64_t s = 0; s < plan.splits; ++s) m = fmaxf(m, __ldcg(out.partial_max + b * plan.splits + s));
+  float total = 0.0f;
+  if (m != negative_infinity<float>()) {
+    for (int64_t s = 0; s < plan.splits; ++s) {
+      const int64_t slot = b * plan.splits + s;
+      total += __ldcg(out.partial_sum + slot) * exp_of(__ldcg(out.partial_max + slot) - m);
+    }
+  }
+  *max_score = m;
+  *sum = total;
+}
+
+// Phase D, first part: weights = exp(score - max) / sum (0 for masked keys and for a row
+// with no visible key).
+__device__ void normalise_weights(const DecoderStepProblem& p, const DecoderStepPlan& plan,
+                                  const DecoderStepBuffers& out) {
+  const int64_t S = p.source_length, total = p.batch * S;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float m, sum;
+    softmax_totals(plan, out, e / S, &m, &sum);
+    const float score = __ldcg(out.weights + e);
+    out.weights[e] = sum > 0.0f && score != negative_infinity<float>() ? exp_of(score - m) / sum : 0.0f;
+  }
+}
+
+// Phase D, the combine for one batch tile: stage [c_t; s_t] (merging the splits), then
+// output[b][r] = tanh(W_c[r] . [c_t; s_t]).
+template <int kVec>
+__device__ void combine(const DecoderStepProblem& p, const DecoderStepPlan& plan, const DecoderStepBuffers& out,
+                        Tile tile, float* staged) {
+  const int64_t H = p.hidden, Dv = p.value_dim, stride = staged_rows(p).combine;
+  float* row_max = staged + tile.rows * stride;
+  float* row_sum = row_max + tile.rows;
+  if (threadIdx.x < tile.rows) softmax_totals(plan, out, tile.first + threadIdx.x, row_max + threadIdx.x, row_sum + threadIdx.x);
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
+    const int64_t bb = e / stride, k = e % stride, b = tile.first + bb;
+    float value = 0.0f;
+    if (k < Dv) {
+      if (row_sum[bb] > 0.0f) {
+        for (int64_t s = 0; s < plan.splits; ++s) {
+          const int64_t slot = b * plan.splits + s;
+          value += __ldcg(out.partial_context + slot * Dv + k) * exp_of(__ldcg(out.partial_max + slot) - row_max[bb]);
+        }
+        value /= row_sum[bb];
+      }
+    } else if (k < Dv + H) {
+      value = __ldcg(out.h_next + b * H + k - Dv);
+    }
+    staged[e] = value;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t r = global_warp(); r < H; r += warps_in_grid()) {
+    float sums[1][kMaxBatchTile] = {};
+    add_row_products<kVec>(p.w_combine + r * (Dv + H), Dv + H, staged, stride, 0, tile.rows, sums[0]);
+    warp_sum_all(sums);
+#pragma unroll
+    for (int bb = 0; bb < kMaxBatchTile; ++bb) {
+      if (bb == lane && bb < tile.rows) out.output[(tile.first + bb) * H + r] = tanhf(sums[0][bb]);
+    }
+  }
+  __syncthreads();
+}
+
+template <RecurrentCell kCell, ScoreKind kScore, int kVec>
+__global__ void __launch_bounds__(kThreads, 1)
+    decoder_step_kernel(DecoderStepProblem p, DecoderStepPlan plan, DecoderStepBuffers out) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  float* shared = reinterpret_cast<float*>(shared_bytes);
+  const int64_t B = p.batch;
+  unsigned long long barriers = 0;
+  auto barrier = [&] { grid_barrier(out.barrier, ++barriers * gridDim.x); };
+  for (int64_t first = 0; first < B; first += plan.batch_tile) {
+    gates_and_cell<kCell, kVec>(p, out, tile_of(plan, B, first), shared);
+  }
+  barrier();
+  if (p.query_weight != nullptr) {
+    for (int64_t first = 0; first < B; first += plan.batch_tile) project_query<kVec>(p, out, tile_of(plan, B, first), shared);
+    barrier();
+  }
+  for (int64_t item = blockIdx.x; item < B * plan.splits; item += gridDim.x) {
+    attention_split<kScore, kVec>(p, plan, out, item / plan.splits, item % plan.splits, shared);
+  }
+  barrier();
+  for (int64_t first = 0; first < B; first += plan.batch_tile) combine<kVec>(p, plan, out, tile_of(plan, B, first), shared);
+  normalise_weights(p, plan, out);
+}
+
+// 16-byte loads when every row read with them starts 16-byte aligned.
+bool wide_loads_fit(const DecoderStepProblem& p) {
+  auto aligned = [](const void* pointer) { return pointer == nullptr || (reinterpret_cast<uintptr_t>(pointer) & 15u) == 0; };
+  return p.input_size % 4 == 0 && p.hidden % 4 == 0 && p.score_dim % 4 == 0 && p.value_dim % 4 == 0 &&
+         p.keys_batch_stride % 4 == 0 && aligned(p.keys) && aligned(p.v) && aligned(p.w_ih) && aligned(p.w_hh) &&
+         aligned(p.query_weight) && aligned(p.w_combine);
+}
+
+template <typename Body>
+cudaError_t with_kernel(const DecoderStepProblem& p, bool wide, Body&& body) {
+  auto by_score = [&](auto cell) -> cudaError_t {
+    constexpr RecurrentCell kCell = decltype(cell)::value;
+    if (p.score == ScoreKind::kAdditive) {
+      return wide ? body(decoder_step_kernel<kCell, ScoreKind::kAdditive, 4>)
+                  : body(decoder_step_kernel<kCell, ScoreKind::kAdditive, 1>);
+    }
+    return wide ? body(decoder_step_kernel<kCell, ScoreKind::kDot, 4>) : body(decoder_step_kernel<kCell, ScoreKind::kDot, 1>);
+  };
+  if (p.score != ScoreKind::kAdditive && p.score != ScoreKind::kDot) return cudaErrorInvalidValue;
+  if (p.cell == RecurrentCell::kLstm) return by_score(std::integral_constant<RecurrentCell, RecurrentCell::kLstm>{});
+  return by_score(std::integral_constant<RecurrentCell, RecurrentCell::kGru>{});
+}
+
+}  // namespace
+
+DecoderStepPlan decoder_step_plan(const DecoderStepProblem& p, int multiprocessors, int64_t shared_bytes_per_block) {
+  DecoderStepPlan plan;
+  const bool covered = p.score == ScoreKind::kAdditive || p.score == ScoreKind::kDot;
+  if (!covered || p.batch < 1 || p.hidden < 1 || multiprocessors < 1 || p.source_length < 0) return plan;
+  const int64_t keys_per_split = max_of(
+      max_of(kMinKeysPerSplit, (p.source_length * p.batch + multiprocessors - 1) / multiprocessors),
+      (p.source_length + kMaxSplits - 1) / kMaxSplits);
+  const StagedRows rows = staged_rows(p);
+  const int64_t floats = shared_bytes_per_block / static_cast<int64_t>(sizeof(float));
+  const int64_t batch_tile = min_of(min_of(p.batch, kMaxBatchTile), floats / (max_of(rows.gates, rows.combine) + 2));
+  if (batch_tile < 1) return plan;
+  const int64_t shared_bytes = shared_floats(p, batch_tile, keys_per_split) * static_cast<int64_t>(sizeof(float));
+  if (shared_bytes > shared_bytes_per_block) return plan;
+  plan.blocks = multiprocessors;
+  plan.threads = kThreads;
+  plan.batch_tile = batch_tile;
+  plan.keys_per_split = keys_per_split;
+  plan.splits = p.source_length == 0 ? 1 : (p.source_length + keys_per_split - 1) / keys_per_split;
+  plan.shared_bytes = shared_bytes;
+  return plan;
+}
+
+cudaError_t decoder_step_plan_on_device(const DecoderStepProblem& p, DecoderStepPlan* plan) {
+  *plan = DecoderStepPlan{};
+  int device = 0, multiprocessors = 0, shared_optin = 0, cooperative = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
+  if (status != cudaSuccess || cooperative == 0) return status;
+  const DecoderStepPlan candidate = decoder_step_plan(p, multiprocessors, shared_optin);
+  if (candidate.blocks == 0) return cudaSuccess;
+  return with_kernel(p, wide_loads_fit(p), [&](auto kernel) -> cudaError_t {
+    cudaError_t result = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(candidate.shared_bytes));
+    int per_multiprocessor = 0;
+    if (result == cudaSuccess) {
+      result = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, candidate.threads,
+                                                             static_cast<size_t>(candidate.shared_bytes));
+    }
+    if (result == cudaSuccess && per_multiprocessor >= 1) *plan = candidate;
+    return result;
+  });
+}
+
+cudaError_t launch_decoder_step(const DecoderStepProblem& p, const DecoderStepPlan& plan,
+                                const DecoderStepBuffers& buffers, cudaStream_t stream) {
+  if (p.batch == 0) return cudaSuccess;
+  const bool lstm = p.cell == RecurrentCell::kLstm;
+  if (plan.blocks < 1 || plan.threads < kWarpSize || plan.threads > kThreads || plan.threads % kWarpSize != 0 ||
+      plan.batch_tile < 1 || plan.batch_tile > kMaxBatchTile || plan.splits < 1 ||
+      plan.splits * plan.keys_per_split < p.source_length || buffers.barrier == nullptr ||
+      (lstm && (p.c == nullptr || buffers.c_next == nullptr)) ||
+      (p.query_weight != nullptr && buffers.query == nullptr) ||
+      (p.query_weight == nullptr && p.score_dim != p.hidden) || (p.score == ScoreKind::kAdditive && p.v == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  return with_kernel(p, wide_loads_fit(p), [&](auto kernel) -> cudaError_t {
+    if (plan.shared_bytes > 48 * 1024) {
+      const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      static_cast<int>(plan.shared_bytes));
+      if (status != cudaSuccess) return status;
+    }
+    DecoderStepProblem problem = p;
+    DecoderStepPlan launch_plan = plan;
+    DecoderStepBuffers out = buffers;
+    void* arguments[] = {&problem, &launch_plan, &out};
+    return cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(plan.threads), arguments,
+                                       static_cast<size_t>(plan.shared_bytes), stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastattn

@@ -1,0 +1,211 @@
+"""The one-launch CUDA attention-decoder step (csrc/cuda/decoder_step.cu, the op
+attention_decoder_step_inference) against the composed step.
+
+Without a GPU: the kernel's own code under the CPU emulation (csrc/cuda/emulation/, all
+blocks running at once so that the grid barriers work; marked slow) against the CPU op
+attention_decoder_step at small odd sizes and at sizes that take the 16-byte loads,
+LSTM and GRU, additive (projected query, bias) and dot scores, lengths (an empty row)
+and a key padding mask, several batch tiles and key splits; the plan on an H200; the
+routing of attention_decoder_step and opcheck of the inference op on the CPU.
+With a GPU (marked ``gpu``): the kernel against the composed step on the device, and the
+step captured in a CUDA graph."""
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import backends
+
+CUDA_READY = torch.cuda.is_available() and backends.unavailable_reason("cuda") is None
+EMULATION = Path(__file__).resolve().parent.parent / "csrc" / "cuda" / "emulation" / "emulation.py"
+
+pytestmark = pytest.mark.skipif(
+    backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
+)
+
+
+def gpu(test):
+    """Marks a test `gpu` and skips it without a device or without the CUDA kernels."""
+    reason = "needs a CUDA device and fastattn built with CUDA kernels: " + str(
+        backends.unavailable_reason("cuda") or "no CUDA device")
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA_READY, reason=reason)(test))
+
+
+def _load_emulation():
+    spec = importlib.util.spec_from_file_location("fastattn_cuda_emulation_decoder", EMULATION)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+emulation = _load_emulation()
+
+# name -> (B, I, H, S, Dk, Dv, multiprocessors, threads): odd sizes (scalar loads), sizes
+# that take the 16-byte loads with two batch tiles (B = 10 over tiles of 8) and more
+# hidden units than warps, and a long source cut into 4 key splits per row (splits with
+# no visible key under lengths).
+SHAPES = {
+    "odd": (3, 5, 7, 11, 6, 5, 3, 64),
+    "wide_loads_two_tiles": (10, 8, 12, 70, 12, 8, 4, 64),
+    "key_splits": (2, 6, 9, 100, 5, 7, 8, 32),
+}
+
+
+def step_arguments(shape, cell, score, masks, device="cpu", shared_keys=False):
+    """attention_decoder_step's arguments (float32, input feeding) for `shape`."""
+    batch, inputs, hidden, source, key_dim, value_dim = shape[:6]
+    generator = torch.Generator().manual_seed(3)
+
+    def random(*size):
+        return torch.randn(*size, generator=generator).mul(0.5).to(device)
+
+    gates = 4 if cell == "lstm" else 3
+    additive = score == "additive"
+    key_dim = key_dim if additive else hidden  # dot: q = s_t
+    keys = random(1, source, key_dim).expand(batch, -1, -1) if shared_keys else random(batch, source, key_dim)
+    lengths = torch.arange(batch).mul(7).remainder(source + 1).to(device)  # row 0: no visible key
+    padding = (torch.rand(batch, source, generator=generator) < 0.3).to(device)
+    return (
+        random(batch, inputs), random(batch, hidden), random(batch, hidden) if cell == "lstm" else None,
+        random(batch, hidden), keys, random(batch, source, value_dim),
+        random(hidden, key_dim) if additive else None, random(key_dim) if additive else None,
+        random(key_dim) if additive else None, score, 1.0 if additive else 0.37,
+        lengths if "lengths" in masks else None, padding if "padding" in masks else None,
+        random(gates * hidden, inputs + hidden), random(gates * hidden, hidden), random(gates * hidden),
+        random(gates * hidden), random(hidden, value_dim + hidden), True,
+    )
+
+
+def composed(arguments):
+    """The composed step on the CPU (attention_decoder_step, no gradients)."""
+    cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in arguments]
+    with torch.no_grad():
+        return torch.ops.fastattn.attention_decoder_step(*cpu)
+
+
+def assert_step_close(got, want):
+    for name, actual, expected in zip(("output", "h_next", "c_next", "weights"), got, want):
+        if actual is None:
+            assert expected.numel() == 0, name
+            continue
+        torch.testing.assert_close(actual.cpu(), expected, rtol=2e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------- emulated on the CPU
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """The CUDA kernels built for the CPU emulation (skipped without g++ or the toolkit's headers)."""
+    if emulation.toolkit_include() is None or shutil.which("g++") is None:
+        pytest.skip("the emulation needs g++ and the CUDA toolkit's headers")
+    try:
+        return emulation.build(tmp_path_factory.mktemp("cuda_emulation_decoder"))
+    except subprocess.CalledProcessError as error:
+        pytest.fail(f"building the emulated kernels failed:\n{error.stderr}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("masks", [("lengths",), ("padding",), ("lengths", "padding")])
+@pytest.mark.parametrize("score", ["additive", "dot"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_emulated_decoder_step_matches_the_composed_step(emulated, cell, score, masks, shape_name):
+    shape = SHAPES[shape_name]
+    multiprocessors, threads = shape[6:]
+    arguments = step_arguments(shape, cell, score, masks)
+    got = emulation.decoder_step(emulated, arguments[:-1], multiprocessors, threads)
+    assert_step_close(got, composed(arguments))
+
+
+@pytest.mark.slow
+def test_emulated_decoder_step_reads_keys_shared_by_the_batch(emulated):
+    """Keys with batch stride 0 (the "location" score's W_a[:S] expanded over the batch)."""
+    arguments = step_arguments(SHAPES["odd"], "lstm", "dot", ("lengths",), shared_keys=True)
+    assert arguments[4].stride(0) == 0
+    assert_step_close(emulation.decoder_step(emulated, arguments[:-1], 3, 64), composed(arguments))
+
+
+@pytest.mark.slow
+def test_emulated_plan_covers_the_bench_shapes_and_refuses_an_oversized_row(emulated):
+    """On an H200 (132 SMs, 227 KiB per block, as the emulated device answers): the zoo's
+    greedy-decoding shapes at batch 1 and 64 (H = 512, sources of 50) get one block per SM,
+    8-row batch tiles at batch 64 and one key split per 32 keys or more; a batch row too
+    long for shared memory gets no plan (the binding composes)."""
+    def problem(cell, batch, inputs, hidden, source, key_dim, value_dim):  # sizes only: the plan reads no tensor
+        return emulation.DecoderStepProblem(cell=emulation.CELLS[cell], score=emulation.SCORES["additive"],
+                                            batch=batch, input_size=inputs, hidden=hidden, source_length=source,
+                                            score_dim=key_dim, value_dim=value_dim)
+
+    for batch in (1, 64):
+        plan = emulation.decoder_step_plan(emulated, problem("lstm", batch, 512, 512, 50, 512, 512))
+        assert plan.blocks == 132 and plan.threads == 256
+        assert plan.batch_tile == min(batch, 8)
+        assert plan.splits * plan.keys_per_split >= 50 and plan.keys_per_split >= 32
+        assert plan.shared_bytes <= emulation.SHARED_BYTES_PER_BLOCK
+    assert emulation.decoder_step_plan(emulated, problem("gru", 1, 8, 30000, 4, 8, 8)).blocks == 0  # I + 2H > 227 KiB
+    batch, inputs, hidden, source, key_dim, value_dim, multiprocessors, _ = SHAPES["key_splits"]
+    plan = emulation.decoder_step_plan(emulated, problem("lstm", batch, inputs, hidden, source, key_dim, value_dim),
+                                       multiprocessors)
+    assert (plan.splits, plan.keys_per_split, plan.batch_tile) == (4, 32, 2)
+
+
+# ---------------------------------------------------------------- the op on the CPU
+
+
+def test_the_inference_op_composes_on_the_cpu_and_passes_opcheck():
+    arguments = step_arguments(SHAPES["odd"], "gru", "additive", ("lengths",))
+    with torch.no_grad():
+        inference = torch.ops.fastattn.attention_decoder_step_inference(*arguments)
+    assert_step_close(inference, composed(arguments))
+    torch.library.opcheck(torch.ops.fastattn.attention_decoder_step_inference.default, arguments,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# ---------------------------------------------------------------- on the GPU
+
+GPU_SHAPE = (5, 16, 32, 40, 24, 16)
+
+
+@gpu
+@pytest.mark.parametrize("cell, score", [("lstm", "additive"), ("gru", "dot")])
+def test_cuda_decoder_step_matches_the_composed_step(cell, score):
+    arguments = step_arguments(GPU_SHAPE, cell, score, ("lengths", "padding"), device="cuda")
+    with torch.no_grad():
+        got = torch.ops.fastattn.attention_decoder_step_inference(*arguments)
+        routed = torch.ops.fastattn.attention_decoder_step(*arguments)
+    assert_step_close(got, composed(arguments))
+    for a, b in zip(got, routed):  # attention_decoder_step without gradients is the inference op
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.fastattn.attention_decoder_step_inference.default, arguments,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@gpu
+def test_cuda_decoder_step_is_captured_in_a_cuda_graph():
+    """The step captured once and replayed on new inputs copied into its static buffers
+    gives what the eager kernel gives on them."""
+    arguments = list(step_arguments(GPU_SHAPE, "lstm", "additive", ("lengths",), device="cuda"))
+    with torch.no_grad():
+        first = torch.ops.fastattn.attention_decoder_step_inference(*arguments)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            torch.ops.fastattn.attention_decoder_step_inference(*arguments)  # warm-up off the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = torch.ops.fastattn.attention_decoder_step_inference(*arguments)
+        for index in (0, 1, 2, 3):  # new y, h, c, attentional in the static inputs
+            arguments[index].copy_(arguments[index].flip(0) * 0.5)
+        graph.replay()
+        expected = torch.ops.fastattn.attention_decoder_step_inference(*arguments)
+    torch.cuda.synchronize()
+    for got, want in zip(captured, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(captured[0], first[0])  # the replay computed the new step
