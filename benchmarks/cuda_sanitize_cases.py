@@ -9,7 +9,8 @@ kernel score, the masks and the Gaussian, float16 natively, the tensor-core forw
 (bfloat16), both backward kernels, hard-attention positions (argmax and drawn),
 fast_tanh, the LSTM/GRU step kernels of the cells, and layers with lengths (forward and
 reverse) through both recurrent paths: the persistent kernels (one block per hidden
-unit here, grid barrier) and the per-step kernels (FASTATTN_CUDA_PERSISTENT_RNN=0).
+unit here, grid barrier) and the per-step kernels (FASTATTN_CUDA_PERSISTENT_RNN=0), and the one-launch attention-decoder step
+(LSTM + additive with lengths, GRU + dot with a key padding mask; three grid barriers).
 
     python benchmarks/cuda_sanitize_cases.py
 """
@@ -205,11 +206,46 @@ def check_recurrent() -> bool:
     return ok
 
 
+def decoder_step_arguments(cell: str, score: str, device, dtype):
+    """attention_decoder_step_inference's arguments with input feeding: B = 3, I = 5,
+    H = 7, S = 40 (Dk = 6 additive, = H for dot), Dv = 5; lengths or a padding mask."""
+    batch, inputs, hidden, source, value_dim = 3, 5, 7, 40, 5
+    additive, gates = score == "additive", 4 if cell == "lstm" else 3
+    key_dim = 6 if additive else hidden
+    generator = torch.Generator().manual_seed(4)
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).mul(0.5).to(device, dtype)
+
+    lengths = torch.tensor([40, 0, 17]).to(device) if additive else None
+    padding = None if additive else (torch.arange(source).expand(batch, source) % 3 == 1).to(device)
+    return (random(batch, inputs), random(batch, hidden), random(batch, hidden) if cell == "lstm" else None,
+            random(batch, hidden), random(batch, source, key_dim), random(batch, source, value_dim),
+            random(hidden, key_dim) if additive else None, random(key_dim) if additive else None,
+            random(key_dim) if additive else None, score, 1.0 if additive else 0.3, lengths, padding,
+            random(gates * hidden, inputs + hidden), random(gates * hidden, hidden), random(gates * hidden),
+            random(gates * hidden), random(hidden, value_dim + hidden), True)
+
+
+def check_decoder_step() -> bool:
+    ok = True
+    for cell, score, masking in (("lstm", "additive", "lengths"), ("gru", "dot", "key_padding_mask")):
+        with torch.no_grad():
+            got = torch.ops.fastattn.attention_decoder_step_inference(*decoder_step_arguments(cell, score, DEVICE,
+                                                                                              torch.float32))
+            want = torch.ops.fastattn.attention_decoder_step(*decoder_step_arguments(cell, score, "cpu",
+                                                                                     torch.float64))
+        present = [index for index, tensor in enumerate(want) if tensor.numel() > 0]  # a GRU has no c_next
+        ok &= report(f"attention_decoder_step one launch, {cell} {score}, {masking}", [got[i] for i in present],
+                     [want[i] for i in present], 1e-4)
+    return ok
+
+
 def main() -> int:
     if not torch.cuda.is_available() or backends.unavailable_reason("cuda") is not None:
         print(f"cuda_sanitize_cases: cannot run: {backends.unavailable_reason('cuda') or 'no CUDA device'}")
         return 2
-    results = [check_attention(), check_hard_attention_and_tanh(), check_recurrent()]
+    results = [check_attention(), check_hard_attention_and_tanh(), check_recurrent(), check_decoder_step()]
     torch.cuda.synchronize()
     print("all cases match" if all(results) else "MISMATCH")
     return 0 if all(results) else 1
