@@ -9,8 +9,9 @@ kernel score, the masks and the Gaussian, float16 natively, the tensor-core forw
 (bfloat16), both backward kernels, hard-attention positions (argmax and drawn),
 fast_tanh, the LSTM/GRU step kernels of the cells, and layers with lengths (forward and
 reverse) through both recurrent paths: the persistent kernels (one block per hidden
-unit here, grid barrier) and the per-step kernels (FASTATTN_CUDA_PERSISTENT_RNN=0), and the one-launch attention-decoder step
-(LSTM + additive with lengths, GRU + dot with a key padding mask; three grid barriers).
+unit here, grid barrier) and the per-step kernels (FASTATTN_CUDA_PERSISTENT_RNN=0), and
+the one-launch attention-decoder step (LSTM + additive with lengths, GRU + dot with a key
+padding mask; three grid barriers).
 
     python benchmarks/cuda_sanitize_cases.py
 """

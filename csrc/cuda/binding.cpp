@@ -964,7 +964,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_decoder_ste
   at::Tensor weights = at::empty({B, p.source_length}, options);
   const at::Tensor query = query_rows.defined() ? at::empty({B, p.score_dim}, options) : at::Tensor();
   const at::Tensor partial_context = at::empty({B, plan.splits, p.value_dim}, options);
-  const at::Tensor partial_max = at::empty({B, plan.splits}, options), partial_sum = at::empty({B, plan.splits}, options);
+  const at::Tensor partial_max = at::empty({B, plan.splits}, options);
+  const at::Tensor partial_sum = at::empty({B, plan.splits}, options);
   const at::Tensor barrier = barrier_counter(y);
   DecoderStepBuffers buffers;
   buffers.output = output.mutable_data_ptr<float>();

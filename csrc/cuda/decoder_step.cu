@@ -61,7 +61,9 @@ int64_t shared_floats(const DecoderStepProblem& p, int64_t batch_tile, int64_t k
 
 __device__ __forceinline__ float warp_max(float value) {
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  }
   return value;
 }
 
@@ -73,7 +75,9 @@ __device__ float block_reduce(float value, float* scratch) {
   if (lane == 0) scratch[warp] = value;
   __syncthreads();
   float total = kMax ? negative_infinity<float>() : 0.0f;
-  for (int w = 0; w < static_cast<int>(blockDim.x) / kWarpSize; ++w) total = kMax ? fmaxf(total, scratch[w]) : total + scratch[w];
+  for (int w = 0; w < static_cast<int>(blockDim.x) / kWarpSize; ++w) {
+    total = kMax ? fmaxf(total, scratch[w]) : total + scratch[w];
+  }
   __syncthreads();
   return total;
 }
@@ -134,7 +138,9 @@ __device__ __forceinline__ Tile tile_of(const DecoderStepPlan& plan, int64_t bat
 __device__ __forceinline__ int64_t global_warp() {
   return static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
 }
-__device__ __forceinline__ int64_t warps_in_grid() { return static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize); }
+__device__ __forceinline__ int64_t warps_in_grid() {
+  return static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize);
+}
 
 // Phase A for one batch tile: stage [y; h~; h], then each warp's hidden units.
 template <RecurrentCell kCell, int kVec>
@@ -331,7 +337,9 @@ __device__ void combine(const DecoderStepProblem& p, const DecoderStepPlan& plan
   const int64_t H = p.hidden, Dv = p.value_dim, stride = staged_rows(p).combine;
   float* row_max = staged + tile.rows * stride;
   float* row_sum = row_max + tile.rows;
-  if (threadIdx.x < tile.rows) softmax_totals(plan, out, tile.first + threadIdx.x, row_max + threadIdx.x, row_sum + threadIdx.x);
+  if (threadIdx.x < tile.rows) {
+    softmax_totals(plan, out, tile.first + threadIdx.x, row_max + threadIdx.x, row_sum + threadIdx.x);
+  }
   __syncthreads();
   for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
     const int64_t bb = e / stride, k = e % stride, b = tile.first + bb;
@@ -376,20 +384,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   barrier();
   if (p.query_weight != nullptr) {
-    for (int64_t first = 0; first < B; first += plan.batch_tile) project_query<kVec>(p, out, tile_of(plan, B, first), shared);
+    for (int64_t first = 0; first < B; first += plan.batch_tile) {
+      project_query<kVec>(p, out, tile_of(plan, B, first), shared);
+    }
     barrier();
   }
   for (int64_t item = blockIdx.x; item < B * plan.splits; item += gridDim.x) {
     attention_split<kScore, kVec>(p, plan, out, item / plan.splits, item % plan.splits, shared);
   }
   barrier();
-  for (int64_t first = 0; first < B; first += plan.batch_tile) combine<kVec>(p, plan, out, tile_of(plan, B, first), shared);
+  for (int64_t first = 0; first < B; first += plan.batch_tile) {
+    combine<kVec>(p, plan, out, tile_of(plan, B, first), shared);
+  }
   normalise_weights(p, plan, out);
 }
 
 // 16-byte loads when every row read with them starts 16-byte aligned.
 bool wide_loads_fit(const DecoderStepProblem& p) {
-  auto aligned = [](const void* pointer) { return pointer == nullptr || (reinterpret_cast<uintptr_t>(pointer) & 15u) == 0; };
+  auto aligned = [](const void* pointer) {
+    return pointer == nullptr || (reinterpret_cast<uintptr_t>(pointer) & 15u) == 0;
+  };
   return p.input_size % 4 == 0 && p.hidden % 4 == 0 && p.score_dim % 4 == 0 && p.value_dim % 4 == 0 &&
          p.keys_batch_stride % 4 == 0 && aligned(p.keys) && aligned(p.v) && aligned(p.w_ih) && aligned(p.w_hh) &&
          aligned(p.query_weight) && aligned(p.w_combine);
@@ -403,7 +417,8 @@ cudaError_t with_kernel(const DecoderStepProblem& p, bool wide, Body&& body) {
       return wide ? body(decoder_step_kernel<kCell, ScoreKind::kAdditive, 4>)
                   : body(decoder_step_kernel<kCell, ScoreKind::kAdditive, 1>);
     }
-    return wide ? body(decoder_step_kernel<kCell, ScoreKind::kDot, 4>) : body(decoder_step_kernel<kCell, ScoreKind::kDot, 1>);
+    return wide ? body(decoder_step_kernel<kCell, ScoreKind::kDot, 4>)
+                : body(decoder_step_kernel<kCell, ScoreKind::kDot, 1>);
   };
   if (p.score != ScoreKind::kAdditive && p.score != ScoreKind::kDot) return cudaErrorInvalidValue;
   if (p.cell == RecurrentCell::kLstm) return by_score(std::integral_constant<RecurrentCell, RecurrentCell::kLstm>{});
@@ -439,7 +454,9 @@ cudaError_t decoder_step_plan_on_device(const DecoderStepProblem& p, DecoderStep
   int device = 0, multiprocessors = 0, shared_optin = 0, cooperative = 0;
   cudaError_t status = cudaGetDevice(&device);
   if (status == cudaSuccess) status = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
-  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (status == cudaSuccess) {
+    status = cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
   if (status == cudaSuccess) status = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
   if (status != cudaSuccess || cooperative == 0) return status;
   const DecoderStepPlan candidate = decoder_step_plan(p, multiprocessors, shared_optin);
