@@ -48,11 +48,12 @@ emulation = _load_emulation()
 # name -> (B, I, H, S, Dk, Dv, multiprocessors, threads): odd sizes (scalar loads), sizes
 # that take the 16-byte loads with two batch tiles (B = 10 over tiles of 8) and more
 # hidden units than warps, and a long source cut into 4 key splits per row (splits with
-# no visible key under lengths).
+# no visible key under lengths), and blocks of the plan's size.
 SHAPES = {
     "odd": (3, 5, 7, 11, 6, 5, 3, 64),
     "wide_loads_two_tiles": (10, 8, 12, 70, 12, 8, 4, 64),
     "key_splits": (2, 6, 9, 100, 5, 7, 8, 32),
+    "production_threads": (4, 8, 16, 64, 8, 8, 2, 256),  # the plan's 256 threads per block
 }
 
 
@@ -143,8 +144,10 @@ def test_emulated_plan_covers_the_bench_shapes_and_refuses_an_oversized_row(emul
                                             score_dim=key_dim, value_dim=value_dim)
 
     for batch in (1, 64):
-        plan = emulation.decoder_step_plan(emulated, problem("lstm", batch, 512, 512, 50, 512, 512))
+        plan = emulation.decoder_step_plan(emulated, problem("lstm", batch, 512, 512, 50, 512, 512), 132)
         assert plan.blocks == 132 and plan.threads == 256
+        on_device = emulation.decoder_step_plan(emulated, problem("lstm", batch, 512, 512, 50, 512, 512))
+        assert bytes(on_device) == bytes(plan)
         assert plan.batch_tile == min(batch, 8)
         assert plan.splits * plan.keys_per_split >= 50 and plan.keys_per_split >= 32
         assert plan.shared_bytes <= emulation.SHARED_BYTES_PER_BLOCK
