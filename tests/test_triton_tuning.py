@@ -8,6 +8,8 @@ Under Triton's interpreter on CPU tensors without a GPU; the ``gpu`` tests check
 autotuned launches against the reference and the hardware tanh's error.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import triton
@@ -100,6 +102,26 @@ def test_one_tuner_per_size_bucket_with_its_configs_and_resets():
         [1] * len(gradients.kernel.arg_names)
     )
     assert additive_tuner.reset_to_zero == ["GRAD_K", "GRAD_VA"]
+
+
+def test_an_untuned_launch_takes_the_first_config_the_prune_keeps(monkeypatch):
+    monkeypatch.setenv("FASTATTN_TRITON_AUTOTUNE", "0")
+    assert not triton_launch.autotuning()
+    seen = []
+
+    def drop_the_first(configs, named_args, **kwargs):
+        seen.append((named_args["S"], kwargs))
+        return configs[1:]
+
+    configs = dataclasses.replace(triton_configs.FORWARD_DOT, prune=drop_the_first)
+    launcher = Launcher(attention_forward_kernel, configs)
+    arguments = {**dict.fromkeys(attention_forward_kernel.arg_names), "T": 1, "S": 300, "D": 64, "DV": 64}
+    assert launcher.untuned_config(list(arguments.values()), {"SCORE": 0}) is configs.tuned[1]
+    assert seen == [(300, {"SCORE": 0})] and not launcher.tuners
+    unpruned = Launcher(attention_forward_kernel, dataclasses.replace(configs, prune=None))
+    assert unpruned.untuned_config(list(arguments.values()), {}) is configs.tuned[0]
+    monkeypatch.setenv("FASTATTN_TRITON_AUTOTUNE", "1")
+    assert triton_launch.autotuning()
 
 
 def test_pruning_keeps_configs_that_fit_and_at_least_one():
@@ -226,7 +248,8 @@ def test_gpu_hardware_tanh_error():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("score", ["additive", "scaled_dot"])
-def test_gpu_autotuned_launches_match_the_reference(score):
+def test_gpu_autotuned_launches_match_the_reference(score, monkeypatch):
+    monkeypatch.setenv("FASTATTN_TRITON_AUTOTUNE", "1")  # gpu_check.sh turns tuning off elsewhere
     # float32: the additive tanh goes through stable_tanh and, in some configs, rational_tanh.
     def on_gpu(tensor):
         return tensor.detach().cuda().requires_grad_() if tensor.is_floating_point() else tensor.cuda()

@@ -11,6 +11,11 @@ tuned: each kernel runs its single interpreter config, 16-wide blocks, so small 
 test shapes still cross block boundaries, loop over feature tiles and split the keys
 of a decode step.
 
+``FASTATTN_TRITON_AUTOTUNE=0`` turns the tuning off on a GPU: each launch takes the first
+config of the list that the kernel's prune keeps for its sizes, compiled once, never
+benchmarked (the one-script GPU proof sets it for its tests and benchmark, which must fit
+a few minutes; tuning compiles every config of every kernel for every size bucket).
+
 Offsets: the attention kernels compute the offset of a batch element in 64 bits (a
 few 64-bit multiplies per program: five in the additive forward's PTX) and offsets
 inside it in 32 bits; the LSTM/GRU kernels, bound by memory, use 64 bits throughout.
@@ -50,6 +55,11 @@ class KernelConfigs:
     key: tuple[str, ...]
     reset_to_zero: tuple[str, ...] = ()
     prune: Optional[Callable] = None
+
+
+def autotuning() -> bool:
+    """Whether launches on a GPU tune over the config lists (FASTATTN_TRITON_AUTOTUNE, default 1)."""
+    return os.environ.get("FASTATTN_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _is_fake(value) -> bool:
@@ -115,6 +125,13 @@ class Launcher:
     def configs_in_use(self) -> list[triton.Config]:
         return [self.configs.interpreted] if INTERPRETED else list(self.configs.tuned)
 
+    def untuned_config(self, arguments, constexprs) -> triton.Config:
+        """The config an untuned GPU launch takes: the first that the prune keeps."""
+        configs = list(self.configs.tuned)
+        if self.configs.prune is not None:
+            configs = self.configs.prune(configs, dict(zip(self.kernel.arg_names, arguments)), **constexprs)
+        return configs[0]
+
     def tuner_for(self, arguments):
         """The ``triton.autotune`` of the size bucket of these (positional) kernel arguments."""
         named = dict(zip(self.kernel.arg_names, arguments))
@@ -132,5 +149,10 @@ class Launcher:
         if INTERPRETED:
             meta = dict(self.configs.interpreted.kwargs)
             run_kernel(self.kernel, grid(meta), *arguments, **constexprs, **meta)
+        elif not autotuning():
+            config = self.untuned_config(arguments, constexprs)
+            meta = dict(config.kwargs)
+            run_kernel(self.kernel, grid(meta), *arguments, **constexprs, **meta,
+                       num_warps=config.num_warps, num_stages=config.num_stages)
         else:
             run_kernel(self.tuner_for(arguments), grid, *arguments, **constexprs)
