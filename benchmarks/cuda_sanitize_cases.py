@@ -5,8 +5,8 @@ Small on purpose: benchmarks/gpu_check.sh runs it under ``compute-sanitizer --to
 memcheck`` and ``--tool racecheck``, which slow kernels down by orders of magnitude.
 The cases reach every kernel and variant: the attention forward with one key split and
 with several (plus the combine and weights kernels), 16-byte and scalar loads, every
-kernel score, the masks and the Gaussian, float16 natively, the tensor-core forward
-(bfloat16), both backward kernels, hard-attention positions (argmax and drawn),
+kernel score, the masks and the Gaussian, float16 natively, the tensor-core forward and
+backward (bfloat16), both backward kernels, hard-attention positions (argmax and drawn),
 fast_tanh, the LSTM/GRU step kernels of the cells, and layers with lengths (forward and
 reverse) through both recurrent paths: the persistent kernels (one block per hidden
 unit here, grid barrier) and the per-step kernels (FASTATTN_CUDA_PERSISTENT_RNN=0), and
@@ -127,8 +127,8 @@ def check_attention() -> bool:
 
 
 def check_tensor_core_attention() -> bool:
-    """The tensor-core forward (bfloat16 "dot", D = Dv = 64: 2 key tiles, a fully masked
-    batch) and the backward from its logsumexp."""
+    """The tensor-core forward and backward (bfloat16 "dot", D = Dv = 64: 2 key tiles, a
+    fully masked batch)."""
     query, keys, values = leaves((2, 20, 64), (2, 70, 64), (2, 70, 64), device=DEVICE, dtype=torch.bfloat16)
     lengths = torch.tensor([0, 67])
 

@@ -1,9 +1,10 @@
-// attention_tensor_core.cu: the multi-query forward of the fused soft-attention op
-// (attention_forward in csrc/ops.cpp) for the "dot" kernel score on the tensor cores,
-// flash-attention-2 style: float16 / bfloat16 inputs, head dims D, Dv in {64, 128},
-// float accumulation (mma.cuh's m16n8k16 mma.sync).
+// attention_tensor_core.cu: the multi-query forward and backward of the fused
+// soft-attention op (attention_forward / attention_backward in csrc/ops.cpp) for the
+// "dot" kernel score on the tensor cores, flash-attention-2 style: float16 / bfloat16
+// inputs, head dims D, Dv in {64, 128}, float accumulation (mma.cuh's m16n8k16
+// mma.sync).
 //
-// Fuses Q K^T -> scale -> masks -> online softmax -> Gaussian -> P V for a tile of
+// Forward: Q K^T -> scale -> masks -> online softmax -> Gaussian -> P V for a tile of
 // kBlockRows query rows per block (4 warps, 16 rows each; the Q fragments stay in
 // registers) over tiles of kBlockKeys keys staged in shared memory (K row-major, V
 // transposed, so that both are plain 32-bit fragment loads).  Masks in-kernel as
@@ -12,10 +13,16 @@
 // only the union of its rows' key ranges, so key tiles outside every row's range are
 // never loaded.  Writes context and logsumexp (the backward's input, as
 // launch_attention_forward does); a fully masked row gives zeros and -inf.
+// Backward (recompute from logsumexp): the forward kernel run again gives
+// row_dot = grad_context . context per row (context itself is not written); then one
+// block per kBlockKeys keys walks the query tiles that see any of its keys, recomputes
+// P^T and dP^T (4 warps, 16 keys each), accumulates grad_values = W^T dO and
+// grad_keys = dS^T Q in registers and adds grad_query = dS K into a float scratch with
+// atomics, converted to the input dtype at the end.
 // Not handled (attention_tensor_core_supported says no; the binding keeps
-// attention_forward.cu's kernels): other scores and dtypes, other head dims,
-// unaligned rows, the weights output, the backward (attention_backward.cu).  No
-// cp.async / ldmatrix pipelining: each key tile is loaded, then used.
+// attention_forward.cu / attention_backward.cu): other scores and dtypes, other head
+// dims, unaligned rows, the weights output and its gradient, grad_center (local-p with
+// the Gaussian).  No cp.async / ldmatrix pipelining: each tile is loaded, then used.
 #include "attention_device.cuh"
 #include "mma.cuh"
 
@@ -72,9 +79,31 @@ __device__ __forceinline__ void load_values_transposed(T* tile, const T* source,
   }
 }
 
+// The key range and window center of each query row first_row + r (r < kBlockRows)
+// of batch n into shared arrays (empty ranges past the last row), by the first
+// kBlockRows threads; the caller synchronises.
+template <typename T>
+__device__ __forceinline__ void load_row_ranges(const DeviceProblem<T>& p, int64_t n, int64_t first_row,
+                                                int64_t* row_begin, int64_t* row_end, float* row_center) {
+  if (threadIdx.x >= kBlockRows) return;
+  const int64_t t = first_row + threadIdx.x;
+  KeyRange range{0, 0};
+  float center = 0.f;
+  if (t < p.query_length) {
+    range = p.keys_of(n, t);
+    center = p.window_center(n, t);
+  }
+  row_begin[threadIdx.x] = range.begin;
+  row_end[threadIdx.x] = range.end;
+  row_center[threadIdx.x] = center;
+}
+
+// The forward; with row_dot not null it also writes row_dot[row] = grad_context[row] .
+// context[row] (float, before rounding), and out.context / out.logsumexp may be null.
 template <typename T, int kD, int kDv>
 __global__ void __launch_bounds__(kTensorCoreThreads)
-    attention_forward_tensor_core_kernel(DeviceProblem<T> p, AttentionForwardBuffers out) {
+    attention_forward_tensor_core_kernel(DeviceProblem<T> p, AttentionForwardBuffers out, const T* grad_context,
+                                         float* row_dot) {
   constexpr int kKeyStride = kD + kSkew, kValueStride = kBlockKeys + kSkew;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   int64_t* row_begin = reinterpret_cast<int64_t*>(shared_bytes);
@@ -92,18 +121,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
   for (int64_t work = blockIdx.x; work < p.batch * row_tiles; work += gridDim.x) {
     const int64_t n = work / row_tiles, first_row = (work % row_tiles) * kBlockRows;
     const int64_t valid_rows = p.query_length - first_row;
-    if (threadIdx.x < kBlockRows) {
-      const int64_t t = first_row + threadIdx.x;
-      KeyRange range{0, 0};
-      float center = 0.f;
-      if (t < p.query_length) {
-        range = p.keys_of(n, t);
-        center = p.window_center(n, t);
-      }
-      row_begin[threadIdx.x] = range.begin;
-      row_end[threadIdx.x] = range.end;
-      row_center[threadIdx.x] = center;
-    }
+    load_row_ranges(p, n, first_row, row_begin, row_end, row_center);
     load_rows<T, kD>(query_tile, p.query_row(n * p.query_length + first_row), kBlockRows, valid_rows);
     __syncthreads();
 
@@ -223,56 +241,336 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       const int64_t t = first_row + top + 8 * half;
       if (t >= p.query_length) continue;
       const int64_t row = n * p.query_length + t;
-      T* context_row = static_cast<T*>(out.context) + row * kDv;
+      if (out.context != nullptr) {
+        T* context_row = static_cast<T*>(out.context) + row * kDv;
 #pragma unroll
-      for (int dt = 0; dt < kDv / 8; ++dt) {
-        *reinterpret_cast<uint32_t*>(context_row + dt * 8 + 2 * column) = pack_pair<T>(
-            context[dt][2 * half] * inverse_sum[half], context[dt][2 * half + 1] * inverse_sum[half]);
+        for (int dt = 0; dt < kDv / 8; ++dt) {
+          *reinterpret_cast<uint32_t*>(context_row + dt * 8 + 2 * column) = pack_pair<T>(
+              context[dt][2 * half] * inverse_sum[half], context[dt][2 * half + 1] * inverse_sum[half]);
+        }
       }
-      if (column == 0) static_cast<float*>(out.logsumexp)[row] = softmax[half].logsumexp();
+      if (out.logsumexp != nullptr && column == 0) static_cast<float*>(out.logsumexp)[row] = softmax[half].logsumexp();
+    }
+    if (row_dot != nullptr) {  // every lane of a group takes part in the shuffles
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t t = first_row + top + 8 * half;
+        float sum = 0.f;
+        if (t < p.query_length) {
+          const T* grad_row = grad_context + (n * p.query_length + t) * kDv;
+#pragma unroll
+          for (int dt = 0; dt < kDv / 8; ++dt) {
+            sum += context[dt][2 * half] * to_acc(grad_row[dt * 8 + 2 * column]) +
+                   context[dt][2 * half + 1] * to_acc(grad_row[dt * 8 + 2 * column + 1]);
+          }
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (t < p.query_length && column == 0) row_dot[n * p.query_length + t] = sum * inverse_sum[half];
+      }
     }
     __syncthreads();  // the next work item overwrites the row arrays and the Q tile
   }
 }
 
+// Shared memory of the backward: row_begin, row_end (int64) | row_center,
+// row_logsumexp, row_dot (float) | key_hidden (int) | K tile, V tile (kBlockKeys rows)
+// | Q tile, grad_context tile (kBlockRows rows) | dS tile (kBlockRows x kBlockKeys), in T.
+template <int kD, int kDv>
+constexpr size_t backward_shared_bytes() {
+  return 2 * sizeof(int64_t) * kBlockRows + 3 * sizeof(float) * kBlockRows + sizeof(int) * kBlockKeys +
+         2 * (static_cast<size_t>(kBlockKeys + kBlockRows) * (kD + kSkew + kDv + kSkew) +
+              static_cast<size_t>(kBlockRows) * (kBlockKeys + kSkew));
+}
+
+// C-layout accumulators of two adjacent 16 x 8 tiles (columns 16 kk .. 16 kk + 15) as
+// the A fragment of the next product (the flash-attention register reuse).
+template <typename T>
+__device__ __forceinline__ void accumulators_as_a(uint32_t (&a)[4], const float (&left)[4], const float (&right)[4]) {
+  a[0] = pack_pair<T>(left[0], left[1]);
+  a[1] = pack_pair<T>(left[2], left[3]);
+  a[2] = pack_pair<T>(right[0], right[1]);
+  a[3] = pack_pair<T>(right[2], right[3]);
+}
+
 template <typename T, int kD, int kDv>
-cudaError_t launch_tensor_core_kernel(const AttentionProblem& p, const AttentionForwardBuffers& out,
-                                      cudaStream_t stream) {
+__global__ void __launch_bounds__(kTensorCoreThreads)
+    attention_backward_tensor_core_kernel(DeviceProblem<T> p, AttentionBackwardBuffers b,
+                                          float* grad_query_accumulator) {
+  constexpr int kKeyStride = kD + kSkew, kValueStride = kDv + kSkew, kScoreStride = kBlockKeys + kSkew;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  int64_t* row_begin = reinterpret_cast<int64_t*>(shared_bytes);
+  int64_t* row_end = row_begin + kBlockRows;
+  float* row_center = reinterpret_cast<float*>(row_end + kBlockRows);
+  float* row_logsumexp = row_center + kBlockRows;
+  float* row_dot = row_logsumexp + kBlockRows;
+  int* key_hidden = reinterpret_cast<int*>(row_dot + kBlockRows);
+  T* key_tile = reinterpret_cast<T*>(key_hidden + kBlockKeys);
+  T* value_tile = key_tile + kBlockKeys * kKeyStride;
+  T* query_tile = value_tile + kBlockKeys * kValueStride;
+  T* grad_tile = query_tile + kBlockRows * kKeyStride;
+  T* score_grad_tile = grad_tile + kBlockRows * kValueStride;  // dS, [query][key]
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, group = lane / 4, column = lane % 4;
+  const int64_t key_tiles = (p.source_length + kBlockKeys - 1) / kBlockKeys;
+  const T* grad_context = static_cast<const T*>(b.grad_context);
+  const float* logsumexp = static_cast<const float*>(b.logsumexp);
+  const float* row_dot_in = static_cast<const float*>(b.row_dot);
+
+  for (int64_t work = blockIdx.x; work < p.batch * key_tiles; work += gridDim.x) {
+    const int64_t n = work / key_tiles, first_key = (work % key_tiles) * kBlockKeys;
+    const int64_t valid_keys = p.source_length - first_key;
+    load_rows<T, kD>(key_tile, p.key_row(n, first_key), kBlockKeys, valid_keys);
+    load_rows<T, kDv>(value_tile, p.value_row(n, first_key), kBlockKeys, valid_keys);
+    if (threadIdx.x < kBlockKeys) {
+      key_hidden[threadIdx.x] = threadIdx.x >= valid_keys || p.is_padding(n, first_key + threadIdx.x);
+    }
+    // This lane's keys: local key_top and key_top + 8 (the accumulator rows of its warp).
+    const int key_top = warp * kWarpRows + group;
+    float key_grad[kD / 8][4], value_grad[kDv / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < kD / 8; ++dt) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) key_grad[dt][r] = 0.f;
+    }
+#pragma unroll
+    for (int dt = 0; dt < kDv / 8; ++dt) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) value_grad[dt][r] = 0.f;
+    }
+
+    for (int64_t first_row = 0; first_row < p.query_length; first_row += kBlockRows) {
+      load_row_ranges(p, n, first_row, row_begin, row_end, row_center);
+      if (threadIdx.x < kBlockRows) {
+        const int64_t t = first_row + threadIdx.x;
+        const bool valid = t < p.query_length;
+        row_logsumexp[threadIdx.x] = valid ? logsumexp[n * p.query_length + t] : negative_infinity<float>();
+        row_dot[threadIdx.x] = valid ? row_dot_in[n * p.query_length + t] : 0.f;
+      }
+      __syncthreads();
+      bool touches = false;  // does any row of the tile see a key of this block?
+      for (int r = 0; r < kBlockRows; ++r) {
+        touches = touches || (row_begin[r] < row_end[r] && row_begin[r] < first_key + kBlockKeys &&
+                              row_end[r] > first_key);
+      }
+      if (!touches) {  // uniform: every thread read the same arrays
+        __syncthreads();
+        continue;
+      }
+      const int64_t valid_rows = p.query_length - first_row;
+      load_rows<T, kD>(query_tile, p.query_row(n * p.query_length + first_row), kBlockRows, valid_rows);
+      load_rows<T, kDv>(grad_tile, grad_context + (n * p.query_length + first_row) * kDv, kBlockRows, valid_rows);
+      __syncthreads();
+
+      // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and the tile's queries.
+      float score[kBlockRows / 8][4], probability_grad[kBlockRows / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < kBlockRows / 8; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) score[nt][r] = probability_grad[nt][r] = 0.f;
+      }
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        uint32_t key_fragment[4];
+        load_fragment_a(key_fragment, key_tile + warp * kWarpRows * kKeyStride + kk * 16, kKeyStride);
+#pragma unroll
+        for (int nt = 0; nt < kBlockRows / 8; ++nt) {
+          uint32_t query_fragment[2];
+          load_fragment_b(query_fragment, query_tile + nt * 8 * kKeyStride + kk * 16, kKeyStride);
+          mma_m16n8k16<T>(score[nt], key_fragment, query_fragment);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < kDv / 16; ++kk) {
+        uint32_t value_fragment[4];
+        load_fragment_a(value_fragment, value_tile + warp * kWarpRows * kValueStride + kk * 16, kValueStride);
+#pragma unroll
+        for (int nt = 0; nt < kBlockRows / 8; ++nt) {
+          uint32_t grad_fragment[2];
+          load_fragment_b(grad_fragment, grad_tile + nt * 8 * kValueStride + kk * 16, kValueStride);
+          mma_m16n8k16<T>(probability_grad[nt], value_fragment, grad_fragment);
+        }
+      }
+
+      // alpha = exp(e - logsumexp) on visible pairs, w = alpha g, and
+      // scale * dS = scale * alpha (g dP - row_dot) (into `score`, and the dS tile).
+#pragma unroll
+      for (int nt = 0; nt < kBlockRows / 8; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int key = key_top + 8 * (r / 2), query = nt * 8 + 2 * column + r % 2;
+          const int64_t j = first_key + key;
+          const bool visible = !key_hidden[key] && j >= row_begin[query] && j < row_end[query];
+          const float alpha = visible ? exp_of(score[nt][r] * p.scale - row_logsumexp[query]) : 0.f;
+          const float gaussian = p.gaussian_of(j, row_center[query]);
+          const float score_grad = p.scale * softmax_score_gradient(alpha, gaussian * probability_grad[nt][r],
+                                                                    row_dot[query]);
+          probability_grad[nt][r] = alpha * gaussian;  // now the weight w
+          score[nt][r] = score_grad;
+          score_grad_tile[query * kScoreStride + key] = from_acc<T>(score_grad);
+        }
+      }
+
+      // grad_values += W^T dO and grad_keys += dS^T Q, 16 queries at a time.
+#pragma unroll
+      for (int kk = 0; kk < kBlockRows / 16; ++kk) {
+        uint32_t weight_fragment[4], score_grad_fragment[4];
+        accumulators_as_a<T>(weight_fragment, probability_grad[2 * kk], probability_grad[2 * kk + 1]);
+        accumulators_as_a<T>(score_grad_fragment, score[2 * kk], score[2 * kk + 1]);
+#pragma unroll
+        for (int dt = 0; dt < kDv / 8; ++dt) {
+          uint32_t grad_fragment[2];
+          load_fragment_b_from_rows(grad_fragment, grad_tile + kk * 16 * kValueStride + dt * 8, kValueStride);
+          mma_m16n8k16<T>(value_grad[dt], weight_fragment, grad_fragment);
+        }
+#pragma unroll
+        for (int dt = 0; dt < kD / 8; ++dt) {
+          uint32_t query_fragment[2];
+          load_fragment_b_from_rows(query_fragment, query_tile + kk * 16 * kKeyStride + dt * 8, kKeyStride);
+          mma_m16n8k16<T>(key_grad[dt], score_grad_fragment, query_fragment);
+        }
+      }
+      __syncthreads();  // the dS tile is complete
+
+      // grad_query += dS K for this warp's 16 queries, 8 features at a time.
+      const int query_top = warp * kWarpRows + group;
+#pragma unroll
+      for (int dt = 0; dt < kD / 8; ++dt) {
+        float query_grad[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kk = 0; kk < kBlockKeys / 16; ++kk) {
+          uint32_t score_grad_fragment[4], key_fragment[2];
+          load_fragment_a(score_grad_fragment, score_grad_tile + warp * kWarpRows * kScoreStride + kk * 16,
+                          kScoreStride);
+          load_fragment_b_from_rows(key_fragment, key_tile + kk * 16 * kKeyStride + dt * 8, kKeyStride);
+          mma_m16n8k16<T>(query_grad, score_grad_fragment, key_fragment);
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int64_t t = first_row + query_top + 8 * (r / 2);
+          if (t < p.query_length) {
+            atomicAdd(grad_query_accumulator + (n * p.query_length + t) * kD + dt * 8 + 2 * column + r % 2,
+                      query_grad[r]);
+          }
+        }
+      }
+      __syncthreads();  // the next query tile overwrites the row arrays, Q, dO and dS
+    }
+
+    // Every key of the tile gets its gradients (zeros for keys no query sees).
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t j = first_key + key_top + 8 * half;
+      if (j >= p.source_length) continue;
+      T* key_row = static_cast<T*>(b.grad_keys) + (n * p.source_length + j) * kD;
+      T* value_row = static_cast<T*>(b.grad_values) + (n * p.source_length + j) * kDv;
+#pragma unroll
+      for (int dt = 0; dt < kD / 8; ++dt) {
+        *reinterpret_cast<uint32_t*>(key_row + dt * 8 + 2 * column) =
+            pack_pair<T>(key_grad[dt][2 * half], key_grad[dt][2 * half + 1]);
+      }
+#pragma unroll
+      for (int dt = 0; dt < kDv / 8; ++dt) {
+        *reinterpret_cast<uint32_t*>(value_row + dt * 8 + 2 * column) =
+            pack_pair<T>(value_grad[dt][2 * half], value_grad[dt][2 * half + 1]);
+      }
+    }
+    __syncthreads();  // the next work item overwrites K, V and key_hidden
+  }
+}
+
+// grad_query = the float accumulator in T.
+template <typename T>
+__global__ void convert_grad_query_kernel(const float* accumulator, T* grad_query, int64_t total) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    grad_query[i] = from_acc<T>(accumulator[i]);
+  }
+}
+
+template <typename Kernel>
+cudaError_t allow_shared_bytes(Kernel kernel, size_t shared) {
+  if (shared <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+}
+
+// The forward kernel on every (batch, query tile); see its row_dot mode.
+template <typename T, int kD, int kDv>
+cudaError_t launch_forward(const AttentionProblem& p, const AttentionForwardBuffers& out, const void* grad_context,
+                           void* row_dot, cudaStream_t stream) {
   constexpr size_t shared = tensor_core_shared_bytes<kD, kDv>();
   auto kernel = attention_forward_tensor_core_kernel<T, kD, kDv>;
-  if (shared > 48 * 1024) {
-    const cudaError_t status =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    if (status != cudaSuccess) return status;
-  }
+  const cudaError_t status = allow_shared_bytes(kernel, shared);
+  if (status != cudaSuccess) return status;
   const int64_t work = p.batch * ((p.query_length + kBlockRows - 1) / kBlockRows);
-  kernel<<<grid_for(work), kTensorCoreThreads, shared, stream>>>(device_problem<T>(p), out);
+  kernel<<<grid_for(work), kTensorCoreThreads, shared, stream>>>(
+      device_problem<T>(p), out, static_cast<const T*>(grad_context), static_cast<float*>(row_dot));
   return cudaGetLastError();
 }
 
-template <typename T, int kD>
-cudaError_t launch_for_value_dim(const AttentionProblem& p, const AttentionForwardBuffers& out,
-                                 cudaStream_t stream) {
-  if (p.value_dim == 64) return launch_tensor_core_kernel<T, kD, 64>(p, out, stream);
-  return launch_tensor_core_kernel<T, kD, 128>(p, out, stream);
+template <typename T, int kD, int kDv>
+cudaError_t launch_backward(const AttentionProblem& p, const AttentionBackwardBuffers& b,
+                            float* grad_query_accumulator, cudaStream_t stream) {
+  const int64_t rows = p.batch * p.query_length;
+  cudaError_t status = cudaSuccess;
+  if (rows > 0) {
+    status = launch_forward<T, kD, kDv>(p, AttentionForwardBuffers{nullptr, nullptr}, b.grad_context, b.row_dot,
+                                        stream);
+    if (status != cudaSuccess) return status;
+    status = cudaMemsetAsync(grad_query_accumulator, 0, sizeof(float) * static_cast<size_t>(rows * kD), stream);
+    if (status != cudaSuccess) return status;
+  }
+  const int64_t key_tiles = (p.source_length + kBlockKeys - 1) / kBlockKeys;
+  if (p.batch * key_tiles > 0) {
+    constexpr size_t shared = backward_shared_bytes<kD, kDv>();
+    auto kernel = attention_backward_tensor_core_kernel<T, kD, kDv>;
+    status = allow_shared_bytes(kernel, shared);
+    if (status != cudaSuccess) return status;
+    kernel<<<grid_for(p.batch * key_tiles), kTensorCoreThreads, shared, stream>>>(device_problem<T>(p), b,
+                                                                                 grad_query_accumulator);
+    status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+  }
+  if (rows > 0) {
+    const int64_t total = rows * kD, blocks = (total + 255) / 256;
+    convert_grad_query_kernel<T><<<grid_for(blocks < 65536 ? blocks : 65536), 256, 0, stream>>>(
+        grad_query_accumulator, static_cast<T*>(b.grad_query), total);
+    status = cudaGetLastError();
+  }
+  return status;
 }
 
-template <typename T>
-cudaError_t launch_for_dims(const AttentionProblem& p, const AttentionForwardBuffers& out, cudaStream_t stream) {
-  if (p.score_dim == 64) return launch_for_value_dim<T, 64>(p, out, stream);
-  return launch_for_value_dim<T, 128>(p, out, stream);
+template <int kValue>
+struct HeadDim {
+  static constexpr int value = kValue;
+};
+
+// body(T{}, HeadDim<D>{}, HeadDim<Dv>{}) for the problem's dtype and head dims.
+template <typename Body>
+cudaError_t dispatch_tensor_core(const AttentionProblem& p, Body&& body) {
+  auto for_type = [&](auto element) -> cudaError_t {
+    auto for_value_dim = [&](auto dim) -> cudaError_t {
+      if (p.value_dim == 64) return body(element, dim, HeadDim<64>{});
+      return body(element, dim, HeadDim<128>{});
+    };
+    if (p.score_dim == 64) return for_value_dim(HeadDim<64>{});
+    return for_value_dim(HeadDim<128>{});
+  };
+  if (p.dtype == DType::kFloat16) return for_type(__half{});
+  return for_type(__nv_bfloat16{});
 }
 
 bool head_dim_supported(int64_t dim) { return dim == 64 || dim == 128; }
+bool aligned_to_16_bytes(const void* pointer) { return (reinterpret_cast<uintptr_t>(pointer) & 15u) == 0; }
 
 }  // namespace
 
 bool attention_tensor_core_supported(const AttentionProblem& p, int compute_capability_major) {
   const bool half_precision = p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16;
-  auto aligned = [](const void* pointer) { return (reinterpret_cast<uintptr_t>(pointer) & 15u) == 0; };
   return compute_capability_major >= 8 && half_precision && p.score == ScoreKind::kDot &&
          head_dim_supported(p.score_dim) && head_dim_supported(p.value_dim) && p.keys_batch_stride % kChunk == 0 &&
-         p.values_batch_stride % kChunk == 0 && aligned(p.query) && aligned(p.keys) && aligned(p.values);
+         p.values_batch_stride % kChunk == 0 && aligned_to_16_bytes(p.query) && aligned_to_16_bytes(p.keys) &&
+         aligned_to_16_bytes(p.values);
 }
 
 cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& p, const AttentionForwardBuffers& out,
@@ -281,8 +579,22 @@ cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& p, cons
     return cudaErrorInvalidValue;
   }
   if (p.batch * p.query_length == 0) return cudaSuccess;
-  if (p.dtype == DType::kFloat16) return launch_for_dims<__half>(p, out, stream);
-  return launch_for_dims<__nv_bfloat16>(p, out, stream);
+  return dispatch_tensor_core(p, [&](auto element, auto dim, auto value_dim) {
+    return launch_forward<decltype(element), decltype(dim)::value, decltype(value_dim)::value>(p, out, nullptr,
+                                                                                               nullptr, stream);
+  });
+}
+
+cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& p, const AttentionBackwardBuffers& buffers,
+                                                  float* grad_query_accumulator, cudaStream_t stream) {
+  if (!attention_tensor_core_supported(p, 8) || buffers.grad_weights != nullptr || buffers.grad_center != nullptr ||
+      !aligned_to_16_bytes(buffers.grad_context)) {
+    return cudaErrorInvalidValue;
+  }
+  return dispatch_tensor_core(p, [&](auto element, auto dim, auto value_dim) {
+    return launch_backward<decltype(element), decltype(dim)::value, decltype(value_dim)::value>(
+        p, buffers, grad_query_accumulator, stream);
+  });
 }
 
 }  // namespace cuda

@@ -87,10 +87,6 @@ at::Tensor with_contiguous_rows(const at::Tensor& t) {
   return t.contiguous();
 }
 
-int multiprocessor_count(const at::Tensor& on) {
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, on.device().index()) != cudaSuccess) {
-    (void)cudaGetLastError();
 int compute_capability_major(const at::Tensor& on) {
   int major = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, on.device().index()) != cudaSuccess) {
@@ -100,6 +96,10 @@ int compute_capability_major(const at::Tensor& on) {
   return major;
 }
 
+int multiprocessor_count(const at::Tensor& on) {
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, on.device().index()) != cudaSuccess) {
+    (void)cudaGetLastError();
     return 1;
   }
   return count;
@@ -230,16 +230,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
     out.weights = weights.mutable_data_ptr();
     out.scores = scores.mutable_data_ptr();
   }
-  out.splits = attention_forward_splits(p, multiprocessor_count(query));
-  if (out.splits > 1) {
-    const int64_t rows = p.batch * p.query_length;
-    partial_context = at::empty({rows, out.splits, p.value_dim}, accumulate);
   // Multi-query float16 / bfloat16 "dot" problems without weights go to the tensor cores.
   if (!return_weights && p.query_length >= kTensorCoreMinQueries &&
       attention_tensor_core_supported(p, compute_capability_major(query))) {
     check_launch(op, launch_attention_forward_tensor_core(p, out, current_stream()));
     return {context, weights, logsumexp};
   }
+  out.splits = attention_forward_splits(p, multiprocessor_count(query));
+  if (out.splits > 1) {
+    const int64_t rows = p.batch * p.query_length;
+    partial_context = at::empty({rows, out.splits, p.value_dim}, accumulate);
     partial_max = at::empty({rows, out.splits}, accumulate);
     partial_sum = at::empty({rows, out.splits}, accumulate);
     out.partial_context = partial_context.mutable_data_ptr();
@@ -296,7 +296,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   buffers.grad_center = wants_center ? grad_center.mutable_data_ptr() : nullptr;
   buffers.grad_v_rows = additive ? grad_v_rows.mutable_data_ptr() : nullptr;
   buffers.row_dot = row_dot.mutable_data_ptr();
-  check_launch(op, launch_attention_backward(p, buffers, current_stream()));
+  // The tensor-core forward's problems go to its backward unless grad_weights or grad_center are wanted.
+  const bool grad_context_aligned = reinterpret_cast<uintptr_t>(grad_context_.const_data_ptr()) % 16 == 0;
+  if (!grad_weights_.defined() && !wants_center && grad_context_aligned && p.query_length >= kTensorCoreMinQueries &&
+      attention_tensor_core_supported(p, compute_capability_major(query))) {
+    at::Tensor grad_query_accumulator = at::empty({p.batch, p.query_length, p.score_dim}, accumulate);
+    check_launch(op, launch_attention_backward_tensor_core(p, buffers, grad_query_accumulator.mutable_data_ptr<float>(),
+                                                           current_stream()));
+  } else {
+    check_launch(op, launch_attention_backward(p, buffers, current_stream()));
+  }
 
   const auto empty = [&] { return at::empty({0}, options); };  // absent gradients must not alias
   at::Tensor grad_v = additive ? grad_v_rows.sum({0, 1}).to(query.scalar_type()) : empty();

@@ -86,6 +86,13 @@ constexpr int64_t kTensorCoreMinQueries = 16;
 bool attention_tensor_core_supported(const AttentionProblem& problem, int compute_capability_major);
 cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& problem,
                                                  const AttentionForwardBuffers& buffers, cudaStream_t stream);
+// Its backward, recomputing from logsumexp (grad_context 16-byte aligned): the
+// gradients of launch_attention_backward without grad_weights and grad_center (both
+// must be null; grad_v_rows unused), row_dot as scratch, and grad_query_accumulator a
+// float (N, T, D) scratch.
+cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& problem,
+                                                  const AttentionBackwardBuffers& buffers,
+                                                  float* grad_query_accumulator, cudaStream_t stream);
 
 // index[row] for rows of weights (rows, S) in dtype: with uniforms (rows,) in [0, 1),
 // the first position whose running sum of positive weights exceeds u * total; without,

@@ -69,6 +69,17 @@ __device__ __forceinline__ void load_fragment_b(uint32_t (&b)[2], const T* tile,
   b[1] = load_pair(column + 8);
 }
 
+// The B fragment of the 16 x 8 (k x n) tile stored row-major: element (k, n) at
+// tile[k * stride + n] (the queries, keys or output gradients of a tile when the
+// product runs over the tile's rows); two 16-bit loads per register.
+template <typename T>
+__device__ __forceinline__ void load_fragment_b_from_rows(uint32_t (&b)[2], const T* tile, int stride) {
+  const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
+  const T* column = tile + 2 * c * stride + g;
+  b[0] = static_cast<uint32_t>(bits_of(column[0])) | (static_cast<uint32_t>(bits_of(column[stride])) << 16);
+  b[1] = static_cast<uint32_t>(bits_of(column[8 * stride])) | (static_cast<uint32_t>(bits_of(column[9 * stride])) << 16);
+}
+
 #if defined(FASTATTN_CUDA_EMULATION)
 namespace emulated {
 inline float element_of(uint32_t pair, int high, __half) { return __half2float(__ushort_as_half(pair >> (16 * high))); }

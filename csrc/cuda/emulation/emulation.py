@@ -132,9 +132,10 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "emu_attention_forward_splits": [pointer, ctypes.c_int],
         "emu_attention_forward": [pointer, pointer],
         "emu_attention_backward": [pointer, pointer],
-        "emu_sample_positions": [ctypes.c_int, pointer, size, size, pointer, pointer],
         "emu_attention_tensor_core_supported": [pointer],
         "emu_attention_forward_tensor_core": [pointer, pointer],
+        "emu_attention_backward_tensor_core": [pointer, pointer, pointer],
+        "emu_sample_positions": [ctypes.c_int, pointer, size, size, pointer, pointer],
         "emu_fast_tanh": [pointer, pointer, size],
         "emu_lstm_step_forward": [pointer, pointer, size, pointer, pointer, pointer, pointer, pointer, pointer, pointer],
         "emu_lstm_step_backward": [pointer, pointer, pointer, pointer, pointer, size, pointer, size, pointer, size,
@@ -212,10 +213,6 @@ def attention_forward(library, arguments, return_weights):
     return context, weights, logsumexp, buffers.splits
 
 
-def attention_backward(library, grad_context, grad_weights, arguments, logsumexp):
-    """The six gradients of attention_backward (None where the op returns an empty one)."""
-    keep: list = []
-    problem = attention_problem(keep, *arguments)
 def attention_forward_tensor_core(library, arguments):
     """(context, logsumexp) of the tensor-core forward (attention_tensor_core.cu), or
     None when attention_tensor_core_supported refuses the problem."""
@@ -232,6 +229,33 @@ def attention_forward_tensor_core(library, arguments):
     return context, logsumexp
 
 
+def attention_backward_tensor_core(library, grad_context, arguments, logsumexp):
+    """(grad_query, grad_keys, grad_values) of the tensor-core backward, allocated as
+    binding.cpp does (the float grad_query accumulator included)."""
+    keep: list = []
+    problem = attention_problem(keep, *arguments)
+    dtype = arguments[0].dtype
+    batch, steps = problem.batch, problem.query_length
+    grad_query = torch.full((batch, steps, problem.score_dim), math.nan, dtype=dtype)
+    grad_keys = torch.full((batch, problem.source_length, problem.score_dim), math.nan, dtype=dtype)
+    grad_values = torch.full((batch, problem.source_length, problem.value_dim), math.nan, dtype=dtype)
+    accumulator = torch.full((batch, steps, problem.score_dim), math.nan)
+    row_dot = torch.full((batch, steps), math.nan)
+    grad_context, logsumexp = grad_context.contiguous(), logsumexp.contiguous()
+    keep.extend([grad_context, logsumexp])
+    buffers = AttentionBackwardBuffers(address(grad_context), None, address(logsumexp), address(grad_query),
+                                       address(grad_keys), address(grad_values), None, None, address(row_dot))
+    status = library.emu_attention_backward_tensor_core(ctypes.byref(problem), ctypes.byref(buffers),
+                                                        address(accumulator))
+    if status != 0:
+        raise RuntimeError(f"launch_attention_backward_tensor_core returned {status}")
+    return grad_query, grad_keys, grad_values
+
+
+def attention_backward(library, grad_context, grad_weights, arguments, logsumexp):
+    """The six gradients of attention_backward (None where the op returns an empty one)."""
+    keep: list = []
+    problem = attention_problem(keep, *arguments)
     query, score, center, gaussian = arguments[0], arguments[5], arguments[11], arguments[12]
     dtype, accumulate = query.dtype, accumulation_dtype(query.dtype)
     batch, steps = problem.batch, problem.query_length
@@ -345,6 +369,7 @@ def persistent_layer_backward(library, cell, grad_output, grad_h_n, grad_c_n, x,
     input_side = grad_gates if cell == "lstm" else grad_input_gates
     grad_x = (input_side.view(steps * batch, -1) @ w_ih).view(steps, batch, inputs)
     return grad_x, grad_h, grad_c, input_side.sum((0, 1)), grad_gates.sum((0, 1))
+
 
 class DecoderStepProblem(ctypes.Structure):
     _fields_ = [("cell", ctypes.c_int), ("score", ctypes.c_int),

@@ -136,6 +136,10 @@ int emu_attention_tensor_core_supported(const AttentionProblem* p) {
 int emu_attention_forward_tensor_core(const AttentionProblem* p, const AttentionForwardBuffers* b) {
   return launch_attention_forward_tensor_core(*p, *b, nullptr);
 }
+int emu_attention_backward_tensor_core(const AttentionProblem* p, const AttentionBackwardBuffers* b,
+                                      float* grad_query_accumulator) {
+  return launch_attention_backward_tensor_core(*p, *b, grad_query_accumulator, nullptr);
+}
 int emu_sample_positions(int dtype, const void* weights, int64_t rows, int64_t source_length, const double* uniforms,
                          int64_t* index) {
   return launch_sample_positions(static_cast<DType>(dtype), weights, rows, source_length, uniforms, index, nullptr);
