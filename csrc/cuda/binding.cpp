@@ -10,6 +10,9 @@
 // shape fits the device and FASTATTN_CUDA_PERSISTENT_RNN is not "0"; otherwise per step,
 // h W_hh^T in ATen and the pointwise step in recurrent_pointwise.cu.  Attention computes float16 / bfloat16 natively (float
 // accumulation); the recurrent ops compute them in float32 and return the input dtype.
+// Multi-query (T >= kTensorCoreMinQueries) float16 / bfloat16 "dot" attention with head
+// dims 64 / 128 runs on the tensor cores (attention_tensor_core.cu) unless the weights,
+// their gradient or grad_center are wanted.
 // attention_decoder_step_inference runs the one-launch kernel of decoder_step.cu where it
 // covers the step (FASTATTN_CUDA_FUSED_DECODER_STEP=0 turns it off) and the composed
 // step of csrc/decoder_step.cpp otherwise.
