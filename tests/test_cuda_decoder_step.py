@@ -48,12 +48,14 @@ emulation = _load_emulation()
 # name -> (B, I, H, S, Dk, Dv, multiprocessors, threads): odd sizes (scalar loads), sizes
 # that take the 16-byte loads with two batch tiles (B = 10 over tiles of 8) and more
 # hidden units than warps, and a long source cut into 4 key splits per row (splits with
-# no visible key under lengths), and blocks of the plan's size.
+# no visible key under lengths), blocks of the plan's size, and fewer rows than warps
+# (several warps per row, their sums exchanged in shared memory).
 SHAPES = {
     "odd": (3, 5, 7, 11, 6, 5, 3, 64),
     "wide_loads_two_tiles": (10, 8, 12, 70, 12, 8, 4, 64),
     "key_splits": (2, 6, 9, 100, 5, 7, 8, 32),
     "production_threads": (4, 8, 16, 64, 8, 8, 2, 256),  # the plan's 256 threads per block
+    "rows_shared_by_warps": (2, 45, 3, 20, 5, 40, 2, 256),  # 16 warps: 4 per unit and row of W_c
 }
 
 

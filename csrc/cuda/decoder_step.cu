@@ -6,15 +6,17 @@
 //   c_t  = attention(q (+ bias), K', V)              additive v.tanh(q + k') or scale * q.k
 //   h~_t = tanh(W_c [c_t; s_t])
 // Phases, separated by the grid barrier of grid_barrier.cuh where the data force it:
-//   A  gates + cell: a warp owns hidden unit j and computes its 4 (LSTM) or 3 (GRU)
-//      gate rows of W_ih [y; h~] + W_hh h for a tile of batch rows staged in shared
-//      memory, then the cell pointwise (recurrent_cell_math.cuh) -> s_t, c_t.  barrier
-//   B  (query_weight only) q = W_q s_t, a warp per row of W_q.                 barrier
+//   A  gates + cell: hidden unit j's 4 (LSTM) or 3 (GRU) gate rows of W_ih [y; h~] +
+//      W_hh h for a tile of batch rows staged in shared memory, by one warp (or by up
+//      to 8 warps of a block, each over a share of K, when the units are fewer than the
+//      grid's warps: for_each_row), then the cell pointwise (recurrent_cell_math.cuh)
+//      -> s_t, c_t.                                                            barrier
+//   B  (query_weight only) q = W_q s_t, the rows of W_q likewise.               barrier
 //   C  attention partials: a block per (batch row, key split) scores its keys (a warp
 //      per key; raw scores go to the weights output), softmax over the split, partial
 //      context, max and sum.                                                  barrier
 //   D  weights normalised in place; the combine: every block stages [c_t; s_t] of a
-//      batch tile (merging the splits' partials), a warp per row of W_c, tanh.
+//      batch tile (merging the splits' partials), the rows of W_c likewise, tanh.
 // Every weight matrix is read once per batch tile (one tile up to 8 rows): at batch 1
 // a step moves 4 * (G H (I + 2H) + Dk H + S (Dk + Dv) + H (Dv + H)) bytes of weights,
 // keys and values (G = 4 LSTM, 3 GRU), which is what bounds it.
@@ -50,13 +52,15 @@ __host__ __device__ inline StagedRows staged_rows(const DecoderStepProblem& p) {
   return {round_up4(p.input_size + 2 * p.hidden), round_up4(p.hidden), round_up4(p.value_dim + p.hidden)};
 }
 
-// Shared floats: the largest of a phase-A/B/D tile (plus phase D's per-row max and sum)
-// and phase C's query, split scores and reduction scratch.
+// Shared floats: the warps' exchange of partial row sums (for_each_row), then the
+// largest of a phase-A/B/D tile (plus phase D's per-row max and sum) and phase C's
+// query, split scores and reduction scratch.
+constexpr int64_t kExchangeFloats = kMaxWarps * 4 * kMaxBatchTile;
 int64_t shared_floats(const DecoderStepProblem& p, int64_t batch_tile, int64_t keys_per_split) {
   const StagedRows rows = staged_rows(p);
   const int64_t tiles = batch_tile * max_of(rows.gates, rows.combine) + 2 * batch_tile;
   const int64_t attention = round_up4(p.score_dim) + round_up4(keys_per_split) + kMaxWarps;
-  return max_of(tiles, attention);
+  return kExchangeFloats + max_of(tiles, attention);
 }
 
 __device__ __forceinline__ float warp_max(float value) {
@@ -82,10 +86,6 @@ __device__ float block_reduce(float value, float* scratch) {
   return total;
 }
 
-// sums[bb] += row . tile[bb][offset : offset + length] for the tile's `rows` batch rows,
-// lane-partial (warp_sum them): row in global memory, tile in shared memory (row stride
-// `stride`); kVec-wide loads (kVec = 4: length, offset and stride multiples of 4 and row
-// 16-byte aligned).
 // kVec consecutive floats of global memory (one 16-byte load when kVec = 4).
 template <int kVec>
 __device__ __forceinline__ void load_floats(const float* source, float (&out)[kVec]) {
@@ -97,12 +97,24 @@ __device__ __forceinline__ void load_floats(const float* source, float (&out)[kV
   }
 }
 
+// A warp's share of the products of one weight row with a tile of batch rows: the
+// warp-wide chunks part, part + parts, ... of K.
+struct RowShare {
+  int part, parts;
+};
+
+// sums[bb] += row . tile[bb][offset : offset + length] over the warp's share of K, for
+// the tile's `rows` batch rows, lane-partial (warp_sum them): row in global memory, tile
+// in shared memory (row stride `stride`); kVec-wide loads (kVec = 4: length, offset and
+// stride multiples of 4 and row 16-byte aligned).
 template <int kVec>
 __device__ __forceinline__ void add_row_products(const float* row, int64_t length, const float* tile, int64_t stride,
-                                                 int64_t offset, int64_t rows, float (&sums)[kMaxBatchTile]) {
+                                                 int64_t offset, int64_t rows, RowShare share,
+                                                 float (&sums)[kMaxBatchTile]) {
   const int lane = threadIdx.x % kWarpSize;
+  const int64_t step = static_cast<int64_t>(share.parts) * kWarpSize * kVec;
 #pragma unroll 4  // several row loads in flight per warp
-  for (int64_t k = static_cast<int64_t>(lane) * kVec; k < length; k += kWarpSize * kVec) {
+  for (int64_t k = (static_cast<int64_t>(share.part) * kWarpSize + lane) * kVec; k < length; k += step) {
     float w[kVec];
     load_floats<kVec>(row + k, w);
 #pragma unroll
@@ -135,16 +147,69 @@ __device__ __forceinline__ Tile tile_of(const DecoderStepPlan& plan, int64_t bat
   return {first, min_of(plan.batch_tile, batch - first)};
 }
 
-__device__ __forceinline__ int64_t global_warp() {
-  return static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
-}
 __device__ __forceinline__ int64_t warps_in_grid() {
   return static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize);
 }
 
+// The warps of a block that share one row: the largest power of two, within the block,
+// that keeps every warp of the grid busy on `rows` rows (more loads in flight when the
+// rows are fewer than the warps: batch 1, H below the grid's warp count).
+__device__ __forceinline__ int warps_per_row(int64_t rows) {
+  const int warps = blockDim.x / kWarpSize;
+  const int64_t spare = warps_in_grid() / max_of(rows, 1);
+  int split = 1;
+  while (2 * split <= spare && 2 * split <= warps && warps % (2 * split) == 0) split *= 2;
+  return split;
+}
+
+// For every row r < rows, spread over the grid's warps (warps_per_row of a block per
+// row, each over its share of K): products(r, share, sums) adds the warp's lane-partial
+// sums of kGroups products; the row's sums are reduced over its lanes and warps (through
+// `exchange`, kExchangeFloats) and finish(r, sums) runs on the row's first warp, every
+// lane holding the totals.  Every thread of the block must call it (it synchronises the
+// block twice per round when warps share rows).
+template <int kGroups, typename Products, typename Finish>
+__device__ void for_each_row(int64_t rows, float* exchange, Products&& products, Finish&& finish) {
+  static_assert(kGroups * kMaxBatchTile * kMaxWarps <= kExchangeFloats, "exchange too small");
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int split = warps_per_row(rows), groups = static_cast<int>(blockDim.x / kWarpSize) / split;
+  const RowShare share{warp % split, split};
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * groups; base < rows;
+       base += static_cast<int64_t>(gridDim.x) * groups) {
+    const int64_t row = base + warp / split;
+    float sums[kGroups][kMaxBatchTile] = {};
+    if (row < rows) products(row, share, sums);
+    warp_sum_all(sums);
+    if (split > 1) {
+      float* mine = exchange + warp * kGroups * kMaxBatchTile;
+      if (lane == 0) {
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+          for (int bb = 0; bb < kMaxBatchTile; ++bb) mine[g * kMaxBatchTile + bb] = sums[g][bb];
+        }
+      }
+      __syncthreads();
+      if (share.part == 0) {
+        for (int other = 1; other < split; ++other) {
+          const float* theirs = mine + other * kGroups * kMaxBatchTile;
+#pragma unroll
+          for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+            for (int bb = 0; bb < kMaxBatchTile; ++bb) sums[g][bb] += theirs[g * kMaxBatchTile + bb];
+          }
+        }
+      }
+      __syncthreads();
+    }
+    if (row < rows && share.part == 0) finish(row, sums);
+  }
+}
+
 // Phase A for one batch tile: stage [y; h~; h], then each warp's hidden units.
 template <RecurrentCell kCell, int kVec>
-__device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepBuffers& out, Tile tile, float* staged) {
+__device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepBuffers& out, Tile tile, float* exchange,
+                               float* staged) {
   const int64_t I = p.input_size, H = p.hidden, fed = I + H, stride = staged_rows(p).gates;
   for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
     const int64_t bb = e / stride, k = e % stride, b = tile.first + bb;
@@ -160,18 +225,18 @@ __device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepBuf
   }
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
-  for (int64_t j = global_warp(); j < H; j += warps_in_grid()) {
-    // LSTM: i, f, g, o; GRU: r, z (input + hidden), n input side, n hidden side.
-    float sums[4][kMaxBatchTile] = {};
+  // The sums of unit j: LSTM i, f, g, o; GRU r, z (input + hidden), n input side, n hidden side.
+  auto products = [&](int64_t j, RowShare share, float (&sums)[4][kMaxBatchTile]) {
 #pragma unroll
     for (int gate = 0; gate < gates_of(kCell); ++gate) {
       const int64_t row = gate * H + j;
-      add_row_products<kVec>(p.w_ih + row * fed, fed, staged, stride, 0, tile.rows, sums[gate]);
+      add_row_products<kVec>(p.w_ih + row * fed, fed, staged, stride, 0, tile.rows, share, sums[gate]);
       const bool separate = kCell == RecurrentCell::kGru && gate == 2;
-      add_row_products<kVec>(p.w_hh + row * H, H, staged, stride, fed, tile.rows, sums[separate ? 3 : gate]);
+      add_row_products<kVec>(p.w_hh + row * H, H, staged, stride, fed, tile.rows, share, sums[separate ? 3 : gate]);
     }
-    warp_sum_all(sums);
-    if (lane >= tile.rows) continue;
+  };
+  auto cell = [&](int64_t j, float (&sums)[4][kMaxBatchTile]) {
+    if (lane >= tile.rows) return;
     float part[4] = {};
 #pragma unroll
     for (int bb = 0; bb < kMaxBatchTile; ++bb) {  // constant indices keep sums in registers
@@ -194,13 +259,15 @@ __device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepBuf
                       hidden_bias(1), part[3] + hidden_bias(2), p.h[index]);
       out.h_next[index] = next.h;
     }
-  }
+  };
+  for_each_row<4>(H, exchange, products, cell);
   __syncthreads();  // the staged tile is free again
 }
 
 // Phase B for one batch tile: query[b][d] = W_q[d] . s_t[b].
 template <int kVec>
-__device__ void project_query(const DecoderStepProblem& p, const DecoderStepBuffers& out, Tile tile, float* staged) {
+__device__ void project_query(const DecoderStepProblem& p, const DecoderStepBuffers& out, Tile tile, float* exchange,
+                              float* staged) {
   const int64_t H = p.hidden, stride = staged_rows(p).query;
   for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
     const int64_t bb = e / stride, k = e % stride;
@@ -208,15 +275,16 @@ __device__ void project_query(const DecoderStepProblem& p, const DecoderStepBuff
   }
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
-  for (int64_t d = global_warp(); d < p.score_dim; d += warps_in_grid()) {
-    float sums[1][kMaxBatchTile] = {};
-    add_row_products<kVec>(p.query_weight + d * H, H, staged, stride, 0, tile.rows, sums[0]);
-    warp_sum_all(sums);
+  auto products = [&](int64_t d, RowShare share, float (&sums)[1][kMaxBatchTile]) {
+    add_row_products<kVec>(p.query_weight + d * H, H, staged, stride, 0, tile.rows, share, sums[0]);
+  };
+  auto store = [&](int64_t d, float (&sums)[1][kMaxBatchTile]) {
 #pragma unroll
     for (int bb = 0; bb < kMaxBatchTile; ++bb) {
       if (bb == lane && bb < tile.rows) out.query[(tile.first + bb) * p.score_dim + d] = sums[0][bb];
     }
-  }
+  };
+  for_each_row<1>(p.score_dim, exchange, products, store);
   __syncthreads();
 }
 
@@ -333,7 +401,7 @@ __device__ void normalise_weights(const DecoderStepProblem& p, const DecoderStep
 // output[b][r] = tanh(W_c[r] . [c_t; s_t]).
 template <int kVec>
 __device__ void combine(const DecoderStepProblem& p, const DecoderStepPlan& plan, const DecoderStepBuffers& out,
-                        Tile tile, float* staged) {
+                        Tile tile, float* exchange, float* staged) {
   const int64_t H = p.hidden, Dv = p.value_dim, stride = staged_rows(p).combine;
   float* row_max = staged + tile.rows * stride;
   float* row_sum = row_max + tile.rows;
@@ -359,15 +427,16 @@ __device__ void combine(const DecoderStepProblem& p, const DecoderStepPlan& plan
   }
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
-  for (int64_t r = global_warp(); r < H; r += warps_in_grid()) {
-    float sums[1][kMaxBatchTile] = {};
-    add_row_products<kVec>(p.w_combine + r * (Dv + H), Dv + H, staged, stride, 0, tile.rows, sums[0]);
-    warp_sum_all(sums);
+  auto products = [&](int64_t r, RowShare share, float (&sums)[1][kMaxBatchTile]) {
+    add_row_products<kVec>(p.w_combine + r * (Dv + H), Dv + H, staged, stride, 0, tile.rows, share, sums[0]);
+  };
+  auto store = [&](int64_t r, float (&sums)[1][kMaxBatchTile]) {
 #pragma unroll
     for (int bb = 0; bb < kMaxBatchTile; ++bb) {
       if (bb == lane && bb < tile.rows) out.output[(tile.first + bb) * H + r] = tanhf(sums[0][bb]);
     }
-  }
+  };
+  for_each_row<1>(H, exchange, products, store);
   __syncthreads();
 }
 
@@ -375,17 +444,18 @@ template <RecurrentCell kCell, ScoreKind kScore, int kVec>
 __global__ void __launch_bounds__(kThreads, 1)
     decoder_step_kernel(DecoderStepProblem p, DecoderStepPlan plan, DecoderStepBuffers out) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  float* shared = reinterpret_cast<float*>(shared_bytes);
+  float* exchange = reinterpret_cast<float*>(shared_bytes);
+  float* shared = exchange + kExchangeFloats;
   const int64_t B = p.batch;
   unsigned long long barriers = 0;
   auto barrier = [&] { grid_barrier(out.barrier, ++barriers * gridDim.x); };
   for (int64_t first = 0; first < B; first += plan.batch_tile) {
-    gates_and_cell<kCell, kVec>(p, out, tile_of(plan, B, first), shared);
+    gates_and_cell<kCell, kVec>(p, out, tile_of(plan, B, first), exchange, shared);
   }
   barrier();
   if (p.query_weight != nullptr) {
     for (int64_t first = 0; first < B; first += plan.batch_tile) {
-      project_query<kVec>(p, out, tile_of(plan, B, first), shared);
+      project_query<kVec>(p, out, tile_of(plan, B, first), exchange, shared);
     }
     barrier();
   }
@@ -394,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   barrier();
   for (int64_t first = 0; first < B; first += plan.batch_tile) {
-    combine<kVec>(p, plan, out, tile_of(plan, B, first), shared);
+    combine<kVec>(p, plan, out, tile_of(plan, B, first), exchange, shared);
   }
   normalise_weights(p, plan, out);
 }
