@@ -6,44 +6,22 @@ blocks running at once so that the grid barriers work; marked slow) against the 
 attention_decoder_step at small odd sizes and at sizes that take the 16-byte loads,
 LSTM and GRU, additive (projected query, bias) and dot scores, lengths (an empty row)
 and a key padding mask, several batch tiles and key splits; the plan on an H200; the
-routing of attention_decoder_step and opcheck of the inference op on the CPU.
+inference op on the CPU (the composed step) under opcheck; and, on fake CUDA tensors,
+which calls of attention_decoder_step take the inference op.
 With a GPU (marked ``gpu``): the kernel against the composed step on the device, and the
 step captured in a CUDA graph."""
 
-import importlib.util
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import fastattn
 from fastattn import backends
-
-CUDA_READY = torch.cuda.is_available() and backends.unavailable_reason("cuda") is None
-EMULATION = Path(__file__).resolve().parent.parent / "csrc" / "cuda" / "emulation" / "emulation.py"
+from tests.test_cuda_kernels import emulated, emulation, gpu  # noqa: F401 - emulated: the kernels' CPU build
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
 )
-
-
-def gpu(test):
-    """Marks a test `gpu` and skips it without a device or without the CUDA kernels."""
-    reason = "needs a CUDA device and fastattn built with CUDA kernels: " + str(
-        backends.unavailable_reason("cuda") or "no CUDA device")
-    return pytest.mark.gpu(pytest.mark.skipif(not CUDA_READY, reason=reason)(test))
-
-
-def _load_emulation():
-    spec = importlib.util.spec_from_file_location("fastattn_cuda_emulation_decoder", EMULATION)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-emulation = _load_emulation()
 
 # name -> (B, I, H, S, Dk, Dv, multiprocessors, threads): odd sizes (scalar loads), sizes
 # that take the 16-byte loads with two batch tiles (B = 10 over tiles of 8) and more
@@ -100,17 +78,6 @@ def assert_step_close(got, want):
 
 
 # ---------------------------------------------------------------- emulated on the CPU
-
-
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    """The CUDA kernels built for the CPU emulation (skipped without g++ or the toolkit's headers)."""
-    if emulation.toolkit_include() is None or shutil.which("g++") is None:
-        pytest.skip("the emulation needs g++ and the CUDA toolkit's headers")
-    try:
-        return emulation.build(tmp_path_factory.mktemp("cuda_emulation_decoder"))
-    except subprocess.CalledProcessError as error:
-        pytest.fail(f"building the emulated kernels failed:\n{error.stderr}")
 
 
 @pytest.mark.slow
@@ -172,6 +139,44 @@ def test_the_inference_op_composes_on_the_cpu_and_passes_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+class OpLog(TorchDispatchMode):
+    """The names of the ops that reach the dispatcher's Python modes."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "device, grad_mode, leaf_requires_grad, routed",
+    [("cuda", False, True, True), ("cuda", True, False, True), ("cpu", True, True, False),
+     ("cpu", False, False, False)],
+    ids=["cuda-no-grad-mode", "cuda-nothing-requires-grad", "cpu-gradients", "cpu"],
+)
+def test_attention_decoder_step_routes_cuda_inference_to_the_one_launch_op(device, grad_mode, leaf_requires_grad,
+                                                                           routed):
+    """Seen on fake tensors (a CUDA device needs no GPU there): CUDA calls that record no
+    gradient go to attention_decoder_step_inference, the others compose (CUDA calls that
+    record gradients: the gpu test below; fake CUDA tensors cannot record them here)."""
+    mode = FakeTensorMode()
+    arguments = [
+        FakeTensor(mode, a.to("meta"), torch.device(device, 0) if device == "cuda" else torch.device(device))
+        if isinstance(a, torch.Tensor) else a
+        for a in step_arguments(SHAPES["odd"], "lstm", "additive", ("lengths",))
+    ]
+    arguments[13].requires_grad_(leaf_requires_grad)  # w_ih
+    log = OpLog()
+    with mode, log, torch.set_grad_enabled(grad_mode):
+        output = torch.ops.fastattn.attention_decoder_step(*arguments)
+    assert output[0].shape == (3, 7) and output[3].shape == (3, 11)
+    assert ("fastattn::attention_decoder_step_inference" in log.names) == routed
+    assert ("fastattn::attention_forward" in log.names) == (not routed)
+
+
 # ---------------------------------------------------------------- on the GPU
 
 GPU_SHAPE = (5, 16, 32, 40, 24, 16)
@@ -187,6 +192,10 @@ def test_cuda_decoder_step_matches_the_composed_step(cell, score):
     assert_step_close(got, composed(arguments))
     for a, b in zip(got, routed):  # attention_decoder_step without gradients is the inference op
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    arguments[13].requires_grad_()  # w_ih: the composed step, which records the gradients
+    composed_on_device = torch.ops.fastattn.attention_decoder_step(*arguments)
+    assert composed_on_device[0].grad_fn is not None
+    assert_step_close([t.detach() for t in composed_on_device], composed(arguments))
     torch.library.opcheck(torch.ops.fastattn.attention_decoder_step_inference.default, arguments,
                           test_utils=("test_schema", "test_faketensor"))
 
