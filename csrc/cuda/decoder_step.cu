@@ -23,7 +23,6 @@
 // Not handled (the binding composes the step instead): Bahdanau order (no input
 // feeding), the cosine score, float64 / float16 / bfloat16, local windows, and shapes
 // whose batch-row tile (I + 2H or Dv + H floats) does not fit in shared memory.
-#include <type_traits>
 
 #include "grid_barrier.cuh"
 #include "recurrent_cell_math.cuh"
@@ -479,6 +478,12 @@ bool wide_loads_fit(const DecoderStepProblem& p) {
          aligned(p.query_weight) && aligned(p.w_combine);
 }
 
+// A cell as a type, so that one generic lambda instantiates the kernels of each.
+template <RecurrentCell kCell>
+struct CellTag {
+  static constexpr RecurrentCell value = kCell;
+};
+
 template <typename Body>
 cudaError_t with_kernel(const DecoderStepProblem& p, bool wide, Body&& body) {
   auto by_score = [&](auto cell) -> cudaError_t {
@@ -491,8 +496,8 @@ cudaError_t with_kernel(const DecoderStepProblem& p, bool wide, Body&& body) {
                 : body(decoder_step_kernel<kCell, ScoreKind::kDot, 1>);
   };
   if (p.score != ScoreKind::kAdditive && p.score != ScoreKind::kDot) return cudaErrorInvalidValue;
-  if (p.cell == RecurrentCell::kLstm) return by_score(std::integral_constant<RecurrentCell, RecurrentCell::kLstm>{});
-  return by_score(std::integral_constant<RecurrentCell, RecurrentCell::kGru>{});
+  if (p.cell == RecurrentCell::kLstm) return by_score(CellTag<RecurrentCell::kLstm>{});
+  return by_score(CellTag<RecurrentCell::kGru>{});
 }
 
 }  // namespace
