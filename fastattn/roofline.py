@@ -165,31 +165,51 @@ class DeviceLimits:
     flops: dict[str, float | None]  # dtype name -> matrix FLOP/s
     transcendentals: float | None  # special-function evaluations/s
 
-    def lower_bound_s(self, work: Work, dtype: str) -> tuple[float, str]:
-        """The shortest time the device could take for ``work`` and the resource that sets it."""
+    def bounds_s(self, work: Work, dtype: str) -> dict[str, float]:
+        """Per resource the device knows a peak of ("memory", "compute", "special functions"):
+        the shortest time it could take for ``work`` if that resource were its only limit."""
         terms = {"memory": work.bytes / self.bandwidth}
         flop_rate = self.flops.get(dtype)
         if flop_rate:
             terms["compute"] = work.flops / flop_rate
         if self.transcendentals:
             terms["special functions"] = work.transcendentals / self.transcendentals
+        return terms
+
+    def lower_bound_s(self, work: Work, dtype: str) -> tuple[float, str]:
+        """The shortest time the device could take for ``work`` and the resource that sets it."""
+        terms = self.bounds_s(work, dtype)
         bound = max(terms, key=terms.get)
         return terms[bound], bound
 
 
-def percent_of_limit(work: Work, limits: DeviceLimits, dtype: str, measured_s: float) -> tuple[float, str]:
-    """(lower bound / measured time * 100, the bounding resource)."""
+def _check_time(measured_s: float) -> None:
     if not (measured_s > 0 and math.isfinite(measured_s)):
         raise ValueError(f"measured_s must be a positive finite time, got {measured_s!r}")
+
+
+def percent_of_limit(work: Work, limits: DeviceLimits, dtype: str, measured_s: float) -> tuple[float, str]:
+    """(lower bound / measured time * 100, the bounding resource)."""
+    _check_time(measured_s)
     bound_s, resource = limits.lower_bound_s(work, dtype)
     return 100.0 * bound_s / measured_s, resource
+
+
+def percent_of_each(work: Work, limits: DeviceLimits, dtype: str, measured_s: float) -> dict[str, float]:
+    """Per resource of :meth:`DeviceLimits.bounds_s`: its bound / measured time * 100 (so
+    "memory" is the share of the memory bandwidth reached, whatever bounds the op)."""
+    _check_time(measured_s)
+    return {resource: 100.0 * bound_s / measured_s for resource, bound_s in limits.bounds_s(work, dtype).items()}
 
 
 def _card(name: str, bandwidth_tb: float, bf16_tflops: float, tf32_tflops: float, sms: int, boost_ghz: float) -> DeviceLimits:
     """Dense (no sparsity) tensor-core peaks; float32 matrix work is rated at the TF32 tensor-core
     peak (an upper bound: torch's own float32 matmuls may run on the slower CUDA cores).
     Special functions: 16 results per clock per SM (CUDA C++ Programming Guide, "Arithmetic
-    Instructions" throughput table, compute capability 8.0 and 9.0) x SMs x boost clock."""
+    Instructions" throughput table, compute capability 8.0 and 9.0: the MUFU ops exp2, log2,
+    rsqrt, sin, cos; tanh.approx.f32 runs on the same unit) x SMs x boost clock; for the H100
+    SXM / H200, 16 x 132 x 1.98 GHz = 4.18e12 evaluations/s.  The packed tanh.approx.bf16x2 of
+    sm_90 gives two bf16 results per op, which this single rate does not model."""
     return DeviceLimits(
         name,
         bandwidth_tb * 1e12,

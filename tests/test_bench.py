@@ -1,6 +1,7 @@
 """``fastattn bench`` end to end on the tiny preset, and the parts it is made of."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -11,10 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastattn import backends
-from fastattn.bench import PRESETS, cases
+from fastattn import backends, roofline
+from fastattn.bench import PRESETS, cases, run
+from fastattn.bench.cases import DECODE_BANDWIDTH_FROM, FLASH_PEER, GEMM_BASELINE, REFERENCE, SCORES, Target
+from fastattn.bench import implementations
 from fastattn.bench.implementations import COMPILED_REFERENCE, flatten, runnable_backends
+from fastattn.bench.machine import Limits
 from fastattn.bench.memory import peak_bytes_resident
+from fastattn.bench.output import format_table
 from fastattn.bench.run import max_error
 from fastattn.bench.timing import CPU_MIN_SAMPLES, time_on_cpu
 
@@ -162,3 +167,93 @@ def test_roofline_bytes_are_the_bytes_of_the_case_tensors(case):
     output_bytes = sum(output.numel() * output.element_size() for output in outputs)
     expected = 3 * input_bytes + 2 * output_bytes if case.backward else input_bytes + output_bytes
     assert case.work(4).bytes == expected
+
+
+TINY_TARGETS = dataclasses.replace(PRESETS["tiny"], targets=True, decode_lengths=(5, DECODE_BANDWIDTH_FROM), head_dims=(4, 6),
+                                   additive_batch=2)
+
+
+def test_gpu_preset_holds_exactly_the_targets_of_issues_4_and_6():
+    by_name = {case.name: case for case in cases(PRESETS["gpu"])}
+    decode = {f"attention.{score}.decode_step.b64_s{keys}_d512.forward": keys for score in SCORES for keys in (64, 1024, 4096)}
+    multi_query = {f"attention.scaled_dot.multi_query.b64_t512_s512_d{dim}.forward_backward" for dim in (64, 128)}
+    additive, cell = "attention.additive.multi_query.b16_t512_s512_d128.forward", "lstm_cell.b64_h1024.forward"
+    assert set(by_name) == set(decode) | multi_query | {additive, cell}
+    for name, keys in decode.items():
+        bandwidth = [Target(85.0, resource="memory")] if keys >= 1024 else []
+        assert list(by_name[name].targets) == bandwidth + [Target(3.0, peer=REFERENCE)], name
+    for name in multi_query:
+        assert by_name[name].backward and by_name[name].targets == (Target(1.0, peer=FLASH_PEER),)
+    assert by_name[additive].targets == (Target(60.0, resource="special functions"), Target(5.0, peer=COMPILED_REFERENCE))
+    assert by_name[cell].targets == (Target(1 / 1.5, peer=GEMM_BASELINE),) and by_name[cell].shape == {"B": 64, "I": 1024, "H": 1024}
+    assert [name for name, case in by_name.items() if case.compilable] == [additive]  # the one compiled peer
+
+
+def test_a_target_names_one_peer_or_one_resource():
+    with pytest.raises(ValueError, match="exactly one"):
+        Target(1.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        Target(1.0, peer=REFERENCE, resource="memory")
+
+
+@pytest.fixture(scope="module")
+def tiny_targets_run():
+    """The tiny target cases run in this process, on the backends of a plain ``fastattn bench``
+    (interpreted Triton left out: minutes) with the peak-memory child in a plain environment."""
+    limits = Limits(roofline.cpu_limits(1e10), 1e10, "test limits")
+    chosen = cases(TINY_TARGETS)
+    plain_backends = {case.name: runnable_here(case) for case in chosen}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(implementations, "runnable_backends", lambda case, device_type: plain_backends[case.name])
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        results = run(chosen, TINY_TARGETS, "cpu", "float32", limits, compile_reference=False, measure_memory=True, progress=False)
+    return chosen, results
+
+
+def test_target_cases_run_on_the_cpu_with_their_peers_and_baseline(tiny_targets_run):
+    chosen, results = tiny_targets_run
+    assert [(r.case, r.implementation) for r in results if r.failure or r.error_ok is False] == []
+    rows = {(r.case, r.implementation): r for r in results}
+    for case in chosen:
+        assert {(case.name, backend) for backend in runnable_here(case)} <= set(rows), case.name
+    flash = [r for r in results if r.implementation == FLASH_PEER]
+    assert len(flash) == 2 and all(r.error_ok for r in flash)
+    (gemm,) = [r for r in results if r.implementation == GEMM_BASELINE]
+    assert gemm.kind == "baseline" and gemm.max_error is None and gemm.error_ok is None and gemm.median_s > 0
+    assert all(isinstance(r.peak_bytes, int) for r in results)  # the memory child rebuilds the target preset
+
+
+def test_target_outcomes_are_the_row_ratios_and_percentages(tiny_targets_run):
+    chosen, results = tiny_targets_run
+    targets = {case.name: case.targets for case in chosen}
+    for r in results:
+        ours = r.kind == "backend" and r.implementation != REFERENCE
+        assert [t["target"] for t in r.targets] == ([t.describe() for t in targets[r.case]] if ours else []), (r.case, r.implementation)
+        assert set(r.percent_of) == {"memory"}  # a CPU's only limit
+        assert r.percent_of["memory"] == pytest.approx(r.percent_of_limit)
+        for target, outcome in zip(targets[r.case], r.targets):
+            expected = r.speedup.get(target.peer) if target.peer else r.percent_of.get(target.resource)
+            assert outcome["value"] == expected, (r.case, outcome)
+            assert outcome["met"] == (None if expected is None else expected >= target.minimum)
+    judged = {t["target"]: t for r in results for t in r.targets}
+    assert judged[">= 85% of the memory limit"]["value"] is not None  # the S = 1024 decode step
+    assert judged[">= 5x vs reference-compiled"]["met"] is None  # not compiled in this run
+    assert judged[">= 60% of the special functions limit"]["met"] is None  # no such limit on a CPU
+    table = format_table(results)
+    assert "targets (issues 4 and 6):" in table and ">= 1x vs torch sdpa (flash)" in table
+
+
+@pytest.mark.parametrize("case", [c for c in cases(TINY_TARGETS)], ids=lambda c: c.name)
+def test_roofline_bytes_of_the_target_cases(case):
+    test_roofline_bytes_are_the_bytes_of_the_case_tensors(case)
+
+
+def test_gpu_preset_runs_from_the_command_line(tmp_path):
+    path = tmp_path / "bench-targets.json"
+    completed = run_bench("--preset", "gpu", "--ops", "lstm_cell", "--no-memory", "--json", str(path))
+    assert completed.returncode == 0, completed.stderr
+    assert "lstm_cell.b64_h1024.forward" in completed.stdout and ">= 0.667x vs recurrent GEMM alone" in completed.stdout
+    report = json.loads(path.read_text())
+    assert report["preset"]["name"] == "gpu" and report["preset"]["decode_lengths"] == [64, 1024, 4096]
+    rows = {r["implementation"]: r for r in report["results"]}
+    assert rows[GEMM_BASELINE]["kind"] == "baseline" and rows["cpu"]["targets"][0]["value"] > 0

@@ -2,6 +2,7 @@
 PASS/FAIL/SKIP lines, the timeouts, the log and the exit status (the real run needs a GPU)."""
 
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -56,7 +57,7 @@ def test_every_step_runs_with_the_flags_of_gpu_md(tmp_path):
     assert completed.returncode == 0, completed.stdout + completed.stderr
     log = (out / "log.txt").read_text()
     assert log == completed.stdout
-    for name in ("versions", "install", "gpu tests", "memcheck", "racecheck", "bench"):
+    for name in ("versions", "install", "gpu tests", "memcheck", "racecheck", "bench", "bench targets"):
         assert f"PASS: {name} (" in log
     assert "every step passed" in log
     python = str(tmp_path / "bin" / "fake-python")
@@ -68,22 +69,39 @@ def test_every_step_runs_with_the_flags_of_gpu_md(tmp_path):
     bench = [call for call in calls if "-m fastattn bench" in call]
     assert bench == [
         f"python -m fastattn bench --device cuda --no-compile --json {out}/bench.json --csv {out}/bench.csv "
-        f"--plot {out}/speedups.png | arch=unset jobs=unset interpret=unset"
+        f"--plot {out}/speedups.png | arch=unset jobs=unset interpret=unset",
+        f"python -m fastattn bench --device cuda --preset gpu --dtype bfloat16 --json {out}/bench-targets.json "
+        f"--csv {out}/bench-targets.csv --plot {out}/speedups-targets.png | arch=unset jobs=unset interpret=unset",
     ]
+
+
+def test_the_timeouts_add_up_to_under_seven_minutes():
+    defaults = re.findall(r'^TIMEOUT_\w+="\$\{TIMEOUT_\w+:-(\d+)\}"$', SCRIPT.read_text(), flags=re.MULTILINE)
+    assert len(defaults) == 7  # one per step
+    assert sum(map(int, defaults)) < 7 * 60
+
+
+def test_bench_flags_reach_their_own_bench_step(tmp_path):
+    completed, calls, out = _run(tmp_path, BENCH_FLAGS="--compile", BENCH_TARGETS_FLAGS="--no-compile --no-memory")
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    full, targets = [call for call in calls if "-m fastattn bench" in call]
+    assert full.startswith("python -m fastattn bench --device cuda --compile --json")
+    assert "--preset gpu --dtype bfloat16 --no-compile --no-memory --json" in targets
 
 
 def test_failures_are_reported_and_the_script_goes_on(tmp_path):
     completed, calls, out = _run(
         tmp_path, FAKE_PYTEST_STATUS="3", SANITIZE_CASES=str(tmp_path / "missing.py"),
-        TIMEOUT_BENCH="1", FAKE_BENCH_SECONDS="10",
+        TIMEOUT_BENCH="1", TIMEOUT_BENCH_TARGETS="1", FAKE_BENCH_SECONDS="10",
     )
     log = (out / "log.txt").read_text()
     assert "FAIL: gpu tests (exit status 3" in log
     assert f"SKIP: memcheck ({tmp_path / 'missing.py'} is missing" in log
     assert "SKIP: racecheck (" in log
     assert "FAIL: bench (timed out after 1 s)" in log
-    assert "PASS: install (" in log and "2 step(s) failed" in log
-    assert completed.returncode == 2
+    assert "FAIL: bench targets (timed out after 1 s)" in log
+    assert "PASS: install (" in log and "3 step(s) failed" in log
+    assert completed.returncode == 3
     assert not any(call.startswith("compute-sanitizer") for call in calls)
 
 

@@ -26,15 +26,15 @@ def _row(case, implementation, kind, median, **changes):
     return dataclasses.replace(row, **changes)
 
 
-def _write_run(folder: Path, rows: list[Result], cpu_model="Test CPU", gpu=None) -> None:
+def _write_run(folder: Path, rows: list[Result], cpu_model="Test CPU", gpu=None, file="bench.json", preset_name="full") -> None:
     for row in rows:
         row.speedup = {o.implementation: o.median_s / row.median_s for o in rows
                        if o.case == row.case and o is not row and o.median_s and row.median_s}
     machine = {"cpu_model": cpu_model, "cpu_cores": 2, "torch_threads": 2, "gpu": gpu, "torch": "2.99"}
     limits = {"note": "a note about limits", "measured_copy_bandwidth": 1e10}
-    preset = {"name": "full", "batch": 32, "length": 64, "dim": 256, "hidden": 256, "steps": 100, "tokens": 20, "vocabulary": 1000}
-    folder.mkdir(parents=True)
-    (folder / "bench.json").write_text(json.dumps(report(rows, preset, machine, limits, compile_reference=True)))
+    preset = {"name": preset_name, "batch": 32, "length": 64, "dim": 256, "hidden": 256, "steps": 100, "tokens": 20, "vocabulary": 1000}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / file).write_text(json.dumps(report(rows, preset, machine, limits, compile_reference=True)))
 
 
 def _readme(tmp_path: Path) -> Path:
@@ -73,6 +73,25 @@ def test_latest_cpu_run_and_every_gpu_card_get_a_table(tmp_path):
     assert "| lstm_cell.forward | cpu | 2 ms | 200 µs | 2.00x | 1.50x | 0.50x (torch.nn.LSTMCell) | 1.0e-07 | 3 MiB | 12% (memory) |" in text
     assert "| gru_cell.forward | cpu | failed: RuntimeError: boom |" in text
     assert "| lstm_cell.forward | reference | 50 µs |" in text  # a GPU run with the reference only
+
+
+def test_a_gpu_run_with_targets_gets_a_targets_table(tmp_path):
+    results = tmp_path / "results"
+    _write_run(results / "2026-03-01-h200", [_row("lstm_cell.forward", "reference", "backend", 5e-5)], gpu="NVIDIA H200")
+    case = "lstm_cell.b64_h1024.forward"
+    targets = [{"target": ">= 0.667x vs recurrent GEMM alone", "value": 0.5, "met": False},
+               {"target": ">= 60% of the special functions limit", "value": None, "met": None}]
+    _write_run(results / "2026-03-01-h200", [
+        _row(case, "reference", "backend", 4e-5),
+        _row(case, "cuda", "backend", 2e-5, targets=targets),
+        _row(case, "recurrent GEMM alone", "baseline", 1e-5, max_error=None, error_ok=None),
+    ], gpu="NVIDIA H200", file=readme_tables.TARGETS_FILE, preset_name="gpu")
+    text = readme_tables.render(results)
+    gpu_table, targets_table = text.split("### GPU targets of issues 4 and 6: NVIDIA H200, measured 2026-03-01")
+    assert "### GPU: NVIDIA H200, measured 2026-03-01" in gpu_table and "| targets |" not in gpu_table
+    assert "`fastattn bench` gpu preset" in targets_table and "bench-targets.json" in targets_table
+    assert f"| {case} | cuda | 20 µs | 2 µs | 2.00x | – | 0.50x (recurrent GEMM alone) | 1.0e-07 | 3 MiB | 12% (memory) | " \
+           ">= 0.667x vs recurrent GEMM alone: 0.5 **not met**; >= 60% of the special functions limit: – unknown |" in targets_table
 
 
 def test_readme_without_markers_is_refused(tmp_path):

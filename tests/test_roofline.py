@@ -83,6 +83,16 @@ def test_lower_bound_takes_the_slowest_resource():
         roofline.percent_of_limit(Work(1, 1, 1), limits, "float32", 0.0)
 
 
+def test_percent_of_each_resource_whatever_bounds_the_work():
+    limits = DeviceLimits("test card", bandwidth=100.0, flops={"float32": 1000.0}, transcendentals=10.0)
+    work = Work(200, 500, 5)  # 2 s of memory, 0.5 s of compute, 0.5 s of special functions
+    assert roofline.percent_of_each(work, limits, "float32", 4.0) == {"memory": 50.0, "compute": 12.5, "special functions": 12.5}
+    assert roofline.percent_of_each(work, limits, "float64", 4.0) == {"memory": 50.0, "special functions": 12.5}
+    assert roofline.percent_of_each(work, roofline.cpu_limits(100.0), "float32", 4.0) == {"memory": 50.0}
+    with pytest.raises(ValueError, match="measured_s"):
+        roofline.percent_of_each(work, limits, "float32", float("inf"))
+
+
 @pytest.mark.parametrize(
     "device_name, card",
     [

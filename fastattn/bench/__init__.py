@@ -7,7 +7,7 @@ run records the median time and interquartile range, the max error against a flo
 oracle, the peak memory, the share of the device's roofline limit and the speedup
 against every other implementation measured in the same run.
 
-    cases.py            the cases and presets (tiny, quick, full)
+    cases.py            the cases and presets (tiny, quick, full; gpu: the issues' GPU targets)
     implementations.py  who runs a case; the call that is timed
     timing.py           CPU and CUDA timers
     memory.py           peak memory (CUDA allocator; a child process's resident set on CPU)

@@ -12,6 +12,13 @@ Case names: ``attention.<score>.<multi_query|decode_step>.<forward|forward_backw
 ``decoder_step.forward``, ``greedy_decoding.forward`` (and ``.batch_1.``) and
 ``greedy_decoding.cuda_graph.batch_<1|64>.forward`` (the zoo's Seq2Seq, CUDA graph against
 the eager reference).
+
+A preset with ``targets`` (the "gpu" preset) holds instead only the GPU targets of issues 4
+and 6 (:func:`target_cases`), each with its :class:`Target` s and the peers they name; the
+shape is in the name: ``attention.<score>.decode_step.b64_s1024_d512.forward``,
+``attention.scaled_dot.multi_query.b64_t512_s512_d64.forward_backward``,
+``attention.additive.multi_query.b16_t512_s512_d128.forward``, ``lstm_cell.b64_h1024.forward``.
+(The LSTM/GRU layer and greedy decoding targets are cases of the full preset.)
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastattn import backends, roofline
 from fastattn.optimize import optimize
@@ -34,6 +42,11 @@ MODES = ("forward", "forward_backward")
 GREEDY_BATCHES = (1, 64)  # of the Seq2Seq greedy decoding cases, whatever the preset
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Outputs = tuple  # of tensors; nested tuples are flattened by the runner
+REFERENCE = "reference"  # the eager reference backend's row
+COMPILED_REFERENCE = "reference-compiled"  # the torch.compile'd reference's row
+FLASH_PEER = "torch sdpa (flash)"
+GEMM_BASELINE = "recurrent GEMM alone"
+DECODE_BANDWIDTH_FROM = 1024  # S from which the decode-step targets include the bandwidth one
 
 
 class BenchError(Exception):
@@ -52,6 +65,10 @@ class Preset:
     min_run_time: float  # seconds spent timing each case on each implementation
     compile: bool  # whether the torch.compile'd reference is a peer by default
     large_layers: bool = False  # also the layers at T=100, B=64, H=1024 (LARGE_LAYER)
+    targets: bool = False  # only the issues' GPU targets (target_cases), at the sizes below
+    decode_lengths: tuple[int, ...] = ()  # targets: S of the decode-step cases (B = batch, D = dim)
+    head_dims: tuple[int, ...] = ()  # targets: D of the multi-query scaled_dot cases (B = batch, T = S = length)
+    additive_batch: int = 0  # targets: B of the additive forward (T = S = length, D = the largest head dim)
 
 
 PRESETS = {
@@ -59,6 +76,11 @@ PRESETS = {
     "quick": Preset(batch=4, length=16, dim=32, hidden=32, steps=16, tokens=5, vocabulary=100, min_run_time=0.03, compile=False),
     "full": Preset(batch=32, length=64, dim=256, hidden=256, steps=100, tokens=20, vocabulary=1000, min_run_time=0.3, compile=True,
                    large_layers=True),
+    # Issues 4 and 6, "Performance": bf16 on an H100/H200 (benchmarks/gpu_check.sh runs it with
+    # --dtype bfloat16).  One S per decade; the additive case at B=16 keeps the float64 oracle's
+    # (B, T, S, D) tanh argument at 4 GiB.
+    "gpu": Preset(batch=64, length=512, dim=512, hidden=1024, steps=100, tokens=20, vocabulary=1000, min_run_time=0.05,
+                  compile=True, targets=True, decode_lengths=(64, 1024, 4096), head_dims=(64, 128), additive_batch=16),
 }
 LARGE_LAYER = (100, 64, 1024)  # (T, B, H) of the persistent-kernel target in issue 6
 
@@ -106,6 +128,28 @@ class Workload:
     run: Callable[[], Outputs]  # the fastattn call; dispatches to the backend in force
     leaves: list[torch.Tensor]  # what forward_backward differentiates (empty for forward cases)
     peers: dict[str, Callable[[], Outputs]] = field(default_factory=dict)
+    # Timed for comparison but computing something else (part of the op), so not checked:
+    baselines: dict[str, Callable[[], Outputs]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal for fastattn's backends on a case: at least ``minimum`` times the speed of the
+    implementation ``peer`` (its time / ours), or at least ``minimum`` % of the device's
+    ``resource`` limit (a :func:`fastattn.roofline.percent_of_each` key)."""
+
+    minimum: float
+    peer: str | None = None
+    resource: str | None = None
+
+    def __post_init__(self):
+        if (self.peer is None) == (self.resource is None):
+            raise ValueError("a Target names exactly one of peer and resource")
+
+    def describe(self) -> str:
+        if self.peer is not None:
+            return f">= {self.minimum:.3g}x vs {self.peer}"
+        return f">= {self.minimum:.3g}% of the {self.resource} limit"
 
 
 @dataclass(frozen=True)
@@ -117,6 +161,7 @@ class Case:
     compilable: bool  # whether the torch.compile'd reference is a peer
     build: Callable[[Inputs], Workload]
     work: Callable[[int], roofline.Work]  # element size in bytes -> the op's work
+    targets: tuple[Target, ...] = ()
 
     def inputs(self, device: str, dtype: torch.dtype, rounded_to: torch.dtype | None = None) -> Inputs:
         return Inputs(device, dtype, requires_grad=self.backward, rounded_to=rounded_to)
@@ -142,9 +187,21 @@ def _torch_sdpa(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.
     return context.squeeze(1) if step else context
 
 
-def _attention_case(score: str, layout: str, mode: str, preset: Preset) -> Case:
-    """``layout`` is ``multi_query`` (query (B, T, D)) or ``decode_step`` (query (B, D))."""
-    batch, length, dim = preset.batch, preset.length, preset.dim
+def _torch_sdpa_flash(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """torch's fused attention on its flash backend only (one head: the fused kernels want 4-D);
+    values = keys.  Raises where flash cannot run (a float32 CUDA tensor, a head dim over 256)."""
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        context = torch.nn.functional.scaled_dot_product_attention(
+            query.unsqueeze(1), keys.unsqueeze(1), keys.unsqueeze(1), scale=scale
+        )
+    return context.squeeze(1)
+
+
+def _attention_case(score: str, layout: str, mode: str, batch: int, length: int, dim: int, *, tag: str = "",
+                    compilable: bool = True, flash_peer: bool = False, targets: tuple[Target, ...] = ()) -> Case:
+    """``layout`` is ``multi_query`` (query (B, T, D), T = S = ``length``) or ``decode_step``
+    (query (B, D)); ``tag`` (the shape) goes into the name before the mode; ``flash_peer``
+    adds SDPA on its flash backend (dot and scaled_dot multi-query only)."""
     queries = length if layout == "multi_query" else 1
     shape = {"B": batch, "T": length, "S": length, "D": dim} if layout == "multi_query" else {"B": batch, "S": length, "D": dim}
     backward = mode == "forward_backward"
@@ -157,12 +214,15 @@ def _attention_case(score: str, layout: str, mode: str, preset: Preset) -> Case:
         if score in ("dot", "scaled_dot"):
             scale = 1.0 if score == "dot" else 1 / math.sqrt(dim)
             peers["torch sdpa"] = lambda: (_torch_sdpa(query, keys, scale),)
+            if flash_peer:
+                peers[FLASH_PEER] = lambda: (_torch_sdpa_flash(query, keys, scale),)
         return Workload(lambda: (attention(query, keys, score=score, **parameters),), inputs.leaves, peers)
 
     def work(element_bytes: int) -> roofline.Work:
         return roofline.attention_work(score, batch, queries, length, dim, element_bytes=element_bytes, backward=backward)
 
-    return Case(f"attention.{score}.{layout}.{mode}", ("attention",), shape, backward, True, build, work)
+    name = ".".join(part for part in ("attention", score, layout, tag, mode) if part)
+    return Case(name, ("attention",), shape, backward, compilable, build, work, targets)
 
 
 def _hard_attention_case(preset: Preset) -> Case:
@@ -179,9 +239,10 @@ def _hard_attention_case(preset: Preset) -> Case:
     return Case("hard_attention.multi_query.forward", ("hard_attention",), shape, False, True, build, work)
 
 
-def _cell_case(cell: str, mode: str, preset: Preset) -> Case:
-    """A fastattn cell step against ``torch.nn.LSTMCell``/``GRUCell`` holding the same weights."""
-    batch, hidden = preset.batch, preset.hidden
+def _cell_case(cell: str, mode: str, batch: int, hidden: int, *, tag: str = "", compilable: bool = True,
+               gemm_baseline: bool = False, targets: tuple[Target, ...] = ()) -> Case:
+    """A fastattn cell step against ``torch.nn.LSTMCell``/``GRUCell`` holding the same weights;
+    ``gemm_baseline`` also times the recurrent GEMM alone (h @ W_hh^T, the step's floor)."""
     backward = mode == "forward_backward"
     torch_cell, fastattn_cell = {"lstm": (torch.nn.LSTMCell, lstm_cell), "gru": (torch.nn.GRUCell, gru_cell)}[cell]
 
@@ -190,17 +251,21 @@ def _cell_case(cell: str, mode: str, preset: Preset) -> Case:
         state = (inputs.random(batch, hidden), inputs.random(batch, hidden)) if cell == "lstm" else inputs.random(batch, hidden)
         module = inputs.module(torch_cell(hidden, hidden))
         weights = (module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh)
+        h = state[0] if cell == "lstm" else state
+        baselines = {GEMM_BASELINE: lambda: (torch.mm(h, module.weight_hh.t()),)} if gemm_baseline else {}
         return Workload(
             lambda: _as_tuple(fastattn_cell(x, state, *weights)),
             inputs.leaves,
             {f"torch.nn.{torch_cell.__name__}": lambda: _as_tuple(module(x, state))},
+            baselines,
         )
 
     def work(element_bytes: int) -> roofline.Work:
         return roofline.cell_work(cell, batch, hidden, hidden, element_bytes=element_bytes, backward=backward)
 
     shape = {"B": batch, "I": hidden, "H": hidden}
-    return Case(f"{cell}_cell.{mode}", (f"{cell}_cell",), shape, backward, True, build, work)
+    name = ".".join(part for part in (f"{cell}_cell", tag, mode) if part)
+    return Case(name, (f"{cell}_cell",), shape, backward, compilable, build, work, targets)
 
 
 def _layer_case(cell: str, mode: str, preset: Preset, shape: tuple[int, int, int] | None = None) -> Case:
@@ -314,17 +379,51 @@ def _as_tuple(outputs: object) -> Outputs:
     return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
+def target_cases(preset: Preset) -> list[Case]:
+    """The GPU targets of issues 4 and 6 ("Performance"), at the sizes of a ``targets`` preset:
+    decode-step attention, every score, at each of ``decode_lengths``: >= 85% of the memory
+    (HBM) bandwidth from S = 1024 on and >= 3x the eager reference; multi-query scaled_dot
+    forward+backward at each head dim: >= 1x SDPA on its flash backend; additive forward:
+    >= 60% of the special-function (tanh) limit and >= 5x the torch.compile'd reference (the
+    only compiled peer here); the LSTM cell step: at most 1.5x the time of its recurrent GEMM."""
+    batch, length, dim, hidden = preset.batch, preset.length, preset.dim, preset.hidden
+    decode = [
+        _attention_case(score, "decode_step", "forward", batch, keys, dim, tag=f"b{batch}_s{keys}_d{dim}", compilable=False, targets=(
+            *((Target(85.0, resource="memory"),) if keys >= DECODE_BANDWIDTH_FROM else ()), Target(3.0, peer=REFERENCE),
+        ))
+        for keys in preset.decode_lengths
+        for score in SCORES
+    ]
+    multi_query = [
+        _attention_case("scaled_dot", "multi_query", "forward_backward", batch, length, head_dim,
+                        tag=f"b{batch}_t{length}_s{length}_d{head_dim}", compilable=False, flash_peer=True,
+                        targets=(Target(1.0, peer=FLASH_PEER),))
+        for head_dim in preset.head_dims
+    ]
+    additive_batch, additive_dim = preset.additive_batch, max(preset.head_dims)
+    additive = _attention_case(
+        "additive", "multi_query", "forward", additive_batch, length, additive_dim,
+        tag=f"b{additive_batch}_t{length}_s{length}_d{additive_dim}",
+        targets=(Target(60.0, resource="special functions"), Target(5.0, peer=COMPILED_REFERENCE)),
+    )
+    cell = _cell_case("lstm", "forward", batch, hidden, tag=f"b{batch}_h{hidden}", compilable=False, gemm_baseline=True,
+                      targets=(Target(1 / 1.5, peer=GEMM_BASELINE),))
+    return [*decode, *multi_query, additive, cell]
+
+
 def cases(preset: Preset) -> list[Case]:
-    """Every case of the benchmark at the shapes of ``preset``."""
+    """Every case of the benchmark at the shapes of ``preset`` (only its targets for a ``targets`` preset)."""
+    if preset.targets:
+        return target_cases(preset)
+    batch, length, dim = preset.batch, preset.length, preset.dim
     attention_cases = [
-        _attention_case(score, layout, mode, preset)
+        _attention_case(score, layout, mode, batch, length, dim)
         for score in SCORES
         for layout in ("multi_query", "decode_step")
         for mode in MODES
     ]
-    recurrent_cases = [
-        make(cell, mode, preset) for make in (_cell_case, _layer_case) for cell in ("lstm", "gru") for mode in MODES
-    ]
+    recurrent_cases = [_cell_case(cell, mode, preset.batch, preset.hidden) for cell in ("lstm", "gru") for mode in MODES]
+    recurrent_cases += [_layer_case(cell, mode, preset) for cell in ("lstm", "gru") for mode in MODES]
     if preset.large_layers:
         recurrent_cases += [_layer_case(cell, mode, preset, LARGE_LAYER) for cell in ("lstm", "gru") for mode in MODES]
     return [

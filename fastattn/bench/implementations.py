@@ -14,17 +14,15 @@ from typing import Callable
 import torch
 
 from fastattn import backends
-from fastattn.bench.cases import Case, Workload
+from fastattn.bench.cases import COMPILED_REFERENCE, REFERENCE, Case, Workload
 
-REFERENCE = "reference"
-COMPILED_REFERENCE = "reference-compiled"
 COTANGENT_SEED = 1
 
 
 @dataclass(frozen=True)
 class Implementation:
     name: str  # a backend name, "reference-compiled", or a peer's label
-    kind: str  # "backend" (fastattn's dispatch) or "peer"
+    kind: str  # "backend" (fastattn's dispatch), "peer", or "baseline" (timed, computes something else)
 
 
 def _runs(case: Case, backend_name: str, device_type: str) -> bool:
@@ -44,7 +42,8 @@ def runnable_backends(case: Case, device_type: str) -> list[str]:
 def implementations(case: Case, workload: Workload, device_type: str, compile_reference: bool) -> list[Implementation]:
     backend_rows = [Implementation(name, "backend") for name in runnable_backends(case, device_type)]
     compiled = [Implementation(COMPILED_REFERENCE, "peer")] if compile_reference and case.compilable else []
-    return backend_rows + compiled + [Implementation(name, "peer") for name in workload.peers]
+    peers = [Implementation(name, "peer") for name in workload.peers]
+    return backend_rows + compiled + peers + [Implementation(name, "baseline") for name in workload.baselines]
 
 
 def flatten(outputs: object) -> list[torch.Tensor]:
@@ -96,7 +95,7 @@ def prepare(case: Case, workload: Workload, implementation: Implementation, roun
         torch.compiler.reset()  # a fresh cache per case, so no case meets the recompile limit
         call = _on_backend(REFERENCE, torch.compile(workload.run))
     else:
-        call = workload.peers[implementation.name]
+        call = {**workload.peers, **workload.baselines}[implementation.name]
     if case.backward:
         return _with_backward(call, workload.leaves, rounded_to)
     return lambda: flatten(call())

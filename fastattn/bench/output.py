@@ -64,7 +64,19 @@ def format_table(results: list[Result]) -> str:
             f"{r.percent_of_limit:.2g}% {r.bound_by}",
             _speedup_cell(r),
         ))
-    return "\n".join(aligned([header, *rows]))
+    return "\n".join(aligned([header, *rows]) + _target_lines(results))
+
+
+def _target_lines(results: list[Result]) -> list[str]:
+    """Below the table, for the rows that have targets: each one's value and whether it is met."""
+    rows = []
+    for r in results:
+        for outcome in r.targets:
+            value = outcome["value"]
+            verdict = {True: "met", False: "NOT MET", None: "unknown"}[outcome["met"]]
+            shown = "-" if value is None else f"{value:.3g}" + ("x" if " vs " in outcome["target"] else "%")
+            rows.append((r.case, r.implementation, outcome["target"], shown, verdict))
+    return ["", "targets (issues 4 and 6):", *aligned(rows, indent="  ")] if rows else []
 
 
 def report(results: list[Result], preset: dict, machine: dict, limits: dict, compile_reference: bool) -> dict:

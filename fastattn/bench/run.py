@@ -7,6 +7,10 @@ tolerance follows the project's rule: 2 x the error of the reference run in the 
 dtype, plus 100 machine epsilons of that dtype times the oracle's largest magnitude (so a
 float64 run, whose reference IS the oracle, still has room for reordered sums).
 Speedups of a row are the other implementations' median times divided by its own.
+Baselines (timed parts of the op, such as an LSTM step's recurrent GEMM) are not checked.
+A fastattn backend's row (not the reference's) on a case with targets says of each
+:class:`~fastattn.bench.cases.Target` the value reached and whether it is met (``None``
+where it cannot be told: a failed row, a peer that did not run, a limit the device lacks).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from fastattn.bench import memory
-from fastattn.bench.cases import DTYPES, PRESETS, BenchError, Case, Preset, cases, select
+from fastattn.bench.cases import DTYPES, PRESETS, BenchError, Case, Preset, Target, cases, select
 from fastattn.bench.implementations import REFERENCE, Implementation, implementations, prepare
 from fastattn.bench.machine import Limits
 from fastattn.bench.timing import time_call
@@ -47,6 +51,8 @@ class Result:
     work: dict[str, float]  # roofline.Work as a dict
     percent_of_limit: float | None
     bound_by: str | None
+    percent_of: dict[str, float] = field(default_factory=dict)  # resource -> % of its limit reached
+    targets: list[dict] = field(default_factory=list)  # {"target", "value", "met"} per Target of the case
     speedup: dict[str, float] = field(default_factory=dict)  # other implementation -> its time / ours
     failure: str | None = None
     times_s: list[float] = field(default_factory=list)
@@ -106,7 +112,9 @@ def _measure_case(case: Case, device: str, dtype: torch.dtype, min_run_time: flo
             entry = _Measured(implementation)
             try:
                 call = prepare(case, workload, implementation, dtype)
-                entry.error = max_error(call(), oracle)  # also the warm-up (and the compile)
+                outputs = call()  # also the warm-up (and the compile)
+                if implementation.kind != "baseline":
+                    entry.error = max_error(outputs, oracle)
                 entry.timing = time_call(call, device, min_run_time)
                 if device == "cuda":
                     entry.peak_bytes = memory.peak_bytes_cuda(call)
@@ -118,6 +126,11 @@ def _measure_case(case: Case, device: str, dtype: torch.dtype, min_run_time: flo
     return measured, 2 * reference_error + slack
 
 
+def _target_outcome(target: Target, speedup: dict[str, float], percent_of: dict[str, float]) -> dict:
+    value = speedup.get(target.peer) if target.peer is not None else percent_of.get(target.resource)
+    return {"target": target.describe(), "value": value, "met": None if value is None else bool(value >= target.minimum)}
+
+
 def _results_of(case: Case, measured: list[_Measured], tolerance: float, device: str, dtype: str,
                 limits: Limits) -> list[Result]:
     work = case.work(DTYPES[dtype].itemsize)
@@ -126,6 +139,10 @@ def _results_of(case: Case, measured: list[_Measured], tolerance: float, device:
     for m in measured:
         median = medians.get(m.implementation.name)
         percent, bound = roofline.percent_of_limit(work, limits.device, dtype, median) if median else (None, None)
+        percent_of = roofline.percent_of_each(work, limits.device, dtype, median) if median else {}
+        speedup = {other: time / median for other, time in medians.items() if other != m.implementation.name} if median else {}
+        ours = m.implementation.kind == "backend" and m.implementation.name != REFERENCE
+        targets = [_target_outcome(target, speedup, percent_of) for target in case.targets] if ours else []
         results.append(Result(
             case=case.name, implementation=m.implementation.name, kind=m.implementation.kind,
             shape=case.shape, dtype=dtype, device=device,
@@ -134,8 +151,7 @@ def _results_of(case: Case, measured: list[_Measured], tolerance: float, device:
             max_error=m.error, tolerance=tolerance,
             error_ok=None if m.error is None else bool(m.error <= tolerance),
             peak_bytes=m.peak_bytes, work=vars(work).copy(),
-            percent_of_limit=percent, bound_by=bound,
-            speedup={other: time / median for other, time in medians.items() if other != m.implementation.name} if median else {},
+            percent_of_limit=percent, bound_by=bound, percent_of=percent_of, targets=targets, speedup=speedup,
             failure=m.failure, times_s=list(m.timing.times_s) if m.timing else [],
         ))
     return results
