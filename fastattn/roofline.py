@@ -56,8 +56,9 @@ def _work(flops: float, transcendentals: float, input_elements: float, output_el
 
 
 def attention_work(score: str, batch: int, queries: int, keys: int, dim: int, *,
-                   element_bytes: int, backward: bool = False) -> Work:
+                   element_bytes: int, backward: bool = False, cached_keys: bool = False) -> Work:
     """Soft attention with D = Dq = Dk = Dv = Da, values = keys; ``queries`` = 1 for a decoder step.
+    ``cached_keys`` (additive): the projected keys W_k h are an input, computed beforehand.
 
     Only the context is an output (weights are not returned)."""
     pairs = batch * queries * keys
@@ -72,6 +73,10 @@ def attention_work(score: str, batch: int, queries: int, keys: int, dim: int, *,
     elif score == "general":  # W_a applied on the shorter side, then a dot product
         score_flops = 2 * batch * min(queries, keys) * dim * dim + 2 * pairs * dim
         inputs += dim * dim
+    elif score == "additive" and cached_keys:  # W_q s, then v_a . tanh(...) per pair; reads K'
+        score_flops = 2 * batch * queries * dim * dim + 2 * pairs * dim
+        exps += pairs * dim  # tanh
+        inputs += dim * dim + 2 * dim + batch * keys * dim
     elif score == "additive":  # W_q s, W_k h, then v_a . tanh(...) per pair
         score_flops = 2 * batch * (queries + keys) * dim * dim + 2 * pairs * dim
         exps += pairs * dim  # tanh

@@ -25,6 +25,12 @@ def test_additive_attention_forward():
     assert work == Work(bytes=4 * (24 + 40 + 40 + 24), flops=992, transcendentals=150)
 
 
+def test_additive_attention_on_cached_projected_keys():
+    # No W_k h (992 - 320 FLOPs); reads K' (2*5*4 = 40 floats) instead of W_k (16).
+    work = roofline.attention_work("additive", 2, 3, 5, 4, element_bytes=4, cached_keys=True)
+    assert work == Work(bytes=4 * (24 + 40 + 16 + 8 + 40 + 24), flops=672, transcendentals=150)
+
+
 @pytest.mark.parametrize(
     "score, flops, transcendentals, extra_inputs",
     [

@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastattn import backends, roofline
 from fastattn.optimize import optimize
-from fastattn.functional.attention import attention, hard_attention
+from fastattn.functional.attention import additive_attention, attention, hard_attention
 from fastattn.functional.recurrent import gru_cell, lstm_cell
 from fastattn.nn.decoder import AttentionDecoderCell, DecoderState
 from fastattn.zoo.seq2seq import EOS, Seq2Seq, Seq2SeqConfig
@@ -198,10 +198,15 @@ def _torch_sdpa_flash(query: torch.Tensor, keys: torch.Tensor, scale: float) -> 
 
 
 def _attention_case(score: str, layout: str, mode: str, batch: int, length: int, dim: int, *, tag: str = "",
-                    compilable: bool = True, flash_peer: bool = False, targets: tuple[Target, ...] = ()) -> Case:
+                    compilable: bool = True, flash_peer: bool = False, cached_keys: bool = False,
+                    targets: tuple[Target, ...] = ()) -> Case:
     """``layout`` is ``multi_query`` (query (B, T, D), T = S = ``length``) or ``decode_step``
     (query (B, D)); ``tag`` (the shape) goes into the name before the mode; ``flash_peer``
-    adds SDPA on its flash backend (dot and scaled_dot multi-query only)."""
+    adds SDPA on its flash backend (dot and scaled_dot multi-query only); ``cached_keys``
+    (additive only): the key projection W_k h is computed once, outside the timed call, as a
+    decoder does once per source, and each call runs ``additive_attention`` on it."""
+    if cached_keys and (score != "additive" or mode != "forward"):
+        raise BenchError(f"cached_keys is for additive forward cases, not {score} {mode}")
     queries = length if layout == "multi_query" else 1
     shape = {"B": batch, "T": length, "S": length, "D": dim} if layout == "multi_query" else {"B": batch, "S": length, "D": dim}
     backward = mode == "forward_backward"
@@ -216,10 +221,17 @@ def _attention_case(score: str, layout: str, mode: str, batch: int, length: int,
             peers["torch sdpa"] = lambda: (_torch_sdpa(query, keys, scale),)
             if flash_peer:
                 peers[FLASH_PEER] = lambda: (_torch_sdpa_flash(query, keys, scale),)
+        if cached_keys:
+            with torch.no_grad():
+                key_projection = keys @ parameters["w_key"].T
+            w_query, v, bias = parameters["w_query"], parameters["v"], parameters["bias"]
+            read = [query, key_projection, keys, w_query, v, bias]  # W_k is not read by the call
+            return Workload(lambda: (additive_attention(query @ w_query.T, key_projection, v, keys, bias=bias),), read, peers)
         return Workload(lambda: (attention(query, keys, score=score, **parameters),), inputs.leaves, peers)
 
     def work(element_bytes: int) -> roofline.Work:
-        return roofline.attention_work(score, batch, queries, length, dim, element_bytes=element_bytes, backward=backward)
+        return roofline.attention_work(score, batch, queries, length, dim, element_bytes=element_bytes, backward=backward,
+                                       cached_keys=cached_keys)
 
     name = ".".join(part for part in ("attention", score, layout, tag, mode) if part)
     return Case(name, ("attention",), shape, backward, compilable, build, work, targets)
@@ -381,14 +393,16 @@ def _as_tuple(outputs: object) -> Outputs:
 
 def target_cases(preset: Preset) -> list[Case]:
     """The GPU targets of issues 4 and 6 ("Performance"), at the sizes of a ``targets`` preset:
-    decode-step attention, every score, at each of ``decode_lengths``: >= 85% of the memory
+    decode-step attention, every score (additive on cached projected keys K', as the issues
+    state its per-step read), at each of ``decode_lengths``: >= 85% of the memory
     (HBM) bandwidth from S = 1024 on and >= 3x the eager reference; multi-query scaled_dot
     forward+backward at each head dim: >= 1x SDPA on its flash backend; additive forward:
     >= 60% of the special-function (tanh) limit and >= 5x the torch.compile'd reference (the
     only compiled peer here); the LSTM cell step: at most 1.5x the time of its recurrent GEMM."""
     batch, length, dim, hidden = preset.batch, preset.length, preset.dim, preset.hidden
     decode = [
-        _attention_case(score, "decode_step", "forward", batch, keys, dim, tag=f"b{batch}_s{keys}_d{dim}", compilable=False, targets=(
+        _attention_case(score, "decode_step", "forward", batch, keys, dim, tag=f"b{batch}_s{keys}_d{dim}", compilable=False,
+                        cached_keys=score == "additive", targets=(
             *((Target(85.0, resource="memory"),) if keys >= DECODE_BANDWIDTH_FROM else ()), Target(3.0, peer=REFERENCE),
         ))
         for keys in preset.decode_lengths
