@@ -526,24 +526,15 @@ DecoderStepPlan decoder_step_plan(const DecoderStepProblem& p, int multiprocesso
 
 cudaError_t decoder_step_plan_on_device(const DecoderStepProblem& p, DecoderStepPlan* plan) {
   *plan = DecoderStepPlan{};
-  int device = 0, multiprocessors = 0, shared_optin = 0, cooperative = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
-  if (status == cudaSuccess) {
-    status = cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  }
-  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
-  if (status != cudaSuccess || cooperative == 0) return status;
-  const DecoderStepPlan candidate = decoder_step_plan(p, multiprocessors, shared_optin);
+  CooperativeDevice device;
+  const cudaError_t status = query_cooperative_device(&device);
+  if (status != cudaSuccess || device.cooperative == 0) return status;
+  const DecoderStepPlan candidate = decoder_step_plan(p, device.multiprocessors, device.shared_optin);
   if (candidate.blocks == 0) return cudaSuccess;
   return with_kernel(p, wide_loads_fit(p), [&](auto kernel) -> cudaError_t {
-    cudaError_t result = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(candidate.shared_bytes));
     int per_multiprocessor = 0;
-    if (result == cudaSuccess) {
-      result = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, candidate.threads,
-                                                             static_cast<size_t>(candidate.shared_bytes));
-    }
+    const cudaError_t result =
+        resident_blocks_per_multiprocessor(kernel, candidate.threads, candidate.shared_bytes, &per_multiprocessor);
     if (result == cudaSuccess && per_multiprocessor >= 1) *plan = candidate;
     return result;
   });

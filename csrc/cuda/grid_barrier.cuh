@@ -26,5 +26,41 @@ __device__ __forceinline__ void grid_barrier(unsigned long long* counter, unsign
   __syncthreads();
 }
 
+// What a cooperative launch on the current device may use: its multiprocessors and the
+// dynamic shared memory a block may opt in to; cooperative is 0 when the device cannot
+// launch cooperative kernels.
+struct CooperativeDevice {
+  int multiprocessors = 0;
+  int shared_optin = 0;
+  int cooperative = 0;
+};
+
+inline cudaError_t query_cooperative_device(CooperativeDevice* device) {
+  *device = CooperativeDevice{};
+  int id = 0;
+  cudaError_t status = cudaGetDevice(&id);
+  if (status == cudaSuccess) {
+    status = cudaDeviceGetAttribute(&device->multiprocessors, cudaDevAttrMultiProcessorCount, id);
+  }
+  if (status == cudaSuccess) {
+    status = cudaDeviceGetAttribute(&device->shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, id);
+  }
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&device->cooperative, cudaDevAttrCooperativeLaunch, id);
+  return status;
+}
+
+// How many blocks of `kernel` (`threads` each, `shared_bytes` of dynamic shared memory,
+// opted in here) fit on one multiprocessor at once.
+template <typename Kernel>
+cudaError_t resident_blocks_per_multiprocessor(Kernel kernel, int threads, int64_t shared_bytes, int* blocks) {
+  *blocks = 0;
+  cudaError_t status =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
+  if (status == cudaSuccess) {
+    status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, threads, static_cast<size_t>(shared_bytes));
+  }
+  return status;
+}
+
 }  // namespace cuda
 }  // namespace fastattn

@@ -392,26 +392,18 @@ PersistentPlan persistent_recurrent_plan(RecurrentCell cell, bool backward, int6
 cudaError_t persistent_recurrent_plan_on_device(RecurrentCell cell, bool backward, int64_t batch, int64_t hidden,
                                                 PersistentPlan* plan) {
   *plan = PersistentPlan{};
-  int device = 0, multiprocessors = 0, shared_optin = 0, cooperative = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
-  if (status == cudaSuccess) {
-    status = cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  }
-  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
-  if (status != cudaSuccess || cooperative == 0) return status;
+  CooperativeDevice device;
+  const cudaError_t status = query_cooperative_device(&device);
+  if (status != cudaSuccess || device.cooperative == 0) return status;
   const PersistentPlan candidate =
-      persistent_recurrent_plan(cell, backward, batch, hidden, multiprocessors, shared_optin);
+      persistent_recurrent_plan(cell, backward, batch, hidden, device.multiprocessors, device.shared_optin);
   if (candidate.blocks == 0) return cudaSuccess;
   return with_kernel(cell, backward, [&](auto kernel) -> cudaError_t {
-    cudaError_t result = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(candidate.shared_bytes));
     int per_multiprocessor = 0;
-    if (result == cudaSuccess) {
-      result = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, candidate.threads,
-                                                             static_cast<size_t>(candidate.shared_bytes));
-    }
-    if (result == cudaSuccess && static_cast<int64_t>(per_multiprocessor) * multiprocessors >= candidate.blocks) {
+    const cudaError_t result =
+        resident_blocks_per_multiprocessor(kernel, candidate.threads, candidate.shared_bytes, &per_multiprocessor);
+    if (result == cudaSuccess &&
+        static_cast<int64_t>(per_multiprocessor) * device.multiprocessors >= candidate.blocks) {
       *plan = candidate;
     }
     return result;
