@@ -311,9 +311,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
 
   const auto empty = [&] { return at::empty({0}, options); };  // absent gradients must not alias
-  at::Tensor grad_v = additive ? grad_v_rows.sum({0, 1}).to(query.scalar_type()) : empty();
-  at::Tensor grad_bias =
-      additive && in.bias.defined() ? grad_query.sum({0, 1}, false, accumulation_dtype(query.scalar_type())).to(query.scalar_type()) : empty();
+  const std::vector<int64_t> batch_and_rows = {0, 1};  // a braced list is ambiguous for Tensor::sum
+  at::Tensor grad_v = additive ? grad_v_rows.sum(batch_and_rows).to(query.scalar_type()) : empty();
+  at::Tensor grad_bias = additive && in.bias.defined()
+                             ? grad_query.sum(batch_and_rows, false, accumulation_dtype(query.scalar_type()))
+                                   .to(query.scalar_type())
+                             : empty();
   return {grad_query, grad_keys, grad_values, grad_v, grad_bias,
           wants_center ? grad_center.to(query.scalar_type()) : empty()};
 }
