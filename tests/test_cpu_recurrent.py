@@ -171,3 +171,20 @@ def test_gradients_through_one_output_only_match_the_reference(function_name):
                 assert a is None or not a.any()
             else:
                 torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cells_with_few_rows_split_over_the_weight_rows_match_the_reference(batch):
+    """With a few rows the cells' projections are split over the rows of the weights, one
+    GEMV per thread (160 gate rows: several tasks on 2 threads), in grad mode and without."""
+    hidden, previous_threads = 40, torch.get_num_threads()
+    x, h, c = leaves((batch, INPUT), (batch, hidden), (batch, hidden))
+    torch.set_num_threads(2)
+    try:
+        compare("lstm_cell", (x, h, c, *weights(4, True, hidden=hidden)), torch.float64)
+        compare("gru_cell", (x, h, *weights(3, True, hidden=hidden)), torch.float64)
+        with torch.no_grad():
+            kernel = backends.implementation("lstm_cell", "cpu", "cpu")(x, h, c, *weights(4, True, hidden=hidden))
+            torch.testing.assert_close(kernel, reference.lstm_cell(x, h, c, *weights(4, True, hidden=hidden)), rtol=1e-10, atol=1e-10)
+    finally:
+        torch.set_num_threads(previous_threads)

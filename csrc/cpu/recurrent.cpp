@@ -124,7 +124,14 @@ at::Tensor lengths_as_int64(const char* op, const std::optional<at::Tensor>& len
 // = x2d @ w_ih^T (b_ih is added in the fused loop: one pass less over the buffer than
 // addmm's broadcast of the bias).
 void input_projection_into(at::Tensor out, const at::Tensor& x2d, const at::Tensor& w_ih) {
-  at::mm_out(out, x2d, w_ih.t());
+  matmul_transposed_into(out, x2d, w_ih);
+}
+
+// The recurrent projection of a cell: h @ w_hh^T, (rows, G).
+at::Tensor hidden_projection(const at::Tensor& h, const at::Tensor& w_hh) {
+  at::Tensor out = at::empty({h.size(0), w_hh.size(0)}, h.options());
+  matmul_transposed_into(out, h, w_hh);
+  return out;
 }
 
 // grad of a bias: the gate gradients summed over rows, or empty when there is no bias.
@@ -357,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
   const int64_t G = kLstmGates * H;
   const at::Tensor input_bias = bias_or_zeros(b_ih, G, x_in.options());
   const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, x_in.options());
-  const at::Tensor hidden_gates = at::mm(h_in, w_hh_in.t());
+  const at::Tensor hidden_gates = hidden_projection(h_in, w_hh_in);
   at::Tensor h_next = at::empty({B, H}, x_in.options());
   at::Tensor c_next = at::empty({B, H}, x_in.options());
   at::Tensor saved = at::empty({B, G}, x_in.options());
@@ -465,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_forward(const at::Tensor& x_in, cons
   const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
   const at::Tensor input_bias = bias_or_zeros(b_ih, G, x_in.options());
   const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, x_in.options());
-  const at::Tensor hidden_gates = at::mm(h, w_hh_in.t());
+  const at::Tensor hidden_gates = hidden_projection(h, w_hh_in);
   at::Tensor h_next = at::empty({B, H}, x_in.options());
   at::Tensor saved = at::empty({B, 4 * H}, x_in.options());
   input_projection_into(saved.narrow(1, 0, G), x_in, w_ih_in);
