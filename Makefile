@@ -25,9 +25,11 @@ test: install
 bench: install
 	$(PYTHON) -m pytest benchmarks --benchmark-only
 
-# Every CUDA translation unit compiled with nvcc for sm_80 and sm_90a (compile only: no GPU needed).
+# Every CUDA translation unit compiled with nvcc for sm_80 and sm_90a (compile only: no GPU needed),
+# then the torch binding syntax-checked against the installed torch's headers.
 cuda-check:
 	bash csrc/cuda/nvcc_check.sh
+	PYTHON=$(PYTHON) bash csrc/cuda/binding_check.sh
 
 # The one-script GPU proof (../shared/design/GPU.md), for a machine with a GPU.
 gpu-check:
