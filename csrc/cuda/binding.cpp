@@ -621,6 +621,46 @@ at::Tensor previous_hidden(const at::Tensor& output, const at::Tensor& h0, const
   return at::where(next_active.unsqueeze(2), shifted, h0.unsqueeze(0));
 }
 
+// What the LSTM and GRU layer forwards share before their recurrences: the inputs in the
+// compute dtype, output and saved allocated, and the input projections of all steps (one
+// GEMM) in the first G columns of saved.  The caller holds the device guard.
+struct LayerForwardStart {
+  at::Tensor lengths, x, w_hh, b_ih, b_hh, output, saved;
+};
+
+LayerForwardStart start_layer_forward(const char* op, at::ScalarType compute, const LayerShape& shape, int64_t G,
+                                      int64_t width, const at::Tensor& x_in, const at::Tensor& w_ih_in,
+                                      const at::Tensor& w_hh_in, const OptionalTensor& b_ih_in,
+                                      const OptionalTensor& b_hh_in, const OptionalTensor& lengths_in) {
+  const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H;
+  LayerForwardStart start;
+  start.lengths = layer_lengths(op, lengths_in, x_in, B);
+  start.x = compute_in(x_in, compute);
+  const at::Tensor w_ih = compute_in(w_ih_in, compute);
+  start.w_hh = compute_in(w_hh_in, compute);
+  start.b_ih = compute_in(b_ih_in, compute);
+  start.b_hh = compute_in(b_hh_in, compute);
+  start.output = at::empty({T, B, H}, start.x.options());
+  start.saved = at::empty({T, B, width}, start.x.options());
+  at::Tensor input_gates = start.saved.view({T * B, width}).narrow(1, 0, G);
+  at::mm_out(input_gates, start.x.view({T * B, I}), w_ih.t());
+  return start;
+}
+
+// The buffers of a persistent forward (float32 compute); c_state undefined for the GRU.
+PersistentForwardBuffers persistent_forward_buffers(LayerForwardStart& start, at::Tensor& h_state,
+                                                    at::Tensor& c_state, at::Tensor& h_scratch) {
+  PersistentForwardBuffers buffers;
+  buffers.b_ih = float_or_null(start.b_ih);
+  buffers.b_hh = float_or_null(start.b_hh);
+  buffers.saved = start.saved.mutable_data_ptr<float>();
+  buffers.output = start.output.mutable_data_ptr<float>();
+  buffers.h_state = h_state.mutable_data_ptr<float>();
+  buffers.c_state = c_state.defined() ? c_state.mutable_data_ptr<float>() : nullptr;
+  buffers.h_scratch = h_scratch.mutable_data_ptr<float>();
+  return buffers;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
     const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& w_ih_in,
     const at::Tensor& w_hh_in, const OptionalTensor& b_ih_in, const OptionalTensor& b_hh_in,
@@ -628,30 +668,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
   const char* op = "lstm_layer_forward";
   const at::ScalarType compute = recurrent_dtype(op, x_in);
   const LayerShape shape = check_layer(op, x_in, h0_in, &c0_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kLstmGates);
-  const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H, G = kLstmGates * H, width = G + H;
+  const int64_t T = shape.T, B = shape.B, H = shape.H, G = kLstmGates * H, width = G + H;
   const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor lengths = layer_lengths(op, lengths_in, x_in, B);
-  const at::Tensor x = compute_in(x_in, compute);
-  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
-  const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
-  at::Tensor output = at::empty({T, B, H}, x.options());
-  at::Tensor saved = at::empty({T, B, width}, x.options());
-  at::Tensor input_gates = saved.view({T * B, width}).narrow(1, 0, G);
-  at::mm_out(input_gates, x.view({T * B, I}), w_ih.t());  // the input projections of all steps, one GEMM
+  LayerForwardStart start =
+      start_layer_forward(op, compute, shape, G, width, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, lengths_in);
+  const at::Tensor &lengths = start.lengths, &x = start.x, &w_hh = start.w_hh, &b_ih = start.b_ih, &b_hh = start.b_hh;
+  at::Tensor &output = start.output, &saved = start.saved;
   at::Tensor h_state = compute_in(h0_in, compute).clone(), c_state = compute_in(c0_in, compute).clone();
   const cudaStream_t stream = current_stream();
   if (const auto plan = persistent_plan(op, RecurrentCell::kLstm, false, compute, shape)) {
-    const at::Tensor h_scratch = at::empty({B, H}, x.options()), barrier = barrier_counter(x);
-    PersistentForwardBuffers buffers;
-    buffers.b_ih = float_or_null(b_ih);
-    buffers.b_hh = float_or_null(b_hh);
-    buffers.saved = saved.mutable_data_ptr<float>();
-    buffers.output = output.mutable_data_ptr<float>();
-    buffers.h_state = h_state.mutable_data_ptr<float>();
-    buffers.c_state = c_state.mutable_data_ptr<float>();
-    buffers.h_scratch = h_scratch.mutable_data_ptr<float>();
+    at::Tensor h_scratch = at::empty({B, H}, x.options());
+    const at::Tensor barrier = barrier_counter(x);
     check_launch(op, launch_persistent_lstm_forward(persistent_layer(shape, lengths, reverse, w_hh, barrier), *plan,
-                                                    buffers, stream));
+                                                    persistent_forward_buffers(start, h_state, c_state, h_scratch),
+                                                    stream));
   } else {
     const at::Tensor w_hh_t = w_hh.t();
     at::Tensor hidden_gates = at::empty({B, G}, x.options());
@@ -753,29 +783,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cuda(
   const char* op = "gru_layer_forward";
   const at::ScalarType compute = recurrent_dtype(op, x_in);
   const LayerShape shape = check_layer(op, x_in, h0_in, nullptr, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kGruGates);
-  const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H, G = kGruGates * H, width = 4 * H;
+  const int64_t T = shape.T, B = shape.B, H = shape.H, G = kGruGates * H, width = 4 * H;
   const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor lengths = layer_lengths(op, lengths_in, x_in, B);
-  const at::Tensor x = compute_in(x_in, compute);
-  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
-  const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
-  at::Tensor output = at::empty({T, B, H}, x.options());
-  at::Tensor saved = at::empty({T, B, width}, x.options());
-  at::Tensor input_gates = saved.view({T * B, width}).narrow(1, 0, G);
-  at::mm_out(input_gates, x.view({T * B, I}), w_ih.t());  // the input projections of all steps, one GEMM
-  at::Tensor h_state = compute_in(h0_in, compute).clone();
+  LayerForwardStart start =
+      start_layer_forward(op, compute, shape, G, width, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, lengths_in);
+  const at::Tensor &lengths = start.lengths, &x = start.x, &w_hh = start.w_hh, &b_ih = start.b_ih, &b_hh = start.b_hh;
+  at::Tensor &output = start.output, &saved = start.saved;
+  at::Tensor h_state = compute_in(h0_in, compute).clone(), no_cell_state;
   const cudaStream_t stream = current_stream();
   if (const auto plan = persistent_plan(op, RecurrentCell::kGru, false, compute, shape)) {
-    const at::Tensor h_scratch = at::empty({B, H}, x.options()), barrier = barrier_counter(x);
-    PersistentForwardBuffers buffers;
-    buffers.b_ih = float_or_null(b_ih);
-    buffers.b_hh = float_or_null(b_hh);
-    buffers.saved = saved.mutable_data_ptr<float>();
-    buffers.output = output.mutable_data_ptr<float>();
-    buffers.h_state = h_state.mutable_data_ptr<float>();
-    buffers.h_scratch = h_scratch.mutable_data_ptr<float>();
+    at::Tensor h_scratch = at::empty({B, H}, x.options());
+    const at::Tensor barrier = barrier_counter(x);
     check_launch(op, launch_persistent_gru_forward(persistent_layer(shape, lengths, reverse, w_hh, barrier), *plan,
-                                                   buffers, stream));
+                                                   persistent_forward_buffers(start, h_state, no_cell_state, h_scratch),
+                                                   stream));
   } else {
     const at::Tensor w_hh_t = w_hh.t();
     at::Tensor hidden_gates = at::empty({B, G}, x.options());
