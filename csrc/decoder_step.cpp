@@ -112,13 +112,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_decoder_step(
     const optional<Tensor>& bias, c10::string_view score, double scale, const optional<Tensor>& lengths,
     const optional<Tensor>& key_padding_mask, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
     const Tensor& w_combine, bool input_feeding) {
-  const bool records_gradients =
-      at::GradMode::is_enabled() &&
-      (y.requires_grad() || h.requires_grad() || requires_grad(c) || attentional.requires_grad() ||
-       keys.requires_grad() || values.requires_grad() || requires_grad(query_weight) || requires_grad(v) ||
-       requires_grad(bias) || w_ih.requires_grad() || w_hh.requires_grad() || requires_grad(b_ih) ||
-       requires_grad(b_hh) || w_combine.requires_grad());
-  if (!records_gradients && y.is_cuda()) {
+  const auto records_gradients = [&] {
+    return at::GradMode::is_enabled() &&
+           (y.requires_grad() || h.requires_grad() || requires_grad(c) || attentional.requires_grad() ||
+            keys.requires_grad() || values.requires_grad() || requires_grad(query_weight) || requires_grad(v) ||
+            requires_grad(bias) || w_ih.requires_grad() || w_hh.requires_grad() || requires_grad(b_ih) ||
+            requires_grad(b_hh) || w_combine.requires_grad());
+  };
+  if (y.is_cuda() && !records_gradients()) {  // the CPU path never asks
     static const auto inference = fastattn_op<DecoderStep>("fastattn::attention_decoder_step_inference");
     return inference.call(y, h, c, attentional, keys, values, query_weight, v, bias, score, scale, lengths,
                           key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding);
