@@ -6,8 +6,9 @@
 //
 // Forward: Q K^T -> scale -> masks -> online softmax -> Gaussian -> P V for a tile of
 // kBlockRows query rows per block (4 warps, 16 rows each; the Q fragments stay in
-// registers) over tiles of kBlockKeys keys staged in shared memory (K row-major, V
-// transposed, so that both are plain 32-bit fragment loads).  Masks in-kernel as
+// registers) over tiles of kBlockKeys keys staged in shared memory (row-major, rows
+// padded to keep ldmatrix 16-byte aligned and free of bank conflicts; ldmatrix.trans
+// reads V's B fragments).  Masks in-kernel as
 // attention_forward.cu and csrc/cpu/attention.cpp define them (lengths,
 // key_padding_mask, causal, local windows with the Gaussian factor): the block walks
 // only the union of its rows' key ranges, so key tiles outside every row's range are
@@ -22,7 +23,7 @@
 // Not handled (attention_tensor_core_supported says no; the binding keeps
 // attention_forward.cu / attention_backward.cu): other scores and dtypes, other head
 // dims, unaligned rows, the weights output and its gradient, grad_center (local-p with
-// the Gaussian).  No cp.async / ldmatrix pipelining: each tile is loaded, then used.
+// the Gaussian).  No cp.async pipelining: each tile is loaded, then used.
 #include "attention_device.cuh"
 #include "mma.cuh"
 
@@ -39,12 +40,12 @@ constexpr int kSkew = 8;                                     // padding per shar
 constexpr int kChunk = 8;                                    // elements per 16-byte load
 
 // Shared memory: row_begin, row_end (int64) | row_center (float) | key_hidden (int)
-// | Q tile (kBlockRows x (kD + kSkew)) | K tile (kBlockKeys x (kD + kSkew)) | V^T
-// tile (kDv x (kBlockKeys + kSkew)), all in T.
+// | Q tile (kBlockRows x (kD + kSkew)) | K tile (kBlockKeys x (kD + kSkew)) | V tile
+// (kBlockKeys x (kDv + kSkew)), all in T; every tile row 16-byte aligned.
 template <int kD, int kDv>
 constexpr size_t tensor_core_shared_bytes() {
   return 2 * sizeof(int64_t) * kBlockRows + sizeof(float) * kBlockRows + sizeof(int) * kBlockKeys +
-         2 * (static_cast<size_t>(kBlockRows + kBlockKeys) * (kD + kSkew) + static_cast<size_t>(kDv) * (kBlockKeys + kSkew));
+         2 * (static_cast<size_t>(kBlockRows + kBlockKeys) * (kD + kSkew) + static_cast<size_t>(kBlockKeys) * (kDv + kSkew));
 }
 
 // `rows` rows of `width` elements from `source` (row stride `width`) into shared
@@ -57,25 +58,6 @@ __device__ __forceinline__ void load_rows(T* tile, const T* source, int rows, in
     uint4 data = make_uint4(0, 0, 0, 0);
     if (r < valid_rows) data = *reinterpret_cast<const uint4*>(source + static_cast<int64_t>(r) * kWidth + chunk * kChunk);
     *reinterpret_cast<uint4*>(tile + r * (kWidth + kSkew) + chunk * kChunk) = data;
-  }
-}
-
-// kBlockKeys value rows from `source` into shared `tile` transposed: element (key k,
-// feature d) at tile[d * (kBlockKeys + kSkew) + k]; zeros for keys at or past `valid`.
-template <typename T, int kDv>
-__device__ __forceinline__ void load_values_transposed(T* tile, const T* source, int64_t valid) {
-  constexpr int kChunks = kDv / kChunk;
-  for (int i = threadIdx.x; i < kBlockKeys * kChunks; i += kTensorCoreThreads) {
-    const int k = i / kChunks, chunk = i % kChunks;
-    Pack<T, kChunk> pack;
-    if (k < valid) {
-      pack = *reinterpret_cast<const Pack<T, kChunk>*>(source + static_cast<int64_t>(k) * kDv + chunk * kChunk);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kChunk; ++e) pack.element[e] = from_acc<T>(0.f);
-    }
-#pragma unroll
-    for (int e = 0; e < kChunk; ++e) tile[(chunk * kChunk + e) * (kBlockKeys + kSkew) + k] = pack.element[e];
   }
 }
 
@@ -104,7 +86,7 @@ template <typename T, int kD, int kDv>
 __global__ void __launch_bounds__(kTensorCoreThreads)
     attention_forward_tensor_core_kernel(DeviceProblem<T> p, AttentionForwardBuffers out, const T* grad_context,
                                          float* row_dot) {
-  constexpr int kKeyStride = kD + kSkew, kValueStride = kBlockKeys + kSkew;
+  constexpr int kKeyStride = kD + kSkew, kValueStride = kDv + kSkew;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   int64_t* row_begin = reinterpret_cast<int64_t*>(shared_bytes);
   int64_t* row_end = row_begin + kBlockRows;
@@ -154,7 +136,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
     for (int64_t tile = lowest; tile < highest; tile += kBlockKeys) {
       const int64_t valid_keys = highest - tile;
       load_rows<T, kD>(key_tile, p.key_row(n, tile), kBlockKeys, valid_keys);
-      load_values_transposed<T, kDv>(value_tile, p.value_row(n, tile), valid_keys);
+      load_rows<T, kDv>(value_tile, p.value_row(n, tile), kBlockKeys, valid_keys);
       if (threadIdx.x < kBlockKeys) {
         key_hidden[threadIdx.x] = threadIdx.x >= valid_keys || p.is_padding(n, tile + threadIdx.x);
       }
@@ -165,11 +147,15 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       for (int nt = 0; nt < kBlockKeys / 8; ++nt) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) score[nt][r] = 0.f;
+      }
+#pragma unroll
+      for (int nt = 0; nt < kBlockKeys / 8; nt += 2) {
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk) {
-          uint32_t key_fragment[2];
-          load_fragment_b(key_fragment, key_tile + nt * 8 * kKeyStride + kk * 16, kKeyStride);
-          mma_m16n8k16<T>(score[nt], query_fragment[kk], key_fragment);
+          uint32_t key_fragments[2][2];
+          load_fragments_b(key_fragments, key_tile + nt * 8 * kKeyStride + kk * 16, kKeyStride);
+          mma_m16n8k16<T>(score[nt], query_fragment[kk], key_fragments[0]);
+          mma_m16n8k16<T>(score[nt + 1], query_fragment[kk], key_fragments[1]);
         }
       }
 
@@ -219,10 +205,11 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
             pack_pair<T>(weight[0][0], weight[0][1]), pack_pair<T>(weight[0][2], weight[0][3]),
             pack_pair<T>(weight[1][0], weight[1][1]), pack_pair<T>(weight[1][2], weight[1][3])};
 #pragma unroll
-        for (int dt = 0; dt < kDv / 8; ++dt) {
-          uint32_t value_fragment[2];
-          load_fragment_b(value_fragment, value_tile + dt * 8 * kValueStride + kk * 16, kValueStride);
-          mma_m16n8k16<T>(context[dt], probability_fragment, value_fragment);
+        for (int dt = 0; dt < kDv / 8; dt += 2) {
+          uint32_t value_fragments[2][2];
+          load_fragments_b_from_rows(value_fragments, value_tile + kk * 16 * kValueStride + dt * 8, kValueStride);
+          mma_m16n8k16<T>(context[dt], probability_fragment, value_fragments[0]);
+          mma_m16n8k16<T>(context[dt + 1], probability_fragment, value_fragments[1]);
         }
       }
       __syncthreads();  // the next tile overwrites K, V and key_hidden
@@ -374,10 +361,11 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
         uint32_t key_fragment[4];
         load_fragment_a(key_fragment, key_tile + warp * kWarpRows * kKeyStride + kk * 16, kKeyStride);
 #pragma unroll
-        for (int nt = 0; nt < kBlockRows / 8; ++nt) {
-          uint32_t query_fragment[2];
-          load_fragment_b(query_fragment, query_tile + nt * 8 * kKeyStride + kk * 16, kKeyStride);
-          mma_m16n8k16<T>(score[nt], key_fragment, query_fragment);
+        for (int nt = 0; nt < kBlockRows / 8; nt += 2) {
+          uint32_t query_fragments[2][2];
+          load_fragments_b(query_fragments, query_tile + nt * 8 * kKeyStride + kk * 16, kKeyStride);
+          mma_m16n8k16<T>(score[nt], key_fragment, query_fragments[0]);
+          mma_m16n8k16<T>(score[nt + 1], key_fragment, query_fragments[1]);
         }
       }
 #pragma unroll
@@ -385,10 +373,11 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
         uint32_t value_fragment[4];
         load_fragment_a(value_fragment, value_tile + warp * kWarpRows * kValueStride + kk * 16, kValueStride);
 #pragma unroll
-        for (int nt = 0; nt < kBlockRows / 8; ++nt) {
-          uint32_t grad_fragment[2];
-          load_fragment_b(grad_fragment, grad_tile + nt * 8 * kValueStride + kk * 16, kValueStride);
-          mma_m16n8k16<T>(probability_grad[nt], value_fragment, grad_fragment);
+        for (int nt = 0; nt < kBlockRows / 8; nt += 2) {
+          uint32_t grad_fragments[2][2];
+          load_fragments_b(grad_fragments, grad_tile + nt * 8 * kValueStride + kk * 16, kValueStride);
+          mma_m16n8k16<T>(probability_grad[nt], value_fragment, grad_fragments[0]);
+          mma_m16n8k16<T>(probability_grad[nt + 1], value_fragment, grad_fragments[1]);
         }
       }
 
@@ -418,39 +407,47 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
         accumulators_as_a<T>(weight_fragment, probability_grad[2 * kk], probability_grad[2 * kk + 1]);
         accumulators_as_a<T>(score_grad_fragment, score[2 * kk], score[2 * kk + 1]);
 #pragma unroll
-        for (int dt = 0; dt < kDv / 8; ++dt) {
-          uint32_t grad_fragment[2];
-          load_fragment_b_from_rows(grad_fragment, grad_tile + kk * 16 * kValueStride + dt * 8, kValueStride);
-          mma_m16n8k16<T>(value_grad[dt], weight_fragment, grad_fragment);
+        for (int dt = 0; dt < kDv / 8; dt += 2) {
+          uint32_t grad_fragments[2][2];
+          load_fragments_b_from_rows(grad_fragments, grad_tile + kk * 16 * kValueStride + dt * 8, kValueStride);
+          mma_m16n8k16<T>(value_grad[dt], weight_fragment, grad_fragments[0]);
+          mma_m16n8k16<T>(value_grad[dt + 1], weight_fragment, grad_fragments[1]);
         }
 #pragma unroll
-        for (int dt = 0; dt < kD / 8; ++dt) {
-          uint32_t query_fragment[2];
-          load_fragment_b_from_rows(query_fragment, query_tile + kk * 16 * kKeyStride + dt * 8, kKeyStride);
-          mma_m16n8k16<T>(key_grad[dt], score_grad_fragment, query_fragment);
+        for (int dt = 0; dt < kD / 8; dt += 2) {
+          uint32_t query_fragments[2][2];
+          load_fragments_b_from_rows(query_fragments, query_tile + kk * 16 * kKeyStride + dt * 8, kKeyStride);
+          mma_m16n8k16<T>(key_grad[dt], score_grad_fragment, query_fragments[0]);
+          mma_m16n8k16<T>(key_grad[dt + 1], score_grad_fragment, query_fragments[1]);
         }
       }
       __syncthreads();  // the dS tile is complete
 
-      // grad_query += dS K for this warp's 16 queries, 8 features at a time.
+      // grad_query += dS K for this warp's 16 queries, 16 features at a time.
       const int query_top = warp * kWarpRows + group;
+      uint32_t score_grad_fragments[kBlockKeys / 16][4];
 #pragma unroll
-      for (int dt = 0; dt < kD / 8; ++dt) {
-        float query_grad[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int kk = 0; kk < kBlockKeys / 16; ++kk) {
+        load_fragment_a(score_grad_fragments[kk], score_grad_tile + warp * kWarpRows * kScoreStride + kk * 16,
+                        kScoreStride);
+      }
+#pragma unroll
+      for (int dt = 0; dt < kD / 8; dt += 2) {
+        float query_grad[2][4] = {};
 #pragma unroll
         for (int kk = 0; kk < kBlockKeys / 16; ++kk) {
-          uint32_t score_grad_fragment[4], key_fragment[2];
-          load_fragment_a(score_grad_fragment, score_grad_tile + warp * kWarpRows * kScoreStride + kk * 16,
-                          kScoreStride);
-          load_fragment_b_from_rows(key_fragment, key_tile + kk * 16 * kKeyStride + dt * 8, kKeyStride);
-          mma_m16n8k16<T>(query_grad, score_grad_fragment, key_fragment);
+          uint32_t key_fragments[2][2];
+          load_fragments_b_from_rows(key_fragments, key_tile + kk * 16 * kKeyStride + dt * 8, kKeyStride);
+          mma_m16n8k16<T>(query_grad[0], score_grad_fragments[kk], key_fragments[0]);
+          mma_m16n8k16<T>(query_grad[1], score_grad_fragments[kk], key_fragments[1]);
         }
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int64_t t = first_row + query_top + 8 * (r / 2);
           if (t < p.query_length) {
-            atomicAdd(grad_query_accumulator + (n * p.query_length + t) * kD + dt * 8 + 2 * column + r % 2,
-                      query_grad[r]);
+            float* grad_row = grad_query_accumulator + (n * p.query_length + t) * kD + dt * 8 + 2 * column + r % 2;
+            atomicAdd(grad_row, query_grad[0][r]);
+            atomicAdd(grad_row + 8, query_grad[1][r]);
           }
         }
       }

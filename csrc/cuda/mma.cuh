@@ -1,11 +1,13 @@
 // mma.cuh: the warp-level tensor-core layer of the attention kernels: the m16n8k16
 // multiply-accumulate of `mma.sync` (float16 / bfloat16 operands, float accumulators;
-// sm_80 and later, sm_90a included) through inline PTX, and plain-load helpers that
-// fill its fragments from shared memory.  No ldmatrix, no WGMMA.
+// sm_80 and later, sm_90a included) through inline PTX, and fragment loaders on
+// `ldmatrix.x4` (`.trans` for operands stored the other way round) that fill its
+// operands from shared memory.  No WGMMA, no TMA.
 //
 // Under the CPU emulation (emulate.h defines FASTATTN_CUDA_EMULATION) the lanes'
-// fragments meet in the warp's exchange buffer and every lane computes its own
-// accumulators from the fragment layout below, so the CPU tests exercise the same
+// fragments and ldmatrix row addresses meet in the warp's exchange buffer: every lane
+// takes its ldmatrix registers from the rows the PTX ISA assigns it and computes its
+// own accumulators from the fragment layout below, so the CPU tests exercise the same
 // lane/fragment mapping as the GPU.
 //
 // Fragment layout (PTX ISA, mma.m16n8k16 .row.col; g = lane / 4, c = lane % 4; each
@@ -39,45 +41,113 @@ __device__ __forceinline__ uint32_t pack_pair(float low, float high) {
   return static_cast<uint32_t>(bits_of(from_acc<T>(low))) | (static_cast<uint32_t>(bits_of(from_acc<T>(high))) << 16);
 }
 
-// The two consecutive elements at `pair` (4-byte aligned) as one register.
-template <typename T>
-__device__ __forceinline__ uint32_t load_pair(const T* pair) {
-  return *reinterpret_cast<const uint32_t*>(pair);
+// The shared-memory address of a generic pointer into shared memory (what ldmatrix
+// and cp.async take).
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+#else
+  return static_cast<uint32_t>(reinterpret_cast<uintptr_t>(pointer));
+#endif
+}
+
+#if defined(FASTATTN_CUDA_EMULATION)
+namespace emulated {
+inline uint32_t pair_of(unsigned short low, unsigned short high) {
+  return static_cast<uint32_t>(low) | (static_cast<uint32_t>(high) << 16);
+}
+
+// ldmatrix for the warp: every lane publishes its row address, then takes its
+// registers from the rows of the lanes that own them (see load_matrices).
+template <bool kTransposed, typename T>
+void load_matrices(uint32_t (&registers)[4], const T* row) {
+  const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+    std::fprintf(stderr, "emulate: ldmatrix row address %p of lane %d is not 16-byte aligned\n",
+                 static_cast<const void*>(row), lane);
+    std::abort();
+  }
+  const unsigned char* all = static_cast<const unsigned char*>(emu::warp_publish(&row, sizeof(row)));
+  auto row_of = [&](int owner) {
+    const T* owned;
+    std::memcpy(&owned, all + owner * emu::kWarpExchangeBytesPerLane, sizeof(owned));
+    return owned;
+  };
+  for (int m = 0; m < 4; ++m) {
+    if constexpr (kTransposed) {  // (g, c) gets column g of rows 2c, 2c + 1
+      registers[m] = pair_of(bits_of(row_of(8 * m + 2 * c)[g]), bits_of(row_of(8 * m + 2 * c + 1)[g]));
+    } else {  // (g, c) gets elements 2c, 2c + 1 of row g
+      const T* mine = row_of(8 * m + g);
+      registers[m] = pair_of(bits_of(mine[2 * c]), bits_of(mine[2 * c + 1]));
+    }
+  }
+  emu::warp_release();
+}
+}  // namespace emulated
+#endif
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: four 8 x 8 matrices of 16-bit
+// elements from shared memory, for the whole warp.  Lane i gives the address of row
+// i % 8 of matrix i / 8 (16-byte aligned); lane (g, c) receives in registers[m] row g,
+// elements 2c and 2c + 1 of matrix m, or with kTransposed its elements (2c, g) and
+// (2c + 1, g) (row g of the transposed matrix).
+template <bool kTransposed, typename T>
+__device__ __forceinline__ void load_matrices(uint32_t (&registers)[4], const T* row) {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+  if constexpr (kTransposed) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(registers[0]), "=r"(registers[1]), "=r"(registers[2]), "=r"(registers[3])
+                 : "r"(shared_address(row)));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(registers[0]), "=r"(registers[1]), "=r"(registers[2]), "=r"(registers[3])
+                 : "r"(shared_address(row)));
+  }
+#else
+  __trap();  // the launcher never runs the tensor-core kernels below sm_80
+#endif
+#elif defined(FASTATTN_CUDA_EMULATION)
+  emulated::load_matrices<kTransposed>(registers, row);
+#endif
 }
 
 // The A fragment of the 16 x 16 tile at `tile`, row-major with `stride` elements
-// between rows (even, so that pairs stay 4-byte aligned).
+// between rows (a multiple of 8, `tile` 16-byte aligned): one ldmatrix.x4 whose
+// matrices are the quarters (rows 0-7 | 8-15) x (columns 0-7 | 8-15) in a[0..3] order.
 template <typename T>
 __device__ __forceinline__ void load_fragment_a(uint32_t (&a)[4], const T* tile, int stride) {
-  const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
-  const T* top = tile + g * stride + 2 * c;
-  const T* bottom = top + 8 * stride;
-  a[0] = load_pair(top);
-  a[1] = load_pair(bottom);
-  a[2] = load_pair(top + 8);
-  a[3] = load_pair(bottom + 8);
+  const int lane = threadIdx.x % kWarpSize;
+  load_matrices<false>(a, tile + (lane % 16) * stride + (lane / 16) * 8);
 }
 
-// The B fragment of the 16 x 8 (k x n) tile whose columns are stored contiguously:
-// element (k, n) at tile[n * stride + k] (the keys of a K tile for Q K^T, the rows
-// of a transposed V tile for P V).
+// The B fragments of two adjacent 16 x 8 (k x n) tiles, n = 0-7 in b[0] and n = 8-15 in
+// b[1], whose columns are stored contiguously: element (k, n) at tile[n * stride + k]
+// (the keys of a K tile for Q K^T, the queries of a Q tile for K Q^T).  One ldmatrix.x4.
 template <typename T>
-__device__ __forceinline__ void load_fragment_b(uint32_t (&b)[2], const T* tile, int stride) {
-  const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
-  const T* column = tile + g * stride + 2 * c;
-  b[0] = load_pair(column);
-  b[1] = load_pair(column + 8);
+__device__ __forceinline__ void load_fragments_b(uint32_t (&b)[2][2], const T* tile, int stride) {
+  const int lane = threadIdx.x % kWarpSize;
+  uint32_t registers[4];
+  load_matrices<false>(registers, tile + (lane % 8 + (lane / 16) * 8) * stride + (lane / 8 % 2) * 8);
+  b[0][0] = registers[0];
+  b[0][1] = registers[1];
+  b[1][0] = registers[2];
+  b[1][1] = registers[3];
 }
 
-// The B fragment of the 16 x 8 (k x n) tile stored row-major: element (k, n) at
-// tile[k * stride + n] (the queries, keys or output gradients of a tile when the
-// product runs over the tile's rows); two 16-bit loads per register.
+// The same two B fragments from a tile stored row-major: element (k, n) at
+// tile[k * stride + n] (the values of a V tile for P V, the queries, keys or output
+// gradients of a tile when the product runs over the tile's rows).  One
+// ldmatrix.x4.trans.
 template <typename T>
-__device__ __forceinline__ void load_fragment_b_from_rows(uint32_t (&b)[2], const T* tile, int stride) {
-  const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
-  const T* column = tile + 2 * c * stride + g;
-  b[0] = static_cast<uint32_t>(bits_of(column[0])) | (static_cast<uint32_t>(bits_of(column[stride])) << 16);
-  b[1] = static_cast<uint32_t>(bits_of(column[8 * stride])) | (static_cast<uint32_t>(bits_of(column[9 * stride])) << 16);
+__device__ __forceinline__ void load_fragments_b_from_rows(uint32_t (&b)[2][2], const T* tile, int stride) {
+  const int lane = threadIdx.x % kWarpSize;
+  uint32_t registers[4];
+  load_matrices<true>(registers, tile + (lane % 16) * stride + (lane / 16) * 8);
+  b[0][0] = registers[0];
+  b[0][1] = registers[1];
+  b[1][0] = registers[2];
+  b[1][1] = registers[3];
 }
 
 #if defined(FASTATTN_CUDA_EMULATION)

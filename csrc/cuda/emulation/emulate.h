@@ -26,6 +26,8 @@
 #define __launch_bounds__(...)
 #include <atomic>
 #include <barrier>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <thread>
