@@ -178,7 +178,8 @@ def test_gpu_preset_holds_exactly_the_targets_of_issues_4_and_6():
     decode = {f"attention.{score}.decode_step.b64_s{keys}_d512.forward": keys for score in SCORES for keys in (64, 1024, 4096)}
     multi_query = {f"attention.scaled_dot.multi_query.b64_t512_s512_d{dim}.forward_backward" for dim in (64, 128)}
     additive, cell = "attention.additive.multi_query.b16_t512_s512_d128.forward", "lstm_cell.b64_h1024.forward"
-    assert set(by_name) == set(decode) | multi_query | {additive, cell}
+    layers = {f"{layer}_layer.t100_b64_h1024.forward": module for layer, module in (("lstm", "LSTM"), ("gru", "GRU"))}
+    assert set(by_name) == set(decode) | multi_query | {additive, cell} | set(layers)
     for name, keys in decode.items():
         bandwidth = [Target(85.0, resource="memory")] if keys >= 1024 else []
         assert list(by_name[name].targets) == bandwidth + [Target(3.0, peer=REFERENCE)], name
@@ -186,14 +187,30 @@ def test_gpu_preset_holds_exactly_the_targets_of_issues_4_and_6():
         assert by_name[name].backward and by_name[name].targets == (Target(1.0, peer=FLASH_PEER),)
     assert by_name[additive].targets == (Target(60.0, resource="special functions"), Target(5.0, peer=COMPILED_REFERENCE))
     assert by_name[cell].targets == (Target(1 / 1.5, peer=GEMM_BASELINE),) and by_name[cell].shape == {"B": 64, "I": 1024, "H": 1024}
+    for name, module in layers.items():  # forward only: the targets step has 60 s on the GPU machine
+        assert by_name[name].targets == (Target(microseconds_per_step=5.0, steps=100), Target(1.0, peer=f"torch.nn.{module}"))
+        assert not by_name[name].backward and by_name[name].shape == {"T": 100, "B": 64, "I": 1024, "H": 1024}
     assert [name for name, case in by_name.items() if case.compilable] == [additive]  # the one compiled peer
 
 
-def test_a_target_names_one_peer_or_one_resource():
+def test_a_target_names_one_peer_one_resource_or_a_time_per_step():
     with pytest.raises(ValueError, match="exactly one"):
         Target(1.0)
     with pytest.raises(ValueError, match="exactly one"):
         Target(1.0, peer=REFERENCE, resource="memory")
+    with pytest.raises(ValueError, match="exactly one"):
+        Target(1.0, peer=REFERENCE, microseconds_per_step=5.0)
+    with pytest.raises(ValueError, match="a minimum exactly when"):
+        Target(peer=REFERENCE)
+    with pytest.raises(ValueError, match="a minimum exactly when"):
+        Target(1.0, microseconds_per_step=5.0)
+
+
+def test_a_time_target_judges_the_median_per_step():
+    target = Target(microseconds_per_step=5.0, steps=100)
+    assert target.describe() == "<= 5 us per step" and target.unit == " us"
+    assert target.value(4e-4, {}, {}) == pytest.approx(4.0) and target.met_by(4.0) and target.met_by(5.0)
+    assert not target.met_by(5.01) and target.value(None, {}, {}) is None
 
 
 @pytest.fixture(scope="module")
@@ -232,15 +249,21 @@ def test_target_outcomes_are_the_row_ratios_and_percentages(tiny_targets_run):
         assert set(r.percent_of) == {"memory"}  # a CPU's only limit
         assert r.percent_of["memory"] == pytest.approx(r.percent_of_limit)
         for target, outcome in zip(targets[r.case], r.targets):
-            expected = r.speedup.get(target.peer) if target.peer else r.percent_of.get(target.resource)
+            if target.peer or target.resource:
+                expected = r.speedup.get(target.peer) if target.peer else r.percent_of.get(target.resource)
+                assert outcome["met"] == (None if expected is None else expected >= target.minimum)
+            else:
+                expected = r.median_s * 1e6 / target.steps
+                assert outcome["met"] == (expected <= target.microseconds_per_step)
             assert outcome["value"] == expected, (r.case, outcome)
-            assert outcome["met"] == (None if expected is None else expected >= target.minimum)
+            assert outcome["unit"] == target.unit
     judged = {t["target"]: t for r in results for t in r.targets}
     assert judged[">= 85% of the memory limit"]["value"] is not None  # the S = 1024 decode step
     assert judged[">= 5x vs reference-compiled"]["met"] is None  # not compiled in this run
     assert judged[">= 60% of the special functions limit"]["met"] is None  # no such limit on a CPU
+    assert judged["<= 5 us per step"]["value"] > 0 and judged[">= 1x vs torch.nn.GRU"]["value"] > 0  # the layers
     table = format_table(results)
-    assert "targets (issues 4 and 6):" in table and ">= 1x vs torch sdpa (flash)" in table
+    assert "targets (issues 4 and 6):" in table and ">= 1x vs torch sdpa (flash)" in table and "<= 5 us per step" in table
 
 
 @pytest.mark.parametrize("case", [c for c in cases(TINY_TARGETS)], ids=lambda c: c.name)

@@ -376,9 +376,13 @@ def persistent_layer_case(cell, steps, batch, hidden, lengths, reverse):
     return (x, h0, *weights, lengths, reverse)
 
 
-def in_float64(arguments):
-    return [a.detach().double().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+def leaves_in(arguments, dtype):
+    return [a.detach().to(dtype).requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
             for a in arguments]
+
+
+def in_float64(arguments):
+    return leaves_in(arguments, torch.float64)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -404,6 +408,26 @@ def test_layers_run_the_persistent_kernels_when_w_hh_fits_and_match_the_per_step
     assert_all_close(persistent, per_step, rtol=2e-5, atol=2e-5)
     op_arguments = (*arguments[:7], *arguments[8:]) if cell == "lstm" else arguments  # the op has no w_hr
     torch.library.opcheck(getattr(torch.ops.fastattn, f"{name}_forward").default, op_arguments)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@gpu
+def test_bfloat16_layers_run_the_tensor_core_persistent_kernels(cell):
+    """The shape above in bfloat16: one persistent kernel each way with the tensor-core
+    GEMM (W_hh and the operands in bfloat16), no per-step kernel, and outputs and
+    gradients within twice the error of the reference run in bfloat16 (float64 oracle)."""
+    lengths = torch.randint(0, 6, (67,), generator=torch.Generator().manual_seed(8))
+    lengths[0] = 5
+    arguments = leaves_in(persistent_layer_case(cell, 5, 67, 301, lengths, True), torch.bfloat16)
+    name = f"{cell}_layer"
+    persistent = []
+    names = cuda_kernel_names(lambda: persistent.extend(recurrent_outputs(name, arguments, "op")))
+    assert "persistent_forward_kernel" in names and "persistent_backward_kernel" in names
+    assert "TensorCoreGemm" in names and "FmaGemm" not in names
+    assert "step_forward_kernel" not in names and "step_backward_kernel" not in names
+    exact = recurrent_outputs(name, in_float64(arguments), "reference")
+    in_dtype = recurrent_outputs(name, leaves_in(arguments, torch.bfloat16), "reference")
+    assert_within_reference_error(persistent, in_dtype, exact, gradient_factor=2, floor=torch.finfo(torch.bfloat16).eps)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -761,10 +785,83 @@ def test_emulated_persistent_layer_kernels_match_the_reference(emulated, cell, c
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_emulated_persistent_plan_fits_the_bench_shape_and_refuses_a_big_hidden_size(emulated, cell):
     """On an H200 (132 SMs, 227 KiB per block, as the emulated device answers) H = 1024
-    fits in one block per SM; H = 2048 does not (the binding takes the per-step path)."""
+    fits in one block per SM with float32 and with bfloat16 / float16 operands; H = 2048
+    does not (the binding takes the per-step path), nor does any float64 layer.  The
+    16-bit W_hh slice takes half the bytes: a forward at H = 1536 fits only with it."""
+    for operand in (torch.float32, torch.bfloat16, torch.float16):
+        for backward in (False, True):
+            plan = emulation.persistent_plan(emulated, cell, backward, 64, 1024, operand=operand)
+            assert 0 < plan.blocks <= 132 and plan.blocks * plan.units_per_block >= 1024
+            assert plan.shared_bytes <= emulation.SHARED_BYTES_PER_BLOCK and plan.threads <= 256
+            assert emulation.persistent_plan(emulated, cell, backward, 64, 1024, 132, operand).blocks == plan.blocks
+            assert emulation.persistent_plan(emulated, cell, backward, 64, 2048, operand=operand).blocks == 0
+    assert emulation.persistent_plan(emulated, cell, False, 64, 1536, operand=torch.bfloat16).blocks > 0
+    assert emulation.persistent_plan(emulated, cell, False, 64, 1536).blocks == 0
+    assert emulation.persistent_plan(emulated, cell, False, 64, 64, 132, torch.float64).blocks == 0
+
+
+# (T, B, I, H, lengths, reverse, multiprocessors) for the tensor-core GEMM (8 warps, 16 x 8
+# output tiles, 64-row batch passes).  odd_uneven: H = 37 over 3 blocks (13, 13, 11 units),
+# element-wise loads (H, 3H, 4H odd), a second batch pass of 3 rows: one row tile, so the
+# backward's 2 column tiles leave the warps splitting K 4 ways.  small_batch_wide_loads:
+# H = 40 over 5 blocks of 8 units, 16-byte loads, one row tile everywhere: split K in both
+# directions (forward 3-4 column tiles, backward 1: 8-way).
+TENSOR_CORE_PERSISTENT_CASES = {
+    "odd_uneven": (5, 67, 4, 37, "random", True, 3),
+    "small_batch_wide_loads": (4, 5, 3, 40, None, False, 5),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(TENSOR_CORE_PERSISTENT_CASES))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_emulated_tensor_core_persistent_layers_err_at_most_twice_the_reference(emulated, cell, case, dtype):
+    """The persistent kernels with W_hh and the GEMM operands in float16 / bfloat16 (the
+    tensor cores' m16n8k16, float32 elsewhere), as the binding runs layers in those
+    dtypes: outputs, final states and the gradients of x, h0, c0 and the biases (each
+    returned in the dtype) err at most twice as much as the reference run in that dtype,
+    against the float64 reference."""
+    steps, batch, inputs, hidden, lengths, reverse, multiprocessors = TENSOR_CORE_PERSISTENT_CASES[case]
+    gates = 4 if cell == "lstm" else 3
+    generator = torch.Generator().manual_seed(11)
+
+    def random(*size, scale=0.5):
+        return torch.randn(*size, generator=generator).mul(scale).to(dtype)
+
+    low = [random(steps, batch, inputs), random(batch, hidden), random(batch, hidden),
+           random(gates * hidden, inputs), random(gates * hidden, hidden, scale=hidden**-0.5),
+           random(gates * hidden), random(gates * hidden)]
+    if lengths == "random":
+        lengths = torch.randint(0, steps + 1, (batch,), generator=generator)
+        lengths[0] = steps
     for backward in (False, True):
-        plan = emulation.persistent_plan(emulated, cell, backward, 64, 1024)
-        assert 0 < plan.blocks <= 132 and plan.blocks * plan.units_per_block >= 1024
-        assert plan.shared_bytes <= emulation.SHARED_BYTES_PER_BLOCK and plan.threads <= 256
-        assert emulation.persistent_plan(emulated, cell, backward, 64, 1024, 132).blocks == plan.blocks
-        assert emulation.persistent_plan(emulated, cell, backward, 64, 2048).blocks == 0
+        plan = emulation.persistent_plan(emulated, cell, backward, batch, hidden, multiprocessors, dtype)
+        assert plan.blocks == multiprocessors and plan.threads == 256
+
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = (t.float() for t in low)
+    output, h_n, c_n, saved = emulation.persistent_layer_forward(
+        emulated, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, multiprocessors, dtype)
+
+    def run_reference(leaves, grads):
+        if cell == "lstm":
+            outputs = reference.lstm_layer(*leaves, None, lengths, reverse)
+            wanted = [leaves[0], leaves[1], leaves[2], leaves[5], leaves[6]]
+        else:
+            outputs = reference.gru_layer(leaves[0], leaves[1], *leaves[3:], lengths, reverse)
+            wanted = [leaves[0], leaves[1], leaves[5], leaves[6]]
+        return [o.detach() for o in outputs], torch.autograd.grad(outputs, wanted, [g.to(outputs[0].dtype) for g in grads])
+
+    grads = [torch.randn(steps, batch, hidden, generator=generator), torch.randn(batch, hidden, generator=generator)]
+    grads += [torch.randn(batch, hidden, generator=generator)] if cell == "lstm" else []
+    exact, exact_grads = run_reference([t.double().requires_grad_() for t in low], grads)
+    in_dtype, in_dtype_grads = run_reference([t.clone().requires_grad_() for t in low], grads)
+    returned = [t.to(dtype).float() for t in (output, saved)]  # the forward's results as the op returns them
+    got_grads = emulation.persistent_layer_backward(
+        emulated, cell, grads[0], grads[1], grads[2] if cell == "lstm" else None, x, h0, c0, w_ih, w_hh, lengths,
+        reverse, *returned, multiprocessors, dtype)
+    got = [t.to(dtype) for t in (output, h_n, c_n) if t is not None]
+    got += [g.to(dtype) for g in got_grads if g is not None]
+    assert len(got) == len(exact) + len(exact_grads)
+    assert_within_reference_error(got, [*in_dtype, *in_dtype_grads], [*exact, *exact_grads], gradient_factor=2,
+                                  floor=torch.finfo(dtype).eps)

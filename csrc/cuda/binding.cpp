@@ -6,9 +6,10 @@
 // scratch with ATen, and launch on the current CUDA stream (no stream, event or handle
 // of our own).  The GEMMs of the recurrent ops (input projection of all steps at once,
 // the weight gradients) are ATen matmuls.  A layer's recurrent loop runs in the
-// persistent kernels of persistent_recurrent.cu (float32 compute, W_hh on chip) when the
-// shape fits the device and FASTATTN_CUDA_PERSISTENT_RNN is not "0"; otherwise per step,
-// h W_hh^T in ATen and the pointwise step in recurrent_pointwise.cu.  Attention computes float16 / bfloat16 natively (float
+// persistent kernels of persistent_recurrent.cu (W_hh on chip; float32 FMAs for float32,
+// tensor cores with W_hh and the GEMM operands in float16 / bfloat16 for those, float32
+// elsewhere) when the shape fits the device and FASTATTN_CUDA_PERSISTENT_RNN is not "0";
+// otherwise per step, h W_hh^T in ATen and the pointwise step in recurrent_pointwise.cu.  Attention computes float16 / bfloat16 natively (float
 // accumulation); the recurrent ops compute them in float32 and return the input dtype.
 // Multi-query (T >= kTensorCoreMinQueries) float16 / bfloat16 "dot" attention with head
 // dims 64 / 128 runs on the tensor cores (attention_tensor_core.cu) unless the weights,
@@ -573,36 +574,49 @@ at::Tensor layer_lengths(const char* op, const OptionalTensor& lengths, const at
 
 int64_t time_of_step(int64_t s, int64_t steps, bool reverse) { return reverse ? steps - 1 - s : s; }
 
-// The persistent kernels' plan for a layer's recurrent loop, or nullopt for the per-step
-// path: float32 compute only, FASTATTN_CUDA_PERSISTENT_RNN=0 turns them off, and W_hh's
-// slices must fit the device's shared memory with one co-resident block per SM.
-std::optional<PersistentPlan> persistent_plan(const char* op, RecurrentCell cell, bool backward,
-                                              at::ScalarType compute, const LayerShape& shape) {
-  if (compute != at::kFloat || shape.T == 0 || shape.B == 0 || shape.H == 0) return std::nullopt;
+at::Tensor barrier_counter(const at::Tensor& like) { return at::zeros({1}, like.options().dtype(at::kLong)); }
+
+// A layer's recurrent loop in the persistent kernels: the plan, the launch.h layer and
+// what its pointers point into (W_hh in the input dtype, the barrier counter) and, for
+// float16 / bfloat16 (the tensor cores' GEMM), the (2, B, width) operand ping-pong
+// buffer in that dtype (width H forward, gates * H backward; undefined for float32).
+struct PersistentRun {
+  PersistentPlan plan;
+  PersistentLayer layer;
+  at::Tensor w_hh, barrier, operand;
+  void* operand_or_null() const { return operand.defined() ? operand.mutable_data_ptr() : nullptr; }
+};
+
+// The persistent run of a layer, or nullopt for the per-step path: float32 (FMAs) and
+// float16 / bfloat16 (tensor cores) only, FASTATTN_CUDA_PERSISTENT_RNN=0 turns it off,
+// and W_hh's slices must fit the device's shared memory with one co-resident block per
+// SM.  The caller holds the device guard.
+std::optional<PersistentRun> persistent_run(const char* op, RecurrentCell cell, bool backward, const LayerShape& shape,
+                                            const at::Tensor& x_in, const at::Tensor& w_hh_in,
+                                            const at::Tensor& lengths, bool reverse) {
+  const DType operand = dtype_of(op, "x", x_in);
+  if (operand == DType::kFloat64 || shape.T == 0 || shape.B == 0 || shape.H == 0) return std::nullopt;
   const char* setting = std::getenv("FASTATTN_CUDA_PERSISTENT_RNN");
   if (setting != nullptr && std::string_view(setting) == "0") return std::nullopt;
-  PersistentPlan plan;
-  check_launch(op, persistent_recurrent_plan_on_device(cell, backward, shape.B, shape.H, &plan));
-  if (plan.blocks == 0) return std::nullopt;
-  return plan;
+  PersistentRun run;
+  check_launch(op, persistent_recurrent_plan_on_device(cell, backward, operand, shape.B, shape.H, &run.plan));
+  if (run.plan.blocks == 0) return std::nullopt;
+  run.w_hh = w_hh_in.contiguous();
+  run.barrier = barrier_counter(x_in);
+  if (operand != DType::kFloat32) {
+    const int64_t gates = cell == RecurrentCell::kLstm ? kLstmGates : kGruGates;
+    run.operand = at::empty({2, shape.B, backward ? gates * shape.H : shape.H}, x_in.options());
+  }
+  run.layer.steps = shape.T;
+  run.layer.batch = shape.B;
+  run.layer.hidden = shape.H;
+  run.layer.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+  run.layer.reverse = reverse;
+  run.layer.operand = operand;
+  run.layer.w_hh = run.w_hh.const_data_ptr();
+  run.layer.barrier = reinterpret_cast<unsigned long long*>(run.barrier.mutable_data_ptr<int64_t>());
+  return run;
 }
-
-// The launch.h description of a layer for the persistent kernels (float32 tensors);
-// barrier: a zeroed int64 tensor of one element on the device.
-PersistentLayer persistent_layer(const LayerShape& shape, const at::Tensor& lengths, bool reverse,
-                                 const at::Tensor& w_hh, const at::Tensor& barrier) {
-  PersistentLayer layer;
-  layer.steps = shape.T;
-  layer.batch = shape.B;
-  layer.hidden = shape.H;
-  layer.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
-  layer.reverse = reverse;
-  layer.w_hh = w_hh.const_data_ptr<float>();
-  layer.barrier = reinterpret_cast<unsigned long long*>(barrier.mutable_data_ptr<int64_t>());
-  return layer;
-}
-
-at::Tensor barrier_counter(const at::Tensor& like) { return at::zeros({1}, like.options().dtype(at::kLong)); }
 
 const float* float_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
 
@@ -648,9 +662,13 @@ LayerForwardStart start_layer_forward(const char* op, at::ScalarType compute, co
 }
 
 // The buffers of a persistent forward (float32 compute); c_state undefined for the GRU.
+// The tensor cores' operand buffer gets h0 in its first half.
 PersistentForwardBuffers persistent_forward_buffers(LayerForwardStart& start, at::Tensor& h_state,
-                                                    at::Tensor& c_state, at::Tensor& h_scratch) {
+                                                    at::Tensor& c_state, at::Tensor& h_scratch,
+                                                    const PersistentRun& run) {
+  if (run.operand.defined()) run.operand.select(0, 0).copy_(h_state);
   PersistentForwardBuffers buffers;
+  buffers.h_operand = run.operand_or_null();
   buffers.b_ih = float_or_null(start.b_ih);
   buffers.b_hh = float_or_null(start.b_hh);
   buffers.saved = start.saved.mutable_data_ptr<float>();
@@ -676,11 +694,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
   at::Tensor &output = start.output, &saved = start.saved;
   at::Tensor h_state = compute_in(h0_in, compute).clone(), c_state = compute_in(c0_in, compute).clone();
   const cudaStream_t stream = current_stream();
-  if (const auto plan = persistent_plan(op, RecurrentCell::kLstm, false, compute, shape)) {
+  if (const auto run = persistent_run(op, RecurrentCell::kLstm, false, shape, x_in, w_hh_in, lengths, reverse)) {
     at::Tensor h_scratch = at::empty({B, H}, x.options());
-    const at::Tensor barrier = barrier_counter(x);
-    check_launch(op, launch_persistent_lstm_forward(persistent_layer(shape, lengths, reverse, w_hh, barrier), *plan,
-                                                    persistent_forward_buffers(start, h_state, c_state, h_scratch),
+    check_launch(op, launch_persistent_lstm_forward(run->layer, run->plan,
+                                                    persistent_forward_buffers(start, h_state, c_state, h_scratch, *run),
                                                     stream));
   } else {
     const at::Tensor w_hh_t = w_hh.t();
@@ -728,17 +745,16 @@ lstm_layer_backward_cuda(const at::Tensor& grad_output_in, const at::Tensor& gra
   at::Tensor grad_h = compute_in(grad_h_n_in, compute).clone(), grad_c = compute_in(grad_c_n_in, compute).clone();
   at::Tensor grad_gates = at::empty({T, B, G}, x.options());
   const cudaStream_t stream = current_stream();
-  if (const auto plan = persistent_plan(op, RecurrentCell::kLstm, true, compute, shape)) {
-    const at::Tensor barrier = barrier_counter(x);
+  if (const auto run = persistent_run(op, RecurrentCell::kLstm, true, shape, x_in, w_hh_in, lengths, reverse)) {
     PersistentBackwardBuffers buffers;
+    buffers.gate_operand = run->operand_or_null();
     buffers.grad_output = grad_output.const_data_ptr<float>();
     buffers.saved = saved.const_data_ptr<float>();
     buffers.c0 = c0.const_data_ptr<float>();
     buffers.grad_h = grad_h.mutable_data_ptr<float>();
     buffers.grad_c = grad_c.mutable_data_ptr<float>();
     buffers.grad_gates = grad_gates.mutable_data_ptr<float>();
-    check_launch(op, launch_persistent_lstm_backward(persistent_layer(shape, lengths, reverse, w_hh, barrier), *plan,
-                                                     buffers, stream));
+    check_launch(op, launch_persistent_lstm_backward(run->layer, run->plan, buffers, stream));
   } else {
     at::Tensor recurrent = at::empty({B, H}, x.options());  // grad_gates[t] @ w_hh
     for (int64_t s = T - 1; s >= 0; --s) {
@@ -791,12 +807,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cuda(
   at::Tensor &output = start.output, &saved = start.saved;
   at::Tensor h_state = compute_in(h0_in, compute).clone(), no_cell_state;
   const cudaStream_t stream = current_stream();
-  if (const auto plan = persistent_plan(op, RecurrentCell::kGru, false, compute, shape)) {
+  if (const auto run = persistent_run(op, RecurrentCell::kGru, false, shape, x_in, w_hh_in, lengths, reverse)) {
     at::Tensor h_scratch = at::empty({B, H}, x.options());
-    const at::Tensor barrier = barrier_counter(x);
-    check_launch(op, launch_persistent_gru_forward(persistent_layer(shape, lengths, reverse, w_hh, barrier), *plan,
-                                                   persistent_forward_buffers(start, h_state, no_cell_state, h_scratch),
-                                                   stream));
+    check_launch(op, launch_persistent_gru_forward(
+                         run->layer, run->plan,
+                         persistent_forward_buffers(start, h_state, no_cell_state, h_scratch, *run), stream));
   } else {
     const at::Tensor w_hh_t = w_hh.t();
     at::Tensor hidden_gates = at::empty({B, G}, x.options());
@@ -841,9 +856,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_hidden_gates = at::empty({T, B, G}, x.options());
   at::Tensor direct = at::empty({B, H}, x.options());  // dh' * z of the last step walked
   const cudaStream_t stream = current_stream();
-  if (const auto plan = persistent_plan(op, RecurrentCell::kGru, true, compute, shape)) {
-    const at::Tensor barrier = barrier_counter(x);
+  if (const auto run = persistent_run(op, RecurrentCell::kGru, true, shape, x_in, w_hh_in, lengths, reverse)) {
     PersistentBackwardBuffers buffers;
+    buffers.gate_operand = run->operand_or_null();
     buffers.grad_output = grad_output.const_data_ptr<float>();
     buffers.saved = saved.const_data_ptr<float>();
     buffers.previous_h = previous.const_data_ptr<float>();
@@ -851,8 +866,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     buffers.grad_gates = grad_hidden_gates.mutable_data_ptr<float>();
     buffers.grad_input_gates = grad_input_gates.mutable_data_ptr<float>();
     buffers.direct = direct.mutable_data_ptr<float>();
-    check_launch(op, launch_persistent_gru_backward(persistent_layer(shape, lengths, reverse, w_hh, barrier), *plan,
-                                                    buffers, stream));
+    check_launch(op, launch_persistent_gru_backward(run->layer, run->plan, buffers, stream));
   } else {
     at::Tensor recurrent = at::empty({B, H}, x.options());  // grad_hidden_gates[t] @ w_hh
     for (int64_t s = T - 1; s >= 0; --s) {

@@ -144,10 +144,13 @@ cudaError_t launch_take_recurrent_gradient(const RecurrentStep& step, const void
 
 // ---------------------------------------------------------------- persistent recurrent layers
 // The recurrent loop of a whole LSTM / GRU layer (one direction) in ONE cooperative
-// launch that keeps W_hh in shared memory across the grid (persistent_recurrent.cu),
-// float32 only.  The input projection (forward) and the grad_x / grad_W GEMMs
-// (backward) stay whole-sequence GEMMs in the binding.  Results, `saved` layouts and
-// lengths semantics are those of the per-step path above (csrc/cpu/recurrent.cpp).
+// launch that keeps W_hh in shared memory across the grid (persistent_recurrent.cu).
+// The recurrent GEMM's operands (W_hh, h, the gate gradients) are in the layer's
+// `operand` dtype: float32 (FMAs) or float16 / bfloat16 (tensor cores, float32
+// accumulation, compute capability 8.0 or later); all other buffers are float32.  The
+// input projection (forward) and the grad_x / grad_W GEMMs (backward) stay
+// whole-sequence GEMMs in the binding.  Results, `saved` layouts and lengths semantics
+// are those of the per-step path above (csrc/cpu/recurrent.cpp).
 
 enum class RecurrentCell : int { kLstm = 0, kGru = 1 };
 
@@ -163,19 +166,22 @@ struct PersistentPlan {
 };
 
 // The plan for a GPU with `multiprocessors` SMs (one block each) and
-// `shared_bytes_per_block` of dynamic shared memory per block; pure arithmetic.
-PersistentPlan persistent_recurrent_plan(RecurrentCell cell, bool backward, int64_t batch, int64_t hidden,
-                                         int multiprocessors, int64_t shared_bytes_per_block);
+// `shared_bytes_per_block` of dynamic shared memory per block, for GEMM operands in
+// `operand` (float64: none); pure arithmetic.
+PersistentPlan persistent_recurrent_plan(RecurrentCell cell, bool backward, DType operand, int64_t batch,
+                                         int64_t hidden, int multiprocessors, int64_t shared_bytes_per_block);
 // The plan on the current device: its SM count and opt-in shared memory, cooperative
-// launch support, and the occupancy of the kernel (at least one block per SM).
-cudaError_t persistent_recurrent_plan_on_device(RecurrentCell cell, bool backward, int64_t batch, int64_t hidden,
-                                                PersistentPlan* plan);
+// launch support, compute capability 8.0 for float16 / bfloat16 operands, and the
+// occupancy of the kernel (at least one block per SM).
+cudaError_t persistent_recurrent_plan_on_device(RecurrentCell cell, bool backward, DType operand, int64_t batch,
+                                                int64_t hidden, PersistentPlan* plan);
 
 struct PersistentLayer {
   int64_t steps = 0, batch = 0, hidden = 0;
   const int64_t* lengths = nullptr;  // (B,) or null
   bool reverse = false;
-  const float* w_hh = nullptr;       // (gates * H, H)
+  DType operand = DType::kFloat32;   // of w_hh and the GEMM operands: float32, float16 or bfloat16
+  const void* w_hh = nullptr;        // (gates * H, H) in operand
   unsigned long long* barrier = nullptr;  // one counter, zero on entry (the grid barrier's)
 };
 
@@ -189,6 +195,7 @@ struct PersistentForwardBuffers {
   float* h_state = nullptr;    // (B, H): h0 on entry, h_n on exit
   float* c_state = nullptr;    // LSTM (B, H): c0 on entry, c_n on exit
   float* h_scratch = nullptr;  // (B, H): the other half of the h double buffer
+  void* h_operand = nullptr;   // float16 / bfloat16 operand: (2, B, H) in it, h0 in the first half on entry
 };
 
 struct PersistentBackwardBuffers {
@@ -201,6 +208,7 @@ struct PersistentBackwardBuffers {
   float* grad_gates = nullptr;         // (T, B, gates * H) out: LSTM's gate gradients, GRU's hidden side
   float* grad_input_gates = nullptr;   // GRU (T, B, 3H) out: the input side
   float* direct = nullptr;             // GRU scratch (B, H)
+  void* gate_operand = nullptr;        // float16 / bfloat16 operand: scratch (2, B, gates * H) in it
 };
 
 cudaError_t launch_persistent_lstm_forward(const PersistentLayer& layer, const PersistentPlan& plan,

@@ -17,8 +17,9 @@ A preset with ``targets`` (the "gpu" preset) holds instead only the GPU targets 
 and 6 (:func:`target_cases`), each with its :class:`Target` s and the peers they name; the
 shape is in the name: ``attention.<score>.decode_step.b64_s1024_d512.forward``,
 ``attention.scaled_dot.multi_query.b64_t512_s512_d64.forward_backward``,
-``attention.additive.multi_query.b16_t512_s512_d128.forward``, ``lstm_cell.b64_h1024.forward``.
-(The LSTM/GRU layer and greedy decoding targets are cases of the full preset.)
+``attention.additive.multi_query.b16_t512_s512_d128.forward``, ``lstm_cell.b64_h1024.forward``,
+``<lstm|gru>_layer.t100_b64_h1024.forward``.  (The layers' forward+backward and greedy
+decoding are cases of the full preset.)
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ PRESETS = {
                   compile=True, targets=True, decode_lengths=(64, 1024, 4096), head_dims=(64, 128), additive_batch=16),
 }
 LARGE_LAYER = (100, 64, 1024)  # (T, B, H) of the persistent-kernel target in issue 6
+LAYER_MICROSECONDS_PER_STEP = 5.0  # issue 6: a layer's forward at LARGE_LAYER in bf16 on an H100/H200
 
 
 class Inputs:
@@ -135,21 +137,45 @@ class Workload:
 @dataclass(frozen=True)
 class Target:
     """A goal for fastattn's backends on a case: at least ``minimum`` times the speed of the
-    implementation ``peer`` (its time / ours), or at least ``minimum`` % of the device's
-    ``resource`` limit (a :func:`fastattn.roofline.percent_of_each` key)."""
+    implementation ``peer`` (its time / ours), at least ``minimum`` % of the device's
+    ``resource`` limit (a :func:`fastattn.roofline.percent_of_each` key), or at most
+    ``microseconds_per_step`` of the median time per one of the case's ``steps`` time steps."""
 
-    minimum: float
+    minimum: float | None = None
     peer: str | None = None
     resource: str | None = None
+    microseconds_per_step: float | None = None
+    steps: int = 1
 
     def __post_init__(self):
-        if (self.peer is None) == (self.resource is None):
-            raise ValueError("a Target names exactly one of peer and resource")
+        if sum(goal is not None for goal in (self.peer, self.resource, self.microseconds_per_step)) != 1:
+            raise ValueError("a Target names exactly one of peer, resource and microseconds_per_step")
+        if (self.minimum is None) != (self.microseconds_per_step is not None):
+            raise ValueError("a Target has a minimum exactly when it names a peer or a resource")
 
     def describe(self) -> str:
         if self.peer is not None:
             return f">= {self.minimum:.3g}x vs {self.peer}"
-        return f">= {self.minimum:.3g}% of the {self.resource} limit"
+        if self.resource is not None:
+            return f">= {self.minimum:.3g}% of the {self.resource} limit"
+        return f"<= {self.microseconds_per_step:.3g} us per step"
+
+    @property
+    def unit(self) -> str:
+        """How the value shows: "x" (speedup), "%" (of a limit) or " us" (per step)."""
+        return "x" if self.peer is not None else "%" if self.resource is not None else " us"
+
+    def value(self, median_s: float | None, speedup: dict[str, float], percent_of: dict[str, float]) -> float | None:
+        """What the target judges of a row (None where it cannot be told): the speedup over
+        ``peer``, the % of ``resource``, or the microseconds per step of the median time."""
+        if self.peer is not None:
+            return speedup.get(self.peer)
+        if self.resource is not None:
+            return percent_of.get(self.resource)
+        return None if median_s is None else median_s * 1e6 / self.steps
+
+    def met_by(self, value: float) -> bool:
+        return value <= self.microseconds_per_step if self.microseconds_per_step is not None else value >= self.minimum
 
 
 @dataclass(frozen=True)
@@ -280,7 +306,8 @@ def _cell_case(cell: str, mode: str, batch: int, hidden: int, *, tag: str = "", 
     return Case(name, (f"{cell}_cell",), shape, backward, compilable, build, work, targets)
 
 
-def _layer_case(cell: str, mode: str, preset: Preset, shape: tuple[int, int, int] | None = None) -> Case:
+def _layer_case(cell: str, mode: str, preset: Preset, shape: tuple[int, int, int] | None = None, *,
+                targets: tuple[Target, ...] = ()) -> Case:
     """``fastattn.optimize(torch.nn.LSTM)`` (same parameters) against the torch module itself,
     at the preset's shape or at ``shape`` (T, B, H), named after it.
     Not compiled: torch.compile unrolls the reference's time loop, which takes minutes."""
@@ -300,7 +327,8 @@ def _layer_case(cell: str, mode: str, preset: Preset, shape: tuple[int, int, int
         return roofline.layer_work(cell, steps, batch, hidden, hidden, element_bytes=element_bytes, backward=backward)
 
     name = f"{cell}_layer.{mode}" if shape is None else f"{cell}_layer.t{steps}_b{batch}_h{hidden}.{mode}"
-    return Case(name, (f"{cell}_layer",), {"T": steps, "B": batch, "I": hidden, "H": hidden}, backward, False, build, work)
+    return Case(name, (f"{cell}_layer",), {"T": steps, "B": batch, "I": hidden, "H": hidden}, backward, False, build, work,
+                targets)
 
 
 def _decoder(inputs: Inputs, hidden: int) -> AttentionDecoderCell:
@@ -398,7 +426,9 @@ def target_cases(preset: Preset) -> list[Case]:
     (HBM) bandwidth from S = 1024 on and >= 3x the eager reference; multi-query scaled_dot
     forward+backward at each head dim: >= 1x SDPA on its flash backend; additive forward:
     >= 60% of the special-function (tanh) limit and >= 5x the torch.compile'd reference (the
-    only compiled peer here); the LSTM cell step: at most 1.5x the time of its recurrent GEMM."""
+    only compiled peer here); the LSTM cell step: at most 1.5x the time of its recurrent GEMM;
+    the LSTM and GRU layer forwards at T = ``steps``: at most 5 us per step and at least as
+    fast as ``torch.nn.LSTM`` / ``GRU`` (cuDNN on a GPU)."""
     batch, length, dim, hidden = preset.batch, preset.length, preset.dim, preset.hidden
     decode = [
         _attention_case(score, "decode_step", "forward", batch, keys, dim, tag=f"b{batch}_s{keys}_d{dim}", compilable=False,
@@ -422,7 +452,14 @@ def target_cases(preset: Preset) -> list[Case]:
     )
     cell = _cell_case("lstm", "forward", batch, hidden, tag=f"b{batch}_h{hidden}", compilable=False, gemm_baseline=True,
                       targets=(Target(1 / 1.5, peer=GEMM_BASELINE),))
-    return [*decode, *multi_query, additive, cell]
+    steps = preset.steps
+    layers = [
+        _layer_case(layer, "forward", preset, (steps, batch, hidden), targets=(
+            Target(microseconds_per_step=LAYER_MICROSECONDS_PER_STEP, steps=steps), Target(1.0, peer=f"torch.nn.{module}"),
+        ))
+        for layer, module in (("lstm", "LSTM"), ("gru", "GRU"))
+    ]
+    return [*decode, *multi_query, additive, cell, *layers]
 
 
 def cases(preset: Preset) -> list[Case]:

@@ -74,7 +74,7 @@ def _target_lines(results: list[Result]) -> list[str]:
         for outcome in r.targets:
             value = outcome["value"]
             verdict = {True: "met", False: "NOT MET", None: "unknown"}[outcome["met"]]
-            shown = "-" if value is None else f"{value:.3g}" + ("x" if " vs " in outcome["target"] else "%")
+            shown = "-" if value is None else f"{value:.3g}{outcome['unit']}"
             rows.append((r.case, r.implementation, outcome["target"], shown, verdict))
     return ["", "targets (issues 4 and 6):", *aligned(rows, indent="  ")] if rows else []
 

@@ -52,7 +52,7 @@ class Result:
     percent_of_limit: float | None
     bound_by: str | None
     percent_of: dict[str, float] = field(default_factory=dict)  # resource -> % of its limit reached
-    targets: list[dict] = field(default_factory=list)  # {"target", "value", "met"} per Target of the case
+    targets: list[dict] = field(default_factory=list)  # {"target", "value", "unit", "met"} per Target of the case
     speedup: dict[str, float] = field(default_factory=dict)  # other implementation -> its time / ours
     failure: str | None = None
     times_s: list[float] = field(default_factory=list)
@@ -126,9 +126,10 @@ def _measure_case(case: Case, device: str, dtype: torch.dtype, min_run_time: flo
     return measured, 2 * reference_error + slack
 
 
-def _target_outcome(target: Target, speedup: dict[str, float], percent_of: dict[str, float]) -> dict:
-    value = speedup.get(target.peer) if target.peer is not None else percent_of.get(target.resource)
-    return {"target": target.describe(), "value": value, "met": None if value is None else bool(value >= target.minimum)}
+def _target_outcome(target: Target, median: float | None, speedup: dict[str, float], percent_of: dict[str, float]) -> dict:
+    value = target.value(median, speedup, percent_of)
+    return {"target": target.describe(), "value": value, "unit": target.unit,
+            "met": None if value is None else bool(target.met_by(value))}
 
 
 def _results_of(case: Case, measured: list[_Measured], tolerance: float, device: str, dtype: str,
@@ -142,7 +143,7 @@ def _results_of(case: Case, measured: list[_Measured], tolerance: float, device:
         percent_of = roofline.percent_of_each(work, limits.device, dtype, median) if median else {}
         speedup = {other: time / median for other, time in medians.items() if other != m.implementation.name} if median else {}
         ours = m.implementation.kind == "backend" and m.implementation.name != REFERENCE
-        targets = [_target_outcome(target, speedup, percent_of) for target in case.targets] if ours else []
+        targets = [_target_outcome(target, median, speedup, percent_of) for target in case.targets] if ours else []
         results.append(Result(
             case=case.name, implementation=m.implementation.name, kind=m.implementation.kind,
             shape=case.shape, dtype=dtype, device=device,

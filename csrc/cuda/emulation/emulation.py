@@ -108,18 +108,19 @@ class PersistentPlan(ctypes.Structure):
 
 class PersistentLayer(ctypes.Structure):
     _fields_ = [("steps", ctypes.c_int64), ("batch", ctypes.c_int64), ("hidden", ctypes.c_int64),
-                ("lengths", ctypes.c_void_p), ("reverse", ctypes.c_bool), ("w_hh", ctypes.c_void_p),
-                ("barrier", ctypes.c_void_p)]
+                ("lengths", ctypes.c_void_p), ("reverse", ctypes.c_bool), ("operand", ctypes.c_int),
+                ("w_hh", ctypes.c_void_p), ("barrier", ctypes.c_void_p)]
 
 
 class PersistentForwardBuffers(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
-        "b_ih", "b_hh", "saved", "output", "h_state", "c_state", "h_scratch")]
+        "b_ih", "b_hh", "saved", "output", "h_state", "c_state", "h_scratch", "h_operand")]
 
 
 class PersistentBackwardBuffers(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
-        "grad_output", "saved", "c0", "previous_h", "grad_h", "grad_c", "grad_gates", "grad_input_gates", "direct")]
+        "grad_output", "saved", "c0", "previous_h", "grad_h", "grad_c", "grad_gates", "grad_input_gates", "direct",
+        "gate_operand")]
 
 
 CELLS = {"lstm": 0, "gru": 1}
@@ -143,8 +144,9 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "emu_gru_step_forward": [pointer, pointer, pointer, pointer, pointer, pointer, pointer],
         "emu_gru_step_backward": [pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer],
         "emu_take_recurrent_gradient": [pointer, pointer, pointer, pointer],
-        "emu_persistent_recurrent_plan": [ctypes.c_int, ctypes.c_bool, size, size, ctypes.c_int, size, pointer],
-        "emu_persistent_recurrent_plan_on_device": [ctypes.c_int, ctypes.c_bool, size, size, pointer],
+        "emu_persistent_recurrent_plan": [ctypes.c_int, ctypes.c_bool, ctypes.c_int, size, size, ctypes.c_int, size,
+                                          pointer],
+        "emu_persistent_recurrent_plan_on_device": [ctypes.c_int, ctypes.c_bool, ctypes.c_int, size, size, pointer],
         **{f"emu_persistent_{cell}_{direction}": [pointer, pointer, pointer]
            for cell in CELLS for direction in ("forward", "backward")},
         "emu_decoder_step_plan": [pointer, ctypes.c_int, size, pointer],
@@ -284,26 +286,35 @@ def recurrent_step(dtype, batch, hidden, lengths, time) -> RecurrentStep:
     return RecurrentStep(1 if dtype == torch.float64 else 0, batch, hidden, address(lengths), time)
 
 
-def persistent_plan(library, cell, backward, batch, hidden, multiprocessors=None) -> PersistentPlan:
+def persistent_plan(library, cell, backward, batch, hidden, multiprocessors=None,
+                    operand=torch.float32) -> PersistentPlan:
     """The plan for a GPU with `multiprocessors` SMs, or for the emulated H200 (the
-    device query path) when None."""
+    device query path) when None, with the recurrent GEMM's operands in `operand`."""
     plan = PersistentPlan()
     if multiprocessors is None:
-        status = library.emu_persistent_recurrent_plan_on_device(CELLS[cell], backward, batch, hidden,
+        status = library.emu_persistent_recurrent_plan_on_device(CELLS[cell], backward, DTYPES[operand], batch, hidden,
                                                                  ctypes.byref(plan))
     else:
-        status = library.emu_persistent_recurrent_plan(CELLS[cell], backward, batch, hidden, multiprocessors,
-                                                       SHARED_BYTES_PER_BLOCK, ctypes.byref(plan))
+        status = library.emu_persistent_recurrent_plan(CELLS[cell], backward, DTYPES[operand], batch, hidden,
+                                                       multiprocessors, SHARED_BYTES_PER_BLOCK, ctypes.byref(plan))
     if status != 0:
         raise RuntimeError(f"persistent_recurrent_plan returned {status}")
     return plan
 
 
-def _persistent_layer(keep, steps, batch, hidden, lengths, reverse, w_hh) -> PersistentLayer:
+def _persistent_layer(keep, steps, batch, hidden, lengths, reverse, w_hh, operand) -> PersistentLayer:
     barrier = torch.zeros(1, dtype=torch.int64)
     lengths = None if lengths is None else lengths.to(torch.int64).contiguous()
+    w_hh = w_hh.to(operand).contiguous()
     keep.extend([barrier, lengths, w_hh])
-    return PersistentLayer(steps, batch, hidden, address(lengths), reverse, address(w_hh), address(barrier))
+    return PersistentLayer(steps, batch, hidden, address(lengths), reverse, DTYPES[operand], address(w_hh),
+                           address(barrier))
+
+
+def _operand_buffer(operand, batch, width):
+    """The tensor cores' (2, B, width) ping-pong operand buffer (None for float32),
+    NaN where the kernel must write before it reads."""
+    return None if operand == torch.float32 else torch.full((2, batch, width), math.nan, dtype=operand)
 
 
 def _launch_persistent(library, cell, direction, layer, plan, buffers):
@@ -313,22 +324,29 @@ def _launch_persistent(library, cell, direction, layer, plan, buffers):
         raise RuntimeError(f"launch_persistent_{cell}_{direction} returned {status}")
 
 
-def persistent_layer_forward(library, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, multiprocessors):
+def persistent_layer_forward(library, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, multiprocessors,
+                             operand=torch.float32):
     """(output, h_n, c_n (None for the GRU), saved) of the layer op, float32 on the CPU,
-    the recurrent loop in the persistent kernel on `multiprocessors` blocks' worth of SMs."""
+    the recurrent loop in the persistent kernel on `multiprocessors` blocks' worth of SMs
+    with the GEMM's operands (W_hh, h) in `operand`, as binding.cpp runs float16 /
+    bfloat16 layers."""
     steps, batch, inputs = x.shape
     hidden = w_hh.shape[1]
     gates = w_hh.shape[0] // hidden
     width = 5 * hidden if cell == "lstm" else 4 * hidden
-    plan = persistent_plan(library, cell, False, batch, hidden, multiprocessors)
+    plan = persistent_plan(library, cell, False, batch, hidden, multiprocessors, operand)
     keep: list = [b_ih, b_hh]
-    layer = _persistent_layer(keep, steps, batch, hidden, lengths, reverse, w_hh.contiguous())
+    layer = _persistent_layer(keep, steps, batch, hidden, lengths, reverse, w_hh, operand)
     saved = torch.full((steps, batch, width), math.nan)  # NaN: entries the kernel must write
     saved[..., : gates * hidden] = (x.reshape(steps * batch, inputs) @ w_ih.t()).view(steps, batch, gates * hidden)
     output, h_state, h_scratch = torch.empty(steps, batch, hidden), h0.clone(), torch.empty(batch, hidden)
     c_state = c0.clone() if cell == "lstm" else None
+    h_operand = _operand_buffer(operand, batch, hidden)
+    if h_operand is not None:
+        h_operand[0] = h0
+    keep.append(h_operand)
     buffers = PersistentForwardBuffers(address(b_ih), address(b_hh), address(saved), address(output),
-                                       address(h_state), address(c_state), address(h_scratch))
+                                       address(h_state), address(c_state), address(h_scratch), address(h_operand))
     _launch_persistent(library, cell, "forward", layer, plan, buffers)
     return output, h_state, c_state, saved
 
@@ -345,15 +363,16 @@ def previous_hidden(output, h0, lengths, reverse):
 
 
 def persistent_layer_backward(library, cell, grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, lengths,
-                              reverse, output, saved, multiprocessors):
+                              reverse, output, saved, multiprocessors, operand=torch.float32):
     """(grad_x, grad_h0, grad_c0 (None for the GRU), grad_b_ih, grad_b_hh): the recurrent
-    loop in the persistent kernel, the rest as binding.cpp computes it."""
+    loop in the persistent kernel (GEMM operands in `operand`), the rest as binding.cpp
+    computes it."""
     steps, batch, inputs = x.shape
     hidden = w_hh.shape[1]
     gates = w_hh.shape[0] // hidden
-    plan = persistent_plan(library, cell, True, batch, hidden, multiprocessors)
+    plan = persistent_plan(library, cell, True, batch, hidden, multiprocessors, operand)
     keep: list = []
-    layer = _persistent_layer(keep, steps, batch, hidden, lengths, reverse, w_hh.contiguous())
+    layer = _persistent_layer(keep, steps, batch, hidden, lengths, reverse, w_hh, operand)
     grad_h = grad_h_n.clone()
     grad_c = grad_c_n.clone() if cell == "lstm" else None
     grad_gates = torch.empty(steps, batch, gates * hidden)
@@ -361,10 +380,11 @@ def persistent_layer_backward(library, cell, grad_output, grad_h_n, grad_c_n, x,
     previous = previous_hidden(output, h0, lengths, reverse).contiguous() if cell == "gru" else None
     direct = torch.empty(batch, hidden) if cell == "gru" else None
     grad_output = grad_output.contiguous()
-    keep.extend([grad_output, saved, c0, previous])
+    gate_operand = _operand_buffer(operand, batch, gates * hidden)
+    keep.extend([grad_output, saved, c0, previous, gate_operand])
     buffers = PersistentBackwardBuffers(address(grad_output), address(saved), address(c0), address(previous),
                                         address(grad_h), address(grad_c), address(grad_gates),
-                                        address(grad_input_gates), address(direct))
+                                        address(grad_input_gates), address(direct), address(gate_operand))
     _launch_persistent(library, cell, "backward", layer, plan, buffers)
     input_side = grad_gates if cell == "lstm" else grad_input_gates
     grad_x = (input_side.view(steps * batch, -1) @ w_ih).view(steps, batch, inputs)

@@ -108,6 +108,9 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attribute, in
     case cudaDevAttrCooperativeLaunch:
       *value = 1;
       return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = 9;
+      return cudaSuccess;
     default:
       return cudaErrorInvalidValue;
   }
@@ -171,15 +174,16 @@ int emu_gru_step_backward(const RecurrentStep* s, const void* grad_h, const void
 int emu_take_recurrent_gradient(const RecurrentStep* s, const void* recurrent, const void* direct, void* grad_h) {
   return launch_take_recurrent_gradient(*s, recurrent, direct, grad_h, nullptr);
 }
-int emu_persistent_recurrent_plan(int cell, bool backward, int64_t batch, int64_t hidden, int multiprocessors,
-                                  int64_t shared_bytes_per_block, PersistentPlan* plan) {
-  *plan = persistent_recurrent_plan(static_cast<RecurrentCell>(cell), backward, batch, hidden, multiprocessors,
-                                    shared_bytes_per_block);
+int emu_persistent_recurrent_plan(int cell, bool backward, int operand, int64_t batch, int64_t hidden,
+                                  int multiprocessors, int64_t shared_bytes_per_block, PersistentPlan* plan) {
+  *plan = persistent_recurrent_plan(static_cast<RecurrentCell>(cell), backward, static_cast<DType>(operand), batch,
+                                    hidden, multiprocessors, shared_bytes_per_block);
   return cudaSuccess;
 }
-int emu_persistent_recurrent_plan_on_device(int cell, bool backward, int64_t batch, int64_t hidden,
+int emu_persistent_recurrent_plan_on_device(int cell, bool backward, int operand, int64_t batch, int64_t hidden,
                                             PersistentPlan* plan) {
-  return persistent_recurrent_plan_on_device(static_cast<RecurrentCell>(cell), backward, batch, hidden, plan);
+  return persistent_recurrent_plan_on_device(static_cast<RecurrentCell>(cell), backward, static_cast<DType>(operand),
+                                             batch, hidden, plan);
 }
 int emu_persistent_lstm_forward(const PersistentLayer* l, const PersistentPlan* p, const PersistentForwardBuffers* b) {
   return launch_persistent_lstm_forward(*l, *p, *b, nullptr);
