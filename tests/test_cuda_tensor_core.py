@@ -5,9 +5,11 @@ plus one rounding of the largest entry.
 
 Without a GPU (marked slow): the kernel's own code under the CPU emulation of
 csrc/cuda/emulation/, whose mma.sync stand-in computes each lane's accumulators
-from the PTX fragment layout, at small odd shapes (T and S not multiples of the 64-row
-and 64-key tiles, several tiles of both, every mask, causal, local windows with and
-without the Gaussian, fully masked rows).  With a GPU (marked gpu): the op at
+from the PTX fragment layout and its ldmatrix stand-in gives every lane the registers
+the PTX ISA defines, while cp.async copies land only when a wait retires them, at small
+odd shapes (T and S not multiples of the 64-row and 64-key tiles, so that tail tiles
+are zero-filled; up to 3 row and 4 key tiles, so that the double buffers wrap; every
+mask, causal, local windows with and without the Gaussian, fully masked rows).  With a GPU (marked gpu): the op at
 seq2seq shapes goes to the tensor-core kernel (seen in the profiler) and matches the
 reference, gradients included (the backward recomputes from its logsumexp)."""
 
@@ -102,6 +104,10 @@ EMULATED_CASES = [  # (N, T, S, D, Dv), mode, dtype
     ((2, 19, 45, 64, 128), "local_m_gaussian", torch.float16),
     ((2, 19, 45, 128, 128), "local_p", torch.bfloat16),
     ((2, 19, 45, 64, 64), "local_p_plain", torch.float16),      # rows whose window misses every key
+    # 3 row tiles x 4 key tiles: the forward's K/V and the backward's Q/dO double buffers
+    # wrap around; the last key tile holds 8 keys (the rest zero-filled).
+    ((1, 150, 200, 128, 128), "key_padding_mask", torch.bfloat16),
+    ((2, 140, 195, 64, 64), "lengths", torch.float16),          # key tiles end at each length
 ]
 
 

@@ -6,24 +6,27 @@
 //
 // Forward: Q K^T -> scale -> masks -> online softmax -> Gaussian -> P V for a tile of
 // kBlockRows query rows per block (4 warps, 16 rows each; the Q fragments stay in
-// registers) over tiles of kBlockKeys keys staged in shared memory (row-major, rows
-// padded to keep ldmatrix 16-byte aligned and free of bank conflicts; ldmatrix.trans
-// reads V's B fragments).  Masks in-kernel as
-// attention_forward.cu and csrc/cpu/attention.cpp define them (lengths,
-// key_padding_mask, causal, local windows with the Gaussian factor): the block walks
-// only the union of its rows' key ranges, so key tiles outside every row's range are
-// never loaded.  Writes context and logsumexp (the backward's input, as
-// launch_attention_forward does); a fully masked row gives zeros and -inf.
+// registers) over tiles of kBlockKeys keys staged in shared memory by cp.async, double
+// buffered so that the next key tile's copies overlap this tile's MMAs (rows
+// row-major, padded to keep ldmatrix 16-byte aligned and free of bank conflicts;
+// ldmatrix.trans reads V's B fragments; tail tiles zero-filled, never read past the
+// source).  Masks in-kernel as attention_forward.cu and csrc/cpu/attention.cpp
+// define them (lengths, key_padding_mask, causal, local windows with the Gaussian
+// factor): the block walks only the union of its rows' key ranges, so key tiles
+// outside every row's range are never loaded.  Writes context and logsumexp (the
+// backward's input, as launch_attention_forward does); a fully masked row gives zeros
+// and -inf.
 // Backward (recompute from logsumexp): the forward kernel run again gives
 // row_dot = grad_context . context per row (context itself is not written); then one
-// block per kBlockKeys keys walks the query tiles that see any of its keys, recomputes
+// block per kBlockKeys keys walks the query tiles that see any of its keys (their Q
+// and dO tiles double-buffered through cp.async like the forward's K and V), recomputes
 // P^T and dP^T (4 warps, 16 keys each), accumulates grad_values = W^T dO and
 // grad_keys = dS^T Q in registers and adds grad_query = dS K into a float scratch with
 // atomics, converted to the input dtype at the end.
 // Not handled (attention_tensor_core_supported says no; the binding keeps
 // attention_forward.cu / attention_backward.cu): other scores and dtypes, other head
 // dims, unaligned rows, the weights output and its gradient, grad_center (local-p with
-// the Gaussian).  No cp.async pipelining: each tile is loaded, then used.
+// the Gaussian).  No warp specialisation, WGMMA or TMA (sm_80 instructions on sm_90a too).
 #include "attention_device.cuh"
 #include "mma.cuh"
 
@@ -39,25 +42,29 @@ constexpr int kBlockKeys = 64;                               // keys per tile
 constexpr int kSkew = 8;                                     // padding per shared row (bank spread)
 constexpr int kChunk = 8;                                    // elements per 16-byte load
 
-// Shared memory: row_begin, row_end (int64) | row_center (float) | key_hidden (int)
-// | Q tile (kBlockRows x (kD + kSkew)) | K tile (kBlockKeys x (kD + kSkew)) | V tile
-// (kBlockKeys x (kDv + kSkew)), all in T; every tile row 16-byte aligned.
+// Shared memory: row_begin, row_end (int64) | row_center (float) | key_hidden (int,
+// two stages) | Q tile (kBlockRows x (kD + kSkew)) | two stages of a K tile
+// (kBlockKeys x (kD + kSkew)) and a V tile (kBlockKeys x (kDv + kSkew)), all in T;
+// every tile row 16-byte aligned.
 template <int kD, int kDv>
 constexpr size_t tensor_core_shared_bytes() {
-  return 2 * sizeof(int64_t) * kBlockRows + sizeof(float) * kBlockRows + sizeof(int) * kBlockKeys +
-         2 * (static_cast<size_t>(kBlockRows + kBlockKeys) * (kD + kSkew) + static_cast<size_t>(kBlockKeys) * (kDv + kSkew));
+  return 2 * sizeof(int64_t) * kBlockRows + sizeof(float) * kBlockRows + 2 * sizeof(int) * kBlockKeys +
+         2 * (static_cast<size_t>(kBlockRows) * (kD + kSkew) +
+              2 * static_cast<size_t>(kBlockKeys) * (kD + kSkew + kDv + kSkew));
 }
 
-// `rows` rows of `width` elements from `source` (row stride `width`) into shared
-// `tile` (row stride width + kSkew), zeros for rows at or past `valid_rows`.
+// Starts copying `rows` rows of kWidth elements from `source` (row stride kWidth) into
+// shared `tile` (row stride kWidth + kSkew) with cp.async; rows at or past
+// `valid_rows` (at least 1) are zero-filled and read nothing (their source address is
+// the first row's).  The caller commits and waits.
 template <typename T, int kWidth>
-__device__ __forceinline__ void load_rows(T* tile, const T* source, int rows, int64_t valid_rows) {
+__device__ __forceinline__ void copy_rows_async(T* tile, const T* source, int rows, int64_t valid_rows) {
   constexpr int kChunks = kWidth / kChunk;
   for (int i = threadIdx.x; i < rows * kChunks; i += kTensorCoreThreads) {
     const int r = i / kChunks, chunk = i % kChunks;
-    uint4 data = make_uint4(0, 0, 0, 0);
-    if (r < valid_rows) data = *reinterpret_cast<const uint4*>(source + static_cast<int64_t>(r) * kWidth + chunk * kChunk);
-    *reinterpret_cast<uint4*>(tile + r * (kWidth + kSkew) + chunk * kChunk) = data;
+    const bool inside = r < valid_rows;
+    copy_async_16(tile + r * (kWidth + kSkew) + chunk * kChunk,
+                  source + (inside ? static_cast<int64_t>(r) * kWidth : 0) + chunk * kChunk, inside ? 16 : 0);
   }
 }
 
@@ -87,14 +94,14 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
     attention_forward_tensor_core_kernel(DeviceProblem<T> p, AttentionForwardBuffers out, const T* grad_context,
                                          float* row_dot) {
   constexpr int kKeyStride = kD + kSkew, kValueStride = kDv + kSkew;
+  constexpr int kStageElements = kBlockKeys * (kKeyStride + kValueStride);  // one K and one V tile
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   int64_t* row_begin = reinterpret_cast<int64_t*>(shared_bytes);
   int64_t* row_end = row_begin + kBlockRows;
   float* row_center = reinterpret_cast<float*>(row_end + kBlockRows);
-  int* key_hidden = reinterpret_cast<int*>(row_center + kBlockRows);
-  T* query_tile = reinterpret_cast<T*>(key_hidden + kBlockKeys);
-  T* key_tile = query_tile + kBlockRows * kKeyStride;
-  T* value_tile = key_tile + kBlockKeys * kKeyStride;
+  int* key_hidden_stages = reinterpret_cast<int*>(row_center + kBlockRows);
+  T* query_tile = reinterpret_cast<T*>(key_hidden_stages + 2 * kBlockKeys);
+  T* key_value_stages = query_tile + kBlockRows * kKeyStride;  // K tile, then V tile, per stage
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, group = lane / 4, column = lane % 4;
   const float minus_infinity = negative_infinity<float>();
@@ -104,7 +111,8 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
     const int64_t n = work / row_tiles, first_row = (work % row_tiles) * kBlockRows;
     const int64_t valid_rows = p.query_length - first_row;
     load_row_ranges(p, n, first_row, row_begin, row_end, row_center);
-    load_rows<T, kD>(query_tile, p.query_row(n * p.query_length + first_row), kBlockRows, valid_rows);
+    copy_rows_async<T, kD>(query_tile, p.query_row(n * p.query_length + first_row), kBlockRows, valid_rows);
+    commit_copies();
     __syncthreads();
 
     // The keys any row of the block sees: [lowest, highest).
@@ -114,6 +122,25 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       lowest = row_begin[r] < lowest ? row_begin[r] : lowest;
       highest = row_end[r] > highest ? row_end[r] : highest;
     }
+    // Starts loading the key tile at `tile` (K, V and which keys are hidden) into `stage`.
+    auto start_key_tile = [&](int stage, int64_t tile) {
+      const int64_t valid_keys = highest - tile;
+      T* key_tile = key_value_stages + stage * kStageElements;
+      copy_rows_async<T, kD>(key_tile, p.key_row(n, tile), kBlockKeys, valid_keys);
+      copy_rows_async<T, kDv>(key_tile + kBlockKeys * kKeyStride, p.value_row(n, tile), kBlockKeys, valid_keys);
+      if (threadIdx.x < kBlockKeys) {
+        key_hidden_stages[stage * kBlockKeys + threadIdx.x] =
+            threadIdx.x >= valid_keys || p.is_padding(n, tile + threadIdx.x);
+      }
+      commit_copies();
+    };
+    if (lowest < highest) {  // uniform
+      start_key_tile(0, lowest);
+      wait_copies<1>();  // the Q tile; the first key tile may still be in flight
+    } else {
+      wait_copies<0>();
+    }
+    __syncthreads();
 
     // This lane's two rows (the accumulator rows group and group + 8 of its warp).
     const int top = warp * kWarpRows + group;
@@ -133,14 +160,19 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       for (int r = 0; r < 4; ++r) context[dt][r] = 0.f;
     }
 
-    for (int64_t tile = lowest; tile < highest; tile += kBlockKeys) {
-      const int64_t valid_keys = highest - tile;
-      load_rows<T, kD>(key_tile, p.key_row(n, tile), kBlockKeys, valid_keys);
-      load_rows<T, kDv>(value_tile, p.value_row(n, tile), kBlockKeys, valid_keys);
-      if (threadIdx.x < kBlockKeys) {
-        key_hidden[threadIdx.x] = threadIdx.x >= valid_keys || p.is_padding(n, tile + threadIdx.x);
+    // Double-buffered key tiles: the next tile's copies run while this one's MMAs do.
+    int stage = 0;
+    for (int64_t tile = lowest; tile < highest; tile += kBlockKeys, stage ^= 1) {
+      if (tile + kBlockKeys < highest) {  // uniform
+        start_key_tile(stage ^ 1, tile + kBlockKeys);
+        wait_copies<1>();
+      } else {
+        wait_copies<0>();
       }
       __syncthreads();
+      const T* key_tile = key_value_stages + stage * kStageElements;
+      const T* value_tile = key_tile + kBlockKeys * kKeyStride;
+      const int* key_hidden = key_hidden_stages + stage * kBlockKeys;
 
       float score[kBlockKeys / 8][4];
 #pragma unroll
@@ -212,7 +244,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
           mma_m16n8k16<T>(context[dt + 1], probability_fragment, value_fragments[1]);
         }
       }
-      __syncthreads();  // the next tile overwrites K, V and key_hidden
+      __syncthreads();  // the tile after next overwrites this stage
     }
 
     // The row sums over the group's lanes, then context / sum and logsumexp.
@@ -261,13 +293,15 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
 }
 
 // Shared memory of the backward: row_begin, row_end (int64) | row_center,
-// row_logsumexp, row_dot (float) | key_hidden (int) | K tile, V tile (kBlockKeys rows)
-// | Q tile, grad_context tile (kBlockRows rows) | dS tile (kBlockRows x kBlockKeys), in T.
+// row_logsumexp, row_dot (float), each two stages of kBlockRows | key_hidden (int) | K
+// tile, V tile (kBlockKeys rows) | two stages of a Q tile and a grad_context tile
+// (kBlockRows rows each; the dS tile, kBlockRows x kBlockKeys, replaces the stage's
+// grad_context tile once it is used, so that a 128-dim block stays under half an
+// SM's shared memory), in T.
 template <int kD, int kDv>
 constexpr size_t backward_shared_bytes() {
-  return 2 * sizeof(int64_t) * kBlockRows + 3 * sizeof(float) * kBlockRows + sizeof(int) * kBlockKeys +
-         2 * (static_cast<size_t>(kBlockKeys + kBlockRows) * (kD + kSkew + kDv + kSkew) +
-              static_cast<size_t>(kBlockRows) * (kBlockKeys + kSkew));
+  return 2 * (2 * sizeof(int64_t) + 3 * sizeof(float)) * kBlockRows + sizeof(int) * kBlockKeys +
+         2 * static_cast<size_t>(kBlockKeys + 2 * kBlockRows) * (kD + kSkew + kDv + kSkew);
 }
 
 // C-layout accumulators of two adjacent 16 x 8 tiles (columns 16 kk .. 16 kk + 15) as
@@ -285,18 +319,18 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
     attention_backward_tensor_core_kernel(DeviceProblem<T> p, AttentionBackwardBuffers b,
                                           float* grad_query_accumulator) {
   constexpr int kKeyStride = kD + kSkew, kValueStride = kDv + kSkew, kScoreStride = kBlockKeys + kSkew;
+  static_assert(kScoreStride <= kValueStride, "the dS tile takes the place of a dO tile");
+  constexpr int kStageElements = kBlockRows * (kKeyStride + kValueStride);  // one Q and one dO tile
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  int64_t* row_begin = reinterpret_cast<int64_t*>(shared_bytes);
-  int64_t* row_end = row_begin + kBlockRows;
-  float* row_center = reinterpret_cast<float*>(row_end + kBlockRows);
-  float* row_logsumexp = row_center + kBlockRows;
-  float* row_dot = row_logsumexp + kBlockRows;
-  int* key_hidden = reinterpret_cast<int*>(row_dot + kBlockRows);
+  int64_t* row_begin_stages = reinterpret_cast<int64_t*>(shared_bytes);
+  int64_t* row_end_stages = row_begin_stages + 2 * kBlockRows;
+  float* row_center_stages = reinterpret_cast<float*>(row_end_stages + 2 * kBlockRows);
+  float* row_logsumexp_stages = row_center_stages + 2 * kBlockRows;
+  float* row_dot_stages = row_logsumexp_stages + 2 * kBlockRows;
+  int* key_hidden = reinterpret_cast<int*>(row_dot_stages + 2 * kBlockRows);
   T* key_tile = reinterpret_cast<T*>(key_hidden + kBlockKeys);
   T* value_tile = key_tile + kBlockKeys * kKeyStride;
-  T* query_tile = value_tile + kBlockKeys * kValueStride;
-  T* grad_tile = query_tile + kBlockRows * kKeyStride;
-  T* score_grad_tile = grad_tile + kBlockRows * kValueStride;  // dS, [query][key]
+  T* query_grad_stages = value_tile + kBlockKeys * kValueStride;  // Q tile, then dO tile, per stage
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, group = lane / 4, column = lane % 4;
   const int64_t key_tiles = (p.source_length + kBlockKeys - 1) / kBlockKeys;
@@ -307,8 +341,9 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
   for (int64_t work = blockIdx.x; work < p.batch * key_tiles; work += gridDim.x) {
     const int64_t n = work / key_tiles, first_key = (work % key_tiles) * kBlockKeys;
     const int64_t valid_keys = p.source_length - first_key;
-    load_rows<T, kD>(key_tile, p.key_row(n, first_key), kBlockKeys, valid_keys);
-    load_rows<T, kDv>(value_tile, p.value_row(n, first_key), kBlockKeys, valid_keys);
+    copy_rows_async<T, kD>(key_tile, p.key_row(n, first_key), kBlockKeys, valid_keys);
+    copy_rows_async<T, kDv>(value_tile, p.value_row(n, first_key), kBlockKeys, valid_keys);
+    commit_copies();
     if (threadIdx.x < kBlockKeys) {
       key_hidden[threadIdx.x] = threadIdx.x >= valid_keys || p.is_padding(n, first_key + threadIdx.x);
     }
@@ -326,28 +361,61 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       for (int r = 0; r < 4; ++r) value_grad[dt][r] = 0.f;
     }
 
-    for (int64_t first_row = 0; first_row < p.query_length; first_row += kBlockRows) {
-      load_row_ranges(p, n, first_row, row_begin, row_end, row_center);
-      if (threadIdx.x < kBlockRows) {
-        const int64_t t = first_row + threadIdx.x;
-        const bool valid = t < p.query_length;
-        row_logsumexp[threadIdx.x] = valid ? logsumexp[n * p.query_length + t] : negative_infinity<float>();
-        row_dot[threadIdx.x] = valid ? row_dot_in[n * p.query_length + t] : 0.f;
-      }
-      __syncthreads();
-      bool touches = false;  // does any row of the tile see a key of this block?
-      for (int r = 0; r < kBlockRows; ++r) {
-        touches = touches || (row_begin[r] < row_end[r] && row_begin[r] < first_key + kBlockKeys &&
-                              row_end[r] > first_key);
-      }
-      if (!touches) {  // uniform: every thread read the same arrays
+    // Finds the first query tile at or after `from` with a row that sees a key of this
+    // block, leaves its row arrays in `stage` and starts copying its Q and dO tiles
+    // there; returns its first row (query_length when there is none).
+    auto start_query_tile = [&](int64_t from, int stage) -> int64_t {
+      int64_t* row_begin = row_begin_stages + stage * kBlockRows;
+      int64_t* row_end = row_end_stages + stage * kBlockRows;
+      for (int64_t first_row = from; first_row < p.query_length; first_row += kBlockRows) {
+        load_row_ranges(p, n, first_row, row_begin, row_end, row_center_stages + stage * kBlockRows);
         __syncthreads();
-        continue;
+        bool touches = false;
+        for (int r = 0; r < kBlockRows; ++r) {
+          touches = touches || (row_begin[r] < row_end[r] && row_begin[r] < first_key + kBlockKeys &&
+                                row_end[r] > first_key);
+        }
+        if (!touches) {  // uniform: every thread read the same arrays
+          __syncthreads();  // before the next tile's ranges overwrite them
+          continue;
+        }
+        if (threadIdx.x < kBlockRows) {
+          const int64_t t = first_row + threadIdx.x;
+          const bool valid = t < p.query_length;
+          row_logsumexp_stages[stage * kBlockRows + threadIdx.x] =
+              valid ? logsumexp[n * p.query_length + t] : negative_infinity<float>();
+          row_dot_stages[stage * kBlockRows + threadIdx.x] = valid ? row_dot_in[n * p.query_length + t] : 0.f;
+        }
+        const int64_t valid_rows = p.query_length - first_row;
+        T* query_tile = query_grad_stages + stage * kStageElements;
+        copy_rows_async<T, kD>(query_tile, p.query_row(n * p.query_length + first_row), kBlockRows, valid_rows);
+        copy_rows_async<T, kDv>(query_tile + kBlockRows * kKeyStride,
+                                grad_context + (n * p.query_length + first_row) * kDv, kBlockRows, valid_rows);
+        commit_copies();
+        return first_row;
       }
-      const int64_t valid_rows = p.query_length - first_row;
-      load_rows<T, kD>(query_tile, p.query_row(n * p.query_length + first_row), kBlockRows, valid_rows);
-      load_rows<T, kDv>(grad_tile, grad_context + (n * p.query_length + first_row) * kDv, kBlockRows, valid_rows);
+      return p.query_length;
+    };
+
+    // Double-buffered query tiles: the next tile's copies run while this one's MMAs do.
+    int stage = 0;
+    int64_t first_row = start_query_tile(0, stage);
+    while (first_row < p.query_length) {
+      const int64_t next_row = start_query_tile(first_row + kBlockRows, stage ^ 1);
+      if (next_row < p.query_length) {  // uniform
+        wait_copies<1>();
+      } else {
+        wait_copies<0>();
+      }
       __syncthreads();
+      const int64_t* row_begin = row_begin_stages + stage * kBlockRows;
+      const int64_t* row_end = row_end_stages + stage * kBlockRows;
+      const float* row_center = row_center_stages + stage * kBlockRows;
+      const float* row_logsumexp = row_logsumexp_stages + stage * kBlockRows;
+      const float* row_dot = row_dot_stages + stage * kBlockRows;
+      const T* query_tile = query_grad_stages + stage * kStageElements;
+      const T* grad_tile = query_tile + kBlockRows * kKeyStride;
+      T* score_grad_tile = query_grad_stages + stage * kStageElements + kBlockRows * kKeyStride;  // dS, once dO is used
 
       // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and the tile's queries.
       float score[kBlockRows / 8][4], probability_grad[kBlockRows / 8][4];
@@ -382,7 +450,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       }
 
       // alpha = exp(e - logsumexp) on visible pairs, w = alpha g, and
-      // scale * dS = scale * alpha (g dP - row_dot) (into `score`, and the dS tile).
+      // scale * dS = scale * alpha (g dP - row_dot) (into `score`).
 #pragma unroll
       for (int nt = 0; nt < kBlockRows / 8; ++nt) {
 #pragma unroll
@@ -396,7 +464,6 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
                                                                     row_dot[query]);
           probability_grad[nt][r] = alpha * gaussian;  // now the weight w
           score[nt][r] = score_grad;
-          score_grad_tile[query * kScoreStride + key] = from_acc<T>(score_grad);
         }
       }
 
@@ -419,6 +486,17 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
           load_fragments_b_from_rows(query_fragments, query_tile + kk * 16 * kKeyStride + dt * 8, kKeyStride);
           mma_m16n8k16<T>(key_grad[dt], score_grad_fragment, query_fragments[0]);
           mma_m16n8k16<T>(key_grad[dt + 1], score_grad_fragment, query_fragments[1]);
+        }
+      }
+      __syncthreads();  // every warp is done with this stage's Q and dO tiles
+
+      // dS ([query][key]) over this stage's dO tile, the A operand of grad_query = dS K.
+#pragma unroll
+      for (int nt = 0; nt < kBlockRows / 8; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int key = key_top + 8 * (r / 2), query = nt * 8 + 2 * column + r % 2;
+          score_grad_tile[query * kScoreStride + key] = from_acc<T>(score[nt][r]);
         }
       }
       __syncthreads();  // the dS tile is complete
@@ -451,8 +529,11 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
           }
         }
       }
-      __syncthreads();  // the next query tile overwrites the row arrays, Q, dO and dS
+      __syncthreads();  // the query tile after next overwrites this stage, dS included
+      first_row = next_row;
+      stage ^= 1;
     }
+    wait_copies<0>();  // K and V, when no query tile sees this block's keys
 
     // Every key of the tile gets its gradients (zeros for keys no query sees).
 #pragma unroll

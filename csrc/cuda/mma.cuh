@@ -2,13 +2,15 @@
 // multiply-accumulate of `mma.sync` (float16 / bfloat16 operands, float accumulators;
 // sm_80 and later, sm_90a included) through inline PTX, and fragment loaders on
 // `ldmatrix.x4` (`.trans` for operands stored the other way round) that fill its
-// operands from shared memory.  No WGMMA, no TMA.
+// operands from shared memory, and the 16-byte `cp.async` global -> shared copies
+// (commit / wait groups) that stage the tiles.  No WGMMA, no TMA.
 //
 // Under the CPU emulation (emulate.h defines FASTATTN_CUDA_EMULATION) the lanes'
 // fragments and ldmatrix row addresses meet in the warp's exchange buffer: every lane
 // takes its ldmatrix registers from the rows the PTX ISA assigns it and computes its
 // own accumulators from the fragment layout below, so the CPU tests exercise the same
-// lane/fragment mapping as the GPU.
+// lane/fragment mapping as the GPU; cp.async copies wait in per-thread groups until a
+// wait retires them (emulate.h), so a missing wait reads stale shared memory there too.
 //
 // Fragment layout (PTX ISA, mma.m16n8k16 .row.col; g = lane / 4, c = lane % 4; each
 // 32-bit register holds two elements, the lower index in the low half):
@@ -172,6 +174,48 @@ float b_element(const uint32_t (*b)[2], int k, int n) {
 }
 }  // namespace emulated
 #endif
+
+// cp.async.cg.shared.global: 16 bytes from global `source` to shared `destination`
+// (both 16-byte aligned), of which the first `source_bytes` (0 or 16) are read and the
+// rest zero-filled.  Asynchronous: the bytes are there once a wait_copies of this
+// thread retires the group that commit_copies closed after it (other threads see them
+// after a __syncthreads that follows that wait).
+__device__ __forceinline__ void copy_async_16(void* destination, const void* source, int source_bytes) {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(destination)), "l"(source),
+               "r"(source_bytes));
+#else
+  __trap();
+#endif
+#elif defined(FASTATTN_CUDA_EMULATION)
+  emu::copy_async(destination, source, 16, source_bytes);
+#endif
+}
+
+// cp.async.commit_group: the thread's copies started since the last commit form a group.
+__device__ __forceinline__ void commit_copies() {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+#elif defined(FASTATTN_CUDA_EMULATION)
+  emu::commit_copies();
+#endif
+}
+
+// cp.async.wait_group kPending: waits until at most the kPending newest groups of the
+// thread are still in flight.
+template <int kPending>
+__device__ __forceinline__ void wait_copies() {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+#elif defined(FASTATTN_CUDA_EMULATION)
+  emu::wait_copies(kPending);
+#endif
+}
 
 // c += A B for one warp (every lane calls it with its fragments).  T: __half or
 // __nv_bfloat16.

@@ -13,7 +13,7 @@
 // memory, so that a grid-wide barrier (atomics on a counter, fences, spinning) works:
 // keep such grids small.  What it
 // checks: indexing, masks, tiling, splits, reductions, the block synchronisation the
-// kernels rely on.  What it does not: GPU memory errors and races (compute-sanitizer
+// kernels rely on, the cp.async waits (copies land only when a wait retires them).  What it does not: GPU memory errors and races (compute-sanitizer
 // does), warp-synchronous assumptions beyond shuffles, GPU rounding (no FMA contraction).
 #pragma once
 #define FASTATTN_CUDA_EMULATION 1
@@ -29,11 +29,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <thread>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace emu {
 constexpr size_t kWarpExchangeBytesPerLane = 32;  // shuffles use the first 8, warp_publish all
@@ -70,6 +72,48 @@ inline const void* warp_publish(const void* mine, size_t bytes) {
   return state.warp_exchange;
 }
 inline void warp_release() { state.warp_barrier->arrive_and_wait(); }
+
+// cp.async (mma.cuh's copy_async_16, commit_copies, wait_copies): each thread's copies
+// wait in its own groups and happen only when a wait retires their group, so that a
+// read of the destination before the wait (or before the barrier after it, in another
+// thread) sees the old bytes, as it may on the GPU; a kernel ending with copies in
+// flight aborts.
+struct AsyncCopy {
+  void* destination;
+  const void* source;
+  size_t bytes, source_bytes;  // source_bytes read, the rest zero-filled
+};
+struct AsyncCopies {
+  std::vector<AsyncCopy> uncommitted;
+  std::deque<std::vector<AsyncCopy>> committed;  // oldest first
+};
+inline thread_local AsyncCopies async_copies;
+inline void copy_async(void* destination, const void* source, size_t bytes, size_t source_bytes) {
+  async_copies.uncommitted.push_back({destination, source, bytes, source_bytes});
+}
+inline void commit_copies() {
+  async_copies.committed.push_back(std::move(async_copies.uncommitted));
+  async_copies.uncommitted.clear();
+}
+inline void wait_copies(size_t pending_groups) {
+  while (async_copies.committed.size() > pending_groups) {
+    for (const AsyncCopy& copy : async_copies.committed.front()) {
+      unsigned char* destination = static_cast<unsigned char*>(copy.destination);
+      std::memcpy(destination, copy.source, copy.source_bytes);
+      std::memset(destination + copy.source_bytes, 0, copy.bytes - copy.source_bytes);
+    }
+    async_copies.committed.pop_front();
+  }
+}
+inline void expect_no_copies_in_flight() {
+  bool in_flight = !async_copies.uncommitted.empty();
+  for (const auto& group : async_copies.committed) in_flight = in_flight || !group.empty();
+  if (in_flight) {
+    std::fprintf(stderr, "emulate: a kernel ended with cp.async copies not waited for\n");
+    std::abort();
+  }
+  async_copies.committed.clear();
+}
 }  // namespace emu
 
 #define threadIdx (emu::state.thread)
@@ -82,7 +126,10 @@ T __shfl_xor_sync(unsigned, T value, int lane_mask) { return emu::shfl_xor(value
 
 template <typename Kernel, typename... Args>
 void fastattn_emulate_launch(Kernel kernel, dim3 grid, dim3 block, size_t shared, cudaStream_t, Args... args) {
-  emu::run_grid(grid, block, shared, [=] { kernel(args...); });
+  emu::run_grid(grid, block, shared, [=] {
+    kernel(args...);
+    emu::expect_no_copies_in_flight();
+  });
 }
 template <typename T>
 cudaError_t cudaFuncSetAttribute(T*, enum cudaFuncAttribute, int) { return cudaSuccess; }
