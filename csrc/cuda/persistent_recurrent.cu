@@ -30,13 +30,13 @@
 // The block GEMM (batch rows in passes of 64, K in chunks through two shared-memory
 // stage buffers: the next chunk's L2 loads are in registers while the current chunk is
 // multiplied).  FmaGemm: chunks of 32, each thread a 4 x 4 register tile (float4 loads).
-// TensorCoreGemm: chunks of 128 in 16-byte loads, W_hh slice stored column by column
-// (the mma's B fragments are plain 32-bit loads), each warp some 16 x 8 output tiles; with
-// fewer tiles than warps the warps split K and reduce their partial sums in shared
-// memory.  Shared-memory rows are padded against bank conflicts.  Not handled: float64,
-// LSTM projections (proj_size), shapes whose W_hh slice does not fit in shared memory
-// (the plan says so; the binding falls back to per-step GEMMs + recurrent_pointwise.cu),
-// cp.async / ldmatrix / WGMMA.
+// TensorCoreGemm: chunks of 256 in 16-byte groups, the W_hh slice stored column by
+// column, both operands' fragments through ldmatrix.x4 (mma.cuh), each warp some 16 x 8
+// output tiles; with fewer tiles than warps the warps split K and reduce their partial
+// sums in shared memory.  Shared-memory rows are padded against bank conflicts.  Not
+// handled: float64, LSTM projections (proj_size), shapes whose W_hh slice does not fit
+// in shared memory (the plan says so; the binding falls back to per-step GEMMs +
+// recurrent_pointwise.cu), cp.async, WGMMA.
 #include "grid_barrier.cuh"
 #include "mma.cuh"
 #include "recurrent_cell_math.cuh"
@@ -199,15 +199,19 @@ __device__ __forceinline__ uint4 load_group_at_l2(const void* source, int64_t va
   return make_uint4(words[0], words[1], words[2], words[3]);
 }
 
-// The mma's B fragment of the 16 x 8 (k x n) tile at `tile` whose columns are stored
-// contiguously, element (k, n) at tile[n * stride + k] (stride even): b[0] = B[2c, 2c+1][g],
-// b[1] = B[2c+8, 2c+9][g] (mma.cuh's layout; g = lane / 4, c = lane % 4).
+// The mma's B fragments of two consecutive k-steps of the 32 x 8 (k x n) tile at `tile`
+// whose columns are stored contiguously, element (k, n) at tile[n * stride + k] (stride
+// a multiple of 8, `tile` 16-byte aligned): b[0] for k = 0-15, b[1] for k = 16-31.  One
+// ldmatrix.x4 whose matrices are the 8 columns' k = 0-7, 8-15, 16-23, 24-31.
 template <typename T>
-__device__ __forceinline__ void load_column_fragment(uint32_t (&b)[2], const T* tile, int64_t stride) {
+__device__ __forceinline__ void load_column_fragments(uint32_t (&b)[2][2], const T* tile, int64_t stride) {
   const int lane = threadIdx.x % kWarpSize;
-  const T* column = tile + lane / 4 * stride + 2 * (lane % 4);
-  b[0] = *reinterpret_cast<const uint32_t*>(column);
-  b[1] = *reinterpret_cast<const uint32_t*>(column + 8);
+  uint32_t registers[4];
+  load_matrices<false>(registers, tile + lane % 8 * stride + lane / 8 * 8);
+  b[0][0] = registers[0];
+  b[0][1] = registers[1];
+  b[1][0] = registers[2];
+  b[1][1] = registers[3];
 }
 
 // The tensor cores: W_hh slice [column][k] (row stride padded_depth + kSkew) in shared
@@ -216,10 +220,11 @@ __device__ __forceinline__ void load_column_fragment(uint32_t (&b)[2], const T* 
 template <typename T>
 struct TensorCoreGemm {
   using Operand = T;
-  static constexpr int kChunk = 128;       // K per staged chunk: 8 mma k-steps
+  static constexpr int kChunk = 256;       // K per staged chunk: 32 KiB of operands in flight per block
   static constexpr int kColumnTile = 8;    // the n of m16n8k16
   static constexpr int kRowTile = 16;      // its m
   static constexpr int kStep = 16;         // its k
+  static constexpr int kPairs = kChunk / (2 * kStep);  // pairs of k-steps per chunk (one B ldmatrix each)
   static constexpr int kSkew = 8;          // padding per shared row: a 16-byte shift, 4 banks
   static constexpr int kGroup = 8;         // elements per 16-byte load
   static constexpr int kStageStride = kChunk + kSkew;
@@ -227,6 +232,7 @@ struct TensorCoreGemm {
   static constexpr int kWarps = kMaxThreads / kWarpSize;
   static constexpr int kPrefetch = kStageGroups / kMaxThreads;  // a thread's 16-byte groups of the next chunk
   static constexpr int kMaxWarpTiles = 8;                       // output tiles (accumulators) per warp
+  static_assert(kWarps <= kPairs, "every warp of a split K needs a pair of k-steps");
   static constexpr int kTileFloats = kRowTile * kColumnTile;
   static constexpr int64_t kStageBytes = static_cast<int64_t>(kPassRows) * kStageStride * sizeof(T);
   static constexpr int64_t kScratchBytes = 2 * kStageBytes + kWarps * kTileFloats * static_cast<int64_t>(sizeof(float));
@@ -266,8 +272,8 @@ struct TensorCoreGemm {
 
   // The contract of FmaGemm::multiply with `a` and weights ([column][k]) in T.  Output
   // tile i of a warp is 16 rows x 8 columns; with fewer tiles than warps, `splits`
-  // warps share a tile, each taking every splits-th k-step of a chunk, and their
-  // fragments meet in scratch before out.
+  // warps share a tile, each taking every splits-th pair of k-steps of a chunk, and
+  // their fragments meet in scratch before out.
   __device__ static void multiply(const T* a, int64_t lda, int64_t rows, const BlockGemmShape& shape,
                                   const T* weights, unsigned char* scratch, float* out) {
     T* stage = reinterpret_cast<T*>(scratch);
@@ -304,17 +310,21 @@ struct TensorCoreGemm {
       __syncthreads();
       if (k0 + kChunk < shape.padded_depth) fetch(k0 + kChunk);
       if (!working) continue;
-      for (int step = split; step < kChunk / kStep; step += splits) {
+      for (int pair = split; pair < kPairs; pair += splits) {
 #pragma unroll
         for (int i = 0; i < kMaxWarpTiles; ++i) {
           const int tile = first_tile + i * kWarps;
           if (tile >= tiles || (splits > 1 && i > 0)) break;
-          uint32_t a_fragment[4], b_fragment[2];
-          load_fragment_a(a_fragment, current + tile / column_tiles * kRowTile * kStageStride + step * kStep,
-                          kStageStride);
-          load_column_fragment(b_fragment, weights + tile % column_tiles * kColumnTile * stride + k0 + step * kStep,
-                               stride);
-          mma_m16n8k16<T>(accumulator[i], a_fragment, b_fragment);
+          const int k = pair * 2 * kStep;
+          uint32_t b_fragments[2][2];
+          load_column_fragments(b_fragments, weights + tile % column_tiles * kColumnTile * stride + k0 + k, stride);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            uint32_t a_fragment[4];
+            load_fragment_a(a_fragment, current + tile / column_tiles * kRowTile * kStageStride + k + half * kStep,
+                            kStageStride);
+            mma_m16n8k16<T>(accumulator[i], a_fragment, b_fragments[half]);
+          }
         }
       }
     }
