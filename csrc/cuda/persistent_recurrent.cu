@@ -37,6 +37,8 @@
 // handled: float64, LSTM projections (proj_size), shapes whose W_hh slice does not fit
 // in shared memory (the plan says so; the binding falls back to per-step GEMMs +
 // recurrent_pointwise.cu), cp.async, WGMMA.
+#include <type_traits>
+
 #include "grid_barrier.cuh"
 #include "mma.cuh"
 #include "recurrent_cell_math.cuh"
@@ -627,23 +629,19 @@ cudaError_t launch_cooperative(void (*kernel)(PersistentLayer, PersistentPlan, B
                                      static_cast<size_t>(plan.shared_bytes), stream);
 }
 
-template <RecurrentCell kCell>
-cudaError_t launch_forward(const PersistentLayer& layer, const PersistentPlan& plan,
-                           const PersistentForwardBuffers& buffers, cudaStream_t stream) {
+// The launch of one direction's kernel for the operand dtype's GEMM; the tensor cores
+// also need their operand ping-pong buffer (h_operand forward, gate_operand backward).
+template <RecurrentCell kCell, typename Buffers>
+cudaError_t launch_layer(const PersistentLayer& layer, const PersistentPlan& plan, const Buffers& buffers,
+                         const void* operand_buffer, cudaStream_t stream) {
   return with_gemm(layer.operand, cudaErrorInvalidValue, [&](auto gemm) -> cudaError_t {
     using Gemm = decltype(gemm);
-    if (Gemm::kOperandBuffers && buffers.h_operand == nullptr) return cudaErrorInvalidValue;
-    return launch_cooperative<Gemm>(persistent_forward_kernel<kCell, Gemm>, layer, plan, buffers, stream);
-  });
-}
-
-template <RecurrentCell kCell>
-cudaError_t launch_backward(const PersistentLayer& layer, const PersistentPlan& plan,
-                            const PersistentBackwardBuffers& buffers, cudaStream_t stream) {
-  return with_gemm(layer.operand, cudaErrorInvalidValue, [&](auto gemm) -> cudaError_t {
-    using Gemm = decltype(gemm);
-    if (Gemm::kOperandBuffers && buffers.gate_operand == nullptr) return cudaErrorInvalidValue;
-    return launch_cooperative<Gemm>(persistent_backward_kernel<kCell, Gemm>, layer, plan, buffers, stream);
+    if (Gemm::kOperandBuffers && operand_buffer == nullptr) return cudaErrorInvalidValue;
+    if constexpr (std::is_same_v<Buffers, PersistentBackwardBuffers>) {
+      return launch_cooperative<Gemm>(persistent_backward_kernel<kCell, Gemm>, layer, plan, buffers, stream);
+    } else {
+      return launch_cooperative<Gemm>(persistent_forward_kernel<kCell, Gemm>, layer, plan, buffers, stream);
+    }
   });
 }
 
@@ -710,18 +708,18 @@ cudaError_t persistent_recurrent_plan_on_device(RecurrentCell cell, bool backwar
 cudaError_t launch_persistent_lstm_forward(const PersistentLayer& layer, const PersistentPlan& plan,
                                            const PersistentForwardBuffers& buffers, cudaStream_t stream) {
   if (buffers.c_state == nullptr) return cudaErrorInvalidValue;
-  return launch_forward<RecurrentCell::kLstm>(layer, plan, buffers, stream);
+  return launch_layer<RecurrentCell::kLstm>(layer, plan, buffers, buffers.h_operand, stream);
 }
 
 cudaError_t launch_persistent_gru_forward(const PersistentLayer& layer, const PersistentPlan& plan,
                                           const PersistentForwardBuffers& buffers, cudaStream_t stream) {
-  return launch_forward<RecurrentCell::kGru>(layer, plan, buffers, stream);
+  return launch_layer<RecurrentCell::kGru>(layer, plan, buffers, buffers.h_operand, stream);
 }
 
 cudaError_t launch_persistent_lstm_backward(const PersistentLayer& layer, const PersistentPlan& plan,
                                             const PersistentBackwardBuffers& buffers, cudaStream_t stream) {
   if (buffers.c0 == nullptr || buffers.grad_c == nullptr) return cudaErrorInvalidValue;
-  return launch_backward<RecurrentCell::kLstm>(layer, plan, buffers, stream);
+  return launch_layer<RecurrentCell::kLstm>(layer, plan, buffers, buffers.gate_operand, stream);
 }
 
 cudaError_t launch_persistent_gru_backward(const PersistentLayer& layer, const PersistentPlan& plan,
@@ -729,7 +727,7 @@ cudaError_t launch_persistent_gru_backward(const PersistentLayer& layer, const P
   if (buffers.previous_h == nullptr || buffers.grad_input_gates == nullptr || buffers.direct == nullptr) {
     return cudaErrorInvalidValue;
   }
-  return launch_backward<RecurrentCell::kGru>(layer, plan, buffers, stream);
+  return launch_layer<RecurrentCell::kGru>(layer, plan, buffers, buffers.gate_operand, stream);
 }
 
 }  // namespace cuda
