@@ -37,8 +37,6 @@
 // handled: float64, LSTM projections (proj_size), shapes whose W_hh slice does not fit
 // in shared memory (the plan says so; the binding falls back to per-step GEMMs +
 // recurrent_pointwise.cu), cp.async, WGMMA.
-#include <type_traits>
-
 #include "grid_barrier.cuh"
 #include "mma.cuh"
 #include "recurrent_cell_math.cuh"
@@ -629,6 +627,16 @@ cudaError_t launch_cooperative(void (*kernel)(PersistentLayer, PersistentPlan, B
                                      static_cast<size_t>(plan.shared_bytes), stream);
 }
 
+// The kernel of the direction the buffers belong to.
+template <RecurrentCell kCell, typename Gemm>
+auto kernel_for(const PersistentForwardBuffers&) {
+  return persistent_forward_kernel<kCell, Gemm>;
+}
+template <RecurrentCell kCell, typename Gemm>
+auto kernel_for(const PersistentBackwardBuffers&) {
+  return persistent_backward_kernel<kCell, Gemm>;
+}
+
 // The launch of one direction's kernel for the operand dtype's GEMM; the tensor cores
 // also need their operand ping-pong buffer (h_operand forward, gate_operand backward).
 template <RecurrentCell kCell, typename Buffers>
@@ -637,11 +645,7 @@ cudaError_t launch_layer(const PersistentLayer& layer, const PersistentPlan& pla
   return with_gemm(layer.operand, cudaErrorInvalidValue, [&](auto gemm) -> cudaError_t {
     using Gemm = decltype(gemm);
     if (Gemm::kOperandBuffers && operand_buffer == nullptr) return cudaErrorInvalidValue;
-    if constexpr (std::is_same_v<Buffers, PersistentBackwardBuffers>) {
-      return launch_cooperative<Gemm>(persistent_backward_kernel<kCell, Gemm>, layer, plan, buffers, stream);
-    } else {
-      return launch_cooperative<Gemm>(persistent_forward_kernel<kCell, Gemm>, layer, plan, buffers, stream);
-    }
+    return launch_cooperative<Gemm>(kernel_for<kCell, Gemm>(buffers), layer, plan, buffers, stream);
   });
 }
 

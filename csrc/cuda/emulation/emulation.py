@@ -69,7 +69,10 @@ def build(directory: Path) -> ctypes.CDLL:
     with ThreadPoolExecutor(max_workers=2) as pool:
         objects = list(pool.map(compile_one, sources))
     library = directory / "libfastattn_emulated.so"
-    subprocess.run(["g++", "-shared", "-pthread", *map(str, objects), "-o", str(library)], check=True)
+    # -Bsymbolic: the library's calls reach its own cuda* stand-ins even in a process where
+    # torch has loaded the real CUDA runtime (a CUDA build of torch on a machine without a GPU).
+    subprocess.run(["g++", "-shared", "-pthread", "-Wl,-Bsymbolic", *map(str, objects), "-o", str(library)],
+                   check=True)
     return _declare(ctypes.CDLL(str(library)))
 
 
