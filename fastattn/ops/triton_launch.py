@@ -125,12 +125,16 @@ class Launcher:
     def configs_in_use(self) -> list[triton.Config]:
         return [self.configs.interpreted] if INTERPRETED else list(self.configs.tuned)
 
-    def untuned_config(self, arguments, constexprs) -> triton.Config:
-        """The config an untuned GPU launch takes: the first that the prune keeps."""
+    def pruned_configs(self, arguments, constexprs) -> list[triton.Config]:
+        """The tuned configs that the kernel's prune keeps for these arguments (all without one)."""
         configs = list(self.configs.tuned)
         if self.configs.prune is not None:
             configs = self.configs.prune(configs, dict(zip(self.kernel.arg_names, arguments)), **constexprs)
-        return configs[0]
+        return configs
+
+    def untuned_config(self, arguments, constexprs) -> triton.Config:
+        """The config an untuned GPU launch takes: the first that the prune keeps."""
+        return self.pruned_configs(arguments, constexprs)[0]
 
     def tuner_for(self, arguments):
         """The ``triton.autotune`` of the size bucket of these (positional) kernel arguments."""

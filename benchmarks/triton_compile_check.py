@@ -1,0 +1,187 @@
+"""Compile every Triton kernel of ``kernels/`` for sm_90 (H100/H200) without a GPU.
+
+The public Triton ops run on CPU tensors with ``Launcher.__call__`` replaced by a recorder
+(benchmarks/triton_compile_problems.py: the bench presets' shapes, every score kind and
+mask, float32, float16 and bfloat16), so each launch's kernel, arguments and constexprs
+are what a GPU run passes; then each distinct launch is compiled by ``triton.compile`` for
+``GPUTarget("cuda", 90, 32)``, with the signature, constexprs and specialization
+attributes Triton's own launcher would derive, once per config a GPU would launch: every
+tuned config the kernel's prune keeps, or with ``--quick`` only the one an untuned launch
+takes (FASTATTN_TRITON_AUTOTUNE=0), for one problem per launcher and dtype.  ptxas ships
+with Triton; no CUDA driver is touched.  Needs TRITON_INTERPRET unset.
+
+One line per compile: ok (registers, local-memory bytes per thread (spills), dynamic
+shared memory) or FAILED with the error's message.  Exit status: the number of failures.
+
+    python benchmarks/triton_compile_check.py [--quick] [--dtype bfloat16] [--jobs 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from unittest import mock
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("triton_compile_check: unset TRITON_INTERPRET (the kernels must be JIT functions, not interpreted)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.triton_compile_problems import ALL_PROBLEMS, QUICK_PROBLEMS  # noqa: E402
+from fastattn.ops.triton_launch import Launcher  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch as the ops ask for it, before a config is chosen."""
+
+    problem: str
+    dtype: str
+    launcher: Launcher
+    arguments: tuple
+    constexprs: dict
+
+
+@dataclasses.dataclass
+class Compile:
+    launch: Launch
+    config: triton.Config
+
+    def describe(self) -> str:
+        config = self.config
+        blocks = ",".join(f"{name}={value}" for name, value in config.kwargs.items())
+        return (f"{self.launch.launcher.kernel.__name__} [{blocks} w{config.num_warps} s{config.num_stages}] "
+                f"{self.launch.dtype} ({self.launch.problem})")
+
+
+def _stand_in(value):
+    """A one-element tensor of the same dtype (CPU allocations are 64-byte aligned, as a
+    fresh CUDA tensor's 256): the launch is only compiled, never run."""
+    return torch.empty(1, dtype=value.dtype) if isinstance(value, torch.Tensor) else value
+
+
+def record_launches(problems, dtype_names) -> list[Launch]:
+    launches = []
+
+    def record(launcher, grid, *arguments, **constexprs):
+        launches.append(Launch(problem, dtype_name, launcher, tuple(map(_stand_in, arguments)), constexprs))
+
+    with mock.patch.object(Launcher, "__call__", record):
+        for dtype_name in dtype_names:
+            for problem, run in problems:
+                run(DTYPES[dtype_name])
+    return launches
+
+
+def _binding(launch: Launch, config: triton.Config, backend):
+    """(signature, constexprs, attributes, options) as Triton's launcher derives them."""
+    kernel = launch.launcher.kernel
+    keywords = {**launch.constexprs, **config.kwargs, "num_warps": config.num_warps,
+                "num_stages": config.num_stages, "debug": False}
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.arguments, **keywords)
+    options, signature, constexprs, attributes = kernel._pack_args(backend, keywords, bound, specialization, options)
+    return signature, constexprs, attributes, options
+
+
+def compiles_to_run(launches: list[Launch], quick: bool) -> list[Compile]:
+    """Every distinct (kernel specialization, config); with ``quick``, the untuned config of
+    the first launch of each launcher and dtype."""
+    backend = make_backend(TARGET)
+    chosen, seen = [], set()
+    for launch in launches:
+        if quick:
+            key = (id(launch.launcher), launch.dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+            chosen.append(Compile(launch, launch.launcher.untuned_config(launch.arguments, launch.constexprs)))
+            continue
+        for config in launch.launcher.pruned_configs(launch.arguments, launch.constexprs):
+            signature, constexprs, attributes, options = _binding(launch, config, backend)
+            key = (launch.launcher.kernel.__name__, str(signature), str(constexprs), str(attributes), str(options))
+            if key not in seen:
+                seen.add(key)
+                chosen.append(Compile(launch, config))
+    return chosen
+
+
+def _resources(cubin: bytes) -> str:
+    """Registers and local memory (spills) per thread, from cuobjdump (shipped with Triton)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", file.name],
+                                capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) .*LOCAL:(\d+)", report)
+    return f"regs {found[1]}, local {found[2]} B" if found else "regs ?"
+
+
+def _error_line(error: Exception) -> str:
+    message = getattr(error, "error_message", None) or str(error)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def compile_one(job: Compile) -> tuple[bool, str]:
+    """(compiled, the report line's detail)."""
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            signature, constexprs, attributes, options = _binding(job.launch, job.config, make_backend(TARGET))
+            compiled = triton.compile(ASTSource(job.launch.launcher.kernel, signature, constexprs, attributes),
+                                      target=TARGET, options=options.__dict__)
+    except Exception as error:  # noqa: BLE001 - every failure is reported, one line each
+        return False, _error_line(error)
+    seconds = time.perf_counter() - started
+    return True, f"{_resources(compiled.asm['cubin'])}, shared {compiled.metadata.shared} B, {seconds:.1f} s"
+
+
+_JOBS: list[Compile] = []  # the forked workers' copy
+
+
+def _compile_index(index: int) -> tuple[bool, str]:
+    return compile_one(_JOBS[index])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one problem per launcher and dtype, untuned config only")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), action="append", help="only these dtypes (default: all)")
+    parser.add_argument("--kernel", help="only kernels whose name contains this")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles in parallel (default: CPU count)")
+    arguments = parser.parse_args(argv)
+    launches = record_launches(QUICK_PROBLEMS if arguments.quick else ALL_PROBLEMS, arguments.dtype or tuple(DTYPES))
+    _JOBS[:] = [job for job in compiles_to_run(launches, arguments.quick)
+                if arguments.kernel is None or arguments.kernel in job.launch.launcher.kernel.__name__]
+    print(f"triton {triton.__version__}, torch {torch.__version__}: {len(_JOBS)} compiles for sm_90", flush=True)
+    failures = 0
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max(1, arguments.jobs), mp_context=context) as pool:
+        for job, (compiled, detail) in zip(_JOBS, pool.map(_compile_index, range(len(_JOBS)))):
+            failures += not compiled
+            print(f"{'ok' if compiled else 'FAILED'}  {job.describe()}: {detail}", flush=True)
+    print(f"{len(_JOBS) - failures} compiled, {failures} failed")
+    return min(failures, 255)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

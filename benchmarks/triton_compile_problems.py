@@ -1,0 +1,116 @@
+"""The problems whose Triton launches ``triton_compile_check`` compiles: the public Triton
+ops called on CPU tensors at the shapes a GPU run launches them with (the "gpu" and "full"
+bench presets' attention, hard-attention and LSTM/GRU cell shapes, every mask and score
+kind, odd sizes), forward and backward.  Each problem is (name, function of the dtype);
+the inputs are zeros or ones, never read: the launches are recorded, not run.
+
+``QUICK_PROBLEMS`` reach every ``Launcher`` of the ops once (the CI test's share).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fastattn.ops import triton_attention, triton_hard, triton_recurrent
+
+
+def attention(dtype, batch, queries, keys, features, score="dot", scale=0.125, weights=False, backward=False,
+              lengths=False, padding=False, causal=False, window=None, local_p=False, bias=False):
+    """One forward (and backward) through the attention ops; ``local_p``: window around given centers, Gaussian."""
+    query = torch.zeros(batch, queries, features, dtype=dtype)
+    key = torch.zeros(batch, keys, features, dtype=dtype)
+    value = torch.zeros(batch, keys, features, dtype=dtype)
+    additive = score == "additive"
+    v = torch.ones(features, dtype=dtype) if additive else None
+    bias_vector = torch.zeros(features, dtype=dtype) if bias else None
+    length_tensor = torch.full((batch,), keys, dtype=torch.int64) if lengths else None
+    padding_mask = torch.zeros(batch, keys, dtype=torch.bool) if padding else None
+    center = torch.zeros(batch, queries, dtype=dtype) if local_p else None
+    if local_p and window is None:
+        window = 8
+    forward = (query, key, value, v, bias_vector, score, scale, length_tensor, padding_mask, causal, window, center,
+               local_p)
+    context, weight, logsumexp = torch.ops.fastattn.triton_attention_forward(*forward, weights)
+    if backward:
+        torch.ops.fastattn.triton_attention_backward(
+            torch.zeros_like(context), torch.zeros_like(weight) if weights else None, *forward, context, weight,
+            logsumexp,
+        )
+
+
+def choose_positions(dtype, rows, keys, sample):
+    triton_hard.triton_choose_positions(torch.zeros(rows, keys, dtype=dtype), sample, 1)
+
+
+def cell(dtype, kind, batch, hidden):
+    """One LSTM or GRU cell step, forward and backward (fused step up to FUSED_STEP_MAX_BATCH rows)."""
+    gates = 4 if kind == "lstm" else 3
+    x, h = (torch.zeros(batch, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
+    w_ih, w_hh = (torch.zeros(gates * hidden, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
+    b_ih, b_hh = (torch.zeros(gates * hidden, dtype=dtype, requires_grad=True) for _ in range(2))
+    if kind == "lstm":
+        c = torch.zeros(batch, hidden, dtype=dtype, requires_grad=True)
+        outputs = triton_recurrent.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    else:
+        outputs = (triton_recurrent.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh),)
+    torch.autograd.backward(outputs, [torch.zeros_like(output) for output in outputs])
+
+
+def _problems(entries):
+    return [(name, functools.partial(function, **arguments)) for name, function, arguments in entries]
+
+
+QUICK_PROBLEMS = _problems([
+    ("attention.dot.decode_b64_s1024_d512", attention, dict(batch=64, queries=1, keys=1024, features=512)),
+    ("attention.dot.b8_t64_s64_d64.weights.backward", attention,
+     dict(batch=8, queries=64, keys=64, features=64, weights=True, backward=True)),
+    ("attention.additive.b8_t64_s64_d128.weights.backward", attention,
+     dict(batch=8, queries=64, keys=64, features=128, score="additive", bias=True, weights=True, backward=True)),
+    ("hard.argmax.rows64_s512", choose_positions, dict(rows=64, keys=512, sample=False)),
+    ("lstm_cell.b64_h256", cell, dict(kind="lstm", batch=64, hidden=256)),
+    ("lstm_cell.b128_h256", cell, dict(kind="lstm", batch=128, hidden=256)),
+    ("gru_cell.b64_h256", cell, dict(kind="gru", batch=64, hidden=256)),
+    ("gru_cell.b128_h256", cell, dict(kind="gru", batch=128, hidden=256)),
+])
+
+_MULTI_QUERY = dict(batch=64, queries=512, keys=512)  # the gpu preset's multi-query attention
+_FULL = dict(batch=32, queries=64, keys=64, features=256)  # the full preset's attention
+_ODD = dict(batch=3, queries=37, keys=45, features=50)  # sizes off every block and alignment
+
+ALL_PROBLEMS = QUICK_PROBLEMS + _problems([
+    *(
+        (f"attention.{score}.decode_b64_s{keys}_d512", attention,
+         dict(batch=64, queries=1, keys=keys, features=512, score=score, bias=score == "additive"))
+        for score in ("dot", "cosine", "additive") for keys in (64, 1024, 4096)
+    ),
+    *(
+        (f"attention.dot.b64_t512_s512_d{features}.backward", attention,
+         dict(_MULTI_QUERY, features=features, backward=True))
+        for features in (64, 128)
+    ),
+    ("attention.additive.b16_t512_s512_d128", attention, dict(_MULTI_QUERY, batch=16, features=128, score="additive")),
+    *(
+        (f"attention.{score}.b32_t64_s64_d256.weights.backward", attention,
+         dict(_FULL, score=score, scale=scale, weights=True, backward=True))
+        for score, scale in (("dot", 0.0625), ("cosine", 1.0), ("cosine", 100.0), ("additive", 1.0))
+    ),
+    ("attention.dot.b32_t1_s64_d256.backward", attention, dict(_FULL, queries=1, backward=True)),
+    ("attention.dot.lengths_padding_causal.backward", attention,
+     dict(_FULL, lengths=True, padding=True, causal=True, weights=True, backward=True)),
+    ("attention.dot.local_m.backward", attention, dict(_FULL, window=8, weights=True, backward=True)),
+    ("attention.dot.local_p.backward", attention, dict(_FULL, local_p=True, weights=True, backward=True)),
+    ("attention.additive.local_p.backward", attention,
+     dict(_FULL, score="additive", local_p=True, lengths=True, weights=True, backward=True)),
+    *(
+        (f"attention.{score}.odd_sizes.backward", attention, dict(_ODD, score=score, weights=True, backward=True))
+        for score in ("dot", "cosine", "additive")
+    ),
+    *((f"hard.{mode}.rows64_s{keys}", choose_positions, dict(rows=64, keys=keys, sample=mode == "sample"))
+      for mode in ("argmax", "sample") for keys in (45, 512, 4096)),
+    *(
+        (f"{kind}_cell.b{batch}_h{hidden}", cell, dict(kind=kind, batch=batch, hidden=hidden))
+        for kind in ("lstm", "gru") for batch, hidden in ((64, 1024), (32, 256), (128, 1024), (5, 7))
+    ),
+])

@@ -1,0 +1,50 @@
+"""Every Triton kernel compiles for sm_90 (H100/H200) on a machine without a GPU: the quick
+part of benchmarks/triton_compile_check.py (each launcher of the ops once per dtype, with
+the config an untuned GPU launch takes), in a subprocess without TRITON_INTERPRET (which
+the tests set, and under which the kernels are not JIT functions).  The full check, every
+tuned config the prunes keep at the bench presets' shapes, is the script itself."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHERS = 16  # 8 attention (4 kernels x dot/additive), combine, hard sampling, 6 LSTM/GRU
+DTYPES = 3
+
+
+def _cuda_compiler_missing() -> str | None:
+    """Why triton cannot compile for CUDA here, or None."""
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        return f"triton {triton.__version__} has no NVIDIA backend"
+    try:
+        triton.knobs.nvidia.ptxas.path
+    except Exception as error:  # noqa: BLE001 - any failure to find ptxas means no CUDA compile
+        return f"triton {triton.__version__} finds no ptxas: {error}"
+    return None
+
+
+CUDA_COMPILER_MISSING = _cuda_compiler_missing()
+
+
+@pytest.mark.skipif(CUDA_COMPILER_MISSING is not None, reason=str(CUDA_COMPILER_MISSING))
+def test_every_kernel_compiles_for_sm90_with_its_untuned_config():
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "triton_compile_check.py"), "--quick"],
+        capture_output=True, text=True, env=environment, cwd=ROOT, timeout=600,
+    )
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+    assert result.returncode == 0 and not failed, "\n".join(failed) or result.stdout[-3000:] + result.stderr[-3000:]
+    compiled = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
+    assert len(compiled) == LAUNCHERS * DTYPES, result.stdout
+    kernels = {re.match(r"ok\s+(\w+)", line)[1] for line in compiled}
+    assert len(kernels) == 12, kernels
