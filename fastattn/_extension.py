@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import os
 
+import torch
+
 from fastattn import backends
 
 SKIP_VARIABLE = "FASTATTN_SKIP_EXTENSION"
@@ -40,6 +42,8 @@ def _register_cuda(module, ops) -> None:
     """The "cuda" backend, when fastattn._C was compiled with the CUDA kernels (csrc/cuda)."""
     if "cuda" in module.build_info()["backends"]:  # every CUDA op takes float16 / bfloat16 itself
         ops.register_backend("cuda", ("cuda",), native_low_precision=True)
+        if not torch.cuda.is_available():  # a CUDA build of torch on a machine without a GPU
+            backends.mark_unavailable("cuda", "fastattn has CUDA kernels, but torch sees no CUDA device")
     else:
         backends.mark_unavailable(
             "cuda",
