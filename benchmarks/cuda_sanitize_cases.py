@@ -9,7 +9,8 @@ kernel score, the masks and the Gaussian, float16 natively, the tensor-core forw
 backward (bfloat16), both backward kernels, hard-attention positions (argmax and drawn),
 fast_tanh, the LSTM/GRU step kernels of the cells, and layers with lengths (forward and
 reverse) through both recurrent paths: the persistent kernels (one block per hidden
-unit here, grid barrier) and the per-step kernels (FASTATTN_CUDA_PERSISTENT_RNN=0), and
+unit here, grid barrier; float32 FMAs, and the tensor cores in bfloat16) and the per-step
+kernels (FASTATTN_CUDA_PERSISTENT_RNN=0), and
 the one-launch attention-decoder step (LSTM + additive with lengths, GRU + dot with a key
 padding mask; three grid barriers).
 
@@ -199,11 +200,14 @@ def check_recurrent() -> bool:
     for name, make in cases.items():
         op = name.split()[0]
         want = with_gradients(getattr(reference, op), list(make("cpu", torch.float64)))
-        paths = {"": None} if op.endswith("cell") else {" persistent": None, " per-step": "0"}
-        for path, setting in paths.items():
+        paths = {"": (None, torch.float32, 1e-4)}  # name -> (FASTATTN_CUDA_PERSISTENT_RNN, dtype, tolerance)
+        if op.endswith("layer"):
+            paths = {" persistent": (None, torch.float32, 1e-4), " per-step": ("0", torch.float32, 1e-4),
+                     " persistent bfloat16 (tensor cores)": (None, torch.bfloat16, 1e-1)}
+        for path, (setting, dtype, tolerance) in paths.items():
             with persistent_rnn(setting):
-                got = with_gradients(backends.implementation(op, "cuda", "cuda"), list(make(DEVICE, torch.float32)))
-            ok &= report(name + path, got, want, 1e-4)
+                got = with_gradients(backends.implementation(op, "cuda", "cuda"), list(make(DEVICE, dtype)))
+            ok &= report(name + path, got, want, tolerance)
     return ok
 
 
