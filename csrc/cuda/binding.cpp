@@ -718,6 +718,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
   return {output.to(dtype), h_state.to(dtype), c_state.to(dtype), saved.to(dtype)};
 }
 
+// A layer's BPTT on the per-step path: for s = T - 1 .. 0, the gradient reaching h_t from
+// the step after t (hidden_gates of that step @ w_hh, plus `direct` where defined: the
+// GRU's dh' * z), then step_backward(s, t), which writes hidden_gates[t]; last, the
+// gradient reaching h0.
+template <typename StepBackward>
+void per_step_backward(const char* op, at::ScalarType compute, const LayerShape& shape, const at::Tensor& lengths,
+                       bool reverse, const at::Tensor& w_hh, const at::Tensor& hidden_gates,
+                       const at::Tensor& direct, at::Tensor& grad_h, cudaStream_t stream,
+                       StepBackward&& step_backward) {
+  const int64_t T = shape.T, B = shape.B, H = shape.H;
+  at::Tensor recurrent = at::empty({B, H}, grad_h.options());  // hidden_gates[t] @ w_hh
+  auto take_recurrent = [&](int64_t t) {
+    check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, t), recurrent.const_data_ptr(),
+                                                    pointer_or_null(direct), grad_h.mutable_data_ptr(), stream));
+  };
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = time_of_step(s, T, reverse);
+    if (s < T - 1) take_recurrent(reverse ? t - 1 : t + 1);
+    step_backward(s, t);
+    at::mm_out(recurrent, hidden_gates.select(0, t), w_hh);
+  }
+  if (T > 0) take_recurrent(time_of_step(0, T, reverse));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_layer_backward_cuda(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
                          const at::Tensor& grad_c_n_in, const at::Tensor& x_in, const at::Tensor& h0_in,
@@ -756,30 +780,18 @@ lstm_layer_backward_cuda(const at::Tensor& grad_output_in, const at::Tensor& gra
     buffers.grad_gates = grad_gates.mutable_data_ptr<float>();
     check_launch(op, launch_persistent_lstm_backward(run->layer, run->plan, buffers, stream));
   } else {
-    at::Tensor recurrent = at::empty({B, H}, x.options());  // grad_gates[t] @ w_hh
-    for (int64_t s = T - 1; s >= 0; --s) {
-      const int64_t t = time_of_step(s, T, reverse);
-      if (s < T - 1) {  // the gradient reaching h from the step after t
-        const int64_t t_next = reverse ? t - 1 : t + 1;
-        check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, t_next),
-                                                        recurrent.const_data_ptr(), nullptr,
-                                                        grad_h.mutable_data_ptr(), stream));
-      }
-      const at::Tensor saved_t = saved.select(0, t);
-      const int64_t t_prev = reverse ? t + 1 : t - 1;
-      const at::Tensor c_prev = s > 0 ? saved.select(0, t_prev).narrow(1, G, H) : c0;
-      check_launch(op, launch_lstm_step_backward(step_of(compute, B, H, lengths, t), grad_h.const_data_ptr(),
-                                                 grad_output.select(0, t).const_data_ptr(), grad_c.mutable_data_ptr(),
-                                                 saved_t.const_data_ptr(), width, c_prev.const_data_ptr(),
-                                                 c_prev.stride(0), saved_t.narrow(1, G, H).const_data_ptr(), width,
-                                                 grad_gates.select(0, t).mutable_data_ptr(), stream));
-      at::mm_out(recurrent, grad_gates.select(0, t), w_hh);
-    }
-    if (T > 0) {
-      check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, time_of_step(0, T, reverse)),
-                                                      recurrent.const_data_ptr(), nullptr, grad_h.mutable_data_ptr(),
-                                                      stream));
-    }
+    per_step_backward(op, compute, shape, lengths, reverse, w_hh, grad_gates, at::Tensor(), grad_h, stream,
+                      [&](int64_t s, int64_t t) {
+                        const at::Tensor saved_t = saved.select(0, t);
+                        const int64_t t_prev = reverse ? t + 1 : t - 1;
+                        const at::Tensor c_prev = s > 0 ? saved.select(0, t_prev).narrow(1, G, H) : c0;
+                        check_launch(op, launch_lstm_step_backward(
+                                             step_of(compute, B, H, lengths, t), grad_h.const_data_ptr(),
+                                             grad_output.select(0, t).const_data_ptr(), grad_c.mutable_data_ptr(),
+                                             saved_t.const_data_ptr(), width, c_prev.const_data_ptr(),
+                                             c_prev.stride(0), saved_t.narrow(1, G, H).const_data_ptr(), width,
+                                             grad_gates.select(0, t).mutable_data_ptr(), stream));
+                      });
   }
   const at::Tensor grad_gates2d = grad_gates.view({T * B, G});
   const at::Tensor previous = previous_hidden(output, h0, lengths, reverse).reshape({T * B, H});
@@ -868,29 +880,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     buffers.direct = direct.mutable_data_ptr<float>();
     check_launch(op, launch_persistent_gru_backward(run->layer, run->plan, buffers, stream));
   } else {
-    at::Tensor recurrent = at::empty({B, H}, x.options());  // grad_hidden_gates[t] @ w_hh
-    for (int64_t s = T - 1; s >= 0; --s) {
-      const int64_t t = time_of_step(s, T, reverse);
-      if (s < T - 1) {
-        const int64_t t_next = reverse ? t - 1 : t + 1;
-        check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, t_next),
-                                                        recurrent.const_data_ptr(), direct.const_data_ptr(),
-                                                        grad_h.mutable_data_ptr(), stream));
-      }
-      check_launch(op, launch_gru_step_backward(step_of(compute, B, H, lengths, t), grad_h.const_data_ptr(),
-                                                grad_output.select(0, t).const_data_ptr(),
-                                                saved.select(0, t).const_data_ptr(),
-                                                previous.select(0, t).const_data_ptr(),
-                                                grad_input_gates.select(0, t).mutable_data_ptr(),
-                                                grad_hidden_gates.select(0, t).mutable_data_ptr(),
-                                                direct.mutable_data_ptr(), stream));
-      at::mm_out(recurrent, grad_hidden_gates.select(0, t), w_hh);
-    }
-    if (T > 0) {
-      check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, time_of_step(0, T, reverse)),
-                                                      recurrent.const_data_ptr(), direct.const_data_ptr(),
-                                                      grad_h.mutable_data_ptr(), stream));
-    }
+    per_step_backward(op, compute, shape, lengths, reverse, w_hh, grad_hidden_gates, direct, grad_h, stream,
+                      [&](int64_t, int64_t t) {
+                        check_launch(op, launch_gru_step_backward(
+                                             step_of(compute, B, H, lengths, t), grad_h.const_data_ptr(),
+                                             grad_output.select(0, t).const_data_ptr(),
+                                             saved.select(0, t).const_data_ptr(), previous.select(0, t).const_data_ptr(),
+                                             grad_input_gates.select(0, t).mutable_data_ptr(),
+                                             grad_hidden_gates.select(0, t).mutable_data_ptr(),
+                                             direct.mutable_data_ptr(), stream));
+                      });
   }
   const at::Tensor grad_input2d = grad_input_gates.view({T * B, G});
   const at::Tensor grad_hidden2d = grad_hidden_gates.view({T * B, G});
