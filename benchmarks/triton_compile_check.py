@@ -10,8 +10,8 @@ tuned config the kernel's prune keeps, or with ``--quick`` only the one an untun
 takes (FASTATTN_TRITON_AUTOTUNE=0), for one problem per launcher and dtype.  ptxas ships
 with Triton; no CUDA driver is touched.  Needs TRITON_INTERPRET unset.
 
-One line per compile: ok (registers, local-memory bytes per thread (spills), dynamic
-shared memory) or FAILED with the error's message.  Exit status: the number of failures.
+One line per compile: ok (registers and stack bytes (spills) per thread, dynamic shared
+memory) or FAILED with the error's message.  Exit status: the number of failures.
 
     python benchmarks/triton_compile_check.py [--quick] [--dtype bfloat16] [--jobs 16]
 """
@@ -124,20 +124,29 @@ def compiles_to_run(launches: list[Launch], quick: bool) -> list[Compile]:
 
 
 def _resources(cubin: bytes) -> str:
-    """Registers and local memory (spills) per thread, from cuobjdump (shipped with Triton)."""
+    """Registers and stack frame (spills) per thread, from cuobjdump (shipped with Triton)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
         report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", file.name],
                                 capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+) .*LOCAL:(\d+)", report)
-    return f"regs {found[1]}, local {found[2]} B" if found else "regs ?"
+    found = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    return f"regs {found[1]}, stack {found[2]} B" if found else "regs ?"
 
 
 def _error_line(error: Exception) -> str:
-    message = getattr(error, "error_message", None) or str(error)
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    """The error's first line; for a Triton CompilationError ("at L:C:", the source up to the
+    offending line, a caret, the message) the location, the offending line and the message."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    message = getattr(error, "error_message", None)
+    if hasattr(error, "node") and lines and lines[0].startswith("at "):
+        caret = next((index for index, line in enumerate(lines) if line.strip() == "^"), 0)
+        first = f"{lines[0]} {lines[caret - 1].strip()}" if caret > 1 else lines[0]
+        if message:
+            first += f" {message.splitlines()[0]}"
+    else:
+        first = lines[0].strip() if lines else ""
+    return f"{type(error).__name__}: {first}"
 
 
 def compile_one(job: Compile) -> tuple[bool, str]:
