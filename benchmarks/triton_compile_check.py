@@ -11,7 +11,9 @@ takes (FASTATTN_TRITON_AUTOTUNE=0), for one problem per launcher and dtype.  ptx
 with Triton; no CUDA driver is touched.  Needs TRITON_INTERPRET unset.
 
 One line per compile: ok (registers and stack bytes (spills) per thread, dynamic shared
-memory) or FAILED with the error's message.  Exit status: the number of failures.
+memory) or FAILED with the error's message; a kernel whose shared memory exceeds what one
+sm_90 block may have fails too, as Triton would refuse to load it.  Exit status: the number
+of failures.
 
     python benchmarks/triton_compile_check.py [--quick] [--dtype bfloat16] [--jobs 16]
 """
@@ -45,6 +47,8 @@ from benchmarks.triton_compile_problems import ALL_PROBLEMS, QUICK_PROBLEMS  # n
 from fastattn.ops.triton_launch import Launcher  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+# sm_90's opt-in shared memory per block (H100/H200): Triton refuses to load a kernel above it.
+SHARED_MEMORY_LIMIT = 232448
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -161,7 +165,10 @@ def compile_one(job: Compile) -> tuple[bool, str]:
     except Exception as error:  # noqa: BLE001 - every failure is reported, one line each
         return False, _error_line(error)
     seconds = time.perf_counter() - started
-    return True, f"{_resources(compiled.asm['cubin'])}, shared {compiled.metadata.shared} B, {seconds:.1f} s"
+    shared = compiled.metadata.shared
+    if shared > SHARED_MEMORY_LIMIT:
+        return False, f"OutOfResources: shared memory {shared} B, above sm_90's {SHARED_MEMORY_LIMIT} B a block"
+    return True, f"{_resources(compiled.asm['cubin'])}, shared {shared} B, {seconds:.1f} s"
 
 
 _JOBS: list[Compile] = []  # the forked workers' copy
