@@ -43,6 +43,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fastattn.kernels  # noqa: E402
 from benchmarks.triton_compile_problems import ALL_PROBLEMS, QUICK_PROBLEMS  # noqa: E402
 from fastattn.ops.triton_launch import Launcher  # noqa: E402
 
@@ -188,7 +189,8 @@ def main(argv=None) -> int:
     launches = record_launches(QUICK_PROBLEMS if arguments.quick else ALL_PROBLEMS, arguments.dtype or tuple(DTYPES))
     _JOBS[:] = [job for job in compiles_to_run(launches, arguments.quick)
                 if arguments.kernel is None or arguments.kernel in job.launch.launcher.kernel.__name__]
-    print(f"triton {triton.__version__}, torch {torch.__version__}: {len(_JOBS)} compiles for sm_90", flush=True)
+    print(f"triton {triton.__version__}, torch {torch.__version__}, kernels of {os.path.dirname(fastattn.kernels.__file__)}: "
+          f"{len(_JOBS)} compiles for sm_90", flush=True)
     failures = 0
     context = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(max(1, arguments.jobs), mp_context=context) as pool:
