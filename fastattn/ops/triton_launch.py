@@ -94,7 +94,19 @@ def run_kernel(kernel, grid, *arguments, **constexprs):
     for value in arguments:
         if isinstance(value, torch.Tensor) and not _is_fake(value):
             check_offsets(value, _kernel_name(kernel))
-    torch.library.wrap_triton(kernel)[grid](*arguments, **constexprs)
+    _traceable(kernel)[grid](*arguments, **constexprs)
+
+
+def _traceable(kernel):
+    """``wrap_triton(kernel)``; under the interpreter with a torch older than 2.13, whose
+    ``wrap_triton`` takes only compiled kernels, the interpreted kernel itself (eager calls
+    are the same; the interpreter runs nothing under torch.compile anyway, see run_kernel)."""
+    try:
+        return torch.library.wrap_triton(kernel)
+    except RuntimeError:
+        if INTERPRETED:
+            return kernel
+        raise
 
 
 def power_of_two_block(size: int, cap: int | None = None) -> int:
