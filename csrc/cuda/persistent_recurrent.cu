@@ -181,14 +181,18 @@ struct FmaGemm {
 
 // Eight consecutive 16-bit elements from global memory (read at L2: written by other
 // blocks) as one 16-byte register group, zeros past `valid` (<= 0: all zero).  `wide`:
-// 16-byte aligned with all eight valid (two 8-byte loads, which the CPU emulation can do
-// atomically too).
+// 16-byte aligned with all eight valid: one 16-byte load on the GPU, two 8-byte loads in
+// the CPU emulation (whose __ldcg is an atomic load, lock-free up to 8 bytes).
 __device__ __forceinline__ uint4 load_group_at_l2(const void* source, int64_t valid, bool wide) {
   uint4 group = make_uint4(0, 0, 0, 0);
   if (valid <= 0) return group;
   if (wide) {
+#if defined(__CUDA_ARCH__)
+    return __ldcg(static_cast<const uint4*>(source));
+#else
     const uint2 low = __ldcg(static_cast<const uint2*>(source)), high = __ldcg(static_cast<const uint2*>(source) + 1);
     return make_uint4(low.x, low.y, high.x, high.y);
+#endif
   }
   const unsigned short* elements = static_cast<const unsigned short*>(source);
   uint32_t words[4] = {0, 0, 0, 0};
