@@ -68,6 +68,26 @@ __device__ __forceinline__ void copy_rows_async(T* tile, const T* source, int ro
   }
 }
 
+// product[nt] (the 16 x 8 output tiles nt of one warp) += A B^T over kDepth: A the
+// warp's 16 rows at `a` (row-major, stride a_stride), B kColumns rows at `b` (row-major,
+// stride b_stride), both in shared memory.
+template <typename T, int kDepth, int kColumns>
+__device__ __forceinline__ void warp_rows_times_rows(float (&product)[kColumns / 8][4], const T* a, int a_stride,
+                                                     const T* b, int b_stride) {
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) {
+    uint32_t a_fragment[4];
+    load_fragment_a(a_fragment, a + kk * 16, a_stride);
+#pragma unroll
+    for (int nt = 0; nt < kColumns / 8; nt += 2) {
+      uint32_t b_fragments[2][2];
+      load_fragments_b(b_fragments, b + nt * 8 * b_stride + kk * 16, b_stride);
+      mma_m16n8k16<T>(product[nt], a_fragment, b_fragments[0]);
+      mma_m16n8k16<T>(product[nt + 1], a_fragment, b_fragments[1]);
+    }
+  }
+}
+
 // The key range and window center of each query row first_row + r (r < kBlockRows)
 // of batch n into shared arrays (empty ranges past the last row), by the first
 // kBlockRows threads; the caller synchronises.
@@ -424,30 +444,10 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
 #pragma unroll
         for (int r = 0; r < 4; ++r) score[nt][r] = probability_grad[nt][r] = 0.f;
       }
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        uint32_t key_fragment[4];
-        load_fragment_a(key_fragment, key_tile + warp * kWarpRows * kKeyStride + kk * 16, kKeyStride);
-#pragma unroll
-        for (int nt = 0; nt < kBlockRows / 8; nt += 2) {
-          uint32_t query_fragments[2][2];
-          load_fragments_b(query_fragments, query_tile + nt * 8 * kKeyStride + kk * 16, kKeyStride);
-          mma_m16n8k16<T>(score[nt], key_fragment, query_fragments[0]);
-          mma_m16n8k16<T>(score[nt + 1], key_fragment, query_fragments[1]);
-        }
-      }
-#pragma unroll
-      for (int kk = 0; kk < kDv / 16; ++kk) {
-        uint32_t value_fragment[4];
-        load_fragment_a(value_fragment, value_tile + warp * kWarpRows * kValueStride + kk * 16, kValueStride);
-#pragma unroll
-        for (int nt = 0; nt < kBlockRows / 8; nt += 2) {
-          uint32_t grad_fragments[2][2];
-          load_fragments_b(grad_fragments, grad_tile + nt * 8 * kValueStride + kk * 16, kValueStride);
-          mma_m16n8k16<T>(probability_grad[nt], value_fragment, grad_fragments[0]);
-          mma_m16n8k16<T>(probability_grad[nt + 1], value_fragment, grad_fragments[1]);
-        }
-      }
+      warp_rows_times_rows<T, kD, kBlockRows>(score, key_tile + warp * kWarpRows * kKeyStride, kKeyStride, query_tile,
+                                              kKeyStride);
+      warp_rows_times_rows<T, kDv, kBlockRows>(probability_grad, value_tile + warp * kWarpRows * kValueStride,
+                                               kValueStride, grad_tile, kValueStride);
 
       // alpha = exp(e - logsumexp) on visible pairs, w = alpha g, and
       // scale * dS = scale * alpha (g dP - row_dot) (into `score`).
