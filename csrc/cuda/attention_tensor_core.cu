@@ -68,6 +68,18 @@ __device__ __forceinline__ void copy_rows_async(T* tile, const T* source, int ro
   }
 }
 
+// Waits until this thread's copies of the current stage have landed (the next stage's,
+// when `next_in_flight`, may still be on their way), then until every thread's have:
+// the current stage is readable by the whole block.
+__device__ __forceinline__ void wait_for_current_stage(bool next_in_flight) {
+  if (next_in_flight) {  // uniform
+    wait_copies<1>();
+  } else {
+    wait_copies<0>();
+  }
+  __syncthreads();
+}
+
 // product[nt] (the 16 x 8 output tiles nt of one warp) += A B^T over kDepth: A the
 // warp's 16 rows at `a` (row-major, stride a_stride), B kColumns rows at `b` (row-major,
 // stride b_stride), both in shared memory.
@@ -154,13 +166,8 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       }
       commit_copies();
     };
-    if (lowest < highest) {  // uniform
-      start_key_tile(0, lowest);
-      wait_copies<1>();  // the Q tile; the first key tile may still be in flight
-    } else {
-      wait_copies<0>();
-    }
-    __syncthreads();
+    if (lowest < highest) start_key_tile(0, lowest);  // uniform
+    wait_for_current_stage(lowest < highest);  // the Q tile; the first key tile may still be in flight
 
     // This lane's two rows (the accumulator rows group and group + 8 of its warp).
     const int top = warp * kWarpRows + group;
@@ -183,13 +190,9 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
     // Double-buffered key tiles: the next tile's copies run while this one's MMAs do.
     int stage = 0;
     for (int64_t tile = lowest; tile < highest; tile += kBlockKeys, stage ^= 1) {
-      if (tile + kBlockKeys < highest) {  // uniform
-        start_key_tile(stage ^ 1, tile + kBlockKeys);
-        wait_copies<1>();
-      } else {
-        wait_copies<0>();
-      }
-      __syncthreads();
+      const bool next_in_flight = tile + kBlockKeys < highest;
+      if (next_in_flight) start_key_tile(stage ^ 1, tile + kBlockKeys);
+      wait_for_current_stage(next_in_flight);
       const T* key_tile = key_value_stages + stage * kStageElements;
       const T* value_tile = key_tile + kBlockKeys * kKeyStride;
       const int* key_hidden = key_hidden_stages + stage * kBlockKeys;
@@ -422,12 +425,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
     int64_t first_row = start_query_tile(0, stage);
     while (first_row < p.query_length) {
       const int64_t next_row = start_query_tile(first_row + kBlockRows, stage ^ 1);
-      if (next_row < p.query_length) {  // uniform
-        wait_copies<1>();
-      } else {
-        wait_copies<0>();
-      }
-      __syncthreads();
+      wait_for_current_stage(next_row < p.query_length);
       const int64_t* row_begin = row_begin_stages + stage * kBlockRows;
       const int64_t* row_end = row_end_stages + stage * kBlockRows;
       const float* row_center = row_center_stages + stage * kBlockRows;
