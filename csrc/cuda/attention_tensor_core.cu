@@ -100,6 +100,21 @@ __device__ __forceinline__ void warp_rows_times_rows(float (&product)[kColumns /
   }
 }
 
+// product[dt] (the 16 x 8 output tiles dt of one warp) += A B for one 16-deep step: A
+// the warp's fragment `a` (16 x 16), B the 16 rows at `b` (row-major, stride b_stride,
+// kColumns wide) in shared memory.
+template <typename T, int kColumns>
+__device__ __forceinline__ void warp_fragment_times_rows(float (&product)[kColumns / 8][4], const uint32_t (&a)[4],
+                                                         const T* b, int b_stride) {
+#pragma unroll
+  for (int dt = 0; dt < kColumns / 8; dt += 2) {
+    uint32_t b_fragments[2][2];
+    load_fragments_b_from_rows(b_fragments, b + dt * 8, b_stride);
+    mma_m16n8k16<T>(product[dt], a, b_fragments[0]);
+    mma_m16n8k16<T>(product[dt + 1], a, b_fragments[1]);
+  }
+}
+
 // The key range and window center of each query row first_row + r (r < kBlockRows)
 // of batch n into shared arrays (empty ranges past the last row), by the first
 // kBlockRows threads; the caller synchronises.
@@ -259,13 +274,8 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
         const uint32_t probability_fragment[4] = {
             pack_pair<T>(weight[0][0], weight[0][1]), pack_pair<T>(weight[0][2], weight[0][3]),
             pack_pair<T>(weight[1][0], weight[1][1]), pack_pair<T>(weight[1][2], weight[1][3])};
-#pragma unroll
-        for (int dt = 0; dt < kDv / 8; dt += 2) {
-          uint32_t value_fragments[2][2];
-          load_fragments_b_from_rows(value_fragments, value_tile + kk * 16 * kValueStride + dt * 8, kValueStride);
-          mma_m16n8k16<T>(context[dt], probability_fragment, value_fragments[0]);
-          mma_m16n8k16<T>(context[dt + 1], probability_fragment, value_fragments[1]);
-        }
+        warp_fragment_times_rows<T, kDv>(context, probability_fragment, value_tile + kk * 16 * kValueStride,
+                                         kValueStride);
       }
       __syncthreads();  // the tile after next overwrites this stage
     }
@@ -471,20 +481,9 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
         uint32_t weight_fragment[4], score_grad_fragment[4];
         accumulators_as_a<T>(weight_fragment, probability_grad[2 * kk], probability_grad[2 * kk + 1]);
         accumulators_as_a<T>(score_grad_fragment, score[2 * kk], score[2 * kk + 1]);
-#pragma unroll
-        for (int dt = 0; dt < kDv / 8; dt += 2) {
-          uint32_t grad_fragments[2][2];
-          load_fragments_b_from_rows(grad_fragments, grad_tile + kk * 16 * kValueStride + dt * 8, kValueStride);
-          mma_m16n8k16<T>(value_grad[dt], weight_fragment, grad_fragments[0]);
-          mma_m16n8k16<T>(value_grad[dt + 1], weight_fragment, grad_fragments[1]);
-        }
-#pragma unroll
-        for (int dt = 0; dt < kD / 8; dt += 2) {
-          uint32_t query_fragments[2][2];
-          load_fragments_b_from_rows(query_fragments, query_tile + kk * 16 * kKeyStride + dt * 8, kKeyStride);
-          mma_m16n8k16<T>(key_grad[dt], score_grad_fragment, query_fragments[0]);
-          mma_m16n8k16<T>(key_grad[dt + 1], score_grad_fragment, query_fragments[1]);
-        }
+        warp_fragment_times_rows<T, kDv>(value_grad, weight_fragment, grad_tile + kk * 16 * kValueStride,
+                                         kValueStride);
+        warp_fragment_times_rows<T, kD>(key_grad, score_grad_fragment, query_tile + kk * 16 * kKeyStride, kKeyStride);
       }
       __syncthreads();  // every warp is done with this stage's Q and dO tiles
 
