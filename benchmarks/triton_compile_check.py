@@ -2,13 +2,13 @@
 
 The public Triton ops run on CPU tensors with ``Launcher.__call__`` replaced by a recorder
 (benchmarks/triton_compile_problems.py: the bench presets' shapes, every score kind and
-mask, float32, float16 and bfloat16), so each launch's kernel, arguments and constexprs
-are what a GPU run passes; then each distinct launch is compiled by ``triton.compile`` for
-``GPUTarget("cuda", 90, 32)``, with the signature, constexprs and specialization
-attributes Triton's own launcher would derive, once per config a GPU would launch: every
-tuned config the kernel's prune keeps, or with ``--quick`` only the one an untuned launch
-takes (FASTATTN_TRITON_AUTOTUNE=0), for one problem per launcher and dtype.  ptxas ships
-with Triton; no CUDA driver is touched.  Needs TRITON_INTERPRET unset.
+mask, float32 (IEEE and TF32 dots), float16 and bfloat16), so each launch's kernel,
+arguments and constexprs are what a GPU run passes; then each distinct launch is compiled
+by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``, with the signature, constexprs
+and specialization attributes Triton's own launcher would derive, once per config a GPU
+would launch: every tuned config the kernel's prune keeps, or with ``--quick`` only the
+one an untuned launch takes (FASTATTN_TRITON_AUTOTUNE=0), for one problem per launcher and
+dtype. ptxas ships with Triton; no CUDA driver is touched. Needs TRITON_INTERPRET unset.
 
 One line per compile: ok (registers and stack bytes (spills) per thread, dynamic shared
 memory) or FAILED with the error's message; a kernel whose shared memory exceeds what one
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -50,7 +51,14 @@ from fastattn.ops.triton_launch import Launcher  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 # sm_90's opt-in shared memory per block (H100/H200): Triton refuses to load a kernel above it.
 SHARED_MEMORY_LIMIT = 232448
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Name -> (dtype, torch.backends.cuda.matmul.fp32_precision while the launches are recorded),
+# which float32's dots follow (fastattn.ops.triton_launch.dot_precision).
+DTYPES = {
+    "float32": (torch.float32, "ieee"),
+    "float32-tf32": (torch.float32, "tf32"),
+    "float16": (torch.float16, "ieee"),
+    "bfloat16": (torch.bfloat16, "ieee"),
+}
 
 
 @dataclasses.dataclass
@@ -82,6 +90,17 @@ def _stand_in(value):
     return torch.empty(1, dtype=value.dtype) if isinstance(value, torch.Tensor) else value
 
 
+@contextlib.contextmanager
+def _float32_matmul_precision(precision: str):
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 def record_launches(problems, dtype_names) -> list[Launch]:
     launches = []
 
@@ -90,8 +109,10 @@ def record_launches(problems, dtype_names) -> list[Launch]:
 
     with mock.patch.object(Launcher, "__call__", record):
         for dtype_name in dtype_names:
-            for problem, run in problems:
-                run(DTYPES[dtype_name])
+            dtype, precision = DTYPES[dtype_name]
+            with _float32_matmul_precision(precision):
+                for problem, run in problems:
+                    run(dtype)
     return launches
 
 

@@ -1,8 +1,9 @@
 """How the Triton kernels are launched and tuned: every config list well formed, one
 config and no tuning under the interpreter, every kernel safe to rerun as autotuning
 trials do (the atomically accumulated gradients re-zeroed in between), one tuner per
-power-of-two size bucket, the register/shared-memory pruning, and the tanh of the
-additive score (``rational_tanh``'s bound on a dense grid).
+power-of-two size bucket and constexpr specialization, the register/shared-memory and
+FMA pruning, the dots' precision, and the tanh of the additive score
+(``rational_tanh``'s bound on a dense grid).
 
 Under Triton's interpreter on CPU tensors without a GPU; the ``gpu`` tests check the
 autotuned launches against the reference and the hardware tanh's error.
@@ -85,21 +86,22 @@ def test_a_config_list_naming_a_missing_argument_is_refused():
         Launcher(attention_forward_kernel, bad)
 
 
-def test_one_tuner_per_size_bucket_with_its_configs_and_resets():
+def test_one_tuner_per_size_bucket_and_specialization_with_its_configs_and_resets():
     launcher = Launcher(attention_forward_kernel, triton_configs.FORWARD_DOT)
     arguments = dict.fromkeys(attention_forward_kernel.arg_names)
 
-    def tuner(**sizes):
+    def tuner(precision="ieee", **sizes):
         arguments.update(sizes)
-        return launcher.tuner_for(list(arguments.values()))
+        return launcher.tuner_for(list(arguments.values()), {"SCORE_KIND": 0, "DOT_PRECISION": precision})
 
     first = tuner(T=1, S=300, D=64, DV=64)
     assert tuner(T=1, S=500, D=64, DV=64) is first  # 300 and 500 share the 512 bucket
     assert tuner(T=1, S=600, D=64, DV=64) is not first
-    assert len(launcher.tuners) == 2 and list(first.configs) == list(triton_configs.FORWARD_DOT.tuned)
+    assert tuner("tf32", T=1, S=300, D=64, DV=64) is not first  # TF32 dots tune on their own
+    assert len(launcher.tuners) == 3 and list(first.configs) == list(triton_configs.FORWARD_DOT.tuned)
     gradients = triton_attention.LAUNCHERS["grad_key_value", True]
     additive_tuner = Launcher(gradients.kernel, gradients.configs).tuner_for(
-        [1] * len(gradients.kernel.arg_names)
+        [1] * len(gradients.kernel.arg_names), {}
     )
     assert additive_tuner.reset_to_zero == ["GRAD_K", "GRAD_VA"]
 
@@ -126,12 +128,58 @@ def test_an_untuned_launch_takes_the_first_config_the_prune_keeps(monkeypatch):
 
 def test_pruning_keeps_configs_that_fit_and_at_least_one():
     prune, tuned = triton_configs.FORWARD_DOT.prune, list(triton_configs.FORWARD_DOT.tuned)
-    assert prune(tuned, {"DV": 64}, BLOCK_DV=64, BLOCK_D=64) == tuned
-    wide = prune(tuned, {"DV": 1024}, BLOCK_DV=1024, BLOCK_D=64)
+    query = torch.empty(1, dtype=torch.bfloat16)
+    assert prune(tuned, {"Q": query, "DV": 64}, BLOCK_DV=64, BLOCK_D=64) == tuned
+    wide = prune(tuned, {"Q": query, "DV": 1024}, BLOCK_DV=1024, BLOCK_D=64)
     assert 0 < len(wide) < len(tuned)
     for config in wide:
         assert config.kwargs["BLOCK_T"] * 1024 / (32 * config.num_warps) <= triton_configs.REGISTER_BUDGET
-    assert len(prune(tuned, {"DV": 2**16}, BLOCK_DV=2**16, BLOCK_D=64)) == 1
+    assert len(prune(tuned, {"Q": query, "DV": 2**16}, BLOCK_DV=2**16, BLOCK_D=64)) == 1
+
+
+def _tiles(configs) -> list[tuple[int, int, int]]:
+    return [(config.kwargs["BLOCK_T"], config.kwargs["BLOCK_S"], config.num_warps) for config in configs]
+
+
+def test_ieee_float32_pruning_also_bounds_the_multiply_adds_of_its_dots():
+    # IEEE float32 dots lower to FMA loops holding their operands in registers: at D = Dv
+    # = 64 the key/value gradients' four dots take 4 * 64 * BLOCK_T * BLOCK_S multiply-adds
+    # a step, which fit FMA_BUDGET a thread only for the two 16-row tiles of 4 warps.
+    configs = triton_configs.GRAD_KEY_VALUE_DOT
+    sizes = dict(BLOCK_D=64, BLOCK_DQ=64, BLOCK_DV=64)
+    single = torch.empty(1)
+    ieee = configs.prune(list(configs.tuned), {"Q": single}, DOT_PRECISION="ieee", **sizes)
+    assert _tiles(ieee) == [(16, 32, 4), (16, 16, 4)]
+    for config in ieee:
+        assert 4 * 64 * config.kwargs["BLOCK_T"] * config.kwargs["BLOCK_S"] / (32 * config.num_warps) <= triton_configs.FMA_BUDGET
+    # TF32 float32 and 16-bit dots run on the tensor cores: no such bound.
+    assert configs.prune(list(configs.tuned), {"Q": single}, DOT_PRECISION="tf32", **sizes) == list(configs.tuned)
+    half = torch.empty(1, dtype=torch.bfloat16)
+    assert configs.prune(list(configs.tuned), {"Q": half}, DOT_PRECISION="tf32", **sizes) == list(configs.tuned)
+    # None fits at D = Dv = 1024: the smallest multiply-add count, then the fewest registers.
+    wide = configs.prune(list(configs.tuned), {"Q": single}, DOT_PRECISION="ieee", BLOCK_D=128, BLOCK_DQ=1024, BLOCK_DV=1024)
+    assert _tiles(wide) == [(16, 16, 4)]
+
+
+@pytest.mark.parametrize("setting,expected", [("ieee", "ieee"), ("tf32", "tf32")])
+def test_float32_dots_follow_torchs_matmul_precision(monkeypatch, setting, expected):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", setting)
+    launched = []
+    original = triton_launch.run_kernel
+
+    def recording(kernel, grid, *arguments, **constexprs):
+        if "DOT_PRECISION" in constexprs:
+            launched.append((kernel.__name__, constexprs["DOT_PRECISION"]))
+        return original(kernel, grid, *arguments, **constexprs)
+
+    monkeypatch.setattr(triton_launch, "run_kernel", recording)
+    run("triton", "scaled_dot", *problem("scaled_dot", "lengths", queries=5))
+    x, h, c, weights = cell_problem(4, 3)
+    run_cell("triton", "lstm", x, h, c, weights)
+    kernels = {name for name, _ in launched}
+    assert {"attention_forward_kernel", "attention_grad_key_value_kernel", "lstm_step_kernel"} <= kernels
+    assert {precision for _, precision in launched} == {expected}
+    assert triton_launch.dot_precision(torch.bfloat16) == "tf32"  # the tensor cores' own input type
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="checks the interpreter's launch path")
@@ -259,12 +307,15 @@ def test_gpu_autotuned_launches_match_the_reference(score, monkeypatch):
         parameters = {name: on_gpu(value) for name, value in parameters.items()}
         return (*map(on_gpu, (query, keys, values)), parameters, {name: on_gpu(value) for name, value in masking.items()})
 
+    additive = score == "additive"
+    names = ("forward", "weights", "grad_query", "grad_key_value")
+    for name in names:  # none tuned by an earlier test
+        monkeypatch.setattr(triton_attention.LAUNCHERS[name, additive], "tuners", {})
     for source_length in (200, 180):  # one size bucket (T 64, S 256, D 32): tuned once
         case = inputs(source_length)
         assert_matches(run("triton", score, *case), run("reference", score, *case), {"rtol": 1e-4, "atol": 1e-4})
-    additive = score == "additive"
-    for name in ("forward", "weights", "grad_query", "grad_key_value"):
+    for name in names:
         launcher = triton_attention.LAUNCHERS[name, additive]
-        tuners = [tuner for bucket, tuner in launcher.tuners.items() if bucket[:3] == (64, 256, 32)]
-        assert len(tuners) == 1, name
+        tuners = list(launcher.tuners.values())
+        assert len(tuners) == 1 and next(iter(launcher.tuners))[:3] == (64, 256, 32), (name, list(launcher.tuners))
         assert tuners[0].best_config in launcher.configs.tuned, name

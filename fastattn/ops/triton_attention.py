@@ -31,6 +31,7 @@ from fastattn.ops.triton_launch import (
     SMALLEST_BLOCK,
     TARGET_PROGRAMS,
     Launcher,
+    dot_precision,
     power_of_two_block,
 )
 
@@ -79,7 +80,7 @@ def _problem(query, keys, values, v, bias, score, scale, lengths, key_padding_ma
         SCORE_KIND=kind, HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None,
         HAS_KPM=key_padding_mask is not None, CAUSAL=causal, HAS_WINDOW=window is not None,
         HAS_CENTER=center is not None, GAUSSIAN=gaussian, HARDWARE_TANH=query.dtype in HARDWARE_TANH_DTYPES,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(query.dtype),
     )
     if kind != ADDITIVE:  # additive takes its feature tiles from its configs
         flags["BLOCK_D"] = SMALLEST_BLOCK if INTERPRETED else power_of_two_block(features, cap=128)

@@ -26,28 +26,44 @@ from fastattn.ops.triton_launch import INTERPRETED, SMALLEST_BLOCK, KernelConfig
 Config = triton.Config
 # Per thread: at most this many float32 registers of accumulator tiles (of 255).
 REGISTER_BUDGET = 128
-# Per program: operand tiles staged in shared memory, times num_stages (A100's is 164 KB).
+# Per program: the dot operand tiles in shared memory, the pipelined ones num_stages times
+# (A100's is 164 KB; sm_90 refuses above 227 KB, which float32 tiles reach under TF32).
 SHARED_BUDGET = 160 * 1024
+# Per thread, IEEE float32 dots only: at most this many multiply-adds a key/query block
+# step of the kernel's dots.  Triton lowers a DOT_PRECISION "ieee" dot to FMA loops whose
+# operands it holds in registers; ptxas reports (sm_90, triton 3.9) spills of 0 to 48
+# bytes a thread for the dot-family configs at or under this and up to 24 KB above it,
+# where the accumulator budget alone let 64x64 backward tiles through.
+FMA_BUDGET = 1024
 
 
-def _fits(accumulators, staged):
+def _fits(accumulators, staged, resident=(), dots=()):
     """An ``early_config_prune`` that keeps the configs whose accumulator tiles (pairs of
-    meta-parameter names, float32) fit REGISTER_BUDGET a thread and whose staged operand
-    tiles fit SHARED_BUDGET; when none does, the one with the smallest accumulators."""
+    meta-parameter names, float32) fit REGISTER_BUDGET a thread, whose operand tiles in
+    shared memory (``staged``: pipelined over the loop, ``resident``: loaded once a
+    program) fit SHARED_BUDGET, and, for IEEE float32 dots, whose dots (rows, columns,
+    inner dimension: triples of names) fit FMA_BUDGET; when none does, the smallest."""
 
     def footprint(config, sizes):
         meta = {**sizes, **config.kwargs}
-        registers = sum(meta[rows] * meta[columns] for rows, columns in accumulators) / (32 * config.num_warps)
+        threads = 32 * config.num_warps
+        registers = sum(meta[rows] * meta[columns] for rows, columns in accumulators) / threads
         query = sizes.get("Q")
         element = query.element_size() if isinstance(query, torch.Tensor) else 4
-        shared = sum(meta[rows] * meta[columns] for rows, columns in staged) * element * config.num_stages
-        return registers, shared
+        shared = element * (
+            sum(meta[rows] * meta[columns] for rows, columns in staged) * config.num_stages
+            + sum(meta[rows] * meta[columns] for rows, columns in resident)
+        )
+        fma_loops = meta.get("DOT_PRECISION") == "ieee"
+        fma = sum(meta[rows] * meta[columns] * meta[inner] for rows, columns, inner in dots) / threads if fma_loops else 0
+        return fma, registers, shared
 
     def prune(configs, named_args, **kwargs):
         sizes = {**named_args, **kwargs}
+        budgets = (FMA_BUDGET, REGISTER_BUDGET, SHARED_BUDGET)
         fitting = [
             config for config in configs
-            if footprint(config, sizes)[0] <= REGISTER_BUDGET and footprint(config, sizes)[1] <= SHARED_BUDGET
+            if all(used <= budget for used, budget in zip(footprint(config, sizes), budgets))
         ]
         return fitting or [min(configs, key=lambda config: footprint(config, sizes))]
 
@@ -72,7 +88,10 @@ FORWARD_DOT = KernelConfigs(
         Config({"BLOCK_T": 16, "BLOCK_S": 16}, num_warps=4, num_stages=1),
     ),
     key=ATTENTION_KEY,
-    prune=_fits([("BLOCK_T", "BLOCK_DV")], [("BLOCK_S", "BLOCK_DV"), ("BLOCK_S", "BLOCK_D")]),
+    prune=_fits(
+        accumulators=[("BLOCK_T", "BLOCK_DV")], staged=[("BLOCK_S", "BLOCK_DV"), ("BLOCK_S", "BLOCK_D")],
+        resident=[("BLOCK_T", "BLOCK_D")], dots=[("BLOCK_T", "BLOCK_S", "BLOCK_D"), ("BLOCK_T", "BLOCK_DV", "BLOCK_S")],
+    ),
 )
 
 _ADDITIVE_TILES = (
@@ -93,7 +112,9 @@ FORWARD_ADDITIVE = KernelConfigs(
         for t, s, d, poly, warps in _ADDITIVE_TILES
     ),
     key=ATTENTION_KEY,
-    prune=_fits([("BLOCK_T", "BLOCK_DV")], [("BLOCK_S", "BLOCK_DV")]),
+    prune=_fits(
+        accumulators=[("BLOCK_T", "BLOCK_DV")], staged=[("BLOCK_S", "BLOCK_DV")], dots=[("BLOCK_T", "BLOCK_DV", "BLOCK_S")]
+    ),
 )
 
 # Decode steps split their keys in multiples of this many keys: the largest forward
@@ -113,6 +134,10 @@ WEIGHTS_DOT = KernelConfigs(
         Config({"BLOCK_T": 32, "BLOCK_S": 64}, num_warps=4, num_stages=3),
     ),
     key=("T", "S", "D"),
+    prune=_fits(
+        accumulators=[("BLOCK_T", "BLOCK_S")], staged=[("BLOCK_S", "BLOCK_D"), ("BLOCK_T", "BLOCK_D")],
+        dots=[("BLOCK_T", "BLOCK_S", "BLOCK_D")],
+    ),
 )
 WEIGHTS_ADDITIVE = KernelConfigs(
     interpreted=FORWARD_ADDITIVE.interpreted, tuned=FORWARD_ADDITIVE.tuned, key=("T", "S", "D")
@@ -129,7 +154,7 @@ _BACKWARD_DOT_TILES = (
 )
 
 
-def _backward_dot(accumulators, staged) -> KernelConfigs:
+def _backward_dot(**tiles) -> KernelConfigs:
     return KernelConfigs(
         interpreted=_interpreted("BLOCK_T", "BLOCK_S"),
         tuned=tuple(
@@ -137,13 +162,23 @@ def _backward_dot(accumulators, staged) -> KernelConfigs:
             for t, s, warps, stages in _BACKWARD_DOT_TILES
         ),
         key=ATTENTION_KEY,
-        prune=_fits(accumulators, staged),
+        prune=_fits(**tiles),
     )
 
 
-GRAD_QUERY_DOT = _backward_dot([("BLOCK_T", "BLOCK_DQ")], [("BLOCK_S", "BLOCK_DQ"), ("BLOCK_S", "BLOCK_DV")])
+# Both backward kernels recompute the scores (a dot over D in BLOCK_D tiles) and the
+# weights' gradient (dO V^T, over Dv); then dQ += dS K, or dV += P^T dO and dK += dS^T Q.
+# The tiles of the program's own rows (queries, or keys and values) are loaded once.
+_BACKWARD_SCORE_DOTS = [("BLOCK_T", "BLOCK_S", "BLOCK_D"), ("BLOCK_T", "BLOCK_S", "BLOCK_DV")]
+GRAD_QUERY_DOT = _backward_dot(
+    accumulators=[("BLOCK_T", "BLOCK_DQ")], staged=[("BLOCK_S", "BLOCK_DQ"), ("BLOCK_S", "BLOCK_DV")],
+    resident=[("BLOCK_T", "BLOCK_D"), ("BLOCK_T", "BLOCK_DV")],
+    dots=_BACKWARD_SCORE_DOTS + [("BLOCK_T", "BLOCK_DQ", "BLOCK_S")],
+)
 GRAD_KEY_VALUE_DOT = _backward_dot(
-    [("BLOCK_S", "BLOCK_DQ"), ("BLOCK_S", "BLOCK_DV")], [("BLOCK_T", "BLOCK_DQ"), ("BLOCK_T", "BLOCK_DV")]
+    accumulators=[("BLOCK_S", "BLOCK_DQ"), ("BLOCK_S", "BLOCK_DV")], staged=[("BLOCK_T", "BLOCK_DQ"), ("BLOCK_T", "BLOCK_DV")],
+    resident=[("BLOCK_S", "BLOCK_D"), ("BLOCK_S", "BLOCK_DV")],
+    dots=_BACKWARD_SCORE_DOTS + [("BLOCK_S", "BLOCK_DV", "BLOCK_T"), ("BLOCK_S", "BLOCK_DQ", "BLOCK_T")],
 )
 
 _BACKWARD_ADDITIVE_TILES = (

@@ -3,8 +3,9 @@
 
 On a GPU a ``Launcher`` tunes its kernel over the short explicit config list of
 ``fastattn.ops.triton_configs``, keyed on the kernel's size arguments rounded up to
-powers of two (one ``triton.autotune`` per bucket, so a new sequence length in the
-same bucket reuses the tuned config instead of benchmarking again); buffers a kernel
+powers of two (one ``triton.autotune`` per bucket and constexpr specialization, so a
+new sequence length in the same bucket reuses the tuned config instead of benchmarking
+again, while IEEE and TF32 dots or another score kind tune on their own); buffers a kernel
 accumulates into atomically are re-zeroed between trials (``reset_to_zero``).  Under
 Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors, the tests) nothing is
 tuned: each kernel runs its single interpreter config, 16-wide blocks, so small odd
@@ -109,6 +110,20 @@ def _traceable(kernel):
         raise
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for inputs of ``dtype``.  float32 follows torch's
+    matmul setting, as torch's own float32 matmuls on a GPU do: TF32 tensor cores when
+    ``torch.backends.cuda.matmul.fp32_precision`` is "tf32" (what
+    ``torch.set_float32_matmul_precision("high")`` or ``allow_tf32 = True`` set), otherwise
+    IEEE float32 (FMA loops).  float16/bfloat16 run on the tensor cores whatever it says."""
+    if dtype != torch.float32:
+        return "tf32"
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)  # torch >= 2.9; reading it never raises
+    allowed = precision == "tf32" if precision is not None else matmul.allow_tf32
+    return "tf32" if allowed else "ieee"
+
+
 def power_of_two_block(size: int, cap: int | None = None) -> int:
     block = max(SMALLEST_BLOCK, triton.next_power_of_2(size))
     return block if cap is None else min(block, cap)
@@ -132,7 +147,7 @@ class Launcher:
                 raise ValueError(f"KernelConfigs.{field} names {unknown}, not arguments of {kernel.__name__}")
         self.kernel = kernel
         self.configs = configs
-        self.tuners = {}  # size bucket -> triton.autotune(kernel); stays empty under the interpreter
+        self.tuners = {}  # (size bucket, constexprs) -> triton.autotune(kernel); empty under the interpreter
 
     def configs_in_use(self) -> list[triton.Config]:
         return [self.configs.interpreted] if INTERPRETED else list(self.configs.tuned)
@@ -148,10 +163,12 @@ class Launcher:
         """The config an untuned GPU launch takes: the first that the prune keeps."""
         return self.pruned_configs(arguments, constexprs)[0]
 
-    def tuner_for(self, arguments):
-        """The ``triton.autotune`` of the size bucket of these (positional) kernel arguments."""
+    def tuner_for(self, arguments, constexprs):
+        """The ``triton.autotune`` of the size bucket of these (positional) kernel arguments
+        and of these constexprs (a score kind, a mask, IEEE or TF32 dots: each specialization
+        of the kernel is tuned on its own)."""
         named = dict(zip(self.kernel.arg_names, arguments))
-        bucket = tuple(tuning_bucket(named[name]) for name in self.configs.key)
+        bucket = (*(tuning_bucket(named[name]) for name in self.configs.key), *sorted(constexprs.items()))
         if bucket not in self.tuners:
             prune = {"early_config_prune": self.configs.prune} if self.configs.prune is not None else None
             # key=[]: this tuner serves one bucket (Triton still keys it on the tensors' dtypes).
@@ -171,4 +188,4 @@ class Launcher:
             run_kernel(self.kernel, grid(meta), *arguments, **constexprs, **meta,
                        num_warps=config.num_warps, num_stages=config.num_stages)
         else:
-            run_kernel(self.tuner_for(arguments), grid, *arguments, **constexprs)
+            run_kernel(self.tuner_for(arguments, constexprs), grid, *arguments, **constexprs)

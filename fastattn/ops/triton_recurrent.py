@@ -27,7 +27,7 @@ from fastattn.kernels.recurrent_cells import (
     lstm_step_kernel,
 )
 from fastattn.ops.triton_configs import RECURRENT_POINTWISE, RECURRENT_STEP
-from fastattn.ops.triton_launch import Launcher
+from fastattn.ops.triton_launch import Launcher, dot_precision
 from fastattn.reference.recurrent import _run_over_time
 
 FUSED_STEP_MAX_BATCH = 64
@@ -38,10 +38,6 @@ LAUNCHERS = {  # kernel name -> Launcher
     },
     **{kernel.__name__: Launcher(kernel, RECURRENT_STEP) for kernel in (lstm_step_kernel, gru_step_kernel)},
 }
-
-
-def _dot_precision(tensor: Tensor) -> str:
-    return "ieee" if tensor.dtype == torch.float32 else "tf32"
 
 
 def _launch(kernel, batch, hidden, *arguments, **constexprs):
@@ -71,7 +67,7 @@ def triton_lstm_step(gates_x: Tensor, h: Tensor, c: Tensor, w_hh: Tensor) -> tup
     batch, hidden = c.shape
     h_next, c_next = torch.empty_like(c), torch.empty_like(c)
     saved = c.new_empty(batch, 4 * hidden, dtype=torch.float32)
-    _launch(lstm_step_kernel, batch, hidden, gates_x, h, w_hh, c, h_next, c_next, saved, DOT_PRECISION=_dot_precision(h))
+    _launch(lstm_step_kernel, batch, hidden, gates_x, h, w_hh, c, h_next, c_next, saved, DOT_PRECISION=dot_precision(h.dtype))
     return h_next, c_next, saved
 
 
@@ -168,7 +164,7 @@ def triton_gru_step(gates_x: Tensor, h: Tensor, w_hh: Tensor, b_hh: Optional[Ten
     saved = h.new_empty(batch, 4 * hidden, dtype=torch.float32)
     _launch(
         gru_step_kernel, batch, hidden, gates_x, h, w_hh, b_hh if b_hh is not None else h, h_next, saved,
-        HAS_BIAS=b_hh is not None, DOT_PRECISION=_dot_precision(h),
+        HAS_BIAS=b_hh is not None, DOT_PRECISION=dot_precision(h.dtype),
     )
     return h_next, saved
 
