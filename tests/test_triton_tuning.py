@@ -156,6 +156,11 @@ def test_ieee_float32_pruning_also_bounds_the_multiply_adds_of_its_dots():
     assert configs.prune(list(configs.tuned), {"Q": single}, DOT_PRECISION="tf32", **sizes) == list(configs.tuned)
     half = torch.empty(1, dtype=torch.bfloat16)
     assert configs.prune(list(configs.tuned), {"Q": half}, DOT_PRECISION="tf32", **sizes) == list(configs.tuned)
+    # At D = Dv = 128 dK and dV take 256 * BLOCK_S / (32 * warps) registers a thread: the
+    # backward budget keeps the tiles at 64 or fewer (128 spilled in most of them).
+    wider = configs.prune(list(configs.tuned), {"Q": half}, DOT_PRECISION="tf32", BLOCK_D=128, BLOCK_DQ=128, BLOCK_DV=128)
+    assert _tiles(wider) == [(128, 64, 8), (32, 32, 4), (16, 32, 4), (16, 16, 4)]
+    assert all(256 * s / (32 * w) <= triton_configs.BACKWARD_REGISTER_BUDGET for _, s, w in _tiles(wider))
     # None fits at D = Dv = 1024: the smallest multiply-add count, then the fewest registers.
     wide = configs.prune(list(configs.tuned), {"Q": single}, DOT_PRECISION="ieee", BLOCK_D=128, BLOCK_DQ=1024, BLOCK_DV=1024)
     assert _tiles(wide) == [(16, 16, 4)]

@@ -24,8 +24,12 @@ import triton
 from fastattn.ops.triton_launch import INTERPRETED, SMALLEST_BLOCK, KernelConfigs
 
 Config = triton.Config
-# Per thread: at most this many float32 registers of accumulator tiles (of 255).
+# Per thread: at most this many float32 registers of accumulator tiles (of 255).  The
+# backward kernels also hold the probabilities, their gradient and two operand tiles per
+# step: ptxas (sm_90, triton 3.9, bfloat16, the compile check's problems) spills in 24 of
+# their 32 configs at 128 accumulator registers (up to 808 bytes) and 8 of 27 at 64.
 REGISTER_BUDGET = 128
+BACKWARD_REGISTER_BUDGET = 64
 # Per program: the dot operand tiles in shared memory, the pipelined ones num_stages times
 # (A100's is 164 KB; sm_90 refuses above 227 KB, which float32 tiles reach under TF32).
 SHARED_BUDGET = 160 * 1024
@@ -37,9 +41,9 @@ SHARED_BUDGET = 160 * 1024
 FMA_BUDGET = 1024
 
 
-def _fits(accumulators, staged, resident=(), dots=()):
+def _fits(accumulators, staged, resident=(), dots=(), register_budget=REGISTER_BUDGET):
     """An ``early_config_prune`` that keeps the configs whose accumulator tiles (pairs of
-    meta-parameter names, float32) fit REGISTER_BUDGET a thread, whose operand tiles in
+    meta-parameter names, float32) fit ``register_budget`` a thread, whose operand tiles in
     shared memory (``staged``: pipelined over the loop, ``resident``: loaded once a
     program) fit SHARED_BUDGET, and, for IEEE float32 dots, whose dots (rows, columns,
     inner dimension: triples of names) fit FMA_BUDGET; when none does, the smallest."""
@@ -60,7 +64,7 @@ def _fits(accumulators, staged, resident=(), dots=()):
 
     def prune(configs, named_args, **kwargs):
         sizes = {**named_args, **kwargs}
-        budgets = (FMA_BUDGET, REGISTER_BUDGET, SHARED_BUDGET)
+        budgets = (FMA_BUDGET, register_budget, SHARED_BUDGET)
         fitting = [
             config for config in configs
             if all(used <= budget for used, budget in zip(footprint(config, sizes), budgets))
@@ -162,7 +166,7 @@ def _backward_dot(**tiles) -> KernelConfigs:
             for t, s, warps, stages in _BACKWARD_DOT_TILES
         ),
         key=ATTENTION_KEY,
-        prune=_fits(**tiles),
+        prune=_fits(**tiles, register_budget=BACKWARD_REGISTER_BUDGET),
     )
 
 
