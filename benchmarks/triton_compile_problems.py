@@ -86,6 +86,11 @@ ALL_PROBLEMS = QUICK_PROBLEMS + _problems([
         for score in ("dot", "cosine", "additive") for keys in (64, 1024, 4096)
     ),
     *(
+        (f"attention.{score}.decode_b64_s1024_d1024", attention,
+         dict(batch=64, queries=1, keys=1024, features=1024, score=score, bias=score == "additive"))
+        for score in ("dot", "cosine", "additive")
+    ),
+    *(
         (f"attention.dot.b64_t512_s512_d{features}.backward", attention,
          dict(_MULTI_QUERY, features=features, backward=True))
         for features in (64, 128)

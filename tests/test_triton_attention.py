@@ -277,6 +277,7 @@ def _error_against_float64(dtype, score, mode, batch, queries, keys_length, feat
         ("scaled_dot", "global", (8, 256, 384, 64)),
         ("scaled_dot", "causal", (8, 257, 257, 128)),
         ("scaled_dot", "lengths", (64, 1, 1024, 512)),  # decode step, split keys
+        ("additive", "global", (64, 1, 1024, 1024)),  # decode step at the widest D of the targets
         ("general", "local_p", (8, 100, 300, 64)),
         ("cosine", "lengths", (16, 64, 200, 96)),
         ("additive", "lengths", (8, 33, 200, 128)),

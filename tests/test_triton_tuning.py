@@ -166,6 +166,15 @@ def test_ieee_float32_pruning_also_bounds_the_multiply_adds_of_its_dots():
     assert _tiles(wide) == [(16, 16, 4)]
 
 
+def test_when_no_config_fits_the_least_shared_memory_wins():
+    # The additive forward's value tiles at Dv = 1024 in float32 (TF32 dots stage them in
+    # shared memory) pass the budget in every config: the narrowest key block is the one
+    # sm_90 can still launch, whatever its registers.
+    configs = triton_configs.FORWARD_ADDITIVE
+    kept = configs.prune(list(configs.tuned), {"Q": torch.empty(1)}, DOT_PRECISION="tf32", BLOCK_DV=1024)
+    assert len(kept) == 1 and kept[0].kwargs["BLOCK_S"] == min(config.kwargs["BLOCK_S"] for config in configs.tuned)
+
+
 @pytest.mark.parametrize("setting,expected", [("ieee", "ieee"), ("tf32", "tf32")])
 def test_float32_dots_follow_torchs_matmul_precision(monkeypatch, setting, expected):
     monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", setting)

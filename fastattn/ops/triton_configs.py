@@ -46,7 +46,7 @@ def _fits(accumulators, staged, resident=(), dots=(), register_budget=REGISTER_B
     meta-parameter names, float32) fit ``register_budget`` a thread, whose operand tiles in
     shared memory (``staged``: pipelined over the loop, ``resident``: loaded once a
     program) fit SHARED_BUDGET, and, for IEEE float32 dots, whose dots (rows, columns,
-    inner dimension: triples of names) fit FMA_BUDGET; when none does, the smallest."""
+    inner dimension: triples of names) fit FMA_BUDGET; when none does, the closest."""
 
     def footprint(config, sizes):
         meta = {**sizes, **config.kwargs}
@@ -65,11 +65,21 @@ def _fits(accumulators, staged, resident=(), dots=(), register_budget=REGISTER_B
     def prune(configs, named_args, **kwargs):
         sizes = {**named_args, **kwargs}
         budgets = (FMA_BUDGET, register_budget, SHARED_BUDGET)
+        footprints = [footprint(config, sizes) for config in configs]
         fitting = [
-            config for config in configs
-            if all(used <= budget for used, budget in zip(footprint(config, sizes), budgets))
+            config for config, used in zip(configs, footprints)
+            if all(value <= budget for value, budget in zip(used, budgets))
         ]
-        return fitting or [min(configs, key=lambda config: footprint(config, sizes))]
+        if fitting:
+            return fitting
+
+        def closest(pair):
+            # The least shared memory over the budget first (past sm_90's 227 KB a kernel
+            # cannot launch at all; spilled registers only cost time), then the rest.
+            fma, registers, shared = pair[1]
+            return max(shared - SHARED_BUDGET, 0), fma, registers, shared
+
+        return [min(zip(configs, footprints), key=closest)[0]]
 
     return prune
 
