@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = 4  # float32 (IEEE and TF32 dots), float16, bfloat16
-SPILL_LIMIT = 256  # bytes of stack a thread (ptxas spills) an untuned attention config may take
+SPILL_LIMIT = 256  # bytes of stack a thread (ptxas spills) an untuned config may take
 
 
 def _launchers() -> list:
@@ -56,8 +56,7 @@ def test_every_kernel_compiles_for_sm90_with_its_untuned_config():
     launchers = _launchers()
     assert len(compiled) == len(launchers) * DTYPES, result.stdout  # the quick problems reach every launcher
     assert {re.match(r"ok\s+(\w+)", line)[1] for line in compiled} == {launcher.kernel.__name__ for launcher in launchers}
-    # The prunes keep the dot-product family's untuned configs out of register spills in
-    # every dtype (float32's FMA dots spilled 1-12 KB a thread before FMA_BUDGET).
-    dot_family = [line for line in compiled if line.startswith("ok  attention_") and "BLOCK_D_POLY" not in line]
-    spilling = [line for line in dot_family if int(re.search(r"stack (\d+) B", line)[1]) > SPILL_LIMIT]
-    assert dot_family and not spilling, "\n".join(spilling)
+    # The prunes keep the untuned configs out of register spills in every dtype (IEEE
+    # float32's FMA dots spilled 0.8 to 12 KB a thread before they were bounded).
+    spilling = [line for line in compiled if int(re.search(r"stack (\d+) B", line)[1]) > SPILL_LIMIT]
+    assert not spilling, "\n".join(spilling)

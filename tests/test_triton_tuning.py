@@ -166,6 +166,13 @@ def test_ieee_float32_pruning_also_bounds_the_multiply_adds_of_its_dots():
     assert _tiles(wide) == [(16, 16, 4)]
 
 
+def test_ieee_float32_additive_backward_keeps_one_score_element_a_thread():
+    for configs in (triton_configs.GRAD_QUERY_ADDITIVE, triton_configs.GRAD_KEY_VALUE_ADDITIVE):
+        ieee = configs.prune(list(configs.tuned), {"Q": torch.empty(1)}, DOT_PRECISION="ieee")
+        assert _tiles(ieee) == [(16, 16, 8), (16, 16, 8)]
+        assert configs.prune(list(configs.tuned), {"Q": torch.empty(1)}, DOT_PRECISION="tf32") == list(configs.tuned)
+
+
 def test_when_no_config_fits_the_least_shared_memory_wins():
     # The additive forward's value tiles at Dv = 1024 in float32 (TF32 dots stage them in
     # shared memory) pass the budget in every config: the narrowest key block is the one

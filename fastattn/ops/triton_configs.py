@@ -196,13 +196,27 @@ GRAD_KEY_VALUE_DOT = _backward_dot(
 )
 
 _BACKWARD_ADDITIVE_TILES = (
-    # (BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, num_warps): small tiles, the atomics dominate.
+    # (BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, num_warps): small tiles, the atomics dominate;
+    # the 8-warp ones hold one score element a thread, for IEEE float32 (see below).
     (16, 16, 32, 0, 4),
     (16, 32, 16, 0, 4),
     (32, 16, 16, 0, 4),
     (16, 16, 32, 8, 4),
     (16, 16, 16, 16, 4),
+    (16, 16, 32, 0, 8),
+    (16, 16, 16, 0, 8),
 )
+
+
+def _one_score_a_thread_for_fma_dots(configs, named_args, **kwargs):
+    """The additive backward's prune: with IEEE float32 dots (FMA loops over the whole Dv)
+    only the tiles of at most one score element a thread.  ptxas (sm_90, triton 3.9, the
+    compile check's float32 problems, Dv 128 and 256) spills 0.8 to 3 KB a thread in every
+    16x16 tile of 4 warps and none in those of 8; TF32 and 16-bit dots keep every config."""
+    if {**named_args, **kwargs}.get("DOT_PRECISION") != "ieee":
+        return configs
+    light = [config for config in configs if config.kwargs["BLOCK_T"] * config.kwargs["BLOCK_S"] <= 32 * config.num_warps]
+    return light or configs
 
 
 def _backward_additive(reset_to_zero) -> KernelConfigs:
@@ -214,6 +228,7 @@ def _backward_additive(reset_to_zero) -> KernelConfigs:
         ),
         key=ATTENTION_KEY,
         reset_to_zero=reset_to_zero,
+        prune=_one_score_a_thread_for_fma_dots,
     )
 
 
