@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -46,7 +45,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastattn.kernels  # noqa: E402
 from benchmarks.triton_compile_problems import ALL_PROBLEMS, QUICK_PROBLEMS  # noqa: E402
-from fastattn.ops.triton_launch import Launcher  # noqa: E402
+from fastattn.ops.triton_launch import Launcher, float32_matmul_precision  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 # sm_90's opt-in shared memory per block (H100/H200): Triton refuses to load a kernel above it.
@@ -90,17 +89,6 @@ def _stand_in(value):
     return torch.empty(1, dtype=value.dtype) if isinstance(value, torch.Tensor) else value
 
 
-@contextlib.contextmanager
-def _float32_matmul_precision(precision: str):
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = precision
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
-
-
 def record_launches(problems, dtype_names) -> list[Launch]:
     launches = []
 
@@ -110,7 +98,7 @@ def record_launches(problems, dtype_names) -> list[Launch]:
     with mock.patch.object(Launcher, "__call__", record):
         for dtype_name in dtype_names:
             dtype, precision = DTYPES[dtype_name]
-            with _float32_matmul_precision(precision):
+            with float32_matmul_precision(precision):
                 for problem, run in problems:
                     run(dtype)
     return launches

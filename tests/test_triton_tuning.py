@@ -184,7 +184,6 @@ def test_when_no_config_fits_the_least_shared_memory_wins():
 
 @pytest.mark.parametrize("setting,expected", [("ieee", "ieee"), ("tf32", "tf32")])
 def test_float32_dots_follow_torchs_matmul_precision(monkeypatch, setting, expected):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", setting)
     launched = []
     original = triton_launch.run_kernel
 
@@ -194,9 +193,10 @@ def test_float32_dots_follow_torchs_matmul_precision(monkeypatch, setting, expec
         return original(kernel, grid, *arguments, **constexprs)
 
     monkeypatch.setattr(triton_launch, "run_kernel", recording)
-    run("triton", "scaled_dot", *problem("scaled_dot", "lengths", queries=5))
-    x, h, c, weights = cell_problem(4, 3)
-    run_cell("triton", "lstm", x, h, c, weights)
+    with triton_launch.float32_matmul_precision(setting):
+        run("triton", "scaled_dot", *problem("scaled_dot", "lengths", queries=5))
+        x, h, c, weights = cell_problem(4, 3)
+        run_cell("triton", "lstm", x, h, c, weights)
     kernels = {name for name, _ in launched}
     assert {"attention_forward_kernel", "attention_grad_key_value_kernel", "lstm_step_kernel"} <= kernels
     assert {precision for _, precision in launched} == {expected}

@@ -30,6 +30,7 @@ refused before the launch instead (the weights of 2^17 sequences of 128 × 128, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Callable, Optional
@@ -122,6 +123,19 @@ def dot_precision(dtype: torch.dtype) -> str:
     precision = getattr(matmul, "fp32_precision", None)  # torch >= 2.9; reading it never raises
     allowed = precision == "tf32" if precision is not None else matmul.allow_tf32
     return "tf32" if allowed else "ieee"
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    """Set ``torch.backends.cuda.matmul.fp32_precision`` (what ``dot_precision`` reads) for
+    a block, then restore it (the compile check and the tests use this)."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def power_of_two_block(size: int, cap: int | None = None) -> int:
