@@ -11,6 +11,11 @@
 #   7. bench targets  fastattn bench --device cuda --preset gpu --dtype bfloat16: only the GPU
 #                 targets of issues 4 and 6, at their shapes, each judged met or not
 #                 (bench-targets.json, .csv, speedups-targets.png in $OUT)
+# Alongside steps 3-5, in the background: the Triton cache warmed for the benches (the
+# untuned config of every launch of their presets, float32 and bfloat16, compiled
+# TRITON_WARMUP_JOBS at a time by benchmarks/triton_compile_check.py --untuned into the cache
+# Triton's JIT reads, where the benches find them instead of compiling each one serially;
+# "$OUT/triton-warmup.txt"); not a step: it cannot fail the check.
 # Each step prints PASS/FAIL (or SKIP, with the reason) and the script goes on after a
 # failure; everything printed goes to "$OUT/log.txt" (OUT defaults to
 # benchmarks/results/latest).  Exit status: the number of failed steps (0: all passed).
@@ -39,6 +44,8 @@ TIMEOUT_MEMCHECK="${TIMEOUT_MEMCHECK:-35}"
 TIMEOUT_RACECHECK="${TIMEOUT_RACECHECK:-35}"
 TIMEOUT_BENCH="${TIMEOUT_BENCH:-80}"
 TIMEOUT_BENCH_TARGETS="${TIMEOUT_BENCH_TARGETS:-60}"
+TRITON_WARMUP_JOBS="${TRITON_WARMUP_JOBS:-12}"  # of 16 cores: the tests' own JIT keeps the rest
+TRITON_WARMUP_SECONDS="${TRITON_WARMUP_SECONDS:-100}"  # it starts no compile later than this
 export PATH="$PATH:/usr/local/cuda/bin"  # nvcc and compute-sanitizer, when not on PATH already
 unset TRITON_INTERPRET  # the GPU tests must run the compiled Triton kernels
 # No Triton autotuning by default: tuning compiles every config of every kernel for every
@@ -102,9 +109,17 @@ main() {
     step versions "$TIMEOUT_VERSIONS" bash -c versions
     step install "$TIMEOUT_INSTALL" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
         "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+    timeout --kill-after=5 $((TRITON_WARMUP_SECONDS + 30)) "$PYTHON" benchmarks/triton_compile_check.py --untuned \
+        --dtype float32 --dtype bfloat16 --jobs "$TRITON_WARMUP_JOBS" --seconds "$TRITON_WARMUP_SECONDS" \
+        > "$OUT/triton-warmup.txt" 2>&1 &
+    local warmup=$!
     step "gpu tests" "$TIMEOUT_TESTS" "$PYTHON" -m pytest -m gpu -x -q
     sanitize memcheck
     sanitize racecheck
+    wait "$warmup"
+    local warmup_status=$?
+    echo
+    echo "triton warm-up (exit status $warmup_status): $(tail -n 1 "$OUT/triton-warmup.txt")"
     # shellcheck disable=SC2086  # BENCH_FLAGS is a list of flags
     step bench "$TIMEOUT_BENCH" "$PYTHON" -m fastattn bench --device cuda $BENCH_FLAGS \
         --json "$OUT/bench.json" --csv "$OUT/bench.csv" --plot "$OUT/speedups.png"

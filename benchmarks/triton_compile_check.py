@@ -94,6 +94,9 @@ def record_launches(problems, dtype_names) -> list[Launch]:
 
     def record(launcher, grid, *arguments, **constexprs):
         launches.append(Launch(problem, dtype_name, launcher, tuple(map(_stand_in, arguments)), constexprs))
+        for argument in arguments:  # indices the kernel would have written: in bounds for what reads them next
+            if isinstance(argument, torch.Tensor) and not argument.is_floating_point():
+                argument.zero_()
 
     with mock.patch.object(Launcher, "__call__", record):
         for dtype_name in dtype_names:
@@ -115,20 +118,24 @@ def _binding(launch: Launch, config: triton.Config, backend):
     return signature, constexprs, attributes, options
 
 
-def compiles_to_run(launches: list[Launch], quick: bool) -> list[Compile]:
-    """Every distinct (kernel specialization, config); with ``quick``, the untuned config of
+def compiles_to_run(launches: list[Launch], mode: str) -> list[Compile]:
+    """Every distinct (kernel specialization, config) of ``mode``: "tuned", every config the
+    prune keeps; "untuned", the config an untuned launch takes; "quick", that config for
     the first launch of each launcher and dtype."""
     backend = make_backend(TARGET)
     chosen, seen = [], set()
     for launch in launches:
-        if quick:
+        if mode == "quick":
             key = (id(launch.launcher), launch.dtype)
-            if key in seen:
-                continue
-            seen.add(key)
-            chosen.append(Compile(launch, launch.launcher.untuned_config(launch.arguments, launch.constexprs)))
+            if key not in seen:
+                seen.add(key)
+                chosen.append(Compile(launch, launch.launcher.untuned_config(launch.arguments, launch.constexprs)))
             continue
-        for config in launch.launcher.pruned_configs(launch.arguments, launch.constexprs):
+        if mode == "tuned":
+            configs = launch.launcher.pruned_configs(launch.arguments, launch.constexprs)
+        else:
+            configs = [launch.launcher.untuned_config(launch.arguments, launch.constexprs)]
+        for config in configs:
             signature, constexprs, attributes, options = _binding(launch, config, backend)
             key = (launch.launcher.kernel.__name__, str(signature), str(constexprs), str(attributes), str(options))
             if key not in seen:
@@ -190,20 +197,31 @@ def _compile_index(index: int) -> tuple[bool, str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one problem per launcher and dtype, untuned config only")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", action="store_true", help="one problem per launcher and dtype, untuned config only")
+    modes.add_argument("--untuned", action="store_true", help="every problem, untuned config only")
     parser.add_argument("--dtype", choices=tuple(DTYPES), action="append", help="only these dtypes (default: all)")
     parser.add_argument("--kernel", help="only kernels whose name contains this")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles in parallel (default: CPU count)")
+    parser.add_argument("--seconds", type=float, help="start no compile after this many seconds")
     arguments = parser.parse_args(argv)
+    mode = "quick" if arguments.quick else "untuned" if arguments.untuned else "tuned"
     launches = record_launches(QUICK_PROBLEMS if arguments.quick else ALL_PROBLEMS, arguments.dtype or tuple(DTYPES))
-    _JOBS[:] = [job for job in compiles_to_run(launches, arguments.quick)
+    _JOBS[:] = [job for job in compiles_to_run(launches, mode)
                 if arguments.kernel is None or arguments.kernel in job.launch.launcher.kernel.__name__]
     print(f"triton {triton.__version__}, torch {torch.__version__}, kernels of {os.path.dirname(fastattn.kernels.__file__)}: "
           f"{len(_JOBS)} compiles for sm_90", flush=True)
-    failures = 0
+    started, done, failures = time.monotonic(), 0, 0
     context = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(max(1, arguments.jobs), mp_context=context) as pool:
-        for job, (compiled, detail) in zip(_JOBS, pool.map(_compile_index, range(len(_JOBS)))):
+        futures = [pool.submit(_compile_index, index) for index in range(len(_JOBS))]
+        for job, future in zip(_JOBS, futures):
+            if arguments.seconds is not None and time.monotonic() - started > arguments.seconds and not future.done():
+                pool.shutdown(wait=True, cancel_futures=True)
+                print(f"stopped after {arguments.seconds:.0f} s: {done} of {len(_JOBS)} done, {failures} failed")
+                return min(failures, 255)
+            compiled, detail = future.result()
+            done += 1
             failures += not compiled
             print(f"{'ok' if compiled else 'FAILED'}  {job.describe()}: {detail}", flush=True)
     print(f"{len(_JOBS) - failures} compiled, {failures} failed")

@@ -1,8 +1,10 @@
 """The problems whose Triton launches ``triton_compile_check`` compiles: the public Triton
 ops called on CPU tensors at the shapes a GPU run launches them with (the "gpu" and "full"
 bench presets' attention, hard-attention and LSTM/GRU cell shapes, every mask and score
-kind, odd sizes), forward and backward.  Each problem is (name, function of the dtype);
-the inputs are zeros or ones, never read: the launches are recorded, not run.
+kind, odd sizes), forward and backward, and every case of the two benches
+benchmarks/gpu_check.sh runs, as ``fastattn bench`` builds it, on the triton backend (the
+full preset in float32, the gpu preset in bfloat16).  Each problem is (name, function of
+the dtype); the inputs are never read: the launches are recorded, not run.
 
 ``QUICK_PROBLEMS`` reach every ``Launcher`` of the ops once (the CI test's share).
 """
@@ -13,7 +15,10 @@ import functools
 
 import torch
 
-from fastattn.ops import triton_attention, triton_hard, triton_recurrent
+import fastattn
+from fastattn import backends
+from fastattn.bench.cases import PRESETS, cases
+from fastattn.ops import triton_attention, triton_backend, triton_hard, triton_recurrent
 
 
 def attention(dtype, batch, queries, keys, features, score="dot", scale=0.125, weights=False, backward=False,
@@ -56,6 +61,35 @@ def cell(dtype, kind, batch, hidden):
     else:
         outputs = (triton_recurrent.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh),)
     torch.autograd.backward(outputs, [torch.zeros_like(output) for output in outputs])
+
+
+# The benches benchmarks/gpu_check.sh runs: (preset, the dtype it runs that preset in).
+BENCH_RUNS = (("full", torch.float32), ("gpu", torch.bfloat16))
+_TRITON_ON_CPU = []
+
+
+def _triton_on_cpu_tensors() -> None:
+    """Route the Triton backend's ops to the Triton ops for CPU tensors too (once; the
+    launches are recorded, never run)."""
+    if not _TRITON_ON_CPU:
+        for op, function in triton_backend.backend_functions().items():
+            backends.register(op, "triton", ("cpu",))(function)
+        backends.mark_available("triton")
+        _TRITON_ON_CPU.append(True)
+
+
+def bench_case(dtype, preset, case, bench_dtype):
+    """One case of a bench preset as ``fastattn bench`` runs it on the triton backend, forward
+    and, for a forward_backward case, backward; only in the dtype the bench runs it in."""
+    if dtype != bench_dtype:
+        return
+    _triton_on_cpu_tensors()
+    workload = case.build(case.inputs("cpu", dtype))
+    with fastattn.backend("triton"):
+        outputs = workload.run()
+        if case.backward:
+            differentiable = [output for output in outputs if isinstance(output, torch.Tensor) and output.requires_grad]
+            torch.autograd.backward(differentiable, [torch.zeros_like(output) for output in differentiable])
 
 
 def _problems(entries):
@@ -117,5 +151,9 @@ ALL_PROBLEMS = QUICK_PROBLEMS + _problems([
     *(
         (f"{kind}_cell.b{batch}_h{hidden}", cell, dict(kind=kind, batch=batch, hidden=hidden))
         for kind in ("lstm", "gru") for batch, hidden in ((64, 1024), (32, 256), (128, 1024), (5, 7))
+    ),
+    *(
+        (f"bench.{preset}.{case.name}", bench_case, dict(preset=preset, case=case, bench_dtype=bench_dtype))
+        for preset, bench_dtype in BENCH_RUNS for case in cases(PRESETS[preset])
     ),
 ])

@@ -60,3 +60,46 @@ def test_every_kernel_compiles_for_sm90_with_its_untuned_config():
     # float32's FMA dots spilled 0.8 to 12 KB a thread before they were bounded).
     spilling = [line for line in compiled if int(re.search(r"stack (\d+) B", line)[1]) > SPILL_LIMIT]
     assert not spilling, "\n".join(spilling)
+
+
+SHARED_CACHE_PROBE = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import torch
+from triton.runtime import driver
+import benchmarks.triton_compile_check as check
+from benchmarks.triton_compile_problems import QUICK_PROBLEMS
+
+def entries():
+    return sorted(os.listdir(os.environ["TRITON_CACHE_DIR"]))
+
+class Hopper:  # what the JIT asks the CUDA driver, answered without one
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return check.TARGET
+    def get_active_torch_device(self): return torch.device("cpu")
+
+launch = check.record_launches([p for p in QUICK_PROBLEMS if p[0] == "lstm_cell.b64_h256"], ["bfloat16"])[0]
+config = launch.launcher.untuned_config(launch.arguments, launch.constexprs)
+assert check.compile_one(check.Compile(launch, config))[0]
+compiled = entries()
+driver.set_active(Hopper())
+launch.launcher.kernel.run(*launch.arguments, grid=(1,), warmup=True, **launch.constexprs, **config.kwargs,
+                           num_warps=config.num_warps, num_stages=config.num_stages)
+print(len(compiled), len(entries()), entries() == compiled)
+"""
+
+
+@pytest.mark.skipif(CUDA_COMPILER_MISSING is not None, reason=str(CUDA_COMPILER_MISSING))
+def test_the_jit_finds_what_the_compile_check_compiled_in_tritons_cache(tmp_path):
+    # gpu_check.sh warms Triton's cache for the benches with `triton_compile_check.py
+    # --untuned`; that only helps if the JIT's launch of the same kernel, arguments and
+    # config looks up the entry the check wrote (here with a stand-in for the CUDA driver).
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", SHARED_CACHE_PROBE], capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env={**environment, "TRITON_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    compiled, after_jit, same = result.stdout.split()
+    assert int(compiled) >= 1 and same == "True", result.stdout

@@ -31,7 +31,8 @@ def _reference_for_float64(function, reference_function):
     return run
 
 
-def _backend_functions() -> dict:
+def backend_functions() -> dict:
+    """The Triton implementation of each op of ``fastattn.backends``."""
     from fastattn.ops import attention, triton_attention, triton_hard, triton_recurrent
 
     fused = triton_attention.fused
@@ -63,7 +64,7 @@ def load() -> None:
         return
     device_types = ("cuda", "cpu") if INTERPRETED else ("cuda",)
     reference_functions = {op: backends.implementation(op, "cpu", "reference") for op in backends.OPS}
-    for op, function in _backend_functions().items():
+    for op, function in backend_functions().items():
         backends.register(op, "triton", device_types)(_reference_for_float64(function, reference_functions[op]))
     backends.mark_available("triton")
     BACKEND_NOTES["triton"] = FLOAT64_NOTE
