@@ -16,7 +16,6 @@ import functools
 import torch
 
 import fastattn
-from fastattn import backends
 from fastattn.bench.cases import PRESETS, cases
 from fastattn.ops import triton_attention, triton_backend, triton_hard, triton_recurrent
 
@@ -65,17 +64,11 @@ def cell(dtype, kind, batch, hidden):
 
 # The benches benchmarks/gpu_check.sh runs: (preset, the dtype it runs that preset in).
 BENCH_RUNS = (("full", torch.float32), ("gpu", torch.bfloat16))
-_TRITON_ON_CPU = []
-
-
+@functools.cache
 def _triton_on_cpu_tensors() -> None:
     """Route the Triton backend's ops to the Triton ops for CPU tensors too (once; the
     launches are recorded, never run)."""
-    if not _TRITON_ON_CPU:
-        for op, function in triton_backend.backend_functions().items():
-            backends.register(op, "triton", ("cpu",))(function)
-        backends.mark_available("triton")
-        _TRITON_ON_CPU.append(True)
+    triton_backend.register(("cpu",))
 
 
 def bench_case(dtype, preset, case, bench_dtype):

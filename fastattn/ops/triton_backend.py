@@ -31,8 +31,7 @@ def _reference_for_float64(function, reference_function):
     return run
 
 
-def backend_functions() -> dict:
-    """The Triton implementation of each op of ``fastattn.backends``."""
+def _backend_functions() -> dict:
     from fastattn.ops import attention, triton_attention, triton_hard, triton_recurrent
 
     fused = triton_attention.fused
@@ -62,9 +61,15 @@ def load() -> None:
     if not torch.cuda.is_available() and not INTERPRETED:
         backends.mark_unavailable("triton", "the Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for tests)")
         return
-    device_types = ("cuda", "cpu") if INTERPRETED else ("cuda",)
+    register(("cuda", "cpu") if INTERPRETED else ("cuda",))
+
+
+def register(device_types: tuple[str, ...]) -> None:
+    """Register the Triton implementation of every op for tensors of ``device_types`` and
+    mark the backend available (``load``; the compile check also routes CPU tensors here,
+    to record the launches a GPU run makes)."""
     reference_functions = {op: backends.implementation(op, "cpu", "reference") for op in backends.OPS}
-    for op, function in backend_functions().items():
+    for op, function in _backend_functions().items():
         backends.register(op, "triton", device_types)(_reference_for_float64(function, reference_functions[op]))
     backends.mark_available("triton")
     BACKEND_NOTES["triton"] = FLOAT64_NOTE
