@@ -144,12 +144,13 @@ def _tiles(configs) -> list[tuple[int, int, int]]:
 def test_ieee_float32_pruning_also_bounds_the_multiply_adds_of_its_dots():
     # IEEE float32 dots lower to FMA loops holding their operands in registers: at D = Dv
     # = 64 the key/value gradients' four dots take 4 * 64 * BLOCK_T * BLOCK_S multiply-adds
-    # a step, which fit FMA_BUDGET a thread only for the two 16-row tiles of 4 warps.
+    # a step, which fit FMA_BUDGET a thread only for the 16-row tiles of 4 warps and the
+    # 16x16 tile of 8 warps.
     configs = triton_configs.GRAD_KEY_VALUE_DOT
     sizes = dict(BLOCK_D=64, BLOCK_DQ=64, BLOCK_DV=64)
     single = torch.empty(1)
     ieee = configs.prune(list(configs.tuned), {"Q": single}, DOT_PRECISION="ieee", **sizes)
-    assert _tiles(ieee) == [(16, 32, 4), (16, 16, 4)]
+    assert _tiles(ieee) == [(16, 32, 4), (16, 16, 4), (16, 16, 8)]
     for config in ieee:
         assert 4 * 64 * config.kwargs["BLOCK_T"] * config.kwargs["BLOCK_S"] / (32 * config.num_warps) <= triton_configs.FMA_BUDGET
     # TF32 float32 and 16-bit dots run on the tensor cores: no such bound.
@@ -159,11 +160,11 @@ def test_ieee_float32_pruning_also_bounds_the_multiply_adds_of_its_dots():
     # At D = Dv = 128 dK and dV take 256 * BLOCK_S / (32 * warps) registers a thread: the
     # backward budget keeps the tiles at 64 or fewer (128 spilled in most of them).
     wider = configs.prune(list(configs.tuned), {"Q": half}, DOT_PRECISION="tf32", BLOCK_D=128, BLOCK_DQ=128, BLOCK_DV=128)
-    assert _tiles(wider) == [(128, 64, 8), (32, 32, 4), (16, 32, 4), (16, 16, 4)]
+    assert _tiles(wider) == [(128, 64, 8), (32, 32, 4), (16, 32, 4), (16, 16, 4), (16, 16, 8)]
     assert all(256 * s / (32 * w) <= triton_configs.BACKWARD_REGISTER_BUDGET for _, s, w in _tiles(wider))
-    # None fits at D = Dv = 1024: the smallest multiply-add count, then the fewest registers.
+    # None fits at D = Dv = 1024: the smallest multiply-add count a thread, then the fewest registers.
     wide = configs.prune(list(configs.tuned), {"Q": single}, DOT_PRECISION="ieee", BLOCK_D=128, BLOCK_DQ=1024, BLOCK_DV=1024)
-    assert _tiles(wide) == [(16, 16, 4)]
+    assert _tiles(wide) == [(16, 16, 8)]
 
 
 def test_ieee_float32_additive_backward_keeps_one_score_element_a_thread():

@@ -159,12 +159,15 @@ WEIGHTS_ADDITIVE = KernelConfigs(
 
 _BACKWARD_DOT_TILES = (
     # (BLOCK_T, BLOCK_S, num_warps, num_stages); dQ, dK and dV are held whole in registers.
+    # The 16x16 tile of 8 warps is for IEEE float32 at D = 256, where the others' FMA dots
+    # do not fit (ptxas, sm_90: the cosine dQ kernel spilled 1.9 KB a thread in 4 warps, 224 B in 8).
     (64, 64, 4, 2),
     (128, 64, 8, 2),
     (64, 128, 8, 2),
     (32, 32, 4, 2),
     (16, 32, 4, 1),
     (16, 16, 4, 1),
+    (16, 16, 8, 1),
 )
 
 
