@@ -117,15 +117,23 @@ def test_opcheck_every_recurrent_op():
         opcheck(op, arguments)
 
 
+# (kind, batch) of the float16/bfloat16 gpu test, at H=1024 and 512 inputs: the fused step
+# (batch 64) and the GEMMs with the pointwise kernels (batch 256).
+GPU_CELL_CASES = [("lstm", 64), ("lstm", 256), ("gru", 64), ("gru", 256)]
+
+
+def gpu_cell_problem(kind, batch, dtype, device):
+    return cell_problem(4 if kind == "lstm" else 3, batch, dtype, device, 1024, 512)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kind,batch", [("lstm", 64), ("lstm", 256), ("gru", 64), ("gru", 256)])
+@pytest.mark.parametrize("kind,batch", GPU_CELL_CASES)
 def test_gpu_low_precision_within_twice_the_reference_error(dtype, kind, batch):
-    gates = 4 if kind == "lstm" else 3
-    exact = run_cell("reference", kind, *cell_problem(gates, batch, torch.float64, "cuda", 1024, 512))
-    ours = run_cell("triton", kind, *cell_problem(gates, batch, dtype, "cuda", 1024, 512))
-    theirs = run_cell("reference", kind, *cell_problem(gates, batch, dtype, "cuda", 1024, 512))
+    exact = run_cell("reference", kind, *gpu_cell_problem(kind, batch, torch.float64, "cuda"))
+    ours = run_cell("triton", kind, *gpu_cell_problem(kind, batch, dtype, "cuda"))
+    theirs = run_cell("reference", kind, *gpu_cell_problem(kind, batch, dtype, "cuda"))
     for want, got, reference_result in zip((*exact[0], *exact[1]), (*ours[0], *ours[1]), (*theirs[0], *theirs[1])):
         our_error = (got.double() - want).abs().max().item()
         reference_error = (reference_result.double() - want).abs().max().item()

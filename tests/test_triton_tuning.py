@@ -315,26 +315,33 @@ def test_gpu_hardware_tanh_error():
     assert absolute <= 2**-10, absolute  # tanh.approx.f32: about 2^-11 relative
 
 
+# The source lengths of the autotuned gpu test: one size bucket (T 64, S 256, D 32), tuned once.
+AUTOTUNED_SOURCE_LENGTHS = (200, 180)
+
+
+def autotuned_problem(score, source_length, device):
+    """The autotuned gpu test's float32 inputs on ``device``: (query, keys, values, parameters, masking)."""
+
+    def moved(tensor):
+        return tensor.detach().to(device).requires_grad_() if tensor.is_floating_point() else tensor.to(device)
+
+    query, keys, values, parameters, masking = problem(score, "lengths", queries=33, keys_length=source_length)
+    parameters = {name: moved(value) for name, value in parameters.items()}
+    return (*map(moved, (query, keys, values)), parameters, {name: moved(value) for name, value in masking.items()})
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("score", ["additive", "scaled_dot"])
 def test_gpu_autotuned_launches_match_the_reference(score, monkeypatch):
     monkeypatch.setenv("FASTATTN_TRITON_AUTOTUNE", "1")  # gpu_check.sh turns tuning off elsewhere
     # float32: the additive tanh goes through stable_tanh and, in some configs, rational_tanh.
-    def on_gpu(tensor):
-        return tensor.detach().cuda().requires_grad_() if tensor.is_floating_point() else tensor.cuda()
-
-    def inputs(source_length):
-        query, keys, values, parameters, masking = problem(score, "lengths", queries=33, keys_length=source_length)
-        parameters = {name: on_gpu(value) for name, value in parameters.items()}
-        return (*map(on_gpu, (query, keys, values)), parameters, {name: on_gpu(value) for name, value in masking.items()})
-
     additive = score == "additive"
     names = ("forward", "weights", "grad_query", "grad_key_value")
     for name in names:  # none tuned by an earlier test
         monkeypatch.setattr(triton_attention.LAUNCHERS[name, additive], "tuners", {})
-    for source_length in (200, 180):  # one size bucket (T 64, S 256, D 32): tuned once
-        case = inputs(source_length)
+    for source_length in AUTOTUNED_SOURCE_LENGTHS:
+        case = autotuned_problem(score, source_length, "cuda")
         assert_matches(run("triton", score, *case), run("reference", score, *case), {"rtol": 1e-4, "atol": 1e-4})
     for name in names:
         launcher = triton_attention.LAUNCHERS[name, additive]
