@@ -11,11 +11,13 @@
 #   7. bench targets  fastattn bench --device cuda --preset gpu --dtype bfloat16: only the GPU
 #                 targets of issues 4 and 6, at their shapes, each judged met or not
 #                 (bench-targets.json, .csv, speedups-targets.png in $OUT)
-# Alongside steps 3-5, in the background: the Triton cache warmed for the benches (the
-# untuned config of every launch of their presets, float32 and bfloat16, compiled
-# TRITON_WARMUP_JOBS at a time by benchmarks/triton_compile_check.py --untuned into the cache
-# Triton's JIT reads, where the benches find them instead of compiling each one serially;
-# "$OUT/triton-warmup.txt"); not a step: it cannot fail the check.
+# Alongside steps 3-5, in the background: Triton's cache warmed for the gpu tests and the
+# benches (what their launches compile, in the order they run: the gpu tests' (every config
+# the prune keeps for the one test that tunes), then the benches', about 200 compiles; and
+# under triton 3.6 each kernel signature's C launcher, 17 gcc compiles), TRITON_WARMUP_JOBS
+# at a time, by benchmarks/triton_compile_check.py --gpu-check into the cache Triton's JIT
+# reads, where the tests and benches find them instead of compiling each one serially
+# inside their time limits ("$OUT/triton-warmup.txt"); not a step: it cannot fail the check.
 # Each step prints PASS/FAIL (or SKIP, with the reason) and the script goes on after a
 # failure; everything printed goes to "$OUT/log.txt" (OUT defaults to
 # benchmarks/results/latest).  Exit status: the number of failed steps (0: all passed).
@@ -109,9 +111,8 @@ main() {
     step versions "$TIMEOUT_VERSIONS" bash -c versions
     step install "$TIMEOUT_INSTALL" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
         "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
-    timeout --kill-after=5 $((TRITON_WARMUP_SECONDS + 30)) "$PYTHON" benchmarks/triton_compile_check.py --untuned \
-        --dtype float32 --dtype bfloat16 --jobs "$TRITON_WARMUP_JOBS" --seconds "$TRITON_WARMUP_SECONDS" \
-        > "$OUT/triton-warmup.txt" 2>&1 &
+    timeout --kill-after=5 $((TRITON_WARMUP_SECONDS + 30)) "$PYTHON" benchmarks/triton_compile_check.py --gpu-check \
+        --jobs "$TRITON_WARMUP_JOBS" --seconds "$TRITON_WARMUP_SECONDS" > "$OUT/triton-warmup.txt" 2>&1 &
     local warmup=$!
     step "gpu tests" "$TIMEOUT_TESTS" "$PYTHON" -m pytest -m gpu -x -q
     sanitize memcheck

@@ -2,20 +2,26 @@
 
 The public Triton ops run on CPU tensors with ``Launcher.__call__`` replaced by a recorder
 (benchmarks/triton_compile_problems.py: the bench presets' shapes, every score kind and
-mask, float32 (IEEE and TF32 dots), float16 and bfloat16), so each launch's kernel,
-arguments and constexprs are what a GPU run passes; then each distinct launch is compiled
-by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``, with the signature, constexprs
-and specialization attributes Triton's own launcher would derive, once per config a GPU
-would launch: every tuned config the kernel's prune keeps, or with ``--quick`` only the
-one an untuned launch takes (FASTATTN_TRITON_AUTOTUNE=0), for one problem per launcher and
-dtype. ptxas ships with Triton; no CUDA driver is touched. Needs TRITON_INTERPRET unset.
+mask, the gpu tests' and benches' launches, float32 (IEEE and TF32 dots), float16 and
+bfloat16), so each launch's kernel, arguments and constexprs are what a GPU run passes; then
+each distinct launch is compiled by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``,
+with the signature, constexprs and specialization attributes Triton's own launcher would
+derive, once per config a GPU would launch.  Modes: every tuned config the kernel's prune
+keeps (default); ``--untuned``, the configs each launch compiles with tuning off
+(FASTATTN_TRITON_AUTOTUNE=0, unless its problem turns tuning on as its gpu test does);
+``--gpu-check``, that for gpu_check.sh's launches in the order it runs them (its warm-up of
+Triton's cache), with each kernel's C launcher where Triton compiles one per kernel
+signature (triton 3.6, the GPU machine's: gcc, about a second each, at the first launch
+otherwise; it links against the driver's libcuda); ``--quick``, the untuned config of one
+problem per launcher and dtype.  ptxas ships with Triton; no CUDA driver is called.  Needs
+TRITON_INTERPRET unset.
 
 One line per compile: ok (registers and stack bytes (spills) per thread, dynamic shared
 memory) or FAILED with the error's message; a kernel whose shared memory exceeds what one
 sm_90 block may have fails too, as Triton would refuse to load it.  Exit status: the number
 of failures.
 
-    python benchmarks/triton_compile_check.py [--quick] [--dtype bfloat16] [--jobs 16]
+    python benchmarks/triton_compile_check.py [--quick | --untuned | --gpu-check] [--dtype bfloat16] [--jobs 16]
 """
 
 from __future__ import annotations
@@ -39,13 +45,14 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia import driver as nvidia_driver  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastattn.kernels  # noqa: E402
-from benchmarks.triton_compile_problems import ALL_PROBLEMS, QUICK_PROBLEMS  # noqa: E402
-from fastattn.ops.triton_launch import Launcher, float32_matmul_precision  # noqa: E402
+from benchmarks.triton_compile_problems import ALL_PROBLEMS, GPU_CHECK_PROBLEMS, QUICK_PROBLEMS  # noqa: E402
+from fastattn.ops.triton_launch import Launcher, autotuning, float32_matmul_precision  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 # sm_90's opt-in shared memory per block (H100/H200): Triton refuses to load a kernel above it.
@@ -69,12 +76,14 @@ class Launch:
     launcher: Launcher
     arguments: tuple
     constexprs: dict
+    tuned: bool  # FASTATTN_TRITON_AUTOTUNE at the launch: it compiles every config the prune keeps
 
 
 @dataclasses.dataclass
 class Compile:
     launch: Launch
     config: triton.Config
+    build_c_launcher: bool = False  # also the kernel's C launcher, where Triton compiles one per signature
 
     def describe(self) -> str:
         config = self.config
@@ -90,20 +99,25 @@ def _stand_in(value):
 
 
 def record_launches(problems, dtype_names) -> list[Launch]:
+    """The launches of each problem in each of ``dtype_names`` it runs in, in that order,
+    with tuning off (FASTATTN_TRITON_AUTOTUNE=0, gpu_check.sh's) unless the problem turns it on."""
     launches = []
 
     def record(launcher, grid, *arguments, **constexprs):
-        launches.append(Launch(problem, dtype_name, launcher, tuple(map(_stand_in, arguments)), constexprs))
+        launches.append(Launch(problem.name, dtype_name, launcher, tuple(map(_stand_in, arguments)), constexprs,
+                               autotuning()))
         for argument in arguments:  # indices the kernel would have written: in bounds for what reads them next
             if isinstance(argument, torch.Tensor) and not argument.is_floating_point():
                 argument.zero_()
 
-    with mock.patch.object(Launcher, "__call__", record):
-        for dtype_name in dtype_names:
-            dtype, precision = DTYPES[dtype_name]
-            with float32_matmul_precision(precision):
-                for problem, run in problems:
-                    run(dtype)
+    with mock.patch.object(Launcher, "__call__", record), mock.patch.dict(os.environ, {"FASTATTN_TRITON_AUTOTUNE": "0"}):
+        for problem in problems:
+            for dtype_name in dtype_names:
+                if problem.dtypes is not None and dtype_name not in problem.dtypes:
+                    continue
+                dtype, precision = DTYPES[dtype_name]
+                with float32_matmul_precision(precision):
+                    problem.run(dtype)
     return launches
 
 
@@ -119,9 +133,10 @@ def _binding(launch: Launch, config: triton.Config, backend):
 
 
 def compiles_to_run(launches: list[Launch], mode: str) -> list[Compile]:
-    """Every distinct (kernel specialization, config) of ``mode``: "tuned", every config the
-    prune keeps; "untuned", the config an untuned launch takes; "quick", that config for
-    the first launch of each launcher and dtype."""
+    """Every distinct (kernel specialization, config) of ``mode``, in launch order: "tuned",
+    every config the prune keeps; "untuned", the configs the launch compiles (the config an
+    untuned launch takes, or every config the prune keeps where the launch tunes); "quick",
+    the untuned config for the first launch of each launcher and dtype."""
     backend = make_backend(TARGET)
     chosen, seen = [], set()
     for launch in launches:
@@ -131,7 +146,7 @@ def compiles_to_run(launches: list[Launch], mode: str) -> list[Compile]:
                 seen.add(key)
                 chosen.append(Compile(launch, launch.launcher.untuned_config(launch.arguments, launch.constexprs)))
             continue
-        if mode == "tuned":
+        if mode == "tuned" or launch.tuned:
             configs = launch.launcher.pruned_configs(launch.arguments, launch.constexprs)
         else:
             configs = [launch.launcher.untuned_config(launch.arguments, launch.constexprs)]
@@ -170,6 +185,11 @@ def _error_line(error: Exception) -> str:
     return f"{type(error).__name__}: {first}"
 
 
+# Triton before the generic launcher of 3.9 (3.6: the GPU machine's) compiles a C launcher
+# for each kernel signature at its first launch, into the same cache.
+COMPILES_LAUNCHERS = hasattr(nvidia_driver, "make_launcher")
+
+
 def compile_one(job: Compile) -> tuple[bool, str]:
     """(compiled, the report line's detail)."""
     started = time.perf_counter()
@@ -177,8 +197,10 @@ def compile_one(job: Compile) -> tuple[bool, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             signature, constexprs, attributes, options = _binding(job.launch, job.config, make_backend(TARGET))
-            compiled = triton.compile(ASTSource(job.launch.launcher.kernel, signature, constexprs, attributes),
-                                      target=TARGET, options=options.__dict__)
+            source = ASTSource(job.launch.launcher.kernel, signature, constexprs, attributes)
+            compiled = triton.compile(source, target=TARGET, options=options.__dict__)
+            if job.build_c_launcher and COMPILES_LAUNCHERS:
+                nvidia_driver.CudaLauncher(source, compiled.metadata)  # what the JIT's first launch builds
     except Exception as error:  # noqa: BLE001 - every failure is reported, one line each
         return False, _error_line(error)
     seconds = time.perf_counter() - started
@@ -199,15 +221,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--quick", action="store_true", help="one problem per launcher and dtype, untuned config only")
-    modes.add_argument("--untuned", action="store_true", help="every problem, untuned config only")
+    modes.add_argument("--untuned", action="store_true",
+                       help="every problem, the configs its launches compile with tuning off (untuned config only)")
+    modes.add_argument("--gpu-check", action="store_true",
+                       help="gpu_check.sh's launches (its gpu tests, then its benches), as --untuned")
     parser.add_argument("--dtype", choices=tuple(DTYPES), action="append", help="only these dtypes (default: all)")
     parser.add_argument("--kernel", help="only kernels whose name contains this")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles in parallel (default: CPU count)")
     parser.add_argument("--seconds", type=float, help="start no compile after this many seconds")
     arguments = parser.parse_args(argv)
-    mode = "quick" if arguments.quick else "untuned" if arguments.untuned else "tuned"
-    launches = record_launches(QUICK_PROBLEMS if arguments.quick else ALL_PROBLEMS, arguments.dtype or tuple(DTYPES))
-    _JOBS[:] = [job for job in compiles_to_run(launches, mode)
+    mode = "quick" if arguments.quick else "untuned" if arguments.untuned or arguments.gpu_check else "tuned"
+    problems = QUICK_PROBLEMS if arguments.quick else GPU_CHECK_PROBLEMS if arguments.gpu_check else ALL_PROBLEMS
+    launches = record_launches(problems, arguments.dtype or tuple(DTYPES))
+    _JOBS[:] = [dataclasses.replace(job, build_c_launcher=arguments.gpu_check) for job in compiles_to_run(launches, mode)
                 if arguments.kernel is None or arguments.kernel in job.launch.launcher.kernel.__name__]
     print(f"triton {triton.__version__}, torch {torch.__version__}, kernels of {os.path.dirname(fastattn.kernels.__file__)}: "
           f"{len(_JOBS)} compiles for sm_90", flush=True)

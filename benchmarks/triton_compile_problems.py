@@ -1,23 +1,42 @@
 """The problems whose Triton launches ``triton_compile_check`` compiles: the public Triton
 ops called on CPU tensors at the shapes a GPU run launches them with (the "gpu" and "full"
 bench presets' attention, hard-attention and LSTM/GRU cell shapes, every mask and score
-kind, odd sizes), forward and backward, and every case of the two benches
-benchmarks/gpu_check.sh runs, as ``fastattn bench`` builds it, on the triton backend (the
-full preset in float32, the gpu preset in bfloat16).  Each problem is (name, function of
-the dtype); the inputs are never read: the launches are recorded, not run.
+kind, odd sizes), forward and backward; and what benchmarks/gpu_check.sh launches, in the
+order it runs them: the Triton gpu tests' launches, through the tests' own helpers (all
+but the torch.compile'd graphs, which Inductor compiles itself, the 2^31-element batch
+test's two compiles, and the tanh test's own kernel), then every case of its two benches as
+``fastattn bench`` builds it on the triton backend (the full preset in float32, the gpu
+preset in bfloat16).  The inputs are never read: the launches are recorded, not run.
 
-``QUICK_PROBLEMS`` reach every ``Launcher`` of the ops once (the CI test's share).
+A ``Problem`` is (name, function of the dtype, the compile check's dtype names it runs in:
+None for every one asked for).  ``QUICK_PROBLEMS`` reach every ``Launcher`` of the ops once
+(the CI test's share); ``GPU_CHECK_PROBLEMS`` are gpu_check.sh's (its Triton warm-up).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from typing import Callable, NamedTuple
+from unittest import mock
 
 import torch
 
 import fastattn
 from fastattn.bench.cases import PRESETS, cases
 from fastattn.ops import triton_attention, triton_backend, triton_hard, triton_recurrent
+from tests.test_triton_attention import (
+    FULLGRAPH_GPU_SCORES, GPU_FLOAT32_CASE, GPU_LOW_PRECISION_CASES, fullgraph_gradients, fullgraph_problem,
+    gpu_outputs, gpu_problem, run,
+)
+from tests.test_triton_recurrent import GPU_CELL_CASES, gpu_cell_problem, run_cell
+from tests.test_triton_tuning import AUTOTUNED_SOURCE_LENGTHS, autotuned_problem
+
+
+class Problem(NamedTuple):
+    name: str
+    run: Callable[[torch.dtype], None]
+    dtypes: tuple[str, ...] | None = None  # the compile check's dtype names; None: every one asked for
 
 
 def attention(dtype, batch, queries, keys, features, score="dot", scale=0.125, weights=False, backward=False,
@@ -62,8 +81,6 @@ def cell(dtype, kind, batch, hidden):
     torch.autograd.backward(outputs, [torch.zeros_like(output) for output in outputs])
 
 
-# The benches benchmarks/gpu_check.sh runs: (preset, the dtype it runs that preset in).
-BENCH_RUNS = (("full", torch.float32), ("gpu", torch.bfloat16))
 @functools.cache
 def _triton_on_cpu_tensors() -> None:
     """Route the Triton backend's ops to the Triton ops for CPU tensors too (once; the
@@ -71,11 +88,9 @@ def _triton_on_cpu_tensors() -> None:
     triton_backend.register(("cpu",))
 
 
-def bench_case(dtype, preset, case, bench_dtype):
+def bench_case(dtype, case):
     """One case of a bench preset as ``fastattn bench`` runs it on the triton backend, forward
-    and, for a forward_backward case, backward; only in the dtype the bench runs it in."""
-    if dtype != bench_dtype:
-        return
+    and, for a forward_backward case, backward."""
     _triton_on_cpu_tensors()
     workload = case.build(case.inputs("cpu", dtype))
     with fastattn.backend("triton"):
@@ -85,10 +100,41 @@ def bench_case(dtype, preset, case, bench_dtype):
             torch.autograd.backward(differentiable, [torch.zeros_like(output) for output in differentiable])
 
 
+def gpu_test_attention(dtype, score, mode, shape):
+    """The Triton half of tests/test_triton_attention.py's low-precision and float32 gpu tests."""
+    _triton_on_cpu_tensors()
+    gpu_outputs("triton", dtype, "cpu", score, *gpu_problem(score, mode, *shape))
+
+
+def gpu_test_fullgraph_eager(dtype, score):
+    """The eager launches of tests/test_triton_attention.py's torch.compile gpu test (float32)."""
+    _triton_on_cpu_tensors()
+    attend, inputs = fullgraph_problem(score, "cpu")
+    with fastattn.backend("triton"):
+        fullgraph_gradients(attend(*inputs), inputs)
+
+
+def gpu_test_cell(dtype, kind, batch):
+    """The Triton half of tests/test_triton_recurrent.py's low-precision gpu test."""
+    _triton_on_cpu_tensors()
+    run_cell("triton", kind, *gpu_cell_problem(kind, batch, dtype, "cpu"))
+
+
+def gpu_test_autotuned(dtype, score):
+    """tests/test_triton_tuning.py's autotuned gpu test (float32), tuning on as it turns it on:
+    its launches compile every config the prunes keep."""
+    _triton_on_cpu_tensors()
+    with mock.patch.dict(os.environ, {"FASTATTN_TRITON_AUTOTUNE": "1"}):
+        for source_length in AUTOTUNED_SOURCE_LENGTHS:
+            run("triton", score, *autotuned_problem(score, source_length, "cpu"))
+
+
 def _problems(entries):
-    return [(name, functools.partial(function, **arguments)) for name, function, arguments in entries]
+    return [Problem(name, functools.partial(function, **arguments), *dtypes)
+            for name, function, arguments, *dtypes in entries]
 
 
+LOW_PRECISION = ("float16", "bfloat16")
 QUICK_PROBLEMS = _problems([
     ("attention.dot.decode_b64_s1024_d512", attention, dict(batch=64, queries=1, keys=1024, features=512)),
     ("attention.dot.b8_t64_s64_d64.weights.backward", attention,
@@ -145,8 +191,26 @@ ALL_PROBLEMS = QUICK_PROBLEMS + _problems([
         (f"{kind}_cell.b{batch}_h{hidden}", cell, dict(kind=kind, batch=batch, hidden=hidden))
         for kind in ("lstm", "gru") for batch, hidden in ((64, 1024), (32, 256), (128, 1024), (5, 7))
     ),
-    *(
-        (f"bench.{preset}.{case.name}", bench_case, dict(preset=preset, case=case, bench_dtype=bench_dtype))
-        for preset, bench_dtype in BENCH_RUNS for case in cases(PRESETS[preset])
-    ),
 ])
+
+# What benchmarks/gpu_check.sh launches, in its order: the gpu tests (pytest's order), then
+# the benches ((preset, the dtype it runs that preset in)).
+GPU_TEST_PROBLEMS = _problems([
+    *((f"gpu_test.attention.{score}.{mode}", gpu_test_attention, dict(score=score, mode=mode, shape=shape),
+       LOW_PRECISION) for score, mode, shape in GPU_LOW_PRECISION_CASES),
+    ("gpu_test.attention.float32", gpu_test_attention,
+     dict(score=GPU_FLOAT32_CASE[0], mode=GPU_FLOAT32_CASE[1], shape=GPU_FLOAT32_CASE[2]), ("float32", "float32-tf32")),
+    *((f"gpu_test.fullgraph_eager.{score}", gpu_test_fullgraph_eager, dict(score=score), ("float32",))
+      for score in FULLGRAPH_GPU_SCORES),
+    *((f"gpu_test.{kind}_cell.b{batch}", gpu_test_cell, dict(kind=kind, batch=batch), LOW_PRECISION)
+      for kind, batch in GPU_CELL_CASES),
+    *((f"gpu_test.autotuned.{score}", gpu_test_autotuned, dict(score=score), ("float32",))
+      for score in ("additive", "scaled_dot")),
+])
+BENCH_RUNS = (("full", "float32"), ("gpu", "bfloat16"))
+BENCH_PROBLEMS = _problems([
+    (f"bench.{preset}.{case.name}", bench_case, dict(case=case), (dtype_name,))
+    for preset, dtype_name in BENCH_RUNS for case in cases(PRESETS[preset])
+])
+GPU_CHECK_PROBLEMS = GPU_TEST_PROBLEMS + BENCH_PROBLEMS
+ALL_PROBLEMS += GPU_CHECK_PROBLEMS

@@ -64,9 +64,9 @@ def test_every_step_runs_with_the_flags_of_gpu_md(tmp_path):
     assert calls[0] == "nvidia-smi "
     assert "python -m pip install --no-build-isolation --no-deps -e . | arch=9.0 jobs=16 interpret=unset" in calls
     assert "python -m pytest -m gpu -x -q | arch=unset jobs=unset interpret=unset" in calls
-    # The Triton cache warmed in the background for the benches, reported but never a step.
-    assert ("python benchmarks/triton_compile_check.py --untuned --dtype float32 --dtype bfloat16 --jobs 12 "
-            "--seconds 100 | arch=unset jobs=unset interpret=unset") in calls
+    # Triton's cache warmed in the background for the gpu tests and benches, reported but never a step.
+    assert ("python benchmarks/triton_compile_check.py --gpu-check --jobs 12 --seconds 100 "
+            "| arch=unset jobs=unset interpret=unset") in calls
     assert "triton warm-up (exit status 0): " in log
     assert f"compute-sanitizer --tool memcheck --error-exitcode 1 {python} {tmp_path / 'cases.py'}" in calls
     assert f"compute-sanitizer --tool racecheck --error-exitcode 1 {python} {tmp_path / 'cases.py'}" in calls

@@ -62,13 +62,14 @@ def test_every_kernel_compiles_for_sm90_with_its_untuned_config():
     assert not spilling, "\n".join(spilling)
 
 
-SHARED_CACHE_PROBE = """
+# The probes' common start: a compile check's problem, a stand-in for the CUDA driver, the cache's entries.
+PROBE_SETUP = """
 import os, sys
 sys.path.insert(0, os.getcwd())
 import torch
 from triton.runtime import driver
 import benchmarks.triton_compile_check as check
-from benchmarks.triton_compile_problems import QUICK_PROBLEMS
+from benchmarks.triton_compile_problems import QUICK_PROBLEMS, Problem
 
 def entries():
     return sorted(os.listdir(os.environ["TRITON_CACHE_DIR"]))
@@ -79,27 +80,106 @@ class Hopper:  # what the JIT asks the CUDA driver, answered without one
     def get_current_target(self): return check.TARGET
     def get_active_torch_device(self): return torch.device("cpu")
 
-launch = check.record_launches([p for p in QUICK_PROBLEMS if p[0] == "lstm_cell.b64_h256"], ["bfloat16"])[0]
-config = launch.launcher.untuned_config(launch.arguments, launch.constexprs)
-assert check.compile_one(check.Compile(launch, config))[0]
+cell = next(problem for problem in QUICK_PROBLEMS if problem.name == "gru_cell.b64_h256")
+"""
+
+SHARED_CACHE_PROBE = PROBE_SETUP + """
+from unittest import mock
+
+def tuning(run):
+    def tuned(dtype):
+        with mock.patch.dict(os.environ, {"FASTATTN_TRITON_AUTOTUNE": "1"}):
+            run(dtype)
+    return tuned
+
+untuned, tuned = (check.record_launches([Problem(cell.name, run)], ["bfloat16"])[0] for run in (cell.run, tuning(cell.run)))
+assert not untuned.tuned and tuned.tuned
+jobs = check.compiles_to_run([untuned, tuned], "untuned")
+assert all(check.compile_one(job)[0] for job in jobs)
 compiled = entries()
 driver.set_active(Hopper())
-launch.launcher.kernel.run(*launch.arguments, grid=(1,), warmup=True, **launch.constexprs, **config.kwargs,
-                           num_warps=config.num_warps, num_stages=config.num_stages)
-print(len(compiled), len(entries()), entries() == compiled)
+config = untuned.launcher.untuned_config(untuned.arguments, untuned.constexprs)
+untuned.launcher.kernel.run(*untuned.arguments, grid=(1,), warmup=True, **untuned.constexprs, **config.kwargs,
+                            num_warps=config.num_warps, num_stages=config.num_stages)
+untuned_jit = entries()
+tuned.launcher.tuner_for(tuned.arguments, tuned.constexprs).warmup(*tuned.arguments, grid=(1,), **tuned.constexprs)
+print(len(jobs), len(compiled), untuned_jit == compiled, entries() == compiled)
 """
 
 
 @pytest.mark.skipif(CUDA_COMPILER_MISSING is not None, reason=str(CUDA_COMPILER_MISSING))
 def test_the_jit_finds_what_the_compile_check_compiled_in_tritons_cache(tmp_path):
-    # gpu_check.sh warms Triton's cache for the benches with `triton_compile_check.py
-    # --untuned`; that only helps if the JIT's launch of the same kernel, arguments and
-    # config looks up the entry the check wrote (here with a stand-in for the CUDA driver).
+    # gpu_check.sh warms Triton's cache for its gpu tests and benches with
+    # `triton_compile_check.py --gpu-check`; that only helps if the JIT's launch of the same
+    # kernel, arguments and config, untuned or through the autotuner (every config the
+    # prune keeps), looks up the entries the check wrote (here with a stand-in for the CUDA
+    # driver; the autotuner's warmup compiles what its timing runs would).
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-c", SHARED_CACHE_PROBE], capture_output=True, text=True, cwd=ROOT, timeout=300,
         env={**environment, "TRITON_CACHE_DIR": str(tmp_path / "cache")},
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    compiled, after_jit, same = result.stdout.split()
-    assert int(compiled) >= 1 and same == "True", result.stdout
+    jobs, compiled, untuned_found, tuned_found = result.stdout.split()
+    assert int(jobs) >= 3 and int(compiled) >= int(jobs), result.stdout  # the untuned config and the tuned ones
+    assert untuned_found == "True" and tuned_found == "True", result.stdout
+
+
+C_LAUNCHER_CACHE_PROBE = PROBE_SETUP + """
+from triton.backends.nvidia import driver as nvidia_driver
+
+launch = check.record_launches([cell], ["bfloat16"])[0]
+config = launch.launcher.untuned_config(launch.arguments, launch.constexprs)
+assert check.compile_one(check.Compile(launch, config, build_c_launcher=sys.argv[1] == "built"))[0]
+compiled = entries()
+driver.set_active(Hopper())
+kernel = launch.launcher.kernel.run(*launch.arguments, grid=(1,), warmup=True, **launch.constexprs, **config.kwargs,
+                                    num_warps=config.num_warps, num_stages=config.num_stages)
+nvidia_driver.CudaLauncher(kernel.src, kernel.metadata)  # what the kernel's first launch builds
+print(len(compiled), entries() == compiled)
+"""
+
+
+def _stub_libcuda(directory: Path) -> Path:
+    """A libcuda.so.1 defining, as empty functions, every driver call Triton's C launchers
+    make: enough to link and load one on a machine without the CUDA driver."""
+    import inspect
+
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    names = sorted(set(re.findall(r"\b(cu[A-Z]\w+)\b", inspect.getsource(nvidia_driver))))
+    source = directory / "stub.c"
+    source.write_text("".join(f"int {name}(void) {{ return 0; }}\n" for name in names))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(directory / "libcuda.so.1"), str(source)], check=True)
+    return directory
+
+
+def _compiles_c_launchers() -> bool:
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    return hasattr(nvidia_driver, "make_launcher")
+
+
+@pytest.mark.skipif(CUDA_COMPILER_MISSING is not None, reason=str(CUDA_COMPILER_MISSING))
+@pytest.mark.skipif(
+    CUDA_COMPILER_MISSING is None and not _compiles_c_launchers(),
+    reason=f"triton {triton.__version__} launches every kernel through one generic launcher (3.6, the GPU machine's, "
+    "compiles a C launcher per kernel signature; gpu_versions_check.sh runs this test under it)",
+)
+def test_the_jit_finds_the_c_launcher_the_gpu_check_warm_up_built(tmp_path):
+    # Under triton 3.6 a kernel's first launch also compiles its C launcher (gcc, about a
+    # second, cached by its source): `triton_compile_check.py --gpu-check` builds them too.
+    # Linked and loaded here against a stand-in libcuda; a control without the build.
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    libcuda = _stub_libcuda(tmp_path)
+    found = {}
+    for mode in ("built", "not built"):
+        result = subprocess.run(
+            [sys.executable, "-c", C_LAUNCHER_CACHE_PROBE, mode], capture_output=True, text=True, cwd=ROOT,
+            timeout=300, env={**environment, "TRITON_CACHE_DIR": str(tmp_path / mode), "TRITON_LIBCUDA_PATH": str(libcuda),
+                              "LD_LIBRARY_PATH": str(libcuda)},
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        compiled, unchanged = result.stdout.split()
+        found[mode] = (int(compiled), unchanged == "True")
+    assert found["built"] == (2, True) and found["not built"] == (1, False), found  # kernel and launcher, or kernel only
