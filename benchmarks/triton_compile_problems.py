@@ -30,7 +30,7 @@ from tests.test_triton_attention import (
     gpu_outputs, gpu_problem, run,
 )
 from tests.test_triton_recurrent import GPU_CELL_CASES, gpu_cell_problem, run_cell
-from tests.test_triton_tuning import AUTOTUNED_SOURCE_LENGTHS, autotuned_problem
+from tests.test_triton_tuning import AUTOTUNED_GPU_SCORES, AUTOTUNED_SOURCE_LENGTHS, autotuned_problem
 
 
 class Problem(NamedTuple):
@@ -100,8 +100,9 @@ def bench_case(dtype, case):
             torch.autograd.backward(differentiable, [torch.zeros_like(output) for output in differentiable])
 
 
-def gpu_test_attention(dtype, score, mode, shape):
+def gpu_test_attention(dtype, case):
     """The Triton half of tests/test_triton_attention.py's low-precision and float32 gpu tests."""
+    score, mode, shape = case
     _triton_on_cpu_tensors()
     gpu_outputs("triton", dtype, "cpu", score, *gpu_problem(score, mode, *shape))
 
@@ -196,16 +197,15 @@ ALL_PROBLEMS = QUICK_PROBLEMS + _problems([
 # What benchmarks/gpu_check.sh launches, in its order: the gpu tests (pytest's order), then
 # the benches ((preset, the dtype it runs that preset in)).
 GPU_TEST_PROBLEMS = _problems([
-    *((f"gpu_test.attention.{score}.{mode}", gpu_test_attention, dict(score=score, mode=mode, shape=shape),
-       LOW_PRECISION) for score, mode, shape in GPU_LOW_PRECISION_CASES),
-    ("gpu_test.attention.float32", gpu_test_attention,
-     dict(score=GPU_FLOAT32_CASE[0], mode=GPU_FLOAT32_CASE[1], shape=GPU_FLOAT32_CASE[2]), ("float32", "float32-tf32")),
+    *((f"gpu_test.attention.{case[0]}.{case[1]}", gpu_test_attention, dict(case=case), LOW_PRECISION)
+      for case in GPU_LOW_PRECISION_CASES),
+    ("gpu_test.attention.float32", gpu_test_attention, dict(case=GPU_FLOAT32_CASE), ("float32", "float32-tf32")),
     *((f"gpu_test.fullgraph_eager.{score}", gpu_test_fullgraph_eager, dict(score=score), ("float32",))
       for score in FULLGRAPH_GPU_SCORES),
     *((f"gpu_test.{kind}_cell.b{batch}", gpu_test_cell, dict(kind=kind, batch=batch), LOW_PRECISION)
       for kind, batch in GPU_CELL_CASES),
     *((f"gpu_test.autotuned.{score}", gpu_test_autotuned, dict(score=score), ("float32",))
-      for score in ("additive", "scaled_dot")),
+      for score in AUTOTUNED_GPU_SCORES),
 ])
 BENCH_RUNS = (("full", "float32"), ("gpu", "bfloat16"))
 BENCH_PROBLEMS = _problems([

@@ -315,7 +315,8 @@ def test_gpu_hardware_tanh_error():
     assert absolute <= 2**-10, absolute  # tanh.approx.f32: about 2^-11 relative
 
 
-# The source lengths of the autotuned gpu test: one size bucket (T 64, S 256, D 32), tuned once.
+# The autotuned gpu test's scores, and its source lengths: one size bucket (T 64, S 256, D 32), tuned once.
+AUTOTUNED_GPU_SCORES = ("additive", "scaled_dot")
 AUTOTUNED_SOURCE_LENGTHS = (200, 180)
 
 
@@ -332,7 +333,7 @@ def autotuned_problem(score, source_length, device):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("score", ["additive", "scaled_dot"])
+@pytest.mark.parametrize("score", AUTOTUNED_GPU_SCORES)
 def test_gpu_autotuned_launches_match_the_reference(score, monkeypatch):
     monkeypatch.setenv("FASTATTN_TRITON_AUTOTUNE", "1")  # gpu_check.sh turns tuning off elsewhere
     # float32: the additive tanh goes through stable_tanh and, in some configs, rational_tanh.
