@@ -99,35 +99,57 @@ struct PairSums {
   A row_sq;  // cosine: row . row
 };
 
-// The sums of one pair over the feature dimension `dim`, by one warp (every lane
-// gets them): `resident` is the shared-memory vector of the block (a prepared query
-// or key), `row` a global row (a key or query) read with kVec-wide loads.
-template <ScoreKind kScore, int kVec, typename T>
-__device__ __forceinline__ PairSums<Acc<T>> pair_sums(const Acc<T>* resident, const T* row, const T* v,
-                                                     int64_t dim) {
+// The sums of the kRows pairs (resident, rows[r]) over the feature dimension `dim`, by
+// one warp (every lane gets them): `resident` is the shared-memory vector of the block
+// (a prepared query or key), rows[r] global rows (keys or queries) read with kVec-wide
+// loads.  Each step issues the loads of all kRows rows before it uses them, so a warp
+// keeps kRows loads a lane in flight: what a memory-bound decode step needs.
+template <ScoreKind kScore, int kVec, int kRows, typename T>
+__device__ __forceinline__ void pair_sums_of_rows(const Acc<T>* resident, const T* const (&rows)[kRows], const T* v,
+                                                  int64_t dim, PairSums<Acc<T>> (&sums)[kRows]) {
   using A = Acc<T>;
   const int lane = threadIdx.x % kWarpSize;
-  A dot = A(0), row_sq = A(0);
+  A dot[kRows], row_sq[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) dot[r] = row_sq[r] = A(0);
   for (int64_t d = static_cast<int64_t>(lane) * kVec; d < dim; d += kWarpSize * kVec) {
-    A x[kVec];
-    load_pack<kVec>(row + d, x);
+    A x[kRows][kVec];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) load_pack<kVec>(rows[r] + d, x[r]);
     if constexpr (kScore == ScoreKind::kAdditive) {
       A w[kVec];
       load_pack<kVec>(v + d, w);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) dot += w[i] * tanh_of(resident[d + i] + x[i]);
+      for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) dot[r] += w[i] * tanh_of(resident[d + i] + x[r][i]);
+      }
     } else {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        dot += resident[d + i] * x[i];
-        if constexpr (kScore == ScoreKind::kCosine) row_sq += x[i] * x[i];
+      for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          dot[r] += resident[d + i] * x[r][i];
+          if constexpr (kScore == ScoreKind::kCosine) row_sq[r] += x[r][i] * x[r][i];
+        }
       }
     }
   }
-  PairSums<A> sums;
-  sums.dot = warp_sum(dot);
-  sums.row_sq = kScore == ScoreKind::kCosine ? warp_sum(row_sq) : A(0);
-  return sums;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    sums[r].dot = warp_sum(dot[r]);
+    sums[r].row_sq = kScore == ScoreKind::kCosine ? warp_sum(row_sq[r]) : A(0);
+  }
+}
+
+// The sums of one pair (pair_sums_of_rows of one row).
+template <ScoreKind kScore, int kVec, typename T>
+__device__ __forceinline__ PairSums<Acc<T>> pair_sums(const Acc<T>* resident, const T* row, const T* v,
+                                                     int64_t dim) {
+  const T* const rows[1] = {row};
+  PairSums<Acc<T>> sums[1];
+  pair_sums_of_rows<kScore, kVec, 1, T>(resident, rows, v, dim, sums);
+  return sums[0];
 }
 
 // resident . row over dim by one warp (every lane gets it): dw = grad_context . value.
@@ -136,15 +158,20 @@ __device__ __forceinline__ Acc<T> warp_dot(const Acc<T>* resident, const T* row,
   return pair_sums<ScoreKind::kDot, kVec, T>(resident, row, nullptr, dim).dot;
 }
 
-// The score of (query, key) when the query is resident, prepared by
-// load_prepared_query: q (dot), q / max(|q|, tiny) (cosine), q + bias (additive).
-template <ScoreKind kScore, int kVec, typename T>
-__device__ __forceinline__ Acc<T> score_with_resident_query(const DeviceProblem<T>& p, const Acc<T>* query,
-                                                            const T* key) {
-  const auto sums = pair_sums<kScore, kVec, T>(query, key, p.v, p.score_dim);
+// The score of a pair from its sums when the query is the resident vector, prepared
+// by load_prepared_query: q (dot), q / max(|q|, tiny) (cosine), q + bias (additive).
+template <ScoreKind kScore, typename T>
+__device__ __forceinline__ Acc<T> score_of_sums(const DeviceProblem<T>& p, const PairSums<Acc<T>>& sums) {
   if constexpr (kScore == ScoreKind::kDot) return sums.dot * p.scale;
   if constexpr (kScore == ScoreKind::kCosine) return p.scale * (sums.dot / clamped_norm(sqrt(sums.row_sq)));
   return sums.dot;
+}
+
+// The score of (query, key) when the query is resident (see score_of_sums).
+template <ScoreKind kScore, int kVec, typename T>
+__device__ __forceinline__ Acc<T> score_with_resident_query(const DeviceProblem<T>& p, const Acc<T>* query,
+                                                            const T* key) {
+  return score_of_sums<kScore>(p, pair_sums<kScore, kVec, T>(query, key, p.v, p.score_dim));
 }
 
 // Loads query row `row` into shared `prepared` (D elements) as the score uses it and

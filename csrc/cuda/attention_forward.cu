@@ -9,29 +9,65 @@
 // Tiling: one block of 128 threads per (query row, key split).  The keys of a row's
 // [begin, end) range are cut into `splits` contiguous chunks (the decode-step case:
 // few rows, many keys, so the keys of one row are spread over many blocks) and each
-// chunk is walked in tiles of 32 keys: each warp scores keys of the tile (lanes over
-// the feature dimension, 16-byte loads when the rows allow), the tile's maximum
-// updates the online softmax, then every thread updates the context elements it owns
-// (kept in shared memory, 16-byte value loads).  With splits > 1 each block writes
-// its unnormalised context, max and sum, and combine_splits_kernel merges them.  With
-// weights, the scores go to an (N, T, S) scratch and attention_weights_kernel turns
-// them into exp(score - logsumexp) * Gaussian.
+// chunk is walked in tiles of 32 keys: each warp scores 8 consecutive keys of the
+// tile with the loads of all 8 in flight (lanes over the feature dimension, 16-byte
+// loads when the rows allow), the tile's maximum updates the online softmax, then
+// groups of threads take the tile's keys in turn, each thread adding 8 keys' value
+// loads at a time into its group's partial context (shared memory; the groups are
+// summed at the end).  With splits > 1 each block writes its unnormalised context,
+// max and sum, and combine_splits_kernel merges them.  With weights, the scores go to
+// an (N, T, S) scratch and attention_weights_kernel turns them into
+// exp(score - logsumexp) * Gaussian.
 // Not handled: tensor cores (the scores are warp dot products, memory-bound at decode
 // shapes, not at large multi-query shapes); the additive tanh is the project's
 // rational approximation on the FMA units for float (no tanh.approx / SFU split),
-// libm tanh for double.  Shared memory holds D + Dv accumulators: D + Dv above about
-// 50k float elements does not fit and the launch reports an error.
+// libm tanh for double.  Shared memory holds D + groups x Dv accumulators (groups x Dv
+// <= max(Dv, 128 x kVec)): D + Dv above about 50k float elements does not fit and
+// the launch reports an error.
 #include "attention_device.cuh"
 
 namespace fastattn {
 namespace cuda {
 namespace {
 
-// Shared memory of the forward kernel: prepared query (D) | context (Dv) | tile
-// scores, probabilities and weights (3 x kTile) | reduction scratch (kWarps).
-template <typename A>
+// How the keys of a tile are shared out.  Scores: warp w takes the kKeysPerWarp
+// consecutive keys from w * kKeysPerWarp and issues the loads of all of them at once.
+// Values: `lanes` threads cover a value row, kVec elements each, and the block's
+// `groups` groups of them take the tile's keys in turn (key c to group c % groups),
+// each accumulating its own partial context over kValueUnroll keys' loads in flight,
+// so that a short value row still keeps every thread loading.  A decode step is
+// memory-bound: what it needs is bytes in flight, not arithmetic.
+constexpr int kKeysPerWarp = kTile / kWarps;
+constexpr int kValueUnroll = 8;
+constexpr int64_t kMaxSplits = 256;  // key splits of a row
+
+struct ValueGroups {
+  int lanes;   // threads per value row
+  int groups;  // partial contexts, 1..kTile
+};
+
+__host__ __device__ inline ValueGroups value_groups(int64_t value_dim, int vec) {
+  int64_t lanes = (value_dim + vec - 1) / vec;
+  lanes = lanes < 1 ? 1 : (lanes > kThreads ? kThreads : lanes);
+  const int groups = static_cast<int>(kThreads / lanes);
+  return {static_cast<int>(lanes), groups < kTile ? groups : kTile};
+}
+
+// Shared memory of the forward kernel: prepared query (D) | partial contexts
+// (groups x Dv) | tile scores, probabilities and weights (3 x kTile) | reduction
+// scratch (kWarps).
+template <typename A, int kVec>
 size_t forward_shared_bytes(const AttentionProblem& p) {
-  return sizeof(A) * static_cast<size_t>(p.score_dim + p.value_dim + 3 * kTile + kWarps);
+  const int64_t groups = value_groups(p.value_dim, kVec).groups;
+  return sizeof(A) * static_cast<size_t>(p.score_dim + groups * p.value_dim + 3 * kTile + kWarps);
+}
+
+// sum += weight * value, skipped for a zero weight (a masked key, or a Gaussian that
+// underflowed), whose value row may hold anything.
+template <int kVec, typename A>
+__device__ __forceinline__ void add_weighted(A weight, const A (&value)[kVec], A (&sum)[kVec]) {
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) sum[i] += weight != A(0) ? weight * value[i] : A(0);
 }
 
 template <typename T, ScoreKind kScore, int kVec>
@@ -39,14 +75,17 @@ __global__ void __launch_bounds__(kThreads)
     attention_forward_kernel(DeviceProblem<T> p, AttentionForwardBuffers out) {
   using A = Acc<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const ValueGroups value_split = value_groups(p.value_dim, kVec);
   A* prepared = reinterpret_cast<A*>(shared_bytes);
-  A* context = prepared + p.score_dim;
-  A* tile_score = context + p.value_dim;
+  A* context = prepared + p.score_dim;  // groups x Dv
+  A* tile_score = context + value_split.groups * p.value_dim;
   A* tile_probability = tile_score + kTile;
   A* tile_weight = tile_probability + kTile;
   A* reduce_scratch = tile_weight + kTile;
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int group = threadIdx.x / value_split.lanes, group_lane = threadIdx.x % value_split.lanes;
+  const int groups = value_split.groups;
   const int64_t rows = p.batch * p.query_length, splits = out.splits, split = blockIdx.y;
   const A minus_infinity = negative_infinity<A>();
   A* scores_out = static_cast<A*>(out.scores);
@@ -59,23 +98,29 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t chunk_begin = range.begin + split * per_split;
     const int64_t chunk_end = chunk_begin + per_split < range.end ? chunk_begin + per_split : range.end;
 
-    for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < p.value_dim; d += kThreads * kVec) {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) context[d + i] = A(0);
-    }
+    for (int64_t i = threadIdx.x; i < groups * p.value_dim; i += kThreads) context[i] = A(0);
     load_prepared_query<kScore>(p, row, prepared, reduce_scratch);  // ends synchronised
 
     OnlineSoftmax<A> softmax;  // every thread holds the same copy
     for (int64_t tile = chunk_begin; tile < chunk_end; tile += kTile) {
       const int count = static_cast<int>(chunk_end - tile < kTile ? chunk_end - tile : kTile);
-      for (int c = warp; c < count; c += kWarps) {
-        const int64_t j = tile + c;
-        const A score = p.is_padding(n, j)
-                            ? minus_infinity
-                            : score_with_resident_query<kScore, kVec>(p, prepared, p.key_row(n, j));
+      const int first = warp * kKeysPerWarp;
+      if (first < count) {
+        const T* keys[kKeysPerWarp];  // past the tile's end: its last key again, scored and dropped
+#pragma unroll
+        for (int k = 0; k < kKeysPerWarp; ++k) keys[k] = p.key_row(n, tile + (first + k < count ? first + k : count - 1));
+        PairSums<A> sums[kKeysPerWarp];
+        pair_sums_of_rows<kScore, kVec, kKeysPerWarp, T>(prepared, keys, p.v, p.score_dim, sums);
         if (lane == 0) {
-          tile_score[c] = score;
-          if (scores_out != nullptr) scores_out[row * p.source_length + j] = score;
+#pragma unroll
+          for (int k = 0; k < kKeysPerWarp; ++k) {
+            const int c = first + k;
+            if (c >= count) break;
+            const int64_t j = tile + c;
+            const A score = p.is_padding(n, j) ? minus_infinity : score_of_sums<kScore>(p, sums[k]);
+            tile_score[c] = score;
+            if (scores_out != nullptr) scores_out[row * p.source_length + j] = score;
+          }
         }
       }
       __syncthreads();
@@ -93,44 +138,56 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
       for (int c = 0; c < count; ++c) softmax.sum += tile_probability[c];
-      for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < p.value_dim; d += kThreads * kVec) {
-        A sum[kVec];
+      if (group < groups) {
+        A* partial = context + group * p.value_dim;
+        for (int64_t d = static_cast<int64_t>(group_lane) * kVec; d < p.value_dim;
+             d += static_cast<int64_t>(value_split.lanes) * kVec) {
+          A sum[kVec];
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) sum[i] = context[d + i] * factor;
-        for (int c = 0; c < count; ++c) {
-          const A weight = tile_weight[c];
-          if (weight == A(0)) continue;
-          A value[kVec];
-          load_pack<kVec>(p.value_row(n, tile + c) + d, value);
+          for (int i = 0; i < kVec; ++i) sum[i] = partial[d + i] * factor;
+          int c = group;
+          for (; c + (kValueUnroll - 1) * groups < count; c += kValueUnroll * groups) {
+            A value[kValueUnroll][kVec];
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) sum[i] += weight * value[i];
+            for (int u = 0; u < kValueUnroll; ++u) load_pack<kVec>(p.value_row(n, tile + c + u * groups) + d, value[u]);
+#pragma unroll
+            for (int u = 0; u < kValueUnroll; ++u) add_weighted<kVec>(tile_weight[c + u * groups], value[u], sum);
+          }
+          for (; c < count; c += groups) {
+            A value[kVec];
+            load_pack<kVec>(p.value_row(n, tile + c) + d, value);
+            add_weighted<kVec>(tile_weight[c], value, sum);
+          }
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) partial[d + i] = sum[i];
         }
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) context[d + i] = sum[i];
       }
       __syncthreads();  // the next tile overwrites the tile arrays
     }
 
-    // Each thread writes the context elements it owns (no synchronisation needed).
-    if (splits == 1) {
-      const bool empty = softmax.empty();
-      const A inverse_sum = empty ? A(0) : A(1) / softmax.sum;
-      T* context_out = static_cast<T*>(out.context) + row * p.value_dim;
-      for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < p.value_dim; d += kThreads * kVec) {
+    // Each thread sums the groups' partial contexts over the elements it owns.
+    const bool whole = splits == 1;
+    const A scale = whole ? (softmax.empty() ? A(0) : A(1) / softmax.sum) : A(1);
+    T* context_out = static_cast<T*>(out.context) + row * p.value_dim;
+    A* partial_out = whole ? nullptr : static_cast<A*>(out.partial_context) + (row * splits + split) * p.value_dim;
+    for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < p.value_dim; d += kThreads * kVec) {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) context_out[d + i] = from_acc<T>(context[d + i] * inverse_sum);
+      for (int i = 0; i < kVec; ++i) {
+        A total = A(0);
+        for (int g = 0; g < groups; ++g) total += context[g * p.value_dim + d + i];
+        if (whole) {
+          context_out[d + i] = from_acc<T>(total * scale);
+        } else {
+          partial_out[d + i] = total;
+        }
       }
-      if (threadIdx.x == 0) static_cast<A*>(out.logsumexp)[row] = softmax.logsumexp();
-    } else {
-      const int64_t slot = row * splits + split;
-      A* partial = static_cast<A*>(out.partial_context) + slot * p.value_dim;
-      for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < p.value_dim; d += kThreads * kVec) {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) partial[d + i] = context[d + i];
-      }
-      if (threadIdx.x == 0) {
-        static_cast<A*>(out.partial_max)[slot] = softmax.max_score;
-        static_cast<A*>(out.partial_sum)[slot] = softmax.sum;
+    }
+    if (threadIdx.x == 0) {
+      if (whole) {
+        static_cast<A*>(out.logsumexp)[row] = softmax.logsumexp();
+      } else {
+        static_cast<A*>(out.partial_max)[row * splits + split] = softmax.max_score;
+        static_cast<A*>(out.partial_sum)[row * splits + split] = softmax.sum;
       }
     }
     __syncthreads();  // the next row overwrites shared memory
@@ -138,41 +195,47 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Merges the splits of each row: context = sum_s exp(m_s - M) C_s / sum_s exp(m_s - M) l_s.
+// Block (row, chunk) merges kThreads elements of the row's context, one a thread; its
+// split factors exp(m_s - M) / total (0 for a split without valid keys, whose partial
+// context is zero) go to shared memory first, so that the loads of the splits'
+// partial contexts carry no branch and are issued together.  Shared memory: splits x A.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     combine_splits_kernel(int64_t rows, int64_t splits, int64_t value_dim, AttentionForwardBuffers out) {
   using A = Acc<T>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  A* split_factor = reinterpret_cast<A*>(shared_bytes);  // splits
   const A minus_infinity = negative_infinity<A>();
   const A* partial_max = static_cast<const A*>(out.partial_max);
   const A* partial_sum = static_cast<const A*>(out.partial_sum);
   const A* partial_context = static_cast<const A*>(out.partial_context);
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const A* row_max = partial_max + row * splits;
     A max_score = minus_infinity;
-    for (int64_t s = 0; s < splits; ++s) {
-      const A m = partial_max[row * splits + s];
-      max_score = m > max_score ? m : max_score;
-    }
+    for (int64_t s = 0; s < splits; ++s) max_score = row_max[s] > max_score ? row_max[s] : max_score;
     A total = A(0);
     if (max_score != minus_infinity) {
       for (int64_t s = 0; s < splits; ++s) {
-        const A m = partial_max[row * splits + s];
-        if (m != minus_infinity) total += exp_of(m - max_score) * partial_sum[row * splits + s];
+        if (row_max[s] != minus_infinity) total += exp_of(row_max[s] - max_score) * partial_sum[row * splits + s];
       }
     }
     const bool empty = !(total > A(0));
-    T* context = static_cast<T*>(out.context) + row * value_dim;
-    for (int64_t d = threadIdx.x; d < value_dim; d += blockDim.x) {
-      A sum = A(0);
-      if (!empty) {
-        for (int64_t s = 0; s < splits; ++s) {
-          const A m = partial_max[row * splits + s];
-          if (m != minus_infinity) sum += exp_of(m - max_score) * partial_context[(row * splits + s) * value_dim + d];
-        }
-        sum /= total;
-      }
-      context[d] = from_acc<T>(sum);
+    for (int64_t s = threadIdx.x; s < splits; s += kThreads) {
+      split_factor[s] = empty || row_max[s] == minus_infinity ? A(0) : exp_of(row_max[s] - max_score) / total;
     }
-    if (threadIdx.x == 0) static_cast<A*>(out.logsumexp)[row] = empty ? minus_infinity : max_score + log_of(total);
+    __syncthreads();
+    if (d < value_dim) {
+      const A* partial = partial_context + row * splits * value_dim + d;
+      A sum = A(0);
+#pragma unroll 8
+      for (int64_t s = 0; s < splits; ++s) sum += split_factor[s] * partial[s * value_dim];
+      static_cast<T*>(out.context)[row * value_dim + d] = from_acc<T>(sum);
+    }
+    if (blockIdx.y == 0 && threadIdx.x == 0) {
+      static_cast<A*>(out.logsumexp)[row] = empty ? minus_infinity : max_score + log_of(total);
+    }
+    __syncthreads();  // the next row overwrites split_factor
   }
 }
 
@@ -201,7 +264,7 @@ __global__ void attention_weights_kernel(DeviceProblem<T> p, AttentionForwardBuf
 template <typename T, ScoreKind kScore, int kVec>
 cudaError_t launch_forward_kernel(const DeviceProblem<T>& device, const AttentionProblem& p,
                                   const AttentionForwardBuffers& out, cudaStream_t stream) {
-  const size_t shared = forward_shared_bytes<Acc<T>>(p);
+  const size_t shared = forward_shared_bytes<Acc<T>, kVec>(p);
   auto kernel = attention_forward_kernel<T, kScore, kVec>;
   if (shared > 48 * 1024) {
     const cudaError_t status =
@@ -230,7 +293,7 @@ int64_t attention_forward_splits(const AttentionProblem& p, int multiprocessors)
   int64_t splits = (target_blocks + rows - 1) / rows;
   const int64_t most = p.source_length / kTile;  // at least one tile of keys per split
   if (splits > most) splits = most;
-  if (splits > 256) splits = 256;
+  if (splits > kMaxSplits) splits = kMaxSplits;
   return splits < 1 ? 1 : splits;
 }
 
@@ -238,7 +301,8 @@ cudaError_t launch_attention_forward(const AttentionProblem& p, const AttentionF
                                      cudaStream_t stream) {
   const int64_t rows = p.batch * p.query_length;
   if (rows == 0) return cudaSuccess;
-  if (out.splits < 1 || out.splits > 65535) return cudaErrorInvalidValue;
+  if (out.splits < 1 || out.splits > kMaxSplits) return cudaErrorInvalidValue;
+  if (out.splits > 1 && (p.value_dim + kThreads - 1) / kThreads > 65535) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto element) -> cudaError_t {
     using T = decltype(element);
     cudaError_t status = cudaSuccess;
@@ -255,7 +319,10 @@ cudaError_t launch_attention_forward(const AttentionProblem& p, const AttentionF
     }
     if (status != cudaSuccess) return status;
     if (out.splits > 1) {
-      combine_splits_kernel<T><<<grid_for(rows), kThreads, 0, stream>>>(rows, out.splits, p.value_dim, out);
+      const int64_t chunks = (p.value_dim + kThreads - 1) / kThreads;  // one block at least: it writes the lse
+      const dim3 grid(grid_for(rows), static_cast<unsigned int>(chunks > 1 ? chunks : 1));
+      const size_t shared = sizeof(Acc<T>) * static_cast<size_t>(out.splits);
+      combine_splits_kernel<T><<<grid, kThreads, shared, stream>>>(rows, out.splits, p.value_dim, out);
       status = cudaGetLastError();
       if (status != cudaSuccess) return status;
     }
