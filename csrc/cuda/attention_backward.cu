@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < kVec; ++i) {
             if (kScore == ScoreKind::kAdditive) {
-              const A u = tanh_of(prepared[d + i] + key[i]);
+              const A u = additive_tanh<T>(prepared[d + i] + key[i]);
               grad_query[d + i] += coefficient * v_part[i] * tanh_derivative(u);
               grad_v[d + i] += coefficient * u;
             } else {
@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < kVec; ++i) {
             if (kScore == ScoreKind::kAdditive) {
-              grad_key[d + i] += coefficient * v_part[i] * tanh_derivative(tanh_of(resident[d + i] + query[i]));
+              grad_key[d + i] += coefficient * v_part[i] * tanh_derivative(additive_tanh<T>(resident[d + i] + query[i]));
             } else {
               grad_key[d + i] += coefficient * query[i];
             }

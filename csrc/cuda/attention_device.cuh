@@ -92,6 +92,23 @@ bool wide_loads_fit(const AttentionProblem& p, const void* grad_context) {
          (p.v == nullptr || aligned(p.v)) && (grad_context == nullptr || aligned(grad_context));
 }
 
+// tanh of an additive feature for element type T.  float16 / bfloat16 inputs take
+// tanh.approx.f32 on the GPU (one special-function-unit op, relative error about 2^-11
+// (PTX ISA), the size of a 16-bit input's own rounding), which keeps a decode step
+// memory-bound; float32 the project's rational tanh (tanh_of, 4e-7), float64 libm's.
+// The CPU emulation (FASTATTN_CUDA_EMULATION) runs tanh_of for every type.
+template <typename T>
+__device__ __forceinline__ Acc<T> additive_tanh(Acc<T> x) {
+#if !defined(FASTATTN_CUDA_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  if constexpr (sizeof(T) == 2) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+  }
+#endif
+  return tanh_of(x);
+}
+
 // Per-lane partial sums of one pair, reduced over the warp by pair_sums.
 template <typename A>
 struct PairSums {
@@ -122,7 +139,7 @@ __device__ __forceinline__ void pair_sums_of_rows(const Acc<T>* resident, const 
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) dot[r] += w[i] * tanh_of(resident[d + i] + x[r][i]);
+        for (int i = 0; i < kVec; ++i) dot[r] += w[i] * additive_tanh<T>(resident[d + i] + x[r][i]);
       }
     } else {
 #pragma unroll

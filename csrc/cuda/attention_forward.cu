@@ -18,12 +18,12 @@
 // max and sum, and combine_splits_kernel merges them.  With weights, the scores go to
 // an (N, T, S) scratch and attention_weights_kernel turns them into
 // exp(score - logsumexp) * Gaussian.
+// The additive tanh: tanh.approx.f32 for float16 / bfloat16, the project's rational
+// tanh for float32, libm's for float64 (additive_tanh).
 // Not handled: tensor cores (the scores are warp dot products, memory-bound at decode
-// shapes, not at large multi-query shapes); the additive tanh is the project's
-// rational approximation on the FMA units for float (no tanh.approx / SFU split),
-// libm tanh for double.  Shared memory holds D + groups x Dv accumulators (groups x Dv
-// <= max(Dv, 128 x kVec)): D + Dv above about 50k float elements does not fit and
-// the launch reports an error.
+// shapes, not at large multi-query shapes); an SFU / FMA split of the tanh.  Shared
+// memory holds D + groups x Dv accumulators (groups x Dv <= max(Dv, 128 x kVec)):
+// D + Dv above about 50k float elements does not fit and the launch reports an error.
 #include "attention_device.cuh"
 
 namespace fastattn {
