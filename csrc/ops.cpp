@@ -19,13 +19,15 @@ TORCH_LIBRARY(fastattn, m) {
       "int? window, Tensor? center, bool gaussian, bool return_weights) "
       "-> (Tensor context, Tensor weights, Tensor logsumexp)");
   // Gradients of attention_forward; grad_v, grad_bias and grad_center are empty when
-  // the forward had no v / bias / Gaussian center.
+  // the forward had no v / bias / Gaussian center.  context, optional: the forward's
+  // context, from which a kernel may take grad_context . context per row instead of
+  // recomputing it (the CUDA tensor-core backward does; the others ignore it).
   m.def(
       "attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, Tensor keys, "
       "Tensor values, Tensor? v, Tensor? bias, str score, float scale, Tensor? lengths, "
       "Tensor? key_padding_mask, bool causal, int? window, Tensor? center, bool gaussian, "
-      "Tensor logsumexp) -> (Tensor grad_query, Tensor grad_keys, Tensor grad_values, "
-      "Tensor grad_v, Tensor grad_bias, Tensor grad_center)");
+      "Tensor logsumexp, Tensor? context=None) -> (Tensor grad_query, Tensor grad_keys, "
+      "Tensor grad_values, Tensor grad_v, Tensor grad_bias, Tensor grad_center)");
   // One position per row of weights (N, T, S): drawn from weights / sum(weights) when
   // sample, else the argmax (first on ties); 0 for rows whose weights are all zero.
   m.def("sample_positions(Tensor weights, bool sample, Generator? generator) -> Tensor");

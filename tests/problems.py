@@ -57,10 +57,11 @@ def opcheck_backward_sample_positions_and_fast_tanh(forward_arguments: tuple) ->
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in forward_arguments]
     context, weights, logsumexp = torch.ops.fastattn.attention_forward(*detached)
     query, keys, values, v, bias, score, scale, lengths, mask, causal, window, center, gaussian, _ = detached
-    torch.library.opcheck(
-        torch.ops.fastattn.attention_backward.default,
-        (torch.randn_like(context), torch.randn_like(weights), query, keys, values, v, bias, score, scale, lengths,
-         mask, causal, window, center, gaussian, logsumexp),
-    )
+    for given_context in (None, context):
+        torch.library.opcheck(
+            torch.ops.fastattn.attention_backward.default,
+            (torch.randn_like(context), torch.randn_like(weights), query, keys, values, v, bias, score, scale, lengths,
+             mask, causal, window, center, gaussian, logsumexp, given_context),
+        )
     torch.library.opcheck(torch.ops.fastattn.sample_positions.default, (weights, False, None))
     torch.library.opcheck(torch.ops.fastattn.fast_tanh.default, (torch.randn(17, device=query.device),))

@@ -238,6 +238,22 @@ def test_opcheck_attention_backward_sample_positions_and_fast_tanh():
     opcheck_backward_sample_positions_and_fast_tanh(next(_attention_samples()))
 
 
+def test_attention_backward_checks_the_context_it_is_given_and_computes_the_same_without_it():
+    generator = torch.Generator().manual_seed(3)
+    query, keys, values = (torch.randn(*shape, generator=generator) for shape in ((2, 3, 4), (2, 5, 4), (2, 5, 6)))
+    arguments = (query, keys, values, None, None, "dot", 0.5, torch.tensor([5, 2]), None, False, None, None, False)
+    context, _, logsumexp = torch.ops.fastattn.attention_forward(*arguments, False)
+    grad_context = torch.randn(context.shape, generator=generator)
+    without = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp)
+    given = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp, context)
+    for expected, actual in zip(without, given):
+        assert torch.equal(expected, actual)
+    with pytest.raises(RuntimeError, match=r"context must be \(N=2, T=3, Dv=6\), got shape \[2, 2, 6\]"):
+        torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp, context[:, :2])
+    with pytest.raises(RuntimeError, match="context must have the dtype of query"):
+        torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp, context.double())
+
+
 def test_a_zero_scale_gives_uniform_weights_as_in_the_reference():
     query, keys = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
     with fastattn.backend("cpu"):

@@ -131,11 +131,15 @@ def test_emulated_tensor_core_kernels_are_within_twice_the_reference_error(emula
     torch.testing.assert_close(logsumexp[finite], want[finite], rtol=1e-5, atol=1e-5)
     if mode == "lengths":
         assert context[0].abs().max() == 0 and torch.isneginf(logsumexp[0]).all()
-    # The backward from the kernel's logsumexp.
+    # The backward from the kernel's logsumexp: row_dot from the forward's context (what
+    # the op's autograd passes), and from the forward run again (a call without it).
     grad_context = torch.randn(context.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    grads = emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp)
-    assert not any(grad.isnan().any() for grad in grads)
-    assert_gradients_within_twice_the_reference_error(grads, query, keys, values, masking, scale, dtype, grad_context)
+    for given_context in (context, None):
+        grads = emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp,
+                                                         given_context)
+        assert not any(grad.isnan().any() for grad in grads)
+        assert_gradients_within_twice_the_reference_error(grads, query, keys, values, masking, scale, dtype,
+                                                          grad_context)
 
 
 @pytest.mark.slow
@@ -181,9 +185,29 @@ def test_multi_query_dot_runs_on_the_tensor_cores_and_matches_the_reference(dim,
     names = launched_kernels(forward_and_backward)
     assert any("attention_forward_tensor_core" in name for name in names), names
     assert any("attention_backward_tensor_core" in name for name in names), names
+    assert any("row_dot_kernel" in name for name in names), names  # autograd passes the context
     assert_twice_the_reference_error(results["context"], query, keys, values, masking, scale, dtype)
     assert_gradients_within_twice_the_reference_error(results["grads"], query, keys, values, masking, scale, dtype,
                                                       grad_context)
+
+
+@gpu
+def test_the_tensor_core_backward_takes_row_dot_from_the_context_or_runs_the_forward_again():
+    query, keys, values, _ = problem(2, 64, 80, 64, 64, "global", seed=5, device=DEVICE)
+    arguments = [tensor.to(torch.bfloat16) for tensor in (query, keys, values)]
+    arguments += [None, None, "dot", 0.125, None, None, False, None, None, False]
+    context, _, logsumexp = torch.ops.fastattn.attention_forward(*arguments, False)
+    grad_context = torch.randn(context.shape, generator=torch.Generator(device=DEVICE).manual_seed(6), device=DEVICE)
+    grad_context = grad_context.to(torch.bfloat16)
+    grads = {}
+    for given in (context, None):
+        names = launched_kernels(lambda: grads.__setitem__(
+            given is None, torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp, given)))
+        assert any("attention_backward_tensor_core" in name for name in names), names
+        assert any("row_dot_kernel" in name for name in names) == (given is not None), names
+        assert any("attention_forward_tensor_core" in name for name in names) == (given is None), names
+    for from_context, recomputed in zip(grads[False][:3], grads[True][:3]):  # row_dot differs by O's rounding
+        torch.testing.assert_close(from_context.float(), recomputed.float(), rtol=3e-2, atol=3e-2)
 
 
 @gpu

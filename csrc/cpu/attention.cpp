@@ -1171,20 +1171,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& bias, std::string_view score, double scale,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& key_padding_mask, bool causal,
     std::optional<int64_t> window, const std::optional<at::Tensor>& center, bool gaussian,
-    const at::Tensor& logsumexp) {
+    const at::Tensor& logsumexp, const std::optional<at::Tensor>& context) {
   const char* op = "attention_backward";
   const PreparedInputs in = prepare_inputs(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask,
                                            causal, window, center, gaussian);
-  check_float_like(op, "grad_context", grad_context, query);
-  TORCH_CHECK(grad_context.dim() == 3 && grad_context.size(0) == in.batch && grad_context.size(1) == in.query_length &&
-                  grad_context.size(2) == in.value_dim,
-              op, ": grad_context must be (N=", in.batch, ", T=", in.query_length, ", Dv=", in.value_dim,
-              "), got shape ", grad_context.sizes());
+  const auto check_like_context = [&](const char* name, const at::Tensor& tensor) {  // (N, T, Dv), query's dtype
+    check_float_like(op, name, tensor, query);
+    TORCH_CHECK(tensor.dim() == 3 && tensor.size(0) == in.batch && tensor.size(1) == in.query_length &&
+                    tensor.size(2) == in.value_dim,
+                op, ": ", name, " must be (N=", in.batch, ", T=", in.query_length, ", Dv=", in.value_dim,
+                "), got shape ", tensor.sizes());
+  };
+  check_like_context("grad_context", grad_context);
   check_cpu(op, "logsumexp", logsumexp);
   TORCH_CHECK(logsumexp.scalar_type() == in.compute_dtype, op, ": logsumexp must be ", in.compute_dtype,
               " (the accumulation dtype), got ", logsumexp.scalar_type());
   TORCH_CHECK(logsumexp.dim() == 2 && logsumexp.size(0) == in.batch && logsumexp.size(1) == in.query_length, op,
               ": logsumexp must be (N=", in.batch, ", T=", in.query_length, "), got shape ", logsumexp.sizes());
+  // context is checked, not used: these kernels recompute grad_context . context with the rest.
+  if (context.has_value() && context->defined()) check_like_context("context", *context);
   const at::Tensor grad_context_ = in_dtype(grad_context, in.compute_dtype).contiguous();
   const at::Tensor logsumexp_ = logsumexp.contiguous();
   at::Tensor grad_weights_;

@@ -259,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& keys, const at::Tensor& values, const OptionalTensor& v, const OptionalTensor& bias,
     std::string_view score, double scale, const OptionalTensor& lengths, const OptionalTensor& key_padding_mask,
     bool causal, std::optional<int64_t> window, const OptionalTensor& center, bool gaussian,
-    const at::Tensor& logsumexp) {
+    const at::Tensor& logsumexp, const OptionalTensor& context) {
   const char* op = "attention_backward";
   const PreparedAttention in = prepare_attention(op, query, keys, values, v, bias, score, scale, lengths,
                                                  key_padding_mask, causal, window, center, gaussian);
@@ -282,6 +282,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     check_shape(op, "grad_weights", *grad_weights, {p.batch, p.query_length, p.source_length});
     grad_weights_ = grad_weights->contiguous();
   }
+  at::Tensor context_;
+  if (present(context)) {
+    check_like(op, "context", *context, query);
+    check_shape(op, "context", *context, {p.batch, p.query_length, p.value_dim});
+    context_ = context->contiguous();
+  }
   const bool additive = p.score == ScoreKind::kAdditive;
   const bool wants_center = gaussian && in.center.defined();
   at::Tensor grad_query = at::empty({p.batch, p.query_length, p.score_dim}, options);
@@ -300,6 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   buffers.grad_center = wants_center ? grad_center.mutable_data_ptr() : nullptr;
   buffers.grad_v_rows = additive ? grad_v_rows.mutable_data_ptr() : nullptr;
   buffers.row_dot = row_dot.mutable_data_ptr();
+  if (context_.defined() && reinterpret_cast<uintptr_t>(context_.const_data_ptr()) % 16 == 0) {
+    buffers.context = context_.const_data_ptr();  // else the tensor-core backward re-runs the forward for row_dot
+  }
   // The tensor-core forward's problems go to its backward unless grad_weights or grad_center are wanted.
   const bool grad_context_aligned = reinterpret_cast<uintptr_t>(grad_context_.const_data_ptr()) % 16 == 0;
   if (!grad_weights_.defined() && !wants_center && grad_context_aligned && p.query_length >= kTensorCoreMinQueries &&

@@ -64,6 +64,9 @@ struct AttentionBackwardBuffers {
   void* grad_center = nullptr;         // (N, T) Acc, or null
   void* grad_v_rows = nullptr;         // additive: (N, T, Da) Acc, summed over rows by the caller
   void* row_dot = nullptr;             // scratch (N, T) Acc
+  const void* context = nullptr;       // (N, T, Dv) in dtype, or null: the forward's context, from which
+                                       // the tensor-core backward takes row_dot = grad_context . context
+                                       // (without it, it runs the forward again); the others ignore it
 };
 
 // How many blocks split the keys of one query row: 1 when the rows alone fill the
@@ -86,10 +89,10 @@ constexpr int64_t kTensorCoreMinQueries = 16;
 bool attention_tensor_core_supported(const AttentionProblem& problem, int compute_capability_major);
 cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& problem,
                                                  const AttentionForwardBuffers& buffers, cudaStream_t stream);
-// Its backward, recomputing from logsumexp (grad_context 16-byte aligned): the
-// gradients of launch_attention_backward without grad_weights and grad_center (both
-// must be null; grad_v_rows unused), row_dot as scratch, and grad_query_accumulator a
-// float (N, T, D) scratch.
+// Its backward, recomputing from logsumexp (grad_context and context, when given,
+// 16-byte aligned): the gradients of launch_attention_backward without grad_weights and
+// grad_center (both must be null; grad_v_rows unused), row_dot as scratch, and
+// grad_query_accumulator a float (N, T, D) scratch.
 cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& problem,
                                                   const AttentionBackwardBuffers& buffers,
                                                   float* grad_query_accumulator, cudaStream_t stream);

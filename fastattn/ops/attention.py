@@ -39,7 +39,7 @@ def _attention_forward_fake(
 @torch.library.register_fake("fastattn::attention_backward")
 def _attention_backward_fake(
     grad_context, grad_weights, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
-    window, center, gaussian, logsumexp,
+    window, center, gaussian, logsumexp, context=None,
 ):
     def like_or_empty(tensor):
         return torch.empty_like(tensor) if tensor is not None else query.new_empty(0)
@@ -65,7 +65,7 @@ def _fast_tanh_fake(x):
 def _save_for_backward(ctx, inputs, output):
     (query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian,
      return_weights) = inputs
-    ctx.save_for_backward(query, keys, values, v, bias, lengths, key_padding_mask, center, output[2])
+    ctx.save_for_backward(query, keys, values, v, bias, lengths, key_padding_mask, center, output[2], output[0])
     ctx.score, ctx.scale, ctx.causal, ctx.window, ctx.gaussian = score, scale, causal, window, gaussian
     ctx.return_weights = return_weights
 
@@ -86,12 +86,12 @@ def forward_input_gradients(grads, v, bias, center, gaussian):
 
 
 def _attention_backward(ctx, grad_context, grad_weights, _grad_logsumexp):
-    query, keys, values, v, bias, lengths, key_padding_mask, center, logsumexp = ctx.saved_tensors
+    query, keys, values, v, bias, lengths, key_padding_mask, center, logsumexp, context = ctx.saved_tensors
     grads = torch.ops.fastattn.attention_backward(
         grad_context.contiguous(),
         grad_weights.contiguous() if ctx.return_weights and grad_weights is not None else None,
         query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal, ctx.window,
-        center, ctx.gaussian, logsumexp,
+        center, ctx.gaussian, logsumexp, context,
     )
     return forward_input_gradients(grads, v, bias, center, ctx.gaussian)
 

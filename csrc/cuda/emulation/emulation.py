@@ -96,7 +96,7 @@ class AttentionForwardBuffers(ctypes.Structure):
 class AttentionBackwardBuffers(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "grad_context", "grad_weights", "logsumexp", "grad_query", "grad_keys", "grad_values", "grad_center",
-        "grad_v_rows", "row_dot")]
+        "grad_v_rows", "row_dot", "context")]
 
 
 class RecurrentStep(ctypes.Structure):
@@ -234,9 +234,10 @@ def attention_forward_tensor_core(library, arguments):
     return context, logsumexp
 
 
-def attention_backward_tensor_core(library, grad_context, arguments, logsumexp):
+def attention_backward_tensor_core(library, grad_context, arguments, logsumexp, context=None):
     """(grad_query, grad_keys, grad_values) of the tensor-core backward, allocated as
-    binding.cpp does (the float grad_query accumulator included)."""
+    binding.cpp does (the float grad_query accumulator included); row_dot from the
+    forward's `context` when given, else from the forward run again."""
     keep: list = []
     problem = attention_problem(keep, *arguments)
     dtype = arguments[0].dtype
@@ -247,9 +248,11 @@ def attention_backward_tensor_core(library, grad_context, arguments, logsumexp):
     accumulator = torch.full((batch, steps, problem.score_dim), math.nan)
     row_dot = torch.full((batch, steps), math.nan)
     grad_context, logsumexp = grad_context.contiguous(), logsumexp.contiguous()
-    keep.extend([grad_context, logsumexp])
+    context = None if context is None else context.contiguous()
+    keep.extend([grad_context, logsumexp, context])
     buffers = AttentionBackwardBuffers(address(grad_context), None, address(logsumexp), address(grad_query),
-                                       address(grad_keys), address(grad_values), None, None, address(row_dot))
+                                       address(grad_keys), address(grad_values), None, None, address(row_dot),
+                                       address(context))
     status = library.emu_attention_backward_tensor_core(ctypes.byref(problem), ctypes.byref(buffers),
                                                         address(accumulator))
     if status != 0:
