@@ -14,8 +14,9 @@
 //  - backward_keys_kernel, one block per (batch, key): a pass over the queries that
 //    see the key for grad_keys and grad_values, using r of the first kernel.
 // In a tile, warps compute the per-pair scalars (a score and dw each: lanes over the
-// feature dimension, 16-byte loads when rows allow), then each thread accumulates the
-// feature elements it owns in shared memory.
+// feature dimension, 16-byte loads when rows allow; in backward_rows_kernel each warp
+// takes 8 keys with their loads in flight together, warp_tile_sums), then each thread
+// accumulates the feature elements it owns in shared memory.
 // Not handled: tensor cores; the work is three score passes (about 3x the forward).
 // Shared memory holds 2 D + 2 Dv accumulators (errors beyond the device's limit).
 #include "attention_device.cuh"
@@ -87,25 +88,40 @@ __global__ void __launch_bounds__(kThreads)
       if (kScore == ScoreKind::kAdditive) grad_v[d] = A(0);
     }
     const A query_norm = load_prepared_query<kScore>(p, row, prepared, reduce_scratch);  // synchronises
+    // The sums of the warp's keys of a tile (first .. of count): the score's over the
+    // keys, dw's (grad_context . value) over the values.
+    const auto pair_sums_of_tile = [&](int first, int count, int64_t tile, PairSums<A>(&key_sums)[kKeysPerWarp],
+                                       PairSums<A>(&value_sums)[kKeysPerWarp]) {
+      warp_tile_sums<kScore, kVec, T>(
+          prepared, [&](int c) { return p.key_row(n, tile + c); }, first, count, p.v, D, key_sums);
+      warp_tile_sums<ScoreKind::kDot, kVec, T>(
+          grad_context, [&](int c) { return p.value_row(n, tile + c); }, first, count, nullptr, Dv, value_sums);
+    };
 
     // Pass 1: r = sum_j p_j g_j dw_j and grad_center = sum_j dw_j p_j g_j (j - c) / sigma^2.
     A row_dot = A(0), center_gradient = A(0);  // thread 0's
     for (int64_t tile = range.begin; tile < range.end; tile += kTile) {
       const int count = static_cast<int>(range.end - tile < kTile ? range.end - tile : kTile);
-      for (int c = warp; c < count; c += kWarps) {
-        const int64_t j = tile + c;
-        A to_row_dot = A(0), to_center = A(0);
-        if (!p.is_padding(n, j)) {
-          const A score = score_with_resident_query<kScore, kVec>(p, prepared, p.key_row(n, j));
-          const A dw = warp_dot<kVec>(grad_context, p.value_row(n, j), Dv) +
-                       grad_weight_of<T>(in, row * p.source_length + j);
-          const A weight = exp_of(score - lse) * p.gaussian_of(j, center);
-          to_row_dot = weight * dw;
-          if (p.gaussian) to_center = to_row_dot * gaussian_log_slope<A>(j, center, p.window);
-        }
+      const int first = warp * kKeysPerWarp;
+      if (first < count) {
+        PairSums<A> key_sums[kKeysPerWarp], value_sums[kKeysPerWarp];
+        pair_sums_of_tile(first, count, tile, key_sums, value_sums);
         if (lane == 0) {
-          tile_a[c] = to_row_dot;
-          tile_b[c] = to_center;
+#pragma unroll
+          for (int k = 0; k < kKeysPerWarp; ++k) {
+            const int c = first + k;
+            if (c >= count) break;
+            const int64_t j = tile + c;
+            A to_row_dot = A(0), to_center = A(0);
+            if (!p.is_padding(n, j)) {
+              const A dw = value_sums[k].dot + grad_weight_of<T>(in, row * p.source_length + j);
+              const A weight = exp_of(score_of_sums<kScore>(p, key_sums[k]) - lse) * p.gaussian_of(j, center);
+              to_row_dot = weight * dw;
+              if (p.gaussian) to_center = to_row_dot * gaussian_log_slope<A>(j, center, p.window);
+            }
+            tile_a[c] = to_row_dot;
+            tile_b[c] = to_center;
+          }
         }
       }
       __syncthreads();
@@ -124,24 +140,29 @@ __global__ void __launch_bounds__(kThreads)
     // Pass 2: grad_query (and grad_v) from de_j = p_j (g_j dw_j - r).
     for (int64_t tile = range.begin; tile < range.end; tile += kTile) {
       const int count = static_cast<int>(range.end - tile < kTile ? range.end - tile : kTile);
-      for (int c = warp; c < count; c += kWarps) {
-        const int64_t j = tile + c;
-        A coefficient = A(0);
-        if (!p.is_padding(n, j)) {
-          const auto sums = pair_sums<kScore, kVec, T>(prepared, p.key_row(n, j), p.v, D);
-          A score = sums.dot;
-          if (kScore == ScoreKind::kDot) score = sums.dot * p.scale;
-          const A key_norm = kScore == ScoreKind::kCosine ? clamped_norm(sqrt(sums.row_sq)) : A(1);
-          if (kScore == ScoreKind::kCosine) score = p.scale * (sums.dot / key_norm);
-          const A dw = warp_dot<kVec>(grad_context, p.value_row(n, j), Dv) +
-                       grad_weight_of<T>(in, row * p.source_length + j);
-          const A probability = exp_of(score - lse);
-          const A grad_score = softmax_score_gradient(probability, dw * p.gaussian_of(j, center), row_dot);
-          if (kScore == ScoreKind::kDot) coefficient = p.scale * grad_score;
-          if (kScore == ScoreKind::kCosine) coefficient = p.scale * grad_score / key_norm;
-          if (kScore == ScoreKind::kAdditive) coefficient = grad_score;
+      const int first = warp * kKeysPerWarp;
+      if (first < count) {
+        PairSums<A> key_sums[kKeysPerWarp], value_sums[kKeysPerWarp];
+        pair_sums_of_tile(first, count, tile, key_sums, value_sums);
+        if (lane == 0) {
+#pragma unroll
+          for (int k = 0; k < kKeysPerWarp; ++k) {
+            const int c = first + k;
+            if (c >= count) break;
+            const int64_t j = tile + c;
+            A coefficient = A(0);
+            if (!p.is_padding(n, j)) {
+              const A key_norm = kScore == ScoreKind::kCosine ? clamped_norm(sqrt(key_sums[k].row_sq)) : A(1);
+              const A dw = value_sums[k].dot + grad_weight_of<T>(in, row * p.source_length + j);
+              const A probability = exp_of(score_of_sums<kScore>(p, key_sums[k]) - lse);
+              const A grad_score = softmax_score_gradient(probability, dw * p.gaussian_of(j, center), row_dot);
+              if (kScore == ScoreKind::kDot) coefficient = p.scale * grad_score;
+              if (kScore == ScoreKind::kCosine) coefficient = p.scale * grad_score / key_norm;
+              if (kScore == ScoreKind::kAdditive) coefficient = grad_score;
+            }
+            tile_coefficient[c] = coefficient;
+          }
         }
-        if (lane == 0) tile_coefficient[c] = coefficient;
       }
       __syncthreads();
       for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {

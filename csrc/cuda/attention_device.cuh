@@ -13,6 +13,7 @@ namespace cuda {
 constexpr int kThreads = 128;                  // threads per block of the attention kernels
 constexpr int kWarps = kThreads / kWarpSize;   // warps per block
 constexpr int kTile = 32;                      // partners (keys or queries) per tile
+constexpr int kKeysPerWarp = kTile / kWarps;   // partners a warp takes at once (warp_tile_sums)
 
 // AttentionProblem with typed pointers.  T: element type, A: accumulation type.
 template <typename T>
@@ -169,6 +170,18 @@ __device__ __forceinline__ PairSums<Acc<T>> pair_sums(const Acc<T>* resident, co
   return sums[0];
 }
 
+// The sums of the warp's share of a tile: partners first .. first + kKeysPerWarp - 1
+// of the tile's `count`, row_of(c) being partner c's global row, all their loads in
+// flight together.  Partners past `count` repeat the last one; the caller drops them.
+template <ScoreKind kScore, int kVec, typename T, typename RowOf>
+__device__ __forceinline__ void warp_tile_sums(const Acc<T>* resident, RowOf row_of, int first, int count, const T* v,
+                                               int64_t dim, PairSums<Acc<T>> (&sums)[kKeysPerWarp]) {
+  const T* rows[kKeysPerWarp];
+#pragma unroll
+  for (int k = 0; k < kKeysPerWarp; ++k) rows[k] = row_of(first + k < count ? first + k : count - 1);
+  pair_sums_of_rows<kScore, kVec, kKeysPerWarp, T>(resident, rows, v, dim, sums);
+}
+
 // resident . row over dim by one warp (every lane gets it): dw = grad_context . value.
 template <int kVec, typename T>
 __device__ __forceinline__ Acc<T> warp_dot(const Acc<T>* resident, const T* row, int64_t dim) {
@@ -182,13 +195,6 @@ __device__ __forceinline__ Acc<T> score_of_sums(const DeviceProblem<T>& p, const
   if constexpr (kScore == ScoreKind::kDot) return sums.dot * p.scale;
   if constexpr (kScore == ScoreKind::kCosine) return p.scale * (sums.dot / clamped_norm(sqrt(sums.row_sq)));
   return sums.dot;
-}
-
-// The score of (query, key) when the query is resident (see score_of_sums).
-template <ScoreKind kScore, int kVec, typename T>
-__device__ __forceinline__ Acc<T> score_with_resident_query(const DeviceProblem<T>& p, const Acc<T>* query,
-                                                            const T* key) {
-  return score_of_sums<kScore>(p, pair_sums<kScore, kVec, T>(query, key, p.v, p.score_dim));
 }
 
 // Loads query row `row` into shared `prepared` (D elements) as the score uses it and

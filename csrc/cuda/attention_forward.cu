@@ -31,13 +31,12 @@ namespace cuda {
 namespace {
 
 // How the keys of a tile are shared out.  Scores: warp w takes the kKeysPerWarp
-// consecutive keys from w * kKeysPerWarp and issues the loads of all of them at once.
-// Values: `lanes` threads cover a value row, kVec elements each, and the block's
+// consecutive keys from w * kKeysPerWarp and issues the loads of all of them at once
+// (warp_tile_sums).  Values: `lanes` threads cover a value row, kVec elements each, and the block's
 // `groups` groups of them take the tile's keys in turn (key c to group c % groups),
 // each accumulating its own partial context over kValueUnroll keys' loads in flight,
 // so that a short value row still keeps every thread loading.  A decode step is
 // memory-bound: what it needs is bytes in flight, not arithmetic.
-constexpr int kKeysPerWarp = kTile / kWarps;
 constexpr int kValueUnroll = 8;
 constexpr int64_t kMaxSplits = 256;  // key splits of a row
 
@@ -106,11 +105,9 @@ __global__ void __launch_bounds__(kThreads)
       const int count = static_cast<int>(chunk_end - tile < kTile ? chunk_end - tile : kTile);
       const int first = warp * kKeysPerWarp;
       if (first < count) {
-        const T* keys[kKeysPerWarp];  // past the tile's end: its last key again, scored and dropped
-#pragma unroll
-        for (int k = 0; k < kKeysPerWarp; ++k) keys[k] = p.key_row(n, tile + (first + k < count ? first + k : count - 1));
         PairSums<A> sums[kKeysPerWarp];
-        pair_sums_of_rows<kScore, kVec, kKeysPerWarp, T>(prepared, keys, p.v, p.score_dim, sums);
+        warp_tile_sums<kScore, kVec, T>(
+            prepared, [&](int c) { return p.key_row(n, tile + c); }, first, count, p.v, p.score_dim, sums);
         if (lane == 0) {
 #pragma unroll
           for (int k = 0; k < kKeysPerWarp; ++k) {
