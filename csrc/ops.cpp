@@ -21,7 +21,7 @@ TORCH_LIBRARY(fastattn, m) {
   // Gradients of attention_forward; grad_v, grad_bias and grad_center are empty when
   // the forward had no v / bias / Gaussian center.  context, optional: the forward's
   // context, from which a kernel may take grad_context . context per row instead of
-  // recomputing it (the CUDA tensor-core backward does; the others ignore it).
+  // recomputing it (the CUDA kernels do; the CPU ones check it and recompute).
   m.def(
       "attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, Tensor keys, "
       "Tensor values, Tensor? v, Tensor? bias, str score, float scale, Tensor? lengths, "

@@ -622,9 +622,12 @@ def test_emulated_attention_kernels_match_the_cpu_op(emulated, score, case, dtyp
     generator = torch.Generator().manual_seed(5)
     grad_context = torch.randn(want[0].shape, generator=generator, dtype=torch.float64).to(dtype)
     grad_weights = torch.randn(want[1].shape, generator=generator, dtype=torch.float64).to(dtype)
-    for given_grad_weights in (grad_weights, None):
+    # With the forward's context, r comes from grad_context . context unless grad_weights
+    # or grad_center are wanted (then the kernels make their own pass for it).
+    for given_grad_weights, given_context in ((grad_weights, context), (None, context), (None, None)):
         expected = torch.ops.fastattn.attention_backward(grad_context, given_grad_weights, *arguments, want[2])
-        got = emulation.attention_backward(emulated, grad_context, given_grad_weights, arguments, logsumexp)
+        got = emulation.attention_backward(emulated, grad_context, given_grad_weights, arguments, logsumexp,
+                                           given_context)
         assert_matches_cpu_op(got, expected, tolerance if dtype == torch.float64 else 10 * tolerance, "backward")
 
 

@@ -9,8 +9,10 @@
 // de_j = p_j (g_j dw_j - r), the value gradient p_j g_j grad_context.
 // Two kernels, both deterministic (no atomics), each with tiles of 32 partners:
 //  - backward_rows_kernel, one block per query row: a pass over the row's keys for r
-//    and grad_center, a second pass for grad_query (and, additive, the row's share of
-//    grad_v, summed over rows by the caller; grad_bias is sum of grad_query over rows).
+//    and grad_center (skipped when the caller passes the forward's context and wants
+//    neither grad_weights nor grad_center: r = grad_context . context, row_dot_kernel),
+//    a second pass for grad_query (and, additive, the row's share of grad_v, summed
+//    over rows by the caller; grad_bias is sum of grad_query over rows).
 //  - backward_keys_kernel, one block per (batch, key): a pass over the queries that
 //    see the key for grad_keys and grad_values, using r of the first kernel.
 // In a tile, warps compute the per-pair scalars (a score and dw each: lanes over the
@@ -98,9 +100,11 @@ __global__ void __launch_bounds__(kThreads)
           grad_context, [&](int c) { return p.value_row(n, tile + c); }, first, count, nullptr, Dv, value_sums);
     };
 
-    // Pass 1: r = sum_j p_j g_j dw_j and grad_center = sum_j dw_j p_j g_j (j - c) / sigma^2.
-    A row_dot = A(0), center_gradient = A(0);  // thread 0's
-    for (int64_t tile = range.begin; tile < range.end; tile += kTile) {
+    // Pass 1: r = sum_j p_j g_j dw_j and grad_center = sum_j dw_j p_j g_j (j - c) / sigma^2,
+    // unless row_dot holds r already (r = grad_context . context without grad_weights and
+    // grad_center: launch_attention_backward passes the context only then).
+    A row_dot = in.context != nullptr ? row_dot_out[row] : A(0), center_gradient = A(0);  // thread 0's
+    for (int64_t tile = range.begin; in.context == nullptr && tile < range.end; tile += kTile) {
       const int count = static_cast<int>(range.end - tile < kTile ? range.end - tile : kTile);
       const int first = warp * kKeysPerWarp;
       if (first < count) {
@@ -133,9 +137,11 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
     }
-    if (threadIdx.x == 0) broadcast[0] = row_dot;
-    __syncthreads();
-    row_dot = broadcast[0];
+    if (in.context == nullptr) {  // uniform
+      if (threadIdx.x == 0) broadcast[0] = row_dot;
+      __syncthreads();
+      row_dot = broadcast[0];
+    }
 
     // Pass 2: grad_query (and grad_v) from de_j = p_j (g_j dw_j - r).
     for (int64_t tile = range.begin; tile < range.end; tile += kTile) {
@@ -341,6 +347,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// row_dot[row] = grad_context[row] . context[row], one warp per row, kVec-wide loads.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    row_dot_kernel(const T* grad_context, const T* context, Acc<T>* row_dot, int64_t rows, int64_t value_dim) {
+  using A = Acc<T>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize; row < rows;
+       row += warps) {  // uniform over the warp: every lane reaches the shuffles
+    A sum = A(0);
+    for (int64_t d = static_cast<int64_t>(lane) * kVec; d < value_dim; d += kWarpSize * kVec) {
+      A gradient[kVec], value[kVec];
+      load_pack<kVec>(grad_context + row * value_dim + d, gradient);
+      load_pack<kVec>(context + row * value_dim + d, value);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) sum += gradient[i] * value[i];
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) row_dot[row] = sum;
+  }
+}
+
 // Launches kernel(device, in) over `blocks` blocks with `shared` bytes of shared memory
 // (opting in above the default 48 KiB).
 template <typename T>
@@ -383,8 +411,39 @@ cudaError_t launch_backward_for_score(const AttentionProblem& p, const Attention
 
 }  // namespace
 
-cudaError_t launch_attention_backward(const AttentionProblem& p, const AttentionBackwardBuffers& in,
+cudaError_t launch_attention_row_dot(const AttentionProblem& p, const void* grad_context, const void* context,
+                                     void* row_dot, cudaStream_t stream) {
+  const int64_t rows = p.batch * p.query_length;
+  if (rows == 0) return cudaSuccess;
+  return dispatch_dtype(p.dtype, [&](auto element) -> cudaError_t {
+    using T = decltype(element);
+    using A = Acc<T>;
+    const int64_t blocks = (rows + kWarps - 1) / kWarps;
+    const unsigned int grid = grid_for(blocks < 65536 ? blocks : 65536);
+    const T* gradient = static_cast<const T*>(grad_context);
+    const T* value = static_cast<const T*>(context);
+    constexpr int kVec = kWideVec<T>;
+    if (p.value_dim % kVec == 0 && aligned16(gradient) && aligned16(value)) {
+      row_dot_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(gradient, value, static_cast<A*>(row_dot), rows,
+                                                             p.value_dim);
+    } else {
+      row_dot_kernel<T, 1><<<grid, kThreads, 0, stream>>>(gradient, value, static_cast<A*>(row_dot), rows,
+                                                          p.value_dim);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_attention_backward(const AttentionProblem& p, const AttentionBackwardBuffers& buffers,
                                       cudaStream_t stream) {
+  // The context serves only where r = grad_context . context; the kernels take its
+  // presence to mean that row_dot holds r.
+  AttentionBackwardBuffers in = buffers;
+  if (in.grad_weights != nullptr || in.grad_center != nullptr) in.context = nullptr;
+  if (in.context != nullptr) {
+    const cudaError_t status = launch_attention_row_dot(p, in.grad_context, in.context, in.row_dot, stream);
+    if (status != cudaSuccess) return status;
+  }
   return dispatch_dtype(p.dtype, [&](auto element) -> cudaError_t {
     using T = decltype(element);
     switch (p.score) {

@@ -87,10 +87,9 @@ DeviceProblem<T> device_problem(const AttentionProblem& p) {
 template <typename T>
 bool wide_loads_fit(const AttentionProblem& p, const void* grad_context) {
   constexpr int kVec = kWideVec<T>;
-  auto aligned = [](const void* pointer) { return (reinterpret_cast<uintptr_t>(pointer) & 15u) == 0; };
   return p.score_dim % kVec == 0 && p.value_dim % kVec == 0 && p.keys_batch_stride % kVec == 0 &&
-         p.values_batch_stride % kVec == 0 && aligned(p.query) && aligned(p.keys) && aligned(p.values) &&
-         (p.v == nullptr || aligned(p.v)) && (grad_context == nullptr || aligned(grad_context));
+         p.values_batch_stride % kVec == 0 && aligned16(p.query) && aligned16(p.keys) && aligned16(p.values) &&
+         (p.v == nullptr || aligned16(p.v)) && (grad_context == nullptr || aligned16(grad_context));
 }
 
 // tanh of an additive feature for element type T.  float16 / bfloat16 inputs take

@@ -17,8 +17,8 @@
 // backward's input, as launch_attention_forward does); a fully masked row gives zeros
 // and -inf.
 // Backward (recompute from logsumexp): row_dot = grad_context . context per row, from
-// the forward's context when the caller passes it (row_dot_kernel, one read of dO and
-// O), else from the forward kernel run again (context itself is not written); then one
+// the forward's context when the caller passes it (launch_attention_row_dot, one read of
+// dO and O), else from the forward kernel run again (context not written); then one
 // block per kBlockKeys keys walks the query tiles that see any of its keys (their Q
 // and dO tiles double-buffered through cp.async like the forward's K and V), recomputes
 // P^T and dP^T (4 warps, 16 keys each), accumulates grad_values = W^T dO and
@@ -555,28 +555,6 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
   }
 }
 
-// row_dot[row] = grad_context[row] . context[row] in float (the forward's context, in T),
-// one warp per row, 16-byte loads.
-template <typename T, int kDv>
-__global__ void __launch_bounds__(kTensorCoreThreads)
-    row_dot_kernel(const T* grad_context, const T* context, float* row_dot, int64_t rows) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kTensorCoreWarps;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kTensorCoreWarps + threadIdx.x / kWarpSize; row < rows;
-       row += warps) {  // uniform over the warp: every lane reaches the shuffles
-    float sum = 0.f;
-    for (int d = lane * kChunk; d < kDv; d += kWarpSize * kChunk) {
-      float gradient[kChunk], value[kChunk];
-      load_pack<kChunk>(grad_context + row * kDv + d, gradient);
-      load_pack<kChunk>(context + row * kDv + d, value);
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) sum += gradient[i] * value[i];
-    }
-    sum = warp_sum(sum);
-    if (lane == 0) row_dot[row] = sum;
-  }
-}
-
 // grad_query = the float accumulator in T.
 template <typename T>
 __global__ void convert_grad_query_kernel(const float* accumulator, T* grad_query, int64_t total) {
@@ -613,11 +591,7 @@ cudaError_t launch_backward(const AttentionProblem& p, const AttentionBackwardBu
   cudaError_t status = cudaSuccess;
   if (rows > 0) {
     if (b.context != nullptr) {
-      const int64_t blocks = (rows + kTensorCoreWarps - 1) / kTensorCoreWarps;
-      row_dot_kernel<T, kDv><<<grid_for(blocks < 65536 ? blocks : 65536), kTensorCoreThreads, 0, stream>>>(
-          static_cast<const T*>(b.grad_context), static_cast<const T*>(b.context), static_cast<float*>(b.row_dot),
-          rows);
-      status = cudaGetLastError();
+      status = launch_attention_row_dot(p, b.grad_context, b.context, b.row_dot, stream);
     } else {
       status = launch_forward<T, kD, kDv>(p, AttentionForwardBuffers{nullptr, nullptr}, b.grad_context, b.row_dot,
                                           stream);
@@ -694,8 +668,7 @@ cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& p, cons
 cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& p, const AttentionBackwardBuffers& buffers,
                                                   float* grad_query_accumulator, cudaStream_t stream) {
   if (!attention_tensor_core_supported(p, 8) || buffers.grad_weights != nullptr || buffers.grad_center != nullptr ||
-      !aligned_to_16_bytes(buffers.grad_context) ||
-      (buffers.context != nullptr && !aligned_to_16_bytes(buffers.context))) {
+      !aligned_to_16_bytes(buffers.grad_context)) {
     return cudaErrorInvalidValue;
   }
   return dispatch_tensor_core(p, [&](auto element, auto dim, auto value_dim) {

@@ -306,9 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   buffers.grad_center = wants_center ? grad_center.mutable_data_ptr() : nullptr;
   buffers.grad_v_rows = additive ? grad_v_rows.mutable_data_ptr() : nullptr;
   buffers.row_dot = row_dot.mutable_data_ptr();
-  if (context_.defined() && reinterpret_cast<uintptr_t>(context_.const_data_ptr()) % 16 == 0) {
-    buffers.context = context_.const_data_ptr();  // else the tensor-core backward re-runs the forward for row_dot
-  }
+  buffers.context = context_.defined() ? context_.const_data_ptr() : nullptr;
   // The tensor-core forward's problems go to its backward unless grad_weights or grad_center are wanted.
   const bool grad_context_aligned = reinterpret_cast<uintptr_t>(grad_context_.const_data_ptr()) % 16 == 0;
   if (!grad_weights_.defined() && !wants_center && grad_context_aligned && p.query_length >= kTensorCoreMinQueries &&

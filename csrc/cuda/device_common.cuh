@@ -61,7 +61,7 @@ __device__ __forceinline__ void load_pack(const T* source, Acc<T> (&out)[kVec]) 
 template <typename T>
 constexpr int kWideVec = static_cast<int>(16 / sizeof(T));
 
-__device__ __forceinline__ bool aligned16(const void* pointer) {
+__host__ __device__ inline bool aligned16(const void* pointer) {
   return (reinterpret_cast<uintptr_t>(pointer) & 15u) == 0;
 }
 

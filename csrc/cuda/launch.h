@@ -65,8 +65,9 @@ struct AttentionBackwardBuffers {
   void* grad_v_rows = nullptr;         // additive: (N, T, Da) Acc, summed over rows by the caller
   void* row_dot = nullptr;             // scratch (N, T) Acc
   const void* context = nullptr;       // (N, T, Dv) in dtype, or null: the forward's context, from which
-                                       // the tensor-core backward takes row_dot = grad_context . context
-                                       // (without it, it runs the forward again); the others ignore it
+                                       // the backward takes row_dot = grad_context . context (one read of
+                                       // both) instead of a pass over the keys (without grad_weights and
+                                       // grad_center) or, on the tensor cores, the forward run again
 };
 
 // How many blocks split the keys of one query row: 1 when the rows alone fill the
@@ -77,6 +78,10 @@ cudaError_t launch_attention_forward(const AttentionProblem& problem, const Atte
                                      cudaStream_t stream);
 cudaError_t launch_attention_backward(const AttentionProblem& problem, const AttentionBackwardBuffers& buffers,
                                       cudaStream_t stream);
+// row_dot[row] = grad_context[row] . context[row] over the problem's N * T rows of Dv
+// elements (in its dtype; row_dot (N, T) Acc).
+cudaError_t launch_attention_row_dot(const AttentionProblem& problem, const void* grad_context, const void* context,
+                                     void* row_dot, cudaStream_t stream);
 
 // The multi-query forward on the tensor cores (attention_tensor_core.cu): float16 /
 // bfloat16, score "dot", D and Dv in {64, 128}, query / keys / values 16-byte aligned
@@ -89,10 +94,10 @@ constexpr int64_t kTensorCoreMinQueries = 16;
 bool attention_tensor_core_supported(const AttentionProblem& problem, int compute_capability_major);
 cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& problem,
                                                  const AttentionForwardBuffers& buffers, cudaStream_t stream);
-// Its backward, recomputing from logsumexp (grad_context and context, when given,
-// 16-byte aligned): the gradients of launch_attention_backward without grad_weights and
-// grad_center (both must be null; grad_v_rows unused), row_dot as scratch, and
-// grad_query_accumulator a float (N, T, D) scratch.
+// Its backward, recomputing from logsumexp (grad_context 16-byte aligned): the
+// gradients of launch_attention_backward without grad_weights and grad_center (both
+// must be null; grad_v_rows unused), row_dot as scratch, and grad_query_accumulator a
+// float (N, T, D) scratch.
 cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& problem,
                                                   const AttentionBackwardBuffers& buffers,
                                                   float* grad_query_accumulator, cudaStream_t stream);

@@ -260,8 +260,9 @@ def attention_backward_tensor_core(library, grad_context, arguments, logsumexp, 
     return grad_query, grad_keys, grad_values
 
 
-def attention_backward(library, grad_context, grad_weights, arguments, logsumexp):
-    """The six gradients of attention_backward (None where the op returns an empty one)."""
+def attention_backward(library, grad_context, grad_weights, arguments, logsumexp, context=None):
+    """The six gradients of attention_backward (None where the op returns an empty one),
+    given the forward's `context` or not."""
     keep: list = []
     problem = attention_problem(keep, *arguments)
     query, score, center, gaussian = arguments[0], arguments[5], arguments[11], arguments[12]
@@ -276,10 +277,11 @@ def attention_backward(library, grad_context, grad_weights, arguments, logsumexp
     row_dot = torch.empty(batch, steps, dtype=accumulate)
     grad_context = grad_context.contiguous()
     grad_weights = None if grad_weights is None else grad_weights.contiguous()
-    keep.extend([grad_context, grad_weights, logsumexp])
+    context = None if context is None else context.contiguous()
+    keep.extend([grad_context, grad_weights, logsumexp, context])
     buffers = AttentionBackwardBuffers(
         address(grad_context), address(grad_weights), address(logsumexp), address(grad_query), address(grad_keys),
-        address(grad_values), address(grad_center), address(grad_v_rows), address(row_dot))
+        address(grad_values), address(grad_center), address(grad_v_rows), address(row_dot), address(context))
     status = library.emu_attention_backward(ctypes.byref(problem), ctypes.byref(buffers))
     if status != 0:
         raise RuntimeError(f"launch_attention_backward returned {status}")
