@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads)
   A* reduce_scratch = tile_coefficient + kTile;
   A* broadcast = reduce_scratch + kWarps;
 
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
   const int64_t rows = p.batch * p.query_length, D = p.score_dim, Dv = p.value_dim;
   const A minus_infinity = negative_infinity<A>();
   const A* logsumexp = static_cast<const A*>(in.logsumexp);
@@ -110,23 +110,18 @@ __global__ void __launch_bounds__(kThreads)
       if (first < count) {
         PairSums<A> key_sums[kKeysPerWarp], value_sums[kKeysPerWarp];
         pair_sums_of_tile(first, count, tile, key_sums, value_sums);
-        if (lane == 0) {
-#pragma unroll
-          for (int k = 0; k < kKeysPerWarp; ++k) {
-            const int c = first + k;
-            if (c >= count) break;
-            const int64_t j = tile + c;
-            A to_row_dot = A(0), to_center = A(0);
-            if (!p.is_padding(n, j)) {
-              const A dw = value_sums[k].dot + grad_weight_of<T>(in, row * p.source_length + j);
-              const A weight = exp_of(score_of_sums<kScore>(p, key_sums[k]) - lse) * p.gaussian_of(j, center);
-              to_row_dot = weight * dw;
-              if (p.gaussian) to_center = to_row_dot * gaussian_log_slope<A>(j, center, p.window);
-            }
-            tile_a[c] = to_row_dot;
-            tile_b[c] = to_center;
+        for_each_warp_partner(first, count, [&](int k, int c) {
+          const int64_t j = tile + c;
+          A to_row_dot = A(0), to_center = A(0);
+          if (!p.is_padding(n, j)) {
+            const A dw = value_sums[k].dot + grad_weight_of<T>(in, row * p.source_length + j);
+            const A weight = exp_of(score_of_sums<kScore>(p, key_sums[k]) - lse) * p.gaussian_of(j, center);
+            to_row_dot = weight * dw;
+            if (p.gaussian) to_center = to_row_dot * gaussian_log_slope<A>(j, center, p.window);
           }
-        }
+          tile_a[c] = to_row_dot;
+          tile_b[c] = to_center;
+        });
       }
       __syncthreads();
       if (threadIdx.x == 0) {
@@ -150,25 +145,20 @@ __global__ void __launch_bounds__(kThreads)
       if (first < count) {
         PairSums<A> key_sums[kKeysPerWarp], value_sums[kKeysPerWarp];
         pair_sums_of_tile(first, count, tile, key_sums, value_sums);
-        if (lane == 0) {
-#pragma unroll
-          for (int k = 0; k < kKeysPerWarp; ++k) {
-            const int c = first + k;
-            if (c >= count) break;
-            const int64_t j = tile + c;
-            A coefficient = A(0);
-            if (!p.is_padding(n, j)) {
-              const A key_norm = kScore == ScoreKind::kCosine ? clamped_norm(sqrt(key_sums[k].row_sq)) : A(1);
-              const A dw = value_sums[k].dot + grad_weight_of<T>(in, row * p.source_length + j);
-              const A probability = exp_of(score_of_sums<kScore>(p, key_sums[k]) - lse);
-              const A grad_score = softmax_score_gradient(probability, dw * p.gaussian_of(j, center), row_dot);
-              if (kScore == ScoreKind::kDot) coefficient = p.scale * grad_score;
-              if (kScore == ScoreKind::kCosine) coefficient = p.scale * grad_score / key_norm;
-              if (kScore == ScoreKind::kAdditive) coefficient = grad_score;
-            }
-            tile_coefficient[c] = coefficient;
+        for_each_warp_partner(first, count, [&](int k, int c) {
+          const int64_t j = tile + c;
+          A coefficient = A(0);
+          if (!p.is_padding(n, j)) {
+            const A key_norm = kScore == ScoreKind::kCosine ? clamped_norm(sqrt(key_sums[k].row_sq)) : A(1);
+            const A dw = value_sums[k].dot + grad_weight_of<T>(in, row * p.source_length + j);
+            const A probability = exp_of(score_of_sums<kScore>(p, key_sums[k]) - lse);
+            const A grad_score = softmax_score_gradient(probability, dw * p.gaussian_of(j, center), row_dot);
+            if (kScore == ScoreKind::kDot) coefficient = p.scale * grad_score;
+            if (kScore == ScoreKind::kCosine) coefficient = p.scale * grad_score / key_norm;
+            if (kScore == ScoreKind::kAdditive) coefficient = grad_score;
           }
-        }
+          tile_coefficient[c] = coefficient;
+        });
       }
       __syncthreads();
       for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {

@@ -181,6 +181,18 @@ __device__ __forceinline__ void warp_tile_sums(const Acc<T>* resident, RowOf row
   pair_sums_of_rows<kScore, kVec, kKeysPerWarp, T>(resident, rows, v, dim, sums);
 }
 
+// Calls body(k, c) on lane 0 for each of the warp's partners in a tile: k = 0, 1, ...
+// while c = first + k < count (the partners warp_tile_sums summed).
+template <typename Body>
+__device__ __forceinline__ void for_each_warp_partner(int first, int count, Body body) {
+  if (threadIdx.x % kWarpSize != 0) return;
+#pragma unroll
+  for (int k = 0; k < kKeysPerWarp; ++k) {
+    if (first + k >= count) break;
+    body(k, first + k);
+  }
+}
+
 // resident . row over dim by one warp (every lane gets it): dw = grad_context . value.
 template <int kVec, typename T>
 __device__ __forceinline__ Acc<T> warp_dot(const Acc<T>* resident, const T* row, int64_t dim) {

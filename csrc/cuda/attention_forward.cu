@@ -32,11 +32,11 @@ namespace {
 
 // How the keys of a tile are shared out.  Scores: warp w takes the kKeysPerWarp
 // consecutive keys from w * kKeysPerWarp and issues the loads of all of them at once
-// (warp_tile_sums).  Values: `lanes` threads cover a value row, kVec elements each, and the block's
-// `groups` groups of them take the tile's keys in turn (key c to group c % groups),
-// each accumulating its own partial context over kValueUnroll keys' loads in flight,
-// so that a short value row still keeps every thread loading.  A decode step is
-// memory-bound: what it needs is bytes in flight, not arithmetic.
+// (warp_tile_sums).  Values: `lanes` threads cover a value row, kVec elements each,
+// and the block's `groups` groups of them take the tile's keys in turn (key c to group
+// c % groups), each accumulating its own partial context over kValueUnroll keys' loads
+// in flight, so that a short value row still keeps every thread loading.  A decode
+// step is memory-bound: what it needs is bytes in flight, not arithmetic.
 constexpr int kValueUnroll = 8;
 constexpr int64_t kMaxSplits = 256;  // key splits of a row
 
@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kThreads)
   A* tile_weight = tile_probability + kTile;
   A* reduce_scratch = tile_weight + kTile;
 
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
   const int group = threadIdx.x / value_split.lanes, group_lane = threadIdx.x % value_split.lanes;
   const int groups = value_split.groups;
   const int64_t rows = p.batch * p.query_length, splits = out.splits, split = blockIdx.y;
@@ -108,17 +108,12 @@ __global__ void __launch_bounds__(kThreads)
         PairSums<A> sums[kKeysPerWarp];
         warp_tile_sums<kScore, kVec, T>(
             prepared, [&](int c) { return p.key_row(n, tile + c); }, first, count, p.v, p.score_dim, sums);
-        if (lane == 0) {
-#pragma unroll
-          for (int k = 0; k < kKeysPerWarp; ++k) {
-            const int c = first + k;
-            if (c >= count) break;
-            const int64_t j = tile + c;
-            const A score = p.is_padding(n, j) ? minus_infinity : score_of_sums<kScore>(p, sums[k]);
-            tile_score[c] = score;
-            if (scores_out != nullptr) scores_out[row * p.source_length + j] = score;
-          }
-        }
+        for_each_warp_partner(first, count, [&](int k, int c) {
+          const int64_t j = tile + c;
+          const A score = p.is_padding(n, j) ? minus_infinity : score_of_sums<kScore>(p, sums[k]);
+          tile_score[c] = score;
+          if (scores_out != nullptr) scores_out[row * p.source_length + j] = score;
+        });
       }
       __syncthreads();
       A tile_max = minus_infinity;
