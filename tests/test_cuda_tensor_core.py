@@ -1,5 +1,6 @@
 """The tensor-core multi-query attention forward (csrc/cuda/attention_tensor_core.cu,
-mma.cuh) against fastattn.reference under the float16 / bfloat16 2x rule: its error
+mma.cuh), "dot" and "additive", and the "dot" backward, against fastattn.reference
+under the float16 / bfloat16 2x rule: its error
 against the float64 reference is at most twice the reference's own in that dtype,
 plus one rounding of the largest entry.
 
@@ -10,8 +11,9 @@ the PTX ISA defines, while cp.async copies land only when a wait retires them, a
 odd shapes (T and S not multiples of the 64-row and 64-key tiles, so that tail tiles
 are zero-filled; up to 3 row and 4 key tiles, so that the double buffers wrap; every
 mask, causal, local windows with and without the Gaussian, fully masked rows).  With a GPU (marked gpu): the op at
-seq2seq shapes goes to the tensor-core kernel (seen in the profiler) and matches the
-reference, gradients included (the backward recomputes from its logsumexp)."""
+seq2seq shapes goes to the tensor-core kernels (seen in the profiler; additive: the
+forward, its backward through the per-row kernels) and matches the reference, gradients
+included (the backward recomputes from the forward's logsumexp)."""
 
 import pytest
 import torch
@@ -49,34 +51,44 @@ def problem(batch, steps, source, dim, value_dim, mode, *, seed=0, device="cpu")
     return query.to(device), keys.to(device), values.to(device), masking
 
 
-def reference_context(query, keys, values, masking, scale, dtype):
-    """fastattn.reference's context with every input in `dtype`."""
+def additive_vectors(dim, seed=9):
+    """float64 (v, bias) of the additive score."""
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(dim, generator=generator, dtype=torch.float64) for _ in range(2))
+
+
+def reference_context(query, keys, values, masking, scale, dtype, additive=None):
+    """fastattn.reference's context with every input in `dtype`: the scaled_dot score, or
+    the additive one with additive = (v, bias)."""
     cast = {name: value.to(dtype) if name == "center" else value for name, value in masking.items()}
     with fastattn.backend("reference"):
+        if additive is not None:
+            v, bias = (tensor.to(query.device, dtype) for tensor in additive)
+            return fastattn.additive_attention(query.to(dtype), keys.to(dtype), v, values.to(dtype), bias=bias, **cast)
         return fastattn.attention(query.to(dtype), keys.to(dtype), values.to(dtype), score="scaled_dot", scale=scale,
                                   **cast)
 
 
-def assert_twice_the_reference_error(actual, query, keys, values, masking, scale, dtype):
-    exact = reference_context(query, keys, values, masking, scale, torch.float64)
-    in_dtype = reference_context(query, keys, values, masking, scale, dtype)
+def assert_twice_the_reference_error(actual, query, keys, values, masking, scale, dtype, additive=None):
+    exact = reference_context(query, keys, values, masking, scale, torch.float64, additive)
+    in_dtype = reference_context(query, keys, values, masking, scale, dtype, additive)
     kernel_error = (actual.double().cpu() - exact.cpu()).abs().max()
     reference_error = (in_dtype.double().cpu() - exact.cpu()).abs().max()
     bound = 2 * reference_error + torch.finfo(dtype).eps * exact.abs().max().cpu()
     assert kernel_error <= bound, (float(kernel_error), float(reference_error))
 
 
-def reference_gradients(query, keys, values, masking, scale, dtype, grad_context):
+def reference_gradients(query, keys, values, masking, scale, dtype, grad_context, additive=None):
     """fastattn.reference's (grad_query, grad_keys, grad_values) with every input in `dtype`."""
     leaves = [tensor.to(dtype).requires_grad_() for tensor in (query, keys, values)]
-    context = reference_context(*leaves, masking, scale, dtype)
+    context = reference_context(*leaves, masking, scale, dtype, additive)
     return torch.autograd.grad(context, leaves, grad_context.to(dtype))
 
 
 def assert_gradients_within_twice_the_reference_error(actual, query, keys, values, masking, scale, dtype,
-                                                      grad_context):
-    exact = reference_gradients(query, keys, values, masking, scale, torch.float64, grad_context)
-    in_dtype = reference_gradients(query, keys, values, masking, scale, dtype, grad_context)
+                                                      grad_context, additive=None):
+    exact = reference_gradients(query, keys, values, masking, scale, torch.float64, grad_context, additive)
+    in_dtype = reference_gradients(query, keys, values, masking, scale, dtype, grad_context, additive)
     for name, got, want, reference_run in zip(("query", "keys", "values"), actual, exact, in_dtype):
         kernel_error = (got.double().cpu() - want.cpu()).abs().max()
         reference_error = (reference_run.double().cpu() - want.cpu()).abs().max()
@@ -84,11 +96,14 @@ def assert_gradients_within_twice_the_reference_error(actual, query, keys, value
         assert kernel_error <= bound, (f"grad_{name}", float(kernel_error), float(reference_error))
 
 
-def op_arguments(query, keys, values, masking, scale, dtype):
-    """attention_forward's arguments (without return_weights) for the "dot" kernel score."""
+def op_arguments(query, keys, values, masking, scale, dtype, additive=None):
+    """attention_forward's arguments (without return_weights) for the "dot" kernel score,
+    or the "additive" one with additive = (v, bias)."""
     center = masking.get("center")
     gaussian = masking.get("gaussian")
-    return [query.to(dtype), keys.to(dtype), values.to(dtype), None, None, "dot", scale, masking.get("lengths"),
+    v, bias = (None, None) if additive is None else (tensor.to(query.device, dtype) for tensor in additive)
+    score = "dot" if additive is None else "additive"
+    return [query.to(dtype), keys.to(dtype), values.to(dtype), v, bias, score, scale, masking.get("lengths"),
             masking.get("key_padding_mask"), masking.get("causal", False), masking.get("window"),
             None if center is None else center.to(dtype), center is not None if gaussian is None else gaussian]
 
@@ -142,11 +157,50 @@ def test_emulated_tensor_core_kernels_are_within_twice_the_reference_error(emula
                                                           grad_context)
 
 
+EMULATED_ADDITIVE_CASES = [  # (N, T, S, D, Dv), mode, dtype
+    ((2, 21, 37, 64, 64), "lengths", torch.bfloat16),           # batch 0 fully masked
+    ((2, 70, 70, 128, 64), "causal", torch.float16),            # 2 row tiles, 2 key tiles, tiles skipped
+    ((2, 19, 45, 64, 128), "local_p", torch.bfloat16),          # windows with the Gaussian
+    ((1, 67, 131, 128, 128), "key_padding_mask", torch.float16),  # 3 key tiles, the last one of 3 keys
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("shape", "mode", "dtype"), EMULATED_ADDITIVE_CASES,
+                         ids=[f"{mode}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}"
+                              for shape, mode, dtype in EMULATED_ADDITIVE_CASES])
+def test_emulated_additive_tile_forward_is_within_twice_the_reference_error(emulated, shape, mode, dtype):
+    """The additive score on the tensor-core forward (the scores on the FMA / SFU units,
+    P V on the tensor cores), then the backward the binding runs for it: the per-row
+    kernels of attention_backward.cu from the tile's logsumexp and context."""
+    additive = additive_vectors(shape[3])
+    query, keys, values, masking = problem(*shape, mode)
+    arguments = op_arguments(query, keys, values, masking, 1.0, dtype, additive)
+    result = emulation.attention_forward_tensor_core(emulated, arguments)
+    assert result is not None, "the forward must take float16 / bfloat16 additive problems with D, Dv in {64, 128}"
+    context, logsumexp = result
+    assert not context.isnan().any() and not logsumexp.isnan().any()
+    assert_twice_the_reference_error(context, query, keys, values, masking, 1.0, dtype, additive)
+    want = torch.ops.fastattn.attention_forward(*arguments, False)[2]
+    assert torch.equal(torch.isneginf(logsumexp), torch.isneginf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(logsumexp[finite], want[finite], rtol=1e-5, atol=1e-5)
+    grad_context = torch.randn(context.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="launch_attention_backward_tensor_core"):
+        emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp, context)
+    grads = emulation.attention_backward(emulated, grad_context.to(dtype), None, arguments, logsumexp, context)[:3]
+    assert not any(grad.isnan().any() for grad in grads)
+    assert_gradients_within_twice_the_reference_error(grads, query, keys, values, masking, 1.0, dtype, grad_context,
+                                                      additive)
+
+
 @pytest.mark.slow
 def test_emulated_tensor_core_refuses_what_it_does_not_handle(emulated):
     query, keys, values, masking = problem(1, 20, 20, 64, 64, "global")
-    for dtype, dim, score in ((torch.float32, 64, "dot"), (torch.float16, 32, "dot"), (torch.float16, 64, "cosine")):
-        arguments = op_arguments(query[..., :dim], keys[..., :dim], values, masking, 0.5, dtype)
+    for dtype, dim, score in ((torch.float32, 64, "dot"), (torch.float16, 32, "dot"), (torch.float16, 64, "cosine"),
+                              (torch.float32, 64, "additive"), (torch.float16, 32, "additive")):
+        additive = additive_vectors(dim) if score == "additive" else None
+        arguments = op_arguments(query[..., :dim], keys[..., :dim], values, masking, 0.5, dtype, additive)
         arguments[5] = score
         assert emulation.attention_forward_tensor_core(emulated, arguments) is None, (dtype, dim, score)
 
@@ -162,14 +216,21 @@ def launched_kernels(function):
     return {event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA}
 
 
+GPU_CASES = [("dot", 64, "lengths"), ("dot", 128, "causal"), ("dot", 64, "local_p_plain"),
+             ("dot", 128, "local_m_gaussian"), ("additive", 128, "lengths"), ("additive", 64, "causal"),
+             ("additive", 128, "local_p")]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("dim", "mode"), [(64, "lengths"), (128, "causal"), (64, "local_p_plain"), (128, "local_m_gaussian")])
+@pytest.mark.parametrize(("score", "dim", "mode"), GPU_CASES)
 @gpu
-def test_multi_query_dot_runs_on_the_tensor_cores_and_matches_the_reference(dim, mode, dtype):
-    """Seq2seq shapes (T, S <= 512): forward and backward through the tensor-core
-    kernels (seen in the profiler), both within twice the reference's error."""
+def test_multi_query_attention_runs_on_the_tensor_core_kernels_and_matches_the_reference(score, dim, mode, dtype):
+    """Seq2seq shapes (T, S <= 512): the forward through the tensor-core kernel, the
+    backward through it too for dot and through the per-row kernels for additive (seen in
+    the profiler), both within twice the reference's error."""
     steps, source = (300, 300) if mode == "causal" else (200, 300)
-    scale = dim**-0.5
+    additive = additive_vectors(dim, seed=8) if score == "additive" else None
+    scale = 1.0 if additive else dim**-0.5
     query, keys, values, masking = problem(4, steps, source, dim, dim, mode, seed=3, device=DEVICE)
     leaves = [tensor.to(dtype).requires_grad_() for tensor in (query, keys, values)]
     masking_low = {name: value.to(dtype) if name == "center" else value for name, value in masking.items()}
@@ -179,16 +240,21 @@ def test_multi_query_dot_runs_on_the_tensor_cores_and_matches_the_reference(dim,
 
     def forward_and_backward():
         with fastattn.backend("cuda"):
-            results["context"] = fastattn.attention(*leaves, score="scaled_dot", scale=scale, **masking_low)
+            if additive:
+                v, bias = (tensor.to(DEVICE, dtype) for tensor in additive)
+                results["context"] = fastattn.additive_attention(*leaves[:2], v, leaves[2], bias=bias, **masking_low)
+            else:
+                results["context"] = fastattn.attention(*leaves, score="scaled_dot", scale=scale, **masking_low)
         results["grads"] = torch.autograd.grad(results["context"], leaves, grad_context.to(dtype))
 
     names = launched_kernels(forward_and_backward)
     assert any("attention_forward_tensor_core" in name for name in names), names
-    assert any("attention_backward_tensor_core" in name for name in names), names
+    assert any("attention_backward_tensor_core" in name for name in names) == (not additive), names
+    assert any("backward_rows_kernel" in name for name in names) == bool(additive), names
     assert any("row_dot_kernel" in name for name in names), names  # autograd passes the context
-    assert_twice_the_reference_error(results["context"], query, keys, values, masking, scale, dtype)
+    assert_twice_the_reference_error(results["context"], query, keys, values, masking, scale, dtype, additive)
     assert_gradients_within_twice_the_reference_error(results["grads"], query, keys, values, masking, scale, dtype,
-                                                      grad_context)
+                                                      grad_context, additive)
 
 
 @gpu

@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < kVec; ++i) {
             if (kScore == ScoreKind::kAdditive) {
-              const A u = additive_tanh<T>(prepared[d + i] + key[i]);
+              const A u = additive_tanh<T, kVec>(prepared[d + i] + key[i], d, i);
               grad_query[d + i] += coefficient * v_part[i] * tanh_derivative(u);
               grad_v[d + i] += coefficient * u;
             } else {
@@ -295,7 +295,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < kVec; ++i) {
             if (kScore == ScoreKind::kAdditive) {
-              grad_key[d + i] += coefficient * v_part[i] * tanh_derivative(additive_tanh<T>(resident[d + i] + query[i]));
+              const A u = additive_tanh<T, kVec>(resident[d + i] + query[i], d, i);
+              grad_key[d + i] += coefficient * v_part[i] * tanh_derivative(u);
             } else {
               grad_key[d + i] += coefficient * query[i];
             }

@@ -18,10 +18,12 @@
 // max and sum, and combine_splits_kernel merges them.  With weights, the scores go to
 // an (N, T, S) scratch and attention_weights_kernel turns them into
 // exp(score - logsumexp) * Gaussian.
-// The additive tanh: tanh.approx.f32 for float16 / bfloat16, the project's rational
-// tanh for float32, libm's for float64 (additive_tanh).
+// The additive tanh (additive_tanh): float16 / bfloat16 split between tanh.approx.f32
+// on the special-function unit (7 features in 8) and the project's rational tanh on the
+// FMA units (the 8th), the rational tanh for float32, libm's for float64.
 // Not handled: tensor cores (the scores are warp dot products, memory-bound at decode
-// shapes, not at large multi-query shapes); an SFU / FMA split of the tanh.  Shared
+// shapes; multi-query 16-bit dot and additive problems of head dims 64 / 128 go to
+// attention_tensor_core.cu, where the query rows of a tile share each key load).  Shared
 // memory holds D + groups x Dv accumulators (groups x Dv <= max(Dv, 128 x kVec)):
 // D + Dv above about 50k float elements does not fit and the launch reports an error.
 #include "attention_device.cuh"

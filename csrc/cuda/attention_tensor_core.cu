@@ -1,12 +1,18 @@
 // attention_tensor_core.cu: the multi-query forward and backward of the fused
-// soft-attention op (attention_forward / attention_backward in csrc/ops.cpp) for the
-// "dot" kernel score on the tensor cores, flash-attention-2 style: float16 / bfloat16
-// inputs, head dims D, Dv in {64, 128}, float accumulation (mma.cuh's m16n8k16
-// mma.sync).
+// soft-attention op (attention_forward / attention_backward in csrc/ops.cpp) on the
+// tensor cores, flash-attention-2 style: float16 / bfloat16 inputs, head dims D, Dv in
+// {64, 128}, float accumulation (mma.cuh's m16n8k16 mma.sync).  The "dot" kernel score
+// forward and backward; the "additive" score forward.
 //
-// Forward: Q K^T -> scale -> masks -> online softmax -> Gaussian -> P V for a tile of
-// kBlockRows query rows per block (4 warps, 16 rows each; the Q fragments stay in
-// registers) over tiles of kBlockKeys keys staged in shared memory by cp.async, double
+// Forward: scores -> masks -> online softmax -> Gaussian -> P V for a tile of
+// kBlockRows query rows per block (4 warps, 16 rows each) over tiles of kBlockKeys
+// keys.  Dot: Q K^T on the tensor cores, times the scale (the Q fragments stay in
+// registers).  Additive: v . tanh(q + bias + k) on the FMA and special-function units
+// (additive_tile_scores: each lane sums the pairs its score accumulators hold, 2 rows x
+// 16 keys, so that one 16-byte key load serves 2 rows and one query load 16 keys; the
+// tanh split 7:1 between tanh.approx and the rational tanh, additive_tanh), which is
+// what bounds it; the softmax and P V as for dot.  Key and value tiles are staged in
+// shared memory by cp.async, double
 // buffered so that the next key tile's copies overlap this tile's MMAs (rows
 // row-major, padded to keep ldmatrix 16-byte aligned and free of bank conflicts;
 // ldmatrix.trans reads V's B fragments; tail tiles zero-filled, never read past the
@@ -24,10 +30,11 @@
 // P^T and dP^T (4 warps, 16 keys each), accumulates grad_values = W^T dO and
 // grad_keys = dS^T Q in registers and adds grad_query = dS K into a float scratch with
 // atomics, converted to the input dtype at the end.
-// Not handled (attention_tensor_core_supported says no; the binding keeps
-// attention_forward.cu / attention_backward.cu): other scores and dtypes, other head
-// dims, unaligned rows, the weights output and its gradient, grad_center (local-p with
-// the Gaussian).  No warp specialisation, WGMMA or TMA (sm_80 instructions on sm_90a too).
+// Not handled (attention_tensor_core_supported / _backward_supported say no; the
+// binding keeps attention_forward.cu / attention_backward.cu): other scores and dtypes,
+// other head dims, unaligned rows, the weights output and its gradient, grad_center
+// (local-p with the Gaussian), the additive backward.  No warp specialisation, WGMMA or
+// TMA (sm_80 instructions on sm_90a too).
 #include "attention_device.cuh"
 #include "mma.cuh"
 
@@ -43,13 +50,20 @@ constexpr int kBlockKeys = 64;                               // keys per tile
 constexpr int kSkew = 8;                                     // padding per shared row (bank spread)
 constexpr int kChunk = 8;                                    // elements per 16-byte load
 
+// Floats of v and bias (additive only) in the forward's shared memory.
+template <ScoreKind kScore, int kD>
+constexpr int additive_vector_floats() {
+  return kScore == ScoreKind::kAdditive ? 2 * kD : 0;
+}
+
 // Shared memory: row_begin, row_end (int64) | row_center (float) | key_hidden (int,
-// two stages) | Q tile (kBlockRows x (kD + kSkew)) | two stages of a K tile
-// (kBlockKeys x (kD + kSkew)) and a V tile (kBlockKeys x (kDv + kSkew)), all in T;
-// every tile row 16-byte aligned.
-template <int kD, int kDv>
+// two stages) | v, bias (float, additive only) | Q tile (kBlockRows x (kD + kSkew)) |
+// two stages of a K tile (kBlockKeys x (kD + kSkew)) and a V tile (kBlockKeys x
+// (kDv + kSkew)), all in T; every tile row 16-byte aligned.
+template <ScoreKind kScore, int kD, int kDv>
 constexpr size_t tensor_core_shared_bytes() {
   return 2 * sizeof(int64_t) * kBlockRows + sizeof(float) * kBlockRows + 2 * sizeof(int) * kBlockKeys +
+         sizeof(float) * additive_vector_floats<kScore, kD>() +
          2 * (static_cast<size_t>(kBlockRows) * (kD + kSkew) +
               2 * static_cast<size_t>(kBlockKeys) * (kD + kSkew + kDv + kSkew));
 }
@@ -116,6 +130,43 @@ __device__ __forceinline__ void warp_fragment_times_rows(float (&product)[kColum
   }
 }
 
+// score[nt][r] += v . tanh(q + bias + k) over the kD features for the pairs of this
+// lane's accumulators (rows group and group + 8 of the warp's 16 at `warp_rows`, keys
+// 8 nt + 2 column + r % 2 of the tile at `key_tile`; both row-major with stride
+// kStride in shared memory), v and bias floats in shared memory.  Per 8 features a
+// lane loads its 2 query rows once and each of its 16 keys once, and takes 256 tanh.
+template <typename T, int kD, int kStride>
+__device__ __forceinline__ void additive_tile_scores(float (&score)[kBlockKeys / 8][4], const T* warp_rows,
+                                                     const T* key_tile, const float* v, const float* bias) {
+  const int lane = threadIdx.x % kWarpSize, group = lane / 4, column = lane % 4;
+  const T* top = warp_rows + group * kStride;
+#pragma unroll 1
+  for (int d = 0; d < kD; d += kChunk) {
+    float query[2][kChunk];
+    load_pack<kChunk>(top + d, query[0]);
+    load_pack<kChunk>(top + 8 * kStride + d, query[1]);
+    const float* weight = v + d;
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+      query[0][i] += bias[d + i];
+      query[1][i] += bias[d + i];
+    }
+#pragma unroll
+    for (int nt = 0; nt < kBlockKeys / 8; ++nt) {
+#pragma unroll
+      for (int side = 0; side < 2; ++side) {
+        float key[kChunk];
+        load_pack<kChunk>(key_tile + (nt * 8 + 2 * column + side) * kStride + d, key);
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) {
+          score[nt][side] += weight[i] * additive_tanh<T, kChunk>(query[0][i] + key[i], d, i);
+          score[nt][2 + side] += weight[i] * additive_tanh<T, kChunk>(query[1][i] + key[i], d, i);
+        }
+      }
+    }
+  }
+}
+
 // The key range and window center of each query row first_row + r (r < kBlockRows)
 // of batch n into shared arrays (empty ranges past the last row), by the first
 // kBlockRows threads; the caller synchronises.
@@ -137,10 +188,11 @@ __device__ __forceinline__ void load_row_ranges(const DeviceProblem<T>& p, int64
 
 // The forward; with row_dot not null it also writes row_dot[row] = grad_context[row] .
 // context[row] (float, before rounding), and out.context / out.logsumexp may be null.
-template <typename T, int kD, int kDv>
+template <typename T, ScoreKind kScore, int kD, int kDv>
 __global__ void __launch_bounds__(kTensorCoreThreads)
     attention_forward_tensor_core_kernel(DeviceProblem<T> p, AttentionForwardBuffers out, const T* grad_context,
                                          float* row_dot) {
+  constexpr bool kAdditive = kScore == ScoreKind::kAdditive;
   constexpr int kKeyStride = kD + kSkew, kValueStride = kDv + kSkew;
   constexpr int kStageElements = kBlockKeys * (kKeyStride + kValueStride);  // one K and one V tile
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -148,8 +200,16 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
   int64_t* row_end = row_begin + kBlockRows;
   float* row_center = reinterpret_cast<float*>(row_end + kBlockRows);
   int* key_hidden_stages = reinterpret_cast<int*>(row_center + kBlockRows);
-  T* query_tile = reinterpret_cast<T*>(key_hidden_stages + 2 * kBlockKeys);
+  float* additive_v = reinterpret_cast<float*>(key_hidden_stages + 2 * kBlockKeys);
+  float* additive_bias = additive_v + kD;
+  T* query_tile = reinterpret_cast<T*>(additive_v + additive_vector_floats<kScore, kD>());
   T* key_value_stages = query_tile + kBlockRows * kKeyStride;  // K tile, then V tile, per stage
+  if constexpr (kAdditive) {  // read after the first work item's synchronisation
+    for (int d = threadIdx.x; d < kD; d += kTensorCoreThreads) {
+      additive_v[d] = to_acc(p.v[d]);
+      additive_bias[d] = p.bias != nullptr ? to_acc(p.bias[d]) : 0.f;
+    }
+  }
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, group = lane / 4, column = lane % 4;
   const float minus_infinity = negative_infinity<float>();
@@ -190,10 +250,12 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
     const int64_t begin[2] = {row_begin[top], row_begin[top + 8]};
     const int64_t end[2] = {row_end[top], row_end[top + 8]};
     const float center[2] = {row_center[top], row_center[top + 8]};
-    uint32_t query_fragment[kD / 16][4];
+    uint32_t query_fragment[kAdditive ? 1 : kD / 16][4];
+    if constexpr (!kAdditive) {
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      load_fragment_a(query_fragment[kk], query_tile + warp * kWarpRows * kKeyStride + kk * 16, kKeyStride);
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        load_fragment_a(query_fragment[kk], query_tile + warp * kWarpRows * kKeyStride + kk * 16, kKeyStride);
+      }
     }
     OnlineSoftmax<float> softmax[2];  // the sums are this lane's share until the end
     float context[kDv / 8][4];
@@ -219,18 +281,23 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
 #pragma unroll
         for (int r = 0; r < 4; ++r) score[nt][r] = 0.f;
       }
+      if constexpr (kAdditive) {
+        additive_tile_scores<T, kD, kKeyStride>(score, query_tile + warp * kWarpRows * kKeyStride, key_tile,
+                                                additive_v, additive_bias);
+      } else {
 #pragma unroll
-      for (int nt = 0; nt < kBlockKeys / 8; nt += 2) {
+        for (int nt = 0; nt < kBlockKeys / 8; nt += 2) {
 #pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) {
-          uint32_t key_fragments[2][2];
-          load_fragments_b(key_fragments, key_tile + nt * 8 * kKeyStride + kk * 16, kKeyStride);
-          mma_m16n8k16<T>(score[nt], query_fragment[kk], key_fragments[0]);
-          mma_m16n8k16<T>(score[nt + 1], query_fragment[kk], key_fragments[1]);
+          for (int kk = 0; kk < kD / 16; ++kk) {
+            uint32_t key_fragments[2][2];
+            load_fragments_b(key_fragments, key_tile + nt * 8 * kKeyStride + kk * 16, kKeyStride);
+            mma_m16n8k16<T>(score[nt], query_fragment[kk], key_fragments[0]);
+            mma_m16n8k16<T>(score[nt + 1], query_fragment[kk], key_fragments[1]);
+          }
         }
       }
 
-      // Scale and mask; each row's maximum over the tile (the 4 lanes of a group share a row).
+      // Scale (dot) and mask; each row's maximum over the tile (the 4 lanes of a group share a row).
       float tile_max[2] = {minus_infinity, minus_infinity};
 #pragma unroll
       for (int nt = 0; nt < kBlockKeys / 8; ++nt) {
@@ -239,7 +306,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
           const int half = r / 2, key = nt * 8 + 2 * column + r % 2;
           const int64_t j = tile + key;
           const bool visible = j >= begin[half] && j < end[half] && !key_hidden[key];
-          score[nt][r] = visible ? score[nt][r] * p.scale : minus_infinity;
+          score[nt][r] = visible ? (kAdditive ? score[nt][r] : score[nt][r] * p.scale) : minus_infinity;
           tile_max[half] = score[nt][r] > tile_max[half] ? score[nt][r] : tile_max[half];
         }
       }
@@ -571,11 +638,11 @@ cudaError_t allow_shared_bytes(Kernel kernel, size_t shared) {
 }
 
 // The forward kernel on every (batch, query tile); see its row_dot mode.
-template <typename T, int kD, int kDv>
+template <typename T, ScoreKind kScore, int kD, int kDv>
 cudaError_t launch_forward(const AttentionProblem& p, const AttentionForwardBuffers& out, const void* grad_context,
                            void* row_dot, cudaStream_t stream) {
-  constexpr size_t shared = tensor_core_shared_bytes<kD, kDv>();
-  auto kernel = attention_forward_tensor_core_kernel<T, kD, kDv>;
+  constexpr size_t shared = tensor_core_shared_bytes<kScore, kD, kDv>();
+  auto kernel = attention_forward_tensor_core_kernel<T, kScore, kD, kDv>;
   const cudaError_t status = allow_shared_bytes(kernel, shared);
   if (status != cudaSuccess) return status;
   const int64_t work = p.batch * ((p.query_length + kBlockRows - 1) / kBlockRows);
@@ -593,8 +660,8 @@ cudaError_t launch_backward(const AttentionProblem& p, const AttentionBackwardBu
     if (b.context != nullptr) {
       status = launch_attention_row_dot(p, b.grad_context, b.context, b.row_dot, stream);
     } else {
-      status = launch_forward<T, kD, kDv>(p, AttentionForwardBuffers{nullptr, nullptr}, b.grad_context, b.row_dot,
-                                          stream);
+      status = launch_forward<T, ScoreKind::kDot, kD, kDv>(p, AttentionForwardBuffers{nullptr, nullptr},
+                                                           b.grad_context, b.row_dot, stream);
     }
     if (status != cudaSuccess) return status;
     status = cudaMemsetAsync(grad_query_accumulator, 0, sizeof(float) * static_cast<size_t>(rows * kD), stream);
@@ -647,10 +714,14 @@ bool aligned_to_16_bytes(const void* pointer) { return (reinterpret_cast<uintptr
 
 bool attention_tensor_core_supported(const AttentionProblem& p, int compute_capability_major) {
   const bool half_precision = p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16;
-  return compute_capability_major >= 8 && half_precision && p.score == ScoreKind::kDot &&
-         head_dim_supported(p.score_dim) && head_dim_supported(p.value_dim) && p.keys_batch_stride % kChunk == 0 &&
+  const bool score = p.score == ScoreKind::kDot || (p.score == ScoreKind::kAdditive && p.v != nullptr);
+  return compute_capability_major >= 8 && half_precision && score && head_dim_supported(p.score_dim) && head_dim_supported(p.value_dim) && p.keys_batch_stride % kChunk == 0 &&
          p.values_batch_stride % kChunk == 0 && aligned_to_16_bytes(p.query) && aligned_to_16_bytes(p.keys) &&
          aligned_to_16_bytes(p.values);
+}
+
+bool attention_tensor_core_backward_supported(const AttentionProblem& p, int compute_capability_major) {
+  return p.score == ScoreKind::kDot && attention_tensor_core_supported(p, compute_capability_major);
 }
 
 cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& p, const AttentionForwardBuffers& out,
@@ -660,14 +731,19 @@ cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& p, cons
   }
   if (p.batch * p.query_length == 0) return cudaSuccess;
   return dispatch_tensor_core(p, [&](auto element, auto dim, auto value_dim) {
-    return launch_forward<decltype(element), decltype(dim)::value, decltype(value_dim)::value>(p, out, nullptr,
-                                                                                               nullptr, stream);
+    using T = decltype(element);
+    constexpr int kD = decltype(dim)::value, kDv = decltype(value_dim)::value;
+    if (p.score == ScoreKind::kAdditive) {
+      return launch_forward<T, ScoreKind::kAdditive, kD, kDv>(p, out, nullptr, nullptr, stream);
+    }
+    return launch_forward<T, ScoreKind::kDot, kD, kDv>(p, out, nullptr, nullptr, stream);
   });
 }
 
 cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& p, const AttentionBackwardBuffers& buffers,
                                                   float* grad_query_accumulator, cudaStream_t stream) {
-  if (!attention_tensor_core_supported(p, 8) || buffers.grad_weights != nullptr || buffers.grad_center != nullptr ||
+  if (!attention_tensor_core_backward_supported(p, 8) || buffers.grad_weights != nullptr ||
+      buffers.grad_center != nullptr ||
       !aligned_to_16_bytes(buffers.grad_context)) {
     return cudaErrorInvalidValue;
   }

@@ -11,8 +11,9 @@
 // elsewhere) when the shape fits the device and FASTATTN_CUDA_PERSISTENT_RNN is not "0";
 // otherwise per step, h W_hh^T in ATen and the pointwise step in recurrent_pointwise.cu.  Attention computes float16 / bfloat16 natively (float
 // accumulation); the recurrent ops compute them in float32 and return the input dtype.
-// Multi-query (T >= kTensorCoreMinQueries) float16 / bfloat16 "dot" attention with head
-// dims 64 / 128 runs on the tensor cores (attention_tensor_core.cu) unless the weights,
+// Multi-query (T >= kTensorCoreMinQueries) float16 / bfloat16 "dot" and "additive"
+// attention with head dims 64 / 128 runs forward on the tensor cores
+// (attention_tensor_core.cu) unless the weights are wanted, and "dot" backward too unless
 // their gradient or grad_center are wanted.
 // attention_decoder_step_inference runs the one-launch kernel of decoder_step.cu where it
 // covers the step (FASTATTN_CUDA_FUSED_DECODER_STEP=0 turns it off) and the composed
@@ -234,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
     out.weights = weights.mutable_data_ptr();
     out.scores = scores.mutable_data_ptr();
   }
-  // Multi-query float16 / bfloat16 "dot" problems without weights go to the tensor cores.
+  // Multi-query float16 / bfloat16 "dot" and "additive" problems without weights go to the tensor cores.
   if (!return_weights && p.query_length >= kTensorCoreMinQueries &&
       attention_tensor_core_supported(p, compute_capability_major(query))) {
     check_launch(op, launch_attention_forward_tensor_core(p, out, current_stream()));
@@ -307,10 +308,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   buffers.grad_v_rows = additive ? grad_v_rows.mutable_data_ptr() : nullptr;
   buffers.row_dot = row_dot.mutable_data_ptr();
   buffers.context = context_.defined() ? context_.const_data_ptr() : nullptr;
-  // The tensor-core forward's problems go to its backward unless grad_weights or grad_center are wanted.
+  // The tensor-core forward's "dot" problems go to its backward unless grad_weights or grad_center are wanted.
   const bool grad_context_aligned = reinterpret_cast<uintptr_t>(grad_context_.const_data_ptr()) % 16 == 0;
   if (!grad_weights_.defined() && !wants_center && grad_context_aligned && p.query_length >= kTensorCoreMinQueries &&
-      attention_tensor_core_supported(p, compute_capability_major(query))) {
+      attention_tensor_core_backward_supported(p, compute_capability_major(query))) {
     at::Tensor grad_query_accumulator = at::empty({p.batch, p.query_length, p.score_dim}, accumulate);
     check_launch(op, launch_attention_backward_tensor_core(p, buffers, grad_query_accumulator.mutable_data_ptr<float>(),
                                                            current_stream()));

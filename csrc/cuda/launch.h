@@ -84,7 +84,8 @@ cudaError_t launch_attention_row_dot(const AttentionProblem& problem, const void
                                      void* row_dot, cudaStream_t stream);
 
 // The multi-query forward on the tensor cores (attention_tensor_core.cu): float16 /
-// bfloat16, score "dot", D and Dv in {64, 128}, query / keys / values 16-byte aligned
+// bfloat16, score "dot" or "additive" (v given), D and Dv in {64, 128}, query / keys /
+// values 16-byte aligned
 // with batch strides of multiples of 8 elements, on a device of compute capability
 // 8.0 or later.  It writes context and logsumexp as launch_attention_forward does;
 // buffers.weights must be null and buffers.splits 1 (anything else:
@@ -94,10 +95,13 @@ constexpr int64_t kTensorCoreMinQueries = 16;
 bool attention_tensor_core_supported(const AttentionProblem& problem, int compute_capability_major);
 cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& problem,
                                                  const AttentionForwardBuffers& buffers, cudaStream_t stream);
-// Its backward, recomputing from logsumexp (grad_context 16-byte aligned): the
+// Its backward, for the "dot" problems of attention_tensor_core_supported
+// (attention_tensor_core_backward_supported), recomputing from logsumexp (grad_context
+// 16-byte aligned): the
 // gradients of launch_attention_backward without grad_weights and grad_center (both
 // must be null; grad_v_rows unused), row_dot as scratch, and grad_query_accumulator a
 // float (N, T, D) scratch.
+bool attention_tensor_core_backward_supported(const AttentionProblem& problem, int compute_capability_major);
 cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& problem,
                                                   const AttentionBackwardBuffers& buffers,
                                                   float* grad_query_accumulator, cudaStream_t stream);
