@@ -97,11 +97,13 @@ __device__ __forceinline__ void wait_for_current_stage(bool next_in_flight) {
 
 // product[nt] (the 16 x 8 output tiles nt of one warp) += A B^T over kDepth: A the
 // warp's 16 rows at `a` (row-major, stride a_stride), B kColumns rows at `b` (row-major,
-// stride b_stride), both in shared memory.
+// stride b_stride), both in shared memory.  Two 16-deep steps at a time: unrolled
+// further, the compiler hoists every step's fragment loads and the backward's
+// accumulators no longer fit in the registers.
 template <typename T, int kDepth, int kColumns>
 __device__ __forceinline__ void warp_rows_times_rows(float (&product)[kColumns / 8][4], const T* a, int a_stride,
                                                      const T* b, int b_stride) {
-#pragma unroll
+#pragma unroll 2
   for (int kk = 0; kk < kDepth / 16; ++kk) {
     uint32_t a_fragment[4];
     load_fragment_a(a_fragment, a + kk * 16, a_stride);
@@ -513,55 +515,70 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       const T* grad_tile = query_tile + kBlockRows * kKeyStride;
       T* score_grad_tile = query_grad_stages + stage * kStageElements + kBlockRows * kKeyStride;  // dS, once dO is used
 
-      // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and the tile's queries.
-      float score[kBlockRows / 8][4], probability_grad[kBlockRows / 8][4];
+      // For each half of the tile's queries (32 at a time, so that the half's S^T and dP^T
+      // accumulators, not the whole tile's, live beside grad_keys and grad_values):
+      // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys, then alpha =
+      // exp(e - logsumexp) on visible pairs, w = alpha g and scale * dS =
+      // scale * alpha (g dP - row_dot), then grad_values += W^T dO and grad_keys +=
+      // dS^T Q, 16 queries at a time.  dS stays packed in T (the A fragments) until
+      // every warp is done with the dO tile it replaces.
+      constexpr int kHalfRows = kBlockRows / 2;
+      uint32_t transposed_score_grad[kBlockRows / 16][4];  // dS^T, A fragments of 16 queries each
 #pragma unroll
-      for (int nt = 0; nt < kBlockRows / 8; ++nt) {
+      for (int half = 0; half < 2; ++half) {
+        const int first_query = half * kHalfRows;
+        float score[kHalfRows / 8][4], probability_grad[kHalfRows / 8][4];
 #pragma unroll
-        for (int r = 0; r < 4; ++r) score[nt][r] = probability_grad[nt][r] = 0.f;
-      }
-      warp_rows_times_rows<T, kD, kBlockRows>(score, key_tile + warp * kWarpRows * kKeyStride, kKeyStride, query_tile,
-                                              kKeyStride);
-      warp_rows_times_rows<T, kDv, kBlockRows>(probability_grad, value_tile + warp * kWarpRows * kValueStride,
-                                               kValueStride, grad_tile, kValueStride);
-
-      // alpha = exp(e - logsumexp) on visible pairs, w = alpha g, and
-      // scale * dS = scale * alpha (g dP - row_dot) (into `score`).
+        for (int nt = 0; nt < kHalfRows / 8; ++nt) {
 #pragma unroll
-      for (int nt = 0; nt < kBlockRows / 8; ++nt) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int key = key_top + 8 * (r / 2), query = nt * 8 + 2 * column + r % 2;
-          const int64_t j = first_key + key;
-          const bool visible = !key_hidden[key] && j >= row_begin[query] && j < row_end[query];
-          const float alpha = visible ? exp_of(score[nt][r] * p.scale - row_logsumexp[query]) : 0.f;
-          const float gaussian = p.gaussian_of(j, row_center[query]);
-          const float score_grad = p.scale * softmax_score_gradient(alpha, gaussian * probability_grad[nt][r],
-                                                                    row_dot[query]);
-          probability_grad[nt][r] = alpha * gaussian;  // now the weight w
-          score[nt][r] = score_grad;
+          for (int r = 0; r < 4; ++r) score[nt][r] = probability_grad[nt][r] = 0.f;
         }
-      }
-
-      // grad_values += W^T dO and grad_keys += dS^T Q, 16 queries at a time.
+        warp_rows_times_rows<T, kD, kHalfRows>(score, key_tile + warp * kWarpRows * kKeyStride, kKeyStride,
+                                               query_tile + first_query * kKeyStride, kKeyStride);
+        warp_rows_times_rows<T, kDv, kHalfRows>(probability_grad, value_tile + warp * kWarpRows * kValueStride,
+                                                kValueStride, grad_tile + first_query * kValueStride, kValueStride);
 #pragma unroll
-      for (int kk = 0; kk < kBlockRows / 16; ++kk) {
-        uint32_t weight_fragment[4], score_grad_fragment[4];
-        accumulators_as_a<T>(weight_fragment, probability_grad[2 * kk], probability_grad[2 * kk + 1]);
-        accumulators_as_a<T>(score_grad_fragment, score[2 * kk], score[2 * kk + 1]);
-        warp_fragment_times_rows<T, kDv>(value_grad, weight_fragment, grad_tile + kk * 16 * kValueStride,
-                                         kValueStride);
-        warp_fragment_times_rows<T, kD>(key_grad, score_grad_fragment, query_tile + kk * 16 * kKeyStride, kKeyStride);
+        for (int nt = 0; nt < kHalfRows / 8; ++nt) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int key = key_top + 8 * (r / 2), query = first_query + nt * 8 + 2 * column + r % 2;
+            const int64_t j = first_key + key;
+            const bool visible = !key_hidden[key] && j >= row_begin[query] && j < row_end[query];
+            const float alpha = visible ? exp_of(score[nt][r] * p.scale - row_logsumexp[query]) : 0.f;
+            const float gaussian = p.gaussian_of(j, row_center[query]);
+            const float score_grad = p.scale * softmax_score_gradient(alpha, gaussian * probability_grad[nt][r],
+                                                                      row_dot[query]);
+            probability_grad[nt][r] = alpha * gaussian;  // now the weight w
+            score[nt][r] = score_grad;
+          }
+        }
+#pragma unroll
+        for (int kk = 0; kk < kHalfRows / 16; ++kk) {
+          uint32_t weight_fragment[4];
+          uint32_t(&score_grad_fragment)[4] = transposed_score_grad[half * (kHalfRows / 16) + kk];
+          accumulators_as_a<T>(weight_fragment, probability_grad[2 * kk], probability_grad[2 * kk + 1]);
+          accumulators_as_a<T>(score_grad_fragment, score[2 * kk], score[2 * kk + 1]);
+          const int row = first_query + kk * 16;
+          warp_fragment_times_rows<T, kDv>(value_grad, weight_fragment, grad_tile + row * kValueStride, kValueStride);
+          warp_fragment_times_rows<T, kD>(key_grad, score_grad_fragment, query_tile + row * kKeyStride, kKeyStride);
+        }
       }
       __syncthreads();  // every warp is done with this stage's Q and dO tiles
 
-      // dS ([query][key]) over this stage's dO tile, the A operand of grad_query = dS K.
+      // dS ([query][key]) over this stage's dO tile, the A operand of grad_query = dS K:
+      // fragment register 2 side + r / 2 of queries 16 f + 8 side holds (key key_top +
+      // 8 (r / 2), query 2 column + r % 2) in its low (r even) or high half.
+      unsigned short* score_grad_bits = reinterpret_cast<unsigned short*>(score_grad_tile);
 #pragma unroll
-      for (int nt = 0; nt < kBlockRows / 8; ++nt) {
+      for (int f = 0; f < kBlockRows / 16; ++f) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int key = key_top + 8 * (r / 2), query = nt * 8 + 2 * column + r % 2;
-          score_grad_tile[query * kScoreStride + key] = from_acc<T>(score[nt][r]);
+        for (int side = 0; side < 2; ++side) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int key = key_top + 8 * (r / 2), query = f * 16 + side * 8 + 2 * column + r % 2;
+            const uint32_t pair = transposed_score_grad[f][2 * side + r / 2];
+            score_grad_bits[query * kScoreStride + key] = static_cast<unsigned short>(r % 2 == 0 ? pair : pair >> 16);
+          }
         }
       }
       __syncthreads();  // the dS tile is complete
@@ -574,7 +591,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
         load_fragment_a(score_grad_fragments[kk], score_grad_tile + warp * kWarpRows * kScoreStride + kk * 16,
                         kScoreStride);
       }
-#pragma unroll
+#pragma unroll 2  // fully unrolled, the hoisted key fragment loads spill the accumulators
       for (int dt = 0; dt < kD / 8; dt += 2) {
         float query_grad[2][4] = {};
 #pragma unroll
