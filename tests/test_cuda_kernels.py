@@ -616,6 +616,7 @@ def test_emulated_attention_kernels_match_the_cpu_op(emulated, score, case, dtyp
     want = torch.ops.fastattn.attention_forward(*arguments, True)
     context, weights, logsumexp, splits = emulation.attention_forward(emulated, arguments, True)
     assert splits == (3 if shape[2] == 100 else 2 if shape[2] == 70 else 1)
+    forward_splits = splits
     assert_matches_cpu_op([context, weights, logsumexp], want, tolerance, "forward")
     context, _, logsumexp, _ = emulation.attention_forward(emulated, arguments, False)
     assert_matches_cpu_op([context, logsumexp], [want[0], want[2]], tolerance, "forward without weights")
@@ -623,11 +624,14 @@ def test_emulated_attention_kernels_match_the_cpu_op(emulated, score, case, dtyp
     grad_context = torch.randn(want[0].shape, generator=generator, dtype=torch.float64).to(dtype)
     grad_weights = torch.randn(want[1].shape, generator=generator, dtype=torch.float64).to(dtype)
     # With the forward's context, r comes from grad_context . context unless grad_weights
-    # or grad_center are wanted (then the kernels make their own pass for it).
+    # or grad_center are wanted (then the kernels make their own pass for it), and the
+    # rows kernel splits a row's keys over blocks as the forward does.
     for given_grad_weights, given_context in ((grad_weights, context), (None, context), (None, None)):
         expected = torch.ops.fastattn.attention_backward(grad_context, given_grad_weights, *arguments, want[2])
-        got = emulation.attention_backward(emulated, grad_context, given_grad_weights, arguments, logsumexp,
-                                           given_context)
+        *got, splits = emulation.attention_backward(emulated, grad_context, given_grad_weights, arguments, logsumexp,
+                                                    given_context)
+        from_context_alone = given_grad_weights is None and given_context is not None and mode != "local_p"
+        assert splits == (forward_splits if from_context_alone else 1)
         assert_matches_cpu_op(got, expected, tolerance if dtype == torch.float64 else 10 * tolerance, "backward")
 
 

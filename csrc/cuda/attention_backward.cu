@@ -8,29 +8,37 @@
 // g_j the Gaussian factor and r = sum_j p_j g_j dw_j, the score gradient is
 // de_j = p_j (g_j dw_j - r), the value gradient p_j g_j grad_context.
 // Two kernels, both deterministic (no atomics), each with tiles of 32 partners:
-//  - backward_rows_kernel, one block per query row: a pass over the row's keys for r
-//    and grad_center (skipped when the caller passes the forward's context and wants
-//    neither grad_weights nor grad_center: r = grad_context . context, row_dot_kernel),
-//    a second pass for grad_query (and, additive, the row's share of grad_v, summed
-//    over rows by the caller; grad_bias is sum of grad_query over rows).
+//  - backward_rows_kernel, one block per (query row, key split): a pass over the row's
+//    keys for r and grad_center (skipped when the caller passes the forward's context
+//    and wants neither grad_weights nor grad_center: r = grad_context . context,
+//    row_dot_kernel), a second pass for grad_query (and, additive, the row's share of
+//    grad_v, summed over rows by the caller; grad_bias is sum of grad_query over rows).
+//    With r from the context the keys of a row may be split over blocks as the
+//    forward's are (a decode step's few rows then fill the GPU): each split writes its
+//    partial sums and combine_query_gradient_kernel merges them.
 //  - backward_keys_kernel, one block per (batch, key): a pass over the queries that
 //    see the key for grad_keys and grad_values, using r of the first kernel.
 // In a tile, warps compute the per-pair scalars (a score and dw each: lanes over the
 // feature dimension, 16-byte loads when rows allow; in backward_rows_kernel each warp
 // takes 8 keys with their loads in flight together, warp_tile_sums), then each thread
-// accumulates the feature elements it owns in shared memory.
+// accumulates the feature elements it owns in shared memory (backward_rows_kernel:
+// groups of threads take the tile's keys in turn, 8 keys' loads in flight, RowGroups).
 // Not handled: tensor cores; the work is three score passes (about 3x the forward).
-// Shared memory holds 2 D + 2 Dv accumulators (errors beyond the device's limit).
+// Shared memory holds about 3 D + 2 Dv accumulators (errors beyond the device's limit).
 #include "attention_device.cuh"
 
 namespace fastattn {
 namespace cuda {
 namespace {
 
+// Shared memory of backward_rows_kernel: prepared query (D) | grad_context (Dv) |
+// grad_query partials (groups x D) | grad_v partials (additive: groups x D) | tile
+// arrays (3 x kTile) | reduction scratch (kWarps) | broadcast (1).
 template <typename A>
-size_t rows_shared_bytes(const AttentionProblem& p) {
-  const int64_t additive = p.score == ScoreKind::kAdditive ? p.score_dim : 0;
-  return sizeof(A) * static_cast<size_t>(2 * p.score_dim + p.value_dim + additive + 3 * kTile + kWarps + 1);
+size_t rows_shared_bytes(const AttentionProblem& p, int vec) {
+  const int64_t partials = row_groups(p.score_dim, vec).groups * p.score_dim;
+  const int64_t additive = p.score == ScoreKind::kAdditive ? partials : 0;
+  return sizeof(A) * static_cast<size_t>(p.score_dim + p.value_dim + partials + additive + 3 * kTile + kWarps + 1);
 }
 
 template <typename A>
@@ -43,49 +51,108 @@ __device__ __forceinline__ Acc<T> grad_weight_of(const AttentionBackwardBuffers&
   return in.grad_weights != nullptr ? to_acc(static_cast<const T*>(in.grad_weights)[index]) : Acc<T>(0);
 }
 
+// grad_query (and, additive, grad_v) partials += coefficient * d score / d query for one
+// partner row `key` of feature elements d .. d + kVec; a zero coefficient (masked key)
+// adds nothing, whatever its row holds.
+template <typename T, ScoreKind kScore, int kVec>
+__device__ __forceinline__ void add_query_gradient(Acc<T> coefficient, const Acc<T> (&key)[kVec],
+                                                   const Acc<T> (&v_part)[kVec], const Acc<T>* prepared, int64_t d,
+                                                   Acc<T> (&grad_query)[kVec], Acc<T> (&grad_v)[kVec]) {
+  using A = Acc<T>;
+  if constexpr (kScore == ScoreKind::kAdditive) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const A u = additive_tanh<T, kVec>(prepared[d + i] + key[i], d, i);
+      grad_query[i] += coefficient != A(0) ? coefficient * v_part[i] * tanh_derivative(u) : A(0);
+      grad_v[i] += coefficient != A(0) ? coefficient * u : A(0);
+    }
+  } else {
+    add_weighted<kVec>(coefficient, key, grad_query);
+  }
+}
+
+// query_total[d] = sum over the `parts` D-long parts at query_parts (stride D) of
+// element d, and likewise v_total from v_parts (additive), each element by one thread
+// (so a total may overwrite the first part).
+template <ScoreKind kScore, typename A>
+__device__ __forceinline__ void sum_parts(const A* query_parts, const A* v_parts, int64_t parts, int64_t D,
+                                          A* query_total, A* v_total) {
+  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+    A query_sum = A(0), v_sum = A(0);
+    for (int64_t part = 0; part < parts; ++part) {
+      query_sum += query_parts[part * D + d];
+      if (kScore == ScoreKind::kAdditive) v_sum += v_parts[part * D + d];
+    }
+    query_total[d] = query_sum;
+    if (kScore == ScoreKind::kAdditive) v_total[d] = v_sum;
+  }
+}
+
+// The row's grad_query and grad_v from the groups' partials (summed into group 0's), the
+// cosine score's through q / max(|q|, tiny), written out (grad_query in T).  Every
+// thread of the block calls it; it ends synchronised.
+template <typename T, ScoreKind kScore>
+__device__ void finish_query_gradient(const DeviceProblem<T>& p, const AttentionBackwardBuffers& in, int64_t row,
+                                      int groups, Acc<T>* grad_query, Acc<T>* grad_v, Acc<T> query_norm,
+                                      Acc<T>* reduce_scratch) {
+  using A = Acc<T>;
+  const int64_t D = p.score_dim;
+  sum_parts<kScore>(grad_query, grad_v, groups, D, grad_query, grad_v);
+  __syncthreads();
+  if (kScore == ScoreKind::kCosine) {
+    const T* query = p.query_row(row);
+    A partial = A(0);
+    for (int64_t d = threadIdx.x; d < D; d += kThreads) partial += grad_query[d] * to_acc(query[d]);
+    const auto gradient = unit_vector_gradient(query_norm, block_sum(partial, reduce_scratch));
+    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+      grad_query[d] = grad_query[d] * gradient.along_gradient + gradient.along_input * to_acc(query[d]);
+    }
+  }
+  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+    static_cast<T*>(in.grad_query)[row * D + d] = from_acc<T>(grad_query[d]);
+    if (kScore == ScoreKind::kAdditive) static_cast<A*>(in.grad_v_rows)[row * D + d] = grad_v[d];
+  }
+  __syncthreads();
+}
+
 template <typename T, ScoreKind kScore, int kVec>
 __global__ void __launch_bounds__(kThreads)
     backward_rows_kernel(DeviceProblem<T> p, AttentionBackwardBuffers in) {
   using A = Acc<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const RowGroups key_split = row_groups(p.score_dim, kVec);
+  const int groups = key_split.groups;
+  const int group = threadIdx.x / key_split.lanes, group_lane = threadIdx.x % key_split.lanes;
+  const int64_t D = p.score_dim, Dv = p.value_dim;
   A* prepared = reinterpret_cast<A*>(shared_bytes);  // D: the query as the score uses it
-  A* grad_context = prepared + p.score_dim;          // Dv
-  A* grad_query = grad_context + p.value_dim;        // D (cosine: of the unit query)
-  A* grad_v = grad_query + p.score_dim;              // D, additive only
-  A* tile_a = grad_v + (kScore == ScoreKind::kAdditive ? p.score_dim : 0);
+  A* grad_context = prepared + D;                    // Dv
+  A* grad_query = grad_context + Dv;                 // groups x D (cosine: of the unit query)
+  A* grad_v = grad_query + groups * D;               // groups x D, additive only
+  A* tile_a = grad_v + (kScore == ScoreKind::kAdditive ? groups * D : 0);
   A* tile_b = tile_a + kTile;
   A* tile_coefficient = tile_b + kTile;
   A* reduce_scratch = tile_coefficient + kTile;
   A* broadcast = reduce_scratch + kWarps;
 
   const int warp = threadIdx.x / kWarpSize;
-  const int64_t rows = p.batch * p.query_length, D = p.score_dim, Dv = p.value_dim;
+  const int64_t rows = p.batch * p.query_length, splits = in.splits, split = blockIdx.y;
   const A minus_infinity = negative_infinity<A>();
   const A* logsumexp = static_cast<const A*>(in.logsumexp);
-  T* grad_query_out = static_cast<T*>(in.grad_query);
-  A* grad_v_out = static_cast<A*>(in.grad_v_rows);
   A* grad_center_out = static_cast<A*>(in.grad_center);
   A* row_dot_out = static_cast<A*>(in.row_dot);
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const A lse = logsumexp[row];
-    if (!(lse > minus_infinity)) {  // fully masked row: zero gradients (uniform branch)
-      for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-        grad_query_out[row * D + d] = from_acc<T>(A(0));
-        if (kScore == ScoreKind::kAdditive) grad_v_out[row * D + d] = A(0);
-      }
-      if (threadIdx.x == 0) {
-        row_dot_out[row] = A(0);
-        if (grad_center_out != nullptr) grad_center_out[row] = A(0);
-      }
-      continue;
-    }
     const int64_t n = row / p.query_length, t = row % p.query_length;
-    const KeyRange range = p.keys_of(n, t);
+    KeyRange range = p.keys_of(n, t);
+    if (!(lse > minus_infinity)) range.end = range.begin;  // fully masked row: zero gradients (uniform)
+    const int64_t per_split = (range.end - range.begin + splits - 1) / splits;
+    const int64_t chunk_begin = range.begin + split * per_split;
+    const int64_t chunk_end = chunk_begin + per_split < range.end ? chunk_begin + per_split : range.end;
     const A center = p.window_center(n, t);
     const T* grad_context_row = static_cast<const T*>(in.grad_context) + row * Dv;
     for (int64_t d = threadIdx.x; d < Dv; d += kThreads) grad_context[d] = to_acc(grad_context_row[d]);
-    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+    for (int64_t d = threadIdx.x; d < groups * D; d += kThreads) {
       grad_query[d] = A(0);
       if (kScore == ScoreKind::kAdditive) grad_v[d] = A(0);
     }
@@ -102,7 +169,8 @@ __global__ void __launch_bounds__(kThreads)
 
     // Pass 1: r = sum_j p_j g_j dw_j and grad_center = sum_j dw_j p_j g_j (j - c) / sigma^2,
     // unless row_dot holds r already (r = grad_context . context without grad_weights and
-    // grad_center: launch_attention_backward passes the context only then).
+    // grad_center: launch_attention_backward passes the context only then, and splits > 1
+    // only with it).
     A row_dot = in.context != nullptr ? row_dot_out[row] : A(0), center_gradient = A(0);  // thread 0's
     for (int64_t tile = range.begin; in.context == nullptr && tile < range.end; tile += kTile) {
       const int count = static_cast<int>(range.end - tile < kTile ? range.end - tile : kTile);
@@ -138,9 +206,11 @@ __global__ void __launch_bounds__(kThreads)
       row_dot = broadcast[0];
     }
 
-    // Pass 2: grad_query (and grad_v) from de_j = p_j (g_j dw_j - r).
-    for (int64_t tile = range.begin; tile < range.end; tile += kTile) {
-      const int count = static_cast<int>(range.end - tile < kTile ? range.end - tile : kTile);
+    // Pass 2 over the split's keys: grad_query (and grad_v) from de_j = p_j (g_j dw_j - r),
+    // the groups of threads taking the tile's keys in turn with kRowUnroll keys' loads
+    // in flight.
+    for (int64_t tile = chunk_begin; tile < chunk_end; tile += kTile) {
+      const int count = static_cast<int>(chunk_end - tile < kTile ? chunk_end - tile : kTile);
       const int first = warp * kKeysPerWarp;
       if (first < count) {
         PairSums<A> key_sums[kKeysPerWarp], value_sums[kKeysPerWarp];
@@ -161,53 +231,67 @@ __global__ void __launch_bounds__(kThreads)
         });
       }
       __syncthreads();
-      for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
-        A v_part[kVec];
-        if (kScore == ScoreKind::kAdditive) load_pack<kVec>(p.v + d, v_part);
-        for (int c = 0; c < count; ++c) {
-          const A coefficient = tile_coefficient[c];
-          if (coefficient == A(0)) continue;
-          A key[kVec];
-          load_pack<kVec>(p.key_row(n, tile + c) + d, key);
+      if (group < groups) {
+        A* query_partial = grad_query + group * D;
+        A* v_partial = grad_v + group * D;
+        for (int64_t d = static_cast<int64_t>(group_lane) * kVec; d < D;
+             d += static_cast<int64_t>(key_split.lanes) * kVec) {
+          A v_part[kVec], query_sum[kVec], v_sum[kVec];
+          if (kScore == ScoreKind::kAdditive) load_pack<kVec>(p.v + d, v_part);
 #pragma unroll
           for (int i = 0; i < kVec; ++i) {
-            if (kScore == ScoreKind::kAdditive) {
-              const A u = additive_tanh<T, kVec>(prepared[d + i] + key[i], d, i);
-              grad_query[d + i] += coefficient * v_part[i] * tanh_derivative(u);
-              grad_v[d + i] += coefficient * u;
-            } else {
-              grad_query[d + i] += coefficient * key[i];
-            }
+            query_sum[i] = query_partial[d + i];
+            v_sum[i] = kScore == ScoreKind::kAdditive ? v_partial[d + i] : A(0);
+          }
+          add_rows_in_turn<kVec, A>(
+              group, groups, count, [&](int c, A(&key)[kVec]) { load_pack<kVec>(p.key_row(n, tile + c) + d, key); },
+              [&](int c, const A(&key)[kVec]) {
+                add_query_gradient<T, kScore, kVec>(tile_coefficient[c], key, v_part, prepared, d, query_sum, v_sum);
+              });
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) {
+            query_partial[d + i] = query_sum[i];
+            if (kScore == ScoreKind::kAdditive) v_partial[d + i] = v_sum[i];
           }
         }
       }
       __syncthreads();
     }
 
-    if (kScore == ScoreKind::kCosine) {  // through q / max(|q|, tiny)
-      const T* query = p.query_row(row);
-      A partial = A(0);
-      for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
-        for (int i = 0; i < kVec; ++i) partial += grad_query[d + i] * to_acc(query[d + i]);
+    if (splits == 1) {
+      finish_query_gradient<T, kScore>(p, in, row, groups, grad_query, grad_v, query_norm, reduce_scratch);
+      if (threadIdx.x == 0) {
+        row_dot_out[row] = row_dot;
+        if (grad_center_out != nullptr) grad_center_out[row] = center_gradient;
       }
-      const auto gradient = unit_vector_gradient(query_norm, block_sum(partial, reduce_scratch));
-      for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
-        for (int i = 0; i < kVec; ++i) {
-          grad_query[d + i] = grad_query[d + i] * gradient.along_gradient + gradient.along_input * to_acc(query[d + i]);
-        }
-      }
-    }
-    for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
-      for (int i = 0; i < kVec; ++i) {
-        grad_query_out[row * D + d + i] = from_acc<T>(grad_query[d + i]);
-        if (kScore == ScoreKind::kAdditive) grad_v_out[row * D + d + i] = grad_v[d + i];
-      }
-    }
-    if (threadIdx.x == 0) {
-      row_dot_out[row] = row_dot;
-      if (grad_center_out != nullptr) grad_center_out[row] = center_gradient;
+    } else {  // this split's sums over the groups, merged by combine_query_gradient_kernel
+      const int64_t slot = (row * splits + split) * D;
+      A* v_out = kScore == ScoreKind::kAdditive ? static_cast<A*>(in.partial_grad_v) + slot : nullptr;
+      sum_parts<kScore>(grad_query, grad_v, groups, D, static_cast<A*>(in.partial_grad_query) + slot, v_out);
     }
     __syncthreads();  // the next row overwrites shared memory
+  }
+}
+
+// grad_query and grad_v of each row (a block per row) from its splits' partials, then as
+// backward_rows_kernel finishes them.  Shared memory: the query as the score uses it
+// (D, for the cosine score's norm), grad_query and grad_v (D each), scratch (kWarps).
+template <typename T, ScoreKind kScore>
+__global__ void __launch_bounds__(kThreads)
+    combine_query_gradient_kernel(DeviceProblem<T> p, AttentionBackwardBuffers in) {
+  using A = Acc<T>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const int64_t D = p.score_dim, splits = in.splits, rows = p.batch * p.query_length;
+  A* prepared = reinterpret_cast<A*>(shared_bytes);
+  A* grad_query = prepared + D;
+  A* grad_v = grad_query + D;
+  A* reduce_scratch = grad_v + D;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t first = row * splits * D;
+    const A* v_parts = kScore == ScoreKind::kAdditive ? static_cast<const A*>(in.partial_grad_v) + first : nullptr;
+    sum_parts<kScore>(static_cast<const A*>(in.partial_grad_query) + first, v_parts, splits, D, grad_query, grad_v);
+    const A query_norm = load_prepared_query<kScore>(p, row, prepared, reduce_scratch);  // synchronises
+    finish_query_gradient<T, kScore>(p, in, row, 1, grad_query, grad_v, query_norm, reduce_scratch);
   }
 }
 
@@ -363,7 +447,7 @@ __global__ void __launch_bounds__(kThreads)
 // Launches kernel(device, in) over `blocks` blocks with `shared` bytes of shared memory
 // (opting in above the default 48 KiB).
 template <typename T>
-cudaError_t launch_with_shared(void (*kernel)(DeviceProblem<T>, AttentionBackwardBuffers), unsigned int blocks,
+cudaError_t launch_with_shared(void (*kernel)(DeviceProblem<T>, AttentionBackwardBuffers), dim3 blocks,
                                size_t shared, const DeviceProblem<T>& device, const AttentionBackwardBuffers& in,
                                cudaStream_t stream) {
   if (shared > 48 * 1024) {
@@ -382,13 +466,19 @@ cudaError_t launch_backward_kernels(const AttentionProblem& p, const AttentionBa
   const DeviceProblem<T> device = device_problem<T>(p);
   const int64_t rows = p.batch * p.query_length, items = p.batch * p.source_length;
   if (rows > 0) {
-    const cudaError_t status = launch_with_shared<T>(backward_rows_kernel<T, kScore, kVec>, grid_for(rows),
-                                                     rows_shared_bytes<A>(p), device, in, stream);
+    const dim3 grid(grid_for(rows), static_cast<unsigned int>(in.splits));
+    cudaError_t status = launch_with_shared<T>(backward_rows_kernel<T, kScore, kVec>, grid,
+                                               rows_shared_bytes<A>(p, kVec), device, in, stream);
     if (status != cudaSuccess) return status;
+    if (in.splits > 1) {
+      status = launch_with_shared<T>(combine_query_gradient_kernel<T, kScore>, dim3(grid_for(rows)),
+                                     sizeof(A) * static_cast<size_t>(3 * p.score_dim + kWarps), device, in, stream);
+      if (status != cudaSuccess) return status;
+    }
   }
   if (items > 0) {
-    return launch_with_shared<T>(backward_keys_kernel<T, kScore, kVec>, grid_for(items), keys_shared_bytes<A>(p),
-                                 device, in, stream);
+    return launch_with_shared<T>(backward_keys_kernel<T, kScore, kVec>, dim3(grid_for(items)),
+                                 keys_shared_bytes<A>(p), device, in, stream);
   }
   return cudaSuccess;
 }
@@ -431,6 +521,12 @@ cudaError_t launch_attention_backward(const AttentionProblem& p, const Attention
   // presence to mean that row_dot holds r.
   AttentionBackwardBuffers in = buffers;
   if (in.grad_weights != nullptr || in.grad_center != nullptr) in.context = nullptr;
+  const bool additive = p.score == ScoreKind::kAdditive;
+  if (in.splits < 1 || in.splits > kMaxSplits ||
+      (in.splits > 1 && (in.context == nullptr || in.partial_grad_query == nullptr ||
+                         (additive && in.partial_grad_v == nullptr)))) {
+    return cudaErrorInvalidValue;
+  }
   if (in.context != nullptr) {
     const cudaError_t status = launch_attention_row_dot(p, in.grad_context, in.context, in.row_dot, stream);
     if (status != cudaSuccess) return status;

@@ -15,6 +15,57 @@ constexpr int kWarps = kThreads / kWarpSize;   // warps per block
 constexpr int kTile = 32;                      // partners (keys or queries) per tile
 constexpr int kKeysPerWarp = kTile / kWarps;   // partners a warp takes at once (warp_tile_sums)
 
+// How the partners (keys or queries) of a tile are shared out.  Scores: warp w takes
+// the kKeysPerWarp consecutive partners from w * kKeysPerWarp and issues the loads of
+// all of them at once (warp_tile_sums).  Rows summed with per-partner weights (the
+// forward's values, the backward's keys for grad_query): `lanes` threads cover a row,
+// kVec elements each, and the block's `groups` groups of them take the tile's
+// partners in turn (partner c to group c % groups), each accumulating its own partial
+// sum over kRowUnroll partners' loads in flight, so that a short row still keeps every
+// thread loading.  A decode step is memory-bound: what it needs is bytes in flight.
+constexpr int kRowUnroll = 8;
+constexpr int64_t kMaxSplits = 256;  // key splits of a row (attention_forward_splits)
+
+struct RowGroups {
+  int lanes;   // threads per row
+  int groups;  // partial sums, 1..kTile
+};
+
+__host__ __device__ inline RowGroups row_groups(int64_t dim, int vec) {
+  int64_t lanes = (dim + vec - 1) / vec;
+  lanes = lanes < 1 ? 1 : (lanes > kThreads ? kThreads : lanes);
+  const int groups = static_cast<int>(kThreads / lanes);
+  return {static_cast<int>(lanes), groups < kTile ? groups : kTile};
+}
+
+// sum += weight * value, skipped for a zero weight (a masked partner, or a Gaussian
+// that underflowed), whose row may hold anything.
+template <int kVec, typename A>
+__device__ __forceinline__ void add_weighted(A weight, const A (&value)[kVec], A (&sum)[kVec]) {
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) sum[i] += weight != A(0) ? weight * value[i] : A(0);
+}
+
+// The partners c = first, first + step, ... below count of one thread: load(c, row)
+// fetches partner c's kVec elements and add(c, row) uses them, kRowUnroll partners'
+// loads issued before the first of them is used.
+template <int kVec, typename A, typename Load, typename Add>
+__device__ __forceinline__ void add_rows_in_turn(int first, int step, int count, Load&& load, Add&& add) {
+  int c = first;
+  for (; c + (kRowUnroll - 1) * step < count; c += kRowUnroll * step) {
+    A row[kRowUnroll][kVec];
+#pragma unroll
+    for (int u = 0; u < kRowUnroll; ++u) load(c + u * step, row[u]);
+#pragma unroll
+    for (int u = 0; u < kRowUnroll; ++u) add(c + u * step, row[u]);
+  }
+  for (; c < count; c += step) {
+    A row[kVec];
+    load(c, row);
+    add(c, row);
+  }
+}
+
 // AttentionProblem with typed pointers.  T: element type, A: accumulation type.
 template <typename T>
 struct DeviceProblem {

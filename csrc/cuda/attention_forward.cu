@@ -32,43 +32,13 @@ namespace fastattn {
 namespace cuda {
 namespace {
 
-// How the keys of a tile are shared out.  Scores: warp w takes the kKeysPerWarp
-// consecutive keys from w * kKeysPerWarp and issues the loads of all of them at once
-// (warp_tile_sums).  Values: `lanes` threads cover a value row, kVec elements each,
-// and the block's `groups` groups of them take the tile's keys in turn (key c to group
-// c % groups), each accumulating its own partial context over kValueUnroll keys' loads
-// in flight, so that a short value row still keeps every thread loading.  A decode
-// step is memory-bound: what it needs is bytes in flight, not arithmetic.
-constexpr int kValueUnroll = 8;
-constexpr int64_t kMaxSplits = 256;  // key splits of a row
-
-struct ValueGroups {
-  int lanes;   // threads per value row
-  int groups;  // partial contexts, 1..kTile
-};
-
-__host__ __device__ inline ValueGroups value_groups(int64_t value_dim, int vec) {
-  int64_t lanes = (value_dim + vec - 1) / vec;
-  lanes = lanes < 1 ? 1 : (lanes > kThreads ? kThreads : lanes);
-  const int groups = static_cast<int>(kThreads / lanes);
-  return {static_cast<int>(lanes), groups < kTile ? groups : kTile};
-}
-
 // Shared memory of the forward kernel: prepared query (D) | partial contexts
 // (groups x Dv) | tile scores, probabilities and weights (3 x kTile) | reduction
 // scratch (kWarps).
 template <typename A, int kVec>
 size_t forward_shared_bytes(const AttentionProblem& p) {
-  const int64_t groups = value_groups(p.value_dim, kVec).groups;
+  const int64_t groups = row_groups(p.value_dim, kVec).groups;
   return sizeof(A) * static_cast<size_t>(p.score_dim + groups * p.value_dim + 3 * kTile + kWarps);
-}
-
-// sum += weight * value, skipped for a zero weight (a masked key, or a Gaussian that
-// underflowed), whose value row may hold anything.
-template <int kVec, typename A>
-__device__ __forceinline__ void add_weighted(A weight, const A (&value)[kVec], A (&sum)[kVec]) {
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) sum[i] += weight != A(0) ? weight * value[i] : A(0);
 }
 
 template <typename T, ScoreKind kScore, int kVec>
@@ -76,7 +46,7 @@ __global__ void __launch_bounds__(kThreads)
     attention_forward_kernel(DeviceProblem<T> p, AttentionForwardBuffers out) {
   using A = Acc<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  const ValueGroups value_split = value_groups(p.value_dim, kVec);
+  const RowGroups value_split = row_groups(p.value_dim, kVec);
   A* prepared = reinterpret_cast<A*>(shared_bytes);
   A* context = prepared + p.score_dim;  // groups x Dv
   A* tile_score = context + value_split.groups * p.value_dim;
@@ -139,19 +109,10 @@ __global__ void __launch_bounds__(kThreads)
           A sum[kVec];
 #pragma unroll
           for (int i = 0; i < kVec; ++i) sum[i] = partial[d + i] * factor;
-          int c = group;
-          for (; c + (kValueUnroll - 1) * groups < count; c += kValueUnroll * groups) {
-            A value[kValueUnroll][kVec];
-#pragma unroll
-            for (int u = 0; u < kValueUnroll; ++u) load_pack<kVec>(p.value_row(n, tile + c + u * groups) + d, value[u]);
-#pragma unroll
-            for (int u = 0; u < kValueUnroll; ++u) add_weighted<kVec>(tile_weight[c + u * groups], value[u], sum);
-          }
-          for (; c < count; c += groups) {
-            A value[kVec];
-            load_pack<kVec>(p.value_row(n, tile + c) + d, value);
-            add_weighted<kVec>(tile_weight[c], value, sum);
-          }
+          add_rows_in_turn<kVec, A>(
+              group, groups, count,
+              [&](int c, A(&value)[kVec]) { load_pack<kVec>(p.value_row(n, tile + c) + d, value); },
+              [&](int c, const A(&value)[kVec]) { add_weighted<kVec>(tile_weight[c], value, sum); });
 #pragma unroll
           for (int i = 0; i < kVec; ++i) partial[d + i] = sum[i];
         }

@@ -316,6 +316,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     check_launch(op, launch_attention_backward_tensor_core(p, buffers, grad_query_accumulator.mutable_data_ptr<float>(),
                                                            current_stream()));
   } else {
+    // With r from the context, a row's keys are split over blocks as in the forward (decode steps).
+    at::Tensor partial_grad_query, partial_grad_v;
+    if (context_.defined() && !grad_weights_.defined() && !wants_center) {
+      buffers.splits = attention_forward_splits(p, multiprocessor_count(query));
+    }
+    if (buffers.splits > 1) {
+      partial_grad_query = at::empty({p.batch * p.query_length, buffers.splits, p.score_dim}, accumulate);
+      buffers.partial_grad_query = partial_grad_query.mutable_data_ptr();
+      if (additive) {
+        partial_grad_v = at::empty_like(partial_grad_query);
+        buffers.partial_grad_v = partial_grad_v.mutable_data_ptr();
+      }
+    }
     check_launch(op, launch_attention_backward(p, buffers, current_stream()));
   }
 

@@ -68,6 +68,11 @@ struct AttentionBackwardBuffers {
                                        // the backward takes row_dot = grad_context . context (one read of
                                        // both) instead of a pass over the keys (without grad_weights and
                                        // grad_center) or, on the tensor cores, the forward run again
+  int64_t splits = 1;                  // key splits per query row of backward_rows_kernel; > 1 only with
+                                       // the context and neither grad_weights nor grad_center
+                                       // (attention_forward_splits of the problem then)
+  void* partial_grad_query = nullptr;  // splits > 1: (N*T, splits, D) Acc scratch
+  void* partial_grad_v = nullptr;      // splits > 1, additive: (N*T, splits, Da) Acc scratch
 };
 
 // How many blocks split the keys of one query row: 1 when the rows alone fill the

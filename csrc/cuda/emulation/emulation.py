@@ -94,9 +94,10 @@ class AttentionForwardBuffers(ctypes.Structure):
 
 
 class AttentionBackwardBuffers(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in (
+    _fields_ = [*[(name, ctypes.c_void_p) for name in (
         "grad_context", "grad_weights", "logsumexp", "grad_query", "grad_keys", "grad_values", "grad_center",
-        "grad_v_rows", "row_dot", "context")]
+        "grad_v_rows", "row_dot", "context")], ("splits", ctypes.c_int64), ("partial_grad_query", ctypes.c_void_p),
+        ("partial_grad_v", ctypes.c_void_p)]
 
 
 class RecurrentStep(ctypes.Structure):
@@ -262,7 +263,9 @@ def attention_backward_tensor_core(library, grad_context, arguments, logsumexp, 
 
 def attention_backward(library, grad_context, grad_weights, arguments, logsumexp, context=None):
     """The six gradients of attention_backward (None where the op returns an empty one),
-    given the forward's `context` or not."""
+    given the forward's `context` or not, and the key splits of its rows kernel (more
+    than 1 with the context and neither grad_weights nor grad_center, as binding.cpp
+    chooses them)."""
     keep: list = []
     problem = attention_problem(keep, *arguments)
     query, score, center, gaussian = arguments[0], arguments[5], arguments[11], arguments[12]
@@ -279,15 +282,23 @@ def attention_backward(library, grad_context, grad_weights, arguments, logsumexp
     grad_weights = None if grad_weights is None else grad_weights.contiguous()
     context = None if context is None else context.contiguous()
     keep.extend([grad_context, grad_weights, logsumexp, context])
+    splits = 1
+    if context is not None and grad_weights is None and not wants_center:
+        splits = library.emu_attention_forward_splits(ctypes.byref(problem), MULTIPROCESSORS)
+    partial_grad_query = torch.full((batch * steps, splits, problem.score_dim), math.nan, dtype=accumulate)
+    partial_grad_v = torch.full_like(partial_grad_query, math.nan) if additive else None
+    keep.extend([partial_grad_query, partial_grad_v])
     buffers = AttentionBackwardBuffers(
         address(grad_context), address(grad_weights), address(logsumexp), address(grad_query), address(grad_keys),
-        address(grad_values), address(grad_center), address(grad_v_rows), address(row_dot), address(context))
+        address(grad_values), address(grad_center), address(grad_v_rows), address(row_dot), address(context), splits,
+        address(partial_grad_query) if splits > 1 else None, address(partial_grad_v) if splits > 1 else None)
     status = library.emu_attention_backward(ctypes.byref(problem), ctypes.byref(buffers))
     if status != 0:
         raise RuntimeError(f"launch_attention_backward returned {status}")
     grad_v = grad_v_rows.sum((0, 1)).to(dtype) if additive else None
     grad_bias = grad_query.to(accumulate).sum((0, 1)).to(dtype) if additive and arguments[4] is not None else None
-    return grad_query, grad_keys, grad_values, grad_v, grad_bias, None if grad_center is None else grad_center.to(dtype)
+    grads = grad_query, grad_keys, grad_values, grad_v, grad_bias, None if grad_center is None else grad_center.to(dtype)
+    return (*grads, splits)
 
 
 def recurrent_step(dtype, batch, hidden, lengths, time) -> RecurrentStep:
