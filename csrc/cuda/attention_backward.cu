@@ -15,7 +15,10 @@
 //    grad_v, summed over rows by the caller; grad_bias is sum of grad_query over rows).
 //    With r from the context the keys of a row may be split over blocks as the
 //    forward's are (a decode step's few rows then fill the GPU): each split writes its
-//    partial sums and combine_query_gradient_kernel merges them.
+//    partial sums and combine_query_gradient_kernel merges them.  With one query row
+//    per batch element (decode steps) each key's gradients come from that row alone:
+//    this kernel writes grad_keys and grad_values in the same pass (zeros for the
+//    keys outside the row's range) and the second kernel is not run.
 //  - backward_keys_kernel, one block per (batch, key): a pass over the queries that
 //    see the key for grad_keys and grad_values, using r of the first kernel.
 // In a tile, warps compute the per-pair scalars (a score and dw each: lanes over the
@@ -33,12 +36,14 @@ namespace {
 
 // Shared memory of backward_rows_kernel: prepared query (D) | grad_context (Dv) |
 // grad_query partials (groups x D) | grad_v partials (additive: groups x D) | tile
-// arrays (3 x kTile) | reduction scratch (kWarps) | broadcast (1).
+// arrays (kRowsTileArrays x kTile) | reduction scratch (kWarps) | broadcast (1).
+constexpr int kRowsTileArrays = 6;
 template <typename A>
 size_t rows_shared_bytes(const AttentionProblem& p, int vec) {
   const int64_t partials = row_groups(p.score_dim, vec).groups * p.score_dim;
   const int64_t additive = p.score == ScoreKind::kAdditive ? partials : 0;
-  return sizeof(A) * static_cast<size_t>(p.score_dim + p.value_dim + partials + additive + 3 * kTile + kWarps + 1);
+  return sizeof(A) * static_cast<size_t>(p.score_dim + p.value_dim + partials + additive +
+                                     kRowsTileArrays * kTile + kWarps + 1);
 }
 
 template <typename A>
@@ -53,22 +58,34 @@ __device__ __forceinline__ Acc<T> grad_weight_of(const AttentionBackwardBuffers&
 
 // grad_query (and, additive, grad_v) partials += coefficient * d score / d query for one
 // partner row `key` of feature elements d .. d + kVec; a zero coefficient (masked key)
-// adds nothing, whatever its row holds.
+// adds nothing, whatever its row holds.  additive_term: the additive score's
+// coefficient * v (1 - u^2), which is also the key's gradient.
 template <typename T, ScoreKind kScore, int kVec>
 __device__ __forceinline__ void add_query_gradient(Acc<T> coefficient, const Acc<T> (&key)[kVec],
                                                    const Acc<T> (&v_part)[kVec], const Acc<T>* prepared, int64_t d,
-                                                   Acc<T> (&grad_query)[kVec], Acc<T> (&grad_v)[kVec]) {
+                                                   Acc<T> (&grad_query)[kVec], Acc<T> (&grad_v)[kVec],
+                                                   Acc<T> (&additive_term)[kVec]) {
   using A = Acc<T>;
   if constexpr (kScore == ScoreKind::kAdditive) {
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       const A u = additive_tanh<T, kVec>(prepared[d + i] + key[i], d, i);
-      grad_query[i] += coefficient != A(0) ? coefficient * v_part[i] * tanh_derivative(u) : A(0);
+      additive_term[i] = coefficient != A(0) ? coefficient * v_part[i] * tanh_derivative(u) : A(0);
+      grad_query[i] += additive_term[i];
       grad_v[i] += coefficient != A(0) ? coefficient * u : A(0);
     }
   } else {
     add_weighted<kVec>(coefficient, key, grad_query);
   }
+}
+
+// kVec accumulators to `destination` in T (one 16-byte store when kVec = 16 / sizeof(T)).
+template <int kVec, typename T>
+__device__ __forceinline__ void store_pack(T* destination, const Acc<T> (&values)[kVec]) {
+  Pack<T, kVec> pack;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) pack.element[i] = from_acc<T>(values[i]);
+  *reinterpret_cast<Pack<T, kVec>*>(destination) = pack;
 }
 
 // query_total[d] = sum over the `parts` D-long parts at query_parts (stride D) of
@@ -130,16 +147,23 @@ __global__ void __launch_bounds__(kThreads)
   A* grad_v = grad_query + groups * D;               // groups x D, additive only
   A* tile_a = grad_v + (kScore == ScoreKind::kAdditive ? groups * D : 0);
   A* tile_b = tile_a + kTile;
-  A* tile_coefficient = tile_b + kTile;
-  A* reduce_scratch = tile_coefficient + kTile;
+  A* tile_coefficient = tile_b + kTile;  // grad_query's factor of each key
+  A* tile_weight = tile_coefficient + kTile;     // one query row: grad_values_j = weight_j grad_context
+  A* tile_key_scale = tile_weight + kTile;       // one query row, dot / cosine: grad_keys_j's factor of the query
+  A* tile_key_self = tile_key_scale + kTile;     // one query row, cosine: grad_keys_j's factor of k_j
+  A* reduce_scratch = tile_key_self + kTile;
+  static_assert(kRowsTileArrays == 6, "tile_a .. tile_key_self");
   A* broadcast = reduce_scratch + kWarps;
 
   const int warp = threadIdx.x / kWarpSize;
-  const int64_t rows = p.batch * p.query_length, splits = in.splits, split = blockIdx.y;
+  const int64_t rows = p.batch * p.query_length, splits = in.splits, split = blockIdx.y, S = p.source_length;
   const A minus_infinity = negative_infinity<A>();
   const A* logsumexp = static_cast<const A*>(in.logsumexp);
   A* grad_center_out = static_cast<A*>(in.grad_center);
   A* row_dot_out = static_cast<A*>(in.row_dot);
+  // One query row per batch element (a decode step): each key's gradients come from
+  // that row alone, so this kernel writes them too and backward_keys_kernel is not run.
+  const bool writes_keys = p.query_length == 1;
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const A lse = logsumexp[row];
@@ -150,6 +174,20 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t chunk_begin = range.begin + split * per_split;
     const int64_t chunk_end = chunk_begin + per_split < range.end ? chunk_begin + per_split : range.end;
     const A center = p.window_center(n, t);
+    T* grad_keys_out = static_cast<T*>(in.grad_keys) + n * S * D;
+    T* grad_values_out = static_cast<T*>(in.grad_values) + n * S * Dv;
+    if (writes_keys) {  // zeros for the keys outside the row's range, shared out among its splits
+      const auto zero_share = [&](T* out, int64_t dim, int64_t first, int64_t last) {
+        const int64_t total = (last - first) * dim, share = (total + splits - 1) / splits;
+        const int64_t begin = first * dim + split * share;
+        const int64_t end = begin + share < first * dim + total ? begin + share : first * dim + total;
+        for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) out[e] = from_acc<T>(A(0));
+      };
+      zero_share(grad_keys_out, D, 0, range.begin);
+      zero_share(grad_keys_out, D, range.end, S);
+      zero_share(grad_values_out, Dv, 0, range.begin);
+      zero_share(grad_values_out, Dv, range.end, S);
+    }
     const T* grad_context_row = static_cast<const T*>(in.grad_context) + row * Dv;
     for (int64_t d = threadIdx.x; d < Dv; d += kThreads) grad_context[d] = to_acc(grad_context_row[d]);
     for (int64_t d = threadIdx.x; d < groups * D; d += kThreads) {
@@ -217,17 +255,28 @@ __global__ void __launch_bounds__(kThreads)
         pair_sums_of_tile(first, count, tile, key_sums, value_sums);
         for_each_warp_partner(first, count, [&](int k, int c) {
           const int64_t j = tile + c;
-          A coefficient = A(0);
+          A coefficient = A(0), weight = A(0), key_scale = A(0), key_self = A(0);
           if (!p.is_padding(n, j)) {
             const A key_norm = kScore == ScoreKind::kCosine ? clamped_norm(sqrt(key_sums[k].row_sq)) : A(1);
             const A dw = value_sums[k].dot + grad_weight_of<T>(in, row * p.source_length + j);
             const A probability = exp_of(score_of_sums<kScore>(p, key_sums[k]) - lse);
-            const A grad_score = softmax_score_gradient(probability, dw * p.gaussian_of(j, center), row_dot);
-            if (kScore == ScoreKind::kDot) coefficient = p.scale * grad_score;
-            if (kScore == ScoreKind::kCosine) coefficient = p.scale * grad_score / key_norm;
+            const A gaussian = p.gaussian_of(j, center);
+            const A grad_score = softmax_score_gradient(probability, dw * gaussian, row_dot);
+            if (kScore == ScoreKind::kDot) coefficient = key_scale = p.scale * grad_score;
+            if (kScore == ScoreKind::kCosine) {  // k through k / max(|k|, tiny): d score / d k^ = scale q^
+              coefficient = p.scale * grad_score / key_norm;
+              const auto gradient =
+                  unit_vector_gradient(sqrt(key_sums[k].row_sq), p.scale * grad_score * key_sums[k].dot);
+              key_scale = gradient.along_gradient * p.scale * grad_score;
+              key_self = gradient.along_input;
+            }
             if (kScore == ScoreKind::kAdditive) coefficient = grad_score;
+            weight = probability * gaussian;
           }
           tile_coefficient[c] = coefficient;
+          tile_weight[c] = weight;
+          tile_key_scale[c] = key_scale;
+          tile_key_self[c] = key_self;
         });
       }
       __syncthreads();
@@ -246,13 +295,36 @@ __global__ void __launch_bounds__(kThreads)
           add_rows_in_turn<kVec, A>(
               group, groups, count, [&](int c, A(&key)[kVec]) { load_pack<kVec>(p.key_row(n, tile + c) + d, key); },
               [&](int c, const A(&key)[kVec]) {
-                add_query_gradient<T, kScore, kVec>(tile_coefficient[c], key, v_part, prepared, d, query_sum, v_sum);
+                A additive_term[kVec];
+                add_query_gradient<T, kScore, kVec>(tile_coefficient[c], key, v_part, prepared, d, query_sum, v_sum,
+                                                    additive_term);
+                if (!writes_keys) return;
+                A key_gradient[kVec];
+#pragma unroll
+                for (int i = 0; i < kVec; ++i) {
+                  const A self = tile_key_self[c] != A(0) ? tile_key_self[c] * key[i] : A(0);
+                  key_gradient[i] =
+                      kScore == ScoreKind::kAdditive ? additive_term[i] : tile_key_scale[c] * prepared[d + i] + self;
+                }
+                store_pack<kVec>(grad_keys_out + (tile + c) * D + d, key_gradient);
               });
 #pragma unroll
           for (int i = 0; i < kVec; ++i) {
             query_partial[d + i] = query_sum[i];
             if (kScore == ScoreKind::kAdditive) v_partial[d + i] = v_sum[i];
           }
+        }
+      }
+      if (writes_keys) {  // grad_values_j = w_j grad_context (0 for a masked key, whatever grad_context holds)
+        const int64_t chunks = Dv / kVec;
+        for (int64_t e = threadIdx.x; e < count * chunks; e += kThreads) {
+          const int c = static_cast<int>(e / chunks);
+          const int64_t d = e % chunks * kVec;
+          const A weight = tile_weight[c];
+          A value_gradient[kVec];
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) value_gradient[i] = weight != A(0) ? weight * grad_context[d + i] : A(0);
+          store_pack<kVec>(grad_values_out + (tile + c) * Dv + d, value_gradient);
         }
       }
       __syncthreads();
@@ -476,7 +548,7 @@ cudaError_t launch_backward_kernels(const AttentionProblem& p, const AttentionBa
       if (status != cudaSuccess) return status;
     }
   }
-  if (items > 0) {
+  if (items > 0 && p.query_length != 1) {  // one query row: backward_rows_kernel wrote them
     return launch_with_shared<T>(backward_keys_kernel<T, kScore, kVec>, dim3(grid_for(items)),
                                  keys_shared_bytes<A>(p), device, in, stream);
   }

@@ -272,12 +272,15 @@ def attention_backward(library, grad_context, grad_weights, arguments, logsumexp
     dtype, accumulate = query.dtype, accumulation_dtype(query.dtype)
     batch, steps = problem.batch, problem.query_length
     additive, wants_center = score == "additive", gaussian and center is not None
-    grad_query = torch.empty(batch, steps, problem.score_dim, dtype=dtype)
-    grad_keys = torch.empty(batch, problem.source_length, problem.score_dim, dtype=dtype)
-    grad_values = torch.empty(batch, problem.source_length, problem.value_dim, dtype=dtype)
-    grad_center = torch.empty(batch, steps, dtype=accumulate) if wants_center else None
-    grad_v_rows = torch.empty(batch, steps, problem.score_dim, dtype=accumulate) if additive else None
-    row_dot = torch.empty(batch, steps, dtype=accumulate)
+    def unwritten(*size, dtype=dtype):  # NaN: entries the kernels must write
+        return torch.full(size, math.nan, dtype=dtype)
+
+    grad_query = unwritten(batch, steps, problem.score_dim)
+    grad_keys = unwritten(batch, problem.source_length, problem.score_dim)
+    grad_values = unwritten(batch, problem.source_length, problem.value_dim)
+    grad_center = unwritten(batch, steps, dtype=accumulate) if wants_center else None
+    grad_v_rows = unwritten(batch, steps, problem.score_dim, dtype=accumulate) if additive else None
+    row_dot = unwritten(batch, steps, dtype=accumulate)
     grad_context = grad_context.contiguous()
     grad_weights = None if grad_weights is None else grad_weights.contiguous()
     context = None if context is None else context.contiguous()
