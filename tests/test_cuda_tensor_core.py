@@ -1,5 +1,6 @@
 """The tensor-core multi-query attention forward (csrc/cuda/attention_tensor_core.cu,
-mma.cuh), "dot" and "additive", and the "dot" backward, against fastattn.reference
+mma.cuh) for the "dot", "cosine" and "additive" kernel scores, and the "dot" backward,
+against fastattn.reference
 under the float16 / bfloat16 2x rule: its error
 against the float64 reference is at most twice the reference's own in that dtype,
 plus one rounding of the largest entry.
@@ -11,8 +12,8 @@ the PTX ISA defines, while cp.async copies land only when a wait retires them, a
 odd shapes (T and S not multiples of the 64-row and 64-key tiles, so that tail tiles
 are zero-filled; up to 3 row and 4 key tiles, so that the double buffers wrap; every
 mask, causal, local windows with and without the Gaussian, fully masked rows).  With a GPU (marked gpu): the op at
-seq2seq shapes goes to the tensor-core kernels (seen in the profiler; additive: the
-forward, its backward through the per-row kernels) and matches the reference, gradients
+seq2seq shapes goes to the tensor-core kernels (seen in the profiler; cosine and
+additive: the forward, their backward through the per-row kernels) and matches the reference, gradients
 included (the backward recomputes from the forward's logsumexp)."""
 
 import pytest
@@ -51,44 +52,53 @@ def problem(batch, steps, source, dim, value_dim, mode, *, seed=0, device="cpu")
     return query.to(device), keys.to(device), values.to(device), masking
 
 
-def additive_vectors(dim, seed=9):
-    """float64 (v, bias) of the additive score."""
-    generator = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(dim, generator=generator, dtype=torch.float64) for _ in range(2))
+def additive_vectors(dim, device, dtype):
+    """(v, bias) of the additive score for feature size `dim` (fixed random values)."""
+    generator = torch.Generator().manual_seed(9)
+    return tuple(torch.randn(dim, generator=generator, dtype=torch.float64).to(device, dtype) for _ in range(2))
 
 
-def reference_context(query, keys, values, masking, scale, dtype, additive=None):
-    """fastattn.reference's context with every input in `dtype`: the scaled_dot score, or
-    the additive one with additive = (v, bias)."""
-    cast = {name: value.to(dtype) if name == "center" else value for name, value in masking.items()}
+def run_attention(query, keys, values, masking, scale, score):
+    """fastattn's context on the current backend for the op's kernel score `score`: "dot"
+    (the scaled_dot score), "cosine" or "additive" (additive_vectors in the query's dtype)."""
+    if score == "additive":
+        v, bias = additive_vectors(query.shape[-1], query.device, query.dtype)
+        return fastattn.additive_attention(query, keys, v, values, bias=bias, **masking)
+    return fastattn.attention(query, keys, values, score="scaled_dot" if score == "dot" else score, scale=scale,
+                              **masking)
+
+
+def centers_in(masking, dtype):
+    """The mask arguments with the window centers in `dtype`, as the inputs."""
+    return {name: value.to(dtype) if name == "center" else value for name, value in masking.items()}
+
+
+def reference_context(query, keys, values, masking, scale, dtype, score="dot"):
+    """fastattn.reference's context (run_attention) with every input in `dtype`."""
     with fastattn.backend("reference"):
-        if additive is not None:
-            v, bias = (tensor.to(query.device, dtype) for tensor in additive)
-            return fastattn.additive_attention(query.to(dtype), keys.to(dtype), v, values.to(dtype), bias=bias, **cast)
-        return fastattn.attention(query.to(dtype), keys.to(dtype), values.to(dtype), score="scaled_dot", scale=scale,
-                                  **cast)
+        return run_attention(query.to(dtype), keys.to(dtype), values.to(dtype), centers_in(masking, dtype), scale, score)
 
 
-def assert_twice_the_reference_error(actual, query, keys, values, masking, scale, dtype, additive=None):
-    exact = reference_context(query, keys, values, masking, scale, torch.float64, additive)
-    in_dtype = reference_context(query, keys, values, masking, scale, dtype, additive)
+def assert_twice_the_reference_error(actual, query, keys, values, masking, scale, dtype, score="dot"):
+    exact = reference_context(query, keys, values, masking, scale, torch.float64, score)
+    in_dtype = reference_context(query, keys, values, masking, scale, dtype, score)
     kernel_error = (actual.double().cpu() - exact.cpu()).abs().max()
     reference_error = (in_dtype.double().cpu() - exact.cpu()).abs().max()
     bound = 2 * reference_error + torch.finfo(dtype).eps * exact.abs().max().cpu()
     assert kernel_error <= bound, (float(kernel_error), float(reference_error))
 
 
-def reference_gradients(query, keys, values, masking, scale, dtype, grad_context, additive=None):
+def reference_gradients(query, keys, values, masking, scale, dtype, grad_context, score="dot"):
     """fastattn.reference's (grad_query, grad_keys, grad_values) with every input in `dtype`."""
     leaves = [tensor.to(dtype).requires_grad_() for tensor in (query, keys, values)]
-    context = reference_context(*leaves, masking, scale, dtype, additive)
+    context = reference_context(*leaves, masking, scale, dtype, score)
     return torch.autograd.grad(context, leaves, grad_context.to(dtype))
 
 
 def assert_gradients_within_twice_the_reference_error(actual, query, keys, values, masking, scale, dtype,
-                                                      grad_context, additive=None):
-    exact = reference_gradients(query, keys, values, masking, scale, torch.float64, grad_context, additive)
-    in_dtype = reference_gradients(query, keys, values, masking, scale, dtype, grad_context, additive)
+                                                      grad_context, score="dot"):
+    exact = reference_gradients(query, keys, values, masking, scale, torch.float64, grad_context, score)
+    in_dtype = reference_gradients(query, keys, values, masking, scale, dtype, grad_context, score)
     for name, got, want, reference_run in zip(("query", "keys", "values"), actual, exact, in_dtype):
         kernel_error = (got.double().cpu() - want.cpu()).abs().max()
         reference_error = (reference_run.double().cpu() - want.cpu()).abs().max()
@@ -96,13 +106,11 @@ def assert_gradients_within_twice_the_reference_error(actual, query, keys, value
         assert kernel_error <= bound, (f"grad_{name}", float(kernel_error), float(reference_error))
 
 
-def op_arguments(query, keys, values, masking, scale, dtype, additive=None):
-    """attention_forward's arguments (without return_weights) for the "dot" kernel score,
-    or the "additive" one with additive = (v, bias)."""
+def op_arguments(query, keys, values, masking, scale, dtype, score="dot"):
+    """attention_forward's arguments (without return_weights) for the kernel score `score`."""
     center = masking.get("center")
     gaussian = masking.get("gaussian")
-    v, bias = (None, None) if additive is None else (tensor.to(query.device, dtype) for tensor in additive)
-    score = "dot" if additive is None else "additive"
+    v, bias = additive_vectors(query.shape[-1], query.device, dtype) if score == "additive" else (None, None)
     return [query.to(dtype), keys.to(dtype), values.to(dtype), v, bias, score, scale, masking.get("lengths"),
             masking.get("key_padding_mask"), masking.get("causal", False), masking.get("window"),
             None if center is None else center.to(dtype), center is not None if gaussian is None else gaussian]
@@ -157,30 +165,36 @@ def test_emulated_tensor_core_kernels_are_within_twice_the_reference_error(emula
                                                           grad_context)
 
 
-EMULATED_ADDITIVE_CASES = [  # (N, T, S, D, Dv), mode, dtype
-    ((2, 21, 37, 64, 64), "lengths", torch.bfloat16),           # batch 0 fully masked
-    ((2, 70, 70, 128, 64), "causal", torch.float16),            # 2 row tiles, 2 key tiles, tiles skipped
-    ((2, 19, 45, 64, 128), "local_p", torch.bfloat16),          # windows with the Gaussian
-    ((1, 67, 131, 128, 128), "key_padding_mask", torch.float16),  # 3 key tiles, the last one of 3 keys
+EMULATED_SCORE_CASES = [  # score, (N, T, S, D, Dv), mode, dtype
+    ("additive", (2, 21, 37, 64, 64), "lengths", torch.bfloat16),            # batch 0 fully masked
+    ("additive", (2, 70, 70, 128, 64), "causal", torch.float16),             # 2 row tiles, 2 key tiles, tiles skipped
+    ("additive", (2, 19, 45, 64, 128), "local_p", torch.bfloat16),           # windows with the Gaussian
+    ("additive", (1, 67, 131, 128, 128), "key_padding_mask", torch.float16),  # 3 key tiles, the last one of 3 keys
+    ("cosine", (2, 21, 37, 64, 64), "lengths", torch.float16),
+    ("cosine", (2, 70, 70, 128, 128), "causal", torch.bfloat16),
+    ("cosine", (1, 67, 131, 64, 128), "key_padding_mask", torch.bfloat16),
+    ("cosine", (2, 19, 45, 128, 64), "local_m_gaussian", torch.float16),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("shape", "mode", "dtype"), EMULATED_ADDITIVE_CASES,
-                         ids=[f"{mode}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}"
-                              for shape, mode, dtype in EMULATED_ADDITIVE_CASES])
-def test_emulated_additive_tile_forward_is_within_twice_the_reference_error(emulated, shape, mode, dtype):
-    """The additive score on the tensor-core forward (the scores on the FMA / SFU units,
-    P V on the tensor cores), then the backward the binding runs for it: the per-row
-    kernels of attention_backward.cu from the tile's logsumexp and context."""
-    additive = additive_vectors(shape[3])
+@pytest.mark.parametrize(("score", "shape", "mode", "dtype"), EMULATED_SCORE_CASES,
+                         ids=[f"{score}-{mode}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}"
+                              for score, shape, mode, dtype in EMULATED_SCORE_CASES])
+def test_emulated_cosine_and_additive_tile_forward_is_within_twice_the_reference_error(emulated, score, shape, mode,
+                                                                                       dtype):
+    """The cosine score on the tensor-core forward (Q K^T on the tensor cores over the
+    rows' and keys' norms) and the additive one (the scores on the FMA / SFU units), P V
+    on the tensor cores; then the backward the binding runs for them: the per-row kernels
+    of attention_backward.cu from the tile's logsumexp and context."""
+    scale = 2.5 if score == "cosine" else 1.0
     query, keys, values, masking = problem(*shape, mode)
-    arguments = op_arguments(query, keys, values, masking, 1.0, dtype, additive)
+    arguments = op_arguments(query, keys, values, masking, scale, dtype, score)
     result = emulation.attention_forward_tensor_core(emulated, arguments)
-    assert result is not None, "the forward must take float16 / bfloat16 additive problems with D, Dv in {64, 128}"
+    assert result is not None, f"the forward must take float16 / bfloat16 {score} problems with D, Dv in {{64, 128}}"
     context, logsumexp = result
     assert not context.isnan().any() and not logsumexp.isnan().any()
-    assert_twice_the_reference_error(context, query, keys, values, masking, 1.0, dtype, additive)
+    assert_twice_the_reference_error(context, query, keys, values, masking, scale, dtype, score)
     want = torch.ops.fastattn.attention_forward(*arguments, False)[2]
     assert torch.equal(torch.isneginf(logsumexp), torch.isneginf(want))
     finite = torch.isfinite(want)
@@ -190,18 +204,17 @@ def test_emulated_additive_tile_forward_is_within_twice_the_reference_error(emul
         emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp, context)
     grads = emulation.attention_backward(emulated, grad_context.to(dtype), None, arguments, logsumexp, context)[:3]
     assert not any(grad.isnan().any() for grad in grads)
-    assert_gradients_within_twice_the_reference_error(grads, query, keys, values, masking, 1.0, dtype, grad_context,
-                                                      additive)
+    assert_gradients_within_twice_the_reference_error(grads, query, keys, values, masking, scale, dtype, grad_context,
+                                                      score)
 
 
 @pytest.mark.slow
 def test_emulated_tensor_core_refuses_what_it_does_not_handle(emulated):
     query, keys, values, masking = problem(1, 20, 20, 64, 64, "global")
-    for dtype, dim, score in ((torch.float32, 64, "dot"), (torch.float16, 32, "dot"), (torch.float16, 64, "cosine"),
-                              (torch.float32, 64, "additive"), (torch.float16, 32, "additive")):
-        additive = additive_vectors(dim) if score == "additive" else None
-        arguments = op_arguments(query[..., :dim], keys[..., :dim], values, masking, 0.5, dtype, additive)
-        arguments[5] = score
+    for dtype, dim, score in ((torch.float32, 64, "dot"), (torch.float16, 32, "dot"), (torch.float32, 64, "cosine"),
+                              (torch.float16, 32, "cosine"), (torch.float32, 64, "additive"),
+                              (torch.float16, 32, "additive")):
+        arguments = op_arguments(query[..., :dim], keys[..., :dim], values, masking, 0.5, dtype, score)
         assert emulation.attention_forward_tensor_core(emulated, arguments) is None, (dtype, dim, score)
 
 
@@ -217,8 +230,8 @@ def launched_kernels(function):
 
 
 GPU_CASES = [("dot", 64, "lengths"), ("dot", 128, "causal"), ("dot", 64, "local_p_plain"),
-             ("dot", 128, "local_m_gaussian"), ("additive", 128, "lengths"), ("additive", 64, "causal"),
-             ("additive", 128, "local_p")]
+             ("dot", 128, "local_m_gaussian"), ("cosine", 64, "lengths"), ("cosine", 128, "causal"),
+             ("additive", 128, "lengths"), ("additive", 64, "causal"), ("additive", 128, "local_p")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -226,35 +239,29 @@ GPU_CASES = [("dot", 64, "lengths"), ("dot", 128, "causal"), ("dot", 64, "local_
 @gpu
 def test_multi_query_attention_runs_on_the_tensor_core_kernels_and_matches_the_reference(score, dim, mode, dtype):
     """Seq2seq shapes (T, S <= 512): the forward through the tensor-core kernel, the
-    backward through it too for dot and through the per-row kernels for additive (seen in
-    the profiler), both within twice the reference's error."""
+    backward through it too for dot and through the per-row kernels for cosine and
+    additive (seen in the profiler), both within twice the reference's error."""
     steps, source = (300, 300) if mode == "causal" else (200, 300)
-    additive = additive_vectors(dim, seed=8) if score == "additive" else None
-    scale = 1.0 if additive else dim**-0.5
+    scale = {"dot": dim**-0.5, "cosine": 2.5, "additive": 1.0}[score]
     query, keys, values, masking = problem(4, steps, source, dim, dim, mode, seed=3, device=DEVICE)
     leaves = [tensor.to(dtype).requires_grad_() for tensor in (query, keys, values)]
-    masking_low = {name: value.to(dtype) if name == "center" else value for name, value in masking.items()}
     grad_context = torch.randn(4, steps, dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     grad_context = grad_context.to(DEVICE)
     results = {}
 
     def forward_and_backward():
         with fastattn.backend("cuda"):
-            if additive:
-                v, bias = (tensor.to(DEVICE, dtype) for tensor in additive)
-                results["context"] = fastattn.additive_attention(*leaves[:2], v, leaves[2], bias=bias, **masking_low)
-            else:
-                results["context"] = fastattn.attention(*leaves, score="scaled_dot", scale=scale, **masking_low)
+            results["context"] = run_attention(*leaves, centers_in(masking, dtype), scale, score)
         results["grads"] = torch.autograd.grad(results["context"], leaves, grad_context.to(dtype))
 
     names = launched_kernels(forward_and_backward)
     assert any("attention_forward_tensor_core" in name for name in names), names
-    assert any("attention_backward_tensor_core" in name for name in names) == (not additive), names
-    assert any("backward_rows_kernel" in name for name in names) == bool(additive), names
+    assert any("attention_backward_tensor_core" in name for name in names) == (score == "dot"), names
+    assert any("backward_rows_kernel" in name for name in names) == (score != "dot"), names
     assert any("row_dot_kernel" in name for name in names), names  # autograd passes the context
-    assert_twice_the_reference_error(results["context"], query, keys, values, masking, scale, dtype, additive)
+    assert_twice_the_reference_error(results["context"], query, keys, values, masking, scale, dtype, score)
     assert_gradients_within_twice_the_reference_error(results["grads"], query, keys, values, masking, scale, dtype,
-                                                      grad_context, additive)
+                                                      grad_context, score)
 
 
 @gpu

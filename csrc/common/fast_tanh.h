@@ -20,9 +20,6 @@
 #pragma once
 
 #include <stdint.h>
-#if !defined(__CUDA_ARCH__)
-#include <string.h>
-#endif
 
 #if defined(__CUDACC__)
 #define FASTATTN_HOST_DEVICE __host__ __device__ __forceinline__
@@ -46,11 +43,11 @@ FASTATTN_HOST_DEVICE float divide_rational(float numerator, float denominator) {
 #if defined(__CUDA_ARCH__)
   float reciprocal = __uint_as_float(kSeed - __float_as_uint(denominator));
 #else
-  uint32_t bits;
-  memcpy(&bits, &denominator, sizeof bits);
+  uint32_t bits;  // the emulation's host compiler: the compiler's own memcpy, no <string.h>
+  __builtin_memcpy(&bits, &denominator, sizeof bits);
   bits = kSeed - bits;
   float reciprocal;
-  memcpy(&reciprocal, &bits, sizeof reciprocal);
+  __builtin_memcpy(&reciprocal, &bits, sizeof reciprocal);
 #endif
   for (int step = 0; step < 3; ++step) reciprocal = reciprocal + reciprocal * (1.0f - denominator * reciprocal);
   return numerator * reciprocal;

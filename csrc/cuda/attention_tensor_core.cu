@@ -2,12 +2,13 @@
 // soft-attention op (attention_forward / attention_backward in csrc/ops.cpp) on the
 // tensor cores, flash-attention-2 style: float16 / bfloat16 inputs, head dims D, Dv in
 // {64, 128}, float accumulation (mma.cuh's m16n8k16 mma.sync).  The "dot" kernel score
-// forward and backward; the "additive" score forward.
+// forward and backward; the "cosine" and "additive" scores forward.
 //
 // Forward: scores -> masks -> online softmax -> Gaussian -> P V for a tile of
 // kBlockRows query rows per block (4 warps, 16 rows each) over tiles of kBlockKeys
 // keys.  Dot: Q K^T on the tensor cores, times the scale (the Q fragments stay in
-// registers).  Additive: v . tanh(q + bias + k) on the FMA and special-function units
+// registers).  Cosine: the same over 1 / max(|q|, tiny) of each row (its group's 4
+// lanes) and of each key (2 threads a key, per tile).  Additive: v . tanh(q + bias + k) on the FMA and special-function units
 // (additive_tile_scores: each lane sums the pairs its score accumulators hold, 2 rows x
 // 16 keys, so that one 16-byte key load serves 2 rows and one query load 16 keys; the
 // tanh split 7:1 between tanh.approx and the rational tanh, additive_tanh), which is
@@ -33,7 +34,7 @@
 // Not handled (attention_tensor_core_supported / _backward_supported say no; the
 // binding keeps attention_forward.cu / attention_backward.cu): other scores and dtypes,
 // other head dims, unaligned rows, the weights output and its gradient, grad_center
-// (local-p with the Gaussian), the additive backward.  No warp specialisation, WGMMA or
+// (local-p with the Gaussian), the cosine and additive backward.  No warp specialisation, WGMMA or
 // TMA (sm_80 instructions on sm_90a too).
 #include "attention_device.cuh"
 #include "mma.cuh"
@@ -49,21 +50,23 @@ constexpr int kBlockRows = kTensorCoreWarps * kWarpRows;     // query rows per b
 constexpr int kBlockKeys = 64;                               // keys per tile
 constexpr int kSkew = 8;                                     // padding per shared row (bank spread)
 constexpr int kChunk = 8;                                    // elements per 16-byte load
+static_assert(kTensorCoreThreads == 2 * kBlockKeys, "the cosine key norms take 2 threads a key");
 
-// Floats of v and bias (additive only) in the forward's shared memory.
+// Floats the score needs in the forward's shared memory: v and bias (additive), the
+// key tile's 1 / max(|k|, tiny) (cosine).
 template <ScoreKind kScore, int kD>
-constexpr int additive_vector_floats() {
-  return kScore == ScoreKind::kAdditive ? 2 * kD : 0;
+constexpr int score_floats() {
+  return kScore == ScoreKind::kAdditive ? 2 * kD : kScore == ScoreKind::kCosine ? kBlockKeys : 0;
 }
 
 // Shared memory: row_begin, row_end (int64) | row_center (float) | key_hidden (int,
-// two stages) | v, bias (float, additive only) | Q tile (kBlockRows x (kD + kSkew)) |
+// two stages) | score_floats (float) | Q tile (kBlockRows x (kD + kSkew)) |
 // two stages of a K tile (kBlockKeys x (kD + kSkew)) and a V tile (kBlockKeys x
 // (kDv + kSkew)), all in T; every tile row 16-byte aligned.
 template <ScoreKind kScore, int kD, int kDv>
 constexpr size_t tensor_core_shared_bytes() {
   return 2 * sizeof(int64_t) * kBlockRows + sizeof(float) * kBlockRows + 2 * sizeof(int) * kBlockKeys +
-         sizeof(float) * additive_vector_floats<kScore, kD>() +
+         sizeof(float) * score_floats<kScore, kD>() +
          2 * (static_cast<size_t>(kBlockRows) * (kD + kSkew) +
               2 * static_cast<size_t>(kBlockKeys) * (kD + kSkew + kDv + kSkew));
 }
@@ -194,7 +197,7 @@ template <typename T, ScoreKind kScore, int kD, int kDv>
 __global__ void __launch_bounds__(kTensorCoreThreads)
     attention_forward_tensor_core_kernel(DeviceProblem<T> p, AttentionForwardBuffers out, const T* grad_context,
                                          float* row_dot) {
-  constexpr bool kAdditive = kScore == ScoreKind::kAdditive;
+  constexpr bool kAdditive = kScore == ScoreKind::kAdditive, kCosine = kScore == ScoreKind::kCosine;
   constexpr int kKeyStride = kD + kSkew, kValueStride = kDv + kSkew;
   constexpr int kStageElements = kBlockKeys * (kKeyStride + kValueStride);  // one K and one V tile
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -202,9 +205,10 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
   int64_t* row_end = row_begin + kBlockRows;
   float* row_center = reinterpret_cast<float*>(row_end + kBlockRows);
   int* key_hidden_stages = reinterpret_cast<int*>(row_center + kBlockRows);
-  float* additive_v = reinterpret_cast<float*>(key_hidden_stages + 2 * kBlockKeys);
+  float* additive_v = reinterpret_cast<float*>(key_hidden_stages + 2 * kBlockKeys);  // score_floats
   float* additive_bias = additive_v + kD;
-  T* query_tile = reinterpret_cast<T*>(additive_v + additive_vector_floats<kScore, kD>());
+  float* key_inverse_norm = additive_v;
+  T* query_tile = reinterpret_cast<T*>(additive_v + score_floats<kScore, kD>());
   T* key_value_stages = query_tile + kBlockRows * kKeyStride;  // K tile, then V tile, per stage
   if constexpr (kAdditive) {  // read after the first work item's synchronisation
     for (int d = threadIdx.x; d < kD; d += kTensorCoreThreads) {
@@ -252,6 +256,19 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
     const int64_t begin[2] = {row_begin[top], row_begin[top + 8]};
     const int64_t end[2] = {row_end[top], row_end[top + 8]};
     const float center[2] = {row_center[top], row_center[top + 8]};
+    // Cosine: 1 / max(|q|, tiny) of the two rows, the 4 lanes of the group a quarter of D each.
+    float row_inverse_norm[2] = {1.f, 1.f};
+    if constexpr (kCosine) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const T* query_row = query_tile + (top + 8 * half) * kKeyStride;
+        float square_sum = 0.f;
+        for (int d = column; d < kD; d += 4) square_sum += to_acc(query_row[d]) * to_acc(query_row[d]);
+        square_sum += __shfl_xor_sync(0xffffffffu, square_sum, 1);
+        square_sum += __shfl_xor_sync(0xffffffffu, square_sum, 2);
+        row_inverse_norm[half] = 1.f / clamped_norm(sqrtf(square_sum));
+      }
+    }
     uint32_t query_fragment[kAdditive ? 1 : kD / 16][4];
     if constexpr (!kAdditive) {
 #pragma unroll
@@ -276,6 +293,17 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       const T* key_tile = key_value_stages + stage * kStageElements;
       const T* value_tile = key_tile + kBlockKeys * kKeyStride;
       const int* key_hidden = key_hidden_stages + stage * kBlockKeys;
+      if constexpr (kCosine) {  // 1 / max(|k|, tiny) of the tile's keys, 2 threads a key
+        const int key = threadIdx.x / 2, part = threadIdx.x % 2;
+        float square_sum = 0.f;
+        for (int d = part; d < kD; d += 2) {
+          const float k = to_acc(key_tile[key * kKeyStride + d]);
+          square_sum += k * k;
+        }
+        square_sum += __shfl_xor_sync(0xffffffffu, square_sum, 1);
+        if (part == 0) key_inverse_norm[key] = 1.f / clamped_norm(sqrtf(square_sum));
+        __syncthreads();
+      }
 
       float score[kBlockKeys / 8][4];
 #pragma unroll
@@ -299,7 +327,8 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
         }
       }
 
-      // Scale (dot) and mask; each row's maximum over the tile (the 4 lanes of a group share a row).
+      // Scale (dot, cosine with the norms) and mask; each row's maximum over the tile (the 4
+      // lanes of a group share a row).
       float tile_max[2] = {minus_infinity, minus_infinity};
 #pragma unroll
       for (int nt = 0; nt < kBlockKeys / 8; ++nt) {
@@ -308,7 +337,9 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
           const int half = r / 2, key = nt * 8 + 2 * column + r % 2;
           const int64_t j = tile + key;
           const bool visible = j >= begin[half] && j < end[half] && !key_hidden[key];
-          score[nt][r] = visible ? (kAdditive ? score[nt][r] : score[nt][r] * p.scale) : minus_infinity;
+          float scaled = kAdditive ? score[nt][r] : score[nt][r] * p.scale;
+          if (kCosine) scaled *= row_inverse_norm[half] * key_inverse_norm[key];
+          score[nt][r] = visible ? scaled : minus_infinity;
           tile_max[half] = score[nt][r] > tile_max[half] ? score[nt][r] : tile_max[half];
         }
       }
@@ -731,7 +762,8 @@ bool aligned_to_16_bytes(const void* pointer) { return (reinterpret_cast<uintptr
 
 bool attention_tensor_core_supported(const AttentionProblem& p, int compute_capability_major) {
   const bool half_precision = p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16;
-  const bool score = p.score == ScoreKind::kDot || (p.score == ScoreKind::kAdditive && p.v != nullptr);
+  const bool score = p.score == ScoreKind::kDot || p.score == ScoreKind::kCosine ||
+                     (p.score == ScoreKind::kAdditive && p.v != nullptr);
   return compute_capability_major >= 8 && half_precision && score && head_dim_supported(p.score_dim) && head_dim_supported(p.value_dim) && p.keys_batch_stride % kChunk == 0 &&
          p.values_batch_stride % kChunk == 0 && aligned_to_16_bytes(p.query) && aligned_to_16_bytes(p.keys) &&
          aligned_to_16_bytes(p.values);
@@ -752,6 +784,9 @@ cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& p, cons
     constexpr int kD = decltype(dim)::value, kDv = decltype(value_dim)::value;
     if (p.score == ScoreKind::kAdditive) {
       return launch_forward<T, ScoreKind::kAdditive, kD, kDv>(p, out, nullptr, nullptr, stream);
+    }
+    if (p.score == ScoreKind::kCosine) {
+      return launch_forward<T, ScoreKind::kCosine, kD, kDv>(p, out, nullptr, nullptr, stream);
     }
     return launch_forward<T, ScoreKind::kDot, kD, kDv>(p, out, nullptr, nullptr, stream);
   });

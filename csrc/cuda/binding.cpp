@@ -11,8 +11,8 @@
 // elsewhere) when the shape fits the device and FASTATTN_CUDA_PERSISTENT_RNN is not "0";
 // otherwise per step, h W_hh^T in ATen and the pointwise step in recurrent_pointwise.cu.  Attention computes float16 / bfloat16 natively (float
 // accumulation); the recurrent ops compute them in float32 and return the input dtype.
-// Multi-query (T >= kTensorCoreMinQueries) float16 / bfloat16 "dot" and "additive"
-// attention with head dims 64 / 128 runs forward on the tensor cores
+// Multi-query (T >= kTensorCoreMinQueries) float16 / bfloat16 attention with head dims
+// 64 / 128 runs forward on the tensor cores
 // (attention_tensor_core.cu) unless the weights are wanted, and "dot" backward too unless
 // their gradient or grad_center are wanted.
 // attention_decoder_step_inference runs the one-launch kernel of decoder_step.cu where it
@@ -235,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
     out.weights = weights.mutable_data_ptr();
     out.scores = scores.mutable_data_ptr();
   }
-  // Multi-query float16 / bfloat16 "dot" and "additive" problems without weights go to the tensor cores.
+  // Multi-query float16 / bfloat16 problems without weights go to the tensor cores.
   if (!return_weights && p.query_length >= kTensorCoreMinQueries &&
       attention_tensor_core_supported(p, compute_capability_major(query))) {
     check_launch(op, launch_attention_forward_tensor_core(p, out, current_stream()));

@@ -89,7 +89,7 @@ cudaError_t launch_attention_row_dot(const AttentionProblem& problem, const void
                                      void* row_dot, cudaStream_t stream);
 
 // The multi-query forward on the tensor cores (attention_tensor_core.cu): float16 /
-// bfloat16, score "dot" or "additive" (v given), D and Dv in {64, 128}, query / keys /
+// bfloat16, score "dot", "cosine" or "additive" (v given), D and Dv in {64, 128}, query / keys /
 // values 16-byte aligned
 // with batch strides of multiples of 8 elements, on a device of compute capability
 // 8.0 or later.  It writes context and logsumexp as launch_attention_forward does;
