@@ -123,6 +123,42 @@ def test_large_feature_sizes_and_logits_match(score, mode):
         assert kernel_error <= factor * reference_error + floor, (index, float(kernel_error), float(reference_error))
 
 
+def test_cosine_on_the_matrix_multiply_path_takes_zero_vectors_and_keys_shared_by_the_batch():
+    """Cosine at D = 130 (the at::bmm path, backward included: the dot backward on the
+    unit vectors, then through them) with a zero query row and a zero key row, whose
+    gradients go through max(|x|, tiny) as the reference's do (huge but finite, no NaN):
+    float64 against the reference; and the op with keys expanded over the batch (batch
+    stride 0, as the location score passes them) gives what it gives on a copy of them."""
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 18, 130, generator=generator, dtype=torch.float64)
+    keys = torch.randn(2, 20, 130, generator=generator, dtype=torch.float64)
+    values = torch.randn(2, 20, 33, generator=generator, dtype=torch.float64)
+    query[1, 3] = 0
+    keys[0, 5] = 0
+    grad_context = 1e-3 * torch.randn(2, 18, 33, generator=generator, dtype=torch.float64)
+
+    def outputs(backend_name):
+        leaves = [tensor.clone().requires_grad_() for tensor in (query, keys, values)]
+        with fastattn.backend(backend_name):
+            context = fastattn.attention(*leaves, score="cosine", scale=3.0, lengths=torch.tensor([20, 13]))
+        return [context, *torch.autograd.grad(context, leaves, grad_context)]
+
+    kernel = outputs("cpu")
+    assert kernel[1][1, 3].abs().max() > 1e300  # the zero query's gradient: du / tiny
+    for got, want in zip(kernel, outputs("reference")):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+    def op_outputs(shared_keys):
+        arguments = [query, shared_keys, values, None, None, "cosine", 3.0, None, None, False, None, None, False]
+        context, _, logsumexp = torch.ops.fastattn.attention_forward(*arguments, False)
+        return [context, *torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp, context)[:3]]
+
+    expanded = keys[:1].expand(2, -1, -1)
+    for got, want in zip(op_outputs(expanded), op_outputs(expanded.contiguous())):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["global", "lengths", "local_p"])
 @pytest.mark.parametrize("score", SCORES)

@@ -20,7 +20,8 @@
 //   the forward's contractions are at::bmm GEMMs (scores = q' k^T, context =
 //   weights @ values) around one C++ pass per row for scale and masks, ATen's
 //   softmax, and one pass for logsumexp, fully masked rows and the Gaussian
-//   factor; the dot backward is five GEMMs around one pass per row.
+//   factor; the dot backward is five GEMMs around one pass per row (cosine: on the
+//   unit vectors, then through them).
 // Backward: parallel over n (each n owns its grad_keys / grad_values rows; chunk-
 //   local grad_v / grad_bias summed at the end): no races, deterministic.  Scores
 //   and tanh are recomputed from the saved logsumexp, never stored.
@@ -941,13 +942,14 @@ AttentionProblem<T> problem_of(const PreparedInputs& in) {
 // softmax, Gaussian factor, logsumexp), then context = weights @ values.
 
 // Worth it when the rows are long enough for GEMMs to beat the streaming dot
-// products (measured: D >= 128), and when the masks leave most (t, j) pairs
+// products (measured: D >= 128, and Dv >= 32 or Dv = 0: weights alone, as hard
+// attention asks for them), and when the masks leave most (t, j) pairs
 // visible: the GEMMs pay for every pair, the streaming kernel visits only each
 // row's key range (causal with T ~ S halves its work, a narrow window more).
 bool use_blas_path(const PreparedInputs& in) {
   if (in.score == ScoreKind::kAdditive) return false;
   if (in.batch == 0 || in.query_length < 16 || in.source_length < 16) return false;
-  if (in.score_dim < 128 || in.value_dim < 32) return false;
+  if (in.score_dim < 128 || (in.value_dim > 0 && in.value_dim < 32)) return false;
   double visible = 1.0;
   if (in.causal) {
     visible = std::min(visible, (static_cast<double>(in.query_length) + 1.0) / (2.0 * in.source_length));
@@ -1020,6 +1022,45 @@ void blas_finish_rows(const AttentionProblem<T>& problem, T* weights, T* lse, co
   }
 }
 
+// x / max(|x|, tiny) for each row x of `rows` (N, R, D), as prepare_query computes
+// the cosine's unit query; rows contiguous within a batch element, whose stride may be
+// 0 (keys shared by the batch: computed once, returned expanded).
+at::Tensor unit_rows(const at::Tensor& rows) {
+  const bool shared = rows.size(0) > 1 && rows.stride(0) == 0;
+  const at::Tensor distinct = (shared ? rows.narrow(0, 0, 1) : rows).contiguous();
+  at::Tensor unit = at::empty_like(distinct);
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "fastattn_unit_rows", [&] {
+    const scalar_t* input = distinct.const_data_ptr<scalar_t>();
+    scalar_t* output = unit.mutable_data_ptr<scalar_t>();
+    const int64_t dim = rows.size(2);
+    at::parallel_for(0, distinct.size(0) * distinct.size(1), 256, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* x = input + row * dim;
+        const scalar_t clamped = fastattn::clamped_norm(static_cast<scalar_t>(std::sqrt(dot_product<16>(x, x, dim))));
+        for (int64_t d = 0; d < dim; ++d) output[row * dim + d] = x[d] / clamped;
+      }
+    });
+  });
+  return shared ? unit.expand(rows.sizes()) : unit;
+}
+
+// grad (N, R, D, contiguous), the gradient of unit_rows(rows), becomes in place the
+// gradient of rows (as unit_rows takes them).
+void through_unit_rows(at::Tensor& grad, const at::Tensor& rows) {
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "fastattn_through_unit_rows", [&] {
+    const scalar_t* input = rows.const_data_ptr<scalar_t>();
+    scalar_t* gradient = grad.mutable_data_ptr<scalar_t>();
+    const int64_t per_batch = rows.size(1), dim = rows.size(2), batch_stride = rows.stride(0);
+    at::parallel_for(0, grad.size(0) * per_batch, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* x = input + (row / per_batch) * batch_stride + (row % per_batch) * dim;
+        scalar_t* g = gradient + row * dim;
+        unit_vector_backward<16>(g, x, static_cast<scalar_t>(std::sqrt(dot_product<16>(x, x, dim))), g, dim);
+      }
+    });
+  });
+}
+
 // a (N, R, K) @ b (N, K, C) -> (N, R, C); b with batch stride 0 (location keys)
 // becomes one (N R, K) @ (K, C) GEMM.
 at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
@@ -1031,9 +1072,10 @@ at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
 
 // Backward of the dot score through GEMMs: scores recomputed as one GEMM, one pass
 // per row turns them into dE (and W = alpha g), then grad_values = W^T dC,
-// grad_query = dE K, grad_keys = dE^T Q.  raw (N, T, S): q.k on entry, dE on exit;
-// grad_weights (N, T, S): dW = dC . v_j (+ the weights' gradient) on entry,
-// scratch after; weights (N, T, S): W on exit.
+// grad_query = dE K, grad_keys = dE^T Q.  The cosine score is the dot score of the
+// unit vectors (unit_rows), its gradients taken through them (through_unit_rows).
+// raw (N, T, S): q.k on entry, dE on exit; grad_weights (N, T, S): dW = dC . v_j
+// (+ the weights' gradient) on entry, scratch after; weights (N, T, S): W on exit.
 template <typename T>
 void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weights, T* weights, const T* lse,
                         T* grad_center, int64_t row_begin, int64_t row_end) {
@@ -1080,22 +1122,7 @@ void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weig
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const PreparedInputs& in, bool return_weights,
                                                                       const at::Tensor& original_query) {
   at::Tensor logsumexp = at::empty({in.batch, in.query_length}, in.query.options());
-  at::Tensor prepared_query = in.query;
-  if (in.score == ScoreKind::kCosine) {  // q / max(|q|, tiny), as prepare_query computes it
-    prepared_query = at::empty_like(in.query);
-    AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "fastattn_unit_queries", [&] {
-      const scalar_t* query = in.query.const_data_ptr<scalar_t>();
-      scalar_t* unit = prepared_query.mutable_data_ptr<scalar_t>();
-      const int64_t dim = in.score_dim;
-      at::parallel_for(0, in.batch * in.query_length, 256, [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const scalar_t* q = query + row * dim;
-          const scalar_t clamped = fastattn::clamped_norm(static_cast<scalar_t>(std::sqrt(dot_product<16>(q, q, dim))));
-          for (int64_t d = 0; d < dim; ++d) unit[row * dim + d] = q[d] / clamped;
-        }
-      });
-    });
-  }
+  const at::Tensor prepared_query = in.score == ScoreKind::kCosine ? unit_rows(in.query) : in.query;
   at::Tensor scores = batched_matmul(prepared_query, in.keys.transpose(1, 2)).contiguous();
   at::Tensor weights;
   const int64_t rows = in.batch * in.query_length;
@@ -1206,10 +1233,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto cast = [&](const at::Tensor& t) { return t.scalar_type() == in.input_dtype ? t : t.to(in.input_dtype); };
   // A fresh empty tensor for each absent gradient: outputs must not alias.
   const auto empty = [&] { return at::empty({0}, query.options()); };
-  if (in.score == ScoreKind::kDot && use_blas_path(in)) {
-    const bool wants_center = in.gaussian && in.center.defined();
+  if ((in.score == ScoreKind::kDot || in.score == ScoreKind::kCosine) && use_blas_path(in)) {
+    const bool wants_center = in.gaussian && in.center.defined(), cosine = in.score == ScoreKind::kCosine;
     at::Tensor grad_center = wants_center ? at::zeros({in.batch, in.query_length}, options) : at::Tensor();
-    at::Tensor raw = batched_matmul(in.query, in.keys.transpose(1, 2)).contiguous();
+    const at::Tensor query_rows = cosine ? unit_rows(in.query) : in.query;
+    const at::Tensor key_rows = cosine ? unit_rows(in.keys) : in.keys;
+    at::Tensor raw = batched_matmul(query_rows, key_rows.transpose(1, 2)).contiguous();
     at::Tensor grad_alpha = batched_matmul(grad_context_, in.values.transpose(1, 2)).contiguous();
     if (grad_weights_.defined()) grad_alpha.add_(grad_weights_);
     at::Tensor weights = at::empty_like(raw);
@@ -1227,8 +1256,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                        });
     });
     at::Tensor grad_values = at::bmm(weights.transpose(1, 2), grad_context_);
-    at::Tensor grad_query = batched_matmul(raw, in.keys);
-    at::Tensor grad_keys = at::bmm(raw.transpose(1, 2), in.query);
+    at::Tensor grad_query = batched_matmul(raw, key_rows);
+    at::Tensor grad_keys = at::bmm(raw.transpose(1, 2), query_rows);
+    if (cosine) {
+      through_unit_rows(grad_query, in.query);
+      through_unit_rows(grad_keys, in.keys);
+    }
     return {cast(grad_query), cast(grad_keys), cast(grad_values), empty(), empty(),
             wants_center ? cast(grad_center) : empty()};
   }
