@@ -5,8 +5,8 @@ Small on purpose: benchmarks/gpu_check.sh runs it under ``compute-sanitizer --to
 memcheck`` and ``--tool racecheck``, which slow kernels down by orders of magnitude.
 The cases reach every kernel and variant: the attention forward with one key split and
 with several (plus the combine and weights kernels), 16-byte and scalar loads, every
-kernel score, the masks and the Gaussian, float16 natively, the tensor-core forward and
-backward (bfloat16), both backward kernels, hard-attention positions (argmax and drawn),
+kernel score, the masks and the Gaussian, float16 natively, the tensor-core forward
+(bfloat16: dot, cosine, additive) and backward (dot, cosine; grad_center), both backward kernels, hard-attention positions (argmax and drawn),
 fast_tanh, the LSTM/GRU step kernels of the cells, and layers with lengths (forward and
 reverse) through both recurrent paths: the persistent kernels (one block per hidden
 unit here, grid barrier; float32 FMAs, and the tensor cores in bfloat16) and the per-step
@@ -128,22 +128,41 @@ def check_attention() -> bool:
 
 
 def check_tensor_core_attention() -> bool:
-    """The tensor-core forward and backward (bfloat16 "dot", D = Dv = 64: 2 key tiles, a
-    fully masked batch)."""
+    """The tensor-core forward and backward (bfloat16 "dot" and "cosine", D = Dv = 64: 2
+    key tiles, a fully masked batch; dot with the local-p Gaussian too, grad_center
+    included), and the additive forward on them (its backward on the per-row kernels)."""
     query, keys, values = leaves((2, 20, 64), (2, 70, 64), (2, 70, 64), device=DEVICE, dtype=torch.bfloat16)
+    v, bias = (torch.randn(64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in (1, 2))
     lengths = torch.tensor([0, 67])
+    center = (torch.rand(2, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 70).to(torch.bfloat16)
+    center = center.to(DEVICE).requires_grad_()
+    ok = True
+    for kernel_score, scale, local_p in (("dot", 0.125, False), ("cosine", 2.5, False), ("additive", 1.0, False),
+                                         ("dot", 0.125, True)):
+        additive = kernel_score == "additive"
+        vectors = [v.to(DEVICE, torch.bfloat16), bias.to(DEVICE, torch.bfloat16)] if additive else [None, None]
+        inputs = [query, keys, values, *([center] if local_p else [])]
 
-    def op(query, keys, values):
-        return torch.ops.fastattn.attention_forward(query, keys, values, None, None, "dot", 0.125, lengths.to(DEVICE),
-                                                    None, False, None, None, False, False)[0]
+        def op(query, keys, values, center=None):
+            window = 6 if local_p else None
+            return torch.ops.fastattn.attention_forward(query, keys, values, *vectors, kernel_score, scale,
+                                                        lengths.to(DEVICE), None, False, window, center, local_p,
+                                                        False)[0]
 
-    def exact(query, keys, values):
-        with fastattn.backend("reference"):
-            return fastattn.attention(query, keys, values, score="scaled_dot", scale=0.125, lengths=lengths)
+        def exact(query, keys, values, center=None):
+            masking = {"lengths": lengths, **({"window": 6, "center": center, "gaussian": True} if local_p else {})}
+            with fastattn.backend("reference"):
+                if additive:
+                    rounded = [t.to(torch.bfloat16).double() for t in (v, bias)]
+                    return fastattn.additive_attention(query, keys, rounded[0], values, bias=rounded[1], **masking)
+                score = "scaled_dot" if kernel_score == "dot" else kernel_score
+                return fastattn.attention(query, keys, values, score=score, scale=scale, **masking)
 
-    got = with_gradients(op, [query, keys, values])
-    want = with_gradients(exact, [t.detach().double().cpu().requires_grad_() for t in (query, keys, values)])
-    return report("attention_forward op on the tensor cores, bfloat16, lengths", got, want, 3e-2)
+        got = with_gradients(op, inputs)
+        want = with_gradients(exact, [t.detach().double().cpu().requires_grad_() for t in inputs])
+        masks = "lengths, local-p Gaussian" if local_p else "lengths"
+        ok &= report(f"attention_forward op on the tensor cores, {kernel_score}, bfloat16, {masks}", got, want, 3e-2)
+    return ok
 
 
 def check_hard_attention_and_tanh() -> bool:

@@ -594,6 +594,7 @@ EMULATED_CASES = [  # shape (N, T, S, D, Dv), mode, keys shared by the batch
     ((2, 5, 70, 6, 10), "local_m_gaussian", False),
     ((2, 1, 100, 40, 300), "lengths", False),       # one value group, 2 chunks a thread, 8 keys' loads at once
     ((2, 3, 100, 16, 72), "key_padding_mask", False),  # 3 value groups (20 threads idle), 8 keys' loads at once
+    ((2, 4, 70, 8, 0), "lengths", False),           # no value features: the weights alone (hard attention)
 ]
 
 
@@ -624,13 +625,15 @@ def test_emulated_attention_kernels_match_the_cpu_op(emulated, score, case, dtyp
     grad_context = torch.randn(want[0].shape, generator=generator, dtype=torch.float64).to(dtype)
     grad_weights = torch.randn(want[1].shape, generator=generator, dtype=torch.float64).to(dtype)
     # With the forward's context, r comes from grad_context . context unless grad_weights
-    # or grad_center are wanted (then the kernels make their own pass for it), and the
-    # rows kernel splits a row's keys over blocks as the forward does.
+    # are wanted (then the kernels make their own pass for it, grad_center too; otherwise
+    # grad_center comes with the second pass), and without grad_center the rows kernel
+    # splits a row's keys over blocks as the forward does.
     for given_grad_weights, given_context in ((grad_weights, context), (None, context), (None, None)):
         expected = torch.ops.fastattn.attention_backward(grad_context, given_grad_weights, *arguments, want[2])
         *got, splits = emulation.attention_backward(emulated, grad_context, given_grad_weights, arguments, logsumexp,
                                                     given_context)
-        from_context_alone = given_grad_weights is None and given_context is not None and mode != "local_p"
+        from_context_alone = (given_grad_weights is None and given_context is not None and given_context.numel() > 0
+                              and mode != "local_p")  # an empty context (Dv = 0) holds no r
         assert splits == (forward_splits if from_context_alone else 1)
         assert_matches_cpu_op(got, expected, tolerance if dtype == torch.float64 else 10 * tolerance, "backward")
 

@@ -1,5 +1,6 @@
 """The tensor-core multi-query attention forward (csrc/cuda/attention_tensor_core.cu,
-mma.cuh) for the "dot", "cosine" and "additive" kernel scores, and the "dot" backward,
+mma.cuh) for the "dot", "cosine" and "additive" kernel scores, and the "dot" and
+"cosine" backward,
 against fastattn.reference
 under the float16 / bfloat16 2x rule: its error
 against the float64 reference is at most twice the reference's own in that dtype,
@@ -12,8 +13,8 @@ the PTX ISA defines, while cp.async copies land only when a wait retires them, a
 odd shapes (T and S not multiples of the 64-row and 64-key tiles, so that tail tiles
 are zero-filled; up to 3 row and 4 key tiles, so that the double buffers wrap; every
 mask, causal, local windows with and without the Gaussian, fully masked rows).  With a GPU (marked gpu): the op at
-seq2seq shapes goes to the tensor-core kernels (seen in the profiler; cosine and
-additive: the forward, their backward through the per-row kernels) and matches the reference, gradients
+seq2seq shapes goes to the tensor-core kernels (seen in the profiler; additive: the
+forward, its backward through the per-row kernels) and matches the reference, gradients
 included (the backward recomputes from the forward's logsumexp)."""
 
 import pytest
@@ -106,6 +107,24 @@ def assert_gradients_within_twice_the_reference_error(actual, query, keys, value
         assert kernel_error <= bound, (f"grad_{name}", float(kernel_error), float(reference_error))
 
 
+def reference_center_gradient(query, keys, values, masking, scale, dtype, grad_context, score="dot"):
+    """fastattn.reference's gradient of the window centers (local-p with the Gaussian) with
+    every input in `dtype`."""
+    center = masking["center"].to(dtype).requires_grad_()
+    context = reference_context(query, keys, values, {**masking, "center": center}, scale, dtype, score)
+    return torch.autograd.grad(context, center, grad_context.to(dtype))[0]
+
+
+def assert_center_gradient_within_twice_the_reference_error(actual, query, keys, values, masking, scale, dtype,
+                                                            grad_context, score="dot"):
+    exact = reference_center_gradient(query, keys, values, masking, scale, torch.float64, grad_context, score)
+    in_dtype = reference_center_gradient(query, keys, values, masking, scale, dtype, grad_context, score)
+    kernel_error = (actual.double().cpu() - exact.cpu()).abs().max()
+    reference_error = (in_dtype.double().cpu() - exact.cpu()).abs().max()
+    bound = 2 * reference_error + torch.finfo(dtype).eps * exact.abs().max().cpu()
+    assert kernel_error <= bound, ("grad_center", float(kernel_error), float(reference_error))
+
+
 def op_arguments(query, keys, values, masking, scale, dtype, score="dot"):
     """attention_forward's arguments (without return_weights) for the kernel score `score`."""
     center = masking.get("center")
@@ -157,12 +176,19 @@ def test_emulated_tensor_core_kernels_are_within_twice_the_reference_error(emula
     # The backward from the kernel's logsumexp: row_dot from the forward's context (what
     # the op's autograd passes), and from the forward run again (a call without it).
     grad_context = torch.randn(context.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    # With the local-p Gaussian, grad_center too (float; None without it).
     for given_context in (context, None):
-        grads = emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp,
-                                                         given_context)
+        *grads, grad_center = emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments,
+                                                                       logsumexp, given_context)
         assert not any(grad.isnan().any() for grad in grads)
         assert_gradients_within_twice_the_reference_error(grads, query, keys, values, masking, scale, dtype,
                                                           grad_context)
+        if masking.get("gaussian") and "center" in masking:
+            assert not grad_center.isnan().any() and grad_center.abs().max() > 0
+            assert_center_gradient_within_twice_the_reference_error(grad_center, query, keys, values, masking, scale,
+                                                                    dtype, grad_context)
+        else:
+            assert grad_center is None
 
 
 EMULATED_SCORE_CASES = [  # score, (N, T, S, D, Dv), mode, dtype
@@ -181,12 +207,14 @@ EMULATED_SCORE_CASES = [  # score, (N, T, S, D, Dv), mode, dtype
 @pytest.mark.parametrize(("score", "shape", "mode", "dtype"), EMULATED_SCORE_CASES,
                          ids=[f"{score}-{mode}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}"
                               for score, shape, mode, dtype in EMULATED_SCORE_CASES])
-def test_emulated_cosine_and_additive_tile_forward_is_within_twice_the_reference_error(emulated, score, shape, mode,
-                                                                                       dtype):
+def test_emulated_cosine_and_additive_tile_kernels_are_within_twice_the_reference_error(emulated, score, shape, mode,
+                                                                                        dtype):
     """The cosine score on the tensor-core forward (Q K^T on the tensor cores over the
     rows' and keys' norms) and the additive one (the scores on the FMA / SFU units), P V
-    on the tensor cores; then the backward the binding runs for them: the per-row kernels
-    of attention_backward.cu from the tile's logsumexp and context."""
+    on the tensor cores; then the backward the binding runs for them from the tile's
+    logsumexp: cosine's on the tensor cores (Q and K normalised in shared memory; row_dot
+    from the context and from the forward run again), additive's on the per-row kernels
+    of attention_backward.cu (the tile backward refuses it)."""
     scale = 2.5 if score == "cosine" else 1.0
     query, keys, values, masking = problem(*shape, mode)
     arguments = op_arguments(query, keys, values, masking, scale, dtype, score)
@@ -200,12 +228,18 @@ def test_emulated_cosine_and_additive_tile_forward_is_within_twice_the_reference
     finite = torch.isfinite(want)
     torch.testing.assert_close(logsumexp[finite], want[finite], rtol=1e-5, atol=1e-5)
     grad_context = torch.randn(context.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="launch_attention_backward_tensor_core"):
-        emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp, context)
-    grads = emulation.attention_backward(emulated, grad_context.to(dtype), None, arguments, logsumexp, context)[:3]
-    assert not any(grad.isnan().any() for grad in grads)
-    assert_gradients_within_twice_the_reference_error(grads, query, keys, values, masking, scale, dtype, grad_context,
-                                                      score)
+    if score == "cosine":
+        backward_runs = [emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp,
+                                                                  given_context)[:3] for given_context in (context, None)]
+    else:
+        with pytest.raises(RuntimeError, match="launch_attention_backward_tensor_core"):
+            emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp, context)
+        backward_runs = [emulation.attention_backward(emulated, grad_context.to(dtype), None, arguments, logsumexp,
+                                                      context)[:3]]
+    for grads in backward_runs:
+        assert not any(grad.isnan().any() for grad in grads)
+        assert_gradients_within_twice_the_reference_error(grads, query, keys, values, masking, scale, dtype,
+                                                          grad_context, score)
 
 
 @pytest.mark.slow
@@ -230,7 +264,7 @@ def launched_kernels(function):
 
 
 GPU_CASES = [("dot", 64, "lengths"), ("dot", 128, "causal"), ("dot", 64, "local_p_plain"),
-             ("dot", 128, "local_m_gaussian"), ("cosine", 64, "lengths"), ("cosine", 128, "causal"),
+             ("dot", 128, "local_m_gaussian"), ("dot", 64, "local_p"), ("cosine", 64, "lengths"), ("cosine", 128, "causal"),
              ("additive", 128, "lengths"), ("additive", 64, "causal"), ("additive", 128, "local_p")]
 
 
@@ -239,29 +273,38 @@ GPU_CASES = [("dot", 64, "lengths"), ("dot", 128, "causal"), ("dot", 64, "local_
 @gpu
 def test_multi_query_attention_runs_on_the_tensor_core_kernels_and_matches_the_reference(score, dim, mode, dtype):
     """Seq2seq shapes (T, S <= 512): the forward through the tensor-core kernel, the
-    backward through it too for dot and through the per-row kernels for cosine and
-    additive (seen in the profiler), both within twice the reference's error."""
+    backward through it too for dot and cosine and through the per-row kernels for
+    additive (seen in the profiler), both within twice the reference's error, the window
+    centers' gradient included for local-p with the Gaussian."""
     steps, source = (300, 300) if mode == "causal" else (200, 300)
     scale = {"dot": dim**-0.5, "cosine": 2.5, "additive": 1.0}[score]
     query, keys, values, masking = problem(4, steps, source, dim, dim, mode, seed=3, device=DEVICE)
     leaves = [tensor.to(dtype).requires_grad_() for tensor in (query, keys, values)]
+    wants_center = bool(masking.get("gaussian")) and "center" in masking
+    mask = centers_in(masking, dtype)
+    if wants_center:
+        mask["center"] = mask["center"].requires_grad_()
     grad_context = torch.randn(4, steps, dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     grad_context = grad_context.to(DEVICE)
     results = {}
 
     def forward_and_backward():
         with fastattn.backend("cuda"):
-            results["context"] = run_attention(*leaves, centers_in(masking, dtype), scale, score)
-        results["grads"] = torch.autograd.grad(results["context"], leaves, grad_context.to(dtype))
+            results["context"] = run_attention(*leaves, mask, scale, score)
+        inputs = leaves + ([mask["center"]] if wants_center else [])
+        results["grads"] = torch.autograd.grad(results["context"], inputs, grad_context.to(dtype))
 
     names = launched_kernels(forward_and_backward)
     assert any("attention_forward_tensor_core" in name for name in names), names
-    assert any("attention_backward_tensor_core" in name for name in names) == (score == "dot"), names
-    assert any("backward_rows_kernel" in name for name in names) == (score != "dot"), names
+    assert any("attention_backward_tensor_core" in name for name in names) == (score != "additive"), names
+    assert any("backward_rows_kernel" in name for name in names) == (score == "additive"), names
     assert any("row_dot_kernel" in name for name in names), names  # autograd passes the context
     assert_twice_the_reference_error(results["context"], query, keys, values, masking, scale, dtype, score)
-    assert_gradients_within_twice_the_reference_error(results["grads"], query, keys, values, masking, scale, dtype,
+    assert_gradients_within_twice_the_reference_error(results["grads"][:3], query, keys, values, masking, scale, dtype,
                                                       grad_context, score)
+    if wants_center:
+        assert_center_gradient_within_twice_the_reference_error(results["grads"][3], query, keys, values, masking,
+                                                                scale, dtype, grad_context, score)
 
 
 @gpu

@@ -10,15 +10,15 @@
 // Two kernels, both deterministic (no atomics), each with tiles of 32 partners:
 //  - backward_rows_kernel, one block per (query row, key split): a pass over the row's
 //    keys for r and grad_center (skipped when the caller passes the forward's context
-//    and wants neither grad_weights nor grad_center: r = grad_context . context,
-//    row_dot_kernel), a second pass for grad_query (and, additive, the row's share of
-//    grad_v, summed over rows by the caller; grad_bias is sum of grad_query over rows).
-//    With r from the context the keys of a row may be split over blocks as the
-//    forward's are (a decode step's few rows then fill the GPU): each split writes its
-//    partial sums and combine_query_gradient_kernel merges them.  With one query row
-//    per batch element (decode steps) each key's gradients come from that row alone:
-//    this kernel writes grad_keys and grad_values in the same pass (zeros for the
-//    keys outside the row's range) and the second kernel is not run.
+//    and no grad_weights: r = grad_context . context, row_dot_kernel, and grad_center
+//    comes with the second pass), a second pass for grad_query (and, additive, the row's
+//    share of grad_v, summed over rows by the caller; grad_bias is sum of grad_query
+//    over rows).  With r from the context and no grad_center the keys of a row may be
+//    split over blocks as the forward's are (a decode step's few rows then fill the
+//    GPU): each split writes its partial sums and combine_query_gradient_kernel merges
+//    them.  With one query row per batch element (decode steps) each key's gradients
+//    come from that row alone: this kernel writes grad_keys and grad_values in the same
+//    pass (zeros for the keys outside the row's range) and the second kernel is not run.
 //  - backward_keys_kernel, one block per (batch, key): a pass over the queries that
 //    see the key for grad_keys and grad_values, using r of the first kernel.
 // In a tile, warps compute the per-pair scalars (a score and dw each: lanes over the
@@ -206,10 +206,11 @@ __global__ void __launch_bounds__(kThreads)
     };
 
     // Pass 1: r = sum_j p_j g_j dw_j and grad_center = sum_j dw_j p_j g_j (j - c) / sigma^2,
-    // unless row_dot holds r already (r = grad_context . context without grad_weights and
-    // grad_center: launch_attention_backward passes the context only then, and splits > 1
-    // only with it).
+    // unless row_dot holds r already (r = grad_context . context without grad_weights:
+    // launch_attention_backward passes the context only then, and splits > 1 only with
+    // it and without grad_center); grad_center then comes with pass 2.
     A row_dot = in.context != nullptr ? row_dot_out[row] : A(0), center_gradient = A(0);  // thread 0's
+    const bool center_in_pass_2 = in.context != nullptr && grad_center_out != nullptr;  // uniform
     for (int64_t tile = range.begin; in.context == nullptr && tile < range.end; tile += kTile) {
       const int count = static_cast<int>(range.end - tile < kTile ? range.end - tile : kTile);
       const int first = warp * kKeysPerWarp;
@@ -255,7 +256,7 @@ __global__ void __launch_bounds__(kThreads)
         pair_sums_of_tile(first, count, tile, key_sums, value_sums);
         for_each_warp_partner(first, count, [&](int k, int c) {
           const int64_t j = tile + c;
-          A coefficient = A(0), weight = A(0), key_scale = A(0), key_self = A(0);
+          A coefficient = A(0), weight = A(0), key_scale = A(0), key_self = A(0), to_center = A(0);
           if (!p.is_padding(n, j)) {
             const A key_norm = kScore == ScoreKind::kCosine ? clamped_norm(sqrt(key_sums[k].row_sq)) : A(1);
             const A dw = value_sums[k].dot + grad_weight_of<T>(in, row * p.source_length + j);
@@ -272,7 +273,9 @@ __global__ void __launch_bounds__(kThreads)
             }
             if (kScore == ScoreKind::kAdditive) coefficient = grad_score;
             weight = probability * gaussian;
+            if (center_in_pass_2) to_center = weight * dw * gaussian_log_slope<A>(j, center, p.window);
           }
+          tile_b[c] = to_center;
           tile_coefficient[c] = coefficient;
           tile_weight[c] = weight;
           tile_key_scale[c] = key_scale;
@@ -280,6 +283,9 @@ __global__ void __launch_bounds__(kThreads)
         });
       }
       __syncthreads();
+      if (center_in_pass_2 && threadIdx.x == 0) {
+        for (int c = 0; c < count; ++c) center_gradient += tile_b[c];
+      }
       if (group < groups) {
         A* query_partial = grad_query + group * D;
         A* v_partial = grad_v + group * D;
@@ -592,10 +598,10 @@ cudaError_t launch_attention_backward(const AttentionProblem& p, const Attention
   // The context serves only where r = grad_context . context; the kernels take its
   // presence to mean that row_dot holds r.
   AttentionBackwardBuffers in = buffers;
-  if (in.grad_weights != nullptr || in.grad_center != nullptr) in.context = nullptr;
+  if (in.grad_weights != nullptr) in.context = nullptr;
   const bool additive = p.score == ScoreKind::kAdditive;
   if (in.splits < 1 || in.splits > kMaxSplits ||
-      (in.splits > 1 && (in.context == nullptr || in.partial_grad_query == nullptr ||
+      (in.splits > 1 && (in.context == nullptr || in.grad_center != nullptr || in.partial_grad_query == nullptr ||
                          (additive && in.partial_grad_v == nullptr)))) {
     return cudaErrorInvalidValue;
   }

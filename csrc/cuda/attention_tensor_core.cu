@@ -1,8 +1,8 @@
 // attention_tensor_core.cu: the multi-query forward and backward of the fused
 // soft-attention op (attention_forward / attention_backward in csrc/ops.cpp) on the
 // tensor cores, flash-attention-2 style: float16 / bfloat16 inputs, head dims D, Dv in
-// {64, 128}, float accumulation (mma.cuh's m16n8k16 mma.sync).  The "dot" kernel score
-// forward and backward; the "cosine" and "additive" scores forward.
+// {64, 128}, float accumulation (mma.cuh's m16n8k16 mma.sync).  The "dot" and "cosine"
+// kernel scores forward and backward; the "additive" score forward.
 //
 // Forward: scores -> masks -> online softmax -> Gaussian -> P V for a tile of
 // kBlockRows query rows per block (4 warps, 16 rows each) over tiles of kBlockKeys
@@ -30,12 +30,17 @@
 // and dO tiles double-buffered through cp.async like the forward's K and V), recomputes
 // P^T and dP^T (4 warps, 16 keys each), accumulates grad_values = W^T dO and
 // grad_keys = dS^T Q in registers and adds grad_query = dS K into a float scratch with
-// atomics, converted to the input dtype at the end.
+// atomics, converted to the input dtype at the end; with the Gaussian of local-p windows,
+// grad_center = sum_j dP w (j - c) / sigma^2 per row, each warp's 16 keys summed over its
+// lanes and added to the float output with atomics.  Cosine: the block's K tile and each
+// Q tile are normalised in shared memory (r / max(|r|, tiny), 2 threads a row) once they
+// land, so the dot backward above gives the gradients of the unit vectors; grad_keys
+// goes through k / max(|k|, tiny) before it is written (the quad's lanes sum dk^.k),
+// grad_query in finish_cosine_grad_query_kernel (a warp a row).
 // Not handled (attention_tensor_core_supported / _backward_supported say no; the
 // binding keeps attention_forward.cu / attention_backward.cu): other scores and dtypes,
-// other head dims, unaligned rows, the weights output and its gradient, grad_center
-// (local-p with the Gaussian), the cosine and additive backward.  No warp specialisation, WGMMA or
-// TMA (sm_80 instructions on sm_90a too).
+// other head dims, unaligned rows, the weights output and its gradient, the additive
+// backward.  No warp specialisation, WGMMA or TMA (sm_80 instructions on sm_90a too).
 #include "attention_device.cuh"
 #include "mma.cuh"
 
@@ -84,6 +89,15 @@ __device__ __forceinline__ void copy_rows_async(T* tile, const T* source, int ro
     copy_async_16(tile + r * (kWidth + kSkew) + chunk * kChunk,
                   source + (inside ? static_cast<int64_t>(r) * kWidth : 0) + chunk * kChunk, inside ? 16 : 0);
   }
+}
+
+// |row| of a kD-wide row in shared memory, by the 2 adjacent threads of a pair (part 0
+// and 1: the even and the odd features), both of which get it.
+template <typename T, int kD>
+__device__ __forceinline__ float pair_row_norm(const T* row, int part) {
+  float square_sum = 0.f;
+  for (int d = part; d < kD; d += 2) square_sum += to_acc(row[d]) * to_acc(row[d]);
+  return sqrtf(square_sum + __shfl_xor_sync(0xffffffffu, square_sum, 1));
 }
 
 // Waits until this thread's copies of the current stage have landed (the next stage's,
@@ -295,13 +309,8 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       const int* key_hidden = key_hidden_stages + stage * kBlockKeys;
       if constexpr (kCosine) {  // 1 / max(|k|, tiny) of the tile's keys, 2 threads a key
         const int key = threadIdx.x / 2, part = threadIdx.x % 2;
-        float square_sum = 0.f;
-        for (int d = part; d < kD; d += 2) {
-          const float k = to_acc(key_tile[key * kKeyStride + d]);
-          square_sum += k * k;
-        }
-        square_sum += __shfl_xor_sync(0xffffffffu, square_sum, 1);
-        if (part == 0) key_inverse_norm[key] = 1.f / clamped_norm(sqrtf(square_sum));
+        const float norm = pair_row_norm<T, kD>(key_tile + key * kKeyStride, part);
+        if (part == 0) key_inverse_norm[key] = 1.f / clamped_norm(norm);
         __syncthreads();
       }
 
@@ -427,15 +436,38 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
 }
 
 // Shared memory of the backward: row_begin, row_end (int64) | row_center,
-// row_logsumexp, row_dot (float), each two stages of kBlockRows | key_hidden (int) | K
+// row_logsumexp, row_dot (float), each two stages of kBlockRows | key_hidden (int) |
+// key_norm (float, |k| of the tile's keys: cosine) | K
 // tile, V tile (kBlockKeys rows) | two stages of a Q tile and a grad_context tile
 // (kBlockRows rows each; the dS tile, kBlockRows x kBlockKeys, replaces the stage's
 // grad_context tile once it is used, so that a 128-dim block stays under half an
 // SM's shared memory), in T.
 template <int kD, int kDv>
 constexpr size_t backward_shared_bytes() {
-  return 2 * (2 * sizeof(int64_t) + 3 * sizeof(float)) * kBlockRows + sizeof(int) * kBlockKeys +
+  return 2 * (2 * sizeof(int64_t) + 3 * sizeof(float)) * kBlockRows + (sizeof(int) + sizeof(float)) * kBlockKeys +
          2 * static_cast<size_t>(kBlockKeys + 2 * kBlockRows) * (kD + kSkew + kDv + kSkew);
+}
+
+// *target += the sum of `share` over the warp's 8 lane groups (the lanes of this lane's
+// column: one query's keys in the transposed accumulators), by group 0 when `valid`.
+__device__ __forceinline__ void add_column_sum(float* target, float share, bool valid) {
+  share += __shfl_xor_sync(0xffffffffu, share, 4);
+  share += __shfl_xor_sync(0xffffffffu, share, 8);
+  share += __shfl_xor_sync(0xffffffffu, share, 16);
+  if (threadIdx.x % kWarpSize < 4 && valid) atomicAdd(target, share);
+}
+
+// Cosine backward: the kBlockRows (= kBlockKeys) rows of `tile` (kD wide, row stride
+// kStride) in place as r / max(|r|, tiny), 2 threads a row (the forward's key-norm
+// split); `norms` (when given) gets each |r|.  The caller synchronises before and after.
+template <typename T, int kD, int kStride>
+__device__ __forceinline__ void normalize_tile_rows(T* tile, float* norms) {
+  static_assert(kTensorCoreThreads == 2 * kBlockRows && kBlockRows == kBlockKeys, "2 threads a row");
+  const int row = threadIdx.x / 2, part = threadIdx.x % 2;
+  T* values = tile + row * kStride;
+  const float norm = pair_row_norm<T, kD>(values, part), inverse_norm = 1.f / clamped_norm(norm);
+  for (int d = part; d < kD; d += 2) values[d] = from_acc<T>(to_acc(values[d]) * inverse_norm);
+  if (norms != nullptr && part == 0) norms[row] = norm;
 }
 
 // C-layout accumulators of two adjacent 16 x 8 tiles (columns 16 kk .. 16 kk + 15) as
@@ -448,10 +480,14 @@ __device__ __forceinline__ void accumulators_as_a(uint32_t (&a)[4], const float 
   a[3] = pack_pair<T>(right[2], right[3]);
 }
 
-template <typename T, int kD, int kDv>
+// kCenter: b.grad_center is given (a separate instantiation, so that the kernels without
+// it keep their registers).
+template <typename T, ScoreKind kScore, int kD, int kDv, bool kCenter>
 __global__ void __launch_bounds__(kTensorCoreThreads)
     attention_backward_tensor_core_kernel(DeviceProblem<T> p, AttentionBackwardBuffers b,
                                           float* grad_query_accumulator) {
+  static_assert(kScore == ScoreKind::kDot || kScore == ScoreKind::kCosine, "the dot-product scores");
+  constexpr bool kCosine = kScore == ScoreKind::kCosine;
   constexpr int kKeyStride = kD + kSkew, kValueStride = kDv + kSkew, kScoreStride = kBlockKeys + kSkew;
   static_assert(kScoreStride <= kValueStride, "the dS tile takes the place of a dO tile");
   constexpr int kStageElements = kBlockRows * (kKeyStride + kValueStride);  // one Q and one dO tile
@@ -462,7 +498,8 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
   float* row_logsumexp_stages = row_center_stages + 2 * kBlockRows;
   float* row_dot_stages = row_logsumexp_stages + 2 * kBlockRows;
   int* key_hidden = reinterpret_cast<int*>(row_dot_stages + 2 * kBlockRows);
-  T* key_tile = reinterpret_cast<T*>(key_hidden + kBlockKeys);
+  float* key_norm = reinterpret_cast<float*>(key_hidden + kBlockKeys);
+  T* key_tile = reinterpret_cast<T*>(key_norm + kBlockKeys);
   T* value_tile = key_tile + kBlockKeys * kKeyStride;
   T* query_grad_stages = value_tile + kBlockKeys * kValueStride;  // Q tile, then dO tile, per stage
 
@@ -471,6 +508,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
   const T* grad_context = static_cast<const T*>(b.grad_context);
   const float* logsumexp = static_cast<const float*>(b.logsumexp);
   const float* row_dot_in = static_cast<const float*>(b.row_dot);
+  float* grad_center = static_cast<float*>(b.grad_center);  // kCenter: zeroed by the launch
 
   for (int64_t work = blockIdx.x; work < p.batch * key_tiles; work += gridDim.x) {
     const int64_t n = work / key_tiles, first_key = (work % key_tiles) * kBlockKeys;
@@ -480,6 +518,12 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
     commit_copies();
     if (threadIdx.x < kBlockKeys) {
       key_hidden[threadIdx.x] = threadIdx.x >= valid_keys || p.is_padding(n, first_key + threadIdx.x);
+    }
+    if constexpr (kCosine) {  // K becomes K^ before any query tile is copied
+      wait_copies<0>();
+      __syncthreads();
+      normalize_tile_rows<T, kD, kKeyStride>(key_tile, key_norm);
+      __syncthreads();
     }
     // This lane's keys: local key_top and key_top + 8 (the accumulator rows of its warp).
     const int key_top = warp * kWarpRows + group;
@@ -537,6 +581,10 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
     while (first_row < p.query_length) {
       const int64_t next_row = start_query_tile(first_row + kBlockRows, stage ^ 1);
       wait_for_current_stage(next_row < p.query_length);
+      if constexpr (kCosine) {  // Q becomes Q^
+        normalize_tile_rows<T, kD, kKeyStride>(query_grad_stages + stage * kStageElements, nullptr);
+        __syncthreads();
+      }
       const int64_t* row_begin = row_begin_stages + stage * kBlockRows;
       const int64_t* row_end = row_end_stages + stage * kBlockRows;
       const float* row_center = row_center_stages + stage * kBlockRows;
@@ -570,6 +618,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
                                                 kValueStride, grad_tile + first_query * kValueStride, kValueStride);
 #pragma unroll
         for (int nt = 0; nt < kHalfRows / 8; ++nt) {
+          float center_share[2] = {0.f, 0.f};  // grad_center of queries 2 column + side, this lane's 2 keys
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
             const int key = key_top + 8 * (r / 2), query = first_query + nt * 8 + 2 * column + r % 2;
@@ -579,8 +628,20 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
             const float gaussian = p.gaussian_of(j, row_center[query]);
             const float score_grad = p.scale * softmax_score_gradient(alpha, gaussian * probability_grad[nt][r],
                                                                       row_dot[query]);
+            if constexpr (kCenter) {
+              center_share[r % 2] += probability_grad[nt][r] * alpha * gaussian *
+                                     gaussian_log_slope<float>(j, row_center[query], p.window);
+            }
             probability_grad[nt][r] = alpha * gaussian;  // now the weight w
             score[nt][r] = score_grad;
+          }
+          if constexpr (kCenter) {
+#pragma unroll
+            for (int side = 0; side < 2; ++side) {
+              const int64_t t = first_row + first_query + nt * 8 + 2 * column + side;
+              add_column_sum(grad_center + n * p.query_length + (t < p.query_length ? t : 0), center_share[side],
+                             t < p.query_length);
+            }
           }
         }
 #pragma unroll
@@ -648,6 +709,32 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
     }
     wait_copies<0>();  // K and V, when no query tile sees this block's keys
 
+    // Cosine: grad_keys so far is the gradient of k^ = k / max(|k|, tiny); through it,
+    // from dk^.k (the quad's 4 lanes hold a key row's columns).
+    if constexpr (kCosine) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t j = first_key + key_top + 8 * half;
+        const T* key = p.key_row(n, j < p.source_length ? j : 0);
+        float grad_dot_key = 0.f;
+#pragma unroll
+        for (int dt = 0; dt < kD / 8; ++dt) {
+          const int d = dt * 8 + 2 * column;
+          grad_dot_key += key_grad[dt][2 * half] * to_acc(key[d]) + key_grad[dt][2 * half + 1] * to_acc(key[d + 1]);
+        }
+        grad_dot_key += __shfl_xor_sync(0xffffffffu, grad_dot_key, 1);
+        grad_dot_key += __shfl_xor_sync(0xffffffffu, grad_dot_key, 2);
+        const auto gradient = unit_vector_gradient(key_norm[key_top + 8 * half], grad_dot_key);
+#pragma unroll
+        for (int dt = 0; dt < kD / 8; ++dt) {
+          const int d = dt * 8 + 2 * column;
+          key_grad[dt][2 * half] = key_grad[dt][2 * half] * gradient.along_gradient + gradient.along_input * to_acc(key[d]);
+          key_grad[dt][2 * half + 1] =
+              key_grad[dt][2 * half + 1] * gradient.along_gradient + gradient.along_input * to_acc(key[d + 1]);
+        }
+      }
+    }
+
     // Every key of the tile gets its gradients (zeros for keys no query sees).
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -679,6 +766,33 @@ __global__ void convert_grad_query_kernel(const float* accumulator, T* grad_quer
   }
 }
 
+// Cosine: grad_query = the float accumulator (the gradient of q^ = q / max(|q|, tiny))
+// through q^, in T; a warp a row, kD / 32 columns a lane.
+template <typename T, int kD>
+__global__ void finish_cosine_grad_query_kernel(DeviceProblem<T> p, const float* accumulator, T* grad_query) {
+  constexpr int kPerLane = kD / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
+  const int64_t rows = p.batch * p.query_length;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / kWarpSize; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * warps) {  // uniform per warp
+    const T* query = p.query_row(row);
+    float q[kPerLane], grad[kPerLane], square_sum = 0.f, grad_dot_query = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      q[i] = to_acc(query[lane + i * kWarpSize]);
+      grad[i] = accumulator[row * kD + lane + i * kWarpSize];
+      square_sum += q[i] * q[i];
+      grad_dot_query += grad[i] * q[i];
+    }
+    const auto gradient = unit_vector_gradient(sqrtf(warp_sum(square_sum)), warp_sum(grad_dot_query));
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      grad_query[row * kD + lane + i * kWarpSize] =
+          from_acc<T>(grad[i] * gradient.along_gradient + gradient.along_input * q[i]);
+    }
+  }
+}
+
 template <typename Kernel>
 cudaError_t allow_shared_bytes(Kernel kernel, size_t shared) {
   if (shared <= 48 * 1024) return cudaSuccess;
@@ -699,7 +813,7 @@ cudaError_t launch_forward(const AttentionProblem& p, const AttentionForwardBuff
   return cudaGetLastError();
 }
 
-template <typename T, int kD, int kDv>
+template <typename T, ScoreKind kScore, int kD, int kDv>
 cudaError_t launch_backward(const AttentionProblem& p, const AttentionBackwardBuffers& b,
                             float* grad_query_accumulator, cudaStream_t stream) {
   const int64_t rows = p.batch * p.query_length;
@@ -708,17 +822,22 @@ cudaError_t launch_backward(const AttentionProblem& p, const AttentionBackwardBu
     if (b.context != nullptr) {
       status = launch_attention_row_dot(p, b.grad_context, b.context, b.row_dot, stream);
     } else {
-      status = launch_forward<T, ScoreKind::kDot, kD, kDv>(p, AttentionForwardBuffers{nullptr, nullptr},
+      status = launch_forward<T, kScore, kD, kDv>(p, AttentionForwardBuffers{nullptr, nullptr},
                                                            b.grad_context, b.row_dot, stream);
     }
     if (status != cudaSuccess) return status;
     status = cudaMemsetAsync(grad_query_accumulator, 0, sizeof(float) * static_cast<size_t>(rows * kD), stream);
     if (status != cudaSuccess) return status;
+    if (b.grad_center != nullptr) {
+      status = cudaMemsetAsync(b.grad_center, 0, sizeof(float) * static_cast<size_t>(rows), stream);
+      if (status != cudaSuccess) return status;
+    }
   }
   const int64_t key_tiles = (p.source_length + kBlockKeys - 1) / kBlockKeys;
   if (p.batch * key_tiles > 0) {
     constexpr size_t shared = backward_shared_bytes<kD, kDv>();
-    auto kernel = attention_backward_tensor_core_kernel<T, kD, kDv>;
+    auto kernel = b.grad_center != nullptr ? attention_backward_tensor_core_kernel<T, kScore, kD, kDv, true>
+                                           : attention_backward_tensor_core_kernel<T, kScore, kD, kDv, false>;
     status = allow_shared_bytes(kernel, shared);
     if (status != cudaSuccess) return status;
     kernel<<<grid_for(p.batch * key_tiles), kTensorCoreThreads, shared, stream>>>(device_problem<T>(p), b,
@@ -727,9 +846,15 @@ cudaError_t launch_backward(const AttentionProblem& p, const AttentionBackwardBu
     if (status != cudaSuccess) return status;
   }
   if (rows > 0) {
-    const int64_t total = rows * kD, blocks = (total + 255) / 256;
-    convert_grad_query_kernel<T><<<grid_for(blocks < 65536 ? blocks : 65536), 256, 0, stream>>>(
-        grad_query_accumulator, static_cast<T*>(b.grad_query), total);
+    if constexpr (kScore == ScoreKind::kCosine) {
+      const int64_t blocks = (rows + 7) / 8;  // 8 warps, a row each
+      finish_cosine_grad_query_kernel<T, kD><<<grid_for(blocks < 65536 ? blocks : 65536), 256, 0, stream>>>(
+          device_problem<T>(p), grad_query_accumulator, static_cast<T*>(b.grad_query));
+    } else {
+      const int64_t total = rows * kD, blocks = (total + 255) / 256;
+      convert_grad_query_kernel<T><<<grid_for(blocks < 65536 ? blocks : 65536), 256, 0, stream>>>(
+          grad_query_accumulator, static_cast<T*>(b.grad_query), total);
+    }
     status = cudaGetLastError();
   }
   return status;
@@ -770,7 +895,8 @@ bool attention_tensor_core_supported(const AttentionProblem& p, int compute_capa
 }
 
 bool attention_tensor_core_backward_supported(const AttentionProblem& p, int compute_capability_major) {
-  return p.score == ScoreKind::kDot && attention_tensor_core_supported(p, compute_capability_major);
+  return (p.score == ScoreKind::kDot || p.score == ScoreKind::kCosine) &&
+         attention_tensor_core_supported(p, compute_capability_major);
 }
 
 cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& p, const AttentionForwardBuffers& out,
@@ -795,13 +921,16 @@ cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& p, cons
 cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& p, const AttentionBackwardBuffers& buffers,
                                                   float* grad_query_accumulator, cudaStream_t stream) {
   if (!attention_tensor_core_backward_supported(p, 8) || buffers.grad_weights != nullptr ||
-      buffers.grad_center != nullptr ||
       !aligned_to_16_bytes(buffers.grad_context)) {
     return cudaErrorInvalidValue;
   }
   return dispatch_tensor_core(p, [&](auto element, auto dim, auto value_dim) {
-    return launch_backward<decltype(element), decltype(dim)::value, decltype(value_dim)::value>(
-        p, buffers, grad_query_accumulator, stream);
+    using T = decltype(element);
+    constexpr int kD = decltype(dim)::value, kDv = decltype(value_dim)::value;
+    if (p.score == ScoreKind::kCosine) {
+      return launch_backward<T, ScoreKind::kCosine, kD, kDv>(p, buffers, grad_query_accumulator, stream);
+    }
+    return launch_backward<T, ScoreKind::kDot, kD, kDv>(p, buffers, grad_query_accumulator, stream);
   });
 }
 

@@ -13,8 +13,8 @@
 // accumulation); the recurrent ops compute them in float32 and return the input dtype.
 // Multi-query (T >= kTensorCoreMinQueries) float16 / bfloat16 attention with head dims
 // 64 / 128 runs forward on the tensor cores
-// (attention_tensor_core.cu) unless the weights are wanted, and "dot" backward too unless
-// their gradient or grad_center are wanted.
+// (attention_tensor_core.cu) unless the weights are wanted, and "dot" / "cosine" backward too unless
+// their gradient is wanted.
 // attention_decoder_step_inference runs the one-launch kernel of decoder_step.cu where it
 // covers the step (FASTATTN_CUDA_FUSED_DECODER_STEP=0 turns it off) and the composed
 // step of csrc/decoder_step.cpp otherwise.
@@ -307,10 +307,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   buffers.grad_center = wants_center ? grad_center.mutable_data_ptr() : nullptr;
   buffers.grad_v_rows = additive ? grad_v_rows.mutable_data_ptr() : nullptr;
   buffers.row_dot = row_dot.mutable_data_ptr();
-  buffers.context = context_.defined() ? context_.const_data_ptr() : nullptr;
-  // The tensor-core forward's "dot" problems go to its backward unless grad_weights or grad_center are wanted.
+  // No values' features (Dv = 0): an empty context, which holds no r (null: the kernels take r from the keys).
+  buffers.context = context_.defined() && context_.numel() > 0 ? context_.const_data_ptr() : nullptr;
+  // The tensor-core forward's "dot" and "cosine" problems go to its backward unless grad_weights is wanted.
   const bool grad_context_aligned = reinterpret_cast<uintptr_t>(grad_context_.const_data_ptr()) % 16 == 0;
-  if (!grad_weights_.defined() && !wants_center && grad_context_aligned && p.query_length >= kTensorCoreMinQueries &&
+  if (!grad_weights_.defined() && grad_context_aligned && p.query_length >= kTensorCoreMinQueries &&
       attention_tensor_core_backward_supported(p, compute_capability_major(query))) {
     at::Tensor grad_query_accumulator = at::empty({p.batch, p.query_length, p.score_dim}, accumulate);
     check_launch(op, launch_attention_backward_tensor_core(p, buffers, grad_query_accumulator.mutable_data_ptr<float>(),
@@ -318,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   } else {
     // With r from the context, a row's keys are split over blocks as in the forward (decode steps).
     at::Tensor partial_grad_query, partial_grad_v;
-    if (context_.defined() && !grad_weights_.defined() && !wants_center) {
+    if (buffers.context != nullptr && !grad_weights_.defined() && !wants_center) {
       buffers.splits = attention_forward_splits(p, multiprocessor_count(query));
     }
     if (buffers.splits > 1) {

@@ -66,8 +66,8 @@ struct AttentionBackwardBuffers {
   void* row_dot = nullptr;             // scratch (N, T) Acc
   const void* context = nullptr;       // (N, T, Dv) in dtype, or null: the forward's context, from which
                                        // the backward takes row_dot = grad_context . context (one read of
-                                       // both) instead of a pass over the keys (without grad_weights and
-                                       // grad_center) or, on the tensor cores, the forward run again
+                                       // both) instead of a pass over the keys (without grad_weights) or,
+                                       // on the tensor cores, the forward run again
   int64_t splits = 1;                  // key splits per query row of backward_rows_kernel; > 1 only with
                                        // the context and neither grad_weights nor grad_center
                                        // (attention_forward_splits of the problem then)
@@ -100,12 +100,12 @@ constexpr int64_t kTensorCoreMinQueries = 16;
 bool attention_tensor_core_supported(const AttentionProblem& problem, int compute_capability_major);
 cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& problem,
                                                  const AttentionForwardBuffers& buffers, cudaStream_t stream);
-// Its backward, for the "dot" problems of attention_tensor_core_supported
+// Its backward, for the "dot" and "cosine" problems of attention_tensor_core_supported
 // (attention_tensor_core_backward_supported), recomputing from logsumexp (grad_context
 // 16-byte aligned): the
-// gradients of launch_attention_backward without grad_weights and grad_center (both
-// must be null; grad_v_rows unused), row_dot as scratch, and grad_query_accumulator a
-// float (N, T, D) scratch.
+// gradients of launch_attention_backward without grad_weights (it must be null;
+// grad_v_rows unused; grad_center, when given, float), row_dot as scratch, and
+// grad_query_accumulator a float (N, T, D) scratch.
 bool attention_tensor_core_backward_supported(const AttentionProblem& problem, int compute_capability_major);
 cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& problem,
                                                   const AttentionBackwardBuffers& buffers,

@@ -142,8 +142,10 @@ def hard_attention(
     query, keys, values, *, sample, generator, fused=_fused, choose_positions=None, **attention_arguments
 ):
     """The "hard_attention" op: fused soft weights, then one position drawn per row by
-    ``choose_positions(weights, sample, generator)`` (default: the C++ sampler)."""
-    _, weights = attention(query, keys, values, return_weights=True, fused=fused, **attention_arguments)
+    ``choose_positions(weights, sample, generator)`` (default: the C++ sampler).  The
+    soft context is not used (the hard one is the chosen position's value): the fused
+    call gets an empty value dim, so the kernels skip the weights-times-values work."""
+    _, weights = attention(query, keys, values[..., :0], return_weights=True, fused=fused, **attention_arguments)
     choose_positions = choose_positions or torch.ops.fastattn.sample_positions
     index = choose_positions(weights.detach(), sample, generator)
     return (*outputs_at(weights, index, values), weights)

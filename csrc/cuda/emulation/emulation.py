@@ -236,29 +236,32 @@ def attention_forward_tensor_core(library, arguments):
 
 
 def attention_backward_tensor_core(library, grad_context, arguments, logsumexp, context=None):
-    """(grad_query, grad_keys, grad_values) of the tensor-core backward, allocated as
-    binding.cpp does (the float grad_query accumulator included); row_dot from the
-    forward's `context` when given, else from the forward run again."""
+    """(grad_query, grad_keys, grad_values, grad_center) of the tensor-core backward,
+    allocated as binding.cpp does (the float grad_query accumulator included; grad_center
+    float, None without the local-p Gaussian); row_dot from the forward's `context` when
+    given, else from the forward run again."""
     keep: list = []
     problem = attention_problem(keep, *arguments)
     dtype = arguments[0].dtype
+    center, gaussian = arguments[11], arguments[12]
     batch, steps = problem.batch, problem.query_length
     grad_query = torch.full((batch, steps, problem.score_dim), math.nan, dtype=dtype)
     grad_keys = torch.full((batch, problem.source_length, problem.score_dim), math.nan, dtype=dtype)
     grad_values = torch.full((batch, problem.source_length, problem.value_dim), math.nan, dtype=dtype)
+    grad_center = torch.full((batch, steps), math.nan) if gaussian and center is not None else None
     accumulator = torch.full((batch, steps, problem.score_dim), math.nan)
     row_dot = torch.full((batch, steps), math.nan)
     grad_context, logsumexp = grad_context.contiguous(), logsumexp.contiguous()
     context = None if context is None else context.contiguous()
     keep.extend([grad_context, logsumexp, context])
     buffers = AttentionBackwardBuffers(address(grad_context), None, address(logsumexp), address(grad_query),
-                                       address(grad_keys), address(grad_values), None, None, address(row_dot),
-                                       address(context))
+                                       address(grad_keys), address(grad_values), address(grad_center), None,
+                                       address(row_dot), address(context))
     status = library.emu_attention_backward_tensor_core(ctypes.byref(problem), ctypes.byref(buffers),
                                                         address(accumulator))
     if status != 0:
         raise RuntimeError(f"launch_attention_backward_tensor_core returned {status}")
-    return grad_query, grad_keys, grad_values
+    return grad_query, grad_keys, grad_values, grad_center
 
 
 def attention_backward(library, grad_context, grad_weights, arguments, logsumexp, context=None):
@@ -283,7 +286,7 @@ def attention_backward(library, grad_context, grad_weights, arguments, logsumexp
     row_dot = unwritten(batch, steps, dtype=accumulate)
     grad_context = grad_context.contiguous()
     grad_weights = None if grad_weights is None else grad_weights.contiguous()
-    context = None if context is None else context.contiguous()
+    context = None if context is None or context.numel() == 0 else context.contiguous()  # Dv = 0: none, as binding.cpp
     keep.extend([grad_context, grad_weights, logsumexp, context])
     splits = 1
     if context is not None and grad_weights is None and not wants_center:
