@@ -146,6 +146,9 @@ CASES = [
     attention_case("keys-heads", ValueError, "keys", QUERY_HEADS, _randn(2, 3, 5, 4)),
     attention_case("query-no-positions", ValueError, "query", _randn(2, 0, 4)),
     attention_case("keys-no-positions", ValueError, "keys", QUERY, _randn(2, 0, 4)),
+    attention_case("query-no-features", ValueError, "query", _randn(2, 3, 0), _randn(2, 5, 0)),
+    attention_case("keys-no-features", ValueError, "keys", QUERY, _randn(2, 5, 0)),
+    attention_case("values-no-features", ValueError, "values", QUERY, KEYS, _randn(2, 5, 0)),
     attention_case("step-keys-batch", ValueError, "keys", QUERY_STEP, _randn(3, 5, 4)),
     # values of the wrong length / rank / batch
     attention_case("values-length", ValueError, "values", QUERY, KEYS, _randn(2, 4, 6)),
@@ -253,6 +256,8 @@ CASES = [
     attention_case("return_weights-none", TypeError, "return_weights", return_weights=None),
     # ------------------------------------------------------- additive_attention
     additive_case("q_proj-list", TypeError, "q_proj", [[0.0] * 5]),
+    additive_case("q_proj-no-features", ValueError, "q_proj", _randn(2, 3, 0), _randn(2, 5, 0), _randn(0)),
+    additive_case("values-no-features", ValueError, "values", Q_PROJ, K_PROJ, V_A, _randn(2, 5, 0)),
     additive_case("q_proj-int", TypeError, "q_proj", Q_PROJ.long()),
     additive_case("k_proj-bool", TypeError, "k_proj", Q_PROJ, K_PROJ > 0),
     additive_case("k_proj-float32", TypeError, "k_proj", Q_PROJ, K_PROJ.float()),
@@ -289,6 +294,7 @@ CASES = [
     additive_case("return_weights-int", TypeError, "return_weights", return_weights=0),
     # ----------------------------------------------------------- hard_attention
     hard_case("query-int", TypeError, "query", QUERY.long()),
+    hard_case("values-no-features", ValueError, "values", QUERY, KEYS, _randn(2, 5, 0)),
     hard_case("keys-meta", ValueError, "keys", QUERY, ON_META),
     hard_case("keys-batch", ValueError, "keys", QUERY, _randn(3, 5, 4)),
     hard_case("values-length", ValueError, "values", QUERY, KEYS, _randn(2, 4, 6)),
@@ -310,6 +316,10 @@ CASES = [
     hard_case("scale-nan", ValueError, "scale", scale=float("nan")),
     # --------------------------------------------- scaled_dot_product_attention
     sdpa_case("query-list", TypeError, "query", [[0.0]]),
+    sdpa_case("query-no-positions", ValueError, "query", _randn(2, 0, 4)),
+    sdpa_case("key-no-positions", ValueError, "key", QUERY, _randn(2, 0, 4), _randn(2, 0, 6)),
+    sdpa_case("query-no-features", ValueError, "query", _randn(2, 3, 0), _randn(2, 5, 0)),
+    sdpa_case("value-no-features", ValueError, "value", QUERY, KEYS, _randn(2, 5, 0)),
     sdpa_case("query-int", TypeError, "query", QUERY.long()),
     sdpa_case("key-bool", TypeError, "key", QUERY, KEYS > 0),
     sdpa_case("value-numpy", TypeError, "value", QUERY, KEYS, np.zeros((2, 5, 6))),

@@ -117,3 +117,41 @@ def test_scaled_dot_product_attention_dropout_follows_the_generator_state():
     second = fastattn.scaled_dot_product_attention(query, key, value, dropout_p=0.5)
     assert torch.equal(first, second)
     assert not torch.allclose(first, fastattn.scaled_dot_product_attention(query, key, value))
+
+
+def _backends_for_cpu_tensors():
+    """The reference, the C++ kernels and Triton's (under its interpreter) where they run."""
+    from fastattn import backends
+
+    return [name for name in ("reference", "cpu", "triton") if backends.unavailable_reason(name) is None]
+
+
+@pytest.mark.parametrize("backend_name", _backends_for_cpu_tensors())
+def test_an_empty_batch_gives_empty_outputs_and_gradients(backend_name):
+    """Batch size 0, as torch allows it: a decoder step over a key grid, heads, hard
+    attention, the sdpa drop-in and a cell: empty outputs of the right shapes and empty
+    gradients (the layouts fold to N = 0, which a reshape with -1 could not resolve, and
+    the Triton launch divides no work into key splits)."""
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64).requires_grad_()
+
+    calls = {
+        "step over a grid": lambda: fastattn.attention(leaf(0, 4), leaf(0, 2, 3, 4), return_weights=True),
+        "heads": lambda: fastattn.attention(leaf(2, 0, 3, 4), leaf(2, 0, 5, 4), leaf(2, 0, 5, 6), return_weights=True),
+        "hard": lambda: fastattn.hard_attention(leaf(0, 3, 4), leaf(0, 5, 4)),
+        "sdpa": lambda: (fastattn.scaled_dot_product_attention(leaf(0, 3, 4), leaf(0, 5, 4), leaf(0, 5, 2)),),
+        "gru_cell": lambda: (fastattn.gru_cell(leaf(0, 4), leaf(0, 3), leaf(9, 4), leaf(9, 3)),),
+    }
+    expected = {
+        "step over a grid": [(0, 4), (0, 2, 3)],
+        "heads": [(2, 0, 3, 6), (2, 0, 3, 5)],
+        "hard": [(0, 3, 4), (0, 3), (0, 3), (0, 3, 5)],
+        "sdpa": [(0, 3, 2)],
+        "gru_cell": [(0, 3)],
+    }
+    with fastattn.backend(backend_name):
+        for name, call in calls.items():
+            outputs = call()
+            assert [tuple(output.shape) for output in outputs] == expected[name], name
+            floating = [output for output in outputs if output.is_floating_point()]
+            sum(output.sum() for output in floating).backward()

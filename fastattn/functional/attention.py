@@ -13,6 +13,7 @@ from fastattn import backends, checks
 from fastattn.functional.attention_inputs import (
     Layout,
     additive_parameters,
+    check_features,
     check_values,
     layout_of,
     masking_arguments,
@@ -179,7 +180,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Same arguments and results, except that a query row that may attend to no key
-    returns zeros instead of NaN.  query (..., L, E), key (..., S, E),
+    returns zeros instead of NaN, and that empty lengths or feature dimensions are
+    refused (ValueError) rather than computed.  query (..., L, E), key (..., S, E),
     value (..., S, Ev) with the same leading dimensions; attn_mask broadcastable to
     (..., L, S), bool (True = may attend) or float (added to the scores).
     """
@@ -191,6 +193,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                 f"{name} must have shape (..., length, features) with the leading dimensions "
                 f"{tuple(query.shape[:-2])} of query, got {checks.describe(tensor)}"
             )
+        if tensor.shape[-2] == 0:
+            raise ValueError(f"{name} must have at least one position (length >= 1), got {checks.describe(tensor)}")
+        check_features(name, tensor)
     if key.shape[-1] != query.shape[-1] or value.shape[-2] != key.shape[-2]:
         raise ValueError(
             f"key must be (..., S, E={query.shape[-1]}) and value (..., S, Ev) with the same S, "

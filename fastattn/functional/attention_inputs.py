@@ -47,7 +47,8 @@ class Layout:
         return query.reshape(self.batch, *query.shape[-2:])
 
     def fold_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        return keys.reshape(self.batch, -1, keys.shape[-1])
+        positions = math.prod(keys.shape[len(self.lead) : -1])  # S, or H W: not -1, which an empty batch leaves open
+        return keys.reshape(self.batch, positions, keys.shape[-1])
 
     def unfold_per_query(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, ...) -> (*lead, T, ...), without T for a single step."""
@@ -87,7 +88,15 @@ def layout_of(query_name: str, query: torch.Tensor, keys_name: str, keys: torch.
         raise ValueError(f"{query_name} must have at least one query position, got {checks.describe(query)}")
     if keys.shape[len(lead) : -1].numel() == 0:
         raise ValueError(f"{keys_name} must have at least one key position, got {checks.describe(keys)}")
+    check_features(query_name, query)
+    check_features(keys_name, keys)
     return layout
+
+
+def check_features(name: str, tensor: torch.Tensor) -> None:
+    """The last dimension (the features) must not be empty."""
+    if tensor.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one feature in its last dimension, got {checks.describe(tensor)}")
 
 
 def check_values(name: str, values: torch.Tensor, keys_name: str, keys: torch.Tensor, query_name: str, query: torch.Tensor) -> None:
@@ -98,6 +107,7 @@ def check_values(name: str, values: torch.Tensor, keys_name: str, keys: torch.Te
             f"{name} must have shape {(*keys.shape[:-1], 'Dv')} to match {keys_name}, "
             f"got {checks.describe(values)}"
         )
+    check_features(name, values)
 
 
 def broadcast_over_batch(name: str, mask: torch.Tensor, layout: Layout, trailing: tuple[int, ...], meaning: str) -> torch.Tensor:

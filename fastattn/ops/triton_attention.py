@@ -91,7 +91,7 @@ def _problem(query, keys, values, v, bias, score, scale, lengths, key_padding_ma
 def _split_count(batch: int, query_length: int, source_length: int) -> int:
     """How many programs share the keys of one query block (1: no split)."""
     query_blocks = triton.cdiv(query_length, SMALLEST_BLOCK)
-    if batch * query_blocks >= TARGET_PROGRAMS:
+    if batch * query_blocks == 0 or batch * query_blocks >= TARGET_PROGRAMS:  # 0: an empty batch, nothing to split
         return 1
     return min(triton.cdiv(source_length, SPLIT_GRANULE), triton.cdiv(TARGET_PROGRAMS, batch * query_blocks))
 
