@@ -6,7 +6,7 @@ memcheck`` and ``--tool racecheck``, which slow kernels down by orders of magnit
 The cases reach every kernel and variant: the attention forward with one key split and
 with several (plus the combine and weights kernels), 16-byte and scalar loads, every
 kernel score, the masks and the Gaussian, float16 natively, the tensor-core forward
-(bfloat16: dot, cosine, additive) and backward (dot, cosine; grad_center), both backward kernels, hard-attention positions (argmax and drawn),
+(bfloat16: dot, cosine, additive) and backward (the same; grad_center), both per-row backward kernels, hard-attention positions (argmax and drawn),
 fast_tanh, the LSTM/GRU step kernels of the cells, and layers with lengths (forward and
 reverse) through both recurrent paths: the persistent kernels (one block per hidden
 unit here, grid barrier; float32 FMAs, and the tensor cores in bfloat16) and the per-step
@@ -128,9 +128,9 @@ def check_attention() -> bool:
 
 
 def check_tensor_core_attention() -> bool:
-    """The tensor-core forward and backward (bfloat16 "dot" and "cosine", D = Dv = 64: 2
-    key tiles, a fully masked batch; dot with the local-p Gaussian too, grad_center
-    included), and the additive forward on them (its backward on the per-row kernels)."""
+    """The tensor-core forward and backward (bfloat16 "dot", "cosine" and "additive", D =
+    Dv = 64: 2 key tiles, a fully masked batch; dot with the local-p Gaussian too,
+    grad_center included)."""
     query, keys, values = leaves((2, 20, 64), (2, 70, 64), (2, 70, 64), device=DEVICE, dtype=torch.bfloat16)
     v, bias = (torch.randn(64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in (1, 2))
     lengths = torch.tensor([0, 67])

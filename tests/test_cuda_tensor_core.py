@@ -1,10 +1,8 @@
-"""The tensor-core multi-query attention forward (csrc/cuda/attention_tensor_core.cu,
-mma.cuh) for the "dot", "cosine" and "additive" kernel scores, and the "dot" and
-"cosine" backward,
-against fastattn.reference
-under the float16 / bfloat16 2x rule: its error
-against the float64 reference is at most twice the reference's own in that dtype,
-plus one rounding of the largest entry.
+"""The tensor-core multi-query attention forward and backward
+(csrc/cuda/attention_tensor_core.cu, mma.cuh) for the "dot", "cosine" and "additive"
+kernel scores, against fastattn.reference under the float16 / bfloat16 2x rule: its
+error against the float64 reference is at most twice the reference's own in that
+dtype, plus one rounding of the largest entry.
 
 Without a GPU (marked slow): the kernel's own code under the CPU emulation of
 csrc/cuda/emulation/, whose mma.sync stand-in computes each lane's accumulators
@@ -12,10 +10,10 @@ from the PTX fragment layout and its ldmatrix stand-in gives every lane the regi
 the PTX ISA defines, while cp.async copies land only when a wait retires them, at small
 odd shapes (T and S not multiples of the 64-row and 64-key tiles, so that tail tiles
 are zero-filled; up to 3 row and 4 key tiles, so that the double buffers wrap; every
-mask, causal, local windows with and without the Gaussian, fully masked rows).  With a GPU (marked gpu): the op at
-seq2seq shapes goes to the tensor-core kernels (seen in the profiler; additive: the
-forward, its backward through the per-row kernels) and matches the reference, gradients
-included (the backward recomputes from the forward's logsumexp)."""
+mask, causal, local windows with and without the Gaussian, fully masked rows).  With a
+GPU (marked gpu): the op at seq2seq shapes goes to the tensor-core kernels (seen in the
+profiler) and matches the reference, gradients included (the backward recomputes from
+the forward's logsumexp)."""
 
 import pytest
 import torch
@@ -80,13 +78,19 @@ def reference_context(query, keys, values, masking, scale, dtype, score="dot"):
         return run_attention(query.to(dtype), keys.to(dtype), values.to(dtype), centers_in(masking, dtype), scale, score)
 
 
-def assert_twice_the_reference_error(actual, query, keys, values, masking, scale, dtype, score="dot"):
-    exact = reference_context(query, keys, values, masking, scale, torch.float64, score)
-    in_dtype = reference_context(query, keys, values, masking, scale, dtype, score)
+def assert_within_twice_the_reference_error(name, actual, exact, in_dtype, dtype):
+    """|actual - exact| <= 2 |in_dtype - exact| + one rounding of the largest entry (max
+    norms; exact: the float64 reference, in_dtype: the reference run in `dtype`)."""
     kernel_error = (actual.double().cpu() - exact.cpu()).abs().max()
     reference_error = (in_dtype.double().cpu() - exact.cpu()).abs().max()
     bound = 2 * reference_error + torch.finfo(dtype).eps * exact.abs().max().cpu()
-    assert kernel_error <= bound, (float(kernel_error), float(reference_error))
+    assert kernel_error <= bound, (name, float(kernel_error), float(reference_error))
+
+
+def assert_twice_the_reference_error(actual, query, keys, values, masking, scale, dtype, score="dot"):
+    exact = reference_context(query, keys, values, masking, scale, torch.float64, score)
+    in_dtype = reference_context(query, keys, values, masking, scale, dtype, score)
+    assert_within_twice_the_reference_error("context", actual, exact, in_dtype, dtype)
 
 
 def reference_gradients(query, keys, values, masking, scale, dtype, grad_context, score="dot"):
@@ -101,10 +105,7 @@ def assert_gradients_within_twice_the_reference_error(actual, query, keys, value
     exact = reference_gradients(query, keys, values, masking, scale, torch.float64, grad_context, score)
     in_dtype = reference_gradients(query, keys, values, masking, scale, dtype, grad_context, score)
     for name, got, want, reference_run in zip(("query", "keys", "values"), actual, exact, in_dtype):
-        kernel_error = (got.double().cpu() - want.cpu()).abs().max()
-        reference_error = (reference_run.double().cpu() - want.cpu()).abs().max()
-        bound = 2 * reference_error + torch.finfo(dtype).eps * want.abs().max().cpu()
-        assert kernel_error <= bound, (f"grad_{name}", float(kernel_error), float(reference_error))
+        assert_within_twice_the_reference_error(f"grad_{name}", got, want, reference_run, dtype)
 
 
 def reference_center_gradient(query, keys, values, masking, scale, dtype, grad_context, score="dot"):
@@ -119,10 +120,25 @@ def assert_center_gradient_within_twice_the_reference_error(actual, query, keys,
                                                             grad_context, score="dot"):
     exact = reference_center_gradient(query, keys, values, masking, scale, torch.float64, grad_context, score)
     in_dtype = reference_center_gradient(query, keys, values, masking, scale, dtype, grad_context, score)
-    kernel_error = (actual.double().cpu() - exact.cpu()).abs().max()
-    reference_error = (in_dtype.double().cpu() - exact.cpu()).abs().max()
-    bound = 2 * reference_error + torch.finfo(dtype).eps * exact.abs().max().cpu()
-    assert kernel_error <= bound, ("grad_center", float(kernel_error), float(reference_error))
+    assert_within_twice_the_reference_error("grad_center", actual, exact, in_dtype, dtype)
+
+
+def reference_additive_vector_gradients(query, keys, values, masking, dtype, grad_context):
+    """fastattn.reference's gradients of the additive score's v and bias (additive_vectors)
+    with every input in `dtype`."""
+    v, bias = (vector.requires_grad_() for vector in additive_vectors(query.shape[-1], "cpu", dtype))
+    with fastattn.backend("reference"):
+        context = fastattn.additive_attention(query.to(dtype), keys.to(dtype), v, values.to(dtype), bias=bias,
+                                              **centers_in(masking, dtype))
+    return torch.autograd.grad(context, (v, bias), grad_context.to(dtype))
+
+
+def assert_additive_vector_gradients_within_twice_the_reference_error(grad_v, grad_bias, query, keys, values,
+                                                                      masking, dtype, grad_context):
+    exact = reference_additive_vector_gradients(query, keys, values, masking, torch.float64, grad_context)
+    in_dtype = reference_additive_vector_gradients(query, keys, values, masking, dtype, grad_context)
+    for name, got, want, reference_run in zip(("grad_v", "grad_bias"), (grad_v, grad_bias), exact, in_dtype):
+        assert_within_twice_the_reference_error(name, got, want, reference_run, dtype)
 
 
 def op_arguments(query, keys, values, masking, scale, dtype, score="dot"):
@@ -178,8 +194,8 @@ def test_emulated_tensor_core_kernels_are_within_twice_the_reference_error(emula
     grad_context = torch.randn(context.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     # With the local-p Gaussian, grad_center too (float; None without it).
     for given_context in (context, None):
-        *grads, grad_center = emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments,
-                                                                       logsumexp, given_context)
+        *grads, _, _, grad_center = emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype),
+                                                                             arguments, logsumexp, given_context)
         assert not any(grad.isnan().any() for grad in grads)
         assert_gradients_within_twice_the_reference_error(grads, query, keys, values, masking, scale, dtype,
                                                           grad_context)
@@ -211,10 +227,10 @@ def test_emulated_cosine_and_additive_tile_kernels_are_within_twice_the_referenc
                                                                                         dtype):
     """The cosine score on the tensor-core forward (Q K^T on the tensor cores over the
     rows' and keys' norms) and the additive one (the scores on the FMA / SFU units), P V
-    on the tensor cores; then the backward the binding runs for them from the tile's
-    logsumexp: cosine's on the tensor cores (Q and K normalised in shared memory; row_dot
-    from the context and from the forward run again), additive's on the per-row kernels
-    of attention_backward.cu (the tile backward refuses it)."""
+    on the tensor cores; then their tile backward from the tile's logsumexp, with row_dot
+    from the context and from the forward run again: cosine's with Q and K normalised in
+    shared memory, additive's with its scores and the gradients of q, k, v and bias on
+    the FMA / SFU units (grad_v and grad_bias checked too)."""
     scale = 2.5 if score == "cosine" else 1.0
     query, keys, values, masking = problem(*shape, mode)
     arguments = op_arguments(query, keys, values, masking, scale, dtype, score)
@@ -228,18 +244,17 @@ def test_emulated_cosine_and_additive_tile_kernels_are_within_twice_the_referenc
     finite = torch.isfinite(want)
     torch.testing.assert_close(logsumexp[finite], want[finite], rtol=1e-5, atol=1e-5)
     grad_context = torch.randn(context.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    if score == "cosine":
-        backward_runs = [emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp,
-                                                                  given_context)[:3] for given_context in (context, None)]
-    else:
-        with pytest.raises(RuntimeError, match="launch_attention_backward_tensor_core"):
-            emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp, context)
-        backward_runs = [emulation.attention_backward(emulated, grad_context.to(dtype), None, arguments, logsumexp,
-                                                      context)[:3]]
-    for grads in backward_runs:
-        assert not any(grad.isnan().any() for grad in grads)
-        assert_gradients_within_twice_the_reference_error(grads, query, keys, values, masking, scale, dtype,
+    for given_context in (context, None):
+        grads = emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp,
+                                                         given_context)
+        assert not any(grad.isnan().any() for grad in grads if grad is not None)
+        assert_gradients_within_twice_the_reference_error(grads[:3], query, keys, values, masking, scale, dtype,
                                                           grad_context, score)
+        if score == "additive":
+            assert_additive_vector_gradients_within_twice_the_reference_error(grads[3], grads[4], query, keys, values,
+                                                                              masking, dtype, grad_context)
+        else:
+            assert grads[3] is None and grads[4] is None
 
 
 @pytest.mark.slow
@@ -272,9 +287,8 @@ GPU_CASES = [("dot", 64, "lengths"), ("dot", 128, "causal"), ("dot", 64, "local_
 @pytest.mark.parametrize(("score", "dim", "mode"), GPU_CASES)
 @gpu
 def test_multi_query_attention_runs_on_the_tensor_core_kernels_and_matches_the_reference(score, dim, mode, dtype):
-    """Seq2seq shapes (T, S <= 512): the forward through the tensor-core kernel, the
-    backward through it too for dot and cosine and through the per-row kernels for
-    additive (seen in the profiler), both within twice the reference's error, the window
+    """Seq2seq shapes (T, S <= 512): the forward and the backward through the tensor-core
+    kernels (seen in the profiler), both within twice the reference's error, the window
     centers' gradient included for local-p with the Gaussian."""
     steps, source = (300, 300) if mode == "causal" else (200, 300)
     scale = {"dot": dim**-0.5, "cosine": 2.5, "additive": 1.0}[score]
@@ -296,8 +310,8 @@ def test_multi_query_attention_runs_on_the_tensor_core_kernels_and_matches_the_r
 
     names = launched_kernels(forward_and_backward)
     assert any("attention_forward_tensor_core" in name for name in names), names
-    assert any("attention_backward_tensor_core" in name for name in names) == (score != "additive"), names
-    assert any("backward_rows_kernel" in name for name in names) == (score == "additive"), names
+    assert any("attention_backward_tensor_core" in name for name in names), names
+    assert not any("backward_rows_kernel" in name for name in names), names
     assert any("row_dot_kernel" in name for name in names), names  # autograd passes the context
     assert_twice_the_reference_error(results["context"], query, keys, values, masking, scale, dtype, score)
     assert_gradients_within_twice_the_reference_error(results["grads"][:3], query, keys, values, masking, scale, dtype,

@@ -79,15 +79,6 @@ __device__ __forceinline__ void add_query_gradient(Acc<T> coefficient, const Acc
   }
 }
 
-// kVec accumulators to `destination` in T (one 16-byte store when kVec = 16 / sizeof(T)).
-template <int kVec, typename T>
-__device__ __forceinline__ void store_pack(T* destination, const Acc<T> (&values)[kVec]) {
-  Pack<T, kVec> pack;
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) pack.element[i] = from_acc<T>(values[i]);
-  *reinterpret_cast<Pack<T, kVec>*>(destination) = pack;
-}
-
 // query_total[d] = sum over the `parts` D-long parts at query_parts (stride D) of
 // element d, and likewise v_total from v_parts (additive), each element by one thread
 // (so a total may overwrite the first part).

@@ -1,8 +1,8 @@
 // attention_tensor_core.cu: the multi-query forward and backward of the fused
 // soft-attention op (attention_forward / attention_backward in csrc/ops.cpp) on the
 // tensor cores, flash-attention-2 style: float16 / bfloat16 inputs, head dims D, Dv in
-// {64, 128}, float accumulation (mma.cuh's m16n8k16 mma.sync).  The "dot" and "cosine"
-// kernel scores forward and backward; the "additive" score forward.
+// {64, 128}, float accumulation (mma.cuh's m16n8k16 mma.sync).  The "dot", "cosine" and
+// "additive" kernel scores, forward and backward.
 //
 // Forward: scores -> masks -> online softmax -> Gaussian -> P V for a tile of
 // kBlockRows query rows per block (4 warps, 16 rows each) over tiles of kBlockKeys
@@ -36,11 +36,17 @@
 // Q tile are normalised in shared memory (r / max(|r|, tiny), 2 threads a row) once they
 // land, so the dot backward above gives the gradients of the unit vectors; grad_keys
 // goes through k / max(|k|, tiny) before it is written (the quad's lanes sum dk^.k),
-// grad_query in finish_cosine_grad_query_kernel (a warp a row).
-// Not handled (attention_tensor_core_supported / _backward_supported say no; the
-// binding keeps attention_forward.cu / attention_backward.cu): other scores and dtypes,
-// other head dims, unaligned rows, the weights output and its gradient, the additive
-// backward.  No warp specialisation, WGMMA or TMA (sm_80 instructions on sm_90a too).
+// grad_query in finish_cosine_grad_query_kernel (a warp a row).  Additive: S^T from
+// additive_tile_scores (keys as rows), dP^T, P^T dO as for dot; then, once dS is in
+// shared memory, one more tanh per pair and feature gives the gradients of k (in
+// registers), q (summed over the warp's keys, atomics into the float scratch), v
+// (per thread, added to its float total at the end) and bias (the binding's sum of
+// grad_query) together (additive_tile_gradients): 2 tanh per pair and feature in all,
+// bound by the special-function unit as the forward is.
+// Not handled (attention_tensor_core_supported says no; the binding keeps
+// attention_forward.cu / attention_backward.cu): other scores and dtypes, other head
+// dims, unaligned rows, the weights output and its gradient.  No warp specialisation,
+// WGMMA or TMA (sm_80 instructions on sm_90a too).
 #include "attention_device.cuh"
 #include "mma.cuh"
 
@@ -149,37 +155,39 @@ __device__ __forceinline__ void warp_fragment_times_rows(float (&product)[kColum
   }
 }
 
-// score[nt][r] += v . tanh(q + bias + k) over the kD features for the pairs of this
-// lane's accumulators (rows group and group + 8 of the warp's 16 at `warp_rows`, keys
-// 8 nt + 2 column + r % 2 of the tile at `key_tile`; both row-major with stride
-// kStride in shared memory), v and bias floats in shared memory.  Per 8 features a
-// lane loads its 2 query rows once and each of its 16 keys once, and takes 256 tanh.
-template <typename T, int kD, int kStride>
-__device__ __forceinline__ void additive_tile_scores(float (&score)[kBlockKeys / 8][4], const T* warp_rows,
-                                                     const T* key_tile, const float* v, const float* bias) {
-  const int lane = threadIdx.x % kWarpSize, group = lane / 4, column = lane % 4;
+// score[nt][r] += v . tanh(row + bias + column) over the kD features for the pairs of
+// this lane's accumulators (rows group and group + 8 of the warp's 16 at `warp_rows`,
+// columns 8 nt + 2 quad_lane + r % 2 of the kColumns at `columns`; both row-major with
+// stride kStride in shared memory), v and bias floats in shared memory.  The forward
+// passes query rows and key columns, the backward key rows and query columns.  Per 8
+// features a lane loads its 2 rows once and each of its kColumns / 4 columns once, and
+// takes kColumns / 2 x 8 tanh.
+template <typename T, int kD, int kStride, int kColumns>
+__device__ __forceinline__ void additive_tile_scores(float (&score)[kColumns / 8][4], const T* warp_rows,
+                                                     const T* columns, const float* v, const float* bias) {
+  const int lane = threadIdx.x % kWarpSize, group = lane / 4, quad_lane = lane % 4;
   const T* top = warp_rows + group * kStride;
 #pragma unroll 1
   for (int d = 0; d < kD; d += kChunk) {
-    float query[2][kChunk];
-    load_pack<kChunk>(top + d, query[0]);
-    load_pack<kChunk>(top + 8 * kStride + d, query[1]);
+    float row[2][kChunk];
+    load_pack<kChunk>(top + d, row[0]);
+    load_pack<kChunk>(top + 8 * kStride + d, row[1]);
     const float* weight = v + d;
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) {
-      query[0][i] += bias[d + i];
-      query[1][i] += bias[d + i];
+      row[0][i] += bias[d + i];
+      row[1][i] += bias[d + i];
     }
 #pragma unroll
-    for (int nt = 0; nt < kBlockKeys / 8; ++nt) {
+    for (int nt = 0; nt < kColumns / 8; ++nt) {
 #pragma unroll
       for (int side = 0; side < 2; ++side) {
-        float key[kChunk];
-        load_pack<kChunk>(key_tile + (nt * 8 + 2 * column + side) * kStride + d, key);
+        float column[kChunk];
+        load_pack<kChunk>(columns + (nt * 8 + 2 * quad_lane + side) * kStride + d, column);
 #pragma unroll
         for (int i = 0; i < kChunk; ++i) {
-          score[nt][side] += weight[i] * additive_tanh<T, kChunk>(query[0][i] + key[i], d, i);
-          score[nt][2 + side] += weight[i] * additive_tanh<T, kChunk>(query[1][i] + key[i], d, i);
+          score[nt][side] += weight[i] * additive_tanh<T, kChunk>(row[0][i] + column[i], d, i);
+          score[nt][2 + side] += weight[i] * additive_tanh<T, kChunk>(row[1][i] + column[i], d, i);
         }
       }
     }
@@ -321,8 +329,8 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
         for (int r = 0; r < 4; ++r) score[nt][r] = 0.f;
       }
       if constexpr (kAdditive) {
-        additive_tile_scores<T, kD, kKeyStride>(score, query_tile + warp * kWarpRows * kKeyStride, key_tile,
-                                                additive_v, additive_bias);
+        additive_tile_scores<T, kD, kKeyStride, kBlockKeys>(score, query_tile + warp * kWarpRows * kKeyStride,
+                                                            key_tile, additive_v, additive_bias);
       } else {
 #pragma unroll
         for (int nt = 0; nt < kBlockKeys / 8; nt += 2) {
@@ -437,14 +445,15 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
 
 // Shared memory of the backward: row_begin, row_end (int64) | row_center,
 // row_logsumexp, row_dot (float), each two stages of kBlockRows | key_hidden (int) |
-// key_norm (float, |k| of the tile's keys: cosine) | K
-// tile, V tile (kBlockKeys rows) | two stages of a Q tile and a grad_context tile
-// (kBlockRows rows each; the dS tile, kBlockRows x kBlockKeys, replaces the stage's
-// grad_context tile once it is used, so that a 128-dim block stays under half an
-// SM's shared memory), in T.
-template <int kD, int kDv>
+// key_norm (float, |k| of the tile's keys: cosine) | v and bias (float, kD each:
+// additive) | K tile, V tile (kBlockKeys rows) | two stages of a Q tile and a
+// grad_context tile (kBlockRows rows each; the dS tile, kBlockRows x kBlockKeys,
+// replaces the stage's grad_context tile once it is used, so that a 128-dim block
+// stays under half an SM's shared memory), in T.
+template <ScoreKind kScore, int kD, int kDv>
 constexpr size_t backward_shared_bytes() {
   return 2 * (2 * sizeof(int64_t) + 3 * sizeof(float)) * kBlockRows + (sizeof(int) + sizeof(float)) * kBlockKeys +
+         sizeof(float) * (kScore == ScoreKind::kAdditive ? 2 * kD : 0) +
          2 * static_cast<size_t>(kBlockKeys + 2 * kBlockRows) * (kD + kSkew + kDv + kSkew);
 }
 
@@ -480,14 +489,121 @@ __device__ __forceinline__ void accumulators_as_a(uint32_t (&a)[4], const float 
   a[3] = pack_pair<T>(right[2], right[3]);
 }
 
+// The additive backward's lanes in its gradient pass: each takes kChunk features
+// (feature lane = lane % kFeatureLanes) of kKeys of its warp's kWarpRows keys (m
+// kKeyLanes + lane / kFeatureLanes), so that every lane takes the same feature
+// positions of a chunk (the tanh of each on the same unit, additive_tanh) and a query's
+// gradient needs a sum over kKeyLanes lanes only.
+template <int kD>
+struct AdditiveLanes {
+  static constexpr int kFeatureLanes = kD / kChunk;
+  static constexpr int kKeyLanes = kWarpSize / kFeatureLanes;
+  static constexpr int kKeys = kWarpRows / kKeyLanes;
+  static_assert(kFeatureLanes * kKeyLanes == kWarpSize && kKeys * kKeyLanes == kWarpRows, "head dims 64 and 128");
+};
+
+// The additive backward's gradient pass over one query tile, for the warp's keys at
+// `warp_keys` (row-major, stride kKeyStride) and the `rows` first query rows of
+// `query_tile` (same stride), with dS at `score_grad` ([query][key of the warp], stride
+// kScoreStride, in T): for each pair of nonzero dS and each feature, u = tanh(q + bias +
+// k) (again: the score pass's sums did not keep them) and t = dS v (1 - u^2);
+// key_grad[m] += t, grad_v += dS u, and grad_query += t summed over the warp's keys,
+// added with atomics to the float rows at grad_query_rows (stride kD).  v and bias:
+// the score's, floats in shared memory (read for each query, so that they hold no
+// registers through the kernel).
+template <typename T, int kD, int kKeyStride, int kScoreStride>
+__device__ __forceinline__ void additive_tile_gradients(float (&key_grad)[AdditiveLanes<kD>::kKeys][kChunk],
+                                                        float (&v_grad)[kChunk], const T* query_tile, int rows,
+                                                        const T* warp_keys, const T* score_grad,
+                                                        const float* v_all, const float* bias_all,
+                                                        float* grad_query_rows) {
+  using Lanes = AdditiveLanes<kD>;
+  const int lane = threadIdx.x % kWarpSize, feature = (lane % Lanes::kFeatureLanes) * kChunk;
+  const int key_lane = lane / Lanes::kFeatureLanes;
+#pragma unroll 1
+  for (int q = 0; q < rows; ++q) {
+    float query[kChunk], v[kChunk], query_grad[kChunk] = {};
+    load_pack<kChunk>(query_tile + q * kKeyStride + feature, query);
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+      query[i] += bias_all[feature + i];
+      v[i] = v_all[feature + i];
+    }
+#pragma unroll
+    for (int m = 0; m < Lanes::kKeys; ++m) {
+      const int key = m * Lanes::kKeyLanes + key_lane;
+      const float pair_grad = to_acc(score_grad[q * kScoreStride + key]);
+      if (pair_grad == 0.f) continue;  // masked pairs add nothing, whatever their rows hold
+      float k[kChunk];
+      load_pack<kChunk>(warp_keys + key * kKeyStride + feature, k);
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        const float u = additive_tanh<T, kChunk>(query[i] + k[i], feature, i);
+        const float term = pair_grad * v[i] * tanh_derivative(u);
+        key_grad[m][i] += term;
+        query_grad[i] += term;
+        v_grad[i] += pair_grad * u;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+#pragma unroll
+      for (int offset = Lanes::kFeatureLanes; offset < kWarpSize; offset *= 2) {
+        query_grad[i] += __shfl_xor_sync(0xffffffffu, query_grad[i], offset);
+      }
+    }
+    if (key_lane == 0) {
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) atomicAdd(grad_query_rows + q * kD + feature + i, query_grad[i]);
+    }
+  }
+}
+
+// The dot backward's grad_query rows += dS K for this warp's 16 queries of the tile,
+// 16 features at a time: dS the tile's [query][key] in shared memory (stride
+// kScoreStride), K the block's key tile (stride kKeyStride), added with atomics to the
+// float rows at grad_query_rows (stride kD) that are among the `rows` first.
+template <typename T, int kD, int kKeyStride, int kScoreStride>
+__device__ __forceinline__ void add_score_grad_times_keys(const T* score_grad_tile, const T* key_tile, int rows,
+                                                          float* grad_query_rows) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, group = lane / 4, column = lane % 4;
+  const int query_top = warp * kWarpRows + group;
+  uint32_t score_grad_fragments[kBlockKeys / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kBlockKeys / 16; ++kk) {
+    load_fragment_a(score_grad_fragments[kk], score_grad_tile + warp * kWarpRows * kScoreStride + kk * 16,
+                    kScoreStride);
+  }
+#pragma unroll 2  // fully unrolled, the hoisted key fragment loads spill the accumulators
+  for (int dt = 0; dt < kD / 8; dt += 2) {
+    float query_grad[2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kBlockKeys / 16; ++kk) {
+      uint32_t key_fragments[2][2];
+      load_fragments_b_from_rows(key_fragments, key_tile + kk * 16 * kKeyStride + dt * 8, kKeyStride);
+      mma_m16n8k16<T>(query_grad[0], score_grad_fragments[kk], key_fragments[0]);
+      mma_m16n8k16<T>(query_grad[1], score_grad_fragments[kk], key_fragments[1]);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int query = query_top + 8 * (r / 2);
+      if (query < rows) {
+        float* grad_row = grad_query_rows + query * kD + dt * 8 + 2 * column + r % 2;
+        atomicAdd(grad_row, query_grad[0][r]);
+        atomicAdd(grad_row + 8, query_grad[1][r]);
+      }
+    }
+  }
+}
+
 // kCenter: b.grad_center is given (a separate instantiation, so that the kernels without
 // it keep their registers).
 template <typename T, ScoreKind kScore, int kD, int kDv, bool kCenter>
 __global__ void __launch_bounds__(kTensorCoreThreads)
     attention_backward_tensor_core_kernel(DeviceProblem<T> p, AttentionBackwardBuffers b,
                                           float* grad_query_accumulator) {
-  static_assert(kScore == ScoreKind::kDot || kScore == ScoreKind::kCosine, "the dot-product scores");
-  constexpr bool kCosine = kScore == ScoreKind::kCosine;
+  constexpr bool kCosine = kScore == ScoreKind::kCosine, kAdditive = kScore == ScoreKind::kAdditive;
+  using Lanes = AdditiveLanes<kD>;
   constexpr int kKeyStride = kD + kSkew, kValueStride = kDv + kSkew, kScoreStride = kBlockKeys + kSkew;
   static_assert(kScoreStride <= kValueStride, "the dS tile takes the place of a dO tile");
   constexpr int kStageElements = kBlockRows * (kKeyStride + kValueStride);  // one Q and one dO tile
@@ -499,7 +615,9 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
   float* row_dot_stages = row_logsumexp_stages + 2 * kBlockRows;
   int* key_hidden = reinterpret_cast<int*>(row_dot_stages + 2 * kBlockRows);
   float* key_norm = reinterpret_cast<float*>(key_hidden + kBlockKeys);
-  T* key_tile = reinterpret_cast<T*>(key_norm + kBlockKeys);
+  float* additive_v = key_norm + kBlockKeys;  // additive: v, then bias
+  float* additive_bias = additive_v + kD;
+  T* key_tile = reinterpret_cast<T*>(additive_v + (kAdditive ? 2 * kD : 0));
   T* value_tile = key_tile + kBlockKeys * kKeyStride;
   T* query_grad_stages = value_tile + kBlockKeys * kValueStride;  // Q tile, then dO tile, per stage
 
@@ -509,6 +627,16 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
   const float* logsumexp = static_cast<const float*>(b.logsumexp);
   const float* row_dot_in = static_cast<const float*>(b.row_dot);
   float* grad_center = static_cast<float*>(b.grad_center);  // kCenter: zeroed by the launch
+  // Additive: the score's scale is 1; v and bias in shared memory (read after the first
+  // work item's synchronisation); this thread's share of grad_v over its work items.
+  const float score_scale = kAdditive ? 1.f : p.scale;
+  float v_grad[kChunk] = {};
+  if constexpr (kAdditive) {
+    for (int d = threadIdx.x; d < kD; d += kTensorCoreThreads) {
+      additive_v[d] = to_acc(p.v[d]);
+      additive_bias[d] = p.bias != nullptr ? to_acc(p.bias[d]) : 0.f;
+    }
+  }
 
   for (int64_t work = blockIdx.x; work < p.batch * key_tiles; work += gridDim.x) {
     const int64_t n = work / key_tiles, first_key = (work % key_tiles) * kBlockKeys;
@@ -525,14 +653,11 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       normalize_tile_rows<T, kD, kKeyStride>(key_tile, key_norm);
       __syncthreads();
     }
-    // This lane's keys: local key_top and key_top + 8 (the accumulator rows of its warp).
+    // This lane's keys: local key_top and key_top + 8 (the accumulator rows of its warp);
+    // additive: the keys and features of AdditiveLanes for grad_keys.
     const int key_top = warp * kWarpRows + group;
-    float key_grad[kD / 8][4], value_grad[kDv / 8][4];
-#pragma unroll
-    for (int dt = 0; dt < kD / 8; ++dt) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) key_grad[dt][r] = 0.f;
-    }
+    float key_grad[kAdditive ? 1 : kD / 8][4] = {}, additive_key_grad[kAdditive ? Lanes::kKeys : 1][kChunk] = {};
+    float value_grad[kDv / 8][4];
 #pragma unroll
     for (int dt = 0; dt < kDv / 8; ++dt) {
 #pragma unroll
@@ -612,8 +737,14 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
 #pragma unroll
           for (int r = 0; r < 4; ++r) score[nt][r] = probability_grad[nt][r] = 0.f;
         }
-        warp_rows_times_rows<T, kD, kHalfRows>(score, key_tile + warp * kWarpRows * kKeyStride, kKeyStride,
-                                               query_tile + first_query * kKeyStride, kKeyStride);
+        if constexpr (kAdditive) {
+          additive_tile_scores<T, kD, kKeyStride, kHalfRows>(score, key_tile + warp * kWarpRows * kKeyStride,
+                                                             query_tile + first_query * kKeyStride, additive_v,
+                                                             additive_bias);
+        } else {
+          warp_rows_times_rows<T, kD, kHalfRows>(score, key_tile + warp * kWarpRows * kKeyStride, kKeyStride,
+                                                 query_tile + first_query * kKeyStride, kKeyStride);
+        }
         warp_rows_times_rows<T, kDv, kHalfRows>(probability_grad, value_tile + warp * kWarpRows * kValueStride,
                                                 kValueStride, grad_tile + first_query * kValueStride, kValueStride);
 #pragma unroll
@@ -624,10 +755,10 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
             const int key = key_top + 8 * (r / 2), query = first_query + nt * 8 + 2 * column + r % 2;
             const int64_t j = first_key + key;
             const bool visible = !key_hidden[key] && j >= row_begin[query] && j < row_end[query];
-            const float alpha = visible ? exp_of(score[nt][r] * p.scale - row_logsumexp[query]) : 0.f;
+            const float alpha = visible ? exp_of(score[nt][r] * score_scale - row_logsumexp[query]) : 0.f;
             const float gaussian = p.gaussian_of(j, row_center[query]);
-            const float score_grad = p.scale * softmax_score_gradient(alpha, gaussian * probability_grad[nt][r],
-                                                                      row_dot[query]);
+            const float score_grad = score_scale * softmax_score_gradient(alpha, gaussian * probability_grad[nt][r],
+                                                                          row_dot[query]);
             if constexpr (kCenter) {
               center_share[r % 2] += probability_grad[nt][r] * alpha * gaussian *
                                      gaussian_log_slope<float>(j, row_center[query], p.window);
@@ -652,7 +783,9 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
           accumulators_as_a<T>(score_grad_fragment, score[2 * kk], score[2 * kk + 1]);
           const int row = first_query + kk * 16;
           warp_fragment_times_rows<T, kDv>(value_grad, weight_fragment, grad_tile + row * kValueStride, kValueStride);
-          warp_fragment_times_rows<T, kD>(key_grad, score_grad_fragment, query_tile + row * kKeyStride, kKeyStride);
+          if constexpr (!kAdditive) {
+            warp_fragment_times_rows<T, kD>(key_grad, score_grad_fragment, query_tile + row * kKeyStride, kKeyStride);
+          }
         }
       }
       __syncthreads();  // every warp is done with this stage's Q and dO tiles
@@ -675,33 +808,16 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       }
       __syncthreads();  // the dS tile is complete
 
-      // grad_query += dS K for this warp's 16 queries, 16 features at a time.
-      const int query_top = warp * kWarpRows + group;
-      uint32_t score_grad_fragments[kBlockKeys / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kBlockKeys / 16; ++kk) {
-        load_fragment_a(score_grad_fragments[kk], score_grad_tile + warp * kWarpRows * kScoreStride + kk * 16,
-                        kScoreStride);
-      }
-#pragma unroll 2  // fully unrolled, the hoisted key fragment loads spill the accumulators
-      for (int dt = 0; dt < kD / 8; dt += 2) {
-        float query_grad[2][4] = {};
-#pragma unroll
-        for (int kk = 0; kk < kBlockKeys / 16; ++kk) {
-          uint32_t key_fragments[2][2];
-          load_fragments_b_from_rows(key_fragments, key_tile + kk * 16 * kKeyStride + dt * 8, kKeyStride);
-          mma_m16n8k16<T>(query_grad[0], score_grad_fragments[kk], key_fragments[0]);
-          mma_m16n8k16<T>(query_grad[1], score_grad_fragments[kk], key_fragments[1]);
-        }
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int64_t t = first_row + query_top + 8 * (r / 2);
-          if (t < p.query_length) {
-            float* grad_row = grad_query_accumulator + (n * p.query_length + t) * kD + dt * 8 + 2 * column + r % 2;
-            atomicAdd(grad_row, query_grad[0][r]);
-            atomicAdd(grad_row + 8, query_grad[1][r]);
-          }
-        }
+      const int rows = p.query_length - first_row < kBlockRows ? static_cast<int>(p.query_length - first_row)
+                                                                : kBlockRows;  // of the tile's
+      if constexpr (kAdditive) {
+        additive_tile_gradients<T, kD, kKeyStride, kScoreStride>(
+            additive_key_grad, v_grad, query_tile, rows, key_tile + warp * kWarpRows * kKeyStride,
+            score_grad_tile + warp * kWarpRows, additive_v, additive_bias,
+            grad_query_accumulator + (n * p.query_length + first_row) * kD);
+      } else {
+        add_score_grad_times_keys<T, kD, kKeyStride, kScoreStride>(
+            score_grad_tile, key_tile, rows, grad_query_accumulator + (n * p.query_length + first_row) * kD);
       }
       __syncthreads();  // the query tile after next overwrites this stage, dS included
       first_row = next_row;
@@ -742,10 +858,12 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       if (j >= p.source_length) continue;
       T* key_row = static_cast<T*>(b.grad_keys) + (n * p.source_length + j) * kD;
       T* value_row = static_cast<T*>(b.grad_values) + (n * p.source_length + j) * kDv;
+      if constexpr (!kAdditive) {
 #pragma unroll
-      for (int dt = 0; dt < kD / 8; ++dt) {
-        *reinterpret_cast<uint32_t*>(key_row + dt * 8 + 2 * column) =
-            pack_pair<T>(key_grad[dt][2 * half], key_grad[dt][2 * half + 1]);
+        for (int dt = 0; dt < kD / 8; ++dt) {
+          *reinterpret_cast<uint32_t*>(key_row + dt * 8 + 2 * column) =
+              pack_pair<T>(key_grad[dt][2 * half], key_grad[dt][2 * half + 1]);
+        }
       }
 #pragma unroll
       for (int dt = 0; dt < kDv / 8; ++dt) {
@@ -753,7 +871,33 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
             pack_pair<T>(value_grad[dt][2 * half], value_grad[dt][2 * half + 1]);
       }
     }
+    if constexpr (kAdditive) {  // the lane's keys and features of AdditiveLanes
+      const int feature = (lane % Lanes::kFeatureLanes) * kChunk, key_lane = lane / Lanes::kFeatureLanes;
+#pragma unroll
+      for (int m = 0; m < Lanes::kKeys; ++m) {
+        const int64_t j = first_key + warp * kWarpRows + m * Lanes::kKeyLanes + key_lane;
+        if (j < p.source_length) {
+          store_pack<kChunk>(static_cast<T*>(b.grad_keys) + (n * p.source_length + j) * kD + feature,
+                             additive_key_grad[m]);
+        }
+      }
+    }
     __syncthreads();  // the next work item overwrites K, V and key_hidden
+  }
+  // Additive: grad_v, this thread's share over all its work items, summed over the
+  // warp's key lanes and added to the float total (zeroed by the launch).
+  if constexpr (kAdditive) {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+#pragma unroll
+      for (int offset = Lanes::kFeatureLanes; offset < kWarpSize; offset *= 2) {
+        v_grad[i] += __shfl_xor_sync(0xffffffffu, v_grad[i], offset);
+      }
+    }
+    if (lane < Lanes::kFeatureLanes) {
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) atomicAdd(static_cast<float*>(b.grad_v_rows) + lane * kChunk + i, v_grad[i]);
+    }
   }
 }
 
@@ -833,9 +977,13 @@ cudaError_t launch_backward(const AttentionProblem& p, const AttentionBackwardBu
       if (status != cudaSuccess) return status;
     }
   }
+  if constexpr (kScore == ScoreKind::kAdditive) {  // grad_v: the total of every block's share
+    status = cudaMemsetAsync(b.grad_v_rows, 0, sizeof(float) * kD, stream);
+    if (status != cudaSuccess) return status;
+  }
   const int64_t key_tiles = (p.source_length + kBlockKeys - 1) / kBlockKeys;
   if (p.batch * key_tiles > 0) {
-    constexpr size_t shared = backward_shared_bytes<kD, kDv>();
+    constexpr size_t shared = backward_shared_bytes<kScore, kD, kDv>();
     auto kernel = b.grad_center != nullptr ? attention_backward_tensor_core_kernel<T, kScore, kD, kDv, true>
                                            : attention_backward_tensor_core_kernel<T, kScore, kD, kDv, false>;
     status = allow_shared_bytes(kernel, shared);
@@ -894,11 +1042,6 @@ bool attention_tensor_core_supported(const AttentionProblem& p, int compute_capa
          aligned_to_16_bytes(p.values);
 }
 
-bool attention_tensor_core_backward_supported(const AttentionProblem& p, int compute_capability_major) {
-  return (p.score == ScoreKind::kDot || p.score == ScoreKind::kCosine) &&
-         attention_tensor_core_supported(p, compute_capability_major);
-}
-
 cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& p, const AttentionForwardBuffers& out,
                                                  cudaStream_t stream) {
   if (!attention_tensor_core_supported(p, 8) || out.weights != nullptr || out.splits != 1) {
@@ -920,13 +1063,17 @@ cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& p, cons
 
 cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& p, const AttentionBackwardBuffers& buffers,
                                                   float* grad_query_accumulator, cudaStream_t stream) {
-  if (!attention_tensor_core_backward_supported(p, 8) || buffers.grad_weights != nullptr ||
-      !aligned_to_16_bytes(buffers.grad_context)) {
+  if (!attention_tensor_core_supported(p, 8) || buffers.grad_weights != nullptr ||
+      !aligned_to_16_bytes(buffers.grad_context) ||
+      (p.score == ScoreKind::kAdditive && buffers.grad_v_rows == nullptr)) {
     return cudaErrorInvalidValue;
   }
   return dispatch_tensor_core(p, [&](auto element, auto dim, auto value_dim) {
     using T = decltype(element);
     constexpr int kD = decltype(dim)::value, kDv = decltype(value_dim)::value;
+    if (p.score == ScoreKind::kAdditive) {
+      return launch_backward<T, ScoreKind::kAdditive, kD, kDv>(p, buffers, grad_query_accumulator, stream);
+    }
     if (p.score == ScoreKind::kCosine) {
       return launch_backward<T, ScoreKind::kCosine, kD, kDv>(p, buffers, grad_query_accumulator, stream);
     }

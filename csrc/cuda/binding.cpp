@@ -12,9 +12,8 @@
 // otherwise per step, h W_hh^T in ATen and the pointwise step in recurrent_pointwise.cu.  Attention computes float16 / bfloat16 natively (float
 // accumulation); the recurrent ops compute them in float32 and return the input dtype.
 // Multi-query (T >= kTensorCoreMinQueries) float16 / bfloat16 attention with head dims
-// 64 / 128 runs forward on the tensor cores
-// (attention_tensor_core.cu) unless the weights are wanted, and "dot" / "cosine" backward too unless
-// their gradient is wanted.
+// 64 / 128 runs forward on the tensor cores (attention_tensor_core.cu) unless the
+// weights are wanted, and backward too unless their gradient is wanted.
 // attention_decoder_step_inference runs the one-launch kernel of decoder_step.cu where it
 // covers the step (FASTATTN_CUDA_FUSED_DECODER_STEP=0 turns it off) and the composed
 // step of csrc/decoder_step.cpp otherwise.
@@ -295,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_keys = at::empty({p.batch, p.source_length, p.score_dim}, options);
   at::Tensor grad_values = at::empty({p.batch, p.source_length, p.value_dim}, options);
   at::Tensor grad_center = wants_center ? at::empty({p.batch, p.query_length}, accumulate) : at::Tensor();
-  at::Tensor grad_v_rows = additive ? at::empty({p.batch, p.query_length, p.score_dim}, accumulate) : at::Tensor();
+  at::Tensor grad_v_rows;  // additive: allocated below, for the kernels that fill it
   at::Tensor row_dot = at::empty({p.batch, p.query_length}, accumulate);
   AttentionBackwardBuffers buffers;
   buffers.grad_context = grad_context_.const_data_ptr();
@@ -305,18 +304,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   buffers.grad_keys = grad_keys.mutable_data_ptr();
   buffers.grad_values = grad_values.mutable_data_ptr();
   buffers.grad_center = wants_center ? grad_center.mutable_data_ptr() : nullptr;
-  buffers.grad_v_rows = additive ? grad_v_rows.mutable_data_ptr() : nullptr;
   buffers.row_dot = row_dot.mutable_data_ptr();
   // No values' features (Dv = 0): an empty context, which holds no r (null: the kernels take r from the keys).
   buffers.context = context_.defined() && context_.numel() > 0 ? context_.const_data_ptr() : nullptr;
-  // The tensor-core forward's "dot" and "cosine" problems go to its backward unless grad_weights is wanted.
+  // The tensor-core forward's problems go to its backward unless grad_weights is wanted.
   const bool grad_context_aligned = reinterpret_cast<uintptr_t>(grad_context_.const_data_ptr()) % 16 == 0;
   if (!grad_weights_.defined() && grad_context_aligned && p.query_length >= kTensorCoreMinQueries &&
-      attention_tensor_core_backward_supported(p, compute_capability_major(query))) {
+      attention_tensor_core_supported(p, compute_capability_major(query))) {
+    if (additive) {  // grad_v itself
+      grad_v_rows = at::empty({1, 1, p.score_dim}, accumulate);
+      buffers.grad_v_rows = grad_v_rows.mutable_data_ptr();
+    }
     at::Tensor grad_query_accumulator = at::empty({p.batch, p.query_length, p.score_dim}, accumulate);
     check_launch(op, launch_attention_backward_tensor_core(p, buffers, grad_query_accumulator.mutable_data_ptr<float>(),
                                                            current_stream()));
   } else {
+    if (additive) {  // each row's share of grad_v
+      grad_v_rows = at::empty({p.batch, p.query_length, p.score_dim}, accumulate);
+      buffers.grad_v_rows = grad_v_rows.mutable_data_ptr();
+    }
     // With r from the context, a row's keys are split over blocks as in the forward (decode steps).
     at::Tensor partial_grad_query, partial_grad_v;
     if (buffers.context != nullptr && !grad_weights_.defined() && !wants_center) {

@@ -57,6 +57,15 @@ __device__ __forceinline__ void load_pack(const T* source, Acc<T> (&out)[kVec]) 
   for (int i = 0; i < kVec; ++i) out[i] = to_acc(pack.element[i]);
 }
 
+// kVec accumulators to `destination` in T (one 16-byte store when kVec = 16 / sizeof(T)).
+template <int kVec, typename T>
+__device__ __forceinline__ void store_pack(T* destination, const Acc<T> (&values)[kVec]) {
+  Pack<T, kVec> pack;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) pack.element[i] = from_acc<T>(values[i]);
+  *reinterpret_cast<Pack<T, kVec>*>(destination) = pack;
+}
+
 // The widest load for T: 16 bytes.
 template <typename T>
 constexpr int kWideVec = static_cast<int>(16 / sizeof(T));

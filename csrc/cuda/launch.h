@@ -62,7 +62,8 @@ struct AttentionBackwardBuffers {
   void* grad_keys = nullptr;           // (N, S, D) in dtype
   void* grad_values = nullptr;         // (N, S, Dv) in dtype
   void* grad_center = nullptr;         // (N, T) Acc, or null
-  void* grad_v_rows = nullptr;         // additive: (N, T, Da) Acc, summed over rows by the caller
+  void* grad_v_rows = nullptr;         // additive: (N, T, Da) Acc, summed over rows by the caller (on
+                                       // the tensor cores: (Da) Acc, grad_v itself)
   void* row_dot = nullptr;             // scratch (N, T) Acc
   const void* context = nullptr;       // (N, T, Dv) in dtype, or null: the forward's context, from which
                                        // the backward takes row_dot = grad_context . context (one read of
@@ -100,13 +101,11 @@ constexpr int64_t kTensorCoreMinQueries = 16;
 bool attention_tensor_core_supported(const AttentionProblem& problem, int compute_capability_major);
 cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& problem,
                                                  const AttentionForwardBuffers& buffers, cudaStream_t stream);
-// Its backward, for the "dot" and "cosine" problems of attention_tensor_core_supported
-// (attention_tensor_core_backward_supported), recomputing from logsumexp (grad_context
-// 16-byte aligned): the
-// gradients of launch_attention_backward without grad_weights (it must be null;
-// grad_v_rows unused; grad_center, when given, float), row_dot as scratch, and
-// grad_query_accumulator a float (N, T, D) scratch.
-bool attention_tensor_core_backward_supported(const AttentionProblem& problem, int compute_capability_major);
+// Its backward, for the problems of attention_tensor_core_supported, recomputing from
+// logsumexp (grad_context 16-byte aligned): the gradients of launch_attention_backward
+// without grad_weights (it must be null; grad_center, when given, float; additive:
+// grad_v_rows needs only Da floats, which get grad_v itself, the sum over every row),
+// row_dot as scratch, and grad_query_accumulator a float (N, T, D) scratch.
 cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& problem,
                                                   const AttentionBackwardBuffers& buffers,
                                                   float* grad_query_accumulator, cudaStream_t stream);

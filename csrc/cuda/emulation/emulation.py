@@ -236,32 +236,37 @@ def attention_forward_tensor_core(library, arguments):
 
 
 def attention_backward_tensor_core(library, grad_context, arguments, logsumexp, context=None):
-    """(grad_query, grad_keys, grad_values, grad_center) of the tensor-core backward,
-    allocated as binding.cpp does (the float grad_query accumulator included; grad_center
-    float, None without the local-p Gaussian); row_dot from the forward's `context` when
-    given, else from the forward run again."""
+    """The six gradients of attention_backward (None where the op returns an empty one)
+    from the tensor-core backward, allocated as binding.cpp does (the float grad_query
+    accumulator; grad_center float; additive: grad_v as one float vector, grad_bias the
+    sum of grad_query); row_dot from the forward's `context` when given, else from the
+    forward run again."""
     keep: list = []
     problem = attention_problem(keep, *arguments)
     dtype = arguments[0].dtype
-    center, gaussian = arguments[11], arguments[12]
+    score, bias, center, gaussian = arguments[5], arguments[4], arguments[11], arguments[12]
+    additive = score == "additive"
     batch, steps = problem.batch, problem.query_length
     grad_query = torch.full((batch, steps, problem.score_dim), math.nan, dtype=dtype)
     grad_keys = torch.full((batch, problem.source_length, problem.score_dim), math.nan, dtype=dtype)
     grad_values = torch.full((batch, problem.source_length, problem.value_dim), math.nan, dtype=dtype)
     grad_center = torch.full((batch, steps), math.nan) if gaussian and center is not None else None
+    grad_v = torch.full((problem.score_dim,), math.nan) if additive else None  # NaN: the launch must zero it
     accumulator = torch.full((batch, steps, problem.score_dim), math.nan)
     row_dot = torch.full((batch, steps), math.nan)
     grad_context, logsumexp = grad_context.contiguous(), logsumexp.contiguous()
     context = None if context is None else context.contiguous()
     keep.extend([grad_context, logsumexp, context])
     buffers = AttentionBackwardBuffers(address(grad_context), None, address(logsumexp), address(grad_query),
-                                       address(grad_keys), address(grad_values), address(grad_center), None,
-                                       address(row_dot), address(context))
+                                       address(grad_keys), address(grad_values), address(grad_center),
+                                       address(grad_v), address(row_dot), address(context))
     status = library.emu_attention_backward_tensor_core(ctypes.byref(problem), ctypes.byref(buffers),
                                                         address(accumulator))
     if status != 0:
         raise RuntimeError(f"launch_attention_backward_tensor_core returned {status}")
-    return grad_query, grad_keys, grad_values, grad_center
+    grad_bias = grad_query.float().sum((0, 1)).to(dtype) if additive and bias is not None else None
+    return (grad_query, grad_keys, grad_values, None if grad_v is None else grad_v.to(dtype), grad_bias,
+            None if grad_center is None else grad_center.to(dtype))
 
 
 def attention_backward(library, grad_context, grad_weights, arguments, logsumexp, context=None):
