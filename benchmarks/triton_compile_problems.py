@@ -140,8 +140,10 @@ QUICK_PROBLEMS = _problems([
     ("attention.dot.decode_b64_s1024_d512", attention, dict(batch=64, queries=1, keys=1024, features=512)),
     ("attention.dot.b8_t64_s64_d64.weights.backward", attention,
      dict(batch=8, queries=64, keys=64, features=64, weights=True, backward=True)),
-    ("attention.additive.b8_t64_s64_d128.weights.backward", attention,
-     dict(batch=8, queries=64, keys=64, features=128, score="additive", bias=True, weights=True, backward=True)),
+    # local-p centers: their gradient is what runs the additive grad_query kernel
+    ("attention.additive.b8_t64_s64_d128.local_p.weights.backward", attention,
+     dict(batch=8, queries=64, keys=64, features=128, score="additive", bias=True, weights=True, backward=True,
+          local_p=True)),
     ("hard.argmax.rows64_s512", choose_positions, dict(rows=64, keys=512, sample=False)),
     ("lstm_cell.b64_h256", cell, dict(kind="lstm", batch=64, hidden=256)),
     ("lstm_cell.b128_h256", cell, dict(kind="lstm", batch=128, hidden=256)),

@@ -2,18 +2,24 @@
 T×S matrices stored), in two kernels so that every output has one writer:
 
 - ``attention_grad_query_kernel`` (grid: query blocks × batch) walks the key blocks
-  a query block can see and accumulates dQ and the gradient of the local-p centers;
+  a query block can see and accumulates dQ and the gradient of the local-p centers
+  (additive: the centers' alone);
 - ``attention_grad_key_value_kernel`` (grid: key blocks × batch) walks the query
-  blocks whose key range meets its keys and accumulates dK and dV.
+  blocks whose key range meets its keys and accumulates dK and dV (additive: also dQ'
+  and dv, from the same tanh).
 
 With w = softmax(e) * g (g the Gaussian factor, 1 without it), upstream gradients dC
 (context) and dW (weights, optional), dA = dC . v + dW, and
 delta_t = dC_t . c_t + sum_j w_tj dW_tj (computed by the caller), the score gradient is
 dE = p * (g * dA - delta).  Dot and cosine hold dQ/dK whole (``BLOCK_DQ`` >= D) in
-registers; additive walks Da in tiles of ``BLOCK_D`` and accumulates dQ', dK' and dv
-with float32 atomic adds into zeroed buffers (the caller sums dv's contributions into
-the bias gradient itself: d bias = sum over rows of dQ'); those buffers must be
-re-zeroed between autotuning trials (``reset_to_zero`` in fastattn.ops.triton_configs).
+registers; additive walks Da in tiles of ``BLOCK_D`` and, in the key-value kernel,
+takes each pair's tanh once for dQ', dK' and dv together, accumulated with float32
+atomic adds into zeroed buffers (the caller sums dQ' over rows for the bias gradient:
+d bias = sum over rows of dQ'), so that the additive backward takes 2 tanh per pair and
+feature (the scores', then the gradients'; 3 with the centers' gradient, whose query
+kernel scores the pairs again) where two kernels' feature gradients took 4; those
+buffers must be re-zeroed between autotuning trials (``reset_to_zero`` in
+fastattn.ops.triton_configs).
 The additive tanh is split between the SFU and the FMA units as in the forward
 (``BLOCK_D`` + ``BLOCK_D_POLY``, see ``attention_tiles``).  The batch index is 64-bit,
 offsets within one batch element 32-bit.
@@ -77,57 +83,59 @@ def _score_gradient(
 
 @triton.jit
 def _additive_feature_gradient_tile(
-    ROW_FEATURES, OTHER_FEATURES, VA, BIAS, GRAD_PROJECTION, GRAD_VA, grad_scores, offs_rows, offs_other, offs_d, rows,
-    others, D, stride_row, stride_other, ROWS_ARE_KEYS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    POLYNOMIAL: tl.constexpr, HARDWARE_TANH: tl.constexpr,
+    KEY_FEATURES, QUERY_FEATURES, VA, BIAS, GRAD_KEY_PROJECTION, GRAD_QUERY_PROJECTION, GRAD_VA, grad_scores, offs_j,
+    offs_t, offs_d, S, T, D, stride_ks, stride_qt, HAS_BIAS: tl.constexpr, POLYNOMIAL: tl.constexpr,
+    HARDWARE_TANH: tl.constexpr,
 ):
     """``_additive_feature_gradients`` for the features offs_d."""
-    row_in = offs_rows < rows
-    other_in = offs_other < others
+    key_in = offs_j < S
+    query_in = offs_t < T
     d_in = offs_d < D
-    row_features = tl.load(
-        ROW_FEATURES + offs_rows[:, None] * stride_row + offs_d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0
+    key_features = tl.load(
+        KEY_FEATURES + offs_j[:, None] * stride_ks + offs_d[None, :], mask=key_in[:, None] & d_in[None, :], other=0.0
     ).to(tl.float32)
-    other_features = tl.load(
-        OTHER_FEATURES + offs_other[:, None] * stride_other + offs_d[None, :],
-        mask=other_in[:, None] & d_in[None, :], other=0.0,
+    query_features = tl.load(
+        QUERY_FEATURES + offs_t[:, None] * stride_qt + offs_d[None, :], mask=query_in[:, None] & d_in[None, :], other=0.0,
     ).to(tl.float32)
-    summed = row_features[:, None, :] + other_features[None, :, :]
+    summed = key_features[:, None, :] + query_features[None, :, :]
     if HAS_BIAS:
         summed += tl.load(BIAS + offs_d, mask=d_in, other=0.0).to(tl.float32)[None, None, :]
     activation = additive_activation(summed, POLYNOMIAL, HARDWARE_TANH)
     va = tl.load(VA + offs_d, mask=d_in, other=0.0).to(tl.float32)
     weighted = grad_scores[:, :, None] * (1.0 - activation * activation) * va[None, None, :]
     tl.atomic_add(
-        GRAD_PROJECTION + offs_rows[:, None] * D + offs_d[None, :], tl.sum(weighted, axis=1),
-        mask=row_in[:, None] & d_in[None, :],
+        GRAD_KEY_PROJECTION + offs_j[:, None] * D + offs_d[None, :], tl.sum(weighted, axis=1),
+        mask=key_in[:, None] & d_in[None, :],
     )
-    if ROWS_ARE_KEYS:
-        tl.atomic_add(GRAD_VA + offs_d, tl.sum(tl.sum(grad_scores[:, :, None] * activation, axis=1), axis=0), mask=d_in)
+    tl.atomic_add(
+        GRAD_QUERY_PROJECTION + offs_t[:, None] * D + offs_d[None, :], tl.sum(weighted, axis=0),
+        mask=query_in[:, None] & d_in[None, :],
+    )
+    tl.atomic_add(GRAD_VA + offs_d, tl.sum(tl.sum(grad_scores[:, :, None] * activation, axis=1), axis=0), mask=d_in)
 
 
 @triton.jit
 def _additive_feature_gradients(
-    ROW_FEATURES, OTHER_FEATURES, VA, BIAS, GRAD_PROJECTION, GRAD_VA, grad_scores, offs_rows, offs_other, rows,
-    others, D, stride_row, stride_other, ROWS_ARE_KEYS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HARDWARE_TANH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr,
+    KEY_FEATURES, QUERY_FEATURES, VA, BIAS, GRAD_KEY_PROJECTION, GRAD_QUERY_PROJECTION, GRAD_VA, grad_scores, offs_j,
+    offs_t, S, T, D, stride_ks, stride_qt, HAS_BIAS: tl.constexpr, HARDWARE_TANH: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr,
 ):
     """Atomically add one tile's gradient of the additive score to the projections of its
-    rows: ROW_FEATURES and OTHER_FEATURES point at this batch element's queries and keys
-    (or keys and queries), GRAD_PROJECTION at its contiguous (rows, D) float32 block;
-    ``grad_scores`` is (rows, others).  From the key side (``ROWS_ARE_KEYS``) v's
-    gradient is added too."""
+    keys and queries and to v, from one tanh per pair and feature: KEY_FEATURES and
+    QUERY_FEATURES point at this batch element's keys and queries, GRAD_KEY_PROJECTION
+    and GRAD_QUERY_PROJECTION at their contiguous (S, D) and (T, D) float32 blocks;
+    ``grad_scores`` is (keys, queries)."""
     for d_start in range(0, D, BLOCK_D + BLOCK_D_POLY):
         _additive_feature_gradient_tile(
-            ROW_FEATURES, OTHER_FEATURES, VA, BIAS, GRAD_PROJECTION, GRAD_VA, grad_scores, offs_rows, offs_other,
-            d_start + tl.arange(0, BLOCK_D), rows, others, D, stride_row, stride_other, ROWS_ARE_KEYS, HAS_BIAS,
-            False, HARDWARE_TANH,
+            KEY_FEATURES, QUERY_FEATURES, VA, BIAS, GRAD_KEY_PROJECTION, GRAD_QUERY_PROJECTION, GRAD_VA, grad_scores,
+            offs_j, offs_t, d_start + tl.arange(0, BLOCK_D), S, T, D, stride_ks, stride_qt, HAS_BIAS, False,
+            HARDWARE_TANH,
         )
         if BLOCK_D_POLY > 0:
             _additive_feature_gradient_tile(
-                ROW_FEATURES, OTHER_FEATURES, VA, BIAS, GRAD_PROJECTION, GRAD_VA, grad_scores, offs_rows, offs_other,
-                d_start + BLOCK_D + tl.arange(0, BLOCK_D_POLY), rows, others, D, stride_row, stride_other,
-                ROWS_ARE_KEYS, HAS_BIAS, True, HARDWARE_TANH,
+                KEY_FEATURES, QUERY_FEATURES, VA, BIAS, GRAD_KEY_PROJECTION, GRAD_QUERY_PROJECTION, GRAD_VA,
+                grad_scores, offs_j, offs_t, d_start + BLOCK_D + tl.arange(0, BLOCK_D_POLY), S, T, D, stride_ks,
+                stride_qt, HAS_BIAS, True, HARDWARE_TANH,
             )
 
 
@@ -167,12 +175,7 @@ def attention_grad_query_kernel(
         if HAS_CENTER and GAUSSIAN:
             distance = offs_j.to(tl.float32)[None, :] - centers[:, None]
             grad_center += tl.sum(grad_attention * p * factor * distance, axis=1) * (2.0 * inverse_two_sigma_squared)
-        if SCORE_KIND == 2:
-            _additive_feature_gradients(
-                Q + n * stride_qn, K + n * stride_kn, VA, BIAS, GRAD_Q + n * T * D, GRAD_Q, grad_scores, offs_t, offs_j,
-                T, S, D, stride_qt, stride_ks, False, HAS_BIAS, HARDWARE_TANH, BLOCK_D, BLOCK_D_POLY,
-            )
-        else:
+        if SCORE_KIND != 2:  # additive: dQ' comes from the key-value kernel
             keys = tl.load(
                 K + n * stride_kn + offs_j[:, None] * stride_ks + offs_dq[None, :],
                 mask=(offs_j < S)[:, None] & (offs_dq < D)[None, :], other=0.0,
@@ -196,7 +199,7 @@ def attention_grad_query_kernel(
 
 @triton.jit
 def attention_grad_key_value_kernel(
-    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, GRAD_K, GRAD_V, GRAD_VA,
+    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, GRAD_Q, GRAD_K, GRAD_V, GRAD_VA,
     stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
     T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -233,8 +236,9 @@ def attention_grad_key_value_kernel(
             grad_value += tl.dot(tl.trans(weights.to(grad_out.dtype)), grad_out, input_precision=DOT_PRECISION)
             if SCORE_KIND == 2:
                 _additive_feature_gradients(
-                    K + n * stride_kn, Q + n * stride_qn, VA, BIAS, GRAD_K + n * S * D, GRAD_VA, tl.trans(grad_scores),
-                    offs_j, offs_t, S, T, D, stride_ks, stride_qt, True, HAS_BIAS, HARDWARE_TANH, BLOCK_D, BLOCK_D_POLY,
+                    K + n * stride_kn, Q + n * stride_qn, VA, BIAS, GRAD_K + n * S * D, GRAD_Q + n * T * D, GRAD_VA,
+                    tl.trans(grad_scores), offs_j, offs_t, S, T, D, stride_ks, stride_qt, HAS_BIAS, HARDWARE_TANH,
+                    BLOCK_D, BLOCK_D_POLY,
                 )
             else:
                 queries = tl.load(

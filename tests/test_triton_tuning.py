@@ -74,10 +74,7 @@ def test_key_splits_never_cut_a_key_block():
 
 def test_only_the_atomically_accumulated_gradients_are_reset():
     resets = {name: launcher.configs.reset_to_zero for name, launcher in LAUNCHERS.items() if launcher.configs.reset_to_zero}
-    assert resets == {
-        "attention grad_query additive": ("GRAD_Q",),
-        "attention grad_key_value additive": ("GRAD_K", "GRAD_VA"),
-    }
+    assert resets == {"attention grad_key_value additive": ("GRAD_Q", "GRAD_K", "GRAD_VA")}
 
 
 def test_a_config_list_naming_a_missing_argument_is_refused():
@@ -103,7 +100,7 @@ def test_one_tuner_per_size_bucket_and_specialization_with_its_configs_and_reset
     additive_tuner = Launcher(gradients.kernel, gradients.configs).tuner_for(
         [1] * len(gradients.kernel.arg_names), {}
     )
-    assert additive_tuner.reset_to_zero == ["GRAD_K", "GRAD_VA"]
+    assert additive_tuner.reset_to_zero == ["GRAD_Q", "GRAD_K", "GRAD_VA"]
 
 
 def test_an_untuned_launch_takes_the_first_config_the_prune_keeps(monkeypatch):
@@ -214,7 +211,7 @@ def test_the_interpreter_runs_one_config_and_never_tunes(monkeypatch):
         return original(kernel, grid, *arguments, **constexprs)
 
     monkeypatch.setattr(triton_launch, "run_kernel", recording)
-    inputs = problem("additive", "local_m_gaussian", queries=5)
+    inputs = problem("additive", "local_p", queries=5)  # the centers' gradient: the grad_query kernel runs too
     run("triton", "additive", *inputs)
     assert {kernel.__name__ for kernel, _ in launched} >= {
         "attention_forward_kernel", "attention_weights_kernel", "attention_grad_query_kernel",
@@ -227,17 +224,42 @@ def test_the_interpreter_runs_one_config_and_never_tunes(monkeypatch):
         assert launcher.configs_in_use() == [launcher.configs.interpreted] and not launcher.tuners
 
 
+def test_the_additive_backward_takes_grad_query_from_the_key_value_kernel(monkeypatch):
+    """One tanh per pair and feature for every gradient: without window centers the
+    additive backward runs the key-value kernel alone (it adds dQ' too); with local-p
+    centers the query kernel runs for their gradient."""
+    launched = []
+    original = triton_launch.run_kernel
+
+    def recording(kernel, grid, *arguments, **constexprs):
+        launched.append(kernel.__name__)
+        return original(kernel, grid, *arguments, **constexprs)
+
+    monkeypatch.setattr(triton_launch, "run_kernel", recording)
+    for mode, runs_the_query_kernel in (("lengths", False), ("local_p", True)):
+        launched.clear()
+        run("triton", "additive", *problem("additive", mode, queries=5))
+        assert "attention_grad_key_value_kernel" in launched, mode
+        assert ("attention_grad_query_kernel" in launched) == runs_the_query_kernel, (mode, launched)
+
+
 @pytest.fixture
 def every_launch_twice(monkeypatch):
     """Run every kernel as the autotuner's trials do: launch, zero the ``reset_to_zero``
-    buffers, launch again; a kernel that accumulates without a reset doubles its output."""
-    resets = {launcher.kernel: launcher.configs.reset_to_zero for launcher in LAUNCHERS.values()}
+    buffers, launch again; a kernel that accumulates without a reset doubles its output.
+    The attention kernels that the dot and the additive launchers share take the resets
+    of the launcher of their SCORE_KIND."""
+    resets = {(launcher.kernel, additive): launcher.configs.reset_to_zero
+              for (_, additive), launcher in triton_attention.LAUNCHERS.items()}
+    for launcher in LAUNCHERS.values():
+        resets.setdefault((launcher.kernel, None), launcher.configs.reset_to_zero)
     original = triton_launch.run_kernel
 
     def twice(kernel, grid, *arguments, **constexprs):
         original(kernel, grid, *arguments, **constexprs)
         named = dict(zip(kernel.arg_names, arguments))
-        for name in resets[kernel]:
+        additive = constexprs.get("SCORE_KIND") == triton_attention.ADDITIVE if (kernel, True) in resets else None
+        for name in resets[kernel, additive]:
             named[name].zero_()
         original(kernel, grid, *arguments, **constexprs)
 

@@ -173,14 +173,15 @@ def triton_attention_backward(
         **flags, HAS_GRAD_WEIGHTS=grad_weights is not None,
         BLOCK_DQ=power_of_two_block(features), BLOCK_DV=power_of_two_block(value_features),
     )
-    LAUNCHERS["grad_query", additive](
-        lambda meta: (triton.cdiv(query_length, meta["BLOCK_T"]), batch),
-        *pointers, *upstream, grad_query, grad_center if grad_center.numel() else grad_query,
-        *gradient_strides, *sizes, **gradient_flags,
-    )
+    if not additive or grad_center.numel():  # additive: the key-value kernel gives grad_query
+        LAUNCHERS["grad_query", additive](
+            lambda meta: (triton.cdiv(query_length, meta["BLOCK_T"]), batch),
+            *pointers, *upstream, grad_query, grad_center if grad_center.numel() else grad_query,
+            *gradient_strides, *sizes, **gradient_flags,
+        )
     LAUNCHERS["grad_key_value", additive](
         lambda meta: (triton.cdiv(source_length, meta["BLOCK_S"]), batch),
-        *pointers, *upstream, grad_keys, grad_values, grad_v if additive else grad_keys,
+        *pointers, *upstream, grad_query, grad_keys, grad_values, grad_v if additive else grad_keys,
         *gradient_strides, *sizes, **gradient_flags,
     )
     grad_bias = grad_query.sum((0, 1)) if additive and bias is not None else query.new_empty(0)

@@ -9,8 +9,8 @@ memory, 64K registers per SM) and Ampere (A100: 164 KB); see
 - Attention (additive): a (BLOCK_T, BLOCK_S, BLOCK_D + BLOCK_D_POLY) tile of tanh per
   step, bound by the special-function unit; configs with BLOCK_D_POLY > 0 move that
   share of the tanh to the FMA units (``rational_tanh``), so tuning balances the pipes.
-- The additive backward adds into its gradients atomically: ``reset_to_zero`` re-zeroes
-  them between trials.  Every other kernel only stores (the weights kernel leaves
+- The additive backward's key-value kernel adds into its gradients (queries', keys', v's)
+  atomically: ``reset_to_zero`` re-zeroes them between trials.  Every other kernel only stores (the weights kernel leaves
   fully masked tiles at zero, which is also what it would write), so trials are safe.
 - The combine step, the hard-attention sampler and the LSTM/GRU cells tune block
   shapes and warps on their own size arguments.
@@ -200,12 +200,15 @@ GRAD_KEY_VALUE_DOT = _backward_dot(
 
 _BACKWARD_ADDITIVE_TILES = (
     # (BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, num_warps): small tiles, the atomics dominate;
-    # the 8-warp ones hold one score element a thread, for IEEE float32 (see below).
+    # the 8-warp ones hold one score element a thread, for IEEE float32 (see below).  First
+    # (the untuned launch's): 16 + 16 features a step, where 32 on the SFU alone spill 80 B
+    # a thread in the key-value kernel's 16-bit compile (ptxas sm_90, triton 3.9), which
+    # reduces each step's gradient tile over both keys and queries.
+    (16, 16, 16, 16, 4),
     (16, 16, 32, 0, 4),
     (16, 32, 16, 0, 4),
     (32, 16, 16, 0, 4),
     (16, 16, 32, 8, 4),
-    (16, 16, 16, 16, 4),
     (16, 16, 32, 0, 8),
     (16, 16, 16, 0, 8),
 )
@@ -235,8 +238,8 @@ def _backward_additive(reset_to_zero) -> KernelConfigs:
     )
 
 
-GRAD_QUERY_ADDITIVE = _backward_additive(("GRAD_Q",))
-GRAD_KEY_VALUE_ADDITIVE = _backward_additive(("GRAD_K", "GRAD_VA"))
+GRAD_QUERY_ADDITIVE = _backward_additive(())  # the centers' gradient alone, stored
+GRAD_KEY_VALUE_ADDITIVE = _backward_additive(("GRAD_Q", "GRAD_K", "GRAD_VA"))
 
 COMBINE = KernelConfigs(
     interpreted=_interpreted("BLOCK_T"),
