@@ -57,11 +57,12 @@ def additive_vectors(dim, device, dtype):
     return tuple(torch.randn(dim, generator=generator, dtype=torch.float64).to(device, dtype) for _ in range(2))
 
 
-def run_attention(query, keys, values, masking, scale, score):
+def run_attention(query, keys, values, masking, scale, score, vectors=None):
     """fastattn's context on the current backend for the op's kernel score `score`: "dot"
-    (the scaled_dot score), "cosine" or "additive" (additive_vectors in the query's dtype)."""
+    (the scaled_dot score), "cosine" or "additive" (`vectors` (v, bias), by default
+    additive_vectors in the query's dtype)."""
     if score == "additive":
-        v, bias = additive_vectors(query.shape[-1], query.device, query.dtype)
+        v, bias = vectors or additive_vectors(query.shape[-1], query.device, query.dtype)
         return fastattn.additive_attention(query, keys, v, values, bias=bias, **masking)
     return fastattn.attention(query, keys, values, score="scaled_dot" if score == "dot" else score, scale=scale,
                               **masking)
@@ -126,7 +127,7 @@ def assert_center_gradient_within_twice_the_reference_error(actual, query, keys,
 def reference_additive_vector_gradients(query, keys, values, masking, dtype, grad_context):
     """fastattn.reference's gradients of the additive score's v and bias (additive_vectors)
     with every input in `dtype`."""
-    v, bias = (vector.requires_grad_() for vector in additive_vectors(query.shape[-1], "cpu", dtype))
+    v, bias = (vector.requires_grad_() for vector in additive_vectors(query.shape[-1], query.device, dtype))
     with fastattn.backend("reference"):
         context = fastattn.additive_attention(query.to(dtype), keys.to(dtype), v, values.to(dtype), bias=bias,
                                               **centers_in(masking, dtype))
@@ -289,7 +290,7 @@ GPU_CASES = [("dot", 64, "lengths"), ("dot", 128, "causal"), ("dot", 64, "local_
 def test_multi_query_attention_runs_on_the_tensor_core_kernels_and_matches_the_reference(score, dim, mode, dtype):
     """Seq2seq shapes (T, S <= 512): the forward and the backward through the tensor-core
     kernels (seen in the profiler), both within twice the reference's error, the window
-    centers' gradient included for local-p with the Gaussian."""
+    centers' gradient included for local-p with the Gaussian, and additive's v and bias."""
     steps, source = (300, 300) if mode == "causal" else (200, 300)
     scale = {"dot": dim**-0.5, "cosine": 2.5, "additive": 1.0}[score]
     query, keys, values, masking = problem(4, steps, source, dim, dim, mode, seed=3, device=DEVICE)
@@ -298,14 +299,17 @@ def test_multi_query_attention_runs_on_the_tensor_core_kernels_and_matches_the_r
     mask = centers_in(masking, dtype)
     if wants_center:
         mask["center"] = mask["center"].requires_grad_()
+    vectors = None
+    if score == "additive":
+        vectors = [vector.requires_grad_() for vector in additive_vectors(dim, DEVICE, dtype)]
     grad_context = torch.randn(4, steps, dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     grad_context = grad_context.to(DEVICE)
     results = {}
 
     def forward_and_backward():
         with fastattn.backend("cuda"):
-            results["context"] = run_attention(*leaves, mask, scale, score)
-        inputs = leaves + ([mask["center"]] if wants_center else [])
+            results["context"] = run_attention(*leaves, mask, scale, score, vectors)
+        inputs = leaves + ([mask["center"]] if wants_center else []) + (vectors or [])
         results["grads"] = torch.autograd.grad(results["context"], inputs, grad_context.to(dtype))
 
     names = launched_kernels(forward_and_backward)
@@ -319,6 +323,9 @@ def test_multi_query_attention_runs_on_the_tensor_core_kernels_and_matches_the_r
     if wants_center:
         assert_center_gradient_within_twice_the_reference_error(results["grads"][3], query, keys, values, masking,
                                                                 scale, dtype, grad_context, score)
+    if score == "additive":
+        assert_additive_vector_gradients_within_twice_the_reference_error(*results["grads"][-2:], query, keys, values,
+                                                                          masking, dtype, grad_context)
 
 
 @gpu
