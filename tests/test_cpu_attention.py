@@ -45,30 +45,35 @@ def problem(score, dtype, mode, seed=0):
     return query, keys, values, parameters, masking
 
 
-def run(backend_name, score, query, keys, values, parameters, masking):
-    """Outputs and the gradients of a fixed random projection of them."""
+def run(backend_name, score, query, keys, values, parameters, masking, return_weights=True):
+    """Outputs and the gradients of a fixed random projection of them (without the
+    weights, the backward gets no grad_weights and takes r from the forward's context)."""
     leaves = [query, keys, values, *parameters.values(), *[m for m in masking.values() if isinstance(m, torch.Tensor) and m.requires_grad]]
     with fastattn.backend(backend_name):
-        context, weights = fastattn.attention(
-            query, keys, values, score=score, return_weights=True, **parameters, **masking
+        outputs = fastattn.attention(
+            query, keys, values, score=score, return_weights=return_weights, **parameters, **masking
         )
+    context, weights = outputs if return_weights else (outputs, None)
     generator = torch.Generator().manual_seed(1)
     projection = (context * torch.randn(context.shape, generator=generator, dtype=torch.float64).to(context.dtype)).sum()
-    projection = projection + (weights * torch.randn(weights.shape, generator=generator, dtype=torch.float64).to(weights.dtype)).sum()
+    if return_weights:
+        projection = projection + (weights * torch.randn(weights.shape, generator=generator, dtype=torch.float64).to(weights.dtype)).sum()
     grads = torch.autograd.grad(projection, leaves, allow_unused=True)
     return context, weights, grads
 
 
+@pytest.mark.parametrize("return_weights", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("score", SCORES)
-def test_outputs_and_gradients_match_the_reference(score, mode, dtype):
+def test_outputs_and_gradients_match_the_reference(score, mode, dtype, return_weights):
     inputs = problem(score, dtype, mode)
-    expected = run("reference", score, *inputs)
-    actual = run("cpu", score, *inputs)
+    expected = run("reference", score, *inputs, return_weights=return_weights)
+    actual = run("cpu", score, *inputs, return_weights=return_weights)
     tolerance = {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
     torch.testing.assert_close(actual[0], expected[0], **tolerance)
-    torch.testing.assert_close(actual[1], expected[1], **tolerance)
+    if return_weights:
+        torch.testing.assert_close(actual[1], expected[1], **tolerance)
     for got, want in zip(actual[2], expected[2]):
         if want is None:
             assert got is None or got.abs().max() == 0
@@ -172,8 +177,9 @@ def test_low_precision_error_is_at_most_twice_the_references_own(score, mode, dt
         assert kernel_error <= 2 * reference_error + 1e-6, (index, float(kernel_error), float(reference_error))
 
 
+@pytest.mark.parametrize("return_weights", [True, False])
 @pytest.mark.parametrize("score", SCORES)
-def test_gradcheck_through_the_kernels(score):
+def test_gradcheck_through_the_kernels(score, return_weights):
     query, keys, values, parameters, masking = problem(score, torch.float64, "local_p")
     masking["lengths"] = torch.tensor([2, 7, 5])
     # centres away from the window's integer edges: finite differences must not cross them
@@ -183,7 +189,7 @@ def test_gradcheck_through_the_kernels(score):
     def function(query, keys, values, center, *parameter_values):
         with fastattn.backend("cpu"):
             return fastattn.attention(
-                query, keys, values, score=score, return_weights=True, center=center, window=2,
+                query, keys, values, score=score, return_weights=return_weights, center=center, window=2,
                 lengths=masking["lengths"], **dict(zip(names, parameter_values)),
             )
 

@@ -24,7 +24,11 @@
 //   unit vectors, then through them).
 // Backward: parallel over n (each n owns its grad_keys / grad_values rows; chunk-
 //   local grad_v / grad_bias summed at the end): no races, deterministic.  Scores
-//   and tanh are recomputed from the saved logsumexp, never stored.
+//   and tanh are recomputed from the saved logsumexp, never stored: per row a pass
+//   over the keys for r = sum_j p_j dw_j, then one for the gradients; the additive
+//   score, given the forward's context (float32 / float64) and no grad_weights,
+//   takes r = grad_context . context instead and each key's tanh once, for its
+//   score and its gradients together (one pass, additive_row_backward_from_context).
 // Vectorisation: inner loops over the feature dimension use Simd<T, bytes>
 //   vectors (below: why not at::vec::Vectorized), fast_tanh_with on float lanes.
 //   Every kernel is compiled twice, for the baseline ISA and with AVX2+FMA (a
@@ -310,12 +314,45 @@ FASTATTN_ALWAYS_INLINE T additive_score_row(const T* query_plus_bias, const T* k
   }
 }
 
-// Backward of e = v . tanh(q_b + k) for one (t, j), given de:
-// u = tanh(q_b + k), grad_v += de u, du = de v (1 - u^2), grad_query += du, grad_key += du.
+// u = tanh(q_b + k) into `activation` (the additive score's, kept for its backward);
+// returns e = v . u, summed as additive_score_row sums it.
 template <int kBytes, typename T>
-FASTATTN_ALWAYS_INLINE void additive_score_backward(const T* query_plus_bias, const T* key, const T* v,
-                                                    T grad_score, T* grad_query, T* grad_key, T* grad_v,
-                                                    int64_t size) {
+FASTATTN_ALWAYS_INLINE T additive_activations(const T* query_plus_bias, const T* key, const T* v, T* activation,
+                                              int64_t size) {
+  int64_t d = 0;
+  T sum = T(0);
+  if constexpr (std::is_same_v<T, float>) {
+    using V = Simd<float, kBytes>;
+    constexpr int64_t kWidth = V::size();
+    V sum0(0.0f), sum1(0.0f);
+    for (; d + 2 * kWidth <= size; d += 2 * kWidth) {
+      const V u0 = vector_tanh(V::load(query_plus_bias + d) + V::load(key + d));
+      const V u1 = vector_tanh(V::load(query_plus_bias + d + kWidth) + V::load(key + d + kWidth));
+      u0.store(activation + d);
+      u1.store(activation + d + kWidth);
+      sum0 = fmadd(V::load(v + d), u0, sum0);
+      sum1 = fmadd(V::load(v + d + kWidth), u1, sum1);
+    }
+    if (d + kWidth <= size) {
+      const V u0 = vector_tanh(V::load(query_plus_bias + d) + V::load(key + d));
+      u0.store(activation + d);
+      sum0 = fmadd(V::load(v + d), u0, sum0);
+      d += kWidth;
+    }
+    sum = sum_lanes(sum0 + sum1);
+  }
+  for (; d < size; ++d) {
+    activation[d] = fastattn::tanh_of(query_plus_bias[d] + key[d]);
+    sum += v[d] * activation[d];
+  }
+  return sum;
+}
+
+// Backward of e = v . tanh(q_b + k) for one (t, j), given de and u = tanh(q_b + k):
+// grad_v += de u, du = de v (1 - u^2), grad_query += du, grad_key += du.
+template <int kBytes, typename T>
+FASTATTN_ALWAYS_INLINE void additive_score_backward(const T* activation, const T* v, T grad_score, T* grad_query,
+                                                    T* grad_key, T* grad_v, int64_t size) {
   int64_t d = 0;
   if constexpr (std::is_same_v<T, float>) {
     using V = Simd<float, kBytes>;
@@ -323,7 +360,7 @@ FASTATTN_ALWAYS_INLINE void additive_score_backward(const T* query_plus_bias, co
     const V de(grad_score);
     const V one(1.0f);
     for (; d + kWidth <= size; d += kWidth) {
-      const V u = vector_tanh(V::load(query_plus_bias + d) + V::load(key + d));
+      const V u = V::load(activation + d);
       fmadd(de, u, V::load(grad_v + d)).store(grad_v + d);
       const V du = de * V::load(v + d) * (one - u * u);
       (V::load(grad_query + d) + du).store(grad_query + d);
@@ -331,7 +368,7 @@ FASTATTN_ALWAYS_INLINE void additive_score_backward(const T* query_plus_bias, co
     }
   }
   for (; d < size; ++d) {
-    const T u = fastattn::tanh_of(query_plus_bias[d] + key[d]);
+    const T u = activation[d];
     grad_v[d] += grad_score * u;
     const T du = grad_score * v[d] * fastattn::tanh_derivative(u);
     grad_query[d] += du;
@@ -563,6 +600,7 @@ struct BackwardInputs {
   const T* grad_context = nullptr;  // (N, T, Dv)
   const T* grad_weights = nullptr;  // (N, T, S) or null
   const T* logsumexp = nullptr;     // (N, T)
+  const T* context = nullptr;       // (N, T, Dv), the forward's, or null; only without grad_weights
 };
 
 template <typename T>
@@ -572,6 +610,42 @@ struct BackwardOutputs {  // all zero-initialised
   T* grad_values = nullptr;  // (N, S, Dv)
   T* grad_center = nullptr;  // (N, T) or null
 };
+
+// The additive score's gradients of query row `row` (batch n, keys `range`) in one pass
+// over its keys, when r = grad_context . context is known before it (the forward's
+// context given, no grad_weights): each key's u = tanh(q_b + k) (into `activation`)
+// gives its score, then its gradients, so a pair's tanh is taken once where the
+// two-pass backward takes it twice.  grad_query_row and the outputs accumulate.
+template <typename T, int kBytes>
+FASTATTN_ALWAYS_INLINE void additive_row_backward_from_context(const AttentionProblem<T>& problem,
+                                                                const BackwardInputs<T>& in,
+                                                                const BackwardOutputs<T>& out, int64_t n, int64_t row,
+                                                                KeyRange range, const T* query, T center,
+                                                                T* activation, T* grad_v_sum) {
+  const int64_t score_dim = problem.score_dim, value_dim = problem.value_dim;
+  const T* grad_context = in.grad_context + row * value_dim;
+  const T row_dot = dot_product<kBytes>(grad_context, in.context + row * value_dim, value_dim);
+  const T logsumexp = in.logsumexp[row];
+  T* grad_query_row = out.grad_query + row * score_dim;
+  T grad_center = T(0);
+  for (int64_t j = range.begin; j < range.end; ++j) {
+    if (problem.is_padding(n, j)) continue;
+    const T score = additive_activations<kBytes>(query, problem.key(n, j), problem.v, activation, score_dim);
+    const T probability = fastattn::exp_of(score - logsumexp);
+    if (probability == T(0)) continue;  // exp underflow: nothing flows
+    const T gaussian = problem.gaussian ? fastattn::gaussian_factor(j, center, problem.window) : T(1);
+    const T grad_weight = dot_product<kBytes>(grad_context, problem.value(n, j), value_dim);
+    if (out.grad_center != nullptr) {
+      grad_center += grad_weight * probability * gaussian * fastattn::gaussian_log_slope(j, center, problem.window);
+    }
+    const T grad_score = fastattn::softmax_score_gradient(probability, grad_weight * gaussian, row_dot);
+    axpy<kBytes>(out.grad_values + (n * problem.source_length + j) * value_dim, probability * gaussian, grad_context,
+                 value_dim);
+    additive_score_backward<kBytes>(activation, problem.v, grad_score, grad_query_row,
+                                    out.grad_keys + (n * problem.source_length + j) * score_dim, grad_v_sum, score_dim);
+  }
+  if (out.grad_center != nullptr) out.grad_center[row] = grad_center;
+}
 
 // Batches [n_begin, n_end).  grad_v_sum / grad_bias_sum: this chunk's (Da,)
 // accumulators (additive score; grad_bias_sum null without bias).
@@ -585,6 +659,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
   std::vector<T> value_dots(source_length);
   std::vector<int64_t> visible_keys(source_length);
   std::vector<T> prepared(score_dim), grad_unit_query(kScore == ScoreKind::kCosine ? score_dim : 0);
+  std::vector<T> activation(kScore == ScoreKind::kAdditive ? score_dim : 0);
   for (int64_t n = n_begin; n < n_end; ++n) {
     T* grad_keys = out.grad_keys + n * source_length * score_dim;
     T* grad_values = out.grad_values + n * source_length * value_dim;
@@ -597,6 +672,14 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
       T query_norm = T(0);
       const T* query = prepare_query<T, kScore, kBytes>(problem, query_row, prepared.data(), &query_norm);
       const T center = problem.window_center(n, t);
+      if constexpr (kScore == ScoreKind::kAdditive) {
+        if (in.context != nullptr) {
+          additive_row_backward_from_context<T, kBytes>(problem, in, out, n, row, range, query, center,
+                                                        activation.data(), grad_v_sum);
+          if (grad_bias_sum != nullptr) axpy<kBytes>(grad_bias_sum, T(1), out.grad_query + row * score_dim, score_dim);
+          continue;
+        }
+      }
       const T* grad_context = in.grad_context + row * value_dim;
       const T* grad_weights = in.grad_weights != nullptr ? in.grad_weights + row * source_length : nullptr;
 
@@ -650,7 +733,8 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
           axpy<kBytes>(grad_query, scaled / fastattn::clamped_norm(problem.key_norm(n, j)), key, score_dim);
           axpy<kBytes>(grad_key, scaled, query, score_dim);
         } else {
-          additive_score_backward<kBytes>(query, key, problem.v, grad_score, grad_query, grad_key, grad_v_sum,
+          additive_activations<kBytes>(query, key, problem.v, activation.data(), score_dim);
+          additive_score_backward<kBytes>(activation.data(), problem.v, grad_score, grad_query, grad_key, grad_v_sum,
                                           score_dim);
         }
       }
@@ -1215,8 +1299,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               " (the accumulation dtype), got ", logsumexp.scalar_type());
   TORCH_CHECK(logsumexp.dim() == 2 && logsumexp.size(0) == in.batch && logsumexp.size(1) == in.query_length, op,
               ": logsumexp must be (N=", in.batch, ", T=", in.query_length, "), got shape ", logsumexp.sizes());
-  // context is checked, not used: these kernels recompute grad_context . context with the rest.
-  if (context.has_value() && context->defined()) check_like_context("context", *context);
+  // context: checked; the additive kernels take r = grad_context . context from it (one
+  // pass over the keys) when it is in the compute dtype (float32 / float64: exact enough)
+  // and grad_weights is absent; the other paths recompute r with the rest.
+  at::Tensor context_;
+  if (context.has_value() && context->defined()) {
+    check_like_context("context", *context);
+    if (context->scalar_type() == in.compute_dtype) context_ = context->contiguous();
+  }
   const at::Tensor grad_context_ = in_dtype(grad_context, in.compute_dtype).contiguous();
   const at::Tensor logsumexp_ = logsumexp.contiguous();
   at::Tensor grad_weights_;
@@ -1281,6 +1371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     inputs.grad_context = grad_context_.const_data_ptr<scalar_t>();
     inputs.grad_weights = grad_weights_.defined() ? grad_weights_.const_data_ptr<scalar_t>() : nullptr;
     inputs.logsumexp = logsumexp_.const_data_ptr<scalar_t>();
+    if (additive && context_.defined() && !grad_weights_.defined()) inputs.context = context_.const_data_ptr<scalar_t>();
     BackwardOutputs<scalar_t> out;
     out.grad_query = grad_query.mutable_data_ptr<scalar_t>();
     out.grad_keys = grad_keys.mutable_data_ptr<scalar_t>();
