@@ -17,9 +17,9 @@
 // Does not handle: local windows, image-grid keys, float16/bfloat16 (the module
 // composes those in Python).
 #include "decoder_step.h"
+#include "op_handles.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -32,25 +32,7 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-using AttentionForward = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
-    c10::string_view, double, const optional<Tensor>&, const optional<Tensor>&, bool, optional<int64_t>,
-    const optional<Tensor>&, bool, bool);
-using LstmCellForward = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
-    const optional<Tensor>&);
-using GruCellForward = std::tuple<Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&);
-using DecoderStep = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
-    const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, c10::string_view, double,
-    const optional<Tensor>&, const optional<Tensor>&, const Tensor&, const Tensor&, const optional<Tensor>&,
-    const optional<Tensor>&, const Tensor&, bool);
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> fastattn_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
+using namespace ops;
 
 struct StepAttention {
   const Tensor& keys;

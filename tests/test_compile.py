@@ -64,3 +64,38 @@ def test_attention_decoder_cell(backend_name):
         return output, weights
 
     assert_compiles_like_eager(step, torch.randn(2, 4))
+
+
+def assert_gradients_compile_like_eager(loss, inputs):
+    """The gradients of ``loss(*inputs)`` (a scalar) with respect to ``inputs``, eager
+    and through torch.compile(fullgraph=True): AOTAutograd traces the ops' autograd."""
+    eager = torch.autograd.grad(loss(*inputs), inputs)
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*inputs), inputs)
+    for actual, expected in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_recurrent_modules_backward(backend_name):
+    lstm, gru = fastattn.nn.LSTM(4, 6, bidirectional=True), fastattn.nn.GRU(4, 6)
+    lstm_cell, gru_cell = fastattn.nn.LSTMCell(4, 6), fastattn.nn.GRUCell(4, 6)
+    x = torch.randn(5, 3, 4, requires_grad=True)
+
+    def loss(x, *parameters):
+        output, (h, c) = lstm(x)
+        h_cell, c_cell = lstm_cell(x[0])
+        return (output.square().sum() + h.sum() + c.sum() + gru(x)[0].sum() + (h_cell * c_cell).sum()
+                + gru_cell(x[1]).square().sum())
+
+    parameters = [*lstm.parameters(), *gru.parameters(), *lstm_cell.parameters(), *gru_cell.parameters()]
+    assert_gradients_compile_like_eager(loss, (x, *parameters))
+
+
+def test_attention_decoder_cell_backward(backend_name):
+    decoder = fastattn.nn.AttentionDecoderCell(4, 6, 5)
+    keys, y = torch.randn(2, 7, 5, requires_grad=True), torch.randn(2, 4, requires_grad=True)
+
+    def loss(y, keys, *parameters):
+        output, state, weights = decoder(y, None, decoder.precompute(keys), lengths=torch.tensor([7, 2]))
+        return output.square().sum() + state[1].sum() + weights.square().sum()
+
+    assert_gradients_compile_like_eager(loss, (y, keys, *decoder.parameters()))

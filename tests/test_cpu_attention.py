@@ -81,6 +81,28 @@ def test_outputs_and_gradients_match_the_reference(score, mode, dtype, return_we
             torch.testing.assert_close(got, want, **tolerance)
 
 
+@pytest.mark.parametrize("used", ["context", "weights"])
+@pytest.mark.parametrize("score", ["scaled_dot", "additive"])
+def test_gradients_through_one_output_alone(score, used):
+    """A loss of the context alone while the weights are returned, or of the weights
+    alone: autograd gives the other output no gradient, which the backward takes as zeros."""
+    query, keys, values, parameters, masking = problem(score, torch.float64, "lengths")
+    leaves = [query, keys, values, *parameters.values()]
+
+    def gradients(backend_name):
+        with fastattn.backend(backend_name):
+            context, weights = fastattn.attention(query, keys, values, score=score, return_weights=True, **parameters,
+                                                  **masking)
+        loss = (context if used == "context" else weights).square().sum()
+        return torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    for got, want in zip(gradients("cpu"), gradients("reference"), strict=True):
+        if want is None:  # the values, when only the weights are used
+            assert got is None or got.abs().max() == 0
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("mode", ["global", "lengths", "key_padding_mask", "local_p"])
 @pytest.mark.parametrize("score", ["dot", "scaled_dot", "general", "cosine", "location"])
 def test_large_feature_sizes_and_logits_match(score, mode):

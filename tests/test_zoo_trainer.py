@@ -1,9 +1,11 @@
 """The trainer: checkpoints (round trip, crash safety, resume), the time budget, the report,
 and a short run on ``copy`` that must really learn."""
 
+import itertools
 import json
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -74,11 +76,16 @@ def test_resuming_gives_the_same_model_as_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
 
 
-def test_resuming_after_a_time_budget_stop_mid_epoch_finishes_the_planned_steps(tmp_path):
-    stopped = trainer.train(train_arguments(
-        "copy", *TINY_COPY, "--epochs", "2", "--time-budget", "0.05", "--out", str(tmp_path)
-    ))
-    assert stopped["stopped_by"] == "time_budget" and stopped["steps"] < 12
+def test_resuming_after_a_time_budget_stop_mid_epoch_finishes_the_planned_steps(tmp_path, monkeypatch):
+    # The trainer's clock reads 10 ms later at each reading (three a step), so the 0.05 s
+    # budget ends the run after a few steps however fast they really are.
+    readings = itertools.count(0.0, 0.01)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "time", types.SimpleNamespace(monotonic=lambda: next(readings)))
+        stopped = trainer.train(train_arguments(
+            "copy", *TINY_COPY, "--epochs", "2", "--time-budget", "0.05", "--out", str(tmp_path)
+        ))
+    assert stopped["stopped_by"] == "time_budget" and 0 < stopped["steps"] < 6  # stopped in the first epoch
     resumed = trainer.train(train_arguments("copy", *TINY_COPY, "--epochs", "2", "--out", str(tmp_path), "--resume"))
     progress = checkpoint.load(tmp_path / "checkpoint.pt")["progress"]
     assert resumed["steps"] == 12 and progress["steps_per_epoch"] == 6 and progress["epoch"] == 2

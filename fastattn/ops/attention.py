@@ -1,5 +1,5 @@
-"""The fused attention ops of fastattn._C seen from Python: fake (meta) and autograd
-registrations, and the backend functions that map the six scores onto the three
+"""The fused attention ops of fastattn._C seen from Python: fake (meta) registrations
+(their autograd is C++, csrc/autograd.cpp), and the backend functions that map the six scores onto the three
 kernel score kinds ("dot", "cosine", "additive"):
 
 - dot, scaled_dot: "dot" with scale 1 or the given scale;
@@ -60,45 +60,6 @@ def _sample_positions_fake(weights, sample, generator):
 @torch.library.register_fake("fastattn::fast_tanh")
 def _fast_tanh_fake(x):
     return torch.empty_like(x)
-
-
-def _save_for_backward(ctx, inputs, output):
-    (query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian,
-     return_weights) = inputs
-    ctx.save_for_backward(query, keys, values, v, bias, lengths, key_padding_mask, center, output[2], output[0])
-    ctx.score, ctx.scale, ctx.causal, ctx.window, ctx.gaussian = score, scale, causal, window, gaussian
-    ctx.return_weights = return_weights
-
-
-def forward_input_gradients(grads, v, bias, center, gaussian):
-    """The gradients an attention backward op returns (grad_query, grad_keys,
-    grad_values, grad_v, grad_bias, grad_center), laid out per input of the forward op
-    (the schema of attention_forward, shared by every backend's fused attention op)."""
-    grad_query, grad_keys, grad_values, grad_v, grad_bias, grad_center = grads
-    return (
-        grad_query, grad_keys, grad_values,
-        grad_v if v is not None else None,
-        grad_bias if bias is not None else None,
-        None, None, None, None, None, None,
-        grad_center if center is not None and gaussian else None,
-        None, None,
-    )
-
-
-def _attention_backward(ctx, grad_context, grad_weights, _grad_logsumexp):
-    query, keys, values, v, bias, lengths, key_padding_mask, center, logsumexp, context = ctx.saved_tensors
-    grads = torch.ops.fastattn.attention_backward(
-        grad_context.contiguous(),
-        grad_weights.contiguous() if ctx.return_weights and grad_weights is not None else None,
-        query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal, ctx.window,
-        center, ctx.gaussian, logsumexp, context,
-    )
-    return forward_input_gradients(grads, v, bias, center, ctx.gaussian)
-
-
-torch.library.register_autograd(
-    "fastattn::attention_forward", _attention_backward, setup_context=_save_for_backward
-)
 
 
 def _fused(query, keys, values, v, bias, kernel_score, scale, masking, return_weights):

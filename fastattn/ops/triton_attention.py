@@ -24,7 +24,6 @@ from fastattn.kernels.attention_forward import (
 )
 from fastattn.kernels.attention_tiles import ADDITIVE, COSINE, DOT
 from fastattn.ops import triton_configs
-from fastattn.ops.attention import forward_input_gradients
 from fastattn.ops.triton_configs import SPLIT_GRANULE
 from fastattn.ops.triton_launch import (
     INTERPRETED,
@@ -192,6 +191,21 @@ def triton_attention_backward(
     )
 
 
+def _forward_input_gradients(grads, v, bias, center, gaussian):
+    """The gradients an attention backward op returns (grad_query, grad_keys,
+    grad_values, grad_v, grad_bias, grad_center), laid out per input of the forward op
+    (the schema of attention_forward, which the Triton op shares)."""
+    grad_query, grad_keys, grad_values, grad_v, grad_bias, grad_center = grads
+    return (
+        grad_query, grad_keys, grad_values,
+        grad_v if v is not None else None,
+        grad_bias if bias is not None else None,
+        None, None, None, None, None, None,
+        grad_center if center is not None and gaussian else None,
+        None, None,
+    )
+
+
 def _save_for_backward(ctx, inputs, output):
     (query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian,
      return_weights) = inputs
@@ -211,7 +225,7 @@ def _attention_backward(ctx, grad_context, grad_weights, _grad_logsumexp):
         query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal, ctx.window,
         center, ctx.gaussian, context, weights, logsumexp,
     )
-    return forward_input_gradients(grads, v, bias, center, ctx.gaussian)
+    return _forward_input_gradients(grads, v, bias, center, ctx.gaussian)
 
 
 torch.library.register_autograd(

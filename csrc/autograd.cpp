@@ -1,0 +1,253 @@
+// The autograd kernels of the differentiable fastattn ops (TORCH_LIBRARY_IMPL(fastattn,
+// Autograd, m)): attention_forward, lstm_cell_forward, gru_cell_forward,
+// lstm_layer_forward and gru_layer_forward, each a torch::autograd::Function whose
+// forward calls the op below autograd (the CPU or CUDA kernel, or the fake one under
+// torch.compile) and whose backward calls the op's *_backward, for every device.
+// In C++ rather than torch.library.register_autograd because that path runs Python
+// around every call and its backward: measured on two cores, fastattn.attention on a
+// small problem (B=2, T=3, S=5, D=8) with gradients took ~105 us forward and ~215 us
+// forward+backward with it, 38 us and 123 us with these (the two ops alone: ~20 us),
+// a cost that a decoder trained one step at a time pays on every step.
+// What each saves and how absent output gradients are handled is what the kernels'
+// backward ops take (csrc/ops.cpp): the attention's weights and context gradients are
+// zeros when absent; the recurrent ops set materialize_grads off so that no zero
+// gradient is ever made for their `saved` output (the gate activations of every step),
+// and pass zeros for an absent gradient of a real output.
+#include "op_handles.h"
+
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace fastattn {
+namespace {
+
+using at::Tensor;
+using std::optional;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using namespace ops;
+
+Tensor or_undefined(const optional<Tensor>& tensor) { return tensor.has_value() ? *tensor : Tensor(); }
+
+optional<Tensor> or_none(const Tensor& tensor) { return tensor.defined() ? optional<Tensor>(tensor) : std::nullopt; }
+
+// An output's gradient, contiguous, or zeros like `like` when autograd gave none.
+Tensor contiguous_or_zeros(const Tensor& grad, const Tensor& like) {
+  return grad.defined() ? grad.contiguous() : at::zeros_like(like);
+}
+
+// A gradient of an optional input: undefined (None) when the input was absent.
+Tensor if_present(const Tensor& grad, const Tensor& input) { return input.defined() ? grad : Tensor(); }
+
+// ---------------------------------------------------------------- attention_forward
+
+struct Attention : public torch::autograd::Function<Attention> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& query, const Tensor& keys, const Tensor& values,
+                               const optional<Tensor>& v, const optional<Tensor>& bias, const std::string& score,
+                               double scale, const optional<Tensor>& lengths,
+                               const optional<Tensor>& key_padding_mask, bool causal, optional<int64_t> window,
+                               const optional<Tensor>& center, bool gaussian, bool return_weights) {
+    static const auto op = fastattn_op<AttentionForward>("fastattn::attention_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [context, weights, logsumexp] = op.call(query, keys, values, v, bias, score, scale, lengths,
+                                                 key_padding_mask, causal, window, center, gaussian, return_weights);
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({query, keys, values, or_undefined(v), or_undefined(bias), or_undefined(lengths),
+                            or_undefined(key_padding_mask), or_undefined(center), logsumexp, context});
+    ctx->saved_data["score"] = score;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["window"] = window;
+    ctx->saved_data["gaussian"] = gaussian;
+    ctx->saved_data["return_weights"] = return_weights;
+    ctx->mark_non_differentiable({logsumexp});
+    return {context, weights, logsumexp};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = fastattn_op<AttentionBackward>("fastattn::attention_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &query = saved[0], &keys = saved[1], &values = saved[2], &v = saved[3], &bias = saved[4];
+    const Tensor &lengths = saved[5], &key_padding_mask = saved[6], &center = saved[7];
+    const Tensor &logsumexp = saved[8], &context = saved[9];
+    const auto& data = ctx->saved_data;
+    const bool gaussian = data.at("gaussian").toBool();
+    const bool return_weights = data.at("return_weights").toBool();
+    const optional<Tensor> grad_weights =
+        return_weights && grads[1].defined() ? optional<Tensor>(grads[1].contiguous()) : std::nullopt;
+    const optional<int64_t> window = data.at("window").toOptional<int64_t>();
+    auto [grad_query, grad_keys, grad_values, grad_v, grad_bias, grad_center] =
+        op.call(contiguous_or_zeros(grads[0], context), grad_weights, query, keys, values, or_none(v), or_none(bias),
+                data.at("score").toStringRef(), data.at("scale").toDouble(), or_none(lengths),
+                or_none(key_padding_mask), data.at("causal").toBool(), window, or_none(center), gaussian, logsumexp,
+                context);
+    const Tensor none;
+    return {grad_query, grad_keys, grad_values, if_present(grad_v, v), if_present(grad_bias, bias),
+            none, none, none, none, none, none,
+            gaussian ? if_present(grad_center, center) : none, none, none};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> attention_forward_autograd(
+    const Tensor& query, const Tensor& keys, const Tensor& values, const optional<Tensor>& v,
+    const optional<Tensor>& bias, c10::string_view score, double scale, const optional<Tensor>& lengths,
+    const optional<Tensor>& key_padding_mask, bool causal, optional<int64_t> window, const optional<Tensor>& center,
+    bool gaussian, bool return_weights) {
+  const variable_list outputs = Attention::apply(query, keys, values, v, bias, std::string(score), scale, lengths,
+                                                 key_padding_mask, causal, window, center, gaussian, return_weights);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
+// ---------------------------------------------------------------- LSTM / GRU cells
+
+struct LstmCell : public torch::autograd::Function<LstmCell> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h, const Tensor& c,
+                               const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
+                               const optional<Tensor>& b_hh) {
+    static const auto op = fastattn_op<LstmCellForward>("fastattn::lstm_cell_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [h_next, c_next, saved] = op.call(x, h, c, w_ih, w_hh, b_ih, b_hh);
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x, h, c, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), c_next, saved});
+    ctx->mark_non_differentiable({saved});
+    return {h_next, c_next, saved};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = fastattn_op<LstmCellBackward>("fastattn::lstm_cell_backward");
+    const variable_list s = ctx->get_saved_variables();
+    const Tensor &b_ih = s[5], &b_hh = s[6], &c_next = s[7];
+    auto [grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
+        op.call(contiguous_or_zeros(grads[0], c_next), contiguous_or_zeros(grads[1], c_next), s[0], s[1], s[2], s[3],
+                s[4], or_none(b_ih), or_none(b_hh), c_next, s[8]);
+    return {grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh, if_present(grad_b_ih, b_ih), if_present(grad_b_hh, b_hh)};
+  }
+};
+
+struct GruCell : public torch::autograd::Function<GruCell> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h, const Tensor& w_ih,
+                               const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh) {
+    static const auto op = fastattn_op<GruCellForward>("fastattn::gru_cell_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [h_next, saved] = op.call(x, h, w_ih, w_hh, b_ih, b_hh);
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x, h, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), saved});
+    ctx->mark_non_differentiable({saved});
+    return {h_next, saved};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = fastattn_op<GruCellBackward>("fastattn::gru_cell_backward");
+    const variable_list s = ctx->get_saved_variables();
+    const Tensor &h = s[1], &b_ih = s[4], &b_hh = s[5];
+    auto [grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
+        op.call(contiguous_or_zeros(grads[0], h), s[0], h, s[2], s[3], or_none(b_ih), or_none(b_hh), s[6]);
+    return {grad_x, grad_h, grad_w_ih, grad_w_hh, if_present(grad_b_ih, b_ih), if_present(grad_b_hh, b_hh)};
+  }
+};
+
+// ---------------------------------------------------------------- LSTM / GRU layers
+
+struct LstmLayer : public torch::autograd::Function<LstmLayer> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                               const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
+                               const optional<Tensor>& b_hh, const optional<Tensor>& lengths, bool reverse) {
+    static const auto op = fastattn_op<LstmLayerForward>("fastattn::lstm_layer_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, h_n, c_n, saved] = op.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x, h0, c0, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), or_undefined(lengths),
+                            output, saved});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->mark_non_differentiable({saved});
+    return {output, h_n, c_n, saved};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = fastattn_op<LstmLayerBackward>("fastattn::lstm_layer_backward");
+    const variable_list s = ctx->get_saved_variables();
+    const Tensor &h0 = s[1], &c0 = s[2], &b_ih = s[5], &b_hh = s[6], &output = s[8];
+    auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
+        op.call(contiguous_or_zeros(grads[0], output), contiguous_or_zeros(grads[1], h0),
+                contiguous_or_zeros(grads[2], c0), s[0], h0, c0, s[3], s[4], or_none(b_ih), or_none(b_hh),
+                or_none(s[7]), ctx->saved_data.at("reverse").toBool(), output, s[9]);
+    const Tensor none;
+    return {grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, if_present(grad_b_ih, b_ih), if_present(grad_b_hh, b_hh),
+            none, none};
+  }
+};
+
+struct GruLayer : public torch::autograd::Function<GruLayer> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                               const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                               const optional<Tensor>& lengths, bool reverse) {
+    static const auto op = fastattn_op<GruLayerForward>("fastattn::gru_layer_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, h_n, saved] = op.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward(
+        {x, h0, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), or_undefined(lengths), output, saved});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->mark_non_differentiable({saved});
+    return {output, h_n, saved};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = fastattn_op<GruLayerBackward>("fastattn::gru_layer_backward");
+    const variable_list s = ctx->get_saved_variables();
+    const Tensor &h0 = s[1], &b_ih = s[4], &b_hh = s[5], &output = s[7];
+    auto [grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
+        op.call(contiguous_or_zeros(grads[0], output), contiguous_or_zeros(grads[1], h0), s[0], h0, s[2], s[3],
+                or_none(b_ih), or_none(b_hh), or_none(s[6]), ctx->saved_data.at("reverse").toBool(), output, s[8]);
+    const Tensor none;
+    return {grad_x, grad_h0, grad_w_ih, grad_w_hh, if_present(grad_b_ih, b_ih), if_present(grad_b_hh, b_hh), none,
+            none};
+  }
+};
+
+// ---------------------------------------------------------------- registration
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_autograd(const Tensor& x, const Tensor& h, const Tensor& c,
+                                                              const Tensor& w_ih, const Tensor& w_hh,
+                                                              const optional<Tensor>& b_ih,
+                                                              const optional<Tensor>& b_hh) {
+  const variable_list outputs = LstmCell::apply(x, h, c, w_ih, w_hh, b_ih, b_hh);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
+std::tuple<Tensor, Tensor> gru_cell_forward_autograd(const Tensor& x, const Tensor& h, const Tensor& w_ih,
+                                                     const Tensor& w_hh, const optional<Tensor>& b_ih,
+                                                     const optional<Tensor>& b_hh) {
+  const variable_list outputs = GruCell::apply(x, h, w_ih, w_hh, b_ih, b_hh);
+  return {outputs[0], outputs[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_autograd(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& lengths, bool reverse) {
+  const variable_list outputs = LstmLayer::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
+  return {outputs[0], outputs[1], outputs[2], outputs[3]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_autograd(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                                                              const Tensor& w_hh, const optional<Tensor>& b_ih,
+                                                              const optional<Tensor>& b_hh,
+                                                              const optional<Tensor>& lengths, bool reverse) {
+  const variable_list outputs = GruLayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
+}  // namespace
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
+  m.impl("attention_forward", &fastattn::attention_forward_autograd);
+  m.impl("lstm_cell_forward", &fastattn::lstm_cell_forward_autograd);
+  m.impl("gru_cell_forward", &fastattn::gru_cell_forward_autograd);
+  m.impl("lstm_layer_forward", &fastattn::lstm_layer_forward_autograd);
+  m.impl("gru_layer_forward", &fastattn::gru_layer_forward_autograd);
+}
