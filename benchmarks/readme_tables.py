@@ -49,6 +49,7 @@ def latest_runs(results: Path) -> tuple[tuple[str, Path] | None, list[tuple[str,
 
 
 def _time(seconds: float) -> str:
+    seconds = float(f"{seconds:.3g}")  # rounded before the unit is picked: 999.7 µs is 1 ms, not 1e+03 µs
     for unit, factor in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
         if seconds >= factor:
             return f"{seconds / factor:.3g} {unit}"
@@ -58,10 +59,11 @@ def _time(seconds: float) -> str:
 def _bytes(count: int | None) -> str:
     if count is None:
         return "–"
+    count = float(f"{count:.3g}")
     for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if count >= factor:
             return f"{count / factor:.3g} {unit}"
-    return f"{count} B"
+    return f"{count:.0f} B"
 
 
 def _ratio(row: dict, other: str) -> str:

@@ -280,3 +280,10 @@ def test_gpu_preset_runs_from_the_command_line(tmp_path):
     assert report["preset"]["name"] == "gpu" and report["preset"]["decode_lengths"] == [64, 1024, 4096]
     rows = {r["implementation"]: r for r in report["results"]}
     assert rows[GEMM_BASELINE]["kind"] == "baseline" and rows["cpu"]["targets"][0]["value"] > 0
+
+
+def test_the_printed_report_rounds_before_it_picks_a_unit():
+    from fastattn.bench.output import BYTE_UNITS, TIME_UNITS, _scaled
+
+    assert _scaled(0.0009997, TIME_UNITS) == "1 ms" and _scaled(0.000123456, TIME_UNITS) == "123 us"
+    assert _scaled(1023.9 * 2**10, BYTE_UNITS) == "1 MiB" and _scaled(7, BYTE_UNITS) == "7 B"

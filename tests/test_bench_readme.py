@@ -103,3 +103,13 @@ def test_readme_without_markers_is_refused(tmp_path):
 
 def test_committed_readme_matches_the_committed_results():
     assert readme_tables.main(["--check"]) == 0, "run python benchmarks/readme_tables.py and commit README.md"
+
+
+@pytest.mark.parametrize("seconds, shown", [(0.0009997, "1 ms"), (0.000123456, "123 µs"), (2.5, "2.5 s"), (3e-10, "0.3 ns")])
+def test_times_are_rounded_before_their_unit_is_picked(seconds, shown):
+    assert readme_tables._time(seconds) == shown
+
+
+@pytest.mark.parametrize("count, shown", [(1023.9 * 2**10, "1 MiB"), (3 * 2**20, "3 MiB"), (512, "512 B"), (None, "–")])
+def test_byte_counts_are_rounded_before_their_unit_is_picked(count, shown):
+    assert readme_tables._bytes(count) == shown

@@ -22,6 +22,7 @@ BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
 
 
 def _scaled(value: float, units) -> str:
+    value = float(f"{value:.3g}")  # rounded before the unit is picked: 999.7 us is 1 ms, not 1e+03 us
     for unit, factor in units:
         if abs(value) >= factor:
             break
