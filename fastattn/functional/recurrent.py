@@ -253,5 +253,5 @@ def run_layers(
             outputs.append(output)
             for store, state in zip(finals, final):
                 store.append(state)
-        x = torch.cat(outputs, dim=-1)
+        x = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)  # one direction: no copy
     return x, [torch.stack(store) for store in finals]
