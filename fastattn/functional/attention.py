@@ -27,15 +27,16 @@ def _prepare(query, keys, values, score_parameters: dict, masking: dict):
     checks.float_tensor("keys", keys)
     checks.like("keys", keys, "query", query)
     layout = layout_of("query", query, "keys", keys)
-    values = keys if values is None else values
-    check_values("values", values, "keys", keys, "query", query)
+    if values is not None and values is not keys:
+        check_values("values", values, "keys", keys, "query", query)
     folded_query, folded_keys = layout.fold_queries(query), layout.fold_keys(keys)
     query_length, source_length = folded_query.shape[1], folded_keys.shape[1]
     arguments = score_arguments(
         score_parameters.pop("score"), query, keys, source_length, **score_parameters
     )
     arguments.update(masking_arguments(layout, query, query_length, source_length, **masking))
-    return layout, folded_query, folded_keys, layout.fold_keys(values), arguments
+    folded_values = folded_keys if values is None or values is keys else layout.fold_keys(values)
+    return layout, folded_query, folded_keys, folded_values, arguments
 
 
 def attention(

@@ -42,9 +42,8 @@ class Layout:
         return math.prod(self.lead)
 
     def fold_queries(self, query: torch.Tensor) -> torch.Tensor:
-        if self.single_step:
-            query = query.unsqueeze(-2)
-        return query.reshape(self.batch, *query.shape[-2:])
+        query_length = 1 if self.single_step else query.shape[-2]
+        return query.reshape(self.batch, query_length, query.shape[-1])
 
     def fold_keys(self, keys: torch.Tensor) -> torch.Tensor:
         positions = math.prod(keys.shape[len(self.lead) : -1])  # S, or H W: not -1, which an empty batch leaves open
@@ -52,8 +51,7 @@ class Layout:
 
     def unfold_per_query(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, ...) -> (*lead, T, ...), without T for a single step."""
-        x = x.reshape(*self.lead, *x.shape[1:])
-        return x.squeeze(len(self.lead)) if self.single_step else x
+        return x.reshape(*self.lead, *x.shape[2 if self.single_step else 1 :])
 
     def unfold_weights(self, weights: torch.Tensor) -> torch.Tensor:
         if self.grid is not None:
@@ -84,7 +82,7 @@ def layout_of(query_name: str, query: torch.Tensor, keys_name: str, keys: torch.
             f"got {checks.describe(keys)}"
         )
     layout = Layout(lead, single_step, grid)
-    if layout.fold_queries(query).shape[1] == 0:
+    if not single_step and query.shape[-2] == 0:
         raise ValueError(f"{query_name} must have at least one query position, got {checks.describe(query)}")
     if keys.shape[len(lead) : -1].numel() == 0:
         raise ValueError(f"{keys_name} must have at least one key position, got {checks.describe(keys)}")
