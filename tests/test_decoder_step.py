@@ -47,7 +47,7 @@ def decode(decoder, backend_name, keys, inputs, **masks):
     return results, torch.autograd.grad(projection, leaves, allow_unused=True)
 
 
-@pytest.mark.parametrize("score, cell, input_feeding", itertools.product(SCORES, ("lstm", "gru"), (True, False)))
+@pytest.mark.parametrize("score, cell, input_feeding", list(itertools.product(SCORES, ("lstm", "gru"), (True, False))))
 @pytest.mark.parametrize("masks", [{"lengths": LENGTHS}, {"key_padding_mask": PADDING}, {}], ids=["lengths", "padding", "none"])
 def test_fused_step_matches_the_composed_reference(score, cell, input_feeding, masks):
     decoder = make_decoder(score, cell, input_feeding)
