@@ -9,10 +9,10 @@
 // forward+backward with it, 38 us and 123 us with these (the two ops alone: ~20 us),
 // a cost that a decoder trained one step at a time pays on every step.
 // What each saves and how absent output gradients are handled is what the kernels'
-// backward ops take (csrc/ops.cpp): the attention's weights and context gradients are
-// zeros when absent; the recurrent ops set materialize_grads off so that no zero
-// gradient is ever made for their `saved` output (the gate activations of every step),
-// and pass zeros for an absent gradient of a real output.
+// backward ops take (csrc/ops.cpp): every forward sets materialize_grads off, so that
+// autograd never makes a zero gradient on its own (the recurrent ops' `saved` output
+// holds the gate activations of every step); an absent gradient of a real output is
+// passed as zeros, except the attention weights', which is passed as none.
 #include "op_handles.h"
 
 #include <torch/csrc/autograd/custom_function.h>
