@@ -8,9 +8,10 @@
 
 TORCH_LIBRARY(fastattn, m) {
   // Fused score -> masked softmax -> context.  score: "dot" (e = scale * q.k; covers
-  // dot, scaled_dot, general after q @ W_a, and location with keys = W_a[:S] and a
-  // zero batch stride), "cosine" (e = scale * q.k / (|q| |k|)) or "additive"
-  // (e = v . tanh(q + k + bias), q and k already projected).  weights is (N, T, S)
+  // dot, scaled_dot, general after q @ W_a, and location with keys = W_a[:S] shared
+  // by the batch), "cosine" (e = scale * q.k / (|q| |k|)) or "additive"
+  // (e = v . tanh(q + k + bias), q and k already projected).  keys may be (1, S, D):
+  // shared by the batch, their gradient summed over it.  weights is (N, T, S)
   // when return_weights, else empty; logsumexp (N, T) in the accumulation dtype,
   // -inf for fully masked rows.
   m.def(
@@ -76,7 +77,7 @@ TORCH_LIBRARY(fastattn, m) {
   // One step of fastattn.nn.AttentionDecoderCell (csrc/decoder_step.cpp), composed of
   // attention_forward (one query; query_weight, when given, projects the state first:
   // W_q^T for additive) and lstm_cell_forward (c given) or gru_cell_forward (c absent),
-  // then output = tanh([context; h_next] @ w_combine^T).  keys (B, S, Dk), values
+  // then output = tanh([context; h_next] @ w_combine^T).  keys (B or 1, S, Dk), values
   // (B, S, Dv); c_next is empty for a GRU; weights (B, S).
   m.def(
       "attention_decoder_step(Tensor y, Tensor h, Tensor? c, Tensor attentional, Tensor keys, "

@@ -186,6 +186,35 @@ def test_cosine_on_the_matrix_multiply_path_takes_zero_vectors_and_keys_shared_b
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dim", [6, 130])  # the streaming kernels; the at::bmm path (dot, cosine)
+@pytest.mark.parametrize("kernel_score", ["dot", "cosine", "additive"])
+def test_keys_shared_by_the_batch_give_what_their_copies_give(kernel_score, dim):
+    """The op with keys (1, S, D), shared by the batch as the location score passes them:
+    outputs as with a copy of them per batch element, their gradient the sum of the
+    copies' gradients (float64, with lengths, a padding mask and a fully masked row)."""
+    generator = torch.Generator().manual_seed(6)
+
+    def tensor(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    query, keys, values, grad_context = tensor(3, 17, dim), tensor(1, 19, dim), tensor(3, 19, 33), tensor(3, 17, 33)
+    v, bias = (tensor(dim), tensor(dim)) if kernel_score == "additive" else (None, None)
+    padding = torch.arange(19).expand(3, 19) % 4 == 3
+
+    def op_outputs(keys):
+        arguments = [query, keys, values, v, bias, kernel_score, 0.8, torch.tensor([19, 0, 11]), padding, False, None,
+                     None, False]
+        context, weights, logsumexp = torch.ops.fastattn.attention_forward(*arguments, True)
+        grads = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp, context)
+        return [context, weights, logsumexp, *grads[:3]]
+
+    shared, copied = op_outputs(keys), op_outputs(keys.expand(3, -1, -1).contiguous())
+    copied[4] = copied[4].sum(0, keepdim=True)
+    assert shared[4].shape == keys.shape and shared[4].abs().max() > 0
+    for got, want in zip(shared, copied):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["global", "lengths", "local_p"])
 @pytest.mark.parametrize("score", SCORES)
@@ -291,6 +320,9 @@ def _attention_samples():
             yield (query, keys, values, v, bias, kernel_score, 0.7, torch.tensor([5, 0]), None, False, 2, center, True, return_weights)
             yield (query, keys, values, v, bias, kernel_score, 1.0, None, torch.rand(2, 5, generator=generator) > 0.6, False, None, None, False, return_weights)
             yield (query, keys, values, v, bias, kernel_score, 1.0, None, None, False, 1, None, False, return_weights)
+            shared_keys = torch.randn(1, 5, width, generator=generator, dtype=torch.float64, requires_grad=True)
+            yield (query, shared_keys, values, v, bias, kernel_score, 1.0, torch.tensor([4, 2]), None, False, None, None,
+                   False, return_weights)
 
 
 @pytest.mark.parametrize("arguments", list(_attention_samples()))

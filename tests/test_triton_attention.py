@@ -212,10 +212,11 @@ def _opcheck_samples():
         (query, keys, values, None, None, "dot", 0.5, torch.tensor([3, 17]), None, True, None, None, False, True),
         (query, keys, values, None, None, "cosine", 2.0, None, None, False, 2, center, True, False),
         (query, keys, values, additive["v"], additive["bias"], "additive", 1.0, None, None, False, 3, None, True, True),
+        (query, keys[:1], values, None, None, "dot", 1.0, None, None, False, None, None, False, True),  # shared keys
     ]
 
 
-@pytest.mark.parametrize("sample_index", range(3))
+@pytest.mark.parametrize("sample_index", range(4))
 def test_opcheck_attention(sample_index):
     arguments = list(_opcheck_samples()[sample_index])
     for position in (0, 1, 2, 3, 4, 11):

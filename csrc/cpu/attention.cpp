@@ -35,9 +35,11 @@
 //   target attribute, no -march flag), and picked at run time from the CPU
 //   (csrc/cpu/isa.h).
 // Not handled: float16 / bfloat16 are converted to float32, computed there and
-//   converted back (no native half kernels).  Keys and values may have a batch
-//   stride of 0 (location score: W_a[:S] expanded over N) but need contiguous rows
-//   otherwise (else they are copied).  Backward parallelism is over n only.
+//   converted back (no native half kernels).  Keys may be (1, S, D), shared by the
+//   batch (location score: W_a[:S]); their gradient is then summed over it (per
+//   chunk of the batch, or one GEMM on the BLAS path).  Keys and values may have a
+//   batch stride of 0 but need contiguous rows otherwise (else they are copied).
+//   Backward parallelism is over n only.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
@@ -606,7 +608,8 @@ struct BackwardInputs {
 template <typename T>
 struct BackwardOutputs {  // all zero-initialised
   T* grad_query = nullptr;   // (N, T, D)
-  T* grad_keys = nullptr;    // (N, S, D), full even for batch-stride-0 keys
+  T* grad_keys = nullptr;    // (N, S, D); one (S, D) block for every n when grad_keys_batch_stride is 0
+  int64_t grad_keys_batch_stride = 0;
   T* grad_values = nullptr;  // (N, S, Dv)
   T* grad_center = nullptr;  // (N, T) or null
 };
@@ -642,7 +645,8 @@ FASTATTN_ALWAYS_INLINE void additive_row_backward_from_context(const AttentionPr
     axpy<kBytes>(out.grad_values + (n * problem.source_length + j) * value_dim, probability * gaussian, grad_context,
                  value_dim);
     additive_score_backward<kBytes>(activation, problem.v, grad_score, grad_query_row,
-                                    out.grad_keys + (n * problem.source_length + j) * score_dim, grad_v_sum, score_dim);
+                                    out.grad_keys + n * out.grad_keys_batch_stride + j * score_dim, grad_v_sum,
+                                    score_dim);
   }
   if (out.grad_center != nullptr) out.grad_center[row] = grad_center;
 }
@@ -661,7 +665,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
   std::vector<T> prepared(score_dim), grad_unit_query(kScore == ScoreKind::kCosine ? score_dim : 0);
   std::vector<T> activation(kScore == ScoreKind::kAdditive ? score_dim : 0);
   for (int64_t n = n_begin; n < n_end; ++n) {
-    T* grad_keys = out.grad_keys + n * source_length * score_dim;
+    T* grad_keys = out.grad_keys + n * out.grad_keys_batch_stride;
     T* grad_values = out.grad_values + n * source_length * value_dim;
     for (int64_t t = 0; t < query_length; ++t) {
       const int64_t row = n * query_length + t;
@@ -745,8 +749,9 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
         if (grad_bias_sum != nullptr) axpy<kBytes>(grad_bias_sum, T(1), grad_query_row, score_dim);
       }
     }
+    // Through the unit keys; keys shared by the batch take it once, after the sum over n.
     if constexpr (kScore == ScoreKind::kCosine) {
-      for (int64_t j = 0; j < source_length; ++j) {
+      for (int64_t j = 0; out.grad_keys_batch_stride != 0 && j < source_length; ++j) {
         T* grad_key = grad_keys + j * score_dim;
         unit_vector_backward<kBytes>(grad_key, problem.key(n, j), problem.key_norm(n, j), grad_key, score_dim);
       }
@@ -881,6 +886,7 @@ struct PreparedInputs {
   at::ScalarType input_dtype = at::kFloat, compute_dtype = at::kFloat;
   int64_t batch = 0, query_length = 0, source_length = 0, score_dim = 0, value_dim = 0;
   at::Tensor query, keys, values, v, bias, lengths, key_padding_mask, center, key_norms;
+  bool shared_keys = false;  // keys given as (1, S, D) for N > 1: expanded here, grad_keys (1, S, D)
   double scale = 1.0;
   bool causal = false;
   int64_t window = -1;
@@ -902,8 +908,8 @@ PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at:
   check_float_like(op, "keys", keys, query);
   check_float_like(op, "values", values, query);
   TORCH_CHECK(query.dim() == 3, op, ": query must be (N, T, D), got shape ", query.sizes());
-  TORCH_CHECK(keys.dim() == 3 && keys.size(0) == query.size(0), op, ": keys must be (N=", query.size(0),
-              ", S, D), got shape ", keys.sizes());
+  TORCH_CHECK(keys.dim() == 3 && (keys.size(0) == query.size(0) || keys.size(0) == 1), op, ": keys must be (N=",
+              query.size(0), ", S, D) or (1, S, D) (shared by the batch), got shape ", keys.sizes());
   TORCH_CHECK(values.dim() == 3 && values.size(0) == query.size(0) && values.size(1) == keys.size(1), op,
               ": values must be (N=", query.size(0), ", S=", keys.size(1), ", Dv), got shape ", values.sizes());
   TORCH_CHECK(keys.size(2) == query.size(2), op, ": keys must have the feature size D=", query.size(2),
@@ -920,6 +926,8 @@ PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at:
 
   in.query = in_dtype(query, in.compute_dtype).contiguous();
   in.keys = with_contiguous_rows(in_dtype(keys, in.compute_dtype));
+  in.shared_keys = keys.size(0) != in.batch;
+  if (in.shared_keys) in.keys = in.keys.expand({in.batch, in.source_length, in.score_dim});
   in.values = with_contiguous_rows(in_dtype(values, in.compute_dtype));
 
   if (in.score == ScoreKind::kAdditive) {
@@ -1347,21 +1355,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
     at::Tensor grad_values = at::bmm(weights.transpose(1, 2), grad_context_);
     at::Tensor grad_query = batched_matmul(raw, key_rows);
-    at::Tensor grad_keys = at::bmm(raw.transpose(1, 2), query_rows);
+    // Keys shared by the batch: their gradient summed over it, dE^T Q over all N T rows.
+    at::Tensor grad_keys =
+        in.shared_keys ? at::mm(raw.view({-1, in.source_length}).t(), query_rows.reshape({-1, in.score_dim})).unsqueeze(0)
+                       : at::bmm(raw.transpose(1, 2), query_rows);
     if (cosine) {
       through_unit_rows(grad_query, in.query);
-      through_unit_rows(grad_keys, in.keys);
+      through_unit_rows(grad_keys, in.shared_keys ? in.keys.narrow(0, 0, 1) : in.keys);
     }
     return {cast(grad_query), cast(grad_keys), cast(grad_values), empty(), empty(),
             wants_center ? cast(grad_center) : empty()};
   }
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(in.batch, at::get_num_threads()));
   at::Tensor grad_query = at::zeros({in.batch, in.query_length, in.score_dim}, options);
-  at::Tensor grad_keys = at::zeros({in.batch, in.source_length, in.score_dim}, options);
+  // Keys shared by the batch: one (S, D) gradient per chunk, summed over the chunks at the end.
+  at::Tensor grad_keys = at::zeros({in.shared_keys ? chunks : in.batch, in.source_length, in.score_dim}, options);
   at::Tensor grad_values = at::zeros({in.batch, in.source_length, in.value_dim}, options);
   const bool wants_grad_center = in.gaussian && in.center.defined();
   at::Tensor grad_center = wants_grad_center ? at::zeros({in.batch, in.query_length}, options) : at::Tensor();
   const bool additive = in.score == ScoreKind::kAdditive;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(in.batch, at::get_num_threads()));
   // Per chunk: grad_v (Da) then grad_bias (Da), summed over the chunks at the end.
   at::Tensor parameter_sums = at::zeros({chunks, 2, additive ? in.score_dim : 0}, options);
 
@@ -1375,6 +1387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     BackwardOutputs<scalar_t> out;
     out.grad_query = grad_query.mutable_data_ptr<scalar_t>();
     out.grad_keys = grad_keys.mutable_data_ptr<scalar_t>();
+    out.grad_keys_batch_stride = in.shared_keys ? 0 : in.source_length * in.score_dim;
     out.grad_values = grad_values.mutable_data_ptr<scalar_t>();
     out.grad_center = wants_grad_center ? grad_center.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* sums = parameter_sums.mutable_data_ptr<scalar_t>();
@@ -1386,10 +1399,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         scalar_t* grad_v_sum = sums + chunk * 2 * parameter_dim;
         scalar_t* grad_bias_sum = has_bias ? grad_v_sum + parameter_dim : nullptr;
-        kernel(problem, inputs, out, batch * chunk / chunks, batch * (chunk + 1) / chunks, grad_v_sum, grad_bias_sum);
+        BackwardOutputs<scalar_t> chunk_out = out;
+        if (in.shared_keys) chunk_out.grad_keys += chunk * in.source_length * in.score_dim;
+        kernel(problem, inputs, chunk_out, batch * chunk / chunks, batch * (chunk + 1) / chunks, grad_v_sum,
+               grad_bias_sum);
       }
     });
   });
+  if (in.shared_keys) {
+    grad_keys = grad_keys.sum(0, /*keepdim=*/true);
+    if (in.score == ScoreKind::kCosine) through_unit_rows(grad_keys, in.keys.narrow(0, 0, 1));
+  }
 
   at::Tensor grad_v = additive ? cast(parameter_sums.select(1, 0).sum(0)) : empty();
   at::Tensor grad_bias = additive && in.bias.defined() ? cast(parameter_sums.select(1, 1).sum(0)) : empty();

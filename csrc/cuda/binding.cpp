@@ -139,8 +139,10 @@ PreparedAttention prepare_attention(const char* op, const at::Tensor& query, con
   check_like(op, "keys", keys, query);
   check_like(op, "values", values, query);
   TORCH_CHECK_VALUE(query.dim() == 3, op, ": query must be (N, T, D), got shape ", query.sizes());
-  TORCH_CHECK_VALUE(keys.dim() == 3 && keys.size(0) == query.size(0) && keys.size(2) == query.size(2), op,
-                    ": keys must be (N=", query.size(0), ", S, D=", query.size(2), "), got shape ", keys.sizes());
+  TORCH_CHECK_VALUE(keys.dim() == 3 && (keys.size(0) == query.size(0) || keys.size(0) == 1) &&
+                        keys.size(2) == query.size(2),
+                    op, ": keys must be (N=", query.size(0), ", S, D=", query.size(2), ") or (1, S, D=",
+                    query.size(2), ") (shared by the batch), got shape ", keys.sizes());
   TORCH_CHECK_VALUE(values.dim() == 3 && values.size(0) == query.size(0) && values.size(1) == keys.size(1), op,
                     ": values must be (N=", query.size(0), ", S=", keys.size(1), ", Dv), got shape ",
                     values.sizes());
@@ -153,7 +155,7 @@ PreparedAttention prepare_attention(const char* op, const at::Tensor& query, con
   p.causal = causal;
 
   in.query = query.contiguous();
-  in.keys = with_contiguous_rows(keys);
+  in.keys = with_contiguous_rows(keys.expand({p.batch, p.source_length, p.score_dim}));  // (1, S, D): stride 0
   in.values = with_contiguous_rows(values);
   p.query = in.query.const_data_ptr();
   p.keys = in.keys.const_data_ptr();
@@ -346,6 +348,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                              ? grad_query.sum(batch_and_rows, false, accumulation_dtype(query.scalar_type()))
                                    .to(query.scalar_type())
                              : empty();
+  if (keys.size(0) != p.batch) {  // keys shared by the batch: their gradient summed over it
+    grad_keys = grad_keys.sum(0, true, accumulation_dtype(query.scalar_type())).to(query.scalar_type());
+  }
   return {grad_query, grad_keys, grad_values, grad_v, grad_bias,
           wants_center ? grad_center.to(query.scalar_type()) : empty()};
 }
@@ -956,7 +961,7 @@ bool fused_step_covers(const at::Tensor& y, const at::Tensor& h, const OptionalT
   const int64_t Dv = values.size(2), G = (present(c) ? kLstmGates : kGruGates) * H;
   const bool tensors_fit =
       is_float_here(h) && h.size(0) == B && is_float_here(attentional) && attentional.sizes() == h.sizes() &&
-      absent_or(c, {B, H}) && is_float_here(keys) && keys.size(0) == B && is_float_here(values) &&
+      absent_or(c, {B, H}) && is_float_here(keys) && (keys.size(0) == B || keys.size(0) == 1) && is_float_here(values) &&
       values.size(0) == B && values.size(1) == S && is_float_here(w_ih) && w_ih.sizes() == at::IntArrayRef{G, I + H} &&
       is_float_here(w_hh) && w_hh.sizes() == at::IntArrayRef{G, H} && absent_or(b_ih, {G}) && absent_or(b_hh, {G}) &&
       is_float_here(w_combine) && w_combine.sizes() == at::IntArrayRef{H, Dv + H} &&
@@ -993,7 +998,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_decoder_ste
   // Contiguous views (no copies for the module's tensors), alive until the launch is queued.
   const at::Tensor y_ = y.contiguous(), h_ = h.contiguous(), attentional_ = attentional.contiguous();
   const at::Tensor c_ = lstm ? c->contiguous() : at::Tensor();
-  const at::Tensor keys = with_contiguous_rows(keys_in), values = with_contiguous_rows(values_in);
+  // Keys (1, S, Dk) shared by the batch (location) are read with a batch stride of 0.
+  const at::Tensor keys = with_contiguous_rows(keys_in.expand({y.size(0), keys_in.size(1), keys_in.size(2)}));
+  const at::Tensor values = with_contiguous_rows(values_in);
   const at::Tensor query_rows = present(query_weight) ? query_weight->t().contiguous() : at::Tensor();  // (Dk, H)
   const at::Tensor v = compute_in(v_in, at::kFloat), bias = compute_in(bias_in, at::kFloat);
   const at::Tensor lengths = layer_lengths(op, lengths_in, y, y.size(0));

@@ -5,7 +5,7 @@ kernel score kinds ("dot", "cosine", "additive"):
 - dot, scaled_dot: "dot" with scale 1 or the given scale;
 - general: s^T W_a h = (s W_a) . h, so the query is multiplied by W_a once, then "dot";
 - location: e_j = W_a[j] . s, i.e. "dot" against keys W_a[:S] shared by the batch
-  (expanded with a zero batch stride, never copied);
+  (passed as (1, S, D): the kernels broadcast them and sum their gradient over the batch);
 - cosine: "cosine"; additive: "additive" on W_q s and W_k h.
 
 The backend functions run on whatever device the op has a kernel for: the same code
@@ -82,7 +82,7 @@ def attention(
     if score == "general":
         return fused(query @ weight, keys.contiguous(), values, None, None, "dot", 1.0, masking, return_weights)
     if score == "location":
-        shared_keys = weight[: keys.shape[1]].contiguous().expand(query.shape[0], -1, -1)
+        shared_keys = weight[: keys.shape[1]].contiguous().unsqueeze(0)
         return fused(query, shared_keys, values, None, None, "dot", 1.0, masking, return_weights)
     if score == "cosine":
         return fused(query, keys.contiguous(), values, None, None, "cosine", scale, masking, return_weights)

@@ -31,7 +31,7 @@ def _attention_decoder_step_inference_fake(y, h, c, attentional, keys, values, q
     return y.new_empty(batch, w_combine.shape[0]), y.new_empty(batch, hidden), c_next, y.new_empty(batch, keys.shape[1])
 
 
-def _kernel_attention(attention, cache, batch: int) -> dict:
+def _kernel_attention(attention, cache) -> dict:
     """The op's attention arguments for ``attention``'s score, from ``cache``."""
     score = attention.score
     if score == "additive":
@@ -40,8 +40,7 @@ def _kernel_attention(attention, cache, batch: int) -> dict:
     if score == "general":
         return dict(keys=cache.projected_keys, score="dot", scale=1.0)
     if score == "location":
-        keys = attention.weight[: cache.keys.shape[1]].contiguous().expand(batch, -1, -1)
-        return dict(keys=keys, score="dot", scale=1.0)
+        return dict(keys=attention.weight[: cache.keys.shape[1]].unsqueeze(0), score="dot", scale=1.0)
     scale = 1 / math.sqrt(cache.keys.shape[-1]) if score == "scaled_dot" else 1.0
     return dict(keys=cache.keys, score="cosine" if score == "cosine" else "dot", scale=scale)
 
@@ -57,7 +56,7 @@ def attention_decoder_step(decoder, y_prev_embedded, state, cache, *, lengths, k
         Layout(lead=(batch,), single_step=True, grid=None), y_prev_embedded, 1, cache.keys.shape[1],
         lengths=lengths, key_padding_mask=key_padding_mask, causal=False, window=None, center=None, gaussian=None,
     )
-    arguments = dict(query_weight=None, v=None, bias=None) | _kernel_attention(attention, cache, batch)
+    arguments = dict(query_weight=None, v=None, bias=None) | _kernel_attention(attention, cache)
     cell = decoder.cell
     output, hidden, memory, weights = torch.ops.fastattn.attention_decoder_step(
         y_prev_embedded, state.hidden, state.cell, state.attentional,

@@ -56,8 +56,10 @@ HARDWARE_TANH_DTYPES = () if INTERPRETED else (torch.float16, torch.bfloat16)
 
 
 def _problem(query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian):
-    """The kernels' common arguments: (pointer tensors, strides, sizes and scalars, constexpr flags)."""
+    """The kernels' common arguments: (pointer tensors, strides, sizes and scalars, constexpr flags).
+    Keys (1, S, D) shared by the batch are read with a batch stride of 0."""
     batch, query_length, features = query.shape
+    keys = keys.expand(batch, *keys.shape[1:])
     source_length, value_features = keys.shape[1], values.shape[2]
     kind = SCORE_KINDS[score]
     placeholder = query
@@ -184,6 +186,8 @@ def triton_attention_backward(
         *gradient_strides, *sizes, **gradient_flags,
     )
     grad_bias = grad_query.sum((0, 1)) if additive and bias is not None else query.new_empty(0)
+    if keys.shape[0] != batch:  # keys shared by the batch
+        grad_keys = grad_keys.sum(0, keepdim=True)
     dtype = query.dtype
     return (
         grad_query.to(dtype), grad_keys.to(dtype), grad_values.to(dtype), grad_v.to(dtype), grad_bias.to(dtype),
