@@ -1,7 +1,8 @@
 // The schemas of every fastattn op, declared once.  Kernels register per device in
 // TORCH_LIBRARY_IMPL(fastattn, CPU, m) (csrc/cpu/) and, where built, CUDA
-// (csrc/cuda/); Python registers fake (meta) and autograd implementations in
-// fastattn/ops/.  Layouts are the canonical ones of fastattn.reference:
+// (csrc/cuda/); the autograd and autocast kernels are C++ too (csrc/autograd.cpp,
+// csrc/autocast.cpp), the fake (meta) ones Python (fastattn/ops/).  Layouts are the
+// canonical ones of fastattn.reference:
 // queries (N, T, D), keys and values (N, S, D), lengths (N,), key_padding_mask
 // (N, S) bool, center (N, T), time-major sequences (T, B, features).
 #include <torch/library.h>

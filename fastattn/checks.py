@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what torch.autocast casts
 INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -112,13 +113,19 @@ def shape(name: str, value: torch.Tensor, expected: Sequence[int | None], meanin
 
 
 def like(name: str, value: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
-    """``value`` must share ``reference``'s device and dtype."""
+    """``value`` must share ``reference``'s device and dtype; inside ``torch.autocast`` for
+    their device, any two of float16, bfloat16 and float32 (the ops cast them to one)."""
     same_device(name, value, reference_name, reference)
-    if value.dtype != reference.dtype:
+    if value.dtype != reference.dtype and not autocast_casts(value, reference):
         raise TypeError(
             f"{name} must have the same dtype as {reference_name} ({reference.dtype}), "
             f"got {describe(value)}"
         )
+
+
+def autocast_casts(*tensors: torch.Tensor) -> bool:
+    """Whether ``torch.autocast`` is on for the tensors' device and casts all of them."""
+    return torch.is_autocast_enabled(tensors[0].device.type) and all(t.dtype in AUTOCAST_DTYPES for t in tensors)
 
 
 def same_device(name: str, value: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:

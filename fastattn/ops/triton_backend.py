@@ -5,7 +5,10 @@ It runs CUDA tensors when a GPU is present; under Triton's interpreter
 CPU tensors, so the tests can call it explicitly.  ``"auto"`` never picks it for CPU
 tensors (``backends.AUTO_ORDER``).  Attention reuses ``fastattn.ops.attention``'s
 mapping of the six scores onto the kernels; float64 inputs run the reference (Triton's
-kernels here compute float32/float16/bfloat16, accumulating in float32).
+kernels here compute float32/float16/bfloat16, accumulating in float32).  Inside
+``torch.autocast`` every backend function runs in the autocast dtype: its floating
+tensors are cast, then it runs with autocast off (the Triton ops have no autocast
+kernels; unlike torch's, these casts are not cached across calls).
 """
 
 from __future__ import annotations
@@ -20,13 +23,26 @@ from fastattn.info import BACKEND_NOTES
 FLOAT64_NOTE = "float64 inputs run the reference (the Triton kernels take float32, float16 and bfloat16)"
 
 
-def _reference_for_float64(function, reference_function):
+def _in_kernel_dtypes(function, reference_function):
+    """``function``, with float64 inputs sent to ``reference_function`` and, inside
+    ``torch.autocast``, its floating tensors cast to the autocast dtype (see the module
+    docstring)."""
+
     @functools.wraps(function)
     def run(*arguments, **keywords):
-        tensors = (a for a in (*arguments, *keywords.values()) if isinstance(a, torch.Tensor))
+        tensors = [a for a in (*arguments, *keywords.values()) if isinstance(a, torch.Tensor)]
         if any(tensor.dtype == torch.float64 for tensor in tensors):
             return reference_function(*arguments, **keywords)
-        return function(*arguments, **keywords)
+        device_type = tensors[0].device.type
+        if not torch.is_autocast_enabled(device_type):
+            return function(*arguments, **keywords)
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(value):
+            return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        with torch.autocast(device_type, enabled=False):
+            return function(*map(cast, arguments), **{name: cast(value) for name, value in keywords.items()})
 
     return run
 
@@ -70,6 +86,6 @@ def register(device_types: tuple[str, ...]) -> None:
     to record the launches a GPU run makes)."""
     reference_functions = {op: backends.implementation(op, "cpu", "reference") for op in backends.OPS}
     for op, function in _backend_functions().items():
-        backends.register(op, "triton", device_types)(_reference_for_float64(function, reference_functions[op]))
+        backends.register(op, "triton", device_types)(_in_kernel_dtypes(function, reference_functions[op]))
     backends.mark_available("triton")
     BACKEND_NOTES["triton"] = FLOAT64_NOTE

@@ -1,0 +1,205 @@
+"""fastattn inside torch.autocast, as torch's own layers run there: the modules and
+functions take float16 / bfloat16 / float32 tensors mixed (a Linear's bfloat16 output
+next to float32 parameters and encoder states) on every backend, their outputs within
+twice the error of the reference run under the same autocast, and their gradients
+reaching the float32 parameters.  The ops' autocast kernels (csrc/autocast.cpp): on the
+CPU they compute in float32, on CUDA in the autocast dtype (seen on fake CUDA tensors
+here; the gpu test runs them)."""
+
+import copy
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+import fastattn
+from fastattn import backends
+from tests.problems import SCORES, key_dim_for
+
+BACKENDS = [name for name in ("reference", "cpu", "triton") if backends.unavailable_reason(name) is None]
+LOW = torch.bfloat16
+# Triton's interpreter multiplies bfloat16 tl.dot operands wrongly (test_triton_attention):
+# there the Triton backend runs float16 autocast only; the gpu tests cover bfloat16.
+INTERPRETED_TRITON = "triton" in BACKENDS and not torch.cuda.is_available()
+BACKEND_DTYPES = [
+    (name, dtype) for name in BACKENDS for dtype in (torch.float16, torch.bfloat16)
+    if not (name == "triton" and INTERPRETED_TRITON and dtype == torch.bfloat16)
+]
+
+
+def _inputs(kind, score, low):
+    """(module, inputs, run): ``run(module, *inputs)`` gives the outputs compared.  The
+    first input is in ``low`` (what an autocast Linear hands on), the others float32."""
+    generator = torch.Generator().manual_seed(3)
+
+    def tensor(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    torch.manual_seed(4)
+    if kind == "attention":
+        module = fastattn.nn.Attention(8, key_dim_for(score, 8, 6), score=score, max_source_len=7)
+        return module, (tensor(3, 4, 8, dtype=low), tensor(3, 5, key_dim_for(score, 8, 6))), lambda m, q, k: list(m(q, k))
+    if kind in ("lstm_cell", "gru_cell"):
+        module = (fastattn.nn.LSTMCell if kind == "lstm_cell" else fastattn.nn.GRUCell)(8, 6)
+        if kind == "lstm_cell":
+            return module, (tensor(3, 8, dtype=low), tensor(3, 6), tensor(3, 6)), lambda m, x, h, c: list(m(x, (h, c)))
+        return module, (tensor(3, 8, dtype=low), tensor(3, 6)), lambda m, x, h: [m(x, h)]
+    if kind in ("lstm", "gru"):
+        module = (fastattn.nn.LSTM if kind == "lstm" else fastattn.nn.GRU)(8, 6, num_layers=2, bidirectional=True)
+        return module, (tensor(4, 3, 8, dtype=low),), lambda m, x: [m(x)[0]]
+    cell = kind.split("_")[1]
+    module = fastattn.nn.AttentionDecoderCell(8, 6, 5, score=score, cell=cell, max_source_len=7)
+
+    def decode(m, y, keys):
+        cache, state, outputs = m.precompute(keys), None, []
+        for step in range(2):
+            output, state, weights = m(y[step], state, cache)
+            outputs += [output, weights]
+        return outputs
+
+    return module, (tensor(2, 3, 8, dtype=low), tensor(3, 5, 5)), decode
+
+
+def _run(kind, score, backend_name, low, autocast, device="cpu"):
+    """Outputs, and the gradients of the parameters and inputs, under autocast to ``low``
+    (float64 copies of them without autocast when ``autocast`` is False: the exact run)."""
+    module, inputs, run = _inputs(kind, score, low)
+    module, inputs = module.to(device), [x.to(device) for x in inputs]
+    if not autocast:
+        module, inputs = copy.deepcopy(module).double(), [x.double() for x in inputs]
+    inputs = [x.requires_grad_() for x in inputs]
+    with fastattn.backend(backend_name), torch.autocast(device, dtype=low, enabled=autocast):
+        outputs = run(module, *inputs)
+    sum(output.double().sum() for output in outputs).backward()
+    leaves = [*module.named_parameters(), *((f"input {index}", x) for index, x in enumerate(inputs))]
+    return outputs, {name: (leaf.dtype, leaf.grad) for name, leaf in leaves}
+
+
+CASES = [("attention", score) for score in SCORES] + [
+    (kind, None) for kind in ("lstm_cell", "gru_cell", "lstm", "gru")
+] + [("decoder_lstm", "additive"), ("decoder_gru", "general"), ("decoder_lstm", "location")]
+
+
+def _check_against_the_reference(kind, score, backend_name, low, device="cpu", output_dtypes=None):
+    """The 2x rule on the outputs, and the gradients near the exact ones in their leaves'
+    dtypes; ``output_dtypes``: the dtypes the outputs may have (default: low or float32)."""
+    exact, exact_grads = _run(kind, score, "reference", low, autocast=False, device=device)
+    reference, _ = _run(kind, score, "reference", low, autocast=True, device=device)
+    got, grads = _run(kind, score, backend_name, low, autocast=True, device=device)
+    for index, (output, in_reference, want) in enumerate(zip(got, reference, exact)):
+        assert output.dtype in (output_dtypes or (low, torch.float32)) and output.shape == want.shape
+        error = float((output.double() - want).abs().max())
+        reference_error = float((in_reference.double() - want).abs().max())
+        # Allowed besides: one rounding to `low` of the largest output (the kernels take
+        # every input in the autocast dtype, a float32 LSTM cell state included, where the
+        # reference's elementwise maths promote to float32).
+        rounding = torch.finfo(low).eps * float(want.abs().max())
+        assert error <= 2 * reference_error + rounding, (index, error, reference_error)
+    for name, (dtype, grad) in grads.items():  # in each leaf's dtype, near the exact ones
+        want = exact_grads[name][1]
+        assert grad is not None and grad.dtype == dtype, name
+        assert (grad.double() - want).abs().max() <= 0.05 * want.abs().max() + 1e-3, name
+
+
+@pytest.mark.parametrize("backend_name, low", BACKEND_DTYPES)
+@pytest.mark.parametrize("kind, score", CASES)
+def test_mixed_dtypes_under_autocast_within_twice_the_references_error(kind, score, backend_name, low):
+    _check_against_the_reference(kind, score, backend_name, low)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or backends.unavailable_reason("cuda") is not None,
+    reason="needs a CUDA device and fastattn built with CUDA kernels",
+)
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind, score", [("attention", "general"), ("lstm", None), ("decoder_lstm", "additive")])
+def test_gpu_cuda_kernels_under_autocast_run_in_its_dtype(kind, score, low):
+    _check_against_the_reference(kind, score, "cuda", low, device="cuda", output_dtypes=(low,))
+
+
+def test_the_ops_compute_in_float32_under_cpu_autocast():
+    """The CPU autocast kernels: float32 computation, whatever floating dtypes come in;
+    gradients flow back through the casts to the float32 parameter."""
+    generator = torch.Generator().manual_seed(8)
+    query = torch.randn(2, 3, 6, generator=generator).to(LOW)
+    keys = torch.randn(2, 5, 6, generator=generator, requires_grad=True)
+    values = torch.randn(2, 5, 4, generator=generator).to(torch.float16)
+    attention_arguments = ["dot", 0.5, torch.tensor([5, 2]), None, False, None, None, False, True]
+    with torch.autocast("cpu", dtype=LOW):
+        outputs = torch.ops.fastattn.attention_forward(query, keys, values, None, None, *attention_arguments)
+    expected = torch.ops.fastattn.attention_forward(query.float(), keys, values.float(), None, None, *attention_arguments)
+    for got, want in zip(outputs, expected):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    outputs[0].sum().backward()
+    assert keys.grad.dtype == torch.float32 and keys.grad.abs().max() > 0
+
+    x, h, c = (torch.randn(3, 6, generator=generator).to(LOW) for _ in range(3))
+    w_ih, w_hh = torch.randn(24, 6, generator=generator), torch.randn(24, 6, generator=generator)
+    sequence, h0 = torch.randn(4, 3, 6, generator=generator).to(LOW), torch.randn(3, 6, generator=generator)
+    calls = [
+        (torch.ops.fastattn.lstm_cell_forward, (x, h, c, w_ih, w_hh, None, None)),
+        (torch.ops.fastattn.gru_cell_forward, (x, h, w_ih[:18], w_hh[:18], None, None)),
+        (torch.ops.fastattn.lstm_layer_forward, (sequence, h0, h0, w_ih, w_hh, None, None, None, False)),
+        (torch.ops.fastattn.gru_layer_forward, (sequence, h0, w_ih[:18], w_hh[:18], None, None, None, False)),
+    ]
+    for op, arguments in calls:
+        with torch.autocast("cpu", dtype=LOW):
+            outputs = op(*arguments)
+        in_float32 = [a.float() if isinstance(a, torch.Tensor) else a for a in arguments]
+        for got, want in zip(outputs, op(*in_float32)):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_ops_compute_in_the_autocast_dtype_under_cuda_autocast(dtype):
+    """The CUDA autocast kernels, on fake CUDA tensors (no GPU needed): every floating
+    input cast to the autocast dtype, so mixed dtypes reach the kernels as one."""
+    mode = FakeTensorMode()
+
+    def fake(*shape, dtype=torch.float32):
+        return FakeTensor(mode, torch.empty(*shape, dtype=dtype, device="meta"), torch.device("cuda", 0))
+
+    query, keys, values = fake(2, 3, 8), fake(2, 5, 8, dtype=torch.float16), fake(2, 5, 4, dtype=torch.bfloat16)
+    x, h, c, w_ih, w_hh = fake(2, 8, dtype=torch.bfloat16), fake(2, 8), fake(2, 8), fake(32, 8), fake(32, 8)
+    w_ih_gru, w_hh_gru, sequence = fake(24, 8), fake(24, 8), fake(4, 2, 8, dtype=torch.float16)
+    enabled, autocast_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        with mode:
+            outputs = [
+                *torch.ops.fastattn.attention_forward(query, keys, values, None, None, "dot", 1.0, None, None, False,
+                                                      None, None, False, True)[:2],
+                *torch.ops.fastattn.lstm_cell_forward(x, h, c, w_ih, w_hh, None, None),
+                *torch.ops.fastattn.gru_cell_forward(x, h, w_ih_gru, w_hh_gru, None, None),
+                *torch.ops.fastattn.lstm_layer_forward(sequence, h, c, w_ih, w_hh, None, None, None, False),
+                *torch.ops.fastattn.gru_layer_forward(sequence, h, w_ih_gru, w_hh_gru, None, None, None, False),
+            ]
+    finally:
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", autocast_dtype)
+    assert [output.dtype for output in outputs] == [dtype] * len(outputs)
+
+
+@pytest.mark.skipif(backends.unavailable_reason("cpu") is not None, reason="needs the C++ extension")
+def test_compiles_with_fullgraph_under_autocast():
+    """An autocast Linear feeding attention and a cell, under torch.compile(fullgraph=True):
+    what eager mode gives, and gradients."""
+    torch.manual_seed(5)
+    linear, attention, cell = torch.nn.Linear(8, 8), fastattn.nn.Attention(8, 8, score="additive"), fastattn.nn.LSTMCell(8, 8)
+
+    def step(x, keys):
+        context, _ = attention(linear(x), keys)
+        return context, cell(context[:, 0])[0]
+
+    x, keys = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    with fastattn.backend("cpu"), torch.autocast("cpu", dtype=LOW):
+        eager, compiled = step(x, keys), torch.compile(step, fullgraph=True)(x, keys)
+    for got, want in zip(compiled, eager):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+    sum(output.float().sum() for output in compiled).backward()
+    assert cell.weight_ih.grad.dtype == torch.float32 and cell.weight_ih.grad.abs().max() > 0
