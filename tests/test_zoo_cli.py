@@ -1,6 +1,7 @@
 """``fastattn train`` / ``fastattn eval`` end to end, and bad input giving one clear line."""
 
 import json
+import math
 
 import pytest
 
@@ -99,3 +100,17 @@ def test_malformed_tsv_line_names_the_file_and_line(tmp_path, capsys):
 def test_bad_values_give_one_line(tmp_path, capsys, arguments, message):
     line = one_error_line(capsys, main([*arguments, "--out", str(tmp_path)] if arguments[0] == "train" else arguments))
     assert line.startswith("fastattn: error: ") and message in line
+
+
+@pytest.mark.parametrize("task, flags", [
+    ("reverse", TINY_COPY),
+    ("captions", ["--train-size", "64", "--test-size", "20"]),
+    ("autoencoder", []),
+    ("lstmn", ["--pairs", "2", "--keys", "3", "--hidden", "16", "--train-size", "200"]),
+])
+def test_every_task_trains_under_amp(tmp_path, task, flags):
+    """--amp bfloat16: each model's training forward under torch.autocast, a finite loss."""
+    out = tmp_path / task
+    assert main(["train", task, *flags, "--epochs", "1", "--amp", "bfloat16", "--quiet", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] > 0 and math.isfinite(metrics["loss_train"])

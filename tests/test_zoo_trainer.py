@@ -118,13 +118,15 @@ def test_bad_common_flags_are_task_errors(tmp_path):
             trainer.train(train_arguments("copy", *TINY_COPY, *flags, "--out", str(tmp_path)))
 
 
-def test_copy_really_learns_in_a_few_seconds(tmp_path):
+@pytest.mark.parametrize("amp", [None, "bfloat16", "float16"])
+def test_copy_really_learns_in_a_few_seconds(tmp_path, amp):
     """Exact match far above chance (1 / 8^length) and a loss far below the uniform
-    guess, log(vocabulary size), after about 10 s of training on two-to-four-symbol copies."""
+    guess, log(vocabulary size), after about 10 s of training on two-to-four-symbol copies;
+    in float32, and under --amp (torch.autocast; float16 with a gradient scaler)."""
     args = train_arguments(
         "copy", "--symbols", "8", "--lengths", "2", "4", "--train-size", "3000", "--test-size", "200",
         "--embedding-size", "16", "--hidden-size", "32", "--batch-size", "32", "--lr", "0.01",
-        "--epochs", "4", "--time-budget", "12", "--quiet", "--out", str(tmp_path),
+        "--epochs", "4", "--time-budget", "12", "--quiet", "--out", str(tmp_path), *(["--amp", amp] if amp else []),
     )
     metrics = trainer.train(args)
     uniform_loss = math.log(8 + 4)  # symbols and the special tokens

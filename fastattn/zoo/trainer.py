@@ -89,6 +89,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"cosine (default): from --lr down to {FINAL_LEARNING_RATE * 100:.0f}%% of it over the run "
                         "(its epochs, or --time-budget when that ends it sooner)")
     parser.add_argument("--clip-norm", type=float, default=1.0, metavar="NORM", help="gradient-norm clipping")
+    parser.add_argument("--amp", choices=("bfloat16", "float16"), default=None,
+                        help="mixed precision: the training forward under torch.autocast in this dtype "
+                        "(float16 with a gradient scaler); default: off")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
@@ -168,6 +171,10 @@ class _TrainingRun:
         self.task, self.model, self.optimizer, self.progress = task, model, optimizer, progress
         self.processes, self.device, self.args, self.checkpoint_path = processes, device, args, path
         self.recent_loss = float("nan")  # exponential moving average of the training loss
+        self.autocast_dtype = None if args.amp is None else getattr(torch, args.amp)
+        # float16 gradients can underflow: the loss is scaled up, the gradients back down
+        # before clipping (a scaler that is not enabled passes everything through).
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "float16")
         self.saved_at_step = progress.step if args.resume else -1
         self.started = time.monotonic()
 
@@ -225,13 +232,16 @@ class _TrainingRun:
         began = time.monotonic()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(budget_used)
-        loss, count = self.task.loss(self.model, batch)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            loss, count = self.task.loss(self.model, batch)
         if not torch.isfinite(loss):
             raise TaskError(f"the training loss became {loss.item()} at step {self.progress.step + 1}; try a lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_norm)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         value = loss.item()
         self.recent_loss = value if math.isnan(self.recent_loss) else 0.98 * self.recent_loss + 0.02 * value
         self.progress.step += 1
