@@ -186,6 +186,20 @@ def test_cosine_on_the_matrix_multiply_path_takes_zero_vectors_and_keys_shared_b
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("score", SCORES)
+def test_deterministic_mode_runs_and_gradients_repeat_bit_for_bit(score):
+    """The CPU backward has no atomics (chunk-local sums, added in a fixed order): under
+    torch.use_deterministic_algorithms(True) it runs, with the same gradients every time."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = (run("cpu", score, *problem(score, torch.float32, "lengths")) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    for got, again in zip((*first[:2], *first[2]), (*second[:2], *second[2])):
+        assert (got is None and again is None) or torch.equal(got, again)
+
+
 @pytest.mark.parametrize("dim", [6, 130])  # the streaming kernels; the at::bmm path (dot, cosine)
 @pytest.mark.parametrize("kernel_score", ["dot", "cosine", "additive"])
 def test_keys_shared_by_the_batch_give_what_their_copies_give(kernel_score, dim):

@@ -328,6 +328,34 @@ def test_multi_query_attention_runs_on_the_tensor_core_kernels_and_matches_the_r
                                                                           masking, dtype, grad_context)
 
 
+@pytest.mark.parametrize("score", ["dot", "additive"])
+@gpu
+def test_deterministic_mode_takes_the_backward_without_atomics(score):
+    """Under torch.use_deterministic_algorithms(True) a tensor-core problem's backward runs
+    on the per-row kernels (no float atomics): the same gradients, bit for bit, run to run."""
+    query, keys, values, masking = problem(3, 96, 130, 64, 64, "lengths", seed=6, device=DEVICE)
+    leaves = [tensor.to(torch.float16).requires_grad_() for tensor in (query, keys, values)]
+    grad_context = torch.randn(3, 96, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.float16)
+    runs = []
+
+    def forward_and_backward():
+        with fastattn.backend("cuda"):
+            context = run_attention(*leaves, masking, 0.125, score)
+        runs.append(torch.autograd.grad(context, leaves, grad_context))
+
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        names = launched_kernels(forward_and_backward)
+        forward_and_backward()
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    assert any("backward_rows_kernel" in name for name in names), names
+    assert not any("attention_backward_tensor_core" in name for name in names), names
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
 @gpu
 def test_the_tensor_core_backward_takes_row_dot_from_the_context_or_runs_the_forward_again():
     query, keys, values, _ = problem(2, 64, 80, 64, 64, "global", seed=5, device=DEVICE)

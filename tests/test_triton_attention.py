@@ -96,6 +96,27 @@ def test_outputs_weights_and_gradients_match_the_reference(score, mode):
     assert_matches(run("triton", score, *inputs), run("reference", score, *inputs), FLOAT32)
 
 
+@pytest.fixture
+def restore_deterministic_mode():
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def test_deterministic_mode_refuses_the_additive_backward_only(restore_deterministic_mode):
+    """Its atomics: an error under torch.use_deterministic_algorithms(True), a warning with
+    warn_only=True (the gradients still computed); the dot score's backward has none."""
+    additive, dot = problem("additive", "lengths"), problem("scaled_dot", "lengths")
+    torch.use_deterministic_algorithms(True)
+    with pytest.raises(RuntimeError, match="triton_attention_backward with the additive score .*deterministic"):
+        run("triton", "additive", *additive)
+    assert_matches(run("triton", "scaled_dot", *dot), run("reference", "scaled_dot", *dot), FLOAT32)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    with pytest.warns(UserWarning, match="does not have a deterministic implementation"):
+        got = run("triton", "additive", *additive)
+    assert_matches(got, run("reference", "additive", *additive), FLOAT32)
+
+
 def test_fully_masked_rows_give_zeros_and_no_nan():
     query, keys, values, parameters, masking = problem("scaled_dot", "lengths")
     (context, weights), grads = run("triton", "scaled_dot", query, keys, values, parameters, masking)

@@ -309,9 +309,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   buffers.row_dot = row_dot.mutable_data_ptr();
   // No values' features (Dv = 0): an empty context, which holds no r (null: the kernels take r from the keys).
   buffers.context = context_.defined() && context_.numel() > 0 ? context_.const_data_ptr() : nullptr;
-  // The tensor-core forward's problems go to its backward unless grad_weights is wanted.
+  // The tensor-core forward's problems go to its backward unless grad_weights is wanted, or
+  // torch.use_deterministic_algorithms(True) is on: that backward adds grad_query (and
+  // grad_v) with float atomics, whose order varies; the per-row kernels have none.
   const bool grad_context_aligned = reinterpret_cast<uintptr_t>(grad_context_.const_data_ptr()) % 16 == 0;
   if (!grad_weights_.defined() && grad_context_aligned && p.query_length >= kTensorCoreMinQueries &&
+      !at::globalContext().deterministicAlgorithms() &&
       attention_tensor_core_supported(p, compute_capability_major(query))) {
     if (additive) {  // grad_v itself
       grad_v_rows = at::empty({1, 1, p.score_dim}, accumulate);

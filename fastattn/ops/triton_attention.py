@@ -7,9 +7,13 @@ same arguments as the C++ ``fastattn::attention_forward``; the six public scores
 mapped onto them by ``fastattn.ops.attention`` (this module passes :func:`fused`).
 float16 and bfloat16 run natively with float32 accumulation; the caller sends float64
 to the reference.  A decode step with too few (query block, batch) programs to fill
-the GPU splits its keys across programs and merges them (flash-decoding).
+the GPU splits its keys across programs and merges them (flash-decoding).  The
+additive backward adds its grad_query and grad_v with atomics, so under
+``torch.use_deterministic_algorithms(True)`` it raises (or warns, with
+``warn_only=True``) as torch's own nondeterministic ops do.
 """
 
+import warnings
 from typing import Optional
 
 import torch
@@ -163,6 +167,8 @@ def triton_attention_backward(
     if grad_weights is not None:
         delta = delta + (grad_weights.float() * weights.float()).sum(-1)
     additive = flags["SCORE_KIND"] == ADDITIVE
+    if additive:
+        _alert_not_deterministic("fastattn::triton_attention_backward with the additive score")
     grad_query = query.new_zeros(batch, query_length, features, dtype=torch.float32)
     grad_keys = query.new_zeros(batch, source_length, features, dtype=torch.float32)
     grad_values = query.new_empty(batch, source_length, value_features, dtype=torch.float32)
@@ -193,6 +199,21 @@ def triton_attention_backward(
         grad_query.to(dtype), grad_keys.to(dtype), grad_values.to(dtype), grad_v.to(dtype), grad_bias.to(dtype),
         grad_center.to(center.dtype if center is not None else dtype),
     )
+
+
+def _alert_not_deterministic(caller: str) -> None:
+    """What torch's nondeterministic ops do under torch.use_deterministic_algorithms(True)."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        f"{caller} does not have a deterministic implementation (it adds gradients with atomics), but "
+        "torch.use_deterministic_algorithms(True) is on: use the cuda backend, whose backward is deterministic "
+        "in this mode, or turn it off (warn_only=True warns instead)"
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message)
+    else:
+        raise RuntimeError(message)
 
 
 def _forward_input_gradients(grads, v, bias, center, gaussian):
