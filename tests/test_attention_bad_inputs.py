@@ -482,3 +482,36 @@ def test_an_unknown_backend_name_is_refused():
     with pytest.raises(ValueError, match="reference"):
         with fastattn.backend("fast"):
             pass
+
+
+class _ReductionCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the min / max reductions that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.name() in ("aten::min", "aten::max")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_lengths_passed_again_are_not_read_again_until_they_change(backend_name):
+    """A decoder passes the same lengths at every step: their range is read at the first
+    (two reductions, a synchronisation on a GPU), not again while the tensor is unchanged;
+    changed in place, or against a shorter source, they are read, and refused, again."""
+    lengths = torch.tensor([5, 2])
+    with fastattn.backend(backend_name):
+        first, again = _ReductionCount(), _ReductionCount()
+        with first:
+            fastattn.attention(QUERY, KEYS, lengths=lengths)
+        with again:
+            fastattn.attention(QUERY, KEYS, lengths=lengths)
+        assert first.count == 2 and again.count == 0
+        with pytest.raises(ValueError, match="lengths must lie in"):
+            fastattn.attention(QUERY, KEYS[:, :4], lengths=lengths)
+        lengths[0] = 6
+        for _ in range(2):
+            with pytest.raises(ValueError, match="lengths must lie in"):
+                fastattn.attention(QUERY, KEYS, lengths=lengths)

@@ -12,6 +12,7 @@ Mask tensors may cover a prefix of the batch dimensions (``lengths`` of shape
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -174,15 +175,30 @@ def masking_arguments(
     }
 
 
+# The lengths tensor whose values were last found in [0, S]: (a weak reference to it, its
+# _version then, S).  A decoder passes the same lengths at every step; reading their range
+# again would cost two reductions and, on a GPU, a synchronisation per step.
+_last_checked_lengths: tuple = (lambda: None, -1, -1)
+
+
+def _checked_before(lengths: torch.Tensor, source_length: int) -> bool:
+    reference, version, checked_source_length = _last_checked_lengths
+    return reference() is lengths and version == lengths._version and checked_source_length == source_length
+
+
 def checked_lengths(lengths: object, layout: Layout, query: torch.Tensor, source_length: int) -> torch.Tensor:
+    global _last_checked_lengths
     checks.integer_tensor("lengths", lengths)
     checks.same_device("lengths", lengths, "query", query)
+    given = lengths
     lengths = broadcast_over_batch("lengths", lengths, layout, (), "(B,) or (B, ...)")
-    if checks.reads_values() and lengths.numel() and (lengths.min() < 0 or lengths.max() > source_length):
-        raise ValueError(
-            f"lengths must lie in [0, S={source_length}], got values from "
-            f"{int(lengths.min())} to {int(lengths.max())}"
-        )
+    if checks.reads_values() and lengths.numel() and not _checked_before(given, source_length):
+        if lengths.min() < 0 or lengths.max() > source_length:
+            raise ValueError(
+                f"lengths must lie in [0, S={source_length}], got values from "
+                f"{int(lengths.min())} to {int(lengths.max())}"
+            )
+        _last_checked_lengths = (weakref.ref(given), given._version, source_length)
     return lengths.to(torch.int64)
 
 
