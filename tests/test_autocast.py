@@ -87,6 +87,7 @@ def _check_against_the_reference(kind, score, backend_name, low, device="cpu", o
     reference, _ = _run(kind, score, "reference", low, autocast=True, device=device)
     got, grads = _run(kind, score, backend_name, low, autocast=True, device=device)
     for index, (output, in_reference, want) in enumerate(zip(got, reference, exact)):
+        output, in_reference, want = output.detach(), in_reference.detach(), want.detach()
         assert output.dtype in (output_dtypes or (low, torch.float32)) and output.shape == want.shape
         error = float((output.double() - want).abs().max())
         reference_error = float((in_reference.double() - want).abs().max())
