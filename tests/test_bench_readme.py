@@ -113,3 +113,8 @@ def test_times_are_rounded_before_their_unit_is_picked(seconds, shown):
 @pytest.mark.parametrize("count, shown", [(1023.9 * 2**10, "1 MiB"), (3 * 2**20, "3 MiB"), (512, "512 B"), (None, "–")])
 def test_byte_counts_are_rounded_before_their_unit_is_picked(count, shown):
     assert readme_tables._bytes(count) == shown
+
+
+@pytest.mark.parametrize("value, shown", [(7.43, "7.4%"), (58.2, "58%"), (99.7, "100%"), (112.4, "112%"), (0.012, "0.012%")])
+def test_percentages_keep_two_digits_and_never_an_exponent(value, shown):
+    assert readme_tables.percent_text(value) == shown

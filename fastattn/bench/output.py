@@ -29,6 +29,11 @@ def _scaled(value: float, units) -> str:
     return f"{value / factor:.3g} {unit}"
 
 
+def percent_text(value: float) -> str:
+    """Two significant digits, whole numbers from 99.5 up: "7.4%", "58%", "100%", "110%"."""
+    return f"{value:.2g}%" if value < 99.5 else f"{value:.0f}%"
+
+
 def aligned(rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
     """Rows of cells as lines whose columns line up."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
@@ -62,7 +67,7 @@ def format_table(results: list[Result]) -> str:
             _scaled(r.iqr_s, TIME_UNITS),
             _error_cell(r),
             "-" if r.peak_bytes is None else _scaled(r.peak_bytes, BYTE_UNITS),
-            f"{r.percent_of_limit:.2g}% {r.bound_by}",
+            f"{percent_text(r.percent_of_limit)} {r.bound_by}",
             _speedup_cell(r),
         ))
     return "\n".join(aligned([header, *rows]) + _target_lines(results))
