@@ -17,6 +17,7 @@ from fastattn import backends
 from tests.problems import SCORES, key_dim_for
 
 BACKENDS = [name for name in ("reference", "cpu", "triton") if backends.unavailable_reason(name) is None]
+needs_extension = pytest.mark.skipif(backends.unavailable_reason("cpu") is not None, reason="needs the C++ extension")
 LOW = torch.bfloat16
 # Triton's interpreter multiplies bfloat16 tl.dot operands wrongly (test_triton_attention):
 # there the Triton backend runs float16 autocast only; the gpu tests cover bfloat16.
@@ -119,6 +120,7 @@ def test_gpu_cuda_kernels_under_autocast_run_in_its_dtype(kind, score, low):
     _check_against_the_reference(kind, score, "cuda", low, device="cuda", output_dtypes=(low,))
 
 
+@needs_extension
 def test_the_ops_compute_in_float32_under_cpu_autocast():
     """The CPU autocast kernels: float32 computation, whatever floating dtypes come in;
     gradients flow back through the casts to the float32 parameter."""
@@ -154,6 +156,7 @@ def test_the_ops_compute_in_float32_under_cpu_autocast():
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@needs_extension
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_ops_compute_in_the_autocast_dtype_under_cuda_autocast(dtype):
     """The CUDA autocast kernels, on fake CUDA tensors (no GPU needed): every floating
@@ -185,7 +188,7 @@ def test_the_ops_compute_in_the_autocast_dtype_under_cuda_autocast(dtype):
     assert [output.dtype for output in outputs] == [dtype] * len(outputs)
 
 
-@pytest.mark.skipif(backends.unavailable_reason("cpu") is not None, reason="needs the C++ extension")
+@needs_extension
 def test_compiles_with_fullgraph_under_autocast():
     """An autocast Linear feeding attention and a cell, under torch.compile(fullgraph=True):
     what eager mode gives, and gradients."""
