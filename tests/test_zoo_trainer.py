@@ -60,18 +60,23 @@ def test_loading_a_missing_or_foreign_file_is_a_clear_error(tmp_path):
         checkpoint.load(tmp_path / "plain.pt")
 
 
-def test_resuming_gives_the_same_model_as_an_uninterrupted_run(tmp_path):
-    straight = train_arguments("copy", *TINY_COPY, "--epochs", "2", "--out", str(tmp_path / "straight"))
+@pytest.mark.parametrize("amp", [[], ["--amp", "float16"]], ids=["float32", "amp-float16"])
+def test_resuming_gives_the_same_model_as_an_uninterrupted_run(tmp_path, amp):
+    """Bit for bit; under --amp float16 the gradient scaler's state is resumed too."""
+    straight = train_arguments("copy", *TINY_COPY, *amp, "--epochs", "2", "--out", str(tmp_path / "straight"))
     trainer.train(straight)
-    first_half = train_arguments("copy", *TINY_COPY, "--epochs", "1", "--out", str(tmp_path / "resumed"))
+    first_half = train_arguments("copy", *TINY_COPY, *amp, "--epochs", "1", "--out", str(tmp_path / "resumed"))
     trainer.train(first_half)
     after_one = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
     assert after_one["progress"]["epoch"] == 1 and after_one["optimizer"]["state"]  # Adam moments saved
-    second_half = train_arguments("copy", *TINY_COPY, "--epochs", "2", "--out", str(tmp_path / "resumed"), "--resume")
+    assert bool(after_one["scaler"]) == bool(amp)
+    second_half = train_arguments("copy", *TINY_COPY, *amp, "--epochs", "2", "--out", str(tmp_path / "resumed"),
+                                  "--resume")
     metrics = trainer.train(second_half)
     assert metrics["steps"] == 12 and metrics["epochs_completed"] == 2  # 96 examples / 16 per batch, twice
-    expected = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")["model"]
-    resumed = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")["model"]
+    expected, resumed = (checkpoint.load(tmp_path / run / "checkpoint.pt") for run in ("straight", "resumed"))
+    assert resumed["scaler"] == expected["scaler"]  # scale and steps since it last grew
+    expected, resumed = expected["model"], resumed["model"]
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
 

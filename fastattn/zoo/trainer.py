@@ -139,6 +139,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             progress = Progress(**saved["progress"])
         trained = torch.nn.parallel.DistributedDataParallel(model) if processes.size > 1 else model
         run = _TrainingRun(task, trained, optimizer, progress, processes, device, args, checkpoint_path)
+        if saved is not None and saved.get("scaler"):  # empty when saved without --amp float16
+            run.scaler.load_state_dict(saved["scaler"])
         stopped_by = run.epochs()
         recent_loss = run.recent_loss
         # The DDP wrapper's reducer holds the process group: free it while the group is
@@ -274,6 +276,7 @@ class _TrainingRun:
                 "task_state": self.task.state_dict(),
                 "model": model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "progress": asdict(self.progress),
             },
             self.checkpoint_path,
