@@ -128,6 +128,7 @@ CASES = [
     attention_case("w_key-float32", TypeError, "w_key", **{**ADDITIVE, "w_key": W_KEY.float()}),
     attention_case("v-float32", TypeError, "v", **{**ADDITIVE, "v": V_A.float()}),
     attention_case("bias-float32", TypeError, "bias", **{**ADDITIVE, "bias": B_A.float()}),
+    attention_case("center-float32", TypeError, "center", window=1, center=CENTER.float()),
     # mismatched devices
     attention_case("keys-meta", ValueError, "keys", QUERY, ON_META),
     attention_case("query-meta", ValueError, "keys", _randn(2, 3, 4, device="meta"), KEYS),

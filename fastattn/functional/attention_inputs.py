@@ -204,7 +204,7 @@ def checked_lengths(lengths: object, layout: Layout, query: torch.Tensor, source
 
 def _checked_center(center: object, layout: Layout, query: torch.Tensor, query_length: int, window: object) -> torch.Tensor:
     checks.float_tensor("center", center)
-    checks.same_device("center", center, "query", query)
+    checks.like("center", center, "query", query)
     if window is None:
         raise ValueError("center (local-p attention) needs window, the half-width D of the window")
     trailing = () if layout.single_step else (query_length,)
