@@ -606,7 +606,7 @@ struct BackwardInputs {
 };
 
 template <typename T>
-struct BackwardOutputs {  // all zero-initialised
+struct BackwardOutputs {  // uninitialised: the kernel zeroes each batch's slices before it accumulates
   T* grad_query = nullptr;   // (N, T, D)
   T* grad_keys = nullptr;    // (N, S, D); one (S, D) block for every n when grad_keys_batch_stride is 0
   int64_t grad_keys_batch_stride = 0;
@@ -664,9 +664,17 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
   std::vector<int64_t> visible_keys(source_length);
   std::vector<T> prepared(score_dim), grad_unit_query(kScore == ScoreKind::kCosine ? score_dim : 0);
   std::vector<T> activation(kScore == ScoreKind::kAdditive ? score_dim : 0);
+  // Each batch's gradient slices are zeroed here, by the thread that accumulates into
+  // them and while they are in its cache, rather than by a pass over whole tensors
+  // before the kernel (which costs a write and a read of every gradient from memory).
+  if (out.grad_keys_batch_stride == 0) std::fill_n(out.grad_keys, source_length * score_dim, T(0));
   for (int64_t n = n_begin; n < n_end; ++n) {
     T* grad_keys = out.grad_keys + n * out.grad_keys_batch_stride;
     T* grad_values = out.grad_values + n * source_length * value_dim;
+    if (out.grad_keys_batch_stride != 0) std::fill_n(grad_keys, source_length * score_dim, T(0));
+    std::fill_n(grad_values, source_length * value_dim, T(0));
+    std::fill_n(out.grad_query + n * query_length * score_dim, query_length * score_dim, T(0));
+    if (out.grad_center != nullptr) std::fill_n(out.grad_center + n * query_length, query_length, T(0));
     for (int64_t t = 0; t < query_length; ++t) {
       const int64_t row = n * query_length + t;
       const T logsumexp = in.logsumexp[row];
@@ -1367,12 +1375,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             wants_center ? cast(grad_center) : empty()};
   }
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(in.batch, at::get_num_threads()));
-  at::Tensor grad_query = at::zeros({in.batch, in.query_length, in.score_dim}, options);
+  // Zeroed by the kernel, batch by batch (backward_batches).
+  at::Tensor grad_query = at::empty({in.batch, in.query_length, in.score_dim}, options);
   // Keys shared by the batch: one (S, D) gradient per chunk, summed over the chunks at the end.
-  at::Tensor grad_keys = at::zeros({in.shared_keys ? chunks : in.batch, in.source_length, in.score_dim}, options);
-  at::Tensor grad_values = at::zeros({in.batch, in.source_length, in.value_dim}, options);
+  at::Tensor grad_keys = at::empty({in.shared_keys ? chunks : in.batch, in.source_length, in.score_dim}, options);
+  at::Tensor grad_values = at::empty({in.batch, in.source_length, in.value_dim}, options);
   const bool wants_grad_center = in.gaussian && in.center.defined();
-  at::Tensor grad_center = wants_grad_center ? at::zeros({in.batch, in.query_length}, options) : at::Tensor();
+  at::Tensor grad_center = wants_grad_center ? at::empty({in.batch, in.query_length}, options) : at::Tensor();
   const bool additive = in.score == ScoreKind::kAdditive;
   // Per chunk: grad_v (Da) then grad_bias (Da), summed over the chunks at the end.
   at::Tensor parameter_sums = at::zeros({chunks, 2, additive ? in.score_dim : 0}, options);
