@@ -49,7 +49,7 @@ def outputs_at(
     smallest = torch.finfo(weights.dtype).tiny
     log_prob = torch.log(chosen.clamp_min(smallest)) - torch.log(total.clamp_min(smallest))
     log_prob = torch.where(has_valid, log_prob, torch.zeros_like(log_prob))
-    context = values_at(values, index) * has_valid.unsqueeze(-1).to(values.dtype)
+    context = values_at(values, index).mul_(has_valid.unsqueeze(-1))  # in place: no second (N, T, Dv) tensor
     return context, index, log_prob
 
 
