@@ -13,14 +13,24 @@
 // autograd never makes a zero gradient on its own (the recurrent ops' `saved` output
 // holds the gate activations of every step); an absent gradient of a real output is
 // passed as zeros, except the attention weights', which is passed as none.
+// Gradients of gradients: the *_backward kernels are not differentiable.  When a
+// backward must be (torch.autograd.grad(..., create_graph=True): gradient penalties,
+// Hessian-vector products, meta-learning), each backward below takes its gradients
+// instead from the op's differentiable form, fastattn::<op>_reference (fastattn.
+// reference's PyTorch, fastattn/ops/higher_order.py), recomputed from the saved inputs
+// and differentiated with a graph: right to any order, at the reference's speed, and
+// only then.
 #include "op_handles.h"
 
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace fastattn {
 namespace {
@@ -42,6 +52,52 @@ Tensor contiguous_or_zeros(const Tensor& grad, const Tensor& like) {
 
 // A gradient of an optional input: undefined (None) when the input was absent.
 Tensor if_present(const Tensor& grad, const Tensor& input) { return input.defined() ? grad : Tensor(); }
+
+// Whether this backward must itself be differentiable: autograd records it
+// (create_graph=True) and some input of the forward needs a gradient.
+bool graph_wanted(const variable_list& inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor& input : inputs) {
+    if (input.defined() && input.requires_grad()) return true;
+  }
+  return false;
+}
+
+// The gradients of `inputs` (the forward's arguments in order, undefined where an
+// argument is no tensor or needs no gradient) through fastattn::<reference_op> called
+// on `arguments` (the forward's first arguments, in its order), whose first outputs
+// are the forward's, weighted by `grads` (undefined: that output's gradient is zero),
+// recorded for a further backward.  Each input enters as an alias of its own, so that
+// a tensor passed twice (keys as the values) gets each use's gradient once, as the
+// kernels' backward gives it.
+variable_list gradients_through_reference(const char* reference_op, std::vector<c10::IValue> arguments,
+                                          const variable_list& grads, const variable_list& inputs) {
+  variable_list wanted;
+  std::vector<size_t> positions;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (inputs[i].defined() && inputs[i].requires_grad()) {
+      wanted.push_back(inputs[i].view_as(inputs[i]));
+      arguments[i] = wanted.back();
+      positions.push_back(i);
+    }
+  }
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(reference_op, "");
+  op.callBoxed(&arguments);  // the outputs replace the arguments on the stack
+  variable_list outputs, weights;
+  for (size_t i = 0; i < arguments.size() && i < grads.size(); ++i) {
+    const Tensor output = arguments[i].toTensor();
+    if (grads[i].defined() && output.requires_grad()) {
+      outputs.push_back(output);
+      weights.push_back(grads[i]);
+    }
+  }
+  variable_list result(inputs.size());
+  if (outputs.empty()) return result;
+  const variable_list gradients = torch::autograd::grad(outputs, wanted, weights, /*retain_graph=*/true,
+                                                        /*create_graph=*/true, /*allow_unused=*/true);
+  for (size_t k = 0; k < positions.size(); ++k) result[positions[k]] = gradients[k];
+  return result;
+}
 
 // ---------------------------------------------------------------- attention_forward
 
@@ -80,12 +136,21 @@ struct Attention : public torch::autograd::Function<Attention> {
     const optional<Tensor> grad_weights =
         return_weights && grads[1].defined() ? optional<Tensor>(grads[1].contiguous()) : std::nullopt;
     const optional<int64_t> window = data.at("window").toOptional<int64_t>();
+    const Tensor none;
+    const variable_list inputs = {query, keys, values, v, bias, none, none, none, none, none, none,
+                                  gaussian ? center : none, none, none};
+    if (graph_wanted(inputs)) {
+      return gradients_through_reference(
+          "fastattn::attention_reference",
+          {query, keys, values, or_none(v), or_none(bias), data.at("score"), data.at("scale"), or_none(lengths),
+           or_none(key_padding_mask), data.at("causal"), window, or_none(center), gaussian},
+          {grads[0], return_weights ? grads[1] : none}, inputs);
+    }
     auto [grad_query, grad_keys, grad_values, grad_v, grad_bias, grad_center] =
         op.call(contiguous_or_zeros(grads[0], context), grad_weights, query, keys, values, or_none(v), or_none(bias),
                 data.at("score").toStringRef(), data.at("scale").toDouble(), or_none(lengths),
                 or_none(key_padding_mask), data.at("causal").toBool(), window, or_none(center), gaussian, logsumexp,
                 context);
-    const Tensor none;
     return {grad_query, grad_keys, grad_values, if_present(grad_v, v), if_present(grad_bias, bias),
             none, none, none, none, none, none,
             gaussian ? if_present(grad_center, center) : none, none, none};
@@ -121,6 +186,11 @@ struct LstmCell : public torch::autograd::Function<LstmCell> {
     static const auto op = fastattn_op<LstmCellBackward>("fastattn::lstm_cell_backward");
     const variable_list s = ctx->get_saved_variables();
     const Tensor &b_ih = s[5], &b_hh = s[6], &c_next = s[7];
+    const variable_list inputs(s.begin(), s.begin() + 7);
+    if (graph_wanted(inputs)) {
+      return gradients_through_reference("fastattn::lstm_cell_reference",
+                                         {s[0], s[1], s[2], s[3], s[4], or_none(b_ih), or_none(b_hh)}, grads, inputs);
+    }
     auto [grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
         op.call(contiguous_or_zeros(grads[0], c_next), contiguous_or_zeros(grads[1], c_next), s[0], s[1], s[2], s[3],
                 s[4], or_none(b_ih), or_none(b_hh), c_next, s[8]);
@@ -144,6 +214,11 @@ struct GruCell : public torch::autograd::Function<GruCell> {
     static const auto op = fastattn_op<GruCellBackward>("fastattn::gru_cell_backward");
     const variable_list s = ctx->get_saved_variables();
     const Tensor &h = s[1], &b_ih = s[4], &b_hh = s[5];
+    const variable_list inputs(s.begin(), s.begin() + 6);
+    if (graph_wanted(inputs)) {
+      return gradients_through_reference("fastattn::gru_cell_reference",
+                                         {s[0], h, s[2], s[3], or_none(b_ih), or_none(b_hh)}, grads, inputs);
+    }
     auto [grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
         op.call(contiguous_or_zeros(grads[0], h), s[0], h, s[2], s[3], or_none(b_ih), or_none(b_hh), s[6]);
     return {grad_x, grad_h, grad_w_ih, grad_w_hh, if_present(grad_b_ih, b_ih), if_present(grad_b_hh, b_hh)};
@@ -171,11 +246,18 @@ struct LstmLayer : public torch::autograd::Function<LstmLayer> {
     static const auto op = fastattn_op<LstmLayerBackward>("fastattn::lstm_layer_backward");
     const variable_list s = ctx->get_saved_variables();
     const Tensor &h0 = s[1], &c0 = s[2], &b_ih = s[5], &b_hh = s[6], &output = s[8];
+    const bool reverse = ctx->saved_data.at("reverse").toBool();
+    const Tensor none;
+    const variable_list inputs = {s[0], h0, c0, s[3], s[4], b_ih, b_hh, none, none};
+    if (graph_wanted(inputs)) {
+      return gradients_through_reference(
+          "fastattn::lstm_layer_reference",
+          {s[0], h0, c0, s[3], s[4], or_none(b_ih), or_none(b_hh), or_none(s[7]), reverse}, grads, inputs);
+    }
     auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
         op.call(contiguous_or_zeros(grads[0], output), contiguous_or_zeros(grads[1], h0),
                 contiguous_or_zeros(grads[2], c0), s[0], h0, c0, s[3], s[4], or_none(b_ih), or_none(b_hh),
-                or_none(s[7]), ctx->saved_data.at("reverse").toBool(), output, s[9]);
-    const Tensor none;
+                or_none(s[7]), reverse, output, s[9]);
     return {grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, if_present(grad_b_ih, b_ih), if_present(grad_b_hh, b_hh),
             none, none};
   }
@@ -200,10 +282,17 @@ struct GruLayer : public torch::autograd::Function<GruLayer> {
     static const auto op = fastattn_op<GruLayerBackward>("fastattn::gru_layer_backward");
     const variable_list s = ctx->get_saved_variables();
     const Tensor &h0 = s[1], &b_ih = s[4], &b_hh = s[5], &output = s[7];
+    const bool reverse = ctx->saved_data.at("reverse").toBool();
+    const Tensor none;
+    const variable_list inputs = {s[0], h0, s[2], s[3], b_ih, b_hh, none, none};
+    if (graph_wanted(inputs)) {
+      return gradients_through_reference(
+          "fastattn::gru_layer_reference",
+          {s[0], h0, s[2], s[3], or_none(b_ih), or_none(b_hh), or_none(s[6]), reverse}, grads, inputs);
+    }
     auto [grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
         op.call(contiguous_or_zeros(grads[0], output), contiguous_or_zeros(grads[1], h0), s[0], h0, s[2], s[3],
-                or_none(b_ih), or_none(b_hh), or_none(s[6]), ctx->saved_data.at("reverse").toBool(), output, s[8]);
-    const Tensor none;
+                or_none(b_ih), or_none(b_hh), or_none(s[6]), reverse, output, s[8]);
     return {grad_x, grad_h0, grad_w_ih, grad_w_hh, if_present(grad_b_ih, b_ih), if_present(grad_b_hh, b_hh), none,
             none};
   }

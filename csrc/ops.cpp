@@ -96,6 +96,28 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor? b_hh, Tensor w_combine, bool input_feeding) "
       "-> (Tensor output, Tensor h_next, Tensor c_next, Tensor weights)");
 
+  // The differentiable forms of the ops above: the same maths in fastattn.reference's
+  // PyTorch (CompositeImplicitAutograd, fastattn/ops/higher_order.py), without the
+  // outputs that only feed a backward kernel.  The autograd kernels (csrc/autograd.cpp)
+  // differentiate them when a backward must itself be differentiable
+  // (create_graph=True), which the *_backward kernels are not.
+  m.def(
+      "attention_reference(Tensor query, Tensor keys, Tensor values, Tensor? v, Tensor? bias, "
+      "str score, float scale, Tensor? lengths, Tensor? key_padding_mask, bool causal, "
+      "int? window, Tensor? center, bool gaussian) -> (Tensor context, Tensor weights)");
+  m.def(
+      "lstm_cell_reference(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh) -> (Tensor h_next, Tensor c_next)");
+  m.def(
+      "gru_cell_reference(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) "
+      "-> Tensor h_next");
+  m.def(
+      "lstm_layer_reference(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? lengths, bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n)");
+  m.def(
+      "gru_layer_reference(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? lengths, bool reverse) -> (Tensor output, Tensor h_n)");
+
   // The kernels' tanh approximation (csrc/common/fast_tanh.h), float32, for its test.
   m.def("fast_tanh(Tensor x) -> Tensor");
 }

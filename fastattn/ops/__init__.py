@@ -14,7 +14,7 @@ import functools
 import torch
 
 from fastattn import backends
-from fastattn.ops import attention, decoder_step, recurrent
+from fastattn.ops import attention, decoder_step, higher_order, recurrent
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 

@@ -27,7 +27,7 @@ from fastattn.kernels.attention_forward import (
     attention_weights_kernel,
 )
 from fastattn.kernels.attention_tiles import ADDITIVE, COSINE, DOT
-from fastattn.ops import triton_configs
+from fastattn.ops import higher_order, triton_configs
 from fastattn.ops.triton_configs import SPLIT_GRANULE
 from fastattn.ops.triton_launch import (
     INTERPRETED,
@@ -242,6 +242,15 @@ def _save_for_backward(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_context, grad_weights, _grad_logsumexp):
     query, keys, values, v, bias, lengths, key_padding_mask, center, context, weights, logsumexp = ctx.saved_tensors
+    arguments = (query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal, ctx.window,
+                 center, ctx.gaussian)
+    inputs = (query, keys, values, v, bias, None, None, None, None, None, None, center if ctx.gaussian else None)
+    if higher_order.graph_wanted(inputs):  # create_graph=True: through the differentiable form
+        grads = higher_order.gradients_through_reference(
+            torch.ops.fastattn.attention_reference, arguments,
+            (grad_context, grad_weights if ctx.return_weights else None), inputs,
+        )
+        return _forward_input_gradients((*grads[:5], grads[11]), v, bias, center, ctx.gaussian)
     if grad_context is None:
         grad_context = torch.zeros_like(context)
     use_grad_weights = ctx.return_weights and grad_weights is not None

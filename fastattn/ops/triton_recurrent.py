@@ -83,6 +83,19 @@ def triton_lstm_pointwise_backward(
     return grad_gates, grad_c
 
 
+def _no_second_derivative(ctx, *grads):
+    raise RuntimeError(
+        "fastattn's Triton LSTM/GRU kernels have no second derivative (a gradient taken with create_graph=True "
+        "reached a fastattn LSTM/GRU run on the triton backend): run that module on the 'cuda' or 'reference' "
+        "backend, whose gradients are differentiable"
+    )
+
+
+# Gradients of gradients would need the gate pre-activations, which these kernels do not
+# keep: a second backward through them raises rather than returning nothing.
+torch.library.register_autograd("fastattn::triton_lstm_pointwise_backward", _no_second_derivative)
+
+
 def _lstm_gate_gradients(ctx, grad_h_next, grad_c_next):
     c, c_next, saved = ctx.saved_tensors[:3]
     grad_h_next = torch.zeros_like(c) if grad_h_next is None else grad_h_next.contiguous()
@@ -167,6 +180,9 @@ def triton_gru_step(gates_x: Tensor, h: Tensor, w_hh: Tensor, b_hh: Optional[Ten
         HAS_BIAS=b_hh is not None, DOT_PRECISION=dot_precision(h.dtype),
     )
     return h_next, saved
+
+
+torch.library.register_autograd("fastattn::triton_gru_pointwise_backward", _no_second_derivative)
 
 
 def _save_gru_pointwise(ctx, inputs, output):
