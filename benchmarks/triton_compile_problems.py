@@ -29,6 +29,7 @@ from tests.test_triton_attention import (
     FULLGRAPH_GPU_SCORES, GPU_FLOAT32_CASE, GPU_LOW_PRECISION_CASES, fullgraph_gradients, fullgraph_problem,
     gpu_outputs, gpu_problem, run,
 )
+from tests.test_higher_order_gradients import GPU_ATTENTION_CASES, attention_outputs, attention_problem
 from tests.test_triton_recurrent import GPU_CELL_CASES, gpu_cell_problem, run_cell
 from tests.test_triton_tuning import AUTOTUNED_GPU_SCORES, AUTOTUNED_SOURCE_LENGTHS, autotuned_problem
 
@@ -98,6 +99,13 @@ def bench_case(dtype, case):
         if case.backward:
             differentiable = [output for output in outputs if isinstance(output, torch.Tensor) and output.requires_grad]
             torch.autograd.backward(differentiable, [torch.zeros_like(output) for output in differentiable])
+
+
+def gpu_test_higher_order(dtype, name):
+    """The Triton launches of tests/test_higher_order_gradients.py's gpu test (float32): the
+    forward (its backward with create_graph=True runs the reference)."""
+    _triton_on_cpu_tensors()
+    attention_outputs("triton", *attention_problem(name, dtype))
 
 
 def gpu_test_attention(dtype, case):
@@ -199,6 +207,8 @@ ALL_PROBLEMS = QUICK_PROBLEMS + _problems([
 # What benchmarks/gpu_check.sh launches, in its order: the gpu tests (pytest's order), then
 # the benches ((preset, the dtype it runs that preset in)).
 GPU_TEST_PROBLEMS = _problems([
+    *((f"gpu_test.higher_order.{name}", gpu_test_higher_order, dict(name=name), ("float32",))
+      for name in GPU_ATTENTION_CASES),
     *((f"gpu_test.attention.{case[0]}.{case[1]}", gpu_test_attention, dict(case=case), LOW_PRECISION)
       for case in GPU_LOW_PRECISION_CASES),
     ("gpu_test.attention.float32", gpu_test_attention, dict(case=GPU_FLOAT32_CASE), ("float32", "float32-tf32")),

@@ -44,7 +44,7 @@ ATTENTION_CASES = {
 }
 
 
-def _attention_problem(name, dtype=F64, device="cpu"):
+def attention_problem(name, dtype=F64, device="cpu"):
     score, masking = ATTENTION_CASES[name]
     masking = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in masking.items()}
     generator = torch.Generator().manual_seed(len(name))
@@ -62,7 +62,7 @@ def _attention_problem(name, dtype=F64, device="cpu"):
     return score, tensors, masking
 
 
-def _attention_outputs(backend, score, tensors, masking):
+def attention_outputs(backend, score, tensors, masking):
     with fastattn.backend(backend):
         result = fastattn.attention(score=score, **tensors, **masking)
     return result if isinstance(result, tuple) else (result,)
@@ -71,8 +71,8 @@ def _attention_outputs(backend, score, tensors, masking):
 def _first_and_second_gradients(backend, name, dtype=F64, device="cpu"):
     """(gradients of a random weighting of the outputs, taken with create_graph=True;
     the gradients of a random weighting of those) over every input tensor."""
-    score, tensors, masking = _attention_problem(name, dtype, device)
-    outputs = _attention_outputs(backend, score, tensors, masking)
+    score, tensors, masking = attention_problem(name, dtype, device)
+    outputs = attention_outputs(backend, score, tensors, masking)
     generator = torch.Generator().manual_seed(7)
 
     def weighting(like):
@@ -107,8 +107,8 @@ def test_attention_second_derivatives_are_the_references(backend, name):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", ["dot-lengths", "additive-local_p"])
 def test_first_gradients_with_a_graph_equal_the_kernels_own(backend, name):
-    score, tensors, masking = _attention_problem(name, KERNEL_DTYPES[backend])
-    outputs = _attention_outputs(backend, score, tensors, masking)
+    score, tensors, masking = attention_problem(name, KERNEL_DTYPES[backend])
+    outputs = attention_outputs(backend, score, tensors, masking)
     grad_output = torch.randn_like(outputs[0])
     with_graph = torch.autograd.grad(outputs[0], list(tensors.values()), grad_output, create_graph=True)
     without = torch.autograd.grad(outputs[0], list(tensors.values()), grad_output)
@@ -120,11 +120,11 @@ def test_first_gradients_with_a_graph_equal_the_kernels_own(backend, name):
 def test_cpu_attention_passes_gradgradcheck(name):
     if backends.unavailable_reason("cpu") is not None:
         pytest.skip(backends.unavailable_reason("cpu"))
-    score, tensors, masking = _attention_problem(name)
+    score, tensors, masking = attention_problem(name)
     names = list(tensors)
 
     def attend(*inputs):
-        return _attention_outputs("cpu", score, dict(zip(names, inputs)), masking)[0]
+        return attention_outputs("cpu", score, dict(zip(names, inputs)), masking)[0]
 
     assert torch.autograd.gradgradcheck(attend, tuple(tensors.values()))
 
@@ -205,6 +205,11 @@ def test_opcheck_reference_ops(op, arguments):
     torch.library.opcheck(op, arguments)
 
 
+# The gpu test's cases (benchmarks/triton_compile_problems.py compiles their Triton launches
+# ahead of gpu_check.sh's test run).
+GPU_ATTENTION_CASES = ["dot-lengths", "additive-local_p", "cosine-local_m", "additive-step"]
+
+
 def _on_the_gpu(backend):
     reason = "no CUDA device" if not torch.cuda.is_available() else backends.unavailable_reason(backend)
     if reason is not None:
@@ -213,7 +218,7 @@ def _on_the_gpu(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("name", ["dot-lengths", "additive-local_p", "cosine-local_m", "additive-step"])
+@pytest.mark.parametrize("name", GPU_ATTENTION_CASES)
 def test_gpu_attention_second_derivatives_are_the_references(backend, name):
     _on_the_gpu(backend)
     first, second = _first_and_second_gradients(backend, name, torch.float32, "cuda")
