@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
+
+import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 CHOICES = BACKENDS + ("auto",)
@@ -151,11 +153,25 @@ def auto_choice(op: str, device_type: str) -> str:
     return "reference"
 
 
-def implementation(op: str, device_type: str, name: str | None = None) -> Callable:
+def transformed(tensors: Iterable[object]) -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, jacrev, hessian, vmap, ...) wraps
+    one of ``tensors`` (other objects are skipped).  The kernel ops' autograd is C++,
+    which those transforms refuse to run; the reference's PyTorch runs under them.
+    Outside every transform (one look at functorch's interpreter stack) the tensors
+    are not read, nor while torch.compile traces (its graphs hold the ops themselves)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    return any(isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def implementation(op: str, device_type: str, name: str | None = None, inputs: Iterable[object] = ()) -> Callable:
     """The function that runs ``op`` for tensors on ``device_type``.
 
-    ``name`` overrides the backend setting in force (used by ``optimize``).
+    ``name`` overrides the backend setting in force (used by ``optimize``).  When a
+    torch.func transform wraps one of ``inputs`` (the op's tensors), the reference runs.
     """
+    if transformed(inputs):
+        name = "reference"
     chosen = _check_name(name, "backend") if name is not None else current_backend()
     if chosen == "auto":
         chosen = auto_choice(op, device_type)
@@ -173,9 +189,12 @@ def implementation(op: str, device_type: str, name: str | None = None) -> Callab
     return found.function
 
 
-def fused(op: str, device_type: str) -> Callable | None:
+def fused(op: str, device_type: str, inputs: Iterable[object] = ()) -> Callable | None:
     """The fused kernel for ``op`` (one of :data:`FUSED_OPS`) of the backend in force,
-    or None when that backend has none for ``device_type`` (the caller then composes)."""
+    or None when that backend has none for ``device_type`` or a torch.func transform
+    wraps one of ``inputs`` (the caller then composes)."""
+    if transformed(inputs):
+        return None
     chosen = current_backend()
     if chosen == "auto":
         chosen = auto_choice(op, device_type)

@@ -74,7 +74,7 @@ def attention(
         dict(score=score, weight=weight, w_query=w_query, w_key=w_key, v=v, bias=bias, scale=scale),
         dict(lengths=lengths, key_padding_mask=key_padding_mask, causal=causal, window=window, center=center, gaussian=gaussian),
     )
-    run = backends.implementation("attention", query.device.type)
+    run = backends.implementation("attention", query.device.type, inputs=(query_, keys_, values_, *arguments.values()))
     context, weights = run(query_, keys_, values_, **arguments, return_weights=return_weights)
     return _outputs(layout, context, weights, return_weights)
 
@@ -125,8 +125,11 @@ def additive_attention(
         center=center,
         gaussian=gaussian,
     )
-    run = backends.implementation("additive_attention", q_proj.device.type)
-    context, weights = run(query_, keys_, v, layout.fold_keys(values), bias=bias, **masking, return_weights=return_weights)
+    folded_values = layout.fold_keys(values)
+    run = backends.implementation(
+        "additive_attention", q_proj.device.type, inputs=(query_, keys_, v, folded_values, bias, *masking.values())
+    )
+    context, weights = run(query_, keys_, v, folded_values, bias=bias, **masking, return_weights=return_weights)
     return _outputs(layout, context, weights, return_weights)
 
 
@@ -167,7 +170,7 @@ def hard_attention(
         dict(score=score, weight=weight, w_query=w_query, w_key=w_key, v=v, bias=bias, scale=scale),
         dict(lengths=lengths, key_padding_mask=key_padding_mask, causal=causal, window=window, center=center, gaussian=gaussian),
     )
-    run = backends.implementation("hard_attention", query.device.type)
+    run = backends.implementation("hard_attention", query.device.type, inputs=(query_, keys_, values_, *arguments.values()))
     context, index, log_prob, weights = run(query_, keys_, values_, **arguments, sample=sample, generator=generator)
     return (
         layout.unfold_per_query(context),
@@ -214,7 +217,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     query_length, source_length = query.shape[-2], key.shape[-2]
     if attn_mask is not None:
         attn_mask = _sdpa_mask(attn_mask, query, layout, query_length, source_length)
-    run = backends.implementation("scaled_dot_product_attention", query.device.type)
+    run = backends.implementation("scaled_dot_product_attention", query.device.type, inputs=(query, key, value, attn_mask))
     context = run(
         layout.fold_queries(query),
         layout.fold_keys(key),

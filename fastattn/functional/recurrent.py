@@ -9,6 +9,7 @@ returns for ``lstm_cell``, ``gru_cell``, ``lstm_layer`` or ``gru_layer``.
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
@@ -107,7 +108,8 @@ def _run_cell(
         states = {name: None if state is None else state.unsqueeze(0) for name, state in states.items()}
     zeros = x.new_zeros(x.shape[0], hidden_size)
     state_values = [zeros if state is None else state for state in states.values()]
-    result = backends.implementation(op, x.device.type, backend)(x, *state_values, *weights)
+    arguments = (x, *state_values, *weights)
+    result = backends.implementation(op, x.device.type, backend, inputs=arguments)(*arguments)
     if batched:
         return result
     if isinstance(result, tuple):
@@ -239,7 +241,10 @@ def run_layers(
     concatenated; in training, dropout is applied to every layer's input but the first.
     Returns (output (T, B, num_directions * Hout), final states shaped like ``initial_states``).
     """
-    run_layer = backends.implementation(layer_op, x.device.type, backend)
+    every_weight = (weight for layer in weights for direction in layer for weight in direction)  # read lazily
+    run_layer = backends.implementation(
+        layer_op, x.device.type, backend, inputs=itertools.chain((x,), initial_states, every_weight)
+    )
     finals: list[list[Tensor]] = [[] for _ in initial_states]
     for depth, layer_weights in enumerate(weights):
         if depth > 0 and dropout > 0 and training:

@@ -9,6 +9,7 @@ The output h~_t (B, hidden_size) feeds the vocabulary projection.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -85,7 +86,8 @@ class AttentionDecoderCell(torch.nn.Module):
             state = self.initial_state(y_prev_embedded.shape[0], y_prev_embedded)
         else:
             state = self._checked_state(state, y_prev_embedded)
-        fused_step = backends.fused("attention_decoder_step", y_prev_embedded.device.type)
+        inputs = itertools.chain((y_prev_embedded,), state, vars(cache).values(), self.parameters())  # read lazily
+        fused_step = backends.fused("attention_decoder_step", y_prev_embedded.device.type, inputs=inputs)
         masks = dict(lengths=lengths, key_padding_mask=key_padding_mask)
         fused = None if fused_step is None else fused_step(self, y_prev_embedded, state, cache, **masks)
         if fused is not None:

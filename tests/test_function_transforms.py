@@ -1,0 +1,99 @@
+"""torch.func transforms (grad, jacrev, jvp, vmap, functional_call) over fastattn.
+
+The kernel ops' autograd is C++ (csrc/autograd.cpp), which functorch refuses to run
+("cannot use C++ torch::autograd::Function with functorch transforms"), so
+``fastattn.backends.implementation`` runs the reference for the tensors a transform
+wraps.  Each result is checked against plain autograd on the kernel backend: the same
+derivatives, through the kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+import fastattn
+from fastattn import backends
+
+F64 = torch.float64
+KERNEL_BACKENDS = [name for name in ("cpu", "triton") if backends.unavailable_reason(name) is None]
+pytestmark = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is built")
+
+
+def _randn(*shape, seed=0, dtype=F64):
+    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+QUERY, KEYS, LENGTHS = _randn(2, 3, 4), _randn(2, 5, 4, seed=1), torch.tensor([5, 2])
+W_QUERY, W_KEY, V = _randn(6, 4, seed=2), _randn(6, 4, seed=3), _randn(6, seed=4)
+
+
+def _attend(query):
+    keys, w_query, w_key, v = (tensor.to(query.dtype) for tensor in (KEYS, W_QUERY, W_KEY, V))
+    return fastattn.attention(query, keys, score="additive", w_query=w_query, w_key=w_key, v=v, lengths=LENGTHS)
+
+
+def _autograd_gradient(function, point):
+    point = point.detach().requires_grad_()
+    return torch.autograd.grad(function(point).sum(), point)[0]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_grad_jacrev_and_jvp_of_attention_are_the_kernels_derivatives(backend):
+    dtype = torch.float32 if backend == "triton" else F64  # Triton runs float64 on the reference
+    query = QUERY.to(dtype)
+    with fastattn.backend(backend):
+        expected = _autograd_gradient(_attend, query)
+        by_grad = grad(lambda q: _attend(q).sum())(query)
+        by_jacrev = jacrev(lambda q: _attend(q).sum())(query)
+        _, by_jvp = jvp(lambda q: _attend(q).sum(), (query,), (torch.ones_like(query),))
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(by_grad, expected, **tolerance)
+    torch.testing.assert_close(by_jacrev, expected, **tolerance)
+    torch.testing.assert_close(by_jvp, expected.sum(), **tolerance)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_vmap_of_attention_and_sdpa_equals_the_loop(backend):
+    queries = torch.stack([QUERY, QUERY.flip(1), QUERY * 2])
+    with fastattn.backend(backend):
+        mapped = vmap(lambda q: fastattn.attention(q, KEYS, score="scaled_dot", lengths=LENGTHS))(queries)
+        looped = torch.stack([fastattn.attention(q, KEYS, score="scaled_dot", lengths=LENGTHS) for q in queries])
+        mapped_sdpa = vmap(lambda q: fastattn.scaled_dot_product_attention(q, KEYS, KEYS))(queries)
+        looped_sdpa = torch.stack([fastattn.scaled_dot_product_attention(q, KEYS, KEYS) for q in queries])
+    torch.testing.assert_close(mapped, looped)
+    torch.testing.assert_close(mapped_sdpa, looped_sdpa)
+
+
+def _module_cases():
+    keys = _randn(2, 5, 4, seed=5)
+    yield "lstm", fastattn.nn.LSTM(3, 4, num_layers=2, bidirectional=True), lambda m: m(_randn(5, 2, 3, seed=6))[0]
+    yield "gru_cell", fastattn.nn.GRUCell(3, 4), lambda m: m(_randn(2, 3, seed=6), _randn(2, 4, seed=7))
+    yield "attention", fastattn.nn.Attention(4, 4, score="general"), lambda m: m(QUERY, keys, lengths=LENGTHS)[0]
+    yield "decoder_cell", fastattn.nn.AttentionDecoderCell(3, 4, 4, score="additive"), (
+        lambda m: m(_randn(2, 3, seed=8), None, m.attention.precompute(keys), lengths=LENGTHS)[0]
+    )
+
+
+class _Running(torch.nn.Module):
+    """``run(module)`` as a forward, so that functional_call can swap the module's parameters."""
+
+    def __init__(self, module, run):
+        super().__init__()
+        self.module, self.run = module, run
+
+    def forward(self):
+        return self.run(self.module)
+
+
+@pytest.mark.skipif(backends.unavailable_reason("cpu") is not None, reason="needs the cpu backend")
+@pytest.mark.parametrize("name, module, run", list(_module_cases()), ids=[case[0] for case in _module_cases()])
+def test_grad_over_parameters_by_functional_call_is_the_kernels(name, module, run):
+    running = _Running(module.double(), run)
+    parameters = {key: value.detach() for key, value in running.named_parameters()}
+    with fastattn.backend("cpu"):
+        by_grad = grad(lambda p: functional_call(running, p, ()).sum())(parameters)
+        running().sum().backward()
+    for key, parameter in running.named_parameters():
+        torch.testing.assert_close(by_grad[key], parameter.grad, msg=key)
