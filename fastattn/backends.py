@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 CHOICES = BACKENDS + ("auto",)
@@ -153,24 +154,36 @@ def auto_choice(op: str, device_type: str) -> str:
     return "reference"
 
 
-def transformed(tensors: Iterable[object]) -> bool:
-    """Whether a torch.func transform (grad, vjp, jvp, jacrev, hessian, vmap, ...) wraps
-    one of ``tensors`` (other objects are skipped).  The kernel ops' autograd is C++,
-    which those transforms refuse to run; the reference's PyTorch runs under them.
-    Outside every transform (one look at functorch's interpreter stack) the tensors
+def kernels_cannot_differentiate(tensors: Iterable[object]) -> bool:
+    """Whether one of ``tensors`` (other objects are skipped) is under an autograd the
+    kernel ops' C++ autograd cannot run, the reference's PyTorch can: a torch.func
+    transform wraps it (grad, vjp, jvp, jacrev, hessian, vmap, ...; torch refuses C++
+    autograd Functions there) or it carries a forward-mode tangent
+    (torch.autograd.forward_ad; C++ autograd Functions have no jvp).  With neither in
+    force (one look at functorch's interpreter stack and at the dual level) the tensors
     are not read, nor while torch.compile traces (its graphs hold the ops themselves)."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+    if torch.compiler.is_compiling():
         return False
-    return any(isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    functorch = torch._C._functorch.peek_interpreter_stack() is not None
+    dual = forward_ad._current_level >= 0
+    if not (functorch or dual):
+        return False
+    return any(
+        isinstance(t, torch.Tensor)
+        and ((functorch and torch._C._functorch.is_functorch_wrapped_tensor(t))
+             or (dual and forward_ad.unpack_dual(t).tangent is not None))
+        for t in tensors
+    )
 
 
 def implementation(op: str, device_type: str, name: str | None = None, inputs: Iterable[object] = ()) -> Callable:
     """The function that runs ``op`` for tensors on ``device_type``.
 
-    ``name`` overrides the backend setting in force (used by ``optimize``).  When a
-    torch.func transform wraps one of ``inputs`` (the op's tensors), the reference runs.
+    ``name`` overrides the backend setting in force (used by ``optimize``).  When the
+    kernels cannot differentiate one of ``inputs`` (the op's tensors: under a torch.func
+    transform or with a forward-mode tangent), the reference runs.
     """
-    if transformed(inputs):
+    if kernels_cannot_differentiate(inputs):
         name = "reference"
     chosen = _check_name(name, "backend") if name is not None else current_backend()
     if chosen == "auto":
@@ -191,9 +204,9 @@ def implementation(op: str, device_type: str, name: str | None = None, inputs: I
 
 def fused(op: str, device_type: str, inputs: Iterable[object] = ()) -> Callable | None:
     """The fused kernel for ``op`` (one of :data:`FUSED_OPS`) of the backend in force,
-    or None when that backend has none for ``device_type`` or a torch.func transform
-    wraps one of ``inputs`` (the caller then composes)."""
-    if transformed(inputs):
+    or None when that backend has none for ``device_type`` or the kernels cannot
+    differentiate one of ``inputs`` (the caller then composes)."""
+    if kernels_cannot_differentiate(inputs):
         return None
     chosen = current_backend()
     if chosen == "auto":

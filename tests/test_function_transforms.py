@@ -1,16 +1,18 @@
-"""torch.func transforms (grad, jacrev, jvp, vmap, functional_call) over fastattn.
+"""torch.func transforms (grad, jacrev, jvp, vmap, functional_call) and forward-mode
+AD (torch.autograd.forward_ad) over fastattn.
 
 The kernel ops' autograd is C++ (csrc/autograd.cpp), which functorch refuses to run
-("cannot use C++ torch::autograd::Function with functorch transforms"), so
-``fastattn.backends.implementation`` runs the reference for the tensors a transform
-wraps.  Each result is checked against plain autograd on the kernel backend: the same
-derivatives, through the kernels.
+("cannot use C++ torch::autograd::Function with functorch transforms") and which has
+no jvp, so ``fastattn.backends.implementation`` runs the reference for the tensors a
+transform wraps or that carry a tangent.  Each result is checked against plain
+autograd on the kernel backend: the same derivatives, through the kernels.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import fastattn
@@ -52,6 +54,22 @@ def test_grad_jacrev_and_jvp_of_attention_are_the_kernels_derivatives(backend):
     torch.testing.assert_close(by_grad, expected, **tolerance)
     torch.testing.assert_close(by_jacrev, expected, **tolerance)
     torch.testing.assert_close(by_jvp, expected.sum(), **tolerance)
+
+
+@pytest.mark.skipif(backends.unavailable_reason("cpu") is not None, reason="needs the cpu backend")
+def test_forward_mode_tangents_are_the_kernels_derivatives():
+    """<J t, u> of the tangent against <t, J^T u> of the kernels' backward, for attention
+    and a two-layer LSTM."""
+    lstm = fastattn.nn.LSTM(4, 3, num_layers=2).double()
+    for function, point in ((_attend, QUERY), (lambda x: lstm(x)[0], _randn(5, 2, 4, seed=9))):
+        tangent = _randn(*point.shape, seed=10)
+        with fastattn.backend("cpu"):
+            with forward_ad.dual_level():
+                jvp_tangent = forward_ad.unpack_dual(function(forward_ad.make_dual(point, tangent))).tangent
+            weighting = _randn(*jvp_tangent.shape, seed=11)
+            leaf = point.detach().requires_grad_()
+            vjp = torch.autograd.grad(function(leaf), leaf, weighting)[0]
+        torch.testing.assert_close((jvp_tangent * weighting).sum(), (tangent * vjp).sum())
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
