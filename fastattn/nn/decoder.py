@@ -86,7 +86,8 @@ class AttentionDecoderCell(torch.nn.Module):
             state = self.initial_state(y_prev_embedded.shape[0], y_prev_embedded)
         else:
             state = self._checked_state(state, y_prev_embedded)
-        inputs = itertools.chain((y_prev_embedded,), state, vars(cache).values(), self.parameters())  # read lazily
+        tensors = (y_prev_embedded, *state, cache.keys, cache.values, cache.projected_keys)
+        inputs = itertools.chain(tensors, self.parameters())  # the parameters are read only under a transform
         fused_step = backends.fused("attention_decoder_step", y_prev_embedded.device.type, inputs=inputs)
         masks = dict(lengths=lengths, key_padding_mask=key_padding_mask)
         fused = None if fused_step is None else fused_step(self, y_prev_embedded, state, cache, **masks)
