@@ -61,7 +61,6 @@ def gru_layer_reference(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     return reference.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse)
 
 
-
 def graph_wanted(inputs) -> bool:
     """Whether a backward must itself be differentiable: autograd records it
     (create_graph=True) and one of ``inputs`` (None allowed) needs a gradient."""
