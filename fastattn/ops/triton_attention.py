@@ -242,10 +242,10 @@ def _save_for_backward(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_context, grad_weights, _grad_logsumexp):
     query, keys, values, v, bias, lengths, key_padding_mask, center, context, weights, logsumexp = ctx.saved_tensors
-    arguments = (query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal, ctx.window,
-                 center, ctx.gaussian)
     inputs = (query, keys, values, v, bias, None, None, None, None, None, None, center if ctx.gaussian else None)
     if higher_order.graph_wanted(inputs):  # create_graph=True: through the differentiable form
+        arguments = (query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal,
+                     ctx.window, center, ctx.gaussian)
         grads = higher_order.gradients_through_reference(
             torch.ops.fastattn.attention_reference, arguments,
             (grad_context, grad_weights if ctx.return_weights else None), inputs,
