@@ -12,7 +12,8 @@ reverse) through both recurrent paths: the persistent kernels (one block per hid
 unit here, grid barrier; float32 FMAs, and the tensor cores in bfloat16) and the per-step
 kernels (FASTATTN_CUDA_PERSISTENT_RNN=0), and
 the one-launch attention-decoder step (LSTM + additive with lengths, GRU + dot with a key
-padding mask; three grid barriers).
+padding mask, float32 scalar loads; three grid barriers; and LSTM + additive in bfloat16,
+16-byte loads).
 
     python benchmarks/cuda_sanitize_cases.py
 """
@@ -230,12 +231,13 @@ def check_recurrent() -> bool:
     return ok
 
 
-def decoder_step_arguments(cell: str, score: str, device, dtype):
+def decoder_step_arguments(cell: str, score: str, device, dtype, wide=False):
     """attention_decoder_step_inference's arguments with input feeding: B = 3, I = 5,
-    H = 7, S = 40 (Dk = 6 additive, = H for dot), Dv = 5; lengths or a padding mask."""
-    batch, inputs, hidden, source, value_dim = 3, 5, 7, 40, 5
+    H = 7, S = 40 (Dk = 6 additive, = H for dot), Dv = 5, or with `wide` I = H = Dk = Dv
+    = 8 (16-byte loads in float16 / bfloat16); lengths or a padding mask."""
+    batch, inputs, hidden, source, value_dim = (3, 8, 8, 40, 8) if wide else (3, 5, 7, 40, 5)
     additive, gates = score == "additive", 4 if cell == "lstm" else 3
-    key_dim = 6 if additive else hidden
+    key_dim = (8 if wide else 6) if additive else hidden
     generator = torch.Generator().manual_seed(4)
 
     def random(*shape):
@@ -253,15 +255,18 @@ def decoder_step_arguments(cell: str, score: str, device, dtype):
 
 def check_decoder_step() -> bool:
     ok = True
-    for cell, score, masking in (("lstm", "additive", "lengths"), ("gru", "dot", "key_padding_mask")):
+    for cell, score, masking, dtype, tolerance in (("lstm", "additive", "lengths", torch.float32, 1e-4),
+                                                   ("gru", "dot", "key_padding_mask", torch.float32, 1e-4),
+                                                   ("lstm", "additive", "lengths", torch.bfloat16, 3e-2)):
+        wide = dtype != torch.float32
         with torch.no_grad():
             got = torch.ops.fastattn.attention_decoder_step_inference(*decoder_step_arguments(cell, score, DEVICE,
-                                                                                              torch.float32))
+                                                                                              dtype, wide))
             want = torch.ops.fastattn.attention_decoder_step(*decoder_step_arguments(cell, score, "cpu",
-                                                                                     torch.float64))
+                                                                                     torch.float64, wide))
         present = [index for index, tensor in enumerate(want) if tensor.numel() > 0]  # a GRU has no c_next
-        ok &= report(f"attention_decoder_step one launch, {cell} {score}, {masking}", [got[i] for i in present],
-                     [want[i] for i in present], 1e-4)
+        name = f"attention_decoder_step one launch, {cell} {score}, {masking}, {str(dtype).removeprefix('torch.')}"
+        ok &= report(name, [got[i] for i in present], [want[i] for i in present], tolerance)
     return ok
 
 

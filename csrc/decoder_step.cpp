@@ -14,8 +14,9 @@
 // For CUDA tensors when no gradient is recorded it calls attention_decoder_step_inference
 // instead, whose CUDA kernel (csrc/cuda/binding.cpp, decoder_step.cu) runs the step in
 // one launch where it covers it; that op's other kernels are the composed step below.
-// Does not handle: local windows, image-grid keys, float16/bfloat16 (the module
-// composes those in Python).
+// Does not handle: local windows, image-grid keys (the module composes those in
+// Python); float16 / bfloat16 only where the ops it calls take them (the CUDA ops; the
+// module composes them on the CPU, whose kernels compute in float32 / float64).
 #include "decoder_step.h"
 #include "op_handles.h"
 

@@ -5,18 +5,25 @@ Without a GPU: the kernel's own code under the CPU emulation (csrc/cuda/emulatio
 blocks running at once so that the grid barriers work; marked slow) against the CPU op
 attention_decoder_step at small odd sizes and at sizes that take the 16-byte loads,
 LSTM and GRU, additive (projected query, bias) and dot scores, lengths (an empty row)
-and a key padding mask, several batch tiles and key splits; the plan on an H200; the
-inference op on the CPU (the composed step) under opcheck; and, on fake CUDA tensors,
-which calls of attention_decoder_step take the inference op.
-With a GPU (marked ``gpu``): the kernel against the composed step on the device, and the
-step captured in a CUDA graph."""
+and a key padding mask, several batch tiles and key splits; in float16 / bfloat16 under
+the 2x rule (a float64 oracle, the reference ops run in that dtype); the plan on an H200
+and which dtypes, sizes and alignments it takes; the inference op on the CPU (the
+composed step) under opcheck; and, on fake CUDA tensors, which calls of
+attention_decoder_step take the inference op.
+With a GPU (marked ``gpu``): the kernel against the composed step on the device, in
+float32 and under the 2x rule in float16 / bfloat16, and the step captured in a CUDA
+graph."""
+
+import copy
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastattn
 from fastattn import backends
+from fastattn.nn import AttentionDecoderCell
 from tests.test_cuda_kernels import emulated, emulation, gpu  # noqa: F401 - emulated: the kernels' CPU build
 
 pytestmark = pytest.mark.skipif(
@@ -69,6 +76,42 @@ def composed(arguments):
         return torch.ops.fastattn.attention_decoder_step(*cpu)
 
 
+def in_dtype(arguments, dtype):
+    """The floating-point tensors of `arguments` in `dtype`."""
+    return [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arguments]
+
+
+def reference_step(arguments):
+    """The step on the reference ops (torch.ops.fastattn.*_reference), in the arguments'
+    dtype and on their device: the 2x rule's reference run."""
+    (y, h, c, attentional, keys, values, query_weight, v, bias, score, scale, lengths, key_padding_mask, w_ih, w_hh,
+     b_ih, b_hh, w_combine, _) = arguments
+    cell_input = torch.cat([y, attentional], dim=-1)
+    if c is None:
+        h_next, c_next = torch.ops.fastattn.gru_cell_reference(cell_input, h, w_ih, w_hh, b_ih, b_hh), None
+    else:
+        h_next, c_next = torch.ops.fastattn.lstm_cell_reference(cell_input, h, c, w_ih, w_hh, b_ih, b_hh)
+    query = h_next if query_weight is None else h_next @ query_weight
+    context, weights = torch.ops.fastattn.attention_reference(
+        query.unsqueeze(1), keys, values, v, bias, score, scale, lengths, key_padding_mask, False, None, None, False)
+    output = torch.tanh(torch.cat([context.squeeze(1), h_next], dim=-1) @ w_combine.T)
+    return output, h_next, c_next, weights.squeeze(1)
+
+
+def assert_within_twice_the_reference_error(got, reference_run, exact, dtype):
+    """Each output's error against the float64 step is at most twice the reference run's
+    in `dtype`, plus one rounding of the largest entry (the outputs are stored in it)."""
+    for name, actual, reference, want in zip(("output", "h_next", "c_next", "weights"), got, reference_run, exact):
+        if reference is None:  # a GRU has no memory c_t
+            assert (actual is None or actual.numel() == 0) and want.numel() == 0, name
+            continue
+        assert actual.dtype == dtype, name
+        kernel_error = (actual.cpu().double() - want).abs().max()
+        reference_error = (reference.cpu().double() - want).abs().max()
+        bound = 2 * reference_error + torch.finfo(dtype).eps * want.abs().max()
+        assert kernel_error <= bound, (name, float(kernel_error), float(reference_error))
+
+
 def assert_step_close(got, want):
     for name, actual, expected in zip(("output", "h_next", "c_next", "weights"), got, want):
         if actual is None:
@@ -91,6 +134,36 @@ def test_emulated_decoder_step_matches_the_composed_step(emulated, cell, score, 
     arguments = step_arguments(shape, cell, score, masks)
     got = emulation.decoder_step(emulated, arguments[:-1], multiprocessors, threads)
     assert_step_close(got, composed(arguments))
+
+
+# name -> shape as SHAPES, every size a multiple of 8 (float16 / bfloat16 take only the
+# 16-byte loads): two batch tiles, the plan's 256 threads, rows shared by warps.
+LOW_PRECISION_SHAPES = {
+    "two_tiles_key_splits": (10, 8, 16, 70, 16, 8, 4, 64),
+    "production_threads": (4, 8, 16, 64, 8, 8, 2, 256),
+    "rows_shared_by_warps": (2, 48, 8, 20, 8, 40, 2, 256),
+}
+
+
+def test_the_reference_step_is_the_composed_step():
+    """reference_step, the 2x rule's reference run, computes what the op does."""
+    for cell, score in (("lstm", "additive"), ("gru", "dot")):
+        arguments = in_dtype(step_arguments(SHAPES["odd"], cell, score, ("lengths", "padding")), torch.float64)
+        for got, want in zip(reference_step(arguments), composed(arguments)):
+            torch.testing.assert_close(got if got is not None else want.new_empty(0), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape_name", list(LOW_PRECISION_SHAPES))
+@pytest.mark.parametrize("score", ["additive", "dot"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_emulated_low_precision_step_errs_at_most_twice_the_reference(emulated, cell, score, shape_name, dtype):
+    shape = LOW_PRECISION_SHAPES[shape_name]
+    arguments = in_dtype(step_arguments(shape, cell, score, ("lengths", "padding")), dtype)
+    got = emulation.decoder_step(emulated, arguments[:-1], *shape[6:])
+    exact = composed(in_dtype(arguments, torch.float64))
+    assert_within_twice_the_reference_error(got, reference_step(arguments), exact, dtype)
 
 
 @pytest.mark.slow
@@ -125,6 +198,30 @@ def test_emulated_plan_covers_the_bench_shapes_and_refuses_an_oversized_row(emul
     plan = emulation.decoder_step_plan(emulated, problem("lstm", batch, inputs, hidden, source, key_dim, value_dim),
                                        multiprocessors)
     assert (plan.splits, plan.keys_per_split, plan.batch_tile) == (4, 32, 2)
+
+
+@pytest.mark.slow
+def test_emulated_plan_takes_low_precision_only_with_16_byte_loads(emulated):
+    """float16 / bfloat16 steps get a plan when every size is a multiple of 8 and, on the
+    device, every row read 16 bytes at a time starts 16-byte aligned; float32 gets one
+    either way (scalar loads); float64 none.  No plan: the binding composes the step."""
+    def problem(dtype, hidden, w_ih=None):  # the plan reads the sizes, the dtype and the pointers' alignment
+        return emulation.DecoderStepProblem(dtype=emulation.DTYPES[dtype], cell=emulation.CELLS["lstm"],
+                                            score=emulation.SCORES["additive"], batch=4, input_size=16, hidden=hidden,
+                                            source_length=40, score_dim=16, value_dim=16, keys_batch_stride=40 * 16,
+                                            w_ih=w_ih)
+
+    def blocks(problem, multiprocessors=None):
+        return emulation.decoder_step_plan(emulated, problem, multiprocessors).blocks
+
+    misaligned = 4096 + 2  # never read: the plan only looks at it
+    for dtype in (torch.float16, torch.bfloat16):
+        assert blocks(problem(dtype, 16), 132) == 132 and blocks(problem(dtype, 16)) == 132
+        assert blocks(problem(dtype, 12), 132) == 0 and blocks(problem(dtype, 12)) == 0
+        assert blocks(problem(dtype, 16, w_ih=misaligned)) == 0
+    assert blocks(problem(torch.float32, 12), 132) == 132
+    assert blocks(problem(torch.float32, 16, w_ih=misaligned)) == 132
+    assert blocks(problem(torch.float64, 16), 132) == 0 and blocks(problem(torch.float64, 16)) == 0
 
 
 # ---------------------------------------------------------------- the op on the CPU
@@ -223,3 +320,52 @@ def test_cuda_decoder_step_is_captured_in_a_cuda_graph():
     for got, want in zip(captured, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not torch.equal(captured[0], first[0])  # the replay computed the new step
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cell, score", [("lstm", "additive"), ("gru", "dot")])
+def test_cuda_low_precision_step_errs_at_most_twice_the_reference(cell, score, dtype, monkeypatch):
+    """The kernel in float16 / bfloat16, and the composed step it falls back on, under
+    the 2x rule; they differ (the kernel keeps its intermediates in float32), so the
+    kernel ran."""
+    arguments = in_dtype(step_arguments(GPU_SHAPE, cell, score, ("lengths", "padding"), device="cuda"), dtype)
+    exact = composed(in_dtype(arguments, torch.float64))
+    with torch.no_grad():
+        fused = torch.ops.fastattn.attention_decoder_step_inference(*arguments)
+        reference_run = reference_step(arguments)
+        monkeypatch.setenv("FASTATTN_CUDA_FUSED_DECODER_STEP", "0")
+        composed_on_device = torch.ops.fastattn.attention_decoder_step_inference(*arguments)
+    for got in (fused, composed_on_device):
+        assert_within_twice_the_reference_error(got, reference_run, exact, dtype)
+    assert not torch.equal(fused[0], composed_on_device[0])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_decoder_cell_in_low_precision_takes_the_fused_step(dtype):
+    """AttentionDecoderCell in float16 / bfloat16 on the cuda backend: without gradients
+    the one-launch op, under the 2x rule against the reference backend in that dtype;
+    with them the composed op, whose backward reaches every parameter."""
+    torch.manual_seed(0)
+    decoder = AttentionDecoderCell(16, 32, 24, score="additive", cell="lstm").to("cuda", dtype)
+    keys, y = torch.randn(5, 40, 24, device="cuda", dtype=dtype), torch.randn(5, 16, device="cuda", dtype=dtype)
+    lengths = torch.tensor([40, 7, 0, 33, 12], device="cuda")
+
+    def step(backend, module, y, keys):
+        with fastattn.backend(backend):
+            output, state, weights = module(y, None, module.precompute(keys), lengths=lengths)
+        return output, state.hidden, state.cell, weights
+
+    log = OpLog()
+    with torch.no_grad():
+        with log:
+            fused = step("cuda", decoder, y, keys)
+        reference_run = step("reference", decoder, y, keys)
+        exact = step("reference", copy.deepcopy(decoder).double(), y.double(), keys.double())
+    assert "fastattn::attention_decoder_step_inference" in log.names
+    assert_within_twice_the_reference_error(fused, reference_run, exact, dtype)
+    output = step("cuda", decoder, y, keys)[0]
+    output.float().square().sum().backward()
+    for name, parameter in decoder.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name

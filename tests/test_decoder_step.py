@@ -72,7 +72,9 @@ def test_fused_step_in_float32_without_gradients(score):
 
 def test_the_cpu_backend_has_the_fused_step_and_the_reference_composes():
     with fastattn.backend("cpu"):
-        assert backends.fused("attention_decoder_step", "cpu") is decoder_step.attention_decoder_step
+        fused = backends.fused("attention_decoder_step", "cpu")
+    assert fused.func is decoder_step.attention_decoder_step
+    assert fused.keywords == {"dtypes": (torch.float32, torch.float64)}  # its kernels compute in these only
     with fastattn.backend("reference"):
         assert backends.fused("attention_decoder_step", "cpu") is None
     with fastattn.backend("cpu"):  # CUDA tensors: not this backend's kernel

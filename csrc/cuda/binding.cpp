@@ -940,9 +940,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // ---------------------------------------------------------------- fused attention-decoder step
 
-// Whether the one-launch kernel may run: switched on, input feeding, float32 tensors
-// on y's device, a kernel score and the shapes of csrc/ops.cpp.  Anything else (bad
-// input included: the composed ops name it) goes to the composed step.
+// Whether the one-launch kernel may run: switched on, input feeding, float32 / float16 /
+// bfloat16 tensors of y's dtype on y's device, a kernel score and the shapes of
+// csrc/ops.cpp (decoder_step_plan_on_device then applies the kernel's own limits).
+// Anything else (bad input included: the composed ops name it) goes to the composed step.
 bool fused_step_covers(const at::Tensor& y, const at::Tensor& h, const OptionalTensor& c, const at::Tensor& attentional,
                        const at::Tensor& keys, const at::Tensor& values, const OptionalTensor& query_weight,
                        const OptionalTensor& v, const OptionalTensor& bias, std::string_view score,
@@ -952,22 +953,22 @@ bool fused_step_covers(const at::Tensor& y, const at::Tensor& h, const OptionalT
   const char* setting = std::getenv("FASTATTN_CUDA_FUSED_DECODER_STEP");
   if (setting != nullptr && std::string_view(setting) == "0") return false;
   const bool additive = score == "additive";
-  if (!input_feeding || !(additive || score == "dot") || y.scalar_type() != at::kFloat || y.dim() != 2) return false;
-  auto is_float_here = [&](const at::Tensor& t) {
-    return t.scalar_type() == at::kFloat && t.device() == y.device();
-  };
+  const at::ScalarType dtype = y.scalar_type();
+  const bool kernel_dtype = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+  if (!input_feeding || !(additive || score == "dot") || !kernel_dtype || y.dim() != 2) return false;
+  auto is_like_y = [&](const at::Tensor& t) { return t.scalar_type() == dtype && t.device() == y.device(); };
   auto absent_or = [&](const OptionalTensor& t, at::IntArrayRef shape) {
-    return !present(t) || (is_float_here(*t) && t->sizes() == shape);
+    return !present(t) || (is_like_y(*t) && t->sizes() == shape);
   };
   if (h.dim() != 2 || keys.dim() != 3 || values.dim() != 3) return false;
   const int64_t B = y.size(0), I = y.size(1), H = h.size(1), S = keys.size(1), Dk = keys.size(2);
   const int64_t Dv = values.size(2), G = (present(c) ? kLstmGates : kGruGates) * H;
   const bool tensors_fit =
-      is_float_here(h) && h.size(0) == B && is_float_here(attentional) && attentional.sizes() == h.sizes() &&
-      absent_or(c, {B, H}) && is_float_here(keys) && (keys.size(0) == B || keys.size(0) == 1) && is_float_here(values) &&
-      values.size(0) == B && values.size(1) == S && is_float_here(w_ih) && w_ih.sizes() == at::IntArrayRef{G, I + H} &&
-      is_float_here(w_hh) && w_hh.sizes() == at::IntArrayRef{G, H} && absent_or(b_ih, {G}) && absent_or(b_hh, {G}) &&
-      is_float_here(w_combine) && w_combine.sizes() == at::IntArrayRef{H, Dv + H} &&
+      is_like_y(h) && h.size(0) == B && is_like_y(attentional) && attentional.sizes() == h.sizes() &&
+      absent_or(c, {B, H}) && is_like_y(keys) && (keys.size(0) == B || keys.size(0) == 1) && is_like_y(values) &&
+      values.size(0) == B && values.size(1) == S && is_like_y(w_ih) && w_ih.sizes() == at::IntArrayRef{G, I + H} &&
+      is_like_y(w_hh) && w_hh.sizes() == at::IntArrayRef{G, H} && absent_or(b_ih, {G}) && absent_or(b_hh, {G}) &&
+      is_like_y(w_combine) && w_combine.sizes() == at::IntArrayRef{H, Dv + H} &&
       (present(query_weight) ? absent_or(query_weight, {H, Dk}) : Dk == H) &&
       (additive ? present(v) && absent_or(v, {Dk}) && absent_or(bias, {Dk}) : !present(v) && !present(bias));
   const bool masks_fit =
@@ -1013,6 +1014,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_decoder_ste
   const at::Tensor b_ih = compute_in(b_ih_in, at::kFloat), b_hh = compute_in(b_hh_in, at::kFloat);
 
   DecoderStepProblem p;
+  p.dtype = dtype_of(op, "y", y);
   p.cell = lstm ? RecurrentCell::kLstm : RecurrentCell::kGru;
   p.score = score == "additive" ? ScoreKind::kAdditive : ScoreKind::kDot;
   p.batch = y.size(0);
@@ -1022,43 +1024,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_decoder_ste
   p.score_dim = keys.size(2);
   p.value_dim = values.size(2);
   p.scale = static_cast<float>(scale);
-  p.y = y_.const_data_ptr<float>();
-  p.h = h_.const_data_ptr<float>();
-  p.c = float_or_null(c_);
-  p.attentional = attentional_.const_data_ptr<float>();
-  p.keys = keys.const_data_ptr<float>();
+  p.y = y_.const_data_ptr();
+  p.h = h_.const_data_ptr();
+  p.c = pointer_or_null(c_);
+  p.attentional = attentional_.const_data_ptr();
+  p.keys = keys.const_data_ptr();
   p.keys_batch_stride = keys.stride(0);
-  p.values = values.const_data_ptr<float>();
+  p.values = values.const_data_ptr();
   p.values_batch_stride = values.stride(0);
-  p.query_weight = float_or_null(query_rows);
+  p.query_weight = pointer_or_null(query_rows);
   p.v = float_or_null(v);
   p.bias = float_or_null(bias);
   p.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
   p.key_padding_mask = key_padding_mask.defined() ? key_padding_mask.const_data_ptr<bool>() : nullptr;
-  p.w_ih = w_ih.const_data_ptr<float>();
-  p.w_hh = w_hh.const_data_ptr<float>();
+  p.w_ih = w_ih.const_data_ptr();
+  p.w_hh = w_hh.const_data_ptr();
   p.b_ih = float_or_null(b_ih);
   p.b_hh = float_or_null(b_hh);
-  p.w_combine = w_combine.const_data_ptr<float>();
+  p.w_combine = w_combine.const_data_ptr();
   DecoderStepPlan plan;
   check_launch(op, decoder_step_plan_on_device(p, &plan));
   if (plan.blocks == 0) return composed();
 
-  const auto options = y.options();
+  const auto options = y.options(), scratch = options.dtype(at::kFloat);
   const int64_t B = p.batch, H = p.hidden;
   at::Tensor output = at::empty({B, H}, options), h_next = at::empty({B, H}, options);
   at::Tensor c_next = lstm ? at::empty({B, H}, options) : at::empty({0}, options);
   at::Tensor weights = at::empty({B, p.source_length}, options);
-  const at::Tensor query = query_rows.defined() ? at::empty({B, p.score_dim}, options) : at::Tensor();
-  const at::Tensor partial_context = at::empty({B, plan.splits, p.value_dim}, options);
-  const at::Tensor partial_max = at::empty({B, plan.splits}, options);
-  const at::Tensor partial_sum = at::empty({B, plan.splits}, options);
+  const at::Tensor scores = at::empty({B, p.source_length}, scratch);
+  const at::Tensor query = query_rows.defined() ? at::empty({B, p.score_dim}, scratch) : at::Tensor();
+  const at::Tensor partial_context = at::empty({B, plan.splits, p.value_dim}, scratch);
+  const at::Tensor partial_max = at::empty({B, plan.splits}, scratch);
+  const at::Tensor partial_sum = at::empty({B, plan.splits}, scratch);
   const at::Tensor barrier = barrier_counter(y);
   DecoderStepBuffers buffers;
-  buffers.output = output.mutable_data_ptr<float>();
-  buffers.h_next = h_next.mutable_data_ptr<float>();
-  buffers.c_next = lstm ? c_next.mutable_data_ptr<float>() : nullptr;
-  buffers.weights = weights.mutable_data_ptr<float>();
+  buffers.output = output.mutable_data_ptr();
+  buffers.h_next = h_next.mutable_data_ptr();
+  buffers.c_next = lstm ? c_next.mutable_data_ptr() : nullptr;
+  buffers.weights = weights.mutable_data_ptr();
+  buffers.scores = scores.mutable_data_ptr<float>();
   buffers.query = query.defined() ? query.mutable_data_ptr<float>() : nullptr;
   buffers.partial_context = partial_context.mutable_data_ptr<float>();
   buffers.partial_max = partial_max.mutable_data_ptr<float>();

@@ -1,6 +1,6 @@
 // decoder_step.cu: one inference step of fastattn.nn.AttentionDecoderCell with input
-// feeding (Luong 2015) in ONE cooperative kernel launch, float32 with float32
-// accumulation; the equations of csrc/decoder_step.cpp:
+// feeding (Luong 2015) in ONE cooperative kernel launch, float32 / float16 / bfloat16
+// with float32 accumulation; the equations of csrc/decoder_step.cpp:
 //   s_t  = cell([y; h~_{t-1}], s_{t-1})             LSTM or GRU, torch.nn gate order
 //   q    = W_q s_t  (or s_t without query_weight)
 //   c_t  = attention(q (+ bias), K', V)              additive v.tanh(q + k') or scale * q.k
@@ -13,16 +13,19 @@
 //      -> s_t, c_t.                                                            barrier
 //   B  (query_weight only) q = W_q s_t, the rows of W_q likewise.               barrier
 //   C  attention partials: a block per (batch row, key split) scores its keys (a warp
-//      per key; raw scores go to the weights output), softmax over the split, partial
+//      per key; raw scores go to the scores scratch), softmax over the split, partial
 //      context, max and sum.                                                  barrier
-//   D  weights normalised in place; the combine: every block stages [c_t; s_t] of a
+//   D  the weights from the raw scores; the combine: every block stages [c_t; s_t] of a
 //      batch tile (merging the splits' partials), the rows of W_c likewise, tanh.
 // Every weight matrix is read once per batch tile (one tile up to 8 rows): at batch 1
-// a step moves 4 * (G H (I + 2H) + Dk H + S (Dk + Dv) + H (Dv + H)) bytes of weights,
-// keys and values (G = 4 LSTM, 3 GRU), which is what bounds it.
+// a step moves E * (G H (I + 2H) + Dk H + S (Dk + Dv) + H (Dv + H)) bytes of weights,
+// keys and values (E bytes per element, G = 4 LSTM, 3 GRU), which is what bounds it.
+// Staged tiles, queries, scores and partials are float32 whatever the element type;
+// s_t is read back from h_next in the element type, as the composed step reads it.
 // Not handled (the binding composes the step instead): Bahdanau order (no input
-// feeding), the cosine score, float64 / float16 / bfloat16, local windows, and shapes
-// whose batch-row tile (I + 2H or Dv + H floats) does not fit in shared memory.
+// feeding), the cosine score, float64, float16 / bfloat16 whose sizes or rows do not fit
+// 16-byte loads (sizes multiples of 8), local windows, and shapes whose batch-row tile
+// (I + 2H or Dv + H floats) does not fit in shared memory.
 
 #include "grid_barrier.cuh"
 #include "recurrent_cell_math.cuh"
@@ -85,17 +88,6 @@ __device__ float block_reduce(float value, float* scratch) {
   return total;
 }
 
-// kVec consecutive floats of global memory (one 16-byte load when kVec = 4).
-template <int kVec>
-__device__ __forceinline__ void load_floats(const float* source, float (&out)[kVec]) {
-  if constexpr (kVec == 4) {
-    const float4 packed = *reinterpret_cast<const float4*>(source);
-    out[0] = packed.x, out[1] = packed.y, out[2] = packed.z, out[3] = packed.w;
-  } else {
-    out[0] = source[0];
-  }
-}
-
 // A warp's share of the products of one weight row with a tile of batch rows: the
 // warp-wide chunks part, part + parts, ... of K.
 struct RowShare {
@@ -104,10 +96,10 @@ struct RowShare {
 
 // sums[bb] += row . tile[bb][offset : offset + length] over the warp's share of K, for
 // the tile's `rows` batch rows, lane-partial (warp_sum them): row in global memory, tile
-// in shared memory (row stride `stride`); kVec-wide loads (kVec = 4: length, offset and
-// stride multiples of 4 and row 16-byte aligned).
-template <int kVec>
-__device__ __forceinline__ void add_row_products(const float* row, int64_t length, const float* tile, int64_t stride,
+// in shared memory (row stride `stride`); kVec-wide loads (kVec > 1: 16 bytes, length a
+// multiple of kVec and row 16-byte aligned).
+template <int kVec, typename T>
+__device__ __forceinline__ void add_row_products(const T* row, int64_t length, const float* tile, int64_t stride,
                                                  int64_t offset, int64_t rows, RowShare share,
                                                  float (&sums)[kMaxBatchTile]) {
   const int lane = threadIdx.x % kWarpSize;
@@ -115,7 +107,7 @@ __device__ __forceinline__ void add_row_products(const float* row, int64_t lengt
 #pragma unroll 4  // several row loads in flight per warp
   for (int64_t k = (static_cast<int64_t>(share.part) * kWarpSize + lane) * kVec; k < length; k += step) {
     float w[kVec];
-    load_floats<kVec>(row + k, w);
+    load_pack<kVec>(row + k, w);
 #pragma unroll
     for (int bb = 0; bb < kMaxBatchTile; ++bb) {
       if (bb >= rows) break;
@@ -137,6 +129,16 @@ __device__ __forceinline__ void warp_sum_all(float (&sums)[kGroups][kMaxBatchTil
 
 __device__ __forceinline__ float value_or_zero(const float* values, int64_t index) {
   return values != nullptr ? values[index] : 0.0f;
+}
+
+// The problem's and the outputs' element pointers as T.
+template <typename T>
+__device__ __forceinline__ const T* as(const void* pointer) {
+  return static_cast<const T*>(pointer);
+}
+template <typename T>
+__device__ __forceinline__ T* as(void* pointer) {
+  return static_cast<T*>(pointer);
 }
 
 struct Tile {
@@ -206,19 +208,21 @@ __device__ void for_each_row(int64_t rows, float* exchange, Products&& products,
 }
 
 // Phase A for one batch tile: stage [y; h~; h], then each warp's hidden units.
-template <RecurrentCell kCell, int kVec>
+template <typename T, RecurrentCell kCell, int kVec>
 __device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepBuffers& out, Tile tile, float* exchange,
                                float* staged) {
   const int64_t I = p.input_size, H = p.hidden, fed = I + H, stride = staged_rows(p).gates;
+  const T *y = as<T>(p.y), *attentional = as<T>(p.attentional), *h = as<T>(p.h), *c = as<T>(p.c);
+  const T *w_ih = as<T>(p.w_ih), *w_hh = as<T>(p.w_hh);
   for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
     const int64_t bb = e / stride, k = e % stride, b = tile.first + bb;
     float value = 0.0f;
     if (k < I) {
-      value = p.y[b * I + k];
+      value = to_acc(y[b * I + k]);
     } else if (k < fed) {
-      value = p.attentional[b * H + k - I];
+      value = to_acc(attentional[b * H + k - I]);
     } else if (k < fed + H) {
-      value = p.h[b * H + k - fed];
+      value = to_acc(h[b * H + k - fed]);
     }
     staged[e] = value;
   }
@@ -229,9 +233,9 @@ __device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepBuf
 #pragma unroll
     for (int gate = 0; gate < gates_of(kCell); ++gate) {
       const int64_t row = gate * H + j;
-      add_row_products<kVec>(p.w_ih + row * fed, fed, staged, stride, 0, tile.rows, share, sums[gate]);
+      add_row_products<kVec>(w_ih + row * fed, fed, staged, stride, 0, tile.rows, share, sums[gate]);
       const bool separate = kCell == RecurrentCell::kGru && gate == 2;
-      add_row_products<kVec>(p.w_hh + row * H, H, staged, stride, fed, tile.rows, share, sums[separate ? 3 : gate]);
+      add_row_products<kVec>(w_hh + row * H, H, staged, stride, fed, tile.rows, share, sums[separate ? 3 : gate]);
     }
   };
   auto cell = [&](int64_t j, float (&sums)[4][kMaxBatchTile]) {
@@ -249,14 +253,14 @@ __device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepBuf
     auto hidden_bias = [&](int gate) { return value_or_zero(p.b_hh, gate * H + j); };
     if constexpr (kCell == RecurrentCell::kLstm) {
       auto pre = [&](int gate) { return part[gate] + input_bias(gate) + hidden_bias(gate); };
-      const LstmForward<float> next = lstm_forward(pre(0), pre(1), pre(2), pre(3), p.c[index]);
-      out.h_next[index] = next.h;
-      out.c_next[index] = next.c;
+      const LstmForward<float> next = lstm_forward(pre(0), pre(1), pre(2), pre(3), to_acc(c[index]));
+      as<T>(out.h_next)[index] = from_acc<T>(next.h);
+      as<T>(out.c_next)[index] = from_acc<T>(next.c);
     } else {
       const GruForward<float> next =
           gru_forward(part[0] + input_bias(0), part[1] + input_bias(1), part[2] + input_bias(2), hidden_bias(0),
-                      hidden_bias(1), part[3] + hidden_bias(2), p.h[index]);
-      out.h_next[index] = next.h;
+                      hidden_bias(1), part[3] + hidden_bias(2), to_acc(h[index]));
+      as<T>(out.h_next)[index] = from_acc<T>(next.h);
     }
   };
   for_each_row<4>(H, exchange, products, cell);
@@ -264,18 +268,19 @@ __device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepBuf
 }
 
 // Phase B for one batch tile: query[b][d] = W_q[d] . s_t[b].
-template <int kVec>
+template <typename T, int kVec>
 __device__ void project_query(const DecoderStepProblem& p, const DecoderStepBuffers& out, Tile tile, float* exchange,
                               float* staged) {
   const int64_t H = p.hidden, stride = staged_rows(p).query;
+  const T* h_next = as<T>(out.h_next);
   for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
     const int64_t bb = e / stride, k = e % stride;
-    staged[e] = k < H ? __ldcg(out.h_next + (tile.first + bb) * H + k) : 0.0f;
+    staged[e] = k < H ? to_acc(__ldcg(h_next + (tile.first + bb) * H + k)) : 0.0f;
   }
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
   auto products = [&](int64_t d, RowShare share, float (&sums)[1][kMaxBatchTile]) {
-    add_row_products<kVec>(p.query_weight + d * H, H, staged, stride, 0, tile.rows, share, sums[0]);
+    add_row_products<kVec>(as<T>(p.query_weight) + d * H, H, staged, stride, 0, tile.rows, share, sums[0]);
   };
   auto store = [&](int64_t d, float (&sums)[1][kMaxBatchTile]) {
 #pragma unroll
@@ -297,16 +302,16 @@ __device__ __forceinline__ bool is_visible(const DecoderStepProblem& p, int64_t 
 }
 
 // Phase C for one (batch row, key split).
-template <ScoreKind kScore, int kVec>
+template <typename T, ScoreKind kScore, int kVec>
 __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPlan& plan,
                                 const DecoderStepBuffers& out, int64_t b, int64_t split, float* shared) {
   const int64_t D = p.score_dim, Dv = p.value_dim;
   float* query = shared;
   float* scores = query + round_up4(D);
   float* scratch = scores + round_up4(plan.keys_per_split);
-  const float* state = p.query_weight != nullptr ? out.query + b * D : out.h_next + b * p.hidden;
+  const T* state = as<T>(out.h_next) + b * p.hidden;  // q = s_t without query_weight
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float q = __ldcg(state + d);
+    float q = p.query_weight != nullptr ? __ldcg(out.query + b * D + d) : to_acc(__ldcg(state + d));
     if constexpr (kScore == ScoreKind::kAdditive) q += value_or_zero(p.bias, d);
     query[d] = q;
   }
@@ -319,11 +324,11 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
     const int64_t j = first + key;
     float score = negative_infinity<float>();
     if (is_visible(p, b, j, length)) {
-      const float* row = p.keys + b * p.keys_batch_stride + j * D;
+      const T* row = as<T>(p.keys) + b * p.keys_batch_stride + j * D;
       float sum = 0.0f;
       for (int64_t d = static_cast<int64_t>(lane) * kVec; d < D; d += kWarpSize * kVec) {
         float k[kVec];
-        load_floats<kVec>(row + d, k);
+        load_pack<kVec>(row + d, k);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
           if constexpr (kScore == ScoreKind::kAdditive) {
@@ -338,7 +343,7 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
     }
     if (lane == 0) {
       scores[key] = score;
-      out.weights[b * p.source_length + j] = score;  // normalised in phase D
+      out.scores[b * p.source_length + j] = score;  // the weights of phase D
     }
   }
   __syncthreads();
@@ -353,10 +358,10 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
   }
   const float split_sum = block_reduce<false>(local_sum, scratch);  // also publishes the probabilities
   const int64_t slot = b * plan.splits + split;
-  const float* values = p.values + b * p.values_batch_stride + first * Dv;
+  const T* values = as<T>(p.values) + b * p.values_batch_stride + first * Dv;
   for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) {
     float context = 0.0f;
-    for (int64_t key = 0; key < count; ++key) context += scores[key] * values[key * Dv + d];
+    for (int64_t key = 0; key < count; ++key) context += scores[key] * to_acc(values[key * Dv + d]);
     out.partial_context[slot * Dv + d] = context;
   }
   if (threadIdx.x == 0) {
@@ -384,6 +389,7 @@ __device__ __forceinline__ void softmax_totals(const DecoderStepPlan& plan, cons
 
 // Phase D, first part: weights = exp(score - max) / sum (0 for masked keys and for a row
 // with no visible key).
+template <typename T>
 __device__ void normalise_weights(const DecoderStepProblem& p, const DecoderStepPlan& plan,
                                   const DecoderStepBuffers& out) {
   const int64_t S = p.source_length, total = p.batch * S;
@@ -391,17 +397,19 @@ __device__ void normalise_weights(const DecoderStepProblem& p, const DecoderStep
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float m, sum;
     softmax_totals(plan, out, e / S, &m, &sum);
-    const float score = __ldcg(out.weights + e);
-    out.weights[e] = sum > 0.0f && score != negative_infinity<float>() ? exp_of(score - m) / sum : 0.0f;
+    const float score = __ldcg(out.scores + e);
+    const float weight = sum > 0.0f && score != negative_infinity<float>() ? exp_of(score - m) / sum : 0.0f;
+    as<T>(out.weights)[e] = from_acc<T>(weight);
   }
 }
 
 // Phase D, the combine for one batch tile: stage [c_t; s_t] (merging the splits), then
 // output[b][r] = tanh(W_c[r] . [c_t; s_t]).
-template <int kVec>
+template <typename T, int kVec>
 __device__ void combine(const DecoderStepProblem& p, const DecoderStepPlan& plan, const DecoderStepBuffers& out,
                         Tile tile, float* exchange, float* staged) {
   const int64_t H = p.hidden, Dv = p.value_dim, stride = staged_rows(p).combine;
+  const T* h_next = as<T>(out.h_next);
   float* row_max = staged + tile.rows * stride;
   float* row_sum = row_max + tile.rows;
   if (threadIdx.x < tile.rows) {
@@ -420,26 +428,26 @@ __device__ void combine(const DecoderStepProblem& p, const DecoderStepPlan& plan
         value /= row_sum[bb];
       }
     } else if (k < Dv + H) {
-      value = __ldcg(out.h_next + b * H + k - Dv);
+      value = to_acc(__ldcg(h_next + b * H + k - Dv));
     }
     staged[e] = value;
   }
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
   auto products = [&](int64_t r, RowShare share, float (&sums)[1][kMaxBatchTile]) {
-    add_row_products<kVec>(p.w_combine + r * (Dv + H), Dv + H, staged, stride, 0, tile.rows, share, sums[0]);
+    add_row_products<kVec>(as<T>(p.w_combine) + r * (Dv + H), Dv + H, staged, stride, 0, tile.rows, share, sums[0]);
   };
   auto store = [&](int64_t r, float (&sums)[1][kMaxBatchTile]) {
 #pragma unroll
     for (int bb = 0; bb < kMaxBatchTile; ++bb) {
-      if (bb == lane && bb < tile.rows) out.output[(tile.first + bb) * H + r] = tanhf(sums[0][bb]);
+      if (bb == lane && bb < tile.rows) as<T>(out.output)[(tile.first + bb) * H + r] = from_acc<T>(tanhf(sums[0][bb]));
     }
   };
   for_each_row<1>(H, exchange, products, store);
   __syncthreads();
 }
 
-template <RecurrentCell kCell, ScoreKind kScore, int kVec>
+template <typename T, RecurrentCell kCell, ScoreKind kScore, int kVec>
 __global__ void __launch_bounds__(kThreads, 1)
     decoder_step_kernel(DecoderStepProblem p, DecoderStepPlan plan, DecoderStepBuffers out) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -449,62 +457,90 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned long long barriers = 0;
   auto barrier = [&] { grid_barrier(out.barrier, ++barriers * gridDim.x); };
   for (int64_t first = 0; first < B; first += plan.batch_tile) {
-    gates_and_cell<kCell, kVec>(p, out, tile_of(plan, B, first), exchange, shared);
+    gates_and_cell<T, kCell, kVec>(p, out, tile_of(plan, B, first), exchange, shared);
   }
   barrier();
   if (p.query_weight != nullptr) {
     for (int64_t first = 0; first < B; first += plan.batch_tile) {
-      project_query<kVec>(p, out, tile_of(plan, B, first), exchange, shared);
+      project_query<T, kVec>(p, out, tile_of(plan, B, first), exchange, shared);
     }
     barrier();
   }
   for (int64_t item = blockIdx.x; item < B * plan.splits; item += gridDim.x) {
-    attention_split<kScore, kVec>(p, plan, out, item / plan.splits, item % plan.splits, shared);
+    attention_split<T, kScore, kVec>(p, plan, out, item / plan.splits, item % plan.splits, shared);
   }
   barrier();
   for (int64_t first = 0; first < B; first += plan.batch_tile) {
-    combine<kVec>(p, plan, out, tile_of(plan, B, first), exchange, shared);
+    combine<T, kVec>(p, plan, out, tile_of(plan, B, first), exchange, shared);
   }
-  normalise_weights(p, plan, out);
+  normalise_weights<T>(p, plan, out);
 }
 
-// 16-byte loads when every row read with them starts 16-byte aligned.
+// Elements per 16-byte load of `dtype`; 0 for a dtype the kernel does not take.
+int64_t wide_vec(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return 4;
+    case DType::kFloat16:
+    case DType::kBFloat16:
+      return 8;
+    default:
+      return 0;
+  }
+}
+
+// The sizes let every row read with 16-byte loads start on a multiple of 16 bytes.
+bool sizes_fit_wide_loads(const DecoderStepProblem& p) {
+  const int64_t vec = wide_vec(p.dtype);
+  return vec > 0 && p.input_size % vec == 0 && p.hidden % vec == 0 && p.score_dim % vec == 0 &&
+         p.value_dim % vec == 0 && p.keys_batch_stride % vec == 0;
+}
+
+// 16-byte loads when, besides, every such row's tensor starts 16-byte aligned.
 bool wide_loads_fit(const DecoderStepProblem& p) {
-  auto aligned = [](const void* pointer) {
-    return pointer == nullptr || (reinterpret_cast<uintptr_t>(pointer) & 15u) == 0;
-  };
-  return p.input_size % 4 == 0 && p.hidden % 4 == 0 && p.score_dim % 4 == 0 && p.value_dim % 4 == 0 &&
-         p.keys_batch_stride % 4 == 0 && aligned(p.keys) && aligned(p.v) && aligned(p.w_ih) && aligned(p.w_hh) &&
-         aligned(p.query_weight) && aligned(p.w_combine);
+  return sizes_fit_wide_loads(p) && aligned16(p.keys) && aligned16(p.w_ih) && aligned16(p.w_hh) &&
+         (p.query_weight == nullptr || aligned16(p.query_weight)) && aligned16(p.w_combine);
 }
 
-// A cell as a type, so that one generic lambda instantiates the kernels of each.
-template <RecurrentCell kCell>
-struct CellTag {
-  static constexpr RecurrentCell value = kCell;
-};
+// float32 with either loads; float16 / bfloat16 with 16-byte loads only.
+bool dtype_covered(const DecoderStepProblem& p) {
+  return p.dtype == DType::kFloat32 ||
+         ((p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && sizes_fit_wide_loads(p));
+}
 
+template <typename T, int kVec, RecurrentCell kCell, typename Body>
+cudaError_t with_score(const DecoderStepProblem& p, Body& body) {
+  return p.score == ScoreKind::kAdditive ? body(decoder_step_kernel<T, kCell, ScoreKind::kAdditive, kVec>)
+                                         : body(decoder_step_kernel<T, kCell, ScoreKind::kDot, kVec>);
+}
+
+template <typename T, int kVec, typename Body>
+cudaError_t with_cell(const DecoderStepProblem& p, Body& body) {
+  return p.cell == RecurrentCell::kLstm ? with_score<T, kVec, RecurrentCell::kLstm>(p, body)
+                                        : with_score<T, kVec, RecurrentCell::kGru>(p, body);
+}
+
+// body(kernel) with the kernel of p's dtype, cell and score; `wide`: 16-byte loads.
 template <typename Body>
 cudaError_t with_kernel(const DecoderStepProblem& p, bool wide, Body&& body) {
-  auto by_score = [&](auto cell) -> cudaError_t {
-    constexpr RecurrentCell kCell = decltype(cell)::value;
-    if (p.score == ScoreKind::kAdditive) {
-      return wide ? body(decoder_step_kernel<kCell, ScoreKind::kAdditive, 4>)
-                  : body(decoder_step_kernel<kCell, ScoreKind::kAdditive, 1>);
-    }
-    return wide ? body(decoder_step_kernel<kCell, ScoreKind::kDot, 4>)
-                : body(decoder_step_kernel<kCell, ScoreKind::kDot, 1>);
-  };
   if (p.score != ScoreKind::kAdditive && p.score != ScoreKind::kDot) return cudaErrorInvalidValue;
-  if (p.cell == RecurrentCell::kLstm) return by_score(CellTag<RecurrentCell::kLstm>{});
-  return by_score(CellTag<RecurrentCell::kGru>{});
+  switch (p.dtype) {
+    case DType::kFloat32:
+      return wide ? with_cell<float, kWideVec<float>>(p, body) : with_cell<float, 1>(p, body);
+    case DType::kFloat16:
+      return wide ? with_cell<__half, kWideVec<__half>>(p, body) : cudaErrorInvalidValue;
+    case DType::kBFloat16:
+      return wide ? with_cell<__nv_bfloat16, kWideVec<__nv_bfloat16>>(p, body) : cudaErrorInvalidValue;
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
 
 DecoderStepPlan decoder_step_plan(const DecoderStepProblem& p, int multiprocessors, int64_t shared_bytes_per_block) {
   DecoderStepPlan plan;
-  const bool covered = p.score == ScoreKind::kAdditive || p.score == ScoreKind::kDot;
+  const bool covered = (p.score == ScoreKind::kAdditive || p.score == ScoreKind::kDot) && dtype_covered(p);
   if (!covered || p.batch < 1 || p.hidden < 1 || multiprocessors < 1 || p.source_length < 0) return plan;
   const int64_t keys_per_split = max_of(
       max_of(kMinKeysPerSplit, (p.source_length * p.batch + multiprocessors - 1) / multiprocessors),
@@ -530,8 +566,9 @@ cudaError_t decoder_step_plan_on_device(const DecoderStepProblem& p, DecoderStep
   const cudaError_t status = query_cooperative_device(&device);
   if (status != cudaSuccess || device.cooperative == 0) return status;
   const DecoderStepPlan candidate = decoder_step_plan(p, device.multiprocessors, device.shared_optin);
-  if (candidate.blocks == 0) return cudaSuccess;
-  return with_kernel(p, wide_loads_fit(p), [&](auto kernel) -> cudaError_t {
+  const bool wide = wide_loads_fit(p);
+  if (candidate.blocks == 0 || (p.dtype != DType::kFloat32 && !wide)) return cudaSuccess;
+  return with_kernel(p, wide, [&](auto kernel) -> cudaError_t {
     int per_multiprocessor = 0;
     const cudaError_t result =
         resident_blocks_per_multiprocessor(kernel, candidate.threads, candidate.shared_bytes, &per_multiprocessor);
@@ -546,7 +583,7 @@ cudaError_t launch_decoder_step(const DecoderStepProblem& p, const DecoderStepPl
   const bool lstm = p.cell == RecurrentCell::kLstm;
   if (plan.blocks < 1 || plan.threads < kWarpSize || plan.threads > kThreads || plan.threads % kWarpSize != 0 ||
       plan.batch_tile < 1 || plan.batch_tile > kMaxBatchTile || plan.splits < 1 ||
-      plan.splits * plan.keys_per_split < p.source_length || buffers.barrier == nullptr ||
+      plan.splits * plan.keys_per_split < p.source_length || buffers.barrier == nullptr || buffers.scores == nullptr ||
       (lstm && (p.c == nullptr || buffers.c_next == nullptr)) ||
       (p.query_weight != nullptr && buffers.query == nullptr) ||
       (p.query_weight == nullptr && p.score_dim != p.hidden) || (p.score == ScoreKind::kAdditive && p.v == nullptr)) {

@@ -239,34 +239,39 @@ cudaError_t launch_persistent_gru_backward(const PersistentLayer& layer, const P
 // ---------------------------------------------------------------- fused attention-decoder step
 // One inference step of AttentionDecoderCell with input feeding (attention_decoder_step
 // of csrc/ops.cpp, input_feeding = true) in ONE cooperative launch (decoder_step.cu),
-// float32 only, no autograd.  Scores: additive (v . tanh(q + bias + k'), keys = K'
-// precomputed) and dot (scale * q . k); q = query_weight s_t, or s_t itself (then
-// score_dim == hidden).  Outputs as the composed op: output h~_t, h_next, c_next (LSTM),
-// weights (B, S) with 0 at masked keys and for rows with no visible key.
+// float32 / float16 / bfloat16 with float32 accumulation, no autograd.  Scores: additive
+// (v . tanh(q + bias + k'), keys = K' precomputed) and dot (scale * q . k); q =
+// query_weight s_t, or s_t itself (then score_dim == hidden).  Outputs as the composed
+// op: output h~_t, h_next, c_next (LSTM), weights (B, S) with 0 at masked keys and for
+// rows with no visible key.
 
 struct DecoderStepProblem {
+  // Of y, h, c, attentional, keys, values, query_weight, w_ih, w_hh, w_combine and the
+  // outputs: float32, or float16 / bfloat16 (float32 accumulation) when every size and
+  // row start fits 16-byte loads; v, bias, b_ih and b_hh are float32 whatever it is.
+  DType dtype = DType::kFloat32;
   RecurrentCell cell = RecurrentCell::kLstm;
   ScoreKind score = ScoreKind::kDot;  // kDot or kAdditive
   int64_t batch = 0, input_size = 0, hidden = 0, source_length = 0, score_dim = 0, value_dim = 0;
   float scale = 1.0f;                 // dot only
-  const float* y = nullptr;            // (B, I)
-  const float* h = nullptr;            // (B, H)
-  const float* c = nullptr;            // LSTM (B, H); null for a GRU
-  const float* attentional = nullptr;  // (B, H): h~_{t-1}
-  const float* keys = nullptr;         // (B, S, Dk) rows contiguous, batch stride below (0: shared)
+  const void* y = nullptr;            // (B, I)
+  const void* h = nullptr;            // (B, H)
+  const void* c = nullptr;            // LSTM (B, H); null for a GRU
+  const void* attentional = nullptr;  // (B, H): h~_{t-1}
+  const void* keys = nullptr;         // (B, S, Dk) rows contiguous, batch stride below (0: shared)
   int64_t keys_batch_stride = 0;
-  const float* values = nullptr;       // (B, S, Dv) rows contiguous
+  const void* values = nullptr;       // (B, S, Dv) rows contiguous
   int64_t values_batch_stride = 0;
-  const float* query_weight = nullptr;  // (Dk, H): q = query_weight s_t; null: q = s_t
-  const float* v = nullptr;             // additive (Dk,)
-  const float* bias = nullptr;          // additive (Dk,) or null
-  const int64_t* lengths = nullptr;     // (B,) or null
+  const void* query_weight = nullptr;  // (Dk, H): q = query_weight s_t; null: q = s_t
+  const float* v = nullptr;            // additive (Dk,)
+  const float* bias = nullptr;         // additive (Dk,) or null
+  const int64_t* lengths = nullptr;    // (B,) or null
   const bool* key_padding_mask = nullptr;  // (B, S) or null
-  const float* w_ih = nullptr;          // (G H, I + H), G = 4 LSTM, 3 GRU
-  const float* w_hh = nullptr;          // (G H, H)
-  const float* b_ih = nullptr;          // (G H,) or null
-  const float* b_hh = nullptr;          // (G H,) or null
-  const float* w_combine = nullptr;     // (H, Dv + H)
+  const void* w_ih = nullptr;          // (G H, I + H), G = 4 LSTM, 3 GRU
+  const void* w_hh = nullptr;          // (G H, H)
+  const float* b_ih = nullptr;         // (G H,) or null
+  const float* b_hh = nullptr;         // (G H,) or null
+  const void* w_combine = nullptr;     // (H, Dv + H)
 };
 
 // How the step is spread: `blocks` co-resident blocks of `threads`; batch rows in tiles
@@ -282,10 +287,11 @@ struct DecoderStepPlan {
 };
 
 struct DecoderStepBuffers {
-  float* output = nullptr;           // (B, H)
-  float* h_next = nullptr;           // (B, H)
-  float* c_next = nullptr;           // LSTM (B, H)
-  float* weights = nullptr;          // (B, S)
+  void* output = nullptr;            // (B, H) in dtype
+  void* h_next = nullptr;            // (B, H) in dtype
+  void* c_next = nullptr;            // LSTM (B, H) in dtype
+  void* weights = nullptr;           // (B, S) in dtype
+  float* scores = nullptr;           // scratch (B, S): the raw scores
   float* query = nullptr;            // scratch (B, Dk), with query_weight
   float* partial_context = nullptr;  // scratch (B, splits, Dv)
   float* partial_max = nullptr;      // scratch (B, splits)
@@ -294,11 +300,12 @@ struct DecoderStepBuffers {
 };
 
 // The plan for a GPU with `multiprocessors` SMs (one block each) and
-// `shared_bytes_per_block` of dynamic shared memory per block; pure arithmetic.
+// `shared_bytes_per_block` of dynamic shared memory per block; pure arithmetic (it reads
+// the sizes and the dtype, not the pointers' alignment).
 DecoderStepPlan decoder_step_plan(const DecoderStepProblem& problem, int multiprocessors,
                                   int64_t shared_bytes_per_block);
 // The plan on the current device (SM count, opt-in shared memory, cooperative launch
-// support, at least one resident block per SM).
+// support, at least one resident block per SM, float16 / bfloat16 rows 16-byte aligned).
 cudaError_t decoder_step_plan_on_device(const DecoderStepProblem& problem, DecoderStepPlan* plan);
 cudaError_t launch_decoder_step(const DecoderStepProblem& problem, const DecoderStepPlan& plan,
                                 const DecoderStepBuffers& buffers, cudaStream_t stream);

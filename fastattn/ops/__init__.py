@@ -60,6 +60,8 @@ def register_backend(name: str, device_types: tuple[str, ...], *, native_low_pre
     bfloat16 inputs run in float32 unless the kernels take them (``native_low_precision``)."""
     for op, function in BACKEND_FUNCTIONS.items():
         backends.register(op, name, device_types)(function if native_low_precision else in_float32(function))
-    # Float32/float64 only: it answers None for other dtypes and the module composes.
-    backends.register("attention_decoder_step", name, device_types)(decoder_step.attention_decoder_step)
+    # It answers None for other dtypes, and the module composes the step with the ops above.
+    step_dtypes = decoder_step.FLOAT_DTYPES + (LOW_PRECISION if native_low_precision else ())
+    step = functools.partial(decoder_step.attention_decoder_step, dtypes=step_dtypes)
+    backends.register("attention_decoder_step", name, device_types)(step)
     backends.mark_available(name)

@@ -6,7 +6,8 @@ It maps the module's score onto the kernel's score kinds the way
 cache: general and additive attend over the projected keys (additive also projects
 the state by W_q inside the op), location over W_a[:S] shared by the batch.  It
 answers None, and the module composes the step, for what the op does not cover:
-local windows, image-grid keys, and float16/bfloat16.  On CUDA tensors without
+local windows, image-grid keys, and dtypes outside ``dtypes`` (float16 / bfloat16 on
+backends whose kernels compute only float32 / float64).  On CUDA tensors without
 gradients the op runs attention_decoder_step_inference (csrc/decoder_step.cpp routes
 it), whose fake (meta) kernel is here.
 """
@@ -19,7 +20,7 @@ import torch
 
 from fastattn.functional.attention_inputs import Layout, masking_arguments
 
-KERNEL_DTYPES = (torch.float32, torch.float64)
+FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 @torch.library.register_fake("fastattn::attention_decoder_step_inference")
@@ -45,11 +46,13 @@ def _kernel_attention(attention, cache) -> dict:
     return dict(keys=cache.keys, score="cosine" if score == "cosine" else "dot", scale=scale)
 
 
-def attention_decoder_step(decoder, y_prev_embedded, state, cache, *, lengths, key_padding_mask):
+def attention_decoder_step(decoder, y_prev_embedded, state, cache, *, lengths, key_padding_mask,
+                           dtypes=FLOAT_DTYPES):
     """-> (output h~_t, s_t, LSTM memory c_t or None, weights (B, S)), or None when the
-    fused op does not cover this configuration.  Arguments are checked by the module."""
+    fused op does not cover this configuration (``dtypes``: those the backend's ops
+    take).  Arguments are checked by the module."""
     attention = decoder.attention
-    if attention.window is not None or cache.keys.dim() != 3 or y_prev_embedded.dtype not in KERNEL_DTYPES:
+    if attention.window is not None or cache.keys.dim() != 3 or y_prev_embedded.dtype not in dtypes:
         return None
     batch = y_prev_embedded.shape[0]
     masks = masking_arguments(

@@ -422,7 +422,7 @@ def persistent_layer_backward(library, cell, grad_output, grad_h_n, grad_c_n, x,
 
 
 class DecoderStepProblem(ctypes.Structure):
-    _fields_ = [("cell", ctypes.c_int), ("score", ctypes.c_int),
+    _fields_ = [("dtype", ctypes.c_int), ("cell", ctypes.c_int), ("score", ctypes.c_int),
                 *[(name, ctypes.c_int64) for name in (
                     "batch", "input_size", "hidden", "source_length", "score_dim", "value_dim")],
                 ("scale", ctypes.c_float), ("y", ctypes.c_void_p), ("h", ctypes.c_void_p), ("c", ctypes.c_void_p),
@@ -440,14 +440,17 @@ class DecoderStepPlan(ctypes.Structure):
 
 class DecoderStepBuffers(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
-        "output", "h_next", "c_next", "weights", "query", "partial_context", "partial_max", "partial_sum", "barrier")]
+        "output", "h_next", "c_next", "weights", "scores", "query", "partial_context", "partial_max", "partial_sum",
+        "barrier")]
 
 
 def decoder_step_problem(keep, y, h, c, attentional, keys, values, query_weight, v, bias, score, scale, lengths,
                          key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine) -> DecoderStepProblem:
-    """The launch.h problem of attention_decoder_step's arguments (float32 CPU tensors,
-    input feeding); `keep` holds the tensors the pointers point into."""
+    """The launch.h problem of attention_decoder_step's arguments (CPU tensors of y's
+    dtype, input feeding; v, bias, b_ih and b_hh taken in float32 as the binding does);
+    `keep` holds the tensors the pointers point into."""
     keys = keys if keys.shape[0] > 1 and keys.stride(0) == 0 else keys.contiguous()
+    v, bias, b_ih, b_hh = (t if t is None else t.float() for t in (v, bias, b_ih, b_hh))
     tensors = [t if t is None else t.contiguous() for t in (y, h, c, attentional, values, v, bias, key_padding_mask,
                                                            w_ih, w_hh, b_ih, b_hh, w_combine)]
     query_rows = None if query_weight is None else query_weight.t().contiguous()
@@ -456,7 +459,7 @@ def decoder_step_problem(keep, y, h, c, attentional, keys, values, query_weight,
     y, h, c, attentional, values, v, bias, key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine = tensors
     batch, source_length, score_dim = keys.shape
     return DecoderStepProblem(
-        CELLS["lstm" if c is not None else "gru"], SCORES[score], batch, y.shape[1], h.shape[1], source_length,
+        DTYPES[y.dtype], CELLS["lstm" if c is not None else "gru"], SCORES[score], batch, y.shape[1], h.shape[1], source_length,
         score_dim, values.shape[2], scale, address(y), address(h), address(c), address(attentional), address(keys),
         keys.stride(0), address(values), values.stride(0), address(query_rows), address(v), address(bias),
         address(lengths), address(key_padding_mask), address(w_ih), address(w_hh), address(b_ih), address(b_hh),
@@ -479,8 +482,8 @@ def decoder_step_plan(library, problem, multiprocessors=None) -> DecoderStepPlan
 
 def decoder_step(library, arguments, multiprocessors, threads):
     """(output, h_next, c_next (None for a GRU), weights) of attention_decoder_step with
-    input feeding (`arguments`: the op's, without input_feeding), float32 on the CPU, on
-    `multiprocessors` blocks of `threads` threads."""
+    input feeding (`arguments`: the op's, without input_feeding; float32, float16 or
+    bfloat16) on the CPU, on `multiprocessors` blocks of `threads` threads."""
     keep: list = []
     problem = decoder_step_problem(keep, *arguments)
     plan = decoder_step_plan(library, problem, multiprocessors)
@@ -488,17 +491,18 @@ def decoder_step(library, arguments, multiprocessors, threads):
         raise RuntimeError("decoder_step_plan: the step is not covered")
     plan.threads = threads
     batch, hidden, source_length = problem.batch, problem.hidden, problem.source_length
-    nan = math.nan  # outputs the kernel must write
-    output, h_next = torch.full((batch, hidden), nan), torch.full((batch, hidden), nan)
-    c_next = torch.full((batch, hidden), nan) if problem.c else None
-    weights = torch.full((batch, source_length), nan)
+    nan = math.nan  # outputs and scratch the kernel must write
+    dtype = arguments[0].dtype
+    output, h_next = torch.full((batch, hidden), nan, dtype=dtype), torch.full((batch, hidden), nan, dtype=dtype)
+    c_next = torch.full((batch, hidden), nan, dtype=dtype) if problem.c else None
+    weights, scores = torch.full((batch, source_length), nan, dtype=dtype), torch.full((batch, source_length), nan)
     query = torch.full((batch, problem.score_dim), nan) if problem.query_weight else None
     partial_context = torch.full((batch, plan.splits, problem.value_dim), nan)
     partial_max, partial_sum = torch.full((batch, plan.splits), nan), torch.full((batch, plan.splits), nan)
     barrier = torch.zeros(1, dtype=torch.int64)
-    keep.extend([query, partial_context, partial_max, partial_sum, barrier])
-    buffers = DecoderStepBuffers(address(output), address(h_next), address(c_next), address(weights), address(query),
-                                 address(partial_context), address(partial_max), address(partial_sum),
+    keep.extend([scores, query, partial_context, partial_max, partial_sum, barrier])
+    buffers = DecoderStepBuffers(address(output), address(h_next), address(c_next), address(weights), address(scores),
+                                 address(query), address(partial_context), address(partial_max), address(partial_sum),
                                  address(barrier))
     status = library.emu_decoder_step(ctypes.byref(problem), ctypes.byref(plan), ctypes.byref(buffers))
     if status != 0:
