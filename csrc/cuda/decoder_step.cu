@@ -94,26 +94,50 @@ struct RowShare {
   int part, parts;
 };
 
-// sums[bb] += row . tile[bb][offset : offset + length] over the warp's share of K, for
-// the tile's `rows` batch rows, lane-partial (warp_sum them): row in global memory, tile
-// in shared memory (row stride `stride`); kVec-wide loads (kVec > 1: 16 bytes, length a
-// multiple of kVec and row 16-byte aligned).
-template <int kVec, typename T>
-__device__ __forceinline__ void add_row_products(const T* row, int64_t length, const float* tile, int64_t stride,
-                                                 int64_t offset, int64_t rows, RowShare share,
-                                                 float (&sums)[kMaxBatchTile]) {
+// kVec floats of a staged tile, 16 bytes at a time when kVec is a multiple of 4 (the wide
+// loads' tiles: strides, offsets and k multiples of 4 floats from a 16-byte aligned base).
+template <int kVec>
+__device__ __forceinline__ void load_staged(const float* source, float (&out)[kVec]) {
+  if constexpr (kVec % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < kVec; i += 4) {
+      const float4 four = *reinterpret_cast<const float4*>(source + i);
+      out[i] = four.x, out[i + 1] = four.y, out[i + 2] = four.z, out[i + 3] = four.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) out[i] = source[i];
+  }
+}
+
+// sums[r][bb] += weights[r] . tile[bb][offset : offset + length] for kRows weight rows
+// (a cell's gates) over the warp's share of K, for the tile's `rows` batch rows,
+// lane-partial (warp_sum them): weight rows in global memory, tile in shared memory
+// (row stride `stride`), each staged element read once for all kRows rows: one row at a
+// time, a tile of 8 batch rows reads 32 bytes of shared memory per weight element, 8x
+// (float32) or 16x (16-bit) the weight's own bytes; kVec-wide loads (kVec > 1: 16 bytes,
+// length a multiple of kVec and the rows 16-byte aligned).
+template <int kVec, int kRows, typename T>
+__device__ __forceinline__ void add_row_products(const T* const (&weights)[kRows], int64_t length, const float* tile,
+                                                 int64_t stride, int64_t offset, int64_t rows, RowShare share,
+                                                 float (&sums)[kRows][kMaxBatchTile]) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t step = static_cast<int64_t>(share.parts) * kWarpSize * kVec;
-#pragma unroll 4  // several row loads in flight per warp
+#pragma unroll(kRows > 1 ? 1 : 4)  // several row loads in flight per warp
   for (int64_t k = (static_cast<int64_t>(share.part) * kWarpSize + lane) * kVec; k < length; k += step) {
-    float w[kVec];
-    load_pack<kVec>(row + k, w);
+    float w[kRows][kVec];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) load_pack<kVec>(weights[r] + k, w[r]);
 #pragma unroll
     for (int bb = 0; bb < kMaxBatchTile; ++bb) {
       if (bb >= rows) break;
-      const float* x = tile + bb * stride + offset + k;
+      float x[kVec];
+      load_staged<kVec>(tile + bb * stride + offset + k, x);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) sums[bb] += w[i] * x[i];
+      for (int i = 0; i < kVec; ++i) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) sums[r][bb] += w[r][i] * x[i];
+      }
     }
   }
 }
@@ -229,13 +253,29 @@ __device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepBuf
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
   // The sums of unit j: LSTM i, f, g, o; GRU r, z (input + hidden), n input side, n hidden side.
+  constexpr int kGates = gates_of(kCell);
   auto products = [&](int64_t j, RowShare share, float (&sums)[4][kMaxBatchTile]) {
+    const T* input_rows[kGates];
+    const T* hidden_rows[kGates];
 #pragma unroll
-    for (int gate = 0; gate < gates_of(kCell); ++gate) {
-      const int64_t row = gate * H + j;
-      add_row_products<kVec>(w_ih + row * fed, fed, staged, stride, 0, tile.rows, share, sums[gate]);
-      const bool separate = kCell == RecurrentCell::kGru && gate == 2;
-      add_row_products<kVec>(w_hh + row * H, H, staged, stride, fed, tile.rows, share, sums[separate ? 3 : gate]);
+    for (int gate = 0; gate < kGates; ++gate) {
+      input_rows[gate] = w_ih + (gate * H + j) * fed;
+      hidden_rows[gate] = w_hh + (gate * H + j) * H;
+    }
+    if constexpr (kCell == RecurrentCell::kLstm) {
+      add_row_products<kVec>(input_rows, fed, staged, stride, 0, tile.rows, share, sums);
+      add_row_products<kVec>(hidden_rows, H, staged, stride, fed, tile.rows, share, sums);
+    } else {
+      float input[kGates][kMaxBatchTile] = {}, hidden[kGates][kMaxBatchTile] = {};
+      add_row_products<kVec>(input_rows, fed, staged, stride, 0, tile.rows, share, input);
+      add_row_products<kVec>(hidden_rows, H, staged, stride, fed, tile.rows, share, hidden);
+#pragma unroll
+      for (int bb = 0; bb < kMaxBatchTile; ++bb) {
+        sums[0][bb] += input[0][bb] + hidden[0][bb];
+        sums[1][bb] += input[1][bb] + hidden[1][bb];
+        sums[2][bb] += input[2][bb];
+        sums[3][bb] += hidden[2][bb];
+      }
     }
   };
   auto cell = [&](int64_t j, float (&sums)[4][kMaxBatchTile]) {
@@ -280,7 +320,8 @@ __device__ void project_query(const DecoderStepProblem& p, const DecoderStepBuff
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
   auto products = [&](int64_t d, RowShare share, float (&sums)[1][kMaxBatchTile]) {
-    add_row_products<kVec>(as<T>(p.query_weight) + d * H, H, staged, stride, 0, tile.rows, share, sums[0]);
+    const T* row[1] = {as<T>(p.query_weight) + d * H};
+    add_row_products<kVec>(row, H, staged, stride, 0, tile.rows, share, sums);
   };
   auto store = [&](int64_t d, float (&sums)[1][kMaxBatchTile]) {
 #pragma unroll
@@ -435,7 +476,8 @@ __device__ void combine(const DecoderStepProblem& p, const DecoderStepPlan& plan
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
   auto products = [&](int64_t r, RowShare share, float (&sums)[1][kMaxBatchTile]) {
-    add_row_products<kVec>(as<T>(p.w_combine) + r * (Dv + H), Dv + H, staged, stride, 0, tile.rows, share, sums[0]);
+    const T* row[1] = {as<T>(p.w_combine) + r * (Dv + H)};
+    add_row_products<kVec>(row, Dv + H, staged, stride, 0, tile.rows, share, sums);
   };
   auto store = [&](int64_t r, float (&sums)[1][kMaxBatchTile]) {
 #pragma unroll
