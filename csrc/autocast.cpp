@@ -11,6 +11,7 @@
 // per autocast region, as torch does, so a decoder's weights are not cast again every
 // step.  float64 tensors, integer lengths and bool masks pass unchanged.  The backward
 // ops need none: autograd calls them outside autocast, on the tensors the forward saved.
+// autocast_cast exposes that cached cast as an op, for the Triton backend's casts.
 #include "op_handles.h"
 
 #include <ATen/autocast_mode.h>
@@ -102,8 +103,19 @@ void register_autocast(torch::Library& m) {
   m.impl("gru_layer_forward", TORCH_FN(gru_layer_forward_autocast<kDevice>));
 }
 
+// autocast_cast (csrc/ops.cpp): the autocast dtype of the tensor's device, cached; the
+// tensor itself outside autocast (nothing enters torch's cache there, which only the
+// end of an autocast region clears).
+Tensor autocast_cast(const Tensor& tensor) {
+  const c10::DeviceType device = tensor.device().type();
+  if (!at::autocast::is_autocast_enabled(device)) return tensor;
+  return at::autocast::cached_cast(at::autocast::get_autocast_dtype(device), tensor, device);
+}
+
 }  // namespace
 }  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CompositeImplicitAutograd, m) { m.impl("autocast_cast", &fastattn::autocast_cast); }
 
 TORCH_LIBRARY_IMPL(fastattn, AutocastCPU, m) { fastattn::register_autocast<c10::DeviceType::CPU>(m); }
 

@@ -120,4 +120,10 @@ TORCH_LIBRARY(fastattn, m) {
 
   // The kernels' tanh approximation (csrc/common/fast_tanh.h), float32, for its test.
   m.def("fast_tanh(Tensor x) -> Tensor");
+  // Inside torch.autocast for its device: tensor in the autocast dtype through torch's
+  // autocast cache, as torch's own autocast kernels cast it (a float32 leaf that requires
+  // grad, a parameter, is cast once per autocast region); tensor itself outside autocast,
+  // in that dtype already, or float64.  For the backends whose ops have no autocast
+  // kernels (the Triton ops).  CompositeImplicitAutograd.
+  m.def("autocast_cast(Tensor(a) tensor) -> Tensor(a)");
 }

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn import backends
@@ -207,3 +208,77 @@ def test_compiles_with_fullgraph_under_autocast():
         torch.testing.assert_close(got, want)
     sum(output.float().sum() for output in compiled).backward()
     assert cell.weight_ih.grad.dtype == torch.float32 and cell.weight_ih.grad.abs().max() > 0
+
+
+class _ParameterCasts(TorchDispatchMode):
+    """Counts the casts (aten._to_copy) of the tensors whose storages are in ``pointers``."""
+
+    def __init__(self, pointers):
+        super().__init__()
+        self.pointers, self.count = pointers, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.pointers:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@needs_extension
+def test_autocast_cast_goes_through_the_autocast_cache():
+    """torch.ops.fastattn.autocast_cast: a float32 parameter cast once per autocast region
+    (the same tensor again within it, a new cast in the next region), a tensor that is no
+    leaf cast every time; the tensor itself outside autocast, already in the autocast
+    dtype or in float64; gradients reach the parameter through the cast; opcheck."""
+    parameter, activation = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3) * 2
+    with torch.autocast("cpu", dtype=LOW):
+        first, again = torch.ops.fastattn.autocast_cast(parameter), torch.ops.fastattn.autocast_cast(parameter)
+        assert first.dtype == LOW and first is again
+        assert torch.ops.fastattn.autocast_cast(activation) is not torch.ops.fastattn.autocast_cast(activation)
+    with torch.autocast("cpu", dtype=LOW):
+        assert torch.ops.fastattn.autocast_cast(parameter) is not first
+        for kept in (first.detach(), parameter.detach().double()):
+            assert torch.ops.fastattn.autocast_cast(kept) is kept
+    assert torch.ops.fastattn.autocast_cast(parameter) is parameter
+    torch.testing.assert_close(first, parameter.detach().to(LOW), rtol=0, atol=0)
+    first.float().sum().backward()
+    torch.testing.assert_close(parameter.grad, torch.ones(4, 3), rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.fastattn.autocast_cast.default, (activation,))
+    with torch.autocast("cpu", dtype=LOW):
+        torch.library.opcheck(torch.ops.fastattn.autocast_cast.default, (parameter,))
+
+
+@needs_extension
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend")
+def test_the_triton_backend_casts_each_parameter_once_per_autocast_region():
+    """Under torch.autocast the Triton backend's functions cast a float32 parameter once
+    per region (torch's autocast cache, as torch's own layers do), not at every decoder
+    step: the second step casts none of the cell's and attention's parameters, a new
+    region casts them again; the steps' outputs are those of casting every time."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    low = torch.float16 if INTERPRETED_TRITON else LOW
+    torch.manual_seed(6)
+    decoder = fastattn.nn.AttentionDecoderCell(8, 6, 5, score="general", cell="lstm").to(device)
+    keys, y = torch.randn(3, 7, 5, device=device), torch.randn(2, 3, 8, device=device)
+    casts = _ParameterCasts({parameter.data_ptr() for parameter in decoder.parameters()})
+
+    def decode(steps=2):
+        cache, state, counts, outputs = decoder.precompute(keys), None, [], []
+        for step in range(steps):
+            before = casts.count
+            with casts:
+                output, state, _ = decoder(y[step], state, cache)
+            counts.append(casts.count - before)
+            outputs.append(output)
+        return counts, outputs
+
+    with fastattn.backend("triton"):
+        with torch.autocast(device, dtype=low):
+            counts, outputs = decode()
+        with torch.autocast(device, dtype=low):
+            next_region, _ = decode(steps=1)
+        with torch.autocast(device, dtype=low, cache_enabled=False):
+            uncached_counts, uncached = decode()
+    assert counts[0] > 0 and counts[1] == 0 and next_region[0] == counts[0]
+    assert uncached_counts[1] == uncached_counts[0] == counts[0]
+    for got, want in zip(outputs, uncached):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

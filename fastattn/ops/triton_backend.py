@@ -8,7 +8,10 @@ mapping of the six scores onto the kernels; float64 inputs run the reference (Tr
 kernels here compute float32/float16/bfloat16, accumulating in float32).  Inside
 ``torch.autocast`` every backend function runs in the autocast dtype: its floating
 tensors are cast, then it runs with autocast off (the Triton ops have no autocast
-kernels; unlike torch's, these casts are not cached across calls).
+kernels).  The casts go through torch's autocast cache (``torch.ops.fastattn.autocast_cast``,
+with the C++ extension loaded): a float32 parameter is cast once per autocast region,
+not at every step of a decoder, as torch's own layers do; while ``torch.compile``
+traces, and without the extension, they are plain ``.to`` casts.
 """
 
 from __future__ import annotations
@@ -37,12 +40,18 @@ def _in_kernel_dtypes(function, reference_function):
         if not torch.is_autocast_enabled(device_type):
             return function(*arguments, **keywords)
         dtype = torch.get_autocast_dtype(device_type)
+        cached_cast = None if torch.compiler.is_compiling() else getattr(torch.ops.fastattn, "autocast_cast", None)
 
         def cast(value):
-            return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+                return value
+            if cached_cast is None:
+                return value.to(dtype)
+            return cached_cast(value)
 
-        with torch.autocast(device_type, enabled=False):
-            return function(*map(cast, arguments), **{name: cast(value) for name, value in keywords.items()})
+        arguments, keywords = [cast(a) for a in arguments], {name: cast(value) for name, value in keywords.items()}
+        with torch.autocast(device_type, enabled=False):  # cast above, inside autocast: cached
+            return function(*arguments, **keywords)
 
     return run
 
