@@ -12,8 +12,8 @@ reverse) through both recurrent paths: the persistent kernels (one block per hid
 unit here, grid barrier; float32 FMAs, and the tensor cores in bfloat16) and the per-step
 kernels (FASTATTN_CUDA_PERSISTENT_RNN=0), and
 the one-launch attention-decoder step (LSTM + additive with lengths, GRU + dot with a key
-padding mask, float32 scalar loads; three grid barriers; and LSTM + additive in bfloat16,
-16-byte loads).
+padding mask, float32 scalar loads; three grid barriers; LSTM + additive in bfloat16,
+16-byte loads; GRU + additive in Bahdanau's order).
 
     python benchmarks/cuda_sanitize_cases.py
 """
@@ -231,10 +231,11 @@ def check_recurrent() -> bool:
     return ok
 
 
-def decoder_step_arguments(cell: str, score: str, device, dtype, wide=False):
-    """attention_decoder_step_inference's arguments with input feeding: B = 3, I = 5,
-    H = 7, S = 40 (Dk = 6 additive, = H for dot), Dv = 5, or with `wide` I = H = Dk = Dv
-    = 8 (16-byte loads in float16 / bfloat16); lengths or a padding mask."""
+def decoder_step_arguments(cell: str, score: str, device, dtype, wide=False, input_feeding=True):
+    """attention_decoder_step_inference's arguments, with input feeding or in Bahdanau's
+    order: B = 3, I = 5, H = 7, S = 40 (Dk = 6 additive, = H for dot), Dv = 5, or with
+    `wide` I = H = Dk = Dv = 8 (16-byte loads in float16 / bfloat16); lengths or a
+    padding mask."""
     batch, inputs, hidden, source, value_dim = (3, 8, 8, 40, 8) if wide else (3, 5, 7, 40, 5)
     additive, gates = score == "additive", 4 if cell == "lstm" else 3
     key_dim = (8 if wide else 6) if additive else hidden
@@ -249,23 +250,26 @@ def decoder_step_arguments(cell: str, score: str, device, dtype, wide=False):
             random(batch, hidden), random(batch, source, key_dim), random(batch, source, value_dim),
             random(hidden, key_dim) if additive else None, random(key_dim) if additive else None,
             random(key_dim) if additive else None, score, 1.0 if additive else 0.3, lengths, padding,
-            random(gates * hidden, inputs + hidden), random(gates * hidden, hidden), random(gates * hidden),
-            random(gates * hidden), random(hidden, value_dim + hidden), True)
+            random(gates * hidden, inputs + (hidden if input_feeding else value_dim)), random(gates * hidden, hidden),
+            random(gates * hidden), random(gates * hidden), random(hidden, value_dim + hidden), input_feeding)
 
 
 def check_decoder_step() -> bool:
     ok = True
-    for cell, score, masking, dtype, tolerance in (("lstm", "additive", "lengths", torch.float32, 1e-4),
-                                                   ("gru", "dot", "key_padding_mask", torch.float32, 1e-4),
-                                                   ("lstm", "additive", "lengths", torch.bfloat16, 3e-2)):
+    for cell, score, masking, dtype, feeding, tolerance in (
+            ("lstm", "additive", "lengths", torch.float32, True, 1e-4),
+            ("gru", "dot", "key_padding_mask", torch.float32, True, 1e-4),
+            ("lstm", "additive", "lengths", torch.bfloat16, True, 3e-2),
+            ("gru", "additive", "lengths", torch.float32, False, 1e-4)):
         wide = dtype != torch.float32
         with torch.no_grad():
-            got = torch.ops.fastattn.attention_decoder_step_inference(*decoder_step_arguments(cell, score, DEVICE,
-                                                                                              dtype, wide))
-            want = torch.ops.fastattn.attention_decoder_step(*decoder_step_arguments(cell, score, "cpu",
-                                                                                     torch.float64, wide))
+            got = torch.ops.fastattn.attention_decoder_step_inference(
+                *decoder_step_arguments(cell, score, DEVICE, dtype, wide, feeding))
+            want = torch.ops.fastattn.attention_decoder_step(
+                *decoder_step_arguments(cell, score, "cpu", torch.float64, wide, feeding))
         present = [index for index, tensor in enumerate(want) if tensor.numel() > 0]  # a GRU has no c_next
-        name = f"attention_decoder_step one launch, {cell} {score}, {masking}, {str(dtype).removeprefix('torch.')}"
+        order = "input feeding" if feeding else "Bahdanau"
+        name = f"attention_decoder_step one launch, {cell} {score}, {masking}, {str(dtype).removeprefix('torch.')}, {order}"
         ok &= report(name, [got[i] for i in present], [want[i] for i in present], tolerance)
     return ok
 

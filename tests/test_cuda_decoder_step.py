@@ -5,11 +5,11 @@ Without a GPU: the kernel's own code under the CPU emulation (csrc/cuda/emulatio
 blocks running at once so that the grid barriers work; marked slow) against the CPU op
 attention_decoder_step at small odd sizes and at sizes that take the 16-byte loads,
 LSTM and GRU, additive (projected query, bias) and dot scores, lengths (an empty row)
-and a key padding mask, several batch tiles and key splits; in float16 / bfloat16 under
-the 2x rule (a float64 oracle, the reference ops run in that dtype); the plan on an H200
-and which dtypes, sizes and alignments it takes; the inference op on the CPU (the
-composed step) under opcheck; and, on fake CUDA tensors, which calls of
-attention_decoder_step take the inference op.
+and a key padding mask, several batch tiles and key splits, with input feeding and in
+Bahdanau's order; in float16 / bfloat16 under the 2x rule (a float64 oracle, the
+reference ops run in that dtype); the plan on an H200 and which dtypes, sizes and
+alignments it takes; the inference op on the CPU (the composed step) under opcheck;
+and, on fake CUDA tensors, which calls of attention_decoder_step take the inference op.
 With a GPU (marked ``gpu``): the kernel against the composed step on the device, in
 float32 and under the 2x rule in float16 / bfloat16, and the step captured in a CUDA
 graph."""
@@ -44,8 +44,9 @@ SHAPES = {
 }
 
 
-def step_arguments(shape, cell, score, masks, device="cpu", shared_keys=False):
-    """attention_decoder_step's arguments (float32, input feeding) for `shape`."""
+def step_arguments(shape, cell, score, masks, device="cpu", shared_keys=False, input_feeding=True):
+    """attention_decoder_step's arguments (float32) for `shape`; with input feeding, or in
+    Bahdanau's order (the cell reads [y; c_t]: W_ih of I + Dv columns)."""
     batch, inputs, hidden, source, key_dim, value_dim = shape[:6]
     generator = torch.Generator().manual_seed(3)
 
@@ -64,8 +65,8 @@ def step_arguments(shape, cell, score, masks, device="cpu", shared_keys=False):
         random(hidden, key_dim) if additive else None, random(key_dim) if additive else None,
         random(key_dim) if additive else None, score, 1.0 if additive else 0.37,
         lengths if "lengths" in masks else None, padding if "padding" in masks else None,
-        random(gates * hidden, inputs + hidden), random(gates * hidden, hidden), random(gates * hidden),
-        random(gates * hidden), random(hidden, value_dim + hidden), True,
+        random(gates * hidden, inputs + (hidden if input_feeding else value_dim)), random(gates * hidden, hidden),
+        random(gates * hidden), random(gates * hidden), random(hidden, value_dim + hidden), input_feeding,
     )
 
 
@@ -85,17 +86,29 @@ def reference_step(arguments):
     """The step on the reference ops (torch.ops.fastattn.*_reference), in the arguments'
     dtype and on their device: the 2x rule's reference run."""
     (y, h, c, attentional, keys, values, query_weight, v, bias, score, scale, lengths, key_padding_mask, w_ih, w_hh,
-     b_ih, b_hh, w_combine, _) = arguments
-    cell_input = torch.cat([y, attentional], dim=-1)
-    if c is None:
-        h_next, c_next = torch.ops.fastattn.gru_cell_reference(cell_input, h, w_ih, w_hh, b_ih, b_hh), None
+     b_ih, b_hh, w_combine, input_feeding) = arguments
+
+    def cell_step(fed):
+        cell_input = torch.cat([y, fed], dim=-1)
+        if c is None:
+            return torch.ops.fastattn.gru_cell_reference(cell_input, h, w_ih, w_hh, b_ih, b_hh), None
+        return torch.ops.fastattn.lstm_cell_reference(cell_input, h, c, w_ih, w_hh, b_ih, b_hh)
+
+    def attend(state):
+        query = state if query_weight is None else state @ query_weight
+        context, weights = torch.ops.fastattn.attention_reference(
+            query.unsqueeze(1), keys, values, v, bias, score, scale, lengths, key_padding_mask, False, None, None,
+            False)
+        return context.squeeze(1), weights.squeeze(1)
+
+    if input_feeding:
+        h_next, c_next = cell_step(attentional)
+        context, weights = attend(h_next)
     else:
-        h_next, c_next = torch.ops.fastattn.lstm_cell_reference(cell_input, h, c, w_ih, w_hh, b_ih, b_hh)
-    query = h_next if query_weight is None else h_next @ query_weight
-    context, weights = torch.ops.fastattn.attention_reference(
-        query.unsqueeze(1), keys, values, v, bias, score, scale, lengths, key_padding_mask, False, None, None, False)
-    output = torch.tanh(torch.cat([context.squeeze(1), h_next], dim=-1) @ w_combine.T)
-    return output, h_next, c_next, weights.squeeze(1)
+        context, weights = attend(h)
+        h_next, c_next = cell_step(context)
+    output = torch.tanh(torch.cat([context, h_next], dim=-1) @ w_combine.T)
+    return output, h_next, c_next, weights
 
 
 def assert_within_twice_the_reference_error(got, reference_run, exact, dtype):
@@ -132,7 +145,19 @@ def test_emulated_decoder_step_matches_the_composed_step(emulated, cell, score, 
     shape = SHAPES[shape_name]
     multiprocessors, threads = shape[6:]
     arguments = step_arguments(shape, cell, score, masks)
-    got = emulation.decoder_step(emulated, arguments[:-1], multiprocessors, threads)
+    got = emulation.decoder_step(emulated, arguments, multiprocessors, threads)
+    assert_step_close(got, composed(arguments))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("score", ["additive", "dot"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_emulated_bahdanau_step_matches_the_composed_step(emulated, cell, score, shape_name):
+    """Without input feeding: attention with s_{t-1} first, then the cell on [y; c_t]."""
+    shape = SHAPES[shape_name]
+    arguments = step_arguments(shape, cell, score, ("lengths", "padding"), input_feeding=False)
+    got = emulation.decoder_step(emulated, arguments, *shape[6:])
     assert_step_close(got, composed(arguments))
 
 
@@ -147,8 +172,9 @@ LOW_PRECISION_SHAPES = {
 
 def test_the_reference_step_is_the_composed_step():
     """reference_step, the 2x rule's reference run, computes what the op does."""
-    for cell, score in (("lstm", "additive"), ("gru", "dot")):
-        arguments = in_dtype(step_arguments(SHAPES["odd"], cell, score, ("lengths", "padding")), torch.float64)
+    for cell, score, input_feeding in (("lstm", "additive", True), ("gru", "dot", False)):
+        arguments = in_dtype(step_arguments(SHAPES["odd"], cell, score, ("lengths", "padding"),
+                                            input_feeding=input_feeding), torch.float64)
         for got, want in zip(reference_step(arguments), composed(arguments)):
             torch.testing.assert_close(got if got is not None else want.new_empty(0), want, rtol=1e-12, atol=1e-12)
 
@@ -160,8 +186,10 @@ def test_the_reference_step_is_the_composed_step():
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_emulated_low_precision_step_errs_at_most_twice_the_reference(emulated, cell, score, shape_name, dtype):
     shape = LOW_PRECISION_SHAPES[shape_name]
-    arguments = in_dtype(step_arguments(shape, cell, score, ("lengths", "padding")), dtype)
-    got = emulation.decoder_step(emulated, arguments[:-1], *shape[6:])
+    input_feeding = shape_name != "production_threads"  # that shape in Bahdanau's order
+    arguments = in_dtype(step_arguments(shape, cell, score, ("lengths", "padding"), input_feeding=input_feeding),
+                         dtype)
+    got = emulation.decoder_step(emulated, arguments, *shape[6:])
     exact = composed(in_dtype(arguments, torch.float64))
     assert_within_twice_the_reference_error(got, reference_step(arguments), exact, dtype)
 
@@ -171,7 +199,7 @@ def test_emulated_decoder_step_reads_keys_shared_by_the_batch(emulated):
     """Keys with batch stride 0 (the "location" score's W_a[:S] expanded over the batch)."""
     arguments = step_arguments(SHAPES["odd"], "lstm", "dot", ("lengths",), shared_keys=True)
     assert arguments[4].stride(0) == 0
-    assert_step_close(emulation.decoder_step(emulated, arguments[:-1], 3, 64), composed(arguments))
+    assert_step_close(emulation.decoder_step(emulated, arguments, 3, 64), composed(arguments))
 
 
 @pytest.mark.slow
@@ -182,8 +210,8 @@ def test_emulated_plan_covers_the_bench_shapes_and_refuses_an_oversized_row(emul
     long for shared memory gets no plan (the binding composes)."""
     def problem(cell, batch, inputs, hidden, source, key_dim, value_dim):  # sizes only: the plan reads no tensor
         return emulation.DecoderStepProblem(cell=emulation.CELLS[cell], score=emulation.SCORES["additive"],
-                                            batch=batch, input_size=inputs, hidden=hidden, source_length=source,
-                                            score_dim=key_dim, value_dim=value_dim)
+                                            input_feeding=True, batch=batch, input_size=inputs, hidden=hidden,
+                                            source_length=source, score_dim=key_dim, value_dim=value_dim)
 
     for batch in (1, 64):
         plan = emulation.decoder_step_plan(emulated, problem("lstm", batch, 512, 512, 50, 512, 512), 132)
@@ -207,9 +235,9 @@ def test_emulated_plan_takes_low_precision_only_with_16_byte_loads(emulated):
     either way (scalar loads); float64 none.  No plan: the binding composes the step."""
     def problem(dtype, hidden, w_ih=None):  # the plan reads the sizes, the dtype and the pointers' alignment
         return emulation.DecoderStepProblem(dtype=emulation.DTYPES[dtype], cell=emulation.CELLS["lstm"],
-                                            score=emulation.SCORES["additive"], batch=4, input_size=16, hidden=hidden,
-                                            source_length=40, score_dim=16, value_dim=16, keys_batch_stride=40 * 16,
-                                            w_ih=w_ih)
+                                            score=emulation.SCORES["additive"], input_feeding=True, batch=4,
+                                            input_size=16, hidden=hidden, source_length=40, score_dim=16,
+                                            value_dim=16, keys_batch_stride=40 * 16, w_ih=w_ih)
 
     def blocks(problem, multiprocessors=None):
         return emulation.decoder_step_plan(emulated, problem, multiprocessors).blocks
@@ -280,9 +308,11 @@ GPU_SHAPE = (5, 16, 32, 40, 24, 16)
 
 
 @gpu
-@pytest.mark.parametrize("cell, score", [("lstm", "additive"), ("gru", "dot")])
-def test_cuda_decoder_step_matches_the_composed_step(cell, score):
-    arguments = step_arguments(GPU_SHAPE, cell, score, ("lengths", "padding"), device="cuda")
+@pytest.mark.parametrize("cell, score, input_feeding", [("lstm", "additive", True), ("gru", "dot", True),
+                                                         ("lstm", "dot", False)])
+def test_cuda_decoder_step_matches_the_composed_step(cell, score, input_feeding):
+    arguments = step_arguments(GPU_SHAPE, cell, score, ("lengths", "padding"), device="cuda",
+                               input_feeding=input_feeding)
     with torch.no_grad():
         got = torch.ops.fastattn.attention_decoder_step_inference(*arguments)
         routed = torch.ops.fastattn.attention_decoder_step(*arguments)

@@ -940,7 +940,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // ---------------------------------------------------------------- fused attention-decoder step
 
-// Whether the one-launch kernel may run: switched on, input feeding, float32 / float16 /
+// Whether the one-launch kernel may run: switched on, float32 / float16 /
 // bfloat16 tensors of y's dtype on y's device, a kernel score and the shapes of
 // csrc/ops.cpp (decoder_step_plan_on_device then applies the kernel's own limits).
 // Anything else (bad input included: the composed ops name it) goes to the composed step.
@@ -955,7 +955,7 @@ bool fused_step_covers(const at::Tensor& y, const at::Tensor& h, const OptionalT
   const bool additive = score == "additive";
   const at::ScalarType dtype = y.scalar_type();
   const bool kernel_dtype = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
-  if (!input_feeding || !(additive || score == "dot") || !kernel_dtype || y.dim() != 2) return false;
+  if (!(additive || score == "dot") || !kernel_dtype || y.dim() != 2) return false;
   auto is_like_y = [&](const at::Tensor& t) { return t.scalar_type() == dtype && t.device() == y.device(); };
   auto absent_or = [&](const OptionalTensor& t, at::IntArrayRef shape) {
     return !present(t) || (is_like_y(*t) && t->sizes() == shape);
@@ -963,10 +963,11 @@ bool fused_step_covers(const at::Tensor& y, const at::Tensor& h, const OptionalT
   if (h.dim() != 2 || keys.dim() != 3 || values.dim() != 3) return false;
   const int64_t B = y.size(0), I = y.size(1), H = h.size(1), S = keys.size(1), Dk = keys.size(2);
   const int64_t Dv = values.size(2), G = (present(c) ? kLstmGates : kGruGates) * H;
+  const int64_t fed = input_feeding ? H : Dv;  // the cell reads [y; h~_{t-1}] or [y; c_t]
   const bool tensors_fit =
       is_like_y(h) && h.size(0) == B && is_like_y(attentional) && attentional.sizes() == h.sizes() &&
       absent_or(c, {B, H}) && is_like_y(keys) && (keys.size(0) == B || keys.size(0) == 1) && is_like_y(values) &&
-      values.size(0) == B && values.size(1) == S && is_like_y(w_ih) && w_ih.sizes() == at::IntArrayRef{G, I + H} &&
+      values.size(0) == B && values.size(1) == S && is_like_y(w_ih) && w_ih.sizes() == at::IntArrayRef{G, I + fed} &&
       is_like_y(w_hh) && w_hh.sizes() == at::IntArrayRef{G, H} && absent_or(b_ih, {G}) && absent_or(b_hh, {G}) &&
       is_like_y(w_combine) && w_combine.sizes() == at::IntArrayRef{H, Dv + H} &&
       (present(query_weight) ? absent_or(query_weight, {H, Dk}) : Dk == H) &&
@@ -1017,6 +1018,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_decoder_ste
   p.dtype = dtype_of(op, "y", y);
   p.cell = lstm ? RecurrentCell::kLstm : RecurrentCell::kGru;
   p.score = score == "additive" ? ScoreKind::kAdditive : ScoreKind::kDot;
+  p.input_feeding = input_feeding;
   p.batch = y.size(0);
   p.input_size = y.size(1);
   p.hidden = h.size(1);

@@ -1,31 +1,36 @@
-// decoder_step.cu: one inference step of fastattn.nn.AttentionDecoderCell with input
-// feeding (Luong 2015) in ONE cooperative kernel launch, float32 / float16 / bfloat16
-// with float32 accumulation; the equations of csrc/decoder_step.cpp:
-//   s_t  = cell([y; h~_{t-1}], s_{t-1})             LSTM or GRU, torch.nn gate order
-//   q    = W_q s_t  (or s_t without query_weight)
-//   c_t  = attention(q (+ bias), K', V)              additive v.tanh(q + k') or scale * q.k
-//   h~_t = tanh(W_c [c_t; s_t])
+// decoder_step.cu: one inference step of fastattn.nn.AttentionDecoderCell in ONE
+// cooperative kernel launch, float32 / float16 / bfloat16 with float32 accumulation; the
+// equations of csrc/decoder_step.cpp, in either order:
+//   input feeding (Luong 2015)            Bahdanau (2015)
+//   s_t = cell([y; h~_{t-1}], s_{t-1})    c_t = attention(s_{t-1})
+//   c_t = attention(s_t)                  s_t = cell([y; c_t], s_{t-1})
+//   h~_t = tanh(W_c [c_t; s_t])           h~_t = tanh(W_c [c_t; s_t])
+// cell: LSTM or GRU, torch.nn gate order; attention(s): q = W_q s (or s without
+// query_weight), additive v.tanh(q + bias + k') or scale * q.k over K', V.
 // Phases, separated by the grid barrier of grid_barrier.cuh where the data force it:
-//   A  gates + cell: hidden unit j's 4 (LSTM) or 3 (GRU) gate rows of W_ih [y; h~] +
-//      W_hh h for a tile of batch rows staged in shared memory, by one warp (or by up
-//      to 8 warps of a block, each over a share of K, when the units are fewer than the
-//      grid's warps: for_each_row), then the cell pointwise (recurrent_cell_math.cuh)
-//      -> s_t, c_t.                                                            barrier
-//   B  (query_weight only) q = W_q s_t, the rows of W_q likewise.               barrier
+//   A  gates + cell: hidden unit j's 4 (LSTM) or 3 (GRU) gate rows of W_ih [y; h~ or
+//      c_t] + W_hh h for a tile of batch rows staged in shared memory (c_t merged from
+//      phase C's partials), by one warp (or by up to 8 warps of a block, each over a
+//      share of K, when the units are fewer than the grid's warps: for_each_row), then
+//      the cell pointwise (recurrent_cell_math.cuh) -> s_t, c_t.             barrier
+//   B  (query_weight only) q = W_q s, the rows of W_q likewise.               barrier
 //   C  attention partials: a block per (batch row, key split) scores its keys (a warp
 //      per key; raw scores go to the scores scratch), softmax over the split, partial
 //      context, max and sum.                                                  barrier
 //   D  the weights from the raw scores; the combine: every block stages [c_t; s_t] of a
 //      batch tile (merging the splits' partials), the rows of W_c likewise, tanh.
+// Input feeding runs A B C D, Bahdanau B C A D: three grid barriers either way (two
+// without query_weight).
 // Every weight matrix is read once per batch tile (one tile up to 8 rows): at batch 1
-// a step moves E * (G H (I + 2H) + Dk H + S (Dk + Dv) + H (Dv + H)) bytes of weights,
-// keys and values (E bytes per element, G = 4 LSTM, 3 GRU), which is what bounds it.
+// a step moves E * (G H (I + F + H) + Dk H + S (Dk + Dv) + H (Dv + H)) bytes of weights,
+// keys and values (E bytes per element, G = 4 LSTM, 3 GRU, F = H or Dv what the cell is
+// fed), which is what bounds it.
 // Staged tiles, queries, scores and partials are float32 whatever the element type;
 // s_t is read back from h_next in the element type, as the composed step reads it.
-// Not handled (the binding composes the step instead): Bahdanau order (no input
-// feeding), the cosine score, float64, float16 / bfloat16 whose sizes or rows do not fit
-// 16-byte loads (sizes multiples of 8), local windows, and shapes whose batch-row tile
-// (I + 2H or Dv + H floats) does not fit in shared memory.
+// Not handled (the binding composes the step instead): the cosine score, float64,
+// float16 / bfloat16 whose sizes or rows do not fit 16-byte loads (sizes multiples of
+// 8), local windows, and shapes whose batch-row tile (I + F + H or Dv + H floats) does
+// not fit in shared memory.
 
 #include "grid_barrier.cuh"
 #include "recurrent_cell_math.cuh"
@@ -45,13 +50,19 @@ __host__ __device__ constexpr int64_t max_of(int64_t a, int64_t b) { return a > 
 __host__ __device__ constexpr int64_t min_of(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ constexpr int gates_of(RecurrentCell cell) { return cell == RecurrentCell::kLstm ? 4 : 3; }
 
-// Row lengths (floats) of the staged batch-row tiles: phase A [y; h~; h], phase B s_t,
-// phase D [c_t; s_t]; each padded to 4 for 16-byte reads.
+// The width of what the cell reads besides y: h~_{t-1} (H, input feeding) or c_t (Dv).
+__host__ __device__ inline int64_t fed_width(const DecoderStepProblem& p) {
+  return p.input_feeding ? p.hidden : p.value_dim;
+}
+
+// Row lengths (floats) of the staged batch-row tiles: phase A [y; h~ or c_t; h], phase B
+// the query state, phase D [c_t; s_t]; each padded to 4 for 16-byte reads.
 struct StagedRows {
   int64_t gates, query, combine;
 };
 __host__ __device__ inline StagedRows staged_rows(const DecoderStepProblem& p) {
-  return {round_up4(p.input_size + 2 * p.hidden), round_up4(p.hidden), round_up4(p.value_dim + p.hidden)};
+  return {round_up4(p.input_size + fed_width(p) + p.hidden), round_up4(p.hidden),
+          round_up4(p.value_dim + p.hidden)};
 }
 
 // Shared floats: the warps' exchange of partial row sums (for_each_row), then the
@@ -165,6 +176,12 @@ __device__ __forceinline__ T* as(void* pointer) {
   return static_cast<T*>(pointer);
 }
 
+// The state the query is made of (B, H): s_t (input feeding, phase A's output) or s_{t-1}.
+template <typename T>
+__device__ __forceinline__ const T* query_state(const DecoderStepProblem& p, const DecoderStepBuffers& out) {
+  return p.input_feeding ? as<T>(out.h_next) : as<T>(p.h);
+}
+
 struct Tile {
   int64_t first, rows;
 };
@@ -231,20 +248,65 @@ __device__ void for_each_row(int64_t rows, float* exchange, Products&& products,
   }
 }
 
-// Phase A for one batch tile: stage [y; h~; h], then each warp's hidden units.
+// The softmax max and sum of batch row b over its splits' partials.
+__device__ __forceinline__ void softmax_totals(const DecoderStepPlan& plan, const DecoderStepBuffers& out, int64_t b,
+                                               float* max_score, float* sum) {
+  float m = negative_infinity<float>();
+  for (int64_t s = 0; s < plan.splits; ++s) m = fmaxf(m, __ldcg(out.partial_max + b * plan.splits + s));
+  float total = 0.0f;
+  if (m != negative_infinity<float>()) {
+    for (int64_t s = 0; s < plan.splits; ++s) {
+      const int64_t slot = b * plan.splits + s;
+      total += __ldcg(out.partial_sum + slot) * exp_of(__ldcg(out.partial_max + slot) - m);
+    }
+  }
+  *max_score = m;
+  *sum = total;
+}
+
+// The softmax totals of a batch tile's rows, into row_max / row_sum (tile.rows floats
+// each) for every thread of the block (it synchronises the block).
+__device__ void stage_row_totals(const DecoderStepPlan& plan, const DecoderStepBuffers& out, Tile tile,
+                                 float* row_max, float* row_sum) {
+  if (threadIdx.x < tile.rows) {
+    softmax_totals(plan, out, tile.first + threadIdx.x, row_max + threadIdx.x, row_sum + threadIdx.x);
+  }
+  __syncthreads();
+}
+
+// Element k of batch row b's context c_t, merged from the row's split partials (row_max,
+// row_sum: its softmax totals); 0 for a row with no visible key.
+__device__ __forceinline__ float merged_context(const DecoderStepPlan& plan, const DecoderStepBuffers& out,
+                                                int64_t value_dim, int64_t b, int64_t k, float row_max,
+                                                float row_sum) {
+  if (!(row_sum > 0.0f)) return 0.0f;
+  float value = 0.0f;
+  for (int64_t s = 0; s < plan.splits; ++s) {
+    const int64_t slot = b * plan.splits + s;
+    value += __ldcg(out.partial_context + slot * value_dim + k) * exp_of(__ldcg(out.partial_max + slot) - row_max);
+  }
+  return value / row_sum;
+}
+
+// Phase A for one batch tile: stage [y; h~_{t-1}; h] (input feeding) or [y; c_t; h]
+// (Bahdanau: c_t merged from the splits), then each warp's hidden units.
 template <typename T, RecurrentCell kCell, int kVec>
-__device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepBuffers& out, Tile tile, float* exchange,
-                               float* staged) {
-  const int64_t I = p.input_size, H = p.hidden, fed = I + H, stride = staged_rows(p).gates;
+__device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepPlan& plan,
+                               const DecoderStepBuffers& out, Tile tile, float* exchange, float* staged) {
+  const int64_t I = p.input_size, H = p.hidden, fed = I + fed_width(p), stride = staged_rows(p).gates;
   const T *y = as<T>(p.y), *attentional = as<T>(p.attentional), *h = as<T>(p.h), *c = as<T>(p.c);
   const T *w_ih = as<T>(p.w_ih), *w_hh = as<T>(p.w_hh);
+  float* row_max = staged + tile.rows * stride;
+  float* row_sum = row_max + tile.rows;
+  if (!p.input_feeding) stage_row_totals(plan, out, tile, row_max, row_sum);
   for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
     const int64_t bb = e / stride, k = e % stride, b = tile.first + bb;
     float value = 0.0f;
     if (k < I) {
       value = to_acc(y[b * I + k]);
     } else if (k < fed) {
-      value = to_acc(attentional[b * H + k - I]);
+      value = p.input_feeding ? to_acc(attentional[b * H + k - I])
+                              : merged_context(plan, out, p.value_dim, b, k - I, row_max[bb], row_sum[bb]);
     } else if (k < fed + H) {
       value = to_acc(h[b * H + k - fed]);
     }
@@ -312,10 +374,10 @@ template <typename T, int kVec>
 __device__ void project_query(const DecoderStepProblem& p, const DecoderStepBuffers& out, Tile tile, float* exchange,
                               float* staged) {
   const int64_t H = p.hidden, stride = staged_rows(p).query;
-  const T* h_next = as<T>(out.h_next);
+  const T* state = query_state<T>(p, out);
   for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
     const int64_t bb = e / stride, k = e % stride;
-    staged[e] = k < H ? to_acc(__ldcg(h_next + (tile.first + bb) * H + k)) : 0.0f;
+    staged[e] = k < H ? to_acc(__ldcg(state + (tile.first + bb) * H + k)) : 0.0f;
   }
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
@@ -350,7 +412,7 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
   float* query = shared;
   float* scores = query + round_up4(D);
   float* scratch = scores + round_up4(plan.keys_per_split);
-  const T* state = as<T>(out.h_next) + b * p.hidden;  // q = s_t without query_weight
+  const T* state = query_state<T>(p, out) + b * p.hidden;  // q = the state without query_weight
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     float q = p.query_weight != nullptr ? __ldcg(out.query + b * D + d) : to_acc(__ldcg(state + d));
     if constexpr (kScore == ScoreKind::kAdditive) q += value_or_zero(p.bias, d);
@@ -412,22 +474,6 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
   __syncthreads();
 }
 
-// The softmax max and sum of batch row b over its splits' partials.
-__device__ __forceinline__ void softmax_totals(const DecoderStepPlan& plan, const DecoderStepBuffers& out, int64_t b,
-                                               float* max_score, float* sum) {
-  float m = negative_infinity<float>();
-  for (int64_t s = 0; s < plan.splits; ++s) m = fmaxf(m, __ldcg(out.partial_max + b * plan.splits + s));
-  float total = 0.0f;
-  if (m != negative_infinity<float>()) {
-    for (int64_t s = 0; s < plan.splits; ++s) {
-      const int64_t slot = b * plan.splits + s;
-      total += __ldcg(out.partial_sum + slot) * exp_of(__ldcg(out.partial_max + slot) - m);
-    }
-  }
-  *max_score = m;
-  *sum = total;
-}
-
 // Phase D, first part: weights = exp(score - max) / sum (0 for masked keys and for a row
 // with no visible key).
 template <typename T>
@@ -453,21 +499,12 @@ __device__ void combine(const DecoderStepProblem& p, const DecoderStepPlan& plan
   const T* h_next = as<T>(out.h_next);
   float* row_max = staged + tile.rows * stride;
   float* row_sum = row_max + tile.rows;
-  if (threadIdx.x < tile.rows) {
-    softmax_totals(plan, out, tile.first + threadIdx.x, row_max + threadIdx.x, row_sum + threadIdx.x);
-  }
-  __syncthreads();
+  stage_row_totals(plan, out, tile, row_max, row_sum);
   for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
     const int64_t bb = e / stride, k = e % stride, b = tile.first + bb;
     float value = 0.0f;
     if (k < Dv) {
-      if (row_sum[bb] > 0.0f) {
-        for (int64_t s = 0; s < plan.splits; ++s) {
-          const int64_t slot = b * plan.splits + s;
-          value += __ldcg(out.partial_context + slot * Dv + k) * exp_of(__ldcg(out.partial_max + slot) - row_max[bb]);
-        }
-        value /= row_sum[bb];
-      }
+      value = merged_context(plan, out, Dv, b, k, row_max[bb], row_sum[bb]);
     } else if (k < Dv + H) {
       value = to_acc(__ldcg(h_next + b * H + k - Dv));
     }
@@ -498,10 +535,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t B = p.batch;
   unsigned long long barriers = 0;
   auto barrier = [&] { grid_barrier(out.barrier, ++barriers * gridDim.x); };
-  for (int64_t first = 0; first < B; first += plan.batch_tile) {
-    gates_and_cell<T, kCell, kVec>(p, out, tile_of(plan, B, first), exchange, shared);
-  }
-  barrier();
+  auto cell_step = [&] {
+    for (int64_t first = 0; first < B; first += plan.batch_tile) {
+      gates_and_cell<T, kCell, kVec>(p, plan, out, tile_of(plan, B, first), exchange, shared);
+    }
+    barrier();
+  };
+  if (p.input_feeding) cell_step();  // s_t first: the query is made of it
   if (p.query_weight != nullptr) {
     for (int64_t first = 0; first < B; first += plan.batch_tile) {
       project_query<T, kVec>(p, out, tile_of(plan, B, first), exchange, shared);
@@ -512,6 +552,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     attention_split<T, kScore, kVec>(p, plan, out, item / plan.splits, item % plan.splits, shared);
   }
   barrier();
+  if (!p.input_feeding) cell_step();  // Bahdanau: the cell reads c_t
   for (int64_t first = 0; first < B; first += plan.batch_tile) {
     combine<T, kVec>(p, plan, out, tile_of(plan, B, first), exchange, shared);
   }

@@ -237,8 +237,8 @@ cudaError_t launch_persistent_gru_backward(const PersistentLayer& layer, const P
                                            const PersistentBackwardBuffers& buffers, cudaStream_t stream);
 
 // ---------------------------------------------------------------- fused attention-decoder step
-// One inference step of AttentionDecoderCell with input feeding (attention_decoder_step
-// of csrc/ops.cpp, input_feeding = true) in ONE cooperative launch (decoder_step.cu),
+// One inference step of AttentionDecoderCell, with input feeding or in Bahdanau's order
+// (attention_decoder_step of csrc/ops.cpp) in ONE cooperative launch (decoder_step.cu),
 // float32 / float16 / bfloat16 with float32 accumulation, no autograd.  Scores: additive
 // (v . tanh(q + bias + k'), keys = K' precomputed) and dot (scale * q . k); q =
 // query_weight s_t, or s_t itself (then score_dim == hidden).  Outputs as the composed
@@ -252,22 +252,23 @@ struct DecoderStepProblem {
   DType dtype = DType::kFloat32;
   RecurrentCell cell = RecurrentCell::kLstm;
   ScoreKind score = ScoreKind::kDot;  // kDot or kAdditive
+  bool input_feeding = true;          // else Bahdanau: attend with s_{t-1}, the cell reads [y; c_t]
   int64_t batch = 0, input_size = 0, hidden = 0, source_length = 0, score_dim = 0, value_dim = 0;
   float scale = 1.0f;                 // dot only
   const void* y = nullptr;            // (B, I)
   const void* h = nullptr;            // (B, H)
   const void* c = nullptr;            // LSTM (B, H); null for a GRU
-  const void* attentional = nullptr;  // (B, H): h~_{t-1}
+  const void* attentional = nullptr;  // (B, H): h~_{t-1}, read with input feeding
   const void* keys = nullptr;         // (B, S, Dk) rows contiguous, batch stride below (0: shared)
   int64_t keys_batch_stride = 0;
   const void* values = nullptr;       // (B, S, Dv) rows contiguous
   int64_t values_batch_stride = 0;
-  const void* query_weight = nullptr;  // (Dk, H): q = query_weight s_t; null: q = s_t
+  const void* query_weight = nullptr;  // (Dk, H): q = query_weight s; null: q = s (s_t or s_{t-1})
   const float* v = nullptr;            // additive (Dk,)
   const float* bias = nullptr;         // additive (Dk,) or null
   const int64_t* lengths = nullptr;    // (B,) or null
   const bool* key_padding_mask = nullptr;  // (B, S) or null
-  const void* w_ih = nullptr;          // (G H, I + H), G = 4 LSTM, 3 GRU
+  const void* w_ih = nullptr;          // (G H, I + H) or, Bahdanau, (G H, I + Dv); G = 4 LSTM, 3 GRU
   const void* w_hh = nullptr;          // (G H, H)
   const float* b_ih = nullptr;         // (G H,) or null
   const float* b_hh = nullptr;         // (G H,) or null

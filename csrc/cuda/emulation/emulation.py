@@ -423,6 +423,7 @@ def persistent_layer_backward(library, cell, grad_output, grad_h_n, grad_c_n, x,
 
 class DecoderStepProblem(ctypes.Structure):
     _fields_ = [("dtype", ctypes.c_int), ("cell", ctypes.c_int), ("score", ctypes.c_int),
+                ("input_feeding", ctypes.c_bool),
                 *[(name, ctypes.c_int64) for name in (
                     "batch", "input_size", "hidden", "source_length", "score_dim", "value_dim")],
                 ("scale", ctypes.c_float), ("y", ctypes.c_void_p), ("h", ctypes.c_void_p), ("c", ctypes.c_void_p),
@@ -445,10 +446,10 @@ class DecoderStepBuffers(ctypes.Structure):
 
 
 def decoder_step_problem(keep, y, h, c, attentional, keys, values, query_weight, v, bias, score, scale, lengths,
-                         key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine) -> DecoderStepProblem:
+                         key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding) -> DecoderStepProblem:
     """The launch.h problem of attention_decoder_step's arguments (CPU tensors of y's
-    dtype, input feeding; v, bias, b_ih and b_hh taken in float32 as the binding does);
-    `keep` holds the tensors the pointers point into."""
+    dtype; v, bias, b_ih and b_hh taken in float32 as the binding does); `keep` holds the
+    tensors the pointers point into."""
     keys = keys if keys.shape[0] > 1 and keys.stride(0) == 0 else keys.contiguous()
     v, bias, b_ih, b_hh = (t if t is None else t.float() for t in (v, bias, b_ih, b_hh))
     tensors = [t if t is None else t.contiguous() for t in (y, h, c, attentional, values, v, bias, key_padding_mask,
@@ -459,7 +460,7 @@ def decoder_step_problem(keep, y, h, c, attentional, keys, values, query_weight,
     y, h, c, attentional, values, v, bias, key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine = tensors
     batch, source_length, score_dim = keys.shape
     return DecoderStepProblem(
-        DTYPES[y.dtype], CELLS["lstm" if c is not None else "gru"], SCORES[score], batch, y.shape[1], h.shape[1], source_length,
+        DTYPES[y.dtype], CELLS["lstm" if c is not None else "gru"], SCORES[score], input_feeding, batch, y.shape[1], h.shape[1], source_length,
         score_dim, values.shape[2], scale, address(y), address(h), address(c), address(attentional), address(keys),
         keys.stride(0), address(values), values.stride(0), address(query_rows), address(v), address(bias),
         address(lengths), address(key_padding_mask), address(w_ih), address(w_hh), address(b_ih), address(b_hh),
@@ -481,9 +482,9 @@ def decoder_step_plan(library, problem, multiprocessors=None) -> DecoderStepPlan
 
 
 def decoder_step(library, arguments, multiprocessors, threads):
-    """(output, h_next, c_next (None for a GRU), weights) of attention_decoder_step with
-    input feeding (`arguments`: the op's, without input_feeding; float32, float16 or
-    bfloat16) on the CPU, on `multiprocessors` blocks of `threads` threads."""
+    """(output, h_next, c_next (None for a GRU), weights) of attention_decoder_step
+    (`arguments`: the op's; float32, float16 or bfloat16) on the CPU, on `multiprocessors`
+    blocks of `threads` threads."""
     keep: list = []
     problem = decoder_step_problem(keep, *arguments)
     plan = decoder_step_plan(library, problem, multiprocessors)
