@@ -13,7 +13,7 @@ unit here, grid barrier; float32 FMAs, and the tensor cores in bfloat16) and the
 kernels (FASTATTN_CUDA_PERSISTENT_RNN=0), and
 the one-launch attention-decoder step (LSTM + additive with lengths, GRU + dot with a key
 padding mask, float32 scalar loads; three grid barriers; LSTM + additive in bfloat16,
-16-byte loads; GRU + additive in Bahdanau's order).
+16-byte loads; GRU + cosine in Bahdanau's order).
 
     python benchmarks/cuda_sanitize_cases.py
 """
@@ -260,7 +260,7 @@ def check_decoder_step() -> bool:
             ("lstm", "additive", "lengths", torch.float32, True, 1e-4),
             ("gru", "dot", "key_padding_mask", torch.float32, True, 1e-4),
             ("lstm", "additive", "lengths", torch.bfloat16, True, 3e-2),
-            ("gru", "additive", "lengths", torch.float32, False, 1e-4)):
+            ("gru", "cosine", "key_padding_mask", torch.float32, False, 1e-4)):
         wide = dtype != torch.float32
         with torch.no_grad():
             got = torch.ops.fastattn.attention_decoder_step_inference(

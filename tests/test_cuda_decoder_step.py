@@ -4,7 +4,7 @@ attention_decoder_step_inference) against the composed step.
 Without a GPU: the kernel's own code under the CPU emulation (csrc/cuda/emulation/, all
 blocks running at once so that the grid barriers work; marked slow) against the CPU op
 attention_decoder_step at small odd sizes and at sizes that take the 16-byte loads,
-LSTM and GRU, additive (projected query, bias) and dot scores, lengths (an empty row)
+LSTM and GRU, additive (projected query, bias), dot and cosine scores, lengths (an empty row)
 and a key padding mask, several batch tiles and key splits, with input feeding and in
 Bahdanau's order; in float16 / bfloat16 under the 2x rule (a float64 oracle, the
 reference ops run in that dtype); the plan on an H200 and which dtypes, sizes and
@@ -139,7 +139,7 @@ def assert_step_close(got, want):
 @pytest.mark.slow
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("masks", [("lengths",), ("padding",), ("lengths", "padding")])
-@pytest.mark.parametrize("score", ["additive", "dot"])
+@pytest.mark.parametrize("score", ["additive", "dot", "cosine"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_emulated_decoder_step_matches_the_composed_step(emulated, cell, score, masks, shape_name):
     shape = SHAPES[shape_name]
@@ -151,7 +151,7 @@ def test_emulated_decoder_step_matches_the_composed_step(emulated, cell, score, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-@pytest.mark.parametrize("score", ["additive", "dot"])
+@pytest.mark.parametrize("score", ["additive", "dot", "cosine"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_emulated_bahdanau_step_matches_the_composed_step(emulated, cell, score, shape_name):
     """Without input feeding: attention with s_{t-1} first, then the cell on [y; c_t]."""
@@ -182,7 +182,7 @@ def test_the_reference_step_is_the_composed_step():
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape_name", list(LOW_PRECISION_SHAPES))
-@pytest.mark.parametrize("score", ["additive", "dot"])
+@pytest.mark.parametrize("score", ["additive", "dot", "cosine"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_emulated_low_precision_step_errs_at_most_twice_the_reference(emulated, cell, score, shape_name, dtype):
     shape = LOW_PRECISION_SHAPES[shape_name]
@@ -309,7 +309,7 @@ GPU_SHAPE = (5, 16, 32, 40, 24, 16)
 
 @gpu
 @pytest.mark.parametrize("cell, score, input_feeding", [("lstm", "additive", True), ("gru", "dot", True),
-                                                         ("lstm", "dot", False)])
+                                                         ("lstm", "dot", False), ("gru", "cosine", False)])
 def test_cuda_decoder_step_matches_the_composed_step(cell, score, input_feeding):
     arguments = step_arguments(GPU_SHAPE, cell, score, ("lengths", "padding"), device="cuda",
                                input_feeding=input_feeding)

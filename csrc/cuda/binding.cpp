@@ -955,7 +955,7 @@ bool fused_step_covers(const at::Tensor& y, const at::Tensor& h, const OptionalT
   const bool additive = score == "additive";
   const at::ScalarType dtype = y.scalar_type();
   const bool kernel_dtype = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
-  if (!(additive || score == "dot") || !kernel_dtype || y.dim() != 2) return false;
+  if (!(additive || score == "dot" || score == "cosine") || !kernel_dtype || y.dim() != 2) return false;
   auto is_like_y = [&](const at::Tensor& t) { return t.scalar_type() == dtype && t.device() == y.device(); };
   auto absent_or = [&](const OptionalTensor& t, at::IntArrayRef shape) {
     return !present(t) || (is_like_y(*t) && t->sizes() == shape);
@@ -1017,7 +1017,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_decoder_ste
   DecoderStepProblem p;
   p.dtype = dtype_of(op, "y", y);
   p.cell = lstm ? RecurrentCell::kLstm : RecurrentCell::kGru;
-  p.score = score == "additive" ? ScoreKind::kAdditive : ScoreKind::kDot;
+  p.score = score == "additive" ? ScoreKind::kAdditive : score == "cosine" ? ScoreKind::kCosine : ScoreKind::kDot;
   p.input_feeding = input_feeding;
   p.batch = y.size(0);
   p.input_size = y.size(1);

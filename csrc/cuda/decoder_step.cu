@@ -6,7 +6,8 @@
 //   c_t = attention(s_t)                  s_t = cell([y; c_t], s_{t-1})
 //   h~_t = tanh(W_c [c_t; s_t])           h~_t = tanh(W_c [c_t; s_t])
 // cell: LSTM or GRU, torch.nn gate order; attention(s): q = W_q s (or s without
-// query_weight), additive v.tanh(q + bias + k') or scale * q.k over K', V.
+// query_weight), additive v.tanh(q + bias + k'), dot scale * q.k or cosine
+// scale * q.k / (|q| |k|) over K', V.
 // Phases, separated by the grid barrier of grid_barrier.cuh where the data force it:
 //   A  gates + cell: hidden unit j's 4 (LSTM) or 3 (GRU) gate rows of W_ih [y; h~ or
 //      c_t] + W_hh h for a tile of batch rows staged in shared memory (c_t merged from
@@ -27,7 +28,7 @@
 // fed), which is what bounds it.
 // Staged tiles, queries, scores and partials are float32 whatever the element type;
 // s_t is read back from h_next in the element type, as the composed step reads it.
-// Not handled (the binding composes the step instead): the cosine score, float64,
+// Not handled (the binding composes the step instead): float64,
 // float16 / bfloat16 whose sizes or rows do not fit 16-byte loads (sizes multiples of
 // 8), local windows, and shapes whose batch-row tile (I + F + H or Dv + H floats) does
 // not fit in shared memory.
@@ -418,6 +419,12 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
     if constexpr (kScore == ScoreKind::kAdditive) q += value_or_zero(p.bias, d);
     query[d] = q;
   }
+  if constexpr (kScore == ScoreKind::kCosine) {  // the unit query: q / max(|q|, tiny)
+    float squares = 0.0f;
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) squares += query[d] * query[d];
+    const float norm = clamped_norm(sqrtf(block_reduce<false>(squares, scratch)));
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) query[d] = query[d] / norm;
+  }
   __syncthreads();
   const int64_t first = split * plan.keys_per_split;
   const int64_t count = min_of(plan.keys_per_split, p.source_length - first);
@@ -428,7 +435,7 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
     float score = negative_infinity<float>();
     if (is_visible(p, b, j, length)) {
       const T* row = as<T>(p.keys) + b * p.keys_batch_stride + j * D;
-      float sum = 0.0f;
+      float sum = 0.0f, key_squares = 0.0f;
       for (int64_t d = static_cast<int64_t>(lane) * kVec; d < D; d += kWarpSize * kVec) {
         float k[kVec];
         load_pack<kVec>(row + d, k);
@@ -438,11 +445,18 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
             sum += p.v[d + i] * tanh_of(query[d + i] + k[i]);
           } else {
             sum += query[d + i] * k[i];
+            if constexpr (kScore == ScoreKind::kCosine) key_squares += k[i] * k[i];
           }
         }
       }
       sum = warp_sum(sum);
-      score = kScore == ScoreKind::kAdditive ? sum : sum * p.scale;
+      if constexpr (kScore == ScoreKind::kAdditive) {
+        score = sum;
+      } else if constexpr (kScore == ScoreKind::kCosine) {  // scale * unit_q . k / max(|k|, tiny)
+        score = p.scale * (sum / clamped_norm(sqrtf(warp_sum(key_squares))));
+      } else {
+        score = sum * p.scale;
+      }
     }
     if (lane == 0) {
       scores[key] = score;
@@ -593,8 +607,15 @@ bool dtype_covered(const DecoderStepProblem& p) {
 
 template <typename T, int kVec, RecurrentCell kCell, typename Body>
 cudaError_t with_score(const DecoderStepProblem& p, Body& body) {
-  return p.score == ScoreKind::kAdditive ? body(decoder_step_kernel<T, kCell, ScoreKind::kAdditive, kVec>)
-                                         : body(decoder_step_kernel<T, kCell, ScoreKind::kDot, kVec>);
+  switch (p.score) {
+    case ScoreKind::kAdditive:
+      return body(decoder_step_kernel<T, kCell, ScoreKind::kAdditive, kVec>);
+    case ScoreKind::kCosine:
+      return body(decoder_step_kernel<T, kCell, ScoreKind::kCosine, kVec>);
+    case ScoreKind::kDot:
+      return body(decoder_step_kernel<T, kCell, ScoreKind::kDot, kVec>);
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <typename T, int kVec, typename Body>
@@ -606,7 +627,6 @@ cudaError_t with_cell(const DecoderStepProblem& p, Body& body) {
 // body(kernel) with the kernel of p's dtype, cell and score; `wide`: 16-byte loads.
 template <typename Body>
 cudaError_t with_kernel(const DecoderStepProblem& p, bool wide, Body&& body) {
-  if (p.score != ScoreKind::kAdditive && p.score != ScoreKind::kDot) return cudaErrorInvalidValue;
   switch (p.dtype) {
     case DType::kFloat32:
       return wide ? with_cell<float, kWideVec<float>>(p, body) : with_cell<float, 1>(p, body);
@@ -623,7 +643,8 @@ cudaError_t with_kernel(const DecoderStepProblem& p, bool wide, Body&& body) {
 
 DecoderStepPlan decoder_step_plan(const DecoderStepProblem& p, int multiprocessors, int64_t shared_bytes_per_block) {
   DecoderStepPlan plan;
-  const bool covered = (p.score == ScoreKind::kAdditive || p.score == ScoreKind::kDot) && dtype_covered(p);
+  const bool covered = (p.score == ScoreKind::kAdditive || p.score == ScoreKind::kDot ||
+                        p.score == ScoreKind::kCosine) && dtype_covered(p);
   if (!covered || p.batch < 1 || p.hidden < 1 || multiprocessors < 1 || p.source_length < 0) return plan;
   const int64_t keys_per_split = max_of(
       max_of(kMinKeysPerSplit, (p.source_length * p.batch + multiprocessors - 1) / multiprocessors),

@@ -240,8 +240,8 @@ cudaError_t launch_persistent_gru_backward(const PersistentLayer& layer, const P
 // One inference step of AttentionDecoderCell, with input feeding or in Bahdanau's order
 // (attention_decoder_step of csrc/ops.cpp) in ONE cooperative launch (decoder_step.cu),
 // float32 / float16 / bfloat16 with float32 accumulation, no autograd.  Scores: additive
-// (v . tanh(q + bias + k'), keys = K' precomputed) and dot (scale * q . k); q =
-// query_weight s_t, or s_t itself (then score_dim == hidden).  Outputs as the composed
+// (v . tanh(q + bias + k'), keys = K' precomputed), dot (scale * q . k) and cosine
+// (scale * q . k / (|q| |k|)); q = query_weight s, or s itself (then score_dim == hidden).  Outputs as the composed
 // op: output h~_t, h_next, c_next (LSTM), weights (B, S) with 0 at masked keys and for
 // rows with no visible key.
 
@@ -251,10 +251,10 @@ struct DecoderStepProblem {
   // row start fits 16-byte loads; v, bias, b_ih and b_hh are float32 whatever it is.
   DType dtype = DType::kFloat32;
   RecurrentCell cell = RecurrentCell::kLstm;
-  ScoreKind score = ScoreKind::kDot;  // kDot or kAdditive
+  ScoreKind score = ScoreKind::kDot;
   bool input_feeding = true;          // else Bahdanau: attend with s_{t-1}, the cell reads [y; c_t]
   int64_t batch = 0, input_size = 0, hidden = 0, source_length = 0, score_dim = 0, value_dim = 0;
-  float scale = 1.0f;                 // dot only
+  float scale = 1.0f;                 // dot and cosine
   const void* y = nullptr;            // (B, I)
   const void* h = nullptr;            // (B, H)
   const void* c = nullptr;            // LSTM (B, H); null for a GRU
