@@ -43,7 +43,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxWarps = kThreads / kWarpSize;
 constexpr int64_t kMaxBatchTile = 8;   // batch rows per staged tile (registers: 4 x 8 sums per lane)
-constexpr int64_t kMaxSplits = 8;      // key splits per batch row (phase D merges them in every block)
+constexpr int64_t kMaxSplits = 8;      // key splits per batch row (every block merges them: phases D, Bahdanau A)
 constexpr int64_t kMinKeysPerSplit = 32;
 
 __host__ __device__ constexpr int64_t round_up4(int64_t value) { return (value + 3) / 4 * 4; }
