@@ -231,11 +231,11 @@ def check_recurrent() -> bool:
     return ok
 
 
-def decoder_step_arguments(cell: str, score: str, device, dtype, wide=False, input_feeding=True):
+def decoder_step_arguments(cell: str, score: str, device, dtype, wide=False, input_feeding=True, window=None):
     """attention_decoder_step_inference's arguments, with input feeding or in Bahdanau's
     order: B = 3, I = 5, H = 7, S = 40 (Dk = 6 additive, = H for dot), Dv = 5, or with
     `wide` I = H = Dk = Dv = 8 (16-byte loads in float16 / bfloat16); lengths or a
-    padding mask."""
+    padding mask; with `window` a local-p window (W_p^T (H, 5), v_p spreading the centres)."""
     batch, inputs, hidden, source, value_dim = (3, 8, 8, 40, 8) if wide else (3, 5, 7, 40, 5)
     additive, gates = score == "additive", 4 if cell == "lstm" else 3
     key_dim = (8 if wide else 6) if additive else hidden
@@ -251,25 +251,29 @@ def decoder_step_arguments(cell: str, score: str, device, dtype, wide=False, inp
             random(hidden, key_dim) if additive else None, random(key_dim) if additive else None,
             random(key_dim) if additive else None, score, 1.0 if additive else 0.3, lengths, padding,
             random(gates * hidden, inputs + (hidden if input_feeding else value_dim)), random(gates * hidden, hidden),
-            random(gates * hidden), random(gates * hidden), random(hidden, value_dim + hidden), input_feeding)
+            random(gates * hidden), random(gates * hidden), random(hidden, value_dim + hidden), input_feeding,
+            *(() if window is None else (window, random(hidden, 5), random(5).mul(8))))
 
 
 def check_decoder_step() -> bool:
     ok = True
-    for cell, score, masking, dtype, feeding, tolerance in (
-            ("lstm", "additive", "lengths", torch.float32, True, 1e-4),
-            ("gru", "dot", "key_padding_mask", torch.float32, True, 1e-4),
-            ("lstm", "additive", "lengths", torch.bfloat16, True, 3e-2),
-            ("gru", "cosine", "key_padding_mask", torch.float32, False, 1e-4)):
+    for cell, score, masking, dtype, feeding, window, tolerance in (
+            ("lstm", "additive", "lengths", torch.float32, True, None, 1e-4),
+            ("gru", "dot", "key_padding_mask", torch.float32, True, None, 1e-4),
+            ("lstm", "additive", "lengths", torch.bfloat16, True, None, 3e-2),
+            ("gru", "cosine", "key_padding_mask", torch.float32, False, None, 1e-4),
+            ("lstm", "additive", "lengths", torch.float32, False, 3, 1e-4)):
         wide = dtype != torch.float32
         with torch.no_grad():
             got = torch.ops.fastattn.attention_decoder_step_inference(
-                *decoder_step_arguments(cell, score, DEVICE, dtype, wide, feeding))
+                *decoder_step_arguments(cell, score, DEVICE, dtype, wide, feeding, window))
             want = torch.ops.fastattn.attention_decoder_step(
-                *decoder_step_arguments(cell, score, "cpu", torch.float64, wide, feeding))
+                *decoder_step_arguments(cell, score, "cpu", torch.float64, wide, feeding, window))
         present = [index for index, tensor in enumerate(want) if tensor.numel() > 0]  # a GRU has no c_next
         order = "input feeding" if feeding else "Bahdanau"
-        name = f"attention_decoder_step one launch, {cell} {score}, {masking}, {str(dtype).removeprefix('torch.')}, {order}"
+        local = "" if window is None else f", local-p window {window}"
+        name = (f"attention_decoder_step one launch, {cell} {score}, {masking}, "
+                f"{str(dtype).removeprefix('torch.')}, {order}{local}")
         ok &= report(name, [got[i] for i in present], [want[i] for i in present], tolerance)
     return ok
 

@@ -14,8 +14,10 @@
 // For CUDA tensors when no gradient is recorded it calls attention_decoder_step_inference
 // instead, whose CUDA kernel (csrc/cuda/binding.cpp, decoder_step.cu) runs the step in
 // one launch where it covers it; that op's other kernels are the composed step below.
-// Does not handle: local windows, image-grid keys (the module composes those in
-// Python); float16 / bfloat16 only where the ops it calls take them (the CUDA ops; the
+// Local-p attention predicts the window's centre from the state the query is made of
+// (Luong 2015, eq. 9) and passes it to attention_forward with the Gaussian.
+// Does not handle: local-m windows (a single step carries no position t), image-grid
+// keys (fastattn/ops/decoder_step.py flattens them); float16 / bfloat16 only where the ops it calls take them (the CUDA ops; the
 // module composes them on the CPU, whose kernels compute in float32 / float64).
 #include "decoder_step.h"
 #include "op_handles.h"
@@ -28,6 +30,17 @@
 #include <tuple>
 
 namespace fastattn {
+
+void check_local_p(const std::optional<int64_t>& window, const std::optional<at::Tensor>& position_weight,
+                   const std::optional<at::Tensor>& position_v) {
+  const bool any = window.has_value() || position_weight.has_value() || position_v.has_value();
+  TORCH_CHECK(!any || (window.has_value() && position_weight.has_value() && position_v.has_value()),
+              "attention_decoder_step: local-p attention needs window, position_weight and position_v together "
+              "(a single step carries no position t for a local-m window: mask the keys instead)");
+  TORCH_CHECK(!window.has_value() || *window >= 1,
+              "attention_decoder_step: window must be >= 1 (the Gaussian's sigma is window / 2), got ", window.value_or(0));
+}
+
 namespace {
 
 using at::Tensor;
@@ -45,15 +58,26 @@ struct StepAttention {
   double scale;
   const optional<Tensor>& lengths;
   const optional<Tensor>& key_padding_mask;
+  optional<int64_t> window;  // local-p, with the two below
+  const optional<Tensor>& position_weight;
+  const optional<Tensor>& position_v;
 
   // -> (context (B, Dv), weights (B, S)) for the decoder state s (B, H).
   std::tuple<Tensor, Tensor> operator()(const Tensor& state) const {
     static const auto attention_forward = fastattn_op<AttentionForward>("fastattn::attention_forward");
     const Tensor query = query_weight.has_value() ? at::matmul(state, *query_weight) : state.contiguous();
+    const optional<Tensor> center = window.has_value() ? optional<Tensor>(predicted_center(state)) : std::nullopt;
     auto [context, weights, logsumexp] = attention_forward.call(
-        query.unsqueeze(1), keys, values, v, bias, score, scale, lengths, key_padding_mask, false, std::nullopt,
-        std::nullopt, false, true);
+        query.unsqueeze(1), keys, values, v, bias, score, scale, lengths, key_padding_mask, false, window, center,
+        window.has_value(), true);
     return {context.squeeze(1), weights.squeeze(1)};
+  }
+
+  // p_t = S_b sigmoid(v_p . tanh(s W_p^T)) (B, 1), S_b row b's length or S.
+  Tensor predicted_center(const Tensor& state) const {
+    const Tensor fraction = at::sigmoid(at::matmul(at::tanh(at::matmul(state, *position_weight)), *position_v));
+    const Tensor sizes = lengths.has_value() ? lengths->to(fraction.scalar_type()) : at::full({}, keys.size(1), fraction.options());
+    return (fraction * sizes).unsqueeze(1);
   }
 };
 
@@ -94,20 +118,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_decoder_step(
     const Tensor& values, const optional<Tensor>& query_weight, const optional<Tensor>& v,
     const optional<Tensor>& bias, c10::string_view score, double scale, const optional<Tensor>& lengths,
     const optional<Tensor>& key_padding_mask, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
-    const Tensor& w_combine, bool input_feeding) {
+    const Tensor& w_combine, bool input_feeding, optional<int64_t> window, const optional<Tensor>& position_weight,
+    const optional<Tensor>& position_v) {
+  check_local_p(window, position_weight, position_v);
   const auto records_gradients = [&] {
     return at::GradMode::is_enabled() &&
            (y.requires_grad() || h.requires_grad() || requires_grad(c) || attentional.requires_grad() ||
             keys.requires_grad() || values.requires_grad() || requires_grad(query_weight) || requires_grad(v) ||
             requires_grad(bias) || w_ih.requires_grad() || w_hh.requires_grad() || requires_grad(b_ih) ||
-            requires_grad(b_hh) || w_combine.requires_grad());
+            requires_grad(b_hh) || w_combine.requires_grad() || requires_grad(position_weight) ||
+            requires_grad(position_v));
   };
   if (y.is_cuda() && !records_gradients()) {  // the CPU path never asks
     static const auto inference = fastattn_op<DecoderStep>("fastattn::attention_decoder_step_inference");
     return inference.call(y, h, c, attentional, keys, values, query_weight, v, bias, score, scale, lengths,
-                          key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding);
+                          key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding, window, position_weight,
+                          position_v);
   }
-  const StepAttention attend{keys, values, query_weight, v, bias, score, scale, lengths, key_padding_mask};
+  const StepAttention attend{keys,    values,           query_weight,    v,     bias,           score,
+                             scale,   lengths,          key_padding_mask, window, position_weight, position_v};
   if (at::GradMode::is_enabled()) {
     return decoder_step(y, h, c, attentional, attend, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding);
   }
@@ -123,8 +152,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> composed_decoder_step_inference(
     const Tensor& values, const optional<Tensor>& query_weight, const optional<Tensor>& v,
     const optional<Tensor>& bias, c10::string_view score, double scale, const optional<Tensor>& lengths,
     const optional<Tensor>& key_padding_mask, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
-    const optional<Tensor>& b_hh, const Tensor& w_combine, bool input_feeding) {
-  const StepAttention attend{keys, values, query_weight, v, bias, score, scale, lengths, key_padding_mask};
+    const optional<Tensor>& b_hh, const Tensor& w_combine, bool input_feeding, optional<int64_t> window,
+    const optional<Tensor>& position_weight, const optional<Tensor>& position_v) {
+  check_local_p(window, position_weight, position_v);
+  const StepAttention attend{keys,    values,           query_weight,    v,     bias,           score,
+                             scale,   lengths,          key_padding_mask, window, position_weight, position_v};
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // an inference op: no gradients
   return decoder_step(y, h, c, attentional, attend, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding);
 }

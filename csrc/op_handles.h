@@ -53,7 +53,8 @@ using DecoderStep = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
     const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, c10::string_view, double,
     const optional<Tensor>&, const optional<Tensor>&, const Tensor&, const Tensor&, const optional<Tensor>&,
-    const optional<Tensor>&, const Tensor&, bool);
+    const optional<Tensor>&, const Tensor&, bool, optional<int64_t>, const optional<Tensor>&,
+    const optional<Tensor>&);
 
 // The handle of op `name` ("fastattn::attention_forward"), typed with its Signature above.
 template <typename Signature>

@@ -79,12 +79,16 @@ TORCH_LIBRARY(fastattn, m) {
   // attention_forward (one query; query_weight, when given, projects the state first:
   // W_q^T for additive) and lstm_cell_forward (c given) or gru_cell_forward (c absent),
   // then output = tanh([context; h_next] @ w_combine^T).  keys (B or 1, S, Dk), values
-  // (B, S, Dv); c_next is empty for a GRU; weights (B, S).
+  // (B, S, Dv); c_next is empty for a GRU; weights (B, S).  Local-p attention (Luong
+  // 2015) with window, position_weight W_p^T (H, Dp) and position_v v_p (Dp,): the
+  // window of half-width `window` and the Gaussian of sigma window / 2 centred on
+  // p_t = S_b sigmoid(v_p . tanh(s W_p^T)), S_b the row's length (or S), s the query's state.
   m.def(
       "attention_decoder_step(Tensor y, Tensor h, Tensor? c, Tensor attentional, Tensor keys, "
       "Tensor values, Tensor? query_weight, Tensor? v, Tensor? bias, str score, float scale, "
       "Tensor? lengths, Tensor? key_padding_mask, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-      "Tensor? b_hh, Tensor w_combine, bool input_feeding) "
+      "Tensor? b_hh, Tensor w_combine, bool input_feeding, int? window=None, "
+      "Tensor? position_weight=None, Tensor? position_v=None) "
       "-> (Tensor output, Tensor h_next, Tensor c_next, Tensor weights)");
   // attention_decoder_step's inference path (no autograd): the one-launch CUDA kernel
   // (csrc/cuda/decoder_step.cu) where it covers the step, the composed step elsewhere.
@@ -93,7 +97,8 @@ TORCH_LIBRARY(fastattn, m) {
       "attention_decoder_step_inference(Tensor y, Tensor h, Tensor? c, Tensor attentional, Tensor keys, "
       "Tensor values, Tensor? query_weight, Tensor? v, Tensor? bias, str score, float scale, "
       "Tensor? lengths, Tensor? key_padding_mask, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-      "Tensor? b_hh, Tensor w_combine, bool input_feeding) "
+      "Tensor? b_hh, Tensor w_combine, bool input_feeding, int? window=None, "
+      "Tensor? position_weight=None, Tensor? position_v=None) "
       "-> (Tensor output, Tensor h_next, Tensor c_next, Tensor weights)");
 
   // The differentiable forms of the ops above: the same maths in fastattn.reference's

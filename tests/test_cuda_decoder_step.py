@@ -6,7 +6,7 @@ blocks running at once so that the grid barriers work; marked slow) against the 
 attention_decoder_step at small odd sizes and at sizes that take the 16-byte loads,
 LSTM and GRU, additive (projected query, bias), dot and cosine scores, lengths (an empty row)
 and a key padding mask, several batch tiles and key splits, with input feeding and in
-Bahdanau's order; in float16 / bfloat16 under the 2x rule (a float64 oracle, the
+Bahdanau's order, local-p windows (narrow, wide, most key splits outside); in float16 / bfloat16 under the 2x rule (a float64 oracle, the
 reference ops run in that dtype); the plan on an H200 and which dtypes, sizes and
 alignments it takes; the inference op on the CPU (the composed step) under opcheck;
 and, on fake CUDA tensors, which calls of attention_decoder_step take the inference op.
@@ -44,9 +44,10 @@ SHAPES = {
 }
 
 
-def step_arguments(shape, cell, score, masks, device="cpu", shared_keys=False, input_feeding=True):
+def step_arguments(shape, cell, score, masks, device="cpu", shared_keys=False, input_feeding=True, window=None):
     """attention_decoder_step's arguments (float32) for `shape`; with input feeding, or in
-    Bahdanau's order (the cell reads [y; c_t]: W_ih of I + Dv columns)."""
+    Bahdanau's order (the cell reads [y; c_t]: W_ih of I + Dv columns); with `window`, a
+    local-p window (W_p^T (H, 7), v_p large enough to spread the centres over the keys)."""
     batch, inputs, hidden, source, key_dim, value_dim = shape[:6]
     generator = torch.Generator().manual_seed(3)
 
@@ -67,6 +68,7 @@ def step_arguments(shape, cell, score, masks, device="cpu", shared_keys=False, i
         lengths if "lengths" in masks else None, padding if "padding" in masks else None,
         random(gates * hidden, inputs + (hidden if input_feeding else value_dim)), random(gates * hidden, hidden),
         random(gates * hidden), random(gates * hidden), random(hidden, value_dim + hidden), input_feeding,
+        *(() if window is None else (window, random(hidden, 7), random(7).mul(8))),
     )
 
 
@@ -86,7 +88,8 @@ def reference_step(arguments):
     """The step on the reference ops (torch.ops.fastattn.*_reference), in the arguments'
     dtype and on their device: the 2x rule's reference run."""
     (y, h, c, attentional, keys, values, query_weight, v, bias, score, scale, lengths, key_padding_mask, w_ih, w_hh,
-     b_ih, b_hh, w_combine, input_feeding) = arguments
+     b_ih, b_hh, w_combine, input_feeding, *local_p) = arguments
+    window, position_weight, position_v = local_p or (None, None, None)
 
     def cell_step(fed):
         cell_input = torch.cat([y, fed], dim=-1)
@@ -96,9 +99,13 @@ def reference_step(arguments):
 
     def attend(state):
         query = state if query_weight is None else state @ query_weight
+        center = None
+        if window is not None:  # p_t = S_b sigmoid(v_p . tanh(W_p s))
+            sizes = lengths.to(state.dtype) if lengths is not None else keys.shape[1]
+            center = (torch.sigmoid(torch.tanh(state @ position_weight) @ position_v) * sizes).unsqueeze(1)
         context, weights = torch.ops.fastattn.attention_reference(
-            query.unsqueeze(1), keys, values, v, bias, score, scale, lengths, key_padding_mask, False, None, None,
-            False)
+            query.unsqueeze(1), keys, values, v, bias, score, scale, lengths, key_padding_mask, False, window, center,
+            window is not None)
         return context.squeeze(1), weights.squeeze(1)
 
     if input_feeding:
@@ -161,6 +168,31 @@ def test_emulated_bahdanau_step_matches_the_composed_step(emulated, cell, score,
     assert_step_close(got, composed(arguments))
 
 
+# shape name -> (score, cell, input feeding, window): windows of one key, wider than the
+# source, and of 5 keys among 100 (most key splits hold none of them).
+LOCAL_P_CASES = {
+    "odd": ("additive", "lstm", True, 1),
+    "wide_loads_two_tiles": ("dot", "gru", False, 40),
+    "key_splits": ("cosine", "lstm", True, 2),
+    "production_threads": ("additive", "gru", False, 6),
+    "rows_shared_by_warps": ("dot", "lstm", False, 3),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("masks", [("lengths",), ("padding",), ("lengths", "padding")])
+def test_emulated_local_p_step_matches_the_composed_step(emulated, shape_name, masks):
+    score, cell, input_feeding, window = LOCAL_P_CASES[shape_name]
+    shape = SHAPES[shape_name]
+    arguments = step_arguments(shape, cell, score, masks, input_feeding=input_feeding, window=window)
+    got = emulation.decoder_step(emulated, arguments, *shape[6:])
+    want = composed(arguments)
+    assert_step_close(got, want)
+    visible = want[3] > 0
+    assert visible.any() and (visible.sum(1) <= 2 * window + 1).all()  # the window cut the keys
+
+
 # name -> shape as SHAPES, every size a multiple of 8 (float16 / bfloat16 take only the
 # 16-byte loads): two batch tiles, the plan's 256 threads, rows shared by warps.
 LOW_PRECISION_SHAPES = {
@@ -172,9 +204,10 @@ LOW_PRECISION_SHAPES = {
 
 def test_the_reference_step_is_the_composed_step():
     """reference_step, the 2x rule's reference run, computes what the op does."""
-    for cell, score, input_feeding in (("lstm", "additive", True), ("gru", "dot", False)):
+    for cell, score, input_feeding, window in (("lstm", "additive", True, None), ("gru", "dot", False, None),
+                                               ("lstm", "cosine", False, 2), ("gru", "additive", True, 3)):
         arguments = in_dtype(step_arguments(SHAPES["odd"], cell, score, ("lengths", "padding"),
-                                            input_feeding=input_feeding), torch.float64)
+                                            input_feeding=input_feeding, window=window), torch.float64)
         for got, want in zip(reference_step(arguments), composed(arguments)):
             torch.testing.assert_close(got if got is not None else want.new_empty(0), want, rtol=1e-12, atol=1e-12)
 
@@ -189,6 +222,21 @@ def test_emulated_low_precision_step_errs_at_most_twice_the_reference(emulated, 
     input_feeding = shape_name != "production_threads"  # that shape in Bahdanau's order
     arguments = in_dtype(step_arguments(shape, cell, score, ("lengths", "padding"), input_feeding=input_feeding),
                          dtype)
+    got = emulation.decoder_step(emulated, arguments, *shape[6:])
+    exact = composed(in_dtype(arguments, torch.float64))
+    assert_within_twice_the_reference_error(got, reference_step(arguments), exact, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape_name, score, cell, input_feeding, window", [
+    ("two_tiles_key_splits", "additive", "lstm", True, 3), ("rows_shared_by_warps", "dot", "gru", False, 5),
+])
+def test_emulated_low_precision_local_p_step_errs_at_most_twice_the_reference(emulated, shape_name, score, cell,
+                                                                              input_feeding, window, dtype):
+    shape = LOW_PRECISION_SHAPES[shape_name]
+    arguments = in_dtype(step_arguments(shape, cell, score, ("lengths", "padding"), input_feeding=input_feeding,
+                                        window=window), dtype)
     got = emulation.decoder_step(emulated, arguments, *shape[6:])
     exact = composed(in_dtype(arguments, torch.float64))
     assert_within_twice_the_reference_error(got, reference_step(arguments), exact, dtype)
@@ -250,6 +298,18 @@ def test_emulated_plan_takes_low_precision_only_with_16_byte_loads(emulated):
     assert blocks(problem(torch.float32, 12), 132) == 132
     assert blocks(problem(torch.float32, 16, w_ih=misaligned)) == 132
     assert blocks(problem(torch.float64, 16), 132) == 0 and blocks(problem(torch.float64, 16)) == 0
+
+
+@pytest.mark.slow
+def test_emulated_plan_needs_the_position_projection_of_a_window(emulated):
+    """A local-p window without W_p's rows (position_dim 0) or a negative one: no plan."""
+    def blocks(window, position_dim):
+        return emulation.decoder_step_plan(emulated, emulation.DecoderStepProblem(
+            cell=emulation.CELLS["lstm"], score=emulation.SCORES["dot"], input_feeding=True, batch=2, input_size=4,
+            hidden=8, source_length=20, score_dim=8, value_dim=8, window=window, position_dim=position_dim), 4).blocks
+
+    assert blocks(0, 0) == 4 and blocks(3, 5) == 4
+    assert blocks(3, 0) == 0 and blocks(-1, 0) == 0
 
 
 # ---------------------------------------------------------------- the op on the CPU
@@ -325,6 +385,25 @@ def test_cuda_decoder_step_matches_the_composed_step(cell, score, input_feeding)
     assert_step_close([t.detach() for t in composed_on_device], composed(arguments))
     torch.library.opcheck(torch.ops.fastattn.attention_decoder_step_inference.default, arguments,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@gpu
+@pytest.mark.parametrize("cell, score, input_feeding, dtype", [("lstm", "dot", True, torch.float32),
+                                                                ("gru", "additive", False, torch.float32),
+                                                                ("lstm", "cosine", True, torch.bfloat16)])
+def test_cuda_local_p_step_matches_the_composed_step(cell, score, input_feeding, dtype):
+    """A local-p window of 3 on the device: float32 against the composed step, bfloat16
+    under the 2x rule."""
+    arguments = in_dtype(step_arguments(GPU_SHAPE, cell, score, ("lengths", "padding"), device="cuda",
+                                        input_feeding=input_feeding, window=3), dtype)
+    with torch.no_grad():
+        got = torch.ops.fastattn.attention_decoder_step_inference(*arguments)
+    if dtype == torch.float32:
+        assert_step_close(got, composed(arguments))
+    else:
+        exact = composed(in_dtype(arguments, torch.float64))
+        assert_within_twice_the_reference_error(got, reference_step(arguments), exact, dtype)
+    assert ((got[3] > 0).sum(1) <= 7).all()
 
 
 @gpu

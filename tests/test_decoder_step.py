@@ -1,8 +1,9 @@
 """The fused attention-decoder step (torch.ops.fastattn.attention_decoder_step, backend
 "cpu") against the composed step on the reference backend: every score, LSTM and GRU,
-with and without input feeding, lengths (with an empty source) and a key padding mask;
-outputs, state, weights and gradients; the configurations it leaves to the composed
-step; opcheck; and the state checks every backend shares."""
+with and without input feeding, lengths (with an empty source) and a key padding mask,
+local-p windows and image-grid keys; outputs, state, weights and gradients; the
+configurations it leaves to the composed step; opcheck; and the argument and state
+checks every backend shares."""
 
 import itertools
 
@@ -50,12 +51,43 @@ def decode(decoder, backend_name, keys, inputs, **masks):
 @pytest.mark.parametrize("score, cell, input_feeding", list(itertools.product(SCORES, ("lstm", "gru"), (True, False))))
 @pytest.mark.parametrize("masks", [{"lengths": LENGTHS}, {"key_padding_mask": PADDING}, {}], ids=["lengths", "padding", "none"])
 def test_fused_step_matches_the_composed_reference(score, cell, input_feeding, masks):
-    decoder = make_decoder(score, cell, input_feeding)
-    keys = torch.randn(BATCH, SOURCE, KEY, dtype=torch.float64, requires_grad=True)
+    assert_fused_equals_composed(make_decoder(score, cell, input_feeding), (BATCH, SOURCE, KEY), masks)
+
+
+def assert_fused_equals_composed(decoder, keys_shape, masks):
+    """The fused op (it must be taken) equals the reference backend's composed step."""
+    keys = torch.randn(keys_shape, dtype=torch.float64, requires_grad=True)
     inputs = [torch.randn(BATCH, INPUT, dtype=torch.float64, requires_grad=True) for _ in range(STEPS)]
+    state = decoder.initial_state(BATCH, inputs[0])
+    taken = decoder_step.attention_decoder_step(decoder, inputs[0], state, decoder.precompute(keys), **{
+        "lengths": None, "key_padding_mask": None} | masks)
+    assert taken is not None, "the fused op must cover this configuration"
     expected = decode(decoder, "reference", keys, inputs, **masks)
     fused = decode(decoder, "cpu", keys, inputs, **masks)
     torch.testing.assert_close(fused, expected, rtol=1e-10, atol=1e-10)
+
+
+# Windows that fit inside, straddle and miss parts of the 7 keys; centres come from the state.
+@pytest.mark.parametrize("score, cell, input_feeding", [
+    ("general", "lstm", True), ("dot", "gru", True), ("additive", "lstm", False), ("cosine", "gru", False),
+    ("location", "lstm", True), ("scaled_dot", "gru", False),
+])
+@pytest.mark.parametrize("window", [1, 2, 9])
+@pytest.mark.parametrize("masks", [{"lengths": LENGTHS}, {"key_padding_mask": PADDING}, {}], ids=["lengths", "padding", "none"])
+def test_fused_step_with_a_local_p_window(score, cell, input_feeding, window, masks):
+    decoder = make_decoder(score, cell, input_feeding, window=window, local="p")
+    assert_fused_equals_composed(decoder, (BATCH, SOURCE, KEY), masks)
+
+
+GRID = (2, 3)
+GRID_PADDING = torch.tensor([[[False, True, False], [False, False, False]]] * BATCH)
+
+
+@pytest.mark.parametrize("score", [s for s in SCORES if s != "location"])
+@pytest.mark.parametrize("masks", [{"key_padding_mask": GRID_PADDING}, {}], ids=["padding", "none"])
+def test_fused_step_over_image_grid_keys(score, masks):
+    decoder = make_decoder(score, "lstm", True)
+    assert_fused_equals_composed(decoder, (BATCH, *GRID, KEY), masks)
 
 
 @pytest.mark.parametrize("score", SCORES)
@@ -84,11 +116,9 @@ def test_the_cpu_backend_has_the_fused_step_and_the_reference_composes():
 @pytest.mark.parametrize(
     "options, keys_shape, dtype",
     [
-        ({"window": 2, "local": "p"}, (BATCH, SOURCE, KEY), torch.float32),
-        ({}, (BATCH, 2, 4, KEY), torch.float32),  # image-grid keys
         ({}, (BATCH, SOURCE, KEY), torch.bfloat16),
     ],
-    ids=["local-window", "grid-keys", "bfloat16"],
+    ids=["bfloat16"],
 )
 def test_uncovered_configurations_are_composed(options, keys_shape, dtype):
     decoder = make_decoder("dot", "lstm", True, dtype=dtype, **options)
@@ -105,7 +135,7 @@ def test_uncovered_configurations_are_composed(options, keys_shape, dtype):
     torch.testing.assert_close(results["cpu"], results["reference"], **tolerance)
 
 
-def op_arguments(cell, input_feeding, masks):
+def op_arguments(cell, input_feeding, masks, local_p=False):
     torch.manual_seed(2)
     gates = 4 if cell == "lstm" else 3
     fed = HIDDEN if input_feeding else KEY
@@ -118,14 +148,31 @@ def op_arguments(cell, input_feeding, masks):
         leaf(BATCH, SOURCE, 4), leaf(BATCH, SOURCE, KEY), leaf(HIDDEN, 4), leaf(4), leaf(4), "additive", 1.0,
         masks.get("lengths"), masks.get("key_padding_mask"),
         leaf(gates * HIDDEN, INPUT + fed), leaf(gates * HIDDEN, HIDDEN), leaf(gates * HIDDEN), None,
-        leaf(HIDDEN, KEY + HIDDEN), input_feeding,
+        leaf(HIDDEN, KEY + HIDDEN), input_feeding, *((2, leaf(HIDDEN, 5), leaf(5)) if local_p else ()),
     )
 
 
-@pytest.mark.parametrize("cell, input_feeding", [("lstm", True), ("gru", False)])
+@pytest.mark.parametrize("cell, input_feeding, local_p", [("lstm", True, False), ("gru", False, False),
+                                                          ("lstm", True, True), ("gru", False, True)])
 @pytest.mark.parametrize("masks", [{"lengths": LENGTHS}, {"key_padding_mask": PADDING}], ids=["lengths", "padding"])
-def test_opcheck_attention_decoder_step(cell, input_feeding, masks):
-    torch.library.opcheck(torch.ops.fastattn.attention_decoder_step.default, op_arguments(cell, input_feeding, masks))
+def test_opcheck_attention_decoder_step(cell, input_feeding, local_p, masks):
+    arguments = op_arguments(cell, input_feeding, masks, local_p)
+    torch.library.opcheck(torch.ops.fastattn.attention_decoder_step.default, arguments)
+    if local_p:  # without the op's gradients (CUDA routes these to the inference op)
+        inference = [a.detach() if isinstance(a, torch.Tensor) else a for a in arguments]
+        torch.library.opcheck(torch.ops.fastattn.attention_decoder_step_inference.default, inference)
+
+
+@pytest.mark.parametrize("op", ["attention_decoder_step", "attention_decoder_step_inference"])
+@pytest.mark.parametrize("local, message", [
+    ((2, None, None), r"local-p attention needs window, position_weight and position_v together"),
+    ((None, torch.ones(HIDDEN, 5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)), r"needs window"),
+    ((0, torch.ones(HIDDEN, 5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)), r"window must be >= 1"),
+])
+def test_the_local_p_arguments_are_checked(op, local, message):
+    arguments = [a.detach() if isinstance(a, torch.Tensor) else a for a in op_arguments("lstm", True, {})]
+    with pytest.raises(RuntimeError, match=message):
+        getattr(torch.ops.fastattn, op)(*arguments, *local)
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "cpu"])

@@ -949,7 +949,8 @@ bool fused_step_covers(const at::Tensor& y, const at::Tensor& h, const OptionalT
                        const OptionalTensor& v, const OptionalTensor& bias, std::string_view score,
                        const OptionalTensor& lengths, const OptionalTensor& key_padding_mask, const at::Tensor& w_ih,
                        const at::Tensor& w_hh, const OptionalTensor& b_ih, const OptionalTensor& b_hh,
-                       const at::Tensor& w_combine, bool input_feeding) {
+                       const at::Tensor& w_combine, bool input_feeding, const std::optional<int64_t>& window,
+                       const OptionalTensor& position_weight, const OptionalTensor& position_v) {
   const char* setting = std::getenv("FASTATTN_CUDA_FUSED_DECODER_STEP");
   if (setting != nullptr && std::string_view(setting) == "0") return false;
   const bool additive = score == "additive";
@@ -971,7 +972,10 @@ bool fused_step_covers(const at::Tensor& y, const at::Tensor& h, const OptionalT
       is_like_y(w_hh) && w_hh.sizes() == at::IntArrayRef{G, H} && absent_or(b_ih, {G}) && absent_or(b_hh, {G}) &&
       is_like_y(w_combine) && w_combine.sizes() == at::IntArrayRef{H, Dv + H} &&
       (present(query_weight) ? absent_or(query_weight, {H, Dk}) : Dk == H) &&
-      (additive ? present(v) && absent_or(v, {Dk}) && absent_or(bias, {Dk}) : !present(v) && !present(bias));
+      (additive ? present(v) && absent_or(v, {Dk}) && absent_or(bias, {Dk}) : !present(v) && !present(bias)) &&
+      (!window.has_value() || (present(position_weight) && position_weight->dim() == 2 && present(position_v) &&
+                               absent_or(position_weight, {H, position_weight->size(1)}) &&
+                               absent_or(position_v, {position_weight->size(1)})));
   const bool masks_fit =
       (!present(lengths) ||
        (at::isIntegralType(lengths->scalar_type(), /*includeBool=*/false) && lengths->sizes() == at::IntArrayRef{B})) &&
@@ -986,16 +990,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_decoder_ste
     const OptionalTensor& v_in, const OptionalTensor& bias_in, std::string_view score, double scale,
     const OptionalTensor& lengths_in, const OptionalTensor& key_padding_mask_in, const at::Tensor& w_ih_in,
     const at::Tensor& w_hh_in, const OptionalTensor& b_ih_in, const OptionalTensor& b_hh_in,
-    const at::Tensor& w_combine_in, bool input_feeding) {
+    const at::Tensor& w_combine_in, bool input_feeding, std::optional<int64_t> window,
+    const OptionalTensor& position_weight, const OptionalTensor& position_v_in) {
   const char* op = "attention_decoder_step_inference";
+  check_local_p(window, position_weight, position_v_in);
   auto composed = [&] {
     return composed_decoder_step_inference(y, h, c, attentional, keys_in, values_in, query_weight, v_in, bias_in,
                                            score, scale, lengths_in, key_padding_mask_in, w_ih_in, w_hh_in, b_ih_in,
-                                           b_hh_in, w_combine_in, input_feeding);
+                                           b_hh_in, w_combine_in, input_feeding, window, position_weight,
+                                           position_v_in);
   };
   if (!y.is_cuda() ||
       !fused_step_covers(y, h, c, attentional, keys_in, values_in, query_weight, v_in, bias_in, score, lengths_in,
-                         key_padding_mask_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, w_combine_in, input_feeding)) {
+                         key_padding_mask_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, w_combine_in, input_feeding, window,
+                         position_weight, position_v_in)) {
     return composed();
   }
   const c10::cuda::CUDAGuard device_guard(y.device());
@@ -1013,6 +1021,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_decoder_ste
       present(key_padding_mask_in) ? key_padding_mask_in->to(y.device()).contiguous() : at::Tensor();
   const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous(), w_combine = w_combine_in.contiguous();
   const at::Tensor b_ih = compute_in(b_ih_in, at::kFloat), b_hh = compute_in(b_hh_in, at::kFloat);
+  // Local-p: W_p's rows (Dp, H), as query_weight's (no copy for the module's W_p^T).
+  const at::Tensor position_rows = window.has_value() ? position_weight->t().contiguous() : at::Tensor();
+  const at::Tensor position_v = compute_in(position_v_in, at::kFloat);
 
   DecoderStepProblem p;
   p.dtype = dtype_of(op, "y", y);
@@ -1044,6 +1055,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_decoder_ste
   p.b_ih = float_or_null(b_ih);
   p.b_hh = float_or_null(b_hh);
   p.w_combine = w_combine.const_data_ptr();
+  p.window = window.value_or(0);
+  p.position_dim = position_rows.defined() ? position_rows.size(0) : 0;
+  p.position_weight = pointer_or_null(position_rows);
+  p.position_v = float_or_null(position_v);
   DecoderStepPlan plan;
   check_launch(op, decoder_step_plan_on_device(p, &plan));
   if (plan.blocks == 0) return composed();
@@ -1058,6 +1073,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_decoder_ste
   const at::Tensor partial_context = at::empty({B, plan.splits, p.value_dim}, scratch);
   const at::Tensor partial_max = at::empty({B, plan.splits}, scratch);
   const at::Tensor partial_sum = at::empty({B, plan.splits}, scratch);
+  const at::Tensor position = p.window > 0 ? at::empty({B, p.position_dim}, scratch) : at::Tensor();
+  const at::Tensor centers = p.window > 0 ? at::empty({B}, scratch) : at::Tensor();
   const at::Tensor barrier = barrier_counter(y);
   DecoderStepBuffers buffers;
   buffers.output = output.mutable_data_ptr();
@@ -1070,6 +1087,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_decoder_ste
   buffers.partial_max = partial_max.mutable_data_ptr<float>();
   buffers.partial_sum = partial_sum.mutable_data_ptr<float>();
   buffers.barrier = reinterpret_cast<unsigned long long*>(barrier.mutable_data_ptr<int64_t>());
+  buffers.position = position.defined() ? position.mutable_data_ptr<float>() : nullptr;
+  buffers.centers = centers.defined() ? centers.mutable_data_ptr<float>() : nullptr;
   check_launch(op, launch_decoder_step(p, plan, buffers, current_stream()));
   return {output, h_next, c_next, weights};
 }

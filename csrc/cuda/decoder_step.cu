@@ -7,30 +7,33 @@
 //   h~_t = tanh(W_c [c_t; s_t])           h~_t = tanh(W_c [c_t; s_t])
 // cell: LSTM or GRU, torch.nn gate order; attention(s): q = W_q s (or s without
 // query_weight), additive v.tanh(q + bias + k'), dot scale * q.k or cosine
-// scale * q.k / (|q| |k|) over K', V.
+// scale * q.k / (|q| |k|) over K', V; local-p (window > 0): only keys j in
+// [p - D, p + D] of p = S_b sigmoid(v_p . tanh(W_p s)), the weights (after the softmax)
+// times exp(-(j - p)^2 / (2 (D / 2)^2)).
 // Phases, separated by the grid barrier of grid_barrier.cuh where the data force it:
 //   A  gates + cell: hidden unit j's 4 (LSTM) or 3 (GRU) gate rows of W_ih [y; h~ or
 //      c_t] + W_hh h for a tile of batch rows staged in shared memory (c_t merged from
 //      phase C's partials), by one warp (or by up to 8 warps of a block, each over a
 //      share of K, when the units are fewer than the grid's warps: for_each_row), then
 //      the cell pointwise (recurrent_cell_math.cuh) -> s_t, c_t.             barrier
-//   B  (query_weight only) q = W_q s, the rows of W_q likewise.               barrier
-//   C  attention partials: a block per (batch row, key split) scores its keys (a warp
-//      per key; raw scores go to the scores scratch), softmax over the split, partial
-//      context, max and sum.                                                  barrier
+//   B  (query_weight or local-p) q = W_q s and W_p s, their rows likewise.    barrier
+//   C  attention partials: a block per (batch row, key split) takes the window's centre
+//      (local-p), scores its keys (a warp per key inside the window and the row's
+//      length; raw scores go to the scores scratch), softmax over the split, partial
+//      context (times the Gaussian), max and sum.                             barrier
 //   D  the weights from the raw scores; the combine: every block stages [c_t; s_t] of a
 //      batch tile (merging the splits' partials), the rows of W_c likewise, tanh.
 // Input feeding runs A B C D, Bahdanau B C A D: three grid barriers either way (two
-// without query_weight).
+// with neither query_weight nor a window).
 // Every weight matrix is read once per batch tile (one tile up to 8 rows): at batch 1
-// a step moves E * (G H (I + F + H) + Dk H + S (Dk + Dv) + H (Dv + H)) bytes of weights,
-// keys and values (E bytes per element, G = 4 LSTM, 3 GRU, F = H or Dv what the cell is
-// fed), which is what bounds it.
+// a step moves E * (G H (I + F + H) + (Dk + Dp) H + S (Dk + Dv) + H (Dv + H)) bytes of
+// weights, keys and values (E bytes per element, G = 4 LSTM, 3 GRU, F = H or Dv what
+// the cell is fed; a window reads only its keys), which is what bounds it.
 // Staged tiles, queries, scores and partials are float32 whatever the element type;
 // s_t is read back from h_next in the element type, as the composed step reads it.
 // Not handled (the binding composes the step instead): float64,
 // float16 / bfloat16 whose sizes or rows do not fit 16-byte loads (sizes multiples of
-// 8), local windows, and shapes whose batch-row tile (I + F + H or Dv + H floats) does
+// 8), local-m windows (a single step has no position t), and shapes whose batch-row tile (I + F + H or Dv + H floats) does
 // not fit in shared memory.
 
 #include "grid_barrier.cuh"
@@ -370,11 +373,14 @@ __device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepPla
   __syncthreads();  // the staged tile is free again
 }
 
-// Phase B for one batch tile: query[b][d] = W_q[d] . s_t[b].
+// Phase B for one batch tile: query[b][d] = W_q[d] . s[b] (with query_weight) and
+// position[b][d] = W_p[d] . s[b] (local-p), s the query's state.
 template <typename T, int kVec>
-__device__ void project_query(const DecoderStepProblem& p, const DecoderStepBuffers& out, Tile tile, float* exchange,
+__device__ void project_state(const DecoderStepProblem& p, const DecoderStepBuffers& out, Tile tile, float* exchange,
                               float* staged) {
   const int64_t H = p.hidden, stride = staged_rows(p).query;
+  const int64_t query_rows = p.query_weight != nullptr ? p.score_dim : 0;
+  const int64_t position_rows = p.window > 0 ? p.position_dim : 0;
   const T* state = query_state<T>(p, out);
   for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
     const int64_t bb = e / stride, k = e % stride;
@@ -383,26 +389,59 @@ __device__ void project_query(const DecoderStepProblem& p, const DecoderStepBuff
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
   auto products = [&](int64_t d, RowShare share, float (&sums)[1][kMaxBatchTile]) {
-    const T* row[1] = {as<T>(p.query_weight) + d * H};
+    const T* row[1] = {d < query_rows ? as<T>(p.query_weight) + d * H
+                                      : as<T>(p.position_weight) + (d - query_rows) * H};
     add_row_products<kVec>(row, H, staged, stride, 0, tile.rows, share, sums);
   };
   auto store = [&](int64_t d, float (&sums)[1][kMaxBatchTile]) {
+    float* column = d < query_rows ? out.query + d : out.position + (d - query_rows);
+    const int64_t width = d < query_rows ? p.score_dim : p.position_dim;
 #pragma unroll
     for (int bb = 0; bb < kMaxBatchTile; ++bb) {
-      if (bb == lane && bb < tile.rows) out.query[(tile.first + bb) * p.score_dim + d] = sums[0][bb];
+      if (bb == lane && bb < tile.rows) column[(tile.first + bb) * width] = sums[0][bb];
     }
   };
-  for_each_row<1>(p.score_dim, exchange, products, store);
+  for_each_row<1>(query_rows + position_rows, exchange, products, store);
   __syncthreads();
 }
 
-// The keys batch row b may attend to: j < lengths[b] (and S), minus key_padding_mask.
-__device__ __forceinline__ int64_t visible_length(const DecoderStepProblem& p, int64_t b) {
-  const int64_t length = p.lengths != nullptr ? p.lengths[b] : p.source_length;
-  return length < 0 ? 0 : min_of(length, p.source_length);
+// Local-p: batch row b's window centre p = S_b sigmoid(v_p . tanh(W_p s)), S_b its
+// length (or S), for every thread of the block (it synchronises the block; scratch:
+// warps floats).
+__device__ float window_center(const DecoderStepProblem& p, const DecoderStepBuffers& out, int64_t b,
+                               float* scratch) {
+  float sum = 0.0f;
+  for (int64_t d = threadIdx.x; d < p.position_dim; d += blockDim.x) {
+    sum += p.position_v[d] * tanhf(__ldcg(out.position + b * p.position_dim + d));
+  }
+  const float fraction = 1.0f / (1.0f + expf(-block_reduce<false>(sum, scratch)));
+  return static_cast<float>(p.lengths != nullptr ? p.lengths[b] : p.source_length) * fraction;
 }
-__device__ __forceinline__ bool is_visible(const DecoderStepProblem& p, int64_t b, int64_t j, int64_t length) {
-  return j < length && (p.key_padding_mask == nullptr || !p.key_padding_mask[b * p.source_length + j]);
+
+// Local-p: the Gaussian factor of key j, sigma = window / 2.
+__device__ __forceinline__ float gaussian(const DecoderStepProblem& p, int64_t j, float center) {
+  const float sigma = 0.5f * static_cast<float>(p.window), distance = static_cast<float>(j) - center;
+  return expf(-(distance * distance) / (2.0f * sigma * sigma));
+}
+
+// The keys batch row b may attend to: j in [begin, end), j < lengths[b] (and S) and,
+// local-p, p - D <= j <= p + D (compared in float32, as the reference compares j with
+// its float32 centres; empty for a NaN centre), minus key_padding_mask.
+struct KeyRange {
+  int64_t begin, end;
+};
+__device__ __forceinline__ KeyRange visible_range(const DecoderStepProblem& p, int64_t b, float center) {
+  const int64_t given = p.lengths != nullptr ? p.lengths[b] : p.source_length;
+  const int64_t length = given < 0 ? 0 : min_of(given, p.source_length);
+  if (p.window == 0) return {0, length};
+  const float reach = static_cast<float>(p.window), last = static_cast<float>(length);
+  const float begin = fminf(fmaxf(ceilf(center - reach), 0.0f), last);  // fmaxf(NaN, 0) = 0
+  const float end = fminf(fmaxf(floorf(center + reach) + 1.0f, 0.0f), last);
+  return {static_cast<int64_t>(begin), max_of(static_cast<int64_t>(begin), static_cast<int64_t>(end))};
+}
+__device__ __forceinline__ bool is_visible(const DecoderStepProblem& p, int64_t b, int64_t j, KeyRange range) {
+  return j >= range.begin && j < range.end &&
+         (p.key_padding_mask == nullptr || !p.key_padding_mask[b * p.source_length + j]);
 }
 
 // Phase C for one (batch row, key split).
@@ -426,14 +465,16 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) query[d] = query[d] / norm;
   }
   __syncthreads();
+  const float center = p.window > 0 ? window_center(p, out, b, scratch) : 0.0f;
+  if (p.window > 0 && split == 0 && threadIdx.x == 0) out.centers[b] = center;  // phase D's Gaussian
+  const KeyRange visible = visible_range(p, b, center);
   const int64_t first = split * plan.keys_per_split;
   const int64_t count = min_of(plan.keys_per_split, p.source_length - first);
-  const int64_t length = visible_length(p, b);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
   for (int64_t key = warp; key < count; key += warps) {
     const int64_t j = first + key;
     float score = negative_infinity<float>();
-    if (is_visible(p, b, j, length)) {
+    if (is_visible(p, b, j, visible)) {
       const T* row = as<T>(p.keys) + b * p.keys_batch_stride + j * D;
       float sum = 0.0f, key_squares = 0.0f;
       for (int64_t d = static_cast<int64_t>(lane) * kVec; d < D; d += kWarpSize * kVec) {
@@ -474,11 +515,18 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
     local_sum += probability;
   }
   const float split_sum = block_reduce<false>(local_sum, scratch);  // also publishes the probabilities
+  if (p.window > 0) {  // the context weighs the values by probability times Gaussian
+    for (int64_t key = threadIdx.x; key < count; key += blockDim.x) scores[key] *= gaussian(p, first + key, center);
+    __syncthreads();
+  }
   const int64_t slot = b * plan.splits + split;
   const T* values = as<T>(p.values) + b * p.values_batch_stride + first * Dv;
+  // Keys outside the row's visible range have probability 0: their values are not read.
+  const int64_t begin = min_of(max_of(visible.begin - first, 0), count);
+  const int64_t end = max_of(min_of(visible.end - first, count), begin);
   for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) {
     float context = 0.0f;
-    for (int64_t key = 0; key < count; ++key) context += scores[key] * to_acc(values[key * Dv + d]);
+    for (int64_t key = begin; key < end; ++key) context += scores[key] * to_acc(values[key * Dv + d]);
     out.partial_context[slot * Dv + d] = context;
   }
   if (threadIdx.x == 0) {
@@ -489,7 +537,7 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
 }
 
 // Phase D, first part: weights = exp(score - max) / sum (0 for masked keys and for a row
-// with no visible key).
+// with no visible key), local-p times the Gaussian.
 template <typename T>
 __device__ void normalise_weights(const DecoderStepProblem& p, const DecoderStepPlan& plan,
                                   const DecoderStepBuffers& out) {
@@ -499,7 +547,8 @@ __device__ void normalise_weights(const DecoderStepProblem& p, const DecoderStep
     float m, sum;
     softmax_totals(plan, out, e / S, &m, &sum);
     const float score = __ldcg(out.scores + e);
-    const float weight = sum > 0.0f && score != negative_infinity<float>() ? exp_of(score - m) / sum : 0.0f;
+    float weight = sum > 0.0f && score != negative_infinity<float>() ? exp_of(score - m) / sum : 0.0f;
+    if (p.window > 0 && weight != 0.0f) weight *= gaussian(p, e % S, __ldcg(out.centers + e / S));
     as<T>(out.weights)[e] = from_acc<T>(weight);
   }
 }
@@ -556,9 +605,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     barrier();
   };
   if (p.input_feeding) cell_step();  // s_t first: the query is made of it
-  if (p.query_weight != nullptr) {
+  if (p.query_weight != nullptr || p.window > 0) {
     for (int64_t first = 0; first < B; first += plan.batch_tile) {
-      project_query<T, kVec>(p, out, tile_of(plan, B, first), exchange, shared);
+      project_state<T, kVec>(p, out, tile_of(plan, B, first), exchange, shared);
     }
     barrier();
   }
@@ -596,7 +645,8 @@ bool sizes_fit_wide_loads(const DecoderStepProblem& p) {
 // 16-byte loads when, besides, every such row's tensor starts 16-byte aligned.
 bool wide_loads_fit(const DecoderStepProblem& p) {
   return sizes_fit_wide_loads(p) && aligned16(p.keys) && aligned16(p.w_ih) && aligned16(p.w_hh) &&
-         (p.query_weight == nullptr || aligned16(p.query_weight)) && aligned16(p.w_combine);
+         (p.query_weight == nullptr || aligned16(p.query_weight)) && aligned16(p.w_combine) &&
+         (p.window == 0 || aligned16(p.position_weight));
 }
 
 // float32 with either loads; float16 / bfloat16 with 16-byte loads only.
@@ -644,7 +694,8 @@ cudaError_t with_kernel(const DecoderStepProblem& p, bool wide, Body&& body) {
 DecoderStepPlan decoder_step_plan(const DecoderStepProblem& p, int multiprocessors, int64_t shared_bytes_per_block) {
   DecoderStepPlan plan;
   const bool covered = (p.score == ScoreKind::kAdditive || p.score == ScoreKind::kDot ||
-                        p.score == ScoreKind::kCosine) && dtype_covered(p);
+                        p.score == ScoreKind::kCosine) && dtype_covered(p) && p.window >= 0 &&
+                       (p.window == 0 || p.position_dim >= 1);
   if (!covered || p.batch < 1 || p.hidden < 1 || multiprocessors < 1 || p.source_length < 0) return plan;
   const int64_t keys_per_split = max_of(
       max_of(kMinKeysPerSplit, (p.source_length * p.batch + multiprocessors - 1) / multiprocessors),
@@ -690,7 +741,10 @@ cudaError_t launch_decoder_step(const DecoderStepProblem& p, const DecoderStepPl
       plan.splits * plan.keys_per_split < p.source_length || buffers.barrier == nullptr || buffers.scores == nullptr ||
       (lstm && (p.c == nullptr || buffers.c_next == nullptr)) ||
       (p.query_weight != nullptr && buffers.query == nullptr) ||
-      (p.query_weight == nullptr && p.score_dim != p.hidden) || (p.score == ScoreKind::kAdditive && p.v == nullptr)) {
+      (p.query_weight == nullptr && p.score_dim != p.hidden) || (p.score == ScoreKind::kAdditive && p.v == nullptr) ||
+      p.window < 0 ||
+      (p.window > 0 && (p.position_dim < 1 || p.position_weight == nullptr || p.position_v == nullptr ||
+                        buffers.position == nullptr || buffers.centers == nullptr))) {
     return cudaErrorInvalidValue;
   }
   return with_kernel(p, wide_loads_fit(p), [&](auto kernel) -> cudaError_t {

@@ -273,6 +273,13 @@ struct DecoderStepProblem {
   const float* b_ih = nullptr;         // (G H,) or null
   const float* b_hh = nullptr;         // (G H,) or null
   const void* w_combine = nullptr;     // (H, Dv + H)
+  // Local-p (Luong 2015): keys j in [p - window, p + window] of p = S_b sigmoid(v_p .
+  // tanh(W_p s)) (S_b: lengths[b] or S; s the query's state), the weights times a
+  // Gaussian of sigma window / 2.  window 0: no window (the pointers below null).
+  int64_t window = 0;
+  int64_t position_dim = 0;                 // Dp
+  const void* position_weight = nullptr;    // (Dp, H): W_p
+  const float* position_v = nullptr;        // (Dp,): v_p
 };
 
 // How the step is spread: `blocks` co-resident blocks of `threads`; batch rows in tiles
@@ -298,6 +305,8 @@ struct DecoderStepBuffers {
   float* partial_max = nullptr;      // scratch (B, splits)
   float* partial_sum = nullptr;      // scratch (B, splits)
   unsigned long long* barrier = nullptr;  // one counter, zero on entry
+  float* position = nullptr;         // scratch (B, Dp): W_p s, local-p
+  float* centers = nullptr;          // scratch (B,): p, local-p
 };
 
 // The plan for a GPU with `multiprocessors` SMs (one block each) and

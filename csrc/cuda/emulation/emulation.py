@@ -431,7 +431,9 @@ class DecoderStepProblem(ctypes.Structure):
                 ("values", ctypes.c_void_p), ("values_batch_stride", ctypes.c_int64),
                 *[(name, ctypes.c_void_p) for name in (
                     "query_weight", "v", "bias", "lengths", "key_padding_mask", "w_ih", "w_hh", "b_ih", "b_hh",
-                    "w_combine")]]
+                    "w_combine")],
+                ("window", ctypes.c_int64), ("position_dim", ctypes.c_int64), ("position_weight", ctypes.c_void_p),
+                ("position_v", ctypes.c_void_p)]
 
 
 class DecoderStepPlan(ctypes.Structure):
@@ -442,16 +444,20 @@ class DecoderStepPlan(ctypes.Structure):
 class DecoderStepBuffers(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "output", "h_next", "c_next", "weights", "scores", "query", "partial_context", "partial_max", "partial_sum",
-        "barrier")]
+        "barrier", "position", "centers")]
 
 
 def decoder_step_problem(keep, y, h, c, attentional, keys, values, query_weight, v, bias, score, scale, lengths,
-                         key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding) -> DecoderStepProblem:
+                         key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding, window=None,
+                         position_weight=None, position_v=None) -> DecoderStepProblem:
     """The launch.h problem of attention_decoder_step's arguments (CPU tensors of y's
-    dtype; v, bias, b_ih and b_hh taken in float32 as the binding does); `keep` holds the
-    tensors the pointers point into."""
+    dtype; v, bias, b_ih, b_hh and position_v taken in float32 as the binding does);
+    `keep` holds the tensors the pointers point into."""
     keys = keys if keys.shape[0] > 1 and keys.stride(0) == 0 else keys.contiguous()
-    v, bias, b_ih, b_hh = (t if t is None else t.float() for t in (v, bias, b_ih, b_hh))
+    v, bias, b_ih, b_hh, position_v = (t if t is None else t.float().contiguous()
+                                       for t in (v, bias, b_ih, b_hh, position_v))
+    position_rows = None if position_weight is None else position_weight.t().contiguous()
+    keep.extend([position_rows, position_v])
     tensors = [t if t is None else t.contiguous() for t in (y, h, c, attentional, values, v, bias, key_padding_mask,
                                                            w_ih, w_hh, b_ih, b_hh, w_combine)]
     query_rows = None if query_weight is None else query_weight.t().contiguous()
@@ -464,7 +470,8 @@ def decoder_step_problem(keep, y, h, c, attentional, keys, values, query_weight,
         score_dim, values.shape[2], scale, address(y), address(h), address(c), address(attentional), address(keys),
         keys.stride(0), address(values), values.stride(0), address(query_rows), address(v), address(bias),
         address(lengths), address(key_padding_mask), address(w_ih), address(w_hh), address(b_ih), address(b_hh),
-        address(w_combine))
+        address(w_combine), window or 0, 0 if position_rows is None else position_rows.shape[0], address(position_rows),
+        address(position_v))
 
 
 def decoder_step_plan(library, problem, multiprocessors=None) -> DecoderStepPlan:
@@ -501,10 +508,12 @@ def decoder_step(library, arguments, multiprocessors, threads):
     partial_context = torch.full((batch, plan.splits, problem.value_dim), nan)
     partial_max, partial_sum = torch.full((batch, plan.splits), nan), torch.full((batch, plan.splits), nan)
     barrier = torch.zeros(1, dtype=torch.int64)
-    keep.extend([scores, query, partial_context, partial_max, partial_sum, barrier])
+    position = torch.full((batch, problem.position_dim), nan) if problem.window else None
+    centers = torch.full((batch,), nan) if problem.window else None
+    keep.extend([scores, query, partial_context, partial_max, partial_sum, barrier, position, centers])
     buffers = DecoderStepBuffers(address(output), address(h_next), address(c_next), address(weights), address(scores),
                                  address(query), address(partial_context), address(partial_max), address(partial_sum),
-                                 address(barrier))
+                                 address(barrier), address(position), address(centers))
     status = library.emu_decoder_step(ctypes.byref(problem), ctypes.byref(plan), ctypes.byref(buffers))
     if status != 0:
         raise RuntimeError(f"launch_decoder_step returned {status}")
