@@ -193,6 +193,21 @@ def test_emulated_local_p_step_matches_the_composed_step(emulated, shape_name, m
     assert visible.any() and (visible.sum(1) <= 2 * window + 1).all()  # the window cut the keys
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cell, score, input_feeding, window", [("lstm", "additive", True, None),
+                                                                ("gru", "cosine", False, None),
+                                                                ("lstm", "dot", False, 2)])
+def test_emulated_step_over_an_empty_source(emulated, cell, score, input_feeding, window):
+    """S = 0 (no scores, so no scores pointer): a zero context, (B, 0) weights, the cell
+    and output layer as composed (found by fuzzing: the launch refused it)."""
+    shape = (3, 5, 7, 0, 6, 5, 2, 64)
+    arguments = step_arguments(shape, cell, score, ("lengths", "padding"), input_feeding=input_feeding,
+                               window=window)
+    got = emulation.decoder_step(emulated, arguments, *shape[6:])
+    assert got[3].shape == (3, 0)
+    assert_step_close(got, composed(arguments))
+
+
 # name -> shape as SHAPES, every size a multiple of 8 (float16 / bfloat16 take only the
 # 16-byte loads): two batch tiles, the plan's 256 threads, rows shared by warps.
 LOW_PRECISION_SHAPES = {
@@ -404,6 +419,15 @@ def test_cuda_local_p_step_matches_the_composed_step(cell, score, input_feeding,
         exact = composed(in_dtype(arguments, torch.float64))
         assert_within_twice_the_reference_error(got, reference_step(arguments), exact, dtype)
     assert ((got[3] > 0).sum(1) <= 7).all()
+
+
+@gpu
+def test_cuda_decoder_step_over_an_empty_source():
+    arguments = step_arguments((3, 16, 32, 0, 24, 16), "lstm", "additive", ("lengths",), device="cuda")
+    with torch.no_grad():
+        got = torch.ops.fastattn.attention_decoder_step_inference(*arguments)
+    assert got[3].shape == (3, 0)
+    assert_step_close(got, composed(arguments))
 
 
 @gpu

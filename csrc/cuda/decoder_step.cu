@@ -738,7 +738,8 @@ cudaError_t launch_decoder_step(const DecoderStepProblem& p, const DecoderStepPl
   const bool lstm = p.cell == RecurrentCell::kLstm;
   if (plan.blocks < 1 || plan.threads < kWarpSize || plan.threads > kThreads || plan.threads % kWarpSize != 0 ||
       plan.batch_tile < 1 || plan.batch_tile > kMaxBatchTile || plan.splits < 1 ||
-      plan.splits * plan.keys_per_split < p.source_length || buffers.barrier == nullptr || buffers.scores == nullptr ||
+      plan.splits * plan.keys_per_split < p.source_length || buffers.barrier == nullptr ||
+      (buffers.scores == nullptr && p.source_length > 0) ||  // an empty source has no scores (nor their pointer)
       (lstm && (p.c == nullptr || buffers.c_next == nullptr)) ||
       (p.query_weight != nullptr && buffers.query == nullptr) ||
       (p.query_weight == nullptr && p.score_dim != p.hidden) || (p.score == ScoreKind::kAdditive && p.v == nullptr) ||
