@@ -17,8 +17,9 @@
 // Local-p attention predicts the window's centre from the state the query is made of
 // (Luong 2015, eq. 9) and passes it to attention_forward with the Gaussian.
 // Does not handle: local-m windows (a single step carries no position t), image-grid
-// keys (fastattn/ops/decoder_step.py flattens them); float16 / bfloat16 only where the ops it calls take them (the CUDA ops; the
-// module composes them on the CPU, whose kernels compute in float32 / float64).
+// keys (fastattn/ops/decoder_step.py flattens them); float16 / bfloat16 only where the
+// ops it calls take them (the CUDA ops; the module composes them on the CPU, whose
+// kernels compute in float32 / float64).
 #include "decoder_step.h"
 #include "op_handles.h"
 
@@ -76,8 +77,9 @@ struct StepAttention {
   // p_t = S_b sigmoid(v_p . tanh(s W_p^T)) (B, 1), S_b row b's length or S.
   Tensor predicted_center(const Tensor& state) const {
     const Tensor fraction = at::sigmoid(at::matmul(at::tanh(at::matmul(state, *position_weight)), *position_v));
-    const Tensor sizes = lengths.has_value() ? lengths->to(fraction.scalar_type()) : at::full({}, keys.size(1), fraction.options());
-    return (fraction * sizes).unsqueeze(1);
+    const Tensor center = lengths.has_value() ? fraction * lengths->to(fraction.scalar_type())
+                                              : fraction * static_cast<double>(keys.size(1));
+    return center.unsqueeze(1);
   }
 };
 
@@ -135,8 +137,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_decoder_step(
                           key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding, window, position_weight,
                           position_v);
   }
-  const StepAttention attend{keys,    values,           query_weight,    v,     bias,           score,
-                             scale,   lengths,          key_padding_mask, window, position_weight, position_v};
+  const StepAttention attend{keys, values, query_weight, v, bias, score, scale, lengths, key_padding_mask,
+                             window, position_weight, position_v};
   if (at::GradMode::is_enabled()) {
     return decoder_step(y, h, c, attentional, attend, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding);
   }
@@ -155,8 +157,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> composed_decoder_step_inference(
     const optional<Tensor>& b_hh, const Tensor& w_combine, bool input_feeding, optional<int64_t> window,
     const optional<Tensor>& position_weight, const optional<Tensor>& position_v) {
   check_local_p(window, position_weight, position_v);
-  const StepAttention attend{keys,    values,           query_weight,    v,     bias,           score,
-                             scale,   lengths,          key_padding_mask, window, position_weight, position_v};
+  const StepAttention attend{keys, values, query_weight, v, bias, score, scale, lengths, key_padding_mask,
+                             window, position_weight, position_v};
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // an inference op: no gradients
   return decoder_step(y, h, c, attentional, attend, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding);
 }
