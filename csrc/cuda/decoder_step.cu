@@ -33,8 +33,8 @@
 // s_t is read back from h_next in the element type, as the composed step reads it.
 // Not handled (the binding composes the step instead): float64,
 // float16 / bfloat16 whose sizes or rows do not fit 16-byte loads (sizes multiples of
-// 8), local-m windows (a single step has no position t), and shapes whose batch-row tile (I + F + H or Dv + H floats) does
-// not fit in shared memory.
+// 8), local-m windows (a single step has no position t), and shapes whose batch-row
+// tile (I + F + H or Dv + H floats) does not fit in shared memory.
 
 #include "grid_barrier.cuh"
 #include "recurrent_cell_math.cuh"
@@ -418,30 +418,14 @@ __device__ float window_center(const DecoderStepProblem& p, const DecoderStepBuf
   return static_cast<float>(p.lengths != nullptr ? p.lengths[b] : p.source_length) * fraction;
 }
 
-// Local-p: the Gaussian factor of key j, sigma = window / 2.
-__device__ __forceinline__ float gaussian(const DecoderStepProblem& p, int64_t j, float center) {
-  const float sigma = 0.5f * static_cast<float>(p.window), distance = static_cast<float>(j) - center;
-  return expf(-(distance * distance) / (2.0f * sigma * sigma));
+// The keys batch row b may attend to before key_padding_mask (attention_math.h's
+// key_range): j < lengths[b] (and S) and, local-p, p - D <= j <= p + D.
+__device__ __forceinline__ KeyRange row_key_range(const DecoderStepProblem& p, int64_t b, float center) {
+  const int64_t length = p.lengths != nullptr ? p.lengths[b] : p.source_length;
+  return key_range(int64_t{0}, p.source_length, length, false, p.window > 0 ? p.window : -1, center);
 }
-
-// The keys batch row b may attend to: j in [begin, end), j < lengths[b] (and S) and,
-// local-p, p - D <= j <= p + D (compared in float32, as the reference compares j with
-// its float32 centres; empty for a NaN centre), minus key_padding_mask.
-struct KeyRange {
-  int64_t begin, end;
-};
-__device__ __forceinline__ KeyRange visible_range(const DecoderStepProblem& p, int64_t b, float center) {
-  const int64_t given = p.lengths != nullptr ? p.lengths[b] : p.source_length;
-  const int64_t length = given < 0 ? 0 : min_of(given, p.source_length);
-  if (p.window == 0) return {0, length};
-  const float reach = static_cast<float>(p.window), last = static_cast<float>(length);
-  const float begin = fminf(fmaxf(ceilf(center - reach), 0.0f), last);  // fmaxf(NaN, 0) = 0
-  const float end = fminf(fmaxf(floorf(center + reach) + 1.0f, 0.0f), last);
-  return {static_cast<int64_t>(begin), max_of(static_cast<int64_t>(begin), static_cast<int64_t>(end))};
-}
-__device__ __forceinline__ bool is_visible(const DecoderStepProblem& p, int64_t b, int64_t j, KeyRange range) {
-  return j >= range.begin && j < range.end &&
-         (p.key_padding_mask == nullptr || !p.key_padding_mask[b * p.source_length + j]);
+__device__ __forceinline__ bool is_padding(const DecoderStepProblem& p, int64_t b, int64_t j) {
+  return p.key_padding_mask != nullptr && p.key_padding_mask[b * p.source_length + j];
 }
 
 // Phase C for one (batch row, key split).
@@ -467,14 +451,14 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
   __syncthreads();
   const float center = p.window > 0 ? window_center(p, out, b, scratch) : 0.0f;
   if (p.window > 0 && split == 0 && threadIdx.x == 0) out.centers[b] = center;  // phase D's Gaussian
-  const KeyRange visible = visible_range(p, b, center);
+  const KeyRange visible = row_key_range(p, b, center);
   const int64_t first = split * plan.keys_per_split;
   const int64_t count = min_of(plan.keys_per_split, p.source_length - first);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
   for (int64_t key = warp; key < count; key += warps) {
     const int64_t j = first + key;
     float score = negative_infinity<float>();
-    if (is_visible(p, b, j, visible)) {
+    if (key_is_visible(visible, j, is_padding(p, b, j))) {
       const T* row = as<T>(p.keys) + b * p.keys_batch_stride + j * D;
       float sum = 0.0f, key_squares = 0.0f;
       for (int64_t d = static_cast<int64_t>(lane) * kVec; d < D; d += kWarpSize * kVec) {
@@ -516,7 +500,9 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
   }
   const float split_sum = block_reduce<false>(local_sum, scratch);  // also publishes the probabilities
   if (p.window > 0) {  // the context weighs the values by probability times Gaussian
-    for (int64_t key = threadIdx.x; key < count; key += blockDim.x) scores[key] *= gaussian(p, first + key, center);
+    for (int64_t key = threadIdx.x; key < count; key += blockDim.x) {
+      scores[key] *= gaussian_factor(first + key, center, p.window);
+    }
     __syncthreads();
   }
   const int64_t slot = b * plan.splits + split;
@@ -548,7 +534,7 @@ __device__ void normalise_weights(const DecoderStepProblem& p, const DecoderStep
     softmax_totals(plan, out, e / S, &m, &sum);
     const float score = __ldcg(out.scores + e);
     float weight = sum > 0.0f && score != negative_infinity<float>() ? exp_of(score - m) / sum : 0.0f;
-    if (p.window > 0 && weight != 0.0f) weight *= gaussian(p, e % S, __ldcg(out.centers + e / S));
+    if (p.window > 0 && weight != 0.0f) weight *= gaussian_factor(e % S, __ldcg(out.centers + e / S), p.window);
     as<T>(out.weights)[e] = from_acc<T>(weight);
   }
 }
