@@ -32,8 +32,11 @@
 
 namespace fastattn {
 
-void check_local_p(const std::optional<int64_t>& window, const std::optional<at::Tensor>& position_weight,
-                   const std::optional<at::Tensor>& position_v) {
+void check_step_attention(c10::string_view score, double scale, const std::optional<int64_t>& window,
+                          const std::optional<at::Tensor>& position_weight, const std::optional<at::Tensor>& position_v) {
+  TORCH_CHECK_VALUE(score != "additive" || scale == 1.0,
+                    "attention_decoder_step: scale must be 1 with score \"additive\" (v . tanh(q + k + bias) has "
+                    "none), got ", scale);
   const bool any = window.has_value() || position_weight.has_value() || position_v.has_value();
   TORCH_CHECK(!any || (window.has_value() && position_weight.has_value() && position_v.has_value()),
               "attention_decoder_step: local-p attention needs window, position_weight and position_v together "
@@ -122,7 +125,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_decoder_step(
     const optional<Tensor>& key_padding_mask, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
     const Tensor& w_combine, bool input_feeding, optional<int64_t> window, const optional<Tensor>& position_weight,
     const optional<Tensor>& position_v) {
-  check_local_p(window, position_weight, position_v);
+  check_step_attention(score, scale, window, position_weight, position_v);
   const auto records_gradients = [&] {
     return at::GradMode::is_enabled() &&
            (y.requires_grad() || h.requires_grad() || requires_grad(c) || attentional.requires_grad() ||
@@ -156,7 +159,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> composed_decoder_step_inference(
     const optional<Tensor>& key_padding_mask, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
     const optional<Tensor>& b_hh, const Tensor& w_combine, bool input_feeding, optional<int64_t> window,
     const optional<Tensor>& position_weight, const optional<Tensor>& position_v) {
-  check_local_p(window, position_weight, position_v);
+  check_step_attention(score, scale, window, position_weight, position_v);
   const StepAttention attend{keys, values, query_weight, v, bias, score, scale, lengths, key_padding_mask,
                              window, position_weight, position_v};
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // an inference op: no gradients

@@ -1,7 +1,7 @@
 // decoder_step.h: the composed attention-decoder step of csrc/decoder_step.cpp without
 // autograd, for the CUDA binding's inference op to fall back on where its one-launch
 // kernel does not cover the step (csrc/cuda/binding.cpp).  Arguments and outputs: those
-// of attention_decoder_step (csrc/ops.cpp), and the check of its local-p arguments.
+// of attention_decoder_step (csrc/ops.cpp), and the check of its attention arguments.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,10 +12,10 @@
 
 namespace fastattn {
 
-// Raises unless window, position_weight and position_v (local-p) come together or not at
-// all, window >= 1.
-void check_local_p(const std::optional<int64_t>& window, const std::optional<at::Tensor>& position_weight,
-                   const std::optional<at::Tensor>& position_v);
+// Raises unless scale is 1 for the additive score, and window, position_weight and
+// position_v (local-p) come together or not at all, window >= 1.
+void check_step_attention(c10::string_view score, double scale, const std::optional<int64_t>& window,
+                          const std::optional<at::Tensor>& position_weight, const std::optional<at::Tensor>& position_v);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composed_decoder_step_inference(
     const at::Tensor& y, const at::Tensor& h, const std::optional<at::Tensor>& c, const at::Tensor& attentional,

@@ -11,10 +11,10 @@ TORCH_LIBRARY(fastattn, m) {
   // Fused score -> masked softmax -> context.  score: "dot" (e = scale * q.k; covers
   // dot, scaled_dot, general after q @ W_a, and location with keys = W_a[:S] shared
   // by the batch), "cosine" (e = scale * q.k / (|q| |k|)) or "additive"
-  // (e = v . tanh(q + k + bias), q and k already projected).  keys may be (1, S, D):
-  // shared by the batch, their gradient summed over it.  weights is (N, T, S)
-  // when return_weights, else empty; logsumexp (N, T) in the accumulation dtype,
-  // -inf for fully masked rows.
+  // (e = v . tanh(q + k + bias), q and k already projected; scale must be 1).  keys
+  // may be (1, S, D): shared by the batch, their gradient summed over it.  weights is
+  // (N, T, S) when return_weights, else empty; logsumexp (N, T) in the accumulation
+  // dtype, -inf for fully masked rows.
   m.def(
       "attention_forward(Tensor query, Tensor keys, Tensor values, Tensor? v, Tensor? bias, "
       "str score, float scale, Tensor? lengths, Tensor? key_padding_mask, bool causal, "
@@ -23,7 +23,8 @@ TORCH_LIBRARY(fastattn, m) {
   // Gradients of attention_forward; grad_v, grad_bias and grad_center are empty when
   // the forward had no v / bias / Gaussian center.  context, optional: the forward's
   // context, from which a kernel may take grad_context . context per row instead of
-  // recomputing it (the CUDA kernels do; the CPU ones check it and recompute).
+  // recomputing it: only in float32 / float64 (a float16 / bfloat16 context is rounded,
+  // which in peaked rows swamps the score gradient's small differences).
   m.def(
       "attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, Tensor keys, "
       "Tensor values, Tensor? v, Tensor? bias, str score, float scale, Tensor? lengths, "

@@ -65,3 +65,46 @@ def opcheck_backward_sample_positions_and_fast_tanh(forward_arguments: tuple) ->
         )
     torch.library.opcheck(torch.ops.fastattn.sample_positions.default, (weights, False, None))
     torch.library.opcheck(torch.ops.fastattn.fast_tanh.default, (torch.randn(17, device=query.device),))
+
+
+def peaked_additive_problem(seed: int, dtype: torch.dtype = torch.float16) -> tuple[list, torch.Tensor]:
+    """attention_forward's arguments (without return_weights) for an additive problem in
+    ``dtype`` whose rows are peaked (v . tanh(.) over D = 128 features: N = 1, T = 21, S =
+    37 of which 30 visible, Dv = 128), and a grad_context.  There the score gradient
+    p_j (dw_j - r) cancels to small differences, which a 16-bit r = dC . C (from the
+    rounded context) swamps; seed 5 is such a problem."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = ((1, 21, 128), (1, 37, 128), (1, 37, 128), (128,), (128,), (1, 21, 128))
+    query, keys, values, v, bias, grad_context = (
+        torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in shapes)
+    query = query * 128**-0.5 * 4
+    query, keys, values, v, bias, grad_context = (
+        tensor.to(dtype) for tensor in (query, keys, values, v, bias, grad_context))
+    return [query, keys, values, v, bias, "additive", 1.0, torch.tensor([30]), None, False, None, None, False], grad_context
+
+
+def input_gradients(forward, arguments, grad_context, grad_weights=None) -> tuple:
+    """(grad_query, grad_keys, grad_values) through ``forward(*arguments)``, an op with
+    attention_forward's arguments giving (context, weights, ...); through the weights too
+    when ``grad_weights`` is given."""
+    leaves = [tensor.clone().requires_grad_() for tensor in arguments[:3]]
+    context, weights = forward(*leaves, *arguments[3:])[:2]
+    outputs, grads = (context, weights), (grad_context, grad_weights)
+    if grad_weights is None:
+        outputs, grads = outputs[:1], grads[:1]
+    return torch.autograd.grad(outputs, leaves, [grad.to(leaves[0].dtype) for grad in grads])
+
+
+def assert_gradients_within_twice_the_reference_error(ours, arguments, grad_context, grad_weights=None) -> None:
+    """``ours`` (grad_query, grad_keys, grad_values of attention_forward's ``arguments``)
+    within 2x the error of the reference op run in their dtype, plus one rounding of the
+    largest entry (the float64 run on the same rounded inputs is exact)."""
+    dtype = arguments[0].dtype
+    exact_arguments = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arguments]
+    reference = torch.ops.fastattn.attention_reference
+    exact = input_gradients(reference, exact_arguments, grad_context, grad_weights)
+    reference_run = input_gradients(reference, arguments, grad_context, grad_weights)
+    for name, got, want, theirs in zip(("query", "keys", "values"), ours, exact, reference_run):
+        our_error, reference_error = (got.double() - want).abs().max(), (theirs.double() - want).abs().max()
+        bound = 2 * reference_error + torch.finfo(dtype).eps * want.abs().max()
+        assert our_error <= bound, (f"grad_{name}", float(our_error), float(reference_error))

@@ -331,7 +331,8 @@ def _attention_samples():
             v = torch.randn(width, dtype=torch.float64, requires_grad=True) if kernel_score == "additive" else None
             bias = torch.randn(width, dtype=torch.float64, requires_grad=True) if kernel_score == "additive" else None
             center = torch.tensor([[0.5, 2.0, 4.4], [1.0, 1.0, 3.0]], dtype=torch.float64, requires_grad=True)
-            yield (query, keys, values, v, bias, kernel_score, 0.7, torch.tensor([5, 0]), None, False, 2, center, True, return_weights)
+            scale = 1.0 if kernel_score == "additive" else 0.7  # v . tanh(q + k + bias) takes no scale
+            yield (query, keys, values, v, bias, kernel_score, scale, torch.tensor([5, 0]), None, False, 2, center, True, return_weights)
             yield (query, keys, values, v, bias, kernel_score, 1.0, None, torch.rand(2, 5, generator=generator) > 0.6, False, None, None, False, return_weights)
             yield (query, keys, values, v, bias, kernel_score, 1.0, None, None, False, 1, None, False, return_weights)
             shared_keys = torch.randn(1, 5, width, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -362,6 +363,21 @@ def test_attention_backward_checks_the_context_it_is_given_and_computes_the_same
         torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp, context[:, :2])
     with pytest.raises(RuntimeError, match="context must have the dtype of query"):
         torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp, context.double())
+
+
+def test_a_scale_other_than_1_with_the_additive_score_is_refused():
+    # e = v . tanh(q + k + bias) has no scale: one given is an error, not ignored.
+    generator = torch.Generator().manual_seed(4)
+    query, keys, values = (torch.randn(*shape, generator=generator) for shape in ((2, 3, 4), (2, 5, 4), (2, 5, 6)))
+    v, bias = torch.randn(4, generator=generator), torch.randn(4, generator=generator)
+    arguments = [query, keys, values, v, bias, "additive", 1.0, None, None, False, None, None, False]
+    context, _, logsumexp = torch.ops.fastattn.attention_forward(*arguments, False)
+    arguments[6] = 0.5
+    message = r"attention_(forward|backward): scale must be 1 with score \"additive\" .* got 0.5"
+    with pytest.raises(ValueError, match=message.replace("(forward|backward)", "forward")):
+        torch.ops.fastattn.attention_forward(*arguments, False)
+    with pytest.raises(ValueError, match=message.replace("(forward|backward)", "backward")):
+        torch.ops.fastattn.attention_backward(torch.ones_like(context), None, *arguments, logsumexp)
 
 
 def test_a_zero_scale_gives_uniform_weights_as_in_the_reference():

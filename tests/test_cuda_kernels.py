@@ -461,7 +461,8 @@ def _opcheck_samples():
                                   requires_grad=True)
             lengths = torch.tensor([40, 0], device=DEVICE)
             padding = (torch.rand(2, 40, generator=generator) > 0.6).to(DEVICE)
-            yield (query, keys, values, v, bias, kernel_score, 0.7, lengths, None, False, 2, center, True, return_weights)
+            scale = 1.0 if kernel_score == "additive" else 0.7  # v . tanh(q + k + bias) takes no scale
+            yield (query, keys, values, v, bias, kernel_score, scale, lengths, None, False, 2, center, True, return_weights)
             yield (query, keys, values, v, bias, kernel_score, 1.0, None, padding, False, None, None, False, return_weights)
 
 
@@ -469,6 +470,14 @@ def _opcheck_samples():
 @gpu
 def test_opcheck_attention_forward(arguments):
     torch.library.opcheck(torch.ops.fastattn.attention_forward.default, arguments)
+
+
+@gpu
+def test_an_additive_score_with_a_scale_is_refused():
+    query, keys, values, v = (torch.randn(*shape, device=DEVICE) for shape in ((2, 3, 8), (2, 5, 8), (2, 5, 4), (8,)))
+    with pytest.raises(ValueError, match=r"attention_forward: scale must be 1 with score \"additive\" .* got 0.5"):
+        torch.ops.fastattn.attention_forward(query, keys, values, v, None, "additive", 0.5, None, None, False, None,
+                                             None, False, False)
 
 
 @gpu
@@ -567,7 +576,8 @@ def emulated_case(score, shape, mode, dtype, shared_keys=False):
     def cast(tensor):
         return None if tensor is None else tensor.to(dtype)
 
-    return [cast(query), cast(keys), cast(values), cast(v), cast(bias), score, 0.7, lengths, key_padding_mask, causal,
+    scale = 1.0 if score == "additive" else 0.7  # v . tanh(q + k + bias) takes no scale
+    return [cast(query), cast(keys), cast(values), cast(v), cast(bias), score, scale, lengths, key_padding_mask, causal,
             window, cast(center), gaussian]
 
 
@@ -624,16 +634,18 @@ def test_emulated_attention_kernels_match_the_cpu_op(emulated, score, case, dtyp
     generator = torch.Generator().manual_seed(5)
     grad_context = torch.randn(want[0].shape, generator=generator, dtype=torch.float64).to(dtype)
     grad_weights = torch.randn(want[1].shape, generator=generator, dtype=torch.float64).to(dtype)
-    # With the forward's context, r comes from grad_context . context unless grad_weights
-    # are wanted (then the kernels make their own pass for it, grad_center too; otherwise
-    # grad_center comes with the second pass), and without grad_center the rows kernel
-    # splits a row's keys over blocks as the forward does.
+    # With the forward's float32 / float64 context, r comes from grad_context . context
+    # unless grad_weights are wanted (then the kernels make their own pass for it,
+    # grad_center too; otherwise grad_center comes with the second pass), and without
+    # grad_center the rows kernel splits a row's keys over blocks as the forward does.
+    # A float16 / bfloat16 context is not taken (launch.h's row_dot_from_context).
     for given_grad_weights, given_context in ((grad_weights, context), (None, context), (None, None)):
         expected = torch.ops.fastattn.attention_backward(grad_context, given_grad_weights, *arguments, want[2])
         *got, splits = emulation.attention_backward(emulated, grad_context, given_grad_weights, arguments, logsumexp,
                                                     given_context)
         from_context_alone = (given_grad_weights is None and given_context is not None and given_context.numel() > 0
-                              and mode != "local_p")  # an empty context (Dv = 0) holds no r
+                              and mode != "local_p"  # an empty context (Dv = 0) holds no r
+                              and dtype in emulation.ROW_DOT_FROM_CONTEXT)
         assert splits == (forward_splits if from_context_alone else 1)
         assert_matches_cpu_op(got, expected, tolerance if dtype == torch.float64 else 10 * tolerance, "backward")
 

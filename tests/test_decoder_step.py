@@ -175,6 +175,14 @@ def test_the_local_p_arguments_are_checked(op, local, message):
         getattr(torch.ops.fastattn, op)(*arguments, *local)
 
 
+@pytest.mark.parametrize("op", ["attention_decoder_step", "attention_decoder_step_inference"])
+def test_a_scale_other_than_1_with_the_additive_score_is_refused(op):
+    arguments = [a.detach() if isinstance(a, torch.Tensor) else a for a in op_arguments("lstm", True, {})]
+    arguments[10] = 0.5
+    with pytest.raises(ValueError, match=r"attention_decoder_step: scale must be 1 with score \"additive\".* got 0.5"):
+        getattr(torch.ops.fastattn, op)(*arguments)
+
+
 @pytest.mark.parametrize("backend_name", ["reference", "cpu"])
 def test_a_malformed_state_is_named(backend_name):
     lstm, gru = make_decoder("dot", "lstm", True), make_decoder("dot", "gru", True)

@@ -939,6 +939,8 @@ PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at:
   in.values = with_contiguous_rows(in_dtype(values, in.compute_dtype));
 
   if (in.score == ScoreKind::kAdditive) {
+    TORCH_CHECK_VALUE(scale == 1.0, op, ": scale must be 1 with score \"additive\" (v . tanh(q + k + bias) has none), got ",
+                      scale);
     TORCH_CHECK(v.has_value() && v->defined(), op, ": score \"additive\" needs v of shape (Da=", in.score_dim, ",)");
     check_float_like(op, "v", *v, query);
     TORCH_CHECK(v->dim() == 1 && v->size(0) == in.score_dim, op, ": v must be (Da=", in.score_dim,

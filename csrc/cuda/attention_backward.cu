@@ -9,8 +9,9 @@
 // de_j = p_j (g_j dw_j - r), the value gradient p_j g_j grad_context.
 // Two kernels, both deterministic (no atomics), each with tiles of 32 partners:
 //  - backward_rows_kernel, one block per (query row, key split): a pass over the row's
-//    keys for r and grad_center (skipped when the caller passes the forward's context
-//    and no grad_weights: r = grad_context . context, row_dot_kernel, and grad_center
+//    keys for r and grad_center (skipped when the caller passes the forward's context,
+//    float32 / float64 (row_dot_from_context), and no grad_weights:
+//    r = grad_context . context, row_dot_kernel, and grad_center
 //    comes with the second pass), a second pass for grad_query (and, additive, the row's
 //    share of grad_v, summed over rows by the caller; grad_bias is sum of grad_query
 //    over rows).  With r from the context and no grad_center the keys of a row may be
@@ -563,6 +564,7 @@ cudaError_t launch_backward_for_score(const AttentionProblem& p, const Attention
 
 cudaError_t launch_attention_row_dot(const AttentionProblem& p, const void* grad_context, const void* context,
                                      void* row_dot, cudaStream_t stream) {
+  if (!row_dot_from_context(p.dtype)) return cudaErrorInvalidValue;
   const int64_t rows = p.batch * p.query_length;
   if (rows == 0) return cudaSuccess;
   return dispatch_dtype(p.dtype, [&](auto element) -> cudaError_t {
@@ -586,10 +588,10 @@ cudaError_t launch_attention_row_dot(const AttentionProblem& p, const void* grad
 
 cudaError_t launch_attention_backward(const AttentionProblem& p, const AttentionBackwardBuffers& buffers,
                                       cudaStream_t stream) {
-  // The context serves only where r = grad_context . context; the kernels take its
-  // presence to mean that row_dot holds r.
+  // The context serves only where r = grad_context . context (and in float32 /
+  // float64); the kernels take its presence to mean that row_dot holds r.
   AttentionBackwardBuffers in = buffers;
-  if (in.grad_weights != nullptr) in.context = nullptr;
+  if (in.grad_weights != nullptr || !row_dot_from_context(p.dtype)) in.context = nullptr;
   const bool additive = p.score == ScoreKind::kAdditive;
   if (in.splits < 1 || in.splits > kMaxSplits ||
       (in.splits > 1 && (in.context == nullptr || in.grad_center != nullptr || in.partial_grad_query == nullptr ||

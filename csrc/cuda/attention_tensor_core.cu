@@ -23,9 +23,9 @@
 // outside every row's range are never loaded.  Writes context and logsumexp (the
 // backward's input, as launch_attention_forward does); a fully masked row gives zeros
 // and -inf.
-// Backward (recompute from logsumexp): row_dot = grad_context . context per row, from
-// the forward's context when the caller passes it (launch_attention_row_dot, one read of
-// dO and O), else from the forward kernel run again (context not written); then one
+// Backward (recompute from logsumexp): row_dot = grad_context . context per row from
+// the forward kernel run again in float (context not written; the 16-bit context the
+// caller may hold lacks the precision, see row_dot_from_context in launch.h); then one
 // block per kBlockKeys keys walks the query tiles that see any of its keys (their Q
 // and dO tiles double-buffered through cp.async like the forward's K and V), recomputes
 // P^T and dP^T (4 warps, 16 keys each), accumulates grad_values = W^T dO and
@@ -963,12 +963,8 @@ cudaError_t launch_backward(const AttentionProblem& p, const AttentionBackwardBu
   const int64_t rows = p.batch * p.query_length;
   cudaError_t status = cudaSuccess;
   if (rows > 0) {
-    if (b.context != nullptr) {
-      status = launch_attention_row_dot(p, b.grad_context, b.context, b.row_dot, stream);
-    } else {
-      status = launch_forward<T, kScore, kD, kDv>(p, AttentionForwardBuffers{nullptr, nullptr},
-                                                           b.grad_context, b.row_dot, stream);
-    }
+    status = launch_forward<T, kScore, kD, kDv>(p, AttentionForwardBuffers{nullptr, nullptr}, b.grad_context,
+                                                b.row_dot, stream);
     if (status != cudaSuccess) return status;
     status = cudaMemsetAsync(grad_query_accumulator, 0, sizeof(float) * static_cast<size_t>(rows * kD), stream);
     if (status != cudaSuccess) return status;

@@ -164,6 +164,8 @@ PreparedAttention prepare_attention(const char* op, const at::Tensor& query, con
   p.values_batch_stride = in.values.stride(0);
 
   if (p.score == ScoreKind::kAdditive) {
+    TORCH_CHECK_VALUE(scale == 1.0, op, ": scale must be 1 with score \"additive\" (v . tanh(q + k + bias) has none), got ",
+                      scale);
     TORCH_CHECK_VALUE(present(v), op, ": score \"additive\" needs v of shape (Da=", p.score_dim, ",)");
     check_like(op, "v", *v, query);
     check_shape(op, "v", *v, {p.score_dim});
@@ -284,11 +286,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     check_shape(op, "grad_weights", *grad_weights, {p.batch, p.query_length, p.source_length});
     grad_weights_ = grad_weights->contiguous();
   }
+  // context: checked; r comes from it only in float32 / float64 (row_dot_from_context).
   at::Tensor context_;
   if (present(context)) {
     check_like(op, "context", *context, query);
     check_shape(op, "context", *context, {p.batch, p.query_length, p.value_dim});
-    context_ = context->contiguous();
+    if (row_dot_from_context(p.dtype)) context_ = context->contiguous();
   }
   const bool additive = p.score == ScoreKind::kAdditive;
   const bool wants_center = gaussian && in.center.defined();
@@ -993,7 +996,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_decoder_ste
     const at::Tensor& w_combine_in, bool input_feeding, std::optional<int64_t> window,
     const OptionalTensor& position_weight, const OptionalTensor& position_v_in) {
   const char* op = "attention_decoder_step_inference";
-  check_local_p(window, position_weight, position_v_in);
+  check_step_attention(score, scale, window, position_weight, position_v_in);
   auto composed = [&] {
     return composed_decoder_step_inference(y, h, c, attentional, keys_in, values_in, query_weight, v_in, bias_in,
                                            score, scale, lengths_in, key_padding_mask_in, w_ih_in, w_hh_in, b_ih_in,

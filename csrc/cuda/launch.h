@@ -66,15 +66,24 @@ struct AttentionBackwardBuffers {
                                        // the tensor cores: (Da) Acc, grad_v itself)
   void* row_dot = nullptr;             // scratch (N, T) Acc
   const void* context = nullptr;       // (N, T, Dv) in dtype, or null: the forward's context, from which
-                                       // the backward takes row_dot = grad_context . context (one read of
-                                       // both) instead of a pass over the keys (without grad_weights) or,
-                                       // on the tensor cores, the forward run again
+                                       // the rows backward takes row_dot = grad_context . context (one
+                                       // read of both) instead of a pass over the keys, where
+                                       // row_dot_from_context allows it and grad_weights is null; the
+                                       // tensor-core backward never does (16-bit dtypes)
   int64_t splits = 1;                  // key splits per query row of backward_rows_kernel; > 1 only with
-                                       // the context and neither grad_weights nor grad_center
+                                       // the context taken and no grad_center
                                        // (attention_forward_splits of the problem then)
   void* partial_grad_query = nullptr;  // splits > 1: (N*T, splits, D) Acc scratch
   void* partial_grad_v = nullptr;      // splits > 1, additive: (N*T, splits, Da) Acc scratch
 };
+
+// Whether a backward may take row_dot = grad_context . context from the forward's
+// context: only where the context keeps the accumulation's precision (float32, float64),
+// as csrc/cpu/attention.cpp decides.  A float16 / bfloat16 context is rounded, and in a
+// peaked row the score gradient p_j (dw_j - row_dot) cancels to a small difference that
+// the rounding swamps (additive, D = 128, float16: 2.4-10x the float16 reference run's
+// error in 3 of 60 random problems); the kernels then compute row_dot in float.
+constexpr bool row_dot_from_context(DType dtype) { return dtype == DType::kFloat32 || dtype == DType::kFloat64; }
 
 // How many blocks split the keys of one query row: 1 when the rows alone fill the
 // GPU, more for few rows over long sources (decode steps).
@@ -85,7 +94,8 @@ cudaError_t launch_attention_forward(const AttentionProblem& problem, const Atte
 cudaError_t launch_attention_backward(const AttentionProblem& problem, const AttentionBackwardBuffers& buffers,
                                       cudaStream_t stream);
 // row_dot[row] = grad_context[row] . context[row] over the problem's N * T rows of Dv
-// elements (in its dtype; row_dot (N, T) Acc).
+// elements (in its dtype, one row_dot_from_context allows, else cudaErrorInvalidValue;
+// row_dot (N, T) Acc).
 cudaError_t launch_attention_row_dot(const AttentionProblem& problem, const void* grad_context, const void* context,
                                      void* row_dot, cudaStream_t stream);
 
@@ -105,7 +115,8 @@ cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& problem
 // logsumexp (grad_context 16-byte aligned): the gradients of launch_attention_backward
 // without grad_weights (it must be null; grad_center, when given, float; additive:
 // grad_v_rows needs only Da floats, which get grad_v itself, the sum over every row),
-// row_dot as scratch, and grad_query_accumulator a float (N, T, D) scratch.
+// row_dot as scratch (from the forward run again in float: the context is not read),
+// and grad_query_accumulator a float (N, T, D) scratch.
 cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& problem,
                                                   const AttentionBackwardBuffers& buffers,
                                                   float* grad_query_accumulator, cudaStream_t stream);

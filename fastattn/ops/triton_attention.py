@@ -57,6 +57,12 @@ COMBINE_LAUNCHER = Launcher(attention_combine_kernel, triton_configs.COMBINE)
 # tanh.approx.f32 errs by about 2^-11 relative: below the rounding of 16-bit inputs,
 # too coarse for float32 ones (and not available under the interpreter).
 HARDWARE_TANH_DTYPES = () if INTERPRETED else (torch.float16, torch.bfloat16)
+# The backward's delta_t = dC_t . c_t + sum_j w_tj dW_tj comes from float32 outputs: in a
+# peaked row p_j (dA_j - delta_t) cancels to a small difference that the rounding of a
+# float16 / bfloat16 context or weights swamps (additive, D = 128, float16: 3x the float16
+# reference run's error on grad_keys), so for these dtypes the backward runs the forward
+# kernels again into float32 buffers (csrc/cuda/launch.h's row_dot_from_context, likewise).
+ROUNDED_OUTPUT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _problem(query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian):
@@ -66,6 +72,8 @@ def _problem(query, keys, values, v, bias, score, scale, lengths, key_padding_ma
     keys = keys.expand(batch, *keys.shape[1:])
     source_length, value_features = keys.shape[1], values.shape[2]
     kind = SCORE_KINDS[score]
+    if kind == ADDITIVE and scale != 1.0:
+        raise ValueError(f"scale must be 1 with score 'additive' (v . tanh(q + k + bias) has none), got {scale}")
     placeholder = query
     pointers = [
         query, keys, values,
@@ -108,13 +116,21 @@ def triton_attention_forward(
     window: Optional[int], center: Optional[Tensor], gaussian: bool, return_weights: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (context (N, T, Dv), weights (N, T, S) or empty, logsumexp (N, T) float32, +inf on empty rows)."""
+    return _forward(query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center,
+                    gaussian, return_weights, query.dtype)
+
+
+def _forward(query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian,
+             return_weights, output_dtype):
+    """triton_attention_forward with context and weights in `output_dtype` (the kernels
+    compute in float32 and round on the store)."""
     pointers, strides, sizes, flags = _problem(
         query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian
     )
     batch, query_length, source_length = query.shape[0], query.shape[1], keys.shape[1]
     value_features = values.shape[2]
     block_dv = power_of_two_block(value_features)
-    context = query.new_empty(batch, query_length, value_features)
+    context = query.new_empty(batch, query_length, value_features, dtype=output_dtype)
     logsumexp = query.new_empty(batch, query_length, dtype=torch.float32)
     splits = _split_count(batch, query_length, source_length)
     split_size = triton.cdiv(triton.cdiv(source_length, max(splits, 1)), SPLIT_GRANULE) * SPLIT_GRANULE
@@ -141,7 +157,7 @@ def triton_attention_forward(
         )
     if not return_weights:
         return context, query.new_empty(0), logsumexp
-    weights = query.new_zeros(batch, query_length, source_length)
+    weights = query.new_zeros(batch, query_length, source_length, dtype=output_dtype)
     weight_sizes = [size for index, size in enumerate(sizes) if index != 3]  # no Dv
     LAUNCHERS["weights", additive](
         lambda meta: (triton.cdiv(source_length, meta["BLOCK_S"]), triton.cdiv(query_length, meta["BLOCK_T"]), batch),
@@ -163,6 +179,9 @@ def triton_attention_backward(
     )
     batch, query_length, features = query.shape
     source_length, value_features = keys.shape[1], values.shape[2]
+    if query.dtype in ROUNDED_OUTPUT_DTYPES:  # delta from the outputs again, in float32
+        context, weights, _ = _forward(query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
+                                       window, center, gaussian, grad_weights is not None, torch.float32)
     delta = (grad_context.float() * context.float()).sum(-1)
     if grad_weights is not None:
         delta = delta + (grad_weights.float() * weights.float()).sum(-1)

@@ -27,6 +27,7 @@ CUDA_DIRECTORY = HERE.parent
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 SCORES = {"dot": 0, "cosine": 1, "additive": 2}
 MULTIPROCESSORS = 132  # an H200's, for the choice of key splits
+ROW_DOT_FROM_CONTEXT = (torch.float32, torch.float64)  # launch.h's row_dot_from_context
 
 
 def toolkit_include() -> Path | None:
@@ -239,8 +240,8 @@ def attention_backward_tensor_core(library, grad_context, arguments, logsumexp, 
     """The six gradients of attention_backward (None where the op returns an empty one)
     from the tensor-core backward, allocated as binding.cpp does (the float grad_query
     accumulator; grad_center float; additive: grad_v as one float vector, grad_bias the
-    sum of grad_query); row_dot from the forward's `context` when given, else from the
-    forward run again."""
+    sum of grad_query); row_dot from the forward run again, `context` (may be given)
+    passed to the launch, which must not read it."""
     keep: list = []
     problem = attention_problem(keep, *arguments)
     dtype = arguments[0].dtype
@@ -272,8 +273,8 @@ def attention_backward_tensor_core(library, grad_context, arguments, logsumexp, 
 def attention_backward(library, grad_context, grad_weights, arguments, logsumexp, context=None):
     """The six gradients of attention_backward (None where the op returns an empty one),
     given the forward's `context` or not, and the key splits of its rows kernel (more
-    than 1 with the context and neither grad_weights nor grad_center, as binding.cpp
-    chooses them)."""
+    than 1 with a float32 / float64 context and neither grad_weights nor grad_center, as
+    binding.cpp chooses them)."""
     keep: list = []
     problem = attention_problem(keep, *arguments)
     query, score, center, gaussian = arguments[0], arguments[5], arguments[11], arguments[12]
@@ -294,7 +295,7 @@ def attention_backward(library, grad_context, grad_weights, arguments, logsumexp
     context = None if context is None or context.numel() == 0 else context.contiguous()  # Dv = 0: none, as binding.cpp
     keep.extend([grad_context, grad_weights, logsumexp, context])
     splits = 1
-    if context is not None and grad_weights is None and not wants_center:
+    if context is not None and dtype in ROW_DOT_FROM_CONTEXT and grad_weights is None and not wants_center:
         splits = library.emu_attention_forward_splits(ctypes.byref(problem), MULTIPROCESSORS)
     partial_grad_query = torch.full((batch * steps, splits, problem.score_dim), math.nan, dtype=accumulate)
     partial_grad_v = torch.full_like(partial_grad_query, math.nan) if additive else None
