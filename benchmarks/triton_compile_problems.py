@@ -40,13 +40,15 @@ class Problem(NamedTuple):
     dtypes: tuple[str, ...] | None = None  # the compile check's dtype names; None: every one asked for
 
 
-def attention(dtype, batch, queries, keys, features, score="dot", scale=0.125, weights=False, backward=False,
+def attention(dtype, batch, queries, keys, features, score="dot", scale=None, weights=False, backward=False,
               lengths=False, padding=False, causal=False, window=None, local_p=False, bias=False):
     """One forward (and backward) through the attention ops; ``local_p``: window around given centers, Gaussian."""
     query = torch.zeros(batch, queries, features, dtype=dtype)
     key = torch.zeros(batch, keys, features, dtype=dtype)
     value = torch.zeros(batch, keys, features, dtype=dtype)
     additive = score == "additive"
+    if scale is None:
+        scale = 1.0 if additive else 0.125  # v . tanh(q + k + bias) takes no scale
     v = torch.ones(features, dtype=dtype) if additive else None
     bias_vector = torch.zeros(features, dtype=dtype) if bias else None
     length_tensor = torch.full((batch,), keys, dtype=torch.int64) if lengths else None

@@ -10,14 +10,16 @@ T×S matrices stored), in two kernels so that every output has one writer:
 
 With w = softmax(e) * g (g the Gaussian factor, 1 without it), upstream gradients dC
 (context) and dW (weights, optional), dA = dC . v + dW, and
-delta_t = dC_t . c_t + sum_j w_tj dW_tj (computed by the caller), the score gradient is
-dE = p * (g * dA - delta).  Dot and cosine hold dQ/dK whole (``BLOCK_DQ`` >= D) in
+delta_t = dC_t . c_t + sum_j w_tj dW_tj (computed by the caller, or for float16 /
+bfloat16 by the query kernel's DELTA_GIVEN=False launch as sum_j p g dA), the score
+gradient is dE = p * (g * dA - delta).  Dot and cosine hold dQ/dK whole (``BLOCK_DQ`` >= D) in
 registers; additive walks Da in tiles of ``BLOCK_D`` and, in the key-value kernel,
 takes each pair's tanh once for dQ', dK' and dv together, accumulated with float32
 atomic adds into zeroed buffers (the caller sums dQ' over rows for the bias gradient:
 d bias = sum over rows of dQ'), so that the additive backward takes 2 tanh per pair and
-feature (the scores', then the gradients'; 3 with the centers' gradient, whose query
-kernel scores the pairs again) where two kernels' feature gradients took 4; those
+feature (the scores', then the gradients'; one more with the centers' gradient or the
+float16 / bfloat16 delta, whose query kernel launches score the pairs again) where two
+kernels' feature gradients took 4; those
 buffers must be re-zeroed between autotuning trials (``reset_to_zero`` in
 fastattn.ops.triton_configs).
 The additive tanh is split between the SFU and the FMA units as in the forward
@@ -46,10 +48,11 @@ def _score_gradient(
     T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, GAUSSIAN: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr,
-    HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DELTA_GIVEN: tl.constexpr, HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """One tile's (dE, p, g, dA, 1/|q|, 1/|k|, grad_out tile) — see the module docstring."""
+    """One tile's (dE, p, g, dA, 1/|q|, 1/|k|, grad_out tile) — see the module docstring;
+    without DELTA_GIVEN, p g dA in place of dE (the terms of delta)."""
     scores, inverse_query_norm, inverse_key_norm = block_scores(
         Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, tiny,
         SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, HARDWARE_TANH, DOT_PRECISION,
@@ -57,7 +60,6 @@ def _score_gradient(
     valid = tile_valid(offs_t, offs_j, centers, T, S, length, KPM, n * S, window, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW)
     row_in = offs_t < T
     logsumexp = tl.load(LSE + n * T + offs_t, mask=row_in, other=float("inf"))
-    delta = tl.load(DELTA + n * T + offs_t, mask=row_in, other=0.0)
     p = tl.where(valid, tl.exp(scores - logsumexp[:, None]), 0.0)
     offs_dv = tl.arange(0, BLOCK_DV)
     grad_out = tl.load(
@@ -77,7 +79,10 @@ def _score_gradient(
     factor = tl.full((BLOCK_T, BLOCK_S), 1.0, tl.float32)
     if GAUSSIAN:
         factor = gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
-    grad_scores = p * (factor * grad_attention - delta[:, None])
+    grad_scores = p * factor * grad_attention
+    if DELTA_GIVEN:
+        delta = tl.load(DELTA + n * T + offs_t, mask=row_in, other=0.0)
+        grad_scores = p * (factor * grad_attention - delta[:, None])
     return grad_scores, p, factor, grad_attention, inverse_query_norm, inverse_key_norm, grad_out
 
 
@@ -146,10 +151,13 @@ def attention_grad_query_kernel(
     T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
-    HAS_GRAD_WEIGHTS: tl.constexpr, HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr,
-    BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_GRAD_WEIGHTS: tl.constexpr, DELTA_GIVEN: tl.constexpr, HARDWARE_TANH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D_POLY: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """dQ and the centers' gradient; without DELTA_GIVEN, delta_t = sum_j p g dA alone
+    into DELTA (from the same float32 tiles as the gradients, where delta from a rounded
+    16-bit context and weights would not cancel the peaked rows' dE)."""
     t_block, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
     t_start = t_block * BLOCK_T
     offs_t = t_start + tl.arange(0, BLOCK_T)
@@ -162,6 +170,7 @@ def attention_grad_query_kernel(
     lo, hi = key_range(t_start, offs_t, centers, T, S, length, window, HAS_LENGTHS, CAUSAL, HAS_WINDOW, BLOCK_S)
     grad_query = tl.zeros((BLOCK_T, BLOCK_DQ), dtype=tl.float32)
     grad_center = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    delta = tl.zeros((BLOCK_T,), dtype=tl.float32)
     inverse_query_norm = tl.full((BLOCK_T,), 1.0, tl.float32)
     for j_start in range(lo, hi, BLOCK_S):
         offs_j = j_start + tl.arange(0, BLOCK_S)
@@ -170,12 +179,14 @@ def attention_grad_query_kernel(
             stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
             T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
             SCORE_KIND, HAS_BIAS, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW, GAUSSIAN, HAS_GRAD_WEIGHTS,
-            HARDWARE_TANH, DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, BLOCK_DV,
+            DELTA_GIVEN, HARDWARE_TANH, DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, BLOCK_DV,
         )
-        if HAS_CENTER and GAUSSIAN:
+        if not DELTA_GIVEN:
+            delta += tl.sum(grad_scores, axis=1)
+        elif HAS_CENTER and GAUSSIAN:
             distance = offs_j.to(tl.float32)[None, :] - centers[:, None]
             grad_center += tl.sum(grad_attention * p * factor * distance, axis=1) * (2.0 * inverse_two_sigma_squared)
-        if SCORE_KIND != 2:  # additive: dQ' comes from the key-value kernel
+        if DELTA_GIVEN and SCORE_KIND != 2:  # additive: dQ' comes from the key-value kernel
             keys = tl.load(
                 K + n * stride_kn + offs_j[:, None] * stride_ks + offs_dq[None, :],
                 mask=(offs_j < S)[:, None] & (offs_dq < D)[None, :], other=0.0,
@@ -184,7 +195,9 @@ def attention_grad_query_kernel(
             if SCORE_KIND == 1:
                 weighted = weighted * inverse_key_norm[None, :]
             grad_query += tl.dot(weighted.to(keys.dtype), keys, input_precision=DOT_PRECISION)
-    if SCORE_KIND != 2:
+    if not DELTA_GIVEN:
+        tl.store(DELTA + n * T + offs_t, delta, mask=row_in)
+    elif SCORE_KIND != 2:
         out_mask = row_in[:, None] & (offs_dq < D)[None, :]
         if SCORE_KIND == 1:
             # grad_query holds the gradient of q/|q|: drop its radial part and divide by |q|.
@@ -193,7 +206,7 @@ def attention_grad_query_kernel(
             radial = tl.sum(unit_query * grad_query, axis=1)
             grad_query = (grad_query - unit_query * radial[:, None]) * inverse_query_norm[:, None]
         tl.store(GRAD_Q + n * T * D + offs_t[:, None] * D + offs_dq[None, :], grad_query, mask=out_mask)
-    if HAS_CENTER and GAUSSIAN:
+    if DELTA_GIVEN and HAS_CENTER and GAUSSIAN:
         tl.store(GRAD_CENTER + n * T + offs_t, grad_center, mask=row_in)
 
 
@@ -230,7 +243,7 @@ def attention_grad_key_value_kernel(
                 stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
                 T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
                 SCORE_KIND, HAS_BIAS, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW, GAUSSIAN, HAS_GRAD_WEIGHTS,
-                HARDWARE_TANH, DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, BLOCK_DV,
+                True, HARDWARE_TANH, DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, BLOCK_DV,
             )
             weights = p * factor
             grad_value += tl.dot(tl.trans(weights.to(grad_out.dtype)), grad_out, input_precision=DOT_PRECISION)

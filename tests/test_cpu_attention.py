@@ -214,10 +214,11 @@ def test_keys_shared_by_the_batch_give_what_their_copies_give(kernel_score, dim)
     query, keys, values, grad_context = tensor(3, 17, dim), tensor(1, 19, dim), tensor(3, 19, 33), tensor(3, 17, 33)
     v, bias = (tensor(dim), tensor(dim)) if kernel_score == "additive" else (None, None)
     padding = torch.arange(19).expand(3, 19) % 4 == 3
+    scale = 1.0 if kernel_score == "additive" else 0.8  # v . tanh(q + k + bias) takes no scale
 
     def op_outputs(keys):
-        arguments = [query, keys, values, v, bias, kernel_score, 0.8, torch.tensor([19, 0, 11]), padding, False, None,
-                     None, False]
+        arguments = [query, keys, values, v, bias, kernel_score, scale, torch.tensor([19, 0, 11]), padding, False,
+                     None, None, False]
         context, weights, logsumexp = torch.ops.fastattn.attention_forward(*arguments, True)
         grads = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp, context)
         return [context, weights, logsumexp, *grads[:3]]

@@ -185,7 +185,8 @@ def op_outputs(kernel_score, tensors, masking, through_op):
         gaussian = masking.get("gaussian")
         full["gaussian"] = masking.get("center") is not None if gaussian is None else gaussian
         context, weights, _ = torch.ops.fastattn.attention_forward(
-            query, keys, values, tensors.get("v"), tensors.get("bias"), kernel_score, 0.8, full["lengths"],
+            query, keys, values, tensors.get("v"), tensors.get("bias"), kernel_score,
+            1.0 if kernel_score == "additive" else 0.8, full["lengths"],
             full["key_padding_mask"], full["causal"], full["window"], full["center"], full["gaussian"], True)
     else:
         with fastattn.backend("reference"):

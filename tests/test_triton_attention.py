@@ -383,15 +383,32 @@ def test_low_precision_within_twice_the_reference_error(score, dtype):
 
 @pytest.mark.parametrize("with_weights", [False, True], ids=["context", "context-and-weights"])
 def test_a_peaked_float16_backward_takes_delta_from_float32_outputs(with_weights):
-    """delta from the float16 context broke the 2x rule here (grad_keys 1.8e-2 against
-    the reference run's 5.7e-3); from the forward run again into float32 (context and
-    weights) it holds."""
+    """delta from the float16 context (and weights) broke the 2x rule here (grad_keys
+    1.8e-2 against the reference run's 5.7e-3); summed from the gradients' own float32
+    tiles it holds."""
     arguments, grad_context = peaked_additive_problem(5)
     grad_weights = torch.randn(1, 21, 37, generator=torch.Generator().manual_seed(1)).to(torch.float16)
     grad_weights = grad_weights if with_weights else None
     ours = input_gradients(lambda *args: torch.ops.fastattn.triton_attention_forward(*args, with_weights), arguments,
                            grad_context, grad_weights)
     assert_gradients_within_twice_the_reference_error(ours, arguments, grad_context, grad_weights)
+
+
+@pytest.mark.parametrize("score", ["dot", "cosine", "additive"])
+@pytest.mark.parametrize("queries", [1, 70])  # a decode step (its keys would split) and two query blocks
+def test_an_empty_source_gives_what_the_cpu_op_gives(score, queries):
+    """S = 0 (reachable through the op; the functions refuse it): zero context and
+    weights (N, T, 0), zero gradients; the split count divided by zero before."""
+    generator = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(*shape, generator=generator) for shape in ((2, queries, 9), (2, 0, 9), (2, 0, 17))]
+    vectors = [torch.randn(9, generator=generator) for _ in range(2)] if score == "additive" else [None, None]
+    results = []
+    for op in (torch.ops.fastattn.triton_attention_forward, torch.ops.fastattn.attention_forward):
+        leaves = [tensor.clone().requires_grad_() for tensor in inputs]
+        context, weights, _ = op(*leaves, *vectors, score, 1.0, None, None, False, None, None, False, True)
+        results.append([context, weights, *torch.autograd.grad(context.sum(), leaves)])
+    for got, want in zip(*results):
+        assert got.shape == want.shape and torch.equal(got, want)
 
 
 def test_an_additive_score_with_a_scale_is_refused():

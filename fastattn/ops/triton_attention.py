@@ -57,11 +57,12 @@ COMBINE_LAUNCHER = Launcher(attention_combine_kernel, triton_configs.COMBINE)
 # tanh.approx.f32 errs by about 2^-11 relative: below the rounding of 16-bit inputs,
 # too coarse for float32 ones (and not available under the interpreter).
 HARDWARE_TANH_DTYPES = () if INTERPRETED else (torch.float16, torch.bfloat16)
-# The backward's delta_t = dC_t . c_t + sum_j w_tj dW_tj comes from float32 outputs: in a
-# peaked row p_j (dA_j - delta_t) cancels to a small difference that the rounding of a
-# float16 / bfloat16 context or weights swamps (additive, D = 128, float16: 3x the float16
-# reference run's error on grad_keys), so for these dtypes the backward runs the forward
-# kernels again into float32 buffers (csrc/cuda/launch.h's row_dot_from_context, likewise).
+# The backward's delta_t = dC_t . c_t + sum_j w_tj dW_tj for these dtypes is not taken from
+# the outputs: in a peaked row p_j (g_j dA_j - delta_t) cancels to a small difference that
+# the rounding of a float16 / bfloat16 context or weights swamps (additive, D = 128,
+# float16: 3x the float16 reference run's error on grad_keys).  The query kernel sums it
+# as sum_j p g dA from the same float32 tiles as the gradients instead (one more pass
+# over the keys; csrc/cuda/launch.h's row_dot_from_context, likewise).
 ROUNDED_OUTPUT_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -104,7 +105,8 @@ def _problem(query, keys, values, v, bias, score, scale, lengths, key_padding_ma
 def _split_count(batch: int, query_length: int, source_length: int) -> int:
     """How many programs share the keys of one query block (1: no split)."""
     query_blocks = triton.cdiv(query_length, SMALLEST_BLOCK)
-    if batch * query_blocks == 0 or batch * query_blocks >= TARGET_PROGRAMS:  # 0: an empty batch, nothing to split
+    # 0: an empty batch or source, nothing to split (an empty source's rows are all masked)
+    if batch * query_blocks * source_length == 0 or batch * query_blocks >= TARGET_PROGRAMS:
         return 1
     return min(triton.cdiv(source_length, SPLIT_GRANULE), triton.cdiv(TARGET_PROGRAMS, batch * query_blocks))
 
@@ -116,25 +118,17 @@ def triton_attention_forward(
     window: Optional[int], center: Optional[Tensor], gaussian: bool, return_weights: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (context (N, T, Dv), weights (N, T, S) or empty, logsumexp (N, T) float32, +inf on empty rows)."""
-    return _forward(query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center,
-                    gaussian, return_weights, query.dtype)
-
-
-def _forward(query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian,
-             return_weights, output_dtype):
-    """triton_attention_forward with context and weights in `output_dtype` (the kernels
-    compute in float32 and round on the store)."""
     pointers, strides, sizes, flags = _problem(
         query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian
     )
     batch, query_length, source_length = query.shape[0], query.shape[1], keys.shape[1]
     value_features = values.shape[2]
     block_dv = power_of_two_block(value_features)
-    context = query.new_empty(batch, query_length, value_features, dtype=output_dtype)
+    context = query.new_empty(batch, query_length, value_features)
     logsumexp = query.new_empty(batch, query_length, dtype=torch.float32)
     splits = _split_count(batch, query_length, source_length)
-    split_size = triton.cdiv(triton.cdiv(source_length, max(splits, 1)), SPLIT_GRANULE) * SPLIT_GRANULE
-    splits = triton.cdiv(source_length, split_size)
+    split_size = triton.cdiv(triton.cdiv(source_length, splits), SPLIT_GRANULE) * SPLIT_GRANULE
+    splits = triton.cdiv(source_length, split_size) if source_length else 1
     if splits > 1:
         partial_acc = query.new_empty(batch, splits, query_length, block_dv, dtype=torch.float32)
         partial_max = query.new_empty(batch, splits, query_length, dtype=torch.float32)
@@ -157,7 +151,7 @@ def _forward(query, keys, values, v, bias, score, scale, lengths, key_padding_ma
         )
     if not return_weights:
         return context, query.new_empty(0), logsumexp
-    weights = query.new_zeros(batch, query_length, source_length, dtype=output_dtype)
+    weights = query.new_zeros(batch, query_length, source_length)
     weight_sizes = [size for index, size in enumerate(sizes) if index != 3]  # no Dv
     LAUNCHERS["weights", additive](
         lambda meta: (triton.cdiv(source_length, meta["BLOCK_S"]), triton.cdiv(query_length, meta["BLOCK_T"]), batch),
@@ -179,31 +173,39 @@ def triton_attention_backward(
     )
     batch, query_length, features = query.shape
     source_length, value_features = keys.shape[1], values.shape[2]
-    if query.dtype in ROUNDED_OUTPUT_DTYPES:  # delta from the outputs again, in float32
-        context, weights, _ = _forward(query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
-                                       window, center, gaussian, grad_weights is not None, torch.float32)
-    delta = (grad_context.float() * context.float()).sum(-1)
-    if grad_weights is not None:
-        delta = delta + (grad_weights.float() * weights.float()).sum(-1)
     additive = flags["SCORE_KIND"] == ADDITIVE
     if additive:
         _alert_not_deterministic("fastattn::triton_attention_backward with the additive score")
-    grad_query = query.new_zeros(batch, query_length, features, dtype=torch.float32)
-    grad_keys = query.new_zeros(batch, source_length, features, dtype=torch.float32)
-    grad_values = query.new_empty(batch, source_length, value_features, dtype=torch.float32)
-    grad_v = query.new_zeros(features if additive else 0, dtype=torch.float32)
-    grad_center = query.new_zeros(center.shape if center is not None and gaussian else (0,), dtype=torch.float32)
-    upstream = [grad_context, grad_weights if grad_weights is not None else grad_context, logsumexp, delta]
     gradient_strides = [*strides, grad_context.stride(0), grad_context.stride(1)]
     gradient_flags = dict(
         **flags, HAS_GRAD_WEIGHTS=grad_weights is not None,
         BLOCK_DQ=power_of_two_block(features), BLOCK_DV=power_of_two_block(value_features),
     )
+
+    def query_grid(meta):
+        return triton.cdiv(query_length, meta["BLOCK_T"]), batch
+
+    grad_weights_or_context = grad_weights if grad_weights is not None else grad_context
+    if query.dtype in ROUNDED_OUTPUT_DTYPES:
+        delta = query.new_empty(batch, query_length, dtype=torch.float32)
+        LAUNCHERS["grad_query", additive](
+            query_grid, *pointers, grad_context, grad_weights_or_context, logsumexp, delta, delta, delta,
+            *gradient_strides, *sizes, **gradient_flags, DELTA_GIVEN=False,
+        )
+    else:
+        delta = (grad_context.float() * context.float()).sum(-1)
+        if grad_weights is not None:
+            delta = delta + (grad_weights.float() * weights.float()).sum(-1)
+    grad_query = query.new_zeros(batch, query_length, features, dtype=torch.float32)
+    grad_keys = query.new_zeros(batch, source_length, features, dtype=torch.float32)
+    grad_values = query.new_empty(batch, source_length, value_features, dtype=torch.float32)
+    grad_v = query.new_zeros(features if additive else 0, dtype=torch.float32)
+    grad_center = query.new_zeros(center.shape if center is not None and gaussian else (0,), dtype=torch.float32)
+    upstream = [grad_context, grad_weights_or_context, logsumexp, delta]
     if not additive or grad_center.numel():  # additive: the key-value kernel gives grad_query
         LAUNCHERS["grad_query", additive](
-            lambda meta: (triton.cdiv(query_length, meta["BLOCK_T"]), batch),
-            *pointers, *upstream, grad_query, grad_center if grad_center.numel() else grad_query,
-            *gradient_strides, *sizes, **gradient_flags,
+            query_grid, *pointers, *upstream, grad_query, grad_center if grad_center.numel() else grad_query,
+            *gradient_strides, *sizes, **gradient_flags, DELTA_GIVEN=True,
         )
     LAUNCHERS["grad_key_value", additive](
         lambda meta: (triton.cdiv(source_length, meta["BLOCK_S"]), batch),
