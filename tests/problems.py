@@ -95,7 +95,7 @@ def input_gradients(forward, arguments, grad_context, grad_weights=None) -> tupl
     return torch.autograd.grad(outputs, leaves, [grad.to(leaves[0].dtype) for grad in grads])
 
 
-def assert_gradients_within_twice_the_reference_error(ours, arguments, grad_context, grad_weights=None) -> None:
+def assert_op_gradients_within_twice_the_reference_error(ours, arguments, grad_context, grad_weights=None) -> None:
     """``ours`` (grad_query, grad_keys, grad_values of attention_forward's ``arguments``)
     within 2x the error of the reference op run in their dtype, plus one rounding of the
     largest entry (the float64 run on the same rounded inputs is exact)."""

@@ -241,11 +241,11 @@ def test_emulated_peaked_float16_backwards_take_row_dot_in_float_not_from_the_co
     arguments, grad_context = problems.peaked_additive_problem(5)
     context, logsumexp = emulation.attention_forward_tensor_core(emulated, arguments)
     grads = emulation.attention_backward_tensor_core(emulated, grad_context, arguments, logsumexp, context)
-    problems.assert_gradients_within_twice_the_reference_error(grads[:3], arguments, grad_context)
+    problems.assert_op_gradients_within_twice_the_reference_error(grads[:3], arguments, grad_context)
     context, _, logsumexp, _ = emulation.attention_forward(emulated, arguments, False)
     *grads, splits = emulation.attention_backward(emulated, grad_context, None, arguments, logsumexp, context)
     assert splits == 1  # the key splits need r from the context
-    problems.assert_gradients_within_twice_the_reference_error(grads[:3], arguments, grad_context)
+    problems.assert_op_gradients_within_twice_the_reference_error(grads[:3], arguments, grad_context)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import fastattn
 from fastattn import backends
 from tests.problems import (
     SCORES,
-    assert_gradients_within_twice_the_reference_error,
+    assert_op_gradients_within_twice_the_reference_error,
     input_gradients,
     key_dim_for,
     peaked_additive_problem,
@@ -391,7 +391,7 @@ def test_a_peaked_float16_backward_takes_delta_from_float32_outputs(with_weights
     grad_weights = grad_weights if with_weights else None
     ours = input_gradients(lambda *args: torch.ops.fastattn.triton_attention_forward(*args, with_weights), arguments,
                            grad_context, grad_weights)
-    assert_gradients_within_twice_the_reference_error(ours, arguments, grad_context, grad_weights)
+    assert_op_gradients_within_twice_the_reference_error(ours, arguments, grad_context, grad_weights)
 
 
 @pytest.mark.parametrize("score", ["dot", "cosine", "additive"])
