@@ -164,6 +164,49 @@ struct OnlineSoftmax {
   }
 };
 
+// ---------------------------------------------------------------- merging key splits
+
+// A row whose keys were split over blocks: split s left its softmax max m_s, sum l_s
+// and unnormalised context C_s = sum_{j in s} exp(e_j - m_s) v_j.  The row's
+//   M = max_s m_s,   L = sum_s exp(m_s - M) l_s,   context = sum_s exp(m_s - M) / L * C_s.
+// split_max(s) and split_sum(s) load m_s and l_s (each kernel with its own cache hint).
+template <typename Acc>
+struct MergedSplits {
+  Acc max_score;
+  Acc sum;
+
+  template <typename SplitMax, typename SplitSum>
+  FASTATTN_HOST_DEVICE MergedSplits(int64_t splits, SplitMax split_max, SplitSum split_sum)
+      : max_score(negative_infinity<Acc>()), sum(Acc(0)) {
+    for (int64_t s = 0; s < splits; ++s) {
+      const Acc m = split_max(s);
+      max_score = m > max_score ? m : max_score;
+    }
+    if (max_score == negative_infinity<Acc>()) return;
+    for (int64_t s = 0; s < splits; ++s) {
+      const Acc m = split_max(s);
+      if (m != negative_infinity<Acc>()) sum += exp_of(m - max_score) * split_sum(s);
+    }
+  }
+
+  // No split saw a key: a fully masked row (zero context, zero weights, lse = -inf).
+  FASTATTN_HOST_DEVICE bool empty() const { return !(sum > Acc(0)); }
+
+  // exp(m_s - M) / L, the factor of split s's context; 0 for an empty row or split.
+  FASTATTN_HOST_DEVICE Acc context_factor(Acc split_max) const {
+    return empty() || split_max == negative_infinity<Acc>() ? Acc(0) : exp_of(split_max - max_score) / sum;
+  }
+
+  // A key's weight exp(e - M) / L from its raw score e (-inf for a masked key: 0).
+  FASTATTN_HOST_DEVICE Acc weight(Acc score) const {
+    return empty() || score == negative_infinity<Acc>() ? Acc(0) : exp_of(score - max_score) / sum;
+  }
+
+  FASTATTN_HOST_DEVICE Acc logsumexp() const {
+    return empty() ? negative_infinity<Acc>() : max_score + log_of(sum);
+  }
+};
+
 // ---------------------------------------------------------------- scores, scalar forms
 
 // e = scale * q.k

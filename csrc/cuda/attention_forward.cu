@@ -149,36 +149,27 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Merges the splits of each row: context = sum_s exp(m_s - M) C_s / sum_s exp(m_s - M) l_s.
-// Block (row, chunk) merges kThreads elements of the row's context, one a thread; its
-// split factors exp(m_s - M) / total (0 for a split without valid keys, whose partial
-// context is zero) go to shared memory first, so that the loads of the splits'
-// partial contexts carry no branch and are issued together.  Shared memory: splits x A.
+// Merges the splits of each row (MergedSplits, csrc/common/attention_math.h).  Block
+// (row, chunk) merges kThreads elements of the row's context, one a thread; its split
+// factors exp(m_s - M) / L (0 for a split without valid keys, whose partial context is
+// zero) go to shared memory first, so that the loads of the splits' partial contexts
+// carry no branch and are issued together.  Shared memory: splits x A.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     combine_splits_kernel(int64_t rows, int64_t splits, int64_t value_dim, AttentionForwardBuffers out) {
   using A = Acc<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   A* split_factor = reinterpret_cast<A*>(shared_bytes);  // splits
-  const A minus_infinity = negative_infinity<A>();
   const A* partial_max = static_cast<const A*>(out.partial_max);
   const A* partial_sum = static_cast<const A*>(out.partial_sum);
   const A* partial_context = static_cast<const A*>(out.partial_context);
   const int64_t d = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const A* row_max = partial_max + row * splits;
-    A max_score = minus_infinity;
-    for (int64_t s = 0; s < splits; ++s) max_score = row_max[s] > max_score ? row_max[s] : max_score;
-    A total = A(0);
-    if (max_score != minus_infinity) {
-      for (int64_t s = 0; s < splits; ++s) {
-        if (row_max[s] != minus_infinity) total += exp_of(row_max[s] - max_score) * partial_sum[row * splits + s];
-      }
-    }
-    const bool empty = !(total > A(0));
-    for (int64_t s = threadIdx.x; s < splits; s += kThreads) {
-      split_factor[s] = empty || row_max[s] == minus_infinity ? A(0) : exp_of(row_max[s] - max_score) / total;
-    }
+    const A* row_sum = partial_sum + row * splits;
+    const MergedSplits<A> merged(
+        splits, [&](int64_t s) { return row_max[s]; }, [&](int64_t s) { return row_sum[s]; });
+    for (int64_t s = threadIdx.x; s < splits; s += kThreads) split_factor[s] = merged.context_factor(row_max[s]);
     __syncthreads();
     if (d < value_dim) {
       const A* partial = partial_context + row * splits * value_dim + d;
@@ -187,9 +178,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t s = 0; s < splits; ++s) sum += split_factor[s] * partial[s * value_dim];
       static_cast<T*>(out.context)[row * value_dim + d] = from_acc<T>(sum);
     }
-    if (blockIdx.y == 0 && threadIdx.x == 0) {
-      static_cast<A*>(out.logsumexp)[row] = empty ? minus_infinity : max_score + log_of(total);
-    }
+    if (blockIdx.y == 0 && threadIdx.x == 0) static_cast<A*>(out.logsumexp)[row] = merged.logsumexp();
     __syncthreads();  // the next row overwrites split_factor
   }
 }

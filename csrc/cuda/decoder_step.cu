@@ -70,7 +70,7 @@ __host__ __device__ inline StagedRows staged_rows(const DecoderStepProblem& p) {
 }
 
 // Shared floats: the warps' exchange of partial row sums (for_each_row), then the
-// largest of a phase-A/B/D tile (plus phase D's per-row max and sum) and phase C's
+// largest of a phase-A/B/D tile (plus its rows' MergedSplits, two floats a row) and phase C's
 // query, split scores and reduction scratch.
 constexpr int64_t kExchangeFloats = kMaxWarps * 4 * kMaxBatchTile;
 int64_t shared_floats(const DecoderStepProblem& p, int64_t batch_tile, int64_t keys_per_split) {
@@ -252,44 +252,35 @@ __device__ void for_each_row(int64_t rows, float* exchange, Products&& products,
   }
 }
 
-// The softmax max and sum of batch row b over its splits' partials.
-__device__ __forceinline__ void softmax_totals(const DecoderStepPlan& plan, const DecoderStepBuffers& out, int64_t b,
-                                               float* max_score, float* sum) {
-  float m = negative_infinity<float>();
-  for (int64_t s = 0; s < plan.splits; ++s) m = fmaxf(m, __ldcg(out.partial_max + b * plan.splits + s));
-  float total = 0.0f;
-  if (m != negative_infinity<float>()) {
-    for (int64_t s = 0; s < plan.splits; ++s) {
-      const int64_t slot = b * plan.splits + s;
-      total += __ldcg(out.partial_sum + slot) * exp_of(__ldcg(out.partial_max + slot) - m);
-    }
-  }
-  *max_score = m;
-  *sum = total;
+// Batch row b's softmax over its key splits (MergedSplits), from the partials phase C
+// left; read past L1, other blocks wrote them in this launch.
+__device__ __forceinline__ MergedSplits<float> merged_splits(const DecoderStepPlan& plan,
+                                                             const DecoderStepBuffers& out, int64_t b) {
+  const float* split_max = out.partial_max + b * plan.splits;
+  const float* split_sum = out.partial_sum + b * plan.splits;
+  return MergedSplits<float>(
+      plan.splits, [&](int64_t s) { return __ldcg(split_max + s); }, [&](int64_t s) { return __ldcg(split_sum + s); });
 }
 
-// The softmax totals of a batch tile's rows, into row_max / row_sum (tile.rows floats
-// each) for every thread of the block (it synchronises the block).
-__device__ void stage_row_totals(const DecoderStepPlan& plan, const DecoderStepBuffers& out, Tile tile,
-                                 float* row_max, float* row_sum) {
-  if (threadIdx.x < tile.rows) {
-    softmax_totals(plan, out, tile.first + threadIdx.x, row_max + threadIdx.x, row_sum + threadIdx.x);
-  }
+// The merged splits of a batch tile's rows, into merged[0, tile.rows) for every thread of
+// the block (it synchronises the block).
+__device__ void stage_merged_splits(const DecoderStepPlan& plan, const DecoderStepBuffers& out, Tile tile,
+                                    MergedSplits<float>* merged) {
+  if (threadIdx.x < tile.rows) merged[threadIdx.x] = merged_splits(plan, out, tile.first + threadIdx.x);
   __syncthreads();
 }
 
-// Element k of batch row b's context c_t, merged from the row's split partials (row_max,
-// row_sum: its softmax totals); 0 for a row with no visible key.
+// Element k of batch row b's context c_t, from the splits' partial contexts (0 for a row
+// with no visible key).
 __device__ __forceinline__ float merged_context(const DecoderStepPlan& plan, const DecoderStepBuffers& out,
-                                                int64_t value_dim, int64_t b, int64_t k, float row_max,
-                                                float row_sum) {
-  if (!(row_sum > 0.0f)) return 0.0f;
+                                                int64_t value_dim, int64_t b, int64_t k,
+                                                const MergedSplits<float>& merged) {
   float value = 0.0f;
   for (int64_t s = 0; s < plan.splits; ++s) {
     const int64_t slot = b * plan.splits + s;
-    value += __ldcg(out.partial_context + slot * value_dim + k) * exp_of(__ldcg(out.partial_max + slot) - row_max);
+    value += merged.context_factor(__ldcg(out.partial_max + slot)) * __ldcg(out.partial_context + slot * value_dim + k);
   }
-  return value / row_sum;
+  return value;
 }
 
 // Phase A for one batch tile: stage [y; h~_{t-1}; h] (input feeding) or [y; c_t; h]
@@ -300,9 +291,8 @@ __device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepPla
   const int64_t I = p.input_size, H = p.hidden, fed = I + fed_width(p), stride = staged_rows(p).gates;
   const T *y = as<T>(p.y), *attentional = as<T>(p.attentional), *h = as<T>(p.h), *c = as<T>(p.c);
   const T *w_ih = as<T>(p.w_ih), *w_hh = as<T>(p.w_hh);
-  float* row_max = staged + tile.rows * stride;
-  float* row_sum = row_max + tile.rows;
-  if (!p.input_feeding) stage_row_totals(plan, out, tile, row_max, row_sum);
+  auto* merged = reinterpret_cast<MergedSplits<float>*>(staged + tile.rows * stride);
+  if (!p.input_feeding) stage_merged_splits(plan, out, tile, merged);
   for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
     const int64_t bb = e / stride, k = e % stride, b = tile.first + bb;
     float value = 0.0f;
@@ -310,7 +300,7 @@ __device__ void gates_and_cell(const DecoderStepProblem& p, const DecoderStepPla
       value = to_acc(y[b * I + k]);
     } else if (k < fed) {
       value = p.input_feeding ? to_acc(attentional[b * H + k - I])
-                              : merged_context(plan, out, p.value_dim, b, k - I, row_max[bb], row_sum[bb]);
+                              : merged_context(plan, out, p.value_dim, b, k - I, merged[bb]);
     } else if (k < fed + H) {
       value = to_acc(h[b * H + k - fed]);
     }
@@ -530,10 +520,7 @@ __device__ void normalise_weights(const DecoderStepProblem& p, const DecoderStep
   const int64_t S = p.source_length, total = p.batch * S;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float m, sum;
-    softmax_totals(plan, out, e / S, &m, &sum);
-    const float score = __ldcg(out.scores + e);
-    float weight = sum > 0.0f && score != negative_infinity<float>() ? exp_of(score - m) / sum : 0.0f;
+    float weight = merged_splits(plan, out, e / S).weight(__ldcg(out.scores + e));
     if (p.window > 0 && weight != 0.0f) weight *= gaussian_factor(e % S, __ldcg(out.centers + e / S), p.window);
     as<T>(out.weights)[e] = from_acc<T>(weight);
   }
@@ -546,14 +533,13 @@ __device__ void combine(const DecoderStepProblem& p, const DecoderStepPlan& plan
                         Tile tile, float* exchange, float* staged) {
   const int64_t H = p.hidden, Dv = p.value_dim, stride = staged_rows(p).combine;
   const T* h_next = as<T>(out.h_next);
-  float* row_max = staged + tile.rows * stride;
-  float* row_sum = row_max + tile.rows;
-  stage_row_totals(plan, out, tile, row_max, row_sum);
+  auto* merged = reinterpret_cast<MergedSplits<float>*>(staged + tile.rows * stride);
+  stage_merged_splits(plan, out, tile, merged);
   for (int64_t e = threadIdx.x; e < tile.rows * stride; e += blockDim.x) {
     const int64_t bb = e / stride, k = e % stride, b = tile.first + bb;
     float value = 0.0f;
     if (k < Dv) {
-      value = merged_context(plan, out, Dv, b, k, row_max[bb], row_sum[bb]);
+      value = merged_context(plan, out, Dv, b, k, merged[bb]);
     } else if (k < Dv + H) {
       value = to_acc(__ldcg(h_next + b * H + k - Dv));
     }
