@@ -1,11 +1,12 @@
 """LSTM and GRU cell kernels: the pointwise part of a step fused into one pass
 (gate nonlinearities, state update, and the activations saved for backward), its
-backward, and small-batch LSTM and GRU steps that also compute the recurrent GEMM
-h @ W_hh^T in the same launch (one tile of every gate per program).
+backward, and small-batch LSTM and GRU steps that do the whole step in one launch: both
+GEMMs x @ W_ih^T and h @ W_hh^T, the biases and the update (one tile of every gate per
+program; the pre-activations never leave float32).
 
-The GEMMs x @ W_ih^T (and, for larger batches, h @ W_hh^T) and those of the backward
-run in torch (cuBLAS); the gates come in torch's order (LSTM i, f, g, o; GRU r, z, n)
-as (B, gates*H) rows.  Grid: (B blocks, H blocks) of BLOCK_B × BLOCK_H states.
+For larger batches the GEMMs run in torch (cuBLAS) before the pointwise kernel, and the
+GEMMs of every backward run in torch; the gates come in torch's order (LSTM i, f, g, o;
+GRU r, z, n) as (B, gates*H) rows.  Grid: (B blocks, H blocks) of BLOCK_B × BLOCK_H states.
 Saved activations: LSTM (i, f, g, o), GRU (r, z, n, W_hn h + b_hn), each (B, 4H).
 Rows and columns are 64-bit, so every offset is (B·4H or 4H·H may pass 2^31); these
 kernels are bound by memory, not by address arithmetic.
@@ -73,38 +74,52 @@ def lstm_pointwise_kernel(
 
 
 @triton.jit
-def _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, gate, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(h @ W_hh^T) for one gate's (BLOCK_B, BLOCK_H) tile, float32; W_hh is (gates*H, H)."""
+def _gate_part(A, W, BIAS, rows, columns, B, K, H, gate, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """A @ W^T (+ BIAS) for one gate's (BLOCK_B, BLOCK_H) tile, float32: A is (B, K), W is
+    (gates*H, K), BIAS (gates*H,); x with W_ih or h with W_hh."""
     acc = tl.zeros((rows.shape[0], columns.shape[0]), dtype=tl.float32)
     column_in = columns < H
-    for k_start in range(0, H, BLOCK_K):
+    for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
-        k_in = offs_k < H
-        state = tl.load(STATE_H + rows[:, None] * H + offs_k[None, :], mask=(rows < B)[:, None] & k_in[None, :], other=0.0)
+        k_in = offs_k < K
+        state = tl.load(A + rows[:, None] * K + offs_k[None, :], mask=(rows < B)[:, None] & k_in[None, :], other=0.0)
         weight = tl.load(  # the (BLOCK_K, BLOCK_H) tile of this gate's W^T
-            W_HH + (gate * H + columns[None, :]) * H + offs_k[:, None], mask=k_in[:, None] & column_in[None, :], other=0.0
+            W + (gate * H + columns[None, :]) * K + offs_k[:, None], mask=k_in[:, None] & column_in[None, :], other=0.0
         )
         acc += tl.dot(state, weight, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + gate * H + columns, mask=column_in, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
 @triton.jit
+def _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, gate, HAS_INPUT_BIAS: tl.constexpr,
+               HAS_HIDDEN_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One gate's whole pre-activation x W_ih^T + b_ih + h W_hh^T + b_hh, float32."""
+    return _gate_part(X, W_IH, B_IH, rows, columns, B, I, H, gate, HAS_INPUT_BIAS, DOT_PRECISION, BLOCK_K) + _gate_part(
+        STATE_H, W_HH, B_HH, rows, columns, B, H, H, gate, HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K
+    )
+
+
+@triton.jit
 def lstm_step_kernel(
-    GATES_X, STATE_H, W_HH, C, H_NEXT, C_NEXT, SAVED, B, H, DOT_PRECISION: tl.constexpr,
+    X, STATE_H, C, W_IH, W_HH, B_IH, B_HH, H_NEXT, C_NEXT, SAVED, I, B, H,
+    HAS_INPUT_BIAS: tl.constexpr, HAS_HIDDEN_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One whole LSTM step for a small batch: gates = GATES_X + h @ W_hh^T, in one launch."""
+    """One whole LSTM step for a small batch: gates = x W_ih^T + b_ih + h W_hh^T + b_hh and
+    the update, in one launch."""
     rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
-    gate = rows[:, None] * 4 * H + columns[None, :]
     _lstm_update(
-        tl.load(GATES_X + gate, mask=mask, other=0.0).to(tl.float32)
-        + _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 0, DOT_PRECISION, BLOCK_K),
-        tl.load(GATES_X + gate + H, mask=mask, other=0.0).to(tl.float32)
-        + _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 1, DOT_PRECISION, BLOCK_K),
-        tl.load(GATES_X + gate + 2 * H, mask=mask, other=0.0).to(tl.float32)
-        + _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 2, DOT_PRECISION, BLOCK_K),
-        tl.load(GATES_X + gate + 3 * H, mask=mask, other=0.0).to(tl.float32)
-        + _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 3, DOT_PRECISION, BLOCK_K),
+        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 0, HAS_INPUT_BIAS, HAS_HIDDEN_BIAS,
+                   DOT_PRECISION, BLOCK_K),
+        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 1, HAS_INPUT_BIAS, HAS_HIDDEN_BIAS,
+                   DOT_PRECISION, BLOCK_K),
+        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 2, HAS_INPUT_BIAS, HAS_HIDDEN_BIAS,
+                   DOT_PRECISION, BLOCK_K),
+        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 3, HAS_INPUT_BIAS, HAS_HIDDEN_BIAS,
+                   DOT_PRECISION, BLOCK_K),
         C, C_NEXT, H_NEXT, SAVED, rows, columns, mask, H,
     )
 
@@ -134,12 +149,11 @@ def lstm_pointwise_backward_kernel(
 
 
 @triton.jit
-def _gru_update(GATES_X, hidden_r, hidden_z, hidden_n, STATE_H, H_NEXT, SAVED, rows, columns, mask, H):
-    """From x W_ih^T + b_ih (read here) and the recurrent parts h W_h*^T + b_h* to h'."""
-    gate = rows[:, None] * 3 * H + columns[None, :]
-    r = _sigmoid(tl.load(GATES_X + gate, mask=mask, other=0.0).to(tl.float32) + hidden_r)
-    z = _sigmoid(tl.load(GATES_X + gate + H, mask=mask, other=0.0).to(tl.float32) + hidden_z)
-    n = stable_tanh(tl.load(GATES_X + gate + 2 * H, mask=mask, other=0.0).to(tl.float32) + r * hidden_n)
+def _gru_update(gate_r, gate_z, input_n, hidden_n, STATE_H, H_NEXT, SAVED, rows, columns, mask, H):
+    """From the pre-activations of r and z, x W_in^T + b_in and h W_hn^T + b_hn to h'."""
+    r = _sigmoid(gate_r)
+    z = _sigmoid(gate_z)
+    n = stable_tanh(input_n + r * hidden_n)
     state = rows[:, None] * H + columns[None, :]
     h = tl.load(STATE_H + state, mask=mask, other=0.0).to(tl.float32)
     tl.store(H_NEXT + state, (1.0 - z) * n + z * h, mask=mask)
@@ -157,28 +171,32 @@ def gru_pointwise_kernel(
     """GATES_X = x W_ih^T + b_ih, GATES_H = h W_hh^T + b_hh, each (B, 3H)."""
     rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
     gate = rows[:, None] * 3 * H + columns[None, :]
-    hidden_r = tl.load(GATES_H + gate, mask=mask, other=0.0).to(tl.float32)
-    hidden_z = tl.load(GATES_H + gate + H, mask=mask, other=0.0).to(tl.float32)
-    hidden_n = tl.load(GATES_H + gate + 2 * H, mask=mask, other=0.0).to(tl.float32)
-    _gru_update(GATES_X, hidden_r, hidden_z, hidden_n, STATE_H, H_NEXT, SAVED, rows, columns, mask, H)
+    _gru_update(
+        _gate_sum(GATES_X, GATES_H, gate, mask),
+        _gate_sum(GATES_X, GATES_H, gate + H, mask),
+        tl.load(GATES_X + gate + 2 * H, mask=mask, other=0.0).to(tl.float32),
+        tl.load(GATES_H + gate + 2 * H, mask=mask, other=0.0).to(tl.float32),
+        STATE_H, H_NEXT, SAVED, rows, columns, mask, H,
+    )
 
 
 @triton.jit
 def gru_step_kernel(
-    GATES_X, STATE_H, W_HH, B_HH, H_NEXT, SAVED, B, H, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    X, STATE_H, W_IH, W_HH, B_IH, B_HH, H_NEXT, SAVED, I, B, H,
+    HAS_INPUT_BIAS: tl.constexpr, HAS_HIDDEN_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One whole GRU step for a small batch: h @ W_hh^T (+ b_hh) and the update, in one launch."""
+    """One whole GRU step for a small batch: both GEMMs, the biases and the update, in one launch."""
     rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
-    hidden_r = _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 0, DOT_PRECISION, BLOCK_K)
-    hidden_z = _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 1, DOT_PRECISION, BLOCK_K)
-    hidden_n = _recurrent_gate(STATE_H, W_HH, rows, columns, B, H, 2, DOT_PRECISION, BLOCK_K)
-    if HAS_BIAS:
-        column_in = columns < H
-        hidden_r += tl.load(B_HH + columns, mask=column_in, other=0.0).to(tl.float32)[None, :]
-        hidden_z += tl.load(B_HH + H + columns, mask=column_in, other=0.0).to(tl.float32)[None, :]
-        hidden_n += tl.load(B_HH + 2 * H + columns, mask=column_in, other=0.0).to(tl.float32)[None, :]
-    _gru_update(GATES_X, hidden_r, hidden_z, hidden_n, STATE_H, H_NEXT, SAVED, rows, columns, mask, H)
+    _gru_update(
+        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 0, HAS_INPUT_BIAS, HAS_HIDDEN_BIAS,
+                   DOT_PRECISION, BLOCK_K),
+        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 1, HAS_INPUT_BIAS, HAS_HIDDEN_BIAS,
+                   DOT_PRECISION, BLOCK_K),
+        _gate_part(X, W_IH, B_IH, rows, columns, B, I, H, 2, HAS_INPUT_BIAS, DOT_PRECISION, BLOCK_K),
+        _gate_part(STATE_H, W_HH, B_HH, rows, columns, B, H, H, 2, HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K),
+        STATE_H, H_NEXT, SAVED, rows, columns, mask, H,
+    )
 
 
 @triton.jit

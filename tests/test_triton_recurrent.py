@@ -1,7 +1,7 @@
 """The Triton LSTM/GRU kernels (backend "triton") against the reference: cell outputs
-and gradients on both LSTM paths (the small-batch step with the recurrent GEMM in the
-kernel, and cuBLAS GEMMs + the fused pointwise kernel), GRU cells, layers with lengths
-and both directions, and opcheck on every op.  Under Triton's interpreter on CPU
+and gradients on both paths (the small-batch step, one launch with both GEMMs in the
+kernel, and cuBLAS GEMMs + the fused pointwise kernel), with either bias or none, layers
+with lengths and both directions, and opcheck on every op.  Under Triton's interpreter on CPU
 tensors without a GPU; the ``gpu`` test runs realistic sizes in float16/bfloat16."""
 
 import pytest
@@ -39,7 +39,7 @@ def run_cell(backend_name, kind, x, h, c, weights):
             outputs = (fastattn.gru_cell(x, h, *weights),)
     generator = torch.Generator().manual_seed(1)
     projection = sum((o * torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o)).sum() for o in outputs)
-    leaves = (x, h, c, *weights) if kind == "lstm" else (x, h, *weights)
+    leaves = [t for t in ((x, h, c, *weights) if kind == "lstm" else (x, h, *weights)) if t is not None]
     return outputs, torch.autograd.grad(projection, leaves)
 
 
@@ -63,6 +63,58 @@ def test_lstm_cell_without_biases_and_unbatched():
             results[name] = fastattn.lstm_cell(x[0], (h[0], c[0]), weights[0], weights[1])
     for got, want in zip(results["triton"], results["reference"]):
         torch.testing.assert_close(got, want, **FLOAT32)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("biases", ["input", "hidden", "none"])
+def test_fused_steps_with_either_bias_or_none_match_the_reference(kind, biases):
+    x, h, c, (w_ih, w_hh, b_ih, b_hh) = cell_problem(4 if kind == "lstm" else 3, 5)
+    weights = (w_ih, w_hh, b_ih if biases == "input" else None, b_hh if biases == "hidden" else None)
+    actual, expected = run_cell("triton", kind, x, h, c, weights), run_cell("reference", kind, x, h, c, weights)
+    for got, want in zip((*actual[0], *actual[1]), (*expected[0], *expected[1])):
+        torch.testing.assert_close(got, want, **FLOAT32)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_small_batch_step_is_one_launch_and_no_torch_gemm(kind, monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AtenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    launches = []
+    launch = triton_recurrent._launch
+    monkeypatch.setattr(triton_recurrent, "_launch", lambda kernel, *a, **k: launches.append(kernel) or launch(kernel, *a, **k))
+    x, h, c, weights = cell_problem(4 if kind == "lstm" else 3, 3)
+    with AtenOps() as ops, fastattn.backend("triton"), torch.no_grad():
+        fastattn.lstm_cell(x, (h, c), *weights) if kind == "lstm" else fastattn.gru_cell(x, h, *weights)
+    assert [kernel.__name__ for kernel in launches] == [f"{kind}_step_kernel"]
+    assert not {"mm", "addmm", "linear", "matmul", "add"} & set(ops.names), ops.names
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_float16_step_keeps_its_pre_activations_in_float32(kind):
+    """x W_ih^T and h W_hh^T of about 40 that cancel: rounded to float16 (0.016 apart there)
+    they would move h' by more than its own rounding; summed in float32 they do not."""
+    gates = 4 if kind == "lstm" else 3
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, HIDDEN, generator=generator, dtype=torch.float64).half()
+    w_ih = (torch.randn(gates * HIDDEN, HIDDEN, generator=generator, dtype=torch.float64) * 10).half()
+    b_ih, b_hh = (torch.randn(gates * HIDDEN, generator=generator, dtype=torch.float64).half() for _ in range(2))
+    c = torch.randn(5, HIDDEN, generator=generator, dtype=torch.float64).half()
+    assert (x.double() @ w_ih.double().T).abs().max() > 40
+    inputs = (x, x, c, w_ih, -w_ih, b_ih, b_hh) if kind == "lstm" else (x, x, w_ih, -w_ih, b_ih, b_hh)
+    cell = triton_recurrent.lstm_cell if kind == "lstm" else triton_recurrent.gru_cell
+    exact = fastattn.reference.lstm_cell if kind == "lstm" else fastattn.reference.gru_cell
+    ours, want = cell(*inputs), exact(*(t.double() for t in inputs))
+    for got, expected in zip(ours if kind == "lstm" else (ours,), want if kind == "lstm" else (want,)):
+        assert (got.double() - expected).abs().max() <= torch.finfo(torch.float16).eps * expected.abs().max().clamp_min(1)
 
 
 @pytest.mark.parametrize("layer_op", ["lstm_layer", "gru_layer"])
@@ -89,11 +141,11 @@ def test_opcheck_every_recurrent_op():
     x, h, c, (w_ih, w_hh, b_ih, b_hh) = cell_problem(4, 3)
     gates_x = (x @ w_ih.T + b_ih).detach().requires_grad_()
     gates_h = (h @ w_hh.T + b_hh).detach().requires_grad_()
-    h, c, w_hh = (t.detach().requires_grad_() for t in (h, c, w_hh))
     h_next, c_next, saved = torch.ops.fastattn.triton_lstm_pointwise(gates_x, gates_h, c)
     samples = [
         (torch.ops.fastattn.triton_lstm_pointwise.default, (gates_x, gates_h, c)),
-        (torch.ops.fastattn.triton_lstm_step.default, (gates_x, h, c, w_hh)),
+        (torch.ops.fastattn.triton_lstm_step.default, (x, h, c, w_ih, w_hh, b_ih, b_hh)),
+        (torch.ops.fastattn.triton_lstm_step.default, (x, h, c, w_ih, w_hh, None, b_hh)),
         (
             torch.ops.fastattn.triton_lstm_pointwise_backward.default,
             (torch.randn_like(h), torch.randn_like(c), c.detach(), c_next.detach(), saved.detach()),
@@ -102,13 +154,11 @@ def test_opcheck_every_recurrent_op():
     x, h, _, (w_ih, w_hh, b_ih, b_hh) = cell_problem(3, 3)
     gru_x = (x @ w_ih.T + b_ih).detach().requires_grad_()
     gru_h = (h @ w_hh.T + b_hh).detach().requires_grad_()
-    h = h.detach().requires_grad_()
     _, gru_saved = torch.ops.fastattn.triton_gru_pointwise(gru_x, gru_h, h)
-    gru_w_hh, gru_b_hh = (t.detach().requires_grad_() for t in (w_hh, b_hh))
     samples += [
         (torch.ops.fastattn.triton_gru_pointwise.default, (gru_x, gru_h, h)),
-        (torch.ops.fastattn.triton_gru_step.default, (gru_x, h, gru_w_hh, gru_b_hh)),
-        (torch.ops.fastattn.triton_gru_step.default, (gru_x, h, gru_w_hh, None)),
+        (torch.ops.fastattn.triton_gru_step.default, (x, h, w_ih, w_hh, b_ih, b_hh)),
+        (torch.ops.fastattn.triton_gru_step.default, (x, h, w_ih, w_hh, b_ih, None)),
         (torch.ops.fastattn.triton_gru_pointwise_backward.default, (torch.randn_like(h), h.detach(), gru_saved.detach())),
     ]
     from tests.test_triton_attention import opcheck

@@ -275,8 +275,8 @@ RECURRENT_POINTWISE = KernelConfigs(
 )
 
 RECURRENT_STEP = KernelConfigs(
-    # Small batches (B <= 64): the recurrent GEMM reads W_hh once per batch block, so
-    # narrow hidden blocks spread W_hh over many programs.
+    # Small batches (B <= 64): the step's GEMMs read W_ih and W_hh once per batch block,
+    # so narrow hidden blocks spread the weights over many programs.
     interpreted=_interpreted("BLOCK_B", "BLOCK_H", "BLOCK_K"),
     tuned=(
         Config({"BLOCK_B": 16, "BLOCK_H": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
@@ -285,5 +285,5 @@ RECURRENT_STEP = KernelConfigs(
         Config({"BLOCK_B": 32, "BLOCK_H": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         Config({"BLOCK_B": 64, "BLOCK_H": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     ),
-    key=("B", "H"),
+    key=("I", "B", "H"),
 )

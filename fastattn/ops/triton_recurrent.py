@@ -1,10 +1,10 @@
 """The Triton LSTM/GRU ops and the backend functions "lstm_cell", "gru_cell",
 "lstm_layer", "gru_layer" of backend "triton".
 
-A cell step runs its input GEMM (and, above ``FUSED_STEP_MAX_BATCH`` rows, its
-recurrent GEMM) in torch, and the pointwise part in one fused kernel; a small-batch
-step runs the recurrent GEMM inside the kernel too (one launch for h @ W_hh^T and
-the update).  The backward runs a fused pointwise kernel, then torch's GEMMs.
+A step of at most ``FUSED_STEP_MAX_BATCH`` rows is one launch: both GEMMs x @ W_ih^T and
+h @ W_hh^T, the biases and the update run in the kernel, whose pre-activations stay in
+float32.  A larger step runs its GEMMs in torch and the pointwise part in one fused
+kernel.  The backward runs a fused pointwise kernel, then torch's GEMMs.
 Layers loop the cells over time in Python (``fastattn.reference.recurrent``'s driver:
 lengths and direction handled there), not yet a persistent kernel; an LSTM layer
 with a projection (``w_hr``) runs the reference.
@@ -48,6 +48,15 @@ def _launch(kernel, batch, hidden, *arguments, **constexprs):
     )
 
 
+def _contiguous(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    return None if tensor is None else tensor.contiguous()
+
+
+def _pointer(tensor: Optional[Tensor], stand_in: Tensor) -> Tensor:
+    """An optional tensor argument of a kernel; ``stand_in`` (never read) when absent."""
+    return stand_in if tensor is None else tensor
+
+
 # ---------------------------------------------------------------- LSTM
 
 
@@ -62,12 +71,18 @@ def triton_lstm_pointwise(gates_x: Tensor, gates_h: Tensor, c: Tensor) -> tuple[
 
 
 @torch.library.triton_op("fastattn::triton_lstm_step", mutates_args=())
-def triton_lstm_step(gates_x: Tensor, h: Tensor, c: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(x W_ih^T + b_ih + b_hh, h, c, W_hh) -> (h', c', saved): the recurrent GEMM in the kernel."""
+def triton_lstm_step(
+    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A whole LSTM step in one launch -> (h', c', saved)."""
     batch, hidden = c.shape
     h_next, c_next = torch.empty_like(c), torch.empty_like(c)
     saved = c.new_empty(batch, 4 * hidden, dtype=torch.float32)
-    _launch(lstm_step_kernel, batch, hidden, gates_x, h, w_hh, c, h_next, c_next, saved, DOT_PRECISION=dot_precision(h.dtype))
+    _launch(
+        lstm_step_kernel, batch, hidden, x, h, c, w_ih, w_hh, _pointer(b_ih, x), _pointer(b_hh, x), h_next, c_next,
+        saved, x.shape[1], HAS_INPUT_BIAS=b_ih is not None, HAS_HIDDEN_BIAS=b_hh is not None,
+        DOT_PRECISION=dot_precision(h.dtype),
+    )
     return h_next, c_next, saved
 
 
@@ -115,15 +130,20 @@ def _lstm_pointwise_backward(ctx, grad_h_next, grad_c_next, _grad_saved):
 
 
 def _save_lstm_step(ctx, inputs, output):
-    gates_x, h, c, w_hh = inputs
-    ctx.save_for_backward(c, output[1], output[2], h, w_hh)
+    x, h, c, w_ih, w_hh, b_ih, b_hh = inputs
+    ctx.biases = (b_ih is not None, b_hh is not None)
+    ctx.save_for_backward(c, output[1], output[2], x, h, w_ih, w_hh)
 
 
 def _lstm_step_backward(ctx, grad_h_next, grad_c_next, _grad_saved):
-    h, w_hh = ctx.saved_tensors[3:]
+    x, h, w_ih, w_hh = ctx.saved_tensors[3:]
     grad_gates, grad_c = _lstm_gate_gradients(ctx, grad_h_next, grad_c_next)
+    grad_bias = grad_gates.sum(0).to(h.dtype)
     grad_gates = grad_gates.to(h.dtype)
-    return grad_gates, grad_gates @ w_hh, grad_c, grad_gates.T @ h
+    return (
+        grad_gates @ w_ih, grad_gates @ w_hh, grad_c, grad_gates.T @ x, grad_gates.T @ h,
+        *(grad_bias if has_bias else None for has_bias in ctx.biases),
+    )
 
 
 torch.library.register_autograd(
@@ -133,12 +153,10 @@ torch.library.register_autograd("fastattn::triton_lstm_step", _lstm_step_backwar
 
 
 def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
-    """The "lstm_cell" op: fused step for small batches, else cuBLAS GEMMs + fused pointwise."""
+    """The "lstm_cell" op: one fused launch for small batches, else cuBLAS GEMMs + fused pointwise."""
     if x.shape[0] <= FUSED_STEP_MAX_BATCH:
-        gates_x = F.linear(x, w_ih, b_ih)
-        if b_hh is not None:
-            gates_x = gates_x + b_hh
-        h_next, c_next, _ = torch.ops.fastattn.triton_lstm_step(gates_x, h.contiguous(), c.contiguous(), w_hh.contiguous())
+        arguments = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+        h_next, c_next, _ = torch.ops.fastattn.triton_lstm_step(*map(_contiguous, arguments))
     else:
         gates_x, gates_h = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
         h_next, c_next, _ = torch.ops.fastattn.triton_lstm_pointwise(gates_x, gates_h, c.contiguous())
@@ -170,14 +188,17 @@ def triton_gru_pointwise_backward(grad_h_next: Tensor, h: Tensor, saved: Tensor)
 
 
 @torch.library.triton_op("fastattn::triton_gru_step", mutates_args=())
-def triton_gru_step(gates_x: Tensor, h: Tensor, w_hh: Tensor, b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(x W_ih^T + b_ih, h, W_hh, b_hh) -> (h', saved): the recurrent GEMM in the kernel."""
+def triton_gru_step(
+    x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """A whole GRU step in one launch -> (h', saved)."""
     batch, hidden = h.shape
     h_next = torch.empty_like(h)
     saved = h.new_empty(batch, 4 * hidden, dtype=torch.float32)
     _launch(
-        gru_step_kernel, batch, hidden, gates_x, h, w_hh, b_hh if b_hh is not None else h, h_next, saved,
-        HAS_BIAS=b_hh is not None, DOT_PRECISION=dot_precision(h.dtype),
+        gru_step_kernel, batch, hidden, x, h, w_ih, w_hh, _pointer(b_ih, x), _pointer(b_hh, x), h_next, saved,
+        x.shape[1], HAS_INPUT_BIAS=b_ih is not None, HAS_HIDDEN_BIAS=b_hh is not None,
+        DOT_PRECISION=dot_precision(h.dtype),
     )
     return h_next, saved
 
@@ -196,17 +217,19 @@ def _gru_pointwise_backward(ctx, grad_h_next, _grad_saved):
 
 
 def _save_gru_step(ctx, inputs, output):
-    gates_x, h, w_hh, b_hh = inputs
-    ctx.has_bias = b_hh is not None
-    ctx.save_for_backward(h, output[1], w_hh)
+    x, h, w_ih, w_hh, b_ih, b_hh = inputs
+    ctx.biases = (b_ih is not None, b_hh is not None)
+    ctx.save_for_backward(h, output[1], x, w_ih, w_hh)
 
 
 def _gru_step_backward(ctx, grad_h_next, _grad_saved):
-    h, saved, w_hh = ctx.saved_tensors
+    h, saved, x, w_ih, w_hh = ctx.saved_tensors
     grad_h_next = torch.zeros_like(h) if grad_h_next is None else grad_h_next.contiguous()
     grad_gates_x, grad_gates_h, grad_h = torch.ops.fastattn.triton_gru_pointwise_backward(grad_h_next, h, saved)
-    grad_bias = grad_gates_h.sum(0) if ctx.has_bias else None
-    return grad_gates_x, grad_h + grad_gates_h @ w_hh, grad_gates_h.T @ h, grad_bias
+    return (
+        grad_gates_x @ w_ih, grad_h + grad_gates_h @ w_hh, grad_gates_x.T @ x, grad_gates_h.T @ h,
+        grad_gates_x.sum(0) if ctx.biases[0] else None, grad_gates_h.sum(0) if ctx.biases[1] else None,
+    )
 
 
 torch.library.register_autograd(
@@ -216,11 +239,10 @@ torch.library.register_autograd("fastattn::triton_gru_step", _gru_step_backward,
 
 
 def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
-    """The "gru_cell" op: fused step for small batches, else cuBLAS GEMMs + fused pointwise."""
-    gates_x = F.linear(x, w_ih, b_ih)
+    """The "gru_cell" op: one fused launch for small batches, else cuBLAS GEMMs + fused pointwise."""
     if x.shape[0] <= FUSED_STEP_MAX_BATCH:
-        return torch.ops.fastattn.triton_gru_step(gates_x, h.contiguous(), w_hh.contiguous(), b_hh)[0]
-    gates_h = F.linear(h, w_hh, b_hh)
+        return torch.ops.fastattn.triton_gru_step(*map(_contiguous, (x, h, w_ih, w_hh, b_ih, b_hh)))[0]
+    gates_x, gates_h = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
     return torch.ops.fastattn.triton_gru_pointwise(gates_x, gates_h, h.contiguous())[0]
 
 
