@@ -3,7 +3,7 @@ attention_decoder_step_inference) against the composed step.
 
 Without a GPU: the kernel's own code under the CPU emulation (csrc/cuda/emulation/, all
 blocks running at once so that the grid barriers work; marked slow) against the CPU op
-attention_decoder_step at small odd sizes and at sizes that take the 16-byte loads,
+attention_decoder_step at small odd sizes (scalar loads) and at sizes that take the 16-byte loads,
 LSTM and GRU, additive (projected query, bias), dot and cosine scores, lengths (an empty row)
 and a key padding mask, several batch tiles and key splits, with input feeding and in
 Bahdanau's order, local-p windows (narrow, wide, most key splits outside); in float16 / bfloat16 under the 2x rule (a float64 oracle, the
@@ -208,9 +208,11 @@ def test_emulated_step_over_an_empty_source(emulated, cell, score, input_feeding
     assert_step_close(got, composed(arguments))
 
 
-# name -> shape as SHAPES, every size a multiple of 8 (float16 / bfloat16 take only the
-# 16-byte loads): two batch tiles, the plan's 256 threads, rows shared by warps.
+# name -> shape as SHAPES: odd sizes (scalar loads), then every size a multiple of 8 (the
+# 16-byte loads of float16 / bfloat16): two batch tiles, the plan's 256 threads, rows
+# shared by warps.
 LOW_PRECISION_SHAPES = {
+    "odd_scalar_loads": (3, 5, 7, 40, 6, 5, 3, 64),
     "two_tiles_key_splits": (10, 8, 16, 70, 16, 8, 4, 64),
     "production_threads": (4, 8, 16, 64, 8, 8, 2, 256),
     "rows_shared_by_warps": (2, 48, 8, 20, 8, 40, 2, 256),
@@ -246,6 +248,7 @@ def test_emulated_low_precision_step_errs_at_most_twice_the_reference(emulated, 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape_name, score, cell, input_feeding, window", [
     ("two_tiles_key_splits", "additive", "lstm", True, 3), ("rows_shared_by_warps", "dot", "gru", False, 5),
+    ("odd_scalar_loads", "cosine", "lstm", True, 2),
 ])
 def test_emulated_low_precision_local_p_step_errs_at_most_twice_the_reference(emulated, shape_name, score, cell,
                                                                               input_feeding, window, dtype):
@@ -292,10 +295,9 @@ def test_emulated_plan_covers_the_bench_shapes_and_refuses_an_oversized_row(emul
 
 
 @pytest.mark.slow
-def test_emulated_plan_takes_low_precision_only_with_16_byte_loads(emulated):
-    """float16 / bfloat16 steps get a plan when every size is a multiple of 8 and, on the
-    device, every row read 16 bytes at a time starts 16-byte aligned; float32 gets one
-    either way (scalar loads); float64 none.  No plan: the binding composes the step."""
+def test_emulated_plan_takes_every_float_dtype_but_float64_whatever_the_loads(emulated):
+    """float32 / float16 / bfloat16 steps get a plan whether the sizes and rows fit 16-byte
+    loads or not (scalar loads then); float64 none (the binding composes the step)."""
     def problem(dtype, hidden, w_ih=None):  # the plan reads the sizes, the dtype and the pointers' alignment
         return emulation.DecoderStepProblem(dtype=emulation.DTYPES[dtype], cell=emulation.CELLS["lstm"],
                                             score=emulation.SCORES["additive"], input_feeding=True, batch=4,
@@ -306,12 +308,10 @@ def test_emulated_plan_takes_low_precision_only_with_16_byte_loads(emulated):
         return emulation.decoder_step_plan(emulated, problem, multiprocessors).blocks
 
     misaligned = 4096 + 2  # never read: the plan only looks at it
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         assert blocks(problem(dtype, 16), 132) == 132 and blocks(problem(dtype, 16)) == 132
-        assert blocks(problem(dtype, 12), 132) == 0 and blocks(problem(dtype, 12)) == 0
-        assert blocks(problem(dtype, 16, w_ih=misaligned)) == 0
-    assert blocks(problem(torch.float32, 12), 132) == 132
-    assert blocks(problem(torch.float32, 16, w_ih=misaligned)) == 132
+        assert blocks(problem(dtype, 12), 132) == 132 and blocks(problem(dtype, 12)) == 132
+        assert blocks(problem(dtype, 16, w_ih=misaligned)) == 132
     assert blocks(problem(torch.float64, 16), 132) == 0 and blocks(problem(torch.float64, 16)) == 0
 
 
@@ -457,12 +457,14 @@ def test_cuda_decoder_step_is_captured_in_a_cuda_graph():
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("cell, score", [("lstm", "additive"), ("gru", "dot")])
-def test_cuda_low_precision_step_errs_at_most_twice_the_reference(cell, score, dtype, monkeypatch):
-    """The kernel in float16 / bfloat16, and the composed step it falls back on, under
-    the 2x rule; they differ (the kernel keeps its intermediates in float32), so the
-    kernel ran."""
-    arguments = in_dtype(step_arguments(GPU_SHAPE, cell, score, ("lengths", "padding"), device="cuda"), dtype)
+@pytest.mark.parametrize("cell, score, shape", [("lstm", "additive", GPU_SHAPE), ("gru", "dot", GPU_SHAPE),
+                                                ("lstm", "cosine", SHAPES["odd"])], ids=["lstm-additive",
+                                                                                        "gru-dot", "odd-scalar-loads"])
+def test_cuda_low_precision_step_errs_at_most_twice_the_reference(cell, score, shape, dtype, monkeypatch):
+    """The kernel in float16 / bfloat16 (16-byte loads, and scalar loads at odd sizes), and
+    the composed step it falls back on, under the 2x rule; they differ (the kernel keeps its
+    intermediates in float32), so the kernel ran."""
+    arguments = in_dtype(step_arguments(shape, cell, score, ("lengths", "padding"), device="cuda"), dtype)
     exact = composed(in_dtype(arguments, torch.float64))
     with torch.no_grad():
         fused = torch.ops.fastattn.attention_decoder_step_inference(*arguments)

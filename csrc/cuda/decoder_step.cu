@@ -31,10 +31,11 @@
 // the cell is fed; a window reads only its keys), which is what bounds it.
 // Staged tiles, queries, scores and partials are float32 whatever the element type;
 // s_t is read back from h_next in the element type, as the composed step reads it.
-// Not handled (the binding composes the step instead): float64,
-// float16 / bfloat16 whose sizes or rows do not fit 16-byte loads (sizes multiples of
-// 8), local-m windows (a single step has no position t), and shapes whose batch-row
-// tile (I + F + H or Dv + H floats) does not fit in shared memory.
+// Loads: 16 bytes at a time when every size is a multiple of 16 / E and every row starts
+// 16-byte aligned, one element at a time otherwise.
+// Not handled (the binding composes the step instead): float64, local-m windows (a
+// single step has no position t), and shapes whose batch-row tile (I + F + H or Dv + H
+// floats) does not fit in shared memory.
 
 #include "grid_barrier.cuh"
 #include "recurrent_cell_math.cuh"
@@ -621,12 +622,6 @@ bool wide_loads_fit(const DecoderStepProblem& p) {
          (p.window == 0 || aligned16(p.position_weight));
 }
 
-// float32 with either loads; float16 / bfloat16 with 16-byte loads only.
-bool dtype_covered(const DecoderStepProblem& p) {
-  return p.dtype == DType::kFloat32 ||
-         ((p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && sizes_fit_wide_loads(p));
-}
-
 template <typename T, int kVec, RecurrentCell kCell, typename Body>
 cudaError_t with_score(const DecoderStepProblem& p, Body& body) {
   switch (p.score) {
@@ -653,9 +648,9 @@ cudaError_t with_kernel(const DecoderStepProblem& p, bool wide, Body&& body) {
     case DType::kFloat32:
       return wide ? with_cell<float, kWideVec<float>>(p, body) : with_cell<float, 1>(p, body);
     case DType::kFloat16:
-      return wide ? with_cell<__half, kWideVec<__half>>(p, body) : cudaErrorInvalidValue;
+      return wide ? with_cell<__half, kWideVec<__half>>(p, body) : with_cell<__half, 1>(p, body);
     case DType::kBFloat16:
-      return wide ? with_cell<__nv_bfloat16, kWideVec<__nv_bfloat16>>(p, body) : cudaErrorInvalidValue;
+      return wide ? with_cell<__nv_bfloat16, kWideVec<__nv_bfloat16>>(p, body) : with_cell<__nv_bfloat16, 1>(p, body);
     default:
       return cudaErrorInvalidValue;
   }
@@ -666,7 +661,7 @@ cudaError_t with_kernel(const DecoderStepProblem& p, bool wide, Body&& body) {
 DecoderStepPlan decoder_step_plan(const DecoderStepProblem& p, int multiprocessors, int64_t shared_bytes_per_block) {
   DecoderStepPlan plan;
   const bool covered = (p.score == ScoreKind::kAdditive || p.score == ScoreKind::kDot ||
-                        p.score == ScoreKind::kCosine) && dtype_covered(p) && p.window >= 0 &&
+                        p.score == ScoreKind::kCosine) && wide_vec(p.dtype) > 0 && p.window >= 0 &&
                        (p.window == 0 || p.position_dim >= 1);
   if (!covered || p.batch < 1 || p.hidden < 1 || multiprocessors < 1 || p.source_length < 0) return plan;
   const int64_t keys_per_split = max_of(
@@ -693,9 +688,8 @@ cudaError_t decoder_step_plan_on_device(const DecoderStepProblem& p, DecoderStep
   const cudaError_t status = query_cooperative_device(&device);
   if (status != cudaSuccess || device.cooperative == 0) return status;
   const DecoderStepPlan candidate = decoder_step_plan(p, device.multiprocessors, device.shared_optin);
-  const bool wide = wide_loads_fit(p);
-  if (candidate.blocks == 0 || (p.dtype != DType::kFloat32 && !wide)) return cudaSuccess;
-  return with_kernel(p, wide, [&](auto kernel) -> cudaError_t {
+  if (candidate.blocks == 0) return cudaSuccess;
+  return with_kernel(p, wide_loads_fit(p), [&](auto kernel) -> cudaError_t {
     int per_multiprocessor = 0;
     const cudaError_t result =
         resident_blocks_per_multiprocessor(kernel, candidate.threads, candidate.shared_bytes, &per_multiprocessor);

@@ -326,7 +326,7 @@ struct DecoderStepBuffers {
 DecoderStepPlan decoder_step_plan(const DecoderStepProblem& problem, int multiprocessors,
                                   int64_t shared_bytes_per_block);
 // The plan on the current device (SM count, opt-in shared memory, cooperative launch
-// support, at least one resident block per SM, float16 / bfloat16 rows 16-byte aligned).
+// support, at least one resident block per SM for the kernel its loads take).
 cudaError_t decoder_step_plan_on_device(const DecoderStepProblem& problem, DecoderStepPlan* plan);
 cudaError_t launch_decoder_step(const DecoderStepProblem& problem, const DecoderStepPlan& plan,
                                 const DecoderStepBuffers& buffers, cudaStream_t stream);
