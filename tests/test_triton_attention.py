@@ -528,3 +528,102 @@ def test_gpu_batch_offsets_past_32_bits(monkeypatch):
         expected = fastattn.attention(query[-2:], keys[-2:], values[-2:], score="scaled_dot", return_weights=True)
     torch.testing.assert_close(context[-2:], expected[0], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(weights[-2:], expected[1], rtol=2e-3, atol=2e-3)
+
+
+# ---------------------------------------------------------------- arguments the kernels would misread
+
+
+def _forward_arguments(score="dot"):
+    generator = torch.Generator().manual_seed(5)
+    query, keys, values = (torch.randn(*shape, generator=generator) for shape in ((2, 3, 8), (2, 5, 8), (2, 5, 4)))
+    v = torch.randn(8, generator=generator) if score == "additive" else None
+    return dict(query=query, keys=keys, values=values, v=v, bias=None, score=score, scale=1.0, lengths=None,
+                key_padding_mask=None, causal=False, window=None, center=None, gaussian=False)
+
+
+# (description, change to _forward_arguments(score), score, the argument the error names)
+MISREAD_ARGUMENTS = [
+    ("keys of another feature size", dict(keys=torch.randn(2, 5, 7)), "dot", "keys"),
+    ("keys of another batch", dict(keys=torch.randn(3, 5, 8)), "dot", "keys"),
+    ("values of another length", dict(values=torch.randn(2, 6, 4)), "dot", "values"),
+    ("values of another dtype", dict(values=torch.randn(2, 5, 4, dtype=torch.float64)), "dot", "values"),
+    ("a 2-D query", dict(query=torch.randn(3, 8)), "dot", "query"),
+    ("an unknown score", dict(score="general"), "dot", "score"),
+    ("additive without v", dict(v=None), "additive", "v"),
+    ("v of another size", dict(v=torch.randn(7)), "additive", "v"),
+    ("bias of another size", dict(bias=torch.randn(9)), "additive", "bias"),
+    ("v with the dot score", dict(v=torch.randn(8)), "dot", "v"),
+    ("float lengths", dict(lengths=torch.tensor([1.0, 2.0])), "dot", "lengths"),
+    ("lengths of another batch", dict(lengths=torch.tensor([1, 2, 3])), "dot", "lengths"),
+    ("an integer key padding mask", dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.int64)), "dot",
+     "key_padding_mask"),
+    ("a key padding mask of another length", dict(key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)), "dot",
+     "key_padding_mask"),
+    ("a negative window", dict(window=-1), "dot", "window"),
+    ("center without a window", dict(center=torch.zeros(2, 3)), "dot", "center"),
+    ("center of another length", dict(window=2, center=torch.zeros(2, 4)), "dot", "center"),
+    ("gaussian without a window", dict(gaussian=True), "dot", "gaussian"),
+]
+
+
+@pytest.mark.parametrize("change, score, name", [case[1:] for case in MISREAD_ARGUMENTS],
+                         ids=[case[0] for case in MISREAD_ARGUMENTS])
+def test_the_triton_ops_refuse_what_the_cpu_op_refuses_naming_the_argument(change, score, name):
+    """Called directly (fastattn.attention checks its arguments before), the Triton forward
+    and backward refuse what their kernels would misread, as the C++ op does, before any
+    launch."""
+    arguments = {**_forward_arguments(score), **change}
+    outputs = torch.ops.fastattn.attention_forward(*_forward_arguments(score).values(), True)
+    calls = [
+        lambda: torch.ops.fastattn.attention_forward(*arguments.values(), True),
+        lambda: torch.ops.fastattn.triton_attention_forward(*arguments.values(), True),
+        lambda: torch.ops.fastattn.triton_attention_backward(torch.ones_like(outputs[0]), None, *arguments.values(),
+                                                             *outputs),
+    ]
+    for call in calls:
+        with pytest.raises((RuntimeError, ValueError), match=name):
+            call()
+
+
+@pytest.mark.parametrize("name, value", [
+    ("grad_context", torch.ones(2, 3, 5)), ("context", torch.ones(2, 3, 5)),
+    ("logsumexp", torch.ones(2, 3, dtype=torch.float64)), ("grad_weights", torch.ones(2, 3, 4)),
+    ("weights", torch.ones(2, 3, 6)),
+])
+def test_the_triton_backward_refuses_misshapen_outputs_and_gradients(name, value):
+    arguments = _forward_arguments()
+    context, weights, logsumexp = torch.ops.fastattn.triton_attention_forward(*arguments.values(), True)
+    given = dict(grad_context=torch.ones_like(context), grad_weights=torch.ones_like(weights), context=context,
+                 weights=weights, logsumexp=logsumexp)
+    given[name] = value
+    with pytest.raises(RuntimeError, match=name):
+        torch.ops.fastattn.triton_attention_backward(given["grad_context"], given["grad_weights"], *arguments.values(),
+                                                     given["context"], given["weights"], given["logsumexp"])
+
+
+def test_the_triton_ops_read_strided_arguments_as_the_cpu_op_does():
+    """Views with other strides (a transposed query and values, every other length, a
+    transposed mask and centres): the Triton op's outputs and gradients are the CPU op's."""
+    generator = torch.Generator().manual_seed(6)
+    query_storage = torch.randn(2, 9, 3, generator=generator)
+    values_storage = torch.randn(2, 4, 5, generator=generator)
+    keys = torch.randn(2, 5, 9, generator=generator)
+    lengths = torch.tensor([5, 0, 3, 9])[::2]
+    key_padding_mask = (torch.rand(5, 2, generator=generator) < 0.3).T
+    center = torch.rand(3, 2, generator=generator).T * 5
+    results = []
+    for op in (torch.ops.fastattn.triton_attention_forward, torch.ops.fastattn.attention_forward):
+        leaves = [tensor.clone().requires_grad_() for tensor in (query_storage, values_storage)]
+        query, values = (leaf.transpose(1, 2) for leaf in leaves)  # feature strides 3 and 5
+        assert query.stride(-1) != 1 and values.stride(-1) != 1
+        context, weights, _ = op(query, keys, values, None, None, "dot", 1.0, lengths, key_padding_mask, False, 2,
+                                 center, True, True)
+        projection = (context * torch.arange(context.numel()).view(context.shape).cos()).sum()
+        results.append([context, weights, *torch.autograd.grad(projection + weights.sum(), leaves)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_choose_positions_refuses_integer_weights():
+    with pytest.raises(RuntimeError, match="weights must be a float32"):
+        torch.ops.fastattn.triton_choose_positions(torch.ones(2, 3, dtype=torch.int64), False, 0)

@@ -167,6 +167,54 @@ def test_opcheck_every_recurrent_op():
         opcheck(op, arguments)
 
 
+def _step_arguments(kind):
+    x, h, c, (w_ih, w_hh, b_ih, b_hh) = cell_problem(4 if kind == "lstm" else 3, 3)
+    arguments = dict(x=x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
+    if kind == "gru":
+        del arguments["c"]
+    return {name: tensor.detach() for name, tensor in arguments.items()}
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("name, change", [
+    ("x", lambda t: t[:2]), ("h", lambda t: t[:, :-1]), ("w_ih", lambda t: t[:, :-1]), ("w_hh", lambda t: t[1:]),
+    ("b_ih", lambda t: t[1:]), ("b_hh", lambda t: t.double()), ("w_hh", lambda t: t.double()),
+])
+def test_the_triton_cell_ops_refuse_what_their_kernels_would_misread(kind, name, change):
+    """Called directly (fastattn.lstm_cell / gru_cell check their arguments before), the
+    step ops refuse a shape or dtype the kernel would misread, naming the argument."""
+    arguments = _step_arguments(kind)
+    arguments[name] = change(arguments[name])
+    op = torch.ops.fastattn.triton_lstm_step if kind == "lstm" else torch.ops.fastattn.triton_gru_step
+    with pytest.raises(RuntimeError, match=f"{name} must have"):
+        op(*arguments.values())
+
+
+def test_the_triton_pointwise_ops_refuse_misshapen_gates_and_saved_activations():
+    x, h, c, (w_ih, w_hh, b_ih, b_hh) = (t.detach() if isinstance(t, torch.Tensor) else t
+                                         for t in cell_problem(4, 3))
+    gates = x @ w_ih.T
+    with pytest.raises(RuntimeError, match="gates_h must have shape"):
+        torch.ops.fastattn.triton_lstm_pointwise(gates, gates[:, 1:], c)
+    _, _, saved = torch.ops.fastattn.triton_lstm_pointwise(gates, gates, c)
+    with pytest.raises(RuntimeError, match="saved must have torch.float32"):
+        torch.ops.fastattn.triton_lstm_pointwise_backward(h, c, c, c, saved.double())
+    with pytest.raises(RuntimeError, match="grad_h_next must have shape"):
+        torch.ops.fastattn.triton_gru_pointwise_backward(h[1:], h, saved)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_the_triton_step_ops_read_strided_arguments(kind):
+    """Transposed weights and states, every other bias element: the results of contiguous copies."""
+    arguments = _step_arguments(kind)
+    strided = {name: tensor.T.contiguous().T if tensor.dim() == 2 else tensor.repeat_interleave(2)[::2]
+               for name, tensor in arguments.items()}
+    assert all(not tensor.is_contiguous() for tensor in strided.values())
+    op = torch.ops.fastattn.triton_lstm_step if kind == "lstm" else torch.ops.fastattn.triton_gru_step
+    for got, want in zip(op(*strided.values()), op(*arguments.values())):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # (kind, batch) of the float16/bfloat16 gpu test, at H=1024 and 512 inputs: the fused step
 # (batch 64) and the GEMMs with the pointwise kernels (batch 256).
 GPU_CELL_CASES = [("lstm", 64), ("lstm", 256), ("gru", 64), ("gru", 256)]

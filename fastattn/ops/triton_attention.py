@@ -27,13 +27,14 @@ from fastattn.kernels.attention_forward import (
     attention_weights_kernel,
 )
 from fastattn.kernels.attention_tiles import ADDITIVE, COSINE, DOT
-from fastattn.ops import higher_order, triton_configs
+from fastattn.ops import higher_order, triton_checks, triton_configs
 from fastattn.ops.triton_configs import SPLIT_GRANULE
 from fastattn.ops.triton_launch import (
     INTERPRETED,
     SMALLEST_BLOCK,
     TARGET_PROGRAMS,
     Launcher,
+    contiguous_or_none,
     dot_precision,
     power_of_two_block,
 )
@@ -62,13 +63,26 @@ HARDWARE_TANH_DTYPES = () if INTERPRETED else (torch.float16, torch.bfloat16)
 # the rounding of a float16 / bfloat16 context or weights swamps (additive, D = 128,
 # float16: 3x the float16 reference run's error on grad_keys).  The query kernel sums it
 # as sum_j p g dA from the same float32 tiles as the gradients instead (one more pass
-# over the keys; csrc/cuda/launch.h's row_dot_from_context, likewise).
+# over the keys).  The CUDA kernels make the same choice: csrc/cuda/launch.h's
+# row_dot_from_context.
 ROUNDED_OUTPUT_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _problem(query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian):
-    """The kernels' common arguments: (pointer tensors, strides, sizes and scalars, constexpr flags).
-    Keys (1, S, D) shared by the batch are read with a batch stride of 0."""
+def _rows(tensor: Tensor) -> Tensor:
+    """``tensor`` with unit stride in its last dimension, which the kernels assume (the
+    others are passed as strides)."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _problem(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center,
+             gaussian):
+    """The kernels' common arguments, once triton_checks has passed them: (pointer tensors,
+    strides, sizes and scalars, constexpr flags).  Keys (1, S, D) shared by the batch are
+    read with a batch stride of 0."""
+    triton_checks.attention(op, query, keys, values, v, bias, score, tuple(SCORE_KINDS), lengths, key_padding_mask,
+                            window, center, gaussian)
+    query, keys, values = _rows(query), _rows(keys), _rows(values)
+    v, bias, lengths, key_padding_mask, center = map(contiguous_or_none, (v, bias, lengths, key_padding_mask, center))
     batch, query_length, features = query.shape
     keys = keys.expand(batch, *keys.shape[1:])
     source_length, value_features = keys.shape[1], values.shape[2]
@@ -119,7 +133,7 @@ def triton_attention_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (context (N, T, Dv), weights (N, T, S) or empty, logsumexp (N, T) float32, +inf on empty rows)."""
     pointers, strides, sizes, flags = _problem(
-        query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian
+        "triton_attention_forward", query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian
     )
     batch, query_length, source_length = query.shape[0], query.shape[1], keys.shape[1]
     value_features = values.shape[2]
@@ -169,8 +183,12 @@ def triton_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (grad query, keys, values, v, bias, center); the last three are empty when absent."""
     pointers, strides, sizes, flags = _problem(
-        query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian
+        "triton_attention_backward", query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian
     )
+    triton_checks.attention_backward(
+        "triton_attention_backward", grad_context, grad_weights, query, keys, values, context, weights, logsumexp
+    )
+    grad_context, grad_weights, logsumexp = _rows(grad_context), contiguous_or_none(grad_weights), logsumexp.contiguous()
     batch, query_length, features = query.shape
     source_length, value_features = keys.shape[1], values.shape[2]
     additive = flags["SCORE_KIND"] == ADDITIVE

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fastattn.kernels.hard_sampling import choose_positions_kernel
+from fastattn.ops import triton_checks
 from fastattn.ops.triton_configs import CHOOSE_POSITIONS
 from fastattn.ops.triton_launch import Launcher
 
@@ -18,6 +19,7 @@ LAUNCHER = Launcher(choose_positions_kernel, CHOOSE_POSITIONS)
 @torch.library.triton_op("fastattn::triton_choose_positions", mutates_args=())
 def triton_choose_positions(weights: Tensor, sample: bool, seed: int) -> Tensor:
     """weights (..., S) -> index (...) int64 (see fastattn.kernels.hard_sampling)."""
+    triton_checks.positions("triton_choose_positions", weights)
     source_length = weights.shape[-1]
     rows = weights.numel() // max(source_length, 1)
     index = weights.new_empty(weights.shape[:-1], dtype=torch.int64)

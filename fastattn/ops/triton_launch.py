@@ -80,6 +80,11 @@ def check_offsets(tensor: torch.Tensor, kernel_name: str) -> None:
         )
 
 
+def contiguous_or_none(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """An optional tensor argument as the kernels index it: contiguous."""
+    return None if tensor is None else tensor.contiguous()
+
+
 def _kernel_name(kernel) -> str:
     while not hasattr(kernel, "__name__") and hasattr(kernel, "fn"):
         kernel = kernel.fn

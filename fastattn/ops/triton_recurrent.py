@@ -26,8 +26,9 @@ from fastattn.kernels.recurrent_cells import (
     lstm_pointwise_kernel,
     lstm_step_kernel,
 )
+from fastattn.ops import triton_checks
 from fastattn.ops.triton_configs import RECURRENT_POINTWISE, RECURRENT_STEP
-from fastattn.ops.triton_launch import Launcher, dot_precision
+from fastattn.ops.triton_launch import Launcher, contiguous_or_none, dot_precision
 from fastattn.reference.recurrent import _run_over_time
 
 FUSED_STEP_MAX_BATCH = 64
@@ -48,8 +49,10 @@ def _launch(kernel, batch, hidden, *arguments, **constexprs):
     )
 
 
-def _contiguous(tensor: Optional[Tensor]) -> Optional[Tensor]:
-    return None if tensor is None else tensor.contiguous()
+def _checked(op: str, gates: int, state_name: str, **tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
+    """The op's tensors, checked (triton_checks.cell) and contiguous, as the kernels index them."""
+    triton_checks.cell(op, gates, state_name, tensors)
+    return [contiguous_or_none(tensor) for tensor in tensors.values()]
 
 
 def _pointer(tensor: Optional[Tensor], stand_in: Tensor) -> Tensor:
@@ -63,6 +66,7 @@ def _pointer(tensor: Optional[Tensor], stand_in: Tensor) -> Tensor:
 @torch.library.triton_op("fastattn::triton_lstm_pointwise", mutates_args=())
 def triton_lstm_pointwise(gates_x: Tensor, gates_h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(x W_ih^T + b_ih, h W_hh^T + b_hh, c) -> (h', c', saved (B, 4H) float32)."""
+    gates_x, gates_h, c = _checked("triton_lstm_pointwise", 4, "c", gates_x=gates_x, gates_h=gates_h, c=c)
     batch, hidden = c.shape
     h_next, c_next = torch.empty_like(c), torch.empty_like(c)
     saved = c.new_empty(batch, 4 * hidden, dtype=torch.float32)
@@ -75,6 +79,9 @@ def triton_lstm_step(
     x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A whole LSTM step in one launch -> (h', c', saved)."""
+    x, h, c, w_ih, w_hh, b_ih, b_hh = _checked(
+        "triton_lstm_step", 4, "c", x=x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh
+    )
     batch, hidden = c.shape
     h_next, c_next = torch.empty_like(c), torch.empty_like(c)
     saved = c.new_empty(batch, 4 * hidden, dtype=torch.float32)
@@ -91,6 +98,10 @@ def triton_lstm_pointwise_backward(
     grad_h_next: Tensor, grad_c_next: Tensor, c: Tensor, c_next: Tensor, saved: Tensor
 ) -> tuple[Tensor, Tensor]:
     """-> (gradient of the pre-activation gates (B, 4H) float32, gradient of c)."""
+    grad_h_next, grad_c_next, c, c_next, saved = _checked(
+        "triton_lstm_pointwise_backward", 4, "c", grad_h_next=grad_h_next, grad_c_next=grad_c_next, c=c,
+        c_next=c_next, saved=saved,
+    )
     batch, hidden = c.shape
     grad_gates = torch.empty_like(saved)
     grad_c = torch.empty_like(c)
@@ -113,8 +124,8 @@ torch.library.register_autograd("fastattn::triton_lstm_pointwise_backward", _no_
 
 def _lstm_gate_gradients(ctx, grad_h_next, grad_c_next):
     c, c_next, saved = ctx.saved_tensors[:3]
-    grad_h_next = torch.zeros_like(c) if grad_h_next is None else grad_h_next.contiguous()
-    grad_c_next = torch.zeros_like(c) if grad_c_next is None else grad_c_next.contiguous()
+    grad_h_next = torch.zeros_like(c) if grad_h_next is None else grad_h_next
+    grad_c_next = torch.zeros_like(c) if grad_c_next is None else grad_c_next
     return torch.ops.fastattn.triton_lstm_pointwise_backward(grad_h_next, grad_c_next, c, c_next, saved)
 
 
@@ -155,11 +166,10 @@ torch.library.register_autograd("fastattn::triton_lstm_step", _lstm_step_backwar
 def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     """The "lstm_cell" op: one fused launch for small batches, else cuBLAS GEMMs + fused pointwise."""
     if x.shape[0] <= FUSED_STEP_MAX_BATCH:
-        arguments = (x, h, c, w_ih, w_hh, b_ih, b_hh)
-        h_next, c_next, _ = torch.ops.fastattn.triton_lstm_step(*map(_contiguous, arguments))
+        h_next, c_next, _ = torch.ops.fastattn.triton_lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
     else:
         gates_x, gates_h = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
-        h_next, c_next, _ = torch.ops.fastattn.triton_lstm_pointwise(gates_x, gates_h, c.contiguous())
+        h_next, c_next, _ = torch.ops.fastattn.triton_lstm_pointwise(gates_x, gates_h, c)
     return h_next, c_next
 
 
@@ -169,6 +179,7 @@ def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
 @torch.library.triton_op("fastattn::triton_gru_pointwise", mutates_args=())
 def triton_gru_pointwise(gates_x: Tensor, gates_h: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     """(x W_ih^T + b_ih, h W_hh^T + b_hh, h) -> (h', saved (B, 4H) float32)."""
+    gates_x, gates_h, h = _checked("triton_gru_pointwise", 3, "h", gates_x=gates_x, gates_h=gates_h, h=h)
     batch, hidden = h.shape
     h_next = torch.empty_like(h)
     saved = h.new_empty(batch, 4 * hidden, dtype=torch.float32)
@@ -179,6 +190,9 @@ def triton_gru_pointwise(gates_x: Tensor, gates_h: Tensor, h: Tensor) -> tuple[T
 @torch.library.triton_op("fastattn::triton_gru_pointwise_backward", mutates_args=())
 def triton_gru_pointwise_backward(grad_h_next: Tensor, h: Tensor, saved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """-> gradients of (gates_x, gates_h) (B, 3H) and the direct part of h's (B, H)."""
+    grad_h_next, h, saved = _checked(
+        "triton_gru_pointwise_backward", 3, "h", grad_h_next=grad_h_next, h=h, saved=saved
+    )
     batch, hidden = h.shape
     grad_gates_x = h.new_empty(batch, 3 * hidden)
     grad_gates_h = h.new_empty(batch, 3 * hidden)
@@ -192,6 +206,9 @@ def triton_gru_step(
     x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
     """A whole GRU step in one launch -> (h', saved)."""
+    x, h, w_ih, w_hh, b_ih, b_hh = _checked(
+        "triton_gru_step", 3, "h", x=x, h=h, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh
+    )
     batch, hidden = h.shape
     h_next = torch.empty_like(h)
     saved = h.new_empty(batch, 4 * hidden, dtype=torch.float32)
@@ -212,7 +229,7 @@ def _save_gru_pointwise(ctx, inputs, output):
 
 def _gru_pointwise_backward(ctx, grad_h_next, _grad_saved):
     h, saved = ctx.saved_tensors
-    grad_h_next = torch.zeros_like(h) if grad_h_next is None else grad_h_next.contiguous()
+    grad_h_next = torch.zeros_like(h) if grad_h_next is None else grad_h_next
     return torch.ops.fastattn.triton_gru_pointwise_backward(grad_h_next, h, saved)
 
 
@@ -224,7 +241,7 @@ def _save_gru_step(ctx, inputs, output):
 
 def _gru_step_backward(ctx, grad_h_next, _grad_saved):
     h, saved, x, w_ih, w_hh = ctx.saved_tensors
-    grad_h_next = torch.zeros_like(h) if grad_h_next is None else grad_h_next.contiguous()
+    grad_h_next = torch.zeros_like(h) if grad_h_next is None else grad_h_next
     grad_gates_x, grad_gates_h, grad_h = torch.ops.fastattn.triton_gru_pointwise_backward(grad_h_next, h, saved)
     return (
         grad_gates_x @ w_ih, grad_h + grad_gates_h @ w_hh, grad_gates_x.T @ x, grad_gates_h.T @ h,
@@ -241,9 +258,9 @@ torch.library.register_autograd("fastattn::triton_gru_step", _gru_step_backward,
 def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     """The "gru_cell" op: one fused launch for small batches, else cuBLAS GEMMs + fused pointwise."""
     if x.shape[0] <= FUSED_STEP_MAX_BATCH:
-        return torch.ops.fastattn.triton_gru_step(*map(_contiguous, (x, h, w_ih, w_hh, b_ih, b_hh)))[0]
+        return torch.ops.fastattn.triton_gru_step(x, h, w_ih, w_hh, b_ih, b_hh)[0]
     gates_x, gates_h = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
-    return torch.ops.fastattn.triton_gru_pointwise(gates_x, gates_h, h.contiguous())[0]
+    return torch.ops.fastattn.triton_gru_pointwise(gates_x, gates_h, h)[0]
 
 
 # ---------------------------------------------------------------- layers

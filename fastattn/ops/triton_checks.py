@@ -1,0 +1,124 @@
+"""The argument checks of the Triton ops.  ``torch.ops.fastattn.triton_*`` can be called
+directly, not only through fastattn's functions (which check their own arguments first),
+and their kernels index raw pointers by the sizes they are given: a shape, dtype or
+device they would misread is refused here, naming the argument and what was expected (as
+the C++ ops' checks do), before anything is launched.  Shapes only, so the checks also
+run on fake tensors (opcheck, torch.compile)."""
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _refuse(op: str, message: str) -> None:
+    raise RuntimeError(f"fastattn::{op}: {message}")
+
+
+def _shape_text(shape: Sequence[Optional[int | str]]) -> str:
+    return "(" + ", ".join("*" if size is None else str(size) for size in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def tensor(op: str, name: str, value: Tensor, like: Tensor, shape: Sequence[Optional[int]], dtype=None) -> None:
+    """``value`` on ``like``'s device, of ``dtype`` (default: ``like``'s; "integer": any
+    integer dtype) and of ``shape`` (None: any size)."""
+    if value.device != like.device:
+        _refuse(op, f"{name} must be on {like.device}, got a tensor on {value.device}")
+    wanted = like.dtype if dtype is None else dtype
+    if wanted == "integer":
+        ok, text = not value.dtype.is_floating_point and not value.dtype.is_complex and value.dtype != torch.bool, "an integer dtype"
+    else:
+        ok, text = value.dtype == wanted, str(wanted)
+    if not ok:
+        _refuse(op, f"{name} must have {text}, got {value.dtype}")
+    if value.dim() != len(shape) or any(size is not None and size != got for size, got in zip(shape, value.shape)):
+        _refuse(op, f"{name} must have shape {_shape_text(shape)}, got {tuple(value.shape)}")
+
+
+def optional_tensor(op: str, name: str, value: Optional[Tensor], like: Tensor, shape, dtype=None) -> None:
+    if value is not None:
+        tensor(op, name, value, like, shape, dtype)
+
+
+def float_tensor(op: str, name: str, value: Tensor, dim: int) -> None:
+    if value.dtype not in FLOAT_DTYPES:
+        _refuse(op, f"{name} must be float32, float64, float16 or bfloat16, got {value.dtype}")
+    if value.dim() != dim:
+        _refuse(op, f"{name} must have {dim} dimensions, got shape {tuple(value.shape)}")
+
+
+def attention(op: str, query: Tensor, keys: Tensor, values: Tensor, v: Optional[Tensor], bias: Optional[Tensor],
+              score: str, scores: Sequence[str], lengths: Optional[Tensor], key_padding_mask: Optional[Tensor],
+              window: Optional[int], center: Optional[Tensor], gaussian: bool) -> None:
+    """The arguments the attention forward and backward share: query (N, T, D), keys
+    (N or 1, S, D), values (N, S, Dv), the additive score's v and bias (D,), lengths (N,),
+    key_padding_mask (N, S) bool, window >= 0, center (N, T) with a window, gaussian with
+    a window of at least 1."""
+    if score not in scores:
+        _refuse(op, f"score must be one of {', '.join(scores)}, got {score!r}")
+    float_tensor(op, "query", query, 3)
+    batch, query_length, features = query.shape
+    source_length = keys.shape[1] if keys.dim() == 3 else None
+    tensor(op, "keys", keys, query, (None, source_length, features))
+    if keys.shape[0] not in (batch, 1):
+        _refuse(op, f"keys must have shape ({batch} or 1, S, {features}), got {tuple(keys.shape)}")
+    tensor(op, "values", values, query, (batch, source_length, None))
+    if score == "additive":
+        if v is None:
+            _refuse(op, f"score 'additive' needs v of shape ({features},)")
+        tensor(op, "v", v, query, (features,))
+        optional_tensor(op, "bias", bias, query, (features,))
+    elif v is not None or bias is not None:
+        _refuse(op, f"v and bias are parameters of the additive score only, got them with score {score!r}")
+    optional_tensor(op, "lengths", lengths, query, (batch,), "integer")
+    optional_tensor(op, "key_padding_mask", key_padding_mask, query, (batch, source_length), torch.bool)
+    if window is not None and window < 0:
+        _refuse(op, f"window must be >= 0, got {window}")
+    if center is not None:
+        if window is None:
+            _refuse(op, "center (local-p attention) needs window")
+        tensor(op, "center", center, query, (batch, query_length))
+    if gaussian and (window is None or window < 1):
+        _refuse(op, f"gaussian needs window >= 1 (sigma = window / 2), got {window}")
+
+
+def attention_backward(op: str, grad_context: Tensor, grad_weights: Optional[Tensor], query: Tensor, keys: Tensor,
+                       values: Tensor, context: Tensor, weights: Tensor, logsumexp: Tensor) -> None:
+    """The forward's outputs and their gradients: grad_context and context (N, T, Dv),
+    grad_weights (N, T, S) and weights (N, T, S) with it, logsumexp (N, T) float32."""
+    batch, query_length = query.shape[:2]
+    source_length, value_features = keys.shape[1], values.shape[2]
+    tensor(op, "grad_context", grad_context, query, (batch, query_length, value_features))
+    tensor(op, "context", context, query, (batch, query_length, value_features))
+    tensor(op, "logsumexp", logsumexp, query, (batch, query_length), torch.float32)
+    if grad_weights is not None:
+        tensor(op, "grad_weights", grad_weights, query, (batch, query_length, source_length))
+        tensor(op, "weights", weights, query, (batch, query_length, source_length))
+
+
+def cell(op: str, gates: int, state_name: str, tensors: dict[str, Optional[Tensor]]) -> None:
+    """The tensors of one LSTM/GRU cell op by name: B and H from tensors[state_name] (B, H);
+    gates_x and gates_h (B, gates * H), saved (B, 4H) float32, x (B, I), w_ih
+    (gates * H, I), w_hh (gates * H, H), b_ih and b_hh (gates * H,), any other (B, H)."""
+    reference = tensors[state_name]
+    float_tensor(op, state_name, reference, 2)
+    batch, hidden = reference.shape
+    x = tensors.get("x")
+    inputs = x.shape[1] if x is not None and x.dim() == 2 else None
+    shapes = {
+        "gates_x": (batch, gates * hidden), "gates_h": (batch, gates * hidden), "x": (batch, inputs),
+        "w_ih": (gates * hidden, inputs), "w_hh": (gates * hidden, hidden), "b_ih": (gates * hidden,),
+        "b_hh": (gates * hidden,), "saved": (batch, 4 * hidden),
+    }
+    for name, value in tensors.items():
+        optional_tensor(op, name, value, reference, shapes.get(name, (batch, hidden)),
+                        torch.float32 if name == "saved" else None)
+
+
+def positions(op: str, weights: Tensor) -> None:
+    """Hard attention's soft weights (..., S)."""
+    if weights.dtype not in FLOAT_DTYPES or weights.dim() < 1:
+        _refuse(op, f"weights must be a float32, float64, float16 or bfloat16 tensor (..., S), got {weights.dtype} "
+                    f"of shape {tuple(weights.shape)}")
