@@ -257,13 +257,13 @@ def decoder_step_arguments(cell: str, score: str, device, dtype, wide=False, inp
 
 def check_decoder_step() -> bool:
     ok = True
-    for cell, score, masking, dtype, feeding, window, tolerance in (
-            ("lstm", "additive", "lengths", torch.float32, True, None, 1e-4),
-            ("gru", "dot", "key_padding_mask", torch.float32, True, None, 1e-4),
-            ("lstm", "additive", "lengths", torch.bfloat16, True, None, 3e-2),
-            ("gru", "cosine", "key_padding_mask", torch.float32, False, None, 1e-4),
-            ("lstm", "additive", "lengths", torch.float32, False, 3, 1e-4)):
-        wide = dtype != torch.float32
+    for cell, score, masking, dtype, wide, feeding, window, tolerance in (
+            ("lstm", "additive", "lengths", torch.float32, False, True, None, 1e-4),
+            ("gru", "dot", "key_padding_mask", torch.float32, False, True, None, 1e-4),
+            ("lstm", "additive", "lengths", torch.bfloat16, True, True, None, 3e-2),
+            ("gru", "dot", "key_padding_mask", torch.float16, False, True, None, 3e-2),
+            ("gru", "cosine", "key_padding_mask", torch.float32, False, False, None, 1e-4),
+            ("lstm", "additive", "lengths", torch.float32, False, False, 3, 1e-4)):
         with torch.no_grad():
             got = torch.ops.fastattn.attention_decoder_step_inference(
                 *decoder_step_arguments(cell, score, DEVICE, dtype, wide, feeding, window))
@@ -272,8 +272,9 @@ def check_decoder_step() -> bool:
         present = [index for index, tensor in enumerate(want) if tensor.numel() > 0]  # a GRU has no c_next
         order = "input feeding" if feeding else "Bahdanau"
         local = "" if window is None else f", local-p window {window}"
+        loads = "16-byte" if wide else "scalar"
         name = (f"attention_decoder_step one launch, {cell} {score}, {masking}, "
-                f"{str(dtype).removeprefix('torch.')}, {order}{local}")
+                f"{str(dtype).removeprefix('torch.')} ({loads} loads), {order}{local}")
         ok &= report(name, [got[i] for i in present], [want[i] for i in present], tolerance)
     return ok
 
