@@ -17,8 +17,9 @@ def _refuse(op: str, message: str) -> None:
     raise RuntimeError(f"fastattn::{op}: {message}")
 
 
-def _shape_text(shape: Sequence[Optional[int | str]]) -> str:
-    return "(" + ", ".join("*" if size is None else str(size) for size in shape) + ("," if len(shape) == 1 else "") + ")"
+def _shape_text(shape: Sequence[Optional[int]]) -> str:
+    sizes = ", ".join("*" if size is None else str(size) for size in shape)
+    return f"({sizes},)" if len(shape) == 1 else f"({sizes})"
 
 
 def tensor(op: str, name: str, value: Tensor, like: Tensor, shape: Sequence[Optional[int]], dtype=None) -> None:
@@ -28,7 +29,8 @@ def tensor(op: str, name: str, value: Tensor, like: Tensor, shape: Sequence[Opti
         _refuse(op, f"{name} must be on {like.device}, got a tensor on {value.device}")
     wanted = like.dtype if dtype is None else dtype
     if wanted == "integer":
-        ok, text = not value.dtype.is_floating_point and not value.dtype.is_complex and value.dtype != torch.bool, "an integer dtype"
+        integer = not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
+        ok, text = integer, "an integer dtype"
     else:
         ok, text = value.dtype == wanted, str(wanted)
     if not ok:
@@ -37,7 +39,8 @@ def tensor(op: str, name: str, value: Tensor, like: Tensor, shape: Sequence[Opti
         _refuse(op, f"{name} must have shape {_shape_text(shape)}, got {tuple(value.shape)}")
 
 
-def optional_tensor(op: str, name: str, value: Optional[Tensor], like: Tensor, shape, dtype=None) -> None:
+def optional_tensor(op: str, name: str, value: Optional[Tensor], like: Tensor, shape: Sequence[Optional[int]],
+                    dtype=None) -> None:
     if value is not None:
         tensor(op, name, value, like, shape, dtype)
 
