@@ -149,7 +149,7 @@ def _save_lstm_step(ctx, inputs, output):
 def _lstm_step_backward(ctx, grad_h_next, grad_c_next, _grad_saved):
     x, h, w_ih, w_hh = ctx.saved_tensors[3:]
     grad_gates, grad_c = _lstm_gate_gradients(ctx, grad_h_next, grad_c_next)
-    grad_bias = grad_gates.sum(0).to(h.dtype)
+    grad_bias = grad_gates.sum(0).to(h.dtype) if any(ctx.biases) else None
     grad_gates = grad_gates.to(h.dtype)
     return (
         grad_gates @ w_ih, grad_gates @ w_hh, grad_c, grad_gates.T @ x, grad_gates.T @ h,
