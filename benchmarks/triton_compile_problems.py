@@ -71,7 +71,7 @@ def choose_positions(dtype, rows, keys, sample):
 
 
 def cell(dtype, kind, batch, hidden):
-    """One LSTM or GRU cell step, forward and backward (fused step up to FUSED_STEP_MAX_BATCH rows)."""
+    """One LSTM or GRU cell step, forward and backward."""
     gates = 4 if kind == "lstm" else 3
     x, h = (torch.zeros(batch, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
     w_ih, w_hh = (torch.zeros(gates * hidden, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -82,6 +82,19 @@ def cell(dtype, kind, batch, hidden):
     else:
         outputs = (triton_recurrent.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh),)
     torch.autograd.backward(outputs, [torch.zeros_like(output) for output in outputs])
+
+
+def layer(dtype, kind, steps, batch, hidden):
+    """One LSTM or GRU layer, forward and backward: its input projection, then a step kernel
+    that reads it."""
+    gates = 4 if kind == "lstm" else 3
+    x = torch.zeros(steps, batch, hidden, dtype=dtype, requires_grad=True)
+    states = [torch.zeros(batch, hidden, dtype=dtype) for _ in range(2 if kind == "lstm" else 1)]
+    w_ih, w_hh = (torch.zeros(gates * hidden, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
+    b_ih, b_hh = (torch.zeros(gates * hidden, dtype=dtype, requires_grad=True) for _ in range(2))
+    run_layer = triton_recurrent.lstm_layer if kind == "lstm" else triton_recurrent.gru_layer
+    output = run_layer(x, *states, w_ih, w_hh, b_ih, b_hh)[0]
+    output.backward(torch.zeros_like(output))
 
 
 @functools.cache
@@ -159,6 +172,7 @@ QUICK_PROBLEMS = _problems([
     ("lstm_cell.b128_h256", cell, dict(kind="lstm", batch=128, hidden=256)),
     ("gru_cell.b64_h256", cell, dict(kind="gru", batch=64, hidden=256)),
     ("gru_cell.b128_h256", cell, dict(kind="gru", batch=128, hidden=256)),
+    ("lstm_layer.t2_b64_h256", layer, dict(kind="lstm", steps=2, batch=64, hidden=256)),
 ])
 
 _MULTI_QUERY = dict(batch=64, queries=512, keys=512)  # the gpu preset's multi-query attention
@@ -203,6 +217,10 @@ ALL_PROBLEMS = QUICK_PROBLEMS + _problems([
     *(
         (f"{kind}_cell.b{batch}_h{hidden}", cell, dict(kind=kind, batch=batch, hidden=hidden))
         for kind in ("lstm", "gru") for batch, hidden in ((64, 1024), (32, 256), (128, 1024), (5, 7))
+    ),
+    *(
+        (f"{kind}_layer.t2_b{batch}_h{hidden}", layer, dict(kind=kind, steps=2, batch=batch, hidden=hidden))
+        for kind in ("lstm", "gru") for batch, hidden in ((64, 1024), (32, 256), (5, 7))
     ),
 ])
 

@@ -1,15 +1,15 @@
-"""LSTM and GRU cell kernels: the pointwise part of a step fused into one pass
-(gate nonlinearities, state update, and the activations saved for backward), its
-backward, and small-batch LSTM and GRU steps that do the whole step in one launch: both
-GEMMs x @ W_ih^T and h @ W_hh^T, the biases and the update (one tile of every gate per
-program; the pre-activations never leave float32).
+"""LSTM and GRU cell kernels: a whole step in one launch (both GEMMs x @ W_ih^T and
+h @ W_hh^T, the biases, the gate nonlinearities, the state update and the activations
+saved for backward, one tile of every gate per program; the pre-activations never leave
+float32), a layer's input projection for every time step at once (float32 out, which
+the steps then read in place of x @ W_ih^T), and the pointwise part of the backward.
 
-For larger batches the GEMMs run in torch (cuBLAS) before the pointwise kernel, and the
-GEMMs of every backward run in torch; the gates come in torch's order (LSTM i, f, g, o;
-GRU r, z, n) as (B, gates*H) rows.  Grid: (B blocks, H blocks) of BLOCK_B × BLOCK_H states.
-Saved activations: LSTM (i, f, g, o), GRU (r, z, n, W_hn h + b_hn), each (B, 4H).
-Rows and columns are 64-bit, so every offset is (B·4H or 4H·H may pass 2^31); these
-kernels are bound by memory, not by address arithmetic.
+The GEMMs of the backward run in torch; the gates come in torch's order (LSTM i, f, g,
+o; GRU r, z, n) as (B, gates*H) rows.  Grid: (B blocks, H blocks) of BLOCK_B × BLOCK_H
+states.  Saved activations: LSTM (i, f, g, o), GRU (r, z, n, W_hn h + b_hn), each
+(B, 4H) float32.  Rows and columns are 64-bit, so every offset is (B·4H or 4H·H may
+pass 2^31); these kernels are bound by memory or by their GEMMs, not by address
+arithmetic.  Not handled: an LSTM projection (w_hr), a persistent kernel over time.
 """
 
 import triton
@@ -31,14 +31,6 @@ def _tile(b_block, h_block, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def _gate_sum(GATES_X, GATES_H, offsets, mask):
-    """One gate's pre-activation from its input and recurrent parts, float32."""
-    return tl.load(GATES_X + offsets, mask=mask, other=0.0).to(tl.float32) + tl.load(
-        GATES_H + offsets, mask=mask, other=0.0
-    ).to(tl.float32)
-
-
-@triton.jit
 def _lstm_update(gate_i, gate_f, gate_g, gate_o, C, C_NEXT, H_NEXT, SAVED, rows, columns, mask, H):
     """From the four pre-activations to (h', c'), storing the saved activations."""
     i = _sigmoid(gate_i)
@@ -55,22 +47,6 @@ def _lstm_update(gate_i, gate_f, gate_g, gate_o, C, C_NEXT, H_NEXT, SAVED, rows,
     tl.store(SAVED + saved + H, f, mask=mask)
     tl.store(SAVED + saved + 2 * H, g, mask=mask)
     tl.store(SAVED + saved + 3 * H, o, mask=mask)
-
-
-@triton.jit
-def lstm_pointwise_kernel(
-    GATES_X, GATES_H, C, H_NEXT, C_NEXT, SAVED, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr
-):
-    """gates = GATES_X + GATES_H (B, 4H), both with their biases already added."""
-    rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
-    gate = rows[:, None] * 4 * H + columns[None, :]
-    _lstm_update(
-        _gate_sum(GATES_X, GATES_H, gate, mask),
-        _gate_sum(GATES_X, GATES_H, gate + H, mask),
-        _gate_sum(GATES_X, GATES_H, gate + 2 * H, mask),
-        _gate_sum(GATES_X, GATES_H, gate + 3 * H, mask),
-        C, C_NEXT, H_NEXT, SAVED, rows, columns, mask, H,
-    )
 
 
 @triton.jit
@@ -94,32 +70,57 @@ def _gate_part(A, W, BIAS, rows, columns, B, K, H, gate, HAS_BIAS: tl.constexpr,
 
 
 @triton.jit
-def _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, gate, HAS_INPUT_BIAS: tl.constexpr,
-               HAS_HIDDEN_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+def input_projection_kernel(
+    X, W, BIAS, OUT, K, M, N, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """OUT = X @ W^T + BIAS, float32 (M, N): a layer's x W_ih^T + b_ih for all its T·B rows."""
+    rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), M, N, BLOCK_M, BLOCK_N)
+    projection = _gate_part(X, W, BIAS, rows, columns, M, K, N, 0, HAS_BIAS, DOT_PRECISION, BLOCK_K)
+    tl.store(OUT + rows[:, None] * N + columns[None, :], projection, mask=mask)
+
+
+@triton.jit
+def _input_part(X, W_IH, B_IH, rows, columns, B, I, H, gate, GATES: tl.constexpr, PROJECTED_INPUT: tl.constexpr,
+                HAS_INPUT_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One gate's x W_ih^T + b_ih, float32: from x (B, I), or read from X, the layer's
+    projection (B, GATES*H) float32, when PROJECTED_INPUT."""
+    if PROJECTED_INPUT:
+        mask = (rows < B)[:, None] & (columns < H)[None, :]
+        part = tl.load(X + rows[:, None] * GATES * H + gate * H + columns[None, :], mask=mask, other=0.0)
+    else:
+        part = _gate_part(X, W_IH, B_IH, rows, columns, B, I, H, gate, HAS_INPUT_BIAS, DOT_PRECISION, BLOCK_K)
+    return part
+
+
+@triton.jit
+def _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, gate, GATES: tl.constexpr,
+               PROJECTED_INPUT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_HIDDEN_BIAS: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     """One gate's whole pre-activation x W_ih^T + b_ih + h W_hh^T + b_hh, float32."""
-    return _gate_part(X, W_IH, B_IH, rows, columns, B, I, H, gate, HAS_INPUT_BIAS, DOT_PRECISION, BLOCK_K) + _gate_part(
-        STATE_H, W_HH, B_HH, rows, columns, B, H, H, gate, HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K
-    )
+    return _input_part(
+        X, W_IH, B_IH, rows, columns, B, I, H, gate, GATES, PROJECTED_INPUT, HAS_INPUT_BIAS, DOT_PRECISION, BLOCK_K
+    ) + _gate_part(STATE_H, W_HH, B_HH, rows, columns, B, H, H, gate, HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K)
 
 
 @triton.jit
 def lstm_step_kernel(
-    X, STATE_H, C, W_IH, W_HH, B_IH, B_HH, H_NEXT, C_NEXT, SAVED, I, B, H,
+    X, STATE_H, C, W_IH, W_HH, B_IH, B_HH, H_NEXT, C_NEXT, SAVED, I, B, H, PROJECTED_INPUT: tl.constexpr,
     HAS_INPUT_BIAS: tl.constexpr, HAS_HIDDEN_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One whole LSTM step for a small batch: gates = x W_ih^T + b_ih + h W_hh^T + b_hh and
-    the update, in one launch."""
+    """One whole LSTM step: gates = x W_ih^T + b_ih + h W_hh^T + b_hh and the update, in
+    one launch (X: x, or with PROJECTED_INPUT its projection, W_IH and B_IH unread)."""
     rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
     _lstm_update(
-        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 0, HAS_INPUT_BIAS, HAS_HIDDEN_BIAS,
-                   DOT_PRECISION, BLOCK_K),
-        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 1, HAS_INPUT_BIAS, HAS_HIDDEN_BIAS,
-                   DOT_PRECISION, BLOCK_K),
-        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 2, HAS_INPUT_BIAS, HAS_HIDDEN_BIAS,
-                   DOT_PRECISION, BLOCK_K),
-        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 3, HAS_INPUT_BIAS, HAS_HIDDEN_BIAS,
-                   DOT_PRECISION, BLOCK_K),
+        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 0, 4, PROJECTED_INPUT, HAS_INPUT_BIAS,
+                   HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K),
+        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 1, 4, PROJECTED_INPUT, HAS_INPUT_BIAS,
+                   HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K),
+        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 2, 4, PROJECTED_INPUT, HAS_INPUT_BIAS,
+                   HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K),
+        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 3, 4, PROJECTED_INPUT, HAS_INPUT_BIAS,
+                   HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K),
         C, C_NEXT, H_NEXT, SAVED, rows, columns, mask, H,
     )
 
@@ -165,35 +166,21 @@ def _gru_update(gate_r, gate_z, input_n, hidden_n, STATE_H, H_NEXT, SAVED, rows,
 
 
 @triton.jit
-def gru_pointwise_kernel(
-    GATES_X, GATES_H, STATE_H, H_NEXT, SAVED, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr
-):
-    """GATES_X = x W_ih^T + b_ih, GATES_H = h W_hh^T + b_hh, each (B, 3H)."""
-    rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
-    gate = rows[:, None] * 3 * H + columns[None, :]
-    _gru_update(
-        _gate_sum(GATES_X, GATES_H, gate, mask),
-        _gate_sum(GATES_X, GATES_H, gate + H, mask),
-        tl.load(GATES_X + gate + 2 * H, mask=mask, other=0.0).to(tl.float32),
-        tl.load(GATES_H + gate + 2 * H, mask=mask, other=0.0).to(tl.float32),
-        STATE_H, H_NEXT, SAVED, rows, columns, mask, H,
-    )
-
-
-@triton.jit
 def gru_step_kernel(
-    X, STATE_H, W_IH, W_HH, B_IH, B_HH, H_NEXT, SAVED, I, B, H,
+    X, STATE_H, W_IH, W_HH, B_IH, B_HH, H_NEXT, SAVED, I, B, H, PROJECTED_INPUT: tl.constexpr,
     HAS_INPUT_BIAS: tl.constexpr, HAS_HIDDEN_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One whole GRU step for a small batch: both GEMMs, the biases and the update, in one launch."""
+    """One whole GRU step: both GEMMs (or, with PROJECTED_INPUT, X's projection and the
+    recurrent one), the biases and the update, in one launch."""
     rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
     _gru_update(
-        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 0, HAS_INPUT_BIAS, HAS_HIDDEN_BIAS,
-                   DOT_PRECISION, BLOCK_K),
-        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 1, HAS_INPUT_BIAS, HAS_HIDDEN_BIAS,
-                   DOT_PRECISION, BLOCK_K),
-        _gate_part(X, W_IH, B_IH, rows, columns, B, I, H, 2, HAS_INPUT_BIAS, DOT_PRECISION, BLOCK_K),
+        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 0, 3, PROJECTED_INPUT, HAS_INPUT_BIAS,
+                   HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K),
+        _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 1, 3, PROJECTED_INPUT, HAS_INPUT_BIAS,
+                   HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K),
+        _input_part(X, W_IH, B_IH, rows, columns, B, I, H, 2, 3, PROJECTED_INPUT, HAS_INPUT_BIAS, DOT_PRECISION,
+                    BLOCK_K),
         _gate_part(STATE_H, W_HH, B_HH, rows, columns, B, H, H, 2, HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K),
         STATE_H, H_NEXT, SAVED, rows, columns, mask, H,
     )

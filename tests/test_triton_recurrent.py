@@ -1,11 +1,13 @@
 """The Triton LSTM/GRU kernels (backend "triton") against the reference: cell outputs
-and gradients on both paths (the small-batch step, one launch with both GEMMs in the
-kernel, and cuBLAS GEMMs + the fused pointwise kernel), with either bias or none, layers
-with lengths and both directions, and opcheck on every op.  Under Triton's interpreter on CPU
+and gradients (a step is one launch, both GEMMs in the kernel) in one batch block and
+across several, with either bias or none, layers (their input projection in one launch,
+then one launch a step) with lengths and both directions, and opcheck on every op.  Under Triton's interpreter on CPU
 tensors without a GPU; the ``gpu`` test runs realistic sizes in float16/bfloat16."""
 
 import pytest
 import torch
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn import backends
@@ -43,11 +45,12 @@ def run_cell(backend_name, kind, x, h, c, weights):
     return outputs, torch.autograd.grad(projection, leaves)
 
 
-@pytest.mark.parametrize(
-    "kind,batch",
-    [("lstm", 3), ("lstm", triton_recurrent.FUSED_STEP_MAX_BATCH + 3), ("gru", 3), ("gru", triton_recurrent.FUSED_STEP_MAX_BATCH + 3)],
-    ids=["lstm-fused-step", "lstm-pointwise", "gru-fused-step", "gru-pointwise"],
-)
+# 3 rows: one batch block; 37: three of the interpreter's 16-row blocks, the last partial.
+BATCHES = [3, 37]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("batch", BATCHES)
 def test_cells_match_the_reference(kind, batch):
     x, h, c, weights = cell_problem(4 if kind == "lstm" else 3, batch)
     actual, expected = run_cell("triton", kind, x, h, c, weights), run_cell("reference", kind, x, h, c, weights)
@@ -75,33 +78,59 @@ def test_fused_steps_with_either_bias_or_none_match_the_reference(kind, biases):
         torch.testing.assert_close(got, want, **FLOAT32)
 
 
+class AtenOps(TorchDispatchMode):
+    """The names of the aten ops run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+TORCH_GEMM_OPS = {"mm", "addmm", "linear", "matmul", "add", "bmm", "baddbmm"}
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the Triton LSTM/GRU kernels launched, in order."""
+    names = []
+    for name, launcher in list(triton_recurrent.LAUNCHERS.items()):
+        monkeypatch.setitem(triton_recurrent.LAUNCHERS, name,
+                            lambda *a, _name=name, _launcher=launcher, **k: (names.append(_name), _launcher(*a, **k)))
+    return names
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_a_small_batch_step_is_one_launch_and_no_torch_gemm(kind, monkeypatch):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class AtenOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    launches = []
-    launch = triton_recurrent._launch
-    monkeypatch.setattr(triton_recurrent, "_launch", lambda kernel, *a, **k: launches.append(kernel) or launch(kernel, *a, **k))
-    x, h, c, weights = cell_problem(4 if kind == "lstm" else 3, 3)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_a_step_is_one_launch_and_no_torch_gemm(kind, batch, launches):
+    x, h, c, weights = cell_problem(4 if kind == "lstm" else 3, batch)
     with AtenOps() as ops, fastattn.backend("triton"), torch.no_grad():
         fastattn.lstm_cell(x, (h, c), *weights) if kind == "lstm" else fastattn.gru_cell(x, h, *weights)
-    assert [kernel.__name__ for kernel in launches] == [f"{kind}_step_kernel"]
-    assert not {"mm", "addmm", "linear", "matmul", "add"} & set(ops.names), ops.names
+    assert launches == [f"{kind}_step_kernel"]
+    assert not TORCH_GEMM_OPS & set(ops.names), ops.names
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_layer_projects_its_inputs_once_then_launches_once_a_step(kind, launches):
+    steps, gates = 4, 4 if kind == "lstm" else 3
+    x, h, c, weights = cell_problem(gates, 3)
+    sequence = x.detach().unsqueeze(0).expand(steps, -1, -1).contiguous()
+    layer = triton_recurrent.lstm_layer if kind == "lstm" else triton_recurrent.gru_layer
+    states = (h, c) if kind == "lstm" else (h,)
+    with AtenOps() as ops, torch.no_grad():
+        layer(sequence, *states, *weights)
+    assert launches == ["input_projection_kernel"] + [f"{kind}_step_kernel"] * steps
+    assert not TORCH_GEMM_OPS & set(ops.names), ops.names
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_float16_step_keeps_its_pre_activations_in_float32(kind):
     """x W_ih^T and h W_hh^T of about 40 that cancel: rounded to float16 (0.016 apart there)
-    they would move h' by more than its own rounding; summed in float32 they do not."""
+    they would move h' by more than its own rounding; summed in float32 they do not, in a
+    cell step or in a layer's (its input projection kept in float32)."""
     gates = 4 if kind == "lstm" else 3
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(5, HIDDEN, generator=generator, dtype=torch.float64).half()
@@ -112,8 +141,11 @@ def test_float16_step_keeps_its_pre_activations_in_float32(kind):
     inputs = (x, x, c, w_ih, -w_ih, b_ih, b_hh) if kind == "lstm" else (x, x, w_ih, -w_ih, b_ih, b_hh)
     cell = triton_recurrent.lstm_cell if kind == "lstm" else triton_recurrent.gru_cell
     exact = fastattn.reference.lstm_cell if kind == "lstm" else fastattn.reference.gru_cell
+    layer = triton_recurrent.lstm_layer if kind == "lstm" else triton_recurrent.gru_layer
     ours, want = cell(*inputs), exact(*(t.double() for t in inputs))
-    for got, expected in zip(ours if kind == "lstm" else (ours,), want if kind == "lstm" else (want,)):
+    ours, want = (ours, want) if kind == "lstm" else ((ours,), (want,))
+    ours_in_a_layer = layer(x.unsqueeze(0), *inputs[1:])[0][0]  # the same step through the layer's projection
+    for got, expected in zip((*ours, ours_in_a_layer), (*want, want[0])):
         assert (got.double() - expected).abs().max() <= torch.finfo(torch.float16).eps * expected.abs().max().clamp_min(1)
 
 
@@ -123,42 +155,43 @@ def test_bidirectional_layers_with_lengths(layer_op):
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(5, 3, INPUT, generator=generator, requires_grad=True)
     states = [torch.randn(2, 3, HIDDEN, generator=generator) for _ in range(2 if gates == 4 else 1)]
-    weights = []
+    weights, leaves = [], [x]
     for _ in range(2):
         direction = [torch.randn(gates * HIDDEN, size, generator=generator) * 0.3 for size in (INPUT, HIDDEN)]
         direction += [torch.randn(gates * HIDDEN, generator=generator) * 0.3 for _ in range(2)]
+        leaves += [weight.requires_grad_() for weight in direction]
         weights.append(tuple(direction) + ((None,) if gates == 4 else ()))
     lengths = torch.tensor([5, 2, 4])
     results = {}
     for name in ("triton", "reference"):
         output, finals = run_layers(layer_op, x, states, [weights], lengths=lengths, backend=name)
-        results[name] = (output, *finals, torch.autograd.grad(output.square().sum(), x)[0])
+        results[name] = (output, *finals, *torch.autograd.grad(output.square().sum(), leaves))
     for got, want in zip(results["triton"], results["reference"]):
         torch.testing.assert_close(got, want, **FLOAT32)
 
 
 def test_opcheck_every_recurrent_op():
     x, h, c, (w_ih, w_hh, b_ih, b_hh) = cell_problem(4, 3)
-    gates_x = (x @ w_ih.T + b_ih).detach().requires_grad_()
-    gates_h = (h @ w_hh.T + b_hh).detach().requires_grad_()
-    h_next, c_next, saved = torch.ops.fastattn.triton_lstm_pointwise(gates_x, gates_h, c)
+    projected = torch.ops.fastattn.triton_input_projection(x, w_ih, b_ih).detach().requires_grad_()
+    _, c_next, saved = torch.ops.fastattn.triton_lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
     samples = [
-        (torch.ops.fastattn.triton_lstm_pointwise.default, (gates_x, gates_h, c)),
+        (torch.ops.fastattn.triton_input_projection.default, (x, w_ih, b_ih)),
+        (torch.ops.fastattn.triton_input_projection.default, (x, w_ih, None)),
         (torch.ops.fastattn.triton_lstm_step.default, (x, h, c, w_ih, w_hh, b_ih, b_hh)),
         (torch.ops.fastattn.triton_lstm_step.default, (x, h, c, w_ih, w_hh, None, b_hh)),
+        (torch.ops.fastattn.triton_lstm_step.default, (projected, h, c, None, w_hh, None, b_hh)),
         (
             torch.ops.fastattn.triton_lstm_pointwise_backward.default,
             (torch.randn_like(h), torch.randn_like(c), c.detach(), c_next.detach(), saved.detach()),
         ),
     ]
     x, h, _, (w_ih, w_hh, b_ih, b_hh) = cell_problem(3, 3)
-    gru_x = (x @ w_ih.T + b_ih).detach().requires_grad_()
-    gru_h = (h @ w_hh.T + b_hh).detach().requires_grad_()
-    _, gru_saved = torch.ops.fastattn.triton_gru_pointwise(gru_x, gru_h, h)
+    projected = torch.ops.fastattn.triton_input_projection(x, w_ih, b_ih).detach().requires_grad_()
+    _, gru_saved = torch.ops.fastattn.triton_gru_step(x, h, w_ih, w_hh, b_ih, b_hh)
     samples += [
-        (torch.ops.fastattn.triton_gru_pointwise.default, (gru_x, gru_h, h)),
         (torch.ops.fastattn.triton_gru_step.default, (x, h, w_ih, w_hh, b_ih, b_hh)),
         (torch.ops.fastattn.triton_gru_step.default, (x, h, w_ih, w_hh, b_ih, None)),
+        (torch.ops.fastattn.triton_gru_step.default, (projected, h, None, w_hh, None, None)),
         (torch.ops.fastattn.triton_gru_pointwise_backward.default, (torch.randn_like(h), h.detach(), gru_saved.detach())),
     ]
     from tests.test_triton_attention import opcheck
@@ -190,17 +223,30 @@ def test_the_triton_cell_ops_refuse_what_their_kernels_would_misread(kind, name,
         op(*arguments.values())
 
 
-def test_the_triton_pointwise_ops_refuse_misshapen_gates_and_saved_activations():
+def test_the_triton_backward_and_projection_ops_refuse_what_their_kernels_would_misread():
     x, h, c, (w_ih, w_hh, b_ih, b_hh) = (t.detach() if isinstance(t, torch.Tensor) else t
                                          for t in cell_problem(4, 3))
-    gates = x @ w_ih.T
-    with pytest.raises(RuntimeError, match="gates_h must have shape"):
-        torch.ops.fastattn.triton_lstm_pointwise(gates, gates[:, 1:], c)
-    _, _, saved = torch.ops.fastattn.triton_lstm_pointwise(gates, gates, c)
+    _, _, saved = torch.ops.fastattn.triton_lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
     with pytest.raises(RuntimeError, match="saved must have torch.float32"):
         torch.ops.fastattn.triton_lstm_pointwise_backward(h, c, c, c, saved.double())
     with pytest.raises(RuntimeError, match="grad_h_next must have shape"):
         torch.ops.fastattn.triton_gru_pointwise_backward(h[1:], h, saved)
+    with pytest.raises(RuntimeError, match=r"w must have shape \(\*, 7\)"):
+        torch.ops.fastattn.triton_input_projection(x, w_hh, b_ih)
+    with pytest.raises(RuntimeError, match="b must have shape"):
+        torch.ops.fastattn.triton_input_projection(x, w_ih, b_ih[1:])
+
+
+def test_a_step_given_the_projection_refuses_a_misshapen_one_or_an_input_bias():
+    x, h, c, (w_ih, w_hh, b_ih, b_hh) = cell_problem(4, 3)
+    with torch.no_grad():
+        projected = torch.ops.fastattn.triton_input_projection(x, w_ih, b_ih)
+    with pytest.raises(RuntimeError, match=r"x must have shape \(3, 76\)"):
+        torch.ops.fastattn.triton_lstm_step(x, h, c, None, w_hh, None, b_hh)
+    with pytest.raises(RuntimeError, match="x must have torch.float32"):
+        torch.ops.fastattn.triton_lstm_step(projected.half(), h, c, None, w_hh, None, b_hh)
+    with pytest.raises(RuntimeError, match="b_ih must be None when w_ih is"):
+        torch.ops.fastattn.triton_lstm_step(projected, h, c, None, w_hh, b_ih, b_hh)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -215,8 +261,8 @@ def test_the_triton_step_ops_read_strided_arguments(kind):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-# (kind, batch) of the float16/bfloat16 gpu test, at H=1024 and 512 inputs: the fused step
-# (batch 64) and the GEMMs with the pointwise kernels (batch 256).
+# (kind, batch) of the float16/bfloat16 gpu test, at H=1024 and 512 inputs: the step at the
+# GPU target's batch (64) and at a larger one (256).
 GPU_CELL_CASES = [("lstm", 64), ("lstm", 256), ("gru", 64), ("gru", 256)]
 
 

@@ -282,7 +282,7 @@ def test_attention_kernels_are_safe_to_rerun_as_trials(every_launch_twice, score
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's launch path")
-@pytest.mark.parametrize("kind,batch", [("lstm", 3), ("lstm", triton_recurrent.FUSED_STEP_MAX_BATCH + 3), ("gru", 3)])
+@pytest.mark.parametrize("kind,batch", [("lstm", 3), ("lstm", 37), ("gru", 3)])
 def test_recurrent_kernels_are_safe_to_rerun_as_trials(every_launch_twice, kind, batch):
     x, h, c, weights = cell_problem(4 if kind == "lstm" else 3, batch)
     actual, expected = run_cell("triton", kind, x, h, c, weights), run_cell("reference", kind, x, h, c, weights)

@@ -36,6 +36,7 @@ from fastattn.ops.triton_launch import (
     Launcher,
     contiguous_or_none,
     dot_precision,
+    pointer_or,
     power_of_two_block,
 )
 
@@ -89,15 +90,9 @@ def _problem(op, query, keys, values, v, bias, score, scale, lengths, key_paddin
     kind = SCORE_KINDS[score]
     if kind == ADDITIVE and scale != 1.0:
         raise ValueError(f"scale must be 1 with score 'additive' (v . tanh(q + k + bias) has none), got {scale}")
-    placeholder = query
-    pointers = [
-        query, keys, values,
-        v if v is not None else placeholder,
-        bias if bias is not None else placeholder,
-        lengths if lengths is not None else placeholder,
-        key_padding_mask.to(torch.uint8) if key_padding_mask is not None else placeholder,
-        center if center is not None else placeholder,
-    ]
+    key_padding_mask = None if key_padding_mask is None else key_padding_mask.to(torch.uint8)
+    optional = (v, bias, lengths, key_padding_mask, center)
+    pointers = [query, keys, values, *(pointer_or(tensor, query) for tensor in optional)]
     strides = [query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1)]
     # A window wider than both sequences is all of them; clamping keeps it a 32-bit integer.
     width = -1 if window is None else min(window, 2**30)
@@ -133,7 +128,8 @@ def triton_attention_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (context (N, T, Dv), weights (N, T, S) or empty, logsumexp (N, T) float32, +inf on empty rows)."""
     pointers, strides, sizes, flags = _problem(
-        "triton_attention_forward", query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian
+        "triton_attention_forward", query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
+        window, center, gaussian,
     )
     batch, query_length, source_length = query.shape[0], query.shape[1], keys.shape[1]
     value_features = values.shape[2]
@@ -183,7 +179,8 @@ def triton_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (grad query, keys, values, v, bias, center); the last three are empty when absent."""
     pointers, strides, sizes, flags = _problem(
-        "triton_attention_backward", query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian
+        "triton_attention_backward", query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
+        window, center, gaussian,
     )
     triton_checks.attention_backward(
         "triton_attention_backward", grad_context, grad_weights, query, keys, values, context, weights, logsumexp

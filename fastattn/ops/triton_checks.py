@@ -103,21 +103,32 @@ def attention_backward(op: str, grad_context: Tensor, grad_weights: Optional[Ten
 
 def cell(op: str, gates: int, state_name: str, tensors: dict[str, Optional[Tensor]]) -> None:
     """The tensors of one LSTM/GRU cell op by name: B and H from tensors[state_name] (B, H);
-    gates_x and gates_h (B, gates * H), saved (B, 4H) float32, x (B, I), w_ih
-    (gates * H, I), w_hh (gates * H, H), b_ih and b_hh (gates * H,), any other (B, H)."""
+    x (B, I), w_ih (gates * H, I), w_hh (gates * H, H), b_ih and b_hh (gates * H,), saved
+    (B, 4H) float32, any other (B, H).  A step given w_ih=None takes x W_ih^T + b_ih as x:
+    (B, gates * H) float32, and no b_ih."""
     reference = tensors[state_name]
     float_tensor(op, state_name, reference, 2)
     batch, hidden = reference.shape
     x = tensors.get("x")
-    inputs = x.shape[1] if x is not None and x.dim() == 2 else None
+    projected = "w_ih" in tensors and tensors["w_ih"] is None
+    if projected and tensors.get("b_ih") is not None:
+        _refuse(op, "b_ih must be None when w_ih is: x is then x W_ih^T + b_ih")
+    inputs = gates * hidden if projected else x.shape[1] if x is not None and x.dim() == 2 else None
     shapes = {
-        "gates_x": (batch, gates * hidden), "gates_h": (batch, gates * hidden), "x": (batch, inputs),
-        "w_ih": (gates * hidden, inputs), "w_hh": (gates * hidden, hidden), "b_ih": (gates * hidden,),
-        "b_hh": (gates * hidden,), "saved": (batch, 4 * hidden),
+        "x": (batch, inputs), "w_ih": (gates * hidden, inputs), "w_hh": (gates * hidden, hidden),
+        "b_ih": (gates * hidden,), "b_hh": (gates * hidden,), "saved": (batch, 4 * hidden),
     }
+    float32 = {"saved", "x"} if projected else {"saved"}
     for name, value in tensors.items():
         optional_tensor(op, name, value, reference, shapes.get(name, (batch, hidden)),
-                        torch.float32 if name == "saved" else None)
+                        torch.float32 if name in float32 else None)
+
+
+def projection(op: str, x: Tensor, w: Tensor, b: Optional[Tensor]) -> None:
+    """x (M, K), w (N, K) and b (N,) of one dtype."""
+    float_tensor(op, "x", x, 2)
+    tensor(op, "w", w, x, (None, x.shape[1]))
+    optional_tensor(op, "b", b, x, (w.shape[0],))
 
 
 def positions(op: str, weights: Tensor) -> None:

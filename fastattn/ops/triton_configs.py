@@ -275,15 +275,40 @@ RECURRENT_POINTWISE = KernelConfigs(
 )
 
 RECURRENT_STEP = KernelConfigs(
-    # Small batches (B <= 64): the step's GEMMs read W_ih and W_hh once per batch block,
-    # so narrow hidden blocks spread the weights over many programs.
+    # Small batches: the step's GEMMs read W_ih and W_hh once per batch block, so narrow
+    # hidden blocks spread the weights over many programs; the wide ones are for large
+    # batches.  A program holds four BLOCK_B x BLOCK_H gate tiles and runs eight GEMM
+    # loops: ptxas (sm_90, triton 3.9, the compile check's problems, every dtype) spills
+    # at most 248 B a thread in these, where 64x32 tiles with K tiles of 64 in 4 warps
+    # spilled 0.6 to 2.6 KB and 16x16x128 in 2 warps 2 KB (float32).
     interpreted=_interpreted("BLOCK_B", "BLOCK_H", "BLOCK_K"),
     tuned=(
         Config({"BLOCK_B": 16, "BLOCK_H": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        Config({"BLOCK_B": 16, "BLOCK_H": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        Config({"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 128}, num_warps=2, num_stages=4),
-        Config({"BLOCK_B": 32, "BLOCK_H": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        Config({"BLOCK_B": 64, "BLOCK_H": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        Config({"BLOCK_B": 16, "BLOCK_H": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+        Config({"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 32}, num_warps=2, num_stages=4),
+        Config({"BLOCK_B": 32, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+        Config({"BLOCK_B": 64, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        Config({"BLOCK_B": 32, "BLOCK_H": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        Config({"BLOCK_B": 128, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     ),
     key=("I", "B", "H"),
+)
+
+INPUT_PROJECTION = KernelConfigs(
+    # A GEMM of T·B rows: the usual tensor-core tiles; the prune keeps the small ones for
+    # IEEE float32 dots (FMA loops).
+    interpreted=_interpreted("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    tuned=(
+        Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+        Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+    ),
+    key=("M", "N", "K"),
+    prune=_fits(
+        accumulators=[("BLOCK_M", "BLOCK_N")], staged=[("BLOCK_M", "BLOCK_K"), ("BLOCK_N", "BLOCK_K")],
+        dots=[("BLOCK_M", "BLOCK_N", "BLOCK_K")],
+    ),
 )

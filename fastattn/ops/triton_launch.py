@@ -85,6 +85,12 @@ def contiguous_or_none(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]
     return None if tensor is None else tensor.contiguous()
 
 
+def pointer_or(tensor: Optional[torch.Tensor], stand_in: torch.Tensor) -> torch.Tensor:
+    """An optional tensor argument of a kernel: ``stand_in`` when absent (the kernel's flag
+    for it is off, so it is never read)."""
+    return stand_in if tensor is None else tensor
+
+
 def _kernel_name(kernel) -> str:
     while not hasattr(kernel, "__name__") and hasattr(kernel, "fn"):
         kernel = kernel.fn

@@ -131,10 +131,11 @@ def _run_over_time(
 
     Sequence ``b`` keeps its state and outputs zeros at steps ``t >= lengths[b]``.
     """
-    order = range(x.shape[0])
+    inputs = x.unbind(0)  # one gradient buffer for all steps (x[t] would zero-fill one per step)
+    order = range(len(inputs))
     outputs = []
     for t in reversed(order) if reverse else order:
-        new_state = step(x[t], state)
+        new_state = step(inputs[t], state)
         if lengths is None:
             state = new_state
             outputs.append(new_state[0])
