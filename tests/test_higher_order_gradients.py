@@ -4,7 +4,8 @@ takes the gradients from the ops' differentiable forms (torch.ops.fastattn.*_ref
 fastattn/ops/higher_order.py).  Checked against the reference backend: the first
 gradients taken so must equal the kernels' own, and the second ones the reference's
 (they were zeros, with a deprecation warning, before); and by gradgradcheck.  The
-Triton LSTM/GRU kernels, which keep no gate pre-activations, refuse a second backward.
+Triton LSTM/GRU steps, whose kernels keep no gate pre-activations, take such a backward
+from the reference's maths (fastattn/ops/triton_recurrent.py).
 """
 
 from __future__ import annotations
@@ -170,12 +171,28 @@ def test_recurrent_second_derivatives_are_the_references(name):
     assert all(torch.count_nonzero(g) > 0 for g in second)
 
 
-@pytest.mark.parametrize("name", ["lstm-cell", "gru-no-bias"])
-def test_triton_recurrent_kernels_refuse_a_second_backward(name):
+@pytest.mark.parametrize("name", list(RECURRENT_MODULES))
+def test_triton_recurrent_second_derivatives_are_the_references(name):
+    """Cells (both GEMMs in the step kernel) and layers (the input projection, then steps
+    given it): the first gradients with a graph and the second ones, in float32."""
     if backends.unavailable_reason("triton") is not None:
         pytest.skip(backends.unavailable_reason("triton"))
-    with pytest.raises(RuntimeError, match="Triton LSTM/GRU kernels have no second derivative"):
-        _recurrent_gradients("triton", name, dtype=torch.float32)
+    lengths = torch.tensor([5, 3]) if name == "lstm-bidirectional" else None
+    first, second = _recurrent_gradients("triton", name, torch.float32, lengths)
+    expected_first, expected_second = _recurrent_gradients("reference", name, torch.float32, lengths)
+    _assert_all_close(first, expected_first)
+    _assert_all_close(second, expected_second)
+    assert all(torch.count_nonzero(g) > 0 for g in second)
+
+
+def test_the_triton_pointwise_backward_kernels_refuse_to_be_differentiated():
+    if backends.unavailable_reason("triton") is not None:
+        pytest.skip(backends.unavailable_reason("triton"))
+    h = torch.randn(2, 4, requires_grad=True)
+    saved = torch.rand(2, 16)
+    grads = torch.ops.fastattn.triton_lstm_pointwise_backward(h, h, h, h, saved)
+    with pytest.raises(RuntimeError, match="pointwise backward kernels have no derivative"):
+        grads[0].sum().backward()
 
 
 def _reference_op_samples():

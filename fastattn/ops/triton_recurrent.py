@@ -14,6 +14,7 @@ LSTM layer with a projection (``w_hr``) runs the reference.
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 from torch import Tensor
 
@@ -28,7 +29,7 @@ from fastattn.kernels.recurrent_cells import (
 from fastattn.ops import triton_checks
 from fastattn.ops.triton_configs import INPUT_PROJECTION, RECURRENT_POINTWISE, RECURRENT_STEP
 from fastattn.ops.triton_launch import Launcher, contiguous_or_none, dot_precision, pointer_or
-from fastattn.reference.recurrent import _run_over_time
+from fastattn.reference.recurrent import _run_over_time, gru_update, lstm_update
 
 LAUNCHERS = {  # kernel name -> Launcher
     **{
@@ -149,27 +150,59 @@ def triton_lstm_pointwise_backward(
     return grad_gates, grad_c
 
 
-def _no_second_derivative(ctx, *grads):
+def _no_derivative(ctx, *grads):
     raise RuntimeError(
-        "fastattn's Triton LSTM/GRU kernels have no second derivative (a gradient taken with create_graph=True "
-        "reached a fastattn LSTM/GRU run on the triton backend): run that module on the 'cuda' or 'reference' "
-        "backend, whose gradients are differentiable"
+        "fastattn's Triton LSTM/GRU pointwise backward kernels have no derivative: a gradient taken with "
+        "create_graph=True through triton_lstm_step / triton_gru_step comes from the reference's maths instead"
     )
 
 
-# Gradients of gradients would need the gate pre-activations, which these kernels do not
-# keep: a second backward through them raises rather than returning nothing.
-torch.library.register_autograd("fastattn::triton_lstm_pointwise_backward", _no_second_derivative)
+# These kernels keep no gate pre-activations: differentiated, they raise rather than
+# return nothing (the step ops never differentiate them, see _differentiable_backward).
+torch.library.register_autograd("fastattn::triton_lstm_pointwise_backward", _no_derivative)
+
+
+def _input_gates(x: Tensor, w_ih: Optional[Tensor], b_ih: Optional[Tensor]) -> Tensor:
+    """x W_ih^T + b_ih, or x itself when a step is given that projection (w_ih None)."""
+    return x if w_ih is None else F.linear(x, w_ih, b_ih)
+
+
+def _lstm_step_maths(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    return lstm_update(_input_gates(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), c)
+
+
+def _gru_step_maths(x, h, w_ih, w_hh, b_ih, b_hh):
+    return (gru_update(_input_gates(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), h),)
+
+
+def _differentiable_backward(step_maths, inputs, grads) -> tuple[Optional[Tensor], ...]:
+    """The gradients of a step's ``inputs`` when the backward itself must be differentiable
+    (create_graph=True: gradient penalties, Hessian-vector products): through the
+    reference's maths (``step_maths``), recorded for a further backward.  Each input
+    enters as an alias of its own, so that a tensor passed twice gets each use's gradient
+    once, as the kernels' backward gives it."""
+    aliases = [t.view_as(t) if t is not None and t.requires_grad else None for t in inputs]
+    arguments = [alias if alias is not None else t for alias, t in zip(aliases, inputs)]
+    pairs = [(output.to(grad.dtype), grad) for output, grad in zip(step_maths(*arguments), grads) if grad is not None]
+    wanted = [alias for alias in aliases if alias is not None]
+    if not pairs or not wanted:
+        return (None,) * len(inputs)
+    gradients = iter(torch.autograd.grad(
+        [output for output, _ in pairs], wanted, [grad for _, grad in pairs], create_graph=True, allow_unused=True
+    ))
+    return tuple(next(gradients) if alias is not None else None for alias in aliases)
 
 
 def _save_lstm_step(ctx, inputs, output):
     x, h, c, w_ih, w_hh, b_ih, b_hh = inputs
     ctx.biases = (b_ih is not None, b_hh is not None)
-    ctx.save_for_backward(c, output[1], output[2], x, h, w_ih, w_hh)
+    ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, output[1], output[2])
 
 
 def _lstm_step_backward(ctx, grad_h_next, grad_c_next, _grad_saved):
-    c, c_next, saved, x, h, w_ih, w_hh = ctx.saved_tensors
+    x, h, c, w_ih, w_hh, b_ih, b_hh, c_next, saved = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        return _differentiable_backward(_lstm_step_maths, (x, h, c, w_ih, w_hh, b_ih, b_hh), (grad_h_next, grad_c_next))
     grad_h_next = torch.zeros_like(c) if grad_h_next is None else grad_h_next
     grad_c_next = torch.zeros_like(c) if grad_c_next is None else grad_c_next
     grad_gates, grad_c = torch.ops.fastattn.triton_lstm_pointwise_backward(grad_h_next, grad_c_next, c, c_next, saved)
@@ -225,17 +258,19 @@ def triton_gru_step(
     return h_next, saved
 
 
-torch.library.register_autograd("fastattn::triton_gru_pointwise_backward", _no_second_derivative)
+torch.library.register_autograd("fastattn::triton_gru_pointwise_backward", _no_derivative)
 
 
 def _save_gru_step(ctx, inputs, output):
     x, h, w_ih, w_hh, b_ih, b_hh = inputs
     ctx.biases = (b_ih is not None, b_hh is not None)
-    ctx.save_for_backward(h, output[1], x, w_ih, w_hh)
+    ctx.save_for_backward(x, h, w_ih, w_hh, b_ih, b_hh, output[1])
 
 
 def _gru_step_backward(ctx, grad_h_next, _grad_saved):
-    h, saved, x, w_ih, w_hh = ctx.saved_tensors
+    x, h, w_ih, w_hh, b_ih, b_hh, saved = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        return _differentiable_backward(_gru_step_maths, (x, h, w_ih, w_hh, b_ih, b_hh), (grad_h_next,))
     grad_h_next = torch.zeros_like(h) if grad_h_next is None else grad_h_next
     grad_gates_x, grad_gates_h, grad_h = torch.ops.fastattn.triton_gru_pointwise_backward(grad_h_next, h, saved)
     grad_x, grad_w_ih, grad_b_ih = _input_gradients(grad_gates_x, x, w_ih, ctx.biases[0], h.dtype)

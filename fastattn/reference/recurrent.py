@@ -39,8 +39,13 @@ def lstm_cell(
 
     Weights are stacked in torch's gate order i, f, g, o: w_ih (4H, I), w_hh (4H, Hout).
     """
-    x_i, x_f, x_g, x_o = F.linear(x, w_ih, b_ih).chunk(4, dim=1)  # W_i* x + b_i*
-    h_i, h_f, h_g, h_o = F.linear(h, w_hh, b_hh).chunk(4, dim=1)  # W_h* h + b_h*
+    return lstm_update(F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), c)  # W_i* x + b_i*, W_h* h + b_h*
+
+
+def lstm_update(input_gates: Tensor, hidden_gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The LSTM equations from W_i* x + b_i* and W_h* h + b_h* (B, 4H each) and c (B, H)."""
+    x_i, x_f, x_g, x_o = input_gates.chunk(4, dim=1)
+    h_i, h_f, h_g, h_o = hidden_gates.chunk(4, dim=1)
     i = torch.sigmoid(x_i + h_i)
     f = torch.sigmoid(x_f + h_f)
     g = torch.tanh(x_g + h_g)
@@ -62,8 +67,13 @@ def gru_cell(
 
     Weights are stacked in torch's gate order r, z, n: w_ih (3H, I), w_hh (3H, H).
     """
-    x_r, x_z, x_n = F.linear(x, w_ih, b_ih).chunk(3, dim=1)  # W_i* x + b_i*
-    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=1)  # W_h* h + b_h*
+    return gru_update(F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), h)  # W_i* x + b_i*, W_h* h + b_h*
+
+
+def gru_update(input_gates: Tensor, hidden_gates: Tensor, h: Tensor) -> Tensor:
+    """The GRU equations from W_i* x + b_i* and W_h* h + b_h* (B, 3H each) and h (B, H)."""
+    x_r, x_z, x_n = input_gates.chunk(3, dim=1)
+    h_r, h_z, h_n = hidden_gates.chunk(3, dim=1)
     r = torch.sigmoid(x_r + h_r)
     z = torch.sigmoid(x_z + h_z)
     n = torch.tanh(x_n + r * h_n)
