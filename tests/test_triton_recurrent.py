@@ -170,6 +170,22 @@ def test_bidirectional_layers_with_lengths(layer_op):
         torch.testing.assert_close(got, want, **FLOAT32)
 
 
+@pytest.mark.parametrize("layer_op", ["lstm_layer", "gru_layer"])
+def test_an_empty_batch_gives_empty_outputs_and_gradients(layer_op):
+    """Batch 0 (torch's modules take it): the projection (0 rows) and the steps launch no
+    work; outputs and gradients come back empty, of their shapes."""
+    gates = 4 if layer_op == "lstm_layer" else 3
+    x = torch.randn(3, 0, INPUT, requires_grad=True)
+    states = [torch.randn(1, 0, HIDDEN) for _ in range(2 if gates == 4 else 1)]
+    weights = [torch.randn(gates * HIDDEN, size, requires_grad=True) for size in (INPUT, HIDDEN)]
+    output, finals = run_layers(layer_op, x, states, [[(*weights, None, None) + ((None,) if gates == 4 else ())]],
+                                backend="triton")
+    assert output.shape == (3, 0, HIDDEN) and all(final.shape == (1, 0, HIDDEN) for final in finals)
+    gradients = torch.autograd.grad(output.sum(), [x, *weights])
+    assert [tuple(g.shape) for g in gradients] == [tuple(t.shape) for t in (x, *weights)]
+    assert all(torch.count_nonzero(g) == 0 for g in gradients)
+
+
 def test_opcheck_every_recurrent_op():
     x, h, c, (w_ih, w_hh, b_ih, b_hh) = cell_problem(4, 3)
     projected = torch.ops.fastattn.triton_input_projection(x, w_ih, b_ih).detach().requires_grad_()

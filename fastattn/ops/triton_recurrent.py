@@ -294,7 +294,7 @@ def _projected(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor]) -> Tensor:
     """x (T, B, I) -> x W_ih^T + b_ih (T, B, gates*H) float32, every step in one launch."""
     steps, batch, inputs = x.shape
     projection = torch.ops.fastattn.triton_input_projection(x.reshape(steps * batch, inputs), w_ih, b_ih)
-    return projection.view(steps, batch, -1)
+    return projection.view(steps, batch, w_ih.shape[0])
 
 
 def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False):
