@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-import triton
 
 from fastattn.kernels.attention_backward import attention_grad_key_value_kernel, attention_grad_query_kernel
 from fastattn.kernels.attention_forward import (
@@ -34,6 +33,7 @@ from fastattn.ops.triton_launch import (
     SMALLEST_BLOCK,
     TARGET_PROGRAMS,
     Launcher,
+    ceil_div,
     contiguous_or_none,
     dot_precision,
     pointer_or,
@@ -113,11 +113,11 @@ def _problem(op, query, keys, values, v, bias, score, scale, lengths, key_paddin
 
 def _split_count(batch: int, query_length: int, source_length: int) -> int:
     """How many programs share the keys of one query block (1: no split)."""
-    query_blocks = triton.cdiv(query_length, SMALLEST_BLOCK)
+    query_blocks = ceil_div(query_length, SMALLEST_BLOCK)
     # 0: an empty batch or source, nothing to split (an empty source's rows are all masked)
     if batch * query_blocks * source_length == 0 or batch * query_blocks >= TARGET_PROGRAMS:
         return 1
-    return min(triton.cdiv(source_length, SPLIT_GRANULE), triton.cdiv(TARGET_PROGRAMS, batch * query_blocks))
+    return min(ceil_div(source_length, SPLIT_GRANULE), ceil_div(TARGET_PROGRAMS, batch * query_blocks))
 
 
 @torch.library.triton_op("fastattn::triton_attention_forward", mutates_args=())
@@ -137,8 +137,8 @@ def triton_attention_forward(
     context = query.new_empty(batch, query_length, value_features)
     logsumexp = query.new_empty(batch, query_length, dtype=torch.float32)
     splits = _split_count(batch, query_length, source_length)
-    split_size = triton.cdiv(triton.cdiv(source_length, splits), SPLIT_GRANULE) * SPLIT_GRANULE
-    splits = triton.cdiv(source_length, split_size) if source_length else 1
+    split_size = ceil_div(ceil_div(source_length, splits), SPLIT_GRANULE) * SPLIT_GRANULE
+    splits = ceil_div(source_length, split_size) if source_length else 1
     if splits > 1:
         partial_acc = query.new_empty(batch, splits, query_length, block_dv, dtype=torch.float32)
         partial_max = query.new_empty(batch, splits, query_length, dtype=torch.float32)
@@ -147,7 +147,7 @@ def triton_attention_forward(
         partial_acc = partial_max = partial_sum = logsumexp
     additive = flags["SCORE_KIND"] == ADDITIVE
     LAUNCHERS["forward", additive](
-        lambda meta: (triton.cdiv(query_length, meta["BLOCK_T"]), batch, splits),
+        lambda meta: (ceil_div(query_length, meta["BLOCK_T"]), batch, splits),
         *pointers, context, logsumexp, partial_acc, partial_max, partial_sum,
         *strides, context.stride(0), context.stride(1), *sizes, split_size,
         **flags, SPLIT=splits > 1, BLOCK_DV=block_dv,
@@ -155,7 +155,7 @@ def triton_attention_forward(
     )
     if splits > 1:
         COMBINE_LAUNCHER(
-            lambda meta: (triton.cdiv(query_length, meta["BLOCK_T"]), batch),
+            lambda meta: (ceil_div(query_length, meta["BLOCK_T"]), batch),
             partial_acc, partial_max, partial_sum, context, logsumexp, context.stride(0), context.stride(1),
             query_length, value_features, splits, BLOCK_DV=block_dv,
         )
@@ -164,7 +164,7 @@ def triton_attention_forward(
     weights = query.new_zeros(batch, query_length, source_length)
     weight_sizes = [size for index, size in enumerate(sizes) if index != 3]  # no Dv
     LAUNCHERS["weights", additive](
-        lambda meta: (triton.cdiv(source_length, meta["BLOCK_S"]), triton.cdiv(query_length, meta["BLOCK_T"]), batch),
+        lambda meta: (ceil_div(source_length, meta["BLOCK_S"]), ceil_div(query_length, meta["BLOCK_T"]), batch),
         *pointers[:2], *pointers[3:], logsumexp, weights, *strides[:4], *weight_sizes, **flags,
     )
     return context, weights, logsumexp
@@ -198,7 +198,7 @@ def triton_attention_backward(
     )
 
     def query_grid(meta):
-        return triton.cdiv(query_length, meta["BLOCK_T"]), batch
+        return ceil_div(query_length, meta["BLOCK_T"]), batch
 
     grad_weights_or_context = grad_weights if grad_weights is not None else grad_context
     if query.dtype in ROUNDED_OUTPUT_DTYPES:
@@ -223,7 +223,7 @@ def triton_attention_backward(
             *gradient_strides, *sizes, **gradient_flags, DELTA_GIVEN=True,
         )
     LAUNCHERS["grad_key_value", additive](
-        lambda meta: (triton.cdiv(source_length, meta["BLOCK_S"]), batch),
+        lambda meta: (ceil_div(source_length, meta["BLOCK_S"]), batch),
         *pointers, *upstream, grad_query, grad_keys, grad_values, grad_v if additive else grad_keys,
         *gradient_strides, *sizes, **gradient_flags,
     )

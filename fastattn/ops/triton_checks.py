@@ -35,7 +35,9 @@ def tensor(op: str, name: str, value: Tensor, like: Tensor, shape: Sequence[Opti
         ok, text = value.dtype == wanted, str(wanted)
     if not ok:
         _refuse(op, f"{name} must have {text}, got {value.dtype}")
-    if value.dim() != len(shape) or any(size is not None and size != got for size, got in zip(shape, value.shape)):
+    if value.shape != shape and (  # equal: the common case, one comparison (these run at every launch)
+        value.dim() != len(shape) or any(size is not None and size != got for size, got in zip(shape, value.shape))
+    ):
         _refuse(op, f"{name} must have shape {_shape_text(shape)}, got {tuple(value.shape)}")
 
 

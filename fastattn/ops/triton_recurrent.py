@@ -15,7 +15,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch import Tensor
 
 from fastattn import reference
@@ -28,7 +27,7 @@ from fastattn.kernels.recurrent_cells import (
 )
 from fastattn.ops import triton_checks
 from fastattn.ops.triton_configs import INPUT_PROJECTION, RECURRENT_POINTWISE, RECURRENT_STEP
-from fastattn.ops.triton_launch import Launcher, contiguous_or_none, dot_precision, pointer_or
+from fastattn.ops.triton_launch import Launcher, ceil_div, contiguous_or_none, dot_precision, pointer_or
 from fastattn.reference.recurrent import _run_over_time, gru_update, lstm_update
 
 LAUNCHERS = {  # kernel name -> Launcher
@@ -44,7 +43,7 @@ LAUNCHERS = {  # kernel name -> Launcher
 def _launch(kernel, batch, hidden, *arguments, **constexprs):
     """Launch a cell kernel over (batch blocks, hidden blocks); its last two size arguments are B and H."""
     LAUNCHERS[kernel.__name__](
-        lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(hidden, meta["BLOCK_H"])),
+        lambda meta: (ceil_div(batch, meta["BLOCK_B"]), ceil_div(hidden, meta["BLOCK_H"])),
         *arguments, batch, hidden, **constexprs,
     )
 
@@ -86,7 +85,7 @@ def triton_input_projection(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor
     (rows, inner), columns = x.shape, w.shape[0]
     out = x.new_empty(rows, columns, dtype=torch.float32)
     LAUNCHERS[input_projection_kernel.__name__](
-        lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(columns, meta["BLOCK_N"])),
+        lambda meta: (ceil_div(rows, meta["BLOCK_M"]), ceil_div(columns, meta["BLOCK_N"])),
         x, w, pointer_or(b, x), out, inner, rows, columns, HAS_BIAS=b is not None, DOT_PRECISION=dot_precision(x.dtype),
     )
     return out
