@@ -193,9 +193,7 @@ def _differentiable_backward(step_maths, inputs, grads) -> tuple[Optional[Tensor
 
 
 def _save_lstm_step(ctx, inputs, output):
-    x, h, c, w_ih, w_hh, b_ih, b_hh = inputs
-    ctx.biases = (b_ih is not None, b_hh is not None)
-    ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, output[1], output[2])
+    ctx.save_for_backward(*inputs, output[1], output[2])  # x, h, c, w_ih, w_hh, b_ih, b_hh, c', saved
 
 
 def _lstm_step_backward(ctx, grad_h_next, grad_c_next, _grad_saved):
@@ -205,8 +203,8 @@ def _lstm_step_backward(ctx, grad_h_next, grad_c_next, _grad_saved):
     grad_h_next = torch.zeros_like(c) if grad_h_next is None else grad_h_next
     grad_c_next = torch.zeros_like(c) if grad_c_next is None else grad_c_next
     grad_gates, grad_c = torch.ops.fastattn.triton_lstm_pointwise_backward(grad_h_next, grad_c_next, c, c_next, saved)
-    grad_x, grad_w_ih, grad_b_ih = _input_gradients(grad_gates, x, w_ih, ctx.biases[0], h.dtype)
-    grad_b_hh = grad_gates.sum(0).to(h.dtype) if ctx.biases[1] else None
+    grad_x, grad_w_ih, grad_b_ih = _input_gradients(grad_gates, x, w_ih, b_ih is not None, h.dtype)
+    grad_b_hh = grad_gates.sum(0).to(h.dtype) if b_hh is not None else None
     grad_gates = grad_gates.to(h.dtype)
     return grad_x, grad_gates @ w_hh, grad_c, grad_w_ih, grad_gates.T @ h, grad_b_ih, grad_b_hh
 
@@ -261,9 +259,7 @@ torch.library.register_autograd("fastattn::triton_gru_pointwise_backward", _no_d
 
 
 def _save_gru_step(ctx, inputs, output):
-    x, h, w_ih, w_hh, b_ih, b_hh = inputs
-    ctx.biases = (b_ih is not None, b_hh is not None)
-    ctx.save_for_backward(x, h, w_ih, w_hh, b_ih, b_hh, output[1])
+    ctx.save_for_backward(*inputs, output[1])  # x, h, w_ih, w_hh, b_ih, b_hh, saved
 
 
 def _gru_step_backward(ctx, grad_h_next, _grad_saved):
@@ -272,8 +268,8 @@ def _gru_step_backward(ctx, grad_h_next, _grad_saved):
         return _differentiable_backward(_gru_step_maths, (x, h, w_ih, w_hh, b_ih, b_hh), (grad_h_next,))
     grad_h_next = torch.zeros_like(h) if grad_h_next is None else grad_h_next
     grad_gates_x, grad_gates_h, grad_h = torch.ops.fastattn.triton_gru_pointwise_backward(grad_h_next, h, saved)
-    grad_x, grad_w_ih, grad_b_ih = _input_gradients(grad_gates_x, x, w_ih, ctx.biases[0], h.dtype)
-    grad_b_hh = grad_gates_h.sum(0).to(h.dtype) if ctx.biases[1] else None
+    grad_x, grad_w_ih, grad_b_ih = _input_gradients(grad_gates_x, x, w_ih, b_ih is not None, h.dtype)
+    grad_b_hh = grad_gates_h.sum(0).to(h.dtype) if b_hh is not None else None
     grad_gates_h = grad_gates_h.to(h.dtype)
     return grad_x, grad_h + grad_gates_h @ w_hh, grad_w_ih, grad_gates_h.T @ h, grad_b_ih, grad_b_hh
 
