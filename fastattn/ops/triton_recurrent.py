@@ -62,14 +62,14 @@ def _step_flags(h: Tensor, w_ih: Optional[Tensor], b_ih: Optional[Tensor], b_hh:
     )
 
 
-def _input_gradients(grad_gates: Tensor, x: Tensor, w_ih: Optional[Tensor], has_input_bias: bool, dtype):
+def _input_gradients(grad_gates: Tensor, x: Tensor, w_ih: Optional[Tensor], has_input_bias: bool):
     """The gradients of (x, w_ih, b_ih) from those of the gates' input parts (float32):
     through x W_ih^T + b_ih, or, when the step was given its projection (w_ih None),
     the projection's own."""
     if w_ih is None:
         return grad_gates, None, None
-    grad_bias = grad_gates.sum(0).to(dtype) if has_input_bias else None
-    grad_gates = grad_gates.to(dtype)
+    grad_bias = grad_gates.sum(0).to(x.dtype) if has_input_bias else None
+    grad_gates = grad_gates.to(x.dtype)
     return grad_gates @ w_ih, grad_gates.T @ x, grad_bias
 
 
@@ -99,7 +99,7 @@ def _save_input_projection(ctx, inputs, output):
 
 def _input_projection_backward(ctx, grad):
     x, w = ctx.saved_tensors
-    return _input_gradients(grad, x, w, ctx.has_bias, x.dtype)
+    return _input_gradients(grad, x, w, ctx.has_bias)
 
 
 torch.library.register_autograd(
@@ -203,7 +203,7 @@ def _lstm_step_backward(ctx, grad_h_next, grad_c_next, _grad_saved):
     grad_h_next = torch.zeros_like(c) if grad_h_next is None else grad_h_next
     grad_c_next = torch.zeros_like(c) if grad_c_next is None else grad_c_next
     grad_gates, grad_c = torch.ops.fastattn.triton_lstm_pointwise_backward(grad_h_next, grad_c_next, c, c_next, saved)
-    grad_x, grad_w_ih, grad_b_ih = _input_gradients(grad_gates, x, w_ih, b_ih is not None, h.dtype)
+    grad_x, grad_w_ih, grad_b_ih = _input_gradients(grad_gates, x, w_ih, b_ih is not None)
     grad_b_hh = grad_gates.sum(0).to(h.dtype) if b_hh is not None else None
     grad_gates = grad_gates.to(h.dtype)
     return grad_x, grad_gates @ w_hh, grad_c, grad_w_ih, grad_gates.T @ h, grad_b_ih, grad_b_hh
@@ -268,7 +268,7 @@ def _gru_step_backward(ctx, grad_h_next, _grad_saved):
         return _differentiable_backward(_gru_step_maths, (x, h, w_ih, w_hh, b_ih, b_hh), (grad_h_next,))
     grad_h_next = torch.zeros_like(h) if grad_h_next is None else grad_h_next
     grad_gates_x, grad_gates_h, grad_h = torch.ops.fastattn.triton_gru_pointwise_backward(grad_h_next, h, saved)
-    grad_x, grad_w_ih, grad_b_ih = _input_gradients(grad_gates_x, x, w_ih, b_ih is not None, h.dtype)
+    grad_x, grad_w_ih, grad_b_ih = _input_gradients(grad_gates_x, x, w_ih, b_ih is not None)
     grad_b_hh = grad_gates_h.sum(0).to(h.dtype) if b_hh is not None else None
     grad_gates_h = grad_gates_h.to(h.dtype)
     return grad_x, grad_h + grad_gates_h @ w_hh, grad_w_ih, grad_gates_h.T @ h, grad_b_ih, grad_b_hh
