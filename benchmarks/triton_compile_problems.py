@@ -30,7 +30,7 @@ from tests.test_triton_attention import (
     gpu_outputs, gpu_problem, run,
 )
 from tests.test_higher_order_gradients import GPU_ATTENTION_CASES, attention_outputs, attention_problem
-from tests.test_triton_recurrent import GPU_CELL_CASES, gpu_cell_problem, run_cell
+from tests.test_triton_recurrent import GPU_CELL_CASES, gpu_cell_problem, gpu_layer_problem, run_cell, run_layer
 from tests.test_triton_tuning import AUTOTUNED_GPU_SCORES, AUTOTUNED_SOURCE_LENGTHS, autotuned_problem
 
 
@@ -84,16 +84,17 @@ def cell(dtype, kind, batch, hidden):
     torch.autograd.backward(outputs, [torch.zeros_like(output) for output in outputs])
 
 
-def layer(dtype, kind, steps, batch, hidden):
+def layer(dtype, kind, steps, batch, hidden, lengths=False):
     """One LSTM or GRU layer, forward and backward: its input projection, then a step kernel
-    that reads it."""
+    that reads it (with lengths: that keeps the state of a finished sequence)."""
     gates = 4 if kind == "lstm" else 3
     x = torch.zeros(steps, batch, hidden, dtype=dtype, requires_grad=True)
     states = [torch.zeros(batch, hidden, dtype=dtype) for _ in range(2 if kind == "lstm" else 1)]
     w_ih, w_hh = (torch.zeros(gates * hidden, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
     b_ih, b_hh = (torch.zeros(gates * hidden, dtype=dtype, requires_grad=True) for _ in range(2))
     run_layer = triton_recurrent.lstm_layer if kind == "lstm" else triton_recurrent.gru_layer
-    output = run_layer(x, *states, w_ih, w_hh, b_ih, b_hh)[0]
+    lengths = torch.full((batch,), steps) if lengths else None
+    output = run_layer(x, *states, w_ih, w_hh, b_ih, b_hh, lengths=lengths)[0]
     output.backward(torch.zeros_like(output))
 
 
@@ -144,6 +145,12 @@ def gpu_test_cell(dtype, kind, batch):
     run_cell("triton", kind, *gpu_cell_problem(kind, batch, dtype, "cpu"))
 
 
+def gpu_test_layer(dtype, kind):
+    """The Triton half of tests/test_triton_recurrent.py's low-precision gpu layer test."""
+    _triton_on_cpu_tensors()
+    run_layer("triton", *gpu_layer_problem(kind, dtype, "cpu"))
+
+
 def gpu_test_autotuned(dtype, score):
     """tests/test_triton_tuning.py's autotuned gpu test (float32), tuning on as it turns it on:
     its launches compile every config the prunes keep."""
@@ -173,6 +180,7 @@ QUICK_PROBLEMS = _problems([
     ("gru_cell.b64_h256", cell, dict(kind="gru", batch=64, hidden=256)),
     ("gru_cell.b128_h256", cell, dict(kind="gru", batch=128, hidden=256)),
     ("lstm_layer.t2_b64_h256", layer, dict(kind="lstm", steps=2, batch=64, hidden=256)),
+    ("gru_layer.t2_b64_h256.lengths", layer, dict(kind="gru", steps=2, batch=64, hidden=256, lengths=True)),
 ])
 
 _MULTI_QUERY = dict(batch=64, queries=512, keys=512)  # the gpu preset's multi-query attention
@@ -222,6 +230,11 @@ ALL_PROBLEMS = QUICK_PROBLEMS + _problems([
         (f"{kind}_layer.t2_b{batch}_h{hidden}", layer, dict(kind=kind, steps=2, batch=batch, hidden=hidden))
         for kind in ("lstm", "gru") for batch, hidden in ((64, 1024), (32, 256), (5, 7))
     ),
+    *(
+        (f"{kind}_layer.t2_b{batch}_h{hidden}.lengths", layer,
+         dict(kind=kind, steps=2, batch=batch, hidden=hidden, lengths=True))
+        for kind in ("lstm", "gru") for batch, hidden in ((64, 1024), (5, 7))
+    ),
 ])
 
 # What benchmarks/gpu_check.sh launches, in its order: the gpu tests (pytest's order), then
@@ -236,6 +249,7 @@ GPU_TEST_PROBLEMS = _problems([
       for score in FULLGRAPH_GPU_SCORES),
     *((f"gpu_test.{kind}_cell.b{batch}", gpu_test_cell, dict(kind=kind, batch=batch), LOW_PRECISION)
       for kind, batch in GPU_CELL_CASES),
+    *((f"gpu_test.{kind}_layer", gpu_test_layer, dict(kind=kind), LOW_PRECISION) for kind in ("lstm", "gru")),
     *((f"gpu_test.autotuned.{score}", gpu_test_autotuned, dict(score=score), ("float32",))
       for score in AUTOTUNED_GPU_SCORES),
 ])

@@ -3,13 +3,17 @@ h @ W_hh^T, the biases, the gate nonlinearities, the state update and the activa
 saved for backward, one tile of every gate per program; the pre-activations never leave
 float32), a layer's input projection for every time step at once (float32 out, which
 the steps then read in place of x @ W_ih^T), and the pointwise part of the backward.
+In a layer, a step kernel also keeps the state of a finished sequence (t >= its
+length), and a backward step also adds the states' gradients from outside the
+recurrence and passes a finished sequence's gradient on to its kept state.
 
 The GEMMs of the backward run in torch; the gates come in torch's order (LSTM i, f, g,
 o; GRU r, z, n) as (B, gates*H) rows.  Grid: (B blocks, H blocks) of BLOCK_B × BLOCK_H
 states.  Saved activations: LSTM (i, f, g, o), GRU (r, z, n, W_hn h + b_hn), each
 (B, 4H) float32.  Rows and columns are 64-bit, so every offset is (B·4H or 4H·H may
 pass 2^31); these kernels are bound by memory or by their GEMMs, not by address
-arithmetic.  Not handled: an LSTM projection (w_hr), a persistent kernel over time.
+arithmetic.  The step number t is not specialized on (one compiled kernel serves every
+step).  Not handled: an LSTM projection (w_hr), a persistent kernel over time.
 """
 
 import triton
@@ -31,17 +35,30 @@ def _tile(b_block, h_block, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def _lstm_update(gate_i, gate_f, gate_g, gate_o, C, C_NEXT, H_NEXT, SAVED, rows, columns, mask, H):
-    """From the four pre-activations to (h', c'), storing the saved activations."""
+def _running(LENGTHS, t, rows, B):
+    """(BLOCK_B, 1): whether each row's sequence still runs at step t (t < its length)."""
+    return (tl.load(LENGTHS + rows, mask=rows < B, other=0) > t)[:, None]
+
+
+@triton.jit
+def _lstm_update(gate_i, gate_f, gate_g, gate_o, STATE_H, C, C_NEXT, H_NEXT, SAVED, LENGTHS, t, rows, columns, mask,
+                 B, H, HAS_LENGTHS: tl.constexpr):
+    """From the four pre-activations to (h', c'), storing the saved activations; with
+    HAS_LENGTHS a finished sequence (t >= its length) keeps its (h, c)."""
     i = _sigmoid(gate_i)
     f = _sigmoid(gate_f)
     g = stable_tanh(gate_g)
     o = _sigmoid(gate_o)
-    c = tl.load(C + rows[:, None] * H + columns[None, :], mask=mask, other=0.0).to(tl.float32)
-    c_next = f * c + i * g
     state = rows[:, None] * H + columns[None, :]
+    c = tl.load(C + state, mask=mask, other=0.0).to(tl.float32)
+    c_next = f * c + i * g
+    h_next = o * stable_tanh(c_next)
+    if HAS_LENGTHS:
+        running = _running(LENGTHS, t, rows, B)
+        h_next = tl.where(running, h_next, tl.load(STATE_H + state, mask=mask, other=0.0).to(tl.float32))
+        c_next = tl.where(running, c_next, c)
     tl.store(C_NEXT + state, c_next, mask=mask)
-    tl.store(H_NEXT + state, o * stable_tanh(c_next), mask=mask)
+    tl.store(H_NEXT + state, h_next, mask=mask)
     saved = rows[:, None] * 4 * H + columns[None, :]
     tl.store(SAVED + saved, i, mask=mask)
     tl.store(SAVED + saved + H, f, mask=mask)
@@ -103,14 +120,15 @@ def _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, gate,
     ) + _gate_part(STATE_H, W_HH, B_HH, rows, columns, B, H, H, gate, HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def lstm_step_kernel(
-    X, STATE_H, C, W_IH, W_HH, B_IH, B_HH, H_NEXT, C_NEXT, SAVED, I, B, H, PROJECTED_INPUT: tl.constexpr,
-    HAS_INPUT_BIAS: tl.constexpr, HAS_HIDDEN_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    X, STATE_H, C, W_IH, W_HH, B_IH, B_HH, H_NEXT, C_NEXT, SAVED, LENGTHS, t, I, B, H, PROJECTED_INPUT: tl.constexpr,
+    HAS_INPUT_BIAS: tl.constexpr, HAS_HIDDEN_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One whole LSTM step: gates = x W_ih^T + b_ih + h W_hh^T + b_hh and the update, in
-    one launch (X: x, or with PROJECTED_INPUT its projection, W_IH and B_IH unread)."""
+    one launch (X: x, or with PROJECTED_INPUT its projection, W_IH and B_IH unread; step
+    t of a layer with HAS_LENGTHS)."""
     rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
     _lstm_update(
         _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 0, 4, PROJECTED_INPUT, HAS_INPUT_BIAS,
@@ -121,16 +139,31 @@ def lstm_step_kernel(
                    HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K),
         _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 3, 4, PROJECTED_INPUT, HAS_INPUT_BIAS,
                    HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K),
-        C, C_NEXT, H_NEXT, SAVED, rows, columns, mask, H,
+        STATE_H, C, C_NEXT, H_NEXT, SAVED, LENGTHS, t, rows, columns, mask, B, H, HAS_LENGTHS,
     )
 
 
 @triton.jit
+def _store_gate(GRADS, ROUNDED, offsets, value, mask, ROUNDED_COPY: tl.constexpr):
+    """A gate's gradient, and with ROUNDED_COPY also in ROUNDED's dtype (a float16/bfloat16
+    layer's operand of h's GEMM through W_hh, while its weights' gradients sum GRADS)."""
+    tl.store(GRADS + offsets, value, mask=mask)
+    if ROUNDED_COPY:
+        tl.store(ROUNDED + offsets, value, mask=mask)
+
+
+@triton.jit(do_not_specialize=["t"])
 def lstm_pointwise_backward_kernel(
-    GRAD_H_NEXT, GRAD_C_NEXT, C, C_NEXT, SAVED, GRAD_GATES, GRAD_C, B, H,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    GRAD_H_NEXT, GRAD_C_NEXT, C, C_NEXT, SAVED, GRAD_GATES, GRAD_C, OUTSIDE_GRAD_H, OUTSIDE_GRAD_C, GRAD_H,
+    GRAD_GATES_ROUNDED, LENGTHS, t, B, H, IN_LAYER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ROUNDED_COPY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """-> gradient of the pre-activation gates (B, 4H) and of c."""
+    """-> gradient of the pre-activation gates (B, 4H) and of c.  IN_LAYER, step t of a
+    layer's backward: the gradients of the states before the step from outside the
+    recurrence (OUTSIDE_GRAD_H, OUTSIDE_GRAD_C: the previous step's output, the initial
+    state) are added, and GRAD_H receives the part of h's gradient that does not pass
+    through W_hh (the outside one; with HAS_LENGTHS also all of a finished sequence's,
+    whose state was kept and whose gates' gradients are zero)."""
     rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
     state = rows[:, None] * H + columns[None, :]
     saved = rows[:, None] * 4 * H + columns[None, :]
@@ -141,23 +174,45 @@ def lstm_pointwise_backward_kernel(
     c = tl.load(C + state, mask=mask, other=0.0).to(tl.float32)
     cell = stable_tanh(tl.load(C_NEXT + state, mask=mask, other=0.0).to(tl.float32))
     grad_h = tl.load(GRAD_H_NEXT + state, mask=mask, other=0.0).to(tl.float32)
-    grad_c = tl.load(GRAD_C_NEXT + state, mask=mask, other=0.0).to(tl.float32) + grad_h * o * (1.0 - cell * cell)
-    tl.store(GRAD_C + state, grad_c * f, mask=mask)
-    tl.store(GRAD_GATES + saved, grad_c * g * i * (1.0 - i), mask=mask)
-    tl.store(GRAD_GATES + saved + H, grad_c * c * f * (1.0 - f), mask=mask)
-    tl.store(GRAD_GATES + saved + 2 * H, grad_c * i * (1.0 - g * g), mask=mask)
-    tl.store(GRAD_GATES + saved + 3 * H, grad_h * cell * o * (1.0 - o), mask=mask)
+    grad_c_next = tl.load(GRAD_C_NEXT + state, mask=mask, other=0.0).to(tl.float32)
+    grad_c = grad_c_next + grad_h * o * (1.0 - cell * cell)
+    grad_i = grad_c * g * i * (1.0 - i)
+    grad_f = grad_c * c * f * (1.0 - f)
+    grad_g = grad_c * i * (1.0 - g * g)
+    grad_o = grad_h * cell * o * (1.0 - o)
+    grad_c = grad_c * f
+    if HAS_LENGTHS:
+        running = _running(LENGTHS, t, rows, B)
+        grad_i, grad_f = tl.where(running, grad_i, 0.0), tl.where(running, grad_f, 0.0)
+        grad_g, grad_o = tl.where(running, grad_g, 0.0), tl.where(running, grad_o, 0.0)
+        grad_c = tl.where(running, grad_c, grad_c_next)
+    if IN_LAYER:
+        grad_c += tl.load(OUTSIDE_GRAD_C + state, mask=mask, other=0.0).to(tl.float32)
+        kept = tl.load(OUTSIDE_GRAD_H + state, mask=mask, other=0.0).to(tl.float32)
+        if HAS_LENGTHS:
+            kept += tl.where(running, 0.0, grad_h)
+        tl.store(GRAD_H + state, kept, mask=mask)
+    tl.store(GRAD_C + state, grad_c, mask=mask)
+    _store_gate(GRAD_GATES, GRAD_GATES_ROUNDED, saved, grad_i, mask, ROUNDED_COPY)
+    _store_gate(GRAD_GATES, GRAD_GATES_ROUNDED, saved + H, grad_f, mask, ROUNDED_COPY)
+    _store_gate(GRAD_GATES, GRAD_GATES_ROUNDED, saved + 2 * H, grad_g, mask, ROUNDED_COPY)
+    _store_gate(GRAD_GATES, GRAD_GATES_ROUNDED, saved + 3 * H, grad_o, mask, ROUNDED_COPY)
 
 
 @triton.jit
-def _gru_update(gate_r, gate_z, input_n, hidden_n, STATE_H, H_NEXT, SAVED, rows, columns, mask, H):
-    """From the pre-activations of r and z, x W_in^T + b_in and h W_hn^T + b_hn to h'."""
+def _gru_update(gate_r, gate_z, input_n, hidden_n, STATE_H, H_NEXT, SAVED, LENGTHS, t, rows, columns, mask, B, H,
+                HAS_LENGTHS: tl.constexpr):
+    """From the pre-activations of r and z, x W_in^T + b_in and h W_hn^T + b_hn to h'; with
+    HAS_LENGTHS a finished sequence (t >= its length) keeps its h."""
     r = _sigmoid(gate_r)
     z = _sigmoid(gate_z)
     n = stable_tanh(input_n + r * hidden_n)
     state = rows[:, None] * H + columns[None, :]
     h = tl.load(STATE_H + state, mask=mask, other=0.0).to(tl.float32)
-    tl.store(H_NEXT + state, (1.0 - z) * n + z * h, mask=mask)
+    h_next = (1.0 - z) * n + z * h
+    if HAS_LENGTHS:
+        h_next = tl.where(_running(LENGTHS, t, rows, B), h_next, h)
+    tl.store(H_NEXT + state, h_next, mask=mask)
     saved = rows[:, None] * 4 * H + columns[None, :]
     tl.store(SAVED + saved, r, mask=mask)
     tl.store(SAVED + saved + H, z, mask=mask)
@@ -165,14 +220,15 @@ def _gru_update(gate_r, gate_z, input_n, hidden_n, STATE_H, H_NEXT, SAVED, rows,
     tl.store(SAVED + saved + 3 * H, hidden_n, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def gru_step_kernel(
-    X, STATE_H, W_IH, W_HH, B_IH, B_HH, H_NEXT, SAVED, I, B, H, PROJECTED_INPUT: tl.constexpr,
-    HAS_INPUT_BIAS: tl.constexpr, HAS_HIDDEN_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    X, STATE_H, W_IH, W_HH, B_IH, B_HH, H_NEXT, SAVED, LENGTHS, t, I, B, H, PROJECTED_INPUT: tl.constexpr,
+    HAS_INPUT_BIAS: tl.constexpr, HAS_HIDDEN_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One whole GRU step: both GEMMs (or, with PROJECTED_INPUT, X's projection and the
-    recurrent one), the biases and the update, in one launch."""
+    recurrent one), the biases and the update, in one launch (step t of a layer with
+    HAS_LENGTHS)."""
     rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
     _gru_update(
         _step_gate(X, STATE_H, W_IH, W_HH, B_IH, B_HH, rows, columns, B, I, H, 0, 3, PROJECTED_INPUT, HAS_INPUT_BIAS,
@@ -182,16 +238,21 @@ def gru_step_kernel(
         _input_part(X, W_IH, B_IH, rows, columns, B, I, H, 2, 3, PROJECTED_INPUT, HAS_INPUT_BIAS, DOT_PRECISION,
                     BLOCK_K),
         _gate_part(STATE_H, W_HH, B_HH, rows, columns, B, H, H, 2, HAS_HIDDEN_BIAS, DOT_PRECISION, BLOCK_K),
-        STATE_H, H_NEXT, SAVED, rows, columns, mask, H,
+        STATE_H, H_NEXT, SAVED, LENGTHS, t, rows, columns, mask, B, H, HAS_LENGTHS,
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def gru_pointwise_backward_kernel(
-    GRAD_H_NEXT, STATE_H, SAVED, GRAD_GATES_X, GRAD_GATES_H, GRAD_H, B, H,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    GRAD_H_NEXT, STATE_H, SAVED, GRAD_GATES_X, GRAD_GATES_H, GRAD_H, OUTSIDE_GRAD_H, GRAD_GATES_H_ROUNDED, LENGTHS,
+    t, B, H, IN_LAYER: tl.constexpr, HAS_LENGTHS: tl.constexpr, ROUNDED_COPY: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
-    """-> gradients of GATES_X and GATES_H (B, 3H each) and the direct part of h's."""
+    """-> gradients of GATES_X and GATES_H (B, 3H each) and the part of h's that does
+    not pass through W_hh.  IN_LAYER, step t of a layer's backward: that part also has
+    the gradient of h before the step from outside the recurrence (OUTSIDE_GRAD_H: the
+    previous step's output, the initial state); with HAS_LENGTHS a finished sequence
+    passes all of its gradient to the kept h and none to its gates."""
     rows, columns, mask = _tile(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
     state = rows[:, None] * H + columns[None, :]
     saved = rows[:, None] * 4 * H + columns[None, :]
@@ -201,14 +262,23 @@ def gru_pointwise_backward_kernel(
     hidden_n = tl.load(SAVED + saved + 3 * H, mask=mask, other=0.0)
     h = tl.load(STATE_H + state, mask=mask, other=0.0).to(tl.float32)
     grad = tl.load(GRAD_H_NEXT + state, mask=mask, other=0.0).to(tl.float32)
-    tl.store(GRAD_H + state, grad * z, mask=mask)
+    kept = grad * z
     grad_n = grad * (1.0 - z) * (1.0 - n * n)
     grad_r = grad_n * hidden_n * r * (1.0 - r)
     grad_z = grad * (h - n) * z * (1.0 - z)
+    if HAS_LENGTHS:
+        running = _running(LENGTHS, t, rows, B)
+        kept = tl.where(running, kept, grad)
+        grad_n = tl.where(running, grad_n, 0.0)
+        grad_r = tl.where(running, grad_r, 0.0)
+        grad_z = tl.where(running, grad_z, 0.0)
+    if IN_LAYER:
+        kept += tl.load(OUTSIDE_GRAD_H + state, mask=mask, other=0.0).to(tl.float32)
+    tl.store(GRAD_H + state, kept, mask=mask)
     gate = rows[:, None] * 3 * H + columns[None, :]
     tl.store(GRAD_GATES_X + gate, grad_r, mask=mask)
-    tl.store(GRAD_GATES_H + gate, grad_r, mask=mask)
     tl.store(GRAD_GATES_X + gate + H, grad_z, mask=mask)
-    tl.store(GRAD_GATES_H + gate + H, grad_z, mask=mask)
     tl.store(GRAD_GATES_X + gate + 2 * H, grad_n, mask=mask)
-    tl.store(GRAD_GATES_H + gate + 2 * H, grad_n * r, mask=mask)
+    _store_gate(GRAD_GATES_H, GRAD_GATES_H_ROUNDED, gate, grad_r, mask, ROUNDED_COPY)
+    _store_gate(GRAD_GATES_H, GRAD_GATES_H_ROUNDED, gate + H, grad_z, mask, ROUNDED_COPY)
+    _store_gate(GRAD_GATES_H, GRAD_GATES_H_ROUNDED, gate + 2 * H, grad_n * r, mask, ROUNDED_COPY)

@@ -173,8 +173,8 @@ def test_recurrent_second_derivatives_are_the_references(name):
 
 @pytest.mark.parametrize("name", list(RECURRENT_MODULES))
 def test_triton_recurrent_second_derivatives_are_the_references(name):
-    """Cells (both GEMMs in the step kernel) and layers (the input projection, then steps
-    given it): the first gradients with a graph and the second ones, in float32."""
+    """Cells (both GEMMs in the step kernel) and layers (the input projection, then the
+    layer op's time loop): the first gradients with a graph and the second ones, in float32."""
     if backends.unavailable_reason("triton") is not None:
         pytest.skip(backends.unavailable_reason("triton"))
     lengths = torch.tensor([5, 3]) if name == "lstm-bidirectional" else None
@@ -185,14 +185,20 @@ def test_triton_recurrent_second_derivatives_are_the_references(name):
     assert all(torch.count_nonzero(g) > 0 for g in second)
 
 
-def test_the_triton_pointwise_backward_kernels_refuse_to_be_differentiated():
+def test_the_triton_recurrent_backward_ops_refuse_to_be_differentiated():
     if backends.unavailable_reason("triton") is not None:
         pytest.skip(backends.unavailable_reason("triton"))
     h = torch.randn(2, 4, requires_grad=True)
     saved = torch.rand(2, 16)
-    grads = torch.ops.fastattn.triton_lstm_pointwise_backward(h, h, h, h, saved)
-    with pytest.raises(RuntimeError, match="pointwise backward kernels have no derivative"):
-        grads[0].sum().backward()
+    states, layer_saved = torch.randn(4, 2, 4, requires_grad=True), torch.rand(3, 2, 16)
+    w_hh = torch.randn(16, 4)
+    for grads in (
+        torch.ops.fastattn.triton_lstm_pointwise_backward(h, h, h, h, saved),
+        torch.ops.fastattn.triton_lstm_layer_backward(states, states, states, layer_saved, w_hh, None, False),
+        torch.ops.fastattn.triton_gru_layer_backward(states, states, layer_saved, w_hh[:12], None, True),
+    ):
+        with pytest.raises(RuntimeError, match="backward ops have no derivative"):
+            grads[0].sum().backward()
 
 
 def _reference_op_samples():

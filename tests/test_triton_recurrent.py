@@ -1,7 +1,8 @@
 """The Triton LSTM/GRU kernels (backend "triton") against the reference: cell outputs
 and gradients (a step is one launch, both GEMMs in the kernel) in one batch block and
 across several, with either bias or none, layers (their input projection in one launch,
-then one launch a step) with lengths and both directions, and opcheck on every op.  Under Triton's interpreter on CPU
+then one launch a step; backward: a launch and a GEMM a step) with lengths and both
+directions, and opcheck on every op.  Under Triton's interpreter on CPU
 tensors without a GPU; the ``gpu`` test runs realistic sizes in float16/bfloat16."""
 
 import pytest
@@ -39,10 +40,14 @@ def run_cell(backend_name, kind, x, h, c, weights):
             outputs = fastattn.lstm_cell(x, (h, c), *weights)
         else:
             outputs = (fastattn.gru_cell(x, h, *weights),)
-    generator = torch.Generator().manual_seed(1)
-    projection = sum((o * torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o)).sum() for o in outputs)
     leaves = [t for t in ((x, h, c, *weights) if kind == "lstm" else (x, h, *weights)) if t is not None]
-    return outputs, torch.autograd.grad(projection, leaves)
+    return outputs, torch.autograd.grad(random_projection(outputs), leaves)
+
+
+def random_projection(outputs):
+    """A random linear function of ``outputs``, the same for every dtype and device."""
+    generator = torch.Generator().manual_seed(1)
+    return sum((o * torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o)).sum() for o in outputs)
 
 
 # 3 rows: one batch block; 37: three of the interpreter's 16-row blocks, the last partial.
@@ -127,6 +132,24 @@ def test_a_layer_projects_its_inputs_once_then_launches_once_a_step(kind, launch
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_layer_backward_launches_once_and_multiplies_once_a_step(kind, launches):
+    """Each step: the pointwise kernel and h's GEMM through W_hh; then W_hh's gradient and
+    the input projection's (x's and W_ih's) in one GEMM each over all steps."""
+    steps, gates = 4, 4 if kind == "lstm" else 3
+    x, h, c, weights = cell_problem(gates, 3)
+    sequence = x.detach().unsqueeze(0).expand(steps, -1, -1).contiguous().requires_grad_()
+    layer = triton_recurrent.lstm_layer if kind == "lstm" else triton_recurrent.gru_layer
+    states = (h, c) if kind == "lstm" else (h,)
+    output = layer(sequence, *states, *weights)[0]
+    launches.clear()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        torch.autograd.grad(output.sum(), [sequence, *states, *weights])
+    assert launches == [f"{kind}_pointwise_backward_kernel"] * steps
+    gemms = sorted(event.name for event in profile.events() if event.name in ("aten::mm", "aten::addmm", "aten::bmm"))
+    assert gemms == ["aten::addmm"] * steps + ["aten::mm"] * 3, gemms
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_float16_step_keeps_its_pre_activations_in_float32(kind):
     """x W_ih^T and h W_hh^T of about 40 that cancel: rounded to float16 (0.016 apart there)
     they would move h' by more than its own rounding; summed in float32 they do not, in a
@@ -186,29 +209,59 @@ def test_an_empty_batch_gives_empty_outputs_and_gradients(layer_op):
     assert all(torch.count_nonzero(g) == 0 for g in gradients)
 
 
+def layer_problem(gates, steps=4, batch=3):
+    """The arguments of a layer op: projected (T, B, gates*H) float32, h0, c0, w_hh, b_hh, lengths."""
+    generator = torch.Generator().manual_seed(4)
+
+    def leaf(*shape):
+        return (torch.randn(*shape, generator=generator) / shape[-1] ** 0.25).requires_grad_()
+
+    lengths = torch.tensor([steps, 1, steps - 1][:batch])
+    return leaf(steps, batch, gates * HIDDEN), leaf(batch, HIDDEN), leaf(batch, HIDDEN), \
+        leaf(gates * HIDDEN, HIDDEN), leaf(gates * HIDDEN), lengths
+
+
+def _layer_backward_arguments(kind, lengths, reverse):
+    """The arguments of triton_<kind>_layer_backward after a forward (gradients random)."""
+    projected, h0, c0, w_hh, b_hh, _ = (t.detach() for t in layer_problem(4 if kind == "lstm" else 3))
+    if kind == "lstm":
+        h_states, c_states, saved = torch.ops.fastattn.triton_lstm_layer(
+            projected, h0, c0, w_hh, b_hh, lengths, reverse
+        )
+        return torch.randn_like(h_states), torch.randn_like(c_states), c_states, saved, w_hh, lengths, reverse
+    h_states, saved = torch.ops.fastattn.triton_gru_layer(projected, h0, w_hh, b_hh, lengths, reverse)
+    return torch.randn_like(h_states), h_states, saved, w_hh, lengths, reverse
+
+
 def test_opcheck_every_recurrent_op():
     x, h, c, (w_ih, w_hh, b_ih, b_hh) = cell_problem(4, 3)
-    projected = torch.ops.fastattn.triton_input_projection(x, w_ih, b_ih).detach().requires_grad_()
     _, c_next, saved = torch.ops.fastattn.triton_lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    projected, h0, c0, layer_w_hh, layer_b_hh, lengths = layer_problem(4)
     samples = [
         (torch.ops.fastattn.triton_input_projection.default, (x, w_ih, b_ih)),
         (torch.ops.fastattn.triton_input_projection.default, (x, w_ih, None)),
         (torch.ops.fastattn.triton_lstm_step.default, (x, h, c, w_ih, w_hh, b_ih, b_hh)),
         (torch.ops.fastattn.triton_lstm_step.default, (x, h, c, w_ih, w_hh, None, b_hh)),
-        (torch.ops.fastattn.triton_lstm_step.default, (projected, h, c, None, w_hh, None, b_hh)),
         (
             torch.ops.fastattn.triton_lstm_pointwise_backward.default,
             (torch.randn_like(h), torch.randn_like(c), c.detach(), c_next.detach(), saved.detach()),
         ),
+        (torch.ops.fastattn.triton_lstm_layer.default, (projected, h0, c0, layer_w_hh, layer_b_hh, None, False)),
+        (torch.ops.fastattn.triton_lstm_layer.default, (projected, h0, c0, layer_w_hh, None, lengths, True)),
+        (torch.ops.fastattn.triton_lstm_layer_backward.default, _layer_backward_arguments("lstm", lengths, False)),
+        (torch.ops.fastattn.triton_lstm_layer_backward.default, _layer_backward_arguments("lstm", None, True)),
     ]
     x, h, _, (w_ih, w_hh, b_ih, b_hh) = cell_problem(3, 3)
-    projected = torch.ops.fastattn.triton_input_projection(x, w_ih, b_ih).detach().requires_grad_()
     _, gru_saved = torch.ops.fastattn.triton_gru_step(x, h, w_ih, w_hh, b_ih, b_hh)
+    projected, h0, _, layer_w_hh, layer_b_hh, lengths = layer_problem(3)
     samples += [
         (torch.ops.fastattn.triton_gru_step.default, (x, h, w_ih, w_hh, b_ih, b_hh)),
         (torch.ops.fastattn.triton_gru_step.default, (x, h, w_ih, w_hh, b_ih, None)),
-        (torch.ops.fastattn.triton_gru_step.default, (projected, h, None, w_hh, None, None)),
         (torch.ops.fastattn.triton_gru_pointwise_backward.default, (torch.randn_like(h), h.detach(), gru_saved.detach())),
+        (torch.ops.fastattn.triton_gru_layer.default, (projected, h0, layer_w_hh, layer_b_hh, lengths, False)),
+        (torch.ops.fastattn.triton_gru_layer.default, (projected, h0, layer_w_hh, None, None, True)),
+        (torch.ops.fastattn.triton_gru_layer_backward.default, _layer_backward_arguments("gru", lengths, True)),
+        (torch.ops.fastattn.triton_gru_layer_backward.default, _layer_backward_arguments("gru", None, False)),
     ]
     from tests.test_triton_attention import opcheck
 
@@ -253,16 +306,31 @@ def test_the_triton_backward_and_projection_ops_refuse_what_their_kernels_would_
         torch.ops.fastattn.triton_input_projection(x, w_ih, b_ih[1:])
 
 
-def test_a_step_given_the_projection_refuses_a_misshapen_one_or_an_input_bias():
-    x, h, c, (w_ih, w_hh, b_ih, b_hh) = cell_problem(4, 3)
-    with torch.no_grad():
-        projected = torch.ops.fastattn.triton_input_projection(x, w_ih, b_ih)
-    with pytest.raises(RuntimeError, match=r"x must have shape \(3, 76\)"):
-        torch.ops.fastattn.triton_lstm_step(x, h, c, None, w_hh, None, b_hh)
-    with pytest.raises(RuntimeError, match="x must have torch.float32"):
-        torch.ops.fastattn.triton_lstm_step(projected.half(), h, c, None, w_hh, None, b_hh)
-    with pytest.raises(RuntimeError, match="b_ih must be None when w_ih is"):
-        torch.ops.fastattn.triton_lstm_step(projected, h, c, None, w_hh, b_ih, b_hh)
+def test_the_triton_layer_ops_refuse_what_their_kernels_would_misread():
+    projected, h0, c0, w_hh, b_hh, lengths = (t.detach() for t in layer_problem(4))
+    layer = torch.ops.fastattn.triton_lstm_layer
+    with pytest.raises(RuntimeError, match="projected must have torch.float32"):
+        layer(projected.half(), h0, c0, w_hh, b_hh, lengths, False)
+    with pytest.raises(RuntimeError, match=r"projected must have shape \(4, 3, 76\)"):
+        layer(projected[..., 1:], h0, c0, w_hh, b_hh, lengths, False)
+    with pytest.raises(RuntimeError, match="projected must have 3 dimensions"):
+        layer(projected[0], h0, c0, w_hh, b_hh, lengths, False)
+    with pytest.raises(RuntimeError, match=r"c0 must have shape \(3, 19\)"):
+        layer(projected, h0, c0[1:], w_hh, b_hh, lengths, False)
+    with pytest.raises(RuntimeError, match="lengths must have an integer dtype"):
+        layer(projected, h0, c0, w_hh, b_hh, lengths.float(), False)
+    with pytest.raises(RuntimeError, match=r"lengths must have shape \(3,\)"):
+        layer(projected, h0, c0, w_hh, b_hh, lengths[1:], False)
+    with pytest.raises(RuntimeError, match=r"w_hh must have shape \(76, 19\)"):
+        layer(projected, h0, c0, w_hh[1:], b_hh, lengths, False)
+    arguments = list(_layer_backward_arguments("lstm", lengths, False))
+    with pytest.raises(RuntimeError, match=r"grad_h_states must have shape \(5, 3, 19\)"):
+        torch.ops.fastattn.triton_lstm_layer_backward(arguments[0][1:], *arguments[1:])
+    with pytest.raises(RuntimeError, match="saved must have 3 dimensions"):
+        torch.ops.fastattn.triton_lstm_layer_backward(*arguments[:3], arguments[3][0], *arguments[4:])
+    arguments = list(_layer_backward_arguments("gru", lengths, False))
+    with pytest.raises(RuntimeError, match="h_states must have torch.float32"):
+        torch.ops.fastattn.triton_gru_layer_backward(arguments[0], arguments[1].double(), *arguments[2:])
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -294,10 +362,54 @@ def test_gpu_low_precision_within_twice_the_reference_error(dtype, kind, batch):
     exact = run_cell("reference", kind, *gpu_cell_problem(kind, batch, torch.float64, "cuda"))
     ours = run_cell("triton", kind, *gpu_cell_problem(kind, batch, dtype, "cuda"))
     theirs = run_cell("reference", kind, *gpu_cell_problem(kind, batch, dtype, "cuda"))
+    assert_within_twice_the_reference_error(exact, ours, theirs)
+
+
+def assert_within_twice_the_reference_error(exact, ours, theirs):
+    """Each of our (outputs, gradients) off the float64 ones by at most twice the reference's
+    run in the same dtype (plus 1e-5)."""
     for want, got, reference_result in zip((*exact[0], *exact[1]), (*ours[0], *ours[1]), (*theirs[0], *theirs[1])):
         our_error = (got.double() - want).abs().max().item()
         reference_error = (reference_result.double() - want).abs().max().item()
         assert our_error <= 2 * reference_error + 1e-5, (our_error, reference_error)
+
+
+GPU_LAYER_STEPS = 16  # the float16/bfloat16 gpu layer test: T=16, B=64, I=512, H=1024, with lengths
+
+
+def gpu_layer_problem(kind, dtype, device, steps=GPU_LAYER_STEPS, batch=64, inputs=512, hidden=1024):
+    """x (T, B, I), the initial states (1, B, H), the weights and lengths in 1..T."""
+    generator = torch.Generator().manual_seed(5)
+    gates = 4 if kind == "lstm" else 3
+
+    def leaf(*shape):
+        tensor = torch.randn(*shape, generator=generator, dtype=torch.float64) / shape[-1] ** 0.25
+        return tensor.to(device=device, dtype=dtype).requires_grad_()
+
+    x = leaf(steps, batch, inputs)
+    states = [leaf(1, batch, hidden) for _ in range(2 if kind == "lstm" else 1)]
+    weights = [leaf(gates * hidden, inputs), leaf(gates * hidden, hidden), leaf(gates * hidden), leaf(gates * hidden)]
+    lengths = torch.randint(1, steps + 1, (batch,), generator=generator).to(device)
+    return kind, x, states, weights, lengths
+
+
+def run_layer(backend_name, kind, x, states, weights, lengths):
+    """A layer's outputs (output, final states) and the gradients of a random function of them."""
+    layer_weights = (*weights, None) if kind == "lstm" else tuple(weights)
+    output, finals = run_layers(f"{kind}_layer", x, states, [[layer_weights]], lengths=lengths, backend=backend_name)
+    outputs = (output, *finals)
+    return outputs, torch.autograd.grad(random_projection(outputs), [x, *states, *weights])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_gpu_layers_low_precision_within_twice_the_reference_error(dtype, kind):
+    exact = run_layer("reference", *gpu_layer_problem(kind, torch.float64, "cuda"))
+    ours = run_layer("triton", *gpu_layer_problem(kind, dtype, "cuda"))
+    theirs = run_layer("reference", *gpu_layer_problem(kind, dtype, "cuda"))
+    assert_within_twice_the_reference_error(exact, ours, theirs)
 
 
 def test_float64_runs_the_reference_and_says_so():

@@ -106,24 +106,41 @@ def attention_backward(op: str, grad_context: Tensor, grad_weights: Optional[Ten
 def cell(op: str, gates: int, state_name: str, tensors: dict[str, Optional[Tensor]]) -> None:
     """The tensors of one LSTM/GRU cell op by name: B and H from tensors[state_name] (B, H);
     x (B, I), w_ih (gates * H, I), w_hh (gates * H, H), b_ih and b_hh (gates * H,), saved
-    (B, 4H) float32, any other (B, H).  A step given w_ih=None takes x W_ih^T + b_ih as x:
-    (B, gates * H) float32, and no b_ih."""
+    (B, 4H) float32, any other (B, H)."""
     reference = tensors[state_name]
     float_tensor(op, state_name, reference, 2)
     batch, hidden = reference.shape
     x = tensors.get("x")
-    projected = "w_ih" in tensors and tensors["w_ih"] is None
-    if projected and tensors.get("b_ih") is not None:
-        _refuse(op, "b_ih must be None when w_ih is: x is then x W_ih^T + b_ih")
-    inputs = gates * hidden if projected else x.shape[1] if x is not None and x.dim() == 2 else None
+    inputs = x.shape[1] if x is not None and x.dim() == 2 else None
     shapes = {
         "x": (batch, inputs), "w_ih": (gates * hidden, inputs), "w_hh": (gates * hidden, hidden),
         "b_ih": (gates * hidden,), "b_hh": (gates * hidden,), "saved": (batch, 4 * hidden),
     }
-    float32 = {"saved", "x"} if projected else {"saved"}
     for name, value in tensors.items():
         optional_tensor(op, name, value, reference, shapes.get(name, (batch, hidden)),
-                        torch.float32 if name in float32 else None)
+                        torch.float32 if name == "saved" else None)
+
+
+def layer(op: str, gates: int, tensors: dict[str, Optional[Tensor]]) -> None:
+    """The tensors of one LSTM/GRU layer op by name, of w_hh's dtype and device: H from
+    w_hh (gates * H, H); T and B from saved (T, B, 4H) float32, or without it from
+    projected (T, B, gates * H) float32; b_hh (gates * H,), lengths (B,) of an integer
+    dtype, h0 and c0 (B, H), any other (T + 1, B, H): the states and their gradients."""
+    w_hh = tensors["w_hh"]
+    float_tensor(op, "w_hh", w_hh, 2)
+    hidden = w_hh.shape[1]
+    leading = "saved" if "saved" in tensors else "projected"
+    if tensors[leading].dim() != 3:
+        _refuse(op, f"{leading} must have 3 dimensions (T, B, ·), got shape {tuple(tensors[leading].shape)}")
+    steps, batch = tensors[leading].shape[:2]
+    shapes = {
+        "projected": (steps, batch, gates * hidden), "saved": (steps, batch, 4 * hidden),
+        "w_hh": (gates * hidden, hidden), "b_hh": (gates * hidden,), "lengths": (batch,), "h0": (batch, hidden),
+        "c0": (batch, hidden),
+    }
+    dtypes = {"projected": torch.float32, "saved": torch.float32, "lengths": "integer"}
+    for name, value in tensors.items():
+        optional_tensor(op, name, value, w_hh, shapes.get(name, (steps + 1, batch, hidden)), dtypes.get(name))
 
 
 def projection(op: str, x: Tensor, w: Tensor, b: Optional[Tensor]) -> None:

@@ -2,15 +2,22 @@
 "lstm_layer", "gru_layer" of backend "triton".
 
 A cell step is one launch at every batch size: both GEMMs x @ W_ih^T and h @ W_hh^T, the
-biases and the update run in the kernel, whose pre-activations stay in float32.  A layer
-projects the input of every time step in one launch (float32, ``triton_input_projection``),
-then runs one launch a step that reads its slice of that projection in place of
-x @ W_ih^T; the time loop is Python's (``fastattn.reference.recurrent``'s driver: lengths
-and direction handled there), not yet a persistent kernel.  The backward runs a fused
-pointwise kernel, then torch's GEMMs (a layer's input GEMMs once, over every step).  An
-LSTM layer with a projection (``w_hr``) runs the reference.
+biases and the update run in the kernel, whose pre-activations stay in float32.  Its
+backward: a fused pointwise kernel, then torch's GEMMs.
+
+A layer projects the input of every time step in one launch (float32,
+``triton_input_projection``); then one op runs its whole time loop
+(``triton_lstm_layer`` / ``triton_gru_layer``), a launch a step that reads its slice of
+that projection in place of x @ W_ih^T, writes its states straight into the layer's
+(T + 1, B, H) state buffers and keeps a finished sequence's state itself (``lengths``);
+the layer's outputs are those states.  Its backward (``triton_*_layer_backward``) makes
+a step the pointwise kernel's launch and one GEMM (h's gradient through W_hh); the
+weights' gradients are then one GEMM each over every step.  The time loop is Python's,
+not yet a persistent kernel.  An LSTM layer with a projection (``w_hr``) runs the
+reference.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -28,7 +35,7 @@ from fastattn.kernels.recurrent_cells import (
 from fastattn.ops import triton_checks
 from fastattn.ops.triton_configs import INPUT_PROJECTION, RECURRENT_POINTWISE, RECURRENT_STEP
 from fastattn.ops.triton_launch import Launcher, ceil_div, contiguous_or_none, dot_precision, pointer_or
-from fastattn.reference.recurrent import _run_over_time, gru_update, lstm_update
+from fastattn.reference.recurrent import gru_update, lstm_update, outputs_of_states, states_over_time
 
 LAUNCHERS = {  # kernel name -> Launcher
     **{
@@ -48,29 +55,37 @@ def _launch(kernel, batch, hidden, *arguments, **constexprs):
     )
 
 
+def _no_lengths(like: Tensor) -> tuple[Tensor, int]:
+    """A kernel's LENGTHS and t outside a layer (HAS_LENGTHS false: unread)."""
+    return like, 0
+
+
 def _checked(op: str, gates: int, state_name: str, **tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
-    """The op's tensors, checked (triton_checks.cell) and contiguous, as the kernels index them."""
+    """A cell op's tensors, checked (triton_checks.cell) and contiguous, as the kernels index them."""
     triton_checks.cell(op, gates, state_name, tensors)
     return [contiguous_or_none(tensor) for tensor in tensors.values()]
 
 
-def _step_flags(h: Tensor, w_ih: Optional[Tensor], b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
-    """A step kernel's constexprs: x is the input with w_ih, or its float32 projection without."""
+def _layer_checked(op: str, gates: int, **tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
+    """A layer op's tensors, checked (triton_checks.layer) and contiguous."""
+    triton_checks.layer(op, gates, tensors)
+    return [contiguous_or_none(tensor) for tensor in tensors.values()]
+
+
+def _step_flags(h: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], lengths: Optional[Tensor] = None,
+                projected: bool = False):
+    """A step kernel's constexprs: x is the input, or in a layer its float32 projection."""
     return dict(
-        PROJECTED_INPUT=w_ih is None, HAS_INPUT_BIAS=b_ih is not None, HAS_HIDDEN_BIAS=b_hh is not None,
-        DOT_PRECISION=dot_precision(h.dtype),
+        PROJECTED_INPUT=projected, HAS_INPUT_BIAS=b_ih is not None, HAS_HIDDEN_BIAS=b_hh is not None,
+        HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(h.dtype),
     )
 
 
-def _input_gradients(grad_gates: Tensor, x: Tensor, w_ih: Optional[Tensor], has_input_bias: bool):
-    """The gradients of (x, w_ih, b_ih) from those of the gates' input parts (float32):
-    through x W_ih^T + b_ih, or, when the step was given its projection (w_ih None),
-    the projection's own."""
-    if w_ih is None:
-        return grad_gates, None, None
-    grad_bias = grad_gates.sum(0).to(x.dtype) if has_input_bias else None
+def _input_gradients(grad_gates: Tensor, x: Tensor, w: Tensor, has_bias: bool):
+    """The gradients of (x, w, b) through x w^T + b from the result's (float32)."""
+    grad_bias = grad_gates.sum(0).to(x.dtype) if has_bias else None
     grad_gates = grad_gates.to(x.dtype)
-    return grad_gates @ w_ih, grad_gates.T @ x, grad_bias
+    return grad_gates @ w, grad_gates.T @ x, grad_bias
 
 
 # ---------------------------------------------------------------- input projection
@@ -92,14 +107,12 @@ def triton_input_projection(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor
 
 
 def _save_input_projection(ctx, inputs, output):
-    x, w, b = inputs
-    ctx.has_bias = b is not None
-    ctx.save_for_backward(x, w)
+    ctx.save_for_backward(*inputs)  # x, w, b
 
 
 def _input_projection_backward(ctx, grad):
-    x, w = ctx.saved_tensors
-    return _input_gradients(grad, x, w, ctx.has_bias)
+    x, w, b = ctx.saved_tensors
+    return _input_gradients(grad, x, w, b is not None)
 
 
 torch.library.register_autograd(
@@ -112,12 +125,9 @@ torch.library.register_autograd(
 
 @torch.library.triton_op("fastattn::triton_lstm_step", mutates_args=())
 def triton_lstm_step(
-    x: Tensor, h: Tensor, c: Tensor, w_ih: Optional[Tensor], w_hh: Tensor, b_ih: Optional[Tensor],
-    b_hh: Optional[Tensor],
+    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """A whole LSTM step in one launch -> (h', c', saved (B, 4H) float32).  x: the input
-    (B, I) with w_ih, or without w_ih (and b_ih) its projection x W_ih^T + b_ih (B, 4H)
-    float32 (``triton_input_projection``)."""
+    """A whole LSTM step in one launch -> (h', c', saved (B, 4H) float32)."""
     x, h, c, w_ih, w_hh, b_ih, b_hh = _checked(
         "triton_lstm_step", 4, "c", x=x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh
     )
@@ -125,8 +135,8 @@ def triton_lstm_step(
     h_next, c_next = torch.empty_like(c), torch.empty_like(c)
     saved = c.new_empty(batch, 4 * hidden, dtype=torch.float32)
     _launch(
-        lstm_step_kernel, batch, hidden, x, h, c, pointer_or(w_ih, x), w_hh, pointer_or(b_ih, x), pointer_or(b_hh, x),
-        h_next, c_next, saved, x.shape[1], **_step_flags(h, w_ih, b_ih, b_hh),
+        lstm_step_kernel, batch, hidden, x, h, c, w_ih, w_hh, pointer_or(b_ih, x), pointer_or(b_hh, x),
+        h_next, c_next, saved, *_no_lengths(x), x.shape[1], **_step_flags(h, b_ih, b_hh),
     )
     return h_next, c_next, saved
 
@@ -143,35 +153,31 @@ def triton_lstm_pointwise_backward(
     batch, hidden = c.shape
     grad_gates = torch.empty_like(saved)
     grad_c = torch.empty_like(c)
-    _launch(
-        lstm_pointwise_backward_kernel, batch, hidden, grad_h_next, grad_c_next, c, c_next, saved, grad_gates, grad_c
+    _launch(  # OUTSIDE_GRAD_H, OUTSIDE_GRAD_C, GRAD_H and GRAD_GATES_ROUNDED unused outside a layer
+        lstm_pointwise_backward_kernel, batch, hidden, grad_h_next, grad_c_next, c, c_next, saved, grad_gates, grad_c,
+        c, c, c, c, *_no_lengths(c), IN_LAYER=False, HAS_LENGTHS=False, ROUNDED_COPY=False,
     )
     return grad_gates, grad_c
 
 
 def _no_derivative(ctx, *grads):
     raise RuntimeError(
-        "fastattn's Triton LSTM/GRU pointwise backward kernels have no derivative: a gradient taken with "
-        "create_graph=True through triton_lstm_step / triton_gru_step comes from the reference's maths instead"
+        "fastattn's Triton LSTM/GRU backward ops have no derivative: a gradient taken with create_graph=True "
+        "through the Triton LSTM/GRU step and layer ops comes from the reference's maths instead"
     )
 
 
-# These kernels keep no gate pre-activations: differentiated, they raise rather than
-# return nothing (the step ops never differentiate them, see _differentiable_backward).
+# The backward ops keep no gate pre-activations: differentiated, they raise rather than
+# return nothing (the step and layer ops never differentiate them, see _differentiable_backward).
 torch.library.register_autograd("fastattn::triton_lstm_pointwise_backward", _no_derivative)
 
 
-def _input_gates(x: Tensor, w_ih: Optional[Tensor], b_ih: Optional[Tensor]) -> Tensor:
-    """x W_ih^T + b_ih, or x itself when a step is given that projection (w_ih None)."""
-    return x if w_ih is None else F.linear(x, w_ih, b_ih)
-
-
 def _lstm_step_maths(x, h, c, w_ih, w_hh, b_ih, b_hh):
-    return lstm_update(_input_gates(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), c)
+    return lstm_update(F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), c)
 
 
 def _gru_step_maths(x, h, w_ih, w_hh, b_ih, b_hh):
-    return (gru_update(_input_gates(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), h),)
+    return (gru_update(F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), h),)
 
 
 def _differentiable_backward(step_maths, inputs, grads) -> tuple[Optional[Tensor], ...]:
@@ -232,16 +238,18 @@ def triton_gru_pointwise_backward(grad_h_next: Tensor, h: Tensor, saved: Tensor)
     grad_gates_x = h.new_empty(batch, 3 * hidden, dtype=torch.float32)
     grad_gates_h = h.new_empty(batch, 3 * hidden, dtype=torch.float32)
     grad_h = torch.empty_like(h)
-    _launch(gru_pointwise_backward_kernel, batch, hidden, grad_h_next, h, saved, grad_gates_x, grad_gates_h, grad_h)
+    _launch(  # OUTSIDE_GRAD_H and GRAD_GATES_H_ROUNDED unused outside a layer
+        gru_pointwise_backward_kernel, batch, hidden, grad_h_next, h, saved, grad_gates_x, grad_gates_h, grad_h,
+        h, h, *_no_lengths(h), IN_LAYER=False, HAS_LENGTHS=False, ROUNDED_COPY=False,
+    )
     return grad_gates_x, grad_gates_h, grad_h
 
 
 @torch.library.triton_op("fastattn::triton_gru_step", mutates_args=())
 def triton_gru_step(
-    x: Tensor, h: Tensor, w_ih: Optional[Tensor], w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
+    x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
-    """A whole GRU step in one launch -> (h', saved).  x: the input (B, I) with w_ih, or
-    without w_ih (and b_ih) its projection x W_ih^T + b_ih (B, 3H) float32."""
+    """A whole GRU step in one launch -> (h', saved (B, 4H) float32)."""
     x, h, w_ih, w_hh, b_ih, b_hh = _checked(
         "triton_gru_step", 3, "h", x=x, h=h, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh
     )
@@ -249,8 +257,8 @@ def triton_gru_step(
     h_next = torch.empty_like(h)
     saved = h.new_empty(batch, 4 * hidden, dtype=torch.float32)
     _launch(
-        gru_step_kernel, batch, hidden, x, h, pointer_or(w_ih, x), w_hh, pointer_or(b_ih, x), pointer_or(b_hh, x),
-        h_next, saved, x.shape[1], **_step_flags(h, w_ih, b_ih, b_hh),
+        gru_step_kernel, batch, hidden, x, h, w_ih, w_hh, pointer_or(b_ih, x), pointer_or(b_hh, x),
+        h_next, saved, *_no_lengths(x), x.shape[1], **_step_flags(h, b_ih, b_hh),
     )
     return h_next, saved
 
@@ -285,6 +293,15 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
 # ---------------------------------------------------------------- layers
 
 
+def _steps(steps: int, reverse: bool) -> list[tuple[int, int, int]]:
+    """(t, before, after) for each step of a layer, in the order the layer runs them: the
+    time step and the indices in the (T + 1, ...) state buffers of the states before and
+    after it (``fastattn.reference.recurrent.states_over_time``'s order)."""
+    if reverse:
+        return [(t, t + 1, t) for t in range(steps - 1, -1, -1)]
+    return [(t, t, t + 1) for t in range(steps)]
+
+
 def _projected(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor]) -> Tensor:
     """x (T, B, I) -> x W_ih^T + b_ih (T, B, gates*H) float32, every step in one launch."""
     steps, batch, inputs = x.shape
@@ -292,20 +309,201 @@ def _projected(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor]) -> Tensor:
     return projection.view(steps, batch, w_ih.shape[0])
 
 
+def _initial_states(steps: int, reverse: bool, *initial: Tensor) -> list[Tensor]:
+    """A (T + 1, B, H) state buffer for each initial state, holding it where the layer starts."""
+    buffers = [state.new_empty(steps + 1, *state.shape) for state in initial]
+    for buffer, state in zip(buffers, initial):
+        buffer[steps if reverse else 0] = state
+    return buffers
+
+
+def _rounded_gates(grad_gates: Tensor, w_hh: Tensor) -> Tensor:
+    """Where a backward step writes its gates' gradient (float32) in w_hh's dtype too, for
+    h's GEMM through W_hh: the float32 one itself for float32."""
+    return grad_gates if w_hh.dtype == grad_gates.dtype else torch.empty_like(grad_gates, dtype=w_hh.dtype)
+
+
+def _recurrent_weight_gradients(grad_gates: Tensor, h_states: Tensor, has_bias: bool, reverse: bool):
+    """The gradients of W_hh and b_hh from those of every step's h W_hh^T + b_hh (T, B,
+    gates*H, float32): one GEMM with the h before each step for all steps, and b_hh's sum in float32."""
+    h_before = (h_states[1:] if reverse else h_states[:-1]).flatten(0, 1)
+    grad_gates = grad_gates.flatten(0, 1)
+    grad_bias = grad_gates.sum(0).to(h_states.dtype) if has_bias else None
+    return grad_gates.to(h_states.dtype).T @ h_before, grad_bias
+
+
+def _or_zeros(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+@torch.library.triton_op("fastattn::triton_lstm_layer", mutates_args=())
+def triton_lstm_layer(
+    projected: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], lengths: Optional[Tensor],
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """An LSTM layer's time loop, one launch a step -> (h states, c states (T + 1, B, H)
+    in time order, saved (T, B, 4H) float32).  projected: x W_ih^T + b_ih (T, B, 4H)
+    float32 (``triton_input_projection``); sequence b keeps its state at steps t >= lengths[b]."""
+    projected, h0, c0, w_hh, b_hh, lengths = _layer_checked(
+        "triton_lstm_layer", 4, projected=projected, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, lengths=lengths
+    )
+    (steps, batch, gates), hidden = projected.shape, h0.shape[1]
+    h_states, c_states = _initial_states(steps, reverse, h0, c0)
+    saved = projected.new_empty(steps, batch, 4 * hidden)
+    hs, cs, inputs, saves = h_states.unbind(0), c_states.unbind(0), projected.unbind(0), saved.unbind(0)
+    flags = _step_flags(h0, None, b_hh, lengths, projected=True)
+    for t, before, after in _steps(steps, reverse):
+        _launch(  # W_IH and B_IH unread: the step reads its projection
+            lstm_step_kernel, batch, hidden, inputs[t], hs[before], cs[before], w_hh, w_hh, w_hh,
+            pointer_or(b_hh, w_hh), hs[after], cs[after], saves[t], pointer_or(lengths, w_hh), t, gates, **flags,
+        )
+    return h_states, c_states, saved
+
+
+@torch.library.triton_op("fastattn::triton_lstm_layer_backward", mutates_args=())
+def triton_lstm_layer_backward(
+    grad_h_states: Tensor, grad_c_states: Tensor, c_states: Tensor, saved: Tensor, w_hh: Tensor,
+    lengths: Optional[Tensor], reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The time loop of triton_lstm_layer's backward, a step one launch and h's GEMM
+    through W_hh -> (gradient of every step's gates (T, B, 4H) float32, of h0, of c0)."""
+    grad_h_states, grad_c_states, c_states, saved, w_hh, lengths = _layer_checked(
+        "triton_lstm_layer_backward", 4, grad_h_states=grad_h_states, grad_c_states=grad_c_states,
+        c_states=c_states, saved=saved, w_hh=w_hh, lengths=lengths,
+    )
+    steps, batch, hidden = *saved.shape[:2], w_hh.shape[1]
+    grad_gates = saved.new_empty(steps, batch, 4 * hidden)
+    grad_hs, grad_cs, cs = grad_h_states.unbind(0), grad_c_states.unbind(0), c_states.unbind(0)
+    saves, grad_steps = saved.unbind(0), grad_gates.unbind(0)
+    last = 0 if reverse else steps
+    grad_h, grad_c = grad_hs[last].clone(), grad_cs[last].to(torch.float32, copy=True)  # c's in float32 over time
+    for t, before, after in reversed(_steps(steps, reverse)):
+        grad_c_before, grad_h_kept = torch.empty_like(grad_c), torch.empty_like(grad_h)
+        rounded = _rounded_gates(grad_steps[t], w_hh)
+        _launch(
+            lstm_pointwise_backward_kernel, batch, hidden, grad_h, grad_c, cs[before], cs[after], saves[t],
+            grad_steps[t], grad_c_before, grad_hs[before], grad_cs[before], grad_h_kept, rounded,
+            pointer_or(lengths, w_hh), t, IN_LAYER=True, HAS_LENGTHS=lengths is not None,
+            ROUNDED_COPY=rounded is not grad_steps[t],
+        )
+        grad_h, grad_c = torch.addmm(grad_h_kept, rounded, w_hh), grad_c_before
+    return grad_gates, grad_h, grad_c.to(c_states.dtype)
+
+
+def _lstm_layer_maths(projected, h0, c0, w_hh, b_hh, lengths, reverse):
+    def step(projected_t, state):
+        return tuple(s.to(h0.dtype) for s in lstm_update(projected_t, F.linear(state[0], w_hh, b_hh), state[1]))
+
+    return tuple(torch.stack(states) for states in zip(*states_over_time(step, projected, (h0, c0), lengths, reverse)))
+
+
+def _save_layer(ctx, inputs, output):
+    *tensors, ctx.reverse = inputs
+    ctx.save_for_backward(*tensors, *output)
+
+
+def _lstm_layer_backward(ctx, grad_h_states, grad_c_states, _grad_saved):
+    projected, h0, c0, w_hh, b_hh, lengths, h_states, c_states, saved = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        maths = functools.partial(_lstm_layer_maths, lengths=lengths, reverse=ctx.reverse)
+        grads = (grad_h_states, grad_c_states)
+        return *_differentiable_backward(maths, (projected, h0, c0, w_hh, b_hh), grads), None, None
+    grad_gates, grad_h0, grad_c0 = torch.ops.fastattn.triton_lstm_layer_backward(
+        _or_zeros(grad_h_states, h_states), _or_zeros(grad_c_states, c_states), c_states, saved, w_hh, lengths,
+        ctx.reverse,
+    )
+    grad_w_hh, grad_b_hh = _recurrent_weight_gradients(grad_gates, h_states, b_hh is not None, ctx.reverse)
+    return grad_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, None, None
+
+
+torch.library.register_autograd("fastattn::triton_lstm_layer", _lstm_layer_backward, setup_context=_save_layer)
+torch.library.register_autograd("fastattn::triton_lstm_layer_backward", _no_derivative)
+
+
+@torch.library.triton_op("fastattn::triton_gru_layer", mutates_args=())
+def triton_gru_layer(
+    projected: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], lengths: Optional[Tensor], reverse: bool
+) -> tuple[Tensor, Tensor]:
+    """A GRU layer's time loop, one launch a step -> (h states (T + 1, B, H) in time
+    order, saved (T, B, 4H) float32).  projected: x W_ih^T + b_ih (T, B, 3H) float32;
+    sequence b keeps its state at steps t >= lengths[b]."""
+    projected, h0, w_hh, b_hh, lengths = _layer_checked(
+        "triton_gru_layer", 3, projected=projected, h0=h0, w_hh=w_hh, b_hh=b_hh, lengths=lengths
+    )
+    (steps, batch, gates), hidden = projected.shape, h0.shape[1]
+    (h_states,) = _initial_states(steps, reverse, h0)
+    saved = projected.new_empty(steps, batch, 4 * hidden)
+    hs, inputs, saves = h_states.unbind(0), projected.unbind(0), saved.unbind(0)
+    flags = _step_flags(h0, None, b_hh, lengths, projected=True)
+    for t, before, after in _steps(steps, reverse):
+        _launch(  # W_IH and B_IH unread: the step reads its projection
+            gru_step_kernel, batch, hidden, inputs[t], hs[before], w_hh, w_hh, w_hh, pointer_or(b_hh, w_hh),
+            hs[after], saves[t], pointer_or(lengths, w_hh), t, gates, **flags,
+        )
+    return h_states, saved
+
+
+@torch.library.triton_op("fastattn::triton_gru_layer_backward", mutates_args=())
+def triton_gru_layer_backward(
+    grad_h_states: Tensor, h_states: Tensor, saved: Tensor, w_hh: Tensor, lengths: Optional[Tensor], reverse: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The time loop of triton_gru_layer's backward, a step one launch and h's GEMM
+    through W_hh -> (gradients of every step's gates' input and hidden parts (T, B, 3H
+    each) float32, of h0)."""
+    grad_h_states, h_states, saved, w_hh, lengths = _layer_checked(
+        "triton_gru_layer_backward", 3, grad_h_states=grad_h_states, h_states=h_states, saved=saved, w_hh=w_hh,
+        lengths=lengths,
+    )
+    steps, batch, hidden = *saved.shape[:2], w_hh.shape[1]
+    grad_gates_x, grad_gates_h = (saved.new_empty(steps, batch, 3 * hidden) for _ in range(2))
+    grad_hs, hs, saves = grad_h_states.unbind(0), h_states.unbind(0), saved.unbind(0)
+    grad_steps_x, grad_steps_h = grad_gates_x.unbind(0), grad_gates_h.unbind(0)
+    grad_h = grad_hs[0 if reverse else steps].clone()
+    for t, before, after in reversed(_steps(steps, reverse)):
+        grad_h_kept = torch.empty_like(grad_h)
+        rounded = _rounded_gates(grad_steps_h[t], w_hh)
+        _launch(
+            gru_pointwise_backward_kernel, batch, hidden, grad_h, hs[before], saves[t], grad_steps_x[t],
+            grad_steps_h[t], grad_h_kept, grad_hs[before], rounded, pointer_or(lengths, w_hh), t,
+            IN_LAYER=True, HAS_LENGTHS=lengths is not None, ROUNDED_COPY=rounded is not grad_steps_h[t],
+        )
+        grad_h = torch.addmm(grad_h_kept, rounded, w_hh)
+    return grad_gates_x, grad_gates_h, grad_h
+
+
+def _gru_layer_maths(projected, h0, w_hh, b_hh, lengths, reverse):
+    def step(projected_t, state):
+        return (gru_update(projected_t, F.linear(state[0], w_hh, b_hh), state[0]).to(h0.dtype),)
+
+    return (torch.stack([state[0] for state in states_over_time(step, projected, (h0,), lengths, reverse)]),)
+
+
+def _gru_layer_backward(ctx, grad_h_states, _grad_saved):
+    projected, h0, w_hh, b_hh, lengths, h_states, saved = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        maths = functools.partial(_gru_layer_maths, lengths=lengths, reverse=ctx.reverse)
+        return *_differentiable_backward(maths, (projected, h0, w_hh, b_hh), (grad_h_states,)), None, None
+    grad_gates_x, grad_gates_h, grad_h0 = torch.ops.fastattn.triton_gru_layer_backward(
+        _or_zeros(grad_h_states, h_states), h_states, saved, w_hh, lengths, ctx.reverse
+    )
+    grad_w_hh, grad_b_hh = _recurrent_weight_gradients(grad_gates_h, h_states, b_hh is not None, ctx.reverse)
+    return grad_gates_x, grad_h0, grad_w_hh, grad_b_hh, None, None
+
+
+torch.library.register_autograd("fastattn::triton_gru_layer", _gru_layer_backward, setup_context=_save_layer)
+torch.library.register_autograd("fastattn::triton_gru_layer_backward", _no_derivative)
+
+
 def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False):
     if w_hr is not None:
         return reference.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
-
-    def step(projected_t, state):
-        return torch.ops.fastattn.triton_lstm_step(projected_t, *state, None, w_hh, None, b_hh)[:2]
-
-    output, (h_n, c_n) = _run_over_time(step, _projected(x, w_ih, b_ih), (h0, c0), lengths, reverse)
-    return output, h_n, c_n
+    h_states, c_states, _ = torch.ops.fastattn.triton_lstm_layer(
+        _projected(x, w_ih, b_ih), h0, c0, w_hh, b_hh, lengths, reverse
+    )
+    final = 0 if reverse else -1
+    return outputs_of_states(h_states, lengths, reverse), h_states[final], c_states[final]
 
 
 def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, reverse=False):
-    def step(projected_t, state):
-        return (torch.ops.fastattn.triton_gru_step(projected_t, *state, None, w_hh, None, b_hh)[0],)
-
-    output, (h_n,) = _run_over_time(step, _projected(x, w_ih, b_ih), (h0,), lengths, reverse)
-    return output, h_n
+    h_states, _ = torch.ops.fastattn.triton_gru_layer(_projected(x, w_ih, b_ih), h0, w_hh, b_hh, lengths, reverse)
+    return outputs_of_states(h_states, lengths, reverse), h_states[0 if reverse else -1]

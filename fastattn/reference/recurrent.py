@@ -138,21 +138,43 @@ def _run_over_time(
     reverse: bool,
 ) -> tuple[Tensor, State]:
     """Apply ``step`` at every time step; the first element of the state is the output.
+    -> (outputs (T, B, ·), final state)."""
+    states = states_over_time(step, x, state, lengths, reverse)
+    h_states = torch.stack([state[0] for state in states])
+    return outputs_of_states(h_states, lengths, reverse), states[0 if reverse else -1]
 
-    Sequence ``b`` keeps its state and outputs zeros at steps ``t >= lengths[b]``.
-    """
+
+def states_over_time(
+    step: Callable[[Tensor, State], State],
+    x: Tensor,
+    state: State,
+    lengths: Tensor | None,
+    reverse: bool,
+) -> list[State]:
+    """Apply ``step`` at every time step -> the T + 1 states in time order: ``states[t]``
+    and ``states[t + 1]`` are the states on either side of step t (before and after it;
+    after and before it when ``reverse``).  Sequence ``b`` keeps its state at steps
+    ``t >= lengths[b]``."""
     inputs = x.unbind(0)  # one gradient buffer for all steps (x[t] would zero-fill one per step)
     order = range(len(inputs))
-    outputs = []
+    states = [state]
     for t in reversed(order) if reverse else order:
         new_state = step(inputs[t], state)
-        if lengths is None:
-            state = new_state
-            outputs.append(new_state[0])
-        else:
-            active = (t < lengths).unsqueeze(1)  # (B, 1): sequence still running at step t
-            state = tuple(torch.where(active, new, old) for new, old in zip(new_state, state))
-            outputs.append(torch.where(active, new_state[0], 0))
+        if lengths is not None:
+            running = (t < lengths).unsqueeze(1)  # (B, 1): sequence still running at step t
+            new_state = tuple(torch.where(running, new, old) for new, old in zip(new_state, state))
+        state = new_state
+        states.append(state)
     if reverse:
-        outputs.reverse()
-    return torch.stack(outputs), state
+        states.reverse()
+    return states
+
+
+def outputs_of_states(h_states: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
+    """A layer's outputs (T, B, H) from its h states (T + 1, B, H) in the time order of
+    ``states_over_time``: the state after each step, zero at steps ``t >= lengths[b]``."""
+    outputs = h_states[:-1] if reverse else h_states[1:]
+    if lengths is None:
+        return outputs
+    steps = torch.arange(outputs.shape[0], device=outputs.device)
+    return torch.where((steps.unsqueeze(1) < lengths).unsqueeze(2), outputs, 0)
