@@ -1,16 +1,19 @@
 """``fastattn.optimize(model)``: swap a model's torch.nn recurrent modules for fastattn's.
 
 Every ``torch.nn.LSTM``, ``LSTMCell``, ``GRU`` and ``GRUCell`` in the model (the
-model itself included) is replaced by its ``fastattn.nn`` namesake, built with the
-same configuration and holding the very same ``Parameter`` objects, so optimizers,
-tied weights and the ``state_dict`` are unaffected and outputs do not change.
-Subclasses of those torch classes are left alone (their ``forward`` may differ);
-fastattn modules already present only get the new backend.
+model itself included) is replaced by its ``fastattn.nn`` namesake: a shallow copy of
+it as an instance of the fastattn class, so it holds the very same ``Parameter`` and
+buffer objects and every attribute (optimizers, tied weights and the ``state_dict`` are
+unaffected and outputs do not change), and the same hook dictionaries (hooks
+registered on the torch module run on its replacement, and their handles remove them
+there).  A module reachable under several names is replaced by one module under all of
+them.  Subclasses of those torch classes are left alone (their ``forward`` may
+differ); fastattn modules already present only get the new backend.
 """
 
 from __future__ import annotations
 
-import warnings
+import copy
 
 import torch
 
@@ -50,36 +53,22 @@ def optimize(model: torch.nn.Module, *, backend: str = "auto") -> torch.nn.Modul
         return replacements[id(module)]
 
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            setattr(parent, name, swapped(child))
+        # _modules, not named_children(): that skips a module's second name under a parent.
+        for name, child in list(parent._modules.items()):
+            if child is not None:
+                setattr(parent, name, swapped(child))
     return swapped(model)
 
 
 def _fastattn_twin(module: torch.nn.Module, backend: str | None) -> torch.nn.Module:
-    """The fastattn module of ``module``'s class and configuration, holding its parameters."""
-    with warnings.catch_warnings():  # torch already warned about this configuration
-        warnings.simplefilter("ignore")
-        twin = _FASTATTN_CLASS[type(module)](**_configuration(module), device="meta")
-    for name, parameter in module.named_parameters(recurse=False):
-        setattr(twin, name, parameter)  # RNNBase also updates its flat weight list
-    twin.train(module.training)
+    """``module`` as an instance of its fastattn namesake: the same attributes, with its
+    own containers (parameter, buffer and submodule dictionaries, RNNBase's weight lists)
+    but the torch module's hook dictionaries."""
+    twin = _FASTATTN_CLASS[type(module)].__new__(_FASTATTN_CLASS[type(module)])
+    for name, value in vars(module).items():
+        own_container = isinstance(value, (dict, list, set)) and "hook" not in name
+        vars(twin)[name] = copy.copy(value) if own_container else value
     twin.backend = backend
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        twin.compile()  # module.compile()'s compiled call is bound to the torch module
     return twin
-
-
-def _configuration(module: torch.nn.Module) -> dict:
-    """The constructor arguments ``module`` was built with."""
-    if isinstance(module, torch.nn.RNNCellBase):
-        return {"input_size": module.input_size, "hidden_size": module.hidden_size, "bias": module.bias}
-    configuration = {
-        "input_size": module.input_size,
-        "hidden_size": module.hidden_size,
-        "num_layers": module.num_layers,
-        "bias": module.bias,
-        "batch_first": module.batch_first,
-        "dropout": module.dropout,
-        "bidirectional": module.bidirectional,
-    }
-    if isinstance(module, torch.nn.LSTM):
-        configuration["proj_size"] = module.proj_size
-    return configuration

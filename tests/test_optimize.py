@@ -124,3 +124,36 @@ def test_subclasses_of_torch_modules_are_left_alone():
 def test_unknown_backend_is_rejected(backend):
     with pytest.raises(ValueError, match="^backend "):
         fastattn.optimize(Model(), backend=backend)
+
+
+def test_a_module_under_two_names_of_one_parent_becomes_one_fastattn_module():
+    gru = torch.nn.GRU(3, 4)
+    for model, names in ((torch.nn.Sequential(gru, gru), (0, 1)), (torch.nn.ModuleDict({"a": gru, "b": gru}), ("a", "b"))):
+        fastattn.optimize(model)
+        first, second = (model[name] for name in names)
+        assert type(first) is fastattn_nn.GRU and second is first
+
+
+def test_hooks_buffers_and_attributes_carry_over_to_the_replacement():
+    torch.manual_seed(0)
+    cell = torch.nn.LSTMCell(3, 4)
+    calls = []
+    cell.register_forward_pre_hook(lambda module, inputs: calls.append(("pre", type(module))))
+    handle = cell.register_forward_hook(lambda module, inputs, output: calls.append(("post", type(module))))
+    cell.register_buffer("steps", torch.tensor(7))
+    cell.note = "kept"
+    model = torch.nn.Sequential(cell)
+
+    fastattn.optimize(model)
+    swapped = model[0]
+    swapped(torch.randn(2, 3))
+
+    assert calls == [("pre", fastattn_nn.LSTMCell), ("post", fastattn_nn.LSTMCell)]
+    assert swapped.note == "kept" and swapped.steps is cell.steps and "0.steps" in model.state_dict()
+    handle.remove()  # the torch module's handle removes the hook from its replacement
+    swapped(torch.randn(2, 3))
+    assert [kind for kind, _ in calls] == ["pre", "post", "pre"]
+    # The torch module itself is unchanged, apart from the removed hook it shares.
+    assert type(cell) is torch.nn.LSTMCell and cell.weight_ih is swapped.weight_ih
+    swapped.weight_hh = torch.nn.Parameter(torch.zeros(16, 4))
+    assert cell.weight_hh is not swapped.weight_hh

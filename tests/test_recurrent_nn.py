@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastattn
 from fastattn import nn as fastattn_nn
@@ -264,6 +264,14 @@ def gru_cell_with(**changes):
     return lambda: fastattn.gru_cell(**arguments)
 
 
+def packed_by_hand(rows, batch_sizes, sorted_indices=None, unsorted_indices=None):
+    """A PackedSequence of ``rows`` rows of input with the given (possibly inconsistent) layout."""
+    as_tensor = lambda value: value if value is None or isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.int64)
+    return PackedSequence(
+        X_SEQUENCE.reshape(-1, INPUT)[:rows], as_tensor(batch_sizes), as_tensor(sorted_indices), as_tensor(unsorted_indices)
+    )
+
+
 BAD_INPUTS = {
     "lstm_cell x not a tensor": (lstm_cell_with(x=X.tolist()), TypeError, "x"),
     "lstm_cell x integer": (lstm_cell_with(x=X.long()), TypeError, "x"),
@@ -304,6 +312,20 @@ BAD_INPUTS = {
     "LSTM hx batched, input unbatched": (lambda: LSTM_MODULE(X_SEQUENCE[:, 0], (LSTM_H0, LSTM_C0)), ValueError, "hx[0]"),
     "LSTM packed data wrong size": (
         lambda: LSTM_MODULE(pack_padded_sequence(X_SEQUENCE[..., :-1], [9, 9, 9])), ValueError, "input.data",
+    ),
+    "LSTM packed batch_sizes not adding up to the rows": (
+        lambda: LSTM_MODULE(packed_by_hand(5, [2, 1])), ValueError, "input.batch_sizes",
+    ),
+    "LSTM packed batch_sizes increasing": (lambda: LSTM_MODULE(packed_by_hand(3, [1, 2])), ValueError, "input.batch_sizes"),
+    "LSTM packed batch_sizes empty": (lambda: LSTM_MODULE(packed_by_hand(0, [])), ValueError, "input.batch_sizes"),
+    "LSTM packed batch_sizes float": (
+        lambda: LSTM_MODULE(packed_by_hand(3, torch.tensor([2.0, 1.0]))), TypeError, "input.batch_sizes",
+    ),
+    "GRU packed sorted_indices out of range": (
+        lambda: GRU_MODULE(packed_by_hand(3, [2, 1], [0, 5], [0, 1])), ValueError, "input.sorted_indices",
+    ),
+    "GRU packed unsorted_indices not the inverse": (
+        lambda: GRU_MODULE(packed_by_hand(6, [3, 3], [1, 2, 0], [1, 2, 0])), ValueError, "input.unsorted_indices",
     ),
     "GRU input no time steps": (lambda: GRU_MODULE(X_SEQUENCE[:, :0]), ValueError, "input"),
     "GRU hx a tuple": (lambda: GRU_MODULE(X_SEQUENCE, (H[None], H[None])), TypeError, "hx"),

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from fastattn import checks
 from fastattn.functional.recurrent import (
     check_initial_state,
     check_sequence_input,
@@ -93,6 +94,7 @@ class _StackedRecurrence:
             "input", input.data, input_size=self.input_size, weight_name="weight_ih_l0",
             weight=self.weight_ih_l0, batch_first=self.batch_first, packed=True,
         )
+        _check_packed_layout(input, data.shape[0])
         x, valid = _padded_from_packed(data, input.batch_sizes)
         states = _reorder_batch(self._initial_states(hx, x, True, data), input.sorted_indices)
         output, finals = self._run(x, states, lengths=valid.sum(0))
@@ -170,6 +172,38 @@ class GRU(_StackedRecurrence, torch.nn.RNNBase):
 
     def join_states(self, states: list[Tensor]) -> Tensor:
         return states[0]
+
+
+def _check_packed_layout(input: PackedSequence, rows: int) -> None:
+    """A PackedSequence built by hand must still be one ``pack_padded_sequence`` could
+    make: ``batch_sizes`` a non-empty 1-D integer CPU tensor of positive, non-increasing
+    sizes adding up to the rows of ``data``, and each of ``sorted_indices`` and
+    ``unsorted_indices`` None or a permutation of the batch, the inverse of the other."""
+    batch_sizes = checks.integer_tensor("input.batch_sizes", input.batch_sizes)
+    if batch_sizes.dim() != 1 or batch_sizes.numel() == 0 or batch_sizes.device.type != "cpu":
+        raise ValueError(f"input.batch_sizes must be a non-empty 1-D CPU tensor, got {checks.describe(batch_sizes)}")
+    if not checks.reads_values():
+        return
+    sizes = batch_sizes.tolist()
+    if sizes[-1] < 1 or any(later > earlier for earlier, later in zip(sizes, sizes[1:])) or sum(sizes) != rows:
+        shown = sizes if len(sizes) <= 12 else f"{sizes[:12]}..."
+        raise ValueError(
+            f"input.batch_sizes must be positive, non-increasing and add up to the {rows} rows of input.data, "
+            f"got {shown} (sum {sum(sizes)})"
+        )
+    batch = sizes[0]
+    for name in ("sorted_indices", "unsorted_indices"):
+        indices = getattr(input, name)
+        if indices is None:
+            continue
+        indices = checks.integer_tensor(f"input.{name}", indices)
+        if indices.shape != (batch,) or not torch.equal(indices.sort().values.cpu(), torch.arange(batch)):
+            raise ValueError(
+                f"input.{name} must be a permutation of the batch's {batch} sequences, got {checks.describe(indices)}"
+            )
+    if input.sorted_indices is not None and input.unsorted_indices is not None:
+        if not torch.equal(input.sorted_indices[input.unsorted_indices].cpu(), torch.arange(batch)):
+            raise ValueError("input.unsorted_indices must be the inverse permutation of input.sorted_indices")
 
 
 def _padded_from_packed(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
