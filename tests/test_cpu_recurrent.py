@@ -69,35 +69,64 @@ def outputs_and_gradients(implementation, arguments):
 def assert_float32_error_at_most_twice_the_references(function_name, arguments):
     """The kernel in float32 errs (against the float64 reference) at most twice as much
     as the reference run in float32, output by output and gradient by gradient."""
-    in_float32 = [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arguments]
     exact = outputs_and_gradients(getattr(reference, function_name), arguments)
-    reference_run = outputs_and_gradients(getattr(reference, function_name), in_float32)
-    kernel_run = outputs_and_gradients(backends.implementation(function_name, "cpu", "cpu"), in_float32)
+    reference_run = outputs_and_gradients(getattr(reference, function_name), in_float32(arguments))
+    kernel_run = outputs_and_gradients(backends.implementation(function_name, "cpu", "cpu"), in_float32(arguments))
     for index, (truth, theirs, ours) in enumerate(zip(exact, reference_run, kernel_run)):
         allowed = 2 * (theirs - truth).abs().max().item() + 1e-6
         assert (ours - truth).abs().max().item() <= allowed, f"{function_name} result {index}"
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+def layer_arguments(batch, hidden, reverse):
+    """LSTM and GRU layer arguments (float64 leaves, LENGTHS repeated over the batch), the
+    weights at torch.nn's scale (1/sqrt(hidden)), so float32 errors are not amplified step
+    after step by weights of norm ~sqrt(hidden)."""
+    lengths = LENGTHS.repeat(batch // len(LENGTHS))
+    x, h0, c0 = leaves((STEPS, batch, INPUT), (batch, hidden), (batch, hidden))
+    lstm_weights, gru_weights = (
+        [(w / hidden**0.5).detach().requires_grad_() for w in weights(gates, True, hidden=hidden)] for gates in (4, 3)
+    )
+    return {
+        "lstm_layer": (x, h0, c0, *lstm_weights, None, lengths, reverse),
+        "gru_layer": (x, h0, *gru_weights, lengths, reverse),
+    }
+
+
+def in_float32(arguments):
+    return [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arguments]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
 def test_layers_split_over_blocks_of_hidden_units_match_the_reference(threads):
     """A time step is split over the threads by blocks of 16 hidden units: 37 units are
-    blocks of 16, 16 and 5, shared unevenly by 2 threads and one each by 3."""
-    hidden, previous_threads = 37, torch.get_num_threads()
-    x, h0, c0 = leaves((STEPS, BATCH, INPUT), (BATCH, hidden), (BATCH, hidden))
-    # Weights at torch.nn's scale (1/sqrt(hidden)), so float32 errors are not amplified
-    # step after step by weights of norm ~sqrt(hidden).
-    lstm_weights, gru_weights = ([(w / hidden**0.5).detach().requires_grad_() for w in weights(gates, True, hidden=hidden)] for gates in (4, 3))
-    torch.set_num_threads(threads)
+    blocks of 16, 16 and 5, shared unevenly by 2 threads and one each by 3.  A batch of
+    160 makes each block a task's worth of work (smaller steps run on one thread).  float64
+    against the reference; float32 bit for bit against the same call on one thread: the
+    outputs and the gradients of x and the initial states (the weights' gradients are one
+    ATen GEMM after the time loop, whose summation order follows the thread count)."""
+    previous_threads = torch.get_num_threads()
     try:
         for reverse in (False, True):
-            lstm_arguments = (x, h0, c0, *lstm_weights, None, LENGTHS, reverse)
-            gru_arguments = (x, h0, *gru_weights, LENGTHS, reverse)
-            compare("lstm_layer", lstm_arguments, torch.float64)
-            compare("gru_layer", gru_arguments, torch.float64)
-            assert_float32_error_at_most_twice_the_references("lstm_layer", lstm_arguments)
-            assert_float32_error_at_most_twice_the_references("gru_layer", gru_arguments)
+            for function_name, arguments in layer_arguments(160, 37, reverse).items():
+                torch.set_num_threads(threads)
+                compare(function_name, arguments, torch.float64)
+                kernel = backends.implementation(function_name, "cpu", "cpu")
+                split = outputs_and_gradients(kernel, in_float32(arguments))
+                torch.set_num_threads(1)
+                one_thread = outputs_and_gradients(kernel, in_float32(arguments))
+                states = 2 if function_name == "lstm_layer" else 1
+                outputs_and_state_gradients = (1 + states) + (1 + states)  # (output, states), grads of (x, states)
+                for index in range(outputs_and_state_gradients):
+                    torch.testing.assert_close(split[index], one_thread[index], rtol=0, atol=0,
+                                               msg=f"{function_name} result {index}")
     finally:
         torch.set_num_threads(previous_threads)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_layers_in_float32_err_at_most_twice_the_reference(reverse):
+    for function_name, arguments in layer_arguments(len(LENGTHS), 37, reverse).items():
+        assert_float32_error_at_most_twice_the_references(function_name, arguments)
 
 
 def test_lstm_projection_runs_the_reference_on_the_cpu_backend():
