@@ -35,11 +35,15 @@ def choice(name: str, value: object, choices: Sequence[object]) -> object:
     return value
 
 
-def reads_values() -> bool:
-    """Whether value checks run here (eager mode) or are skipped (torch.compile tracing, and
-    CUDA graph capture, where reading a value would synchronise the capturing stream: a
-    capture's warm-up run checks them)."""
-    return not torch.compiler.is_compiling() and not _capturing_cuda_graph()
+def reads_values(*tensors: torch.Tensor) -> bool:
+    """Whether value checks of ``tensors`` run here (eager mode) or are skipped (meta
+    tensors, which have no values; torch.compile tracing; CUDA graph capture, where reading
+    a value would synchronise the capturing stream: a capture's warm-up run checks them)."""
+    return (
+        not any(tensor.is_meta for tensor in tensors)
+        and not torch.compiler.is_compiling()
+        and not _capturing_cuda_graph()
+    )
 
 
 def _capturing_cuda_graph() -> bool:

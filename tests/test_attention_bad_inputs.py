@@ -516,3 +516,27 @@ def test_lengths_passed_again_are_not_read_again_until_they_change(backend_name)
         for _ in range(2):
             with pytest.raises(ValueError, match="lengths must lie in"):
                 fastattn.attention(QUERY, KEYS, lengths=lengths)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_lengths_are_range_checked_under_inference_mode(backend_name):
+    """Inference tensors have no version counter: valid lengths work (the check is not
+    cached), and lengths changed in place inside inference mode are checked again."""
+    expected = fastattn.attention(QUERY, KEYS, lengths=LENGTHS)
+    with fastattn.backend(backend_name), torch.inference_mode():
+        lengths = LENGTHS.clone()
+        torch.testing.assert_close(fastattn.attention(QUERY, KEYS, lengths=lengths), expected)
+        lengths.fill_(6)
+        with pytest.raises(ValueError, match=_names("lengths")):
+            fastattn.attention(QUERY, KEYS, lengths=lengths)
+
+
+def test_meta_lengths_and_center_are_checked_for_shape_only():
+    """Meta tensors have no values to range-check: shapes and dtypes still are."""
+    query, keys = QUERY.to("meta"), KEYS.to("meta")
+    lengths, center = LENGTHS.to("meta"), torch.zeros(2, 3, dtype=F64, device="meta")
+    assert fastattn.attention(query, keys, lengths=lengths).shape == (2, 3, 4)
+    assert fastattn.attention(query, keys, window=1, center=center).shape == (2, 3, 4)
+    assert Attention(4, 4, window=2, local="p").to("meta")(query.float(), keys.float())[0].shape == (2, 3, 4)
+    with pytest.raises(ValueError, match=_names("lengths")):
+        fastattn.attention(query, keys, lengths=LENGTHS.to("meta")[:1])

@@ -177,12 +177,15 @@ def masking_arguments(
 
 # The lengths tensor whose values were last found in [0, S]: (a weak reference to it, its
 # _version then, S).  A decoder passes the same lengths at every step; reading their range
-# again would cost two reductions and, on a GPU, a synchronisation per step.
+# again would cost two reductions and, on a GPU, a synchronisation per step.  Inference
+# tensors have no version counter (they are checked every time).
 _last_checked_lengths: tuple = (lambda: None, -1, -1)
 
 
 def _checked_before(lengths: torch.Tensor, source_length: int) -> bool:
     reference, version, checked_source_length = _last_checked_lengths
+    if lengths.is_inference():
+        return False
     return reference() is lengths and version == lengths._version and checked_source_length == source_length
 
 
@@ -192,13 +195,14 @@ def checked_lengths(lengths: object, layout: Layout, query: torch.Tensor, source
     checks.same_device("lengths", lengths, "query", query)
     given = lengths
     lengths = broadcast_over_batch("lengths", lengths, layout, (), "(B,) or (B, ...)")
-    if checks.reads_values() and lengths.numel() and not _checked_before(given, source_length):
+    if checks.reads_values(lengths) and lengths.numel() and not _checked_before(given, source_length):
         if lengths.min() < 0 or lengths.max() > source_length:
             raise ValueError(
                 f"lengths must lie in [0, S={source_length}], got values from "
                 f"{int(lengths.min())} to {int(lengths.max())}"
             )
-        _last_checked_lengths = (weakref.ref(given), given._version, source_length)
+        if not given.is_inference():
+            _last_checked_lengths = (weakref.ref(given), given._version, source_length)
     return lengths.to(torch.int64)
 
 
@@ -210,7 +214,7 @@ def _checked_center(center: object, layout: Layout, query: torch.Tensor, query_l
     trailing = () if layout.single_step else (query_length,)
     meaning = "(B,) for a single decoder step" if layout.single_step else f"(B, ..., T={query_length})"
     center = broadcast_over_batch("center", center, layout, trailing, meaning).reshape(layout.batch, query_length)
-    if checks.reads_values() and not torch.isfinite(center).all():
+    if checks.reads_values(center) and not torch.isfinite(center).all():
         raise ValueError("center must hold finite positions, got inf or NaN")
     return center
 
