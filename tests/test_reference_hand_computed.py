@@ -140,3 +140,20 @@ def test_cosine_of_a_zero_key_is_zero_not_nan():
     torch.testing.assert_close(weights, torch.tensor([softmax([0.0, 1 / math.sqrt(5)])], dtype=torch.float64))
     weights[0, 1].backward()
     assert torch.isfinite(keys.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("center", [2064.0, 2064.5])
+def test_low_precision_windows_are_exact_past_the_integers_of_the_dtype(dtype, center):
+    """Keys past 2048 (float16) or 256 (bfloat16) have no exact index in those dtypes:
+    the window [p - D, p + D] and the Gaussian factor's j - p are still exact.  Equal
+    scores (a zero query) give each of the 7 keys of the window 1/7 before the factor."""
+    query, keys = torch.zeros(1, 1, 2, dtype=dtype), torch.randn(1, 2100, 2).to(dtype)
+    p = torch.tensor([[center]], dtype=dtype)  # both centres are exact in float16, 2064 in bfloat16 too
+    with fastattn.backend("reference"):
+        _, weights = fastattn.attention(query, keys, window=3, center=p, return_weights=True)
+    inside = [j for j in range(2100) if p.item() - 3 <= j <= p.item() + 3]
+    assert weights[0, 0].nonzero().flatten().tolist() == inside
+    expected = [math.exp(-((j - p.item()) ** 2) / (2 * 1.5**2)) / len(inside) for j in inside]
+    torch.testing.assert_close(weights[0, 0, inside].double(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=2 * torch.finfo(dtype).eps, atol=0)

@@ -41,9 +41,18 @@ def valid_positions(
     if causal:
         valid = valid & (j[None, :] <= t[:, None])
     if window is not None:
-        p = window_centers(batch, query_length, center, device)
-        valid = valid & (j >= p.unsqueeze(-1) - window) & (j <= p.unsqueeze(-1) + window)
+        p = positions(window_centers(batch, query_length, center, device)).unsqueeze(-1)
+        valid = valid & (j >= p - window) & (j <= p + window)
     return valid
+
+
+def positions(values: torch.Tensor) -> torch.Tensor:
+    """Integer positions as they are, float ones in float32 at least: key indices j and
+    p_t +- D must compare and subtract exactly, which float16 / bfloat16 cannot do
+    past 2048 / 256."""
+    if values.is_floating_point():
+        return values.to(torch.promote_types(values.dtype, torch.float32))
+    return values
 
 
 def window_centers(
@@ -66,10 +75,12 @@ def masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def gaussian_factor(
     centers: torch.Tensor, source_length: int, window: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """exp(-(j - p_t)^2 / (2 sigma^2)), sigma = D / 2 (Luong 2015, eq. 10), (N, T, S)."""
-    j = torch.arange(source_length, device=centers.device, dtype=dtype)
+    """exp(-(j - p_t)^2 / (2 sigma^2)), sigma = D / 2 (Luong 2015, eq. 10), (N, T, S),
+    in ``dtype`` but with j - p_t taken in float32 at least (see :func:`positions`)."""
+    exact = torch.promote_types(dtype, torch.float32)
+    j = torch.arange(source_length, device=centers.device, dtype=exact)
     sigma = window / 2
-    return torch.exp(-((j - centers.unsqueeze(-1).to(dtype)) ** 2) / (2 * sigma**2))
+    return torch.exp(-((j - centers.unsqueeze(-1).to(exact)) ** 2) / (2 * sigma**2)).to(dtype)
 
 
 def attend(
