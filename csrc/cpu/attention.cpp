@@ -602,7 +602,11 @@ struct BackwardInputs {
   const T* grad_context = nullptr;  // (N, T, Dv)
   const T* grad_weights = nullptr;  // (N, T, S) or null
   const T* logsumexp = nullptr;     // (N, T)
-  const T* context = nullptr;       // (N, T, Dv), the forward's, or null; only without grad_weights
+  // (N, T): grad_context . context with the forward's context, without grad_weights (the
+  // row term r = sum_j p_j g_j dw_j is then exactly that), or null (r recomputed from the
+  // recomputed p_j).  Peaked rows need it: there r nearly cancels the largest g_j dw_j,
+  // and r from the recomputed p_j erred 20x the reference in float32 at scale 30.
+  const T* context_row_dot = nullptr;
 };
 
 template <typename T>
@@ -627,7 +631,7 @@ FASTATTN_ALWAYS_INLINE void additive_row_backward_from_context(const AttentionPr
                                                                 T* activation, T* grad_v_sum) {
   const int64_t score_dim = problem.score_dim, value_dim = problem.value_dim;
   const T* grad_context = in.grad_context + row * value_dim;
-  const T row_dot = dot_product<kBytes>(grad_context, in.context + row * value_dim, value_dim);
+  const T row_dot = in.context_row_dot[row];
   const T logsumexp = in.logsumexp[row];
   T* grad_query_row = out.grad_query + row * score_dim;
   T grad_center = T(0);
@@ -685,7 +689,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
       const T* query = prepare_query<T, kScore, kBytes>(problem, query_row, prepared.data(), &query_norm);
       const T center = problem.window_center(n, t);
       if constexpr (kScore == ScoreKind::kAdditive) {
-        if (in.context != nullptr) {
+        if (in.context_row_dot != nullptr) {
           additive_row_backward_from_context<T, kBytes>(problem, in, out, n, row, range, query, center,
                                                         activation.data(), grad_v_sum);
           if (grad_bias_sum != nullptr) axpy<kBytes>(grad_bias_sum, T(1), out.grad_query + row * score_dim, score_dim);
@@ -721,6 +725,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
           grad_center += grad_weight * probability * gaussian * fastattn::gaussian_log_slope(j, center, problem.window);
         }
       }
+      if (in.context_row_dot != nullptr) row_dot = in.context_row_dot[row];
       if (out.grad_center != nullptr) out.grad_center[row] = grad_center;
 
       T* grad_query_row = out.grad_query + row * score_dim;
@@ -1178,9 +1183,10 @@ at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
 // unit vectors (unit_rows), its gradients taken through them (through_unit_rows).
 // raw (N, T, S): q.k on entry, dE on exit; grad_weights (N, T, S): dW = dC . v_j
 // (+ the weights' gradient) on entry, scratch after; weights (N, T, S): W on exit.
+// context_row_dot (N, T), or null: r = dC . C (see BackwardInputs::context_row_dot).
 template <typename T>
 void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weights, T* weights, const T* lse,
-                        T* grad_center, int64_t row_begin, int64_t row_end) {
+                        T* grad_center, const T* context_row_dot, int64_t row_begin, int64_t row_end) {
   const int64_t query_length = problem.query_length, source_length = problem.source_length;
   for (int64_t row = row_begin; row < row_end; ++row) {
     T* scores = raw + row * source_length;
@@ -1214,6 +1220,7 @@ void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weig
         center_gradient += grad_weight * probability * gaussian * fastattn::gaussian_log_slope(j, center, problem.window);
       }
     }
+    if (context_row_dot != nullptr) row_dot = context_row_dot[row];
     if (grad_center != nullptr) grad_center[row] = center_gradient;
     for (int64_t j = range.begin; j < range.end; ++j) {
       scores[j] = problem.scale * fastattn::softmax_score_gradient(scores[j], grad_alpha[j], row_dot);
@@ -1317,15 +1324,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               " (the accumulation dtype), got ", logsumexp.scalar_type());
   TORCH_CHECK(logsumexp.dim() == 2 && logsumexp.size(0) == in.batch && logsumexp.size(1) == in.query_length, op,
               ": logsumexp must be (N=", in.batch, ", T=", in.query_length, "), got shape ", logsumexp.sizes());
-  // context: checked; the additive kernels take r = grad_context . context from it (one
-  // pass over the keys) when it is in the compute dtype (float32 / float64: exact enough)
-  // and grad_weights is absent; the other paths recompute r with the rest.
-  at::Tensor context_;
-  if (context.has_value() && context->defined()) {
-    check_like_context("context", *context);
-    if (context->scalar_type() == in.compute_dtype) context_ = context->contiguous();
-  }
   const at::Tensor grad_context_ = in_dtype(grad_context, in.compute_dtype).contiguous();
+  if (context.has_value() && context->defined()) check_like_context("context", *context);
   const at::Tensor logsumexp_ = logsumexp.contiguous();
   at::Tensor grad_weights_;
   if (grad_weights.has_value() && grad_weights->defined()) {
@@ -1335,6 +1335,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 op, ": grad_weights must be (N=", in.batch, ", T=", in.query_length, ", S=", in.source_length,
                 "), got shape ", grad_weights->sizes());
     grad_weights_ = in_dtype(*grad_weights, in.compute_dtype).contiguous();
+  }
+  // Without grad_weights, every kernel takes r = grad_context . context from the context
+  // (BackwardInputs::context_row_dot; additive in one pass over the keys) when it is in
+  // the compute dtype (float32 / float64: a rounded 16-bit context would not cancel
+  // peaked rows' score gradients); otherwise r is recomputed with the rest.
+  at::Tensor context_row_dot;
+  if (context.has_value() && context->defined() && context->scalar_type() == in.compute_dtype &&
+      !grad_weights_.defined()) {
+    context_row_dot = (grad_context_ * *context).sum(-1).contiguous();
   }
 
   const auto options = in.query.options();
@@ -1357,10 +1366,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       scalar_t* weights_data = weights.mutable_data_ptr<scalar_t>();
       const scalar_t* lse = logsumexp_.const_data_ptr<scalar_t>();
       scalar_t* center_data = wants_center ? grad_center.mutable_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* row_dots = context_row_dot.defined() ? context_row_dot.const_data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, in.batch * in.query_length, std::max<int64_t>(1, 16384 / in.source_length),
                        [&](int64_t begin, int64_t end) {
                          blas_backward_rows<scalar_t>(problem, raw_data, grad_alpha_data, weights_data, lse,
-                                                      center_data, begin, end);
+                                                      center_data, row_dots, begin, end);
                        });
     });
     at::Tensor grad_values = at::bmm(weights.transpose(1, 2), grad_context_);
@@ -1394,7 +1404,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     inputs.grad_context = grad_context_.const_data_ptr<scalar_t>();
     inputs.grad_weights = grad_weights_.defined() ? grad_weights_.const_data_ptr<scalar_t>() : nullptr;
     inputs.logsumexp = logsumexp_.const_data_ptr<scalar_t>();
-    if (additive && context_.defined() && !grad_weights_.defined()) inputs.context = context_.const_data_ptr<scalar_t>();
+    if (context_row_dot.defined()) inputs.context_row_dot = context_row_dot.const_data_ptr<scalar_t>();
     BackwardOutputs<scalar_t> out;
     out.grad_query = grad_query.mutable_data_ptr<scalar_t>();
     out.grad_keys = grad_keys.mutable_data_ptr<scalar_t>();
