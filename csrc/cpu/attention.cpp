@@ -597,6 +597,25 @@ FASTATTN_ALWAYS_INLINE void forward_rows(const AttentionProblem<T>& problem, con
 
 // ---------------------------------------------------------------- backward
 
+// The probabilities of a row from its own scores, p_j = exp(e_j - m) / sum_k exp(e_k - m)
+// (m: the row's maximum), as the forward's weights are.  exp(e_j - logsumexp) would carry
+// logsumexp's rounding (half an ulp of the largest score: 1e-5 relative at scores ~200 in
+// float32) into every p_j (the values' gradient of peaked rows erred 10x the
+// reference's).  scores[keys[c]]: e on entry, p on exit, for the row's `count` keys.
+template <typename T>
+FASTATTN_ALWAYS_INLINE void probabilities_of_row(T* scores, const int64_t* keys, int64_t count) {
+  T row_max = fastattn::negative_infinity<T>();
+  for (int64_t c = 0; c < count; ++c) row_max = std::max(row_max, scores[keys[c]]);
+  T sum = T(0);
+  for (int64_t c = 0; c < count; ++c) {
+    const T exponential = fastattn::exp_of(scores[keys[c]] - row_max);
+    scores[keys[c]] = exponential;
+    sum += exponential;
+  }
+  const T inverse_sum = T(1) / sum;
+  for (int64_t c = 0; c < count; ++c) scores[keys[c]] *= inverse_sum;
+}
+
 template <typename T>
 struct BackwardInputs {
   const T* grad_context = nullptr;  // (N, T, Dv)
@@ -709,11 +728,12 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
         }
       }
       score_keys<T, kScore, kBytes>(problem, query, n, visible_keys.data(), count, scores.data());
+      probabilities_of_row(scores.data(), visible_keys.data(), count);
       dot_with_values<kBytes>(problem, grad_context, n, visible_keys.data(), count, value_dots.data());
       T row_dot = T(0), grad_center = T(0);
       for (int64_t c = 0; c < count; ++c) {
         const int64_t j = visible_keys[c];
-        const T probability = fastattn::exp_of(scores[j] - logsumexp);
+        const T probability = scores[j];
         const T gaussian = problem.gaussian ? fastattn::gaussian_factor(j, center, problem.window) : T(1);
         T grad_weight = value_dots[c];
         if (grad_weights != nullptr) grad_weight += grad_weights[j];
@@ -1188,12 +1208,12 @@ template <typename T>
 void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weights, T* weights, const T* lse,
                         T* grad_center, const T* context_row_dot, int64_t row_begin, int64_t row_end) {
   const int64_t query_length = problem.query_length, source_length = problem.source_length;
+  std::vector<int64_t> visible_keys(source_length);
   for (int64_t row = row_begin; row < row_end; ++row) {
     T* scores = raw + row * source_length;
     T* grad_alpha = grad_weights + row * source_length;
     T* w = weights + row * source_length;
-    const T logsumexp = lse[row];
-    if (!(logsumexp > fastattn::negative_infinity<T>())) {  // fully masked: zero gradients
+    if (!(lse[row] > fastattn::negative_infinity<T>())) {  // fully masked: zero gradients
       std::fill(scores, scores + source_length, T(0));
       std::fill(w, w + source_length, T(0));
       continue;
@@ -1201,15 +1221,22 @@ void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weig
     const int64_t n = row / query_length, t = row % query_length;
     const KeyRange range = problem.keys_of(n, t);
     const T center = problem.window_center(n, t);
-    T row_dot = T(0), center_gradient = T(0);
+    int64_t count = 0;
     for (int64_t j = 0; j < source_length; ++j) {
       if (j < range.begin || j >= range.end || problem.is_padding(n, j)) {
         scores[j] = T(0);
         grad_alpha[j] = T(0);
         w[j] = T(0);
-        continue;
+      } else {
+        scores[j] *= problem.scale;
+        visible_keys[count++] = j;
       }
-      const T probability = fastattn::exp_of(scores[j] * problem.scale - logsumexp);
+    }
+    probabilities_of_row(scores, visible_keys.data(), count);
+    T row_dot = T(0), center_gradient = T(0);
+    for (int64_t c = 0; c < count; ++c) {
+      const int64_t j = visible_keys[c];
+      const T probability = scores[j];
       const T gaussian = problem.gaussian ? fastattn::gaussian_factor(j, center, problem.window) : T(1);
       const T grad_weight = grad_alpha[j];
       scores[j] = probability;
