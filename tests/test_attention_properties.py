@@ -551,6 +551,29 @@ def test_sdpa_matches_torch(backend_name, problem):
 
 
 @backends
+@pytest.mark.parametrize(
+    "shapes, options",
+    [
+        (((2, 3, 3, 4), (1, 3, 5, 4), (1, 3, 5, 6)), {}),  # keys and values shared by the batch
+        (((1, 3, 4), (2, 5, 4), (5, 6)), {"is_causal": True}),  # the query and the values broadcast
+        (((2, 6, 3, 4), (2, 2, 5, 4), (2, 1, 5, 6)), {"enable_gqa": True}),  # grouped-query heads
+        (((6, 3, 4), (2, 5, 4), (3, 5, 4)), {"enable_gqa": True, "scale": 0.3}),
+    ],
+)
+def test_sdpa_broadcasts_and_groups_query_heads_as_torch(backend_name, shapes, options):
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(*shape, dtype=DTYPE, generator=generator) for shape in shapes]
+    ours, theirs = ([t.clone().requires_grad_() for t in tensors] for _ in range(2))
+    with fastattn.backend(backend_name):
+        got = fastattn.scaled_dot_product_attention(*ours, **options)
+    expected = F.scaled_dot_product_attention(*theirs, **options)
+    torch.testing.assert_close(got, expected)
+    cotangent = torch.randn(got.shape, dtype=DTYPE, generator=generator)
+    for mine, reference in zip(torch.autograd.grad(got, ours, cotangent), torch.autograd.grad(expected, theirs, cotangent)):
+        torch.testing.assert_close(mine, reference)
+
+
+@backends
 @given(problem=sdpa_problems(allow_fully_masked=True))
 def test_sdpa_fully_masked_rows_give_zeros_not_nan(backend_name, problem):
     query, key, value, options = problem

@@ -180,23 +180,29 @@ def hard_attention(
     )
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Same arguments and results, except that a query row that may attend to no key
     returns zeros instead of NaN, and that empty lengths or feature dimensions are
     refused (ValueError) rather than computed.  query (..., L, E), key (..., S, E),
-    value (..., S, Ev) with the same leading dimensions; attn_mask broadcastable to
-    (..., L, S), bool (True = may attend) or float (added to the scores).
+    value (..., S, Ev) with leading dimensions that broadcast together; attn_mask
+    broadcastable to (..., L, S), bool (True = may attend) or float (added to the
+    scores).  ``enable_gqa``: key and value may have fewer heads (dimension -3) than
+    query, each a divisor of its count (grouped-query attention: head h of the query
+    reads key head h // (Hq / Hk)).
     """
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         checks.float_tensor(name, tensor)
         checks.like(name, tensor, "query", query)
-        if tensor.dim() < 2 or tensor.shape[:-2] != query.shape[:-2]:
-            raise ValueError(
-                f"{name} must have shape (..., length, features) with the leading dimensions "
-                f"{tuple(query.shape[:-2])} of query, got {checks.describe(tensor)}"
-            )
+        if tensor.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., length, features), got {checks.describe(tensor)}")
+    if checks.flag("enable_gqa", enable_gqa):
+        key, value = (_repeated_heads(name, tensor, query) for name, tensor in (("key", key), ("value", value)))
+    query, key, value = _broadcast_leading_dimensions(query, key, value)
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
         if tensor.shape[-2] == 0:
             raise ValueError(f"{name} must have at least one position (length >= 1), got {checks.describe(tensor)}")
         check_features(name, tensor)
@@ -228,6 +234,34 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         scale=scale,
     )
     return layout.unfold_per_query(context)
+
+
+def _repeated_heads(name: str, tensor: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention: ``tensor``'s heads (dimension -3) repeated to query's count."""
+    if tensor.dim() < 3 or query.dim() < 3:
+        raise ValueError(
+            f"{name} must have a heads dimension (..., heads, length, features) with enable_gqa, got "
+            f"{checks.describe(tensor)} for query {tuple(query.shape)}"
+        )
+    heads, query_heads = tensor.shape[-3], query.shape[-3]
+    if heads == 0 or query_heads % heads:
+        raise ValueError(
+            f"{name} must have a number of heads that divides query's {query_heads} with enable_gqa, "
+            f"got {checks.describe(tensor)}"
+        )
+    return tensor.repeat_interleave(query_heads // heads, dim=-3) if heads != query_heads else tensor
+
+
+def _broadcast_leading_dimensions(query, key, value):
+    """query, key and value expanded to the broadcast of their leading dimensions (as torch does)."""
+    try:
+        lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"query, key and value must have leading dimensions that broadcast together, got query "
+            f"{tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)}"
+        ) from None
+    return (tensor.expand(*lead, *tensor.shape[-2:]) for tensor in (query, key, value))
 
 
 def _sdpa_mask(attn_mask, query, layout: Layout, query_length: int, source_length: int) -> torch.Tensor:
