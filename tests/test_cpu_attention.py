@@ -420,3 +420,39 @@ def test_float32_gradients_of_peaked_rows_err_at_most_twice_the_reference(score,
     exact, reference_run, kernel_run = gradients("reference", torch.float64), gradients("reference", torch.float32), gradients("cpu", torch.float32)
     for name, truth, theirs, ours in zip(("query", "keys", "values"), exact, reference_run, kernel_run):
         assert (ours - truth).abs().max() <= 2 * (theirs - truth).abs().max(), name
+
+
+@pytest.mark.parametrize("path", ["per_row", "matrix_multiply"])
+@pytest.mark.parametrize("score", ["scaled_dot", "cosine", "additive"])
+def test_nan_inputs_give_nan_rows_as_in_the_reference_not_masked_ones(score, path):
+    """A NaN in a key makes every row that sees it NaN (context, weights, gradients), a
+    NaN query row its own row: as the reference's softmax does, not a fully masked row's
+    zeros.  A NaN in padding (batch 1, key 4 past its length) leaves the outputs finite
+    (its gradients are not compared: dense products, the reference's and the matrix-
+    multiply path's, leak it into them as 0 x NaN, the per-row kernels do not)."""
+    if score == "additive" and path == "matrix_multiply":
+        pytest.skip("the additive score has no matrix-multiply path")
+    query_dim, key_dim, value_dim, length = (5, 6, 4, 7) if path == "per_row" else (128, 128, 40, 17)
+    key_dim = key_dim_for(score, query_dim, key_dim)
+    generator = torch.Generator().manual_seed(0)
+    query, keys, values = (torch.randn(3, length, dim, generator=generator, dtype=torch.float64)
+                           for dim in (query_dim, key_dim, value_dim))
+    keys[0, 4, 1] = float("nan")  # batch 0: every row sees key 4 ...
+    lengths = torch.tensor([length, 3, length])  # ... batch 1 does not (its key 4 is NaN too)
+    keys[1, 4, 1] = float("nan")
+    query[2, 2, 0] = float("nan")  # batch 2: row 2 alone
+    parameters = score_parameters(score, query_dim, key_dim, attention_dim=9, max_source_len=length, generator=generator)
+
+    def outputs_and_gradients(backend_name):
+        leaves = [t.clone().requires_grad_() for t in (query, keys, values)]
+        with fastattn.backend(backend_name):
+            context, weights = fastattn.attention(*leaves, score=score, lengths=lengths, return_weights=True, **parameters)
+        gradients = torch.autograd.grad((context.sum(), weights.sum()), leaves)
+        return context, weights, *gradients
+
+    expected, got = outputs_and_gradients("reference"), outputs_and_gradients("cpu")
+    assert expected[0][0].isnan().all() and expected[0][1].isfinite().all() and expected[0][2, 2].isnan().all()
+    assert got[0][1].isfinite().all() and got[1][1].isfinite().all()
+    for name, want, actual in zip(("context", "weights", "grad query", "grad keys", "grad values"), expected, got):
+        batches = [0, 1, 2] if name in ("context", "weights") else [0, 2]
+        torch.testing.assert_close(actual[batches], want[batches], equal_nan=True, rtol=1e-9, atol=1e-12, msg=name)

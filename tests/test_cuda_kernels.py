@@ -582,15 +582,16 @@ def emulated_case(score, shape, mode, dtype, shared_keys=False):
             window, cast(center), gaussian]
 
 
-def assert_matches_cpu_op(got, want, tolerance, what):
-    """Equal infinities count as equal (logsumexp of a fully masked row); the rest to
-    `tolerance` relative to max(1, largest finite entry)."""
+def assert_matches_cpu_op(got, want, tolerance, what, equal_nan=False):
+    """Equal infinities count as equal (logsumexp of a fully masked row), NaNs too with
+    ``equal_nan``; the rest to `tolerance` relative to max(1, largest finite entry)."""
     for index, (actual, expected) in enumerate(zip(got, want)):
         if expected is None or expected.numel() == 0:
             assert actual is None or actual.numel() == 0, (what, index)
             continue
         actual, expected = actual.double(), expected.double()
-        error = torch.where(actual == expected, torch.zeros(()), (actual - expected).abs()).max()
+        same = (actual == expected) | (actual.isnan() & expected.isnan()) if equal_nan else actual == expected
+        error = torch.where(same, torch.zeros(()), (actual - expected).abs()).max()
         finite = expected[torch.isfinite(expected)]
         scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
         assert error <= tolerance * scale, (what, index, float(error))
@@ -649,6 +650,29 @@ def test_emulated_attention_kernels_match_the_cpu_op(emulated, score, case, dtyp
                               and dtype in emulation.ROW_DOT_FROM_CONTEXT)
         assert splits == (forward_splits if from_context_alone else 1)
         assert_matches_cpu_op(got, expected, tolerance if dtype == torch.float64 else 10 * tolerance, "backward")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("score", ["dot", "additive"])
+@pytest.mark.parametrize("case", [EMULATED_CASES[0], EMULATED_CASES[3]], ids=["decode_splits", "multi_query"])
+def test_emulated_attention_kernels_give_nan_rows_for_nan_inputs_as_the_cpu_op(emulated, score, case):
+    """A NaN key makes batch 0's rows that see it NaN, a NaN query row its own row
+    (forward and backward), as the CPU op (and the reference) do; the other rows stay
+    as they were."""
+    shape, mode, _ = case
+    arguments = emulated_case(score, shape, mode, torch.float64)
+    arguments[1] = arguments[1].clone()
+    arguments[1][0, 4, 1] = float("nan")
+    arguments[0] = arguments[0].clone()
+    arguments[0][1, -1, 0] = float("nan")
+    want = torch.ops.fastattn.attention_forward(*arguments, True)
+    assert want[0][0, -1].isnan().all() and want[0][1, -1].isnan().all() and want[0][1, :-1].isfinite().all()
+    context, weights, logsumexp, _ = emulation.attention_forward(emulated, arguments, True)
+    assert_matches_cpu_op([context, weights, logsumexp], want, 1e-10, "forward", equal_nan=True)
+    grad_context = torch.randn(want[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, want[2])
+    *got, _ = emulation.attention_backward(emulated, grad_context, None, arguments, logsumexp, None)
+    assert_matches_cpu_op(got, expected, 1e-10, "backward", equal_nan=True)
 
 
 @pytest.mark.slow

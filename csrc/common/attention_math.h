@@ -50,6 +50,14 @@ struct PropagatingMax {
 FASTATTN_HOST_DEVICE float tanh_of(float x) { return fast_tanh_with(x, PropagatingMin{}, PropagatingMax{}); }
 FASTATTN_HOST_DEVICE double tanh_of(double x) { return ::tanh(x); }
 
+// max(running, score) that keeps a NaN: NaN once either is NaN, so that a NaN score
+// makes its row NaN (as the reference's softmax does) instead of being skipped.
+template <typename Real>
+FASTATTN_HOST_DEVICE Real nan_or_max(Real running, Real score) {
+  if (running != running) return running;
+  return score > running || score != score ? score : running;
+}
+
 template <typename Real>
 FASTATTN_HOST_DEVICE Real negative_infinity() {
   return -static_cast<Real>(INFINITY);
@@ -140,9 +148,10 @@ struct OnlineSoftmax {
 
   FASTATTN_HOST_DEVICE OnlineSoftmax() : max_score(negative_infinity<Acc>()), sum(Acc(0)) {}
 
-  // -> the factor (<= 1) that rescales sums built on the previous max.
+  // -> the factor (<= 1) that rescales sums built on the previous max.  A NaN block max
+  // (a NaN score) stays the max: every later probability, the sum and the row are NaN.
   FASTATTN_HOST_DEVICE Acc raise_max(Acc block_max) {
-    if (!(block_max > max_score)) return Acc(1);
+    if (!(block_max > max_score) && block_max == block_max) return Acc(1);
     const Acc factor = max_score == negative_infinity<Acc>() ? Acc(0) : exp_of(max_score - block_max);
     sum *= factor;
     max_score = block_max;
@@ -156,8 +165,9 @@ struct OnlineSoftmax {
     return probability;
   }
 
-  // No key seen: a fully masked row (zero context, zero weights, lse = -inf).
-  FASTATTN_HOST_DEVICE bool empty() const { return !(sum > Acc(0)); }
+  // No key seen: a fully masked row (zero context, zero weights, lse = -inf).  A NaN sum
+  // (a NaN or +inf score) is not empty: it reaches the outputs, as in the reference.
+  FASTATTN_HOST_DEVICE bool empty() const { return sum == Acc(0); }
 
   FASTATTN_HOST_DEVICE Acc logsumexp() const {
     return empty() ? negative_infinity<Acc>() : max_score + log_of(sum);
@@ -180,7 +190,7 @@ struct MergedSplits {
       : max_score(negative_infinity<Acc>()), sum(Acc(0)) {
     for (int64_t s = 0; s < splits; ++s) {
       const Acc m = split_max(s);
-      max_score = m > max_score ? m : max_score;
+      max_score = m > max_score || m != m ? m : max_score;  // NaN once a split's is NaN
     }
     if (max_score == negative_infinity<Acc>()) return;
     for (int64_t s = 0; s < splits; ++s) {
@@ -189,8 +199,9 @@ struct MergedSplits {
     }
   }
 
-  // No split saw a key: a fully masked row (zero context, zero weights, lse = -inf).
-  FASTATTN_HOST_DEVICE bool empty() const { return !(sum > Acc(0)); }
+  // No split saw a key: a fully masked row (zero context, zero weights, lse = -inf).  A
+  // NaN sum is not empty (see OnlineSoftmax::empty).
+  FASTATTN_HOST_DEVICE bool empty() const { return sum == Acc(0); }
 
   // exp(m_s - M) / L, the factor of split s's context; 0 for an empty row or split.
   FASTATTN_HOST_DEVICE Acc context_factor(Acc split_max) const {

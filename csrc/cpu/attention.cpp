@@ -24,11 +24,15 @@
 //   unit vectors, then through them).
 // Backward: parallel over n (each n owns its grad_keys / grad_values rows; chunk-
 //   local grad_v / grad_bias summed at the end): no races, deterministic.  Scores
-//   and tanh are recomputed from the saved logsumexp, never stored: per row a pass
-//   over the keys for r = sum_j p_j dw_j, then one for the gradients; the additive
-//   score, given the forward's context (float32 / float64) and no grad_weights,
-//   takes r = grad_context . context instead and each key's tanh once, for its
-//   score and its gradients together (one pass, additive_row_backward_from_context).
+//   and tanh are recomputed, never stored: per row a pass over the keys for their
+//   probabilities (normalised over the row, probabilities_of_row: the saved
+//   logsumexp only marks fully masked rows) and r = sum_j p_j dw_j, then one for the
+//   gradients.  Given the forward's context (float32 / float64) and no grad_weights,
+//   r = grad_context . context instead (exact where peaked rows cancel), and the
+//   additive score takes each key's tanh once, for its score and its gradients
+//   together (one pass from the logsumexp, additive_row_backward_from_context).
+// NaN: a NaN score (a NaN input, or inf - inf) makes its row NaN, as the reference's
+//   softmax does; only rows with no visible key are zeros.
 // Vectorisation: inner loops over the feature dimension use Simd<T, bytes>
 //   vectors (below: why not at::vec::Vectorized), fast_tanh_with on float lanes.
 //   Every kernel is compiled twice, for the baseline ISA and with AVX2+FMA (a
@@ -555,8 +559,8 @@ FASTATTN_ALWAYS_INLINE void forward_rows(const AttentionProblem<T>& problem, con
       }
       if (count == 0) continue;
       score_keys<T, kScore, kBytes>(problem, query, n, block_keys, count, scores.data());
-      T block_max = minus_infinity;
-      for (int64_t c = 0; c < count; ++c) block_max = std::max(block_max, scores[block_keys[c]]);
+      T block_max = minus_infinity;  // NaN once a score is NaN: the row's outputs are then NaN
+      for (int64_t c = 0; c < count; ++c) block_max = fastattn::nan_or_max(block_max, scores[block_keys[c]]);
       if (block_max == minus_infinity) continue;
       const T factor = softmax.raise_max(block_max);
       if (factor != T(1)) scale_in_place<kBytes>(context.data(), factor, value_dim);
@@ -701,7 +705,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
     for (int64_t t = 0; t < query_length; ++t) {
       const int64_t row = n * query_length + t;
       const T logsumexp = in.logsumexp[row];
-      if (!(logsumexp > fastattn::negative_infinity<T>())) continue;  // fully masked: zero gradients
+      if (logsumexp == fastattn::negative_infinity<T>()) continue;  // fully masked: zero gradients
       const KeyRange range = problem.keys_of(n, t);
       const T* query_row = problem.query + row * score_dim;
       T query_norm = T(0);
@@ -1108,7 +1112,7 @@ void blas_mask_rows(const AttentionProblem<T>& problem, T* raw, T* row_max, int6
       }
       const T score = score_from_dot<T, kScore>(problem, scores[j], n, j);
       scores[j] = score;
-      if (score > max_score) {
+      if (max_score == max_score && (score > max_score || score != score)) {  // a NaN score: a NaN row
         max_score = score;
         argmax = j;
       }
@@ -1213,7 +1217,7 @@ void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weig
     T* scores = raw + row * source_length;
     T* grad_alpha = grad_weights + row * source_length;
     T* w = weights + row * source_length;
-    if (!(lse[row] > fastattn::negative_infinity<T>())) {  // fully masked: zero gradients
+    if (lse[row] == fastattn::negative_infinity<T>()) {  // fully masked: zero gradients
       std::fill(scores, scores + source_length, T(0));
       std::fill(w, w + source_length, T(0));
       continue;

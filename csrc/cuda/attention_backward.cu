@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kThreads)
     const A lse = logsumexp[row];
     const int64_t n = row / p.query_length, t = row % p.query_length;
     KeyRange range = p.keys_of(n, t);
-    if (!(lse > minus_infinity)) range.end = range.begin;  // fully masked row: zero gradients (uniform)
+    if (lse == minus_infinity) range.end = range.begin;  // fully masked row: zero gradients (uniform); NaN: NaN
     const int64_t per_split = (range.end - range.begin + splits - 1) / splits;
     const int64_t chunk_begin = range.begin + split * per_split;
     const int64_t chunk_end = chunk_begin + per_split < range.end ? chunk_begin + per_split : range.end;
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t t = tile + c, row = n * T_ + t;
         const A lse = logsumexp[row];
         A coefficient = A(0), weight = A(0);
-        if (lse > minus_infinity && p.keys_of(n, t).contains(j)) {
+        if (lse != minus_infinity && p.keys_of(n, t).contains(j)) {  // a NaN row's lse (NaN) passes: NaN gradients
           const auto sums = pair_sums<kScore, kVec, T>(resident, p.query_row(row), p.v, D);
           A score = sums.dot;
           if (kScore == ScoreKind::kDot) score = sums.dot * p.scale;

@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
       A tile_max = minus_infinity;
-      for (int c = 0; c < count; ++c) tile_max = tile_score[c] > tile_max ? tile_score[c] : tile_max;
+      for (int c = 0; c < count; ++c) tile_max = nan_or_max(tile_max, tile_score[c]);
       if (tile_max == minus_infinity) {  // every key of the tile is padding (uniform branch)
         __syncthreads();
         continue;
