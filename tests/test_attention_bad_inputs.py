@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.nn import Attention
+from fastattn.nn import Attention, AttentionDecoderCell
 from tests.problems import cpu_backends
 
 BACKENDS = cpu_backends()
@@ -473,6 +473,22 @@ def test_cache_and_keys_together_are_refused(backend_name):
 def test_precompute_checks_the_keys(keys, error):
     with pytest.raises(error, match=_names("keys")):
         Attention(4, 4).precompute(keys)
+
+
+@pytest.mark.parametrize(
+    "values", [_f32(2, 5, 3), _f32(2, 4, 4), np.zeros((2, 5, 4))], ids=["features", "positions", "numpy"]
+)
+def test_precompute_checks_the_values(values):
+    with pytest.raises((ValueError, TypeError), match=_names("values")):
+        Attention(4, 4).precompute(F32_KEYS, values)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_a_decoder_step_checks_the_batch_of_its_cache(backend_name):
+    decoder = AttentionDecoderCell(3, 6, 4)
+    cache = decoder.precompute(F32_KEYS)  # batch 2
+    with fastattn.backend(backend_name), pytest.raises(ValueError, match=_names("cache")):
+        decoder(torch.randn(3, 3), None, cache)
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

@@ -76,6 +76,24 @@ def test_local_p_predicts_the_center_from_the_query():
     assert module.position_v.grad.abs().sum() > 0  # trained through the Gaussian
 
 
+@pytest.mark.parametrize("single_step", [False, True])
+def test_local_p_centers_do_not_depend_on_how_a_source_is_padded(single_step):
+    """p_t = S sigmoid(...) with S the source's own length: padding given by lengths or
+    by key_padding_mask (or both) gives the unpadded source's outputs."""
+    torch.manual_seed(0)
+    module = Attention(8, 8, score="dot", window=2, local="p")
+    query = torch.randn(2, 8) if single_step else torch.randn(2, 3, 8)
+    keys = torch.randn(2, 4, 8)
+    padded = torch.cat([keys, torch.randn(2, 6, 8)], 1)
+    padding = torch.arange(10).expand(2, 10) >= 4
+    expected = module(query, keys)
+    for masks in ({"lengths": torch.tensor([4, 4])}, {"key_padding_mask": padding},
+                  {"lengths": torch.tensor([6, 10]), "key_padding_mask": padding}):
+        context, weights = module(query, padded, **masks)
+        torch.testing.assert_close(context, expected[0])
+        torch.testing.assert_close(weights[..., :4], expected[1])
+
+
 def test_local_m_window_and_return_weights_false():
     module, _ = module_for("general", window=1)
     assert module.local == "m"

@@ -126,6 +126,18 @@ def broadcast_over_batch(name: str, mask: torch.Tensor, layout: Layout, trailing
     return padded.expand((*layout.lead, *trailing)).reshape((layout.batch, *trailing))
 
 
+def checked_key_padding_mask(key_padding_mask: object, layout: Layout, query: torch.Tensor, source_length: int) -> torch.Tensor:
+    """The (N, S) bool mask of a (B, ..., S) or grid (B, ..., H, W) ``key_padding_mask``."""
+    checks.bool_tensor("key_padding_mask", key_padding_mask)
+    checks.same_device("key_padding_mask", key_padding_mask, "query", query)
+    trailing = (source_length,)
+    if layout.grid is not None and tuple(key_padding_mask.shape[-2:]) == layout.grid:
+        trailing = layout.grid
+    return broadcast_over_batch(
+        "key_padding_mask", key_padding_mask, layout, trailing, f"(B, ..., {', '.join(map(str, trailing))})"
+    ).reshape(layout.batch, source_length)
+
+
 def masking_arguments(
     layout: Layout,
     query: torch.Tensor,
@@ -152,14 +164,7 @@ def masking_arguments(
     if lengths is not None:
         lengths = checked_lengths(lengths, layout, query, source_length)
     if key_padding_mask is not None:
-        checks.bool_tensor("key_padding_mask", key_padding_mask)
-        checks.same_device("key_padding_mask", key_padding_mask, "query", query)
-        trailing = (source_length,)
-        if layout.grid is not None and tuple(key_padding_mask.shape[-2:]) == layout.grid:
-            trailing = layout.grid
-        key_padding_mask = broadcast_over_batch(
-            "key_padding_mask", key_padding_mask, layout, trailing, f"(B, ..., {', '.join(map(str, trailing))})"
-        ).reshape(layout.batch, source_length)
+        key_padding_mask = checked_key_padding_mask(key_padding_mask, layout, query, source_length)
     if center is not None:
         center = _checked_center(center, layout, query, query_length, window)
     gaussian = center is not None if gaussian is None else gaussian

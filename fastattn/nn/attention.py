@@ -16,7 +16,7 @@ import torch
 
 from fastattn import checks
 from fastattn.functional.attention import additive_attention, attention
-from fastattn.functional.attention_inputs import SCORES, checked_lengths, layout_of
+from fastattn.functional.attention_inputs import SCORES, checked_key_padding_mask, checked_lengths, layout_of
 
 LOCAL_KINDS = (None, "m", "p")
 
@@ -96,7 +96,15 @@ class Attention(torch.nn.Module):
     def precompute(self, keys: torch.Tensor, values: torch.Tensor | None = None) -> AttentionCache:
         """Work on the keys that does not depend on the query, done once per source."""
         self._check_input("keys", keys, self.key_dim)
-        values = keys if values is None else values
+        if values is None:
+            values = keys
+        else:
+            self._check_input("values", values, self.value_dim)
+            if values.shape[:-1] != keys.shape[:-1]:
+                raise ValueError(
+                    f"values must have the positions of keys {tuple(keys.shape[:-1])} before its features, "
+                    f"got {checks.describe(values)}"
+                )
         projected = None
         if self.score == "additive":
             projected = keys @ self.w_key.T
@@ -136,7 +144,7 @@ class Attention(torch.nn.Module):
             lengths=lengths,
             key_padding_mask=key_padding_mask,
             window=self.window,
-            center=self._predicted_centers(query, cache.keys, layout, lengths),
+            center=self._predicted_centers(query, cache.keys, layout, lengths, key_padding_mask),
         )
         if self.score == "additive":
             outputs = additive_attention(
@@ -174,16 +182,26 @@ class Attention(torch.nn.Module):
             checks.like(name, tensor, "the module's parameters", parameter)
 
     def _predicted_centers(
-        self, query: torch.Tensor, keys: torch.Tensor, layout, lengths: object
+        self, query: torch.Tensor, keys: torch.Tensor, layout, lengths: object, key_padding_mask: object
     ) -> torch.Tensor | None:
-        """p_t = S * sigmoid(v_p^T tanh(W_p s_t)) for local-p, with S each source's length."""
+        """p_t = S * sigmoid(v_p^T tanh(W_p s_t)) for local-p, with S each source's length:
+        its keys within ``lengths`` and not padding (the same p_t for a source however it
+        is padded, by lengths or by a mask)."""
         if self.local != "p":
             return None
         fraction = torch.sigmoid(torch.tanh(query @ self.position_weight.T) @ self.position_v)
         source_length = keys.shape[len(layout.lead) : -1].numel()
-        if lengths is None:
+        if lengths is None and key_padding_mask is None:
             return fraction * source_length
-        sizes = checked_lengths(lengths, layout, query, source_length).reshape(layout.lead)
+        if key_padding_mask is None:
+            sizes = checked_lengths(lengths, layout, query, source_length)
+        else:
+            visible = ~checked_key_padding_mask(key_padding_mask, layout, query, source_length)
+            if lengths is not None:
+                positions = torch.arange(source_length, device=query.device)
+                visible = visible & (positions < checked_lengths(lengths, layout, query, source_length)[:, None])
+            sizes = visible.sum(-1)
+        sizes = sizes.reshape(layout.lead)
         if not layout.single_step:
             sizes = sizes.unsqueeze(-1)
         return fraction * sizes.to(fraction.dtype)

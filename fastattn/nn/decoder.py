@@ -82,6 +82,11 @@ class AttentionDecoderCell(torch.nn.Module):
         checks.float_tensor("y_prev_embedded", y_prev_embedded)
         checks.shape("y_prev_embedded", y_prev_embedded, (None, self.input_size), f"(B, input_size={self.input_size})")
         self.attention.check_cache(cache)
+        if cache.keys.dim() < 3 or cache.keys.shape[0] != y_prev_embedded.shape[0]:
+            raise ValueError(
+                f"cache must hold the keys (B={y_prev_embedded.shape[0]}, S, key_dim) of y_prev_embedded's batch, "
+                f"got keys {checks.describe(cache.keys)}"
+            )
         if state is None:
             state = self.initial_state(y_prev_embedded.shape[0], y_prev_embedded)
         else:

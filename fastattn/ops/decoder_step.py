@@ -8,9 +8,10 @@ the state by W_q inside the op), location over W_a[:S] shared by the batch.  Ima
 keys (B, H, W, D) go in flattened to (B, H W, D), their weights come back as (B, H, W);
 local-p attention hands the op its W_p and v_p, and the op predicts the window's centre.
 It answers None, and the module composes the step, for what the op does not cover:
-local-m windows (which a single step rejects), keys of another rank, and dtypes
-outside ``dtypes`` (float16 / bfloat16 on backends whose kernels compute only float32 /
-float64).  On CUDA tensors without gradients the op runs
+local-m windows (which a single step rejects), local-p with a key_padding_mask (the
+op takes a source's length for p_t from lengths alone), keys of another rank, and
+dtypes outside ``dtypes`` (float16 / bfloat16 on backends whose kernels compute only
+float32 / float64).  On CUDA tensors without gradients the op runs
 attention_decoder_step_inference (csrc/decoder_step.cpp routes it), whose fake (meta)
 kernel is here.
 """
@@ -64,7 +65,9 @@ def attention_decoder_step(decoder, y_prev_embedded, state, cache, *, lengths, k
     fused op does not cover this configuration (``dtypes``: those the backend's ops
     take).  Arguments are checked by the module."""
     attention = decoder.attention
-    if attention.local == "m" or cache.keys.dim() not in (3, 4) or y_prev_embedded.dtype not in dtypes:
+    if attention.local == "m" or (attention.local == "p" and key_padding_mask is not None):
+        return None
+    if cache.keys.dim() not in (3, 4) or y_prev_embedded.dtype not in dtypes:
         return None
     batch, grid = y_prev_embedded.shape[0], tuple(cache.keys.shape[1:-1])
     source_length = math.prod(grid)
