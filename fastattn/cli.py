@@ -100,6 +100,8 @@ def _run_bench(arguments: argparse.Namespace) -> int:
 
 def _run_profile(arguments: argparse.Namespace) -> int:
     bench.check_device(arguments.device)
+    if arguments.trace:
+        bench_output.open_output(arguments.trace).close()  # a bad path fails before the run
     preset = profiling.resized(
         bench.preset_named(arguments.preset), **{name: getattr(arguments, name) for name in profiling.SHAPE_FIELDS}
     )

@@ -168,3 +168,18 @@ def test_plot_to_an_unwritable_path_fails_before_timing(tmp_path, capsys):
         ["bench", "--preset", "tiny", "--device", "cpu", "--ops", "lstm_cell", "--plot", str(tmp_path / "no" / "x.png")],
         capsys, "cannot write",
     )
+
+
+def test_plot_in_a_format_matplotlib_lacks_fails_before_timing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("fastattn.bench.run", lambda *arguments, **keywords: pytest.fail("the cases ran"))
+    _fails_cleanly(
+        ["bench", "--preset", "tiny", "--device", "cpu", "--ops", "lstm_cell", "--plot", str(tmp_path / "x.jpgx")],
+        capsys, "--plot writes the formats",
+    )
+    assert not (tmp_path / "x.jpgx").exists()
+
+
+@pytest.mark.parametrize("trace", ["missing/trace.json", "."], ids=["missing-folder", "a-folder"])
+def test_profile_trace_to_an_unwritable_path_fails_before_the_run(tmp_path, capsys, trace):
+    _fails_cleanly(["profile", "lstm_cell.forward", "--preset", "tiny", "--trace", str(tmp_path / trace)],
+                   capsys, "cannot write")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 from typing import Sequence, TextIO
 
 from fastattn.bench.cases import BenchError
@@ -117,11 +118,16 @@ def write_csv(file: TextIO, results: list[Result]) -> None:
 
 
 def check_plot_path(path: str) -> None:
-    """Fails before the timings when matplotlib is missing or the file cannot be written."""
+    """Fails before the timings when matplotlib is missing, cannot write the format the
+    file's extension names, or the file cannot be written."""
     try:
-        import matplotlib  # noqa: F401
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError as error:
         raise BenchError("--plot needs matplotlib (pip install matplotlib)") from error
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(path)[1][1:].lower()
+    if extension and extension not in formats:
+        raise BenchError(f"cannot write {path}: --plot writes the formats {', '.join(sorted(formats))} (named by the extension)")
     open_output(path).close()
 
 
