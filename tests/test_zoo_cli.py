@@ -1,7 +1,9 @@
 """``fastattn train`` / ``fastattn eval`` end to end, and bad input giving one clear line."""
 
+import errno
 import json
 import math
+import os
 
 import pytest
 
@@ -32,7 +34,7 @@ def one_error_line(capsys, code, expected_status=1):
     return lines[0]
 
 
-def test_translate_trains_reports_bleu_and_evaluates_on_unseen_data(tmp_path, capsys):
+def test_translate_trains_reports_bleu_and_evaluates_on_unseen_data(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     code = main(["train", "translate", "--data", str(corpus(tmp_path)), "--epochs", "2", "--hidden-size", "16",
                  "--embedding-size", "8", "--batch-size", "8", "--out", str(out), "--quiet"])
@@ -47,6 +49,12 @@ def test_translate_trains_reports_bleu_and_evaluates_on_unseen_data(tmp_path, ca
     unseen = tmp_path / "unseen.tsv"
     unseen.write_text("The zebra sleeps.\tLe zèbre dort.\nMy dog sleeps.\tMon chien dort.\n", encoding="utf-8")
     figure = tmp_path / "figures" / "alignment.png"
+
+    def across_file_systems(*paths):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "rename", across_file_systems)  # the figure moves to another file system
+    monkeypatch.setattr(os, "replace", across_file_systems)
     code = main(["eval", str(out / "checkpoint.pt"), "--data", str(unseen), "--out", str(tmp_path / "eval"),
                  "--plot-attention", str(figure)])
     assert code == 0, capsys.readouterr().err

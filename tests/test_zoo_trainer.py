@@ -116,6 +116,17 @@ def test_the_time_budget_stops_training_and_the_model_is_still_evaluated(tmp_pat
     assert checkpoint.load(tmp_path / "checkpoint.pt")["progress"]["step"] == metrics["steps"]
 
 
+def test_a_run_without_a_training_step_writes_strict_json(tmp_path, monkeypatch):
+    """No step behind the training loss (a time budget spent before the first): NaN in
+    the metrics, null in metrics.json (strict JSON has no NaN)."""
+    monkeypatch.setattr(trainer.time, "monotonic", itertools.count(0, 1000).__next__)  # every step is over budget
+    args = train_arguments("copy", *TINY_COPY, "--time-budget", "1", "--out", str(tmp_path))
+    metrics = trainer.train(args)
+    assert metrics["steps"] == 0 and math.isnan(metrics["loss_train"])
+    written = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert written["loss_train"] is None
+
+
 def test_bad_common_flags_are_task_errors(tmp_path):
     for flags, message in [(["--epochs", "0"], "--epochs must be >= 1"), (["--lr", "-1"], "--lr must be a positive"),
                            (["--time-budget", "nan"], "--time-budget must be a positive")]:
@@ -137,3 +148,8 @@ def test_copy_really_learns_in_a_few_seconds(tmp_path, amp):
     uniform_loss = math.log(8 + 4)  # symbols and the special tokens
     assert metrics["loss"] < 0.2 * uniform_loss, metrics
     assert metrics["exact_match"] > 0.5, metrics
+
+
+def test_lstmn_refuses_an_empty_training_set(tmp_path):
+    with pytest.raises(TaskError, match="--train-size must be >= 1, got 0"):
+        trainer.train(train_arguments("lstmn", "--train-size", "0", "--epochs", "1", "--out", str(tmp_path)))

@@ -44,6 +44,8 @@ class LSTMNTask(Task):
         super().__init__(args, device, saved)
         if getattr(args, "data", None):
             raise TaskError("--data: the lstmn task generates its sequences from --seed; it reads no data file")
+        if getattr(args, "train_size", 40000) < 1:
+            raise TaskError(f"--train-size must be >= 1, got {args.train_size}")
         if saved:
             self.settings = dict(saved["hyper_parameters"])
         else:

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -350,7 +351,7 @@ def evaluate_checkpoint(checkpoint_file: Path, *, data: str | None, out: Path, p
         if not metrics["figures"]:
             raise TaskError(f"--plot-attention: this {task.name} model draws no attention figure")
         plot_attention.parent.mkdir(parents=True, exist_ok=True)
-        Path(metrics["figures"][0]).replace(plot_attention)
+        shutil.move(metrics["figures"][0], plot_attention)  # also across file systems
         metrics["figures"][0] = str(plot_attention)
     metrics.update(checkpoint=str(checkpoint_file), data=data, wall_seconds=time.monotonic() - started)
     _write_json(out / METRICS_FILE, metrics)
@@ -369,5 +370,16 @@ def plain_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _write_json(path: Path, contents: dict[str, Any]) -> None:
+    """Strict JSON: NaN and infinities (a loss with no step behind it) become null."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(contents, indent=2, default=str) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(_finite_or_none(contents), indent=2, default=str, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {name: _finite_or_none(item) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
