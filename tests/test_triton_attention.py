@@ -357,6 +357,23 @@ def test_cosine_with_a_large_scale_keeps_a_running_maximum():
     )
 
 
+@pytest.mark.parametrize("scale", [3.0, 30.0])
+def test_float16_cosine_with_a_large_scale_errs_at_most_twice_the_reference(scale):
+    """float16 values take the probabilities cast to float16: with |scale| as the
+    maximum (no running one) a row's probabilities exp(e - |scale|) underflowed there
+    past |scale| ~8, leaving a zero context; float16 keeps a running maximum past 4."""
+    generator = torch.Generator().manual_seed(0)
+    query, keys, values = (torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in ((2, 3, 16), (2, 6, 16), (2, 6, 4)))
+
+    def context(backend_name, dtype):
+        with fastattn.backend(backend_name):
+            return fastattn.attention(query.to(dtype), keys.to(dtype), values.to(dtype), score="cosine", scale=scale).double()
+
+    exact = context("reference", torch.float64)
+    reference_error = (context("reference", torch.float16) - exact).abs().max()
+    assert (context("triton", torch.float16) - exact).abs().max() <= 2 * reference_error + 1e-3
+
+
 BFLOAT16_UNDER_INTERPRETER = pytest.param(
     torch.bfloat16,
     marks=pytest.mark.skipif(

@@ -42,7 +42,10 @@ from fastattn.ops.triton_launch import (
 
 SCORE_KINDS = {"dot": DOT, "cosine": COSINE, "additive": ADDITIVE}
 # Cosine logits within [-|scale|, |scale|] run without a running maximum while
-# exp(-2 |scale|) stays a normal float32.
+# exp(-2 |scale|), the smallest probability, stays normal in the values' dtype (it is
+# cast to it for the dot): float32 / bfloat16 to |scale| 40, float16 (normal down to
+# 6e-5) to 4; past that a float16 row's probabilities underflowed to a zero context.
+BOUNDED_SCALE_LIMITS = {torch.float16: 4.0}
 BOUNDED_SCALE_LIMIT = 40.0
 # (kernel, whether the score is additive) -> its Launcher; dot and cosine share the tiling.
 LAUNCHERS = {
@@ -151,7 +154,8 @@ def triton_attention_forward(
         *pointers, context, logsumexp, partial_acc, partial_max, partial_sum,
         *strides, context.stride(0), context.stride(1), *sizes, split_size,
         **flags, SPLIT=splits > 1, BLOCK_DV=block_dv,
-        BOUNDED=flags["SCORE_KIND"] == COSINE and abs(scale) <= BOUNDED_SCALE_LIMIT,
+        BOUNDED=flags["SCORE_KIND"] == COSINE
+        and abs(scale) <= BOUNDED_SCALE_LIMITS.get(values.dtype, BOUNDED_SCALE_LIMIT),
     )
     if splits > 1:
         COMBINE_LAUNCHER(
