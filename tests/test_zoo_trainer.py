@@ -153,3 +153,15 @@ def test_copy_really_learns_in_a_few_seconds(tmp_path, amp):
 def test_lstmn_refuses_an_empty_training_set(tmp_path):
     with pytest.raises(TaskError, match="--train-size must be >= 1, got 0"):
         trainer.train(train_arguments("lstmn", "--train-size", "0", "--epochs", "1", "--out", str(tmp_path)))
+
+
+def test_resuming_draws_the_noise_the_uninterrupted_run_would(tmp_path):
+    """The denoising autoencoder's noise comes from torch's global generator, whose state
+    the checkpoint keeps: resumed at an epoch boundary, the model is bit for bit the same."""
+    flags = ("--model", "denoising", "--epochs", "2", "--batch-size", "256")
+    trainer.train(train_arguments("autoencoder", *flags, "--out", str(tmp_path / "straight")))
+    trainer.train(train_arguments("autoencoder", *flags[:2], "--epochs", "1", *flags[4:], "--out", str(tmp_path / "resumed")))
+    trainer.train(train_arguments("autoencoder", *flags, "--out", str(tmp_path / "resumed"), "--resume"))
+    expected, resumed = (checkpoint.load(tmp_path / run / "checkpoint.pt")["model"] for run in ("straight", "resumed"))
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)

@@ -142,6 +142,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         run = _TrainingRun(task, trained, optimizer, progress, processes, device, args, checkpoint_path)
         if saved is not None and saved.get("scaler"):  # empty when saved without --amp float16
             run.scaler.load_state_dict(saved["scaler"])
+        if saved is not None and "rng" in saved:  # the noise and samples the run would draw next
+            restore_global_rng_state(saved["rng"], device)
         stopped_by = run.epochs()
         recent_loss = run.recent_loss
         # The DDP wrapper's reducer holds the process group: free it while the group is
@@ -279,6 +281,7 @@ class _TrainingRun:
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "progress": asdict(self.progress),
+                "rng": global_rng_state(self.device),
             },
             self.checkpoint_path,
         )
@@ -356,6 +359,19 @@ def evaluate_checkpoint(checkpoint_file: Path, *, data: str | None, out: Path, p
     metrics.update(checkpoint=str(checkpoint_file), data=data, wall_seconds=time.monotonic() - started)
     _write_json(out / METRICS_FILE, metrics)
     return metrics
+
+
+def global_rng_state(device: torch.device) -> dict[str, Any]:
+    """torch's global generators (a denoising autoencoder's noise, hard attention's
+    samples draw from them), checkpointed so that a resumed run draws what the
+    uninterrupted one would."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_global_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def plain_arguments(args: argparse.Namespace) -> dict[str, Any]:
