@@ -122,3 +122,11 @@ def test_every_task_trains_under_amp(tmp_path, task, flags):
     assert main(["train", task, *flags, "--epochs", "1", "--amp", "bfloat16", "--quiet", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] > 0 and math.isfinite(metrics["loss_train"])
+
+
+@pytest.mark.parametrize("flag", ["--valid-fraction", "--test-fraction"])
+@pytest.mark.parametrize("value", ["0.6", "0"])
+def test_translate_split_fractions_out_of_range_are_one_line_errors(tmp_path, capsys, flag, value):
+    line = one_error_line(capsys, main(["train", "translate", "--data", str(corpus(tmp_path)), flag, value,
+                                        "--out", str(tmp_path / "run")]))
+    assert f"{flag} must lie in (0, 0.5), got {float(value)}" in line

@@ -129,7 +129,11 @@ def test_a_run_without_a_training_step_writes_strict_json(tmp_path, monkeypatch)
 
 def test_bad_common_flags_are_task_errors(tmp_path):
     for flags, message in [(["--epochs", "0"], "--epochs must be >= 1"), (["--lr", "-1"], "--lr must be a positive"),
-                           (["--time-budget", "nan"], "--time-budget must be a positive")]:
+                           (["--time-budget", "nan"], "--time-budget must be a positive"),
+                           (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+                           (["--device", "meta"], "--device must be cpu, cuda or cuda:N"),
+                           (["--embedding-size", "0"], "--embedding-size must be >= 1"),
+                           (["--attention", "local-p", "--window", "-1"], "--window must be >= 0")]:
         with pytest.raises(TaskError, match=message):
             trainer.train(train_arguments("copy", *TINY_COPY, *flags, "--out", str(tmp_path)))
 

@@ -90,6 +90,10 @@ class SequenceTask(Task):
         raise NotImplementedError
 
     def model_config(self, args: argparse.Namespace) -> Seq2SeqConfig:
+        if args.embedding_size < 1:
+            raise TaskError(f"--embedding-size must be >= 1, got {args.embedding_size}")
+        if args.window < 0:
+            raise TaskError(f"--window must be >= 0, got {args.window}")
         try:
             return Seq2SeqConfig(
                 len(self.source_vocabulary), len(self.target_vocabulary), attention=args.attention, cell=args.cell,
@@ -281,6 +285,9 @@ class TranslateTask(SequenceTask):
             raise TaskError(f"{args.data}: no pair has both sides within --max-length {args.max_length} tokens")
         if args.mode == "eval":
             return {"test": _examples(kept)}
+        for flag in ("valid_fraction", "test_fraction"):
+            if not 0 < getattr(args, flag) < 0.5:
+                raise TaskError(f"--{flag.replace('_', '-')} must lie in (0, 0.5), got {getattr(args, flag)}")
         splits = translation.split(kept, args.valid_fraction, args.test_fraction, args.seed)
         return {name: _examples(chosen) for name, chosen in splits.items()}
 

@@ -112,7 +112,13 @@ def check_common_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise TaskError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise TaskError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise TaskError(f"--device {args.device}: no CUDA device is available")
 
 
@@ -331,9 +337,10 @@ def load_task(checkpoint_file: Path, *, data: str | None = None, device: str | N
     saved = checkpoint.load(checkpoint_file)
     args = argparse.Namespace(**saved["args"])
     args.mode, args.data = "eval", data
-    args.device = device or args.device
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        args.device = "cpu"
+    if device is not None:
+        args.device = device  # checked below: a CUDA device asked for must exist
+    elif torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        args.device = "cpu"  # the device it was trained on is missing here
     if batch_size is not None:
         args.batch_size = batch_size
     check_common_arguments(args)
