@@ -130,3 +130,11 @@ def test_translate_split_fractions_out_of_range_are_one_line_errors(tmp_path, ca
     line = one_error_line(capsys, main(["train", "translate", "--data", str(corpus(tmp_path)), flag, value,
                                         "--out", str(tmp_path / "run")]))
     assert f"{flag} must lie in (0, 0.5), got {float(value)}" in line
+
+
+def test_an_out_that_cannot_be_a_folder_fails_before_training(tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "text.pt"
+    a_file.write_text("not a folder")
+    monkeypatch.setattr("fastattn.zoo.trainer._TrainingRun.epochs", lambda run: pytest.fail("it trained"))
+    line = one_error_line(capsys, main(["train", "reverse", *TINY_COPY, "--out", str(a_file)]))
+    assert line.startswith(f"fastattn: error: --out {a_file}: cannot make the folder")

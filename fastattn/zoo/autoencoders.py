@@ -80,7 +80,8 @@ def pca_basis(data: torch.Tensor, components: int) -> torch.Tensor:
 def principal_angles_degrees(basis_a: torch.Tensor, basis_b: torch.Tensor) -> torch.Tensor:
     """The principal angles between the column spaces of (D, k) ``basis_a`` and (D, k)
     ``basis_b`` (any bases, orthonormalised here), in degrees, smallest first:
-    arccos of the singular values of Q_a^T Q_b (Bjorck and Golub 1973)."""
+    arccos of the singular values of Q_a^T Q_b (Bjorck and Golub 1973), arcsin of those of
+    Q_b - Q_a Q_a^T Q_b for the small ones."""
     for name, basis in (("basis_a", basis_a), ("basis_b", basis_b)):
         checks.float_tensor(name, basis)
         if basis.dim() != 2 or basis.shape[1] > basis.shape[0]:
@@ -89,5 +90,9 @@ def principal_angles_degrees(basis_a: torch.Tensor, basis_b: torch.Tensor) -> to
         raise ValueError(f"basis_a and basis_b must have the same shape, got {tuple(basis_a.shape)} and {tuple(basis_b.shape)}")
     orthonormal_a, _ = torch.linalg.qr(basis_a.double())
     orthonormal_b, _ = torch.linalg.qr(basis_b.double())
-    cosines = torch.linalg.svdvals(orthonormal_a.T @ orthonormal_b).clamp(-1.0, 1.0)
-    return torch.rad2deg(torch.arccos(cosines))  # singular values descend, so angles ascend
+    cross = orthonormal_a.T @ orthonormal_b
+    cosines = torch.linalg.svdvals(cross).clamp(-1.0, 1.0)  # descending: angles ascend
+    sines = torch.linalg.svdvals(orthonormal_b - orthonormal_a @ cross).flip(0).clamp(0.0, 1.0)  # ascending
+    # arccos loses small angles (cos ~ 1: 1e-16 in the cosine is 1e-6 degrees), arcsin
+    # large ones: each angle from the one that is exact there (Knyazev and Argentati 2002).
+    return torch.rad2deg(torch.where(cosines > 0.5**0.5, torch.arcsin(sines), torch.arccos(cosines)))

@@ -128,7 +128,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     check_common_arguments(args)
     torch.set_num_threads(args.threads)
     args.mode = "train"
-    args.out = Path(args.out) if args.out is not None else Path("runs") / args.task
+    args.out = output_folder(Path(args.out) if args.out is not None else Path("runs") / args.task)
     checkpoint_path = args.out / checkpoint.FILE_NAME
     saved = checkpoint.load(checkpoint_path) if args.resume else None
     if saved is not None and saved["task"] != args.task:
@@ -355,6 +355,7 @@ def evaluate_checkpoint(checkpoint_file: Path, *, data: str | None, out: Path, p
                         device: str | None, batch_size: int | None) -> dict[str, Any]:
     """``fastattn eval``: the checkpoint's model on ``data`` (or its task's own test split)."""
     started = time.monotonic()
+    output_folder(out)
     task = load_task(checkpoint_file, data=data, device=device, batch_size=batch_size)
     metrics = evaluate_and_report(task, out, plot_to=out)
     if plot_attention is not None:
@@ -366,6 +367,16 @@ def evaluate_checkpoint(checkpoint_file: Path, *, data: str | None, out: Path, p
     metrics.update(checkpoint=str(checkpoint_file), data=data, wall_seconds=time.monotonic() - started)
     _write_json(out / METRICS_FILE, metrics)
     return metrics
+
+
+def output_folder(path: Path) -> Path:
+    """``--out``, created before any work, so that a path that cannot be a folder fails
+    at once rather than when the first checkpoint or report is written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TaskError(f"--out {path}: cannot make the folder ({error.strerror})") from None
+    return path
 
 
 def global_rng_state(device: torch.device) -> dict[str, Any]:
