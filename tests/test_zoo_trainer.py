@@ -169,3 +169,10 @@ def test_resuming_draws_the_noise_the_uninterrupted_run_would(tmp_path):
     expected, resumed = (checkpoint.load(tmp_path / run / "checkpoint.pt")["model"] for run in ("straight", "resumed"))
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_refuses_changed_model_flags_but_takes_more_epochs(tmp_path):
+    trainer.train(train_arguments("copy", *TINY_COPY, "--epochs", "1", "--out", str(tmp_path)))
+    with pytest.raises(TaskError, match=r"--hidden-size 16 \(the checkpoint's: 12\)"):
+        trainer.train(train_arguments("copy", *TINY_COPY, "--hidden-size", "16", "--epochs", "2", "--out", str(tmp_path), "--resume"))
+    assert trainer.train(train_arguments("copy", *TINY_COPY, "--epochs", "2", "--out", str(tmp_path), "--resume"))["epochs_completed"] == 2

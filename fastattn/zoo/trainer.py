@@ -133,6 +133,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     saved = checkpoint.load(checkpoint_path) if args.resume else None
     if saved is not None and saved["task"] != args.task:
         raise TaskError(f"{checkpoint_path} is a checkpoint of task {saved['task']!r}, not {args.task!r}")
+    if saved is not None:
+        check_resumed_flags(args, saved["args"])
     processes, device = start_processes(args.device)
     try:
         torch.manual_seed(args.seed)
@@ -367,6 +369,27 @@ def evaluate_checkpoint(checkpoint_file: Path, *, data: str | None, out: Path, p
     metrics.update(checkpoint=str(checkpoint_file), data=data, wall_seconds=time.monotonic() - started)
     _write_json(out / METRICS_FILE, metrics)
     return metrics
+
+
+# What a resumed run may change: how long it runs, where and how it reports.  Every other
+# flag made the model, its data or its optimisation, which the checkpoint carries on.
+RESUMABLE_FLAGS = frozenset({"epochs", "time_budget", "resume", "out", "quiet", "device", "threads", "mode", "task"})
+
+
+def check_resumed_flags(args: argparse.Namespace, saved_flags: dict[str, Any]) -> None:
+    """--resume continues the run the checkpoint holds: a changed model, data or
+    optimisation flag is refused (it would be silently ignored, and recorded as if used)."""
+    def comparable(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    given = plain_arguments(args)
+    changed = [
+        f"--{name.replace('_', '-')} {given[name]!r} (the checkpoint's: {saved_flags[name]!r})"
+        for name in sorted(given.keys() & saved_flags.keys() - RESUMABLE_FLAGS)
+        if comparable(given[name]) != comparable(saved_flags[name])
+    ]
+    if changed:
+        raise TaskError(f"--resume continues the checkpoint's run, whose flags differ: {'; '.join(changed)}")
 
 
 def output_folder(path: Path) -> Path:
