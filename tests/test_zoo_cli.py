@@ -64,6 +64,16 @@ def test_translate_trains_reports_bleu_and_evaluates_on_unseen_data(tmp_path, ca
     assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_translate_evaluates_its_own_test_split_without_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "translate", "--data", str(corpus(tmp_path)), "--epochs", "1", "--hidden-size", "16",
+                 "--embedding-size", "8", "--batch-size", "8", "--out", str(out), "--quiet"]) == 0
+    assert main(["eval", str(out / "checkpoint.pt")]) == 0, capsys.readouterr().err
+    trained = json.loads((out / "metrics.json").read_text())
+    evaluated = json.loads((out / "eval" / "metrics.json").read_text())
+    assert evaluated["examples"] == trained["examples"] and evaluated["bleu"] == trained["bleu"]
+
+
 def test_synthetic_task_evaluates_its_own_test_split(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "reverse", *TINY_COPY, "--epochs", "1", "--out", str(out)]) == 0

@@ -283,7 +283,7 @@ class TranslateTask(SequenceTask):
         self.dropped = len(pairs) - len(kept)
         if not kept:
             raise TaskError(f"{args.data}: no pair has both sides within --max-length {args.max_length} tokens")
-        if args.mode == "eval":
+        if args.mode == "eval" and args.evaluate_all_of_data:
             return {"test": _examples(kept)}
         for flag in ("valid_fraction", "test_fraction"):
             if not 0 < getattr(args, flag) < 0.5:

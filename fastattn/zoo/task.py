@@ -15,8 +15,9 @@ hypotheses file and ``fastattn eval``.  The trainer calls, in this order:
 Rules the trainer relies on:
 - ``args`` holds the common flags (``data``, ``epochs``, ``time_budget``, ``batch_size``,
   ``lr``, ``device``, ``seed``, ``out``, ``resume``) plus the task's own, and ``args.mode``:
-  ``"train"`` or ``"eval"``.  In eval mode with ``args.data`` set, that whole file is the
-  ``"test"`` split (the model has not seen it).  Give task-specific defaults for the common
+  ``"train"`` or ``"eval"``.  In eval mode with ``args.evaluate_all_of_data`` (``fastattn
+  eval --data FILE``), that whole file is the ``"test"`` split (the model has not seen
+  it); without it ``args.data`` is the training run's, split as in training.  Give task-specific defaults for the common
   flags with ``parser.set_defaults(lr=..., batch_size=..., epochs=...)`` in ``add_arguments``.
 - With ``saved``, everything that shapes the model (vocabularies, sizes) comes from it,
   never from the data, so the checkpoint's weights fit; unseen words map to unknown.

@@ -338,7 +338,11 @@ def load_task(checkpoint_file: Path, *, data: str | None = None, device: str | N
     test split, vocabularies and sizes come from the checkpoint."""
     saved = checkpoint.load(checkpoint_file)
     args = argparse.Namespace(**saved["args"])
-    args.mode, args.data = "eval", data
+    # --data FILE: the examples to evaluate, all of them; without it the task's own test
+    # split (for translate: of the corpus it trained on, split as in training).
+    args.mode, args.evaluate_all_of_data = "eval", data is not None
+    if data is not None:
+        args.data = data
     if device is not None:
         args.device = device  # checked below: a CUDA device asked for must exist
     elif torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
