@@ -208,6 +208,24 @@ def test_emulated_step_over_an_empty_source(emulated, cell, score, input_feeding
     assert_step_close(got, composed(arguments))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_emulated_step_gives_nan_rows_for_nan_keys_as_the_composed_step(emulated, score):
+    """Keys all NaN in batch row 1 (over 4 key splits): its weights and output are NaN, as
+    the composed step's; row 0 stays finite.  The block and warp maxima had dropped the
+    NaN (fmaxf), so row 1 came out as a fully masked row: weights and context 0."""
+    shape = SHAPES["key_splits"]
+    arguments = list(step_arguments(shape, "lstm", score, ()))
+    arguments[4] = arguments[4].clone()
+    arguments[4][1] = float("nan")
+    want = composed(arguments)
+    assert want[3][1].isnan().all() and want[0][1].isnan().all() and want[3][0].isfinite().all()
+    got = emulation.decoder_step(emulated, arguments, *shape[6:])
+    for name, actual, expected in zip(("output", "h_next", "c_next", "weights"), got, want):
+        torch.testing.assert_close(actual, expected, rtol=2e-5, atol=2e-5, equal_nan=True,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
 # name -> shape as SHAPES: odd sizes (scalar loads), then every size a multiple of 8 (the
 # 16-byte loads of float16 / bfloat16): two batch tiles, the plan's 256 threads, rows
 # shared by warps.

@@ -84,7 +84,7 @@ int64_t shared_floats(const DecoderStepProblem& p, int64_t batch_tile, int64_t k
 __device__ __forceinline__ float warp_max(float value) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    value = nan_or_max(value, __shfl_xor_sync(0xffffffffu, value, offset));
   }
   return value;
 }
@@ -98,7 +98,7 @@ __device__ float block_reduce(float value, float* scratch) {
   __syncthreads();
   float total = kMax ? negative_infinity<float>() : 0.0f;
   for (int w = 0; w < static_cast<int>(blockDim.x) / kWarpSize; ++w) {
-    total = kMax ? fmaxf(total, scratch[w]) : total + scratch[w];
+    total = kMax ? nan_or_max(total, scratch[w]) : total + scratch[w];
   }
   __syncthreads();
   return total;
@@ -481,7 +481,7 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
   }
   __syncthreads();
   float local_max = negative_infinity<float>();
-  for (int64_t key = threadIdx.x; key < count; key += blockDim.x) local_max = fmaxf(local_max, scores[key]);
+  for (int64_t key = threadIdx.x; key < count; key += blockDim.x) local_max = nan_or_max(local_max, scores[key]);
   const float split_max = block_reduce<true>(local_max, scratch);
   float local_sum = 0.0f;
   for (int64_t key = threadIdx.x; key < count; key += blockDim.x) {
