@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser.set_defaults(run=_run_info)
 
     bench_parser = commands.add_parser("bench", help="time each op on every available backend against its peers")
-    bench_parser.add_argument("--quick", action="store_true", help="the quick preset: small shapes, well under a minute")
-    bench_parser.add_argument("--preset", choices=tuple(bench.PRESETS), default="full", help="shapes (default: full)")
+    shapes = bench_parser.add_mutually_exclusive_group()
+    shapes.add_argument("--quick", action="store_true", help="the quick preset: small shapes, well under a minute")
+    shapes.add_argument("--preset", choices=tuple(bench.PRESETS), default="full", help="shapes (default: full)")
     _add_device_and_dtype(bench_parser)
     bench_parser.add_argument(
         "--ops", nargs="+", default=(), metavar="OP",

@@ -128,6 +128,11 @@ def test_bench_rejects_an_unknown_op_and_lists_the_valid_ones(capsys):
     _fails_cleanly(["bench", "--quick", "--ops", "attention.nonsense"], capsys, "unknown op 'attention.nonsense'")
 
 
+def test_bench_refuses_quick_with_a_preset(capsys):
+    """--quick is the quick preset: with another --preset it had silently won."""
+    _fails_cleanly(["bench", "--quick", "--preset", "tiny"], capsys, "--preset: not allowed with argument --quick")
+
+
 def test_unknown_op_message_names_the_valid_cases(capsys):
     main(["bench", "--quick", "--ops", "lstm_cel1"])
     assert "attention.additive.multi_query.forward_backward" in capsys.readouterr().err

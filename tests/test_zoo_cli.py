@@ -112,6 +112,8 @@ def test_malformed_tsv_line_names_the_file_and_line(tmp_path, capsys):
         (["train", "copy", "--hidden-size", "7"], "hidden_size must be even"),
         (["train", "copy", "--lengths", "5", "2"], "lengths must be (min, max)"),
         (["train", "copy", "--beam-width", "0"], "--beam-width must be >= 1"),
+        (["train", "copy", "--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
+        (["train", "translate", "--data", "."], ".: a folder, expected a tab-separated text file"),
         (["eval", "missing.pt", "--out", "somewhere"], "missing.pt: no such checkpoint file"),
     ],
 )

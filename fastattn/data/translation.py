@@ -44,6 +44,8 @@ def detokenize(tokens: list[str]) -> str:
 def read_pairs(path: str | Path, lowercase: bool = False) -> list[Pair]:
     """Every (source, target) of the file, in file order."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, expected a tab-separated text file of sentence pairs")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     pairs = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
@@ -69,6 +70,8 @@ class SequenceTask(Task):
         super().__init__(args, device, saved)
         if args.beam_width < 1:
             raise TaskError(f"--beam-width must be >= 1, got {args.beam_width}")
+        if not math.isfinite(args.length_penalty):
+            raise TaskError(f"--length-penalty must be a finite number, got {args.length_penalty}")
         self.examples = self.read_examples(args, saved)
         if saved is None:
             self.source_vocabulary, self.target_vocabulary = self.build_vocabularies(self.examples["train"])
