@@ -6,17 +6,22 @@ was expected and what was given.  They run before any computation, whatever the
 backend.  Checks that read a tensor's values (the range of ``lengths``, a finite
 ``center``) run in eager mode only: under ``torch.compile`` they would be
 data-dependent branches, so there only shapes, dtypes and devices are checked.
+A shape's spelled-out ``meaning`` may be a function that builds it, called only for the
+message: formatting a size that torch.compile traces symbolically would fix it to its
+value (a recompile for every new size) or break the graph.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what torch.autocast casts
 INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+Meaning = Union[str, Callable[[], str]]  # what a shape means, or a function that spells it out
 
 
 def describe(value: object) -> str:
@@ -37,10 +42,12 @@ def choice(name: str, value: object, choices: Sequence[object]) -> object:
 
 def reads_values(*tensors: torch.Tensor) -> bool:
     """Whether value checks of ``tensors`` run here (eager mode) or are skipped (meta
-    tensors, which have no values; torch.compile tracing; CUDA graph capture, where reading
-    a value would synchronise the capturing stream: a capture's warm-up run checks them)."""
+    tensors, which have no values; tensors batched by torch.func.vmap, on which a branch
+    is data-dependent control flow that vmap refuses; torch.compile tracing; CUDA graph
+    capture, where reading a value would synchronise the capturing stream: a capture's
+    warm-up run checks them)."""
     return (
-        not any(tensor.is_meta for tensor in tensors)
+        not any(tensor.is_meta or torch._C._functorch.is_batchedtensor(tensor) for tensor in tensors)
         and not torch.compiler.is_compiling()
         and not _capturing_cuda_graph()
     )
@@ -107,13 +114,18 @@ def finite_number(name: str, value: object) -> float:
     return value
 
 
-def shape(name: str, value: torch.Tensor, expected: Sequence[int | None], meaning: str) -> None:
+def shape(name: str, value: torch.Tensor, expected: Sequence[int | None], meaning: Meaning) -> None:
     """``expected`` may hold ``None`` for a free size; ``meaning`` spells it out."""
     actual = tuple(value.shape)
     if len(actual) != len(expected) or any(
         want is not None and want != got for want, got in zip(expected, actual)
     ):
-        raise ValueError(f"{name} must have shape {meaning}, got {describe(value)}")
+        raise ValueError(f"{name} must have shape {spelled(meaning)}, got {describe(value)}")
+
+
+def spelled(meaning: Meaning) -> str:
+    """The text of a shape's ``meaning`` (see the module's note)."""
+    return meaning() if callable(meaning) else meaning
 
 
 def like(name: str, value: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:

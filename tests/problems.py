@@ -65,6 +65,8 @@ def opcheck_backward_sample_positions_and_fast_tanh(forward_arguments: tuple) ->
         )
     torch.library.opcheck(torch.ops.fastattn.sample_positions.default, (weights, False, None))
     torch.library.opcheck(torch.ops.fastattn.fast_tanh.default, (torch.randn(17, device=query.device),))
+    # A transposed x: the output is contiguous, the fake's too (it had kept x's strides).
+    torch.library.opcheck(torch.ops.fastattn.fast_tanh.default, (torch.randn(4, 3, device=query.device).T,))
 
 
 def peaked_additive_problem(seed: int, dtype: torch.dtype = torch.float16) -> tuple[list, torch.Tensor]:

@@ -3,6 +3,7 @@ breaks, same results as eager, on every backend that runs CPU tensors here."""
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import fastattn
 from tests.problems import cpu_backends
@@ -99,3 +100,67 @@ def test_attention_decoder_cell_backward(backend_name):
         return output.square().sum() + state[1].sum() + weights.square().sum()
 
     assert_gradients_compile_like_eager(loss, (y, keys, *decoder.parameters()))
+
+
+def _decoder_loop():
+    decoder = fastattn.nn.AttentionDecoderCell(4, 6, 5)
+
+    def two_steps(y, keys, lengths):
+        cache = decoder.precompute(keys)
+        output, state, _ = decoder(y, None, cache, lengths=lengths)
+        output, state, _ = decoder(y, state, cache, lengths=lengths)  # a given state is checked
+        return output
+
+    return two_steps, lambda size: (torch.randn(size, 4), torch.randn(size, 7, 5), torch.arange(size) % 8)
+
+
+def _padded_attention():
+    def attend(query, keys, mask):
+        return fastattn.attention(query, keys, key_padding_mask=mask, return_weights=True)
+
+    def inputs(size):
+        mask = torch.arange(size + 2) >= torch.arange(2).unsqueeze(1) + size  # row 1 sees one key more
+        return torch.randn(2, 3, 5), torch.randn(2, size + 2, 5), mask
+
+    return attend, inputs
+
+
+def _local_p_attention():
+    def attend(query, keys, center):
+        return fastattn.attention(query, keys, window=2, center=center)
+
+    return attend, lambda size: (torch.randn(2, size, 5), torch.randn(2, 11, 5), torch.rand(2, size) * 11)
+
+
+def _lstm_with_a_state():
+    lstm = fastattn.nn.LSTM(4, 6, num_layers=2)
+
+    def run(x, h, c):
+        return lstm(x, (h, c))[0]
+
+    return run, lambda size: (torch.randn(5, size, 4), torch.randn(2, size, 6), torch.randn(2, size, 6))
+
+
+def _cell_with_a_state():
+    def step(x, h, w_ih, w_hh):
+        return fastattn.gru_cell(x, h, w_ih, w_hh)
+
+    return step, lambda size: (torch.randn(size, 3), torch.randn(size, 4), torch.randn(12, 3), torch.randn(12, 4))
+
+
+@pytest.mark.parametrize("case", [_decoder_loop, _padded_attention, _local_p_attention, _lstm_with_a_state,
+                                  _cell_with_a_state])
+def test_dynamic_shapes_compile_one_graph(backend_name, case):
+    """torch.compile(dynamic=True) over the sizes that change between batches (B, S, T):
+    one graph for all of them, matching eager.  The shape checks had formatted their
+    messages up front, which fixed each size (a recompile per batch size, per T) or, for
+    key_padding_mask, broke the graph."""
+    function, inputs = case()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(function, backend=counter, fullgraph=True, dynamic=True)
+    graphs = []
+    for size in (9, 10, 13):  # no size equal to another dimension (dynamo's duck sizing would pair them)
+        arguments = inputs(size)
+        torch.testing.assert_close(compiled(*arguments), function(*arguments), rtol=1e-5, atol=1e-5)
+        graphs.append(counter.frame_count)
+    assert graphs[1:] == graphs[:1] * 2, f"graphs compiled after each call: {graphs}"

@@ -322,6 +322,21 @@ def test_fast_tanh_error_is_below_its_stated_bound():
     assert relative[small != 0].max() <= 2e-7
 
 
+def test_fast_tanh_is_exactly_one_in_magnitude_where_it_saturates():
+    """Past its clamp (|x| > 8.75) fast_tanh is exactly +-1, as float32 tanh is from
+    9.01 on; it had stayed at 1 - 1.2e-7, so saturated additive scores kept a gradient."""
+    x = torch.cat([torch.linspace(8.7501, 40, 100_001), torch.tensor([1e30, float("inf")])])
+    assert torch.equal(torch.ops.fastattn.fast_tanh(x), torch.ones_like(x))
+    assert torch.equal(torch.ops.fastattn.fast_tanh(-x), -torch.ones_like(x))
+    generator = torch.Generator().manual_seed(0)
+    query, keys = (torch.randn(1, length, 4, generator=generator) * 1e3 for length in (2, 3))
+    w_key = torch.randn(5, 4, generator=generator, requires_grad=True)
+    with fastattn.backend("cpu"):
+        fastattn.attention(query, keys, score="additive", w_query=torch.randn(5, 4, generator=generator),
+                           w_key=w_key, v=torch.randn(5, generator=generator)).sum().backward()
+    assert torch.equal(w_key.grad, torch.zeros_like(w_key))  # every tanh saturated, as the reference's
+
+
 def _attention_samples():
     generator = torch.Generator().manual_seed(5)
     for kernel_score, width in (("dot", 4), ("cosine", 4), ("additive", 6)):

@@ -48,6 +48,23 @@ def test_cells_match_the_reference(with_bias, dtype):
     compare("gru_cell", (x, h, *weights(3, with_bias, dtype)), dtype)
 
 
+def test_saturated_float32_gates_close_and_pass_no_gradient():
+    """A forget gate of pre-activation -100 empties c (sigmoid 0, as torch's to 4e-44)
+    and saturated gates give no gradient to their weights, as torch.lstm_cell: the gate
+    sigmoid had stayed 6e-8 from 0 and 1 (c' was 5.96 from c = 1e8)."""
+    x, h, c = torch.ones(1, 1), torch.zeros(1, 1), torch.full((1, 1), 1e8)
+    w_ih = torch.tensor([[0.0], [-100.0], [0.0], [0.0]])
+    with fastattn.backend("cpu"):
+        assert fastattn.lstm_cell(x, (h, c), w_ih, torch.zeros(4, 1))[1].item() == 0.0
+    generator = torch.Generator().manual_seed(0)
+    x, h, c = torch.randn(3, 5, generator=generator) * 1e4, torch.randn(3, 4, generator=generator), torch.randn(3, 4)
+    w_ih = torch.randn(16, 5, generator=generator).sign().requires_grad_()  # every gate |pre-activation| > 40
+    want = torch.autograd.grad(torch.lstm_cell(x, (h, c), w_ih, torch.zeros(16, 4))[0].sum(), w_ih)[0]
+    with fastattn.backend("cpu"):
+        got = torch.autograd.grad(fastattn.lstm_cell(x, (h, c), w_ih, torch.zeros(16, 4))[0].sum(), w_ih)[0]
+    assert want.abs().max() == 0 and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["full", "lengths"])

@@ -701,6 +701,7 @@ def test_emulated_fast_tanh_is_within_its_bound(emulated):
     y = torch.empty_like(x)
     assert emulated.emu_fast_tanh(x.data_ptr(), y.data_ptr(), x.numel()) == 0
     assert (y.double() - torch.tanh(x.double())).abs().max() <= 4.0e-7
+    assert (y[x.abs() > 8.75].abs() == 1).all()  # exactly +-1 where it saturates
 
 
 @pytest.mark.slow

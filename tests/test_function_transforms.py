@@ -84,6 +84,23 @@ def test_vmap_of_attention_and_sdpa_equals_the_loop(backend):
     torch.testing.assert_close(mapped_sdpa, looped_sdpa)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_vmap_over_lengths_and_window_centers_equals_the_loop(backend):
+    """Mapped lengths and centers: their value checks (range, finite) had branched on
+    batched tensors, which vmap refuses as data-dependent control flow."""
+    queries = torch.stack([QUERY, QUERY.flip(1), QUERY * 2])
+    lengths = torch.tensor([[5, 2], [3, 0], [1, 5]])
+    centers = torch.rand(3, 2, 3, generator=torch.Generator().manual_seed(1), dtype=F64) * 5
+    with fastattn.backend(backend):
+        for name, mapped_argument, options in (("lengths", lengths, {}), ("center", centers, {"window": 1})):
+            def attend(query, argument, name=name, options=options):
+                return fastattn.attention(query, KEYS, score="scaled_dot", **{name: argument}, **options)
+
+            mapped = vmap(attend)(queries, mapped_argument)
+            looped = torch.stack([attend(q, argument) for q, argument in zip(queries, mapped_argument)])
+            torch.testing.assert_close(mapped, looped, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def _module_cases():
     keys = _randn(2, 5, 4, seed=5)
     yield "lstm", fastattn.nn.LSTM(3, 4, num_layers=2, bidirectional=True), lambda m: m(_randn(5, 2, 3, seed=6))[0]

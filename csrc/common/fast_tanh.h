@@ -1,13 +1,13 @@
 // fast_tanh: tanh(x) as one rational function, usable from C++ (scalars and
 // at::vec::Vectorized lanes) and CUDA (__host__ __device__).
 //
-//   tanh(x) ~= x * P(x^2) / Q(x^2) for |x| < 8.75, clamped to +-1 beyond,
+//   tanh(x) ~= x * P(x^2) / Q(x^2) for |x| <= 8.75, exactly +-1 beyond,
 //   P of degree 4 and Q of degree 4 in x^2, fitted by iteratively reweighted
 //   least squares (Lawson) on [0, 8.75] for this project.
 //
 // Max absolute error against tanh, evaluated in float32: 3.0e-7 (about 5 ulp of
-// 1.0) over the whole real line; relative error near 0 below 1e-7.  Cost: 9 FMAs,
-// one division, one clamp; no exp, so it runs on the FMA units, not the
+// 1.0) over the whole real line; relative error near 0 below 1e-7.  Cost: 10 FMAs,
+// one division, a subtraction and two clamps; no exp, so it runs on the FMA units, not the
 // special-function unit.  The division: a true one on the CPU (SIMD lanes divide in
 // one instruction); on the GPU and under its CPU emulation (FASTATTN_CUDA_EMULATION)
 // P times 1/Q by three Newton steps from an exponent-flipping seed (Q lies in
@@ -30,6 +30,7 @@
 namespace fastattn {
 
 constexpr float kFastTanhClamp = 8.75f;
+constexpr float kFastTanhSaturate = 16777216.0f;  // 2^24: one float32 step past the clamp reaches +-1
 constexpr float kFastTanhMaxAbsError = 4.0e-7f;  // the bound the test checks (measured: 3.0e-7)
 
 // numerator / denominator for the rational function (denominator in [1, 365]).
@@ -69,8 +70,12 @@ FASTATTN_HOST_DEVICE T fast_tanh_with(T x, Min minimum, Max maximum) {
   denominator = denominator * y + T(2.591708221e-02f);
   denominator = denominator * y + T(4.672313322e-01f);
   denominator = denominator * y + T(1.0f);
-  const T value = clamped * divide_rational(numerator, denominator);
-  // The rational function overshoots 1 by < 1e-7 just below the clamp.
+  // Past the clamp, x - clamped (0 inside it) pushes the value beyond +-1, so that the
+  // clamp below returns exactly +-1 there, as float32 tanh does from |x| = 9.01 on (the
+  // rational function ends at 1 - 1.2e-7 at the clamp; left there, sigmoid(x) stayed
+  // 6e-8 from 0 and 1 and saturated units kept a gradient).  The rational function
+  // overshoots 1 by < 1e-7 just below the clamp.
+  const T value = clamped * divide_rational(numerator, denominator) + (x - clamped) * T(kFastTanhSaturate);
   return minimum(maximum(value, T(-1.0f)), T(1.0f));
 }
 

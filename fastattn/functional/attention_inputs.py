@@ -109,7 +109,9 @@ def check_values(name: str, values: torch.Tensor, keys_name: str, keys: torch.Te
     check_features(name, values)
 
 
-def broadcast_over_batch(name: str, mask: torch.Tensor, layout: Layout, trailing: tuple[int, ...], meaning: str) -> torch.Tensor:
+def broadcast_over_batch(
+    name: str, mask: torch.Tensor, layout: Layout, trailing: tuple[int, ...], meaning: checks.Meaning
+) -> torch.Tensor:
     """A tensor of shape prefix-of-lead + trailing, broadcast to (N, *trailing)."""
     prefix_length = mask.dim() - len(trailing)
     if (
@@ -119,7 +121,7 @@ def broadcast_over_batch(name: str, mask: torch.Tensor, layout: Layout, trailing
         or tuple(mask.shape[prefix_length:]) != trailing
     ):
         raise ValueError(
-            f"{name} must have shape {meaning}, where (B, ...) are leading batch dimensions "
+            f"{name} must have shape {checks.spelled(meaning)}, where (B, ...) are leading batch dimensions "
             f"of the query {layout.lead}, got {checks.describe(mask)}"
         )
     padded = mask.reshape((*mask.shape[:prefix_length], *([1] * (len(layout.lead) - prefix_length)), *trailing))
@@ -134,7 +136,7 @@ def checked_key_padding_mask(key_padding_mask: object, layout: Layout, query: to
     if layout.grid is not None and tuple(key_padding_mask.shape[-2:]) == layout.grid:
         trailing = layout.grid
     return broadcast_over_batch(
-        "key_padding_mask", key_padding_mask, layout, trailing, f"(B, ..., {', '.join(map(str, trailing))})"
+        "key_padding_mask", key_padding_mask, layout, trailing, lambda: f"(B, ..., {', '.join(map(str, trailing))})"
     ).reshape(layout.batch, source_length)
 
 
@@ -217,7 +219,7 @@ def _checked_center(center: object, layout: Layout, query: torch.Tensor, query_l
     if window is None:
         raise ValueError("center (local-p attention) needs window, the half-width D of the window")
     trailing = () if layout.single_step else (query_length,)
-    meaning = "(B,) for a single decoder step" if layout.single_step else f"(B, ..., T={query_length})"
+    meaning = "(B,) for a single decoder step" if layout.single_step else lambda: f"(B, ..., T={query_length})"
     center = broadcast_over_batch("center", center, layout, trailing, meaning).reshape(layout.batch, query_length)
     if checks.reads_values(center) and not torch.isfinite(center).all():
         raise ValueError("center must hold finite positions, got inf or NaN")
@@ -253,29 +255,35 @@ def score_arguments(
     elif score == "cosine":
         scale = 1.0 if scale is None else checks.finite_number("scale", scale)
     elif score == "general":
-        _parameter("weight", weight, query, (query_dim, key_dim), f"(Dq={query_dim}, Dk={key_dim})", score)
+        _parameter("weight", weight, query, (query_dim, key_dim), lambda: f"(Dq={query_dim}, Dk={key_dim})", score)
     elif score == "location":
-        _parameter("weight", weight, query, (None, query_dim), f"(S_max, Dq={query_dim})", score)
+        _parameter("weight", weight, query, (None, query_dim), lambda: f"(S_max, Dq={query_dim})", score)
         if source_length > weight.shape[0]:
             raise ValueError(
                 f"score 'location' needs S <= S_max: weight has S_max={weight.shape[0]} rows, "
                 f"got S={source_length} keys"
             )
     elif score == "additive":
-        _parameter("w_query", w_query, query, (None, query_dim), f"(Da, Dq={query_dim})", score)
+        _parameter("w_query", w_query, query, (None, query_dim), lambda: f"(Da, Dq={query_dim})", score)
         attention_dim = w_query.shape[0]
-        _parameter("w_key", w_key, query, (attention_dim, key_dim), f"(Da={attention_dim}, Dk={key_dim})", score)
-        _parameter("v", v, query, (attention_dim,), f"(Da={attention_dim},)", score)
+        _parameter("w_key", w_key, query, (attention_dim, key_dim), lambda: f"(Da={attention_dim}, Dk={key_dim})", score)
+        _parameter("v", v, query, (attention_dim,), lambda: f"(Da={attention_dim},)", score)
         if bias is not None:
-            _parameter("bias", bias, query, (attention_dim,), f"(Da={attention_dim},)", score)
+            _parameter("bias", bias, query, (attention_dim,), lambda: f"(Da={attention_dim},)", score)
     return {"score": score, "weight": weight, "w_query": w_query, "w_key": w_key, "v": v, "bias": bias, "scale": scale}
 
 
 def _parameter(
-    name: str, value: object, query: torch.Tensor, expected: tuple, meaning: str, score: str, query_name: str = "query"
+    name: str,
+    value: object,
+    query: torch.Tensor,
+    expected: tuple,
+    meaning: checks.Meaning,
+    score: str,
+    query_name: str = "query",
 ) -> None:
     if value is None:
-        raise ValueError(f"score {score!r} needs {name} of shape {meaning}")
+        raise ValueError(f"score {score!r} needs {name} of shape {checks.spelled(meaning)}")
     checks.float_tensor(name, value)
     checks.like(name, value, query_name, query)
     checks.shape(name, value, expected, meaning)
@@ -284,7 +292,7 @@ def _parameter(
 def additive_parameters(v: object, bias: object, query_projection: torch.Tensor) -> None:
     """v_a and b of additive attention applied to ready projections (q_proj's last size is Da)."""
     attention_dim = query_projection.shape[-1]
-    meaning = f"(Da={attention_dim},)"
+    meaning = lambda: f"(Da={attention_dim},)"  # noqa: E731 (spelled out only in an error)
     _parameter("v", v, query_projection, (attention_dim,), meaning, "additive", "q_proj")
     if bias is not None:
         _parameter("bias", bias, query_projection, (attention_dim,), meaning, "additive", "q_proj")

@@ -144,27 +144,27 @@ def check_cell_inputs(
         "w_hh",
         w_hh,
         (gates * hidden_size, hidden_size),
-        f"({gates}*hidden_size, hidden_size) = {(gates * hidden_size, hidden_size)}",
+        lambda: f"({gates}*hidden_size, hidden_size) = {(gates * hidden_size, hidden_size)}",
     )
     for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
         if bias is not None:
             _check_float_like(name, bias, "w_ih", w_ih)
-            meaning = f"({gates}*hidden_size,) = ({gates * hidden_size},)"
-            checks.shape(name, bias, (gates * hidden_size,), meaning)
+            checks.shape(name, bias, (gates * hidden_size,), lambda: f"({gates}*hidden_size,) = ({gates * hidden_size},)")
     x = _check_float_like(input_name, x, "w_ih", w_ih)
     checks.shape(
         input_name,
         x,
         (input_size,) if x.dim() == 1 else (None, input_size),
-        f"(batch, input_size) or (input_size,), with input_size = {input_size} from w_ih",
+        lambda: f"(batch, input_size) or (input_size,), with input_size = {input_size} from w_ih",
     )
     batch_shape = tuple(x.shape[:-1])
     for name, state in states.items():
         if state is not None:
             _check_float_like(name, state, input_name, x)
             expected = batch_shape + (hidden_size,)
-            meaning = f"{expected} (like {input_name}, with hidden_size = {hidden_size})"
-            checks.shape(name, state, expected, meaning)
+            checks.shape(
+                name, state, expected, lambda: f"{expected} (like {input_name}, with hidden_size = {hidden_size})"
+            )
     return hidden_size
 
 
@@ -193,7 +193,7 @@ def check_sequence_input(
     unbatched (T, I) tensor with T >= 1, or the (N, I) data of a PackedSequence."""
     value = _check_float_like(name, value, weight_name, weight)
     if packed:
-        checks.shape(f"{name}.data", value, (None, input_size), f"(total_length, {input_size})")
+        checks.shape(f"{name}.data", value, (None, input_size), lambda: f"(total_length, {input_size})")
         return value
     if value.dim() not in (2, 3) or value.shape[-1] != input_size:
         layout = f"(batch, T, {input_size})" if batch_first else f"(T, batch, {input_size})"
@@ -207,7 +207,7 @@ def check_sequence_input(
 
 
 def check_initial_state(
-    name: str, value: object, expected: tuple[int, ...], meaning: str, input_name: str, input: Tensor
+    name: str, value: object, expected: tuple[int, ...], meaning: checks.Meaning, input_name: str, input: Tensor
 ) -> Tensor:
     """One initial state of ``nn.LSTM``/``nn.GRU``: ``meaning`` spells out ``expected``."""
     value = _check_float_like(name, value, input_name, input)

@@ -106,7 +106,7 @@ class AttentionDecoderCell(torch.nn.Module):
         if not isinstance(state, tuple) or len(state) != 3:
             raise TypeError(f"state must be a DecoderState (hidden, cell, attentional) or None, got {checks.describe(state)}")
         state = DecoderState(*state)
-        meaning = f"(B={like.shape[0]}, hidden_size={self.hidden_size})"
+        meaning = lambda: f"(B={like.shape[0]}, hidden_size={self.hidden_size})"  # noqa: E731 (only in an error)
         is_lstm = isinstance(self.cell, LSTMCell)
         for name, tensor in zip(DecoderState._fields, state):
             if name == "cell" and not is_lstm:

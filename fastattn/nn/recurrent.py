@@ -113,10 +113,10 @@ class _StackedRecurrence:
         for (name, size, size_name), state in zip(self.state_shapes(), self.split_states(hx)):
             if batched:
                 expected = (layers, batch, size)
-                meaning = f"(num_layers * num_directions, batch, {size_name}) = {expected}"
+                meaning = lambda: f"(num_layers * num_directions, batch, {size_name}) = {expected}"
             else:
                 expected = (layers, size)
-                meaning = f"(num_layers * num_directions, {size_name}) = {expected} for unbatched input"
+                meaning = lambda: f"(num_layers * num_directions, {size_name}) = {expected} for unbatched input"
             check_initial_state(name, state, expected, meaning, "input", input)
             states.append(state if batched else state.unsqueeze(1))
         return states

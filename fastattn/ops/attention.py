@@ -59,7 +59,7 @@ def _sample_positions_fake(weights, sample, generator):
 
 @torch.library.register_fake("fastattn::fast_tanh")
 def _fast_tanh_fake(x):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the kernels' output, whatever x's strides
 
 
 def _fused(query, keys, values, v, bias, kernel_score, scale, masking, return_weights):
