@@ -43,6 +43,13 @@ using namespace ops;
 
 Tensor or_undefined(const optional<Tensor>& tensor) { return tensor.has_value() ? *tensor : Tensor(); }
 
+// A mask as it is now (lengths, key_padding_mask), for the backward: the caller may change
+// its own in place before then (a decoder masking the keys it has attended to), as torch's
+// sdpa and MultiheadAttention allow.
+Tensor copy_or_undefined(const optional<Tensor>& tensor) {
+  return tensor.has_value() && tensor->defined() ? tensor->clone() : Tensor();
+}
+
 optional<Tensor> or_none(const Tensor& tensor) { return tensor.defined() ? optional<Tensor>(tensor) : std::nullopt; }
 
 // An output's gradient, contiguous, or zeros like `like` when autograd gave none.
@@ -112,8 +119,8 @@ struct Attention : public torch::autograd::Function<Attention> {
     auto [context, weights, logsumexp] = op.call(query, keys, values, v, bias, score, scale, lengths,
                                                  key_padding_mask, causal, window, center, gaussian, return_weights);
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({query, keys, values, or_undefined(v), or_undefined(bias), or_undefined(lengths),
-                            or_undefined(key_padding_mask), or_undefined(center), logsumexp, context});
+    ctx->save_for_backward({query, keys, values, or_undefined(v), or_undefined(bias), copy_or_undefined(lengths),
+                            copy_or_undefined(key_padding_mask), or_undefined(center), logsumexp, context});
     ctx->saved_data["score"] = score;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;

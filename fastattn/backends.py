@@ -63,10 +63,12 @@ _unavailable_reasons: dict[str, str] = {
     "cuda": "fastattn was built without CUDA kernels",
 }
 _session_backend: str | None = None
-# Settings of the enclosing ``with backend(...)`` blocks, innermost last.  A plain
-# list (not a ContextVar) so that torch.compile can read it and guard on it; the
-# setting is therefore process-wide, like torch.backends flags.
-_scoped_backends: list[str] = []
+# Settings of the enclosing ``with backend(...)`` blocks, innermost last, each in a
+# one-item list of its own that the block removes by identity on exit.  A plain list (not
+# a ContextVar) so that torch.compile can read it and guard on it; the setting is
+# therefore process-wide, like torch.backends flags and torch.nn.attention.sdpa_kernel,
+# and a block that ends in one thread removes its own setting, not another thread's.
+_scoped_backends: list[list[str]] = []
 
 
 def _check_name(name: object, argument: str = "name") -> str:
@@ -113,18 +115,21 @@ def set_backend(name: str) -> None:
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """``with fastattn.backend("reference"): ...`` runs the block on that backend."""
-    _scoped_backends.append(_check_name(name))
+    """``with fastattn.backend("reference"): ...`` runs the block on that backend.  The
+    setting is process-wide while the block runs (other threads see it too), as
+    torch.nn.attention.sdpa_kernel's is."""
+    scope = [_check_name(name)]
+    _scoped_backends.append(scope)
     try:
         yield
     finally:
-        _scoped_backends.pop()
+        del _scoped_backends[next(i for i, entry in enumerate(_scoped_backends) if entry is scope)]
 
 
 def current_backend() -> str:
     """The backend setting in force here (possibly ``"auto"``)."""
     if _scoped_backends:
-        return _scoped_backends[-1]
+        return _scoped_backends[-1][0]
     if _session_backend is not None:
         return _session_backend
     from_environment = os.environ.get(ENVIRONMENT_VARIABLE)

@@ -594,3 +594,35 @@ def test_sdpa_fully_masked_rows_give_zeros_not_nan(backend_name, problem):
     assert (query.grad[masked_rows] == 0).all()
     expected = F.scaled_dot_product_attention(query.detach(), key.detach(), value.detach(), **options)
     torch.testing.assert_close(got.detach()[~masked_rows], expected[~masked_rows])
+
+
+@pytest.mark.parametrize("backend_name", [name for name in ("cpu", "triton")
+                                          if fastattn.backends.unavailable_reason(name) is None])
+@pytest.mark.parametrize("mask_name", ["key_padding_mask", "lengths"])
+def test_masks_changed_in_place_after_the_forward_keep_their_gradients(backend_name, mask_name):
+    """A decoder that masks the keys it has attended to, in place, between steps: each
+    step's backward uses its mask as it was at that step's forward, as the reference's
+    (and torch's sdpa) do.  The kernel backends had saved the caller's tensor: the
+    backward failed with "modified by an inplace operation"."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 8, generator=generator, requires_grad=True)
+    keys = torch.randn(2, 6, 8, generator=generator, requires_grad=True)
+
+    def decode():
+        mask = torch.zeros(2, 6, dtype=torch.bool) if mask_name == "key_padding_mask" else torch.tensor([6, 5])
+        loss = 0
+        for t in range(4):
+            context = fastattn.attention(query[:, t], keys, **{mask_name: mask}, return_weights=True)
+            loss = loss + context[0].square().sum() + context[1][:, :3].sum()
+            if mask_name == "key_padding_mask":
+                mask[:, t] = True
+            else:
+                mask -= 1
+        return torch.autograd.grad(loss, (query, keys))
+
+    with fastattn.backend("reference"):
+        expected = decode()
+    with fastattn.backend(backend_name):
+        got = decode()
+    for actual, want in zip(got, expected):
+        torch.testing.assert_close(actual, want, rtol=1e-5, atol=1e-5)

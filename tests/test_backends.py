@@ -120,3 +120,33 @@ def test_the_cpu_backend_is_built_unless_switched_off():
         assert "FASTATTN_SKIP_EXTENSION" in backends.unavailable_reason("cpu")
     else:
         assert backends.unavailable_reason("cpu") is None
+
+
+def test_a_block_ending_in_another_thread_removes_its_own_setting():
+    """Thread A enters backend("cpu"), thread B backend("reference"), A leaves: B's block
+    still runs on "reference" (A's exit had popped B's setting, the innermost)."""
+    import threading
+
+    entered, b_entered, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def thread_a():
+        with fastattn.backend("cpu"):
+            entered.set()
+            b_entered.wait()
+        a_left.set()
+
+    def thread_b():
+        entered.wait()
+        with fastattn.backend("reference"):
+            b_entered.set()
+            a_left.wait()
+            seen.append(backends.current_backend())
+        seen.append(backends.current_backend())
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert seen == ["reference", backends.current_backend()]

@@ -185,7 +185,8 @@ def masking_arguments(
 # The lengths tensor whose values were last found in [0, S]: (a weak reference to it, its
 # _version then, S).  A decoder passes the same lengths at every step; reading their range
 # again would cost two reductions and, on a GPU, a synchronisation per step.  Inference
-# tensors have no version counter (they are checked every time).
+# tensors have no version counter (they are checked every time).  Writes that bypass the
+# counter (through .data or a NumPy view) go unchecked; the kernels clamp lengths to [0, S].
 _last_checked_lengths: tuple = (lambda: None, -1, -1)
 
 
@@ -203,13 +204,14 @@ def checked_lengths(lengths: object, layout: Layout, query: torch.Tensor, source
     given = lengths
     lengths = broadcast_over_batch("lengths", lengths, layout, (), "(B,) or (B, ...)")
     if checks.reads_values(lengths) and lengths.numel() and not _checked_before(given, source_length):
+        version = None if given.is_inference() else given._version  # before the check: a write during it counts
         if lengths.min() < 0 or lengths.max() > source_length:
             raise ValueError(
                 f"lengths must lie in [0, S={source_length}], got values from "
                 f"{int(lengths.min())} to {int(lengths.max())}"
             )
-        if not given.is_inference():
-            _last_checked_lengths = (weakref.ref(given), given._version, source_length)
+        if version is not None:
+            _last_checked_lengths = (weakref.ref(given), version, source_length)
     return lengths.to(torch.int64)
 
 

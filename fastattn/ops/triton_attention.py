@@ -275,6 +275,8 @@ def _save_for_backward(ctx, inputs, output):
     (query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian,
      return_weights) = inputs
     context, weights, logsumexp = output
+    # The masks as they are now: the caller may change its own in place before the backward.
+    lengths, key_padding_mask = (None if mask is None else mask.clone() for mask in (lengths, key_padding_mask))
     ctx.save_for_backward(query, keys, values, v, bias, lengths, key_padding_mask, center, context, weights, logsumexp)
     ctx.score, ctx.scale, ctx.causal, ctx.window, ctx.gaussian = score, scale, causal, window, gaussian
     ctx.return_weights = return_weights
