@@ -444,7 +444,10 @@ def test_nan_inputs_give_nan_rows_as_in_the_reference_not_masked_ones(score, pat
     NaN query row its own row: as the reference's softmax does, not a fully masked row's
     zeros.  A NaN in padding (batch 1, key 4 past its length) leaves the outputs finite
     (its gradients are not compared: dense products, the reference's and the matrix-
-    multiply path's, leak it into them as 0 x NaN, the per-row kernels do not)."""
+    multiply path's, leak it into them as 0 x NaN, the per-row kernels do not; nor are
+    those of the keys that batch 2's NaN row does not attend, for the same reason).  A NaN
+    row's weights are NaN over the keys it attends and 0 elsewhere (the matrix-multiply
+    path had NaN everywhere)."""
     if score == "additive" and path == "matrix_multiply":
         pytest.skip("the additive score has no matrix-multiply path")
     query_dim, key_dim, value_dim, length = (5, 6, 4, 7) if path == "per_row" else (128, 128, 40, 17)
@@ -453,9 +456,9 @@ def test_nan_inputs_give_nan_rows_as_in_the_reference_not_masked_ones(score, pat
     query, keys, values = (torch.randn(3, length, dim, generator=generator, dtype=torch.float64)
                            for dim in (query_dim, key_dim, value_dim))
     keys[0, 4, 1] = float("nan")  # batch 0: every row sees key 4 ...
-    lengths = torch.tensor([length, 3, length])  # ... batch 1 does not (its key 4 is NaN too)
+    lengths = torch.tensor([length, 3, length - 4])  # ... batch 1 does not (its key 4 is NaN too)
     keys[1, 4, 1] = float("nan")
-    query[2, 2, 0] = float("nan")  # batch 2: row 2 alone
+    query[2, 2, 0] = float("nan")  # batch 2: row 2 alone, NaN weights over its 13 keys and 0 past them
     parameters = score_parameters(score, query_dim, key_dim, attention_dim=9, max_source_len=length, generator=generator)
 
     def outputs_and_gradients(backend_name):
@@ -467,7 +470,10 @@ def test_nan_inputs_give_nan_rows_as_in_the_reference_not_masked_ones(score, pat
 
     expected, got = outputs_and_gradients("reference"), outputs_and_gradients("cpu")
     assert expected[0][0].isnan().all() and expected[0][1].isfinite().all() and expected[0][2, 2].isnan().all()
+    assert expected[1][2, 2, :length - 4].isnan().all() and (expected[1][2, 2, length - 4:] == 0).all()
     assert got[0][1].isfinite().all() and got[1][1].isfinite().all()
     for name, want, actual in zip(("context", "weights", "grad query", "grad keys", "grad values"), expected, got):
         batches = [0, 1, 2] if name in ("context", "weights") else [0, 2]
+        if name in ("grad keys", "grad values"):  # batch 2's masked keys: padding, as batch 1's
+            want, actual = want[:, :length - 4], actual[:, :length - 4]
         torch.testing.assert_close(actual[batches], want[batches], equal_nan=True, rtol=1e-9, atol=1e-12, msg=name)

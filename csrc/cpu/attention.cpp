@@ -1141,10 +1141,16 @@ void blas_finish_rows(const AttentionProblem<T>& problem, T* weights, T* lse, co
       std::fill(alpha, alpha + source_length, T(0));
       continue;
     }
+    const int64_t n = row / query_length, t = row % query_length;
+    const KeyRange range = problem.keys_of(n, t);
+    if (lse[row] != lse[row]) {  // a NaN score: NaN over the keys the row attends, 0 elsewhere (as per row)
+      for (int64_t j = 0; j < source_length; ++j) {
+        if (!range.contains(j) || problem.is_padding(n, j)) alpha[j] = T(0);
+      }
+      continue;
+    }
     lse[row] = lse[row] - fastattn::log_of(alpha[first_argmax[row]]);
     if (problem.gaussian) {
-      const int64_t n = row / query_length, t = row % query_length;
-      const KeyRange range = problem.keys_of(n, t);
       const T center = problem.window_center(n, t);
       for (int64_t j = range.begin; j < range.end; ++j) {
         alpha[j] = alpha[j] * fastattn::gaussian_factor(j, center, problem.window);
