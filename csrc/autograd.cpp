@@ -43,11 +43,11 @@ using namespace ops;
 
 Tensor or_undefined(const optional<Tensor>& tensor) { return tensor.has_value() ? *tensor : Tensor(); }
 
-// A mask as it is now (lengths, key_padding_mask), for the backward: the caller may change
-// its own in place before then (a decoder masking the keys it has attended to), as torch's
-// sdpa and MultiheadAttention allow.
-Tensor copy_or_undefined(const optional<Tensor>& tensor) {
-  return tensor.has_value() && tensor->defined() ? tensor->clone() : Tensor();
+// A mask as it is now (lengths, key_padding_mask), for a backward that will run: the caller
+// may change its own in place before then (a decoder masking the keys it has attended to),
+// as torch's sdpa and MultiheadAttention allow.  No copy when no input needs a gradient.
+Tensor copy_for_backward(const optional<Tensor>& tensor, bool backward_runs) {
+  return backward_runs && tensor.has_value() && tensor->defined() ? tensor->clone() : or_undefined(tensor);
 }
 
 optional<Tensor> or_none(const Tensor& tensor) { return tensor.defined() ? optional<Tensor>(tensor) : std::nullopt; }
@@ -62,13 +62,14 @@ Tensor if_present(const Tensor& grad, const Tensor& input) { return input.define
 
 // Whether this backward must itself be differentiable: autograd records it
 // (create_graph=True) and some input of the forward needs a gradient.
-bool graph_wanted(const variable_list& inputs) {
-  if (!at::GradMode::is_enabled()) return false;
+bool any_requires_grad(const variable_list& inputs) {
   for (const Tensor& input : inputs) {
     if (input.defined() && input.requires_grad()) return true;
   }
   return false;
 }
+
+bool graph_wanted(const variable_list& inputs) { return at::GradMode::is_enabled() && any_requires_grad(inputs); }
 
 // The gradients of `inputs` (the forward's arguments in order, undefined where an
 // argument is no tensor or needs no gradient) through fastattn::<reference_op> called
@@ -119,8 +120,11 @@ struct Attention : public torch::autograd::Function<Attention> {
     auto [context, weights, logsumexp] = op.call(query, keys, values, v, bias, score, scale, lengths,
                                                  key_padding_mask, causal, window, center, gaussian, return_weights);
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({query, keys, values, or_undefined(v), or_undefined(bias), copy_or_undefined(lengths),
-                            copy_or_undefined(key_padding_mask), or_undefined(center), logsumexp, context});
+    const bool backward_runs =
+        any_requires_grad({query, keys, values, or_undefined(v), or_undefined(bias), or_undefined(center)});
+    ctx->save_for_backward({query, keys, values, or_undefined(v), or_undefined(bias),
+                            copy_for_backward(lengths, backward_runs), copy_for_backward(key_padding_mask, backward_runs),
+                            or_undefined(center), logsumexp, context});
     ctx->saved_data["score"] = score;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
