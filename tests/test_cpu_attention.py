@@ -186,6 +186,33 @@ def test_cosine_on_the_matrix_multiply_path_takes_zero_vectors_and_keys_shared_b
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize(("dtype", "norm", "tolerance"), [(torch.float32, 1e-20, 1e-5), (torch.float64, 1e-155, 1e-10)])
+@pytest.mark.parametrize("dim", [5, 130], ids=["per_row", "matrix_multiply"])
+def test_cosine_gradients_at_tiny_norms_are_the_references(dtype, norm, dim, tolerance):
+    """Queries and keys of norm ~1e-20 (float32; 1e-155 in float64), whose squared norms
+    are subnormal: the reference's gradients are finite, of the size of 1 / |x|, and so
+    are the kernels'.  Through u = x / |x| they were dx = du / |x| - (du.x) x / |x|^3,
+    whose factor (du.x) / |x|^3 overflowed to inf here."""
+    generator = torch.Generator().manual_seed(8)
+
+    def tiny(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).mul(norm / dim**0.5).to(dtype)
+
+    query, keys = tiny(2, 3, dim), tiny(2, 6, dim)
+    values = torch.randn(2, 6, 4, generator=generator, dtype=torch.float64).to(dtype)
+    grad_context = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64).to(dtype)
+
+    def gradients(backend_name):
+        leaves = [tensor.clone().requires_grad_() for tensor in (query, keys, values)]
+        with fastattn.backend(backend_name):
+            context = fastattn.attention(*leaves, score="cosine", scale=2.0, lengths=torch.tensor([6, 4]))
+        return torch.autograd.grad(context, leaves, grad_context)
+
+    for got, want in zip(gradients("cpu"), gradients("reference")):
+        assert torch.isfinite(want).all() and torch.isfinite(got).all()
+        assert (got - want).abs().max() <= tolerance * want.abs().max()
+
+
 @pytest.mark.parametrize("score", SCORES)
 def test_deterministic_mode_runs_and_gradients_repeat_bit_for_bit(score):
     """The CPU backward has no atomics (chunk-local sums, added in a fixed order): under

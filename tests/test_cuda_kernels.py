@@ -676,6 +676,29 @@ def test_emulated_attention_kernels_give_nan_rows_for_nan_inputs_as_the_cpu_op(e
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", [EMULATED_CASES[0], EMULATED_CASES[3]], ids=["decode_splits", "multi_query"])
+def test_emulated_cosine_gradients_at_tiny_norms_are_the_cpu_ops(emulated, case):
+    """float32 queries and keys of norm ~1e-20 (subnormal squared norms): the rows and
+    key-split backwards give the CPU op's finite gradients (of the size of 1 / |x|), where
+    the unit vectors' backward had overflowed to inf."""
+    shape, mode, _ = case
+    arguments = emulated_case("cosine", shape, mode, torch.float64)
+    arguments[0] = (arguments[0] * 1e-20).float()  # rows of norm ~1
+    arguments[1] = (arguments[1] * (1e-20 / shape[3] ** 0.5)).float()
+    arguments[2] = arguments[2].float()
+    want = torch.ops.fastattn.attention_forward(*arguments, True)
+    context, weights, logsumexp, _ = emulation.attention_forward(emulated, arguments, True)
+    assert_matches_cpu_op([context, weights, logsumexp], want, 2e-5, "forward")
+    grad_context = torch.randn(want[0].shape, generator=torch.Generator().manual_seed(5))
+    expected = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, want[2])
+    assert expected[0].abs().max() > 1e18 and all(torch.isfinite(grad).all() for grad in expected[:3])
+    for given_context in (context, None):  # the key splits (decode) or one block a row
+        *got, _ = emulation.attention_backward(emulated, grad_context, None, arguments, logsumexp, given_context)
+        assert all(torch.isfinite(grad).all() for grad in got[:3])
+        assert_matches_cpu_op(got, expected, 2e-4, "backward")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_emulated_sample_positions_follow_the_shared_rule(emulated, dtype):
     weights = torch.rand(3, 5, 37, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)

@@ -268,18 +268,23 @@ FASTATTN_HOST_DEVICE Acc tanh_derivative(Acc u) {
 
 // Backward of u = x / max(|x|, tiny):  dx = du / c - [|x| >= tiny] (du.x) x / (c^2 |x|),
 // c = max(|x|, tiny), exactly the autograd of the reference (the clamp passes no
-// gradient to the norm below tiny, and the norm none at 0).  dx = a du + b x.
+// gradient to the norm below tiny, and the norm none at 0).  Taken as dx = a (du + b x)
+// with a = 1 / c and b = -((du.x) / c) / |x|: b x is of the size of du, where the
+// factor (du.x) / (c^2 |x|) alone overflows once c^2 |x| underflows (|x| ~ 1e-13 in
+// float32, in the reference's range of finite gradients).
 template <typename Acc>
 struct UnitVectorGradient {
-  Acc along_gradient;  // a
-  Acc along_input;     // b
+  Acc inverse_norm;  // a
+  Acc along_input;   // b
+  FASTATTN_HOST_DEVICE Acc of(Acc grad_unit, Acc input) const {
+    return inverse_norm * (grad_unit + along_input * input);
+  }
 };
 
 template <typename Acc>
 FASTATTN_HOST_DEVICE UnitVectorGradient<Acc> unit_vector_gradient(Acc norm, Acc gradient_dot_input) {
   const Acc clamped = clamped_norm(norm);
-  const Acc along_input =
-      norm >= SmallestNormal<Acc>::value ? -(gradient_dot_input / (clamped * clamped)) / norm : Acc(0);
+  const Acc along_input = norm >= SmallestNormal<Acc>::value ? -(gradient_dot_input / clamped) / norm : Acc(0);
   return UnitVectorGradient<Acc>{Acc(1) / clamped, along_input};
 }
 

@@ -387,7 +387,7 @@ template <int kBytes, typename T>
 FASTATTN_ALWAYS_INLINE void unit_vector_backward(const T* grad_unit, const T* input, T norm, T* out, int64_t size) {
   const auto gradient = fastattn::unit_vector_gradient(norm, dot_product<kBytes>(grad_unit, input, size));
   for (int64_t d = 0; d < size; ++d) {
-    out[d] = grad_unit[d] * gradient.along_gradient + gradient.along_input * input[d];
+    out[d] = gradient.of(grad_unit[d], input[d]);
   }
 }
 

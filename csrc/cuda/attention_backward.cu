@@ -114,7 +114,7 @@ __device__ void finish_query_gradient(const DeviceProblem<T>& p, const Attention
     for (int64_t d = threadIdx.x; d < D; d += kThreads) partial += grad_query[d] * to_acc(query[d]);
     const auto gradient = unit_vector_gradient(query_norm, block_sum(partial, reduce_scratch));
     for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-      grad_query[d] = grad_query[d] * gradient.along_gradient + gradient.along_input * to_acc(query[d]);
+      grad_query[d] = gradient.of(grad_query[d], to_acc(query[d]));
     }
   }
   for (int64_t d = threadIdx.x; d < D; d += kThreads) {
@@ -141,8 +141,8 @@ __global__ void __launch_bounds__(kThreads)
   A* tile_b = tile_a + kTile;
   A* tile_coefficient = tile_b + kTile;  // grad_query's factor of each key
   A* tile_weight = tile_coefficient + kTile;     // one query row: grad_values_j = weight_j grad_context
-  A* tile_key_scale = tile_weight + kTile;       // one query row, dot / cosine: grad_keys_j's factor of the query
-  A* tile_key_self = tile_key_scale + kTile;     // one query row, cosine: grad_keys_j's factor of k_j
+  A* tile_key_inverse_norm = tile_weight + kTile;  // one query row, cosine: 1 / max(|k_j|, tiny)
+  A* tile_key_self = tile_key_inverse_norm + kTile;  // one query row, cosine: grad_keys_j's factor of that times k_j
   A* reduce_scratch = tile_key_self + kTile;
   static_assert(kRowsTileArrays == 6, "tile_a .. tile_key_self");
   A* broadcast = reduce_scratch + kWarps;
@@ -248,19 +248,19 @@ __global__ void __launch_bounds__(kThreads)
         pair_sums_of_tile(first, count, tile, key_sums, value_sums);
         for_each_warp_partner(first, count, [&](int k, int c) {
           const int64_t j = tile + c;
-          A coefficient = A(0), weight = A(0), key_scale = A(0), key_self = A(0), to_center = A(0);
+          A coefficient = A(0), weight = A(0), key_inverse_norm = A(0), key_self = A(0), to_center = A(0);
           if (!p.is_padding(n, j)) {
             const A key_norm = kScore == ScoreKind::kCosine ? clamped_norm(sqrt(key_sums[k].row_sq)) : A(1);
             const A dw = value_sums[k].dot + grad_weight_of<T>(in, row * p.source_length + j);
             const A probability = exp_of(score_of_sums<kScore>(p, key_sums[k]) - lse);
             const A gaussian = p.gaussian_of(j, center);
             const A grad_score = softmax_score_gradient(probability, dw * gaussian, row_dot);
-            if (kScore == ScoreKind::kDot) coefficient = key_scale = p.scale * grad_score;
+            if (kScore == ScoreKind::kDot) coefficient = p.scale * grad_score;
             if (kScore == ScoreKind::kCosine) {  // k through k / max(|k|, tiny): d score / d k^ = scale q^
               coefficient = p.scale * grad_score / key_norm;
               const auto gradient =
                   unit_vector_gradient(sqrt(key_sums[k].row_sq), p.scale * grad_score * key_sums[k].dot);
-              key_scale = gradient.along_gradient * p.scale * grad_score;
+              key_inverse_norm = gradient.inverse_norm;
               key_self = gradient.along_input;
             }
             if (kScore == ScoreKind::kAdditive) coefficient = grad_score;
@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kThreads)
           tile_b[c] = to_center;
           tile_coefficient[c] = coefficient;
           tile_weight[c] = weight;
-          tile_key_scale[c] = key_scale;
+          tile_key_inverse_norm[c] = key_inverse_norm;
           tile_key_self[c] = key_self;
         });
       }
@@ -300,9 +300,11 @@ __global__ void __launch_bounds__(kThreads)
                 A key_gradient[kVec];
 #pragma unroll
                 for (int i = 0; i < kVec; ++i) {
-                  const A self = tile_key_self[c] != A(0) ? tile_key_self[c] * key[i] : A(0);
+                  // grad_keys_j = coefficient_j q' (+ b_j k_j / max(|k_j|, tiny) for the cosine)
+                  const A self =
+                      tile_key_self[c] != A(0) ? tile_key_self[c] * (key[i] * tile_key_inverse_norm[c]) : A(0);
                   key_gradient[i] =
-                      kScore == ScoreKind::kAdditive ? additive_term[i] : tile_key_scale[c] * prepared[d + i] + self;
+                      kScore == ScoreKind::kAdditive ? additive_term[i] : tile_coefficient[c] * prepared[d + i] + self;
                 }
                 store_pack<kVec>(grad_keys_out + (tile + c) * D + d, key_gradient);
               });
@@ -478,7 +480,7 @@ __global__ void __launch_bounds__(kThreads)
       const auto gradient = unit_vector_gradient(key_norm, block_sum(partial, reduce_scratch));
       for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
         for (int i = 0; i < kVec; ++i) {
-          grad_key[d + i] = grad_key[d + i] * gradient.along_gradient + gradient.along_input * to_acc(key[d + i]);
+          grad_key[d + i] = gradient.of(grad_key[d + i], to_acc(key[d + i]));
         }
       }
     }

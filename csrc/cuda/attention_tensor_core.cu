@@ -355,7 +355,8 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
           const int64_t j = tile + key;
           const bool visible = j >= begin[half] && j < end[half] && !key_hidden[key];
           float scaled = kAdditive ? score[nt][r] : score[nt][r] * p.scale;
-          if (kCosine) scaled *= row_inverse_norm[half] * key_inverse_norm[key];
+          // One inverse norm at a time: their product overflows once |q| |k| < 3e-39.
+          if (kCosine) scaled = scaled * row_inverse_norm[half] * key_inverse_norm[key];
           score[nt][r] = visible ? scaled : minus_infinity;
           tile_max[half] = score[nt][r] > tile_max[half] ? score[nt][r] : tile_max[half];
         }
@@ -844,9 +845,8 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
 #pragma unroll
         for (int dt = 0; dt < kD / 8; ++dt) {
           const int d = dt * 8 + 2 * column;
-          key_grad[dt][2 * half] = key_grad[dt][2 * half] * gradient.along_gradient + gradient.along_input * to_acc(key[d]);
-          key_grad[dt][2 * half + 1] =
-              key_grad[dt][2 * half + 1] * gradient.along_gradient + gradient.along_input * to_acc(key[d + 1]);
+          key_grad[dt][2 * half] = gradient.of(key_grad[dt][2 * half], to_acc(key[d]));
+          key_grad[dt][2 * half + 1] = gradient.of(key_grad[dt][2 * half + 1], to_acc(key[d + 1]));
         }
       }
     }
@@ -931,8 +931,7 @@ __global__ void finish_cosine_grad_query_kernel(DeviceProblem<T> p, const float*
     const auto gradient = unit_vector_gradient(sqrtf(warp_sum(square_sum)), warp_sum(grad_dot_query));
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
-      grad_query[row * kD + lane + i * kWarpSize] =
-          from_acc<T>(grad[i] * gradient.along_gradient + gradient.along_input * q[i]);
+      grad_query[row * kD + lane + i * kWarpSize] = from_acc<T>(gradient.of(grad[i], q[i]));
     }
   }
 }
