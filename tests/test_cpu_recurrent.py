@@ -65,6 +65,36 @@ def test_saturated_float32_gates_close_and_pass_no_gradient():
     assert want.abs().max() == 0 and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("module", ["LSTM", "GRU"])
+def test_a_nan_input_makes_its_rows_states_nan_as_torchs(module, dtype):
+    """A NaN in one row's input at step 3 makes that row's outputs NaN from step 3 on and
+    its final states NaN, as torch.nn's do; the other rows keep their values.  The float32
+    gate clamps had returned their bound for NaN (tanh -1, sigmoid 0): the LSTM's state
+    became 0 and the GRU's -1, and the NaN vanished."""
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, module)(INPUT, HIDDEN, batch_first=True).to(dtype)
+    ours = getattr(fastattn.nn, module)(INPUT, HIDDEN, batch_first=True).to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(BATCH, STEPS, INPUT, dtype=dtype)
+    x[1, 3, 2] = float("nan")
+    with fastattn.backend("cpu"):
+        actual = ours(x)
+    expected = theirs(x)
+    assert expected[0][1, 3:].isnan().all() and not expected[0][[0, 2, 3]].isnan().any()
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-5, equal_nan=True)
+    for got, want in zip(*((state if isinstance(state, tuple) else (state,)) for state in (actual[1], expected[1]))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    cell = "lstm_cell" if module == "LSTM" else "gru_cell"
+    state = (torch.zeros(BATCH, HIDDEN, dtype=dtype),) * (2 if module == "LSTM" else 1)
+    with fastattn.backend("cpu"):
+        got = getattr(fastattn, cell)(x[:, 3], state if module == "LSTM" else state[0], *theirs.parameters())
+    want = getattr(torch, cell)(x[:, 3], state if module == "LSTM" else state[0], *theirs.parameters())
+    for got_state, want_state in zip(*((s if isinstance(s, tuple) else (s,)) for s in (got, want))):
+        torch.testing.assert_close(got_state, want_state, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert got_state[1].isnan().all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["full", "lengths"])

@@ -165,12 +165,13 @@ inline float select_bits(bool condition, float if_true, float if_false) {
   std::memcpy(&result, &bits, sizeof(float));
   return result;
 }
-// The clamps of fast_tanh, branch free.
+// The clamps of fast_tanh, branch free, passing a NaN in `a` through (tanh(NaN) is NaN:
+// a NaN gate input makes the state NaN, as torch's cells do, not 0 or -1).
 struct SelectMin {
-  float operator()(float a, float b) const { return select_bits(a < b, a, b); }
+  float operator()(float a, float b) const { return select_bits(b < a, b, a); }
 };
 struct SelectMax {
-  float operator()(float a, float b) const { return select_bits(a > b, a, b); }
+  float operator()(float a, float b) const { return select_bits(b > a, b, a); }
 };
 inline float gate_tanh(float x) { return fast_tanh_with(x, SelectMin{}, SelectMax{}); }
 inline float gate_sigmoid(float x) { return 0.5f + 0.5f * gate_tanh(0.5f * x); }
