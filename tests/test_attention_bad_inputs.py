@@ -462,6 +462,37 @@ def test_cache_from_a_module_with_another_score_is_refused(backend_name):
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("score", ["general", "location", "additive", "dot"])
+def test_cache_from_a_module_of_other_sizes_is_refused(backend_name, score):
+    """A cache of another module with this score but other sizes names the cache: the
+    general one had run on the other module's W_a h (a context of the other width), the
+    location one returned the other values' width, the decoder step raised from a matmul."""
+
+    def other_cache(query_dim, key_dim):  # other key features (dot: other value features)
+        other_dim = key_dim if score == "dot" else key_dim + 2
+        other = Attention(query_dim, other_dim, other_dim + 1, score=score, max_source_len=8, attn_dim=7)
+        return other.precompute(_f32(2, 5, other_dim), _f32(2, 5, other_dim + 1))
+
+    module = Attention(4, 4, score=score, max_source_len=8)
+    decoder = AttentionDecoderCell(3, 6, 6, score=score, max_source_len=8)
+    with fastattn.backend(backend_name):
+        with pytest.raises(ValueError, match=_names("cache")):
+            module(F32_QUERY, cache=other_cache(4, 4))
+        with pytest.raises(ValueError, match=_names("cache")):
+            decoder(torch.randn(2, 3), None, other_cache(6, 6))
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_a_location_decoder_step_over_a_source_longer_than_its_weight_is_refused(backend_name):
+    """As the location score is everywhere (the fused cpu step had raised from the
+    kernel, blaming the values)."""
+    decoder = AttentionDecoderCell(3, 6, 4, score="location", max_source_len=4)
+    cache = decoder.precompute(F32_KEYS)  # S = 5
+    with fastattn.backend(backend_name), pytest.raises(ValueError, match=r"S <= S_max.*S_max=4.*S=5"):
+        decoder(torch.randn(2, 3), None, cache)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
 def test_cache_and_keys_together_are_refused(backend_name):
     module = Attention(4, 4)
     cache = module.precompute(F32_KEYS)

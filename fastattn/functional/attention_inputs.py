@@ -92,6 +92,14 @@ def layout_of(query_name: str, query: torch.Tensor, keys_name: str, keys: torch.
     return layout
 
 
+def check_location_source_length(weight: torch.Tensor, source_length: int) -> None:
+    """The location score has a row of ``weight`` for each source position, up to S_max."""
+    if source_length > weight.shape[0]:
+        raise ValueError(
+            f"score 'location' needs S <= S_max: weight has S_max={weight.shape[0]} rows, got S={source_length} keys"
+        )
+
+
 def check_features(name: str, tensor: torch.Tensor) -> None:
     """The last dimension (the features) must not be empty."""
     if tensor.shape[-1] == 0:
@@ -260,11 +268,7 @@ def score_arguments(
         _parameter("weight", weight, query, (query_dim, key_dim), lambda: f"(Dq={query_dim}, Dk={key_dim})", score)
     elif score == "location":
         _parameter("weight", weight, query, (None, query_dim), lambda: f"(S_max, Dq={query_dim})", score)
-        if source_length > weight.shape[0]:
-            raise ValueError(
-                f"score 'location' needs S <= S_max: weight has S_max={weight.shape[0]} rows, "
-                f"got S={source_length} keys"
-            )
+        check_location_source_length(weight, source_length)
     elif score == "additive":
         _parameter("w_query", w_query, query, (None, query_dim), lambda: f"(Da, Dq={query_dim})", score)
         attention_dim = w_query.shape[0]

@@ -164,13 +164,29 @@ class Attention(torch.nn.Module):
         return outputs if return_weights else (outputs, None)
 
     def check_cache(self, cache: object) -> None:
-        """``cache`` must come from the precompute() of an Attention with this score."""
+        """``cache`` must come from the precompute() of an Attention with this score and
+        these sizes (another module's would bring its own projection of the keys)."""
         if not isinstance(cache, AttentionCache):
             raise TypeError(f"cache must be an AttentionCache from precompute(), got {checks.describe(cache)}")
         if cache.score != self.score:
             raise ValueError(
                 f"cache was made by an Attention with score {cache.score!r}; this one has score {self.score!r}"
             )
+        projected_dim = {"additive": self.attn_dim, "general": self.query_dim}.get(self.score)
+        expected = [("keys", cache.keys, self.key_dim), ("values", cache.values, self.value_dim)]
+        if projected_dim is not None:
+            expected.append(("projected_keys", cache.projected_keys, projected_dim))
+        for name, tensor, features in expected:
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2 or tensor.shape[-1] != features:
+                raise ValueError(
+                    f"cache must hold {name} with {features} features, as this module's precompute() makes them, "
+                    f"got {checks.describe(tensor)}"
+                )
+            if tensor.shape[:-1] != cache.keys.shape[:-1]:
+                raise ValueError(
+                    f"cache must hold {name} at the positions of its keys {tuple(cache.keys.shape[:-1])}, "
+                    f"got {checks.describe(tensor)}"
+                )
 
     def _check_input(self, name: str, tensor: object, features: int) -> None:
         """A float tensor with ``features`` last, of the dtype and device of the parameters."""

@@ -10,11 +10,13 @@ The output h~_t (B, hidden_size) feeds the vocabulary projection.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import NamedTuple
 
 import torch
 
 from fastattn import backends, checks
+from fastattn.functional.attention_inputs import check_location_source_length
 from fastattn.nn.attention import Attention, AttentionCache
 from fastattn.nn.recurrent import GRUCell, LSTMCell
 
@@ -87,6 +89,8 @@ class AttentionDecoderCell(torch.nn.Module):
                 f"cache must hold the keys (B={y_prev_embedded.shape[0]}, S, key_dim) of y_prev_embedded's batch, "
                 f"got keys {checks.describe(cache.keys)}"
             )
+        if self.attention.score == "location":
+            check_location_source_length(self.attention.weight, math.prod(cache.keys.shape[1:-1]))
         if state is None:
             state = self.initial_state(y_prev_embedded.shape[0], y_prev_embedded)
         else:
