@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+import fastattn
 from fastattn.zoo.seq2seq import ATTENTIONS, BOS, CELLS, EOS, PAD, Seq2Seq, Seq2SeqConfig
 from tests.zoo_helpers import one_thread  # noqa: F401 - autouse fixture
 
@@ -94,6 +95,26 @@ def test_local_m_attends_only_inside_the_window_around_each_step():
     assert (weights[0][~outside] > 0).all()  # the length-7 source: every window position is valid
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_local_m_steps_past_the_end_of_the_source_get_a_zero_context_on_every_backend(dtype):
+    """Steps t > S - 1 + D see no encoder state: zero weights (a zero context), the same
+    logits on the reference and the cpu backend (the reference had refused the empty
+    window, as the cpu backend did in bfloat16, which its fused step does not take)."""
+    model = tiny_model("local-m").to(dtype)
+    source, lengths, _ = tiny_batch()
+    target_input = torch.randint(4, TARGET_VOCABULARY, (3, 12), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for backend_name in ("reference", "cpu"):
+        with fastattn.backend(backend_name):
+            results[backend_name] = model(source, lengths, target_input), model.greedy(source, lengths, max_length=12)
+    for backend_name, (logits, decoded) in results.items():
+        assert logits.shape == (3, 12, TARGET_VOCABULARY) and torch.isfinite(logits).all(), backend_name
+        assert decoded.weights.shape[1] == 12, backend_name
+        assert (decoded.weights[:, 7 + model.config.window :] == 0).all(), backend_name
+    tolerance = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(results["cpu"][0], results["reference"][0], **tolerance)
+
+
 def sequence_log_prob(model, source, lengths, tokens):
     """log p(tokens | source) by teacher forcing, tokens ending with the end token."""
     target_input = torch.tensor([[BOS, *tokens[:-1]]])
@@ -122,6 +143,34 @@ def test_length_normalisation_prefers_longer_hypotheses_than_raw_scores():
     assert ((normalised.tokens != PAD).sum(1) >= (raw.tokens != PAD).sum(1)).all()
 
 
+def _bad_call(name):
+    """The model's entry points with one bad argument (the sources have lengths 7, 4, 1)."""
+    model = tiny_model("additive")
+    source, lengths, target_input = tiny_batch()
+    return {
+        "lengths above S": lambda: model.greedy(source, torch.tensor([8, 4, 1]), 3),
+        "zero length": lambda: model(source, torch.tensor([7, 0, 1]), target_input),
+        "negative length": lambda: model.beam_search(source, torch.tensor([7, -1, 1]), 3),
+        "lengths of another batch": lambda: model.greedy(source, torch.tensor([7, 4]), 3),
+        "float lengths": lambda: model.greedy(source, lengths.double(), 3),
+        "empty target": lambda: model(source, lengths, target_input[:, :0]),
+        "beam max_length 0": lambda: model.beam_search(source, lengths, 0),
+        "beam width 0": lambda: model.beam_search(source, lengths, 3, width=0),
+    }[name]
+
+
+@pytest.mark.parametrize(("case", "argument"), [
+    ("lengths above S", "lengths"), ("zero length", "lengths"), ("negative length", "lengths"),
+    ("lengths of another batch", "lengths"), ("float lengths", "lengths"), ("empty target", "target_input"),
+    ("beam max_length 0", "max_length"), ("beam width 0", "width"),
+])
+def test_bad_arguments_are_refused_by_name(case, argument):
+    """Each had reached torch's packing (an error about `input.batch_sizes`) or a
+    RuntimeError, or (beam_search's max_length 0) returned no weights."""
+    with pytest.raises((ValueError, TypeError), match=rf"^{argument} must"):
+        _bad_call(case)()
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
@@ -139,5 +188,3 @@ def test_location_attention_rejects_sources_longer_than_it_was_built_for():
     model = tiny_model("location")
     with pytest.raises(ValueError, match="at most 9 tokens, got 12"):
         model.greedy(torch.full((1, 12), 5), torch.tensor([12]), max_length=3)
-    with pytest.raises(ValueError, match="width must be >= 1"):
-        model.beam_search(torch.full((1, 3), 5), torch.tensor([3]), max_length=3, width=0)

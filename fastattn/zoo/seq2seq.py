@@ -140,6 +140,7 @@ class Seq2Seq(torch.nn.Module):
 
     def encode(self, source: torch.Tensor, lengths: torch.Tensor) -> tuple[Encoded, DecoderState]:
         """-> (what the decoder steps read, the initial decoder state s_0)."""
+        _check_source(source, lengths)
         if self.config.attention == "location" and source.shape[1] > self.config.max_source_length:
             raise ValueError(
                 f"attention 'location' was built for sources of at most {self.config.max_source_length} tokens, "
@@ -165,12 +166,14 @@ class Seq2Seq(torch.nn.Module):
         """local-m (p_t = t): the step attends to the encoder states of the window
         [t - D, t + D] only, clipped to the source; weights outside it are zero."""
         first, end = max(0, t - self.config.window), min(encoded.source_length, t + self.config.window + 1)
-        first = min(first, end)  # a step past the end of the source sees no state: zero context
+        if first < end:
+            lengths = (encoded.lengths - first).clamp(min=0, max=end - first)
+        else:  # a step past the end of the source sees no state: its last one, masked (a zero context)
+            first, lengths = end - 1, torch.zeros_like(encoded.lengths)
         memory = encoded.memory
         window = AttentionCache(
             memory.keys[:, first:end], memory.values[:, first:end], memory.projected_keys[:, first:end], memory.score
         )
-        lengths = (encoded.lengths - first).clamp(min=0, max=end - first)
         output, state, window_weights = self.decoder(self.target_embedding(previous), state, window, lengths=lengths)
         weights = window_weights.new_zeros(window_weights.shape[0], encoded.source_length)
         weights[:, first:end] = window_weights
@@ -178,6 +181,11 @@ class Seq2Seq(torch.nn.Module):
 
     def forward(self, source: torch.Tensor, source_lengths: torch.Tensor, target_input: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: ``target_input`` (B, T) starts with the begin token -> logits (B, T, V)."""
+        checks.integer_tensor("target_input", target_input)
+        if target_input.dim() != 2 or target_input.shape[0] != source.shape[0] or target_input.shape[1] == 0:
+            raise ValueError(
+                f"target_input must have shape (B={source.shape[0]}, T >= 1), got {checks.describe(target_input)}"
+            )
         encoded, state = self.encode(source, source_lengths)
         logits = []
         for t in range(target_input.shape[1]):
@@ -219,8 +227,8 @@ class Seq2Seq(torch.nn.Module):
     ) -> Decoded:
         """The ``width`` best partial hypotheses by log-probability at every step; at the end
         the best by log-probability / length^``length_penalty`` (0: no normalisation)."""
-        if width < 1:
-            raise ValueError(f"width must be >= 1, got {width}")
+        checks.positive_int("max_length", max_length)
+        checks.positive_int("width", width)
         batch = source.shape[0]
         encoded, state = self.encode(source, lengths)
         beams = torch.arange(batch, device=source.device).repeat_interleave(width)
@@ -252,6 +260,17 @@ class Seq2Seq(torch.nn.Module):
         best = (scores / hypothesis_lengths.to(scores.dtype) ** length_penalty).argmax(dim=-1)
         rows = torch.arange(batch, device=source.device) * width + best
         return Decoded(tokens[rows], None if weights is None else weights[rows])
+
+
+def _check_source(source: object, lengths: object) -> None:
+    """Token ids (B, S) and each sequence's length in [1, S] (B,)."""
+    checks.integer_tensor("source", source)
+    if source.dim() != 2 or source.shape[1] == 0:
+        raise ValueError(f"source must have shape (B, S >= 1), got {checks.describe(source)}")
+    checks.integer_tensor("lengths", lengths)
+    checks.shape("lengths", lengths, (source.shape[0],), lambda: f"(B={source.shape[0]},)")
+    if checks.reads_values(lengths) and ((lengths < 1) | (lengths > source.shape[1])).any():
+        raise ValueError(f"lengths must be in [1, S={source.shape[1]}], got {lengths.tolist()}")
 
 
 def _stacked(weights: list[torch.Tensor | None]) -> torch.Tensor | None:
