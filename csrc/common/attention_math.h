@@ -270,8 +270,8 @@ FASTATTN_HOST_DEVICE Acc tanh_derivative(Acc u) {
 // c = max(|x|, tiny), exactly the autograd of the reference (the clamp passes no
 // gradient to the norm below tiny, and the norm none at 0).  Taken as dx = a (du + b x)
 // with a = 1 / c and b = -((du.x) / c) / |x|: b x is of the size of du, where the
-// factor (du.x) / (c^2 |x|) alone overflows once c^2 |x| underflows (|x| ~ 1e-13 in
-// float32, in the reference's range of finite gradients).
+// factor (du.x) / (c^2 |x|), of the size of |du| / |x|^2, overflows for |x| below ~5e-20
+// in float32 (1e-154 in float64), norms at which the reference's gradients are finite.
 template <typename Acc>
 struct UnitVectorGradient {
   Acc inverse_norm;  // a
