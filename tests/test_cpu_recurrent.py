@@ -83,14 +83,19 @@ def test_a_nan_input_makes_its_rows_states_nan_as_torchs(module, dtype):
     expected = theirs(x)
     assert expected[0][1, 3:].isnan().all() and not expected[0][[0, 2, 3]].isnan().any()
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-5, equal_nan=True)
-    for got, want in zip(*((state if isinstance(state, tuple) else (state,)) for state in (actual[1], expected[1]))):
+
+    def states(value):  # (h, c) of an LSTM, h of a GRU
+        return value if isinstance(value, tuple) else (value,)
+
+    for got, want in zip(states(actual[1]), states(expected[1])):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
     cell = "lstm_cell" if module == "LSTM" else "gru_cell"
-    state = (torch.zeros(BATCH, HIDDEN, dtype=dtype),) * (2 if module == "LSTM" else 1)
+    zeros = torch.zeros(BATCH, HIDDEN, dtype=dtype)
+    state = (zeros, zeros) if module == "LSTM" else zeros
     with fastattn.backend("cpu"):
-        got = getattr(fastattn, cell)(x[:, 3], state if module == "LSTM" else state[0], *theirs.parameters())
-    want = getattr(torch, cell)(x[:, 3], state if module == "LSTM" else state[0], *theirs.parameters())
-    for got_state, want_state in zip(*((s if isinstance(s, tuple) else (s,)) for s in (got, want))):
+        got = getattr(fastattn, cell)(x[:, 3], state, *theirs.parameters())
+    want = getattr(torch, cell)(x[:, 3], state, *theirs.parameters())
+    for got_state, want_state in zip(states(got), states(want)):
         torch.testing.assert_close(got_state, want_state, rtol=1e-5, atol=1e-5, equal_nan=True)
         assert got_state[1].isnan().all()
 
