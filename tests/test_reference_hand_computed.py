@@ -157,3 +157,17 @@ def test_low_precision_windows_are_exact_past_the_integers_of_the_dtype(dtype, c
     expected = [math.exp(-((j - p.item()) ** 2) / (2 * 1.5**2)) / len(inside) for j in inside]
     torch.testing.assert_close(weights[0, 0, inside].double(), torch.tensor(expected, dtype=torch.float64),
                                rtol=2 * torch.finfo(dtype).eps, atol=0)
+
+
+def test_a_local_m_window_of_the_largest_int64_keeps_every_key():
+    """The reference op (torch.ops.fastattn.attention_reference, reachable directly)
+    takes any int64 window: p + D overflowed to negative and masked every key past p."""
+    generator = torch.Generator().manual_seed(0)
+    query, keys = torch.randn(1, 4, 3, generator=generator), torch.randn(1, 6, 3, generator=generator)
+    masking = dict(lengths=None, key_padding_mask=None, causal=False, center=None, gaussian=False, return_weights=True)
+    windowed, unwindowed = (
+        fastattn.reference.attention(query, keys, keys, score="dot", weight=None, w_query=None, w_key=None, v=None,
+                                     bias=None, scale=None, window=window, **masking)
+        for window in (2**63 - 1, None)
+    )
+    torch.testing.assert_close(windowed, unwindowed)

@@ -42,6 +42,9 @@ def valid_positions(
         valid = valid & (j[None, :] <= t[:, None])
     if window is not None:
         p = positions(window_centers(batch, query_length, center, device)).unsqueeze(-1)
+        if not p.is_floating_point():
+            # local-m (p = t): a window past max(S, T) keeps every key, and p + D must not overflow int64
+            window = min(window, max(source_length, query_length))
         valid = valid & (j >= p - window) & (j <= p + window)
     return valid
 
