@@ -13,6 +13,7 @@ value (a recompile for every new size) or break the graph.
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Sequence, Union
 
 import torch
@@ -106,7 +107,8 @@ def positive_int(name: str, value: object, minimum: int = 1) -> int:
 
 
 def finite_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number (a NumPy scalar too, as torch's float arguments take), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {describe(value)}")
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):

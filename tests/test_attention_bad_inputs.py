@@ -347,7 +347,9 @@ CASES = [
     sdpa_case("attn_mask-batch", ValueError, "attn_mask", attn_mask=_mask(3, 3, 5, value=True)),
     sdpa_case("attn_mask-rank", ValueError, "attn_mask", attn_mask=_mask(1, 2, 3, 5, value=True)),
     sdpa_case("attn_mask-float-S", ValueError, "attn_mask", attn_mask=torch.zeros(2, 3, 6, dtype=F64)),
-    sdpa_case("dropout_p-one", ValueError, "dropout_p", dropout_p=1.0),
+    # a float mask must be float32 or the query's dtype, as torch's
+    sdpa_case("attn_mask-float16", TypeError, "attn_mask", attn_mask=torch.zeros(3, 5, dtype=torch.float16)),
+    sdpa_case("dropout_p-above-one", ValueError, "dropout_p", dropout_p=1.5),
     sdpa_case("dropout_p-negative", ValueError, "dropout_p", dropout_p=-0.1),
     sdpa_case("dropout_p-nan", ValueError, "dropout_p", dropout_p=float("nan")),
     sdpa_case("dropout_p-string", TypeError, "dropout_p", dropout_p="0.1"),

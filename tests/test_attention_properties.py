@@ -574,6 +574,27 @@ def test_sdpa_broadcasts_and_groups_query_heads_as_torch(backend_name, shapes, o
 
 
 @backends
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sdpa_adds_a_float32_mask_at_its_precision_next_to_a_16_bit_query(backend_name, dtype):
+    """torch adds a float32 attn_mask to 16-bit scores in float32.  fastattn cast it to
+    the query's dtype first: 7e4 became inf in float16 (a NaN row), -1e5 over a whole row
+    became -inf in float16 (a zero row, where a constant shift changes nothing), and a
+    bias of 200 +- 30 lost its low bits in bfloat16 (errors of 0.05-0.4, 10-90x torch's).
+    Now the error is at most twice torch's own run in that dtype."""
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, n, size, generator=generator).to(dtype) for n, size in ((4, 6), (5, 6), (5, 5)))
+    mask = 200 + 30 * torch.randn(4, 5, generator=generator)
+    mask[0] = torch.tensor([7e4, 0, 0, 0, 0])
+    mask[1] = -1e5
+    with fastattn.backend(backend_name):
+        got = fastattn.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    exact = F.scaled_dot_product_attention(query.double(), key.double(), value.double(), attn_mask=mask.double())
+    torch_run = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    assert got.dtype == dtype
+    assert (got.double() - exact).abs().max() <= 2 * (torch_run.double() - exact).abs().max()
+
+
+@backends
 @given(problem=sdpa_problems(allow_fully_masked=True))
 def test_sdpa_fully_masked_rows_give_zeros_not_nan(backend_name, problem):
     query, key, value, options = problem

@@ -1,6 +1,7 @@
 """Shapes the public functions accept: leading batch dimensions, single decoder steps,
 spatial key grids, and the torch.nn.functional.scaled_dot_product_attention drop-in."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,6 +118,17 @@ def test_scaled_dot_product_attention_dropout_follows_the_generator_state():
     second = fastattn.scaled_dot_product_attention(query, key, value, dropout_p=0.5)
     assert torch.equal(first, second)
     assert not torch.allclose(first, fastattn.scaled_dot_product_attention(query, key, value))
+
+
+def test_scaled_dot_product_attention_takes_dropout_p_1_and_numpy_scales_as_torch():
+    """Both were refused (ValueError, TypeError) where torch computes."""
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, n, 8, generator=generator) for n in (4, 6, 6))
+    torch.testing.assert_close(fastattn.scaled_dot_product_attention(query, key, value, dropout_p=1.0),
+                               torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=1.0))
+    for scale in (np.float32(0.3), np.float64(-2.0)):
+        torch.testing.assert_close(fastattn.scaled_dot_product_attention(query, key, value, scale=scale),
+                                   torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
 
 
 def _backends_for_cpu_tensors():

@@ -189,10 +189,11 @@ def scaled_dot_product_attention(
     returns zeros instead of NaN, and that empty lengths or feature dimensions are
     refused (ValueError) rather than computed.  query (..., L, E), key (..., S, E),
     value (..., S, Ev) with leading dimensions that broadcast together; attn_mask
-    broadcastable to (..., L, S), bool (True = may attend) or float (added to the
-    scores).  ``enable_gqa``: key and value may have fewer heads (dimension -3) than
-    query, each a divisor of its count (grouped-query attention: head h of the query
-    reads key head h // (Hq / Hk)).
+    broadcastable to (..., L, S), bool (True = may attend) or float (float32 or the
+    query's dtype, added to the scores at its own precision, as torch does).
+    ``enable_gqa``: key and value may have fewer heads (dimension -3) than query, each
+    a divisor of its count (grouped-query attention: head h of the query reads key
+    head h // (Hq / Hk)).
     """
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         checks.float_tensor(name, tensor)
@@ -212,8 +213,8 @@ def scaled_dot_product_attention(
             f"got key {tuple(key.shape)} and value {tuple(value.shape)}"
         )
     dropout_p = checks.finite_number("dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     checks.flag("is_causal", is_causal)
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask cannot be given with is_causal=True (as in torch): fold the causal mask into it")
@@ -267,9 +268,13 @@ def _broadcast_leading_dimensions(query, key, value):
 def _sdpa_mask(attn_mask, query, layout: Layout, query_length: int, source_length: int) -> torch.Tensor:
     checks.tensor("attn_mask", attn_mask)
     checks.same_device("attn_mask", attn_mask, "query", query)
-    if attn_mask.dtype != torch.bool:
+    if attn_mask.dtype != torch.bool:  # an additive bias, kept in its dtype (float32 next to a 16-bit query)
         checks.float_tensor("attn_mask", attn_mask)
-        attn_mask = attn_mask.to(query.dtype)
+        if attn_mask.dtype not in (torch.float32, query.dtype) and not checks.autocast_casts(attn_mask, query):
+            raise TypeError(
+                f"attn_mask must be bool, float32 or the query's dtype {query.dtype} (as torch's), "
+                f"got {checks.describe(attn_mask)}"
+            )
     target = (*layout.lead, query_length, source_length)
     try:
         expanded = attn_mask.expand(target)

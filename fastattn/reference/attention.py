@@ -195,7 +195,8 @@ def scaled_dot_product_attention(
     """torch.nn.functional.scaled_dot_product_attention's semantics, (N, L, E) layout.
 
     ``attn_mask`` is (N, L, S): bool (True = may attend) or float (added to the
-    scores, -inf = may not attend).  Rows with nothing to attend give zeros.
+    scores, -inf = may not attend; a float32 one next to 16-bit scores promotes them,
+    as torch adds it in float32).  Rows with nothing to attend give zeros.
     """
     e = scores.scaled_dot_score(query, key, scale)
     query_length, source_length = e.shape[-2:]
@@ -210,4 +211,4 @@ def scaled_dot_product_attention(
     weights = masked_softmax(e, valid.expand_as(e))
     if dropout_p > 0:
         weights = torch.nn.functional.dropout(weights, p=dropout_p, training=True)
-    return weights @ value
+    return weights.to(value.dtype) @ value
