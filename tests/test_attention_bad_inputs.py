@@ -186,6 +186,8 @@ CASES = [
     attention_case("general-weight-3d", ValueError, "weight", QUERY, KEYS_3, score="general", weight=_randn(1, 4, 3)),
     attention_case("additive-w_query-Dq", ValueError, "w_query", **{**ADDITIVE, "w_query": _randn(5, 3)}),
     attention_case("additive-w_query-1d", ValueError, "w_query", **{**ADDITIVE, "w_query": _randn(5)}),
+    attention_case("additive-w_query-no-rows", ValueError, "w_query",  # Da = 0, as additive_attention's q_proj
+                   **{**ADDITIVE, "w_query": _randn(0, 4), "w_key": _randn(0, 4), "v": _randn(0), "bias": None}),
     attention_case("additive-w_key-Da", ValueError, "w_key", **{**ADDITIVE, "w_key": _randn(6, 4)}),
     attention_case("additive-w_key-Dk", ValueError, "w_key", **{**ADDITIVE, "w_key": _randn(5, 3)}),
     attention_case("additive-v-Da", ValueError, "v", **{**ADDITIVE, "v": _randn(4)}),

@@ -272,6 +272,8 @@ def score_arguments(
     elif score == "additive":
         _parameter("w_query", w_query, query, (None, query_dim), lambda: f"(Da, Dq={query_dim})", score)
         attention_dim = w_query.shape[0]
+        if attention_dim == 0:
+            raise ValueError(f"w_query must have at least one row (the attention size Da >= 1), got {checks.describe(w_query)}")
         _parameter("w_key", w_key, query, (attention_dim, key_dim), lambda: f"(Da={attention_dim}, Dk={key_dim})", score)
         _parameter("v", v, query, (attention_dim,), lambda: f"(Da={attention_dim},)", score)
         if bias is not None:
