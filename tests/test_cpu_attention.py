@@ -2,6 +2,8 @@
 and gradients for every score and mask mode in every dtype, opcheck on every op,
 hard-attention sampling, and the tanh approximation's error bound."""
 
+import math
+
 import pytest
 import torch
 from scipy import stats
@@ -504,3 +506,33 @@ def test_nan_inputs_give_nan_rows_as_in_the_reference_not_masked_ones(score, pat
         if name in ("grad keys", "grad values"):  # batch 2's masked keys: padding, as batch 1's
             want, actual = want[:, :length - 4], actual[:, :length - 4]
         torch.testing.assert_close(actual[batches], want[batches], equal_nan=True, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_meta_tensor_next_to_cpu_tensors_is_refused_by_name():
+    """The Meta key outranks CPU: such a call reached the fake kernel, which returned
+    uninitialised CPU tensors (different ones each call)."""
+    arguments = list(next(_attention_samples()))
+    arguments[1] = arguments[1].detach().to("meta")
+    with pytest.raises(ValueError, match="every tensor must be on one device, got keys on meta next to tensors on cpu"):
+        torch.ops.fastattn.attention_forward(*arguments)
+
+
+@pytest.mark.parametrize("path", ["per_row", "matrix_multiply"])
+def test_an_infinite_score_gives_nan_over_the_keys_the_row_attends_as_the_reference(path):
+    """A +inf score makes its row's softmax NaN: NaN over the keys the row attends and 0
+    over the others (here padding past batch 0's length), as the reference gives.  The
+    matrix-multiply path left NaN over the padding too."""
+    dim, length = (5, 6) if path == "per_row" else (128, 20)
+    generator = torch.Generator().manual_seed(0)
+    query, keys, values = (torch.randn(2, length, size, generator=generator, dtype=torch.float64)
+                           for size in (dim, dim, 40))
+    keys[0, 0, 0] = math.copysign(math.inf, query[0, 0, 0].item())  # row 0 of batch 0 scores key 0 +inf
+    lengths = torch.tensor([length - 3, length])
+    outputs = {}
+    for backend_name in ("reference", "cpu"):
+        with fastattn.backend(backend_name):
+            outputs[backend_name] = fastattn.attention(query, keys, values, lengths=lengths, return_weights=True)
+    weights = outputs["reference"][1][0, 0]
+    assert weights[:length - 3].isnan().all() and (weights[length - 3:] == 0).all()
+    for expected, got in zip(outputs["reference"], outputs["cpu"]):
+        torch.testing.assert_close(got, expected, equal_nan=True)

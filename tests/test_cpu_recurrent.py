@@ -233,6 +233,33 @@ def test_opcheck_recurrent_ops(op, arguments):
     torch.library.opcheck(op, arguments)
 
 
+@pytest.mark.parametrize("op, arguments", list(_recurrent_samples())[:4], ids=lambda value: getattr(value, "__name__", ""))
+def test_a_meta_weight_next_to_cpu_tensors_is_refused_by_name(op, arguments):
+    """The Meta key outranks CPU: such a call reached the fake kernel, which returned
+    uninitialised CPU tensors."""
+    weight_index = 3 if "lstm" in op.__name__ else 2  # w_ih, after (x, h, c) or (x, h)
+    arguments = (*arguments[:weight_index], arguments[weight_index].detach().to("meta"), *arguments[weight_index + 1:])
+    with pytest.raises(ValueError, match="every tensor must be on one device, got w_ih on meta next to tensors on cpu"):
+        op(*arguments)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("batch, hidden, features", [(0, HIDDEN, INPUT), (BATCH, 0, 0)], ids=["no_batch", "no_hidden"])
+def test_a_layer_with_no_state_to_update_returns_at_once_whatever_its_length(cell, batch, hidden, features):
+    """T = 2^40 steps of empty tensors (no memory): the forward and backward time loops
+    walked every step (hours)."""
+    steps, gates = 2**40, 4 if cell == "lstm" else 3
+    x, state = torch.empty(steps, batch, features), torch.zeros(batch, hidden)
+    states = (state, state) if cell == "lstm" else (state,)
+    w_ih, w_hh = torch.zeros(gates * hidden, features), torch.zeros(gates * hidden, hidden)
+    forward = getattr(torch.ops.fastattn, f"{cell}_layer_forward")
+    output, *new_states, saved = forward(x, *states, w_ih, w_hh, None, None, None, False)
+    assert output.shape == (steps, batch, hidden) and all(s.shape == (batch, hidden) for s in new_states)
+    backward = getattr(torch.ops.fastattn, f"{cell}_layer_backward")
+    grad_x, *others = backward(output, *new_states, x, *states, w_ih, w_hh, None, None, None, False, output, saved)
+    assert grad_x.shape == x.shape
+
+
 @pytest.mark.parametrize("function_name", ["lstm_cell", "gru_cell", "lstm_layer", "gru_layer"])
 def test_gradients_through_one_output_only_match_the_reference(function_name):
     """The forwards do not materialise zero gradients for unused outputs; the backward

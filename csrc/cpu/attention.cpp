@@ -1143,7 +1143,8 @@ void blas_finish_rows(const AttentionProblem<T>& problem, T* weights, T* lse, co
     }
     const int64_t n = row / query_length, t = row % query_length;
     const KeyRange range = problem.keys_of(n, t);
-    if (lse[row] != lse[row]) {  // a NaN score: NaN over the keys the row attends, 0 elsewhere (as per row)
+    if (!std::isfinite(lse[row])) {  // a NaN or +inf score: the softmax gave NaN everywhere;
+      // NaN over the keys the row attends, 0 elsewhere (as per row and in the reference)
       for (int64_t j = 0; j < source_length; ++j) {
         if (!range.contains(j) || problem.is_padding(n, j)) alpha[j] = T(0);
       }

@@ -590,6 +590,10 @@ std::vector<int64_t> active_lengths(const at::Tensor& lengths, const LayerShape&
   return active;
 }
 
+// The time steps a layer driver walks: all T, or none when a step has no state to
+// update (B = 0 or H = 0), so that an empty batch of a huge T returns at once.
+int64_t steps_to_run(const LayerShape& shape) { return shape.B * shape.H > 0 ? shape.T : 0; }
+
 // The per-cell policies of the layer drivers below (layer_forward, layer_backward):
 // the gate count, the width of a saved row, whether there is a cell state, and the
 // fused functions of one step for `count` hidden units.  Every pointer they get is
@@ -871,6 +875,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H;
   const int64_t G = Cell::kGates * H, saved_width = Cell::saved_width(H);
   const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
+  const int64_t steps = steps_to_run(shape);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
   const at::Tensor input_bias = bias_or_zeros(b_ih, G, x.options());
@@ -904,14 +909,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     step.output = output.mutable_data_ptr<scalar_t>();
     scalar_t* state_data = states.mutable_data_ptr<scalar_t>();
     const auto units = FASTATTN_STEP_KERNEL(forward_units);
-    for (int64_t s = 0; s < T; ++s) {
+    for (int64_t s = 0; s < steps; ++s) {
       step.t = time_of_step(s, T, reverse);
       step.h_prev = state_data + (s % 2) * B * H;
       step.h_next = state_data + ((s + 1) % 2) * B * H;
       run_step(step, units);
     }
   });
-  return {output, states[T % 2].clone(), c_state, saved};
+  return {output, states[steps % 2].clone(), c_state, saved};
 }
 
 // grad_x, grad_h0, grad_c0 (undefined without a cell state), grad_w_ih, grad_w_hh,
@@ -949,6 +954,7 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
   check_shape(op, output_in, {T, B, H}, "output");
   check_shape(op, saved_in, {T, B, saved_width}, "saved");
   const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
+  const int64_t steps = steps_to_run(shape);
 
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), w_hh_rows = w_hh.contiguous();
   const at::Tensor c0 = Cell::kHasCellState ? c0_in->contiguous() : at::Tensor();
@@ -987,7 +993,7 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
     step.previous_hidden = previous_hidden.mutable_data_ptr<scalar_t>();
     // Steps s = T-1 .. 0, then s = -1, which only takes the recurrent gradient of s = 0.
     const auto units = FASTATTN_STEP_KERNEL(backward_units);
-    for (int64_t s = T - 1; s >= (T > 0 ? -1 : 0); --s) {
+    for (int64_t s = steps - 1; s >= (steps > 0 ? -1 : 0); --s) {
       step.t = s >= 0 ? time_of_step(s, T, reverse) : -1;
       step.t_prev = s > 0 ? time_of_step(s - 1, T, reverse) : -1;
       step.t_next = s < T - 1 ? time_of_step(s + 1, T, reverse) : -1;

@@ -1,6 +1,6 @@
-"""The Python side of the compiled ops (torch.ops.fastattn.*): fake registrations (the
-autograd ones are C++, csrc/autograd.cpp), and the backend functions plugged into
-``fastattn.backends``.
+"""The Python side of the compiled ops (torch.ops.fastattn.*): fake registrations
+(through ``fake_kernels.register_fake``; the autograd ones are C++, csrc/autograd.cpp),
+and the backend functions plugged into ``fastattn.backends``.
 
 Imported by ``fastattn._extension`` once ``fastattn._C`` has loaded.  The CPU kernels
 compute in float32 or float64; float16 and bfloat16 inputs run in float32 and the

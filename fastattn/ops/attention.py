@@ -19,12 +19,13 @@ from __future__ import annotations
 import torch
 
 from fastattn import reference
+from fastattn.ops.fake_kernels import register_fake
 from fastattn.reference.hard import outputs_at
 
 MASK_ARGUMENTS = ("lengths", "key_padding_mask", "causal", "window", "center", "gaussian")
 
 
-@torch.library.register_fake("fastattn::attention_forward")
+@register_fake("fastattn::attention_forward")
 def _attention_forward_fake(
     query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian,
     return_weights,
@@ -36,7 +37,7 @@ def _attention_forward_fake(
     return context, weights, query.new_empty(batch, query_length, dtype=accumulate)
 
 
-@torch.library.register_fake("fastattn::attention_backward")
+@register_fake("fastattn::attention_backward")
 def _attention_backward_fake(
     grad_context, grad_weights, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
     window, center, gaussian, logsumexp, context=None,
@@ -52,12 +53,12 @@ def _attention_backward_fake(
     )
 
 
-@torch.library.register_fake("fastattn::sample_positions")
+@register_fake("fastattn::sample_positions")
 def _sample_positions_fake(weights, sample, generator):
     return weights.new_empty(weights.shape[:-1], dtype=torch.int64)
 
 
-@torch.library.register_fake("fastattn::fast_tanh")
+@register_fake("fastattn::fast_tanh")
 def _fast_tanh_fake(x):
     return x.new_empty(x.shape)  # contiguous, as the kernels' output, whatever x's strides
 

@@ -23,11 +23,12 @@ import math
 import torch
 
 from fastattn.functional.attention_inputs import Layout, masking_arguments
+from fastattn.ops.fake_kernels import register_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
-@torch.library.register_fake("fastattn::attention_decoder_step_inference")
+@register_fake("fastattn::attention_decoder_step_inference")
 def _attention_decoder_step_inference_fake(y, h, c, attentional, keys, values, query_weight, v, bias, score, scale,
                                            lengths, key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine,
                                            input_feeding, window=None, position_weight=None, position_v=None):

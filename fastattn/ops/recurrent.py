@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastattn import reference
+from fastattn.ops.fake_kernels import register_fake
 
 
 def _empty_or_like(tensor, like):
@@ -20,12 +21,12 @@ def _empty_or_like(tensor, like):
 # ---------------------------------------------------------------- fake (meta) kernels
 
 
-@torch.library.register_fake("fastattn::lstm_cell_forward")
+@register_fake("fastattn::lstm_cell_forward")
 def _lstm_cell_forward_fake(x, h, c, w_ih, w_hh, b_ih, b_hh):
     return torch.empty_like(c), torch.empty_like(c), c.new_empty(c.shape[0], 4 * c.shape[1])
 
 
-@torch.library.register_fake("fastattn::lstm_cell_backward")
+@register_fake("fastattn::lstm_cell_backward")
 def _lstm_cell_backward_fake(grad_h_next, grad_c_next, x, h, c, w_ih, w_hh, b_ih, b_hh, c_next, saved):
     return (
         torch.empty_like(x), torch.empty_like(h), torch.empty_like(c), torch.empty_like(w_ih),
@@ -33,12 +34,12 @@ def _lstm_cell_backward_fake(grad_h_next, grad_c_next, x, h, c, w_ih, w_hh, b_ih
     )
 
 
-@torch.library.register_fake("fastattn::gru_cell_forward")
+@register_fake("fastattn::gru_cell_forward")
 def _gru_cell_forward_fake(x, h, w_ih, w_hh, b_ih, b_hh):
     return torch.empty_like(h), h.new_empty(h.shape[0], 4 * h.shape[1])
 
 
-@torch.library.register_fake("fastattn::gru_cell_backward")
+@register_fake("fastattn::gru_cell_backward")
 def _gru_cell_backward_fake(grad_h_next, x, h, w_ih, w_hh, b_ih, b_hh, saved):
     return (
         torch.empty_like(x), torch.empty_like(h), torch.empty_like(w_ih), torch.empty_like(w_hh),
@@ -46,7 +47,7 @@ def _gru_cell_backward_fake(grad_h_next, x, h, w_ih, w_hh, b_ih, b_hh, saved):
     )
 
 
-@torch.library.register_fake("fastattn::lstm_layer_forward")
+@register_fake("fastattn::lstm_layer_forward")
 def _lstm_layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     steps, batch, hidden = x.shape[0], x.shape[1], c0.shape[1]
     return (
@@ -55,7 +56,7 @@ def _lstm_layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse
     )
 
 
-@torch.library.register_fake("fastattn::lstm_layer_backward")
+@register_fake("fastattn::lstm_layer_backward")
 def _lstm_layer_backward_fake(
     grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, output, saved
 ):
@@ -65,13 +66,13 @@ def _lstm_layer_backward_fake(
     )
 
 
-@torch.library.register_fake("fastattn::gru_layer_forward")
+@register_fake("fastattn::gru_layer_forward")
 def _gru_layer_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     steps, batch, hidden = x.shape[0], x.shape[1], h0.shape[1]
     return x.new_empty(steps, batch, hidden), torch.empty_like(h0), x.new_empty(steps, batch, 4 * hidden)
 
 
-@torch.library.register_fake("fastattn::gru_layer_backward")
+@register_fake("fastattn::gru_layer_backward")
 def _gru_layer_backward_fake(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, output, saved):
     return (
         torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
