@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include "common/fast_tanh.h"
+#include "common/layer_shape.h"
 #include "cpu/isa.h"
 #include "cpu/tile_gemm.h"
 
@@ -555,10 +556,6 @@ gru_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& x_in, cons
 // previous step's saved c is always the c the backward needs.  The hidden state a step
 // started from is rebuilt from output and h0 in the backward (previous_hidden).
 
-struct LayerShape {
-  int64_t T, B, I, H;
-};
-
 // Checks x (T, B, I), the states (B, H) and the weights; H comes from w_hh (G*H, H).
 LayerShape check_layer(const char* op, const at::Tensor& x, const at::Tensor& h0,
                        const at::Tensor* c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -589,10 +586,6 @@ std::vector<int64_t> active_lengths(const at::Tensor& lengths, const LayerShape&
   }
   return active;
 }
-
-// The time steps a layer driver walks: all T, or none when a step has no state to
-// update (B = 0 or H = 0), so that an empty batch of a huge T returns at once.
-int64_t steps_to_run(const LayerShape& shape) { return shape.B * shape.H > 0 ? shape.T : 0; }
 
 // The per-cell policies of the layer drivers below (layer_forward, layer_backward):
 // the gate count, the width of a saved row, whether there is a cell state, and the
@@ -875,7 +868,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H;
   const int64_t G = Cell::kGates * H, saved_width = Cell::saved_width(H);
   const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
-  const int64_t steps = steps_to_run(shape);
+  const int64_t steps = shape.steps_to_run();
   const at::Tensor x = x_in.contiguous();
   const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
   const at::Tensor input_bias = bias_or_zeros(b_ih, G, x.options());
@@ -954,7 +947,7 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
   check_shape(op, output_in, {T, B, H}, "output");
   check_shape(op, saved_in, {T, B, saved_width}, "saved");
   const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
-  const int64_t steps = steps_to_run(shape);
+  const int64_t steps = shape.steps_to_run();
 
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), w_hh_rows = w_hh.contiguous();
   const at::Tensor c0 = Cell::kHasCellState ? c0_in->contiguous() : at::Tensor();

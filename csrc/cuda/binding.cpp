@@ -31,6 +31,7 @@
 #include <string_view>
 #include <tuple>
 
+#include "../common/layer_shape.h"
 #include "../decoder_step.h"
 #include "launch.h"
 
@@ -581,10 +582,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // ---------------------------------------------------------------- layers
 
-struct LayerShape {
-  int64_t T, B, I, H;
-};
-
 LayerShape check_layer(const char* op, const at::Tensor& x, const at::Tensor& h0, const at::Tensor* c0,
                        const at::Tensor& w_ih, const at::Tensor& w_hh, const OptionalTensor& b_ih,
                        const OptionalTensor& b_hh, int64_t gates) {
@@ -741,7 +738,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
   } else {
     const at::Tensor w_hh_t = w_hh.t();
     at::Tensor hidden_gates = at::empty({B, G}, x.options());
-    for (int64_t s = 0; s < T; ++s) {
+    for (int64_t s = 0; s < shape.steps_to_run(); ++s) {
       const int64_t t = time_of_step(s, T, reverse);
       at::mm_out(hidden_gates, h_state, w_hh_t);
       at::Tensor saved_t = saved.select(0, t);
@@ -766,19 +763,19 @@ void per_step_backward(const char* op, at::ScalarType compute, const LayerShape&
                        bool reverse, const at::Tensor& w_hh, const at::Tensor& hidden_gates,
                        const at::Tensor& direct, at::Tensor& grad_h, cudaStream_t stream,
                        StepBackward&& step_backward) {
-  const int64_t T = shape.T, B = shape.B, H = shape.H;
+  const int64_t T = shape.T, B = shape.B, H = shape.H, steps = shape.steps_to_run();
   at::Tensor recurrent = at::empty({B, H}, grad_h.options());  // hidden_gates[t] @ w_hh
   auto take_recurrent = [&](int64_t t) {
     check_launch(op, launch_take_recurrent_gradient(step_of(compute, B, H, lengths, t), recurrent.const_data_ptr(),
                                                     pointer_or_null(direct), grad_h.mutable_data_ptr(), stream));
   };
-  for (int64_t s = T - 1; s >= 0; --s) {
+  for (int64_t s = steps - 1; s >= 0; --s) {
     const int64_t t = time_of_step(s, T, reverse);
     if (s < T - 1) take_recurrent(reverse ? t - 1 : t + 1);
     step_backward(s, t);
     at::mm_out(recurrent, hidden_gates.select(0, t), w_hh);
   }
-  if (T > 0) take_recurrent(time_of_step(0, T, reverse));
+  if (steps > 0) take_recurrent(time_of_step(0, T, reverse));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -866,7 +863,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cuda(
   } else {
     const at::Tensor w_hh_t = w_hh.t();
     at::Tensor hidden_gates = at::empty({B, G}, x.options());
-    for (int64_t s = 0; s < T; ++s) {
+    for (int64_t s = 0; s < shape.steps_to_run(); ++s) {
       const int64_t t = time_of_step(s, T, reverse);
       at::mm_out(hidden_gates, h_state, w_hh_t);
       check_launch(op, launch_gru_step_forward(step_of(compute, B, H, lengths, t),
