@@ -536,3 +536,13 @@ def test_an_infinite_score_gives_nan_over_the_keys_the_row_attends_as_the_refere
     assert weights[:length - 3].isnan().all() and (weights[length - 3:] == 0).all()
     for expected, got in zip(outputs["reference"], outputs["cpu"]):
         torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+def test_arguments_are_checked_before_an_expanded_query_is_copied():
+    """A query expanded to 2^34 rows (256 GiB if copied) with lengths of the wrong size:
+    the op copied the query first and failed on the allocation (or filled the memory)."""
+    query = torch.zeros(1, 1, 4).expand(1, 2**34, 4)
+    keys = torch.zeros(1, 3, 4)
+    with pytest.raises(RuntimeError, match=r"lengths must be \(N=1,\)"):
+        torch.ops.fastattn.attention_forward(query, keys, keys, None, None, "dot", 1.0, torch.tensor([3, 3]), None,
+                                             False, None, None, False, False)

@@ -961,12 +961,6 @@ PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at:
   in.scale = scale;
   in.causal = causal;
 
-  in.query = in_dtype(query, in.compute_dtype).contiguous();
-  in.keys = with_contiguous_rows(in_dtype(keys, in.compute_dtype));
-  in.shared_keys = keys.size(0) != in.batch;
-  if (in.shared_keys) in.keys = in.keys.expand({in.batch, in.source_length, in.score_dim});
-  in.values = with_contiguous_rows(in_dtype(values, in.compute_dtype));
-
   if (in.score == ScoreKind::kAdditive) {
     TORCH_CHECK_VALUE(scale == 1.0, op, ": scale must be 1 with score \"additive\" (v . tanh(q + k + bias) has none), got ",
                       scale);
@@ -1018,6 +1012,13 @@ PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at:
   in.gaussian = gaussian;
   TORCH_CHECK(!gaussian || in.window >= 1, op, ": gaussian needs window >= 1 (sigma = window / 2), got ",
               window.has_value() ? std::to_string(*window) : std::string("None"));
+
+  // Copied only now that every argument is checked (an expanded query can be large).
+  in.query = in_dtype(query, in.compute_dtype).contiguous();
+  in.keys = with_contiguous_rows(in_dtype(keys, in.compute_dtype));
+  in.shared_keys = keys.size(0) != in.batch;
+  if (in.shared_keys) in.keys = in.keys.expand({in.batch, in.source_length, in.score_dim});
+  in.values = with_contiguous_rows(in_dtype(values, in.compute_dtype));
 
   if (in.score == ScoreKind::kCosine) {  // |k_j| once per distinct key row
     const int64_t key_batches = in.batch > 1 && in.keys.stride(0) == 0 ? 1 : in.batch;
