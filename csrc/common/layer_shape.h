@@ -2,7 +2,7 @@
 // x (T, B, I), the states (B, H).  Framework-free, for both.
 #pragma once
 
-#include <cstdint>
+#include <stdint.h>
 
 namespace fastattn {
 
