@@ -19,6 +19,7 @@ import torch
 
 import fastattn
 from fastattn.nn import Attention, AttentionDecoderCell
+from fastattn.nn.attention import AttentionCache
 from tests.problems import cpu_backends
 
 BACKENDS = cpu_backends()
@@ -524,6 +525,34 @@ def test_a_decoder_step_checks_the_batch_of_its_cache(backend_name):
     cache = decoder.precompute(F32_KEYS)  # batch 2
     with fastattn.backend(backend_name), pytest.raises(ValueError, match=_names("cache")):
         decoder(torch.randn(3, 3), None, cache)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize(
+    "case, error, argument",
+    [("empty source", ValueError, "cache"), ("float64 step input", TypeError, "y_prev_embedded"),
+     ("float64 keys", TypeError, "cache.keys")],
+)
+def test_a_decoder_step_refuses_what_the_reference_step_refuses_on_every_backend(backend_name, case, error, argument):
+    """The fused cpu step had run an empty source (S = 0: a zero context where the
+    reference refuses it) and raised RuntimeErrors from the ops for dtypes the reference
+    refuses with TypeErrors."""
+    decoder = AttentionDecoderCell(3, 6, 4)
+    step_input, keys = torch.randn(2, 3), F32_KEYS
+    if case == "empty source":
+        keys = F32_KEYS[:, :0]
+    elif case == "float64 step input":
+        step_input = step_input.double()
+    else:
+        keys = F32_KEYS.double()
+    cache = AttentionCache(keys, keys, keys @ decoder.attention.w_key.T.to(keys.dtype), "additive")
+    with fastattn.backend(backend_name), pytest.raises(error, match=_names(argument)):
+        decoder(step_input, None, cache)
+
+
+def test_a_decoder_cell_of_an_unhashable_kind_is_refused_by_name():
+    with pytest.raises(TypeError, match=_names("cell")):
+        AttentionDecoderCell(3, 6, 4, cell=["lstm"])
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

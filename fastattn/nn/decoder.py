@@ -45,8 +45,7 @@ class AttentionDecoderCell(torch.nn.Module):
         local: str | None = None,
     ):
         super().__init__()
-        if cell not in CELLS:
-            raise ValueError(f"cell must be one of {tuple(CELLS)}, got {cell!r}")
+        checks.choice("cell", cell, tuple(CELLS))
         self.input_size = checks.positive_int("input_size", input_size)
         self.hidden_size = checks.positive_int("hidden_size", hidden_size)
         self.input_feeding = checks.flag("input_feeding", input_feeding)
@@ -83,12 +82,16 @@ class AttentionDecoderCell(torch.nn.Module):
         with ``local="m"`` raises; mask the keys instead)."""
         checks.float_tensor("y_prev_embedded", y_prev_embedded)
         checks.shape("y_prev_embedded", y_prev_embedded, (None, self.input_size), f"(B, input_size={self.input_size})")
+        checks.like("y_prev_embedded", y_prev_embedded, "the decoder's parameters", self.combine.weight)
         self.attention.check_cache(cache)
         if cache.keys.dim() < 3 or cache.keys.shape[0] != y_prev_embedded.shape[0]:
             raise ValueError(
                 f"cache must hold the keys (B={y_prev_embedded.shape[0]}, S, key_dim) of y_prev_embedded's batch, "
                 f"got keys {checks.describe(cache.keys)}"
             )
+        if math.prod(cache.keys.shape[1:-1]) == 0:
+            raise ValueError(f"cache must hold at least one key position, got keys {checks.describe(cache.keys)}")
+        checks.like("cache.keys", cache.keys, "y_prev_embedded", y_prev_embedded)
         if self.attention.score == "location":
             check_location_source_length(self.attention.weight, math.prod(cache.keys.shape[1:-1]))
         if state is None:
