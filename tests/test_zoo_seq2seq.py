@@ -156,6 +156,8 @@ def _bad_call(name):
         "empty target": lambda: model(source, lengths, target_input[:, :0]),
         "beam max_length 0": lambda: model.beam_search(source, lengths, 0),
         "beam width 0": lambda: model.beam_search(source, lengths, 3, width=0),
+        "beam length_penalty nan": lambda: model.beam_search(source, lengths, 3, length_penalty=float("nan")),
+        "empty batch": lambda: model.greedy(source[:0], lengths[:0], 3),
     }[name]
 
 
@@ -163,6 +165,7 @@ def _bad_call(name):
     ("lengths above S", "lengths"), ("zero length", "lengths"), ("negative length", "lengths"),
     ("lengths of another batch", "lengths"), ("float lengths", "lengths"), ("empty target", "target_input"),
     ("beam max_length 0", "max_length"), ("beam width 0", "width"),
+    ("beam length_penalty nan", "length_penalty"), ("empty batch", "source"),
 ])
 def test_bad_arguments_are_refused_by_name(case, argument):
     """Each had reached torch's packing (an error about `input.batch_sizes`) or a
@@ -177,11 +180,16 @@ def test_bad_arguments_are_refused_by_name(case, argument):
         (dict(attention="luong"), "attention must be one of"),
         (dict(cell="rnn"), "cell must be one of"),
         (dict(hidden_size=7), "hidden_size must be even"),
+        (dict(window=-1), "window must be in"),  # local-m sliced an empty window (an error mid-decoding)
+        (dict(window=2**40), "window must be in"),
+        (dict(embedding_size=0), "embedding_size must be in"),
+        (dict(max_source_length=0), "max_source_length must be in"),
+        (dict(target_vocab_size=3), "target_vocab_size must be in"),  # the four special tokens at least
     ],
 )
 def test_bad_configurations_are_value_errors(fields, message):
     with pytest.raises(ValueError, match=message):
-        Seq2SeqConfig(5, 5, **fields)
+        Seq2SeqConfig(**{"source_vocab_size": 5, "target_vocab_size": 5, **fields})
 
 
 def test_location_attention_rejects_sources_longer_than_it_was_built_for():

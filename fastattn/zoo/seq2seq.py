@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastattn.nn
 from fastattn import checks
-from fastattn.data.vocabulary import Vocabulary
+from fastattn.data.vocabulary import SPECIALS, Vocabulary
 from fastattn.nn.attention import AttentionCache
 from fastattn.nn.decoder import AttentionDecoderCell, DecoderState
 from fastattn.zoo import graph_decoding
@@ -54,6 +54,12 @@ class Seq2SeqConfig:
     max_source_length: int = 100  # the longest source the "location" score accepts
 
     def __post_init__(self):
+        for name in ("source_vocab_size", "target_vocab_size"):  # the four special tokens at least
+            checks.positive_int(name, getattr(self, name), minimum=len(SPECIALS))
+        checks.positive_int("embedding_size", self.embedding_size)
+        checks.positive_int("hidden_size", self.hidden_size)
+        checks.positive_int("window", self.window, minimum=0)
+        checks.positive_int("max_source_length", self.max_source_length)
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.cell not in CELLS:
@@ -229,6 +235,7 @@ class Seq2Seq(torch.nn.Module):
         the best by log-probability / length^``length_penalty`` (0: no normalisation)."""
         checks.positive_int("max_length", max_length)
         checks.positive_int("width", width)
+        length_penalty = checks.finite_number("length_penalty", length_penalty)
         batch = source.shape[0]
         encoded, state = self.encode(source, lengths)
         beams = torch.arange(batch, device=source.device).repeat_interleave(width)
@@ -265,8 +272,8 @@ class Seq2Seq(torch.nn.Module):
 def _check_source(source: object, lengths: object) -> None:
     """Token ids (B, S) and each sequence's length in [1, S] (B,)."""
     checks.integer_tensor("source", source)
-    if source.dim() != 2 or source.shape[1] == 0:
-        raise ValueError(f"source must have shape (B, S >= 1), got {checks.describe(source)}")
+    if source.dim() != 2 or 0 in source.shape:
+        raise ValueError(f"source must have shape (B >= 1, S >= 1), got {checks.describe(source)}")
     checks.integer_tensor("lengths", lengths)
     checks.shape("lengths", lengths, (source.shape[0],), lambda: f"(B={source.shape[0]},)")
     if checks.reads_values(lengths) and ((lengths < 1) | (lengths > source.shape[1])).any():
