@@ -71,8 +71,11 @@ _session_backend: str | None = None
 _scoped_backends: list[list[str]] = []
 
 
-def _check_name(name: object, argument: str = "name") -> str:
-    if not isinstance(name, str) or name not in CHOICES:
+def check_name(name: object, argument: str = "name") -> str:
+    """A backend name of CHOICES: TypeError for another type, ValueError else."""
+    if not isinstance(name, str):
+        raise TypeError(f"{argument} must be one of {CHOICES}, got {name!r}")
+    if name not in CHOICES:
         raise ValueError(f"{argument} must be one of {CHOICES}, got {name!r}")
     return name
 
@@ -110,7 +113,7 @@ def unavailable_reason(backend: str) -> str | None:
 def set_backend(name: str) -> None:
     """Use ``name`` for every following call (``"auto"`` restores the default)."""
     global _session_backend
-    _session_backend = _check_name(name)
+    _session_backend = check_name(name)
 
 
 @contextlib.contextmanager
@@ -118,7 +121,7 @@ def backend(name: str) -> Iterator[None]:
     """``with fastattn.backend("reference"): ...`` runs the block on that backend.  The
     setting is process-wide while the block runs (other threads see it too), as
     torch.nn.attention.sdpa_kernel's is."""
-    scope = [_check_name(name)]
+    scope = [check_name(name)]
     _scoped_backends.append(scope)
     try:
         yield
@@ -134,7 +137,7 @@ def current_backend() -> str:
         return _session_backend
     from_environment = os.environ.get(ENVIRONMENT_VARIABLE)
     if from_environment:
-        return _check_name(from_environment, ENVIRONMENT_VARIABLE)
+        return check_name(from_environment, ENVIRONMENT_VARIABLE)
     return "auto"
 
 
@@ -190,7 +193,7 @@ def implementation(op: str, device_type: str, name: str | None = None, inputs: I
     """
     if kernels_cannot_differentiate(inputs):
         name = "reference"
-    chosen = _check_name(name, "backend") if name is not None else current_backend()
+    chosen = check_name(name, "backend") if name is not None else current_backend()
     if chosen == "auto":
         chosen = auto_choice(op, device_type)
     reason = unavailable_reason(chosen)

@@ -37,8 +37,9 @@ def optimize(model: torch.nn.Module, *, backend: str = "auto") -> torch.nn.Modul
     (``fastattn.set_backend`` and friends); a backend name pins it.  When ``model``
     is itself one of those modules, the returned module is its replacement.
     """
-    if backend not in backends.CHOICES:
-        raise ValueError(f"backend must be one of {backends.CHOICES}, got {backend!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    backends.check_name(backend, "backend")
     module_backend = None if backend == "auto" else backend
     replacements: dict[int, torch.nn.Module] = {}  # id(original) -> its swap, for shared modules
 

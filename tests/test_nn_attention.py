@@ -172,3 +172,10 @@ def test_decoder_cell_rejects_bad_input():
         decoder(torch.randn(2, 3), None, cache)
     with pytest.raises(ValueError, match="cell"):
         AttentionDecoderCell(4, 6, 6, cell="rnn")
+
+
+@pytest.mark.parametrize("max_source_len", [0, -1, "8"])
+def test_max_source_len_is_checked_whatever_the_score(max_source_len):
+    """It was checked only for the location score (which uses it)."""
+    with pytest.raises((ValueError, TypeError), match="^max_source_len must"):
+        fastattn.nn.Attention(4, 4, score="dot", max_source_len=max_source_len)

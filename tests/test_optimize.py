@@ -120,10 +120,15 @@ def test_subclasses_of_torch_modules_are_left_alone():
     assert type(model[0]) is CustomGRU
 
 
-@pytest.mark.parametrize("backend", ["fast", None, "CUDA"])
-def test_unknown_backend_is_rejected(backend):
-    with pytest.raises(ValueError, match="^backend "):
+@pytest.mark.parametrize("backend, error", [("fast", ValueError), (None, TypeError), ("CUDA", ValueError)])
+def test_unknown_backend_is_rejected(backend, error):
+    with pytest.raises(error, match="^backend "):
         fastattn.optimize(Model(), backend=backend)
+
+
+def test_a_model_that_is_not_a_module_is_refused_by_name():
+    with pytest.raises(TypeError, match="^model must be a torch.nn.Module, got str"):
+        fastattn.optimize("x")
 
 
 def test_a_module_under_two_names_of_one_parent_becomes_one_fastattn_module():

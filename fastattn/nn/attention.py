@@ -70,10 +70,11 @@ class Attention(torch.nn.Module):
             raise ValueError(f"score {score!r} needs query_dim == key_dim, got {query_dim} and {key_dim}")
         if score == "general":
             self.weight = torch.nn.Parameter(torch.empty(query_dim, key_dim))
+        if max_source_len is not None:
+            checks.positive_int("max_source_len", max_source_len)
         if score == "location":
             if max_source_len is None:
                 raise ValueError("score 'location' needs max_source_len, the longest source it will see")
-            checks.positive_int("max_source_len", max_source_len)
             self.weight = torch.nn.Parameter(torch.empty(max_source_len, query_dim))
         if score == "additive":
             self.w_query = torch.nn.Parameter(torch.empty(self.attn_dim, query_dim))
