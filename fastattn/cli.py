@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None,
-        help="time the torch.compile'd reference too (default: on for full, off for quick and tiny)",
+        help="time the torch.compile'd reference too (default: on for full and gpu, off for quick and tiny)",
     )
     bench_parser.add_argument(
         "--memory", action=argparse.BooleanOptionalAction, default=True,
