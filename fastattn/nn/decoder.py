@@ -89,11 +89,12 @@ class AttentionDecoderCell(torch.nn.Module):
                 f"cache must hold the keys (B={y_prev_embedded.shape[0]}, S, key_dim) of y_prev_embedded's batch, "
                 f"got keys {checks.describe(cache.keys)}"
             )
-        if math.prod(cache.keys.shape[1:-1]) == 0:
+        source_length = math.prod(cache.keys.shape[1:-1])
+        if source_length == 0:
             raise ValueError(f"cache must hold at least one key position, got keys {checks.describe(cache.keys)}")
         checks.like("cache.keys", cache.keys, "y_prev_embedded", y_prev_embedded)
         if self.attention.score == "location":
-            check_location_source_length(self.attention.weight, math.prod(cache.keys.shape[1:-1]))
+            check_location_source_length(self.attention.weight, source_length)
         if state is None:
             state = self.initial_state(y_prev_embedded.shape[0], y_prev_embedded)
         else:
