@@ -227,6 +227,27 @@ def test_state_dict_round_trips_both_ways(module_class, configuration):
             torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("module_class", [fastattn_nn.LSTM, fastattn_nn.GRU])
+def test_hidden_state_helpers_are_torchs(module_class):
+    """permute_hidden, check_forward_args and get_expected_cell_size take the LSTM's
+    (h, c) pair as torch.nn.LSTM's do (RNNBase's, which the LSTM had inherited, take one
+    tensor and raised AttributeError)."""
+    torch_module, ours = twins(module_class, INPUT, HIDDEN, num_layers=2)
+    x = torch.randn(STEPS, BATCH, INPUT, dtype=torch.float64)
+    hx = torch.randn(2, BATCH, HIDDEN, dtype=torch.float64)
+    if module_class is fastattn_nn.LSTM:
+        hx = (hx, torch.randn(2, BATCH, HIDDEN, dtype=torch.float64))
+        assert ours.get_expected_cell_size(x, None) == torch_module.get_expected_cell_size(x, None)
+    permutation = torch.arange(BATCH).flip(0)
+    for want, got in zip(flatten(torch_module.permute_hidden(hx, permutation)), flatten(ours.permute_hidden(hx, permutation)), strict=True):
+        assert torch.equal(got, want)
+    assert ours.check_forward_args(x, hx, None) is None
+    wrong = tuple(state[:, :1] for state in hx) if isinstance(hx, tuple) else hx[:, :1]
+    for module in (torch_module, ours):
+        with pytest.raises(RuntimeError, match="Expected hidden"):
+            module.check_forward_args(x, wrong, None)
+
+
 def test_backend_attribute_overrides_the_setting_in_force():
     _, lstm = twins(fastattn_nn.LSTM, INPUT, HIDDEN)
     _, cell = twins(fastattn_nn.GRUCell, INPUT, HIDDEN)

@@ -140,6 +140,11 @@ class LSTM(_StackedRecurrence, torch.nn.RNNBase):
     layer_op = "lstm_layer"
     layer_weight_names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
+    # torch.nn.LSTM's helpers for its (h, c) state; RNNBase's take one tensor.
+    get_expected_cell_size = torch.nn.LSTM.get_expected_cell_size
+    check_forward_args = torch.nn.LSTM.check_forward_args
+    permute_hidden = torch.nn.LSTM.permute_hidden
+
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
 
