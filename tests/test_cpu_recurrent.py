@@ -6,6 +6,7 @@ import torch
 
 import fastattn
 from fastattn import backends, reference
+from tests.problems import assert_sigmoid_accurate, sigmoid_arguments
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
@@ -49,13 +50,16 @@ def test_cells_match_the_reference(with_bias, dtype):
 
 
 def test_saturated_float32_gates_close_and_pass_no_gradient():
-    """A forget gate of pre-activation -100 empties c (sigmoid 0, as torch's to 4e-44)
-    and saturated gates give no gradient to their weights, as torch.lstm_cell: the gate
-    sigmoid had stayed 6e-8 from 0 and 1 (c' was 5.96 from c = 1e8)."""
+    """A forget gate of pre-activation -100 empties c (sigmoid 3.7e-44, subnormal: c' =
+    3.7e-36 from c = 1e8, where torch.lstm_cell's gives 0) and saturated gates give no
+    gradient to their weights, as torch.lstm_cell: the gate sigmoid had stayed 6e-8 from 0
+    and 1 (c' was 5.96)."""
     x, h, c = torch.ones(1, 1), torch.zeros(1, 1), torch.full((1, 1), 1e8)
     w_ih = torch.tensor([[0.0], [-100.0], [0.0], [0.0]])
     with fastattn.backend("cpu"):
-        assert fastattn.lstm_cell(x, (h, c), w_ih, torch.zeros(4, 1))[1].item() == 0.0
+        got = fastattn.lstm_cell(x, (h, c), w_ih, torch.zeros(4, 1))[1]
+    exact = 1e8 * torch.sigmoid(torch.tensor(-100.0, dtype=torch.float64)).item()
+    assert exact / 2 <= got.item() <= 2 * exact
     generator = torch.Generator().manual_seed(0)
     x, h, c = torch.randn(3, 5, generator=generator) * 1e4, torch.randn(3, 4, generator=generator), torch.randn(3, 4)
     w_ih = torch.randn(16, 5, generator=generator).sign().requires_grad_()  # every gate |pre-activation| > 40
@@ -63,6 +67,27 @@ def test_saturated_float32_gates_close_and_pass_no_gradient():
     with fastattn.backend("cpu"):
         got = torch.autograd.grad(fastattn.lstm_cell(x, (h, c), w_ih, torch.zeros(16, 4))[0].sum(), w_ih)[0]
     assert want.abs().max() == 0 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("path", ["cell", "layer"])
+def test_float32_gate_sigmoid_is_accurate_relative_to_its_value(path):
+    """The forget gate alone (input gate closed, c = 1) makes c' = sigmoid(its
+    pre-activation), one hidden unit a batch row.  (1 + tanh(x / 2)) / 2 had lost every
+    digit under 1's spacing: sigmoid(-10) relative error 4.6e-4, sigmoid(-18) = 0."""
+    x = sigmoid_arguments()
+    w_ih = torch.tensor([[0.0], [1.0], [0.0], [0.0]])  # the forget gate's pre-activation is x
+    b_ih = torch.tensor([-200.0, 0.0, 0.0, 0.0])  # input gate 0, g = tanh(0) = 0
+    h, c = torch.zeros(x.numel(), 1), torch.ones(x.numel(), 1)
+    with fastattn.backend("cpu"):
+        if path == "cell":
+            c_next = fastattn.lstm_cell(x[:, None], (h, c), w_ih, torch.zeros(4, 1), b_ih)[1]
+        else:
+            layer = fastattn.nn.LSTM(1, 1)
+            with torch.no_grad():
+                layer.weight_ih_l0.copy_(w_ih), layer.weight_hh_l0.zero_(), layer.bias_ih_l0.copy_(b_ih)
+                layer.bias_hh_l0.zero_()
+                c_next = layer(x[None, :, None], (h[None], c[None]))[1][1][0]
+    assert_sigmoid_accurate(x, c_next[:, 0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -25,7 +25,14 @@ import torch
 import fastattn
 from fastattn import backends, reference
 from fastattn.ops import recurrent as recurrent_ops
-from tests.problems import SCORES, key_dim_for, opcheck_backward_sample_positions_and_fast_tanh, score_parameters
+from tests.problems import (
+    SCORES,
+    assert_sigmoid_accurate,
+    key_dim_for,
+    opcheck_backward_sample_positions_and_fast_tanh,
+    score_parameters,
+    sigmoid_arguments,
+)
 
 CUDA_READY = torch.cuda.is_available() and backends.unavailable_reason("cuda") is None
 needs_cuda_kernels = pytest.mark.skipif(
@@ -789,6 +796,25 @@ def test_emulated_recurrent_step_kernels_match_the_cells_and_freeze_finished_row
     torch.testing.assert_close(state_gradient[1], grad_h[1], **tolerance)  # a finished row passes it through
     torch.testing.assert_close((grad_input_gates @ w_ih)[active], expected[0][active], **tolerance)
     assert grad_input_gates[1].abs().max() == 0 and grad_hidden_gates[1].abs().max() == 0
+
+
+@pytest.mark.slow
+def test_emulated_gate_sigmoid_is_accurate_relative_to_its_value(emulated):
+    """The float32 step kernel's forget gate alone (input gate closed, c = 1): c' =
+    sigmoid(its pre-activation), one batch row each, as tests/test_cpu_recurrent.py
+    checks the CPU cells (the two share csrc/common/fast_sigmoid.h)."""
+    x = sigmoid_arguments()
+    rows = x.numel()
+    gates = torch.zeros(rows, 5)  # pre-activations [i | f | g | o] and the saved c'
+    gates[:, 0], gates[:, 1] = -200.0, x
+    c_state, h_state, output = torch.ones(rows, 1), torch.zeros(rows, 1), torch.empty(rows, 1)
+    hidden_gates, zeros = torch.zeros(rows, 4), torch.zeros(4)
+    lengths = torch.ones(rows, dtype=torch.int64)
+    step = emulation.recurrent_step(torch.float32, rows, 1, lengths, 0)
+    assert emulated.emu_lstm_step_forward(ctypes_step(step), gates.data_ptr(), 5, hidden_gates.data_ptr(),
+                                          zeros.data_ptr(), zeros.data_ptr(), c_state.data_ptr(), h_state.data_ptr(),
+                                          gates[:, 4:].data_ptr(), output.data_ptr()) == 0
+    assert_sigmoid_accurate(x, c_state[:, 0])
 
 
 def ctypes_step(step):

@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/fast_sigmoid.h"
 #include "common/fast_tanh.h"
 #include "common/layer_shape.h"
 #include "cpu/isa.h"
@@ -150,9 +151,10 @@ inline int64_t time_of_step(int64_t s, int64_t steps, bool reverse) {
 }
 
 // ---------------------------------------------------------------------------------
-// Activations.  float32: sigmoid and tanh through fast_tanh (csrc/common/fast_tanh.h,
-// max abs error 4e-7), a rational function without exp that the compiler vectorises;
-// sigmoid(x) = (1 + tanh(x / 2)) / 2.  float64: std::exp and std::tanh.
+// Activations.  float32: tanh through fast_tanh (csrc/common/fast_tanh.h, max abs error
+// 4e-7), a rational function without exp, and sigmoid through fast_sigmoid
+// (csrc/common/fast_sigmoid.h, accurate relative to its value however small), both
+// branch free so that the compiler vectorises the loops.  float64: std::exp and std::tanh.
 
 // if_true where condition else if_false, as bit masks: a `?:` on floats followed by
 // arithmetic stops GCC from vectorising the loop (it becomes control flow).
@@ -174,8 +176,13 @@ struct SelectMin {
 struct SelectMax {
   float operator()(float a, float b) const { return select_bits(b > a, b, a); }
 };
+struct SelectBits {
+  float operator()(bool condition, float if_true, float if_false) const {
+    return select_bits(condition, if_true, if_false);
+  }
+};
 inline float gate_tanh(float x) { return fast_tanh_with(x, SelectMin{}, SelectMax{}); }
-inline float gate_sigmoid(float x) { return 0.5f + 0.5f * gate_tanh(0.5f * x); }
+inline float gate_sigmoid(float x) { return fast_sigmoid_with(x, SelectBits{}); }
 inline double gate_tanh(double x) { return std::tanh(x); }
 inline double gate_sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 

@@ -3,17 +3,18 @@
 // (recurrent_pointwise.cu) and the persistent layer kernels (persistent_recurrent.cu).
 // Gate order of torch.nn ([i | f | g | o], [r | z | n]); the equations of
 // csrc/cpu/recurrent.cpp and fastattn.reference.  float32 takes tanh from fast_tanh
-// (csrc/common/fast_tanh.h) and sigmoid(x) = (1 + tanh(x / 2)) / 2 as the CPU does;
+// (csrc/common/fast_tanh.h) and sigmoid from fast_sigmoid (csrc/common/fast_sigmoid.h), as the CPU does;
 // float64 uses tanh / exp.  Masking by lengths is the callers' business.
 #pragma once
 
+#include "../common/fast_sigmoid.h"
 #include "device_common.cuh"
 
 namespace fastattn {
 namespace cuda {
 
 __device__ __forceinline__ float gate_tanh(float x) { return fast_tanh(x); }
-__device__ __forceinline__ float gate_sigmoid(float x) { return 0.5f + 0.5f * fast_tanh(0.5f * x); }
+__device__ __forceinline__ float gate_sigmoid(float x) { return fast_sigmoid(x); }
 __device__ __forceinline__ double gate_tanh(double x) { return tanh(x); }
 __device__ __forceinline__ double gate_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 
