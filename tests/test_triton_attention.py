@@ -641,6 +641,26 @@ def test_the_triton_ops_read_strided_arguments_as_the_cpu_op_does():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_lengths_past_32_bits_or_the_source_are_clamped_to_it():
+    """lengths 2^32 + 2 and 2^31 mean every key, -2^32 + 3 none, as lengths 5 and 0 do (and
+    as the CPU op reads them): the kernels had cut them to 32 bits (2 keys, no key, 3 keys),
+    reachable through the ops and through a lengths tensor written past its checks (.data)."""
+    generator = torch.Generator().manual_seed(7)
+    query, keys, values = (torch.randn(2, n, 4, generator=generator) for n in (3, 5, 5))
+    grad_context = torch.randn(2, 3, 4, generator=generator)
+
+    def run(lengths):
+        leaves = [tensor.clone().requires_grad_() for tensor in (query, keys, values)]
+        context, weights, _ = torch.ops.fastattn.triton_attention_forward(
+            *leaves, None, None, "dot", 1.0, torch.tensor(lengths), None, False, None, None, False, True)
+        return [context, weights, *torch.autograd.grad(context, leaves, grad_context)]
+
+    for got, want in zip(run([2**32 + 2, -(2**32) + 3]), run([5, 0]), strict=True):
+        assert torch.equal(got, want)
+    for got, want in zip(run([2**31, 2]), run([5, 2]), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_choose_positions_refuses_integer_weights():
     with pytest.raises(RuntimeError, match="weights must be a float32"):
         torch.ops.fastattn.triton_choose_positions(torch.ones(2, 3, dtype=torch.int64), False, 0)

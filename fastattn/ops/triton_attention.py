@@ -90,6 +90,8 @@ def _problem(op, query, keys, values, v, bias, score, scale, lengths, key_paddin
     batch, query_length, features = query.shape
     keys = keys.expand(batch, *keys.shape[1:])
     source_length, value_features = keys.shape[1], values.shape[2]
+    if lengths is not None:  # [0, S], as the other backends read it; the kernels load it as int32
+        lengths = lengths.clamp(0, source_length)
     kind = SCORE_KINDS[score]
     if kind == ADDITIVE and scale != 1.0:
         raise ValueError(f"scale must be 1 with score 'additive' (v . tanh(q + k + bias) has none), got {scale}")
