@@ -546,3 +546,46 @@ def test_arguments_are_checked_before_an_expanded_query_is_copied():
     with pytest.raises(RuntimeError, match=r"lengths must be \(N=1,\)"):
         torch.ops.fastattn.attention_forward(query, keys, keys, None, None, "dot", 1.0, torch.tensor([3, 3]), None,
                                              False, None, None, False, False)
+
+
+@pytest.mark.parametrize(
+    "score, path",
+    [(score, "per_row") for score in SCORES]
+    + [(score, "matrix_multiply") for score in ("dot", "scaled_dot", "general", "cosine")],
+)
+def test_one_hot_rows_pass_no_rounding_noise_into_the_score_gradients(score, path):
+    """Scores hundreds apart make every row's weights one-hot, where the gradients of the
+    query and keys through the scores are ~1e-40: the float32 kernels' stay within twice
+    the reference's error, in the per-row kernels, the matrix-multiply path (dot and
+    cosine at D >= 128, T and S >= 16) and the additive score's one pass from the context.
+    The row term r = grad_context . context, subtracted from each key's own dot, had left
+    noise of eps |g| |v| (1.8e-3 in grad_keys at |q| ~ 3000)."""
+    generator = torch.Generator().manual_seed(0)
+    dim, length = (8, 7) if path == "per_row" else (128, 17)
+
+    def random(*shape, times=1.0):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64) * times
+
+    query, keys, values, grad_context = random(2, length, dim), random(2, length, dim), random(2, length, 32), random(2, length, 32)
+    arguments = {
+        "dot": {}, "scaled_dot": {}, "general": {"weight": torch.eye(dim, dtype=torch.float64) * 3000},
+        "cosine": {"scale": 1e5}, "location": {"weight": random(length, dim, times=3000)},
+        "additive": {"w_query": random(5, dim, times=dim**-0.5), "w_key": random(5, dim, times=dim**-0.5),
+                     "v": random(5, times=3e4), "bias": random(5)},
+    }[score]
+    if score in ("dot", "scaled_dot"):
+        query = query * 3000 * dim**0.5
+
+    def gradients(backend_name, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (query, keys)]
+        with fastattn.backend(backend_name):
+            context, weights = fastattn.attention(
+                *leaves, values.to(dtype), score=score, return_weights=True,
+                **{name: a.to(dtype) if isinstance(a, torch.Tensor) else a for name, a in arguments.items()})
+        assert (weights.max(-1).values > 1 - 1e-6).all()  # one-hot to float32's precision
+        grads = torch.autograd.grad(context, leaves, grad_context.to(dtype), allow_unused=True)
+        return [torch.zeros_like(leaf, dtype=torch.float64) if g is None else g.double() for g, leaf in zip(grads, leaves)]
+
+    exact, reference_run, kernel_run = gradients("reference", torch.float64), gradients("reference", torch.float32), gradients("cpu", torch.float32)
+    for name, truth, theirs, ours in zip(("query", "keys"), exact, reference_run, kernel_run):
+        assert (ours - truth).abs().max() <= 2 * (theirs - truth).abs().max() + 1e-30, name

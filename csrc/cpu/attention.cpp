@@ -26,11 +26,11 @@
 //   local grad_v / grad_bias summed at the end): no races, deterministic.  Scores
 //   and tanh are recomputed, never stored: per row a pass over the keys for their
 //   probabilities (normalised over the row, probabilities_of_row: the saved
-//   logsumexp only marks fully masked rows) and r = sum_j p_j dw_j, then one for the
-//   gradients.  Given the forward's context (float32 / float64) and no grad_weights,
-//   r = grad_context . context instead (exact where peaked rows cancel), and the
-//   additive score takes each key's tanh once, for its score and its gradients
-//   together (one pass from the logsumexp, additive_row_backward_from_context).
+//   logsumexp only marks fully masked rows) and the softmax's row term, shifted by the
+//   most probable key's so that peaked rows cancel exactly (ShiftedRowTerm), then one
+//   for the gradients.  Given the forward's context (float32 / float64) and no
+//   grad_weights, the additive score takes each key's tanh once, for its score and its
+//   gradients together (one pass from the logsumexp, additive_row_backward_from_context).
 // NaN: a NaN score (a NaN input, or inf - inf) makes its row NaN, as the reference's
 //   softmax does; only rows with no visible key are zeros.
 // Vectorisation: inner loops over the feature dimension use Simd<T, bytes>
@@ -225,6 +225,20 @@ FASTATTN_ALWAYS_INLINE T dot_product(const T* a, const T* b, int64_t size) {
   T sum = sum_lanes(sum0 + sum1);
   for (; d < size; ++d) sum += a[d] * b[d];
   return sum;
+}
+
+// a . (factor * b - c)
+template <int kBytes, typename T>
+FASTATTN_ALWAYS_INLINE T dot_with_difference(const T* a, const T* b, T factor, const T* c, int64_t size) {
+  using V = Simd<T, kBytes>;
+  constexpr int64_t kWidth = V::size();
+  const V scale(factor);
+  V sum(T(0));
+  int64_t d = 0;
+  for (; d + kWidth <= size; d += kWidth) sum = fmadd(V::load(a + d), fmadd(scale, V::load(b + d), V(T(0)) - V::load(c + d)), sum);
+  T total = sum_lanes(sum);
+  for (; d < size; ++d) total += a[d] * (factor * b[d] - c[d]);
+  return total;
 }
 
 // y += alpha * x
@@ -625,12 +639,40 @@ struct BackwardInputs {
   const T* grad_context = nullptr;  // (N, T, Dv)
   const T* grad_weights = nullptr;  // (N, T, S) or null
   const T* logsumexp = nullptr;     // (N, T)
-  // (N, T): grad_context . context with the forward's context, without grad_weights (the
-  // row term r = sum_j p_j g_j dw_j is then exactly that), or null (r recomputed from the
-  // recomputed p_j).  Peaked rows need it: there r nearly cancels the largest g_j dw_j,
-  // and r from the recomputed p_j erred 20x the reference in float32 at scale 30.
-  const T* context_row_dot = nullptr;
+  // (N, T, Dv): the forward's context, for the additive score's one pass over the keys
+  // (additive_row_backward_from_context), or null.
+  const T* context = nullptr;
 };
+
+// The softmax backward of one row, dE_j = p_j (dw_j - r) with r = sum_i p_i dw_i (dw_j: the
+// gradient reaching weight j), is taken as p_j ((dw_j - dw_m) - sum_i p_i (dw_i - dw_m)),
+// m the row's most probable key: the same since the p_i add up to 1, but exact at m and
+// free of the cancellation of two near-equal sums elsewhere.  In a peaked row the plain
+// form left rounding noise of eps |dw_m| in every dE_j, which the scale (and |q|) then
+// multiplied into the query and key gradients: float32 at |q| ~ 3000 erred 1.8e-3 where
+// the true gradient is 6e-46, float64 sdpa at scale 1e20 gave 1e5 for 0.
+template <typename T>
+struct ShiftedRowTerm {
+  T shift;     // dw_m
+  T row_term;  // sum_i p_i (dw_i - dw_m)
+  T score_gradient(T probability, T grad_alpha) const {
+    return fastattn::softmax_score_gradient(probability, grad_alpha - shift, row_term);
+  }
+};
+
+// probabilities and grad_alpha indexed by key; keys: the row's `count` visible keys.
+template <typename T>
+ShiftedRowTerm<T> shifted_row_term(const T* probabilities, const T* grad_alpha, const int64_t* keys, int64_t count) {
+  if (count == 0) return {T(0), T(0)};
+  int64_t top = keys[0];
+  for (int64_t c = 1; c < count; ++c) {
+    if (probabilities[keys[c]] > probabilities[top]) top = keys[c];
+  }
+  const T shift = grad_alpha[top];
+  T row_term = T(0);
+  for (int64_t c = 0; c < count; ++c) row_term += probabilities[keys[c]] * (grad_alpha[keys[c]] - shift);
+  return {shift, row_term};
+}
 
 template <typename T>
 struct BackwardOutputs {  // uninitialised: the kernel zeroes each batch's slices before it accumulates
@@ -642,10 +684,13 @@ struct BackwardOutputs {  // uninitialised: the kernel zeroes each batch's slice
 };
 
 // The additive score's gradients of query row `row` (batch n, keys `range`) in one pass
-// over its keys, when r = grad_context . context is known before it (the forward's
-// context given, no grad_weights): each key's u = tanh(q_b + k) (into `activation`)
-// gives its score, then its gradients, so a pair's tanh is taken once where the
-// two-pass backward takes it twice.  grad_query_row and the outputs accumulate.
+// over its keys, when the forward's context C is given (and no grad_weights): dw_j - r =
+// grad_context . (g_j v_j - C) (g_j: the Gaussian factor), so each key's u = tanh(q_b + k)
+// (into `activation`) gives its score, then its gradients, and a pair's tanh is taken
+// once where the two-pass backward takes it twice.  One dot of the difference, not
+// grad_context . C subtracted from each key's dot: a one-hot row's C is its key's value,
+// and the difference cancels exactly there (see ShiftedRowTerm).  grad_query_row and the
+// outputs accumulate.
 template <typename T, int kBytes>
 FASTATTN_ALWAYS_INLINE void additive_row_backward_from_context(const AttentionProblem<T>& problem,
                                                                 const BackwardInputs<T>& in,
@@ -654,7 +699,7 @@ FASTATTN_ALWAYS_INLINE void additive_row_backward_from_context(const AttentionPr
                                                                 T* activation, T* grad_v_sum) {
   const int64_t score_dim = problem.score_dim, value_dim = problem.value_dim;
   const T* grad_context = in.grad_context + row * value_dim;
-  const T row_dot = in.context_row_dot[row];
+  const T* context = in.context + row * value_dim;
   const T logsumexp = in.logsumexp[row];
   T* grad_query_row = out.grad_query + row * score_dim;
   T grad_center = T(0);
@@ -664,11 +709,12 @@ FASTATTN_ALWAYS_INLINE void additive_row_backward_from_context(const AttentionPr
     const T probability = fastattn::exp_of(score - logsumexp);
     if (probability == T(0)) continue;  // exp underflow: nothing flows
     const T gaussian = problem.gaussian ? fastattn::gaussian_factor(j, center, problem.window) : T(1);
-    const T grad_weight = dot_product<kBytes>(grad_context, problem.value(n, j), value_dim);
     if (out.grad_center != nullptr) {
+      const T grad_weight = dot_product<kBytes>(grad_context, problem.value(n, j), value_dim);
       grad_center += grad_weight * probability * gaussian * fastattn::gaussian_log_slope(j, center, problem.window);
     }
-    const T grad_score = fastattn::softmax_score_gradient(probability, grad_weight * gaussian, row_dot);
+    const T grad_score =
+        probability * dot_with_difference<kBytes>(grad_context, problem.value(n, j), gaussian, context, value_dim);
     axpy<kBytes>(out.grad_values + (n * problem.source_length + j) * value_dim, probability * gaussian, grad_context,
                  value_dim);
     additive_score_backward<kBytes>(activation, problem.v, grad_score, grad_query_row,
@@ -712,7 +758,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
       const T* query = prepare_query<T, kScore, kBytes>(problem, query_row, prepared.data(), &query_norm);
       const T center = problem.window_center(n, t);
       if constexpr (kScore == ScoreKind::kAdditive) {
-        if (in.context_row_dot != nullptr) {
+        if (in.context != nullptr) {
           additive_row_backward_from_context<T, kBytes>(problem, in, out, n, row, range, query, center,
                                                         activation.data(), grad_v_sum);
           if (grad_bias_sum != nullptr) axpy<kBytes>(grad_bias_sum, T(1), out.grad_query + row * score_dim, score_dim);
@@ -734,7 +780,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
       score_keys<T, kScore, kBytes>(problem, query, n, visible_keys.data(), count, scores.data());
       probabilities_of_row(scores.data(), visible_keys.data(), count);
       dot_with_values<kBytes>(problem, grad_context, n, visible_keys.data(), count, value_dots.data());
-      T row_dot = T(0), grad_center = T(0);
+      T grad_center = T(0);
       for (int64_t c = 0; c < count; ++c) {
         const int64_t j = visible_keys[c];
         const T probability = scores[j];
@@ -744,12 +790,11 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
         alpha[j] = probability;
         factor[j] = gaussian;
         grad_alpha[j] = grad_weight * gaussian;
-        row_dot += probability * grad_alpha[j];
         if (out.grad_center != nullptr) {
           grad_center += grad_weight * probability * gaussian * fastattn::gaussian_log_slope(j, center, problem.window);
         }
       }
-      if (in.context_row_dot != nullptr) row_dot = in.context_row_dot[row];
+      const ShiftedRowTerm<T> row_term = shifted_row_term(alpha.data(), grad_alpha.data(), visible_keys.data(), count);
       if (out.grad_center != nullptr) out.grad_center[row] = grad_center;
 
       T* grad_query_row = out.grad_query + row * score_dim;
@@ -761,7 +806,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
       for (int64_t j = range.begin; j < range.end; ++j) {
         const T probability = alpha[j];
         if (probability == T(0)) continue;  // padding, or exp underflow: nothing flows
-        const T grad_score = fastattn::softmax_score_gradient(probability, grad_alpha[j], row_dot);
+        const T grad_score = row_term.score_gradient(probability, grad_alpha[j]);
         axpy<kBytes>(grad_values + j * value_dim, probability * factor[j], grad_context, value_dim);
         const T* key = problem.key(n, j);
         T* grad_key = grad_keys + j * score_dim;
@@ -1215,10 +1260,10 @@ at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
 // unit vectors (unit_rows), its gradients taken through them (through_unit_rows).
 // raw (N, T, S): q.k on entry, dE on exit; grad_weights (N, T, S): dW = dC . v_j
 // (+ the weights' gradient) on entry, scratch after; weights (N, T, S): W on exit.
-// context_row_dot (N, T), or null: r = dC . C (see BackwardInputs::context_row_dot).
+// The row term: ShiftedRowTerm.
 template <typename T>
 void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weights, T* weights, const T* lse,
-                        T* grad_center, const T* context_row_dot, int64_t row_begin, int64_t row_end) {
+                        T* grad_center, int64_t row_begin, int64_t row_end) {
   const int64_t query_length = problem.query_length, source_length = problem.source_length;
   std::vector<int64_t> visible_keys(source_length);
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -1245,7 +1290,7 @@ void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weig
       }
     }
     probabilities_of_row(scores, visible_keys.data(), count);
-    T row_dot = T(0), center_gradient = T(0);
+    T center_gradient = T(0);
     for (int64_t c = 0; c < count; ++c) {
       const int64_t j = visible_keys[c];
       const T probability = scores[j];
@@ -1254,15 +1299,15 @@ void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weig
       scores[j] = probability;
       w[j] = probability * gaussian;
       grad_alpha[j] = grad_weight * gaussian;
-      row_dot += probability * grad_alpha[j];
       if (grad_center != nullptr) {
         center_gradient += grad_weight * probability * gaussian * fastattn::gaussian_log_slope(j, center, problem.window);
       }
     }
-    if (context_row_dot != nullptr) row_dot = context_row_dot[row];
+    const ShiftedRowTerm<T> row_term = shifted_row_term<T>(scores, grad_alpha, visible_keys.data(), count);
     if (grad_center != nullptr) grad_center[row] = center_gradient;
-    for (int64_t j = range.begin; j < range.end; ++j) {
-      scores[j] = problem.scale * fastattn::softmax_score_gradient(scores[j], grad_alpha[j], row_dot);
+    for (int64_t c = 0; c < count; ++c) {
+      const int64_t j = visible_keys[c];
+      scores[j] = problem.scale * row_term.score_gradient(scores[j], grad_alpha[j]);
     }
   }
 }
@@ -1375,14 +1420,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 "), got shape ", grad_weights->sizes());
     grad_weights_ = in_dtype(*grad_weights, in.compute_dtype).contiguous();
   }
-  // Without grad_weights, every kernel takes r = grad_context . context from the context
-  // (BackwardInputs::context_row_dot; additive in one pass over the keys) when it is in
-  // the compute dtype (float32 / float64: a rounded 16-bit context would not cancel
-  // peaked rows' score gradients); otherwise r is recomputed with the rest.
-  at::Tensor context_row_dot;
-  if (context.has_value() && context->defined() && context->scalar_type() == in.compute_dtype &&
-      !grad_weights_.defined()) {
-    context_row_dot = (grad_context_ * *context).sum(-1).contiguous();
+  // Without grad_weights, the additive score takes its row term from the forward's context
+  // in one pass over the keys (BackwardInputs::context) when it is in the compute dtype
+  // (float32 / float64: a rounded 16-bit context would not cancel peaked rows' score
+  // gradients); every other case recomputes it with the rest (ShiftedRowTerm).
+  at::Tensor additive_context;
+  if (in.score == ScoreKind::kAdditive && context.has_value() && context->defined() &&
+      context->scalar_type() == in.compute_dtype && !grad_weights_.defined()) {
+    additive_context = context->contiguous();
   }
 
   const auto options = in.query.options();
@@ -1405,11 +1450,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       scalar_t* weights_data = weights.mutable_data_ptr<scalar_t>();
       const scalar_t* lse = logsumexp_.const_data_ptr<scalar_t>();
       scalar_t* center_data = wants_center ? grad_center.mutable_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* row_dots = context_row_dot.defined() ? context_row_dot.const_data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, in.batch * in.query_length, std::max<int64_t>(1, 16384 / in.source_length),
                        [&](int64_t begin, int64_t end) {
                          blas_backward_rows<scalar_t>(problem, raw_data, grad_alpha_data, weights_data, lse,
-                                                      center_data, row_dots, begin, end);
+                                                      center_data, begin, end);
                        });
     });
     at::Tensor grad_values = at::bmm(weights.transpose(1, 2), grad_context_);
@@ -1443,7 +1487,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     inputs.grad_context = grad_context_.const_data_ptr<scalar_t>();
     inputs.grad_weights = grad_weights_.defined() ? grad_weights_.const_data_ptr<scalar_t>() : nullptr;
     inputs.logsumexp = logsumexp_.const_data_ptr<scalar_t>();
-    if (context_row_dot.defined()) inputs.context_row_dot = context_row_dot.const_data_ptr<scalar_t>();
+    if (additive_context.defined()) inputs.context = additive_context.const_data_ptr<scalar_t>();
     BackwardOutputs<scalar_t> out;
     out.grad_query = grad_query.mutable_data_ptr<scalar_t>();
     out.grad_keys = grad_keys.mutable_data_ptr<scalar_t>();
