@@ -114,12 +114,18 @@ def test_malformed_tsv_line_names_the_file_and_line(tmp_path, capsys):
         (["train", "copy", "--beam-width", "0"], "--beam-width must be >= 1"),
         (["train", "copy", "--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
         (["train", "translate", "--data", "."], ".: a folder, expected a tab-separated text file"),
-        (["eval", "missing.pt", "--out", "somewhere"], "missing.pt: no such checkpoint file"),
+        (["eval", "missing.pt"], "missing.pt: no such checkpoint file"),
     ],
 )
 def test_bad_values_give_one_line(tmp_path, capsys, arguments, message):
-    line = one_error_line(capsys, main([*arguments, "--out", str(tmp_path)] if arguments[0] == "train" else arguments))
+    line = one_error_line(capsys, main([*arguments, "--out", str(tmp_path)]))
     assert line.startswith("fastattn: error: ") and message in line
+
+
+def test_eval_of_a_missing_checkpoint_makes_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "report"
+    line = one_error_line(capsys, main(["eval", str(tmp_path / "missing.pt"), "--out", str(out)]))
+    assert "missing.pt: no such checkpoint file" in line and not out.exists()
 
 
 @pytest.mark.parametrize("task, flags", [

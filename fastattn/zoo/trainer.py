@@ -361,8 +361,8 @@ def evaluate_checkpoint(checkpoint_file: Path, *, data: str | None, out: Path, p
                         device: str | None, batch_size: int | None) -> dict[str, Any]:
     """``fastattn eval``: the checkpoint's model on ``data`` (or its task's own test split)."""
     started = time.monotonic()
-    output_folder(out)
     task = load_task(checkpoint_file, data=data, device=device, batch_size=batch_size)
+    output_folder(out)  # after the checkpoint is read: a failed eval leaves no folder behind
     metrics = evaluate_and_report(task, out, plot_to=out)
     if plot_attention is not None:
         if not metrics["figures"]:
