@@ -25,8 +25,10 @@
 # below.  Versions and install were cut from 20 s and 150 s, and the full bench from 100 s, to
 # make room for the targets bench within the same total: versions only prints (its slow part
 # is one torch import); install builds for sm_90 alone with 16 jobs, so its wall time is about
-# the slowest translation unit plus the link; the targets bench (24 small cases, one compiled
-# graph) needs the Triton JIT of its bf16 kernels more than timing time.
+# the slowest translation unit plus the link; the targets bench (26 small cases, one compiled
+# graph, two CUDA graph captures) needs the Triton JIT of its bf16 kernels more than timing
+# time.  Both benches rewrite their JSON and CSV after every case, so a bench stopped by its
+# timeout keeps the cases it finished (the report says how many of how many).
 # PYTHON picks the interpreter; BENCH_FLAGS adds flags to the full bench (the torch.compile'd
 # reference is left out by default: compiling ~30 graphs would not fit in the time);
 # BENCH_TARGETS_FLAGS to the targets bench (whose one compiled peer, the additive target's,

@@ -10,7 +10,6 @@ for bad usage or 1 when the request cannot run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from typing import Sequence
@@ -67,30 +66,36 @@ def _run_bench(arguments: argparse.Namespace) -> int:
     preset = bench.preset_named(preset_name)
     chosen = bench.choose(preset, arguments.device, arguments.dtype, arguments.ops)
     compile_reference = preset.compile if arguments.compile is None else arguments.compile
+    for path in (arguments.json, arguments.csv):
+        if path:
+            bench_output.check_output_path(path)
     if arguments.plot:
         bench_output.check_plot_path(arguments.plot)
-    with contextlib.ExitStack() as outputs:
-        json_file = outputs.enter_context(bench_output.open_output(arguments.json)) if arguments.json else None
-        csv_file = outputs.enter_context(bench_output.open_output(arguments.csv)) if arguments.csv else None
-        limits = machine.limits(arguments.device)
-        results = bench.run(
-            chosen, preset, arguments.device, arguments.dtype, limits,
-            compile_reference=compile_reference, measure_memory=arguments.memory,
-        )
-        sizes = " ".join(f"{name}={value}" for name, value in vars(preset).items() if name in profiling.SHAPE_FIELDS)
-        print(f"fastattn bench: {preset_name} preset ({sizes}), {arguments.device}, {arguments.dtype}, "
-              f"torch.compile'd reference {'on' if compile_reference else 'off'}")
-        print(f"limits: {limits.note}; measured copy {limits.measured_copy_bandwidth / 1e9:.3g} GB/s")
-        print(bench_output.format_table(results))
-        description = machine.describe(arguments.device)
-        content = bench_output.report(results, {"name": preset_name, **vars(preset)}, description, limits.as_dict(), compile_reference)
-        if json_file:
-            bench_output.write_json(json_file, content)
-        if csv_file:
-            bench_output.write_csv(csv_file, results)
-        if arguments.plot:
-            title = f"fastattn {preset_name}, {description['gpu'] or description['cpu_model']}, {arguments.dtype}"
-            bench_output.write_plot(arguments.plot, results, title)
+    limits = machine.limits(arguments.device)
+    description = machine.describe(arguments.device)
+
+    def save(results: list) -> None:
+        """--json and --csv as they stand, after every case and at the end."""
+        content = bench_output.report(results, {"name": preset_name, **vars(preset)}, description, limits.as_dict(),
+                                      compile_reference, cases_chosen=len(chosen))
+        if arguments.json:
+            bench_output.write_atomically(arguments.json, lambda file: bench_output.write_json(file, content))
+        if arguments.csv:
+            bench_output.write_atomically(arguments.csv, lambda file: bench_output.write_csv(file, results))
+
+    results = bench.run(
+        chosen, preset, arguments.device, arguments.dtype, limits,
+        compile_reference=compile_reference, measure_memory=arguments.memory, after_each_case=save,
+    )
+    save(results)
+    sizes = " ".join(f"{name}={value}" for name, value in vars(preset).items() if name in profiling.SHAPE_FIELDS)
+    print(f"fastattn bench: {preset_name} preset ({sizes}), {arguments.device}, {arguments.dtype}, "
+          f"torch.compile'd reference {'on' if compile_reference else 'off'}")
+    print(f"limits: {limits.note}; measured copy {limits.measured_copy_bandwidth / 1e9:.3g} GB/s")
+    print(bench_output.format_table(results))
+    if arguments.plot:
+        title = f"fastattn {preset_name}, {description['gpu'] or description['cpu_model']}, {arguments.dtype}"
+        bench_output.write_plot(arguments.plot, results, title)
     failed = [f"{r.case} on {r.implementation}" for r in results if r.failure or r.error_ok is False]
     if failed:
         print(f"fastattn bench: {len(failed)} failed or over tolerance: {'; '.join(failed)}", file=sys.stderr)
@@ -101,7 +106,7 @@ def _run_bench(arguments: argparse.Namespace) -> int:
 def _run_profile(arguments: argparse.Namespace) -> int:
     bench.check_device(arguments.device)
     if arguments.trace:
-        bench_output.open_output(arguments.trace).close()  # a bad path fails before the run
+        bench_output.check_output_path(arguments.trace)  # a bad path fails before the run
     preset = profiling.resized(
         bench.preset_named(arguments.preset), **{name: getattr(arguments, name) for name in profiling.SHAPE_FIELDS}
     )

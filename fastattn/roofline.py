@@ -11,9 +11,12 @@ For one op at one shape, :class:`Work` counts
 
 Forward+backward counts are derived from the forward's by one convention, used for
 every op: the backward does twice the forward's FLOPs (a gradient for each operand of
-every product), no new transcendentals (derivatives reuse the forward's values), and
-reads every input and the output gradients and writes every input gradient, so
-``bytes = 3 * inputs + 2 * outputs`` and ``flops = 3 * forward``.
+every product), and reads every input and the output gradients and writes every input
+gradient, so ``bytes = 3 * inputs + 2 * outputs`` and ``flops = 3 * forward``.  Its
+transcendentals: attention's backward evaluates the forward's again (an ideal fused
+backward recomputes exp and tanh from the saved log-sum-exp rather than storing
+T x S (x Da) intermediates), so they double; the recurrent ops' backward reads the
+gate activations the forward saved (a few B x H per step, not counted) and adds none.
 
 A device's limit (:class:`DeviceLimits`) gives the lower bound on the time of a
 :class:`Work`: the largest of bytes / bandwidth, flops / FLOP rate and
@@ -26,7 +29,7 @@ bandwidth alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ def attention_work(score: str, batch: int, queries: int, keys: int, dim: int, *,
         inputs += keys * dim
     else:
         raise ValueError(f"score must be one of dot, scaled_dot, general, additive, cosine, location; got {score!r}")
-    return _work(score_flops + context_flops, exps, inputs, batch * queries * dim, element_bytes, backward)
+    recomputed = 2 if backward else 1  # the backward's exp (and tanh) again: see the module docstring
+    return _work(score_flops + context_flops, recomputed * exps, inputs, batch * queries * dim, element_bytes, backward)
 
 
 def hard_attention_work(batch: int, queries: int, keys: int, dim: int, *, element_bytes: int) -> Work:
@@ -133,17 +137,17 @@ def decoder_step_work(batch: int, keys: int, hidden: int, *, element_bytes: int)
     """One ``AttentionDecoderCell`` step, forward, as benchmarked: input size = key size =
     attention size = ``hidden``, LSTM cell, additive score on precomputed W_k h, input feeding.
 
-    The LSTM cell reads [y; h~] (2H wide); attention reads the cached W_k h and the values;
+    The LSTM cell reads [y; h~] (2H wide: the previous attentional vector is counted there)
+    and the state; attention reads the cached W_k h and the values;
     the output h~ = tanh(W_c [c; s]) is also the new state's attentional vector."""
     cell = cell_work("lstm", batch, 2 * hidden, hidden, element_bytes=element_bytes)
     pairs = batch * keys
     attention_flops = 2 * batch * hidden * hidden + 2 * pairs * hidden + 2 * pairs * hidden
     combine_flops = 2 * batch * hidden * 2 * hidden
     attention_elements = 2 * batch * keys * hidden + hidden * hidden + 2 * hidden + 2 * hidden * hidden
-    extra_inputs = batch * hidden  # the previous attentional vector h~
     outputs = batch * hidden + pairs  # h~ and the weights (the new s, c are counted by the cell)
     return cell + Work(
-        element_bytes * (attention_elements + extra_inputs + outputs),
+        element_bytes * (attention_elements + outputs),
         attention_flops + combine_flops,
         pairs * hidden + pairs + batch * hidden,  # tanh per pair, exp per pair, tanh of h~
     )
@@ -207,20 +211,32 @@ def percent_of_each(work: Work, limits: DeviceLimits, dtype: str, measured_s: fl
     return {resource: 100.0 * bound_s / measured_s for resource, bound_s in limits.bounds_s(work, dtype).items()}
 
 
-def _card(name: str, bandwidth_tb: float, bf16_tflops: float, tf32_tflops: float, sms: int, boost_ghz: float) -> DeviceLimits:
-    """Dense (no sparsity) tensor-core peaks; float32 matrix work is rated at the TF32 tensor-core
-    peak (an upper bound: torch's own float32 matmuls may run on the slower CUDA cores).
-    Special functions: 16 results per clock per SM (CUDA C++ Programming Guide, "Arithmetic
-    Instructions" throughput table, compute capability 8.0 and 9.0: the MUFU ops exp2, log2,
-    rsqrt, sin, cos; tanh.approx.f32 runs on the same unit) x SMs x boost clock; for the H100
-    SXM / H200, 16 x 132 x 1.98 GHz = 4.18e12 evaluations/s.  The packed tanh.approx.bf16x2 of
-    sm_90 gives two bf16 results per op, which this single rate does not model."""
+def _card(name: str, bandwidth_tb: float, bf16_tflops: float, fp32_tflops: float, tf32_tflops: float, sms: int,
+          boost_ghz: float) -> DeviceLimits:
+    """Dense (no sparsity) tensor-core peaks for float16 / bfloat16; float32 matrix work at
+    the CUDA cores' float32 peak, what torch's default (no TF32) runs it on
+    (:func:`float32_on_tf32` rates it at the TF32 tensor-core peak instead, for a run with
+    TF32 allowed).  Special functions: 16 results per clock per SM (CUDA C++ Programming
+    Guide, "Arithmetic Instructions" throughput table, compute capability 8.0 and 9.0: the
+    MUFU ops exp2, log2, rsqrt, sin, cos; tanh.approx.f32 runs on the same unit) x SMs x
+    boost clock; for the H100 SXM / H200, 16 x 132 x 1.98 GHz = 4.18e12 evaluations/s.  The
+    packed tanh.approx.bf16x2 of sm_90 gives two bf16 results per op, which this single rate
+    does not model."""
     return DeviceLimits(
         name,
         bandwidth_tb * 1e12,
-        {"float16": bf16_tflops * 1e12, "bfloat16": bf16_tflops * 1e12, "float32": tf32_tflops * 1e12, "float64": None},
+        {"float16": bf16_tflops * 1e12, "bfloat16": bf16_tflops * 1e12, "float32": fp32_tflops * 1e12,
+         TF32: tf32_tflops * 1e12, "float64": None},
         16 * sms * boost_ghz * 1e9,
     )
+
+
+TF32 = "tf32"  # the flops key of a card's TF32 tensor-core peak
+
+
+def float32_on_tf32(card: DeviceLimits) -> DeviceLimits:
+    """``card`` with float32 matrix work rated at its TF32 tensor-core peak."""
+    return replace(card, name=f"{card.name} (float32 on TF32)", flops={**card.flops, "float32": card.flops[TF32]})
 
 
 # Sources: NVIDIA H100 Tensor Core GPU datasheet (SXM5 and PCIe columns; the datasheet's
@@ -228,14 +244,19 @@ def _card(name: str, bandwidth_tb: float, bf16_tflops: float, tf32_tflops: float
 # Core GPU datasheet (40GB/80GB, SXM4/PCIe); SM counts and boost clocks from the NVIDIA
 # H100 (Hopper) and A100 (Ampere GA100) architecture whitepapers.
 KNOWN_GPUS = {
-    "H200": _card("H200", 4.8, 989.4, 494.7, sms=132, boost_ghz=1.98),
-    "H100 SXM": _card("H100 SXM", 3.35, 989.4, 494.7, sms=132, boost_ghz=1.98),
-    "H100 PCIe": _card("H100 PCIe", 2.0, 756.0, 378.0, sms=114, boost_ghz=1.755),
-    "A100 SXM 80GB": _card("A100 SXM 80GB", 2.039, 312.0, 156.0, sms=108, boost_ghz=1.41),
-    "A100 SXM 40GB": _card("A100 SXM 40GB", 1.555, 312.0, 156.0, sms=108, boost_ghz=1.41),
-    "A100 PCIe 80GB": _card("A100 PCIe 80GB", 1.935, 312.0, 156.0, sms=108, boost_ghz=1.41),
-    "A100 PCIe 40GB": _card("A100 PCIe 40GB", 1.555, 312.0, 156.0, sms=108, boost_ghz=1.41),
+    "H200": _card("H200", 4.8, 989.4, 66.9, 494.7, sms=132, boost_ghz=1.98),
+    "H100 SXM": _card("H100 SXM", 3.35, 989.4, 66.9, 494.7, sms=132, boost_ghz=1.98),
+    "H100 PCIe": _card("H100 PCIe", 2.0, 756.0, 51.2, 378.0, sms=114, boost_ghz=1.755),
+    "A100 SXM 80GB": _card("A100 SXM 80GB", 2.039, 312.0, 19.5, 156.0, sms=108, boost_ghz=1.41),
+    "A100 SXM 40GB": _card("A100 SXM 40GB", 1.555, 312.0, 19.5, 156.0, sms=108, boost_ghz=1.41),
+    "A100 PCIe 80GB": _card("A100 PCIe 80GB", 1.935, 312.0, 19.5, 156.0, sms=108, boost_ghz=1.41),
+    "A100 PCIe 40GB": _card("A100 PCIe 40GB", 1.555, 312.0, 19.5, 156.0, sms=108, boost_ghz=1.41),
 }
+# Variants of those chips with other memory, clocks or SM counts, which the table does not
+# hold: NVL boards (H100 NVL: another bandwidth and clock; H200 NVL: another clock) and the
+# Grace Hopper superchips (GH200: other memory).  Their names contain the chips' names, so
+# they are told apart first and rated as unknown, never as the card they resemble.
+UNLISTED_VARIANTS = ("NVL", "GH200", "GH100")
 
 
 def known_gpu(device_name: str) -> DeviceLimits | None:
@@ -244,6 +265,8 @@ def known_gpu(device_name: str) -> DeviceLimits | None:
     ``"NVIDIA H100 80GB HBM3"`` is the SXM card; PCIe cards say so in their names, and
     40 GB A100s carry "40GB"."""
     name = device_name.upper()
+    if any(variant in name for variant in UNLISTED_VARIANTS):
+        return None
     pcie = "PCIE" in name
     if "H200" in name:
         return KNOWN_GPUS["H200"]

@@ -14,14 +14,16 @@ import torch
 
 from fastattn import backends, roofline
 from fastattn.bench import PRESETS, cases, run
-from fastattn.bench.cases import DECODE_BANDWIDTH_FROM, FLASH_PEER, GEMM_BASELINE, REFERENCE, SCORES, Target
+from fastattn.bench.cases import DECODE_BANDWIDTH_FROM, EAGER_DECODING, FLASH_PEER, GEMM_BASELINE, REFERENCE, SCORES, Target, select
 from fastattn.bench import implementations
 from fastattn.bench.implementations import COMPILED_REFERENCE, flatten, runnable_backends
+from fastattn.bench import machine
 from fastattn.bench.machine import Limits
 from fastattn.bench.memory import peak_bytes_resident
 from fastattn.bench.output import format_table
 from fastattn.bench.run import max_error
 from fastattn.bench.timing import CPU_MIN_SAMPLES, time_on_cpu
+from fastattn.ops.triton_launch import float32_matmul_precision
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 TINY_CASES = cases(PRESETS["tiny"])
@@ -170,7 +172,7 @@ def test_roofline_bytes_are_the_bytes_of_the_case_tensors(case):
 
 
 TINY_TARGETS = dataclasses.replace(PRESETS["tiny"], targets=True, decode_lengths=(5, DECODE_BANDWIDTH_FROM), head_dims=(4, 6),
-                                   additive_batch=2)
+                                   additive_batch=2, targets_dtype="float32")
 
 
 def test_gpu_preset_holds_exactly_the_targets_of_issues_4_and_6():
@@ -179,7 +181,12 @@ def test_gpu_preset_holds_exactly_the_targets_of_issues_4_and_6():
     multi_query = {f"attention.scaled_dot.multi_query.b64_t512_s512_d{dim}.forward_backward" for dim in (64, 128)}
     additive, cell = "attention.additive.multi_query.b16_t512_s512_d128.forward", "lstm_cell.b64_h1024.forward"
     layers = {f"{layer}_layer.t100_b64_h1024.forward": module for layer, module in (("lstm", "LSTM"), ("gru", "GRU"))}
-    assert set(by_name) == set(decode) | multi_query | {additive, cell} | set(layers)
+    greedy = {f"greedy_decoding.cuda_graph.batch_{batch}.forward": batch for batch in (1, 64)}
+    assert set(by_name) == set(decode) | multi_query | {additive, cell} | set(layers) | set(greedy)
+    assert list(by_name)[-2:] == list(greedy)  # last: a CUDA graph capture per backend to set up
+    for name, batch in greedy.items():  # at the full preset's decoding sizes
+        assert by_name[name].targets == (Target(10.0, peer=EAGER_DECODING),)
+        assert by_name[name].shape == {"B": batch, "S": 64, "H": 256, "tokens": 20, "V": 1000}
     for name, keys in decode.items():
         bandwidth = [Target(85.0, resource="memory")] if keys >= 1024 else []
         assert list(by_name[name].targets) == bandwidth + [Target(3.0, peer=REFERENCE)], name
@@ -217,7 +224,7 @@ def test_a_time_target_judges_the_median_per_step():
 def tiny_targets_run():
     """The tiny target cases run in this process, on the backends of a plain ``fastattn bench``
     (interpreted Triton left out: minutes) with the peak-memory child in a plain environment."""
-    limits = Limits(roofline.cpu_limits(1e10), 1e10, "test limits")
+    limits = Limits(roofline.cpu_limits(1e10), 1e10, "test limits", from_datasheet=True)  # judged as a datasheet's
     chosen = cases(TINY_TARGETS)
     plain_backends = {case.name: runnable_here(case) for case in chosen}
     with pytest.MonkeyPatch.context() as patch:
@@ -266,9 +273,35 @@ def test_target_outcomes_are_the_row_ratios_and_percentages(tiny_targets_run):
     assert "targets (issues 4 and 6):" in table and ">= 1x vs torch sdpa (flash)" in table and "<= 5 us per step" in table
 
 
-@pytest.mark.parametrize("case", [c for c in cases(TINY_TARGETS)], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in cases(TINY_TARGETS) if not c.name.startswith("greedy")], ids=lambda c: c.name)
 def test_roofline_bytes_of_the_target_cases(case):
     test_roofline_bytes_are_the_bytes_of_the_case_tensors(case)
+
+
+def test_targets_are_not_judged_in_another_dtype_than_theirs():
+    """The issues state their targets in bfloat16: a float32 run of them shows the values
+    and says why it judges none, rather than printing met / NOT MET for another dtype."""
+    preset = dataclasses.replace(TINY_TARGETS, targets_dtype="bfloat16")
+    chosen = select(cases(preset), ["lstm_cell"])
+    limits = Limits(roofline.cpu_limits(1e10), 1e10, "test limits")
+    results = run(chosen, preset, "cpu", "float32", limits, compile_reference=False, measure_memory=False, progress=False)
+    outcomes = [outcome for r in results for outcome in r.targets]
+    assert outcomes and all(o["met"] is None and o["value"] > 0 for o in outcomes)
+    assert {o["not_judged"] for o in outcomes} == {"the targets are for bfloat16, this run is float32"}
+    assert "not judged: the targets are for bfloat16, this run is float32" in format_table(results)
+
+
+def test_a_percent_of_a_measured_copy_judges_no_target():
+    """An unknown card (or a CPU) is rated by its measured copy bandwidth: "85% of the
+    memory limit" against it is shown, not judged, as the issues mean the datasheet's."""
+    chosen = select(cases(TINY_TARGETS), [f"attention.dot.decode_step.b2_s{DECODE_BANDWIDTH_FROM}_d6"])
+    limits = Limits(roofline.cpu_limits(1e10), 1e10, "measured copy only")
+    results = run(chosen, TINY_TARGETS, "cpu", "float32", limits, compile_reference=False, measure_memory=False, progress=False)
+    outcomes = {o["target"]: o for r in results for o in r.targets}
+    memory, reference = outcomes[">= 85% of the memory limit"], outcomes[">= 3x vs reference"]
+    assert memory["met"] is None and memory["value"] > 0
+    assert memory["not_judged"] == "the limit is a measured copy, not the device's datasheet peak"
+    assert reference["met"] is not None and "not_judged" not in reference
 
 
 def test_gpu_preset_runs_from_the_command_line(tmp_path):
@@ -287,3 +320,24 @@ def test_the_printed_report_rounds_before_it_picks_a_unit():
 
     assert _scaled(0.0009997, TIME_UNITS) == "1 ms" and _scaled(0.000123456, TIME_UNITS) == "123 us"
     assert _scaled(1023.9 * 2**10, BYTE_UNITS) == "1 MiB" and _scaled(7, BYTE_UNITS) == "7 B"
+
+
+@pytest.mark.parametrize("precision, float32_rate", [("ieee", 66.9e12), ("tf32", 494.7e12)])
+def test_a_known_card_rates_float32_matrix_work_as_torch_runs_it(monkeypatch, precision, float32_rate):
+    """float32 at the CUDA cores' peak by default (torch's float32 matmuls and the Triton
+    kernels' IEEE dots), at the TF32 tensor cores' when torch allows TF32."""
+    monkeypatch.setattr(machine, "copy_bandwidth", lambda device: 4.32e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *arguments: "NVIDIA H200")
+    with float32_matmul_precision(precision):
+        limits = machine.limits("cuda")
+    assert limits.from_datasheet and limits.device.bandwidth == 4.8e12
+    assert limits.device.flops["float32"] == pytest.approx(float32_rate)
+    assert "measured copy reaches 90% of its datasheet bandwidth" in limits.note and "implausible" not in limits.note
+
+
+def test_an_unlisted_card_is_rated_by_its_measured_copy(monkeypatch):
+    monkeypatch.setattr(machine, "copy_bandwidth", lambda device: 3.5e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *arguments: "NVIDIA H100 NVL")
+    limits = machine.limits("cuda")
+    assert not limits.from_datasheet and limits.device.bandwidth == 3.5e12 and limits.device.flops == {}
+    assert "not in fastattn.roofline.KNOWN_GPUS" in limits.note

@@ -26,7 +26,8 @@ def _row(case, implementation, kind, median, **changes):
     return dataclasses.replace(row, **changes)
 
 
-def _write_run(folder: Path, rows: list[Result], cpu_model="Test CPU", gpu=None, file="bench.json", preset_name="full") -> None:
+def _write_run(folder: Path, rows: list[Result], cpu_model="Test CPU", gpu=None, file="bench.json", preset_name="full",
+               cases_chosen=None) -> None:
     for row in rows:
         row.speedup = {o.implementation: o.median_s / row.median_s for o in rows
                        if o.case == row.case and o is not row and o.median_s and row.median_s}
@@ -34,7 +35,7 @@ def _write_run(folder: Path, rows: list[Result], cpu_model="Test CPU", gpu=None,
     limits = {"note": "a note about limits", "measured_copy_bandwidth": 1e10}
     preset = {"name": preset_name, "batch": 32, "length": 64, "dim": 256, "hidden": 256, "steps": 100, "tokens": 20, "vocabulary": 1000}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / file).write_text(json.dumps(report(rows, preset, machine, limits, compile_reference=True)))
+    (folder / file).write_text(json.dumps(report(rows, preset, machine, limits, compile_reference=True, cases_chosen=cases_chosen)))
 
 
 def _readme(tmp_path: Path) -> Path:
@@ -92,6 +93,44 @@ def test_a_gpu_run_with_targets_gets_a_targets_table(tmp_path):
     assert "`fastattn bench` gpu preset" in targets_table and "bench-targets.json" in targets_table
     assert f"| {case} | cuda | 20 µs | 2 µs | 2.00x | – | 0.50x (recurrent GEMM alone) | 1.0e-07 | 3 MiB | 12% (memory) | " \
            ">= 0.667x vs recurrent GEMM alone: 0.5 **not met**; >= 60% of the special functions limit: – unknown |" in targets_table
+
+
+def test_a_bench_file_left_empty_by_a_killed_run_is_skipped_and_the_targets_still_render(tmp_path, capsys):
+    """A gpu_check step killed by its time limit before its first case wrote nothing: the
+    folder's other file still gives its table, and an unreadable file is named, not fatal."""
+    results = tmp_path / "results"
+    case = "lstm_cell.b64_h1024.forward"
+    _write_run(results / "2026-03-01-h200", [_row(case, "reference", "backend", 4e-5), _row(case, "cuda", "backend", 2e-5)],
+               gpu="NVIDIA H200", file=readme_tables.TARGETS_FILE, preset_name="gpu")
+    (results / "2026-03-01-h200" / "bench.json").write_text("")
+    (results / "2026-03-02-cpu-2core").mkdir()
+    (results / "2026-03-02-cpu-2core" / "bench.json").write_text("{")
+    text = readme_tables.render(results)
+    assert "### GPU targets of issues 4 and 6: NVIDIA H200, measured 2026-03-01" in text
+    assert "### GPU: NVIDIA H200" not in text and "No CPU results are committed yet" in text
+    assert f"| {case} | cuda | 20 µs |" in text
+    warnings = capsys.readouterr().err
+    assert "skipping" in warnings and "2026-03-01-h200/bench.json" in warnings and "2026-03-02-cpu-2core/bench.json" in warnings
+
+
+def test_a_run_cut_short_says_how_many_cases_finished(tmp_path):
+    results = tmp_path / "results"
+    _write_run(results / "2026-03-01-h200", [_row("lstm_cell.forward", "reference", "backend", 5e-5)], gpu="NVIDIA H200",
+               cases_chosen=7)
+    assert "The run was cut short: 1 of its 7 cases finished." in readme_tables.render(results)
+    _write_run(results / "2026-03-01-h200", [_row("lstm_cell.forward", "reference", "backend", 5e-5)], gpu="NVIDIA H200")
+    assert "cut short" not in readme_tables.render(results)
+
+
+def test_a_target_the_run_could_not_judge_says_why(tmp_path):
+    results = tmp_path / "results"
+    case = "lstm_cell.b64_h1024.forward"
+    targets = [{"target": ">= 0.667x vs recurrent GEMM alone", "value": 0.5, "met": None,
+                "not_judged": "the targets are for bfloat16, this run is float32"}]
+    _write_run(results / "2026-03-01-h200", [_row(case, "reference", "backend", 4e-5), _row(case, "cuda", "backend", 2e-5, targets=targets)],
+               gpu="NVIDIA H200", file=readme_tables.TARGETS_FILE, preset_name="gpu")
+    assert (">= 0.667x vs recurrent GEMM alone: 0.5 not judged (the targets are for bfloat16, this run is float32) |"
+            in readme_tables.render(results))
 
 
 def test_readme_without_markers_is_refused(tmp_path):

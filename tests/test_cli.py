@@ -1,6 +1,7 @@
 """The command line (``fastattn info``, ``fastattn bench``, bad ``profile`` flags) and ``fastattn.info()``."""
 
 import csv
+import importlib
 import json
 import math
 import subprocess
@@ -20,6 +21,7 @@ INFO_KEYS = {
     "version", "python", "torch", "triton", "backends", "cuda_arch_list", "extension",
     "cpu_capability", "device", "backend_setting", "auto",
 }
+bench_run = importlib.import_module("fastattn.bench.run")  # the module (fastattn.bench.run is also its run function)
 BENCH_CASES = ("attention.additive.decode_step.forward", "lstm_cell.forward")
 
 
@@ -90,6 +92,38 @@ def test_bench_writes_one_json_row_per_case_and_implementation(tmp_path, capsys,
     table = capsys.readouterr().out
     assert all(case in table for case in BENCH_CASES)
     assert "torch.nn.LSTMCell" in table and "% of limit" in table
+
+
+def test_a_bench_cut_short_keeps_the_cases_it_finished(tmp_path, monkeypatch):
+    """--json and --csv are rewritten (atomically) after every case: a run killed by a time
+    limit (gpu_check's steps) keeps its finished cases, where a file opened at the start and
+    written at the end was left empty."""
+    monkeypatch.setattr(bench_implementations, "runnable_backends", lambda case, device_type: ["reference"])
+    measure_case = bench_run._measure_case
+    calls = []
+
+    def killed_on_the_second_case(case, *arguments):
+        calls.append(case.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a timeout's signal does to the run
+        return measure_case(case, *arguments)
+
+    monkeypatch.setattr(bench_run, "_measure_case", killed_on_the_second_case)
+    paths = {kind: tmp_path / f"bench.{kind}" for kind in ("json", "csv")}
+    with pytest.raises(KeyboardInterrupt):
+        _bench("--json", str(paths["json"]), "--csv", str(paths["csv"]), "--ops", *BENCH_CASES)
+    report = json.loads(paths["json"].read_text())
+    assert (report["cases_done"], report["cases_chosen"]) == (1, 2)
+    assert {row["case"] for row in report["results"]} == {calls[0]}
+    with paths["csv"].open(newline="") as file:
+        assert {row["case"] for row in csv.DictReader(file)} == {calls[0]}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bench.csv", "bench.json"]  # no temporary left
+
+
+def test_a_bench_that_fails_before_its_first_case_writes_no_file(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    _fails_cleanly(["bench", "--preset", "tiny", "--device", "cpu", "--ops", "no_such_op", "--json", str(path)], capsys, "unknown op")
+    assert not path.exists()
 
 
 def test_bench_writes_csv_rows(tmp_path, monkeypatch):

@@ -14,8 +14,19 @@ def test_dot_attention_forward():
 
 
 def test_dot_attention_forward_backward_is_three_inputs_and_two_outputs():
+    # The backward recomputes the 30 exps from the saved log-sum-exp: 60 in all.
     work = roofline.attention_work("dot", 2, 3, 5, 4, element_bytes=4, backward=True)
-    assert work == Work(bytes=4 * (3 * 64 + 2 * 24), flops=3 * 480, transcendentals=30)
+    assert work == Work(bytes=4 * (3 * 64 + 2 * 24), flops=3 * 480, transcendentals=60)
+
+
+def test_additive_forward_backward_evaluates_the_tanh_again():
+    forward = roofline.attention_work("additive", 2, 3, 5, 4, element_bytes=4)
+    both = roofline.attention_work("additive", 2, 3, 5, 4, element_bytes=4, backward=True)
+    assert both.transcendentals == 2 * forward.transcendentals == 300 and both.flops == 3 * forward.flops
+
+
+def test_recurrent_backward_adds_no_transcendentals():
+    assert roofline.layer_work("lstm", 4, 2, 3, 5, element_bytes=4, backward=True).transcendentals == 5 * 4 * 2 * 5
 
 
 def test_additive_attention_forward():
@@ -67,6 +78,16 @@ def test_gru_layer():
     assert roofline.layer_work("gru", 4, 2, 3, 5, element_bytes=4) == Work(4 * 224, 1920, 120)
 
 
+def test_decoder_step():
+    # B=2, S=5, H=4, LSTM cell on [y; h~] (I = 8): 2*2*16*(8+4) = 768 FLOPs; reads x 16, s, c 16,
+    # weights 16*12 + 32 = 224; writes s', c' 16; 5 transcendentals per unit: 40.
+    # Attention: W_q s 2*2*16 = 64, v.tanh 2*10*4 = 80, context 80; combine W_c [c; s] 2*2*4*8 = 128;
+    # reads K' and the values 2*2*5*4 = 80, W_q 16, v and b 8, W_c 32; writes h~ 8 and the weights 10;
+    # tanh per pair and feature 40, exp per pair 10, tanh of h~ 8.  h~ is read once, in [y; h~].
+    work = roofline.decoder_step_work(2, 5, 4, element_bytes=4)
+    assert work == Work(4 * (16 + 16 + 224 + 16 + 80 + 16 + 8 + 32 + 8 + 10), 768 + 64 + 160 + 128, 40 + 40 + 10 + 8)
+
+
 def test_greedy_decoding_is_tokens_times_a_step_and_a_projection():
     step = roofline.decoder_step_work(2, 5, 4, element_bytes=4)
     projection = Work(4 * (7 * 4 + 7 + 2 * 4 + 2 * 7), 2 * 2 * 4 * 7, 0)
@@ -115,8 +136,11 @@ def test_cards_are_recognised_by_name(device_name, card):
     assert roofline.known_gpu(device_name).name == card
 
 
-def test_unknown_card_is_none():
-    assert roofline.known_gpu("NVIDIA GeForce RTX 4090") is None
+@pytest.mark.parametrize("device_name", ["NVIDIA GeForce RTX 4090", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA GH200 480GB"])
+def test_unknown_card_is_none(device_name):
+    """Variants whose names contain a listed chip's (other bandwidth, clocks or memory) are
+    not rated as that chip: "GH200" contains "H200", and the NVL boards say H100 / H200."""
+    assert roofline.known_gpu(device_name) is None
 
 
 def test_card_figures():
@@ -124,4 +148,7 @@ def test_card_figures():
     assert h100.bandwidth == 3.35e12 and h100.flops["bfloat16"] == pytest.approx(989.4e12)
     assert h100.transcendentals == pytest.approx(16 * 132 * 1.98e9)
     assert roofline.KNOWN_GPUS["H200"].bandwidth == 4.8e12
+    assert h100.flops["float32"] == pytest.approx(66.9e12)  # CUDA cores: torch's float32 default
+    assert roofline.float32_on_tf32(h100).flops["float32"] == pytest.approx(494.7e12)
+    assert roofline.float32_on_tf32(h100).flops["bfloat16"] == h100.flops["bfloat16"]
     assert roofline.cpu_limits(2e10).lower_bound_s(Work(4e10, 1e15, 1e15), "float32") == (2.0, "memory")

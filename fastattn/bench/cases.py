@@ -18,14 +18,14 @@ and 6 (:func:`target_cases`), each with its :class:`Target` s and the peers they
 shape is in the name: ``attention.<score>.decode_step.b64_s1024_d512.forward``,
 ``attention.scaled_dot.multi_query.b64_t512_s512_d64.forward_backward``,
 ``attention.additive.multi_query.b16_t512_s512_d128.forward``, ``lstm_cell.b64_h1024.forward``,
-``<lstm|gru>_layer.t100_b64_h1024.forward``.  (The layers' forward+backward and greedy
-decoding are cases of the full preset.)
+``<lstm|gru>_layer.t100_b64_h1024.forward``, ``greedy_decoding.cuda_graph.batch_<1|64>.forward``.
+(The layers' forward+backward are cases of the full preset.)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -47,6 +47,7 @@ REFERENCE = "reference"  # the eager reference backend's row
 COMPILED_REFERENCE = "reference-compiled"  # the torch.compile'd reference's row
 FLASH_PEER = "torch sdpa (flash)"
 GEMM_BASELINE = "recurrent GEMM alone"
+EAGER_DECODING = "eager reference"  # the Seq2Seq greedy cases' peer: the eager loop on the reference backend
 DECODE_BANDWIDTH_FROM = 1024  # S from which the decode-step targets include the bandwidth one
 
 
@@ -70,6 +71,7 @@ class Preset:
     decode_lengths: tuple[int, ...] = ()  # targets: S of the decode-step cases (B = batch, D = dim)
     head_dims: tuple[int, ...] = ()  # targets: D of the multi-query scaled_dot cases (B = batch, T = S = length)
     additive_batch: int = 0  # targets: B of the additive forward (T = S = length, D = the largest head dim)
+    targets_dtype: str = "bfloat16"  # targets: the dtype the issues state them in; a run in another is not judged
 
 
 PRESETS = {
@@ -83,6 +85,9 @@ PRESETS = {
     "gpu": Preset(batch=64, length=512, dim=512, hidden=1024, steps=100, tokens=20, vocabulary=1000, min_run_time=0.05,
                   compile=True, targets=True, decode_lengths=(64, 1024, 4096), head_dims=(64, 128), additive_batch=16),
 }
+# The greedy decoding target's sizes: the full preset's (a source of 64, hidden 256, 20 tokens
+# over a vocabulary of 1000), since issue 6 states the target at batch 1 and 64 only.
+GREEDY_TARGET_SIZES = {name: getattr(PRESETS["full"], name) for name in ("length", "hidden", "tokens", "vocabulary")}
 LARGE_LAYER = (100, 64, 1024)  # (T, B, H) of the persistent-kernel target in issue 6
 LAYER_MICROSECONDS_PER_STEP = 5.0  # issue 6: a layer's forward at LARGE_LAYER in bf16 on an H100/H200
 
@@ -355,7 +360,9 @@ def _decoder_step_case(preset: Preset) -> Case:
 
 
 def _greedy_decoding_case(preset: Preset, batch: int | None = None) -> Case:
-    """Embed, decode one step, project to the vocabulary, take the argmax; ``tokens`` times.
+    """Embed, decode one step, project to the vocabulary, take the argmax; ``tokens`` times,
+    from encoder states prepared once outside the timed call (``precompute``: W_k h), as the
+    Seq2Seq cases decode from an encoded source.
     ``batch``: the preset's when None (``greedy_decoding.forward``), else named in the case."""
     name = "greedy_decoding.forward" if batch is None else f"greedy_decoding.batch_{batch}.forward"
     batch = preset.batch if batch is None else batch
@@ -365,11 +372,12 @@ def _greedy_decoding_case(preset: Preset, batch: int | None = None) -> Case:
         decoder = _decoder(inputs, hidden)
         embed = inputs.module(torch.nn.Embedding(vocabulary, hidden))
         project = inputs.module(torch.nn.Linear(hidden, vocabulary))
-        encoder_states = inputs.random(batch, length, hidden)
+        with torch.no_grad():
+            cache = decoder.precompute(inputs.random(batch, length, hidden))
 
         def decode() -> Outputs:
-            cache, state = decoder.precompute(encoder_states), None
-            token = torch.zeros(batch, dtype=torch.long, device=encoder_states.device)
+            state = None
+            token = torch.zeros(batch, dtype=torch.long, device=inputs.device)
             logits = []
             for _ in range(tokens):
                 output, state, _ = decoder(embed(token), state, cache)
@@ -386,11 +394,13 @@ def _greedy_decoding_case(preset: Preset, batch: int | None = None) -> Case:
     return Case(name, ("attention", "lstm_cell"), shape, False, False, build, work)
 
 
-def _seq2seq_greedy_case(batch: int, preset: Preset) -> Case:
+def _seq2seq_greedy_case(batch: int, preset: Preset, targets: tuple[Target, ...] = ()) -> Case:
     """The zoo's Seq2Seq (additive attention, LSTM, input feeding) decoding ``tokens`` tokens
-    greedily from an encoded source: the backend rows capture the steps in a CUDA graph on a
-    GPU (``fastattn.zoo.graph_decoding``; eager on a CPU), the peer is the eager loop on the
-    reference backend.  The end token is never chosen, so every call decodes ``tokens`` steps."""
+    greedily from an encoded source of the preset's ``length``, at its ``hidden`` size: the
+    backend rows capture the steps in a CUDA graph on a GPU (``fastattn.zoo.graph_decoding``;
+    eager on a CPU), the peer is the eager loop on the reference backend (its time / ours is
+    the ratio of tokens per second: both decode the same tokens).  The end token is never
+    chosen, so every call decodes ``tokens`` steps."""
     length, tokens, vocabulary = preset.length, preset.tokens, preset.vocabulary
     hidden = preset.hidden + preset.hidden % 2  # Seq2Seq splits it between two encoder directions
 
@@ -406,13 +416,14 @@ def _seq2seq_greedy_case(batch: int, preset: Preset) -> Case:
             with backends.backend("reference"):
                 return tuple(model.greedy_decode(encoded, state, tokens, cuda_graph=False))
 
-        return Workload(lambda: tuple(model.greedy_decode(encoded, state, tokens)), [], {"eager reference": eager_reference})
+        return Workload(lambda: tuple(model.greedy_decode(encoded, state, tokens)), [], {EAGER_DECODING: eager_reference})
 
     def work(element_bytes: int) -> roofline.Work:
         return roofline.greedy_decoding_work(tokens, batch, length, hidden, vocabulary, element_bytes=element_bytes)
 
     shape = {"B": batch, "S": length, "H": hidden, "tokens": tokens, "V": vocabulary}
-    return Case(f"greedy_decoding.cuda_graph.batch_{batch}.forward", ("attention", "lstm_cell"), shape, False, False, build, work)
+    return Case(f"greedy_decoding.cuda_graph.batch_{batch}.forward", ("attention", "lstm_cell"), shape, False, False, build, work,
+                targets)
 
 
 def _as_tuple(outputs: object) -> Outputs:
@@ -428,7 +439,10 @@ def target_cases(preset: Preset) -> list[Case]:
     >= 60% of the special-function (tanh) limit and >= 5x the torch.compile'd reference (the
     only compiled peer here); the LSTM cell step: at most 1.5x the time of its recurrent GEMM;
     the LSTM and GRU layer forwards at T = ``steps``: at most 5 us per step and at least as
-    fast as ``torch.nn.LSTM`` / ``GRU`` (cuDNN on a GPU)."""
+    fast as ``torch.nn.LSTM`` / ``GRU`` (cuDNN on a GPU); greedy Seq2Seq decoding at each of
+    :data:`GREEDY_BATCHES` with the steps in a CUDA graph: >= 10x the eager reference's tokens
+    per second, at the full preset's decoding sizes (:data:`GREEDY_TARGET_SIZES`; the issue
+    names none), last, as the slowest to set up (a CUDA graph capture per backend)."""
     batch, length, dim, hidden = preset.batch, preset.length, preset.dim, preset.hidden
     decode = [
         _attention_case(score, "decode_step", "forward", batch, keys, dim, tag=f"b{batch}_s{keys}_d{dim}", compilable=False,
@@ -459,7 +473,9 @@ def target_cases(preset: Preset) -> list[Case]:
         ))
         for layer, module in (("lstm", "LSTM"), ("gru", "GRU"))
     ]
-    return [*decode, *multi_query, additive, cell, *layers]
+    greedy_sizes = replace(preset, **GREEDY_TARGET_SIZES)
+    greedy = [_seq2seq_greedy_case(batch, greedy_sizes, targets=(Target(10.0, peer=EAGER_DECODING),)) for batch in GREEDY_BATCHES]
+    return [*decode, *multi_query, additive, cell, *layers, *greedy]
 
 
 def cases(preset: Preset) -> list[Case]:

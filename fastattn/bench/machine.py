@@ -5,8 +5,10 @@
 bandwidth of the device (a device-to-device copy on a GPU, a 256 MiB tensor copy on a
 CPU; bytes read plus bytes written per second) and returns the
 :class:`fastattn.roofline.DeviceLimits` to rate the run against: the known card's
-datasheet peaks on a recognised GPU (with the measured copy as a sanity check), the
-measured copy bandwidth alone on a CPU or an unknown GPU.
+datasheet peaks on a recognised GPU (with the measured copy as a sanity check; float32
+matrix work at the TF32 peak when torch's float32 matmul precision allows TF32, else at
+the CUDA cores'), the measured copy bandwidth alone on a CPU or an unknown GPU (whose
+% of limit is shown but judges no target of the form "% of the memory limit").
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from fastattn import roofline
 from fastattn.bench.timing import time_call
 from fastattn.info import info
+from fastattn.ops.triton_launch import dot_precision
 
 COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 COPY_MIN_RUN_TIME = 0.2
@@ -63,6 +66,9 @@ class Limits:
     device: roofline.DeviceLimits
     measured_copy_bandwidth: float  # bytes/s
     note: str  # where the limits come from, and any doubt about them
+    # Whether the limits are a known card's datasheet peaks: a % of a measured copy is shown
+    # but judges no target stated against the hardware's peak.
+    from_datasheet: bool = False
 
     def as_dict(self) -> dict:
         return {
@@ -72,6 +78,7 @@ class Limits:
             "transcendentals": self.device.transcendentals,
             "measured_copy_bandwidth": self.measured_copy_bandwidth,
             "note": self.note,
+            "from_datasheet": self.from_datasheet,
         }
 
 
@@ -84,9 +91,11 @@ def limits(device: str) -> Limits:
     if card is None:
         note = f"{name} is not in fastattn.roofline.KNOWN_GPUS: % of limit is against the measured copy bandwidth only"
         return Limits(roofline.DeviceLimits(name, measured, {}, None), measured, note)
+    if dot_precision(torch.float32) == "tf32":  # torch's float32 matmuls, and the Triton kernels', on TF32
+        card = roofline.float32_on_tf32(card)
     fraction = measured / card.bandwidth
     note = f"{name} rated as {card.name}; measured copy reaches {fraction:.0%} of its datasheet bandwidth"
     low, high = PLAUSIBLE_COPY_FRACTION
     if not low <= fraction <= high:
         note += " (implausible: misidentified, throttled or shared card)"
-    return Limits(card, measured, note)
+    return Limits(card, measured, note, from_datasheet=True)

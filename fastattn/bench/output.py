@@ -12,7 +12,7 @@ import csv
 import dataclasses
 import json
 import os
-from typing import Sequence, TextIO
+from typing import Callable, Sequence, TextIO
 
 from fastattn.bench.cases import BenchError
 from fastattn.bench.implementations import REFERENCE
@@ -81,25 +81,51 @@ def _target_lines(results: list[Result]) -> list[str]:
         for outcome in r.targets:
             value = outcome["value"]
             verdict = {True: "met", False: "NOT MET", None: "unknown"}[outcome["met"]]
+            if outcome.get("not_judged"):
+                verdict = f"not judged: {outcome['not_judged']}"
             shown = "-" if value is None else f"{value:.3g}{outcome['unit']}"
             rows.append((r.case, r.implementation, outcome["target"], shown, verdict))
     return ["", "targets (issues 4 and 6):", *aligned(rows, indent="  ")] if rows else []
 
 
-def report(results: list[Result], preset: dict, machine: dict, limits: dict, compile_reference: bool) -> dict:
+def report(results: list[Result], preset: dict, machine: dict, limits: dict, compile_reference: bool,
+           cases_chosen: int | None = None) -> dict:
+    """The JSON report; ``cases_chosen`` (the run's case count) against the cases in
+    ``results`` says whether the run finished or was cut short (a report is written after
+    every case, so a run killed by a time limit keeps what it measured)."""
+    cases_done = len(dict.fromkeys(result.case for result in results))
     return {
         "machine": machine,
         "limits": limits,
         "preset": preset,
         "compile_reference": compile_reference,
+        "cases_done": cases_done,
+        "cases_chosen": cases_done if cases_chosen is None else cases_chosen,
         "results": [dataclasses.asdict(result) for result in results],
     }
 
 
-def open_output(path: str) -> TextIO:
-    """Opens a ``--json`` / ``--csv`` file before the timings, so a bad path fails fast."""
+def check_output_path(path: str) -> None:
+    """Fails before the timings when ``path`` (``--json``, ``--csv``, ``--plot``) cannot be
+    written: a missing or read-only folder, or a folder at the path itself.  Nothing is
+    created: the file appears only with results in it (see :func:`write_atomically`)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise BenchError(f"cannot write {path}: it is a folder")
+    if not os.path.isdir(folder):
+        raise BenchError(f"cannot write {path}: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BenchError(f"cannot write {path}: the folder {folder} is not writable")
+
+
+def write_atomically(path: str, write: Callable[[TextIO], None]) -> None:
+    """``write`` into ``path`` through a temporary file renamed over it: a reader, or a run
+    killed in the middle, sees the previous complete file or the new one, never a torn one."""
+    temporary = f"{path}.partial"
     try:
-        return open(path, "w", newline="", encoding="utf-8")
+        with open(temporary, "w", newline="", encoding="utf-8") as file:
+            write(file)
+        os.replace(temporary, path)
     except OSError as error:
         raise BenchError(f"cannot write {path}: {error.strerror}") from error
 
@@ -128,7 +154,7 @@ def check_plot_path(path: str) -> None:
     extension = os.path.splitext(path)[1][1:].lower()
     if extension and extension not in formats:
         raise BenchError(f"cannot write {path}: --plot writes the formats {', '.join(sorted(formats))} (named by the extension)")
-    open_output(path).close()
+    check_output_path(path)
 
 
 def write_plot(path: str, results: list[Result], title: str) -> None:

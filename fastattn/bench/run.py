@@ -10,14 +10,16 @@ Speedups of a row are the other implementations' median times divided by its own
 Baselines (timed parts of the op, such as an LSTM step's recurrent GEMM) are not checked.
 A fastattn backend's row (not the reference's) on a case with targets says of each
 :class:`~fastattn.bench.cases.Target` the value reached and whether it is met (``None``
-where it cannot be told: a failed row, a peer that did not run, a limit the device lacks).
+where it cannot be told: a failed row, a peer that did not run, a limit the device lacks,
+a run in another dtype than the preset's ``targets_dtype``, or a "% of a limit" target
+against limits that are not a datasheet's; the last two say so in ``not_judged``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -126,14 +128,26 @@ def _measure_case(case: Case, device: str, dtype: torch.dtype, min_run_time: flo
     return measured, 2 * reference_error + slack
 
 
-def _target_outcome(target: Target, median: float | None, speedup: dict[str, float], percent_of: dict[str, float]) -> dict:
+def _target_outcome(target: Target, median: float | None, speedup: dict[str, float], percent_of: dict[str, float],
+                    not_judged: str | None) -> dict:
+    """``not_judged``: why the run cannot judge its targets (then "met" is None and the
+    value is shown for what it is), or None."""
     value = target.value(median, speedup, percent_of)
-    return {"target": target.describe(), "value": value, "unit": target.unit,
-            "met": None if value is None else bool(target.met_by(value))}
+    outcome = {"target": target.describe(), "value": value, "unit": target.unit,
+               "met": None if value is None or not_judged else bool(target.met_by(value))}
+    return {**outcome, "not_judged": not_judged} if not_judged else outcome
+
+
+def _why_not_judged(target: Target, dtype: str, targets_dtype: str, limits: Limits) -> str | None:
+    if dtype != targets_dtype:
+        return f"the targets are for {targets_dtype}, this run is {dtype}"
+    if target.resource is not None and not limits.from_datasheet:
+        return "the limit is a measured copy, not the device's datasheet peak"
+    return None
 
 
 def _results_of(case: Case, measured: list[_Measured], tolerance: float, device: str, dtype: str,
-                limits: Limits) -> list[Result]:
+                limits: Limits, targets_dtype: str) -> list[Result]:
     work = case.work(DTYPES[dtype].itemsize)
     medians = {m.implementation.name: m.timing.median_s for m in measured if m.timing is not None}
     results = []
@@ -143,7 +157,10 @@ def _results_of(case: Case, measured: list[_Measured], tolerance: float, device:
         percent_of = roofline.percent_of_each(work, limits.device, dtype, median) if median else {}
         speedup = {other: time / median for other, time in medians.items() if other != m.implementation.name} if median else {}
         ours = m.implementation.kind == "backend" and m.implementation.name != REFERENCE
-        targets = [_target_outcome(target, median, speedup, percent_of) for target in case.targets] if ours else []
+        targets = [
+            _target_outcome(target, median, speedup, percent_of, _why_not_judged(target, dtype, targets_dtype, limits))
+            for target in case.targets
+        ] if ours else []
         results.append(Result(
             case=case.name, implementation=m.implementation.name, kind=m.implementation.kind,
             shape=case.shape, dtype=dtype, device=device,
@@ -159,14 +176,18 @@ def _results_of(case: Case, measured: list[_Measured], tolerance: float, device:
 
 
 def run(chosen: list[Case], preset: Preset, device: str, dtype: str, limits: Limits, *,
-        compile_reference: bool, measure_memory: bool, progress: bool = True) -> list[Result]:
-    """Every chosen case on every implementation; peak memory on a CPU from one child process."""
+        compile_reference: bool, measure_memory: bool, progress: bool = True,
+        after_each_case: Callable[[list[Result]], None] | None = None) -> list[Result]:
+    """Every chosen case on every implementation; peak memory on a CPU from one child process.
+    ``after_each_case`` gets the results so far after every case (to save them as they come)."""
     results = []
     with tqdm(chosen, desc="fastattn bench", unit="case", disable=None if progress else True, leave=False) as bar:
         for case in bar:
             bar.set_postfix_str(case.name)
             measured, tolerance = _measure_case(case, device, DTYPES[dtype], preset.min_run_time, compile_reference)
-            results += _results_of(case, measured, tolerance, device, dtype, limits)
+            results += _results_of(case, measured, tolerance, device, dtype, limits, preset.targets_dtype)
+            if after_each_case is not None:
+                after_each_case(results)
     if measure_memory and device == "cpu":
         peaks = memory.peaks_in_child(preset, dtype, [case.name for case in chosen])
         for result in results:
