@@ -22,26 +22,6 @@
 
 namespace fastattn {
 
-FASTATTN_HOST_DEVICE uint32_t bits_of_float(float value) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(value);
-#else
-  uint32_t bits;  // the compiler's own memcpy: no <string.h> (framework-free headers)
-  __builtin_memcpy(&bits, &value, sizeof bits);
-  return bits;
-#endif
-}
-
-FASTATTN_HOST_DEVICE float float_of_bits(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float value;
-  __builtin_memcpy(&value, &bits, sizeof value);
-  return value;
-#endif
-}
-
 // select(condition, a, b): a where condition holds, else b.
 struct TernarySelect {
   FASTATTN_HOST_DEVICE float operator()(bool condition, float if_true, float if_false) const {

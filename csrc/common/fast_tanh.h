@@ -33,6 +33,28 @@ constexpr float kFastTanhClamp = 8.75f;
 constexpr float kFastTanhSaturate = 16777216.0f;  // 2^24: one float32 step past the clamp reaches +-1
 constexpr float kFastTanhMaxAbsError = 4.0e-7f;  // the bound the test checks (measured: 3.0e-7)
 
+// The bits of a float32 and back (the exponent-field tricks of the reciprocal seed
+// below and of fast_sigmoid.h's powers of two).
+FASTATTN_HOST_DEVICE uint32_t bits_of_float(float value) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(value);
+#else
+  uint32_t bits;  // the compiler's own memcpy: no <string.h> (framework-free headers)
+  __builtin_memcpy(&bits, &value, sizeof bits);
+  return bits;
+#endif
+}
+
+FASTATTN_HOST_DEVICE float float_of_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float value;
+  __builtin_memcpy(&value, &bits, sizeof value);
+  return value;
+#endif
+}
+
 // numerator / denominator for the rational function (denominator in [1, 365]).
 template <typename T>
 FASTATTN_HOST_DEVICE T divide_rational(T numerator, T denominator) {
@@ -41,15 +63,7 @@ FASTATTN_HOST_DEVICE T divide_rational(T numerator, T denominator) {
 #if defined(__CUDA_ARCH__) || defined(FASTATTN_CUDA_EMULATION)
 FASTATTN_HOST_DEVICE float divide_rational(float numerator, float denominator) {
   constexpr uint32_t kSeed = 0x7EF311C3u;  // 1/x ~= bits(kSeed - bits(x)) within 12%
-#if defined(__CUDA_ARCH__)
-  float reciprocal = __uint_as_float(kSeed - __float_as_uint(denominator));
-#else
-  uint32_t bits;  // the emulation's host compiler: the compiler's own memcpy, no <string.h>
-  __builtin_memcpy(&bits, &denominator, sizeof bits);
-  bits = kSeed - bits;
-  float reciprocal;
-  __builtin_memcpy(&reciprocal, &bits, sizeof reciprocal);
-#endif
+  float reciprocal = float_of_bits(kSeed - bits_of_float(denominator));
   for (int step = 0; step < 3; ++step) reciprocal = reciprocal + reciprocal * (1.0f - denominator * reciprocal);
   return numerator * reciprocal;
 }
