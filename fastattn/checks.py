@@ -17,6 +17,7 @@ import numbers
 from typing import Callable, Sequence, Union
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what torch.autocast casts
@@ -43,12 +44,15 @@ def choice(name: str, value: object, choices: Sequence[object]) -> object:
 
 def reads_values(*tensors: torch.Tensor) -> bool:
     """Whether value checks of ``tensors`` run here (eager mode) or are skipped (meta
-    tensors, which have no values; tensors batched by torch.func.vmap, on which a branch
-    is data-dependent control flow that vmap refuses; torch.compile tracing; CUDA graph
-    capture, where reading a value would synchronise the capturing stream: a capture's
-    warm-up run checks them)."""
+    tensors and FakeTensors (FakeTensorMode, shape propagation), which have no values;
+    tensors batched by torch.func.vmap, on which a branch is data-dependent control flow
+    that vmap refuses; torch.compile tracing; CUDA graph capture, where reading a value
+    would synchronise the capturing stream: a capture's warm-up run checks them)."""
     return (
-        not any(tensor.is_meta or torch._C._functorch.is_batchedtensor(tensor) for tensor in tensors)
+        not any(
+            tensor.is_meta or isinstance(tensor, FakeTensor) or torch._C._functorch.is_batchedtensor(tensor)
+            for tensor in tensors
+        )
         and not torch.compiler.is_compiling()
         and not _capturing_cuda_graph()
     )
@@ -59,8 +63,14 @@ def _capturing_cuda_graph() -> bool:
 
 
 def tensor(name: str, value: object) -> torch.Tensor:
+    """``value`` when it is a dense tensor: the kernels and the reference index strided
+    memory, so sparse, nested and MKL-DNN tensors are refused here by name (they failed
+    deep inside torch, or with another argument's message)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {describe(value)}")
+    if value.is_nested or value.layout != torch.strided:
+        kind = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
     return value
 
 

@@ -615,6 +615,56 @@ def test_lengths_are_range_checked_under_inference_mode(backend_name):
             fastattn.attention(QUERY, KEYS, lengths=lengths)
 
 
+SPARSE_AND_NESTED = {
+    "sparse_coo": lambda t: t.to_sparse(),
+    "sparse_csr": lambda t: t.to_sparse_csr() if t.dim() == 2 else t.to_sparse(),
+    "nested": lambda t: torch.nested.nested_tensor(list(t.unbind(0)), layout=torch.jagged) if t.dim() == 3 else t.to_sparse(),
+    "_mkldnn": lambda t: t.float().to_mkldnn() if t.is_floating_point() else t.to_sparse(),
+}
+_X, _H, _W_IH, _W_HH = torch.randn(3, 4), torch.randn(3, 5), torch.randn(20, 4), torch.randn(20, 5)
+LAYOUT_CASES = {
+    "query": lambda make: fastattn.attention(make(QUERY), KEYS),
+    "keys": lambda make: fastattn.attention(QUERY, make(KEYS)),
+    "values": lambda make: fastattn.attention(QUERY, KEYS, make(KEYS)),
+    "lengths": lambda make: fastattn.attention(QUERY, KEYS, lengths=make(LENGTHS)),
+    "key_padding_mask": lambda make: fastattn.attention(QUERY, KEYS, key_padding_mask=make(torch.rand(2, 6) > 0.5)),
+    "attn_mask": lambda make: fastattn.scaled_dot_product_attention(QUERY, KEYS, KEYS, attn_mask=make(torch.rand(3, 6) > 0.5)),
+    "x": lambda make: fastattn.lstm_cell(make(_X), (_H, _H), _W_IH, _W_HH),
+    "w_ih": lambda make: fastattn.lstm_cell(_X, (_H, _H), make(_W_IH), _W_HH),
+    "hx[1]": lambda make: fastattn.lstm_cell(_X, (_H, make(_H)), _W_IH, _W_HH),
+    "h": lambda make: fastattn.gru_cell(_X, make(_H), _W_IH[:15], _W_HH[:15]),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's "prototype" / "beta" notes on these layouts
+@pytest.mark.parametrize("kind", SPARSE_AND_NESTED)
+@pytest.mark.parametrize("name", LAYOUT_CASES)
+def test_sparse_nested_and_mkldnn_tensors_are_refused_by_name(name, kind):
+    """The kernels and the reference index strided memory: other layouts fail at the
+    argument, not deep inside torch (reshape of a sparse tensor, NestedIntNode, a
+    dispatcher key dump) or with another argument's message (a sparse attn_mask's shape)."""
+    make = SPARSE_AND_NESTED[kind]
+    with pytest.raises(TypeError, match=rf"^{re.escape(name)} must be a dense \(strided\) tensor, got a \w+ tensor$"):
+        LAYOUT_CASES[name](make)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_fake_tensors_are_checked_for_shape_only(backend_name):
+    """FakeTensorMode (shape propagation) has no values either: lengths and centers, in the
+    functions and the modules, propagate shapes there as torch's own attention does (their
+    range checks had read a value and raised DataDependentOutputException)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with fastattn.backend(backend_name), FakeTensorMode():
+        query, keys, lengths = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.tensor([2, 5])
+        assert fastattn.attention(query, keys, lengths=lengths).shape == (2, 3, 4)
+        assert fastattn.attention(query, keys, window=1, center=torch.rand(2, 3) * 4).shape == (2, 3, 4)
+        assert Attention(4, 4)(query, keys, lengths=lengths)[0].shape == (2, 3, 4)
+        assert fastattn.hard_attention(query, keys, lengths=lengths)[1].shape == (2, 3)
+        with pytest.raises(ValueError, match=_names("lengths")):
+            fastattn.attention(query, keys, lengths=lengths[:1])
+
+
 def test_meta_lengths_and_center_are_checked_for_shape_only():
     """Meta tensors have no values to range-check: shapes and dtypes still are."""
     query, keys = QUERY.to("meta"), KEYS.to("meta")

@@ -56,6 +56,27 @@ def test_recurrent_modules(backend_name):
     assert_compiles_like_eager(run, x)
 
 
+def test_transposed_inputs_compile_forward_and_backward(backend_name):
+    """The fake kernels' outputs are contiguous, as the kernels': fakes that copied a
+    transposed state's or center's strides failed torch.compile's check of the real
+    outputs (lstm_cell, gru_cell with a .view of the output, attention's center gradient)."""
+    x, h, c = torch.randn(4, 3).t(), torch.randn(5, 3).t(), torch.randn(5, 3).t()
+    w_lstm, u_lstm, w_gru, u_gru = torch.randn(20, 4), torch.randn(20, 5), torch.randn(15, 4), torch.randn(15, 5)
+    center = (torch.rand(3, 2) * 4).t()
+    query, keys = torch.randn(2, 3, 4), torch.randn(4, 5, 2).permute(2, 1, 0)
+
+    def loss(x, c, center):
+        h_next, c_next = fastattn.lstm_cell(x, (h, c), w_lstm, u_lstm)
+        h_gru = fastattn.gru_cell(x, c, w_gru, u_gru).view(-1)
+        context = fastattn.attention(query, keys, window=2, center=center)
+        return h_next.square().sum() + c_next.sum() + h_gru.sum() + context.square().sum()
+
+    leaves = [t.requires_grad_() for t in (x, c, center)]
+    eager = torch.autograd.grad(loss(*leaves), leaves)
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*leaves), leaves)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_decoder_cell(backend_name):
     decoder = fastattn.nn.AttentionDecoderCell(4, 6, 5)
     cache = decoder.precompute(torch.randn(2, 7, 5))

@@ -251,6 +251,13 @@ def _recurrent_samples():
         yield torch.ops.fastattn.lstm_layer_forward.default, (sequence, h, c, *lstm_weights, lengths, reverse)
         yield torch.ops.fastattn.gru_layer_forward.default, (sequence, h, *gru_weights, lengths, reverse)
     yield torch.ops.fastattn.lstm_layer_forward.default, (sequence, h, c, *weights(4, False), LENGTHS, False)
+    # Transposed inputs: the kernels' outputs are contiguous, and so must the fake kernels' be.
+    x_t, h_t, c_t = (t.detach().T.contiguous().T.requires_grad_() for t in (x, h, c))
+    sequence_t = sequence.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    yield torch.ops.fastattn.lstm_cell_forward.default, (x_t, h_t, c_t, *lstm_weights)
+    yield torch.ops.fastattn.gru_cell_forward.default, (x_t, h_t, *gru_weights)
+    yield torch.ops.fastattn.lstm_layer_forward.default, (sequence_t, h_t, c_t, *lstm_weights, LENGTHS, False)
+    yield torch.ops.fastattn.gru_layer_forward.default, (sequence_t, h_t, *gru_weights, None, True)
 
 
 @pytest.mark.parametrize("op, arguments", list(_recurrent_samples()), ids=lambda value: getattr(value, "__name__", ""))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fastattn import reference
-from fastattn.ops.fake_kernels import register_fake
+from fastattn.ops.fake_kernels import contiguous_like, register_fake
 from fastattn.reference.hard import outputs_at
 
 MASK_ARGUMENTS = ("lengths", "key_padding_mask", "causal", "window", "center", "gaussian")
@@ -43,12 +43,12 @@ def _attention_backward_fake(
     window, center, gaussian, logsumexp, context=None,
 ):
     def like_or_empty(tensor):
-        return torch.empty_like(tensor) if tensor is not None else query.new_empty(0)
+        return contiguous_like(tensor) if tensor is not None else query.new_empty(0)
 
     grad_center = like_or_empty(center if gaussian else None)
     grad_keys = query.new_empty(keys.shape)
     return (
-        torch.empty_like(query), grad_keys, torch.empty_like(values), like_or_empty(v), like_or_empty(bias),
+        contiguous_like(query), grad_keys, contiguous_like(values), like_or_empty(v), like_or_empty(bias),
         grad_center,
     )
 

@@ -1,4 +1,5 @@
-"""``register_fake`` for fastattn's ops, with the one check every fake (meta) kernel shares.
+"""``register_fake`` for fastattn's ops, with the one check every fake (meta) kernel shares,
+and :func:`contiguous_like`, how the fake kernels make an output shaped like an input.
 
 A fake kernel runs for FakeTensors (torch.compile, export) and for meta tensors; a
 direct call that mixes meta tensors with real ones lands on it too (the Meta key
@@ -39,3 +40,10 @@ def register_fake(op_name: str):
         return torch.library.register_fake(op_name)(checked)
 
     return decorate
+
+
+def contiguous_like(tensor: torch.Tensor) -> torch.Tensor:
+    """An output of ``tensor``'s shape, dtype and device with contiguous strides, as the
+    kernels return whatever their inputs' strides (``torch.empty_like`` keeps a transposed
+    input's strides: the fake and real outputs then disagree and torch.compile fails)."""
+    return tensor.new_empty(tensor.shape)

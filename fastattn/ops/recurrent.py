@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from fastattn import reference
-from fastattn.ops.fake_kernels import register_fake
+from fastattn.ops.fake_kernels import contiguous_like, register_fake
 
 
 def _empty_or_like(tensor, like):
-    return torch.empty_like(tensor) if tensor is not None else like.new_empty(0)
+    return contiguous_like(tensor) if tensor is not None else like.new_empty(0)
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
@@ -23,26 +23,26 @@ def _empty_or_like(tensor, like):
 
 @register_fake("fastattn::lstm_cell_forward")
 def _lstm_cell_forward_fake(x, h, c, w_ih, w_hh, b_ih, b_hh):
-    return torch.empty_like(c), torch.empty_like(c), c.new_empty(c.shape[0], 4 * c.shape[1])
+    return contiguous_like(c), contiguous_like(c), c.new_empty(c.shape[0], 4 * c.shape[1])
 
 
 @register_fake("fastattn::lstm_cell_backward")
 def _lstm_cell_backward_fake(grad_h_next, grad_c_next, x, h, c, w_ih, w_hh, b_ih, b_hh, c_next, saved):
     return (
-        torch.empty_like(x), torch.empty_like(h), torch.empty_like(c), torch.empty_like(w_ih),
-        torch.empty_like(w_hh), _empty_or_like(b_ih, x), _empty_or_like(b_hh, x),
+        contiguous_like(x), contiguous_like(h), contiguous_like(c), contiguous_like(w_ih),
+        contiguous_like(w_hh), _empty_or_like(b_ih, x), _empty_or_like(b_hh, x),
     )
 
 
 @register_fake("fastattn::gru_cell_forward")
 def _gru_cell_forward_fake(x, h, w_ih, w_hh, b_ih, b_hh):
-    return torch.empty_like(h), h.new_empty(h.shape[0], 4 * h.shape[1])
+    return contiguous_like(h), h.new_empty(h.shape[0], 4 * h.shape[1])
 
 
 @register_fake("fastattn::gru_cell_backward")
 def _gru_cell_backward_fake(grad_h_next, x, h, w_ih, w_hh, b_ih, b_hh, saved):
     return (
-        torch.empty_like(x), torch.empty_like(h), torch.empty_like(w_ih), torch.empty_like(w_hh),
+        contiguous_like(x), contiguous_like(h), contiguous_like(w_ih), contiguous_like(w_hh),
         _empty_or_like(b_ih, x), _empty_or_like(b_hh, x),
     )
 
@@ -51,7 +51,7 @@ def _gru_cell_backward_fake(grad_h_next, x, h, w_ih, w_hh, b_ih, b_hh, saved):
 def _lstm_layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     steps, batch, hidden = x.shape[0], x.shape[1], c0.shape[1]
     return (
-        x.new_empty(steps, batch, hidden), torch.empty_like(h0), torch.empty_like(c0),
+        x.new_empty(steps, batch, hidden), contiguous_like(h0), contiguous_like(c0),
         x.new_empty(steps, batch, 5 * hidden),
     )
 
@@ -61,21 +61,21 @@ def _lstm_layer_backward_fake(
     grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, output, saved
 ):
     return (
-        torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
-        torch.empty_like(w_hh), _empty_or_like(b_ih, x), _empty_or_like(b_hh, x),
+        contiguous_like(x), contiguous_like(h0), contiguous_like(c0), contiguous_like(w_ih),
+        contiguous_like(w_hh), _empty_or_like(b_ih, x), _empty_or_like(b_hh, x),
     )
 
 
 @register_fake("fastattn::gru_layer_forward")
 def _gru_layer_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     steps, batch, hidden = x.shape[0], x.shape[1], h0.shape[1]
-    return x.new_empty(steps, batch, hidden), torch.empty_like(h0), x.new_empty(steps, batch, 4 * hidden)
+    return x.new_empty(steps, batch, hidden), contiguous_like(h0), x.new_empty(steps, batch, 4 * hidden)
 
 
 @register_fake("fastattn::gru_layer_backward")
 def _gru_layer_backward_fake(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, output, saved):
     return (
-        torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
+        contiguous_like(x), contiguous_like(h0), contiguous_like(w_ih), contiguous_like(w_hh),
         _empty_or_like(b_ih, x), _empty_or_like(b_hh, x),
     )
 
