@@ -159,6 +159,18 @@ def test_packed_sequence_matches_torch(module_class, configuration, lengths, enf
 
 
 @pytest.mark.parametrize("module_class", [fastattn_nn.LSTM, fastattn_nn.GRU])
+def test_packed_sequence_on_meta_has_torchs_shapes(module_class):
+    """A model on the meta device (shape propagation, deferred initialisation) runs packed
+    input as torch.nn does: the packed rows come from batch_sizes, not from a boolean mask
+    of device tensors (no meta kernel for nonzero)."""
+    original, ours = (module.to("meta") for module in twins(module_class, INPUT, HIDDEN, num_layers=2, bidirectional=True))
+    packed = pack_padded_sequence(torch.empty(STEPS, BATCH, INPUT, dtype=torch.float64, device="meta"), torch.tensor([STEPS, 5, 2]))
+    expected, actual = original(packed), ours(packed)
+    assert actual[0].data.shape == expected[0].data.shape and actual[0].data.is_meta
+    assert [t.shape for t in flatten(actual[1:])] == [t.shape for t in flatten(expected[1:])]
+
+
+@pytest.mark.parametrize("module_class", [fastattn_nn.LSTM, fastattn_nn.GRU])
 def test_training_dropout_draws_like_torch(module_class):
     original, ours = twins(module_class, INPUT, HIDDEN, num_layers=3, dropout=0.5, bidirectional=True)
     x = random(STEPS, BATCH, INPUT)

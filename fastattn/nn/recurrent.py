@@ -95,11 +95,13 @@ class _StackedRecurrence:
             weight=self.weight_ih_l0, batch_first=self.batch_first, packed=True,
         )
         _check_packed_layout(input, data.shape[0])
-        x, valid = _padded_from_packed(data, input.batch_sizes)
+        rows, lengths = _packed_rows(input.batch_sizes, data.device)
+        steps, batch = len(input.batch_sizes), int(input.batch_sizes[0])
+        x = data.new_zeros(steps * batch, data.shape[-1]).index_copy(0, rows, data).view(steps, batch, -1)
         states = _reorder_batch(self._initial_states(hx, x, True, data), input.sorted_indices)
-        output, finals = self._run(x, states, lengths=valid.sum(0))
+        output, finals = self._run(x, states, lengths=lengths)
         packed_output = PackedSequence(
-            output[valid], input.batch_sizes, input.sorted_indices, input.unsorted_indices
+            output.flatten(0, 1).index_select(0, rows), input.batch_sizes, input.sorted_indices, input.unsorted_indices
         )
         return packed_output, self.join_states(_reorder_batch(finals, input.unsorted_indices))
 
@@ -211,15 +213,13 @@ def _check_packed_layout(input: PackedSequence, rows: int) -> None:
             raise ValueError("input.unsorted_indices must be the inverse permutation of input.sorted_indices")
 
 
-def _padded_from_packed(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
-    """A packed sequence's data as a zero-padded (T, B, I) batch in the packed (sorted)
-    order, and the (T, B) mask of its valid steps (True where a sequence has step t)."""
-    batch = int(batch_sizes[0])
-    batch_sizes = batch_sizes.to(data.device)
-    valid = torch.arange(batch, device=data.device) < batch_sizes.unsqueeze(1)
-    padded = data.new_zeros(*valid.shape, data.shape[-1])
-    padded[valid] = data  # row-major order of the mask is the packed order
-    return padded, valid
+def _packed_rows(batch_sizes: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Where a packed sequence's rows go in its zero-padded (T, B) batch (packed, sorted
+    order), flattened to T * B, and each sequence's length, both on ``device``.  Computed
+    from ``batch_sizes``, which a PackedSequence keeps on the CPU: no boolean indexing of
+    device tensors (a host sync on CUDA, and no meta kernel)."""
+    valid = torch.arange(int(batch_sizes[0])) < batch_sizes.unsqueeze(1)  # row-major order is the packed order
+    return valid.flatten().nonzero().squeeze(1).to(device), valid.sum(0).to(device)
 
 
 def _reorder_batch(states: list[Tensor], indices: Tensor | None) -> list[Tensor]:
