@@ -38,4 +38,4 @@ gpu-versions-check:
 
 # The one-script GPU proof (../shared/design/GPU.md), for a machine with a GPU.
 gpu-check:
-	bash benchmarks/gpu_check.sh
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh

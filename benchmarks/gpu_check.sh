@@ -5,7 +5,8 @@
 #   1. versions   nvidia-smi, python, torch, triton, nvcc
 #   2. install    pip install --no-build-isolation --no-deps -e . (CUDA extension for sm_90 only)
 #   3. gpu tests  pytest -m gpu -x -q, TRITON_INTERPRET unset
-#   4. memcheck   compute-sanitizer --tool memcheck over benchmarks/cuda_sanitize_cases.py
+#   4. memcheck   compute-sanitizer --tool memcheck over benchmarks/cuda_sanitize_cases.py, with
+#                 torch's caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1)
 #   5. racecheck  compute-sanitizer --tool racecheck over the same cases
 #   6. bench      fastattn bench --device cuda, full preset, float32 (bench.json, .csv, speedups.png in $OUT)
 #   7. bench targets  fastattn bench --device cuda --preset gpu --dtype bfloat16: only the GPU
@@ -37,7 +38,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-benchmarks/results/latest}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"  # the GPU machine's interpreter with torch is python3
 SANITIZE_CASES="${SANITIZE_CASES:-benchmarks/cuda_sanitize_cases.py}"
 BENCH_FLAGS="${BENCH_FLAGS:---no-compile}"
 BENCH_TARGETS_FLAGS="${BENCH_TARGETS_FLAGS:-}"
@@ -102,7 +103,14 @@ sanitize() {  # sanitize TOOL: one compute-sanitizer step, or SKIP when it canno
         return
     fi
     local timeout_variable="TIMEOUT_${tool^^}"
-    step "$tool" "${!timeout_variable}" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PYTHON" "$SANITIZE_CASES"
+    # memcheck sees only accesses outside a cudaMalloc'd block: torch's caching allocator packs
+    # the cases' small tensors into shared 2 MB segments, where an overrun stays unseen, so it
+    # runs uncached (each tensor its own cudaMalloc).  racecheck needs no such thing.
+    # (Unset for racecheck: some torch versions read any value of the variable as "uncached".)
+    local uncached=()
+    [ "$tool" = memcheck ] && uncached=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+    step "$tool" "${!timeout_variable}" "${uncached[@]}" \
+        compute-sanitizer --tool "$tool" --error-exitcode 1 "$PYTHON" "$SANITIZE_CASES"
 }
 
 export -f versions

@@ -24,6 +24,9 @@ esac
 FAKE_TOOL = """#!/usr/bin/env bash
 echo "$(basename "$0") $*" >> "$CALLS"
 """
+FAKE_SANITIZER = """#!/usr/bin/env bash
+echo "$(basename "$0") $* | no_caching=${PYTORCH_NO_CUDA_MEMORY_CACHING-unset}" >> "$CALLS"
+"""
 
 
 def _executable(path: Path, text: str) -> Path:
@@ -36,8 +39,9 @@ def _run(tmp_path: Path, **environment: str) -> tuple[subprocess.CompletedProces
     fakes = tmp_path / "bin"
     fakes.mkdir()
     python = _executable(fakes / "fake-python", FAKE_PYTHON)
-    for tool in ("nvidia-smi", "nvcc", "compute-sanitizer"):
+    for tool in ("nvidia-smi", "nvcc"):
         _executable(fakes / tool, FAKE_TOOL)
+    _executable(fakes / "compute-sanitizer", FAKE_SANITIZER)
     calls, out = tmp_path / "calls.txt", tmp_path / "out"
     cases = _executable(tmp_path / "cases.py", "")
     env = {
@@ -68,8 +72,9 @@ def test_every_step_runs_with_the_flags_of_gpu_md(tmp_path):
     assert ("python benchmarks/triton_compile_check.py --gpu-check --jobs 12 --seconds 100 "
             "| arch=unset jobs=unset interpret=unset") in calls
     assert "triton warm-up (exit status 0): " in log
-    assert f"compute-sanitizer --tool memcheck --error-exitcode 1 {python} {tmp_path / 'cases.py'}" in calls
-    assert f"compute-sanitizer --tool racecheck --error-exitcode 1 {python} {tmp_path / 'cases.py'}" in calls
+    # memcheck without torch's caching allocator, whose shared segments hide overruns; racecheck with it.
+    assert f"compute-sanitizer --tool memcheck --error-exitcode 1 {python} {tmp_path / 'cases.py'} | no_caching=1" in calls
+    assert f"compute-sanitizer --tool racecheck --error-exitcode 1 {python} {tmp_path / 'cases.py'} | no_caching=unset" in calls
     bench = [call for call in calls if "-m fastattn bench" in call]
     assert bench == [
         f"python -m fastattn bench --device cuda --no-compile --json {out}/bench.json --csv {out}/bench.csv "
@@ -77,6 +82,26 @@ def test_every_step_runs_with_the_flags_of_gpu_md(tmp_path):
         f"python -m fastattn bench --device cuda --preset gpu --dtype bfloat16 --json {out}/bench-targets.json "
         f"--csv {out}/bench-targets.csv --plot {out}/speedups-targets.png | arch=unset jobs=unset interpret=unset",
     ]
+
+
+def test_without_python_set_every_step_runs_python3(tmp_path):
+    """The GPU machine's interpreter with torch is python3 (a plain "python" need not exist
+    there); `make gpu-check` passes the Makefile's PYTHON, whose default is python3 too."""
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    _executable(fakes / "python3", FAKE_PYTHON.replace('echo "python $*', 'echo "$(basename "$0") $*'))
+    for tool in ("nvidia-smi", "nvcc"):
+        _executable(fakes / tool, FAKE_TOOL)
+    _executable(fakes / "compute-sanitizer", FAKE_SANITIZER)
+    calls = tmp_path / "calls.txt"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHON"}
+    env.update(PATH=f"{fakes}:/usr/bin:/bin", CALLS=str(calls), OUT=str(tmp_path / "out"),
+               SANITIZE_CASES=str(_executable(tmp_path / "cases.py", "")))
+    completed = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert any(call.startswith("python3 -m pip install") for call in calls.read_text().splitlines())
+    recipe = subprocess.run(["make", "-n", "gpu-check"], cwd=REPOSITORY, env=env, capture_output=True, text=True, check=True).stdout
+    assert recipe.strip() == "PYTHON=python3 bash benchmarks/gpu_check.sh"
 
 
 def test_the_timeouts_add_up_to_under_seven_minutes():
