@@ -94,7 +94,9 @@ def test_without_python_set_every_step_runs_python3(tmp_path):
         _executable(fakes / tool, FAKE_TOOL)
     _executable(fakes / "compute-sanitizer", FAKE_SANITIZER)
     calls = tmp_path / "calls.txt"
-    env = {key: value for key, value in os.environ.items() if key != "PYTHON"}
+    # Neither PYTHON nor the make variables of an enclosing `make test` (MAKELEVEL would make
+    # make -n print its "Entering directory" lines).
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHON", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     env.update(PATH=f"{fakes}:/usr/bin:/bin", CALLS=str(calls), OUT=str(tmp_path / "out"),
                SANITIZE_CASES=str(_executable(tmp_path / "cases.py", "")))
     completed = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
