@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fastattn import reference
-from fastattn.ops.fake_kernels import contiguous_like, register_fake
+from fastattn.ops.fake_kernels import contiguous_like, contiguous_like_or_empty, register_fake
 from fastattn.reference.hard import outputs_at
 
 MASK_ARGUMENTS = ("lengths", "key_padding_mask", "causal", "window", "center", "gaussian")
@@ -42,14 +42,11 @@ def _attention_backward_fake(
     grad_context, grad_weights, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
     window, center, gaussian, logsumexp, context=None,
 ):
-    def like_or_empty(tensor):
-        return contiguous_like(tensor) if tensor is not None else query.new_empty(0)
-
-    grad_center = like_or_empty(center if gaussian else None)
+    grad_center = contiguous_like_or_empty(center if gaussian else None, query)
     grad_keys = query.new_empty(keys.shape)
     return (
-        contiguous_like(query), grad_keys, contiguous_like(values), like_or_empty(v), like_or_empty(bias),
-        grad_center,
+        contiguous_like(query), grad_keys, contiguous_like(values), contiguous_like_or_empty(v, query),
+        contiguous_like_or_empty(bias, query), grad_center,
     )
 
 

@@ -1,5 +1,6 @@
 """``register_fake`` for fastattn's ops, with the one check every fake (meta) kernel shares,
-and :func:`contiguous_like`, how the fake kernels make an output shaped like an input.
+and :func:`contiguous_like` / :func:`contiguous_like_or_empty`, how the fake kernels make
+an output shaped like an input.
 
 A fake kernel runs for FakeTensors (torch.compile, export) and for meta tensors; a
 direct call that mixes meta tensors with real ones lands on it too (the Meta key
@@ -47,3 +48,9 @@ def contiguous_like(tensor: torch.Tensor) -> torch.Tensor:
     kernels return whatever their inputs' strides (``torch.empty_like`` keeps a transposed
     input's strides: the fake and real outputs then disagree and torch.compile fails)."""
     return tensor.new_empty(tensor.shape)
+
+
+def contiguous_like_or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """:func:`contiguous_like` of an optional input, or the empty tensor a kernel returns
+    for the gradient of an absent one."""
+    return contiguous_like(tensor) if tensor is not None else like.new_empty(0)

@@ -11,11 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastattn import reference
-from fastattn.ops.fake_kernels import contiguous_like, register_fake
-
-
-def _empty_or_like(tensor, like):
-    return contiguous_like(tensor) if tensor is not None else like.new_empty(0)
+from fastattn.ops.fake_kernels import contiguous_like, contiguous_like_or_empty, register_fake
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
@@ -30,7 +26,7 @@ def _lstm_cell_forward_fake(x, h, c, w_ih, w_hh, b_ih, b_hh):
 def _lstm_cell_backward_fake(grad_h_next, grad_c_next, x, h, c, w_ih, w_hh, b_ih, b_hh, c_next, saved):
     return (
         contiguous_like(x), contiguous_like(h), contiguous_like(c), contiguous_like(w_ih),
-        contiguous_like(w_hh), _empty_or_like(b_ih, x), _empty_or_like(b_hh, x),
+        contiguous_like(w_hh), contiguous_like_or_empty(b_ih, x), contiguous_like_or_empty(b_hh, x),
     )
 
 
@@ -43,7 +39,7 @@ def _gru_cell_forward_fake(x, h, w_ih, w_hh, b_ih, b_hh):
 def _gru_cell_backward_fake(grad_h_next, x, h, w_ih, w_hh, b_ih, b_hh, saved):
     return (
         contiguous_like(x), contiguous_like(h), contiguous_like(w_ih), contiguous_like(w_hh),
-        _empty_or_like(b_ih, x), _empty_or_like(b_hh, x),
+        contiguous_like_or_empty(b_ih, x), contiguous_like_or_empty(b_hh, x),
     )
 
 
@@ -62,7 +58,7 @@ def _lstm_layer_backward_fake(
 ):
     return (
         contiguous_like(x), contiguous_like(h0), contiguous_like(c0), contiguous_like(w_ih),
-        contiguous_like(w_hh), _empty_or_like(b_ih, x), _empty_or_like(b_hh, x),
+        contiguous_like(w_hh), contiguous_like_or_empty(b_ih, x), contiguous_like_or_empty(b_hh, x),
     )
 
 
@@ -76,7 +72,7 @@ def _gru_layer_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
 def _gru_layer_backward_fake(grad_output, grad_h_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, output, saved):
     return (
         contiguous_like(x), contiguous_like(h0), contiguous_like(w_ih), contiguous_like(w_hh),
-        _empty_or_like(b_ih, x), _empty_or_like(b_hh, x),
+        contiguous_like_or_empty(b_ih, x), contiguous_like_or_empty(b_hh, x),
     )
 
 
