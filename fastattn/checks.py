@@ -109,8 +109,10 @@ LARGEST_INT = 2**31 - 1
 
 
 def positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer in range (a NumPy integer too, as torch's int arguments take), as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {describe(value)}")
+    value = int(value)
     if not minimum <= value <= LARGEST_INT:
         raise ValueError(f"{name} must be in [{minimum}, {LARGEST_INT}], got {value}")
     return value

@@ -131,6 +131,23 @@ def test_scaled_dot_product_attention_takes_dropout_p_1_and_numpy_scales_as_torc
                                    torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
+def test_numpy_integer_windows_and_sizes_are_taken_as_ints(backend_name):
+    """A window read from a NumPy array was refused ("window must be an int, got int64")."""
+    generator = torch.Generator().manual_seed(0)
+    query, keys = torch.randn(2, 3, 8, generator=generator), torch.randn(2, 7, 8, generator=generator)
+    center = torch.rand(2, 3, generator=generator) * 7
+    with fastattn.backend(backend_name):
+        for window in (np.int64(1), np.int32(2), np.uint8(3)):
+            for local_p in ({}, {"center": center}):
+                torch.testing.assert_close(fastattn.attention(query, keys, window=window, **local_p),
+                                           fastattn.attention(query, keys, window=int(window), **local_p))
+        module = fastattn.nn.Attention(np.int64(8), np.int64(8), score="location", window=np.int64(2),
+                                       max_source_len=np.int64(7))
+    assert (module.window, module.key_dim, module.weight.shape) == (2, 8, (7, 8))
+    assert all(type(size) is int for size in (module.window, module.value_dim, module.attn_dim))
+
+
 def _backends_for_cpu_tensors():
     """The reference, the C++ kernels and Triton's (under its interpreter) where they run."""
     from fastattn import backends

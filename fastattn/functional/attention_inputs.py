@@ -168,7 +168,7 @@ def masking_arguments(
             f"causal=True needs as many queries as keys (T == S), got T={query_length}, S={source_length}"
         )
     if window is not None:
-        checks.positive_int("window", window, minimum=0)
+        window = checks.positive_int("window", window, minimum=0)
     if gaussian is not None:
         checks.flag("gaussian", gaussian)
     if lengths is not None:

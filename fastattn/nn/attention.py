@@ -55,11 +55,11 @@ class Attention(torch.nn.Module):
         checks.flag("bias", bias)
         self.query_dim = checks.positive_int("query_dim", query_dim)
         self.key_dim = checks.positive_int("key_dim", key_dim)
-        self.value_dim = key_dim if value_dim is None else checks.positive_int("value_dim", value_dim)
-        self.attn_dim = key_dim if attn_dim is None else checks.positive_int("attn_dim", attn_dim)
+        self.value_dim = self.key_dim if value_dim is None else checks.positive_int("value_dim", value_dim)
+        self.attn_dim = self.key_dim if attn_dim is None else checks.positive_int("attn_dim", attn_dim)
         self.score = score
         if window is not None:
-            checks.positive_int("window", window, minimum=0)
+            window = checks.positive_int("window", window, minimum=0)
             local = local or "m"
         elif local is not None:
             raise ValueError(f"local={local!r} needs window, the half-width D of the window")
@@ -71,7 +71,7 @@ class Attention(torch.nn.Module):
         if score == "general":
             self.weight = torch.nn.Parameter(torch.empty(query_dim, key_dim))
         if max_source_len is not None:
-            checks.positive_int("max_source_len", max_source_len)
+            max_source_len = checks.positive_int("max_source_len", max_source_len)
         if score == "location":
             if max_source_len is None:
                 raise ValueError("score 'location' needs max_source_len, the longest source it will see")
