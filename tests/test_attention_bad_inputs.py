@@ -407,6 +407,7 @@ CASES = [
     forward_case("query-meta", ValueError, "query", ADDITIVE_MODULE, _f32(2, 3, 4, device="meta"), F32_KEYS),
     forward_case("keys-batch", ValueError, "keys", ADDITIVE_MODULE, F32_QUERY, _f32(3, 5, 4)),
     forward_case("values-length", ValueError, "values", ADDITIVE_MODULE, F32_QUERY, F32_KEYS, _f32(2, 4, 6)),
+    forward_case("values-missing-value_dim", ValueError, "values", {**ADDITIVE_MODULE, "value_dim": 6}, F32_QUERY, F32_KEYS),
     forward_case("location-S-over-max", ValueError, "keys", {**LOCATION_MODULE, "max_source_len": 4}),
     forward_case("lengths-float", TypeError, "lengths", ADDITIVE_MODULE, lengths=torch.tensor([1.0, 2.0])),
     forward_case("lengths-over-S", ValueError, "lengths", ADDITIVE_MODULE, lengths=torch.tensor([6, 2])),

@@ -92,6 +92,29 @@ def test_local_p_centers_do_not_depend_on_how_a_source_is_padded(single_step):
         context, weights = module(query, padded, **masks)
         torch.testing.assert_close(context, expected[0])
         torch.testing.assert_close(weights[..., :4], expected[1])
+    # Padded on both sides: p_t counts from the first key (it had put the window on the padding).
+    between = torch.cat([torch.randn(2, 3, 8), keys, torch.randn(2, 3, 8)], 1)
+    outside = (torch.arange(10) < 3) | (torch.arange(10) >= 7)
+    for masks in ({"key_padding_mask": outside.expand(2, 10)},
+                  {"key_padding_mask": outside.expand(2, 10), "lengths": torch.tensor([7, 9])}):
+        context, weights = module(query, between, **masks)
+        torch.testing.assert_close(context, expected[0])
+        torch.testing.assert_close(weights[..., 3:7], expected[1])
+
+
+def test_local_p_centers_span_padding_between_keys():
+    """p_t = first + S sigmoid(...) with S the span from the first key to the last."""
+    torch.manual_seed(0)
+    module = Attention(8, 8, score="dot", window=2, local="p").double()
+    query, keys = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 10, 8, dtype=torch.float64)
+    padding = torch.tensor([[True, False, True, False, False, True, True, True, True, True],
+                            [False] * 9 + [True]])
+    _, weights = module(query, keys, key_padding_mask=padding)
+    fraction = torch.sigmoid(torch.tanh(query @ module.position_weight.T) @ module.position_v)
+    center = fraction * torch.tensor([[4.0], [9.0]], dtype=torch.float64) + torch.tensor([[1.0], [0.0]])
+    expected = fastattn.attention(query, keys, score="dot", window=2, center=center, key_padding_mask=padding,
+                                  return_weights=True)
+    torch.testing.assert_close(weights, expected[1])
 
 
 def test_local_m_window_and_return_weights_false():

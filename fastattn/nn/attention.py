@@ -98,6 +98,11 @@ class Attention(torch.nn.Module):
         """Work on the keys that does not depend on the query, done once per source."""
         self._check_input("keys", keys, self.key_dim)
         if values is None:
+            if self.value_dim != self.key_dim:
+                raise ValueError(
+                    f"values must be given: this Attention has value_dim={self.value_dim} and key_dim="
+                    f"{self.key_dim}, so its keys cannot serve as values"
+                )
             values = keys
         else:
             self._check_input("values", values, self.value_dim)
@@ -201,9 +206,10 @@ class Attention(torch.nn.Module):
     def _predicted_centers(
         self, query: torch.Tensor, keys: torch.Tensor, layout, lengths: object, key_padding_mask: object
     ) -> torch.Tensor | None:
-        """p_t = S * sigmoid(v_p^T tanh(W_p s_t)) for local-p, with S each source's length:
-        its keys within ``lengths`` and not padding (the same p_t for a source however it
-        is padded, by lengths or by a mask)."""
+        """p_t = first + S * sigmoid(v_p^T tanh(W_p s_t)) for local-p, with first each
+        source's first key and S its length: its keys within ``lengths`` and not padding,
+        from the first to the last (the same p_t for a source however it is padded, on the
+        left or the right, by lengths or by a mask; padding between keys counts)."""
         if self.local != "p":
             return None
         fraction = torch.sigmoid(torch.tanh(query @ self.position_weight.T) @ self.position_v)
@@ -211,17 +217,18 @@ class Attention(torch.nn.Module):
         if lengths is None and key_padding_mask is None:
             return fraction * source_length
         if key_padding_mask is None:
-            sizes = checked_lengths(lengths, layout, query, source_length)
+            first, sizes = None, checked_lengths(lengths, layout, query, source_length)
         else:
             visible = ~checked_key_padding_mask(key_padding_mask, layout, query, source_length)
             if lengths is not None:
                 positions = torch.arange(source_length, device=query.device)
                 visible = visible & (positions < checked_lengths(lengths, layout, query, source_length)[:, None])
-            sizes = visible.sum(-1)
-        sizes = sizes.reshape(layout.lead)
-        if not layout.single_step:
-            sizes = sizes.unsqueeze(-1)
-        return fraction * sizes.to(fraction.dtype)
+            as_int = visible.to(torch.int8)
+            first = as_int.argmax(-1)
+            sizes = torch.where(visible.any(-1), source_length - as_int.flip(-1).argmax(-1) - first, 0)
+        shape = layout.lead if layout.single_step else (*layout.lead, 1)
+        centers = fraction * sizes.reshape(shape).to(fraction.dtype)
+        return centers if first is None else centers + first.reshape(shape).to(fraction.dtype)
 
     def extra_repr(self) -> str:
         local = f", window={self.window}, local={self.local!r}" if self.window is not None else ""
