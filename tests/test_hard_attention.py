@@ -6,6 +6,7 @@ import torch
 from scipy import stats
 
 import fastattn
+from fastattn import backends
 
 
 @pytest.fixture(autouse=True)
@@ -87,3 +88,23 @@ def test_gaussian_local_p_samples_from_the_renormalised_weights():
     _, p_value = stats.chisquare(observed.numpy(), (probabilities * 4000).numpy())
     assert p_value > 1e-3
     torch.testing.assert_close(log_prob[0], probabilities[index[0]].log())
+
+
+@pytest.mark.parametrize("backend_name", [name for name in ("reference", "cpu", "triton")
+                                          if backends.unavailable_reason(name) is None])
+@pytest.mark.parametrize("sample", [False, True])
+def test_a_nan_row_gives_nan_outputs_not_masked_ones(backend_name, sample):
+    """A NaN in what a row sees made its context and log-probability 0, as a fully masked
+    row's, while its weights were NaN: a REINFORCE loss dropped it silently."""
+    query, keys = repeated_problem(draws=3)
+    query = query.clone()
+    query[0, 1, 0] = float("nan")
+    values = torch.randn(2, 6, 5, dtype=torch.float64)
+    with fastattn.backend(backend_name):
+        context, index, log_prob, weights = fastattn.hard_attention(
+            query, keys, values, sample=sample, lengths=torch.tensor([6, 0]), generator=torch.Generator().manual_seed(0)
+        )
+    assert weights[0, 1].isnan().all() and context[0, 1].isnan().all() and log_prob[0, 1].isnan()
+    assert not context[0, ::2].isnan().any() and not log_prob[0, ::2].isnan().any()
+    assert torch.equal(context[1], torch.zeros_like(context[1])) and torch.equal(log_prob[1], torch.zeros_like(log_prob[1]))
+    assert ((index >= 0) & (index < 6)).all()

@@ -26,9 +26,9 @@ def hard_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (context (N, T, Dv), index (N, T) int64, log_prob (N, T), weights (N, T, S))."""
     _, weights = attention(query, keys, values, return_weights=True, **attention_arguments)
-    has_valid = weights.sum(dim=-1) > 0
+    has_valid = weights.sum(dim=-1) > 0  # not for fully masked rows, nor NaN ones
     if sample:
-        # Fully masked rows draw from a uniform row; their index is reset below.
+        # Rows without valid weights draw from a uniform row; their index is reset below.
         probabilities = torch.where(has_valid.unsqueeze(-1), weights, torch.ones_like(weights))
         flat = probabilities.detach().reshape(-1, weights.shape[-1]).float()
         index = torch.multinomial(flat, 1, generator=generator).reshape(has_valid.shape)
@@ -42,14 +42,17 @@ def outputs_at(
     weights: torch.Tensor, index: torch.Tensor, values: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(context, index, log_prob) of the chosen positions: the values there and
-    log(w_index / sum_j w_j); zeros for rows whose weights are all zero."""
+    log(w_index / sum_j w_j); zeros for rows whose weights are all zero, NaN for rows
+    whose weights are NaN (a NaN in what a row sees makes the row NaN, as soft attention)."""
     total = weights.sum(dim=-1)
-    has_valid = total > 0
+    has_valid = total != 0
     chosen = weights.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     smallest = torch.finfo(weights.dtype).tiny
     log_prob = torch.log(chosen.clamp_min(smallest)) - torch.log(total.clamp_min(smallest))
     log_prob = torch.where(has_valid, log_prob, torch.zeros_like(log_prob))
-    context = values_at(values, index).mul_(has_valid.unsqueeze(-1))  # in place: no second (N, T, Dv) tensor
+    # 1 for a row with weights, 0 for a fully masked one, NaN for a NaN one
+    row_factor = torch.where(total.isnan(), total, has_valid.to(total.dtype)).detach()
+    context = values_at(values, index).mul_(row_factor.unsqueeze(-1))  # in place: no second (N, T, Dv) tensor
     return context, index, log_prob
 
 
