@@ -48,14 +48,23 @@ def reads_values(*tensors: torch.Tensor) -> bool:
     tensors batched by torch.func.vmap, on which a branch is data-dependent control flow
     that vmap refuses; torch.compile tracing; CUDA graph capture, where reading a value
     would synchronise the capturing stream: a capture's warm-up run checks them)."""
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the functorch queries
+        return False
     return (
-        not any(
-            tensor.is_meta or isinstance(tensor, FakeTensor) or torch._C._functorch.is_batchedtensor(tensor)
-            for tensor in tensors
-        )
-        and not torch.compiler.is_compiling()
+        not any(tensor.is_meta or isinstance(tensor, FakeTensor) or _batched_by_vmap(tensor) for tensor in tensors)
         and not _capturing_cuda_graph()
     )
+
+
+def _batched_by_vmap(tensor: torch.Tensor) -> bool:
+    """Whether vmap batches ``tensor`` at any functorch level (under vmap(grad(...)) the
+    batched tensor sits inside grad's wrapper)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
 
 
 def _capturing_cuda_graph() -> bool:

@@ -185,3 +185,25 @@ def test_dynamic_shapes_compile_one_graph(backend_name, case):
         torch.testing.assert_close(compiled(*arguments), function(*arguments), rtol=1e-5, atol=1e-5)
         graphs.append(counter.frame_count)
     assert graphs[1:] == graphs[:1] * 2, f"graphs compiled after each call: {graphs}"
+
+
+def test_export_with_a_dynamic_source_length(backend_name):
+    """torch.export with S (and B, T) dynamic: the source size was read with Size.numel(),
+    which fixed S at the example's ("you marked S as dynamic but your code specialized it")."""
+    from torch.export import Dim
+
+    class Attend(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.local_p = fastattn.nn.Attention(8, 8, score="dot", window=1, local="p")
+
+        def forward(self, query, keys, lengths):
+            return fastattn.attention(query, keys, lengths=lengths) + self.local_p(query, keys, lengths=lengths)[0]
+
+    module = Attend()
+    batch, queries, source = Dim("batch", min=1, max=16), Dim("queries", min=1, max=32), Dim("source", min=2, max=64)
+    example = (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.tensor([5, 2]))
+    exported = torch.export.export(module, example, dynamic_shapes=(
+        {0: batch, 1: queries}, {0: batch, 1: source}, {0: batch}))
+    other = (torch.randn(3, 4, 8), torch.randn(3, 9, 8), torch.tensor([9, 1, 6]))
+    torch.testing.assert_close(exported.module()(*other), module(*other))

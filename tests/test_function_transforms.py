@@ -132,3 +132,20 @@ def test_grad_over_parameters_by_functional_call_is_the_kernels(name, module, ru
         running().sum().backward()
     for key, parameter in running.named_parameters():
         torch.testing.assert_close(by_grad[key], parameter.grad, msg=key)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_per_sample_gradients_with_lengths_and_local_p_equal_the_loop(backend):
+    """vmap(grad(...)): the batched lengths sit inside grad's wrapper, where the value
+    checks did not see them and branched on them (vmap's data-dependent control flow error)."""
+    queries, keys = _randn(4, 1, 3, 8), _randn(4, 1, 6, 8, seed=1)
+    lengths = torch.tensor([[6], [3], [1], [5]])
+    local_p = fastattn.nn.Attention(8, 8, window=1, local="p").double()
+    with fastattn.backend(backend):
+        def attend(query, keys, lengths):
+            return (fastattn.attention(query, keys, lengths=lengths) + local_p(query, keys, lengths=lengths)[0]).sum()
+
+        mapped = vmap(grad(attend))(queries, keys, lengths)
+        looped = torch.stack([_autograd_gradient(lambda q, i=i: attend(q, keys[i], lengths[i]), queries[i])
+                              for i in range(4)])
+    torch.testing.assert_close(mapped, looped)

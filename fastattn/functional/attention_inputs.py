@@ -85,7 +85,7 @@ def layout_of(query_name: str, query: torch.Tensor, keys_name: str, keys: torch.
     layout = Layout(lead, single_step, grid)
     if not single_step and query.shape[-2] == 0:
         raise ValueError(f"{query_name} must have at least one query position, got {checks.describe(query)}")
-    if keys.shape[len(lead) : -1].numel() == 0:
+    if math.prod(keys.shape[len(lead) : -1]) == 0:  # math.prod: a symbolic S stays symbolic under export
         raise ValueError(f"{keys_name} must have at least one key position, got {checks.describe(keys)}")
     check_features(query_name, query)
     check_features(keys_name, keys)

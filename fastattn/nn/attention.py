@@ -213,7 +213,7 @@ class Attention(torch.nn.Module):
         if self.local != "p":
             return None
         fraction = torch.sigmoid(torch.tanh(query @ self.position_weight.T) @ self.position_v)
-        source_length = keys.shape[len(layout.lead) : -1].numel()
+        source_length = math.prod(keys.shape[len(layout.lead) : -1])  # symbolic under export
         if lengths is None and key_padding_mask is None:
             return fraction * source_length
         if key_padding_mask is None:
