@@ -196,3 +196,21 @@ def test_location_attention_rejects_sources_longer_than_it_was_built_for():
     model = tiny_model("location")
     with pytest.raises(ValueError, match="at most 9 tokens, got 12"):
         model.greedy(torch.full((1, 12), 5), torch.tensor([12]), max_length=3)
+
+
+def test_decoding_never_emits_padding_or_the_begin_token():
+    """An untrained model's argmax is often <pad> or <s>, which decode() drops: the tokens
+    then no longer lined up with their attention rows, and beam search's length count
+    (tokens != <pad>) was off."""
+    source, lengths, _ = tiny_batch()
+    raw_specials = 0
+    for attention, cell in itertools.product(ATTENTIONS, CELLS):
+        model = tiny_model(attention, cell)
+        encoded, state = model.encode(source, lengths)
+        with torch.no_grad():
+            raw_specials += int((model.step(torch.full((3,), BOS), state, encoded, 0)[0].argmax(-1) <= BOS).sum())
+        for decoded in (model.greedy(source, lengths, max_length=8), model.beam_search(source, lengths, 8, width=3)):
+            tokens = decoded.tokens
+            ended = (tokens == EOS).cumsum(1) - (tokens == EOS).int() > 0  # the steps after each end
+            assert ((tokens > BOS) | (ended & (tokens == PAD))).all(), (attention, cell, tokens)
+    assert raw_specials > 0  # the first steps' raw argmax would have emitted them

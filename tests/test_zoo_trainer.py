@@ -64,7 +64,7 @@ def test_loading_a_missing_or_foreign_file_is_a_clear_error(tmp_path):
 def test_resuming_gives_the_same_model_as_an_uninterrupted_run(tmp_path, amp):
     """Bit for bit; under --amp float16 the gradient scaler's state is resumed too."""
     straight = train_arguments("copy", *TINY_COPY, *amp, "--epochs", "2", "--out", str(tmp_path / "straight"))
-    trainer.train(straight)
+    straight_metrics = trainer.train(straight)
     first_half = train_arguments("copy", *TINY_COPY, *amp, "--epochs", "1", "--out", str(tmp_path / "resumed"))
     trainer.train(first_half)
     after_one = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
@@ -79,6 +79,7 @@ def test_resuming_gives_the_same_model_as_an_uninterrupted_run(tmp_path, amp):
     expected, resumed = expected["model"], resumed["model"]
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
+    assert metrics["loss_train"] == straight_metrics["loss_train"]  # its moving average is resumed too
 
 
 def test_resuming_after_a_time_budget_stop_mid_epoch_finishes_the_planned_steps(tmp_path, monkeypatch):
@@ -94,6 +95,20 @@ def test_resuming_after_a_time_budget_stop_mid_epoch_finishes_the_planned_steps(
     resumed = trainer.train(train_arguments("copy", *TINY_COPY, "--epochs", "2", "--out", str(tmp_path), "--resume"))
     progress = checkpoint.load(tmp_path / "checkpoint.pt")["progress"]
     assert resumed["steps"] == 12 and progress["steps_per_epoch"] == 6 and progress["epoch"] == 2
+
+
+def test_a_resumed_run_counts_the_time_budget_its_earlier_runs_spent(tmp_path, monkeypatch):
+    """The budget (and the learning rate's decay along it) restarted at every --resume."""
+    readings = itertools.count(0.0, 0.01)  # as above: 10 ms a reading
+    flags = ("copy", *TINY_COPY, "--epochs", "5", "--time-budget", "0.1", "--out", str(tmp_path))
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "time", types.SimpleNamespace(monotonic=lambda: next(readings)))
+        first = trainer.train(train_arguments(*flags))
+        again = trainer.train(train_arguments(*flags, "--resume"))
+        longer = trainer.train(train_arguments(*flags[:-4], "--time-budget", "0.2", "--out", str(tmp_path), "--resume"))
+    assert first["stopped_by"] == again["stopped_by"] == longer["stopped_by"] == "time_budget"
+    assert again["steps"] == first["steps"] > 0  # the same budget is spent already
+    assert first["steps"] < longer["steps"] < 3 * first["steps"]  # the rest of a doubled budget
 
 
 def test_resume_checks_the_checkpoint_task(tmp_path):

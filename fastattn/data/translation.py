@@ -3,7 +3,8 @@
 The layout of the Tatoeba / ManyThings exports.  Blank lines are skipped; any other line
 without a tab, or with an empty side, is a :class:`DataError` naming the file and line.
 Tokens are words (an inner apostrophe kept: "don't") and single punctuation marks;
-:func:`detokenize` undoes that spacing so BLEU can be computed on plain text.  Pairs
+:func:`detokenize` undoes that spacing (for most text: "bien-aimé" comes back as
+"bien - aimé") so BLEU can be computed on plain text.  Pairs
 with a side longer than ``max_length`` tokens are dropped; the rest are split into
 train/valid/test by a permutation drawn from ``seed``.
 """
@@ -25,7 +26,7 @@ NO_SPACE_AFTER = re.compile(r"([(\[{¿¡«“]) ")
 
 @dataclass(frozen=True)
 class Sentence:
-    text: str  # as in the file, stripped (and lowercased if asked): the BLEU reference
+    text: str  # as in the file, stripped (and lowercased if asked)
     tokens: list[str]
 
 

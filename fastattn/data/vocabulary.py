@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable, Sequence
 
+import torch
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 
@@ -50,3 +52,14 @@ class Vocabulary:
             if index not in (self.pad_id, self.bos_id):
                 tokens.append(self.tokens[index])
         return tokens
+
+
+def never_emitted(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` (..., V) over the vocabulary with ``<pad>`` and ``<s>`` ruled out (-inf): a
+    decoder never emits them (``decode`` drops them, so the tokens would no longer line up
+    with the steps and their attention rows).  Integer indices, no index tensor: it runs
+    inside a CUDA graph too."""
+    scores = scores.clone()
+    scores[..., Vocabulary.pad_id] = float("-inf")
+    scores[..., Vocabulary.bos_id] = float("-inf")
+    return scores

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from fastattn import backends, checks
-from fastattn.data.vocabulary import Vocabulary
+from fastattn.data.vocabulary import Vocabulary, never_emitted
 from fastattn.functional.attention_inputs import Layout, checked_lengths
 from fastattn.nn.attention import AttentionCache
 from fastattn.nn.decoder import DecoderState
@@ -122,7 +122,7 @@ class StaticGreedySteps:
         for column in range(self.steps):
             # t is read by attention "local-m" only, which is never run here (wants_graph).
             logits, state, weights = model.step(previous, state, self.encoded, None)
-            previous = logits.argmax(dim=-1).masked_fill(self.finished, PAD)
+            previous = never_emitted(logits).argmax(dim=-1).masked_fill(self.finished, PAD)
             self.tokens[:, column] = previous
             if self.weights is not None:
                 self.weights[:, column] = weights

@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastattn.nn
 from fastattn import checks
-from fastattn.data.vocabulary import SPECIALS, Vocabulary
+from fastattn.data.vocabulary import SPECIALS, Vocabulary, never_emitted
 from fastattn.nn.attention import AttentionCache
 from fastattn.nn.decoder import AttentionDecoderCell, DecoderState
 from fastattn.zoo import graph_decoding
@@ -219,7 +219,7 @@ class Seq2Seq(torch.nn.Module):
         tokens, weights = [], []
         for t in range(max_length):
             logits, state, step_weights = self.step(previous, state, encoded, t)
-            previous = logits.argmax(dim=-1).masked_fill(finished, PAD)
+            previous = never_emitted(logits).argmax(dim=-1).masked_fill(finished, PAD)
             tokens.append(previous)
             weights.append(step_weights)
             finished |= previous == EOS
@@ -248,7 +248,7 @@ class Seq2Seq(torch.nn.Module):
         weights = None
         for t in range(max_length):
             logits, state, step_weights = self.step(previous, state, encoded, t)
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            log_probs = never_emitted(torch.log_softmax(logits.float(), dim=-1))
             log_probs[finished] = float("-inf")
             log_probs[finished, PAD] = 0.0  # an ended hypothesis continues with padding, at no cost
             vocabulary = log_probs.shape[-1]

@@ -25,6 +25,7 @@ import torch
 
 import fastattn
 from fastattn import checks
+from fastattn.data.vocabulary import never_emitted
 from fastattn.nn import Attention, LSTMCell
 
 ATTENTION_KINDS = ("soft", "hard")
@@ -122,8 +123,8 @@ class ShowAttendTell(torch.nn.Module):
     @torch.no_grad()
     def greedy(self, images: torch.Tensor, bos: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (words (B, max_length), attention (B, max_length, grid_h, grid_w)): the most
-        likely word at each step, fed back; hard attention takes each step's argmax location.
-        The caller cuts each row at its end-of-caption word."""
+        likely word at each step (never <pad> or <s>), fed back; hard attention takes each
+        step's argmax location.  The caller cuts each row at its end-of-caption word."""
         checks.positive_int("max_length", max_length)
         grid, blank = self.encode(images), self.blank_cells(images)
         state, cache = self._initial_state(grid), self.attention.precompute(grid)
@@ -133,7 +134,7 @@ class ShowAttendTell(torch.nn.Module):
             logits, state, alpha, _ = self._step(
                 self.embedding(previous), state, grid, cache, blank, sample=False, generator=None
             )
-            previous = logits.argmax(-1)
+            previous = never_emitted(logits).argmax(-1)
             words.append(previous)
             weights.append(alpha)
         return torch.stack(words, 1), torch.stack(weights, 1)

@@ -43,6 +43,8 @@ class Progress:
     tokens: int = 0  # target tokens trained on: rank 0's count times the number of ranks
     train_seconds: float = 0.0  # over every run that led here (--resume adds up)
     steps_per_epoch: int = 0  # of each rank, known once an epoch has been completed
+    budget_seconds: float = 0.0  # wall time of the training loops of earlier runs (--resume), against --time-budget
+    recent_loss: float = float("nan")  # exponential moving average of the training loss
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if saved is not None and "rng" in saved:  # the noise and samples the run would draw next
             restore_global_rng_state(saved["rng"], device)
         stopped_by = run.epochs()
-        recent_loss = run.recent_loss
+        recent_loss = progress.recent_loss
         # The DDP wrapper's reducer holds the process group: free it while the group is
         # alive (freed after destroy_process_group, gloo's teardown can hang), and let no
         # rank leave before every rank is done with its collectives.
@@ -183,7 +185,6 @@ class _TrainingRun:
     def __init__(self, task: Task, model, optimizer, progress: Progress, processes: Processes, device, args, path: Path):
         self.task, self.model, self.optimizer, self.progress = task, model, optimizer, progress
         self.processes, self.device, self.args, self.checkpoint_path = processes, device, args, path
-        self.recent_loss = float("nan")  # exponential moving average of the training loss
         self.autocast_dtype = None if args.amp is None else getattr(torch, args.amp)
         # float16 gradients can underflow: the loss is scaled up, the gradients back down
         # before clipping (a scaler that is not enabled passes everything through).
@@ -193,7 +194,8 @@ class _TrainingRun:
 
     def budget_used(self) -> float:
         """The share of ``--time-budget`` spent (0 without one), the largest over the ranks."""
-        used = 0.0 if self.args.time_budget is None else (time.monotonic() - self.started) / self.args.time_budget
+        elapsed = self.progress.budget_seconds + time.monotonic() - self.started
+        used = 0.0 if self.args.time_budget is None else elapsed / self.args.time_budget
         return self.processes.largest([used], self.device)[0]
 
     def epochs(self) -> str:
@@ -256,7 +258,8 @@ class _TrainingRun:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         value = loss.item()
-        self.recent_loss = value if math.isnan(self.recent_loss) else 0.98 * self.recent_loss + 0.02 * value
+        recent = self.progress.recent_loss
+        self.progress.recent_loss = value if math.isnan(recent) else 0.98 * recent + 0.02 * value
         self.progress.step += 1
         self.progress.batch += self.processes.size
         self.progress.tokens += count * self.processes.size
@@ -273,13 +276,15 @@ class _TrainingRun:
         if self.args.time_budget is not None:
             remaining.append(max(0.0, (1 - budget_used) * self.args.time_budget))
         eta = f", ETA {tqdm.format_interval(min(remaining))}" if remaining else ""
-        return f"loss {self.recent_loss:.4f}, lr {self.optimizer.param_groups[0]['lr']:.2g}, {rate:,.0f} tokens/s{eta}"
+        return f"loss {self.progress.recent_loss:.4f}, lr {self.optimizer.param_groups[0]['lr']:.2g}, {rate:,.0f} tokens/s{eta}"
 
     def save(self) -> None:
         """Rank 0 writes the checkpoint, unless it already holds this step."""
         if not self.processes.is_main or self.saved_at_step == self.progress.step:
             return
         model = unwrapped(self.model)
+        progress = asdict(self.progress)
+        progress["budget_seconds"] += time.monotonic() - self.started
         checkpoint.save(
             {
                 "task": self.args.task,
@@ -288,7 +293,7 @@ class _TrainingRun:
                 "model": model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "progress": asdict(self.progress),
+                "progress": progress,
                 "rng": global_rng_state(self.device),
             },
             self.checkpoint_path,
