@@ -1,5 +1,6 @@
 """``fastattn train`` / ``fastattn eval`` end to end, and bad input giving one clear line."""
 
+import argparse
 import errno
 import json
 import math
@@ -146,6 +147,49 @@ def test_eval_of_a_missing_checkpoint_makes_no_output_folder(tmp_path, capsys):
     out = tmp_path / "report"
     line = one_error_line(capsys, main(["eval", str(tmp_path / "missing.pt"), "--out", str(out)]))
     assert "missing.pt: no such checkpoint file" in line and not out.exists()
+
+
+def a_json_report(path):
+    path.write_text(json.dumps({"bleu": 12.5}), encoding="utf-8")
+
+
+def a_pickled_object(path):
+    import torch
+
+    torch.save(argparse.Namespace(lr=0.1), path)  # weights_only loading refuses the class
+
+
+@pytest.mark.parametrize("name, save", [("metrics.json", a_json_report), ("args.pt", a_pickled_object)])
+def test_eval_of_a_file_that_is_no_checkpoint_gives_one_line(tmp_path, capsys, name, save):
+    """torch.load's weights_only refusal runs over a dozen lines; the CLI names the file and what it expected."""
+    path = tmp_path / name
+    save(path)
+    out = tmp_path / "report"
+    line = one_error_line(capsys, main(["eval", str(path), "--out", str(out)]))
+    assert line.startswith(f"fastattn: error: {path}: not a readable checkpoint (")
+    assert line.endswith("; expected a checkpoint.pt written by fastattn train)") and not out.exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["train", "reverse", "--beam-width", "0"], "--beam-width must be >= 1"),
+    (["train", "translate"], "needs --data FILE.tsv"),
+    (["train", "reverse", *TINY_COPY, "--resume"], "checkpoint.pt: no such checkpoint file"),
+])
+@pytest.mark.parametrize("out", [["--out", "report"], []], ids=["out", "default-out"])
+def test_a_failed_train_makes_no_output_folder(tmp_path, capsys, monkeypatch, arguments, message, out):
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(capsys, main([*arguments, *out]))
+    assert message in line and list(tmp_path.iterdir()) == []
+
+
+def test_plot_attention_of_a_model_without_attention_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "autoencoder", "--hidden", "4", "--epochs", "1", "--quiet", "--out", str(run)]) == 0
+    figure, out = tmp_path / "attention.png", tmp_path / "report"
+    line = one_error_line(capsys, main(["eval", str(run / "checkpoint.pt"), "--out", str(out),
+                                        "--plot-attention", str(figure)]))
+    assert line == "fastattn: error: --plot-attention: this autoencoder model draws no attention figure"
+    assert not figure.exists() and not out.exists()
 
 
 @pytest.mark.parametrize("task, flags", [

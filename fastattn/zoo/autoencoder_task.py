@@ -29,6 +29,7 @@ class AutoencoderTask(Task):
     name = "autoencoder"
     headline_metric = "mse"
     higher_is_better = False
+    draws_attention = False  # plot() draws reconstructions
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -56,7 +56,16 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]
     try:
         contents = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({_reason(error)}; expected a {FILE_NAME} written by fastattn train)"
+        ) from None
     if not isinstance(contents, dict) or contents.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a fastattn checkpoint (format version {FORMAT_VERSION} expected)")
     return contents
+
+
+def _reason(error: Exception) -> str:
+    """Why ``torch.load`` failed, in a few words: its weights_only refusals run over many lines."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return f"torch.load: {type(error).__name__}"

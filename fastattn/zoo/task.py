@@ -55,6 +55,7 @@ class Task:
     name: str = ""  # the TASK argument of ``fastattn train``
     headline_metric: str = ""  # a key of evaluate()'s metrics: "exact_match", "bleu", "mse", ...
     higher_is_better: bool = True  # of the headline metric
+    draws_attention: bool = True  # whether plot() may draw attention maps (fastattn eval --plot-attention)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

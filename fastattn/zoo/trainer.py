@@ -130,7 +130,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     check_common_arguments(args)
     torch.set_num_threads(args.threads)
     args.mode = "train"
-    args.out = output_folder(Path(args.out) if args.out is not None else Path("runs") / args.task)
+    args.out = Path(args.out) if args.out is not None else Path("runs") / args.task
     checkpoint_path = args.out / checkpoint.FILE_NAME
     saved = checkpoint.load(checkpoint_path) if args.resume else None
     if saved is not None and saved["task"] != args.task:
@@ -141,6 +141,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     try:
         torch.manual_seed(args.seed)
         task = task_class(args.task)(args, device, None if saved is None else saved["task_state"])
+        output_folder(args.out)  # after the task has checked its flags: a failed train leaves no folder behind
         model = task.model
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         progress = Progress()
@@ -367,17 +368,23 @@ def evaluate_checkpoint(checkpoint_file: Path, *, data: str | None, out: Path, p
     """``fastattn eval``: the checkpoint's model on ``data`` (or its task's own test split)."""
     started = time.monotonic()
     task = load_task(checkpoint_file, data=data, device=device, batch_size=batch_size)
+    if plot_attention is not None and not task.draws_attention:
+        raise no_attention_figure(task)  # before any work: its figures are not attention maps
     output_folder(out)  # after the checkpoint is read: a failed eval leaves no folder behind
     metrics = evaluate_and_report(task, out, plot_to=out)
     if plot_attention is not None:
         if not metrics["figures"]:
-            raise TaskError(f"--plot-attention: this {task.name} model draws no attention figure")
+            raise no_attention_figure(task)
         plot_attention.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(metrics["figures"][0], plot_attention)  # also across file systems
         metrics["figures"][0] = str(plot_attention)
     metrics.update(checkpoint=str(checkpoint_file), data=data, wall_seconds=time.monotonic() - started)
     _write_json(out / METRICS_FILE, metrics)
     return metrics
+
+
+def no_attention_figure(task: Task) -> TaskError:
+    return TaskError(f"--plot-attention: this {task.name} model draws no attention figure")
 
 
 # What a resumed run may change: how long it runs, where and how it reports.  Every other
@@ -402,8 +409,9 @@ def check_resumed_flags(args: argparse.Namespace, saved_flags: dict[str, Any]) -
 
 
 def output_folder(path: Path) -> Path:
-    """``--out``, created before any work, so that a path that cannot be a folder fails
-    at once rather than when the first checkpoint or report is written."""
+    """``--out``, created before any training or evaluation (once the flags and the data
+    are checked), so that a path that cannot be a folder fails at once rather than when
+    the first checkpoint or report is written."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
