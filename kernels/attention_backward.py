@@ -45,7 +45,7 @@ def _score_gradient(
     Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA,
     n, offs_t, offs_j, centers, length,
     stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
-    T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
+    T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, GAUSSIAN: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr,
     DELTA_GIVEN: tl.constexpr, HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -54,7 +54,7 @@ def _score_gradient(
     """One tile's (dE, p, g, dA, 1/|q|, 1/|k|, grad_out tile) — see the module docstring;
     without DELTA_GIVEN, p g dA in place of dE (the terms of delta)."""
     scores, inverse_query_norm, inverse_key_norm = block_scores(
-        Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, tiny,
+        Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, norm_floor,
         SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, HARDWARE_TANH, DOT_PRECISION,
     )
     valid = tile_valid(offs_t, offs_j, centers, T, S, length, KPM, n * S, window, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW)
@@ -148,7 +148,7 @@ def _additive_feature_gradients(
 def attention_grad_query_kernel(
     Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, GRAD_Q, GRAD_CENTER,
     stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
-    T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
+    T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
     HAS_GRAD_WEIGHTS: tl.constexpr, DELTA_GIVEN: tl.constexpr, HARDWARE_TANH: tl.constexpr,
@@ -177,7 +177,7 @@ def attention_grad_query_kernel(
         grad_scores, p, factor, grad_attention, inverse_query_norm, inverse_key_norm, _ = _score_gradient(
             Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, n, offs_t, offs_j, centers, length,
             stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
-            T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
+            T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
             SCORE_KIND, HAS_BIAS, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW, GAUSSIAN, HAS_GRAD_WEIGHTS,
             DELTA_GIVEN, HARDWARE_TANH, DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, BLOCK_DV,
         )
@@ -200,10 +200,13 @@ def attention_grad_query_kernel(
     elif SCORE_KIND != 2:
         out_mask = row_in[:, None] & (offs_dq < D)[None, :]
         if SCORE_KIND == 1:
-            # grad_query holds the gradient of q/|q|: drop its radial part and divide by |q|.
+            # grad_query holds the gradient of q/|q|: drop its radial part and divide by |q|
+            # (below the norm floor q / floor is linear in q: no radial part to drop).
             query = tl.load(Q + n * stride_qn + offs_t[:, None] * stride_qt + offs_dq[None, :], mask=out_mask, other=0.0)
-            unit_query = query.to(tl.float32) * inverse_query_norm[:, None]
+            query = query.to(tl.float32)
+            unit_query = query * inverse_query_norm[:, None]
             radial = tl.sum(unit_query * grad_query, axis=1)
+            radial = tl.where(tl.sum(query * query, axis=1) >= norm_floor * norm_floor, radial, 0.0)
             grad_query = (grad_query - unit_query * radial[:, None]) * inverse_query_norm[:, None]
         tl.store(GRAD_Q + n * T * D + offs_t[:, None] * D + offs_dq[None, :], grad_query, mask=out_mask)
     if DELTA_GIVEN and HAS_CENTER and GAUSSIAN:
@@ -214,7 +217,7 @@ def attention_grad_query_kernel(
 def attention_grad_key_value_kernel(
     Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, GRAD_Q, GRAD_K, GRAD_V, GRAD_VA,
     stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
-    T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
+    T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
     HAS_GRAD_WEIGHTS: tl.constexpr, HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -241,7 +244,7 @@ def attention_grad_key_value_kernel(
             grad_scores, p, factor, _, inverse_query_norm, inverse_key_norm, grad_out = _score_gradient(
                 Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, n, offs_t, offs_j, centers, length,
                 stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
-                T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared,
+                T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
                 SCORE_KIND, HAS_BIAS, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW, GAUSSIAN, HAS_GRAD_WEIGHTS,
                 True, HARDWARE_TANH, DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, BLOCK_DV,
             )
@@ -270,7 +273,9 @@ def attention_grad_key_value_kernel(
         out_mask = key_in[:, None] & (offs_dq < D)[None, :]
         if SCORE_KIND == 1:
             keys = tl.load(K + n * stride_kn + offs_j[:, None] * stride_ks + offs_dq[None, :], mask=out_mask, other=0.0)
-            unit_key = keys.to(tl.float32) * inverse_key_norm[:, None]
+            keys = keys.to(tl.float32)
+            unit_key = keys * inverse_key_norm[:, None]
             radial = tl.sum(unit_key * grad_key, axis=1)
+            radial = tl.where(tl.sum(keys * keys, axis=1) >= norm_floor * norm_floor, radial, 0.0)  # as dQ's
             grad_key = (grad_key - unit_key * radial[:, None]) * inverse_key_norm[:, None]
         tl.store(GRAD_K + n * S * D + offs_j[:, None] * D + offs_dq[None, :], grad_key, mask=out_mask)

@@ -26,7 +26,7 @@ from fastattn.kernels.attention_tiles import block_scores, gaussian_factor, key_
 def attention_forward_kernel(
     Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, OUT, LSE, PARTIAL_ACC, PARTIAL_MAX, PARTIAL_SUM,
     stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
-    T, S, D, DV, scale, tiny, window, inverse_two_sigma_squared, split_size,
+    T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared, split_size,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
     SPLIT: tl.constexpr, BOUNDED: tl.constexpr, HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -57,7 +57,7 @@ def attention_forward_kernel(
     for j_start in range(lo, hi, BLOCK_S):
         offs_j = j_start + tl.arange(0, BLOCK_S)
         scores, _, _ = block_scores(
-            Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, tiny,
+            Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, norm_floor,
             SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, HARDWARE_TANH, DOT_PRECISION,
         )
         valid = tile_valid(offs_t, offs_j, centers, T, S, length, KPM, n * S, window, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW)
@@ -135,7 +135,7 @@ def attention_combine_kernel(
 def attention_weights_kernel(
     Q, K, VA, BIAS, LENGTHS, KPM, CENTER, LSE, WEIGHTS,
     stride_qn, stride_qt, stride_kn, stride_ks,
-    T, S, D, scale, tiny, window, inverse_two_sigma_squared,
+    T, S, D, scale, norm_floor, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
     HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -155,7 +155,7 @@ def attention_weights_kernel(
     lo, hi = key_range(t_start, offs_t, centers, T, S, length, window, HAS_LENGTHS, CAUSAL, HAS_WINDOW, BLOCK_S)
     if (j_block * BLOCK_S < hi) & (j_block * BLOCK_S + BLOCK_S > lo):
         scores, _, _ = block_scores(
-            Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, tiny,
+            Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, norm_floor,
             SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, HARDWARE_TANH, DOT_PRECISION,
         )
         valid = tile_valid(offs_t, offs_j, centers, T, S, length, KPM, n * S, window, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW)

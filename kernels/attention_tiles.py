@@ -101,7 +101,7 @@ def _additive_partial_scores(
 
 @triton.jit
 def block_scores(
-    Q, K, VA, BIAS, q_base, k_base, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, tiny,
+    Q, K, VA, BIAS, q_base, k_base, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, norm_floor,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr, HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -136,8 +136,8 @@ def block_scores(
     inverse_query_norm = tl.full((BLOCK_T,), 1.0, tl.float32)
     inverse_key_norm = tl.full((BLOCK_S,), 1.0, tl.float32)
     if SCORE_KIND == 1:
-        inverse_query_norm = 1.0 / tl.maximum(tl.sqrt(query_squares), tiny)
-        inverse_key_norm = 1.0 / tl.maximum(tl.sqrt(key_squares), tiny)
+        inverse_query_norm = 1.0 / tl.maximum(tl.sqrt(query_squares), norm_floor)
+        inverse_key_norm = 1.0 / tl.maximum(tl.sqrt(key_squares), norm_floor)
         scores = scores * inverse_query_norm[:, None] * inverse_key_norm[None, :]
     return scores * scale, inverse_query_norm, inverse_key_norm
 

@@ -647,3 +647,28 @@ def test_masks_changed_in_place_after_the_forward_keep_their_gradients(backend_n
         got = decode()
     for actual, want in zip(got, expected):
         torch.testing.assert_close(actual, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", [name for name in ("reference", "cpu", "triton")
+                                          if fastattn.backends.unavailable_reason(name) is None])
+def test_cosine_of_zero_queries_and_keys_has_finite_gradients(backend_name):
+    """Norms floored at 1e-8 (torch's cosine_similarity eps): the gradient at a zero query
+    was the upstream one over float32's smallest normal number, inf, and a query W s at
+    s = 0 gave W NaN gradients.  Checked against the float64 reference."""
+    generator = torch.Generator().manual_seed(0)
+    state = torch.randn(2, 3, 6, generator=generator)
+    state[0] = 0.0  # a batch of zero queries, as a decoder's zero initial state gives
+    weight = torch.randn(8, 6, generator=generator)
+    keys = torch.randn(2, 5, 8, generator=generator) * 10
+    keys[1, 2] = 0.0
+
+    def gradients(backend, dtype):
+        w, k = (x.to(dtype).requires_grad_() for x in (weight, keys))
+        with fastattn.backend(backend):
+            context = fastattn.attention(state.to(dtype) @ w.T, k, score="cosine", scale=5.0)
+        return torch.autograd.grad(context.sum(), (w, k))
+
+    got, expected = gradients(backend_name, torch.float32), gradients("reference", torch.float64)
+    for name, value, truth in zip(("weight", "keys"), got, expected):
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(value.double(), truth, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

@@ -12,7 +12,6 @@
 // feature dimension live with each backend; what is here is per element or per key.
 #pragma once
 
-#include <float.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -63,17 +62,14 @@ FASTATTN_HOST_DEVICE Real negative_infinity() {
   return -static_cast<Real>(INFINITY);
 }
 
-// torch.finfo(dtype).tiny: the smallest normal number, the cosine score's norm floor.
+// The cosine score's norm floor, fastattn.reference.scores.COSINE_NORM_FLOOR (as
+// torch.nn.functional.cosine_similarity's eps): a zero vector's gradient, 1 / floor times
+// the upstream one, stays finite (the reference floors float16 norms at float16's
+// smallest normal number instead; the kernels take them in float32).
 template <typename Real>
-struct SmallestNormal;
-template <>
-struct SmallestNormal<float> {
-  static constexpr float value = FLT_MIN;
-};
-template <>
-struct SmallestNormal<double> {
-  static constexpr double value = DBL_MIN;
-};
+FASTATTN_HOST_DEVICE constexpr Real cosine_norm_floor() {
+  return Real(1e-8);
+}
 
 // ---------------------------------------------------------------- which keys a query sees
 
@@ -228,14 +224,14 @@ FASTATTN_HOST_DEVICE Acc dot_score(const Acc* query, const Acc* key, int64_t dim
   return sum * scale;
 }
 
-// max(|x|, tiny), the reference's x.norm().clamp_min(finfo.tiny).
+// max(|x|, floor), the reference's x.norm().clamp_min(floor).
 template <typename Acc>
 FASTATTN_HOST_DEVICE Acc clamped_norm(Acc norm) {
-  return norm < SmallestNormal<Acc>::value ? SmallestNormal<Acc>::value : norm;
+  return norm < cosine_norm_floor<Acc>() ? cosine_norm_floor<Acc>() : norm;
 }
 
-// e = scale * (q / max(|q|, tiny)) . (k / max(|k|, tiny)), given the unit query
-// and |k|: scale * (unit_query . k) / max(|k|, tiny).
+// e = scale * (q / max(|q|, floor)) . (k / max(|k|, floor)), given the unit query
+// and |k|: scale * (unit_query . k) / max(|k|, floor).
 template <typename Acc>
 FASTATTN_HOST_DEVICE Acc cosine_score(const Acc* unit_query, const Acc* key, Acc key_norm, int64_t dim,
                                       Acc scale) {
@@ -266,9 +262,9 @@ FASTATTN_HOST_DEVICE Acc tanh_derivative(Acc u) {
   return Acc(1) - u * u;
 }
 
-// Backward of u = x / max(|x|, tiny):  dx = du / c - [|x| >= tiny] (du.x) x / (c^2 |x|),
-// c = max(|x|, tiny), exactly the autograd of the reference (the clamp passes no
-// gradient to the norm below tiny, and the norm none at 0).  Taken as dx = a (du + b x)
+// Backward of u = x / max(|x|, floor):  dx = du / c - [|x| >= floor] (du.x) x / (c^2 |x|),
+// c = max(|x|, floor), exactly the autograd of the reference (the clamp passes no
+// gradient to the norm below floor, and the norm none at 0).  Taken as dx = a (du + b x)
 // with a = 1 / c and b = -((du.x) / c) / |x|: b x is of the size of du, where the
 // factor (du.x) / (c^2 |x|), of the size of |du| / |x|^2, overflows for |x| below ~5e-20
 // in float32 (1e-154 in float64), norms at which the reference's gradients are finite.
@@ -284,7 +280,7 @@ struct UnitVectorGradient {
 template <typename Acc>
 FASTATTN_HOST_DEVICE UnitVectorGradient<Acc> unit_vector_gradient(Acc norm, Acc gradient_dot_input) {
   const Acc clamped = clamped_norm(norm);
-  const Acc along_input = norm >= SmallestNormal<Acc>::value ? -(gradient_dot_input / clamped) / norm : Acc(0);
+  const Acc along_input = norm >= cosine_norm_floor<Acc>() ? -(gradient_dot_input / clamped) / norm : Acc(0);
   return UnitVectorGradient<Acc>{Acc(1) / clamped, along_input};
 }
 

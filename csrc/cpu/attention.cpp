@@ -396,7 +396,7 @@ FASTATTN_ALWAYS_INLINE void additive_score_backward(const T* activation, const T
   }
 }
 
-// out = gradient of u = x / max(|x|, tiny) given du (out may alias du).
+// out = gradient of u = x / max(|x|, floor) given du (out may alias du).
 template <int kBytes, typename T>
 FASTATTN_ALWAYS_INLINE void unit_vector_backward(const T* grad_unit, const T* input, T norm, T* out, int64_t size) {
   const auto gradient = fastattn::unit_vector_gradient(norm, dot_product<kBytes>(grad_unit, input, size));
@@ -453,7 +453,7 @@ struct AttentionProblem {
   }
 };
 
-// The query as the score uses it: q (dot), q / max(|q|, tiny) (cosine), q + bias
+// The query as the score uses it: q (dot), q / max(|q|, floor) (cosine), q + bias
 // (additive).  Returns q itself or `buffer`; *query_norm gets |q| for the cosine.
 template <typename T, ScoreKind kScore, int kBytes>
 FASTATTN_ALWAYS_INLINE const T* prepare_query(const AttentionProblem<T>& problem, const T* query, T* buffer,
@@ -1114,7 +1114,7 @@ AttentionProblem<T> problem_of(const PreparedInputs& in) {
 
 // ---------------------------------------------------------------- BLAS forward (dot, cosine)
 // For the dot and cosine scores with enough work per row, the two contractions
-// are BLAS GEMMs: raw = q' @ k^T (q' = q, or q / max(|q|, tiny) for the cosine),
+// are BLAS GEMMs: raw = q' @ k^T (q' = q, or q / max(|q|, floor) for the cosine),
 // then one fused pass per row turns raw into the weights in place (scale, masks,
 // softmax, Gaussian factor, logsumexp), then context = weights @ values.
 
@@ -1206,7 +1206,7 @@ void blas_finish_rows(const AttentionProblem<T>& problem, T* weights, T* lse, co
   }
 }
 
-// x / max(|x|, tiny) for each row x of `rows` (N, R, D), as prepare_query computes
+// x / max(|x|, floor) for each row x of `rows` (N, R, D), as prepare_query computes
 // the cosine's unit query; rows contiguous within a batch element, whose stride may be
 // 0 (keys shared by the batch: computed once, returned expanded).
 at::Tensor unit_rows(const at::Tensor& rows) {

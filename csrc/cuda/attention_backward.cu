@@ -98,7 +98,7 @@ __device__ __forceinline__ void sum_parts(const A* query_parts, const A* v_parts
 }
 
 // The row's grad_query and grad_v from the groups' partials (summed into group 0's), the
-// cosine score's through q / max(|q|, tiny), written out (grad_query in T).  Every
+// cosine score's through q / max(|q|, floor), written out (grad_query in T).  Every
 // thread of the block calls it; it ends synchronised.
 template <typename T, ScoreKind kScore>
 __device__ void finish_query_gradient(const DeviceProblem<T>& p, const AttentionBackwardBuffers& in, int64_t row,
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kThreads)
   A* tile_b = tile_a + kTile;
   A* tile_coefficient = tile_b + kTile;  // grad_query's factor of each key
   A* tile_weight = tile_coefficient + kTile;     // one query row: grad_values_j = weight_j grad_context
-  A* tile_key_inverse_norm = tile_weight + kTile;  // one query row, cosine: 1 / max(|k_j|, tiny)
+  A* tile_key_inverse_norm = tile_weight + kTile;  // one query row, cosine: 1 / max(|k_j|, floor)
   A* tile_key_self = tile_key_inverse_norm + kTile;  // one query row, cosine: grad_keys_j's factor of that times k_j
   A* reduce_scratch = tile_key_self + kTile;
   static_assert(kRowsTileArrays == 6, "tile_a .. tile_key_self");
@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(kThreads)
             const A gaussian = p.gaussian_of(j, center);
             const A grad_score = softmax_score_gradient(probability, dw * gaussian, row_dot);
             if (kScore == ScoreKind::kDot) coefficient = p.scale * grad_score;
-            if (kScore == ScoreKind::kCosine) {  // k through k / max(|k|, tiny): d score / d k^ = scale q^
+            if (kScore == ScoreKind::kCosine) {  // k through k / max(|k|, floor): d score / d k^ = scale q^
               coefficient = p.scale * grad_score / key_norm;
               const auto gradient =
                   unit_vector_gradient(sqrt(key_sums[k].row_sq), p.scale * grad_score * key_sums[k].dot);
@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(kThreads)
                 A key_gradient[kVec];
 #pragma unroll
                 for (int i = 0; i < kVec; ++i) {
-                  // grad_keys_j = coefficient_j q' (+ b_j k_j / max(|k_j|, tiny) for the cosine)
+                  // grad_keys_j = coefficient_j q' (+ b_j k_j / max(|k_j|, floor) for the cosine)
                   const A self =
                       tile_key_self[c] != A(0) ? tile_key_self[c] * (key[i] * tile_key_inverse_norm[c]) : A(0);
                   key_gradient[i] =
@@ -472,7 +472,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
     }
 
-    if (kScore == ScoreKind::kCosine) {  // through k / max(|k|, tiny)
+    if (kScore == ScoreKind::kCosine) {  // through k / max(|k|, floor)
       A partial = A(0);
       for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
         for (int i = 0; i < kVec; ++i) partial += grad_key[d + i] * to_acc(key[d + i]);

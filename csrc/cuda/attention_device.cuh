@@ -269,7 +269,7 @@ __device__ __forceinline__ Acc<T> warp_dot(const Acc<T>* resident, const T* row,
 }
 
 // The score of a pair from its sums when the query is the resident vector, prepared
-// by load_prepared_query: q (dot), q / max(|q|, tiny) (cosine), q + bias (additive).
+// by load_prepared_query: q (dot), q / max(|q|, floor) (cosine), q + bias (additive).
 template <ScoreKind kScore, typename T>
 __device__ __forceinline__ Acc<T> score_of_sums(const DeviceProblem<T>& p, const PairSums<Acc<T>>& sums) {
   if constexpr (kScore == ScoreKind::kDot) return sums.dot * p.scale;

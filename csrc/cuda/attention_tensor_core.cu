@@ -7,7 +7,7 @@
 // Forward: scores -> masks -> online softmax -> Gaussian -> P V for a tile of
 // kBlockRows query rows per block (4 warps, 16 rows each) over tiles of kBlockKeys
 // keys.  Dot: Q K^T on the tensor cores, times the scale (the Q fragments stay in
-// registers).  Cosine: the same over 1 / max(|q|, tiny) of each row (its group's 4
+// registers).  Cosine: the same over 1 / max(|q|, floor) of each row (its group's 4
 // lanes) and of each key (2 threads a key, per tile).  Additive: v . tanh(q + bias + k) on the FMA and special-function units
 // (additive_tile_scores: each lane sums the pairs its score accumulators hold, 2 rows x
 // 16 keys, so that one 16-byte key load serves 2 rows and one query load 16 keys; the
@@ -33,9 +33,9 @@
 // atomics, converted to the input dtype at the end; with the Gaussian of local-p windows,
 // grad_center = sum_j dP w (j - c) / sigma^2 per row, each warp's 16 keys summed over its
 // lanes and added to the float output with atomics.  Cosine: the block's K tile and each
-// Q tile are normalised in shared memory (r / max(|r|, tiny), 2 threads a row) once they
+// Q tile are normalised in shared memory (r / max(|r|, floor), 2 threads a row) once they
 // land, so the dot backward above gives the gradients of the unit vectors; grad_keys
-// goes through k / max(|k|, tiny) before it is written (the quad's lanes sum dk^.k),
+// goes through k / max(|k|, floor) before it is written (the quad's lanes sum dk^.k),
 // grad_query in finish_cosine_grad_query_kernel (a warp a row).  Additive: S^T from
 // additive_tile_scores (keys as rows), dP^T, P^T dO as for dot; then, once dS is in
 // shared memory, one more tanh per pair and feature gives the gradients of k (in
@@ -64,7 +64,7 @@ constexpr int kChunk = 8;                                    // elements per 16-
 static_assert(kTensorCoreThreads == 2 * kBlockKeys, "the cosine key norms take 2 threads a key");
 
 // Floats the score needs in the forward's shared memory: v and bias (additive), the
-// key tile's 1 / max(|k|, tiny) (cosine).
+// key tile's 1 / max(|k|, floor) (cosine).
 template <ScoreKind kScore, int kD>
 constexpr int score_floats() {
   return kScore == ScoreKind::kAdditive ? 2 * kD : kScore == ScoreKind::kCosine ? kBlockKeys : 0;
@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
     const int64_t begin[2] = {row_begin[top], row_begin[top + 8]};
     const int64_t end[2] = {row_end[top], row_end[top + 8]};
     const float center[2] = {row_center[top], row_center[top + 8]};
-    // Cosine: 1 / max(|q|, tiny) of the two rows, the 4 lanes of the group a quarter of D each.
+    // Cosine: 1 / max(|q|, floor) of the two rows, the 4 lanes of the group a quarter of D each.
     float row_inverse_norm[2] = {1.f, 1.f};
     if constexpr (kCosine) {
 #pragma unroll
@@ -315,7 +315,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       const T* key_tile = key_value_stages + stage * kStageElements;
       const T* value_tile = key_tile + kBlockKeys * kKeyStride;
       const int* key_hidden = key_hidden_stages + stage * kBlockKeys;
-      if constexpr (kCosine) {  // 1 / max(|k|, tiny) of the tile's keys, 2 threads a key
+      if constexpr (kCosine) {  // 1 / max(|k|, floor) of the tile's keys, 2 threads a key
         const int key = threadIdx.x / 2, part = threadIdx.x % 2;
         const float norm = pair_row_norm<T, kD>(key_tile + key * kKeyStride, part);
         if (part == 0) key_inverse_norm[key] = 1.f / clamped_norm(norm);
@@ -468,7 +468,7 @@ __device__ __forceinline__ void add_column_sum(float* target, float share, bool 
 }
 
 // Cosine backward: the kBlockRows (= kBlockKeys) rows of `tile` (kD wide, row stride
-// kStride) in place as r / max(|r|, tiny), 2 threads a row (the forward's key-norm
+// kStride) in place as r / max(|r|, floor), 2 threads a row (the forward's key-norm
 // split); `norms` (when given) gets each |r|.  The caller synchronises before and after.
 template <typename T, int kD, int kStride>
 __device__ __forceinline__ void normalize_tile_rows(T* tile, float* norms) {
@@ -826,7 +826,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
     }
     wait_copies<0>();  // K and V, when no query tile sees this block's keys
 
-    // Cosine: grad_keys so far is the gradient of k^ = k / max(|k|, tiny); through it,
+    // Cosine: grad_keys so far is the gradient of k^ = k / max(|k|, floor); through it,
     // from dk^.k (the quad's 4 lanes hold a key row's columns).
     if constexpr (kCosine) {
 #pragma unroll
@@ -910,7 +910,7 @@ __global__ void convert_grad_query_kernel(const float* accumulator, T* grad_quer
   }
 }
 
-// Cosine: grad_query = the float accumulator (the gradient of q^ = q / max(|q|, tiny))
+// Cosine: grad_query = the float accumulator (the gradient of q^ = q / max(|q|, floor))
 // through q^, in T; a warp a row, kD / 32 columns a lane.
 template <typename T, int kD>
 __global__ void finish_cosine_grad_query_kernel(DeviceProblem<T> p, const float* accumulator, T* grad_query) {

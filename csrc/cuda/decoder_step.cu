@@ -433,7 +433,7 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
     if constexpr (kScore == ScoreKind::kAdditive) q += value_or_zero(p.bias, d);
     query[d] = q;
   }
-  if constexpr (kScore == ScoreKind::kCosine) {  // the unit query: q / max(|q|, tiny)
+  if constexpr (kScore == ScoreKind::kCosine) {  // the unit query: q / max(|q|, floor)
     float squares = 0.0f;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) squares += query[d] * query[d];
     const float norm = clamped_norm(sqrtf(block_reduce<false>(squares, scratch)));
@@ -468,7 +468,7 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
       sum = warp_sum(sum);
       if constexpr (kScore == ScoreKind::kAdditive) {
         score = sum;
-      } else if constexpr (kScore == ScoreKind::kCosine) {  // scale * unit_q . k / max(|k|, tiny)
+      } else if constexpr (kScore == ScoreKind::kCosine) {  // scale * unit_q . k / max(|k|, floor)
         score = p.scale * (sum / clamped_norm(sqrtf(warp_sum(key_squares))));
       } else {
         score = sum * p.scale;

@@ -28,6 +28,7 @@ from fastattn.kernels.attention_forward import (
 from fastattn.kernels.attention_tiles import ADDITIVE, COSINE, DOT
 from fastattn.ops import higher_order, triton_checks, triton_configs
 from fastattn.ops.triton_configs import SPLIT_GRANULE
+from fastattn.reference.scores import cosine_norm_floor
 from fastattn.ops.triton_launch import (
     INTERPRETED,
     SMALLEST_BLOCK,
@@ -102,7 +103,7 @@ def _problem(op, query, keys, values, v, bias, score, scale, lengths, key_paddin
     # A window wider than both sequences is all of them; clamping keeps it a 32-bit integer.
     width = -1 if window is None else min(window, 2**30)
     inverse_two_sigma_squared = 2.0 / (window * window) if gaussian else 0.0
-    sizes = [query_length, source_length, features, value_features, float(scale), torch.finfo(query.dtype).tiny,
+    sizes = [query_length, source_length, features, value_features, float(scale), cosine_norm_floor(query.dtype),
              width, inverse_two_sigma_squared]
     flags = dict(
         SCORE_KIND=kind, HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None,

@@ -50,11 +50,23 @@ def additive_score(
     return additive_score_from_projections(query @ w_query.T, keys @ w_key.T, v, bias)
 
 
+# The cosine's norms are floored, as torch.nn.functional.cosine_similarity's (eps): a zero
+# vector has cosine 0 with everything, and its gradient, 1 / floor times the upstream
+# one, stays finite (at the smallest normal number it overflowed float32, and a zero
+# query made of parameters, W s at s = 0, gave NaN gradients).  float16 cannot hold
+# 1e-8: there the floor is its smallest normal number.
+COSINE_NORM_FLOOR = 1e-8
+
+
+def cosine_norm_floor(dtype: torch.dtype) -> float:
+    return max(COSINE_NORM_FLOOR, torch.finfo(dtype).tiny)
+
+
 def cosine_score(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """e = scale * s^T h / (|s| |h|); a zero vector has cosine 0 with everything."""
-    smallest_norm = torch.finfo(query.dtype).tiny
-    unit_query = query / query.norm(dim=-1, keepdim=True).clamp_min(smallest_norm)
-    unit_keys = keys / keys.norm(dim=-1, keepdim=True).clamp_min(smallest_norm)
+    """e = scale * s^T h / (max(|s|, floor) max(|h|, floor)), the floor 1e-8."""
+    floor = cosine_norm_floor(query.dtype)
+    unit_query = query / query.norm(dim=-1, keepdim=True).clamp_min(floor)
+    unit_keys = keys / keys.norm(dim=-1, keepdim=True).clamp_min(floor)
     return scale * (unit_query @ unit_keys.transpose(-1, -2))
 
 
