@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastattn
-from tests.problems import SCORES, key_dim_for, score_parameters
+from tests.problems import SCORES, cpu_backends, key_dim_for, score_parameters
 
 
 @pytest.fixture(autouse=True)
@@ -131,7 +131,7 @@ def test_scaled_dot_product_attention_takes_dropout_p_1_and_numpy_scales_as_torc
                                    torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
 
 
-@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
+@pytest.mark.parametrize("backend_name", cpu_backends())
 def test_numpy_integer_windows_and_sizes_are_taken_as_ints(backend_name):
     """A window read from a NumPy array was refused ("window must be an int, got int64")."""
     generator = torch.Generator().manual_seed(0)
