@@ -44,6 +44,14 @@ class AutocastCall {
       kDevice == c10::DeviceType::CPU ? at::kFloat : at::autocast::get_autocast_dtype(kDevice);
 };
 
+// Local-p window centers are positions, not activations: float32 (float64 passes, as
+// above), which a query of every autocast dtype takes (center_dtype.h), where a 16-bit
+// p_t past 256 would be off by one.
+optional<Tensor> center_in_float(const optional<Tensor>& center) {
+  if (!center.has_value() || center->scalar_type() == at::kDouble) return center;
+  return center->to(at::kFloat);
+}
+
 template <c10::DeviceType kDevice>
 std::tuple<Tensor, Tensor, Tensor> attention_forward_autocast(
     const Tensor& query, const Tensor& keys, const Tensor& values, const optional<Tensor>& v,
@@ -53,7 +61,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_autocast(
   static const auto op = fastattn_op<AttentionForward>("fastattn::attention_forward");
   const AutocastCall<kDevice> cast;
   return op.call(cast(query), cast(keys), cast(values), cast(v), cast(bias), score, scale, lengths, key_padding_mask,
-                 causal, window, cast(center), gaussian, return_weights);
+                 causal, window, center_in_float(center), gaussian, return_weights);
 }
 
 template <c10::DeviceType kDevice>

@@ -77,9 +77,11 @@ struct StepAttention {
     return {context.squeeze(1), weights.squeeze(1)};
   }
 
-  // p_t = S_b sigmoid(v_p . tanh(s W_p^T)) (B, 1), S_b row b's length or S.
+  // p_t = S_b sigmoid(v_p . tanh(s W_p^T)) (B, 1), S_b row b's length or S, in float32 at
+  // least (center_dtype.h).
   Tensor predicted_center(const Tensor& state) const {
-    const Tensor fraction = at::sigmoid(at::matmul(at::tanh(at::matmul(state, *position_weight)), *position_v));
+    const Tensor logit = at::matmul(at::tanh(at::matmul(state, *position_weight)), *position_v);
+    const Tensor fraction = at::sigmoid(logit.to(at::promote_types(logit.scalar_type(), at::kFloat)));
     const Tensor center = lengths.has_value() ? fraction * lengths->to(fraction.scalar_type())
                                               : fraction * static_cast<double>(keys.size(1));
     return center.unsqueeze(1);

@@ -282,3 +282,53 @@ def test_the_triton_backend_casts_each_parameter_once_per_autocast_region():
     assert uncached_counts[1] == uncached_counts[0] == counts[0]
     for got, want in zip(outputs, uncached):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class _AttentionCenters(TorchDispatchMode):
+    """Records the dtype of the center each attention_forward call receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.fastattn.attention_forward.default:
+            self.dtypes.append(args[11].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_local_p_centers_stay_float32_under_cuda_autocast(dtype):
+    """A center is a position, not an activation: the CUDA autocast kernel cast it to the
+    autocast dtype with the rest, where p_t past 256 (bfloat16) or 2048 (float16) is
+    rounded; it now hands it on in float32, which a 16-bit query takes.  Fake CUDA tensors."""
+    mode, centers = FakeTensorMode(), _AttentionCenters()
+
+    def fake(*shape):
+        return FakeTensor(mode, torch.empty(*shape, device="meta"), torch.device("cuda", 0))
+
+    enabled, autocast_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        with mode, centers:
+            context, _, _ = torch.ops.fastattn.attention_forward(fake(2, 3, 8), fake(2, 5, 8), fake(2, 5, 4), None, None,
+                                                                 "dot", 1.0, None, None, False, 2, fake(2, 3), True, False)
+    finally:
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", autocast_dtype)
+    assert context.dtype == dtype and centers.dtypes == [torch.float32]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend")
+def test_the_triton_backend_keeps_local_p_centers_float32_under_autocast():
+    """p_t = 2900.4 was cast to float16 with the rest (2900), and the window (D = 2) took
+    key 2898; now it stays float32: keys 2899..2902."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    low = torch.float16 if INTERPRETED_TRITON else LOW
+    query, keys = torch.randn(1, 1, 4, device=device), torch.randn(1, 3000, 4, device=device)
+    with fastattn.backend("triton"), torch.autocast(device, dtype=low):
+        _, weights = fastattn.attention(query, keys, window=2, center=torch.tensor([[2900.4]], device=device),
+                                        return_weights=True)
+    assert weights.dtype == low and weights[0, 0].nonzero().flatten().tolist() == [2899, 2900, 2901, 2902]

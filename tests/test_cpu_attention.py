@@ -386,6 +386,16 @@ def _attention_samples():
             shared_keys = torch.randn(1, 5, width, generator=generator, dtype=torch.float64, requires_grad=True)
             yield (query, shared_keys, values, v, bias, kernel_score, 1.0, torch.tensor([4, 2]), None, False, None, None,
                    False, return_weights)
+    yield _float32_center_next_to_a_bfloat16_query()
+
+
+def _float32_center_next_to_a_bfloat16_query():
+    """A local-p center in float32 next to a bfloat16 query (center_dtypes): p_t past 256 is no bfloat16."""
+    generator = torch.Generator().manual_seed(6)
+    query, keys, values = (torch.randn(*shape, generator=generator).bfloat16().requires_grad_()
+                           for shape in ((2, 3, 4), (2, 300, 4), (2, 300, 3)))
+    center = torch.tensor([[0.5, 280.4, 299.0], [257.3, 1.0, 140.0]], requires_grad=True)
+    return (query, keys, values, None, None, "dot", 0.7, torch.tensor([300, 290]), None, False, 2, center, True, True)
 
 
 @pytest.mark.parametrize("arguments", list(_attention_samples()))
@@ -393,8 +403,20 @@ def test_opcheck_attention_forward(arguments):
     torch.library.opcheck(torch.ops.fastattn.attention_forward.default, arguments)
 
 
-def test_opcheck_attention_backward_sample_positions_and_fast_tanh():
-    opcheck_backward_sample_positions_and_fast_tanh(next(_attention_samples()))
+@pytest.mark.parametrize("arguments", [next(_attention_samples()), _float32_center_next_to_a_bfloat16_query()],
+                         ids=["float64", "float32-center-bfloat16-query"])
+def test_opcheck_attention_backward_sample_positions_and_fast_tanh(arguments):
+    opcheck_backward_sample_positions_and_fast_tanh(arguments)
+
+
+def test_a_float32_center_places_the_window_of_a_bfloat16_query_unrounded():
+    """The center of a bfloat16 query was refused unless bfloat16, where 280.4 is 280."""
+    arguments = [a.detach() if isinstance(a, torch.Tensor) else a for a in _float32_center_next_to_a_bfloat16_query()]
+    in_float32 = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a for a in arguments]
+    _, weights, _ = torch.ops.fastattn.attention_forward(*arguments)
+    _, expected, _ = torch.ops.fastattn.attention_forward(*in_float32)
+    assert weights.dtype == torch.bfloat16 and torch.equal(weights, expected.bfloat16())
+    assert weights[0, 1].nonzero().flatten().tolist() == [279, 280, 281, 282]
 
 
 def test_attention_backward_checks_the_context_it_is_given_and_computes_the_same_without_it():

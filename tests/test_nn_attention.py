@@ -7,7 +7,7 @@ import torch
 
 import fastattn
 from fastattn.nn import Attention, AttentionDecoderCell
-from tests.problems import SCORES
+from tests.problems import SCORES, cpu_backends
 
 
 @pytest.fixture(autouse=True)
@@ -115,6 +115,20 @@ def test_local_p_centers_span_padding_between_keys():
     expected = fastattn.attention(query, keys, score="dot", window=2, center=center, key_padding_mask=padding,
                                   return_weights=True)
     torch.testing.assert_close(weights, expected[1])
+
+
+@pytest.mark.parametrize("backend_name", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_local_p_centers_are_predicted_in_float32(backend_name, dtype):
+    """p_t = S sigmoid(0) = 2900.5 for S = 5801 and a zero W_p.  Predicted in the query's
+    dtype it was 2900 in float16 and 2896 in bfloat16 (positions past 2048 are 2 and 16
+    apart), and the window (D = 2) took the wrong keys; now it is predicted in float32."""
+    module = Attention(4, 4, score="dot", window=2, local="p").to(dtype)
+    with torch.no_grad():
+        module.position_weight.zero_()
+    with fastattn.backend(backend_name):
+        _, weights = module(torch.randn(1, 4).to(dtype), torch.randn(1, 5801, 4).to(dtype))
+    assert weights[0].nonzero().flatten().tolist() == [2899, 2900, 2901, 2902]
 
 
 def test_local_m_window_and_return_weights_false():

@@ -65,6 +65,7 @@
 
 #include "../common/attention_math.h"
 #include "../common/sampling_math.h"
+#include "../center_dtype.h"
 #include "isa.h"
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -1048,7 +1049,9 @@ PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at:
     in.window = *window;
   }
   if (center.has_value() && center->defined()) {
-    check_float_like(op, "center", *center, query);
+    check_cpu(op, "center", *center);
+    TORCH_CHECK(fastattn::is_center_dtype(center->scalar_type(), query.scalar_type()), op, ": center must have the dtype of query (",
+                query.scalar_type(), "), or float32 for a float16 or bfloat16 query, got ", center->scalar_type());
     TORCH_CHECK(window.has_value(), op, ": center (local-p attention) needs window");
     TORCH_CHECK(center->dim() == 2 && center->size(0) == in.batch && center->size(1) == in.query_length, op,
                 ": center must be (N=", in.batch, ", T=", in.query_length, "), got shape ", center->sizes());
@@ -1467,7 +1470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       through_unit_rows(grad_keys, in.shared_keys ? in.keys.narrow(0, 0, 1) : in.keys);
     }
     return {cast(grad_query), cast(grad_keys), cast(grad_values), empty(), empty(),
-            wants_center ? cast(grad_center) : empty()};
+            wants_center ? grad_center.to(center->scalar_type()) : empty()};
   }
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(in.batch, at::get_num_threads()));
   // Zeroed by the kernel, batch by batch (backward_batches).
@@ -1522,7 +1525,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           cast(grad_values),
           grad_v,
           grad_bias,
-          wants_grad_center ? cast(grad_center) : empty()};
+          wants_grad_center ? grad_center.to(center->scalar_type()) : empty()};
 }
 
 // ---------------------------------------------------------------- sample_positions

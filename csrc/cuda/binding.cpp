@@ -31,6 +31,7 @@
 #include <string_view>
 #include <tuple>
 
+#include "../center_dtype.h"
 #include "../common/layer_shape.h"
 #include "../decoder_step.h"
 #include "launch.h"
@@ -202,7 +203,10 @@ PreparedAttention prepare_attention(const char* op, const at::Tensor& query, con
     p.window = *window;
   }
   if (present(center)) {
-    check_like(op, "center", *center, query);
+    check_on(op, "center", *center, query);
+    TORCH_CHECK_TYPE(is_center_dtype(center->scalar_type(), query.scalar_type()), op,
+                     ": center must have dtype ", query.scalar_type(), ", or float32 for a float16 or bfloat16 query, got ",
+                     center->scalar_type());
     TORCH_CHECK_VALUE(window.has_value(), op, ": center (local-p attention) needs window");
     check_shape(op, "center", *center, {p.batch, p.query_length});
     in.center = center->to(accumulation_dtype(query.scalar_type())).contiguous();
@@ -359,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     grad_keys = grad_keys.sum(0, true, accumulation_dtype(query.scalar_type())).to(query.scalar_type());
   }
   return {grad_query, grad_keys, grad_values, grad_v, grad_bias,
-          wants_center ? grad_center.to(query.scalar_type()) : empty()};
+          wants_center ? grad_center.to(center->scalar_type()) : empty()};
 }
 
 at::Tensor sample_positions_cuda(const at::Tensor& weights, bool sample, std::optional<at::Generator> generator) {

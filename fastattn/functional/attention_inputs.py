@@ -223,9 +223,20 @@ def checked_lengths(lengths: object, layout: Layout, query: torch.Tensor, source
     return lengths.to(torch.int64)
 
 
+def center_dtypes(query_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes a local-p ``center`` may have: the query's, or float32 for a 16-bit
+    query (positions past 256 need more than bfloat16's 8 bits: p_t = 365.4 would be 366)."""
+    return (query_dtype, torch.float32) if query_dtype in (torch.float16, torch.bfloat16) else (query_dtype,)
+
+
 def _checked_center(center: object, layout: Layout, query: torch.Tensor, query_length: int, window: object) -> torch.Tensor:
     checks.float_tensor("center", center)
-    checks.like("center", center, "query", query)
+    checks.same_device("center", center, "query", query)
+    if center.dtype not in center_dtypes(query.dtype) and not checks.autocast_casts(center, query):
+        raise TypeError(
+            f"center must have the dtype of query ({query.dtype}), or float32 for a float16 or bfloat16 query, "
+            f"got {checks.describe(center)}"
+        )
     if window is None:
         raise ValueError("center (local-p attention) needs window, the half-width D of the window")
     trailing = () if layout.single_step else (query_length,)

@@ -212,7 +212,9 @@ class Attention(torch.nn.Module):
         left or the right, by lengths or by a mask; padding between keys counts)."""
         if self.local != "p":
             return None
-        fraction = torch.sigmoid(torch.tanh(query @ self.position_weight.T) @ self.position_v)
+        logit = torch.tanh(query @ self.position_weight.T) @ self.position_v
+        # p_t in float32 at least: a 16-bit one is off by up to 1 past 256 (center_dtypes)
+        fraction = torch.sigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32)))
         source_length = math.prod(keys.shape[len(layout.lead) : -1])  # symbolic under export
         if lengths is None and key_padding_mask is None:
             return fraction * source_length

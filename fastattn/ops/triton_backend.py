@@ -7,7 +7,7 @@ tensors (``backends.AUTO_ORDER``).  Attention reuses ``fastattn.ops.attention``'
 mapping of the six scores onto the kernels; float64 inputs run the reference (Triton's
 kernels here compute float32/float16/bfloat16, accumulating in float32).  Inside
 ``torch.autocast`` every backend function runs in the autocast dtype: its floating
-tensors are cast, then it runs with autocast off (the Triton ops have no autocast
+tensors are cast (local-p centers to float32), then it runs with autocast off (the Triton ops have no autocast
 kernels).  The casts go through torch's autocast cache (``torch.ops.fastattn.autocast_cast``,
 with the C++ extension loaded): a float32 parameter is cast once per autocast region,
 not at every step of a decoder, as torch's own layers do; while ``torch.compile``
@@ -49,7 +49,12 @@ def _in_kernel_dtypes(function, reference_function):
                 return value.to(dtype)
             return cached_cast(value)
 
-        arguments, keywords = [cast(a) for a in arguments], {name: cast(value) for name, value in keywords.items()}
+        arguments = [cast(a) for a in arguments]
+        # local-p centers are positions: float32, which every query dtype takes (center_dtypes)
+        keywords = {
+            name: value.float() if name == "center" and value is not None else cast(value)
+            for name, value in keywords.items()
+        }
         with torch.autocast(device_type, enabled=False):  # cast above, inside autocast: cached
             return function(*arguments, **keywords)
 

@@ -10,6 +10,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from fastattn.functional.attention_inputs import center_dtypes
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -24,13 +26,15 @@ def _shape_text(shape: Sequence[Optional[int]]) -> str:
 
 def tensor(op: str, name: str, value: Tensor, like: Tensor, shape: Sequence[Optional[int]], dtype=None) -> None:
     """``value`` on ``like``'s device, of ``dtype`` (default: ``like``'s; "integer": any
-    integer dtype) and of ``shape`` (None: any size)."""
+    integer dtype; a tuple: one of them) and of ``shape`` (None: any size)."""
     if value.device != like.device:
         _refuse(op, f"{name} must be on {like.device}, got a tensor on {value.device}")
     wanted = like.dtype if dtype is None else dtype
     if wanted == "integer":
         integer = not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
         ok, text = integer, "an integer dtype"
+    elif isinstance(wanted, tuple):
+        ok, text = value.dtype in wanted, " or ".join(map(str, wanted))
     else:
         ok, text = value.dtype == wanted, str(wanted)
     if not ok:
@@ -84,7 +88,7 @@ def attention(op: str, query: Tensor, keys: Tensor, values: Tensor, v: Optional[
     if center is not None:
         if window is None:
             _refuse(op, "center (local-p attention) needs window")
-        tensor(op, "center", center, query, (batch, query_length))
+        tensor(op, "center", center, query, (batch, query_length), center_dtypes(query.dtype))
     if gaussian and (window is None or window < 1):
         _refuse(op, f"gaussian needs window >= 1 (sigma = window / 2), got {window}")
 
