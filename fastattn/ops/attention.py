@@ -19,10 +19,25 @@ from __future__ import annotations
 import torch
 
 from fastattn import reference
+from fastattn.ops import triton_checks
 from fastattn.ops.fake_kernels import contiguous_like, contiguous_like_or_empty, register_fake
 from fastattn.reference.hard import outputs_at
 
 MASK_ARGUMENTS = ("lengths", "key_padding_mask", "causal", "window", "center", "gaussian")
+KERNEL_SCORES = ("dot", "cosine", "additive")
+
+
+def _accumulation_dtype(query):
+    return torch.float64 if query.dtype == torch.float64 else torch.float32
+
+
+def _check_attention(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, window, center,
+                     gaussian):
+    """The kernels' argument checks (csrc/cpu/attention.cpp prepare_inputs, csrc/cuda/binding.cpp),
+    which the Triton ops share: shapes, dtypes and devices, never values.  The CUDA kernels
+    move lengths and key_padding_mask to the query's device; the CPU kernels want them there."""
+    triton_checks.attention(op, query, keys, values, v, bias, score, KERNEL_SCORES, scale, lengths, key_padding_mask,
+                            window, center, gaussian, masks_on_any_device=query.device.type == "cuda")
 
 
 @register_fake("fastattn::attention_forward")
@@ -30,8 +45,10 @@ def _attention_forward_fake(
     query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian,
     return_weights,
 ):
+    _check_attention("attention_forward", query, keys, values, v, bias, score, scale, lengths, key_padding_mask,
+                     window, center, gaussian)
     batch, query_length = query.shape[:2]
-    accumulate = torch.float64 if query.dtype == torch.float64 else torch.float32
+    accumulate = _accumulation_dtype(query)
     context = query.new_empty(batch, query_length, values.shape[-1])
     weights = query.new_empty(batch, query_length, keys.shape[1]) if return_weights else query.new_empty(0)
     return context, weights, query.new_empty(batch, query_length, dtype=accumulate)
@@ -42,6 +59,11 @@ def _attention_backward_fake(
     grad_context, grad_weights, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
     window, center, gaussian, logsumexp, context=None,
 ):
+    op = "attention_backward"
+    _check_attention(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, window, center,
+                     gaussian)
+    triton_checks.attention_backward(op, grad_context, grad_weights, query, keys, values, context, None, logsumexp,
+                                     _accumulation_dtype(query))
     grad_center = contiguous_like_or_empty(center if gaussian else None, query)
     grad_keys = query.new_empty(keys.shape)
     return (
@@ -52,11 +74,13 @@ def _attention_backward_fake(
 
 @register_fake("fastattn::sample_positions")
 def _sample_positions_fake(weights, sample, generator):
+    triton_checks.float_tensor("sample_positions", "weights", weights, 3)  # (N, T, S), as the kernels take
     return weights.new_empty(weights.shape[:-1], dtype=torch.int64)
 
 
 @register_fake("fastattn::fast_tanh")
 def _fast_tanh_fake(x):
+    triton_checks.tensor("fast_tanh", "x", x, x, (None,) * x.dim(), torch.float32)
     return x.new_empty(x.shape)  # contiguous, as the kernels' output, whatever x's strides
 
 

@@ -84,8 +84,8 @@ def _problem(op, query, keys, values, v, bias, score, scale, lengths, key_paddin
     """The kernels' common arguments, once triton_checks has passed them: (pointer tensors,
     strides, sizes and scalars, constexpr flags).  Keys (1, S, D) shared by the batch are
     read with a batch stride of 0."""
-    triton_checks.attention(op, query, keys, values, v, bias, score, tuple(SCORE_KINDS), lengths, key_padding_mask,
-                            window, center, gaussian)
+    triton_checks.attention(op, query, keys, values, v, bias, score, tuple(SCORE_KINDS), scale, lengths,
+                            key_padding_mask, window, center, gaussian)
     query, keys, values = _rows(query), _rows(keys), _rows(values)
     v, bias, lengths, key_padding_mask, center = map(contiguous_or_none, (v, bias, lengths, key_padding_mask, center))
     batch, query_length, features = query.shape
@@ -94,8 +94,6 @@ def _problem(op, query, keys, values, v, bias, score, scale, lengths, key_paddin
     if lengths is not None:  # [0, S], as the other backends read it; the kernels load it as int32
         lengths = lengths.clamp(0, source_length)
     kind = SCORE_KINDS[score]
-    if kind == ADDITIVE and scale != 1.0:
-        raise ValueError(f"scale must be 1 with score 'additive' (v . tanh(q + k + bias) has none), got {scale}")
     key_padding_mask = None if key_padding_mask is None else key_padding_mask.to(torch.uint8)
     optional = (v, bias, lengths, key_padding_mask, center)
     pointers = [query, keys, values, *(pointer_or(tensor, query) for tensor in optional)]

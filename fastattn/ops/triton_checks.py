@@ -3,7 +3,9 @@ directly, not only through fastattn's functions (which check their own arguments
 and their kernels index raw pointers by the sizes they are given: a shape, dtype or
 device they would misread is refused here, naming the argument and what was expected (as
 the C++ ops' checks do), before anything is launched.  Shapes only, so the checks also
-run on fake tensors (opcheck, torch.compile)."""
+run on fake tensors (opcheck, torch.compile).  The fake (meta) kernels of the C++ ops
+(``fastattn.ops.attention``, ``fastattn.ops.recurrent``) check their arguments here too,
+so that a call the kernels refuse is refused at trace time, with the same RuntimeError."""
 
 from typing import Optional, Sequence
 
@@ -24,10 +26,12 @@ def _shape_text(shape: Sequence[Optional[int]]) -> str:
     return f"({sizes},)" if len(shape) == 1 else f"({sizes})"
 
 
-def tensor(op: str, name: str, value: Tensor, like: Tensor, shape: Sequence[Optional[int]], dtype=None) -> None:
-    """``value`` on ``like``'s device, of ``dtype`` (default: ``like``'s; "integer": any
-    integer dtype; a tuple: one of them) and of ``shape`` (None: any size)."""
-    if value.device != like.device:
+def tensor(op: str, name: str, value: Tensor, like: Tensor, shape: Sequence[Optional[int]], dtype=None,
+           same_device: bool = True) -> None:
+    """``value`` on ``like``'s device (unless not ``same_device``: a kernel that moves it), of
+    ``dtype`` (default: ``like``'s; "integer": any integer dtype; a tuple: one of them) and of
+    ``shape`` (None: any size)."""
+    if same_device and value.device != like.device:
         _refuse(op, f"{name} must be on {like.device}, got a tensor on {value.device}")
     wanted = like.dtype if dtype is None else dtype
     if wanted == "integer":
@@ -46,9 +50,9 @@ def tensor(op: str, name: str, value: Tensor, like: Tensor, shape: Sequence[Opti
 
 
 def optional_tensor(op: str, name: str, value: Optional[Tensor], like: Tensor, shape: Sequence[Optional[int]],
-                    dtype=None) -> None:
+                    dtype=None, same_device: bool = True) -> None:
     if value is not None:
-        tensor(op, name, value, like, shape, dtype)
+        tensor(op, name, value, like, shape, dtype, same_device)
 
 
 def float_tensor(op: str, name: str, value: Tensor, dim: int) -> None:
@@ -59,12 +63,14 @@ def float_tensor(op: str, name: str, value: Tensor, dim: int) -> None:
 
 
 def attention(op: str, query: Tensor, keys: Tensor, values: Tensor, v: Optional[Tensor], bias: Optional[Tensor],
-              score: str, scores: Sequence[str], lengths: Optional[Tensor], key_padding_mask: Optional[Tensor],
-              window: Optional[int], center: Optional[Tensor], gaussian: bool) -> None:
+              score: str, scores: Sequence[str], scale: float, lengths: Optional[Tensor],
+              key_padding_mask: Optional[Tensor], window: Optional[int], center: Optional[Tensor], gaussian: bool,
+              masks_on_any_device: bool = False) -> None:
     """The arguments the attention forward and backward share: query (N, T, D), keys
-    (N or 1, S, D), values (N, S, Dv), the additive score's v and bias (D,), lengths (N,),
-    key_padding_mask (N, S) bool, window >= 0, center (N, T) with a window, gaussian with
-    a window of at least 1."""
+    (N or 1, S, D), values (N, S, Dv), the additive score's v and bias (D,) and scale 1
+    (a ValueError otherwise, as the kernels'), lengths (N,), key_padding_mask (N, S) bool
+    (on query's device unless ``masks_on_any_device``: kernels that move them), window >= 0,
+    center (N, T) with a window, gaussian with a window of at least 1."""
     if score not in scores:
         _refuse(op, f"score must be one of {', '.join(scores)}, got {score!r}")
     float_tensor(op, "query", query, 3)
@@ -79,10 +85,14 @@ def attention(op: str, query: Tensor, keys: Tensor, values: Tensor, v: Optional[
             _refuse(op, f"score 'additive' needs v of shape ({features},)")
         tensor(op, "v", v, query, (features,))
         optional_tensor(op, "bias", bias, query, (features,))
+        if scale != 1.0:
+            raise ValueError(f"fastattn::{op}: scale must be 1 with score 'additive' (v . tanh(q + k + bias) has "
+                             f"none), got {scale}")
     elif v is not None or bias is not None:
         _refuse(op, f"v and bias are parameters of the additive score only, got them with score {score!r}")
-    optional_tensor(op, "lengths", lengths, query, (batch,), "integer")
-    optional_tensor(op, "key_padding_mask", key_padding_mask, query, (batch, source_length), torch.bool)
+    same_device = not masks_on_any_device
+    optional_tensor(op, "lengths", lengths, query, (batch,), "integer", same_device)
+    optional_tensor(op, "key_padding_mask", key_padding_mask, query, (batch, source_length), torch.bool, same_device)
     if window is not None and window < 0:
         _refuse(op, f"window must be >= 0, got {window}")
     if center is not None:
@@ -94,35 +104,41 @@ def attention(op: str, query: Tensor, keys: Tensor, values: Tensor, v: Optional[
 
 
 def attention_backward(op: str, grad_context: Tensor, grad_weights: Optional[Tensor], query: Tensor, keys: Tensor,
-                       values: Tensor, context: Tensor, weights: Tensor, logsumexp: Tensor) -> None:
+                       values: Tensor, context: Optional[Tensor], weights: Optional[Tensor], logsumexp: Tensor,
+                       logsumexp_dtype: torch.dtype = torch.float32) -> None:
     """The forward's outputs and their gradients: grad_context and context (N, T, Dv),
-    grad_weights (N, T, S) and weights (N, T, S) with it, logsumexp (N, T) float32."""
+    grad_weights (N, T, S) and weights (N, T, S) with it, logsumexp (N, T) of
+    ``logsumexp_dtype``; context and weights are checked where given."""
     batch, query_length = query.shape[:2]
     source_length, value_features = keys.shape[1], values.shape[2]
     tensor(op, "grad_context", grad_context, query, (batch, query_length, value_features))
-    tensor(op, "context", context, query, (batch, query_length, value_features))
-    tensor(op, "logsumexp", logsumexp, query, (batch, query_length), torch.float32)
+    optional_tensor(op, "context", context, query, (batch, query_length, value_features))
+    tensor(op, "logsumexp", logsumexp, query, (batch, query_length), logsumexp_dtype)
     if grad_weights is not None:
         tensor(op, "grad_weights", grad_weights, query, (batch, query_length, source_length))
-        tensor(op, "weights", weights, query, (batch, query_length, source_length))
+        optional_tensor(op, "weights", weights, query, (batch, query_length, source_length))
 
 
-def cell(op: str, gates: int, state_name: str, tensors: dict[str, Optional[Tensor]]) -> None:
+def cell(op: str, gates: int, state_name: str, tensors: dict[str, Optional[Tensor]], *,
+         saved_dtype: Optional[torch.dtype] = torch.float32, any_h_width: bool = False) -> None:
     """The tensors of one LSTM/GRU cell op by name: B and H from tensors[state_name] (B, H);
     x (B, I), w_ih (gates * H, I), w_hh (gates * H, H), b_ih and b_hh (gates * H,), saved
-    (B, 4H) float32, any other (B, H)."""
+    (B, 4H) of ``saved_dtype`` (None: the state's), any other (B, H).  With ``any_h_width``
+    (the C++ LSTM cell), h is (B, H') and w_hh (gates * H, H') for any H'."""
     reference = tensors[state_name]
     float_tensor(op, state_name, reference, 2)
     batch, hidden = reference.shape
-    x = tensors.get("x")
+    x, h = tensors.get("x"), tensors.get("h")
     inputs = x.shape[1] if x is not None and x.dim() == 2 else None
+    h_width = h.shape[1] if any_h_width and h is not None and h.dim() == 2 else hidden
     shapes = {
-        "x": (batch, inputs), "w_ih": (gates * hidden, inputs), "w_hh": (gates * hidden, hidden),
-        "b_ih": (gates * hidden,), "b_hh": (gates * hidden,), "saved": (batch, 4 * hidden),
+        "x": (batch, inputs), "h": (batch, h_width), "w_ih": (gates * hidden, inputs),
+        "w_hh": (gates * hidden, h_width), "b_ih": (gates * hidden,), "b_hh": (gates * hidden,),
+        "saved": (batch, 4 * hidden),
     }
     for name, value in tensors.items():
         optional_tensor(op, name, value, reference, shapes.get(name, (batch, hidden)),
-                        torch.float32 if name == "saved" else None)
+                        saved_dtype if name == "saved" else None)
 
 
 def layer(op: str, gates: int, tensors: dict[str, Optional[Tensor]]) -> None:
