@@ -275,6 +275,24 @@ def test_low_precision_error_is_at_most_twice_the_references_own(score, mode, dt
         assert kernel_error <= 2 * reference_error + 1e-6, (index, float(kernel_error), float(reference_error))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_keys_as_values_are_copied_to_float32_once(dtype):
+    """The kernels run 16-bit inputs on float32 copies, which their backward saves: the
+    keys serving as the values were copied twice, both copies saved (twice the keys'
+    float32 size on top of the rest, every decoder step)."""
+    query, keys = torch.randn(2, 3, 8, dtype=dtype, requires_grad=True), torch.randn(2, 40, 8, dtype=dtype)
+    copies = set()
+
+    def pack(tensor):
+        if tensor.shape == keys.shape:
+            copies.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with fastattn.backend("cpu"), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fastattn.attention(query, keys)
+    assert len(copies) == 1
+
+
 @pytest.mark.parametrize("return_weights", [True, False])
 @pytest.mark.parametrize("score", SCORES)
 def test_gradcheck_through_the_kernels(score, return_weights):

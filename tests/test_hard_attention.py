@@ -108,3 +108,21 @@ def test_a_nan_row_gives_nan_outputs_not_masked_ones(backend_name, sample):
     assert not context[0, ::2].isnan().any() and not log_prob[0, ::2].isnan().any()
     assert torch.equal(context[1], torch.zeros_like(context[1])) and torch.equal(log_prob[1], torch.zeros_like(log_prob[1]))
     assert ((index >= 0) & (index < 6)).all()
+
+
+@pytest.mark.parametrize("backend_name", [name for name in ("cpu", "triton") if backends.unavailable_reason(name) is None])
+def test_the_kernels_backward_does_not_keep_the_values_alive(backend_name):
+    """The fused call that gives the soft weights reads no values, but it got a zero-width
+    view of them, which its backward saved: the whole (N, S, Dv) values (for float16 /
+    bfloat16 on the CPU, their float32 copy) lived as long as the graph."""
+    query, keys = (torch.randn(2, *shape, requires_grad=True) for shape in ((3, 4), (6, 4)))
+    values = torch.randn(2, 6, 64) * 2  # an intermediate, as a projection of the keys would be
+    storages = set()
+
+    def pack(tensor):
+        storages.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with fastattn.backend(backend_name), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fastattn.hard_attention(query, keys, values, sample=False)
+    assert values.untyped_storage().data_ptr() not in storages

@@ -31,8 +31,14 @@ def in_float32(function):
         if low is None:
             return function(*arguments, **keywords)
 
+        copies = {}  # by identity: a tensor passed twice (the keys as the values) is copied and saved once
+
         def up(value):
-            return value.float() if isinstance(value, torch.Tensor) and value.dtype == low else value
+            if not (isinstance(value, torch.Tensor) and value.dtype == low):
+                return value
+            if id(value) not in copies:
+                copies[id(value)] = value.float()
+            return copies[id(value)]
 
         def down(value):
             return value.to(low) if isinstance(value, torch.Tensor) and value.is_floating_point() else value

@@ -127,8 +127,10 @@ def hard_attention(
     """The "hard_attention" op: fused soft weights, then one position drawn per row by
     ``choose_positions(weights, sample, generator)`` (default: the C++ sampler).  The
     soft context is not used (the hard one is the chosen position's value): the fused
-    call gets an empty value dim, so the kernels skip the weights-times-values work."""
-    _, weights = attention(query, keys, values[..., :0], return_weights=True, fused=fused, **attention_arguments)
+    call gets an empty value dim, so the kernels skip the weights-times-values work, in a tensor
+    of its own (the backward saves it: a view of ``values`` would keep all of them alive)."""
+    no_values = values.new_empty(*values.shape[:-1], 0)
+    _, weights = attention(query, keys, no_values, return_weights=True, fused=fused, **attention_arguments)
     choose_positions = choose_positions or torch.ops.fastattn.sample_positions
     index = choose_positions(weights.detach(), sample, generator)
     return (*outputs_at(weights, index, values), weights)
