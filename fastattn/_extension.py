@@ -33,7 +33,7 @@ def _load():
         return None
     from fastattn import ops
 
-    ops.register_backend("cpu", ("cpu",))
+    ops.register_backend("cpu", ("cpu",), native_low_precision=ops.ATTENTION_OPS)
     _register_cuda(module, ops)
     return module
 
@@ -41,7 +41,7 @@ def _load():
 def _register_cuda(module, ops) -> None:
     """The "cuda" backend, when fastattn._C was compiled with the CUDA kernels (csrc/cuda)."""
     if "cuda" in module.build_info()["backends"]:  # every CUDA op takes float16 / bfloat16 itself
-        ops.register_backend("cuda", ("cuda",), native_low_precision=True)
+        ops.register_backend("cuda", ("cuda",))
         if not torch.cuda.is_available():  # a CUDA build of torch on a machine without a GPU
             backends.mark_unavailable("cuda", "fastattn has CUDA kernels, but torch sees no CUDA device")
     else:

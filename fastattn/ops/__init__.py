@@ -3,8 +3,9 @@
 and the backend functions plugged into ``fastattn.backends``.
 
 Imported by ``fastattn._extension`` once ``fastattn._C`` has loaded.  The CPU kernels
-compute in float32 or float64; float16 and bfloat16 inputs run in float32 and the
-outputs come back in the input dtype.
+compute in float32 or float64: the attention kernels take float16 and bfloat16 inputs
+and compute them in float32; the recurrent ops run float32 copies of them (``in_float32``),
+the outputs back in the input dtype.
 """
 
 from __future__ import annotations
@@ -31,14 +32,8 @@ def in_float32(function):
         if low is None:
             return function(*arguments, **keywords)
 
-        copies = {}  # by identity: a tensor passed twice (the keys as the values) is copied and saved once
-
         def up(value):
-            if not (isinstance(value, torch.Tensor) and value.dtype == low):
-                return value
-            if id(value) not in copies:
-                copies[id(value)] = value.float()
-            return copies[id(value)]
+            return value.float() if isinstance(value, torch.Tensor) and value.dtype == low else value
 
         def down(value):
             return value.to(low) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
@@ -61,13 +56,17 @@ BACKEND_FUNCTIONS = {
 }
 
 
-def register_backend(name: str, device_types: tuple[str, ...], *, native_low_precision: bool = False) -> None:
+ATTENTION_OPS = ("attention", "additive_attention", "hard_attention", "scaled_dot_product_attention")
+
+
+def register_backend(name: str, device_types: tuple[str, ...], *, native_low_precision=BACKEND_FUNCTIONS) -> None:
     """Plug every op into backend ``name`` for tensors on ``device_types``; float16 /
-    bfloat16 inputs run in float32 unless the kernels take them (``native_low_precision``)."""
+    bfloat16 inputs run in float32 unless the kernels take them (the ops in ``native_low_precision``)."""
     for op, function in BACKEND_FUNCTIONS.items():
-        backends.register(op, name, device_types)(function if native_low_precision else in_float32(function))
+        backends.register(op, name, device_types)(function if op in native_low_precision else in_float32(function))
     # It answers None for other dtypes, and the module composes the step with the ops above.
-    step_dtypes = decoder_step.FLOAT_DTYPES + (LOW_PRECISION if native_low_precision else ())
+    native_step = all(op in native_low_precision for op in BACKEND_FUNCTIONS)
+    step_dtypes = decoder_step.FLOAT_DTYPES + (LOW_PRECISION if native_step else ())
     step = functools.partial(decoder_step.attention_decoder_step, dtypes=step_dtypes)
     backends.register("attention_decoder_step", name, device_types)(step)
     backends.mark_available(name)
