@@ -58,11 +58,11 @@ def attention(dtype, batch, queries, keys, features, score="dot", scale=None, we
         window = 8
     forward = (query, key, value, v, bias_vector, score, scale, length_tensor, padding_mask, causal, window, center,
                local_p)
-    context, weight, logsumexp = torch.ops.fastattn.triton_attention_forward(*forward, weights)
+    context, weight, row_stats = torch.ops.fastattn.triton_attention_forward(*forward, weights)
     if backward:
         torch.ops.fastattn.triton_attention_backward(
             torch.zeros_like(context), torch.zeros_like(weight) if weights else None, *forward, context, weight,
-            logsumexp,
+            row_stats,
         )
 
 

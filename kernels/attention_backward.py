@@ -1,5 +1,6 @@
-"""Fused attention backward, recomputing the scores from the saved log-sum-exp (no
-T×S matrices stored), in two kernels so that every output has one writer:
+"""Fused attention backward, recomputing the scores and, from the forward's row
+statistics (m, 1 / l), the probabilities p = exp(e - m) / l (no T×S matrices
+stored), in two kernels so that every output has one writer:
 
 - ``attention_grad_query_kernel`` (grid: query blocks × batch) walks the key blocks
   a query block can see and accumulates dQ and the gradient of the local-p centers
@@ -36,13 +37,14 @@ from fastattn.kernels.attention_tiles import (
     gaussian_factor,
     key_range,
     row_centers,
+    tile_probabilities,
     tile_valid,
 )
 
 
 @triton.jit
 def _score_gradient(
-    Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA,
+    Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, STATS, DELTA,
     n, offs_t, offs_j, centers, length,
     stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
     T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
@@ -59,8 +61,7 @@ def _score_gradient(
     )
     valid = tile_valid(offs_t, offs_j, centers, T, S, length, KPM, n * S, window, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW)
     row_in = offs_t < T
-    logsumexp = tl.load(LSE + n * T + offs_t, mask=row_in, other=float("inf"))
-    p = tl.where(valid, tl.exp(scores - logsumexp[:, None]), 0.0)
+    p = tile_probabilities(scores, valid, STATS, n * T, offs_t, T)
     offs_dv = tl.arange(0, BLOCK_DV)
     grad_out = tl.load(
         GRAD_OUT + n * stride_on + offs_t[:, None] * stride_ot + offs_dv[None, :],
@@ -146,7 +147,7 @@ def _additive_feature_gradients(
 
 @triton.jit
 def attention_grad_query_kernel(
-    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, GRAD_Q, GRAD_CENTER,
+    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, STATS, DELTA, GRAD_Q, GRAD_CENTER,
     stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
     T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -175,7 +176,7 @@ def attention_grad_query_kernel(
     for j_start in range(lo, hi, BLOCK_S):
         offs_j = j_start + tl.arange(0, BLOCK_S)
         grad_scores, p, factor, grad_attention, inverse_query_norm, inverse_key_norm, _ = _score_gradient(
-            Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, n, offs_t, offs_j, centers, length,
+            Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, STATS, DELTA, n, offs_t, offs_j, centers, length,
             stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
             T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
             SCORE_KIND, HAS_BIAS, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW, GAUSSIAN, HAS_GRAD_WEIGHTS,
@@ -215,7 +216,7 @@ def attention_grad_query_kernel(
 
 @triton.jit
 def attention_grad_key_value_kernel(
-    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, GRAD_Q, GRAD_K, GRAD_V, GRAD_VA,
+    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, STATS, DELTA, GRAD_Q, GRAD_K, GRAD_V, GRAD_VA,
     stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
     T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -242,7 +243,7 @@ def attention_grad_key_value_kernel(
         lo, hi = key_range(t_start, offs_t, centers, T, S, length, window, HAS_LENGTHS, CAUSAL, HAS_WINDOW, BLOCK_S)
         if (j_start < hi) & (j_start + BLOCK_S > lo):
             grad_scores, p, factor, _, inverse_query_norm, inverse_key_norm, grad_out = _score_gradient(
-                Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, LSE, DELTA, n, offs_t, offs_j, centers, length,
+                Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, STATS, DELTA, n, offs_t, offs_j, centers, length,
                 stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
                 T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
                 SCORE_KIND, HAS_BIAS, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW, GAUSSIAN, HAS_GRAD_WEIGHTS,

@@ -3,12 +3,14 @@ in one pass over key blocks (flash-attention style), for the three score kinds o
 ``attention_tiles``.
 
 Grid: (query blocks, batch, key splits).  With one split each program writes the
-normalised context and the row log-sum-exp (``+inf`` for a row with no valid key,
-whose context is zero).  With several splits (flash-decoding, for a decode step or a
+normalised context and the row statistics (m, 1 / l): the softmax's shift and the
+inverse of its sum, in place of the log-sum-exp m + log l (see
+``attention_tiles.store_row_statistics``; (+inf, 0) for a row with no valid key, whose
+context is zero).  With several splits (flash-decoding, for a decode step or a
 short query block when the batch alone cannot fill the GPU) each program covers
 ``split_size`` keys and writes its unnormalised partial context, running max and sum;
 ``attention_combine_kernel`` merges them.  ``attention_weights_kernel`` writes the
-normalised weights from the log-sum-exp, one (query block × key block) tile per
+normalised weights from the row statistics, one (query block × key block) tile per
 program.  Cosine logits are bounded by |scale|, which then serves as the softmax
 maximum from the start (``BOUNDED``: no running maximum, no rescaling).  Key blocks outside the mask or window are skipped, never loaded.  The value
 dimension is held whole (``BLOCK_DV`` >= Dv) in registers.  Offsets: the batch index is
@@ -19,12 +21,20 @@ dimension is held whole (``BLOCK_DV`` >= Dv) in registers.  Offsets: the batch i
 import triton
 import triton.language as tl
 
-from fastattn.kernels.attention_tiles import block_scores, gaussian_factor, key_range, row_centers, tile_valid
+from fastattn.kernels.attention_tiles import (
+    block_scores,
+    gaussian_factor,
+    key_range,
+    row_centers,
+    store_row_statistics,
+    tile_probabilities,
+    tile_valid,
+)
 
 
 @triton.jit
 def attention_forward_kernel(
-    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, OUT, LSE, PARTIAL_ACC, PARTIAL_MAX, PARTIAL_SUM,
+    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, OUT, STATS, PARTIAL_ACC, PARTIAL_MAX, PARTIAL_SUM,
     stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
     T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared, split_size,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -90,18 +100,15 @@ def attention_forward_kernel(
         tl.store(PARTIAL_MAX + partial + offs_t, running_max, mask=row_in)
         tl.store(PARTIAL_SUM + partial + offs_t, running_sum, mask=row_in)
     else:
-        empty = running_sum == 0.0
-        safe_sum = tl.where(empty, 1.0, running_sum)
-        context = acc / safe_sum[:, None]
-        logsumexp = tl.where(empty, float("inf"), running_max + tl.log(safe_sum))
+        context = acc / tl.where(running_sum == 0.0, 1.0, running_sum)[:, None]
         out_mask = row_in[:, None] & (offs_dv < DV)[None, :]
         tl.store(OUT + n * stride_on + offs_t[:, None] * stride_ot + offs_dv[None, :], context, mask=out_mask)
-        tl.store(LSE + n * T + offs_t, logsumexp, mask=row_in)
+        store_row_statistics(STATS, n * T, offs_t, T, running_max, running_sum)
 
 
 @triton.jit
 def attention_combine_kernel(
-    PARTIAL_ACC, PARTIAL_MAX, PARTIAL_SUM, OUT, LSE, stride_on, stride_ot, T, DV, splits,
+    PARTIAL_ACC, PARTIAL_MAX, PARTIAL_SUM, OUT, STATS, stride_on, stride_ot, T, DV, splits,
     BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Merge the per-split partial results of one query block (flash-decoding's reduce)."""
@@ -124,16 +131,14 @@ def attention_combine_kernel(
             PARTIAL_ACC + partial * BLOCK_DV + offs_t[:, None] * BLOCK_DV + offs_dv[None, :], mask=row_in[:, None], other=0.0
         )
         acc += partial_acc * rescale[:, None]
-    empty = total == 0.0
-    safe_total = tl.where(empty, 1.0, total)
-    context = acc / safe_total[:, None]
+    context = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     tl.store(OUT + n * stride_on + offs_t[:, None] * stride_ot + offs_dv[None, :], context, mask=row_in[:, None] & (offs_dv < DV)[None, :])
-    tl.store(LSE + n * T + offs_t, tl.where(empty, float("inf"), safe_max + tl.log(safe_total)), mask=row_in)
+    store_row_statistics(STATS, n * T, offs_t, T, safe_max, total)
 
 
 @triton.jit
 def attention_weights_kernel(
-    Q, K, VA, BIAS, LENGTHS, KPM, CENTER, LSE, WEIGHTS,
+    Q, K, VA, BIAS, LENGTHS, KPM, CENTER, STATS, WEIGHTS,
     stride_qn, stride_qt, stride_kn, stride_ks,
     T, S, D, scale, norm_floor, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -141,7 +146,7 @@ def attention_weights_kernel(
     HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr,
 ):
-    """weights = exp(score - logsumexp) * Gaussian factor on one tile; WEIGHTS starts zeroed
+    """weights = exp(score - m) / l * Gaussian factor on one tile; WEIGHTS starts zeroed
     and tiles outside the block's key range are left alone (their weights are all zero,
     so any tiling writes the same tensor and a rerun is harmless)."""
     j_block, t_block, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -159,8 +164,7 @@ def attention_weights_kernel(
             SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, HARDWARE_TANH, DOT_PRECISION,
         )
         valid = tile_valid(offs_t, offs_j, centers, T, S, length, KPM, n * S, window, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW)
-        logsumexp = tl.load(LSE + n * T + offs_t, mask=offs_t < T, other=float("inf"))
-        weights = tl.where(valid, tl.exp(scores - logsumexp[:, None]), 0.0)
+        weights = tile_probabilities(scores, valid, STATS, n * T, offs_t, T)
         if GAUSSIAN:
             weights = weights * gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
         in_tile = (offs_t < T)[:, None] & (offs_j < S)[None, :]

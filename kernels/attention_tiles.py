@@ -1,7 +1,8 @@
 """Triton helpers shared by every attention kernel: the scores of one (query block ×
 key block) tile for the three kernel score kinds, the mask of a tile, the key range
-a query block can see, the Gaussian factor of local attention, and the tanh of the
-additive score.
+a query block can see, the Gaussian factor of local attention, the tanh of the
+additive score, and the softmax's row statistics (stored by the forward, read back by
+the weights and backward kernels).
 
 Score kinds (``SCORE_KIND``): 0 = dot (q . k * scale, tensor-core ``tl.dot``),
 1 = cosine (scale * q . k / (|q| |k|), norms computed here), 2 = additive
@@ -195,6 +196,30 @@ def tile_valid(
         positions = offs_j.to(tl.float32)[None, :]
         valid = valid & (positions >= centers[:, None] - window) & (positions <= centers[:, None] + window)
     return valid
+
+
+@triton.jit
+def store_row_statistics(STATS, row_base, offs_t, T, row_max, row_sum):
+    """Write each row's softmax shift m and 1 / l, l = sum_j exp(e_j - m), to STATS (N, T, 2)
+    float32 (``row_base`` = n T); (+inf, 0) on a row with no valid key.  Not their
+    logsumexp m + log l: that rounds to half an ulp of the largest score (4e-6 at scores
+    ~100 in float32), an error every probability exp(e_j - logsumexp) recomputed from it
+    would share, where exp(e_j - m) / l repeats the forward's rounding (e_j - m is exact at
+    the peak, and l carries the same exp(e_j - m) for the bounded cosine's m = |scale|)."""
+    empty = row_sum == 0.0
+    row_in = offs_t < T
+    tl.store(STATS + (row_base + offs_t) * 2, tl.where(empty, float("inf"), row_max), mask=row_in)
+    tl.store(STATS + (row_base + offs_t) * 2 + 1, 1.0 / tl.where(empty, float("inf"), row_sum), mask=row_in)
+
+
+@triton.jit
+def tile_probabilities(scores, valid, STATS, row_base, offs_t, T):
+    """The softmax of one tile, exp(e - m) / l from the row statistics
+    (``store_row_statistics``), 0 outside ``valid``."""
+    row_in = offs_t < T
+    row_max = tl.load(STATS + (row_base + offs_t) * 2, mask=row_in, other=float("inf"))
+    inverse_sum = tl.load(STATS + (row_base + offs_t) * 2 + 1, mask=row_in, other=0.0)
+    return tl.where(valid, tl.exp(scores - row_max[:, None]) * inverse_sum[:, None], 0.0)
 
 
 @triton.jit

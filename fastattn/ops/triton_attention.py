@@ -130,7 +130,9 @@ def triton_attention_forward(
     scale: float, lengths: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool,
     window: Optional[int], center: Optional[Tensor], gaussian: bool, return_weights: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (context (N, T, Dv), weights (N, T, S) or empty, logsumexp (N, T) float32, +inf on empty rows)."""
+    """-> (context (N, T, Dv), weights (N, T, S) or empty, row statistics (N, T, 2) float32: each row's
+    softmax shift m and 1 / l, logsumexp = m + log l, (+inf, 0) on empty rows; the backward's
+    probabilities exp(e - m) / l keep the accuracy exp(e - logsumexp) loses in peaked rows)."""
     pointers, strides, sizes, flags = _problem(
         "triton_attention_forward", query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
         window, center, gaussian,
@@ -139,7 +141,7 @@ def triton_attention_forward(
     value_features = values.shape[2]
     block_dv = power_of_two_block(value_features)
     context = query.new_empty(batch, query_length, value_features)
-    logsumexp = query.new_empty(batch, query_length, dtype=torch.float32)
+    row_stats = query.new_empty(batch, query_length, 2, dtype=torch.float32)
     splits = _split_count(batch, query_length, source_length)
     split_size = ceil_div(ceil_div(source_length, splits), SPLIT_GRANULE) * SPLIT_GRANULE
     splits = ceil_div(source_length, split_size) if source_length else 1
@@ -148,11 +150,11 @@ def triton_attention_forward(
         partial_max = query.new_empty(batch, splits, query_length, dtype=torch.float32)
         partial_sum = query.new_empty(batch, splits, query_length, dtype=torch.float32)
     else:
-        partial_acc = partial_max = partial_sum = logsumexp
+        partial_acc = partial_max = partial_sum = row_stats
     additive = flags["SCORE_KIND"] == ADDITIVE
     LAUNCHERS["forward", additive](
         lambda meta: (ceil_div(query_length, meta["BLOCK_T"]), batch, splits),
-        *pointers, context, logsumexp, partial_acc, partial_max, partial_sum,
+        *pointers, context, row_stats, partial_acc, partial_max, partial_sum,
         *strides, context.stride(0), context.stride(1), *sizes, split_size,
         **flags, SPLIT=splits > 1, BLOCK_DV=block_dv,
         BOUNDED=flags["SCORE_KIND"] == COSINE
@@ -161,18 +163,18 @@ def triton_attention_forward(
     if splits > 1:
         COMBINE_LAUNCHER(
             lambda meta: (ceil_div(query_length, meta["BLOCK_T"]), batch),
-            partial_acc, partial_max, partial_sum, context, logsumexp, context.stride(0), context.stride(1),
+            partial_acc, partial_max, partial_sum, context, row_stats, context.stride(0), context.stride(1),
             query_length, value_features, splits, BLOCK_DV=block_dv,
         )
     if not return_weights:
-        return context, query.new_empty(0), logsumexp
+        return context, query.new_empty(0), row_stats
     weights = query.new_zeros(batch, query_length, source_length)
     weight_sizes = [size for index, size in enumerate(sizes) if index != 3]  # no Dv
     LAUNCHERS["weights", additive](
         lambda meta: (ceil_div(source_length, meta["BLOCK_S"]), ceil_div(query_length, meta["BLOCK_T"]), batch),
-        *pointers[:2], *pointers[3:], logsumexp, weights, *strides[:4], *weight_sizes, **flags,
+        *pointers[:2], *pointers[3:], row_stats, weights, *strides[:4], *weight_sizes, **flags,
     )
-    return context, weights, logsumexp
+    return context, weights, row_stats
 
 
 @torch.library.triton_op("fastattn::triton_attention_backward", mutates_args=())
@@ -180,7 +182,7 @@ def triton_attention_backward(
     grad_context: Tensor, grad_weights: Optional[Tensor], query: Tensor, keys: Tensor, values: Tensor,
     v: Optional[Tensor], bias: Optional[Tensor], score: str, scale: float, lengths: Optional[Tensor],
     key_padding_mask: Optional[Tensor], causal: bool, window: Optional[int], center: Optional[Tensor], gaussian: bool,
-    context: Tensor, weights: Tensor, logsumexp: Tensor,
+    context: Tensor, weights: Tensor, row_stats: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (grad query, keys, values, v, bias, center); the last three are empty when absent."""
     pointers, strides, sizes, flags = _problem(
@@ -188,9 +190,11 @@ def triton_attention_backward(
         window, center, gaussian,
     )
     triton_checks.attention_backward(
-        "triton_attention_backward", grad_context, grad_weights, query, keys, values, context, weights, logsumexp
+        "triton_attention_backward", grad_context, grad_weights, query, keys, values, context, weights, row_stats,
+        row_stats=True,
     )
-    grad_context, grad_weights, logsumexp = _rows(grad_context), contiguous_or_none(grad_weights), logsumexp.contiguous()
+    grad_context, grad_weights = _rows(grad_context), contiguous_or_none(grad_weights)
+    row_stats = row_stats.contiguous()
     batch, query_length, features = query.shape
     source_length, value_features = keys.shape[1], values.shape[2]
     additive = flags["SCORE_KIND"] == ADDITIVE
@@ -209,7 +213,7 @@ def triton_attention_backward(
     if query.dtype in ROUNDED_OUTPUT_DTYPES:
         delta = query.new_empty(batch, query_length, dtype=torch.float32)
         LAUNCHERS["grad_query", additive](
-            query_grid, *pointers, grad_context, grad_weights_or_context, logsumexp, delta, delta, delta,
+            query_grid, *pointers, grad_context, grad_weights_or_context, row_stats, delta, delta, delta,
             *gradient_strides, *sizes, **gradient_flags, DELTA_GIVEN=False,
         )
     else:
@@ -221,7 +225,7 @@ def triton_attention_backward(
     grad_values = query.new_empty(batch, source_length, value_features, dtype=torch.float32)
     grad_v = query.new_zeros(features if additive else 0, dtype=torch.float32)
     grad_center = query.new_zeros(center.shape if center is not None and gaussian else (0,), dtype=torch.float32)
-    upstream = [grad_context, grad_weights_or_context, logsumexp, delta]
+    upstream = [grad_context, grad_weights_or_context, row_stats, delta]
     if not additive or grad_center.numel():  # additive: the key-value kernel gives grad_query
         LAUNCHERS["grad_query", additive](
             query_grid, *pointers, *upstream, grad_query, grad_center if grad_center.numel() else grad_query,
@@ -275,16 +279,16 @@ def _forward_input_gradients(grads, v, bias, center, gaussian):
 def _save_for_backward(ctx, inputs, output):
     (query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian,
      return_weights) = inputs
-    context, weights, logsumexp = output
+    context, weights, row_stats = output
     # The masks as they are now: the caller may change its own in place before the backward.
     lengths, key_padding_mask = (None if mask is None else mask.clone() for mask in (lengths, key_padding_mask))
-    ctx.save_for_backward(query, keys, values, v, bias, lengths, key_padding_mask, center, context, weights, logsumexp)
+    ctx.save_for_backward(query, keys, values, v, bias, lengths, key_padding_mask, center, context, weights, row_stats)
     ctx.score, ctx.scale, ctx.causal, ctx.window, ctx.gaussian = score, scale, causal, window, gaussian
     ctx.return_weights = return_weights
 
 
-def _attention_backward(ctx, grad_context, grad_weights, _grad_logsumexp):
-    query, keys, values, v, bias, lengths, key_padding_mask, center, context, weights, logsumexp = ctx.saved_tensors
+def _attention_backward(ctx, grad_context, grad_weights, _grad_row_stats):
+    query, keys, values, v, bias, lengths, key_padding_mask, center, context, weights, row_stats = ctx.saved_tensors
     inputs = (query, keys, values, v, bias, None, None, None, None, None, None, center if ctx.gaussian else None)
     if higher_order.graph_wanted(inputs):  # create_graph=True: through the differentiable form
         arguments = (query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal,
@@ -300,7 +304,7 @@ def _attention_backward(ctx, grad_context, grad_weights, _grad_logsumexp):
     grads = torch.ops.fastattn.triton_attention_backward(
         grad_context.contiguous(), grad_weights.contiguous() if use_grad_weights else None,
         query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal, ctx.window,
-        center, ctx.gaussian, context, weights, logsumexp,
+        center, ctx.gaussian, context, weights, row_stats,
     )
     return _forward_input_gradients(grads, v, bias, center, ctx.gaussian)
 
