@@ -59,7 +59,9 @@ BACKEND_FUNCTIONS = {
 ATTENTION_OPS = ("attention", "additive_attention", "hard_attention", "scaled_dot_product_attention")
 
 
-def register_backend(name: str, device_types: tuple[str, ...], *, native_low_precision=BACKEND_FUNCTIONS) -> None:
+def register_backend(
+    name: str, device_types: tuple[str, ...], *, native_low_precision: tuple[str, ...] = tuple(BACKEND_FUNCTIONS)
+) -> None:
     """Plug every op into backend ``name`` for tensors on ``device_types``; float16 /
     bfloat16 inputs run in float32 unless the kernels take them (the ops in ``native_low_precision``)."""
     for op, function in BACKEND_FUNCTIONS.items():
