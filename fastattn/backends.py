@@ -6,8 +6,8 @@ with :func:`register`.  Callers ask :func:`implementation` for the function to
 run given the op name and the device of its tensors, and never name a backend
 themselves.
 
-The backend in force is, in order of precedence: the innermost
-``with fastattn.backend(name):`` block, the last ``fastattn.set_backend(name)``,
+The backend in force is, in order of precedence: the calling thread's
+innermost ``with fastattn.backend(name):`` block, the last ``fastattn.set_backend(name)``,
 the ``FASTATTN_BACKEND`` environment variable, and ``"auto"``.  ``"auto"``
 takes the first available backend in :data:`AUTO_ORDER` that implements the op
 for the device; naming a backend explicitly raises :class:`BackendUnavailableError`
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -63,12 +64,20 @@ _unavailable_reasons: dict[str, str] = {
     "cuda": "fastattn was built without CUDA kernels",
 }
 _session_backend: str | None = None
-# Settings of the enclosing ``with backend(...)`` blocks, innermost last, each in a
-# one-item list of its own that the block removes by identity on exit.  A plain list (not
-# a ContextVar) so that torch.compile can read it and guard on it; the setting is
-# therefore process-wide, like torch.backends flags and torch.nn.attention.sdpa_kernel,
-# and a block that ends in one thread removes its own setting, not another thread's.
-_scoped_backends: list[list[str]] = []
+
+
+class _ThreadScopes(threading.local):
+    """Thread-local, as torch.no_grad is; a threading.local (not a ContextVar) so that
+    torch.compile can read it and guard on it in the thread calling the compiled code."""
+
+    def __init__(self) -> None:
+        # This thread's settings of the enclosing ``with backend(...)`` blocks, innermost
+        # last, each in a one-item list of its own that the block removes by identity on
+        # exit (a generator's block may end after its caller's).
+        self.backends: list[list[str]] = []
+
+
+_scopes = _ThreadScopes()
 
 
 def check_name(name: object, argument: str = "name") -> str:
@@ -119,20 +128,20 @@ def set_backend(name: str) -> None:
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
     """``with fastattn.backend("reference"): ...`` runs the block on that backend.  The
-    setting is process-wide while the block runs (other threads see it too), as
-    torch.nn.attention.sdpa_kernel's is."""
+    setting applies to the calling thread only, as torch.no_grad's does."""
     scope = [check_name(name)]
-    _scoped_backends.append(scope)
+    scopes = _scopes.backends
+    scopes.append(scope)
     try:
         yield
     finally:
-        del _scoped_backends[next(i for i, entry in enumerate(_scoped_backends) if entry is scope)]
+        del scopes[next(i for i, entry in enumerate(scopes) if entry is scope)]
 
 
 def current_backend() -> str:
     """The backend setting in force here (possibly ``"auto"``)."""
-    if _scoped_backends:
-        return _scoped_backends[-1][0]
+    if _scopes.backends:
+        return _scopes.backends[-1][0]
     if _session_backend is not None:
         return _session_backend
     from_environment = os.environ.get(ENVIRONMENT_VARIABLE)

@@ -150,3 +150,27 @@ def test_a_block_ending_in_another_thread_removes_its_own_setting():
     for thread in threads:
         thread.join(timeout=60)
     assert seen == ["reference", backends.current_backend()]
+
+
+def test_a_block_applies_to_its_own_thread_only_compiled_code_included():
+    """As torch.no_grad: another thread's block does not change what this one runs, and a
+    compiled function follows the setting of the thread calling it."""
+    import threading
+
+    compiled = torch.compile(lambda x: (x + 1, backends.current_backend()), fullgraph=True)
+    in_block, checked = threading.Event(), threading.Event()
+    seen = {}
+
+    def other_thread():
+        with fastattn.backend("reference"):
+            seen["other"] = backends.current_backend(), compiled(torch.zeros(1))[1]
+            in_block.set()
+            checked.wait(timeout=60)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    in_block.wait(timeout=60)
+    seen["this"] = backends.current_backend(), compiled(torch.zeros(1))[1]
+    checked.set()
+    thread.join(timeout=60)
+    assert seen == {"other": ("reference", "reference"), "this": ("auto", "auto")}
