@@ -120,7 +120,8 @@ def unavailable_reason(backend: str) -> str | None:
 
 
 def set_backend(name: str) -> None:
-    """Use ``name`` for every following call (``"auto"`` restores the default)."""
+    """Use ``name`` for every following call, over ``FASTATTN_BACKEND`` (``"auto"``: the
+    fastest available backend per op, whatever the environment variable says)."""
     global _session_backend
     _session_backend = check_name(name)
 
