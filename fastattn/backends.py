@@ -207,17 +207,17 @@ def implementation(op: str, device_type: str, name: str | None = None, inputs: I
     if chosen == "auto":
         chosen = auto_choice(op, device_type)
     reason = unavailable_reason(chosen)
-    if reason is not None:
-        raise BackendUnavailableError(f"backend {chosen!r} is not available: {reason}")
     found = _implementations[op].get(chosen)
-    if found is None:
-        raise BackendUnavailableError(f"backend {chosen!r} has no kernel for op {op!r}")
-    if not _runs_on(found, device_type):
-        raise BackendUnavailableError(
-            f"backend {chosen!r} runs {op!r} on {sorted(found.device_types)} tensors, "
-            f"got {device_type} tensors"
-        )
-    return found.function
+    if reason is not None:
+        problem = f"backend {chosen!r} is not available: {reason}"
+    elif found is None:
+        problem = f"backend {chosen!r} has no kernel for op {op!r}"
+    elif not _runs_on(found, device_type):
+        problem = f"backend {chosen!r} runs {op!r} on {sorted(found.device_types)} tensors, got {device_type} tensors"
+    else:
+        return found.function
+    runnable = [name for name in _implementations[op] if _runs(op, name, device_type)]
+    raise BackendUnavailableError(f"{problem} ({op!r} on {device_type} tensors runs here on: {', '.join(runnable)})")
 
 
 def fused(op: str, device_type: str, inputs: Iterable[object] = ()) -> Callable | None:

@@ -1,6 +1,7 @@
 """Backend selection: precedence of the settings, clear errors, and auto's fallback."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -60,6 +61,7 @@ def test_asking_for_a_missing_backend_says_what_is_missing(name):
         with pytest.raises(fastattn.BackendUnavailableError, match=name) as error:
             fastattn.attention(torch.randn(2, 3), torch.randn(2, 4, 3))
     assert reason in str(error.value)
+    assert re.search(r"'attention' on cpu tensors runs here on: reference\b", str(error.value))
 
 
 def test_cuda_backend_missing_message_is_the_one_users_expect():
