@@ -61,8 +61,7 @@ def attention(dtype, batch, queries, keys, features, score="dot", scale=None, we
     context, weight, row_stats = torch.ops.fastattn.triton_attention_forward(*forward, weights)
     if backward:
         torch.ops.fastattn.triton_attention_backward(
-            torch.zeros_like(context), torch.zeros_like(weight) if weights else None, *forward, context, weight,
-            row_stats,
+            torch.zeros_like(context), torch.zeros_like(weight) if weights else None, *forward, row_stats,
         )
 
 

@@ -1,27 +1,32 @@
 """Fused attention backward, recomputing the scores and, from the forward's row
 statistics (m, 1 / l), the probabilities p = exp(e - m) / l (no T×S matrices
-stored), in two kernels so that every output has one writer:
+stored), in three launches of two kernels so that every output has one writer:
 
-- ``attention_grad_query_kernel`` (grid: query blocks × batch) walks the key blocks
-  a query block can see and accumulates dQ and the gradient of the local-p centers
-  (additive: the centers' alone);
+- ``attention_grad_query_kernel`` with ``ROW_TERMS_GIVEN=False`` (grid: query blocks ×
+  batch) walks the key blocks a query block can see and writes each row's softmax
+  row terms (below) and the gradient of the local-p centers;
+- the same kernel with ``ROW_TERMS_GIVEN=True`` walks them again for dQ (dot and
+  cosine; not launched for additive, whose dQ' the key-value kernel gives);
 - ``attention_grad_key_value_kernel`` (grid: key blocks × batch) walks the query
   blocks whose key range meets its keys and accumulates dK and dV (additive: also dQ'
   and dv, from the same tanh).
 
 With w = softmax(e) * g (g the Gaussian factor, 1 without it), upstream gradients dC
-(context) and dW (weights, optional), dA = dC . v + dW, and
-delta_t = dC_t . c_t + sum_j w_tj dW_tj (computed by the caller, or for float16 /
-bfloat16 by the query kernel's DELTA_GIVEN=False launch as sum_j p g dA), the score
-gradient is dE = p * (g * dA - delta).  Dot and cosine hold dQ/dK whole (``BLOCK_DQ`` >= D) in
+(context) and dW (weights, optional) and dA = dC . v + dW, the score gradient is
+dE_j = p_j (g_j dA_j - sum_i p_i g_i dA_i), taken as p_j ((g_j dA_j - s) - r) with the
+row terms s = g_m dA_m of the row's most probable key m and r = sum_i p_i (g_i dA_i - s)
+(the same, as the p_i add up to 1): exact at m, where a peaked row's two near-equal
+sums would leave rounding noise of eps |dA_m| that the scale then multiplies into dQ
+and dK (as fastattn's C++ kernels' ShiftedRowTerm).  The row terms come from the
+gradients' own float32 tiles, not from the forward's context (dC . c rounds
+differently from the tiles' dA_m, and a 16-bit context is rounded to 16 bits).
+Dot and cosine hold dQ/dK whole (``BLOCK_DQ`` >= D) in
 registers; additive walks Da in tiles of ``BLOCK_D`` and, in the key-value kernel,
 takes each pair's tanh once for dQ', dK' and dv together, accumulated with float32
 atomic adds into zeroed buffers (the caller sums dQ' over rows for the bias gradient:
-d bias = sum over rows of dQ'), so that the additive backward takes 2 tanh per pair and
-feature (the scores', then the gradients'; one more with the centers' gradient or the
-float16 / bfloat16 delta, whose query kernel launches score the pairs again) where two
-kernels' feature gradients took 4; those
-buffers must be re-zeroed between autotuning trials (``reset_to_zero`` in
+d bias = sum over rows of dQ'), so that the additive backward takes 3 tanh per pair and
+feature (the row terms' launch scores the pairs, the key-value kernel scores them again and
+takes one tanh for all three gradients); those buffers must be re-zeroed between autotuning trials (``reset_to_zero`` in
 fastattn.ops.triton_configs).
 The additive tanh is split between the SFU and the FMA units as in the forward
 (``BLOCK_D`` + ``BLOCK_D_POLY``, see ``attention_tiles``).  The batch index is 64-bit,
@@ -44,17 +49,17 @@ from fastattn.kernels.attention_tiles import (
 
 @triton.jit
 def _score_gradient(
-    Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, STATS, DELTA,
+    Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, STATS, ROW_TERMS,
     n, offs_t, offs_j, centers, length,
     stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
     T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, GAUSSIAN: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr,
-    DELTA_GIVEN: tl.constexpr, HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+    ROW_TERMS_GIVEN: tl.constexpr, HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One tile's (dE, p, g, dA, 1/|q|, 1/|k|, grad_out tile) — see the module docstring;
-    without DELTA_GIVEN, p g dA in place of dE (the terms of delta)."""
+    without ROW_TERMS_GIVEN, p g dA in place of dE."""
     scores, inverse_query_norm, inverse_key_norm = block_scores(
         Q, K, VA, BIAS, n * stride_qn, n * stride_kn, offs_t, offs_j, T, S, D, stride_qt, stride_ks, scale, norm_floor,
         SCORE_KIND, HAS_BIAS, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, HARDWARE_TANH, DOT_PRECISION,
@@ -81,10 +86,25 @@ def _score_gradient(
     if GAUSSIAN:
         factor = gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
     grad_scores = p * factor * grad_attention
-    if DELTA_GIVEN:
-        delta = tl.load(DELTA + n * T + offs_t, mask=row_in, other=0.0)
-        grad_scores = p * (factor * grad_attention - delta[:, None])
+    if ROW_TERMS_GIVEN:
+        shift = tl.load(ROW_TERMS + (n * T + offs_t) * 2, mask=row_in, other=0.0)
+        row_term = tl.load(ROW_TERMS + (n * T + offs_t) * 2 + 1, mask=row_in, other=0.0)
+        grad_scores = p * ((factor * grad_attention - shift[:, None]) - row_term[:, None])
     return grad_scores, p, factor, grad_attention, inverse_query_norm, inverse_key_norm, grad_out
+
+
+@triton.jit
+def _shifted_row_term_update(top_probability, shift, row_term, mass, p, weighted_grad):
+    """One key tile's share of each row's (shift, row term): shift = g dA of the most
+    probable key seen so far, row term = sum_j p_j (g_j dA_j - shift) over the keys seen
+    (re-shifted when a more probable key appears: the keys seen before carry mass
+    sum_j p_j)."""
+    tile_top = tl.max(p, axis=1)
+    tile_shift = tl.max(tl.where((p == tile_top[:, None]) & (p > 0.0), weighted_grad, float("-inf")), axis=1)
+    better = tile_top > top_probability
+    new_shift = tl.where(better, tile_shift, shift)
+    row_term += mass * (shift - new_shift) + tl.sum(p * (weighted_grad - new_shift[:, None]), axis=1)
+    return tl.maximum(top_probability, tile_top), new_shift, row_term, mass + tl.sum(p, axis=1)
 
 
 @triton.jit
@@ -147,18 +167,17 @@ def _additive_feature_gradients(
 
 @triton.jit
 def attention_grad_query_kernel(
-    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, STATS, DELTA, GRAD_Q, GRAD_CENTER,
+    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, STATS, ROW_TERMS, GRAD_Q, GRAD_CENTER,
     stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
     T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
-    HAS_GRAD_WEIGHTS: tl.constexpr, DELTA_GIVEN: tl.constexpr, HARDWARE_TANH: tl.constexpr,
+    HAS_GRAD_WEIGHTS: tl.constexpr, ROW_TERMS_GIVEN: tl.constexpr, HARDWARE_TANH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_D_POLY: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dQ and the centers' gradient; without DELTA_GIVEN, delta_t = sum_j p g dA alone
-    into DELTA (from the same float32 tiles as the gradients, where delta from a rounded
-    16-bit context and weights would not cancel the peaked rows' dE)."""
+    """Without ROW_TERMS_GIVEN, each row's (shift, row term) into ROW_TERMS (N, T, 2) and
+    the centers' gradient; with it, dQ from them (dot and cosine)."""
     t_block, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
     t_start = t_block * BLOCK_T
     offs_t = t_start + tl.arange(0, BLOCK_T)
@@ -171,23 +190,27 @@ def attention_grad_query_kernel(
     lo, hi = key_range(t_start, offs_t, centers, T, S, length, window, HAS_LENGTHS, CAUSAL, HAS_WINDOW, BLOCK_S)
     grad_query = tl.zeros((BLOCK_T, BLOCK_DQ), dtype=tl.float32)
     grad_center = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    delta = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    top_probability = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    shift = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    row_term = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    mass = tl.zeros((BLOCK_T,), dtype=tl.float32)
     inverse_query_norm = tl.full((BLOCK_T,), 1.0, tl.float32)
     for j_start in range(lo, hi, BLOCK_S):
         offs_j = j_start + tl.arange(0, BLOCK_S)
         grad_scores, p, factor, grad_attention, inverse_query_norm, inverse_key_norm, _ = _score_gradient(
-            Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, STATS, DELTA, n, offs_t, offs_j, centers, length,
+            Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, STATS, ROW_TERMS, n, offs_t, offs_j, centers, length,
             stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
             T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
             SCORE_KIND, HAS_BIAS, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW, GAUSSIAN, HAS_GRAD_WEIGHTS,
-            DELTA_GIVEN, HARDWARE_TANH, DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, BLOCK_DV,
+            ROW_TERMS_GIVEN, HARDWARE_TANH, DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, BLOCK_DV,
         )
-        if not DELTA_GIVEN:
-            delta += tl.sum(grad_scores, axis=1)
-        elif HAS_CENTER and GAUSSIAN:
-            distance = offs_j.to(tl.float32)[None, :] - centers[:, None]
-            grad_center += tl.sum(grad_attention * p * factor * distance, axis=1) * (2.0 * inverse_two_sigma_squared)
-        if DELTA_GIVEN and SCORE_KIND != 2:  # additive: dQ' comes from the key-value kernel
+        if not ROW_TERMS_GIVEN:
+            top_probability, shift, row_term, mass = _shifted_row_term_update(
+                top_probability, shift, row_term, mass, p, factor * grad_attention)
+            if HAS_CENTER and GAUSSIAN:
+                distance = offs_j.to(tl.float32)[None, :] - centers[:, None]
+                grad_center += tl.sum(grad_attention * p * factor * distance, axis=1) * (2.0 * inverse_two_sigma_squared)
+        elif SCORE_KIND != 2:  # additive: dQ' comes from the key-value kernel
             keys = tl.load(
                 K + n * stride_kn + offs_j[:, None] * stride_ks + offs_dq[None, :],
                 mask=(offs_j < S)[:, None] & (offs_dq < D)[None, :], other=0.0,
@@ -196,8 +219,11 @@ def attention_grad_query_kernel(
             if SCORE_KIND == 1:
                 weighted = weighted * inverse_key_norm[None, :]
             grad_query += tl.dot(weighted.to(keys.dtype), keys, input_precision=DOT_PRECISION)
-    if not DELTA_GIVEN:
-        tl.store(DELTA + n * T + offs_t, delta, mask=row_in)
+    if not ROW_TERMS_GIVEN:
+        tl.store(ROW_TERMS + (n * T + offs_t) * 2, shift, mask=row_in)
+        tl.store(ROW_TERMS + (n * T + offs_t) * 2 + 1, row_term, mask=row_in)
+        if HAS_CENTER and GAUSSIAN:
+            tl.store(GRAD_CENTER + n * T + offs_t, grad_center, mask=row_in)
     elif SCORE_KIND != 2:
         out_mask = row_in[:, None] & (offs_dq < D)[None, :]
         if SCORE_KIND == 1:
@@ -210,13 +236,11 @@ def attention_grad_query_kernel(
             radial = tl.where(tl.sum(query * query, axis=1) >= norm_floor * norm_floor, radial, 0.0)
             grad_query = (grad_query - unit_query * radial[:, None]) * inverse_query_norm[:, None]
         tl.store(GRAD_Q + n * T * D + offs_t[:, None] * D + offs_dq[None, :], grad_query, mask=out_mask)
-    if DELTA_GIVEN and HAS_CENTER and GAUSSIAN:
-        tl.store(GRAD_CENTER + n * T + offs_t, grad_center, mask=row_in)
 
 
 @triton.jit
 def attention_grad_key_value_kernel(
-    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, STATS, DELTA, GRAD_Q, GRAD_K, GRAD_V, GRAD_VA,
+    Q, K, V, VA, BIAS, LENGTHS, KPM, CENTER, GRAD_OUT, GRAD_WEIGHTS, STATS, ROW_TERMS, GRAD_Q, GRAD_K, GRAD_V, GRAD_VA,
     stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
     T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
     SCORE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -243,7 +267,7 @@ def attention_grad_key_value_kernel(
         lo, hi = key_range(t_start, offs_t, centers, T, S, length, window, HAS_LENGTHS, CAUSAL, HAS_WINDOW, BLOCK_S)
         if (j_start < hi) & (j_start + BLOCK_S > lo):
             grad_scores, p, factor, _, inverse_query_norm, inverse_key_norm, grad_out = _score_gradient(
-                Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, STATS, DELTA, n, offs_t, offs_j, centers, length,
+                Q, K, V, VA, BIAS, KPM, GRAD_OUT, GRAD_WEIGHTS, STATS, ROW_TERMS, n, offs_t, offs_j, centers, length,
                 stride_qn, stride_qt, stride_kn, stride_ks, stride_vn, stride_vs, stride_on, stride_ot,
                 T, S, D, DV, scale, norm_floor, window, inverse_two_sigma_squared,
                 SCORE_KIND, HAS_BIAS, HAS_LENGTHS, HAS_KPM, CAUSAL, HAS_WINDOW, GAUSSIAN, HAS_GRAD_WEIGHTS,

@@ -225,22 +225,26 @@ def test_the_interpreter_runs_one_config_and_never_tunes(monkeypatch):
 
 
 def test_the_additive_backward_takes_grad_query_from_the_key_value_kernel(monkeypatch):
-    """One tanh per pair and feature for every gradient: without window centers the
-    additive backward runs the key-value kernel alone (it adds dQ' too); with local-p
-    centers the query kernel runs for their gradient."""
+    """Three tanh per pair and feature for every gradient: the additive backward runs the
+    query kernel once, for the row terms (and the local-p centers' gradient), and the
+    key-value kernel, which adds dQ' too; the dot score runs the query kernel again for dQ."""
     launched = []
     original = triton_launch.run_kernel
 
     def recording(kernel, grid, *arguments, **constexprs):
-        launched.append(kernel.__name__)
+        launched.append((kernel.__name__, constexprs.get("ROW_TERMS_GIVEN")))
         return original(kernel, grid, *arguments, **constexprs)
 
     monkeypatch.setattr(triton_launch, "run_kernel", recording)
-    for mode, runs_the_query_kernel in (("lengths", False), ("local_p", True)):
+    for score, mode in (("additive", "lengths"), ("additive", "local_p"), ("scaled_dot", "lengths")):
         launched.clear()
-        run("triton", "additive", *problem("additive", mode, queries=5))
-        assert "attention_grad_key_value_kernel" in launched, mode
-        assert ("attention_grad_query_kernel" in launched) == runs_the_query_kernel, (mode, launched)
+        run("triton", score, *problem(score, mode, queries=5))
+        query_launches = [(name, given) for name, given in launched if name == "attention_grad_query_kernel"]
+        expected = [("attention_grad_query_kernel", False)]
+        if score != "additive":
+            expected.append(("attention_grad_query_kernel", True))
+        assert query_launches == expected, (score, mode, launched)
+        assert ("attention_grad_key_value_kernel", None) in launched, (score, mode)
 
 
 @pytest.fixture

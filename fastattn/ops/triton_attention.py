@@ -63,14 +63,13 @@ COMBINE_LAUNCHER = Launcher(attention_combine_kernel, triton_configs.COMBINE)
 # tanh.approx.f32 errs by about 2^-11 relative: below the rounding of 16-bit inputs,
 # too coarse for float32 ones (and not available under the interpreter).
 HARDWARE_TANH_DTYPES = () if INTERPRETED else (torch.float16, torch.bfloat16)
-# The backward's delta_t = dC_t . c_t + sum_j w_tj dW_tj for these dtypes is not taken from
-# the outputs: in a peaked row p_j (g_j dA_j - delta_t) cancels to a small difference that
-# the rounding of a float16 / bfloat16 context or weights swamps (additive, D = 128,
-# float16: 3x the float16 reference run's error on grad_keys).  The query kernel sums it
-# as sum_j p g dA from the same float32 tiles as the gradients instead (one more pass
-# over the keys).  The CUDA kernels make the same choice: csrc/cuda/launch.h's
-# row_dot_from_context.
-ROUNDED_OUTPUT_DTYPES = (torch.float16, torch.bfloat16)
+# The backward's softmax row term is not taken from the forward's outputs, as
+# delta_t = dC_t . c_t + sum_j w_tj dW_tj: in a peaked row p_j (g_j dA_j - delta_t) cancels
+# to a small difference that the rounding of the context swamps (float16 additive, D = 128:
+# grad_keys 3x the float16 reference run's error; float32 scaled_dot at scale 30: grad_keys
+# 29x the float32 run's).  The query kernel's first launch sums it from the gradients' own
+# float32 tiles, shifted by the most probable key's g dA (``_shifted_row_term_update``),
+# which then cancels exactly at that key: one more pass over the keys.
 
 
 def _rows(tensor: Tensor) -> Tensor:
@@ -182,7 +181,7 @@ def triton_attention_backward(
     grad_context: Tensor, grad_weights: Optional[Tensor], query: Tensor, keys: Tensor, values: Tensor,
     v: Optional[Tensor], bias: Optional[Tensor], score: str, scale: float, lengths: Optional[Tensor],
     key_padding_mask: Optional[Tensor], causal: bool, window: Optional[int], center: Optional[Tensor], gaussian: bool,
-    context: Tensor, weights: Tensor, row_stats: Tensor,
+    row_stats: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (grad query, keys, values, v, bias, center); the last three are empty when absent."""
     pointers, strides, sizes, flags = _problem(
@@ -190,7 +189,7 @@ def triton_attention_backward(
         window, center, gaussian,
     )
     triton_checks.attention_backward(
-        "triton_attention_backward", grad_context, grad_weights, query, keys, values, context, weights, row_stats,
+        "triton_attention_backward", grad_context, grad_weights, query, keys, values, None, None, row_stats,
         row_stats=True,
     )
     grad_context, grad_weights = _rows(grad_context), contiguous_or_none(grad_weights)
@@ -210,26 +209,21 @@ def triton_attention_backward(
         return ceil_div(query_length, meta["BLOCK_T"]), batch
 
     grad_weights_or_context = grad_weights if grad_weights is not None else grad_context
-    if query.dtype in ROUNDED_OUTPUT_DTYPES:
-        delta = query.new_empty(batch, query_length, dtype=torch.float32)
-        LAUNCHERS["grad_query", additive](
-            query_grid, *pointers, grad_context, grad_weights_or_context, row_stats, delta, delta, delta,
-            *gradient_strides, *sizes, **gradient_flags, DELTA_GIVEN=False,
-        )
-    else:
-        delta = (grad_context.float() * context.float()).sum(-1)
-        if grad_weights is not None:
-            delta = delta + (grad_weights.float() * weights.float()).sum(-1)
     grad_query = query.new_zeros(batch, query_length, features, dtype=torch.float32)
     grad_keys = query.new_zeros(batch, source_length, features, dtype=torch.float32)
     grad_values = query.new_empty(batch, source_length, value_features, dtype=torch.float32)
     grad_v = query.new_zeros(features if additive else 0, dtype=torch.float32)
     grad_center = query.new_zeros(center.shape if center is not None and gaussian else (0,), dtype=torch.float32)
-    upstream = [grad_context, grad_weights_or_context, row_stats, delta]
-    if not additive or grad_center.numel():  # additive: the key-value kernel gives grad_query
+    row_terms = query.new_empty(batch, query_length, 2, dtype=torch.float32)  # (shift, row term) per row
+    upstream = [grad_context, grad_weights_or_context, row_stats, row_terms]
+    LAUNCHERS["grad_query", additive](
+        query_grid, *pointers, *upstream, grad_query, grad_center if grad_center.numel() else grad_query,
+        *gradient_strides, *sizes, **gradient_flags, ROW_TERMS_GIVEN=False,
+    )
+    if not additive:  # additive: the key-value kernel gives grad_query
         LAUNCHERS["grad_query", additive](
-            query_grid, *pointers, *upstream, grad_query, grad_center if grad_center.numel() else grad_query,
-            *gradient_strides, *sizes, **gradient_flags, DELTA_GIVEN=True,
+            query_grid, *pointers, *upstream, grad_query, grad_query,
+            *gradient_strides, *sizes, **gradient_flags, ROW_TERMS_GIVEN=True,
         )
     LAUNCHERS["grad_key_value", additive](
         lambda meta: (ceil_div(source_length, meta["BLOCK_S"]), batch),
@@ -279,16 +273,16 @@ def _forward_input_gradients(grads, v, bias, center, gaussian):
 def _save_for_backward(ctx, inputs, output):
     (query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center, gaussian,
      return_weights) = inputs
-    context, weights, row_stats = output
+    row_stats = output[2]  # the backward needs neither the context nor the weights
     # The masks as they are now: the caller may change its own in place before the backward.
     lengths, key_padding_mask = (None if mask is None else mask.clone() for mask in (lengths, key_padding_mask))
-    ctx.save_for_backward(query, keys, values, v, bias, lengths, key_padding_mask, center, context, weights, row_stats)
+    ctx.save_for_backward(query, keys, values, v, bias, lengths, key_padding_mask, center, row_stats)
     ctx.score, ctx.scale, ctx.causal, ctx.window, ctx.gaussian = score, scale, causal, window, gaussian
     ctx.return_weights = return_weights
 
 
 def _attention_backward(ctx, grad_context, grad_weights, _grad_row_stats):
-    query, keys, values, v, bias, lengths, key_padding_mask, center, context, weights, row_stats = ctx.saved_tensors
+    query, keys, values, v, bias, lengths, key_padding_mask, center, row_stats = ctx.saved_tensors
     inputs = (query, keys, values, v, bias, None, None, None, None, None, None, center if ctx.gaussian else None)
     if higher_order.graph_wanted(inputs):  # create_graph=True: through the differentiable form
         arguments = (query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal,
@@ -299,12 +293,12 @@ def _attention_backward(ctx, grad_context, grad_weights, _grad_row_stats):
         )
         return _forward_input_gradients((*grads[:5], grads[11]), v, bias, center, ctx.gaussian)
     if grad_context is None:
-        grad_context = torch.zeros_like(context)
+        grad_context = query.new_zeros(*query.shape[:2], values.shape[-1])
     use_grad_weights = ctx.return_weights and grad_weights is not None
     grads = torch.ops.fastattn.triton_attention_backward(
         grad_context.contiguous(), grad_weights.contiguous() if use_grad_weights else None,
         query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal, ctx.window,
-        center, ctx.gaussian, context, weights, row_stats,
+        center, ctx.gaussian, row_stats,
     )
     return _forward_input_gradients(grads, v, bias, center, ctx.gaussian)
 
