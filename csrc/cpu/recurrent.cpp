@@ -16,8 +16,10 @@
 // fast_tanh (csrc/common/fast_tanh.h, abs error < 4e-7) so that the fused loops
 // vectorise (with an AVX2+FMA clone of the layer steps, csrc/cpu/isa.h), float64 uses
 // std::exp / std::tanh.
-// Does not handle: LSTM projections (proj_size; the Python side falls back to the
-// reference), float16 / bfloat16, devices other than the CPU.
+// float16 / bfloat16: the cells take them (gate maths in float32, bfloat16 GEMMs in
+// bfloat16, see Cells); the layers do not (the Python side runs them on float32 copies, made once a
+// call).  Does not handle: LSTM projections (proj_size; the Python side falls back to the
+// reference), devices other than the CPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -51,10 +53,20 @@ constexpr int64_t kPointwiseGrainElements = 16384;
 // Argument checks: every op checks devices, dtypes and all shapes before it touches a
 // pointer, so a direct call with bad shapes raises instead of reading out of bounds.
 
-void check_floating_cpu(const char* op, const at::Tensor& reference, const char* reference_name) {
+bool is_low_precision(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
+
+// The layers take float32 and float64; the cells float16 and bfloat16 too (see Cells).
+void check_floating_cpu(const char* op, const at::Tensor& reference, const char* reference_name,
+                        bool low_precision = false) {
   const auto dtype = reference.scalar_type();
   TORCH_CHECK(reference.device().is_cpu(), op, ": expected ", reference_name,
               " on the CPU, got ", reference.device());
+  if (low_precision) {
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || is_low_precision(dtype), op,
+                ": the cpu backend supports float32, float64, float16 and bfloat16 only, got ",
+                reference_name, " of dtype ", dtype);
+    return;
+  }
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
               ": the cpu backend supports float32 and float64 only, got ", reference_name,
               " of dtype ", dtype);
@@ -136,9 +148,11 @@ at::Tensor hidden_projection(const at::Tensor& h, const at::Tensor& w_hh) {
   return out;
 }
 
-// grad of a bias: the gate gradients summed over rows, or empty when there is no bias.
+// grad of a bias: the gate gradients summed over rows (in their dtype, then in the bias'),
+// or empty when there is no bias.
 at::Tensor bias_grad(const at::Tensor& bias, const at::Tensor& grad_gates2d) {
-  return bias.defined() ? grad_gates2d.sum(0) : at::empty({0}, grad_gates2d.options());
+  return bias.defined() ? grad_gates2d.sum(0).to(bias.scalar_type())
+                        : at::empty({0}, grad_gates2d.options());
 }
 
 int64_t rows_per_task(int64_t elements_per_row) {
@@ -349,7 +363,43 @@ at::Tensor bias_or_zeros(const at::Tensor& bias, int64_t gate_rows,
 }
 
 // ---------------------------------------------------------------------------------
-// Cells
+// Cells.  float16 / bfloat16 cells run their gate maths in float32, on float32 copies of
+// the GEMMs' outputs and of the (B, H) states, and save their inputs as given.  bfloat16
+// GEMMs run in bfloat16 (ATen's kernels accumulate in float32 and round the result, as
+// torch.nn.LSTMCell's do): a decoder that steps a cell then never copies its weights
+// (float32 copies made a bfloat16 LSTMCell step at B = 32, H = 256 2.4x slower on this
+// project's AMD EPYC, 853 us against 353, torch's own 424).  float16 GEMMs run on float32
+// copies of their operands: a CPU without float16 arithmetic (this one) ran the float16
+// GEMM 2.6x slower than the copies and a float32 GEMM.
+
+// The dtype the gate maths run in: float32 for float16 / bfloat16 inputs.
+at::ScalarType gate_math_type(const at::Tensor& x) {
+  return is_low_precision(x.scalar_type()) ? at::kFloat : x.scalar_type();
+}
+
+// The dtype a cell's GEMMs run in (see above).
+at::ScalarType gemm_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kHalf ? at::kFloat : x.scalar_type();
+}
+
+// a @ b in gemm_type(reference), returned in the reference's dtype.
+at::Tensor cell_gemm(const at::Tensor& reference, const at::Tensor& a, const at::Tensor& b) {
+  const at::ScalarType type = gemm_type(reference);
+  return at::mm(a.to(type), b.to(type)).to(reference.scalar_type());
+}
+
+// The gate pre-activations' projections of a cell in the gate maths' dtype: `gates`
+// (rows, G) receives x @ w_ih^T, the result is h @ w_hh^T.
+at::Tensor cell_projections_into(at::Tensor gates, const at::Tensor& x, const at::Tensor& h,
+                                 const at::Tensor& w_ih, const at::Tensor& w_hh) {
+  const at::ScalarType type = gemm_type(x);
+  if (gates.scalar_type() == type) {  // float32 / float64, or float16 on float32 copies
+    input_projection_into(gates, x.to(type), w_ih.to(type));
+    return hidden_projection(h.to(type), w_hh.to(type));
+  }
+  gates.copy_(hidden_projection(x, w_ih));
+  return hidden_projection(h, w_hh).to(gates.scalar_type());
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
     const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& c_in,
@@ -357,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
     const std::optional<at::Tensor>& b_hh_in) {
   constexpr const char* op = "lstm_cell_forward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
-  check_floating_cpu(op, x_in, "x");
+  check_floating_cpu(op, x_in, "x", /*low_precision=*/true);
   check_dim(op, x_in, 2, "x");
   check_dim(op, h_in, 2, "h");
   check_dim(op, c_in, 2, "c");
@@ -368,18 +418,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
   check_shape(op, c_in, {B, H}, "c");
   check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kLstmGates * H, I, hidden_in);
 
-  const at::Tensor c = c_in.contiguous();
+  const at::ScalarType math_type = gate_math_type(x_in);
+  const auto math = x_in.options().dtype(math_type);
+  const at::Tensor c = c_in.contiguous().to(math_type);
   const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
   const int64_t G = kLstmGates * H;
-  const at::Tensor input_bias = bias_or_zeros(b_ih, G, x_in.options());
-  const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, x_in.options());
-  const at::Tensor hidden_gates = hidden_projection(h_in, w_hh_in);
-  at::Tensor h_next = at::empty({B, H}, x_in.options());
-  at::Tensor c_next = at::empty({B, H}, x_in.options());
-  at::Tensor saved = at::empty({B, G}, x_in.options());
-  input_projection_into(saved, x_in, w_ih_in);
+  const at::Tensor input_bias = bias_or_zeros(b_ih, G, math).to(math_type);
+  const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, math).to(math_type);
+  at::Tensor h_next = at::empty({B, H}, math);
+  at::Tensor c_next = at::empty({B, H}, math);
+  at::Tensor saved = at::empty({B, G}, math);
+  const at::Tensor hidden_gates = cell_projections_into(saved, x_in, h_in, w_ih_in, w_hh_in);
 
-  AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES(math_type, op, [&] {
     const scalar_t* hidden_data = hidden_gates.const_data_ptr<scalar_t>();
     const scalar_t* input_bias_data = input_bias.const_data_ptr<scalar_t>();
     const scalar_t* hidden_bias_data = hidden_bias.const_data_ptr<scalar_t>();
@@ -396,7 +447,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
       }
     });
   });
-  return {h_next, c_next, saved};
+  const auto dtype = x_in.scalar_type();
+  return {h_next.to(dtype), c_next.to(dtype), saved.to(dtype)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -408,7 +460,7 @@ lstm_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& grad_c_ne
                    const at::Tensor& saved_in) {
   constexpr const char* op = "lstm_cell_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
-  check_floating_cpu(op, x_in, "x");
+  check_floating_cpu(op, x_in, "x", /*low_precision=*/true);
   check_dim(op, x_in, 2, "x");
   check_dim(op, h_in, 2, "h");
   check_dim(op, c_in, 2, "c");
@@ -428,15 +480,17 @@ lstm_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& grad_c_ne
   check_shape(op, saved_in, {B, G}, "saved");
   check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, G, I, hidden_in);
 
-  const at::Tensor grad_h_next = grad_h_next_in.contiguous();
-  const at::Tensor grad_c_next = grad_c_next_in.contiguous();
-  const at::Tensor c = c_in.contiguous(), c_next = c_next_in.contiguous();
-  const at::Tensor saved = saved_in.contiguous();
-  const at::Tensor no_output_grad = at::zeros({B, H}, x_in.options());
-  at::Tensor grad_gates = at::empty({B, G}, x_in.options());
-  at::Tensor grad_c = at::empty({B, H}, x_in.options());
+  const at::ScalarType math_type = gate_math_type(x_in);
+  const auto math = x_in.options().dtype(math_type);
+  const at::Tensor grad_h_next = grad_h_next_in.contiguous().to(math_type);
+  const at::Tensor grad_c_next = grad_c_next_in.contiguous().to(math_type);
+  const at::Tensor c = c_in.contiguous().to(math_type), c_next = c_next_in.contiguous().to(math_type);
+  const at::Tensor saved = saved_in.contiguous().to(math_type);
+  const at::Tensor no_output_grad = at::zeros({B, H}, math);
+  at::Tensor grad_gates = at::empty({B, G}, math);
+  at::Tensor grad_c = at::empty({B, H}, math);
 
-  AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES(math_type, op, [&] {
     const scalar_t* grad_h_data = grad_h_next.const_data_ptr<scalar_t>();
     const scalar_t* zeros_data = no_output_grad.const_data_ptr<scalar_t>();
     const scalar_t* grad_c_data = grad_c_next.const_data_ptr<scalar_t>();
@@ -455,9 +509,11 @@ lstm_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& grad_c_ne
     });
   });
   const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
-  return {at::mm(grad_gates, w_ih_in),         at::mm(grad_gates, w_hh_in),
-          grad_c,                              at::mm(grad_gates.t(), x_in),
-          at::mm(grad_gates.t(), h_in),        bias_grad(b_ih, grad_gates),
+  // 16-bit: the gate gradients rounded to the inputs' dtype, as the reference's are.
+  const at::Tensor rounded = grad_gates.to(x_in.scalar_type());
+  return {cell_gemm(x_in, rounded, w_ih_in),     cell_gemm(x_in, rounded, w_hh_in),
+          grad_c.to(x_in.scalar_type()),         cell_gemm(x_in, rounded.t(), x_in),
+          cell_gemm(x_in, rounded.t(), h_in),    bias_grad(b_ih, grad_gates),
           bias_grad(b_hh, grad_gates)};
 }
 
@@ -468,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_forward(const at::Tensor& x_in, cons
                                                     const std::optional<at::Tensor>& b_hh_in) {
   constexpr const char* op = "gru_cell_forward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
-  check_floating_cpu(op, x_in, "x");
+  check_floating_cpu(op, x_in, "x", /*low_precision=*/true);
   check_dim(op, x_in, 2, "x");
   check_dim(op, h_in, 2, "h");
   check_same_dtype(op, x_in, h_in, "h");
@@ -477,20 +533,22 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_forward(const at::Tensor& x_in, cons
   check_shape(op, h_in, {B, H}, "h");
   check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, G, I, H);
 
+  const at::ScalarType math_type = gate_math_type(x_in);
+  const auto math = x_in.options().dtype(math_type);
   const at::Tensor h = h_in.contiguous();
   const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
-  const at::Tensor input_bias = bias_or_zeros(b_ih, G, x_in.options());
-  const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, x_in.options());
-  const at::Tensor hidden_gates = hidden_projection(h, w_hh_in);
-  at::Tensor h_next = at::empty({B, H}, x_in.options());
-  at::Tensor saved = at::empty({B, 4 * H}, x_in.options());
-  input_projection_into(saved.narrow(1, 0, G), x_in, w_ih_in);
+  const at::Tensor input_bias = bias_or_zeros(b_ih, G, math).to(math_type);
+  const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, math).to(math_type);
+  at::Tensor h_next = at::empty({B, H}, math);
+  at::Tensor saved = at::empty({B, 4 * H}, math);
+  const at::Tensor hidden_gates = cell_projections_into(saved.narrow(1, 0, G), x_in, h, w_ih_in, w_hh_in);
+  const at::Tensor h_math = h.to(math_type);
 
-  AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES(math_type, op, [&] {
     const scalar_t* hidden_data = hidden_gates.const_data_ptr<scalar_t>();
     const scalar_t* input_bias_data = input_bias.const_data_ptr<scalar_t>();
     const scalar_t* hidden_bias_data = hidden_bias.const_data_ptr<scalar_t>();
-    const scalar_t* h_data = h.const_data_ptr<scalar_t>();
+    const scalar_t* h_data = h_math.const_data_ptr<scalar_t>();
     scalar_t* saved_data = saved.mutable_data_ptr<scalar_t>();
     scalar_t* h_next_data = h_next.mutable_data_ptr<scalar_t>();
     const auto row_forward = FASTATTN_ROW_KERNEL(gru_row_forward);
@@ -501,7 +559,7 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_forward(const at::Tensor& x_in, cons
       }
     });
   });
-  return {h_next, saved};
+  return {h_next.to(x_in.scalar_type()), saved.to(x_in.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -511,7 +569,7 @@ gru_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& x_in, cons
                   const std::optional<at::Tensor>& b_hh_in, const at::Tensor& saved_in) {
   constexpr const char* op = "gru_cell_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
-  check_floating_cpu(op, x_in, "x");
+  check_floating_cpu(op, x_in, "x", /*low_precision=*/true);
   check_dim(op, x_in, 2, "x");
   check_dim(op, h_in, 2, "h");
   check_same_dtype(op, x_in, h_in, "h");
@@ -524,18 +582,21 @@ gru_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& x_in, cons
   check_shape(op, saved_in, {B, 4 * H}, "saved");
   check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, G, I, H);
 
-  const at::Tensor grad_h_next = grad_h_next_in.contiguous();
-  const at::Tensor h = h_in.contiguous(), saved = saved_in.contiguous();
-  const at::Tensor no_output_grad = at::zeros({B, H}, x_in.options());
-  at::Tensor grad_input_gates = at::empty({B, G}, x_in.options());
-  at::Tensor grad_hidden_gates = at::empty({B, G}, x_in.options());
-  at::Tensor grad_h = at::empty({B, H}, x_in.options());
+  const at::ScalarType math_type = gate_math_type(x_in);
+  const auto math = x_in.options().dtype(math_type);
+  const at::Tensor grad_h_next = grad_h_next_in.contiguous().to(math_type);
+  const at::Tensor h = h_in.contiguous(), saved = saved_in.contiguous().to(math_type);
+  const at::Tensor h_math = h.to(math_type);
+  const at::Tensor no_output_grad = at::zeros({B, H}, math);
+  at::Tensor grad_input_gates = at::empty({B, G}, math);
+  at::Tensor grad_hidden_gates = at::empty({B, G}, math);
+  at::Tensor grad_h = at::empty({B, H}, math);
 
-  AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES(math_type, op, [&] {
     const scalar_t* grad_h_next_data = grad_h_next.const_data_ptr<scalar_t>();
     const scalar_t* zeros_data = no_output_grad.const_data_ptr<scalar_t>();
     const scalar_t* saved_data = saved.const_data_ptr<scalar_t>();
-    const scalar_t* h_data = h.const_data_ptr<scalar_t>();
+    const scalar_t* h_data = h_math.const_data_ptr<scalar_t>();
     scalar_t* grad_input_data = grad_input_gates.mutable_data_ptr<scalar_t>();
     scalar_t* grad_hidden_data = grad_hidden_gates.mutable_data_ptr<scalar_t>();
     scalar_t* grad_h_data = grad_h.mutable_data_ptr<scalar_t>();
@@ -549,11 +610,19 @@ gru_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& x_in, cons
       }
     });
   });
-  grad_h.addmm_(grad_hidden_gates, w_hh_in);  // direct part dh' * z + the path through the gates
+  const auto dtype = x_in.scalar_type();
+  // 16-bit: the gate gradients rounded to the inputs' dtype, as the reference's are.
+  const at::Tensor rounded_input = grad_input_gates.to(dtype), rounded_hidden = grad_hidden_gates.to(dtype);
+  // The direct part dh' * z plus the path through the gates.
+  if (dtype == math_type) {
+    grad_h.addmm_(grad_hidden_gates, w_hh_in);
+  } else {
+    grad_h.add_(cell_gemm(x_in, rounded_hidden, w_hh_in));
+  }
   const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
-  return {at::mm(grad_input_gates, w_ih_in),  grad_h,
-          at::mm(grad_input_gates.t(), x_in), at::mm(grad_hidden_gates.t(), h),
-          bias_grad(b_ih, grad_input_gates),  bias_grad(b_hh, grad_hidden_gates)};
+  return {cell_gemm(x_in, rounded_input, w_ih_in),  grad_h.to(dtype),
+          cell_gemm(x_in, rounded_input.t(), x_in), cell_gemm(x_in, rounded_hidden.t(), h),
+          bias_grad(b_ih, grad_input_gates),        bias_grad(b_hh, grad_hidden_gates)};
 }
 
 // ---------------------------------------------------------------------------------

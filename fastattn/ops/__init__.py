@@ -4,8 +4,9 @@ and the backend functions plugged into ``fastattn.backends``.
 
 Imported by ``fastattn._extension`` once ``fastattn._C`` has loaded.  The CPU kernels
 compute in float32 or float64: the attention kernels take float16 and bfloat16 inputs
-and compute them in float32; the recurrent ops run float32 copies of them (``in_float32``),
-the outputs back in the input dtype.
+and compute them in float32, and so do the cells' gate maths (their GEMMs run in the input
+dtype); the layers run float32 copies of them (``in_float32``), the outputs back in the
+input dtype.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ BACKEND_FUNCTIONS = {
 
 
 ATTENTION_OPS = ("attention", "additive_attention", "hard_attention", "scaled_dot_product_attention")
+CELL_OPS = ("lstm_cell", "gru_cell")
 
 
 def register_backend(

@@ -26,13 +26,14 @@ SAVED_WIDTHS = {"lstm": 5, "gru": 4}  # a layer's saved row, in units of H
 
 
 def _check_x(op, x, dim):
-    """x of ``dim`` dimensions and one of the kernels' floats: float32 / float64 on the CPU,
-    whose recurrent kernels compute in it (float16 / bfloat16 reach them cast by autocast or
-    the backend)."""
+    """x of ``dim`` dimensions and one of the kernels' floats: on the CPU the layers take
+    float32 / float64 (float16 / bfloat16 reach them cast by autocast or the backend), the
+    cells float16 / bfloat16 too."""
     triton_checks.float_tensor(op, "x", x, dim)
-    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
-        raise RuntimeError(f"fastattn::{op}: the cpu backend supports float32 and float64 only, got x of dtype "
-                           f"{x.dtype}")
+    cpu_dtypes = (torch.float32, torch.float64) + ((torch.float16, torch.bfloat16) if dim == 2 else ())
+    if x.device.type == "cpu" and x.dtype not in cpu_dtypes:
+        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in cpu_dtypes)
+        raise RuntimeError(f"fastattn::{op}: the cpu backend supports {names} only, got x of dtype {x.dtype}")
 
 
 def _check_cell(op, cell, state_name, **tensors):
