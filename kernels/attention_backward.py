@@ -82,6 +82,9 @@ def _score_gradient(
             GRAD_WEIGHTS + n * T * S + offs_t[:, None] * S + offs_j[None, :],
             mask=row_in[:, None] & (offs_j < S)[None, :], other=0.0,
         ).to(tl.float32)
+    # The visible keys' dA only: a masked key's p = 0 must not meet an inf or NaN there (a
+    # loss on the weights such as xlogy(w, w) has dW = inf where w = 0) and poison the row.
+    grad_attention = tl.where(valid, grad_attention, 0.0)
     factor = tl.full((BLOCK_T, BLOCK_S), 1.0, tl.float32)
     if GAUSSIAN:
         factor = gaussian_factor(offs_j, centers, inverse_two_sigma_squared)

@@ -155,6 +155,25 @@ def test_without_weights_output():
     )
 
 
+@pytest.mark.parametrize("mode", ["lengths", "key_padding_mask", "causal", "local_m_gaussian", "local_p"])
+def test_an_infinite_weight_gradient_at_a_masked_key_leaves_the_row_finite(mode):
+    """An entropy penalty on the weights, xlogy(w, w), has an infinite gradient where w = 0:
+    at the masked keys.  The kernels multiplied it by their probability 0 and the NaN
+    spread through the row's softmax term to its query and key gradients (a helper's
+    audit); the reference and the cpu backend keep them finite, and so does Triton now."""
+    inputs = problem("scaled_dot", mode)
+    leaves = inputs[:3]
+    results = {}
+    for backend_name in ("cpu", "triton"):
+        with fastattn.backend(backend_name):
+            context, weights = fastattn.attention(*leaves, score="scaled_dot", return_weights=True, **inputs[4])
+        loss = context.sum() - 0.1 * torch.special.xlogy(weights, weights).sum()
+        results[backend_name] = torch.autograd.grad(loss, leaves)
+    for got, want in zip(results["triton"], results["cpu"]):
+        assert want.isfinite().all()
+        torch.testing.assert_close(got, want, **FLOAT32)
+
+
 def test_the_backward_keeps_neither_the_context_nor_the_weights():
     """It needs the inputs and the (N, T, 2) row statistics only: a (N, T, S) weights
     output kept alive by the graph would cost its memory until the backward."""
