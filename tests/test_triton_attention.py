@@ -435,10 +435,10 @@ def test_low_precision_within_twice_the_reference_error(score, dtype):
 
 
 @pytest.mark.parametrize("with_weights", [False, True], ids=["context", "context-and-weights"])
-def test_a_peaked_float16_backward_takes_delta_from_float32_outputs(with_weights):
-    """delta from the float16 context (and weights) broke the 2x rule here (grad_keys
-    1.8e-2 against the reference run's 5.7e-3); summed from the gradients' own float32
-    tiles it holds."""
+def test_a_peaked_float16_backward_sums_its_row_terms_from_float32_tiles(with_weights):
+    """The softmax row term taken from the float16 context (and weights) broke the 2x rule
+    here (grad_keys 1.8e-2 against the reference run's 5.7e-3); summed from the
+    gradients' own float32 tiles it holds."""
     arguments, grad_context = peaked_additive_problem(5)
     grad_weights = torch.randn(1, 21, 37, generator=torch.Generator().manual_seed(1)).to(torch.float16)
     grad_weights = grad_weights if with_weights else None
