@@ -238,7 +238,7 @@ def _backward_additive(reset_to_zero) -> KernelConfigs:
     )
 
 
-GRAD_QUERY_ADDITIVE = _backward_additive(())  # the centers' gradient alone, stored
+GRAD_QUERY_ADDITIVE = _backward_additive(())  # the row terms and the centers' gradient, stored
 GRAD_KEY_VALUE_ADDITIVE = _backward_additive(("GRAD_Q", "GRAD_K", "GRAD_VA"))
 
 COMBINE = KernelConfigs(
