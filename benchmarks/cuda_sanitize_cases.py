@@ -4,7 +4,7 @@ against the reference; exits 1 on any mismatch (2 when the CUDA kernels cannot r
 Small on purpose: benchmarks/gpu_check.sh runs it under ``compute-sanitizer --tool
 memcheck`` and ``--tool racecheck``, which slow kernels down by orders of magnitude.
 The cases reach every kernel and variant: the attention forward with one key split and
-with several (plus the combine and weights kernels), 16-byte and scalar loads, every
+with several (plus the combine kernel, which then writes the weights), 16-byte and scalar loads, every
 kernel score, the masks and the Gaussian, float16 natively, the tensor-core forward
 (bfloat16: dot, cosine, additive) and backward (the same; grad_center), both per-row backward kernels, hard-attention positions (argmax and drawn),
 fast_tanh, the LSTM/GRU step kernels of the cells, and layers with lengths (forward and

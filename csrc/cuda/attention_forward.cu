@@ -16,8 +16,10 @@
 // loads at a time into its group's partial context (shared memory; the groups are
 // summed at the end).  With splits > 1 each block writes its unnormalised context,
 // max and sum, and combine_splits_kernel merges them.  With weights, the scores go to
-// an (N, T, S) scratch and attention_weights_kernel turns them into
-// exp(score - logsumexp) * Gaussian.
+// an (N, T, S) scratch, which the block that finishes a row (the forward's, or with
+// splits the combine kernel's) turns into exp(score - m) / l * Gaussian from the row's
+// max m and sum l, not from logsumexp = m + log l: its rounding to half an ulp of m
+// (float32, scores near 30: 1e-6) would reach every weight (write_row_weights).
 // The additive tanh (additive_tanh): float16 / bfloat16 split between tanh.approx.f32
 // on the special-function unit (7 features in 8) and the project's rational tanh on the
 // FMA units (the 8th), the rational tanh for float32, libm's for float64.
@@ -39,6 +41,23 @@ template <typename A, int kVec>
 size_t forward_shared_bytes(const AttentionProblem& p) {
   const int64_t groups = row_groups(p.value_dim, kVec).groups;
   return sizeof(A) * static_cast<size_t>(p.score_dim + groups * p.value_dim + 3 * kTile + kWarps);
+}
+
+// weights[row, j] = row.weight(score_j) * Gaussian_j = exp(score_j - M) / L * Gaussian_j over
+// the row's S keys, from the scores scratch (-inf for a masked key: weight 0; all zeros
+// for a row with no key).  A row that was not split is a MergedSplits of one split.  The
+// block's threads take the keys in turn.
+template <typename T>
+__device__ void write_row_weights(const DeviceProblem<T>& p, const AttentionForwardBuffers& out, int64_t row,
+                                  const MergedSplits<Acc<T>>& stats) {
+  using A = Acc<T>;
+  const int64_t S = p.source_length, n = row / p.query_length, t = row % p.query_length;
+  const A center = p.window_center(n, t);
+  const A* scores = static_cast<const A*>(out.scores) + row * S;
+  T* weights = static_cast<T*>(out.weights) + row * S;
+  for (int64_t j = threadIdx.x; j < S; j += kThreads) {
+    weights[j] = from_acc<T>(stats.weight(scores[j]) * p.gaussian_of(j, center));
+  }
 }
 
 template <typename T, ScoreKind kScore, int kVec>
@@ -137,6 +156,11 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
+    if (whole && out.weights != nullptr) {
+      const MergedSplits<A> one_split(
+          1, [&](int64_t) { return softmax.max_score; }, [&](int64_t) { return softmax.sum; });
+      write_row_weights(p, out, row, one_split);
+    }
     if (threadIdx.x == 0) {
       if (whole) {
         static_cast<A*>(out.logsumexp)[row] = softmax.logsumexp();
@@ -156,7 +180,8 @@ __global__ void __launch_bounds__(kThreads)
 // carry no branch and are issued together.  Shared memory: splits x A.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    combine_splits_kernel(int64_t rows, int64_t splits, int64_t value_dim, AttentionForwardBuffers out) {
+    combine_splits_kernel(DeviceProblem<T> p, int64_t rows, int64_t splits, int64_t value_dim,
+                          AttentionForwardBuffers out) {
   using A = Acc<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   A* split_factor = reinterpret_cast<A*>(shared_bytes);  // splits
@@ -178,30 +203,11 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t s = 0; s < splits; ++s) sum += split_factor[s] * partial[s * value_dim];
       static_cast<T*>(out.context)[row * value_dim + d] = from_acc<T>(sum);
     }
-    if (blockIdx.y == 0 && threadIdx.x == 0) static_cast<A*>(out.logsumexp)[row] = merged.logsumexp();
-    __syncthreads();  // the next row overwrites split_factor
-  }
-}
-
-// weights[n, t, j] = exp(score - logsumexp) * Gaussian, 0 for masked keys and rows.
-template <typename T>
-__global__ void attention_weights_kernel(DeviceProblem<T> p, AttentionForwardBuffers out) {
-  using A = Acc<T>;
-  const A minus_infinity = negative_infinity<A>();
-  const int64_t total = p.batch * p.query_length * p.source_length;
-  const A* scores = static_cast<const A*>(out.scores);
-  const A* logsumexp = static_cast<const A*>(out.logsumexp);
-  T* weights = static_cast<T*>(out.weights);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / p.source_length, j = i % p.source_length;
-    const A score = scores[i], lse = logsumexp[row];
-    A weight = A(0);
-    if (score != minus_infinity && lse != minus_infinity) {
-      const int64_t n = row / p.query_length, t = row % p.query_length;
-      weight = exp_of(score - lse) * p.gaussian_of(j, p.window_center(n, t));
+    if (blockIdx.y == 0) {
+      if (out.weights != nullptr) write_row_weights(p, out, row, merged);
+      if (threadIdx.x == 0) static_cast<A*>(out.logsumexp)[row] = merged.logsumexp();
     }
-    weights[i] = from_acc<T>(weight);
+    __syncthreads();  // the next row overwrites split_factor
   }
 }
 
@@ -266,15 +272,8 @@ cudaError_t launch_attention_forward(const AttentionProblem& p, const AttentionF
       const int64_t chunks = (p.value_dim + kThreads - 1) / kThreads;  // one block at least: it writes the lse
       const dim3 grid(grid_for(rows), static_cast<unsigned int>(chunks > 1 ? chunks : 1));
       const size_t shared = sizeof(Acc<T>) * static_cast<size_t>(out.splits);
-      combine_splits_kernel<T><<<grid, kThreads, shared, stream>>>(rows, out.splits, p.value_dim, out);
-      status = cudaGetLastError();
-      if (status != cudaSuccess) return status;
-    }
-    if (out.weights != nullptr && p.source_length > 0) {
-      const int64_t total = rows * p.source_length;
-      const int64_t blocks = (total + 255) / 256;
-      attention_weights_kernel<T><<<grid_for(blocks < 65536 * 16 ? blocks : 65536 * 16), 256, 0, stream>>>(
-          device_problem<T>(p), out);
+      combine_splits_kernel<T>
+          <<<grid, kThreads, shared, stream>>>(device_problem<T>(p), rows, out.splits, p.value_dim, out);
       status = cudaGetLastError();
     }
     return status;
