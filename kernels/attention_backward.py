@@ -20,14 +20,14 @@ sums would leave rounding noise of eps |dA_m| that the scale then multiplies int
 and dK (as fastattn's C++ kernels' ShiftedRowTerm).  The row terms come from the
 gradients' own float32 tiles, not from the forward's context (dC . c rounds
 differently from the tiles' dA_m, and a 16-bit context is rounded to 16 bits).
-Dot and cosine hold dQ/dK whole (``BLOCK_DQ`` >= D) in
-registers; additive walks Da in tiles of ``BLOCK_D`` and, in the key-value kernel,
+Dot and cosine hold dQ/dK whole (``BLOCK_DQ`` >= D) in registers; additive walks Da in
+tiles of ``BLOCK_D`` and, in the key-value kernel,
 takes each pair's tanh once for dQ', dK' and dv together, accumulated with float32
 atomic adds into zeroed buffers (the caller sums dQ' over rows for the bias gradient:
 d bias = sum over rows of dQ'), so that the additive backward takes 3 tanh per pair and
-feature (the row terms' launch scores the pairs, the key-value kernel scores them again and
-takes one tanh for all three gradients); those buffers must be re-zeroed between autotuning trials (``reset_to_zero`` in
-fastattn.ops.triton_configs).
+feature (the row terms' launch scores the pairs, the key-value kernel scores them again
+and takes one tanh for all three gradients); those buffers must be re-zeroed between
+autotuning trials (``reset_to_zero`` in fastattn.ops.triton_configs).
 The additive tanh is split between the SFU and the FMA units as in the forward
 (``BLOCK_D`` + ``BLOCK_D_POLY``, see ``attention_tiles``).  The batch index is 64-bit,
 offsets within one batch element 32-bit.
