@@ -124,7 +124,7 @@ struct Attention : public torch::autograd::Function<Attention> {
         any_requires_grad({query, keys, values, or_undefined(v), or_undefined(bias), or_undefined(center)});
     ctx->save_for_backward({query, keys, values, or_undefined(v), or_undefined(bias),
                             copy_for_backward(lengths, backward_runs), copy_for_backward(key_padding_mask, backward_runs),
-                            or_undefined(center), logsumexp, context});
+                            or_undefined(center), logsumexp});
     ctx->saved_data["score"] = score;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
@@ -140,7 +140,7 @@ struct Attention : public torch::autograd::Function<Attention> {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &query = saved[0], &keys = saved[1], &values = saved[2], &v = saved[3], &bias = saved[4];
     const Tensor &lengths = saved[5], &key_padding_mask = saved[6], &center = saved[7];
-    const Tensor &logsumexp = saved[8], &context = saved[9];
+    const Tensor& logsumexp = saved[8];
     const auto& data = ctx->saved_data;
     const bool gaussian = data.at("gaussian").toBool();
     const bool return_weights = data.at("return_weights").toBool();
@@ -157,11 +157,13 @@ struct Attention : public torch::autograd::Function<Attention> {
            or_none(key_padding_mask), data.at("causal"), window, or_none(center), gaussian},
           {grads[0], return_weights ? grads[1] : none}, inputs);
     }
+    const Tensor grad_context =  // zeros (N, T, Dv) when only the weights have a gradient
+        grads[0].defined() ? grads[0].contiguous()
+                           : at::zeros({logsumexp.size(0), logsumexp.size(1), values.size(2)}, query.options());
     auto [grad_query, grad_keys, grad_values, grad_v, grad_bias, grad_center] =
-        op.call(contiguous_or_zeros(grads[0], context), grad_weights, query, keys, values, or_none(v), or_none(bias),
+        op.call(grad_context, grad_weights, query, keys, values, or_none(v), or_none(bias),
                 data.at("score").toStringRef(), data.at("scale").toDouble(), or_none(lengths),
-                or_none(key_padding_mask), data.at("causal").toBool(), window, or_none(center), gaussian, logsumexp,
-                context);
+                or_none(key_padding_mask), data.at("causal").toBool(), window, or_none(center), gaussian, logsumexp);
     return {grad_query, grad_keys, grad_values, if_present(grad_v, v), if_present(grad_bias, bias),
             none, none, none, none, none, none,
             gaussian ? if_present(grad_center, center) : none, none, none};

@@ -21,15 +21,15 @@ TORCH_LIBRARY(fastattn, m) {
       "int? window, Tensor? center, bool gaussian, bool return_weights) "
       "-> (Tensor context, Tensor weights, Tensor logsumexp)");
   // Gradients of attention_forward; grad_v, grad_bias and grad_center are empty when
-  // the forward had no v / bias / Gaussian center.  context, optional: the forward's
-  // context, from which a kernel may take grad_context . context per row instead of
-  // recomputing it: only in float32 / float64 (a float16 / bfloat16 context is rounded,
-  // which in peaked rows swamps the score gradient's small differences).
+  // the forward had no v / bias / Gaussian center.  The kernels recompute each row's
+  // softmax from the scores (logsumexp marks the fully masked rows); no kernel takes
+  // grad_context . context from the forward's context, which in peaked rows rounds
+  // differently from the row's own terms and swamps the score gradient's small differences.
   m.def(
       "attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, Tensor keys, "
       "Tensor values, Tensor? v, Tensor? bias, str score, float scale, Tensor? lengths, "
       "Tensor? key_padding_mask, bool causal, int? window, Tensor? center, bool gaussian, "
-      "Tensor logsumexp, Tensor? context=None) -> (Tensor grad_query, Tensor grad_keys, "
+      "Tensor logsumexp) -> (Tensor grad_query, Tensor grad_keys, "
       "Tensor grad_values, Tensor grad_v, Tensor grad_bias, Tensor grad_center)");
   // One position per row of weights (N, T, S): drawn from weights / sum(weights) when
   // sample, else the argmax (first on ties); 0 for rows whose weights are all zero.

@@ -57,11 +57,11 @@ def opcheck_backward_sample_positions_and_fast_tanh(forward_arguments: tuple) ->
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in forward_arguments]
     context, weights, logsumexp = torch.ops.fastattn.attention_forward(*detached)
     query, keys, values, v, bias, score, scale, lengths, mask, causal, window, center, gaussian, _ = detached
-    for given_context in (None, context):
+    for grad_weights in (torch.randn_like(weights), None):
         torch.library.opcheck(
             torch.ops.fastattn.attention_backward.default,
-            (torch.randn_like(context), torch.randn_like(weights), query, keys, values, v, bias, score, scale, lengths,
-             mask, causal, window, center, gaussian, logsumexp, given_context),
+            (torch.randn_like(context), grad_weights, query, keys, values, v, bias, score, scale, lengths, mask, causal,
+             window, center, gaussian, logsumexp),
         )
     torch.library.opcheck(torch.ops.fastattn.sample_positions.default, (weights, False, None))
     torch.library.opcheck(torch.ops.fastattn.fast_tanh.default, (torch.randn(17, device=query.device),))
@@ -83,6 +83,54 @@ def peaked_additive_problem(seed: int, dtype: torch.dtype = torch.float16) -> tu
     query, keys, values, v, bias, grad_context = (
         tensor.to(dtype) for tensor in (query, keys, values, v, bias, grad_context))
     return [query, keys, values, v, bias, "additive", 1.0, torch.tensor([30]), None, False, None, None, False], grad_context
+
+
+PEAKED_SHAPES = {"multi_query": (4, 6), "one_query": (1, 100), "multi_query_tiles": (5, 40)}  # (T, S)
+
+
+def peaked_problems(score: str, steps: int, source: int, seeds: int = 12):
+    """(attention_forward's float64 arguments without return_weights, grad_context) of
+    ``seeds`` problems whose rows are peaked: scale 30 for "dot" and "cosine" (raw op
+    scores), v x 10 for "additive" (D = 8, Dv = 3, N = 1)."""
+    for seed in range(seeds):
+        generator = torch.Generator().manual_seed(seed)
+        query, keys, values, grad_context = (torch.randn(*size, generator=generator, dtype=torch.float64)
+                                             for size in ((1, steps, 8), (1, source, 8), (1, source, 3), (1, steps, 3)))
+        additive = score == "additive"
+        v, bias = (torch.randn(8, generator=generator, dtype=torch.float64) * 10,
+                   torch.randn(8, generator=generator, dtype=torch.float64)) if additive else (None, None)
+        yield [query, keys, values, v, bias, score, 1.0 if additive else 30.0, None, None, False, None, None,
+               False], grad_context
+
+
+def reference_op_gradients(arguments: list, grad_context: torch.Tensor) -> tuple:
+    """The gradients of the given ones of query, keys, values, v and bias (attention_forward's
+    first five ``arguments``) through fastattn::attention_reference, in their dtype."""
+    leaves = [a.clone().requires_grad_() for a in arguments[:5] if a is not None]
+    given = iter(leaves)
+    context = torch.ops.fastattn.attention_reference(
+        *[next(given) if a is not None else None for a in arguments[:5]], *arguments[5:])[0]
+    return torch.autograd.grad(context, leaves, grad_context.to(context.dtype))
+
+
+def assert_peaked_float32_gradients_err_like_the_reference(backward, score: str, shape: str,
+                                                           checked: tuple = ("query", "keys", "values", "v", "bias")):
+    """``backward(float32 arguments, float32 grad_context)`` -> the op's gradients (grad_query,
+    grad_keys, grad_values, grad_v, grad_bias; None or empty where absent) over
+    peaked_problems: each `checked` one's error summed over the problems within 2x the
+    float32 reference run's (the float64 run is the truth)."""
+    names = ("query", "keys", "values", "v", "bias")
+    ours_total, reference_total = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    for arguments, grad_context in peaked_problems(score, *PEAKED_SHAPES[shape]):
+        low = [a.float() if isinstance(a, torch.Tensor) else a for a in arguments]
+        ours = [g for g in backward(low, grad_context.float())[:5] if g is not None and g.numel()]
+        exact, reference_run = reference_op_gradients(arguments, grad_context), reference_op_gradients(low, grad_context)
+        assert len(ours) == len(exact)
+        for name, got, want, theirs in zip(names, ours, exact, reference_run):
+            ours_total[name] += float((got.double() - want).abs().max())
+            reference_total[name] += float((theirs.double() - want).abs().max())
+    for name in [name for name in names[:len(exact)] if name in checked]:
+        assert ours_total[name] <= 2 * reference_total[name], (name, ours_total[name], reference_total[name])
 
 
 def input_gradients(forward, arguments, grad_context, grad_weights=None) -> tuple:

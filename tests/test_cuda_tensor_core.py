@@ -202,14 +202,11 @@ def test_emulated_tensor_core_kernels_are_within_twice_the_reference_error(emula
     torch.testing.assert_close(logsumexp[finite], want[finite], rtol=1e-5, atol=1e-5)
     if mode == "lengths":
         assert context[0].abs().max() == 0 and torch.isneginf(logsumexp[0]).all()
-    # The backward from the kernel's logsumexp, row_dot from the forward run again: the
-    # same with the forward's 16-bit context given (what the op's autograd passes) as
-    # without it.  With the local-p Gaussian, grad_center too (float; None without it).
+    # The backward from the kernel's logsumexp, row_dot from the forward run again.  With
+    # the local-p Gaussian, grad_center too (float; None without it).
     grad_context = torch.randn(context.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     *grads, _, _, grad_center = emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments,
-                                                                         logsumexp, context)
-    without_context = emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp)
-    assert_same_but_for_the_order_of_atomics((*grads, grad_center), without_context[:3] + without_context[5:])
+                                                                         logsumexp)
     assert not any(grad.isnan().any() for grad in grads)
     assert_gradients_within_twice_the_reference_error(grads, query, keys, values, masking, scale, dtype, grad_context)
     if masking.get("gaussian") and "center" in masking:
@@ -233,18 +230,17 @@ EMULATED_SCORE_CASES = [  # score, (N, T, S, D, Dv), mode, dtype
 
 
 @pytest.mark.slow
-def test_emulated_peaked_float16_backwards_take_row_dot_in_float_not_from_the_context(emulated):
+def test_emulated_peaked_float16_backwards_take_the_row_terms_in_float_not_from_the_context(emulated):
     """r = dC . C from the float16 context broke the 2x rule here, on the tensor cores
     (grad_keys 1.32x the bound) and in the rows kernel (1.62x); from the forward run
-    again in float (tensor cores) or the rows kernel's own pass over the keys (the
-    context ignored in float16 / bfloat16: launch.h's row_dot_from_context) it holds."""
+    again in float (tensor cores) or the rows kernel's own pass over the keys (which
+    never reads the context) it holds."""
     arguments, grad_context = problems.peaked_additive_problem(5)
-    context, logsumexp = emulation.attention_forward_tensor_core(emulated, arguments)
-    grads = emulation.attention_backward_tensor_core(emulated, grad_context, arguments, logsumexp, context)
+    _, logsumexp = emulation.attention_forward_tensor_core(emulated, arguments)
+    grads = emulation.attention_backward_tensor_core(emulated, grad_context, arguments, logsumexp)
     problems.assert_op_gradients_within_twice_the_reference_error(grads[:3], arguments, grad_context)
-    context, _, logsumexp, _ = emulation.attention_forward(emulated, arguments, False)
-    *grads, splits = emulation.attention_backward(emulated, grad_context, None, arguments, logsumexp, context)
-    assert splits == 1  # the key splits need r from the context
+    _, _, logsumexp, _ = emulation.attention_forward(emulated, arguments, False)
+    *grads, _ = emulation.attention_backward(emulated, grad_context, None, arguments, logsumexp)
     problems.assert_op_gradients_within_twice_the_reference_error(grads[:3], arguments, grad_context)
 
 
@@ -257,8 +253,7 @@ def test_emulated_cosine_and_additive_tile_kernels_are_within_twice_the_referenc
     """The cosine score on the tensor-core forward (Q K^T on the tensor cores over the
     rows' and keys' norms) and the additive one (the scores on the FMA / SFU units), P V
     on the tensor cores; then their tile backward from the tile's logsumexp, with row_dot
-    from the forward run again (the context given or not): cosine's with Q and K normalised in
-    shared memory, additive's with its scores and the gradients of q, k, v and bias on
+    from the forward run again: cosine's with Q and K normalised in shared memory, additive's with its scores and the gradients of q, k, v and bias on
     the FMA / SFU units (grad_v and grad_bias checked too)."""
     scale = 2.5 if score == "cosine" else 1.0
     query, keys, values, masking = problem(*shape, mode)
@@ -273,9 +268,7 @@ def test_emulated_cosine_and_additive_tile_kernels_are_within_twice_the_referenc
     finite = torch.isfinite(want)
     torch.testing.assert_close(logsumexp[finite], want[finite], rtol=1e-5, atol=1e-5)
     grad_context = torch.randn(context.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    grads = emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp, context)
-    without_context = emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp)
-    assert_same_but_for_the_order_of_atomics(grads, without_context)
+    grads = emulation.attention_backward_tensor_core(emulated, grad_context.to(dtype), arguments, logsumexp)
     assert not any(grad.isnan().any() for grad in grads if grad is not None)
     assert_gradients_within_twice_the_reference_error(grads[:3], query, keys, values, masking, scale, dtype,
                                                       grad_context, score)
@@ -303,7 +296,7 @@ def test_emulated_cosine_tile_kernels_at_tiny_norms_give_the_cpu_ops_results(emu
     context, logsumexp = emulation.attention_forward_tensor_core(emulated, arguments)
     want_context, _, want_logsumexp = torch.ops.fastattn.attention_forward(*arguments, False)
     grad_context = torch.randn(context.shape, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    grads = emulation.attention_backward_tensor_core(emulated, grad_context, arguments, logsumexp, context)
+    grads = emulation.attention_backward_tensor_core(emulated, grad_context, arguments, logsumexp)
     expected = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, want_logsumexp)
     assert expected[0].double().abs().max() > 1e6
     assert torch.equal(torch.isneginf(logsumexp), torch.isneginf(want_logsumexp))
@@ -372,8 +365,6 @@ def test_multi_query_attention_runs_on_the_tensor_core_kernels_and_matches_the_r
     assert any("attention_forward_tensor_core" in name for name in names), names
     assert any("attention_backward_tensor_core" in name for name in names), names
     assert not any("backward_rows_kernel" in name for name in names), names
-    # autograd passes the float16 / bfloat16 context, which the backward does not take r from
-    assert not any("row_dot_kernel" in name for name in names), names
     assert_twice_the_reference_error(results["context"], query, keys, values, masking, scale, dtype, score)
     assert_gradients_within_twice_the_reference_error(results["grads"][:3], query, keys, values, masking, scale, dtype,
                                                       grad_context, score)
@@ -414,21 +405,20 @@ def test_deterministic_mode_takes_the_backward_without_atomics(score):
 
 
 @gpu
-def test_the_tensor_core_backward_runs_the_forward_again_for_row_dot_context_given_or_not():
-    query, keys, values, _ = problem(2, 64, 80, 64, 64, "global", seed=5, device=DEVICE)
+def test_the_tensor_core_backward_runs_the_forward_again_for_row_dot():
+    query, keys, values, masking = problem(2, 64, 80, 64, 64, "global", seed=5, device=DEVICE)
     arguments = [tensor.to(torch.bfloat16) for tensor in (query, keys, values)]
     arguments += [None, None, "dot", 0.125, None, None, False, None, None, False]
     context, _, logsumexp = torch.ops.fastattn.attention_forward(*arguments, False)
-    grad_context = torch.randn(context.shape, generator=torch.Generator(device=DEVICE).manual_seed(6), device=DEVICE)
-    grad_context = grad_context.to(torch.bfloat16)
-    grads = {}
-    for given in (context, None):
-        names = launched_kernels(lambda: grads.__setitem__(
-            given is None, torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp, given)))
-        assert any("attention_backward_tensor_core" in name for name in names), names
-        assert not any("row_dot_kernel" in name for name in names), names
-        assert any("attention_forward_tensor_core" in name for name in names), names
-    assert_same_but_for_the_order_of_atomics(grads[False][:3], grads[True][:3])
+    grad_context = torch.randn(context.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    grad_context = grad_context.to(DEVICE)
+    grads = []
+    names = launched_kernels(lambda: grads.extend(torch.ops.fastattn.attention_backward(
+        grad_context.to(torch.bfloat16), None, *arguments, logsumexp)))
+    assert any("attention_backward_tensor_core" in name for name in names), names
+    assert any("attention_forward_tensor_core" in name for name in names), names
+    assert_gradients_within_twice_the_reference_error(grads[:3], query, keys, values, masking, 0.125, torch.bfloat16,
+                                                      grad_context)
 
 
 @gpu

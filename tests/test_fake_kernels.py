@@ -42,7 +42,7 @@ def _attention_backward(**changes):
     context, weights, logsumexp = torch.ops.fastattn.attention_forward(*forward.values())
     del forward["return_weights"]
     arguments = dict(grad_context=torch.randn_like(context), grad_weights=torch.randn_like(weights))
-    arguments.update(forward, logsumexp=logsumexp, context=context)
+    arguments.update(forward, logsumexp=logsumexp)
     return arguments | changes
 
 
@@ -119,8 +119,6 @@ CASES = [
           lambda: _attention_backward(grad_weights=_randn(BATCH, QUERIES, SOURCE - 1))),
     # float32: a float64 query's logsumexp is float64 (the accumulation dtype)
     _case("attention_backward", "logsumexp", lambda: _attention_backward(logsumexp=torch.zeros(BATCH, QUERIES))),
-    _case("attention_backward", "context",
-          lambda: _attention_backward(context=_randn(BATCH, QUERIES + 1, VALUE_FEATURES))),
     _case("attention_backward", "keys", lambda: _attention_backward(keys=_randn(1, SOURCE, FEATURES + 1))),
     _case("sample_positions", "weights", lambda: dict(weights=_randn(QUERIES, SOURCE), sample=False, generator=None)),
     _case("fast_tanh", "x", lambda: dict(x=_randn(QUERIES))),
@@ -176,7 +174,7 @@ GOOD = {
     "attention_forward": lambda: _attention(),
     "attention_forward-additive": lambda: _attention("additive"),
     "attention_backward": lambda: _attention_backward(),
-    "attention_backward-no-context-or-grad_weights": lambda: _attention_backward(grad_weights=None, context=None),
+    "attention_backward-no-grad_weights": lambda: _attention_backward(grad_weights=None),
     "lstm_cell_forward": lambda: _cell("lstm"),
     # An LSTM cell's h may be wider than its state (w_hh (4H, H')), as the kernels take it.
     "lstm_cell_forward-wide-h": lambda: _cell("lstm", h=_randn(BATCH, HIDDEN + 2), w_hh=_randn(4 * HIDDEN, HIDDEN + 2)),

@@ -284,4 +284,78 @@ FASTATTN_HOST_DEVICE UnitVectorGradient<Acc> unit_vector_gradient(Acc norm, Acc 
   return UnitVectorGradient<Acc>{Acc(1) / clamped, along_input};
 }
 
+// ---------------------------------------------------------------- softmax backward row terms
+
+// A row's softmax backward from its recomputed scores alone.  With x_j = g_j dw_j (dw_j
+// the gradient reaching weight j, g_j the Gaussian factor) the score gradient
+//   de_j = p_j (x_j - sum_i p_i x_i)
+// is taken as p_j ((x_j - s) - r), s = x_m of the most probable key m and
+// r = sum_i p_i (x_i - s): the same, as the p_i add up to 1, but exact at m and free of
+// the cancellation of two near-equal sums elsewhere (a peaked row), as the CPU kernels'
+// ShiftedRowTerm.  p_j = exp(e_j - M) / L from the row's own max M and sum L, so that
+// the most probable key's p is 1 / L, as the forward's weight, whatever the rounding of
+// logsumexp.
+template <typename Acc>
+struct RowTerms {
+  Acc max_score;  // M
+  Acc sum;        // L = sum_j exp(e_j - M); 0: no key (a fully masked row)
+  Acc shift;      // s
+  Acc row_term;   // r
+  FASTATTN_HOST_DEVICE bool empty() const { return sum == Acc(0); }
+  FASTATTN_HOST_DEVICE Acc probability(Acc score) const { return exp_of(score - max_score) / sum; }
+  FASTATTN_HOST_DEVICE Acc score_gradient(Acc probability, Acc grad_weight) const {
+    return softmax_score_gradient(probability, grad_weight - shift, row_term);
+  }
+};
+
+// RowTerms over a row's keys in one pass, in pieces merged in key order (tiles, key
+// splits): the max M, the sum L and sum_j exp(e_j - M) (x_j - s) are rescaled when a
+// larger score comes, s moved to its key's x (first on ties).  center_sum gathers the
+// local-p center's gradient, sum_j exp(e_j - M) x_j (j - c) / sigma^2 (times L).  A NaN
+// score makes M and the whole row NaN; a key scored -inf (masked) adds nothing.
+template <typename Acc>
+struct OnlineRowTerms {
+  Acc max_score;
+  Acc sum;
+  Acc shift;
+  Acc shifted_sum;  // sum_j exp(e_j - M) (x_j - s)
+  Acc center_sum;
+
+  FASTATTN_HOST_DEVICE OnlineRowTerms()
+      : max_score(negative_infinity<Acc>()), sum(Acc(0)), shift(Acc(0)), shifted_sum(Acc(0)), center_sum(Acc(0)) {}
+
+  FASTATTN_HOST_DEVICE static OnlineRowTerms of_key(Acc score, Acc grad_weight, Acc center_term) {
+    OnlineRowTerms key;
+    if (score == negative_infinity<Acc>()) return key;
+    key.max_score = score;
+    key.sum = Acc(1);
+    key.shift = grad_weight;
+    key.center_sum = center_term;
+    return key;
+  }
+
+  // Adds the keys of `later`, which all come after this one's.
+  FASTATTN_HOST_DEVICE void merge(const OnlineRowTerms& later) {
+    if (later.max_score == negative_infinity<Acc>()) return;
+    if (max_score == negative_infinity<Acc>()) {
+      *this = later;
+      return;
+    }
+    const Acc merged_max = nan_or_max(max_score, later.max_score);
+    const Acc mine = exp_of(max_score - merged_max), theirs = exp_of(later.max_score - merged_max);
+    const Acc merged_shift = later.max_score > max_score ? later.shift : shift;
+    shifted_sum = mine * (shifted_sum + (shift - merged_shift) * sum) +
+                  theirs * (later.shifted_sum + (later.shift - merged_shift) * later.sum);
+    sum = mine * sum + theirs * later.sum;
+    center_sum = mine * center_sum + theirs * later.center_sum;
+    shift = merged_shift;
+    max_score = merged_max;
+  }
+
+  FASTATTN_HOST_DEVICE RowTerms<Acc> finish() const {
+    return {max_score, sum, shift, sum == Acc(0) ? Acc(0) : shifted_sum / sum};
+  }
+  FASTATTN_HOST_DEVICE Acc center_gradient() const { return sum == Acc(0) ? Acc(0) : center_sum / sum; }
+};
+
 }  // namespace fastattn

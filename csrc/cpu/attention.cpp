@@ -28,9 +28,8 @@
 //   probabilities (normalised over the row, probabilities_of_row: the saved
 //   logsumexp only marks fully masked rows) and the softmax's row term, shifted by the
 //   most probable key's so that peaked rows cancel exactly (ShiftedRowTerm), then one
-//   for the gradients.  Given the forward's context (float32 / float64) and no
-//   grad_weights, the additive score takes each key's tanh once, for its score and its
-//   gradients together (one pass from the logsumexp, additive_row_backward_from_context).
+//   for the gradients.  The additive score keeps each key's tanh from the first pass for
+//   the second where a row's fit (kActivationCacheElements): one tanh a pair there.
 // NaN: a NaN score (a NaN input, or inf - inf) makes its row NaN, as the reference's
 //   softmax does; only rows with no visible key are zeros.
 // Vectorisation: inner loops over the feature dimension use Simd<T, bytes>
@@ -83,6 +82,10 @@ using fastattn::ScoreKind;
 using fastattn::use_avx2_kernels;
 
 constexpr int64_t kKeyBlock = 128;  // keys scored before each online-softmax update
+// The additive backward keeps a row's S x Da activations between its two passes when
+// they fit in a core's L2 (256 KiB in float32), one buffer a thread; above that, taking
+// each tanh twice was faster (N = 8, S = 400, Da = 512: 11 ms, cached 16 ms, in one run).
+constexpr int64_t kActivationCacheElements = int64_t{1} << 16;
 
 // ---------------------------------------------------------------- SIMD vectors
 // Simd<T, kBytes>: kBytes / sizeof(T) float or double lanes.  Why not
@@ -640,9 +643,6 @@ struct BackwardInputs {
   const T* grad_context = nullptr;  // (N, T, Dv)
   const T* grad_weights = nullptr;  // (N, T, S) or null
   const T* logsumexp = nullptr;     // (N, T)
-  // (N, T, Dv): the forward's context, for the additive score's one pass over the keys
-  // (additive_row_backward_from_context), or null.
-  const T* context = nullptr;
 };
 
 // The softmax backward of one row, dE_j = p_j (dw_j - r) with r = sum_i p_i dw_i (dw_j: the
@@ -684,47 +684,6 @@ struct BackwardOutputs {  // uninitialised: the kernel zeroes each batch's slice
   T* grad_center = nullptr;  // (N, T) or null
 };
 
-// The additive score's gradients of query row `row` (batch n, keys `range`) in one pass
-// over its keys, when the forward's context C is given (and no grad_weights): dw_j - r =
-// grad_context . (g_j v_j - C) (g_j: the Gaussian factor), so each key's u = tanh(q_b + k)
-// (into `activation`) gives its score, then its gradients, and a pair's tanh is taken
-// once where the two-pass backward takes it twice.  One dot of the difference, not
-// grad_context . C subtracted from each key's dot: a one-hot row's C is its key's value,
-// and the difference cancels exactly there (see ShiftedRowTerm).  grad_query_row and the
-// outputs accumulate.
-template <typename T, int kBytes>
-FASTATTN_ALWAYS_INLINE void additive_row_backward_from_context(const AttentionProblem<T>& problem,
-                                                                const BackwardInputs<T>& in,
-                                                                const BackwardOutputs<T>& out, int64_t n, int64_t row,
-                                                                KeyRange range, const T* query, T center,
-                                                                T* activation, T* grad_v_sum) {
-  const int64_t score_dim = problem.score_dim, value_dim = problem.value_dim;
-  const T* grad_context = in.grad_context + row * value_dim;
-  const T* context = in.context + row * value_dim;
-  const T logsumexp = in.logsumexp[row];
-  T* grad_query_row = out.grad_query + row * score_dim;
-  T grad_center = T(0);
-  for (int64_t j = range.begin; j < range.end; ++j) {
-    if (problem.is_padding(n, j)) continue;
-    const T score = additive_activations<kBytes>(query, problem.key(n, j), problem.v, activation, score_dim);
-    const T probability = fastattn::exp_of(score - logsumexp);
-    if (probability == T(0)) continue;  // exp underflow: nothing flows
-    const T gaussian = problem.gaussian ? fastattn::gaussian_factor(j, center, problem.window) : T(1);
-    if (out.grad_center != nullptr) {
-      const T grad_weight = dot_product<kBytes>(grad_context, problem.value(n, j), value_dim);
-      grad_center += grad_weight * probability * gaussian * fastattn::gaussian_log_slope(j, center, problem.window);
-    }
-    const T grad_score =
-        probability * dot_with_difference<kBytes>(grad_context, problem.value(n, j), gaussian, context, value_dim);
-    axpy<kBytes>(out.grad_values + (n * problem.source_length + j) * value_dim, probability * gaussian, grad_context,
-                 value_dim);
-    additive_score_backward<kBytes>(activation, problem.v, grad_score, grad_query_row,
-                                    out.grad_keys + n * out.grad_keys_batch_stride + j * score_dim, grad_v_sum,
-                                    score_dim);
-  }
-  if (out.grad_center != nullptr) out.grad_center[row] = grad_center;
-}
-
 // Batches [n_begin, n_end).  grad_v_sum / grad_bias_sum: this chunk's (Da,)
 // accumulators (additive score; grad_bias_sum null without bias).
 template <typename T, ScoreKind kScore, int kBytes>
@@ -738,6 +697,11 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
   std::vector<int64_t> visible_keys(source_length);
   std::vector<T> prepared(score_dim), grad_unit_query(kScore == ScoreKind::kCosine ? score_dim : 0);
   std::vector<T> activation(kScore == ScoreKind::kAdditive ? score_dim : 0);
+  // The additive score's u = tanh(q_b + k) of every key of a row, from its scores' pass for
+  // its gradients' (key j's at (j - range.begin) * Da), when they fit.
+  const bool cache_activations =
+      kScore == ScoreKind::kAdditive && source_length * score_dim <= kActivationCacheElements;
+  std::vector<T> activations(cache_activations ? source_length * score_dim : 0);
   // Each batch's gradient slices are zeroed here, by the thread that accumulates into
   // them and while they are in its cache, rather than by a pass over whole tensors
   // before the kernel (which costs a write and a read of every gradient from memory).
@@ -758,14 +722,6 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
       T query_norm = T(0);
       const T* query = prepare_query<T, kScore, kBytes>(problem, query_row, prepared.data(), &query_norm);
       const T center = problem.window_center(n, t);
-      if constexpr (kScore == ScoreKind::kAdditive) {
-        if (in.context != nullptr) {
-          additive_row_backward_from_context<T, kBytes>(problem, in, out, n, row, range, query, center,
-                                                        activation.data(), grad_v_sum);
-          if (grad_bias_sum != nullptr) axpy<kBytes>(grad_bias_sum, T(1), out.grad_query + row * score_dim, score_dim);
-          continue;
-        }
-      }
       const T* grad_context = in.grad_context + row * value_dim;
       const T* grad_weights = in.grad_weights != nullptr ? in.grad_weights + row * source_length : nullptr;
 
@@ -778,7 +734,15 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
           visible_keys[count++] = j;
         }
       }
-      score_keys<T, kScore, kBytes>(problem, query, n, visible_keys.data(), count, scores.data());
+      if (cache_activations) {  // additive_activations sums e as score_keys does
+        for (int64_t c = 0; c < count; ++c) {
+          const int64_t j = visible_keys[c];
+          scores[j] = additive_activations<kBytes>(query, problem.key(n, j), problem.v,
+                                                   activations.data() + (j - range.begin) * score_dim, score_dim);
+        }
+      } else {
+        score_keys<T, kScore, kBytes>(problem, query, n, visible_keys.data(), count, scores.data());
+      }
       probabilities_of_row(scores.data(), visible_keys.data(), count);
       dot_with_values<kBytes>(problem, grad_context, n, visible_keys.data(), count, value_dots.data());
       T grad_center = T(0);
@@ -820,9 +784,12 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
           axpy<kBytes>(grad_query, scaled / fastattn::clamped_norm(problem.key_norm(n, j)), key, score_dim);
           axpy<kBytes>(grad_key, scaled, query, score_dim);
         } else {
-          additive_activations<kBytes>(query, key, problem.v, activation.data(), score_dim);
-          additive_score_backward<kBytes>(activation.data(), problem.v, grad_score, grad_query, grad_key, grad_v_sum,
-                                          score_dim);
+          const T* u = activations.data() + (j - range.begin) * score_dim;
+          if (!cache_activations) {
+            additive_activations<kBytes>(query, key, problem.v, activation.data(), score_dim);
+            u = activation.data();
+          }
+          additive_score_backward<kBytes>(u, problem.v, grad_score, grad_query, grad_key, grad_v_sum, score_dim);
         }
       }
       if constexpr (kScore == ScoreKind::kCosine) {
@@ -1394,7 +1361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& bias, std::string_view score, double scale,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& key_padding_mask, bool causal,
     std::optional<int64_t> window, const std::optional<at::Tensor>& center, bool gaussian,
-    const at::Tensor& logsumexp, const std::optional<at::Tensor>& context) {
+    const at::Tensor& logsumexp) {
   const char* op = "attention_backward";
   const PreparedInputs in = prepare_inputs(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask,
                                            causal, window, center, gaussian);
@@ -1412,7 +1379,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(logsumexp.dim() == 2 && logsumexp.size(0) == in.batch && logsumexp.size(1) == in.query_length, op,
               ": logsumexp must be (N=", in.batch, ", T=", in.query_length, "), got shape ", logsumexp.sizes());
   const at::Tensor grad_context_ = in_dtype(grad_context, in.compute_dtype).contiguous();
-  if (context.has_value() && context->defined()) check_like_context("context", *context);
   const at::Tensor logsumexp_ = logsumexp.contiguous();
   at::Tensor grad_weights_;
   if (grad_weights.has_value() && grad_weights->defined()) {
@@ -1422,15 +1388,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 op, ": grad_weights must be (N=", in.batch, ", T=", in.query_length, ", S=", in.source_length,
                 "), got shape ", grad_weights->sizes());
     grad_weights_ = in_dtype(*grad_weights, in.compute_dtype).contiguous();
-  }
-  // Without grad_weights, the additive score takes its row term from the forward's context
-  // in one pass over the keys (BackwardInputs::context) when it is in the compute dtype
-  // (float32 / float64: a rounded 16-bit context would not cancel peaked rows' score
-  // gradients); every other case recomputes it with the rest (ShiftedRowTerm).
-  at::Tensor additive_context;
-  if (in.score == ScoreKind::kAdditive && context.has_value() && context->defined() &&
-      context->scalar_type() == in.compute_dtype && !grad_weights_.defined()) {
-    additive_context = context->contiguous();
   }
 
   const auto options = in.query.options();
@@ -1490,7 +1447,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     inputs.grad_context = grad_context_.const_data_ptr<scalar_t>();
     inputs.grad_weights = grad_weights_.defined() ? grad_weights_.const_data_ptr<scalar_t>() : nullptr;
     inputs.logsumexp = logsumexp_.const_data_ptr<scalar_t>();
-    if (additive_context.defined()) inputs.context = additive_context.const_data_ptr<scalar_t>();
     BackwardOutputs<scalar_t> out;
     out.grad_query = grad_query.mutable_data_ptr<scalar_t>();
     out.grad_keys = grad_keys.mutable_data_ptr<scalar_t>();

@@ -3,25 +3,29 @@
 // Gaussian (grad_center), with the optional gradient of the weights output; float32 /
 // float64 / float16 / bfloat16 inputs, float (double for float64) accumulation.
 //
-// Nothing of the forward is stored but logsumexp: probabilities are recomputed as
-// p = exp(score - logsumexp).  With dw_j = grad_context . v_j (+ grad_weights_j),
-// g_j the Gaussian factor and r = sum_j p_j g_j dw_j, the score gradient is
-// de_j = p_j (g_j dw_j - r), the value gradient p_j g_j grad_context.
+// Nothing of the forward is read (not even its logsumexp): each row's softmax is
+// recomputed, with its own max M and sum L, so that p_j = exp(e_j - M) / L is 1 / L at
+// the most probable key whatever the rounding of logsumexp.  With dw_j = grad_context .
+// v_j (+ grad_weights_j) and g_j the Gaussian factor, the score gradient is
+// de_j = p_j ((g_j dw_j - s) - r), s = g_m dw_m of the most probable key m and
+// r = sum_i p_i (g_i dw_i - s) (RowTerms, csrc/common/attention_math.h: exact at m, where
+// a peaked row's two near-equal sums would leave rounding noise), the value gradient
+// p_j g_j grad_context.
 // Two kernels, both deterministic (no atomics), each with tiles of 32 partners:
 //  - backward_rows_kernel, one block per (query row, key split): a pass over the row's
-//    keys for r and grad_center (skipped when the caller passes the forward's context,
-//    float32 / float64 (row_dot_from_context), and no grad_weights:
-//    r = grad_context . context, row_dot_kernel, and grad_center
-//    comes with the second pass), a second pass for grad_query (and, additive, the row's
-//    share of grad_v, summed over rows by the caller; grad_bias is sum of grad_query
-//    over rows).  With r from the context and no grad_center the keys of a row may be
-//    split over blocks as the forward's are (a decode step's few rows then fill the
-//    GPU): each split writes its partial sums and combine_query_gradient_kernel merges
-//    them.  With one query row per batch element (decode steps) each key's gradients
-//    come from that row alone: this kernel writes grad_keys and grad_values in the same
-//    pass (zeros for the keys outside the row's range) and the second kernel is not run.
+//    keys for its row terms (M, L, s, r and grad_center, online: OnlineRowTerms, a
+//    tile's merged over a warp by shuffles), a second for grad_query (and, additive,
+//    the row's share of grad_v, summed over rows by the caller; grad_bias is the sum of
+//    grad_query over rows).  The keys of a row may be split over blocks as the
+//    forward's are (a decode step's few rows then fill the GPU): a first launch of the
+//    kernel (kRowTermsOnly) writes each split's terms, the second merges them in key
+//    order before its second pass, each split writes its partial sums and
+//    combine_query_gradient_kernel merges them.  With one query row per batch element
+//    (decode steps) each key's gradients come from that row alone: this kernel writes
+//    grad_keys and grad_values in the same pass (zeros for the keys outside the row's
+//    range) and the second kernel is not run.
 //  - backward_keys_kernel, one block per (batch, key): a pass over the queries that
-//    see the key for grad_keys and grad_values, using r of the first kernel.
+//    see the key for grad_keys and grad_values, from the row terms of the first kernel.
 // In a tile, warps compute the per-pair scalars (a score and dw each: lanes over the
 // feature dimension, 16-byte loads when rows allow; in backward_rows_kernel each warp
 // takes 8 keys with their loads in flight together, warp_tile_sums), then each thread
@@ -37,14 +41,14 @@ namespace {
 
 // Shared memory of backward_rows_kernel: prepared query (D) | grad_context (Dv) |
 // grad_query partials (groups x D) | grad_v partials (additive: groups x D) | tile
-// arrays (kRowsTileArrays x kTile) | reduction scratch (kWarps) | broadcast (1).
-constexpr int kRowsTileArrays = 6;
+// arrays (kRowsTileArrays x kTile) | reduction scratch (kWarps) | the row's RowTerms.
+constexpr int kRowsTileArrays = 7;
 template <typename A>
 size_t rows_shared_bytes(const AttentionProblem& p, int vec) {
   const int64_t partials = row_groups(p.score_dim, vec).groups * p.score_dim;
   const int64_t additive = p.score == ScoreKind::kAdditive ? partials : 0;
   return sizeof(A) * static_cast<size_t>(p.score_dim + p.value_dim + partials + additive +
-                                     kRowsTileArrays * kTile + kWarps + 1);
+                                     kRowsTileArrays * kTile + kWarps + kRowTermsElements);
 }
 
 template <typename A>
@@ -124,7 +128,39 @@ __device__ void finish_query_gradient(const DeviceProblem<T>& p, const Attention
   __syncthreads();
 }
 
-template <typename T, ScoreKind kScore, int kVec>
+// The OnlineRowTerms of lanes i and i ^ offset merged in key order (the lower lane's
+// keys first): both lanes get the same.
+template <typename A>
+__device__ __forceinline__ OnlineRowTerms<A> merge_with_lane(const OnlineRowTerms<A>& mine, int offset) {
+  OnlineRowTerms<A> other;
+  other.max_score = __shfl_xor_sync(0xffffffffu, mine.max_score, offset);
+  other.sum = __shfl_xor_sync(0xffffffffu, mine.sum, offset);
+  other.shift = __shfl_xor_sync(0xffffffffu, mine.shift, offset);
+  other.shifted_sum = __shfl_xor_sync(0xffffffffu, mine.shifted_sum, offset);
+  other.center_sum = __shfl_xor_sync(0xffffffffu, mine.center_sum, offset);
+  const bool mine_first = (threadIdx.x % kWarpSize & offset) == 0;
+  OnlineRowTerms<A> merged = mine_first ? mine : other;
+  merged.merge(mine_first ? other : mine);
+  return merged;
+}
+
+// The OnlineRowTerms of a tile's `count` keys (key c: score, g dw and centre term at
+// index c of the arrays; a masked key's score -inf), by one warp, a lane per key, merged
+// over the warp in key order: every lane gets the same.
+template <typename A>
+__device__ __forceinline__ OnlineRowTerms<A> tile_row_terms(const A* score, const A* grad_weight,
+                                                            const A* center_term, int count) {
+  static_assert(kTile == kWarpSize, "a lane per key of the tile");
+  const int lane = threadIdx.x % kWarpSize;
+  OnlineRowTerms<A> terms;
+  if (lane < count) terms = OnlineRowTerms<A>::of_key(score[lane], grad_weight[lane], center_term[lane]);
+  for (int offset = 1; offset < kWarpSize; offset *= 2) terms = merge_with_lane(terms, offset);
+  return terms;
+}
+
+// kRowTermsOnly: the first launch when a row's keys are split over blocks, which writes
+// each split's OnlineRowTerms (pass 1) for the second to merge.
+template <typename T, ScoreKind kScore, int kVec, bool kRowTermsOnly>
 __global__ void __launch_bounds__(kThreads)
     backward_rows_kernel(DeviceProblem<T> p, AttentionBackwardBuffers in) {
   using A = Acc<T>;
@@ -137,35 +173,97 @@ __global__ void __launch_bounds__(kThreads)
   A* grad_context = prepared + D;                    // Dv
   A* grad_query = grad_context + Dv;                 // groups x D (cosine: of the unit query)
   A* grad_v = grad_query + groups * D;               // groups x D, additive only
-  A* tile_a = grad_v + (kScore == ScoreKind::kAdditive ? groups * D : 0);
-  A* tile_b = tile_a + kTile;
-  A* tile_coefficient = tile_b + kTile;  // grad_query's factor of each key
-  A* tile_weight = tile_coefficient + kTile;     // one query row: grad_values_j = weight_j grad_context
-  A* tile_key_inverse_norm = tile_weight + kTile;  // one query row, cosine: 1 / max(|k_j|, floor)
+  A* tile_score = grad_v + (kScore == ScoreKind::kAdditive ? groups * D : 0);  // pass 1: e_j (masked: -inf)
+  A* tile_grad_weight = tile_score + kTile;          // pass 1: g_j dw_j
+  A* tile_center_term = tile_grad_weight + kTile;    // pass 1: g_j dw_j (j - c) / sigma^2
+  A* tile_coefficient = tile_center_term + kTile;    // grad_query's factor of each key
+  A* tile_weight = tile_coefficient + kTile;         // one query row: grad_values_j = weight_j grad_context
+  A* tile_key_inverse_norm = tile_weight + kTile;    // one query row, cosine: 1 / max(|k_j|, floor)
   A* tile_key_self = tile_key_inverse_norm + kTile;  // one query row, cosine: grad_keys_j's factor of that times k_j
   A* reduce_scratch = tile_key_self + kTile;
-  static_assert(kRowsTileArrays == 6, "tile_a .. tile_key_self");
-  A* broadcast = reduce_scratch + kWarps;
+  static_assert(kRowsTileArrays == 7, "tile_score .. tile_key_self");
+  RowTerms<A>* shared_row_terms = reinterpret_cast<RowTerms<A>*>(reduce_scratch + kWarps);
 
   const int warp = threadIdx.x / kWarpSize;
   const int64_t rows = p.batch * p.query_length, splits = in.splits, split = blockIdx.y, S = p.source_length;
   const A minus_infinity = negative_infinity<A>();
-  const A* logsumexp = static_cast<const A*>(in.logsumexp);
   A* grad_center_out = static_cast<A*>(in.grad_center);
-  A* row_dot_out = static_cast<A*>(in.row_dot);
+  OnlineRowTerms<A>* partial_row_terms = static_cast<OnlineRowTerms<A>*>(in.partial_row_terms);
   // One query row per batch element (a decode step): each key's gradients come from
   // that row alone, so this kernel writes them too and backward_keys_kernel is not run.
   const bool writes_keys = p.query_length == 1;
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const A lse = logsumexp[row];
     const int64_t n = row / p.query_length, t = row % p.query_length;
     KeyRange range = p.keys_of(n, t);
-    if (lse == minus_infinity) range.end = range.begin;  // fully masked row: zero gradients (uniform); NaN: NaN
     const int64_t per_split = (range.end - range.begin + splits - 1) / splits;
     const int64_t chunk_begin = range.begin + split * per_split;
-    const int64_t chunk_end = chunk_begin + per_split < range.end ? chunk_begin + per_split : range.end;
+    int64_t chunk_end = chunk_begin + per_split < range.end ? chunk_begin + per_split : range.end;
     const A center = p.window_center(n, t);
+    const T* grad_context_row = static_cast<const T*>(in.grad_context) + row * Dv;
+    for (int64_t d = threadIdx.x; d < Dv; d += kThreads) grad_context[d] = to_acc(grad_context_row[d]);
+    for (int64_t d = threadIdx.x; !kRowTermsOnly && d < groups * D; d += kThreads) {
+      grad_query[d] = A(0);
+      if (kScore == ScoreKind::kAdditive) grad_v[d] = A(0);
+    }
+    const A query_norm = load_prepared_query<kScore, kVec>(p, row, prepared);  // synchronises
+    // The sums of the warp's keys of a tile (first .. of count): the score's over the
+    // keys, dw's (grad_context . value) over the values.
+    const auto pair_sums_of_tile = [&](int first, int count, int64_t tile, PairSums<A>(&key_sums)[kKeysPerWarp],
+                                       PairSums<A>(&value_sums)[kKeysPerWarp]) {
+      warp_tile_sums<kScore, kVec, T>(
+          prepared, [&](int c) { return p.key_row(n, tile + c); }, first, count, p.v, D, key_sums);
+      warp_tile_sums<ScoreKind::kDot, kVec, T>(
+          grad_context, [&](int c) { return p.value_row(n, tile + c); }, first, count, nullptr, Dv, value_sums);
+    };
+
+    // Pass 1 over the chunk's keys (the whole row unless it is split): the row terms,
+    // warp 0's, each tile's merged over a warp and then into the row's in key order.
+    OnlineRowTerms<A> terms;
+    for (int64_t tile = chunk_begin; (kRowTermsOnly || splits == 1) && tile < chunk_end; tile += kTile) {
+      const int count = static_cast<int>(chunk_end - tile < kTile ? chunk_end - tile : kTile);
+      const int first = warp * kKeysPerWarp;
+      if (first < count) {
+        PairSums<A> key_sums[kKeysPerWarp], value_sums[kKeysPerWarp];
+        pair_sums_of_tile(first, count, tile, key_sums, value_sums);
+        for_each_warp_partner(first, count, [&](int k, int c) {
+          const int64_t j = tile + c;
+          A score = minus_infinity, grad_weight = A(0), center_term = A(0);
+          if (!p.is_padding(n, j)) {
+            score = score_of_sums<kScore>(p, key_sums[k]);
+            grad_weight = (value_sums[k].dot + grad_weight_of<T>(in, row * S + j)) * p.gaussian_of(j, center);
+            if (grad_center_out != nullptr) center_term = grad_weight * gaussian_log_slope<A>(j, center, p.window);
+          }
+          tile_score[c] = score;
+          tile_grad_weight[c] = grad_weight;
+          tile_center_term[c] = center_term;
+        });
+      }
+      __syncthreads();
+      if (warp == 0) terms.merge(tile_row_terms(tile_score, tile_grad_weight, tile_center_term, count));
+      __syncthreads();
+    }
+    if (kRowTermsOnly) {
+      if (threadIdx.x == 0) partial_row_terms[row * splits + split] = terms;
+      __syncthreads();  // the next row overwrites shared memory
+      continue;
+    }
+    if (splits > 1 && threadIdx.x == 0) {  // the splits' terms, merged in key order
+      for (int64_t other = 0; other < splits; ++other) terms.merge(partial_row_terms[row * splits + other]);
+    }
+    if (threadIdx.x == 0) {
+      shared_row_terms[0] = terms.finish();
+      if (split == 0) {
+        static_cast<RowTerms<A>*>(in.row_terms)[row] = terms.finish();
+        if (grad_center_out != nullptr) grad_center_out[row] = terms.center_gradient();
+      }
+    }
+    __syncthreads();
+    const RowTerms<A> row_terms = shared_row_terms[0];
+    if (row_terms.empty()) {  // no key (a fully masked row): zero gradients; a NaN row goes on (NaN)
+      range.end = range.begin;
+      chunk_end = chunk_begin;
+    }
     T* grad_keys_out = static_cast<T*>(in.grad_keys) + n * S * D;
     T* grad_values_out = static_cast<T*>(in.grad_values) + n * S * Dv;
     if (writes_keys) {  // zeros for the keys outside the row's range, shared out among its splits
@@ -180,66 +278,10 @@ __global__ void __launch_bounds__(kThreads)
       zero_share(grad_values_out, Dv, 0, range.begin);
       zero_share(grad_values_out, Dv, range.end, S);
     }
-    const T* grad_context_row = static_cast<const T*>(in.grad_context) + row * Dv;
-    for (int64_t d = threadIdx.x; d < Dv; d += kThreads) grad_context[d] = to_acc(grad_context_row[d]);
-    for (int64_t d = threadIdx.x; d < groups * D; d += kThreads) {
-      grad_query[d] = A(0);
-      if (kScore == ScoreKind::kAdditive) grad_v[d] = A(0);
-    }
-    const A query_norm = load_prepared_query<kScore>(p, row, prepared, reduce_scratch);  // synchronises
-    // The sums of the warp's keys of a tile (first .. of count): the score's over the
-    // keys, dw's (grad_context . value) over the values.
-    const auto pair_sums_of_tile = [&](int first, int count, int64_t tile, PairSums<A>(&key_sums)[kKeysPerWarp],
-                                       PairSums<A>(&value_sums)[kKeysPerWarp]) {
-      warp_tile_sums<kScore, kVec, T>(
-          prepared, [&](int c) { return p.key_row(n, tile + c); }, first, count, p.v, D, key_sums);
-      warp_tile_sums<ScoreKind::kDot, kVec, T>(
-          grad_context, [&](int c) { return p.value_row(n, tile + c); }, first, count, nullptr, Dv, value_sums);
-    };
 
-    // Pass 1: r = sum_j p_j g_j dw_j and grad_center = sum_j dw_j p_j g_j (j - c) / sigma^2,
-    // unless row_dot holds r already (r = grad_context . context without grad_weights:
-    // launch_attention_backward passes the context only then, and splits > 1 only with
-    // it and without grad_center); grad_center then comes with pass 2.
-    A row_dot = in.context != nullptr ? row_dot_out[row] : A(0), center_gradient = A(0);  // thread 0's
-    const bool center_in_pass_2 = in.context != nullptr && grad_center_out != nullptr;  // uniform
-    for (int64_t tile = range.begin; in.context == nullptr && tile < range.end; tile += kTile) {
-      const int count = static_cast<int>(range.end - tile < kTile ? range.end - tile : kTile);
-      const int first = warp * kKeysPerWarp;
-      if (first < count) {
-        PairSums<A> key_sums[kKeysPerWarp], value_sums[kKeysPerWarp];
-        pair_sums_of_tile(first, count, tile, key_sums, value_sums);
-        for_each_warp_partner(first, count, [&](int k, int c) {
-          const int64_t j = tile + c;
-          A to_row_dot = A(0), to_center = A(0);
-          if (!p.is_padding(n, j)) {
-            const A dw = value_sums[k].dot + grad_weight_of<T>(in, row * p.source_length + j);
-            const A weight = exp_of(score_of_sums<kScore>(p, key_sums[k]) - lse) * p.gaussian_of(j, center);
-            to_row_dot = weight * dw;
-            if (p.gaussian) to_center = to_row_dot * gaussian_log_slope<A>(j, center, p.window);
-          }
-          tile_a[c] = to_row_dot;
-          tile_b[c] = to_center;
-        });
-      }
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        for (int c = 0; c < count; ++c) {
-          row_dot += tile_a[c];
-          center_gradient += tile_b[c];
-        }
-      }
-      __syncthreads();
-    }
-    if (in.context == nullptr) {  // uniform
-      if (threadIdx.x == 0) broadcast[0] = row_dot;
-      __syncthreads();
-      row_dot = broadcast[0];
-    }
-
-    // Pass 2 over the split's keys: grad_query (and grad_v) from de_j = p_j (g_j dw_j - r),
-    // the groups of threads taking the tile's keys in turn with kRowUnroll keys' loads
-    // in flight.
+    // Pass 2 over the split's keys: grad_query (and grad_v) from de_j (RowTerms), the
+    // groups of threads taking the tile's keys in turn with kRowUnroll keys' loads in
+    // flight.
     for (int64_t tile = chunk_begin; tile < chunk_end; tile += kTile) {
       const int count = static_cast<int>(chunk_end - tile < kTile ? chunk_end - tile : kTile);
       const int first = warp * kKeysPerWarp;
@@ -248,13 +290,13 @@ __global__ void __launch_bounds__(kThreads)
         pair_sums_of_tile(first, count, tile, key_sums, value_sums);
         for_each_warp_partner(first, count, [&](int k, int c) {
           const int64_t j = tile + c;
-          A coefficient = A(0), weight = A(0), key_inverse_norm = A(0), key_self = A(0), to_center = A(0);
+          A coefficient = A(0), weight = A(0), key_inverse_norm = A(0), key_self = A(0);
           if (!p.is_padding(n, j)) {
             const A key_norm = kScore == ScoreKind::kCosine ? clamped_norm(sqrt(key_sums[k].row_sq)) : A(1);
             const A dw = value_sums[k].dot + grad_weight_of<T>(in, row * p.source_length + j);
-            const A probability = exp_of(score_of_sums<kScore>(p, key_sums[k]) - lse);
+            const A probability = row_terms.probability(score_of_sums<kScore>(p, key_sums[k]));
             const A gaussian = p.gaussian_of(j, center);
-            const A grad_score = softmax_score_gradient(probability, dw * gaussian, row_dot);
+            const A grad_score = row_terms.score_gradient(probability, dw * gaussian);
             if (kScore == ScoreKind::kDot) coefficient = p.scale * grad_score;
             if (kScore == ScoreKind::kCosine) {  // k through k / max(|k|, floor): d score / d k^ = scale q^
               coefficient = p.scale * grad_score / key_norm;
@@ -265,9 +307,7 @@ __global__ void __launch_bounds__(kThreads)
             }
             if (kScore == ScoreKind::kAdditive) coefficient = grad_score;
             weight = probability * gaussian;
-            if (center_in_pass_2) to_center = weight * dw * gaussian_log_slope<A>(j, center, p.window);
           }
-          tile_b[c] = to_center;
           tile_coefficient[c] = coefficient;
           tile_weight[c] = weight;
           tile_key_inverse_norm[c] = key_inverse_norm;
@@ -275,9 +315,6 @@ __global__ void __launch_bounds__(kThreads)
         });
       }
       __syncthreads();
-      if (center_in_pass_2 && threadIdx.x == 0) {
-        for (int c = 0; c < count; ++c) center_gradient += tile_b[c];
-      }
       if (group < groups) {
         A* query_partial = grad_query + group * D;
         A* v_partial = grad_v + group * D;
@@ -332,10 +369,6 @@ __global__ void __launch_bounds__(kThreads)
 
     if (splits == 1) {
       finish_query_gradient<T, kScore>(p, in, row, groups, grad_query, grad_v, query_norm, reduce_scratch);
-      if (threadIdx.x == 0) {
-        row_dot_out[row] = row_dot;
-        if (grad_center_out != nullptr) grad_center_out[row] = center_gradient;
-      }
     } else {  // this split's sums over the groups, merged by combine_query_gradient_kernel
       const int64_t slot = (row * splits + split) * D;
       A* v_out = kScore == ScoreKind::kAdditive ? static_cast<A*>(in.partial_grad_v) + slot : nullptr;
@@ -348,7 +381,7 @@ __global__ void __launch_bounds__(kThreads)
 // grad_query and grad_v of each row (a block per row) from its splits' partials, then as
 // backward_rows_kernel finishes them.  Shared memory: the query as the score uses it
 // (D, for the cosine score's norm), grad_query and grad_v (D each), scratch (kWarps).
-template <typename T, ScoreKind kScore>
+template <typename T, ScoreKind kScore, int kVec>
 __global__ void __launch_bounds__(kThreads)
     combine_query_gradient_kernel(DeviceProblem<T> p, AttentionBackwardBuffers in) {
   using A = Acc<T>;
@@ -362,7 +395,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t first = row * splits * D;
     const A* v_parts = kScore == ScoreKind::kAdditive ? static_cast<const A*>(in.partial_grad_v) + first : nullptr;
     sum_parts<kScore>(static_cast<const A*>(in.partial_grad_query) + first, v_parts, splits, D, grad_query, grad_v);
-    const A query_norm = load_prepared_query<kScore>(p, row, prepared, reduce_scratch);  // synchronises
+    const A query_norm = load_prepared_query<kScore, kVec>(p, row, prepared);  // synchronises
     finish_query_gradient<T, kScore>(p, in, row, 1, grad_query, grad_v, query_norm, reduce_scratch);
   }
 }
@@ -372,7 +405,7 @@ __global__ void __launch_bounds__(kThreads)
     backward_keys_kernel(DeviceProblem<T> p, AttentionBackwardBuffers in) {
   using A = Acc<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  A* resident = reinterpret_cast<A*>(shared_bytes);  // D: k (+ bias for the additive score)
+  A* resident = reinterpret_cast<A*>(shared_bytes);  // D: k
   A* value = resident + p.score_dim;                  // Dv
   A* grad_key = value + p.value_dim;                  // D (cosine: of the unit key)
   A* grad_value = grad_key + p.score_dim;             // Dv
@@ -382,9 +415,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t S = p.source_length, D = p.score_dim, Dv = p.value_dim, T_ = p.query_length;
-  const A minus_infinity = negative_infinity<A>();
-  const A* logsumexp = static_cast<const A*>(in.logsumexp);
-  const A* row_dot = static_cast<const A*>(in.row_dot);
+  const RowTerms<A>* row_terms = static_cast<const RowTerms<A>*>(in.row_terms);
   const T* grad_context = static_cast<const T*>(in.grad_context);
   T* grad_keys_out = static_cast<T*>(in.grad_keys);
   T* grad_values_out = static_cast<T*>(in.grad_values);
@@ -397,11 +428,8 @@ __global__ void __launch_bounds__(kThreads)
       continue;
     }
     const T* key = p.key_row(n, j);
-    A square_sum = A(0);
     for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-      const A k = to_acc(key[d]);
-      square_sum += k * k;
-      resident[d] = kScore == ScoreKind::kAdditive && p.bias != nullptr ? k + to_acc(p.bias[d]) : k;
+      resident[d] = to_acc(key[d]);
       grad_key[d] = A(0);
     }
     const T* value_row = p.value_row(n, j);
@@ -409,26 +437,32 @@ __global__ void __launch_bounds__(kThreads)
       value[d] = to_acc(value_row[d]);
       grad_value[d] = A(0);
     }
-    A key_norm = A(0);
-    if (kScore == ScoreKind::kCosine) key_norm = sqrt(block_sum(square_sum, reduce_scratch));
+    // |k| as backward_rows_kernel's pair sums take it (each warp's, the same bits)
+    const A key_norm = kScore == ScoreKind::kCosine ? sqrt(warp_square_sum<kVec>(key, D)) : A(0);
     __syncthreads();
 
     for (int64_t tile = 0; tile < T_; tile += kTile) {
       const int count = static_cast<int>(T_ - tile < kTile ? T_ - tile : kTile);
       for (int c = warp; c < count; c += kWarps) {
         const int64_t t = tile + c, row = n * T_ + t;
-        const A lse = logsumexp[row];
+        const RowTerms<A> terms = row_terms[row];
         A coefficient = A(0), weight = A(0);
-        if (lse != minus_infinity && p.keys_of(n, t).contains(j)) {  // a NaN row's lse (NaN) passes: NaN gradients
-          const auto sums = pair_sums<kScore, kVec, T>(resident, p.query_row(row), p.v, D);
-          A score = sums.dot;
-          if (kScore == ScoreKind::kDot) score = sums.dot * p.scale;
-          const A query_norm = kScore == ScoreKind::kCosine ? clamped_norm(sqrt(sums.row_sq)) : A(1);
-          if (kScore == ScoreKind::kCosine) score = p.scale * (sums.dot / query_norm) / clamped_norm(key_norm);
+        if (!terms.empty() && p.keys_of(n, t).contains(j)) {  // a NaN row's (sum NaN) passes: NaN gradients
+          // The score as backward_rows_kernel computes it, to the bit (pair_sums_of_rows), so
+          // that the most probable key's probability is exp(0) / L here too.
+          const T* query = p.query_row(row);
+          A score, query_norm = A(1);
+          if constexpr (kScore == ScoreKind::kCosine) {
+            query_norm = clamped_norm(sqrt(warp_square_sum<kVec>(query, D)));
+            score = p.scale * (warp_dot_of_divided_row<kVec>(resident, query, query_norm, D) / clamped_norm(key_norm));
+          } else {
+            const A dot = pair_sums<kScore, kVec, T>(resident, query, p.v, D, p.bias).dot;
+            score = kScore == ScoreKind::kDot ? dot * p.scale : dot;
+          }
           const A dw = warp_dot<kVec>(value, grad_context + row * Dv, Dv) + grad_weight_of<T>(in, row * S + j);
-          const A probability = exp_of(score - lse);
+          const A probability = terms.probability(score);
           const A gaussian = p.gaussian_of(j, p.window_center(n, t));
-          const A grad_score = softmax_score_gradient(probability, dw * gaussian, row_dot[row]);
+          const A grad_score = terms.score_gradient(probability, dw * gaussian);
           weight = probability * gaussian;
           if (kScore == ScoreKind::kDot) coefficient = p.scale * grad_score;
           if (kScore == ScoreKind::kCosine) coefficient = p.scale * grad_score / query_norm;
@@ -441,8 +475,9 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
       for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
-        A v_part[kVec];
+        A v_part[kVec], bias[kVec] = {};
         if (kScore == ScoreKind::kAdditive) load_pack<kVec>(p.v + d, v_part);
+        if (kScore == ScoreKind::kAdditive && p.bias != nullptr) load_pack<kVec>(p.bias + d, bias);
         for (int c = 0; c < count; ++c) {
           const A coefficient = tile_coefficient[c];
           if (coefficient == A(0)) continue;
@@ -451,7 +486,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < kVec; ++i) {
             if (kScore == ScoreKind::kAdditive) {
-              const A u = additive_tanh<T, kVec>(resident[d + i] + query[i], d, i);
+              const A u = additive_tanh<T, kVec>(resident[d + i] + (query[i] + bias[i]), d, i);
               grad_key[d + i] += coefficient * v_part[i] * tanh_derivative(u);
             } else {
               grad_key[d + i] += coefficient * query[i];
@@ -494,28 +529,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// row_dot[row] = grad_context[row] . context[row], one warp per row, kVec-wide loads.
-template <typename T, int kVec>
-__global__ void __launch_bounds__(kThreads)
-    row_dot_kernel(const T* grad_context, const T* context, Acc<T>* row_dot, int64_t rows, int64_t value_dim) {
-  using A = Acc<T>;
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize; row < rows;
-       row += warps) {  // uniform over the warp: every lane reaches the shuffles
-    A sum = A(0);
-    for (int64_t d = static_cast<int64_t>(lane) * kVec; d < value_dim; d += kWarpSize * kVec) {
-      A gradient[kVec], value[kVec];
-      load_pack<kVec>(grad_context + row * value_dim + d, gradient);
-      load_pack<kVec>(context + row * value_dim + d, value);
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) sum += gradient[i] * value[i];
-    }
-    sum = warp_sum(sum);
-    if (lane == 0) row_dot[row] = sum;
-  }
-}
-
 // Launches kernel(device, in) over `blocks` blocks with `shared` bytes of shared memory
 // (opting in above the default 48 KiB).
 template <typename T>
@@ -539,11 +552,16 @@ cudaError_t launch_backward_kernels(const AttentionProblem& p, const AttentionBa
   const int64_t rows = p.batch * p.query_length, items = p.batch * p.source_length;
   if (rows > 0) {
     const dim3 grid(grid_for(rows), static_cast<unsigned int>(in.splits));
-    cudaError_t status = launch_with_shared<T>(backward_rows_kernel<T, kScore, kVec>, grid,
-                                               rows_shared_bytes<A>(p, kVec), device, in, stream);
+    const size_t shared = rows_shared_bytes<A>(p, kVec);
+    cudaError_t status = cudaSuccess;
+    if (in.splits > 1) {
+      status = launch_with_shared<T>(backward_rows_kernel<T, kScore, kVec, true>, grid, shared, device, in, stream);
+      if (status != cudaSuccess) return status;
+    }
+    status = launch_with_shared<T>(backward_rows_kernel<T, kScore, kVec, false>, grid, shared, device, in, stream);
     if (status != cudaSuccess) return status;
     if (in.splits > 1) {
-      status = launch_with_shared<T>(combine_query_gradient_kernel<T, kScore>, dim3(grid_for(rows)),
+      status = launch_with_shared<T>(combine_query_gradient_kernel<T, kScore, kVec>, dim3(grid_for(rows)),
                                      sizeof(A) * static_cast<size_t>(3 * p.score_dim + kWarps), device, in, stream);
       if (status != cudaSuccess) return status;
     }
@@ -564,45 +582,13 @@ cudaError_t launch_backward_for_score(const AttentionProblem& p, const Attention
 
 }  // namespace
 
-cudaError_t launch_attention_row_dot(const AttentionProblem& p, const void* grad_context, const void* context,
-                                     void* row_dot, cudaStream_t stream) {
-  if (!row_dot_from_context(p.dtype)) return cudaErrorInvalidValue;
-  const int64_t rows = p.batch * p.query_length;
-  if (rows == 0) return cudaSuccess;
-  return dispatch_dtype(p.dtype, [&](auto element) -> cudaError_t {
-    using T = decltype(element);
-    using A = Acc<T>;
-    const int64_t blocks = (rows + kWarps - 1) / kWarps;
-    const unsigned int grid = grid_for(blocks < 65536 ? blocks : 65536);
-    const T* gradient = static_cast<const T*>(grad_context);
-    const T* value = static_cast<const T*>(context);
-    constexpr int kVec = kWideVec<T>;
-    if (p.value_dim % kVec == 0 && aligned16(gradient) && aligned16(value)) {
-      row_dot_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(gradient, value, static_cast<A*>(row_dot), rows,
-                                                             p.value_dim);
-    } else {
-      row_dot_kernel<T, 1><<<grid, kThreads, 0, stream>>>(gradient, value, static_cast<A*>(row_dot), rows,
-                                                          p.value_dim);
-    }
-    return cudaGetLastError();
-  });
-}
-
-cudaError_t launch_attention_backward(const AttentionProblem& p, const AttentionBackwardBuffers& buffers,
+cudaError_t launch_attention_backward(const AttentionProblem& p, const AttentionBackwardBuffers& in,
                                       cudaStream_t stream) {
-  // The context serves only where r = grad_context . context (and in float32 /
-  // float64); the kernels take its presence to mean that row_dot holds r.
-  AttentionBackwardBuffers in = buffers;
-  if (in.grad_weights != nullptr || !row_dot_from_context(p.dtype)) in.context = nullptr;
   const bool additive = p.score == ScoreKind::kAdditive;
-  if (in.splits < 1 || in.splits > kMaxSplits ||
-      (in.splits > 1 && (in.context == nullptr || in.grad_center != nullptr || in.partial_grad_query == nullptr ||
+  if (in.row_terms == nullptr || in.splits < 1 || in.splits > kMaxSplits ||
+      (in.splits > 1 && (in.partial_row_terms == nullptr || in.partial_grad_query == nullptr ||
                          (additive && in.partial_grad_v == nullptr)))) {
     return cudaErrorInvalidValue;
-  }
-  if (in.context != nullptr) {
-    const cudaError_t status = launch_attention_row_dot(p, in.grad_context, in.context, in.row_dot, stream);
-    if (status != cudaSuccess) return status;
   }
   return dispatch_dtype(p.dtype, [&](auto element) -> cudaError_t {
     using T = decltype(element);

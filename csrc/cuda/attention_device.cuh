@@ -190,9 +190,15 @@ struct PairSums {
 // (a prepared query or key), rows[r] global rows (keys or queries) read with kVec-wide
 // loads.  Each step issues the loads of all kRows rows before it uses them, so a warp
 // keeps kRows loads a lane in flight: what a memory-bound decode step needs.
+// row_bias (additive, or null): added to each row element first, tanh(resident + (x +
+// bias)), so that a key resident and query rows give the bits of a query resident
+// prepared with the bias (q + bias) and key rows, tanh((q + bias) + k).  Every sum here
+// (and in warp_square_sum, warp_dot_of_divided_row) runs over the same lanes in the same
+// order, so that a pair gives the same score from either side.
 template <ScoreKind kScore, int kVec, int kRows, typename T>
 __device__ __forceinline__ void pair_sums_of_rows(const Acc<T>* resident, const T* const (&rows)[kRows], const T* v,
-                                                  int64_t dim, PairSums<Acc<T>> (&sums)[kRows]) {
+                                                  int64_t dim, PairSums<Acc<T>> (&sums)[kRows],
+                                                  const T* row_bias = nullptr) {
   using A = Acc<T>;
   const int lane = threadIdx.x % kWarpSize;
   A dot[kRows], row_sq[kRows];
@@ -205,6 +211,15 @@ __device__ __forceinline__ void pair_sums_of_rows(const Acc<T>* resident, const 
     if constexpr (kScore == ScoreKind::kAdditive) {
       A w[kVec];
       load_pack<kVec>(v + d, w);
+      if (row_bias != nullptr) {
+        A bias[kVec];
+        load_pack<kVec>(row_bias + d, bias);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) x[r][i] = x[r][i] + bias[i];
+        }
+      }
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
 #pragma unroll
@@ -230,12 +245,43 @@ __device__ __forceinline__ void pair_sums_of_rows(const Acc<T>* resident, const 
 
 // The sums of one pair (pair_sums_of_rows of one row).
 template <ScoreKind kScore, int kVec, typename T>
-__device__ __forceinline__ PairSums<Acc<T>> pair_sums(const Acc<T>* resident, const T* row, const T* v,
-                                                     int64_t dim) {
+__device__ __forceinline__ PairSums<Acc<T>> pair_sums(const Acc<T>* resident, const T* row, const T* v, int64_t dim,
+                                                     const T* row_bias = nullptr) {
   const T* const rows[1] = {row};
   PairSums<Acc<T>> sums[1];
-  pair_sums_of_rows<kScore, kVec, 1, T>(resident, rows, v, dim, sums);
+  pair_sums_of_rows<kScore, kVec, 1, T>(resident, rows, v, dim, sums, row_bias);
   return sums[0];
+}
+
+// row . row by one warp (every lane gets it): pair_sums_of_rows' row_sq of that row.
+template <int kVec, typename T>
+__device__ __forceinline__ Acc<T> warp_square_sum(const T* row, int64_t dim) {
+  using A = Acc<T>;
+  A sum = A(0);
+  for (int64_t d = static_cast<int64_t>(threadIdx.x % kWarpSize) * kVec; d < dim; d += kWarpSize * kVec) {
+    A x[kVec];
+    load_pack<kVec>(row + d, x);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) sum += x[i] * x[i];
+  }
+  return warp_sum(sum);
+}
+
+// resident . (row / divisor) by one warp, each element divided before its product: the
+// cosine score's dot of load_prepared_query's unit query (row: the query) and a key
+// (resident), from the key's side.
+template <int kVec, typename T>
+__device__ __forceinline__ Acc<T> warp_dot_of_divided_row(const Acc<T>* resident, const T* row, Acc<T> divisor,
+                                                          int64_t dim) {
+  using A = Acc<T>;
+  A sum = A(0);
+  for (int64_t d = static_cast<int64_t>(threadIdx.x % kWarpSize) * kVec; d < dim; d += kWarpSize * kVec) {
+    A x[kVec];
+    load_pack<kVec>(row + d, x);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) sum += resident[d + i] * (x[i] / divisor);
+  }
+  return warp_sum(sum);
 }
 
 // The sums of the warp's share of a tile: partners first .. first + kKeysPerWarp - 1
@@ -278,24 +324,22 @@ __device__ __forceinline__ Acc<T> score_of_sums(const DeviceProblem<T>& p, const
 }
 
 // Loads query row `row` into shared `prepared` (D elements) as the score uses it and
-// returns |q| (cosine; 0 otherwise).  Ends with the block synchronised.
-template <ScoreKind kScore, typename T>
-__device__ __forceinline__ Acc<T> load_prepared_query(const DeviceProblem<T>& p, int64_t row, Acc<T>* prepared,
-                                                      Acc<T>* reduce_scratch) {
+// returns |q| (cosine, each warp's warp_square_sum: the bits backward_keys_kernel gets
+// for the same row; 0 otherwise).  Ends with the block synchronised.
+template <ScoreKind kScore, int kVec, typename T>
+__device__ __forceinline__ Acc<T> load_prepared_query(const DeviceProblem<T>& p, int64_t row, Acc<T>* prepared) {
   using A = Acc<T>;
   const T* query = p.query_row(row);
-  A square_sum = A(0);
   for (int64_t d = threadIdx.x; d < p.score_dim; d += blockDim.x) {
     A q = to_acc(query[d]);
     if constexpr (kScore == ScoreKind::kAdditive) {
       if (p.bias != nullptr) q += to_acc(p.bias[d]);
     }
-    square_sum += q * q;
     prepared[d] = q;
   }
   A norm = A(0);
   if constexpr (kScore == ScoreKind::kCosine) {
-    norm = sqrt(block_sum(square_sum, reduce_scratch));
+    norm = sqrt(warp_square_sum<kVec>(query, p.score_dim));
     const A clamped = clamped_norm(norm);
     for (int64_t d = threadIdx.x; d < p.score_dim; d += blockDim.x) prepared[d] = prepared[d] / clamped;
   }

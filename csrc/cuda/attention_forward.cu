@@ -35,12 +35,11 @@ namespace cuda {
 namespace {
 
 // Shared memory of the forward kernel: prepared query (D) | partial contexts
-// (groups x Dv) | tile scores, probabilities and weights (3 x kTile) | reduction
-// scratch (kWarps).
+// (groups x Dv) | tile scores, probabilities and weights (3 x kTile).
 template <typename A, int kVec>
 size_t forward_shared_bytes(const AttentionProblem& p) {
   const int64_t groups = row_groups(p.value_dim, kVec).groups;
-  return sizeof(A) * static_cast<size_t>(p.score_dim + groups * p.value_dim + 3 * kTile + kWarps);
+  return sizeof(A) * static_cast<size_t>(p.score_dim + groups * p.value_dim + 3 * kTile);
 }
 
 // weights[row, j] = row.weight(score_j) * Gaussian_j = exp(score_j - M) / L * Gaussian_j over
@@ -71,7 +70,6 @@ __global__ void __launch_bounds__(kThreads)
   A* tile_score = context + value_split.groups * p.value_dim;
   A* tile_probability = tile_score + kTile;
   A* tile_weight = tile_probability + kTile;
-  A* reduce_scratch = tile_weight + kTile;
 
   const int warp = threadIdx.x / kWarpSize;
   const int group = threadIdx.x / value_split.lanes, group_lane = threadIdx.x % value_split.lanes;
@@ -89,7 +87,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t chunk_end = chunk_begin + per_split < range.end ? chunk_begin + per_split : range.end;
 
     for (int64_t i = threadIdx.x; i < groups * p.value_dim; i += kThreads) context[i] = A(0);
-    load_prepared_query<kScore>(p, row, prepared, reduce_scratch);  // ends synchronised
+    load_prepared_query<kScore, kVec>(p, row, prepared);  // ends synchronised
 
     OnlineSoftmax<A> softmax;  // every thread holds the same copy
     for (int64_t tile = chunk_begin; tile < chunk_end; tile += kTile) {

@@ -25,7 +25,8 @@
 // and -inf.
 // Backward (recompute from logsumexp): row_dot = grad_context . context per row from
 // the forward kernel run again in float (context not written; the 16-bit context the
-// caller may hold lacks the precision, see row_dot_from_context in launch.h); then one
+// caller may hold lacks the precision: a rounded context swamps a peaked row's small
+// score gradients); then one
 // block per kBlockKeys keys walks the query tiles that see any of its keys (their Q
 // and dO tiles double-buffered through cp.async like the forward's K and V), recomputes
 // P^T and dP^T (4 warps, 16 keys each), accumulates grad_values = W^T dO and

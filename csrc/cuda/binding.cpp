@@ -268,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& keys, const at::Tensor& values, const OptionalTensor& v, const OptionalTensor& bias,
     std::string_view score, double scale, const OptionalTensor& lengths, const OptionalTensor& key_padding_mask,
     bool causal, std::optional<int64_t> window, const OptionalTensor& center, bool gaussian,
-    const at::Tensor& logsumexp, const OptionalTensor& context) {
+    const at::Tensor& logsumexp) {
   const char* op = "attention_backward";
   const PreparedAttention in = prepare_attention(op, query, keys, values, v, bias, score, scale, lengths,
                                                  key_padding_mask, causal, window, center, gaussian);
@@ -291,13 +291,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     check_shape(op, "grad_weights", *grad_weights, {p.batch, p.query_length, p.source_length});
     grad_weights_ = grad_weights->contiguous();
   }
-  // context: checked; r comes from it only in float32 / float64 (row_dot_from_context).
-  at::Tensor context_;
-  if (present(context)) {
-    check_like(op, "context", *context, query);
-    check_shape(op, "context", *context, {p.batch, p.query_length, p.value_dim});
-    if (row_dot_from_context(p.dtype)) context_ = context->contiguous();
-  }
   const bool additive = p.score == ScoreKind::kAdditive;
   const bool wants_center = gaussian && in.center.defined();
   at::Tensor grad_query = at::empty({p.batch, p.query_length, p.score_dim}, options);
@@ -305,7 +298,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_values = at::empty({p.batch, p.source_length, p.value_dim}, options);
   at::Tensor grad_center = wants_center ? at::empty({p.batch, p.query_length}, accumulate) : at::Tensor();
   at::Tensor grad_v_rows;  // additive: allocated below, for the kernels that fill it
-  at::Tensor row_dot = at::empty({p.batch, p.query_length}, accumulate);
   AttentionBackwardBuffers buffers;
   buffers.grad_context = grad_context_.const_data_ptr();
   buffers.grad_weights = grad_weights_.defined() ? grad_weights_.const_data_ptr() : nullptr;
@@ -314,9 +306,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   buffers.grad_keys = grad_keys.mutable_data_ptr();
   buffers.grad_values = grad_values.mutable_data_ptr();
   buffers.grad_center = wants_center ? grad_center.mutable_data_ptr() : nullptr;
-  buffers.row_dot = row_dot.mutable_data_ptr();
-  // No values' features (Dv = 0): an empty context, which holds no r (null: the kernels take r from the keys).
-  buffers.context = context_.defined() && context_.numel() > 0 ? context_.const_data_ptr() : nullptr;
   // The tensor-core forward's problems go to its backward unless grad_weights is wanted, or
   // torch.use_deterministic_algorithms(True) is on: that backward adds grad_query (and
   // grad_v) with float atomics, whose order varies; the per-row kernels have none.
@@ -328,6 +317,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       grad_v_rows = at::empty({1, 1, p.score_dim}, accumulate);
       buffers.grad_v_rows = grad_v_rows.mutable_data_ptr();
     }
+    at::Tensor row_dot = at::empty({p.batch, p.query_length}, accumulate);
+    buffers.row_dot = row_dot.mutable_data_ptr();
     at::Tensor grad_query_accumulator = at::empty({p.batch, p.query_length, p.score_dim}, accumulate);
     check_launch(op, launch_attention_backward_tensor_core(p, buffers, grad_query_accumulator.mutable_data_ptr<float>(),
                                                            current_stream()));
@@ -336,12 +327,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       grad_v_rows = at::empty({p.batch, p.query_length, p.score_dim}, accumulate);
       buffers.grad_v_rows = grad_v_rows.mutable_data_ptr();
     }
-    // With r from the context, a row's keys are split over blocks as in the forward (decode steps).
-    at::Tensor partial_grad_query, partial_grad_v;
-    if (buffers.context != nullptr && !grad_weights_.defined() && !wants_center) {
-      buffers.splits = attention_forward_splits(p, multiprocessor_count(query));
-    }
+    // A row's keys are split over blocks as in the forward (decode steps).
+    const int64_t rows = p.batch * p.query_length;
+    at::Tensor row_terms = at::empty({rows, kRowTermsElements}, accumulate);
+    buffers.row_terms = row_terms.mutable_data_ptr();
+    buffers.splits = attention_forward_splits(p, multiprocessor_count(query));
+    at::Tensor partial_row_terms, partial_grad_query, partial_grad_v;
     if (buffers.splits > 1) {
+      partial_row_terms = at::empty({rows, buffers.splits, kOnlineRowTermsElements}, accumulate);
+      buffers.partial_row_terms = partial_row_terms.mutable_data_ptr();
       partial_grad_query = at::empty({p.batch * p.query_length, buffers.splits, p.score_dim}, accumulate);
       buffers.partial_grad_query = partial_grad_query.mutable_data_ptr();
       if (additive) {

@@ -57,33 +57,27 @@ struct AttentionForwardBuffers {
 struct AttentionBackwardBuffers {
   const void* grad_context = nullptr;  // (N, T, Dv) in dtype
   const void* grad_weights = nullptr;  // (N, T, S) in dtype, or null
-  const void* logsumexp = nullptr;     // (N, T) Acc
+  const void* logsumexp = nullptr;     // (N, T) Acc: read by the tensor-core backward alone (the
+                                       // per-row kernels recompute each row's max and sum, RowTerms)
   void* grad_query = nullptr;          // (N, T, D) in dtype
   void* grad_keys = nullptr;           // (N, S, D) in dtype
   void* grad_values = nullptr;         // (N, S, Dv) in dtype
   void* grad_center = nullptr;         // (N, T) Acc, or null
   void* grad_v_rows = nullptr;         // additive: (N, T, Da) Acc, summed over rows by the caller (on
                                        // the tensor cores: (Da) Acc, grad_v itself)
-  void* row_dot = nullptr;             // scratch (N, T) Acc
-  const void* context = nullptr;       // (N, T, Dv) in dtype, or null: the forward's context, from which
-                                       // the rows backward takes row_dot = grad_context . context (one
-                                       // read of both) instead of a pass over the keys, where
-                                       // row_dot_from_context allows it and grad_weights is null; the
-                                       // tensor-core backward never does (16-bit dtypes)
-  int64_t splits = 1;                  // key splits per query row of backward_rows_kernel; > 1 only with
-                                       // the context taken and no grad_center
-                                       // (attention_forward_splits of the problem then)
+  void* row_dot = nullptr;             // the tensor-core backward's scratch (N, T) Acc
+  void* row_terms = nullptr;           // launch_attention_backward's scratch (N*T) RowTerms<Acc>: each
+                                       // row's softmax terms for backward_keys_kernel
+  int64_t splits = 1;                  // key splits per query row of backward_rows_kernel
+                                       // (attention_forward_splits of the problem)
+  void* partial_row_terms = nullptr;   // splits > 1: (N*T, splits) OnlineRowTerms<Acc> scratch
   void* partial_grad_query = nullptr;  // splits > 1: (N*T, splits, D) Acc scratch
   void* partial_grad_v = nullptr;      // splits > 1, additive: (N*T, splits, Da) Acc scratch
 };
 
-// Whether a backward may take row_dot = grad_context . context from the forward's
-// context: only where the context keeps the accumulation's precision (float32, float64),
-// as csrc/cpu/attention.cpp decides.  A float16 / bfloat16 context is rounded, and in a
-// peaked row the score gradient p_j (dw_j - row_dot) cancels to a small difference that
-// the rounding swamps (additive, D = 128, float16: 2.4-10x the float16 reference run's
-// error in 3 of 60 random problems); the kernels then compute row_dot in float.
-constexpr bool row_dot_from_context(DType dtype) { return dtype == DType::kFloat32 || dtype == DType::kFloat64; }
+// Acc elements of one RowTerms / OnlineRowTerms (the last dimension of their scratch).
+constexpr int64_t kRowTermsElements = sizeof(RowTerms<float>) / sizeof(float);
+constexpr int64_t kOnlineRowTermsElements = sizeof(OnlineRowTerms<float>) / sizeof(float);
 
 // How many blocks split the keys of one query row: 1 when the rows alone fill the
 // GPU, more for few rows over long sources (decode steps).
@@ -93,12 +87,6 @@ cudaError_t launch_attention_forward(const AttentionProblem& problem, const Atte
                                      cudaStream_t stream);
 cudaError_t launch_attention_backward(const AttentionProblem& problem, const AttentionBackwardBuffers& buffers,
                                       cudaStream_t stream);
-// row_dot[row] = grad_context[row] . context[row] over the problem's N * T rows of Dv
-// elements (in its dtype, one row_dot_from_context allows, else cudaErrorInvalidValue;
-// row_dot (N, T) Acc).
-cudaError_t launch_attention_row_dot(const AttentionProblem& problem, const void* grad_context, const void* context,
-                                     void* row_dot, cudaStream_t stream);
-
 // The multi-query forward on the tensor cores (attention_tensor_core.cu): float16 /
 // bfloat16, score "dot", "cosine" or "additive" (v given), D and Dv in {64, 128}, query / keys /
 // values 16-byte aligned

@@ -57,12 +57,12 @@ def _attention_forward_fake(
 @register_fake("fastattn::attention_backward")
 def _attention_backward_fake(
     grad_context, grad_weights, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
-    window, center, gaussian, logsumexp, context=None,
+    window, center, gaussian, logsumexp,
 ):
     op = "attention_backward"
     _check_attention(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, window, center,
                      gaussian)
-    triton_checks.attention_backward(op, grad_context, grad_weights, query, keys, values, context, None, logsumexp,
+    triton_checks.attention_backward(op, grad_context, grad_weights, query, keys, values, logsumexp,
                                      _accumulation_dtype(query))
     grad_center = contiguous_like_or_empty(center if gaussian else None, query)
     grad_keys = query.new_empty(keys.shape)

@@ -189,8 +189,7 @@ def triton_attention_backward(
         window, center, gaussian,
     )
     triton_checks.attention_backward(
-        "triton_attention_backward", grad_context, grad_weights, query, keys, values, None, None, row_stats,
-        row_stats=True,
+        "triton_attention_backward", grad_context, grad_weights, query, keys, values, row_stats, row_stats=True,
     )
     grad_context, grad_weights = _rows(grad_context), contiguous_or_none(grad_weights)
     row_stats = row_stats.contiguous()

@@ -104,23 +104,20 @@ def attention(op: str, query: Tensor, keys: Tensor, values: Tensor, v: Optional[
 
 
 def attention_backward(op: str, grad_context: Tensor, grad_weights: Optional[Tensor], query: Tensor, keys: Tensor,
-                       values: Tensor, context: Optional[Tensor], weights: Optional[Tensor], logsumexp: Tensor,
-                       logsumexp_dtype: torch.dtype = torch.float32, row_stats: bool = False) -> None:
-    """The forward's outputs and their gradients: grad_context and context (N, T, Dv),
-    grad_weights (N, T, S) and weights (N, T, S) with it, logsumexp (N, T) of
-    ``logsumexp_dtype`` (with ``row_stats``, the Triton forward's row statistics (N, T, 2)
-    in its place); context and weights are checked where given."""
+                       values: Tensor, logsumexp: Tensor, logsumexp_dtype: torch.dtype = torch.float32,
+                       row_stats: bool = False) -> None:
+    """The gradients of the forward's outputs, grad_context (N, T, Dv) and grad_weights
+    (N, T, S) where given, and logsumexp (N, T) of ``logsumexp_dtype`` (with ``row_stats``,
+    the Triton forward's row statistics (N, T, 2) in its place)."""
     batch, query_length = query.shape[:2]
     source_length, value_features = keys.shape[1], values.shape[2]
     tensor(op, "grad_context", grad_context, query, (batch, query_length, value_features))
-    optional_tensor(op, "context", context, query, (batch, query_length, value_features))
     if row_stats:
         tensor(op, "row_stats", logsumexp, query, (batch, query_length, 2), logsumexp_dtype)
     else:
         tensor(op, "logsumexp", logsumexp, query, (batch, query_length), logsumexp_dtype)
     if grad_weights is not None:
         tensor(op, "grad_weights", grad_weights, query, (batch, query_length, source_length))
-        optional_tensor(op, "weights", weights, query, (batch, query_length, source_length))
 
 
 def cell(op: str, gates: int, state_name: str, tensors: dict[str, Optional[Tensor]], *,

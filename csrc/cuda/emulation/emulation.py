@@ -27,7 +27,6 @@ CUDA_DIRECTORY = HERE.parent
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 SCORES = {"dot": 0, "cosine": 1, "additive": 2}
 MULTIPROCESSORS = 132  # an H200's, for the choice of key splits
-ROW_DOT_FROM_CONTEXT = (torch.float32, torch.float64)  # launch.h's row_dot_from_context
 
 
 def toolkit_include() -> Path | None:
@@ -97,8 +96,8 @@ class AttentionForwardBuffers(ctypes.Structure):
 class AttentionBackwardBuffers(ctypes.Structure):
     _fields_ = [*[(name, ctypes.c_void_p) for name in (
         "grad_context", "grad_weights", "logsumexp", "grad_query", "grad_keys", "grad_values", "grad_center",
-        "grad_v_rows", "row_dot", "context")], ("splits", ctypes.c_int64), ("partial_grad_query", ctypes.c_void_p),
-        ("partial_grad_v", ctypes.c_void_p)]
+        "grad_v_rows", "row_dot", "row_terms")], ("splits", ctypes.c_int64),
+        *[(name, ctypes.c_void_p) for name in ("partial_row_terms", "partial_grad_query", "partial_grad_v")]]
 
 
 class RecurrentStep(ctypes.Structure):
@@ -137,6 +136,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     signatures = {
         "emu_attention_forward_splits": [pointer, ctypes.c_int],
         "emu_attention_forward": [pointer, pointer],
+        "emu_row_terms_elements": [ctypes.c_int],
         "emu_attention_backward": [pointer, pointer],
         "emu_attention_tensor_core_supported": [pointer],
         "emu_attention_forward_tensor_core": [pointer, pointer],
@@ -236,12 +236,11 @@ def attention_forward_tensor_core(library, arguments):
     return context, logsumexp
 
 
-def attention_backward_tensor_core(library, grad_context, arguments, logsumexp, context=None):
+def attention_backward_tensor_core(library, grad_context, arguments, logsumexp):
     """The six gradients of attention_backward (None where the op returns an empty one)
     from the tensor-core backward, allocated as binding.cpp does (the float grad_query
     accumulator; grad_center float; additive: grad_v as one float vector, grad_bias the
-    sum of grad_query); row_dot from the forward run again, `context` (may be given)
-    passed to the launch, which must not read it."""
+    sum of grad_query); row_dot from the forward run again."""
     keep: list = []
     problem = attention_problem(keep, *arguments)
     dtype = arguments[0].dtype
@@ -256,11 +255,10 @@ def attention_backward_tensor_core(library, grad_context, arguments, logsumexp, 
     accumulator = torch.full((batch, steps, problem.score_dim), math.nan)
     row_dot = torch.full((batch, steps), math.nan)
     grad_context, logsumexp = grad_context.contiguous(), logsumexp.contiguous()
-    context = None if context is None else context.contiguous()
-    keep.extend([grad_context, logsumexp, context])
+    keep.extend([grad_context, logsumexp])
     buffers = AttentionBackwardBuffers(address(grad_context), None, address(logsumexp), address(grad_query),
                                        address(grad_keys), address(grad_values), address(grad_center),
-                                       address(grad_v), address(row_dot), address(context))
+                                       address(grad_v), address(row_dot))
     status = library.emu_attention_backward_tensor_core(ctypes.byref(problem), ctypes.byref(buffers),
                                                         address(accumulator))
     if status != 0:
@@ -270,11 +268,10 @@ def attention_backward_tensor_core(library, grad_context, arguments, logsumexp, 
             None if grad_center is None else grad_center.to(dtype))
 
 
-def attention_backward(library, grad_context, grad_weights, arguments, logsumexp, context=None):
-    """The six gradients of attention_backward (None where the op returns an empty one),
-    given the forward's `context` or not, and the key splits of its rows kernel (more
-    than 1 with a float32 / float64 context and neither grad_weights nor grad_center, as
-    binding.cpp chooses them)."""
+def attention_backward(library, grad_context, grad_weights, arguments, logsumexp):
+    """The six gradients of attention_backward (None where the op returns an empty one)
+    and the key splits of its rows kernel (attention_forward_splits, as binding.cpp
+    chooses them)."""
     keep: list = []
     problem = attention_problem(keep, *arguments)
     query, score, center, gaussian = arguments[0], arguments[5], arguments[11], arguments[12]
@@ -289,21 +286,21 @@ def attention_backward(library, grad_context, grad_weights, arguments, logsumexp
     grad_values = unwritten(batch, problem.source_length, problem.value_dim)
     grad_center = unwritten(batch, steps, dtype=accumulate) if wants_center else None
     grad_v_rows = unwritten(batch, steps, problem.score_dim, dtype=accumulate) if additive else None
-    row_dot = unwritten(batch, steps, dtype=accumulate)
+    row_terms = unwritten(batch * steps, library.emu_row_terms_elements(0), dtype=accumulate)
     grad_context = grad_context.contiguous()
     grad_weights = None if grad_weights is None else grad_weights.contiguous()
-    context = None if context is None or context.numel() == 0 else context.contiguous()  # Dv = 0: none, as binding.cpp
-    keep.extend([grad_context, grad_weights, logsumexp, context])
-    splits = 1
-    if context is not None and dtype in ROW_DOT_FROM_CONTEXT and grad_weights is None and not wants_center:
-        splits = library.emu_attention_forward_splits(ctypes.byref(problem), MULTIPROCESSORS)
-    partial_grad_query = torch.full((batch * steps, splits, problem.score_dim), math.nan, dtype=accumulate)
+    keep.extend([grad_context, grad_weights, logsumexp])
+    splits = library.emu_attention_forward_splits(ctypes.byref(problem), MULTIPROCESSORS)
+    partial_row_terms = unwritten(batch * steps, splits, library.emu_row_terms_elements(1), dtype=accumulate)
+    partial_grad_query = unwritten(batch * steps, splits, problem.score_dim, dtype=accumulate)
     partial_grad_v = torch.full_like(partial_grad_query, math.nan) if additive else None
-    keep.extend([partial_grad_query, partial_grad_v])
+    keep.extend([partial_row_terms, partial_grad_query, partial_grad_v])
+    split_scratch = (address(partial_row_terms), address(partial_grad_query), address(partial_grad_v)) \
+        if splits > 1 else (None, None, None)
     buffers = AttentionBackwardBuffers(
         address(grad_context), address(grad_weights), address(logsumexp), address(grad_query), address(grad_keys),
-        address(grad_values), address(grad_center), address(grad_v_rows), address(row_dot), address(context), splits,
-        address(partial_grad_query) if splits > 1 else None, address(partial_grad_v) if splits > 1 else None)
+        address(grad_values), address(grad_center), address(grad_v_rows), None, address(row_terms), splits,
+        *split_scratch)
     status = library.emu_attention_backward(ctypes.byref(problem), ctypes.byref(buffers))
     if status != 0:
         raise RuntimeError(f"launch_attention_backward returned {status}")

@@ -130,6 +130,9 @@ int emu_attention_forward_splits(const AttentionProblem* p, int multiprocessors)
 int emu_attention_forward(const AttentionProblem* p, const AttentionForwardBuffers* b) {
   return launch_attention_forward(*p, *b, nullptr);
 }
+int emu_row_terms_elements(int online) {
+  return static_cast<int>(online != 0 ? kOnlineRowTermsElements : kRowTermsElements);
+}
 int emu_attention_backward(const AttentionProblem* p, const AttentionBackwardBuffers* b) {
   return launch_attention_backward(*p, *b, nullptr);
 }
