@@ -704,6 +704,27 @@ def test_emulated_weights_of_peaked_float32_rows_err_like_the_reference(emulated
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sizes", [(0, 3, 5), (2, 0, 5), (2, 3, 0), (2, 1, 0)], ids=["N0", "T0", "S0", "decode_S0"])
+def test_emulated_empty_problems_give_the_cpu_ops_outputs(emulated, sizes):
+    """No batch, no query rows or no keys: the launches succeed (the backward's row-terms
+    scratch is empty without rows) and give the CPU op's outputs (zeros where a gradient
+    has entries)."""
+    batch, steps, source = sizes
+    generator = torch.Generator().manual_seed(0)
+    arguments = [torch.randn(batch, steps, 4, generator=generator), torch.randn(batch, source, 4, generator=generator),
+                 torch.randn(batch, source, 3, generator=generator), None, None, "dot", 1.0, None, None, False, None,
+                 None, False]
+    want = torch.ops.fastattn.attention_forward(*arguments, False)
+    context, _, logsumexp, _ = emulation.attention_forward(emulated, arguments, False)
+    assert_matches_cpu_op([context, logsumexp], [want[0], want[2]], 1e-6, "forward")
+    grad_context = torch.randn(batch, steps, 3, generator=generator)
+    expected = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, want[2])
+    *got, _ = emulation.attention_backward(emulated, grad_context, None, arguments, logsumexp)
+    assert all(g.shape == e.shape for g, e in zip(got[:3], expected[:3]))
+    assert_matches_cpu_op(got, expected, 1e-6, "backward")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", list(PEAKED_SHAPES))
 @pytest.mark.parametrize("score", ["dot", "cosine", "additive"])
 def test_emulated_gradients_of_peaked_float32_rows_err_like_the_reference(emulated, score, shape):

@@ -585,7 +585,7 @@ cudaError_t launch_backward_for_score(const AttentionProblem& p, const Attention
 cudaError_t launch_attention_backward(const AttentionProblem& p, const AttentionBackwardBuffers& in,
                                       cudaStream_t stream) {
   const bool additive = p.score == ScoreKind::kAdditive;
-  if (in.row_terms == nullptr || in.splits < 1 || in.splits > kMaxSplits ||
+  if ((p.batch * p.query_length > 0 && in.row_terms == nullptr) || in.splits < 1 || in.splits > kMaxSplits ||
       (in.splits > 1 && (in.partial_row_terms == nullptr || in.partial_grad_query == nullptr ||
                          (additive && in.partial_grad_v == nullptr)))) {
     return cudaErrorInvalidValue;
