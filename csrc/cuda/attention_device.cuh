@@ -253,35 +253,34 @@ __device__ __forceinline__ PairSums<Acc<T>> pair_sums(const Acc<T>* resident, co
   return sums[0];
 }
 
-// row . row by one warp (every lane gets it): pair_sums_of_rows' row_sq of that row.
-template <int kVec, typename T>
-__device__ __forceinline__ Acc<T> warp_square_sum(const T* row, int64_t dim) {
+// sum over d of term(d, row[d]) by one warp (every lane gets it), the elements shared
+// out over the lanes and added in the order pair_sums_of_rows adds them.
+template <int kVec, typename T, typename Term>
+__device__ __forceinline__ Acc<T> warp_row_sum(const T* row, int64_t dim, Term term) {
   using A = Acc<T>;
   A sum = A(0);
   for (int64_t d = static_cast<int64_t>(threadIdx.x % kWarpSize) * kVec; d < dim; d += kWarpSize * kVec) {
     A x[kVec];
     load_pack<kVec>(row + d, x);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) sum += x[i] * x[i];
+    for (int i = 0; i < kVec; ++i) sum += term(d + i, x[i]);
   }
   return warp_sum(sum);
 }
 
-// resident . (row / divisor) by one warp, each element divided before its product: the
-// cosine score's dot of load_prepared_query's unit query (row: the query) and a key
-// (resident), from the key's side.
+// row . row: pair_sums_of_rows' row_sq of that row.
+template <int kVec, typename T>
+__device__ __forceinline__ Acc<T> warp_square_sum(const T* row, int64_t dim) {
+  return warp_row_sum<kVec>(row, dim, [](int64_t, Acc<T> x) { return x * x; });
+}
+
+// resident . (row / divisor), each element divided before its product: the cosine
+// score's dot of load_prepared_query's unit query (row: the query) and a key (resident),
+// from the key's side.
 template <int kVec, typename T>
 __device__ __forceinline__ Acc<T> warp_dot_of_divided_row(const Acc<T>* resident, const T* row, Acc<T> divisor,
                                                           int64_t dim) {
-  using A = Acc<T>;
-  A sum = A(0);
-  for (int64_t d = static_cast<int64_t>(threadIdx.x % kWarpSize) * kVec; d < dim; d += kWarpSize * kVec) {
-    A x[kVec];
-    load_pack<kVec>(row + d, x);
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) sum += resident[d + i] * (x[i] / divisor);
-  }
-  return warp_sum(sum);
+  return warp_row_sum<kVec>(row, dim, [&](int64_t d, Acc<T> x) { return resident[d] * (x / divisor); });
 }
 
 // The sums of the warp's share of a tile: partners first .. first + kKeysPerWarp - 1
