@@ -678,6 +678,29 @@ def test_emulated_attention_kernels_give_nan_rows_for_nan_inputs_as_the_cpu_op(e
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", [EMULATED_CASES[0], EMULATED_CASES[4], EMULATED_CASES[7]],
+                         ids=["decode_splits", "local_p", "keys_kernel"])
+def test_emulated_gradients_of_a_row_with_one_key_scored_inf_are_nan_as_the_cpu_ops(emulated, case):
+    """float32 dot scores that overflow: key 5 scores +inf and every other key -inf,
+    none masked.  The softmax of such a row is NaN (exp(inf - inf)) in the reference and
+    the CPU op; the backward's row terms had skipped the -inf keys and given the row
+    finite gradients."""
+    shape, mode, _ = case
+    arguments = emulated_case("dot", shape, mode, torch.float32)
+    arguments[1] = arguments[1].abs()
+    arguments[1][:, 5] = -1.0
+    arguments[0] = torch.full_like(arguments[0], -3e38)
+    arguments[6] = 1.0
+    want = torch.ops.fastattn.attention_forward(*arguments, False)
+    _, _, logsumexp, _ = emulation.attention_forward(emulated, arguments, False)
+    grad_context = torch.randn(want[0].shape, generator=torch.Generator().manual_seed(5))
+    expected = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, want[2])
+    assert expected[0].isnan().any()
+    *got, _ = emulation.attention_backward(emulated, grad_context, None, arguments, logsumexp)
+    assert_matches_cpu_op(got, expected, 1e-6, "backward", equal_nan=True)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("keys", [6, 100], ids=["one_split", "three_splits"])
 def test_emulated_weights_of_peaked_float32_rows_err_like_the_reference(emulated, keys):
     """Scores tens apart (scale 30) make a row's softmax nearly one-hot.  The weights were

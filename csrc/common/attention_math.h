@@ -352,10 +352,20 @@ struct OnlineRowTerms {
     max_score = merged_max;
   }
 
+  // A key scored +inf makes the row's softmax NaN (exp(inf - inf)), as the reference's and
+  // the CPU op's, even where every other key scores -inf (skipped above as masked).
+  FASTATTN_HOST_DEVICE bool infinite() const { return max_score == -negative_infinity<Acc>(); }
   FASTATTN_HOST_DEVICE RowTerms<Acc> finish() const {
+    if (infinite()) {
+      const Acc nan = max_score - max_score;
+      return {nan, nan, nan, nan};
+    }
     return {max_score, sum, shift, sum == Acc(0) ? Acc(0) : shifted_sum / sum};
   }
-  FASTATTN_HOST_DEVICE Acc center_gradient() const { return sum == Acc(0) ? Acc(0) : center_sum / sum; }
+  FASTATTN_HOST_DEVICE Acc center_gradient() const {
+    if (infinite()) return max_score - max_score;
+    return sum == Acc(0) ? Acc(0) : center_sum / sum;
+  }
 };
 
 }  // namespace fastattn
