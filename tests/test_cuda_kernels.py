@@ -677,6 +677,37 @@ def test_emulated_attention_kernels_give_nan_rows_for_nan_inputs_as_the_cpu_op(e
     assert_matches_cpu_op(got, expected, 1e-10, "backward", equal_nan=True)
 
 
+def misaligned_copy(tensor):
+    """`tensor`'s values in a view 4 bytes (one float32) past a 16-byte boundary."""
+    storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype)
+    return storage[1:].view(tensor.shape).copy_(tensor)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [EMULATED_CASES[0], EMULATED_CASES[7]], ids=["decode_splits", "keys_kernel"])
+@pytest.mark.parametrize("argument", ["query", "keys", "values", "v", "bias", "grad_context"])
+def test_emulated_attention_kernels_take_misaligned_views(emulated, case, argument):
+    """One float32 argument a view off the 16-byte boundary, in shapes where the others
+    take 16-byte loads: the launches pick scalar loads (a wide load there faults on a
+    GPU; the emulation reports cudaErrorMisalignedAddress) and give the CPU op's
+    outputs.  The backward loads the additive bias in packs; wide_loads_fit had not
+    asked for its alignment."""
+    shape, mode, _ = case
+    arguments = emulated_case("additive", shape, mode, torch.float32)
+    grad_context = torch.randn(shape[0], shape[1], shape[4], generator=torch.Generator().manual_seed(5))
+    position = ["query", "keys", "values", "v", "bias"].index(argument) if argument != "grad_context" else None
+    if position is None:
+        grad_context = misaligned_copy(grad_context)
+    else:
+        arguments[position] = misaligned_copy(arguments[position])
+    want = torch.ops.fastattn.attention_forward(*arguments, True)
+    context, weights, logsumexp, _ = emulation.attention_forward(emulated, arguments, True)
+    assert_matches_cpu_op([context, weights, logsumexp], want, 2e-5, "forward")
+    expected = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, want[2])
+    *got, _ = emulation.attention_backward(emulated, grad_context, None, arguments, logsumexp)
+    assert_matches_cpu_op(got, expected, 2e-4, "backward")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [EMULATED_CASES[0], EMULATED_CASES[4], EMULATED_CASES[7]],
                          ids=["decode_splits", "local_p", "keys_kernel"])

@@ -134,13 +134,15 @@ DeviceProblem<T> device_problem(const AttentionProblem& p) {
 }
 
 // Whether 16-byte loads are safe for every row the kernels read with them: keys,
-// values, queries, grad_context (rows of D or Dv elements) and v.
+// values, queries, grad_context (rows of D or Dv elements), v and bias (the backward's
+// pair_sums_of_rows row_bias and backward_keys_kernel load it in packs).
 template <typename T>
 bool wide_loads_fit(const AttentionProblem& p, const void* grad_context) {
   constexpr int kVec = kWideVec<T>;
   return p.score_dim % kVec == 0 && p.value_dim % kVec == 0 && p.keys_batch_stride % kVec == 0 &&
          p.values_batch_stride % kVec == 0 && aligned16(p.query) && aligned16(p.keys) && aligned16(p.values) &&
-         (p.v == nullptr || aligned16(p.v)) && (grad_context == nullptr || aligned16(grad_context));
+         (p.v == nullptr || aligned16(p.v)) && (p.bias == nullptr || aligned16(p.bias)) &&
+         (grad_context == nullptr || aligned16(grad_context));
 }
 
 // tanh of additive feature d for element type T.  float16 / bfloat16 inputs split the

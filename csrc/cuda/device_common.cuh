@@ -44,7 +44,8 @@ template <typename T>
 __device__ __forceinline__ T from_acc(double x) { return x; }  // double only
 
 // kVec consecutive elements in one load: 16 bytes when kVec = 16 / sizeof(T) (the
-// caller guarantees the alignment), one element when kVec = 1.
+// caller guarantees the alignment; a GPU faults without it, the CPU emulation records
+// cudaErrorMisalignedAddress), one element when kVec = 1.
 template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec) Pack {
   T element[kVec];
@@ -52,6 +53,9 @@ struct alignas(sizeof(T) * kVec) Pack {
 
 template <int kVec, typename T>
 __device__ __forceinline__ void load_pack(const T* source, Acc<T> (&out)[kVec]) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  emu::expect_aligned(source, sizeof(Pack<T, kVec>));
+#endif
   const Pack<T, kVec> pack = *reinterpret_cast<const Pack<T, kVec>*>(source);
 #pragma unroll
   for (int i = 0; i < kVec; ++i) out[i] = to_acc(pack.element[i]);
@@ -63,6 +67,9 @@ __device__ __forceinline__ void store_pack(T* destination, const Acc<T> (&values
   Pack<T, kVec> pack;
 #pragma unroll
   for (int i = 0; i < kVec; ++i) pack.element[i] = from_acc<T>(values[i]);
+#if defined(FASTATTN_CUDA_EMULATION)
+  emu::expect_aligned(destination, sizeof(pack));
+#endif
   *reinterpret_cast<Pack<T, kVec>*>(destination) = pack;
 }
 

@@ -13,8 +13,10 @@
 // memory, so that a grid-wide barrier (atomics on a counter, fences, spinning) works:
 // keep such grids small.  What it
 // checks: indexing, masks, tiling, splits, reductions, the block synchronisation the
-// kernels rely on, the cp.async waits (copies land only when a wait retires them).  What it does not: GPU memory errors and races (compute-sanitizer
-// does), warp-synchronous assumptions beyond shuffles, GPU rounding (no FMA contraction).
+// kernels rely on, the cp.async waits (copies land only when a wait retires them), the
+// alignment of 16-byte packs and cp.async copies (cudaGetLastError reports a misaligned
+// one).  What it does not: GPU memory errors and races (compute-sanitizer does),
+// warp-synchronous assumptions beyond shuffles, GPU rounding (no FMA contraction).
 #pragma once
 #define FASTATTN_CUDA_EMULATION 1
 #define __global__
@@ -62,6 +64,14 @@ T shfl_xor(T value, int lane_mask) {
   return other;
 }
 
+// An access of `bytes` bytes at once (a 16-byte pack, a cp.async) at an address not a
+// multiple of them: the GPU faults (cudaErrorMisalignedAddress), the host would not, so
+// it is recorded and the launcher's cudaGetLastError returns it (the access goes ahead).
+void record_misaligned_access();
+inline void expect_aligned(const void* address, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(address) % bytes != 0) record_misaligned_access();
+}
+
 // A warp-wide exchange of up to kWarpExchangeBytesPerLane bytes per lane (the tensor-core
 // fragments of mma.cuh): every lane publishes its bytes and gets the warp's 32 blocks of
 // them, lane by lane; it reads them, then calls warp_release before the next exchange.
@@ -89,6 +99,8 @@ struct AsyncCopies {
 };
 inline thread_local AsyncCopies async_copies;
 inline void copy_async(void* destination, const void* source, size_t bytes, size_t source_bytes) {
+  expect_aligned(destination, bytes);
+  if (source_bytes > 0) expect_aligned(source, bytes);
   async_copies.uncommitted.push_back({destination, source, bytes, source_bytes});
 }
 inline void commit_copies() {

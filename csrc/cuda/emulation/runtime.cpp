@@ -1,6 +1,7 @@
 // runtime.cpp: the emulated grids (see emulate.h), the few CUDA runtime calls the
 // kernels' launchers make (the device queries answer as one H200 would), and C entry points to every launch function of launch.h
 // for ctypes (tests/test_cuda_kernels.py).
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -12,6 +13,11 @@
 
 namespace emu {
 thread_local ThreadState state;
+
+namespace {
+std::atomic<cudaError_t> last_error{cudaSuccess};  // what the next cudaGetLastError returns
+}  // namespace
+void record_misaligned_access() { last_error = cudaErrorMisalignedAddress; }
 
 namespace {
 constexpr size_t kSharedLimit = 1 << 20;
@@ -92,7 +98,7 @@ void run_cooperative_grid(dim3 grid, dim3 block, size_t shared, const std::funct
 using namespace fastattn::cuda;
 
 extern "C" {
-cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+cudaError_t cudaGetLastError(void) { return emu::last_error.exchange(cudaSuccess); }
 cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
