@@ -24,7 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastattn
 from fastattn import backends
 from fastattn.nn import AttentionDecoderCell
-from tests.test_cuda_kernels import emulated, emulation, gpu  # noqa: F401 - emulated: the kernels' CPU build
+from tests.test_cuda_kernels import (  # noqa: F401 - emulated: the kernels' CPU build
+    emulated, emulation, gpu, misaligned_copy)
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
@@ -284,6 +285,34 @@ def test_emulated_decoder_step_reads_keys_shared_by_the_batch(emulated):
     arguments = step_arguments(SHAPES["odd"], "lstm", "dot", ("lengths",), shared_keys=True)
     assert arguments[4].stride(0) == 0
     assert_step_close(emulation.decoder_step(emulated, arguments, 3, 64), composed(arguments))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("argument", ["keys", "query_weight", "w_ih", "w_hh", "w_combine", "position_weight"])
+def test_emulated_step_takes_misaligned_views(emulated, argument, dtype):
+    """One matrix the kernel reads in 16-byte loads a view one element (4 or 2 bytes) off
+    the 16-byte boundary, in sizes that take those loads: the step picks scalar loads and
+    gives the aligned step's outputs.  A misaligned 16-byte load in this cooperative
+    kernel comes back from the launch as cudaErrorMisalignedAddress (the emulated
+    cooperative launch had returned cudaSuccess, leaving the error to the next launch)."""
+    shape = LOW_PRECISION_SHAPES["two_tiles_key_splits"]
+    arguments = in_dtype(step_arguments(shape, "lstm", "additive", ("lengths", "padding"), window=3), dtype)
+    position = {"keys": 4, "query_weight": 6, "w_ih": 13, "w_hh": 14, "w_combine": 17, "position_weight": 20}[argument]
+    moved = list(arguments)
+    if argument in ("query_weight", "position_weight"):  # the kernel reads the rows of their transposes
+        moved[position] = misaligned_copy(arguments[position].t().contiguous()).t()
+    else:
+        moved[position] = misaligned_copy(arguments[position])
+    got = emulation.decoder_step(emulated, moved, *shape[6:])
+    if dtype == torch.float32:
+        assert_step_close(got, composed(arguments))
+    else:  # the scalar loads sum in another order than the aligned step's
+        eps = torch.finfo(dtype).eps
+        for actual, expected in zip(got, emulation.decoder_step(emulated, arguments, *shape[6:])):
+            assert (actual is None) == (expected is None)
+            if actual is not None:
+                torch.testing.assert_close(actual.double(), expected.double(), rtol=2 * eps, atol=2 * eps)
 
 
 @pytest.mark.slow

@@ -678,7 +678,8 @@ def test_emulated_attention_kernels_give_nan_rows_for_nan_inputs_as_the_cpu_op(e
 
 
 def misaligned_copy(tensor):
-    """`tensor`'s values in a view 4 bytes (one float32) past a 16-byte boundary."""
+    """`tensor`'s values in a view one element (4 bytes in float32, 2 in 16-bit) past a
+    16-byte boundary."""
     storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype)
     return storage[1:].view(tensor.shape).copy_(tensor)
 

@@ -117,6 +117,7 @@ __device__ __forceinline__ void load_staged(const float* source, float (&out)[kV
   if constexpr (kVec % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < kVec; i += 4) {
+      expect_aligned(source + i, sizeof(float4));
       const float4 four = *reinterpret_cast<const float4*>(source + i);
       out[i] = four.x, out[i + 1] = four.y, out[i + 2] = four.z, out[i + 3] = four.w;
     }

@@ -55,8 +55,11 @@ template <int kVec, typename T>
 __device__ __forceinline__ void load_pack(const T* source, Acc<T> (&out)[kVec]) {
 #if defined(FASTATTN_CUDA_EMULATION)
   emu::expect_aligned(source, sizeof(Pack<T, kVec>));
-#endif
+  Pack<T, kVec> pack;  // by memcpy: the host's aligned vector load of it would fault
+  std::memcpy(&pack, source, sizeof(pack));
+#else
   const Pack<T, kVec> pack = *reinterpret_cast<const Pack<T, kVec>*>(source);
+#endif
 #pragma unroll
   for (int i = 0; i < kVec; ++i) out[i] = to_acc(pack.element[i]);
 }
@@ -69,8 +72,18 @@ __device__ __forceinline__ void store_pack(T* destination, const Acc<T> (&values
   for (int i = 0; i < kVec; ++i) pack.element[i] = from_acc<T>(values[i]);
 #if defined(FASTATTN_CUDA_EMULATION)
   emu::expect_aligned(destination, sizeof(pack));
-#endif
+  std::memcpy(destination, &pack, sizeof(pack));
+#else
   *reinterpret_cast<Pack<T, kVec>*>(destination) = pack;
+#endif
+}
+
+// A wide access made without load_pack / store_pack (float4, uint4 on global or shared
+// memory): the CPU emulation records a misaligned one as it does theirs.
+__device__ __forceinline__ void expect_aligned(const void* address, size_t bytes) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  emu::expect_aligned(address, bytes);
+#endif
 }
 
 // The widest load for T: 16 bytes.

@@ -152,8 +152,12 @@ struct FmaGemm {
         const int64_t row0 = tile / column_tiles * kColumnTile, column0 = tile % column_tiles * kColumnTile;
 #pragma unroll 4
         for (int kk = 0; kk < kChunk; ++kk) {
-          const float4 h = *reinterpret_cast<const float4*>(current + kk * kStageStride + row0);
-          const float4 w = *reinterpret_cast<const float4*>(weights + (k0 + kk) * columns + column0);
+          const float* h_source = current + kk * kStageStride + row0;
+          const float* w_source = weights + (k0 + kk) * columns + column0;
+          expect_aligned(h_source, sizeof(float4));
+          expect_aligned(w_source, sizeof(float4));
+          const float4 h = *reinterpret_cast<const float4*>(h_source);
+          const float4 w = *reinterpret_cast<const float4*>(w_source);
           const float hs[kColumnTile] = {h.x, h.y, h.z, h.w}, ws[kColumnTile] = {w.x, w.y, w.z, w.w};
 #pragma unroll
           for (int r = 0; r < kColumnTile; ++r) {
@@ -187,6 +191,7 @@ __device__ __forceinline__ uint4 load_group_at_l2(const void* source, int64_t va
   uint4 group = make_uint4(0, 0, 0, 0);
   if (valid <= 0) return group;
   if (wide) {
+    expect_aligned(source, sizeof(uint4));
 #if defined(__CUDA_ARCH__)
     return __ldcg(static_cast<const uint4*>(source));
 #else
@@ -308,8 +313,9 @@ struct TensorCoreGemm {
 #pragma unroll
       for (int i = 0; i < kPrefetch; ++i) {
         const int e = threadIdx.x + i * kMaxThreads;
-        *reinterpret_cast<uint4*>(current + e / (kChunk / kGroup) * kStageStride + e % (kChunk / kGroup) * kGroup) =
-            next[i];
+        T* slot = current + e / (kChunk / kGroup) * kStageStride + e % (kChunk / kGroup) * kGroup;
+        expect_aligned(slot, sizeof(uint4));
+        *reinterpret_cast<uint4*>(slot) = next[i];
       }
       __syncthreads();
       if (k0 + kChunk < shape.padded_depth) fetch(k0 + kChunk);

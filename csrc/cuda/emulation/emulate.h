@@ -156,7 +156,10 @@ template <typename... Params>
 cudaError_t fastattn_emulate_cooperative_launch(void (*kernel)(Params...), dim3 grid, dim3 block, void** arguments,
                                                 size_t shared, cudaStream_t) {
   emulate_cooperative(kernel, grid, block, shared, arguments, std::index_sequence_for<Params...>{});
-  return cudaSuccess;
+  // No launcher calls cudaGetLastError after a cooperative launch (the launch's own status
+  // is what it returns): a misaligned access the kernel made is returned here, not left
+  // for the next launcher's cudaGetLastError to report against another kernel.
+  return cudaGetLastError();
 }
 
 // What the grid barrier of a cooperative kernel uses.
