@@ -709,6 +709,38 @@ def test_emulated_attention_kernels_take_misaligned_views(emulated, case, argume
     assert_matches_cpu_op(got, expected, 2e-4, "backward")
 
 
+def with_batch_stride(tensor, extra):
+    """`tensor`'s (N, S, D) values in a view with contiguous rows whose batches lie
+    `extra` elements further apart than a contiguous tensor's."""
+    batch, rows, dim = tensor.shape
+    storage = torch.empty(batch * (rows * dim + extra), dtype=tensor.dtype)
+    return storage.as_strided(tensor.shape, (rows * dim + extra, dim, 1)).copy_(tensor)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [EMULATED_CASES[0], EMULATED_CASES[7]], ids=["decode_splits", "keys_kernel"])
+@pytest.mark.parametrize("extras", [(1, 0), (0, 1), (4, 4)], ids=["odd_keys", "odd_values", "aligned_both"])
+@pytest.mark.parametrize("score", ["dot", "additive"])
+def test_emulated_attention_kernels_take_keys_and_values_batch_strides(emulated, score, case, extras):
+    """float32 keys and values with contiguous rows, batches S D + extra elements apart:
+    binding.cpp hands such tensors to the kernels as they are.  With an extra of 1 every
+    batch but the first starts off the 16-byte boundary and the launches take scalar
+    loads; with 4 they keep 16-byte loads.  Forward and backward give the CPU op's
+    outputs."""
+    shape, mode, _ = case
+    arguments = emulated_case(score, shape, mode, torch.float32)
+    arguments[1], arguments[2] = (with_batch_stride(arguments[i], extra) for i, extra in zip((1, 2), extras))
+    problem = emulation.attention_problem([], *arguments)
+    assert (problem.keys_batch_stride, problem.values_batch_stride) == (arguments[1].stride(0), arguments[2].stride(0))
+    want = torch.ops.fastattn.attention_forward(*arguments, True)
+    context, weights, logsumexp, _ = emulation.attention_forward(emulated, arguments, True)
+    assert_matches_cpu_op([context, weights, logsumexp], want, 2e-5, "forward")
+    grad_context = torch.randn(want[0].shape, generator=torch.Generator().manual_seed(5))
+    expected = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, want[2])
+    *got, _ = emulation.attention_backward(emulated, grad_context, None, arguments, logsumexp)
+    assert_matches_cpu_op(got, expected, 2e-4, "backward")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [EMULATED_CASES[0], EMULATED_CASES[4], EMULATED_CASES[7]],
                          ids=["decode_splits", "local_p", "keys_kernel"])

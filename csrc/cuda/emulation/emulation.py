@@ -172,12 +172,24 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def with_contiguous_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """binding.cpp's with_contiguous_rows: an (N, S, D) tensor as it is when its rows are
+    contiguous (any batch stride, 0 included), else a copy with contiguous rows."""
+    batch, rows, dim = tensor.shape
+    if (dim <= 1 or tensor.stride(2) == 1) and (rows <= 1 or tensor.stride(1) == dim):
+        return tensor
+    if batch > 1 and tensor.stride(0) == 0:
+        return tensor[0].contiguous().unsqueeze(0).expand(tensor.shape)
+    return tensor.contiguous()
+
+
 def attention_problem(keep: list, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
                       window, center, gaussian) -> AttentionProblem:
-    """The launch.h problem of the op's arguments (CPU tensors); `keep` holds the
-    tensors the pointers point into."""
-    keys = keys if keys.shape[0] > 1 and keys.stride(0) == 0 else keys.contiguous()
-    tensors = [query.contiguous(), keys, values.contiguous(), v, bias,
+    """The launch.h problem of the op's arguments (CPU tensors), laid out as binding.cpp
+    lays them out; `keep` holds the tensors the pointers point into."""
+    keys = with_contiguous_rows(keys.expand(query.shape[0], *keys.shape[1:]))
+    tensors = [query.contiguous(), keys, with_contiguous_rows(values), None if v is None else v.contiguous(),
+               None if bias is None else bias.contiguous(),
                None if lengths is None else lengths.to(torch.int64).contiguous(),
                None if key_padding_mask is None else key_padding_mask.contiguous(),
                None if center is None else center.to(accumulation_dtype(query.dtype)).contiguous()]
