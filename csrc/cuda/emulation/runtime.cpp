@@ -16,10 +16,6 @@ thread_local ThreadState state;
 
 namespace {
 std::atomic<cudaError_t> last_error{cudaSuccess};  // what the next cudaGetLastError returns
-}  // namespace
-void record_misaligned_access() { last_error = cudaErrorMisalignedAddress; }
-
-namespace {
 constexpr size_t kSharedLimit = 1 << 20;
 
 void check_shared(size_t shared) {
@@ -52,6 +48,8 @@ struct Block {
   }
 };
 }  // namespace
+
+void record_misaligned_access() { last_error = cudaErrorMisalignedAddress; }
 
 void run_grid(dim3 grid, dim3 block, size_t shared, const std::function<void()>& body) {
   check_shared(shared);
