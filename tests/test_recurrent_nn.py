@@ -213,6 +213,41 @@ def test_functional_cells_match_torch(bias, batch_shape):
     torch.testing.assert_close(h_next, gru(x, h))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize(
+    "module_class, configuration, modified",
+    [
+        (fastattn_nn.LSTM, dict(), 0),
+        (fastattn_nn.LSTM, dict(num_layers=2, batch_first=True), 0),
+        (fastattn_nn.GRU, dict(), 0),
+        (fastattn_nn.GRU, dict(num_layers=2), 0),
+        (fastattn_nn.LSTMCell, dict(), 0),
+        (fastattn_nn.LSTMCell, dict(), 1),
+        (fastattn_nn.GRUCell, dict(), 0),
+    ],
+    ids=["lstm", "lstm-2-layers", "gru", "gru-2-layers", "lstm-cell-h", "lstm-cell-c", "gru-cell"],
+)
+def test_outputs_can_be_modified_in_place_before_backward(backend, module_class, configuration, modified):
+    """As with torch.nn's modules, an output may be changed in place (nn.ReLU(inplace=True),
+    ``out += residual``, clipping the cell state) before the backward: the kernels save their
+    output (the layer's, the LSTM cell's c') for the backward, and the backward refused with
+    "modified by an inplace operation"."""
+    original, ours = twins(module_class, INPUT, HIDDEN, **configuration)
+    ours.backend = backend
+    is_cell = isinstance(ours, torch.nn.RNNCellBase)
+    shape = (BATCH, INPUT) if is_cell else (BATCH, STEPS, INPUT) if ours.batch_first else (STEPS, BATCH, INPUT)
+    x = torch.randn(*shape, dtype=torch.float64)
+    gradients = []
+    for module in (original, ours):
+        inputs = x.clone().requires_grad_()
+        outputs = flatten(module(inputs))
+        outputs[modified].clamp_(-0.1, 0.1)
+        sum((output * output).sum() for output in outputs).backward()
+        gradients.append([inputs.grad, *(parameter.grad for parameter in module.parameters())])
+    for want, got in zip(*gradients, strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+
+
 @pytest.mark.parametrize(
     "module_class, configuration",
     [

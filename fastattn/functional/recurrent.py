@@ -110,6 +110,8 @@ def _run_cell(
     state_values = [zeros if state is None else state for state in states.values()]
     arguments = (x, *state_values, *weights)
     result = backends.implementation(op, x.device.type, backend, inputs=arguments)(*arguments)
+    if op == "lstm_cell":
+        result = (result[0], _free_to_modify(result[1]))  # the kernels save c' for their backward
     if batched:
         return result
     if isinstance(result, tuple):
@@ -259,4 +261,14 @@ def run_layers(
             for store, state in zip(finals, final):
                 store.append(state)
         x = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)  # one direction: no copy
+    if directions == 1:
+        x = _free_to_modify(x)  # the kernels save their output for their backward
     return x, [torch.stack(store) for store in finals]
+
+
+def _free_to_modify(output: Tensor) -> Tensor:
+    """``output`` as the caller may change it in place before the backward, as torch.nn's
+    allow (``nn.ReLU(inplace=True)``, ``out += residual``, clipping c): a copy when it needs
+    a gradient, since the kernel ops save the tensor they return for their backward, whose
+    version check would then refuse to run."""
+    return output.clone() if output.requires_grad else output
