@@ -7,8 +7,13 @@ import math
 import os
 
 import pytest
+import torch
 
 from fastattn.cli import main
+from fastattn.data.vocabulary import Vocabulary
+from fastattn.zoo import trainer
+from fastattn.zoo.seq2seq import EOS
+from fastattn.zoo.sequence_tasks import Example, TranslateTask
 from tests.zoo_helpers import TINY_COPY, one_thread  # noqa: F401 - autouse fixture
 
 WORDS = ["the cat", "a dog", "my bird", "the dog", "a cat", "my cat", "the bird", "a bird"]
@@ -220,3 +225,112 @@ def test_an_out_that_cannot_be_a_folder_fails_before_training(tmp_path, capsys, 
     monkeypatch.setattr("fastattn.zoo.trainer._TrainingRun.epochs", lambda run: pytest.fail("it trained"))
     line = one_error_line(capsys, main(["train", "reverse", *TINY_COPY, "--out", str(a_file)]))
     assert line.startswith(f"fastattn: error: --out {a_file}: cannot make the folder")
+
+
+@pytest.mark.parametrize("task, flags", [
+    ("reverse", ["--seed", "-1"]),
+    ("reverse", ["--seed", str(2**62)]),
+    ("autoencoder", ["--seed", "-1"]),
+    ("autoencoder", ["--seed", str(2**31)]),
+])
+def test_a_seed_out_of_range_is_a_one_line_error(tmp_path, capsys, task, flags):
+    """numpy's generators refuse negative seeds and torch's overflow past 2**64 (the trainer
+    multiplies the seed); the digit splits take [0, 2**31 - 1]: all were tracebacks."""
+    line = one_error_line(capsys, main(["train", task, *flags, "--out", str(tmp_path / "run")]))
+    assert line == f"fastattn: error: --seed must be in [0, {2**31 - 1}], got {flags[1]}"
+
+
+@pytest.mark.parametrize("task, flag", [
+    ("autoencoder", ["--model", "denoising", "--noise", "inf"]),
+    ("autoencoder", ["--noise", "inf"]),
+    ("captions", ["--doubly-stochastic", "nan"]),
+    ("captions", ["--entropy-weight", "inf"]),
+])
+def test_loss_and_noise_weights_must_be_finite(tmp_path, capsys, task, flag):
+    """--noise inf was a traceback (denoising) or a null noisy_input_mse; a NaN or infinite
+    loss weight blamed --lr ("the training loss became nan at step 1")."""
+    line = one_error_line(capsys, main(["train", task, *flag, "--out", str(tmp_path / "run")]))
+    assert line == f"fastattn: error: {flag[-2]} must be a finite number >= 0, got {float(flag[-1])}"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("task, flags", [
+    ("copy", [*TINY_COPY, "--attention", "none"]),
+    ("lstmn", ["--model", "lstm", "--pairs", "2", "--keys", "3", "--hidden", "8", "--train-size", "64"]),
+])
+def test_plot_attention_of_a_zoo_model_without_attention_is_refused_before_any_work(tmp_path, capsys, task, flags):
+    run = tmp_path / "run"
+    assert main(["train", task, *flags, "--epochs", "1", "--quiet", "--out", str(run)]) == 0
+    capsys.readouterr()
+    figure, out = tmp_path / "attention.png", tmp_path / "report"
+    line = one_error_line(capsys, main(["eval", str(run / "checkpoint.pt"), "--out", str(out),
+                                        "--plot-attention", str(figure)]))
+    assert line == f"fastattn: error: --plot-attention: this {task} model draws no attention figure"
+    assert not figure.exists() and not out.exists()
+
+
+def test_a_plot_attention_path_that_cannot_be_written_fails_before_evaluating(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["train", "reverse", *TINY_COPY, "--epochs", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    monkeypatch.setattr("fastattn.zoo.trainer.evaluate_and_report", lambda *a, **k: pytest.fail("it evaluated"))
+    for figure, message in [(a_file / "attention.png", f"--plot-attention {a_file}: cannot make the folder"),
+                            (tmp_path, f"--plot-attention {tmp_path}: a folder, expected the path of a PNG file")]:
+        line = one_error_line(capsys, main(["eval", str(run / "checkpoint.pt"), "--out", str(tmp_path / "report"),
+                                            "--plot-attention", str(figure)]))
+        assert line.startswith(f"fastattn: error: {message}")
+
+
+@pytest.mark.parametrize("beam", [[], ["--beam-width", "3"]], ids=["greedy", "beam"])
+def test_eval_hypotheses_do_not_depend_on_the_batch_size(tmp_path, beam):
+    """Decoding stopped at round(1.5 S) + 5 with S the batch's padded source length, so an
+    example that never emits the end token got a longer hypothesis in a batch with a longer
+    source (and BLEU changed with --batch-size); each example now stops at its own limit."""
+    run = tmp_path / "run"
+    assert main(["train", "reverse", *TINY_COPY, *beam, "--epochs", "1", "--out", str(run)]) == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["model"]["output.bias"][EOS] = -1e4  # no hypothesis ends: each runs to its limit
+    torch.save(state, run / "checkpoint.pt")
+    hypotheses = {}
+    for size in ("1", "24"):
+        assert main(["eval", str(run / "checkpoint.pt"), "--batch-size", size, "--out", str(tmp_path / size)]) == 0
+        hypotheses[size] = (tmp_path / size / "hypotheses.txt").read_text().splitlines()
+    sources = [len(line.split()) for line in hypotheses["1"]]
+    assert hypotheses["1"] == hypotheses["24"] and len(set(sources)) > 1
+
+
+def test_translate_bleu_counts_an_unknown_word_as_one_wrong_token():
+    """sacrebleu's 13a tokenizer split a hypothesis's "<unk>" into "<", "unk", ">": three
+    wrong tokens, which scored 51.7 where any other wrong word scores 76.0."""
+    task = argparse.Namespace(dropped=0, target_vocabulary=Vocabulary.build([["a"]]))
+    examples = [Example(["x"], "a b c d e f".split())]
+
+    def bleu(hypothesis):
+        return TranslateTask.extra_metrics(task, examples, [hypothesis.split()], [False])["bleu"]
+
+    assert bleu("a b c d e <unk>") == pytest.approx(bleu("a b c d e q")) == pytest.approx(100 * (5 / 6 * 4 / 5 * 3 / 4 * 2 / 3) ** 0.25)
+
+
+def test_the_cosine_schedule_runs_the_first_epoch_at_lr_then_follows_the_cosine_over_the_epochs(tmp_path, monkeypatch):
+    """What --lr-schedule's help and the README say: the epochs' steps count once the first
+    epoch has given their length; without a time budget, that first epoch runs at --lr."""
+    rates = []
+    original = trainer._TrainingRun._step
+
+    def recorded_step(run, batch, budget_used):
+        original(run, batch, budget_used)
+        rates.append(run.optimizer.param_groups[0]["lr"])
+
+    monkeypatch.setattr(trainer._TrainingRun, "_step", recorded_step)
+    assert main(["train", "reverse", *TINY_COPY, "--epochs", "3", "--lr", "0.01", "--out", str(tmp_path / "run")]) == 0
+    per_epoch = len(rates) // 3
+    assert per_epoch > 1 and len(rates) == 3 * per_epoch
+    assert rates[:per_epoch] == [0.01] * per_epoch
+    final = trainer.FINAL_LEARNING_RATE
+    expected = [
+        0.01 * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * step / (3 * per_epoch))))
+        for step in range(per_epoch, 3 * per_epoch)
+    ]
+    assert rates[per_epoch:] == pytest.approx(expected, rel=1e-12)

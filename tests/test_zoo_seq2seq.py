@@ -214,3 +214,23 @@ def test_decoding_never_emits_padding_or_the_begin_token():
             ended = (tokens == EOS).cumsum(1) - (tokens == EOS).int() > 0  # the steps after each end
             assert ((tokens > BOS) | (ended & (tokens == PAD))).all(), (attention, cell, tokens)
     assert raw_specials > 0  # the first steps' raw argmax would have emitted them
+
+
+def test_beam_search_with_row_limits_equals_searching_each_row_alone():
+    """``max_lengths``: each row of a batch ends its hypotheses at its own limit, as a
+    search of that row alone with that ``max_length`` does (hypotheses that never end)."""
+    model = tiny_model("dot").eval()
+    with torch.no_grad():
+        model.output.bias[EOS] = -1e4
+    source, lengths, _ = tiny_batch()
+    limits = torch.tensor([9, 3, 1])
+    batched = model.beam_search(source, lengths, 9, 3, 1.0, max_lengths=limits)
+    for row in range(3):
+        alone = model.beam_search(source[row : row + 1, : lengths[row]], lengths[row : row + 1], int(limits[row]), 3, 1.0)
+        assert alone.tokens.shape[1] == limits[row]
+        assert torch.equal(batched.tokens[row, : limits[row]], alone.tokens[0])
+        assert (batched.tokens[row, limits[row] :] == PAD).all()
+    with pytest.raises(ValueError, match=r"max_lengths must be in \[1, max_length=9\]"):
+        model.beam_search(source, lengths, 9, 3, max_lengths=torch.tensor([10, 3, 1]))
+    with pytest.raises(ValueError, match="max_lengths"):
+        model.beam_search(source, lengths, 9, 3, max_lengths=torch.tensor([3, 1]))

@@ -11,6 +11,7 @@ The split comes from ``--seed``, which the checkpoint keeps; there is no ``--dat
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,8 @@ class AutoencoderTask(Task):
         else:
             if args.hidden < 1:
                 raise TaskError(f"--hidden must be >= 1, got {args.hidden}")
-            if not args.noise >= 0:
-                raise TaskError(f"--noise must be >= 0, got {args.noise}")
+            if not 0 <= args.noise < math.inf:
+                raise TaskError(f"--noise must be a finite number >= 0, got {args.noise}")
             self.settings = dict(model=args.model, hidden=args.hidden, noise=args.noise, data_seed=args.seed)
         splits = load_digits_splits(self.settings["data_seed"])
         self.images = {split: digits.images.reshape(-1, PIXELS) for split, digits in splits.items()}

@@ -16,6 +16,7 @@ digit's box.  The data is generated from the seed, which the checkpoint keeps, s
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,8 @@ class CaptionsTask(Task):
     @staticmethod
     def _settings_from(args: argparse.Namespace) -> dict[str, Any]:
         for flag in ("doubly_stochastic", "entropy_weight", "reinforce_weight"):
-            if getattr(args, flag) < 0:
-                raise TaskError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+            if not 0 <= getattr(args, flag) < math.inf:
+                raise TaskError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
         for flag in ("train_size", "test_size"):
             if getattr(args, flag) < 1:
                 raise TaskError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

@@ -53,6 +53,7 @@ class LSTMNTask(Task):
                 model=args.model, score=args.score, pairs=args.pairs, keys=args.keys, hidden=args.hidden, data_seed=args.seed,
                 read_next_token=args.read_next_token,
             )
+        self.draws_attention = self.settings["model"] == "lstmn"  # the plain LSTM has no attention to draw
         try:
             self.data = load_recall_splits(
                 self.settings["data_seed"], {"train": getattr(args, "train_size", 40000)},

@@ -229,14 +229,23 @@ class Seq2Seq(torch.nn.Module):
 
     @torch.no_grad()
     def beam_search(
-        self, source: torch.Tensor, lengths: torch.Tensor, max_length: int, width: int = 4, length_penalty: float = 1.0
+        self, source: torch.Tensor, lengths: torch.Tensor, max_length: int, width: int = 4, length_penalty: float = 1.0,
+        *, max_lengths: torch.Tensor | None = None,
     ) -> Decoded:
         """The ``width`` best partial hypotheses by log-probability at every step; at the end
-        the best by log-probability / length^``length_penalty`` (0: no normalisation)."""
+        the best by log-probability / length^``length_penalty`` (0: no normalisation).
+        ``max_lengths`` (B,), each in [1, ``max_length``]: a row's own limit, its hypotheses
+        end there as if it had been searched alone with that ``max_length``."""
         checks.positive_int("max_length", max_length)
         checks.positive_int("width", width)
         length_penalty = checks.finite_number("length_penalty", length_penalty)
         batch = source.shape[0]
+        if max_lengths is not None:
+            checks.integer_tensor("max_lengths", max_lengths)
+            checks.shape("max_lengths", max_lengths, (batch,), lambda: f"(B={batch},)")
+            if checks.reads_values(max_lengths) and ((max_lengths < 1) | (max_lengths > max_length)).any():
+                raise ValueError(f"max_lengths must be in [1, max_length={max_length}], got {max_lengths.tolist()}")
+            row_limits = max_lengths.to(source.device).repeat_interleave(width)
         encoded, state = self.encode(source, lengths)
         beams = torch.arange(batch, device=source.device).repeat_interleave(width)
         encoded, state = _selected_encoded(encoded, beams), _selected_state(state, beams)
@@ -261,6 +270,8 @@ class Seq2Seq(torch.nn.Module):
                 step_weights = step_weights[origin].unsqueeze(1)
                 weights = step_weights if weights is None else torch.cat([weights[origin], step_weights], dim=1)
             finished = finished[origin] | (previous == EOS)
+            if max_lengths is not None:
+                finished |= row_limits <= t + 1  # beams stay in their row: its limit applies to all of them
             if finished.all():
                 break
         hypothesis_lengths = (tokens != PAD).sum(dim=1).clamp(min=1).reshape(batch, width)

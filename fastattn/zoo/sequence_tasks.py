@@ -28,6 +28,7 @@ from fastattn.zoo.task import Task, TaskError
 
 POOL_BATCHES = 50  # training batches are cut from pools of this many, sorted by length (less padding)
 PLOTTED_EXAMPLES = 3
+UNKNOWN_IN_BLEU = "\u2047"  # "⁇": how a hypothesis's <unk> reaches sacrebleu, one token under its 13a tokenizer
 
 
 class Example(NamedTuple):
@@ -80,6 +81,7 @@ class SequenceTask(Task):
             self.target_vocabulary = Vocabulary(saved["target_vocabulary"])
             self.config = Seq2SeqConfig(**saved["model_config"])
         self.model = Seq2Seq(self.config).to(device)
+        self.draws_attention = self.config.attention != "none"  # the encoder-decoder without attention has no maps
 
     # What subclasses provide.
     def read_examples(self, args: argparse.Namespace, saved: dict | None) -> dict[str, list[Example]]:
@@ -142,14 +144,25 @@ class SequenceTask(Task):
         )
         return total / tokens, tokens
 
+    @staticmethod
+    def decode_limits(batch: Batch) -> torch.Tensor:
+        """(B,): each example's longest hypothesis, from its own source length (not the batch's
+        padded one, so that an example decodes the same in any batch): round(1.5 L) + 5."""
+        return torch.round(1.5 * batch.source_lengths.double()).long() + 5
+
     def decode(self, model: Seq2Seq, batch: Batch):
         """-> (hypotheses as token lists, Decoded) under the decoding flags."""
-        max_length = round(1.5 * batch.source.shape[1]) + 5
+        limits = self.decode_limits(batch)
+        max_length = int(limits.max())
         if self.args.beam_width == 1:
             decoded = model.greedy(batch.source, batch.source_lengths, max_length)
+            # Greedy rows are independent: a row cut at its own limit is what decoding it alone gives.
+            steps = torch.arange(decoded.tokens.shape[1], device=decoded.tokens.device)
+            decoded = decoded._replace(tokens=decoded.tokens.masked_fill(steps >= limits.to(steps.device)[:, None], PAD))
         else:
             decoded = model.beam_search(
-                batch.source, batch.source_lengths, max_length, self.args.beam_width, self.args.length_penalty
+                batch.source, batch.source_lengths, max_length, self.args.beam_width, self.args.length_penalty,
+                max_lengths=limits,
             )
         return [self.target_vocabulary.decode(row) for row in decoded.tokens.tolist()], decoded
 
@@ -184,10 +197,11 @@ class SequenceTask(Task):
         examples = self.examples[split]
         batch = self._batch(examples, list(range(min(PLOTTED_EXAMPLES, len(examples)))))
         hypotheses, decoded = self.decode(model, batch)
+        limits = self.decode_limits(batch).tolist()
         paths = []
         for row, (index, hypothesis) in enumerate(zip(batch.indices, hypotheses)):
             source = examples[index].source
-            steps = len(hypothesis) + 1  # the end token's step too
+            steps = min(len(hypothesis) + 1, limits[row])  # the end token's step too, when it came
             weights = decoded.weights[row, :steps, : len(source)].float().cpu()
             path = Path(out_dir) / f"attention-{split}-{index}.png"
             title = f"{self.name}, attention {self.config.attention}: {split} example {index}"
@@ -306,7 +320,13 @@ class TranslateTask(SequenceTask):
         return self.args.max_length
 
     def extra_metrics(self, examples, hypotheses, matches) -> dict:
-        detokenized = [translation.detokenize(hypothesis) for hypothesis in hypotheses]
+        # An unknown word is one wrong token: sacrebleu's 13a tokenizer would split "<unk>" into
+        # three ("<", "unk", ">"), so it is written as one symbol no reference token is.
+        unknown = self.target_vocabulary.tokens[Vocabulary.unk_id]
+        detokenized = [
+            translation.detokenize([UNKNOWN_IN_BLEU if token == unknown else token for token in hypothesis])
+            for hypothesis in hypotheses
+        ]
         # The references are detokenised tokens as the hypotheses are, not the file's text:
         # tokenize -> detokenize does not give back every text ("bien-aimé", "3.5", quotes),
         # and a hypothesis of the reference's very tokens must score 100.

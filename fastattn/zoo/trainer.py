@@ -31,6 +31,7 @@ from fastattn.zoo.registry import task_class
 from fastattn.zoo.task import Task, TaskError, unwrapped
 
 METRICS_FILE = "metrics.json"
+LARGEST_SEED = 2**31 - 1  # what every task's data generators take (numpy's and torch's seeds, the digit splits)
 FINAL_LEARNING_RATE = 0.05  # of --lr, at the end of a cosine schedule
 HYPOTHESES_FILE = "hypotheses.txt"
 
@@ -90,7 +91,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                         help=f"cosine (default): from --lr down to {FINAL_LEARNING_RATE * 100:.0f}%% of it over the run "
-                        "(its epochs, or --time-budget when that ends it sooner)")
+                        "(its epochs, or --time-budget when that ends it sooner; the epochs count once the "
+                        "first has given their length, so without a budget the first epoch runs at --lr)")
     parser.add_argument("--clip-norm", type=float, default=1.0, metavar="NORM", help="gradient-norm clipping")
     parser.add_argument("--amp", choices=("bfloat16", "float16"), default=None,
                         help="mixed precision: the training forward under torch.autocast in this dtype "
@@ -99,7 +101,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="CPU threads per process (default 1: the zoo's small models run fastest on one)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help=f"data and initialisation seed, 0 to {LARGEST_SEED} (default 0)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="metrics.json, hypotheses, checkpoint and figures go here (default: runs/TASK)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt, optimiser state included")
@@ -110,6 +112,8 @@ def check_common_arguments(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "threads"):
         if getattr(args, name) < 1:
             raise TaskError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.seed <= LARGEST_SEED:
+        raise TaskError(f"--seed must be in [0, {LARGEST_SEED}], got {args.seed}")
     for name in ("lr", "clip_norm", "time_budget"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -370,13 +374,19 @@ def evaluate_checkpoint(checkpoint_file: Path, *, data: str | None, out: Path, p
     task = load_task(checkpoint_file, data=data, device=device, batch_size=batch_size)
     if plot_attention is not None and not task.draws_attention:
         raise no_attention_figure(task)  # before any work: its figures are not attention maps
+    if plot_attention is not None:
+        if plot_attention.is_dir():
+            raise TaskError(f"--plot-attention {plot_attention}: a folder, expected the path of a PNG file to write")
+        output_folder(plot_attention.parent, flag="--plot-attention")  # a path that cannot be written fails now
     output_folder(out)  # after the checkpoint is read: a failed eval leaves no folder behind
     metrics = evaluate_and_report(task, out, plot_to=out)
     if plot_attention is not None:
         if not metrics["figures"]:
             raise no_attention_figure(task)
-        plot_attention.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(metrics["figures"][0], plot_attention)  # also across file systems
+        try:
+            shutil.move(metrics["figures"][0], plot_attention)  # also across file systems
+        except OSError as error:
+            raise TaskError(f"--plot-attention {plot_attention}: cannot write the file ({error.strerror})") from None
         metrics["figures"][0] = str(plot_attention)
     metrics.update(checkpoint=str(checkpoint_file), data=data, wall_seconds=time.monotonic() - started)
     _write_json(out / METRICS_FILE, metrics)
@@ -408,14 +418,14 @@ def check_resumed_flags(args: argparse.Namespace, saved_flags: dict[str, Any]) -
         raise TaskError(f"--resume continues the checkpoint's run, whose flags differ: {'; '.join(changed)}")
 
 
-def output_folder(path: Path) -> Path:
-    """``--out``, created before any training or evaluation (once the flags and the data
-    are checked), so that a path that cannot be a folder fails at once rather than when
-    the first checkpoint or report is written."""
+def output_folder(path: Path, flag: str = "--out") -> Path:
+    """``--out`` (or the folder of ``flag``'s file), created before any training or evaluation
+    (once the flags and the data are checked), so that a path that cannot be a folder fails
+    at once rather than when the first checkpoint or report is written."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise TaskError(f"--out {path}: cannot make the folder ({error.strerror})") from None
+        raise TaskError(f"{flag} {path}: cannot make the folder ({error.strerror})") from None
     return path
 
 
