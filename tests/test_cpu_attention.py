@@ -661,3 +661,55 @@ def test_one_hot_rows_pass_no_rounding_noise_into_the_score_gradients(score, pat
     exact, reference_run, kernel_run = gradients("reference", torch.float64), gradients("reference", torch.float32), gradients("cpu", torch.float32)
     for name, truth, theirs, ours in zip(("query", "keys"), exact, reference_run, kernel_run):
         assert (ours - truth).abs().max() <= 2 * (theirs - truth).abs().max() + 1e-30, name
+
+
+@pytest.mark.parametrize("score, dim", [("dot", 8), ("dot", 128), ("cosine", 8)])
+def test_float32_long_rows_err_at_most_twice_the_reference(score, dim):
+    """A decoder step over a long source (one query row, S = 30000 keys): the row's
+    softmax sum, the context and the query's gradient were summed key by key in float32,
+    whose error grows with S (weights 13x, key gradients 20x the reference's float32
+    error at S = 10^4; 100-200x at S = 7 10^4)."""
+    generator = torch.Generator().manual_seed(3)
+    source_length = 30000
+    query = torch.randn(1, 2, dim, generator=generator, dtype=torch.float64) / 2
+    keys = torch.randn(1, source_length, dim, generator=generator, dtype=torch.float64) / 2
+    values = torch.randn(1, source_length, 3, generator=generator, dtype=torch.float64)
+    grad_context = torch.randn(1, 2, 3, generator=generator, dtype=torch.float64)
+    grad_weights = torch.randn(1, 2, source_length, generator=generator, dtype=torch.float64)
+
+    def outputs(backend_name, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (query, keys, values)]
+        with fastattn.backend(backend_name):
+            context, weights = fastattn.attention(*leaves, score=score, return_weights=True)
+        loss = (context * grad_context.to(dtype)).sum() + (weights * grad_weights.to(dtype)).sum()
+        return [context, weights, *torch.autograd.grad(loss, leaves)]
+
+    exact = outputs("reference", torch.float64)
+    reference, kernel = outputs("reference", torch.float32), outputs("cpu", torch.float32)
+    for name, want, theirs, ours in zip(("context", "weights", "query", "keys", "values"), exact, reference, kernel):
+        reference_error = (theirs.double() - want).abs().max()
+        error = (ours.double() - want).abs().max()
+        assert error <= 2 * reference_error, (name, float(error), float(reference_error))
+
+
+def test_float32_key_and_value_gradients_over_many_query_rows_err_at_most_twice_the_reference():
+    """Self-attention over a long sequence (T = S = 3000, D = 16, the per-row kernel): the
+    keys' and values' gradients were summed over the T query rows in one running float32
+    sum (5-8x the reference's float32 error here)."""
+    generator = torch.Generator().manual_seed(1)
+    length, dim = 3000, 16
+    query, keys, values = (torch.randn(1, length, dim, generator=generator, dtype=torch.float64) / 2 for _ in range(3))
+    grad_context = torch.randn(1, length, dim, generator=generator, dtype=torch.float64)
+
+    def gradients(backend_name, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (query, keys, values)]
+        with fastattn.backend(backend_name):
+            context = fastattn.attention(*leaves)
+        return torch.autograd.grad((context * grad_context.to(dtype)).sum(), leaves[1:])
+
+    exact = gradients("reference", torch.float64)
+    reference, kernel = gradients("reference", torch.float32), gradients("cpu", torch.float32)
+    for name, want, theirs, ours in zip(("keys", "values"), exact, reference, kernel):
+        reference_error = (theirs.double() - want).abs().max()
+        error = (ours.double() - want).abs().max()
+        assert error <= 2 * reference_error, (name, float(error), float(reference_error))

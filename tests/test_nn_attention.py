@@ -174,6 +174,17 @@ def test_forward_needs_keys_or_cache_but_not_both():
         module(query, cache=keys)
 
 
+def test_forward_refuses_values_next_to_a_cache():
+    """The cache holds the values precompute() was given (the keys by default): values
+    passed beside it were silently ignored, and the context came from the keys."""
+    module = Attention(4, 4, score="dot")
+    query, keys, values = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="values"):
+        module(query, values=values, cache=module.precompute(keys))
+    cached, _ = module(query, cache=module.precompute(keys, values))
+    torch.testing.assert_close(cached, module(query, keys, values)[0])
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("input_feeding", [True, False])
 @pytest.mark.parametrize("score", ["additive", "general", "dot"])

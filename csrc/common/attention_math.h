@@ -137,12 +137,12 @@ FASTATTN_HOST_DEVICE Real gaussian_log_slope(int64_t j, Real center, int64_t win
 // Running max and sum of exp(score - max) over the keys seen so far.  Feed it
 // blocks of scores: raise_max(block max) first, multiply whatever was accumulated
 // with the old max (the context) by the factor it returns, then add() each score.
-template <typename Acc>
+template <typename Acc, typename Sum = Acc>
 struct OnlineSoftmax {
   Acc max_score;
-  Acc sum;
+  Sum sum;  // a wider Sum (the CPU kernels' double) keeps a long row's sum of S terms exact
 
-  FASTATTN_HOST_DEVICE OnlineSoftmax() : max_score(negative_infinity<Acc>()), sum(Acc(0)) {}
+  FASTATTN_HOST_DEVICE OnlineSoftmax() : max_score(negative_infinity<Acc>()), sum(Sum(0)) {}
 
   // -> the factor (<= 1) that rescales sums built on the previous max.  A NaN block max
   // (a NaN score) stays the max: every later probability, the sum and the row are NaN.
@@ -163,10 +163,10 @@ struct OnlineSoftmax {
 
   // No key seen: a fully masked row (zero context, zero weights, lse = -inf).  A NaN sum
   // (a NaN or +inf score) is not empty: it reaches the outputs, as in the reference.
-  FASTATTN_HOST_DEVICE bool empty() const { return sum == Acc(0); }
+  FASTATTN_HOST_DEVICE bool empty() const { return sum == Sum(0); }
 
   FASTATTN_HOST_DEVICE Acc logsumexp() const {
-    return empty() ? negative_infinity<Acc>() : max_score + log_of(sum);
+    return empty() ? negative_infinity<Acc>() : max_score + static_cast<Acc>(log_of(sum));
   }
 };
 

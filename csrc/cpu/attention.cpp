@@ -86,6 +86,9 @@ constexpr int64_t kKeyBlock = 128;  // keys scored before each online-softmax up
 // they fit in a core's L2 (256 KiB in float32), one buffer a thread; above that, taking
 // each tanh twice was faster (N = 8, S = 400, Da = 512: 11 ms, cached 16 ms, in one run).
 constexpr int64_t kActivationCacheElements = int64_t{1} << 16;
+// The backward sums the keys' and the values' gradients over the query rows of a batch
+// element in blocks of kRowBlock rows (see backward_batches).
+constexpr int64_t kRowBlock = 32;
 
 // ---------------------------------------------------------------- SIMD vectors
 // Simd<T, kBytes>: kBytes / sizeof(T) float or double lanes.  Why not
@@ -540,6 +543,12 @@ FASTATTN_ALWAYS_INLINE void accumulate_values(const AttentionProblem<T>& problem
 
 // ---------------------------------------------------------------- forward
 
+// The accumulation type of a row's softmax sums (its normaliser, the backward's row term,
+// the Gaussian's center gradient): double, whatever T.  Summed key by key in float32
+// they erred ~sqrt(S) ulps (S = 70000: weights 6e-5 relative where the reference's
+// float32 softmax errs 4e-7).  The exponentials stay in T; only the adds are double.
+using RowSum = double;
+
 template <typename T>
 struct ForwardOutputs {
   T* context = nullptr;    // (N, T, Dv)
@@ -553,7 +562,7 @@ FASTATTN_ALWAYS_INLINE void forward_rows(const AttentionProblem<T>& problem, con
   const int64_t query_length = problem.query_length, source_length = problem.source_length;
   const int64_t value_dim = problem.value_dim;
   const T minus_infinity = fastattn::negative_infinity<T>();
-  std::vector<T> scores(source_length), context(value_dim), prepared(problem.score_dim);
+  std::vector<T> scores(source_length), context(value_dim), block_context(value_dim), prepared(problem.score_dim);
   int64_t block_keys[kKeyBlock];
   T block_weights[kKeyBlock];
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -563,7 +572,10 @@ FASTATTN_ALWAYS_INLINE void forward_rows(const AttentionProblem<T>& problem, con
     const T* query = prepare_query<T, kScore, kBytes>(problem, problem.query + row * problem.score_dim,
                                                       prepared.data(), &query_norm);
     const T center = problem.window_center(n, t);
-    fastattn::OnlineSoftmax<T> softmax;
+    // The row's sum in double (RowSum): summed key by key in float32, the sum of a long row
+    // (S = 10^4 .. 10^5, a decoder step over a long source) erred ~sqrt(S) ulps, 10-200x
+    // the reference's float32 softmax, and every weight carried it.
+    fastattn::OnlineSoftmax<T, RowSum> softmax;
     std::fill(context.begin(), context.end(), T(0));
     for (int64_t block_begin = range.begin; block_begin < range.end; block_begin += kKeyBlock) {
       const int64_t block_end = std::min(range.end, block_begin + kKeyBlock);
@@ -588,7 +600,11 @@ FASTATTN_ALWAYS_INLINE void forward_rows(const AttentionProblem<T>& problem, con
         if (problem.gaussian) weight *= fastattn::gaussian_factor(j, center, problem.window);
         block_weights[c] = weight;
       }
-      accumulate_values<kBytes>(problem, context.data(), n, block_keys, block_weights, count);
+      // The block's values summed on their own, then added to the row's: a row's context is
+      // a sum of S / kKeyBlock block sums, not one running sum over its S keys.
+      std::fill(block_context.begin(), block_context.end(), T(0));
+      accumulate_values<kBytes>(problem, block_context.data(), n, block_keys, block_weights, count);
+      axpy<kBytes>(context.data(), T(1), block_context.data(), value_dim);
     }
     T* context_row = out.context + row * value_dim;
     T* weights_row = out.weights != nullptr ? out.weights + row * source_length : nullptr;
@@ -598,7 +614,7 @@ FASTATTN_ALWAYS_INLINE void forward_rows(const AttentionProblem<T>& problem, con
       if (weights_row != nullptr) std::fill(weights_row, weights_row + source_length, T(0));
       continue;
     }
-    const T inverse_sum = T(1) / softmax.sum;
+    const T inverse_sum = static_cast<T>(RowSum(1) / softmax.sum);
     for (int64_t d = 0; d < value_dim; ++d) context_row[d] = context[d] * inverse_sum;
     out.logsumexp[row] = softmax.logsumexp();
     if (weights_row != nullptr) {
@@ -628,13 +644,13 @@ template <typename T>
 FASTATTN_ALWAYS_INLINE void probabilities_of_row(T* scores, const int64_t* keys, int64_t count) {
   T row_max = fastattn::negative_infinity<T>();
   for (int64_t c = 0; c < count; ++c) row_max = std::max(row_max, scores[keys[c]]);
-  T sum = T(0);
+  RowSum sum = 0;  // in double (RowSum)
   for (int64_t c = 0; c < count; ++c) {
     const T exponential = fastattn::exp_of(scores[keys[c]] - row_max);
     scores[keys[c]] = exponential;
     sum += exponential;
   }
-  const T inverse_sum = T(1) / sum;
+  const T inverse_sum = static_cast<T>(RowSum(1) / sum);
   for (int64_t c = 0; c < count; ++c) scores[keys[c]] *= inverse_sum;
 }
 
@@ -670,9 +686,9 @@ ShiftedRowTerm<T> shifted_row_term(const T* probabilities, const T* grad_alpha, 
     if (probabilities[keys[c]] > probabilities[top]) top = keys[c];
   }
   const T shift = grad_alpha[top];
-  T row_term = T(0);
+  RowSum row_term = 0;  // in double (RowSum)
   for (int64_t c = 0; c < count; ++c) row_term += probabilities[keys[c]] * (grad_alpha[keys[c]] - shift);
-  return {shift, row_term};
+  return {shift, static_cast<T>(row_term)};
 }
 
 template <typename T>
@@ -697,6 +713,14 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
   std::vector<int64_t> visible_keys(source_length);
   std::vector<T> prepared(score_dim), grad_unit_query(kScore == ScoreKind::kCosine ? score_dim : 0);
   std::vector<T> activation(kScore == ScoreKind::kAdditive ? score_dim : 0);
+  std::vector<T> block_grad_query(score_dim), block_grad_v(kScore == ScoreKind::kAdditive ? score_dim : 0);
+  // With more than kRowBlock query rows, the keys' and values' gradients of each block of
+  // kRowBlock rows are summed here on their own, then added to the batch element's (only
+  // over the keys the block's rows saw): one running sum over T rows erred ~sqrt(T) ulps
+  // (causal self-attention, T = S = 4000, D = 32: 7x the reference's float32 error).
+  const bool block_rows = query_length > kRowBlock;
+  std::vector<T> rows_grad_keys(block_rows ? source_length * score_dim : 0);
+  std::vector<T> rows_grad_values(block_rows ? source_length * value_dim : 0);
   // The additive score's u = tanh(q_b + k) of every key of a row, from its scores' pass for
   // its gradients' (key j's at (j - range.begin) * Da), when they fit.
   const bool cache_activations =
@@ -713,11 +737,35 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
     std::fill_n(grad_values, source_length * value_dim, T(0));
     std::fill_n(out.grad_query + n * query_length * score_dim, query_length * score_dim, T(0));
     if (out.grad_center != nullptr) std::fill_n(out.grad_center + n * query_length, query_length, T(0));
+    T* const key_gradients = block_rows ? rows_grad_keys.data() : grad_keys;
+    T* const value_gradients = block_rows ? rows_grad_values.data() : grad_values;
+    int64_t touched_begin = source_length, touched_end = 0, rows_in_block = 0;
+    const auto flush_rows = [&] {  // the block's sums into the batch element's, the buffers zeroed
+      if (touched_end > touched_begin) {
+        const int64_t keys_size = (touched_end - touched_begin) * score_dim;
+        const int64_t values_size = (touched_end - touched_begin) * value_dim;
+        T* block_keys_begin = rows_grad_keys.data() + touched_begin * score_dim;
+        T* block_values_begin = rows_grad_values.data() + touched_begin * value_dim;
+        axpy<kBytes>(grad_keys + touched_begin * score_dim, T(1), block_keys_begin, keys_size);
+        axpy<kBytes>(grad_values + touched_begin * value_dim, T(1), block_values_begin, values_size);
+        std::fill_n(block_keys_begin, keys_size, T(0));
+        std::fill_n(block_values_begin, values_size, T(0));
+      }
+      touched_begin = source_length;
+      touched_end = 0;
+      rows_in_block = 0;
+    };
     for (int64_t t = 0; t < query_length; ++t) {
       const int64_t row = n * query_length + t;
       const T logsumexp = in.logsumexp[row];
       if (logsumexp == fastattn::negative_infinity<T>()) continue;  // fully masked: zero gradients
       const KeyRange range = problem.keys_of(n, t);
+      if (block_rows) {
+        if (rows_in_block == kRowBlock) flush_rows();
+        ++rows_in_block;
+        touched_begin = std::min(touched_begin, range.begin);
+        touched_end = std::max(touched_end, range.end);
+      }
       const T* query_row = problem.query + row * score_dim;
       T query_norm = T(0);
       const T* query = prepare_query<T, kScore, kBytes>(problem, query_row, prepared.data(), &query_norm);
@@ -745,7 +793,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
       }
       probabilities_of_row(scores.data(), visible_keys.data(), count);
       dot_with_values<kBytes>(problem, grad_context, n, visible_keys.data(), count, value_dots.data());
-      T grad_center = T(0);
+      RowSum grad_center = 0;
       for (int64_t c = 0; c < count; ++c) {
         const int64_t j = visible_keys[c];
         const T probability = scores[j];
@@ -760,7 +808,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
         }
       }
       const ShiftedRowTerm<T> row_term = shifted_row_term(alpha.data(), grad_alpha.data(), visible_keys.data(), count);
-      if (out.grad_center != nullptr) out.grad_center[row] = grad_center;
+      if (out.grad_center != nullptr) out.grad_center[row] = static_cast<T>(grad_center);
 
       T* grad_query_row = out.grad_query + row * score_dim;
       T* grad_query = grad_query_row;
@@ -768,13 +816,34 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
         std::fill(grad_unit_query.begin(), grad_unit_query.end(), T(0));
         grad_query = grad_unit_query.data();
       }
+      // The query's gradient (and the additive v's) summed over each block of kKeyBlock keys
+      // on its own, then added: a sum of S / kKeyBlock block sums, not one running sum of S
+      // terms (which erred ~sqrt(S) ulps on long rows, as the forward's sums did).
+      T* const row_grad_query = grad_query;
+      T* const row_grad_v = grad_v_sum;
+      grad_query = block_grad_query.data();
+      if constexpr (kScore == ScoreKind::kAdditive) grad_v_sum = block_grad_v.data();
+      std::fill(block_grad_query.begin(), block_grad_query.end(), T(0));
+      std::fill(block_grad_v.begin(), block_grad_v.end(), T(0));
+      int64_t in_block = 0;
+      const auto flush_block = [&] {
+        axpy<kBytes>(row_grad_query, T(1), block_grad_query.data(), score_dim);
+        std::fill(block_grad_query.begin(), block_grad_query.end(), T(0));
+        if constexpr (kScore == ScoreKind::kAdditive) {
+          axpy<kBytes>(row_grad_v, T(1), block_grad_v.data(), score_dim);
+          std::fill(block_grad_v.begin(), block_grad_v.end(), T(0));
+        }
+        in_block = 0;
+      };
       for (int64_t j = range.begin; j < range.end; ++j) {
         const T probability = alpha[j];
         if (probability == T(0)) continue;  // padding, or exp underflow: nothing flows
+        if (in_block == kKeyBlock) flush_block();
+        ++in_block;
         const T grad_score = row_term.score_gradient(probability, grad_alpha[j]);
-        axpy<kBytes>(grad_values + j * value_dim, probability * factor[j], grad_context, value_dim);
+        axpy<kBytes>(value_gradients + j * value_dim, probability * factor[j], grad_context, value_dim);
         const T* key = problem.key(n, j);
-        T* grad_key = grad_keys + j * score_dim;
+        T* grad_key = key_gradients + j * score_dim;
         if constexpr (kScore == ScoreKind::kDot) {
           const T scaled = problem.scale * grad_score;
           axpy<kBytes>(grad_query, scaled, key, score_dim);
@@ -792,6 +861,9 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
           additive_score_backward<kBytes>(u, problem.v, grad_score, grad_query, grad_key, grad_v_sum, score_dim);
         }
       }
+      flush_block();
+      grad_query = row_grad_query;
+      grad_v_sum = row_grad_v;
       if constexpr (kScore == ScoreKind::kCosine) {
         unit_vector_backward<kBytes>(grad_unit_query.data(), query_row, query_norm, grad_query_row, score_dim);
       }
@@ -799,6 +871,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
         if (grad_bias_sum != nullptr) axpy<kBytes>(grad_bias_sum, T(1), grad_query_row, score_dim);
       }
     }
+    if (block_rows) flush_rows();
     // Through the unit keys; keys shared by the batch take it once, after the sum over n.
     if constexpr (kScore == ScoreKind::kCosine) {
       for (int64_t j = 0; out.grad_keys_batch_stride != 0 && j < source_length; ++j) {
@@ -1260,7 +1333,7 @@ void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weig
       }
     }
     probabilities_of_row(scores, visible_keys.data(), count);
-    T center_gradient = T(0);
+    RowSum center_gradient = 0;
     for (int64_t c = 0; c < count; ++c) {
       const int64_t j = visible_keys[c];
       const T probability = scores[j];
@@ -1274,7 +1347,7 @@ void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weig
       }
     }
     const ShiftedRowTerm<T> row_term = shifted_row_term<T>(scores, grad_alpha, visible_keys.data(), count);
-    if (grad_center != nullptr) grad_center[row] = center_gradient;
+    if (grad_center != nullptr) grad_center[row] = static_cast<T>(center_gradient);
     for (int64_t c = 0; c < count; ++c) {
       const int64_t j = visible_keys[c];
       scores[j] = problem.scale * row_term.score_gradient(scores[j], grad_alpha[j]);

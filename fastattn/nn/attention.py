@@ -135,6 +135,11 @@ class Attention(torch.nn.Module):
             raise ValueError("Attention needs keys, or a cache from precompute(keys)")
         if cache is not None and keys is not None:
             raise ValueError("give either keys or cache, not both (the cache already holds the keys)")
+        if cache is not None and values is not None:
+            raise ValueError(
+                "give values to precompute(keys, values), not with cache: the cache already holds the values, "
+                f"so values {checks.describe(values)} would be ignored"
+            )
         if cache is not None:
             self.check_cache(cache)
         self._check_input("query", query, self.query_dim)
