@@ -179,9 +179,12 @@ def kernels_cannot_differentiate(tensors: Iterable[object]) -> bool:
     autograd Functions there) or it carries a forward-mode tangent
     (torch.autograd.forward_ad; C++ autograd Functions have no jvp).  With neither in
     force (one look at functorch's interpreter stack and at the dual level) the tensors
-    are not read, nor while torch.compile traces (its graphs hold the ops themselves)."""
+    are not read.  While torch.compile traces, the tensors are not read either (dynamo
+    cannot trace functorch's tensor queries): a transform traced with the function
+    (``torch.compile(torch.func.grad(f))``), seen on functorch's interpreter stack, runs
+    the reference for every op inside it, and the graphs hold the kernel ops elsewhere."""
     if torch.compiler.is_compiling():
-        return False
+        return torch._C._functorch.peek_interpreter_stack() is not None
     functorch = torch._C._functorch.peek_interpreter_stack() is not None
     dual = forward_ad._current_level >= 0
     if not (functorch or dual):

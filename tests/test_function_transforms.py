@@ -149,3 +149,23 @@ def test_per_sample_gradients_with_lengths_and_local_p_equal_the_loop(backend):
         looped = torch.stack([_autograd_gradient(lambda q, i=i: attend(q, keys[i], lengths[i]), queries[i])
                               for i in range(4)])
     torch.testing.assert_close(mapped, looped)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_compiled_transforms_run_the_reference_inside_them(backend):
+    """torch.compile(torch.func.grad(...), fullgraph=True): dynamo traces the transform
+    with the ops' tensors wrapped, so the ops must run the reference there too; the
+    kernels' C++ autograd failed the trace ("cannot use C++ torch::autograd::Function
+    with functorch transforms")."""
+    torch._dynamo.reset()
+    gru = fastattn.nn.GRU(4, 3).double()
+    parameters = {key: value.detach() for key, value in gru.named_parameters()}
+    sequence = _randn(5, 2, 4, seed=9)
+    with fastattn.backend(backend):
+        compiled_grad = torch.compile(grad(lambda q: _attend(q).square().sum()), backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled_grad(QUERY), _autograd_gradient(lambda q: _attend(q).square().sum(), QUERY))
+        by_grad = torch.compile(grad(lambda p: functional_call(gru, p, (sequence,))[0].sum()), backend="aot_eager",
+                                fullgraph=True)(parameters)
+        gru(sequence)[0].sum().backward()
+    for key, parameter in gru.named_parameters():
+        torch.testing.assert_close(by_grad[key], parameter.grad, msg=key)
