@@ -181,10 +181,11 @@ def kernels_cannot_differentiate(tensors: Iterable[object]) -> bool:
     force (one look at functorch's interpreter stack and at the dual level) the tensors
     are not read.  While torch.compile traces, the tensors are not read either (dynamo
     cannot trace functorch's tensor queries): a transform traced with the function
-    (``torch.compile(torch.func.grad(f))``), seen on functorch's interpreter stack, runs
-    the reference for every op inside it, and the graphs hold the kernel ops elsewhere."""
+    (``torch.compile(torch.func.grad(f))``) runs the reference for every op inside it, and
+    the graphs hold the kernel ops elsewhere.  (Dynamo answers _are_functorch_transforms_active
+    as eager does; peek_interpreter_stack is never None while it traces.)"""
     if torch.compiler.is_compiling():
-        return torch._C._functorch.peek_interpreter_stack() is not None
+        return torch._C._are_functorch_transforms_active()
     functorch = torch._C._functorch.peek_interpreter_stack() is not None
     dual = forward_ad._current_level >= 0
     if not (functorch or dual):

@@ -207,3 +207,28 @@ def test_export_with_a_dynamic_source_length(backend_name):
         {0: batch, 1: queries}, {0: batch, 1: source}, {0: batch}))
     other = (torch.randn(3, 4, 8), torch.randn(3, 9, 8), torch.tensor([9, 1, 6]))
     torch.testing.assert_close(exported.module()(*other), module(*other))
+
+
+def test_compiled_graphs_hold_the_kernel_ops():
+    """Outside a torch.func transform, the graph torch.compile traces calls the cpu backend's
+    ops themselves, not the reference's PyTorch (a check that routes ops inside compiled
+    transforms to the reference once sent every compiled call there)."""
+    if "cpu" not in cpu_backends():
+        pytest.skip("needs fastattn._C")
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(graph, example_inputs):
+        graphs.append(graph)
+        return graph
+
+    lstm = fastattn.nn.LSTM(4, 6)
+
+    def run(query, keys, x):
+        return fastattn.attention(query, keys, score="scaled_dot"), lstm(x)[0]
+
+    with fastattn.backend("cpu"):
+        torch.compile(run, fullgraph=True, backend=capture)(torch.randn(2, 3, 5), torch.randn(2, 5, 5), torch.randn(3, 2, 4))
+    targets = {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+    for op in ("fastattn.attention_forward", "fastattn.lstm_layer_forward"):
+        assert any(target.startswith(op) for target in targets), (op, targets)
