@@ -259,6 +259,14 @@ FASTATTN_ALWAYS_INLINE void axpy(T* y, T alpha, const T* x, int64_t size) {
   for (; d < size; ++d) y[d] += alpha * x[d];
 }
 
+// y += partial, then partial = 0: a block's own sum added to the running one (the blocked
+// sums that keep long float32 rows within the reference's error).
+template <int kBytes, typename T>
+FASTATTN_ALWAYS_INLINE void add_and_clear(T* y, T* partial, int64_t size) {
+  axpy<kBytes>(y, T(1), partial, size);
+  std::fill_n(partial, size, T(0));
+}
+
 // out[i] = a . b_i for four vectors b_i sharing the loads of a.
 template <int kBytes, typename T>
 FASTATTN_ALWAYS_INLINE void dot_products4(const T* a, const T* b0, const T* b1, const T* b2, const T* b3,
@@ -602,9 +610,8 @@ FASTATTN_ALWAYS_INLINE void forward_rows(const AttentionProblem<T>& problem, con
       }
       // The block's values summed on their own, then added to the row's: a row's context is
       // a sum of S / kKeyBlock block sums, not one running sum over its S keys.
-      std::fill(block_context.begin(), block_context.end(), T(0));
       accumulate_values<kBytes>(problem, block_context.data(), n, block_keys, block_weights, count);
-      axpy<kBytes>(context.data(), T(1), block_context.data(), value_dim);
+      add_and_clear<kBytes>(context.data(), block_context.data(), value_dim);
     }
     T* context_row = out.context + row * value_dim;
     T* weights_row = out.weights != nullptr ? out.weights + row * source_length : nullptr;
@@ -742,14 +749,11 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
     int64_t touched_begin = source_length, touched_end = 0, rows_in_block = 0;
     const auto flush_rows = [&] {  // the block's sums into the batch element's, the buffers zeroed
       if (touched_end > touched_begin) {
-        const int64_t keys_size = (touched_end - touched_begin) * score_dim;
-        const int64_t values_size = (touched_end - touched_begin) * value_dim;
-        T* block_keys_begin = rows_grad_keys.data() + touched_begin * score_dim;
-        T* block_values_begin = rows_grad_values.data() + touched_begin * value_dim;
-        axpy<kBytes>(grad_keys + touched_begin * score_dim, T(1), block_keys_begin, keys_size);
-        axpy<kBytes>(grad_values + touched_begin * value_dim, T(1), block_values_begin, values_size);
-        std::fill_n(block_keys_begin, keys_size, T(0));
-        std::fill_n(block_values_begin, values_size, T(0));
+        const int64_t keys = touched_end - touched_begin;
+        add_and_clear<kBytes>(grad_keys + touched_begin * score_dim, rows_grad_keys.data() + touched_begin * score_dim,
+                              keys * score_dim);
+        add_and_clear<kBytes>(grad_values + touched_begin * value_dim,
+                              rows_grad_values.data() + touched_begin * value_dim, keys * value_dim);
       }
       touched_begin = source_length;
       touched_end = 0;
@@ -823,16 +827,10 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
       T* const row_grad_v = grad_v_sum;
       grad_query = block_grad_query.data();
       if constexpr (kScore == ScoreKind::kAdditive) grad_v_sum = block_grad_v.data();
-      std::fill(block_grad_query.begin(), block_grad_query.end(), T(0));
-      std::fill(block_grad_v.begin(), block_grad_v.end(), T(0));
       int64_t in_block = 0;
-      const auto flush_block = [&] {
-        axpy<kBytes>(row_grad_query, T(1), block_grad_query.data(), score_dim);
-        std::fill(block_grad_query.begin(), block_grad_query.end(), T(0));
-        if constexpr (kScore == ScoreKind::kAdditive) {
-          axpy<kBytes>(row_grad_v, T(1), block_grad_v.data(), score_dim);
-          std::fill(block_grad_v.begin(), block_grad_v.end(), T(0));
-        }
+      const auto flush_block = [&] {  // the block buffers are zero between rows (cleared here)
+        add_and_clear<kBytes>(row_grad_query, block_grad_query.data(), score_dim);
+        if constexpr (kScore == ScoreKind::kAdditive) add_and_clear<kBytes>(row_grad_v, block_grad_v.data(), score_dim);
         in_block = 0;
       };
       for (int64_t j = range.begin; j < range.end; ++j) {
