@@ -127,6 +127,7 @@ def assert_within_twice_the_reference_error(got, reference_run, exact, dtype):
             assert (actual is None or actual.numel() == 0) and want.numel() == 0, name
             continue
         assert actual.dtype == dtype, name
+        want = want.cpu()
         kernel_error = (actual.cpu().double() - want).abs().max()
         reference_error = (reference.cpu().double() - want).abs().max()
         bound = 2 * reference_error + torch.finfo(dtype).eps * want.abs().max()

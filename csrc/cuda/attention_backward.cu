@@ -537,12 +537,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Launches kernel(device, in) over `blocks` blocks with `shared` bytes of shared memory
-// (opting in above the default 48 KiB).
+// Launches kernel(device, in) over `blocks` blocks with `needed` bytes of shared memory,
+// rounded up to whole 16-byte vectors (opting in above the default 48 KiB).
 template <typename T>
 cudaError_t launch_with_shared(void (*kernel)(DeviceProblem<T>, AttentionBackwardBuffers), dim3 blocks,
-                               size_t shared, const DeviceProblem<T>& device, const AttentionBackwardBuffers& in,
+                               size_t needed, const DeviceProblem<T>& device, const AttentionBackwardBuffers& in,
                                cudaStream_t stream) {
+  const size_t shared = whole_shared_vectors(needed);
   if (shared > 48 * 1024) {
     const cudaError_t status =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));

@@ -39,7 +39,7 @@ namespace {
 template <typename A, int kVec>
 size_t forward_shared_bytes(const AttentionProblem& p) {
   const int64_t groups = row_groups(p.value_dim, kVec).groups;
-  return sizeof(A) * static_cast<size_t>(p.score_dim + groups * p.value_dim + 3 * kTile);
+  return whole_shared_vectors(sizeof(A) * static_cast<size_t>(p.score_dim + groups * p.value_dim + 3 * kTile));
 }
 
 // weights[row, j] = row.weight(score_j) * Gaussian_j = exp(score_j - M) / L * Gaussian_j over
@@ -269,7 +269,7 @@ cudaError_t launch_attention_forward(const AttentionProblem& p, const AttentionF
     if (out.splits > 1) {
       const int64_t chunks = (p.value_dim + kThreads - 1) / kThreads;  // one block at least: it writes the lse
       const dim3 grid(grid_for(rows), static_cast<unsigned int>(chunks > 1 ? chunks : 1));
-      const size_t shared = sizeof(Acc<T>) * static_cast<size_t>(out.splits);
+      const size_t shared = whole_shared_vectors(sizeof(Acc<T>) * static_cast<size_t>(out.splits));
       combine_splits_kernel<T>
           <<<grid, kThreads, shared, stream>>>(device_problem<T>(p), rows, out.splits, p.value_dim, out);
       status = cudaGetLastError();

@@ -948,6 +948,7 @@ template <typename T, ScoreKind kScore, int kD, int kDv>
 cudaError_t launch_forward(const AttentionProblem& p, const AttentionForwardBuffers& out, const void* grad_context,
                            void* row_dot, cudaStream_t stream) {
   constexpr size_t shared = tensor_core_shared_bytes<kScore, kD, kDv>();
+  static_assert(shared % 16 == 0, "whole 16-byte vectors of shared memory (whole_shared_vectors)");
   auto kernel = attention_forward_tensor_core_kernel<T, kScore, kD, kDv>;
   const cudaError_t status = allow_shared_bytes(kernel, shared);
   if (status != cudaSuccess) return status;
@@ -980,6 +981,7 @@ cudaError_t launch_backward(const AttentionProblem& p, const AttentionBackwardBu
   const int64_t key_tiles = (p.source_length + kBlockKeys - 1) / kBlockKeys;
   if (p.batch * key_tiles > 0) {
     constexpr size_t shared = backward_shared_bytes<kScore, kD, kDv>();
+    static_assert(shared % 16 == 0, "whole 16-byte vectors of shared memory (whole_shared_vectors)");
     auto kernel = b.grad_center != nullptr ? attention_backward_tensor_core_kernel<T, kScore, kD, kDv, true>
                                            : attention_backward_tensor_core_kernel<T, kScore, kD, kDv, false>;
     status = allow_shared_bytes(kernel, shared);

@@ -672,7 +672,8 @@ DecoderStepPlan decoder_step_plan(const DecoderStepProblem& p, int multiprocesso
   const int64_t floats = shared_bytes_per_block / static_cast<int64_t>(sizeof(float));
   const int64_t batch_tile = min_of(min_of(p.batch, kMaxBatchTile), floats / (max_of(rows.gates, rows.combine) + 2));
   if (batch_tile < 1) return plan;
-  const int64_t shared_bytes = shared_floats(p, batch_tile, keys_per_split) * static_cast<int64_t>(sizeof(float));
+  const int64_t shared_bytes = static_cast<int64_t>(
+      whole_shared_vectors(static_cast<size_t>(shared_floats(p, batch_tile, keys_per_split)) * sizeof(float)));
   if (shared_bytes > shared_bytes_per_block) return plan;
   plan.blocks = multiprocessors;
   plan.threads = kThreads;

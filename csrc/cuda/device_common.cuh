@@ -115,6 +115,11 @@ __device__ __forceinline__ A block_sum(A value, A* scratch) {
   return total;
 }
 
+// Dynamic shared memory rounded up to whole 16-byte vectors.  nvcc may widen the loads of
+// an unrolled loop's last elements into one 16-byte load: on an H200, compute-sanitizer's
+// memcheck saw combine_splits_kernel read 16 bytes from a 12-byte allocation (3 splits).
+inline size_t whole_shared_vectors(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
 // A grid size for `work` items of one block each, within the grid's x limit
 // (kernels loop over the remainder).
 inline unsigned int grid_for(int64_t work) {

@@ -373,8 +373,8 @@ struct TensorCoreGemm {
 
 template <typename Gemm>
 int64_t shared_bytes_for(const BlockGemmShape& shape) {
-  return Gemm::weights_bytes(shape) + Gemm::kScratchBytes +
-         kPassRows * shape.columns * static_cast<int64_t>(sizeof(float));
+  return static_cast<int64_t>(whole_shared_vectors(static_cast<size_t>(
+      Gemm::weights_bytes(shape) + Gemm::kScratchBytes + kPassRows * shape.columns * static_cast<int64_t>(sizeof(float)))));
 }
 
 __device__ __forceinline__ bool is_active(const int64_t* lengths, int64_t t, int64_t b) {

@@ -18,9 +18,15 @@ namespace {
 std::atomic<cudaError_t> last_error{cudaSuccess};  // what the next cudaGetLastError returns
 constexpr size_t kSharedLimit = 1 << 20;
 
+// Over the limit, or not whole 16-byte vectors (whole_shared_vectors, device_common.cuh:
+// nvcc may widen the last loads of an unrolled loop to 16 bytes), aborts.
 void check_shared(size_t shared) {
   if (shared > kSharedLimit) {
     std::fprintf(stderr, "emulate: %zu bytes of shared memory asked, %zu available\n", shared, kSharedLimit);
+    std::abort();
+  }
+  if (shared % 16 != 0) {
+    std::fprintf(stderr, "emulate: %zu bytes of shared memory asked, not a multiple of 16\n", shared);
     std::abort();
   }
 }
