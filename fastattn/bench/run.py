@@ -7,6 +7,9 @@ tolerance follows the project's rule: 2 x the error of the reference run in the 
 dtype, plus 100 machine epsilons of that dtype times the oracle's largest magnitude (so a
 float64 run, whose reference IS the oracle, still has room for reordered sums).
 Speedups of a row are the other implementations' median times divided by its own.
+cuDNN's recurrent layers (the ``torch.nn.LSTM``/``GRU`` peers) run in IEEE float32 for the
+whole run, as fastattn's float32 kernels do: torch lets them use TF32 by default, whose
+error (1e-2 on a float32 LSTM layer's gradients on an H200) would fail the tolerance.
 Baselines (timed parts of the op, such as an LSTM step's recurrent GEMM) are not checked.
 A fastattn backend's row (not the reference's) on a case with targets says of each
 :class:`~fastattn.bench.cases.Target` the value reached and whether it is met (``None``
@@ -17,6 +20,7 @@ against limits that are not a datasheet's; the last two say so in ``not_judged``
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -175,13 +179,28 @@ def _results_of(case: Case, measured: list[_Measured], tolerance: float, device:
     return results
 
 
+@contextlib.contextmanager
+def ieee_float32_recurrent_layers():
+    """cuDNN's RNNs in IEEE float32 (no TF32) for a block: ``torch.backends.cudnn.rnn``'s
+    ``fp32_precision`` where torch has it (2.9 and later), else the older ``allow_tf32``."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    owner, name, off = (rnn, "fp32_precision", "ieee") if hasattr(rnn, "fp32_precision") else (torch.backends.cudnn, "allow_tf32", False)
+    before = getattr(owner, name)
+    setattr(owner, name, off)
+    try:
+        yield
+    finally:
+        setattr(owner, name, before)
+
+
 def run(chosen: list[Case], preset: Preset, device: str, dtype: str, limits: Limits, *,
         compile_reference: bool, measure_memory: bool, progress: bool = True,
         after_each_case: Callable[[list[Result]], None] | None = None) -> list[Result]:
     """Every chosen case on every implementation; peak memory on a CPU from one child process.
     ``after_each_case`` gets the results so far after every case (to save them as they come)."""
     results = []
-    with tqdm(chosen, desc="fastattn bench", unit="case", disable=None if progress else True, leave=False) as bar:
+    with ieee_float32_recurrent_layers(), \
+            tqdm(chosen, desc="fastattn bench", unit="case", disable=None if progress else True, leave=False) as bar:
         for case in bar:
             bar.set_postfix_str(case.name)
             measured, tolerance = _measure_case(case, device, DTYPES[dtype], preset.min_run_time, compile_reference)
