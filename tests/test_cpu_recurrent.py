@@ -372,3 +372,21 @@ def test_cells_with_few_rows_split_over_the_weight_rows_match_the_reference(batc
             torch.testing.assert_close(kernel, reference.lstm_cell(x, h, c, *weights(4, True, hidden=hidden)), rtol=1e-10, atol=1e-10)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _zero_states_made(call) -> int:
+    """How many zero tensors ``call()`` makes with ``new_zeros``, as the functional layer makes
+    a missing state (the profiler's record of aten's ops; the kernels' own scratch is not it)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        call()
+    return sum(event.name == "aten::new_zeros" for event in profile.events())
+
+
+def test_a_cell_makes_a_zero_state_only_when_one_is_missing():
+    x, h, c = (torch.randn(BATCH, size) for size in (INPUT, HIDDEN, HIDDEN))
+    w_ih, w_hh = (w.detach() for w in weights(4, False, torch.float32)[:2])
+    with fastattn.backend("cpu"):
+        assert _zero_states_made(lambda: fastattn.lstm_cell(x, (h, c), w_ih, w_hh)) == 0
+        assert _zero_states_made(lambda: fastattn.lstm_cell(x, None, w_ih, w_hh)) == 1
+        assert torch.equal(fastattn.lstm_cell(x, None, w_ih, w_hh)[1],
+                           fastattn.lstm_cell(x, (torch.zeros_like(h), torch.zeros_like(c)), w_ih, w_hh)[1])

@@ -106,8 +106,10 @@ def _run_cell(
     if not batched:
         x = x.unsqueeze(0)
         states = {name: None if state is None else state.unsqueeze(0) for name, state in states.items()}
-    zeros = x.new_zeros(x.shape[0], hidden_size)
-    state_values = [zeros if state is None else state for state in states.values()]
+    state_values = list(states.values())
+    if any(state is None for state in state_values):  # only then: a buffer and a fill (a kernel on a GPU)
+        zeros = x.new_zeros(x.shape[0], hidden_size)
+        state_values = [zeros if state is None else state for state in state_values]
     arguments = (x, *state_values, *weights)
     result = backends.implementation(op, x.device.type, backend, inputs=arguments)(*arguments)
     if op == "lstm_cell":
