@@ -117,6 +117,14 @@ def test_an_untuned_launch_takes_the_first_config_the_prune_keeps(monkeypatch):
     arguments = {**dict.fromkeys(attention_forward_kernel.arg_names), "T": 1, "S": 300, "D": 64, "DV": 64}
     assert launcher.untuned_config(list(arguments.values()), {"SCORE": 0}) is configs.tuned[1]
     assert seen == [(300, {"SCORE": 0})] and not launcher.tuners
+    # Memoized on the constexprs and the tensors' dtypes (a prune reads nothing else):
+    # other sizes reuse the choice, another constexpr or dtype prunes again.
+    longer = list({**arguments, "S": 700}.values())
+    assert launcher.untuned_config(longer, {"SCORE": 0}) is configs.tuned[1] and len(seen) == 1
+    launcher.untuned_config(longer, {"SCORE": 1})
+    with_query = list({**arguments, "Q": torch.empty(1, dtype=torch.float16)}.values())
+    launcher.untuned_config(with_query, {"SCORE": 1})
+    assert seen[1:] == [(700, {"SCORE": 1}), (300, {"SCORE": 1})]
     unpruned = Launcher(attention_forward_kernel, dataclasses.replace(configs, prune=None))
     assert unpruned.untuned_config(list(arguments.values()), {}) is configs.tuned[0]
     monkeypatch.setenv("FASTATTN_TRITON_AUTOTUNE", "1")

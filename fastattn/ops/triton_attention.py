@@ -1,5 +1,6 @@
 """The Triton attention ops: ``torch.ops.fastattn.triton_attention_forward`` and
-``..._backward`` (``torch.library.triton_op``, so torch.compile sees the kernels),
+``..._backward`` (``torch.library.triton_op``, so torch.compile sees the kernels; called
+past the dispatcher in plain eager calls, ``fastattn.ops.triton_eager``),
 their autograd glue, and the launch of the kernels in ``fastattn.kernels``.
 
 The ops take the three kernel score kinds ("dot", "cosine", "additive") with the
@@ -28,6 +29,7 @@ from fastattn.kernels.attention_forward import (
 from fastattn.kernels.attention_tiles import ADDITIVE, COSINE, DOT
 from fastattn.ops import higher_order, triton_checks, triton_configs
 from fastattn.ops.triton_configs import SPLIT_GRANULE
+from fastattn.ops.triton_eager import triton_op
 from fastattn.reference.scores import cosine_norm_floor
 from fastattn.ops.triton_launch import (
     INTERPRETED,
@@ -123,7 +125,7 @@ def _split_count(batch: int, query_length: int, source_length: int) -> int:
     return min(ceil_div(source_length, SPLIT_GRANULE), ceil_div(TARGET_PROGRAMS, batch * query_blocks))
 
 
-@torch.library.triton_op("fastattn::triton_attention_forward", mutates_args=())
+@triton_op("fastattn::triton_attention_forward")
 def triton_attention_forward(
     query: Tensor, keys: Tensor, values: Tensor, v: Optional[Tensor], bias: Optional[Tensor], score: str,
     scale: float, lengths: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool,
@@ -176,7 +178,7 @@ def triton_attention_forward(
     return context, weights, row_stats
 
 
-@torch.library.triton_op("fastattn::triton_attention_backward", mutates_args=())
+@triton_op("fastattn::triton_attention_backward")
 def triton_attention_backward(
     grad_context: Tensor, grad_weights: Optional[Tensor], query: Tensor, keys: Tensor, values: Tensor,
     v: Optional[Tensor], bias: Optional[Tensor], score: str, scale: float, lengths: Optional[Tensor],
@@ -294,7 +296,7 @@ def _attention_backward(ctx, grad_context, grad_weights, _grad_row_stats):
     if grad_context is None:
         grad_context = query.new_zeros(*query.shape[:2], values.shape[-1])
     use_grad_weights = ctx.return_weights and grad_weights is not None
-    grads = torch.ops.fastattn.triton_attention_backward(
+    grads = triton_attention_backward(
         grad_context.contiguous(), grad_weights.contiguous() if use_grad_weights else None,
         query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal, ctx.window,
         center, ctx.gaussian, row_stats,
@@ -309,7 +311,7 @@ torch.library.register_autograd(
 
 def fused(query, keys, values, v, bias, kernel_score, scale, masking, return_weights):
     """The ``fused`` kernel call of ``fastattn.ops.attention``'s score mapping."""
-    context, weights, _ = torch.ops.fastattn.triton_attention_forward(
+    context, weights, _ = triton_attention_forward(
         query.contiguous(), keys, values.contiguous(), v, bias, kernel_score, float(scale),
         masking["lengths"], masking["key_padding_mask"], masking["causal"], masking["window"],
         None if masking["center"] is None else masking["center"].contiguous(), masking["gaussian"], return_weights,

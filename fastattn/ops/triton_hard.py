@@ -11,12 +11,13 @@ from torch import Tensor
 from fastattn.kernels.hard_sampling import choose_positions_kernel
 from fastattn.ops import triton_checks
 from fastattn.ops.triton_configs import CHOOSE_POSITIONS
+from fastattn.ops.triton_eager import triton_op
 from fastattn.ops.triton_launch import Launcher
 
 LAUNCHER = Launcher(choose_positions_kernel, CHOOSE_POSITIONS)
 
 
-@torch.library.triton_op("fastattn::triton_choose_positions", mutates_args=())
+@triton_op("fastattn::triton_choose_positions")
 def triton_choose_positions(weights: Tensor, sample: bool, seed: int) -> Tensor:
     """weights (..., S) -> index (...) int64 (see fastattn.kernels.hard_sampling)."""
     triton_checks.positions("triton_choose_positions", weights)
@@ -33,4 +34,4 @@ def choose_positions(weights: Tensor, sample: bool, generator: torch.Generator |
     if sample:
         device = generator.device if generator is not None else "cpu"
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
-    return torch.ops.fastattn.triton_choose_positions(weights, sample, seed)
+    return triton_choose_positions(weights, sample, seed)

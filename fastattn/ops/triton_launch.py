@@ -50,7 +50,9 @@ TARGET_PROGRAMS = 4 if INTERPRETED else 264
 class KernelConfigs:
     """One kernel's launch choices: the single config the interpreter runs, the configs
     tuned on a GPU, the size arguments that key the tuning, the buffers the kernel adds
-    into (re-zeroed between trials) and an optional ``early_config_prune``."""
+    into (re-zeroed between trials) and an optional ``early_config_prune``.  A prune
+    decides from the constexprs and the tensors' dtypes alone (tile footprints, dot
+    precision), never from sizes or values: an untuned launch memoizes its choice on those."""
 
     interpreted: triton.Config
     tuned: tuple[triton.Config, ...]
@@ -104,12 +106,12 @@ def run_kernel(kernel, grid, *arguments, **constexprs):
     the interpreter a launch on fake tensors (opcheck, torch.compile tracing) is skipped,
     as Triton's higher-order op does for compiled kernels: only the outputs' shapes
     matter there, and the interpreter would read the fake tensors' memory."""
-    tensors = [value for value in arguments if isinstance(value, torch.Tensor)]
-    real = [tensor for tensor in tensors if not _is_fake(tensor)]
-    if INTERPRETED and len(real) < len(tensors):
+    # Each tensor once: the absent optional ones are stand-ins, the same tensor again.
+    tensors = {id(value): value for value in arguments if isinstance(value, torch.Tensor)}.values()
+    if INTERPRETED and any(_is_fake(tensor) for tensor in tensors):
         return
     name = _kernel_name(kernel)
-    for tensor in real:
+    for tensor in tensors:
         check_offsets(tensor, name)
     _traceable(kernel)[grid](*arguments, **constexprs)
 
@@ -189,6 +191,7 @@ class Launcher:
         self.kernel = kernel
         self.configs = configs
         self.tuners = {}  # (size bucket, constexprs) -> triton.autotune(kernel); empty under the interpreter
+        self.untuned = {}  # (constexprs, tensor dtypes) -> the untuned config (pruning costs ~25 us a launch)
 
     def configs_in_use(self) -> list[triton.Config]:
         return [self.configs.interpreted] if INTERPRETED else list(self.configs.tuned)
@@ -202,7 +205,11 @@ class Launcher:
 
     def untuned_config(self, arguments, constexprs) -> triton.Config:
         """The config an untuned GPU launch takes: the first that the prune keeps."""
-        return self.pruned_configs(arguments, constexprs)[0]
+        key = (*constexprs.items(), *(value.dtype for value in arguments if isinstance(value, torch.Tensor)))
+        config = self.untuned.get(key)
+        if config is None:
+            config = self.untuned[key] = self.pruned_configs(arguments, constexprs)[0]
+        return config
 
     def tuner_for(self, arguments, constexprs):
         """The ``triton.autotune`` of the size bucket of these (positional) kernel arguments

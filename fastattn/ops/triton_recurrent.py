@@ -33,6 +33,7 @@ from fastattn.kernels.recurrent_cells import (
     lstm_step_kernel,
 )
 from fastattn.ops import triton_checks
+from fastattn.ops.triton_eager import triton_op
 from fastattn.ops.triton_configs import INPUT_PROJECTION, RECURRENT_POINTWISE, RECURRENT_STEP
 from fastattn.ops.triton_launch import Launcher, ceil_div, contiguous_or_none, dot_precision, pointer_or
 from fastattn.reference.recurrent import gru_update, lstm_update, outputs_of_states, states_over_time
@@ -91,7 +92,7 @@ def _input_gradients(grad_gates: Tensor, x: Tensor, w: Tensor, has_bias: bool):
 # ---------------------------------------------------------------- input projection
 
 
-@torch.library.triton_op("fastattn::triton_input_projection", mutates_args=())
+@triton_op("fastattn::triton_input_projection")
 def triton_input_projection(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     """x (M, K) @ w^T (N, K) + b (N,) -> (M, N) float32, one launch: a layer's input part of
     every gate at every time step (M = T·B), which its steps read in float32."""
@@ -123,7 +124,7 @@ torch.library.register_autograd(
 # ---------------------------------------------------------------- LSTM
 
 
-@torch.library.triton_op("fastattn::triton_lstm_step", mutates_args=())
+@triton_op("fastattn::triton_lstm_step")
 def triton_lstm_step(
     x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -141,7 +142,7 @@ def triton_lstm_step(
     return h_next, c_next, saved
 
 
-@torch.library.triton_op("fastattn::triton_lstm_pointwise_backward", mutates_args=())
+@triton_op("fastattn::triton_lstm_pointwise_backward")
 def triton_lstm_pointwise_backward(
     grad_h_next: Tensor, grad_c_next: Tensor, c: Tensor, c_next: Tensor, saved: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -208,7 +209,7 @@ def _lstm_step_backward(ctx, grad_h_next, grad_c_next, _grad_saved):
         return _differentiable_backward(_lstm_step_maths, (x, h, c, w_ih, w_hh, b_ih, b_hh), (grad_h_next, grad_c_next))
     grad_h_next = torch.zeros_like(c) if grad_h_next is None else grad_h_next
     grad_c_next = torch.zeros_like(c) if grad_c_next is None else grad_c_next
-    grad_gates, grad_c = torch.ops.fastattn.triton_lstm_pointwise_backward(grad_h_next, grad_c_next, c, c_next, saved)
+    grad_gates, grad_c = triton_lstm_pointwise_backward(grad_h_next, grad_c_next, c, c_next, saved)
     grad_x, grad_w_ih, grad_b_ih = _input_gradients(grad_gates, x, w_ih, b_ih is not None)
     grad_b_hh = grad_gates.sum(0).to(h.dtype) if b_hh is not None else None
     grad_gates = grad_gates.to(h.dtype)
@@ -220,14 +221,14 @@ torch.library.register_autograd("fastattn::triton_lstm_step", _lstm_step_backwar
 
 def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     """The "lstm_cell" op: one launch."""
-    h_next, c_next, _ = torch.ops.fastattn.triton_lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    h_next, c_next, _ = triton_lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
     return h_next, c_next
 
 
 # ---------------------------------------------------------------- GRU
 
 
-@torch.library.triton_op("fastattn::triton_gru_pointwise_backward", mutates_args=())
+@triton_op("fastattn::triton_gru_pointwise_backward")
 def triton_gru_pointwise_backward(grad_h_next: Tensor, h: Tensor, saved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """-> gradients of the gates' input and hidden parts (B, 3H each, float32) and the
     direct part of h's (B, H)."""
@@ -245,7 +246,7 @@ def triton_gru_pointwise_backward(grad_h_next: Tensor, h: Tensor, saved: Tensor)
     return grad_gates_x, grad_gates_h, grad_h
 
 
-@torch.library.triton_op("fastattn::triton_gru_step", mutates_args=())
+@triton_op("fastattn::triton_gru_step")
 def triton_gru_step(
     x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
@@ -275,7 +276,7 @@ def _gru_step_backward(ctx, grad_h_next, _grad_saved):
     if torch.is_grad_enabled():  # create_graph=True
         return _differentiable_backward(_gru_step_maths, (x, h, w_ih, w_hh, b_ih, b_hh), (grad_h_next,))
     grad_h_next = torch.zeros_like(h) if grad_h_next is None else grad_h_next
-    grad_gates_x, grad_gates_h, grad_h = torch.ops.fastattn.triton_gru_pointwise_backward(grad_h_next, h, saved)
+    grad_gates_x, grad_gates_h, grad_h = triton_gru_pointwise_backward(grad_h_next, h, saved)
     grad_x, grad_w_ih, grad_b_ih = _input_gradients(grad_gates_x, x, w_ih, b_ih is not None)
     grad_b_hh = grad_gates_h.sum(0).to(h.dtype) if b_hh is not None else None
     grad_gates_h = grad_gates_h.to(h.dtype)
@@ -287,7 +288,7 @@ torch.library.register_autograd("fastattn::triton_gru_step", _gru_step_backward,
 
 def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     """The "gru_cell" op: one launch."""
-    return torch.ops.fastattn.triton_gru_step(x, h, w_ih, w_hh, b_ih, b_hh)[0]
+    return triton_gru_step(x, h, w_ih, w_hh, b_ih, b_hh)[0]
 
 
 # ---------------------------------------------------------------- layers
@@ -305,7 +306,7 @@ def _steps(steps: int, reverse: bool) -> list[tuple[int, int, int]]:
 def _projected(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor]) -> Tensor:
     """x (T, B, I) -> x W_ih^T + b_ih (T, B, gates*H) float32, every step in one launch."""
     steps, batch, inputs = x.shape
-    projection = torch.ops.fastattn.triton_input_projection(x.reshape(steps * batch, inputs), w_ih, b_ih)
+    projection = triton_input_projection(x.reshape(steps * batch, inputs), w_ih, b_ih)
     return projection.view(steps, batch, w_ih.shape[0])
 
 
@@ -336,7 +337,7 @@ def _or_zeros(grad: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
 
-@torch.library.triton_op("fastattn::triton_lstm_layer", mutates_args=())
+@triton_op("fastattn::triton_lstm_layer")
 def triton_lstm_layer(
     projected: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], lengths: Optional[Tensor],
     reverse: bool,
@@ -360,7 +361,7 @@ def triton_lstm_layer(
     return h_states, c_states, saved
 
 
-@torch.library.triton_op("fastattn::triton_lstm_layer_backward", mutates_args=())
+@triton_op("fastattn::triton_lstm_layer_backward")
 def triton_lstm_layer_backward(
     grad_h_states: Tensor, grad_c_states: Tensor, c_states: Tensor, saved: Tensor, w_hh: Tensor,
     lengths: Optional[Tensor], reverse: bool,
@@ -408,7 +409,7 @@ def _lstm_layer_backward(ctx, grad_h_states, grad_c_states, _grad_saved):
         maths = functools.partial(_lstm_layer_maths, lengths=lengths, reverse=ctx.reverse)
         grads = (grad_h_states, grad_c_states)
         return *_differentiable_backward(maths, (projected, h0, c0, w_hh, b_hh), grads), None, None
-    grad_gates, grad_h0, grad_c0 = torch.ops.fastattn.triton_lstm_layer_backward(
+    grad_gates, grad_h0, grad_c0 = triton_lstm_layer_backward(
         _or_zeros(grad_h_states, h_states), _or_zeros(grad_c_states, c_states), c_states, saved, w_hh, lengths,
         ctx.reverse,
     )
@@ -420,7 +421,7 @@ torch.library.register_autograd("fastattn::triton_lstm_layer", _lstm_layer_backw
 torch.library.register_autograd("fastattn::triton_lstm_layer_backward", _no_derivative)
 
 
-@torch.library.triton_op("fastattn::triton_gru_layer", mutates_args=())
+@triton_op("fastattn::triton_gru_layer")
 def triton_gru_layer(
     projected: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], lengths: Optional[Tensor], reverse: bool
 ) -> tuple[Tensor, Tensor]:
@@ -443,7 +444,7 @@ def triton_gru_layer(
     return h_states, saved
 
 
-@torch.library.triton_op("fastattn::triton_gru_layer_backward", mutates_args=())
+@triton_op("fastattn::triton_gru_layer_backward")
 def triton_gru_layer_backward(
     grad_h_states: Tensor, h_states: Tensor, saved: Tensor, w_hh: Tensor, lengths: Optional[Tensor], reverse: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -483,7 +484,7 @@ def _gru_layer_backward(ctx, grad_h_states, _grad_saved):
     if torch.is_grad_enabled():  # create_graph=True
         maths = functools.partial(_gru_layer_maths, lengths=lengths, reverse=ctx.reverse)
         return *_differentiable_backward(maths, (projected, h0, w_hh, b_hh), (grad_h_states,)), None, None
-    grad_gates_x, grad_gates_h, grad_h0 = torch.ops.fastattn.triton_gru_layer_backward(
+    grad_gates_x, grad_gates_h, grad_h0 = triton_gru_layer_backward(
         _or_zeros(grad_h_states, h_states), h_states, saved, w_hh, lengths, ctx.reverse
     )
     grad_w_hh, grad_b_hh = _recurrent_weight_gradients(grad_gates_h, h_states, b_hh is not None, ctx.reverse)
@@ -497,7 +498,7 @@ torch.library.register_autograd("fastattn::triton_gru_layer_backward", _no_deriv
 def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False):
     if w_hr is not None:
         return reference.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
-    h_states, c_states, _ = torch.ops.fastattn.triton_lstm_layer(
+    h_states, c_states, _ = triton_lstm_layer(
         _projected(x, w_ih, b_ih), h0, c0, w_hh, b_hh, lengths, reverse
     )
     final = 0 if reverse else -1
@@ -505,5 +506,5 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=N
 
 
 def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, reverse=False):
-    h_states, _ = torch.ops.fastattn.triton_gru_layer(_projected(x, w_ih, b_ih), h0, w_hh, b_hh, lengths, reverse)
+    h_states, _ = triton_gru_layer(_projected(x, w_ih, b_ih), h0, w_hh, b_hh, lengths, reverse)
     return outputs_of_states(h_states, lengths, reverse), h_states[0 if reverse else -1]
