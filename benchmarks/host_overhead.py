@@ -11,12 +11,19 @@ or the device (kernels).  For each implementation of each named case of a preset
 
     python benchmarks/host_overhead.py --device cuda --dtype bfloat16 \\
         attention.dot.decode_step.b64_s64_d512.forward lstm_cell.b64_h1024.forward
+
+``--stub-triton-launches`` (CPU, TRITON_INTERPRET unset) measures the Triton backend's
+Python on a machine without a GPU: the backend takes CPU tensors and Triton's
+``JITFunction.run`` does nothing, so its row is everything a GPU call does on the host up
+to Triton's own launch (fastattn's front end, the op's dispatch and body, the launcher),
+untuned (FASTATTN_TRITON_AUTOTUNE=0, as gpu_check.sh runs its benches).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import statistics
 import sys
@@ -89,13 +96,32 @@ def own_time_table(call, device: str, rows: int = 12) -> str:
     return "\n".join(lines)
 
 
+def stub_triton_launches() -> None:
+    """The Triton backend on CPU tensors, its kernels' launches replaced by nothing."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("host_overhead: --stub-triton-launches needs TRITON_INTERPRET unset (JIT functions, not interpreted)")
+    from triton.runtime.jit import JITFunction
+
+    from fastattn.ops import triton_backend
+
+    JITFunction.run = lambda self, *arguments, **keywords: None
+    os.environ["FASTATTN_TRITON_AUTOTUNE"] = "0"  # untuned launches, as gpu_check.sh's benches: tuning times kernels
+    triton_backend.register(("cpu",))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cases", nargs="+", help="case names of the preset")
     parser.add_argument("--preset", default="gpu")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--stub-triton-launches", action="store_true",
+                        help="CPU only: time the Triton backend's Python, its launches stubbed out")
     arguments = parser.parse_args()
+    if arguments.stub_triton_launches:
+        if arguments.device != "cpu":
+            parser.error("--stub-triton-launches is for --device cpu (a GPU runs the real launches)")
+        stub_triton_launches()
     by_name = {case.name: case for case in cases(PRESETS[arguments.preset])}
     unknown = [name for name in arguments.cases if name not in by_name]
     if unknown:

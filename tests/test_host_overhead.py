@@ -34,3 +34,18 @@ def test_an_unknown_case_is_refused_with_the_preset_cases():
     completed = _run("--preset", "tiny", "--device", "cpu", "no_such_case")
     assert completed.returncode == 2
     assert "unknown cases ['no_such_case']" in completed.stderr and "lstm_cell.forward" in completed.stderr
+
+
+def test_the_triton_backend_python_is_timed_on_the_cpu_with_its_launches_stubbed():
+    completed = _run("--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--stub-triton-launches",
+                     "lstm_cell.forward")
+    assert completed.returncode == 0, completed.stderr
+    rows = {line.split()[0]: line for line in completed.stdout.splitlines() if "synced" in line}
+    assert "triton" in rows  # the backend took the CPU tensors
+    profiled = [line for line in completed.stdout.splitlines() if " us own " in line]
+    assert any("triton_recurrent.py" in line for line in profiled)  # its body ran, up to the stubbed launch
+
+
+def test_stubbed_triton_launches_are_refused_on_a_gpu_device():
+    completed = _run("--device", "cuda", "--stub-triton-launches", "lstm_cell.b64_h1024.forward")
+    assert completed.returncode == 2 and "--stub-triton-launches is for --device cpu" in completed.stderr
