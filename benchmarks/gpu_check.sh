@@ -4,15 +4,21 @@
 # pytest-benchmark preinstalled and no network.  Steps, each under its own `timeout`:
 #   1. versions   nvidia-smi, python, torch, triton, nvcc
 #   2. install    pip install --no-build-isolation --no-deps -e . (CUDA extension for sm_90 only)
-#   3. gpu tests  pytest -m gpu -n 8 -q (-x -q without pytest-xdist), TRITON_INTERPRET unset
-#   4. memcheck   compute-sanitizer --tool memcheck over benchmarks/cuda_sanitize_cases.py, with
+#   3. gpu tests  pytest -m gpu -n 8 -q (-x -q without pytest-xdist), TRITON_INTERPRET unset;
+#                 each failing test is written to "$OUT/gpu-test-failures.txt" as it fails
+#                 (tests/failure_log.py), so a run stopped by its timeout still names them all
+#   4. crash backtraces  each test (at most 2) that crashed its xdist worker, by that file, rerun
+#                 alone under cuda-gdb (run, bt, continue: the native backtrace, then faulthandler's
+#                 Python one), or plainly with faulthandler where there is no cuda-gdb; a
+#                 diagnostic, SKIP when no test crashed
+#   5. memcheck   compute-sanitizer --tool memcheck over benchmarks/cuda_sanitize_cases.py, with
 #                 torch's caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1)
-#   5. racecheck  compute-sanitizer --tool racecheck over the same cases
-#   6. bench      fastattn bench --device cuda, full preset, float32 (bench.json, .csv, speedups.png in $OUT)
-#   7. bench targets  fastattn bench --device cuda --preset gpu --dtype bfloat16: only the GPU
+#   6. racecheck  compute-sanitizer --tool racecheck over the same cases
+#   7. bench      fastattn bench --device cuda, full preset, float32 (bench.json, .csv, speedups.png in $OUT)
+#   8. bench targets  fastattn bench --device cuda --preset gpu --dtype bfloat16: only the GPU
 #                 targets of issues 4 and 6, at their shapes, each judged met or not
 #                 (bench-targets.json, .csv, speedups-targets.png in $OUT)
-# Alongside steps 3-5, in the background: Triton's cache warmed for the gpu tests and the
+# Alongside steps 3-6, in the background: Triton's cache warmed for the gpu tests and the
 # benches (what their launches compile, in the order they run: the gpu tests' (every config
 # the prune keeps for the one test that tunes), then the benches', about 200 compiles; and
 # under triton 3.6 each kernel signature's C launcher, 17 gcc compiles), TRITON_WARMUP_JOBS
@@ -22,17 +28,19 @@
 # Each step prints PASS/FAIL (or SKIP, with the reason) and the script goes on after a
 # failure; everything printed goes to "$OUT/log.txt" (OUT defaults to
 # benchmarks/results/latest).  Exit status: the number of failed steps (0: all passed).
-# The timeouts add up to 575 s, past GPU.md's 7 minutes: they are what the steps took on an
+# The timeouts add up to 600 s, past GPU.md's 7 minutes: they are what the steps took on an
 # H200 machine (2026-12-04, benchmarks/results/2026-12-04-h200) with some room.  The install
 # (sm_90 alone, 16 jobs: about the slowest translation unit plus the link) took 114 s once and
 # over 115 + 143 s another time; the 592 gpu tests need about 100 s on 8 xdist workers (run
 # serially with -x, the first failure stopped them at the 22nd); memcheck took 16 s, racecheck
 # 24 s, the full bench 79 s; the targets bench (26 small cases, one compiled graph, two CUDA
-# graph captures) finished 24 cases in 60 s.  Both benches rewrite their JSON and CSV after
-# every case, so a bench stopped by its timeout keeps the cases it finished (the report says
-# how many of how many).  Each timeout can be changed through its variable below.
-# STEPS picks the steps to run (default all: "versions install tests memcheck racecheck bench
-# targets"), to rerun the ones a fix concerns within a short device lease.  GPU_TEST_FLAGS
+# graph captures) finished 24 cases in 60 s.  The crash reruns, not measured yet, get 40 s
+# (cuda-gdb reads the symbols of torch's libraries), taken from memcheck's and the targets'
+# room.  Both benches rewrite their JSON and CSV after every case, so a bench stopped by its
+# timeout keeps the cases it finished (the report says how many of how many).  Each timeout
+# can be changed through its variable below.
+# STEPS picks the steps to run (default all: "versions install tests crashes memcheck racecheck
+# bench targets"), to rerun the ones a fix concerns within a short device lease.  GPU_TEST_FLAGS
 # replaces the gpu tests' flags: "-n 8 -q" where pytest-xdist is installed (a test that
 # crashes its worker does not end the run, and every failure shows), else "-x -q".
 # PYTHON picks the interpreter; BENCH_FLAGS adds flags to the full bench (the torch.compile'd
@@ -43,18 +51,20 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-benchmarks/results/latest}"
+FAILURE_LOG="$OUT/gpu-test-failures.txt"
 PYTHON="${PYTHON:-python3}"  # the GPU machine's interpreter with torch is python3
 SANITIZE_CASES="${SANITIZE_CASES:-benchmarks/cuda_sanitize_cases.py}"
 BENCH_FLAGS="${BENCH_FLAGS:---no-compile}"
 BENCH_TARGETS_FLAGS="${BENCH_TARGETS_FLAGS:-}"
-STEPS=" ${STEPS:-versions install tests memcheck racecheck bench targets} "
+STEPS=" ${STEPS:-versions install tests crashes memcheck racecheck bench targets} "
 TIMEOUT_VERSIONS="${TIMEOUT_VERSIONS:-15}"
 TIMEOUT_INSTALL="${TIMEOUT_INSTALL:-200}"
 TIMEOUT_TESTS="${TIMEOUT_TESTS:-120}"
-TIMEOUT_MEMCHECK="${TIMEOUT_MEMCHECK:-35}"
+TIMEOUT_CRASHES="${TIMEOUT_CRASHES:-40}"
+TIMEOUT_MEMCHECK="${TIMEOUT_MEMCHECK:-25}"
 TIMEOUT_RACECHECK="${TIMEOUT_RACECHECK:-35}"
 TIMEOUT_BENCH="${TIMEOUT_BENCH:-80}"
-TIMEOUT_BENCH_TARGETS="${TIMEOUT_BENCH_TARGETS:-90}"
+TIMEOUT_BENCH_TARGETS="${TIMEOUT_BENCH_TARGETS:-85}"
 TRITON_WARMUP_JOBS="${TRITON_WARMUP_JOBS:-12}"  # of 16 cores: the tests' own JIT keeps the rest
 TRITON_WARMUP_SECONDS="${TRITON_WARMUP_SECONDS:-100}"  # it starts no compile later than this
 if [ -z "${GPU_TEST_FLAGS:-}" ]; then
@@ -125,8 +135,40 @@ sanitize() {  # sanitize TOOL: one compute-sanitizer step, or SKIP when it canno
         compute-sanitizer --tool "$tool" --error-exitcode 1 "$PYTHON" "$SANITIZE_CASES"
 }
 
-export -f versions
-export PYTHON
+# crashed_tests: the node ids of the tests (at most 2) that the failure log says crashed their
+# worker; none without a log (STEPS without the tests, and no log left from a run before).
+crashed_tests() {
+    awk -F '\t' '$3 ~ /^worker crashed/ { print $1 }' "$FAILURE_LOG" 2>/dev/null | head -n 2
+}
+
+# rerun_crashed: each crashed test alone in a fresh process.  Under cuda-gdb the crash stops it
+# for `bt`; `continue` then lets faulthandler print the Python stack; `info program` says how
+# it ended and, never failing, leaves gdb's exit status the test's (-return-child-result).
+# shellcheck disable=SC2317  # run through `bash -c`, under the step's timeout
+rerun_crashed() {
+    local debugger=() python=$PYTHON nodeid status=0
+    if command -v cuda-gdb >/dev/null; then
+        debugger=(cuda-gdb -batch -return-child-result -ex run -ex bt -ex continue -ex "info program" --args)
+        python=$("$PYTHON" -c 'import sys; print(sys.executable)')  # gdb needs the binary, not a wrapper
+    fi
+    while IFS= read -r nodeid; do
+        echo "--- $nodeid"
+        "${debugger[@]}" "$python" -X faulthandler -m pytest -x -q -p no:cacheprovider "$nodeid" || status=1
+    done < <(crashed_tests)
+    return "$status"
+}
+
+crash_backtraces() {  # the crashes step, or SKIP when no gpu test crashed its worker
+    if [ -z "$(crashed_tests)" ]; then
+        echo
+        echo "SKIP: crash backtraces (no test crashed its worker: $FAILURE_LOG names none)"
+        return
+    fi
+    step "crash backtraces" "$TIMEOUT_CRASHES" bash -c rerun_crashed
+}
+
+export -f versions crashed_tests rerun_crashed
+export PYTHON FAILURE_LOG
 
 main() {
     echo "fastattn GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), output in $OUT, FASTATTN_TRITON_AUTOTUNE=$FASTATTN_TRITON_AUTOTUNE, steps:$STEPS"
@@ -139,8 +181,17 @@ main() {
             --jobs "$TRITON_WARMUP_JOBS" --seconds "$TRITON_WARMUP_SECONDS" > "$OUT/triton-warmup.txt" 2>&1 &
         warmup=$!
     fi
-    # shellcheck disable=SC2086  # GPU_TEST_FLAGS is a list of flags
-    wanted tests && step "gpu tests" "$TIMEOUT_TESTS" "$PYTHON" -m pytest -m gpu $GPU_TEST_FLAGS
+    if wanted tests; then
+        : > "$FAILURE_LOG"
+        # shellcheck disable=SC2086  # GPU_TEST_FLAGS is a list of flags
+        step "gpu tests" "$TIMEOUT_TESTS" env FASTATTN_FAILURE_LOG="$FAILURE_LOG" "$PYTHON" -m pytest -m gpu $GPU_TEST_FLAGS
+        # In the log too: pytest's own summary (-ra in pyproject.toml) is lost when the step times out.
+        if [ -s "$FAILURE_LOG" ]; then
+            echo "failing gpu tests ($FAILURE_LOG: node id, phase, reason):"
+            cat "$FAILURE_LOG"
+        fi
+    fi
+    wanted crashes && crash_backtraces
     wanted memcheck && sanitize memcheck
     wanted racecheck && sanitize racecheck
     if [ -n "$warmup" ]; then

@@ -1,5 +1,6 @@
 """Test set-up: Triton's interpreter when no GPU is present (set before triton is
-imported anywhere), and hypothesis settings suited to two CPU cores."""
+imported anywhere), hypothesis settings suited to two CPU cores, and the failure log
+(FASTATTN_FAILURE_LOG, tests/failure_log.py)."""
 
 import os
 
@@ -12,3 +13,5 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+pytest_plugins = ["tests.failure_log"]

@@ -3,8 +3,10 @@ PASS/FAIL/SKIP lines, the timeouts, the log and the exit status (the real run ne
 
 import os
 import re
+import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +17,14 @@ SCRIPT = REPOSITORY / "benchmarks" / "gpu_check.sh"
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "python $* | arch=${TORCH_CUDA_ARCH_LIST-unset} jobs=${MAX_JOBS-unset} interpret=${TRITON_INTERPRET-unset}" >> "$CALLS"
 case "$*" in
-    *"-m pytest"*) exit "${FAKE_PYTEST_STATUS:-0}" ;;
+    *"-m pytest -m gpu"*)
+        [ -n "${FAKE_CRASHED:-}" ] && printf '%s\t???\tworker crashed (gw0)\n' "$FAKE_CRASHED" >> "$FASTATTN_FAILURE_LOG"
+        exit "${FAKE_PYTEST_STATUS:-0}" ;;
+    *"-X faulthandler -m pytest"*) sleep "${FAKE_RERUN_SECONDS:-0}"; exit "${FAKE_PYTEST_STATUS:-0}" ;;
     *"-m fastattn bench"*) sleep "${FAKE_BENCH_SECONDS:-0}" ;;
     "--version") echo "Python 3.12.0 (fake)" ;;
     "-c import xdist") exit "${FAKE_NO_XDIST:-0}" ;;
+    "-c import sys; print(sys.executable)") echo "$0" ;;
     -c*) echo "torch 2.11 (fake) | triton 3.6 (fake)" ;;
 esac
 """
@@ -28,6 +34,15 @@ echo "$(basename "$0") $*" >> "$CALLS"
 FAKE_SANITIZER = """#!/usr/bin/env bash
 echo "$(basename "$0") $* | no_caching=${PYTORCH_NO_CUDA_MEMORY_CACHING-unset}" >> "$CALLS"
 """
+FAKE_CUDA_GDB = """#!/usr/bin/env bash
+echo "$(basename "$0") $*" >> "$CALLS"
+while [ "$1" != --args ]; do shift; done
+shift
+exec "$@"
+"""
+CUDA_GDB_RUN = "cuda-gdb -batch -return-child-result -ex run -ex bt -ex continue -ex info program --args"
+# Whether the script would find a real cuda-gdb: the tests of the rerun without one skip then.
+CUDA_GDB_FOUND = shutil.which("cuda-gdb") is not None or Path("/usr/local/cuda/bin/cuda-gdb").exists()
 
 
 def _executable(path: Path, text: str) -> Path:
@@ -36,13 +51,15 @@ def _executable(path: Path, text: str) -> Path:
     return path
 
 
-def _run(tmp_path: Path, **environment: str) -> tuple[subprocess.CompletedProcess, list[str], Path]:
+def _run(tmp_path: Path, cuda_gdb: bool = True, **environment: str) -> tuple[subprocess.CompletedProcess, list[str], Path]:
     fakes = tmp_path / "bin"
     fakes.mkdir()
     python = _executable(fakes / "fake-python", FAKE_PYTHON)
     for tool in ("nvidia-smi", "nvcc"):
         _executable(fakes / tool, FAKE_TOOL)
     _executable(fakes / "compute-sanitizer", FAKE_SANITIZER)
+    if cuda_gdb:
+        _executable(fakes / "cuda-gdb", FAKE_CUDA_GDB)
     calls, out = tmp_path / "calls.txt", tmp_path / "out"
     cases = _executable(tmp_path / "cases.py", "")
     env = {
@@ -50,7 +67,7 @@ def _run(tmp_path: Path, **environment: str) -> tuple[subprocess.CompletedProces
         "OUT": str(out), "SANITIZE_CASES": str(cases), "TRITON_INTERPRET": "1", **environment,
     }
     completed = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
-    return completed, calls.read_text().splitlines(), out
+    return completed, calls.read_text().splitlines() if calls.exists() else [], out
 
 
 def test_script_parses():
@@ -64,12 +81,14 @@ def test_every_step_runs_with_the_flags_of_gpu_md(tmp_path):
     assert log == completed.stdout
     for name in ("versions", "install", "gpu tests", "memcheck", "racecheck", "bench", "bench targets"):
         assert f"PASS: {name} (" in log
+    assert f"SKIP: crash backtraces (no test crashed its worker: {out}/gpu-test-failures.txt names none)" in log
     assert "every step passed" in log
     python = str(tmp_path / "bin" / "fake-python")
     assert calls[0].startswith("python -c import xdist") and calls[1] == "nvidia-smi "
     assert "python -m pip install --no-build-isolation --no-deps -e . | arch=9.0 jobs=16 interpret=unset" in calls
     # With pytest-xdist, on 8 workers: a crashing test ends its worker only, and every failure shows.
     assert "python -m pytest -m gpu -n 8 -q | arch=unset jobs=unset interpret=unset" in calls
+    assert (out / "gpu-test-failures.txt").read_text() == ""  # written by tests/failure_log.py, none here
     # Triton's cache warmed in the background for the gpu tests and benches, reported but never a step.
     assert ("python benchmarks/triton_compile_check.py --gpu-check --jobs 12 --seconds 100 "
             "| arch=unset jobs=unset interpret=unset") in calls
@@ -110,12 +129,12 @@ def test_without_python_set_every_step_runs_python3(tmp_path):
 
 def test_the_timeouts_add_up_to_the_stated_total_and_leave_a_lease_room_for_a_rerun():
     """GPU.md asks for under 7 minutes; the H200 run of 2026-12-04 measured an install of 114 s
-    to over 258 s and about 100 s of gpu tests on 8 workers, so the timeouts add up to 575 s,
-    which the script's header states.  A 15-minute device lease still holds the machine's
-    start and a rerun of a step or two (STEPS)."""
+    to over 258 s and about 100 s of gpu tests on 8 workers, so the timeouts add up to 600 s
+    (with the crash reruns' 40 s), which the script's header states.  A 15-minute device lease
+    still holds the machine's start and a rerun of a step or two (STEPS)."""
     script = SCRIPT.read_text()
     defaults = re.findall(r'^TIMEOUT_\w+="\$\{TIMEOUT_\w+:-(\d+)\}"$', script, flags=re.MULTILINE)
-    assert len(defaults) == 7  # one per step
+    assert len(defaults) == 8  # one per step
     total = sum(map(int, defaults))
     assert f"The timeouts add up to {total} s" in script
     assert total <= 10 * 60
@@ -203,3 +222,119 @@ def test_without_pytest_xdist_the_gpu_tests_stop_at_the_first_failure(tmp_path):
     completed, calls, _ = _run(tmp_path, FAKE_NO_XDIST="1")
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "python -m pytest -m gpu -x -q | arch=unset jobs=unset interpret=unset" in calls
+
+
+# The failure log (tests/failure_log.py) and the crash reruns that read it.
+
+TINY_TESTS = '''
+import ctypes
+
+import pytest
+
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("the fixture broke")
+
+
+def test_passes():
+    pass
+
+
+def test_errors_in_setup(broken):
+    pass
+
+
+def test_fails():
+    assert 1 == 2
+
+
+def test_segfaults():
+    ctypes.string_at(0)  # reads address 0: SIGSEGV
+'''
+
+
+def _tiny_run(tmp_path: Path, *flags: str) -> list[list[str]]:
+    """pytest over TINY_TESTS (in a fresh process, with the failure log registered as the repo's
+    conftest.py registers it); the failure log's lines, split into their fields."""
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["tests.failure_log"]\n')
+    (tmp_path / "test_tiny.py").write_text(TINY_TESTS)
+    log = tmp_path / "failures.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "FASTATTN_FAILURE_LOG": str(log)}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *flags],
+                   cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert log.exists(), f"expected pytest to write the failure log {log}"
+    return [line.split("\t") for line in log.read_text().splitlines()]
+
+
+def test_the_repository_conftest_registers_the_failure_log(request):
+    assert request.config.pluginmanager.has_plugin("tests.failure_log")
+
+
+def test_the_failure_log_names_each_failing_test_with_its_phase_and_reason(tmp_path):
+    lines = _tiny_run(tmp_path, "-k", "not segfaults")
+    assert lines == [
+        ["test_tiny.py::test_errors_in_setup", "setup", "RuntimeError: the fixture broke"],
+        ["test_tiny.py::test_fails", "call", "assert 1 == 2"],
+    ]
+
+
+def test_under_xdist_a_test_that_crashes_its_worker_is_logged_once_by_the_controller(tmp_path):
+    lines = sorted(_tiny_run(tmp_path, "-n", "2"))
+    assert lines[:2] == [
+        ["test_tiny.py::test_errors_in_setup", "setup", "RuntimeError: the fixture broke"],
+        ["test_tiny.py::test_fails", "call", "assert 1 == 2"],
+    ]
+    assert len(lines) == 3, lines  # no line twice: the workers write none
+    nodeid, phase, reason = lines[2]
+    assert nodeid == "test_tiny.py::test_segfaults" and phase == "???"  # xdist cannot tell the phase
+    assert re.fullmatch(r"worker crashed \(gw[01]\)", reason)
+
+
+def _failure_log(out: Path, *lines: str) -> None:
+    out.mkdir()
+    (out / "gpu-test-failures.txt").write_text("".join(f"{line}\n" for line in lines))
+
+
+@pytest.mark.parametrize("cuda_gdb", [
+    True, pytest.param(False, marks=pytest.mark.skipif(CUDA_GDB_FOUND, reason="the script finds the real cuda-gdb")),
+])
+def test_the_crashes_step_reruns_a_test_that_crashed_its_worker_alone(tmp_path, cuda_gdb):
+    (tmp_path / "test_tiny.py").write_text(TINY_TESTS)
+    crashed = f"{tmp_path}/test_tiny.py::test_segfaults"
+    _failure_log(tmp_path / "out", f"{tmp_path}/test_tiny.py::test_fails\tcall\tassert 1 == 2",
+                 f"{crashed}\t???\tworker crashed (gw3)")
+    completed, calls, out = _run(tmp_path, cuda_gdb=cuda_gdb, STEPS="crashes", PYTHON=sys.executable)
+    log = (out / "log.txt").read_text()
+    assert f"--- {crashed}\n" in log and "test_fails" not in log  # the crashed test alone
+    assert "Fatal Python error: Segmentation fault" in log  # faulthandler's Python stack
+    assert "FAIL: crash backtraces (exit status 1 after" in log and completed.returncode == 1
+    rerun = f"{sys.executable} -X faulthandler -m pytest -x -q -p no:cacheprovider {crashed}"
+    assert calls == ([f"{CUDA_GDB_RUN} {rerun}"] if cuda_gdb else [])
+
+
+def test_the_crashes_step_is_skipped_when_no_test_crashed(tmp_path):
+    _failure_log(tmp_path / "out", "tests/test_x.py::test_fails\tcall\tassert 1 == 2")
+    completed, calls, out = _run(tmp_path, STEPS="crashes")
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    skip = f"SKIP: crash backtraces (no test crashed its worker: {out}/gpu-test-failures.txt names none)"
+    assert skip in completed.stdout
+    assert not any("-m pytest" in call or call.startswith("cuda-gdb") for call in calls)
+
+
+def test_the_gpu_tests_failure_log_feeds_the_crash_reruns_within_their_timeout(tmp_path):
+    """The gpu tests step starts a fresh log, passes it to pytest, prints it; the crashes step
+    reruns the crashed test (here a fake one that hangs) and stops at its own timeout."""
+    crashed = "tests/test_x.py::test_y[a b]"
+    _failure_log(tmp_path / "out", "tests/test_old.py::test_gone\t???\tworker crashed (gw1)")
+    completed, calls, out = _run(tmp_path, STEPS="tests crashes", FAKE_CRASHED=crashed, FAKE_PYTEST_STATUS="1",
+                                 FAKE_RERUN_SECONDS="30", TIMEOUT_CRASHES="1")
+    log = (out / "log.txt").read_text()
+    assert (out / "gpu-test-failures.txt").read_text() == f"{crashed}\t???\tworker crashed (gw0)\n"
+    assert "FAIL: gpu tests (exit status 1 after" in log
+    assert f"failing gpu tests ({out}/gpu-test-failures.txt: node id, phase, reason):\n{crashed}\t???\t" in log
+    assert f"--- {crashed}\n" in log and "FAIL: crash backtraces (timed out after 1 s)" in log
+    rerun = f"-X faulthandler -m pytest -x -q -p no:cacheprovider {crashed}"
+    assert f"python {rerun} | arch=unset jobs=unset interpret=unset" in calls
+    assert f"{CUDA_GDB_RUN} {tmp_path / 'bin' / 'fake-python'} {rerun}" in calls
+    assert completed.returncode == 2
