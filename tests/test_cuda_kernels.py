@@ -355,7 +355,8 @@ def test_cells_and_layers_match_the_reference(with_bias, lengths, reverse, dtype
 @pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["full", "lengths"])
 @gpu
 def test_recurrent_ops_in_low_precision_err_at_most_twice_the_reference(lengths, dtype):
-    """Called directly in float16 / bfloat16 (the binding computes in float32)."""
+    """Called directly in float16 / bfloat16 (the binding's GEMMs take the 16-bit operands
+    with float32 output, its pointwise kernels compute in float32)."""
     exact_cases = recurrent_cases(torch.float64, True, lengths, False)
     low_cases = recurrent_cases(dtype, True, lengths, False)
     for name in exact_cases:
@@ -372,6 +373,48 @@ def cuda_kernel_names(function):
         function()
         torch.cuda.synchronize()
     return " ".join(event.name for event in profile.events())
+
+
+@gpu
+def test_a_bfloat16_lstm_cell_runs_its_gemms_on_the_weights_as_they_are():
+    """lstm_cell_forward in bfloat16 at B = 64, H = I = 1024: the two GEMMs take the
+    bfloat16 weights (aten::mm.dtype, float32 out), no float32 copy of them per call.
+    No copy of a (4H, I) tensor, and no more device kernels than the binding's own 8 (b_ih
+    and b_hh to float32, c to float32 and its clone, the pointwise step, h_next, c_next
+    and saved back to bfloat16) plus what cuBLAS launches for those two GEMMs alone
+    (converting x, h and both weights first, a fastattn.lstm_cell call took 17 on an H200)."""
+    batch, hidden = 64, 1024
+    generator = torch.Generator().manual_seed(12)
+
+    def tensor(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(DEVICE, torch.bfloat16)
+
+    x, h, c = tensor(batch, hidden), tensor(batch, hidden), tensor(batch, hidden)
+    w_ih, w_hh = tensor(4 * hidden, hidden, scale=hidden**-0.5), tensor(4 * hidden, hidden, scale=hidden**-0.5)
+    b_ih, b_hh = tensor(4 * hidden), tensor(4 * hidden)
+
+    def cell():
+        torch.ops.fastattn.lstm_cell_forward(x, h, c, w_ih, w_hh, b_ih, b_hh)
+
+    def gemms():
+        torch.ops.aten.mm.dtype(x, w_ih.t(), torch.float32)
+        torch.ops.aten.mm.dtype(h, w_hh.t(), torch.float32)
+
+    def profiled(function):
+        function()  # first calls set up cuBLAS
+        torch.cuda.synchronize()
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities, record_shapes=True) as profile:
+            function()
+            torch.cuda.synchronize()
+        return profile.events()
+
+    events = profiled(cell)
+    copied = [event.input_shapes for event in events if event.name in ("aten::_to_copy", "aten::copy_", "aten::clone")]
+    assert not any(list(w_ih.shape) in shapes for shapes in copied), copied
+    kernels = [event.name for event in events if event.device_type == torch.autograd.DeviceType.CUDA]
+    gemm_kernels = [event.name for event in profiled(gemms) if event.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) <= len(gemm_kernels) + 8, (kernels, gemm_kernels)
 
 
 def persistent_layer_case(cell, steps, batch, hidden, lengths, reverse):

@@ -5,7 +5,8 @@
 // naming the argument), make the layouts the kernels expect, allocate outputs and
 // scratch with ATen, and launch on the current CUDA stream (no stream, event or handle
 // of our own).  The GEMMs of the recurrent ops (input projection of all steps at once,
-// the weight gradients) are ATen matmuls.  A layer's recurrent loop runs in the
+// the weight gradients) are ATen matmuls; a cell's take float16 / bfloat16 operands as
+// they are (float32 out: mm_in_compute).  A layer's recurrent loop runs in the
 // persistent kernels of persistent_recurrent.cu (W_hh on chip; float32 FMAs for float32,
 // tensor cores with W_hh and the GEMM operands in float16 / bfloat16 for those, float32
 // elsewhere) when the shape fits the device and FASTATTN_CUDA_PERSISTENT_RNN is not "0";
@@ -408,6 +409,19 @@ at::Tensor compute_in(const OptionalTensor& t, at::ScalarType compute) {
   return present(t) ? t->to(compute).contiguous() : at::Tensor();
 }
 
+// out = a @ b in the compute dtype (out float32, or float64 for float64 operands).  float16 /
+// bfloat16 operands go to cuBLAS as they are, with float32 accumulation and output
+// (aten::mm.dtype, CUDA only): converting them first would copy the weights, the largest
+// tensors of a cell, on every call.  mm_in_compute allocates out.
+at::Tensor& mm_in_compute_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  const at::ScalarType dtype = a.scalar_type();
+  return dtype == at::kHalf || dtype == at::kBFloat16 ? at::mm_out(out, a, b, at::kFloat) : at::mm_out(out, a, b);
+}
+at::Tensor mm_in_compute(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(accumulation_dtype(a.scalar_type())));
+  return mm_in_compute_out(out, a, b);
+}
+
 const void* pointer_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
 void check_weights(const char* op, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -462,11 +476,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(const at::
   check_shape(op, "c", c_in, {B, H});
   check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kLstmGates * H, I, hidden_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor x = compute_in(x_in, compute), h = compute_in(h_in, compute);
-  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
   const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
-  const at::Tensor hidden_gates = at::mm(h, w_hh.t());
-  at::Tensor saved = at::mm(x, w_ih.t());
+  const at::Tensor hidden_gates = mm_in_compute(h_in, w_hh_in.t());
+  at::Tensor saved = mm_in_compute(x_in, w_ih_in.t());
   at::Tensor c_next = compute_in(c_in, compute).clone();
   at::Tensor h_next = at::empty({B, H}, c_next.options());
   check_launch(op, launch_lstm_step_forward(step_of(compute, B, H, at::Tensor(), 0), saved.mutable_data_ptr(),
@@ -498,20 +510,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_shape(op, "saved", saved_in, {B, kLstmGates * H});
   check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kLstmGates * H, I, hidden_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor x = compute_in(x_in, compute), h = compute_in(h_in, compute), c = compute_in(c_in, compute);
-  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
-  const at::Tensor grad_h_next = compute_in(grad_h_next_in, compute);
+  const at::Tensor c = compute_in(c_in, compute), grad_h_next = compute_in(grad_h_next_in, compute);
   const at::Tensor c_next = compute_in(c_next_in, compute), saved = compute_in(saved_in, compute);
   at::Tensor grad_c = compute_in(grad_c_next_in, compute).clone();
-  at::Tensor grad_gates = at::empty({B, kLstmGates * H}, x.options());
+  at::Tensor grad_gates = at::empty({B, kLstmGates * H}, c.options());
   check_launch(op, launch_lstm_step_backward(step_of(compute, B, H, at::Tensor(), 0), grad_h_next.const_data_ptr(),
                                              nullptr, grad_c.mutable_data_ptr(), saved.const_data_ptr(),
                                              kLstmGates * H, c.const_data_ptr(), H, c_next.const_data_ptr(), H,
                                              grad_gates.mutable_data_ptr(), current_stream()));
   const auto dtype = x_in.scalar_type();
-  return {at::mm(grad_gates, w_ih).to(dtype),         at::mm(grad_gates, w_hh).to(dtype),
-          grad_c.to(dtype),                           at::mm(grad_gates.t(), x).to(dtype),
-          at::mm(grad_gates.t(), h).to(dtype),        bias_grad(b_ih_in, grad_gates, dtype),
+  const at::Tensor grad_gates_operand = grad_gates.to(dtype);  // a GEMM's operands share a dtype
+  return {mm_in_compute(grad_gates_operand, w_ih_in).to(dtype),
+          mm_in_compute(grad_gates_operand, w_hh_in).to(dtype),
+          grad_c.to(dtype),
+          mm_in_compute(grad_gates_operand.t(), x_in).to(dtype),
+          mm_in_compute(grad_gates_operand.t(), h_in).to(dtype),
+          bias_grad(b_ih_in, grad_gates, dtype),
           bias_grad(b_hh_in, grad_gates, dtype)};
 }
 
@@ -527,14 +541,12 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_forward_cuda(const at::Tensor& x_in,
   check_shape(op, "h", h_in, {B, H});
   check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kGruGates * H, I, H);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor x = compute_in(x_in, compute);
-  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
   const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
   at::Tensor h_next = compute_in(h_in, compute).clone();
-  const at::Tensor hidden_gates = at::mm(h_next, w_hh.t());
-  at::Tensor saved = at::empty({B, 4 * H}, x.options());
+  const at::Tensor hidden_gates = mm_in_compute(h_in, w_hh_in.t());
+  at::Tensor saved = at::empty({B, 4 * H}, h_next.options());
   at::Tensor input_gates = saved.narrow(1, 0, kGruGates * H);
-  at::mm_out(input_gates, x, w_ih.t());
+  mm_in_compute_out(input_gates, x_in, w_ih_in.t());
   check_launch(op, launch_gru_step_forward(step_of(compute, B, H, at::Tensor(), 0), saved.mutable_data_ptr(),
                                            hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
                                            pointer_or_null(b_hh), h_next.mutable_data_ptr(), nullptr,
@@ -558,22 +570,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_shape(op, "saved", saved_in, {B, 4 * H});
   check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kGruGates * H, I, H);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor x = compute_in(x_in, compute), h = compute_in(h_in, compute);
-  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
+  const at::Tensor h = compute_in(h_in, compute);
   const at::Tensor grad_h_next = compute_in(grad_h_next_in, compute), saved = compute_in(saved_in, compute);
-  at::Tensor grad_input_gates = at::empty({B, kGruGates * H}, x.options());
-  at::Tensor grad_hidden_gates = at::empty({B, kGruGates * H}, x.options());
-  at::Tensor direct = at::empty({B, H}, x.options());
+  at::Tensor grad_input_gates = at::empty({B, kGruGates * H}, h.options());
+  at::Tensor grad_hidden_gates = at::empty({B, kGruGates * H}, h.options());
+  at::Tensor direct = at::empty({B, H}, h.options());
   check_launch(op, launch_gru_step_backward(step_of(compute, B, H, at::Tensor(), 0), grad_h_next.const_data_ptr(),
                                             nullptr, saved.const_data_ptr(), h.const_data_ptr(),
                                             grad_input_gates.mutable_data_ptr(),
                                             grad_hidden_gates.mutable_data_ptr(), direct.mutable_data_ptr(),
                                             current_stream()));
   const auto dtype = x_in.scalar_type();
-  return {at::mm(grad_input_gates, w_ih).to(dtype),
-          at::addmm(direct, grad_hidden_gates, w_hh).to(dtype),
-          at::mm(grad_input_gates.t(), x).to(dtype),
-          at::mm(grad_hidden_gates.t(), h).to(dtype),
+  // A GEMM's operands share a dtype.  direct is added after the GEMM: addmm.dtype would
+  // want it in the operands' dtype too.
+  const at::Tensor grad_input_operand = grad_input_gates.to(dtype), grad_hidden_operand = grad_hidden_gates.to(dtype);
+  return {mm_in_compute(grad_input_operand, w_ih_in).to(dtype),
+          mm_in_compute(grad_hidden_operand, w_hh_in).add_(direct).to(dtype),
+          mm_in_compute(grad_input_operand.t(), x_in).to(dtype),
+          mm_in_compute(grad_hidden_operand.t(), h_in).to(dtype),
           bias_grad(b_ih_in, grad_input_gates, dtype),
           bias_grad(b_hh_in, grad_hidden_gates, dtype)};
 }
