@@ -383,3 +383,44 @@ def test_gpu_autotuned_launches_match_the_reference(score, monkeypatch):
         tuners = list(launcher.tuners.values())
         assert len(tuners) == 1 and next(iter(launcher.tuners))[:3] == (64, 256, 32), (name, list(launcher.tuners))
         assert tuners[0].best_config in launcher.configs.tuned, name
+
+
+def test_a_tuned_launch_takes_the_tuners_choice_straight_to_the_kernel_once_it_has_one(monkeypatch):
+    """The first launch of a bucket and dtypes runs its triton.autotune; the next ones launch
+    the kernel with the config it chose (``best_config``) and the options it would pass."""
+    monkeypatch.setenv("FASTATTN_TRITON_AUTOTUNE", "1")
+    chosen = triton_configs.FORWARD_DOT.tuned[2]
+
+    class Tuner:  # stands in for triton.autotune(kernel), which needs a GPU to time configs
+        best_config = None
+
+        def run(self):
+            self.best_config = chosen
+
+    tuners, launches = [], []
+
+    def recording(kernel, grid, *arguments, **constexprs):
+        if isinstance(kernel, Tuner):
+            kernel.run()
+        launches.append((kernel, grid, constexprs))
+
+    def tuner_for(launcher, arguments, constexprs):
+        tuners.append(Tuner())
+        return tuners[-1]
+
+    monkeypatch.setattr(triton_launch, "INTERPRETED", False)  # the GPU's launch path
+    monkeypatch.setattr(triton_launch, "run_kernel", recording)
+    monkeypatch.setattr(Launcher, "tuner_for", tuner_for)
+    launcher = Launcher(attention_forward_kernel, triton_configs.FORWARD_DOT)
+    arguments = {**dict.fromkeys(attention_forward_kernel.arg_names), "T": 1, "S": 300, "D": 64, "DV": 64,
+                 "Q": torch.empty(1)}
+
+    def launch(**changes):
+        launcher(lambda meta: (meta["BLOCK_T"],), *{**arguments, **changes}.values(), SCORE=0)
+
+    launch()
+    launch(S=500)  # the same bucket (512)
+    launch(Q=torch.empty(1, dtype=torch.float16))  # another dtype: Triton's tuner keys on it
+    assert len(tuners) == 2 and [kernel for kernel, _, _ in launches] == [tuners[0], attention_forward_kernel, tuners[1]]
+    _, grid, constexprs = launches[1]
+    assert grid == (chosen.kwargs["BLOCK_T"],) and constexprs == {"SCORE": 0, **chosen.all_kwargs()}

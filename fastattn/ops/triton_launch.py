@@ -6,7 +6,8 @@ On a GPU a ``Launcher`` tunes its kernel over the short explicit config list of
 powers of two (one ``triton.autotune`` per bucket and constexpr specialization, so a
 new sequence length in the same bucket reuses the tuned config instead of benchmarking
 again, while IEEE and TF32 dots or another score kind tune on their own); buffers a kernel
-accumulates into atomically are re-zeroed between trials (``reset_to_zero``).  Under
+accumulates into atomically are re-zeroed between trials (``reset_to_zero``).  Once a
+bucket's tuner has chosen, its launches skip the tuner and take that config to the kernel.  Under
 Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors, the tests) nothing is
 tuned: each kernel runs its single interpreter config, 16-wide blocks, so small odd
 test shapes still cross block boundaries, loop over feature tiles and split the keys
@@ -177,6 +178,10 @@ def tuning_bucket(size: int) -> int:
     return next_power_of_2(max(int(size), 1))
 
 
+def _dtypes(arguments) -> tuple:
+    return tuple(value.dtype for value in arguments if isinstance(value, torch.Tensor))
+
+
 class Launcher:
     """A kernel with its ``KernelConfigs``: ``launcher(grid, *args, **constexprs)``, where
     ``grid`` is a function of the chosen meta-parameters (BLOCK_T, BLOCK_S, ...) and the
@@ -192,6 +197,7 @@ class Launcher:
         self.configs = configs
         self.tuners = {}  # (size bucket, constexprs) -> triton.autotune(kernel); empty under the interpreter
         self.untuned = {}  # (constexprs, tensor dtypes) -> the untuned config (pruning costs ~25 us a launch)
+        self.tuned = {}  # (size bucket, constexprs, tensor dtypes) -> the config its tuner chose
 
     def configs_in_use(self) -> list[triton.Config]:
         return [self.configs.interpreted] if INTERPRETED else list(self.configs.tuned)
@@ -205,18 +211,21 @@ class Launcher:
 
     def untuned_config(self, arguments, constexprs) -> triton.Config:
         """The config an untuned GPU launch takes: the first that the prune keeps."""
-        key = (*constexprs.items(), *(value.dtype for value in arguments if isinstance(value, torch.Tensor)))
+        key = (*constexprs.items(), *_dtypes(arguments))
         config = self.untuned.get(key)
         if config is None:
             config = self.untuned[key] = self.pruned_configs(arguments, constexprs)[0]
         return config
 
-    def tuner_for(self, arguments, constexprs):
-        """The ``triton.autotune`` of the size bucket of these (positional) kernel arguments
-        and of these constexprs (a score kind, a mask, IEEE or TF32 dots: each specialization
-        of the kernel is tuned on its own)."""
+    def _bucket(self, arguments, constexprs) -> tuple:
+        """The size bucket of these (positional) kernel arguments, with these constexprs (a
+        score kind, a mask, IEEE or TF32 dots: each specialization is tuned on its own)."""
         named = dict(zip(self.kernel.arg_names, arguments))
-        bucket = (*(tuning_bucket(named[name]) for name in self.configs.key), *sorted(constexprs.items()))
+        return (*(tuning_bucket(named[name]) for name in self.configs.key), *sorted(constexprs.items()))
+
+    def tuner_for(self, arguments, constexprs):
+        """The ``triton.autotune`` of the size bucket of these arguments and constexprs."""
+        bucket = self._bucket(arguments, constexprs)
         if bucket not in self.tuners:
             prune = {"early_config_prune": self.configs.prune} if self.configs.prune is not None else None
             # key=[]: this tuner serves one bucket (Triton still keys it on the tensors' dtypes).
@@ -236,4 +245,15 @@ class Launcher:
             run_kernel(self.kernel, grid(meta), *arguments, **constexprs, **meta,
                        num_warps=config.num_warps, num_stages=config.num_stages)
         else:
-            run_kernel(self.tuner_for(arguments, constexprs), grid, *arguments, **constexprs)
+            # Once a bucket's tuner has chosen (Triton's autotuner keys its choice on the
+            # tensors' dtypes as well), later launches take that config straight to the kernel,
+            # with the options the tuner would pass (its run took 88 us of own host time a launch
+            # under cProfile on an H200: benchmarks/results/2026-12-04-h200/rerun-3).
+            key = (self._bucket(arguments, constexprs), *_dtypes(arguments))
+            config = self.tuned.get(key)
+            if config is None:
+                tuner = self.tuner_for(arguments, constexprs)
+                run_kernel(tuner, grid, *arguments, **constexprs)
+                self.tuned[key] = tuner.best_config
+            else:
+                run_kernel(self.kernel, grid(config.kwargs), *arguments, **constexprs, **config.all_kwargs())
