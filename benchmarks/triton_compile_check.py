@@ -110,7 +110,11 @@ def record_launches(problems, dtype_names) -> list[Launch]:
             if isinstance(argument, torch.Tensor) and not argument.is_floating_point():
                 argument.zero_()
 
-    with mock.patch.object(Launcher, "__call__", record), mock.patch.dict(os.environ, {"FASTATTN_TRITON_AUTOTUNE": "0"}):
+    def each_launch_recorded(launcher, grid, **constexprs):  # Launcher.repeated: every step through record
+        return lambda *arguments: launcher(grid, *arguments, **constexprs)
+
+    with mock.patch.object(Launcher, "__call__", record), mock.patch.object(Launcher, "repeated", each_launch_recorded), \
+            mock.patch.dict(os.environ, {"FASTATTN_TRITON_AUTOTUNE": "0"}):
         for problem in problems:
             for dtype_name in dtype_names:
                 if problem.dtypes is not None and dtype_name not in problem.dtypes:

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastattn
 from fastattn import backends
 from fastattn.functional.recurrent import run_layers
-from fastattn.ops import triton_recurrent
+from fastattn.ops import triton_launch, triton_recurrent
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("triton") is not None, reason=str(backends.unavailable_reason("triton"))
@@ -100,11 +100,20 @@ TORCH_GEMM_OPS = {"mm", "addmm", "linear", "matmul", "add", "bmm", "baddbmm"}
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The names of the Triton LSTM/GRU kernels launched, in order."""
+    """The names of the Triton LSTM/GRU kernels launched, in order (each launch, also those
+    of a layer's loop that skip the launcher's checks, calls what ``_traceable`` returns)."""
     names = []
-    for name, launcher in list(triton_recurrent.LAUNCHERS.items()):
-        monkeypatch.setitem(triton_recurrent.LAUNCHERS, name,
-                            lambda *a, _name=name, _launcher=launcher, **k: (names.append(_name), _launcher(*a, **k)))
+    traceable = triton_launch._traceable
+
+    def counted(kernel):
+        class Counted:
+            def __getitem__(self, grid):
+                run = traceable(kernel)[grid]
+                return lambda *a, **k: (names.append(triton_launch._kernel_name(kernel)), run(*a, **k))
+
+        return Counted()
+
+    monkeypatch.setattr(triton_launch, "_traceable", counted)
     return names
 
 
@@ -129,6 +138,20 @@ def test_a_layer_projects_its_inputs_once_then_launches_once_a_step(kind, launch
         layer(sequence, *states, *weights)
     assert launches == ["input_projection_kernel"] + [f"{kind}_step_kernel"] * steps
     assert not TORCH_GEMM_OPS & set(ops.names), ops.names
+
+
+def test_a_layers_steps_after_the_first_skip_the_launchers_checks(launches, monkeypatch):
+    """Launcher.repeated: the first step through run_kernel (offset checks, config), the rest
+    straight to the kernel, with the same outputs as the reference (the layer tests)."""
+    checked = []
+    run_kernel = triton_launch.run_kernel
+    monkeypatch.setattr(triton_launch, "run_kernel",
+                        lambda kernel, *a, **k: (checked.append(triton_launch._kernel_name(kernel)), run_kernel(kernel, *a, **k)))
+    x, h, c, weights = cell_problem(4, 3)
+    with torch.no_grad():
+        triton_recurrent.lstm_layer(x.detach().unsqueeze(0).expand(5, -1, -1).contiguous(), h, c, *weights)
+    assert launches == ["input_projection_kernel"] + ["lstm_step_kernel"] * 5
+    assert checked == ["input_projection_kernel", "lstm_step_kernel"]
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from typing import Callable, Optional
 
@@ -178,6 +179,14 @@ def tuning_bucket(size: int) -> int:
     return next_power_of_2(max(int(size), 1))
 
 
+def _skipped(*arguments) -> None:
+    """A launch on fake tensors under the interpreter: nothing to run (see run_kernel)."""
+
+
+def _call_with(kernel, keywords: dict, *arguments) -> None:
+    kernel(*arguments, **keywords)
+
+
 def _dtypes(arguments) -> tuple:
     return tuple(value.dtype for value in arguments if isinstance(value, torch.Tensor))
 
@@ -235,25 +244,54 @@ class Launcher:
             )(self.kernel)
         return self.tuners[bucket]
 
-    def __call__(self, grid, *arguments, **constexprs):
+    def _tuned_key(self, arguments, constexprs) -> tuple:
+        # Triton's autotuner keys its choice on the tensors' dtypes as well.
+        return (self._bucket(arguments, constexprs), *_dtypes(arguments))
+
+    def _chosen(self, arguments, constexprs) -> Optional[tuple[triton.Config, dict]]:
+        """(the config of a launch with these arguments, the options it passes the kernel), or
+        None while the launch still has to tune.  Once a bucket's tuner has chosen, its launches
+        take that config straight to the kernel with the options the tuner would pass (its run
+        took 88 us of own host time a launch under cProfile on an H200:
+        benchmarks/results/2026-12-04-h200/rerun-3)."""
         if INTERPRETED:
-            meta = dict(self.configs.interpreted.kwargs)
-            run_kernel(self.kernel, grid(meta), *arguments, **constexprs, **meta)
-        elif not autotuning():
+            config = self.configs.interpreted
+            return config, dict(config.kwargs)
+        if not autotuning():
             config = self.untuned_config(arguments, constexprs)
-            meta = dict(config.kwargs)
-            run_kernel(self.kernel, grid(meta), *arguments, **constexprs, **meta,
-                       num_warps=config.num_warps, num_stages=config.num_stages)
-        else:
-            # Once a bucket's tuner has chosen (Triton's autotuner keys its choice on the
-            # tensors' dtypes as well), later launches take that config straight to the kernel,
-            # with the options the tuner would pass (its run took 88 us of own host time a launch
-            # under cProfile on an H200: benchmarks/results/2026-12-04-h200/rerun-3).
-            key = (self._bucket(arguments, constexprs), *_dtypes(arguments))
-            config = self.tuned.get(key)
-            if config is None:
-                tuner = self.tuner_for(arguments, constexprs)
-                run_kernel(tuner, grid, *arguments, **constexprs)
-                self.tuned[key] = tuner.best_config
-            else:
-                run_kernel(self.kernel, grid(config.kwargs), *arguments, **constexprs, **config.all_kwargs())
+            return config, {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        config = self.tuned.get(self._tuned_key(arguments, constexprs))
+        return None if config is None else (config, config.all_kwargs())
+
+    def __call__(self, grid, *arguments, **constexprs):
+        chosen = self._chosen(arguments, constexprs)
+        if chosen is None:
+            tuner = self.tuner_for(arguments, constexprs)
+            run_kernel(tuner, grid, *arguments, **constexprs)
+            self.tuned[self._tuned_key(arguments, constexprs)] = tuner.best_config
+            return
+        config, options = chosen
+        run_kernel(self.kernel, grid(dict(config.kwargs)), *arguments, **constexprs, **options)
+
+    def repeated(self, grid, **constexprs) -> Callable[..., None]:
+        """``launch(*arguments)`` for a loop of launches with these constexprs whose tensors
+        keep their shapes and strides from one launch to the next (a layer's time steps: views
+        of its state buffers).  The first goes through ``__call__`` (checks, config, tuning);
+        the rest take its config and grid straight to the kernel, their offsets checked by it
+        (they depend on shapes and strides alone): ~15 us less Python a step."""
+        direct = None
+
+        def launch(*arguments):
+            nonlocal direct
+            if direct is not None:
+                direct(*arguments)
+                return
+            self(grid, *arguments, **constexprs)
+            config, options = self._chosen(arguments, constexprs)
+            if INTERPRETED and any(_is_fake(value) for value in arguments):
+                direct = _skipped
+                return
+            kernel = _traceable(self.kernel)[grid(dict(config.kwargs))]
+            direct = functools.partial(_call_with, kernel, {**constexprs, **options})
+
+        return launch

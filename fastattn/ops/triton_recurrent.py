@@ -48,12 +48,20 @@ LAUNCHERS = {  # kernel name -> Launcher
 }
 
 
+def _grid(batch: int, hidden: int):
+    return lambda meta: (ceil_div(batch, meta["BLOCK_B"]), ceil_div(hidden, meta["BLOCK_H"]))
+
+
 def _launch(kernel, batch, hidden, *arguments, **constexprs):
     """Launch a cell kernel over (batch blocks, hidden blocks); its last two size arguments are B and H."""
-    LAUNCHERS[kernel.__name__](
-        lambda meta: (ceil_div(batch, meta["BLOCK_B"]), ceil_div(hidden, meta["BLOCK_H"])),
-        *arguments, batch, hidden, **constexprs,
-    )
+    LAUNCHERS[kernel.__name__](_grid(batch, hidden), *arguments, batch, hidden, **constexprs)
+
+
+def _step_launches(kernel, batch, hidden, **constexprs):
+    """``launch(*arguments)``: ``_launch`` for each step of a layer's time loop, whose
+    arguments are same-shaped views from one step to the next (``Launcher.repeated``)."""
+    launch = LAUNCHERS[kernel.__name__].repeated(_grid(batch, hidden), **constexprs)
+    return lambda *arguments: launch(*arguments, batch, hidden)
 
 
 def _no_lengths(like: Tensor) -> tuple[Tensor, int]:
@@ -318,10 +326,15 @@ def _initial_states(steps: int, reverse: bool, *initial: Tensor) -> list[Tensor]
     return buffers
 
 
+def _rounds_gates(w_hh: Tensor) -> bool:
+    """Whether a backward step writes its gates' gradient (float32) in w_hh's dtype too, for
+    h's GEMM through W_hh (the kernels' ROUNDED_COPY)."""
+    return w_hh.dtype != torch.float32
+
+
 def _rounded_gates(grad_gates: Tensor, w_hh: Tensor) -> Tensor:
-    """Where a backward step writes its gates' gradient (float32) in w_hh's dtype too, for
-    h's GEMM through W_hh: the float32 one itself for float32."""
-    return grad_gates if w_hh.dtype == grad_gates.dtype else torch.empty_like(grad_gates, dtype=w_hh.dtype)
+    """Where that copy goes: the float32 gradient itself for float32."""
+    return torch.empty_like(grad_gates, dtype=w_hh.dtype) if _rounds_gates(w_hh) else grad_gates
 
 
 def _recurrent_weight_gradients(grad_gates: Tensor, h_states: Tensor, has_bias: bool, reverse: bool):
@@ -352,11 +365,11 @@ def triton_lstm_layer(
     h_states, c_states = _initial_states(steps, reverse, h0, c0)
     saved = projected.new_empty(steps, batch, 4 * hidden)
     hs, cs, inputs, saves = h_states.unbind(0), c_states.unbind(0), projected.unbind(0), saved.unbind(0)
-    flags = _step_flags(h0, None, b_hh, lengths, projected=True)
+    launch = _step_launches(lstm_step_kernel, batch, hidden, **_step_flags(h0, None, b_hh, lengths, projected=True))
     for t, before, after in _steps(steps, reverse):
-        _launch(  # W_IH and B_IH unread: the step reads its projection
-            lstm_step_kernel, batch, hidden, inputs[t], hs[before], cs[before], w_hh, w_hh, w_hh,
-            pointer_or(b_hh, w_hh), hs[after], cs[after], saves[t], pointer_or(lengths, w_hh), t, gates, **flags,
+        launch(  # W_IH and B_IH unread: the step reads its projection
+            inputs[t], hs[before], cs[before], w_hh, w_hh, w_hh, pointer_or(b_hh, w_hh), hs[after], cs[after],
+            saves[t], pointer_or(lengths, w_hh), t, gates,
         )
     return h_states, c_states, saved
 
@@ -378,14 +391,16 @@ def triton_lstm_layer_backward(
     saves, grad_steps = saved.unbind(0), grad_gates.unbind(0)
     last = 0 if reverse else steps
     grad_h, grad_c = grad_hs[last].clone(), grad_cs[last].to(torch.float32, copy=True)  # c's in float32 over time
+    launch = _step_launches(
+        lstm_pointwise_backward_kernel, batch, hidden, IN_LAYER=True, HAS_LENGTHS=lengths is not None,
+        ROUNDED_COPY=_rounds_gates(w_hh),
+    )
     for t, before, after in reversed(_steps(steps, reverse)):
         grad_c_before, grad_h_kept = torch.empty_like(grad_c), torch.empty_like(grad_h)
         rounded = _rounded_gates(grad_steps[t], w_hh)
-        _launch(
-            lstm_pointwise_backward_kernel, batch, hidden, grad_h, grad_c, cs[before], cs[after], saves[t],
-            grad_steps[t], grad_c_before, grad_hs[before], grad_cs[before], grad_h_kept, rounded,
-            pointer_or(lengths, w_hh), t, IN_LAYER=True, HAS_LENGTHS=lengths is not None,
-            ROUNDED_COPY=rounded is not grad_steps[t],
+        launch(
+            grad_h, grad_c, cs[before], cs[after], saves[t], grad_steps[t], grad_c_before, grad_hs[before],
+            grad_cs[before], grad_h_kept, rounded, pointer_or(lengths, w_hh), t,
         )
         grad_h, grad_c = torch.addmm(grad_h_kept, rounded, w_hh), grad_c_before
     return grad_gates, grad_h, grad_c.to(c_states.dtype)
@@ -435,11 +450,11 @@ def triton_gru_layer(
     (h_states,) = _initial_states(steps, reverse, h0)
     saved = projected.new_empty(steps, batch, 4 * hidden)
     hs, inputs, saves = h_states.unbind(0), projected.unbind(0), saved.unbind(0)
-    flags = _step_flags(h0, None, b_hh, lengths, projected=True)
+    launch = _step_launches(gru_step_kernel, batch, hidden, **_step_flags(h0, None, b_hh, lengths, projected=True))
     for t, before, after in _steps(steps, reverse):
-        _launch(  # W_IH and B_IH unread: the step reads its projection
-            gru_step_kernel, batch, hidden, inputs[t], hs[before], w_hh, w_hh, w_hh, pointer_or(b_hh, w_hh),
-            hs[after], saves[t], pointer_or(lengths, w_hh), t, gates, **flags,
+        launch(  # W_IH and B_IH unread: the step reads its projection
+            inputs[t], hs[before], w_hh, w_hh, w_hh, pointer_or(b_hh, w_hh), hs[after], saves[t],
+            pointer_or(lengths, w_hh), t, gates,
         )
     return h_states, saved
 
@@ -460,13 +475,16 @@ def triton_gru_layer_backward(
     grad_hs, hs, saves = grad_h_states.unbind(0), h_states.unbind(0), saved.unbind(0)
     grad_steps_x, grad_steps_h = grad_gates_x.unbind(0), grad_gates_h.unbind(0)
     grad_h = grad_hs[0 if reverse else steps].clone()
+    launch = _step_launches(
+        gru_pointwise_backward_kernel, batch, hidden, IN_LAYER=True, HAS_LENGTHS=lengths is not None,
+        ROUNDED_COPY=_rounds_gates(w_hh),
+    )
     for t, before, after in reversed(_steps(steps, reverse)):
         grad_h_kept = torch.empty_like(grad_h)
         rounded = _rounded_gates(grad_steps_h[t], w_hh)
-        _launch(
-            gru_pointwise_backward_kernel, batch, hidden, grad_h, hs[before], saves[t], grad_steps_x[t],
-            grad_steps_h[t], grad_h_kept, grad_hs[before], rounded, pointer_or(lengths, w_hh), t,
-            IN_LAYER=True, HAS_LENGTHS=lengths is not None, ROUNDED_COPY=rounded is not grad_steps_h[t],
+        launch(
+            grad_h, hs[before], saves[t], grad_steps_x[t], grad_steps_h[t], grad_h_kept, grad_hs[before], rounded,
+            pointer_or(lengths, w_hh), t,
         )
         grad_h = torch.addmm(grad_h_kept, rounded, w_hh)
     return grad_gates_x, grad_gates_h, grad_h
