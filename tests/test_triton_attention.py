@@ -319,14 +319,18 @@ def gpu_outputs(backend_name, dtype, device, score, query, keys, values, paramet
     """Context, weights and the input gradients of a fixed projection of the context, in
     float64, from ``backend_name`` run in ``dtype`` on ``device``."""
 
-    def moved(tensor):
+    def moved(tensor, to=dtype):
         if tensor.dtype == torch.int64:
             return tensor.to(device)
-        return tensor.to(device=device, dtype=dtype).requires_grad_()
+        return tensor.to(device=device, dtype=to).requires_grad_()
 
     inputs = [moved(x) for x in (query, keys, values)]
     params = {name: moved(value) for name, value in parameters.items()}
-    masks = {name: moved(value) if isinstance(value, torch.Tensor) else value for name, value in masking.items()}
+    # A local-p center in float32 below float64 (what 16-bit queries take: positions to 300 in
+    # float16 move by up to 0.25, in bfloat16 by 2, which swamped every output's error).
+    masks = {name: value if not isinstance(value, torch.Tensor)
+             else moved(value, torch.float32 if name == "center" and dtype != torch.float64 else dtype)
+             for name, value in masking.items()}
     with fastattn.backend(backend_name):
         context, weights = fastattn.attention(*inputs, score=score, return_weights=True, **params, **masks)
     grad_generator = torch.Generator(device=device).manual_seed(1)
