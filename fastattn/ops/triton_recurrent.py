@@ -33,8 +33,8 @@ from fastattn.kernels.recurrent_cells import (
     lstm_step_kernel,
 )
 from fastattn.ops import triton_checks
-from fastattn.ops.triton_eager import triton_op
 from fastattn.ops.triton_configs import INPUT_PROJECTION, RECURRENT_POINTWISE, RECURRENT_STEP
+from fastattn.ops.triton_eager import triton_op
 from fastattn.ops.triton_launch import Launcher, ceil_div, contiguous_or_none, dot_precision, pointer_or
 from fastattn.reference.recurrent import gru_update, lstm_update, outputs_of_states, states_over_time
 
