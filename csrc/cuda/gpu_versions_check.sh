@@ -30,7 +30,7 @@ fi
 # numpy below 2.4 here only: triton 3.6's interpreter (the tests' Triton runs, not the GPU's) turns
 # one-element arrays into ints with int(), which numpy 2.4 refuses.
 if ! "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" "numpy<2.4" tqdm pybind11 ninja \
-        setuptools wheel pytest hypothesis scipy pytest-benchmark matplotlib sacrebleu scikit-learn \
+        setuptools wheel pytest pytest-xdist hypothesis scipy pytest-benchmark matplotlib sacrebleu scikit-learn \
         > "$VENV/pip.log" 2>&1; then
     echo "gpu_versions_check: SKIP: could not install torch $TORCH_VERSION / triton $TRITON_VERSION:"
     grep -E "ERROR|error" "$VENV/pip.log" | tail -3
