@@ -72,6 +72,11 @@ def _is_fake(value) -> bool:
     return isinstance(value, torch.Tensor) and (value.is_meta or isinstance(value, FakeTensor))
 
 
+def _interpreted_on_fakes(values) -> bool:
+    """Whether a launch has nothing to run: the interpreter would read fake tensors' memory."""
+    return INTERPRETED and any(_is_fake(value) for value in values)
+
+
 def check_offsets(tensor: torch.Tensor, kernel_name: str) -> None:
     """Refuse a tensor whose offsets below its leading dimension (all of a 1-D tensor's)
     reach 2^31: the kernels add those to a 64-bit batch base in 32 bits."""
@@ -110,7 +115,7 @@ def run_kernel(kernel, grid, *arguments, **constexprs):
     matter there, and the interpreter would read the fake tensors' memory."""
     # Each tensor once: the absent optional ones are stand-ins, the same tensor again.
     tensors = {id(value): value for value in arguments if isinstance(value, torch.Tensor)}.values()
-    if INTERPRETED and any(_is_fake(tensor) for tensor in tensors):
+    if _interpreted_on_fakes(tensors):
         return
     name = _kernel_name(kernel)
     for tensor in tensors:
@@ -180,7 +185,7 @@ def tuning_bucket(size: int) -> int:
 
 
 def _skipped(*arguments) -> None:
-    """A launch on fake tensors under the interpreter: nothing to run (see run_kernel)."""
+    """A launch with nothing to run (``_interpreted_on_fakes``)."""
 
 
 def _call_with(kernel, keywords: dict, *arguments) -> None:
@@ -288,7 +293,7 @@ class Launcher:
                 return
             self(grid, *arguments, **constexprs)
             config, options = self._chosen(arguments, constexprs)
-            if INTERPRETED and any(_is_fake(value) for value in arguments):
+            if _interpreted_on_fakes(arguments):
                 direct = _skipped
                 return
             kernel = _traceable(self.kernel)[grid(dict(config.kwargs))]
