@@ -659,8 +659,8 @@ EMULATED_CASES = [  # shape (N, T, S, D, Dv), mode, keys shared by the batch
     ((2, 9, 9, 8, 5), "causal", False),             # one split, multi-query
     ((2, 5, 70, 6, 10), "local_p", False),          # 2 splits, Gaussian, grad_center
     ((2, 5, 70, 6, 10), "local_m_gaussian", False),
-    ((2, 1, 100, 40, 300), "lengths", False),       # one value group, 2 chunks a thread, 8 keys' loads at once
-    ((2, 3, 100, 16, 72), "key_padding_mask", False),  # 3 value groups (20 threads idle), 8 keys' loads at once
+    ((2, 1, 100, 40, 300), "lengths", False),       # forward: several packs of a value row a lane
+    ((2, 3, 100, 16, 72), "key_padding_mask", False),  # forward: a value row's last pack on some lanes only
     ((2, 4, 70, 8, 0), "lengths", False),           # no value features: the weights alone (hard attention)
 ]
 

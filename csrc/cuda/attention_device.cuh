@@ -17,8 +17,8 @@ constexpr int kKeysPerWarp = kTile / kWarps;   // partners a warp takes at once 
 
 // How the partners (keys or queries) of a tile are shared out.  Scores: warp w takes
 // the kKeysPerWarp consecutive partners from w * kKeysPerWarp and issues the loads of
-// all of them at once (warp_tile_sums).  Rows summed with per-partner weights (the
-// forward's values, the backward's keys for grad_query): `lanes` threads cover a row,
+// all of them at once (warp_tile_sums).  Rows summed with per-partner weights by the
+// block (the backward's keys for grad_query): `lanes` threads cover a row,
 // kVec elements each, and the block's `groups` groups of them take the tile's
 // partners in turn (partner c to group c % groups), each accumulating its own partial
 // sum over kRowUnroll partners' loads in flight, so that a short row still keeps every

@@ -8,44 +8,49 @@
 // keys of each query row; no (N, T, S) tensor exists unless the weights are asked for.
 // Tiling: one block of 128 threads per (query row, key split).  The keys of a row's
 // [begin, end) range are cut into `splits` contiguous chunks (the decode-step case:
-// few rows, many keys, so the keys of one row are spread over many blocks) and each
-// chunk is walked in tiles of 32 keys: each warp scores 8 consecutive keys of the
-// tile with the loads of all 8 in flight (lanes over the feature dimension, 16-byte
-// loads when the rows allow), the tile's maximum updates the online softmax, then
-// groups of threads take the tile's keys in turn, each thread adding 8 keys' value
-// loads at a time into its group's partial context (shared memory; the groups are
-// summed at the end).  With splits > 1 each block writes its unnormalised context,
-// max and sum, and combine_splits_kernel merges them.  With weights, the scores go to
-// an (N, T, S) scratch, which the block that finishes a row (the forward's, or with
-// splits the combine kernel's) turns into exp(score - m) / l * Gaussian from the row's
-// max m and sum l, not from logsumexp = m + log l: its rounding to half an ulp of m
-// (float32, scores near 30: 1e-6) would reach every weight (write_row_weights).
+// few rows, many keys, so the keys of one row are spread over many blocks), and each
+// warp of the block walks its own tiles of 8 keys of the chunk (warp w the tiles from
+// 8 w, every 32 keys) with no block barrier between tiles: it scores the tile's 8 keys
+// with their loads in flight together (lanes over the feature dimension, 16-byte loads
+// when the rows allow), updates its own online softmax, then adds the 8 value rows
+// into its own partial context (shared memory; each lane kVec elements of a row, the 8
+// rows' loads in flight together).  A decode step is memory-bound: what it needs is
+// bytes in flight, and a warp that waits on no other keeps its loads going (when the
+// values are the keys, as with values=None, a tile's value rows are the rows it has
+// just scored).  At the end the block merges its warps' softmaxes and partial contexts
+// as splits are merged (MergedSplits).  With splits > 1 each block writes its
+// unnormalised context, max and sum, and combine_splits_kernel merges them.  With
+// weights, the scores go to an (N, T, S) scratch, which the block that finishes a row
+// (the forward's, or with splits the combine kernel's) turns into exp(score - m) / l *
+// Gaussian from the row's max m and sum l, not from logsumexp = m + log l: its rounding
+// to half an ulp of m (float32, scores near 30: 1e-6) would reach every weight
+// (write_row_weights).
 // The additive tanh (additive_tanh): float16 / bfloat16 split between tanh.approx.f32
 // on the special-function unit (7 features in 8) and the project's rational tanh on the
 // FMA units (the 8th), the rational tanh for float32, libm's for float64.
 // Not handled: tensor cores (the scores are warp dot products, memory-bound at decode
 // shapes; multi-query 16-bit dot and additive problems of head dims 64 / 128 go to
 // attention_tensor_core.cu, where the query rows of a tile share each key load).  Shared
-// memory holds D + groups x Dv accumulators (groups x Dv <= max(Dv, 128 x kVec)):
-// D + Dv above about 50k float elements does not fit and the launch reports an error.
+// memory holds D + 4 x Dv accumulators (float, double for float64): D + 4 Dv above about
+// 56k float elements (28k for float64) does not fit an H100 / H200 block and the launch
+// reports an error.
 #include "attention_device.cuh"
 
 namespace fastattn {
 namespace cuda {
 namespace {
 
-// Shared memory of the forward kernel: prepared query (D) | partial contexts
-// (groups x Dv) | tile scores, probabilities and weights (3 x kTile).
-template <typename A, int kVec>
+// Shared memory of the forward kernel: prepared query (D) | each warp's partial context
+// (kWarps x Dv) | each warp's softmax max and sum (2 x kWarps).
+template <typename A>
 size_t forward_shared_bytes(const AttentionProblem& p) {
-  const int64_t groups = row_groups(p.value_dim, kVec).groups;
-  return whole_shared_vectors(sizeof(A) * static_cast<size_t>(p.score_dim + groups * p.value_dim + 3 * kTile));
+  return whole_shared_vectors(sizeof(A) * static_cast<size_t>(p.score_dim + kWarps * p.value_dim + 2 * kWarps));
 }
 
 // weights[row, j] = row.weight(score_j) * Gaussian_j = exp(score_j - M) / L * Gaussian_j over
 // the row's S keys, from the scores scratch (-inf for a masked key: weight 0; all zeros
-// for a row with no key).  A row that was not split is a MergedSplits of one split.  The
-// block's threads take the keys in turn.
+// for a row with no key).  A row that was not split is a MergedSplits of its block's
+// warps.  The block's threads take the keys in turn.
 template <typename T>
 __device__ void write_row_weights(const DeviceProblem<T>& p, const AttentionForwardBuffers& out, int64_t row,
                                   const MergedSplits<Acc<T>>& stats) {
@@ -59,112 +64,123 @@ __device__ void write_row_weights(const DeviceProblem<T>& p, const AttentionForw
   }
 }
 
+// One warp's pass over its keys of a chunk: the tiles of kKeysPerWarp keys from
+// chunk_begin + warp * kKeysPerWarp, every kTile keys.  It scores a tile's keys with all
+// their loads in flight, updates its own online softmax (every lane holds the same copy)
+// and adds the tile's value rows into its partial context (shared memory, kVec elements
+// a lane, the tile's value loads in flight together), with no block barrier: each warp
+// streams its keys and values at its own pace.  Returns the warp's softmax.
+template <typename T, ScoreKind kScore, int kVec>
+__device__ __forceinline__ OnlineSoftmax<Acc<T>> warp_forward_pass(const DeviceProblem<T>& p, int64_t row,
+                                                                    int64_t chunk_begin, int64_t chunk_end,
+                                                                    const Acc<T>* prepared, Acc<T>* partial,
+                                                                    Acc<T>* scores_out) {
+  using A = Acc<T>;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t n = row / p.query_length, t = row % p.query_length;
+  const A center = p.window_center(n, t);
+  const A minus_infinity = negative_infinity<A>();
+  OnlineSoftmax<A> softmax;
+  for (int64_t tile = chunk_begin + warp * kKeysPerWarp; tile < chunk_end; tile += kTile) {
+    const int count = static_cast<int>(chunk_end - tile < kKeysPerWarp ? chunk_end - tile : kKeysPerWarp);
+    PairSums<A> sums[kKeysPerWarp];
+    warp_tile_sums<kScore, kVec, T>(
+        prepared, [&](int c) { return p.key_row(n, tile + c); }, 0, count, p.v, p.score_dim, sums);
+    A score[kKeysPerWarp];
+    A tile_max = minus_infinity;
+#pragma unroll
+    for (int k = 0; k < kKeysPerWarp; ++k) {
+      score[k] = k < count && !p.is_padding(n, tile + k) ? score_of_sums<kScore>(p, sums[k]) : minus_infinity;
+      if (k < count) tile_max = nan_or_max(tile_max, score[k]);
+      if (scores_out != nullptr && k < count && lane == k) scores_out[row * p.source_length + tile + k] = score[k];
+    }
+    if (tile_max == minus_infinity) continue;  // every key of the tile is padding (uniform over the warp)
+    const A factor = softmax.raise_max(tile_max);
+    A weight[kKeysPerWarp];
+#pragma unroll
+    for (int k = 0; k < kKeysPerWarp; ++k) {
+      const A probability = exp_of(score[k] - softmax.max_score);  // 0 for padding and past count
+      softmax.sum += probability;
+      weight[k] = probability * p.gaussian_of(tile + k, center);
+    }
+    for (int64_t d = static_cast<int64_t>(lane) * kVec; d < p.value_dim; d += kWarpSize * kVec) {
+      A sum[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) sum[i] = partial[d + i] * factor;
+      A value[kKeysPerWarp][kVec];
+#pragma unroll
+      for (int k = 0; k < kKeysPerWarp; ++k) load_pack<kVec>(p.value_row(n, tile + (k < count ? k : count - 1)) + d, value[k]);
+#pragma unroll
+      for (int k = 0; k < kKeysPerWarp; ++k) add_weighted<kVec>(weight[k], value[k], sum);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) partial[d + i] = sum[i];
+    }
+  }
+  return softmax;
+}
+
 template <typename T, ScoreKind kScore, int kVec>
 __global__ void __launch_bounds__(kThreads)
     attention_forward_kernel(DeviceProblem<T> p, AttentionForwardBuffers out) {
   using A = Acc<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  const RowGroups value_split = row_groups(p.value_dim, kVec);
   A* prepared = reinterpret_cast<A*>(shared_bytes);
-  A* context = prepared + p.score_dim;  // groups x Dv
-  A* tile_score = context + value_split.groups * p.value_dim;
-  A* tile_probability = tile_score + kTile;
-  A* tile_weight = tile_probability + kTile;
+  A* context = prepared + p.score_dim;  // kWarps x Dv
+  A* warp_max = context + kWarps * p.value_dim;
+  A* warp_sum = warp_max + kWarps;
 
   const int warp = threadIdx.x / kWarpSize;
-  const int group = threadIdx.x / value_split.lanes, group_lane = threadIdx.x % value_split.lanes;
-  const int groups = value_split.groups;
   const int64_t rows = p.batch * p.query_length, splits = out.splits, split = blockIdx.y;
-  const A minus_infinity = negative_infinity<A>();
   A* scores_out = static_cast<A*>(out.scores);
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t n = row / p.query_length, t = row % p.query_length;
     const KeyRange range = p.keys_of(n, t);
-    const A center = p.window_center(n, t);
     const int64_t per_split = (range.end - range.begin + splits - 1) / splits;
     const int64_t chunk_begin = range.begin + split * per_split;
     const int64_t chunk_end = chunk_begin + per_split < range.end ? chunk_begin + per_split : range.end;
 
-    for (int64_t i = threadIdx.x; i < groups * p.value_dim; i += kThreads) context[i] = A(0);
+    for (int64_t i = threadIdx.x; i < kWarps * p.value_dim; i += kThreads) context[i] = A(0);
     load_prepared_query<kScore, kVec>(p, row, prepared);  // ends synchronised
-
-    OnlineSoftmax<A> softmax;  // every thread holds the same copy
-    for (int64_t tile = chunk_begin; tile < chunk_end; tile += kTile) {
-      const int count = static_cast<int>(chunk_end - tile < kTile ? chunk_end - tile : kTile);
-      const int first = warp * kKeysPerWarp;
-      if (first < count) {
-        PairSums<A> sums[kKeysPerWarp];
-        warp_tile_sums<kScore, kVec, T>(
-            prepared, [&](int c) { return p.key_row(n, tile + c); }, first, count, p.v, p.score_dim, sums);
-        for_each_warp_partner(first, count, [&](int k, int c) {
-          const int64_t j = tile + c;
-          const A score = p.is_padding(n, j) ? minus_infinity : score_of_sums<kScore>(p, sums[k]);
-          tile_score[c] = score;
-          if (scores_out != nullptr) scores_out[row * p.source_length + j] = score;
-        });
-      }
-      __syncthreads();
-      A tile_max = minus_infinity;
-      for (int c = 0; c < count; ++c) tile_max = nan_or_max(tile_max, tile_score[c]);
-      if (tile_max == minus_infinity) {  // every key of the tile is padding (uniform branch)
-        __syncthreads();
-        continue;
-      }
-      const A factor = softmax.raise_max(tile_max);
-      if (threadIdx.x < count) {
-        const A probability = exp_of(tile_score[threadIdx.x] - softmax.max_score);  // 0 for padding
-        tile_probability[threadIdx.x] = probability;
-        tile_weight[threadIdx.x] = probability * p.gaussian_of(tile + threadIdx.x, center);
-      }
-      __syncthreads();
-      for (int c = 0; c < count; ++c) softmax.sum += tile_probability[c];
-      if (group < groups) {
-        A* partial = context + group * p.value_dim;
-        for (int64_t d = static_cast<int64_t>(group_lane) * kVec; d < p.value_dim;
-             d += static_cast<int64_t>(value_split.lanes) * kVec) {
-          A sum[kVec];
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) sum[i] = partial[d + i] * factor;
-          add_rows_in_turn<kVec, A>(
-              group, groups, count,
-              [&](int c, A(&value)[kVec]) { load_pack<kVec>(p.value_row(n, tile + c) + d, value); },
-              [&](int c, const A(&value)[kVec]) { add_weighted<kVec>(tile_weight[c], value, sum); });
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) partial[d + i] = sum[i];
-        }
-      }
-      __syncthreads();  // the next tile overwrites the tile arrays
+    const OnlineSoftmax<A> softmax = warp_forward_pass<T, kScore, kVec>(
+        p, row, chunk_begin, chunk_end, prepared, context + warp * p.value_dim, scores_out);
+    if (threadIdx.x % kWarpSize == 0) {
+      warp_max[warp] = softmax.max_score;
+      warp_sum[warp] = softmax.sum;
     }
+    __syncthreads();
 
-    // Each thread sums the groups' partial contexts over the elements it owns.
+    // The block's softmax is its warps' merged (MergedSplits), and each thread sums the
+    // warps' partial contexts over the elements it owns, each warp's scaled to the merged
+    // max (and divided by the sum when the row was not split).
+    const MergedSplits<A> merged(
+        kWarps, [&](int64_t w) { return warp_max[w]; }, [&](int64_t w) { return warp_sum[w]; });
     const bool whole = splits == 1;
-    const A scale = whole ? (softmax.empty() ? A(0) : A(1) / softmax.sum) : A(1);
+    A factor[kWarps];
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      factor[w] = whole ? merged.context_factor(warp_max[w])
+                        : (warp_max[w] == negative_infinity<A>() ? A(0) : exp_of(warp_max[w] - merged.max_score));
+    }
     T* context_out = static_cast<T*>(out.context) + row * p.value_dim;
     A* partial_out = whole ? nullptr : static_cast<A*>(out.partial_context) + (row * splits + split) * p.value_dim;
-    for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < p.value_dim; d += kThreads * kVec) {
+    for (int64_t d = threadIdx.x; d < p.value_dim; d += kThreads) {
+      A total = A(0);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        A total = A(0);
-        for (int g = 0; g < groups; ++g) total += context[g * p.value_dim + d + i];
-        if (whole) {
-          context_out[d + i] = from_acc<T>(total * scale);
-        } else {
-          partial_out[d + i] = total;
-        }
+      for (int w = 0; w < kWarps; ++w) total += factor[w] != A(0) ? factor[w] * context[w * p.value_dim + d] : A(0);
+      if (whole) {
+        context_out[d] = from_acc<T>(total);
+      } else {
+        partial_out[d] = total;
       }
     }
-    if (whole && out.weights != nullptr) {
-      const MergedSplits<A> one_split(
-          1, [&](int64_t) { return softmax.max_score; }, [&](int64_t) { return softmax.sum; });
-      write_row_weights(p, out, row, one_split);
-    }
+    if (whole && out.weights != nullptr) write_row_weights(p, out, row, merged);
     if (threadIdx.x == 0) {
       if (whole) {
-        static_cast<A*>(out.logsumexp)[row] = softmax.logsumexp();
+        static_cast<A*>(out.logsumexp)[row] = merged.logsumexp();
       } else {
-        static_cast<A*>(out.partial_max)[row * splits + split] = softmax.max_score;
-        static_cast<A*>(out.partial_sum)[row * splits + split] = softmax.sum;
+        static_cast<A*>(out.partial_max)[row * splits + split] = merged.max_score;
+        static_cast<A*>(out.partial_sum)[row * splits + split] = merged.sum;
       }
     }
     __syncthreads();  // the next row overwrites shared memory
@@ -212,7 +228,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, ScoreKind kScore, int kVec>
 cudaError_t launch_forward_kernel(const DeviceProblem<T>& device, const AttentionProblem& p,
                                   const AttentionForwardBuffers& out, cudaStream_t stream) {
-  const size_t shared = forward_shared_bytes<Acc<T>, kVec>(p);
+  const size_t shared = forward_shared_bytes<Acc<T>>(p);
   auto kernel = attention_forward_kernel<T, kScore, kVec>;
   if (shared > 48 * 1024) {
     const cudaError_t status =
