@@ -40,6 +40,11 @@ namespace fastattn {
 namespace cuda {
 namespace {
 
+// Blocks of the forward kernel resident on a multiprocessor at once: its launch bounds
+// hold it to 128 registers a thread.  attention_forward_splits makes at most this many
+// blocks a multiprocessor, so that a decode step's blocks run in one wave.
+constexpr int kResidentBlocks = 4;
+
 // Shared memory of the forward kernel: prepared query (D) | each warp's partial context
 // (kWarps x Dv) | each warp's softmax max and sum (2 x kWarps).
 template <typename A>
@@ -120,7 +125,7 @@ __device__ __forceinline__ OnlineSoftmax<Acc<T>> warp_forward_pass(const DeviceP
 }
 
 template <typename T, ScoreKind kScore, int kVec>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kResidentBlocks)
     attention_forward_kernel(DeviceProblem<T> p, AttentionForwardBuffers out) {
   using A = Acc<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -252,9 +257,9 @@ cudaError_t launch_forward_for_score(const AttentionProblem& p, const AttentionF
 
 int64_t attention_forward_splits(const AttentionProblem& p, int multiprocessors) {
   const int64_t rows = p.batch * p.query_length;
-  const int64_t target_blocks = 4 * static_cast<int64_t>(multiprocessors > 0 ? multiprocessors : 1);
-  if (rows >= target_blocks || p.source_length < 2 * kTile) return 1;
-  int64_t splits = (target_blocks + rows - 1) / rows;
+  const int64_t resident = kResidentBlocks * static_cast<int64_t>(multiprocessors > 0 ? multiprocessors : 1);
+  if (rows >= resident || p.source_length < 2 * kTile) return 1;
+  int64_t splits = resident / rows;  // rounded down: the blocks run in one wave
   const int64_t most = p.source_length / kTile;  // at least one tile of keys per split
   if (splits > most) splits = most;
   if (splits > kMaxSplits) splits = kMaxSplits;

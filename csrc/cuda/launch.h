@@ -80,7 +80,8 @@ constexpr int64_t kRowTermsElements = sizeof(RowTerms<float>) / sizeof(float);
 constexpr int64_t kOnlineRowTermsElements = sizeof(OnlineRowTerms<float>) / sizeof(float);
 
 // How many blocks split the keys of one query row: 1 when the rows alone fill the
-// GPU, more for few rows over long sources (decode steps).
+// GPU, more for few rows over long sources (decode steps), as many as fit in one wave
+// of the forward kernel's resident blocks.
 int64_t attention_forward_splits(const AttentionProblem& problem, int multiprocessors);
 
 cudaError_t launch_attention_forward(const AttentionProblem& problem, const AttentionForwardBuffers& buffers,
