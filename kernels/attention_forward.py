@@ -12,7 +12,9 @@ short query block when the batch alone cannot fill the GPU) each program covers
 ``attention_combine_kernel`` merges them.  ``attention_weights_kernel`` writes the
 normalised weights from the row statistics, one (query block × key block) tile per
 program.  Cosine logits are bounded by |scale|, which then serves as the softmax
-maximum from the start (``BOUNDED``: no running maximum, no rescaling).  Key blocks outside the mask or window are skipped, never loaded.  The value
+maximum from the start (``BOUNDED``: no running maximum, no rescaling).  Key blocks outside the mask or window are skipped, never loaded.  A decode step's
+additive score runs with one query row a program (``BLOCK_T`` = 1: no tanh spent on the
+absent rows of a 16-row block), its values summed on the FMA units.  The value
 dimension is held whole (``BLOCK_DV`` >= Dv) in registers.  Offsets: the batch index is
 64-bit (its base offset can pass 2^31), offsets within one batch element are 32-bit
 (``fastattn.ops.triton_launch`` refuses tensors where those could overflow).
@@ -30,6 +32,16 @@ from fastattn.kernels.attention_tiles import (
     tile_probabilities,
     tile_valid,
 )
+
+
+@triton.jit
+def weighted_values(p, values, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr):
+    """p @ values, (BLOCK_T, BLOCK_DV) float32: on the tensor cores, or for a block of one
+    query row (below ``tl.dot``'s 16) summed over the keys on the FMA units, in float32."""
+    if BLOCK_T == 1:
+        return tl.sum(p[:, :, None] * values.to(tl.float32)[None, :, :], axis=1)
+    else:
+        return tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -81,7 +93,7 @@ def attention_forward_kernel(
             running_sum += tl.sum(p, axis=1)
             if GAUSSIAN:
                 p = p * gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
-            acc += tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+            acc += weighted_values(p, values, DOT_PRECISION, BLOCK_T)
         else:
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -90,7 +102,7 @@ def attention_forward_kernel(
             running_sum = running_sum * rescale + tl.sum(p, axis=1)
             if GAUSSIAN:
                 p = p * gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
-            acc = acc * rescale[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+            acc = acc * rescale[:, None] + weighted_values(p, values, DOT_PRECISION, BLOCK_T)
             running_max = new_max
 
     row_in = offs_t < T

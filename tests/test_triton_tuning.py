@@ -38,6 +38,8 @@ LAUNCHERS = {
 }
 # Kernels whose blocks are tl.dot operands (16 rows and columns at least).
 DOT_BLOCKS = ("BLOCK_T", "BLOCK_S", "BLOCK_K")
+# Launchers whose blocks hold one query row (BLOCK_T = 1, its values summed without tl.dot).
+ONE_QUERY_ROW = ("attention decode additive",)
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -50,12 +52,16 @@ def test_config_lists_are_well_formed(name):
     configs, arguments = launcher.configs, set(launcher.kernel.arg_names)
     assert configs.tuned and len(set(map(str, configs.tuned))) == len(configs.tuned)  # no duplicates
     assert set(configs.key) <= arguments and set(configs.reset_to_zero) <= arguments
-    assert configs.interpreted.kwargs == dict.fromkeys(configs.interpreted.kwargs, SMALLEST_BLOCK)
+    one_row = {"BLOCK_T": 1} if name in ONE_QUERY_ROW else {}
+    assert configs.interpreted.kwargs == dict.fromkeys(configs.interpreted.kwargs, SMALLEST_BLOCK) | one_row
     step = name.startswith("recurrent") and "step" in name
     for config in configs.tuned:
         assert config.kwargs.keys() == configs.interpreted.kwargs.keys() and set(config.kwargs) <= arguments
         assert _is_power_of_two(config.num_warps) and config.num_warps <= 16 and config.num_stages >= 1
+        assert config.kwargs.items() >= one_row.items()
         for block, value in config.kwargs.items():
+            if block in one_row:
+                continue
             if block == "BLOCK_D_POLY":
                 assert value == 0 or _is_power_of_two(value)
             else:
@@ -65,7 +71,7 @@ def test_config_lists_are_well_formed(name):
 
 
 def test_key_splits_never_cut_a_key_block():
-    for configs in (triton_configs.FORWARD_DOT, triton_configs.FORWARD_ADDITIVE):
+    for configs in (triton_configs.FORWARD_DOT, triton_configs.FORWARD_ADDITIVE, triton_configs.FORWARD_ADDITIVE_DECODE):
         in_use = [configs.interpreted] if INTERPRETED else configs.tuned
         assert all(triton_configs.SPLIT_GRANULE % config.kwargs["BLOCK_S"] == 0 for config in in_use)
         largest = max(config.kwargs["BLOCK_S"] for config in configs.tuned)

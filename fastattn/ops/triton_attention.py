@@ -50,10 +50,12 @@ SCORE_KINDS = {"dot": DOT, "cosine": COSINE, "additive": ADDITIVE}
 # 6e-5) to 4; past that a float16 row's probabilities underflowed to a zero context.
 BOUNDED_SCALE_LIMITS = {torch.float16: 4.0}
 BOUNDED_SCALE_LIMIT = 40.0
-# (kernel, whether the score is additive) -> its Launcher; dot and cosine share the tiling.
+# (kernel, whether the score is additive) -> its Launcher; dot and cosine share the tiling;
+# "decode": the forward kernel on a decode step (T = 1) of the additive score, one query row a block.
 LAUNCHERS = {
     ("forward", False): Launcher(attention_forward_kernel, triton_configs.FORWARD_DOT),
     ("forward", True): Launcher(attention_forward_kernel, triton_configs.FORWARD_ADDITIVE),
+    ("decode", True): Launcher(attention_forward_kernel, triton_configs.FORWARD_ADDITIVE_DECODE),
     ("weights", False): Launcher(attention_weights_kernel, triton_configs.WEIGHTS_DOT),
     ("weights", True): Launcher(attention_weights_kernel, triton_configs.WEIGHTS_ADDITIVE),
     ("grad_query", False): Launcher(attention_grad_query_kernel, triton_configs.GRAD_QUERY_DOT),
@@ -153,7 +155,7 @@ def triton_attention_forward(
     else:
         partial_acc = partial_max = partial_sum = row_stats
     additive = flags["SCORE_KIND"] == ADDITIVE
-    LAUNCHERS["forward", additive](
+    LAUNCHERS["decode" if additive and query_length == 1 else "forward", additive](
         lambda meta: (ceil_div(query_length, meta["BLOCK_T"]), batch, splits),
         *pointers, context, row_stats, partial_acc, partial_max, partial_sum,
         *strides, context.stride(0), context.stride(1), *sizes, split_size,

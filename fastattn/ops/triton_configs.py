@@ -9,6 +9,7 @@ memory, 64K registers per SM) and Ampere (A100: 164 KB); see
 - Attention (additive): a (BLOCK_T, BLOCK_S, BLOCK_D + BLOCK_D_POLY) tile of tanh per
   step, bound by the special-function unit; configs with BLOCK_D_POLY > 0 move that
   share of the tanh to the FMA units (``rational_tanh``), so tuning balances the pipes.
+  A decode step (T = 1) takes blocks of one query row instead (FORWARD_ADDITIVE_DECODE).
 - The additive backward's key-value kernel adds into its gradients (queries', keys', v's)
   atomically: ``reset_to_zero`` re-zeroes them between trials.  Every other kernel only stores (the weights kernel leaves
   fully masked tiles at zero, which is also what it would write), so trials are safe.
@@ -131,11 +132,37 @@ FORWARD_ADDITIVE = KernelConfigs(
     ),
 )
 
+# A decode step's additive forward (T = 1): one query row a program (BLOCK_T = 1), so that
+# no tanh is spent on the 15 absent rows of a 16-row block; its values are summed on the
+# FMA units (tl.dot needs 16 rows), their (BLOCK_S, BLOCK_DV) float32 products held in
+# registers alongside the (BLOCK_S, BLOCK_D) tanh tile.  (BLOCK_S, BLOCK_D, BLOCK_D_POLY,
+# num_warps), as _ADDITIVE_TILES.
+_ADDITIVE_DECODE_TILES = (
+    (32, 64, 0, 8),
+    (16, 64, 0, 4),
+    (32, 32, 8, 8),
+    (16, 32, 8, 4),
+    (32, 64, 16, 8),
+    (16, 128, 0, 8),
+)
+FORWARD_ADDITIVE_DECODE = KernelConfigs(
+    interpreted=Config({"BLOCK_T": 1, "BLOCK_S": SMALLEST_BLOCK, "BLOCK_D": SMALLEST_BLOCK, "BLOCK_D_POLY": SMALLEST_BLOCK}),
+    tuned=tuple(
+        Config({"BLOCK_T": 1, "BLOCK_S": s, "BLOCK_D": d, "BLOCK_D_POLY": poly}, num_warps=warps, num_stages=2)
+        for s, d, poly, warps in _ADDITIVE_DECODE_TILES
+    ),
+    key=ATTENTION_KEY,
+    prune=_fits(
+        accumulators=[("BLOCK_T", "BLOCK_DV"), ("BLOCK_S", "BLOCK_DV"), ("BLOCK_S", "BLOCK_D")],
+        staged=[("BLOCK_S", "BLOCK_DV")],
+    ),
+)
+
 # Decode steps split their keys in multiples of this many keys: the largest forward
 # BLOCK_S, a multiple of every other (powers of two), so no key block straddles two splits.
 SPLIT_GRANULE = max(
     config.kwargs["BLOCK_S"]
-    for configs in (FORWARD_DOT, FORWARD_ADDITIVE)
+    for configs in (FORWARD_DOT, FORWARD_ADDITIVE, FORWARD_ADDITIVE_DECODE)
     for config in ((configs.interpreted,) if INTERPRETED else configs.tuned)
 )
 
