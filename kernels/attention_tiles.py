@@ -4,7 +4,8 @@ a query block can see, the Gaussian factor of local attention, the tanh of the
 additive score, and the softmax's row statistics (stored by the forward, read back by
 the weights and backward kernels).
 
-Score kinds (``SCORE_KIND``): 0 = dot (q . k * scale, tensor-core ``tl.dot``),
+Score kinds (``SCORE_KIND``): 0 = dot (q . k * scale, tensor-core ``tl.dot``; FMA sums
+for a block of one query row, a decode step's),
 1 = cosine (scale * q . k / (|q| |k|), norms computed here), 2 = additive
 (v . tanh(q + k + b), summed over feature tiles on the FMA/SFU units).  Dot and
 cosine walk the features in tiles of ``BLOCK_D``; additive walks them in steps of
@@ -130,7 +131,10 @@ def block_scores(
             d_in = offs_d < D
             q = tl.load(Q + q_base + offs_t[:, None] * stride_qt + offs_d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
             k = tl.load(K + k_base + offs_j[:, None] * stride_ks + offs_d[None, :], mask=key_in[:, None] & d_in[None, :], other=0.0)
-            scores += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if BLOCK_T == 1:  # one query row, below tl.dot's 16: float32 products summed on the FMA units
+                scores += tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+            else:
+                scores += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if SCORE_KIND == 1:
                 query_squares += tl.sum(q.to(tl.float32) * q.to(tl.float32), axis=1)
                 key_squares += tl.sum(k.to(tl.float32) * k.to(tl.float32), axis=1)

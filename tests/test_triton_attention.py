@@ -146,11 +146,19 @@ def test_decode_step_with_split_keys(score, mode):
     assert_matches(run("triton", score, *step), run("reference", score, *step), FLOAT32)
 
 
-@pytest.mark.parametrize("mode", ["global", "lengths", "key_padding_mask", "local_m_gaussian", "local_p"])
-def test_an_additive_decode_step_takes_blocks_of_one_query_row(mode, monkeypatch):
-    """A decode step's additive forward runs one query row a block (BLOCK_T = 1: no tanh
-    on the absent rows of a 16-row block), its values summed without tl.dot, its 21 keys
-    in two splits; outputs and gradients match the reference.  Multi-query keeps 16 rows."""
+DECODE_CASES = (
+    [("additive", mode) for mode in ("global", "lengths", "key_padding_mask", "local_m_gaussian", "local_p")]
+    + [("scaled_dot", mode) for mode in ("global", "key_padding_mask", "local_p_plain")]
+    + [("cosine", "lengths"), ("cosine", "local_m_gaussian"), ("dot", "global"), ("general", "lengths"), ("location", "global")]
+)
+
+
+@pytest.mark.parametrize("score,mode", DECODE_CASES)
+def test_a_decode_step_takes_blocks_of_one_query_row(score, mode, monkeypatch):
+    """A decode step's forward runs one query row a block (BLOCK_T = 1: nothing spent on
+    the absent rows of a 16-row block, the additive score's tanh above all), its scores and
+    values summed without tl.dot, its 21 keys in two splits; outputs and gradients match the
+    reference.  Multi-query keeps blocks of 16 rows or more."""
     from fastattn.ops import triton_launch
 
     query_rows = []
@@ -162,14 +170,14 @@ def test_an_additive_decode_step_takes_blocks_of_one_query_row(mode, monkeypatch
         return original(kernel, grid, *arguments, **constexprs)
 
     monkeypatch.setattr(triton_launch, "run_kernel", recording)
-    query, keys, values, parameters, masking = problem("additive", mode)
+    query, keys, values, parameters, masking = problem(score, mode)
     if "center" in masking:
         masking["center"] = masking["center"][:, 0].detach().requires_grad_()
     step = (query[:, 0].detach().requires_grad_(), keys, values, parameters, masking)
-    got = run("triton", "additive", *step)
+    got = run("triton", score, *step)
     assert query_rows == [1]
-    assert_matches(got, run("reference", "additive", *step), FLOAT32)
-    run("triton", "additive", *problem("additive", mode, queries=3))
+    assert_matches(got, run("reference", score, *step), FLOAT32)
+    run("triton", score, *problem(score, mode, queries=3))
     assert query_rows[0] == 1 and query_rows[1] >= 16
 
 

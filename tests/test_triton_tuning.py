@@ -39,7 +39,7 @@ LAUNCHERS = {
 # Kernels whose blocks are tl.dot operands (16 rows and columns at least).
 DOT_BLOCKS = ("BLOCK_T", "BLOCK_S", "BLOCK_K")
 # Launchers whose blocks hold one query row (BLOCK_T = 1, its values summed without tl.dot).
-ONE_QUERY_ROW = ("attention decode additive",)
+ONE_QUERY_ROW = ("attention decode dot", "attention decode additive")
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -71,7 +71,8 @@ def test_config_lists_are_well_formed(name):
 
 
 def test_key_splits_never_cut_a_key_block():
-    for configs in (triton_configs.FORWARD_DOT, triton_configs.FORWARD_ADDITIVE, triton_configs.FORWARD_ADDITIVE_DECODE):
+    for configs in (triton_configs.FORWARD_DOT, triton_configs.FORWARD_ADDITIVE, triton_configs.FORWARD_DOT_DECODE,
+                    triton_configs.FORWARD_ADDITIVE_DECODE):
         in_use = [configs.interpreted] if INTERPRETED else configs.tuned
         assert all(triton_configs.SPLIT_GRANULE % config.kwargs["BLOCK_S"] == 0 for config in in_use)
         largest = max(config.kwargs["BLOCK_S"] for config in configs.tuned)

@@ -51,10 +51,11 @@ SCORE_KINDS = {"dot": DOT, "cosine": COSINE, "additive": ADDITIVE}
 BOUNDED_SCALE_LIMITS = {torch.float16: 4.0}
 BOUNDED_SCALE_LIMIT = 40.0
 # (kernel, whether the score is additive) -> its Launcher; dot and cosine share the tiling;
-# "decode": the forward kernel on a decode step (T = 1) of the additive score, one query row a block.
+# "decode": the forward kernel on a decode step (T = 1), one query row a block.
 LAUNCHERS = {
     ("forward", False): Launcher(attention_forward_kernel, triton_configs.FORWARD_DOT),
     ("forward", True): Launcher(attention_forward_kernel, triton_configs.FORWARD_ADDITIVE),
+    ("decode", False): Launcher(attention_forward_kernel, triton_configs.FORWARD_DOT_DECODE),
     ("decode", True): Launcher(attention_forward_kernel, triton_configs.FORWARD_ADDITIVE_DECODE),
     ("weights", False): Launcher(attention_weights_kernel, triton_configs.WEIGHTS_DOT),
     ("weights", True): Launcher(attention_weights_kernel, triton_configs.WEIGHTS_ADDITIVE),
@@ -155,7 +156,7 @@ def triton_attention_forward(
     else:
         partial_acc = partial_max = partial_sum = row_stats
     additive = flags["SCORE_KIND"] == ADDITIVE
-    LAUNCHERS["decode" if additive and query_length == 1 else "forward", additive](
+    LAUNCHERS["decode" if query_length == 1 else "forward", additive](
         lambda meta: (ceil_div(query_length, meta["BLOCK_T"]), batch, splits),
         *pointers, context, row_stats, partial_acc, partial_max, partial_sum,
         *strides, context.stride(0), context.stride(1), *sizes, split_size,

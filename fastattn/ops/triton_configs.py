@@ -4,12 +4,13 @@ memory, 64K registers per SM) and Ampere (A100: 164 KB); see
 ``fastattn.ops.triton_launch`` for how a list is used.
 
 - Attention (dot and cosine): query block x key block for ``tl.dot``, the features in
-  tiles of BLOCK_D chosen by the caller from D; narrow blocks for decode steps (T = 1)
-  and wide values (Dv 512-1024).  Keys: T, S, D, Dv.
+  tiles of BLOCK_D chosen by the caller from D; narrow blocks for wide values (Dv
+  512-1024).  Keys: T, S, D, Dv.
+- A decode step's forward (T = 1), every score: blocks of one query row (BLOCK_T = 1),
+  summed on the FMA units (FORWARD_DOT_DECODE, FORWARD_ADDITIVE_DECODE).
 - Attention (additive): a (BLOCK_T, BLOCK_S, BLOCK_D + BLOCK_D_POLY) tile of tanh per
   step, bound by the special-function unit; configs with BLOCK_D_POLY > 0 move that
   share of the tanh to the FMA units (``rational_tanh``), so tuning balances the pipes.
-  A decode step (T = 1) takes blocks of one query row instead (FORWARD_ADDITIVE_DECODE).
 - The additive backward's key-value kernel adds into its gradients (queries', keys', v's)
   atomically: ``reset_to_zero`` re-zeroes them between trials.  Every other kernel only stores (the weights kernel leaves
   fully masked tiles at zero, which is also what it would write), so trials are safe.
@@ -109,6 +110,26 @@ FORWARD_DOT = KernelConfigs(
     ),
 )
 
+# A decode step's forward (T = 1), dot and cosine: one query row a program (BLOCK_T = 1)
+# instead of a 16-row block of which 15 are absent; the scores and the values are summed
+# on the FMA units (tl.dot needs 16 rows), the (BLOCK_S, BLOCK_D) and (BLOCK_S, BLOCK_DV)
+# float32 products held in registers.
+FORWARD_DOT_DECODE = KernelConfigs(
+    interpreted=Config({"BLOCK_T": 1, "BLOCK_S": SMALLEST_BLOCK}),
+    tuned=(
+        Config({"BLOCK_T": 1, "BLOCK_S": 32}, num_warps=8, num_stages=2),
+        Config({"BLOCK_T": 1, "BLOCK_S": 16}, num_warps=4, num_stages=3),
+        Config({"BLOCK_T": 1, "BLOCK_S": 64}, num_warps=8, num_stages=2),
+        Config({"BLOCK_T": 1, "BLOCK_S": 32}, num_warps=4, num_stages=3),
+        Config({"BLOCK_T": 1, "BLOCK_S": 16}, num_warps=8, num_stages=4),
+    ),
+    key=ATTENTION_KEY,
+    prune=_fits(
+        accumulators=[("BLOCK_T", "BLOCK_DV"), ("BLOCK_S", "BLOCK_DV"), ("BLOCK_S", "BLOCK_D")],
+        staged=[("BLOCK_S", "BLOCK_DV"), ("BLOCK_S", "BLOCK_D")],
+    ),
+)
+
 _ADDITIVE_TILES = (
     # (BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, num_warps): all-SFU tiles, then about a
     # fifth (float16/bfloat16: tanh.approx, one SFU op) or a third (float32: exp and a
@@ -162,7 +183,7 @@ FORWARD_ADDITIVE_DECODE = KernelConfigs(
 # BLOCK_S, a multiple of every other (powers of two), so no key block straddles two splits.
 SPLIT_GRANULE = max(
     config.kwargs["BLOCK_S"]
-    for configs in (FORWARD_DOT, FORWARD_ADDITIVE, FORWARD_ADDITIVE_DECODE)
+    for configs in (FORWARD_DOT, FORWARD_ADDITIVE, FORWARD_DOT_DECODE, FORWARD_ADDITIVE_DECODE)
     for config in ((configs.interpreted,) if INTERPRETED else configs.tuned)
 )
 
