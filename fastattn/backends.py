@@ -210,16 +210,16 @@ def implementation(op: str, device_type: str, name: str | None = None, inputs: I
     chosen = check_name(name, "backend") if name is not None else current_backend()
     if chosen == "auto":
         chosen = auto_choice(op, device_type)
-    reason = unavailable_reason(chosen)
     found = _implementations[op].get(chosen)
+    reason = unavailable_reason(chosen)
+    if found is not None and reason is None and _runs_on(found, device_type):  # the common case first
+        return found.function
     if reason is not None:
         problem = f"backend {chosen!r} is not available: {reason}"
     elif found is None:
         problem = f"backend {chosen!r} has no kernel for op {op!r}"
-    elif not _runs_on(found, device_type):
-        problem = f"backend {chosen!r} runs {op!r} on {sorted(found.device_types)} tensors, got {device_type} tensors"
     else:
-        return found.function
+        problem = f"backend {chosen!r} runs {op!r} on {sorted(found.device_types)} tensors, got {device_type} tensors"
     runnable = [name for name in _implementations[op] if _runs(op, name, device_type)]
     raise BackendUnavailableError(f"{problem} ({op!r} on {device_type} tensors runs here on: {', '.join(runnable)})")
 

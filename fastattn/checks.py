@@ -68,7 +68,9 @@ def _batched_by_vmap(tensor: torch.Tensor) -> bool:
 
 
 def _capturing_cuda_graph() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    # A capture needs torch's CUDA state initialized; is_initialized() is a flag, where
+    # is_available() asks the driver for its devices at every call.
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def tensor(name: str, value: object) -> torch.Tensor:
@@ -139,9 +141,9 @@ def finite_number(name: str, value: object) -> float:
 
 def shape(name: str, value: torch.Tensor, expected: Sequence[int | None], meaning: Meaning) -> None:
     """``expected`` may hold ``None`` for a free size; ``meaning`` spells it out."""
-    actual = tuple(value.shape)
-    if len(actual) != len(expected) or any(
-        want is not None and want != got for want, got in zip(expected, actual)
+    actual = value.shape
+    if actual != expected and (  # equal: the common case, one comparison
+        len(actual) != len(expected) or any(want is not None and want != got for want, got in zip(expected, actual))
     ):
         raise ValueError(f"{name} must have shape {spelled(meaning)}, got {describe(value)}")
 
@@ -160,6 +162,22 @@ def like(name: str, value: torch.Tensor, reference_name: str, reference: torch.T
             f"{name} must have the same dtype as {reference_name} ({reference.dtype}), "
             f"got {describe(value)}"
         )
+
+
+def float_like(name: str, value: object, reference_name: str, reference: torch.Tensor) -> torch.Tensor:
+    """:func:`float_tensor` then :func:`like`, for a ``reference`` that passed
+    :func:`float_tensor`: a dense tensor of its dtype and device passes both at once."""
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dtype == reference.dtype
+        and value.device == reference.device
+        and value.layout == torch.strided
+        and not value.is_nested
+    ):
+        return value
+    float_tensor(name, value)
+    like(name, value, reference_name, reference)
+    return value
 
 
 def autocast_casts(*tensors: torch.Tensor) -> bool:

@@ -21,21 +21,19 @@ from fastattn.functional.attention_inputs import (
 )
 
 
-def _prepare(query, keys, values, score_parameters: dict, masking: dict):
+def _prepare(query, keys, values, score, score_parameters: dict, masking: dict):
     """-> (layout, canonical query, keys, values, op keyword arguments)."""
     checks.float_tensor("query", query)
-    checks.float_tensor("keys", keys)
-    checks.like("keys", keys, "query", query)
+    checks.float_like("keys", keys, "query", query)
     layout = layout_of("query", query, "keys", keys)
-    if values is not None and values is not keys:
+    own_values = values is not None and values is not keys
+    if own_values:
         check_values("values", values, "keys", keys, "query", query)
     folded_query, folded_keys = layout.fold_queries(query), layout.fold_keys(keys)
     query_length, source_length = folded_query.shape[1], folded_keys.shape[1]
-    arguments = score_arguments(
-        score_parameters.pop("score"), query, keys, source_length, **score_parameters
-    )
+    arguments = score_arguments(score, query, keys, source_length, **score_parameters)
     arguments.update(masking_arguments(layout, query, query_length, source_length, **masking))
-    folded_values = folded_keys if values is None or values is keys else layout.fold_keys(values)
+    folded_values = layout.fold_keys(values) if own_values else folded_keys
     return layout, folded_query, folded_keys, folded_values, arguments
 
 
@@ -71,8 +69,10 @@ def attention(
         query,
         keys,
         values,
-        dict(score=score, weight=weight, w_query=w_query, w_key=w_key, v=v, bias=bias, scale=scale),
-        dict(lengths=lengths, key_padding_mask=key_padding_mask, causal=causal, window=window, center=center, gaussian=gaussian),
+        score,
+        {"weight": weight, "w_query": w_query, "w_key": w_key, "v": v, "bias": bias, "scale": scale},
+        {"lengths": lengths, "key_padding_mask": key_padding_mask, "causal": causal, "window": window,
+         "center": center, "gaussian": gaussian},
     )
     run = backends.implementation("attention", query.device.type, inputs=(query_, keys_, values_, *arguments.values()))
     context, weights = run(query_, keys_, values_, **arguments, return_weights=return_weights)
@@ -102,8 +102,7 @@ def additive_attention(
     """
     checks.flag("return_weights", return_weights)
     checks.float_tensor("q_proj", q_proj)
-    checks.float_tensor("k_proj", k_proj)
-    checks.like("k_proj", k_proj, "q_proj", q_proj)
+    checks.float_like("k_proj", k_proj, "q_proj", q_proj)
     layout = layout_of("q_proj", q_proj, "k_proj", k_proj)
     if k_proj.shape[-1] != q_proj.shape[-1]:
         raise ValueError(
@@ -167,8 +166,10 @@ def hard_attention(
         query,
         keys,
         values,
-        dict(score=score, weight=weight, w_query=w_query, w_key=w_key, v=v, bias=bias, scale=scale),
-        dict(lengths=lengths, key_padding_mask=key_padding_mask, causal=causal, window=window, center=center, gaussian=gaussian),
+        score,
+        {"weight": weight, "w_query": w_query, "w_key": w_key, "v": v, "bias": bias, "scale": scale},
+        {"lengths": lengths, "key_padding_mask": key_padding_mask, "causal": causal, "window": window,
+         "center": center, "gaussian": gaussian},
     )
     run = backends.implementation("hard_attention", query.device.type, inputs=(query_, keys_, values_, *arguments.values()))
     context, index, log_prob, weights = run(query_, keys_, values_, **arguments, sample=sample, generator=generator)

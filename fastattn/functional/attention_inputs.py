@@ -42,16 +42,28 @@ class Layout:
     def batch(self) -> int:
         return math.prod(self.lead)
 
+    @property
+    def folded(self) -> bool:
+        """Whether the caller's queries and per-query outputs are canonical already,
+        (N, T, ...): then they are passed on as they are (no view made)."""
+        return len(self.lead) == 1 and not self.single_step
+
     def fold_queries(self, query: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return query
         query_length = 1 if self.single_step else query.shape[-2]
         return query.reshape(self.batch, query_length, query.shape[-1])
 
     def fold_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        if len(self.lead) == 1 and self.grid is None:  # (N, S, D) already
+            return keys
         positions = math.prod(keys.shape[len(self.lead) : -1])  # S, or H W: not -1, which an empty batch leaves open
         return keys.reshape(self.batch, positions, keys.shape[-1])
 
     def unfold_per_query(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, ...) -> (*lead, T, ...), without T for a single step."""
+        if self.folded:
+            return x
         return x.reshape(*self.lead, *x.shape[2 if self.single_step else 1 :])
 
     def unfold_weights(self, weights: torch.Tensor) -> torch.Tensor:
@@ -61,35 +73,37 @@ class Layout:
 
 
 def layout_of(query_name: str, query: torch.Tensor, keys_name: str, keys: torch.Tensor) -> Layout:
-    if query.dim() < 2:
+    query_dims, key_dims = query.dim(), keys.dim()
+    if query_dims < 2:
         raise ValueError(
             f"{query_name} must have shape (..., T, D) or (B, D) for one decoder step, "
             f"got {checks.describe(query)}"
         )
-    single_step = query.dim() == 2 and keys.dim() >= 3
-    lead = tuple(query.shape[:-1] if single_step else query.shape[:-2])
-    if keys.dim() == len(lead) + 2:
+    query_shape, key_shape = query.shape, keys.shape
+    single_step = query_dims == 2 and key_dims >= 3
+    lead_dims = query_dims - 1 if single_step else query_dims - 2
+    lead = tuple(query_shape[:lead_dims])
+    if key_dims == lead_dims + 2:
         grid = None
-    elif keys.dim() == len(lead) + 3:
-        grid = tuple(keys.shape[-3:-1])
+    elif key_dims == lead_dims + 3:
+        grid = tuple(key_shape[-3:-1])
     else:
         raise ValueError(
             f"{keys_name} must have shape {(*lead, 'S', 'D')} or {(*lead, 'H', 'W', 'D')} "
-            f"to match {query_name} of shape {tuple(query.shape)}, got {checks.describe(keys)}"
+            f"to match {query_name} of shape {tuple(query_shape)}, got {checks.describe(keys)}"
         )
-    if tuple(keys.shape[: len(lead)]) != lead:
+    if tuple(key_shape[:lead_dims]) != lead:
         raise ValueError(
             f"{keys_name} must have the batch dimensions {lead} of {query_name}, "
             f"got {checks.describe(keys)}"
         )
-    layout = Layout(lead, single_step, grid)
-    if not single_step and query.shape[-2] == 0:
+    if not single_step and query_shape[-2] == 0:
         raise ValueError(f"{query_name} must have at least one query position, got {checks.describe(query)}")
-    if math.prod(keys.shape[len(lead) : -1]) == 0:  # math.prod: a symbolic S stays symbolic under export
+    if math.prod(key_shape[lead_dims:-1]) == 0:  # math.prod: a symbolic S stays symbolic under export
         raise ValueError(f"{keys_name} must have at least one key position, got {checks.describe(keys)}")
     check_features(query_name, query)
     check_features(keys_name, keys)
-    return layout
+    return Layout(lead, single_step, grid)
 
 
 def check_location_source_length(weight: torch.Tensor, source_length: int) -> None:
@@ -107,8 +121,7 @@ def check_features(name: str, tensor: torch.Tensor) -> None:
 
 
 def check_values(name: str, values: torch.Tensor, keys_name: str, keys: torch.Tensor, query_name: str, query: torch.Tensor) -> None:
-    checks.float_tensor(name, values)
-    checks.like(name, values, query_name, query)
+    checks.float_like(name, values, query_name, query)
     if values.dim() != keys.dim() or values.shape[:-1] != keys.shape[:-1]:
         raise ValueError(
             f"{name} must have shape {(*keys.shape[:-1], 'Dv')} to match {keys_name}, "
@@ -132,20 +145,22 @@ def broadcast_over_batch(
             f"{name} must have shape {checks.spelled(meaning)}, where (B, ...) are leading batch dimensions "
             f"of the query {layout.lead}, got {checks.describe(mask)}"
         )
-    padded = mask.reshape((*mask.shape[:prefix_length], *([1] * (len(layout.lead) - prefix_length)), *trailing))
-    return padded.expand((*layout.lead, *trailing)).reshape((layout.batch, *trailing))
+    if prefix_length < len(layout.lead):
+        padded = mask.reshape((*mask.shape[:prefix_length], *([1] * (len(layout.lead) - prefix_length)), *trailing))
+        mask = padded.expand((*layout.lead, *trailing))
+    return mask if len(layout.lead) == 1 else mask.reshape((layout.batch, *trailing))  # (N, *trailing) already
 
 
 def checked_key_padding_mask(key_padding_mask: object, layout: Layout, query: torch.Tensor, source_length: int) -> torch.Tensor:
     """The (N, S) bool mask of a (B, ..., S) or grid (B, ..., H, W) ``key_padding_mask``."""
     checks.bool_tensor("key_padding_mask", key_padding_mask)
     checks.same_device("key_padding_mask", key_padding_mask, "query", query)
-    trailing = (source_length,)
-    if layout.grid is not None and tuple(key_padding_mask.shape[-2:]) == layout.grid:
-        trailing = layout.grid
-    return broadcast_over_batch(
+    over_grid = layout.grid is not None and tuple(key_padding_mask.shape[-2:]) == layout.grid
+    trailing = layout.grid if over_grid else (source_length,)
+    mask = broadcast_over_batch(
         "key_padding_mask", key_padding_mask, layout, trailing, lambda: f"(B, ..., {', '.join(map(str, trailing))})"
-    ).reshape(layout.batch, source_length)
+    )
+    return mask.reshape(layout.batch, source_length) if over_grid else mask
 
 
 def masking_arguments(
@@ -220,7 +235,7 @@ def checked_lengths(lengths: object, layout: Layout, query: torch.Tensor, source
             )
         if version is not None:
             _last_checked_lengths = (weakref.ref(given), version, source_length)
-    return lengths.to(torch.int64)
+    return lengths if lengths.dtype == torch.int64 else lengths.to(torch.int64)  # no dispatch when it is
 
 
 def center_dtypes(query_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
@@ -241,7 +256,9 @@ def _checked_center(center: object, layout: Layout, query: torch.Tensor, query_l
         raise ValueError("center (local-p attention) needs window, the half-width D of the window")
     trailing = () if layout.single_step else (query_length,)
     meaning = "(B,) for a single decoder step" if layout.single_step else lambda: f"(B, ..., T={query_length})"
-    center = broadcast_over_batch("center", center, layout, trailing, meaning).reshape(layout.batch, query_length)
+    center = broadcast_over_batch("center", center, layout, trailing, meaning)
+    if layout.single_step:
+        center = center.reshape(layout.batch, query_length)
     if checks.reads_values(center) and not torch.isfinite(center).all():
         raise ValueError("center must hold finite positions, got inf or NaN")
     return center
@@ -303,8 +320,7 @@ def _parameter(
 ) -> None:
     if value is None:
         raise ValueError(f"score {score!r} needs {name} of shape {checks.spelled(meaning)}")
-    checks.float_tensor(name, value)
-    checks.like(name, value, query_name, query)
+    checks.float_like(name, value, query_name, query)
     checks.shape(name, value, expected, meaning)
 
 

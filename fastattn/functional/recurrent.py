@@ -143,7 +143,7 @@ def check_cell_inputs(
             f"w_ih must have shape ({gates}*hidden_size, input_size), got {checks.describe(w_ih)}"
         )
     hidden_size, input_size = w_ih.shape[0] // gates, w_ih.shape[1]
-    _check_float_like("w_hh", w_hh, "w_ih", w_ih)
+    checks.float_like("w_hh", w_hh, "w_ih", w_ih)
     checks.shape(
         "w_hh",
         w_hh,
@@ -152,9 +152,9 @@ def check_cell_inputs(
     )
     for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
         if bias is not None:
-            _check_float_like(name, bias, "w_ih", w_ih)
+            checks.float_like(name, bias, "w_ih", w_ih)
             checks.shape(name, bias, (gates * hidden_size,), lambda: f"({gates}*hidden_size,) = ({gates * hidden_size},)")
-    x = _check_float_like(input_name, x, "w_ih", w_ih)
+    x = checks.float_like(input_name, x, "w_ih", w_ih)
     checks.shape(
         input_name,
         x,
@@ -164,7 +164,7 @@ def check_cell_inputs(
     batch_shape = tuple(x.shape[:-1])
     for name, state in states.items():
         if state is not None:
-            _check_float_like(name, state, input_name, x)
+            checks.float_like(name, state, input_name, x)
             expected = batch_shape + (hidden_size,)
             checks.shape(
                 name, state, expected, lambda: f"{expected} (like {input_name}, with hidden_size = {hidden_size})"
@@ -195,7 +195,8 @@ def check_sequence_input(
 ) -> Tensor:
     """The input of ``nn.LSTM``/``nn.GRU``: a (T, B, I), batch-first (B, T, I) or
     unbatched (T, I) tensor with T >= 1, or the (N, I) data of a PackedSequence."""
-    value = _check_float_like(name, value, weight_name, weight)
+    value = checks.float_tensor(name, value)  # weight: a module's parameter, of any dtype
+    checks.like(name, value, weight_name, weight)
     if packed:
         checks.shape(f"{name}.data", value, (None, input_size), lambda: f"(total_length, {input_size})")
         return value
@@ -214,14 +215,8 @@ def check_initial_state(
     name: str, value: object, expected: tuple[int, ...], meaning: checks.Meaning, input_name: str, input: Tensor
 ) -> Tensor:
     """One initial state of ``nn.LSTM``/``nn.GRU``: ``meaning`` spells out ``expected``."""
-    value = _check_float_like(name, value, input_name, input)
+    value = checks.float_like(name, value, input_name, input)
     checks.shape(name, value, expected, meaning)
-    return value
-
-
-def _check_float_like(name: str, value: object, reference_name: str, reference: Tensor) -> Tensor:
-    value = checks.float_tensor(name, value)
-    checks.like(name, value, reference_name, reference)
     return value
 
 
