@@ -408,6 +408,11 @@ at::Tensor compute_in(const at::Tensor& t, at::ScalarType compute) {
 at::Tensor compute_in(const OptionalTensor& t, at::ScalarType compute) {
   return present(t) ? t->to(compute).contiguous() : at::Tensor();
 }
+// A new contiguous tensor holding t in the compute dtype, for a kernel to write into: one
+// copy kernel whatever t's dtype (converting first, then cloning, took two for 16-bit t).
+at::Tensor copy_in(const at::Tensor& t, at::ScalarType compute) {
+  return at::empty(t.sizes(), t.options().dtype(compute)).copy_(t);
+}
 
 // out = a @ b in the compute dtype (out float32, or float64 for float64 operands).  float16 /
 // bfloat16 operands go to cuBLAS as they are, with float32 accumulation and output
@@ -479,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(const at::
   const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
   const at::Tensor hidden_gates = mm_in_compute(h_in, w_hh_in.t());
   at::Tensor saved = mm_in_compute(x_in, w_ih_in.t());
-  at::Tensor c_next = compute_in(c_in, compute).clone();
+  at::Tensor c_next = copy_in(c_in, compute);
   at::Tensor h_next = at::empty({B, H}, c_next.options());
   check_launch(op, launch_lstm_step_forward(step_of(compute, B, H, at::Tensor(), 0), saved.mutable_data_ptr(),
                                             kLstmGates * H, hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
@@ -512,7 +517,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor c = compute_in(c_in, compute), grad_h_next = compute_in(grad_h_next_in, compute);
   const at::Tensor c_next = compute_in(c_next_in, compute), saved = compute_in(saved_in, compute);
-  at::Tensor grad_c = compute_in(grad_c_next_in, compute).clone();
+  at::Tensor grad_c = copy_in(grad_c_next_in, compute);
   at::Tensor grad_gates = at::empty({B, kLstmGates * H}, c.options());
   check_launch(op, launch_lstm_step_backward(step_of(compute, B, H, at::Tensor(), 0), grad_h_next.const_data_ptr(),
                                              nullptr, grad_c.mutable_data_ptr(), saved.const_data_ptr(),
@@ -542,7 +547,7 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_forward_cuda(const at::Tensor& x_in,
   check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kGruGates * H, I, H);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
-  at::Tensor h_next = compute_in(h_in, compute).clone();
+  at::Tensor h_next = copy_in(h_in, compute);
   const at::Tensor hidden_gates = mm_in_compute(h_in, w_hh_in.t());
   at::Tensor saved = at::empty({B, 4 * H}, h_next.options());
   at::Tensor input_gates = saved.narrow(1, 0, kGruGates * H);
@@ -740,7 +745,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
       start_layer_forward(op, compute, shape, G, width, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, lengths_in);
   const at::Tensor &lengths = start.lengths, &x = start.x, &w_hh = start.w_hh, &b_ih = start.b_ih, &b_hh = start.b_hh;
   at::Tensor &output = start.output, &saved = start.saved;
-  at::Tensor h_state = compute_in(h0_in, compute).clone(), c_state = compute_in(c0_in, compute).clone();
+  at::Tensor h_state = copy_in(h0_in, compute), c_state = copy_in(c0_in, compute);
   const cudaStream_t stream = current_stream();
   if (const auto run = persistent_run(op, RecurrentCell::kLstm, false, shape, x_in, w_hh_in, lengths, reverse)) {
     at::Tensor h_scratch = at::empty({B, H}, x.options());
@@ -814,7 +819,7 @@ lstm_layer_backward_cuda(const at::Tensor& grad_output_in, const at::Tensor& gra
   const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
   const at::Tensor grad_output = compute_in(grad_output_in, compute);
   const at::Tensor output = compute_in(output_in, compute), saved = compute_in(saved_in, compute);
-  at::Tensor grad_h = compute_in(grad_h_n_in, compute).clone(), grad_c = compute_in(grad_c_n_in, compute).clone();
+  at::Tensor grad_h = copy_in(grad_h_n_in, compute), grad_c = copy_in(grad_c_n_in, compute);
   at::Tensor grad_gates = at::empty({T, B, G}, x.options());
   const cudaStream_t stream = current_stream();
   if (const auto run = persistent_run(op, RecurrentCell::kLstm, true, shape, x_in, w_hh_in, lengths, reverse)) {
@@ -865,7 +870,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cuda(
       start_layer_forward(op, compute, shape, G, width, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, lengths_in);
   const at::Tensor &lengths = start.lengths, &x = start.x, &w_hh = start.w_hh, &b_ih = start.b_ih, &b_hh = start.b_hh;
   at::Tensor &output = start.output, &saved = start.saved;
-  at::Tensor h_state = compute_in(h0_in, compute).clone(), no_cell_state;
+  at::Tensor h_state = copy_in(h0_in, compute), no_cell_state;
   const cudaStream_t stream = current_stream();
   if (const auto run = persistent_run(op, RecurrentCell::kGru, false, shape, x_in, w_hh_in, lengths, reverse)) {
     at::Tensor h_scratch = at::empty({B, H}, x.options());
@@ -911,7 +916,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor grad_output = compute_in(grad_output_in, compute);
   const at::Tensor output = compute_in(output_in, compute), saved = compute_in(saved_in, compute);
   const at::Tensor previous = previous_hidden(output, h0, lengths, reverse).contiguous();
-  at::Tensor grad_h = compute_in(grad_h_n_in, compute).clone();
+  at::Tensor grad_h = copy_in(grad_h_n_in, compute);
   at::Tensor grad_input_gates = at::empty({T, B, G}, x.options());
   at::Tensor grad_hidden_gates = at::empty({T, B, G}, x.options());
   at::Tensor direct = at::empty({B, H}, x.options());  // dh' * z of the last step walked
