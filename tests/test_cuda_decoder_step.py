@@ -19,11 +19,11 @@ import copy
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn import backends
 from fastattn.nn import AttentionDecoderCell
+from tests.op_log import OpLog
 from tests.test_cuda_kernels import (  # noqa: F401 - emulated: the kernels' CPU build
     emulated, emulation, gpu, misaligned_copy)
 
@@ -385,18 +385,6 @@ def test_the_inference_op_composes_on_the_cpu_and_passes_opcheck():
     assert_step_close(inference, composed(arguments))
     torch.library.opcheck(torch.ops.fastattn.attention_decoder_step_inference.default, arguments,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-
-
-class OpLog(TorchDispatchMode):
-    """The names of the ops that reach the dispatcher's Python modes."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(

@@ -3,27 +3,15 @@ and the shared checks' fast paths, which must accept and refuse what the full ch
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn import backends, checks
-
-
-class _Dispatched(TorchDispatchMode):
-    """Records the name of every op dispatched inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
+from tests.op_log import OpLog
 
 
 def _dispatched(call):
     call()  # first call: the range check of lengths, once per tensor version
-    with _Dispatched() as seen:
+    with OpLog() as seen:
         call()
     return seen.names
 

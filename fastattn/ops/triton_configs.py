@@ -86,22 +86,30 @@ def _fits(accumulators, staged, resident=(), dots=(), register_budget=REGISTER_B
     return prune
 
 
-def _interpreted(*names: str) -> Config:
-    return Config({name: SMALLEST_BLOCK for name in names})
+def _interpreted(*names: str, query_rows: int = SMALLEST_BLOCK) -> Config:
+    """The interpreter's config: every block the smallest, BLOCK_T ``query_rows``."""
+    return Config({name: query_rows if name == "BLOCK_T" else SMALLEST_BLOCK for name in names})
+
+
+def _dot_configs(tiles) -> tuple[Config, ...]:
+    """The configs of (BLOCK_T, BLOCK_S, num_warps, num_stages) tiles."""
+    return tuple(Config({"BLOCK_T": t, "BLOCK_S": s}, num_warps=warps, num_stages=stages) for t, s, warps, stages in tiles)
+
+
+def _additive_configs(tiles, num_stages: int = 2) -> tuple[Config, ...]:
+    """The configs of (BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, num_warps) tiles."""
+    return tuple(
+        Config({"BLOCK_T": t, "BLOCK_S": s, "BLOCK_D": d, "BLOCK_D_POLY": poly}, num_warps=warps, num_stages=num_stages)
+        for t, s, d, poly, warps in tiles
+    )
 
 
 ATTENTION_KEY = ("T", "S", "D", "DV")
 
 FORWARD_DOT = KernelConfigs(
     interpreted=_interpreted("BLOCK_T", "BLOCK_S"),
-    tuned=(
-        Config({"BLOCK_T": 64, "BLOCK_S": 64}, num_warps=4, num_stages=2),
-        Config({"BLOCK_T": 128, "BLOCK_S": 64}, num_warps=8, num_stages=2),
-        Config({"BLOCK_T": 64, "BLOCK_S": 32}, num_warps=4, num_stages=3),
-        Config({"BLOCK_T": 16, "BLOCK_S": 128}, num_warps=4, num_stages=2),
-        Config({"BLOCK_T": 16, "BLOCK_S": 64}, num_warps=4, num_stages=3),
-        Config({"BLOCK_T": 16, "BLOCK_S": 32}, num_warps=8, num_stages=2),
-        Config({"BLOCK_T": 16, "BLOCK_S": 16}, num_warps=4, num_stages=1),
+    tuned=_dot_configs(
+        ((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (16, 128, 4, 2), (16, 64, 4, 3), (16, 32, 8, 2), (16, 16, 4, 1))
     ),
     key=ATTENTION_KEY,
     prune=_fits(
@@ -115,14 +123,8 @@ FORWARD_DOT = KernelConfigs(
 # on the FMA units (tl.dot needs 16 rows), the (BLOCK_S, BLOCK_D) and (BLOCK_S, BLOCK_DV)
 # float32 products held in registers.
 FORWARD_DOT_DECODE = KernelConfigs(
-    interpreted=Config({"BLOCK_T": 1, "BLOCK_S": SMALLEST_BLOCK}),
-    tuned=(
-        Config({"BLOCK_T": 1, "BLOCK_S": 32}, num_warps=8, num_stages=2),
-        Config({"BLOCK_T": 1, "BLOCK_S": 16}, num_warps=4, num_stages=3),
-        Config({"BLOCK_T": 1, "BLOCK_S": 64}, num_warps=8, num_stages=2),
-        Config({"BLOCK_T": 1, "BLOCK_S": 32}, num_warps=4, num_stages=3),
-        Config({"BLOCK_T": 1, "BLOCK_S": 16}, num_warps=8, num_stages=4),
-    ),
+    interpreted=_interpreted("BLOCK_T", "BLOCK_S", query_rows=1),
+    tuned=_dot_configs(((1, 32, 8, 2), (1, 16, 4, 3), (1, 64, 8, 2), (1, 32, 4, 3), (1, 16, 8, 4))),
     key=ATTENTION_KEY,
     prune=_fits(
         accumulators=[("BLOCK_T", "BLOCK_DV"), ("BLOCK_S", "BLOCK_DV"), ("BLOCK_S", "BLOCK_D")],
@@ -143,10 +145,7 @@ _ADDITIVE_TILES = (
 )
 FORWARD_ADDITIVE = KernelConfigs(
     interpreted=_interpreted("BLOCK_T", "BLOCK_S", "BLOCK_D", "BLOCK_D_POLY"),
-    tuned=tuple(
-        Config({"BLOCK_T": t, "BLOCK_S": s, "BLOCK_D": d, "BLOCK_D_POLY": poly}, num_warps=warps, num_stages=2)
-        for t, s, d, poly, warps in _ADDITIVE_TILES
-    ),
+    tuned=_additive_configs(_ADDITIVE_TILES),
     key=ATTENTION_KEY,
     prune=_fits(
         accumulators=[("BLOCK_T", "BLOCK_DV")], staged=[("BLOCK_S", "BLOCK_DV")], dots=[("BLOCK_T", "BLOCK_DV", "BLOCK_S")]
@@ -156,22 +155,18 @@ FORWARD_ADDITIVE = KernelConfigs(
 # A decode step's additive forward (T = 1): one query row a program (BLOCK_T = 1), so that
 # no tanh is spent on the 15 absent rows of a 16-row block; its values are summed on the
 # FMA units (tl.dot needs 16 rows), their (BLOCK_S, BLOCK_DV) float32 products held in
-# registers alongside the (BLOCK_S, BLOCK_D) tanh tile.  (BLOCK_S, BLOCK_D, BLOCK_D_POLY,
-# num_warps), as _ADDITIVE_TILES.
+# registers alongside the (BLOCK_S, BLOCK_D) tanh tile.  Tiles as _ADDITIVE_TILES.
 _ADDITIVE_DECODE_TILES = (
-    (32, 64, 0, 8),
-    (16, 64, 0, 4),
-    (32, 32, 8, 8),
-    (16, 32, 8, 4),
-    (32, 64, 16, 8),
-    (16, 128, 0, 8),
+    (1, 32, 64, 0, 8),
+    (1, 16, 64, 0, 4),
+    (1, 32, 32, 8, 8),
+    (1, 16, 32, 8, 4),
+    (1, 32, 64, 16, 8),
+    (1, 16, 128, 0, 8),
 )
 FORWARD_ADDITIVE_DECODE = KernelConfigs(
-    interpreted=Config({"BLOCK_T": 1, "BLOCK_S": SMALLEST_BLOCK, "BLOCK_D": SMALLEST_BLOCK, "BLOCK_D_POLY": SMALLEST_BLOCK}),
-    tuned=tuple(
-        Config({"BLOCK_T": 1, "BLOCK_S": s, "BLOCK_D": d, "BLOCK_D_POLY": poly}, num_warps=warps, num_stages=2)
-        for s, d, poly, warps in _ADDITIVE_DECODE_TILES
-    ),
+    interpreted=_interpreted("BLOCK_T", "BLOCK_S", "BLOCK_D", "BLOCK_D_POLY", query_rows=1),
+    tuned=_additive_configs(_ADDITIVE_DECODE_TILES),
     key=ATTENTION_KEY,
     prune=_fits(
         accumulators=[("BLOCK_T", "BLOCK_DV"), ("BLOCK_S", "BLOCK_DV"), ("BLOCK_S", "BLOCK_D")],
@@ -189,12 +184,7 @@ SPLIT_GRANULE = max(
 
 WEIGHTS_DOT = KernelConfigs(
     interpreted=_interpreted("BLOCK_T", "BLOCK_S"),
-    tuned=(
-        Config({"BLOCK_T": 64, "BLOCK_S": 64}, num_warps=4, num_stages=2),
-        Config({"BLOCK_T": 64, "BLOCK_S": 128}, num_warps=8, num_stages=2),
-        Config({"BLOCK_T": 16, "BLOCK_S": 128}, num_warps=4, num_stages=2),
-        Config({"BLOCK_T": 32, "BLOCK_S": 64}, num_warps=4, num_stages=3),
-    ),
+    tuned=_dot_configs(((64, 64, 4, 2), (64, 128, 8, 2), (16, 128, 4, 2), (32, 64, 4, 3))),
     key=("T", "S", "D"),
     prune=_fits(
         accumulators=[("BLOCK_T", "BLOCK_S")], staged=[("BLOCK_S", "BLOCK_D"), ("BLOCK_T", "BLOCK_D")],
@@ -222,10 +212,7 @@ _BACKWARD_DOT_TILES = (
 def _backward_dot(**tiles) -> KernelConfigs:
     return KernelConfigs(
         interpreted=_interpreted("BLOCK_T", "BLOCK_S"),
-        tuned=tuple(
-            Config({"BLOCK_T": t, "BLOCK_S": s}, num_warps=warps, num_stages=stages)
-            for t, s, warps, stages in _BACKWARD_DOT_TILES
-        ),
+        tuned=_dot_configs(_BACKWARD_DOT_TILES),
         key=ATTENTION_KEY,
         prune=_fits(**tiles, register_budget=BACKWARD_REGISTER_BUDGET),
     )
@@ -276,10 +263,7 @@ def _one_score_a_thread_for_fma_dots(configs, named_args, **kwargs):
 def _backward_additive(reset_to_zero) -> KernelConfigs:
     return KernelConfigs(
         interpreted=FORWARD_ADDITIVE.interpreted,
-        tuned=tuple(
-            Config({"BLOCK_T": t, "BLOCK_S": s, "BLOCK_D": d, "BLOCK_D_POLY": poly}, num_warps=warps, num_stages=1)
-            for t, s, d, poly, warps in _BACKWARD_ADDITIVE_TILES
-        ),
+        tuned=_additive_configs(_BACKWARD_ADDITIVE_TILES, num_stages=1),
         key=ATTENTION_KEY,
         reset_to_zero=reset_to_zero,
         prune=_one_score_a_thread_for_fma_dots,
