@@ -166,9 +166,10 @@ def _problems(entries):
 
 LOW_PRECISION = ("float16", "bfloat16")
 QUICK_PROBLEMS = _problems([
-    ("attention.dot.decode_b64_s1024_d512", attention, dict(batch=64, queries=1, keys=1024, features=512)),
-    ("attention.additive.decode_b64_s1024_d512", attention,
-     dict(batch=64, queries=1, keys=1024, features=512, score="additive", bias=True)),
+    ("attention.dot.decode_b64_s1024_d512.weights", attention,
+     dict(batch=64, queries=1, keys=1024, features=512, weights=True)),
+    ("attention.additive.decode_b64_s1024_d512.weights", attention,
+     dict(batch=64, queries=1, keys=1024, features=512, score="additive", bias=True, weights=True)),
     ("attention.dot.b8_t64_s64_d64.weights.backward", attention,
      dict(batch=8, queries=64, keys=64, features=64, weights=True, backward=True)),
     # local-p centers: their gradient is what runs the additive grad_query kernel

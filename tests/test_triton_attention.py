@@ -155,17 +155,17 @@ DECODE_CASES = (
 
 @pytest.mark.parametrize("score,mode", DECODE_CASES)
 def test_a_decode_step_takes_blocks_of_one_query_row(score, mode, monkeypatch):
-    """A decode step's forward runs one query row a block (BLOCK_T = 1: nothing spent on
-    the absent rows of a 16-row block, the additive score's tanh above all), its scores and
-    values summed without tl.dot, its 21 keys in two splits; outputs and gradients match the
-    reference.  Multi-query keeps blocks of 16 rows or more."""
+    """A decode step's forward and weights run one query row a block (BLOCK_T = 1: nothing
+    spent on the absent rows of a 16-row block, the additive score's tanh above all), their
+    scores and values summed without tl.dot, its 21 keys in two splits; outputs and gradients
+    match the reference.  Multi-query keeps blocks of 16 rows or more."""
     from fastattn.ops import triton_launch
 
     query_rows = []
     original = triton_launch.run_kernel
 
     def recording(kernel, grid, *arguments, **constexprs):
-        if kernel.__name__ == "attention_forward_kernel":
+        if kernel.__name__ in ("attention_forward_kernel", "attention_weights_kernel"):
             query_rows.append(constexprs["BLOCK_T"])
         return original(kernel, grid, *arguments, **constexprs)
 
@@ -175,10 +175,10 @@ def test_a_decode_step_takes_blocks_of_one_query_row(score, mode, monkeypatch):
         masking["center"] = masking["center"][:, 0].detach().requires_grad_()
     step = (query[:, 0].detach().requires_grad_(), keys, values, parameters, masking)
     got = run("triton", score, *step)
-    assert query_rows == [1]
+    assert query_rows == [1, 1]  # the forward, then the weights
     assert_matches(got, run("reference", score, *step), FLOAT32)
     run("triton", score, *problem(score, mode, queries=3))
-    assert query_rows[0] == 1 and query_rows[1] >= 16
+    assert len(query_rows) == 4 and min(query_rows[2:]) >= 16
 
 
 def test_without_weights_output():

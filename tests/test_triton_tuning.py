@@ -39,7 +39,7 @@ LAUNCHERS = {
 # Kernels whose blocks are tl.dot operands (16 rows and columns at least).
 DOT_BLOCKS = ("BLOCK_T", "BLOCK_S", "BLOCK_K")
 # Launchers whose blocks hold one query row (BLOCK_T = 1, its values summed without tl.dot).
-ONE_QUERY_ROW = ("attention decode dot", "attention decode additive")
+ONE_QUERY_ROW = tuple(f"attention {name} {score}" for name in ("decode", "decode weights") for score in ("dot", "additive"))
 
 
 def _is_power_of_two(value: int) -> bool:

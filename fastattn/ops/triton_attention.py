@@ -51,7 +51,7 @@ SCORE_KINDS = {"dot": DOT, "cosine": COSINE, "additive": ADDITIVE}
 BOUNDED_SCALE_LIMITS = {torch.float16: 4.0}
 BOUNDED_SCALE_LIMIT = 40.0
 # (kernel, whether the score is additive) -> its Launcher; dot and cosine share the tiling;
-# "decode": the forward kernel on a decode step (T = 1), one query row a block.
+# "decode", "decode weights": those kernels on a decode step (T = 1), one query row a block.
 LAUNCHERS = {
     ("forward", False): Launcher(attention_forward_kernel, triton_configs.FORWARD_DOT),
     ("forward", True): Launcher(attention_forward_kernel, triton_configs.FORWARD_ADDITIVE),
@@ -59,6 +59,8 @@ LAUNCHERS = {
     ("decode", True): Launcher(attention_forward_kernel, triton_configs.FORWARD_ADDITIVE_DECODE),
     ("weights", False): Launcher(attention_weights_kernel, triton_configs.WEIGHTS_DOT),
     ("weights", True): Launcher(attention_weights_kernel, triton_configs.WEIGHTS_ADDITIVE),
+    ("decode weights", False): Launcher(attention_weights_kernel, triton_configs.WEIGHTS_DOT_DECODE),
+    ("decode weights", True): Launcher(attention_weights_kernel, triton_configs.WEIGHTS_ADDITIVE_DECODE),
     ("grad_query", False): Launcher(attention_grad_query_kernel, triton_configs.GRAD_QUERY_DOT),
     ("grad_query", True): Launcher(attention_grad_query_kernel, triton_configs.GRAD_QUERY_ADDITIVE),
     ("grad_key_value", False): Launcher(attention_grad_key_value_kernel, triton_configs.GRAD_KEY_VALUE_DOT),
@@ -174,7 +176,7 @@ def triton_attention_forward(
         return context, query.new_empty(0), row_stats
     weights = query.new_zeros(batch, query_length, source_length)
     weight_sizes = [size for index, size in enumerate(sizes) if index != 3]  # no Dv
-    LAUNCHERS["weights", additive](
+    LAUNCHERS["decode weights" if query_length == 1 else "weights", additive](
         lambda meta: (ceil_div(source_length, meta["BLOCK_S"]), ceil_div(query_length, meta["BLOCK_T"]), batch),
         *pointers[:2], *pointers[3:], row_stats, weights, *strides[:4], *weight_sizes, **flags,
     )

@@ -6,8 +6,8 @@ memory, 64K registers per SM) and Ampere (A100: 164 KB); see
 - Attention (dot and cosine): query block x key block for ``tl.dot``, the features in
   tiles of BLOCK_D chosen by the caller from D; narrow blocks for wide values (Dv
   512-1024).  Keys: T, S, D, Dv.
-- A decode step's forward (T = 1), every score: blocks of one query row (BLOCK_T = 1),
-  summed on the FMA units (FORWARD_DOT_DECODE, FORWARD_ADDITIVE_DECODE).
+- A decode step's forward and weights (T = 1), every score: blocks of one query row
+  (BLOCK_T = 1), summed on the FMA units (the *_DECODE lists).
 - Attention (additive): a (BLOCK_T, BLOCK_S, BLOCK_D + BLOCK_D_POLY) tile of tanh per
   step, bound by the special-function unit; configs with BLOCK_D_POLY > 0 move that
   share of the tanh to the FMA units (``rational_tanh``), so tuning balances the pipes.
@@ -193,6 +193,16 @@ WEIGHTS_DOT = KernelConfigs(
 )
 WEIGHTS_ADDITIVE = KernelConfigs(
     interpreted=FORWARD_ADDITIVE.interpreted, tuned=FORWARD_ADDITIVE.tuned, key=("T", "S", "D")
+)
+# A decode step's weights (T = 1): one query row a program, as its forward.
+WEIGHTS_DOT_DECODE = KernelConfigs(
+    interpreted=_interpreted("BLOCK_T", "BLOCK_S", query_rows=1),
+    tuned=_dot_configs(((1, 64, 4, 2), (1, 128, 4, 2), (1, 32, 4, 3), (1, 128, 8, 2))),
+    key=("T", "S", "D"),
+    prune=_fits(accumulators=[("BLOCK_T", "BLOCK_S"), ("BLOCK_S", "BLOCK_D")], staged=[("BLOCK_S", "BLOCK_D")]),
+)
+WEIGHTS_ADDITIVE_DECODE = KernelConfigs(
+    interpreted=FORWARD_ADDITIVE_DECODE.interpreted, tuned=FORWARD_ADDITIVE_DECODE.tuned, key=("T", "S", "D")
 )
 
 _BACKWARD_DOT_TILES = (
