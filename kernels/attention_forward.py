@@ -12,11 +12,11 @@ short query block when the batch alone cannot fill the GPU) each program covers
 ``attention_combine_kernel`` merges them.  ``attention_weights_kernel`` writes the
 normalised weights from the row statistics, one (query block × key block) tile per
 program.  Cosine logits are bounded by |scale|, which then serves as the softmax
-maximum from the start (``BOUNDED``: no running maximum, no rescaling).  Key blocks outside the mask or window are skipped, never loaded.  A decode step runs
-with one query row a program (``BLOCK_T`` = 1: nothing spent on the absent rows of a
-16-row block, the additive score's tanh above all), its scores and values summed on the
-FMA units.  The value
-dimension is held whole (``BLOCK_DV`` >= Dv) in registers.  Offsets: the batch index is
+maximum from the start (``BOUNDED``: no running maximum, no rescaling).  Key blocks
+outside the mask or window are skipped, never loaded.  A decode step runs with one query
+row a program (``BLOCK_T`` = 1: nothing spent on the absent rows of a 16-row block, the
+additive score's tanh above all), its scores and values summed on the FMA units.  The
+value dimension is held whole (``BLOCK_DV`` >= Dv) in registers.  Offsets: the batch index is
 64-bit (its base offset can pass 2^31), offsets within one batch element are 32-bit
 (``fastattn.ops.triton_launch`` refuses tensors where those could overflow).
 """
