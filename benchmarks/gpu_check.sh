@@ -18,6 +18,11 @@
 #   8. bench targets  fastattn bench --device cuda --preset gpu --dtype bfloat16: only the GPU
 #                 targets of issues 4 and 6, at their shapes, each judged met or not
 #                 (bench-targets.json, .csv, speedups-targets.png in $OUT)
+#   9. profile    (only when STEPS names it) fastattn profile --preset gpu --dtype bfloat16 over
+#                 PROFILE_CASES (CASE=BACKEND ...): each case's ops and kernels, by device time,
+#                 under torch.profiler (in the log; the traces go to a temporary folder): which
+#                 kernels a target's time goes to, e.g. whether an LSTM layer ran its
+#                 persistent kernel or a GEMM and a pointwise kernel per step
 # Alongside steps 3-6, in the background: Triton's cache warmed for the gpu tests and the
 # benches (what their launches compile, in the order they run: the gpu tests' (every config
 # the prune keeps for the one test that tunes), then the benches', about 200 compiles; and
@@ -28,7 +33,7 @@
 # Each step prints PASS/FAIL (or SKIP, with the reason) and the script goes on after a
 # failure; everything printed goes to "$OUT/log.txt" (OUT defaults to
 # benchmarks/results/latest).  Exit status: the number of failed steps (0: all passed).
-# The timeouts add up to 600 s, past GPU.md's 7 minutes: they are what the steps took on an
+# The timeouts of the default steps add up to 600 s, past GPU.md's 7 minutes: they are what the steps took on an
 # H200 machine (2026-12-04, benchmarks/results/2026-12-04-h200) with some room.  The install
 # (sm_90 alone, 16 jobs: about the slowest translation unit plus the link) took 114 s once and
 # over 115 + 143 s another time; the 592 gpu tests need about 100 s on 8 xdist workers (run
@@ -38,9 +43,10 @@
 # (cuda-gdb reads the symbols of torch's libraries), taken from memcheck's and the targets'
 # room.  Both benches rewrite their JSON and CSV after every case, so a bench stopped by its
 # timeout keeps the cases it finished (the report says how many of how many).  Each timeout
-# can be changed through its variable below.
-# STEPS picks the steps to run (default all: "versions install tests crashes memcheck racecheck
-# bench targets"), to rerun the ones a fix concerns within a short device lease.  GPU_TEST_FLAGS
+# can be changed through its variable below.  The profile step, run only when named, has 120 s
+# for its 8 cases (each a fresh process: imports, build, warm-up, 5 profiled calls).
+# STEPS picks the steps to run (default all but profile: "versions install tests crashes memcheck
+# racecheck bench targets"), to rerun the ones a fix concerns within a short device lease.  GPU_TEST_FLAGS
 # replaces the gpu tests' flags: "-n 8 -q" where pytest-xdist is installed (a test that
 # crashes its worker does not end the run, and every failure shows), else "-x -q".
 # PYTHON picks the interpreter; BENCH_FLAGS adds flags to the full bench (the torch.compile'd
@@ -65,6 +71,11 @@ TIMEOUT_MEMCHECK="${TIMEOUT_MEMCHECK:-25}"
 TIMEOUT_RACECHECK="${TIMEOUT_RACECHECK:-35}"
 TIMEOUT_BENCH="${TIMEOUT_BENCH:-80}"
 TIMEOUT_BENCH_TARGETS="${TIMEOUT_BENCH_TARGETS:-85}"
+TIMEOUT_PROFILE="${TIMEOUT_PROFILE:-120}"
+PROFILE_CASES="${PROFILE_CASES:-lstm_layer.t100_b64_h1024.forward=cuda lstm_layer.t100_b64_h1024.forward=triton \
+lstm_cell.b64_h1024.forward=triton lstm_cell.b64_h1024.forward=cuda attention.dot.decode_step.b64_s4096_d512.forward=cuda \
+attention.dot.decode_step.b64_s4096_d512.forward=triton attention.additive.multi_query.b16_t512_s512_d128.forward=triton \
+attention.scaled_dot.multi_query.b64_t512_s512_d64.forward_backward=cuda}"
 TRITON_WARMUP_JOBS="${TRITON_WARMUP_JOBS:-12}"  # of 16 cores: the tests' own JIT keeps the rest
 TRITON_WARMUP_SECONDS="${TRITON_WARMUP_SECONDS:-100}"  # it starts no compile later than this
 if [ -z "${GPU_TEST_FLAGS:-}" ]; then
@@ -167,8 +178,22 @@ crash_backtraces() {  # the crashes step, or SKIP when no gpu test crashed its w
     step "crash backtraces" "$TIMEOUT_CRASHES" bash -c rerun_crashed
 }
 
-export -f versions crashed_tests rerun_crashed
-export PYTHON FAILURE_LOG
+# profile_cases: each CASE=BACKEND of PROFILE_CASES under `fastattn profile`, its table in the log.
+# shellcheck disable=SC2317  # run through `bash -c`, under the step's timeout
+profile_cases() {
+    local entry traces status=0
+    traces=$(mktemp -d)
+    for entry in $PROFILE_CASES; do
+        echo "--- ${entry%=*} on backend ${entry#*=}"
+        "$PYTHON" -m fastattn profile "${entry%=*}" --preset gpu --dtype bfloat16 --backend "${entry#*=}" \
+            --iterations 5 --trace "$traces/${entry%=*}.${entry#*=}.json" || status=1
+    done
+    rm -rf "$traces"
+    return "$status"
+}
+
+export -f versions crashed_tests rerun_crashed profile_cases
+export PYTHON FAILURE_LOG PROFILE_CASES
 
 main() {
     echo "fastattn GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), output in $OUT, FASTATTN_TRITON_AUTOTUNE=$FASTATTN_TRITON_AUTOTUNE, steps:$STEPS"
@@ -207,6 +232,7 @@ main() {
     wanted targets && step "bench targets" "$TIMEOUT_BENCH_TARGETS" "$PYTHON" -m fastattn bench --device cuda --preset gpu \
         --dtype bfloat16 $BENCH_TARGETS_FLAGS \
         --json "$OUT/bench-targets.json" --csv "$OUT/bench-targets.csv" --plot "$OUT/speedups-targets.png"
+    wanted profile && step profile "$TIMEOUT_PROFILE" bash -c profile_cases
     echo
     if [ "$failures" -eq 0 ]; then
         echo "GPU check: every step passed"

@@ -22,6 +22,7 @@ case "$*" in
         exit "${FAKE_PYTEST_STATUS:-0}" ;;
     *"-X faulthandler -m pytest"*) sleep "${FAKE_RERUN_SECONDS:-0}"; exit "${FAKE_PYTEST_STATUS:-0}" ;;
     *"-m fastattn bench"*) sleep "${FAKE_BENCH_SECONDS:-0}" ;;
+    *"-m fastattn profile ${FAKE_PROFILE_FAILS:-none} "*) exit 1 ;;
     "--version") echo "Python 3.12.0 (fake)" ;;
     "-c import xdist") exit "${FAKE_NO_XDIST:-0}" ;;
     "-c import sys; print(sys.executable)") echo "$0" ;;
@@ -133,10 +134,12 @@ def test_the_timeouts_add_up_to_the_stated_total_and_leave_a_lease_room_for_a_re
     (with the crash reruns' 40 s), which the script's header states.  A 15-minute device lease
     still holds the machine's start and a rerun of a step or two (STEPS)."""
     script = SCRIPT.read_text()
-    defaults = re.findall(r'^TIMEOUT_\w+="\$\{TIMEOUT_\w+:-(\d+)\}"$', script, flags=re.MULTILINE)
-    assert len(defaults) == 8  # one per step
-    total = sum(map(int, defaults))
-    assert f"The timeouts add up to {total} s" in script
+    defaults = dict(re.findall(r'^TIMEOUT_(\w+)="\$\{TIMEOUT_\w+:-(\d+)\}"$', script, flags=re.MULTILINE))
+    assert len(defaults) == 9  # one per step
+    profile = int(defaults.pop("PROFILE"))  # not a default step
+    total = sum(map(int, defaults.values()))
+    assert f"The timeouts of the default steps add up to {total} s" in script
+    assert f"The profile step, run only when named, has {profile} s" in script
     assert total <= 10 * 60
 
 
@@ -216,6 +219,28 @@ def test_steps_runs_only_the_named_steps_and_gpu_test_flags_replace_theirs(tmp_p
     assert "python -m pytest -m gpu -q | arch=unset jobs=unset interpret=unset" in calls
     assert not any(call.startswith(("nvidia-smi", "python -m fastattn bench")) or "racecheck" in call for call in calls)
     assert "triton warm-up (exit status 0): " in log  # the tests still find Triton's cache warmed
+
+
+def test_the_profile_step_runs_only_when_named_once_per_case_and_backend(tmp_path):
+    """Not a default step (the run above calls no `fastattn profile`); named, it profiles each
+    CASE=BACKEND of PROFILE_CASES at the targets' preset and dtype, its traces outside OUT, and
+    a case that fails fails the step while the others still run."""
+    completed, calls, out = _run(tmp_path, STEPS="profile", PROFILE_CASES="first.case=cuda second.case=triton",
+                                 FAKE_PROFILE_FAILS="first.case")
+    assert completed.returncode == 1, completed.stdout + completed.stderr
+    log = (out / "log.txt").read_text()
+    assert "FAIL: profile (exit status 1 after" in log
+    assert "--- first.case on backend cuda" in log and "--- second.case on backend triton" in log
+    profiled = [call.split(" | ")[0] for call in calls if "-m fastattn profile" in call]
+    assert [call.split(" --trace ")[0] for call in profiled] == [
+        f"python -m fastattn profile {case} --preset gpu --dtype bfloat16 --backend {backend} --iterations 5"
+        for case, backend in (("first.case", "cuda"), ("second.case", "triton"))
+    ]
+    assert all(not call.split(" --trace ")[1].startswith(str(out)) for call in profiled)
+    assert sorted(path.name for path in out.iterdir()) == ["log.txt"]
+    (tmp_path / "default").mkdir()
+    _, default_calls, _ = _run(tmp_path / "default")
+    assert default_calls and not any("-m fastattn profile" in call for call in default_calls)
 
 
 def test_without_pytest_xdist_the_gpu_tests_stop_at_the_first_failure(tmp_path):
