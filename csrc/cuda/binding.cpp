@@ -5,8 +5,9 @@
 // naming the argument), make the layouts the kernels expect, allocate outputs and
 // scratch with ATen, and launch on the current CUDA stream (no stream, event or handle
 // of our own).  The GEMMs of the recurrent ops (input projection of all steps at once,
-// the weight gradients) are ATen matmuls; a cell's take float16 / bfloat16 operands as
-// they are (float32 out: mm_in_compute).  A layer's recurrent loop runs in the
+// the weight gradients) are ATen matmuls on float16 / bfloat16 operands as they are
+// (float32 out: mm_in_compute; the gate gradients rounded to the input dtype first, as
+// torch's own 16-bit backward does), float32 or float64 ones otherwise.  A layer's recurrent loop runs in the
 // persistent kernels of persistent_recurrent.cu (W_hh on chip; float32 FMAs for float32,
 // tensor cores with W_hh and the GEMM operands in float16 / bfloat16 for those, float32
 // elsewhere) when the shape fits the device and FASTATTN_CUDA_PERSISTENT_RNN is not "0";
@@ -688,29 +689,28 @@ at::Tensor previous_hidden(const at::Tensor& output, const at::Tensor& h0, const
   return at::where(next_active.unsqueeze(2), shifted, h0.unsqueeze(0));
 }
 
-// What the LSTM and GRU layer forwards share before their recurrences: the inputs in the
+// What the LSTM and GRU layer forwards share before their recurrences: the biases in the
 // compute dtype, output and saved allocated, and the input projections of all steps (one
-// GEMM) in the first G columns of saved.  The caller holds the device guard.
+// GEMM on x and W_ih as they are: float16 / bfloat16 operands with float32 output, so
+// neither is copied to float32 first) in the first G columns of saved.  The caller holds
+// the device guard.
 struct LayerForwardStart {
-  at::Tensor lengths, x, w_hh, b_ih, b_hh, output, saved;
+  at::Tensor lengths, b_ih, b_hh, output, saved;
 };
 
 LayerForwardStart start_layer_forward(const char* op, at::ScalarType compute, const LayerShape& shape, int64_t G,
                                       int64_t width, const at::Tensor& x_in, const at::Tensor& w_ih_in,
-                                      const at::Tensor& w_hh_in, const OptionalTensor& b_ih_in,
-                                      const OptionalTensor& b_hh_in, const OptionalTensor& lengths_in) {
+                                      const OptionalTensor& b_ih_in, const OptionalTensor& b_hh_in,
+                                      const OptionalTensor& lengths_in) {
   const int64_t T = shape.T, B = shape.B, I = shape.I, H = shape.H;
   LayerForwardStart start;
   start.lengths = layer_lengths(op, lengths_in, x_in, B);
-  start.x = compute_in(x_in, compute);
-  const at::Tensor w_ih = compute_in(w_ih_in, compute);
-  start.w_hh = compute_in(w_hh_in, compute);
   start.b_ih = compute_in(b_ih_in, compute);
   start.b_hh = compute_in(b_hh_in, compute);
-  start.output = at::empty({T, B, H}, start.x.options());
-  start.saved = at::empty({T, B, width}, start.x.options());
+  start.output = at::empty({T, B, H}, x_in.options().dtype(compute));
+  start.saved = at::empty({T, B, width}, start.output.options());
   at::Tensor input_gates = start.saved.view({T * B, width}).narrow(1, 0, G);
-  at::mm_out(input_gates, start.x.view({T * B, I}), w_ih.t());
+  mm_in_compute_out(input_gates, x_in.reshape({T * B, I}), w_ih_in.t());
   return start;
 }
 
@@ -742,19 +742,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
   const int64_t T = shape.T, B = shape.B, H = shape.H, G = kLstmGates * H, width = G + H;
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   LayerForwardStart start =
-      start_layer_forward(op, compute, shape, G, width, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, lengths_in);
-  const at::Tensor &lengths = start.lengths, &x = start.x, &w_hh = start.w_hh, &b_ih = start.b_ih, &b_hh = start.b_hh;
+      start_layer_forward(op, compute, shape, G, width, x_in, w_ih_in, b_ih_in, b_hh_in, lengths_in);
+  const at::Tensor &lengths = start.lengths, &b_ih = start.b_ih, &b_hh = start.b_hh;
   at::Tensor &output = start.output, &saved = start.saved;
   at::Tensor h_state = copy_in(h0_in, compute), c_state = copy_in(c0_in, compute);
   const cudaStream_t stream = current_stream();
   if (const auto run = persistent_run(op, RecurrentCell::kLstm, false, shape, x_in, w_hh_in, lengths, reverse)) {
-    at::Tensor h_scratch = at::empty({B, H}, x.options());
+    at::Tensor h_scratch = at::empty({B, H}, output.options());
     check_launch(op, launch_persistent_lstm_forward(run->layer, run->plan,
                                                     persistent_forward_buffers(start, h_state, c_state, h_scratch, *run),
                                                     stream));
   } else {
-    const at::Tensor w_hh_t = w_hh.t();
-    at::Tensor hidden_gates = at::empty({B, G}, x.options());
+    const at::Tensor w_hh_t = compute_in(w_hh_in, compute).t();  // (the persistent kernels read w_hh_in)
+    at::Tensor hidden_gates = at::empty({B, G}, output.options());
     for (int64_t s = 0; s < shape.steps_to_run(); ++s) {
       const int64_t t = time_of_step(s, T, reverse);
       at::mm_out(hidden_gates, h_state, w_hh_t);
@@ -815,12 +815,10 @@ lstm_layer_backward_cuda(const at::Tensor& grad_output_in, const at::Tensor& gra
   check_shape(op, "saved", saved_in, {T, B, width});
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor lengths = layer_lengths(op, lengths_in, x_in, B);
-  const at::Tensor x = compute_in(x_in, compute), h0 = compute_in(h0_in, compute), c0 = compute_in(c0_in, compute);
-  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
-  const at::Tensor grad_output = compute_in(grad_output_in, compute);
-  const at::Tensor output = compute_in(output_in, compute), saved = compute_in(saved_in, compute);
+  const at::Tensor c0 = compute_in(c0_in, compute), grad_output = compute_in(grad_output_in, compute);
+  const at::Tensor saved = compute_in(saved_in, compute);
   at::Tensor grad_h = copy_in(grad_h_n_in, compute), grad_c = copy_in(grad_c_n_in, compute);
-  at::Tensor grad_gates = at::empty({T, B, G}, x.options());
+  at::Tensor grad_gates = at::empty({T, B, G}, saved.options());
   const cudaStream_t stream = current_stream();
   if (const auto run = persistent_run(op, RecurrentCell::kLstm, true, shape, x_in, w_hh_in, lengths, reverse)) {
     PersistentBackwardBuffers buffers;
@@ -833,7 +831,8 @@ lstm_layer_backward_cuda(const at::Tensor& grad_output_in, const at::Tensor& gra
     buffers.grad_gates = grad_gates.mutable_data_ptr<float>();
     check_launch(op, launch_persistent_lstm_backward(run->layer, run->plan, buffers, stream));
   } else {
-    per_step_backward(op, compute, shape, lengths, reverse, w_hh, grad_gates, at::Tensor(), grad_h, stream,
+    per_step_backward(op, compute, shape, lengths, reverse, compute_in(w_hh_in, compute), grad_gates, at::Tensor(),
+                      grad_h, stream,
                       [&](int64_t s, int64_t t) {
                         const at::Tensor saved_t = saved.select(0, t);
                         const int64_t t_prev = reverse ? t + 1 : t - 1;
@@ -846,14 +845,14 @@ lstm_layer_backward_cuda(const at::Tensor& grad_output_in, const at::Tensor& gra
                                              grad_gates.select(0, t).mutable_data_ptr(), stream));
                       });
   }
-  const at::Tensor grad_gates2d = grad_gates.view({T * B, G});
-  const at::Tensor previous = previous_hidden(output, h0, lengths, reverse).reshape({T * B, H});
   const auto dtype = x_in.scalar_type();
-  return {at::mm(grad_gates2d, w_ih).view({T, B, I}).to(dtype),
+  const at::Tensor grad_gates2d = grad_gates.view({T * B, G}), grad_gates_operand = grad_gates2d.to(dtype);
+  const at::Tensor previous = previous_hidden(output_in, h0_in, lengths, reverse).reshape({T * B, H});
+  return {mm_in_compute(grad_gates_operand, w_ih_in).view({T, B, I}).to(dtype),
           grad_h.to(dtype),
           grad_c.to(dtype),
-          at::mm(grad_gates2d.t(), x.view({T * B, I})).to(dtype),
-          at::mm(grad_gates2d.t(), previous).to(dtype),
+          mm_in_compute(grad_gates_operand.t(), x_in.reshape({T * B, I})).to(dtype),
+          mm_in_compute(grad_gates_operand.t(), previous).to(dtype),
           bias_grad(b_ih_in, grad_gates2d, dtype),
           bias_grad(b_hh_in, grad_gates2d, dtype)};
 }
@@ -867,19 +866,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cuda(
   const int64_t T = shape.T, B = shape.B, H = shape.H, G = kGruGates * H, width = 4 * H;
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   LayerForwardStart start =
-      start_layer_forward(op, compute, shape, G, width, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, lengths_in);
-  const at::Tensor &lengths = start.lengths, &x = start.x, &w_hh = start.w_hh, &b_ih = start.b_ih, &b_hh = start.b_hh;
+      start_layer_forward(op, compute, shape, G, width, x_in, w_ih_in, b_ih_in, b_hh_in, lengths_in);
+  const at::Tensor &lengths = start.lengths, &b_ih = start.b_ih, &b_hh = start.b_hh;
   at::Tensor &output = start.output, &saved = start.saved;
   at::Tensor h_state = copy_in(h0_in, compute), no_cell_state;
   const cudaStream_t stream = current_stream();
   if (const auto run = persistent_run(op, RecurrentCell::kGru, false, shape, x_in, w_hh_in, lengths, reverse)) {
-    at::Tensor h_scratch = at::empty({B, H}, x.options());
+    at::Tensor h_scratch = at::empty({B, H}, output.options());
     check_launch(op, launch_persistent_gru_forward(
                          run->layer, run->plan,
                          persistent_forward_buffers(start, h_state, no_cell_state, h_scratch, *run), stream));
   } else {
-    const at::Tensor w_hh_t = w_hh.t();
-    at::Tensor hidden_gates = at::empty({B, G}, x.options());
+    const at::Tensor w_hh_t = compute_in(w_hh_in, compute).t();  // (the persistent kernels read w_hh_in)
+    at::Tensor hidden_gates = at::empty({B, G}, output.options());
     for (int64_t s = 0; s < shape.steps_to_run(); ++s) {
       const int64_t t = time_of_step(s, T, reverse);
       at::mm_out(hidden_gates, h_state, w_hh_t);
@@ -911,15 +910,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_shape(op, "saved", saved_in, {T, B, width});
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor lengths = layer_lengths(op, lengths_in, x_in, B);
-  const at::Tensor x = compute_in(x_in, compute), h0 = compute_in(h0_in, compute);
-  const at::Tensor w_ih = compute_in(w_ih_in, compute), w_hh = compute_in(w_hh_in, compute);
-  const at::Tensor grad_output = compute_in(grad_output_in, compute);
-  const at::Tensor output = compute_in(output_in, compute), saved = compute_in(saved_in, compute);
-  const at::Tensor previous = previous_hidden(output, h0, lengths, reverse).contiguous();
+  const at::Tensor grad_output = compute_in(grad_output_in, compute), saved = compute_in(saved_in, compute);
+  const at::Tensor previous_in = previous_hidden(output_in, h0_in, lengths, reverse);  // x's dtype, for the GEMM
+  const at::Tensor previous = compute_in(previous_in, compute);
   at::Tensor grad_h = copy_in(grad_h_n_in, compute);
-  at::Tensor grad_input_gates = at::empty({T, B, G}, x.options());
-  at::Tensor grad_hidden_gates = at::empty({T, B, G}, x.options());
-  at::Tensor direct = at::empty({B, H}, x.options());  // dh' * z of the last step walked
+  at::Tensor grad_input_gates = at::empty({T, B, G}, saved.options());
+  at::Tensor grad_hidden_gates = at::empty({T, B, G}, saved.options());
+  at::Tensor direct = at::empty({B, H}, saved.options());  // dh' * z of the last step walked
   const cudaStream_t stream = current_stream();
   if (const auto run = persistent_run(op, RecurrentCell::kGru, true, shape, x_in, w_hh_in, lengths, reverse)) {
     PersistentBackwardBuffers buffers;
@@ -933,7 +930,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     buffers.direct = direct.mutable_data_ptr<float>();
     check_launch(op, launch_persistent_gru_backward(run->layer, run->plan, buffers, stream));
   } else {
-    per_step_backward(op, compute, shape, lengths, reverse, w_hh, grad_hidden_gates, direct, grad_h, stream,
+    per_step_backward(op, compute, shape, lengths, reverse, compute_in(w_hh_in, compute), grad_hidden_gates, direct,
+                      grad_h, stream,
                       [&](int64_t, int64_t t) {
                         check_launch(op, launch_gru_step_backward(
                                              step_of(compute, B, H, lengths, t), grad_h.const_data_ptr(),
@@ -944,13 +942,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                              direct.mutable_data_ptr(), stream));
                       });
   }
-  const at::Tensor grad_input2d = grad_input_gates.view({T * B, G});
-  const at::Tensor grad_hidden2d = grad_hidden_gates.view({T * B, G});
   const auto dtype = x_in.scalar_type();
-  return {at::mm(grad_input2d, w_ih).view({T, B, I}).to(dtype),
+  const at::Tensor grad_input2d = grad_input_gates.view({T * B, G}), grad_input_operand = grad_input2d.to(dtype);
+  const at::Tensor grad_hidden2d = grad_hidden_gates.view({T * B, G}), grad_hidden_operand = grad_hidden2d.to(dtype);
+  return {mm_in_compute(grad_input_operand, w_ih_in).view({T, B, I}).to(dtype),
           grad_h.to(dtype),
-          at::mm(grad_input2d.t(), x.view({T * B, I})).to(dtype),
-          at::mm(grad_hidden2d.t(), previous.view({T * B, H})).to(dtype),
+          mm_in_compute(grad_input_operand.t(), x_in.reshape({T * B, I})).to(dtype),
+          mm_in_compute(grad_hidden_operand.t(), previous_in.reshape({T * B, H})).to(dtype),
           bias_grad(b_ih_in, grad_input2d, dtype),
           bias_grad(b_hh_in, grad_hidden2d, dtype)};
 }
