@@ -468,10 +468,11 @@ def test_layers_run_the_persistent_kernels_when_w_hh_fits_and_match_the_per_step
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @gpu
-def test_bfloat16_layers_run_the_tensor_core_persistent_kernels(cell):
+def test_bfloat16_layers_run_the_tensor_core_persistent_kernels(cell, monkeypatch):
     """The shape above in bfloat16: one persistent kernel each way with the tensor-core
     GEMM (W_hh and the operands in bfloat16), no per-step kernel, and outputs and
-    gradients within twice the error of the reference run in bfloat16 (float64 oracle)."""
+    gradients within twice the error of the reference run in bfloat16 (float64 oracle);
+    the per-step path (bfloat16 GEMMs on the rounded states) likewise."""
     lengths = torch.randint(0, 6, (67,), generator=torch.Generator().manual_seed(8))
     lengths[0] = 5
     arguments = leaves_in(persistent_layer_case(cell, 5, 67, 301, lengths, True), torch.bfloat16)
@@ -484,6 +485,11 @@ def test_bfloat16_layers_run_the_tensor_core_persistent_kernels(cell):
     exact = recurrent_outputs(name, in_float64(arguments), "reference")
     in_dtype = recurrent_outputs(name, leaves_in(arguments, torch.bfloat16), "reference")
     assert_within_reference_error(persistent, in_dtype, exact, gradient_factor=2, floor=torch.finfo(torch.bfloat16).eps)
+    monkeypatch.setenv("FASTATTN_CUDA_PERSISTENT_RNN", "0")
+    per_step = []
+    names = cuda_kernel_names(lambda: per_step.extend(recurrent_outputs(name, arguments, "op")))
+    assert "persistent" not in names and "step_forward_kernel" in names and "step_backward_kernel" in names
+    assert_within_reference_error(per_step, in_dtype, exact, gradient_factor=2, floor=torch.finfo(torch.bfloat16).eps)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

@@ -4,15 +4,17 @@
 // For each op: check the arguments (device, dtype, shapes: a ValueError / TypeError
 // naming the argument), make the layouts the kernels expect, allocate outputs and
 // scratch with ATen, and launch on the current CUDA stream (no stream, event or handle
-// of our own).  The GEMMs of the recurrent ops (input projection of all steps at once,
-// the weight gradients) are ATen matmuls on float16 / bfloat16 operands as they are
-// (float32 out: mm_in_compute; the gate gradients rounded to the input dtype first, as
-// torch's own 16-bit backward does), float32 or float64 ones otherwise.  A layer's recurrent loop runs in the
-// persistent kernels of persistent_recurrent.cu (W_hh on chip; float32 FMAs for float32,
-// tensor cores with W_hh and the GEMM operands in float16 / bfloat16 for those, float32
-// elsewhere) when the shape fits the device and FASTATTN_CUDA_PERSISTENT_RNN is not "0";
-// otherwise per step, h W_hh^T in ATen and the pointwise step in recurrent_pointwise.cu.  Attention computes float16 / bfloat16 natively (float
-// accumulation); the recurrent ops compute them in float32 and return the input dtype.
+// of our own).  The GEMMs of the recurrent ops (input projection of all steps at once, the
+// weight gradients) are ATen matmuls on float16 / bfloat16 operands as they are (float32
+// out: mm_in_compute; the gate gradients rounded to the input dtype first, as torch's own
+// 16-bit backward does), float32 or float64 ones otherwise.  A layer's recurrent loop runs
+// in the persistent kernels of persistent_recurrent.cu (W_hh on chip; float32 FMAs for
+// float32, tensor cores with W_hh and the GEMM operands in float16 / bfloat16 for those,
+// float32 elsewhere) when the shape fits the device and FASTATTN_CUDA_PERSISTENT_RNN is not
+// "0"; otherwise per step, h W_hh^T in ATen (h rounded to W_hh's float16 / bfloat16 as the
+// tensor-core kernels round it) and the pointwise step in recurrent_pointwise.cu.  Attention
+// computes float16 / bfloat16 natively (float accumulation); the recurrent ops compute them
+// in float32 and return the input dtype.
 // Multi-query (T >= kTensorCoreMinQueries) float16 / bfloat16 attention with head dims
 // 64 / 128 runs forward on the tensor cores (attention_tensor_core.cu) unless the
 // weights are wanted, and backward too unless their gradient is wanted.
@@ -428,6 +430,11 @@ at::Tensor mm_in_compute(const at::Tensor& a, const at::Tensor& b) {
   return mm_in_compute_out(out, a, b);
 }
 
+// A per-step path's float32 state or gate gradients as the operand of a GEMM with
+// `weights`: rounded to their float16 / bfloat16, as the persistent tensor-core kernels
+// round theirs (the same tensor for float32 and float64).
+at::Tensor in_dtype_of(const at::Tensor& state, const at::Tensor& weights) { return state.to(weights.scalar_type()); }
+
 const void* pointer_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
 void check_weights(const char* op, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -753,11 +760,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
                                                     persistent_forward_buffers(start, h_state, c_state, h_scratch, *run),
                                                     stream));
   } else {
-    const at::Tensor w_hh_t = compute_in(w_hh_in, compute).t();  // (the persistent kernels read w_hh_in)
+    const at::Tensor w_hh_t = w_hh_in.t();
     at::Tensor hidden_gates = at::empty({B, G}, output.options());
     for (int64_t s = 0; s < shape.steps_to_run(); ++s) {
       const int64_t t = time_of_step(s, T, reverse);
-      at::mm_out(hidden_gates, h_state, w_hh_t);
+      mm_in_compute_out(hidden_gates, in_dtype_of(h_state, w_hh_t), w_hh_t);
       at::Tensor saved_t = saved.select(0, t);
       check_launch(op, launch_lstm_step_forward(step_of(compute, B, H, lengths, t), saved_t.mutable_data_ptr(), width,
                                                 hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
@@ -774,7 +781,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
 // A layer's BPTT on the per-step path: for s = T - 1 .. 0, the gradient reaching h_t from
 // the step after t (hidden_gates of that step @ w_hh, plus `direct` where defined: the
 // GRU's dh' * z), then step_backward(s, t), which writes hidden_gates[t]; last, the
-// gradient reaching h0.
+// gradient reaching h0.  w_hh in the input dtype (in_dtype_of: the GEMM's operands).
 template <typename StepBackward>
 void per_step_backward(const char* op, at::ScalarType compute, const LayerShape& shape, const at::Tensor& lengths,
                        bool reverse, const at::Tensor& w_hh, const at::Tensor& hidden_gates,
@@ -790,7 +797,7 @@ void per_step_backward(const char* op, at::ScalarType compute, const LayerShape&
     const int64_t t = time_of_step(s, T, reverse);
     if (s < T - 1) take_recurrent(reverse ? t - 1 : t + 1);
     step_backward(s, t);
-    at::mm_out(recurrent, hidden_gates.select(0, t), w_hh);
+    mm_in_compute_out(recurrent, in_dtype_of(hidden_gates.select(0, t), w_hh), w_hh);
   }
   if (steps > 0) take_recurrent(time_of_step(0, T, reverse));
 }
@@ -831,8 +838,7 @@ lstm_layer_backward_cuda(const at::Tensor& grad_output_in, const at::Tensor& gra
     buffers.grad_gates = grad_gates.mutable_data_ptr<float>();
     check_launch(op, launch_persistent_lstm_backward(run->layer, run->plan, buffers, stream));
   } else {
-    per_step_backward(op, compute, shape, lengths, reverse, compute_in(w_hh_in, compute), grad_gates, at::Tensor(),
-                      grad_h, stream,
+    per_step_backward(op, compute, shape, lengths, reverse, w_hh_in, grad_gates, at::Tensor(), grad_h, stream,
                       [&](int64_t s, int64_t t) {
                         const at::Tensor saved_t = saved.select(0, t);
                         const int64_t t_prev = reverse ? t + 1 : t - 1;
@@ -877,11 +883,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cuda(
                          run->layer, run->plan,
                          persistent_forward_buffers(start, h_state, no_cell_state, h_scratch, *run), stream));
   } else {
-    const at::Tensor w_hh_t = compute_in(w_hh_in, compute).t();  // (the persistent kernels read w_hh_in)
+    const at::Tensor w_hh_t = w_hh_in.t();
     at::Tensor hidden_gates = at::empty({B, G}, output.options());
     for (int64_t s = 0; s < shape.steps_to_run(); ++s) {
       const int64_t t = time_of_step(s, T, reverse);
-      at::mm_out(hidden_gates, h_state, w_hh_t);
+      mm_in_compute_out(hidden_gates, in_dtype_of(h_state, w_hh_t), w_hh_t);
       check_launch(op, launch_gru_step_forward(step_of(compute, B, H, lengths, t),
                                                saved.select(0, t).mutable_data_ptr(), hidden_gates.const_data_ptr(),
                                                pointer_or_null(b_ih), pointer_or_null(b_hh),
@@ -930,8 +936,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     buffers.direct = direct.mutable_data_ptr<float>();
     check_launch(op, launch_persistent_gru_backward(run->layer, run->plan, buffers, stream));
   } else {
-    per_step_backward(op, compute, shape, lengths, reverse, compute_in(w_hh_in, compute), grad_hidden_gates, direct,
-                      grad_h, stream,
+    per_step_backward(op, compute, shape, lengths, reverse, w_hh_in, grad_hidden_gates, direct, grad_h, stream,
                       [&](int64_t, int64_t t) {
                         check_launch(op, launch_gru_step_backward(
                                              step_of(compute, B, H, lengths, t), grad_h.const_data_ptr(),
