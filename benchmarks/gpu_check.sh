@@ -43,8 +43,8 @@
 # (cuda-gdb reads the symbols of torch's libraries), taken from memcheck's and the targets'
 # room.  Both benches rewrite their JSON and CSV after every case, so a bench stopped by its
 # timeout keeps the cases it finished (the report says how many of how many).  Each timeout
-# can be changed through its variable below.  The profile step, run only when named, has 120 s
-# for its 8 cases (each a fresh process: imports, build, warm-up, 5 profiled calls).
+# can be changed through its variable below.  The profile step, run only when named, has 150 s
+# for its 9 cases (each a fresh process: imports, build, warm-up, 5 profiled calls).
 # STEPS picks the steps to run (default all but profile: "versions install tests crashes memcheck
 # racecheck bench targets"), to rerun the ones a fix concerns within a short device lease.  GPU_TEST_FLAGS
 # replaces the gpu tests' flags: "-n 8 -q" where pytest-xdist is installed (a test that
@@ -71,11 +71,11 @@ TIMEOUT_MEMCHECK="${TIMEOUT_MEMCHECK:-25}"
 TIMEOUT_RACECHECK="${TIMEOUT_RACECHECK:-35}"
 TIMEOUT_BENCH="${TIMEOUT_BENCH:-80}"
 TIMEOUT_BENCH_TARGETS="${TIMEOUT_BENCH_TARGETS:-85}"
-TIMEOUT_PROFILE="${TIMEOUT_PROFILE:-120}"
+TIMEOUT_PROFILE="${TIMEOUT_PROFILE:-150}"
 PROFILE_CASES="${PROFILE_CASES:-lstm_layer.t100_b64_h1024.forward=cuda lstm_layer.t100_b64_h1024.forward=triton \
 lstm_cell.b64_h1024.forward=triton lstm_cell.b64_h1024.forward=cuda attention.dot.decode_step.b64_s4096_d512.forward=cuda \
 attention.dot.decode_step.b64_s4096_d512.forward=triton attention.additive.multi_query.b16_t512_s512_d128.forward=triton \
-attention.scaled_dot.multi_query.b64_t512_s512_d64.forward_backward=cuda}"
+attention.scaled_dot.multi_query.b64_t512_s512_d64.forward_backward=cuda greedy_decoding.cuda_graph.batch_64.forward=cuda}"
 TRITON_WARMUP_JOBS="${TRITON_WARMUP_JOBS:-12}"  # of 16 cores: the tests' own JIT keeps the rest
 TRITON_WARMUP_SECONDS="${TRITON_WARMUP_SECONDS:-100}"  # it starts no compile later than this
 if [ -z "${GPU_TEST_FLAGS:-}" ]; then
