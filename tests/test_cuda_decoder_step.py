@@ -265,6 +265,23 @@ def test_emulated_low_precision_step_errs_at_most_twice_the_reference(emulated, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_value_rows_wider_than_the_block_take_several_passes(emulated, dtype):
+    """Value rows wider than the block (32 threads, Dv = 264 in 16-byte loads: one group of
+    threads, three passes over a row in float32, two in bfloat16) and 100 keys in one
+    split per row, so that a thread adds many rows with kRowUnroll loads in flight,
+    lengths and padding cutting them."""
+    shape = (2, 8, 16, 100, 8, 264, 2, 32)
+    arguments = in_dtype(step_arguments(shape, "lstm", "dot", ("lengths", "padding")), dtype)
+    got = emulation.decoder_step(emulated, arguments, *shape[6:])
+    if dtype == torch.float32:
+        assert_step_close(got, composed(arguments))
+    else:
+        assert_within_twice_the_reference_error(got, reference_step(arguments), composed(in_dtype(arguments, torch.float64)),
+                                                dtype)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape_name, score, cell, input_feeding, window", [
     ("two_tiles_key_splits", "additive", "lstm", True, 3), ("rows_shared_by_warps", "dot", "gru", False, 5),
@@ -290,7 +307,7 @@ def test_emulated_decoder_step_reads_keys_shared_by_the_batch(emulated):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("argument", ["keys", "query_weight", "w_ih", "w_hh", "w_combine", "position_weight"])
+@pytest.mark.parametrize("argument", ["keys", "values", "query_weight", "w_ih", "w_hh", "w_combine", "position_weight"])
 def test_emulated_step_takes_misaligned_views(emulated, argument, dtype):
     """One matrix the kernel reads in 16-byte loads a view one element (4 or 2 bytes) off
     the 16-byte boundary, in sizes that take those loads: the step picks scalar loads and
@@ -299,7 +316,8 @@ def test_emulated_step_takes_misaligned_views(emulated, argument, dtype):
     cooperative launch had returned cudaSuccess, leaving the error to the next launch)."""
     shape = LOW_PRECISION_SHAPES["two_tiles_key_splits"]
     arguments = in_dtype(step_arguments(shape, "lstm", "additive", ("lengths", "padding"), window=3), dtype)
-    position = {"keys": 4, "query_weight": 6, "w_ih": 13, "w_hh": 14, "w_combine": 17, "position_weight": 20}[argument]
+    position = {"keys": 4, "values": 5, "query_weight": 6, "w_ih": 13, "w_hh": 14, "w_combine": 17,
+                "position_weight": 20}[argument]
     moved = list(arguments)
     if argument in ("query_weight", "position_weight"):  # the kernel reads the rows of their transposes
         moved[position] = misaligned_copy(arguments[position].t().contiguous()).t()

@@ -45,7 +45,7 @@ namespace {
 constexpr int kRowsTileArrays = 7;
 template <typename A>
 size_t rows_shared_bytes(const AttentionProblem& p, int vec) {
-  const int64_t partials = row_groups(p.score_dim, vec).groups * p.score_dim;
+  const int64_t partials = row_groups(p.score_dim, vec, kThreads, kTile).groups * p.score_dim;
   const int64_t additive = p.score == ScoreKind::kAdditive ? partials : 0;
   return sizeof(A) * static_cast<size_t>(p.score_dim + p.value_dim + partials + additive +
                                      kRowsTileArrays * kTile + kWarps + kRowTermsElements);
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads)
     backward_rows_kernel(DeviceProblem<T> p, AttentionBackwardBuffers in) {
   using A = Acc<T>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  const RowGroups key_split = row_groups(p.score_dim, kVec);
+  const RowGroups key_split = row_groups(p.score_dim, kVec, kThreads, kTile);
   const int groups = key_split.groups;
   const int group = threadIdx.x / key_split.lanes, group_lane = threadIdx.x % key_split.lanes;
   const int64_t D = p.score_dim, Dv = p.value_dim;

@@ -5,6 +5,7 @@
 // the same code the CPU kernels run.
 #pragma once
 
+#include "additive_tanh.cuh"
 #include "device_common.cuh"
 
 namespace fastattn {
@@ -18,53 +19,9 @@ constexpr int kKeysPerWarp = kTile / kWarps;   // partners a warp takes at once 
 // How the partners (keys or queries) of a tile are shared out.  Scores: warp w takes
 // the kKeysPerWarp consecutive partners from w * kKeysPerWarp and issues the loads of
 // all of them at once (warp_tile_sums).  Rows summed with per-partner weights by the
-// block (the backward's keys for grad_query): `lanes` threads cover a row,
-// kVec elements each, and the block's `groups` groups of them take the tile's
-// partners in turn (partner c to group c % groups), each accumulating its own partial
-// sum over kRowUnroll partners' loads in flight, so that a short row still keeps every
-// thread loading.  A decode step is memory-bound: what it needs is bytes in flight.
-constexpr int kRowUnroll = 8;
+// block (the backward's keys for grad_query): in RowGroups (device_common.cuh) of the
+// block's kThreads, at most kTile of them.
 constexpr int64_t kMaxSplits = 256;  // key splits of a row (attention_forward_splits)
-
-struct RowGroups {
-  int lanes;   // threads per row
-  int groups;  // partial sums, 1..kTile
-};
-
-__host__ __device__ inline RowGroups row_groups(int64_t dim, int vec) {
-  int64_t lanes = (dim + vec - 1) / vec;
-  lanes = lanes < 1 ? 1 : (lanes > kThreads ? kThreads : lanes);
-  const int groups = static_cast<int>(kThreads / lanes);
-  return {static_cast<int>(lanes), groups < kTile ? groups : kTile};
-}
-
-// sum += weight * value, skipped for a zero weight (a masked partner, or a Gaussian
-// that underflowed), whose row may hold anything.
-template <int kVec, typename A>
-__device__ __forceinline__ void add_weighted(A weight, const A (&value)[kVec], A (&sum)[kVec]) {
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) sum[i] += weight != A(0) ? weight * value[i] : A(0);
-}
-
-// The partners c = first, first + step, ... below count of one thread: load(c, row)
-// fetches partner c's kVec elements and add(c, row) uses them, kRowUnroll partners'
-// loads issued before the first of them is used.
-template <int kVec, typename A, typename Load, typename Add>
-__device__ __forceinline__ void add_rows_in_turn(int first, int step, int count, Load&& load, Add&& add) {
-  int c = first;
-  for (; c + (kRowUnroll - 1) * step < count; c += kRowUnroll * step) {
-    A row[kRowUnroll][kVec];
-#pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) load(c + u * step, row[u]);
-#pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) add(c + u * step, row[u]);
-  }
-  for (; c < count; c += step) {
-    A row[kVec];
-    load(c, row);
-    add(c, row);
-  }
-}
 
 // AttentionProblem with typed pointers.  T: element type, A: accumulation type.
 template <typename T>
@@ -143,41 +100,6 @@ bool wide_loads_fit(const AttentionProblem& p, const void* grad_context) {
          p.values_batch_stride % kVec == 0 && aligned16(p.query) && aligned16(p.keys) && aligned16(p.values) &&
          (p.v == nullptr || aligned16(p.v)) && (p.bias == nullptr || aligned16(p.bias)) &&
          (grad_context == nullptr || aligned16(grad_context));
-}
-
-// tanh of additive feature d for element type T.  float16 / bfloat16 inputs split the
-// features between the GPU's two pipes: feature d with d % kTanhSplit != kTanhSplit - 1
-// takes tanh.approx.f32 on the special-function unit (one SFU op, relative error about
-// 2^-11 (PTX ISA), the size of a 16-bit input's own rounding); the last of every
-// kTanhSplit the project's rational tanh on the FMA units (tanh_of: no SFU op on the
-// GPU, error 4e-7).  An SFU op costs a warp 8 cycles of its partition's SFU and one
-// issue slot, the rational tanh about 21 issue slots: with the ~4 slots each feature
-// needs anyway (convert, add, v-FMA, loads), 1 in 8 on the FMA units balances the two
-// (a multi-query additive tile: ~14% above the SFU-only limit).  The choice depends on
-// d alone, so that a forward and its backward's recomputation agree.  float32 takes
-// tanh_of, float64 libm's; the CPU emulation (FASTATTN_CUDA_EMULATION) runs tanh_of
-// for every feature.
-constexpr int kTanhSplit = 8;
-
-// Whether feature d of a kVec-wide pack at d0 (d = d0 + i, d0 a multiple of kVec) takes
-// the FMA-unit tanh; compile-time when kVec is a multiple of kTanhSplit.
-template <int kVec>
-__device__ __forceinline__ bool on_fma_units(int64_t d0, int i) {
-  if constexpr (kVec % kTanhSplit == 0) return i % kTanhSplit == kTanhSplit - 1;
-  return (d0 + i) % kTanhSplit == kTanhSplit - 1;
-}
-
-template <typename T, int kVec>
-__device__ __forceinline__ Acc<T> additive_tanh(Acc<T> x, int64_t d0, int i) {
-#if !defined(FASTATTN_CUDA_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
-  if constexpr (sizeof(T) == 2) {
-    if (on_fma_units<kVec>(d0, i)) return tanh_of(x);
-    float y;
-    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-  }
-#endif
-  return tanh_of(x);
 }
 
 // Per-lane partial sums of one pair, reduced over the warp by pair_sums.

@@ -20,7 +20,8 @@
 //   C  attention partials: a block per (batch row, key split) takes the window's centre
 //      (local-p), scores its keys (a warp per key inside the window and the row's
 //      length; raw scores go to the scores scratch), softmax over the split, partial
-//      context (times the Gaussian), max and sum.                             barrier
+//      context (times the Gaussian: the block's threads in groups over the values'
+//      rows, 16-byte loads, kRowUnroll rows in flight a thread), max and sum. barrier
 //   D  the weights from the raw scores; the combine: every block stages [c_t; s_t] of a
 //      batch tile (merging the splits' partials), the rows of W_c likewise, tanh.
 // Input feeding runs A B C D, Bahdanau B C A D: three grid barriers either way (two
@@ -37,6 +38,7 @@
 // single step has no position t), and shapes whose batch-row tile (I + F + H or Dv + H
 // floats) does not fit in shared memory.
 
+#include "additive_tanh.cuh"
 #include "grid_barrier.cuh"
 #include "recurrent_cell_math.cuh"
 
@@ -70,14 +72,21 @@ __host__ __device__ inline StagedRows staged_rows(const DecoderStepProblem& p) {
           round_up4(p.value_dim + p.hidden)};
 }
 
+// Phase C's values pass: RowGroups of a block's threads over rows of Dv, vec elements a
+// thread (at most kMaxWarps groups), each group's partial context in shared memory.
+__host__ __device__ inline RowGroups value_groups(int64_t value_dim, int vec, int threads) {
+  return row_groups(value_dim, vec, threads, kMaxWarps);
+}
+
 // Shared floats: the warps' exchange of partial row sums (for_each_row), then the
 // largest of a phase-A/B/D tile (plus its rows' MergedSplits, two floats a row) and phase C's
-// query, split scores and reduction scratch.
+// query, split scores, reduction scratch and partial contexts (vec: the kernel's kVec).
 constexpr int64_t kExchangeFloats = kMaxWarps * 4 * kMaxBatchTile;
-int64_t shared_floats(const DecoderStepProblem& p, int64_t batch_tile, int64_t keys_per_split) {
+int64_t shared_floats(const DecoderStepProblem& p, int64_t batch_tile, int64_t keys_per_split, int vec) {
   const StagedRows rows = staged_rows(p);
   const int64_t tiles = batch_tile * max_of(rows.gates, rows.combine) + 2 * batch_tile;
-  const int64_t attention = round_up4(p.score_dim) + round_up4(keys_per_split) + kMaxWarps;
+  const int64_t attention = round_up4(p.score_dim) + round_up4(keys_per_split) + kMaxWarps +
+                            value_groups(p.value_dim, vec, kThreads).groups * p.value_dim;
   return kExchangeFloats + max_of(tiles, attention);
 }
 
@@ -459,7 +468,7 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
           if constexpr (kScore == ScoreKind::kAdditive) {
-            sum += p.v[d + i] * tanh_of(query[d + i] + k[i]);
+            sum += p.v[d + i] * additive_tanh<T, kVec>(query[d + i] + k[i], d, i);
           } else {
             sum += query[d + i] * k[i];
             if constexpr (kScore == ScoreKind::kCosine) key_squares += k[i] * k[i];
@@ -500,11 +509,29 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
   const int64_t slot = b * plan.splits + split;
   const T* values = as<T>(p.values) + b * p.values_batch_stride + first * Dv;
   // Keys outside the row's visible range have probability 0: their values are not read.
-  const int64_t begin = min_of(max_of(visible.begin - first, 0), count);
-  const int64_t end = max_of(min_of(visible.end - first, count), begin);
+  const int begin = static_cast<int>(min_of(max_of(visible.begin - first, 0), count));
+  const int end = static_cast<int>(max_of(min_of(visible.end - first, count), begin));
+  // The probability-weighted values: each group of threads adds every groups-th key's row
+  // with kRowUnroll rows' 16-byte loads in flight a thread (one scalar load a thread and
+  // key took this pass from memory latency at every batch size); the groups' partial
+  // contexts then meet in shared memory in a fixed order.
+  const RowGroups groups = value_groups(Dv, kVec, blockDim.x);
+  const int group = threadIdx.x / groups.lanes, group_lane = threadIdx.x % groups.lanes;
+  float* partials = scratch + kMaxWarps;  // groups x Dv
+  if (group < groups.groups) {
+    for (int64_t d = static_cast<int64_t>(group_lane) * kVec; d < Dv; d += static_cast<int64_t>(groups.lanes) * kVec) {
+      float sum[kVec] = {};
+      add_rows_in_turn<kVec, float>(
+          begin + group, groups.groups, end, [&](int key, float(&row)[kVec]) { load_pack<kVec>(values + key * Dv + d, row); },
+          [&](int key, const float(&row)[kVec]) { add_weighted<kVec>(scores[key], row, sum); });
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) partials[group * Dv + d + i] = sum[i];
+    }
+  }
+  __syncthreads();
   for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) {
     float context = 0.0f;
-    for (int64_t key = begin; key < end; ++key) context += scores[key] * to_acc(values[key * Dv + d]);
+    for (int g = 0; g < groups.groups; ++g) context += partials[g * Dv + d];
     out.partial_context[slot * Dv + d] = context;
   }
   if (threadIdx.x == 0) {
@@ -613,12 +640,12 @@ int64_t wide_vec(DType dtype) {
 bool sizes_fit_wide_loads(const DecoderStepProblem& p) {
   const int64_t vec = wide_vec(p.dtype);
   return vec > 0 && p.input_size % vec == 0 && p.hidden % vec == 0 && p.score_dim % vec == 0 &&
-         p.value_dim % vec == 0 && p.keys_batch_stride % vec == 0;
+         p.value_dim % vec == 0 && p.keys_batch_stride % vec == 0 && p.values_batch_stride % vec == 0;
 }
 
 // 16-byte loads when, besides, every such row's tensor starts 16-byte aligned.
 bool wide_loads_fit(const DecoderStepProblem& p) {
-  return sizes_fit_wide_loads(p) && aligned16(p.keys) && aligned16(p.w_ih) && aligned16(p.w_hh) &&
+  return sizes_fit_wide_loads(p) && aligned16(p.keys) && aligned16(p.values) && aligned16(p.w_ih) && aligned16(p.w_hh) &&
          (p.query_weight == nullptr || aligned16(p.query_weight)) && aligned16(p.w_combine) &&
          (p.window == 0 || aligned16(p.position_weight));
 }
@@ -672,8 +699,9 @@ DecoderStepPlan decoder_step_plan(const DecoderStepProblem& p, int multiprocesso
   const int64_t floats = shared_bytes_per_block / static_cast<int64_t>(sizeof(float));
   const int64_t batch_tile = min_of(min_of(p.batch, kMaxBatchTile), floats / (max_of(rows.gates, rows.combine) + 2));
   if (batch_tile < 1) return plan;
+  const int vec = wide_loads_fit(p) ? static_cast<int>(wide_vec(p.dtype)) : 1;  // with_kernel's choice
   const int64_t shared_bytes = static_cast<int64_t>(
-      whole_shared_vectors(static_cast<size_t>(shared_floats(p, batch_tile, keys_per_split)) * sizeof(float)));
+      whole_shared_vectors(static_cast<size_t>(shared_floats(p, batch_tile, keys_per_split, vec)) * sizeof(float)));
   if (shared_bytes > shared_bytes_per_block) return plan;
   plan.blocks = multiprocessors;
   plan.threads = kThreads;

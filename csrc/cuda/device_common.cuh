@@ -115,6 +115,55 @@ __device__ __forceinline__ A block_sum(A value, A* scratch) {
   return total;
 }
 
+// Rows of `dim` elements summed with a weight per row by a block of `threads` threads (a
+// context from its values, a query's gradient from its keys): `lanes` threads cover a
+// row, vec elements each, and the block's `groups` groups of them (at most max_groups)
+// take the rows in turn (row c to group c % groups), each accumulating its own partial
+// sum over kRowUnroll rows' loads in flight (add_rows_in_turn), so that a short row
+// still keeps every thread loading.  Such a pass is memory-bound: what it needs is bytes
+// in flight.
+constexpr int kRowUnroll = 8;
+
+struct RowGroups {
+  int lanes;   // threads per row
+  int groups;  // partial sums, 1..max_groups
+};
+
+__host__ __device__ inline RowGroups row_groups(int64_t dim, int vec, int threads, int max_groups) {
+  int64_t lanes = (dim + vec - 1) / vec;
+  lanes = lanes < 1 ? 1 : (lanes > threads ? threads : lanes);
+  const int groups = static_cast<int>(threads / lanes);
+  return {static_cast<int>(lanes), groups < max_groups ? groups : max_groups};
+}
+
+// sum += weight * value, skipped for a zero weight (a masked partner, or a Gaussian
+// that underflowed), whose row may hold anything.
+template <int kVec, typename A>
+__device__ __forceinline__ void add_weighted(A weight, const A (&value)[kVec], A (&sum)[kVec]) {
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) sum[i] += weight != A(0) ? weight * value[i] : A(0);
+}
+
+// The rows c = first, first + step, ... below count of one thread: load(c, row) fetches
+// row c's kVec elements and add(c, row) uses them, kRowUnroll rows' loads issued before
+// the first of them is used.
+template <int kVec, typename A, typename Load, typename Add>
+__device__ __forceinline__ void add_rows_in_turn(int first, int step, int count, Load&& load, Add&& add) {
+  int c = first;
+  for (; c + (kRowUnroll - 1) * step < count; c += kRowUnroll * step) {
+    A row[kRowUnroll][kVec];
+#pragma unroll
+    for (int u = 0; u < kRowUnroll; ++u) load(c + u * step, row[u]);
+#pragma unroll
+    for (int u = 0; u < kRowUnroll; ++u) add(c + u * step, row[u]);
+  }
+  for (; c < count; c += step) {
+    A row[kVec];
+    load(c, row);
+    add(c, row);
+  }
+}
+
 // Dynamic shared memory rounded up to whole 16-byte vectors.  nvcc may widen the loads of
 // an unrolled loop's last elements into one 16-byte load: on an H200, compute-sanitizer's
 // memcheck saw combine_splits_kernel read 16 bytes from a 12-byte allocation (3 splits).
