@@ -199,10 +199,14 @@ struct MergedSplits {
   // NaN sum is not empty (see OnlineSoftmax::empty).
   FASTATTN_HOST_DEVICE bool empty() const { return sum == Acc(0); }
 
-  // exp(m_s - M) / L, the factor of split s's context; 0 for an empty row or split.
-  FASTATTN_HOST_DEVICE Acc context_factor(Acc split_max) const {
-    return empty() || split_max == negative_infinity<Acc>() ? Acc(0) : exp_of(split_max - max_score) / sum;
+  // exp(m_s - M), split s's unnormalised context rescaled to the merged max (a partial
+  // merge, itself merged later); 0 for a split that saw no key.
+  FASTATTN_HOST_DEVICE Acc rescale(Acc split_max) const {
+    return split_max == negative_infinity<Acc>() ? Acc(0) : exp_of(split_max - max_score);
   }
+
+  // exp(m_s - M) / L, the factor of split s's context; 0 for an empty row or split.
+  FASTATTN_HOST_DEVICE Acc context_factor(Acc split_max) const { return empty() ? Acc(0) : rescale(split_max) / sum; }
 
   // A key's weight exp(e - M) / L from its raw score e (-inf for a masked key: 0).
   FASTATTN_HOST_DEVICE Acc weight(Acc score) const {

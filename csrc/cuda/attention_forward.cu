@@ -164,8 +164,7 @@ __global__ void __launch_bounds__(kThreads, kResidentBlocks)
     A factor[kWarps];
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      factor[w] = whole ? merged.context_factor(warp_max[w])
-                        : (warp_max[w] == negative_infinity<A>() ? A(0) : exp_of(warp_max[w] - merged.max_score));
+      factor[w] = whole ? merged.context_factor(warp_max[w]) : merged.rescale(warp_max[w]);
     }
     T* context_out = static_cast<T*>(out.context) + row * p.value_dim;
     A* partial_out = whole ? nullptr : static_cast<A*>(out.partial_context) + (row * splits + split) * p.value_dim;
