@@ -168,8 +168,8 @@ LOW_PRECISION = ("float16", "bfloat16")
 QUICK_PROBLEMS = _problems([
     ("attention.dot.decode_b64_s1024_d512.weights", attention,
      dict(batch=64, queries=1, keys=1024, features=512, weights=True)),
-    ("attention.additive.decode_b64_s1024_d512.weights", attention,
-     dict(batch=64, queries=1, keys=1024, features=512, score="additive", bias=True, weights=True)),
+    ("attention.additive.decode_b64_s1024_d512.weights.backward", attention,
+     dict(batch=64, queries=1, keys=1024, features=512, score="additive", bias=True, weights=True, backward=True)),
     ("attention.dot.b8_t64_s64_d64.weights.backward", attention,
      dict(batch=8, queries=64, keys=64, features=64, weights=True, backward=True)),
     # local-p centers: their gradient is what runs the additive grad_query kernel
@@ -212,6 +212,8 @@ ALL_PROBLEMS = QUICK_PROBLEMS + _problems([
         for score, scale in (("dot", 0.0625), ("cosine", 1.0), ("cosine", 100.0), ("additive", 1.0))
     ),
     ("attention.dot.b32_t1_s64_d256.backward", attention, dict(_FULL, queries=1, backward=True)),
+    ("attention.additive.b32_t1_s64_d256.backward", attention,
+     dict(_FULL, queries=1, score="additive", bias=True, backward=True)),
     ("attention.dot.lengths_padding_causal.backward", attention,
      dict(_FULL, lengths=True, padding=True, causal=True, weights=True, backward=True)),
     ("attention.dot.local_m.backward", attention, dict(_FULL, window=8, weights=True, backward=True)),

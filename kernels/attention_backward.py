@@ -29,8 +29,11 @@ feature (the row terms' launch scores the pairs, the key-value kernel scores the
 and takes one tanh for all three gradients); those buffers must be re-zeroed between
 autotuning trials (``reset_to_zero`` in fastattn.ops.triton_configs).
 The additive tanh is split between the SFU and the FMA units as in the forward
-(``BLOCK_D`` + ``BLOCK_D_POLY``, see ``attention_tiles``).  The batch index is 64-bit,
-offsets within one batch element 32-bit.
+(``BLOCK_D`` + ``BLOCK_D_POLY``, see ``attention_tiles``).  On a decode step the additive
+score runs both kernels with one query row a block (``BLOCK_T`` = 1, the tile products on
+the FMA units), as the forward does, where a 16-row block took the tanh of its 15 absent
+rows' pairs too; dot and cosine keep 16-row blocks (``fastattn.ops.triton_configs``).
+The batch index is 64-bit, offsets within one batch element 32-bit.
 """
 
 import triton
@@ -42,8 +45,11 @@ from fastattn.kernels.attention_tiles import (
     gaussian_factor,
     key_range,
     row_centers,
+    rows_times_rows,
     tile_probabilities,
+    tile_product,
     tile_valid,
+    transposed_product,
 )
 
 
@@ -76,7 +82,7 @@ def _score_gradient(
         V + n * stride_vn + offs_j[:, None] * stride_vs + offs_dv[None, :],
         mask=(offs_j < S)[:, None] & (offs_dv < DV)[None, :], other=0.0,
     )
-    grad_attention = tl.dot(grad_out, tl.trans(values), input_precision=DOT_PRECISION)
+    grad_attention = rows_times_rows(grad_out, values, DOT_PRECISION, BLOCK_T == 1)
     if HAS_GRAD_WEIGHTS:
         grad_attention += tl.load(
             GRAD_WEIGHTS + n * T * S + offs_t[:, None] * S + offs_j[None, :],
@@ -223,7 +229,7 @@ def attention_grad_query_kernel(
             weighted = grad_scores * scale
             if SCORE_KIND == 1:
                 weighted = weighted * inverse_key_norm[None, :]
-            grad_query += tl.dot(weighted.to(keys.dtype), keys, input_precision=DOT_PRECISION)
+            grad_query += tile_product(weighted, keys, DOT_PRECISION, BLOCK_T == 1)
     if not ROW_TERMS_GIVEN:
         tl.store(ROW_TERMS + (n * T + offs_t) * 2, shift, mask=row_in)
         tl.store(ROW_TERMS + (n * T + offs_t) * 2 + 1, row_term.to(tl.float32), mask=row_in)
@@ -279,7 +285,7 @@ def attention_grad_key_value_kernel(
                 True, HARDWARE_TANH, DOT_PRECISION, BLOCK_T, BLOCK_S, BLOCK_D, BLOCK_D_POLY, BLOCK_DV,
             )
             weights = p * factor
-            grad_value += tl.dot(tl.trans(weights.to(grad_out.dtype)), grad_out, input_precision=DOT_PRECISION)
+            grad_value += transposed_product(weights, grad_out, DOT_PRECISION, BLOCK_T == 1)
             if SCORE_KIND == 2:
                 _additive_feature_gradients(
                     K + n * stride_kn, Q + n * stride_qn, VA, BIAS, GRAD_K + n * S * D, GRAD_Q + n * T * D, GRAD_VA,
@@ -294,7 +300,7 @@ def attention_grad_key_value_kernel(
                 weighted = grad_scores * scale
                 if SCORE_KIND == 1:
                     weighted = weighted * inverse_query_norm[:, None]
-                grad_key += tl.dot(tl.trans(weighted.to(queries.dtype)), queries, input_precision=DOT_PRECISION)
+                grad_key += transposed_product(weighted, queries, DOT_PRECISION, BLOCK_T == 1)
     tl.store(
         GRAD_V + n * S * DV + offs_j[:, None] * DV + offs_dv[None, :], grad_value,
         mask=key_in[:, None] & (offs_dv < DV)[None, :],

@@ -31,18 +31,9 @@ from fastattn.kernels.attention_tiles import (
     row_centers,
     store_row_statistics,
     tile_probabilities,
+    tile_product,
     tile_valid,
 )
-
-
-@triton.jit
-def weighted_values(p, values, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr):
-    """p @ values, (BLOCK_T, BLOCK_DV) float32: on the tensor cores, or for a block of one
-    query row (below ``tl.dot``'s 16) summed over the keys on the FMA units, in float32."""
-    if BLOCK_T == 1:
-        return tl.sum(p[:, :, None] * values.to(tl.float32)[None, :, :], axis=1)
-    else:
-        return tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -94,7 +85,7 @@ def attention_forward_kernel(
             running_sum += tl.sum(p, axis=1)
             if GAUSSIAN:
                 p = p * gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
-            acc += weighted_values(p, values, DOT_PRECISION, BLOCK_T)
+            acc += tile_product(p, values, DOT_PRECISION, BLOCK_T == 1)
         else:
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -103,7 +94,7 @@ def attention_forward_kernel(
             running_sum = running_sum * rescale + tl.sum(p, axis=1)
             if GAUSSIAN:
                 p = p * gaussian_factor(offs_j, centers, inverse_two_sigma_squared)
-            acc = acc * rescale[:, None] + weighted_values(p, values, DOT_PRECISION, BLOCK_T)
+            acc = acc * rescale[:, None] + tile_product(p, values, DOT_PRECISION, BLOCK_T == 1)
             running_max = new_max
 
     row_in = offs_t < T

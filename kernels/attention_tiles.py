@@ -4,8 +4,11 @@ a query block can see, the Gaussian factor of local attention, the tanh of the
 additive score, and the softmax's row statistics (stored by the forward, read back by
 the weights and backward kernels).
 
-Score kinds (``SCORE_KIND``): 0 = dot (q . k * scale, tensor-core ``tl.dot``; FMA sums
-for a block of one query row, a decode step's),
+Tile products (``rows_times_rows``, ``tile_product``, ``transposed_product``): ``tl.dot``
+on the tensor cores, or, for a block of one query row (a decode step's: ``tl.dot`` needs
+16 rows), the float32 products summed on the FMA units.
+
+Score kinds (``SCORE_KIND``): 0 = dot (q . k * scale, a tile product),
 1 = cosine (scale * q . k / (|q| |k|), norms computed here), 2 = additive
 (v . tanh(q + k + b), summed over feature tiles on the FMA/SFU units).  Dot and
 cosine walk the features in tiles of ``BLOCK_D``; additive walks them in steps of
@@ -33,6 +36,33 @@ import triton.language as tl
 
 DOT, COSINE, ADDITIVE = 0, 1, 2
 RATIONAL_TANH_MAX_ERROR = 4e-7
+
+
+@triton.jit
+def rows_times_rows(a, b, DOT_PRECISION: tl.constexpr, ON_FMA_UNITS: tl.constexpr):
+    """a @ b^T in float32: each row of a against each row of b."""
+    if ON_FMA_UNITS:
+        return tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+    else:
+        return tl.dot(a.to(b.dtype), tl.trans(b), input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def tile_product(a, b, DOT_PRECISION: tl.constexpr, ON_FMA_UNITS: tl.constexpr):
+    """a @ b in float32 (a rounded to b's dtype for the tensor cores)."""
+    if ON_FMA_UNITS:
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    else:
+        return tl.dot(a.to(b.dtype), b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def transposed_product(a, b, DOT_PRECISION: tl.constexpr, ON_FMA_UNITS: tl.constexpr):
+    """a^T @ b in float32 (a rounded to b's dtype for the tensor cores)."""
+    if ON_FMA_UNITS:
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[:, None, :], axis=0)
+    else:
+        return tl.dot(tl.trans(a.to(b.dtype)), b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -131,10 +161,7 @@ def block_scores(
             d_in = offs_d < D
             q = tl.load(Q + q_base + offs_t[:, None] * stride_qt + offs_d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
             k = tl.load(K + k_base + offs_j[:, None] * stride_ks + offs_d[None, :], mask=key_in[:, None] & d_in[None, :], other=0.0)
-            if BLOCK_T == 1:  # one query row, below tl.dot's 16: float32 products summed on the FMA units
-                scores += tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-            else:
-                scores += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            scores += rows_times_rows(q, k, DOT_PRECISION, BLOCK_T == 1)
             if SCORE_KIND == 1:
                 query_squares += tl.sum(q.to(tl.float32) * q.to(tl.float32), axis=1)
                 key_squares += tl.sum(k.to(tl.float32) * k.to(tl.float32), axis=1)

@@ -157,16 +157,16 @@ DECODE_CASES = (
 def test_a_decode_step_takes_blocks_of_one_query_row(score, mode, monkeypatch):
     """A decode step's forward and weights run one query row a block (BLOCK_T = 1: nothing
     spent on the absent rows of a 16-row block, the additive score's tanh above all), their
-    scores and values summed without tl.dot, its 21 keys in two splits; outputs and gradients
-    match the reference.  Multi-query keeps blocks of 16 rows or more."""
+    scores and values summed without tl.dot, its 21 keys in two splits, and so does the
+    additive score's backward (its two launches; the other scores' three keep 16 rows);
+    outputs and gradients match the reference.  Multi-query keeps blocks of 16 rows or more."""
     from fastattn.ops import triton_launch
 
-    query_rows = []
+    query_rows = {}
     original = triton_launch.run_kernel
 
     def recording(kernel, grid, *arguments, **constexprs):
-        if kernel.__name__ in ("attention_forward_kernel", "attention_weights_kernel"):
-            query_rows.append(constexprs["BLOCK_T"])
+        query_rows.setdefault(kernel.__name__, []).append(constexprs["BLOCK_T"])
         return original(kernel, grid, *arguments, **constexprs)
 
     monkeypatch.setattr(triton_launch, "run_kernel", recording)
@@ -175,10 +175,16 @@ def test_a_decode_step_takes_blocks_of_one_query_row(score, mode, monkeypatch):
         masking["center"] = masking["center"][:, 0].detach().requires_grad_()
     step = (query[:, 0].detach().requires_grad_(), keys, values, parameters, masking)
     got = run("triton", score, *step)
-    assert query_rows == [1, 1]  # the forward, then the weights
+    additive, sixteen = score == "additive", triton_launch.SMALLEST_BLOCK
+    assert query_rows == {
+        "attention_forward_kernel": [1], "attention_combine_kernel": [sixteen], "attention_weights_kernel": [1],
+        "attention_grad_query_kernel": [1] if additive else [sixteen] * 2,
+        "attention_grad_key_value_kernel": [1 if additive else sixteen],
+    }
     assert_matches(got, run("reference", score, *step), FLOAT32)
+    query_rows.clear()
     run("triton", score, *problem(score, mode, queries=3))
-    assert len(query_rows) == 4 and min(query_rows[2:]) >= 16
+    assert min(min(rows) for rows in query_rows.values()) >= sixteen
 
 
 def test_without_weights_output():

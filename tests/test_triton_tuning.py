@@ -39,7 +39,10 @@ LAUNCHERS = {
 # Kernels whose blocks are tl.dot operands (16 rows and columns at least).
 DOT_BLOCKS = ("BLOCK_T", "BLOCK_S", "BLOCK_K")
 # Launchers whose blocks hold one query row (BLOCK_T = 1, its values summed without tl.dot).
-ONE_QUERY_ROW = tuple(f"attention {name} {score}" for name in ("decode", "decode weights") for score in ("dot", "additive"))
+ONE_QUERY_ROW = (
+    *(f"attention {name} {score}" for name in ("decode", "decode weights") for score in ("dot", "additive")),
+    "attention decode grad_query additive", "attention decode grad_key_value additive",
+)
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -81,7 +84,8 @@ def test_key_splits_never_cut_a_key_block():
 
 def test_only_the_atomically_accumulated_gradients_are_reset():
     resets = {name: launcher.configs.reset_to_zero for name, launcher in LAUNCHERS.items() if launcher.configs.reset_to_zero}
-    assert resets == {"attention grad_key_value additive": ("GRAD_Q", "GRAD_K", "GRAD_VA")}
+    atomic = ("GRAD_Q", "GRAD_K", "GRAD_VA")
+    assert resets == {"attention grad_key_value additive": atomic, "attention decode grad_key_value additive": atomic}
 
 
 def test_a_config_list_naming_a_missing_argument_is_refused():

@@ -51,7 +51,8 @@ SCORE_KINDS = {"dot": DOT, "cosine": COSINE, "additive": ADDITIVE}
 BOUNDED_SCALE_LIMITS = {torch.float16: 4.0}
 BOUNDED_SCALE_LIMIT = 40.0
 # (kernel, whether the score is additive) -> its Launcher; dot and cosine share the tiling;
-# "decode", "decode weights": those kernels on a decode step (T = 1), one query row a block.
+# "decode", "decode weights", "decode grad_query", "decode grad_key_value": those kernels on a
+# decode step (T = 1), one query row a block (the backward's for the additive score only).
 LAUNCHERS = {
     ("forward", False): Launcher(attention_forward_kernel, triton_configs.FORWARD_DOT),
     ("forward", True): Launcher(attention_forward_kernel, triton_configs.FORWARD_ADDITIVE),
@@ -65,6 +66,10 @@ LAUNCHERS = {
     ("grad_query", True): Launcher(attention_grad_query_kernel, triton_configs.GRAD_QUERY_ADDITIVE),
     ("grad_key_value", False): Launcher(attention_grad_key_value_kernel, triton_configs.GRAD_KEY_VALUE_DOT),
     ("grad_key_value", True): Launcher(attention_grad_key_value_kernel, triton_configs.GRAD_KEY_VALUE_ADDITIVE),
+    ("decode grad_query", True): Launcher(attention_grad_query_kernel, triton_configs.GRAD_QUERY_ADDITIVE_DECODE),
+    ("decode grad_key_value", True): Launcher(
+        attention_grad_key_value_kernel, triton_configs.GRAD_KEY_VALUE_ADDITIVE_DECODE
+    ),
 }
 COMBINE_LAUNCHER = Launcher(attention_combine_kernel, triton_configs.COMBINE)
 # tanh.approx.f32 errs by about 2^-11 relative: below the rounding of 16-bit inputs,
@@ -222,7 +227,8 @@ def triton_attention_backward(
     grad_center = query.new_zeros(center.shape if center is not None and gaussian else (0,), dtype=torch.float32)
     row_terms = query.new_empty(batch, query_length, 2, dtype=torch.float32)  # (shift, row term) per row
     upstream = [grad_context, grad_weights_or_context, row_stats, row_terms]
-    LAUNCHERS["grad_query", additive](
+    one_row = "decode " if additive and query_length == 1 else ""  # see LAUNCHERS
+    LAUNCHERS[one_row + "grad_query", additive](
         query_grid, *pointers, *upstream, grad_query, grad_center if grad_center.numel() else grad_query,
         *gradient_strides, *sizes, **gradient_flags, ROW_TERMS_GIVEN=False,
     )
@@ -231,7 +237,7 @@ def triton_attention_backward(
             query_grid, *pointers, *upstream, grad_query, grad_query,
             *gradient_strides, *sizes, **gradient_flags, ROW_TERMS_GIVEN=True,
         )
-    LAUNCHERS["grad_key_value", additive](
+    LAUNCHERS[one_row + "grad_key_value", additive](
         lambda meta: (ceil_div(source_length, meta["BLOCK_S"]), batch),
         *pointers, *upstream, grad_query, grad_keys, grad_values, grad_v if additive else grad_keys,
         *gradient_strides, *sizes, **gradient_flags,

@@ -6,8 +6,8 @@ memory, 64K registers per SM) and Ampere (A100: 164 KB); see
 - Attention (dot and cosine): query block x key block for ``tl.dot``, the features in
   tiles of BLOCK_D chosen by the caller from D; narrow blocks for wide values (Dv
   512-1024).  Keys: T, S, D, Dv.
-- A decode step's forward and weights (T = 1), every score: blocks of one query row
-  (BLOCK_T = 1), summed on the FMA units (the *_DECODE lists).
+- A decode step's forward and weights (T = 1), every score, and its additive backward:
+  blocks of one query row (BLOCK_T = 1), summed on the FMA units (the *_DECODE lists).
 - Attention (additive): a (BLOCK_T, BLOCK_S, BLOCK_D + BLOCK_D_POLY) tile of tanh per
   step, bound by the special-function unit; configs with BLOCK_D_POLY > 0 move that
   share of the tanh to the FMA units (``rational_tanh``), so tuning balances the pipes.
@@ -282,6 +282,34 @@ def _backward_additive(reset_to_zero) -> KernelConfigs:
 
 GRAD_QUERY_ADDITIVE = _backward_additive(())  # the row terms and the centers' gradient, stored
 GRAD_KEY_VALUE_ADDITIVE = _backward_additive(("GRAD_Q", "GRAD_K", "GRAD_VA"))
+
+# A decode step's additive backward (T = 1): one query row a block, as its forward, so that
+# no tanh is spent on the 15 absent rows of a 16-row block; the tile products run on the
+# FMA units, holding the (BLOCK_S, BLOCK_DV) float32 products of dA = dO V^T (and in the
+# key-value kernel dV's too, beside its accumulator) in registers, which the prune bounds.
+# Dot and cosine keep their 16-row blocks there: what those spend on absent rows is
+# tensor-core products, which cost less than such products held in registers.
+_BACKWARD_ADDITIVE_DECODE_TILES = (
+    (1, 16, 16, 16, 4),
+    (1, 16, 32, 0, 8),
+    (1, 32, 16, 0, 8),
+    (1, 16, 32, 8, 8),
+)
+
+
+def _backward_additive_decode(reset_to_zero, value_products: int) -> KernelConfigs:
+    return KernelConfigs(
+        interpreted=FORWARD_ADDITIVE_DECODE.interpreted,
+        tuned=_additive_configs(_BACKWARD_ADDITIVE_DECODE_TILES, num_stages=1),
+        key=ATTENTION_KEY,
+        reset_to_zero=reset_to_zero,
+        prune=_fits(accumulators=[("BLOCK_S", "BLOCK_DV")] * value_products, staged=[],
+                    register_budget=BACKWARD_REGISTER_BUDGET),
+    )
+
+
+GRAD_QUERY_ADDITIVE_DECODE = _backward_additive_decode((), value_products=1)
+GRAD_KEY_VALUE_ADDITIVE_DECODE = _backward_additive_decode(("GRAD_Q", "GRAD_K", "GRAD_VA"), value_products=3)
 
 COMBINE = KernelConfigs(
     interpreted=_interpreted("BLOCK_T"),
