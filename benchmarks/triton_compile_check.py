@@ -52,7 +52,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastattn.kernels  # noqa: E402
 from benchmarks.triton_compile_problems import ALL_PROBLEMS, GPU_CHECK_PROBLEMS, QUICK_PROBLEMS  # noqa: E402
-from fastattn.ops.triton_launch import Launcher, autotuning, float32_matmul_precision  # noqa: E402
+from fastattn.ops.triton_launch import Launcher, RepeatedLaunch, autotuning, float32_matmul_precision  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 # sm_90's opt-in shared memory per block (H100/H200): Triton refuses to load a kernel above it.
@@ -110,10 +110,10 @@ def record_launches(problems, dtype_names) -> list[Launch]:
             if isinstance(argument, torch.Tensor) and not argument.is_floating_point():
                 argument.zero_()
 
-    def each_launch_recorded(launcher, grid, **constexprs):  # Launcher.repeated: every step through record
-        return lambda *arguments: launcher(grid, *arguments, **constexprs)
+    def each_launch_recorded(launch, *tensors):  # a layer's steps, a memoized forward: every launch through record
+        launch.launcher(launch.grid, *tensors, *launch.scalars, **launch.constexprs)
 
-    with mock.patch.object(Launcher, "__call__", record), mock.patch.object(Launcher, "repeated", each_launch_recorded), \
+    with mock.patch.object(Launcher, "__call__", record), mock.patch.object(RepeatedLaunch, "__call__", each_launch_recorded), \
             mock.patch.dict(os.environ, {"FASTATTN_TRITON_AUTOTUNE": "0"}):
         for problem in problems:
             for dtype_name in dtype_names:

@@ -45,6 +45,7 @@ from fastattn.kernels.attention_tiles import (
     gaussian_factor,
     key_range,
     row_centers,
+    row_length,
     rows_times_rows,
     tile_probabilities,
     tile_product,
@@ -192,9 +193,7 @@ def attention_grad_query_kernel(
     offs_t = t_start + tl.arange(0, BLOCK_T)
     offs_dq = tl.arange(0, BLOCK_DQ)
     row_in = offs_t < T
-    length = S
-    if HAS_LENGTHS:
-        length = tl.load(LENGTHS + n).to(tl.int32)
+    length = row_length(LENGTHS, n, S, HAS_LENGTHS)
     centers = row_centers(CENTER, n * T, offs_t, T, HAS_CENTER)
     lo, hi = key_range(t_start, offs_t, centers, T, S, length, window, HAS_LENGTHS, CAUSAL, HAS_WINDOW, BLOCK_S)
     grad_query = tl.zeros((BLOCK_T, BLOCK_DQ), dtype=tl.float32)
@@ -266,9 +265,7 @@ def attention_grad_key_value_kernel(
     offs_dq = tl.arange(0, BLOCK_DQ)
     offs_dv = tl.arange(0, BLOCK_DV)
     key_in = offs_j < S
-    length = S
-    if HAS_LENGTHS:
-        length = tl.load(LENGTHS + n).to(tl.int32)
+    length = row_length(LENGTHS, n, S, HAS_LENGTHS)
     grad_key = tl.zeros((BLOCK_S, BLOCK_DQ), dtype=tl.float32)
     grad_value = tl.zeros((BLOCK_S, BLOCK_DV), dtype=tl.float32)
     inverse_key_norm = tl.full((BLOCK_S,), 1.0, tl.float32)

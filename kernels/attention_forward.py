@@ -29,6 +29,7 @@ from fastattn.kernels.attention_tiles import (
     gaussian_factor,
     key_range,
     row_centers,
+    row_length,
     store_row_statistics,
     tile_probabilities,
     tile_product,
@@ -51,9 +52,7 @@ def attention_forward_kernel(
     t_start = t_block * BLOCK_T
     offs_t = t_start + tl.arange(0, BLOCK_T)
     offs_dv = tl.arange(0, BLOCK_DV)
-    length = S
-    if HAS_LENGTHS:
-        length = tl.load(LENGTHS + n).to(tl.int32)
+    length = row_length(LENGTHS, n, S, HAS_LENGTHS)
     centers = row_centers(CENTER, n * T, offs_t, T, HAS_CENTER)
     lo, hi = key_range(t_start, offs_t, centers, T, S, length, window, HAS_LENGTHS, CAUSAL, HAS_WINDOW, BLOCK_S)
     if SPLIT:
@@ -157,9 +156,7 @@ def attention_weights_kernel(
     t_start = t_block * BLOCK_T
     offs_t = t_start + tl.arange(0, BLOCK_T)
     offs_j = j_block * BLOCK_S + tl.arange(0, BLOCK_S)
-    length = S
-    if HAS_LENGTHS:
-        length = tl.load(LENGTHS + n).to(tl.int32)
+    length = row_length(LENGTHS, n, S, HAS_LENGTHS)
     centers = row_centers(CENTER, n * T, offs_t, T, HAS_CENTER)
     lo, hi = key_range(t_start, offs_t, centers, T, S, length, window, HAS_LENGTHS, CAUSAL, HAS_WINDOW, BLOCK_S)
     if (j_block * BLOCK_S < hi) & (j_block * BLOCK_S + BLOCK_S > lo):

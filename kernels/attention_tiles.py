@@ -175,6 +175,16 @@ def block_scores(
 
 
 @triton.jit
+def row_length(LENGTHS, n, S, HAS_LENGTHS: tl.constexpr):
+    """Sequence n's key count: its length clamped to [0, S] (as the other backends read
+    it; cut to 32 bits, a length of 2^32 + 2 was 2), or S without lengths."""
+    length = S
+    if HAS_LENGTHS:
+        length = tl.minimum(tl.maximum(tl.load(LENGTHS + n), 0), S).to(tl.int32)
+    return length
+
+
+@triton.jit
 def row_centers(CENTER, center_base, offs_t, T, HAS_CENTER: tl.constexpr):
     """p_t of local attention, float32: the given centers (local-p) or t (local-m)."""
     if HAS_CENTER:

@@ -1,9 +1,12 @@
 """Test set-up: Triton's interpreter when no GPU is present (set before triton is
-imported anywhere), hypothesis settings suited to two CPU cores, and the failure log
-(FASTATTN_FAILURE_LOG, tests/failure_log.py)."""
+imported anywhere), hypothesis settings suited to two CPU cores, the failure log
+(FASTATTN_FAILURE_LOG, tests/failure_log.py), and no memoized Triton launch plans carried
+from one test into the next."""
 
 import os
+import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -15,3 +18,12 @@ settings.register_profile("default", deadline=None, max_examples=40, derandomize
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 pytest_plugins = ["tests.failure_log"]
+
+
+@pytest.fixture(autouse=True)
+def no_memoized_triton_launch_plans(monkeypatch):
+    """Each test starts with no memoized Triton plans (``triton_launch.LAUNCH_PLANS``), so a
+    test that watches the launchers sees every launch, whatever ran before it."""
+    launch = sys.modules.get("fastattn.ops.triton_launch")  # not imported: triton not loaded yet
+    if launch is not None:
+        monkeypatch.setattr(launch.LAUNCH_PLANS, "plans", {})

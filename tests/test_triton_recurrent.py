@@ -141,7 +141,7 @@ def test_a_layer_projects_its_inputs_once_then_launches_once_a_step(kind, launch
 
 
 def test_a_layers_steps_after_the_first_skip_the_launchers_checks(launches, monkeypatch):
-    """Launcher.repeated: the first step through run_kernel (offset checks, config), the rest
+    """RepeatedLaunch: the first step through run_kernel (offset checks, config), the rest
     straight to the kernel, with the same outputs as the reference (the layer tests)."""
     checked = []
     run_kernel = triton_launch.run_kernel

@@ -11,7 +11,9 @@ to the reference.  A decode step with too few (query block, batch) programs to f
 the GPU splits its keys across programs and merges them (flash-decoding).  The
 additive backward adds its grad_query and grad_v with atomics, so under
 ``torch.use_deterministic_algorithms(True)`` it raises (or warns, with
-``warn_only=True``) as torch's own nondeterministic ops do.
+``warn_only=True``) as torch's own nondeterministic ops do.  A forward's or backward's
+checks, sizes and configs are a plan (``_ForwardPlan``, ``_BackwardPlan``), which eager
+calls with the same layout and arguments reuse (``triton_launch.LAUNCH_PLANS``).
 """
 
 import warnings
@@ -36,10 +38,10 @@ from fastattn.ops.triton_launch import (
     SMALLEST_BLOCK,
     TARGET_PROGRAMS,
     Launcher,
+    LAUNCH_PLANS,
+    RepeatedLaunch,
     ceil_div,
-    contiguous_or_none,
     dot_precision,
-    pointer_or,
     power_of_two_block,
 )
 
@@ -90,30 +92,32 @@ def _rows(tensor: Tensor) -> Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _problem(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center,
-             gaussian):
-    """The kernels' common arguments, once triton_checks has passed them: (pointer tensors,
-    strides, sizes and scalars, constexpr flags).  Keys (1, S, D) shared by the batch are
-    read with a batch stride of 0."""
-    triton_checks.attention(op, query, keys, values, v, bias, score, tuple(SCORE_KINDS), scale, lengths,
-                            key_padding_mask, window, center, gaussian)
-    query, keys, values = _rows(query), _rows(keys), _rows(values)
-    v, bias, lengths, key_padding_mask, center = map(contiguous_or_none, (v, bias, lengths, key_padding_mask, center))
-    batch, query_length, features = query.shape
-    keys = keys.expand(batch, *keys.shape[1:])
-    source_length, value_features = keys.shape[1], values.shape[2]
-    if lengths is not None:  # [0, S], as the other backends read it; the kernels load it as int32
-        lengths = lengths.clamp(0, source_length)
-    kind = SCORE_KINDS[score]
-    key_padding_mask = None if key_padding_mask is None else key_padding_mask.to(torch.uint8)
+def _kernel_tensors(query, keys, values, v, bias, lengths, key_padding_mask, center) -> list[Tensor]:
+    """The eight tensors the kernels read, as they index them: rows with unit stride, the
+    optional ones contiguous (an absent one: the query, never read: its flag is off), the key
+    padding mask's bools as uint8 (a view).  Keys (1, S, D) shared by the batch stay so: the
+    kernels read them with a batch stride of 0 (``_problem``).  The kernels clamp lengths to [0, S]."""
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.contiguous().view(torch.uint8)
+    query = _rows(query)
     optional = (v, bias, lengths, key_padding_mask, center)
-    pointers = [query, keys, values, *(pointer_or(tensor, query) for tensor in optional)]
-    strides = [query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1)]
+    return [query, _rows(keys), _rows(values), *(query if tensor is None else tensor.contiguous() for tensor in optional)]
+
+
+def _problem(tensors, score, scale, bias, lengths, key_padding_mask, causal, window, center, gaussian):
+    """The kernels' scalar arguments for their ``tensors`` (``_kernel_tensors``), the
+    optional inputs as given: (strides, sizes and scalars, constexpr flags)."""
+    query, keys, values = tensors[:3]
+    batch, query_length, features = query.shape
+    source_length, value_features = keys.shape[1], values.shape[2]
+    keys_batch_stride = keys.stride(0) if keys.shape[0] == batch else 0
+    strides = [query.stride(0), query.stride(1), keys_batch_stride, keys.stride(1), values.stride(0), values.stride(1)]
     # A window wider than both sequences is all of them; clamping keeps it a 32-bit integer.
     width = -1 if window is None else min(window, 2**30)
     inverse_two_sigma_squared = 2.0 / (window * window) if gaussian else 0.0
     sizes = [query_length, source_length, features, value_features, float(scale), cosine_norm_floor(query.dtype),
              width, inverse_two_sigma_squared]
+    kind = SCORE_KINDS[score]
     flags = dict(
         SCORE_KIND=kind, HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None,
         HAS_KPM=key_padding_mask is not None, CAUSAL=causal, HAS_WINDOW=window is not None,
@@ -123,7 +127,7 @@ def _problem(op, query, keys, values, v, bias, score, scale, lengths, key_paddin
     if kind != ADDITIVE:  # additive takes its feature tiles from its configs
         flags["BLOCK_D"] = SMALLEST_BLOCK if INTERPRETED else power_of_two_block(features, cap=128)
         flags["BLOCK_D_POLY"] = 0
-    return pointers, strides, sizes, flags
+    return strides, sizes, flags
 
 
 def _split_count(batch: int, query_length: int, source_length: int) -> int:
@@ -135,6 +139,68 @@ def _split_count(batch: int, query_length: int, source_length: int) -> int:
     return min(ceil_div(source_length, SPLIT_GRANULE), ceil_div(TARGET_PROGRAMS, batch * query_blocks))
 
 
+class _ForwardPlan:
+    """A forward's checked sizes and launches, fixed by its inputs' shapes, strides, dtypes
+    and devices and its other arguments (``LAUNCH_PLANS``), run on the tensors of a call:
+    the forward kernel, the combine of its key splits, the weights kernel."""
+
+    def __init__(self, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center,
+                 gaussian, return_weights):
+        op = "triton_attention_forward"
+        triton_checks.attention(op, query, keys, values, v, bias, score, tuple(SCORE_KINDS), scale, lengths,
+                                key_padding_mask, window, center, gaussian)
+        tensors = _kernel_tensors(query, keys, values, v, bias, lengths, key_padding_mask, center)
+        strides, sizes, flags = _problem(tensors, score, scale, bias, lengths, key_padding_mask, causal, window,
+                                         center, gaussian)
+        batch, query_length, source_length = query.shape[0], query.shape[1], keys.shape[1]
+        value_features = values.shape[2]
+        block_dv = power_of_two_block(value_features)
+        splits = _split_count(batch, query_length, source_length)
+        split_size = ceil_div(ceil_div(source_length, splits), SPLIT_GRANULE) * SPLIT_GRANULE
+        self.splits = ceil_div(source_length, split_size) if source_length else 1
+        self.context_shape = (batch, query_length, value_features)
+        self.stats_shape = (batch, query_length, 2)
+        self.partial_shapes = ((batch, self.splits, query_length, block_dv), (batch, self.splits, query_length))
+        additive = flags["SCORE_KIND"] == ADDITIVE
+        self.forward = RepeatedLaunch(
+            LAUNCHERS["decode" if query_length == 1 else "forward", additive],
+            lambda meta: (ceil_div(query_length, meta["BLOCK_T"]), batch, self.splits),
+            (*strides, query_length * value_features, value_features, *sizes, split_size),
+            **flags, SPLIT=self.splits > 1, BLOCK_DV=block_dv,
+            BOUNDED=flags["SCORE_KIND"] == COSINE
+            and abs(scale) <= BOUNDED_SCALE_LIMITS.get(values.dtype, BOUNDED_SCALE_LIMIT),
+        )
+        self.combine = RepeatedLaunch(
+            COMBINE_LAUNCHER, lambda meta: (ceil_div(query_length, meta["BLOCK_T"]), batch),
+            (query_length * value_features, value_features, query_length, value_features, self.splits),
+            BLOCK_DV=block_dv,
+        )
+        self.weights_shape = (batch, query_length, source_length) if return_weights else None
+        weight_sizes = [size for index, size in enumerate(sizes) if index != 3]  # no Dv
+        self.weights = RepeatedLaunch(
+            LAUNCHERS["decode weights" if query_length == 1 else "weights", additive],
+            lambda meta: (ceil_div(source_length, meta["BLOCK_S"]), ceil_div(query_length, meta["BLOCK_T"]), batch),
+            (*strides[:4], *weight_sizes), **flags,
+        )
+
+    def __call__(self, query, keys, values, v, bias, lengths, key_padding_mask, center):
+        tensors = _kernel_tensors(query, keys, values, v, bias, lengths, key_padding_mask, center)
+        context = query.new_empty(self.context_shape)
+        row_stats = query.new_empty(self.stats_shape, dtype=torch.float32)
+        if self.splits > 1:
+            acc_shape, row_shape = self.partial_shapes
+            partials = [query.new_empty(shape, dtype=torch.float32) for shape in (acc_shape, row_shape, row_shape)]
+            self.forward(*tensors, context, row_stats, *partials)
+            self.combine(*partials, context, row_stats)
+        else:
+            self.forward(*tensors, context, row_stats, row_stats, row_stats, row_stats)
+        if self.weights_shape is None:
+            return context, query.new_empty(0), row_stats
+        weights = query.new_zeros(self.weights_shape)
+        self.weights(*tensors[:2], *tensors[3:], row_stats, weights)
+        return context, weights, row_stats
+
+
 @triton_op("fastattn::triton_attention_forward")
 def triton_attention_forward(
     query: Tensor, keys: Tensor, values: Tensor, v: Optional[Tensor], bias: Optional[Tensor], score: str,
@@ -144,48 +210,82 @@ def triton_attention_forward(
     """-> (context (N, T, Dv), weights (N, T, S) or empty, row statistics (N, T, 2) float32: each row's
     softmax shift m and 1 / l, logsumexp = m + log l, (+inf, 0) on empty rows; the backward's
     probabilities exp(e - m) / l keep the accuracy exp(e - logsumexp) loses in peaked rows)."""
-    pointers, strides, sizes, flags = _problem(
-        "triton_attention_forward", query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
-        window, center, gaussian,
+    inputs = (query, keys, values, v, bias, lengths, key_padding_mask, center)
+    plan = LAUNCH_PLANS.get(
+        "triton_attention_forward", inputs, (score, scale, causal, window, gaussian, return_weights),
+        lambda: _ForwardPlan(query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window,
+                             center, gaussian, return_weights),
     )
-    batch, query_length, source_length = query.shape[0], query.shape[1], keys.shape[1]
-    value_features = values.shape[2]
-    block_dv = power_of_two_block(value_features)
-    context = query.new_empty(batch, query_length, value_features)
-    row_stats = query.new_empty(batch, query_length, 2, dtype=torch.float32)
-    splits = _split_count(batch, query_length, source_length)
-    split_size = ceil_div(ceil_div(source_length, splits), SPLIT_GRANULE) * SPLIT_GRANULE
-    splits = ceil_div(source_length, split_size) if source_length else 1
-    if splits > 1:
-        partial_acc = query.new_empty(batch, splits, query_length, block_dv, dtype=torch.float32)
-        partial_max = query.new_empty(batch, splits, query_length, dtype=torch.float32)
-        partial_sum = query.new_empty(batch, splits, query_length, dtype=torch.float32)
-    else:
-        partial_acc = partial_max = partial_sum = row_stats
-    additive = flags["SCORE_KIND"] == ADDITIVE
-    LAUNCHERS["decode" if query_length == 1 else "forward", additive](
-        lambda meta: (ceil_div(query_length, meta["BLOCK_T"]), batch, splits),
-        *pointers, context, row_stats, partial_acc, partial_max, partial_sum,
-        *strides, context.stride(0), context.stride(1), *sizes, split_size,
-        **flags, SPLIT=splits > 1, BLOCK_DV=block_dv,
-        BOUNDED=flags["SCORE_KIND"] == COSINE
-        and abs(scale) <= BOUNDED_SCALE_LIMITS.get(values.dtype, BOUNDED_SCALE_LIMIT),
-    )
-    if splits > 1:
-        COMBINE_LAUNCHER(
-            lambda meta: (ceil_div(query_length, meta["BLOCK_T"]), batch),
-            partial_acc, partial_max, partial_sum, context, row_stats, context.stride(0), context.stride(1),
-            query_length, value_features, splits, BLOCK_DV=block_dv,
+    return plan(*inputs)
+
+
+class _BackwardPlan:
+    """A backward's checked sizes and launches for one layout of its inputs (``LAUNCH_PLANS``),
+    run on the tensors of a call: the query kernel (twice for the dot family: the row terms,
+    then the gradient), the key-value kernel."""
+
+    def __init__(self, grad_context, grad_weights, query, keys, values, v, bias, score, scale, lengths,
+                 key_padding_mask, causal, window, center, gaussian, row_stats):
+        op = "triton_attention_backward"
+        triton_checks.attention(op, query, keys, values, v, bias, score, tuple(SCORE_KINDS), scale, lengths,
+                                key_padding_mask, window, center, gaussian)
+        triton_checks.attention_backward(op, grad_context, grad_weights, query, keys, values, row_stats, row_stats=True)
+        tensors = _kernel_tensors(query, keys, values, v, bias, lengths, key_padding_mask, center)
+        strides, sizes, flags = _problem(tensors, score, scale, bias, lengths, key_padding_mask, causal, window,
+                                         center, gaussian)
+        grad_context = _rows(grad_context)
+        batch, query_length, features = query.shape
+        source_length, value_features = keys.shape[1], values.shape[2]
+        self.additive = flags["SCORE_KIND"] == ADDITIVE
+        self.shared_keys = keys.shape[0] != batch
+        self.shapes = (batch, query_length, source_length, features, value_features)
+        self.grad_center_shape = center.shape if center is not None and gaussian else (0,)
+        scalars = (*strides, grad_context.stride(0), grad_context.stride(1), *sizes)
+        gradient_flags = dict(
+            **flags, HAS_GRAD_WEIGHTS=grad_weights is not None,
+            BLOCK_DQ=power_of_two_block(features), BLOCK_DV=power_of_two_block(value_features),
         )
-    if not return_weights:
-        return context, query.new_empty(0), row_stats
-    weights = query.new_zeros(batch, query_length, source_length)
-    weight_sizes = [size for index, size in enumerate(sizes) if index != 3]  # no Dv
-    LAUNCHERS["decode weights" if query_length == 1 else "weights", additive](
-        lambda meta: (ceil_div(source_length, meta["BLOCK_S"]), ceil_div(query_length, meta["BLOCK_T"]), batch),
-        *pointers[:2], *pointers[3:], row_stats, weights, *strides[:4], *weight_sizes, **flags,
-    )
-    return context, weights, row_stats
+
+        def query_grid(meta):
+            return ceil_div(query_length, meta["BLOCK_T"]), batch
+
+        one_row = "decode " if self.additive and query_length == 1 else ""  # see LAUNCHERS
+        self.row_terms = RepeatedLaunch(LAUNCHERS[one_row + "grad_query", self.additive], query_grid, scalars,
+                                        **gradient_flags, ROW_TERMS_GIVEN=False)
+        # additive: the first launch's row terms are all the key-value kernel needs, and it gives grad_query
+        self.grad_query = None if self.additive else RepeatedLaunch(
+            LAUNCHERS["grad_query", False], query_grid, scalars, **gradient_flags, ROW_TERMS_GIVEN=True)
+        self.grad_key_value = RepeatedLaunch(
+            LAUNCHERS[one_row + "grad_key_value", self.additive],
+            lambda meta: (ceil_div(source_length, meta["BLOCK_S"]), batch), scalars, **gradient_flags,
+        )
+
+    def __call__(self, grad_context, grad_weights, query, keys, values, v, bias, lengths, key_padding_mask,
+                 center, row_stats):
+        tensors = _kernel_tensors(query, keys, values, v, bias, lengths, key_padding_mask, center)
+        grad_context = _rows(grad_context)
+        grad_weights = grad_context if grad_weights is None else grad_weights.contiguous()
+        batch, query_length, source_length, features, value_features = self.shapes
+        grad_query = query.new_zeros(batch, query_length, features, dtype=torch.float32)
+        grad_keys = query.new_zeros(batch, source_length, features, dtype=torch.float32)
+        grad_values = query.new_empty(batch, source_length, value_features, dtype=torch.float32)
+        grad_v = query.new_zeros(features if self.additive else 0, dtype=torch.float32)
+        grad_center = query.new_zeros(self.grad_center_shape, dtype=torch.float32)
+        row_terms = query.new_empty(batch, query_length, 2, dtype=torch.float32)  # (shift, row term) per row
+        upstream = (grad_context, grad_weights, row_stats.contiguous(), row_terms)
+        self.row_terms(*tensors, *upstream, grad_query, grad_center if grad_center.numel() else grad_query)
+        if self.grad_query is not None:
+            self.grad_query(*tensors, *upstream, grad_query, grad_query)
+        self.grad_key_value(*tensors, *upstream, grad_query, grad_keys, grad_values,
+                            grad_v if self.additive else grad_keys)
+        grad_bias = grad_query.sum((0, 1)) if self.additive and bias is not None else query.new_empty(0)
+        if self.shared_keys:
+            grad_keys = grad_keys.sum(0, keepdim=True)
+        dtype = query.dtype
+        return (
+            grad_query.to(dtype), grad_keys.to(dtype), grad_values.to(dtype), grad_v.to(dtype), grad_bias.to(dtype),
+            grad_center.to(center.dtype if center is not None else dtype),
+        )
 
 
 @triton_op("fastattn::triton_attention_backward")
@@ -196,60 +296,15 @@ def triton_attention_backward(
     row_stats: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (grad query, keys, values, v, bias, center); the last three are empty when absent."""
-    pointers, strides, sizes, flags = _problem(
-        "triton_attention_backward", query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
-        window, center, gaussian,
+    tensors = (grad_context, grad_weights, query, keys, values, v, bias, lengths, key_padding_mask, center, row_stats)
+    plan = LAUNCH_PLANS.get(
+        "triton_attention_backward", tensors, (score, scale, causal, window, gaussian),
+        lambda: _BackwardPlan(grad_context, grad_weights, query, keys, values, v, bias, score, scale, lengths,
+                              key_padding_mask, causal, window, center, gaussian, row_stats),
     )
-    triton_checks.attention_backward(
-        "triton_attention_backward", grad_context, grad_weights, query, keys, values, row_stats, row_stats=True,
-    )
-    grad_context, grad_weights = _rows(grad_context), contiguous_or_none(grad_weights)
-    row_stats = row_stats.contiguous()
-    batch, query_length, features = query.shape
-    source_length, value_features = keys.shape[1], values.shape[2]
-    additive = flags["SCORE_KIND"] == ADDITIVE
-    if additive:
+    if plan.additive:
         _alert_not_deterministic("fastattn::triton_attention_backward with the additive score")
-    gradient_strides = [*strides, grad_context.stride(0), grad_context.stride(1)]
-    gradient_flags = dict(
-        **flags, HAS_GRAD_WEIGHTS=grad_weights is not None,
-        BLOCK_DQ=power_of_two_block(features), BLOCK_DV=power_of_two_block(value_features),
-    )
-
-    def query_grid(meta):
-        return ceil_div(query_length, meta["BLOCK_T"]), batch
-
-    grad_weights_or_context = grad_weights if grad_weights is not None else grad_context
-    grad_query = query.new_zeros(batch, query_length, features, dtype=torch.float32)
-    grad_keys = query.new_zeros(batch, source_length, features, dtype=torch.float32)
-    grad_values = query.new_empty(batch, source_length, value_features, dtype=torch.float32)
-    grad_v = query.new_zeros(features if additive else 0, dtype=torch.float32)
-    grad_center = query.new_zeros(center.shape if center is not None and gaussian else (0,), dtype=torch.float32)
-    row_terms = query.new_empty(batch, query_length, 2, dtype=torch.float32)  # (shift, row term) per row
-    upstream = [grad_context, grad_weights_or_context, row_stats, row_terms]
-    one_row = "decode " if additive and query_length == 1 else ""  # see LAUNCHERS
-    LAUNCHERS[one_row + "grad_query", additive](
-        query_grid, *pointers, *upstream, grad_query, grad_center if grad_center.numel() else grad_query,
-        *gradient_strides, *sizes, **gradient_flags, ROW_TERMS_GIVEN=False,
-    )
-    if not additive:  # additive: the key-value kernel gives grad_query
-        LAUNCHERS["grad_query", additive](
-            query_grid, *pointers, *upstream, grad_query, grad_query,
-            *gradient_strides, *sizes, **gradient_flags, ROW_TERMS_GIVEN=True,
-        )
-    LAUNCHERS[one_row + "grad_key_value", additive](
-        lambda meta: (ceil_div(source_length, meta["BLOCK_S"]), batch),
-        *pointers, *upstream, grad_query, grad_keys, grad_values, grad_v if additive else grad_keys,
-        *gradient_strides, *sizes, **gradient_flags,
-    )
-    grad_bias = grad_query.sum((0, 1)) if additive and bias is not None else query.new_empty(0)
-    if keys.shape[0] != batch:  # keys shared by the batch
-        grad_keys = grad_keys.sum(0, keepdim=True)
-    dtype = query.dtype
-    return (
-        grad_query.to(dtype), grad_keys.to(dtype), grad_values.to(dtype), grad_v.to(dtype), grad_bias.to(dtype),
-        grad_center.to(center.dtype if center is not None else dtype),
-    )
+    return plan(*tensors)
 
 
 def _alert_not_deterministic(caller: str) -> None:
@@ -315,9 +370,7 @@ def _attention_backward(ctx, grad_context, grad_weights, _grad_row_stats):
     return _forward_input_gradients(grads, v, bias, center, ctx.gaussian)
 
 
-torch.library.register_autograd(
-    "fastattn::triton_attention_forward", _attention_backward, setup_context=_save_for_backward
-)
+triton_attention_forward.register_autograd(_attention_backward, setup_context=_save_for_backward)
 
 
 def fused(query, keys, values, v, bias, kernel_score, scale, masking, return_weights):

@@ -2,14 +2,17 @@
 
 Each Triton op is a ``torch.library.triton_op``, so that autograd, torch.compile, fake
 tensors, dispatch modes and functorch transforms see it.  In a plain eager call (no
-graph to record, no compile, no mode, no transform, no forward-mode dual level, plain
-tensors) the dispatcher adds only the custom op's Python autograd wrapper, a redispatch
-and torch.compile's disable frame around the same Python body, which it runs with
-``wrap_triton`` off (as the caller below does too): about 20 us of the 80 us that a
-bfloat16 decode step's Python took before its launch (measured on the 2-core CI machine),
-while its kernel takes about 10 us on an H200.  The ops are declared with
-``triton_op`` below, which registers the op and returns a function that runs the body
-directly there, and the op everywhere else; the Triton backend calls those functions.
+compile, no mode, no transform, no forward-mode dual level, plain tensors) the dispatcher
+adds only the custom op's Python autograd wrapper, a redispatch and torch.compile's
+disable frame around the same Python body, which it runs with ``wrap_triton`` off (as the
+caller below does too): about 20 us of the 80 us that a bfloat16 decode step's Python
+took before its launch (measured on the 2-core CI machine), while its kernel takes about
+10 us on an H200; when autograd records, about 100 us more a forward (its schema's
+argument handling above all).  The ops are declared with ``triton_op`` below, which
+registers the op and returns its caller (``TritonOp``): the body itself in a plain call,
+the op's own autograd formula around the body when autograd records (a
+``torch.autograd.Function`` of the functions the op registers, ``TritonOp.register_autograd``),
+and the op everywhere else; the Triton backend calls those callers.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _plain_eager(arguments, keywords) -> bool:
+    """Whether nothing but autograd (if it records) needs the dispatcher for this call."""
     if (
         torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack()  # FakeTensorMode, make_fx, user TorchDispatchModes
@@ -33,33 +37,72 @@ def _plain_eager(arguments, keywords) -> bool:
         or forward_ad._current_level >= 0  # dual tensors: the op refuses them, the body would drop the tangents
     ):
         return False
-    recording = torch.is_grad_enabled()
     for value in (*arguments, *keywords.values()):
-        if isinstance(value, torch.Tensor) and (
-            type(value) not in PLAIN_TENSOR_TYPES or (recording and value.requires_grad)
-        ):
+        if isinstance(value, torch.Tensor) and type(value) not in PLAIN_TENSOR_TYPES:
             return False
     return True
 
 
-def triton_op(name: str) -> Callable[[Callable], Callable]:
-    """``torch.library.triton_op(name, mutates_args=())`` as a decorator that returns the
-    op's caller: the body itself in a plain eager call, ``torch.ops.<name>`` otherwise."""
+def _records(arguments) -> bool:
+    """Whether autograd records this call: grad mode on and a tensor that requires grad."""
+    return torch.is_grad_enabled() and any(
+        isinstance(value, torch.Tensor) and value.requires_grad for value in arguments
+    )
 
-    def register(body: Callable) -> Callable:
-        torch.library.triton_op(name, mutates_args=())(body)
+
+class TritonOp:
+    """A Triton op's caller (``triton_op``): in a plain eager call its body itself, with a
+    recording autograd its ``torch.autograd.Function`` (``register_autograd``: the op's
+    own backward and setup_context around the body, as the dispatcher's autograd kernel
+    runs them, without the redispatch and the schema's argument handling: about 100 us a
+    forward on the CI machine), ``torch.ops.<name>`` everywhere else."""
+
+    def __init__(self, name: str, body: Callable):
+        functools.update_wrapper(self, body)
+        self.body = body
         namespace, op_name = name.split("::")
-        op = getattr(getattr(torch.ops, namespace), op_name).default
+        self.op = getattr(getattr(torch.ops, namespace), op_name).default
+        self.name = name
+        self.function = None  # the autograd.Function, once register_autograd has run
 
-        @functools.wraps(body)
-        def caller(*arguments, **keywords):
-            if not _plain_eager(arguments, keywords):
-                return op(*arguments, **keywords)
-            # As the op's own eager kernel does: wrap_triton launches the kernel itself, not
-            # through its higher-order op (made for tracing, ~150 us a launch in eager).
+    def __call__(self, *arguments, **keywords):
+        if not _plain_eager(arguments, keywords):
+            return self.op(*arguments, **keywords)
+        if _records((*arguments, *keywords.values())):
+            if self.function is None or keywords:  # Function.apply takes positional arguments only
+                return self.op(*arguments, **keywords)
+            return self.function.apply(*arguments)
+        # As the op's own eager kernel does: wrap_triton launches the kernel itself, not
+        # through its higher-order op (made for tracing, ~150 us a launch in eager).
+        with set_wrap_triton_enabled(False):
+            return self.body(*arguments, **keywords)
+
+    def register_autograd(self, backward: Callable, setup_context: Callable) -> None:
+        """``torch.library.register_autograd`` for the op, and the same functions around
+        the body for the caller's recorded calls."""
+        torch.library.register_autograd(self.name, backward, setup_context=setup_context)
+        body = self.body
+
+        # The old style, ctx first and setup_context called from forward: Function.apply binds a
+        # new-style forward's arguments through inspect.signature at every call.
+        def forward(ctx, *arguments):
             with set_wrap_triton_enabled(False):
-                return body(*arguments, **keywords)
+                output = body(*arguments)
+            setup_context(ctx, arguments, output)
+            return output
 
-        return caller
+        self.function = type(
+            f"Direct{self.__name__}", (torch.autograd.Function,),
+            {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+        )
+
+
+def triton_op(name: str) -> Callable[[Callable], TritonOp]:
+    """``torch.library.triton_op(name, mutates_args=())`` as a decorator that returns the
+    op's caller (``TritonOp``)."""
+
+    def register(body: Callable) -> TritonOp:
+        torch.library.triton_op(name, mutates_args=())(body)
+        return TritonOp(name, body)
 
     return register

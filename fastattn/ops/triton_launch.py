@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 from typing import Callable, Optional
 
 import torch
 import triton
+from torch._library.triton import is_wrap_triton_enabled
 from torch._subclasses.fake_tensor import FakeTensor
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -124,9 +124,13 @@ def run_kernel(kernel, grid, *arguments, **constexprs):
 
 
 def _traceable(kernel):
-    """``wrap_triton(kernel)``; under the interpreter with a torch older than 2.13, whose
-    ``wrap_triton`` takes only compiled kernels, the interpreted kernel itself (eager calls
-    are the same; the interpreter runs nothing under torch.compile anyway, see run_kernel)."""
+    """``wrap_triton(kernel)``: the kernel itself where wrap_triton is off (an eager call, see
+    ``fastattn.ops.triton_eager``: what wrap_triton returns there, without its imports, about
+    4 us a launch on the CI machine), and under the interpreter with a torch older than 2.13,
+    whose ``wrap_triton`` takes only compiled kernels (the interpreter runs nothing under
+    torch.compile anyway, see run_kernel)."""
+    if not is_wrap_triton_enabled():
+        return kernel
     try:
         return torch.library.wrap_triton(kernel)
     except RuntimeError:
@@ -182,14 +186,6 @@ def power_of_two_block(size: int, cap: int | None = None) -> int:
 def tuning_bucket(size: int) -> int:
     """The power of two at or above ``size`` (1 for 0): sizes that share a tuned config."""
     return next_power_of_2(max(int(size), 1))
-
-
-def _skipped(*arguments) -> None:
-    """A launch with nothing to run (``_interpreted_on_fakes``)."""
-
-
-def _call_with(kernel, keywords: dict, *arguments) -> None:
-    kernel(*arguments, **keywords)
 
 
 def _dtypes(arguments) -> tuple:
@@ -278,25 +274,68 @@ class Launcher:
         config, options = chosen
         run_kernel(self.kernel, grid(dict(config.kwargs)), *arguments, **constexprs, **options)
 
-    def repeated(self, grid, **constexprs) -> Callable[..., None]:
-        """``launch(*arguments)`` for a loop of launches with these constexprs whose tensors
-        keep their shapes and strides from one launch to the next (a layer's time steps: views
-        of its state buffers).  The first goes through ``__call__`` (checks, config, tuning);
-        the rest take its config and grid straight to the kernel, their offsets checked by it
-        (they depend on shapes and strides alone): 19 -> 7 us of Python a step on the CI machine."""
-        direct = None
 
-        def launch(*arguments):
-            nonlocal direct
-            if direct is not None:
-                direct(*arguments)
-                return
-            self(grid, *arguments, **constexprs)
-            config, options = self._chosen(arguments, constexprs)
-            if _interpreted_on_fakes(arguments):
-                direct = _skipped
-                return
-            kernel = _traceable(self.kernel)[grid(dict(config.kwargs))]
-            direct = functools.partial(_call_with, kernel, {**constexprs, **options})
+def _skipped(*arguments) -> None:
+    """A launch with nothing to run (``_interpreted_on_fakes``)."""
 
-        return launch
+
+class RepeatedLaunch:
+    """One launch site called again and again with tensors of the same shapes, strides and
+    dtypes (a layer's time steps: views of its state buffers; a memoized attention forward):
+    ``launch(*tensors)``, the kernel's leading tensor arguments, after which come the fixed
+    ``scalars``, then the ``constexprs``.  The first call goes through the ``Launcher``
+    (offset checks, config, tuning); later calls take the config it chose
+    and its grid straight to the kernel, their offsets checked by the first (they depend on
+    shapes and strides alone): 19 -> 7 us of Python a layer step on the CI machine."""
+
+    def __init__(self, launcher: Launcher, grid: Callable[[dict], tuple], scalars: tuple = (), **constexprs):
+        self.launcher, self.grid, self.scalars, self.constexprs = launcher, grid, scalars, constexprs
+        self.direct: Optional[Callable[..., None]] = None
+
+    def __call__(self, *tensors) -> None:
+        if self.direct is not None:
+            self.direct(*tensors, *self.scalars, **self.keywords)
+            return
+        arguments = (*tensors, *self.scalars)
+        self.launcher(self.grid, *arguments, **self.constexprs)
+        if _interpreted_on_fakes(arguments):
+            self.direct, self.keywords = _skipped, {}
+            return
+        config, options = self.launcher._chosen(arguments, self.constexprs)  # the one the call took or tuned
+        self.keywords = {**self.constexprs, **options}
+        self.direct = _traceable(self.launcher.kernel)[self.grid(dict(config.kwargs))]
+
+
+def _layout_key(tensor: Optional[torch.Tensor]):
+    return None if tensor is None else (tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+
+
+class LaunchPlans:
+    """The Triton ops' plans (the checked sizes of a call and its ``RepeatedLaunch`` objects),
+    memoized for eager calls on all a plan depends on but the tensors' data: the op, its
+    tensors' shapes, strides, dtypes and devices, its other arguments, torch's float32 matmul
+    precision and whether launches tune; so a decoder's or a training loop's calls of an op
+    after the first skip its checks, sizes and configs.  Traced calls (wrap_triton on: fake
+    tensors, launches recorded through wrap_triton) make theirs afresh.  The oldest plan is
+    dropped past ``limit``."""
+
+    def __init__(self, limit: int = 256):
+        self.limit = limit
+        self.plans: dict[tuple, object] = {}
+
+    def get(self, op: str, tensors: tuple, arguments: tuple, build: Callable[[], object]):
+        """The plan of ``op`` for ``tensors`` (None for an absent one) and its other
+        ``arguments``, from ``build()`` when there is none yet."""
+        if is_wrap_triton_enabled():
+            return build()
+        key = (op, *map(_layout_key, tensors), *arguments, dot_precision(tensors[0].dtype), autotuning())
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = build()
+            if len(self.plans) >= self.limit:
+                del self.plans[next(iter(self.plans))]
+            self.plans[key] = plan
+        return plan
+
+
+LAUNCH_PLANS = LaunchPlans()

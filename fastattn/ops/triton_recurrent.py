@@ -18,7 +18,7 @@ reference.
 """
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from fastattn.kernels.recurrent_cells import (
 from fastattn.ops import triton_checks
 from fastattn.ops.triton_configs import INPUT_PROJECTION, RECURRENT_POINTWISE, RECURRENT_STEP
 from fastattn.ops.triton_eager import triton_op
-from fastattn.ops.triton_launch import Launcher, ceil_div, contiguous_or_none, dot_precision, pointer_or
+from fastattn.ops.triton_launch import LAUNCH_PLANS, Launcher, RepeatedLaunch, ceil_div, contiguous_or_none, dot_precision, pointer_or
 from fastattn.reference.recurrent import gru_update, lstm_update, outputs_of_states, states_over_time
 
 LAUNCHERS = {  # kernel name -> Launcher
@@ -52,33 +52,39 @@ def _grid(batch: int, hidden: int):
     return lambda meta: (ceil_div(batch, meta["BLOCK_B"]), ceil_div(hidden, meta["BLOCK_H"]))
 
 
-def _launch(kernel, batch, hidden, *arguments, **constexprs):
-    """Launch a cell kernel over (batch blocks, hidden blocks); its last two size arguments are B and H."""
-    LAUNCHERS[kernel.__name__](_grid(batch, hidden), *arguments, batch, hidden, **constexprs)
-
-
-def _step_launches(kernel, batch, hidden, **constexprs):
+def _step_launches(kernel, batch, hidden, **constexprs) -> RepeatedLaunch:
     """``launch(*arguments)``: ``_launch`` for each step of a layer's time loop, whose
-    arguments are same-shaped views from one step to the next (``Launcher.repeated``)."""
-    launch = LAUNCHERS[kernel.__name__].repeated(_grid(batch, hidden), **constexprs)
-    return lambda *arguments: launch(*arguments, batch, hidden)
+    arguments are same-shaped views from one step to the next."""
+    return RepeatedLaunch(LAUNCHERS[kernel.__name__], _grid(batch, hidden), (batch, hidden), **constexprs)
 
 
-def _no_lengths(like: Tensor) -> tuple[Tensor, int]:
-    """A kernel's LENGTHS and t outside a layer (HAS_LENGTHS false: unread)."""
-    return like, 0
+def _cell_launch(op: str, kernel, gates: int, state_name: str, tensors: dict[str, Optional[Tensor]],
+                 constexprs: Callable[[], dict], scalars: tuple = ()) -> tuple[RepeatedLaunch, list[Optional[Tensor]]]:
+    """A cell op's launch of ``kernel`` over (batch blocks, hidden blocks) for the layout of
+    its ``tensors`` (by name), checked (``triton_checks.cell``) once a layout (``LAUNCH_PLANS``),
+    and the tensors contiguous, as the kernel indexes them.  The launch takes the kernel's
+    tensor arguments; LENGTHS is the last (unread outside a layer: HAS_LENGTHS false), then
+    come t = 0, ``scalars``, B and H, and the ``constexprs()``."""
+    values = tuple(tensors.values())
 
+    def plan() -> RepeatedLaunch:
+        triton_checks.cell(op, gates, state_name, tensors)
+        batch, hidden = tensors[state_name].shape
+        return RepeatedLaunch(LAUNCHERS[kernel.__name__], _grid(batch, hidden), (0, *scalars, batch, hidden),
+                              **constexprs())
 
-def _checked(op: str, gates: int, state_name: str, **tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
-    """A cell op's tensors, checked (triton_checks.cell) and contiguous, as the kernels index them."""
-    triton_checks.cell(op, gates, state_name, tensors)
-    return [contiguous_or_none(tensor) for tensor in tensors.values()]
+    return LAUNCH_PLANS.get(op, values, (), plan), [contiguous_or_none(tensor) for tensor in values]
 
 
 def _layer_checked(op: str, gates: int, **tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
     """A layer op's tensors, checked (triton_checks.layer) and contiguous."""
     triton_checks.layer(op, gates, tensors)
     return [contiguous_or_none(tensor) for tensor in tensors.values()]
+
+
+def _outside_a_layer() -> dict:
+    """A pointwise backward kernel's constexprs for one cell step."""
+    return dict(IN_LAYER=False, HAS_LENGTHS=False, ROUNDED_COPY=False)
 
 
 def _step_flags(h: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], lengths: Optional[Tensor] = None,
@@ -124,9 +130,7 @@ def _input_projection_backward(ctx, grad):
     return _input_gradients(grad, x, w, b is not None)
 
 
-torch.library.register_autograd(
-    "fastattn::triton_input_projection", _input_projection_backward, setup_context=_save_input_projection
-)
+triton_input_projection.register_autograd(_input_projection_backward, setup_context=_save_input_projection)
 
 
 # ---------------------------------------------------------------- LSTM
@@ -137,16 +141,14 @@ def triton_lstm_step(
     x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A whole LSTM step in one launch -> (h', c', saved (B, 4H) float32)."""
-    x, h, c, w_ih, w_hh, b_ih, b_hh = _checked(
-        "triton_lstm_step", 4, "c", x=x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh
+    launch, (x, h, c, w_ih, w_hh, b_ih, b_hh) = _cell_launch(
+        "triton_lstm_step", lstm_step_kernel, 4, "c", dict(x=x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh),
+        lambda: _step_flags(h, b_ih, b_hh), (x.shape[1],),
     )
     batch, hidden = c.shape
     h_next, c_next = torch.empty_like(c), torch.empty_like(c)
     saved = c.new_empty(batch, 4 * hidden, dtype=torch.float32)
-    _launch(
-        lstm_step_kernel, batch, hidden, x, h, c, w_ih, w_hh, pointer_or(b_ih, x), pointer_or(b_hh, x),
-        h_next, c_next, saved, *_no_lengths(x), x.shape[1], **_step_flags(h, b_ih, b_hh),
-    )
+    launch(x, h, c, w_ih, w_hh, pointer_or(b_ih, x), pointer_or(b_hh, x), h_next, c_next, saved, x)
     return h_next, c_next, saved
 
 
@@ -155,17 +157,14 @@ def triton_lstm_pointwise_backward(
     grad_h_next: Tensor, grad_c_next: Tensor, c: Tensor, c_next: Tensor, saved: Tensor
 ) -> tuple[Tensor, Tensor]:
     """-> (gradient of the pre-activation gates (B, 4H) float32, gradient of c)."""
-    grad_h_next, grad_c_next, c, c_next, saved = _checked(
-        "triton_lstm_pointwise_backward", 4, "c", grad_h_next=grad_h_next, grad_c_next=grad_c_next, c=c,
-        c_next=c_next, saved=saved,
+    launch, (grad_h_next, grad_c_next, c, c_next, saved) = _cell_launch(
+        "triton_lstm_pointwise_backward", lstm_pointwise_backward_kernel, 4, "c",
+        dict(grad_h_next=grad_h_next, grad_c_next=grad_c_next, c=c, c_next=c_next, saved=saved), _outside_a_layer,
     )
-    batch, hidden = c.shape
     grad_gates = torch.empty_like(saved)
     grad_c = torch.empty_like(c)
-    _launch(  # OUTSIDE_GRAD_H, OUTSIDE_GRAD_C, GRAD_H and GRAD_GATES_ROUNDED unused outside a layer
-        lstm_pointwise_backward_kernel, batch, hidden, grad_h_next, grad_c_next, c, c_next, saved, grad_gates, grad_c,
-        c, c, c, c, *_no_lengths(c), IN_LAYER=False, HAS_LENGTHS=False, ROUNDED_COPY=False,
-    )
+    # OUTSIDE_GRAD_H, OUTSIDE_GRAD_C, GRAD_H and GRAD_GATES_ROUNDED unused outside a layer
+    launch(grad_h_next, grad_c_next, c, c_next, saved, grad_gates, grad_c, c, c, c, c, c)
     return grad_gates, grad_c
 
 
@@ -224,7 +223,7 @@ def _lstm_step_backward(ctx, grad_h_next, grad_c_next, _grad_saved):
     return grad_x, grad_gates @ w_hh, grad_c, grad_w_ih, grad_gates.T @ h, grad_b_ih, grad_b_hh
 
 
-torch.library.register_autograd("fastattn::triton_lstm_step", _lstm_step_backward, setup_context=_save_lstm_step)
+triton_lstm_step.register_autograd(_lstm_step_backward, setup_context=_save_lstm_step)
 
 
 def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
@@ -240,17 +239,16 @@ def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
 def triton_gru_pointwise_backward(grad_h_next: Tensor, h: Tensor, saved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """-> gradients of the gates' input and hidden parts (B, 3H each, float32) and the
     direct part of h's (B, H)."""
-    grad_h_next, h, saved = _checked(
-        "triton_gru_pointwise_backward", 3, "h", grad_h_next=grad_h_next, h=h, saved=saved
+    launch, (grad_h_next, h, saved) = _cell_launch(
+        "triton_gru_pointwise_backward", gru_pointwise_backward_kernel, 3, "h",
+        dict(grad_h_next=grad_h_next, h=h, saved=saved), _outside_a_layer,
     )
     batch, hidden = h.shape
     grad_gates_x = h.new_empty(batch, 3 * hidden, dtype=torch.float32)
     grad_gates_h = h.new_empty(batch, 3 * hidden, dtype=torch.float32)
     grad_h = torch.empty_like(h)
-    _launch(  # OUTSIDE_GRAD_H and GRAD_GATES_H_ROUNDED unused outside a layer
-        gru_pointwise_backward_kernel, batch, hidden, grad_h_next, h, saved, grad_gates_x, grad_gates_h, grad_h,
-        h, h, *_no_lengths(h), IN_LAYER=False, HAS_LENGTHS=False, ROUNDED_COPY=False,
-    )
+    # OUTSIDE_GRAD_H and GRAD_GATES_H_ROUNDED unused outside a layer
+    launch(grad_h_next, h, saved, grad_gates_x, grad_gates_h, grad_h, h, h, h)
     return grad_gates_x, grad_gates_h, grad_h
 
 
@@ -259,16 +257,14 @@ def triton_gru_step(
     x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
     """A whole GRU step in one launch -> (h', saved (B, 4H) float32)."""
-    x, h, w_ih, w_hh, b_ih, b_hh = _checked(
-        "triton_gru_step", 3, "h", x=x, h=h, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh
+    launch, (x, h, w_ih, w_hh, b_ih, b_hh) = _cell_launch(
+        "triton_gru_step", gru_step_kernel, 3, "h", dict(x=x, h=h, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh),
+        lambda: _step_flags(h, b_ih, b_hh), (x.shape[1],),
     )
     batch, hidden = h.shape
     h_next = torch.empty_like(h)
     saved = h.new_empty(batch, 4 * hidden, dtype=torch.float32)
-    _launch(
-        gru_step_kernel, batch, hidden, x, h, w_ih, w_hh, pointer_or(b_ih, x), pointer_or(b_hh, x),
-        h_next, saved, *_no_lengths(x), x.shape[1], **_step_flags(h, b_ih, b_hh),
-    )
+    launch(x, h, w_ih, w_hh, pointer_or(b_ih, x), pointer_or(b_hh, x), h_next, saved, x)
     return h_next, saved
 
 
@@ -291,7 +287,7 @@ def _gru_step_backward(ctx, grad_h_next, _grad_saved):
     return grad_x, grad_h + grad_gates_h @ w_hh, grad_w_ih, grad_gates_h.T @ h, grad_b_ih, grad_b_hh
 
 
-torch.library.register_autograd("fastattn::triton_gru_step", _gru_step_backward, setup_context=_save_gru_step)
+triton_gru_step.register_autograd(_gru_step_backward, setup_context=_save_gru_step)
 
 
 def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
@@ -432,7 +428,7 @@ def _lstm_layer_backward(ctx, grad_h_states, grad_c_states, _grad_saved):
     return grad_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, None, None
 
 
-torch.library.register_autograd("fastattn::triton_lstm_layer", _lstm_layer_backward, setup_context=_save_layer)
+triton_lstm_layer.register_autograd(_lstm_layer_backward, setup_context=_save_layer)
 torch.library.register_autograd("fastattn::triton_lstm_layer_backward", _no_derivative)
 
 
@@ -509,7 +505,7 @@ def _gru_layer_backward(ctx, grad_h_states, _grad_saved):
     return grad_gates_x, grad_h0, grad_w_hh, grad_b_hh, None, None
 
 
-torch.library.register_autograd("fastattn::triton_gru_layer", _gru_layer_backward, setup_context=_save_layer)
+triton_gru_layer.register_autograd(_gru_layer_backward, setup_context=_save_layer)
 torch.library.register_autograd("fastattn::triton_gru_layer_backward", _no_derivative)
 
 
