@@ -54,8 +54,9 @@ class TritonOp:
     """A Triton op's caller (``triton_op``): in a plain eager call its body itself, with a
     recording autograd its ``torch.autograd.Function`` (``register_autograd``: the op's
     own backward and setup_context around the body, as the dispatcher's autograd kernel
-    runs them, without the redispatch and the schema's argument handling: about 100 us a
-    forward on the CI machine), ``torch.ops.<name>`` everywhere else."""
+    runs them, without the redispatch and the schema's argument handling: a recorded
+    scaled_dot forward's Python from 138 to 65 us on the CI machine), ``torch.ops.<name>``
+    everywhere else."""
 
     def __init__(self, name: str, body: Callable):
         functools.update_wrapper(self, body)

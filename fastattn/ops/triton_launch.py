@@ -281,12 +281,12 @@ def _skipped(*arguments) -> None:
 
 class RepeatedLaunch:
     """One launch site called again and again with tensors of the same shapes, strides and
-    dtypes (a layer's time steps: views of its state buffers; a memoized attention forward):
-    ``launch(*tensors)``, the kernel's leading tensor arguments, after which come the fixed
-    ``scalars``, then the ``constexprs``.  The first call goes through the ``Launcher``
-    (offset checks, config, tuning); later calls take the config it chose
-    and its grid straight to the kernel, their offsets checked by the first (they depend on
-    shapes and strides alone): 19 -> 7 us of Python a layer step on the CI machine."""
+    dtypes (a layer's time steps: views of its state buffers; the launches of a memoized
+    plan, ``LaunchPlans``): ``launch(*tensors)``, the kernel's leading tensor arguments, after
+    which come the fixed ``scalars``, then the ``constexprs``.  The first call goes through
+    the ``Launcher`` (offset checks, config, tuning); later calls take the config it chose and
+    its grid straight to the kernel, their offsets checked by the first (they depend on shapes
+    and strides alone): 19 -> 7 us of Python a layer step on the CI machine."""
 
     def __init__(self, launcher: Launcher, grid: Callable[[dict], tuple], scalars: tuple = (), **constexprs):
         self.launcher, self.grid, self.scalars, self.constexprs = launcher, grid, scalars, constexprs
