@@ -231,3 +231,25 @@ def test_a_cell_step_is_checked_once_a_layout(monkeypatch):
     with fastattn.backend("triton"):
         fastattn.lstm_cell(x.T.contiguous().T, (h, c), w_ih, w_hh)  # x strided: a layout of its own
     assert checked == ["triton_lstm_step"] * 2
+
+
+def test_a_backward_plan_serves_later_backwards_of_the_same_layout(plans, monkeypatch):
+    """Two backwards of one layout, other values and lengths: the second checks nothing and
+    goes straight to the kernels, and both give the C++ CPU op's gradients."""
+    checked = []
+    check = triton_checks.attention_backward
+    monkeypatch.setattr(triton_checks, "attention_backward", lambda op, *a, **k: (checked.append(op), check(op, *a, **k)))
+    for seed, lengths in ((0, [37, 0, 20]), (1, [12, 37, 0])):
+        arguments = list(_decode_problem(seed=seed))
+        arguments[7] = torch.tensor(lengths)
+        gradients = []
+        for op in (triton_attention.triton_attention_forward, torch.ops.fastattn.attention_forward):
+            leaves = [tensor.clone().requires_grad_() for tensor in arguments[:3]]
+            context, weights, _ = op(*leaves, *arguments[3:])
+            projection = (context * torch.arange(context.numel()).view(context.shape).cos()).sum() + weights.sum()
+            gradients.append(torch.autograd.grad(projection, leaves))
+        for got, want in zip(*gradients, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert checked == ["triton_attention_backward"]
+    assert plans["through_launcher"].count("attention_grad_query_kernel") == 2  # row terms, then the gradient
+    assert plans["through_launcher"].count("attention_grad_key_value_kernel") == 1
