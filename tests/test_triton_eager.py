@@ -78,8 +78,10 @@ def test_the_backend_functions_skip_the_dispatcher_with_or_without_autograd_and_
     x, h, c = (torch.randn(3, size, generator=generator) for size in (6, 5, 5))
     w_ih, w_hh = torch.randn(20, 6, generator=generator), torch.randn(20, 5, generator=generator)
     calls = {
-        "fastattn::triton_attention_forward": lambda q, k: fastattn.attention(q, k, score="dot", lengths=torch.tensor([7, 2, 0])),
-        "fastattn::triton_lstm_step": lambda q, k: fastattn.lstm_cell(q[:, 0, :6], (h, c), w_ih, k[0, :4].repeat(5, 1)[:20, :5])[0],
+        "fastattn::triton_attention_forward":
+            lambda q, k: fastattn.attention(q, k, score="dot", lengths=torch.tensor([7, 2, 0])),
+        "fastattn::triton_lstm_step":  # x from the query, w_hh from the keys: both differentiated
+            lambda q, k: fastattn.lstm_cell(q[:, 0, :6], (h, c), w_ih, k[0, :4].repeat(5, 1)[:20, :5])[0],
     }
     call = calls[op_name]
     results = {}
@@ -185,7 +187,8 @@ def test_the_oldest_plan_is_dropped_past_the_limit(plans, monkeypatch):
     base = _decode_problem(seed=0)
     for scale in (0.25, 0.5, 0.75):
         triton_attention.triton_attention_forward(*base[:6], scale, *base[7:])
-    assert [key[10] for key in triton_launch.LAUNCH_PLANS.plans] == [0.5, 0.75]  # the scale: after the op, 8 tensors, score
+    scales = [key[10] for key in triton_launch.LAUNCH_PLANS.plans]  # after the op, the 8 tensors and the score
+    assert scales == [0.5, 0.75]
 
 
 def test_a_refused_call_leaves_no_plan_and_is_refused_again(plans):
@@ -238,7 +241,8 @@ def test_a_backward_plan_serves_later_backwards_of_the_same_layout(plans, monkey
     goes straight to the kernels, and both give the C++ CPU op's gradients."""
     checked = []
     check = triton_checks.attention_backward
-    monkeypatch.setattr(triton_checks, "attention_backward", lambda op, *a, **k: (checked.append(op), check(op, *a, **k)))
+    monkeypatch.setattr(triton_checks, "attention_backward",
+                        lambda op, *a, **k: (checked.append(op), check(op, *a, **k)))
     for seed, lengths in ((0, [37, 0, 20]), (1, [12, 37, 0])):
         arguments = list(_decode_problem(seed=seed))
         arguments[7] = torch.tensor(lengths)

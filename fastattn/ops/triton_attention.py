@@ -101,7 +101,8 @@ def _kernel_tensors(query, keys, values, v, bias, lengths, key_padding_mask, cen
         key_padding_mask = key_padding_mask.contiguous().view(torch.uint8)
     query = _rows(query)
     optional = (v, bias, lengths, key_padding_mask, center)
-    return [query, _rows(keys), _rows(values), *(query if tensor is None else tensor.contiguous() for tensor in optional)]
+    absent_or_contiguous = (query if tensor is None else tensor.contiguous() for tensor in optional)
+    return [query, _rows(keys), _rows(values), *absent_or_contiguous]
 
 
 def _problem(tensors, score, scale, bias, lengths, key_padding_mask, causal, window, center, gaussian):

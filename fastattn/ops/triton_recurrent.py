@@ -35,7 +35,15 @@ from fastattn.kernels.recurrent_cells import (
 from fastattn.ops import triton_checks
 from fastattn.ops.triton_configs import INPUT_PROJECTION, RECURRENT_POINTWISE, RECURRENT_STEP
 from fastattn.ops.triton_eager import triton_op
-from fastattn.ops.triton_launch import LAUNCH_PLANS, Launcher, RepeatedLaunch, ceil_div, contiguous_or_none, dot_precision, pointer_or
+from fastattn.ops.triton_launch import (
+    LAUNCH_PLANS,
+    Launcher,
+    RepeatedLaunch,
+    ceil_div,
+    contiguous_or_none,
+    dot_precision,
+    pointer_or,
+)
 from fastattn.reference.recurrent import gru_update, lstm_update, outputs_of_states, states_over_time
 
 LAUNCHERS = {  # kernel name -> Launcher
@@ -53,8 +61,9 @@ def _grid(batch: int, hidden: int):
 
 
 def _step_launches(kernel, batch, hidden, **constexprs) -> RepeatedLaunch:
-    """``launch(*arguments)``: ``_launch`` for each step of a layer's time loop, whose
-    arguments are same-shaped views from one step to the next."""
+    """``launch(*arguments)``: a step kernel's launch over (batch blocks, hidden blocks) at
+    each step of a layer's time loop, whose arguments are same-shaped views from one step to
+    the next (B and H come after them)."""
     return RepeatedLaunch(LAUNCHERS[kernel.__name__], _grid(batch, hidden), (batch, hidden), **constexprs)
 
 
