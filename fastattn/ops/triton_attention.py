@@ -105,10 +105,13 @@ def _kernel_tensors(query, keys, values, v, bias, lengths, key_padding_mask, cen
     return [query, _rows(keys), _rows(values), *absent_or_contiguous]
 
 
-def _problem(tensors, score, scale, bias, lengths, key_padding_mask, causal, window, center, gaussian):
-    """The kernels' scalar arguments for their ``tensors`` (``_kernel_tensors``), the
-    optional inputs as given: (strides, sizes and scalars, constexpr flags)."""
-    query, keys, values = tensors[:3]
+def _problem(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center,
+             gaussian):
+    """The checked arguments' scalars as the kernels take them, for their tensors as
+    ``_kernel_tensors`` lays them out: (strides, sizes and scalars, constexpr flags)."""
+    triton_checks.attention(op, query, keys, values, v, bias, score, tuple(SCORE_KINDS), scale, lengths,
+                            key_padding_mask, window, center, gaussian)
+    query, keys, values = _kernel_tensors(query, keys, values, v, bias, lengths, key_padding_mask, center)[:3]
     batch, query_length, features = query.shape
     source_length, value_features = keys.shape[1], values.shape[2]
     keys_batch_stride = keys.stride(0) if keys.shape[0] == batch else 0
@@ -147,12 +150,8 @@ class _ForwardPlan:
 
     def __init__(self, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal, window, center,
                  gaussian, return_weights):
-        op = "triton_attention_forward"
-        triton_checks.attention(op, query, keys, values, v, bias, score, tuple(SCORE_KINDS), scale, lengths,
-                                key_padding_mask, window, center, gaussian)
-        tensors = _kernel_tensors(query, keys, values, v, bias, lengths, key_padding_mask, center)
-        strides, sizes, flags = _problem(tensors, score, scale, bias, lengths, key_padding_mask, causal, window,
-                                         center, gaussian)
+        strides, sizes, flags = _problem("triton_attention_forward", query, keys, values, v, bias, score, scale,
+                                         lengths, key_padding_mask, causal, window, center, gaussian)
         batch, query_length, source_length = query.shape[0], query.shape[1], keys.shape[1]
         value_features = values.shape[2]
         block_dv = power_of_two_block(value_features)
@@ -228,12 +227,9 @@ class _BackwardPlan:
     def __init__(self, grad_context, grad_weights, query, keys, values, v, bias, score, scale, lengths,
                  key_padding_mask, causal, window, center, gaussian, row_stats):
         op = "triton_attention_backward"
-        triton_checks.attention(op, query, keys, values, v, bias, score, tuple(SCORE_KINDS), scale, lengths,
-                                key_padding_mask, window, center, gaussian)
+        strides, sizes, flags = _problem(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask,
+                                         causal, window, center, gaussian)
         triton_checks.attention_backward(op, grad_context, grad_weights, query, keys, values, row_stats, row_stats=True)
-        tensors = _kernel_tensors(query, keys, values, v, bias, lengths, key_padding_mask, center)
-        strides, sizes, flags = _problem(tensors, score, scale, bias, lengths, key_padding_mask, causal, window,
-                                         center, gaussian)
         grad_context = _rows(grad_context)
         batch, query_length, features = query.shape
         source_length, value_features = keys.shape[1], values.shape[2]
