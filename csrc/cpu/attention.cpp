@@ -37,8 +37,12 @@
 //   Every kernel is compiled twice, for the baseline ISA and with AVX2+FMA (a
 //   target attribute, no -march flag), and picked at run time from the CPU
 //   (csrc/cpu/isa.h).
-// Not handled: float16 / bfloat16 are converted to float32, computed there and
-//   converted back (no native half kernels).  Keys may be (1, S, D), shared by the
+// float16 / bfloat16: computed in float32.  The forward's row kernel reads the keys and
+//   values as they are stored, widening each vector of them to float as it loads it
+//   (load_lanes); the query, v, bias and center, and for the GEMM paths and the
+//   backward the keys and values too, are converted to float32 first; outputs are
+//   converted back.
+// Not handled: float16 / bfloat16 arithmetic.  Keys may be (1, S, D), shared by the
 //   batch (location score: W_a[:S]); their gradient is then summed over it (per
 //   chunk of the batch, or one GEMM on the BLAS path).  Keys and values may have a
 //   batch stride of 0 but need contiguous rows otherwise (else they are copied).
@@ -125,6 +129,7 @@ struct NativeVector<double, 32> {
 template <typename T, int kBytes>
 struct Simd {
   using Native = typename NativeVector<T, kBytes>::type;
+  using Lane = T;
   Native value;
   static constexpr int64_t size() { return static_cast<int64_t>(sizeof(Native) / sizeof(T)); }
   Simd() = default;
@@ -163,6 +168,7 @@ FASTATTN_ALWAYS_INLINE Simd<T, B> maximum(Simd<T, B> a, Simd<T, B> b) {
 template <typename T, int kBytes>  // kBytes: ignored, Vectorized has its own width
 struct Simd {
   using Native = at::vec::Vectorized<T>;
+  using Lane = T;
   Native value;
   static constexpr int64_t size() { return Native::size(); }
   Simd() = default;
@@ -194,6 +200,78 @@ Simd<T, B> maximum(const Simd<T, B>& a, const Simd<T, B>& b) {
 }
 #endif
 
+// The lanes an element type is computed in: double for double, float for float, float16
+// and bfloat16 (the forward reads float16 / bfloat16 keys and values as they are stored).
+template <typename E>
+using LaneOf = std::conditional_t<std::is_same_v<E, double>, double, float>;
+
+#if defined(__GNUC__) || defined(__clang__)
+// The vectors of 16-bit elements that widen to kLanes 32-bit lanes (16 or 32 bytes).
+template <int kLanes>
+struct WideningVectors;
+template <>
+struct WideningVectors<4> {
+  typedef uint16_t Narrow __attribute__((vector_size(8)));
+  typedef uint32_t Wide __attribute__((vector_size(16)));
+  typedef float Floats __attribute__((vector_size(16)));
+};
+template <>
+struct WideningVectors<8> {
+  typedef uint16_t Narrow __attribute__((vector_size(16)));
+  typedef uint32_t Wide __attribute__((vector_size(32)));
+  typedef float Floats __attribute__((vector_size(32)));
+};
+
+template <typename To, typename From>
+FASTATTN_ALWAYS_INLINE To same_bits(const From& from) {
+  static_assert(sizeof(To) == sizeof(From));
+  To to;
+  std::memcpy(&to, &from, sizeof(to));
+  return to;
+}
+
+// The bits of kLanes float16 or bfloat16 elements widened to float32 bits, exactly.
+// float16: the branch-free method of c10's fp16_ieee_to_fp32_value (subnormals, infinities
+// and NaN included) on integer and float vectors, so no F16C instruction or library call.
+template <typename E, int kLanes>
+FASTATTN_ALWAYS_INLINE typename WideningVectors<kLanes>::Wide widened_bits(const E* source) {
+  using Vectors = WideningVectors<kLanes>;
+  using Wide = typename Vectors::Wide;
+  using Floats = typename Vectors::Floats;
+  typename Vectors::Narrow narrow;
+  std::memcpy(&narrow, source, sizeof(narrow));
+  const Wide word = __builtin_convertvector(narrow, Wide) << 16;
+  if constexpr (std::is_same_v<E, c10::BFloat16>) {  // a bfloat16 is a float's upper 16 bits
+    return word;
+  } else {
+    const Wide sign = word & 0x80000000u;
+    const Wide twice = word + word;  // exponent and mantissa, the sign shifted out
+    const Floats normal = same_bits<Floats>((twice >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const Floats subnormal = same_bits<Floats>((twice >> 17) | (126u << 23)) - 0.5f;
+    return sign | (twice < (1u << 27) ? same_bits<Wide>(subnormal) : same_bits<Wide>(normal));
+  }
+}
+#endif
+
+// V::size() elements of type E from `source` as V's lanes: a plain load when E is the
+// lane type; float16 / bfloat16 widened to float (exactly) on the way.
+template <typename V, typename E>
+FASTATTN_ALWAYS_INLINE V load_lanes(const E* source) {
+  using T = typename V::Lane;
+  if constexpr (std::is_same_v<E, T>) {
+    return V::load(source);
+  } else {
+    static_assert(std::is_same_v<T, float> && (std::is_same_v<E, c10::BFloat16> || std::is_same_v<E, c10::Half>));
+#if defined(__GNUC__) || defined(__clang__)
+    return same_bits<V>(widened_bits<E, V::size()>(source));
+#else
+    T lanes[V::size()];
+    for (int64_t i = 0; i < V::size(); ++i) lanes[i] = static_cast<T>(source[i]);
+    return V::load(lanes);
+#endif
+  }
+}
+
 struct SimdMinimum {
   template <typename V>
   FASTATTN_ALWAYS_INLINE V operator()(const V& a, const V& b) const { return minimum(a, b); }
@@ -215,22 +293,23 @@ FASTATTN_ALWAYS_INLINE T sum_lanes(const Simd<T, B>& x) {
   return sum;
 }
 
-template <int kBytes, typename T>
-FASTATTN_ALWAYS_INLINE T dot_product(const T* a, const T* b, int64_t size) {
+// a . b in the lanes of A (a and b: T, or float16 / bfloat16 elements E widened to float).
+template <int kBytes, typename A, typename E, typename T = LaneOf<A>>
+FASTATTN_ALWAYS_INLINE T dot_product(const A* a, const E* b, int64_t size) {
   using V = Simd<T, kBytes>;
   constexpr int64_t kWidth = V::size();
   V sum0(T(0)), sum1(T(0));
   int64_t d = 0;
   for (; d + 2 * kWidth <= size; d += 2 * kWidth) {
-    sum0 = fmadd(V::load(a + d), V::load(b + d), sum0);
-    sum1 = fmadd(V::load(a + d + kWidth), V::load(b + d + kWidth), sum1);
+    sum0 = fmadd(load_lanes<V>(a + d), load_lanes<V>(b + d), sum0);
+    sum1 = fmadd(load_lanes<V>(a + d + kWidth), load_lanes<V>(b + d + kWidth), sum1);
   }
   if (d + kWidth <= size) {
-    sum0 = fmadd(V::load(a + d), V::load(b + d), sum0);
+    sum0 = fmadd(load_lanes<V>(a + d), load_lanes<V>(b + d), sum0);
     d += kWidth;
   }
   T sum = sum_lanes(sum0 + sum1);
-  for (; d < size; ++d) sum += a[d] * b[d];
+  for (; d < size; ++d) sum += static_cast<T>(a[d]) * static_cast<T>(b[d]);
   return sum;
 }
 
@@ -248,15 +327,15 @@ FASTATTN_ALWAYS_INLINE T dot_with_difference(const T* a, const T* b, T factor, c
   return total;
 }
 
-// y += alpha * x
-template <int kBytes, typename T>
-FASTATTN_ALWAYS_INLINE void axpy(T* y, T alpha, const T* x, int64_t size) {
+// y += alpha * x (x: T, or float16 / bfloat16 widened to float)
+template <int kBytes, typename T, typename E>
+FASTATTN_ALWAYS_INLINE void axpy(T* y, T alpha, const E* x, int64_t size) {
   using V = Simd<T, kBytes>;
   constexpr int64_t kWidth = V::size();
   const V factor(alpha);
   int64_t d = 0;
-  for (; d + kWidth <= size; d += kWidth) fmadd(factor, V::load(x + d), V::load(y + d)).store(y + d);
-  for (; d < size; ++d) y[d] += alpha * x[d];
+  for (; d + kWidth <= size; d += kWidth) fmadd(factor, load_lanes<V>(x + d), V::load(y + d)).store(y + d);
+  for (; d < size; ++d) y[d] += alpha * static_cast<T>(x[d]);
 }
 
 // y += partial, then partial = 0: a block's own sum added to the running one (the blocked
@@ -267,9 +346,9 @@ FASTATTN_ALWAYS_INLINE void add_and_clear(T* y, T* partial, int64_t size) {
   std::fill_n(partial, size, T(0));
 }
 
-// out[i] = a . b_i for four vectors b_i sharing the loads of a.
-template <int kBytes, typename T>
-FASTATTN_ALWAYS_INLINE void dot_products4(const T* a, const T* b0, const T* b1, const T* b2, const T* b3,
+// out[i] = a . b_i for four vectors b_i (T, or float16 / bfloat16) sharing the loads of a.
+template <int kBytes, typename T, typename E>
+FASTATTN_ALWAYS_INLINE void dot_products4(const T* a, const E* b0, const E* b1, const E* b2, const E* b3,
                                           int64_t size, T* out) {
   using V = Simd<T, kBytes>;
   constexpr int64_t kWidth = V::size();
@@ -277,17 +356,17 @@ FASTATTN_ALWAYS_INLINE void dot_products4(const T* a, const T* b0, const T* b1, 
   int64_t d = 0;
   for (; d + kWidth <= size; d += kWidth) {
     const V x = V::load(a + d);
-    sum0 = fmadd(x, V::load(b0 + d), sum0);
-    sum1 = fmadd(x, V::load(b1 + d), sum1);
-    sum2 = fmadd(x, V::load(b2 + d), sum2);
-    sum3 = fmadd(x, V::load(b3 + d), sum3);
+    sum0 = fmadd(x, load_lanes<V>(b0 + d), sum0);
+    sum1 = fmadd(x, load_lanes<V>(b1 + d), sum1);
+    sum2 = fmadd(x, load_lanes<V>(b2 + d), sum2);
+    sum3 = fmadd(x, load_lanes<V>(b3 + d), sum3);
   }
   T result0 = sum_lanes(sum0), result1 = sum_lanes(sum1), result2 = sum_lanes(sum2), result3 = sum_lanes(sum3);
   for (; d < size; ++d) {
-    result0 += a[d] * b0[d];
-    result1 += a[d] * b1[d];
-    result2 += a[d] * b2[d];
-    result3 += a[d] * b3[d];
+    result0 += a[d] * static_cast<T>(b0[d]);
+    result1 += a[d] * static_cast<T>(b1[d]);
+    result2 += a[d] * static_cast<T>(b2[d]);
+    result3 += a[d] * static_cast<T>(b3[d]);
   }
   out[0] = result0;
   out[1] = result1;
@@ -295,21 +374,25 @@ FASTATTN_ALWAYS_INLINE void dot_products4(const T* a, const T* b0, const T* b1, 
   out[3] = result3;
 }
 
-// y += w[0] x0 + w[1] x1 + w[2] x2 + w[3] x3 (one pass over y for four rows).
-template <int kBytes, typename T>
-FASTATTN_ALWAYS_INLINE void axpy4(T* y, const T* w, const T* x0, const T* x1, const T* x2, const T* x3,
+// y += w[0] x0 + w[1] x1 + w[2] x2 + w[3] x3 (one pass over y for four rows; x_i: T, or
+// float16 / bfloat16).
+template <int kBytes, typename T, typename E>
+FASTATTN_ALWAYS_INLINE void axpy4(T* y, const T* w, const E* x0, const E* x1, const E* x2, const E* x3,
                                   int64_t size) {
   using V = Simd<T, kBytes>;
   constexpr int64_t kWidth = V::size();
   const V w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]);
   int64_t d = 0;
   for (; d + kWidth <= size; d += kWidth) {
-    V sum = fmadd(w0, V::load(x0 + d), V::load(y + d));
-    sum = fmadd(w1, V::load(x1 + d), sum);
-    sum = fmadd(w2, V::load(x2 + d), sum);
-    fmadd(w3, V::load(x3 + d), sum).store(y + d);
+    V sum = fmadd(w0, load_lanes<V>(x0 + d), V::load(y + d));
+    sum = fmadd(w1, load_lanes<V>(x1 + d), sum);
+    sum = fmadd(w2, load_lanes<V>(x2 + d), sum);
+    fmadd(w3, load_lanes<V>(x3 + d), sum).store(y + d);
   }
-  for (; d < size; ++d) y[d] += w[0] * x0[d] + w[1] * x1[d] + w[2] * x2[d] + w[3] * x3[d];
+  for (; d < size; ++d) {
+    y[d] += w[0] * static_cast<T>(x0[d]) + w[1] * static_cast<T>(x1[d]) + w[2] * static_cast<T>(x2[d]) +
+            w[3] * static_cast<T>(x3[d]);
+  }
 }
 
 // y *= alpha
@@ -323,26 +406,27 @@ FASTATTN_ALWAYS_INLINE void scale_in_place(T* y, T alpha, int64_t size) {
   for (; d < size; ++d) y[d] *= alpha;
 }
 
-// e = v . tanh(q_b + k): fast_tanh on float vectors, libm tanh for double.
-template <int kBytes, typename T>
-FASTATTN_ALWAYS_INLINE T additive_score_row(const T* query_plus_bias, const T* key, const T* v, int64_t size) {
+// e = v . tanh(q_b + k): fast_tanh on float vectors, libm tanh for double; the key
+// may be float16 / bfloat16 (widened to float).
+template <int kBytes, typename T, typename E>
+FASTATTN_ALWAYS_INLINE T additive_score_row(const T* query_plus_bias, const E* key, const T* v, int64_t size) {
   if constexpr (std::is_same_v<T, float>) {
     using V = Simd<float, kBytes>;
     constexpr int64_t kWidth = V::size();
     V sum0(0.0f), sum1(0.0f);
     int64_t d = 0;
     for (; d + 2 * kWidth <= size; d += 2 * kWidth) {
-      const V u0 = vector_tanh(V::load(query_plus_bias + d) + V::load(key + d));
-      const V u1 = vector_tanh(V::load(query_plus_bias + d + kWidth) + V::load(key + d + kWidth));
+      const V u0 = vector_tanh(V::load(query_plus_bias + d) + load_lanes<V>(key + d));
+      const V u1 = vector_tanh(V::load(query_plus_bias + d + kWidth) + load_lanes<V>(key + d + kWidth));
       sum0 = fmadd(V::load(v + d), u0, sum0);
       sum1 = fmadd(V::load(v + d + kWidth), u1, sum1);
     }
     if (d + kWidth <= size) {
-      sum0 = fmadd(V::load(v + d), vector_tanh(V::load(query_plus_bias + d) + V::load(key + d)), sum0);
+      sum0 = fmadd(V::load(v + d), vector_tanh(V::load(query_plus_bias + d) + load_lanes<V>(key + d)), sum0);
       d += kWidth;
     }
     float sum = sum_lanes(sum0 + sum1);
-    for (; d < size; ++d) sum += v[d] * fastattn::tanh_of(query_plus_bias[d] + key[d]);
+    for (; d < size; ++d) sum += v[d] * fastattn::tanh_of(query_plus_bias[d] + static_cast<float>(key[d]));
     return sum;
   } else {
     return fastattn::additive_score(query_plus_bias, key, v, size);
@@ -431,14 +515,15 @@ FASTATTN_ALWAYS_INLINE void fast_tanh_span(const float* input, float* output, in
 
 // ---------------------------------------------------------------- the problem
 
-// Raw pointers into the compute-dtype tensors (T = float or double).
-template <typename T>
+// Raw pointers into the compute-dtype tensors (T = float or double); the keys and
+// values in E: T, or float16 / bfloat16 as given (T = float), read by the forward kernel.
+template <typename T, typename E = T>
 struct AttentionProblem {
   int64_t batch = 0, query_length = 0, source_length = 0, score_dim = 0, value_dim = 0;
   const T* query = nullptr;  // (N, T, D) contiguous
-  const T* keys = nullptr;   // rows contiguous; batch stride may be 0
+  const E* keys = nullptr;   // rows contiguous; batch stride may be 0
   int64_t keys_batch_stride = 0;
-  const T* values = nullptr;
+  const E* values = nullptr;
   int64_t values_batch_stride = 0;
   const T* v = nullptr;
   const T* bias = nullptr;
@@ -452,8 +537,8 @@ struct AttentionProblem {
   const T* center = nullptr;
   bool gaussian = false;
 
-  const T* key(int64_t n, int64_t j) const { return keys + n * keys_batch_stride + j * score_dim; }
-  const T* value(int64_t n, int64_t j) const { return values + n * values_batch_stride + j * value_dim; }
+  const E* key(int64_t n, int64_t j) const { return keys + n * keys_batch_stride + j * score_dim; }
+  const E* value(int64_t n, int64_t j) const { return values + n * values_batch_stride + j * value_dim; }
   T key_norm(int64_t n, int64_t j) const { return key_norms[n * key_norms_batch_stride + j]; }
   bool is_padding(int64_t n, int64_t j) const {
     return key_padding_mask != nullptr && key_padding_mask[n * source_length + j];
@@ -470,8 +555,8 @@ struct AttentionProblem {
 
 // The query as the score uses it: q (dot), q / max(|q|, floor) (cosine), q + bias
 // (additive).  Returns q itself or `buffer`; *query_norm gets |q| for the cosine.
-template <typename T, ScoreKind kScore, int kBytes>
-FASTATTN_ALWAYS_INLINE const T* prepare_query(const AttentionProblem<T>& problem, const T* query, T* buffer,
+template <typename T, ScoreKind kScore, int kBytes, typename E>
+FASTATTN_ALWAYS_INLINE const T* prepare_query(const AttentionProblem<T, E>& problem, const T* query, T* buffer,
                                               T* query_norm) {
   const int64_t size = problem.score_dim;
   if constexpr (kScore == ScoreKind::kCosine) {
@@ -489,8 +574,8 @@ FASTATTN_ALWAYS_INLINE const T* prepare_query(const AttentionProblem<T>& problem
 }
 
 // The score from q'.k for the dot and cosine scores (q' = the prepared query).
-template <typename T, ScoreKind kScore>
-FASTATTN_ALWAYS_INLINE T score_from_dot(const AttentionProblem<T>& problem, T dot, int64_t n, int64_t j) {
+template <typename T, ScoreKind kScore, typename E>
+FASTATTN_ALWAYS_INLINE T score_from_dot(const AttentionProblem<T, E>& problem, T dot, int64_t n, int64_t j) {
   if constexpr (kScore == ScoreKind::kCosine) {
     return problem.scale * (dot / fastattn::clamped_norm(problem.key_norm(n, j)));
   } else {
@@ -500,8 +585,8 @@ FASTATTN_ALWAYS_INLINE T score_from_dot(const AttentionProblem<T>& problem, T do
 
 // scores[j] = e_{t,j} for the `count` keys j = keys[0..count) of batch n; dot and
 // cosine score four keys at a time.
-template <typename T, ScoreKind kScore, int kBytes>
-FASTATTN_ALWAYS_INLINE void score_keys(const AttentionProblem<T>& problem, const T* prepared_query, int64_t n,
+template <typename T, ScoreKind kScore, int kBytes, typename E>
+FASTATTN_ALWAYS_INLINE void score_keys(const AttentionProblem<T, E>& problem, const T* prepared_query, int64_t n,
                                        const int64_t* keys, int64_t count, T* scores) {
   const int64_t dim = problem.score_dim;
   int64_t c = 0;
@@ -537,8 +622,8 @@ FASTATTN_ALWAYS_INLINE void dot_with_values(const AttentionProblem<T>& problem, 
 }
 
 // y += sum_c weights[c] values[n, keys[c]], four value rows per pass over y.
-template <int kBytes, typename T>
-FASTATTN_ALWAYS_INLINE void accumulate_values(const AttentionProblem<T>& problem, T* y, int64_t n,
+template <int kBytes, typename T, typename E>
+FASTATTN_ALWAYS_INLINE void accumulate_values(const AttentionProblem<T, E>& problem, T* y, int64_t n,
                                               const int64_t* keys, const T* weights, int64_t count) {
   const int64_t dim = problem.value_dim;
   int64_t c = 0;
@@ -564,8 +649,8 @@ struct ForwardOutputs {
   T* logsumexp = nullptr;  // (N, T)
 };
 
-template <typename T, ScoreKind kScore, int kBytes>
-FASTATTN_ALWAYS_INLINE void forward_rows(const AttentionProblem<T>& problem, const ForwardOutputs<T>& out,
+template <typename T, ScoreKind kScore, int kBytes, typename E>
+FASTATTN_ALWAYS_INLINE void forward_rows(const AttentionProblem<T, E>& problem, const ForwardOutputs<T>& out,
                                          int64_t row_begin, int64_t row_end) {
   const int64_t query_length = problem.query_length, source_length = problem.source_length;
   const int64_t value_dim = problem.value_dim;
@@ -882,14 +967,14 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
 
 // ---------------------------------------------------------------- ISA clones and dispatch (isa.h)
 
-template <typename T>
-using ForwardKernel = void (*)(const AttentionProblem<T>&, const ForwardOutputs<T>&, int64_t, int64_t);
+template <typename T, typename E>
+using ForwardKernel = void (*)(const AttentionProblem<T, E>&, const ForwardOutputs<T>&, int64_t, int64_t);
 template <typename T>
 using BackwardKernel = void (*)(const AttentionProblem<T>&, const BackwardInputs<T>&, const BackwardOutputs<T>&,
                                 int64_t, int64_t, T*, T*);
 
-template <typename T, ScoreKind kScore>
-FASTATTN_KERNEL void forward_rows_baseline(const AttentionProblem<T>& problem, const ForwardOutputs<T>& out,
+template <typename T, typename E, ScoreKind kScore>
+FASTATTN_KERNEL void forward_rows_baseline(const AttentionProblem<T, E>& problem, const ForwardOutputs<T>& out,
                                            int64_t begin, int64_t end) {
   forward_rows<T, kScore, 16>(problem, out, begin, end);
 }
@@ -904,8 +989,8 @@ FASTATTN_KERNEL void fast_tanh_baseline(const float* input, float* output, int64
 }
 
 #ifdef FASTATTN_AVX2_CLONES
-template <typename T, ScoreKind kScore>
-FASTATTN_TARGET_AVX2 void forward_rows_avx2(const AttentionProblem<T>& problem, const ForwardOutputs<T>& out,
+template <typename T, typename E, ScoreKind kScore>
+FASTATTN_TARGET_AVX2 void forward_rows_avx2(const AttentionProblem<T, E>& problem, const ForwardOutputs<T>& out,
                                             int64_t begin, int64_t end) {
   forward_rows<T, kScore, 32>(problem, out, begin, end);
 }
@@ -920,12 +1005,12 @@ FASTATTN_TARGET_AVX2 void fast_tanh_avx2(const float* input, float* output, int6
 }
 #endif
 
-template <typename T, ScoreKind kScore>
-ForwardKernel<T> forward_kernel_for() {
+template <typename T, typename E, ScoreKind kScore>
+ForwardKernel<T, E> forward_kernel_for() {
 #ifdef FASTATTN_AVX2_CLONES
-  if (use_avx2_kernels()) return &forward_rows_avx2<T, kScore>;
+  if (use_avx2_kernels()) return &forward_rows_avx2<T, E, kScore>;
 #endif
-  return &forward_rows_baseline<T, kScore>;
+  return &forward_rows_baseline<T, E, kScore>;
 }
 
 template <typename T, ScoreKind kScore>
@@ -936,15 +1021,15 @@ BackwardKernel<T> backward_kernel_for() {
   return &backward_batches_baseline<T, kScore>;
 }
 
-template <typename T>
-ForwardKernel<T> forward_kernel(ScoreKind score) {
+template <typename T, typename E>
+ForwardKernel<T, E> forward_kernel(ScoreKind score) {
   switch (score) {
     case ScoreKind::kDot:
-      return forward_kernel_for<T, ScoreKind::kDot>();
+      return forward_kernel_for<T, E, ScoreKind::kDot>();
     case ScoreKind::kCosine:
-      return forward_kernel_for<T, ScoreKind::kCosine>();
+      return forward_kernel_for<T, E, ScoreKind::kCosine>();
     default:
-      return forward_kernel_for<T, ScoreKind::kAdditive>();
+      return forward_kernel_for<T, E, ScoreKind::kAdditive>();
   }
 }
 
@@ -1001,7 +1086,9 @@ void check_float_like(const char* op, const char* name, const at::Tensor& t, con
 }
 
 // The checked inputs of attention_forward / attention_backward, in the compute
-// dtype (float for float32/float16/bfloat16, double for float64).
+// dtype (float for float32/float16/bfloat16, double for float64), except float16 /
+// bfloat16 keys and values: kept as given for the forward's row kernel, converted by
+// keys_and_values_in_compute_dtype for the GEMM paths and the backward.
 struct PreparedInputs {
   ScoreKind score = ScoreKind::kDot;
   at::ScalarType input_dtype = at::kFloat, compute_dtype = at::kFloat;
@@ -1101,17 +1188,17 @@ PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at:
 
   // Copied only now that every argument is checked (an expanded query can be large).
   in.query = in_dtype(query, in.compute_dtype).contiguous();
-  in.keys = with_contiguous_rows(in_dtype(keys, in.compute_dtype));
+  in.keys = with_contiguous_rows(keys);
   in.shared_keys = keys.size(0) != in.batch;
   if (in.shared_keys) in.keys = in.keys.expand({in.batch, in.source_length, in.score_dim});
-  in.values = with_contiguous_rows(in_dtype(values, in.compute_dtype));
+  in.values = with_contiguous_rows(values);
 
-  if (in.score == ScoreKind::kCosine) {  // |k_j| once per distinct key row
+  if (in.score == ScoreKind::kCosine) {  // |k_j| once per distinct key row, in the compute dtype
     const int64_t key_batches = in.batch > 1 && in.keys.stride(0) == 0 ? 1 : in.batch;
     in.key_norms = at::empty({key_batches, in.source_length}, in.query.options());
-    AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "fastattn_key_norms", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.keys.scalar_type(), "fastattn_key_norms", [&] {
       const scalar_t* keys_data = in.keys.const_data_ptr<scalar_t>();
-      scalar_t* norms = in.key_norms.mutable_data_ptr<scalar_t>();
+      LaneOf<scalar_t>* norms = in.key_norms.mutable_data_ptr<LaneOf<scalar_t>>();
       const int64_t batch_stride = in.keys.stride(0), source_length = in.source_length, dim = in.score_dim;
       at::parallel_for(0, key_batches * source_length, 1024, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
@@ -1124,18 +1211,23 @@ PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at:
   return in;
 }
 
-template <typename T>
-AttentionProblem<T> problem_of(const PreparedInputs& in) {
-  AttentionProblem<T> problem;
+void keys_and_values_in_compute_dtype(PreparedInputs& in) {
+  in.keys = in_dtype(in.keys, in.compute_dtype);
+  in.values = in_dtype(in.values, in.compute_dtype);
+}
+
+template <typename T, typename E = T>
+AttentionProblem<T, E> problem_of(const PreparedInputs& in) {
+  AttentionProblem<T, E> problem;
   problem.batch = in.batch;
   problem.query_length = in.query_length;
   problem.source_length = in.source_length;
   problem.score_dim = in.score_dim;
   problem.value_dim = in.value_dim;
   problem.query = in.query.const_data_ptr<T>();
-  problem.keys = in.keys.const_data_ptr<T>();
+  problem.keys = in.keys.const_data_ptr<E>();
   problem.keys_batch_stride = in.keys.stride(0);
-  problem.values = in.values.const_data_ptr<T>();
+  problem.values = in.values.const_data_ptr<E>();
   problem.values_batch_stride = in.values.stride(0);
   if (in.v.defined()) problem.v = in.v.const_data_ptr<T>();
   if (in.bias.defined()) problem.bias = in.bias.const_data_ptr<T>();
@@ -1394,31 +1486,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const Prep
 
 // ---------------------------------------------------------------- ops
 
+// Whether the row kernel reads float16 / bfloat16 keys and values as they are stored: it
+// widens a key again for every query row that reads it, where a float32 copy widens it
+// once but writes and reads it again through memory.  Measured on two cores (N = 32,
+// S = D = 256, dot and additive scores): bfloat16 (a shift) in place was faster or even up
+// to 15 rows a key, 10% slower at 64; float16 (ten vector operations) was even at 1 to 2
+// rows and 1.7x slower at 64 (additive).  Keys shared by the batch are read by all N T rows.
+bool widen_in_the_kernel(const PreparedInputs& in) {
+  const int64_t rows_a_key = in.shared_keys ? in.batch * in.query_length : in.query_length;
+  switch (in.keys.scalar_type()) {
+    case at::kBFloat16:
+      return rows_a_key <= 16;
+    case at::kHalf:
+      return rows_a_key <= 2;
+    default:
+      return false;
+  }
+}
+
+// The forward's row kernel over the N*T query rows, keys and values read in E.
+template <typename T, typename E>
+void forward_rows_in_parallel(const PreparedInputs& in, at::Tensor& context, at::Tensor& weights,
+                              at::Tensor& logsumexp, bool return_weights) {
+  const AttentionProblem<T, E> problem = problem_of<T, E>(in);
+  ForwardOutputs<T> out;
+  out.context = context.mutable_data_ptr<T>();
+  out.weights = return_weights ? weights.mutable_data_ptr<T>() : nullptr;
+  out.logsumexp = logsumexp.mutable_data_ptr<T>();
+  const ForwardKernel<T, E> kernel = forward_kernel<T, E>(in.score);
+  const int64_t row_cost = std::max<int64_t>(1, in.source_length * (in.score_dim + in.value_dim));
+  const int64_t grain = std::max<int64_t>(1, 32768 / row_cost);
+  at::parallel_for(0, in.batch * in.query_length, grain,
+                   [&](int64_t begin, int64_t end) { kernel(problem, out, begin, end); });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, const std::optional<at::Tensor>& v,
     const std::optional<at::Tensor>& bias, std::string_view score, double scale,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& key_padding_mask, bool causal,
     std::optional<int64_t> window, const std::optional<at::Tensor>& center, bool gaussian, bool return_weights) {
-  const PreparedInputs in = prepare_inputs("attention_forward", query, keys, values, v, bias, score, scale, lengths,
-                                           key_padding_mask, causal, window, center, gaussian);
-  if (use_blas_path(in)) return attention_forward_blas(in, return_weights, query);
+  PreparedInputs in = prepare_inputs("attention_forward", query, keys, values, v, bias, score, scale, lengths,
+                                     key_padding_mask, causal, window, center, gaussian);
+  if (use_blas_path(in)) {
+    keys_and_values_in_compute_dtype(in);
+    return attention_forward_blas(in, return_weights, query);
+  }
+  if (!widen_in_the_kernel(in)) keys_and_values_in_compute_dtype(in);
   const auto options = in.query.options();
   at::Tensor context = at::empty({in.batch, in.query_length, in.value_dim}, options);
   at::Tensor weights = return_weights ? at::empty({in.batch, in.query_length, in.source_length}, options)
                                       : at::empty({0}, query.options());
   at::Tensor logsumexp = at::empty({in.batch, in.query_length}, options);
-  AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_forward", [&] {
-    const AttentionProblem<scalar_t> problem = problem_of<scalar_t>(in);
-    ForwardOutputs<scalar_t> out;
-    out.context = context.mutable_data_ptr<scalar_t>();
-    out.weights = return_weights ? weights.mutable_data_ptr<scalar_t>() : nullptr;
-    out.logsumexp = logsumexp.mutable_data_ptr<scalar_t>();
-    const ForwardKernel<scalar_t> kernel = forward_kernel<scalar_t>(in.score);
-    const int64_t row_cost = std::max<int64_t>(1, in.source_length * (in.score_dim + in.value_dim));
-    const int64_t grain = std::max<int64_t>(1, 32768 / row_cost);
-    at::parallel_for(0, in.batch * in.query_length, grain,
-                     [&](int64_t begin, int64_t end) { kernel(problem, out, begin, end); });
-  });
+  switch (in.keys.scalar_type()) {
+    case at::kDouble:
+      forward_rows_in_parallel<double, double>(in, context, weights, logsumexp, return_weights);
+      break;
+    case at::kHalf:
+      forward_rows_in_parallel<float, c10::Half>(in, context, weights, logsumexp, return_weights);
+      break;
+    case at::kBFloat16:
+      forward_rows_in_parallel<float, c10::BFloat16>(in, context, weights, logsumexp, return_weights);
+      break;
+    default:
+      forward_rows_in_parallel<float, float>(in, context, weights, logsumexp, return_weights);
+  }
   if (in.input_dtype != in.compute_dtype) {
     context = context.to(in.input_dtype);
     if (return_weights) weights = weights.to(in.input_dtype);
@@ -1434,8 +1565,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::optional<int64_t> window, const std::optional<at::Tensor>& center, bool gaussian,
     const at::Tensor& logsumexp) {
   const char* op = "attention_backward";
-  const PreparedInputs in = prepare_inputs(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask,
-                                           causal, window, center, gaussian);
+  PreparedInputs in = prepare_inputs(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask,
+                                     causal, window, center, gaussian);
+  keys_and_values_in_compute_dtype(in);
   const auto check_like_context = [&](const char* name, const at::Tensor& tensor) {  // (N, T, Dv), query's dtype
     check_float_like(op, name, tensor, query);
     TORCH_CHECK(tensor.dim() == 3 && tensor.size(0) == in.batch && tensor.size(1) == in.query_length &&
