@@ -1487,21 +1487,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const Prep
 // ---------------------------------------------------------------- ops
 
 // Whether the row kernel reads float16 / bfloat16 keys and values as they are stored: it
-// widens a key again for every query row that reads it, where a float32 copy widens it
-// once but writes and reads it again through memory.  Measured on two cores (N = 32,
-// S = D = 256, dot and additive scores): bfloat16 (a shift) in place was faster or even up
-// to 15 rows a key, 10% slower at 64; float16 (ten vector operations) was even at 1 to 2
-// rows and 1.7x slower at 64 (additive).  Keys shared by the batch are read by all N T rows.
+// widens a key or value row again for every query row that reads it, where a float32 copy
+// widens it once but writes and reads it again through memory.  Measured on two cores
+// (N = 32, S = D = 256, dot and additive scores): bfloat16 (a shift) in place was faster or
+// even up to 15 rows a key, 10% slower at 64; float16 (ten vector operations) was even at 1
+// to 2 rows and 1.7x slower at 64 (additive).  So: in place while the elements read, each
+// counted once for every row that reads it, are at most 16 (bfloat16) or 2 (float16)
+// times the elements a copy would convert.  Keys shared by the batch (the location
+// score's W_a, S x D) are read by all N T rows and the values (N x S x Dv) by T rows each;
+// the kernel takes keys and values of one element type, so a copy converts both (a decode
+// step's values: 4 to 30 ms of 44 at N = 64, S = 1024, D = 512 in bfloat16).
 bool widen_in_the_kernel(const PreparedInputs& in) {
-  const int64_t rows_a_key = in.shared_keys ? in.batch * in.query_length : in.query_length;
-  switch (in.keys.scalar_type()) {
-    case at::kBFloat16:
-      return rows_a_key <= 16;
-    case at::kHalf:
-      return rows_a_key <= 2;
-    default:
-      return false;
-  }
+  const at::ScalarType dtype = in.keys.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  const double limit = dtype == at::kBFloat16 ? 16 : 2;
+  const double key_elements = static_cast<double>(in.shared_keys ? 1 : in.batch) * in.source_length * in.score_dim;
+  const double value_elements = static_cast<double>(in.batch) * in.source_length * in.value_dim;
+  const double key_reads = key_elements * (in.shared_keys ? in.batch * in.query_length : in.query_length);
+  const double value_reads = value_elements * in.query_length;
+  return key_reads + value_reads <= limit * (key_elements + value_elements);
 }
 
 // The forward's row kernel over the N*T query rows, keys and values read in E.
