@@ -1571,7 +1571,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* op = "attention_backward";
   PreparedInputs in = prepare_inputs(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask,
                                      causal, window, center, gaussian);
-  keys_and_values_in_compute_dtype(in);
   const auto check_like_context = [&](const char* name, const at::Tensor& tensor) {  // (N, T, Dv), query's dtype
     check_float_like(op, name, tensor, query);
     TORCH_CHECK(tensor.dim() == 3 && tensor.size(0) == in.batch && tensor.size(1) == in.query_length &&
@@ -1596,6 +1595,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 "), got shape ", grad_weights->sizes());
     grad_weights_ = in_dtype(*grad_weights, in.compute_dtype).contiguous();
   }
+  keys_and_values_in_compute_dtype(in);  // only now that every argument is checked
 
   const auto options = in.query.options();
   const auto cast = [&](const at::Tensor& t) { return t.scalar_type() == in.input_dtype ? t : t.to(in.input_dtype); };
