@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install run test bench cuda-check gpu-versions-check gpu-check
+.PHONY: install run test bench cuda-check gpu-versions-check gpu-prebuild gpu-check
 
 # torch==2.13.0 only when no torch is installed (a bare `torch` requirement would pull
 # a multi-GB CUDA build); --no-build-isolation so the C++ extension builds against the
@@ -35,6 +35,16 @@ cuda-check:
 # CUDA kernels against them, then the test suite (csrc/cuda/gpu_versions_check.sh).
 gpu-versions-check:
 	PYTHON=$(PYTHON) bash csrc/cuda/gpu_versions_check.sh
+
+# The extension for the GPU machine (Python 3.12, torch 2.11's CUDA build, sm_90), built here into
+# build/gpu-prebuilt with its stamp: a device run that carries that folder has `make gpu-check`
+# install it without compiling, when the stamp is the tree's (gpu_versions_check.sh, no tests).
+GPU_PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+	$$p -c "" 2>/dev/null && { echo $$p; break; }; done)
+gpu-prebuild:
+	@test -n "$(GPU_PYTHON)" || { echo "gpu-prebuild: no Python 3.12 found; set GPU_PYTHON"; exit 1; }
+	PYTHON=$(GPU_PYTHON) VENV=$${VENV:-build/gpu-prebuild-venv} WORK=build/gpu-prebuild-tree \
+		PREBUILT_OUT=build/gpu-prebuilt TESTS=0 bash csrc/cuda/gpu_versions_check.sh
 
 # The one-script GPU proof (../shared/design/GPU.md), for a machine with a GPU.
 gpu-check:

@@ -3,7 +3,12 @@
 # with one H100/H200, Python 3.12, torch, triton, pybind11, ninja, pytest and
 # pytest-benchmark preinstalled and no network.  Steps, each under its own `timeout`:
 #   1. versions   nvidia-smi, python, torch, triton, nvcc
-#   2. install    pip install --no-build-isolation --no-deps -e . (CUDA extension for sm_90 only)
+#   2. install    pip install --no-build-isolation --no-deps -e . (CUDA extension for sm_90 only);
+#                 or, when $PREBUILT (default build/gpu-prebuilt, from `make gpu-prebuild` here,
+#                 carried to the GPU machine) holds an extension whose stamp
+#                 (csrc/cuda/extension_stamp.py: the sources, Python ABI, torch build and
+#                 arch list) is this tree's with this python and torch, that extension, copied
+#                 into fastattn/ with the package installed around it and nothing compiled
 #   3. gpu tests  pytest -m gpu -n 8 -q (-x -q without pytest-xdist), TRITON_INTERPRET unset;
 #                 each failing test is written to "$OUT/gpu-test-failures.txt" as it fails
 #                 (tests/failure_log.py), so a run stopped by its timeout still names them all
@@ -60,6 +65,7 @@ OUT="${OUT:-benchmarks/results/latest}"
 FAILURE_LOG="$OUT/gpu-test-failures.txt"
 PYTHON="${PYTHON:-python3}"  # the GPU machine's interpreter with torch is python3
 SANITIZE_CASES="${SANITIZE_CASES:-benchmarks/cuda_sanitize_cases.py}"
+PREBUILT="${PREBUILT:-build/gpu-prebuilt}"
 BENCH_FLAGS="${BENCH_FLAGS:---no-compile}"
 BENCH_TARGETS_FLAGS="${BENCH_TARGETS_FLAGS:-}"
 STEPS=" ${STEPS:-versions install tests crashes memcheck racecheck bench targets} "
@@ -120,6 +126,25 @@ versions() {
     "$PYTHON" --version || return 1
     "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '| triton', triton.__version__)" || return 1
     nvcc --version || echo "nvcc: not found (the CUDA extension cannot be built)"
+}
+
+# install_fastattn: the editable install, compiling the extension for this card, or with the
+# prebuilt one of $PREBUILT when its stamp is this tree's here (none compiled: minutes of a lease).
+# shellcheck disable=SC2317  # run through `bash -c`, under the step's timeout
+install_fastattn() {
+    local here built=""
+    here=$("$PYTHON" csrc/cuda/extension_stamp.py --arch-list 9.0) || return 1
+    [ -f "$PREBUILT/stamp.txt" ] && built=$(cat "$PREBUILT/stamp.txt")
+    if [ -n "$built" ] && [ "$built" = "$here" ]; then
+        echo "the prebuilt extension of $PREBUILT ($here): installed without compiling"
+        cp "$PREBUILT"/_C.*.so fastattn/ || return 1
+        FASTATTN_SKIP_EXTENSION=1 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || return 1
+        "$PYTHON" -c "import fastattn; built = fastattn.info()['extension']['backends'];
+assert 'cuda' in built, f'the prebuilt extension has no CUDA kernels: {built}'" || return 1
+        return 0
+    fi
+    [ -n "$built" ] && echo "the prebuilt extension of $PREBUILT is another tree's ($built; here: $here): compiling"
+    env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 }
 
 sanitize() {  # sanitize TOOL: one compute-sanitizer step, or SKIP when it cannot run
@@ -192,14 +217,13 @@ profile_cases() {
     return "$status"
 }
 
-export -f versions crashed_tests rerun_crashed profile_cases
-export PYTHON FAILURE_LOG PROFILE_CASES
+export -f versions install_fastattn crashed_tests rerun_crashed profile_cases
+export PYTHON PREBUILT FAILURE_LOG PROFILE_CASES
 
 main() {
     echo "fastattn GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), output in $OUT, FASTATTN_TRITON_AUTOTUNE=$FASTATTN_TRITON_AUTOTUNE, steps:$STEPS"
     wanted versions && step versions "$TIMEOUT_VERSIONS" bash -c versions
-    wanted install && step install "$TIMEOUT_INSTALL" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
-        "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+    wanted install && step install "$TIMEOUT_INSTALL" bash -c install_fastattn
     local warmup=""
     if wanted tests || wanted bench || wanted targets; then
         timeout --kill-after=5 $((TRITON_WARMUP_SECONDS + 30)) "$PYTHON" benchmarks/triton_compile_check.py --gpu-check \

@@ -23,6 +23,8 @@ case "$*" in
     *"-X faulthandler -m pytest"*) sleep "${FAKE_RERUN_SECONDS:-0}"; exit "${FAKE_PYTEST_STATUS:-0}" ;;
     *"-m fastattn bench"*) sleep "${FAKE_BENCH_SECONDS:-0}" ;;
     *"-m fastattn profile ${FAKE_PROFILE_FAILS:-none} "*) exit 1 ;;
+    "csrc/cuda/extension_stamp.py --arch-list 9.0") echo "${FAKE_STAMP:-}" ;;
+    "-m pip install"*) echo "  skip-extension=${FASTATTN_SKIP_EXTENSION-unset}" >> "$CALLS" ;;
     "--version") echo "Python 3.12.0 (fake)" ;;
     "-c import xdist") exit "${FAKE_NO_XDIST:-0}" ;;
     "-c import sys; print(sys.executable)") echo "$0" ;;
@@ -52,7 +54,8 @@ def _executable(path: Path, text: str) -> Path:
     return path
 
 
-def _run(tmp_path: Path, cuda_gdb: bool = True, **environment: str) -> tuple[subprocess.CompletedProcess, list[str], Path]:
+def _run(tmp_path: Path, cuda_gdb: bool = True, script: Path = SCRIPT,
+         **environment: str) -> tuple[subprocess.CompletedProcess, list[str], Path]:
     fakes = tmp_path / "bin"
     fakes.mkdir()
     python = _executable(fakes / "fake-python", FAKE_PYTHON)
@@ -67,7 +70,7 @@ def _run(tmp_path: Path, cuda_gdb: bool = True, **environment: str) -> tuple[sub
         **os.environ, "PATH": f"{fakes}:{os.environ['PATH']}", "PYTHON": str(python), "CALLS": str(calls),
         "OUT": str(out), "SANITIZE_CASES": str(cases), "TRITON_INTERPRET": "1", **environment,
     }
-    completed = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    completed = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
     return completed, calls.read_text().splitlines() if calls.exists() else [], out
 
 
@@ -126,6 +129,52 @@ def test_without_python_set_every_step_runs_python3(tmp_path):
     assert any(call.startswith("python3 -m pip install") for call in calls.read_text().splitlines())
     recipe = subprocess.run(["make", "-n", "gpu-check"], cwd=REPOSITORY, env=env, capture_output=True, text=True, check=True).stdout
     assert recipe.strip() == "PYTHON=python3 bash benchmarks/gpu_check.sh"
+
+
+def _tree_with_a_prebuilt_extension(tmp_path: Path, stamp: str) -> tuple[Path, Path]:
+    """A copy of the script in a tree of its own (the install step copies into its fastattn/)
+    and a PREBUILT folder as `make gpu-prebuild` leaves it: (the script, the folder)."""
+    tree, prebuilt = tmp_path / "tree", tmp_path / "prebuilt"
+    (tree / "benchmarks").mkdir(parents=True)
+    (tree / "fastattn").mkdir()
+    script = tree / "benchmarks" / "gpu_check.sh"
+    shutil.copy(SCRIPT, script)
+    prebuilt.mkdir()
+    (prebuilt / "_C.cpython-312-x86_64-linux-gnu.so").write_bytes(b"the prebuilt binary")
+    (prebuilt / "stamp.txt").write_text(stamp + "\n")
+    return script, prebuilt
+
+
+def test_a_prebuilt_extension_whose_stamp_is_the_trees_is_installed_without_compiling(tmp_path):
+    """The lease's minutes go to the GPU, not to nvcc: the extension `make gpu-prebuild` built
+    here for this tree, Python and torch is copied into the package, which pip installs around
+    it with the build switched off; then fastattn must load it with its CUDA kernels."""
+    script, prebuilt = _tree_with_a_prebuilt_extension(tmp_path, "sources abc | cpython-312 | torch 2.11.0+cu130")
+    completed, calls, out = _run(tmp_path, script=script, STEPS="install", PREBUILT=str(prebuilt),
+                                 FAKE_STAMP="sources abc | cpython-312 | torch 2.11.0+cu130")
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    log = (out / "log.txt").read_text()
+    assert "installed without compiling" in log and "PASS: install (" in log
+    installed = script.parents[1] / "fastattn" / "_C.cpython-312-x86_64-linux-gnu.so"
+    assert installed.read_bytes() == b"the prebuilt binary"
+    pip = calls.index("python -m pip install --no-build-isolation --no-deps -e . | arch=unset jobs=unset interpret=unset")
+    assert calls[pip + 1] == "  skip-extension=1"
+    check = "\n".join(calls[pip + 2:])  # then fastattn must report the CUDA kernels it loaded
+    assert check.startswith("python -c import fastattn;") and "assert 'cuda' in built" in check
+    assert not any("arch=9.0" in call for call in calls)
+
+
+def test_a_prebuilt_extension_of_another_tree_is_not_installed_the_install_compiles(tmp_path):
+    script, prebuilt = _tree_with_a_prebuilt_extension(tmp_path, "sources abc | cpython-312 | torch 2.11.0+cu130")
+    completed, calls, out = _run(tmp_path, script=script, STEPS="install", PREBUILT=str(prebuilt),
+                                 FAKE_STAMP="sources def | cpython-312 | torch 2.11.0+cu130")
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    log = (out / "log.txt").read_text()
+    assert (f"the prebuilt extension of {prebuilt} is another tree's (sources abc | cpython-312 | torch 2.11.0+cu130; "
+            "here: sources def | cpython-312 | torch 2.11.0+cu130): compiling") in log
+    pip = calls.index("python -m pip install --no-build-isolation --no-deps -e . | arch=9.0 jobs=16 interpret=unset")
+    assert calls[pip + 1] == "  skip-extension=unset"
+    assert not (script.parents[1] / "fastattn" / "_C.cpython-312-x86_64-linux-gnu.so").exists()
 
 
 def test_the_timeouts_add_up_to_the_stated_total_and_leave_a_lease_room_for_a_rerun():

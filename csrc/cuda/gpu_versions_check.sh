@@ -10,6 +10,11 @@
 # tree is copied to $WORK (default build/gpu-versions-tree) so that the checkout's own build of
 # the extension is left alone.  When the CUDA build of torch cannot be downloaded (no registry),
 # the check prints SKIP with pip's reason and exits 0; any other failure exits non-zero.
+#
+# With PREBUILT_OUT set, the built extension (its symbol table stripped) and its stamp
+# (csrc/cuda/extension_stamp.py) go to that folder, which `make gpu-check` installs instead of
+# compiling when the stamp it computes on the GPU machine is the same: `make gpu-prebuild`
+# does this with PYTHON a Python 3.12 (the GPU machine's) and TESTS=0 (no test run).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -18,8 +23,14 @@ TRITON_VERSION="${TRITON_VERSION:-3.6.0}"
 VENV="${VENV:-build/gpu-versions-venv}"
 WORK="${WORK:-build/gpu-versions-tree}"
 PYTHON="${PYTHON:-python3}"
+PREBUILT_OUT="${PREBUILT_OUT:-}"
+TESTS="${TESTS:-1}"
+ARCH_LIST=9.0  # the GPU machine's (gpu_check.sh builds for it alone)
 VENV="$(realpath -m "$VENV")"
 WORK="$(realpath -m "$WORK")"
+if [ -n "$PREBUILT_OUT" ]; then
+    PREBUILT_OUT="$(realpath -m "$PREBUILT_OUT")"
+fi
 export PATH="$PATH:/usr/local/cuda/bin"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 
@@ -44,10 +55,20 @@ mkdir -p "$WORK"
 tar --exclude=./build --exclude=./.git --exclude='*.so' --exclude='*.egg-info' -cf - . | tar -xf - -C "$WORK"
 cd "$WORK"
 started=$SECONDS
-TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e . \
+TORCH_CUDA_ARCH_LIST=$ARCH_LIST MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e . \
     > build.log 2>&1 || { tail -40 build.log; echo "gpu_versions_check: FAIL: the CUDA build failed"; exit 1; }
 echo "gpu_versions_check: built with the CUDA kernels in $((SECONDS - started)) s"
 "$VENV/bin/python" -c "import fastattn; built = fastattn.info()['extension']['backends'];
 assert 'cuda' in built, f'the extension has no CUDA kernels: {built}'; print('gpu_versions_check: backends built', built)"
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider
+if [ -n "$PREBUILT_OUT" ]; then
+    rm -rf "$PREBUILT_OUT"
+    mkdir -p "$PREBUILT_OUT"
+    strip --strip-unneeded -o "$PREBUILT_OUT/$(basename fastattn/_C.*.so)" fastattn/_C.*.so
+    "$VENV/bin/python" csrc/cuda/extension_stamp.py --arch-list "$ARCH_LIST" > "$PREBUILT_OUT/stamp.txt"
+    echo "gpu_versions_check: the extension for the GPU machine, in $PREBUILT_OUT:" \
+        "$(du -h "$PREBUILT_OUT"/_C.*.so | cut -f1), $(cat "$PREBUILT_OUT/stamp.txt")"
+fi
+if [ "$TESTS" = 1 ]; then
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider
+fi
 echo "gpu_versions_check: ok"
