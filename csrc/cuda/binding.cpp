@@ -411,6 +411,7 @@ at::Tensor compute_in(const at::Tensor& t, at::ScalarType compute) {
 at::Tensor compute_in(const OptionalTensor& t, at::ScalarType compute) {
   return present(t) ? t->to(compute).contiguous() : at::Tensor();
 }
+at::Tensor contiguous_or_undefined(const OptionalTensor& t) { return present(t) ? t->contiguous() : at::Tensor(); }
 // A new contiguous tensor holding t in the compute dtype, for a kernel to write into: one
 // copy kernel whatever t's dtype (converting first, then cloning, took two for 16-bit t).
 at::Tensor copy_in(const at::Tensor& t, at::ScalarType compute) {
@@ -463,9 +464,13 @@ void check_all_like(const char* op, const at::Tensor& x,
   for (const auto& [tensor, name] : list) check_like(op, name, *tensor, x);
 }
 
-RecurrentStep step_of(at::ScalarType compute, int64_t batch, int64_t hidden, const at::Tensor& lengths, int64_t t) {
+// A step computed in `compute`; its forward's biases, states and outputs in `storage` (a
+// cell's own dtype), or in the compute dtype (the layers' buffers) when not given.
+RecurrentStep step_of(at::ScalarType compute, int64_t batch, int64_t hidden, const at::Tensor& lengths, int64_t t,
+                      std::optional<DType> storage = std::nullopt) {
   RecurrentStep step;
   step.dtype = kernel_dtype(compute);
+  step.storage = storage.value_or(step.dtype);
   step.batch = batch;
   step.hidden = hidden;
   step.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
@@ -489,17 +494,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(const at::
   check_shape(op, "c", c_in, {B, H});
   check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kLstmGates * H, I, hidden_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
+  // Three kernels: the two GEMMs (float32 out) and the step, which reads the biases and c
+  // and writes h', c' and the saved gates in x's dtype.
+  const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
+  const at::Tensor c = c_in.contiguous();
   const at::Tensor hidden_gates = mm_in_compute(h_in, w_hh_in.t());
-  at::Tensor saved = mm_in_compute(x_in, w_ih_in.t());
-  at::Tensor c_next = copy_in(c_in, compute);
-  at::Tensor h_next = at::empty({B, H}, c_next.options());
-  check_launch(op, launch_lstm_step_forward(step_of(compute, B, H, at::Tensor(), 0), saved.mutable_data_ptr(),
-                                            kLstmGates * H, hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
-                                            pointer_or_null(b_hh), c_next.mutable_data_ptr(),
+  const at::Tensor gates = mm_in_compute(x_in, w_ih_in.t());
+  const bool converted = x_in.scalar_type() != compute;
+  at::Tensor saved = converted ? at::empty({B, kLstmGates * H}, x_in.options()) : gates;
+  at::Tensor c_next = at::empty({B, H}, x_in.options()), h_next = at::empty({B, H}, x_in.options());
+  check_launch(op, launch_lstm_step_forward(step_of(compute, B, H, at::Tensor(), 0, dtype_of(op, "x", x_in)),
+                                            gates.const_data_ptr(), kLstmGates * H, saved.mutable_data_ptr(),
+                                            hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
+                                            pointer_or_null(b_hh), c.const_data_ptr(), c_next.mutable_data_ptr(),
                                             h_next.mutable_data_ptr(), nullptr, nullptr, current_stream()));
-  const auto dtype = x_in.scalar_type();
-  return {h_next.to(dtype), c_next.to(dtype), saved.to(dtype)};
+  return {h_next, c_next, saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_cuda(
@@ -554,18 +563,22 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_forward_cuda(const at::Tensor& x_in,
   check_shape(op, "h", h_in, {B, H});
   check_weights(op, x_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, kGruGates * H, I, H);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor b_ih = compute_in(b_ih_in, compute), b_hh = compute_in(b_hh_in, compute);
-  at::Tensor h_next = copy_in(h_in, compute);
+  // Three kernels, as the LSTM cell's: the GEMMs and the step, in x's dtype around it.
+  const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
+  const at::Tensor h = h_in.contiguous();
   const at::Tensor hidden_gates = mm_in_compute(h_in, w_hh_in.t());
-  at::Tensor saved = at::empty({B, 4 * H}, h_next.options());
-  at::Tensor input_gates = saved.narrow(1, 0, kGruGates * H);
+  at::Tensor gates = at::empty({B, 4 * H}, hidden_gates.options());  // W_ih x in the first 3H
+  at::Tensor input_gates = gates.narrow(1, 0, kGruGates * H);
   mm_in_compute_out(input_gates, x_in, w_ih_in.t());
-  check_launch(op, launch_gru_step_forward(step_of(compute, B, H, at::Tensor(), 0), saved.mutable_data_ptr(),
+  const bool converted = x_in.scalar_type() != compute;
+  at::Tensor saved = converted ? at::empty({B, 4 * H}, x_in.options()) : gates;
+  at::Tensor h_next = at::empty({B, H}, x_in.options());
+  check_launch(op, launch_gru_step_forward(step_of(compute, B, H, at::Tensor(), 0, dtype_of(op, "x", x_in)),
+                                           gates.const_data_ptr(), saved.mutable_data_ptr(),
                                            hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
-                                           pointer_or_null(b_hh), h_next.mutable_data_ptr(), nullptr,
-                                           current_stream()));
-  const auto dtype = x_in.scalar_type();
-  return {h_next.to(dtype), saved.to(dtype)};
+                                           pointer_or_null(b_hh), h.const_data_ptr(), h_next.mutable_data_ptr(),
+                                           nullptr, current_stream()));
+  return {h_next, saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_cell_backward_cuda(
@@ -766,10 +779,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
       const int64_t t = time_of_step(s, T, reverse);
       mm_in_compute_out(hidden_gates, in_dtype_of(h_state, w_hh_t), w_hh_t);
       at::Tensor saved_t = saved.select(0, t);
-      check_launch(op, launch_lstm_step_forward(step_of(compute, B, H, lengths, t), saved_t.mutable_data_ptr(), width,
-                                                hidden_gates.const_data_ptr(), pointer_or_null(b_ih),
-                                                pointer_or_null(b_hh), c_state.mutable_data_ptr(),
-                                                h_state.mutable_data_ptr(),
+      check_launch(op, launch_lstm_step_forward(step_of(compute, B, H, lengths, t), saved_t.const_data_ptr(), width,
+                                                saved_t.mutable_data_ptr(), hidden_gates.const_data_ptr(),
+                                                pointer_or_null(b_ih), pointer_or_null(b_hh), c_state.const_data_ptr(),
+                                                c_state.mutable_data_ptr(), h_state.mutable_data_ptr(),
                                                 saved_t.narrow(1, G, H).mutable_data_ptr(),
                                                 output.select(0, t).mutable_data_ptr(), stream));
     }
@@ -888,9 +901,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_forward_cuda(
     for (int64_t s = 0; s < shape.steps_to_run(); ++s) {
       const int64_t t = time_of_step(s, T, reverse);
       mm_in_compute_out(hidden_gates, in_dtype_of(h_state, w_hh_t), w_hh_t);
-      check_launch(op, launch_gru_step_forward(step_of(compute, B, H, lengths, t),
-                                               saved.select(0, t).mutable_data_ptr(), hidden_gates.const_data_ptr(),
-                                               pointer_or_null(b_ih), pointer_or_null(b_hh),
+      at::Tensor saved_t = saved.select(0, t);
+      check_launch(op, launch_gru_step_forward(step_of(compute, B, H, lengths, t), saved_t.const_data_ptr(),
+                                               saved_t.mutable_data_ptr(), hidden_gates.const_data_ptr(),
+                                               pointer_or_null(b_ih), pointer_or_null(b_hh), h_state.const_data_ptr(),
                                                h_state.mutable_data_ptr(), output.select(0, t).mutable_data_ptr(),
                                                stream));
     }

@@ -123,21 +123,28 @@ cudaError_t launch_fast_tanh(const float* input, float* output, int64_t size, cu
 // One time step of a batch of B rows, dtype float32 or float64 (the binding computes
 // float16 / bfloat16 in float32).  Row b is active when lengths is null or
 // t < lengths[b]; inactive rows keep their state and output 0 (as the CPU kernels).
+// The forward steps' biases, states, saved gates and outputs are in `storage`: the
+// compute dtype, or float16 / bfloat16 for a float32 step (a cell op's own inputs and
+// outputs, read and written as they are: no conversion kernels around the step).
 
 struct RecurrentStep {
   DType dtype = DType::kFloat32;
   int64_t batch = 0, hidden = 0;
   const int64_t* lengths = nullptr;  // (B,) or null
   int64_t time = 0;
+  DType storage = DType::kFloat32;
 };
 
-// LSTM: gates (row stride gates_stride) hold W_ih x on entry, i, f, g, o on exit;
-// hidden_gates (B, 4H) = h W_hh^T; biases (4H,) or null.  c_state (B, H) in/out,
-// h_state (B, H) out (written for active rows); saved_c (row stride gates_stride) and
-// output (B, H) optional: c' (the kept c for inactive rows) and h' (0 inactive).
-cudaError_t launch_lstm_step_forward(const RecurrentStep& step, void* gates, int64_t gates_stride,
-                                     const void* hidden_gates, const void* b_ih, const void* b_hh, void* c_state,
-                                     void* h_state, void* saved_c, void* output, cudaStream_t stream);
+// LSTM: gates (dtype, row stride gates_stride) = W_ih x; saved_gates (storage, same
+// stride; may be gates itself) receives i, f, g, o; hidden_gates (dtype, (B, 4H)) =
+// h W_hh^T; biases (4H,) or null.  c_prev (B, H) in, c_state (B, H) out (may be c_prev:
+// in place), h_state (B, H) out (written for active rows); saved_c (row stride
+// gates_stride) and output (B, H) optional: c' (the kept c for inactive rows) and h'
+// (0 inactive).
+cudaError_t launch_lstm_step_forward(const RecurrentStep& step, const void* gates, int64_t gates_stride,
+                                     void* saved_gates, const void* hidden_gates, const void* b_ih,
+                                     const void* b_hh, const void* c_prev, void* c_state, void* h_state,
+                                     void* saved_c, void* output, cudaStream_t stream);
 // grad_h (B, H) the gradient reaching h' (state), grad_output (B, H) or null;
 // grad_c (B, H) in/out; gates / c_prev / c_next rows with their strides; grad_gates
 // (B, 4H) out (0 for inactive rows).
@@ -145,11 +152,12 @@ cudaError_t launch_lstm_step_backward(const RecurrentStep& step, const void* gra
                                       void* grad_c, const void* gates, int64_t gates_stride, const void* c_prev,
                                       int64_t c_prev_stride, const void* c_next, int64_t c_next_stride,
                                       void* grad_gates, cudaStream_t stream);
-// GRU: gates (row stride 4H) hold W_ih x in the first 3H on entry, r, z, n and
-// W_hn h + b_hn on exit; hidden_gates (B, 3H); h_state (B, H) in/out; output optional.
-cudaError_t launch_gru_step_forward(const RecurrentStep& step, void* gates, const void* hidden_gates,
-                                    const void* b_ih, const void* b_hh, void* h_state, void* output,
-                                    cudaStream_t stream);
+// GRU: gates (dtype, row stride 4H) hold W_ih x in the first 3H; saved_gates (storage,
+// (B, 4H); may be gates itself) receives r, z, n and W_hn h + b_hn; hidden_gates (dtype,
+// (B, 3H)); h_prev (B, H) in, h_state (B, H) out (may be h_prev); output optional.
+cudaError_t launch_gru_step_forward(const RecurrentStep& step, const void* gates, void* saved_gates,
+                                    const void* hidden_gates, const void* b_ih, const void* b_hh,
+                                    const void* h_prev, void* h_state, void* output, cudaStream_t stream);
 // grad_input_gates / grad_hidden_gates (B, 3H) out, direct (B, H) out: dh' * z.
 cudaError_t launch_gru_step_backward(const RecurrentStep& step, const void* grad_h, const void* grad_output,
                                      const void* gates, const void* previous_h, void* grad_input_gates,

@@ -102,7 +102,7 @@ class AttentionBackwardBuffers(ctypes.Structure):
 
 class RecurrentStep(ctypes.Structure):
     _fields_ = [("dtype", ctypes.c_int), ("batch", ctypes.c_int64), ("hidden", ctypes.c_int64),
-                ("lengths", ctypes.c_void_p), ("time", ctypes.c_int64)]
+                ("lengths", ctypes.c_void_p), ("time", ctypes.c_int64), ("storage", ctypes.c_int)]
 
 
 class PersistentPlan(ctypes.Structure):
@@ -143,10 +143,11 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "emu_attention_backward_tensor_core": [pointer, pointer, pointer],
         "emu_sample_positions": [ctypes.c_int, pointer, size, size, pointer, pointer],
         "emu_fast_tanh": [pointer, pointer, size],
-        "emu_lstm_step_forward": [pointer, pointer, size, pointer, pointer, pointer, pointer, pointer, pointer, pointer],
+        "emu_lstm_step_forward": [pointer, pointer, size, pointer, pointer, pointer, pointer, pointer, pointer, pointer,
+                                  pointer, pointer],
         "emu_lstm_step_backward": [pointer, pointer, pointer, pointer, pointer, size, pointer, size, pointer, size,
                                    pointer],
-        "emu_gru_step_forward": [pointer, pointer, pointer, pointer, pointer, pointer, pointer],
+        "emu_gru_step_forward": [pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer],
         "emu_gru_step_backward": [pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer],
         "emu_take_recurrent_gradient": [pointer, pointer, pointer, pointer],
         "emu_persistent_recurrent_plan": [ctypes.c_int, ctypes.c_bool, ctypes.c_int, size, size, ctypes.c_int, size,
@@ -322,8 +323,11 @@ def attention_backward(library, grad_context, grad_weights, arguments, logsumexp
     return (*grads, splits)
 
 
-def recurrent_step(dtype, batch, hidden, lengths, time) -> RecurrentStep:
-    return RecurrentStep(1 if dtype == torch.float64 else 0, batch, hidden, address(lengths), time)
+def recurrent_step(dtype, batch, hidden, lengths, time, storage=None) -> RecurrentStep:
+    """A step computed in float64 for float64, else float32; its forward's biases, states and
+    outputs in `storage` (default: the compute dtype)."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    return RecurrentStep(DTYPES[compute], batch, hidden, address(lengths), time, DTYPES[storage or compute])
 
 
 def persistent_plan(library, cell, backward, batch, hidden, multiprocessors=None,

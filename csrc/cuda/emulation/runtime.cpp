@@ -163,11 +163,11 @@ int emu_sample_positions(int dtype, const void* weights, int64_t rows, int64_t s
 int emu_fast_tanh(const float* input, float* output, int64_t size) {
   return launch_fast_tanh(input, output, size, nullptr);
 }
-int emu_lstm_step_forward(const RecurrentStep* s, void* gates, int64_t gates_stride, const void* hidden_gates,
-                          const void* b_ih, const void* b_hh, void* c_state, void* h_state, void* saved_c,
-                          void* output) {
-  return launch_lstm_step_forward(*s, gates, gates_stride, hidden_gates, b_ih, b_hh, c_state, h_state, saved_c,
-                                  output, nullptr);
+int emu_lstm_step_forward(const RecurrentStep* s, const void* gates, int64_t gates_stride, void* saved_gates,
+                          const void* hidden_gates, const void* b_ih, const void* b_hh, const void* c_prev,
+                          void* c_state, void* h_state, void* saved_c, void* output) {
+  return launch_lstm_step_forward(*s, gates, gates_stride, saved_gates, hidden_gates, b_ih, b_hh, c_prev, c_state,
+                                  h_state, saved_c, output, nullptr);
 }
 int emu_lstm_step_backward(const RecurrentStep* s, const void* grad_h, const void* grad_output, void* grad_c,
                            const void* gates, int64_t gates_stride, const void* c_prev, int64_t c_prev_stride,
@@ -175,9 +175,9 @@ int emu_lstm_step_backward(const RecurrentStep* s, const void* grad_h, const voi
   return launch_lstm_step_backward(*s, grad_h, grad_output, grad_c, gates, gates_stride, c_prev, c_prev_stride,
                                    c_next, c_next_stride, grad_gates, nullptr);
 }
-int emu_gru_step_forward(const RecurrentStep* s, void* gates, const void* hidden_gates, const void* b_ih,
-                         const void* b_hh, void* h_state, void* output) {
-  return launch_gru_step_forward(*s, gates, hidden_gates, b_ih, b_hh, h_state, output, nullptr);
+int emu_gru_step_forward(const RecurrentStep* s, const void* gates, void* saved_gates, const void* hidden_gates,
+                         const void* b_ih, const void* b_hh, const void* h_prev, void* h_state, void* output) {
+  return launch_gru_step_forward(*s, gates, saved_gates, hidden_gates, b_ih, b_hh, h_prev, h_state, output, nullptr);
 }
 int emu_gru_step_backward(const RecurrentStep* s, const void* grad_h, const void* grad_output, const void* gates,
                           const void* previous_h, void* grad_input_gates, void* grad_hidden_gates, void* direct) {
