@@ -22,11 +22,6 @@ __device__ __forceinline__ bool is_active(const RecurrentStep& step, int64_t b) 
   return step.lengths == nullptr || step.time < step.lengths[b];
 }
 
-template <typename T>
-__device__ __forceinline__ T bias_at(const T* bias, int64_t index) {
-  return bias != nullptr ? bias[index] : T(0);
-}
-
 // An element stored as S (T, or float16 / bfloat16 for T = float) in the compute type T.
 template <typename T, typename S>
 __device__ __forceinline__ T load_as(const S* source, int64_t index) {
