@@ -66,6 +66,7 @@ FAILURE_LOG="$OUT/gpu-test-failures.txt"
 PYTHON="${PYTHON:-python3}"  # the GPU machine's interpreter with torch is python3
 SANITIZE_CASES="${SANITIZE_CASES:-benchmarks/cuda_sanitize_cases.py}"
 PREBUILT="${PREBUILT:-build/gpu-prebuilt}"
+ARCH_LIST=9.0  # this card's, the build's and the stamp's (make gpu-prebuild builds for it too)
 BENCH_FLAGS="${BENCH_FLAGS:---no-compile}"
 BENCH_TARGETS_FLAGS="${BENCH_TARGETS_FLAGS:-}"
 STEPS=" ${STEPS:-versions install tests crashes memcheck racecheck bench targets} "
@@ -133,7 +134,7 @@ versions() {
 # shellcheck disable=SC2317  # run through `bash -c`, under the step's timeout
 install_fastattn() {
     local here built=""
-    here=$("$PYTHON" csrc/cuda/extension_stamp.py --arch-list 9.0) || return 1
+    here=$("$PYTHON" csrc/cuda/extension_stamp.py --arch-list "$ARCH_LIST") || return 1
     [ -f "$PREBUILT/stamp.txt" ] && built=$(cat "$PREBUILT/stamp.txt")
     if [ -n "$built" ] && [ "$built" = "$here" ]; then
         echo "the prebuilt extension of $PREBUILT ($here): installed without compiling"
@@ -144,7 +145,7 @@ assert 'cuda' in built, f'the prebuilt extension has no CUDA kernels: {built}'" 
         return 0
     fi
     [ -n "$built" ] && echo "the prebuilt extension of $PREBUILT is another tree's ($built; here: $here): compiling"
-    env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+    env TORCH_CUDA_ARCH_LIST="$ARCH_LIST" MAX_JOBS=16 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 }
 
 sanitize() {  # sanitize TOOL: one compute-sanitizer step, or SKIP when it cannot run
@@ -218,7 +219,7 @@ profile_cases() {
 }
 
 export -f versions install_fastattn crashed_tests rerun_crashed profile_cases
-export PYTHON PREBUILT FAILURE_LOG PROFILE_CASES
+export PYTHON PREBUILT ARCH_LIST FAILURE_LOG PROFILE_CASES
 
 main() {
     echo "fastattn GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), output in $OUT, FASTATTN_TRITON_AUTOTUNE=$FASTATTN_TRITON_AUTOTUNE, steps:$STEPS"
