@@ -1,7 +1,9 @@
 // The Python module fastattn._C.  Loading it registers the ops (csrc/ops.cpp) and their
-// kernels; the module itself only reports how it was built.  Plain pybind11, no torch
-// headers, so this file compiles in seconds.
+// kernels; the module itself only reports how it was built and which instruction sets its
+// CPU kernels run with.  Plain pybind11, no torch headers, so this file compiles in seconds.
 #include <pybind11/pybind11.h>
+
+#include "cpu/isa.h"
 
 #ifndef FASTATTN_CUDA_ARCH_LIST
 #define FASTATTN_CUDA_ARCH_LIST ""
@@ -28,9 +30,19 @@ pybind11::dict build_info() {
   return info;
 }
 
+// The instruction sets the CPU kernels run with here, chosen at run time (csrc/cpu/isa.h).
+pybind11::tuple cpu_kernels() {
+  pybind11::list sets;
+  sets.append(fastattn::use_avx2_kernels() ? "avx2" : "baseline");
+  if (fastattn::use_avx512_bf16_kernels()) sets.append("avx512_bf16");
+  return pybind11::tuple(sets);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastattn's compiled kernels; the ops are torch.ops.fastattn.*";
   m.def("build_info", &build_info, "How this extension was built: compiler, backends, CUDA archs");
+  m.def("cpu_kernels", &cpu_kernels,
+        "The instruction sets the CPU kernels run with here: avx2 or baseline, and avx512_bf16 for the bfloat16 GEMMs");
 }

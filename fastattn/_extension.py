@@ -58,3 +58,9 @@ _C = _load()
 def build_info() -> dict | None:
     """How fastattn._C was built, or None when it is not loaded."""
     return None if _C is None else dict(_C.build_info())
+
+
+def cpu_kernels() -> tuple[str, ...] | None:
+    """The instruction sets fastattn._C's CPU kernels run with on this machine ("avx2" or
+    "baseline", and "avx512_bf16" where the bfloat16 GEMMs run), or None when it is not loaded."""
+    return None if _C is None else tuple(_C.cpu_kernels())

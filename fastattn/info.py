@@ -2,8 +2,9 @@
 
 The dict holds the versions of fastattn, Python, PyTorch and Triton, which backends
 are available (and why not, when they are not), the CUDA architectures the
-extension was compiled for, the device, the backend setting in force, and the
-backend ``"auto"`` picks for each op on each device type.
+extension was compiled for, the instruction sets its CPU kernels run with here, the
+device, the backend setting in force, and the backend ``"auto"`` picks for each op on
+each device type.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def info() -> dict:
         "cuda_arch_list": _cuda_arch_list(),
         "extension": _extension.build_info(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_kernels": _extension.cpu_kernels(),
         "device": _device(),
         "backend_setting": _backend_setting(),
         "auto": _auto_choices(),

@@ -19,7 +19,7 @@ from fastattn.info import info
 REPOSITORY = Path(__file__).resolve().parents[1]
 INFO_KEYS = {
     "version", "python", "torch", "triton", "backends", "cuda_arch_list", "extension",
-    "cpu_capability", "device", "backend_setting", "auto",
+    "cpu_capability", "cpu_kernels", "device", "backend_setting", "auto",
 }
 bench_run = importlib.import_module("fastattn.bench.run")  # the module (fastattn.bench.run is also its run function)
 BENCH_CASES = ("attention.additive.decode_step.forward", "lstm_cell.forward")

@@ -21,7 +21,10 @@
 //   weights @ values) around one C++ pass per row for scale and masks, ATen's
 //   softmax, and one pass for logsumexp, fully masked rows and the Gaussian
 //   factor; the dot backward is five GEMMs around one pass per row (cosine: on the
-//   unit vectors, then through them).
+//   unit vectors, then through them).  bfloat16 with the dot score on a CPU with
+//   AVX512-BF16: the GEMMs take the bfloat16 inputs as they are (bfloat16_gemms).  The
+//   row passes vectorise where a row's visible keys are one range (no padding mask),
+//   in the AVX2 clone too (run_for_this_cpu).
 // Backward: parallel over n (each n owns its grad_keys / grad_values rows; chunk-
 //   local grad_v / grad_bias summed at the end): no races, deterministic.  Scores
 //   and tanh are recomputed, never stored: per row a pass over the keys for their
@@ -41,7 +44,8 @@
 //   values as they are stored, widening each vector of them to float as it loads it
 //   (load_lanes); the query, v, bias and center, and for the GEMM paths and the
 //   backward the keys and values too, are converted to float32 first; outputs are
-//   converted back.
+//   converted back.  Except the bfloat16 GEMMs of the dot score above, whose products
+//   are exact and sums float32, but whose W and dE are rounded to bfloat16.
 // Not handled: float16 / bfloat16 arithmetic.  Keys may be (1, S, D), shared by the
 //   batch (location score: W_a[:S]); their gradient is then summed over it (per
 //   chunk of the batch, or one GEMM on the BLAS path).  Keys and values may have a
@@ -59,6 +63,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <string_view>
@@ -67,9 +72,12 @@
 #include <vector>
 
 #include "../common/attention_math.h"
+#include "../common/fast_sigmoid.h"
 #include "../common/sampling_math.h"
 #include "../center_dtype.h"
+#include "bfloat16_gemm.h"
 #include "isa.h"
+#include "select_bits.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define FASTATTN_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -81,6 +89,8 @@
 
 namespace {
 
+using fastattn::bfloat16_matmul_nt;
+using fastattn::bfloat16_matmul_nt_available;
 using fastattn::KeyRange;
 using fastattn::ScoreKind;
 using fastattn::use_avx2_kernels;
@@ -732,17 +742,38 @@ FASTATTN_ALWAYS_INLINE void forward_rows(const AttentionProblem<T, E>& problem, 
 // logsumexp's rounding (half an ulp of the largest score: 1e-5 relative at scores ~200 in
 // float32) into every p_j (the values' gradient of peaked rows erred 10x the
 // reference's).  scores[keys[c]]: e on entry, p on exit, for the row's `count` keys.
-template <typename T>
-FASTATTN_ALWAYS_INLINE void probabilities_of_row(T* scores, const int64_t* keys, int64_t count) {
+// keys[c]: the row's c-th visible key.  ListedKeys for rows with holes (padding), or
+// ContiguousKeys for a row whose visible keys are one range, over which the loops below
+// vectorise.
+struct ListedKeys {
+  const int64_t* keys;
+  int64_t operator[](int64_t c) const { return keys[c]; }
+};
+struct ContiguousKeys {
+  int64_t first;
+  int64_t operator[](int64_t c) const { return first + c; }
+};
+
+// e^x for x <= 0 in the softmax rows: float through exp_of_nonpositive_with (a polynomial,
+// branch free, so that the rows vectorise, where libm's expf kept them scalar; within 1.2
+// ulps of e^x, measured on every fourth float in [-87, 0]), double through exp.
+inline float row_exp(float x) { return fastattn::exp_of_nonpositive_with(x, fastattn::SelectBits{}); }
+inline double row_exp(double x) { return fastattn::exp_of(x); }
+
+template <typename T, typename Keys>
+FASTATTN_ALWAYS_INLINE void probabilities_of_row(T* scores, Keys keys, int64_t count) {
   T row_max = fastattn::negative_infinity<T>();
-  for (int64_t c = 0; c < count; ++c) row_max = std::max(row_max, scores[keys[c]]);
+#pragma omp simd reduction(max : row_max)
+  for (int64_t c = 0; c < count; ++c) row_max = scores[keys[c]] > row_max ? scores[keys[c]] : row_max;
   RowSum sum = 0;  // in double (RowSum)
+#pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < count; ++c) {
-    const T exponential = fastattn::exp_of(scores[keys[c]] - row_max);
+    const T exponential = row_exp(scores[keys[c]] - row_max);
     scores[keys[c]] = exponential;
     sum += exponential;
   }
   const T inverse_sum = static_cast<T>(RowSum(1) / sum);
+#pragma omp simd
   for (int64_t c = 0; c < count; ++c) scores[keys[c]] *= inverse_sum;
 }
 
@@ -770,15 +801,24 @@ struct ShiftedRowTerm {
 };
 
 // probabilities and grad_alpha indexed by key; keys: the row's `count` visible keys.
-template <typename T>
-ShiftedRowTerm<T> shifted_row_term(const T* probabilities, const T* grad_alpha, const int64_t* keys, int64_t count) {
+template <typename T, typename Keys>
+ShiftedRowTerm<T> shifted_row_term(const T* probabilities, const T* grad_alpha, Keys keys, int64_t count) {
   if (count == 0) return {T(0), T(0)};
-  int64_t top = keys[0];
+  T top_probability = probabilities[keys[0]];  // the first of the largest (a NaN first: that one)
+#pragma omp simd reduction(max : top_probability)
   for (int64_t c = 1; c < count; ++c) {
-    if (probabilities[keys[c]] > probabilities[top]) top = keys[c];
+    top_probability = probabilities[keys[c]] > top_probability ? probabilities[keys[c]] : top_probability;
+  }
+  int64_t top = keys[0];
+  for (int64_t c = 0; c < count; ++c) {
+    if (probabilities[keys[c]] == top_probability) {
+      top = keys[c];
+      break;
+    }
   }
   const T shift = grad_alpha[top];
   RowSum row_term = 0;  // in double (RowSum)
+#pragma omp simd reduction(+ : row_term)
   for (int64_t c = 0; c < count; ++c) row_term += probabilities[keys[c]] * (grad_alpha[keys[c]] - shift);
   return {shift, static_cast<T>(row_term)};
 }
@@ -880,7 +920,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
       } else {
         score_keys<T, kScore, kBytes>(problem, query, n, visible_keys.data(), count, scores.data());
       }
-      probabilities_of_row(scores.data(), visible_keys.data(), count);
+      probabilities_of_row(scores.data(), ListedKeys{visible_keys.data()}, count);
       dot_with_values<kBytes>(problem, grad_context, n, visible_keys.data(), count, value_dots.data());
       RowSum grad_center = 0;
       for (int64_t c = 0; c < count; ++c) {
@@ -896,7 +936,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
           grad_center += grad_weight * probability * gaussian * fastattn::gaussian_log_slope(j, center, problem.window);
         }
       }
-      const ShiftedRowTerm<T> row_term = shifted_row_term(alpha.data(), grad_alpha.data(), visible_keys.data(), count);
+      const ShiftedRowTerm<T> row_term = shifted_row_term(alpha.data(), grad_alpha.data(), ListedKeys{visible_keys.data()}, count);
       if (out.grad_center != nullptr) out.grad_center[row] = static_cast<T>(grad_center);
 
       T* grad_query_row = out.grad_query + row * score_dim;
@@ -1088,7 +1128,8 @@ void check_float_like(const char* op, const char* name, const at::Tensor& t, con
 // The checked inputs of attention_forward / attention_backward, in the compute
 // dtype (float for float32/float16/bfloat16, double for float64), except float16 /
 // bfloat16 keys and values: kept as given for the forward's row kernel, converted by
-// keys_and_values_in_compute_dtype for the GEMM paths and the backward.
+// keys_and_values_in_compute_dtype for the GEMM paths and the backward; where the bfloat16
+// GEMMs run (bfloat16_gemms), the query too is kept, and the keys and values are not converted.
 struct PreparedInputs {
   ScoreKind score = ScoreKind::kDot;
   at::ScalarType input_dtype = at::kFloat, compute_dtype = at::kFloat;
@@ -1100,6 +1141,9 @@ struct PreparedInputs {
   int64_t window = -1;
   bool gaussian = false;
 };
+
+bool use_blas_path(const PreparedInputs& in);
+bool bfloat16_gemms(const PreparedInputs& in);
 
 PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at::Tensor& keys,
                               const at::Tensor& values, const std::optional<at::Tensor>& v,
@@ -1186,8 +1230,9 @@ PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at:
   TORCH_CHECK(!gaussian || in.window >= 1, op, ": gaussian needs window >= 1 (sigma = window / 2), got ",
               window.has_value() ? std::to_string(*window) : std::string("None"));
 
-  // Copied only now that every argument is checked (an expanded query can be large).
-  in.query = in_dtype(query, in.compute_dtype).contiguous();
+  // Copied only now that every argument is checked (an expanded query can be large); the
+  // bfloat16 GEMMs read it as it is.
+  in.query = use_blas_path(in) && bfloat16_gemms(in) ? query.contiguous() : in_dtype(query, in.compute_dtype).contiguous();
   in.keys = with_contiguous_rows(keys);
   in.shared_keys = keys.size(0) != in.batch;
   if (in.shared_keys) in.keys = in.keys.expand({in.batch, in.source_length, in.score_dim});
@@ -1216,21 +1261,17 @@ void keys_and_values_in_compute_dtype(PreparedInputs& in) {
   in.values = in_dtype(in.values, in.compute_dtype);
 }
 
+// The problem without its query, keys, values, v and bias: what the row passes of the
+// matrix-multiply path read (sizes, scale, key norms, masks, window), whatever the dtype of
+// the keys and values.
 template <typename T, typename E = T>
-AttentionProblem<T, E> problem_of(const PreparedInputs& in) {
+AttentionProblem<T, E> masks_of(const PreparedInputs& in) {
   AttentionProblem<T, E> problem;
   problem.batch = in.batch;
   problem.query_length = in.query_length;
   problem.source_length = in.source_length;
   problem.score_dim = in.score_dim;
   problem.value_dim = in.value_dim;
-  problem.query = in.query.const_data_ptr<T>();
-  problem.keys = in.keys.const_data_ptr<E>();
-  problem.keys_batch_stride = in.keys.stride(0);
-  problem.values = in.values.const_data_ptr<E>();
-  problem.values_batch_stride = in.values.stride(0);
-  if (in.v.defined()) problem.v = in.v.const_data_ptr<T>();
-  if (in.bias.defined()) problem.bias = in.bias.const_data_ptr<T>();
   if (in.key_norms.defined()) {
     problem.key_norms = in.key_norms.const_data_ptr<T>();
     problem.key_norms_batch_stride = in.key_norms.size(0) == 1 ? 0 : in.source_length;
@@ -1245,7 +1286,30 @@ AttentionProblem<T, E> problem_of(const PreparedInputs& in) {
   return problem;
 }
 
+template <typename T, typename E = T>
+AttentionProblem<T, E> problem_of(const PreparedInputs& in) {
+  AttentionProblem<T, E> problem = masks_of<T, E>(in);
+  problem.query = in.query.const_data_ptr<T>();
+  problem.keys = in.keys.const_data_ptr<E>();
+  problem.keys_batch_stride = in.keys.stride(0);
+  problem.values = in.values.const_data_ptr<E>();
+  problem.values_batch_stride = in.values.stride(0);
+  if (in.v.defined()) problem.v = in.v.const_data_ptr<T>();
+  if (in.bias.defined()) problem.bias = in.bias.const_data_ptr<T>();
+  return problem;
+}
+
 // ---------------------------------------------------------------- BLAS forward (dot, cosine)
+// bfloat16 inputs with the dot score, on a CPU with AVX512-BF16: the GEMMs whose outputs
+// the softmax needs in float32 (the scores q k^T, and the backward's dW = dC v^T) are
+// bfloat16_matmul_nt's, on the caller's tensors; the others are bfloat16 at::bmm (oneDNN's
+// bfloat16 dot products) on W and dE rounded to bfloat16, as FlashAttention rounds them
+// before these GEMMs, their outputs rounded once, as they are returned.  Both run at about
+// twice the rate of the float32 GEMMs on widened copies they replace.
+bool bfloat16_gemms(const PreparedInputs& in) {
+  return in.input_dtype == at::kBFloat16 && in.score == ScoreKind::kDot && bfloat16_matmul_nt_available();
+}
+
 // For the dot and cosine scores with enough work per row, the two contractions
 // are BLAS GEMMs: raw = q' @ k^T (q' = q, or q / max(|q|, floor) for the cosine),
 // then one fused pass per row turns raw into the weights in place (scale, masks,
@@ -1284,16 +1348,34 @@ void blas_mask_rows(const AttentionProblem<T>& problem, T* raw, T* row_max, int6
     T max_score = minus_infinity;
     int64_t argmax = 0;
     std::fill(scores, scores + range.begin, minus_infinity);
-    for (int64_t j = range.begin; j < range.end; ++j) {
-      if (problem.is_padding(n, j)) {
-        scores[j] = minus_infinity;
-        continue;
+    if (problem.key_padding_mask == nullptr) {  // the range's keys, in loops that vectorise
+#pragma omp simd
+      for (int64_t j = range.begin; j < range.end; ++j) scores[j] = score_from_dot<T, kScore>(problem, scores[j], n, j);
+      bool has_nan = false;
+#pragma omp simd reduction(max : max_score) reduction(|| : has_nan)
+      for (int64_t j = range.begin; j < range.end; ++j) {
+        max_score = scores[j] > max_score ? scores[j] : max_score;
+        has_nan = has_nan || scores[j] != scores[j];
       }
-      const T score = score_from_dot<T, kScore>(problem, scores[j], n, j);
-      scores[j] = score;
-      if (max_score == max_score && (score > max_score || score != score)) {  // a NaN score: a NaN row
-        max_score = score;
-        argmax = j;
+      if (has_nan) max_score = std::numeric_limits<T>::quiet_NaN();
+      for (int64_t j = range.begin; j < range.end; ++j) {  // the first NaN, else the first maximum
+        if (has_nan ? scores[j] != scores[j] : scores[j] == max_score) {
+          argmax = j;
+          break;
+        }
+      }
+    } else {
+      for (int64_t j = range.begin; j < range.end; ++j) {
+        if (problem.is_padding(n, j)) {
+          scores[j] = minus_infinity;
+          continue;
+        }
+        const T score = score_from_dot<T, kScore>(problem, scores[j], n, j);
+        scores[j] = score;
+        if (max_score == max_score && (score > max_score || score != score)) {  // a NaN score: a NaN row
+          max_score = score;
+          argmax = j;
+        }
       }
     }
     if (max_score == minus_infinity) {  // fully masked row
@@ -1387,6 +1469,36 @@ at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
   return at::bmm(a, b);
 }
 
+// One row over its `count` visible keys (keys), the others already zeroed: scores hold
+// scale * q.k on entry.  grad_center: the row's entry, or null (it is set only with the
+// Gaussian factor, the only one that depends on the center).
+template <typename T, typename Keys>
+FASTATTN_ALWAYS_INLINE void blas_backward_row(const AttentionProblem<T>& problem, T* scores, T* grad_alpha, T* w,
+                                              T center, T* grad_center, Keys keys, int64_t count) {
+  probabilities_of_row(scores, keys, count);
+  if (problem.gaussian) {
+    RowSum center_gradient = 0;
+    for (int64_t c = 0; c < count; ++c) {
+      const int64_t j = keys[c];
+      const T probability = scores[j], gaussian = fastattn::gaussian_factor(j, center, problem.window);
+      const T grad_weight = grad_alpha[j];
+      w[j] = probability * gaussian;
+      grad_alpha[j] = grad_weight * gaussian;
+      center_gradient += grad_weight * probability * gaussian * fastattn::gaussian_log_slope(j, center, problem.window);
+    }
+    if (grad_center != nullptr) *grad_center = static_cast<T>(center_gradient);
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < count; ++c) w[keys[c]] = scores[keys[c]];
+  }
+  const ShiftedRowTerm<T> row_term = shifted_row_term<T>(scores, grad_alpha, keys, count);
+#pragma omp simd
+  for (int64_t c = 0; c < count; ++c) {
+    const int64_t j = keys[c];
+    scores[j] = problem.scale * row_term.score_gradient(scores[j], grad_alpha[j]);
+  }
+}
+
 // Backward of the dot score through GEMMs: scores recomputed as one GEMM, one pass
 // per row turns them into dE (and W = alpha g), then grad_values = W^T dC,
 // grad_query = dE K, grad_keys = dE^T Q.  The cosine score is the dot score of the
@@ -1411,50 +1523,68 @@ void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weig
     const int64_t n = row / query_length, t = row % query_length;
     const KeyRange range = problem.keys_of(n, t);
     const T center = problem.window_center(n, t);
+    T* center_gradient = grad_center != nullptr ? grad_center + row : nullptr;
+    const auto zero_outside = [&](int64_t begin, int64_t end) {
+      for (T* row_data : {scores, grad_alpha, w}) std::fill(row_data + begin, row_data + end, T(0));
+    };
+    if (problem.key_padding_mask == nullptr) {  // the visible keys: the range
+      zero_outside(0, range.begin);
+      zero_outside(range.end, source_length);
+      const T scale = problem.scale;
+#pragma omp simd
+      for (int64_t j = range.begin; j < range.end; ++j) scores[j] *= scale;
+      blas_backward_row(problem, scores, grad_alpha, w, center, center_gradient, ContiguousKeys{range.begin},
+                        range.end - range.begin);
+      continue;
+    }
     int64_t count = 0;
     for (int64_t j = 0; j < source_length; ++j) {
       if (j < range.begin || j >= range.end || problem.is_padding(n, j)) {
-        scores[j] = T(0);
-        grad_alpha[j] = T(0);
-        w[j] = T(0);
+        zero_outside(j, j + 1);
       } else {
         scores[j] *= problem.scale;
         visible_keys[count++] = j;
       }
     }
-    probabilities_of_row(scores, visible_keys.data(), count);
-    RowSum center_gradient = 0;
-    for (int64_t c = 0; c < count; ++c) {
-      const int64_t j = visible_keys[c];
-      const T probability = scores[j];
-      const T gaussian = problem.gaussian ? fastattn::gaussian_factor(j, center, problem.window) : T(1);
-      const T grad_weight = grad_alpha[j];
-      scores[j] = probability;
-      w[j] = probability * gaussian;
-      grad_alpha[j] = grad_weight * gaussian;
-      if (grad_center != nullptr) {
-        center_gradient += grad_weight * probability * gaussian * fastattn::gaussian_log_slope(j, center, problem.window);
-      }
-    }
-    const ShiftedRowTerm<T> row_term = shifted_row_term<T>(scores, grad_alpha, visible_keys.data(), count);
-    if (grad_center != nullptr) grad_center[row] = static_cast<T>(center_gradient);
-    for (int64_t c = 0; c < count; ++c) {
-      const int64_t j = visible_keys[c];
-      scores[j] = problem.scale * row_term.score_gradient(scores[j], grad_alpha[j]);
-    }
+    blas_backward_row(problem, scores, grad_alpha, w, center, center_gradient, ListedKeys{visible_keys.data()}, count);
   }
+}
+
+// kFunction(args...) as the AVX2+FMA clone where the CPU has it (use_avx2_kernels): the
+// row passes of the matrix-multiply path, whose loops vectorise.
+#ifdef FASTATTN_AVX2_CLONES
+template <auto kFunction, typename... Args>
+FASTATTN_TARGET_AVX2 void run_avx2(Args... args) {
+  kFunction(args...);
+}
+#endif
+template <auto kFunction, typename... Args>
+void run_for_this_cpu(Args... args) {
+#ifdef FASTATTN_AVX2_CLONES
+  if (use_avx2_kernels()) {
+    run_avx2<kFunction>(args...);
+    return;
+  }
+#endif
+  kFunction(args...);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const PreparedInputs& in, bool return_weights,
                                                                       const at::Tensor& original_query) {
-  at::Tensor logsumexp = at::empty({in.batch, in.query_length}, in.query.options());
-  const at::Tensor prepared_query = in.score == ScoreKind::kCosine ? unit_rows(in.query) : in.query;
-  at::Tensor scores = batched_matmul(prepared_query, in.keys.transpose(1, 2)).contiguous();
+  const bool bfloat16 = bfloat16_gemms(in);
+  at::Tensor logsumexp = at::empty({in.batch, in.query_length}, in.query.options().dtype(in.compute_dtype));
+  at::Tensor scores;
+  if (bfloat16) {
+    scores = bfloat16_matmul_nt(in.query, in.keys);
+  } else {
+    const at::Tensor prepared_query = in.score == ScoreKind::kCosine ? unit_rows(in.query) : in.query;
+    scores = batched_matmul(prepared_query, in.keys.transpose(1, 2)).contiguous();
+  }
   at::Tensor weights;
   const int64_t rows = in.batch * in.query_length;
   std::vector<int64_t> first_argmax(rows);
   AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_forward_blas", [&] {
-    const AttentionProblem<scalar_t> problem = problem_of<scalar_t>(in);
+    const AttentionProblem<scalar_t> problem = masks_of<scalar_t>(in);
     scalar_t* lse = logsumexp.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / in.source_length);
     {
@@ -1462,9 +1592,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const Prep
       const bool cosine = in.score == ScoreKind::kCosine;
       at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
         if (cosine) {
-          blas_mask_rows<scalar_t, ScoreKind::kCosine>(problem, raw, lse, first_argmax.data(), begin, end);
+          run_for_this_cpu<&blas_mask_rows<scalar_t, ScoreKind::kCosine>>(problem, raw, lse, first_argmax.data(), begin,
+                                                                          end);
         } else {
-          blas_mask_rows<scalar_t, ScoreKind::kDot>(problem, raw, lse, first_argmax.data(), begin, end);
+          run_for_this_cpu<&blas_mask_rows<scalar_t, ScoreKind::kDot>>(problem, raw, lse, first_argmax.data(), begin, end);
         }
       });
     }
@@ -1475,8 +1606,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const Prep
       blas_finish_rows<scalar_t>(problem, alpha, lse, first_argmax.data(), begin, end);
     });
   });
+  if (bfloat16) weights = weights.to(in.input_dtype);  // rounded before W @ V, as it is returned
   at::Tensor context = batched_matmul(weights, in.values);
-  if (in.input_dtype != in.compute_dtype) {
+  if (context.scalar_type() != in.input_dtype) {
     context = context.to(in.input_dtype);
     if (return_weights) weights = weights.to(in.input_dtype);
   }
@@ -1532,7 +1664,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
   PreparedInputs in = prepare_inputs("attention_forward", query, keys, values, v, bias, score, scale, lengths,
                                      key_padding_mask, causal, window, center, gaussian);
   if (use_blas_path(in)) {
-    keys_and_values_in_compute_dtype(in);
+    if (!bfloat16_gemms(in)) keys_and_values_in_compute_dtype(in);
     return attention_forward_blas(in, return_weights, query);
   }
   if (!widen_in_the_kernel(in)) keys_and_values_in_compute_dtype(in);
@@ -1584,7 +1716,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               " (the accumulation dtype), got ", logsumexp.scalar_type());
   TORCH_CHECK(logsumexp.dim() == 2 && logsumexp.size(0) == in.batch && logsumexp.size(1) == in.query_length, op,
               ": logsumexp must be (N=", in.batch, ", T=", in.query_length, "), got shape ", logsumexp.sizes());
-  const at::Tensor grad_context_ = in_dtype(grad_context, in.compute_dtype).contiguous();
+  const bool blas = (in.score == ScoreKind::kDot || in.score == ScoreKind::kCosine) && use_blas_path(in);
+  const bool bfloat16 = blas && bfloat16_gemms(in);
+  const at::Tensor grad_context_ = bfloat16 ? grad_context.contiguous() : in_dtype(grad_context, in.compute_dtype).contiguous();
   const at::Tensor logsumexp_ = logsumexp.contiguous();
   at::Tensor grad_weights_;
   if (grad_weights.has_value() && grad_weights->defined()) {
@@ -1595,23 +1729,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 "), got shape ", grad_weights->sizes());
     grad_weights_ = in_dtype(*grad_weights, in.compute_dtype).contiguous();
   }
-  keys_and_values_in_compute_dtype(in);  // only now that every argument is checked
+  if (!bfloat16) keys_and_values_in_compute_dtype(in);  // only now that every argument is checked
 
-  const auto options = in.query.options();
+  const auto options = in.query.options().dtype(in.compute_dtype);
   const auto cast = [&](const at::Tensor& t) { return t.scalar_type() == in.input_dtype ? t : t.to(in.input_dtype); };
   // A fresh empty tensor for each absent gradient: outputs must not alias.
   const auto empty = [&] { return at::empty({0}, query.options()); };
-  if ((in.score == ScoreKind::kDot || in.score == ScoreKind::kCosine) && use_blas_path(in)) {
+  if (blas) {
     const bool wants_center = in.gaussian && in.center.defined(), cosine = in.score == ScoreKind::kCosine;
     at::Tensor grad_center = wants_center ? at::zeros({in.batch, in.query_length}, options) : at::Tensor();
+    // bfloat16: query, keys, values and grad_context as the caller's (bfloat16_gemms)
     const at::Tensor query_rows = cosine ? unit_rows(in.query) : in.query;
     const at::Tensor key_rows = cosine ? unit_rows(in.keys) : in.keys;
-    at::Tensor raw = batched_matmul(query_rows, key_rows.transpose(1, 2)).contiguous();
-    at::Tensor grad_alpha = batched_matmul(grad_context_, in.values.transpose(1, 2)).contiguous();
+    at::Tensor raw = bfloat16 ? bfloat16_matmul_nt(query_rows, key_rows)
+                              : batched_matmul(query_rows, key_rows.transpose(1, 2)).contiguous();
+    at::Tensor grad_alpha = bfloat16 ? bfloat16_matmul_nt(grad_context_, in.values)
+                                     : batched_matmul(grad_context_, in.values.transpose(1, 2)).contiguous();
     if (grad_weights_.defined()) grad_alpha.add_(grad_weights_);
     at::Tensor weights = at::empty_like(raw);
     AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_backward_blas", [&] {
-      const AttentionProblem<scalar_t> problem = problem_of<scalar_t>(in);
+      const AttentionProblem<scalar_t> problem = masks_of<scalar_t>(in);
       scalar_t* raw_data = raw.mutable_data_ptr<scalar_t>();
       scalar_t* grad_alpha_data = grad_alpha.mutable_data_ptr<scalar_t>();
       scalar_t* weights_data = weights.mutable_data_ptr<scalar_t>();
@@ -1619,10 +1756,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       scalar_t* center_data = wants_center ? grad_center.mutable_data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, in.batch * in.query_length, std::max<int64_t>(1, 16384 / in.source_length),
                        [&](int64_t begin, int64_t end) {
-                         blas_backward_rows<scalar_t>(problem, raw_data, grad_alpha_data, weights_data, lse,
-                                                      center_data, begin, end);
+                         run_for_this_cpu<&blas_backward_rows<scalar_t>>(problem, raw_data, grad_alpha_data,
+                                                                         weights_data, lse, center_data, begin, end);
                        });
     });
+    if (bfloat16) {  // dE and W rounded before their GEMMs
+      raw = raw.to(in.input_dtype);
+      weights = weights.to(in.input_dtype);
+    }
     at::Tensor grad_values = at::bmm(weights.transpose(1, 2), grad_context_);
     at::Tensor grad_query = batched_matmul(raw, key_rows);
     // Keys shared by the batch: their gradient summed over it, dE^T Q over all N T rows.

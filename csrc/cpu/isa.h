@@ -2,7 +2,9 @@
 // other machines is compiled without -march flags; its kernels are compiled twice
 // instead, for the baseline ISA and with AVX2+FMA (a target attribute), and the AVX2
 // clone is picked at run time when the CPU has it.  ATEN_CPU_CAPABILITY=default forces
-// the baseline, as it does for ATen's own kernels.
+// the baseline, as it does for ATen's own kernels.  The bfloat16 GEMM of the attention's
+// matrix-multiply path (csrc/cpu/bfloat16_gemm.h) has one AVX-512 clone, run when the CPU
+// has AVX512-BF16 and ATEN_CPU_CAPABILITY is neither "default" nor "avx2".
 #pragma once
 
 #include <cstdlib>
@@ -21,6 +23,13 @@
 #define FASTATTN_TARGET_AVX2 __attribute__((target("avx2,fma"), flatten))
 #endif
 
+// AVX512-BF16 (vdpbf16ps) needs GCC 10 or clang 9 and a 64-bit x86 target.
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+#define FASTATTN_AVX512_BF16_CLONES 1
+#define FASTATTN_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#include <cpuid.h>
+#endif
+
 namespace fastattn {
 
 // Whether the AVX2 clones run: the CPU has AVX2 and FMA and ATEN_CPU_CAPABILITY is not
@@ -32,6 +41,31 @@ inline bool use_avx2_kernels() {
     if (capability != nullptr && std::strcmp(capability, "default") == 0) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
+
+// Whether the AVX512-BF16 clones run: the CPU has AVX-512 F, BW and VL, which
+// __builtin_cpu_supports reports only where the OS saves the 512-bit registers, and
+// AVX512-BF16 (CPUID leaf 7, subleaf 1, EAX bit 5), and ATEN_CPU_CAPABILITY is neither
+// "default" nor "avx2".  Decided once per process.
+inline bool use_avx512_bf16_kernels() {
+#ifdef FASTATTN_AVX512_BF16_CLONES
+  static const bool use = [] {
+    const char* capability = std::getenv("ATEN_CPU_CAPABILITY");
+    if (capability != nullptr && (std::strcmp(capability, "default") == 0 || std::strcmp(capability, "avx2") == 0)) {
+      return false;
+    }
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl")) {
+      return false;
+    }
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 && (eax & (1u << 5)) != 0;
   }();
   return use;
 #else

@@ -29,6 +29,7 @@
 #include "common/fast_tanh.h"
 #include "common/layer_shape.h"
 #include "cpu/isa.h"
+#include "cpu/select_bits.h"
 #include "cpu/tile_gemm.h"
 
 #include <algorithm>
@@ -168,33 +169,9 @@ inline int64_t time_of_step(int64_t s, int64_t steps, bool reverse) {
 // Activations.  float32: tanh through fast_tanh (csrc/common/fast_tanh.h, max abs error
 // 4e-7), a rational function without exp, and sigmoid through fast_sigmoid
 // (csrc/common/fast_sigmoid.h, accurate relative to its value however small), both
-// branch free so that the compiler vectorises the loops.  float64: std::exp and std::tanh.
+// branch free (csrc/cpu/select_bits.h) so that the compiler vectorises the loops.  float64:
+// std::exp and std::tanh.
 
-// if_true where condition else if_false, as bit masks: a `?:` on floats followed by
-// arithmetic stops GCC from vectorising the loop (it becomes control flow).
-inline float select_bits(bool condition, float if_true, float if_false) {
-  std::uint32_t true_bits, false_bits;
-  std::memcpy(&true_bits, &if_true, sizeof(float));
-  std::memcpy(&false_bits, &if_false, sizeof(float));
-  const std::uint32_t mask = 0u - static_cast<std::uint32_t>(condition);
-  const std::uint32_t bits = (true_bits & mask) | (false_bits & ~mask);
-  float result;
-  std::memcpy(&result, &bits, sizeof(float));
-  return result;
-}
-// The clamps of fast_tanh, branch free, passing a NaN in `a` through (tanh(NaN) is NaN:
-// a NaN gate input makes the state NaN, as torch's cells do, not 0 or -1).
-struct SelectMin {
-  float operator()(float a, float b) const { return select_bits(b < a, b, a); }
-};
-struct SelectMax {
-  float operator()(float a, float b) const { return select_bits(b > a, b, a); }
-};
-struct SelectBits {
-  float operator()(bool condition, float if_true, float if_false) const {
-    return select_bits(condition, if_true, if_false);
-  }
-};
 inline float gate_tanh(float x) { return fast_tanh_with(x, SelectMin{}, SelectMax{}); }
 inline float gate_sigmoid(float x) { return fast_sigmoid_with(x, SelectBits{}); }
 inline double gate_tanh(double x) { return std::tanh(x); }

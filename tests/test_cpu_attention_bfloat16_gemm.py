@@ -1,0 +1,163 @@
+"""The bfloat16 GEMMs of the C++ attention's matrix-multiply path (dot score, D >= 128,
+T, S >= 16, most keys visible), on a CPU with AVX512-BF16 (csrc/cpu/bfloat16_gemm.h):
+the scores and the backward's dW = dC v^T in float32 from the bfloat16 inputs as they are,
+W @ V and the backward's other three GEMMs as bfloat16 at::bmm on W and dE rounded to
+bfloat16.  Shapes cover every remainder of the GEMM's blocks: rows (T) modulo its 6-row
+block, columns (S) about its 16-column panels, and odd feature sizes (D, Dv), with and
+without the 16 x 16 transposes of its packing, keys shared by the batch, and key rows
+further apart than D."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _extension, backends
+
+pytestmark = pytest.mark.skipif(
+    backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+BFLOAT16_GEMMS = "avx512_bf16" in (_extension.cpu_kernels() or ())
+needs_bfloat16_gemms = pytest.mark.skipif(not BFLOAT16_GEMMS, reason="this CPU has no AVX512-BF16")
+
+# (N, T, S, D, Dv): T = 16 .. 21 takes each remainder of 6 rows; S = 16, 17, 31, 33, 47
+# panels of 16 whole, with one column, and short; D = 129 and 255 odd (255: 7 transposes
+# of 16 pairs and 15 pairs after them), 128 and 130 even; Dv = 33 and 47 odd (dW's K).
+SHAPES = [(3, 16, 17, 129, 33), (2, 17, 47, 130, 40), (1, 64, 64, 256, 64), (2, 18, 33, 255, 47),
+          (4, 19, 31, 128, 32), (2, 20, 16, 131, 35), (3, 21, 48, 160, 64)]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them, or an empty set elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def test_the_bfloat16_gemms_run_where_the_cpu_has_avx512_bf16():
+    """`info()["cpu_kernels"]` lists avx512_bf16 exactly where Linux lists the CPU's
+    AVX-512 F, BW, VL and BF16 flags, and not under ATEN_CPU_CAPABILITY=avx2 (a process of
+    its own: the choice is made once a process)."""
+    flags = cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to check the CPU's flags against")
+    has_them = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
+    kernels = fastattn.info()["cpu_kernels"]
+    assert kernels[0] == ("avx2" if "avx2" in flags and "fma" in flags else "baseline")
+    assert ("avx512_bf16" in kernels) == has_them
+    script = "import fastattn; print(','.join(fastattn.info()['cpu_kernels']))"
+    environment = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "avx512_bf16" not in result.stdout, result.stderr[-3000:]
+
+
+def _case(shape, shared_keys, seed):
+    """bfloat16 leaves of one call: keys whose rows are 3 elements further apart than D
+    (a slice), lengths with a fully masked row (0) and a short one, and a padding mask."""
+    batch, queries, source, dim, value_dim = shape
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(*size):
+        return torch.randn(*size, generator=generator).bfloat16()
+
+    wide_keys = tensor(1 if shared_keys else batch, source, dim + 3)
+    lengths = torch.tensor([source, 0, source - 3, source - 1][:batch]) if batch > 1 else None
+    padding = torch.rand(batch, source, generator=generator) > 0.9
+    return {"query": tensor(batch, queries, dim), "keys": wide_keys[..., 1:dim + 1], "values": tensor(batch, source, value_dim),
+            "lengths": lengths, "key_padding_mask": padding, "grad_context": tensor(batch, queries, value_dim)}
+
+
+def _op(case, dtype, scale=0.6):
+    """The op's context, weights, logsumexp and gradients of query, keys, values, on the
+    case's tensors in dtype."""
+    query, keys, values, grad_context = (case[name].to(dtype) for name in ("query", "keys", "values", "grad_context"))
+    arguments = [query, keys, values, None, None, "dot", scale, case["lengths"], case["key_padding_mask"], False,
+                 None, None, False]
+    context, weights, logsumexp = torch.ops.fastattn.attention_forward(*arguments, True)
+    grads = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp)
+    return context, weights, logsumexp, *grads[:3]
+
+
+def check_scores(shape, shared_keys):
+    """logsumexp, float32, is that of the float64 scores of the same bfloat16 inputs to
+    float32's rounding (a score rounded to bfloat16 would be off by 2^-9 of itself), and
+    the bfloat16 weights are those scores' softmax rounded once (one unit in the last
+    place): every block of the GEMM computed, none twice or misplaced."""
+    case = _case(shape, shared_keys, seed=sum(shape))
+    _, weights, logsumexp, *_ = _op(case, torch.bfloat16)
+    _, exact_weights, exact_logsumexp, *_ = _op(case, torch.float64)
+    visible = torch.isfinite(exact_logsumexp)
+    assert torch.equal(torch.isfinite(logsumexp), visible) and visible.sum() > 0
+    magnitude = exact_logsumexp[visible].abs().max().item() + 1.0
+    torch.testing.assert_close(logsumexp[visible].double(), exact_logsumexp[visible], rtol=0, atol=2e-6 * magnitude)
+    torch.testing.assert_close(weights.double(), exact_weights.bfloat16().double(), rtol=torch.finfo(torch.bfloat16).eps,
+                               atol=1e-30)
+    if case["lengths"] is not None:  # lengths 0: a fully masked row, zeros
+        assert weights[1].abs().max() == 0
+
+
+def check_errors(shape, shared_keys):
+    """The project's rule for 16-bit dtypes: the context, weights and the gradients of
+    query, keys and values err against float64 at most twice as much as the reference run
+    in bfloat16 does (plus a floor of one bfloat16 rounding of the largest entry)."""
+    case = _case(shape, shared_keys, seed=7 * sum(shape))
+    got = _op(case, torch.bfloat16)
+    exact = _op(case, torch.float64)
+    leaves = [case[name].clone().requires_grad_() for name in ("query", "keys", "values")]
+    keys = leaves[1].expand(shape[0], -1, -1)  # shared: the gradient of the (1, S, D) leaf sums over the batch
+    with fastattn.backend("reference"):
+        context, weights = fastattn.attention(leaves[0], keys, leaves[2], score="scaled_dot", scale=0.6,
+                                              lengths=case["lengths"], key_padding_mask=case["key_padding_mask"],
+                                              return_weights=True)
+    in_bfloat16 = [context, weights, *torch.autograd.grad(context, leaves, case["grad_context"])]
+    names = ["context", "weights", "grad_query", "grad_keys", "grad_values"]
+    for name, output, reference, oracle in zip(names, [got[0], got[1], *got[3:]], in_bfloat16,
+                                               [exact[0], exact[1], *exact[3:]]):
+        assert output.dtype == torch.bfloat16 and output.shape == oracle.shape == reference.shape, name
+        error = (output.double() - oracle).abs().max().item()
+        reference_error = (reference.double() - oracle).abs().max().item()
+        floor = torch.finfo(torch.bfloat16).eps * oracle.abs().max().item()
+        assert error <= 2 * reference_error + floor, (name, error, reference_error)
+
+
+SHAPE_IDS = [f"n{n}_t{t}_s{s}_d{d}_dv{dv}" for n, t, s, d, dv in SHAPES]
+SHARING = pytest.mark.parametrize("shared_keys", [False, True], ids=["keys_per_batch", "keys_shared_by_the_batch"])
+
+
+@needs_bfloat16_gemms
+@SHARING
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_scores_are_float32_sums_of_the_bfloat16_products(shape, shared_keys):
+    check_scores(shape, shared_keys)
+
+
+@needs_bfloat16_gemms
+@SHARING
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=SHAPE_IDS[:4])
+def test_outputs_and_gradients_err_at_most_twice_the_reference_in_bfloat16(shape, shared_keys):
+    check_errors(shape, shared_keys)
+
+
+def test_the_float32_gemms_on_a_cpu_without_avx512_bf16_pass_the_same_checks():
+    """ATEN_CPU_CAPABILITY=avx2 turns the bfloat16 GEMMs off (as on a CPU without
+    AVX512-BF16): the float32 GEMMs on widened copies pass the same checks."""
+    script = ("from tests import test_cpu_attention_bfloat16_gemm as t\n"
+              "assert 'avx512_bf16' not in t._extension.cpu_kernels()\n"
+              "for shape in t.SHAPES[:3]:\n"
+              "    for shared_keys in (False, True):\n"
+              "        t.check_scores(shape, shared_keys)\n"
+              "        t.check_errors(shape, shared_keys)\n"
+              "print('passed')\n")
+    environment = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("passed"), result.stderr[-3000:]
