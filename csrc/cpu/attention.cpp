@@ -22,9 +22,9 @@
 //   softmax, and one pass for logsumexp, fully masked rows and the Gaussian
 //   factor; the dot backward is five GEMMs around one pass per row (cosine: on the
 //   unit vectors, then through them).  bfloat16 with the dot score on a CPU with
-//   AVX512-BF16: the GEMMs take the bfloat16 inputs as they are (bfloat16_gemms).  The
-//   row passes vectorise where a row's visible keys are one range (no padding mask),
-//   in the AVX2 clone too (run_for_this_cpu).
+//   AVX512-BF16: the GEMMs take the bfloat16 inputs as they are
+//   (PreparedInputs::bfloat16_gemms).  The row passes vectorise where a row's visible
+//   keys are one range (no padding mask), in the AVX2 clone too (run_for_this_cpu).
 // Backward: parallel over n (each n owns its grad_keys / grad_values rows; chunk-
 //   local grad_v / grad_bias summed at the end): no races, deterministic.  Scores
 //   and tanh are recomputed, never stored: per row a pass over the keys for their
@@ -1129,7 +1129,8 @@ void check_float_like(const char* op, const char* name, const at::Tensor& t, con
 // dtype (float for float32/float16/bfloat16, double for float64), except float16 /
 // bfloat16 keys and values: kept as given for the forward's row kernel, converted by
 // keys_and_values_in_compute_dtype for the GEMM paths and the backward; where the bfloat16
-// GEMMs run (bfloat16_gemms), the query too is kept, and the keys and values are not converted.
+// GEMMs run (bfloat16_gemms below), the query too is kept, and the keys and values are not
+// converted.
 struct PreparedInputs {
   ScoreKind score = ScoreKind::kDot;
   at::ScalarType input_dtype = at::kFloat, compute_dtype = at::kFloat;
@@ -1140,10 +1141,17 @@ struct PreparedInputs {
   bool causal = false;
   int64_t window = -1;
   bool gaussian = false;
+  // The matrix-multiply path with bfloat16 inputs and the dot score, on a CPU with
+  // AVX512-BF16: the GEMMs whose outputs the softmax needs in float32 (the scores q k^T,
+  // and the backward's dW = dC v^T) are bfloat16_matmul_nt's, on the caller's tensors; the
+  // others are bfloat16 at::bmm (oneDNN's bfloat16 dot products) on W and dE rounded to
+  // bfloat16, as FlashAttention rounds them before these GEMMs, their outputs rounded once,
+  // as they are returned.  Both run at about twice the rate of the float32 GEMMs on widened
+  // copies they replace.  Set by prepare_inputs.
+  bool bfloat16_gemms = false;
 };
 
 bool use_blas_path(const PreparedInputs& in);
-bool bfloat16_gemms(const PreparedInputs& in);
 
 PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at::Tensor& keys,
                               const at::Tensor& values, const std::optional<at::Tensor>& v,
@@ -1232,7 +1240,9 @@ PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at:
 
   // Copied only now that every argument is checked (an expanded query can be large); the
   // bfloat16 GEMMs read it as it is.
-  in.query = use_blas_path(in) && bfloat16_gemms(in) ? query.contiguous() : in_dtype(query, in.compute_dtype).contiguous();
+  in.bfloat16_gemms = in.input_dtype == at::kBFloat16 && in.score == ScoreKind::kDot &&
+                      bfloat16_matmul_nt_available() && use_blas_path(in);
+  in.query = in.bfloat16_gemms ? query.contiguous() : in_dtype(query, in.compute_dtype).contiguous();
   in.keys = with_contiguous_rows(keys);
   in.shared_keys = keys.size(0) != in.batch;
   if (in.shared_keys) in.keys = in.keys.expand({in.batch, in.source_length, in.score_dim});
@@ -1300,15 +1310,6 @@ AttentionProblem<T, E> problem_of(const PreparedInputs& in) {
 }
 
 // ---------------------------------------------------------------- BLAS forward (dot, cosine)
-// bfloat16 inputs with the dot score, on a CPU with AVX512-BF16: the GEMMs whose outputs
-// the softmax needs in float32 (the scores q k^T, and the backward's dW = dC v^T) are
-// bfloat16_matmul_nt's, on the caller's tensors; the others are bfloat16 at::bmm (oneDNN's
-// bfloat16 dot products) on W and dE rounded to bfloat16, as FlashAttention rounds them
-// before these GEMMs, their outputs rounded once, as they are returned.  Both run at about
-// twice the rate of the float32 GEMMs on widened copies they replace.
-bool bfloat16_gemms(const PreparedInputs& in) {
-  return in.input_dtype == at::kBFloat16 && in.score == ScoreKind::kDot && bfloat16_matmul_nt_available();
-}
 
 // For the dot and cosine scores with enough work per row, the two contractions
 // are BLAS GEMMs: raw = q' @ k^T (q' = q, or q / max(|q|, floor) for the cosine),
@@ -1571,7 +1572,7 @@ void run_for_this_cpu(Args... args) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const PreparedInputs& in, bool return_weights,
                                                                       const at::Tensor& original_query) {
-  const bool bfloat16 = bfloat16_gemms(in);
+  const bool bfloat16 = in.bfloat16_gemms;
   at::Tensor logsumexp = at::empty({in.batch, in.query_length}, in.query.options().dtype(in.compute_dtype));
   at::Tensor scores;
   if (bfloat16) {
@@ -1664,7 +1665,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
   PreparedInputs in = prepare_inputs("attention_forward", query, keys, values, v, bias, score, scale, lengths,
                                      key_padding_mask, causal, window, center, gaussian);
   if (use_blas_path(in)) {
-    if (!bfloat16_gemms(in)) keys_and_values_in_compute_dtype(in);
+    if (!in.bfloat16_gemms) keys_and_values_in_compute_dtype(in);
     return attention_forward_blas(in, return_weights, query);
   }
   if (!widen_in_the_kernel(in)) keys_and_values_in_compute_dtype(in);
@@ -1717,7 +1718,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(logsumexp.dim() == 2 && logsumexp.size(0) == in.batch && logsumexp.size(1) == in.query_length, op,
               ": logsumexp must be (N=", in.batch, ", T=", in.query_length, "), got shape ", logsumexp.sizes());
   const bool blas = (in.score == ScoreKind::kDot || in.score == ScoreKind::kCosine) && use_blas_path(in);
-  const bool bfloat16 = blas && bfloat16_gemms(in);
+  const bool bfloat16 = in.bfloat16_gemms;  // only on the matrix-multiply path
   const at::Tensor grad_context_ = bfloat16 ? grad_context.contiguous() : in_dtype(grad_context, in.compute_dtype).contiguous();
   const at::Tensor logsumexp_ = logsumexp.contiguous();
   at::Tensor grad_weights_;
@@ -1738,7 +1739,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (blas) {
     const bool wants_center = in.gaussian && in.center.defined(), cosine = in.score == ScoreKind::kCosine;
     at::Tensor grad_center = wants_center ? at::zeros({in.batch, in.query_length}, options) : at::Tensor();
-    // bfloat16: query, keys, values and grad_context as the caller's (bfloat16_gemms)
+    // bfloat16: query, keys, values and grad_context as the caller's (in.bfloat16_gemms)
     const at::Tensor query_rows = cosine ? unit_rows(in.query) : in.query;
     const at::Tensor key_rows = cosine ? unit_rows(in.keys) : in.keys;
     at::Tensor raw = bfloat16 ? bfloat16_matmul_nt(query_rows, key_rows)
