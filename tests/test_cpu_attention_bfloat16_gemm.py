@@ -1,8 +1,9 @@
-"""The bfloat16 GEMMs of the C++ attention's matrix-multiply path (dot score, D >= 128,
-T, S >= 16, most keys visible), on a CPU with AVX512-BF16 (csrc/cpu/bfloat16_gemm.h):
-the scores and the backward's dW = dC v^T in float32 from the bfloat16 inputs as they are,
-W @ V and the backward's other three GEMMs as bfloat16 at::bmm on W and dE rounded to
-bfloat16.  Shapes cover every remainder of the GEMM's blocks: rows (T) modulo its 6-row
+"""The bfloat16 GEMMs of the C++ attention's matrix-multiply path (dot and cosine scores,
+D >= 128, T, S >= 16, most keys visible), on a CPU with AVX512-BF16
+(csrc/cpu/bfloat16_gemm.h): the scores and the backward's dW = dC v^T in float32 from the
+bfloat16 inputs as they are (the cosine's norms divided out after q.k), W @ V and the
+backward's other three GEMMs as bfloat16 at::bmm on W and dE rounded to bfloat16 (and the
+cosine's unit vectors).  Shapes cover every remainder of the GEMM's blocks: rows (T) modulo its 6-row
 block, columns (S) about its 16-column panels, and odd feature sizes (D, Dv), with and
 without the 16 x 16 transposes of its packing, keys shared by the batch, and key rows
 further apart than D."""
@@ -76,25 +77,25 @@ def _case(shape, shared_keys, seed):
             "lengths": lengths, "key_padding_mask": padding, "grad_context": tensor(batch, queries, value_dim)}
 
 
-def _op(case, dtype, scale=0.6):
+def _op(case, dtype, score="dot", scale=0.6):
     """The op's context, weights, logsumexp and gradients of query, keys, values, on the
     case's tensors in dtype."""
     query, keys, values, grad_context = (case[name].to(dtype) for name in ("query", "keys", "values", "grad_context"))
-    arguments = [query, keys, values, None, None, "dot", scale, case["lengths"], case["key_padding_mask"], False,
+    arguments = [query, keys, values, None, None, score, scale, case["lengths"], case["key_padding_mask"], False,
                  None, None, False]
     context, weights, logsumexp = torch.ops.fastattn.attention_forward(*arguments, True)
     grads = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp)
     return context, weights, logsumexp, *grads[:3]
 
 
-def check_scores(shape, shared_keys):
+def check_scores(shape, shared_keys, score="dot"):
     """logsumexp, float32, is that of the float64 scores of the same bfloat16 inputs to
     float32's rounding (a score rounded to bfloat16 would be off by 2^-9 of itself), and
     the bfloat16 weights are those scores' softmax rounded once (one unit in the last
     place): every block of the GEMM computed, none twice or misplaced."""
     case = _case(shape, shared_keys, seed=sum(shape))
-    _, weights, logsumexp, *_ = _op(case, torch.bfloat16)
-    _, exact_weights, exact_logsumexp, *_ = _op(case, torch.float64)
+    _, weights, logsumexp, *_ = _op(case, torch.bfloat16, score)
+    _, exact_weights, exact_logsumexp, *_ = _op(case, torch.float64, score)
     visible = torch.isfinite(exact_logsumexp)
     assert torch.equal(torch.isfinite(logsumexp), visible) and visible.sum() > 0
     magnitude = exact_logsumexp[visible].abs().max().item() + 1.0
@@ -105,17 +106,18 @@ def check_scores(shape, shared_keys):
         assert weights[1].abs().max() == 0
 
 
-def check_errors(shape, shared_keys):
+def check_errors(shape, shared_keys, score="dot", case=None):
     """The project's rule for 16-bit dtypes: the context, weights and the gradients of
     query, keys and values err against float64 at most twice as much as the reference run
     in bfloat16 does (plus a floor of one bfloat16 rounding of the largest entry)."""
-    case = _case(shape, shared_keys, seed=7 * sum(shape))
-    got = _op(case, torch.bfloat16)
-    exact = _op(case, torch.float64)
+    case = case or _case(shape, shared_keys, seed=7 * sum(shape))
+    got = _op(case, torch.bfloat16, score)
+    exact = _op(case, torch.float64, score)
     leaves = [case[name].clone().requires_grad_() for name in ("query", "keys", "values")]
     keys = leaves[1].expand(shape[0], -1, -1)  # shared: the gradient of the (1, S, D) leaf sums over the batch
     with fastattn.backend("reference"):
-        context, weights = fastattn.attention(leaves[0], keys, leaves[2], score="scaled_dot", scale=0.6,
+        context, weights = fastattn.attention(leaves[0], keys, leaves[2], score="scaled_dot" if score == "dot" else score,
+                                              scale=0.6,
                                               lengths=case["lengths"], key_padding_mask=case["key_padding_mask"],
                                               return_weights=True)
     in_bfloat16 = [context, weights, *torch.autograd.grad(context, leaves, case["grad_context"])]
@@ -131,20 +133,48 @@ def check_errors(shape, shared_keys):
 
 SHAPE_IDS = [f"n{n}_t{t}_s{s}_d{d}_dv{dv}" for n, t, s, d, dv in SHAPES]
 SHARING = pytest.mark.parametrize("shared_keys", [False, True], ids=["keys_per_batch", "keys_shared_by_the_batch"])
+SCORES = pytest.mark.parametrize("score", ["dot", "cosine"])
 
 
 @needs_bfloat16_gemms
+@SCORES
 @SHARING
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_scores_are_float32_sums_of_the_bfloat16_products(shape, shared_keys):
-    check_scores(shape, shared_keys)
+def test_scores_are_float32_sums_of_the_bfloat16_products(shape, shared_keys, score):
+    check_scores(shape, shared_keys, score)
 
 
 @needs_bfloat16_gemms
+@SCORES
 @SHARING
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=SHAPE_IDS[:4])
-def test_outputs_and_gradients_err_at_most_twice_the_reference_in_bfloat16(shape, shared_keys):
-    check_errors(shape, shared_keys)
+def test_outputs_and_gradients_err_at_most_twice_the_reference_in_bfloat16(shape, shared_keys, score):
+    check_errors(shape, shared_keys, score)
+
+
+def matrix_products(function) -> list[str]:
+    """The ATen matrix products (bmm, mm) `function` calls, in order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        function()
+    return [event.name for event in profile.events() if event.name in ("aten::bmm", "aten::mm")]
+
+
+@needs_bfloat16_gemms
+def test_the_cosine_takes_q_k_from_the_bfloat16_gemm_where_every_norm_suits_it():
+    """A bfloat16 cosine forward runs one ATen matrix product (W @ V; q.k is the bfloat16
+    GEMM of our own), its backward three (dW = dC v^T ours); with a query row of norm below
+    2^-50 (whose q.k the instruction's flush to zero would lose) or a key row above 2^50,
+    both run the float32 GEMMs on the unit vectors (two and five), and the outputs and
+    gradients still keep to the 2x rule."""
+    shape = SHAPES[0]
+    case = _case(shape, False, seed=11)
+    assert matrix_products(lambda: _op(case, torch.bfloat16, "cosine")) == ["aten::bmm"] * 4
+    check_errors(shape, False, "cosine", case)
+    for name, row, factor in (("query", (0, 2), 1e-17), ("keys", (1, 3), 1e17)):
+        tiny_or_huge = {**case, name: case[name].clone()}
+        tiny_or_huge[name][row] *= factor
+        assert matrix_products(lambda: _op(tiny_or_huge, torch.bfloat16, "cosine")) == ["aten::bmm"] * 7, name
+        check_errors(shape, False, "cosine", tiny_or_huge)
 
 
 def test_the_float32_gemms_on_a_cpu_without_avx512_bf16_pass_the_same_checks():
@@ -154,8 +184,9 @@ def test_the_float32_gemms_on_a_cpu_without_avx512_bf16_pass_the_same_checks():
               "assert 'avx512_bf16' not in t._extension.cpu_kernels()\n"
               "for shape in t.SHAPES[:3]:\n"
               "    for shared_keys in (False, True):\n"
-              "        t.check_scores(shape, shared_keys)\n"
-              "        t.check_errors(shape, shared_keys)\n"
+              "        for score in ('dot', 'cosine'):\n"
+              "            t.check_scores(shape, shared_keys, score)\n"
+              "            t.check_errors(shape, shared_keys, score)\n"
               "print('passed')\n")
     environment = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True,

@@ -21,8 +21,8 @@
 //   weights @ values) around one C++ pass per row for scale and masks, ATen's
 //   softmax, and one pass for logsumexp, fully masked rows and the Gaussian
 //   factor; the dot backward is five GEMMs around one pass per row (cosine: on the
-//   unit vectors, then through them).  bfloat16 with the dot score on a CPU with
-//   AVX512-BF16: the GEMMs take the bfloat16 inputs as they are
+//   unit vectors, then through them).  bfloat16 with the dot or cosine score on a CPU
+//   with AVX512-BF16: the GEMMs take the bfloat16 inputs as they are
 //   (PreparedInputs::bfloat16_gemms).  The row passes vectorise where a row's visible
 //   keys are one range (no padding mask), in the AVX2 clone too (run_for_this_cpu).
 // Backward: parallel over n (each n owns its grad_keys / grad_values rows; chunk-
@@ -539,6 +539,7 @@ struct AttentionProblem {
   const T* bias = nullptr;
   const T* key_norms = nullptr;  // cosine: |k_j|, (N or 1, S)
   int64_t key_norms_batch_stride = 0;
+  const T* query_norms = nullptr;  // cosine from q.k on the raw query (bfloat16 GEMMs): |q|, (N, T)
   T scale = T(1);
   const int64_t* lengths = nullptr;
   const bool* key_padding_mask = nullptr;
@@ -591,6 +592,16 @@ FASTATTN_ALWAYS_INLINE T score_from_dot(const AttentionProblem<T, E>& problem, T
   } else {
     return dot * problem.scale;
   }
+}
+
+// The divisor that makes q.k of query row `row` the q'.k score_from_dot takes: max(|q|,
+// floor) for the cosine from the raw query (problem.query_norms), else 1.
+template <typename T, ScoreKind kScore, typename E>
+FASTATTN_ALWAYS_INLINE T query_divisor(const AttentionProblem<T, E>& problem, int64_t row) {
+  if constexpr (kScore == ScoreKind::kCosine) {
+    if (problem.query_norms != nullptr) return fastattn::clamped_norm(problem.query_norms[row]);
+  }
+  return T(1);
 }
 
 // scores[j] = e_{t,j} for the `count` keys j = keys[0..count) of batch n; dot and
@@ -1136,22 +1147,53 @@ struct PreparedInputs {
   at::ScalarType input_dtype = at::kFloat, compute_dtype = at::kFloat;
   int64_t batch = 0, query_length = 0, source_length = 0, score_dim = 0, value_dim = 0;
   at::Tensor query, keys, values, v, bias, lengths, key_padding_mask, center, key_norms;
+  at::Tensor query_norms;  // the cosine with bfloat16 GEMMs: |q|, (N, T), divided out after q.k
   bool shared_keys = false;  // keys given as (1, S, D) for N > 1: expanded here, grad_keys (1, S, D)
   double scale = 1.0;
   bool causal = false;
   int64_t window = -1;
   bool gaussian = false;
-  // The matrix-multiply path with bfloat16 inputs and the dot score, on a CPU with
-  // AVX512-BF16: the GEMMs whose outputs the softmax needs in float32 (the scores q k^T,
-  // and the backward's dW = dC v^T) are bfloat16_matmul_nt's, on the caller's tensors; the
-  // others are bfloat16 at::bmm (oneDNN's bfloat16 dot products) on W and dE rounded to
-  // bfloat16, as FlashAttention rounds them before these GEMMs, their outputs rounded once,
-  // as they are returned.  Both run at about twice the rate of the float32 GEMMs on widened
-  // copies they replace.  Set by prepare_inputs.
+  // The matrix-multiply path with bfloat16 inputs and the dot or cosine score, on a CPU
+  // with AVX512-BF16: the GEMMs whose outputs the softmax needs in float32 (the scores q k^T,
+  // and the backward's dW = dC v^T) are bfloat16_matmul_nt's, on the caller's tensors (the
+  // cosine's norms divided out of q.k after it: query_norms, key_norms); the others are
+  // bfloat16 at::bmm (oneDNN's bfloat16 dot products) on W and dE rounded to bfloat16, as
+  // FlashAttention rounds them before these GEMMs, and on the cosine's unit vectors rounded
+  // to bfloat16, their outputs rounded once, as they are returned.  Both run at about twice
+  // the rate of the float32 GEMMs on widened copies they replace.  Set by prepare_inputs.
   bool bfloat16_gemms = false;
 };
 
 bool use_blas_path(const PreparedInputs& in);
+
+// |x| of each row x of `rows` (N, R, D; rows contiguous within a batch element) as (N, R)
+// in `dtype` (the compute dtype), or (1, R) for rows shared by the batch (batch stride 0):
+// once per distinct row.
+at::Tensor row_norms(const at::Tensor& rows, at::ScalarType dtype) {
+  const int64_t batches = rows.size(0) > 1 && rows.stride(0) == 0 ? 1 : rows.size(0);
+  const int64_t per_batch = rows.size(1), dim = rows.size(2), batch_stride = rows.stride(0);
+  at::Tensor norms = at::empty({batches, per_batch}, rows.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "fastattn_row_norms", [&] {
+    const scalar_t* data = rows.const_data_ptr<scalar_t>();
+    LaneOf<scalar_t>* out = norms.mutable_data_ptr<LaneOf<scalar_t>>();
+    at::parallel_for(0, batches * per_batch, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* x = data + (i / per_batch) * batch_stride + (i % per_batch) * dim;
+        out[i] = std::sqrt(dot_product<16>(x, x, dim));
+      }
+    });
+  });
+  return norms;
+}
+
+// Whether the cosine may take q.k from the bfloat16 GEMM (vdpbf16ps flushes a float32
+// sum below 2^-126 to 0 and can overflow where q and k are large): every norm within
+// [2^-50, 2^50], so that the flushed part of q.k is below 2^-26 D of |q| |k| and no sum
+// overflows.  Otherwise the float32 GEMMs run on the unit vectors, as for float16.
+bool norms_suit_bfloat16_products(const at::Tensor& norms) {
+  const auto [smallest, largest] = at::aminmax(norms);
+  return smallest.item<double>() >= std::ldexp(1.0, -50) && largest.item<double>() <= std::ldexp(1.0, 50);
+}
 
 PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at::Tensor& keys,
                               const at::Tensor& values, const std::optional<at::Tensor>& v,
@@ -1238,31 +1280,25 @@ PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at:
   TORCH_CHECK(!gaussian || in.window >= 1, op, ": gaussian needs window >= 1 (sigma = window / 2), got ",
               window.has_value() ? std::to_string(*window) : std::string("None"));
 
-  // Copied only now that every argument is checked (an expanded query can be large); the
-  // bfloat16 GEMMs read it as it is.
-  in.bfloat16_gemms = in.input_dtype == at::kBFloat16 && in.score == ScoreKind::kDot &&
-                      bfloat16_matmul_nt_available() && use_blas_path(in);
-  in.query = in.bfloat16_gemms ? query.contiguous() : in_dtype(query, in.compute_dtype).contiguous();
   in.keys = with_contiguous_rows(keys);
   in.shared_keys = keys.size(0) != in.batch;
   if (in.shared_keys) in.keys = in.keys.expand({in.batch, in.source_length, in.score_dim});
   in.values = with_contiguous_rows(values);
+  if (in.score == ScoreKind::kCosine) in.key_norms = row_norms(in.keys, in.compute_dtype);
 
-  if (in.score == ScoreKind::kCosine) {  // |k_j| once per distinct key row, in the compute dtype
-    const int64_t key_batches = in.batch > 1 && in.keys.stride(0) == 0 ? 1 : in.batch;
-    in.key_norms = at::empty({key_batches, in.source_length}, in.query.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.keys.scalar_type(), "fastattn_key_norms", [&] {
-      const scalar_t* keys_data = in.keys.const_data_ptr<scalar_t>();
-      LaneOf<scalar_t>* norms = in.key_norms.mutable_data_ptr<LaneOf<scalar_t>>();
-      const int64_t batch_stride = in.keys.stride(0), source_length = in.source_length, dim = in.score_dim;
-      at::parallel_for(0, key_batches * source_length, 1024, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const scalar_t* key = keys_data + (i / source_length) * batch_stride + (i % source_length) * dim;
-          norms[i] = std::sqrt(dot_product<16>(key, key, dim));
-        }
-      });
-    });
+  // Copied only now that every argument is checked (an expanded query can be large); the
+  // bfloat16 GEMMs read it as it is.
+  in.bfloat16_gemms = in.input_dtype == at::kBFloat16 &&
+                      (in.score == ScoreKind::kDot || in.score == ScoreKind::kCosine) &&
+                      bfloat16_matmul_nt_available() && use_blas_path(in);
+  if (in.bfloat16_gemms && in.score == ScoreKind::kCosine) {
+    in.query_norms = row_norms(query.contiguous(), in.compute_dtype);
+    if (!norms_suit_bfloat16_products(in.query_norms) || !norms_suit_bfloat16_products(in.key_norms)) {
+      in.bfloat16_gemms = false;
+      in.query_norms = at::Tensor();
+    }
   }
+  in.query = in.bfloat16_gemms ? query.contiguous() : in_dtype(query, in.compute_dtype).contiguous();
   return in;
 }
 
@@ -1286,6 +1322,7 @@ AttentionProblem<T, E> masks_of(const PreparedInputs& in) {
     problem.key_norms = in.key_norms.const_data_ptr<T>();
     problem.key_norms_batch_stride = in.key_norms.size(0) == 1 ? 0 : in.source_length;
   }
+  if (in.query_norms.defined()) problem.query_norms = in.query_norms.const_data_ptr<T>();
   problem.scale = static_cast<T>(in.scale);
   if (in.lengths.defined()) problem.lengths = in.lengths.const_data_ptr<int64_t>();
   if (in.key_padding_mask.defined()) problem.key_padding_mask = in.key_padding_mask.const_data_ptr<bool>();
@@ -1312,9 +1349,10 @@ AttentionProblem<T, E> problem_of(const PreparedInputs& in) {
 // ---------------------------------------------------------------- BLAS forward (dot, cosine)
 
 // For the dot and cosine scores with enough work per row, the two contractions
-// are BLAS GEMMs: raw = q' @ k^T (q' = q, or q / max(|q|, floor) for the cosine),
-// then one fused pass per row turns raw into the weights in place (scale, masks,
-// softmax, Gaussian factor, logsumexp), then context = weights @ values.
+// are BLAS GEMMs: raw = q' @ k^T (q' = q, or q / max(|q|, floor) for the cosine; q
+// itself with the bfloat16 GEMMs, max(|q|, floor) divided out in the row pass), then one
+// fused pass per row turns raw into the weights in place (scale, masks, softmax, Gaussian
+// factor, logsumexp), then context = weights @ values.
 
 // Worth it when the rows are long enough for GEMMs to beat the streaming dot
 // products (measured: D >= 128, and Dv >= 32 or Dv = 0: weights alone, as hard
@@ -1348,10 +1386,13 @@ void blas_mask_rows(const AttentionProblem<T>& problem, T* raw, T* row_max, int6
     T* scores = raw + row * source_length;
     T max_score = minus_infinity;
     int64_t argmax = 0;
+    const T divisor = query_divisor<T, kScore>(problem, row);
     std::fill(scores, scores + range.begin, minus_infinity);
     if (problem.key_padding_mask == nullptr) {  // the range's keys, in loops that vectorise
 #pragma omp simd
-      for (int64_t j = range.begin; j < range.end; ++j) scores[j] = score_from_dot<T, kScore>(problem, scores[j], n, j);
+      for (int64_t j = range.begin; j < range.end; ++j) {
+        scores[j] = score_from_dot<T, kScore>(problem, scores[j] / divisor, n, j);
+      }
       bool has_nan = false;
 #pragma omp simd reduction(max : max_score) reduction(|| : has_nan)
       for (int64_t j = range.begin; j < range.end; ++j) {
@@ -1371,7 +1412,7 @@ void blas_mask_rows(const AttentionProblem<T>& problem, T* raw, T* row_max, int6
           scores[j] = minus_infinity;
           continue;
         }
-        const T score = score_from_dot<T, kScore>(problem, scores[j], n, j);
+        const T score = score_from_dot<T, kScore>(problem, scores[j] / divisor, n, j);
         scores[j] = score;
         if (max_score == max_score && (score > max_score || score != score)) {  // a NaN score: a NaN row
           max_score = score;
@@ -1424,20 +1465,22 @@ void blas_finish_rows(const AttentionProblem<T>& problem, T* weights, T* lse, co
 
 // x / max(|x|, floor) for each row x of `rows` (N, R, D), as prepare_query computes
 // the cosine's unit query; rows contiguous within a batch element, whose stride may be
-// 0 (keys shared by the batch: computed once, returned expanded).
+// 0 (keys shared by the batch: computed once, returned expanded).  bfloat16 rows: the
+// unit vector computed in float32, rounded once.
 at::Tensor unit_rows(const at::Tensor& rows) {
   const bool shared = rows.size(0) > 1 && rows.stride(0) == 0;
   const at::Tensor distinct = (shared ? rows.narrow(0, 0, 1) : rows).contiguous();
   at::Tensor unit = at::empty_like(distinct);
-  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "fastattn_unit_rows", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, rows.scalar_type(), "fastattn_unit_rows", [&] {
+    using Lane = LaneOf<scalar_t>;
     const scalar_t* input = distinct.const_data_ptr<scalar_t>();
     scalar_t* output = unit.mutable_data_ptr<scalar_t>();
     const int64_t dim = rows.size(2);
     at::parallel_for(0, distinct.size(0) * distinct.size(1), 256, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* x = input + row * dim;
-        const scalar_t clamped = fastattn::clamped_norm(static_cast<scalar_t>(std::sqrt(dot_product<16>(x, x, dim))));
-        for (int64_t d = 0; d < dim; ++d) output[row * dim + d] = x[d] / clamped;
+        const Lane clamped = fastattn::clamped_norm(static_cast<Lane>(std::sqrt(dot_product<16>(x, x, dim))));
+        for (int64_t d = 0; d < dim; ++d) output[row * dim + d] = static_cast<scalar_t>(static_cast<Lane>(x[d]) / clamped);
       }
     });
   });
@@ -1445,17 +1488,33 @@ at::Tensor unit_rows(const at::Tensor& rows) {
 }
 
 // grad (N, R, D, contiguous), the gradient of unit_rows(rows), becomes in place the
-// gradient of rows (as unit_rows takes them).
+// gradient of rows (as unit_rows takes them).  bfloat16: each row widened to float32,
+// its gradient rounded once.
 void through_unit_rows(at::Tensor& grad, const at::Tensor& rows) {
-  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "fastattn_through_unit_rows", [&] {
+  TORCH_CHECK(grad.scalar_type() == rows.scalar_type() && grad.is_contiguous(),
+              "through_unit_rows: grad must be contiguous, in the rows' dtype");
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, rows.scalar_type(), "fastattn_through_unit_rows", [&] {
+    using Lane = LaneOf<scalar_t>;
+    constexpr bool kWiden = !std::is_same_v<scalar_t, Lane>;
     const scalar_t* input = rows.const_data_ptr<scalar_t>();
     scalar_t* gradient = grad.mutable_data_ptr<scalar_t>();
     const int64_t per_batch = rows.size(1), dim = rows.size(2), batch_stride = rows.stride(0);
     at::parallel_for(0, grad.size(0) * per_batch, 256, [&](int64_t begin, int64_t end) {
+      std::vector<Lane> widened(kWiden ? 2 * dim : 0);
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* x = input + (row / per_batch) * batch_stride + (row % per_batch) * dim;
         scalar_t* g = gradient + row * dim;
-        unit_vector_backward<16>(g, x, static_cast<scalar_t>(std::sqrt(dot_product<16>(x, x, dim))), g, dim);
+        if constexpr (kWiden) {
+          Lane *g_lanes = widened.data(), *x_lanes = g_lanes + dim;
+          for (int64_t d = 0; d < dim; ++d) {
+            g_lanes[d] = static_cast<Lane>(g[d]);
+            x_lanes[d] = static_cast<Lane>(x[d]);
+          }
+          unit_vector_backward<16>(g_lanes, x_lanes, std::sqrt(dot_product<16>(x_lanes, x_lanes, dim)), g_lanes, dim);
+          for (int64_t d = 0; d < dim; ++d) g[d] = static_cast<scalar_t>(g_lanes[d]);
+        } else {
+          unit_vector_backward<16>(g, x, static_cast<scalar_t>(std::sqrt(dot_product<16>(x, x, dim))), g, dim);
+        }
       }
     });
   });
@@ -1528,12 +1587,23 @@ void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weig
     const auto zero_outside = [&](int64_t begin, int64_t end) {
       for (T* row_data : {scores, grad_alpha, w}) std::fill(row_data + begin, row_data + end, T(0));
     };
+    // e from raw as the forward's blas_mask_rows makes it: q'.k scaled, or the cosine
+    // from q.k on the raw query (problem.query_norms)
+    const bool cosine_of_raw_query = problem.query_norms != nullptr;
+    const T divisor = query_divisor<T, ScoreKind::kCosine>(problem, row);
     if (problem.key_padding_mask == nullptr) {  // the visible keys: the range
       zero_outside(0, range.begin);
       zero_outside(range.end, source_length);
-      const T scale = problem.scale;
+      if (cosine_of_raw_query) {
 #pragma omp simd
-      for (int64_t j = range.begin; j < range.end; ++j) scores[j] *= scale;
+        for (int64_t j = range.begin; j < range.end; ++j) {
+          scores[j] = score_from_dot<T, ScoreKind::kCosine>(problem, scores[j] / divisor, n, j);
+        }
+      } else {
+        const T scale = problem.scale;
+#pragma omp simd
+        for (int64_t j = range.begin; j < range.end; ++j) scores[j] *= scale;
+      }
       blas_backward_row(problem, scores, grad_alpha, w, center, center_gradient, ContiguousKeys{range.begin},
                         range.end - range.begin);
       continue;
@@ -1543,7 +1613,8 @@ void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weig
       if (j < range.begin || j >= range.end || problem.is_padding(n, j)) {
         zero_outside(j, j + 1);
       } else {
-        scores[j] *= problem.scale;
+        scores[j] = cosine_of_raw_query ? score_from_dot<T, ScoreKind::kCosine>(problem, scores[j] / divisor, n, j)
+                                        : scores[j] * problem.scale;
         visible_keys[count++] = j;
       }
     }
@@ -1739,10 +1810,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (blas) {
     const bool wants_center = in.gaussian && in.center.defined(), cosine = in.score == ScoreKind::kCosine;
     at::Tensor grad_center = wants_center ? at::zeros({in.batch, in.query_length}, options) : at::Tensor();
-    // bfloat16: query, keys, values and grad_context as the caller's (in.bfloat16_gemms)
+    // bfloat16: query, keys, values and grad_context as the caller's (in.bfloat16_gemms),
+    // raw = q.k as the forward's (the cosine's norms divided out in the row pass), the
+    // cosine's unit vectors in bfloat16 for dE K^ and dE^T Q^
     const at::Tensor query_rows = cosine ? unit_rows(in.query) : in.query;
     const at::Tensor key_rows = cosine ? unit_rows(in.keys) : in.keys;
-    at::Tensor raw = bfloat16 ? bfloat16_matmul_nt(query_rows, key_rows)
+    at::Tensor raw = bfloat16 ? bfloat16_matmul_nt(in.query, in.keys)
                               : batched_matmul(query_rows, key_rows.transpose(1, 2)).contiguous();
     at::Tensor grad_alpha = bfloat16 ? bfloat16_matmul_nt(grad_context_, in.values)
                                      : batched_matmul(grad_context_, in.values.transpose(1, 2)).contiguous();
