@@ -32,6 +32,11 @@ needs_bfloat16_gemms = pytest.mark.skipif(not BFLOAT16_GEMMS, reason="this CPU h
 # of 16 pairs and 15 pairs after them), 128 and 130 even; Dv = 33 and 47 odd (dW's K).
 SHAPES = [(3, 16, 17, 129, 33), (2, 17, 47, 130, 40), (1, 64, 64, 256, 64), (2, 18, 33, 255, 47),
           (4, 19, 31, 128, 32), (2, 20, 16, 131, 35), (3, 21, 48, 160, 64)]
+# Decode steps (T = 1, 2): with keys shared by the batch (the location score's W_a) N T >= 16
+# query rows read each key, and the matrix-multiply path runs one GEMM over all of them; at
+# T = 1, W v in blocks of 64 keys (S = 150: three) by 64 columns, then 16, then a masked few
+# (Dv = 83 = 64 + 16 + 3).
+DECODE_SHAPES = [(17, 1, 150, 136, 83), (8, 2, 19, 129, 33)]
 
 
 def cpu_flags() -> set[str]:
@@ -71,7 +76,7 @@ def _case(shape, shared_keys, seed):
         return torch.randn(*size, generator=generator).bfloat16()
 
     wide_keys = tensor(1 if shared_keys else batch, source, dim + 3)
-    lengths = torch.tensor([source, 0, source - 3, source - 1][:batch]) if batch > 1 else None
+    lengths = torch.tensor(([source, 0, source - 3, source - 1] * batch)[:batch]) if batch > 1 else None
     padding = torch.rand(batch, source, generator=generator) > 0.9
     return {"query": tensor(batch, queries, dim), "keys": wide_keys[..., 1:dim + 1], "values": tensor(batch, source, value_dim),
             "lengths": lengths, "key_padding_mask": padding, "grad_context": tensor(batch, queries, value_dim)}
@@ -152,11 +157,34 @@ def test_outputs_and_gradients_err_at_most_twice_the_reference_in_bfloat16(shape
     check_errors(shape, shared_keys, score)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=[f"n{n}_t{t}_s{s}_d{d}_dv{dv}" for n, t, s, d, dv in DECODE_SHAPES])
+def test_decode_steps_with_keys_shared_by_the_batch_take_one_gemm_over_the_batch(shape, dtype):
+    """N T >= 16 query rows, T < 16, keys shared by the batch, bfloat16 where the CPU has
+    AVX512-BF16: the matrix-multiply path (a softmax), its scores one GEMM of ours over the
+    batch's rows, and W @ V an at::bmm, or at T = 1 a pass that reads the values as stored
+    (no matrix product); with per-batch keys, or in float32, the per-row kernel (neither);
+    the scores, outputs and gradients pass the checks above."""
+    case = _case(shape, True, seed=sum(shape))
+    forward = lambda keys: torch.ops.fastattn.attention_forward(  # noqa: E731
+        case["query"].to(dtype), keys.to(dtype), case["values"].to(dtype), None, None, "dot", 0.6, case["lengths"],
+        case["key_padding_mask"], False, None, None, False, True)
+    matrix_path = ["aten::_softmax"] + (["aten::bmm"] if shape[1] > 1 else [])
+    shared = matrix_path if dtype == torch.bfloat16 and BFLOAT16_GEMMS else []
+    assert matrix_products(lambda: forward(case["keys"])) == shared
+    assert matrix_products(lambda: forward(case["keys"].expand(shape[0], -1, -1).contiguous())) == []
+    if dtype == torch.bfloat16:
+        for score in ("dot", "cosine"):
+            check_scores(shape, True, score)
+            check_errors(shape, True, score)
+
+
 def matrix_products(function) -> list[str]:
-    """The ATen matrix products (bmm, mm) `function` calls, in order."""
+    """The ATen matrix products (bmm, mm) and softmaxes (the matrix-multiply path's; the
+    per-row kernel calls neither) `function` calls, in order."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         function()
-    return [event.name for event in profile.events() if event.name in ("aten::bmm", "aten::mm")]
+    return [event.name for event in profile.events() if event.name in ("aten::bmm", "aten::mm", "aten::_softmax")]
 
 
 @needs_bfloat16_gemms
@@ -168,12 +196,13 @@ def test_the_cosine_takes_q_k_from_the_bfloat16_gemm_where_every_norm_suits_it()
     gradients still keep to the 2x rule."""
     shape = SHAPES[0]
     case = _case(shape, False, seed=11)
-    assert matrix_products(lambda: _op(case, torch.bfloat16, "cosine")) == ["aten::bmm"] * 4
+    assert matrix_products(lambda: _op(case, torch.bfloat16, "cosine")) == ["aten::_softmax"] + ["aten::bmm"] * 4
     check_errors(shape, False, "cosine", case)
     for name, row, factor in (("query", (0, 2), 1e-17), ("keys", (1, 3), 1e17)):
         tiny_or_huge = {**case, name: case[name].clone()}
         tiny_or_huge[name][row] *= factor
-        assert matrix_products(lambda: _op(tiny_or_huge, torch.bfloat16, "cosine")) == ["aten::bmm"] * 7, name
+        float32_gemms = ["aten::bmm", "aten::_softmax"] + ["aten::bmm"] * 6
+        assert matrix_products(lambda: _op(tiny_or_huge, torch.bfloat16, "cosine")) == float32_gemms, name
         check_errors(shape, False, "cosine", tiny_or_huge)
 
 

@@ -16,7 +16,8 @@
 //   at::parallel_for is ATen's OpenMP backend, inlined from its headers: the rows
 //   run in parallel only when this file is compiled (and linked) with -fopenmp;
 //   without it every parallel_for here runs on one thread.
-// BLAS path (score dot / cosine, D >= 128, most (t, j) pairs visible: use_blas_path):
+// BLAS path (score dot / cosine, D >= 128, 16 query rows a key, most (t, j) pairs
+//   visible: use_blas_path):
 //   the forward's contractions are at::bmm GEMMs (scores = q' k^T, context =
 //   weights @ values) around one C++ pass per row for scale and masks, ATen's
 //   softmax, and one pass for logsumexp, fully masked rows and the Gaussian
@@ -44,8 +45,9 @@
 //   values as they are stored, widening each vector of them to float as it loads it
 //   (load_lanes); the query, v, bias and center, and for the GEMM paths and the
 //   backward the keys and values too, are converted to float32 first; outputs are
-//   converted back.  Except the bfloat16 GEMMs of the dot score above, whose products
-//   are exact and sums float32, but whose W and dE are rounded to bfloat16.
+//   converted back.  Except the bfloat16 GEMMs of the dot and cosine scores above, whose
+//   products are exact and sums float32, but whose W and dE are rounded to bfloat16 (a
+//   decode step's W v: bfloat16_decode_context, W in float32, v widened in registers).
 // Not handled: float16 / bfloat16 arithmetic.  Keys may be (1, S, D), shared by the
 //   batch (location score: W_a[:S]); their gradient is then summed over it (per
 //   chunk of the batch, or one GEMM on the BLAS path).  Keys and values may have a
@@ -89,6 +91,7 @@
 
 namespace {
 
+using fastattn::bfloat16_decode_context;
 using fastattn::bfloat16_matmul_nt;
 using fastattn::bfloat16_matmul_nt_available;
 using fastattn::KeyRange;
@@ -1356,12 +1359,21 @@ AttentionProblem<T, E> problem_of(const PreparedInputs& in) {
 
 // Worth it when the rows are long enough for GEMMs to beat the streaming dot
 // products (measured: D >= 128, and Dv >= 32 or Dv = 0: weights alone, as hard
-// attention asks for them), and when the masks leave most (t, j) pairs
-// visible: the GEMMs pay for every pair, the streaming kernel visits only each
-// row's key range (causal with T ~ S halves its work, a narrow window more).
+// attention asks for them), when at least 16 query rows read each key, and when the
+// masks leave most (t, j) pairs visible: the GEMMs pay for every pair, the streaming
+// kernel visits only each row's key range (causal with T ~ S halves its work, a narrow
+// window more).  The rows reading a key are T, or N T for keys shared by the batch (the
+// location score's W_a) in bfloat16 where the bfloat16 GEMMs run: one GEMM then reads
+// W_a once where the streaming kernel read it once a row, and a decode step's W v is
+// bfloat16_decode_context's (N = 64, D = 512, two cores: 0.64-1.05x the reference's speed
+// -> 1.19-2.17x over S = 64..4096); in float32 the two paths were even, and float16's
+// values widened to float32 first cost 4x.
 bool use_blas_path(const PreparedInputs& in) {
   if (in.score == ScoreKind::kAdditive) return false;
-  if (in.batch == 0 || in.query_length < 16 || in.source_length < 16) return false;
+  const bool rows_share_keys =
+      in.shared_keys && in.input_dtype == at::kBFloat16 && bfloat16_matmul_nt_available();
+  const int64_t rows_per_key = rows_share_keys ? in.batch * in.query_length : in.query_length;
+  if (in.batch == 0 || rows_per_key < 16 || in.source_length < 16) return false;
   if (in.score_dim < 128 || (in.value_dim > 0 && in.value_dim < 32)) return false;
   double visible = 1.0;
   if (in.causal) {
@@ -1678,13 +1690,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const Prep
       blas_finish_rows<scalar_t>(problem, alpha, lse, first_argmax.data(), begin, end);
     });
   });
-  if (bfloat16) weights = weights.to(in.input_dtype);  // rounded before W @ V, as it is returned
-  at::Tensor context = batched_matmul(weights, in.values);
-  if (context.scalar_type() != in.input_dtype) {
-    context = context.to(in.input_dtype);
-    if (return_weights) weights = weights.to(in.input_dtype);
+  at::Tensor context;
+  if (bfloat16 && in.query_length == 1) {  // a decode step: W in float32, v as stored
+    context = bfloat16_decode_context(weights, in.values);
+  } else {
+    if (bfloat16) weights = weights.to(in.input_dtype);  // rounded before W @ V, as it is returned
+    context = batched_matmul(weights, in.values);
   }
-  if (!return_weights) weights = at::empty({0}, original_query.options());
+  if (context.scalar_type() != in.input_dtype) context = context.to(in.input_dtype);
+  if (!return_weights) {
+    weights = at::empty({0}, original_query.options());
+  } else if (weights.scalar_type() != in.input_dtype) {
+    weights = weights.to(in.input_dtype);
+  }
   return {context, weights, logsumexp};
 }
 

@@ -11,6 +11,8 @@
 // pairs of each row interleaved as vdpbf16ps reads them (a 16 x 16 transpose of 32-bit
 // pairs); a micro-kernel keeps 6 rows x 32 columns of C in 12 registers and broadcasts a
 // pair of A's row per step.  An odd K ends with a zero partner in A and in the pack.
+// bfloat16_decode_context: W v for a decode step's float32 weights and bfloat16 values, the
+// values widened in registers (AVX-512), read once.
 // Not handled: strides other than 1 along K (callers pass contiguous rows); CPUs without
 // AVX512-BF16 (callers check bfloat16_matmul_nt_available() and take their float32 path);
 // subnormal bfloat16 inputs and sums, which the instruction flushes to zero (|x| < 1.2e-38).
@@ -168,6 +170,43 @@ FASTATTN_TARGET_AVX512_BF16 inline void gemm(const uint16_t* a, int64_t M, int64
   }
 }
 
+// kVectors registers (16 columns each; the last masked by `last`) of y += sum_c w[c] *
+// row keys[c] of `rows` (bfloat16, row stride ld), the sums in registers over the rows.
+template <int kVectors>
+FASTATTN_TARGET_AVX512_BF16 inline void weighted_rows_columns(const uint16_t* rows, int64_t ld, const int64_t* keys,
+                                                              const float* w, int64_t count, float* y,
+                                                              __mmask16 last) {
+  __m512 sums[kVectors];
+  for (int v = 0; v < kVectors; ++v) sums[v] = _mm512_maskz_loadu_ps(v == kVectors - 1 ? last : 0xFFFF, y + 16 * v);
+  for (int64_t c = 0; c < count; ++c) {
+    const uint16_t* row = rows + keys[c] * ld;
+    const __m512 factor = _mm512_set1_ps(w[c]);
+    for (int v = 0; v < kVectors; ++v) {
+      const __m256i packed = _mm256_maskz_loadu_epi16(v == kVectors - 1 ? last : 0xFFFF, row + 16 * v);
+      const __m512 widened = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(packed), 16));
+      sums[v] = _mm512_fmadd_ps(factor, widened, sums[v]);
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) _mm512_mask_storeu_ps(y + 16 * v, v == kVectors - 1 ? last : 0xFFFF, sums[v]);
+}
+
+// y (dim) += sum_c w[c] * row keys[c] of `rows` (bfloat16, row stride ld), in float32: blocks
+// of 64 keys (64 rows of 1 KiB at dim 512 stay in L2 while their columns are summed) by 64
+// columns in 4 registers.
+FASTATTN_TARGET_AVX512_BF16 inline void weighted_rows(const uint16_t* rows, int64_t ld, const int64_t* keys,
+                                                      const float* w, int64_t count, int64_t dim, float* y) {
+  constexpr int64_t kKeyBlock = 64;
+  for (int64_t first = 0; first < count; first += kKeyBlock) {
+    const int64_t block = std::min(kKeyBlock, count - first);
+    int64_t d = 0;
+    for (; d + 64 <= dim; d += 64) weighted_rows_columns<4>(rows + d, ld, keys + first, w + first, block, y + d, 0xFFFF);
+    for (; d < dim; d += 16) {
+      const __mmask16 last = dim - d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (dim - d)) - 1);
+      weighted_rows_columns<1>(rows + d, ld, keys + first, w + first, block, y + d, last);
+    }
+  }
+}
+
 }  // namespace bfloat16_gemm
 #endif
 
@@ -179,11 +218,15 @@ inline at::Tensor bfloat16_matmul_nt(const at::Tensor& a, const at::Tensor& b) {
               "bfloat16_matmul_nt: needs bfloat16 (n, M, K) and (n, N, K) with unit stride along K, got ",
               a.scalar_type(), " ", a.sizes(), " and ", b.scalar_type(), " ", b.sizes());
   TORCH_CHECK(bfloat16_matmul_nt_available(), "bfloat16_matmul_nt: this CPU has no AVX512-BF16");
-  const int64_t batch = a.size(0), M = a.size(1), K = a.size(2), N = b.size(1);
-  at::Tensor c = at::empty({batch, M, N}, a.options().dtype(at::kFloat));
+  at::Tensor c = at::empty({a.size(0), a.size(1), b.size(1)}, a.options().dtype(at::kFloat));
   if (c.numel() == 0) return c;
-  if (K == 0) return c.zero_();
+  if (a.size(2) == 0) return c.zero_();
 #ifdef FASTATTN_AVX512_BF16_CLONES
+  // b shared by the batch (stride 0) and a's batches one after another: one GEMM over all
+  // of a's rows (b packed once a thread, the row blocks full where each batch has few rows).
+  const bool one_gemm = a.size(0) > 1 && b.stride(0) == 0 && a.stride(0) == a.size(1) * a.stride(1);
+  const int64_t batch = one_gemm ? 1 : a.size(0), M = one_gemm ? a.size(0) * a.size(1) : a.size(1);
+  const int64_t K = a.size(2), N = b.size(1);
   const auto* a_data = reinterpret_cast<const uint16_t*>(a.const_data_ptr<at::BFloat16>());
   const auto* b_data = reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>());
   float* c_data = c.mutable_data_ptr<float>();
@@ -209,6 +252,49 @@ inline at::Tensor bfloat16_matmul_nt(const at::Tensor& a, const at::Tensor& b) {
   });
 #endif
   return c;
+}
+
+// weights (N, 1, S) float32 and values (N, S, Dv) bfloat16 with contiguous rows (batch
+// stride free) -> context (N, 1, Dv) float32 = W v: a decode step's one query row a batch
+// element, the values read once as stored and widened in registers, keys of weight 0
+// (masked) skipped, W not rounded.  A whole decode step (location score, N = 64, S = 1024,
+// D = Dv = 512, two cores) took 4.8 ms with at::bmm's matrix-vector products on W rounded
+// to bfloat16 (whose reads of the values ran at about 15 GB/s), 3.2 ms with this.  Only
+// where bfloat16_matmul_nt_available().
+inline at::Tensor bfloat16_decode_context(const at::Tensor& weights, const at::Tensor& values) {
+  TORCH_CHECK(weights.scalar_type() == at::kFloat && values.scalar_type() == at::kBFloat16 && weights.dim() == 3 &&
+                  values.dim() == 3 && weights.size(1) == 1 && weights.size(0) == values.size(0) &&
+                  weights.size(2) == values.size(1) && weights.is_contiguous() && values.stride(2) == 1 &&
+                  (values.size(1) <= 1 || values.stride(1) == values.size(2)),
+              "bfloat16_decode_context: needs contiguous float32 (N, 1, S) weights and bfloat16 (N, S, Dv) values "
+              "with contiguous rows, got ", weights.scalar_type(), " ", weights.sizes(), " and ", values.scalar_type(),
+              " ", values.sizes());
+  TORCH_CHECK(bfloat16_matmul_nt_available(), "bfloat16_decode_context: this CPU has no AVX512-BF16");
+  const int64_t batch = values.size(0), source_length = values.size(1), value_dim = values.size(2);
+  at::Tensor context = at::zeros({batch, 1, value_dim}, weights.options());
+#ifdef FASTATTN_AVX512_BF16_CLONES
+  const float* weights_data = weights.const_data_ptr<float>();
+  const auto* values_data = reinterpret_cast<const uint16_t*>(values.const_data_ptr<at::BFloat16>());
+  float* context_data = context.mutable_data_ptr<float>();
+  const int64_t values_batch = values.stride(0);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> keys(source_length);
+    std::vector<float> key_weights(source_length);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* row = weights_data + n * source_length;
+      int64_t count = 0;
+      for (int64_t j = 0; j < source_length; ++j) {
+        if (row[j] != 0.0f) {  // NaN too: a NaN row stays NaN
+          keys[count] = j;
+          key_weights[count++] = row[j];
+        }
+      }
+      bfloat16_gemm::weighted_rows(values_data + n * values_batch, value_dim, keys.data(), key_weights.data(), count,
+                                   value_dim, context_data + n * value_dim);
+    }
+  });
+#endif
+  return context;
 }
 
 }  // namespace fastattn
