@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install run test bench cuda-check gpu-versions-check gpu-prebuild gpu-check
+.PHONY: install run test bench cuda-check sanitize-check gpu-versions-check gpu-prebuild gpu-check
 
 # torch==2.13.0 only when no torch is installed (a bare `torch` requirement would pull
 # a multi-GB CUDA build); --no-build-isolation so the C++ extension builds against the
@@ -30,6 +30,11 @@ bench: install
 cuda-check:
 	bash csrc/cuda/nvcc_check.sh
 	PYTHON=$(PYTHON) bash csrc/cuda/binding_check.sh
+
+# The CPU kernels under AddressSanitizer and UBSan (EMULATION=1: the CUDA kernels' CPU emulation
+# too), built in a copy of the tree (csrc/sanitize_check.sh); not run by CI.
+sanitize-check:
+	PYTHON=$(PYTHON) bash csrc/sanitize_check.sh
 
 # The GPU machine's torch (a CUDA build) and triton, without its GPU: the extension built with the
 # CUDA kernels against them, then the test suite (csrc/cuda/gpu_versions_check.sh).

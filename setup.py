@@ -70,6 +70,9 @@ def extension_build():
     # -fopenmp: ATen's at::parallel_for is inlined from its headers and is only
     # parallel where _OPENMP is defined; it links the libgomp torch already loads.
     compile_args, link_args = ["-O3", "-std=c++17", "-fopenmp"], ["-fopenmp"]
+    if os.environ.get("FASTATTN_SANITIZE") == "1":  # csrc/sanitize_check.sh: AddressSanitizer and UBSan
+        compile_args = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"] + compile_args[1:]
+        link_args = link_args + ["-fsanitize=address,undefined"]
     if cuda_build_possible():
         return [cuda_extension(compile_args, link_args)], {"build_ext": OptionalBuildExtension}
     extension = CppExtension(

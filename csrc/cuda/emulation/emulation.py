@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -59,6 +60,10 @@ def build(directory: Path) -> ctypes.CDLL:
         sources.append(rewritten)
     flags = ["-std=c++20", "-O1", "-pthread", "-fPIC", "-w", f"-I{include}", f"-I{CUDA_DIRECTORY}",
              f"-I{CUDA_DIRECTORY.parent}", "-include", str(HERE / "emulate.h")]
+    # csrc/sanitize_check.sh: the kernels under AddressSanitizer and UBSan (their runtimes preloaded)
+    sanitize = ["-fsanitize=address,undefined"] if os.environ.get("FASTATTN_SANITIZE") == "1" else []
+    if sanitize:
+        flags += ["-g", "-fno-omit-frame-pointer", *sanitize]
 
     def compile_one(source: Path) -> Path:
         target = directory / f"{source.stem}.o"
@@ -71,7 +76,7 @@ def build(directory: Path) -> ctypes.CDLL:
     library = directory / "libfastattn_emulated.so"
     # -Bsymbolic: the library's calls reach its own cuda* stand-ins even in a process where
     # torch has loaded the real CUDA runtime (a CUDA build of torch on a machine without a GPU).
-    subprocess.run(["g++", "-shared", "-pthread", "-Wl,-Bsymbolic", *map(str, objects), "-o", str(library)],
+    subprocess.run(["g++", "-shared", "-pthread", *sanitize, "-Wl,-Bsymbolic", *map(str, objects), "-o", str(library)],
                    check=True)
     return _declare(ctypes.CDLL(str(library)))
 
