@@ -1294,14 +1294,15 @@ PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at:
   in.bfloat16_gemms = in.input_dtype == at::kBFloat16 &&
                       (in.score == ScoreKind::kDot || in.score == ScoreKind::kCosine) &&
                       bfloat16_matmul_nt_available() && use_blas_path(in);
+  in.query = in.bfloat16_gemms ? query.contiguous() : in_dtype(query, in.compute_dtype).contiguous();
   if (in.bfloat16_gemms && in.score == ScoreKind::kCosine) {
-    in.query_norms = row_norms(query.contiguous(), in.compute_dtype);
+    in.query_norms = row_norms(in.query, in.compute_dtype);
     if (!norms_suit_bfloat16_products(in.query_norms) || !norms_suit_bfloat16_products(in.key_norms)) {
       in.bfloat16_gemms = false;
       in.query_norms = at::Tensor();
+      in.query = in_dtype(in.query, in.compute_dtype);
     }
   }
-  in.query = in.bfloat16_gemms ? query.contiguous() : in_dtype(query, in.compute_dtype).contiguous();
   return in;
 }
 
