@@ -5,8 +5,7 @@
 // (autograd records the casts, so gradients reach the float32 parameters), as torch's
 // own autocast kernels do for matmul, SDPA and the RNN cells:
 //   CUDA: the autocast dtype (float16 or bfloat16): the CUDA kernels run it natively;
-//   CPU:  float32: the CPU kernels compute in float32 whatever they are given, and their
-//         recurrent kernels take float32 / float64 only.
+//   CPU:  float32: the CPU kernels compute in float32 whatever they are given.
 // at::autocast::cached_cast casts each float32 parameter (a leaf that requires grad) once
 // per autocast region, as torch does, so a decoder's weights are not cast again every
 // step.  float64 tensors, integer lengths and bool masks pass unchanged.  The backward

@@ -17,9 +17,8 @@
 // Local-p attention predicts the window's centre from the state the query is made of
 // (Luong 2015, eq. 9) and passes it to attention_forward with the Gaussian.
 // Does not handle: local-m windows (a single step carries no position t), image-grid
-// keys (fastattn/ops/decoder_step.py flattens them); float16 / bfloat16 only where the
-// ops it calls take them (the CUDA ops; the module composes them on the CPU, whose
-// kernels compute in float32 / float64).
+// keys (fastattn/ops/decoder_step.py flattens them).  float16 / bfloat16 go to the ops
+// it calls, which take them on the CPU and on CUDA.
 #include "decoder_step.h"
 #include "op_handles.h"
 

@@ -33,7 +33,7 @@ def _load():
         return None
     from fastattn import ops
 
-    ops.register_backend("cpu", ("cpu",), native_low_precision=ops.ATTENTION_OPS + ops.CELL_OPS)
+    ops.register_backend("cpu", ("cpu",))
     _register_cuda(module, ops)
     return module
 

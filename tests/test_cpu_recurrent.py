@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn import backends, reference
+from fastattn import _extension, backends, reference
 from tests.problems import assert_sigmoid_accurate, sigmoid_arguments
 
 pytestmark = pytest.mark.skipif(
@@ -13,6 +13,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 STEPS, BATCH, INPUT, HIDDEN = 9, 4, 5, 7
+BFLOAT16_GEMMS = "avx512_bf16" in (_extension.cpu_kernels() or ())
 LENGTHS = torch.tensor([9, 0, 4, 4])  # unsorted, with a tie and an empty sequence
 
 
@@ -135,12 +136,14 @@ def test_layers_match_the_reference(with_bias, lengths, reverse, dtype):
     compare("gru_layer", (x, h0, *weights(3, with_bias, dtype), lengths, reverse), dtype)
 
 
-def outputs_and_gradients(implementation, arguments):
+def outputs_and_gradients(implementation, arguments, keep_dtype=False):
+    """The outputs and the gradients of every tensor argument, in float64 unless ``keep_dtype``."""
     outputs = implementation(*arguments)
     generator = torch.Generator().manual_seed(3)
     projection = sum((o * torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.dtype)).sum() for o in outputs)
     tensors = [a for a in arguments if isinstance(a, torch.Tensor) and a.requires_grad]
-    return [t.detach().double() for t in (*outputs, *torch.autograd.grad(projection, tensors))]
+    results = [t.detach() for t in (*outputs, *torch.autograd.grad(projection, tensors))]
+    return results if keep_dtype else [t.double() for t in results]
 
 
 def assert_float32_error_at_most_twice_the_references(function_name, arguments):
@@ -204,6 +207,60 @@ def test_layers_split_over_blocks_of_hidden_units_match_the_reference(threads):
 def test_layers_in_float32_err_at_most_twice_the_reference(reverse):
     for function_name, arguments in layer_arguments(len(LENGTHS), 37, reverse).items():
         assert_float32_error_at_most_twice_the_references(function_name, arguments)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_low_precision_layers_err_at_most_twice_the_reference_in_that_dtype(reverse, dtype):
+    """The layers take float16 / bfloat16 themselves (state, buffers and gate maths in
+    float32; where the CPU has AVX512-BF16 a bfloat16 forward's GEMMs in bfloat16, on x and
+    the weights as given and on h rounded each step): outputs and gradients in the input
+    dtype, each within twice the error of the reference run in that dtype (float64 oracle).
+    37 units are blocks of 16, 16 and 5 (the packed w_hh's panels, the last one short);
+    batch 4 runs a step on one thread, batch 164 splits it over 2 threads by those blocks;
+    4 and 164 rows end the GEMM's 6-row blocks with 4 and 2."""
+    previous_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for batch in (len(LENGTHS), 164):
+            for function_name, arguments in layer_arguments(batch, 37, reverse).items():
+                exact = outputs_and_gradients(getattr(reference, function_name), arguments)
+                low = [a.detach().to(dtype).requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                       else a for a in arguments]
+                reference_run = outputs_and_gradients(getattr(reference, function_name), low, keep_dtype=True)
+                kernel_run = outputs_and_gradients(backends.implementation(function_name, "cpu", "cpu"), low,
+                                                   keep_dtype=True)
+                assert all(t.dtype == dtype for t in kernel_run), [t.dtype for t in kernel_run]
+                for index, (truth, theirs, ours) in enumerate(zip(exact, reference_run, kernel_run)):
+                    allowed = 2 * (theirs.double() - truth).abs().max() + torch.finfo(dtype).eps * truth.abs().max()
+                    assert (ours.double() - truth).abs().max() <= allowed, (function_name, batch, index)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _weight_copies(function_name, dtype):
+    """The shapes of the tensors a layer's forward and backward convert (aten::_to_copy) at
+    dtype ``dtype``, and its weights' shapes."""
+    arguments = [a.detach().to(dtype).requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in layer_arguments(len(LENGTHS), 37, False)[function_name]]
+    weight_shapes = {tuple(arguments[index].shape) for index in ((3, 4) if function_name == "lstm_layer" else (2, 3))}
+    kernel = backends.implementation(function_name, "cpu", "cpu")
+    with torch.profiler.profile(record_shapes=True) as profile:
+        outputs_and_gradients(kernel, arguments, keep_dtype=True)
+    converted = {tuple(event.input_shapes[0]) for event in profile.events() if event.name == "aten::_to_copy"}
+    return converted, weight_shapes
+
+
+@pytest.mark.skipif(not BFLOAT16_GEMMS, reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("function_name", ["lstm_layer", "gru_layer"])
+def test_a_bfloat16_layer_multiplies_its_weights_as_given(function_name):
+    """No float32 copy of w_ih or w_hh in a bfloat16 forward and backward (their GEMMs run
+    in bfloat16); a float16 layer makes both (float16 GEMMs run on float32 copies), which
+    shows the check sees such copies."""
+    converted, weights = _weight_copies(function_name, torch.bfloat16)
+    assert not converted & weights, converted
+    converted, weights = _weight_copies(function_name, torch.float16)
+    assert weights <= converted, converted
 
 
 def test_lstm_projection_runs_the_reference_on_the_cpu_backend():
@@ -298,10 +355,13 @@ def _recurrent_samples():
     yield torch.ops.fastattn.gru_cell_forward.default, (x_t, h_t, *gru_weights)
     yield torch.ops.fastattn.lstm_layer_forward.default, (sequence_t, h_t, c_t, *lstm_weights, LENGTHS, False)
     yield torch.ops.fastattn.gru_layer_forward.default, (sequence_t, h_t, *gru_weights, None, True)
-    for dtype in (torch.float16, torch.bfloat16):  # the cells take them natively
-        low = [t.detach().to(dtype).requires_grad_() for t in (x, h, c, *lstm_weights)]
-        yield torch.ops.fastattn.lstm_cell_forward.default, tuple(low)
-        yield torch.ops.fastattn.gru_cell_forward.default, (low[0], low[1], *(t.detach().to(dtype).requires_grad_() for t in gru_weights))
+    for dtype in (torch.float16, torch.bfloat16):  # the cells and the layers take them natively
+        low = [t.detach().to(dtype).requires_grad_() for t in (x, h, c, sequence, *lstm_weights)]
+        low_gru_weights = [t.detach().to(dtype).requires_grad_() for t in gru_weights]
+        yield torch.ops.fastattn.lstm_cell_forward.default, (*low[:3], *low[4:])
+        yield torch.ops.fastattn.gru_cell_forward.default, (low[0], low[1], *low_gru_weights)
+        yield torch.ops.fastattn.lstm_layer_forward.default, (low[3], *low[1:3], *low[4:], LENGTHS, False)
+        yield torch.ops.fastattn.gru_layer_forward.default, (low[3], low[1], *low_gru_weights, None, True)
 
 
 @pytest.mark.parametrize("op, arguments", list(_recurrent_samples()), ids=lambda value: getattr(value, "__name__", ""))

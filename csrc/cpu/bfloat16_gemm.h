@@ -4,7 +4,9 @@
 // lane).  It is the float32-output GEMM that ATen lacks on the CPU: a bfloat16 at::bmm
 // rounds its output to bfloat16, and a float32 at::bmm on widened copies runs at half the
 // rate.  The attention's matrix-multiply path takes its scores (q k^T) and, in the
-// backward, dW = dC v^T from it.  Measured on the 2-core AMD EPYC (Zen 4) of this project at
+// backward, dW = dC v^T from it; a bfloat16 LSTM/GRU layer's forward its input projection
+// x W_ih^T (bfloat16_matmul_nt_out, into the gate columns of its saved rows) and, through
+// pack and gemm, each step's h W_hh^T (W_hh packed once a call, csrc/cpu/recurrent.cpp).  Measured on the 2-core AMD EPYC (Zen 4) of this project at
 // batch 32, M = N = 64, K = 256: 173 us, against 196 us for a bfloat16 at::bmm (oneDNN,
 // output rounded) and 386-406 us for a float32 at::bmm.
 // How: B is packed once per batch element (per thread) into panels of 16 of its rows, the
@@ -210,27 +212,38 @@ FASTATTN_TARGET_AVX512_BF16 inline void weighted_rows(const uint16_t* rows, int6
 }  // namespace bfloat16_gemm
 #endif
 
-// a (batch, M, K) and b (batch, N, K), bfloat16 with unit stride along K (b's batch stride
-// may be 0) -> (batch, M, N) float32.  Only where bfloat16_matmul_nt_available().
-inline at::Tensor bfloat16_matmul_nt(const at::Tensor& a, const at::Tensor& b) {
+// c (batch, M, N) float32 = a (batch, M, K) b (batch, N, K)^T, a and b bfloat16 with unit
+// stride along K (b's batch stride may be 0), c with unit stride along N (its rows may be
+// columns of a wider buffer: a layer's input projection writes into the gate columns of
+// its saved rows).  Only where bfloat16_matmul_nt_available().
+inline void bfloat16_matmul_nt_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && a.dim() == 3 && b.dim() == 3 &&
                   a.size(0) == b.size(0) && a.size(2) == b.size(2) && a.stride(2) == 1 && b.stride(2) == 1,
               "bfloat16_matmul_nt: needs bfloat16 (n, M, K) and (n, N, K) with unit stride along K, got ",
               a.scalar_type(), " ", a.sizes(), " and ", b.scalar_type(), " ", b.sizes());
+  TORCH_CHECK(c.scalar_type() == at::kFloat && c.dim() == 3 && c.size(0) == a.size(0) && c.size(1) == a.size(1) &&
+                  c.size(2) == b.size(1) && (c.stride(2) == 1 || c.size(2) <= 1),
+              "bfloat16_matmul_nt: needs a float32 (n, M, N) output with unit stride along N, got ", c.scalar_type(),
+              " ", c.sizes(), " strides ", c.strides());
   TORCH_CHECK(bfloat16_matmul_nt_available(), "bfloat16_matmul_nt: this CPU has no AVX512-BF16");
-  at::Tensor c = at::empty({a.size(0), a.size(1), b.size(1)}, a.options().dtype(at::kFloat));
-  if (c.numel() == 0) return c;
-  if (a.size(2) == 0) return c.zero_();
+  if (c.numel() == 0) return;
+  if (a.size(2) == 0) {
+    c.zero_();
+    return;
+  }
 #ifdef FASTATTN_AVX512_BF16_CLONES
-  // b shared by the batch (stride 0) and a's batches one after another: one GEMM over all
-  // of a's rows (b packed once a thread, the row blocks full where each batch has few rows).
-  const bool one_gemm = a.size(0) > 1 && b.stride(0) == 0 && a.stride(0) == a.size(1) * a.stride(1);
+  // b shared by the batch (stride 0) and a's and c's batches one after another: one GEMM
+  // over all of a's rows (b packed once a thread, the row blocks full where each batch has
+  // few rows).
+  const bool one_gemm = a.size(0) > 1 && b.stride(0) == 0 && a.stride(0) == a.size(1) * a.stride(1) &&
+                        c.stride(0) == c.size(1) * c.stride(1);
   const int64_t batch = one_gemm ? 1 : a.size(0), M = one_gemm ? a.size(0) * a.size(1) : a.size(1);
   const int64_t K = a.size(2), N = b.size(1);
   const auto* a_data = reinterpret_cast<const uint16_t*>(a.const_data_ptr<at::BFloat16>());
   const auto* b_data = reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>());
   float* c_data = c.mutable_data_ptr<float>();
-  const int64_t lda = a.stride(1), ldb = b.stride(1), a_batch = a.stride(0), b_batch = b.stride(0);
+  const int64_t lda = a.stride(1), ldb = b.stride(1), ldc = c.stride(1);
+  const int64_t a_batch = a.stride(0), b_batch = b.stride(0), c_batch = c.stride(0);
   // Tasks of whole row blocks, at least two a thread when the batch alone has fewer.
   const int64_t threads = at::get_num_threads();
   const int64_t splits = std::min((2 * threads + batch - 1) / batch, (M + bfloat16_gemm::kRowBlock - 1) / bfloat16_gemm::kRowBlock);
@@ -247,10 +260,19 @@ inline at::Tensor bfloat16_matmul_nt(const at::Tensor& a, const at::Tensor& b) {
         packed_from = b_rows;
       }
       bfloat16_gemm::gemm(a_data + n * a_batch + first * lda, rows, lda, K, packed.data(), N,
-                          c_data + (n * M + first) * N, N);
+                          c_data + n * c_batch + first * ldc, ldc);
     }
   });
 #endif
+}
+
+// a (batch, M, K) and b (batch, N, K), bfloat16 with unit stride along K (b's batch stride
+// may be 0) -> (batch, M, N) float32.  Only where bfloat16_matmul_nt_available().
+inline at::Tensor bfloat16_matmul_nt(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3, "bfloat16_matmul_nt: needs (n, M, K) and (n, N, K), got shapes ", a.sizes(),
+              " and ", b.sizes());
+  at::Tensor c = at::empty({a.size(0), a.size(1), b.size(1)}, a.options().dtype(at::kFloat));
+  bfloat16_matmul_nt_out(c, a, b);
   return c;
 }
 

@@ -1,5 +1,5 @@
 // CPU kernels of the LSTM and GRU ops declared in csrc/ops.cpp: cells and whole layers
-// (one direction), forward and backward, float32 and float64.
+// (one direction), forward and backward, float32 and float64, float16 and bfloat16.
 //
 // Fuses: all gate nonlinearities, the state update and the masking by lengths of one
 // time step into one C++ loop.  A layer computes the input projection of every step as
@@ -17,9 +17,14 @@
 // vectorise (with an AVX2+FMA clone of the layer steps, csrc/cpu/isa.h), float64 uses
 // std::exp / std::tanh.
 // float16 / bfloat16: the cells take them (gate maths in float32, bfloat16 GEMMs in
-// bfloat16, see Cells); the layers do not (the Python side runs them on float32 copies, made once a
-// call).  Does not handle: LSTM projections (proj_size; the Python side falls back to the
-// reference), devices other than the CPU.
+// bfloat16, see Cells), and so do the layers: state, buffers, gate maths and the backward's
+// time loop in float32, on float32 copies made once a call where needed; on AVX512-BF16 a
+// bfloat16 forward's GEMMs in bfloat16 (the input projection from x and w_ih as given,
+// each step's from h rounded to bfloat16 and w_hh packed once a call, float32 out:
+// csrc/cpu/bfloat16_gemm.h), and a bfloat16 backward's GEMMs on the gate gradients rounded
+// to bfloat16 (each step's through w_hh^T packed once a call likewise; grad_x, grad_w_ih and
+// grad_w_hh as bfloat16 ATen GEMMs); float16 GEMMs on float32 copies, as in the cells.  Does not handle: LSTM projections (proj_size; the Python side
+// falls back to the reference), devices other than the CPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,6 +33,7 @@
 #include "common/fast_sigmoid.h"
 #include "common/fast_tanh.h"
 #include "common/layer_shape.h"
+#include "cpu/bfloat16_gemm.h"
 #include "cpu/isa.h"
 #include "cpu/select_bits.h"
 #include "cpu/tile_gemm.h"
@@ -56,21 +62,14 @@ constexpr int64_t kPointwiseGrainElements = 16384;
 
 bool is_low_precision(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
 
-// The layers take float32 and float64; the cells float16 and bfloat16 too (see Cells).
-void check_floating_cpu(const char* op, const at::Tensor& reference, const char* reference_name,
-                        bool low_precision = false) {
+// The cells and the layers take float32, float64, float16 and bfloat16 (see Cells, Layers).
+void check_floating_cpu(const char* op, const at::Tensor& reference, const char* reference_name) {
   const auto dtype = reference.scalar_type();
   TORCH_CHECK(reference.device().is_cpu(), op, ": expected ", reference_name,
               " on the CPU, got ", reference.device());
-  if (low_precision) {
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || is_low_precision(dtype), op,
-                ": the cpu backend supports float32, float64, float16 and bfloat16 only, got ",
-                reference_name, " of dtype ", dtype);
-    return;
-  }
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
-              ": the cpu backend supports float32 and float64 only, got ", reference_name,
-              " of dtype ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || is_low_precision(dtype), op,
+              ": the cpu backend supports float32, float64, float16 and bfloat16 only, got ",
+              reference_name, " of dtype ", dtype);
 }
 
 void check_same_dtype(const char* op, const at::Tensor& reference, const at::Tensor& tensor,
@@ -384,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
     const std::optional<at::Tensor>& b_hh_in) {
   constexpr const char* op = "lstm_cell_forward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
-  check_floating_cpu(op, x_in, "x", /*low_precision=*/true);
+  check_floating_cpu(op, x_in, "x");
   check_dim(op, x_in, 2, "x");
   check_dim(op, h_in, 2, "h");
   check_dim(op, c_in, 2, "c");
@@ -437,7 +436,7 @@ lstm_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& grad_c_ne
                    const at::Tensor& saved_in) {
   constexpr const char* op = "lstm_cell_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
-  check_floating_cpu(op, x_in, "x", /*low_precision=*/true);
+  check_floating_cpu(op, x_in, "x");
   check_dim(op, x_in, 2, "x");
   check_dim(op, h_in, 2, "h");
   check_dim(op, c_in, 2, "c");
@@ -501,7 +500,7 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_forward(const at::Tensor& x_in, cons
                                                     const std::optional<at::Tensor>& b_hh_in) {
   constexpr const char* op = "gru_cell_forward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
-  check_floating_cpu(op, x_in, "x", /*low_precision=*/true);
+  check_floating_cpu(op, x_in, "x");
   check_dim(op, x_in, 2, "x");
   check_dim(op, h_in, 2, "h");
   check_same_dtype(op, x_in, h_in, "h");
@@ -546,7 +545,7 @@ gru_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& x_in, cons
                   const std::optional<at::Tensor>& b_hh_in, const at::Tensor& saved_in) {
   constexpr const char* op = "gru_cell_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
-  check_floating_cpu(op, x_in, "x", /*low_precision=*/true);
+  check_floating_cpu(op, x_in, "x");
   check_dim(op, x_in, 2, "x");
   check_dim(op, h_in, 2, "h");
   check_same_dtype(op, x_in, h_in, "h");
@@ -776,15 +775,20 @@ struct ForwardStep {
   scalar_t* hidden_gates;      // (B, G) h_prev @ w_hh^T
   scalar_t* saved;             // (T, B, saved_width)
   scalar_t* output;            // (T, B, H)
+  // bfloat16 GEMMs (a bfloat16 layer on AVX512-BF16; null otherwise): w_hh packed for
+  // bfloat16_gemm::gemm gate by gate (packed_gate_elements apart, w_hh_t unused), and the
+  // states rounded to bfloat16 as the GEMM's A, double-buffered as h is.
+  const uint16_t* packed_w_hh;
+  int64_t packed_gate_elements;
+  const uint16_t* h_prev_bfloat16;
+  uint16_t* h_next_bfloat16;
 };
 
+// The gate maths of a forward step for units [j0, j0 + count), hidden_gates holding their
+// columns of h_prev @ w_hh^T.
 template <typename Cell, typename scalar_t>
-inline void forward_units(const ForwardStep<scalar_t>& step, int64_t j0, int64_t count) {
+inline void forward_update(const ForwardStep<scalar_t>& step, int64_t j0, int64_t count) {
   const int64_t B = step.B, H = step.H, G = step.G;
-  for (int64_t k = 0; k < Cell::kGates; ++k) {
-    tile_matmul(B, count, H, step.h_prev, H, step.w_hh_t + k * H + j0, G,
-                step.hidden_gates + k * H + j0, G);
-  }
   for (int64_t b = 0; b < B; ++b) {
     const int64_t row = step.t * B + b;
     scalar_t* saved_row = step.saved + row * step.saved_width + j0;
@@ -801,6 +805,16 @@ inline void forward_units(const ForwardStep<scalar_t>& step, int64_t j0, int64_t
       std::fill(output_row, output_row + count, scalar_t(0));
     }
   }
+}
+
+template <typename Cell, typename scalar_t>
+inline void forward_units(const ForwardStep<scalar_t>& step, int64_t j0, int64_t count) {
+  const int64_t B = step.B, H = step.H, G = step.G;
+  for (int64_t k = 0; k < Cell::kGates; ++k) {
+    tile_matmul(B, count, H, step.h_prev, H, step.w_hh_t + k * H + j0, G,
+                step.hidden_gates + k * H + j0, G);
+  }
+  forward_update<Cell, scalar_t>(step, j0, count);
 }
 
 // What one backward step reads and writes.  t < 0: no step of its own (the last call
@@ -822,25 +836,31 @@ struct BackwardStep {
   scalar_t* grad_input_gates;     // (T, B, G)
   scalar_t* grad_hidden_gates;    // (T, B, G), grad_input_gates when shared
   scalar_t* previous_hidden;      // (T, B, H) the state each step started from
+  // bfloat16 GEMMs (a bfloat16 layer on AVX512-BF16; null otherwise): w_hh^T packed for
+  // bfloat16_gemm::gemm (w_hh unused), and the hidden gates' gradients rounded to bfloat16
+  // (T, B, G): the A of the step before, and after the time loop of grad_w_hh's GEMM.
+  const uint16_t* packed_w_hh_t;
+  uint16_t* rounded_hidden_gates;
 };
 
+// grad_h after step t_next for units [j0, j0 + count), grad_h_recurrent holding their
+// columns of that step's hidden-gate gradients @ w_hh.
 template <typename Cell, typename scalar_t>
-inline void backward_units(const BackwardStep<scalar_t>& step, int64_t j0, int64_t count) {
-  const int64_t B = step.B, H = step.H, G = step.G;
-  if (step.t_next >= 0) {  // grad_h after step t_next: its gate gradients through w_hh
-    tile_matmul(B, count, G, step.grad_hidden_gates + step.t_next * B * G, G, step.w_hh + j0, H,
-                step.grad_h_recurrent + j0, H);
-    for (int64_t b = 0; b < B; ++b) {
-      if (step.t_next < step.active[b]) {
-        Cell::take_recurrent_grad(static_cast<const scalar_t*>(step.grad_h_recurrent + b * H + j0),
-                                  static_cast<const scalar_t*>(step.scratch + b * H + j0), count,
-                                  step.grad_h + b * H + j0);
-      }
+inline void take_recurrent_grads(const BackwardStep<scalar_t>& step, int64_t j0, int64_t count) {
+  const int64_t H = step.H;
+  for (int64_t b = 0; b < step.B; ++b) {
+    if (step.t_next < step.active[b]) {
+      Cell::take_recurrent_grad(static_cast<const scalar_t*>(step.grad_h_recurrent + b * H + j0),
+                                static_cast<const scalar_t*>(step.scratch + b * H + j0), count,
+                                step.grad_h + b * H + j0);
     }
   }
-  if (step.t < 0) {
-    return;
-  }
+}
+
+// The gate gradients of step t (t >= 0) for units [j0, j0 + count).
+template <typename Cell, typename scalar_t>
+inline void backward_gates(const BackwardStep<scalar_t>& step, int64_t j0, int64_t count) {
+  const int64_t B = step.B, H = step.H, G = step.G;
   const int64_t t = step.t;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t row = t * B + b;
@@ -881,6 +901,17 @@ inline void backward_units(const BackwardStep<scalar_t>& step, int64_t j0, int64
   }
 }
 
+template <typename Cell, typename scalar_t>
+inline void backward_units(const BackwardStep<scalar_t>& step, int64_t j0, int64_t count) {
+  const int64_t B = step.B, H = step.H, G = step.G;
+  if (step.t_next >= 0) {  // grad_h after step t_next: its gate gradients through w_hh
+    tile_matmul(B, count, G, step.grad_hidden_gates + step.t_next * B * G, G, step.w_hh + j0, H,
+                step.grad_h_recurrent + j0, H);
+    take_recurrent_grads<Cell, scalar_t>(step, j0, count);
+  }
+  if (step.t >= 0) backward_gates<Cell, scalar_t>(step, j0, count);
+}
+
 // The step functions compiled for the baseline ISA, and for AVX2+FMA in float32 (the
 // gate maths vectorise 8 lanes wide there); picked at run time (csrc/cpu/isa.h).
 #ifdef FASTATTN_AVX2_CLONES
@@ -897,6 +928,70 @@ FASTATTN_TARGET_AVX2 void backward_units_avx2(const BackwardStep<float>& step, i
 #define FASTATTN_STEP_KERNEL(name) pick_kernel(&name<Cell, scalar_t>, &name##_avx2<Cell>)
 #else
 #define FASTATTN_STEP_KERNEL(name) (&name<Cell, scalar_t>)
+#endif
+
+#ifdef FASTATTN_AVX512_BF16_CLONES
+static_assert(kHiddenBlock % bfloat16_gemm::kPanel == 0, "a task's units start at a packed panel of w_hh");
+
+// A bfloat16 layer's step on AVX512-BF16: each gate's columns of h_prev @ w_hh^T from the
+// bfloat16 GEMM (csrc/cpu/bfloat16_gemm.h; h_prev rounded to bfloat16, w_hh packed once a
+// call, a task's units starting at one of a gate's panels of 16 rows), float32 out; the
+// gate maths in float32 as in a float32 layer; then the units' new state rounded to
+// bfloat16 for the next step's GEMM.
+template <typename Cell>
+FASTATTN_TARGET_AVX512_BF16 FASTATTN_KERNEL void forward_units_bfloat16(const ForwardStep<float>& step, int64_t j0,
+                                                                        int64_t count) {
+  const int64_t B = step.B, H = step.H, G = step.G;
+  const int64_t panel_offset = (j0 / bfloat16_gemm::kPanel) * bfloat16_gemm::panel_elements(H);
+  for (int64_t k = 0; k < Cell::kGates; ++k) {
+    bfloat16_gemm::gemm(step.h_prev_bfloat16, B, H, H, step.packed_w_hh + k * step.packed_gate_elements + panel_offset,
+                        count, step.hidden_gates + k * H + j0, G);
+  }
+  forward_update<Cell, float>(step, j0, count);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* h_next_row = step.h_next + b * H + j0;
+    uint16_t* rounded_row = step.h_next_bfloat16 + b * H + j0;
+    for (int64_t j = 0; j < count; ++j) rounded_row[j] = c10::BFloat16(h_next_row[j]).x;
+  }
+}
+
+// The backward's step in the same way: the gradient reaching h from step t_next through
+// w_hh from the bfloat16 GEMM (that step's hidden-gate gradients rounded to bfloat16, w_hh^T
+// packed once a call, a task's units one of its panels of 16 rows), the gate gradients of
+// step t in float32, then the units' columns of them rounded for the step before.
+template <typename Cell>
+FASTATTN_TARGET_AVX512_BF16 FASTATTN_KERNEL void backward_units_bfloat16(const BackwardStep<float>& step, int64_t j0,
+                                                                         int64_t count) {
+  const int64_t B = step.B, H = step.H, G = step.G;
+  if (step.t_next >= 0) {
+    bfloat16_gemm::gemm(step.rounded_hidden_gates + step.t_next * B * G, B, G, G,
+                        step.packed_w_hh_t + (j0 / bfloat16_gemm::kPanel) * bfloat16_gemm::panel_elements(G), count,
+                        step.grad_h_recurrent + j0, H);
+    take_recurrent_grads<Cell, float>(step, j0, count);
+  }
+  if (step.t < 0) return;
+  backward_gates<Cell, float>(step, j0, count);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t row = (step.t * B + b) * G + j0;
+    for (int64_t k = 0; k < Cell::kGates; ++k) {
+      const float* gradients = step.grad_hidden_gates + row + k * H;
+      uint16_t* rounded = step.rounded_hidden_gates + row + k * H;
+      for (int64_t j = 0; j < count; ++j) rounded[j] = c10::BFloat16(gradients[j]).x;
+    }
+  }
+}
+
+// w_hh (G, H) bfloat16 packed for forward_units_bfloat16: each gate's H rows as panels of
+// 16 (zeros past H), gate k from k * packed_gate_elements(H).
+int64_t packed_gate_elements(int64_t H) { return bfloat16_gemm::panels_of(H) * bfloat16_gemm::panel_elements(H); }
+std::vector<uint16_t> pack_w_hh_by_gate(const at::Tensor& w_hh, int64_t gates, int64_t H) {
+  std::vector<uint16_t> packed(gates * packed_gate_elements(H));
+  const auto* rows = reinterpret_cast<const uint16_t*>(w_hh.const_data_ptr<at::BFloat16>());
+  for (int64_t k = 0; k < gates; ++k) {
+    bfloat16_gemm::pack(rows + k * H * H, H, H, H, packed.data() + k * packed_gate_elements(H));
+  }
+  return packed;
+}
 #endif
 
 // One time step: units(step, j0, count) over the hidden units, in parallel.
@@ -922,31 +1017,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   const int64_t G = Cell::kGates * H, saved_width = Cell::saved_width(H);
   const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
   const int64_t steps = shape.steps_to_run();
-  const at::Tensor x = x_in.contiguous();
+  // float16 / bfloat16: the buffers, the state and the gate maths in float32, the outputs
+  // rounded at the end; the GEMMs in bfloat16 on x and the weights as given where the
+  // bfloat16 GEMM runs, on float32 copies made once a call otherwise.
+  const at::ScalarType dtype = x_in.scalar_type(), compute = gate_math_type(x_in);
+  const bool bfloat16_gemms = dtype == at::kBFloat16 && bfloat16_matmul_nt_available();
+  const at::TensorOptions options = x_in.options().dtype(compute);
+  const auto operand = [&](const at::Tensor& t) { return (bfloat16_gemms ? t : t.to(compute)).contiguous(); };
+  const at::Tensor x = operand(x_in);
   const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
-  const at::Tensor input_bias = bias_or_zeros(b_ih, G, x.options());
-  const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, x.options());
-  const at::Tensor w_hh_t = w_hh.t().contiguous();  // (H, G): the B operand of the tiles
+  const at::Tensor input_bias = bias_or_zeros(b_ih, G, options).to(compute);
+  const at::Tensor hidden_bias = bias_or_zeros(b_hh, G, options).to(compute);
 
-  at::Tensor output = at::empty({T, B, H}, x.options());
-  at::Tensor saved = at::empty({T, B, saved_width}, x.options());
+  at::Tensor output = at::empty({T, B, H}, options);
+  at::Tensor saved = at::empty({T, B, saved_width}, options);
   // The input projection of every step at once, (T*B, I) @ w_ih^T, into the gate
   // columns of saved (b_ih is added in the fused loop).
-  matmul_into(saved.view({T * B, saved_width}).narrow(1, 0, G), x.view({T * B, I}),
-              w_ih.t().contiguous());
-  at::Tensor states = at::empty({2, B, H}, x.options());  // h, double-buffered
+  at::Tensor projection = saved.view({T * B, saved_width}).narrow(1, 0, G);
+  if (bfloat16_gemms) {
+    at::Tensor projection_batch = projection.unsqueeze(0);
+    bfloat16_matmul_nt_out(projection_batch, x.view({1, T * B, I}), w_ih.contiguous().unsqueeze(0));
+  } else {
+    matmul_into(projection, x.view({T * B, I}), operand(w_ih).t().contiguous());
+  }
+  at::Tensor states = at::empty({2, B, H}, options);  // h, double-buffered
   states[0].copy_(h0);
-  at::Tensor c_state = Cell::kHasCellState ? c0->contiguous().clone() : at::Tensor();
-  at::Tensor hidden_gates = at::empty({B, G}, x.options());
+  at::Tensor c_state = Cell::kHasCellState ? at::empty({B, H}, options).copy_(*c0) : at::Tensor();
+  at::Tensor hidden_gates = at::empty({B, G}, options);
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES(compute, op, [&] {
     ForwardStep<scalar_t> step{};
     step.B = B;
     step.H = H;
     step.G = G;
     step.saved_width = saved_width;
     step.active = active.data();
-    step.w_hh_t = w_hh_t.const_data_ptr<scalar_t>();
     step.input_bias = input_bias.const_data_ptr<scalar_t>();
     step.hidden_bias = hidden_bias.const_data_ptr<scalar_t>();
     step.c = Cell::kHasCellState ? c_state.mutable_data_ptr<scalar_t>() : nullptr;
@@ -954,14 +1059,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     step.saved = saved.mutable_data_ptr<scalar_t>();
     step.output = output.mutable_data_ptr<scalar_t>();
     scalar_t* state_data = states.mutable_data_ptr<scalar_t>();
-    const auto units = FASTATTN_STEP_KERNEL(forward_units);
+    at::Tensor w_hh_t;  // (H, G): the B operand of the float tiles
+    auto units = FASTATTN_STEP_KERNEL(forward_units);
+    at::Tensor rounded_states;  // h in bfloat16, double-buffered
+    std::vector<uint16_t> packed_w_hh;
+    uint16_t* rounded_data = nullptr;
+#ifdef FASTATTN_AVX512_BF16_CLONES
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (bfloat16_gemms) {
+        packed_w_hh = pack_w_hh_by_gate(w_hh.contiguous(), Cell::kGates, H);
+        step.packed_w_hh = packed_w_hh.data();
+        step.packed_gate_elements = packed_gate_elements(H);
+        rounded_states = at::empty({2, B, H}, x_in.options());
+        rounded_states[0].copy_(h0);
+        rounded_data = reinterpret_cast<uint16_t*>(rounded_states.mutable_data_ptr<at::BFloat16>());
+        units = &forward_units_bfloat16<Cell>;
+      }
+    }
+#endif
+    if (rounded_data == nullptr) {
+      w_hh_t = operand(w_hh).t().contiguous();
+      step.w_hh_t = w_hh_t.const_data_ptr<scalar_t>();
+    }
     for (int64_t s = 0; s < steps; ++s) {
       step.t = time_of_step(s, T, reverse);
       step.h_prev = state_data + (s % 2) * B * H;
       step.h_next = state_data + ((s + 1) % 2) * B * H;
+      if (rounded_data != nullptr) {
+        step.h_prev_bfloat16 = rounded_data + (s % 2) * B * H;
+        step.h_next_bfloat16 = rounded_data + ((s + 1) % 2) * B * H;
+      }
       run_step(step, units);
     }
   });
+  if (dtype != compute) {
+    return {output.to(dtype), states[steps % 2].to(dtype), Cell::kHasCellState ? c_state.to(dtype) : c_state,
+            saved.to(dtype)};
+  }
   return {output, states[steps % 2].clone(), c_state, saved};
 }
 
@@ -1002,29 +1136,37 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
   const std::vector<int64_t> active = active_lengths(lengths_as_int64(op, lengths_in, B), shape);
   const int64_t steps = shape.steps_to_run();
 
-  const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), w_hh_rows = w_hh.contiguous();
-  const at::Tensor c0 = Cell::kHasCellState ? c0_in->contiguous() : at::Tensor();
-  const at::Tensor grad_output = grad_output_in.contiguous();
-  const at::Tensor output = output_in.contiguous(), saved = saved_in.contiguous();
-  at::Tensor grad_h = grad_h_n_in.contiguous().clone();  // gradient of the state, walked back
-  at::Tensor grad_c = Cell::kHasCellState ? grad_c_n_in->contiguous().clone() : at::Tensor();
+  // float16 / bfloat16: the time loop in float32, on float32 copies made once a call (its
+  // GEMMs in bfloat16 where the bfloat16 GEMM runs: backward_units_bfloat16); the GEMMs over
+  // all steps after it in gemm_type (bfloat16 on the gate gradients rounded to bfloat16);
+  // every gradient returned in the input dtype.
+  const at::ScalarType dtype = x_in.scalar_type(), compute = gate_math_type(x_in);
+  const at::TensorOptions options = x_in.options().dtype(compute);
+  const auto in_compute = [&](const at::Tensor& t) { return t.to(compute).contiguous(); };
+  const auto copy_in_compute = [&](const at::Tensor& t) { return at::empty(t.sizes(), options).copy_(t); };
+  const bool bfloat16_gemms = dtype == at::kBFloat16 && bfloat16_matmul_nt_available();
+  const at::Tensor h0 = in_compute(h0_in);
+  const at::Tensor c0 = Cell::kHasCellState ? in_compute(*c0_in) : at::Tensor();
+  const at::Tensor grad_output = in_compute(grad_output_in);
+  const at::Tensor output = in_compute(output_in), saved = in_compute(saved_in);
+  at::Tensor grad_h = copy_in_compute(grad_h_n_in);  // gradient of the state, walked back
+  at::Tensor grad_c = Cell::kHasCellState ? copy_in_compute(*grad_c_n_in) : at::Tensor();
   // Gate gradients of the input pre-activations and of the hidden ones (one buffer when
   // they are the same).
-  at::Tensor grad_input_gates = at::empty({T, B, G}, x.options());
-  at::Tensor grad_hidden_gates =
-      Cell::kSeparateHiddenGrad ? at::empty({T, B, G}, x.options()) : grad_input_gates;
-  at::Tensor previous_hidden = at::empty({T, B, H}, x.options());
-  at::Tensor grad_h_recurrent = at::empty({B, H}, x.options());
-  at::Tensor scratch = at::empty({B, H}, x.options());
+  at::Tensor grad_input_gates = at::empty({T, B, G}, options);
+  at::Tensor grad_hidden_gates = Cell::kSeparateHiddenGrad ? at::empty({T, B, G}, options) : grad_input_gates;
+  at::Tensor previous_hidden = at::empty({T, B, H}, options);
+  at::Tensor grad_h_recurrent = at::empty({B, H}, options);
+  at::Tensor scratch = at::empty({B, H}, options);
+  at::Tensor rounded_hidden_gates = bfloat16_gemms ? at::empty({T, B, G}, x_in.options()) : at::Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES(compute, op, [&] {
     BackwardStep<scalar_t> step{};
     step.B = B;
     step.H = H;
     step.G = G;
     step.saved_width = saved_width;
     step.active = active.data();
-    step.w_hh = w_hh_rows.const_data_ptr<scalar_t>();
     step.grad_output = grad_output.const_data_ptr<scalar_t>();
     step.output = output.const_data_ptr<scalar_t>();
     step.saved = saved.const_data_ptr<scalar_t>();
@@ -1037,8 +1179,27 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
     step.grad_input_gates = grad_input_gates.mutable_data_ptr<scalar_t>();
     step.grad_hidden_gates = grad_hidden_gates.mutable_data_ptr<scalar_t>();
     step.previous_hidden = previous_hidden.mutable_data_ptr<scalar_t>();
+    at::Tensor w_hh_rows;  // the B operand of the float tiles
+    auto units = FASTATTN_STEP_KERNEL(backward_units);
+    std::vector<uint16_t> packed_w_hh_t;
+#ifdef FASTATTN_AVX512_BF16_CLONES
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (bfloat16_gemms) {
+        packed_w_hh_t.resize(bfloat16_gemm::panels_of(H) * bfloat16_gemm::panel_elements(G));
+        const at::Tensor w_hh_t = w_hh.t().contiguous();  // (H, G)
+        bfloat16_gemm::pack(reinterpret_cast<const uint16_t*>(w_hh_t.const_data_ptr<at::BFloat16>()), H, G, G,
+                            packed_w_hh_t.data());
+        step.packed_w_hh_t = packed_w_hh_t.data();
+        step.rounded_hidden_gates = reinterpret_cast<uint16_t*>(rounded_hidden_gates.mutable_data_ptr<at::BFloat16>());
+        units = &backward_units_bfloat16<Cell>;
+      }
+    }
+#endif
+    if (step.packed_w_hh_t == nullptr) {
+      w_hh_rows = in_compute(w_hh);
+      step.w_hh = w_hh_rows.const_data_ptr<scalar_t>();
+    }
     // Steps s = T-1 .. 0, then s = -1, which only takes the recurrent gradient of s = 0.
-    const auto units = FASTATTN_STEP_KERNEL(backward_units);
     for (int64_t s = steps - 1; s >= (steps > 0 ? -1 : 0); --s) {
       step.t = s >= 0 ? time_of_step(s, T, reverse) : -1;
       step.t_prev = s > 0 ? time_of_step(s - 1, T, reverse) : -1;
@@ -1047,23 +1208,30 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
     }
   });
 
-  const at::Tensor grad_input2d = grad_input_gates.view({T * B, G});
-  const at::Tensor grad_hidden2d = grad_hidden_gates.view({T * B, G});
   const at::Tensor b_ih = contiguous_or_undefined(b_ih_in), b_hh = contiguous_or_undefined(b_hh_in);
-  at::Tensor grad_b_ih = bias_grad(b_ih, grad_input2d);
+  at::Tensor grad_b_ih = bias_grad(b_ih, grad_input_gates.view({T * B, G}));
   // Shared gate gradients: grad_b_hh equals grad_b_ih, no second sum.
   at::Tensor grad_b_hh = !Cell::kSeparateHiddenGrad && b_ih.defined() && b_hh.defined()
                              ? grad_b_ih.clone()
-                             : bias_grad(b_hh, grad_hidden2d);
-  at::Tensor grad_x = at::empty({T, B, I}, x.options());
-  matmul_into(grad_x.view({T * B, I}), grad_input2d, w_ih.contiguous());
-  return {grad_x,
-          grad_h,
-          grad_c,
-          at::mm(grad_input2d.t(), x.view({T * B, I})),
-          at::mm(grad_hidden2d.t(), previous_hidden.view({T * B, H})),
-          grad_b_ih,
-          grad_b_hh};
+                             : bias_grad(b_hh, grad_hidden_gates.view({T * B, G}));
+  // grad_x, grad_w_ih and grad_w_hh: one GEMM each over all steps, in gemm_type.
+  const at::ScalarType gemm = gemm_type(x_in);
+  const auto in_gemm = [&](const at::Tensor& t) { return t.to(gemm).contiguous(); };
+  const at::Tensor grad_hidden2d =
+      (bfloat16_gemms ? rounded_hidden_gates : in_gemm(grad_hidden_gates)).view({T * B, G});
+  const at::Tensor grad_input2d =
+      Cell::kSeparateHiddenGrad ? in_gemm(grad_input_gates).view({T * B, G}) : grad_hidden2d;
+  const at::Tensor x2d = in_gemm(x_in).view({T * B, I});
+  at::Tensor grad_x = at::empty({T, B, I}, x2d.options());
+  matmul_into(grad_x.view({T * B, I}), grad_input2d, in_gemm(w_ih));
+  const auto in_dtype = [&](const at::Tensor& t) { return t.defined() ? t.to(dtype) : t; };
+  return {in_dtype(grad_x),
+          in_dtype(grad_h),
+          in_dtype(grad_c),
+          in_dtype(at::mm(grad_input2d.t(), x2d)),
+          in_dtype(at::mm(grad_hidden2d.t(), in_gemm(previous_hidden).view({T * B, H}))),
+          in_dtype(grad_b_ih),
+          in_dtype(grad_b_hh)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(

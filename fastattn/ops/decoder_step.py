@@ -9,9 +9,9 @@ keys (B, H, W, D) go in flattened to (B, H W, D), their weights come back as (B,
 local-p attention hands the op its W_p and v_p, and the op predicts the window's centre.
 It answers None, and the module composes the step, for what the op does not cover:
 local-m windows (which a single step rejects), local-p with a key_padding_mask (the
-op takes a source's length for p_t from lengths alone), keys of another rank, and
-dtypes outside ``dtypes`` (float16 / bfloat16 on backends whose kernels compute only
-float32 / float64).  On CUDA tensors without gradients the op runs
+op takes a source's length for p_t from lengths alone) and keys of another rank.  Every
+float dtype goes to the op (the cpu and cuda ops it composes take float16 and bfloat16).
+On CUDA tensors without gradients the op runs
 attention_decoder_step_inference (csrc/decoder_step.cpp routes it), whose fake (meta)
 kernel is here.
 """
@@ -24,9 +24,6 @@ import torch
 
 from fastattn.functional.attention_inputs import Layout, masking_arguments
 from fastattn.ops.fake_kernels import register_fake
-
-FLOAT_DTYPES = (torch.float32, torch.float64)
-
 
 @register_fake("fastattn::attention_decoder_step_inference")
 def _attention_decoder_step_inference_fake(y, h, c, attentional, keys, values, query_weight, v, bias, score, scale,
@@ -60,15 +57,13 @@ def _local_p(attention) -> dict:
                 position_v=attention.position_v)
 
 
-def attention_decoder_step(decoder, y_prev_embedded, state, cache, *, lengths, key_padding_mask,
-                           dtypes=FLOAT_DTYPES):
+def attention_decoder_step(decoder, y_prev_embedded, state, cache, *, lengths, key_padding_mask):
     """-> (output h~_t, s_t, LSTM memory c_t or None, weights (B, S)), or None when the
-    fused op does not cover this configuration (``dtypes``: those the backend's ops
-    take).  Arguments are checked by the module."""
+    fused op does not cover this configuration.  Arguments are checked by the module."""
     attention = decoder.attention
     if attention.local == "m" or (attention.local == "p" and key_padding_mask is not None):
         return None
-    if cache.keys.dim() not in (3, 4) or y_prev_embedded.dtype not in dtypes:
+    if cache.keys.dim() not in (3, 4):
         return None
     batch, grid = y_prev_embedded.shape[0], tuple(cache.keys.shape[1:-1])
     source_length = math.prod(grid)

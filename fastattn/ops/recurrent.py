@@ -25,23 +25,12 @@ SAVED_WIDTHS = {"lstm": 5, "gru": 4}  # a layer's saved row, in units of H
 # call the kernels refuse fails at trace time too.
 
 
-def _check_x(op, x, dim):
-    """x of ``dim`` dimensions and one of the kernels' floats: on the CPU the layers take
-    float32 / float64 (float16 / bfloat16 reach them cast by autocast or the backend), the
-    cells float16 / bfloat16 too."""
-    triton_checks.float_tensor(op, "x", x, dim)
-    cpu_dtypes = (torch.float32, torch.float64) + ((torch.float16, torch.bfloat16) if dim == 2 else ())
-    if x.device.type == "cpu" and x.dtype not in cpu_dtypes:
-        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in cpu_dtypes)
-        raise RuntimeError(f"fastattn::{op}: the cpu backend supports {names} only, got x of dtype {x.dtype}")
-
-
 def _check_cell(op, cell, state_name, **tensors):
     """A cell op's tensors by name, as the kernels take them: B from x (B, I), each tensor in
     x's dtype on x's device; then the shapes of triton_checks.cell (H from the state), saved
     (B, 4H) in x's dtype, the LSTM's h of any width."""
     x = tensors["x"]
-    _check_x(op, x, 2)
+    triton_checks.float_tensor(op, "x", x, 2)
     for name, value in tensors.items():
         if value is not None:
             shape = (x.shape[0], None) if name == state_name else (None,) * value.dim()
@@ -54,7 +43,7 @@ def _check_layer(op, cell, x, w_hh, lengths, **tensors):
     an integer dtype on any device (the kernels move it), w_ih (gates * H, I), b_ih and b_hh
     (gates * H,), saved (T, B, width * H), output and grad_output (T, B, H), any other (B, H);
     all in x's dtype, on x's device."""
-    _check_x(op, x, 3)
+    triton_checks.float_tensor(op, "x", x, 3)
     gates = GATES[cell]
     triton_checks.float_tensor(op, "w_hh", w_hh, 2)
     if w_hh.shape[0] % gates:
