@@ -3,9 +3,8 @@
 and the backend functions plugged into ``fastattn.backends``.
 
 Imported by ``fastattn._extension`` once ``fastattn._C`` has loaded.  Every kernel takes
-float16 and bfloat16 inputs itself: the CPU kernels compute them in float32 (the attention's
-and the layers' bfloat16 GEMMs, and the cells' GEMMs, in the input dtype) and return the
-input dtype.
+float16 and bfloat16 inputs itself and returns the input dtype; the CPU kernels compute
+them in float32, with bfloat16 GEMMs in bfloat16 where csrc/cpu says so.
 """
 
 from __future__ import annotations
