@@ -981,14 +981,15 @@ FASTATTN_TARGET_AVX512_BF16 FASTATTN_KERNEL void backward_units_bfloat16(const B
   }
 }
 
-// w_hh (G, H) bfloat16 packed for forward_units_bfloat16: each gate's H rows as panels of
-// 16 (zeros past H), gate k from k * packed_gate_elements(H).
-int64_t packed_gate_elements(int64_t H) { return bfloat16_gemm::panels_of(H) * bfloat16_gemm::panel_elements(H); }
-std::vector<uint16_t> pack_w_hh_by_gate(const at::Tensor& w_hh, int64_t gates, int64_t H) {
-  std::vector<uint16_t> packed(gates * packed_gate_elements(H));
-  const auto* rows = reinterpret_cast<const uint16_t*>(w_hh.const_data_ptr<at::BFloat16>());
-  for (int64_t k = 0; k < gates; ++k) {
-    bfloat16_gemm::pack(rows + k * H * H, H, H, H, packed.data() + k * packed_gate_elements(H));
+// rows (blocks * N, K) bfloat16 packed for bfloat16_gemm::gemm block by block: each block's N
+// rows as panels of 16 (zeros past N), block k from k * packed_block_elements(N, K).  The
+// forward packs w_hh by gate (N = H, K = H), the backward w_hh^T whole (N = H, K = G).
+int64_t packed_block_elements(int64_t N, int64_t K) { return bfloat16_gemm::panels_of(N) * bfloat16_gemm::panel_elements(K); }
+std::vector<uint16_t> pack_row_blocks(const at::Tensor& rows, int64_t blocks, int64_t N, int64_t K) {
+  std::vector<uint16_t> packed(blocks * packed_block_elements(N, K));
+  const auto* data = reinterpret_cast<const uint16_t*>(rows.const_data_ptr<at::BFloat16>());
+  for (int64_t k = 0; k < blocks; ++k) {
+    bfloat16_gemm::pack(data + k * N * K, N, K, K, packed.data() + k * packed_block_elements(N, K));
   }
   return packed;
 }
@@ -1067,9 +1068,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
 #ifdef FASTATTN_AVX512_BF16_CLONES
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (bfloat16_gemms) {
-        packed_w_hh = pack_w_hh_by_gate(w_hh.contiguous(), Cell::kGates, H);
+        packed_w_hh = pack_row_blocks(w_hh.contiguous(), Cell::kGates, H, H);
         step.packed_w_hh = packed_w_hh.data();
-        step.packed_gate_elements = packed_gate_elements(H);
+        step.packed_gate_elements = packed_block_elements(H, H);
         rounded_states = at::empty({2, B, H}, x_in.options());
         rounded_states[0].copy_(h0);
         rounded_data = reinterpret_cast<uint16_t*>(rounded_states.mutable_data_ptr<at::BFloat16>());
@@ -1185,10 +1186,7 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
 #ifdef FASTATTN_AVX512_BF16_CLONES
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (bfloat16_gemms) {
-        packed_w_hh_t.resize(bfloat16_gemm::panels_of(H) * bfloat16_gemm::panel_elements(G));
-        const at::Tensor w_hh_t = w_hh.t().contiguous();  // (H, G)
-        bfloat16_gemm::pack(reinterpret_cast<const uint16_t*>(w_hh_t.const_data_ptr<at::BFloat16>()), H, G, G,
-                            packed_w_hh_t.data());
+        packed_w_hh_t = pack_row_blocks(w_hh.t().contiguous(), 1, H, G);
         step.packed_w_hh_t = packed_w_hh_t.data();
         step.rounded_hidden_gates = reinterpret_cast<uint16_t*>(rounded_hidden_gates.mutable_data_ptr<at::BFloat16>());
         units = &backward_units_bfloat16<Cell>;
