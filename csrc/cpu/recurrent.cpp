@@ -766,7 +766,8 @@ template <typename scalar_t>
 struct ForwardStep {
   int64_t B, H, G, saved_width, t;
   const int64_t* active;       // (B,) active steps per sequence
-  const scalar_t* w_hh_t;      // (H, G): w_hh transposed
+  const scalar_t* w_hh_t;      // (H, G): w_hh transposed, rows w_hh_t_stride apart
+  int64_t w_hh_t_stride;
   const scalar_t* input_bias;  // (G,)
   const scalar_t* hidden_bias;
   const scalar_t* h_prev;      // (B, H) state before the step
@@ -811,7 +812,7 @@ template <typename Cell, typename scalar_t>
 inline void forward_units(const ForwardStep<scalar_t>& step, int64_t j0, int64_t count) {
   const int64_t B = step.B, H = step.H, G = step.G;
   for (int64_t k = 0; k < Cell::kGates; ++k) {
-    tile_matmul(B, count, H, step.h_prev, H, step.w_hh_t + k * H + j0, G,
+    tile_matmul(B, count, H, step.h_prev, H, step.w_hh_t + k * H + j0, step.w_hh_t_stride,
                 step.hidden_gates + k * H + j0, G);
   }
   forward_update<Cell, scalar_t>(step, j0, count);
@@ -823,7 +824,8 @@ template <typename scalar_t>
 struct BackwardStep {
   int64_t B, H, G, saved_width, t, t_prev, t_next;
   const int64_t* active;
-  const scalar_t* w_hh;           // (G, H)
+  const scalar_t* w_hh;           // (G, H), rows w_hh_stride apart
+  int64_t w_hh_stride;
   const scalar_t* grad_output;    // (T, B, H)
   const scalar_t* output;         // (T, B, H)
   const scalar_t* saved;          // (T, B, saved_width)
@@ -905,8 +907,8 @@ template <typename Cell, typename scalar_t>
 inline void backward_units(const BackwardStep<scalar_t>& step, int64_t j0, int64_t count) {
   const int64_t B = step.B, H = step.H, G = step.G;
   if (step.t_next >= 0) {  // grad_h after step t_next: its gate gradients through w_hh
-    tile_matmul(B, count, G, step.grad_hidden_gates + step.t_next * B * G, G, step.w_hh + j0, H,
-                step.grad_h_recurrent + j0, H);
+    tile_matmul(B, count, G, step.grad_hidden_gates + step.t_next * B * G, G, step.w_hh + j0,
+                step.w_hh_stride, step.grad_h_recurrent + j0, H);
     take_recurrent_grads<Cell, scalar_t>(step, j0, count);
   }
   if (step.t >= 0) backward_gates<Cell, scalar_t>(step, j0, count);
@@ -1039,7 +1041,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     at::Tensor projection_batch = projection.unsqueeze(0);
     bfloat16_matmul_nt_out(projection_batch, x.view({1, T * B, I}), w_ih.contiguous().unsqueeze(0));
   } else {
-    matmul_into(projection, x.view({T * B, I}), operand(w_ih).t().contiguous());
+    matmul_into(projection, x.view({T * B, I}), as_tile_operand(operand(w_ih).t()));
   }
   at::Tensor states = at::empty({2, B, H}, options);  // h, double-buffered
   states[0].copy_(h0);
@@ -1079,8 +1081,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     }
 #endif
     if (rounded_data == nullptr) {
-      w_hh_t = operand(w_hh).t().contiguous();
+      w_hh_t = as_tile_operand(operand(w_hh).t());
       step.w_hh_t = w_hh_t.const_data_ptr<scalar_t>();
+      step.w_hh_t_stride = w_hh_t.stride(0);
     }
     for (int64_t s = 0; s < steps; ++s) {
       step.t = time_of_step(s, T, reverse);
@@ -1194,8 +1197,9 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
     }
 #endif
     if (step.packed_w_hh_t == nullptr) {
-      w_hh_rows = in_compute(w_hh);
+      w_hh_rows = as_tile_operand(w_hh.to(compute));
       step.w_hh = w_hh_rows.const_data_ptr<scalar_t>();
+      step.w_hh_stride = w_hh_rows.stride(0);
     }
     // Steps s = T-1 .. 0, then s = -1, which only takes the recurrent gradient of s = 0.
     for (int64_t s = steps - 1; s >= (steps > 0 ? -1 : 0); --s) {
@@ -1221,7 +1225,7 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
       Cell::kSeparateHiddenGrad ? in_gemm(grad_input_gates).view({T * B, G}) : grad_hidden2d;
   const at::Tensor x2d = in_gemm(x_in).view({T * B, I});
   at::Tensor grad_x = at::empty({T, B, I}, x2d.options());
-  matmul_into(grad_x.view({T * B, I}), grad_input2d, in_gemm(w_ih));
+  matmul_into(grad_x.view({T * B, I}), grad_input2d, as_tile_operand(w_ih.to(gemm)));
   const auto in_dtype = [&](const at::Tensor& t) { return t.defined() ? t.to(dtype) : t; };
   return {in_dtype(grad_x),
           in_dtype(grad_h),
