@@ -340,26 +340,22 @@ FASTATTN_ALWAYS_INLINE T dot_with_difference(const T* a, const T* b, T factor, c
   return total;
 }
 
-// y += alpha * x (x: T, or float16 / bfloat16 widened to float)
-template <int kBytes, typename T, typename E>
+// y += alpha * x (x: T, or float16 / bfloat16 widened to float); kAdd false: y = alpha * x,
+// what the sum gives on a y of zeros, without reading y.
+template <int kBytes, bool kAdd = true, typename T, typename E>
 FASTATTN_ALWAYS_INLINE void axpy(T* y, T alpha, const E* x, int64_t size) {
   using V = Simd<T, kBytes>;
   constexpr int64_t kWidth = V::size();
   const V factor(alpha);
   int64_t d = 0;
-  for (; d + kWidth <= size; d += kWidth) fmadd(factor, load_lanes<V>(x + d), V::load(y + d)).store(y + d);
-  for (; d < size; ++d) y[d] += alpha * static_cast<T>(x[d]);
-}
-
-// y = alpha * x, what axpy gives on a y of zeros, without reading y
-template <int kBytes, typename T, typename E>
-FASTATTN_ALWAYS_INLINE void scaled_copy(T* y, T alpha, const E* x, int64_t size) {
-  using V = Simd<T, kBytes>;
-  constexpr int64_t kWidth = V::size();
-  const V factor(alpha);
-  int64_t d = 0;
-  for (; d + kWidth <= size; d += kWidth) (factor * load_lanes<V>(x + d)).store(y + d);
-  for (; d < size; ++d) y[d] = alpha * static_cast<T>(x[d]);
+  for (; d + kWidth <= size; d += kWidth) {
+    if constexpr (kAdd) {
+      fmadd(factor, load_lanes<V>(x + d), V::load(y + d)).store(y + d);
+    } else {
+      (factor * load_lanes<V>(x + d)).store(y + d);
+    }
+  }
+  for (; d < size; ++d) y[d] = (kAdd ? y[d] : T(0)) + alpha * static_cast<T>(x[d]);
 }
 
 // y += partial, then partial = 0: a block's own sum added to the running one (the blocked
@@ -1013,7 +1009,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
         // The key's and the value's gradient rows: += this row's term, or = it (write_once).
         const auto add_term = [&](T* y, T scale, const auto* x, int64_t size) {
           if (write_once) {
-            scaled_copy<kBytes>(y, scale, x, size);
+            axpy<kBytes, false>(y, scale, x, size);
           } else {
             axpy<kBytes>(y, scale, x, size);
           }
