@@ -3,6 +3,10 @@ and gradients for every score and mask mode in every dtype, opcheck on every op,
 hard-attention sampling, and the tanh approximation's error bound."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,8 @@ from tests.problems import (
     opcheck_backward_sample_positions_and_fast_tanh,
     score_parameters,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
@@ -116,7 +122,7 @@ def test_gradients_through_one_output_alone(score, used):
 @pytest.mark.parametrize("score", ["dot", "scaled_dot", "general", "cosine", "location"])
 def test_large_feature_sizes_and_logits_match(score, mode):
     """D = 130 with logits of a few hundred, which also sends the dot-product family
-    through the kernel's at::bmm path (D >= 128, T, S >= 16): float64 against the
+    through the kernel's matrix-multiply path (D >= 128, T, S >= 16): float64 against the
     reference, float32 against the float32 reference's own error (float32 itself is
     far from exact here)."""
     generator = torch.Generator().manual_seed(9)
@@ -159,8 +165,56 @@ def test_large_feature_sizes_and_logits_match(score, mode):
         assert kernel_error <= factor * reference_error + floor, (index, float(kernel_error), float(reference_error))
 
 
+def check_float32_matrix_multiply_path(score):
+    """The float32 matrix-multiply path's GEMMs are tiles of ours (csrc/cpu/tile_gemm.h):
+    one batch element (its rows split over tasks), T = 70 (a partial 32-row tile), S = 300
+    and Dv = 1024 (several 256-column panels), D = 1024 (K in blocks of 256; keys, values
+    and grad_context rows 4 KiB apart, copied with padded rows as B operands), and the
+    column-major operands (k^T, v^T, W^T, dE^T) transposed in and around 8 x 8 blocks:
+    outputs within twice the float32 reference's error against float64, gradients within
+    8x (the backward's recomputed softmax, as above)."""
+    generator = torch.Generator().manual_seed(5)
+    exact_inputs = {
+        "query": torch.randn(1, 70, 1024, generator=generator, dtype=torch.float64) / 8,
+        "keys": torch.randn(1, 300, 1024, generator=generator, dtype=torch.float64) / 8,
+        "values": torch.randn(1, 300, 1024, generator=generator, dtype=torch.float64),
+    }
+    masking = {"lengths": torch.tensor([293])}
+
+    def outputs(backend_name, dtype):
+        leaves = {name: value.to(dtype).requires_grad_() for name, value in exact_inputs.items()}
+        context, weights, grads = run(backend_name, score, leaves["query"], leaves["keys"], leaves["values"], {}, masking)
+        return [context, weights, *grads]
+
+    exact = outputs("reference", torch.float64)
+    float32_runs = zip(outputs("cpu", torch.float32), outputs("reference", torch.float32), exact, strict=True)
+    for index, (got, reference_run, want) in enumerate(float32_runs):
+        kernel_error = (got.double() - want).abs().max()
+        reference_error = (reference_run.double() - want).abs().max()
+        factor = 2 if index < 2 else 8
+        assert kernel_error <= factor * reference_error, (score, index, float(kernel_error), float(reference_error))
+
+
+@pytest.mark.parametrize("score", ["dot", "cosine"])
+def test_float32_matrix_multiply_path_with_wide_deep_and_4_kib_rows_matches_the_reference(score):
+    check_float32_matrix_multiply_path(score)
+
+
+def test_float32_matrix_multiply_path_with_the_baseline_kernels_matches_the_reference():
+    """ATEN_CPU_CAPABILITY=default: the same checks with the baseline kernels (the GEMM
+    operands transposed element by element), once a process: a process of its own."""
+    script = ("from tests.test_cpu_attention import check_float32_matrix_multiply_path\n"
+              "for score in ('dot', 'cosine'):\n"
+              "    check_float32_matrix_multiply_path(score)\n"
+              "print('passed')\n")
+    environment = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("passed"), result.stderr[-3000:]
+
+
 def test_cosine_on_the_matrix_multiply_path_takes_zero_vectors_and_keys_shared_by_the_batch():
-    """Cosine at D = 130 (the at::bmm path, backward included: the dot backward on the
+    """Cosine at D = 130 (the matrix-multiply path, backward included: the dot backward on the
     unit vectors, then through them) with a zero query row and a zero key row, whose
     gradients go through max(|x|, floor) as the reference's do (large but finite, no NaN):
     float64 against the reference; and the op with keys expanded over the batch (batch
@@ -239,7 +293,7 @@ def test_deterministic_mode_runs_and_gradients_repeat_bit_for_bit(score):
         assert (got is None and again is None) or torch.equal(got, again)
 
 
-@pytest.mark.parametrize("dim", [6, 130])  # the streaming kernels; the at::bmm path (dot, cosine)
+@pytest.mark.parametrize("dim", [6, 130])  # the streaming kernels; the matrix-multiply path (dot, cosine)
 @pytest.mark.parametrize("kernel_score", ["dot", "cosine", "additive"])
 def test_keys_shared_by_the_batch_give_what_their_copies_give(kernel_score, dim):
     """The op with keys (1, S, D), shared by the batch as the location score passes them:

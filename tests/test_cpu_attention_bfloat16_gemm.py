@@ -180,11 +180,13 @@ def test_decode_steps_with_keys_shared_by_the_batch_take_one_gemm_over_the_batch
 
 
 def matrix_products(function) -> list[str]:
-    """The ATen matrix products (bmm, mm) and softmaxes (the matrix-multiply path's; the
-    per-row kernel calls neither) `function` calls, in order."""
+    """The matrix products (ATen's bmm and mm, fastattn::batched_matmul: our float32 tiles)
+    and softmaxes (the matrix-multiply path's; the per-row kernel calls neither) `function`
+    calls, in order."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         function()
-    return [event.name for event in profile.events() if event.name in ("aten::bmm", "aten::mm", "aten::_softmax")]
+    names = ("aten::bmm", "aten::mm", "fastattn::batched_matmul", "aten::_softmax")
+    return [event.name for event in profile.events() if event.name in names]
 
 
 @needs_bfloat16_gemms
@@ -201,7 +203,7 @@ def test_the_cosine_takes_q_k_from_the_bfloat16_gemm_where_every_norm_suits_it()
     for name, row, factor in (("query", (0, 2), 1e-17), ("keys", (1, 3), 1e17)):
         tiny_or_huge = {**case, name: case[name].clone()}
         tiny_or_huge[name][row] *= factor
-        float32_gemms = ["aten::bmm", "aten::_softmax"] + ["aten::bmm"] * 6
+        float32_gemms = ["fastattn::batched_matmul", "aten::_softmax"] + ["fastattn::batched_matmul"] * 6
         assert matrix_products(lambda: _op(tiny_or_huge, torch.bfloat16, "cosine")) == float32_gemms, name
         check_errors(shape, False, "cosine", tiny_or_huge)
 

@@ -18,9 +18,10 @@
 //   without it every parallel_for here runs on one thread.
 // BLAS path (score dot / cosine, D >= 128, 16 query rows a key, most (t, j) pairs
 //   visible: use_blas_path):
-//   the forward's contractions are at::bmm GEMMs (scores = q' k^T, context =
-//   weights @ values) around one C++ pass per row for scale and masks, ATen's
-//   softmax, and one pass for logsumexp, fully masked rows and the Gaussian
+//   the forward's contractions are GEMMs (scores = q' k^T, context = weights @
+//   values; float32: brgemm tiles a batch element, batched_matmul in
+//   csrc/cpu/tile_gemm.h; float64: at::bmm) around one C++ pass per row for scale
+//   and masks, ATen's softmax, and one pass for logsumexp, fully masked rows and the Gaussian
 //   factor; the dot backward is five GEMMs around one pass per row (cosine: on the
 //   unit vectors, then through them).  bfloat16 with the dot or cosine score on a CPU
 //   with AVX512-BF16: the GEMMs take the bfloat16 inputs as they are
@@ -80,6 +81,7 @@
 #include "bfloat16_gemm.h"
 #include "isa.h"
 #include "select_bits.h"
+#include "tile_gemm.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define FASTATTN_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -1569,13 +1571,13 @@ void through_unit_rows(at::Tensor& grad, const at::Tensor& rows) {
   });
 }
 
-// a (N, R, K) @ b (N, K, C) -> (N, R, C); b with batch stride 0 (location keys)
-// becomes one (N R, K) @ (K, C) GEMM.
+// a (N, R, K) @ b (N, K, C) -> (N, R, C): b with batch stride 0 (location keys) becomes
+// one (N R, K) @ (K, C) GEMM, others float32 tiles a batch element (csrc/cpu/tile_gemm.h).
 at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
   if (b.size(0) > 1 && b.stride(0) == 0) {
     return at::mm(a.reshape({a.size(0) * a.size(1), a.size(2)}), b.select(0, 0)).view({a.size(0), a.size(1), b.size(2)});
   }
-  return at::bmm(a, b);
+  return fastattn::batched_matmul(a, b);
 }
 
 // One row over its `count` visible keys (keys), the others already zeroed: scores hold
@@ -1893,12 +1895,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       raw = raw.to(in.input_dtype);
       weights = weights.to(in.input_dtype);
     }
-    at::Tensor grad_values = at::bmm(weights.transpose(1, 2), grad_context_);
+    at::Tensor grad_values = batched_matmul(weights.transpose(1, 2), grad_context_);
     at::Tensor grad_query = batched_matmul(raw, key_rows);
     // Keys shared by the batch: their gradient summed over it, dE^T Q over all N T rows.
     at::Tensor grad_keys =
         in.shared_keys ? at::mm(raw.view({-1, in.source_length}).t(), query_rows.reshape({-1, in.score_dim})).unsqueeze(0)
-                       : at::bmm(raw.transpose(1, 2), query_rows);
+                       : batched_matmul(raw.transpose(1, 2), query_rows);
     if (cosine) {
       through_unit_rows(grad_query, in.query);
       through_unit_rows(grad_keys, in.shared_keys ? in.keys.narrow(0, 0, 1) : in.keys);
