@@ -3,10 +3,6 @@ and gradients for every score and mask mode in every dtype, opcheck on every op,
 hard-attention sampling, and the tanh approximation's error bound."""
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +10,7 @@ from scipy import stats
 
 import fastattn
 from fastattn import backends
+from tests.cpu_capability import run_with_cpu_capability
 from tests.problems import (
     PEAKED_SHAPES,
     SCORES,
@@ -22,8 +19,6 @@ from tests.problems import (
     opcheck_backward_sample_positions_and_fast_tanh,
     score_parameters,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
@@ -207,9 +202,7 @@ def test_float32_matrix_multiply_path_with_the_baseline_kernels_matches_the_refe
               "for score in ('dot', 'cosine'):\n"
               "    check_float32_matrix_multiply_path(score)\n"
               "print('passed')\n")
-    environment = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True,
-                            text=True, timeout=300)
+    result = run_with_cpu_capability(script, "default")
     assert result.returncode == 0 and result.stdout.strip().endswith("passed"), result.stderr[-3000:]
 
 

@@ -4,23 +4,17 @@ as they are stored and widens each vector of them to float32 as it loads it (loa
 csrc/cpu/attention.cpp), where it had copied them to float32 first (the copies took 20x
 the kernel's time for a bfloat16 decode step)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from fastattn import backends
+from tests.cpu_capability import run_with_cpu_capability
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
 )
 
 DTYPES = [torch.float16, torch.bfloat16]
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _forward(query, keys, values, score="dot", v=None, bias=None, scale=1.0, lengths=None, key_padding_mask=None,
              window=None, center=None, gaussian=False, return_weights=False):
@@ -67,9 +61,7 @@ def test_the_baseline_kernels_widen_every_16_bit_key_and_value_exactly():
               "for dtype in (torch.float16, torch.bfloat16):\n"
               "    assert_widening_is_exact(dtype)\n"
               "print('exact')\n")
-    environment = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True,
-                            text=True, timeout=300)
+    result = run_with_cpu_capability(script, "default")
     assert result.returncode == 0 and result.stdout.strip() == "exact", result.stderr[-3000:]
 
 

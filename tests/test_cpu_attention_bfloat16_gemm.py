@@ -8,9 +8,6 @@ block, columns (S) about its 16-column panels, and odd feature sizes (D, Dv), wi
 without the 16 x 16 transposes of its packing, keys shared by the batch, and key rows
 further apart than D."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +15,12 @@ import torch
 
 import fastattn
 from fastattn import _extension, backends
+from tests.cpu_capability import run_with_cpu_capability
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 BFLOAT16_GEMMS = "avx512_bf16" in (_extension.cpu_kernels() or ())
 needs_bfloat16_gemms = pytest.mark.skipif(not BFLOAT16_GEMMS, reason="this CPU has no AVX512-BF16")
 
@@ -60,9 +57,7 @@ def test_the_bfloat16_gemms_run_where_the_cpu_has_avx512_bf16():
     assert kernels[0] == ("avx2" if "avx2" in flags and "fma" in flags else "baseline")
     assert ("avx512_bf16" in kernels) == has_them
     script = "import fastattn; print(','.join(fastattn.info()['cpu_kernels']))"
-    environment = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True,
-                            timeout=300)
+    result = run_with_cpu_capability(script, "avx2")
     assert result.returncode == 0 and "avx512_bf16" not in result.stdout, result.stderr[-3000:]
 
 
@@ -219,7 +214,5 @@ def test_the_float32_gemms_on_a_cpu_without_avx512_bf16_pass_the_same_checks():
               "            t.check_scores(shape, shared_keys, score)\n"
               "            t.check_errors(shape, shared_keys, score)\n"
               "print('passed')\n")
-    environment = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True,
-                            timeout=600)
+    result = run_with_cpu_capability(script, "avx2")
     assert result.returncode == 0 and result.stdout.strip().endswith("passed"), result.stderr[-3000:]
