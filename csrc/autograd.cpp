@@ -131,6 +131,9 @@ struct Attention : public torch::autograd::Function<Attention> {
     ctx->saved_data["window"] = window;
     ctx->saved_data["gaussian"] = gaussian;
     ctx->saved_data["return_weights"] = return_weights;
+    // One tensor as keys and values (Bahdanau's h_j): the backward writes its one gradient,
+    // where two, added here by autograd, cost a second write and a pass over both.
+    ctx->saved_data["values_are_keys"] = keys.is_same(values);
     ctx->mark_non_differentiable({logsumexp});
     return {context, weights, logsumexp};
   }
@@ -160,11 +163,14 @@ struct Attention : public torch::autograd::Function<Attention> {
     const Tensor grad_context =  // zeros (N, T, Dv) when only the weights have a gradient
         grads[0].defined() ? grads[0].contiguous()
                            : at::zeros({logsumexp.size(0), logsumexp.size(1), values.size(2)}, query.options());
+    const bool values_are_keys = data.at("values_are_keys").toBool();
     auto [grad_query, grad_keys, grad_values, grad_v, grad_bias, grad_center] =
         op.call(grad_context, grad_weights, query, keys, values, or_none(v), or_none(bias),
                 data.at("score").toStringRef(), data.at("scale").toDouble(), or_none(lengths),
-                or_none(key_padding_mask), data.at("causal").toBool(), window, or_none(center), gaussian, logsumexp);
-    return {grad_query, grad_keys, grad_values, if_present(grad_v, v), if_present(grad_bias, bias),
+                or_none(key_padding_mask), data.at("causal").toBool(), window, or_none(center), gaussian, logsumexp,
+                values_are_keys);
+    return {grad_query, grad_keys, values_are_keys ? none : grad_values, if_present(grad_v, v),
+            if_present(grad_bias, bias),
             none, none, none, none, none, none,
             gaussian ? if_present(grad_center, center) : none, none, none};
   }

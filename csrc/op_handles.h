@@ -24,7 +24,7 @@ using AttentionForward = std::tuple<Tensor, Tensor, Tensor>(
 using AttentionBackward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
     const optional<Tensor>&, c10::string_view, double, const optional<Tensor>&, const optional<Tensor>&, bool,
-    optional<int64_t>, const optional<Tensor>&, bool, const Tensor&);
+    optional<int64_t>, const optional<Tensor>&, bool, const Tensor&, bool);
 using LstmCellForward = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                            const Tensor&, const Tensor&, const optional<Tensor>&,
                                                            const optional<Tensor>&);

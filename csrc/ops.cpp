@@ -25,11 +25,13 @@ TORCH_LIBRARY(fastattn, m) {
   // softmax from the scores (logsumexp marks the fully masked rows); no kernel takes
   // grad_context . context from the forward's context, which in peaked rows rounds
   // differently from the row's own terms and swamps the score gradient's small differences.
+  // values_are_keys (the forward was given one tensor as both, of one shape): grad_keys is
+  // that tensor's gradient, both terms summed as the kernel goes, and grad_values is empty.
   m.def(
       "attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, Tensor keys, "
       "Tensor values, Tensor? v, Tensor? bias, str score, float scale, Tensor? lengths, "
       "Tensor? key_padding_mask, bool causal, int? window, Tensor? center, bool gaussian, "
-      "Tensor logsumexp) -> (Tensor grad_query, Tensor grad_keys, "
+      "Tensor logsumexp, bool values_are_keys=False) -> (Tensor grad_query, Tensor grad_keys, "
       "Tensor grad_values, Tensor grad_v, Tensor grad_bias, Tensor grad_center)");
   // One position per row of weights (N, T, S): drawn from weights / sum(weights) when
   // sample, else the argmax (first on ties); 0 for rows whose weights are all zero.

@@ -37,12 +37,16 @@ def _attention(score="dot", **changes):
     return arguments | changes
 
 
-def _attention_backward(**changes):
+def _attention_backward(values_are_keys=False, **changes):
+    """attention_backward's arguments at attention_forward's outputs; with values_are_keys,
+    of a forward given the keys as its values."""
     forward = _attention()
+    if values_are_keys:
+        forward["values"] = forward["keys"]
     context, weights, logsumexp = torch.ops.fastattn.attention_forward(*forward.values())
     del forward["return_weights"]
     arguments = dict(grad_context=torch.randn_like(context), grad_weights=torch.randn_like(weights))
-    arguments.update(forward, logsumexp=logsumexp)
+    arguments.update(forward, logsumexp=logsumexp, values_are_keys=values_are_keys)
     return arguments | changes
 
 
@@ -120,6 +124,9 @@ CASES = [
     # float32: a float64 query's logsumexp is float64 (the accumulation dtype)
     _case("attention_backward", "logsumexp", lambda: _attention_backward(logsumexp=torch.zeros(BATCH, QUERIES))),
     _case("attention_backward", "keys", lambda: _attention_backward(keys=_randn(1, SOURCE, FEATURES + 1))),
+    # keys shared by the batch, (1, S, D), are not values (N, S, D)
+    _case("attention_backward", "values_are_keys",
+          lambda: _attention_backward(values_are_keys=True, keys=_randn(1, SOURCE, FEATURES))),
     _case("sample_positions", "weights", lambda: dict(weights=_randn(QUERIES, SOURCE), sample=False, generator=None)),
     _case("fast_tanh", "x", lambda: dict(x=_randn(QUERIES))),
     _case("lstm_cell_forward", "h", lambda: _cell("lstm", h=_randn(BATCH + 1, HIDDEN))),
@@ -175,6 +182,7 @@ GOOD = {
     "attention_forward-additive": lambda: _attention("additive"),
     "attention_backward": lambda: _attention_backward(),
     "attention_backward-no-grad_weights": lambda: _attention_backward(grad_weights=None),
+    "attention_backward-values-are-keys": lambda: _attention_backward(values_are_keys=True),
     "lstm_cell_forward": lambda: _cell("lstm"),
     # An LSTM cell's h may be wider than its state (w_hh (4H, H')), as the kernels take it.
     "lstm_cell_forward-wide-h": lambda: _cell("lstm", h=_randn(BATCH, HIDDEN + 2), w_hh=_randn(4 * HIDDEN, HIDDEN + 2)),

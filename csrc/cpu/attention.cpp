@@ -35,6 +35,8 @@
 //   most probable key's so that peaked rows cancel exactly (ShiftedRowTerm), then one
 //   for the gradients.  The additive score keeps each key's tanh from the first pass for
 //   the second where a row's fit (kActivationCacheElements): one tanh a pair there.
+//   values_are_keys: a key's value terms go to its gradient row with its key terms
+//   (the cosine score's after the unit-key backward); the GEMM path adds the two.
 // NaN: a NaN score (a NaN input, or inf - inf) makes its row NaN, as the reference's
 //   softmax does; only rows with no visible key are zeros.
 // Vectorisation: inner loops over the feature dimension use Simd<T, bytes>
@@ -851,7 +853,7 @@ struct BackwardOutputs {  // uninitialised: the kernel zeroes each batch's slice
   T* grad_query = nullptr;   // (N, T, D)
   T* grad_keys = nullptr;    // (N, S, D); one (S, D) block for every n when grad_keys_batch_stride is 0
   int64_t grad_keys_batch_stride = 0;
-  T* grad_values = nullptr;  // (N, S, Dv)
+  T* grad_values = nullptr;  // (N, S, Dv); null when the values are the keys (their terms go to grad_keys)
   T* grad_center = nullptr;  // (N, T) or null
 };
 
@@ -889,10 +891,18 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
   // where zeroing them first and adding to them took a third of the backward's time (B=32,
   // S=64, D=256, two cores).
   const bool write_once = query_length == 1 && out.grad_keys_batch_stride != 0 && kScore != ScoreKind::kAdditive;
+  // Values that are the keys: each key's value term goes to its gradient row with its key
+  // term (after the key term's way through the unit key for the cosine score: one batch
+  // element's value terms wait in unit_key_values until then).
+  const bool values_are_keys = out.grad_values == nullptr;
+  const bool cosine_values_are_keys = values_are_keys && kScore == ScoreKind::kCosine;
+  std::vector<T> unit_key_values(cosine_values_are_keys ? source_length * value_dim : 0);
   if (out.grad_keys_batch_stride == 0) std::fill_n(out.grad_keys, source_length * score_dim, T(0));
   for (int64_t n = n_begin; n < n_end; ++n) {
     T* grad_keys = out.grad_keys + n * out.grad_keys_batch_stride;
-    T* grad_values = out.grad_values + n * source_length * value_dim;
+    T* grad_values = !values_are_keys         ? out.grad_values + n * source_length * value_dim
+                     : cosine_values_are_keys ? unit_key_values.data()
+                                              : grad_keys;
     // Under write_once: the rows of keys [begin, end) zeroed.
     const auto zero_key_rows = [&](int64_t begin, int64_t end) {
       std::fill(grad_keys + begin * score_dim, grad_keys + end * score_dim, T(0));
@@ -906,6 +916,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
     if (out.grad_center != nullptr) std::fill_n(out.grad_center + n * query_length, query_length, T(0));
     T* const key_gradients = block_rows ? rows_grad_keys.data() : grad_keys;
     T* const value_gradients = block_rows ? rows_grad_values.data() : grad_values;
+    const bool key_term_first = write_once && value_gradients != key_gradients;  // see add_term
     int64_t touched_begin = source_length, touched_end = 0, rows_in_block = 0;
     const auto flush_rows = [&] {  // the block's sums into the batch element's, the buffers zeroed
       if (touched_end > touched_begin) {
@@ -1008,25 +1019,26 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
         if (in_block == kKeyBlock) flush_block();
         ++in_block;
         const T grad_score = row_term.score_gradient(probability, grad_alpha[j]);
-        // The key's and the value's gradient rows: += this row's term, or = it (write_once).
-        const auto add_term = [&](T* y, T scale, const auto* x, int64_t size) {
-          if (write_once) {
+        // The key's and the value's gradient rows: += this row's term, or = it (the first
+        // term of a write_once row: the value's, then the key's unless that is the same row).
+        const auto add_term = [&](T* y, T scale, const auto* x, int64_t size, bool first) {
+          if (first) {
             axpy<kBytes, false>(y, scale, x, size);
           } else {
             axpy<kBytes>(y, scale, x, size);
           }
         };
-        add_term(value_gradients + j * value_dim, probability * factor[j], grad_context, value_dim);
+        add_term(value_gradients + j * value_dim, probability * factor[j], grad_context, value_dim, write_once);
         const T* key = problem.key(n, j);
         T* grad_key = key_gradients + j * score_dim;
         if constexpr (kScore == ScoreKind::kDot) {
           const T scaled = problem.scale * grad_score;
           axpy<kBytes>(grad_query, scaled, key, score_dim);
-          add_term(grad_key, scaled, query_row, score_dim);
+          add_term(grad_key, scaled, query_row, score_dim, key_term_first);
         } else if constexpr (kScore == ScoreKind::kCosine) {
           const T scaled = problem.scale * grad_score;  // grad_key holds d(unit key) until the end of n
           axpy<kBytes>(grad_query, scaled / fastattn::clamped_norm(problem.key_norm(n, j)), key, score_dim);
-          add_term(grad_key, scaled, query, score_dim);
+          add_term(grad_key, scaled, query, score_dim, key_term_first);
         } else {
           const T* u = activations.data() + (j - range.begin) * score_dim;
           if (!cache_activations) {
@@ -1052,6 +1064,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
       for (int64_t j = 0; out.grad_keys_batch_stride != 0 && j < source_length; ++j) {
         T* grad_key = grad_keys + j * score_dim;
         unit_vector_backward<kBytes>(grad_key, problem.key(n, j), problem.key_norm(n, j), grad_key, score_dim);
+        if (cosine_values_are_keys) axpy<kBytes>(grad_key, T(1), grad_values + j * value_dim, value_dim);
       }
     }
   }
@@ -1828,10 +1841,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& bias, std::string_view score, double scale,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& key_padding_mask, bool causal,
     std::optional<int64_t> window, const std::optional<at::Tensor>& center, bool gaussian,
-    const at::Tensor& logsumexp) {
+    const at::Tensor& logsumexp, bool values_are_keys) {
   const char* op = "attention_backward";
   PreparedInputs in = prepare_inputs(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask,
                                      causal, window, center, gaussian);
+  TORCH_CHECK(!values_are_keys || keys.sizes() == values.sizes(), op,
+              ": values_are_keys needs keys and values of one shape, got keys ", keys.sizes(), " and values ",
+              values.sizes());
   const auto check_like_context = [&](const char* name, const at::Tensor& tensor) {  // (N, T, Dv), query's dtype
     check_float_like(op, name, tensor, query);
     TORCH_CHECK(tensor.dim() == 3 && tensor.size(0) == in.batch && tensor.size(1) == in.query_length &&
@@ -1905,7 +1921,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       through_unit_rows(grad_query, in.query);
       through_unit_rows(grad_keys, in.shared_keys ? in.keys.narrow(0, 0, 1) : in.keys);
     }
-    return {cast(grad_query), cast(grad_keys), cast(grad_values), empty(), empty(),
+    if (values_are_keys) grad_keys.add_(grad_values);
+    return {cast(grad_query), cast(grad_keys), values_are_keys ? empty() : cast(grad_values), empty(), empty(),
             wants_center ? grad_center.to(center->scalar_type()) : empty()};
   }
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(in.batch, at::get_num_threads()));
@@ -1913,7 +1930,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_query = at::empty({in.batch, in.query_length, in.score_dim}, options);
   // Keys shared by the batch: one (S, D) gradient per chunk, summed over the chunks at the end.
   at::Tensor grad_keys = at::empty({in.shared_keys ? chunks : in.batch, in.source_length, in.score_dim}, options);
-  at::Tensor grad_values = at::empty({in.batch, in.source_length, in.value_dim}, options);
+  at::Tensor grad_values =
+      values_are_keys ? at::Tensor() : at::empty({in.batch, in.source_length, in.value_dim}, options);
   const bool wants_grad_center = in.gaussian && in.center.defined();
   at::Tensor grad_center = wants_grad_center ? at::empty({in.batch, in.query_length}, options) : at::Tensor();
   const bool additive = in.score == ScoreKind::kAdditive;
@@ -1930,7 +1948,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     out.grad_query = grad_query.mutable_data_ptr<scalar_t>();
     out.grad_keys = grad_keys.mutable_data_ptr<scalar_t>();
     out.grad_keys_batch_stride = in.shared_keys ? 0 : in.source_length * in.score_dim;
-    out.grad_values = grad_values.mutable_data_ptr<scalar_t>();
+    out.grad_values = values_are_keys ? nullptr : grad_values.mutable_data_ptr<scalar_t>();
     out.grad_center = wants_grad_center ? grad_center.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* sums = parameter_sums.mutable_data_ptr<scalar_t>();
     const int64_t parameter_dim = additive ? in.score_dim : 0;
@@ -1957,7 +1975,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_bias = additive && in.bias.defined() ? cast(parameter_sums.select(1, 1).sum(0)) : empty();
   return {cast(grad_query),
           cast(grad_keys),
-          cast(grad_values),
+          values_are_keys ? empty() : cast(grad_values),
           grad_v,
           grad_bias,
           wants_grad_center ? grad_center.to(center->scalar_type()) : empty()};

@@ -272,10 +272,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& keys, const at::Tensor& values, const OptionalTensor& v, const OptionalTensor& bias,
     std::string_view score, double scale, const OptionalTensor& lengths, const OptionalTensor& key_padding_mask,
     bool causal, std::optional<int64_t> window, const OptionalTensor& center, bool gaussian,
-    const at::Tensor& logsumexp) {
+    const at::Tensor& logsumexp, bool values_are_keys) {
   const char* op = "attention_backward";
   const PreparedAttention in = prepare_attention(op, query, keys, values, v, bias, score, scale, lengths,
                                                  key_padding_mask, causal, window, center, gaussian);
+  TORCH_CHECK(!values_are_keys || keys.sizes() == values.sizes(), op,
+              ": values_are_keys needs keys and values of one shape, got keys ", keys.sizes(), " and values ",
+              values.sizes());
   const AttentionProblem& p = in.problem;
   const auto options = query.options();
   const auto accumulate = options.dtype(accumulation_dtype(query.scalar_type()));
@@ -360,7 +363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (keys.size(0) != p.batch) {  // keys shared by the batch: their gradient summed over it
     grad_keys = grad_keys.sum(0, true, accumulation_dtype(query.scalar_type())).to(query.scalar_type());
   }
-  return {grad_query, grad_keys, grad_values, grad_v, grad_bias,
+  if (values_are_keys) grad_keys.add_(grad_values);  // the kernels write the two terms apart
+  return {grad_query, grad_keys, values_are_keys ? empty() : grad_values, grad_v, grad_bias,
           wants_center ? grad_center.to(center->scalar_type()) : empty()};
 }
 

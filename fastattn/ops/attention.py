@@ -57,17 +57,18 @@ def _attention_forward_fake(
 @register_fake("fastattn::attention_backward")
 def _attention_backward_fake(
     grad_context, grad_weights, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, causal,
-    window, center, gaussian, logsumexp,
+    window, center, gaussian, logsumexp, values_are_keys=False,
 ):
     op = "attention_backward"
     _check_attention(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask, window, center,
                      gaussian)
     triton_checks.attention_backward(op, grad_context, grad_weights, query, keys, values, logsumexp,
-                                     _accumulation_dtype(query))
+                                     _accumulation_dtype(query), values_are_keys=values_are_keys)
     grad_center = contiguous_like_or_empty(center if gaussian else None, query)
     grad_keys = query.new_empty(keys.shape)
+    grad_values = query.new_empty(0) if values_are_keys else contiguous_like(values)
     return (
-        contiguous_like(query), grad_keys, contiguous_like(values), contiguous_like_or_empty(v, query),
+        contiguous_like(query), grad_keys, grad_values, contiguous_like_or_empty(v, query),
         contiguous_like_or_empty(bias, query), grad_center,
     )
 

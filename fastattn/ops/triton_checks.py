@@ -105,10 +105,11 @@ def attention(op: str, query: Tensor, keys: Tensor, values: Tensor, v: Optional[
 
 def attention_backward(op: str, grad_context: Tensor, grad_weights: Optional[Tensor], query: Tensor, keys: Tensor,
                        values: Tensor, logsumexp: Tensor, logsumexp_dtype: torch.dtype = torch.float32,
-                       row_stats: bool = False) -> None:
+                       row_stats: bool = False, values_are_keys: bool = False) -> None:
     """The gradients of the forward's outputs, grad_context (N, T, Dv) and grad_weights
     (N, T, S) where given, and logsumexp (N, T) of ``logsumexp_dtype`` (with ``row_stats``,
-    the Triton forward's row statistics (N, T, 2) in its place)."""
+    the Triton forward's row statistics (N, T, 2) in its place); with ``values_are_keys``,
+    keys and values of one shape."""
     batch, query_length = query.shape[:2]
     source_length, value_features = keys.shape[1], values.shape[2]
     tensor(op, "grad_context", grad_context, query, (batch, query_length, value_features))
@@ -118,6 +119,9 @@ def attention_backward(op: str, grad_context: Tensor, grad_weights: Optional[Ten
         tensor(op, "logsumexp", logsumexp, query, (batch, query_length), logsumexp_dtype)
     if grad_weights is not None:
         tensor(op, "grad_weights", grad_weights, query, (batch, query_length, source_length))
+    if values_are_keys and keys.shape != values.shape:
+        _refuse(op, f"values_are_keys needs keys and values of one shape, got keys {tuple(keys.shape)} and values "
+                    f"{tuple(values.shape)}")
 
 
 def cell(op: str, gates: int, state_name: str, tensors: dict[str, Optional[Tensor]], *,
