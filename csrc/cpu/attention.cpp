@@ -1584,11 +1584,12 @@ void through_unit_rows(at::Tensor& grad, const at::Tensor& rows) {
   });
 }
 
-// a (N, R, K) @ b (N, K, C) -> (N, R, C): b with batch stride 0 (location keys) becomes
-// one (N R, K) @ (K, C) GEMM, others float32 tiles a batch element (csrc/cpu/tile_gemm.h).
+// a (N, R, K) @ b (N, K, C) -> (N, R, C) as float32 tiles (csrc/cpu/tile_gemm.h): a batch
+// element at a time, or, for b with batch stride 0 (location keys), one (N R, K) @ (K, C).
 at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
   if (b.size(0) > 1 && b.stride(0) == 0) {
-    return at::mm(a.reshape({a.size(0) * a.size(1), a.size(2)}), b.select(0, 0)).view({a.size(0), a.size(1), b.size(2)});
+    return fastattn::batched_matmul(a.reshape({1, a.size(0) * a.size(1), a.size(2)}), b.narrow(0, 0, 1))
+        .view({a.size(0), a.size(1), b.size(2)});
   }
   return fastattn::batched_matmul(a, b);
 }
@@ -1914,9 +1915,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor grad_values = batched_matmul(weights.transpose(1, 2), grad_context_);
     at::Tensor grad_query = batched_matmul(raw, key_rows);
     // Keys shared by the batch: their gradient summed over it, dE^T Q over all N T rows.
-    at::Tensor grad_keys =
-        in.shared_keys ? at::mm(raw.view({-1, in.source_length}).t(), query_rows.reshape({-1, in.score_dim})).unsqueeze(0)
-                       : batched_matmul(raw.transpose(1, 2), query_rows);
+    at::Tensor grad_keys = in.shared_keys ? batched_matmul(raw.view({1, -1, in.source_length}).transpose(1, 2),
+                                                           query_rows.reshape({1, -1, in.score_dim}))
+                                          : batched_matmul(raw.transpose(1, 2), query_rows);
     if (cosine) {
       through_unit_rows(grad_query, in.query);
       through_unit_rows(grad_keys, in.shared_keys ? in.keys.narrow(0, 0, 1) : in.keys);
