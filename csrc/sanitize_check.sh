@@ -30,6 +30,7 @@ start=$SECONDS
     > build.log 2>&1) || { tail -40 "$work/build.log" >&2; echo "sanitize_check: the build failed" >&2; exit 1; }
 echo "sanitize_check: fastattn._C built with the sanitizers in $((SECONDS - start)) s"
 tests=(tests/test_cpu_attention.py tests/test_cpu_attention_16_bit.py tests/test_cpu_attention_bfloat16_gemm.py
+       tests/test_cpu_attention_values_are_keys.py
        tests/test_cpu_recurrent.py tests/test_attention_bad_inputs.py tests/test_attention_properties.py
        tests/test_decoder_step.py tests/test_hard_attention.py tests/test_autocast.py
        tests/test_higher_order_gradients.py tests/test_fake_kernels.py tests/test_front_end.py)
