@@ -33,6 +33,9 @@ The additive tanh is split between the SFU and the FMA units as in the forward
 score runs both kernels with one query row a block (``BLOCK_T`` = 1, the tile products on
 the FMA units), as the forward does, where a 16-row block took the tanh of its 15 absent
 rows' pairs too; dot and cosine keep 16-row blocks (``fastattn.ops.triton_configs``).
+With ``VALUES_ARE_KEYS`` (one tensor given as keys and values, D = Dv) the key-value
+kernel writes dK + dV to the keys' gradient (dot and cosine: added to the block's dK
+before its store; additive: added with the atomics) and no dV.
 The batch index is 64-bit, offsets within one batch element 32-bit.
 """
 
@@ -257,7 +260,7 @@ def attention_grad_key_value_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CENTER: tl.constexpr, GAUSSIAN: tl.constexpr,
     HAS_GRAD_WEIGHTS: tl.constexpr, HARDWARE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr,
-    BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, VALUES_ARE_KEYS: tl.constexpr,
 ):
     j_block, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
     j_start = j_block * BLOCK_S
@@ -298,10 +301,11 @@ def attention_grad_key_value_kernel(
                 if SCORE_KIND == 1:
                     weighted = weighted * inverse_query_norm[:, None]
                 grad_key += transposed_product(weighted, queries, DOT_PRECISION, BLOCK_T == 1)
-    tl.store(
-        GRAD_V + n * S * DV + offs_j[:, None] * DV + offs_dv[None, :], grad_value,
-        mask=key_in[:, None] & (offs_dv < DV)[None, :],
-    )
+    value_mask = key_in[:, None] & (offs_dv < DV)[None, :]
+    if not VALUES_ARE_KEYS:
+        tl.store(GRAD_V + n * S * DV + offs_j[:, None] * DV + offs_dv[None, :], grad_value, mask=value_mask)
+    elif SCORE_KIND == 2:
+        tl.atomic_add(GRAD_K + n * S * D + offs_j[:, None] * D + offs_dv[None, :], grad_value, mask=value_mask)
     if SCORE_KIND != 2:
         out_mask = key_in[:, None] & (offs_dq < D)[None, :]
         if SCORE_KIND == 1:
@@ -311,4 +315,6 @@ def attention_grad_key_value_kernel(
             radial = tl.sum(unit_key * grad_key, axis=1)
             radial = tl.where(tl.sum(keys * keys, axis=1) >= norm_floor * norm_floor, radial, 0.0)  # as dQ's
             grad_key = (grad_key - unit_key * radial[:, None]) * inverse_key_norm[:, None]
+        if VALUES_ARE_KEYS:  # BLOCK_DV == BLOCK_DQ: D == DV
+            grad_key += grad_value
         tl.store(GRAD_K + n * S * D + offs_j[:, None] * D + offs_dq[None, :], grad_key, mask=out_mask)

@@ -222,14 +222,16 @@ def triton_attention_forward(
 class _BackwardPlan:
     """A backward's checked sizes and launches for one layout of its inputs (``LAUNCH_PLANS``),
     run on the tensors of a call: the query kernel (twice for the dot family: the row terms,
-    then the gradient), the key-value kernel."""
+    then the gradient), the key-value kernel (with ``values_are_keys``: dK + dV into grad_keys)."""
 
     def __init__(self, grad_context, grad_weights, query, keys, values, v, bias, score, scale, lengths,
-                 key_padding_mask, causal, window, center, gaussian, row_stats):
+                 key_padding_mask, causal, window, center, gaussian, row_stats, values_are_keys):
         op = "triton_attention_backward"
         strides, sizes, flags = _problem(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask,
                                          causal, window, center, gaussian)
-        triton_checks.attention_backward(op, grad_context, grad_weights, query, keys, values, row_stats, row_stats=True)
+        triton_checks.attention_backward(op, grad_context, grad_weights, query, keys, values, row_stats, row_stats=True,
+                                         values_are_keys=values_are_keys)
+        self.values_are_keys = values_are_keys
         grad_context = _rows(grad_context)
         batch, query_length, features = query.shape
         source_length, value_features = keys.shape[1], values.shape[2]
@@ -255,6 +257,7 @@ class _BackwardPlan:
         self.grad_key_value = RepeatedLaunch(
             LAUNCHERS[one_row + "grad_key_value", self.additive],
             lambda meta: (ceil_div(source_length, meta["BLOCK_S"]), batch), scalars, **gradient_flags,
+            VALUES_ARE_KEYS=values_are_keys,
         )
 
     def __call__(self, grad_context, grad_weights, query, keys, values, v, bias, lengths, key_padding_mask,
@@ -265,7 +268,9 @@ class _BackwardPlan:
         batch, query_length, source_length, features, value_features = self.shapes
         grad_query = query.new_zeros(batch, query_length, features, dtype=torch.float32)
         grad_keys = query.new_zeros(batch, source_length, features, dtype=torch.float32)
-        grad_values = query.new_empty(batch, source_length, value_features, dtype=torch.float32)
+        # values_are_keys: no dV of its own (the kernel is given grad_keys there and writes none)
+        grad_values = None if self.values_are_keys else query.new_empty(batch, source_length, value_features,
+                                                                        dtype=torch.float32)
         grad_v = query.new_zeros(features if self.additive else 0, dtype=torch.float32)
         grad_center = query.new_zeros(self.grad_center_shape, dtype=torch.float32)
         row_terms = query.new_empty(batch, query_length, 2, dtype=torch.float32)  # (shift, row term) per row
@@ -273,14 +278,15 @@ class _BackwardPlan:
         self.row_terms(*tensors, *upstream, grad_query, grad_center if grad_center.numel() else grad_query)
         if self.grad_query is not None:
             self.grad_query(*tensors, *upstream, grad_query, grad_query)
-        self.grad_key_value(*tensors, *upstream, grad_query, grad_keys, grad_values,
-                            grad_v if self.additive else grad_keys)
+        self.grad_key_value(*tensors, *upstream, grad_query, grad_keys,
+                            grad_keys if grad_values is None else grad_values, grad_v if self.additive else grad_keys)
         grad_bias = grad_query.sum((0, 1)) if self.additive and bias is not None else query.new_empty(0)
         if self.shared_keys:
             grad_keys = grad_keys.sum(0, keepdim=True)
         dtype = query.dtype
         return (
-            grad_query.to(dtype), grad_keys.to(dtype), grad_values.to(dtype), grad_v.to(dtype), grad_bias.to(dtype),
+            grad_query.to(dtype), grad_keys.to(dtype),
+            query.new_empty(0) if grad_values is None else grad_values.to(dtype), grad_v.to(dtype), grad_bias.to(dtype),
             grad_center.to(center.dtype if center is not None else dtype),
         )
 
@@ -290,14 +296,16 @@ def triton_attention_backward(
     grad_context: Tensor, grad_weights: Optional[Tensor], query: Tensor, keys: Tensor, values: Tensor,
     v: Optional[Tensor], bias: Optional[Tensor], score: str, scale: float, lengths: Optional[Tensor],
     key_padding_mask: Optional[Tensor], causal: bool, window: Optional[int], center: Optional[Tensor], gaussian: bool,
-    row_stats: Tensor,
+    row_stats: Tensor, values_are_keys: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad query, keys, values, v, bias, center); the last three are empty when absent."""
+    """-> (grad query, keys, values, v, bias, center); the last three are empty when absent.
+    values_are_keys (one tensor given as both, as fastattn::attention_backward's): grad keys
+    is that tensor's gradient, grad values empty."""
     tensors = (grad_context, grad_weights, query, keys, values, v, bias, lengths, key_padding_mask, center, row_stats)
     plan = LAUNCH_PLANS.get(
-        "triton_attention_backward", tensors, (score, scale, causal, window, gaussian),
+        "triton_attention_backward", tensors, (score, scale, causal, window, gaussian, values_are_keys),
         lambda: _BackwardPlan(grad_context, grad_weights, query, keys, values, v, bias, score, scale, lengths,
-                              key_padding_mask, causal, window, center, gaussian, row_stats),
+                              key_padding_mask, causal, window, center, gaussian, row_stats, values_are_keys),
     )
     if plan.additive:
         _alert_not_deterministic("fastattn::triton_attention_backward with the additive score")
@@ -319,13 +327,14 @@ def _alert_not_deterministic(caller: str) -> None:
         raise RuntimeError(message)
 
 
-def _forward_input_gradients(grads, v, bias, center, gaussian):
+def _forward_input_gradients(grads, v, bias, center, gaussian, values_are_keys=False):
     """The gradients an attention backward op returns (grad_query, grad_keys,
     grad_values, grad_v, grad_bias, grad_center), laid out per input of the forward op
-    (the schema of attention_forward, which the Triton op shares)."""
+    (the schema of attention_forward, which the Triton op shares); with values_are_keys,
+    grad_keys is the one tensor's and the values get none."""
     grad_query, grad_keys, grad_values, grad_v, grad_bias, grad_center = grads
     return (
-        grad_query, grad_keys, grad_values,
+        grad_query, grad_keys, None if values_are_keys else grad_values,
         grad_v if v is not None else None,
         grad_bias if bias is not None else None,
         None, None, None, None, None, None,
@@ -342,6 +351,7 @@ def _save_for_backward(ctx, inputs, output):
     lengths, key_padding_mask = (None if mask is None else mask.clone() for mask in (lengths, key_padding_mask))
     ctx.save_for_backward(query, keys, values, v, bias, lengths, key_padding_mask, center, row_stats)
     ctx.score, ctx.scale, ctx.causal, ctx.window, ctx.gaussian = score, scale, causal, window, gaussian
+    ctx.values_are_keys = keys is values  # one gradient for the one tensor (see triton_attention_backward)
     ctx.return_weights = return_weights
 
 
@@ -362,9 +372,9 @@ def _attention_backward(ctx, grad_context, grad_weights, _grad_row_stats):
     grads = triton_attention_backward(
         grad_context.contiguous(), grad_weights.contiguous() if use_grad_weights else None,
         query, keys, values, v, bias, ctx.score, ctx.scale, lengths, key_padding_mask, ctx.causal, ctx.window,
-        center, ctx.gaussian, row_stats,
+        center, ctx.gaussian, row_stats, ctx.values_are_keys,
     )
-    return _forward_input_gradients(grads, v, bias, center, ctx.gaussian)
+    return _forward_input_gradients(grads, v, bias, center, ctx.gaussian, ctx.values_are_keys)
 
 
 triton_attention_forward.register_autograd(_attention_backward, setup_context=_save_for_backward)
