@@ -73,6 +73,37 @@ def test_the_one_gradient_is_the_sum_of_the_key_and_value_gradients(kernel_score
             assert torch.equal(got, want)  # the other gradients do not move
 
 
+def _reuse_poisoned_memory(shape, dtype):
+    """Frees NaN-filled tensors of the gradients' shape, so that the op's uninitialised
+    outputs (at::empty) likely reuse their memory: a row the kernel fails to write shows NaN."""
+    poisoned = [torch.full(shape, float("nan"), dtype=dtype) for _ in range(4)]
+    del poisoned
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kernel_score", ["dot", "cosine", "additive"])
+def test_values_without_features_are_not_taken_for_the_keys(kernel_score, path, dtype):
+    """Hard attention runs the op on values of shape (N, S, 0), whose gradient's data pointer
+    is null as the one values_are_keys leaves: the keys' gradient must still be written
+    whole (the decode-step rows once got their key term added to uninitialised memory)."""
+    arguments = list(_op_arguments(kernel_score, path, "local-gaussian", dtype))
+    keys = arguments[1]
+    results = []
+    for value_dim in (0, 1):  # 1: zero values and a zero context gradient, the same gradients
+        arguments[2] = keys.new_zeros(*keys.shape[:-1], value_dim)
+        context, weights, logsumexp = torch.ops.fastattn.attention_forward(*arguments, True)
+        grad_weights = torch.randn(weights.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+        _reuse_poisoned_memory(keys.shape, dtype)
+        results.append(
+            torch.ops.fastattn.attention_backward(torch.zeros_like(context), grad_weights, *arguments, logsumexp)
+        )
+    without_features, with_zero_values = results
+    assert with_zero_values[1].abs().max() > 0
+    for got, want in zip(without_features[:2], with_zero_values[:2], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_opcheck_attention_backward_with_values_are_keys():
     arguments = _op_arguments("dot", "rows", "lengths-and-padding", torch.float64)
     context, weights, logsumexp = torch.ops.fastattn.attention_forward(*arguments, True)

@@ -853,7 +853,9 @@ struct BackwardOutputs {  // uninitialised: the kernel zeroes each batch's slice
   T* grad_query = nullptr;   // (N, T, D)
   T* grad_keys = nullptr;    // (N, S, D); one (S, D) block for every n when grad_keys_batch_stride is 0
   int64_t grad_keys_batch_stride = 0;
-  T* grad_values = nullptr;  // (N, S, Dv); null when the values are the keys (their terms go to grad_keys)
+  T* grad_values = nullptr;  // (N, S, Dv); unused when the values are the keys
+  bool values_are_keys = false;  // the values' terms go to grad_keys (not told by a null grad_values:
+                                 // an empty (N, S, 0) tensor's data pointer is null too)
   T* grad_center = nullptr;  // (N, T) or null
 };
 
@@ -894,7 +896,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
   // Values that are the keys: each key's value term goes to its gradient row with its key
   // term (after the key term's way through the unit key for the cosine score: one batch
   // element's value terms wait in unit_key_values until then).
-  const bool values_are_keys = out.grad_values == nullptr;
+  const bool values_are_keys = out.values_are_keys;
   const bool cosine_values_are_keys = values_are_keys && kScore == ScoreKind::kCosine;
   std::vector<T> unit_key_values(cosine_values_are_keys ? source_length * value_dim : 0);
   if (out.grad_keys_batch_stride == 0) std::fill_n(out.grad_keys, source_length * score_dim, T(0));
@@ -1950,6 +1952,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     out.grad_keys = grad_keys.mutable_data_ptr<scalar_t>();
     out.grad_keys_batch_stride = in.shared_keys ? 0 : in.source_length * in.score_dim;
     out.grad_values = values_are_keys ? nullptr : grad_values.mutable_data_ptr<scalar_t>();
+    out.values_are_keys = values_are_keys;
     out.grad_center = wants_grad_center ? grad_center.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* sums = parameter_sums.mutable_data_ptr<scalar_t>();
     const int64_t parameter_dim = additive ? in.score_dim : 0;
