@@ -707,6 +707,29 @@ def test_emulated_attention_kernels_match_the_cpu_op(emulated, score, case, dtyp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("score", ["dot", "cosine", "additive"])
+@pytest.mark.parametrize("case", [EMULATED_CASES[i] for i in (0, 1, 3, 4)],
+                         ids=["decode_splits", "decode_fully_masked", "multi_query_causal", "local_p_splits"])
+def test_emulated_backward_kernels_add_the_value_terms_to_the_keys_that_are_the_values(emulated, score, case):
+    """values_are_keys (one tensor as keys and values, D == Dv): the decode rows kernel
+    and the keys kernel write dK + dV into grad_keys, the CPU op's, and leave grad_values
+    alone (it stays NaN: the binding gives none)."""
+    shape, mode, _ = case
+    arguments = emulated_case(score, shape, mode, torch.float64)
+    arguments[2] = arguments[1]
+    logsumexp = torch.ops.fastattn.attention_forward(*arguments, False)[2]
+    grad_context = torch.randn(arguments[1].shape[0], shape[1], shape[3], generator=torch.Generator().manual_seed(5),
+                               dtype=torch.float64)
+    expected = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp, True)
+    apart = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, logsumexp)
+    assert apart[2].abs().max() > 0  # a value term to add
+    *got, _ = emulation.attention_backward(emulated, grad_context, None, arguments, logsumexp, values_are_keys=True)
+    assert got[2].isnan().all()
+    assert_matches_cpu_op([got[i] for i in (0, 1, 3, 4, 5)], [expected[i] for i in (0, 1, 3, 4, 5)], 1e-10,
+                          "backward, values_are_keys")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("score", ["dot", "additive"])
 @pytest.mark.parametrize("case", [EMULATED_CASES[0], EMULATED_CASES[3]], ids=["decode_splits", "multi_query"])
 def test_emulated_attention_kernels_give_nan_rows_for_nan_inputs_as_the_cpu_op(emulated, score, case):

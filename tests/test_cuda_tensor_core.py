@@ -280,6 +280,31 @@ def test_emulated_cosine_and_additive_tile_kernels_are_within_twice_the_referenc
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("score", "mode", "dtype"), [("dot", "lengths", torch.float16),
+                                                      ("cosine", "causal", torch.bfloat16),
+                                                      ("additive", "key_padding_mask", torch.float16)])
+def test_emulated_tile_backward_adds_the_value_terms_to_the_keys_that_are_the_values(emulated, score, mode, dtype):
+    """values_are_keys (one tensor as keys and values): the tile backward writes dK + dV,
+    summed in float before the one rounding, as grad_keys (dot, cosine: in registers;
+    additive: its key term added to the value term written first) and leaves grad_values
+    alone (NaN).  Against the sum of the two gradients it writes without the flag: within
+    two roundings of the dtype."""
+    query, keys, _, masking = problem(2, 70, 70, 64, 64, mode)
+    arguments = op_arguments(query, keys, keys, masking, 2.5 if score == "cosine" else 1.0, dtype, score)
+    arguments[2] = arguments[1]
+    _, logsumexp = emulation.attention_forward_tensor_core(emulated, arguments)
+    grad_context = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    apart = emulation.attention_backward_tensor_core(emulated, grad_context, arguments, logsumexp)
+    one = emulation.attention_backward_tensor_core(emulated, grad_context, arguments, logsumexp, values_are_keys=True)
+    assert one[2].isnan().all()
+    assert apart[2].abs().max() > 0 and not apart[1].isnan().any()
+    assert_same_but_for_the_order_of_atomics([one[0], *one[3:]], [apart[0], *apart[3:]])
+    summed = apart[1].double() + apart[2].double()
+    eps = torch.finfo(dtype).eps
+    assert (one[1].double() - summed).abs().max() <= 2 * eps * summed.abs().max()
+
+
+@pytest.mark.slow
 def test_emulated_cosine_tile_kernels_at_tiny_norms_give_the_cpu_ops_results(emulated):
     """bfloat16 queries and keys of norms about the cosine's floor 1e-8, every other row
     and key below it: the tile forward's context and logsumexp and the tile backward's

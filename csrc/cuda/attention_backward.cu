@@ -26,6 +26,8 @@
 //    range) and the second kernel is not run.
 //  - backward_keys_kernel, one block per (batch, key): a pass over the queries that
 //    see the key for grad_keys and grad_values, from the row terms of the first kernel.
+// With values_are_keys (one tensor as keys and values) both kernels add each key's value
+// term to its key term before the store and write no grad_values.
 // In a tile, warps compute the per-pair scalars (a score and dw each: lanes over the
 // feature dimension, 16-byte loads when rows allow; in backward_rows_kernel each warp
 // takes 8 keys with their loads in flight together, warp_tile_sums), then each thread
@@ -265,7 +267,7 @@ __global__ void __launch_bounds__(kThreads)
       chunk_end = chunk_begin;
     }
     T* grad_keys_out = static_cast<T*>(in.grad_keys) + n * S * D;
-    T* grad_values_out = static_cast<T*>(in.grad_values) + n * S * Dv;
+    T* grad_values_out = in.values_are_keys ? nullptr : static_cast<T*>(in.grad_values) + n * S * Dv;
     if (writes_keys) {  // zeros for the keys outside the row's range, shared out among its splits
       const auto zero_share = [&](T* out, int64_t dim, int64_t first, int64_t last) {
         const int64_t total = (last - first) * dim, share = (total + splits - 1) / splits;
@@ -275,8 +277,10 @@ __global__ void __launch_bounds__(kThreads)
       };
       zero_share(grad_keys_out, D, 0, range.begin);
       zero_share(grad_keys_out, D, range.end, S);
-      zero_share(grad_values_out, Dv, 0, range.begin);
-      zero_share(grad_values_out, Dv, range.end, S);
+      if (!in.values_are_keys) {
+        zero_share(grad_values_out, Dv, 0, range.begin);
+        zero_share(grad_values_out, Dv, range.end, S);
+      }
     }
 
     // Pass 2 over the split's keys: grad_query (and grad_v) from de_j (RowTerms), the
@@ -335,6 +339,7 @@ __global__ void __launch_bounds__(kThreads)
                                                     additive_term);
                 if (!writes_keys) return;
                 A key_gradient[kVec];
+                const A value_weight = in.values_are_keys ? tile_weight[c] : A(0);
 #pragma unroll
                 for (int i = 0; i < kVec; ++i) {
                   // grad_keys_j = coefficient_j q' (+ b_j k_j / max(|k_j|, floor) for the cosine)
@@ -342,6 +347,8 @@ __global__ void __launch_bounds__(kThreads)
                       tile_key_self[c] != A(0) ? tile_key_self[c] * (key[i] * tile_key_inverse_norm[c]) : A(0);
                   key_gradient[i] =
                       kScore == ScoreKind::kAdditive ? additive_term[i] : tile_coefficient[c] * prepared[d + i] + self;
+                  // + the value term w_j grad_context when the values are the keys (D == Dv)
+                  if (value_weight != A(0)) key_gradient[i] += value_weight * grad_context[d + i];
                 }
                 store_pack<kVec>(grad_keys_out + (tile + c) * D + d, key_gradient);
               });
@@ -352,7 +359,8 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
-      if (writes_keys) {  // grad_values_j = w_j grad_context (0 for a masked key, whatever grad_context holds)
+      if (writes_keys && !in.values_are_keys) {  // grad_values_j = w_j grad_context (0 for a masked key,
+                                                  // whatever grad_context holds)
         const int64_t chunks = Dv / kVec;
         for (int64_t e = threadIdx.x; e < count * chunks; e += kThreads) {
           const int c = static_cast<int>(e / chunks);
@@ -418,13 +426,16 @@ __global__ void __launch_bounds__(kThreads)
   const RowTerms<A>* row_terms = static_cast<const RowTerms<A>*>(in.row_terms);
   const T* grad_context = static_cast<const T*>(in.grad_context);
   T* grad_keys_out = static_cast<T*>(in.grad_keys);
-  T* grad_values_out = static_cast<T*>(in.grad_values);
+  T* grad_values_out = static_cast<T*>(in.grad_values);  // unused with values_are_keys
+  const int64_t written_values_dim = in.values_are_keys ? 0 : Dv;
 
   for (int64_t item = blockIdx.x; item < p.batch * S; item += gridDim.x) {
     const int64_t n = item / S, j = item % S;
     if (p.is_padding(n, j)) {  // no query sees it (uniform branch)
       for (int64_t d = threadIdx.x; d < D; d += kThreads) grad_keys_out[item * D + d] = from_acc<T>(A(0));
-      for (int64_t d = threadIdx.x; d < Dv; d += kThreads) grad_values_out[item * Dv + d] = from_acc<T>(A(0));
+      for (int64_t d = threadIdx.x; d < written_values_dim; d += kThreads) {
+        grad_values_out[item * Dv + d] = from_acc<T>(A(0));
+      }
       continue;
     }
     const T* key = p.key_row(n, j);
@@ -528,9 +539,12 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
-      for (int i = 0; i < kVec; ++i) grad_keys_out[item * D + d + i] = from_acc<T>(grad_key[d + i]);
+      for (int i = 0; i < kVec; ++i) {  // the values' term too when they are the keys (D == Dv)
+        const A value_term = in.values_are_keys ? grad_value[d + i] : A(0);
+        grad_keys_out[item * D + d + i] = from_acc<T>(grad_key[d + i] + value_term);
+      }
     }
-    for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < Dv; d += kThreads * kVec) {
+    for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < written_values_dim; d += kThreads * kVec) {
       for (int i = 0; i < kVec; ++i) grad_values_out[item * Dv + d + i] = from_acc<T>(grad_value[d + i]);
     }
     __syncthreads();  // the next key overwrites shared memory
@@ -596,7 +610,8 @@ cudaError_t launch_attention_backward(const AttentionProblem& p, const Attention
   const bool additive = p.score == ScoreKind::kAdditive;
   if ((p.batch * p.query_length > 0 && in.row_terms == nullptr) || in.splits < 1 || in.splits > kMaxSplits ||
       (in.splits > 1 && (in.partial_row_terms == nullptr || in.partial_grad_query == nullptr ||
-                         (additive && in.partial_grad_v == nullptr)))) {
+                         (additive && in.partial_grad_v == nullptr))) ||
+      (in.values_are_keys && p.score_dim != p.value_dim)) {
     return cudaErrorInvalidValue;
   }
   return dispatch_dtype(p.dtype, [&](auto element) -> cudaError_t {

@@ -30,8 +30,8 @@
 // block per kBlockKeys keys walks the query tiles that see any of its keys (their Q
 // and dO tiles double-buffered through cp.async like the forward's K and V), recomputes
 // P^T and dP^T (4 warps, 16 keys each), accumulates grad_values = W^T dO and
-// grad_keys = dS^T Q in registers and adds grad_query = dS K into a float scratch with
-// atomics, converted to the input dtype at the end; with the Gaussian of local-p windows,
+// grad_keys = dS^T Q in registers (their sum as grad_keys with values_are_keys) and adds
+// grad_query = dS K into a float scratch with atomics, converted to the input dtype at the end; with the Gaussian of local-p windows,
 // grad_center = sum_j dP w (j - c) / sigma^2 per row, each warp's 16 keys summed over its
 // lanes and added to the float output with atomics.  Cosine: the block's K tile and each
 // Q tile are normalised in shared memory (r / max(|r|, floor), 2 threads a row) once they
@@ -852,19 +852,28 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       }
     }
 
-    // Every key of the tile gets its gradients (zeros for keys no query sees).
+    // Every key of the tile gets its gradients (zeros for keys no query sees).  Values that
+    // are the keys (kD == kDv, the fragments' layouts one): the value term goes to
+    // grad_keys, added to the key term in registers (dot, cosine) or written first and
+    // added to by the additive key term below (its lanes hold other features).
+    const bool values_are_keys = kD == kDv && b.values_are_keys;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int64_t j = first_key + key_top + 8 * half;
       if (j >= p.source_length) continue;
       T* key_row = static_cast<T*>(b.grad_keys) + (n * p.source_length + j) * kD;
-      T* value_row = static_cast<T*>(b.grad_values) + (n * p.source_length + j) * kDv;
+      T* value_row = values_are_keys ? key_row : static_cast<T*>(b.grad_values) + (n * p.source_length + j) * kDv;
       if constexpr (!kAdditive) {
 #pragma unroll
         for (int dt = 0; dt < kD / 8; ++dt) {
-          *reinterpret_cast<uint32_t*>(key_row + dt * 8 + 2 * column) =
-              pack_pair<T>(key_grad[dt][2 * half], key_grad[dt][2 * half + 1]);
+          float first = key_grad[dt][2 * half], second = key_grad[dt][2 * half + 1];
+          if (values_are_keys) {
+            first += value_grad[dt][2 * half];
+            second += value_grad[dt][2 * half + 1];
+          }
+          *reinterpret_cast<uint32_t*>(key_row + dt * 8 + 2 * column) = pack_pair<T>(first, second);
         }
+        if (values_are_keys) continue;
       }
 #pragma unroll
       for (int dt = 0; dt < kDv / 8; ++dt) {
@@ -873,13 +882,22 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       }
     }
     if constexpr (kAdditive) {  // the lane's keys and features of AdditiveLanes
+      if (values_are_keys) __syncthreads();  // the value terms written above, by other lanes (uniform branch)
       const int feature = (lane % Lanes::kFeatureLanes) * kChunk, key_lane = lane / Lanes::kFeatureLanes;
 #pragma unroll
       for (int m = 0; m < Lanes::kKeys; ++m) {
         const int64_t j = first_key + warp * kWarpRows + m * Lanes::kKeyLanes + key_lane;
         if (j < p.source_length) {
-          store_pack<kChunk>(static_cast<T*>(b.grad_keys) + (n * p.source_length + j) * kD + feature,
-                             additive_key_grad[m]);
+          T* key_row = static_cast<T*>(b.grad_keys) + (n * p.source_length + j) * kD + feature;
+          if (values_are_keys) {
+            float value_term[kChunk];
+            load_pack<kChunk>(key_row, value_term);
+#pragma unroll
+            for (int i = 0; i < kChunk; ++i) value_term[i] += additive_key_grad[m][i];
+            store_pack<kChunk>(key_row, value_term);
+          } else {
+            store_pack<kChunk>(key_row, additive_key_grad[m]);
+          }
         }
       }
     }
@@ -1063,7 +1081,8 @@ cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& p, con
                                                   float* grad_query_accumulator, cudaStream_t stream) {
   if (!attention_tensor_core_supported(p, 8) || buffers.grad_weights != nullptr ||
       !aligned_to_16_bytes(buffers.grad_context) ||
-      (p.score == ScoreKind::kAdditive && buffers.grad_v_rows == nullptr)) {
+      (p.score == ScoreKind::kAdditive && buffers.grad_v_rows == nullptr) ||
+      (buffers.values_are_keys && p.score_dim != p.value_dim)) {
     return cudaErrorInvalidValue;
   }
   return dispatch_tensor_core(p, [&](auto element, auto dim, auto value_dim) {

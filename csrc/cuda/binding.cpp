@@ -302,7 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool wants_center = gaussian && in.center.defined();
   at::Tensor grad_query = at::empty({p.batch, p.query_length, p.score_dim}, options);
   at::Tensor grad_keys = at::empty({p.batch, p.source_length, p.score_dim}, options);
-  at::Tensor grad_values = at::empty({p.batch, p.source_length, p.value_dim}, options);
+  // Values that are the keys: the kernels add the value terms to grad_keys (no grad_values).
+  at::Tensor grad_values = at::empty({values_are_keys ? 0 : p.batch, p.source_length, p.value_dim}, options);
   at::Tensor grad_center = wants_center ? at::empty({p.batch, p.query_length}, accumulate) : at::Tensor();
   at::Tensor grad_v_rows;  // additive: allocated below, for the kernels that fill it
   AttentionBackwardBuffers buffers;
@@ -312,6 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   buffers.grad_query = grad_query.mutable_data_ptr();
   buffers.grad_keys = grad_keys.mutable_data_ptr();
   buffers.grad_values = grad_values.mutable_data_ptr();
+  buffers.values_are_keys = values_are_keys;
   buffers.grad_center = wants_center ? grad_center.mutable_data_ptr() : nullptr;
   // The tensor-core forward's problems go to its backward unless grad_weights is wanted, or
   // torch.use_deterministic_algorithms(True) is on: that backward adds grad_query (and
@@ -363,7 +365,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (keys.size(0) != p.batch) {  // keys shared by the batch: their gradient summed over it
     grad_keys = grad_keys.sum(0, true, accumulation_dtype(query.scalar_type())).to(query.scalar_type());
   }
-  if (values_are_keys) grad_keys.add_(grad_values);  // the kernels write the two terms apart
   return {grad_query, grad_keys, values_are_keys ? empty() : grad_values, grad_v, grad_bias,
           wants_center ? grad_center.to(center->scalar_type()) : empty()};
 }

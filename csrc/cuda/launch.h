@@ -61,7 +61,7 @@ struct AttentionBackwardBuffers {
                                        // per-row kernels recompute each row's max and sum, RowTerms)
   void* grad_query = nullptr;          // (N, T, D) in dtype
   void* grad_keys = nullptr;           // (N, S, D) in dtype
-  void* grad_values = nullptr;         // (N, S, Dv) in dtype
+  void* grad_values = nullptr;         // (N, S, Dv) in dtype; unused with values_are_keys
   void* grad_center = nullptr;         // (N, T) Acc, or null
   void* grad_v_rows = nullptr;         // additive: (N, T, Da) Acc, summed over rows by the caller (on
                                        // the tensor cores: (Da) Acc, grad_v itself)
@@ -73,6 +73,8 @@ struct AttentionBackwardBuffers {
   void* partial_row_terms = nullptr;   // splits > 1: (N*T, splits) OnlineRowTerms<Acc> scratch
   void* partial_grad_query = nullptr;  // splits > 1: (N*T, splits, D) Acc scratch
   void* partial_grad_v = nullptr;      // splits > 1, additive: (N*T, splits, Da) Acc scratch
+  bool values_are_keys = false;        // keys and values one tensor (D == Dv): the value terms are
+                                       // added to grad_keys, as that tensor's one gradient
 };
 
 // Acc elements of one RowTerms / OnlineRowTerms (the last dimension of their scratch).

@@ -102,7 +102,8 @@ class AttentionBackwardBuffers(ctypes.Structure):
     _fields_ = [*[(name, ctypes.c_void_p) for name in (
         "grad_context", "grad_weights", "logsumexp", "grad_query", "grad_keys", "grad_values", "grad_center",
         "grad_v_rows", "row_dot", "row_terms")], ("splits", ctypes.c_int64),
-        *[(name, ctypes.c_void_p) for name in ("partial_row_terms", "partial_grad_query", "partial_grad_v")]]
+        *[(name, ctypes.c_void_p) for name in ("partial_row_terms", "partial_grad_query", "partial_grad_v")],
+        ("values_are_keys", ctypes.c_bool)]
 
 
 class RecurrentStep(ctypes.Structure):
@@ -254,11 +255,12 @@ def attention_forward_tensor_core(library, arguments):
     return context, logsumexp
 
 
-def attention_backward_tensor_core(library, grad_context, arguments, logsumexp):
+def attention_backward_tensor_core(library, grad_context, arguments, logsumexp, values_are_keys=False):
     """The six gradients of attention_backward (None where the op returns an empty one)
     from the tensor-core backward, allocated as binding.cpp does (the float grad_query
     accumulator; grad_center float; additive: grad_v as one float vector, grad_bias the
-    sum of grad_query); row_dot from the forward run again."""
+    sum of grad_query; no grad_values, left NaN, with values_are_keys); row_dot from the
+    forward run again."""
     keep: list = []
     problem = attention_problem(keep, *arguments)
     dtype = arguments[0].dtype
@@ -276,7 +278,7 @@ def attention_backward_tensor_core(library, grad_context, arguments, logsumexp):
     keep.extend([grad_context, logsumexp])
     buffers = AttentionBackwardBuffers(address(grad_context), None, address(logsumexp), address(grad_query),
                                        address(grad_keys), address(grad_values), address(grad_center),
-                                       address(grad_v), address(row_dot))
+                                       address(grad_v), address(row_dot), values_are_keys=values_are_keys)
     status = library.emu_attention_backward_tensor_core(ctypes.byref(problem), ctypes.byref(buffers),
                                                         address(accumulator))
     if status != 0:
@@ -286,10 +288,10 @@ def attention_backward_tensor_core(library, grad_context, arguments, logsumexp):
             None if grad_center is None else grad_center.to(dtype))
 
 
-def attention_backward(library, grad_context, grad_weights, arguments, logsumexp):
-    """The six gradients of attention_backward (None where the op returns an empty one)
-    and the key splits of its rows kernel (attention_forward_splits, as binding.cpp
-    chooses them)."""
+def attention_backward(library, grad_context, grad_weights, arguments, logsumexp, values_are_keys=False):
+    """The six gradients of attention_backward (None where the op returns an empty one;
+    grad_values left NaN with values_are_keys) and the key splits of its rows kernel
+    (attention_forward_splits, as binding.cpp chooses them)."""
     keep: list = []
     problem = attention_problem(keep, *arguments)
     query, score, center, gaussian = arguments[0], arguments[5], arguments[11], arguments[12]
@@ -318,7 +320,7 @@ def attention_backward(library, grad_context, grad_weights, arguments, logsumexp
     buffers = AttentionBackwardBuffers(
         address(grad_context), address(grad_weights), address(logsumexp), address(grad_query), address(grad_keys),
         address(grad_values), address(grad_center), address(grad_v_rows), None, address(row_terms), splits,
-        *split_scratch)
+        *split_scratch, values_are_keys)
     status = library.emu_attention_backward(ctypes.byref(problem), ctypes.byref(buffers))
     if status != 0:
         raise RuntimeError(f"launch_attention_backward returned {status}")
