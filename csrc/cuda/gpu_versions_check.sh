@@ -69,6 +69,6 @@ if [ -n "$PREBUILT_OUT" ]; then
         "$(du -h "$PREBUILT_OUT"/_C.*.so | cut -f1), $(cat "$PREBUILT_OUT/stamp.txt")"
 fi
 if [ "$TESTS" = 1 ]; then
-    "$VENV/bin/python" -m pytest -q -p no:cacheprovider
+    MALLOC_PERTURB_=165 "$VENV/bin/python" -m pytest -q -p no:cacheprovider  # as make test
 fi
 echo "gpu_versions_check: ok"
