@@ -117,7 +117,7 @@ def test_gradients_through_one_output_alone(score, used):
 @pytest.mark.parametrize("score", ["dot", "scaled_dot", "general", "cosine", "location"])
 def test_large_feature_sizes_and_logits_match(score, mode):
     """D = 130 with logits of a few hundred, which also sends the dot-product family
-    through the kernel's matrix-multiply path (D >= 128, T, S >= 16): float64 against the
+    through the kernel's matrix-multiply path (in float64: D >= 128, T, S >= 16): float64 against the
     reference, float32 against the float32 reference's own error (float32 itself is
     far from exact here)."""
     generator = torch.Generator().manual_seed(9)
@@ -190,17 +190,68 @@ def check_float32_matrix_multiply_path(score):
         assert kernel_error <= factor * reference_error, (score, index, float(kernel_error), float(reference_error))
 
 
+# (N, T, S, D, Dv) that take the float32 matrix-multiply path (4 rows a key, N T S (D + Dv)
+# >= 2^17) at small and odd feature sizes: each of D, Dv and T (the K of q k^T, of
+# dW = dC v^T, and of the keys' and values' gradients dE^T q and W^T dC) from 1 up, under
+# one 8 x 8 transpose block and across one.
+SMALL_MATRIX_SHAPES = [(16, 4, 1024, 1, 1), (8, 7, 400, 3, 5), (6, 5, 200, 9, 17), (2, 16, 150, 31, 2),
+                       (1, 9, 300, 64, 8)]
+
+
+def check_float32_matrix_multiply_path_at_small_sizes(score, shape):
+    """The float32 matrix-multiply path (which the profiler sees: our tile GEMMs and a
+    softmax) at small and odd sizes, with lengths (a fully masked row) and padding:
+    outputs within twice the float32 reference's error against float64 (plus one float32
+    rounding of the largest entry), gradients within 8x (as above)."""
+    batch, queries, source, dim, value_dim = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    exact_inputs = [torch.randn(batch, length, size, generator=generator, dtype=torch.float64)
+                    for length, size in ((queries, dim), (source, dim), (source, value_dim))]
+    padding = torch.rand(batch, source, generator=generator) > 0.8
+    masking = {"lengths": torch.tensor([0, source, source - 3, source - 1] * batch)[:batch], "key_padding_mask": padding}
+
+    def outputs(backend_name, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in exact_inputs]
+        context, weights, grads = run(backend_name, score, *leaves, {}, masking)
+        return [context, weights, *grads]
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        kernel = outputs("cpu", torch.float32)
+    names = {event.name for event in profile.events()}
+    assert {"fastattn::batched_matmul", "aten::_softmax"} <= names, (score, shape)
+    exact, reference_run = outputs("reference", torch.float64), outputs("reference", torch.float32)
+    if batch > 1:
+        assert kernel[0][0].abs().max() == 0 and kernel[1][0].abs().max() == 0  # lengths 0: zeros
+    for index, (got, theirs, want) in enumerate(zip(kernel, reference_run, exact, strict=True)):
+        kernel_error = (got.double() - want).abs().max()
+        reference_error = (theirs.double() - want).abs().max()
+        floor = torch.finfo(torch.float32).eps * want.abs().max()
+        factor = 2 if index < 2 else 8
+        assert kernel_error <= factor * reference_error + floor, (score, shape, index, float(kernel_error),
+                                                                  float(reference_error))
+
+
 @pytest.mark.parametrize("score", ["dot", "cosine"])
 def test_float32_matrix_multiply_path_with_wide_deep_and_4_kib_rows_matches_the_reference(score):
     check_float32_matrix_multiply_path(score)
 
 
+@pytest.mark.parametrize("shape", SMALL_MATRIX_SHAPES, ids=[f"n{n}_t{t}_s{s}_d{d}_dv{dv}" for n, t, s, d, dv in
+                                                            SMALL_MATRIX_SHAPES])
+@pytest.mark.parametrize("score", ["dot", "cosine"])
+def test_float32_matrix_multiply_path_at_small_and_odd_sizes_matches_the_reference(score, shape):
+    check_float32_matrix_multiply_path_at_small_sizes(score, shape)
+
+
 def test_float32_matrix_multiply_path_with_the_baseline_kernels_matches_the_reference():
     """ATEN_CPU_CAPABILITY=default: the same checks with the baseline kernels (the GEMM
     operands transposed element by element), once a process: a process of its own."""
-    script = ("from tests.test_cpu_attention import check_float32_matrix_multiply_path\n"
+    script = ("from tests.test_cpu_attention import SMALL_MATRIX_SHAPES, check_float32_matrix_multiply_path, "
+              "check_float32_matrix_multiply_path_at_small_sizes\n"
               "for score in ('dot', 'cosine'):\n"
               "    check_float32_matrix_multiply_path(score)\n"
+              "    for shape in SMALL_MATRIX_SHAPES:\n"
+              "        check_float32_matrix_multiply_path_at_small_sizes(score, shape)\n"
               "print('passed')\n")
     result = run_with_cpu_capability(script, "default")
     assert result.returncode == 0 and result.stdout.strip().endswith("passed"), result.stderr[-3000:]
@@ -676,7 +727,7 @@ def test_one_hot_rows_pass_no_rounding_noise_into_the_score_gradients(score, pat
     """Scores hundreds apart make every row's weights one-hot, where the gradients of the
     query and keys through the scores are ~1e-40: the float32 kernels' stay within twice
     the reference's error, in the per-row kernels, the matrix-multiply path (dot and
-    cosine at D >= 128, T and S >= 16) and the additive score's one pass from the context.
+    cosine at T = S = 17, D = 128) and the additive score's one pass from the context.
     The row term r = grad_context . context, subtracted from each key's own dot, had left
     noise of eps |g| |v| (1.8e-3 in grad_keys at |q| ~ 3000)."""
     generator = torch.Generator().manual_seed(0)

@@ -1,12 +1,12 @@
 """The bfloat16 GEMMs of the C++ attention's matrix-multiply path (dot and cosine scores,
-D >= 128, T, S >= 16, most keys visible), on a CPU with AVX512-BF16
-(csrc/cpu/bfloat16_gemm.h): the scores and the backward's dW = dC v^T in float32 from the
-bfloat16 inputs as they are (the cosine's norms divided out after q.k), W @ V and the
-backward's other three GEMMs as bfloat16 at::bmm on W and dE rounded to bfloat16 (and the
-cosine's unit vectors).  Shapes cover every remainder of the GEMM's blocks: rows (T) modulo its 6-row
-block, columns (S) about its 16-column panels, and odd feature sizes (D, Dv), with and
-without the 16 x 16 transposes of its packing, keys shared by the batch, and key rows
-further apart than D."""
+S >= 16, N T S (D + Dv) >= 2^19, 2 rows a key or 1 for the dot score's backward, most keys
+visible), on a CPU with AVX512-BF16 (csrc/cpu/bfloat16_gemm.h): the scores and the
+backward's dW = dC v^T in float32 from the bfloat16 inputs as they are (the cosine's norms
+divided out after q.k), W @ V and the backward's other three GEMMs as bfloat16 at::bmm on
+W and dE rounded to bfloat16 (and the cosine's unit vectors).  Shapes cover every remainder
+of the GEMM's blocks: rows (T) modulo its 6-row block, columns (S) about its 16-column
+panels, and odd feature sizes (D, Dv), with and without the 16 x 16 transposes of its
+packing, keys shared by the batch, and key rows further apart than D."""
 
 from pathlib import Path
 
@@ -26,14 +26,21 @@ needs_bfloat16_gemms = pytest.mark.skipif(not BFLOAT16_GEMMS, reason="this CPU h
 
 # (N, T, S, D, Dv): T = 16 .. 21 takes each remainder of 6 rows; S = 16, 17, 31, 33, 47
 # panels of 16 whole, with one column, and short; D = 129 and 255 odd (255: 7 transposes
-# of 16 pairs and 15 pairs after them), 128 and 130 even; Dv = 33 and 47 odd (dW's K).
-SHAPES = [(3, 16, 17, 129, 33), (2, 17, 47, 130, 40), (1, 64, 64, 256, 64), (2, 18, 33, 255, 47),
-          (4, 19, 31, 128, 32), (2, 20, 16, 131, 35), (3, 21, 48, 160, 64)]
-# Decode steps (T = 1, 2): with keys shared by the batch (the location score's W_a) N T >= 16
-# query rows read each key, and the matrix-multiply path runs one GEMM over all of them; at
+# of 16 pairs and 15 pairs after them), 128 and 130 even; Dv = 33 and 47 odd (dW's K); N
+# enough for N T S (D + Dv) >= 2^19 (test_the_shapes_take_the_bfloat16_gemms).
+SHAPES = [(12, 16, 17, 129, 33), (4, 17, 47, 130, 40), (1, 64, 64, 256, 64), (3, 18, 33, 255, 47),
+          (6, 19, 31, 128, 32), (10, 20, 16, 131, 35), (3, 21, 48, 160, 64)]
+# Few rows and small, odd features: T = 1..5, D = 2, 9, 24 and 37 (no whole 16 x 16 transpose,
+# one and a tail), Dv = 1, 5, 7, 9 and 19.  At T = 1 with keys of their own the forward and the
+# cosine's backward take the per-row kernel, the dot score's backward the GEMMs (each op
+# answers for itself).
+SMALL_SHAPES = [(8, 3, 2048, 9, 5), (32, 2, 4096, 2, 1), (4, 5, 1024, 37, 19), (16, 2, 600, 24, 7),
+                (16, 1, 1024, 24, 9)]
+# Decode steps (T = 1, 2; N T S (D + Dv) >= 2^19): with keys shared by the batch (the location
+# score's W_a) N T query rows read each key, and the matrix-multiply path runs one GEMM over all of them; at
 # T = 1, W v in blocks of 64 keys (S = 150: three) by 64 columns, then 16, then a masked few
 # (Dv = 83 = 64 + 16 + 3).
-DECODE_SHAPES = [(17, 1, 150, 136, 83), (8, 2, 19, 129, 33)]
+DECODE_SHAPES = [(17, 1, 150, 136, 83), (8, 2, 300, 129, 33)]
 
 
 def cpu_flags() -> set[str]:
@@ -136,10 +143,13 @@ SHARING = pytest.mark.parametrize("shared_keys", [False, True], ids=["keys_per_b
 SCORES = pytest.mark.parametrize("score", ["dot", "cosine"])
 
 
+SMALL_SHAPE_IDS = [f"n{n}_t{t}_s{s}_d{d}_dv{dv}" for n, t, s, d, dv in SMALL_SHAPES]
+
+
 @needs_bfloat16_gemms
 @SCORES
 @SHARING
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES + SMALL_SHAPES, ids=SHAPE_IDS + SMALL_SHAPE_IDS)
 def test_scores_are_float32_sums_of_the_bfloat16_products(shape, shared_keys, score):
     check_scores(shape, shared_keys, score)
 
@@ -147,19 +157,41 @@ def test_scores_are_float32_sums_of_the_bfloat16_products(shape, shared_keys, sc
 @needs_bfloat16_gemms
 @SCORES
 @SHARING
-@pytest.mark.parametrize("shape", SHAPES[:4], ids=SHAPE_IDS[:4])
+@pytest.mark.parametrize("shape", SHAPES[:4] + SMALL_SHAPES, ids=SHAPE_IDS[:4] + SMALL_SHAPE_IDS)
 def test_outputs_and_gradients_err_at_most_twice_the_reference_in_bfloat16(shape, shared_keys, score):
     check_errors(shape, shared_keys, score)
+
+
+@needs_bfloat16_gemms
+@SHARING
+@pytest.mark.parametrize("shape", SHAPES + SMALL_SHAPES, ids=SHAPE_IDS + SMALL_SHAPE_IDS)
+def test_the_shapes_take_the_bfloat16_gemms(shape, shared_keys):
+    """The shapes the checks above run are on the matrix-multiply path: the forward's
+    softmax and W @ V (an at::bmm; none at T = 1, bfloat16_decode_context), and the
+    backward's three at::bmm (dot score); at T = 1 with keys of their own the forward is
+    the per-row kernel's (it needs 2 rows a key), the dot score's backward the GEMMs."""
+    case = _case(shape, shared_keys, seed=1)
+    arguments = [case["query"], case["keys"], case["values"], None, None, "dot", 0.6, case["lengths"],
+                 case["key_padding_mask"], False, None, None, False]
+    outputs = []
+    forward = matrix_products(lambda: outputs.extend(torch.ops.fastattn.attention_forward(*arguments, False)))
+    backward = matrix_products(lambda: torch.ops.fastattn.attention_backward(case["grad_context"], None, *arguments,
+                                                                             outputs[2]))
+    queries = shape[1]
+    forward_gemms = ["aten::_softmax"] + (["aten::bmm"] if queries > 1 else [])
+    assert forward == (forward_gemms if queries > 1 or shared_keys else [])
+    assert backward == ["aten::bmm"] * 3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=[f"n{n}_t{t}_s{s}_d{d}_dv{dv}" for n, t, s, d, dv in DECODE_SHAPES])
 def test_decode_steps_with_keys_shared_by_the_batch_take_one_gemm_over_the_batch(shape, dtype):
-    """N T >= 16 query rows, T < 16, keys shared by the batch, bfloat16 where the CPU has
+    """Decode steps (T = 1, 2), keys shared by the batch, bfloat16 where the CPU has
     AVX512-BF16: the matrix-multiply path (a softmax), its scores one GEMM of ours over the
     batch's rows, and W @ V an at::bmm, or at T = 1 a pass that reads the values as stored
-    (no matrix product); with per-batch keys, or in float32, the per-row kernel (neither);
-    the scores, outputs and gradients pass the checks above."""
+    (no matrix product); with per-batch keys the same path at T = 2 and the per-row kernel
+    at T = 1 (one row a key: the forward's GEMMs need 2); in float32 (under 4 rows a key)
+    the per-row kernel (neither); the scores, outputs and gradients pass the checks above."""
     case = _case(shape, True, seed=sum(shape))
     forward = lambda keys: torch.ops.fastattn.attention_forward(  # noqa: E731
         case["query"].to(dtype), keys.to(dtype), case["values"].to(dtype), None, None, "dot", 0.6, case["lengths"],
@@ -167,7 +199,8 @@ def test_decode_steps_with_keys_shared_by_the_batch_take_one_gemm_over_the_batch
     matrix_path = ["aten::_softmax"] + (["aten::bmm"] if shape[1] > 1 else [])
     shared = matrix_path if dtype == torch.bfloat16 and BFLOAT16_GEMMS else []
     assert matrix_products(lambda: forward(case["keys"])) == shared
-    assert matrix_products(lambda: forward(case["keys"].expand(shape[0], -1, -1).contiguous())) == []
+    per_batch = shared if shape[1] > 1 else []
+    assert matrix_products(lambda: forward(case["keys"].expand(shape[0], -1, -1).contiguous())) == per_batch
     if dtype == torch.bfloat16:
         for score in ("dot", "cosine"):
             check_scores(shape, True, score)

@@ -16,8 +16,9 @@
 //   at::parallel_for is ATen's OpenMP backend, inlined from its headers: the rows
 //   run in parallel only when this file is compiled (and linked) with -fopenmp;
 //   without it every parallel_for here runs on one thread.
-// BLAS path (score dot / cosine, D >= 128, 16 query rows a key, most (t, j) pairs
-//   visible: use_blas_path):
+// BLAS path (score dot / cosine, at least 16 keys, enough work and query rows a key for
+//   the dtype, most (t, j) pairs visible: use_blas_path, which the forward and the
+//   backward answer each for itself):
 //   the forward's contractions are GEMMs (scores = q' k^T, context = weights @
 //   values; float32: brgemm tiles a batch element, batched_matmul in
 //   csrc/cpu/tile_gemm.h; float64: at::bmm) around one C++ pass per row for scale
@@ -1192,6 +1193,11 @@ void check_float_like(const char* op, const char* name, const at::Tensor& t, con
               query.scalar_type(), "), got ", t.scalar_type());
 }
 
+// Which op the inputs are for: the two may take different paths (use_blas_path), since
+// each recomputes what it needs from the inputs (the backward reads the forward's
+// logsumexp only to find the fully masked rows).
+enum class Pass { kForward, kBackward };
+
 // The checked inputs of attention_forward / attention_backward, in the compute
 // dtype (float for float32/float16/bfloat16, double for float64), except float16 /
 // bfloat16 keys and values: kept as given for the forward's row kernel, converted by
@@ -1205,6 +1211,7 @@ struct PreparedInputs {
   at::Tensor query, keys, values, v, bias, lengths, key_padding_mask, center, key_norms;
   at::Tensor query_norms;  // the cosine with bfloat16 GEMMs: |q|, (N, T), divided out after q.k
   bool shared_keys = false;  // keys given as (1, S, D) for N > 1: expanded here, grad_keys (1, S, D)
+  Pass pass = Pass::kForward;
   double scale = 1.0;
   bool causal = false;
   int64_t window = -1;
@@ -1251,7 +1258,7 @@ bool norms_suit_bfloat16_products(const at::Tensor& norms) {
   return smallest.item<double>() >= std::ldexp(1.0, -50) && largest.item<double>() <= std::ldexp(1.0, 50);
 }
 
-PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at::Tensor& keys,
+PreparedInputs prepare_inputs(const char* op, Pass pass, const at::Tensor& query, const at::Tensor& keys,
                               const at::Tensor& values, const std::optional<at::Tensor>& v,
                               const std::optional<at::Tensor>& bias, std::string_view score, double scale,
                               const std::optional<at::Tensor>& lengths,
@@ -1259,6 +1266,7 @@ PreparedInputs prepare_inputs(const char* op, const at::Tensor& query, const at:
                               std::optional<int64_t> window, const std::optional<at::Tensor>& center,
                               bool gaussian) {
   PreparedInputs in;
+  in.pass = pass;
   in.score = parse_score(op, score);
   check_cpu(op, "query", query);
   TORCH_CHECK(is_supported_float(query.scalar_type()), op,
@@ -1411,24 +1419,48 @@ AttentionProblem<T, E> problem_of(const PreparedInputs& in) {
 // fused pass per row turns raw into the weights in place (scale, masks, softmax, Gaussian
 // factor, logsumexp), then context = weights @ values.
 
-// Worth it when the rows are long enough for GEMMs to beat the streaming dot
-// products (measured: D >= 128, and Dv >= 32 or Dv = 0: weights alone, as hard
-// attention asks for them), when at least 16 query rows read each key, and when the
-// masks leave most (t, j) pairs visible: the GEMMs pay for every pair, the streaming
-// kernel visits only each row's key range (causal with T ~ S halves its work, a narrow
-// window more).  The rows reading a key are T, or N T for keys shared by the batch (the
-// location score's W_a) in bfloat16 where the bfloat16 GEMMs run: one GEMM then reads
-// W_a once where the streaming kernel read it once a row, and a decode step's W v is
-// bfloat16_decode_context's (N = 64, D = 512, two cores: 0.64-1.05x the reference's speed
-// -> 1.19-2.17x over S = 64..4096); in float32 the two paths were even, and float16's
-// values widened to float32 first cost 4x.
+// Worth it when the problem is large enough to pay for the GEMM path's fixed costs (the
+// (N, T, S) scores, the softmax and the row passes), when enough query rows read each key,
+// when there are at least 16 keys, and when the masks leave most (t, j) pairs visible: the
+// GEMMs pay for every pair, the streaming kernel visits only each row's key range (causal
+// with T ~ S halves its work, a narrow window more).  The rows reading a key are T, or N T
+// for keys shared by the batch (the location score's W_a) in bfloat16 where the bfloat16
+// GEMMs run.  Measured on two cores, dot score, the two paths alternating (N = 4..128,
+// S = 16..4096, D = 4..512, Dv = 0..512; the streaming kernel's speed per (t, j) pair is
+// about the same at every D, the GEMMs' grows with it):
+//   bfloat16 with the bfloat16 GEMMs: N T S (D + Dv) >= 2^19 (below it 0.5-0.9x the
+//     streaming kernel's speed, at and above 0.9-5.8x), 2 rows a key, 1 for the dot score's
+//     backward.  A decode step's dot backward ran 1.1-4.2x faster on the GEMMs (the fastattn
+//     bench's decode forward and backward at B=32, S=64, D=256: 733-888 -> 627-756 us), its
+//     cosine backward 0.7-0.8x (888-1120 -> 1090-1450 us), its forward 1.4x faster at S = 64
+//     but 0.75-0.83x at S = 1024, 4096 and D = 512 with the values the keys, which the
+//     streaming kernel reads once for both (a decode step's W v on this path is
+//     bfloat16_decode_context's: W in float32, v widened in registers);
+//   float32 (brgemm tiles): N T S (D + Dv) >= 2^17 (0.86-0.98x below, 1.1-1.3x at 2^18),
+//     4 rows.  Against the streaming kernel's time at T = 1: 0.87-2.1x; T = 2: 0.76-0.94x,
+//     but 2-4.5x the float32 reference's error in the weights at S = 30000 (torch's GEMMs
+//     of 2 or 3 rows sum more accurately; from 4 rows the errors were equal); T = 4:
+//     0.46-0.74x; T >= 16: 0.3-0.5x at D = 4..96;
+//   float16, and bfloat16 without those GEMMs (float32 GEMMs on widened copies: 1.7-8x
+//     the time at T = 1, even at T = 4): as float32, with 16 rows;
+//   float64 (at::bmm, no tiles): 16 rows, D >= 128 and Dv >= 32 (or 0, weights alone, as
+//     hard attention asks for them): 0.6-1.35x the time either way below that.
+// Under 16 keys the streaming kernel was the faster forward at every dtype (T = 16..64:
+// the GEMMs took 1.1-1.5x its time).
 bool use_blas_path(const PreparedInputs& in) {
-  if (in.score == ScoreKind::kAdditive) return false;
-  const bool rows_share_keys =
-      in.shared_keys && in.input_dtype == at::kBFloat16 && bfloat16_matmul_nt_available();
-  const int64_t rows_per_key = rows_share_keys ? in.batch * in.query_length : in.query_length;
-  if (in.batch == 0 || rows_per_key < 16 || in.source_length < 16) return false;
-  if (in.score_dim < 128 || (in.value_dim > 0 && in.value_dim < 32)) return false;
+  if (in.score == ScoreKind::kAdditive || in.batch == 0 || in.source_length < 16) return false;
+  const bool bfloat16_gemms = in.input_dtype == at::kBFloat16 && bfloat16_matmul_nt_available();
+  const int64_t rows_per_key = in.shared_keys && bfloat16_gemms ? in.batch * in.query_length : in.query_length;
+  const double work = static_cast<double>(in.batch) * in.query_length * in.source_length *
+                      static_cast<double>(in.score_dim + in.value_dim);
+  if (in.compute_dtype == at::kDouble) {
+    if (rows_per_key < 16 || in.score_dim < 128 || (in.value_dim > 0 && in.value_dim < 32)) return false;
+  } else if (bfloat16_gemms) {
+    const bool dot_backward = in.pass == Pass::kBackward && in.score == ScoreKind::kDot;
+    if (rows_per_key < (dot_backward ? 1 : 2) || work < (1 << 19)) return false;
+  } else if (rows_per_key < (in.input_dtype == at::kFloat ? 4 : 16) || work < (1 << 17)) {
+    return false;
+  }
   double visible = 1.0;
   if (in.causal) {
     visible = std::min(visible, (static_cast<double>(in.query_length) + 1.0) / (2.0 * in.source_length));
@@ -1806,8 +1838,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     const std::optional<at::Tensor>& bias, std::string_view score, double scale,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& key_padding_mask, bool causal,
     std::optional<int64_t> window, const std::optional<at::Tensor>& center, bool gaussian, bool return_weights) {
-  PreparedInputs in = prepare_inputs("attention_forward", query, keys, values, v, bias, score, scale, lengths,
-                                     key_padding_mask, causal, window, center, gaussian);
+  PreparedInputs in = prepare_inputs("attention_forward", Pass::kForward, query, keys, values, v, bias, score, scale,
+                                     lengths, key_padding_mask, causal, window, center, gaussian);
   if (use_blas_path(in)) {
     if (!in.bfloat16_gemms) keys_and_values_in_compute_dtype(in);
     return attention_forward_blas(in, return_weights, query);
@@ -1846,8 +1878,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::optional<int64_t> window, const std::optional<at::Tensor>& center, bool gaussian,
     const at::Tensor& logsumexp, bool values_are_keys) {
   const char* op = "attention_backward";
-  PreparedInputs in = prepare_inputs(op, query, keys, values, v, bias, score, scale, lengths, key_padding_mask,
-                                     causal, window, center, gaussian);
+  PreparedInputs in = prepare_inputs(op, Pass::kBackward, query, keys, values, v, bias, score, scale, lengths,
+                                     key_padding_mask, causal, window, center, gaussian);
   TORCH_CHECK(!values_are_keys || keys.sizes() == values.sizes(), op,
               ": values_are_keys needs keys and values of one shape, got keys ", keys.sizes(), " and values ",
               values.sizes());
