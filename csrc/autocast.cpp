@@ -1,11 +1,10 @@
 // The autocast kernels of the fastattn ops that compute (TORCH_LIBRARY_IMPL(fastattn,
 // AutocastCPU / AutocastCUDA, m)): attention_forward, lstm_cell_forward,
 // gru_cell_forward, lstm_layer_forward and gru_layer_forward.  Inside torch.autocast
-// each casts its floating-point tensors to one dtype and calls the op below autocast
+// each casts its floating-point tensors to the autocast dtype (float16 or bfloat16; the
+// CPU and CUDA kernels both run them natively) and calls the op below autocast
 // (autograd records the casts, so gradients reach the float32 parameters), as torch's
-// own autocast kernels do for matmul, SDPA and the RNN cells:
-//   CUDA: the autocast dtype (float16 or bfloat16): the CUDA kernels run it natively;
-//   CPU:  float32: the CPU kernels compute in float32 whatever they are given.
+// own autocast kernels do for matmul, SDPA and the RNNs on either device.
 // at::autocast::cached_cast casts each float32 parameter (a leaf that requires grad) once
 // per autocast region, as torch does, so a decoder's weights are not cast again every
 // step.  float64 tensors, integer lengths and bool masks pass unchanged.  The backward
@@ -39,8 +38,7 @@ class AutocastCall {
 
  private:
   c10::impl::ExcludeDispatchKeyGuard no_autocast_{at::autocast::get_autocast_dispatch_key_from_device_type(kDevice)};
-  at::ScalarType dtype_ =
-      kDevice == c10::DeviceType::CPU ? at::kFloat : at::autocast::get_autocast_dtype(kDevice);
+  at::ScalarType dtype_ = at::autocast::get_autocast_dtype(kDevice);
 };
 
 // Local-p window centers are positions, not activations: float32 (float64 passes, as

@@ -2,9 +2,9 @@
 functions take float16 / bfloat16 / float32 tensors mixed (a Linear's bfloat16 output
 next to float32 parameters and encoder states) on every backend, their outputs within
 twice the error of the reference run under the same autocast, and their gradients
-reaching the float32 parameters.  The ops' autocast kernels (csrc/autocast.cpp): on the
-CPU they compute in float32, on CUDA in the autocast dtype (seen on fake CUDA tensors
-here; the gpu test runs them)."""
+reaching the float32 parameters.  The ops' autocast kernels (csrc/autocast.cpp) compute
+in the autocast dtype on the CPU and on CUDA (seen on fake CUDA tensors here; the gpu
+test runs them)."""
 
 import copy
 
@@ -122,26 +122,31 @@ def test_gpu_cuda_kernels_under_autocast_run_in_its_dtype(kind, score, low):
 
 
 @needs_extension
-def test_the_ops_compute_in_float32_under_cpu_autocast():
-    """The CPU autocast kernels: float32 computation, whatever floating dtypes come in;
-    gradients flow back through the casts to the float32 parameter."""
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_the_ops_compute_in_the_autocast_dtype_under_cpu_autocast(low):
+    """The CPU autocast kernels, as torch's for SDPA and the RNNs: every floating input
+    cast to the autocast dtype, so the outputs are those of the op on inputs in that dtype
+    (the CPU kernels take it natively; it used to be float32); gradients flow back through
+    the casts to the float32 parameter."""
     generator = torch.Generator().manual_seed(8)
-    query = torch.randn(2, 3, 6, generator=generator).to(LOW)
+    other = torch.float16 if low == torch.bfloat16 else torch.bfloat16
+    query = torch.randn(2, 3, 6, generator=generator).to(other)
     keys = torch.randn(2, 5, 6, generator=generator, requires_grad=True)
-    values = torch.randn(2, 5, 4, generator=generator).to(torch.float16)
+    values = torch.randn(2, 5, 4, generator=generator)
     attention_arguments = ["dot", 0.5, torch.tensor([5, 2]), None, False, None, None, False, True]
-    with torch.autocast("cpu", dtype=LOW):
+    with torch.autocast("cpu", dtype=low):
         outputs = torch.ops.fastattn.attention_forward(query, keys, values, None, None, *attention_arguments)
-    expected = torch.ops.fastattn.attention_forward(query.float(), keys, values.float(), None, None, *attention_arguments)
+    expected = torch.ops.fastattn.attention_forward(query.to(low), keys.to(low), values.to(low), None, None,
+                                                    *attention_arguments)
+    assert [output.dtype for output in outputs] == [low, low, torch.float32]  # logsumexp: the accumulation dtype
     for got, want in zip(outputs, expected):
-        assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    outputs[0].sum().backward()
+    outputs[0].float().sum().backward()
     assert keys.grad.dtype == torch.float32 and keys.grad.abs().max() > 0
 
-    x, h, c = (torch.randn(3, 6, generator=generator).to(LOW) for _ in range(3))
+    x, h, c = (torch.randn(3, 6, generator=generator).to(other) for _ in range(3))
     w_ih, w_hh = torch.randn(24, 6, generator=generator), torch.randn(24, 6, generator=generator)
-    sequence, h0 = torch.randn(4, 3, 6, generator=generator).to(LOW), torch.randn(3, 6, generator=generator)
+    sequence, h0 = torch.randn(4, 3, 6, generator=generator).to(other), torch.randn(3, 6, generator=generator)
     calls = [
         (torch.ops.fastattn.lstm_cell_forward, (x, h, c, w_ih, w_hh, None, None)),
         (torch.ops.fastattn.gru_cell_forward, (x, h, w_ih[:18], w_hh[:18], None, None)),
@@ -149,11 +154,11 @@ def test_the_ops_compute_in_float32_under_cpu_autocast():
         (torch.ops.fastattn.gru_layer_forward, (sequence, h0, w_ih[:18], w_hh[:18], None, None, None, False)),
     ]
     for op, arguments in calls:
-        with torch.autocast("cpu", dtype=LOW):
+        with torch.autocast("cpu", dtype=low):
             outputs = op(*arguments)
-        in_float32 = [a.float() if isinstance(a, torch.Tensor) else a for a in arguments]
-        for got, want in zip(outputs, op(*in_float32)):
-            assert got.dtype == torch.float32
+        in_low = [a.to(low) if isinstance(a, torch.Tensor) else a for a in arguments]
+        for got, want in zip(outputs, op(*in_low)):
+            assert got.dtype == low, op
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
