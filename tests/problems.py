@@ -42,6 +42,11 @@ def key_dim_for(score: str, query_dim: int, other: int) -> int:
     return query_dim if score in ("dot", "scaled_dot", "cosine") else other
 
 
+def attention_shape_ids(shapes) -> list[str]:
+    """pytest ids of (N, T, S, D, Dv) attention shapes: "n3_t16_s17_d129_dv33"."""
+    return [f"n{n}_t{t}_s{s}_d{d}_dv{dv}" for n, t, s, d, dv in shapes]
+
+
 def cpu_backends() -> list[str]:
     """The backends that run CPU tensors in this build: the reference, and the C++
     kernels when fastattn._C is built."""

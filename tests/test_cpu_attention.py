@@ -15,6 +15,7 @@ from tests.problems import (
     PEAKED_SHAPES,
     SCORES,
     assert_peaked_float32_gradients_err_like_the_reference,
+    attention_shape_ids,
     key_dim_for,
     opcheck_backward_sample_positions_and_fast_tanh,
     score_parameters,
@@ -236,8 +237,7 @@ def test_float32_matrix_multiply_path_with_wide_deep_and_4_kib_rows_matches_the_
     check_float32_matrix_multiply_path(score)
 
 
-@pytest.mark.parametrize("shape", SMALL_MATRIX_SHAPES, ids=[f"n{n}_t{t}_s{s}_d{d}_dv{dv}" for n, t, s, d, dv in
-                                                            SMALL_MATRIX_SHAPES])
+@pytest.mark.parametrize("shape", SMALL_MATRIX_SHAPES, ids=attention_shape_ids(SMALL_MATRIX_SHAPES))
 @pytest.mark.parametrize("score", ["dot", "cosine"])
 def test_float32_matrix_multiply_path_at_small_and_odd_sizes_matches_the_reference(score, shape):
     check_float32_matrix_multiply_path_at_small_sizes(score, shape)

@@ -16,6 +16,7 @@ import torch
 import fastattn
 from fastattn import _extension, backends
 from tests.cpu_capability import run_with_cpu_capability
+from tests.problems import attention_shape_ids
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
@@ -138,12 +139,9 @@ def check_errors(shape, shared_keys, score="dot", case=None):
         assert error <= 2 * reference_error + floor, (name, error, reference_error)
 
 
-SHAPE_IDS = [f"n{n}_t{t}_s{s}_d{d}_dv{dv}" for n, t, s, d, dv in SHAPES]
+SHAPE_IDS, SMALL_SHAPE_IDS = attention_shape_ids(SHAPES), attention_shape_ids(SMALL_SHAPES)
 SHARING = pytest.mark.parametrize("shared_keys", [False, True], ids=["keys_per_batch", "keys_shared_by_the_batch"])
 SCORES = pytest.mark.parametrize("score", ["dot", "cosine"])
-
-
-SMALL_SHAPE_IDS = [f"n{n}_t{t}_s{s}_d{d}_dv{dv}" for n, t, s, d, dv in SMALL_SHAPES]
 
 
 @needs_bfloat16_gemms
@@ -184,7 +182,7 @@ def test_the_shapes_take_the_bfloat16_gemms(shape, shared_keys):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=[f"n{n}_t{t}_s{s}_d{d}_dv{dv}" for n, t, s, d, dv in DECODE_SHAPES])
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=attention_shape_ids(DECODE_SHAPES))
 def test_decode_steps_with_keys_shared_by_the_batch_take_one_gemm_over_the_batch(shape, dtype):
     """Decode steps (T = 1, 2), keys shared by the batch, bfloat16 where the CPU has
     AVX512-BF16: the matrix-multiply path (a softmax), its scores one GEMM of ours over the
