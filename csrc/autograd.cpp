@@ -71,6 +71,48 @@ bool any_requires_grad(const variable_list& inputs) {
 
 bool graph_wanted(const variable_list& inputs) { return at::GradMode::is_enabled() && any_requires_grad(inputs); }
 
+// Whether a forward needs its autograd Function: graph_wanted, or an input carries a
+// forward-mode tangent (which the Function refuses: it has no jvp; without it the tangent
+// would be dropped silently).
+bool autograd_needed(const variable_list& inputs) {
+  if (graph_wanted(inputs)) return true;
+  for (const Tensor& input : inputs) {
+    if (input.defined() && input._fw_grad(/*level=*/0).defined()) return true;
+  }
+  return false;
+}
+
+// The forward ops' handles, and a call of one below autograd: the CPU or CUDA kernel, or
+// the fake one under torch.compile.  Each wrapper at the bottom calls it directly unless
+// autograd_needed (so in inference, or when no input needs a gradient): torch::autograd::Function's
+// apply costs ~2.3 us a call even then, a third of a small decode step's attention op.
+const auto& attention_forward_op() {
+  static const auto op = fastattn_op<AttentionForward>("fastattn::attention_forward");
+  return op;
+}
+const auto& lstm_cell_forward_op() {
+  static const auto op = fastattn_op<LstmCellForward>("fastattn::lstm_cell_forward");
+  return op;
+}
+const auto& gru_cell_forward_op() {
+  static const auto op = fastattn_op<GruCellForward>("fastattn::gru_cell_forward");
+  return op;
+}
+const auto& lstm_layer_forward_op() {
+  static const auto op = fastattn_op<LstmLayerForward>("fastattn::lstm_layer_forward");
+  return op;
+}
+const auto& gru_layer_forward_op() {
+  static const auto op = fastattn_op<GruLayerForward>("fastattn::gru_layer_forward");
+  return op;
+}
+
+template <typename Signature, typename... Args>
+auto call_below_autograd(const c10::TypedOperatorHandle<Signature>& op, const Args&... args) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(args...);
+}
+
 // The gradients of `inputs` (the forward's arguments in order, undefined where an
 // argument is no tensor or needs no gradient) through fastattn::<reference_op> called
 // on `arguments` (the forward's first arguments, in its order), whose first outputs
@@ -115,10 +157,9 @@ struct Attention : public torch::autograd::Function<Attention> {
                                double scale, const optional<Tensor>& lengths,
                                const optional<Tensor>& key_padding_mask, bool causal, optional<int64_t> window,
                                const optional<Tensor>& center, bool gaussian, bool return_weights) {
-    static const auto op = fastattn_op<AttentionForward>("fastattn::attention_forward");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [context, weights, logsumexp] = op.call(query, keys, values, v, bias, score, scale, lengths,
-                                                 key_padding_mask, causal, window, center, gaussian, return_weights);
+    auto [context, weights, logsumexp] =
+        call_below_autograd(attention_forward_op(), query, keys, values, v, bias, c10::string_view(score), scale,
+                            lengths, key_padding_mask, causal, window, center, gaussian, return_weights);
     ctx->set_materialize_grads(false);
     const bool backward_runs =
         any_requires_grad({query, keys, values, or_undefined(v), or_undefined(bias), or_undefined(center)});
@@ -181,6 +222,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_autograd(
     const optional<Tensor>& bias, c10::string_view score, double scale, const optional<Tensor>& lengths,
     const optional<Tensor>& key_padding_mask, bool causal, optional<int64_t> window, const optional<Tensor>& center,
     bool gaussian, bool return_weights) {
+  if (!autograd_needed({query, keys, values, or_undefined(v), or_undefined(bias), or_undefined(center)})) {
+    return call_below_autograd(attention_forward_op(), query, keys, values, v, bias, score, scale, lengths,
+                               key_padding_mask, causal, window, center, gaussian, return_weights);
+  }
   const variable_list outputs = Attention::apply(query, keys, values, v, bias, std::string(score), scale, lengths,
                                                  key_padding_mask, causal, window, center, gaussian, return_weights);
   return {outputs[0], outputs[1], outputs[2]};
@@ -192,9 +237,7 @@ struct LstmCell : public torch::autograd::Function<LstmCell> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h, const Tensor& c,
                                const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
                                const optional<Tensor>& b_hh) {
-    static const auto op = fastattn_op<LstmCellForward>("fastattn::lstm_cell_forward");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [h_next, c_next, saved] = op.call(x, h, c, w_ih, w_hh, b_ih, b_hh);
+    auto [h_next, c_next, saved] = call_below_autograd(lstm_cell_forward_op(), x, h, c, w_ih, w_hh, b_ih, b_hh);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, h, c, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), c_next, saved});
     ctx->mark_non_differentiable({saved});
@@ -220,9 +263,7 @@ struct LstmCell : public torch::autograd::Function<LstmCell> {
 struct GruCell : public torch::autograd::Function<GruCell> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h, const Tensor& w_ih,
                                const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh) {
-    static const auto op = fastattn_op<GruCellForward>("fastattn::gru_cell_forward");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [h_next, saved] = op.call(x, h, w_ih, w_hh, b_ih, b_hh);
+    auto [h_next, saved] = call_below_autograd(gru_cell_forward_op(), x, h, w_ih, w_hh, b_ih, b_hh);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, h, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), saved});
     ctx->mark_non_differentiable({saved});
@@ -250,9 +291,8 @@ struct LstmLayer : public torch::autograd::Function<LstmLayer> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
                                const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
                                const optional<Tensor>& b_hh, const optional<Tensor>& lengths, bool reverse) {
-    static const auto op = fastattn_op<LstmLayerForward>("fastattn::lstm_layer_forward");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, h_n, c_n, saved] = op.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
+    auto [output, h_n, c_n, saved] =
+        call_below_autograd(lstm_layer_forward_op(), x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, h0, c0, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), or_undefined(lengths),
                             output, saved});
@@ -286,9 +326,8 @@ struct GruLayer : public torch::autograd::Function<GruLayer> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
                                const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
                                const optional<Tensor>& lengths, bool reverse) {
-    static const auto op = fastattn_op<GruLayerForward>("fastattn::gru_layer_forward");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, h_n, saved] = op.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
+    auto [output, h_n, saved] =
+        call_below_autograd(gru_layer_forward_op(), x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward(
         {x, h0, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh), or_undefined(lengths), output, saved});
@@ -323,6 +362,9 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_autograd(const Tensor& x, c
                                                               const Tensor& w_ih, const Tensor& w_hh,
                                                               const optional<Tensor>& b_ih,
                                                               const optional<Tensor>& b_hh) {
+  if (!autograd_needed({x, h, c, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh)})) {
+    return call_below_autograd(lstm_cell_forward_op(), x, h, c, w_ih, w_hh, b_ih, b_hh);
+  }
   const variable_list outputs = LstmCell::apply(x, h, c, w_ih, w_hh, b_ih, b_hh);
   return {outputs[0], outputs[1], outputs[2]};
 }
@@ -330,6 +372,9 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_autograd(const Tensor& x, c
 std::tuple<Tensor, Tensor> gru_cell_forward_autograd(const Tensor& x, const Tensor& h, const Tensor& w_ih,
                                                      const Tensor& w_hh, const optional<Tensor>& b_ih,
                                                      const optional<Tensor>& b_hh) {
+  if (!autograd_needed({x, h, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh)})) {
+    return call_below_autograd(gru_cell_forward_op(), x, h, w_ih, w_hh, b_ih, b_hh);
+  }
   const variable_list outputs = GruCell::apply(x, h, w_ih, w_hh, b_ih, b_hh);
   return {outputs[0], outputs[1]};
 }
@@ -337,6 +382,9 @@ std::tuple<Tensor, Tensor> gru_cell_forward_autograd(const Tensor& x, const Tens
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_autograd(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& lengths, bool reverse) {
+  if (!autograd_needed({x, h0, c0, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh)})) {
+    return call_below_autograd(lstm_layer_forward_op(), x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
+  }
   const variable_list outputs = LstmLayer::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
   return {outputs[0], outputs[1], outputs[2], outputs[3]};
 }
@@ -345,6 +393,9 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_autograd(const Tensor& x, c
                                                               const Tensor& w_hh, const optional<Tensor>& b_ih,
                                                               const optional<Tensor>& b_hh,
                                                               const optional<Tensor>& lengths, bool reverse) {
+  if (!autograd_needed({x, h0, w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh)})) {
+    return call_below_autograd(gru_layer_forward_op(), x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
+  }
   const variable_list outputs = GruLayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
   return {outputs[0], outputs[1], outputs[2]};
 }

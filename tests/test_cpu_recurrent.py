@@ -439,11 +439,13 @@ def test_gradients_through_one_output_only_match_the_reference(function_name):
                 torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_cells_with_few_rows_split_over_the_weight_rows_match_the_reference(batch):
+@pytest.mark.parametrize("batch, hidden", [(1, 40), (1, 150), (3, 40)])
+def test_cells_with_few_rows_split_over_the_weight_rows_match_the_reference(batch, hidden):
     """With a few rows the cells' projections are split over the rows of the weights, one
-    GEMV per thread (160 gate rows: several tasks on 2 threads), in grad mode and without."""
-    hidden, previous_threads = 40, torch.get_num_threads()
+    GEMV per thread (160 gate rows: several tasks on 2 threads), in grad mode and without;
+    one row of a small weight (at most 2^16 elements: w_hh at hidden 40) runs one GEMV
+    unsplit, and of a larger one (hidden 150: 600 x 150 and 450 x 150) split."""
+    previous_threads = torch.get_num_threads()
     x, h, c = leaves((batch, INPUT), (batch, hidden), (batch, hidden))
     torch.set_num_threads(2)
     try:

@@ -72,6 +72,42 @@ def test_forward_mode_tangents_are_the_kernels_derivatives():
         torch.testing.assert_close((jvp_tangent * weighting).sum(), (tangent * vjp).sum())
 
 
+def _kernel_op_calls():
+    """(name, function of a tensor put first, that tensor) for each differentiable kernel op."""
+    x, h, c = _randn(2, 4, seed=12), _randn(2, 3, seed=13), _randn(2, 3, seed=14)
+    sequence, lstm_weights, gru_weights = _randn(5, 2, 4, seed=15), _randn(12, 4, seed=16), _randn(9, 4, seed=17)
+    lstm_hidden, gru_hidden = _randn(12, 3, seed=18), _randn(9, 3, seed=19)
+    ops = torch.ops.fastattn
+    return [
+        ("attention_forward", lambda q: ops.attention_forward(q, KEYS, KEYS, None, None, "dot", 1.0, LENGTHS, None,
+                                                              False, None, None, False, False), QUERY),
+        ("lstm_cell_forward", lambda t: ops.lstm_cell_forward(t, h, c, lstm_weights, lstm_hidden, None, None), x),
+        ("gru_cell_forward", lambda t: ops.gru_cell_forward(t, h, gru_weights, gru_hidden, None, None), x),
+        ("lstm_layer_forward", lambda t: ops.lstm_layer_forward(t, h, c, lstm_weights, lstm_hidden, None, None,
+                                                                None, False), sequence),
+        ("gru_layer_forward", lambda t: ops.gru_layer_forward(t, h, gru_weights, gru_hidden, None, None, None, False),
+         sequence),
+    ]
+
+
+KERNEL_OP_CALLS = _kernel_op_calls()
+
+
+@pytest.mark.skipif(backends.unavailable_reason("cpu") is not None, reason="needs the cpu backend")
+@pytest.mark.parametrize("name, call, point", KERNEL_OP_CALLS, ids=[name for name, _, _ in KERNEL_OP_CALLS])
+def test_the_kernel_ops_refuse_a_forward_mode_tangent_rather_than_drop_it(name, call, point):
+    """Called directly, with no input needing a gradient, a kernel op skips its autograd
+    Function (csrc/autograd.cpp); an input with a tangent must still reach the Function,
+    which refuses it (no jvp), rather than return outputs without their tangent."""
+    plain = call(point)
+    assert all(output.grad_fn is None for output in plain)
+    with forward_ad.dual_level():
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            call(forward_ad.make_dual(point, torch.ones_like(point)))
+    leaf = point.detach().requires_grad_()
+    assert call(leaf)[0].grad_fn is not None, name
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_vmap_of_attention_and_sdpa_equals_the_loop(backend):
     queries = torch.stack([QUERY, QUERY.flip(1), QUERY * 2])

@@ -128,10 +128,14 @@ inline void matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b
 // out (M, N) = a (M, K) @ w (N, K)^T.  For a few rows (a decoder step at batch 1) BLAS
 // runs one single-threaded GEMV; the rows of w are then split over ATen's threads, one
 // GEMV each (measured here at M=1, K=512, N=1024: 43 us for at::mm, 23 us split over 2
-// threads).  Otherwise one at::mm_out.
+// threads).  Otherwise one at::mm_out, and for one row of a small w too: at M=1 and
+// N K <= 2^16 waking the second thread cost more than it saved (an LSTM cell step at B=1,
+// H=32: 10.9 us split, 8.5 us not; H=128: 24.3 against 19.5; H=160 won split, 25 against
+// 30), where at M=2..4 the split won from H=32 on (B=4, H=64: 18.4 against 24 us).
 inline void matmul_transposed_into(at::Tensor out, const at::Tensor& a, const at::Tensor& w) {
-  constexpr int64_t kFewRows = 4, kWeightRowsPerTask = 64;
-  if (a.size(0) > kFewRows || at::get_num_threads() == 1 || at::in_parallel_region()) {
+  constexpr int64_t kFewRows = 4, kWeightRowsPerTask = 64, kSmallGemv = int64_t{1} << 16;
+  if (a.size(0) > kFewRows || at::get_num_threads() == 1 || at::in_parallel_region() ||
+      (a.size(0) == 1 && w.size(0) * w.size(1) <= kSmallGemv)) {
     at::mm_out(out, a, w.t());
     return;
   }
