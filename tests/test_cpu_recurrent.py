@@ -443,7 +443,7 @@ def test_gradients_through_one_output_only_match_the_reference(function_name):
 def test_cells_with_few_rows_split_over_the_weight_rows_match_the_reference(batch, hidden):
     """With a few rows the cells' projections are split over the rows of the weights, one
     GEMV per thread (160 gate rows: several tasks on 2 threads), in grad mode and without;
-    one row of a small weight (at most 2^16 elements: w_hh at hidden 40) runs one GEMV
+    one row of a small weight (at most 2^15 elements: w_hh at hidden 40) runs one GEMV
     unsplit, and of a larger one (hidden 150: 600 x 150 and 450 x 150) split."""
     previous_threads = torch.get_num_threads()
     x, h, c = leaves((batch, INPUT), (batch, hidden), (batch, hidden))

@@ -129,11 +129,12 @@ inline void matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b
 // runs one single-threaded GEMV; the rows of w are then split over ATen's threads, one
 // GEMV each (measured here at M=1, K=512, N=1024: 43 us for at::mm, 23 us split over 2
 // threads).  Otherwise one at::mm_out, and for one row of a small w too: at M=1 and
-// N K <= 2^16 waking the second thread cost more than it saved (an LSTM cell step at B=1,
-// H=32: 10.9 us split, 8.5 us not; H=128: 24.3 against 19.5; H=160 won split, 25 against
-// 30), where at M=2..4 the split won from H=32 on (B=4, H=64: 18.4 against 24 us).
+// N K <= 2^15 waking the second thread cost more than it saved.  fastattn.nn.LSTMCell steps
+// at B=1 called in a loop: H=32 (N K = 4096) 30.5-38.8 us split, 26 not; H=64 33 against
+// 28.5; H=96 even; H=128 39.5 against 43.5 (a tight loop of the bare op, where the worker
+// thread never sleeps, had favoured one GEMV up to H=128: 24.3 us split, 19.5 not).
 inline void matmul_transposed_into(at::Tensor out, const at::Tensor& a, const at::Tensor& w) {
-  constexpr int64_t kFewRows = 4, kWeightRowsPerTask = 64, kSmallGemv = int64_t{1} << 16;
+  constexpr int64_t kFewRows = 4, kWeightRowsPerTask = 64, kSmallGemv = int64_t{1} << 15;
   if (a.size(0) > kFewRows || at::get_num_threads() == 1 || at::in_parallel_region() ||
       (a.size(0) == 1 && w.size(0) * w.size(1) <= kSmallGemv)) {
     at::mm_out(out, a, w.t());
