@@ -86,26 +86,21 @@ bool autograd_needed(const variable_list& inputs) {
 // the fake one under torch.compile.  Each wrapper at the bottom calls it directly unless
 // autograd_needed (so in inference, or when no input needs a gradient): torch::autograd::Function's
 // apply costs ~2.3 us a call even then, a third of a small decode step's attention op.
-const auto& attention_forward_op() {
-  static const auto op = fastattn_op<AttentionForward>("fastattn::attention_forward");
+template <typename Signature, const char* kName>
+const c10::TypedOperatorHandle<Signature>& op_handle() {
+  static const auto op = fastattn_op<Signature>(kName);
   return op;
 }
-const auto& lstm_cell_forward_op() {
-  static const auto op = fastattn_op<LstmCellForward>("fastattn::lstm_cell_forward");
-  return op;
-}
-const auto& gru_cell_forward_op() {
-  static const auto op = fastattn_op<GruCellForward>("fastattn::gru_cell_forward");
-  return op;
-}
-const auto& lstm_layer_forward_op() {
-  static const auto op = fastattn_op<LstmLayerForward>("fastattn::lstm_layer_forward");
-  return op;
-}
-const auto& gru_layer_forward_op() {
-  static const auto op = fastattn_op<GruLayerForward>("fastattn::gru_layer_forward");
-  return op;
-}
+constexpr char kAttentionForward[] = "fastattn::attention_forward";
+constexpr char kLstmCellForward[] = "fastattn::lstm_cell_forward";
+constexpr char kGruCellForward[] = "fastattn::gru_cell_forward";
+constexpr char kLstmLayerForward[] = "fastattn::lstm_layer_forward";
+constexpr char kGruLayerForward[] = "fastattn::gru_layer_forward";
+const auto& attention_forward_op() { return op_handle<AttentionForward, kAttentionForward>(); }
+const auto& lstm_cell_forward_op() { return op_handle<LstmCellForward, kLstmCellForward>(); }
+const auto& gru_cell_forward_op() { return op_handle<GruCellForward, kGruCellForward>(); }
+const auto& lstm_layer_forward_op() { return op_handle<LstmLayerForward, kLstmLayerForward>(); }
+const auto& gru_layer_forward_op() { return op_handle<GruLayerForward, kGruLayerForward>(); }
 
 template <typename Signature, typename... Args>
 auto call_below_autograd(const c10::TypedOperatorHandle<Signature>& op, const Args&... args) {
