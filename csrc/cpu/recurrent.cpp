@@ -1067,6 +1067,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     at::Tensor rounded_states;  // h in bfloat16, double-buffered
     std::vector<uint16_t> packed_w_hh;
     uint16_t* rounded_data = nullptr;
+    bool bfloat16_steps = false;  // whether they run (rounded_data is null for an empty batch)
 #ifdef FASTATTN_AVX512_BF16_CLONES
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (bfloat16_gemms) {
@@ -1077,10 +1078,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
         rounded_states[0].copy_(h0);
         rounded_data = reinterpret_cast<uint16_t*>(rounded_states.mutable_data_ptr<at::BFloat16>());
         units = &forward_units_bfloat16<Cell>;
+        bfloat16_steps = true;
       }
     }
 #endif
-    if (rounded_data == nullptr) {
+    if (!bfloat16_steps) {
       w_hh_t = as_tile_operand(operand(w_hh).t());
       step.w_hh_t = w_hh_t.const_data_ptr<scalar_t>();
       step.w_hh_t_stride = w_hh_t.stride(0);
@@ -1089,7 +1091,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
       step.t = time_of_step(s, T, reverse);
       step.h_prev = state_data + (s % 2) * B * H;
       step.h_next = state_data + ((s + 1) % 2) * B * H;
-      if (rounded_data != nullptr) {
+      if (bfloat16_steps) {
         step.h_prev_bfloat16 = rounded_data + (s % 2) * B * H;
         step.h_next_bfloat16 = rounded_data + ((s + 1) % 2) * B * H;
       }
