@@ -320,8 +320,6 @@ CASES = [
     hard_case("scale-nan", ValueError, "scale", scale=float("nan")),
     # --------------------------------------------- scaled_dot_product_attention
     sdpa_case("query-list", TypeError, "query", [[0.0]]),
-    sdpa_case("query-no-positions", ValueError, "query", _randn(2, 0, 4)),
-    sdpa_case("key-no-positions", ValueError, "key", QUERY, _randn(2, 0, 4), _randn(2, 0, 6)),
     sdpa_case("query-no-features", ValueError, "query", _randn(2, 3, 0), _randn(2, 5, 0)),
     sdpa_case("value-no-features", ValueError, "value", QUERY, KEYS, _randn(2, 5, 0)),
     sdpa_case("query-int", TypeError, "query", QUERY.long()),

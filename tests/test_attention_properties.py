@@ -575,6 +575,30 @@ def test_sdpa_broadcasts_and_groups_query_heads_as_torch(backend_name, shapes, o
 
 
 @backends
+@pytest.mark.parametrize("query_length, source_length", [(3, 0), (0, 5), (0, 0)], ids=["no_keys", "no_queries", "neither"])
+@pytest.mark.parametrize("options", [{}, {"is_causal": True}, {"attn_mask": "bool"}, {"attn_mask": "float"}],
+                         ids=["plain", "causal", "bool_mask", "float_mask"])
+def test_sdpa_with_no_queries_or_no_keys_gives_what_torch_gives(backend_name, query_length, source_length, options):
+    """An empty L gives an empty output and S = 0 zeros, with torch's gradients: fastattn
+    refused both with a ValueError (found by a fuzz against torch)."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = ((2, 3, query_length, 4), (2, 3, source_length, 4), (2, 3, source_length, 6))
+    tensors = [torch.randn(*shape, dtype=DTYPE, generator=generator) for shape in shapes]
+    mask = options.get("attn_mask")
+    if mask is not None:
+        scores = torch.randn(query_length, source_length, dtype=DTYPE, generator=generator)
+        options = {"attn_mask": scores > 0 if mask == "bool" else scores}
+    ours, theirs = ([t.clone().requires_grad_() for t in tensors] for _ in range(2))
+    with fastattn.backend(backend_name):
+        got = fastattn.scaled_dot_product_attention(*ours, **options)
+    expected = F.scaled_dot_product_attention(*theirs, **options)
+    assert got.shape == expected.shape == (2, 3, query_length, 6)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for mine, reference in zip(torch.autograd.grad(got.sum(), ours), torch.autograd.grad(expected.sum(), theirs)):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=0)
+
+
+@backends
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_sdpa_adds_a_float32_mask_at_its_precision_next_to_a_16_bit_query(backend_name, dtype):
     """torch adds a float32 attn_mask to 16-bit scores in float32.  fastattn cast it to

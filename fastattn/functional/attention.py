@@ -187,8 +187,8 @@ def scaled_dot_product_attention(
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Same arguments and results, except that a query row that may attend to no key
-    returns zeros instead of NaN, and that empty lengths or feature dimensions are
-    refused (ValueError) rather than computed.  query (..., L, E), key (..., S, E),
+    returns zeros instead of NaN, and that empty feature dimensions are refused
+    (ValueError) rather than computed.  No keys (S = 0) gives zeros, as torch does.  query (..., L, E), key (..., S, E),
     value (..., S, Ev) with leading dimensions that broadcast together; attn_mask
     broadcastable to (..., L, S), bool (True = may attend) or float (float32 or the
     query's dtype, added to the scores at its own precision, as torch does).
@@ -205,8 +205,6 @@ def scaled_dot_product_attention(
         key, value = (_repeated_heads(name, tensor, query) for name, tensor in (("key", key), ("value", value)))
     query, key, value = _broadcast_leading_dimensions(query, key, value)
     for name, tensor in (("query", query), ("key", key), ("value", value)):
-        if tensor.shape[-2] == 0:
-            raise ValueError(f"{name} must have at least one position (length >= 1), got {checks.describe(tensor)}")
         check_features(name, tensor)
     if key.shape[-1] != query.shape[-1] or value.shape[-2] != key.shape[-2]:
         raise ValueError(

@@ -139,8 +139,9 @@ def hard_attention(
 
 def scaled_dot_product_attention(query, key, value, *, attn_mask, dropout_p, is_causal, scale, fused=_fused):
     """The sdpa drop-in: the fused kernel without a mask or with is_causal; an explicit
-    attn_mask (any (L, S) pattern or additive bias) or dropout runs the reference."""
-    if attn_mask is not None or dropout_p > 0:
+    attn_mask (any (L, S) pattern or additive bias), dropout or an empty L or S (no
+    kernel work: empty, or zeros as torch gives) runs the reference."""
+    if attn_mask is not None or dropout_p > 0 or query.shape[-2] == 0 or key.shape[-2] == 0:
         return reference.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
         )
