@@ -82,21 +82,6 @@ inline int64_t tile_row_stride(int64_t columns) {
   return columns + (aliasing ? kPadBytes / static_cast<int64_t>(sizeof(float)) : 0);
 }
 
-// b (K, N) as the B operand of tile_matmul: unit column stride and, in float32, rows not a
-// multiple of 4 KiB apart (a copy with each row padded by 64 bytes where they would be).
-// The float tile reads B down K a row at a time, and rows 4 KiB apart share the L1 cache's
-// sets: measured on this project's 2-core AMD EPYC (Zen 4) at M=32, N=128, K=256, 78-81
-// GFLOP/s per core with B's rows 4096 or 8192 bytes apart (an LSTM's w_hh^T at H=256 or
-// 512, its w_ih^T likewise), 111-113 GFLOP/s 4160 bytes apart and at every other stride
-// tried (512 to 6144 bytes).  Other dtypes: b.contiguous().
-inline at::Tensor as_tile_operand(const at::Tensor& b) {
-  if (b.scalar_type() != at::kFloat) return b.contiguous();
-  const int64_t rows = b.size(0), columns = b.size(1);
-  const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) * b.stride(0);
-  if (b.stride(1) == 1 && b.stride(0) >= columns && row_bytes % kAliasingBytes != 0) return b;
-  return at::empty({rows, tile_row_stride(columns)}, b.options()).narrow(1, 0, columns).copy_(b);
-}
-
 // out (M, N) = a (M, K) @ b (K, N), a and b with unit column stride, out any row stride:
 // float32 as brgemm tiles of 32 x 256 over ATen's threads (measured here: 190-210
 // GFLOP/s on 2 threads at the LSTM layer's shapes, against 150-175 for at::mm).
@@ -210,6 +195,32 @@ inline void transpose_into(float* dst, int64_t ld, const float* src, int64_t src
   }
 #endif
   transpose_scalar(dst, ld, src, src_stride, rows, columns, 0);
+}
+
+// b (K, N) as the B operand of tile_matmul: unit column stride and, in float32, rows not a
+// multiple of 4 KiB apart (a copy with each row padded by 64 bytes where they would be).
+// The float tile reads B down K a row at a time, and rows 4 KiB apart share the L1 cache's
+// sets: measured on this project's 2-core AMD EPYC (Zen 4) at M=32, N=128, K=256, 78-81
+// GFLOP/s per core with B's rows 4096 or 8192 bytes apart (an LSTM's w_hh^T at H=256 or
+// 512, its w_ih^T likewise), 111-113 GFLOP/s 4160 bytes apart and at every other stride
+// tried (512 to 6144 bytes).  A column-major b (a transposed view: an LSTM's w^T) is copied
+// by transpose_into over ATen's threads: at::Tensor::copy_ took 272 us for a w_hh^T of
+// 256 x 1024 on one core, a cost every layer call paid twice.  Other dtypes: b.contiguous().
+inline at::Tensor as_tile_operand(const at::Tensor& b) {
+  if (b.scalar_type() != at::kFloat) return b.contiguous();
+  const int64_t rows = b.size(0), columns = b.size(1);
+  const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) * b.stride(0);
+  if (b.stride(1) == 1 && b.stride(0) >= columns && row_bytes % kAliasingBytes != 0) return b;
+  at::Tensor copy = at::empty({rows, tile_row_stride(columns)}, b.options());
+  if (b.stride(0) != 1 || b.stride(1) < rows || rows <= 1) return copy.narrow(1, 0, columns).copy_(b);
+  constexpr int64_t kRowsPerTask = 64;
+  const float* source = b.const_data_ptr<float>();
+  float* destination = copy.mutable_data_ptr<float>();
+  const int64_t ld = copy.stride(0), source_stride = b.stride(1);
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    transpose_into(destination + begin * ld, ld, source + begin, source_stride, end - begin, columns);
+  });
+  return copy.narrow(1, 0, columns);
 }
 
 // The layout of the matrices of a batched operand t (batch, rows, columns).
