@@ -217,12 +217,14 @@ FASTATTN_TARGET_AVX512_BF16 inline void weighted_rows(const uint16_t* rows, int6
 // columns of a wider buffer: a layer's input projection writes into the gate columns of
 // its saved rows).  Only where bfloat16_matmul_nt_available().
 inline void bfloat16_matmul_nt_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+  // (an empty operand's strides are arbitrary: a layer's input of batch 0 after another layer)
   TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && a.dim() == 3 && b.dim() == 3 &&
-                  a.size(0) == b.size(0) && a.size(2) == b.size(2) && a.stride(2) == 1 && b.stride(2) == 1,
+                  a.size(0) == b.size(0) && a.size(2) == b.size(2) && (a.stride(2) == 1 || a.numel() == 0) &&
+                  (b.stride(2) == 1 || b.numel() == 0),
               "bfloat16_matmul_nt: needs bfloat16 (n, M, K) and (n, N, K) with unit stride along K, got ",
               a.scalar_type(), " ", a.sizes(), " and ", b.scalar_type(), " ", b.sizes());
   TORCH_CHECK(c.scalar_type() == at::kFloat && c.dim() == 3 && c.size(0) == a.size(0) && c.size(1) == a.size(1) &&
-                  c.size(2) == b.size(1) && (c.stride(2) == 1 || c.size(2) <= 1),
+                  c.size(2) == b.size(1) && (c.stride(2) == 1 || c.size(2) <= 1 || c.numel() == 0),
               "bfloat16_matmul_nt: needs a float32 (n, M, N) output with unit stride along N, got ", c.scalar_type(),
               " ", c.sizes(), " strides ", c.strides());
   TORCH_CHECK(bfloat16_matmul_nt_available(), "bfloat16_matmul_nt: this CPU has no AVX512-BF16");

@@ -918,6 +918,10 @@ inline void backward_units(const BackwardStep<scalar_t>& step, int64_t j0, int64
 // gate maths vectorise 8 lanes wide there); picked at run time (csrc/cpu/isa.h).
 #ifdef FASTATTN_AVX2_CLONES
 template <typename Cell>
+FASTATTN_TARGET_AVX2 void forward_update_avx2(const ForwardStep<float>& step, int64_t j0, int64_t count) {
+  forward_update<Cell, float>(step, j0, count);
+}
+template <typename Cell>
 FASTATTN_TARGET_AVX2 void forward_units_avx2(const ForwardStep<float>& step, int64_t j0,
                                              int64_t count) {
   forward_units<Cell, float>(step, j0, count);
@@ -1037,9 +1041,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   // The input projection of every step at once, (T*B, I) @ w_ih^T, into the gate
   // columns of saved (b_ih is added in the fused loop).
   at::Tensor projection = saved.view({T * B, saved_width}).narrow(1, 0, G);
+  // A few steps (T <= kFewSteps) multiply by the weights as they are (matmul_transposed_into,
+  // a GEMM per step) rather than copy w_ih^T and w_hh^T for the tiles first, a copy the
+  // steps would not win back (fastattn.nn.GRU at H=256, B=1: 73-92 against 329 us at T=1,
+  // 123-126 against 356-363 at T=4; at B=32 276 against 499-533 and 812-872 against
+  // 1093-1121; at T=8 the two were even, at T=16 and more the tiles won).
+  constexpr int64_t kFewSteps = 4;
+  const bool few_steps = T <= kFewSteps;
   if (bfloat16_gemms) {
     at::Tensor projection_batch = projection.unsqueeze(0);
     bfloat16_matmul_nt_out(projection_batch, x.view({1, T * B, I}), w_ih.contiguous().unsqueeze(0));
+  } else if (few_steps) {
+    matmul_transposed_into(projection, x.view({T * B, I}), operand(w_ih));
   } else {
     matmul_into(projection, x.view({T * B, I}), as_tile_operand(operand(w_ih).t()));
   }
@@ -1082,7 +1095,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
       }
     }
 #endif
-    if (!bfloat16_steps) {
+    const at::Tensor w_hh_rows = few_steps && !bfloat16_steps ? operand(w_hh) : at::Tensor();
+    if (w_hh_rows.defined()) {
+      units = FASTATTN_STEP_KERNEL(forward_update);
+    } else if (!bfloat16_steps) {
       w_hh_t = as_tile_operand(operand(w_hh).t());
       step.w_hh_t = w_hh_t.const_data_ptr<scalar_t>();
       step.w_hh_t_stride = w_hh_t.stride(0);
@@ -1095,6 +1111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
         step.h_prev_bfloat16 = rounded_data + (s % 2) * B * H;
         step.h_next_bfloat16 = rounded_data + ((s + 1) % 2) * B * H;
       }
+      if (w_hh_rows.defined()) matmul_transposed_into(hidden_gates, states[s % 2], w_hh_rows);
       run_step(step, units);
     }
   });
