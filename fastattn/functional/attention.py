@@ -254,8 +254,7 @@ def _repeated_heads(name: str, tensor: torch.Tensor, query: torch.Tensor) -> tor
 
 def _broadcast_leading_dimensions(query, key, value):
     """query, key and value expanded to the broadcast of their leading dimensions (as torch does)."""
-    lead = query.shape[:-2]
-    if key.shape[:-2] == lead and value.shape[:-2] == lead:  # the common case: torch.broadcast_shapes costs ~12 us
+    if key.shape[:-2] == query.shape[:-2] == value.shape[:-2]:  # the common case: torch.broadcast_shapes costs ~12 us
         return query, key, value
     try:
         lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
