@@ -6,7 +6,9 @@
 // ONE GEMM (ATen) before the time loop; each step then multiplies h by w_hh and runs the
 // fused loop in one parallel region split by hidden units: every thread multiplies the
 // state by the gate columns of its units (a GEMM tile, csrc/cpu/tile_gemm.h) and applies
-// the gate maths to them.  Backward (BPTT) collects the gate gradients of all steps in a
+// the gate maths to them.  A layer of at most kFewSteps steps takes instead one ATen GEMM
+// a step on w_hh as given (the tiles read a transposed copy, which few steps do not win
+// back), then the gate maths split the same way.  Backward (BPTT) collects the gate gradients of all steps in a
 // (T, B, G) buffer and then gets grad_x, grad_w_ih and grad_w_hh as one ATen GEMM each;
 // only grad_gates @ w_hh stays per step, split the same way.  The LSTM and GRU layers
 // share one forward and one backward driver (layer_forward, layer_backward),

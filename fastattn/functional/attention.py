@@ -188,7 +188,8 @@ def scaled_dot_product_attention(
 
     Same arguments and results, except that a query row that may attend to no key
     returns zeros instead of NaN, and that empty feature dimensions are refused
-    (ValueError) rather than computed.  No keys (S = 0) gives zeros, as torch does.  query (..., L, E), key (..., S, E),
+    (ValueError) rather than computed; no queries (L = 0) give an empty result and no
+    keys (S = 0) zeros, as torch's do.  query (..., L, E), key (..., S, E),
     value (..., S, Ev) with leading dimensions that broadcast together; attn_mask
     broadcastable to (..., L, S), bool (True = may attend) or float (float32 or the
     query's dtype, added to the scores at its own precision, as torch does).
