@@ -37,11 +37,12 @@ void check_step_attention(c10::string_view score, double scale, const std::optio
                     "attention_decoder_step: scale must be 1 with score \"additive\" (v . tanh(q + k + bias) has "
                     "none), got ", scale);
   const bool any = window.has_value() || position_weight.has_value() || position_v.has_value();
-  TORCH_CHECK(!any || (window.has_value() && position_weight.has_value() && position_v.has_value()),
-              "attention_decoder_step: local-p attention needs window, position_weight and position_v together "
-              "(a single step carries no position t for a local-m window: mask the keys instead)");
-  TORCH_CHECK(!window.has_value() || *window >= 1,
-              "attention_decoder_step: window must be >= 1 (the Gaussian's sigma is window / 2), got ", window.value_or(0));
+  TORCH_CHECK_VALUE(!any || (window.has_value() && position_weight.has_value() && position_v.has_value()),
+                    "attention_decoder_step: local-p attention needs window, position_weight and position_v together "
+                    "(a single step carries no position t for a local-m window: mask the keys instead)");
+  TORCH_CHECK_VALUE(!window.has_value() || *window >= 1,
+                    "attention_decoder_step: window must be >= 1 (the Gaussian's sigma is window / 2), got ",
+                    window.value_or(0));
 }
 
 namespace {

@@ -713,7 +713,7 @@ def test_arguments_are_checked_before_an_expanded_query_is_copied():
     the op copied the query first and failed on the allocation (or filled the memory)."""
     query = torch.zeros(1, 1, 4).expand(1, 2**34, 4)
     keys = torch.zeros(1, 3, 4)
-    with pytest.raises(RuntimeError, match=r"lengths must be \(N=1,\)"):
+    with pytest.raises(ValueError, match=r"lengths must be \(N=1,\)"):
         torch.ops.fastattn.attention_forward(query, keys, keys, None, None, "dot", 1.0, torch.tensor([3, 3]), None,
                                              False, None, None, False, False)
 

@@ -179,7 +179,7 @@ def test_opcheck_attention_decoder_step(cell, input_feeding, local_p, masks):
 ])
 def test_the_local_p_arguments_are_checked(op, local, message):
     arguments = [a.detach() if isinstance(a, torch.Tensor) else a for a in op_arguments("lstm", True, {})]
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=message):
         getattr(torch.ops.fastattn, op)(*arguments, *local)
 
 

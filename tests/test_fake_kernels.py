@@ -1,7 +1,7 @@
 """The fake (meta) kernels of the C++ ops check what the kernels check: a direct
 ``torch.ops.fastattn.*`` call with a bad shape or dtype raises on meta tensors and under
-FakeTensorMode (torch.compile, export) as it does on real CPU tensors, a RuntimeError
-naming the op and the argument.  They had returned outputs of made-up shapes, so a
+FakeTensorMode (torch.compile, export) as it does on real CPU tensors, with the same
+error (a TypeError for a dtype, a ValueError otherwise) naming the op and the argument.  They had returned outputs of made-up shapes, so a
 compiled graph traced a call that fails at run time."""
 
 import re
@@ -98,22 +98,24 @@ def _decoder_step(**changes):
     return arguments | changes
 
 
-def _case(op, name, make, message_op=None):
+def _case(op, name, make, message_op=None, error=ValueError):
     """A call of ``op`` on ``make()``'s arguments (made in the test, where the ops exist)
-    whose argument ``name`` is bad, named in a message of ``message_op`` (default: op)."""
-    return pytest.param(op, message_op or op, name, make, id=f"{op}-{name}")
+    whose argument ``name`` is bad, named in a message of ``message_op`` (default: op), an
+    ``error``: a TypeError for a dtype, a ValueError otherwise (API.md, section 6)."""
+    return pytest.param(op, message_op or op, name, make, error, id=f"{op}-{name}")
 
 
 CASES = [
     _case("attention_forward", "query", lambda: _attention(query=_randn(BATCH, FEATURES))),
     _case("attention_forward", "keys", lambda: _attention(keys=_randn(3, SOURCE, FEATURES))),
     _case("attention_forward", "keys", lambda: _attention(keys=_randn(BATCH, SOURCE, FEATURES + 1))),
-    _case("attention_forward", "keys", lambda: _attention(keys=_randn(BATCH, SOURCE, FEATURES, dtype=torch.float32))),
+    _case("attention_forward", "keys", lambda: _attention(keys=_randn(BATCH, SOURCE, FEATURES, dtype=torch.float32)),
+          error=TypeError),
     _case("attention_forward", "values", lambda: _attention(values=_randn(BATCH, SOURCE - 1, VALUE_FEATURES))),
     _case("attention_forward", "v", lambda: _attention("additive", v=_randn(FEATURES + 1))),
     _case("attention_forward", "bias", lambda: _attention("additive", bias=_randn(1, FEATURES))),
     _case("attention_forward", "lengths", lambda: _attention(lengths=torch.tensor([5, 2, 1]))),
-    _case("attention_forward", "lengths", lambda: _attention(lengths=torch.tensor([5.0, 2.0]))),
+    _case("attention_forward", "lengths", lambda: _attention(lengths=torch.tensor([5.0, 2.0])), error=TypeError),
     _case("attention_forward", "key_padding_mask",
           lambda: _attention(key_padding_mask=torch.zeros(BATCH, SOURCE + 1, dtype=torch.bool))),
     _case("attention_forward", "center", lambda: _attention(window=1, center=_randn(BATCH, QUERIES + 1))),
@@ -122,15 +124,17 @@ CASES = [
     _case("attention_backward", "grad_weights",
           lambda: _attention_backward(grad_weights=_randn(BATCH, QUERIES, SOURCE - 1))),
     # float32: a float64 query's logsumexp is float64 (the accumulation dtype)
-    _case("attention_backward", "logsumexp", lambda: _attention_backward(logsumexp=torch.zeros(BATCH, QUERIES))),
+    _case("attention_backward", "logsumexp", lambda: _attention_backward(logsumexp=torch.zeros(BATCH, QUERIES)),
+          error=TypeError),
     _case("attention_backward", "keys", lambda: _attention_backward(keys=_randn(1, SOURCE, FEATURES + 1))),
     # keys shared by the batch, (1, S, D), are not values (N, S, D)
     _case("attention_backward", "values_are_keys",
           lambda: _attention_backward(values_are_keys=True, keys=_randn(1, SOURCE, FEATURES))),
     _case("sample_positions", "weights", lambda: dict(weights=_randn(QUERIES, SOURCE), sample=False, generator=None)),
-    _case("fast_tanh", "x", lambda: dict(x=_randn(QUERIES))),
+    _case("fast_tanh", "x", lambda: dict(x=_randn(QUERIES)), error=TypeError),
     _case("lstm_cell_forward", "h", lambda: _cell("lstm", h=_randn(BATCH + 1, HIDDEN))),
-    _case("lstm_cell_forward", "c", lambda: _cell("lstm", c=_randn(BATCH, HIDDEN, dtype=torch.float32))),
+    _case("lstm_cell_forward", "c", lambda: _cell("lstm", c=_randn(BATCH, HIDDEN, dtype=torch.float32)),
+          error=TypeError),
     _case("lstm_cell_forward", "w_ih", lambda: _cell("lstm", w_ih=_randn(4 * HIDDEN, INPUT + 1))),
     _case("lstm_cell_forward", "w_hh", lambda: _cell("lstm", w_hh=_randn(4 * HIDDEN, HIDDEN + 1))),
     _case("lstm_cell_forward", "b_hh", lambda: _cell("lstm", b_hh=_randn(4 * HIDDEN + 1))),
@@ -147,7 +151,8 @@ CASES = [
     _case("lstm_layer_backward", "saved", lambda: _layer("lstm", True, saved=_randn(STEPS, BATCH, 4 * HIDDEN))),
     _case("lstm_layer_backward", "output", lambda: _layer("lstm", True, output=_randn(STEPS + 1, BATCH, HIDDEN))),
     _case("gru_layer_forward", "w_hh", lambda: _layer("gru", w_hh=_randn(3 * HIDDEN + 1, HIDDEN))),
-    _case("gru_layer_forward", "b_ih", lambda: _layer("gru", b_ih=_randn(3 * HIDDEN, dtype=torch.float32))),
+    _case("gru_layer_forward", "b_ih", lambda: _layer("gru", b_ih=_randn(3 * HIDDEN, dtype=torch.float32)),
+          error=TypeError),
     _case("gru_layer_backward", "grad_output",
           lambda: _layer("gru", True, grad_output=_randn(STEPS, BATCH, HIDDEN + 1))),
     _case("gru_layer_backward", "grad_h_n", lambda: _layer("gru", True, grad_h_n=_randn(BATCH, 1))),
@@ -164,16 +169,17 @@ def _on(arguments, convert):
     return [convert(value) if isinstance(value, torch.Tensor) else value for value in arguments.values()]
 
 
-@pytest.mark.parametrize("op_name, message_op, name, make_arguments", CASES)
-def test_a_bad_argument_is_refused_by_name_on_cpu_meta_and_fake_tensors(op_name, message_op, name, make_arguments):
+@pytest.mark.parametrize("op_name, message_op, name, make_arguments, error", CASES)
+def test_a_bad_argument_is_refused_by_name_on_cpu_meta_and_fake_tensors(op_name, message_op, name, make_arguments,
+                                                                       error):
     op, arguments = getattr(torch.ops.fastattn, op_name), make_arguments()
-    with pytest.raises(RuntimeError, match=_message(message_op, name)):
+    with pytest.raises(error, match=_message(message_op, name)):
         op(*arguments.values())
-    with pytest.raises(RuntimeError, match=_message(message_op, name)):
+    with pytest.raises(error, match=_message(message_op, name)):
         op(*_on(arguments, lambda tensor: tensor.to("meta")))
     mode = FakeTensorMode()
     fakes = _on(arguments, mode.from_tensor)
-    with mode, pytest.raises(RuntimeError, match=_message(message_op, name)):
+    with mode, pytest.raises(error, match=_message(message_op, name)):
         op(*fakes)
 
 

@@ -692,37 +692,37 @@ def _forward_arguments(score="dot"):
                 key_padding_mask=None, causal=False, window=None, center=None, gaussian=False)
 
 
-# (description, change to _forward_arguments(score), score, the argument the error names)
+# (description, change to _forward_arguments(score), score, the argument the error names, the error)
 MISREAD_ARGUMENTS = [
-    ("keys of another feature size", dict(keys=torch.randn(2, 5, 7)), "dot", "keys"),
-    ("keys of another batch", dict(keys=torch.randn(3, 5, 8)), "dot", "keys"),
-    ("values of another length", dict(values=torch.randn(2, 6, 4)), "dot", "values"),
-    ("values of another dtype", dict(values=torch.randn(2, 5, 4, dtype=torch.float64)), "dot", "values"),
-    ("a 2-D query", dict(query=torch.randn(3, 8)), "dot", "query"),
-    ("an unknown score", dict(score="general"), "dot", "score"),
-    ("additive without v", dict(v=None), "additive", "v"),
-    ("v of another size", dict(v=torch.randn(7)), "additive", "v"),
-    ("bias of another size", dict(bias=torch.randn(9)), "additive", "bias"),
-    ("v with the dot score", dict(v=torch.randn(8)), "dot", "v"),
-    ("float lengths", dict(lengths=torch.tensor([1.0, 2.0])), "dot", "lengths"),
-    ("lengths of another batch", dict(lengths=torch.tensor([1, 2, 3])), "dot", "lengths"),
+    ("keys of another feature size", dict(keys=torch.randn(2, 5, 7)), "dot", "keys", ValueError),
+    ("keys of another batch", dict(keys=torch.randn(3, 5, 8)), "dot", "keys", ValueError),
+    ("values of another length", dict(values=torch.randn(2, 6, 4)), "dot", "values", ValueError),
+    ("values of another dtype", dict(values=torch.randn(2, 5, 4, dtype=torch.float64)), "dot", "values", TypeError),
+    ("a 2-D query", dict(query=torch.randn(3, 8)), "dot", "query", ValueError),
+    ("an unknown score", dict(score="general"), "dot", "score", ValueError),
+    ("additive without v", dict(v=None), "additive", "v", ValueError),
+    ("v of another size", dict(v=torch.randn(7)), "additive", "v", ValueError),
+    ("bias of another size", dict(bias=torch.randn(9)), "additive", "bias", ValueError),
+    ("v with the dot score", dict(v=torch.randn(8)), "dot", "v", ValueError),
+    ("float lengths", dict(lengths=torch.tensor([1.0, 2.0])), "dot", "lengths", TypeError),
+    ("lengths of another batch", dict(lengths=torch.tensor([1, 2, 3])), "dot", "lengths", ValueError),
     ("an integer key padding mask", dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.int64)), "dot",
-     "key_padding_mask"),
+     "key_padding_mask", TypeError),
     ("a key padding mask of another length", dict(key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)), "dot",
-     "key_padding_mask"),
-    ("a negative window", dict(window=-1), "dot", "window"),
-    ("center without a window", dict(center=torch.zeros(2, 3)), "dot", "center"),
-    ("center of another length", dict(window=2, center=torch.zeros(2, 4)), "dot", "center"),
-    ("gaussian without a window", dict(gaussian=True), "dot", "gaussian"),
+     "key_padding_mask", ValueError),
+    ("a negative window", dict(window=-1), "dot", "window", ValueError),
+    ("center without a window", dict(center=torch.zeros(2, 3)), "dot", "center", ValueError),
+    ("center of another length", dict(window=2, center=torch.zeros(2, 4)), "dot", "center", ValueError),
+    ("gaussian without a window", dict(gaussian=True), "dot", "gaussian", ValueError),
 ]
 
 
-@pytest.mark.parametrize("change, score, name", [case[1:] for case in MISREAD_ARGUMENTS],
+@pytest.mark.parametrize("change, score, name, error", [case[1:] for case in MISREAD_ARGUMENTS],
                          ids=[case[0] for case in MISREAD_ARGUMENTS])
-def test_the_triton_ops_refuse_what_the_cpu_op_refuses_naming_the_argument(change, score, name):
+def test_the_triton_ops_refuse_what_the_cpu_op_refuses_naming_the_argument(change, score, name, error):
     """Called directly (fastattn.attention checks its arguments before), the Triton forward
     and backward refuse what their kernels would misread, as the C++ op does, before any
-    launch."""
+    launch, with the same error: a TypeError for a dtype, a ValueError otherwise."""
     arguments = {**_forward_arguments(score), **change}
     outputs = torch.ops.fastattn.attention_forward(*_forward_arguments(score).values(), True)
     calls = [
@@ -732,7 +732,7 @@ def test_the_triton_ops_refuse_what_the_cpu_op_refuses_naming_the_argument(chang
                                                              outputs[2]),
     ]
     for call in calls:
-        with pytest.raises((RuntimeError, ValueError), match=name):
+        with pytest.raises(error, match=name):
             call()
 
 
@@ -744,7 +744,7 @@ def test_the_triton_backward_refuses_misshapen_outputs_and_gradients(name, value
     context, weights, row_stats = torch.ops.fastattn.triton_attention_forward(*arguments.values(), True)
     given = dict(grad_context=torch.ones_like(context), grad_weights=torch.ones_like(weights), row_stats=row_stats)
     given[name] = value
-    with pytest.raises(RuntimeError, match=name):
+    with pytest.raises(ValueError, match=name):
         torch.ops.fastattn.triton_attention_backward(given["grad_context"], given["grad_weights"], *arguments.values(),
                                                      given["row_stats"])
 
@@ -793,7 +793,7 @@ def test_lengths_past_32_bits_or_the_source_are_clamped_to_it():
 
 
 def test_choose_positions_refuses_integer_weights():
-    with pytest.raises(RuntimeError, match="weights must be a float32"):
+    with pytest.raises(TypeError, match="weights must be a float32"):
         torch.ops.fastattn.triton_choose_positions(torch.ones(2, 3, dtype=torch.int64), False, 0)
 
 

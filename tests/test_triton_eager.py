@@ -194,7 +194,7 @@ def test_the_oldest_plan_is_dropped_past_the_limit(plans, monkeypatch):
 def test_a_refused_call_leaves_no_plan_and_is_refused_again(plans):
     query, keys, values = _decode_problem(seed=0)[:3]
     for _ in range(2):
-        with pytest.raises(RuntimeError, match="v and bias are parameters of the additive score only"):
+        with pytest.raises(ValueError, match="v and bias are parameters of the additive score only"):
             triton_attention.triton_attention_forward(query, keys, values, torch.ones(8), None, "dot", 1.0, None,
                                                       None, False, None, None, False, False)
     assert triton_launch.LAUNCH_PLANS.plans == {}

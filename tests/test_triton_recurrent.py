@@ -301,17 +301,19 @@ def _step_arguments(kind):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("name, change", [
-    ("x", lambda t: t[:2]), ("h", lambda t: t[:, :-1]), ("w_ih", lambda t: t[:, :-1]), ("w_hh", lambda t: t[1:]),
-    ("b_ih", lambda t: t[1:]), ("b_hh", lambda t: t.double()), ("w_hh", lambda t: t.double()),
+@pytest.mark.parametrize("name, change, error", [
+    ("x", lambda t: t[:2], ValueError), ("h", lambda t: t[:, :-1], ValueError),
+    ("w_ih", lambda t: t[:, :-1], ValueError), ("w_hh", lambda t: t[1:], ValueError),
+    ("b_ih", lambda t: t[1:], ValueError), ("b_hh", lambda t: t.double(), TypeError),
+    ("w_hh", lambda t: t.double(), TypeError),
 ])
-def test_the_triton_cell_ops_refuse_what_their_kernels_would_misread(kind, name, change):
+def test_the_triton_cell_ops_refuse_what_their_kernels_would_misread(kind, name, change, error):
     """Called directly (fastattn.lstm_cell / gru_cell check their arguments before), the
     step ops refuse a shape or dtype the kernel would misread, naming the argument."""
     arguments = _step_arguments(kind)
     arguments[name] = change(arguments[name])
     op = torch.ops.fastattn.triton_lstm_step if kind == "lstm" else torch.ops.fastattn.triton_gru_step
-    with pytest.raises(RuntimeError, match=f"{name} must have"):
+    with pytest.raises(error, match=f"{name} must have"):
         op(*arguments.values())
 
 
@@ -319,40 +321,40 @@ def test_the_triton_backward_and_projection_ops_refuse_what_their_kernels_would_
     x, h, c, (w_ih, w_hh, b_ih, b_hh) = (t.detach() if isinstance(t, torch.Tensor) else t
                                          for t in cell_problem(4, 3))
     _, _, saved = torch.ops.fastattn.triton_lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
-    with pytest.raises(RuntimeError, match="saved must have torch.float32"):
+    with pytest.raises(TypeError, match="saved must have torch.float32"):
         torch.ops.fastattn.triton_lstm_pointwise_backward(h, c, c, c, saved.double())
-    with pytest.raises(RuntimeError, match="grad_h_next must have shape"):
+    with pytest.raises(ValueError, match="grad_h_next must have shape"):
         torch.ops.fastattn.triton_gru_pointwise_backward(h[1:], h, saved)
-    with pytest.raises(RuntimeError, match=r"w must have shape \(\*, 7\)"):
+    with pytest.raises(ValueError, match=r"w must have shape \(\*, 7\)"):
         torch.ops.fastattn.triton_input_projection(x, w_hh, b_ih)
-    with pytest.raises(RuntimeError, match="b must have shape"):
+    with pytest.raises(ValueError, match="b must have shape"):
         torch.ops.fastattn.triton_input_projection(x, w_ih, b_ih[1:])
 
 
 def test_the_triton_layer_ops_refuse_what_their_kernels_would_misread():
     projected, h0, c0, w_hh, b_hh, lengths = (t.detach() for t in layer_problem(4))
     layer = torch.ops.fastattn.triton_lstm_layer
-    with pytest.raises(RuntimeError, match="projected must have torch.float32"):
+    with pytest.raises(TypeError, match="projected must have torch.float32"):
         layer(projected.half(), h0, c0, w_hh, b_hh, lengths, False)
-    with pytest.raises(RuntimeError, match=r"projected must have shape \(4, 3, 76\)"):
+    with pytest.raises(ValueError, match=r"projected must have shape \(4, 3, 76\)"):
         layer(projected[..., 1:], h0, c0, w_hh, b_hh, lengths, False)
-    with pytest.raises(RuntimeError, match="projected must have 3 dimensions"):
+    with pytest.raises(ValueError, match="projected must have 3 dimensions"):
         layer(projected[0], h0, c0, w_hh, b_hh, lengths, False)
-    with pytest.raises(RuntimeError, match=r"c0 must have shape \(3, 19\)"):
+    with pytest.raises(ValueError, match=r"c0 must have shape \(3, 19\)"):
         layer(projected, h0, c0[1:], w_hh, b_hh, lengths, False)
-    with pytest.raises(RuntimeError, match="lengths must have an integer dtype"):
+    with pytest.raises(TypeError, match="lengths must have an integer dtype"):
         layer(projected, h0, c0, w_hh, b_hh, lengths.float(), False)
-    with pytest.raises(RuntimeError, match=r"lengths must have shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"lengths must have shape \(3,\)"):
         layer(projected, h0, c0, w_hh, b_hh, lengths[1:], False)
-    with pytest.raises(RuntimeError, match=r"w_hh must have shape \(76, 19\)"):
+    with pytest.raises(ValueError, match=r"w_hh must have shape \(76, 19\)"):
         layer(projected, h0, c0, w_hh[1:], b_hh, lengths, False)
     arguments = list(_layer_backward_arguments("lstm", lengths, False))
-    with pytest.raises(RuntimeError, match=r"grad_h_states must have shape \(5, 3, 19\)"):
+    with pytest.raises(ValueError, match=r"grad_h_states must have shape \(5, 3, 19\)"):
         torch.ops.fastattn.triton_lstm_layer_backward(arguments[0][1:], *arguments[1:])
-    with pytest.raises(RuntimeError, match="saved must have 3 dimensions"):
+    with pytest.raises(ValueError, match="saved must have 3 dimensions"):
         torch.ops.fastattn.triton_lstm_layer_backward(*arguments[:3], arguments[3][0], *arguments[4:])
     arguments = list(_layer_backward_arguments("gru", lengths, False))
-    with pytest.raises(RuntimeError, match="h_states must have torch.float32"):
+    with pytest.raises(TypeError, match="h_states must have torch.float32"):
         torch.ops.fastattn.triton_gru_layer_backward(arguments[0], arguments[1].double(), *arguments[2:])
 
 

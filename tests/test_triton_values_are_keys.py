@@ -50,7 +50,7 @@ def test_values_are_keys_with_keys_shared_by_the_batch_is_refused():
     arguments = list(_op_arguments("dot", 3))
     arguments[1] = arguments[1][:1]  # (1, S, D): shared, no longer the values' shape
     context, _, row_stats = torch.ops.fastattn.triton_attention_forward(*arguments, False)
-    with pytest.raises(RuntimeError, match="values_are_keys needs keys and values of one shape"):
+    with pytest.raises(ValueError, match="values_are_keys needs keys and values of one shape"):
         torch.ops.fastattn.triton_attention_backward(torch.ones_like(context), None, *arguments, row_stats, True)
 
 

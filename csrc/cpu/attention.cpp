@@ -1159,7 +1159,7 @@ ScoreKind parse_score(const char* op, std::string_view score) {
   if (score == "dot") return ScoreKind::kDot;
   if (score == "cosine") return ScoreKind::kCosine;
   if (score == "additive") return ScoreKind::kAdditive;
-  TORCH_CHECK(false, op, ": score must be \"dot\", \"cosine\" or \"additive\", got \"", std::string(score), "\"");
+  TORCH_CHECK_VALUE(false, op, ": score must be \"dot\", \"cosine\" or \"additive\", got \"", std::string(score), "\"");
 }
 
 bool is_supported_float(at::ScalarType dtype) {
@@ -1184,13 +1184,13 @@ at::Tensor with_contiguous_rows(const at::Tensor& t) {
 }
 
 void check_cpu(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
 }
 
 void check_float_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& query) {
   check_cpu(op, name, t);
-  TORCH_CHECK(t.scalar_type() == query.scalar_type(), op, ": ", name, " must have the dtype of query (",
-              query.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == query.scalar_type(), op, ": ", name, " must have the dtype of query (",
+                   query.scalar_type(), "), got ", t.scalar_type());
 }
 
 // Which op the inputs are for: the two may take different paths (use_blas_path), since
@@ -1269,17 +1269,17 @@ PreparedInputs prepare_inputs(const char* op, Pass pass, const at::Tensor& query
   in.pass = pass;
   in.score = parse_score(op, score);
   check_cpu(op, "query", query);
-  TORCH_CHECK(is_supported_float(query.scalar_type()), op,
-              ": query must be float32, float64, float16 or bfloat16, got ", query.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_float(query.scalar_type()), op,
+                   ": query must be float32, float64, float16 or bfloat16, got ", query.scalar_type());
   check_float_like(op, "keys", keys, query);
   check_float_like(op, "values", values, query);
-  TORCH_CHECK(query.dim() == 3, op, ": query must be (N, T, D), got shape ", query.sizes());
-  TORCH_CHECK(keys.dim() == 3 && (keys.size(0) == query.size(0) || keys.size(0) == 1), op, ": keys must be (N=",
-              query.size(0), ", S, D) or (1, S, D) (shared by the batch), got shape ", keys.sizes());
-  TORCH_CHECK(values.dim() == 3 && values.size(0) == query.size(0) && values.size(1) == keys.size(1), op,
-              ": values must be (N=", query.size(0), ", S=", keys.size(1), ", Dv), got shape ", values.sizes());
-  TORCH_CHECK(keys.size(2) == query.size(2), op, ": keys must have the feature size D=", query.size(2),
-              " of query, got shape ", keys.sizes());
+  TORCH_CHECK_VALUE(query.dim() == 3, op, ": query must be (N, T, D), got shape ", query.sizes());
+  TORCH_CHECK_VALUE(keys.dim() == 3 && (keys.size(0) == query.size(0) || keys.size(0) == 1), op, ": keys must be (N=",
+                    query.size(0), ", S, D) or (1, S, D) (shared by the batch), got shape ", keys.sizes());
+  TORCH_CHECK_VALUE(values.dim() == 3 && values.size(0) == query.size(0) && values.size(1) == keys.size(1), op,
+                    ": values must be (N=", query.size(0), ", S=", keys.size(1), ", Dv), got shape ", values.sizes());
+  TORCH_CHECK_VALUE(keys.size(2) == query.size(2), op, ": keys must have the feature size D=", query.size(2),
+                    " of query, got shape ", keys.sizes());
   in.input_dtype = query.scalar_type();
   in.compute_dtype = in.input_dtype == at::kDouble ? at::kDouble : at::kFloat;
   in.batch = query.size(0);
@@ -1293,56 +1293,58 @@ PreparedInputs prepare_inputs(const char* op, Pass pass, const at::Tensor& query
   if (in.score == ScoreKind::kAdditive) {
     TORCH_CHECK_VALUE(scale == 1.0, op, ": scale must be 1 with score \"additive\" (v . tanh(q + k + bias) has none), got ",
                       scale);
-    TORCH_CHECK(v.has_value() && v->defined(), op, ": score \"additive\" needs v of shape (Da=", in.score_dim, ",)");
+    TORCH_CHECK_VALUE(v.has_value() && v->defined(), op, ": score \"additive\" needs v of shape (Da=", in.score_dim,
+                      ",)");
     check_float_like(op, "v", *v, query);
-    TORCH_CHECK(v->dim() == 1 && v->size(0) == in.score_dim, op, ": v must be (Da=", in.score_dim,
-                ",), got shape ", v->sizes());
+    TORCH_CHECK_VALUE(v->dim() == 1 && v->size(0) == in.score_dim, op, ": v must be (Da=", in.score_dim,
+                      ",), got shape ", v->sizes());
     in.v = in_dtype(*v, in.compute_dtype).contiguous();
     if (bias.has_value() && bias->defined()) {
       check_float_like(op, "bias", *bias, query);
-      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == in.score_dim, op, ": bias must be (Da=", in.score_dim,
-                  ",), got shape ", bias->sizes());
+      TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == in.score_dim, op, ": bias must be (Da=", in.score_dim,
+                        ",), got shape ", bias->sizes());
       in.bias = in_dtype(*bias, in.compute_dtype).contiguous();
     }
   } else {
-    TORCH_CHECK(!(v.has_value() && v->defined()) && !(bias.has_value() && bias->defined()), op,
-                ": v and bias are parameters of the additive score only, got them with score \"",
-                std::string(score), "\"");
+    TORCH_CHECK_VALUE(!(v.has_value() && v->defined()) && !(bias.has_value() && bias->defined()), op,
+                      ": v and bias are parameters of the additive score only, got them with score \"",
+                      std::string(score), "\"");
   }
   if (lengths.has_value() && lengths->defined()) {
     check_cpu(op, "lengths", *lengths);
-    TORCH_CHECK(at::isIntegralType(lengths->scalar_type(), /*includeBool=*/false), op,
-                ": lengths must be an integer tensor, got ", lengths->scalar_type());
-    TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == in.batch, op, ": lengths must be (N=", in.batch,
-                ",), got shape ", lengths->sizes());
+    TORCH_CHECK_TYPE(at::isIntegralType(lengths->scalar_type(), /*includeBool=*/false), op,
+                     ": lengths must be an integer tensor, got ", lengths->scalar_type());
+    TORCH_CHECK_VALUE(lengths->dim() == 1 && lengths->size(0) == in.batch, op, ": lengths must be (N=", in.batch,
+                      ",), got shape ", lengths->sizes());
     in.lengths = lengths->to(at::kLong).contiguous();
   }
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
     check_cpu(op, "key_padding_mask", *key_padding_mask);
-    TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool, op, ": key_padding_mask must be bool, got ",
-                key_padding_mask->scalar_type());
-    TORCH_CHECK(key_padding_mask->dim() == 2 && key_padding_mask->size(0) == in.batch &&
-                    key_padding_mask->size(1) == in.source_length,
-                op, ": key_padding_mask must be (N=", in.batch, ", S=", in.source_length, "), got shape ",
-                key_padding_mask->sizes());
+    TORCH_CHECK_TYPE(key_padding_mask->scalar_type() == at::kBool, op, ": key_padding_mask must be bool, got ",
+                     key_padding_mask->scalar_type());
+    TORCH_CHECK_VALUE(key_padding_mask->dim() == 2 && key_padding_mask->size(0) == in.batch &&
+                          key_padding_mask->size(1) == in.source_length,
+                      op, ": key_padding_mask must be (N=", in.batch, ", S=", in.source_length, "), got shape ",
+                      key_padding_mask->sizes());
     in.key_padding_mask = key_padding_mask->contiguous();
   }
   if (window.has_value()) {
-    TORCH_CHECK(*window >= 0, op, ": window must be >= 0, got ", *window);
+    TORCH_CHECK_VALUE(*window >= 0, op, ": window must be >= 0, got ", *window);
     in.window = *window;
   }
   if (center.has_value() && center->defined()) {
     check_cpu(op, "center", *center);
-    TORCH_CHECK(fastattn::is_center_dtype(center->scalar_type(), query.scalar_type()), op, ": center must have the dtype of query (",
-                query.scalar_type(), "), or float32 for a float16 or bfloat16 query, got ", center->scalar_type());
-    TORCH_CHECK(window.has_value(), op, ": center (local-p attention) needs window");
-    TORCH_CHECK(center->dim() == 2 && center->size(0) == in.batch && center->size(1) == in.query_length, op,
-                ": center must be (N=", in.batch, ", T=", in.query_length, "), got shape ", center->sizes());
+    TORCH_CHECK_TYPE(fastattn::is_center_dtype(center->scalar_type(), query.scalar_type()), op,
+                     ": center must have the dtype of query (", query.scalar_type(),
+                     "), or float32 for a float16 or bfloat16 query, got ", center->scalar_type());
+    TORCH_CHECK_VALUE(window.has_value(), op, ": center (local-p attention) needs window");
+    TORCH_CHECK_VALUE(center->dim() == 2 && center->size(0) == in.batch && center->size(1) == in.query_length, op,
+                      ": center must be (N=", in.batch, ", T=", in.query_length, "), got shape ", center->sizes());
     in.center = in_dtype(*center, in.compute_dtype).contiguous();
   }
   in.gaussian = gaussian;
-  TORCH_CHECK(!gaussian || in.window >= 1, op, ": gaussian needs window >= 1 (sigma = window / 2), got ",
-              window.has_value() ? std::to_string(*window) : std::string("None"));
+  TORCH_CHECK_VALUE(!gaussian || in.window >= 1, op, ": gaussian needs window >= 1 (sigma = window / 2), got ",
+                    window.has_value() ? std::to_string(*window) : std::string("None"));
 
   in.keys = with_contiguous_rows(keys);
   in.shared_keys = keys.size(0) != in.batch;
@@ -1880,22 +1882,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* op = "attention_backward";
   PreparedInputs in = prepare_inputs(op, Pass::kBackward, query, keys, values, v, bias, score, scale, lengths,
                                      key_padding_mask, causal, window, center, gaussian);
-  TORCH_CHECK(!values_are_keys || keys.sizes() == values.sizes(), op,
-              ": values_are_keys needs keys and values of one shape, got keys ", keys.sizes(), " and values ",
-              values.sizes());
+  TORCH_CHECK_VALUE(!values_are_keys || keys.sizes() == values.sizes(), op,
+                    ": values_are_keys needs keys and values of one shape, got keys ", keys.sizes(), " and values ",
+                    values.sizes());
   const auto check_like_context = [&](const char* name, const at::Tensor& tensor) {  // (N, T, Dv), query's dtype
     check_float_like(op, name, tensor, query);
-    TORCH_CHECK(tensor.dim() == 3 && tensor.size(0) == in.batch && tensor.size(1) == in.query_length &&
-                    tensor.size(2) == in.value_dim,
-                op, ": ", name, " must be (N=", in.batch, ", T=", in.query_length, ", Dv=", in.value_dim,
-                "), got shape ", tensor.sizes());
+    TORCH_CHECK_VALUE(tensor.dim() == 3 && tensor.size(0) == in.batch && tensor.size(1) == in.query_length &&
+                          tensor.size(2) == in.value_dim,
+                      op, ": ", name, " must be (N=", in.batch, ", T=", in.query_length, ", Dv=", in.value_dim,
+                      "), got shape ", tensor.sizes());
   };
   check_like_context("grad_context", grad_context);
   check_cpu(op, "logsumexp", logsumexp);
-  TORCH_CHECK(logsumexp.scalar_type() == in.compute_dtype, op, ": logsumexp must be ", in.compute_dtype,
-              " (the accumulation dtype), got ", logsumexp.scalar_type());
-  TORCH_CHECK(logsumexp.dim() == 2 && logsumexp.size(0) == in.batch && logsumexp.size(1) == in.query_length, op,
-              ": logsumexp must be (N=", in.batch, ", T=", in.query_length, "), got shape ", logsumexp.sizes());
+  TORCH_CHECK_TYPE(logsumexp.scalar_type() == in.compute_dtype, op, ": logsumexp must be ", in.compute_dtype,
+                   " (the accumulation dtype), got ", logsumexp.scalar_type());
+  TORCH_CHECK_VALUE(logsumexp.dim() == 2 && logsumexp.size(0) == in.batch && logsumexp.size(1) == in.query_length, op,
+                    ": logsumexp must be (N=", in.batch, ", T=", in.query_length, "), got shape ", logsumexp.sizes());
   const bool blas = (in.score == ScoreKind::kDot || in.score == ScoreKind::kCosine) && use_blas_path(in);
   const bool bfloat16 = in.bfloat16_gemms;  // only on the matrix-multiply path
   const at::Tensor grad_context_ = bfloat16 ? grad_context.contiguous() : in_dtype(grad_context, in.compute_dtype).contiguous();
@@ -1903,10 +1905,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_weights_;
   if (grad_weights.has_value() && grad_weights->defined()) {
     check_float_like(op, "grad_weights", *grad_weights, query);
-    TORCH_CHECK(grad_weights->dim() == 3 && grad_weights->size(0) == in.batch &&
-                    grad_weights->size(1) == in.query_length && grad_weights->size(2) == in.source_length,
-                op, ": grad_weights must be (N=", in.batch, ", T=", in.query_length, ", S=", in.source_length,
-                "), got shape ", grad_weights->sizes());
+    TORCH_CHECK_VALUE(grad_weights->dim() == 3 && grad_weights->size(0) == in.batch &&
+                          grad_weights->size(1) == in.query_length && grad_weights->size(2) == in.source_length,
+                      op, ": grad_weights must be (N=", in.batch, ", T=", in.query_length, ", S=", in.source_length,
+                      "), got shape ", grad_weights->sizes());
     grad_weights_ = in_dtype(*grad_weights, in.compute_dtype).contiguous();
   }
   if (!bfloat16) keys_and_values_in_compute_dtype(in);  // only now that every argument is checked
@@ -2029,9 +2031,9 @@ struct WeightToDouble {
 at::Tensor sample_positions_cpu(const at::Tensor& weights, bool sample, std::optional<at::Generator> generator) {
   const char* op = "sample_positions";
   check_cpu(op, "weights", weights);
-  TORCH_CHECK(is_supported_float(weights.scalar_type()), op,
-              ": weights must be float32, float64, float16 or bfloat16, got ", weights.scalar_type());
-  TORCH_CHECK(weights.dim() == 3, op, ": weights must be (N, T, S), got shape ", weights.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(weights.scalar_type()), op,
+                   ": weights must be float32, float64, float16 or bfloat16, got ", weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.dim() == 3, op, ": weights must be (N, T, S), got shape ", weights.sizes());
   const at::Tensor rows_of_weights = weights.contiguous();
   const int64_t rows = weights.size(0) * weights.size(1), source_length = weights.size(2);
   at::Tensor index = at::zeros({weights.size(0), weights.size(1)}, weights.options().dtype(at::kLong));
@@ -2064,7 +2066,7 @@ at::Tensor sample_positions_cpu(const at::Tensor& weights, bool sample, std::opt
 
 at::Tensor fast_tanh_cpu(const at::Tensor& x) {
   check_cpu("fast_tanh", "x", x);
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "fast_tanh: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "fast_tanh: x must be float32, got ", x.scalar_type());
   const at::Tensor input = x.contiguous();
   at::Tensor output = at::empty_like(input);
   void (*kernel)(const float*, float*, int64_t) = &fast_tanh_baseline;

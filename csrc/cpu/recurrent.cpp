@@ -67,30 +67,30 @@ bool is_low_precision(at::ScalarType dtype) { return dtype == at::kHalf || dtype
 // The cells and the layers take float32, float64, float16 and bfloat16 (see Cells, Layers).
 void check_floating_cpu(const char* op, const at::Tensor& reference, const char* reference_name) {
   const auto dtype = reference.scalar_type();
-  TORCH_CHECK(reference.device().is_cpu(), op, ": expected ", reference_name,
-              " on the CPU, got ", reference.device());
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || is_low_precision(dtype), op,
-              ": the cpu backend supports float32, float64, float16 and bfloat16 only, got ",
-              reference_name, " of dtype ", dtype);
+  TORCH_CHECK_VALUE(reference.device().is_cpu(), op, ": expected ", reference_name,
+                    " on the CPU, got ", reference.device());
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || is_low_precision(dtype), op,
+                   ": the cpu backend supports float32, float64, float16 and bfloat16 only, got ",
+                   reference_name, " of dtype ", dtype);
 }
 
 void check_same_dtype(const char* op, const at::Tensor& reference, const at::Tensor& tensor,
                       const char* name) {
-  TORCH_CHECK(tensor.device().is_cpu(), op, ": expected ", name, " on the CPU, got ",
-              tensor.device());
-  TORCH_CHECK(tensor.scalar_type() == reference.scalar_type(), op, ": expected ", name,
-              " of dtype ", reference.scalar_type(), " like the input, got ", tensor.scalar_type());
+  TORCH_CHECK_VALUE(tensor.device().is_cpu(), op, ": expected ", name, " on the CPU, got ",
+                    tensor.device());
+  TORCH_CHECK_TYPE(tensor.scalar_type() == reference.scalar_type(), op, ": expected ", name,
+                   " of dtype ", reference.scalar_type(), " like the input, got ", tensor.scalar_type());
 }
 
 void check_shape(const char* op, const at::Tensor& tensor, at::IntArrayRef expected,
                  const char* name) {
-  TORCH_CHECK(tensor.sizes() == expected, op, ": expected ", name, " of shape ", expected,
-              ", got ", tensor.sizes());
+  TORCH_CHECK_VALUE(tensor.sizes() == expected, op, ": expected ", name, " of shape ", expected,
+                    ", got ", tensor.sizes());
 }
 
 void check_dim(const char* op, const at::Tensor& tensor, int64_t dim, const char* name) {
-  TORCH_CHECK(tensor.dim() == dim, op, ": expected ", name, " with ", dim,
-              " dimensions, got shape ", tensor.sizes());
+  TORCH_CHECK_VALUE(tensor.dim() == dim, op, ": expected ", name, " with ", dim,
+                    " dimensions, got shape ", tensor.sizes());
 }
 
 // Weights w_ih (G*H, I) and w_hh (G*H, hidden_in) and the optional biases (G*H,).
@@ -115,8 +115,8 @@ void check_weights(const char* op, const at::Tensor& reference, const at::Tensor
 // The hidden size of a stacked weight with `gates` gates: rows / gates, checked.
 int64_t hidden_size_of(const char* op, const at::Tensor& w_hh, int64_t gates) {
   check_dim(op, w_hh, 2, "w_hh");
-  TORCH_CHECK(w_hh.size(0) % gates == 0, op, ": expected w_hh with a multiple of ", gates,
-              " rows (the stacked gates), got shape ", w_hh.sizes());
+  TORCH_CHECK_VALUE(w_hh.size(0) % gates == 0, op, ": expected w_hh with a multiple of ", gates,
+                    " rows (the stacked gates), got shape ", w_hh.sizes());
   return w_hh.size(0) / gates;
 }
 
@@ -130,8 +130,8 @@ at::Tensor lengths_as_int64(const char* op, const std::optional<at::Tensor>& len
   if (!lengths.has_value() || !lengths->defined()) {
     return at::Tensor();
   }
-  TORCH_CHECK(at::isIntegralType(lengths->scalar_type(), /*includeBool=*/false), op,
-              ": expected integer lengths, got dtype ", lengths->scalar_type());
+  TORCH_CHECK_TYPE(at::isIntegralType(lengths->scalar_type(), /*includeBool=*/false), op,
+                   ": expected integer lengths, got dtype ", lengths->scalar_type());
   check_shape(op, *lengths, {batch}, "lengths");
   return lengths->to(at::kCPU, at::kLong).contiguous();
 }

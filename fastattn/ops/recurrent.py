@@ -47,7 +47,7 @@ def _check_layer(op, cell, x, w_hh, lengths, **tensors):
     gates = GATES[cell]
     triton_checks.float_tensor(op, "w_hh", w_hh, 2)
     if w_hh.shape[0] % gates:
-        raise RuntimeError(f"fastattn::{op}: w_hh must be ({gates} * H, H), got shape {tuple(w_hh.shape)}")
+        raise ValueError(f"fastattn::{op}: w_hh must be ({gates} * H, H), got shape {tuple(w_hh.shape)}")
     (steps, batch, inputs), hidden = x.shape, w_hh.shape[0] // gates
     triton_checks.optional_tensor(op, "lengths", lengths, x, (batch,), "integer", same_device=False)
     shapes = {

@@ -5,7 +5,8 @@ device they would misread is refused here, naming the argument and what was expe
 the C++ ops' checks do), before anything is launched.  Shapes only, so the checks also
 run on fake tensors (opcheck, torch.compile).  The fake (meta) kernels of the C++ ops
 (``fastattn.ops.attention``, ``fastattn.ops.recurrent``) check their arguments here too,
-so that a call the kernels refuse is refused at trace time, with the same RuntimeError."""
+so that a call the kernels refuse is refused at trace time, with the same error: a
+TypeError for a dtype, a ValueError for anything else (API.md, section 6)."""
 
 from typing import Optional, Sequence
 
@@ -17,8 +18,8 @@ from fastattn.functional.attention_inputs import center_dtypes
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _refuse(op: str, message: str) -> None:
-    raise RuntimeError(f"fastattn::{op}: {message}")
+def _refuse(op: str, message: str, error: type = ValueError) -> None:
+    raise error(f"fastattn::{op}: {message}")
 
 
 def _shape_text(shape: Sequence[Optional[int]]) -> str:
@@ -42,7 +43,7 @@ def tensor(op: str, name: str, value: Tensor, like: Tensor, shape: Sequence[Opti
     else:
         ok, text = value.dtype == wanted, str(wanted)
     if not ok:
-        _refuse(op, f"{name} must have {text}, got {value.dtype}")
+        _refuse(op, f"{name} must have {text}, got {value.dtype}", TypeError)
     if value.shape != shape and (  # equal: the common case, one comparison (these run at every launch)
         value.dim() != len(shape) or any(size is not None and size != got for size, got in zip(shape, value.shape))
     ):
@@ -57,7 +58,7 @@ def optional_tensor(op: str, name: str, value: Optional[Tensor], like: Tensor, s
 
 def float_tensor(op: str, name: str, value: Tensor, dim: int) -> None:
     if value.dtype not in FLOAT_DTYPES:
-        _refuse(op, f"{name} must be float32, float64, float16 or bfloat16, got {value.dtype}")
+        _refuse(op, f"{name} must be float32, float64, float16 or bfloat16, got {value.dtype}", TypeError)
     if value.dim() != dim:
         _refuse(op, f"{name} must have {dim} dimensions, got shape {tuple(value.shape)}")
 
@@ -177,6 +178,8 @@ def projection(op: str, x: Tensor, w: Tensor, b: Optional[Tensor]) -> None:
 
 def positions(op: str, weights: Tensor) -> None:
     """Hard attention's soft weights (..., S)."""
-    if weights.dtype not in FLOAT_DTYPES or weights.dim() < 1:
-        _refuse(op, f"weights must be a float32, float64, float16 or bfloat16 tensor (..., S), got {weights.dtype} "
-                    f"of shape {tuple(weights.shape)}")
+    if weights.dtype not in FLOAT_DTYPES:
+        _refuse(op, f"weights must be a float32, float64, float16 or bfloat16 tensor (..., S), got {weights.dtype}",
+                TypeError)
+    if weights.dim() < 1:
+        _refuse(op, f"weights must be a tensor (..., S), got shape {tuple(weights.shape)}")
