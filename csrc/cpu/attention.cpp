@@ -1660,6 +1660,58 @@ FASTATTN_ALWAYS_INLINE void blas_backward_row(const AttentionProblem<T>& problem
   }
 }
 
+// One row of blas_backward_rows: scores, grad_alpha and w are its rows.
+template <typename T>
+FASTATTN_ALWAYS_INLINE void blas_backward_row_of(const AttentionProblem<T>& problem, T* scores, T* grad_alpha, T* w,
+                                                 const T* lse, T* grad_center, std::vector<int64_t>& visible_keys,
+                                                 int64_t row) {
+  const int64_t query_length = problem.query_length, source_length = problem.source_length;
+  if (lse[row] == fastattn::negative_infinity<T>()) {  // fully masked: zero gradients
+    std::fill(scores, scores + source_length, T(0));
+    std::fill(w, w + source_length, T(0));
+    return;
+  }
+  const int64_t n = row / query_length, t = row % query_length;
+  const KeyRange range = problem.keys_of(n, t);
+  const T center = problem.window_center(n, t);
+  T* center_gradient = grad_center != nullptr ? grad_center + row : nullptr;
+  const auto zero_outside = [&](int64_t begin, int64_t end) {
+    for (T* row_data : {scores, grad_alpha, w}) std::fill(row_data + begin, row_data + end, T(0));
+  };
+  // e from raw as the forward's blas_mask_rows makes it: q'.k scaled, or the cosine
+  // from q.k on the raw query (problem.query_norms)
+  const bool cosine_of_raw_query = problem.query_norms != nullptr;
+  const T divisor = query_divisor<T, ScoreKind::kCosine>(problem, row);
+  if (problem.key_padding_mask == nullptr) {  // the visible keys: the range
+    zero_outside(0, range.begin);
+    zero_outside(range.end, source_length);
+    if (cosine_of_raw_query) {
+#pragma omp simd
+      for (int64_t j = range.begin; j < range.end; ++j) {
+        scores[j] = score_from_dot<T, ScoreKind::kCosine>(problem, scores[j] / divisor, n, j);
+      }
+    } else {
+      const T scale = problem.scale;
+#pragma omp simd
+      for (int64_t j = range.begin; j < range.end; ++j) scores[j] *= scale;
+    }
+    blas_backward_row(problem, scores, grad_alpha, w, center, center_gradient, ContiguousKeys{range.begin},
+                      range.end - range.begin);
+    return;
+  }
+  int64_t count = 0;
+  for (int64_t j = 0; j < source_length; ++j) {
+    if (j < range.begin || j >= range.end || problem.is_padding(n, j)) {
+      zero_outside(j, j + 1);
+    } else {
+      scores[j] = cosine_of_raw_query ? score_from_dot<T, ScoreKind::kCosine>(problem, scores[j] / divisor, n, j)
+                                      : scores[j] * problem.scale;
+      visible_keys[count++] = j;
+    }
+  }
+  blas_backward_row(problem, scores, grad_alpha, w, center, center_gradient, ListedKeys{visible_keys.data()}, count);
+}
+
 // Backward of the dot score through GEMMs: scores recomputed as one GEMM, one pass
 // per row turns them into dE (and W = alpha g), then grad_values = W^T dC,
 // grad_query = dE K, grad_keys = dE^T Q.  The cosine score is the dot score of the
@@ -1667,59 +1719,36 @@ FASTATTN_ALWAYS_INLINE void blas_backward_row(const AttentionProblem<T>& problem
 // raw (N, T, S): q.k on entry, dE on exit; grad_weights (N, T, S): dW = dC . v_j
 // (+ the weights' gradient) on entry, scratch after; weights (N, T, S): W on exit.
 // The row term: ShiftedRowTerm.
+// With rounded (float32 rows for bfloat16 GEMMs): each row's dE and W also rounded to
+// bfloat16 into rounded (N, T, S each) while the row is in cache, W kept in a row of
+// scratch (weights unused), where rounding the two (N, T, S) float32 tensors after the
+// pass read them through memory again.
+struct RoundedRows {
+  c10::BFloat16* grad_scores = nullptr;
+  c10::BFloat16* weights = nullptr;
+};
+
+template <typename T>
+void round_row(const T* row, int64_t count, c10::BFloat16* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t j = 0; j < count; ++j) out[j] = c10::BFloat16(row[j]);  // round to nearest even, as Tensor.to
+  }
+}
+
 template <typename T>
 void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weights, T* weights, const T* lse,
-                        T* grad_center, int64_t row_begin, int64_t row_end) {
-  const int64_t query_length = problem.query_length, source_length = problem.source_length;
+                        T* grad_center, RoundedRows rounded, int64_t row_begin, int64_t row_end) {
+  const int64_t source_length = problem.source_length;
   std::vector<int64_t> visible_keys(source_length);
+  std::vector<T> weights_row(rounded.weights != nullptr ? source_length : 0);
   for (int64_t row = row_begin; row < row_end; ++row) {
     T* scores = raw + row * source_length;
-    T* grad_alpha = grad_weights + row * source_length;
-    T* w = weights + row * source_length;
-    if (lse[row] == fastattn::negative_infinity<T>()) {  // fully masked: zero gradients
-      std::fill(scores, scores + source_length, T(0));
-      std::fill(w, w + source_length, T(0));
-      continue;
+    T* w = rounded.weights != nullptr ? weights_row.data() : weights + row * source_length;
+    blas_backward_row_of(problem, scores, grad_weights + row * source_length, w, lse, grad_center, visible_keys, row);
+    if (rounded.weights != nullptr) {
+      round_row(scores, source_length, rounded.grad_scores + row * source_length);
+      round_row(w, source_length, rounded.weights + row * source_length);
     }
-    const int64_t n = row / query_length, t = row % query_length;
-    const KeyRange range = problem.keys_of(n, t);
-    const T center = problem.window_center(n, t);
-    T* center_gradient = grad_center != nullptr ? grad_center + row : nullptr;
-    const auto zero_outside = [&](int64_t begin, int64_t end) {
-      for (T* row_data : {scores, grad_alpha, w}) std::fill(row_data + begin, row_data + end, T(0));
-    };
-    // e from raw as the forward's blas_mask_rows makes it: q'.k scaled, or the cosine
-    // from q.k on the raw query (problem.query_norms)
-    const bool cosine_of_raw_query = problem.query_norms != nullptr;
-    const T divisor = query_divisor<T, ScoreKind::kCosine>(problem, row);
-    if (problem.key_padding_mask == nullptr) {  // the visible keys: the range
-      zero_outside(0, range.begin);
-      zero_outside(range.end, source_length);
-      if (cosine_of_raw_query) {
-#pragma omp simd
-        for (int64_t j = range.begin; j < range.end; ++j) {
-          scores[j] = score_from_dot<T, ScoreKind::kCosine>(problem, scores[j] / divisor, n, j);
-        }
-      } else {
-        const T scale = problem.scale;
-#pragma omp simd
-        for (int64_t j = range.begin; j < range.end; ++j) scores[j] *= scale;
-      }
-      blas_backward_row(problem, scores, grad_alpha, w, center, center_gradient, ContiguousKeys{range.begin},
-                        range.end - range.begin);
-      continue;
-    }
-    int64_t count = 0;
-    for (int64_t j = 0; j < source_length; ++j) {
-      if (j < range.begin || j >= range.end || problem.is_padding(n, j)) {
-        zero_outside(j, j + 1);
-      } else {
-        scores[j] = cosine_of_raw_query ? score_from_dot<T, ScoreKind::kCosine>(problem, scores[j] / divisor, n, j)
-                                        : scores[j] * problem.scale;
-        visible_keys[count++] = j;
-      }
-    }
-    blas_backward_row(problem, scores, grad_alpha, w, center, center_gradient, ListedKeys{visible_keys.data()}, count);
   }
 }
 
@@ -1930,30 +1959,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor grad_alpha = bfloat16 ? bfloat16_matmul_nt(grad_context_, in.values)
                                      : batched_matmul(grad_context_, in.values.transpose(1, 2)).contiguous();
     if (grad_weights_.defined()) grad_alpha.add_(grad_weights_);
-    at::Tensor weights = at::empty_like(raw);
+    // bfloat16: dE and W rounded before their GEMMs, row by row (RoundedRows)
+    at::Tensor weights = bfloat16 ? at::empty_like(raw, raw.options().dtype(at::kBFloat16)) : at::empty_like(raw);
+    at::Tensor grad_scores = bfloat16 ? at::empty_like(weights) : raw;
     AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_backward_blas", [&] {
       const AttentionProblem<scalar_t> problem = masks_of<scalar_t>(in);
       scalar_t* raw_data = raw.mutable_data_ptr<scalar_t>();
       scalar_t* grad_alpha_data = grad_alpha.mutable_data_ptr<scalar_t>();
-      scalar_t* weights_data = weights.mutable_data_ptr<scalar_t>();
+      scalar_t* weights_data = bfloat16 ? nullptr : weights.mutable_data_ptr<scalar_t>();
+      RoundedRows rounded;
+      if (bfloat16) {
+        rounded.grad_scores = grad_scores.mutable_data_ptr<c10::BFloat16>();
+        rounded.weights = weights.mutable_data_ptr<c10::BFloat16>();
+      }
       const scalar_t* lse = logsumexp_.const_data_ptr<scalar_t>();
       scalar_t* center_data = wants_center ? grad_center.mutable_data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, in.batch * in.query_length, std::max<int64_t>(1, 16384 / in.source_length),
                        [&](int64_t begin, int64_t end) {
                          run_for_this_cpu<&blas_backward_rows<scalar_t>>(problem, raw_data, grad_alpha_data,
-                                                                         weights_data, lse, center_data, begin, end);
+                                                                         weights_data, lse, center_data, rounded,
+                                                                         begin, end);
                        });
     });
-    if (bfloat16) {  // dE and W rounded before their GEMMs
-      raw = raw.to(in.input_dtype);
-      weights = weights.to(in.input_dtype);
-    }
+    raw = at::Tensor();
+    grad_alpha = at::Tensor();
     at::Tensor grad_values = batched_matmul(weights.transpose(1, 2), grad_context_);
-    at::Tensor grad_query = batched_matmul(raw, key_rows);
+    at::Tensor grad_query = batched_matmul(grad_scores, key_rows);
     // Keys shared by the batch: their gradient summed over it, dE^T Q over all N T rows.
-    at::Tensor grad_keys = in.shared_keys ? batched_matmul(raw.view({1, -1, in.source_length}).transpose(1, 2),
-                                                           query_rows.reshape({1, -1, in.score_dim}))
-                                          : batched_matmul(raw.transpose(1, 2), query_rows);
+    at::Tensor grad_keys = in.shared_keys
+                               ? batched_matmul(grad_scores.view({1, -1, in.source_length}).transpose(1, 2),
+                                                query_rows.reshape({1, -1, in.score_dim}))
+                               : batched_matmul(grad_scores.transpose(1, 2), query_rows);
     if (cosine) {
       through_unit_rows(grad_query, in.query);
       through_unit_rows(grad_keys, in.shared_keys ? in.keys.narrow(0, 0, 1) : in.keys);
