@@ -42,6 +42,10 @@ SMALL_SHAPES = [(8, 3, 2048, 9, 5), (32, 2, 4096, 2, 1), (4, 5, 1024, 37, 19), (
 # T = 1, W v in blocks of 64 keys (S = 150: three) by 64 columns, then 16, then a masked few
 # (Dv = 83 = 64 + 16 + 3).
 DECODE_SHAPES = [(17, 1, 150, 136, 83), (8, 2, 300, 129, 33)]
+# The backward's rows in blocks of about 2^20 scores (rounded_backward_rows): T S = 1.08e6
+# splits each batch element's rows (524 and 76), T S = 3e5 takes three batch elements a
+# block (then two).
+BLOCK_SHAPES = [(2, 600, 1800, 9, 5), (5, 300, 1000, 8, 3)]
 
 
 def cpu_flags() -> set[str]:
@@ -140,6 +144,7 @@ def check_errors(shape, shared_keys, score="dot", case=None):
 
 
 SHAPE_IDS, SMALL_SHAPE_IDS = attention_shape_ids(SHAPES), attention_shape_ids(SMALL_SHAPES)
+BLOCK_SHAPE_IDS = attention_shape_ids(BLOCK_SHAPES)
 SHARING = pytest.mark.parametrize("shared_keys", [False, True], ids=["keys_per_batch", "keys_shared_by_the_batch"])
 SCORES = pytest.mark.parametrize("score", ["dot", "cosine"])
 
@@ -155,14 +160,15 @@ def test_scores_are_float32_sums_of_the_bfloat16_products(shape, shared_keys, sc
 @needs_bfloat16_gemms
 @SCORES
 @SHARING
-@pytest.mark.parametrize("shape", SHAPES[:4] + SMALL_SHAPES, ids=SHAPE_IDS[:4] + SMALL_SHAPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES[:4] + SMALL_SHAPES + BLOCK_SHAPES,
+                         ids=SHAPE_IDS[:4] + SMALL_SHAPE_IDS + BLOCK_SHAPE_IDS)
 def test_outputs_and_gradients_err_at_most_twice_the_reference_in_bfloat16(shape, shared_keys, score):
     check_errors(shape, shared_keys, score)
 
 
 @needs_bfloat16_gemms
 @SHARING
-@pytest.mark.parametrize("shape", SHAPES + SMALL_SHAPES, ids=SHAPE_IDS + SMALL_SHAPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES + SMALL_SHAPES + BLOCK_SHAPES, ids=SHAPE_IDS + SMALL_SHAPE_IDS + BLOCK_SHAPE_IDS)
 def test_the_shapes_take_the_bfloat16_gemms(shape, shared_keys):
     """The shapes the checks above run are on the matrix-multiply path: the forward's
     softmax and W @ V (an at::bmm; none at T = 1, bfloat16_decode_context), and the

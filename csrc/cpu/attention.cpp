@@ -98,6 +98,7 @@ namespace {
 
 using fastattn::bfloat16_decode_context;
 using fastattn::bfloat16_matmul_nt;
+using fastattn::bfloat16_matmul_nt_out;
 using fastattn::bfloat16_matmul_nt_available;
 using fastattn::KeyRange;
 using fastattn::ScoreKind;
@@ -1719,13 +1720,18 @@ FASTATTN_ALWAYS_INLINE void blas_backward_row_of(const AttentionProblem<T>& prob
 // raw (N, T, S): q.k on entry, dE on exit; grad_weights (N, T, S): dW = dC . v_j
 // (+ the weights' gradient) on entry, scratch after; weights (N, T, S): W on exit.
 // The row term: ShiftedRowTerm.
-// With rounded (float32 rows for bfloat16 GEMMs): each row's dE and W also rounded to
-// bfloat16 into rounded (N, T, S each) while the row is in cache, W kept in a row of
-// scratch (weights unused), where rounding the two (N, T, S) float32 tensors after the
-// pass read them through memory again.
-struct RoundedRows {
-  c10::BFloat16* grad_scores = nullptr;
-  c10::BFloat16* weights = nullptr;
+// The buffers of blas_backward_rows.  raw and grad_weights hold the rows from first_row
+// on (all of them, or a block of them).  With rounded_grad_scores and rounded_weights
+// ((N, T, S) bfloat16: the bfloat16 GEMMs' operands) each row's dE and W are rounded
+// into them while the row is in cache, W kept in a row of scratch (weights unused).
+template <typename T>
+struct BackwardRowBuffers {
+  T* raw = nullptr;
+  T* grad_weights = nullptr;
+  int64_t first_row = 0;
+  T* weights = nullptr;
+  c10::BFloat16* rounded_grad_scores = nullptr;
+  c10::BFloat16* rounded_weights = nullptr;
 };
 
 template <typename T>
@@ -1736,18 +1742,20 @@ void round_row(const T* row, int64_t count, c10::BFloat16* out) {
 }
 
 template <typename T>
-void blas_backward_rows(const AttentionProblem<T>& problem, T* raw, T* grad_weights, T* weights, const T* lse,
-                        T* grad_center, RoundedRows rounded, int64_t row_begin, int64_t row_end) {
+void blas_backward_rows(const AttentionProblem<T>& problem, BackwardRowBuffers<T> buffers, const T* lse,
+                        T* grad_center, int64_t row_begin, int64_t row_end) {
   const int64_t source_length = problem.source_length;
+  const bool rounded = buffers.rounded_weights != nullptr;
   std::vector<int64_t> visible_keys(source_length);
-  std::vector<T> weights_row(rounded.weights != nullptr ? source_length : 0);
+  std::vector<T> weights_row(rounded ? source_length : 0);
   for (int64_t row = row_begin; row < row_end; ++row) {
-    T* scores = raw + row * source_length;
-    T* w = rounded.weights != nullptr ? weights_row.data() : weights + row * source_length;
-    blas_backward_row_of(problem, scores, grad_weights + row * source_length, w, lse, grad_center, visible_keys, row);
-    if (rounded.weights != nullptr) {
-      round_row(scores, source_length, rounded.grad_scores + row * source_length);
-      round_row(w, source_length, rounded.weights + row * source_length);
+    const int64_t offset = (row - buffers.first_row) * source_length;
+    T* scores = buffers.raw + offset;
+    T* w = rounded ? weights_row.data() : buffers.weights + row * source_length;
+    blas_backward_row_of(problem, scores, buffers.grad_weights + offset, w, lse, grad_center, visible_keys, row);
+    if (rounded) {
+      round_row(scores, source_length, buffers.rounded_grad_scores + row * source_length);
+      round_row(w, source_length, buffers.rounded_weights + row * source_length);
     }
   }
 }
@@ -1901,6 +1909,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
   return {context, weights, logsumexp};
 }
 
+// blas_backward_rows over rows [row_begin, row_end), in parallel (grad_center: the (N, T)
+// gradient of the centres, or undefined).
+template <typename T>
+void backward_rows_in_parallel(const PreparedInputs& in, const BackwardRowBuffers<T>& buffers,
+                               const at::Tensor& logsumexp, const at::Tensor& grad_center, int64_t row_begin,
+                               int64_t row_end) {
+  const AttentionProblem<T> problem = masks_of<T>(in);
+  const T* lse = logsumexp.const_data_ptr<T>();
+  T* center_data = grad_center.defined() ? grad_center.mutable_data_ptr<T>() : nullptr;
+  at::parallel_for(row_begin, row_end, std::max<int64_t>(1, 16384 / in.source_length), [&](int64_t begin, int64_t end) {
+    run_for_this_cpu<&blas_backward_rows<T>>(problem, buffers, lse, center_data, begin, end);
+  });
+}
+
+// The bfloat16 backward's rows: dE and W rounded into grad_scores and weights ((N, T, S)
+// bfloat16), from q.k and dC v^T of the float32-output bfloat16 GEMM computed a block of
+// rows at a time into two float32 buffers of about kBlockScores scores each, allocated
+// once a call: whole batch elements a block where T S is at most that, else rows of one.
+// A block's scores stay in cache from their GEMMs through the row pass, where the two
+// float32 (N, T, S) tensors had gone through memory (and been fresh allocations each
+// call, their pages faulted in: 64 MiB at N = 1, T = 2048, S = 4096).
+void rounded_backward_rows(const PreparedInputs& in, const at::Tensor& grad_context, const at::Tensor& grad_weights,
+                           const at::Tensor& logsumexp, const at::Tensor& grad_center, at::Tensor& grad_scores,
+                           at::Tensor& weights) {
+  constexpr int64_t kBlockScores = int64_t{1} << 20;
+  const int64_t batch_size = in.batch, query_length = in.query_length, source_length = in.source_length;
+  const int64_t scores_per_element = query_length * source_length;
+  const int64_t block_rows =
+      scores_per_element <= kBlockScores ? query_length : std::max<int64_t>(1, kBlockScores / source_length);
+  const int64_t block_batch =
+      block_rows == query_length ? std::clamp<int64_t>(kBlockScores / scores_per_element, 1, batch_size) : 1;
+  at::Tensor raw = at::empty({block_batch, block_rows, source_length}, in.query.options().dtype(at::kFloat));
+  at::Tensor grad_alpha = at::empty_like(raw);
+  BackwardRowBuffers<float> buffers;
+  buffers.raw = raw.mutable_data_ptr<float>();
+  buffers.grad_weights = grad_alpha.mutable_data_ptr<float>();
+  buffers.rounded_grad_scores = grad_scores.mutable_data_ptr<c10::BFloat16>();
+  buffers.rounded_weights = weights.mutable_data_ptr<c10::BFloat16>();
+  for (int64_t n = 0; n < batch_size; n += block_batch) {
+    const int64_t batch = std::min(block_batch, batch_size - n);
+    for (int64_t t = 0; t < query_length; t += block_rows) {
+      const int64_t rows = std::min(block_rows, query_length - t);
+      const auto block_of = [&](const at::Tensor& x) { return x.narrow(0, n, batch).narrow(1, t, rows); };
+      at::Tensor raw_block = raw.narrow(0, 0, batch).narrow(1, 0, rows);  // rows one after another
+      at::Tensor grad_alpha_block = grad_alpha.narrow(0, 0, batch).narrow(1, 0, rows);
+      bfloat16_matmul_nt_out(raw_block, block_of(in.query), in.keys.narrow(0, n, batch));
+      bfloat16_matmul_nt_out(grad_alpha_block, block_of(grad_context), in.values.narrow(0, n, batch));
+      if (grad_weights.defined()) grad_alpha_block.add_(block_of(grad_weights));
+      buffers.first_row = n * query_length + t;
+      backward_rows_in_parallel(in, buffers, logsumexp, grad_center, buffers.first_row,
+                                buffers.first_row + batch * rows);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_weights, const at::Tensor& query,
     const at::Tensor& keys, const at::Tensor& values, const std::optional<at::Tensor>& v,
@@ -1954,35 +2017,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // cosine's unit vectors in bfloat16 for dE K^ and dE^T Q^
     const at::Tensor query_rows = cosine ? unit_rows(in.query) : in.query;
     const at::Tensor key_rows = cosine ? unit_rows(in.keys) : in.keys;
-    at::Tensor raw = bfloat16 ? bfloat16_matmul_nt(in.query, in.keys)
-                              : batched_matmul(query_rows, key_rows.transpose(1, 2)).contiguous();
-    at::Tensor grad_alpha = bfloat16 ? bfloat16_matmul_nt(grad_context_, in.values)
-                                     : batched_matmul(grad_context_, in.values.transpose(1, 2)).contiguous();
-    if (grad_weights_.defined()) grad_alpha.add_(grad_weights_);
-    // bfloat16: dE and W rounded before their GEMMs, row by row (RoundedRows)
-    at::Tensor weights = bfloat16 ? at::empty_like(raw, raw.options().dtype(at::kBFloat16)) : at::empty_like(raw);
-    at::Tensor grad_scores = bfloat16 ? at::empty_like(weights) : raw;
-    AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_backward_blas", [&] {
-      const AttentionProblem<scalar_t> problem = masks_of<scalar_t>(in);
-      scalar_t* raw_data = raw.mutable_data_ptr<scalar_t>();
-      scalar_t* grad_alpha_data = grad_alpha.mutable_data_ptr<scalar_t>();
-      scalar_t* weights_data = bfloat16 ? nullptr : weights.mutable_data_ptr<scalar_t>();
-      RoundedRows rounded;
-      if (bfloat16) {
-        rounded.grad_scores = grad_scores.mutable_data_ptr<c10::BFloat16>();
-        rounded.weights = weights.mutable_data_ptr<c10::BFloat16>();
-      }
-      const scalar_t* lse = logsumexp_.const_data_ptr<scalar_t>();
-      scalar_t* center_data = wants_center ? grad_center.mutable_data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, in.batch * in.query_length, std::max<int64_t>(1, 16384 / in.source_length),
-                       [&](int64_t begin, int64_t end) {
-                         run_for_this_cpu<&blas_backward_rows<scalar_t>>(problem, raw_data, grad_alpha_data,
-                                                                         weights_data, lse, center_data, rounded,
-                                                                         begin, end);
-                       });
-    });
-    raw = at::Tensor();
-    grad_alpha = at::Tensor();
+    at::Tensor grad_scores, weights;  // dE and W (N, T, S), bfloat16 for bfloat16 GEMMs
+    if (bfloat16) {
+      grad_scores = at::empty({in.batch, in.query_length, in.source_length}, in.query.options());
+      weights = at::empty_like(grad_scores);
+      rounded_backward_rows(in, grad_context_, grad_weights_, logsumexp_, grad_center, grad_scores, weights);
+    } else {
+      grad_scores = batched_matmul(query_rows, key_rows.transpose(1, 2)).contiguous();
+      at::Tensor grad_alpha = batched_matmul(grad_context_, in.values.transpose(1, 2)).contiguous();
+      if (grad_weights_.defined()) grad_alpha.add_(grad_weights_);
+      weights = at::empty_like(grad_scores);
+      AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_backward_blas", [&] {
+        BackwardRowBuffers<scalar_t> buffers;
+        buffers.raw = grad_scores.mutable_data_ptr<scalar_t>();
+        buffers.grad_weights = grad_alpha.mutable_data_ptr<scalar_t>();
+        buffers.weights = weights.mutable_data_ptr<scalar_t>();
+        backward_rows_in_parallel(in, buffers, logsumexp_, grad_center, 0, in.batch * in.query_length);
+      });
+    }
     at::Tensor grad_values = batched_matmul(weights.transpose(1, 2), grad_context_);
     at::Tensor grad_query = batched_matmul(grad_scores, key_rows);
     // Keys shared by the batch: their gradient summed over it, dE^T Q over all N T rows.
