@@ -26,8 +26,11 @@
 //   factor; the dot backward is five GEMMs around one pass per row (cosine: on the
 //   unit vectors, then through them).  bfloat16 with the dot or cosine score on a CPU
 //   with AVX512-BF16: the GEMMs take the bfloat16 inputs as they are
-//   (PreparedInputs::bfloat16_gemms).  The row passes vectorise where a row's visible
-//   keys are one range (no padding mask), in the AVX2 clone too (run_for_this_cpu).
+//   (PreparedInputs::bfloat16_gemms), their float32 scores made a block of about 2^20
+//   at a time with each block's row passes right after (for_each_score_block), W and
+//   dE rounded to bfloat16 row by row for the GEMMs after.  The row passes vectorise
+//   where a row's visible keys are one range (no padding mask), in the AVX2 clone too
+//   (run_for_this_cpu).
 // Backward: parallel over n (each n owns its grad_keys / grad_values rows; chunk-
 //   local grad_v / grad_bias summed at the end): no races, deterministic.  Scores
 //   and tanh are recomputed, never stored: per row a pass over the keys for their
@@ -75,6 +78,7 @@
 #include <string_view>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../common/attention_math.h"
@@ -1475,16 +1479,17 @@ bool use_blas_path(const PreparedInputs& in) {
 // Before the softmax: scores (N, T, S) holds q'.k on entry; on exit e_{t,j} where
 // t may attend to j and -inf elsewhere, a row of zeros for a row with no finite
 // score (kept finite through the softmax, zeroed after).  row_max[row] = the row's
-// max score (-inf: fully masked), first_argmax[row] = the first j holding it.
+// max score (-inf: fully masked), first_argmax[row] = the first j holding it.  raw holds
+// the rows from first_row on (all of them, or a block of them).
 template <typename T, ScoreKind kScore>
-void blas_mask_rows(const AttentionProblem<T>& problem, T* raw, T* row_max, int64_t* first_argmax,
+void blas_mask_rows(const AttentionProblem<T>& problem, T* raw, int64_t first_row, T* row_max, int64_t* first_argmax,
                     int64_t row_begin, int64_t row_end) {
   const int64_t query_length = problem.query_length, source_length = problem.source_length;
   const T minus_infinity = fastattn::negative_infinity<T>();
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t n = row / query_length, t = row % query_length;
     const KeyRange range = problem.keys_of(n, t);
-    T* scores = raw + row * source_length;
+    T* scores = raw + (row - first_row) * source_length;
     T max_score = minus_infinity;
     int64_t argmax = 0;
     const T divisor = query_divisor<T, kScore>(problem, row);
@@ -1533,14 +1538,14 @@ void blas_mask_rows(const AttentionProblem<T>& problem, T* raw, T* row_max, int6
 
 // After the softmax: logsumexp = max - log(alpha_argmax) (alpha_argmax = 1 / sum
 // exp(e - max)); zero rows and -inf for the fully masked rows; the Gaussian factor.
-// lse holds the row maxima on entry.
+// lse holds the row maxima on entry; weights the rows from first_row on.
 template <typename T>
-void blas_finish_rows(const AttentionProblem<T>& problem, T* weights, T* lse, const int64_t* first_argmax,
-                      int64_t row_begin, int64_t row_end) {
+void blas_finish_rows(const AttentionProblem<T>& problem, T* weights, int64_t first_row, T* lse,
+                      const int64_t* first_argmax, int64_t row_begin, int64_t row_end) {
   const int64_t query_length = problem.query_length, source_length = problem.source_length;
   const T minus_infinity = fastattn::negative_infinity<T>();
   for (int64_t row = row_begin; row < row_end; ++row) {
-    T* alpha = weights + row * source_length;
+    T* alpha = weights + (row - first_row) * source_length;
     if (lse[row] == minus_infinity) {
       std::fill(alpha, alpha + source_length, T(0));
       continue;
@@ -1779,50 +1784,110 @@ void run_for_this_cpu(Args... args) {
   kFunction(args...);
 }
 
+// The float32 scores of the bfloat16 GEMMs (the forward's q.k, the backward's q.k and
+// dC v^T) are made a block of about kBlockScores at a time, into buffers allocated once a
+// call: whole batch elements a block where T S is at most that, else rows of one element.
+// Each block's row passes run right after its GEMMs, while it is in cache, where (N, T, S)
+// float32 tensors had gone through memory, fresh allocations every call whose pages were
+// faulted in each time (64 MiB for two at N = 1, T = 2048, S = 4096).
+constexpr int64_t kBlockScores = int64_t{1} << 20;
+
+// (batch elements, rows) of the largest block.
+std::pair<int64_t, int64_t> largest_score_block(const PreparedInputs& in) {
+  const int64_t scores_per_element = in.query_length * in.source_length;
+  const int64_t rows = scores_per_element <= kBlockScores ? in.query_length
+                                                          : std::max<int64_t>(1, kBlockScores / in.source_length);
+  const int64_t batch =
+      rows == in.query_length ? std::clamp<int64_t>(kBlockScores / std::max<int64_t>(1, scores_per_element), 1,
+                                                    std::max<int64_t>(1, in.batch))
+                              : 1;
+  return {batch, rows};
+}
+
+// block(n, batch, t, rows) for each block: batch elements [n, n + batch), rows [t, t + rows)
+// of each (whole elements when batch > 1, so the block's rows lie one after another).
+template <typename Block>
+void for_each_score_block(const PreparedInputs& in, const Block& block) {
+  const auto [block_batch, block_rows] = largest_score_block(in);
+  for (int64_t n = 0; n < in.batch; n += block_batch) {
+    for (int64_t t = 0; t < in.query_length; t += block_rows) {
+      block(n, std::min(block_batch, in.batch - n), t, std::min(block_rows, in.query_length - t));
+    }
+  }
+}
+
+// The forward's weights from scores (R rows, from first_row on, in the compute dtype):
+// blas_mask_rows, ATen's vectorised softmax over the last dim into weights (the same
+// shape), blas_finish_rows; lse and first_argmax are those of all the rows.
+template <typename T>
+void weights_of_scores(const PreparedInputs& in, const at::Tensor& scores, at::Tensor& weights, int64_t first_row,
+                       T* lse, int64_t* first_argmax) {
+  const AttentionProblem<T> problem = masks_of<T>(in);
+  const int64_t row_end = first_row + scores.size(0) * scores.size(1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / in.source_length);
+  T* raw = scores.mutable_data_ptr<T>();
+  const bool cosine = in.score == ScoreKind::kCosine;
+  at::parallel_for(first_row, row_end, grain, [&](int64_t begin, int64_t end) {
+    if (cosine) {
+      run_for_this_cpu<&blas_mask_rows<T, ScoreKind::kCosine>>(problem, raw, first_row, lse, first_argmax, begin, end);
+    } else {
+      run_for_this_cpu<&blas_mask_rows<T, ScoreKind::kDot>>(problem, raw, first_row, lse, first_argmax, begin, end);
+    }
+  });
+  at::_softmax_out(weights, scores, 2, false);
+  T* alpha = weights.mutable_data_ptr<T>();
+  at::parallel_for(first_row, row_end, grain, [&](int64_t begin, int64_t end) {
+    blas_finish_rows<T>(problem, alpha, first_row, lse, first_argmax, begin, end);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const PreparedInputs& in, bool return_weights,
                                                                       const at::Tensor& original_query) {
   const bool bfloat16 = in.bfloat16_gemms;
   at::Tensor logsumexp = at::empty({in.batch, in.query_length}, in.query.options().dtype(in.compute_dtype));
-  at::Tensor scores;
-  if (bfloat16) {
-    scores = bfloat16_matmul_nt(in.query, in.keys);
-  } else {
-    const at::Tensor prepared_query = in.score == ScoreKind::kCosine ? unit_rows(in.query) : in.query;
-    scores = batched_matmul(prepared_query, in.keys.transpose(1, 2)).contiguous();
-  }
+  std::vector<int64_t> first_argmax(in.batch * in.query_length);
   at::Tensor weights;
-  const int64_t rows = in.batch * in.query_length;
-  std::vector<int64_t> first_argmax(rows);
-  AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_forward_blas", [&] {
-    const AttentionProblem<scalar_t> problem = masks_of<scalar_t>(in);
-    scalar_t* lse = logsumexp.mutable_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / in.source_length);
-    {
-      scalar_t* raw = scores.mutable_data_ptr<scalar_t>();
-      const bool cosine = in.score == ScoreKind::kCosine;
-      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-        if (cosine) {
-          run_for_this_cpu<&blas_mask_rows<scalar_t, ScoreKind::kCosine>>(problem, raw, lse, first_argmax.data(), begin,
-                                                                          end);
-        } else {
-          run_for_this_cpu<&blas_mask_rows<scalar_t, ScoreKind::kDot>>(problem, raw, lse, first_argmax.data(), begin, end);
-        }
-      });
-    }
-    weights = at::_softmax(scores, 2, false);  // ATen's vectorised softmax over the last dim
-    scores = at::Tensor();
-    scalar_t* alpha = weights.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      blas_finish_rows<scalar_t>(problem, alpha, lse, first_argmax.data(), begin, end);
+  if (bfloat16 && in.query_length > 1) {
+    // The weights rounded to bfloat16 (before W @ V, as they are returned), from the
+    // float32 scores of the bfloat16 GEMM a block at a time (for_each_score_block).
+    weights = at::empty({in.batch, in.query_length, in.source_length}, in.query.options());
+    const auto [block_batch, block_rows] = largest_score_block(in);
+    at::Tensor scores = at::empty({block_batch, block_rows, in.source_length}, in.query.options().dtype(at::kFloat));
+    at::Tensor block_weights = at::empty_like(scores);
+    c10::BFloat16* rounded = weights.mutable_data_ptr<c10::BFloat16>();
+    const float* alpha = block_weights.const_data_ptr<float>();
+    const int64_t source_length = in.source_length;
+    for_each_score_block(in, [&](int64_t n, int64_t batch, int64_t t, int64_t rows) {
+      at::Tensor scores_block = scores.narrow(0, 0, batch).narrow(1, 0, rows);  // rows one after another
+      at::Tensor weights_block = block_weights.narrow(0, 0, batch).narrow(1, 0, rows);
+      bfloat16_matmul_nt_out(scores_block, in.query.narrow(0, n, batch).narrow(1, t, rows), in.keys.narrow(0, n, batch));
+      const int64_t first_row = n * in.query_length + t;
+      weights_of_scores<float>(in, scores_block, weights_block, first_row, logsumexp.mutable_data_ptr<float>(),
+                               first_argmax.data());
+      at::parallel_for(first_row, first_row + batch * rows, std::max<int64_t>(1, 16384 / source_length),
+                       [&](int64_t begin, int64_t end) {
+                         for (int64_t row = begin; row < end; ++row) {
+                           round_row(alpha + (row - first_row) * source_length, source_length,
+                                     rounded + row * source_length);
+                         }
+                       });
     });
-  });
-  at::Tensor context;
-  if (bfloat16 && in.query_length == 1) {  // a decode step: W in float32, v as stored
-    context = bfloat16_decode_context(weights, in.values);
   } else {
-    if (bfloat16) weights = weights.to(in.input_dtype);  // rounded before W @ V, as it is returned
-    context = batched_matmul(weights, in.values);
+    at::Tensor scores;
+    if (bfloat16) {
+      scores = bfloat16_matmul_nt(in.query, in.keys);
+    } else {
+      const at::Tensor prepared_query = in.score == ScoreKind::kCosine ? unit_rows(in.query) : in.query;
+      scores = batched_matmul(prepared_query, in.keys.transpose(1, 2)).contiguous();
+    }
+    weights = at::empty_like(scores);
+    AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_forward_blas", [&] {
+      weights_of_scores<scalar_t>(in, scores, weights, 0, logsumexp.mutable_data_ptr<scalar_t>(), first_argmax.data());
+    });
   }
+  // A decode step: W in float32, v as stored.
+  at::Tensor context = bfloat16 && in.query_length == 1 ? bfloat16_decode_context(weights, in.values)
+                                                        : batched_matmul(weights, in.values);
   if (context.scalar_type() != in.input_dtype) context = context.to(in.input_dtype);
   if (!return_weights) {
     weights = at::empty({0}, original_query.options());
@@ -1924,44 +1989,29 @@ void backward_rows_in_parallel(const PreparedInputs& in, const BackwardRowBuffer
 }
 
 // The bfloat16 backward's rows: dE and W rounded into grad_scores and weights ((N, T, S)
-// bfloat16), from q.k and dC v^T of the float32-output bfloat16 GEMM computed a block of
-// rows at a time into two float32 buffers of about kBlockScores scores each, allocated
-// once a call: whole batch elements a block where T S is at most that, else rows of one.
-// A block's scores stay in cache from their GEMMs through the row pass, where the two
-// float32 (N, T, S) tensors had gone through memory (and been fresh allocations each
-// call, their pages faulted in: 64 MiB at N = 1, T = 2048, S = 4096).
+// bfloat16), from q.k and dC v^T of the float32-output bfloat16 GEMM a block at a time
+// (for_each_score_block).
 void rounded_backward_rows(const PreparedInputs& in, const at::Tensor& grad_context, const at::Tensor& grad_weights,
                            const at::Tensor& logsumexp, const at::Tensor& grad_center, at::Tensor& grad_scores,
                            at::Tensor& weights) {
-  constexpr int64_t kBlockScores = int64_t{1} << 20;
-  const int64_t batch_size = in.batch, query_length = in.query_length, source_length = in.source_length;
-  const int64_t scores_per_element = query_length * source_length;
-  const int64_t block_rows =
-      scores_per_element <= kBlockScores ? query_length : std::max<int64_t>(1, kBlockScores / source_length);
-  const int64_t block_batch =
-      block_rows == query_length ? std::clamp<int64_t>(kBlockScores / scores_per_element, 1, batch_size) : 1;
-  at::Tensor raw = at::empty({block_batch, block_rows, source_length}, in.query.options().dtype(at::kFloat));
+  const auto [block_batch, block_rows] = largest_score_block(in);
+  at::Tensor raw = at::empty({block_batch, block_rows, in.source_length}, in.query.options().dtype(at::kFloat));
   at::Tensor grad_alpha = at::empty_like(raw);
   BackwardRowBuffers<float> buffers;
   buffers.raw = raw.mutable_data_ptr<float>();
   buffers.grad_weights = grad_alpha.mutable_data_ptr<float>();
   buffers.rounded_grad_scores = grad_scores.mutable_data_ptr<c10::BFloat16>();
   buffers.rounded_weights = weights.mutable_data_ptr<c10::BFloat16>();
-  for (int64_t n = 0; n < batch_size; n += block_batch) {
-    const int64_t batch = std::min(block_batch, batch_size - n);
-    for (int64_t t = 0; t < query_length; t += block_rows) {
-      const int64_t rows = std::min(block_rows, query_length - t);
-      const auto block_of = [&](const at::Tensor& x) { return x.narrow(0, n, batch).narrow(1, t, rows); };
-      at::Tensor raw_block = raw.narrow(0, 0, batch).narrow(1, 0, rows);  // rows one after another
-      at::Tensor grad_alpha_block = grad_alpha.narrow(0, 0, batch).narrow(1, 0, rows);
-      bfloat16_matmul_nt_out(raw_block, block_of(in.query), in.keys.narrow(0, n, batch));
-      bfloat16_matmul_nt_out(grad_alpha_block, block_of(grad_context), in.values.narrow(0, n, batch));
-      if (grad_weights.defined()) grad_alpha_block.add_(block_of(grad_weights));
-      buffers.first_row = n * query_length + t;
-      backward_rows_in_parallel(in, buffers, logsumexp, grad_center, buffers.first_row,
-                                buffers.first_row + batch * rows);
-    }
-  }
+  for_each_score_block(in, [&](int64_t n, int64_t batch, int64_t t, int64_t rows) {
+    const auto block_of = [&](const at::Tensor& x) { return x.narrow(0, n, batch).narrow(1, t, rows); };
+    at::Tensor raw_block = raw.narrow(0, 0, batch).narrow(1, 0, rows);  // rows one after another
+    at::Tensor grad_alpha_block = grad_alpha.narrow(0, 0, batch).narrow(1, 0, rows);
+    bfloat16_matmul_nt_out(raw_block, block_of(in.query), in.keys.narrow(0, n, batch));
+    bfloat16_matmul_nt_out(grad_alpha_block, block_of(grad_context), in.values.narrow(0, n, batch));
+    if (grad_weights.defined()) grad_alpha_block.add_(block_of(grad_weights));
+    buffers.first_row = n * in.query_length + t;
+    backward_rows_in_parallel(in, buffers, logsumexp, grad_center, buffers.first_row, buffers.first_row + batch * rows);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
