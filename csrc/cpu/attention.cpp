@@ -1739,11 +1739,9 @@ struct BackwardRowBuffers {
   c10::BFloat16* rounded_weights = nullptr;
 };
 
-template <typename T>
-void round_row(const T* row, int64_t count, c10::BFloat16* out) {
-  if constexpr (std::is_same_v<T, float>) {
-    for (int64_t j = 0; j < count; ++j) out[j] = c10::BFloat16(row[j]);  // round to nearest even, as Tensor.to
-  }
+// out = row rounded to bfloat16 (to nearest even, as Tensor.to; the loop vectorises).
+inline void round_row(const float* row, int64_t count, c10::BFloat16* out) {
+  for (int64_t j = 0; j < count; ++j) out[j] = c10::BFloat16(row[j]);
 }
 
 template <typename T>
@@ -1758,9 +1756,11 @@ void blas_backward_rows(const AttentionProblem<T>& problem, BackwardRowBuffers<T
     T* scores = buffers.raw + offset;
     T* w = rounded ? weights_row.data() : buffers.weights + row * source_length;
     blas_backward_row_of(problem, scores, buffers.grad_weights + offset, w, lse, grad_center, visible_keys, row);
-    if (rounded) {
-      round_row(scores, source_length, buffers.rounded_grad_scores + row * source_length);
-      round_row(w, source_length, buffers.rounded_weights + row * source_length);
+    if constexpr (std::is_same_v<T, float>) {
+      if (rounded) {
+        round_row(scores, source_length, buffers.rounded_grad_scores + row * source_length);
+        round_row(w, source_length, buffers.rounded_weights + row * source_length);
+      }
     }
   }
 }
