@@ -1816,12 +1816,22 @@ void for_each_score_block(const PreparedInputs& in, const Block& block) {
   }
 }
 
+// Rows [row_begin, row_end) of block (the rows from first_row on, source_length long)
+// rounded to bfloat16 into rounded, whose row 0 is row 0.
+void round_rows(const float* block, int64_t first_row, int64_t source_length, c10::BFloat16* rounded,
+                int64_t row_begin, int64_t row_end) {
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    round_row(block + (row - first_row) * source_length, source_length, rounded + row * source_length);
+  }
+}
+
 // The forward's weights from scores (R rows, from first_row on, in the compute dtype):
 // blas_mask_rows, ATen's vectorised softmax over the last dim into weights (the same
-// shape), blas_finish_rows; lse and first_argmax are those of all the rows.
+// shape), blas_finish_rows, and with rounded (float32 weights) each row rounded into it
+// (N, T, S) in the same pass; lse and first_argmax are those of all the rows.
 template <typename T>
 void weights_of_scores(const PreparedInputs& in, const at::Tensor& scores, at::Tensor& weights, int64_t first_row,
-                       T* lse, int64_t* first_argmax) {
+                       T* lse, int64_t* first_argmax, c10::BFloat16* rounded = nullptr) {
   const AttentionProblem<T> problem = masks_of<T>(in);
   const int64_t row_end = first_row + scores.size(0) * scores.size(1);
   const int64_t grain = std::max<int64_t>(1, 16384 / in.source_length);
@@ -1838,6 +1848,9 @@ void weights_of_scores(const PreparedInputs& in, const at::Tensor& scores, at::T
   T* alpha = weights.mutable_data_ptr<T>();
   at::parallel_for(first_row, row_end, grain, [&](int64_t begin, int64_t end) {
     blas_finish_rows<T>(problem, alpha, first_row, lse, first_argmax, begin, end);
+    if constexpr (std::is_same_v<T, float>) {
+      if (rounded != nullptr) run_for_this_cpu<&round_rows>(alpha, first_row, in.source_length, rounded, begin, end);
+    }
   });
 }
 
@@ -1855,22 +1868,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const Prep
     at::Tensor scores = at::empty({block_batch, block_rows, in.source_length}, in.query.options().dtype(at::kFloat));
     at::Tensor block_weights = at::empty_like(scores);
     c10::BFloat16* rounded = weights.mutable_data_ptr<c10::BFloat16>();
-    const float* alpha = block_weights.const_data_ptr<float>();
-    const int64_t source_length = in.source_length;
     for_each_score_block(in, [&](int64_t n, int64_t batch, int64_t t, int64_t rows) {
       at::Tensor scores_block = scores.narrow(0, 0, batch).narrow(1, 0, rows);  // rows one after another
       at::Tensor weights_block = block_weights.narrow(0, 0, batch).narrow(1, 0, rows);
       bfloat16_matmul_nt_out(scores_block, in.query.narrow(0, n, batch).narrow(1, t, rows), in.keys.narrow(0, n, batch));
       const int64_t first_row = n * in.query_length + t;
       weights_of_scores<float>(in, scores_block, weights_block, first_row, logsumexp.mutable_data_ptr<float>(),
-                               first_argmax.data());
-      at::parallel_for(first_row, first_row + batch * rows, std::max<int64_t>(1, 16384 / source_length),
-                       [&](int64_t begin, int64_t end) {
-                         for (int64_t row = begin; row < end; ++row) {
-                           round_row(alpha + (row - first_row) * source_length, source_length,
-                                     rounded + row * source_length);
-                         }
-                       });
+                               first_argmax.data(), rounded);
     });
   } else {
     at::Tensor scores;
