@@ -1804,14 +1804,32 @@ std::pair<int64_t, int64_t> largest_score_block(const PreparedInputs& in) {
   return {batch, rows};
 }
 
-// block(n, batch, t, rows) for each block: batch elements [n, n + batch), rows [t, t + rows)
-// of each (whole elements when batch > 1, so the block's rows lie one after another).
+// A float32 buffer of the largest block's scores.
+at::Tensor score_block_buffer(const PreparedInputs& in) {
+  const auto [batch, rows] = largest_score_block(in);
+  return at::empty({batch, rows, in.source_length}, in.query.options().dtype(at::kFloat));
+}
+
+// A block: batch elements [n, n + batch), rows [t, t + rows) of each (whole elements when
+// batch > 1, so the block's rows lie one after another), the first of them row first_row
+// of the N T.
+struct ScoreBlock {
+  int64_t n, batch, t, rows, first_row;
+  int64_t row_end() const { return first_row + batch * rows; }
+  at::Tensor rows_of(const at::Tensor& x) const { return x.narrow(0, n, batch).narrow(1, t, rows); }  // x (N, T, ...)
+  at::Tensor batch_of(const at::Tensor& x) const { return x.narrow(0, n, batch); }  // x (N, ...)
+  // The block's place at the start of a score_block_buffer.
+  at::Tensor in_buffer(const at::Tensor& buffer) const { return buffer.narrow(0, 0, batch).narrow(1, 0, rows); }
+};
+
+// block(ScoreBlock) for each block, in order.
 template <typename Block>
 void for_each_score_block(const PreparedInputs& in, const Block& block) {
   const auto [block_batch, block_rows] = largest_score_block(in);
   for (int64_t n = 0; n < in.batch; n += block_batch) {
     for (int64_t t = 0; t < in.query_length; t += block_rows) {
-      block(n, std::min(block_batch, in.batch - n), t, std::min(block_rows, in.query_length - t));
+      block(ScoreBlock{n, std::min(block_batch, in.batch - n), t, std::min(block_rows, in.query_length - t),
+                       n * in.query_length + t});
     }
   }
 }
@@ -1864,16 +1882,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const Prep
     // The weights rounded to bfloat16 (before W @ V, as they are returned), from the
     // float32 scores of the bfloat16 GEMM a block at a time (for_each_score_block).
     weights = at::empty({in.batch, in.query_length, in.source_length}, in.query.options());
-    const auto [block_batch, block_rows] = largest_score_block(in);
-    at::Tensor scores = at::empty({block_batch, block_rows, in.source_length}, in.query.options().dtype(at::kFloat));
-    at::Tensor block_weights = at::empty_like(scores);
+    const at::Tensor scores = score_block_buffer(in), block_weights = score_block_buffer(in);
     c10::BFloat16* rounded = weights.mutable_data_ptr<c10::BFloat16>();
-    for_each_score_block(in, [&](int64_t n, int64_t batch, int64_t t, int64_t rows) {
-      at::Tensor scores_block = scores.narrow(0, 0, batch).narrow(1, 0, rows);  // rows one after another
-      at::Tensor weights_block = block_weights.narrow(0, 0, batch).narrow(1, 0, rows);
-      bfloat16_matmul_nt_out(scores_block, in.query.narrow(0, n, batch).narrow(1, t, rows), in.keys.narrow(0, n, batch));
-      const int64_t first_row = n * in.query_length + t;
-      weights_of_scores<float>(in, scores_block, weights_block, first_row, logsumexp.mutable_data_ptr<float>(),
+    for_each_score_block(in, [&](const ScoreBlock& block) {
+      at::Tensor scores_block = block.in_buffer(scores), weights_block = block.in_buffer(block_weights);
+      bfloat16_matmul_nt_out(scores_block, block.rows_of(in.query), block.batch_of(in.keys));
+      weights_of_scores<float>(in, scores_block, weights_block, block.first_row, logsumexp.mutable_data_ptr<float>(),
                                first_argmax.data(), rounded);
     });
   } else {
@@ -1998,23 +2012,19 @@ void backward_rows_in_parallel(const PreparedInputs& in, const BackwardRowBuffer
 void rounded_backward_rows(const PreparedInputs& in, const at::Tensor& grad_context, const at::Tensor& grad_weights,
                            const at::Tensor& logsumexp, const at::Tensor& grad_center, at::Tensor& grad_scores,
                            at::Tensor& weights) {
-  const auto [block_batch, block_rows] = largest_score_block(in);
-  at::Tensor raw = at::empty({block_batch, block_rows, in.source_length}, in.query.options().dtype(at::kFloat));
-  at::Tensor grad_alpha = at::empty_like(raw);
+  const at::Tensor raw = score_block_buffer(in), grad_alpha = score_block_buffer(in);
   BackwardRowBuffers<float> buffers;
   buffers.raw = raw.mutable_data_ptr<float>();
   buffers.grad_weights = grad_alpha.mutable_data_ptr<float>();
   buffers.rounded_grad_scores = grad_scores.mutable_data_ptr<c10::BFloat16>();
   buffers.rounded_weights = weights.mutable_data_ptr<c10::BFloat16>();
-  for_each_score_block(in, [&](int64_t n, int64_t batch, int64_t t, int64_t rows) {
-    const auto block_of = [&](const at::Tensor& x) { return x.narrow(0, n, batch).narrow(1, t, rows); };
-    at::Tensor raw_block = raw.narrow(0, 0, batch).narrow(1, 0, rows);  // rows one after another
-    at::Tensor grad_alpha_block = grad_alpha.narrow(0, 0, batch).narrow(1, 0, rows);
-    bfloat16_matmul_nt_out(raw_block, block_of(in.query), in.keys.narrow(0, n, batch));
-    bfloat16_matmul_nt_out(grad_alpha_block, block_of(grad_context), in.values.narrow(0, n, batch));
-    if (grad_weights.defined()) grad_alpha_block.add_(block_of(grad_weights));
-    buffers.first_row = n * in.query_length + t;
-    backward_rows_in_parallel(in, buffers, logsumexp, grad_center, buffers.first_row, buffers.first_row + batch * rows);
+  for_each_score_block(in, [&](const ScoreBlock& block) {
+    at::Tensor raw_block = block.in_buffer(raw), grad_alpha_block = block.in_buffer(grad_alpha);
+    bfloat16_matmul_nt_out(raw_block, block.rows_of(in.query), block.batch_of(in.keys));
+    bfloat16_matmul_nt_out(grad_alpha_block, block.rows_of(grad_context), block.batch_of(in.values));
+    if (grad_weights.defined()) grad_alpha_block.add_(block.rows_of(grad_weights));
+    buffers.first_row = block.first_row;
+    backward_rows_in_parallel(in, buffers, logsumexp, grad_center, block.first_row, block.row_end());
   });
 }
 
