@@ -42,6 +42,23 @@ def key_dim_for(score: str, query_dim: int, other: int) -> int:
     return query_dim if score in ("dot", "scaled_dot", "cosine") else other
 
 
+# (N, T, S, D, Dv) whose scores the C++ attention's matrix-multiply path makes in blocks of
+# about 2^20 (for_each_score_block): T S = 1.08e6 splits each batch element's rows (582 and
+# 18), T S = 3e5 takes three batch elements a block (then two).
+BLOCK_SHAPES = [(2, 600, 1800, 9, 5), (5, 300, 1000, 8, 3)]
+BLOCK_SCORES = 2**20
+
+
+def score_blocks(batch: int, queries: int, source_length: int) -> int:
+    """How many blocks for_each_score_block makes: whole batch elements a block where T S
+    is at most BLOCK_SCORES, else rows of one element."""
+    per_element = queries * source_length
+    if per_element <= BLOCK_SCORES:
+        elements = min(max(BLOCK_SCORES // per_element, 1), batch)
+        return -(-batch // elements)
+    return batch * -(-queries // max(1, BLOCK_SCORES // source_length))
+
+
 def attention_shape_ids(shapes) -> list[str]:
     """pytest ids of (N, T, S, D, Dv) attention shapes: "n3_t16_s17_d129_dv33"."""
     return [f"n{n}_t{t}_s{s}_d{d}_dv{dv}" for n, t, s, d, dv in shapes]

@@ -12,12 +12,14 @@ import fastattn
 from fastattn import backends
 from tests.cpu_capability import run_with_cpu_capability
 from tests.problems import (
+    BLOCK_SHAPES,
     PEAKED_SHAPES,
     SCORES,
     assert_peaked_float32_gradients_err_like_the_reference,
     attention_shape_ids,
     key_dim_for,
     opcheck_backward_sample_positions_and_fast_tanh,
+    score_blocks,
     score_parameters,
 )
 
@@ -241,6 +243,100 @@ def test_float32_matrix_multiply_path_with_wide_deep_and_4_kib_rows_matches_the_
 @pytest.mark.parametrize("score", ["dot", "cosine"])
 def test_float32_matrix_multiply_path_at_small_and_odd_sizes_matches_the_reference(score, shape):
     check_float32_matrix_multiply_path_at_small_sizes(score, shape)
+
+
+# Shapes whose scores the matrix-multiply path makes in several blocks (BLOCK_SHAPES), in
+# float64 with D >= 128 and Dv >= 32, where float64 takes the path.
+BLOCK_SHAPES_BY_DTYPE = {torch.float32: BLOCK_SHAPES, torch.float64: [(2, 600, 1800, 128, 33), (5, 300, 1000, 130, 32)]}
+
+
+def block_masking(mode, batch, queries, source, generator):
+    """lengths (a fully masked row at length 0) with key padding, or local-p attention with
+    the Gaussian factor over a window wide enough for the matrix-multiply path."""
+    if mode == "lengths_and_padding":
+        lengths = torch.tensor([0, source, source - 3, source - 1, source - 200][:batch])
+        return {"lengths": lengths, "key_padding_mask": torch.rand(batch, source, generator=generator) > 0.9}
+    center = (torch.rand(batch, queries, generator=generator, dtype=torch.float64) * source).requires_grad_()
+    return {"window": source * 2 // 5, "center": center}
+
+
+@pytest.mark.parametrize("return_weights", [True, False])
+@pytest.mark.parametrize("mode", ["lengths_and_padding", "local_p"])
+@pytest.mark.parametrize("score", ["dot", "cosine", "location"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape_index", [0, 1], ids=["rows_split", "elements_grouped"])
+def test_matrix_multiply_path_in_blocks_of_scores_matches_the_reference(shape_index, dtype, score, mode,
+                                                                        return_weights):
+    """The float32 and float64 matrix-multiply path a block of scores at a time: each
+    block's softmax and W @ V in the forward (the weights into the returned ones' rows or a
+    buffer), its GEMMs and row pass in the backward, the keys' and values' gradients of an
+    element whose rows are split (and the location score's keys, shared by the batch)
+    added over its blocks.  float64: the reference's outputs and gradients to 1e-9;
+    float32: the outputs within twice the float32 reference's error against float64 (plus
+    one rounding of the largest entry), the gradients within 8x (the backward's recomputed
+    softmax, as above)."""
+    batch, queries, source, dim, value_dim = BLOCK_SHAPES_BY_DTYPE[dtype][shape_index]
+    generator = torch.Generator().manual_seed(batch + dim)
+    exact_inputs = [torch.randn(batch, length, size, generator=generator, dtype=torch.float64)
+                    for length, size in ((queries, dim), (source, dim), (source, value_dim))]
+    parameters = score_parameters(score, dim, dim, max_source_len=source, generator=generator)
+    masking = block_masking(mode, batch, queries, source, generator)
+
+    def outputs(backend_name, run_dtype):
+        leaves = [x.to(run_dtype).requires_grad_() for x in exact_inputs]
+        arguments = {name: x.to(run_dtype).requires_grad_() for name, x in parameters.items()}
+        mask = {name: x.detach().to(run_dtype).requires_grad_() if name == "center" else x
+                for name, x in masking.items()}
+        context, weights, grads = run(backend_name, score, *leaves, arguments, mask, return_weights=return_weights)
+        return [context, weights, *grads]
+
+    exact = outputs("reference", torch.float64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        kernel = outputs("cpu", dtype)
+    softmaxes = [event for event in profile.events() if event.name == "aten::_softmax"]
+    assert len(softmaxes) == score_blocks(batch, queries, source) > 1  # the matrix-multiply path, in blocks
+    if dtype == torch.float64:
+        reference_run = exact
+    else:
+        reference_run = outputs("reference", torch.float32)
+    for index, (got, theirs, want) in enumerate(zip(kernel, reference_run, exact, strict=True)):
+        if want is None:  # no weights returned; the location score never reads the keys
+            assert got is None or got.abs().max() == 0
+            continue
+        if dtype == torch.float64:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+            continue
+        kernel_error = (got.double() - want).abs().max()
+        reference_error = (theirs.double() - want).abs().max()
+        floor = torch.finfo(torch.float32).eps * want.abs().max()
+        factor = 2 if index < 2 else 8
+        assert kernel_error <= factor * reference_error + floor, (index, float(kernel_error), float(reference_error))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape_index", [0, 1], ids=["rows_split", "elements_grouped"])
+def test_the_matrix_multiply_path_makes_its_scores_in_blocks(shape_index, dtype):
+    """The shapes above take the matrix-multiply path in several blocks: a softmax and
+    three matrix products (q k^T, W @ V) a block in the forward, five (q k^T, dC v^T,
+    dE K, W^T dC, dE^T Q) in the backward, float32 as our tiles, float64 as at::bmm."""
+    batch, queries, source, dim, value_dim = BLOCK_SHAPES_BY_DTYPE[dtype][shape_index]
+    query, keys, values = (torch.randn(batch, length, size, dtype=dtype, requires_grad=True)
+                           for length, size in ((queries, dim), (source, dim), (source, value_dim)))
+    blocks = score_blocks(batch, queries, source)
+    assert blocks > 1
+    product = "fastattn::batched_matmul" if dtype == torch.float32 else "aten::bmm"
+
+    def names(function):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            function()
+        return [event.name for event in profile.events() if event.name in (product, "aten::_softmax")]
+
+    with fastattn.backend("cpu"):
+        context = []
+        forward = names(lambda: context.append(fastattn.attention(query, keys, values, score="dot")))
+        backward = names(lambda: context[0].sum().backward())
+    assert forward == [product, "aten::_softmax", product] * blocks
+    assert backward == [product] * 5 * blocks
 
 
 def test_float32_matrix_multiply_path_with_the_baseline_kernels_matches_the_reference():

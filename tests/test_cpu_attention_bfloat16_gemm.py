@@ -16,7 +16,7 @@ import torch
 import fastattn
 from fastattn import _extension, backends
 from tests.cpu_capability import run_with_cpu_capability
-from tests.problems import attention_shape_ids
+from tests.problems import BLOCK_SHAPES, attention_shape_ids, score_blocks
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
@@ -42,21 +42,6 @@ SMALL_SHAPES = [(8, 3, 2048, 9, 5), (32, 2, 4096, 2, 1), (4, 5, 1024, 37, 19), (
 # T = 1, W v in blocks of 64 keys (S = 150: three) by 64 columns, then 16, then a masked few
 # (Dv = 83 = 64 + 16 + 3).
 DECODE_SHAPES = [(17, 1, 150, 136, 83), (8, 2, 300, 129, 33)]
-# The float32 scores in blocks of about 2^20 (for_each_score_block): T S = 1.08e6 splits
-# each batch element's rows (582 and 18), T S = 3e5 takes three batch elements a block
-# (then two).
-BLOCK_SHAPES = [(2, 600, 1800, 9, 5), (5, 300, 1000, 8, 3)]
-BLOCK_SCORES = 2**20
-
-
-def score_blocks(batch, queries, source_length):
-    """How many blocks for_each_score_block makes: whole batch elements a block where T S
-    is at most BLOCK_SCORES, else rows of one element."""
-    per_element = queries * source_length
-    if per_element <= BLOCK_SCORES:
-        elements = min(max(BLOCK_SCORES // per_element, 1), batch)
-        return -(-batch // elements)
-    return batch * -(-queries // max(1, BLOCK_SCORES // source_length))
 
 
 def cpu_flags() -> set[str]:
@@ -182,10 +167,10 @@ def test_outputs_and_gradients_err_at_most_twice_the_reference_in_bfloat16(shape
 @pytest.mark.parametrize("shape", SHAPES + SMALL_SHAPES + BLOCK_SHAPES, ids=SHAPE_IDS + SMALL_SHAPE_IDS + BLOCK_SHAPE_IDS)
 def test_the_shapes_take_the_bfloat16_gemms(shape, shared_keys):
     """The shapes the checks above run are on the matrix-multiply path: the forward's
-    softmax (one a block of scores at T > 1) and W @ V (an at::bmm; none at T = 1,
-    bfloat16_decode_context), and the backward's three at::bmm (dot score); at T = 1 with
-    keys of their own the forward is the per-row kernel's (it needs 2 rows a key), the dot
-    score's backward the GEMMs."""
+    softmax and W @ V (an at::bmm) for each block of scores at T > 1 (at T = 1 one softmax
+    and bfloat16_decode_context), and the backward's three at::bmm (dot score); at T = 1
+    with keys of their own the forward is the per-row kernel's (it needs 2 rows a key), the
+    dot score's backward the GEMMs."""
     case = _case(shape, shared_keys, seed=1)
     arguments = [case["query"], case["keys"], case["values"], None, None, "dot", 0.6, case["lengths"],
                  case["key_padding_mask"], False, None, None, False]
@@ -194,8 +179,7 @@ def test_the_shapes_take_the_bfloat16_gemms(shape, shared_keys):
     backward = matrix_products(lambda: torch.ops.fastattn.attention_backward(case["grad_context"], None, *arguments,
                                                                              outputs[2]))
     queries = shape[1]
-    softmaxes = score_blocks(*shape[:3]) if queries > 1 else 1
-    forward_gemms = ["aten::_softmax"] * softmaxes + (["aten::bmm"] if queries > 1 else [])
+    forward_gemms = ["aten::_softmax", "aten::bmm"] * score_blocks(*shape[:3]) if queries > 1 else ["aten::_softmax"]
     assert forward == (forward_gemms if queries > 1 or shared_keys else [])
     assert backward == ["aten::bmm"] * 3
 

@@ -24,13 +24,16 @@
 //   csrc/cpu/tile_gemm.h; float64: at::bmm) around one C++ pass per row for scale
 //   and masks, ATen's softmax, and one pass for logsumexp, fully masked rows and the Gaussian
 //   factor; the dot backward is five GEMMs around one pass per row (cosine: on the
-//   unit vectors, then through them).  bfloat16 with the dot or cosine score on a CPU
-//   with AVX512-BF16: the GEMMs take the bfloat16 inputs as they are
-//   (PreparedInputs::bfloat16_gemms), their float32 scores made a block of about 2^20
-//   at a time with each block's row passes right after (for_each_score_block), W and
-//   dE rounded to bfloat16 row by row for the GEMMs after.  The row passes vectorise
-//   where a row's visible keys are one range (no padding mask), in the AVX2 clone too
-//   (run_for_this_cpu).
+//   unit vectors, then through them).  Both run a block of about 2^20 scores at a time
+//   (for_each_score_block): a block's GEMMs, then its row passes while it is in cache,
+//   then the GEMMs that take its W and dE, so no (N, T, S) tensor exists but the weights
+//   asked for (the keys' and values' gradients of an element whose rows are split are
+//   added up over its blocks).  bfloat16 with the dot or cosine score on a CPU with
+//   AVX512-BF16: the GEMMs take the bfloat16 inputs as they are
+//   (PreparedInputs::bfloat16_gemms), their scores in float32, W and dE rounded to
+//   bfloat16 row by row for the GEMMs after (in the backward over all rows at once, on
+//   (N, T, S) bfloat16 W and dE).  The row passes vectorise where a row's visible keys
+//   are one range (no padding mask), in the AVX2 clone too (run_for_this_cpu).
 // Backward: parallel over n (each n owns its grad_keys / grad_values rows; chunk-
 //   local grad_v / grad_bias summed at the end): no races, deterministic.  Scores
 //   and tanh are recomputed, never stored: per row a pass over the keys for their
@@ -1626,14 +1629,22 @@ void through_unit_rows(at::Tensor& grad, const at::Tensor& rows) {
   });
 }
 
-// a (N, R, K) @ b (N, K, C) -> (N, R, C) as float32 tiles (csrc/cpu/tile_gemm.h): a batch
+// out (N, R, C) = a (N, R, K) @ b (N, K, C) as float32 tiles (csrc/cpu/tile_gemm.h): a batch
 // element at a time, or, for b with batch stride 0 (location keys), one (N R, K) @ (K, C).
-at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
+// out contiguous; other dtypes: at::bmm_out.
+void batched_matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   if (b.size(0) > 1 && b.stride(0) == 0) {
-    return fastattn::batched_matmul(a.reshape({1, a.size(0) * a.size(1), a.size(2)}), b.narrow(0, 0, 1))
-        .view({a.size(0), a.size(1), b.size(2)});
+    at::Tensor flat = out.view({1, -1, out.size(2)});
+    fastattn::batched_matmul_into(flat, a.reshape({1, a.size(0) * a.size(1), a.size(2)}), b.narrow(0, 0, 1));
+    return;
   }
-  return fastattn::batched_matmul(a, b);
+  fastattn::batched_matmul_into(out, a, b);
+}
+
+at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
+  batched_matmul_into(out, a, b);
+  return out;
 }
 
 // One row over its `count` visible keys (keys), the others already zeroed: scores hold
@@ -1718,17 +1729,16 @@ FASTATTN_ALWAYS_INLINE void blas_backward_row_of(const AttentionProblem<T>& prob
   blas_backward_row(problem, scores, grad_alpha, w, center, center_gradient, ListedKeys{visible_keys.data()}, count);
 }
 
-// Backward of the dot score through GEMMs: scores recomputed as one GEMM, one pass
-// per row turns them into dE (and W = alpha g), then grad_values = W^T dC,
-// grad_query = dE K, grad_keys = dE^T Q.  The cosine score is the dot score of the
-// unit vectors (unit_rows), its gradients taken through them (through_unit_rows).
-// raw (N, T, S): q.k on entry, dE on exit; grad_weights (N, T, S): dW = dC . v_j
-// (+ the weights' gradient) on entry, scratch after; weights (N, T, S): W on exit.
-// The row term: ShiftedRowTerm.
-// The buffers of blas_backward_rows.  raw and grad_weights hold the rows from first_row
-// on (all of them, or a block of them).  With rounded_grad_scores and rounded_weights
-// ((N, T, S) bfloat16: the bfloat16 GEMMs' operands) each row's dE and W are rounded
-// into them while the row is in cache, W kept in a row of scratch (weights unused).
+// Backward of the dot score through GEMMs: scores recomputed as a GEMM, one pass per
+// row turns them into dE (and W = alpha g), then grad_values = W^T dC, grad_query = dE K,
+// grad_keys = dE^T Q (BackwardGemms).  The cosine score is the dot score of the unit
+// vectors (unit_rows), its gradients taken through them (through_unit_rows).
+// The buffers of blas_backward_rows, each holding the rows from first_row on (all of
+// them, or a block of them): raw, q.k on entry, dE on exit; grad_weights, dW = dC . v_j
+// (+ the weights' gradient) on entry, scratch after; weights, W on exit.  With
+// rounded_grad_scores and rounded_weights (bfloat16: the bfloat16 GEMMs' operands) each
+// row's dE and W are rounded into them while the row is in cache, W kept in a row of
+// scratch (weights unused).  The row term: ShiftedRowTerm.
 template <typename T>
 struct BackwardRowBuffers {
   T* raw = nullptr;
@@ -1754,12 +1764,12 @@ void blas_backward_rows(const AttentionProblem<T>& problem, BackwardRowBuffers<T
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t offset = (row - buffers.first_row) * source_length;
     T* scores = buffers.raw + offset;
-    T* w = rounded ? weights_row.data() : buffers.weights + row * source_length;
+    T* w = rounded ? weights_row.data() : buffers.weights + offset;
     blas_backward_row_of(problem, scores, buffers.grad_weights + offset, w, lse, grad_center, visible_keys, row);
     if constexpr (std::is_same_v<T, float>) {
       if (rounded) {
-        round_row(scores, source_length, buffers.rounded_grad_scores + row * source_length);
-        round_row(w, source_length, buffers.rounded_weights + row * source_length);
+        round_row(scores, source_length, buffers.rounded_grad_scores + offset);
+        round_row(w, source_length, buffers.rounded_weights + offset);
       }
     }
   }
@@ -1784,12 +1794,13 @@ void run_for_this_cpu(Args... args) {
   kFunction(args...);
 }
 
-// The float32 scores of the bfloat16 GEMMs (the forward's q.k, the backward's q.k and
-// dC v^T) are made a block of about kBlockScores at a time, into buffers allocated once a
-// call: whole batch elements a block where T S is at most that, else rows of one element.
-// Each block's row passes run right after its GEMMs, while it is in cache, where (N, T, S)
-// float32 tensors had gone through memory, fresh allocations every call whose pages were
-// faulted in each time (64 MiB for two at N = 1, T = 2048, S = 4096).
+// The matrix-multiply path makes its scores (the forward's q.k, the backward's q.k and
+// dC v^T) a block of about kBlockScores at a time, into buffers allocated once a call:
+// whole batch elements a block where T S is at most that, else rows of one element.  Each
+// block's row passes (and the forward's W V) run right after its GEMMs, while it is in
+// cache, where (N, T, S) tensors had gone through memory, fresh allocations every call
+// whose pages were faulted in each time (64 MiB for two at N = 1, T = 2048, S = 4096 in
+// float32).
 constexpr int64_t kBlockScores = int64_t{1} << 20;
 
 // (batch elements, rows) of the largest block.
@@ -1804,10 +1815,10 @@ std::pair<int64_t, int64_t> largest_score_block(const PreparedInputs& in) {
   return {batch, rows};
 }
 
-// A float32 buffer of the largest block's scores.
-at::Tensor score_block_buffer(const PreparedInputs& in) {
+// A buffer of the largest block's scores, in dtype.
+at::Tensor score_block_buffer(const PreparedInputs& in, at::ScalarType dtype) {
   const auto [batch, rows] = largest_score_block(in);
-  return at::empty({batch, rows, in.source_length}, in.query.options().dtype(at::kFloat));
+  return at::empty({batch, rows, in.source_length}, in.query.options().dtype(dtype));
 }
 
 // A block: batch elements [n, n + batch), rows [t, t + rows) of each (whole elements when
@@ -1835,18 +1846,19 @@ void for_each_score_block(const PreparedInputs& in, const Block& block) {
 }
 
 // Rows [row_begin, row_end) of block (the rows from first_row on, source_length long)
-// rounded to bfloat16 into rounded, whose row 0 is row 0.
+// rounded to bfloat16 into rounded, laid out as block.
 void round_rows(const float* block, int64_t first_row, int64_t source_length, c10::BFloat16* rounded,
                 int64_t row_begin, int64_t row_end) {
   for (int64_t row = row_begin; row < row_end; ++row) {
-    round_row(block + (row - first_row) * source_length, source_length, rounded + row * source_length);
+    const int64_t offset = (row - first_row) * source_length;
+    round_row(block + offset, source_length, rounded + offset);
   }
 }
 
 // The forward's weights from scores (R rows, from first_row on, in the compute dtype):
 // blas_mask_rows, ATen's vectorised softmax over the last dim into weights (the same
 // shape), blas_finish_rows, and with rounded (float32 weights) each row rounded into it
-// (N, T, S) in the same pass; lse and first_argmax are those of all the rows.
+// (the same shape) in the same pass; lse and first_argmax are those of all the rows.
 template <typename T>
 void weights_of_scores(const PreparedInputs& in, const at::Tensor& scores, at::Tensor& weights, int64_t first_row,
                        T* lse, int64_t* first_argmax, c10::BFloat16* rounded = nullptr) {
@@ -1872,40 +1884,59 @@ void weights_of_scores(const PreparedInputs& in, const at::Tensor& scores, at::T
   });
 }
 
+// The forward a block of scores at a time (for_each_score_block): per block S = q'.k (the
+// bfloat16 GEMM's float32 sums for bfloat16_gemms), W from S (weights_of_scores), then its
+// rows of C = W V; W goes to the returned weights' rows, or to a buffer without them.
+// bfloat16_gemms: W is float32, rounded to bfloat16 (as it is returned) before W V.  A
+// bfloat16 decode step computes C = W v with W in float32 and v as stored instead
+// (bfloat16_decode_context), over all its N S scores at once.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const PreparedInputs& in, bool return_weights,
                                                                       const at::Tensor& original_query) {
   const bool bfloat16 = in.bfloat16_gemms;
-  at::Tensor logsumexp = at::empty({in.batch, in.query_length}, in.query.options().dtype(in.compute_dtype));
+  const at::ScalarType compute_dtype = in.compute_dtype;
+  at::Tensor logsumexp = at::empty({in.batch, in.query_length}, in.query.options().dtype(compute_dtype));
   std::vector<int64_t> first_argmax(in.batch * in.query_length);
-  at::Tensor weights;
-  if (bfloat16 && in.query_length > 1) {
-    // The weights rounded to bfloat16 (before W @ V, as they are returned), from the
-    // float32 scores of the bfloat16 GEMM a block at a time (for_each_score_block).
-    weights = at::empty({in.batch, in.query_length, in.source_length}, in.query.options());
-    const at::Tensor scores = score_block_buffer(in), block_weights = score_block_buffer(in);
-    c10::BFloat16* rounded = weights.mutable_data_ptr<c10::BFloat16>();
-    for_each_score_block(in, [&](const ScoreBlock& block) {
-      at::Tensor scores_block = block.in_buffer(scores), weights_block = block.in_buffer(block_weights);
-      bfloat16_matmul_nt_out(scores_block, block.rows_of(in.query), block.batch_of(in.keys));
-      weights_of_scores<float>(in, scores_block, weights_block, block.first_row, logsumexp.mutable_data_ptr<float>(),
-                               first_argmax.data(), rounded);
-    });
-  } else {
-    at::Tensor scores;
-    if (bfloat16) {
-      scores = bfloat16_matmul_nt(in.query, in.keys);
-    } else {
-      const at::Tensor prepared_query = in.score == ScoreKind::kCosine ? unit_rows(in.query) : in.query;
-      scores = batched_matmul(prepared_query, in.keys.transpose(1, 2)).contiguous();
-    }
+  at::Tensor context, weights;
+  if (bfloat16 && in.query_length == 1) {
+    const at::Tensor scores = bfloat16_matmul_nt(in.query, in.keys);
     weights = at::empty_like(scores);
-    AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_forward_blas", [&] {
-      weights_of_scores<scalar_t>(in, scores, weights, 0, logsumexp.mutable_data_ptr<scalar_t>(), first_argmax.data());
+    weights_of_scores<float>(in, scores, weights, 0, logsumexp.mutable_data_ptr<float>(), first_argmax.data());
+    context = bfloat16_decode_context(weights, in.values);
+  } else {
+    // bfloat16_gemms: W V takes W rounded, into the returned weights or a buffer of its own.
+    const at::ScalarType weights_dtype = bfloat16 ? at::kBFloat16 : compute_dtype;
+    context = at::empty({in.batch, in.query_length, in.value_dim}, in.query.options().dtype(weights_dtype));
+    if (return_weights) {
+      weights = at::empty({in.batch, in.query_length, in.source_length}, in.query.options().dtype(weights_dtype));
+    }
+    const at::Tensor scores = score_block_buffer(in, compute_dtype);
+    const at::Tensor weights_buffer = bfloat16 || !return_weights ? score_block_buffer(in, compute_dtype) : at::Tensor();
+    const at::Tensor rounded_buffer = bfloat16 && !return_weights ? score_block_buffer(in, at::kBFloat16) : at::Tensor();
+    const at::Tensor prepared_query = !bfloat16 && in.score == ScoreKind::kCosine ? unit_rows(in.query) : in.query;
+    const at::Tensor keys_transposed = in.keys.transpose(1, 2);
+    for_each_score_block(in, [&](const ScoreBlock& block) {
+      at::Tensor scores_block = block.in_buffer(scores);
+      if (bfloat16) {
+        bfloat16_matmul_nt_out(scores_block, block.rows_of(in.query), block.batch_of(in.keys));
+      } else {
+        batched_matmul_into(scores_block, block.rows_of(prepared_query), block.batch_of(keys_transposed));
+      }
+      at::Tensor weights_block =
+          return_weights ? block.rows_of(weights) : block.in_buffer(bfloat16 ? rounded_buffer : weights_buffer);
+      if (bfloat16) {
+        at::Tensor float_weights = block.in_buffer(weights_buffer);
+        weights_of_scores<float>(in, scores_block, float_weights, block.first_row,
+                                 logsumexp.mutable_data_ptr<float>(), first_argmax.data(),
+                                 weights_block.mutable_data_ptr<c10::BFloat16>());
+      } else {
+        AT_DISPATCH_FLOATING_TYPES(compute_dtype, "attention_forward_blas", [&] {
+          weights_of_scores<scalar_t>(in, scores_block, weights_block, block.first_row,
+                                      logsumexp.mutable_data_ptr<scalar_t>(), first_argmax.data());
+        });
+      }
+      batched_matmul_into(block.rows_of(context), weights_block, block.batch_of(in.values));
     });
   }
-  // A decode step: W in float32, v as stored.
-  at::Tensor context = bfloat16 && in.query_length == 1 ? bfloat16_decode_context(weights, in.values)
-                                                        : batched_matmul(weights, in.values);
   if (context.scalar_type() != in.input_dtype) context = context.to(in.input_dtype);
   if (!return_weights) {
     weights = at::empty({0}, original_query.options());
@@ -2006,26 +2037,100 @@ void backward_rows_in_parallel(const PreparedInputs& in, const BackwardRowBuffer
   });
 }
 
-// The bfloat16 backward's rows: dE and W rounded into grad_scores and weights ((N, T, S)
-// bfloat16), from q.k and dC v^T of the float32-output bfloat16 GEMM a block at a time
-// (for_each_score_block).
-void rounded_backward_rows(const PreparedInputs& in, const at::Tensor& grad_context, const at::Tensor& grad_weights,
-                           const at::Tensor& logsumexp, const at::Tensor& grad_center, at::Tensor& grad_scores,
-                           at::Tensor& weights) {
-  const at::Tensor raw = score_block_buffer(in), grad_alpha = score_block_buffer(in);
-  BackwardRowBuffers<float> buffers;
-  buffers.raw = raw.mutable_data_ptr<float>();
-  buffers.grad_weights = grad_alpha.mutable_data_ptr<float>();
-  buffers.rounded_grad_scores = grad_scores.mutable_data_ptr<c10::BFloat16>();
-  buffers.rounded_weights = weights.mutable_data_ptr<c10::BFloat16>();
+// The input gradients of the matrix-multiply backward from dE and W, a block of rows at a
+// time: the block's rows of grad_query = dE K, and W^T dC and dE^T Q into grad_values' and
+// grad_keys' rows of the block's batch elements, set by the first block to reach them and
+// added to by those after it (the blocks of an element whose rows are split, and for keys
+// shared by the batch, whose gradient sums all N T rows, every block).  query_rows and
+// key_rows: q and k as dE takes them (the cosine's unit vectors); the gradients have their
+// dtype.
+struct BackwardGemms {
+  BackwardGemms(const PreparedInputs& in, const at::Tensor& query_rows, const at::Tensor& key_rows,
+                const at::Tensor& grad_context)
+      : query_rows(query_rows), key_rows(key_rows), grad_context(grad_context),
+        grad_query(at::empty({in.batch, in.query_length, in.score_dim}, query_rows.options())),
+        grad_keys(at::empty({in.shared_keys ? 1 : in.batch, in.source_length, in.score_dim}, query_rows.options())),
+        grad_values(at::empty({in.batch, in.source_length, in.value_dim}, query_rows.options())),
+        shared_keys(in.shared_keys) {}
+
+  // grad_scores and weights: (block.batch, block.rows, S), contiguous.
+  void add(const ScoreBlock& block, const at::Tensor& grad_scores, const at::Tensor& weights) {
+    batched_matmul_into(block.rows_of(grad_query), grad_scores, block.batch_of(key_rows));
+    set_or_add(block.batch_of(grad_values), weights.transpose(1, 2), block.rows_of(grad_context), block.t == 0);
+    if (shared_keys) {
+      const int64_t source_length = grad_scores.size(2), score_dim = query_rows.size(2);
+      set_or_add(grad_keys, grad_scores.view({1, -1, source_length}).transpose(1, 2),
+                 block.rows_of(query_rows).reshape({1, -1, score_dim}), block.first_row == 0);
+    } else {
+      set_or_add(block.batch_of(grad_keys), grad_scores.transpose(1, 2), block.rows_of(query_rows), block.t == 0);
+    }
+  }
+
+  const at::Tensor query_rows, key_rows, grad_context;
+  at::Tensor grad_query, grad_keys, grad_values;
+
+ private:
+  // out = a @ b, or out += a @ b through a scratch product.
+  void set_or_add(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool set) {
+    if (set) {
+      batched_matmul_into(out, a, b);
+      return;
+    }
+    if (scratch.numel() < out.numel()) scratch = at::empty({out.numel()}, out.options());
+    at::Tensor product = scratch.narrow(0, 0, out.numel()).view(out.sizes());
+    batched_matmul_into(product, a, b);
+    out.add_(product);
+  }
+
+  bool shared_keys;
+  at::Tensor scratch;
+};
+
+// The matrix-multiply backward's rows a block of scores at a time (for_each_score_block):
+// q.k and dC v^T into float32 (or float64) buffers, then the block's row pass makes dE and
+// W.  float32 and float64: the block's GEMMs (gemms.add) follow at once, so no (N, T, S)
+// tensor exists.  bfloat16_gemms: q.k and dC v^T from the bfloat16 GEMM, dE and W rounded
+// into (N, T, S) bfloat16 tensors, whose GEMMs run once over all the rows at the end (added
+// a block at a time, each partial product would be rounded to bfloat16).
+void backward_in_blocks(const PreparedInputs& in, BackwardGemms& gemms, const at::Tensor& grad_weights,
+                        const at::Tensor& logsumexp, const at::Tensor& grad_center) {
+  const bool bfloat16 = in.bfloat16_gemms;
+  const at::ScalarType dtype = bfloat16 ? at::kFloat : in.compute_dtype;
+  const at::Tensor raw = score_block_buffer(in, dtype), grad_alpha = score_block_buffer(in, dtype);
+  const at::Tensor weights = bfloat16 ? at::Tensor() : score_block_buffer(in, dtype);
+  at::Tensor rounded_grad_scores, rounded_weights;
+  if (bfloat16) {
+    rounded_grad_scores = at::empty({in.batch, in.query_length, in.source_length}, in.query.options());
+    rounded_weights = at::empty_like(rounded_grad_scores);
+  }
+  const at::Tensor keys_transposed = gemms.key_rows.transpose(1, 2), values_transposed = in.values.transpose(1, 2);
   for_each_score_block(in, [&](const ScoreBlock& block) {
     at::Tensor raw_block = block.in_buffer(raw), grad_alpha_block = block.in_buffer(grad_alpha);
-    bfloat16_matmul_nt_out(raw_block, block.rows_of(in.query), block.batch_of(in.keys));
-    bfloat16_matmul_nt_out(grad_alpha_block, block.rows_of(grad_context), block.batch_of(in.values));
+    if (bfloat16) {  // q.k of the raw query (the cosine's norms divided out in the row pass)
+      bfloat16_matmul_nt_out(raw_block, block.rows_of(in.query), block.batch_of(in.keys));
+      bfloat16_matmul_nt_out(grad_alpha_block, block.rows_of(gemms.grad_context), block.batch_of(in.values));
+    } else {
+      batched_matmul_into(raw_block, block.rows_of(gemms.query_rows), block.batch_of(keys_transposed));
+      batched_matmul_into(grad_alpha_block, block.rows_of(gemms.grad_context), block.batch_of(values_transposed));
+    }
     if (grad_weights.defined()) grad_alpha_block.add_(block.rows_of(grad_weights));
-    buffers.first_row = block.first_row;
-    backward_rows_in_parallel(in, buffers, logsumexp, grad_center, block.first_row, block.row_end());
+    at::Tensor weights_block = bfloat16 ? at::Tensor() : block.in_buffer(weights);
+    AT_DISPATCH_FLOATING_TYPES(dtype, "attention_backward_blas", [&] {
+      BackwardRowBuffers<scalar_t> buffers;
+      buffers.raw = raw_block.mutable_data_ptr<scalar_t>();
+      buffers.grad_weights = grad_alpha_block.mutable_data_ptr<scalar_t>();
+      buffers.first_row = block.first_row;
+      if (bfloat16) {
+        buffers.rounded_grad_scores = block.rows_of(rounded_grad_scores).mutable_data_ptr<c10::BFloat16>();
+        buffers.rounded_weights = block.rows_of(rounded_weights).mutable_data_ptr<c10::BFloat16>();
+      } else {
+        buffers.weights = weights_block.mutable_data_ptr<scalar_t>();
+      }
+      backward_rows_in_parallel(in, buffers, logsumexp, grad_center, block.first_row, block.row_end());
+    });
+    if (!bfloat16) gemms.add(block, raw_block, weights_block);
   });
+  if (bfloat16) gemms.add(ScoreBlock{0, in.batch, 0, in.query_length, 0}, rounded_grad_scores, rounded_weights);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
@@ -2077,35 +2182,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const bool wants_center = in.gaussian && in.center.defined(), cosine = in.score == ScoreKind::kCosine;
     at::Tensor grad_center = wants_center ? at::zeros({in.batch, in.query_length}, options) : at::Tensor();
     // bfloat16: query, keys, values and grad_context as the caller's (in.bfloat16_gemms),
-    // raw = q.k as the forward's (the cosine's norms divided out in the row pass), the
-    // cosine's unit vectors in bfloat16 for dE K^ and dE^T Q^
+    // the cosine's unit vectors in bfloat16 for dE K^ and dE^T Q^
     const at::Tensor query_rows = cosine ? unit_rows(in.query) : in.query;
     const at::Tensor key_rows = cosine ? unit_rows(in.keys) : in.keys;
-    at::Tensor grad_scores, weights;  // dE and W (N, T, S), bfloat16 for bfloat16 GEMMs
-    if (bfloat16) {
-      grad_scores = at::empty({in.batch, in.query_length, in.source_length}, in.query.options());
-      weights = at::empty_like(grad_scores);
-      rounded_backward_rows(in, grad_context_, grad_weights_, logsumexp_, grad_center, grad_scores, weights);
-    } else {
-      grad_scores = batched_matmul(query_rows, key_rows.transpose(1, 2)).contiguous();
-      at::Tensor grad_alpha = batched_matmul(grad_context_, in.values.transpose(1, 2)).contiguous();
-      if (grad_weights_.defined()) grad_alpha.add_(grad_weights_);
-      weights = at::empty_like(grad_scores);
-      AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_backward_blas", [&] {
-        BackwardRowBuffers<scalar_t> buffers;
-        buffers.raw = grad_scores.mutable_data_ptr<scalar_t>();
-        buffers.grad_weights = grad_alpha.mutable_data_ptr<scalar_t>();
-        buffers.weights = weights.mutable_data_ptr<scalar_t>();
-        backward_rows_in_parallel(in, buffers, logsumexp_, grad_center, 0, in.batch * in.query_length);
-      });
-    }
-    at::Tensor grad_values = batched_matmul(weights.transpose(1, 2), grad_context_);
-    at::Tensor grad_query = batched_matmul(grad_scores, key_rows);
-    // Keys shared by the batch: their gradient summed over it, dE^T Q over all N T rows.
-    at::Tensor grad_keys = in.shared_keys
-                               ? batched_matmul(grad_scores.view({1, -1, in.source_length}).transpose(1, 2),
-                                                query_rows.reshape({1, -1, in.score_dim}))
-                               : batched_matmul(grad_scores.transpose(1, 2), query_rows);
+    BackwardGemms gemms(in, query_rows, key_rows, grad_context_);
+    backward_in_blocks(in, gemms, grad_weights_, logsumexp_, grad_center);
+    at::Tensor grad_query = gemms.grad_query, grad_keys = gemms.grad_keys, grad_values = gemms.grad_values;
     if (cosine) {
       through_unit_rows(grad_query, in.query);
       through_unit_rows(grad_keys, in.shared_keys ? in.keys.narrow(0, 0, 1) : in.keys);

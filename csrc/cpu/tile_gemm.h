@@ -15,8 +15,8 @@
 // as_tile_operand: a matrix laid out for the B operand of float32 tiles.
 // matmul_into: a whole GEMM as such tiles in parallel (float32; other dtypes at::mm_out).
 // matmul_transposed_into: x @ w^T for a few rows, split over the rows of w.
-// batched_matmul: a (batch, M, K) @ b (batch, K, N), each matrix row- or column-major, as
-//   float32 tiles over ATen's threads (the attention's matrix-multiply path).
+// batched_matmul(_into): a (batch, M, K) @ b (batch, K, N), each matrix row- or
+//   column-major, as float32 tiles over ATen's threads (the attention's matrix-multiply path).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -257,27 +257,34 @@ inline TileOperand tile_operand_of(const float* matrix, bool row_major, int64_t 
 }
 
 // out (batch, M, N) = a (batch, M, K) @ b (batch, K, N), float32 with each matrix of a and
-// of b row-major or column-major (a transposed view) and any batch strides; other dtypes
-// and layouts: at::bmm.  A task multiplies one batch element's rows by a panel of up to 256
-// of b's columns, the panel copied row-major first where b is column-major, in brgemm tiles
-// of 32 rows (tile_matmul); tasks split the rows further only to give every thread work.
+// of b row-major or column-major (a transposed view) and any batch strides, out contiguous
+// (a block of rows of a larger tensor may be); other dtypes and layouts: at::bmm_out.  A task
+// multiplies one batch element's rows by a panel of up to 256 of b's columns, the panel
+// copied row-major first where b is column-major, in brgemm tiles of 32 rows (tile_matmul);
+// tasks split the rows further only to give every thread work.
 // Measured on this project's 2-core AMD EPYC at batch 32, M = N = 64, K = 256 (and M = 64,
 // K = 64, N = 256): 305-315 us with both operands row-major, 312 us with a column-major a,
 // 340 us with a column-major b, against 370-400 us for at::bmm (MKL) in each layout; at
 // batch 16, T = 64, S = 256, D = 1024 (the backward's five shapes), 0.97-1.15x at::bmm's speed.
 // The profiler sees the float32 tiles as fastattn::batched_matmul.
-inline at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
+inline void batched_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   constexpr int64_t kTileRows = 32, kTileColumns = 256;
   const bool a_row_major = row_major_matrices(a), b_row_major = row_major_matrices(b);
-  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || !(a_row_major || column_major_matrices(a)) ||
+  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || out.scalar_type() != at::kFloat ||
+      !out.is_contiguous() || !(a_row_major || column_major_matrices(a)) ||
       !(b_row_major || column_major_matrices(b))) {
-    return at::bmm(a, b);
+    at::bmm_out(out, a, b);
+    return;
   }
   RECORD_FUNCTION("fastattn::batched_matmul", std::vector<c10::IValue>({a, b}));
   const int64_t batch = a.size(0), M = a.size(1), K = a.size(2), N = b.size(2);
-  at::Tensor out = at::empty({batch, M, N}, a.options());
-  if (batch == 0 || M == 0 || N == 0) return out;
-  if (K == 0) return out.zero_();
+  TORCH_CHECK(out.size(0) == batch && out.size(1) == M && out.size(2) == N,
+              "batched_matmul_into: out must be (", batch, ", ", M, ", ", N, "), got ", out.sizes());
+  if (batch == 0 || M == 0 || N == 0) return;
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
   const int64_t row_tiles = (M + kTileRows - 1) / kTileRows, column_tiles = (N + kTileColumns - 1) / kTileColumns;
   // Tasks per (element, panel): 1, or enough for 4 a thread when the elements are few.
   const int64_t wanted = 4 * at::get_num_threads(), panels = batch * column_tiles;
@@ -305,6 +312,11 @@ inline at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
       }
     }
   });
+}
+
+inline at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
+  batched_matmul_into(out, a, b);
   return out;
 }
 
