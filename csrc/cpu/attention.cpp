@@ -2043,24 +2043,26 @@ void backward_rows_in_parallel(const PreparedInputs& in, const BackwardRowBuffer
 // added to by those after it (the blocks of an element whose rows are split, and for keys
 // shared by the batch, whose gradient sums all N T rows, every block).  query_rows and
 // key_rows: q and k as dE takes them (the cosine's unit vectors); the gradients have their
-// dtype.
+// dtype and are allocated by the first add (after the bfloat16 backward's score buffers
+// are freed).
 struct BackwardGemms {
   BackwardGemms(const PreparedInputs& in, const at::Tensor& query_rows, const at::Tensor& key_rows,
                 const at::Tensor& grad_context)
-      : query_rows(query_rows), key_rows(key_rows), grad_context(grad_context),
-        grad_query(at::empty({in.batch, in.query_length, in.score_dim}, query_rows.options())),
-        grad_keys(at::empty({in.shared_keys ? 1 : in.batch, in.source_length, in.score_dim}, query_rows.options())),
-        grad_values(at::empty({in.batch, in.source_length, in.value_dim}, query_rows.options())),
-        shared_keys(in.shared_keys) {}
+      : query_rows(query_rows), key_rows(key_rows), grad_context(grad_context), in(in) {}
 
   // grad_scores and weights: (block.batch, block.rows, S), contiguous.
   void add(const ScoreBlock& block, const at::Tensor& grad_scores, const at::Tensor& weights) {
+    if (!grad_query.defined()) {
+      const auto options = query_rows.options();
+      grad_query = at::empty({in.batch, in.query_length, in.score_dim}, options);
+      grad_keys = at::empty({in.shared_keys ? 1 : in.batch, in.source_length, in.score_dim}, options);
+      grad_values = at::empty({in.batch, in.source_length, in.value_dim}, options);
+    }
     batched_matmul_into(block.rows_of(grad_query), grad_scores, block.batch_of(key_rows));
     set_or_add(block.batch_of(grad_values), weights.transpose(1, 2), block.rows_of(grad_context), block.t == 0);
-    if (shared_keys) {
-      const int64_t source_length = grad_scores.size(2), score_dim = query_rows.size(2);
-      set_or_add(grad_keys, grad_scores.view({1, -1, source_length}).transpose(1, 2),
-                 block.rows_of(query_rows).reshape({1, -1, score_dim}), block.first_row == 0);
+    if (in.shared_keys) {
+      set_or_add(grad_keys, grad_scores.view({1, -1, in.source_length}).transpose(1, 2),
+                 block.rows_of(query_rows).reshape({1, -1, in.score_dim}), block.first_row == 0);
     } else {
       set_or_add(block.batch_of(grad_keys), grad_scores.transpose(1, 2), block.rows_of(query_rows), block.t == 0);
     }
@@ -2082,7 +2084,7 @@ struct BackwardGemms {
     out.add_(product);
   }
 
-  bool shared_keys;
+  const PreparedInputs& in;
   at::Tensor scratch;
 };
 
@@ -2096,7 +2098,7 @@ void backward_in_blocks(const PreparedInputs& in, BackwardGemms& gemms, const at
                         const at::Tensor& logsumexp, const at::Tensor& grad_center) {
   const bool bfloat16 = in.bfloat16_gemms;
   const at::ScalarType dtype = bfloat16 ? at::kFloat : in.compute_dtype;
-  const at::Tensor raw = score_block_buffer(in, dtype), grad_alpha = score_block_buffer(in, dtype);
+  at::Tensor raw = score_block_buffer(in, dtype), grad_alpha = score_block_buffer(in, dtype);
   const at::Tensor weights = bfloat16 ? at::Tensor() : score_block_buffer(in, dtype);
   at::Tensor rounded_grad_scores, rounded_weights;
   if (bfloat16) {
@@ -2130,7 +2132,11 @@ void backward_in_blocks(const PreparedInputs& in, BackwardGemms& gemms, const at
     });
     if (!bfloat16) gemms.add(block, raw_block, weights_block);
   });
-  if (bfloat16) gemms.add(ScoreBlock{0, in.batch, 0, in.query_length, 0}, rounded_grad_scores, rounded_weights);
+  if (bfloat16) {
+    raw.reset();
+    grad_alpha.reset();
+    gemms.add(ScoreBlock{0, in.batch, 0, in.query_length, 0}, rounded_grad_scores, rounded_weights);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
