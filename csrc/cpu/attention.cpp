@@ -20,7 +20,7 @@
 //   the dtype, most (t, j) pairs visible: use_blas_path, which the forward and the
 //   backward answer each for itself):
 //   the forward's contractions are GEMMs (scores = q' k^T, context = weights @
-//   values; float32: brgemm tiles a batch element, batched_matmul in
+//   values; float32: brgemm tiles a batch element, batched_matmul_into in
 //   csrc/cpu/tile_gemm.h; float64: at::bmm) around one C++ pass per row for scale
 //   and masks, ATen's softmax, and one pass for logsumexp, fully masked rows and the Gaussian
 //   factor; the dot backward is five GEMMs around one pass per row (cosine: on the
@@ -1641,12 +1641,6 @@ void batched_matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& 
   fastattn::batched_matmul_into(out, a, b);
 }
 
-at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
-  batched_matmul_into(out, a, b);
-  return out;
-}
-
 // One row over its `count` visible keys (keys), the others already zeroed: scores hold
 // scale * q.k on entry.  grad_center: the row's entry, or null (it is set only with the
 // Gaussian factor, the only one that depends on the center).
@@ -1903,11 +1897,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const Prep
     weights_of_scores<float>(in, scores, weights, 0, logsumexp.mutable_data_ptr<float>(), first_argmax.data());
     context = bfloat16_decode_context(weights, in.values);
   } else {
-    // bfloat16_gemms: W V takes W rounded, into the returned weights or a buffer of its own.
-    const at::ScalarType weights_dtype = bfloat16 ? at::kBFloat16 : compute_dtype;
-    context = at::empty({in.batch, in.query_length, in.value_dim}, in.query.options().dtype(weights_dtype));
+    // The dtype W V runs in: bfloat16 for bfloat16_gemms (W rounded, into the returned
+    // weights or a buffer of its own), else the compute dtype.
+    const at::ScalarType product_dtype = bfloat16 ? at::kBFloat16 : compute_dtype;
+    context = at::empty({in.batch, in.query_length, in.value_dim}, in.query.options().dtype(product_dtype));
     if (return_weights) {
-      weights = at::empty({in.batch, in.query_length, in.source_length}, in.query.options().dtype(weights_dtype));
+      weights = at::empty({in.batch, in.query_length, in.source_length}, in.query.options().dtype(product_dtype));
     }
     const at::Tensor scores = score_block_buffer(in, compute_dtype);
     const at::Tensor weights_buffer = bfloat16 || !return_weights ? score_block_buffer(in, compute_dtype) : at::Tensor();

@@ -15,7 +15,7 @@
 // as_tile_operand: a matrix laid out for the B operand of float32 tiles.
 // matmul_into: a whole GEMM as such tiles in parallel (float32; other dtypes at::mm_out).
 // matmul_transposed_into: x @ w^T for a few rows, split over the rows of w.
-// batched_matmul(_into): a (batch, M, K) @ b (batch, K, N), each matrix row- or
+// batched_matmul_into: out = a (batch, M, K) @ b (batch, K, N), each matrix row- or
 //   column-major, as float32 tiles over ATen's threads (the attention's matrix-multiply path).
 #pragma once
 
@@ -312,12 +312,6 @@ inline void batched_matmul_into(at::Tensor& out, const at::Tensor& a, const at::
       }
     }
   });
-}
-
-inline at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
-  batched_matmul_into(out, a, b);
-  return out;
 }
 
 }  // namespace fastattn
