@@ -32,7 +32,8 @@
 //   AVX512-BF16: the GEMMs take the bfloat16 inputs as they are
 //   (PreparedInputs::bfloat16_gemms), their scores in float32, W and dE rounded to
 //   bfloat16 row by row for the GEMMs after (in the backward over all rows at once, on
-//   (N, T, S) bfloat16 W and dE).  The row passes vectorise where a row's visible keys
+//   (N, T, S) bfloat16 W and dE, where an element's rows are split over blocks or the
+//   keys are shared by the batch).  The row passes vectorise where a row's visible keys
 //   are one range (no padding mask), in the AVX2 clone too (run_for_this_cpu).
 // Backward: parallel over n (each n owns its grad_keys / grad_values rows; chunk-
 //   local grad_v / grad_bias summed at the end): no races, deterministic.  Scores
@@ -2083,21 +2084,27 @@ struct BackwardGemms {
   at::Tensor scratch;
 };
 
-// The matrix-multiply backward's rows a block of scores at a time (for_each_score_block):
-// q.k and dC v^T into float32 (or float64) buffers, then the block's row pass makes dE and
-// W.  float32 and float64: the block's GEMMs (gemms.add) follow at once, so no (N, T, S)
-// tensor exists.  bfloat16_gemms: q.k and dC v^T from the bfloat16 GEMM, dE and W rounded
-// into (N, T, S) bfloat16 tensors, whose GEMMs run once over all the rows at the end (added
-// a block at a time, each partial product would be rounded to bfloat16).
+// The matrix-multiply backward a block of scores at a time (for_each_score_block): q.k and
+// dC v^T into float32 (or float64) buffers, the block's row pass makes dE and W, and the
+// block's GEMMs (gemms.add) follow at once, so no (N, T, S) tensor exists.
+// bfloat16_gemms: q.k and dC v^T from the bfloat16 GEMM, dE and W rounded to bfloat16 as
+// the GEMMs' operands.  Their GEMMs follow each block where its batch elements are whole and
+// have keys of their own; otherwise (an element's rows split over blocks, keys shared by the
+// batch) dE and W are rounded into (N, T, S) tensors whose GEMMs run once over all the rows
+// at the end, since added a block at a time each partial product would be rounded to
+// bfloat16.
 void backward_in_blocks(const PreparedInputs& in, BackwardGemms& gemms, const at::Tensor& grad_weights,
                         const at::Tensor& logsumexp, const at::Tensor& grad_center) {
   const bool bfloat16 = in.bfloat16_gemms;
   const at::ScalarType dtype = bfloat16 ? at::kFloat : in.compute_dtype;
+  const bool gemms_per_block =
+      !bfloat16 || (largest_score_block(in).second == in.query_length && !in.shared_keys);
   at::Tensor raw = score_block_buffer(in, dtype), grad_alpha = score_block_buffer(in, dtype);
   const at::Tensor weights = bfloat16 ? at::Tensor() : score_block_buffer(in, dtype);
-  at::Tensor rounded_grad_scores, rounded_weights;
+  at::Tensor rounded_grad_scores, rounded_weights;  // bfloat16: a block's, or all (N, T, S)
   if (bfloat16) {
-    rounded_grad_scores = at::empty({in.batch, in.query_length, in.source_length}, in.query.options());
+    rounded_grad_scores = gemms_per_block ? score_block_buffer(in, at::kBFloat16)
+                                          : at::empty({in.batch, in.query_length, in.source_length}, in.query.options());
     rounded_weights = at::empty_like(rounded_grad_scores);
   }
   const at::Tensor keys_transposed = gemms.key_rows.transpose(1, 2), values_transposed = in.values.transpose(1, 2);
@@ -2111,23 +2118,29 @@ void backward_in_blocks(const PreparedInputs& in, BackwardGemms& gemms, const at
       batched_matmul_into(grad_alpha_block, block.rows_of(gemms.grad_context), block.batch_of(values_transposed));
     }
     if (grad_weights.defined()) grad_alpha_block.add_(block.rows_of(grad_weights));
-    at::Tensor weights_block = bfloat16 ? at::Tensor() : block.in_buffer(weights);
+    // The operands of the block's GEMMs: dE and W
+    at::Tensor grad_scores_block = raw_block, weights_block = bfloat16 ? at::Tensor() : block.in_buffer(weights);
+    if (bfloat16) {
+      const auto block_of = [&](const at::Tensor& x) { return gemms_per_block ? block.in_buffer(x) : block.rows_of(x); };
+      grad_scores_block = block_of(rounded_grad_scores);
+      weights_block = block_of(rounded_weights);
+    }
     AT_DISPATCH_FLOATING_TYPES(dtype, "attention_backward_blas", [&] {
       BackwardRowBuffers<scalar_t> buffers;
       buffers.raw = raw_block.mutable_data_ptr<scalar_t>();
       buffers.grad_weights = grad_alpha_block.mutable_data_ptr<scalar_t>();
       buffers.first_row = block.first_row;
       if (bfloat16) {
-        buffers.rounded_grad_scores = block.rows_of(rounded_grad_scores).mutable_data_ptr<c10::BFloat16>();
-        buffers.rounded_weights = block.rows_of(rounded_weights).mutable_data_ptr<c10::BFloat16>();
+        buffers.rounded_grad_scores = grad_scores_block.mutable_data_ptr<c10::BFloat16>();
+        buffers.rounded_weights = weights_block.mutable_data_ptr<c10::BFloat16>();
       } else {
         buffers.weights = weights_block.mutable_data_ptr<scalar_t>();
       }
       backward_rows_in_parallel(in, buffers, logsumexp, grad_center, block.first_row, block.row_end());
     });
-    if (!bfloat16) gemms.add(block, raw_block, weights_block);
+    if (gemms_per_block) gemms.add(block, grad_scores_block, weights_block);
   });
-  if (bfloat16) {
+  if (!gemms_per_block) {
     raw.reset();
     grad_alpha.reset();
     gemms.add(ScoreBlock{0, in.batch, 0, in.query_length, 0}, rounded_grad_scores, rounded_weights);
