@@ -2039,8 +2039,8 @@ void backward_rows_in_parallel(const PreparedInputs& in, const BackwardRowBuffer
 // added to by those after it (the blocks of an element whose rows are split, and for keys
 // shared by the batch, whose gradient sums all N T rows, every block).  query_rows and
 // key_rows: q and k as dE takes them (the cosine's unit vectors); the gradients have their
-// dtype and are allocated by the first add (after the bfloat16 backward's score buffers
-// are freed).
+// dtype and are allocated by the first add (so a bfloat16 backward whose GEMMs run once over
+// all rows frees its float32 score buffers first).
 struct BackwardGemms {
   BackwardGemms(const PreparedInputs& in, const at::Tensor& query_rows, const at::Tensor& key_rows,
                 const at::Tensor& grad_context)
