@@ -4,11 +4,14 @@
 // clone is picked at run time when the CPU has it.  ATEN_CPU_CAPABILITY=default forces
 // the baseline, as it does for ATen's own kernels.  The bfloat16 GEMM of the attention's
 // matrix-multiply path (csrc/cpu/bfloat16_gemm.h) has one AVX-512 clone, run when the CPU
-// has AVX512-BF16 and ATEN_CPU_CAPABILITY is neither "default" nor "avx2".
+// has AVX512-BF16 and ATEN_CPU_CAPABILITY is neither "default" nor "avx2".  The engine of
+// the LSTM/GRU layers' float32 GEMMs (brgemm or the BLAS) is chosen here too.
 #pragma once
 
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 // FASTATTN_KERNEL: the entry points of the kernels, flattened (every call inlined,
 // fastattn::fast_tanh_with included) so that all their code gets the ISA of the clone.
@@ -71,6 +74,34 @@ inline bool use_avx512_bf16_kernels() {
 #else
   return false;
 #endif
+}
+
+// The engine of the LSTM/GRU layers' float32 GEMMs (their steps' tiles and their input
+// projection, csrc/cpu/tile_gemm.h: layer_tile_engine): ATen's brgemm ukernel, or the
+// BLAS's sgemm (MKL in torch's x86 wheels).  FASTATTN_CPU_LAYER_GEMM=blas or =brgemm
+// chooses for every layer; unset, the BLAS for layers of large steps on Intel CPUs
+// (kBlasForLargeSteps, where it was measured to win: see layer_tile_engine) and brgemm on
+// the others (on the 2-core AMD EPYC (Zen 4) of this project's earlier sessions brgemm
+// tiles ran 101 GFLOP/s a core at M=32, K=256, N=1024 against 85 for at::mm (MKL)).
+// Decided once per process.
+enum class LayerGemm { kBrgemm, kBlas, kBlasForLargeSteps };
+
+inline LayerGemm layer_gemm_setting() {
+  static const LayerGemm setting = [] {
+    const char* value = std::getenv("FASTATTN_CPU_LAYER_GEMM");
+    if (value != nullptr && value[0] != '\0') {
+      if (std::strcmp(value, "blas") == 0) return LayerGemm::kBlas;
+      if (std::strcmp(value, "brgemm") == 0) return LayerGemm::kBrgemm;
+      throw std::invalid_argument(std::string("FASTATTN_CPU_LAYER_GEMM must be \"blas\" or \"brgemm\" (or unset), got \"") +
+                                  value + "\"");
+    }
+#ifdef FASTATTN_AVX2_CLONES  // GCC or clang on x86: the __builtin_cpu_* queries
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("intel")) return LayerGemm::kBlasForLargeSteps;
+#endif
+    return LayerGemm::kBrgemm;
+  }();
+  return setting;
 }
 
 }  // namespace fastattn

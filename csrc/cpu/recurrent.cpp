@@ -770,6 +770,7 @@ struct ForwardStep {
   const int64_t* active;       // (B,) active steps per sequence
   const scalar_t* w_hh_t;      // (H, G): w_hh transposed, rows w_hh_t_stride apart
   int64_t w_hh_t_stride;
+  TileEngine engine;           // of the float tiles (layer_tile_engine)
   const scalar_t* input_bias;  // (G,)
   const scalar_t* hidden_bias;
   const scalar_t* h_prev;      // (B, H) state before the step
@@ -815,7 +816,7 @@ inline void forward_units(const ForwardStep<scalar_t>& step, int64_t j0, int64_t
   const int64_t B = step.B, H = step.H, G = step.G;
   for (int64_t k = 0; k < Cell::kGates; ++k) {
     tile_matmul(B, count, H, step.h_prev, H, step.w_hh_t + k * H + j0, step.w_hh_t_stride,
-                step.hidden_gates + k * H + j0, G);
+                step.hidden_gates + k * H + j0, G, step.engine);
   }
   forward_update<Cell, scalar_t>(step, j0, count);
 }
@@ -828,6 +829,7 @@ struct BackwardStep {
   const int64_t* active;
   const scalar_t* w_hh;           // (G, H), rows w_hh_stride apart
   int64_t w_hh_stride;
+  TileEngine engine;              // of the float tiles (layer_tile_engine)
   const scalar_t* grad_output;    // (T, B, H)
   const scalar_t* output;         // (T, B, H)
   const scalar_t* saved;          // (T, B, saved_width)
@@ -910,7 +912,7 @@ inline void backward_units(const BackwardStep<scalar_t>& step, int64_t j0, int64
   const int64_t B = step.B, H = step.H, G = step.G;
   if (step.t_next >= 0) {  // grad_h after step t_next: its gate gradients through w_hh
     tile_matmul(B, count, G, step.grad_hidden_gates + step.t_next * B * G, G, step.w_hh + j0,
-                step.w_hh_stride, step.grad_h_recurrent + j0, H);
+                step.w_hh_stride, step.grad_h_recurrent + j0, H, step.engine);
     take_recurrent_grads<Cell, scalar_t>(step, j0, count);
   }
   if (step.t >= 0) backward_gates<Cell, scalar_t>(step, j0, count);
@@ -1056,7 +1058,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   } else if (few_steps) {
     matmul_transposed_into(projection, x.view({T * B, I}), operand(w_ih));
   } else {
-    matmul_into(projection, x.view({T * B, I}), as_tile_operand(operand(w_ih).t()));
+    matmul_into(projection, x.view({T * B, I}), as_tile_operand(operand(w_ih).t()), layer_tile_engine(B, H));
   }
   at::Tensor states = at::empty({2, B, H}, options);  // h, double-buffered
   states[0].copy_(h0);
@@ -1065,6 +1067,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
 
   AT_DISPATCH_FLOATING_TYPES(compute, op, [&] {
     ForwardStep<scalar_t> step{};
+    step.engine = layer_tile_engine(B, H);
     step.B = B;
     step.H = H;
     step.G = G;
@@ -1187,6 +1190,7 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
 
   AT_DISPATCH_FLOATING_TYPES(compute, op, [&] {
     BackwardStep<scalar_t> step{};
+    step.engine = layer_tile_engine(B, H);
     step.B = B;
     step.H = H;
     step.G = G;
@@ -1246,7 +1250,7 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
       Cell::kSeparateHiddenGrad ? in_gemm(grad_input_gates).view({T * B, G}) : grad_hidden2d;
   const at::Tensor x2d = in_gemm(x_in).view({T * B, I});
   at::Tensor grad_x = at::empty({T, B, I}, x2d.options());
-  matmul_into(grad_x.view({T * B, I}), grad_input2d, as_tile_operand(w_ih.to(gemm)));
+  matmul_into(grad_x.view({T * B, I}), grad_input2d, as_tile_operand(w_ih.to(gemm)), layer_tile_engine(B, H));
   const auto in_dtype = [&](const at::Tensor& t) { return t.defined() ? t.to(dtype) : t; };
   return {in_dtype(grad_x),
           in_dtype(grad_h),

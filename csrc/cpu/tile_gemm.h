@@ -2,29 +2,39 @@
 // GEMM over their own threads and fuse work around each tile (the recurrent step of the
 // LSTM/GRU layers: each thread multiplies the state by its own gate columns and applies
 // the gate maths to them, one parallel region per time step).
-//   float:  ATen's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm, oneDNN's
-//           JIT ukernel where the CPU has it, a BLAS call otherwise; torch versions
-//           without the float brgemm get the double path).  Measured on the
-//           2-core AMD EPYC of this project at M=32, K=256, N=1024: 101 GFLOP/s per core
-//           against 85 for at::mm (MKL), and it scales to 2 threads when split by columns.
-//           The ukernel does not block K itself: a long K runs as blocks of kTileDepth,
-//           each added to C (one core at M=64, N=512, K=4096: 24 GFLOP/s in one call,
-//           98-103 in blocks of 256 or 512; at K <= 1024 one call or blocks run alike).
+//   float:  one of two engines (TileEngine):
+//           - brgemm: ATen's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm,
+//             oneDNN's JIT ukernel).  Measured on the 2-core AMD EPYC of this project at
+//             M=32, K=256, N=1024: 101 GFLOP/s per core against 85 for at::mm (MKL), and it
+//             scales to 2 threads when split by columns.  The ukernel does not block K
+//             itself: a long K runs as blocks of kTileDepth, each added to C (one core at
+//             M=64, N=512, K=4096: 24 GFLOP/s in one call, 98-103 in blocks of 256 or 512;
+//             at K <= 1024 one call or blocks run alike).  The attention's tiles take it.
+//           - blas: the BLAS's sgemm, called directly (at::mm_out on views of each tile ran
+//             95-119 GFLOP/s against sgemm's 139-181 on a 2-core Intel Xeon at M=32, K=64,
+//             N=64: benchmarks/results/2026-12-06-cpu-2core-intel-layer-gemms/).  The
+//             LSTM/GRU layers take it where layer_tile_engine says.  The attention's tiles
+//             (K = D, N <= 256) stay on brgemm: on that Xeon the multi-query forward at
+//             B=32, T=S=64, D=256 took 759-790 us on them, 816-864 on sgemm's (measured
+//             with a build that let the attention's tiles take sgemm; not kept).
+//           Torch versions without the float brgemm take sgemm; without a BLAS, at::mm_out.
 //   double: at::mm_out on views of the tile (BLAS; single-threaded inside a parallel region).
 // Row-major, leading dimensions in elements; nothing is accumulated (C is overwritten).
 // as_tile_operand: a matrix laid out for the B operand of float32 tiles.
-// matmul_into: a whole GEMM as such tiles in parallel (float32; other dtypes at::mm_out).
+// matmul_into: a whole GEMM as brgemm tiles in parallel (float32; otherwise at::mm_out).
 // matmul_transposed_into: x @ w^T for a few rows, split over the rows of w.
 // batched_matmul_into: out = a (batch, M, K) @ b (batch, K, N), each matrix row- or
 //   column-major, as float32 tiles over ATen's threads (the attention's matrix-multiply path).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/record_function.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <vector>
 
@@ -34,7 +44,40 @@
 #include <immintrin.h>
 #endif
 
+#if AT_BUILD_WITH_BLAS() && !AT_BLAS_F2C()
+// The BLAS's single-precision GEMM (column-major), declared as ATen's CPUBlas.cpp declares it;
+// libtorch_cpu exports it.
+extern "C" void sgemm_(char* transa, char* transb, int* m, int* n, int* k, float* alpha, const float* a, int* lda,
+                       const float* b, int* ldb, float* beta, float* c, int* ldc);
+#define FASTATTN_SGEMM 1
+#endif
+
 namespace fastattn {
+
+enum class TileEngine { kBrgemm, kBlas };
+
+// The engine of the float tiles and input projection of an LSTM/GRU layer of this batch
+// and hidden size (layer_gemm_setting, csrc/cpu/isa.h).  kBlasForLargeSteps takes the BLAS
+// for batch >= 48 and hidden >= 512, measured on a 2-core Intel Xeon with AVX-512
+// (benchmarks/results/2026-12-06-cpu-2core-intel-layer-gemms/): sgemm tiles ran 253-305
+// GFLOP/s over both threads at M=64, K=1024, N=512 a tile against 139-164 for brgemm's, and
+// at T=100, B=64, H=1024 an LSTM layer's forward took 357-370 ms on sgemm against 370-414
+// on brgemm (forward and backward 968-1030 against 1070-1130; a GRU's 251-264 against
+// 310-336 and 784-852 against 921-946).  At B=32, H=256 sgemm tiles of M=32, K=256, N=128
+// ran 193-198 against brgemm's 170-175, yet the layers ran faster on brgemm (LSTM forward
+// 11.7-13.9 against 12.9-16 ms, GRU 9.05-10.2 against 10.3-10.5).  Sizes between were not
+// measured.
+inline TileEngine layer_tile_engine(int64_t batch, int64_t hidden) {
+  switch (layer_gemm_setting()) {
+    case LayerGemm::kBlas:
+      return TileEngine::kBlas;
+    case LayerGemm::kBlasForLargeSteps:
+      return batch >= 48 && hidden >= 512 ? TileEngine::kBlas : TileEngine::kBrgemm;
+    case LayerGemm::kBrgemm:
+      break;
+  }
+  return TileEngine::kBrgemm;
+}
 
 // The BLAS form of a tile: at::mm_out on views of it (single-threaded inside a parallel
 // region).
@@ -50,26 +93,59 @@ inline void tile_matmul_blas(int64_t M, int64_t N, int64_t K, const T* A, int64_
   at::mm_out(c, a, b);
 }
 
-inline void tile_matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                        const float* B, int64_t ldb, float* C, int64_t ldc) {
+// The sgemm form of a float tile: row-major C = A B as column-major C^T = B^T A^T.  False
+// (nothing done) without a BLAS or where a size or leading dimension exceeds int or is
+// below what sgemm accepts.
+inline bool tile_matmul_sgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                              int64_t ldb, float* C, int64_t ldc) {
+#ifdef FASTATTN_SGEMM
+  if (std::max({M, N, K, lda, ldb, ldc}) > INT_MAX || lda < std::max<int64_t>(1, K) ||
+      ldb < std::max<int64_t>(1, N) || ldc < std::max<int64_t>(1, N)) {
+    return false;
+  }
+  char no_transpose = 'N';
+  int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  int b_ld = static_cast<int>(ldb), a_ld = static_cast<int>(lda), c_ld = static_cast<int>(ldc);
+  float one = 1.0f, zero = 0.0f;
+  sgemm_(&no_transpose, &no_transpose, &m, &n, &k, &one, B, &b_ld, A, &a_ld, &zero, C, &c_ld);
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Whether a float tile of this engine runs on brgemm (the torch has the float brgemm).
+inline bool on_brgemm(TileEngine engine) {
 #ifdef CPUBLAS_BRGEMM_F32F32F32  // torch versions whose CPUBlas.h has the float brgemm
+  return engine == TileEngine::kBrgemm;
+#else
+  (void)engine;
+  return false;
+#endif
+}
+
+inline void tile_matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                        float* C, int64_t ldc, TileEngine engine = TileEngine::kBrgemm) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
     return;
   }
-  constexpr int64_t kTileDepth = 256;
-  for (int64_t k0 = 0; k0 < K; k0 += kTileDepth) {
-    at::native::cpublas::brgemm(M, N, std::min(kTileDepth, K - k0), lda, ldb, ldc, /*add_C=*/k0 > 0, A + k0,
-                                B + k0 * ldb, C, /*is_vnni=*/false);
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if (on_brgemm(engine)) {
+    constexpr int64_t kTileDepth = 256;
+    for (int64_t k0 = 0; k0 < K; k0 += kTileDepth) {
+      at::native::cpublas::brgemm(M, N, std::min(kTileDepth, K - k0), lda, ldb, ldc, /*add_C=*/k0 > 0, A + k0,
+                                  B + k0 * ldb, C, /*is_vnni=*/false);
+    }
+    return;
   }
-#else
-  tile_matmul_blas(M, N, K, A, lda, B, ldb, C, ldc);
 #endif
+  if (!tile_matmul_sgemm(M, N, K, A, lda, B, ldb, C, ldc)) tile_matmul_blas(M, N, K, A, lda, B, ldb, C, ldc);
 }
 
-inline void tile_matmul(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
-                        const double* B, int64_t ldb, double* C, int64_t ldc) {
+inline void tile_matmul(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
+                        int64_t ldb, double* C, int64_t ldc, TileEngine /*engine: BLAS always*/ = TileEngine::kBlas) {
   tile_matmul_blas(M, N, K, A, lda, B, ldb, C, ldc);
 }
 
@@ -83,12 +159,14 @@ inline int64_t tile_row_stride(int64_t columns) {
 }
 
 // out (M, N) = a (M, K) @ b (K, N), a and b with unit column stride, out any row stride:
-// float32 as brgemm tiles of 32 x 256 over ATen's threads (measured here: 190-210
-// GFLOP/s on 2 threads at the LSTM layer's shapes, against 150-175 for at::mm).
-inline void matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+// float32 as brgemm tiles of 32 x 256 over ATen's threads (measured on the AMD EPYC:
+// 190-210 GFLOP/s on 2 threads at the LSTM layer's shapes, against 150-175 for at::mm).
+// With the blas engine, one at::mm_out, which blocks and threads the whole GEMM itself
+// (330-380 GFLOP/s on the Intel Xeon at 6400 x 1024 x 4096, where brgemm tiles ran about 250).
+inline void matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, TileEngine engine) {
   constexpr int64_t kTileRows = 32, kTileColumns = 256;
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  const bool tiles_apply = a.scalar_type() == at::kFloat && a.stride(1) == 1 && b.stride(1) == 1 &&
+  const bool tiles_apply = on_brgemm(engine) && a.scalar_type() == at::kFloat && a.stride(1) == 1 && b.stride(1) == 1 &&
                            out.stride(1) == 1 && a.stride(0) >= K && b.stride(0) >= N &&
                            out.stride(0) >= N;
   if (!tiles_apply) {
