@@ -1052,13 +1052,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   // 1093-1121; at T=8 the two were even, at T=16 and more the tiles won).
   constexpr int64_t kFewSteps = 4;
   const bool few_steps = T <= kFewSteps;
+  const TileEngine engine = layer_tile_engine(B, H);  // of the float tiles and the projection
   if (bfloat16_gemms) {
     at::Tensor projection_batch = projection.unsqueeze(0);
     bfloat16_matmul_nt_out(projection_batch, x.view({1, T * B, I}), w_ih.contiguous().unsqueeze(0));
   } else if (few_steps) {
     matmul_transposed_into(projection, x.view({T * B, I}), operand(w_ih));
   } else {
-    matmul_into(projection, x.view({T * B, I}), as_tile_operand(operand(w_ih).t()), layer_tile_engine(B, H));
+    matmul_into(projection, x.view({T * B, I}), operand(w_ih).t(), engine);
   }
   at::Tensor states = at::empty({2, B, H}, options);  // h, double-buffered
   states[0].copy_(h0);
@@ -1067,7 +1068,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
 
   AT_DISPATCH_FLOATING_TYPES(compute, op, [&] {
     ForwardStep<scalar_t> step{};
-    step.engine = layer_tile_engine(B, H);
+    step.engine = engine;
     step.B = B;
     step.H = H;
     step.G = G;
@@ -1187,10 +1188,11 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
   at::Tensor grad_h_recurrent = at::empty({B, H}, options);
   at::Tensor scratch = at::empty({B, H}, options);
   at::Tensor rounded_hidden_gates = bfloat16_gemms ? at::empty({T, B, G}, x_in.options()) : at::Tensor();
+  const TileEngine engine = layer_tile_engine(B, H);  // of the float tiles and grad_x's GEMM
 
   AT_DISPATCH_FLOATING_TYPES(compute, op, [&] {
     BackwardStep<scalar_t> step{};
-    step.engine = layer_tile_engine(B, H);
+    step.engine = engine;
     step.B = B;
     step.H = H;
     step.G = G;
@@ -1250,7 +1252,7 @@ layer_backward(const at::Tensor& grad_output_in, const at::Tensor& grad_h_n_in,
       Cell::kSeparateHiddenGrad ? in_gemm(grad_input_gates).view({T * B, G}) : grad_hidden2d;
   const at::Tensor x2d = in_gemm(x_in).view({T * B, I});
   at::Tensor grad_x = at::empty({T, B, I}, x2d.options());
-  matmul_into(grad_x.view({T * B, I}), grad_input2d, as_tile_operand(w_ih.to(gemm)), layer_tile_engine(B, H));
+  matmul_into(grad_x.view({T * B, I}), grad_input2d, w_ih.to(gemm), engine);
   const auto in_dtype = [&](const at::Tensor& t) { return t.defined() ? t.to(dtype) : t; };
   return {in_dtype(grad_x),
           in_dtype(grad_h),

@@ -158,36 +158,6 @@ inline int64_t tile_row_stride(int64_t columns) {
   return columns + (aliasing ? kPadBytes / static_cast<int64_t>(sizeof(float)) : 0);
 }
 
-// out (M, N) = a (M, K) @ b (K, N), a and b with unit column stride, out any row stride:
-// float32 as brgemm tiles of 32 x 256 over ATen's threads (measured on the AMD EPYC:
-// 190-210 GFLOP/s on 2 threads at the LSTM layer's shapes, against 150-175 for at::mm).
-// With the blas engine, one at::mm_out, which blocks and threads the whole GEMM itself
-// (330-380 GFLOP/s on the Intel Xeon at 6400 x 1024 x 4096, where brgemm tiles ran about 250).
-inline void matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, TileEngine engine) {
-  constexpr int64_t kTileRows = 32, kTileColumns = 256;
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  const bool tiles_apply = on_brgemm(engine) && a.scalar_type() == at::kFloat && a.stride(1) == 1 && b.stride(1) == 1 &&
-                           out.stride(1) == 1 && a.stride(0) >= K && b.stride(0) >= N &&
-                           out.stride(0) >= N;
-  if (!tiles_apply) {
-    at::mm_out(out, a, b);
-    return;
-  }
-  const int64_t row_tiles = (M + kTileRows - 1) / kTileRows;
-  const int64_t column_tiles = (N + kTileColumns - 1) / kTileColumns;
-  const float* a_data = a.const_data_ptr<float>();
-  const float* b_data = b.const_data_ptr<float>();
-  float* out_data = out.mutable_data_ptr<float>();
-  const int64_t lda = a.stride(0), ldb = b.stride(0), ldc = out.stride(0);
-  at::parallel_for(0, row_tiles * column_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t m0 = (tile / column_tiles) * kTileRows, n0 = (tile % column_tiles) * kTileColumns;
-      tile_matmul(std::min(kTileRows, M - m0), std::min(kTileColumns, N - n0), K, a_data + m0 * lda,
-                  lda, b_data + n0, ldb, out_data + m0 * ldc + n0, ldc);
-    }
-  });
-}
-
 // out (M, N) = a (M, K) @ w (N, K)^T.  For a few rows (a decoder step at batch 1) BLAS
 // runs one single-threaded GEMV; the rows of w are then split over ATen's threads, one
 // GEMV each (measured here at M=1, K=512, N=1024: 43 us for at::mm, 23 us split over 2
@@ -299,6 +269,38 @@ inline at::Tensor as_tile_operand(const at::Tensor& b) {
     transpose_into(destination + begin * ld, ld, source + begin, source_stride, end - begin, columns);
   });
   return copy.narrow(1, 0, columns);
+}
+
+// out (M, N) = a (M, K) @ b (K, N), out any row stride: float32 on brgemm as tiles of
+// 32 x 256 over ATen's threads, a with unit column stride and b laid out by as_tile_operand
+// first (measured on the AMD EPYC: 190-210 GFLOP/s on 2 threads at the LSTM layer's shapes,
+// against 150-175 for at::mm).  Otherwise (the blas engine, other dtypes or layouts) one
+// at::mm_out on b as given, which blocks and threads the whole GEMM itself (330-380 GFLOP/s
+// on the Intel Xeon at 6400 x 1024 x 4096, where brgemm tiles ran about 250).
+inline void matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b_given, TileEngine engine) {
+  constexpr int64_t kTileRows = 32, kTileColumns = 256;
+  const int64_t M = a.size(0), K = a.size(1), N = b_given.size(1);
+  const bool tiles_apply = on_brgemm(engine) && a.scalar_type() == at::kFloat &&
+                           b_given.scalar_type() == at::kFloat && a.stride(1) == 1 && out.stride(1) == 1 &&
+                           a.stride(0) >= K && out.stride(0) >= N;
+  if (!tiles_apply) {
+    at::mm_out(out, a, b_given);
+    return;
+  }
+  const at::Tensor b = as_tile_operand(b_given);
+  const int64_t row_tiles = (M + kTileRows - 1) / kTileRows;
+  const int64_t column_tiles = (N + kTileColumns - 1) / kTileColumns;
+  const float* a_data = a.const_data_ptr<float>();
+  const float* b_data = b.const_data_ptr<float>();
+  float* out_data = out.mutable_data_ptr<float>();
+  const int64_t lda = a.stride(0), ldb = b.stride(0), ldc = out.stride(0);
+  at::parallel_for(0, row_tiles * column_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t m0 = (tile / column_tiles) * kTileRows, n0 = (tile % column_tiles) * kTileColumns;
+      tile_matmul(std::min(kTileRows, M - m0), std::min(kTileColumns, N - n0), K, a_data + m0 * lda,
+                  lda, b_data + n0, ldb, out_data + m0 * ldc + n0, ldc);
+    }
+  });
 }
 
 // The layout of the matrices of a batched operand t (batch, rows, columns).
