@@ -34,7 +34,7 @@ pybind11::dict build_info() {
 // layers' float32 GEMMs, chosen at run time (csrc/cpu/isa.h).
 pybind11::tuple cpu_kernels() {
   pybind11::list sets;
-  sets.append(fastattn::use_avx2_kernels() ? "avx2" : "baseline");
+  sets.append(fastattn::use_avx512_kernels() ? "avx512" : fastattn::use_avx2_kernels() ? "avx2" : "baseline");
   if (fastattn::use_avx512_bf16_kernels()) sets.append("avx512_bf16");
   switch (fastattn::layer_gemm_setting()) {
     case fastattn::LayerGemm::kBrgemm: sets.append("layer_gemm_brgemm"); break;
@@ -50,6 +50,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastattn's compiled kernels; the ops are torch.ops.fastattn.*";
   m.def("build_info", &build_info, "How this extension was built: compiler, backends, CUDA archs");
   m.def("cpu_kernels", &cpu_kernels,
-        "The instruction sets the CPU kernels run with here: avx2 or baseline, avx512_bf16 for the bfloat16 GEMMs, "
+        "The instruction sets the CPU kernels run with here: avx512, avx2 or baseline, avx512_bf16 for the bfloat16 GEMMs, "
         "and the LSTM/GRU layers' float32 GEMMs: layer_gemm_brgemm, layer_gemm_blas or layer_gemm_blas_for_large_steps");
 }

@@ -61,8 +61,8 @@ def build_info() -> dict | None:
 
 
 def cpu_kernels() -> tuple[str, ...] | None:
-    """The instruction sets fastattn._C's CPU kernels run with on this machine ("avx2" or
-    "baseline", and "avx512_bf16" where the bfloat16 GEMMs run) and the engine of the LSTM/GRU
+    """The instruction sets fastattn._C's CPU kernels run with on this machine ("avx512", "avx2"
+    or "baseline", and "avx512_bf16" where the bfloat16 GEMMs run) and the engine of the LSTM/GRU
     layers' float32 GEMMs ("layer_gemm_blas" or "layer_gemm_brgemm" as FASTATTN_CPU_LAYER_GEMM
     sets it, else "layer_gemm_blas_for_large_steps" on Intel CPUs and "layer_gemm_brgemm"
     elsewhere), or None when it is not loaded."""

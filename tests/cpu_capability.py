@@ -1,5 +1,5 @@
 """A test script run in a Python process of its own under ATEN_CPU_CAPABILITY or
-FASTATTN_CPU_LAYER_GEMM: the CPU kernels' instruction set (baseline, AVX2, AVX512-BF16) and
+FASTATTN_CPU_LAYER_GEMM: the CPU kernels' instruction set (baseline, AVX2, AVX-512, AVX512-BF16) and
 the engine of the LSTM/GRU layers' float32 GEMMs are picked once a process."""
 
 from __future__ import annotations

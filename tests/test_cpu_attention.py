@@ -694,24 +694,32 @@ def test_float32_gradients_of_peaked_rows_err_at_most_twice_the_reference(score,
     carries logsumexp's rounding (half an ulp of the largest score) into every p_j: the
     kernels take p_j from the row's own max and sum and r shifted by the top key's
     (ShiftedRowTerm), which keeps the float32 gradients as accurate as the reference's
-    (they erred 24x, and the values' 10x)."""
-    generator = torch.Generator().manual_seed(0)
-    query, keys, values, grad_context, grad_weights = (
-        torch.randn(*shape, generator=generator, dtype=torch.float64)
-        for shape in ((1, 4, 8), (1, 6, 8), (1, 6, 3), (1, 4, 3), (1, 4, 6))
-    )
+    (they erred 24x, and the values' 10x).  Errors summed over 8 problems: on one, the
+    reference run can be closer to the truth by chance (seed 0's cosine query gradient: the
+    baseline kernels erred 3.3x the reference there, 0.71x summed over 40 problems)."""
+    names = ("query", "keys", "values")
+    ours_total, reference_total = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    for seed in range(8):
+        generator = torch.Generator().manual_seed(seed)
+        query, keys, values, grad_context, grad_weights = (
+            torch.randn(*shape, generator=generator, dtype=torch.float64)
+            for shape in ((1, 4, 8), (1, 6, 8), (1, 6, 3), (1, 4, 3), (1, 4, 6))
+        )
 
-    def gradients(backend_name, dtype):
-        leaves = [t.to(dtype).requires_grad_() for t in (query, keys, values)]
-        with fastattn.backend(backend_name):
-            outputs = fastattn.attention(*leaves, score=score, return_weights=return_weights,
-                                         **{name: a.to(dtype) if isinstance(a, torch.Tensor) else a for name, a in arguments.items()})
-        outputs, upstream = (outputs, (grad_context, grad_weights)) if return_weights else ((outputs,), (grad_context,))
-        return [g.double() for g in torch.autograd.grad(outputs, leaves, [u.to(dtype) for u in upstream])]
+        def gradients(backend_name, dtype):
+            leaves = [t.to(dtype).requires_grad_() for t in (query, keys, values)]
+            with fastattn.backend(backend_name):
+                outputs = fastattn.attention(*leaves, score=score, return_weights=return_weights,
+                                             **{name: a.to(dtype) if isinstance(a, torch.Tensor) else a for name, a in arguments.items()})
+            outputs, upstream = (outputs, (grad_context, grad_weights)) if return_weights else ((outputs,), (grad_context,))
+            return [g.double() for g in torch.autograd.grad(outputs, leaves, [u.to(dtype) for u in upstream])]
 
-    exact, reference_run, kernel_run = gradients("reference", torch.float64), gradients("reference", torch.float32), gradients("cpu", torch.float32)
-    for name, truth, theirs, ours in zip(("query", "keys", "values"), exact, reference_run, kernel_run):
-        assert (ours - truth).abs().max() <= 2 * (theirs - truth).abs().max(), name
+        exact, reference_run, kernel_run = gradients("reference", torch.float64), gradients("reference", torch.float32), gradients("cpu", torch.float32)
+        for name, truth, theirs, ours in zip(names, exact, reference_run, kernel_run):
+            ours_total[name] += float((ours - truth).abs().max())
+            reference_total[name] += float((theirs - truth).abs().max())
+    for name in names:
+        assert ours_total[name] <= 2 * reference_total[name], (name, ours_total[name], reference_total[name])
 
 
 @pytest.mark.parametrize("shape", list(PEAKED_SHAPES))

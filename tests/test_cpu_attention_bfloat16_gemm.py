@@ -8,6 +8,7 @@ of the GEMM's blocks: rows (T) modulo its 6-row block, columns (S) about its 16-
 panels, and odd feature sizes (D, Dv), with and without the 16 x 16 transposes of its
 packing, keys shared by the batch, and key rows further apart than D."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -54,19 +55,25 @@ def cpu_flags() -> set[str]:
 
 
 def test_the_bfloat16_gemms_run_where_the_cpu_has_avx512_bf16():
-    """`info()["cpu_kernels"]` lists avx512_bf16 exactly where Linux lists the CPU's
-    AVX-512 F, BW, VL and BF16 flags, and not under ATEN_CPU_CAPABILITY=avx2 (a process of
-    its own: the choice is made once a process)."""
+    """`info()["cpu_kernels"]` names the widest clones the CPU runs (avx512 where Linux lists
+    AVX2, FMA and AVX-512 F, BW, VL and DQ, else avx2 where it lists AVX2 and FMA, else
+    baseline) and lists avx512_bf16 exactly where it lists AVX-512 BF16 too; under
+    ATEN_CPU_CAPABILITY=avx2 neither AVX-512 entry (a process of its own: the choice is made
+    once a process)."""
     flags = cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo to check the CPU's flags against")
-    has_them = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
+    has_avx2 = {"avx2", "fma"} <= flags
+    has_avx512 = has_avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")  # set where tests/test_cpu_isa_tiers.py runs this
+    avx2, avx512 = has_avx2 and capability != "default", has_avx512 and capability not in ("default", "avx2")
     kernels = fastattn.info()["cpu_kernels"]
-    assert kernels[0] == ("avx2" if "avx2" in flags and "fma" in flags else "baseline")
-    assert ("avx512_bf16" in kernels) == has_them
+    assert kernels[0] == ("avx512" if avx512 else "avx2" if avx2 else "baseline")
+    assert ("avx512_bf16" in kernels) == (avx512 and "avx512_bf16" in flags)
     script = "import fastattn; print(','.join(fastattn.info()['cpu_kernels']))"
     result = run_with_cpu_capability(script, "avx2")
-    assert result.returncode == 0 and "avx512_bf16" not in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split(",")[0] == ("avx2" if has_avx2 else "baseline") and "avx512" not in result.stdout
 
 
 def _case(shape, shared_keys, seed):

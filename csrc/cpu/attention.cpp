@@ -49,9 +49,9 @@
 //   softmax does; only rows with no visible key are zeros.
 // Vectorisation: inner loops over the feature dimension use Simd<T, bytes>
 //   vectors (below: why not at::vec::Vectorized), fast_tanh_with on float lanes.
-//   Every kernel is compiled twice, for the baseline ISA and with AVX2+FMA (a
-//   target attribute, no -march flag), and picked at run time from the CPU
-//   (csrc/cpu/isa.h).
+//   Every kernel is compiled for the baseline ISA and with AVX2+FMA, the additive
+//   score's row kernels with AVX-512 too (target attributes, no -march flag), and
+//   picked at run time from the CPU (csrc/cpu/isa.h; kAvx512RowKernels).
 // float16 / bfloat16: computed in float32.  The forward's row kernel reads the keys and
 //   values as they are stored, widening each vector of them to float as it loads it
 //   (load_lanes); the query, v, bias and center, and for the GEMM paths and the
@@ -110,7 +110,8 @@ using fastattn::bfloat16_matmul_nt_out;
 using fastattn::bfloat16_matmul_nt_available;
 using fastattn::KeyRange;
 using fastattn::ScoreKind;
-using fastattn::use_avx2_kernels;
+using fastattn::IsaClones;
+using fastattn::kernel_for_this_cpu;
 
 constexpr int64_t kKeyBlock = 128;  // keys scored before each online-softmax update
 // The additive backward keeps a row's S x Da activations between its two passes when
@@ -128,10 +129,11 @@ constexpr int64_t kRowBlock = 32;
 // through the stack, scalar maths: measured 5x slower than this, and slower still
 // inside an AVX2 clone).  With GCC/Clang, Simd wraps a vector-extension type the
 // compiler keeps in registers: 16 bytes (SSE2) in the baseline kernels, 32 bytes
-// (one ymm register, FMA) in the AVX2 clones; 32-byte compares/selects would be
-// split into scalars on SSE2.  Other compilers get Vectorized behind the same
-// interface.  Everything here is FASTATTN_ALWAYS_INLINE and the kernels are
-// flattened, so it is compiled for the ISA of the kernel that calls it.
+// (one ymm register, FMA) in the AVX2 clones, 64 bytes (one zmm register) in the
+// AVX-512 ones; 32-byte compares/selects would be split into scalars on SSE2.  Other
+// compilers get Vectorized behind the same interface.  Everything here is
+// FASTATTN_ALWAYS_INLINE and the kernels are flattened, so it is compiled for the ISA of
+// the kernel that calls it.
 
 #if defined(__GNUC__) || defined(__clang__)
 template <typename T, int kBytes>
@@ -151,6 +153,14 @@ struct NativeVector<float, 32> {
 template <>
 struct NativeVector<double, 32> {
   typedef double type __attribute__((vector_size(32)));
+};
+template <>
+struct NativeVector<float, 64> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct NativeVector<double, 64> {
+  typedef double type __attribute__((vector_size(64)));
 };
 
 template <typename T, int kBytes>
@@ -233,7 +243,7 @@ template <typename E>
 using LaneOf = std::conditional_t<std::is_same_v<E, double>, double, float>;
 
 #if defined(__GNUC__) || defined(__clang__)
-// The vectors of 16-bit elements that widen to kLanes 32-bit lanes (16 or 32 bytes).
+// The vectors of 16-bit elements that widen to kLanes 32-bit lanes (16, 32 or 64 bytes).
 template <int kLanes>
 struct WideningVectors;
 template <>
@@ -247,6 +257,12 @@ struct WideningVectors<8> {
   typedef uint16_t Narrow __attribute__((vector_size(16)));
   typedef uint32_t Wide __attribute__((vector_size(32)));
   typedef float Floats __attribute__((vector_size(32)));
+};
+template <>
+struct WideningVectors<16> {
+  typedef uint16_t Narrow __attribute__((vector_size(32)));
+  typedef uint32_t Wide __attribute__((vector_size(64)));
+  typedef float Floats __attribute__((vector_size(64)));
 };
 
 template <typename To, typename From>
@@ -1090,52 +1106,61 @@ template <typename T>
 using BackwardKernel = void (*)(const AttentionProblem<T>&, const BackwardInputs<T>&, const BackwardOutputs<T>&,
                                 int64_t, int64_t, T*, T*);
 
-template <typename T, typename E, ScoreKind kScore>
-FASTATTN_KERNEL void forward_rows_baseline(const AttentionProblem<T, E>& problem, const ForwardOutputs<T>& out,
-                                           int64_t begin, int64_t end) {
-  forward_rows<T, kScore, 16>(problem, out, begin, end);
-}
-template <typename T, ScoreKind kScore>
-FASTATTN_KERNEL void backward_batches_baseline(const AttentionProblem<T>& problem, const BackwardInputs<T>& in,
-                                               const BackwardOutputs<T>& out, int64_t begin, int64_t end, T* grad_v,
-                                               T* grad_bias) {
-  backward_batches<T, kScore, 16>(problem, in, out, begin, end, grad_v, grad_bias);
-}
-FASTATTN_KERNEL void fast_tanh_baseline(const float* input, float* output, int64_t size) {
-  fast_tanh_span<16>(input, output, size);
-}
+// The row kernels and fast_tanh of one ISA: forward_rows_<isa>, backward_batches_<isa> and
+// fast_tanh_<isa>, compiled with `attribute` (FASTATTN_KERNEL for the baseline, else a target)
+// on Simd vectors of kBytes.
+#define FASTATTN_ROW_KERNELS(isa, attribute, kBytes)                                                                 \
+  template <typename T, typename E, ScoreKind kScore>                                                                 \
+  attribute void forward_rows_##isa(const AttentionProblem<T, E>& problem, const ForwardOutputs<T>& out,             \
+                                    int64_t begin, int64_t end) {                                                    \
+    forward_rows<T, kScore, kBytes>(problem, out, begin, end);                                                       \
+  }                                                                                                                  \
+  template <typename T, ScoreKind kScore>                                                                            \
+  attribute void backward_batches_##isa(const AttentionProblem<T>& problem, const BackwardInputs<T>& in,             \
+                                        const BackwardOutputs<T>& out, int64_t begin, int64_t end, T* grad_v,        \
+                                        T* grad_bias) {                                                              \
+    backward_batches<T, kScore, kBytes>(problem, in, out, begin, end, grad_v, grad_bias);                            \
+  }                                                                                                                  \
+  attribute void fast_tanh_##isa(const float* input, float* output, int64_t size) {                                  \
+    fast_tanh_span<kBytes>(input, output, size);                                                                     \
+  }
 
+FASTATTN_ROW_KERNELS(baseline, FASTATTN_KERNEL, 16)
 #ifdef FASTATTN_AVX2_CLONES
-template <typename T, typename E, ScoreKind kScore>
-FASTATTN_TARGET_AVX2 void forward_rows_avx2(const AttentionProblem<T, E>& problem, const ForwardOutputs<T>& out,
-                                            int64_t begin, int64_t end) {
-  forward_rows<T, kScore, 32>(problem, out, begin, end);
-}
-template <typename T, ScoreKind kScore>
-FASTATTN_TARGET_AVX2 void backward_batches_avx2(const AttentionProblem<T>& problem, const BackwardInputs<T>& in,
-                                                const BackwardOutputs<T>& out, int64_t begin, int64_t end,
-                                                T* grad_v, T* grad_bias) {
-  backward_batches<T, kScore, 32>(problem, in, out, begin, end, grad_v, grad_bias);
-}
-FASTATTN_TARGET_AVX2 void fast_tanh_avx2(const float* input, float* output, int64_t size) {
-  fast_tanh_span<32>(input, output, size);
-}
+FASTATTN_ROW_KERNELS(avx2, FASTATTN_TARGET_AVX2, 32)
+FASTATTN_ROW_KERNELS(avx512, FASTATTN_TARGET_AVX512, 64)
 #endif
+
+// The row kernels of a score for this CPU.  The additive score's run in 64-byte vectors
+// where the CPU has AVX-512: with its tanh per (query, key, feature) the multi-query forward
+// at B=32, T=S=64, D=256 ran 1.35-1.40x faster and its forward and backward 1.18-1.19x on a
+// 2-core Intel Xeon (benchmarks/results/2026-12-07-cpu-2core-intel-avx512/).  The dot-product and cosine scores' stay on AVX2, their
+// rows a dot product a key: a decode step at B=32, S=64, D=256 ran 0-6% slower on AVX-512.
+template <ScoreKind kScore>
+constexpr bool kAvx512RowKernels = kScore == ScoreKind::kAdditive;
 
 template <typename T, typename E, ScoreKind kScore>
 ForwardKernel<T, E> forward_kernel_for() {
 #ifdef FASTATTN_AVX2_CLONES
-  if (use_avx2_kernels()) return &forward_rows_avx2<T, E, kScore>;
-#endif
+  ForwardKernel<T, E> avx512 = &forward_rows_avx2<T, E, kScore>;
+  if constexpr (kAvx512RowKernels<kScore>) avx512 = &forward_rows_avx512<T, E, kScore>;
+  return kernel_for_this_cpu<ForwardKernel<T, E>>(&forward_rows_baseline<T, E, kScore>, &forward_rows_avx2<T, E, kScore>,
+                                                  avx512);
+#else
   return &forward_rows_baseline<T, E, kScore>;
+#endif
 }
 
 template <typename T, ScoreKind kScore>
 BackwardKernel<T> backward_kernel_for() {
 #ifdef FASTATTN_AVX2_CLONES
-  if (use_avx2_kernels()) return &backward_batches_avx2<T, kScore>;
-#endif
+  BackwardKernel<T> avx512 = &backward_batches_avx2<T, kScore>;
+  if constexpr (kAvx512RowKernels<kScore>) avx512 = &backward_batches_avx512<T, kScore>;
+  return kernel_for_this_cpu<BackwardKernel<T>>(&backward_batches_baseline<T, kScore>,
+                                                &backward_batches_avx2<T, kScore>, avx512);
+#else
   return &backward_batches_baseline<T, kScore>;
+#endif
 }
 
 template <typename T, typename E>
@@ -1770,23 +1795,13 @@ void blas_backward_rows(const AttentionProblem<T>& problem, BackwardRowBuffers<T
   }
 }
 
-// kFunction(args...) as the AVX2+FMA clone where the CPU has it (use_avx2_kernels): the
-// row passes of the matrix-multiply path, whose loops vectorise.
-#ifdef FASTATTN_AVX2_CLONES
-template <auto kFunction, typename... Args>
-FASTATTN_TARGET_AVX2 void run_avx2(Args... args) {
-  kFunction(args...);
-}
-#endif
+// kFunction(args...) as its AVX2+FMA clone where the CPU has it (IsaClones, csrc/cpu/isa.h):
+// the row passes of the matrix-multiply path, whose loops vectorise.  Not the AVX-512 clone:
+// with it the dot and cosine multi-query forward at B=32, T=S=64, D=256 ran about 10% slower
+// on a 2-core Intel Xeon (fastest of 300 calls 1012-1087 us against 896-951, three runs).
 template <auto kFunction, typename... Args>
 void run_for_this_cpu(Args... args) {
-#ifdef FASTATTN_AVX2_CLONES
-  if (use_avx2_kernels()) {
-    run_avx2<kFunction>(args...);
-    return;
-  }
-#endif
-  kFunction(args...);
+  IsaClones<kFunction>::up_to_avx2()(args...);
 }
 
 // The matrix-multiply path makes its scores (the forward's q.k, the backward's q.k and
@@ -2319,7 +2334,7 @@ at::Tensor fast_tanh_cpu(const at::Tensor& x) {
   at::Tensor output = at::empty_like(input);
   void (*kernel)(const float*, float*, int64_t) = &fast_tanh_baseline;
 #ifdef FASTATTN_AVX2_CLONES
-  if (use_avx2_kernels()) kernel = &fast_tanh_avx2;
+  kernel = kernel_for_this_cpu(kernel, &fast_tanh_avx2, &fast_tanh_avx512);
 #endif
   const float* in = input.const_data_ptr<float>();
   float* out = output.mutable_data_ptr<float>();

@@ -16,7 +16,7 @@
 // step) split their fused loop over the batch and use ATen GEMMs.
 // The equations are those of fastattn.reference; float32 takes tanh and sigmoid from
 // fast_tanh (csrc/common/fast_tanh.h, abs error < 4e-7) so that the fused loops
-// vectorise (with an AVX2+FMA clone of the layer steps, csrc/cpu/isa.h), float64 uses
+// vectorise (with AVX2+FMA and AVX-512 clones of the cells and layer steps, csrc/cpu/isa.h), float64 uses
 // std::exp / std::tanh.
 // float16 / bfloat16: the cells take them (gate maths in float32, bfloat16 GEMMs in
 // bfloat16, see Cells), and so do the layers: state, buffers, gate maths and the backward's
@@ -291,48 +291,18 @@ inline void gru_row_backward(const scalar_t* __restrict grad_h,
   }
 }
 // The row functions as the cells call them (one call per batch row): the baseline
-// instantiation, or for float32 an AVX2+FMA clone when the CPU has it (csrc/cpu/isa.h).
-// The layers get their clones through the step functions (forward_units_avx2 ...).
-#ifdef FASTATTN_AVX2_CLONES
-FASTATTN_TARGET_AVX2 void lstm_row_forward_avx2(float* gates, const float* hidden_gates,
-                                                const float* input_bias, const float* hidden_bias,
-                                                const float* c, int64_t H, int64_t count,
-                                                float* c_next, float* h_next) {
-  lstm_row_forward(gates, hidden_gates, input_bias, hidden_bias, c, H, count, c_next, h_next);
-}
-FASTATTN_TARGET_AVX2 void lstm_row_backward_avx2(const float* grad_h, const float* grad_output,
-                                                 const float* grad_c, const float* gates,
-                                                 const float* c_prev, const float* c_next,
-                                                 int64_t H, int64_t count, float* grad_gates,
-                                                 float* grad_c_prev) {
-  lstm_row_backward(grad_h, grad_output, grad_c, gates, c_prev, c_next, H, count, grad_gates,
-                    grad_c_prev);
-}
-FASTATTN_TARGET_AVX2 void gru_row_forward_avx2(float* gates, const float* hidden_gates,
-                                               const float* input_bias, const float* hidden_bias,
-                                               const float* h, int64_t H, int64_t count,
-                                               float* h_next) {
-  gru_row_forward(gates, hidden_gates, input_bias, hidden_bias, h, H, count, h_next);
-}
-FASTATTN_TARGET_AVX2 void gru_row_backward_avx2(const float* grad_h, const float* grad_output,
-                                                const float* saved, const float* h, int64_t H,
-                                                int64_t count, float* grad_input_gates,
-                                                float* grad_hidden_gates, float* grad_h_direct) {
-  gru_row_backward(grad_h, grad_output, saved, h, H, count, grad_input_gates, grad_hidden_gates,
-                   grad_h_direct);
-}
-// The AVX2 clone where its type matches the baseline's (float32), else the baseline.
-template <typename Baseline, typename Avx2>
-Baseline pick_kernel(Baseline baseline, Avx2 avx2) {
-  if constexpr (std::is_same_v<Baseline, Avx2>) {
-    if (use_avx2_kernels()) return avx2;
+// instantiation, or for float32 a clone for the CPU's widest ISA (IsaClones,
+// csrc/cpu/isa.h).  The layers get their clones through the step functions.
+// kBaseline, or where it is kFloat (the float32 instantiation) its clone for this CPU.
+template <auto kBaseline, auto kFloat>
+auto float32_clone_or_baseline() {
+  if constexpr (std::is_same_v<decltype(kBaseline), decltype(kFloat)>) {
+    return IsaClones<kFloat>::for_this_cpu();
+  } else {
+    return kBaseline;
   }
-  return baseline;
 }
-#define FASTATTN_ROW_KERNEL(name) pick_kernel(&name<scalar_t>, &name##_avx2)
-#else
-#define FASTATTN_ROW_KERNEL(name) (&name<scalar_t>)
-#endif
+#define FASTATTN_ROW_KERNEL(name) (float32_clone_or_baseline<&name<scalar_t>, &name<float>>())
 
 // A bias, or zeros when there is none: the fused loops always add both biases.
 at::Tensor bias_or_zeros(const at::Tensor& bias, int64_t gate_rows,
@@ -918,27 +888,9 @@ inline void backward_units(const BackwardStep<scalar_t>& step, int64_t j0, int64
   if (step.t >= 0) backward_gates<Cell, scalar_t>(step, j0, count);
 }
 
-// The step functions compiled for the baseline ISA, and for AVX2+FMA in float32 (the
-// gate maths vectorise 8 lanes wide there); picked at run time (csrc/cpu/isa.h).
-#ifdef FASTATTN_AVX2_CLONES
-template <typename Cell>
-FASTATTN_TARGET_AVX2 void forward_update_avx2(const ForwardStep<float>& step, int64_t j0, int64_t count) {
-  forward_update<Cell, float>(step, j0, count);
-}
-template <typename Cell>
-FASTATTN_TARGET_AVX2 void forward_units_avx2(const ForwardStep<float>& step, int64_t j0,
-                                             int64_t count) {
-  forward_units<Cell, float>(step, j0, count);
-}
-template <typename Cell>
-FASTATTN_TARGET_AVX2 void backward_units_avx2(const BackwardStep<float>& step, int64_t j0,
-                                              int64_t count) {
-  backward_units<Cell, float>(step, j0, count);
-}
-#define FASTATTN_STEP_KERNEL(name) pick_kernel(&name<Cell, scalar_t>, &name##_avx2<Cell>)
-#else
-#define FASTATTN_STEP_KERNEL(name) (&name<Cell, scalar_t>)
-#endif
+// The step functions compiled for the baseline ISA, and in float32 for the CPU's widest
+// ISA too (the gate maths vectorise 8 lanes wide with AVX2, 16 with AVX-512).
+#define FASTATTN_STEP_KERNEL(name) (float32_clone_or_baseline<&name<Cell, scalar_t>, &name<Cell, float>>())
 
 #ifdef FASTATTN_AVX512_BF16_CLONES
 static_assert(kHiddenBlock % bfloat16_gemm::kPanel == 0, "a task's units start at a packed panel of w_hh");
