@@ -585,6 +585,43 @@ def test_hard_attention_argmax_matches_the_reference_and_sampling_follows_the_we
         assert p_value > 1e-3
 
 
+def _first_of_the_largest(row):
+    """sample_positions' argmax rule (csrc/common/sampling_math.h), element by element: the
+    first position of the largest weight, a NaN never larger (one at position 0 stays)."""
+    best = 0
+    for j in range(1, len(row)):
+        if row[j] > row[best]:
+            best = j
+    return best
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("source_length", [1, 7, 64, 67])
+def test_sample_positions_argmax_is_the_first_of_the_largest_weights(dtype, source_length):
+    """float32 and float64 rows take a vectorised max and first-match search, the others
+    the element-by-element rule; every row kind against that rule: ties, NaN first, NaN
+    elsewhere, +-inf, all -inf, all NaN, all zero."""
+    generator = torch.Generator().manual_seed(source_length)
+    rows = torch.rand(12, source_length, generator=generator, dtype=torch.float64)
+    last = source_length - 1
+    rows[1] = 0.25  # every weight tied
+    rows[2, last] = rows[2].max() + 1  # the largest at the end
+    rows[3, 0] = float("nan")
+    rows[4, last] = float("nan")
+    rows[5, source_length // 2] = float("inf")
+    rows[6, :] = float("-inf")
+    rows[7, :] = float("nan")
+    rows[8, :] = 0.0
+    rows[9, :] = float("-inf")
+    rows[9, last] = float("nan")
+    rows[10, source_length // 3 :] = rows[10].max() + 1  # ties of the largest after the first third
+    rows[11, 0] = float("-inf")
+    weights = rows.to(dtype).reshape(3, 4, source_length)
+    expected = [_first_of_the_largest(row.tolist()) for row in weights.reshape(-1, source_length)]
+    index = torch.ops.fastattn.sample_positions(weights, False, None)
+    assert index.tolist() == torch.tensor(expected).reshape(3, 4).tolist()
+
+
 def test_fast_tanh_error_is_below_its_stated_bound():
     x = torch.linspace(-30, 30, 3_000_001)
     x = torch.cat([x, torch.tensor([float("inf"), float("-inf"), 0.0, 1e-30, -1e-30, 8.75, 8.7499])])

@@ -805,6 +805,20 @@ struct ContiguousKeys {
   int64_t operator[](int64_t c) const { return first + c; }
 };
 
+// The first c < count with x[keys[c]] == value, count when there is none: a min-reduction
+// over all `count` keys in place of a loop that stops at the first (which does not
+// vectorise, and mispredicts its exit once a row).
+template <typename T, typename Keys>
+FASTATTN_ALWAYS_INLINE int64_t first_holding(const T* x, Keys keys, int64_t count, T value) {
+  int64_t first = count;
+#pragma omp simd reduction(min : first)
+  for (int64_t c = 0; c < count; ++c) {
+    const int64_t candidate = x[keys[c]] == value ? c : count;
+    first = candidate < first ? candidate : first;
+  }
+  return first;
+}
+
 // e^x for x <= 0 in the softmax rows: float through exp_of_nonpositive_with (a polynomial,
 // branch free, so that the rows vectorise, where libm's expf kept them scalar; within 1.2
 // ulps of e^x, measured on every fourth float in [-87, 0]), double through exp.
@@ -860,13 +874,8 @@ ShiftedRowTerm<T> shifted_row_term(const T* probabilities, const T* grad_alpha, 
   for (int64_t c = 1; c < count; ++c) {
     top_probability = probabilities[keys[c]] > top_probability ? probabilities[keys[c]] : top_probability;
   }
-  int64_t top = keys[0];
-  for (int64_t c = 0; c < count; ++c) {
-    if (probabilities[keys[c]] == top_probability) {
-      top = keys[c];
-      break;
-    }
-  }
+  const int64_t top_index = first_holding(probabilities, keys, count, top_probability);
+  const int64_t top = keys[top_index < count ? top_index : 0];
   const T shift = grad_alpha[top];
   RowSum row_term = 0;  // in double (RowSum)
 #pragma omp simd reduction(+ : row_term)
@@ -1528,18 +1537,25 @@ void blas_mask_rows(const AttentionProblem<T>& problem, T* raw, int64_t first_ro
       for (int64_t j = range.begin; j < range.end; ++j) {
         scores[j] = score_from_dot<T, kScore>(problem, scores[j] / divisor, n, j);
       }
-      bool has_nan = false;
-#pragma omp simd reduction(max : max_score) reduction(|| : has_nan)
+      int nan_count = 0;  // an int, not a bool ||-reduction: GCC vectorises no bool lanes
+#pragma omp simd reduction(max : max_score) reduction(+ : nan_count)
       for (int64_t j = range.begin; j < range.end; ++j) {
         max_score = scores[j] > max_score ? scores[j] : max_score;
-        has_nan = has_nan || scores[j] != scores[j];
+        nan_count += scores[j] != scores[j];
       }
+      const bool has_nan = nan_count != 0;
       if (has_nan) max_score = std::numeric_limits<T>::quiet_NaN();
-      for (int64_t j = range.begin; j < range.end; ++j) {  // the first NaN, else the first maximum
-        if (has_nan ? scores[j] != scores[j] : scores[j] == max_score) {
-          argmax = j;
-          break;
+      if (has_nan) {
+        for (int64_t j = range.begin; j < range.end; ++j) {  // the first NaN
+          if (scores[j] != scores[j]) {
+            argmax = j;
+            break;
+          }
         }
+      } else {
+        const int64_t count = range.end - range.begin;
+        const int64_t first = first_holding(scores, ContiguousKeys{range.begin}, count, max_score);
+        if (first < count) argmax = range.begin + first;
       }
     } else {
       for (int64_t j = range.begin; j < range.end; ++j) {
@@ -2291,6 +2307,24 @@ struct WeightToDouble {
   double operator()(T weight) const { return static_cast<double>(weight); }
 };
 
+// fastattn::argmax_position of rows [row_begin, row_end) of float32 or float64 weights, in
+// loops that vectorise (run_for_this_cpu: the AVX2 clone where the CPU has it): each row's
+// largest weight that is not NaN, then the first position holding it; 0 when the row's first
+// weight is NaN, as argmax_position (whose strict > never moves off it).
+template <typename T>
+void first_argmax_rows(const T* weights, int64_t source_length, int64_t* chosen, int64_t row_begin, int64_t row_end) {
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const T* row_weights = weights + row * source_length;
+    T largest = row_weights[0];
+    chosen[row] = 0;
+    if (largest != largest) continue;
+#pragma omp simd reduction(max : largest)
+    for (int64_t j = 0; j < source_length; ++j) largest = row_weights[j] > largest ? row_weights[j] : largest;
+    const int64_t first = first_holding(row_weights, ContiguousKeys{0}, source_length, largest);
+    if (first < source_length) chosen[row] = first;
+  }
+}
+
 at::Tensor sample_positions_cpu(const at::Tensor& weights, bool sample, std::optional<at::Generator> generator) {
   const char* op = "sample_positions";
   check_cpu(op, "weights", weights);
@@ -2315,6 +2349,12 @@ at::Tensor sample_positions_cpu(const at::Tensor& weights, bool sample, std::opt
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "sample_positions", [&] {
     const scalar_t* data = rows_of_weights.const_data_ptr<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / source_length), [&](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+        if (!sample) {
+          run_for_this_cpu<&first_argmax_rows<scalar_t>>(data, source_length, chosen, begin, end);
+          return;
+        }
+      }
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* row_weights = data + row * source_length;
         chosen[row] = sample ? fastattn::draw_position(row_weights, source_length, uniforms[row], WeightToDouble{})

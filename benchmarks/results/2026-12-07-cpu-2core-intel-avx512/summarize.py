@@ -4,6 +4,7 @@ run by run, and fastattn's speed against the torch peer where the case has one.
 
     python summarize.py                        # avx2 (the commit before) -> avx512 (what landed)
     python summarize.py all512-avx2 all512     # the first form: AVX-512 for every kernel
+    python summarize.py base main FOLDER       # the runs of another folder
 """
 
 import json
@@ -13,9 +14,9 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def medians(build):
+def medians(build, folder=HERE):
     runs = []
-    for path in sorted(HERE.glob(f"run-[0-9]-{build}.json")):
+    for path in sorted(folder.glob(f"run-[0-9]-{build}.json")):
         results = json.loads(path.read_text())["results"]
         runs.append({r["case"]: r for r in results if r["implementation"] == "cpu" and r["median_s"]})
     return runs
@@ -23,7 +24,8 @@ def medians(build):
 
 def main():
     names = sys.argv[1:3] if len(sys.argv) > 2 else ["avx2", "avx512"]
-    before, after = medians(names[0]), medians(names[1])
+    folder = Path(sys.argv[3]) if len(sys.argv) > 3 else HERE
+    before, after = medians(names[0], folder), medians(names[1], folder)
     print(f"{'case':52s} {names[0] + ' ms':>17s} {names[1] + ' ms':>17s} {'speed-up':>11s}  vs torch (before -> after)")
     for case in before[0]:
         old = [run[case]["median_s"] * 1e3 for run in before]
