@@ -221,7 +221,7 @@ def check_float32_matrix_multiply_path_at_small_sizes(score, shape):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         kernel = outputs("cpu", torch.float32)
     names = {event.name for event in profile.events()}
-    assert {"fastattn::batched_matmul", "aten::_softmax"} <= names, (score, shape)
+    assert {"fastattn::batched_matmul", "fastattn::softmax_rows"} <= names, (score, shape)
     exact, reference_run = outputs("reference", torch.float64), outputs("reference", torch.float32)
     if batch > 1:
         assert kernel[0][0].abs().max() == 0 and kernel[1][0].abs().max() == 0  # lengths 0: zeros
@@ -293,7 +293,7 @@ def test_matrix_multiply_path_in_blocks_of_scores_matches_the_reference(shape_in
     exact = outputs("reference", torch.float64)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         kernel = outputs("cpu", dtype)
-    softmaxes = [event for event in profile.events() if event.name == "aten::_softmax"]
+    softmaxes = [event for event in profile.events() if event.name == "fastattn::softmax_rows"]
     assert len(softmaxes) == score_blocks(batch, queries, source) > 1  # the matrix-multiply path, in blocks
     if dtype == torch.float64:
         reference_run = exact
@@ -329,13 +329,13 @@ def test_the_matrix_multiply_path_makes_its_scores_in_blocks(shape_index, dtype)
     def names(function):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             function()
-        return [event.name for event in profile.events() if event.name in (product, "aten::_softmax")]
+        return [event.name for event in profile.events() if event.name in (product, "fastattn::softmax_rows")]
 
     with fastattn.backend("cpu"):
         context = []
         forward = names(lambda: context.append(fastattn.attention(query, keys, values, score="dot")))
         backward = names(lambda: context[0].sum().backward())
-    assert forward == [product, "aten::_softmax", product] * blocks
+    assert forward == [product, "fastattn::softmax_rows", product] * blocks
     assert backward == [product] * 5 * blocks
 
 

@@ -187,7 +187,7 @@ def test_the_shapes_take_the_bfloat16_gemms(shape, shared_keys):
     backward = matrix_products(lambda: torch.ops.fastattn.attention_backward(case["grad_context"], None, *arguments,
                                                                              outputs[2]))
     queries = shape[1]
-    forward_gemms = ["aten::_softmax", "aten::bmm"] * score_blocks(*shape[:3]) if queries > 1 else ["aten::_softmax"]
+    forward_gemms = ["fastattn::softmax_rows", "aten::bmm"] * score_blocks(*shape[:3]) if queries > 1 else ["fastattn::softmax_rows"]
     assert forward == (forward_gemms if queries > 1 or shared_keys else [])
     gemms_per_block = not shared_keys and queries * shape[2] <= BLOCK_SCORES
     assert backward == ["aten::bmm"] * 3 * (score_blocks(*shape[:3]) if gemms_per_block else 1)
@@ -206,7 +206,7 @@ def test_decode_steps_with_keys_shared_by_the_batch_take_one_gemm_over_the_batch
     forward = lambda keys: torch.ops.fastattn.attention_forward(  # noqa: E731
         case["query"].to(dtype), keys.to(dtype), case["values"].to(dtype), None, None, "dot", 0.6, case["lengths"],
         case["key_padding_mask"], False, None, None, False, True)
-    matrix_path = ["aten::_softmax"] + (["aten::bmm"] if shape[1] > 1 else [])
+    matrix_path = ["fastattn::softmax_rows"] + (["aten::bmm"] if shape[1] > 1 else [])
     shared = matrix_path if dtype == torch.bfloat16 and BFLOAT16_GEMMS else []
     assert matrix_products(lambda: forward(case["keys"])) == shared
     per_batch = shared if shape[1] > 1 else []
@@ -223,7 +223,7 @@ def matrix_products(function) -> list[str]:
     calls, in order."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         function()
-    names = ("aten::bmm", "aten::mm", "fastattn::batched_matmul", "aten::_softmax")
+    names = ("aten::bmm", "aten::mm", "fastattn::batched_matmul", "fastattn::softmax_rows")
     return [event.name for event in profile.events() if event.name in names]
 
 
@@ -236,12 +236,12 @@ def test_the_cosine_takes_q_k_from_the_bfloat16_gemm_where_every_norm_suits_it()
     gradients still keep to the 2x rule."""
     shape = SHAPES[0]
     case = _case(shape, False, seed=11)
-    assert matrix_products(lambda: _op(case, torch.bfloat16, "cosine")) == ["aten::_softmax"] + ["aten::bmm"] * 4
+    assert matrix_products(lambda: _op(case, torch.bfloat16, "cosine")) == ["fastattn::softmax_rows"] + ["aten::bmm"] * 4
     check_errors(shape, False, "cosine", case)
     for name, row, factor in (("query", (0, 2), 1e-17), ("keys", (1, 3), 1e17)):
         tiny_or_huge = {**case, name: case[name].clone()}
         tiny_or_huge[name][row] *= factor
-        float32_gemms = ["fastattn::batched_matmul", "aten::_softmax"] + ["fastattn::batched_matmul"] * 6
+        float32_gemms = ["fastattn::batched_matmul", "fastattn::softmax_rows"] + ["fastattn::batched_matmul"] * 6
         assert matrix_products(lambda: _op(tiny_or_huge, torch.bfloat16, "cosine")) == float32_gemms, name
         check_errors(shape, False, "cosine", tiny_or_huge)
 

@@ -21,9 +21,9 @@
 //   backward answer each for itself):
 //   the forward's contractions are GEMMs (scores = q' k^T, context = weights @
 //   values; float32: brgemm tiles a batch element, batched_matmul_into in
-//   csrc/cpu/tile_gemm.h; float64: at::bmm) around one C++ pass per row for scale
-//   and masks, ATen's softmax, and one pass for logsumexp, fully masked rows and the Gaussian
-//   factor; the dot backward is five GEMMs around one pass per row (cosine: on the
+//   csrc/cpu/tile_gemm.h; float64: at::bmm) around one C++ pass per row for scale,
+//   masks, the softmax (the per-row kernels' row_exp and double sums), logsumexp and the
+//   Gaussian factor (blas_softmax_rows); the dot backward is five GEMMs around one pass per row (cosine: on the
 //   unit vectors, then through them).  Both run a block of about 2^20 scores at a time
 //   (for_each_score_block): a block's GEMMs, then its row passes while it is in cache,
 //   then the GEMMs that take its W and dE, so no (N, T, S) tensor exists but the weights
@@ -1514,102 +1514,69 @@ bool use_blas_path(const PreparedInputs& in) {
   return visible >= 0.75;
 }
 
-// Before the softmax: scores (N, T, S) holds q'.k on entry; on exit e_{t,j} where
-// t may attend to j and -inf elsewhere, a row of zeros for a row with no finite
-// score (kept finite through the softmax, zeroed after).  row_max[row] = the row's
-// max score (-inf: fully masked), first_argmax[row] = the first j holding it.  raw holds
-// the rows from first_row on (all of them, or a block of them).
+// The weights of rows [row_begin, row_end) from their raw scores, one pass over each row:
+// raw (the rows from first_row on, all of them or a block) holds q'.k on entry and e_{t,j}
+// (scaled, the cosine divided) on exit; weights (the same rows) gets the masked softmax
+// with the Gaussian factor, lse[row] the logsumexp.  The softmax is the per-row kernels':
+// row_exp, the sum in double (RowSum).  A row without a visible key: zeros, lse -inf; a NaN
+// or +inf score: NaN over the keys the row attends, 0 elsewhere (as per row and in the
+// reference), lse NaN or +inf.  With no padding mask the loops vectorise.
 template <typename T, ScoreKind kScore>
-void blas_mask_rows(const AttentionProblem<T>& problem, T* raw, int64_t first_row, T* row_max, int64_t* first_argmax,
-                    int64_t row_begin, int64_t row_end) {
+void blas_softmax_rows(const AttentionProblem<T>& problem, T* raw, T* weights, int64_t first_row, T* lse,
+                       int64_t row_begin, int64_t row_end) {
   const int64_t query_length = problem.query_length, source_length = problem.source_length;
   const T minus_infinity = fastattn::negative_infinity<T>();
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t n = row / query_length, t = row % query_length;
     const KeyRange range = problem.keys_of(n, t);
+    const int64_t begin = range.begin, end = std::max(range.begin, range.end);
     T* scores = raw + (row - first_row) * source_length;
-    T max_score = minus_infinity;
-    int64_t argmax = 0;
-    const T divisor = query_divisor<T, kScore>(problem, row);
-    std::fill(scores, scores + range.begin, minus_infinity);
-    if (problem.key_padding_mask == nullptr) {  // the range's keys, in loops that vectorise
-#pragma omp simd
-      for (int64_t j = range.begin; j < range.end; ++j) {
-        scores[j] = score_from_dot<T, kScore>(problem, scores[j] / divisor, n, j);
-      }
-      int nan_count = 0;  // an int, not a bool ||-reduction: GCC vectorises no bool lanes
-#pragma omp simd reduction(max : max_score) reduction(+ : nan_count)
-      for (int64_t j = range.begin; j < range.end; ++j) {
-        max_score = scores[j] > max_score ? scores[j] : max_score;
-        nan_count += scores[j] != scores[j];
-      }
-      const bool has_nan = nan_count != 0;
-      if (has_nan) max_score = std::numeric_limits<T>::quiet_NaN();
-      if (has_nan) {
-        for (int64_t j = range.begin; j < range.end; ++j) {  // the first NaN
-          if (scores[j] != scores[j]) {
-            argmax = j;
-            break;
-          }
-        }
-      } else {
-        const int64_t count = range.end - range.begin;
-        const int64_t first = first_holding(scores, ContiguousKeys{range.begin}, count, max_score);
-        if (first < count) argmax = range.begin + first;
-      }
-    } else {
-      for (int64_t j = range.begin; j < range.end; ++j) {
-        if (problem.is_padding(n, j)) {
-          scores[j] = minus_infinity;
-          continue;
-        }
-        const T score = score_from_dot<T, kScore>(problem, scores[j] / divisor, n, j);
-        scores[j] = score;
-        if (max_score == max_score && (score > max_score || score != score)) {  // a NaN score: a NaN row
-          max_score = score;
-          argmax = j;
-        }
-      }
-    }
-    if (max_score == minus_infinity) {  // fully masked row
-      std::fill(scores, scores + source_length, T(0));
-    } else {
-      std::fill(scores + std::max(range.begin, range.end), scores + source_length, minus_infinity);
-    }
-    row_max[row] = max_score;
-    first_argmax[row] = argmax;
-  }
-}
-
-// After the softmax: logsumexp = max - log(alpha_argmax) (alpha_argmax = 1 / sum
-// exp(e - max)); zero rows and -inf for the fully masked rows; the Gaussian factor.
-// lse holds the row maxima on entry; weights the rows from first_row on.
-template <typename T>
-void blas_finish_rows(const AttentionProblem<T>& problem, T* weights, int64_t first_row, T* lse,
-                      const int64_t* first_argmax, int64_t row_begin, int64_t row_end) {
-  const int64_t query_length = problem.query_length, source_length = problem.source_length;
-  const T minus_infinity = fastattn::negative_infinity<T>();
-  for (int64_t row = row_begin; row < row_end; ++row) {
     T* alpha = weights + (row - first_row) * source_length;
-    if (lse[row] == minus_infinity) {
-      std::fill(alpha, alpha + source_length, T(0));
-      continue;
-    }
-    const int64_t n = row / query_length, t = row % query_length;
-    const KeyRange range = problem.keys_of(n, t);
-    if (!std::isfinite(lse[row])) {  // a NaN or +inf score: the softmax gave NaN everywhere;
-      // NaN over the keys the row attends, 0 elsewhere (as per row and in the reference)
-      for (int64_t j = 0; j < source_length; ++j) {
-        if (!range.contains(j) || problem.is_padding(n, j)) alpha[j] = T(0);
+    std::fill(alpha, alpha + begin, T(0));
+    std::fill(alpha + end, alpha + source_length, T(0));
+    const T divisor = query_divisor<T, kScore>(problem, row);
+    if (problem.key_padding_mask == nullptr) {
+#pragma omp simd
+      for (int64_t j = begin; j < end; ++j) scores[j] = score_from_dot<T, kScore>(problem, scores[j] / divisor, n, j);
+    } else {
+      for (int64_t j = begin; j < end; ++j) {
+        scores[j] = problem.is_padding(n, j) ? minus_infinity
+                                             : score_from_dot<T, kScore>(problem, scores[j] / divisor, n, j);
       }
+    }
+    T max_score = minus_infinity;
+    int nan_count = 0;  // an int, not a bool ||-reduction: GCC vectorises no bool lanes
+#pragma omp simd reduction(max : max_score) reduction(+ : nan_count)
+    for (int64_t j = begin; j < end; ++j) {
+      max_score = scores[j] > max_score ? scores[j] : max_score;
+      nan_count += scores[j] != scores[j];
+    }
+    if (nan_count == 0 && max_score == minus_infinity) {  // no visible key
+      std::fill(alpha + begin, alpha + end, T(0));
+      lse[row] = minus_infinity;
       continue;
     }
-    lse[row] = lse[row] - fastattn::log_of(alpha[first_argmax[row]]);
+    if (nan_count != 0 || !std::isfinite(max_score)) {
+      for (int64_t j = begin; j < end; ++j) {
+        alpha[j] = problem.is_padding(n, j) ? T(0) : std::numeric_limits<T>::quiet_NaN();
+      }
+      lse[row] = nan_count != 0 ? std::numeric_limits<T>::quiet_NaN() : max_score;
+      continue;
+    }
+    RowSum sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = begin; j < end; ++j) {
+      const T exponential = row_exp(scores[j] - max_score);  // 0 at a padded key's -inf
+      alpha[j] = exponential;
+      sum += exponential;
+    }
+    const T inverse_sum = static_cast<T>(RowSum(1) / sum);
+#pragma omp simd
+    for (int64_t j = begin; j < end; ++j) alpha[j] *= inverse_sum;
+    lse[row] = max_score + static_cast<T>(fastattn::log_of(sum));
     if (problem.gaussian) {
       const T center = problem.window_center(n, t);
-      for (int64_t j = range.begin; j < range.end; ++j) {
-        alpha[j] = alpha[j] * fastattn::gaussian_factor(j, center, problem.window);
-      }
+      for (int64_t j = begin; j < end; ++j) alpha[j] *= fastattn::gaussian_factor(j, center, problem.window);
     }
   }
 }
@@ -1731,7 +1698,7 @@ FASTATTN_ALWAYS_INLINE void blas_backward_row_of(const AttentionProblem<T>& prob
   const auto zero_outside = [&](int64_t begin, int64_t end) {
     for (T* row_data : {scores, grad_alpha, w}) std::fill(row_data + begin, row_data + end, T(0));
   };
-  // e from raw as the forward's blas_mask_rows makes it: q'.k scaled, or the cosine
+  // e from raw as the forward's blas_softmax_rows makes it: q'.k scaled, or the cosine
   // from q.k on the raw query (problem.query_norms)
   const bool cosine_of_raw_query = problem.query_norms != nullptr;
   const T divisor = query_divisor<T, ScoreKind::kCosine>(problem, row);
@@ -1881,29 +1848,26 @@ void round_rows(const float* block, int64_t first_row, int64_t source_length, c1
   }
 }
 
-// The forward's weights from scores (R rows, from first_row on, in the compute dtype):
-// blas_mask_rows, ATen's vectorised softmax over the last dim into weights (the same
-// shape), blas_finish_rows, and with rounded (float32 weights) each row rounded into it
-// (the same shape) in the same pass; lse and first_argmax are those of all the rows.
+// The forward's weights from scores (R rows, from first_row on, in the compute dtype) into
+// weights (the same shape) by blas_softmax_rows, and with rounded (float32 weights) each row
+// rounded into it (the same shape) in the same pass; lse is that of all the rows.  The
+// profiler sees it as fastattn::softmax_rows.
 template <typename T>
 void weights_of_scores(const PreparedInputs& in, const at::Tensor& scores, at::Tensor& weights, int64_t first_row,
-                       T* lse, int64_t* first_argmax, c10::BFloat16* rounded = nullptr) {
+                       T* lse, c10::BFloat16* rounded = nullptr) {
+  RECORD_FUNCTION("fastattn::softmax_rows", std::vector<c10::IValue>({scores}));
   const AttentionProblem<T> problem = masks_of<T>(in);
   const int64_t row_end = first_row + scores.size(0) * scores.size(1);
   const int64_t grain = std::max<int64_t>(1, 16384 / in.source_length);
   T* raw = scores.mutable_data_ptr<T>();
+  T* alpha = weights.mutable_data_ptr<T>();
   const bool cosine = in.score == ScoreKind::kCosine;
   at::parallel_for(first_row, row_end, grain, [&](int64_t begin, int64_t end) {
     if (cosine) {
-      run_for_this_cpu<&blas_mask_rows<T, ScoreKind::kCosine>>(problem, raw, first_row, lse, first_argmax, begin, end);
+      run_for_this_cpu<&blas_softmax_rows<T, ScoreKind::kCosine>>(problem, raw, alpha, first_row, lse, begin, end);
     } else {
-      run_for_this_cpu<&blas_mask_rows<T, ScoreKind::kDot>>(problem, raw, first_row, lse, first_argmax, begin, end);
+      run_for_this_cpu<&blas_softmax_rows<T, ScoreKind::kDot>>(problem, raw, alpha, first_row, lse, begin, end);
     }
-  });
-  at::_softmax_out(weights, scores, 2, false);
-  T* alpha = weights.mutable_data_ptr<T>();
-  at::parallel_for(first_row, row_end, grain, [&](int64_t begin, int64_t end) {
-    blas_finish_rows<T>(problem, alpha, first_row, lse, first_argmax, begin, end);
     if constexpr (std::is_same_v<T, float>) {
       if (rounded != nullptr) run_for_this_cpu<&round_rows>(alpha, first_row, in.source_length, rounded, begin, end);
     }
@@ -1921,12 +1885,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const Prep
   const bool bfloat16 = in.bfloat16_gemms;
   const at::ScalarType compute_dtype = in.compute_dtype;
   at::Tensor logsumexp = at::empty({in.batch, in.query_length}, in.query.options().dtype(compute_dtype));
-  std::vector<int64_t> first_argmax(in.batch * in.query_length);
   at::Tensor context, weights;
   if (bfloat16 && in.query_length == 1) {
     const at::Tensor scores = bfloat16_matmul_nt(in.query, in.keys);
     weights = at::empty_like(scores);
-    weights_of_scores<float>(in, scores, weights, 0, logsumexp.mutable_data_ptr<float>(), first_argmax.data());
+    weights_of_scores<float>(in, scores, weights, 0, logsumexp.mutable_data_ptr<float>());
     context = bfloat16_decode_context(weights, in.values);
   } else {
     // The dtype W V runs in: bfloat16 for bfloat16_gemms (W rounded, into the returned
@@ -1953,12 +1916,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const Prep
       if (bfloat16) {
         at::Tensor float_weights = block.in_buffer(weights_buffer);
         weights_of_scores<float>(in, scores_block, float_weights, block.first_row,
-                                 logsumexp.mutable_data_ptr<float>(), first_argmax.data(),
-                                 weights_block.mutable_data_ptr<c10::BFloat16>());
+                                 logsumexp.mutable_data_ptr<float>(), weights_block.mutable_data_ptr<c10::BFloat16>());
       } else {
         AT_DISPATCH_FLOATING_TYPES(compute_dtype, "attention_forward_blas", [&] {
           weights_of_scores<scalar_t>(in, scores_block, weights_block, block.first_row,
-                                      logsumexp.mutable_data_ptr<scalar_t>(), first_argmax.data());
+                                      logsumexp.mutable_data_ptr<scalar_t>());
         });
       }
       batched_matmul_into(block.rows_of(context), weights_block, block.batch_of(in.values));
