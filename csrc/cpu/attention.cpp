@@ -22,9 +22,9 @@
 //   the forward's contractions are GEMMs (scores = q' k^T, context = weights @
 //   values; float32: brgemm tiles a batch element, batched_matmul_into in
 //   csrc/cpu/tile_gemm.h; float64: at::bmm) around one C++ pass per row for scale,
-//   masks, the softmax (the per-row kernels' row_exp and double sums), logsumexp and the
-//   Gaussian factor (blas_softmax_rows); the dot backward is five GEMMs around one pass per row (cosine: on the
-//   unit vectors, then through them).  Both run a block of about 2^20 scores at a time
+//   masks, the softmax (the per-row kernels' row_exp and double sums), logsumexp and
+//   the Gaussian factor (blas_softmax_rows); the dot backward is five GEMMs around one
+//   pass per row (cosine: on the unit vectors, then through them).  Both run a block of about 2^20 scores at a time
 //   (for_each_score_block): a block's GEMMs, then its row passes while it is in cache,
 //   then the GEMMs that take its W and dE, so no (N, T, S) tensor exists but the weights
 //   asked for (the keys' and values' gradients of an element whose rows are split are

@@ -8,16 +8,17 @@
 // state by the gate columns of its units (a GEMM tile, csrc/cpu/tile_gemm.h) and applies
 // the gate maths to them.  A layer of at most kFewSteps steps takes instead one ATen GEMM
 // a step on w_hh as given (the tiles read a transposed copy, which few steps do not win
-// back), then the gate maths split the same way.  Backward (BPTT) collects the gate gradients of all steps in a
-// (T, B, G) buffer and then gets grad_x, grad_w_ih and grad_w_hh as one ATen GEMM each;
-// only grad_gates @ w_hh stays per step, split the same way.  The LSTM and GRU layers
-// share one forward and one backward driver (layer_forward, layer_backward),
-// parameterised by a per-cell policy (LstmLayerCell, GruLayerCell).  The cells (one
-// step) split their fused loop over the batch and use ATen GEMMs.
+// back), then the gate maths split the same way.  Backward (BPTT) collects the gate
+// gradients of all steps in a (T, B, G) buffer and then gets grad_x, grad_w_ih and
+// grad_w_hh as one ATen GEMM each; only grad_gates @ w_hh stays per step, split the
+// same way.  The LSTM and GRU layers share one forward and one backward driver
+// (layer_forward, layer_backward), parameterised by a per-cell policy (LstmLayerCell,
+// GruLayerCell).  The cells (one step) split their fused loop over the batch and use
+// ATen GEMMs.
 // The equations are those of fastattn.reference; float32 takes tanh and sigmoid from
 // fast_tanh (csrc/common/fast_tanh.h, abs error < 4e-7) so that the fused loops
-// vectorise (with AVX2+FMA and AVX-512 clones of the cells and layer steps, csrc/cpu/isa.h), float64 uses
-// std::exp / std::tanh.
+// vectorise (with AVX2+FMA and AVX-512 clones of the cells and layer steps,
+// csrc/cpu/isa.h), float64 uses std::exp / std::tanh.
 // float16 / bfloat16: the cells take them (gate maths in float32, bfloat16 GEMMs in
 // bfloat16, see Cells), and so do the layers: state, buffers, gate maths and the backward's
 // time loop in float32, on float32 copies made once a call where needed; on AVX512-BF16 a
