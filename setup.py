@@ -20,7 +20,7 @@ from setuptools import find_packages, setup
 
 CPU_SOURCES = [
     "csrc/module.cpp", "csrc/ops.cpp", "csrc/autograd.cpp", "csrc/autocast.cpp", "csrc/decoder_step.cpp",
-    "csrc/cpu/attention.cpp", "csrc/cpu/recurrent.cpp",
+    "csrc/cpu/attention.cpp", "csrc/cpu/hard_attention_outputs.cpp", "csrc/cpu/recurrent.cpp",
 ]
 CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/binding.cpp"]
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a"  # A100; H100/H200 (sm_90a)

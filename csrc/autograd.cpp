@@ -1,5 +1,5 @@
 // The autograd kernels of the differentiable fastattn ops (TORCH_LIBRARY_IMPL(fastattn,
-// Autograd, m)): attention_forward, lstm_cell_forward, gru_cell_forward,
+// Autograd, m)): attention_forward, hard_attention_outputs, lstm_cell_forward, gru_cell_forward,
 // lstm_layer_forward and gru_layer_forward, each a torch::autograd::Function whose
 // forward calls the op below autograd (the CPU or CUDA kernel, or the fake one under
 // torch.compile) and whose backward calls the op's *_backward, for every device.
@@ -92,11 +92,13 @@ const c10::TypedOperatorHandle<Signature>& op_handle() {
   return op;
 }
 constexpr char kAttentionForward[] = "fastattn::attention_forward";
+constexpr char kHardAttentionOutputs[] = "fastattn::hard_attention_outputs";
 constexpr char kLstmCellForward[] = "fastattn::lstm_cell_forward";
 constexpr char kGruCellForward[] = "fastattn::gru_cell_forward";
 constexpr char kLstmLayerForward[] = "fastattn::lstm_layer_forward";
 constexpr char kGruLayerForward[] = "fastattn::gru_layer_forward";
 const auto& attention_forward_op() { return op_handle<AttentionForward, kAttentionForward>(); }
+const auto& hard_attention_outputs_op() { return op_handle<HardAttentionOutputs, kHardAttentionOutputs>(); }
 const auto& lstm_cell_forward_op() { return op_handle<LstmCellForward, kLstmCellForward>(); }
 const auto& gru_cell_forward_op() { return op_handle<GruCellForward, kGruCellForward>(); }
 const auto& lstm_layer_forward_op() { return op_handle<LstmLayerForward, kLstmLayerForward>(); }
@@ -224,6 +226,47 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_autograd(
   const variable_list outputs = Attention::apply(query, keys, values, v, bias, std::string(score), scale, lengths,
                                                  key_padding_mask, causal, window, center, gaussian, return_weights);
   return {outputs[0], outputs[1], outputs[2]};
+}
+
+// ---------------------------------------------------------------- hard_attention_outputs
+
+// index has no gradient.  The values are saved only when they need one: the backward kernel
+// does not read them, and hard attention's caller may hold large ones it would free.
+struct HardAttentionOutputs : public torch::autograd::Function<HardAttentionOutputs> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& weights, const Tensor& index,
+                               const Tensor& values) {
+    auto [context, log_prob] = call_below_autograd(hard_attention_outputs_op(), weights, index, values);
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({weights, index, values.requires_grad() ? values : Tensor()});
+    return {context, log_prob};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = fastattn_op<HardAttentionOutputsBackward>("fastattn::hard_attention_outputs_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &weights = saved[0], &index = saved[1], &values = saved[2];
+    const Tensor none;
+    const variable_list inputs = {weights, none, values};
+    if (graph_wanted(inputs)) {
+      // Values that need no gradient enter as (N, S, 0): the reference's context is then empty.
+      const Tensor values_or_empty =
+          values.defined() ? values : weights.new_empty({weights.size(0), weights.size(2), 0});
+      return gradients_through_reference("fastattn::hard_attention_outputs_reference",
+                                         {weights, index, values_or_empty}, grads, inputs);
+    }
+    const Tensor grad_context = values.defined() ? grads[0] : none;
+    auto [grad_weights, grad_values] = op.call(or_none(grad_context), or_none(grads[1]), weights, index);
+    return {grads[1].defined() ? grad_weights : none, none, grad_context.defined() ? grad_values : none};
+  }
+};
+
+std::tuple<Tensor, Tensor> hard_attention_outputs_autograd(const Tensor& weights, const Tensor& index,
+                                                           const Tensor& values) {
+  if (!autograd_needed({weights, values})) {
+    return call_below_autograd(hard_attention_outputs_op(), weights, index, values);
+  }
+  const variable_list outputs = HardAttentionOutputs::apply(weights, index, values);
+  return {outputs[0], outputs[1]};
 }
 
 // ---------------------------------------------------------------- LSTM / GRU cells
@@ -400,6 +443,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_autograd(const Tensor& x, c
 
 TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
   m.impl("attention_forward", &fastattn::attention_forward_autograd);
+  m.impl("hard_attention_outputs", &fastattn::hard_attention_outputs_autograd);
   m.impl("lstm_cell_forward", &fastattn::lstm_cell_forward_autograd);
   m.impl("gru_cell_forward", &fastattn::gru_cell_forward_autograd);
   m.impl("lstm_layer_forward", &fastattn::lstm_layer_forward_autograd);

@@ -25,6 +25,9 @@ using AttentionBackward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Ten
     const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
     const optional<Tensor>&, c10::string_view, double, const optional<Tensor>&, const optional<Tensor>&, bool,
     optional<int64_t>, const optional<Tensor>&, bool, const Tensor&, bool);
+using HardAttentionOutputs = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&);
+using HardAttentionOutputsBackward = std::tuple<Tensor, Tensor>(const optional<Tensor>&, const optional<Tensor>&,
+                                                                const Tensor&, const Tensor&);
 using LstmCellForward = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                            const Tensor&, const Tensor&, const optional<Tensor>&,
                                                            const optional<Tensor>&);

@@ -36,6 +36,17 @@ TORCH_LIBRARY(fastattn, m) {
   // One position per row of weights (N, T, S): drawn from weights / sum(weights) when
   // sample, else the argmax (first on ties); 0 for rows whose weights are all zero.
   m.def("sample_positions(Tensor weights, bool sample, Generator? generator) -> Tensor");
+  // Hard attention's outputs at positions index (N, T) of weights (N, T, S), values
+  // (N, S, Dv) (fastattn.reference.hard.outputs_at): context (N, T, Dv) = the chosen value
+  // rows times the row's factor (1, 0 for a row of zero weights, NaN for a NaN row), in the
+  // values' dtype; log_prob (N, T) = log(w_index / sum_j w_j), each clamped below at the
+  // smallest normal of the weights' dtype, 0 for a zero row, in the weights' dtype.  The
+  // backward's grad_weights / grad_values (N, S, Dv, in grad_context's dtype) are empty when
+  // grad_log_prob / grad_context is absent; it needs no values.
+  m.def("hard_attention_outputs(Tensor weights, Tensor index, Tensor values) -> (Tensor context, Tensor log_prob)");
+  m.def(
+      "hard_attention_outputs_backward(Tensor? grad_context, Tensor? grad_log_prob, Tensor weights, "
+      "Tensor index) -> (Tensor grad_weights, Tensor grad_values)");
 
   // LSTM cell (torch.nn gate order i, f, g, o).  saved (B, 4H): the gate activations.
   m.def(
@@ -125,6 +136,9 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "gru_layer_reference(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
       "Tensor? b_hh, Tensor? lengths, bool reverse) -> (Tensor output, Tensor h_n)");
+  m.def(
+      "hard_attention_outputs_reference(Tensor weights, Tensor index, Tensor values) "
+      "-> (Tensor context, Tensor log_prob)");
 
   // The kernels' tanh approximation (csrc/common/fast_tanh.h), float32, for its test.
   m.def("fast_tanh(Tensor x) -> Tensor");

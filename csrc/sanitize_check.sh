@@ -32,7 +32,7 @@ echo "sanitize_check: fastattn._C built with the sanitizers in $((SECONDS - star
 tests=(tests/test_cpu_attention.py tests/test_cpu_attention_16_bit.py tests/test_cpu_attention_bfloat16_gemm.py
        tests/test_cpu_attention_values_are_keys.py
        tests/test_cpu_recurrent.py tests/test_attention_bad_inputs.py tests/test_attention_properties.py
-       tests/test_decoder_step.py tests/test_hard_attention.py tests/test_autocast.py
+       tests/test_decoder_step.py tests/test_hard_attention.py tests/test_cpu_hard_attention_outputs.py tests/test_autocast.py
        tests/test_higher_order_gradients.py tests/test_fake_kernels.py tests/test_front_end.py)
 if [ "${EMULATION:-0}" = 1 ]; then
     tests+=(tests/test_cuda_kernels.py)

@@ -98,6 +98,17 @@ def _decoder_step(**changes):
     return arguments | changes
 
 
+def _hard_outputs(backward=False, **changes):
+    """hard_attention_outputs' arguments (weights, index, values); with backward, its
+    backward's (grad_context, grad_log_prob, weights, index)."""
+    weights = torch.softmax(_randn(BATCH, QUERIES, SOURCE), dim=-1)
+    index = torch.tensor([[0, 4, 2], [1, 1, 3]])
+    if not backward:
+        return dict(weights=weights, index=index, values=_randn(BATCH, SOURCE, VALUE_FEATURES)) | changes
+    return dict(grad_context=_randn(BATCH, QUERIES, VALUE_FEATURES), grad_log_prob=_randn(BATCH, QUERIES),
+                weights=weights, index=index) | changes
+
+
 def _case(op, name, make, message_op=None, error=ValueError):
     """A call of ``op`` on ``make()``'s arguments (made in the test, where the ops exist)
     whose argument ``name`` is bad, named in a message of ``message_op`` (default: op), an
@@ -131,6 +142,18 @@ CASES = [
     _case("attention_backward", "values_are_keys",
           lambda: _attention_backward(values_are_keys=True, keys=_randn(1, SOURCE, FEATURES))),
     _case("sample_positions", "weights", lambda: dict(weights=_randn(QUERIES, SOURCE), sample=False, generator=None)),
+    _case("hard_attention_outputs", "weights", lambda: _hard_outputs(weights=_randn(BATCH, SOURCE))),
+    _case("hard_attention_outputs", "index",
+          lambda: _hard_outputs(index=torch.zeros(BATCH, QUERIES + 1, dtype=torch.long))),
+    _case("hard_attention_outputs", "index",
+          lambda: _hard_outputs(index=torch.zeros(BATCH, QUERIES, dtype=torch.int32)), error=TypeError),
+    _case("hard_attention_outputs", "values", lambda: _hard_outputs(values=_randn(BATCH, SOURCE + 1, VALUE_FEATURES))),
+    _case("hard_attention_outputs", "values",
+          lambda: _hard_outputs(values=torch.zeros(BATCH, SOURCE, VALUE_FEATURES, dtype=torch.int64)), error=TypeError),
+    _case("hard_attention_outputs_backward", "grad_context",
+          lambda: _hard_outputs(True, grad_context=_randn(BATCH + 1, QUERIES, VALUE_FEATURES))),
+    _case("hard_attention_outputs_backward", "grad_log_prob",
+          lambda: _hard_outputs(True, grad_log_prob=_randn(BATCH, QUERIES, dtype=torch.float32)), error=TypeError),
     _case("fast_tanh", "x", lambda: dict(x=_randn(QUERIES)), error=TypeError),
     _case("lstm_cell_forward", "h", lambda: _cell("lstm", h=_randn(BATCH + 1, HIDDEN))),
     _case("lstm_cell_forward", "c", lambda: _cell("lstm", c=_randn(BATCH, HIDDEN, dtype=torch.float32)),
@@ -189,6 +212,14 @@ GOOD = {
     "attention_backward": lambda: _attention_backward(),
     "attention_backward-no-grad_weights": lambda: _attention_backward(grad_weights=None),
     "attention_backward-values-are-keys": lambda: _attention_backward(values_are_keys=True),
+    "hard_attention_outputs": lambda: _hard_outputs(),
+    # under autocast the weights are in the low-precision dtype, the values as given
+    "hard_attention_outputs-other-dtypes": lambda: _hard_outputs(
+        weights=torch.softmax(_randn(BATCH, QUERIES, SOURCE), dim=-1).to(torch.bfloat16),
+        values=_randn(BATCH, SOURCE, VALUE_FEATURES, dtype=torch.float32)),
+    "hard_attention_outputs_backward": lambda: _hard_outputs(True),
+    "hard_attention_outputs_backward-no-grad_context": lambda: _hard_outputs(True, grad_context=None),
+    "hard_attention_outputs_backward-no-grad_log_prob": lambda: _hard_outputs(True, grad_log_prob=None),
     "lstm_cell_forward": lambda: _cell("lstm"),
     # An LSTM cell's h may be wider than its state (w_hh (4H, H')), as the kernels take it.
     "lstm_cell_forward-wide-h": lambda: _cell("lstm", h=_randn(BATCH, HIDDEN + 2), w_hh=_randn(4 * HIDDEN, HIDDEN + 2)),

@@ -2295,8 +2295,9 @@ at::Tensor sample_positions_cpu(const at::Tensor& weights, bool sample, std::opt
   TORCH_CHECK_VALUE(weights.dim() == 3, op, ": weights must be (N, T, S), got shape ", weights.sizes());
   const at::Tensor rows_of_weights = weights.contiguous();
   const int64_t rows = weights.size(0) * weights.size(1), source_length = weights.size(2);
-  at::Tensor index = at::zeros({weights.size(0), weights.size(1)}, weights.options().dtype(at::kLong));
-  if (rows == 0 || source_length == 0) return index;
+  at::Tensor index = at::empty({weights.size(0), weights.size(1)}, weights.options().dtype(at::kLong));
+  if (rows == 0) return index;
+  if (source_length == 0) return index.zero_();  // every row written below otherwise
   std::vector<double> uniforms;
   if (sample) {
     uniforms.resize(rows);

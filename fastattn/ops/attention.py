@@ -79,6 +79,35 @@ def _sample_positions_fake(weights, sample, generator):
     return weights.new_empty(weights.shape[:-1], dtype=torch.int64)
 
 
+def _check_weights_and_index(op, weights, index):
+    """hard_attention_outputs' checks (csrc/cpu/hard_attention_outputs.cpp): weights (N, T, S)
+    of a float dtype, index (N, T) int64."""
+    triton_checks.float_tensor(op, "weights", weights, 3)
+    triton_checks.tensor(op, "index", index, weights, weights.shape[:2], torch.int64)
+
+
+@register_fake("fastattn::hard_attention_outputs")
+def _hard_attention_outputs_fake(weights, index, values):
+    op = "hard_attention_outputs"
+    _check_weights_and_index(op, weights, index)
+    triton_checks.float_tensor(op, "values", values, 3)  # of any float dtype
+    triton_checks.tensor(op, "values", values, weights, (weights.shape[0], weights.shape[2], None), values.dtype)
+    return values.new_empty(*index.shape, values.shape[-1]), weights.new_empty(index.shape)
+
+
+@register_fake("fastattn::hard_attention_outputs_backward")
+def _hard_attention_outputs_backward_fake(grad_context, grad_log_prob, weights, index):
+    op = "hard_attention_outputs_backward"
+    _check_weights_and_index(op, weights, index)
+    grad_values = weights.new_empty(0)
+    if grad_context is not None:
+        triton_checks.float_tensor(op, "grad_context", grad_context, 3)
+        triton_checks.tensor(op, "grad_context", grad_context, weights, (*index.shape, None), grad_context.dtype)
+        grad_values = grad_context.new_empty(weights.shape[0], weights.shape[2], grad_context.shape[-1])
+    triton_checks.optional_tensor(op, "grad_log_prob", grad_log_prob, weights, index.shape)
+    return contiguous_like_or_empty(weights if grad_log_prob is not None else None, weights), grad_values
+
+
 @register_fake("fastattn::fast_tanh")
 def _fast_tanh_fake(x):
     triton_checks.tensor("fast_tanh", "x", x, x, (None,) * x.dim(), torch.float32)
@@ -129,12 +158,17 @@ def hard_attention(
     ``choose_positions(weights, sample, generator)`` (default: the C++ sampler).  The
     soft context is not used (the hard one is the chosen position's value): the fused
     call gets an empty value dim, so the kernels skip the weights-times-values work, in a tensor
-    of its own (the backward saves it: a view of ``values`` would keep all of them alive)."""
+    of its own (the backward saves it: a view of ``values`` would keep all of them alive).
+    The outputs at the chosen positions: the hard_attention_outputs kernel on the CPU, the
+    reference's ``outputs_at`` elsewhere."""
     no_values = values.new_empty(*values.shape[:-1], 0)
     _, weights = attention(query, keys, no_values, return_weights=True, fused=fused, **attention_arguments)
     choose_positions = choose_positions or torch.ops.fastattn.sample_positions
     index = choose_positions(weights.detach(), sample, generator)
-    return (*outputs_at(weights, index, values), weights)
+    if weights.device.type != "cpu":  # no CUDA kernel for them: the reference's ops
+        return (*outputs_at(weights, index, values), weights)
+    context, log_prob = torch.ops.fastattn.hard_attention_outputs(weights, index, values)
+    return context, index, log_prob, weights
 
 
 def scaled_dot_product_attention(query, key, value, *, attn_mask, dropout_p, is_causal, scale, fused=_fused):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from fastattn import reference
+from fastattn.reference.hard import outputs_at
 
 _LIBRARY = torch.library.Library("fastattn", "IMPL")
 
@@ -59,6 +60,12 @@ def lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
 @_register("gru_layer_reference")
 def gru_layer_reference(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     return reference.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse)
+
+
+@_register("hard_attention_outputs_reference")
+def hard_attention_outputs_reference(weights, index, values):
+    context, _, log_prob = outputs_at(weights, index, values)
+    return context, log_prob
 
 
 def graph_wanted(inputs) -> bool:
