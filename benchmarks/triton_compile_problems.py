@@ -30,6 +30,8 @@ from tests.test_triton_attention import (
     gpu_outputs, gpu_problem, run,
 )
 from tests.test_higher_order_gradients import GPU_ATTENTION_CASES, attention_outputs, attention_problem
+from tests.test_triton_hard_attention import chosen_outputs_and_gradients
+from tests.test_triton_hard_attention import gpu_problem as hard_attention_gpu_problem
 from tests.test_triton_recurrent import GPU_CELL_CASES, gpu_cell_problem, gpu_layer_problem, run_cell, run_layer
 from tests.test_triton_tuning import AUTOTUNED_GPU_SCORES, AUTOTUNED_SOURCE_LENGTHS, autotuned_problem
 
@@ -65,8 +67,12 @@ def attention(dtype, batch, queries, keys, features, score="dot", scale=None, we
         )
 
 
-def choose_positions(dtype, rows, keys, sample):
-    triton_hard.triton_choose_positions(torch.zeros(rows, keys, dtype=dtype), sample, 1)
+def hard_attention(dtype, rows, keys, sample, features=256):
+    """Hard attention's choice and outputs, forward and backward, for ``rows`` queries of one sequence."""
+    weights = torch.zeros(1, rows, keys, dtype=dtype, requires_grad=True)
+    values = torch.zeros(1, keys, features, dtype=dtype, requires_grad=True)
+    context, _, log_prob = triton_hard.triton_hard_attention(weights, values, sample, 1)
+    torch.autograd.grad((context, log_prob), (weights, values), (torch.zeros_like(context), torch.zeros_like(log_prob)))
 
 
 def cell(dtype, kind, batch, hidden):
@@ -138,6 +144,11 @@ def gpu_test_fullgraph_eager(dtype, score):
         fullgraph_gradients(attend(*inputs), inputs)
 
 
+def gpu_test_hard_attention(dtype):
+    """The Triton launches of tests/test_triton_hard_attention.py's gpu tests."""
+    chosen_outputs_and_gradients(*hard_attention_gpu_problem(dtype, "cpu"))
+
+
 def gpu_test_cell(dtype, kind, batch):
     """The Triton half of tests/test_triton_recurrent.py's low-precision gpu test."""
     _triton_on_cpu_tensors()
@@ -176,7 +187,7 @@ QUICK_PROBLEMS = _problems([
     ("attention.additive.b8_t64_s64_d128.local_p.weights.backward", attention,
      dict(batch=8, queries=64, keys=64, features=128, score="additive", bias=True, weights=True, backward=True,
           local_p=True)),
-    ("hard.argmax.rows64_s512", choose_positions, dict(rows=64, keys=512, sample=False)),
+    ("hard.argmax.rows64_s512", hard_attention, dict(rows=64, keys=512, sample=False)),
     ("lstm_cell.b64_h256", cell, dict(kind="lstm", batch=64, hidden=256)),
     ("lstm_cell.b128_h256", cell, dict(kind="lstm", batch=128, hidden=256)),
     ("gru_cell.b64_h256", cell, dict(kind="gru", batch=64, hidden=256)),
@@ -224,7 +235,7 @@ ALL_PROBLEMS = QUICK_PROBLEMS + _problems([
         (f"attention.{score}.odd_sizes.backward", attention, dict(_ODD, score=score, weights=True, backward=True))
         for score in ("dot", "cosine", "additive")
     ),
-    *((f"hard.{mode}.rows64_s{keys}", choose_positions, dict(rows=64, keys=keys, sample=mode == "sample"))
+    *((f"hard.{mode}.rows64_s{keys}", hard_attention, dict(rows=64, keys=keys, sample=mode == "sample"))
       for mode in ("argmax", "sample") for keys in (45, 512, 4096)),
     *(
         (f"{kind}_cell.b{batch}_h{hidden}", cell, dict(kind=kind, batch=batch, hidden=hidden))
@@ -251,6 +262,7 @@ GPU_TEST_PROBLEMS = _problems([
     ("gpu_test.attention.float32", gpu_test_attention, dict(case=GPU_FLOAT32_CASE), ("float32", "float32-tf32")),
     *((f"gpu_test.fullgraph_eager.{score}", gpu_test_fullgraph_eager, dict(score=score), ("float32",))
       for score in FULLGRAPH_GPU_SCORES),
+    ("gpu_test.hard_attention", gpu_test_hard_attention, {}, LOW_PRECISION),
     *((f"gpu_test.{kind}_cell.b{batch}", gpu_test_cell, dict(kind=kind, batch=batch), LOW_PRECISION)
       for kind, batch in GPU_CELL_CASES),
     *((f"gpu_test.{kind}_layer", gpu_test_layer, dict(kind=kind), LOW_PRECISION) for kind in ("lstm", "gru")),

@@ -9,55 +9,13 @@ import pytest
 import torch
 
 from fastattn import backends
-from fastattn.reference.hard import outputs_at
+from tests.hard_outputs_problems import (
+    F64, SHAPES, gradients_of_outputs, low_precision_error, outputs_and_gradients, problem, reference,
+)
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
 )
-
-F64 = torch.float64
-SHAPES = [(1, 1, 1, 1), (3, 5, 7, 4), (2, 9, 33, 17)]  # (N, T, S, Dv)
-
-
-def problem(shape, seed=0):
-    """float64 weights (N, T, S), positions (N, T) and values (N, S, Dv).  With N > 0 and
-    T > 1: row (0, 0) all zero (fully masked, position 0, whose first value is infinite:
-    times the row's factor 0, NaN), row (N-1, T-1) NaN, row (0, 1)'s chosen weight 0 (its log
-    clamped), and queries 0 and 1 of the last batch element at one position."""
-    batch, queries, source_length, value_dim = shape
-    generator = torch.Generator().manual_seed(seed)
-    weights = torch.softmax(3 * torch.randn(batch, queries, source_length, dtype=F64, generator=generator), dim=-1)
-    index = torch.randint(0, source_length, (batch, queries), generator=generator)
-    values = torch.randn(batch, source_length, value_dim, dtype=F64, generator=generator)
-    if batch > 0 and queries > 1:
-        weights[0, 0] = 0
-        index[0, 0] = 0
-        values[0, 0, :1] = float("inf")
-        weights[-1, -1, 0] = float("nan")
-        weights[0, 1, index[0, 1]] = 0
-        index[-1, 0] = index[-1, 1]
-    return weights, index, values
-
-
-def outputs_and_gradients(function, weights, index, values, grad_context, grad_log_prob):
-    """(context, log_prob, grad_weights, grad_values) of ``function`` (the op, or the reference
-    without its index output)."""
-    weights, values = weights.detach().requires_grad_(), values.detach().requires_grad_()
-    context, log_prob = function(weights, index, values)
-    torch.autograd.backward([context, log_prob], [grad_context, grad_log_prob])
-    return context.detach(), log_prob.detach(), weights.grad, values.grad
-
-
-def reference(weights, index, values):
-    context, _, log_prob = outputs_at(weights, index, values)
-    return context, log_prob
-
-
-def gradients_of_outputs(weights, index, values):
-    generator = torch.Generator().manual_seed(1)
-    return (torch.randn(*index.shape, values.shape[-1], dtype=F64, generator=generator),
-            torch.randn(index.shape, dtype=F64, generator=generator))
-
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_outputs_and_gradients_match_the_reference_in_float64(shape):
@@ -74,12 +32,6 @@ def test_outputs_and_gradients_match_the_reference_in_float64(shape):
         assert ours[1][0, 1] < -100  # log of the smallest normal float64, less the row's log-sum
 
 
-def _low_precision_error(got, truth):
-    finite = truth.isfinite()
-    assert torch.equal(got.isnan(), truth.isnan()), "NaN where the float64 reference has none, or the reverse"
-    return (got.double() - truth)[finite].abs().max().item() if finite.any() else 0.0
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES[1:])
 def test_low_precision_errs_at_most_twice_the_reference_in_that_dtype(shape, dtype):
@@ -91,8 +43,8 @@ def test_low_precision_errs_at_most_twice_the_reference_in_that_dtype(shape, dty
     theirs = outputs_and_gradients(reference, weights, index, values, *grads)
     for name, got, own, want in zip(("context", "log_prob", "grad_weights", "grad_values"), ours, theirs, truth):
         assert got.dtype == dtype, name
-        bound = 2 * _low_precision_error(own, want) + torch.finfo(dtype).eps * want[want.isfinite()].abs().max().item()
-        assert _low_precision_error(got, want) <= bound, name
+        bound = 2 * low_precision_error(own, want) + torch.finfo(dtype).eps * want[want.isfinite()].abs().max().item()
+        assert low_precision_error(got, want) <= bound, name
 
 
 def test_weights_of_another_dtype_than_the_values_give_each_output_its_inputs_dtype():

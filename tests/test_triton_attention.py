@@ -274,26 +274,22 @@ def test_hard_attention(sample):
     assert (index[0] == 0).all() and context[0].abs().max() == 0  # the empty sequence
     assert (index[1] < 13).all()  # never a padded key
     torch.testing.assert_close(context, values.gather(1, index.unsqueeze(-1).expand(-1, -1, 5)) * (index >= 0)[..., None] * torch.tensor([0.0, 1.0])[:, None, None])
-    if not sample:
+    if not sample:  # the same positions: the same outputs and gradients (through the weights' log-probability too)
         assert torch.equal(index, outputs["reference"][1])
         torch.testing.assert_close(log_prob, outputs["reference"][2], **FLOAT32)
+        grads = {}
+        for name in ("triton", "reference"):
+            context, _, log_prob, _ = outputs[name]
+            projection = (context * torch.linspace(-1, 1, 5)).sum() + (log_prob * torch.linspace(0, 2, QUERIES)).sum()
+            grads[name] = torch.autograd.grad(projection, (query, keys, values))
+        for got, want in zip(grads["triton"], grads["reference"]):
+            torch.testing.assert_close(got, want, **FLOAT32)
     else:
         with fastattn.backend("triton"):
             again = fastattn.hard_attention(
                 query, keys, values, score="scaled_dot", sample=True, generator=torch.Generator().manual_seed(5), **masking
             )
         assert torch.equal(again[1], index)
-
-
-def test_sampling_follows_the_weights():
-    from fastattn.ops.triton_hard import choose_positions
-
-    rows = 400  # the interpreter runs one program per row
-    weights = torch.tensor([0.1, 0.0, 0.5, 0.2, 0.0] + [0.0] * 12 + [0.2]).expand(rows, 18).contiguous()
-    index = choose_positions(weights, True, torch.Generator().manual_seed(0))
-    frequencies = torch.bincount(index, minlength=18) / rows
-    assert frequencies[weights[0] == 0].sum() == 0
-    torch.testing.assert_close(frequencies, weights[0], atol=0.1, rtol=0)  # 4 standard errors at p = 0.5
 
 
 def opcheck(op, arguments):
@@ -328,12 +324,6 @@ def test_opcheck_attention(sample_index):
         if isinstance(arguments[position], torch.Tensor):
             arguments[position] = arguments[position].clone().requires_grad_()
     opcheck(torch.ops.fastattn.triton_attention_forward.default, tuple(arguments))
-
-
-def test_opcheck_choose_positions():
-    weights = torch.softmax(torch.randn(3, 4, 19), dim=-1)
-    for sample in (False, True):
-        opcheck(torch.ops.fastattn.triton_choose_positions.default, (weights, sample, 7))
 
 
 # ---------------------------------------------------------------- GPU, realistic shapes
@@ -790,11 +780,6 @@ def test_lengths_past_32_bits_or_the_source_are_clamped_to_it():
         assert torch.equal(got, want)
     for got, want in zip(run([2**31, 2]), run([5, 2]), strict=True):
         assert torch.equal(got, want)
-
-
-def test_choose_positions_refuses_integer_weights():
-    with pytest.raises(TypeError, match="weights must be a float32"):
-        torch.ops.fastattn.triton_choose_positions(torch.ones(2, 3, dtype=torch.int64), False, 0)
 
 
 def test_float32_long_row_query_gradient_errs_at_most_twice_the_reference():

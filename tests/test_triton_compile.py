@@ -23,7 +23,7 @@ def _launchers() -> list:
     """Every Launcher of the Triton ops (each kernel with one config list)."""
     from fastattn.ops import triton_attention, triton_hard, triton_recurrent
 
-    return [*triton_attention.LAUNCHERS.values(), triton_attention.COMBINE_LAUNCHER, triton_hard.LAUNCHER,
+    return [*triton_attention.LAUNCHERS.values(), triton_attention.COMBINE_LAUNCHER, *triton_hard.LAUNCHERS.values(),
             *triton_recurrent.LAUNCHERS.values()]
 
 

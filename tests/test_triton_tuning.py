@@ -22,6 +22,7 @@ from fastattn.kernels.attention_forward import attention_forward_kernel
 from fastattn.kernels.attention_tiles import RATIONAL_TANH_MAX_ERROR, rational_tanh, sfu_tanh
 from fastattn.ops import triton_attention, triton_configs, triton_hard, triton_launch, triton_recurrent
 from fastattn.ops.triton_launch import INTERPRETED, SMALLEST_BLOCK, KernelConfigs, Launcher
+from tests import hard_outputs_problems
 from tests.test_triton_attention import FLOAT32, assert_matches, problem, run
 from tests.test_triton_recurrent import cell_problem, run_cell
 
@@ -33,7 +34,7 @@ LAUNCHERS = {
     **{f"attention {name} {'additive' if additive else 'dot'}": launcher
        for (name, additive), launcher in triton_attention.LAUNCHERS.items()},
     "attention combine": triton_attention.COMBINE_LAUNCHER,
-    "choose positions": triton_hard.LAUNCHER,
+    **{f"hard attention {name}": launcher for name, launcher in triton_hard.LAUNCHERS.items()},
     **{f"recurrent {name}": launcher for name, launcher in triton_recurrent.LAUNCHERS.items()},
 }
 # Kernels whose blocks are tl.dot operands (16 rows and columns at least).
@@ -82,10 +83,11 @@ def test_key_splits_never_cut_a_key_block():
         assert all(largest % config.kwargs["BLOCK_S"] == 0 for config in configs.tuned)
 
 
-def test_only_the_atomically_accumulated_gradients_are_reset():
+def test_only_the_gradients_added_into_are_reset():
     resets = {name: launcher.configs.reset_to_zero for name, launcher in LAUNCHERS.items() if launcher.configs.reset_to_zero}
     atomic = ("GRAD_Q", "GRAD_K", "GRAD_VA")
-    assert resets == {"attention grad_key_value additive": atomic, "attention decode grad_key_value additive": atomic}
+    assert resets == {"attention grad_key_value additive": atomic, "attention decode grad_key_value additive": atomic,
+                      "hard attention values_backward": ("GRAD_VALUES",)}
 
 
 def test_a_config_list_naming_a_missing_argument_is_refused():
@@ -302,6 +304,18 @@ def test_attention_kernels_are_safe_to_rerun_as_trials(every_launch_twice, score
         with fastattn.backend(name):
             indices.append(fastattn.hard_attention(*inputs[:3], score=score, sample=False, **inputs[3], **inputs[4])[1])
     assert torch.equal(*indices)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's launch path")
+def test_hard_attention_kernels_are_safe_to_rerun_as_trials(every_launch_twice):
+    """The value gradient adds each query's share into its sums: five queries on one row."""
+    weights, index, values = hard_outputs_problems.problem((3, 5, 7, 4))
+    index[:] = index[:, :1]
+    grads = hard_outputs_problems.gradients_of_outputs(weights, index, values)
+    got = torch.ops.fastattn.triton_hard_attention_backward(*grads, weights, index)
+    expected = hard_outputs_problems.outputs_and_gradients(hard_outputs_problems.reference, weights, index, values, *grads)
+    for ours, want in zip(got, expected[2:]):
+        torch.testing.assert_close(ours, want, equal_nan=True)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's launch path")

@@ -11,7 +11,7 @@ kernel score kinds ("dot", "cosine", "additive"):
 The backend functions run on whatever device the op has a kernel for: the same code
 serves the "cpu" backend and, where built, the "cuda" backend.  The Triton backend
 (``fastattn.ops.triton_attention``) reuses this mapping by passing its own ``fused``
-kernel call (and ``choose_positions`` sampler) to the same functions.
+kernel call (and hard attention's ``outputs``) to the same functions.
 """
 
 from __future__ import annotations
@@ -79,32 +79,19 @@ def _sample_positions_fake(weights, sample, generator):
     return weights.new_empty(weights.shape[:-1], dtype=torch.int64)
 
 
-def _check_weights_and_index(op, weights, index):
-    """hard_attention_outputs' checks (csrc/cpu/hard_attention_outputs.cpp): weights (N, T, S)
-    of a float dtype, index (N, T) int64."""
-    triton_checks.float_tensor(op, "weights", weights, 3)
-    triton_checks.tensor(op, "index", index, weights, weights.shape[:2], torch.int64)
-
-
 @register_fake("fastattn::hard_attention_outputs")
 def _hard_attention_outputs_fake(weights, index, values):
-    op = "hard_attention_outputs"
-    _check_weights_and_index(op, weights, index)
-    triton_checks.float_tensor(op, "values", values, 3)  # of any float dtype
-    triton_checks.tensor(op, "values", values, weights, (weights.shape[0], weights.shape[2], None), values.dtype)
+    triton_checks.hard_attention_outputs("hard_attention_outputs", weights, index, values)
     return values.new_empty(*index.shape, values.shape[-1]), weights.new_empty(index.shape)
 
 
 @register_fake("fastattn::hard_attention_outputs_backward")
 def _hard_attention_outputs_backward_fake(grad_context, grad_log_prob, weights, index):
-    op = "hard_attention_outputs_backward"
-    _check_weights_and_index(op, weights, index)
+    triton_checks.hard_attention_outputs_backward("hard_attention_outputs_backward", grad_context, grad_log_prob,
+                                                  weights, index)
     grad_values = weights.new_empty(0)
     if grad_context is not None:
-        triton_checks.float_tensor(op, "grad_context", grad_context, 3)
-        triton_checks.tensor(op, "grad_context", grad_context, weights, (*index.shape, None), grad_context.dtype)
         grad_values = grad_context.new_empty(weights.shape[0], weights.shape[2], grad_context.shape[-1])
-    triton_checks.optional_tensor(op, "grad_log_prob", grad_log_prob, weights, index.shape)
     return contiguous_like_or_empty(weights if grad_log_prob is not None else None, weights), grad_values
 
 
@@ -151,24 +138,27 @@ def additive_attention(query_projection, key_projection, v, values, *, bias, ret
     )
 
 
-def hard_attention(
-    query, keys, values, *, sample, generator, fused=_fused, choose_positions=None, **attention_arguments
-):
-    """The "hard_attention" op: fused soft weights, then one position drawn per row by
-    ``choose_positions(weights, sample, generator)`` (default: the C++ sampler).  The
-    soft context is not used (the hard one is the chosen position's value): the fused
-    call gets an empty value dim, so the kernels skip the weights-times-values work, in a tensor
-    of its own (the backward saves it: a view of ``values`` would keep all of them alive).
-    The outputs at the chosen positions: the hard_attention_outputs kernel on the CPU, the
-    reference's ``outputs_at`` elsewhere."""
+def hard_attention(query, keys, values, *, sample, generator, fused=_fused, outputs=None, **attention_arguments):
+    """The "hard_attention" op: fused soft weights, then
+    ``outputs(weights, values, sample, generator)``: one position drawn per row and the
+    (context, index, log_prob) there (default: ``outputs_at_chosen_positions``).  The soft
+    context is not used (the hard one is the chosen position's value): the fused call gets
+    an empty value dim, so the kernels skip the weights-times-values work, in a tensor of its
+    own (the backward saves it: a view of ``values`` would keep all of them alive)."""
     no_values = values.new_empty(*values.shape[:-1], 0)
     _, weights = attention(query, keys, no_values, return_weights=True, fused=fused, **attention_arguments)
-    choose_positions = choose_positions or torch.ops.fastattn.sample_positions
-    index = choose_positions(weights.detach(), sample, generator)
-    if weights.device.type != "cpu":  # no CUDA kernel for them: the reference's ops
-        return (*outputs_at(weights, index, values), weights)
+    return (*(outputs or outputs_at_chosen_positions)(weights, values, sample, generator), weights)
+
+
+def outputs_at_chosen_positions(weights, values, sample, generator):
+    """(context, index, log_prob): the C++ sampler's positions, then the outputs there: the
+    hard_attention_outputs kernel on the CPU, the reference's ``outputs_at`` elsewhere (no
+    CUDA kernel for them)."""
+    index = torch.ops.fastattn.sample_positions(weights.detach(), sample, generator)
+    if weights.device.type != "cpu":
+        return outputs_at(weights, index, values)
     context, log_prob = torch.ops.fastattn.hard_attention_outputs(weights, index, values)
-    return context, index, log_prob, weights
+    return context, index, log_prob
 
 
 def scaled_dot_product_attention(query, key, value, *, attn_mask, dropout_p, is_causal, scale, fused=_fused):

@@ -69,7 +69,7 @@ def _backend_functions() -> dict:
         "attention": functools.partial(attention.attention, fused=fused),
         "additive_attention": functools.partial(attention.additive_attention, fused=fused),
         "hard_attention": functools.partial(
-            attention.hard_attention, fused=fused, choose_positions=triton_hard.choose_positions
+            attention.hard_attention, fused=fused, outputs=triton_hard.hard_attention_outputs
         ),
         "scaled_dot_product_attention": functools.partial(attention.scaled_dot_product_attention, fused=fused),
         "lstm_cell": triton_recurrent.lstm_cell,

@@ -183,3 +183,30 @@ def positions(op: str, weights: Tensor) -> None:
                 TypeError)
     if weights.dim() < 1:
         _refuse(op, f"weights must be a tensor (..., S), got shape {tuple(weights.shape)}")
+
+
+def weights_and_index(op: str, weights: Tensor, index: Tensor) -> None:
+    """Hard attention's soft weights (N, T, S) of a float dtype and its positions (N, T) int64."""
+    float_tensor(op, "weights", weights, 3)
+    tensor(op, "index", index, weights, weights.shape[:2], torch.int64)
+
+
+def hard_attention_outputs(op: str, weights: Tensor, index: Optional[Tensor], values: Tensor) -> None:
+    """weights (N, T, S), index (N, T) int64 where given, values (N, S, Dv) of any float dtype."""
+    if index is None:
+        float_tensor(op, "weights", weights, 3)
+    else:
+        weights_and_index(op, weights, index)
+    float_tensor(op, "values", values, 3)
+    tensor(op, "values", values, weights, (weights.shape[0], weights.shape[2], None), values.dtype)
+
+
+def hard_attention_outputs_backward(op: str, grad_context: Optional[Tensor], grad_log_prob: Optional[Tensor],
+                                    weights: Tensor, index: Tensor) -> None:
+    """weights and index as the forward's, grad_context (N, T, Dv) of any float dtype and
+    grad_log_prob (N, T) of the weights' dtype where given."""
+    weights_and_index(op, weights, index)
+    if grad_context is not None:
+        float_tensor(op, "grad_context", grad_context, 3)
+        tensor(op, "grad_context", grad_context, weights, (*index.shape, None), grad_context.dtype)
+    optional_tensor(op, "grad_log_prob", grad_log_prob, weights, index.shape)

@@ -12,10 +12,11 @@ memory, 64K registers per SM) and Ampere (A100: 164 KB); see
   step, bound by the special-function unit; configs with BLOCK_D_POLY > 0 move that
   share of the tanh to the FMA units (``rational_tanh``), so tuning balances the pipes.
 - The additive backward's key-value kernel adds into its gradients (queries', keys', v's)
-  atomically: ``reset_to_zero`` re-zeroes them between trials.  Every other kernel only stores (the weights kernel leaves
+  atomically, and hard attention's value backward adds into its sums: ``reset_to_zero``
+  re-zeroes them between trials.  Every other kernel only stores (the weights kernel leaves
   fully masked tiles at zero, which is also what it would write), so trials are safe.
-- The combine step, the hard-attention sampler and the LSTM/GRU cells tune block
-  shapes and warps on their own size arguments.
+- The combine step, hard attention (choice and outputs, and their backward) and the
+  LSTM/GRU cells tune block shapes and warps on their own size arguments.
 """
 
 from __future__ import annotations
@@ -321,7 +322,18 @@ COMBINE = KernelConfigs(
     key=("T", "DV"),
 )
 
-CHOOSE_POSITIONS = KernelConfigs(
+HARD_ATTENTION = KernelConfigs(
+    interpreted=_interpreted("BLOCK_S", "BLOCK_D"),
+    tuned=(
+        Config({"BLOCK_S": 128, "BLOCK_D": 128}, num_warps=1, num_stages=1),
+        Config({"BLOCK_S": 512, "BLOCK_D": 256}, num_warps=2, num_stages=1),
+        Config({"BLOCK_S": 1024, "BLOCK_D": 512}, num_warps=4, num_stages=1),
+        Config({"BLOCK_S": 2048, "BLOCK_D": 1024}, num_warps=8, num_stages=1),
+    ),
+    key=("S", "DV"),
+)
+
+HARD_ATTENTION_WEIGHTS_BACKWARD = KernelConfigs(
     interpreted=_interpreted("BLOCK_S"),
     tuned=(
         Config({"BLOCK_S": 128}, num_warps=1, num_stages=1),
@@ -330,6 +342,17 @@ CHOOSE_POSITIONS = KernelConfigs(
         Config({"BLOCK_S": 2048}, num_warps=8, num_stages=1),
     ),
     key=("S",),
+)
+
+HARD_ATTENTION_VALUES_BACKWARD = KernelConfigs(
+    interpreted=_interpreted("BLOCK_D"),
+    tuned=(
+        Config({"BLOCK_D": 64}, num_warps=1, num_stages=1),
+        Config({"BLOCK_D": 128}, num_warps=1, num_stages=1),
+        Config({"BLOCK_D": 256}, num_warps=2, num_stages=1),
+    ),
+    key=("T", "DV"),
+    reset_to_zero=("GRAD_VALUES",),  # it adds into the sums
 )
 
 RECURRENT_POINTWISE = KernelConfigs(
