@@ -6,7 +6,7 @@ memcheck`` and ``--tool racecheck``, which slow kernels down by orders of magnit
 The cases reach every kernel and variant: the attention forward with one key split and
 with several (plus the combine kernel, which then writes the weights), 16-byte and scalar loads, every
 kernel score, the masks and the Gaussian, float16 natively, the tensor-core forward
-(bfloat16: dot, cosine, additive) and backward (the same; grad_center), both per-row backward kernels, hard-attention positions (argmax and drawn),
+(bfloat16: dot, cosine, additive) and backward (the same; grad_center), both per-row backward kernels, hard-attention positions (argmax and drawn) and the outputs there with their gradients,
 fast_tanh, the LSTM/GRU step kernels of the cells, and layers with lengths (forward and
 reverse) through both recurrent paths: the persistent kernels (one block per hidden
 unit here, grid barrier; float32 FMAs, and the tensor cores in bfloat16) and the per-step
@@ -176,6 +176,15 @@ def check_hard_attention_and_tanh() -> bool:
     chosen = weights.gather(-1, drawn.cpu().unsqueeze(-1)).squeeze(-1)
     valid = bool((chosen.flatten()[1:] > 0).all()) and int(drawn[0, 0]) == 0
     print(f"{'ok  ' if valid else 'FAIL'} sample_positions drawn: positive-weight positions, 0 for an empty row")
+    values = torch.randn(3, 50, 300, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    index = torch.tensor([[0, 7, 7, 49], [1, 2, 3, 4], [5, 5, 5, 5]])  # queries sharing a value row
+    grads = torch.randn(3, 4, 300, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    on_device = [t.to(DEVICE) for t in (weights, index, values, *grads)]
+    ok &= report("hard_attention_outputs", torch.ops.fastattn.hard_attention_outputs(*on_device[:3]),
+                 torch.ops.fastattn.hard_attention_outputs(weights, index, values), 1e-12)
+    ok &= report("hard_attention_outputs_backward",
+                 torch.ops.fastattn.hard_attention_outputs_backward(*on_device[3:], *on_device[:2]),
+                 torch.ops.fastattn.hard_attention_outputs_backward(*grads, weights, index), 1e-12)
     x = torch.linspace(-12, 12, 4097)
     ok &= report("fast_tanh", [torch.ops.fastattn.fast_tanh(x.to(DEVICE))], [torch.tanh(x.double())], 4e-7)
     return ok and valid

@@ -2,8 +2,8 @@
 outputs, weights and gradients for every score and mask mode at decode-step and
 multi-query shapes (key splits, several key tiles, odd and 16-byte-aligned feature
 sizes), the kernels' native float16 / bfloat16 path under the 2x rule, hard-attention
-positions, the tanh bound on the device, LSTM/GRU cells and layers, and opcheck on
-every op.  Marked ``gpu``: they need a CUDA device and fastattn built with its CUDA
+positions and the outputs there (against the CPU op, in every pair of dtypes), the tanh
+bound on the device, LSTM/GRU cells and layers, and opcheck on every op.  Marked ``gpu``: they need a CUDA device and fastattn built with its CUDA
 kernels (benchmarks/gpu_check.sh runs them).
 
 Without a GPU: `make cuda-check` (csrc/cuda/nvcc_check.sh, run by CI) compiles every
@@ -25,6 +25,7 @@ import torch
 import fastattn
 from fastattn import backends, reference
 from fastattn.ops import recurrent as recurrent_ops
+from tests import hard_outputs_problems
 from tests.problems import (
     PEAKED_SHAPES,
     SCORES,
@@ -282,6 +283,72 @@ def test_sample_positions_follow_the_cpu_rule(dtype):
     drawn_positive = weights.gather(-1, drawn.cpu().unsqueeze(-1)).squeeze(-1) > 0
     drawn_positive[0, 0] = True  # the row without positive weight
     assert bool(drawn_positive.all())
+
+
+HARD_OUTPUTS_SHAPES = [(3, 5, 7, 4), (2, 9, 33, 17), (2, 3, 40, 300)]  # S past a warp's 32 lanes, Dv past 256
+HARD_OUTPUTS_DTYPES = [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.float16, torch.float16),
+                       (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]  # (weights', values')
+
+
+def hard_outputs_case(shape, weights_dtype, values_dtype):
+    """(weights, index, values, grad_context, grad_log_prob) on the CPU, with the rows the
+    rules single out (tests/hard_outputs_problems.py)."""
+    weights, index, values = hard_outputs_problems.problem(shape)
+    grad_context, grad_log_prob = hard_outputs_problems.gradients_of_outputs(weights, index, values)
+    return (weights.to(weights_dtype), index, values.to(values_dtype), grad_context.to(values_dtype),
+            grad_log_prob.to(weights_dtype))
+
+
+def assert_hard_outputs_match(got, want, dtype):
+    """Equal to the CPU op's: exactly in float64 (to 1e-12), within one rounding otherwise
+    (the rows' sums are added in another order)."""
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}
+    for ours, theirs in zip(got, want):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours.cpu(), theirs, equal_nan=True, **tolerance)
+
+
+@pytest.mark.parametrize("dtypes", HARD_OUTPUTS_DTYPES)
+@gpu
+def test_hard_attention_outputs_match_the_cpu_op(dtypes):
+    for shape in HARD_OUTPUTS_SHAPES:
+        weights, index, values, *grads = hard_outputs_case(shape, *dtypes)
+        on_device = [t.to(DEVICE) for t in (weights, index, values, *grads)]
+        assert_hard_outputs_match(torch.ops.fastattn.hard_attention_outputs(*on_device[:3]),
+                                  torch.ops.fastattn.hard_attention_outputs(weights, index, values), dtypes[0])
+        for present in ((True, True), (False, True), (True, False)):
+            given = [g if keep else None for g, keep in zip(on_device[3:], present)]
+            expected = torch.ops.fastattn.hard_attention_outputs_backward(
+                *(g if keep else None for g, keep in zip(grads, present)), weights, index)
+            assert_hard_outputs_match(torch.ops.fastattn.hard_attention_outputs_backward(*given, *on_device[:2]),
+                                      expected, dtypes[0])
+
+
+@gpu
+def test_hard_attention_outputs_gradcheck_and_opcheck_on_the_device():
+    weights = torch.softmax(torch.randn(2, 3, 5, dtype=torch.float64, device=DEVICE), dim=-1).requires_grad_()
+    values = torch.randn(2, 5, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    index = torch.tensor([[4, 0, 2], [1, 3, 1]], device=DEVICE)
+
+    def outputs(weights, values):
+        return torch.ops.fastattn.hard_attention_outputs(weights, index, values)
+
+    assert torch.autograd.gradcheck(outputs, (weights, values))
+    assert torch.autograd.gradgradcheck(outputs, (weights, values))
+    torch.library.opcheck(torch.ops.fastattn.hard_attention_outputs.default, (weights, index, values))
+    grads = torch.randn(2, 3, 4, dtype=torch.float64, device=DEVICE), torch.randn(2, 3, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastattn.hard_attention_outputs_backward.default, (*grads, weights.detach(), index))
+
+
+@gpu
+def test_hard_attention_outputs_refuse_what_the_cpu_op_refuses():
+    weights, index, values = (t.to(DEVICE) for t in hard_outputs_problems.problem((3, 5, 7, 4)))
+    with pytest.raises(ValueError, match=r"hard_attention_outputs: values must be \(N=3, S=7, Dv\)"):
+        torch.ops.fastattn.hard_attention_outputs(weights, index, values[:, :6])
+    with pytest.raises(ValueError, match="index must be on cuda"):
+        torch.ops.fastattn.hard_attention_outputs(weights, index.cpu(), values)
+    with pytest.raises(ValueError, match=r"index must hold positions in \[0, S=0\)"):
+        torch.ops.fastattn.hard_attention_outputs(weights[:, :, :0], index, values[:, :0])
 
 
 @gpu
@@ -953,6 +1020,40 @@ def test_emulated_sample_positions_follow_the_shared_rule(emulated, dtype):
         else:
             expected = torch.ops.fastattn.sample_positions(weights, False, None).reshape(15)
         assert torch.equal(index.reshape(15), expected), sample
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtypes", HARD_OUTPUTS_DTYPES)
+@pytest.mark.parametrize("shape", HARD_OUTPUTS_SHAPES)
+def test_emulated_hard_attention_outputs_match_the_cpu_op(emulated, shape, dtypes):
+    weights, index, values, grad_context, grad_log_prob = hard_outputs_case(shape, *dtypes)
+    *got, outside = emulation.hard_attention_outputs(emulated, weights, index, values)
+    assert not outside
+    assert_hard_outputs_match(got, torch.ops.fastattn.hard_attention_outputs(weights, index, values), dtypes[0])
+    for grads in ((grad_context, grad_log_prob), (None, grad_log_prob), (grad_context, None)):
+        grad_weights, grad_values, outside = emulation.hard_attention_outputs_backward(emulated, *grads, weights, index)
+        assert not outside
+        expected = torch.ops.fastattn.hard_attention_outputs_backward(*grads, weights, index)
+        got = [grad_weights] if grads[0] is None else [grad_weights, grad_values]
+        assert_hard_outputs_match(got if grads[1] is not None else got[1:],
+                                  expected if grads[1] is not None else expected[1:], dtypes[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("position", [-1, 7, 2**40])
+def test_emulated_hard_attention_outputs_flag_a_position_outside_the_row_and_keep_the_others(emulated, position):
+    weights, index, values, grad_context, grad_log_prob = hard_outputs_case((3, 5, 7, 4), torch.float64, torch.float64)
+    good = index.clone()
+    index[2, 3] = position
+    context, log_prob, outside = emulation.hard_attention_outputs(emulated, weights, index, values)
+    expected = torch.ops.fastattn.hard_attention_outputs(weights, good, values)
+    assert outside
+    kept = torch.ones(3, 5, dtype=torch.bool)
+    kept[2, 3] = False
+    torch.testing.assert_close(context[kept], expected[0][kept], equal_nan=True)
+    torch.testing.assert_close(log_prob[kept], expected[1][kept], equal_nan=True)
+    *_, outside = emulation.hard_attention_outputs_backward(emulated, grad_context, grad_log_prob, weights, index)
+    assert outside
 
 
 @pytest.mark.slow

@@ -8,9 +8,11 @@
 // runs about fifteen ATen ops (two (N, T, Dv) passes among them).  The backward: the
 // log-probability's gradient into each row of weights, and the context's gradient
 // scatter-added into the chosen value rows, batch element by batch element.
-// Does not handle: devices other than the CPU (the cuda and triton backends compose
-// outputs_at); a gradient of a gradient (the autograd kernel, csrc/autograd.cpp, then
-// differentiates fastattn::hard_attention_outputs_reference).
+// Argument checks: csrc/hard_attention_outputs_checks.h (shared with the CUDA binding).
+// Does not handle: devices other than the CPU (csrc/cuda/hard_attention_outputs.cu; the
+// triton backend has kernels of its own, fastattn.kernels.hard_attention); a gradient of a
+// gradient (the autograd kernel, csrc/autograd.cpp, then differentiates
+// fastattn::hard_attention_outputs_reference).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -28,6 +30,8 @@
 #include <utility>
 #include <vector>
 
+#include "../hard_attention_outputs_checks.h"
+
 namespace fastattn {
 namespace {
 
@@ -35,23 +39,6 @@ constexpr int64_t kRowGrainElements = 32768;  // weights or value elements worth
 
 // Rows of `width` elements a task of at::parallel_for takes.
 int64_t rows_per_task(int64_t width) { return std::max<int64_t>(1, kRowGrainElements / std::max<int64_t>(1, width)); }
-
-void check_cpu_float(const char* op, const char* name, const at::Tensor& tensor) {
-  TORCH_CHECK_VALUE(tensor.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", tensor.device());
-  const at::ScalarType dtype = tensor.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                   ": ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
-}
-
-// weights (N, T, S) float on the CPU and index (N, T) int64.
-void check_weights_and_index(const char* op, const at::Tensor& weights, const at::Tensor& index) {
-  check_cpu_float(op, "weights", weights);
-  TORCH_CHECK_VALUE(index.device().is_cpu(), op, ": index must be a CPU tensor, got one on ", index.device());
-  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, op, ": index must be int64, got ", index.scalar_type());
-  TORCH_CHECK_VALUE(weights.dim() == 3, op, ": weights must be (N, T, S), got shape ", weights.sizes());
-  TORCH_CHECK_VALUE(index.dim() == 2 && index.size(0) == weights.size(0) && index.size(1) == weights.size(1), op,
-                    ": index must be (N=", weights.size(0), ", T=", weights.size(1), "), got shape ", index.sizes());
-}
 
 // What a row of weights says of its chosen position (as outputs_at computes it): the row's
 // sum, the chosen weight and the clamp both take in the log-probability (the weights'
@@ -112,13 +99,7 @@ void row_factors(const at::Tensor& weights, const int64_t* index, float* factor,
 std::tuple<at::Tensor, at::Tensor> hard_attention_outputs_cpu(const at::Tensor& weights_in, const at::Tensor& index_in,
                                                               const at::Tensor& values_in) {
   static constexpr char op[] = "hard_attention_outputs";
-  check_weights_and_index(op, weights_in, index_in);
-  // Its dtype may differ from the weights' (under autocast the weights are the low-precision ones).
-  check_cpu_float(op, "values", values_in);
-  TORCH_CHECK_VALUE(values_in.dim() == 3 && values_in.size(0) == weights_in.size(0) &&
-                        values_in.size(1) == weights_in.size(2),
-                    op, ": values must be (N=", weights_in.size(0), ", S=", weights_in.size(2), ", Dv), got shape ",
-                    values_in.sizes());
+  check_hard_attention_outputs(op, weights_in, index_in, values_in, c10::DeviceType::CPU);
   const at::Tensor weights = weights_in.contiguous(), index = index_in.contiguous(), values = values_in.contiguous();
   const int64_t batch = weights.size(0), queries = weights.size(1), source_length = weights.size(2);
   const int64_t value_dim = values.size(2), rows = batch * queries;
@@ -156,30 +137,15 @@ std::tuple<at::Tensor, at::Tensor> hard_attention_outputs_backward_cpu(
     const std::optional<at::Tensor>& grad_context_in, const std::optional<at::Tensor>& grad_log_prob_in,
     const at::Tensor& weights_in, const at::Tensor& index_in) {
   static constexpr char op[] = "hard_attention_outputs_backward";
-  check_weights_and_index(op, weights_in, index_in);
+  check_hard_attention_outputs_backward(op, grad_context_in, grad_log_prob_in, weights_in, index_in,
+                                        c10::DeviceType::CPU);
   const at::Tensor weights = weights_in.contiguous(), index = index_in.contiguous();
   const int64_t batch = weights.size(0), queries = weights.size(1), source_length = weights.size(2);
   const int64_t rows = batch * queries;
   const bool context_grad = grad_context_in.has_value() && grad_context_in->defined();
   const bool log_prob_grad = grad_log_prob_in.has_value() && grad_log_prob_in->defined();
   const at::TensorOptions value_options = context_grad ? grad_context_in->options() : weights.options();
-  int64_t value_dim = 0;
-  if (context_grad) {
-    check_cpu_float(op, "grad_context", *grad_context_in);
-    TORCH_CHECK_VALUE(grad_context_in->dim() == 3 && grad_context_in->size(0) == batch &&
-                          grad_context_in->size(1) == queries,
-                      op, ": grad_context must be (N=", batch, ", T=", queries, ", Dv), got shape ",
-                      grad_context_in->sizes());
-    value_dim = grad_context_in->size(2);
-  }
-  if (log_prob_grad) {
-    TORCH_CHECK_TYPE(grad_log_prob_in->scalar_type() == weights.scalar_type(), op,
-                     ": grad_log_prob must have the weights' dtype ", weights.scalar_type(), ", got ",
-                     grad_log_prob_in->scalar_type());
-    TORCH_CHECK_VALUE(grad_log_prob_in->sizes() == at::IntArrayRef({batch, queries}), op,
-                      ": grad_log_prob must be (N=", batch, ", T=", queries, "), got shape ",
-                      grad_log_prob_in->sizes());
-  }
+  const int64_t value_dim = context_grad ? grad_context_in->size(2) : 0;
   at::Tensor grad_weights = log_prob_grad ? at::empty_like(weights) : at::empty({0}, weights.options());
   at::Tensor grad_values =
       context_grad ? at::zeros({batch, source_length, value_dim}, value_options) : at::empty({0}, value_options);

@@ -20,7 +20,8 @@
 // weights are wanted, and backward too unless their gradient is wanted.
 // attention_decoder_step_inference runs the one-launch kernel of decoder_step.cu where it
 // covers the step (FASTATTN_CUDA_FUSED_DECODER_STEP=0 turns it off) and the composed
-// step of csrc/decoder_step.cpp otherwise.
+// step of csrc/decoder_step.cpp otherwise.  hard_attention_outputs and its backward check
+// their positions' range on the device (an assertion, as torch's own index ops make).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -38,6 +39,7 @@
 #include "../center_dtype.h"
 #include "../common/layer_shape.h"
 #include "../decoder_step.h"
+#include "../hard_attention_outputs_checks.h"
 #include "launch.h"
 
 namespace fastattn {
@@ -384,6 +386,83 @@ at::Tensor sample_positions_cuda(const at::Tensor& weights, bool sample, std::op
                                            uniforms.defined() ? uniforms.const_data_ptr<double>() : nullptr,
                                            index.mutable_data_ptr<int64_t>(), current_stream()));
   return index;
+}
+
+// ---------------------------------------------------------------- hard attention's outputs
+
+// The positions' range is checked on the device: `outside` (set by the kernels where a position
+// is outside [0, S)) asserted there, as torch's own index ops assert theirs (the message goes to
+// the device's assertion, not to Python); reading it here would wait for the kernels.
+void assert_inside(const at::Tensor& outside) {
+  at::_assert_async(outside.eq(0), "fastattn: hard attention's index must hold positions in [0, S)");
+}
+
+void refuse_empty_rows(const char* op, const at::Tensor& weights) {
+  TORCH_CHECK_VALUE(weights.size(2) > 0 || weights.size(0) * weights.size(1) == 0, op,
+                    ": index must hold positions in [0, S=0)");
+}
+
+std::tuple<at::Tensor, at::Tensor> hard_attention_outputs_cuda(const at::Tensor& weights_in, const at::Tensor& index_in,
+                                                               const at::Tensor& values_in) {
+  static constexpr char op[] = "hard_attention_outputs";
+  check_hard_attention_outputs(op, weights_in, index_in, values_in, c10::DeviceType::CUDA);
+  refuse_empty_rows(op, weights_in);
+  const c10::cuda::CUDAGuard device_guard(weights_in.device());
+  const at::Tensor weights = weights_in.contiguous(), index = index_in.contiguous(), values = values_in.contiguous();
+  HardAttentionOutputsProblem p;
+  p.weights_dtype = dtype_of(op, "weights", weights);
+  p.values_dtype = dtype_of(op, "values", values);
+  p.batch = weights.size(0), p.queries = weights.size(1), p.source_length = weights.size(2);
+  p.value_dim = values.size(2);
+  at::Tensor context = at::empty({p.batch, p.queries, p.value_dim}, values.options());
+  at::Tensor log_prob = at::empty({p.batch, p.queries}, weights.options());
+  if (p.batch * p.queries == 0) return {context, log_prob};
+  at::Tensor outside = at::zeros({}, weights.options().dtype(at::kInt));
+  check_launch(op, launch_hard_attention_outputs(p, weights.const_data_ptr(), index.const_data_ptr<int64_t>(),
+                                                 values.const_data_ptr(), context.mutable_data_ptr(),
+                                                 log_prob.mutable_data_ptr(), outside.mutable_data_ptr<int>(),
+                                                 current_stream()));
+  assert_inside(outside);
+  return {context, log_prob};
+}
+
+std::tuple<at::Tensor, at::Tensor> hard_attention_outputs_backward_cuda(const OptionalTensor& grad_context_in,
+                                                                        const OptionalTensor& grad_log_prob_in,
+                                                                        const at::Tensor& weights_in,
+                                                                        const at::Tensor& index_in) {
+  static constexpr char op[] = "hard_attention_outputs_backward";
+  check_hard_attention_outputs_backward(op, grad_context_in, grad_log_prob_in, weights_in, index_in,
+                                        c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(weights_in.device());
+  const at::Tensor weights = weights_in.contiguous(), index = index_in.contiguous();
+  const bool context_grad = present(grad_context_in), log_prob_grad = present(grad_log_prob_in);
+  const at::Tensor grad_context = context_grad ? grad_context_in->contiguous() : at::Tensor();
+  const at::Tensor grad_log_prob = log_prob_grad ? grad_log_prob_in->contiguous() : at::Tensor();
+  const at::TensorOptions value_options = context_grad ? grad_context.options() : weights.options();
+  HardAttentionOutputsProblem p;
+  p.weights_dtype = dtype_of(op, "weights", weights);
+  p.values_dtype = context_grad ? dtype_of(op, "grad_context", grad_context) : p.weights_dtype;
+  p.batch = weights.size(0), p.queries = weights.size(1), p.source_length = weights.size(2);
+  p.value_dim = context_grad ? grad_context.size(2) : 0;
+  at::Tensor grad_weights = log_prob_grad ? at::empty_like(weights) : at::empty({0}, weights.options());
+  // The values' gradient summed in float (double for float64), converted at the end.
+  const at::ScalarType sum_dtype = accumulation_dtype(value_options.dtype().toScalarType());
+  at::Tensor sums = context_grad ? at::zeros({p.batch, p.source_length, p.value_dim}, value_options.dtype(sum_dtype))
+                                 : at::empty({0}, value_options);
+  if (p.batch * p.queries > 0 && (context_grad || log_prob_grad)) {
+    refuse_empty_rows(op, weights);
+    at::Tensor factor = at::empty({context_grad ? p.batch * p.queries : 0}, weights.options().dtype(at::kFloat));
+    at::Tensor outside = at::zeros({}, weights.options().dtype(at::kInt));
+    check_launch(op, launch_hard_attention_outputs_backward(
+                         p, context_grad ? grad_context.const_data_ptr() : nullptr,
+                         log_prob_grad ? grad_log_prob.const_data_ptr() : nullptr, weights.const_data_ptr(),
+                         index.const_data_ptr<int64_t>(), log_prob_grad ? grad_weights.mutable_data_ptr() : nullptr,
+                         context_grad ? sums.mutable_data_ptr() : nullptr,
+                         context_grad ? factor.mutable_data_ptr<float>() : nullptr, outside.mutable_data_ptr<int>(),
+                         current_stream()));
+    assert_inside(outside);
+  }
+  return {grad_weights, sums.scalar_type() == value_options.dtype().toScalarType() ? sums : sums.to(value_options.dtype())};
 }
 
 at::Tensor fast_tanh_cuda(const at::Tensor& x) {
@@ -1141,6 +1220,8 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("attention_forward", &attention_forward_cuda);
   m.impl("attention_backward", &attention_backward_cuda);
   m.impl("sample_positions", &sample_positions_cuda);
+  m.impl("hard_attention_outputs", &hard_attention_outputs_cuda);
+  m.impl("hard_attention_outputs_backward", &hard_attention_outputs_backward_cuda);
   m.impl("fast_tanh", &fast_tanh_cuda);
   m.impl("lstm_cell_forward", &lstm_cell_forward_cuda);
   m.impl("lstm_cell_backward", &lstm_cell_backward_cuda);

@@ -121,6 +121,30 @@ cudaError_t launch_sample_positions(DType dtype, const void* weights, int64_t ro
 // out = fast_tanh(in) (csrc/common/fast_tanh.h), float32.
 cudaError_t launch_fast_tanh(const float* input, float* output, int64_t size, cudaStream_t stream);
 
+// ---------------------------------------------------------------- hard attention's outputs
+// Rows (N * T) of weights (N, T, S), positions index (N, T) and values (N, S, Dv), contiguous.
+struct HardAttentionOutputsProblem {
+  DType weights_dtype = DType::kFloat32;  // of the weights, the log-probability and their gradients
+  DType values_dtype = DType::kFloat32;   // of the values and the context (the backward: of grad_context)
+  int64_t batch = 0, queries = 0, source_length = 0, value_dim = 0;
+};
+// context (N, T, Dv) = values[n, index] times the row's factor (1, 0 for a row of zero
+// weights, NaN for a NaN row) and log_prob (N, T) = log(w_index / sum_j w_j), each clamped
+// below at the weights' dtype's smallest normal, 0 for a zero row.  A position outside
+// [0, S) sets *outside (zeroed by the caller) and its row is left unwritten.
+cudaError_t launch_hard_attention_outputs(const HardAttentionOutputsProblem& problem, const void* weights,
+                                          const int64_t* index, const void* values, void* context, void* log_prob,
+                                          int* outside, cudaStream_t stream);
+// Their gradients: grad_weights (N, T, S) from grad_log_prob (both null without it), and
+// grad_value_sums (N, S, Dv) in the accumulation type of grad_context's dtype (float, double
+// for float64), zeroed by the caller, from grad_context (null without it; factor then
+// needs rows floats of scratch).  *outside as the forward's.
+cudaError_t launch_hard_attention_outputs_backward(const HardAttentionOutputsProblem& problem,
+                                                   const void* grad_context, const void* grad_log_prob,
+                                                   const void* weights, const int64_t* index, void* grad_weights,
+                                                   void* grad_value_sums, float* factor, int* outside,
+                                                   cudaStream_t stream);
+
 // ---------------------------------------------------------------- recurrent cells
 // One time step of a batch of B rows, dtype float32 or float64 (the binding computes
 // float16 / bfloat16 in float32).  Row b is active when lengths is null or

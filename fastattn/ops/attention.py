@@ -21,7 +21,6 @@ import torch
 from fastattn import reference
 from fastattn.ops import triton_checks
 from fastattn.ops.fake_kernels import contiguous_like, contiguous_like_or_empty, register_fake
-from fastattn.reference.hard import outputs_at
 
 MASK_ARGUMENTS = ("lengths", "key_padding_mask", "causal", "window", "center", "gaussian")
 KERNEL_SCORES = ("dot", "cosine", "additive")
@@ -151,12 +150,9 @@ def hard_attention(query, keys, values, *, sample, generator, fused=_fused, outp
 
 
 def outputs_at_chosen_positions(weights, values, sample, generator):
-    """(context, index, log_prob): the C++ sampler's positions, then the outputs there: the
-    hard_attention_outputs kernel on the CPU, the reference's ``outputs_at`` elsewhere (no
-    CUDA kernel for them)."""
+    """(context, index, log_prob): the C++ sampler's positions, then the outputs there (the
+    hard_attention_outputs kernels)."""
     index = torch.ops.fastattn.sample_positions(weights.detach(), sample, generator)
-    if weights.device.type != "cpu":
-        return outputs_at(weights, index, values)
     context, log_prob = torch.ops.fastattn.hard_attention_outputs(weights, index, values)
     return context, index, log_prob
 

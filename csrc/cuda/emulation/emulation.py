@@ -5,9 +5,9 @@ build(directory) rewrites each ../*.cu for the host compiler (kernel launches be
 fastattn_emulate_launch calls, the dynamic shared array a pointer into the emulated
 shared memory), compiles them with runtime.cpp (g++, C++20 for std::barrier) and loads
 the library.  The ctypes structures mirror csrc/cuda/launch.h field for field;
-attention_forward / attention_backward, persistent_layer_forward / _backward and
-decoder_step allocate outputs and scratch as csrc/cuda/binding.cpp does and launch the
-kernels on CPU tensors.
+attention_forward / attention_backward, hard_attention_outputs / _backward,
+persistent_layer_forward / _backward and decoder_step allocate outputs and scratch as
+csrc/cuda/binding.cpp does and launch the kernels on CPU tensors.
 """
 
 from __future__ import annotations
@@ -148,6 +148,9 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "emu_attention_forward_tensor_core": [pointer, pointer],
         "emu_attention_backward_tensor_core": [pointer, pointer, pointer],
         "emu_sample_positions": [ctypes.c_int, pointer, size, size, pointer, pointer],
+        "emu_hard_attention_outputs": [pointer, pointer, pointer, pointer, pointer, pointer, pointer],
+        "emu_hard_attention_outputs_backward": [pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer,
+                                                pointer],
         "emu_fast_tanh": [pointer, pointer, size],
         "emu_lstm_step_forward": [pointer, pointer, size, pointer, pointer, pointer, pointer, pointer, pointer, pointer,
                                   pointer, pointer],
@@ -328,6 +331,51 @@ def attention_backward(library, grad_context, grad_weights, arguments, logsumexp
     grad_bias = grad_query.to(accumulate).sum((0, 1)).to(dtype) if additive and arguments[4] is not None else None
     grads = grad_query, grad_keys, grad_values, grad_v, grad_bias, None if grad_center is None else grad_center.to(dtype)
     return (*grads, splits)
+
+
+class HardAttentionOutputsProblem(ctypes.Structure):
+    _fields_ = [("weights_dtype", ctypes.c_int), ("values_dtype", ctypes.c_int),
+                *((name, ctypes.c_int64) for name in ("batch", "queries", "source_length", "value_dim"))]
+
+
+def _hard_attention_outputs_problem(weights, values_dtype, value_dim) -> HardAttentionOutputsProblem:
+    return HardAttentionOutputsProblem(DTYPES[weights.dtype], DTYPES[values_dtype], *weights.shape, value_dim)
+
+
+def hard_attention_outputs(library, weights, index, values):
+    """(context, log_prob, outside) as binding.cpp's hard_attention_outputs_cuda launches them;
+    outside: whether the kernel saw a position outside [0, S) (the binding asserts it did not)."""
+    weights, index, values = weights.contiguous(), index.contiguous(), values.contiguous()
+    context = values.new_empty(*index.shape, values.shape[2])
+    log_prob = weights.new_empty(index.shape)
+    outside = torch.zeros((), dtype=torch.int32)
+    problem = _hard_attention_outputs_problem(weights, values.dtype, values.shape[2])
+    status = library.emu_hard_attention_outputs(ctypes.byref(problem), weights.data_ptr(), index.data_ptr(),
+                                                values.data_ptr(), context.data_ptr(), log_prob.data_ptr(),
+                                                outside.data_ptr())
+    assert status == 0, status
+    return context, log_prob, bool(outside)
+
+
+def hard_attention_outputs_backward(library, grad_context, grad_log_prob, weights, index):
+    """(grad_weights, grad_values, outside) as binding.cpp's hard_attention_outputs_backward_cuda
+    launches them (the values' gradient summed in the accumulation dtype, then converted)."""
+    weights, index = weights.contiguous(), index.contiguous()
+    batch, queries, source_length = weights.shape
+    value_dtype = grad_context.dtype if grad_context is not None else weights.dtype
+    value_dim = grad_context.shape[2] if grad_context is not None else 0
+    grad_weights = torch.empty_like(weights) if grad_log_prob is not None else weights.new_empty(0)
+    sums = torch.zeros(batch, source_length, value_dim, dtype=accumulation_dtype(value_dtype))
+    factor = torch.empty(batch * queries if grad_context is not None else 0)
+    outside = torch.zeros((), dtype=torch.int32)
+    problem = _hard_attention_outputs_problem(weights, value_dtype, value_dim)
+    status = library.emu_hard_attention_outputs_backward(
+        ctypes.byref(problem), address(None if grad_context is None else grad_context.contiguous()),
+        address(grad_log_prob), weights.data_ptr(), index.data_ptr(),
+        grad_weights.data_ptr() if grad_log_prob is not None else None, sums.data_ptr(),
+        factor.data_ptr() if grad_context is not None else None, outside.data_ptr())
+    assert status == 0, status
+    return grad_weights, sums.to(value_dtype) if grad_context is not None else None, bool(outside)
 
 
 def recurrent_step(dtype, batch, hidden, lengths, time, storage=None) -> RecurrentStep:

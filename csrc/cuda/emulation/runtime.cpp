@@ -160,6 +160,16 @@ int emu_sample_positions(int dtype, const void* weights, int64_t rows, int64_t s
                          int64_t* index) {
   return launch_sample_positions(static_cast<DType>(dtype), weights, rows, source_length, uniforms, index, nullptr);
 }
+int emu_hard_attention_outputs(const HardAttentionOutputsProblem* p, const void* weights, const int64_t* index,
+                               const void* values, void* context, void* log_prob, int* outside) {
+  return launch_hard_attention_outputs(*p, weights, index, values, context, log_prob, outside, nullptr);
+}
+int emu_hard_attention_outputs_backward(const HardAttentionOutputsProblem* p, const void* grad_context,
+                                        const void* grad_log_prob, const void* weights, const int64_t* index,
+                                        void* grad_weights, void* grad_value_sums, float* factor, int* outside) {
+  return launch_hard_attention_outputs_backward(*p, grad_context, grad_log_prob, weights, index, grad_weights,
+                                                grad_value_sums, factor, outside, nullptr);
+}
 int emu_fast_tanh(const float* input, float* output, int64_t size) {
   return launch_fast_tanh(input, output, size, nullptr);
 }
