@@ -61,25 +61,35 @@ struct RowOfWeights {
   }
 };
 
-template <typename TW, typename TV>
-__global__ void hard_attention_outputs_kernel(HardAttentionOutputsProblem p, const TW* weights, const int64_t* index,
-                                              const TV* values, TV* context, TW* log_prob, int* outside) {
+// Calls body(row, position, stats, lane) for each row this warp takes whose position is in
+// [0, S); a position outside sets *outside and its row is skipped (never read at).
+template <typename TW, typename Body>
+__device__ __forceinline__ void for_each_row(const HardAttentionOutputsProblem& p, const TW* weights,
+                                             const int64_t* index, int* outside, Body&& body) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t rows = p.batch * p.queries;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize; row < rows;
        row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const int64_t position = index[row];
     const RowOfWeights<TW> stats(weights + row * p.source_length, p.source_length, position, lane);
-    if (!stats.inside) {
-      if (lane == 0) *outside = 1;
-      continue;
+    if (stats.inside) {
+      body(row, position, stats, lane);
+    } else if (lane == 0) {
+      *outside = 1;
     }
+  }
+}
+
+template <typename TW, typename TV>
+__global__ void hard_attention_outputs_kernel(HardAttentionOutputsProblem p, const TW* weights, const int64_t* index,
+                                              const TV* values, TV* context, TW* log_prob, int* outside) {
+  for_each_row(p, weights, index, outside, [&](int64_t row, int64_t position, const RowOfWeights<TW>& stats, int lane) {
     if (lane == 0) log_prob[row] = from_acc<TW>(stats.log_prob());
     const Acc<TV> factor = static_cast<Acc<TV>>(stats.factor());
     const TV* value_row = values + ((row / p.queries) * p.source_length + position) * p.value_dim;
     TV* out = context + row * p.value_dim;
     for (int64_t d = lane; d < p.value_dim; d += kWarpSize) out[d] = from_acc<TV>(to_acc(value_row[d]) * factor);
-  }
+  });
 }
 
 // grad_weights: in a row with weights g (e_index / w_index - 1 / sum_j w_j), each term 0
@@ -89,18 +99,9 @@ __global__ void hard_attention_weights_backward_kernel(HardAttentionOutputsProbl
                                                        const int64_t* index, const TW* grad_log_prob,
                                                        TW* grad_weights, float* factor, int* outside) {
   using A = Acc<TW>;
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t rows = p.batch * p.queries;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
-    const int64_t position = index[row];
-    const RowOfWeights<TW> stats(weights + row * p.source_length, p.source_length, position, lane);
-    if (!stats.inside) {
-      if (lane == 0) *outside = 1;
-      continue;
-    }
+  for_each_row(p, weights, index, outside, [&](int64_t row, int64_t position, const RowOfWeights<TW>& stats, int lane) {
     if (factor != nullptr && lane == 0) factor[row] = stats.factor();
-    if (grad_log_prob == nullptr) continue;
+    if (grad_log_prob == nullptr) return;
     TW* out = grad_weights + row * p.source_length;
     const A g = to_acc(grad_log_prob[row]), tiny = tiny_of<TW>();
     // d log(clamp_min(x, tiny)) / dx = 1 / x where x >= tiny, else 0 (torch's clamp_min).
@@ -109,7 +110,7 @@ __global__ void hard_attention_weights_backward_kernel(HardAttentionOutputsProbl
     for (int64_t j = lane; j < p.source_length; j += kWarpSize) {
       out[j] = from_acc<TW>(j == position ? of_chosen - of_total : A(0) - of_total);
     }
-  }
+  });
 }
 
 // sums (N, S, Dv) in Acc<TV>, zeroed by the caller: each query's grad_context row times its

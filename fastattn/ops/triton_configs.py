@@ -322,25 +322,19 @@ COMBINE = KernelConfigs(
     key=("T", "DV"),
 )
 
+# Hard attention's programs of one row of S weights: (BLOCK_S, num_warps), wider for longer rows.
+_HARD_ATTENTION_ROWS = ((128, 1), (512, 2), (1024, 4), (2048, 8))
+
 HARD_ATTENTION = KernelConfigs(
     interpreted=_interpreted("BLOCK_S", "BLOCK_D"),
-    tuned=(
-        Config({"BLOCK_S": 128, "BLOCK_D": 128}, num_warps=1, num_stages=1),
-        Config({"BLOCK_S": 512, "BLOCK_D": 256}, num_warps=2, num_stages=1),
-        Config({"BLOCK_S": 1024, "BLOCK_D": 512}, num_warps=4, num_stages=1),
-        Config({"BLOCK_S": 2048, "BLOCK_D": 1024}, num_warps=8, num_stages=1),
-    ),
+    tuned=tuple(Config({"BLOCK_S": block, "BLOCK_D": block // 2}, num_warps=warps, num_stages=1)
+                for block, warps in _HARD_ATTENTION_ROWS),
     key=("S", "DV"),
 )
 
 HARD_ATTENTION_WEIGHTS_BACKWARD = KernelConfigs(
     interpreted=_interpreted("BLOCK_S"),
-    tuned=(
-        Config({"BLOCK_S": 128}, num_warps=1, num_stages=1),
-        Config({"BLOCK_S": 512}, num_warps=2, num_stages=1),
-        Config({"BLOCK_S": 1024}, num_warps=4, num_stages=1),
-        Config({"BLOCK_S": 2048}, num_warps=8, num_stages=1),
-    ),
+    tuned=tuple(Config({"BLOCK_S": block}, num_warps=warps, num_stages=1) for block, warps in _HARD_ATTENTION_ROWS),
     key=("S",),
 )
 

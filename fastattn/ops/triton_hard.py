@@ -2,8 +2,9 @@
 
 - ``torch.ops.fastattn.triton_hard_attention(weights, values, sample, seed)`` -> (context,
   index, log_prob): one launch chooses a position per row (argmax, or a Philox draw
-  reproducible for a fixed seed) and writes the outputs there, as the reference's
-  ``choose`` and ``outputs_at`` (about fifteen ATen ops) do;
+  reproducible for a fixed seed) and writes the outputs there, where the reference's
+  ``hard_attention`` chooses with ``argmax`` or ``multinomial`` and then runs ``outputs_at``
+  (about fifteen ATen ops);
 - ``torch.ops.fastattn.triton_hard_attention_backward``: the gradients of the weights (from
   the log-probability's) and of the values (from the context's), two launches;
 - ``hard_attention_outputs``, the ``outputs`` of ``fastattn.ops.attention.hard_attention``
