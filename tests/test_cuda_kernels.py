@@ -3,8 +3,9 @@ outputs, weights and gradients for every score and mask mode at decode-step and
 multi-query shapes (key splits, several key tiles, odd and 16-byte-aligned feature
 sizes), the kernels' native float16 / bfloat16 path under the 2x rule, hard-attention
 positions and the outputs there (against the CPU op, in every pair of dtypes), the tanh
-bound on the device, LSTM/GRU cells and layers, and opcheck on every op.  Marked ``gpu``: they need a CUDA device and fastattn built with its CUDA
-kernels (benchmarks/gpu_check.sh runs them).
+bound on the device, LSTM/GRU cells and layers, and opcheck on every op.  Marked
+``gpu``: they need a CUDA device and fastattn built with its CUDA kernels
+(benchmarks/gpu_check.sh runs them).
 
 Without a GPU: `make cuda-check` (csrc/cuda/nvcc_check.sh, run by CI) compiles every
 kernel for sm_80 and sm_90a, and the tests at the end of this file check the
@@ -336,7 +337,8 @@ def test_hard_attention_outputs_gradcheck_and_opcheck_on_the_device():
     assert torch.autograd.gradcheck(outputs, (weights, values))
     assert torch.autograd.gradgradcheck(outputs, (weights, values))
     torch.library.opcheck(torch.ops.fastattn.hard_attention_outputs.default, (weights, index, values))
-    grads = torch.randn(2, 3, 4, dtype=torch.float64, device=DEVICE), torch.randn(2, 3, dtype=torch.float64, device=DEVICE)
+    grads = (torch.randn(2, 3, 4, dtype=torch.float64, device=DEVICE),
+             torch.randn(2, 3, dtype=torch.float64, device=DEVICE))
     torch.library.opcheck(torch.ops.fastattn.hard_attention_outputs_backward.default, (*grads, weights.detach(), index))
 
 

@@ -186,17 +186,18 @@ def test_a_position_outside_the_row_is_refused(position):
 
 def test_bad_arguments_are_refused_naming_them():
     weights, index, values = problem((3, 5, 7, 4))
+    backward = torch.ops.fastattn.triton_hard_attention_backward
     cases = [
         (TypeError, "weights must be float32", lambda: forward(weights.long(), values)),
         (ValueError, "weights must have 3 dimensions", lambda: forward(weights[0], values)),
         (ValueError, r"values must have shape \(3, 7, \*\)", lambda: forward(weights, values[:, :6])),
         (ValueError, r"at least one position \(S >= 1\)", lambda: forward(weights[:, :, :0], values[:, :0])),
-        (TypeError, "index must have torch.int64", lambda: torch.ops.fastattn.triton_hard_attention_backward(
-            None, torch.zeros(3, 5, dtype=F64), weights, index.int())),
-        (ValueError, r"grad_log_prob must have shape \(3, 5\)", lambda: torch.ops.fastattn.triton_hard_attention_backward(
-            None, torch.zeros(3, 4, dtype=F64), weights, index)),
-        (ValueError, r"grad_context must have shape \(3, 5, \*\)", lambda: torch.ops.fastattn.triton_hard_attention_backward(
-            torch.zeros(3, 4, 4, dtype=F64), None, weights, index)),
+        (TypeError, "index must have torch.int64",
+         lambda: backward(None, torch.zeros(3, 5, dtype=F64), weights, index.int())),
+        (ValueError, r"grad_log_prob must have shape \(3, 5\)",
+         lambda: backward(None, torch.zeros(3, 4, dtype=F64), weights, index)),
+        (ValueError, r"grad_context must have shape \(3, 5, \*\)",
+         lambda: backward(torch.zeros(3, 4, 4, dtype=F64), None, weights, index)),
     ]
     for error, message, call in cases:
         with pytest.raises(error, match=message):

@@ -176,15 +176,6 @@ def projection(op: str, x: Tensor, w: Tensor, b: Optional[Tensor]) -> None:
     optional_tensor(op, "b", b, x, (w.shape[0],))
 
 
-def positions(op: str, weights: Tensor) -> None:
-    """Hard attention's soft weights (..., S)."""
-    if weights.dtype not in FLOAT_DTYPES:
-        _refuse(op, f"weights must be a float32, float64, float16 or bfloat16 tensor (..., S), got {weights.dtype}",
-                TypeError)
-    if weights.dim() < 1:
-        _refuse(op, f"weights must be a tensor (..., S), got shape {tuple(weights.shape)}")
-
-
 def weights_and_index(op: str, weights: Tensor, index: Tensor) -> None:
     """Hard attention's soft weights (N, T, S) of a float dtype and its positions (N, T) int64."""
     float_tensor(op, "weights", weights, 3)

@@ -90,16 +90,17 @@ def triton_hard_attention_backward(
         return grad_weights, grad_values
     sum_dtype, accumulation = _accumulation(weights, grad_context)
     factor = weights.new_empty(rows if grad_context is not None else 0, dtype=torch.float32)
-    inside = torch.ones(1, dtype=torch.float32, device=weights.device)  # float32: the compile check zeroes integer outputs (as indices)
+    # The kernels' flag: float32, as the compile check zeroes the integer tensors a launch writes (indices).
+    inside = torch.ones(1, dtype=torch.float32, device=weights.device)
     LAUNCHERS["weights_backward"](
         lambda meta: (rows,), weights, index, weights if grad_log_prob is None else grad_log_prob.contiguous(),
         grad_weights if grad_log_prob is not None else weights, factor, inside, source_length,
-        HAS_GRAD_LOG_PROB=grad_log_prob is not None, WRITE_FACTOR=grad_context is not None, tiny=torch.finfo(weights.dtype).tiny,
-        ACC=accumulation,
+        HAS_GRAD_LOG_PROB=grad_log_prob is not None, WRITE_FACTOR=grad_context is not None,
+        tiny=torch.finfo(weights.dtype).tiny, ACC=accumulation,
     )
     if grad_context is not None:
         value_dim = grad_context.shape[2]
-        sums = grad_values if grad_values.dtype == sum_dtype else grad_values.new_zeros(grad_values.shape, dtype=sum_dtype)
+        sums = grad_values if grad_values.dtype == sum_dtype else torch.zeros_like(grad_values, dtype=sum_dtype)
         LAUNCHERS["values_backward"](
             lambda meta: (batch, ceil_div(value_dim, meta["BLOCK_D"])), grad_context.contiguous(), index, factor, sums,
             queries, source_length, value_dim, ACC=accumulation,
@@ -132,14 +133,15 @@ def _hard_attention_backward(ctx, grad_context, _grad_index, grad_log_prob):
         if values is None:  # no gradient for them: the context does not depend on the weights
             values, grad_context = weights.new_zeros(*ctx.value_shape[:2], 0), None
         grads = higher_order.gradients_through_reference(
-            torch.ops.fastattn.hard_attention_outputs_reference, (weights, index, values), (grad_context, grad_log_prob),
-            (weights if wants_weights else None, None, values if wants_values else None),
+            torch.ops.fastattn.hard_attention_outputs_reference, (weights, index, values),
+            (grad_context, grad_log_prob), (weights if wants_weights else None, None, values if wants_values else None),
         )
         return grads[0], grads[2], None, None
     grad_weights, grad_values = triton_hard_attention_backward(
         None if grad_context is None else grad_context.contiguous(), grad_log_prob, weights, index
     )
-    return (grad_weights if grad_log_prob is not None else None), (grad_values if grad_context is not None else None), None, None
+    return (grad_weights if grad_log_prob is not None else None,
+            grad_values if grad_context is not None else None, None, None)
 
 
 triton_hard_attention.register_autograd(_hard_attention_backward, setup_context=_save_for_backward)
