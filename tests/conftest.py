@@ -1,7 +1,7 @@
 """Test set-up: Triton's interpreter when no GPU is present (set before triton is
-imported anywhere), hypothesis settings suited to two CPU cores, the failure log
-(FASTATTN_FAILURE_LOG, tests/failure_log.py), and no memoized Triton launch plans carried
-from one test into the next."""
+imported anywhere), untuned Triton launches on a GPU, hypothesis settings suited to two
+CPU cores, the failure log (FASTATTN_FAILURE_LOG, tests/failure_log.py), and no memoized
+Triton launch plans carried from one test into the next."""
 
 import os
 import sys
@@ -11,6 +11,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU each Triton launch takes its first config that fits, untuned, unless the run says
+# otherwise (as make gpu-check does): tuning every config of every size bucket would take
+# longer than the gpu tests themselves.  The tests of the tuning turn it on.
+os.environ.setdefault("FASTATTN_TRITON_AUTOTUNE", "0")
 
 from hypothesis import settings  # noqa: E402
 

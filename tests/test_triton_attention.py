@@ -376,10 +376,13 @@ def assert_within_twice_the_reference_error(dtype, score, mode, shape):
     exact = gpu_outputs("reference", torch.float64, "cuda", score, *problem_inputs)
     ours = gpu_outputs("triton", dtype, "cuda", score, *problem_inputs)
     theirs = gpu_outputs("reference", dtype, "cuda", score, *problem_inputs)
+    # Plus one rounding of the largest entry: a reference run may round an output almost
+    # exactly where ours takes its one rounding in dtype.
     for index, (want, got, reference_result) in enumerate(zip(exact, ours, theirs)):
         our_error = (got - want).abs().max().item()
         reference_error = (reference_result - want).abs().max().item()
-        assert our_error <= 2 * reference_error + 1e-5, (index, our_error, reference_error)
+        rounding = torch.finfo(dtype).eps * want.abs().max().item()
+        assert our_error <= 2 * reference_error + rounding + 1e-5, (index, our_error, reference_error)
 
 
 # (score, mode, (batch, queries, keys, features)) of the float16/bfloat16 gpu test; also the

@@ -222,6 +222,18 @@ def test_float32_dots_follow_torchs_matmul_precision(monkeypatch, setting, expec
     assert triton_launch.dot_precision(torch.bfloat16) == "tf32"  # the tensor cores' own input type
 
 
+@pytest.mark.parametrize("setting", ["ieee", "tf32"])
+def test_the_precision_setting_leaves_torchs_own_matmuls_working(setting):
+    """torch checks, before each cuBLAS float32 matmul, that its legacy and new precision
+    settings agree (torch._C._get_cublas_allow_tf32 is that check); float32_matmul_precision
+    sets both, and puts back the one before."""
+    before = torch.get_float32_matmul_precision()
+    with triton_launch.float32_matmul_precision(setting):
+        assert torch._C._get_cublas_allow_tf32() == (setting == "tf32")
+        assert triton_launch.dot_precision(torch.float32) == setting
+    assert torch.get_float32_matmul_precision() == before
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="checks the interpreter's launch path")
 def test_the_interpreter_runs_one_config_and_never_tunes(monkeypatch):
     launched = []
@@ -398,8 +410,9 @@ def test_gpu_autotuned_launches_match_the_reference(score, monkeypatch):
     # float32: the additive tanh goes through stable_tanh and, in some configs, rational_tanh.
     additive = score == "additive"
     names = ("forward", "weights", "grad_query", "grad_key_value")
-    for name in names:  # none tuned by an earlier test
+    for name in names:  # none tuned by an earlier test, no choice of one remembered
         monkeypatch.setattr(triton_attention.LAUNCHERS[name, additive], "tuners", {})
+        monkeypatch.setattr(triton_attention.LAUNCHERS[name, additive], "tuned", {})
     for source_length in AUTOTUNED_SOURCE_LENGTHS:
         case = autotuned_problem(score, source_length, "cuda")
         assert_matches(run("triton", score, *case), run("reference", score, *case), {"rtol": 1e-4, "atol": 1e-4})

@@ -181,16 +181,17 @@ def _results_of(case: Case, measured: list[_Measured], tolerance: float, device:
 
 @contextlib.contextmanager
 def ieee_float32_recurrent_layers():
-    """cuDNN's RNNs in IEEE float32 (no TF32) for a block: ``torch.backends.cudnn.rnn``'s
-    ``fp32_precision`` where torch has it (2.9 and later), else the older ``allow_tf32``."""
-    rnn = getattr(torch.backends.cudnn, "rnn", None)
-    owner, name, off = (rnn, "fp32_precision", "ieee") if hasattr(rnn, "fp32_precision") else (torch.backends.cudnn, "allow_tf32", False)
-    before = getattr(owner, name)
-    setattr(owner, name, off)
+    """cuDNN's RNNs in IEEE float32 (no TF32) for a block, through the older
+    ``torch.backends.cudnn.allow_tf32`` (which sets cuDNN's convolutions too; the bench has
+    none): torch 2.11 and 2.13 refuse to say whether cuDNN may use TF32 (the check behind the
+    ``allow_tf32`` getter) after ``torch.backends.cudnn.rnn.fp32_precision = "ieee"`` alone,
+    the convolutions' and RNNs' settings then differing."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        setattr(owner, name, before)
+        torch.backends.cudnn.allow_tf32 = before
 
 
 def run(chosen: list[Case], preset: Preset, device: str, dtype: str, limits: Limits, *,

@@ -143,8 +143,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s ``input_precision`` for inputs of ``dtype``.  float32 follows torch's
     matmul setting, as torch's own float32 matmuls on a GPU do: TF32 tensor cores when
     ``torch.backends.cuda.matmul.fp32_precision`` is "tf32" (what
-    ``torch.set_float32_matmul_precision("high")`` or ``allow_tf32 = True`` set), otherwise
-    IEEE float32 (FMA loops).  float16/bfloat16 run on the tensor cores whatever it says."""
+    ``torch.set_float32_matmul_precision("high")`` or ``matmul.allow_tf32 = True`` set),
+    otherwise IEEE float32 (FMA loops).  float16/bfloat16 run on the tensor cores whatever
+    it says."""
     if dtype != torch.float32:
         return "tf32"
     matmul = torch.backends.cuda.matmul
@@ -155,15 +156,17 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 @contextlib.contextmanager
 def float32_matmul_precision(precision: str):
-    """Set ``torch.backends.cuda.matmul.fp32_precision`` (what ``dot_precision`` reads) for
-    a block, then restore it (the compile check and the tests use this)."""
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = precision
+    """torch's float32 matmul precision "tf32" or "ieee" for a block, then the one before (the
+    compile check and the tests use this).  Set through ``torch.set_float32_matmul_precision``,
+    which sets ``matmul.fp32_precision`` (what ``dot_precision`` reads) and the legacy setting
+    together: torch 2.11 and 2.13 check that the two agree before each cuBLAS float32 matmul
+    and raise ("mix of the legacy and new APIs") after ``fp32_precision = "tf32"`` alone."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision({"tf32": "high", "ieee": "highest"}[precision])
     try:
         yield
     finally:
-        matmul.fp32_precision = before
+        torch.set_float32_matmul_precision(before)
 
 
 # Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are Triton constexpr
