@@ -699,6 +699,36 @@ def test_cosine_of_zero_queries_and_keys_has_finite_gradients(backend_name):
         torch.testing.assert_close(value.double(), truth, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("backend_name", [name for name in ("cpu", "triton")
+                                          if fastattn.backends.unavailable_reason(name) is None])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (2, 17, 19, 130)])  # the cpu row kernels; its matrix-multiply path
+def test_float16_cosine_floors_norms_at_float16s_smallest_normal(backend_name, shape):
+    """float16 cannot hold 1 / 1e-8: the reference floors float16 norms at float16's smallest
+    normal number, 2^-14.  The cpu kernels, computing in float32, took 1e-8: a zero query or
+    key row got gradients of +-inf, and a row of norm under 2^-14 other weights than the
+    reference's.  Both as the reference run in float16 now."""
+    batch, queries, source, dim = shape
+    generator = torch.Generator().manual_seed(0)
+    query, keys, values = (torch.randn(batch, length, size, generator=generator)
+                           for length, size in ((queries, dim), (source, dim), (source, 4)))
+    query[0, 0], keys[0, 2] = 0.0, 0.0
+    query[1, 1] = torch.randn(dim, generator=generator) * 2e-5 / dim**0.5  # norm ~2e-5
+    query, keys, values = (x.half() for x in (query, keys, values))
+
+    def outputs(backend):
+        leaves = [x.clone().requires_grad_() for x in (query, keys)]
+        with fastattn.backend(backend):
+            context, weights = fastattn.attention(*leaves, values, score="cosine", scale=4.0, return_weights=True)
+        return [context, weights, *torch.autograd.grad(context.float().sum(), leaves)]
+
+    for name, got, want in zip(("context", "weights", "grad_query", "grad_keys"), outputs(backend_name),
+                               outputs("reference")):
+        assert torch.isfinite(got).all() and torch.isfinite(want).all(), name
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2 * scale,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("backend_name", [name for name in ("reference", "cpu", "triton")
                                           if fastattn.backends.unavailable_reason(name) is None])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

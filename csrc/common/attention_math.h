@@ -64,8 +64,9 @@ FASTATTN_HOST_DEVICE Real negative_infinity() {
 
 // The cosine score's norm floor, fastattn.reference.scores.COSINE_NORM_FLOOR (as
 // torch.nn.functional.cosine_similarity's eps): a zero vector's gradient, 1 / floor times
-// the upstream one, stays finite (the reference floors float16 norms at float16's
-// smallest normal number instead; the kernels take them in float32).
+// the upstream one, stays finite.  The reference floors float16 norms at float16's
+// smallest normal number instead (1 / 1e-8 overflows float16): the CPU and CUDA kernels
+// pass that floor to clamped_norm and unit_vector_gradient for float16 inputs.
 template <typename Real>
 FASTATTN_HOST_DEVICE constexpr Real cosine_norm_floor() {
   return Real(1e-8);
@@ -230,8 +231,8 @@ FASTATTN_HOST_DEVICE Acc dot_score(const Acc* query, const Acc* key, int64_t dim
 
 // max(|x|, floor), the reference's x.norm().clamp_min(floor).
 template <typename Acc>
-FASTATTN_HOST_DEVICE Acc clamped_norm(Acc norm) {
-  return norm < cosine_norm_floor<Acc>() ? cosine_norm_floor<Acc>() : norm;
+FASTATTN_HOST_DEVICE Acc clamped_norm(Acc norm, Acc floor = cosine_norm_floor<Acc>()) {
+  return norm < floor ? floor : norm;
 }
 
 // e = scale * (q / max(|q|, floor)) . (k / max(|k|, floor)), given the unit query
@@ -282,9 +283,10 @@ struct UnitVectorGradient {
 };
 
 template <typename Acc>
-FASTATTN_HOST_DEVICE UnitVectorGradient<Acc> unit_vector_gradient(Acc norm, Acc gradient_dot_input) {
-  const Acc clamped = clamped_norm(norm);
-  const Acc along_input = norm >= cosine_norm_floor<Acc>() ? -(gradient_dot_input / clamped) / norm : Acc(0);
+FASTATTN_HOST_DEVICE UnitVectorGradient<Acc> unit_vector_gradient(Acc norm, Acc gradient_dot_input,
+                                                                  Acc floor = cosine_norm_floor<Acc>()) {
+  const Acc clamped = clamped_norm(norm, floor);
+  const Acc along_input = norm >= floor ? -(gradient_dot_input / clamped) / norm : Acc(0);
   return UnitVectorGradient<Acc>{Acc(1) / clamped, along_input};
 }
 

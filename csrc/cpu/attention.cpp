@@ -47,6 +47,10 @@
 //   (the cosine score's after the unit-key backward); the GEMM path adds the two.
 // NaN: a NaN score (a NaN input, or inf - inf) makes its row NaN, as the reference's
 //   softmax does; only rows with no visible key are zeros.
+// Negligible weights (under 2^-63 of a row's largest in float, 2^-511 in double), whose
+//   float32 subnormals cost this CPU an assist an instruction, are left out of the
+//   context's sums and of a backward without a weights' gradient; the returned weights
+//   keep them (negligible_weight).
 // Vectorisation: inner loops over the feature dimension use Simd<T, bytes>
 //   vectors (below: why not at::vec::Vectorized), fast_tanh_with on float lanes.
 //   Every kernel is compiled for the baseline ISA and with AVX2+FMA, the additive
@@ -547,8 +551,9 @@ FASTATTN_ALWAYS_INLINE void additive_score_backward(const T* activation, const T
 
 // out = gradient of u = x / max(|x|, floor) given du (out may alias du).
 template <int kBytes, typename T>
-FASTATTN_ALWAYS_INLINE void unit_vector_backward(const T* grad_unit, const T* input, T norm, T* out, int64_t size) {
-  const auto gradient = fastattn::unit_vector_gradient(norm, dot_product<kBytes>(grad_unit, input, size));
+FASTATTN_ALWAYS_INLINE void unit_vector_backward(const T* grad_unit, const T* input, T norm, T floor, T* out,
+                                                 int64_t size) {
+  const auto gradient = fastattn::unit_vector_gradient(norm, dot_product<kBytes>(grad_unit, input, size), floor);
   for (int64_t d = 0; d < size; ++d) {
     out[d] = gradient.of(grad_unit[d], input[d]);
   }
@@ -587,6 +592,11 @@ struct AttentionProblem {
   int64_t window = -1;  // < 0: global attention
   const T* center = nullptr;
   bool gaussian = false;
+  // A key whose score lies more than this below its row's max (negligible_gap, or -inf:
+  // none) gets weight 0 in the kernel's own sums: set where no output or gradient shows
+  // those weights themselves (see negligible_gap).
+  T negligible_gap = fastattn::negative_infinity<T>();
+  T norm_floor = fastattn::cosine_norm_floor<T>();  // the cosine's, for the input dtype (cosine_norm_floor_of)
 
   const E* key(int64_t n, int64_t j) const { return keys + n * keys_batch_stride + j * score_dim; }
   const E* value(int64_t n, int64_t j) const { return values + n * values_batch_stride + j * value_dim; }
@@ -612,7 +622,7 @@ FASTATTN_ALWAYS_INLINE const T* prepare_query(const AttentionProblem<T, E>& prob
   const int64_t size = problem.score_dim;
   if constexpr (kScore == ScoreKind::kCosine) {
     *query_norm = std::sqrt(dot_product<kBytes>(query, query, size));
-    const T clamped = fastattn::clamped_norm(*query_norm);
+    const T clamped = fastattn::clamped_norm(*query_norm, problem.norm_floor);
     for (int64_t d = 0; d < size; ++d) buffer[d] = query[d] / clamped;
     return buffer;
   } else if constexpr (kScore == ScoreKind::kAdditive) {
@@ -628,7 +638,7 @@ FASTATTN_ALWAYS_INLINE const T* prepare_query(const AttentionProblem<T, E>& prob
 template <typename T, ScoreKind kScore, typename E>
 FASTATTN_ALWAYS_INLINE T score_from_dot(const AttentionProblem<T, E>& problem, T dot, int64_t n, int64_t j) {
   if constexpr (kScore == ScoreKind::kCosine) {
-    return problem.scale * (dot / fastattn::clamped_norm(problem.key_norm(n, j)));
+    return problem.scale * (dot / fastattn::clamped_norm(problem.key_norm(n, j), problem.norm_floor));
   } else {
     return dot * problem.scale;
   }
@@ -639,7 +649,7 @@ FASTATTN_ALWAYS_INLINE T score_from_dot(const AttentionProblem<T, E>& problem, T
 template <typename T, ScoreKind kScore, typename E>
 FASTATTN_ALWAYS_INLINE T query_divisor(const AttentionProblem<T, E>& problem, int64_t row) {
   if constexpr (kScore == ScoreKind::kCosine) {
-    if (problem.query_norms != nullptr) return fastattn::clamped_norm(problem.query_norms[row]);
+    if (problem.query_norms != nullptr) return fastattn::clamped_norm(problem.query_norms[row], problem.norm_floor);
   }
   return T(1);
 }
@@ -746,10 +756,19 @@ FASTATTN_ALWAYS_INLINE void forward_rows(const AttentionProblem<T, E>& problem, 
       T block_max = minus_infinity;  // NaN once a score is NaN: the row's outputs are then NaN
       for (int64_t c = 0; c < count; ++c) block_max = fastattn::nan_or_max(block_max, scores[block_keys[c]]);
       if (block_max == minus_infinity) continue;
+      const T previous_max = softmax.max_score;
       const T factor = softmax.raise_max(block_max);
-      if (factor != T(1)) scale_in_place<kBytes>(context.data(), factor, value_dim);
+      if (previous_max - block_max < problem.negligible_gap) {  // the sums so far are negligible
+        std::fill(context.begin(), context.end(), T(0));
+      } else if (factor != T(1)) {
+        scale_in_place<kBytes>(context.data(), factor, value_dim);
+      }
       for (int64_t c = 0; c < count; ++c) {
         const int64_t j = block_keys[c];
+        if (scores[j] - softmax.max_score < problem.negligible_gap) {  // see negligible_gap
+          block_weights[c] = T(0);
+          continue;
+        }
         T weight = softmax.add(scores[j]);
         if (problem.gaussian) weight *= fastattn::gaussian_factor(j, center, problem.window);
         block_weights[c] = weight;
@@ -825,18 +844,77 @@ FASTATTN_ALWAYS_INLINE int64_t first_holding(const T* x, Keys keys, int64_t coun
 inline float row_exp(float x) { return fastattn::exp_of_nonpositive_with(x, fastattn::SelectBits{}); }
 inline double row_exp(double x) { return fastattn::exp_of(x); }
 
+// Negligible weights: below negligible_weight, 2^-63 in float and 2^-511 in double (the
+// square root of the smallest normal), of the row's largest weight (the row kernels' online
+// softmax: a score more than negligible_gap below the max) or of 1 (normalised weights).
+// All S of them together move a row's sums by less than S 2^-63 of their size, under
+// float32's rounding for any S below 10^11.  But under e^-87 such a weight is subnormal in
+// float32, and this CPU takes a microcode assist of about a hundred cycles for each
+// instruction that reads or makes a subnormal: a float32 decode step at N = 64, S = 64,
+// D = 1024 with 16% of its weights subnormal (scores of spread ~32: q and k of unit
+// entries) ran 5x slower than with flat scores (one thread), each of those weights' value
+// rows an assist per vector.  So where no output or gradient shows the weights themselves
+// (the context's sums; the backward without a weights' gradient, whose dE_j = p_j (dC . v_j
+// - r) is then as small as p_j) they are taken as 0, and the row kernels never take their
+// exponential.  The returned weights, and the backward with a weights' gradient (-log w_j's
+// is -1 / w_j: p_j dw_j is not small), keep them.
+template <typename T>
+constexpr T negligible_weight() {
+  return std::is_same_v<T, double> ? T(0x1p-511) : T(0x1p-63);
+}
+template <typename T>
+constexpr T negligible_gap() {  // ln(negligible_weight)
+  return std::is_same_v<T, double> ? T(-511 * 0.693147180559945309) : T(-63 * 0.693147180559945309);
+}
+
+// to[i] = from[i], or 0 where it is negligible (normalised weights).
+template <typename T>
+void drop_negligible(const T* from, T* to, int64_t size) {
+  const T smallest = negligible_weight<T>();
+#pragma omp simd
+  for (int64_t i = 0; i < size; ++i) to[i] = from[i] < smallest ? T(0) : from[i];
+}
+
+// e^gap, or 0 for a gap below cut (negligible_gap, or -inf: never), without the
+// exponential of such a gap (whose result could be subnormal).  float through bit-mask
+// selects, which keep GCC's vectoriser on the rows' loops (a ?: stopped it: the float32
+// matrix-multiply path's softmax rows ran 1.4x slower).
+FASTATTN_ALWAYS_INLINE float row_exp_above(float gap, float cut) {
+  const bool below = gap < cut;
+  return fastattn::select_bits(below, 0.0f, row_exp(fastattn::select_bits(below, 0.0f, gap)));
+}
+FASTATTN_ALWAYS_INLINE double row_exp_above(double gap, double cut) { return gap < cut ? 0.0 : row_exp(gap); }
+
+// out[keys[c]] = e^(in[keys[c]] - row_max) for a row's `count` keys, whose lowest score is
+// row_lowest, negligible ones 0 (row_exp_above) when the row has any; -> their sum, in
+// double (RowSum).  A row without one skips row_exp_above's selects (a flat row's pass
+// ran ~30% longer with them).  Vectorises.
 template <typename T, typename Keys>
-FASTATTN_ALWAYS_INLINE void probabilities_of_row(T* scores, Keys keys, int64_t count) {
-  T row_max = fastattn::negative_infinity<T>();
-#pragma omp simd reduction(max : row_max)
-  for (int64_t c = 0; c < count; ++c) row_max = scores[keys[c]] > row_max ? scores[keys[c]] : row_max;
-  RowSum sum = 0;  // in double (RowSum)
+FASTATTN_ALWAYS_INLINE RowSum row_exponentials(const T* in, T* out, Keys keys, int64_t count, T row_max,
+                                               T row_lowest, T negligible_gap) {
+  const auto pass = [&](auto exp_of) {
+    RowSum sum = 0;
 #pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < count; ++c) {
+      const T exponential = exp_of(in[keys[c]] - row_max);
+      out[keys[c]] = exponential;
+      sum += exponential;
+    }
+    return sum;
+  };
+  if (row_lowest - row_max < negligible_gap) return pass([=](T gap) { return row_exp_above(gap, negligible_gap); });
+  return pass([](T gap) { return row_exp(gap); });
+}
+
+template <typename T, typename Keys>
+FASTATTN_ALWAYS_INLINE void probabilities_of_row(T* scores, Keys keys, int64_t count, T negligible_gap) {
+  T row_max = fastattn::negative_infinity<T>(), row_lowest = std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : row_max) reduction(min : row_lowest)
   for (int64_t c = 0; c < count; ++c) {
-    const T exponential = row_exp(scores[keys[c]] - row_max);
-    scores[keys[c]] = exponential;
-    sum += exponential;
+    row_max = scores[keys[c]] > row_max ? scores[keys[c]] : row_max;
+    row_lowest = scores[keys[c]] < row_lowest ? scores[keys[c]] : row_lowest;
   }
+  const RowSum sum = row_exponentials(scores, scores, keys, count, row_max, row_lowest, negligible_gap);
   const T inverse_sum = static_cast<T>(RowSum(1) / sum);
 #pragma omp simd
   for (int64_t c = 0; c < count; ++c) scores[keys[c]] *= inverse_sum;
@@ -1009,7 +1087,7 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
       } else {
         score_keys<T, kScore, kBytes>(problem, query, n, visible_keys.data(), count, scores.data());
       }
-      probabilities_of_row(scores.data(), ListedKeys{visible_keys.data()}, count);
+      probabilities_of_row(scores.data(), ListedKeys{visible_keys.data()}, count, problem.negligible_gap);
       dot_with_values<kBytes>(problem, grad_context, n, visible_keys.data(), count, value_dots.data());
       RowSum grad_center = 0;
       for (int64_t c = 0; c < count; ++c) {
@@ -1074,7 +1152,8 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
           add_term(grad_key, scaled, query_row, score_dim, key_term_first);
         } else if constexpr (kScore == ScoreKind::kCosine) {
           const T scaled = problem.scale * grad_score;  // grad_key holds d(unit key) until the end of n
-          axpy<kBytes>(grad_query, scaled / fastattn::clamped_norm(problem.key_norm(n, j)), key, score_dim);
+          axpy<kBytes>(grad_query, scaled / fastattn::clamped_norm(problem.key_norm(n, j), problem.norm_floor), key,
+                       score_dim);
           add_term(grad_key, scaled, query, score_dim, key_term_first);
         } else {
           const T* u = activations.data() + (j - range.begin) * score_dim;
@@ -1089,7 +1168,8 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
       grad_query = row_grad_query;
       grad_v_sum = row_grad_v;
       if constexpr (kScore == ScoreKind::kCosine) {
-        unit_vector_backward<kBytes>(grad_unit_query.data(), query_row, query_norm, grad_query_row, score_dim);
+        unit_vector_backward<kBytes>(grad_unit_query.data(), query_row, query_norm, problem.norm_floor, grad_query_row,
+                                     score_dim);
       }
       if constexpr (kScore == ScoreKind::kAdditive) {
         if (grad_bias_sum != nullptr) axpy<kBytes>(grad_bias_sum, T(1), grad_query_row, score_dim);
@@ -1100,7 +1180,8 @@ FASTATTN_ALWAYS_INLINE void backward_batches(const AttentionProblem<T>& problem,
     if constexpr (kScore == ScoreKind::kCosine) {
       for (int64_t j = 0; out.grad_keys_batch_stride != 0 && j < source_length; ++j) {
         T* grad_key = grad_keys + j * score_dim;
-        unit_vector_backward<kBytes>(grad_key, problem.key(n, j), problem.key_norm(n, j), grad_key, score_dim);
+        unit_vector_backward<kBytes>(grad_key, problem.key(n, j), problem.key_norm(n, j), problem.norm_floor, grad_key,
+                                     score_dim);
         if (cosine_values_are_keys) axpy<kBytes>(grad_key, T(1), grad_values + j * value_dim, value_dim);
       }
     }
@@ -1234,6 +1315,13 @@ void check_float_like(const char* op, const char* name, const at::Tensor& t, con
   check_cpu(op, name, t);
   TORCH_CHECK_TYPE(t.scalar_type() == query.scalar_type(), op, ": ", name, " must have the dtype of query (",
                    query.scalar_type(), "), got ", t.scalar_type());
+}
+
+// The cosine's norm floor for inputs of input_dtype, the reference's cosine_norm_floor:
+// float16's smallest normal number for float16 (in which 1 / 1e-8, a zero row's gradient
+// factor, overflows to inf), else 1e-8.
+double cosine_norm_floor_of(at::ScalarType input_dtype) {
+  return input_dtype == at::kHalf ? 0x1p-14 : fastattn::cosine_norm_floor<double>();
 }
 
 // Which op the inputs are for: the two may take different paths (use_blas_path), since
@@ -1434,6 +1522,7 @@ AttentionProblem<T, E> masks_of(const PreparedInputs& in) {
   }
   if (in.query_norms.defined()) problem.query_norms = in.query_norms.const_data_ptr<T>();
   problem.scale = static_cast<T>(in.scale);
+  problem.norm_floor = static_cast<T>(cosine_norm_floor_of(in.input_dtype));
   if (in.lengths.defined()) problem.lengths = in.lengths.const_data_ptr<int64_t>();
   if (in.key_padding_mask.defined()) problem.key_padding_mask = in.key_padding_mask.const_data_ptr<bool>();
   problem.causal = in.causal;
@@ -1518,7 +1607,8 @@ bool use_blas_path(const PreparedInputs& in) {
 // raw (the rows from first_row on, all of them or a block) holds q'.k on entry and e_{t,j}
 // (scaled, the cosine divided) on exit; weights (the same rows) gets the masked softmax
 // with the Gaussian factor, lse[row] the logsumexp.  The softmax is the per-row kernels':
-// row_exp, the sum in double (RowSum).  A row without a visible key: zeros, lse -inf; a NaN
+// row_exp, the sum in double (RowSum), the negligible weights dropped where the problem
+// says (negligible_gap).  A row without a visible key: zeros, lse -inf; a NaN
 // or +inf score: NaN over the keys the row attends, 0 elsewhere (as per row and in the
 // reference), lse NaN or +inf.  With no padding mask the loops vectorise.
 template <typename T, ScoreKind kScore>
@@ -1544,11 +1634,12 @@ void blas_softmax_rows(const AttentionProblem<T>& problem, T* raw, T* weights, i
                                              : score_from_dot<T, kScore>(problem, scores[j] / divisor, n, j);
       }
     }
-    T max_score = minus_infinity;
+    T max_score = minus_infinity, lowest_score = std::numeric_limits<T>::infinity();
     int nan_count = 0;  // an int, not a bool ||-reduction: GCC vectorises no bool lanes
-#pragma omp simd reduction(max : max_score) reduction(+ : nan_count)
+#pragma omp simd reduction(max : max_score) reduction(min : lowest_score) reduction(+ : nan_count)
     for (int64_t j = begin; j < end; ++j) {
       max_score = scores[j] > max_score ? scores[j] : max_score;
+      lowest_score = scores[j] < lowest_score ? scores[j] : lowest_score;
       nan_count += scores[j] != scores[j];
     }
     if (nan_count == 0 && max_score == minus_infinity) {  // no visible key
@@ -1563,13 +1654,9 @@ void blas_softmax_rows(const AttentionProblem<T>& problem, T* raw, T* weights, i
       lse[row] = nan_count != 0 ? std::numeric_limits<T>::quiet_NaN() : max_score;
       continue;
     }
-    RowSum sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = begin; j < end; ++j) {
-      const T exponential = row_exp(scores[j] - max_score);  // 0 at a padded key's -inf
-      alpha[j] = exponential;
-      sum += exponential;
-    }
+    // 0 at a padded key's -inf
+    const RowSum sum = row_exponentials(scores, alpha, ContiguousKeys{begin}, end - begin, max_score, lowest_score,
+                                        problem.negligible_gap);
     const T inverse_sum = static_cast<T>(RowSum(1) / sum);
 #pragma omp simd
     for (int64_t j = begin; j < end; ++j) alpha[j] *= inverse_sum;
@@ -1585,7 +1672,7 @@ void blas_softmax_rows(const AttentionProblem<T>& problem, T* raw, T* weights, i
 // the cosine's unit query; rows contiguous within a batch element, whose stride may be
 // 0 (keys shared by the batch: computed once, returned expanded).  bfloat16 rows: the
 // unit vector computed in float32, rounded once.
-at::Tensor unit_rows(const at::Tensor& rows) {
+at::Tensor unit_rows(const at::Tensor& rows, double floor) {
   const bool shared = rows.size(0) > 1 && rows.stride(0) == 0;
   const at::Tensor distinct = (shared ? rows.narrow(0, 0, 1) : rows).contiguous();
   at::Tensor unit = at::empty_like(distinct);
@@ -1597,7 +1684,8 @@ at::Tensor unit_rows(const at::Tensor& rows) {
     at::parallel_for(0, distinct.size(0) * distinct.size(1), 256, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* x = input + row * dim;
-        const Lane clamped = fastattn::clamped_norm(static_cast<Lane>(std::sqrt(dot_product<16>(x, x, dim))));
+        const Lane clamped =
+            fastattn::clamped_norm(static_cast<Lane>(std::sqrt(dot_product<16>(x, x, dim))), static_cast<Lane>(floor));
         for (int64_t d = 0; d < dim; ++d) output[row * dim + d] = static_cast<scalar_t>(static_cast<Lane>(x[d]) / clamped);
       }
     });
@@ -1608,7 +1696,7 @@ at::Tensor unit_rows(const at::Tensor& rows) {
 // grad (N, R, D, contiguous), the gradient of unit_rows(rows), becomes in place the
 // gradient of rows (as unit_rows takes them).  bfloat16: each row widened to float32,
 // its gradient rounded once.
-void through_unit_rows(at::Tensor& grad, const at::Tensor& rows) {
+void through_unit_rows(at::Tensor& grad, const at::Tensor& rows, double floor) {
   TORCH_CHECK(grad.scalar_type() == rows.scalar_type() && grad.is_contiguous(),
               "through_unit_rows: grad must be contiguous, in the rows' dtype");
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, rows.scalar_type(), "fastattn_through_unit_rows", [&] {
@@ -1628,10 +1716,12 @@ void through_unit_rows(at::Tensor& grad, const at::Tensor& rows) {
             g_lanes[d] = static_cast<Lane>(g[d]);
             x_lanes[d] = static_cast<Lane>(x[d]);
           }
-          unit_vector_backward<16>(g_lanes, x_lanes, std::sqrt(dot_product<16>(x_lanes, x_lanes, dim)), g_lanes, dim);
+          unit_vector_backward<16>(g_lanes, x_lanes, std::sqrt(dot_product<16>(x_lanes, x_lanes, dim)),
+                                   static_cast<Lane>(floor), g_lanes, dim);
           for (int64_t d = 0; d < dim; ++d) g[d] = static_cast<scalar_t>(g_lanes[d]);
         } else {
-          unit_vector_backward<16>(g, x, static_cast<scalar_t>(std::sqrt(dot_product<16>(x, x, dim))), g, dim);
+          unit_vector_backward<16>(g, x, static_cast<scalar_t>(std::sqrt(dot_product<16>(x, x, dim))),
+                                   static_cast<scalar_t>(floor), g, dim);
         }
       }
     });
@@ -1656,7 +1746,7 @@ void batched_matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& 
 template <typename T, typename Keys>
 FASTATTN_ALWAYS_INLINE void blas_backward_row(const AttentionProblem<T>& problem, T* scores, T* grad_alpha, T* w,
                                               T center, T* grad_center, Keys keys, int64_t count) {
-  probabilities_of_row(scores, keys, count);
+  probabilities_of_row(scores, keys, count, problem.negligible_gap);
   if (problem.gaussian) {
     RowSum center_gradient = 0;
     for (int64_t c = 0; c < count; ++c) {
@@ -1849,14 +1939,17 @@ void round_rows(const float* block, int64_t first_row, int64_t source_length, c1
 }
 
 // The forward's weights from scores (R rows, from first_row on, in the compute dtype) into
-// weights (the same shape) by blas_softmax_rows, and with rounded (float32 weights) each row
-// rounded into it (the same shape) in the same pass; lse is that of all the rows.  The
-// profiler sees it as fastattn::softmax_rows.
+// weights (the same shape) by blas_softmax_rows, and in the same pass with rounded (float32
+// weights) each row rounded into it (the same shape); lse is that of all the rows.  The
+// negligible weights (see negligible_weight) are dropped unless the weights are returned;
+// then with without_negligible (the same shape) the weights without them go there too.
+// The profiler sees it as fastattn::softmax_rows.
 template <typename T>
 void weights_of_scores(const PreparedInputs& in, const at::Tensor& scores, at::Tensor& weights, int64_t first_row,
-                       T* lse, c10::BFloat16* rounded = nullptr) {
+                       T* lse, bool returned, T* without_negligible = nullptr, c10::BFloat16* rounded = nullptr) {
   RECORD_FUNCTION("fastattn::softmax_rows", std::vector<c10::IValue>({scores}));
-  const AttentionProblem<T> problem = masks_of<T>(in);
+  AttentionProblem<T> problem = masks_of<T>(in);
+  if (!returned) problem.negligible_gap = negligible_gap<T>();
   const int64_t row_end = first_row + scores.size(0) * scores.size(1);
   const int64_t grain = std::max<int64_t>(1, 16384 / in.source_length);
   T* raw = scores.mutable_data_ptr<T>();
@@ -1871,13 +1964,20 @@ void weights_of_scores(const PreparedInputs& in, const at::Tensor& scores, at::T
     if constexpr (std::is_same_v<T, float>) {
       if (rounded != nullptr) run_for_this_cpu<&round_rows>(alpha, first_row, in.source_length, rounded, begin, end);
     }
+    if (without_negligible != nullptr) {
+      const int64_t offset = (begin - first_row) * in.source_length;
+      drop_negligible(alpha + offset, without_negligible + offset, (end - begin) * in.source_length);
+    }
   });
 }
 
 // The forward a block of scores at a time (for_each_score_block): per block S = q'.k (the
 // bfloat16 GEMM's float32 sums for bfloat16_gemms), W from S (weights_of_scores), then its
-// rows of C = W V; W goes to the returned weights' rows, or to a buffer without them.
-// bfloat16_gemms: W is float32, rounded to bfloat16 (as it is returned) before W V.  A
+// rows of C = W V; W goes to the returned weights' rows, or to a buffer without them, and
+// W V takes it without its negligible weights (see negligible_weight): a buffer of their
+// own holds it when W is returned.  bfloat16_gemms: W is float32, rounded to bfloat16 (as
+// it is returned) before W V, which takes returned negligible weights as they are (the
+// bfloat16 dot-product instruction takes subnormals as zeros without an assist).  A
 // bfloat16 decode step computes C = W v with W in float32 and v as stored instead
 // (bfloat16_decode_context), over all its N S scores at once.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const PreparedInputs& in, bool return_weights,
@@ -1889,8 +1989,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const Prep
   if (bfloat16 && in.query_length == 1) {
     const at::Tensor scores = bfloat16_matmul_nt(in.query, in.keys);
     weights = at::empty_like(scores);
-    weights_of_scores<float>(in, scores, weights, 0, logsumexp.mutable_data_ptr<float>());
-    context = bfloat16_decode_context(weights, in.values);
+    const at::Tensor product_weights = return_weights ? at::empty_like(scores) : weights;
+    weights_of_scores<float>(in, scores, weights, 0, logsumexp.mutable_data_ptr<float>(), return_weights,
+                             return_weights ? product_weights.mutable_data_ptr<float>() : nullptr);
+    context = bfloat16_decode_context(product_weights, in.values);
   } else {
     // The dtype W V runs in: bfloat16 for bfloat16_gemms (W rounded, into the returned
     // weights or a buffer of its own), else the compute dtype.
@@ -1900,9 +2002,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const Prep
       weights = at::empty({in.batch, in.query_length, in.source_length}, in.query.options().dtype(product_dtype));
     }
     const at::Tensor scores = score_block_buffer(in, compute_dtype);
-    const at::Tensor weights_buffer = bfloat16 || !return_weights ? score_block_buffer(in, compute_dtype) : at::Tensor();
+    const at::Tensor weights_buffer = score_block_buffer(in, compute_dtype);
     const at::Tensor rounded_buffer = bfloat16 && !return_weights ? score_block_buffer(in, at::kBFloat16) : at::Tensor();
-    const at::Tensor prepared_query = !bfloat16 && in.score == ScoreKind::kCosine ? unit_rows(in.query) : in.query;
+    const at::Tensor prepared_query = !bfloat16 && in.score == ScoreKind::kCosine ? unit_rows(in.query, cosine_norm_floor_of(in.input_dtype)) : in.query;
     const at::Tensor keys_transposed = in.keys.transpose(1, 2);
     for_each_score_block(in, [&](const ScoreBlock& block) {
       at::Tensor scores_block = block.in_buffer(scores);
@@ -1913,17 +2015,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_blas(const Prep
       }
       at::Tensor weights_block =
           return_weights ? block.rows_of(weights) : block.in_buffer(bfloat16 ? rounded_buffer : weights_buffer);
+      at::Tensor product_weights = weights_block;
       if (bfloat16) {
         at::Tensor float_weights = block.in_buffer(weights_buffer);
         weights_of_scores<float>(in, scores_block, float_weights, block.first_row,
-                                 logsumexp.mutable_data_ptr<float>(), weights_block.mutable_data_ptr<c10::BFloat16>());
+                                 logsumexp.mutable_data_ptr<float>(), return_weights, nullptr,
+                                 weights_block.mutable_data_ptr<c10::BFloat16>());
       } else {
+        if (return_weights) product_weights = block.in_buffer(weights_buffer);
         AT_DISPATCH_FLOATING_TYPES(compute_dtype, "attention_forward_blas", [&] {
           weights_of_scores<scalar_t>(in, scores_block, weights_block, block.first_row,
-                                      logsumexp.mutable_data_ptr<scalar_t>());
+                                      logsumexp.mutable_data_ptr<scalar_t>(), return_weights,
+                                      return_weights ? product_weights.mutable_data_ptr<scalar_t>() : nullptr);
         });
       }
-      batched_matmul_into(block.rows_of(context), weights_block, block.batch_of(in.values));
+      batched_matmul_into(block.rows_of(context), product_weights, block.batch_of(in.values));
     });
   }
   if (context.scalar_type() != in.input_dtype) context = context.to(in.input_dtype);
@@ -1963,7 +2069,8 @@ bool widen_in_the_kernel(const PreparedInputs& in) {
 template <typename T, typename E>
 void forward_rows_in_parallel(const PreparedInputs& in, at::Tensor& context, at::Tensor& weights,
                               at::Tensor& logsumexp, bool return_weights) {
-  const AttentionProblem<T, E> problem = problem_of<T, E>(in);
+  AttentionProblem<T, E> problem = problem_of<T, E>(in);
+  problem.negligible_gap = negligible_gap<T>();  // the returned weights are written apart
   ForwardOutputs<T> out;
   out.context = context.mutable_data_ptr<T>();
   out.weights = return_weights ? weights.mutable_data_ptr<T>() : nullptr;
@@ -2016,9 +2123,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
 // gradient of the centres, or undefined).
 template <typename T>
 void backward_rows_in_parallel(const PreparedInputs& in, const BackwardRowBuffers<T>& buffers,
-                               const at::Tensor& logsumexp, const at::Tensor& grad_center, int64_t row_begin,
-                               int64_t row_end) {
-  const AttentionProblem<T> problem = masks_of<T>(in);
+                               const at::Tensor& logsumexp, const at::Tensor& grad_center, bool drop_negligible,
+                               int64_t row_begin, int64_t row_end) {
+  AttentionProblem<T> problem = masks_of<T>(in);
+  if (drop_negligible) problem.negligible_gap = negligible_gap<T>();
   const T* lse = logsumexp.const_data_ptr<T>();
   T* center_data = grad_center.defined() ? grad_center.mutable_data_ptr<T>() : nullptr;
   at::parallel_for(row_begin, row_end, std::max<int64_t>(1, 16384 / in.source_length), [&](int64_t begin, int64_t end) {
@@ -2129,7 +2237,8 @@ void backward_in_blocks(const PreparedInputs& in, BackwardGemms& gemms, const at
       } else {
         buffers.weights = weights_block.mutable_data_ptr<scalar_t>();
       }
-      backward_rows_in_parallel(in, buffers, logsumexp, grad_center, block.first_row, block.row_end());
+      backward_rows_in_parallel(in, buffers, logsumexp, grad_center, !grad_weights.defined(), block.first_row,
+                                block.row_end());
     });
     if (gemms_per_block) gemms.add(block, grad_scores_block, weights_block);
   });
@@ -2190,14 +2299,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor grad_center = wants_center ? at::zeros({in.batch, in.query_length}, options) : at::Tensor();
     // bfloat16: query, keys, values and grad_context as the caller's (in.bfloat16_gemms),
     // the cosine's unit vectors in bfloat16 for dE K^ and dE^T Q^
-    const at::Tensor query_rows = cosine ? unit_rows(in.query) : in.query;
-    const at::Tensor key_rows = cosine ? unit_rows(in.keys) : in.keys;
+    const double floor = cosine_norm_floor_of(in.input_dtype);
+    const at::Tensor query_rows = cosine ? unit_rows(in.query, floor) : in.query;
+    const at::Tensor key_rows = cosine ? unit_rows(in.keys, floor) : in.keys;
     BackwardGemms gemms(in, query_rows, key_rows, grad_context_);
     backward_in_blocks(in, gemms, grad_weights_, logsumexp_, grad_center);
     at::Tensor grad_query = gemms.grad_query, grad_keys = gemms.grad_keys, grad_values = gemms.grad_values;
     if (cosine) {
-      through_unit_rows(grad_query, in.query);
-      through_unit_rows(grad_keys, in.shared_keys ? in.keys.narrow(0, 0, 1) : in.keys);
+      through_unit_rows(grad_query, in.query, floor);
+      through_unit_rows(grad_keys, in.shared_keys ? in.keys.narrow(0, 0, 1) : in.keys, floor);
     }
     if (values_are_keys) grad_keys.add_(grad_values);
     return {cast(grad_query), cast(grad_keys), values_are_keys ? empty() : cast(grad_values), empty(), empty(),
@@ -2217,7 +2327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor parameter_sums = at::zeros({chunks, 2, additive ? in.score_dim : 0}, options);
 
   AT_DISPATCH_FLOATING_TYPES(in.compute_dtype, "attention_backward", [&] {
-    const AttentionProblem<scalar_t> problem = problem_of<scalar_t>(in);
+    AttentionProblem<scalar_t> problem = problem_of<scalar_t>(in);
+    if (!grad_weights_.defined()) problem.negligible_gap = negligible_gap<scalar_t>();  // see negligible_gap
     BackwardInputs<scalar_t> inputs;
     inputs.grad_context = grad_context_.const_data_ptr<scalar_t>();
     inputs.grad_weights = grad_weights_.defined() ? grad_weights_.const_data_ptr<scalar_t>() : nullptr;
@@ -2247,7 +2358,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   if (in.shared_keys) {
     grad_keys = grad_keys.sum(0, /*keepdim=*/true);
-    if (in.score == ScoreKind::kCosine) through_unit_rows(grad_keys, in.keys.narrow(0, 0, 1));
+    if (in.score == ScoreKind::kCosine) {
+      through_unit_rows(grad_keys, in.keys.narrow(0, 0, 1), cosine_norm_floor_of(in.input_dtype));
+    }
   }
 
   at::Tensor grad_v = additive ? cast(parameter_sums.select(1, 0).sum(0)) : empty();
