@@ -1005,6 +1005,29 @@ def test_emulated_cosine_gradients_at_tiny_norms_are_the_cpu_ops(emulated, case)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", [EMULATED_CASES[0], EMULATED_CASES[3]], ids=["decode_splits", "multi_query"])
+def test_emulated_float16_cosine_floors_norms_at_float16s_smallest_normal(emulated, case):
+    """float16 norms floored at 2^-14, as the reference's and the CPU op's: a zero query row
+    and a zero key row give finite gradients (with the floor 1e-8, 1e8 times the upstream
+    one: inf in float16), a query row of norm 2e-5 the CPU op's weights."""
+    shape, mode, _ = case
+    arguments = emulated_case("cosine", shape, mode, torch.float64)
+    arguments[0][0, 0] = 0.0
+    arguments[1][0, 1] = 0.0
+    arguments[0][-1, -1] *= 2e-5 / arguments[0][-1, -1].norm()
+    arguments[:3] = [tensor.half() for tensor in arguments[:3]]
+    want = torch.ops.fastattn.attention_forward(*arguments, True)
+    context, weights, logsumexp, _ = emulation.attention_forward(emulated, arguments, True)
+    assert_matches_cpu_op([context, weights, logsumexp], want, 2e-3, "forward")
+    grad_context = torch.randn(want[0].shape, generator=torch.Generator().manual_seed(5)).half()
+    expected = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, want[2])
+    assert all(torch.isfinite(grad).all() for grad in expected[:3])
+    got = emulation.attention_backward(emulated, grad_context, None, arguments, logsumexp)[:6]
+    assert all(torch.isfinite(grad).all() for grad in got[:3])
+    assert_matches_cpu_op(got, expected, 2e-3, "backward")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_emulated_sample_positions_follow_the_shared_rule(emulated, dtype):
     weights = torch.rand(3, 5, 37, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)

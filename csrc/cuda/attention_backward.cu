@@ -118,7 +118,7 @@ __device__ void finish_query_gradient(const DeviceProblem<T>& p, const Attention
     const T* query = p.query_row(row);
     A partial = A(0);
     for (int64_t d = threadIdx.x; d < D; d += kThreads) partial += grad_query[d] * to_acc(query[d]);
-    const auto gradient = unit_vector_gradient(query_norm, block_sum(partial, reduce_scratch));
+    const auto gradient = unit_vector_gradient(query_norm, block_sum(partial, reduce_scratch), cosine_floor_of<T>());
     for (int64_t d = threadIdx.x; d < D; d += kThreads) {
       grad_query[d] = gradient.of(grad_query[d], to_acc(query[d]));
     }
@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t j = tile + c;
           A coefficient = A(0), weight = A(0), key_inverse_norm = A(0), key_self = A(0);
           if (!p.is_padding(n, j)) {
-            const A key_norm = kScore == ScoreKind::kCosine ? clamped_norm(sqrt(key_sums[k].row_sq)) : A(1);
+            const A key_norm = kScore == ScoreKind::kCosine ? clamped_norm(sqrt(key_sums[k].row_sq), cosine_floor_of<T>()) : A(1);
             const A dw = value_sums[k].dot + grad_weight_of<T>(in, row * p.source_length + j);
             const A probability = row_terms.probability(score_of_sums<kScore>(p, key_sums[k]));
             const A gaussian = p.gaussian_of(j, center);
@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kThreads)
             if (kScore == ScoreKind::kCosine) {  // k through k / max(|k|, floor): d score / d k^ = scale q^
               coefficient = p.scale * grad_score / key_norm;
               const auto gradient =
-                  unit_vector_gradient(sqrt(key_sums[k].row_sq), p.scale * grad_score * key_sums[k].dot);
+                  unit_vector_gradient(sqrt(key_sums[k].row_sq), p.scale * grad_score * key_sums[k].dot, cosine_floor_of<T>());
               key_inverse_norm = gradient.inverse_norm;
               key_self = gradient.along_input;
             }
@@ -464,8 +464,8 @@ __global__ void __launch_bounds__(kThreads)
           const T* query = p.query_row(row);
           A score, query_norm = A(1);
           if constexpr (kScore == ScoreKind::kCosine) {
-            query_norm = clamped_norm(sqrt(warp_square_sum<kVec>(query, D)));
-            score = p.scale * (warp_dot_of_divided_row<kVec>(resident, query, query_norm, D) / clamped_norm(key_norm));
+            query_norm = clamped_norm(sqrt(warp_square_sum<kVec>(query, D)), cosine_floor_of<T>());
+            score = p.scale * (warp_dot_of_divided_row<kVec>(resident, query, query_norm, D) / clamped_norm(key_norm, cosine_floor_of<T>()));
           } else {
             const A dot = pair_sums<kScore, kVec, T>(resident, query, p.v, D, p.bias).dot;
             score = kScore == ScoreKind::kDot ? dot * p.scale : dot;
@@ -531,7 +531,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
         for (int i = 0; i < kVec; ++i) partial += grad_key[d + i] * to_acc(key[d + i]);
       }
-      const auto gradient = unit_vector_gradient(key_norm, block_sum(partial, reduce_scratch));
+      const auto gradient = unit_vector_gradient(key_norm, block_sum(partial, reduce_scratch), cosine_floor_of<T>());
       for (int64_t d = static_cast<int64_t>(threadIdx.x) * kVec; d < D; d += kThreads * kVec) {
         for (int i = 0; i < kVec; ++i) {
           grad_key[d + i] = gradient.of(grad_key[d + i], to_acc(key[d + i]));

@@ -242,7 +242,7 @@ __device__ __forceinline__ Acc<T> warp_dot(const Acc<T>* resident, const T* row,
 template <ScoreKind kScore, typename T>
 __device__ __forceinline__ Acc<T> score_of_sums(const DeviceProblem<T>& p, const PairSums<Acc<T>>& sums) {
   if constexpr (kScore == ScoreKind::kDot) return sums.dot * p.scale;
-  if constexpr (kScore == ScoreKind::kCosine) return p.scale * (sums.dot / clamped_norm(sqrt(sums.row_sq)));
+  if constexpr (kScore == ScoreKind::kCosine) return p.scale * (sums.dot / clamped_norm(sqrt(sums.row_sq), cosine_floor_of<T>()));
   return sums.dot;
 }
 
@@ -263,7 +263,7 @@ __device__ __forceinline__ Acc<T> load_prepared_query(const DeviceProblem<T>& p,
   A norm = A(0);
   if constexpr (kScore == ScoreKind::kCosine) {
     norm = sqrt(warp_square_sum<kVec>(query, p.score_dim));
-    const A clamped = clamped_norm(norm);
+    const A clamped = clamped_norm(norm, cosine_floor_of<T>());
     for (int64_t d = threadIdx.x; d < p.score_dim; d += blockDim.x) prepared[d] = prepared[d] / clamped;
   }
   __syncthreads();

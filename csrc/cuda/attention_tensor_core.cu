@@ -31,9 +31,8 @@
 // and dO tiles double-buffered through cp.async like the forward's K and V), recomputes
 // P^T and dP^T (4 warps, 16 keys each), accumulates grad_values = W^T dO and
 // grad_keys = dS^T Q in registers (their sum as grad_keys with values_are_keys) and adds
-// grad_query = dS K into a float scratch with atomics, converted to the input dtype at the end; with the Gaussian of local-p windows,
-// grad_center = sum_j dP w (j - c) / sigma^2 per row, each warp's 16 keys summed over its
-// lanes and added to the float output with atomics.  Cosine: the block's K tile and each
+// grad_query = dS K into a float scratch with atomics, converted to the input dtype at the
+// end.  Cosine: the block's K tile and each
 // Q tile are normalised in shared memory (r / max(|r|, floor), 2 threads a row) once they
 // land, so the dot backward above gives the gradients of the unit vectors; grad_keys
 // goes through k / max(|k|, floor) before it is written (the quad's lanes sum dk^.k),
@@ -46,8 +45,12 @@
 // bound by the special-function unit as the forward is.
 // Not handled (attention_tensor_core_supported says no; the binding keeps
 // attention_forward.cu / attention_backward.cu): other scores and dtypes, other head
-// dims, unaligned rows, the weights output and its gradient.  No warp specialisation,
-// WGMMA or TMA (sm_80 instructions on sm_90a too).
+// dims, unaligned rows, the weights output and its gradient; the backward with the
+// Gaussian factor (local windows): its row_dot came from the forward's weights p g
+// rounded to T, so a peaked row's dS = alpha (g dP - row_dot) lost its cancellation at
+// the most probable key wherever g there is not 1 (errors ~100x the 16-bit reference's
+// under the CPU emulation; the per-row backward shifts its row term by that key's own
+// term).  No warp specialisation, WGMMA or TMA (sm_80 instructions on sm_90a too).
 #include "attention_device.cuh"
 #include "mma.cuh"
 
@@ -289,7 +292,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
         for (int d = column; d < kD; d += 4) square_sum += to_acc(query_row[d]) * to_acc(query_row[d]);
         square_sum += __shfl_xor_sync(0xffffffffu, square_sum, 1);
         square_sum += __shfl_xor_sync(0xffffffffu, square_sum, 2);
-        row_inverse_norm[half] = 1.f / clamped_norm(sqrtf(square_sum));
+        row_inverse_norm[half] = 1.f / clamped_norm(sqrtf(square_sum), cosine_floor_of<T>());
       }
     }
     uint32_t query_fragment[kAdditive ? 1 : kD / 16][4];
@@ -319,7 +322,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       if constexpr (kCosine) {  // 1 / max(|k|, floor) of the tile's keys, 2 threads a key
         const int key = threadIdx.x / 2, part = threadIdx.x % 2;
         const float norm = pair_row_norm<T, kD>(key_tile + key * kKeyStride, part);
-        if (part == 0) key_inverse_norm[key] = 1.f / clamped_norm(norm);
+        if (part == 0) key_inverse_norm[key] = 1.f / clamped_norm(norm, cosine_floor_of<T>());
         __syncthreads();
       }
 
@@ -459,15 +462,6 @@ constexpr size_t backward_shared_bytes() {
          2 * static_cast<size_t>(kBlockKeys + 2 * kBlockRows) * (kD + kSkew + kDv + kSkew);
 }
 
-// *target += the sum of `share` over the warp's 8 lane groups (the lanes of this lane's
-// column: one query's keys in the transposed accumulators), by group 0 when `valid`.
-__device__ __forceinline__ void add_column_sum(float* target, float share, bool valid) {
-  share += __shfl_xor_sync(0xffffffffu, share, 4);
-  share += __shfl_xor_sync(0xffffffffu, share, 8);
-  share += __shfl_xor_sync(0xffffffffu, share, 16);
-  if (threadIdx.x % kWarpSize < 4 && valid) atomicAdd(target, share);
-}
-
 // Cosine backward: the kBlockRows (= kBlockKeys) rows of `tile` (kD wide, row stride
 // kStride) in place as r / max(|r|, floor), 2 threads a row (the forward's key-norm
 // split); `norms` (when given) gets each |r|.  The caller synchronises before and after.
@@ -476,7 +470,7 @@ __device__ __forceinline__ void normalize_tile_rows(T* tile, float* norms) {
   static_assert(kTensorCoreThreads == 2 * kBlockRows && kBlockRows == kBlockKeys, "2 threads a row");
   const int row = threadIdx.x / 2, part = threadIdx.x % 2;
   T* values = tile + row * kStride;
-  const float norm = pair_row_norm<T, kD>(values, part), inverse_norm = 1.f / clamped_norm(norm);
+  const float norm = pair_row_norm<T, kD>(values, part), inverse_norm = 1.f / clamped_norm(norm, cosine_floor_of<T>());
   for (int d = part; d < kD; d += 2) values[d] = from_acc<T>(to_acc(values[d]) * inverse_norm);
   if (norms != nullptr && part == 0) norms[row] = norm;
 }
@@ -598,9 +592,7 @@ __device__ __forceinline__ void add_score_grad_times_keys(const T* score_grad_ti
   }
 }
 
-// kCenter: b.grad_center is given (a separate instantiation, so that the kernels without
-// it keep their registers).
-template <typename T, ScoreKind kScore, int kD, int kDv, bool kCenter>
+template <typename T, ScoreKind kScore, int kD, int kDv>
 __global__ void __launch_bounds__(kTensorCoreThreads)
     attention_backward_tensor_core_kernel(DeviceProblem<T> p, AttentionBackwardBuffers b,
                                           float* grad_query_accumulator) {
@@ -628,7 +620,6 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
   const T* grad_context = static_cast<const T*>(b.grad_context);
   const float* logsumexp = static_cast<const float*>(b.logsumexp);
   const float* row_dot_in = static_cast<const float*>(b.row_dot);
-  float* grad_center = static_cast<float*>(b.grad_center);  // kCenter: zeroed by the launch
   // Additive: the score's scale is 1; v and bias in shared memory (read after the first
   // work item's synchronisation); this thread's share of grad_v over its work items.
   const float score_scale = kAdditive ? 1.f : p.scale;
@@ -714,7 +705,6 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       }
       const int64_t* row_begin = row_begin_stages + stage * kBlockRows;
       const int64_t* row_end = row_end_stages + stage * kBlockRows;
-      const float* row_center = row_center_stages + stage * kBlockRows;
       const float* row_logsumexp = row_logsumexp_stages + stage * kBlockRows;
       const float* row_dot = row_dot_stages + stage * kBlockRows;
       const T* query_tile = query_grad_stages + stage * kStageElements;
@@ -724,8 +714,8 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
       // For each half of the tile's queries (32 at a time, so that the half's S^T and dP^T
       // accumulators, not the whole tile's, live beside grad_keys and grad_values):
       // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys, then alpha =
-      // exp(e - logsumexp) on visible pairs, w = alpha g and scale * dS =
-      // scale * alpha (g dP - row_dot), then grad_values += W^T dO and grad_keys +=
+      // exp(e - logsumexp) on visible pairs and scale * dS =
+      // scale * alpha (dP - row_dot), then grad_values += P^T dO and grad_keys +=
       // dS^T Q, 16 queries at a time.  dS stays packed in T (the A fragments) until
       // every warp is done with the dO tile it replaces.
       constexpr int kHalfRows = kBlockRows / 2;
@@ -751,30 +741,16 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
                                                 kValueStride, grad_tile + first_query * kValueStride, kValueStride);
 #pragma unroll
         for (int nt = 0; nt < kHalfRows / 8; ++nt) {
-          float center_share[2] = {0.f, 0.f};  // grad_center of queries 2 column + side, this lane's 2 keys
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
             const int key = key_top + 8 * (r / 2), query = first_query + nt * 8 + 2 * column + r % 2;
             const int64_t j = first_key + key;
             const bool visible = !key_hidden[key] && j >= row_begin[query] && j < row_end[query];
             const float alpha = visible ? exp_of(score[nt][r] * score_scale - row_logsumexp[query]) : 0.f;
-            const float gaussian = p.gaussian_of(j, row_center[query]);
-            const float score_grad = score_scale * softmax_score_gradient(alpha, gaussian * probability_grad[nt][r],
+            const float score_grad = score_scale * softmax_score_gradient(alpha, probability_grad[nt][r],
                                                                           row_dot[query]);
-            if constexpr (kCenter) {
-              center_share[r % 2] += probability_grad[nt][r] * alpha * gaussian *
-                                     gaussian_log_slope<float>(j, row_center[query], p.window);
-            }
-            probability_grad[nt][r] = alpha * gaussian;  // now the weight w
+            probability_grad[nt][r] = alpha;  // now the weight
             score[nt][r] = score_grad;
-          }
-          if constexpr (kCenter) {
-#pragma unroll
-            for (int side = 0; side < 2; ++side) {
-              const int64_t t = first_row + first_query + nt * 8 + 2 * column + side;
-              add_column_sum(grad_center + n * p.query_length + (t < p.query_length ? t : 0), center_share[side],
-                             t < p.query_length);
-            }
           }
         }
 #pragma unroll
@@ -842,7 +818,7 @@ __global__ void __launch_bounds__(kTensorCoreThreads)
         }
         grad_dot_key += __shfl_xor_sync(0xffffffffu, grad_dot_key, 1);
         grad_dot_key += __shfl_xor_sync(0xffffffffu, grad_dot_key, 2);
-        const auto gradient = unit_vector_gradient(key_norm[key_top + 8 * half], grad_dot_key);
+        const auto gradient = unit_vector_gradient(key_norm[key_top + 8 * half], grad_dot_key, cosine_floor_of<T>());
 #pragma unroll
         for (int dt = 0; dt < kD / 8; ++dt) {
           const int d = dt * 8 + 2 * column;
@@ -947,7 +923,7 @@ __global__ void finish_cosine_grad_query_kernel(DeviceProblem<T> p, const float*
       square_sum += q[i] * q[i];
       grad_dot_query += grad[i] * q[i];
     }
-    const auto gradient = unit_vector_gradient(sqrtf(warp_sum(square_sum)), warp_sum(grad_dot_query));
+    const auto gradient = unit_vector_gradient(sqrtf(warp_sum(square_sum)), warp_sum(grad_dot_query), cosine_floor_of<T>());
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
       grad_query[row * kD + lane + i * kWarpSize] = from_acc<T>(gradient.of(grad[i], q[i]));
@@ -987,10 +963,6 @@ cudaError_t launch_backward(const AttentionProblem& p, const AttentionBackwardBu
     if (status != cudaSuccess) return status;
     status = cudaMemsetAsync(grad_query_accumulator, 0, sizeof(float) * static_cast<size_t>(rows * kD), stream);
     if (status != cudaSuccess) return status;
-    if (b.grad_center != nullptr) {
-      status = cudaMemsetAsync(b.grad_center, 0, sizeof(float) * static_cast<size_t>(rows), stream);
-      if (status != cudaSuccess) return status;
-    }
   }
   if constexpr (kScore == ScoreKind::kAdditive) {  // grad_v: the total of every block's share
     status = cudaMemsetAsync(b.grad_v_rows, 0, sizeof(float) * kD, stream);
@@ -1000,8 +972,7 @@ cudaError_t launch_backward(const AttentionProblem& p, const AttentionBackwardBu
   if (p.batch * key_tiles > 0) {
     constexpr size_t shared = backward_shared_bytes<kScore, kD, kDv>();
     static_assert(shared % 16 == 0, "whole 16-byte vectors of shared memory (whole_shared_vectors)");
-    auto kernel = b.grad_center != nullptr ? attention_backward_tensor_core_kernel<T, kScore, kD, kDv, true>
-                                           : attention_backward_tensor_core_kernel<T, kScore, kD, kDv, false>;
+    auto kernel = attention_backward_tensor_core_kernel<T, kScore, kD, kDv>;
     status = allow_shared_bytes(kernel, shared);
     if (status != cudaSuccess) return status;
     kernel<<<grid_for(p.batch * key_tiles), kTensorCoreThreads, shared, stream>>>(device_problem<T>(p), b,
@@ -1079,8 +1050,8 @@ cudaError_t launch_attention_forward_tensor_core(const AttentionProblem& p, cons
 
 cudaError_t launch_attention_backward_tensor_core(const AttentionProblem& p, const AttentionBackwardBuffers& buffers,
                                                   float* grad_query_accumulator, cudaStream_t stream) {
-  if (!attention_tensor_core_supported(p, 8) || buffers.grad_weights != nullptr ||
-      !aligned_to_16_bytes(buffers.grad_context) ||
+  if (!attention_tensor_core_supported(p, 8) || buffers.grad_weights != nullptr || p.gaussian ||
+      buffers.grad_center != nullptr || !aligned_to_16_bytes(buffers.grad_context) ||
       (p.score == ScoreKind::kAdditive && buffers.grad_v_rows == nullptr) ||
       (buffers.values_are_keys && p.score_dim != p.value_dim)) {
     return cudaErrorInvalidValue;

@@ -17,7 +17,7 @@
 // in float32 and return the input dtype.
 // Multi-query (T >= kTensorCoreMinQueries) float16 / bfloat16 attention with head dims
 // 64 / 128 runs forward on the tensor cores (attention_tensor_core.cu) unless the
-// weights are wanted, and backward too unless their gradient is wanted.
+// weights are wanted, and backward too unless their gradient or the Gaussian factor is.
 // attention_decoder_step_inference runs the one-launch kernel of decoder_step.cu where it
 // covers the step (FASTATTN_CUDA_FUSED_DECODER_STEP=0 turns it off) and the composed
 // step of csrc/decoder_step.cpp otherwise.  hard_attention_outputs and its backward check
@@ -317,11 +317,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   buffers.grad_values = grad_values.mutable_data_ptr();
   buffers.values_are_keys = values_are_keys;
   buffers.grad_center = wants_center ? grad_center.mutable_data_ptr() : nullptr;
-  // The tensor-core forward's problems go to its backward unless grad_weights is wanted, or
-  // torch.use_deterministic_algorithms(True) is on: that backward adds grad_query (and
-  // grad_v) with float atomics, whose order varies; the per-row kernels have none.
+  // The tensor-core forward's problems go to its backward unless grad_weights is wanted,
+  // the Gaussian factor is on (that backward's row term loses a peaked row's cancellation
+  // there: attention_tensor_core.cu), or torch.use_deterministic_algorithms(True) is on:
+  // that backward adds grad_query (and grad_v) with float atomics, whose order varies; the
+  // per-row kernels have none.
   const bool grad_context_aligned = reinterpret_cast<uintptr_t>(grad_context_.const_data_ptr()) % 16 == 0;
-  if (!grad_weights_.defined() && grad_context_aligned && p.query_length >= kTensorCoreMinQueries &&
+  if (!grad_weights_.defined() && !p.gaussian && grad_context_aligned && p.query_length >= kTensorCoreMinQueries &&
       !at::globalContext().deterministicAlgorithms() &&
       attention_tensor_core_supported(p, compute_capability_major(query))) {
     if (additive) {  // grad_v itself

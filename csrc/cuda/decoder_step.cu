@@ -446,7 +446,7 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
   if constexpr (kScore == ScoreKind::kCosine) {  // the unit query: q / max(|q|, floor)
     float squares = 0.0f;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) squares += query[d] * query[d];
-    const float norm = clamped_norm(sqrtf(block_reduce<false>(squares, scratch)));
+    const float norm = clamped_norm(sqrtf(block_reduce<false>(squares, scratch)), cosine_floor_of<T>());
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) query[d] = query[d] / norm;
   }
   __syncthreads();
@@ -479,7 +479,7 @@ __device__ void attention_split(const DecoderStepProblem& p, const DecoderStepPl
       if constexpr (kScore == ScoreKind::kAdditive) {
         score = sum;
       } else if constexpr (kScore == ScoreKind::kCosine) {  // scale * unit_q . k / max(|k|, floor)
-        score = p.scale * (sum / clamped_norm(sqrtf(warp_sum(key_squares))));
+        score = p.scale * (sum / clamped_norm(sqrtf(warp_sum(key_squares)), cosine_floor_of<T>()));
       } else {
         score = sum * p.scale;
       }

@@ -27,6 +27,18 @@ struct AccumulateOf<double> {
 template <typename T>
 using Acc = typename AccumulateOf<T>::type;
 
+// The cosine's norm floor for elements of type T, the reference's cosine_norm_floor:
+// float16's smallest normal number for float16 (in which 1 / 1e-8, a zero row's gradient
+// factor, overflows to inf), else 1e-8.
+template <typename T>
+__host__ __device__ constexpr Acc<T> cosine_floor_of() {
+  return cosine_norm_floor<Acc<T>>();
+}
+template <>
+__host__ __device__ constexpr float cosine_floor_of<__half>() {
+  return 0x1p-14f;
+}
+
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }

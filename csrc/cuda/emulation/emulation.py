@@ -259,36 +259,34 @@ def attention_forward_tensor_core(library, arguments):
 
 
 def attention_backward_tensor_core(library, grad_context, arguments, logsumexp, values_are_keys=False):
-    """The six gradients of attention_backward (None where the op returns an empty one)
+    """The six gradients of attention_backward (None where the op returns an empty one;
+    grad_center always: the tile backward refuses the Gaussian factor, a RuntimeError here)
     from the tensor-core backward, allocated as binding.cpp does (the float grad_query
-    accumulator; grad_center float; additive: grad_v as one float vector, grad_bias the
-    sum of grad_query; no grad_values, left NaN, with values_are_keys); row_dot from the
-    forward run again."""
+    accumulator; additive: grad_v as one float vector, grad_bias the sum of grad_query; no
+    grad_values, left NaN, with values_are_keys); row_dot from the forward run again."""
     keep: list = []
     problem = attention_problem(keep, *arguments)
     dtype = arguments[0].dtype
-    score, bias, center, gaussian = arguments[5], arguments[4], arguments[11], arguments[12]
+    score, bias = arguments[5], arguments[4]
     additive = score == "additive"
     batch, steps = problem.batch, problem.query_length
     grad_query = torch.full((batch, steps, problem.score_dim), math.nan, dtype=dtype)
     grad_keys = torch.full((batch, problem.source_length, problem.score_dim), math.nan, dtype=dtype)
     grad_values = torch.full((batch, problem.source_length, problem.value_dim), math.nan, dtype=dtype)
-    grad_center = torch.full((batch, steps), math.nan) if gaussian and center is not None else None
     grad_v = torch.full((problem.score_dim,), math.nan) if additive else None  # NaN: the launch must zero it
     accumulator = torch.full((batch, steps, problem.score_dim), math.nan)
     row_dot = torch.full((batch, steps), math.nan)
     grad_context, logsumexp = grad_context.contiguous(), logsumexp.contiguous()
     keep.extend([grad_context, logsumexp])
     buffers = AttentionBackwardBuffers(address(grad_context), None, address(logsumexp), address(grad_query),
-                                       address(grad_keys), address(grad_values), address(grad_center),
+                                       address(grad_keys), address(grad_values), None,
                                        address(grad_v), address(row_dot), values_are_keys=values_are_keys)
     status = library.emu_attention_backward_tensor_core(ctypes.byref(problem), ctypes.byref(buffers),
                                                         address(accumulator))
     if status != 0:
         raise RuntimeError(f"launch_attention_backward_tensor_core returned {status}")
     grad_bias = grad_query.float().sum((0, 1)).to(dtype) if additive and bias is not None else None
-    return (grad_query, grad_keys, grad_values, None if grad_v is None else grad_v.to(dtype), grad_bias,
-            None if grad_center is None else grad_center.to(dtype))
+    return grad_query, grad_keys, grad_values, None if grad_v is None else grad_v.to(dtype), grad_bias, None
 
 
 def attention_backward(library, grad_context, grad_weights, arguments, logsumexp, values_are_keys=False):
