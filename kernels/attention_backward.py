@@ -228,10 +228,9 @@ def attention_grad_query_kernel(
                 K + n * stride_kn + offs_j[:, None] * stride_ks + offs_dq[None, :],
                 mask=(offs_j < S)[:, None] & (offs_dq < D)[None, :], other=0.0,
             )
-            weighted = grad_scores * scale
-            if SCORE_KIND == 1:
-                weighted = weighted * inverse_key_norm[None, :]
-            grad_query += tile_product(weighted, keys, DOT_PRECISION, BLOCK_T == 1)
+            if SCORE_KIND == 1:  # the unit keys (0 for a zero key): dS / max(|k|, floor) overflowed float16
+                keys = (keys.to(tl.float32) * inverse_key_norm[:, None]).to(keys.dtype)
+            grad_query += tile_product(grad_scores * scale, keys, DOT_PRECISION, BLOCK_T == 1)
     if not ROW_TERMS_GIVEN:
         tl.store(ROW_TERMS + (n * T + offs_t) * 2, shift, mask=row_in)
         tl.store(ROW_TERMS + (n * T + offs_t) * 2 + 1, row_term.to(tl.float32), mask=row_in)
@@ -297,10 +296,9 @@ def attention_grad_key_value_kernel(
                     Q + n * stride_qn + offs_t[:, None] * stride_qt + offs_dq[None, :],
                     mask=(offs_t < T)[:, None] & (offs_dq < D)[None, :], other=0.0,
                 )
-                weighted = grad_scores * scale
-                if SCORE_KIND == 1:
-                    weighted = weighted * inverse_query_norm[:, None]
-                grad_key += transposed_product(weighted, queries, DOT_PRECISION, BLOCK_T == 1)
+                if SCORE_KIND == 1:  # the unit queries (0 for a zero query), as the query kernel's unit keys
+                    queries = (queries.to(tl.float32) * inverse_query_norm[:, None]).to(queries.dtype)
+                grad_key += transposed_product(grad_scores * scale, queries, DOT_PRECISION, BLOCK_T == 1)
     value_mask = key_in[:, None] & (offs_dv < DV)[None, :]
     if not VALUES_ARE_KEYS:
         tl.store(GRAD_V + n * S * DV + offs_j[:, None] * DV + offs_dv[None, :], grad_value, mask=value_mask)

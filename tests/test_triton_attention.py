@@ -448,6 +448,35 @@ def test_float16_cosine_with_a_large_scale_errs_at_most_twice_the_reference(scal
     assert (context("triton", torch.float16) - exact).abs().max() <= 2 * reference_error + 1e-3
 
 
+@pytest.mark.parametrize("values_are_keys", [True, False])
+def test_float16_cosine_gradients_next_to_zero_rows_are_finite(values_are_keys):
+    """A zero query row and a zero key row in float16 (local-m windows of 3): their unit
+    vectors are 0, but the tile products took dS / max(|x|, floor) (floor 2^-14) rounded
+    to float16, which overflowed to inf, and inf times the zero row made the gradients NaN
+    wherever a window held it.  The kernels now scale the rows themselves by
+    1 / max(|x|, floor).  The gradients but the zero rows' own (~1e5, past float16 in the
+    reference too) within twice the float16 reference's error."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 6, 8, generator=generator, dtype=torch.float64) * 3
+    keys, values = (torch.randn(1, 12, 8, generator=generator, dtype=torch.float64) * 10 for _ in range(2))
+    query[0, 0], keys[0, 2] = 0.0, 0.0
+
+    def gradients(backend_name, dtype):
+        leaves = [x.to(dtype).clone().requires_grad_() for x in ((query, keys) if values_are_keys else (query, keys, values))]
+        with fastattn.backend(backend_name):
+            context = fastattn.attention(*leaves[:2], leaves[1] if values_are_keys else leaves[2], score="cosine",
+                                         scale=2.5, window=3)
+        grads = [grad.double() for grad in torch.autograd.grad(context.double().sum(), leaves)]
+        return [grads[0][:, 1:], torch.cat([grads[1][:, :2], grads[1][:, 3:]], 1), *grads[2:]]
+
+    exact, theirs, ours = (gradients("reference", torch.float64), gradients("reference", torch.float16),
+                           gradients("triton", torch.float16))
+    for want, reference_result, got in zip(exact, theirs, ours):
+        assert torch.isfinite(got).all()
+        bound = 2 * (reference_result - want).abs().max() + torch.finfo(torch.float16).eps * want.abs().max()
+        assert (got - want).abs().max() <= bound
+
+
 BFLOAT16_UNDER_INTERPRETER = pytest.param(
     torch.bfloat16,
     marks=pytest.mark.skipif(
