@@ -1,5 +1,7 @@
 """The TSV parallel corpus: parsing, clear errors, tokens, vocabulary, filtering, split."""
 
+import itertools
+
 import pytest
 
 from fastattn.data import DataError
@@ -69,6 +71,23 @@ def test_length_filter_and_seeded_split(tmp_path):
         split(short, 0.0, 0.2, seed=3)
     with pytest.raises(DataError, match="at least 3 sentence pairs"):
         split(short[:2], 0.1, 0.1, seed=3)
+
+
+def test_every_split_keeps_a_pair_whatever_the_fractions(tmp_path):
+    """Test and valid counts were rounded up each on its own: 4 pairs at 0.4 and 0.4 left
+    train empty, and training then "succeeded" with 0 steps."""
+    pairs = read_pairs(write(tmp_path, "".join(f"s{index}\tt{index}\n" for index in range(40))))
+    for count in range(3, 41):
+        for valid, test in itertools.product((0.01, 0.25, 0.4, 0.49), repeat=2):
+            splits = split(pairs[:count], valid, test, seed=0)
+            assert all(splits.values()) and sum(map(len, splits.values())) == count, (count, valid, test)
+
+
+def test_a_byte_order_mark_is_not_read_as_a_token(tmp_path):
+    path = tmp_path / "notepad.tsv"
+    path.write_text("Go.\tVa !\n", encoding="utf-8-sig")
+    (source, target), = read_pairs(path)
+    assert source.text == "Go." and source.tokens == ["Go", "."] and target.tokens == ["Va", "!"]
 
 
 def test_vocabulary_min_frequency_and_unknown_tokens():

@@ -147,6 +147,19 @@ def test_bad_input(call, error):
         call()
 
 
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        # torch.stack's "stack expects a non-empty TensorList", and the attention's "query_dim"
+        (lambda: _model("soft")(_images(2), torch.zeros(2, 0, dtype=torch.int64)), r"^inputs must have shape \(B, T >= 1\)"),
+        (lambda: ShowAttendTell(VOCAB, (8, 12), hidden_dim=0), r"^hidden_dim must be in \[1,"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
 def _task(*flags):
     return CaptionsTask(train_arguments("captions", "--train-size", "64", "--test-size", "20", *flags), torch.device("cpu"))
 
@@ -170,6 +183,26 @@ def test_task_loss_metrics_plot_and_state(attention, tmp_path):
     restored = CaptionsTask(argparse.Namespace(data=None, train_size=8), torch.device("cpu"), state)
     assert restored.data["test"].captions() == task.data["test"].captions()
     assert restored.settings == task.settings and restored.vocabulary.tokens == task.vocabulary.tokens
+
+
+def test_hard_attention_test_loss_is_the_soft_model_s_whatever_the_baseline():
+    """The trainer's test loss (eval mode) was the REINFORCE surrogate: it moved with the
+    training baseline (and the entropy bonus) and was often negative."""
+    task = _task("--attention", "hard", "--feature-dim", "8", "--hidden-dim", "16")
+    task.model.eval()
+    batch = next(iter(task.batches("test", 20, torch.Generator())))
+    with torch.no_grad():
+        outputs = task.model(batch["images"], batch["inputs"])
+        step_mask = batch["targets"] != Vocabulary.pad_id
+        word_nll = torch.nn.functional.cross_entropy(
+            outputs.logits.transpose(1, 2), batch["targets"], ignore_index=Vocabulary.pad_id, reduction="sum"
+        )
+        expected = word_nll / step_mask.sum() + 0.01 * doubly_stochastic_penalty(outputs.weights, step_mask).mean()
+        for baseline in (0.0, -5.0, -20.0):
+            task.reward_baseline = baseline
+            loss, tokens = task.loss(task.model, batch)
+            torch.testing.assert_close(loss, expected)
+            assert tokens == int(step_mask.sum()) and task.reward_baseline == baseline
 
 
 def test_task_refuses_a_data_file():

@@ -70,16 +70,21 @@ def test_translate_trains_reports_bleu_and_evaluates_on_unseen_data(tmp_path, ca
     assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_translate_bleu_of_the_references_own_tokens_is_100(tmp_path):
+@pytest.mark.parametrize("lines", [
+    ["He is well loved.\tIl est bien-aimé.", "It is 3.5 degrees.\tIl fait 3.5 degrés.",
+     'She said "yes".\tElle a dit « oui ».', "It costs $5,000.\tÇa coûte 5,000 $."],
+    ["Go.\tVa !", "Hi.\tSalut !", "I see.\tJe vois.", "We eat.\tNous mangeons."],
+], ids=["detokenising", "under-4-tokens"])
+def test_translate_bleu_of_the_references_own_tokens_is_100(tmp_path, lines):
     """BLEU compared the detokenised hypotheses with the file's text, which detokenising
-    does not give back ("bien - aimé", "3. 5"): perfect output scored 26 to 41."""
+    does not give back ("bien - aimé", "3. 5"): perfect output scored 26 to 41.  And it
+    counted 4-grams where no reference has 4 tokens: perfect output scored 0."""
     import torch
 
     from fastattn.zoo.sequence_tasks import TranslateTask
     from tests.zoo_helpers import train_arguments
 
-    lines = ["He is well loved.\tIl est bien-aimé.", "It is 3.5 degrees.\tIl fait 3.5 degrés.",
-             'She said "yes".\tElle a dit « oui ».', "It costs $5,000.\tÇa coûte 5,000 $."] * 5
+    lines = lines * 5
     data = tmp_path / "corpus.tsv"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     args = train_arguments("translate", "--data", str(data), "--test-fraction", "0.4")
@@ -108,6 +113,18 @@ def test_synthetic_task_evaluates_its_own_test_split(tmp_path, capsys):
     evaluated = json.loads((out / "eval" / "metrics.json").read_text())  # the default --out
     assert evaluated["exact_match"] == trained["exact_match"] and evaluated["examples"] == 24
     assert "reverse: exact_match " in capsys.readouterr().out
+
+
+def test_every_score_of_the_api_is_an_attention_that_trains(tmp_path):
+    """API.md gives ``--attention SCORE|none``; scaled_dot, one of the scores, was an invalid choice."""
+    from fastattn.functional.attention_inputs import SCORES
+    from fastattn.zoo.seq2seq import ATTENTIONS
+
+    assert {*SCORES, "none"} <= set(ATTENTIONS)
+    out = tmp_path / "run"
+    assert main(["train", "copy", *TINY_COPY, "--attention", "scaled_dot", "--epochs", "1", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] > 0 and math.isfinite(metrics["loss_train"])
 
 
 def test_unknown_task_and_attention_are_usage_errors(capsys):
@@ -140,6 +157,11 @@ def test_malformed_tsv_line_names_the_file_and_line(tmp_path, capsys):
         (["train", "copy", "--beam-width", "0"], "--beam-width must be >= 1"),
         (["train", "copy", "--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
         (["train", "translate", "--data", "."], ".: a folder, expected a tab-separated text file"),
+        # The three below were tracebacks, or named an internal argument (query_dim).
+        (["train", "copy", "--attention", "local-p", "--window", "0"], "--window must be >= 1 with --attention local-p"),
+        (["train", "reverse", "--symbols", "10", "--lengths", "3", "3", "--test-size", "20000", "--train-size", "100"],
+         "not held out: lower --test-size, or raise --symbols or --lengths"),
+        (["train", "captions", "--train-size", "8", "--test-size", "2", "--hidden-dim", "0"], "hidden_dim must be in [1,"),
         (["eval", "missing.pt"], "missing.pt: no such checkpoint file"),
     ],
 )

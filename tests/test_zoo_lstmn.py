@@ -127,6 +127,20 @@ def test_bad_input(call):
         call()
 
 
+@pytest.mark.parametrize(
+    "call, argument",
+    [
+        (lambda: LSTMN(4, 8)(torch.zeros(2, 0, 4)), "inputs"),
+        (lambda: RecallClassifier(10, 3)(torch.zeros(2, 0, dtype=torch.int64)), "tokens"),
+        (lambda: RecallClassifier(10, 3, encoder="lstm")(torch.zeros(2, 0, dtype=torch.int64)), "tokens"),
+    ],
+)
+def test_zero_steps_are_refused_by_name(call, argument):
+    """They failed inside torch.stack ("stack expects a non-empty TensorList")."""
+    with pytest.raises(ValueError, match=rf"^{argument} must have shape \(B, T >= 1"):
+        call()
+
+
 def test_read_next_token_must_be_a_flag():
     with pytest.raises(TypeError, match="read_next_token"):
         LSTMN(3, 4, read_next_token="yes")

@@ -182,6 +182,7 @@ def test_bad_arguments_are_refused_by_name(case, argument):
         (dict(hidden_size=7), "hidden_size must be even"),
         (dict(window=-1), "window must be in"),  # local-m sliced an empty window (an error mid-decoding)
         (dict(window=2**40), "window must be in"),
+        (dict(attention="local-p", window=0), r"window must be in \[1,"),  # its Gaussian has sigma D / 2
         (dict(embedding_size=0), "embedding_size must be in"),
         (dict(max_source_length=0), "max_source_length must be in"),
         (dict(target_vocab_size=3), "target_vocab_size must be in"),  # the four special tokens at least

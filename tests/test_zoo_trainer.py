@@ -148,7 +148,8 @@ def test_bad_common_flags_are_task_errors(tmp_path):
                            (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
                            (["--device", "meta"], "--device must be cpu, cuda or cuda:N"),
                            (["--embedding-size", "0"], "--embedding-size must be >= 1"),
-                           (["--attention", "local-p", "--window", "-1"], "--window must be >= 0")]:
+                           (["--attention", "local-m", "--window", "-1"], "--window must be >= 0"),
+                           (["--attention", "local-p", "--window", "0"], "--window must be >= 1 with --attention local-p")]:
         with pytest.raises(TaskError, match=message):
             trainer.train(train_arguments("copy", *TINY_COPY, *flags, "--out", str(tmp_path)))
 

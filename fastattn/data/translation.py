@@ -51,7 +51,7 @@ def read_pairs(path: str | Path, lowercase: bool = False) -> list[Pair]:
         raise DataError(f"{path}: no such file")
     pairs = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a leading byte-order mark is dropped, not a token
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     for number, line in enumerate(lines, start=1):
@@ -84,7 +84,8 @@ def split(pairs: list[Pair], valid_fraction: float, test_fraction: float, seed: 
         raise DataError(f"a corpus needs at least 3 sentence pairs (train, valid, test), got {len(pairs)}")
     order = np.random.default_rng(seed).permutation(len(pairs))
     test_count = max(1, round(test_fraction * len(pairs)))
-    valid_count = max(1, round(valid_fraction * len(pairs)))
+    # Both rounded up could take every pair (4 pairs, 0.4 and 0.4): valid gives train its one.
+    valid_count = min(max(1, round(valid_fraction * len(pairs))), len(pairs) - test_count - 1)
     chosen = [pairs[index] for index in order]
     return {
         "test": chosen[:test_count],

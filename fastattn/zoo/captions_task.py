@@ -3,11 +3,11 @@ sklearn digits (:mod:`fastattn.data.captions`), captioned with the digits' names
 
 Loss: the mean word negative log-likelihood under teacher forcing plus lambda times the
 doubly stochastic penalty averaged over captions; with ``--attention hard`` the word
-log-likelihood term becomes the REINFORCE surrogate (moving-average baseline of the
-caption log-likelihood, decay 0.9, and an entropy bonus).  Metrics: caption exact
-match and corpus BLEU (sacrebleu; n-grams up to the longest caption, ``--max-digits``
-words, at most 4: 4-gram BLEU of 3-word captions would be 0 whatever the captions) of
-greedy captions, and ``attention_in_box``: the
+log-likelihood term of training becomes the REINFORCE surrogate (moving-average baseline
+of the caption log-likelihood, decay 0.9, and an entropy bonus), while the test loss (eval
+mode: argmax locations) stays the soft model's.  Metrics: caption exact match and corpus
+BLEU (:func:`fastattn.zoo.bleu.corpus_bleu`: n-grams up to the longest reference caption,
+``--max-digits`` words, at most 4) of greedy captions, and ``attention_in_box``: the
 share of reference words whose attention peak (teacher forcing) lies inside that
 digit's box.  The data is generated from the seed, which the checkpoint keeps, so
 ``fastattn eval`` scores the same held-out canvases; there is no ``--data`` file.
@@ -20,11 +20,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sacrebleu.metrics import BLEU
 import torch
 
 from fastattn.data.captions import WORDS, CaptionedImages, load_caption_splits
 from fastattn.data.vocabulary import SPECIALS, Vocabulary
+from fastattn.zoo.bleu import corpus_bleu
 from fastattn.zoo.show_attend_tell import (
     ATTENTION_KINDS,
     ShowAttendTell,
@@ -125,7 +125,9 @@ class CaptionsTask(Task):
             outputs.logits.transpose(1, 2), batch["targets"], ignore_index=Vocabulary.pad_id, reduction="none"
         )
         penalty = self.settings_value("doubly_stochastic") * doubly_stochastic_penalty(outputs.weights, step_mask).mean()
-        if outputs.location_log_probs is None:
+        if outputs.location_log_probs is None or not model.training:
+            # Soft attention, and hard attention's test loss (eval mode): the word NLL as the soft
+            # model's, not the surrogate, which depends on the baseline (moved in training only).
             return word_nll.sum() / tokens + penalty, tokens
         caption_log_likelihood = -word_nll.sum(1)
         surrogate = reinforce_surrogate(
@@ -133,9 +135,8 @@ class CaptionsTask(Task):
             reinforce_weight=self.settings_value("reinforce_weight"),
             entropy_weight=self.settings_value("entropy_weight"),
         )
-        if model.training:  # the trainer's test loss (eval mode) leaves the baseline alone
-            reward = float(caption_log_likelihood.detach().mean())
-            self.reward_baseline = BASELINE_DECAY * self.reward_baseline + (1 - BASELINE_DECAY) * reward
+        reward = float(caption_log_likelihood.detach().mean())
+        self.reward_baseline = BASELINE_DECAY * self.reward_baseline + (1 - BASELINE_DECAY) * reward
         return surrogate.sum() / tokens + penalty, tokens
 
     def settings_value(self, flag: str) -> float:
@@ -155,7 +156,7 @@ class CaptionsTask(Task):
         exact = sum(h == r for h, r in zip(hypotheses, references)) / len(references)
         metrics = {
             "exact_match": exact,
-            "bleu": BLEU(max_ngram_order=min(4, self.settings["max_digits"])).corpus_score(hypotheses, [references]).score,
+            "bleu": corpus_bleu(hypotheses, references).score,
             "attention_in_box": attention_in_box(torch.cat(peaks), self.data[split], model.grid_size),
             "captions": float(len(references)),
         }

@@ -56,7 +56,10 @@ class LSTMN(torch.nn.Module):
         (B, T, T + 1): row t weighs the tape [zero state, h_1 .. h_{t}] read at step t+1,
         zero for entries not yet written)."""
         checks.float_tensor("inputs", inputs)
-        checks.shape("inputs", inputs, (None, None, self.input_size), f"(B, T, input_size={self.input_size})")
+        if inputs.dim() != 3 or inputs.shape[1] == 0 or inputs.shape[2] != self.input_size:
+            raise ValueError(
+                f"inputs must have shape (B, T >= 1, input_size={self.input_size}), got {checks.describe(inputs)}"
+            )
         batch, steps, _ = inputs.shape
         zeros = inputs.new_zeros(batch, self.hidden_size)
         hidden_tape, memory_tape = [zeros], [zeros]
@@ -98,7 +101,8 @@ class RecallClassifier(torch.nn.Module):
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (logits (B, classes), the LSTMN's intra-attention (B, T, T + 1) or None for the LSTM)."""
         checks.integer_tensor("tokens", tokens)
-        checks.shape("tokens", tokens, (None, None), "(B, T)")
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must have shape (B, T >= 1), got {checks.describe(tokens)}")
         hidden, weights = self.encoder(self.embedding(tokens))
         if self.encoder_kind == "lstm":
             weights = None

@@ -8,6 +8,7 @@ one ``fastattn.nn.AttentionDecoderCell`` step per target token, p(y_t) = softmax
   none      Sutskever 2014 / Cho 2014: no attention; the final encoder state c (what s_0
             is made of) is the only summary of the source, fed to every step: s_t = f(s_{t-1}, [y_{t-1}; c]).
   dot, general, cosine, location   Luong 2015 global attention with that score.
+  scaled_dot  global attention with the dot score over sqrt(hidden_size) (Vaswani 2017).
   additive  Bahdanau 2015 (v^T tanh(W s + U h)).
   local-m   Luong 2015 local attention, monotonic: the general score over the window
             [t - D, t + D] around the decoder step t.
@@ -36,9 +37,15 @@ from fastattn.nn.attention import AttentionCache
 from fastattn.nn.decoder import AttentionDecoderCell, DecoderState
 from fastattn.zoo import graph_decoding
 
-ATTENTIONS = ("none", "dot", "general", "additive", "cosine", "location", "local-m", "local-p")
+ATTENTIONS = ("none", "dot", "scaled_dot", "general", "additive", "cosine", "location", "local-m", "local-p")
 CELLS = ("lstm", "gru")
 PAD, BOS, EOS = Vocabulary.pad_id, Vocabulary.bos_id, Vocabulary.eos_id
+
+
+def least_window(attention: str) -> int:
+    """The smallest ``window`` D under ``attention``: local-p weighs its window by a Gaussian
+    of sigma D / 2, which needs D >= 1; the others take D = 0 (local-m: step t alone)."""
+    return 1 if attention == "local-p" else 0
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ class Seq2SeqConfig:
             checks.positive_int(name, getattr(self, name), minimum=len(SPECIALS))
         checks.positive_int("embedding_size", self.embedding_size)
         checks.positive_int("hidden_size", self.hidden_size)
-        checks.positive_int("window", self.window, minimum=0)
+        checks.positive_int("window", self.window, minimum=least_window(self.attention))
         checks.positive_int("max_source_length", self.max_source_length)
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")

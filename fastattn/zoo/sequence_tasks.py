@@ -5,7 +5,8 @@ token-level cross-entropy with teacher forcing, and evaluation by decoding (gree
 beam search with ``--beam-width``).  Metrics: ``exact_match`` (whole hypothesis equals the
 reference), ``token_accuracy`` (position by position, over the reference's tokens); the
 synthetic tasks add exact match per source length, translate adds corpus ``bleu``
-(sacrebleu, on detokenised text: the hypotheses' tokens against the references').
+(sacrebleu, on detokenised text: the hypotheses' tokens against the references'; n-grams
+up to 4, fewer when every reference is shorter, see :func:`fastattn.zoo.bleu.corpus_bleu`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
-import sacrebleu
 import torch
 
 from fastattn.data import synthetic, translation
 from fastattn.data.vocabulary import Vocabulary
 from fastattn.zoo import plots
-from fastattn.zoo.seq2seq import ATTENTIONS, CELLS, PAD, Seq2Seq, Seq2SeqConfig
+from fastattn.zoo.bleu import corpus_bleu
+from fastattn.zoo.seq2seq import ATTENTIONS, CELLS, PAD, Seq2Seq, Seq2SeqConfig, least_window
 from fastattn.zoo.task import Task, TaskError
 
 POOL_BATCHES = 50  # training batches are cut from pools of this many, sorted by length (less padding)
@@ -96,8 +97,9 @@ class SequenceTask(Task):
     def model_config(self, args: argparse.Namespace) -> Seq2SeqConfig:
         if args.embedding_size < 1:
             raise TaskError(f"--embedding-size must be >= 1, got {args.embedding_size}")
-        if args.window < 0:
-            raise TaskError(f"--window must be >= 0, got {args.window}")
+        least = least_window(args.attention)
+        if args.window < least:
+            raise TaskError(f"--window must be >= {least} with --attention {args.attention}, got {args.window}")
         try:
             return Seq2SeqConfig(
                 len(self.source_vocabulary), len(self.target_vocabulary), attention=args.attention, cell=args.cell,
@@ -239,10 +241,11 @@ class SyntheticTask(SequenceTask):
                 )
             except ValueError as error:
                 raise TaskError(str(error)) from None
-        return {
-            split: [Example(source, target) for source, target in pairs]
-            for split, pairs in synthetic.generate(self.data_config).items()
-        }
+        try:
+            generated = synthetic.generate(self.data_config)
+        except ValueError as error:  # the valid and test sources leave too few to train on
+            raise TaskError(f"{error}: lower --test-size, or raise --symbols or --lengths") from None
+        return {split: [Example(source, target) for source, target in pairs] for split, pairs in generated.items()}
 
     def build_vocabularies(self, train: list[Example]) -> tuple[Vocabulary, Vocabulary]:
         vocabulary = Vocabulary.build([synthetic.symbols(self.data_config.symbols)])
@@ -331,7 +334,7 @@ class TranslateTask(SequenceTask):
         # tokenize -> detokenize does not give back every text ("bien-aimé", "3.5", quotes),
         # and a hypothesis of the reference's very tokens must score 100.
         references = [translation.detokenize(example.target) for example in examples]
-        bleu = sacrebleu.corpus_bleu(detokenized, [references])
+        bleu = corpus_bleu(detokenized, references)
         return {"bleu": bleu.score, "bleu_signature": str(bleu), "pairs_dropped_by_max_length": self.dropped}
 
 

@@ -87,7 +87,9 @@ class ShowAttendTell(torch.nn.Module):
         self.grid_size = (height // POOLING, width // POOLING)
         self.encoder = ConvEncoder(checks.positive_int("feature_dim", feature_dim), self.grid_size)
         self.embedding = torch.nn.Embedding(checks.positive_int("vocab_size", vocab_size), embed_dim)
-        self.attention = Attention(hidden_dim, feature_dim, score="additive", attn_dim=attn_dim)
+        self.attention = Attention(
+            checks.positive_int("hidden_dim", hidden_dim), feature_dim, score="additive", attn_dim=attn_dim
+        )
         self.gate = torch.nn.Linear(hidden_dim, 1)  # beta_t
         torch.nn.init.constant_(self.gate.bias, GATE_OPEN_BIAS)
         self.init_hidden = torch.nn.Linear(feature_dim, hidden_dim)
@@ -104,7 +106,8 @@ class ShowAttendTell(torch.nn.Module):
         Hard attention samples its locations with ``generator`` while training and
         takes the argmax in eval mode."""
         checks.integer_tensor("inputs", inputs)
-        checks.shape("inputs", inputs, (None, None), "(B, T)")
+        if inputs.dim() != 2 or inputs.shape[1] == 0:
+            raise ValueError(f"inputs must have shape (B, T >= 1), got {checks.describe(inputs)}")
         grid, blank = self.encode(images), self.blank_cells(images)
         state, cache = self._initial_state(grid), self.attention.precompute(grid)
         embedded = self.embedding(inputs)
