@@ -1,8 +1,8 @@
 // The autocast kernels of the fastattn ops that compute (TORCH_LIBRARY_IMPL(fastattn,
-// AutocastCPU / AutocastCUDA, m)): attention_forward, lstm_cell_forward,
-// gru_cell_forward, lstm_layer_forward and gru_layer_forward.  Inside torch.autocast
-// each casts its floating-point tensors to the autocast dtype (float16 or bfloat16; the
-// CPU and CUDA kernels both run them natively) and calls the op below autocast
+// AutocastCPU / AutocastCUDA, m)): attention_forward, hard_attention_outputs,
+// lstm_cell_forward, gru_cell_forward, lstm_layer_forward and gru_layer_forward.  Inside
+// torch.autocast each casts its floating-point tensors to the autocast dtype (float16 or
+// bfloat16; the CPU and CUDA kernels both run them natively) and calls the op below autocast
 // (autograd records the casts, so gradients reach the float32 parameters), as torch's
 // own autocast kernels do for matmul, SDPA and the RNNs on either device.
 // at::autocast::cached_cast casts each float32 parameter (a leaf that requires grad) once
@@ -61,6 +61,16 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_autocast(
                  causal, window, center_in_float(center), gaussian, return_weights);
 }
 
+// Hard attention's context, the chosen value rows, in the autocast dtype as soft
+// attention's context is (the index passes).
+template <c10::DeviceType kDevice>
+std::tuple<Tensor, Tensor> hard_attention_outputs_autocast(const Tensor& weights, const Tensor& index,
+                                                           const Tensor& values) {
+  static const auto op = fastattn_op<HardAttentionOutputs>("fastattn::hard_attention_outputs");
+  const AutocastCall<kDevice> cast;
+  return op.call(cast(weights), index, cast(values));
+}
+
 template <c10::DeviceType kDevice>
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward_autocast(const Tensor& x, const Tensor& h, const Tensor& c,
                                                               const Tensor& w_ih, const Tensor& w_hh,
@@ -102,6 +112,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_autocast(const Tensor& x, c
 template <c10::DeviceType kDevice>
 void register_autocast(torch::Library& m) {
   m.impl("attention_forward", TORCH_FN(attention_forward_autocast<kDevice>));
+  m.impl("hard_attention_outputs", TORCH_FN(hard_attention_outputs_autocast<kDevice>));
   m.impl("lstm_cell_forward", TORCH_FN(lstm_cell_forward_autocast<kDevice>));
   m.impl("gru_cell_forward", TORCH_FN(gru_cell_forward_autocast<kDevice>));
   m.impl("lstm_layer_forward", TORCH_FN(lstm_layer_forward_autocast<kDevice>));

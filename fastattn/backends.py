@@ -17,6 +17,7 @@ when it cannot run the op, instead of falling back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -103,6 +104,43 @@ def register(op: str, backend: str, device_types: tuple[str, ...] | None) -> Cal
         return function
 
     return decorate
+
+
+def in_autocast_dtype(function: Callable) -> Callable:
+    """``function`` as a backend function without autocast kernels of its own runs it (the
+    reference's, the Triton backend's): inside ``torch.autocast`` on its floating tensors
+    cast to the autocast dtype (float64 passes; local-p centers, positions, go to float32)
+    and with autocast off, so that it returns the autocast dtype as the C++ and CUDA ops'
+    autocast kernels (csrc/autocast.cpp) make theirs do.  The casts go through torch's
+    autocast cache (``torch.ops.fastattn.autocast_cast``, with the C++ extension loaded):
+    a float32 parameter is cast once per autocast region, not at every step of a decoder,
+    as torch's own layers do; while ``torch.compile`` traces, and without the extension,
+    they are plain ``.to`` casts."""
+
+    @functools.wraps(function)
+    def run(*arguments, **keywords):
+        tensors = [a for a in (*arguments, *keywords.values()) if isinstance(a, torch.Tensor)]
+        device_type = tensors[0].device.type
+        if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+            return function(*arguments, **keywords)  # meta tensors, say, have no autocast
+        dtype = torch.get_autocast_dtype(device_type)
+        cached_cast = None if torch.compiler.is_compiling() else getattr(torch.ops.fastattn, "autocast_cast", None)
+
+        def cast(value):
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()) or value.dtype == torch.float64:
+                return value
+            return value.to(dtype) if cached_cast is None else cached_cast(value)
+
+        arguments = [cast(a) for a in arguments]
+        keywords = {
+            name: value.float() if name == "center" and value is not None and value.dtype != torch.float64
+            else cast(value)
+            for name, value in keywords.items()
+        }
+        with torch.autocast(device_type, enabled=False):  # cast above, inside autocast: cached
+            return function(*arguments, **keywords)
+
+    return run
 
 
 def mark_available(backend: str) -> None:

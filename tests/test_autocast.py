@@ -41,6 +41,14 @@ def _inputs(kind, score, low):
     if kind == "attention":
         module = fastattn.nn.Attention(8, key_dim_for(score, 8, 6), score=score, max_source_len=7)
         return module, (tensor(3, 4, 8, dtype=low), tensor(3, 5, key_dim_for(score, 8, 6))), lambda m, q, k: list(m(q, k))
+    if kind == "hard_attention":  # a query projection (the parameters), argmax positions
+        module = torch.nn.Linear(8, 8)
+
+        def attend(m, q, k, values):
+            context, _, log_prob, weights = fastattn.hard_attention(m(q), k, values, score="dot", sample=False)
+            return [context, log_prob, weights]
+
+        return module, (tensor(3, 4, 8, dtype=low), tensor(3, 5, 8), tensor(3, 5, 6)), attend
     if kind in ("lstm_cell", "gru_cell"):
         module = (fastattn.nn.LSTMCell if kind == "lstm_cell" else fastattn.nn.GRUCell)(8, 6)
         if kind == "lstm_cell":
@@ -77,27 +85,25 @@ def _run(kind, score, backend_name, low, autocast, device="cpu"):
     return outputs, {name: (leaf.dtype, leaf.grad) for name, leaf in leaves}
 
 
-CASES = [("attention", score) for score in SCORES] + [
+CASES = [("attention", score) for score in SCORES] + [("hard_attention", None)] + [
     (kind, None) for kind in ("lstm_cell", "gru_cell", "lstm", "gru")
 ] + [("decoder_lstm", "additive"), ("decoder_gru", "general"), ("decoder_lstm", "location")]
 
 
-def _check_against_the_reference(kind, score, backend_name, low, device="cpu", output_dtypes=None):
-    """The 2x rule on the outputs, and the gradients near the exact ones in their leaves'
-    dtypes; ``output_dtypes``: the dtypes the outputs may have (default: low or float32)."""
+def _check_against_the_reference(kind, score, backend_name, low, device="cpu"):
+    """The outputs in the autocast dtype on every backend and within twice the error of the
+    reference's run under the same autocast (each backend takes every input in that dtype,
+    a float32 LSTM cell state included), and the gradients near the exact ones in their
+    leaves' dtypes."""
     exact, exact_grads = _run(kind, score, "reference", low, autocast=False, device=device)
     reference, _ = _run(kind, score, "reference", low, autocast=True, device=device)
     got, grads = _run(kind, score, backend_name, low, autocast=True, device=device)
     for index, (output, in_reference, want) in enumerate(zip(got, reference, exact)):
         output, in_reference, want = output.detach(), in_reference.detach(), want.detach()
-        assert output.dtype in (output_dtypes or (low, torch.float32)) and output.shape == want.shape
+        assert output.dtype == in_reference.dtype == low and output.shape == want.shape, (index, output.dtype)
         error = float((output.double() - want).abs().max())
         reference_error = float((in_reference.double() - want).abs().max())
-        # Allowed besides: one rounding to `low` of the largest output (the kernels take
-        # every input in the autocast dtype, a float32 LSTM cell state included, where the
-        # reference's elementwise maths promote to float32).
-        rounding = torch.finfo(low).eps * float(want.abs().max())
-        assert error <= 2 * reference_error + rounding, (index, error, reference_error)
+        assert error <= 2 * reference_error, (index, error, reference_error)
     for name, (dtype, grad) in grads.items():  # in each leaf's dtype, near the exact ones
         want = exact_grads[name][1]
         assert grad is not None and grad.dtype == dtype, name
@@ -118,7 +124,7 @@ def test_mixed_dtypes_under_autocast_within_twice_the_references_error(kind, sco
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind, score", [("attention", "general"), ("lstm", None), ("decoder_lstm", "additive")])
 def test_gpu_cuda_kernels_under_autocast_run_in_its_dtype(kind, score, low):
-    _check_against_the_reference(kind, score, "cuda", low, device="cuda", output_dtypes=(low,))
+    _check_against_the_reference(kind, score, "cuda", low, device="cuda")
 
 
 @needs_extension
@@ -147,7 +153,9 @@ def test_the_ops_compute_in_the_autocast_dtype_under_cpu_autocast(low):
     x, h, c = (torch.randn(3, 6, generator=generator).to(other) for _ in range(3))
     w_ih, w_hh = torch.randn(24, 6, generator=generator), torch.randn(24, 6, generator=generator)
     sequence, h0 = torch.randn(4, 3, 6, generator=generator).to(other), torch.randn(3, 6, generator=generator)
+    weights, index = torch.rand(2, 3, 5, generator=generator).to(other), torch.tensor([[0, 4, 2], [1, 1, 3]])
     calls = [
+        (torch.ops.fastattn.hard_attention_outputs, (weights, index, values)),
         (torch.ops.fastattn.lstm_cell_forward, (x, h, c, w_ih, w_hh, None, None)),
         (torch.ops.fastattn.gru_cell_forward, (x, h, w_ih[:18], w_hh[:18], None, None)),
         (torch.ops.fastattn.lstm_layer_forward, (sequence, h0, h0, w_ih, w_hh, None, None, None, False)),
@@ -156,7 +164,7 @@ def test_the_ops_compute_in_the_autocast_dtype_under_cpu_autocast(low):
     for op, arguments in calls:
         with torch.autocast("cpu", dtype=low):
             outputs = op(*arguments)
-        in_low = [a.to(low) if isinstance(a, torch.Tensor) else a for a in arguments]
+        in_low = [a.to(low) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arguments]
         for got, want in zip(outputs, op(*in_low)):
             assert got.dtype == low, op
             torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -183,6 +191,8 @@ def test_the_ops_compute_in_the_autocast_dtype_under_cuda_autocast(dtype):
             outputs = [
                 *torch.ops.fastattn.attention_forward(query, keys, values, None, None, "dot", 1.0, None, None, False,
                                                       None, None, False, True)[:2],
+                *torch.ops.fastattn.hard_attention_outputs(fake(2, 3, 5, dtype=torch.float16), fake(2, 3, dtype=torch.int64),
+                                                           values),
                 *torch.ops.fastattn.lstm_cell_forward(x, h, c, w_ih, w_hh, None, None),
                 *torch.ops.fastattn.gru_cell_forward(x, h, w_ih_gru, w_hh_gru, None, None),
                 *torch.ops.fastattn.lstm_layer_forward(sequence, h, c, w_ih, w_hh, None, None, None, False),

@@ -6,12 +6,9 @@ CPU tensors, so the tests can call it explicitly.  ``"auto"`` never picks it for
 tensors (``backends.AUTO_ORDER``).  Attention reuses ``fastattn.ops.attention``'s
 mapping of the six scores onto the kernels; float64 inputs run the reference (Triton's
 kernels here compute float32/float16/bfloat16, accumulating in float32).  Inside
-``torch.autocast`` every backend function runs in the autocast dtype: its floating
-tensors are cast (local-p centers to float32), then it runs with autocast off (the Triton ops have no autocast
-kernels).  The casts go through torch's autocast cache (``torch.ops.fastattn.autocast_cast``,
-with the C++ extension loaded): a float32 parameter is cast once per autocast region,
-not at every step of a decoder, as torch's own layers do; while ``torch.compile``
-traces, and without the extension, they are plain ``.to`` casts.
+``torch.autocast`` every backend function runs in the autocast dtype, its floating
+tensors cast through torch's autocast cache (the Triton ops have no autocast kernels:
+:func:`fastattn.backends.in_autocast_dtype`).
 """
 
 from __future__ import annotations
@@ -28,35 +25,14 @@ FLOAT64_NOTE = "float64 inputs run the reference (the Triton kernels take float3
 
 def _in_kernel_dtypes(function, reference_function):
     """``function``, with float64 inputs sent to ``reference_function`` and, inside
-    ``torch.autocast``, its floating tensors cast to the autocast dtype (see the module
-    docstring)."""
+    ``torch.autocast``, run in the autocast dtype (:func:`fastattn.backends.in_autocast_dtype`)."""
+    in_autocast = backends.in_autocast_dtype(function)
 
     @functools.wraps(function)
     def run(*arguments, **keywords):
-        tensors = [a for a in (*arguments, *keywords.values()) if isinstance(a, torch.Tensor)]
-        if any(tensor.dtype == torch.float64 for tensor in tensors):
+        if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in (*arguments, *keywords.values())):
             return reference_function(*arguments, **keywords)
-        device_type = tensors[0].device.type
-        if not torch.is_autocast_enabled(device_type):
-            return function(*arguments, **keywords)
-        dtype = torch.get_autocast_dtype(device_type)
-        cached_cast = None if torch.compiler.is_compiling() else getattr(torch.ops.fastattn, "autocast_cast", None)
-
-        def cast(value):
-            if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
-                return value
-            if cached_cast is None:
-                return value.to(dtype)
-            return cached_cast(value)
-
-        arguments = [cast(a) for a in arguments]
-        # local-p centers are positions: float32, which every query dtype takes (center_dtypes)
-        keywords = {
-            name: value.float() if name == "center" and value is not None else cast(value)
-            for name, value in keywords.items()
-        }
-        with torch.autocast(device_type, enabled=False):  # cast above, inside autocast: cached
-            return function(*arguments, **keywords)
+        return in_autocast(*arguments, **keywords)
 
     return run
 

@@ -1,7 +1,8 @@
 """The reference implementations: plain PyTorch, the specification of every kernel.
 
 Importing this package registers each function as the ``"reference"`` backend of
-its op, runnable on any device.
+its op, runnable on any device; inside ``torch.autocast`` it runs in the autocast dtype,
+as the other backends do (:func:`fastattn.backends.in_autocast_dtype`).
 """
 
 from fastattn import backends
@@ -20,6 +21,6 @@ _REFERENCE_OPS = {
     "gru_layer": gru_layer,
 }
 for _op, _function in _REFERENCE_OPS.items():
-    backends.register(_op, "reference", None)(_function)
+    backends.register(_op, "reference", None)(backends.in_autocast_dtype(_function))
 
 __all__ = list(_REFERENCE_OPS)
