@@ -95,8 +95,13 @@ class _StackedRecurrence:
             weight=self.weight_ih_l0, batch_first=self.batch_first, packed=True,
         )
         _check_packed_layout(input, data.shape[0])
-        rows, lengths = _packed_rows(input.batch_sizes, data.device)
+        # The batch read once: under torch.compile each read of batch_sizes is a new
+        # unbacked size, which the layer op's check of lengths (B,) could not match; and
+        # torch.compile is told it is the indices' length (checked above, when eager).
         steps, batch = len(input.batch_sizes), int(input.batch_sizes[0])
+        if input.sorted_indices is not None:
+            torch._check(batch == input.sorted_indices.shape[0])
+        rows, lengths = _packed_rows(input.batch_sizes, batch, data.device)
         x = data.new_zeros(steps * batch, data.shape[-1]).index_copy(0, rows, data).view(steps, batch, -1)
         states = _reorder_batch(self._initial_states(hx, x, True, data), input.sorted_indices)
         output, finals = self._run(x, states, lengths=lengths)
@@ -213,12 +218,12 @@ def _check_packed_layout(input: PackedSequence, rows: int) -> None:
             raise ValueError("input.unsorted_indices must be the inverse permutation of input.sorted_indices")
 
 
-def _packed_rows(batch_sizes: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+def _packed_rows(batch_sizes: Tensor, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Where a packed sequence's rows go in its zero-padded (T, B) batch (packed, sorted
-    order), flattened to T * B, and each sequence's length, both on ``device``.  Computed
-    from ``batch_sizes``, which a PackedSequence keeps on the CPU: no boolean indexing of
-    device tensors (a host sync on CUDA, and no meta kernel)."""
-    valid = torch.arange(int(batch_sizes[0])) < batch_sizes.unsqueeze(1)  # row-major order is the packed order
+    order; ``batch`` is batch_sizes[0]), flattened to T * B, and each sequence's length,
+    both on ``device``.  Computed from ``batch_sizes``, which a PackedSequence keeps on the
+    CPU: no boolean indexing of device tensors (a host sync on CUDA, and no meta kernel)."""
+    valid = torch.arange(batch) < batch_sizes.unsqueeze(1)  # row-major order is the packed order
     return valid.flatten().nonzero().squeeze(1).to(device), valid.sum(0).to(device)
 
 
