@@ -15,6 +15,7 @@ float32 and under the 2x rule in float16 / bfloat16, and the step captured in a 
 graph."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -299,10 +300,17 @@ def test_emulated_low_precision_local_p_step_errs_at_most_twice_the_reference(em
 
 @pytest.mark.slow
 def test_emulated_decoder_step_reads_keys_shared_by_the_batch(emulated):
-    """Keys with batch stride 0 (the "location" score's W_a[:S] expanded over the batch)."""
-    arguments = step_arguments(SHAPES["odd"], "lstm", "dot", ("lengths",), shared_keys=True)
+    """Keys with batch stride 0 (the "location" score's W_a[:S]), expanded over the batch or
+    (1, S, Dk), which the binding expands; values every other row of a larger batch, whose
+    batch stride the binding keeps."""
+    arguments = list(step_arguments(SHAPES["odd"], "lstm", "dot", ("lengths",), shared_keys=True))
     assert arguments[4].stride(0) == 0
-    assert_step_close(emulation.decoder_step(emulated, arguments, 3, 64), composed(arguments))
+    want = composed(arguments)
+    assert_step_close(emulation.decoder_step(emulated, arguments, 3, 64), want)
+    arguments[4] = arguments[4][:1]
+    arguments[5] = torch.stack([arguments[5], torch.full_like(arguments[5], math.nan)], 1).flatten(0, 1)[::2]
+    assert arguments[5].stride(0) == 2 * arguments[5][0].numel()
+    assert_step_close(emulation.decoder_step(emulated, arguments, 3, 64), want)
 
 
 @pytest.mark.slow

@@ -327,7 +327,7 @@ def attention_backward(library, grad_context, grad_weights, arguments, logsumexp
         raise RuntimeError(f"launch_attention_backward returned {status}")
     grad_v = grad_v_rows.sum((0, 1)).to(dtype) if additive else None
     grad_bias = grad_query.to(accumulate).sum((0, 1)).to(dtype) if additive and arguments[4] is not None else None
-    grads = grad_query, grad_keys, grad_values, grad_v, grad_bias, None if grad_center is None else grad_center.to(dtype)
+    grads = grad_query, grad_keys, grad_values, grad_v, grad_bias, None if grad_center is None else grad_center.to(center.dtype)
     return (*grads, splits)
 
 
@@ -520,17 +520,18 @@ def decoder_step_problem(keep, y, h, c, attentional, keys, values, query_weight,
     """The launch.h problem of attention_decoder_step's arguments (CPU tensors of y's
     dtype; v, bias, b_ih, b_hh and position_v taken in float32 as the binding does);
     `keep` holds the tensors the pointers point into."""
-    keys = keys if keys.shape[0] > 1 and keys.stride(0) == 0 else keys.contiguous()
+    keys = with_contiguous_rows(keys.expand(y.shape[0], *keys.shape[1:]))  # (1, S, Dk): stride 0, as binding.cpp
+    values = with_contiguous_rows(values)
     v, bias, b_ih, b_hh, position_v = (t if t is None else t.float().contiguous()
                                        for t in (v, bias, b_ih, b_hh, position_v))
     position_rows = None if position_weight is None else position_weight.t().contiguous()
     keep.extend([position_rows, position_v])
-    tensors = [t if t is None else t.contiguous() for t in (y, h, c, attentional, values, v, bias, key_padding_mask,
+    tensors = [t if t is None else t.contiguous() for t in (y, h, c, attentional, v, bias, key_padding_mask,
                                                            w_ih, w_hh, b_ih, b_hh, w_combine)]
     query_rows = None if query_weight is None else query_weight.t().contiguous()
     lengths = None if lengths is None else lengths.to(torch.int64).contiguous()
-    keep.extend([keys, query_rows, lengths, *tensors])
-    y, h, c, attentional, values, v, bias, key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine = tensors
+    keep.extend([keys, values, query_rows, lengths, *tensors])
+    y, h, c, attentional, v, bias, key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine = tensors
     batch, source_length, score_dim = keys.shape
     return DecoderStepProblem(
         DTYPES[y.dtype], CELLS["lstm" if c is not None else "gru"], SCORES[score], input_feeding, batch, y.shape[1], h.shape[1], source_length,
