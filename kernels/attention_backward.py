@@ -3,11 +3,11 @@ statistics (m, 1 / l), the probabilities p = exp(e - m) / l (no T×S matrices
 stored), in three launches of two kernels so that every output has one writer:
 
 - ``attention_grad_query_kernel`` with ``ROW_TERMS_GIVEN=False`` (grid: query blocks ×
-  batch) walks the key blocks a query block can see and writes each row's softmax
+  batch, on axis 0) walks the key blocks a query block can see and writes each row's softmax
   row terms (below) and the gradient of the local-p centers;
 - the same kernel with ``ROW_TERMS_GIVEN=True`` walks them again for dQ (dot and
   cosine; not launched for additive, whose dQ' the key-value kernel gives);
-- ``attention_grad_key_value_kernel`` (grid: key blocks × batch) walks the query
+- ``attention_grad_key_value_kernel`` (grid: key blocks × batch, on axis 0) walks the query
   blocks whose key range meets its keys and accumulates dK and dV (additive: also dQ'
   and dv, from the same tanh).
 
@@ -44,6 +44,7 @@ import triton.language as tl
 
 from fastattn.kernels.attention_tiles import (
     additive_activation,
+    block_and_sequence,
     block_scores,
     gaussian_factor,
     key_range,
@@ -191,7 +192,7 @@ def attention_grad_query_kernel(
 ):
     """Without ROW_TERMS_GIVEN, each row's (shift, row term) into ROW_TERMS (N, T, 2) and
     the centers' gradient; with it, dQ from them (dot and cosine)."""
-    t_block, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    t_block, n = block_and_sequence(T, BLOCK_T)
     t_start = t_block * BLOCK_T
     offs_t = t_start + tl.arange(0, BLOCK_T)
     offs_dq = tl.arange(0, BLOCK_DQ)
@@ -261,7 +262,7 @@ def attention_grad_key_value_kernel(
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr,
     BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, VALUES_ARE_KEYS: tl.constexpr,
 ):
-    j_block, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    j_block, n = block_and_sequence(S, BLOCK_S)
     j_start = j_block * BLOCK_S
     offs_j = j_start + tl.arange(0, BLOCK_S)
     offs_dq = tl.arange(0, BLOCK_DQ)

@@ -2,7 +2,8 @@
 in one pass over key blocks (flash-attention style), for the three score kinds of
 ``attention_tiles``.
 
-Grid: (query blocks, batch, key splits).  With one split each program writes the
+Grid: (query blocks x batch, key splits), the batch on axis 0 with the query blocks
+(``attention_tiles.block_and_sequence``).  With one split each program writes the
 normalised context and the row statistics (m, 1 / l): the softmax's shift and the
 inverse of its sum, in place of the log-sum-exp m + log l (see
 ``attention_tiles.store_row_statistics``; (+inf, 0) for a row with no valid key, whose
@@ -11,9 +12,10 @@ short query block when the batch alone cannot fill the GPU) each program covers
 ``split_size`` keys and writes its unnormalised partial context, running max and sum;
 ``attention_combine_kernel`` merges them.  ``attention_weights_kernel`` writes the
 normalised weights from the row statistics, one (query block × key block) tile per
-program.  Cosine logits are bounded by |scale|, which then serves as the softmax
-maximum from the start (``BOUNDED``: no running maximum, no rescaling).  Key blocks
-outside the mask or window are skipped, never loaded.  A decode step runs with one query
+program (grid: (query blocks x batch, key blocks)).  Cosine logits are bounded by
+|scale|, which then serves as the softmax maximum from the start (``BOUNDED``: no
+running maximum, no rescaling).  Key blocks outside the mask or window are skipped,
+never loaded.  A decode step runs with one query
 row a program (``BLOCK_T`` = 1: nothing spent on the absent rows of a 16-row block, the
 additive score's tanh above all), its scores and values summed on the FMA units.  The
 value dimension is held whole (``BLOCK_DV`` >= Dv) in registers.  Offsets: the batch index is
@@ -25,6 +27,7 @@ import triton
 import triton.language as tl
 
 from fastattn.kernels.attention_tiles import (
+    block_and_sequence,
     block_scores,
     gaussian_factor,
     key_range,
@@ -48,7 +51,7 @@ def attention_forward_kernel(
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    t_block, n, split = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    (t_block, n), split = block_and_sequence(T, BLOCK_T), tl.program_id(1)
     t_start = t_block * BLOCK_T
     offs_t = t_start + tl.arange(0, BLOCK_T)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -98,7 +101,7 @@ def attention_forward_kernel(
 
     row_in = offs_t < T
     if SPLIT:
-        partial = (n * tl.num_programs(2) + split) * T
+        partial = (n * tl.num_programs(1) + split) * T
         tl.store(PARTIAL_ACC + partial * BLOCK_DV + offs_t[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=row_in[:, None])
         tl.store(PARTIAL_MAX + partial + offs_t, running_max, mask=row_in)
         tl.store(PARTIAL_SUM + partial + offs_t, running_sum, mask=row_in)
@@ -115,7 +118,7 @@ def attention_combine_kernel(
     BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Merge the per-split partial results of one query block (flash-decoding's reduce)."""
-    t_block, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    t_block, n = block_and_sequence(T, BLOCK_T)
     offs_t = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_in = offs_t < T
@@ -152,7 +155,7 @@ def attention_weights_kernel(
     """weights = exp(score - m) / l * Gaussian factor on one tile; WEIGHTS starts zeroed
     and tiles outside the block's key range are left alone (their weights are all zero,
     so any tiling writes the same tensor and a rerun is harmless)."""
-    j_block, t_block, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    (t_block, n), j_block = block_and_sequence(T, BLOCK_T), tl.program_id(1)
     t_start = t_block * BLOCK_T
     offs_t = t_start + tl.arange(0, BLOCK_T)
     offs_j = j_block * BLOCK_S + tl.arange(0, BLOCK_S)

@@ -76,8 +76,10 @@ def stable_tanh(x):
 @triton.jit
 def rational_tanh(x):
     """tanh(x) ~= x P(x^2) / Q(x^2) on |x| <= 8.75 (csrc/common/fast_tanh.h), FMA units
-    only: 1/Q by three Newton steps from the exponent-flipping seed (Q lies in [1, 365])."""
-    clamped = tl.minimum(tl.maximum(x, -8.75), 8.75)
+    only: 1/Q by three Newton steps from the exponent-flipping seed (Q lies in [1, 365]).
+    The clamps pass a NaN through (max.NaN.f32, no dearer), as tanh does: a plain min/max
+    takes the other operand, which made tanh(NaN) = -1 and hid a NaN input."""
+    clamped = tl.minimum(tl.maximum(x, -8.75, tl.PropagateNan.ALL), 8.75, tl.PropagateNan.ALL)
     y = clamped * clamped
     numerator = 1.363577892e-08 * y + 2.079633868e-05
     numerator = numerator * y + 3.506309020e-03
@@ -90,7 +92,7 @@ def rational_tanh(x):
     reciprocal = (0x7EF311C3 - denominator.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
     for _ in tl.static_range(3):
         reciprocal = reciprocal + reciprocal * (1.0 - denominator * reciprocal)
-    return tl.minimum(tl.maximum(clamped * numerator * reciprocal, -1.0), 1.0)
+    return tl.minimum(tl.maximum(clamped * numerator * reciprocal, -1.0, tl.PropagateNan.ALL), 1.0, tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -172,6 +174,16 @@ def block_scores(
         inverse_key_norm = 1.0 / tl.maximum(tl.sqrt(key_squares), norm_floor)
         scores = scores * inverse_query_norm[:, None] * inverse_key_norm[None, :]
     return scores * scale, inverse_query_norm, inverse_key_norm
+
+
+@triton.jit
+def block_and_sequence(length, BLOCK: tl.constexpr):
+    """(block, n) of this program, where grid axis 0 runs over the cdiv(length, BLOCK)
+    blocks of sequence 0, then of sequence 1, ...: the batch shares axis 0 (up to 2^31 - 1
+    programs), since axes 1 and 2 hold at most 65,535 and a batch of B * heads passes that."""
+    blocks = tl.cdiv(length, BLOCK)
+    program = tl.program_id(0)
+    return program % blocks, (program // blocks).to(tl.int64)
 
 
 @triton.jit

@@ -838,3 +838,57 @@ def test_float32_long_row_query_gradient_errs_at_most_twice_the_reference():
     reference_error = (query_gradient("reference", torch.float32) - exact).abs().max()
     error = (query_gradient("triton", torch.float32) - exact).abs().max()
     assert error <= 2 * reference_error, (float(error), float(reference_error))
+
+
+CUDA_GRID_AXIS_LIMIT = 65535  # programs on grid axes 1 and 2 (axis 0: 2^31 - 1)
+
+
+@pytest.mark.parametrize("score", ["dot", "additive"])
+@pytest.mark.parametrize("queries", [1, 20], ids=["decode", "multi_query"])
+def test_a_batch_past_the_grid_axis_limit_launches(monkeypatch, score, queries):
+    """A GPU grid holds at most 65,535 programs on axes 1 and 2, and a batch of B x heads
+    passes that (2,048 sequences of 32 heads); every attention launch had the batch on
+    axis 1 or 2, which fails there (the interpreter runs any grid).  The grids of a forward
+    with weights and its backward at N = 70,000, for every config the launches could take,
+    recorded instead of run."""
+    from fastattn.ops.triton_launch import Launcher, RepeatedLaunch
+
+    grids = {}
+
+    def record(launcher, grid, *arguments, **constexprs):
+        configs = [*launcher.configs.tuned, launcher.configs.interpreted]
+        grids.setdefault(launcher.kernel.fn.__name__, []).extend(grid(dict(config.kwargs)) for config in configs)
+
+    monkeypatch.setattr(Launcher, "__call__", record)
+    monkeypatch.setattr(RepeatedLaunch, "__call__",
+                        lambda launch, *tensors: launch.launcher(launch.grid, *tensors, *launch.scalars, **launch.constexprs))
+    batch = 70_000
+    query, keys = torch.zeros(batch, queries, 2, requires_grad=True), torch.zeros(batch, 3, 2, requires_grad=True)
+    with fastattn.backend("triton"):
+        context, weights = fastattn.attention(query, keys, score=score, return_weights=True,
+                                              **score_parameters(score, 2, 2, dtype=torch.float32))
+        (context.sum() + weights.sum()).backward()
+    assert {"attention_forward_kernel", "attention_weights_kernel", "attention_grad_query_kernel",
+            "attention_grad_key_value_kernel"} <= set(grids)
+    for kernel, kernel_grids in grids.items():
+        for grid in kernel_grids:
+            assert all(size <= CUDA_GRID_AXIS_LIMIT for size in grid[1:]), (kernel, grid)
+            assert grid[0] >= batch, (kernel, grid)
+
+
+def test_a_nan_in_one_additive_feature_makes_the_row_nan():
+    """A NaN in one feature of the projected query, the one the interpreter's config sends
+    through rational_tanh (features 16-31 of each 32), makes its row NaN, as the reference
+    does; that tanh's clamps had turned tanh(NaN) into -1 and left the row finite."""
+    generator = torch.Generator().manual_seed(2)
+    q_proj, k_proj = torch.randn(2, 3, 24, generator=generator), torch.randn(2, 5, 24, generator=generator)
+    v, values = torch.randn(24, generator=generator), torch.randn(2, 5, 4, generator=generator)
+    q_proj[1, 2, 20] = float("nan")
+    outputs = {}
+    for name in ("reference", "triton"):
+        with fastattn.backend(name):
+            outputs[name] = fastattn.additive_attention(q_proj, k_proj, v, values, return_weights=True)
+    context, weights = outputs["triton"]
+    assert context[1, 2].isnan().all() and weights[1, 2].isnan().all()
+    for got, want in zip(outputs["triton"], outputs["reference"]):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ autotuned launches against the reference and the hardware tanh's error.
 """
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -372,6 +373,16 @@ def test_rational_tanh_within_its_stated_bound_on_a_dense_grid():
     absolute, relative = _tanh_error(polynomial=True)
     assert absolute <= RATIONAL_TANH_MAX_ERROR, absolute
     assert relative <= 1e-6, relative  # no loss of relative accuracy near 0
+
+
+@pytest.mark.parametrize("polynomial", [True, False], ids=["rational", "sfu"])
+def test_tanh_passes_a_nan_through(polynomial):
+    """tanh(NaN) is NaN, as torch's: rational_tanh's clamps, a plain min/max, took their
+    other operand and gave -1, so a NaN feature on the FMA units vanished from the score."""
+    x = torch.tensor([math.nan, math.inf, -math.inf, 0.5], device=DEVICE)
+    out = torch.empty_like(x)
+    _tanh_kernel[(1,)](x, out, x.numel(), HARDWARE=False, POLYNOMIAL=polynomial, BLOCK=4)
+    assert out[0].isnan() and out[1:].cpu().tolist() == pytest.approx([1.0, -1.0, math.tanh(0.5)], abs=1e-6)
 
 
 def test_stable_tanh_is_as_accurate():

@@ -164,14 +164,14 @@ class _ForwardPlan:
         additive = flags["SCORE_KIND"] == ADDITIVE
         self.forward = RepeatedLaunch(
             LAUNCHERS["decode" if query_length == 1 else "forward", additive],
-            lambda meta: (ceil_div(query_length, meta["BLOCK_T"]), batch, self.splits),
+            lambda meta: (ceil_div(query_length, meta["BLOCK_T"]) * batch, self.splits),
             (*strides, query_length * value_features, value_features, *sizes, split_size),
             **flags, SPLIT=self.splits > 1, BLOCK_DV=block_dv,
             BOUNDED=flags["SCORE_KIND"] == COSINE
             and abs(scale) <= BOUNDED_SCALE_LIMITS.get(values.dtype, BOUNDED_SCALE_LIMIT),
         )
         self.combine = RepeatedLaunch(
-            COMBINE_LAUNCHER, lambda meta: (ceil_div(query_length, meta["BLOCK_T"]), batch),
+            COMBINE_LAUNCHER, lambda meta: (ceil_div(query_length, meta["BLOCK_T"]) * batch,),
             (query_length * value_features, value_features, query_length, value_features, self.splits),
             BLOCK_DV=block_dv,
         )
@@ -179,7 +179,7 @@ class _ForwardPlan:
         weight_sizes = [size for index, size in enumerate(sizes) if index != 3]  # no Dv
         self.weights = RepeatedLaunch(
             LAUNCHERS["decode weights" if query_length == 1 else "weights", additive],
-            lambda meta: (ceil_div(source_length, meta["BLOCK_S"]), ceil_div(query_length, meta["BLOCK_T"]), batch),
+            lambda meta: (ceil_div(query_length, meta["BLOCK_T"]) * batch, ceil_div(source_length, meta["BLOCK_S"])),
             (*strides[:4], *weight_sizes), **flags,
         )
 
@@ -246,7 +246,7 @@ class _BackwardPlan:
         )
 
         def query_grid(meta):
-            return ceil_div(query_length, meta["BLOCK_T"]), batch
+            return (ceil_div(query_length, meta["BLOCK_T"]) * batch,)
 
         one_row = "decode " if self.additive and query_length == 1 else ""  # see LAUNCHERS
         self.row_terms = RepeatedLaunch(LAUNCHERS[one_row + "grad_query", self.additive], query_grid, scalars,
@@ -256,7 +256,7 @@ class _BackwardPlan:
             LAUNCHERS["grad_query", False], query_grid, scalars, **gradient_flags, ROW_TERMS_GIVEN=True)
         self.grad_key_value = RepeatedLaunch(
             LAUNCHERS[one_row + "grad_key_value", self.additive],
-            lambda meta: (ceil_div(source_length, meta["BLOCK_S"]), batch), scalars, **gradient_flags,
+            lambda meta: (ceil_div(source_length, meta["BLOCK_S"]) * batch,), scalars, **gradient_flags,
             VALUES_ARE_KEYS=values_are_keys,
         )
 
