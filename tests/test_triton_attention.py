@@ -892,3 +892,43 @@ def test_a_nan_in_one_additive_feature_makes_the_row_nan():
     assert context[1, 2].isnan().all() and weights[1, 2].isnan().all()
     for got, want in zip(outputs["triton"], outputs["reference"]):
         torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, score, key_dim, value_dim, gradients, on_chip", [
+    (torch.float32, "scaled_dot", 16, 1024, True, True),
+    (torch.float32, "scaled_dot", 16, 2048, True, False),  # the backward's tiles: 263 KB
+    (torch.float32, "scaled_dot", 16, 2048, False, True),  # the forward's: 132 KB
+    (torch.float32, "scaled_dot", 4096, 16, True, False),
+    (torch.float32, "additive", 16, 2048, False, False),
+    (torch.float16, "scaled_dot", 4096, 2048, True, True),
+    (torch.float16, "scaled_dot", 4096, 4096, True, False),
+    (torch.bfloat16, "additive", 16, 4096, True, False),
+    (torch.float16, "scaled_dot", 16, 8192, False, False),  # unmeasured past 4096
+])
+def test_features_past_what_the_kernels_hold_on_chip_run_the_reference(monkeypatch, dtype, score, key_dim, value_dim,
+                                                                        gradients, on_chip):
+    """The kernels hold a row's D and Dv features whole; past the sizes whose sm_90 compiles
+    fit an H100's shared memory a launch fails there (the interpreter has no such limit), so
+    those calls run the reference, gradients included, and the others the kernels.  Launches
+    recorded, not run."""
+    from fastattn.ops.triton_launch import Launcher, RepeatedLaunch
+
+    kernels = []
+    monkeypatch.setattr(Launcher, "__call__", lambda launcher, grid, *a, **k: kernels.append(launcher.kernel.fn.__name__))
+    monkeypatch.setattr(RepeatedLaunch, "__call__",
+                        lambda launch, *tensors: launch.launcher(launch.grid, *tensors, *launch.scalars, **launch.constexprs))
+    query = torch.zeros(1, 2, key_dim if score == "scaled_dot" else 8, dtype=dtype, requires_grad=gradients)
+    keys = torch.zeros(1, 3, key_dim if score == "scaled_dot" else 8, dtype=dtype)
+    values = torch.ones(1, 3, value_dim, dtype=dtype)
+    parameters = {} if score == "scaled_dot" else {
+        name: parameter.to(dtype) for name, parameter in score_parameters(score, 8, 8, attention_dim=key_dim).items()}
+    with fastattn.backend("triton"):
+        context = fastattn.attention(query, keys, values, score=score, **parameters)
+        if gradients:
+            context.sum().backward()
+    assert bool(kernels) == on_chip, kernels
+    if on_chip:
+        assert "attention_forward_kernel" in kernels and ("attention_grad_key_value_kernel" in kernels) == gradients
+    else:  # the reference's context: the mean of the values (equal scores)
+        torch.testing.assert_close(context, torch.ones(1, 2, value_dim, dtype=dtype))
+        assert not gradients or query.grad.isfinite().all()

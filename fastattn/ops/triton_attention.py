@@ -7,7 +7,7 @@ The ops take the three kernel score kinds ("dot", "cosine", "additive") with the
 same arguments as the C++ ``fastattn::attention_forward``; the six public scores are
 mapped onto them by ``fastattn.ops.attention`` (this module passes :func:`fused`).
 float16 and bfloat16 run natively with float32 accumulation; the caller sends float64
-to the reference.  A decode step with too few (query block, batch) programs to fill
+to the reference, and :func:`fused` sends it features past what the kernels hold on chip.  A decode step with too few (query block, batch) programs to fill
 the GPU splits its keys across programs and merges them (flash-decoding).  The
 additive backward adds its grad_query and grad_v with atomics, so under
 ``torch.use_deterministic_algorithms(True)`` it raises (or warns, with
@@ -380,8 +380,43 @@ def _attention_backward(ctx, grad_context, grad_weights, _grad_row_stats):
 triton_attention_forward.register_autograd(_attention_backward, setup_context=_save_for_backward)
 
 
+# The kernels hold a row's features whole (BLOCK_DQ >= D and BLOCK_DV >= Dv, powers of two).
+# Past these blocks a launch's tiles no longer fit the 232,448 bytes of shared memory an
+# H100/H200 block may take, and it fails ("out of resource: shared memory"), so such calls
+# run the reference.  Measured from each kernel's sm_90 compile with the config an untuned
+# launch takes, at D and Dv 256..4096, T 1 and 64 (float16 and bfloat16 alike; float32
+# the tighter of its TF32 and IEEE precisions): unmeasured past 4096.
+MEASURED_FEATURE_BLOCK = 4096
+
+
+def fits_on_chip(query: Tensor, keys: Tensor, values: Tensor, kernel_score: str, backward: bool) -> bool:
+    """Whether the kernels' launches for this problem (and its backward) fit on chip."""
+    block_d, block_dv = power_of_two_block(keys.shape[-1]), power_of_two_block(values.shape[-1])
+    if max(block_d, block_dv) > MEASURED_FEATURE_BLOCK:
+        return False
+    additive, multi_query = kernel_score == "additive", query.shape[1] > 1
+    if query.dtype in (torch.float16, torch.bfloat16):
+        forward_fits = block_dv <= 2048 or not (additive and multi_query)
+        backward_fits = additive or block_d + block_dv <= 6144
+    else:
+        forward_fits = block_dv <= (1024 if additive else 2048) or not multi_query
+        backward_fits = block_dv <= 1024 and (additive or block_d <= 2048)
+    return forward_fits and (backward_fits or not backward)
+
+
 def fused(query, keys, values, v, bias, kernel_score, scale, masking, return_weights):
-    """The ``fused`` kernel call of ``fastattn.ops.attention``'s score mapping."""
+    """The ``fused`` kernel call of ``fastattn.ops.attention``'s score mapping: the
+    reference's maths where the features do not fit on chip (:func:`fits_on_chip`)."""
+    center = masking["center"]
+    backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, keys, values, v, bias, center)
+    )
+    if not fits_on_chip(query, keys, values, kernel_score, backward):
+        context, weights = higher_order.attention_reference(
+            query, keys, values, v, bias, kernel_score, float(scale), masking["lengths"],
+            masking["key_padding_mask"], masking["causal"], masking["window"], center, masking["gaussian"],
+        )
+        return context, (weights if return_weights else None)
     context, weights, _ = triton_attention_forward(
         query.contiguous(), keys, values.contiguous(), v, bias, kernel_score, float(scale),
         masking["lengths"], masking["key_padding_mask"], masking["causal"], masking["window"],

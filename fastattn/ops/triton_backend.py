@@ -20,7 +20,11 @@ import torch
 from fastattn import backends
 from fastattn.info import BACKEND_NOTES
 
-FLOAT64_NOTE = "float64 inputs run the reference (the Triton kernels take float32, float16 and bfloat16)"
+REFERENCE_NOTE = (
+    "float64 inputs run the reference (the Triton kernels take float32, float16 and bfloat16), and so does "
+    "attention whose features pass what the kernels hold on chip (triton_attention.fits_on_chip: float32 "
+    "Dv > 1024 with gradients, say)"
+)
 
 
 def _in_kernel_dtypes(function, reference_function):
@@ -78,4 +82,4 @@ def register(device_types: tuple[str, ...]) -> None:
     for op, function in _backend_functions().items():
         backends.register(op, "triton", device_types)(_in_kernel_dtypes(function, reference_functions[op]))
     backends.mark_available("triton")
-    BACKEND_NOTES["triton"] = FLOAT64_NOTE
+    BACKEND_NOTES["triton"] = REFERENCE_NOTE
