@@ -205,9 +205,10 @@ def test_the_ops_compute_in_the_autocast_dtype_under_cuda_autocast(dtype):
 
 
 @needs_extension
-def test_compiles_with_fullgraph_under_autocast():
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
+def test_compiles_with_fullgraph_under_autocast(backend_name):
     """An autocast Linear feeding attention and a cell, under torch.compile(fullgraph=True):
-    what eager mode gives, and gradients."""
+    what eager mode gives, and gradients (the reference's autocast casts trace too)."""
     torch.manual_seed(5)
     linear, attention, cell = torch.nn.Linear(8, 8), fastattn.nn.Attention(8, 8, score="additive"), fastattn.nn.LSTMCell(8, 8)
 
@@ -216,7 +217,8 @@ def test_compiles_with_fullgraph_under_autocast():
         return context, cell(context[:, 0])[0]
 
     x, keys = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
-    with fastattn.backend("cpu"), torch.autocast("cpu", dtype=LOW):
+    torch._dynamo.reset()
+    with fastattn.backend(backend_name), torch.autocast("cpu", dtype=LOW):
         eager, compiled = step(x, keys), torch.compile(step, fullgraph=True)(x, keys)
     for got, want in zip(compiled, eager):
         assert got.dtype == want.dtype
