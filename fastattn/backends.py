@@ -121,8 +121,10 @@ def in_autocast_dtype(function: Callable) -> Callable:
     def run(*arguments, **keywords):
         tensors = [a for a in (*arguments, *keywords.values()) if isinstance(a, torch.Tensor)]
         device_type = tensors[0].device.type
-        if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
-            return function(*arguments, **keywords)  # meta tensors, say, have no autocast
+        # Meta tensors have no autocast (is_autocast_enabled raises for them; torch 2.11's
+        # dynamo cannot trace torch.amp.is_autocast_available).
+        if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+            return function(*arguments, **keywords)
         dtype = torch.get_autocast_dtype(device_type)
         cached_cast = None if torch.compiler.is_compiling() else getattr(torch.ops.fastattn, "autocast_cast", None)
 

@@ -51,7 +51,8 @@ def attention_forward_kernel(
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_POLY: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    (t_block, n), split = block_and_sequence(T, BLOCK_T), tl.program_id(1)
+    t_block, n = block_and_sequence(T, BLOCK_T)
+    split = tl.program_id(1)
     t_start = t_block * BLOCK_T
     offs_t = t_start + tl.arange(0, BLOCK_T)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -155,7 +156,8 @@ def attention_weights_kernel(
     """weights = exp(score - m) / l * Gaussian factor on one tile; WEIGHTS starts zeroed
     and tiles outside the block's key range are left alone (their weights are all zero,
     so any tiling writes the same tensor and a rerun is harmless)."""
-    (t_block, n), j_block = block_and_sequence(T, BLOCK_T), tl.program_id(1)
+    t_block, n = block_and_sequence(T, BLOCK_T)
+    j_block = tl.program_id(1)
     t_start = t_block * BLOCK_T
     offs_t = t_start + tl.arange(0, BLOCK_T)
     offs_j = j_block * BLOCK_S + tl.arange(0, BLOCK_S)
