@@ -7,7 +7,8 @@ The ops take the three kernel score kinds ("dot", "cosine", "additive") with the
 same arguments as the C++ ``fastattn::attention_forward``; the six public scores are
 mapped onto them by ``fastattn.ops.attention`` (this module passes :func:`fused`).
 float16 and bfloat16 run natively with float32 accumulation; the caller sends float64
-to the reference, and :func:`fused` sends it features past what the kernels hold on chip.  A decode step with too few (query block, batch) programs to fill
+to the reference, and :func:`fused` sends it features past what the kernels hold on
+chip.  A decode step with too few (query block, batch) programs to fill
 the GPU splits its keys across programs and merges them (flash-decoding).  The
 additive backward adds its grad_query and grad_v with atomics, so under
 ``torch.use_deterministic_algorithms(True)`` it raises (or warns, with
