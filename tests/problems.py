@@ -200,3 +200,11 @@ def assert_sigmoid_accurate(x: torch.Tensor, got: torch.Tensor) -> None:
 
     assert relative_error(got) <= 2 * relative_error(torch.sigmoid(x))
     assert (got.double() - truth).abs()[~normal].max() <= torch.finfo(torch.float32).tiny
+
+
+def leaves_in(arguments, dtype: torch.dtype) -> list:
+    """``arguments`` with each floating-point tensor a new leaf in ``dtype`` (a float64 one
+    holds exactly the values of a float16 / bfloat16 one: the exact answer to what a run in
+    that dtype is given); the rest as it is."""
+    return [a.detach().to(dtype).requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in arguments]

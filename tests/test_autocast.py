@@ -94,7 +94,8 @@ def _check_against_the_reference(kind, score, backend_name, low, device="cpu"):
     """The outputs in the autocast dtype on every backend and within twice the error of the
     reference's run under the same autocast (each backend takes every input in that dtype,
     a float32 LSTM cell state included), and the gradients near the exact ones in their
-    leaves' dtypes."""
+    leaves' dtypes.  On the reference backend itself what can fail is the dtypes and the
+    gradients (its outputs are the run they are compared with)."""
     exact, exact_grads = _run(kind, score, "reference", low, autocast=False, device=device)
     reference, _ = _run(kind, score, "reference", low, autocast=True, device=device)
     got, grads = _run(kind, score, backend_name, low, autocast=True, device=device)

@@ -8,6 +8,7 @@ import torch
 
 import fastattn
 from fastattn import backends
+from tests.op_log import OpLog
 
 
 @pytest.fixture(autouse=True)
@@ -16,11 +17,15 @@ def restore_setting(monkeypatch):
     monkeypatch.setattr(backends, "_session_backend", None)
 
 
-def test_default_is_auto_and_auto_runs_the_reference_when_nothing_else_is_built():
+def test_default_is_auto_and_auto_runs_the_cpu_kernels_when_built_else_the_reference():
     assert backends.current_backend() == "auto"
+    expected = "cpu" if backends.unavailable_reason("cpu") is None else "reference"
     for op in backends.OPS:
-        choice = backends.auto_choice(op, "cpu")
-        assert choice == "reference" or backends.unavailable_reason(choice) is None
+        assert backends.auto_choice(op, "cpu") == expected, op
+    query, keys = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    with OpLog() as seen:
+        fastattn.attention(query, keys)
+    assert ("fastattn::attention_forward" in seen.names) == (expected == "cpu"), seen.names
 
 
 def test_precedence_context_over_set_backend_over_environment(monkeypatch):
@@ -111,8 +116,8 @@ def test_the_reference_runs_on_any_device():
 
 def test_info_reports_the_auto_choice_per_op():
     report = fastattn.info()
-    for op in backends.OPS:
-        assert report["auto"]["cpu"][op] == backends.auto_choice(op, "cpu")
+    expected = "cpu" if backends.unavailable_reason("cpu") is None else "reference"
+    assert report["auto"]["cpu"] == {op: expected for op in backends.OPS}
 
 
 def test_the_cpu_backend_is_built_unless_switched_off():

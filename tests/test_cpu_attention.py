@@ -58,6 +58,17 @@ def problem(score, dtype, mode, seed=0):
     return query, keys, values, parameters, masking
 
 
+def in_float64(inputs):
+    """A problem's leaves as float64 copies, of the values they hold (the exact answer to
+    what a float16 or bfloat16 run is given); masks as they are."""
+    def exact(value):
+        return value.detach().double().requires_grad_() if isinstance(value, torch.Tensor) and value.requires_grad else value
+
+    query, keys, values, parameters, masking = inputs
+    return (exact(query), exact(keys), exact(values), {name: exact(value) for name, value in parameters.items()},
+            {name: exact(value) for name, value in masking.items()})
+
+
 def run(backend_name, score, query, keys, values, parameters, masking, return_weights=True):
     """Outputs and the gradients of a fixed random projection of them (without the
     weights, the backward gets no grad_weights and takes r from the forward's context)."""
@@ -211,7 +222,9 @@ def check_float32_matrix_multiply_path_at_small_sizes(score, shape):
     exact_inputs = [torch.randn(batch, length, size, generator=generator, dtype=torch.float64)
                     for length, size in ((queries, dim), (source, dim), (source, value_dim))]
     padding = torch.rand(batch, source, generator=generator) > 0.8
-    masking = {"lengths": torch.tensor([0, source, source - 3, source - 1] * batch)[:batch], "key_padding_mask": padding}
+    # A fully masked row where the batch has another element to check numbers on.
+    lengths = [0, source, source - 3, source - 1] * batch if batch > 1 else [source - 3]
+    masking = {"lengths": torch.tensor(lengths[:batch]), "key_padding_mask": padding}
 
     def outputs(backend_name, dtype):
         leaves = [x.to(dtype).requires_grad_() for x in exact_inputs]
@@ -223,6 +236,7 @@ def check_float32_matrix_multiply_path_at_small_sizes(score, shape):
     names = {event.name for event in profile.events()}
     assert {"fastattn::batched_matmul", "fastattn::softmax_rows"} <= names, (score, shape)
     exact, reference_run = outputs("reference", torch.float64), outputs("reference", torch.float32)
+    assert all(want.abs().max() > 0 for want in exact), (score, shape)  # numbers to compare
     if batch > 1:
         assert kernel[0][0].abs().max() == 0 and kernel[1][0].abs().max() == 0  # lengths 0: zeros
     for index, (got, theirs, want) in enumerate(zip(kernel, reference_run, exact, strict=True)):
@@ -467,13 +481,25 @@ def test_keys_shared_by_the_batch_give_what_their_copies_give(kernel_score, dim)
 @pytest.mark.parametrize("mode", ["global", "lengths", "local_p"])
 @pytest.mark.parametrize("score", SCORES)
 def test_low_precision_error_is_at_most_twice_the_references_own(score, mode, dtype):
-    exact = run("reference", score, *problem(score, torch.float64, mode))
-    in_dtype = run("reference", score, *problem(score, dtype, mode))
+    """Outputs and gradients against float64 on the same (rounded) inputs, so that the
+    inputs' rounding is in neither error; the gradients with one rounding of their
+    largest entry allowed."""
+    inputs = problem(score, dtype, mode)
+    exact = run("reference", score, *in_float64(inputs))
+    in_dtype = run("reference", score, *inputs)
     kernel = run("cpu", score, *problem(score, dtype, mode))
     for index in (0, 1):
         reference_error = (in_dtype[index].double() - exact[index]).abs().max()
         kernel_error = (kernel[index].double() - exact[index]).abs().max()
         assert kernel_error <= 2 * reference_error + 1e-6, (index, float(kernel_error), float(reference_error))
+    for leaf, (got, theirs, want) in enumerate(zip(kernel[2], in_dtype[2], exact[2], strict=True)):
+        if want is None:  # a leaf the score does not use (the location score's keys)
+            assert got is None and theirs is None, leaf
+            continue
+        reference_error = (theirs.double() - want).abs().max()
+        kernel_error = (got.double() - want).abs().max()
+        floor = torch.finfo(dtype).eps * want.abs().max()
+        assert kernel_error <= 2 * reference_error + floor, (leaf, float(kernel_error), float(reference_error))
 
 
 def test_the_backward_keeps_neither_the_context_nor_the_weights():

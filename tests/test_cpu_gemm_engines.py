@@ -66,8 +66,8 @@ import torch
 import fastattn
 from tests.test_cpu_attention import (SMALL_MATRIX_SHAPES, check_float32_matrix_multiply_path,
                                       check_float32_matrix_multiply_path_at_small_sizes)
-from tests.test_cpu_recurrent import (assert_float32_error_at_most_twice_the_references, compare, in_float32,
-                                      layer_arguments, leaves)
+from tests.problems import leaves_in
+from tests.test_cpu_recurrent import assert_float32_error_at_most_twice_the_references, compare, layer_arguments, leaves
 assert fastattn.info()["cpu_kernels"][-1] == "layer_gemm_{engine}", fastattn.info()["cpu_kernels"]
 for score in ("dot", "cosine"):
     check_float32_matrix_multiply_path(score)
@@ -86,7 +86,7 @@ for name, features, hidden, gates in (("lstm_layer", 300, 21, 4), ("gru_layer", 
     lengths = torch.tensor([9, 4, 0])
     arguments = ((x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths, False) if name == "lstm_layer"
                  else (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, True))
-    compare(name, in_float32(arguments), torch.float32)
+    compare(name, leaves_in(arguments, torch.float32), torch.float32)
 print("passed")
 """
 

@@ -6,7 +6,8 @@ import torch
 
 import fastattn
 from fastattn import _extension, backends, reference
-from tests.problems import assert_sigmoid_accurate, sigmoid_arguments
+from tests.op_log import OpLog
+from tests.problems import assert_sigmoid_accurate, leaves_in, sigmoid_arguments
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason=str(backends.unavailable_reason("cpu"))
@@ -152,8 +153,8 @@ def assert_float32_error_at_most_twice_the_references(function_name, arguments):
     """The kernel in float32 errs (against the float64 reference) at most twice as much
     as the reference run in float32, output by output and gradient by gradient."""
     exact = outputs_and_gradients(getattr(reference, function_name), arguments)
-    reference_run = outputs_and_gradients(getattr(reference, function_name), in_float32(arguments))
-    kernel_run = outputs_and_gradients(backends.implementation(function_name, "cpu", "cpu"), in_float32(arguments))
+    reference_run = outputs_and_gradients(getattr(reference, function_name), leaves_in(arguments, torch.float32))
+    kernel_run = outputs_and_gradients(backends.implementation(function_name, "cpu", "cpu"), leaves_in(arguments, torch.float32))
     for index, (truth, theirs, ours) in enumerate(zip(exact, reference_run, kernel_run)):
         allowed = 2 * (theirs - truth).abs().max().item() + 1e-6
         assert (ours - truth).abs().max().item() <= allowed, f"{function_name} result {index}"
@@ -174,10 +175,6 @@ def layer_arguments(batch, hidden, reverse):
     }
 
 
-def in_float32(arguments):
-    return [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arguments]
-
-
 @pytest.mark.parametrize("threads", [2, 3])
 def test_layers_split_over_blocks_of_hidden_units_match_the_reference(threads):
     """A time step is split over the threads by blocks of 16 hidden units: 37 units are
@@ -193,9 +190,9 @@ def test_layers_split_over_blocks_of_hidden_units_match_the_reference(threads):
                 torch.set_num_threads(threads)
                 compare(function_name, arguments, torch.float64)
                 kernel = backends.implementation(function_name, "cpu", "cpu")
-                split = outputs_and_gradients(kernel, in_float32(arguments))
+                split = outputs_and_gradients(kernel, leaves_in(arguments, torch.float32))
                 torch.set_num_threads(1)
-                one_thread = outputs_and_gradients(kernel, in_float32(arguments))
+                one_thread = outputs_and_gradients(kernel, leaves_in(arguments, torch.float32))
                 states = 2 if function_name == "lstm_layer" else 1
                 outputs_and_state_gradients = (1 + states) + (1 + states)  # (output, states), grads of (x, states)
                 for index in range(outputs_and_state_gradients):
@@ -233,7 +230,7 @@ def test_float32_layers_with_long_tiles_and_weight_rows_4_kib_apart_match_the_re
     lengths = torch.tensor([3, 2])
     arguments = ((x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths, False) if function_name == "lstm_layer"
                  else (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, False))
-    compare(function_name, in_float32(arguments), torch.float32)
+    compare(function_name, leaves_in(arguments, torch.float32), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -242,7 +239,8 @@ def test_low_precision_layers_err_at_most_twice_the_reference_in_that_dtype(reve
     """The layers take float16 / bfloat16 themselves (state, buffers and gate maths in
     float32; where the CPU has AVX512-BF16 a bfloat16 forward's GEMMs in bfloat16, on x and
     the weights as given and on h rounded each step): outputs and gradients in the input
-    dtype, each within twice the error of the reference run in that dtype (float64 oracle).
+    dtype, each within twice the error of the reference run in that dtype (float64 oracle on
+    the same rounded inputs).
     37 units are blocks of 16, 16 and 5 (the packed w_hh's panels, the last one short);
     batch 4 runs a step on one thread, batch 164 splits it over 2 threads by those blocks;
     4 and 164 rows end the GEMM's 6-row blocks with 4 and 2."""
@@ -251,9 +249,8 @@ def test_low_precision_layers_err_at_most_twice_the_reference_in_that_dtype(reve
         torch.set_num_threads(2)
         for batch in (len(LENGTHS), 164):
             for function_name, arguments in layer_arguments(batch, 37, reverse).items():
-                exact = outputs_and_gradients(getattr(reference, function_name), arguments)
-                low = [a.detach().to(dtype).requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
-                       else a for a in arguments]
+                low = leaves_in(arguments, dtype)
+                exact = outputs_and_gradients(getattr(reference, function_name), leaves_in(low, torch.float64))
                 reference_run = outputs_and_gradients(getattr(reference, function_name), low, keep_dtype=True)
                 kernel_run = outputs_and_gradients(backends.implementation(function_name, "cpu", "cpu"), low,
                                                    keep_dtype=True)
@@ -291,10 +288,17 @@ def test_a_bfloat16_layer_multiplies_its_weights_as_given(function_name):
 
 
 def test_lstm_projection_runs_the_reference_on_the_cpu_backend():
+    """The kernels have no projection (w_hr): the cpu backend's layer runs the reference's
+    (whose values test_recurrent_nn checks against torch.nn.LSTM(proj_size=...)), and no
+    kernel op."""
     x, h0, c0 = leaves((STEPS, BATCH, INPUT), (BATCH, 3), (BATCH, HIDDEN))
     w_ih, w_hh = leaves((4 * HIDDEN, INPUT), (4 * HIDDEN, 3))
     (w_hr,) = leaves((3, HIDDEN))
-    compare("lstm_layer", (x, h0, c0, w_ih, w_hh, None, None, w_hr, LENGTHS, True), torch.float64)
+    arguments = (x, h0, c0, w_ih, w_hh, None, None, w_hr, LENGTHS, True)
+    with OpLog() as seen:
+        backends.implementation("lstm_layer", "cpu", "cpu")(*arguments)
+    assert not [name for name in seen.names if name.startswith("fastattn::")], seen.names
+    compare("lstm_layer", arguments, torch.float64)
 
 
 @pytest.mark.parametrize("module", ["LSTM", "GRU"])
@@ -314,11 +318,12 @@ def test_modules_on_the_cpu_backend_match_torch(module):
 
 
 def _cell_runs(cell, dtype, with_bias):
-    """(the arguments of reference.<cell>_cell in float64, in ``dtype``, and a function that
-    returns a run's outputs and the gradients of its tensors) for one cell."""
+    """(the arguments of reference.<cell>_cell in ``dtype`` as float64 copies, in ``dtype``,
+    and a function that returns a run's outputs and the gradients of its tensors) for one cell."""
     gates, state = (4, ((BATCH, HIDDEN), (BATCH, HIDDEN))) if cell == "lstm" else (3, ((BATCH, HIDDEN),))
-    exact = [*leaves((BATCH, INPUT), *state), *weights(gates, with_bias)]
-    low = [None if t is None else t.detach().to(dtype).requires_grad_() for t in exact]
+    low = [None if t is None else t.detach().to(dtype).requires_grad_()
+           for t in (*leaves((BATCH, INPUT), *state), *weights(gates, with_bias))]
+    exact = leaves_in(low, torch.float64)
 
     def run(implementation, arguments):
         outputs = implementation(*arguments)
@@ -335,7 +340,8 @@ def _cell_runs(cell, dtype, with_bias):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_low_precision_cells_err_at_most_twice_the_reference_in_that_dtype(cell, dtype):
     """The cells take float16 / bfloat16 themselves: GEMMs in that dtype, the gate maths in
-    float32; outputs and every gradient within 2x the reference run's error in that dtype."""
+    float32; outputs and every gradient within 2x the reference run's error in that dtype
+    (float64 oracle on the same rounded inputs)."""
     for with_bias in (True, False):
         exact, low, run = _cell_runs(cell, dtype, with_bias)
         function = getattr(reference, f"{cell}_cell")

@@ -27,6 +27,15 @@ def _randn(*shape, seed=0, dtype=F64):
     return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
+def _kernel_dtype(backend):
+    """float64 for the cpu kernels; float32 for Triton's, which run float64 on the reference."""
+    return torch.float32 if backend == "triton" else F64
+
+
+def _tolerance(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+
+
 QUERY, KEYS, LENGTHS = _randn(2, 3, 4), _randn(2, 5, 4, seed=1), torch.tensor([5, 2])
 W_QUERY, W_KEY, V = _randn(6, 4, seed=2), _randn(6, 4, seed=3), _randn(6, seed=4)
 
@@ -43,14 +52,14 @@ def _autograd_gradient(function, point):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_grad_jacrev_and_jvp_of_attention_are_the_kernels_derivatives(backend):
-    dtype = torch.float32 if backend == "triton" else F64  # Triton runs float64 on the reference
+    dtype = _kernel_dtype(backend)
     query = QUERY.to(dtype)
     with fastattn.backend(backend):
         expected = _autograd_gradient(_attend, query)
         by_grad = grad(lambda q: _attend(q).sum())(query)
         by_jacrev = jacrev(lambda q: _attend(q).sum())(query)
         _, by_jvp = jvp(lambda q: _attend(q).sum(), (query,), (torch.ones_like(query),))
-    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    tolerance = _tolerance(dtype)
     torch.testing.assert_close(by_grad, expected, **tolerance)
     torch.testing.assert_close(by_jacrev, expected, **tolerance)
     torch.testing.assert_close(by_jvp, expected.sum(), **tolerance)
@@ -110,31 +119,33 @@ def test_the_kernel_ops_refuse_a_forward_mode_tangent_rather_than_drop_it(name, 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_vmap_of_attention_and_sdpa_equals_the_loop(backend):
-    queries = torch.stack([QUERY, QUERY.flip(1), QUERY * 2])
+    dtype = _kernel_dtype(backend)
+    queries, keys = torch.stack([QUERY, QUERY.flip(1), QUERY * 2]).to(dtype), KEYS.to(dtype)
     with fastattn.backend(backend):
-        mapped = vmap(lambda q: fastattn.attention(q, KEYS, score="scaled_dot", lengths=LENGTHS))(queries)
-        looped = torch.stack([fastattn.attention(q, KEYS, score="scaled_dot", lengths=LENGTHS) for q in queries])
-        mapped_sdpa = vmap(lambda q: fastattn.scaled_dot_product_attention(q, KEYS, KEYS))(queries)
-        looped_sdpa = torch.stack([fastattn.scaled_dot_product_attention(q, KEYS, KEYS) for q in queries])
-    torch.testing.assert_close(mapped, looped)
-    torch.testing.assert_close(mapped_sdpa, looped_sdpa)
+        mapped = vmap(lambda q: fastattn.attention(q, keys, score="scaled_dot", lengths=LENGTHS))(queries)
+        looped = torch.stack([fastattn.attention(q, keys, score="scaled_dot", lengths=LENGTHS) for q in queries])
+        mapped_sdpa = vmap(lambda q: fastattn.scaled_dot_product_attention(q, keys, keys))(queries)
+        looped_sdpa = torch.stack([fastattn.scaled_dot_product_attention(q, keys, keys) for q in queries])
+    torch.testing.assert_close(mapped, looped, **_tolerance(dtype))
+    torch.testing.assert_close(mapped_sdpa, looped_sdpa, **_tolerance(dtype))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_vmap_over_lengths_and_window_centers_equals_the_loop(backend):
     """Mapped lengths and centers: their value checks (range, finite) had branched on
     batched tensors, which vmap refuses as data-dependent control flow."""
-    queries = torch.stack([QUERY, QUERY.flip(1), QUERY * 2])
+    dtype = _kernel_dtype(backend)
+    queries, keys = torch.stack([QUERY, QUERY.flip(1), QUERY * 2]).to(dtype), KEYS.to(dtype)
     lengths = torch.tensor([[5, 2], [3, 0], [1, 5]])
-    centers = torch.rand(3, 2, 3, generator=torch.Generator().manual_seed(1), dtype=F64) * 5
+    centers = torch.rand(3, 2, 3, generator=torch.Generator().manual_seed(1), dtype=dtype) * 5
     with fastattn.backend(backend):
         for name, mapped_argument, options in (("lengths", lengths, {}), ("center", centers, {"window": 1})):
             def attend(query, argument, name=name, options=options):
-                return fastattn.attention(query, KEYS, score="scaled_dot", **{name: argument}, **options)
+                return fastattn.attention(query, keys, score="scaled_dot", **{name: argument}, **options)
 
             mapped = vmap(attend)(queries, mapped_argument)
             looped = torch.stack([attend(q, argument) for q, argument in zip(queries, mapped_argument)])
-            torch.testing.assert_close(mapped, looped, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(mapped, looped, msg=lambda m, n=name: f"{n}: {m}", **_tolerance(dtype))
 
 
 def _module_cases():
@@ -174,9 +185,10 @@ def test_grad_over_parameters_by_functional_call_is_the_kernels(name, module, ru
 def test_per_sample_gradients_with_lengths_and_local_p_equal_the_loop(backend):
     """vmap(grad(...)): the batched lengths sit inside grad's wrapper, where the value
     checks did not see them and branched on them (vmap's data-dependent control flow error)."""
-    queries, keys = _randn(4, 1, 3, 8), _randn(4, 1, 6, 8, seed=1)
+    dtype = _kernel_dtype(backend)
+    queries, keys = _randn(4, 1, 3, 8, dtype=dtype), _randn(4, 1, 6, 8, seed=1, dtype=dtype)
     lengths = torch.tensor([[6], [3], [1], [5]])
-    local_p = fastattn.nn.Attention(8, 8, window=1, local="p").double()
+    local_p = fastattn.nn.Attention(8, 8, window=1, local="p").to(dtype)
     with fastattn.backend(backend):
         def attend(query, keys, lengths):
             return (fastattn.attention(query, keys, lengths=lengths) + local_p(query, keys, lengths=lengths)[0]).sum()
@@ -184,7 +196,7 @@ def test_per_sample_gradients_with_lengths_and_local_p_equal_the_loop(backend):
         mapped = vmap(grad(attend))(queries, keys, lengths)
         looped = torch.stack([_autograd_gradient(lambda q, i=i: attend(q, keys[i], lengths[i]), queries[i])
                               for i in range(4)])
-    torch.testing.assert_close(mapped, looped)
+    torch.testing.assert_close(mapped, looped, **_tolerance(dtype))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -194,14 +206,17 @@ def test_compiled_transforms_run_the_reference_inside_them(backend):
     kernels' C++ autograd failed the trace ("cannot use C++ torch::autograd::Function
     with functorch transforms")."""
     torch._dynamo.reset()
-    gru = fastattn.nn.GRU(4, 3).double()
+    dtype = _kernel_dtype(backend)
+    query = QUERY.to(dtype)
+    gru = fastattn.nn.GRU(4, 3).to(dtype)
     parameters = {key: value.detach() for key, value in gru.named_parameters()}
-    sequence = _randn(5, 2, 4, seed=9)
+    sequence = _randn(5, 2, 4, seed=9, dtype=dtype)
     with fastattn.backend(backend):
         compiled_grad = torch.compile(grad(lambda q: _attend(q).square().sum()), backend="aot_eager", fullgraph=True)
-        torch.testing.assert_close(compiled_grad(QUERY), _autograd_gradient(lambda q: _attend(q).square().sum(), QUERY))
+        torch.testing.assert_close(compiled_grad(query), _autograd_gradient(lambda q: _attend(q).square().sum(), query),
+                                   **_tolerance(dtype))
         by_grad = torch.compile(grad(lambda p: functional_call(gru, p, (sequence,))[0].sum()), backend="aot_eager",
                                 fullgraph=True)(parameters)
         gru(sequence)[0].sum().backward()
     for key, parameter in gru.named_parameters():
-        torch.testing.assert_close(by_grad[key], parameter.grad, msg=key)
+        torch.testing.assert_close(by_grad[key], parameter.grad, msg=key, **_tolerance(dtype))
