@@ -18,6 +18,7 @@ import importlib.util
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from tests.problems import (
     assert_peaked_float32_gradients_err_like_the_reference,
     assert_sigmoid_accurate,
     key_dim_for,
+    leaves_in,
     opcheck_backward_sample_positions_and_fast_tanh,
     score_parameters,
     sigmoid_arguments,
@@ -501,15 +503,6 @@ def persistent_layer_case(cell, steps, batch, hidden, lengths, reverse):
     return (x, h0, *weights, lengths, reverse)
 
 
-def leaves_in(arguments, dtype):
-    return [a.detach().to(dtype).requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-            for a in arguments]
-
-
-def in_float64(arguments):
-    return leaves_in(arguments, torch.float64)
-
-
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @gpu
 def test_layers_run_the_persistent_kernels_when_w_hh_fits_and_match_the_per_step_path(cell, monkeypatch):
@@ -524,7 +517,7 @@ def test_layers_run_the_persistent_kernels_when_w_hh_fits_and_match_the_per_step
     names = cuda_kernel_names(lambda: persistent.extend(recurrent_outputs(name, arguments, "op")))
     assert "persistent_forward_kernel" in names and "persistent_backward_kernel" in names
     assert "step_forward_kernel" not in names and "step_backward_kernel" not in names
-    expected = recurrent_outputs(name, in_float64(arguments), "reference")
+    expected = recurrent_outputs(name, leaves_in(arguments, torch.float64), "reference")
     assert_all_close(persistent, expected, rtol=1e-4, atol=1e-4, check_dtype=False)
     monkeypatch.setenv("FASTATTN_CUDA_PERSISTENT_RNN", "0")
     per_step = []
@@ -551,7 +544,7 @@ def test_bfloat16_layers_run_the_tensor_core_persistent_kernels(cell, monkeypatc
     assert "persistent_forward_kernel" in names and "persistent_backward_kernel" in names
     assert "TensorCoreGemm" in names and "FmaGemm" not in names
     assert "step_forward_kernel" not in names and "step_backward_kernel" not in names
-    exact = recurrent_outputs(name, in_float64(arguments), "reference")
+    exact = recurrent_outputs(name, leaves_in(arguments, torch.float64), "reference")
     in_dtype = recurrent_outputs(name, leaves_in(arguments, torch.bfloat16), "reference")
     assert_within_reference_error(persistent, in_dtype, exact, gradient_factor=2, floor=torch.finfo(torch.bfloat16).eps)
     monkeypatch.setenv("FASTATTN_CUDA_PERSISTENT_RNN", "0")
@@ -570,7 +563,7 @@ def test_layers_fall_back_to_the_per_step_path_when_w_hh_does_not_fit(cell):
     outputs = []
     names = cuda_kernel_names(lambda: outputs.extend(recurrent_outputs(f"{cell}_layer", arguments, "op")))
     assert "persistent" not in names and "step_forward_kernel" in names and "step_backward_kernel" in names
-    assert_all_close(outputs, recurrent_outputs(f"{cell}_layer", in_float64(arguments), "reference"),
+    assert_all_close(outputs, recurrent_outputs(f"{cell}_layer", leaves_in(arguments, torch.float64), "reference"),
                      rtol=1e-4, atol=1e-4, check_dtype=False)
 
 
@@ -612,6 +605,36 @@ def test_an_additive_score_with_a_scale_is_refused():
 
 
 @gpu
+def test_threads_launching_one_kernel_with_different_shared_memory_sizes_all_succeed():
+    """A kernel's dynamic shared memory opt-in is the kernel's on the device, for every host
+    thread: two threads launching the float32 rows forward (one kernel: D = 16, Dv a
+    multiple of 4) with 49,696 bytes (D + 4 Dv + 8 floats) and with the most the device
+    allows each launch within the opt-in, which the smaller launch never lowers under the
+    larger one."""
+    optin = torch.cuda.get_device_properties(DEVICE).shared_memory_per_block_optin
+    largest_value_dim = (optin // 4 - 24) // 16 * 4
+    barrier, errors = threading.Barrier(2), []
+
+    def launch_repeatedly(value_dim):
+        query, keys, values = (torch.randn(*shape, device=DEVICE) for shape in ((2, 1, 16), (2, 5, 16), (2, 5, value_dim)))
+        barrier.wait()
+        try:
+            for _ in range(300):
+                torch.ops.fastattn.attention_forward(query, keys, values, None, None, "dot", 1.0, None, None, False, None,
+                                                     None, False, False)
+        except RuntimeError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=launch_repeatedly, args=(value_dim,)) for value_dim in (3100, largest_value_dim)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    torch.cuda.synchronize()
+    assert not errors, errors
+
+
+@gpu
 def test_opcheck_attention_backward_sample_positions_fast_tanh_and_recurrent_ops():
     opcheck_backward_sample_positions_and_fast_tanh(next(_opcheck_samples()))
     cases = recurrent_cases(torch.float64, True, LENGTHS, True)
@@ -629,13 +652,15 @@ def test_opcheck_attention_backward_sample_positions_fast_tanh_and_recurrent_ops
 
 CUDA_SOURCES = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 TOOLKIT_HEADERS = {"cuda_runtime.h", "cuda_runtime_api.h", "cuda_fp16.h", "cuda_bf16.h", "stdint.h", "float.h", "math.h"}
+STANDARD_HEADERS = {"map", "mutex", "utility"}  # the host compiler's, for shared_memory_opt_in.h
 
 
 def test_cuda_sources_include_only_the_toolkit_and_the_projects_own_headers():
     """The .cu files (and the headers they include) must compile without torch: the
     framework-free rule that lets `make cuda-check` build them on machines whose torch
     has no CUDA headers.  Only binding.cpp may include torch."""
-    units = sorted(CUDA_SOURCES.glob("*.cu")) + sorted(CUDA_SOURCES.glob("*.cuh")) + [CUDA_SOURCES / "launch.h"]
+    units = (sorted(CUDA_SOURCES.glob("*.cu")) + sorted(CUDA_SOURCES.glob("*.cuh"))
+             + [CUDA_SOURCES / "launch.h", CUDA_SOURCES / "shared_memory_opt_in.h"])
     common = sorted((CUDA_SOURCES.parent / "common").glob("*.h"))
     assert len(units) >= 5, units
     for path in units + common:
@@ -647,7 +672,8 @@ def test_cuda_sources_include_only_the_toolkit_and_the_projects_own_headers():
             if quote == '"':
                 assert (path.parent / name).exists(), (path.name, name)
             else:
-                assert name in TOOLKIT_HEADERS, f"{path.name} includes <{name}>: not a CUDA toolkit header"
+                allowed = TOOLKIT_HEADERS | STANDARD_HEADERS
+                assert name in allowed, f"{path.name} includes <{name}>: not a CUDA toolkit header"
     assert (CUDA_SOURCES / "nvcc_check.sh").exists()
 
 
@@ -957,6 +983,28 @@ def test_emulated_empty_problems_give_the_cpu_ops_outputs(emulated, sizes):
     *got, _ = emulation.attention_backward(emulated, grad_context, None, arguments, logsumexp)
     assert all(g.shape == e.shape for g, e in zip(got[:3], expected[:3]))
     assert_matches_cpu_op(got, expected, 1e-6, "backward")
+
+
+@pytest.mark.slow
+def test_emulated_launches_past_48_kib_of_shared_memory_opt_in_and_never_lower_it(emulated):
+    """A launch of more than the default 48 KiB of dynamic shared memory needs its kernel's
+    opt-in (the emulated launch fails without it, as a GPU's does), and the opt-in, which is
+    the kernel's on the device for every host thread, is only ever raised: another thread's
+    smaller launch of the same kernel between a launcher's opt-in and its launch cannot
+    lower it under that launch (setting each launch's own size could)."""
+    kib = 1024
+    assert emulated.emu_opt_in_shared_bytes(64 * kib, 56 * kib) == 64 * kib
+    assert emulated.emu_opt_in_shared_bytes(56 * kib, 96 * kib) == 96 * kib
+    # At D = 16, Dv = 12,300 float32, the rows forward holds 196,896 bytes (D + 4 Dv + 8
+    # floats), the backward's rows kernel over 50,000 and its keys kernel 98,800.
+    arguments = emulated_case("dot", (1, 1, 5, 16, 12300), "global", torch.float32)
+    want = torch.ops.fastattn.attention_forward(*arguments, False)
+    context, _, logsumexp, _ = emulation.attention_forward(emulated, arguments, False)
+    assert_matches_cpu_op([context, logsumexp], [want[0], want[2]], 2e-5, "forward")
+    grad_context = torch.randn(want[0].shape, generator=torch.Generator().manual_seed(5))
+    expected = torch.ops.fastattn.attention_backward(grad_context, None, *arguments, want[2])
+    *got, _ = emulation.attention_backward(emulated, grad_context, None, arguments, logsumexp)
+    assert_matches_cpu_op(got, expected, 2e-4, "backward")
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@
 // Not handled: tensor cores; the work is three score passes (about 3x the forward).
 // Shared memory holds about 3 D + 2 Dv accumulators (errors beyond the device's limit).
 #include "attention_device.cuh"
+#include "shared_memory_opt_in.h"
 
 namespace fastattn {
 namespace cuda {
@@ -558,11 +559,8 @@ cudaError_t launch_with_shared(void (*kernel)(DeviceProblem<T>, AttentionBackwar
                                size_t needed, const DeviceProblem<T>& device, const AttentionBackwardBuffers& in,
                                cudaStream_t stream) {
   const size_t shared = whole_shared_vectors(needed);
-  if (shared > 48 * 1024) {
-    const cudaError_t status =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    if (status != cudaSuccess) return status;
-  }
+  const cudaError_t status = opt_in_shared_bytes(kernel, shared);
+  if (status != cudaSuccess) return status;
   kernel<<<blocks, kThreads, shared, stream>>>(device, in);
   return cudaGetLastError();
 }

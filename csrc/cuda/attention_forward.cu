@@ -35,6 +35,7 @@
 // 56k float elements (28k for float64) does not fit an H100 / H200 block and the launch
 // reports an error.
 #include "attention_device.cuh"
+#include "shared_memory_opt_in.h"
 
 namespace fastattn {
 namespace cuda {
@@ -234,11 +235,8 @@ cudaError_t launch_forward_kernel(const DeviceProblem<T>& device, const Attentio
                                   const AttentionForwardBuffers& out, cudaStream_t stream) {
   const size_t shared = forward_shared_bytes<Acc<T>>(p);
   auto kernel = attention_forward_kernel<T, kScore, kVec>;
-  if (shared > 48 * 1024) {
-    const cudaError_t status =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    if (status != cudaSuccess) return status;
-  }
+  const cudaError_t status = opt_in_shared_bytes(kernel, shared);
+  if (status != cudaSuccess) return status;
   const dim3 grid(grid_for(p.batch * p.query_length), static_cast<unsigned int>(out.splits));
   kernel<<<grid, kThreads, shared, stream>>>(device, out);
   return cudaGetLastError();

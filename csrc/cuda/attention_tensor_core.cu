@@ -53,6 +53,7 @@
 // term).  No warp specialisation, WGMMA or TMA (sm_80 instructions on sm_90a too).
 #include "attention_device.cuh"
 #include "mma.cuh"
+#include "shared_memory_opt_in.h"
 
 namespace fastattn {
 namespace cuda {
@@ -931,12 +932,6 @@ __global__ void finish_cosine_grad_query_kernel(DeviceProblem<T> p, const float*
   }
 }
 
-template <typename Kernel>
-cudaError_t allow_shared_bytes(Kernel kernel, size_t shared) {
-  if (shared <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-}
-
 // The forward kernel on every (batch, query tile); see its row_dot mode.
 template <typename T, ScoreKind kScore, int kD, int kDv>
 cudaError_t launch_forward(const AttentionProblem& p, const AttentionForwardBuffers& out, const void* grad_context,
@@ -944,7 +939,7 @@ cudaError_t launch_forward(const AttentionProblem& p, const AttentionForwardBuff
   constexpr size_t shared = tensor_core_shared_bytes<kScore, kD, kDv>();
   static_assert(shared % 16 == 0, "whole 16-byte vectors of shared memory (whole_shared_vectors)");
   auto kernel = attention_forward_tensor_core_kernel<T, kScore, kD, kDv>;
-  const cudaError_t status = allow_shared_bytes(kernel, shared);
+  const cudaError_t status = opt_in_shared_bytes(kernel, shared);
   if (status != cudaSuccess) return status;
   const int64_t work = p.batch * ((p.query_length + kBlockRows - 1) / kBlockRows);
   kernel<<<grid_for(work), kTensorCoreThreads, shared, stream>>>(
@@ -973,7 +968,7 @@ cudaError_t launch_backward(const AttentionProblem& p, const AttentionBackwardBu
     constexpr size_t shared = backward_shared_bytes<kScore, kD, kDv>();
     static_assert(shared % 16 == 0, "whole 16-byte vectors of shared memory (whole_shared_vectors)");
     auto kernel = attention_backward_tensor_core_kernel<T, kScore, kD, kDv>;
-    status = allow_shared_bytes(kernel, shared);
+    status = opt_in_shared_bytes(kernel, shared);
     if (status != cudaSuccess) return status;
     kernel<<<grid_for(p.batch * key_tiles), kTensorCoreThreads, shared, stream>>>(device_problem<T>(p), b,
                                                                                  grad_query_accumulator);

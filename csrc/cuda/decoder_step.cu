@@ -41,6 +41,7 @@
 #include "additive_tanh.cuh"
 #include "grid_barrier.cuh"
 #include "recurrent_cell_math.cuh"
+#include "shared_memory_opt_in.h"
 
 namespace fastattn {
 namespace cuda {
@@ -745,11 +746,8 @@ cudaError_t launch_decoder_step(const DecoderStepProblem& p, const DecoderStepPl
     return cudaErrorInvalidValue;
   }
   return with_kernel(p, wide_loads_fit(p), [&](auto kernel) -> cudaError_t {
-    if (plan.shared_bytes > 48 * 1024) {
-      const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                      static_cast<int>(plan.shared_bytes));
-      if (status != cudaSuccess) return status;
-    }
+    const cudaError_t status = opt_in_shared_bytes(kernel, static_cast<size_t>(plan.shared_bytes));
+    if (status != cudaSuccess) return status;
     DecoderStepProblem problem = p;
     DecoderStepPlan launch_plan = plan;
     DecoderStepBuffers out = buffers;

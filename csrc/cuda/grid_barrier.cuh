@@ -9,6 +9,8 @@
 
 #include <cuda_runtime.h>
 
+#include "shared_memory_opt_in.h"
+
 namespace fastattn {
 namespace cuda {
 
@@ -54,8 +56,7 @@ inline cudaError_t query_cooperative_device(CooperativeDevice* device) {
 template <typename Kernel>
 cudaError_t resident_blocks_per_multiprocessor(Kernel kernel, int threads, int64_t shared_bytes, int* blocks) {
   *blocks = 0;
-  cudaError_t status =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
+  cudaError_t status = opt_in_shared_bytes(kernel, static_cast<size_t>(shared_bytes));
   if (status == cudaSuccess) {
     status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, threads, static_cast<size_t>(shared_bytes));
   }

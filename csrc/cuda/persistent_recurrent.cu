@@ -40,6 +40,7 @@
 #include "grid_barrier.cuh"
 #include "mma.cuh"
 #include "recurrent_cell_math.cuh"
+#include "shared_memory_opt_in.h"
 
 namespace fastattn {
 namespace cuda {
@@ -627,11 +628,8 @@ cudaError_t launch_cooperative(void (*kernel)(PersistentLayer, PersistentPlan, B
       layer.barrier == nullptr || layer.w_hh == nullptr) {
     return cudaErrorInvalidValue;
   }
-  if (plan.shared_bytes > 48 * 1024) {
-    const cudaError_t status =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.shared_bytes));
-    if (status != cudaSuccess) return status;
-  }
+  const cudaError_t status = opt_in_shared_bytes(kernel, static_cast<size_t>(plan.shared_bytes));
+  if (status != cudaSuccess) return status;
   void* arguments[] = {&layer, &plan, &buffers};
   return cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(plan.threads), arguments,
                                      static_cast<size_t>(plan.shared_bytes), stream);

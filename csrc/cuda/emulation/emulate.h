@@ -15,7 +15,8 @@
 // checks: indexing, masks, tiling, splits, reductions, the block synchronisation the
 // kernels rely on, the cp.async waits (copies land only when a wait retires them), the
 // alignment of 16-byte packs and cp.async copies (cudaGetLastError reports a misaligned
-// one).  What it does not: GPU memory errors and races (compute-sanitizer does),
+// one), the shared-memory opt-in of a launch past 48 KiB (as on a GPU, it fails
+// without).  What it does not: GPU memory errors and races (compute-sanitizer does),
 // warp-synchronous assumptions beyond shuffles, GPU rounding (no FMA contraction).
 #pragma once
 #define FASTATTN_CUDA_EMULATION 1
@@ -136,15 +137,20 @@ inline void __syncthreads() { emu::state.block_barrier->arrive_and_wait(); }
 template <typename T>
 T __shfl_xor_sync(unsigned, T value, int lane_mask) { return emu::shfl_xor(value, lane_mask); }
 
+// A launch asking more than 48 KiB of dynamic shared memory needs the kernel's opt-in
+// (cudaFuncSetAttribute, which runtime.cpp records): without it, or over it, the launch
+// fails as on a GPU (cudaErrorInvalidValue for cudaGetLastError) and nothing runs.
+namespace emu {
+bool shared_bytes_opted_in(const void* kernel, size_t shared);
+}
 template <typename Kernel, typename... Args>
 void fastattn_emulate_launch(Kernel kernel, dim3 grid, dim3 block, size_t shared, cudaStream_t, Args... args) {
+  if (!emu::shared_bytes_opted_in(reinterpret_cast<const void*>(kernel), shared)) return;
   emu::run_grid(grid, block, shared, [=] {
     kernel(args...);
     emu::expect_no_copies_in_flight();
   });
 }
-template <typename T>
-cudaError_t cudaFuncSetAttribute(T*, enum cudaFuncAttribute, int) { return cudaSuccess; }
 
 template <typename... Params, size_t... I>
 void emulate_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, void** arguments,
@@ -155,6 +161,7 @@ void emulate_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_
 template <typename... Params>
 cudaError_t fastattn_emulate_cooperative_launch(void (*kernel)(Params...), dim3 grid, dim3 block, void** arguments,
                                                 size_t shared, cudaStream_t) {
+  if (!emu::shared_bytes_opted_in(reinterpret_cast<const void*>(kernel), shared)) return cudaGetLastError();
   emulate_cooperative(kernel, grid, block, shared, arguments, std::index_sequence_for<Params...>{});
   // No launcher calls cudaGetLastError after a cooperative launch (the launch's own status
   // is what it returns): a misaligned access the kernel made is returned here, not left

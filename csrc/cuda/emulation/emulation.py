@@ -140,6 +140,7 @@ SHARED_BYTES_PER_BLOCK = 227 * 1024  # an H200's opt-in limit
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     signatures = {
+        "emu_opt_in_shared_bytes": [size, size],
         "emu_attention_forward_splits": [pointer, ctypes.c_int],
         "emu_attention_forward": [pointer, pointer],
         "emu_row_terms_elements": [ctypes.c_int],

@@ -1,15 +1,19 @@
 // runtime.cpp: the emulated grids (see emulate.h), the few CUDA runtime calls the
-// kernels' launchers make (the device queries answer as one H200 would), and C entry points to every launch function of launch.h
-// for ctypes (tests/test_cuda_kernels.py).
+// kernels' launchers make (the device queries answer as one H200 would; cudaFuncSetAttribute
+// records a kernel's shared-memory opt-in), and C entry points to every launch function of
+// launch.h for ctypes (tests/test_cuda_kernels.py).
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
 #include "../launch.h"
+#include "../shared_memory_opt_in.h"
 
 namespace emu {
 thread_local ThreadState state;
@@ -57,6 +61,24 @@ struct Block {
 
 void record_misaligned_access() { last_error = cudaErrorMisalignedAddress; }
 
+// Each kernel's cudaFuncAttributeMaxDynamicSharedMemorySize, as cudaFuncSetAttribute set it.
+std::mutex opt_in_mutex;
+std::map<const void*, int> opted_in;
+
+int opted_in_bytes(const void* kernel) {
+  const std::lock_guard<std::mutex> lock(opt_in_mutex);
+  const auto found = opted_in.find(kernel);
+  return found == opted_in.end() ? 0 : found->second;
+}
+
+bool shared_bytes_opted_in(const void* kernel, size_t shared) {
+  if (shared <= fastattn::cuda::kDefaultSharedBytes || shared <= static_cast<size_t>(opted_in_bytes(kernel))) {
+    return true;
+  }
+  last_error = cudaErrorInvalidValue;
+  return false;
+}
+
 void run_grid(dim3 grid, dim3 block, size_t shared, const std::function<void()>& body) {
   check_shared(shared);
   // The threads of one block, created once and walked over every block of the grid.
@@ -101,8 +123,21 @@ void run_cooperative_grid(dim3 grid, dim3 block, size_t shared, const std::funct
 
 using namespace fastattn::cuda;
 
+namespace {
+constexpr int kSharedOptIn = 227 * 1024;  // an H200's dynamic shared memory a block
+void opt_in_probe_kernel() {}
+}  // namespace
+
 extern "C" {
 cudaError_t cudaGetLastError(void) { return emu::last_error.exchange(cudaSuccess); }
+cudaError_t cudaFuncSetAttribute(const void* kernel, enum cudaFuncAttribute attribute, int value) {
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > kSharedOptIn) {
+    return cudaErrorInvalidValue;
+  }
+  const std::lock_guard<std::mutex> lock(emu::opt_in_mutex);
+  emu::opted_in[kernel] = value;
+  return cudaSuccess;
+}
 cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
@@ -113,7 +148,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attribute, in
       *value = 132;
       return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
-      *value = 227 * 1024;
+      *value = kSharedOptIn;
       return cudaSuccess;
     case cudaDevAttrCooperativeLaunch:
       *value = 1;
@@ -134,6 +169,15 @@ cudaError_t cudaMemsetAsync(void* pointer, int value, size_t bytes, cudaStream_t
   return cudaSuccess;
 }
 
+// opt_in_shared_bytes for one kernel with `first` bytes then `second`: the kernel's
+// attribute after both (a launch of `first` bytes must still fit it).
+int emu_opt_in_shared_bytes(int64_t first, int64_t second) {
+  for (const int64_t bytes : {first, second}) {
+    const cudaError_t status = opt_in_shared_bytes(&opt_in_probe_kernel, static_cast<size_t>(bytes));
+    if (status != cudaSuccess) return -static_cast<int>(status);
+  }
+  return emu::opted_in_bytes(reinterpret_cast<const void*>(&opt_in_probe_kernel));
+}
 int emu_attention_forward_splits(const AttentionProblem* p, int multiprocessors) {
   return static_cast<int>(attention_forward_splits(*p, multiprocessors));
 }
