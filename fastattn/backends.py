@@ -106,7 +106,7 @@ def register(op: str, backend: str, device_types: tuple[str, ...] | None) -> Cal
     return decorate
 
 
-def in_autocast_dtype(function: Callable) -> Callable:
+def in_autocast_dtype(function: Callable, float64_to: Callable | None = None) -> Callable:
     """``function`` as a backend function without autocast kernels of its own runs it (the
     reference's, the Triton backend's): inside ``torch.autocast`` on its floating tensors
     cast to the autocast dtype (float64 passes; local-p centers, positions, go to float32)
@@ -115,15 +115,25 @@ def in_autocast_dtype(function: Callable) -> Callable:
     autocast cache (``torch.ops.fastattn.autocast_cast``, with the C++ extension loaded):
     a float32 parameter is cast once per autocast region, not at every step of a decoder,
     as torch's own layers do; while ``torch.compile`` traces, and without the extension,
-    they are plain ``.to`` casts."""
+    they are plain ``.to`` casts.  ``float64_to``: where a call with a float64 tensor goes
+    instead (the Triton backend's, whose kernels take none), found in the same pass over
+    the arguments, which is all an eager call outside autocast pays."""
+
+    tensor, float64 = torch.Tensor, torch.float64
 
     @functools.wraps(function)
     def run(*arguments, **keywords):
-        tensors = [a for a in (*arguments, *keywords.values()) if isinstance(a, torch.Tensor)]
-        device_type = tensors[0].device.type
+        device_type = None
+        for value in (*arguments, *keywords.values()):
+            if isinstance(value, tensor):
+                if float64_to is not None and value.dtype == float64:
+                    return float64_to(*arguments, **keywords)
+                device_type = device_type or value.device.type
+                if float64_to is None:
+                    break
         # Meta tensors have no autocast (is_autocast_enabled raises for them; torch 2.11's
         # dynamo cannot trace torch.amp.is_autocast_available).
-        if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        if device_type in (None, "meta") or not torch.is_autocast_enabled(device_type):
             return function(*arguments, **keywords)
         dtype = torch.get_autocast_dtype(device_type)
         cached_cast = None if torch.compiler.is_compiling() else getattr(torch.ops.fastattn, "autocast_cast", None)

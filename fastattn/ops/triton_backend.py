@@ -30,15 +30,7 @@ REFERENCE_NOTE = (
 def _in_kernel_dtypes(function, reference_function):
     """``function``, with float64 inputs sent to ``reference_function`` and, inside
     ``torch.autocast``, run in the autocast dtype (:func:`fastattn.backends.in_autocast_dtype`)."""
-    in_autocast = backends.in_autocast_dtype(function)
-
-    @functools.wraps(function)
-    def run(*arguments, **keywords):
-        if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in (*arguments, *keywords.values())):
-            return reference_function(*arguments, **keywords)
-        return in_autocast(*arguments, **keywords)
-
-    return run
+    return backends.in_autocast_dtype(function, float64_to=reference_function)
 
 
 def _backend_functions() -> dict:
