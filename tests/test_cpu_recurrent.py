@@ -467,12 +467,13 @@ def test_gradients_through_one_output_only_match_the_reference(function_name):
                 torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("batch, hidden", [(1, 40), (1, 150), (3, 40)])
+@pytest.mark.parametrize("batch, hidden", [(1, 40), (3, 40), (4, 150), (1, 210), (3, 210)])
 def test_cells_with_few_rows_split_over_the_weight_rows_match_the_reference(batch, hidden):
-    """With a few rows the cells' projections are split over the rows of the weights, one
-    GEMV per thread (160 gate rows: several tasks on 2 threads), in grad mode and without;
-    one row of a small weight (at most 2^15 elements: w_hh at hidden 40) runs one GEMV
-    unsplit, and of a larger one (hidden 150: 600 x 150 and 450 x 150) split."""
+    """With a few rows (at most 4) the cells' projections are split over the rows of the
+    weight, one GEMV per thread, in grad mode and without, where the weight has more than
+    2^17 elements (hidden 210: w_hh 840 x 210 and 630 x 210, several tasks on 2 threads) or
+    rows x elements exceed 2^18 (4 rows, hidden 150: 4 x 600 x 150); otherwise (hidden 40,
+    and every w_ih here) they run one GEMV unsplit."""
     previous_threads = torch.get_num_threads()
     x, h, c = leaves((batch, INPUT), (batch, hidden), (batch, hidden))
     torch.set_num_threads(2)

@@ -161,15 +161,21 @@ inline int64_t tile_row_stride(int64_t columns) {
 // out (M, N) = a (M, K) @ w (N, K)^T.  For a few rows (a decoder step at batch 1) BLAS
 // runs one single-threaded GEMV; the rows of w are then split over ATen's threads, one
 // GEMV each (measured here at M=1, K=512, N=1024: 43 us for at::mm, 23 us split over 2
-// threads).  Otherwise one at::mm_out, and for one row of a small w too: at M=1 and
-// N K <= 2^15 waking the second thread cost more than it saved.  fastattn.nn.LSTMCell steps
-// at B=1 called in a loop: H=32 (N K = 4096) 30.5-38.8 us split, 26 not; H=64 33 against
-// 28.5; H=96 even; H=128 39.5 against 43.5 (a tight loop of the bare op, where the worker
-// thread never sleeps, had favoured one GEMV up to H=128: 24.3 us split, 19.5 not).
+// threads).  Otherwise one at::mm_out, and for a few rows of a small w too (N K <= 2^17
+// and M N K <= 2^18), where waking the second thread costs more than it saves.  On this
+// project's 2-core Intel Xeon (benchmarks/results/2026-12-07-cpu-2core-intel-cell-gemv/):
+// fastattn bench --quick (B=4, H=32), against torch.nn's cells in the same runs, from
+// 0.61-0.79x to 0.84-0.97x for lstm_cell.forward and from 0.60-0.73x to 0.97-1.15x for
+// gru_cell.forward; the bare LSTM cell op in a tight loop, one thread against two: B=1 H=176
+// (N K = 123,904) 32.3 us against 34.1, H=192 44.9 against 28.9, H=256 107 against 56; B=4
+// H=128 28.5 against 33.1.  At B=4 H=160 (M N K = 409,600) the tight loop favoured one
+// GEMV and fastattn.nn.LSTMCell called in a loop the split (98.9 us against 86.8).
 inline void matmul_transposed_into(at::Tensor out, const at::Tensor& a, const at::Tensor& w) {
-  constexpr int64_t kFewRows = 4, kWeightRowsPerTask = 64, kSmallGemv = int64_t{1} << 15;
+  constexpr int64_t kFewRows = 4, kWeightRowsPerTask = 64;
+  constexpr int64_t kSmallWeight = int64_t{1} << 17, kSmallProduct = int64_t{1} << 18;
+  const int64_t weight = w.size(0) * w.size(1);
   if (a.size(0) > kFewRows || at::get_num_threads() == 1 || at::in_parallel_region() ||
-      (a.size(0) == 1 && w.size(0) * w.size(1) <= kSmallGemv)) {
+      (weight <= kSmallWeight && a.size(0) * weight <= kSmallProduct)) {
     at::mm_out(out, a, w.t());
     return;
   }
