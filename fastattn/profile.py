@@ -20,10 +20,13 @@ from fastattn import backends
 from fastattn.bench.cases import DTYPES, BenchError, Case, Preset, cases
 from fastattn.bench.cases import matches as case_matches
 from fastattn.bench.implementations import Implementation, prepare
+from fastattn.data.vocabulary import SPECIALS
 
 NVTX_RANGE = "fastattn.profile"
 WARMUP_ITERATIONS = 3
 SHAPE_FIELDS = ("batch", "length", "dim", "hidden", "steps", "tokens", "vocabulary")
+# The smallest size each field takes (the zoo's Seq2Seq needs its special tokens in the vocabulary).
+SMALLEST_SIZE = {"vocabulary": len(SPECIALS)}
 
 
 def find_case(name: str, preset: Preset) -> Case:
@@ -38,15 +41,17 @@ def find_case(name: str, preset: Preset) -> Case:
 
 
 def resized(preset: Preset, **sizes: int | None) -> Preset:
-    """``preset`` with the given sizes replaced (``None``: kept); each must be a positive int."""
+    """``preset`` with the given sizes replaced (``None``: kept); each must be an int of at
+    least its :data:`SMALLEST_SIZE` (1 unless listed there)."""
     changes = {}
     for name, size in sizes.items():
         if size is None:
             continue
         if name not in SHAPE_FIELDS:
             raise BenchError(f"unknown size {name!r}; sizes: {', '.join(SHAPE_FIELDS)}")
-        if not isinstance(size, int) or size < 1:
-            raise BenchError(f"--{name} must be a positive integer, got {size!r}")
+        smallest = SMALLEST_SIZE.get(name, 1)
+        if not isinstance(size, int) or size < smallest:
+            raise BenchError(f"--{name} must be an integer of at least {smallest}, got {size!r}")
         changes[name] = size
     return dataclasses.replace(preset, **changes)
 

@@ -21,7 +21,9 @@ from fastattn.bench import machine
 from fastattn.bench.machine import Limits
 from fastattn.bench.memory import peak_bytes_resident
 from fastattn.bench.output import format_table
-from fastattn.bench.run import max_error
+from fastattn.bench.cases import _torch_sdpa
+from fastattn.bench.output import write_plot
+from fastattn.bench.run import Result, max_error, tolerance
 from fastattn.bench.timing import CPU_MIN_SAMPLES, time_on_cpu
 from fastattn.ops.triton_launch import float32_matmul_precision
 
@@ -143,6 +145,51 @@ def test_max_error_is_the_largest_absolute_difference():
     assert max_error([torch.zeros(3)], reference) == math.inf
     assert max_error([torch.zeros(4), torch.ones(2, 2)], reference) == math.inf
     assert math.isnan(max_error([torch.tensor([0.0, math.nan, 0.0]), torch.ones(2, 2)], reference))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_tolerance_is_twice_the_reference_error_and_refuses_zeros(dtype):
+    """The slack is 100 epsilons of float32 at most: 100 of bfloat16's are 78% of the largest
+    output, which passed an output of zeros."""
+    oracle = [torch.linspace(-0.3, 0.3, 50, dtype=torch.float64)]
+    reference_error = max_error([oracle[0].to(dtype)], oracle)
+    allowed = tolerance(reference_error, dtype, oracle)
+    assert allowed == pytest.approx(2 * reference_error + 100 * torch.finfo(torch.float32).eps)
+    assert max_error([torch.zeros(50)], oracle) > allowed
+
+
+def test_integer_outputs_do_not_scale_the_tolerance():
+    """Token ids and positions are no magnitude of an error (a greedy decoding's ids of ~1000
+    made its float32 slack 1000 times too wide)."""
+    outputs = [torch.full((3,), 2.5, dtype=torch.float64)]
+    assert tolerance(0.0, torch.float32, [*outputs, torch.tensor([983, 7])]) == tolerance(0.0, torch.float32, outputs)
+    assert tolerance(0.0, torch.float32, outputs) == pytest.approx(100 * torch.finfo(torch.float32).eps * 2.5)
+
+
+@pytest.mark.parametrize("query_shape", [(3, 5, 8), (3, 8)])
+def test_the_torch_sdpa_peer_runs_a_fused_kernel(query_shape):
+    """On 3-D tensors torch's scaled_dot_product_attention runs its math path only; the peer
+    passes one head (4-D), and torch picks its fused kernel."""
+    query, keys = torch.randn(*query_shape), torch.randn(3, 6, 8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        context = _torch_sdpa(query, keys, 0.5)
+    names = {event.name for event in profile.events()}
+    assert "aten::scaled_dot_product_attention" in names
+    assert "aten::_scaled_dot_product_attention_math" not in names
+    rows = query if query.dim() == 3 else query.unsqueeze(1)
+    expected = torch.softmax(rows @ keys.transpose(1, 2) * 0.5, dim=-1) @ keys
+    torch.testing.assert_close(context, expected if query.dim() == 3 else expected.squeeze(1))
+
+
+def test_the_plot_draws_backends_peers_and_baselines(tmp_path):
+    """A target case's baseline row (the recurrent GEMM alone) has its own colour."""
+    rows = [Result(case="lstm_cell.forward", implementation=name, kind=kind, shape={}, dtype="float32", device="cpu",
+                   median_s=1e-5, iqr_s=0.0, runs=1, max_error=None, tolerance=None, error_ok=None, peak_bytes=None,
+                   work={}, percent_of_limit=None, bound_by=None, speedup={REFERENCE: 2.0})
+            for name, kind in (("cpu", "backend"), ("torch.nn.LSTMCell", "peer"), (GEMM_BASELINE, "baseline"))]
+    path = tmp_path / "plot.png"
+    write_plot(str(path), rows, "three kinds")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cpu_timer_takes_enough_samples_of_a_slow_call():

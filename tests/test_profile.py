@@ -53,7 +53,9 @@ def _fails(argv, capsys, message):
     [
         (["profile", "attention.bogus", *SMALL], "unknown op 'attention.bogus'"),
         (["profile", "attention.additive", *SMALL], "ambiguous op 'attention.additive'; it matches"),
-        (["profile", "lstm_cell.forward", *SMALL, "--batch", "0"], "--batch must be a positive integer"),
+        (["profile", "lstm_cell.forward", *SMALL, "--batch", "0"], "--batch must be an integer of at least 1, got 0"),
+        (["profile", "greedy_decoding.forward", *SMALL, "--vocabulary", "3"],
+         "--vocabulary must be an integer of at least 4, got 3"),
         (["profile", "lstm_cell.forward", "--preset", "tiny", "--iterations", "0"], "--iterations must be a positive"),
         (["profile", "lstm_cell.forward", *SMALL, "--backend", "cuda"], "--backend cuda: backend 'cuda' is not available"),
     ],

@@ -210,12 +210,14 @@ def _score_parameters(score: str, inputs: Inputs, dim: int, source_length: int) 
 
 
 def _torch_sdpa(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """torch's fused attention with values = keys; a 2-D decoder-step query becomes T = 1."""
+    """torch's scaled_dot_product_attention with values = keys, as one head (N, 1, T, D), so
+    that torch picks among its fused kernels: on 3-D tensors it runs its math path only (the
+    unfused matmul, softmax, matmul).  A 2-D decoder-step query becomes T = 1."""
     step = query.dim() == 2
-    context = torch.nn.functional.scaled_dot_product_attention(
-        query.unsqueeze(1) if step else query, keys, keys, scale=scale
-    )
-    return context.squeeze(1) if step else context
+    heads_query = (query.unsqueeze(1) if step else query).unsqueeze(1)
+    heads_keys = keys.unsqueeze(1)
+    context = torch.nn.functional.scaled_dot_product_attention(heads_query, heads_keys, heads_keys, scale=scale)
+    return context.squeeze(1).squeeze(1) if step else context.squeeze(1)
 
 
 def _torch_sdpa_flash(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:

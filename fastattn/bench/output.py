@@ -159,7 +159,7 @@ def check_plot_path(path: str) -> None:
 
 def write_plot(path: str, results: list[Result], title: str) -> None:
     """One horizontal bar per case and implementation: its speedup over the eager reference
-    (log scale), fastattn's backends in one colour and the peers in another."""
+    (log scale), fastattn's backends, the peers and the baselines each in their colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,13 +167,13 @@ def write_plot(path: str, results: list[Result], title: str) -> None:
 
     bars = [r for r in results if r.median_s and REFERENCE in r.speedup]
     figure, axes = pyplot.subplots(figsize=(10, 0.22 * len(bars) + 1.5))
-    colours = {"backend": "tab:blue", "peer": "tab:gray"}
+    colours = {"backend": "tab:blue", "peer": "tab:gray", "baseline": "tab:olive"}
     axes.barh(range(len(bars)), [r.speedup[REFERENCE] for r in bars], color=[colours[r.kind] for r in bars])
     axes.set_yticks(range(len(bars)), [f"{r.case} [{r.implementation}]" for r in bars], fontsize=6)
     axes.set_ylim(len(bars) - 0.5, -0.5)
     axes.set_xscale("log")
     axes.axvline(1.0, color="black", linewidth=0.8)
-    axes.set_xlabel("speedup over the eager reference (reference time / time); blue: fastattn, grey: peers")
+    axes.set_xlabel("speedup over the eager reference (reference time / time); blue: fastattn, grey: peers, olive: baselines")
     axes.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -4,8 +4,11 @@ Per case: the workload is built once in the run's dtype; a float64 oracle (the r
 on the same values, rounded through the run's dtype) gives each implementation's max
 absolute error over its outputs and, for forward+backward cases, every gradient.  The
 tolerance follows the project's rule: 2 x the error of the reference run in the same
-dtype, plus 100 machine epsilons of that dtype times the oracle's largest magnitude (so a
-float64 run, whose reference IS the oracle, still has room for reordered sums).
+dtype, plus 100 machine epsilons times the oracle's largest floating-point magnitude (so a
+float64 run, whose reference IS the oracle, still has room for reordered sums).  The
+epsilon is the dtype's, or float32's for float16 and bfloat16: there the reference's own
+error is the allowance, and 100 of their epsilons (78% of the largest value in bfloat16)
+would pass an output of zeros.
 Speedups of a row are the other implementations' median times divided by its own.
 cuDNN's recurrent layers (the ``torch.nn.LSTM``/``GRU`` peers) run in IEEE float32 for the
 whole run, as fastattn's float32 kernels do: torch lets them use TF32 by default, whose
@@ -43,7 +46,7 @@ EPSILONS_OF_SLACK = 100
 class Result:
     case: str
     implementation: str
-    kind: str  # "backend" or "peer"
+    kind: str  # "backend", "peer" or "baseline"
     shape: dict[str, int]
     dtype: str
     device: str
@@ -95,7 +98,16 @@ def max_error(results: list[torch.Tensor], oracle: list[torch.Tensor]) -> float:
 
 
 def _largest_magnitude(tensors: list[torch.Tensor]) -> float:
-    return max((t.detach().double().abs().max().item() for t in tensors if t.numel()), default=0.0)
+    """Over the floating-point tensors only: token ids and positions are no scale of error."""
+    return max((t.detach().double().abs().max().item() for t in tensors if t.numel() and t.is_floating_point()),
+               default=0.0)
+
+
+def tolerance(reference_error: float, dtype: torch.dtype, oracle: list[torch.Tensor]) -> float:
+    """2 x the reference's error, plus EPSILONS_OF_SLACK epsilons (float32's at most) of the
+    oracle's largest magnitude (at least 1)."""
+    epsilon = min(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+    return 2 * reference_error + EPSILONS_OF_SLACK * epsilon * max(1.0, _largest_magnitude(oracle))
 
 
 @dataclass
@@ -128,8 +140,7 @@ def _measure_case(case: Case, device: str, dtype: torch.dtype, min_run_time: flo
                 entry.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             measured.append(entry)
     reference_error = next((m.error for m in measured if m.implementation.name == REFERENCE), 0.0) or 0.0
-    slack = EPSILONS_OF_SLACK * torch.finfo(dtype).eps * max(1.0, _largest_magnitude(oracle))
-    return measured, 2 * reference_error + slack
+    return measured, tolerance(reference_error, dtype, oracle)
 
 
 def _target_outcome(target: Target, median: float | None, speedup: dict[str, float], percent_of: dict[str, float],
