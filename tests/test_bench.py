@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from fastattn.bench.output import format_table
 from fastattn.bench.cases import _torch_sdpa
 from fastattn.bench.output import write_plot
 from fastattn.bench.run import Result, max_error, tolerance
-from fastattn.bench.timing import CPU_MIN_SAMPLES, time_on_cpu
+from fastattn.bench.timing import CPU_MIN_SAMPLES, time_on_cpu, time_on_cuda
 from fastattn.ops.triton_launch import float32_matmul_precision
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -197,6 +198,21 @@ def test_cpu_timer_takes_enough_samples_of_a_slow_call():
     timing = time_on_cpu(slow, min_run_time=1e-6)
     assert len(timing.times_s) >= CPU_MIN_SAMPLES
     assert min(timing.times_s) <= timing.median_s <= max(timing.times_s)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_sample_is_the_device_time_however_long_the_host_takes():
+    """A call that spends 3 ms on the host before one small kernel is timed at its kernel: the
+    GPU spins through the host's time before the start event.  (Timed from the flush alone,
+    the GPU waited for the host and the sample was the 3 ms.)"""
+    x = torch.randn(2**20, device="cuda")
+
+    def slow_host():
+        time.sleep(0.003)
+        return x.mul_(1.0)
+
+    assert time_on_cuda(slow_host, min_run_time=0.05).median_s < 0.001
 
 
 def test_peak_resident_memory_sees_a_large_temporary():

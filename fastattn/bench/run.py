@@ -215,8 +215,8 @@ def run(chosen: list[Case], preset: Preset, device: str, dtype: str, limits: Lim
             tqdm(chosen, desc="fastattn bench", unit="case", disable=None if progress else True, leave=False) as bar:
         for case in bar:
             bar.set_postfix_str(case.name)
-            measured, tolerance = _measure_case(case, device, DTYPES[dtype], preset.min_run_time, compile_reference)
-            results += _results_of(case, measured, tolerance, device, dtype, limits, preset.targets_dtype)
+            measured, allowed = _measure_case(case, device, DTYPES[dtype], preset.min_run_time, compile_reference)
+            results += _results_of(case, measured, allowed, device, dtype, limits, preset.targets_dtype)
             if after_each_case is not None:
                 after_each_case(results)
     if measure_memory and device == "cpu":

@@ -4,13 +4,20 @@ CPU: ``torch.utils.benchmark.Timer.timeit`` over blocks of calls (each raw sampl
 mean of one block).  GPU: CUDA events around each call after a warm-up, with the L2
 cache flushed before every timed call by overwriting a buffer larger than any current
 card's L2 (as ``triton.testing.do_bench`` does), so no call finds its inputs in L2
-left there by the previous one.
+left there by the previous one.  A GPU sample is the call's device time: between the
+flush and the start event the GPU spins (``torch.cuda._sleep``) for twice the longest
+host time a warm-up call took to enqueue its work, so that the host has queued the whole
+call before the start event is reached.  Without that spin a call whose host time
+exceeded the flush's (about 60-80 us on an H100) had the GPU idle between its kernels
+and was timed as host time, one with less host time as device time.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,11 +60,13 @@ def time_on_cpu(function: Callable[[], object], min_run_time: float) -> Timing:
     return _summary(times)
 
 
-def _cuda_samples(function: Callable[[], object], calls: int, flush: torch.Tensor) -> list[float]:
-    """Times ``calls`` calls one by one, each after an L2 flush that is not timed."""
+def _cuda_samples(function: Callable[[], object], calls: int, flush: torch.Tensor, lead_cycles: int) -> list[float]:
+    """Times ``calls`` calls one by one, each after an L2 flush and a spin of
+    ``lead_cycles`` GPU clock cycles, neither timed."""
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
     for start, end in events:
         flush.zero_()
+        torch.cuda._sleep(lead_cycles)
         start.record()
         function()
         end.record()
@@ -65,15 +74,40 @@ def _cuda_samples(function: Callable[[], object], calls: int, flush: torch.Tenso
     return [start.elapsed_time(end) / 1000 for start, end in events]
 
 
-def time_on_cuda(function: Callable[[], object], min_run_time: float) -> Timing:
-    """Warms up, estimates the time of a call, then times enough calls to fill ``min_run_time``."""
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    for _ in range(CUDA_WARMUP_CALLS):
-        function()
+@functools.cache
+def _gpu_cycles_per_second() -> float:
+    """The clock ``torch.cuda._sleep`` counts, from one timed spin of 10^7 cycles."""
+    cycles = 10_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (start.elapsed_time(end) / 1000)
+
+
+def _host_seconds(function: Callable[[], object]) -> float:
+    """The host's time to enqueue one call, from the GPU idle (a call that waits on the
+    GPU inside, an ``.item()``, counts that wait too)."""
     torch.cuda.synchronize()
-    estimate = statistics.median(_cuda_samples(function, CUDA_MIN_CALLS, flush))
-    calls = min(CUDA_MAX_CALLS, max(CUDA_MIN_CALLS, math.ceil(min_run_time / max(estimate, 1e-6))))
-    return _summary(_cuda_samples(function, calls, flush))
+    started = time.perf_counter()
+    function()
+    elapsed = time.perf_counter() - started
+    torch.cuda.synchronize()
+    return elapsed
+
+
+def time_on_cuda(function: Callable[[], object], min_run_time: float) -> Timing:
+    """Warms up (measuring the host time of each warm-up call), estimates the device time
+    of a call, then times enough calls to fill ``min_run_time`` with their leads."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    function()  # the first call may compile or autotune: not a host time to lead by
+    host = max(_host_seconds(function) for _ in range(CUDA_WARMUP_CALLS))
+    lead_cycles = math.ceil(2 * host * _gpu_cycles_per_second())
+    estimate = statistics.median(_cuda_samples(function, CUDA_MIN_CALLS, flush, lead_cycles))
+    sample_seconds = estimate + 2 * host  # each sample's wall time, lead included
+    calls = min(CUDA_MAX_CALLS, max(CUDA_MIN_CALLS, math.ceil(min_run_time / max(sample_seconds, 1e-6))))
+    return _summary(_cuda_samples(function, calls, flush, lead_cycles))
 
 
 def time_call(function: Callable[[], object], device_type: str, min_run_time: float) -> Timing:
