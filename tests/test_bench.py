@@ -20,6 +20,7 @@ from fastattn.bench import implementations
 from fastattn.bench.implementations import COMPILED_REFERENCE, flatten, runnable_backends
 from fastattn.bench import machine
 from fastattn.bench.machine import Limits
+from fastattn.bench import memory
 from fastattn.bench.memory import peak_bytes_resident
 from fastattn.bench.output import format_table
 from fastattn.bench.cases import _torch_sdpa
@@ -213,6 +214,15 @@ def test_a_cuda_sample_is_the_device_time_however_long_the_host_takes():
         return x.mul_(1.0)
 
     assert time_on_cuda(slow_host, min_run_time=0.05).median_s < 0.001
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="the peak-memory child runs on Linux only")
+def test_a_failed_peak_memory_child_warns_and_leaves_the_peaks_unknown(monkeypatch):
+    """It used to raise after every case had run, so that no table printed."""
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback ...\nMemoryError: out of memory")
+    monkeypatch.setattr(memory.subprocess, "run", lambda *arguments, **keywords: failed)
+    with pytest.warns(UserWarning, match="peak memory not measured: the child process failed: MemoryError: out of memory"):
+        assert memory.peaks_in_child(PRESETS["tiny"], "float32", ["lstm_cell.forward"]) == {}
 
 
 def test_peak_resident_memory_sees_a_large_temporary():
