@@ -194,6 +194,25 @@ def test_the_plot_draws_backends_peers_and_baselines(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_case_that_cannot_be_built_is_one_failed_row_and_the_run_goes_on():
+    """Building the workload or the float64 oracle (a GPU out of memory) used to stop the
+    whole run with a traceback."""
+    def out_of_memory(inputs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB\nmore lines")
+
+    chosen = [case for case in TINY_CASES if case.name in ("lstm_cell.forward", "gru_cell.forward")]
+    broken = dataclasses.replace(chosen[0], build=out_of_memory)
+    limits = Limits(roofline.cpu_limits(1e10), 1e10, "test limits", from_datasheet=False)
+    results = run([broken, chosen[1]], PRESETS["tiny"], "cpu", "float32", limits, compile_reference=False,
+                  measure_memory=False, progress=False)
+    (failed,) = [r for r in results if r.case == broken.name]
+    assert failed.implementation == REFERENCE and failed.tolerance is None and failed.error_ok is None
+    assert failed.failure == "building the case failed: RuntimeError: CUDA out of memory. Tried to allocate 8.00 GiB"
+    assert {r.implementation for r in results if r.case == chosen[1].name} >= {REFERENCE, "torch.nn.GRUCell"}
+    assert all(r.failure is None for r in results if r.case == chosen[1].name)
+    assert "FAILED" in format_table(results)
+
+
 def test_cpu_timer_takes_enough_samples_of_a_slow_call():
     slow = lambda: torch.ones(300, 300) @ torch.ones(300, 300)  # noqa: E731
     timing = time_on_cpu(slow, min_run_time=1e-6)

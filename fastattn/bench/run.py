@@ -119,12 +119,25 @@ class _Measured:
     failure: str | None = None
 
 
-def _measure_case(case: Case, device: str, dtype: torch.dtype, min_run_time: float, compile_reference: bool) -> tuple[list[_Measured], float]:
-    """Each implementation's timing, error and (on a GPU) peak memory; and the tolerance."""
-    oracle_workload = case.build(case.inputs(device, torch.float64, rounded_to=dtype))
+def _failure(error: Exception) -> str:
+    """An exception as one line: its type and its message's first line."""
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
+
+
+def _measure_case(case: Case, device: str, dtype: torch.dtype, min_run_time: float,
+                  compile_reference: bool) -> tuple[list[_Measured], float | None]:
+    """Each implementation's timing, error and (on a GPU) peak memory; and the tolerance.
+    A case whose workload or float64 oracle cannot be built (a GPU out of memory) is one
+    failed reference row, with no tolerance."""
+    try:
+        oracle_workload = case.build(case.inputs(device, torch.float64, rounded_to=dtype))
+        with torch.set_grad_enabled(case.backward):
+            oracle = prepare(case, oracle_workload, Implementation(REFERENCE, "backend"), dtype)()
+            workload = case.build(case.inputs(device, dtype))
+    except Exception as error:  # noqa: BLE001 - one case that cannot be set up must not stop the run
+        return [_Measured(Implementation(REFERENCE, "backend"), failure=f"building the case failed: {_failure(error)}")], None
     with torch.set_grad_enabled(case.backward):
-        oracle = prepare(case, oracle_workload, Implementation(REFERENCE, "backend"), dtype)()
-        workload = case.build(case.inputs(device, dtype))
         measured = []
         for implementation in implementations(case, workload, device, compile_reference):
             entry = _Measured(implementation)
@@ -137,7 +150,7 @@ def _measure_case(case: Case, device: str, dtype: torch.dtype, min_run_time: flo
                 if device == "cuda":
                     entry.peak_bytes = memory.peak_bytes_cuda(call)
             except Exception as error:  # noqa: BLE001 - one failing implementation must not stop the run
-                entry.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                entry.failure = _failure(error)
             measured.append(entry)
     reference_error = next((m.error for m in measured if m.implementation.name == REFERENCE), 0.0) or 0.0
     return measured, tolerance(reference_error, dtype, oracle)
@@ -161,7 +174,7 @@ def _why_not_judged(target: Target, dtype: str, targets_dtype: str, limits: Limi
     return None
 
 
-def _results_of(case: Case, measured: list[_Measured], tolerance: float, device: str, dtype: str,
+def _results_of(case: Case, measured: list[_Measured], tolerance: float | None, device: str, dtype: str,
                 limits: Limits, targets_dtype: str) -> list[Result]:
     work = case.work(DTYPES[dtype].itemsize)
     medians = {m.implementation.name: m.timing.median_s for m in measured if m.timing is not None}
