@@ -15,16 +15,14 @@ import torch
 
 from fastattn import backends, roofline
 from fastattn.bench import PRESETS, cases, run
-from fastattn.bench.cases import DECODE_BANDWIDTH_FROM, EAGER_DECODING, FLASH_PEER, GEMM_BASELINE, REFERENCE, SCORES, Target, select
+from fastattn.bench.cases import DECODE_BANDWIDTH_FROM, EAGER_DECODING, FLASH_PEER, GEMM_BASELINE, REFERENCE, SCORES, Target, _torch_sdpa, select
 from fastattn.bench import implementations
 from fastattn.bench.implementations import COMPILED_REFERENCE, flatten, runnable_backends
 from fastattn.bench import machine
 from fastattn.bench.machine import Limits
 from fastattn.bench import memory
 from fastattn.bench.memory import peak_bytes_resident
-from fastattn.bench.output import format_table
-from fastattn.bench.cases import _torch_sdpa
-from fastattn.bench.output import write_plot
+from fastattn.bench.output import format_table, write_plot
 from fastattn.bench.run import Result, max_error, tolerance
 from fastattn.bench.timing import CPU_MIN_SAMPLES, time_on_cpu, time_on_cuda
 from fastattn.ops.triton_launch import float32_matmul_precision
