@@ -221,13 +221,10 @@ def _torch_sdpa(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.
 
 
 def _torch_sdpa_flash(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """torch's fused attention on its flash backend only (one head: the fused kernels want 4-D);
-    values = keys.  Raises where flash cannot run (a float32 CUDA tensor, a head dim over 256)."""
+    """:func:`_torch_sdpa` on torch's flash backend only.  Raises where flash cannot run (a
+    float32 CUDA tensor, a head dim over 256)."""
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        context = torch.nn.functional.scaled_dot_product_attention(
-            query.unsqueeze(1), keys.unsqueeze(1), keys.unsqueeze(1), scale=scale
-        )
-    return context.squeeze(1)
+        return _torch_sdpa(query, keys, scale)
 
 
 def _attention_case(score: str, layout: str, mode: str, batch: int, length: int, dim: int, *, tag: str = "",
