@@ -20,9 +20,11 @@
 // keys (fastattn/ops/decoder_step.py flattens them).  float16 / bfloat16 go to the ops
 // it calls, which take them on the CPU and on CUDA.
 #include "decoder_step.h"
+#include "cpu/tile_gemm.h"
 #include "op_handles.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -52,6 +54,29 @@ using std::optional;
 
 using namespace ops;
 
+// Whether `tensor` is a CPU tensor whose memory a kernel may read: not a tensor subclass
+// (FakeTensor while torch.compile traces this composite op), a functionalization or a
+// torch.func wrapper.
+bool plain_cpu(const Tensor& tensor) {
+  static const c10::DispatchKeySet wrappers({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                             c10::DispatchKey::FuncTorchBatched,
+                                             c10::DispatchKey::FuncTorchGradWrapper});
+  return tensor.is_cpu() && !tensor.key_set().has_any(wrappers);
+}
+
+// x (rows, K) @ w (N, K)^T, as at::linear(x, w).  Plain CPU tensors of one dtype go to
+// matmul_transposed_into (csrc/cpu/tile_gemm.h: a few float32 rows skip ATen's GEMM call)
+// when no gradient is recorded and autocast is off (at::linear would cast under it).
+Tensor times_transposed(const Tensor& x, const Tensor& w, bool records_gradients) {
+  if (records_gradients || x.dim() != 2 || x.scalar_type() != w.scalar_type() || !plain_cpu(x) || !plain_cpu(w) ||
+      at::autocast::is_autocast_enabled(at::kCPU)) {
+    return at::linear(x, w);
+  }
+  Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  matmul_transposed_into(out, x.contiguous(), w);
+  return out;
+}
+
 struct StepAttention {
   const Tensor& keys;
   const Tensor& values;
@@ -65,11 +90,13 @@ struct StepAttention {
   optional<int64_t> window;  // local-p, with the two below
   const optional<Tensor>& position_weight;
   const optional<Tensor>& position_v;
+  bool records_gradients;
 
   // -> (context (B, Dv), weights (B, S)) for the decoder state s (B, H).
   std::tuple<Tensor, Tensor> operator()(const Tensor& state) const {
     static const auto attention_forward = fastattn_op<AttentionForward>("fastattn::attention_forward");
-    const Tensor query = query_weight.has_value() ? at::matmul(state, *query_weight) : state.contiguous();
+    const Tensor query =
+        query_weight.has_value() ? times_transposed(state, query_weight->t(), records_gradients) : state.contiguous();
     const optional<Tensor> center = window.has_value() ? optional<Tensor>(predicted_center(state)) : std::nullopt;
     auto [context, weights, logsumexp] = attention_forward.call(
         query.unsqueeze(1), keys, values, v, bias, score, scale, lengths, key_padding_mask, false, window, center,
@@ -114,7 +141,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> decoder_step(
     std::tie(context, weights) = attend(h);
     std::tie(h_next, c_next) = cell_step(at::cat({y, context}, -1), h, c, w_ih, w_hh, b_ih, b_hh);
   }
-  Tensor output = at::tanh(at::linear(at::cat({context, h_next}, -1), w_combine));
+  Tensor output = at::tanh(times_transposed(at::cat({context, h_next}, -1), w_combine, attend.records_gradients));
   return {output, h_next, c_next, weights};
 }
 
@@ -128,22 +155,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_decoder_step(
     const Tensor& w_combine, bool input_feeding, optional<int64_t> window, const optional<Tensor>& position_weight,
     const optional<Tensor>& position_v) {
   check_step_attention(score, scale, window, position_weight, position_v);
-  const auto records_gradients = [&] {
-    return at::GradMode::is_enabled() &&
+  const bool records_gradients =
+      at::GradMode::is_enabled() &&
            (y.requires_grad() || h.requires_grad() || requires_grad(c) || attentional.requires_grad() ||
             keys.requires_grad() || values.requires_grad() || requires_grad(query_weight) || requires_grad(v) ||
             requires_grad(bias) || w_ih.requires_grad() || w_hh.requires_grad() || requires_grad(b_ih) ||
             requires_grad(b_hh) || w_combine.requires_grad() || requires_grad(position_weight) ||
             requires_grad(position_v));
-  };
-  if (y.is_cuda() && !records_gradients()) {  // the CPU path never asks
+  if (y.is_cuda() && !records_gradients) {
     static const auto inference = fastattn_op<DecoderStep>("fastattn::attention_decoder_step_inference");
     return inference.call(y, h, c, attentional, keys, values, query_weight, v, bias, score, scale, lengths,
                           key_padding_mask, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding, window, position_weight,
                           position_v);
   }
   const StepAttention attend{keys, values, query_weight, v, bias, score, scale, lengths, key_padding_mask,
-                             window, position_weight, position_v};
+                             window, position_weight, position_v, records_gradients};
   if (at::GradMode::is_enabled()) {
     return decoder_step(y, h, c, attentional, attend, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding);
   }
@@ -163,7 +189,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> composed_decoder_step_inference(
     const optional<Tensor>& position_weight, const optional<Tensor>& position_v) {
   check_step_attention(score, scale, window, position_weight, position_v);
   const StepAttention attend{keys, values, query_weight, v, bias, score, scale, lengths, key_padding_mask,
-                             window, position_weight, position_v};
+                             window, position_weight, position_v, /*records_gradients=*/false};
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // an inference op: no gradients
   return decoder_step(y, h, c, attentional, attend, w_ih, w_hh, b_ih, b_hh, w_combine, input_feeding);
 }

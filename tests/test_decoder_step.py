@@ -104,8 +104,11 @@ def test_fused_step_over_image_grid_keys(score, masks):
 
 
 @pytest.mark.parametrize("score", SCORES)
-def test_fused_step_in_float32_without_gradients(score):
-    decoder = make_decoder(score, "lstm", False, dtype=torch.float32)
+@pytest.mark.parametrize("input_feeding", [True, False])
+def test_fused_step_in_float32_without_gradients(score, input_feeding):
+    """Without gradients the step's GEMMs (the additive query's W_q, the combination W_c)
+    run matmul_transposed_into's kernel for a few float32 rows, not at::linear."""
+    decoder = make_decoder(score, "lstm", input_feeding, dtype=torch.float32)
     keys = torch.randn(BATCH, SOURCE, KEY)
     y = torch.randn(BATCH, INPUT)
     outputs = {}
@@ -113,6 +116,18 @@ def test_fused_step_in_float32_without_gradients(score):
         with torch.no_grad(), fastattn.backend(backend_name):
             outputs[backend_name] = decoder(y, None, decoder.precompute(keys), lengths=LENGTHS)
     torch.testing.assert_close(outputs["cpu"], outputs["reference"], rtol=2e-5, atol=2e-5)
+
+
+def test_a_step_compiled_without_gradients_matches_the_eager_step():
+    """torch.compile traces the composite op with FakeTensors, whose memory its CPU GEMM
+    kernel must not read (they go to at::linear)."""
+    decoder = make_decoder("additive", "lstm", True, dtype=torch.float32)
+    keys, y = torch.randn(BATCH, SOURCE, KEY), torch.randn(BATCH, INPUT)
+    with torch.no_grad(), fastattn.backend("cpu"):
+        cache = decoder.precompute(keys)
+        eager = decoder(y, None, cache)
+        compiled = torch.compile(lambda y: decoder(y, None, cache), backend="aot_eager")(y)
+    torch.testing.assert_close(compiled, eager)
 
 
 def test_the_cpu_backend_has_the_fused_step_and_the_reference_composes():
