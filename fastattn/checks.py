@@ -13,6 +13,7 @@ value (a recompile for every new size) or break the graph.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable, Sequence, Union
 
@@ -121,7 +122,7 @@ LARGEST_INT = 2**31 - 1
 
 def positive_int(name: str, value: object, minimum: int = 1) -> int:
     """An integer in range (a NumPy integer too, as torch's int arguments take), as an int."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"{name} must be an int, got {describe(value)}")
     value = int(value)
     if not minimum <= value <= LARGEST_INT:
@@ -131,10 +132,11 @@ def positive_int(name: str, value: object, minimum: int = 1) -> int:
 
 def finite_number(name: str, value: object) -> float:
     """A finite real number (a NumPy scalar too, as torch's float arguments take), as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # type() first: an isinstance against the numbers ABCs costs about 0.3 us a call.
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a number, got {describe(value)}")
     value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
@@ -142,10 +144,13 @@ def finite_number(name: str, value: object) -> float:
 def shape(name: str, value: torch.Tensor, expected: Sequence[int | None], meaning: Meaning) -> None:
     """``expected`` may hold ``None`` for a free size; ``meaning`` spells it out."""
     actual = value.shape
-    if actual != expected and (  # equal: the common case, one comparison
-        len(actual) != len(expected) or any(want is not None and want != got for want, got in zip(expected, actual))
-    ):
+    if actual == expected:  # the common case, one comparison
+        return
+    if len(actual) != len(expected):
         raise ValueError(f"{name} must have shape {spelled(meaning)}, got {describe(value)}")
+    for want, got in zip(expected, actual):  # a loop: any() over a generator cost 0.6 us, this 0.4
+        if want is not None and want != got:
+            raise ValueError(f"{name} must have shape {spelled(meaning)}, got {describe(value)}")
 
 
 def spelled(meaning: Meaning) -> str:

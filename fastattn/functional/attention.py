@@ -197,9 +197,9 @@ def scaled_dot_product_attention(
     a divisor of its count (grouped-query attention: head h of the query reads key
     head h // (Hq / Hk)).
     """
+    checks.float_tensor("query", query)
     for name, tensor in (("query", query), ("key", key), ("value", value)):
-        checks.float_tensor(name, tensor)
-        checks.like(name, tensor, "query", query)
+        checks.float_like(name, tensor, "query", query)
         if tensor.dim() < 2:
             raise ValueError(f"{name} must have shape (..., length, features), got {checks.describe(tensor)}")
     if checks.flag("enable_gqa", enable_gqa):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -30,9 +30,9 @@ SCORE_PARAMETERS = {
 }
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How the caller's tensors fold into the canonical (N, T, S) layout and back."""
+class Layout(NamedTuple):
+    """How the caller's tensors fold into the canonical (N, T, S) layout and back (a
+    NamedTuple: made at every call, it costs half of a frozen dataclass)."""
 
     lead: tuple[int, ...]  # leading batch dimensions
     single_step: bool  # query (B, Dq): no T dimension in the outputs
@@ -82,7 +82,7 @@ def layout_of(query_name: str, query: torch.Tensor, keys_name: str, keys: torch.
     query_shape, key_shape = query.shape, keys.shape
     single_step = query_dims == 2 and key_dims >= 3
     lead_dims = query_dims - 1 if single_step else query_dims - 2
-    lead = tuple(query_shape[:lead_dims])
+    lead = query_shape[:lead_dims]
     if key_dims == lead_dims + 2:
         grid = None
     elif key_dims == lead_dims + 3:
@@ -92,9 +92,9 @@ def layout_of(query_name: str, query: torch.Tensor, keys_name: str, keys: torch.
             f"{keys_name} must have shape {(*lead, 'S', 'D')} or {(*lead, 'H', 'W', 'D')} "
             f"to match {query_name} of shape {tuple(query_shape)}, got {checks.describe(keys)}"
         )
-    if tuple(key_shape[:lead_dims]) != lead:
+    if key_shape[:lead_dims] != lead:
         raise ValueError(
-            f"{keys_name} must have the batch dimensions {lead} of {query_name}, "
+            f"{keys_name} must have the batch dimensions {tuple(lead)} of {query_name}, "
             f"got {checks.describe(keys)}"
         )
     if not single_step and query_shape[-2] == 0:
@@ -103,7 +103,7 @@ def layout_of(query_name: str, query: torch.Tensor, keys_name: str, keys: torch.
         raise ValueError(f"{keys_name} must have at least one key position, got {checks.describe(keys)}")
     check_features(query_name, query)
     check_features(keys_name, keys)
-    return Layout(lead, single_step, grid)
+    return Layout(tuple(lead), single_step, grid)
 
 
 def check_location_source_length(weight: torch.Tensor, source_length: int) -> None:
