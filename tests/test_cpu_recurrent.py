@@ -511,9 +511,30 @@ def test_float32_cells_at_a_few_rows_match_the_reference(batch, features, hidden
 
 def _gemms_run(call) -> int:
     """How many of ATen's GEMMs ``call()`` runs without gradients (the profiler's record)."""
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    with torch.no_grad():
+        return _aten_gemms(call)
+
+
+def _aten_gemms(call) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         call()
-    return sum(event.name == "aten::mm" for event in profile.events())
+    return sum(event.name in ("aten::mm", "aten::addmm") for event in profile.events())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch, hidden", [(1, 19), (4, 40), (4, 150)])
+def test_a_cells_backward_of_a_small_product_runs_no_aten_gemm(dtype, batch, hidden):
+    """A cell's backward GEMMs (the input, state and weight gradients) of at most 2^18
+    multiply-adds run small_matmul_into (csrc/cpu/tile_gemm.h) on every ISA, and larger
+    ones ATen's: 4 x 600 x 150 = 360,000 is over (its values: the few-rows test above)."""
+    x, h, c = leaves((batch, INPUT), (batch, hidden), (batch, hidden), dtype=dtype)
+    for name, arguments in (("lstm_cell", (x, h, c, *weights(4, True, dtype, hidden))),
+                            ("gru_cell", (x, h, *weights(3, True, dtype, hidden)))):
+        outputs = backends.implementation(name, "cpu", "cpu")(*arguments)
+        total = sum(output.sum() for output in (outputs if isinstance(outputs, tuple) else (outputs,)))
+        tensors = [a for a in arguments if a.requires_grad]
+        expected = 0 if batch * 4 * hidden * hidden <= 2**18 else 1
+        assert (_aten_gemms(lambda: torch.autograd.grad(total, tensors)) > 0) == bool(expected), name
 
 
 def _zero_states_made(call) -> int:

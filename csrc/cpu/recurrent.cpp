@@ -331,9 +331,14 @@ at::ScalarType gemm_type(const at::Tensor& x) {
   return x.scalar_type() == at::kHalf ? at::kFloat : x.scalar_type();
 }
 
-// a @ b in gemm_type(reference), returned in the reference's dtype.
+// a @ b in gemm_type(reference), returned in the reference's dtype (small float32 and
+// float64 products: small_matmul_into, csrc/cpu/tile_gemm.h).
 at::Tensor cell_gemm(const at::Tensor& reference, const at::Tensor& a, const at::Tensor& b) {
   const at::ScalarType type = gemm_type(reference);
+  if (a.scalar_type() == type && b.scalar_type() == type) {
+    at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+    if (small_matmul_into(out, a, b, /*accumulate=*/false)) return out.to(reference.scalar_type());
+  }
   return at::mm(a.to(type), b.to(type)).to(reference.scalar_type());
 }
 
@@ -564,7 +569,9 @@ gru_cell_backward(const at::Tensor& grad_h_next_in, const at::Tensor& x_in, cons
   const at::Tensor rounded_input = grad_input_gates.to(dtype), rounded_hidden = grad_hidden_gates.to(dtype);
   // The direct part dh' * z plus the path through the gates.
   if (dtype == math_type) {
-    grad_h.addmm_(grad_hidden_gates, w_hh_in);
+    if (!small_matmul_into(grad_h, grad_hidden_gates, w_hh_in, /*accumulate=*/true)) {
+      grad_h.addmm_(grad_hidden_gates, w_hh_in);
+    }
   } else {
     grad_h.add_(cell_gemm(x_in, rounded_hidden, w_hh_in));
   }

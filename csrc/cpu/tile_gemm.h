@@ -24,6 +24,7 @@
 // matmul_into: a whole GEMM as brgemm tiles in parallel (float32; otherwise at::mm_out).
 // matmul_transposed_into: x @ w^T for a few rows, split over the rows of w (float32 on
 //   AVX-512: few_rows_matmul_into's kernel).
+// small_matmul_into: a @ b for a small product, on the calling thread (a cell's backward).
 // batched_matmul_into: out = a (batch, M, K) @ b (batch, K, N), each matrix row- or
 //   column-major, as float32 tiles over ATen's threads (the attention's matrix-multiply path).
 #pragma once
@@ -250,6 +251,51 @@ inline bool few_rows_matmul_into(at::Tensor& out, const at::Tensor& a, const at:
   (void)out, (void)a, (void)w, (void)begin, (void)end;
   return false;
 #endif
+}
+
+// out (M, N) = a (M, K) @ b (K, N), or out += a @ b, in float32 or float64 for a product
+// of at most kSmallMatmulProduct multiply-adds, on the calling thread: the GEMMs of a
+// cell's backward at a few rows (its input and state gradients, rows x 4H by 4H x I, and
+// its weight gradients, 4H x rows by rows x I), where ATen's GEMM call costs more than the
+// arithmetic (9.1 us a call on average in an LSTM cell's backward at B = 4, H = 32).  a may
+// have any strides (the gate gradients, or their transpose); the rows of b and out are
+// contiguous.  Each row of out adds up K rows of b, each scaled by an element of a: loops
+// the compiler vectorises over N (no sums across lanes), for each ISA (IsaClones).
+constexpr int64_t kSmallMatmulProduct = int64_t{1} << 18;
+
+template <typename scalar_t>
+struct SmallMatmul {
+  FASTATTN_KERNEL static void run(const scalar_t* a, int64_t a_row_stride, int64_t a_column_stride,
+                                  const scalar_t* b, int64_t b_stride, scalar_t* out, int64_t out_stride,
+                                  int64_t M, int64_t N, int64_t K, bool accumulate) {
+    for (int64_t m = 0; m < M; ++m) {
+      scalar_t* __restrict out_row = out + m * out_stride;
+      if (!accumulate) std::fill(out_row, out_row + N, scalar_t(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const scalar_t factor = a[m * a_row_stride + k * a_column_stride];
+        const scalar_t* __restrict b_row = b + k * b_stride;
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) out_row[n] += factor * b_row[n];
+      }
+    }
+  }
+};
+
+// Whether out (+)= a @ b ran on SmallMatmul (false: nothing was done).
+inline bool small_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const auto type = out.scalar_type();
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if ((type != at::kFloat && type != at::kDouble) || a.scalar_type() != type || b.scalar_type() != type ||
+      M * N * K > kSmallMatmulProduct || b.stride(1) != 1 || out.stride(1) != 1 || out.size(0) != M ||
+      out.size(1) != N || b.size(0) != K) {
+    return false;
+  }
+  AT_DISPATCH_FLOATING_TYPES(type, "small_matmul_into", [&] {
+    static const auto kernel = IsaClones<&SmallMatmul<scalar_t>::run>::for_this_cpu();
+    kernel(a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1), b.const_data_ptr<scalar_t>(), b.stride(0),
+           out.mutable_data_ptr<scalar_t>(), out.stride(0), M, N, K, accumulate);
+  });
+  return true;
 }
 
 // out (M, N) = a (M, K) @ w (N, K)^T.  For a few rows (a decoder step at batch 1) BLAS

@@ -1,7 +1,8 @@
 """Per-call time of small fastattn calls, where the host side (Python checks, folding,
-backend choice, dispatch) is most of the time, next to torch's own call for the same
-work: the best of 5 timeit repeats, in microseconds, with gradients off.  Run once per
-checkout with that checkout first on PYTHONPATH, alternating checkouts (README.md here).
+backend choice, dispatch, ATen's GEMM calls) is most of the time, next to torch's own
+call for the same work: the best of 5 timeit repeats, in microseconds, with gradients off,
+then the cells' forward and backward.  Run once per checkout with that checkout first on
+PYTHONPATH, alternating checkouts (README.md here).
 
     PYTHONPATH=$PWD python benchmarks/results/2026-12-08-cpu-2core-host-overhead/small_calls.py
 """
@@ -51,6 +52,27 @@ def cell_rows():
     return rows
 
 
+def cell_training_rows():
+    """One step forward and backward, the gradients of the inputs and the weights."""
+    rows = []
+    for batch, hidden in ((1, 32), (4, 32), (4, 128)):
+        x, h, c = (torch.randn(batch, hidden, requires_grad=True) for _ in range(3))
+        for name, ours, theirs, state in (
+            ("LSTMCell", fastattn.nn.LSTMCell, torch.nn.LSTMCell, (h, c)),
+            ("GRUCell", fastattn.nn.GRUCell, torch.nn.GRUCell, h),
+        ):
+            for prefix, module in (("", ours(hidden, hidden)), ("torch ", theirs(hidden, hidden))):
+                tensors = (x, h, c, *module.parameters())
+
+                def step(module=module, x=x, state=state, tensors=tensors):
+                    outputs = module(x, state)
+                    total = sum(o.sum() for o in outputs) if isinstance(outputs, tuple) else outputs.sum()
+                    return torch.autograd.grad(total, tensors, allow_unused=True)
+
+                rows.append((f"{prefix}{name} B={batch} H={hidden} forward+backward", step))
+    return rows
+
+
 def decoder_rows():
     rows = []
     for score in ("additive", "scaled_dot"):
@@ -67,6 +89,8 @@ def main():
     for name, call in attention_rows() + cell_rows() + decoder_rows():
         with torch.no_grad():
             print(f"{name}|{best_microseconds(call):.2f}", flush=True)
+    for name, call in cell_training_rows():
+        print(f"{name}|{best_microseconds(call, number=1000):.2f}", flush=True)
 
 
 if __name__ == "__main__":
