@@ -490,11 +490,12 @@ def test_cells_with_few_rows_split_over_the_weight_rows_match_the_reference(batc
 @pytest.mark.parametrize("batch", [1, 2, 3, 4])
 @pytest.mark.parametrize("features, hidden", [(37, 19), (129, 40)])
 def test_float32_cells_at_a_few_rows_match_the_reference(batch, features, hidden):
-    """Up to 4 rows of float32 multiply by the weights in few_rows_matmul_into's AVX-512
-    kernel (csrc/cpu/tile_gemm.h), one instantiation per row count, over K = 37, 129, 19 and
-    40 (a remainder past the 16 lanes) and N = 4 x 19 and 4 x 40 (and their 3 / 4, GRU's:
-    a remainder past the 4 columns a block); a strided x (every other column) takes ATen's
-    GEMM there instead.  Outputs and gradients against the reference."""
+    """Up to 4 rows of float32 multiply by the weights in few_rows_matmul_into's AVX-512 or
+    AVX2 kernel (csrc/cpu/tile_gemm.h; test_cpu_isa_tiers runs this under both), one
+    instantiation per row count, over K = 37, 129, 19 and 40 (remainders past the 16 and
+    the 8 lanes) and N = 4 x 19 and 4 x 40 (and their 3 / 4, GRU's: a remainder past the 4
+    columns a block); a strided x (every other column) takes ATen's GEMM there instead.
+    Outputs and gradients against the reference."""
     x, h, c = leaves((batch, features), (batch, hidden), (batch, hidden), dtype=torch.float32, seed=2)
     w_ih, w_hh, b_ih, b_hh = leaves((4 * hidden, features), (4 * hidden, hidden), (4 * hidden,), (4 * hidden,),
                                     dtype=torch.float32, seed=3)
@@ -504,9 +505,9 @@ def test_float32_cells_at_a_few_rows_match_the_reference(batch, features, hidden
     wide = leaves((batch, 2 * features), dtype=torch.float32, seed=4)[0]
     compare("lstm_cell", (wide[:, ::2], h, c, w_ih, w_hh, b_ih, b_hh), torch.float32)
     kernel = backends.implementation("lstm_cell", "cpu", "cpu")
-    on_avx512 = _extension.cpu_kernels()[0] == "avx512"  # the kernel's only ISA; elsewhere both are ATen's
-    assert _gemms_run(lambda: kernel(x, h, c, w_ih, w_hh, b_ih, b_hh)) == (0 if on_avx512 else 2)
-    assert _gemms_run(lambda: kernel(wide[:, ::2], h, c, w_ih, w_hh, b_ih, b_hh)) == (1 if on_avx512 else 2)
+    vector_kernels = _extension.cpu_kernels()[0] in ("avx512", "avx2")  # the baseline runs both on ATen's
+    assert _gemms_run(lambda: kernel(x, h, c, w_ih, w_hh, b_ih, b_hh)) == (0 if vector_kernels else 2)
+    assert _gemms_run(lambda: kernel(wide[:, ::2], h, c, w_ih, w_hh, b_ih, b_hh)) == (1 if vector_kernels else 2)
 
 
 def _gemms_run(call) -> int:

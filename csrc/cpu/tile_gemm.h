@@ -23,7 +23,7 @@
 // as_tile_operand: a matrix laid out for the B operand of float32 tiles.
 // matmul_into: a whole GEMM as brgemm tiles in parallel (float32; otherwise at::mm_out).
 // matmul_transposed_into: x @ w^T for a few rows, split over the rows of w (float32 on
-//   AVX-512: few_rows_matmul_into's kernel).
+//   AVX-512 and AVX2: few_rows_matmul_into's kernels).
 // small_matmul_into: a @ b for a small product, on the calling thread (a cell's backward).
 // batched_matmul_into: out = a (batch, M, K) @ b (batch, K, N), each matrix row- or
 //   column-major, as float32 tiles over ATen's threads (the attention's matrix-multiply path).
@@ -161,16 +161,77 @@ inline int64_t tile_row_stride(int64_t columns) {
 }
 
 // out (rows, N) = a (rows, K) @ w (N, K)^T in float32 for 1 to kFewRowsMaxRows rows, the rows of
-// a, w and out contiguous, on AVX-512: the cells' and a decoder step's projections at a
-// few rows, where ATen's GEMM call (the dispatcher, and a BLAS that splits even a 4 x 128
-// x 64 product over its threads) costs more than the arithmetic.  Four rows of w at a
-// time stream past every row of a, their dot products accumulated in 16-lane vectors
-// over K (the last K % 16 under a mask) and the four reduced together to one 128-bit
-// vector of outputs.  Measured alone on this project's 2-core AMD EPYC (Zen 4) at 4 rows,
-// N = 128: 0.87 us at K = 64 and 0.56 at K = 32, where one-lane-per-output reductions
-// compiled from plain loops took 3.5-5 us, sgemm on one thread 1.4 and at::mm_out about 4.9.
-// Other CPUs, dtypes and layouts take at::mm_out.
+// a, w and out contiguous, on AVX-512 or AVX2: the cells' and a decoder step's
+// projections at a few rows, where ATen's GEMM call (the dispatcher, and a BLAS that splits
+// even a 4 x 128 x 64 product over its threads) costs more than the arithmetic.  Four rows
+// of w at a time stream past every row of a, their dot products accumulated in 16- (8-)
+// lane vectors over K (the last K % 16 (8) under a mask) and the four reduced together to
+// one 128-bit vector of outputs; the two ISAs' functions differ in their intrinsics only.
+// Measured alone on this project's 2-core AMD EPYC (Zen 4) at 4 rows, N = 128: 0.87 us at
+// K = 64 and 0.56 at K = 32 on AVX-512, 1.26 and 1.21 on AVX2, where one-lane-per-output
+// reductions compiled from plain loops took 3.5-5 us, sgemm on one thread 1.4 and
+// at::mm_out about 4.9.  Other CPUs, dtypes and layouts take at::mm_out.
 constexpr int64_t kFewRowsMaxRows = 4;
+
+#ifdef FASTATTN_AVX2_CLONES
+// The first `count` (< 8) floats at p, zeros after.
+FASTATTN_TARGET_AVX2 inline __m256 load_first_avx2(const float* p, int64_t count) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lanes));
+}
+
+// The sum of each of four 8-lane vectors, as the four lanes of one vector.
+FASTATTN_TARGET_AVX2 inline __m128 four_sums_avx2(const __m256 (&vectors)[4]) {
+  const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(vectors[0], vectors[1]), _mm256_hadd_ps(vectors[2], vectors[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+}
+
+// sums[r][j] += a[r][k:k+count] . w[n0 + j][k:k+count], count <= 8.
+template <int kRows, int kColumns>
+FASTATTN_TARGET_AVX2 inline void few_rows_accumulate_avx2(const float* a, int64_t a_stride, const float* w,
+                                                          int64_t w_stride, int64_t n0, int64_t k, int64_t count,
+                                                          __m256 (&sums)[kRows][4]) {
+  auto load = [count](const float* p) FASTATTN_TARGET_AVX2 {
+    return count == 8 ? _mm256_loadu_ps(p) : load_first_avx2(p, count);
+  };
+  __m256 w_lanes[kColumns];
+  for (int j = 0; j < kColumns; ++j) w_lanes[j] = load(w + (n0 + j) * w_stride + k);
+  for (int r = 0; r < kRows; ++r) {
+    const __m256 a_lanes = load(a + r * a_stride + k);
+    for (int j = 0; j < kColumns; ++j) sums[r][j] = _mm256_fmadd_ps(a_lanes, w_lanes[j], sums[r][j]);
+  }
+}
+
+// out[r][n0 + j] for every row r < kRows and j < kColumns (4, or 1 for the last N % 4).
+template <int kRows, int kColumns>
+FASTATTN_TARGET_AVX2 inline void few_rows_block_avx2(const float* a, int64_t a_stride, const float* w,
+                                                     int64_t w_stride, float* out, int64_t out_stride, int64_t n0,
+                                                     int64_t K) {
+  const int64_t full = K / 8 * 8;
+  __m256 sums[kRows][4];
+  for (int r = 0; r < kRows; ++r) {
+    for (int j = 0; j < 4; ++j) sums[r][j] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < full; k += 8) few_rows_accumulate_avx2<kRows, kColumns>(a, a_stride, w, w_stride, n0, k, 8, sums);
+  if (K > full) few_rows_accumulate_avx2<kRows, kColumns>(a, a_stride, w, w_stride, n0, full, K - full, sums);
+  for (int r = 0; r < kRows; ++r) {
+    const __m128 outputs = four_sums_avx2(sums[r]);
+    if constexpr (kColumns == 4) {
+      _mm_storeu_ps(out + r * out_stride + n0, outputs);
+    } else {
+      out[r * out_stride + n0] = _mm_cvtss_f32(outputs);
+    }
+  }
+}
+
+template <int kRows>
+FASTATTN_TARGET_AVX2 void few_rows_matmul_avx2(const float* a, int64_t a_stride, const float* w, int64_t w_stride,
+                                               float* out, int64_t out_stride, int64_t N, int64_t K) {
+  int64_t n = 0;
+  for (; n + 4 <= N; n += 4) few_rows_block_avx2<kRows, 4>(a, a_stride, w, w_stride, out, out_stride, n, K);
+  for (; n < N; ++n) few_rows_block_avx2<kRows, 1>(a, a_stride, w, w_stride, out, out_stride, n, K);
+}
+#endif
 
 #ifdef FASTATTN_AVX512_CLONES
 // The sum of each of four 16-lane vectors, as the four lanes of one vector.
@@ -236,16 +297,19 @@ inline bool few_rows_matmul_into(at::Tensor& out, const at::Tensor& a, const at:
                                  int64_t end) {
 #ifdef FASTATTN_AVX512_CLONES
   const int64_t rows = a.size(0);
-  if (!use_avx512_kernels() || rows < 1 || rows > kFewRowsMaxRows || a.scalar_type() != at::kFloat ||
+  if (!use_avx2_kernels() || rows < 1 || rows > kFewRowsMaxRows || a.scalar_type() != at::kFloat ||
       w.scalar_type() != at::kFloat || out.scalar_type() != at::kFloat || a.stride(1) != 1 || w.stride(1) != 1 ||
       out.stride(1) != 1) {
     return false;
   }
   using Kernel = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t);
-  static constexpr Kernel kKernels[] = {&few_rows_matmul_avx512<1>, &few_rows_matmul_avx512<2>,
-                                        &few_rows_matmul_avx512<3>, &few_rows_matmul_avx512<4>};
-  kKernels[rows - 1](a.data_ptr<float>(), a.stride(0), w.data_ptr<float>() + begin * w.stride(0), w.stride(0),
-                     out.data_ptr<float>() + begin, out.stride(0), end - begin, a.size(1));
+  static constexpr Kernel kAvx512[] = {&few_rows_matmul_avx512<1>, &few_rows_matmul_avx512<2>,
+                                       &few_rows_matmul_avx512<3>, &few_rows_matmul_avx512<4>};
+  static constexpr Kernel kAvx2[] = {&few_rows_matmul_avx2<1>, &few_rows_matmul_avx2<2>, &few_rows_matmul_avx2<3>,
+                                     &few_rows_matmul_avx2<4>};
+  const Kernel kernel = (use_avx512_kernels() ? kAvx512 : kAvx2)[rows - 1];
+  kernel(a.data_ptr<float>(), a.stride(0), w.data_ptr<float>() + begin * w.stride(0), w.stride(0),
+         out.data_ptr<float>() + begin, out.stride(0), end - begin, a.size(1));
   return true;
 #else
   (void)out, (void)a, (void)w, (void)begin, (void)end;
