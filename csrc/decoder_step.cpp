@@ -157,11 +157,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_decoder_step(
   check_step_attention(score, scale, window, position_weight, position_v);
   const bool records_gradients =
       at::GradMode::is_enabled() &&
-           (y.requires_grad() || h.requires_grad() || requires_grad(c) || attentional.requires_grad() ||
-            keys.requires_grad() || values.requires_grad() || requires_grad(query_weight) || requires_grad(v) ||
-            requires_grad(bias) || w_ih.requires_grad() || w_hh.requires_grad() || requires_grad(b_ih) ||
-            requires_grad(b_hh) || w_combine.requires_grad() || requires_grad(position_weight) ||
-            requires_grad(position_v));
+      (y.requires_grad() || h.requires_grad() || requires_grad(c) || attentional.requires_grad() ||
+       keys.requires_grad() || values.requires_grad() || requires_grad(query_weight) || requires_grad(v) ||
+       requires_grad(bias) || w_ih.requires_grad() || w_hh.requires_grad() || requires_grad(b_ih) ||
+       requires_grad(b_hh) || w_combine.requires_grad() || requires_grad(position_weight) ||
+       requires_grad(position_v));
   if (y.is_cuda() && !records_gradients) {
     static const auto inference = fastattn_op<DecoderStep>("fastattn::attention_decoder_step_inference");
     return inference.call(y, h, c, attentional, keys, values, query_weight, v, bias, score, scale, lengths,
