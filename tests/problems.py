@@ -167,17 +167,24 @@ def input_gradients(forward, arguments, grad_context, grad_weights=None) -> tupl
     return torch.autograd.grad(outputs, leaves, [grad.to(leaves[0].dtype) for grad in grads])
 
 
-def assert_op_gradients_within_twice_the_reference_error(ours, arguments, grad_context, grad_weights=None) -> None:
+def assert_op_gradients_within_twice_the_reference_error(ours, arguments, grad_context, grad_weights=None,
+                                                          approximating_run=None) -> None:
     """``ours`` (grad_query, grad_keys, grad_values of attention_forward's ``arguments``)
     within 2x the error of the reference op run in their dtype, plus one rounding of the
-    largest entry (the float64 run on the same rounded inputs is exact)."""
+    largest entry (the float64 run on the same rounded inputs is exact).
+    ``approximating_run``: the same gradients from a run in that dtype that makes the
+    kernel's documented approximation (the additive score's rational tanh); the larger of
+    the two runs' errors sets the bound."""
     dtype = arguments[0].dtype
     exact_arguments = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arguments]
     reference = torch.ops.fastattn.attention_reference
     exact = input_gradients(reference, exact_arguments, grad_context, grad_weights)
-    reference_run = input_gradients(reference, arguments, grad_context, grad_weights)
-    for name, got, want, theirs in zip(("query", "keys", "values"), ours, exact, reference_run):
-        our_error, reference_error = (got.double() - want).abs().max(), (theirs.double() - want).abs().max()
+    runs = [input_gradients(reference, arguments, grad_context, grad_weights)]
+    if approximating_run is not None:
+        runs.append(approximating_run)
+    for index, (name, got, want) in enumerate(zip(("query", "keys", "values"), ours, exact)):
+        our_error = (got.double() - want).abs().max()
+        reference_error = max((run[index].double() - want).abs().max() for run in runs)
         bound = 2 * reference_error + torch.finfo(dtype).eps * want.abs().max()
         assert our_error <= bound, (f"grad_{name}", float(our_error), float(reference_error))
 

@@ -108,15 +108,51 @@ def test_the_outputs_of_rows_with_negligible_weights_err_like_the_reference(kern
         assert our_error <= bound, (name, float(our_error), float(reference_error))
 
 
+class _KernelTanh(torch.autograd.Function):
+    """tanh as the CPU kernels take it for the additive score in float32: fast_tanh, a
+    rational function within 4e-7 of tanh (test_cpu_attention.py checks the bound)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        t = torch.ops.fastattn.fast_tanh(x.contiguous())
+        ctx.save_for_backward(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        return grad * (1 - t * t)
+
+
+def _additive_run_with_the_kernels_arithmetic(arguments, grad_context):
+    """The reference's additive attention without masks, softmax(v . tanh(q + k + b)) @
+    values, in float32 as the CPU kernels compute the scores: the kernels' tanh, and
+    v_d tanh(.) summed over d elementwise (the reference takes a GEMV).  Its gradients
+    (query, keys, values)."""
+    query, keys, values, v, bias = (a.clone().requires_grad_() if i < 3 else a for i, a in enumerate(arguments[:5]))
+    scores = (_KernelTanh.apply(query[:, :, None, :] + keys[:, None, :, :] + bias) * v).sum(-1)
+    context = torch.softmax(scores, dim=-1) @ values
+    return torch.autograd.grad(context, (query, keys, values), grad_context.to(context.dtype))
+
+
 # The gradients in float32 only: the float64 reference run is the truth the rule measures
-# errors against, and in rows this peaked its plain softmax backward is not exact.
+# errors against, and in rows this peaked its plain softmax backward is not exact.  The
+# additive score's bound also takes a float32 run of the kernels' arithmetic for the
+# scores (their rational tanh, the sum over d in order): scores of |v| ~ 24 spread 40
+# amplify both.  On the AMD EPYC of 2026-12-08 the kernel's query gradient erred 5.4e-5,
+# the reference run's 1.9e-5, that run's 5.2e-5 (3.4e-5 with torch's tanh); the bound had
+# held on the Intel Xeon where the test was written.
 @pytest.mark.parametrize("kernel_score, path, dtype", _cases([torch.float32]))
 def test_the_gradients_of_rows_with_negligible_weights_err_like_the_reference(kernel_score, path, dtype):
     arguments = _peaked_arguments(kernel_score, path, dtype)
     grad_context = torch.randn(*arguments[0].shape[:2], arguments[2].shape[2],
                                generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ours = _on_its_path(path, lambda: input_gradients(forward, arguments, grad_context))
-    assert_op_gradients_within_twice_the_reference_error(ours, arguments, grad_context)
+    approximating_run = None
+    if kernel_score == "additive":
+        approximating_run = _additive_run_with_the_kernels_arithmetic(arguments, grad_context)
+    assert_op_gradients_within_twice_the_reference_error(ours, arguments, grad_context,
+                                                         approximating_run=approximating_run)
 
 
 @pytest.mark.parametrize("kernel_score, path, dtype", _cases([torch.float32]))
